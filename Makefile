@@ -1,0 +1,38 @@
+# Every target installs what it needs on first use: `make demo` and `make test` are the
+# only two commands a newcomer runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean lock
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/twostage demo
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy
+
+bench: install
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/data_load.py --json benchmarks/results/data_load.json
+
+# Re-pin every dependency from what is installed (run after changing pyproject.toml).
+lock: install
+	$(PY) -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > requirements.lock
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,83 @@
+"""The in-memory dataset: interactions plus optional user and item feature tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from twostage.data.report import LoadReport
+from twostage.errors import DataError
+
+__all__ = ["ITEM", "RATING", "TIME", "USER", "WEIGHT", "Dataset"]
+
+USER = "user_id"
+ITEM = "item_id"
+TIME = "timestamp"
+RATING = "rating"
+WEIGHT = "weight"
+
+
+@dataclass
+class Dataset:
+    """Interactions and side tables, held as polars columns (never Python rows).
+
+    Attributes:
+        name: short name, e.g. ``"movielens-100k"`` or a file stem.
+        interactions: one row per event with columns ``user_id``, ``item_id``,
+            ``timestamp`` (Int64 seconds since the epoch; the 0..n-1 row order when the
+            source has no time) and optionally ``rating`` and ``weight`` (Float32).
+            IDs keep the dtype of the source (Int64 or String).
+        users: optional user feature table keyed by ``user_id`` (one row per user).
+        items: optional item feature table keyed by ``item_id`` (one row per item).
+        source: where the data came from (URL, path, or the fallback used).
+        report: what was rejected while reading, if anything was read from text.
+    """
+
+    name: str
+    interactions: pl.DataFrame
+    users: pl.DataFrame | None = None
+    items: pl.DataFrame | None = None
+    source: str = ""
+    report: LoadReport | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        missing = [c for c in (USER, ITEM, TIME) if c not in self.interactions.columns]
+        if missing:
+            raise DataError(
+                f"`interactions` must have columns {USER!r}, {ITEM!r}, {TIME!r}; "
+                f"missing {missing}. Received columns: {self.interactions.columns}."
+            )
+        for table, key in ((self.users, USER), (self.items, ITEM)):
+            if table is not None and key not in table.columns:
+                raise DataError(
+                    f"a feature table must have a {key!r} column. "
+                    f"Received columns: {table.columns}."
+                )
+
+    @property
+    def num_interactions(self) -> int:
+        return self.interactions.height
+
+    @property
+    def num_users(self) -> int:
+        return int(self.interactions[USER].n_unique())
+
+    @property
+    def num_items(self) -> int:
+        return int(self.interactions[ITEM].n_unique())
+
+    @property
+    def has_ratings(self) -> bool:
+        return RATING in self.interactions.columns
+
+    def with_interactions(self, interactions: pl.DataFrame) -> Dataset:
+        """A copy sharing the side tables, with other interactions (e.g. one split)."""
+        return Dataset(
+            name=self.name,
+            interactions=interactions,
+            users=self.users,
+            items=self.items,
+            source=self.source,
+            report=self.report,
+        )

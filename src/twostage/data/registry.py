@@ -1,0 +1,77 @@
+"""One entry point for every dataset: a built-in name or a path to a user's log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twostage.data.dataset import Dataset
+from twostage.errors import DataError
+
+__all__ = ["BUILTIN_DATASETS", "load_dataset"]
+
+BUILTIN_DATASETS = (
+    "movielens-100k",
+    "movielens-1m",
+    "movielens-latest-small",
+    "movielens-20m",
+    "movielens-25m",
+    "synthetic",
+)
+
+
+def load_dataset(spec: str, **options: Any) -> Dataset:
+    """Load a dataset by built-in name or file path.
+
+    Args:
+        spec: ``movielens-100k`` (also ``ml-100k``), ``movielens-1m``, ...,
+            ``synthetic`` or ``synthetic:num_items=1000,num_users=500`` for generated
+            data, or the path of a CSV/TSV/Parquet interaction log.
+        **options: for a path, the keyword arguments of
+            :func:`twostage.data.tables.read_interactions` (column mapping, separator,
+            ``strict``...); for MovieLens, those of
+            :func:`twostage.data.movielens.load_movielens`. ``None`` values are ignored.
+
+    Raises:
+        DataError: the name is not a built-in dataset and no such file exists.
+    """
+    options = {k: v for k, v in options.items() if v is not None}
+    lowered = spec.lower()
+    if lowered.startswith(("movielens-", "ml-")):
+        from twostage.data.movielens import load_movielens
+
+        return load_movielens(lowered.split("-", 1)[1], **options)
+    if lowered == "synthetic" or lowered.startswith("synthetic:"):
+        from twostage.data.synthetic import generate
+
+        return generate(**_parse_overrides(spec.partition(":")[2]))
+    path = Path(spec).expanduser()
+    if path.exists():
+        from twostage.data.tables import read_interactions
+
+        return read_interactions(path, **options)
+    raise DataError(
+        f"`dataset` should be one of {BUILTIN_DATASETS} or an existing CSV/Parquet "
+        "file. "
+        f"Received: `dataset` = {spec!r} (no such file)."
+    )
+
+
+def _parse_overrides(text: str) -> dict[str, int | float]:
+    out: dict[str, int | float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise DataError(
+                "synthetic options look like `synthetic:num_items=1000,seed=3`. "
+                f"Received the part {part!r}."
+            )
+        try:
+            out[key.strip()] = (
+                int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            )
+        except ValueError as e:
+            raise DataError(
+                f"synthetic option {key!r} should be a number. Received: {value!r}."
+            ) from e
+    return out

@@ -1,0 +1,87 @@
+"""Counting and reporting of rejected input rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["REASONS", "LoadReport"]
+
+#: Why a row can be rejected. Every reader uses these names.
+REASONS = (
+    "blank_line",
+    "wrong_field_count",
+    "empty_user_id",
+    "empty_item_id",
+    "bad_rating",
+    "bad_timestamp",
+    "duplicate",
+    "bad_weight",  # a mapped weight column is empty, non-numeric or not finite
+    "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
+)
+
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class LoadReport:
+    """What happened while reading a file: rows read, kept, and rejected by reason.
+
+    ``examples`` keeps, per reason, the first few ``(line_number, content)`` pairs, with
+    1-based physical line numbers of the source file.
+    """
+
+    path: str
+    rows_read: int = 0
+    rows_loaded: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    duplicate_policy: str = "keep"
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.num_rejected == 0
+
+    def add(self, reason: str, line: int, content: str) -> None:
+        """Count one rejected row and keep it as an example if there is room."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < MAX_EXAMPLES:
+            kept.append((line, content[:200]))
+
+    def add_many(
+        self, reason: str, count: int, examples: list[tuple[int, str]]
+    ) -> None:
+        """Count ``count`` rejected rows at once (vectorised readers)."""
+        if count <= 0:
+            return
+        self.rejected[reason] = self.rejected.get(reason, 0) + count
+        kept = self.examples.setdefault(reason, [])
+        kept.extend(examples[: MAX_EXAMPLES - len(kept)])
+
+    def summary(self) -> str:
+        """One human-readable paragraph, e.g. for logs."""
+        if self.ok:
+            return f"{self.path}: {self.rows_loaded} rows loaded, none rejected."
+        parts = []
+        for reason, count in sorted(self.rejected.items()):
+            lines = ", ".join(str(line) for line, _ in self.examples.get(reason, []))
+            parts.append(f"{reason}: {count} (first lines: {lines})")
+        return (
+            f"{self.path}: {self.rows_loaded} of {self.rows_read} rows loaded, "
+            f"{self.num_rejected} rejected; " + "; ".join(parts)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "rows_read": self.rows_read,
+            "rows_loaded": self.rows_loaded,
+            "rejected": dict(self.rejected),
+            "examples": {k: [list(e) for e in v] for k, v in self.examples.items()},
+            "duplicate_policy": self.duplicate_policy,
+        }

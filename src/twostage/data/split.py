@@ -1,0 +1,146 @@
+"""Train/test splits that never leak a test interaction into train.
+
+Every split works on row positions of the interactions table, so a row lands in exactly
+one side: duplicate rows (same user, item and time) are distinct rows and may land on
+different sides, which is the usual protocol for logs that contain repeats.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import polars as pl
+
+from twostage.data.dataset import TIME, USER, Dataset
+from twostage.errors import ConfigError
+
+__all__ = [
+    "SPLIT_METHODS",
+    "Split",
+    "leave_last_out",
+    "random_split",
+    "split_dataset",
+    "temporal_split",
+    "validation_split",
+]
+
+SPLIT_METHODS = ("random", "temporal", "leave-last-out")
+_ROW = "__row"
+
+
+class Split(NamedTuple):
+    """The two sides of a split, sharing the side tables of the source dataset."""
+
+    train: Dataset
+    test: Dataset
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ConfigError(
+            f"`{name}` should be a fraction strictly between 0 and 1. "
+            f"Received: `{name}` = {value!r}."
+        )
+
+
+def _by_mask(dataset: Dataset, test_mask: np.ndarray) -> Split:
+    mask = pl.Series(test_mask)
+    inter = dataset.interactions
+    return Split(
+        train=dataset.with_interactions(inter.filter(~mask)),
+        test=dataset.with_interactions(inter.filter(mask)),
+    )
+
+
+def random_split(
+    dataset: Dataset, *, test_fraction: float = 0.2, seed: int = 0
+) -> Split:
+    """Seeded uniform split of rows: exactly ``round(n * test_fraction)`` go to test."""
+    _check_fraction("test_fraction", test_fraction)
+    n = dataset.num_interactions
+    num_test = round(n * test_fraction)
+    order = np.random.default_rng(seed).permutation(n)
+    test_mask = np.zeros(n, dtype=bool)
+    test_mask[order[:num_test]] = True
+    return _by_mask(dataset, test_mask)
+
+
+def temporal_split(
+    dataset: Dataset, *, cutoff: int | None = None, test_fraction: float | None = None
+) -> Split:
+    """Global temporal split: train strictly before the cutoff time, test from it on.
+
+    Args:
+        dataset: the data to split.
+        cutoff: timestamp (seconds) where test starts.
+        test_fraction: alternative to ``cutoff``: the cutoff is placed at this quantile
+            of time, so about this fraction of rows is test (ties at the cutoff go to
+            test).
+    """
+    if (cutoff is None) == (test_fraction is None):
+        raise ConfigError(
+            "temporal_split needs exactly one of `cutoff` or `test_fraction`. "
+            f"Received: cutoff={cutoff!r}, test_fraction={test_fraction!r}."
+        )
+    times = dataset.interactions[TIME].to_numpy()
+    if test_fraction is not None:
+        _check_fraction("test_fraction", test_fraction)
+        ordered = np.sort(times, kind="stable")
+        position = min(int(len(ordered) * (1.0 - test_fraction)), len(ordered) - 1)
+        cutoff = int(ordered[position])
+    return _by_mask(dataset, times >= cutoff)
+
+
+def leave_last_out(dataset: Dataset, *, n: int = 1, min_train: int = 1) -> Split:
+    """Per user, the last ``n`` interactions by time go to test (ties: later rows last).
+
+    Users with fewer than ``n + min_train`` interactions keep all of them in train, so a
+    user needs that many interactions to contribute a test row.
+    """
+    if n < 1 or min_train < 0:
+        raise ConfigError(
+            "`n` should be >= 1 and `min_train` >= 0. "
+            f"Received: n={n!r}, min_train={min_train!r}."
+        )
+    ranked = (
+        dataset.interactions.select(USER, TIME)
+        .with_row_index(_ROW)
+        .sort([USER, TIME, _ROW])
+        .with_columns(
+            pl.int_range(pl.len()).reverse().over(USER).alias("__from_end"),
+            pl.len().over(USER).alias("__count"),
+        )
+    )
+    test_rows = ranked.filter(
+        (pl.col("__from_end") < n) & (pl.col("__count") >= n + min_train)
+    )[_ROW].to_numpy()
+    test_mask = np.zeros(dataset.num_interactions, dtype=bool)
+    test_mask[test_rows] = True
+    return _by_mask(dataset, test_mask)
+
+
+def validation_split(
+    train: Dataset, *, method: str = "random", fraction: float = 0.1, seed: int = 0
+) -> Split:
+    """Carve a validation set out of train with the same methods as the test split."""
+    return split_dataset(train, method=method, test_fraction=fraction, seed=seed)
+
+
+def split_dataset(
+    dataset: Dataset,
+    *,
+    method: str = "random",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Split:
+    """Dispatch by method name: ``random``, ``temporal`` or ``leave-last-out``."""
+    if method == "random":
+        return random_split(dataset, test_fraction=test_fraction, seed=seed)
+    if method == "temporal":
+        return temporal_split(dataset, test_fraction=test_fraction)
+    if method == "leave-last-out":
+        return leave_last_out(dataset, n=1)
+    raise ConfigError(
+        f"`method` should be one of {SPLIT_METHODS}. Received: `method` = {method!r}."
+    )

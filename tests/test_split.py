@@ -1,0 +1,113 @@
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twostage.data import Dataset
+from twostage.data.split import (
+    leave_last_out,
+    random_split,
+    split_dataset,
+    temporal_split,
+    validation_split,
+)
+from twostage.data.synthetic import generate
+from twostage.errors import ConfigError
+
+
+def _rows(frame: pl.DataFrame) -> list[tuple]:
+    return sorted(frame.rows())
+
+
+def _tagged(dataset: Dataset) -> Dataset:
+    """Add a row id so disjointness is checked on rows, not on values."""
+    return dataset.with_interactions(dataset.interactions.with_row_index("row"))
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    return _tagged(generate(num_users=200, num_items=100, num_interactions=3000))
+
+
+def _check_partition(data: Dataset, train: Dataset, test: Dataset) -> None:
+    train_rows = set(train.interactions["row"].to_list())
+    test_rows = set(test.interactions["row"].to_list())
+    assert not train_rows & test_rows
+    assert len(train_rows) + len(test_rows) == data.num_interactions
+    assert _rows(pl.concat([train.interactions, test.interactions])) == _rows(
+        data.interactions
+    )
+
+
+def test_random_split_sizes_disjoint_and_seeded(data: Dataset) -> None:
+    a = random_split(data, test_fraction=0.2, seed=7)
+    b = random_split(data, test_fraction=0.2, seed=7)
+    c = random_split(data, test_fraction=0.2, seed=8)
+    _check_partition(data, *a)
+    assert a.test.num_interactions == 600
+    assert a.test.interactions.equals(b.test.interactions)
+    assert not a.test.interactions.equals(c.test.interactions)
+    assert a.train.users is data.users  # side tables are shared, not copied
+
+
+def test_temporal_split_orders_time(data: Dataset) -> None:
+    train, test = temporal_split(data, test_fraction=0.25)
+    _check_partition(data, train, test)
+    assert train.interactions["timestamp"].max() < test.interactions["timestamp"].min()
+    assert abs(test.num_interactions - 750) <= 5
+    cutoff = int(test.interactions["timestamp"].min())
+    by_cutoff = temporal_split(data, cutoff=cutoff)
+    assert by_cutoff.test.interactions.equals(test.interactions)
+
+
+def test_leave_last_out_takes_each_users_latest(data: Dataset) -> None:
+    train, test = leave_last_out(data, n=2, min_train=1)
+    _check_partition(data, train, test)
+    counts = data.interactions.group_by("user_id").len()
+    eligible = counts.filter(pl.col("len") >= 3).height
+    assert test.num_interactions == 2 * eligible
+    latest_train = train.interactions.group_by("user_id").agg(pl.col("timestamp").max())
+    earliest_test = test.interactions.group_by("user_id").agg(pl.col("timestamp").min())
+    joined = latest_train.join(earliest_test, on="user_id", suffix="_test")
+    assert (joined["timestamp"] <= joined["timestamp_test"]).all()
+
+
+def test_validation_carve_out_stays_inside_train(data: Dataset) -> None:
+    train, _ = random_split(data, seed=1)
+    fit, valid = validation_split(train, fraction=0.1, seed=2)
+    _check_partition(train, fit, valid)
+
+
+def test_bad_arguments_name_the_problem(data: Dataset) -> None:
+    with pytest.raises(ConfigError, match="test_fraction"):
+        random_split(data, test_fraction=1.5)
+    with pytest.raises(ConfigError, match="exactly one"):
+        temporal_split(data)
+    with pytest.raises(ConfigError, match="method"):
+        split_dataset(data, method="shuffle")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(2, 300),
+    fraction=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**31),
+    duplicates=st.booleans(),
+)
+def test_random_split_partitions_any_table(
+    n: int, fraction: float, seed: int, duplicates: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 5 if duplicates else 1000, n)
+    frame = pl.DataFrame(
+        {
+            "user_id": users,
+            "item_id": users % 3,
+            "timestamp": np.zeros(n, dtype=np.int64),
+        }
+    ).with_row_index("row")
+    data = Dataset("t", frame)
+    train, test = random_split(data, test_fraction=fraction, seed=seed)
+    _check_partition(data, train, test)
+    assert test.num_interactions == round(n * fraction)

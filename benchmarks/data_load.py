@@ -1,0 +1,153 @@
+"""Benchmark ``read_interactions`` against a bare polars read of the same file.
+
+A seeded synthetic table (``user_id``, ``item_id``, ``timestamp`` integers and a
+``rating`` float; about rows/20 users and rows/10 items) is written as CSV and Parquet.
+Each measurement runs in a fresh subprocess, so the peak RSS
+(``getrusage(RUSAGE_SELF).ru_maxrss``) belongs to that one read; runs are interleaved
+and repeated, and the medians are reported.
+
+Usage::
+
+    python benchmarks/data_load.py --rows 10000000 --repeats 3 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+KINDS = ("bare_csv", "ours_csv", "bare_parquet", "ours_parquet")
+
+
+def make_table(rows: int, seed: int = 0) -> pl.DataFrame:
+    """``rows`` interactions: ~rows/20 users, ~rows/10 items, ratings 0.5..5.0."""
+    rng = np.random.default_rng(seed)
+    num_users, num_items = max(rows // 20, 1), max(rows // 10, 1)
+    return pl.DataFrame(
+        {
+            "user_id": rng.integers(0, num_users, rows),
+            "item_id": rng.integers(0, num_items, rows),
+            "timestamp": rng.integers(946_684_800, 1_700_000_000, rows),
+            "rating": rng.integers(1, 11, rows) / 2.0,
+        }
+    )
+
+
+def peak_rss_gib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return peak * scale / 2**30
+
+
+def child(kind: str, path: str) -> None:
+    """Time one read in this (fresh) process and print the result as JSON."""
+    from twostage.data.tables import read_interactions
+
+    start = time.perf_counter()
+    if kind.startswith("bare"):
+        frame = pl.read_csv(path) if kind.endswith("csv") else pl.read_parquet(path)
+        rows = frame.height
+    else:
+        ds = read_interactions(path, time_col="timestamp", rating_col="rating")
+        rows = ds.num_interactions
+    seconds = time.perf_counter() - start
+    print(
+        json.dumps({"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "rows": rows})
+    )
+
+
+def run_child(kind: str, path: Path) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", kind, str(path)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write results here")
+    parser.add_argument(
+        "--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        workdir = Path(tmp)
+        table = make_table(args.rows)
+        files = {
+            "csv": workdir / "interactions.csv",
+            "parquet": workdir / "interactions.parquet",
+        }
+        table.write_csv(files["csv"])
+        table.write_parquet(files["parquet"])
+        del table
+        runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+        for _ in range(args.repeats):  # interleaved, so drift hits every kind alike
+            for kind in KINDS:
+                result = run_child(kind, files[kind.split("_")[1]])
+                if result["rows"] != args.rows:
+                    raise SystemExit(
+                        f"{kind} read {result['rows']} rows, not {args.rows}"
+                    )
+                runs[kind].append(result)
+        sizes = {k: p.stat().st_size / 2**20 for k, p in files.items()}
+    report(args, runs, sizes)
+
+
+def report(
+    args: argparse.Namespace,
+    runs: dict[str, list[dict[str, float]]],
+    sizes: dict[str, float],
+) -> None:
+    seconds = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    rss = {k: statistics.median(r["peak_rss_gib"] for r in v) for k, v in runs.items()}
+    summary = {
+        "rows": args.rows,
+        "repeats": args.repeats,
+        "csv_ratio": seconds["ours_csv"] / seconds["bare_csv"],
+        "parquet_ratio": seconds["ours_parquet"] / seconds["bare_parquet"],
+        "peak_rss_gib": max(
+            r["peak_rss_gib"] for k in KINDS if k.startswith("ours") for r in runs[k]
+        ),
+        "median_seconds": seconds,
+        "median_peak_rss_gib": rss,
+        "file_mib": sizes,
+    }
+    table = Table(
+        title=f"Loading {args.rows:,} interactions (median of {args.repeats})"
+    )
+    for column in ("read", "file MiB", "seconds", "peak RSS GiB", "ours / bare"):
+        table.add_column(column, justify="right" if column != "read" else "left")
+    for kind in KINDS:
+        fmt = kind.split("_")[1]
+        ratio = summary[f"{fmt}_ratio"] if kind.startswith("ours") else None
+        table.add_row(
+            kind,
+            f"{sizes[fmt]:.0f}",
+            f"{seconds[kind]:.3f}",
+            f"{rss[kind]:.2f}",
+            "" if ratio is None else f"{ratio:.2f}x",
+        )
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

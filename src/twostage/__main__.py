@@ -1,0 +1,5 @@
+"""``python -m twostage`` runs the command line."""
+
+from twostage.cli import main
+
+main()

@@ -1,0 +1,401 @@
+"""Value checks shared by every reader of :mod:`twostage.data.tables`.
+
+Whichever way a file was tokenised (polars, the :mod:`csv` module, Parquet), its mapped
+columns go through the same vectorised parsing here, so a row is accepted or rejected
+for the same reason on every path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT
+from twostage.data.report import MAX_EXAMPLES, LoadReport
+from twostage.errors import BadRowError, ConfigError, DataError
+
+LINE, END = "__line", "__end"  # first and last physical line of a record
+ARG = {USER: "user_col", ITEM: "item_col", TIME: "time_col", RATING: "rating_col"}
+ARG[WEIGHT] = "weight_col"
+# Checked in this order: a row with several problems is counted under the first.
+BAD = {USER: "empty_user_id", ITEM: "empty_item_id", RATING: "bad_rating"}
+BAD |= {WEIGHT: "bad_weight", TIME: "bad_timestamp"}
+_LINE_BREAK = re.compile(r"[\r\n]")
+# Numbers and times may be padded with these, never with line breaks: a stray CR in
+# such a field makes it unparseable on every path instead of being stripped.
+PADDING = " \t"
+_ISO_FORMATS = (
+    "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Which source column plays which role, and what to do with duplicates."""
+
+    roles: dict[str, str]  # output name -> source column, in BAD order
+    features: tuple[str, ...]  # source columns kept (feature tables)
+    time_format: str | None
+    duplicates: str
+    keys: tuple[str, ...]  # output columns that define a duplicate
+
+    @property
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys([*self.roles.values(), *self.features]))
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to read a file; built by :func:`make_options`, which checks the values."""
+
+    separator: str | None
+    has_header: bool
+    column_names: list[str] | None
+    encoding: str
+    quote_char: str | None
+    strict: bool
+    time_format: str | None
+
+
+def make_options(
+    *,
+    separator: str | None,
+    has_header: bool,
+    column_names: Sequence[str] | None,
+    encoding: str,
+    quote_char: str | None,
+    strict: bool,
+    time_format: str | None,
+) -> Options:
+    """Check the reading options shared by every reader; see ``read_interactions``."""
+    if separator is not None and (
+        not isinstance(separator, str) or not separator or _LINE_BREAK.search(separator)
+    ):
+        raise ConfigError(
+            "`separator` should be a non-empty string without line breaks, or None "
+            f"to detect it. Received: `separator` = {separator!r}."
+        )
+    if quote_char is not None and (
+        not isinstance(quote_char, str)
+        or len(quote_char) != 1
+        or quote_char in (separator or "")
+        or _LINE_BREAK.search(quote_char)
+    ):
+        raise ConfigError(
+            "`quote_char` should be one character that is not in the separator, or "
+            f"None. Received: `quote_char` = {quote_char!r}."
+        )
+    if column_names is not None and (isinstance(column_names, str) or not column_names):
+        raise ConfigError(
+            "`column_names` should be a non-empty list of names. "
+            f"Received: `column_names` = {column_names!r}."
+        )
+    names = None if column_names is None else [str(n) for n in column_names]
+    return Options(
+        separator, has_header, names, encoding, quote_char, strict, time_format
+    )
+
+
+def parse_columns(
+    df: pl.DataFrame, spec: Spec, ready: dict[str, pl.Series] | None = None
+) -> tuple[pl.DataFrame, pl.Series | None]:
+    """Parse the mapped columns of ``df`` (source names) into output columns.
+
+    Returns:
+        The parsed frame (outputs, features, and ``__line``/``__end`` if present) and
+        the reason each row is bad (null when good), or ``None`` when all rows are good.
+    """
+    out: dict[str, pl.Series] = {}
+    bad: dict[str, pl.Series] = {}
+    for target, src in spec.roles.items():
+        if ready and target in ready:
+            out[target] = ready[target].alias(target)
+            continue
+        s = df[src]
+        if target == TIME:
+            value, mask = _parse_time(s, spec.time_format)
+        elif target in (RATING, WEIGHT):
+            value, mask = _parse_number(s, target)
+        else:
+            value, mask = _parse_id(s, target)
+        out[target] = value.alias(target)
+        if mask.any():
+            bad[BAD[target]] = mask.fill_null(True)
+    for col in spec.features:
+        s = df[col]
+        if s.dtype == pl.String:  # quoted "" and missing both mean no value
+            s = s.set(s.str.len_bytes() == 0, None)
+        out[col] = s
+    for col in (LINE, END):
+        if col in df.columns:
+            out[col] = df[col]
+    parsed = pl.DataFrame(out)
+    if not bad:
+        return parsed, None
+    masks = pl.DataFrame(bad)
+    reason = masks.select(
+        pl.coalesce([pl.when(pl.col(r)).then(pl.lit(r)) for r in masks.columns])
+    ).to_series()
+    return parsed, reason
+
+
+def _parse_id(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
+    dtype = s.dtype
+    if dtype.is_integer():
+        value = s.cast(pl.Int64, strict=False)
+        return value, value.is_null()
+    if dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum):
+        value = s.cast(pl.String).str.strip_chars()
+        return value, value.is_null() | (value.str.len_bytes() == 0)
+    raise DataError(
+        f"`{ARG.get(target, 'key_col')}` = {s.name!r} has dtype {dtype}; expected "
+        "integer or string IDs. Cast the column before loading."
+    )
+
+
+def _parse_number(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
+    dtype = s.dtype
+    if dtype == pl.String:
+        value = _select(s, pl.first().cast(pl.Float64, strict=False))
+        if value.null_count() > s.null_count():  # maybe padded with spaces
+            value = _select(
+                s, pl.first().str.strip_chars(PADDING).cast(pl.Float64, strict=False)
+            )
+        value = value.cast(pl.Float32)
+    elif dtype.is_numeric() or dtype in (pl.Boolean, pl.Null):
+        value = _select(s, pl.first().cast(pl.Float32, strict=False))
+    else:
+        raise DataError(
+            f"`{ARG[target]}` = {s.name!r} has dtype {dtype}; expected numbers."
+        )
+    return value, (~value.is_finite()).fill_null(True)  # Float32 overflow is bad too
+
+
+def _select(s: pl.Series, expr: pl.Expr) -> pl.Series:
+    """``expr`` applied to ``s`` (an expression runs on the chunks in parallel)."""
+    return s.to_frame().select(expr.alias(s.name)).to_series()
+
+
+def _parse_time(s: pl.Series, time_format: str | None) -> tuple[pl.Series, pl.Series]:
+    dtype = s.dtype
+    if dtype == pl.String:
+        value = _parse_time_text(s.str.strip_chars(PADDING), time_format)
+    elif dtype.is_integer() or dtype == pl.Null:
+        value = s.cast(pl.Int64, strict=False)
+    elif isinstance(dtype, pl.Datetime):
+        value = s.dt.epoch("s")
+    elif dtype == pl.Date:
+        value = s.cast(pl.Datetime("us")).dt.epoch("s")
+    elif dtype.is_float():  # whole seconds only: a fraction is not silently cut
+        whole = s.is_finite() & (s == s.floor())
+        value = s.cast(pl.Int64, strict=False).set(~whole.fill_null(False), None)
+    else:
+        raise DataError(
+            f"`time_col` = {s.name!r} has dtype {dtype}; expected integer seconds, "
+            "dates or datetimes."
+        )
+    return value, value.is_null()
+
+
+def _parse_time_text(s: pl.Series, time_format: str | None) -> pl.Series:
+    """Integer epoch seconds, else ISO 8601 (or ``time_format``), else null."""
+    if time_format is not None:
+        try:
+            return _strptime_seconds(s, (time_format,))
+        except pl.exceptions.PolarsError as err:
+            raise DataError(
+                f"`time_format` = {time_format!r} could not be used: {err}"
+            ) from err
+    value = s.cast(pl.Int64, strict=False)
+    todo = value.is_null() & s.is_not_null()
+    if todo.any():
+        idx = todo.arg_true()
+        value = value.scatter(idx, _strptime_seconds(s.gather(idx), _ISO_FORMATS))
+    return value
+
+
+def _strptime_seconds(s: pl.Series, formats: Iterable[str]) -> pl.Series:
+    col = pl.col(s.name)
+    tries = [
+        col.str.strptime(pl.Datetime("us"), f, strict=False).dt.epoch("s")
+        for f in formats
+    ]
+    return s.to_frame().select(pl.coalesce(tries).cast(pl.Int64)).to_series()
+
+
+def text_lengths(df: pl.DataFrame) -> dict[str, int | None]:
+    """Per column, the length of its values written plainly, summed over the rows.
+
+    String columns count their UTF-8 bytes (nulls count 0). Int64 columns count the
+    digits and minus signs of their values written canonically (None when a value is
+    null): one comparison pass per power of ten that splits the column's range.
+    """
+    texts = [c for c, t in df.schema.items() if t == pl.String]
+    ints = [c for c, t in df.schema.items() if t == pl.Int64]
+    if not df.height:
+        return dict.fromkeys(df.columns, 0)
+    stats = df.select(
+        pl.col(texts).str.len_bytes().sum(),
+        pl.col(ints).null_count().name.suffix("#nulls"),
+        pl.col(ints).min().name.suffix("#min"),
+        pl.col(ints).max().name.suffix("#max"),
+        (pl.col(ints) < 0).sum().name.suffix("#neg"),
+    ).row(0, named=True)
+    totals: dict[str, int | None] = {c: stats[c] for c in texts}
+    digits = []
+    for c in ints:
+        if stats[f"{c}#nulls"]:
+            totals[c] = None
+            continue
+        low, high, n = stats[f"{c}#min"], stats[f"{c}#max"], df.height
+        terms = [pl.lit(n + stats[f"{c}#neg"], dtype=pl.Int64)]
+        for k in range(1, 19):  # one more digit for each power of ten reached
+            power = 10**k
+            if low >= power:  # every value reaches it
+                terms.append(pl.lit(n, dtype=pl.Int64))
+            elif high >= power:
+                terms.append((pl.col(c) >= power).sum())
+            if high <= -power:
+                terms.append(pl.lit(n, dtype=pl.Int64))
+            elif low <= -power:
+                terms.append((pl.col(c) <= -power).sum())
+        digits.append(pl.sum_horizontal(terms).alias(c))
+    if digits:
+        totals |= df.select(digits).row(0, named=True)
+    return totals
+
+
+def canonical_ints(df: pl.DataFrame, cols: Iterable[str]) -> dict[str, pl.Series]:
+    """The String columns of ``cols`` whose values are all canonical integers, as Int64.
+
+    "007", "+7", " 7" and "-0" are not canonical: keeping such a column as strings
+    keeps "7" and "007" apart. A value's canonical text is never longer than the text
+    it was parsed from, so comparing the total text length of a column with the total
+    length of its values written canonically checks every row at once.
+    """
+    cols = [c for c in cols if df.schema[c] == pl.String]
+    if not cols or not df.height:
+        return {}
+    ints = df.select(pl.col(cols).cast(pl.Int64, strict=False).name.suffix("#int"))
+    lengths = text_lengths(pl.concat([df.select(cols), ints], how="horizontal"))
+    return {
+        c: ints[f"{c}#int"].alias(c) for c in cols if lengths[f"{c}#int"] == lengths[c]
+    }
+
+
+def type_text_columns(df: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """Integer IDs become Int64; feature columns get the narrowest type that fits."""
+    cols = canonical_ints(df, [t for t in (USER, ITEM) if t in spec.roles])
+    for col in spec.features:
+        s = df[col]
+        if s.dtype != pl.String or s.null_count() == s.len():
+            continue
+        stripped = s.drop_nulls().str.strip_chars()
+        if canonical_ints(stripped.to_frame(), [col]):
+            cols[col] = s.str.strip_chars().cast(pl.Int64)
+        elif not stripped.cast(pl.Float64, strict=False).null_count():
+            cols[col] = s.str.strip_chars().cast(pl.Float64)
+    return df.with_columns(**cols) if cols else df
+
+
+def dedupe(
+    df: pl.DataFrame,
+    spec: Spec,
+    report: LoadReport,
+    describe: Callable[[pl.DataFrame], list[str]],
+    path: Path,
+) -> pl.DataFrame:
+    """Apply the duplicates policy; dropped rows are counted as "duplicate"."""
+    report.duplicate_policy = spec.duplicates
+    if spec.duplicates == "keep":
+        return df
+    drop = repeats(df, spec.keys, last=spec.duplicates == "last")
+    if drop is None:
+        return df
+    if spec.duplicates == "error":
+        row = df.filter(drop).head(1)
+        same = [pl.col(k) == row[k][0] for k in spec.keys]
+        first = df.filter(*same).head(1)
+        text, first_text = describe(row)[0], describe(first)[0]
+        raise DataError(
+            f"{path}:{row[LINE][0]}: duplicate {spec.keys} {text!r}, first seen "
+            f"at line {first[LINE][0]} ({first_text!r}). duplicates='error' was "
+            "requested; use duplicates='first', 'last' or 'keep' to load anyway."
+        )
+    dropped = df.filter(drop)
+    head = dropped.head(MAX_EXAMPLES)
+    examples = list(zip(head[LINE].to_list(), describe(head), strict=True))
+    report.add_many("duplicate", dropped.height, examples)
+    return df.filter(~drop)
+
+
+def repeats(df: pl.DataFrame, keys: Sequence[str], *, last: bool) -> pl.Series | None:
+    """Rows repeating the ``keys`` of another row (all but the first, or the last, of
+    each group), or None when there are none.
+
+    Rows are first told apart by a 64-bit hash of their keys, which is cheap; only rows
+    whose hash repeats are compared exactly.
+    """
+    if df.height < 2:
+        return None
+    key = pl.struct(list(keys))
+    hashes = df.select(key.hash(seed=0)).to_series()
+    if hashes.n_unique() == df.height:  # faster than is_duplicated when all differ
+        return None
+    maybe = hashes.is_duplicated()
+    idx = maybe.arg_true()
+    same = df[idx].select(key.is_last_distinct() if last else key.is_first_distinct())
+    repeated = ~same.to_series()
+    if not repeated.any():
+        return None
+    flags = pl.repeat(False, df.height, eager=True)
+    return flags.scatter(idx.filter(repeated), True)
+
+
+def load_parquet(
+    path: Path, make_spec: Callable[[list[str]], Spec], opts: Options
+) -> tuple[pl.DataFrame, LoadReport, Spec, Callable[[pl.DataFrame], list[str]]]:
+    """Read and check a Parquet file; a row's "line" is its 1-based row number.
+
+    Returns:
+        The good rows (parsed, with ``__line`` when lines may be needed later), the
+        report, the resolved spec, and a function describing rows for messages.
+    """
+    try:
+        names = list(pl.read_parquet_schema(path))
+        spec = make_spec(names)
+        raw = pl.read_parquet(path, columns=spec.sources)
+    except (OSError, pl.exceptions.PolarsError) as err:
+        raise DataError(f"{path}: not a readable Parquet file: {err}") from err
+    report = LoadReport(path=str(path), rows_read=raw.height)
+    parsed, reason = parse_columns(raw, spec)
+    if reason is not None or spec.duplicates != "keep":  # line = 1-based row number
+        parsed = parsed.with_row_index(LINE, offset=1)
+    if reason is not None:
+        bad = raw.with_row_index(LINE, offset=1).filter(reason.is_not_null())
+        bad_reasons = reason.drop_nulls()
+        if opts.strict:
+            row = bad.row(0, named=True)
+            line = row.pop(LINE)
+            raise BadRowError(str(path), line, bad_reasons[0], repr(row))
+        for r in bad_reasons.unique(maintain_order=True):
+            rows = bad.filter(bad_reasons == r)
+            head = rows.head(MAX_EXAMPLES)
+            text = [repr(d) for d in head.drop(LINE).to_dicts()]
+            report.add_many(r, rows.height, list(zip(head[LINE], text, strict=True)))
+        parsed = parsed.filter(reason.is_null())
+
+    def describe(rows: pl.DataFrame) -> list[str]:
+        return [repr(d) for d in rows.drop(LINE).to_dicts()]
+
+    return parsed, report, spec, describe

@@ -1,0 +1,409 @@
+"""Reading interaction logs and feature tables from delimited text or Parquet.
+
+Text files (CSV, TSV, MovieLens ``.dat`` with ``::``, ...) are read in two ways that
+give the same answer:
+
+* **Fast path.** polars parses the whole file, then vectorised checks look for
+  anything wrong: empty IDs, unparseable values, short rows (a null in the last
+  column), blank lines (rows of nulls), duplicates to drop; too-long rows and bad
+  quoting make polars raise. ID and time columns whose first records hold canonical
+  integers are parsed straight to Int64 and accepted when the file size equals the
+  length of the parsed text, which proves that no value was written "007" or "+7"
+  (such IDs stay strings). Otherwise IDs are parsed as strings and converted when
+  every one is a canonical integer.
+* **Exact path.** Only when the fast path finds or suspects a problem: the decoded
+  text is cut into physical lines (LF, CRLF or CR, as with ``newline=""``), tokenised
+  with the :mod:`csv` module while counting physical lines through quoted newlines,
+  and every record is classified. Value checks run on chunks of records with the very
+  same vectorised code as the fast path, so both paths accept exactly the same rows.
+
+A multi-character separator is replaced by a control character the file does not use
+before either path reads it, and put back in the values afterwards.
+
+Parquet files are read with :func:`polars.read_parquet` and checked the same way; their
+"line numbers" are 1-based row numbers.
+
+The public functions live here; the work is done in private modules:
+``_table_text`` (encoding, separator sniffing, the fast path), ``_table_lines``
+(physical lines, the exact path) and ``_table_values`` (value checks, duplicates,
+Parquet).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from twostage.data._table_text import SEPARATORS, load_text
+from twostage.data._table_values import (
+    ARG,
+    BAD,
+    END,
+    LINE,
+    Options,
+    Spec,
+    dedupe,
+    load_parquet,
+    make_options,
+)
+from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
+from twostage.data.report import LoadReport
+from twostage.errors import ConfigError, DataError
+
+__all__ = ["SEPARATORS", "join_features", "read_feature_table", "read_interactions"]
+
+logger = logging.getLogger(__name__)
+
+Duplicates = Literal["keep", "first", "last", "error"]
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def read_interactions(
+    path: str | Path,
+    *,
+    user_col: str = USER,
+    item_col: str = ITEM,
+    time_col: str | None = None,
+    rating_col: str | None = None,
+    weight_col: str | None = None,
+    user_features: Sequence[str] = (),
+    item_features: Sequence[str] = (),
+    separator: str | None = None,
+    has_header: bool = True,
+    column_names: Sequence[str] | None = None,
+    encoding: str = "auto",
+    quote_char: str | None = '"',
+    strict: bool = False,
+    duplicates: Duplicates = "keep",
+    time_format: str | None = None,
+    name: str | None = None,
+) -> Dataset:
+    """Read an interaction log from delimited text or Parquet into a :class:`Dataset`.
+
+    Bad rows (wrong field count, blank line, empty user or item ID, non-numeric or
+    non-finite rating or weight, unparseable timestamp, unbalanced quotes) are skipped
+    and counted by reason in ``Dataset.report`` with their 1-based physical line
+    numbers and text; a summary is logged at WARNING. Nothing is dropped silently.
+
+    Args:
+        path: a text file, or a Parquet file (suffix ``.parquet`` or ``.pq``).
+        user_col: source column of the user IDs.
+        item_col: source column of the item IDs.
+        time_col: source column of the timestamps: integer seconds since the epoch
+            (taken as given) or ISO 8601 dates/datetimes (naive ones read as UTC), or
+            any format given by ``time_format``. ``None``: the timestamp becomes the
+            0-based order of the loaded rows, so temporal order means file order.
+        rating_col: source column of explicit ratings (output ``rating``, Float32).
+        weight_col: source column of interaction weights (output ``weight``, Float32).
+        user_features: columns split out into ``Dataset.users``, one row per user.
+        item_features: columns split out into ``Dataset.items``, one row per item.
+            In both tables the first occurrence of an ID wins; IDs whose values differ
+            across rows are counted and logged at WARNING.
+        separator: field separator, any string (e.g. ``"::"``). ``None`` sniffs one
+            of ``, \\t ; | ::`` from the start of the file.
+        has_header: whether the first non-blank record holds the column names.
+        column_names: names for a headerless file, or to replace the header's.
+        encoding: ``"auto"`` (UTF-8, with or without BOM; latin-1 when the bytes are
+            not valid UTF-8) or any Python codec name.
+        quote_char: quote character, or ``None`` for no quoting.
+        strict: raise :class:`BadRowError` at the first bad row instead of skipping.
+        duplicates: rows with the same user, item and timestamp (user and item when
+            there is no time column): ``"keep"`` all (default; not even checked),
+            keep the ``"first"`` or ``"last"`` (the others are counted as
+            ``"duplicate"``), or raise (``"error"``). Duplicates are not bad rows, so
+            ``strict`` does not apply to them.
+        time_format: strptime-like format of the timestamps (polars syntax).
+        name: dataset name; the file stem by default.
+
+    Returns:
+        A Dataset whose ``report`` counts every record after the header, blank lines
+        included (``rows_loaded + num_rejected == rows_read``), and whose
+        ``interactions`` has ``user_id`` and ``item_id`` (Int64 when
+        every loaded ID is a canonical integer, else String stripped of surrounding
+        whitespace; Parquet IDs keep their type), ``timestamp`` (Int64) and
+        ``rating``/``weight`` (Float32) when mapped, in file order. Text feature
+        columns become Int64 or Float64 when every non-empty value parses as such,
+        else String; empty fields are null.
+
+    Raises:
+        DataError: the file cannot be read, a mapped column is missing, or
+            ``duplicates="error"`` found a duplicate.
+        BadRowError: ``strict=True`` and a row is bad.
+        ConfigError: an option has an invalid value.
+    """
+    path = Path(path)
+    roles: dict[str, str | None] = {USER: user_col, ITEM: item_col, TIME: time_col}
+    roles |= {RATING: rating_col, WEIGHT: weight_col}
+    feats = {"user_features": list(user_features), "item_features": list(item_features)}
+    _check_choice("duplicates", duplicates, ("keep", "first", "last", "error"))
+
+    def make_spec(names: list[str]) -> Spec:
+        mapped = {k: v for k, v in roles.items() if v is not None}
+        keys = (USER, ITEM, TIME) if time_col is not None else (USER, ITEM)
+        spec = Spec(mapped, (), time_format, duplicates, keys)
+        return _make_spec(path, names, spec, feats, reserved=tuple(BAD))
+
+    opts = make_options(
+        separator=separator,
+        has_header=has_header,
+        column_names=column_names,
+        encoding=encoding,
+        quote_char=quote_char,
+        strict=strict,
+        time_format=time_format,
+    )
+    df, report, spec = _load(path, make_spec, opts)
+    if TIME not in spec.roles:  # no time column: file order is the time order
+        df = df.with_columns(pl.int_range(0, pl.len(), dtype=pl.Int64).alias(TIME))
+    out_cols = [c for c in (USER, ITEM, TIME, RATING, WEIGHT) if c in df.columns]
+    users = _feature_table(df, USER, feats["user_features"])
+    items = _feature_table(df, ITEM, feats["item_features"])
+    return Dataset(
+        name=name or path.stem,
+        interactions=df.select(out_cols),
+        users=users,
+        items=items,
+        source=str(path),
+        report=report,
+    )
+
+
+def read_feature_table(
+    path: str | Path,
+    *,
+    key_col: str,
+    key_name: Literal["user_id", "item_id"] = "user_id",
+    columns: Sequence[str] | None = None,
+    separator: str | None = None,
+    has_header: bool = True,
+    column_names: Sequence[str] | None = None,
+    encoding: str = "auto",
+    quote_char: str | None = '"',
+    strict: bool = False,
+    duplicates: Literal["first", "last", "error"] = "first",
+) -> pl.DataFrame:
+    """Read a user or item feature table (text or Parquet), one row per key.
+
+    Rows are checked like :func:`read_interactions` checks them (an empty key is
+    ``empty_user_id``/``empty_item_id``); rejected rows and duplicate keys are
+    counted and the summary is logged at WARNING.
+
+    Args:
+        path: a text or Parquet file.
+        key_col: source column of the key.
+        key_name: output name of the key, ``"user_id"`` or ``"item_id"``.
+        columns: feature columns to keep; all other columns when ``None``.
+        separator: see :func:`read_interactions`.
+        has_header: see :func:`read_interactions`.
+        column_names: see :func:`read_interactions`.
+        encoding: see :func:`read_interactions`.
+        quote_char: see :func:`read_interactions`.
+        strict: raise :class:`BadRowError` at the first bad row.
+        duplicates: which row of a repeated key to keep (``"first"``/``"last"``), or
+            ``"error"`` to raise.
+
+    Returns:
+        A DataFrame with ``key_name`` first (typed like interaction IDs), then the
+        feature columns (typed like feature columns of :func:`read_interactions`).
+    """
+    path = Path(path)
+    _check_choice("key_name", key_name, (USER, ITEM))
+    _check_choice("duplicates", duplicates, ("first", "last", "error"))
+    wanted = None if columns is None else list(columns)
+
+    def make_spec(names: list[str]) -> Spec:
+        rest = [c for c in names if c != key_col] if wanted is None else wanted
+        feats = {"columns": rest}
+        mapped: dict[str, str] = {key_name: key_col}
+        spec = Spec(mapped, (), None, duplicates, (key_name,))
+        return _make_spec(path, names, spec, feats, reserved=(key_name,))
+
+    opts = make_options(
+        separator=separator,
+        has_header=has_header,
+        column_names=column_names,
+        encoding=encoding,
+        quote_char=quote_char,
+        strict=strict,
+        time_format=None,
+    )
+    df, _, spec = _load(path, make_spec, opts)
+    return df.select([key_name, *spec.features])
+
+
+def join_features(
+    dataset: Dataset,
+    *,
+    users: pl.DataFrame | None = None,
+    items: pl.DataFrame | None = None,
+) -> Dataset:
+    """Attach user and/or item feature tables to a dataset.
+
+    Args:
+        dataset: the dataset to extend (not modified).
+        users: a table keyed by ``user_id`` with one row per user.
+        items: a table keyed by ``item_id`` with one row per item.
+
+    Returns:
+        A copy of ``dataset`` whose ``users``/``items`` hold the new columns (joined
+        onto the existing tables by key, if there are any).
+
+    Raises:
+        DataError: a table lacks its key, has repeated keys, a key dtype differs from
+            the interactions', or a column already exists in the existing table.
+    """
+    tables = {}
+    for arg, key, new, old in (
+        ("users", USER, users, dataset.users),
+        ("items", ITEM, items, dataset.items),
+    ):
+        tables[arg] = old if new is None else _merge_table(arg, key, new, old, dataset)
+    return Dataset(
+        name=dataset.name,
+        interactions=dataset.interactions,
+        users=tables["users"],
+        items=tables["items"],
+        source=dataset.source,
+        report=dataset.report,
+    )
+
+
+def _load(
+    path: Path, make_spec: Callable[[list[str]], Spec], opts: Options
+) -> tuple[pl.DataFrame, LoadReport, Spec]:
+    """Read, check, type and de-duplicate the mapped columns of a file."""
+    if not path.is_file():
+        raise DataError(f"`path` should be an existing file. Received: {str(path)!r}.")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b" or magic == b"PK\x03\x04":
+        raise DataError(
+            f"{path} is compressed (gzip or zip); decompress it first, e.g. with "
+            "`gunzip` or `unzip`."
+        )
+    if path.suffix.lower() in PARQUET_SUFFIXES or magic == b"PAR1":
+        df, report, spec, describe = load_parquet(path, make_spec, opts)
+    else:
+        df, report, spec, describe = load_text(path, make_spec, opts)
+    df = dedupe(df, spec, report, describe, path)
+    df = df.drop([c for c in (LINE, END) if c in df.columns])
+    report.rows_loaded = df.height
+    if not report.ok:
+        logger.warning("%s", report.summary())
+    else:
+        logger.debug("%s", report.summary())
+    return df, report, spec
+
+
+def _make_spec(
+    path: Path,
+    names: list[str],
+    draft: Spec,
+    features: dict[str, list[str]],
+    *,
+    reserved: tuple[str, ...],
+) -> Spec:
+    """Check the columns of ``draft`` against the file's; add the feature columns.
+
+    Args:
+        path: the file, for messages.
+        names: its column names.
+        draft: the spec with ``roles`` (output name -> source column) but no features.
+        features: argument name -> feature columns it lists.
+        reserved: output names a feature column may not take.
+    """
+    mapped = draft.roles
+    for target, col in mapped.items():
+        if col not in names:
+            raise DataError(
+                f"`{ARG.get(target, 'key_col')}` = {col!r} is not a column of "
+                f"{str(path)!r}. Available columns: {names}. Pass one of them, or "
+                "`column_names=` for a headerless file."
+            )
+    seen = list(mapped.values())
+    if len(set(seen)) != len(seen):
+        raise DataError(f"each column can play one role only. Received roles {mapped}.")
+    kept: list[str] = []
+    for arg, cols in features.items():
+        for col in cols:
+            if col not in names:
+                raise DataError(
+                    f"`{arg}` lists {col!r}, which is not a column of {str(path)!r}. "
+                    f"Available columns: {names}."
+                )
+            if col in seen or col in reserved:
+                raise DataError(
+                    f"`{arg}` lists {col!r}, which is a mapped column or an output "
+                    f"name ({list(reserved)}); rename it or drop it from `{arg}`."
+                )
+            kept.append(col)
+    roles = {t: mapped[t] for t in (*BAD, *mapped) if t in mapped}
+    return replace(draft, roles=roles, features=tuple(dict.fromkeys(kept)))
+
+
+def _check_choice(arg: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"`{arg}` should be one of {allowed}. Received: {value!r}.")
+
+
+def _feature_table(df: pl.DataFrame, key: str, cols: list[str]) -> pl.DataFrame | None:
+    """One row per ``key`` (first occurrence), warning about conflicting values."""
+    if not cols:
+        return None
+    table = df.select([key, *dict.fromkeys(cols)])
+    first = table.unique(subset=key, keep="first", maintain_order=True)
+    conflicts = table.unique().height - first.height
+    if conflicts:
+        logger.warning(
+            "%d %s values have more than one set of features %s; the first occurrence "
+            "was kept.",
+            conflicts,
+            key,
+            cols,
+        )
+    return first
+
+
+def _merge_table(
+    arg: str, key: str, new: pl.DataFrame, old: pl.DataFrame | None, dataset: Dataset
+) -> pl.DataFrame:
+    """Check a feature table against the interactions and join it onto ``old``."""
+    if key not in new.columns:
+        raise DataError(
+            f"`{arg}` should have a {key!r} column. Received columns: {new.columns}."
+        )
+    want = dataset.interactions.schema[key]
+    if new.schema[key] != want:
+        raise DataError(
+            f"`{arg}`[{key!r}] has dtype {new.schema[key]} but the interactions' "
+            f"{key!r} is {want}. Cast it first, e.g. "
+            f"`{arg}.with_columns(pl.col({key!r}).cast(pl.{want}))`."
+        )
+    if new[key].is_duplicated().any():
+        raise DataError(
+            f"`{arg}` should have one row per {key!r}; some keys repeat. Use "
+            f"`{arg}.unique(subset={key!r}, keep='first')` or read it with "
+            "read_feature_table()."
+        )
+    known = dataset.interactions[key].unique()
+    covered = int(known.is_in(new[key].implode()).sum())
+    logger.info(
+        "%d of %d %s values have features in `%s`.", covered, known.len(), key, arg
+    )
+    if old is None:
+        return new
+    clash = sorted((set(new.columns) & set(old.columns)) - {key})
+    if clash:
+        raise DataError(
+            f"`{arg}` repeats columns {clash} of the dataset's existing table; drop "
+            "or rename them first."
+        )
+    return old.join(new, on=key, how="full", coalesce=True, maintain_order="left")

@@ -1,0 +1,854 @@
+"""Tests for twostage.data.tables: reading interaction logs and feature tables."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import io
+import logging
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+
+from twostage.data import Dataset, _table_lines, _table_text, tables
+from twostage.data.report import REASONS
+from twostage.data.tables import join_features, read_feature_table, read_interactions
+from twostage.errors import BadRowError, ConfigError, DataError
+
+HEADER = "user_id,item_id,rating,timestamp"
+
+
+def write(
+    tmp_path: Path, name: str, data: str | bytes, encoding: str = "utf-8"
+) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data.encode(encoding) if isinstance(data, str) else data)
+    return path
+
+
+@contextlib.contextmanager
+def exact_path() -> Iterator[None]:
+    """Within it, every text file takes the exact (csv module) path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_table_text, "read_fast", lambda *args, **kwargs: None)
+        patch.setattr(_table_lines, "_CHUNK_ROWS", 3)  # many chunks, even when small
+        yield
+
+
+def load(path: Path, **kwargs: object) -> Dataset:
+    options: dict[str, object] = {"rating_col": "rating", "time_col": "timestamp"}
+    return read_interactions(path, **(options | kwargs))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- clean files
+
+
+def test_clean_csv_types_and_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "a.csv", f"{HEADER}\n1,10,4.5,100\n2,20,3,200\n")
+    ds = load(path)
+    assert ds.interactions.schema == pl.Schema(
+        {
+            "user_id": pl.Int64,
+            "item_id": pl.Int64,
+            "timestamp": pl.Int64,
+            "rating": pl.Float32,
+        }
+    )
+    assert ds.interactions.rows() == [(1, 10, 100, 4.5), (2, 20, 200, 3.0)]
+    assert ds.report is not None and ds.report.ok
+    assert (ds.report.rows_read, ds.report.rows_loaded) == (2, 2)
+    assert ds.name == "a" and ds.source == str(path)
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+def test_line_endings(tmp_path: Path, eol: str) -> None:
+    body = eol.join([HEADER, "1,10,4,100", "2,20,5,200", '3,"x' + eol + 'y",1,300'])
+    ds = load(write(tmp_path, "e.csv", body + eol))
+    assert ds.interactions["item_id"].to_list() == ["10", "20", "x" + eol + "y"]
+    assert ds.report is not None and ds.report.ok
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_numbers_only_with_other_line_endings(tmp_path: Path, eol: str) -> None:
+    # Regression: with no text column left to search for stray line ends, the
+    # fast path indexed an empty frame.
+    body = eol.join([HEADER, "1,10,4,100", "2,20,5,200"]) + eol
+    ds = load(write(tmp_path, "n.csv", body))
+    assert ds.interactions.rows() == [(1, 10, 100, 4.0), (2, 20, 200, 5.0)]
+
+
+def test_quoted_fields_with_separators_newlines_and_quotes(tmp_path: Path) -> None:
+    text = f'{HEADER}\n1,"a,b",1,1\n2,"line1\nline2",2,2\n3,"say ""hi""",3,3\n'
+    ds = load(write(tmp_path, "q.csv", text))
+    assert ds.interactions["item_id"].to_list() == ["a,b", "line1\nline2", 'say "hi"']
+
+
+def test_utf8_bom_is_dropped(tmp_path: Path) -> None:
+    ds = load(
+        write(
+            tmp_path,
+            "bom.csv",
+            b"\xef\xbb\xbf" + f"{HEADER}\n1,caf\u00e9,1,1\n".encode(),
+        )
+    )
+    assert ds.interactions["item_id"].to_list() == ["caf\u00e9"]
+
+
+def test_latin1_falls_back(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "l.csv", f"{HEADER}\n1,caf\u00e9,1,1\n2,na\u00efve,2,2\n", "latin-1"
+    )
+    ds = load(path)
+    assert ds.interactions["item_id"].to_list() == ["caf\u00e9", "na\u00efve"]
+    ds = load(path, encoding="latin-1")
+    assert ds.interactions["item_id"].to_list() == ["caf\u00e9", "na\u00efve"]
+    with pytest.raises(DataError, match="not valid"):
+        load(path, encoding="utf-8")
+
+
+def test_latin1_after_the_first_megabyte(tmp_path: Path) -> None:
+    rows = "".join(f"{i},{i},1,{i}\n" for i in range(120_000))
+    path = write(tmp_path, "late.csv", f"{HEADER}\n{rows}7,caf\u00e9,1,1\n", "latin-1")
+    ds = load(path)
+    assert ds.interactions["item_id"][-1] == "caf\u00e9"
+    assert ds.report is not None and ds.report.rows_loaded == 120_001
+
+
+def test_headerless_with_column_names_and_double_colon(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n"
+    )
+    names = ["user_id", "item_id", "rating", "timestamp"]
+    ds = load(path, has_header=False, column_names=names)
+    assert ds.interactions.rows() == [
+        (1, 1193, 978300760, 5.0),
+        (1, 661, 978302109, 3.0),
+    ]
+
+
+def test_double_colon_inside_quotes_survives(tmp_path: Path) -> None:
+    path = write(tmp_path, "q.dat", 'u::i::r\n1::"a::b:"::2\n2::c:::3\n')
+    ds = read_interactions(path, user_col="u", item_col="i", rating_col="r")
+    assert ds.interactions["item_id"].to_list() == ["a::b:"]
+    assert ds.report is not None
+    assert ds.report.examples == {"bad_rating": [(3, "2::c:::3")]}
+
+
+@pytest.mark.parametrize("sep", tables.SEPARATORS)
+def test_separator_is_sniffed(tmp_path: Path, sep: str) -> None:
+    text = "\n".join(sep.join(r) for r in [HEADER.split(","), ["1", "a b", "2", "3"]])
+    ds = load(write(tmp_path, "s.txt", text + "\n"))
+    assert ds.interactions.rows() == [(1, "a b", 3, 2.0)]
+
+
+def test_no_time_column_means_file_order(tmp_path: Path) -> None:
+    path = write(tmp_path, "n.csv", "user_id,item_id\n5,1\n\n4,2\n3,3\n")
+    ds = read_interactions(path)
+    assert ds.interactions["timestamp"].to_list() == [0, 1, 2]
+    assert ds.interactions["user_id"].to_list() == [5, 4, 3]
+
+
+def test_iso_timestamps_and_time_format(tmp_path: Path) -> None:
+    text = (
+        f"{HEADER}\n1,1,1,2020-01-02\n1,2,1,2020-01-02T03:04:05Z\n"
+        "1,3,1,2020-01-02 03:04:05+01:00\n1,4,1,1577934245\n"
+    )
+    ds = load(write(tmp_path, "t.csv", text))
+    day = int(datetime(2020, 1, 2, tzinfo=UTC).timestamp())
+    assert ds.interactions["timestamp"].to_list() == [
+        day,
+        day + 11045,
+        day + 7445,
+        1577934245,
+    ]
+    path = write(tmp_path, "f.csv", f"{HEADER}\n1,1,1,02/01/2020\n")
+    assert load(path, time_format="%d/%m/%Y").interactions["timestamp"][0] == day
+
+
+def test_ids_with_leading_zeros_stay_strings(tmp_path: Path) -> None:
+    path = write(tmp_path, "z.csv", f"{HEADER}\n007,1,1,1\n7,2,1,1\n +8 ,3,1,1\n")
+    ds = load(path)
+    assert ds.interactions["user_id"].to_list() == ["007", "7", "+8"]
+    assert ds.interactions["item_id"].dtype == pl.Int64
+
+
+# ------------------------------------------------------------------- bad rows
+
+
+BAD_FILE = (
+    f"{HEADER}\n"  # 1
+    "1,10,4,100\n"  # 2
+    "\n"  # 3 blank
+    "2,,3,200\n"  # 4 empty item
+    '3,"multi\nline",x,300\n'  # 5-6 bad rating
+    "4,40,3\n"  # 7 too few fields
+    "   \n"  # 8 blank (whitespace)
+    "5,50,2,yesterday\n"  # 9 bad timestamp
+    " ,60,1,600\n"  # 10 empty user
+    "6,60,1,600,extra\n"  # 11 too many fields
+    "7,70,1,700\n"  # 12
+)
+BAD_LINES = {
+    "blank_line": [3, 8],
+    "empty_item_id": [4],
+    "bad_rating": [5],
+    "wrong_field_count": [7, 11],
+    "bad_timestamp": [9],
+    "empty_user_id": [10],
+}
+
+
+def test_bad_rows_are_counted_with_exact_line_numbers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="twostage.data.tables"):
+        ds = load(write(tmp_path, "bad.csv", BAD_FILE))
+    report = ds.report
+    assert report is not None
+    assert ds.interactions["user_id"].to_list() == [1, 7]
+    assert (report.rows_read, report.rows_loaded, report.num_rejected) == (10, 2, 8)
+    assert {
+        r: [line for line, _ in ex] for r, ex in report.examples.items()
+    } == BAD_LINES
+    assert report.rejected == {r: len(v) for r, v in BAD_LINES.items()}
+    assert report.examples["bad_rating"] == [(5, '3,"multi\nline",x,300')]
+    assert report.examples["wrong_field_count"][0] == (7, "4,40,3")
+    assert set(report.rejected) <= set(REASONS)
+    assert "8 rejected" in caplog.text and "bad.csv" in caplog.text
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\r"], ids=["crlf", "cr"])
+def test_line_numbers_with_other_line_endings(tmp_path: Path, eol: str) -> None:
+    ds = load(write(tmp_path, "bad.csv", BAD_FILE.replace("\n", eol)))
+    assert ds.report is not None
+    assert {r: [n for n, _ in ex] for r, ex in ds.report.examples.items()} == BAD_LINES
+
+
+def test_strict_raises_at_the_first_bad_row(tmp_path: Path) -> None:
+    path = write(tmp_path, "bad.csv", BAD_FILE)
+    with pytest.raises(
+        BadRowError, match=r"bad\.csv:3: bad row \(blank_line\)"
+    ) as info:
+        load(path, strict=True)
+    assert (info.value.line, info.value.reason) == (3, "blank_line")
+    later = BAD_FILE.replace("\n\n", "\n").replace("\n   \n", "\n")
+    with pytest.raises(BadRowError, match=r":3: bad row \(empty_item_id\): '2,,3,200'"):
+        load(write(tmp_path, "b2.csv", later), strict=True)
+
+
+def test_strict_value_error_before_a_later_shape_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "s.csv", f"{HEADER}\n1,1,oops,1\n1,2\n")
+    with pytest.raises(BadRowError) as info:
+        load(path, strict=True)
+    assert (info.value.line, info.value.reason, info.value.content) == (
+        2,
+        "bad_rating",
+        "1,1,oops,1",
+    )
+
+
+def test_non_finite_ratings_and_weights(tmp_path: Path) -> None:
+    text = (
+        "user_id,item_id,rating,weight\n1,1,nan,1\n1,2,1e39,1\n1,3,2,inf\n1,4,2,0.5\n"
+    )
+    ds = read_interactions(
+        write(tmp_path, "n.csv", text), rating_col="rating", weight_col="weight"
+    )
+    assert ds.report is not None
+    assert ds.report.rejected == {"bad_rating": 2, "bad_weight": 1}
+    assert ds.interactions.rows() == [(1, 4, 0, 2.0, 0.5)]
+
+
+def test_bad_quoting_is_reported_and_reading_resumes(tmp_path: Path) -> None:
+    text = f'{HEADER}\n1,"a"b,1,1\n2,x,1,1\n3,"open,1,1\n4,y,1,1\n'
+    ds = load(write(tmp_path, "q.csv", text))
+    assert ds.report is not None
+    assert ds.report.rejected == {"bad_quoting": 2}
+    assert [n for n, _ in ds.report.examples["bad_quoting"]] == [2, 4]
+    assert ds.interactions["user_id"].to_list() == [2, 4]
+
+
+def test_lone_cr_in_a_lf_file_ends_a_line(tmp_path: Path) -> None:
+    ds = load(write(tmp_path, "m.csv", f"{HEADER}\n1,a\rb,1,1\n2,c,1,1\n"))
+    assert ds.report is not None
+    assert ds.report.examples["wrong_field_count"] == [(2, "1,a"), (3, "b,1,1")]
+
+
+def test_missing_column_names_it_and_lists_the_others(tmp_path: Path) -> None:
+    path = write(tmp_path, "a.csv", f"{HEADER}\n1,1,1,1\n")
+    with pytest.raises(
+        DataError, match=r"`time_col` = 'ts'.*Available columns: \['user_id'"
+    ):
+        read_interactions(path, time_col="ts")
+    with pytest.raises(DataError, match="`item_features` lists 'genre'"):
+        read_interactions(path, item_features=["genre"])
+
+
+def test_bad_options_raise_config_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, "a.csv", f"{HEADER}\n1,1,1,1\n")
+    with pytest.raises(ConfigError, match="duplicates"):
+        read_interactions(path, duplicates="most")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="separator"):
+        read_interactions(path, separator="")
+    with pytest.raises(ConfigError, match="quote_char"):
+        read_interactions(path, quote_char="''")
+
+
+def test_empty_and_header_only_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="empty"):
+        read_interactions(write(tmp_path, "e.csv", ""))
+    ds = load(write(tmp_path, "h.csv", HEADER + "\n"))
+    assert ds.interactions.height == 0
+    assert ds.report is not None and ds.report.rows_read == 0
+
+
+# ----------------------------------------------------------------- duplicates
+
+
+DUPS = f"{HEADER}\n1,1,5,10\n1,2,4,10\n1,1,3,10\n2,1,2,10\n1,1,1,10\n"
+
+
+@pytest.mark.parametrize(
+    ("policy", "ratings", "dropped"),
+    [
+        ("keep", [5, 4, 3, 2, 1], []),
+        ("first", [5, 4, 2], [4, 6]),
+        ("last", [4, 2, 1], [2, 4]),
+    ],
+)
+def test_duplicate_policies(
+    tmp_path: Path, policy: str, ratings: list[int], dropped: list[int]
+) -> None:
+    ds = load(write(tmp_path, "d.csv", DUPS), duplicates=policy)
+    assert ds.interactions["rating"].to_list() == ratings
+    assert ds.report is not None and ds.report.duplicate_policy == policy
+    assert [n for n, _ in ds.report.examples.get("duplicate", [])] == dropped
+    assert ds.report.rejected.get("duplicate", 0) == len(dropped)
+    assert ds.report.rows_read == ds.report.rows_loaded + ds.report.num_rejected
+
+
+def test_duplicate_error_names_both_lines(tmp_path: Path) -> None:
+    with pytest.raises(
+        DataError, match=r"d\.csv:4: duplicate.*'1,1,3,10'.*first seen at line 2"
+    ):
+        load(write(tmp_path, "d.csv", DUPS), duplicates="error")
+
+
+def test_duplicates_without_time_column_are_user_item_pairs(tmp_path: Path) -> None:
+    path = write(tmp_path, "d.csv", "user_id,item_id\n1,1\n1,2\n1,1\n")
+    ds = read_interactions(path, duplicates="first")
+    assert ds.interactions.rows() == [(1, 1, 0), (1, 2, 1)]
+
+
+# -------------------------------------------------------------------- Parquet
+
+
+def test_parquet_round_trip(tmp_path: Path) -> None:
+    frame = pl.DataFrame(
+        {
+            "u": ["a", "b", None, "c"],
+            "i": [1, 2, 3, 4],
+            "r": [1.0, float("nan"), 2.0, 3.0],
+            "t": [datetime(2020, 1, 1, tzinfo=UTC)] * 4,
+            "g": ["x", "y", "z", "w"],
+        }
+    )
+    path = tmp_path / "f.parquet"
+    frame.write_parquet(path)
+    ds = read_interactions(
+        path,
+        user_col="u",
+        item_col="i",
+        rating_col="r",
+        time_col="t",
+        item_features=["g"],
+    )
+    assert ds.interactions.rows() == [
+        ("a", 1, 1577836800, 1.0),
+        ("c", 4, 1577836800, 3.0),
+    ]
+    assert ds.report is not None
+    assert ds.report.rejected == {"bad_rating": 1, "empty_user_id": 1}
+    assert [n for n, _ in ds.report.examples["empty_user_id"]] == [3]
+    assert ds.items is not None and ds.items["g"].to_list() == ["x", "w"]
+    clean = tmp_path / "clean.pq"
+    ds.interactions.write_parquet(clean)
+    again = read_interactions(clean, time_col="timestamp", rating_col="rating")
+    assert_frame_equal(again.interactions, ds.interactions)
+
+
+# --------------------------------------------------------------- Book-Crossing
+
+
+BX_COLUMNS = [
+    "user_id",
+    "location",
+    "age",
+    "isbn",
+    "rating",
+    "book_title",
+    "book_author",
+    "year_of_publication",
+    "publisher",
+    "img_s",
+    "img_m",
+    "img_l",
+    "Summary",
+    "Language",
+    "Category",
+    "city",
+    "state",
+    "country",
+]
+
+
+BX_ROWS = [  # user, age, isbn, rating, title, category, country
+    (2, 18.0, "0195153448", 0, "Classical Mythology", "['Social Science']", "usa"),
+    (8, 34.7439, "0002005018", 5, "Clara Callan", "['Actresses']", "canada"),
+    (8, 34.7439, "0060973129", 0, "Decision in Normandy, A", "['1940-1949']", "canada"),
+    (11400, 49.0, "0195153448", 7, "Classical Mythology", "['Social Science']", "usa"),
+]
+
+
+def test_book_crossing_preprocessed_data(tmp_path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(BX_COLUMNS)
+    for user, age, isbn, rating, title, category, country in BX_ROWS:
+        img = f"http://images.amazon.com/images/P/{isbn}.01.THUMBZZZ.jpg"
+        book = ["Mark P. O. Morford", 2002, "Oxford University Press", img, img, img]
+        summary = ['A "classic" summary, with commas', "en", category]
+        place = ["stockton", "california", country]
+        location = f"stockton, california, {country}"
+        writer.writerow(
+            [user, location, age, isbn, rating, title, *book, *summary, *place]
+        )
+    path = write(tmp_path, "Preprocessed_data.csv", buffer.getvalue())
+    ds = read_interactions(
+        path,
+        user_col="user_id",
+        item_col="isbn",
+        rating_col="rating",
+        user_features=["age", "country"],
+        item_features=["book_title", "book_author", "Category"],
+    )
+    assert ds.interactions.rows() == [
+        (2, "0195153448", 0, 0.0),
+        (8, "0002005018", 1, 5.0),
+        (8, "0060973129", 2, 0.0),
+        (11400, "0195153448", 3, 7.0),
+    ]
+    assert ds.users is not None and ds.items is not None
+    assert ds.users.rows() == [
+        (2, 18.0, "usa"),
+        (8, 34.7439, "canada"),
+        (11400, 49.0, "usa"),
+    ]
+    assert ds.users.schema["age"] == pl.Float64
+    assert ds.items.columns == ["item_id", "book_title", "book_author", "Category"]
+    assert ds.items.height == 3
+    assert ds.items.row(0) == (
+        "0195153448",
+        "Classical Mythology",
+        "Mark P. O. Morford",
+        "['Social Science']",
+    )
+
+
+def test_book_crossing_raw_ratings(tmp_path: Path) -> None:
+    text = (
+        '"User-ID";"ISBN";"Book-Rating"\r\n"276725";"034545104X";"0"\r\n'
+        '"276726";"0155061224";"5"\r\n"276727";"3442\u00e9";"0"\r\n'
+    )
+    ds = read_interactions(
+        write(tmp_path, "BX-Book-Ratings.csv", text, "latin-1"),
+        user_col="User-ID",
+        item_col="ISBN",
+        rating_col="Book-Rating",
+    )
+    assert ds.interactions.rows() == [
+        (276725, "034545104X", 0, 0.0),
+        (276726, "0155061224", 1, 5.0),
+        (276727, "3442\u00e9", 2, 0.0),
+    ]
+
+
+# -------------------------------------------------------------- feature tables
+
+
+def test_read_feature_table_and_join(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    users = write(
+        tmp_path,
+        "users.csv",
+        "id,age,city\n1,30,Paris\n2,,Oslo\n1,31,Rome\n,40,Nowhere\n",
+    )
+    with caplog.at_level(logging.WARNING, logger="twostage.data.tables"):
+        table = read_feature_table(users, key_col="id")
+    assert table.rows() == [(1, 30, "Paris"), (2, None, "Oslo")]
+    assert "duplicate: 1" in caplog.text and "empty_user_id: 1" in caplog.text
+    ds = read_interactions(write(tmp_path, "i.csv", "user_id,item_id\n1,5\n2,6\n"))
+    joined = join_features(ds, users=table)
+    assert joined.users is not None and joined.users.columns == [
+        "user_id",
+        "age",
+        "city",
+    ]
+    with pytest.raises(DataError, match="dtype"):
+        join_features(ds, users=table.with_columns(pl.col("user_id").cast(pl.String)))
+    with pytest.raises(DataError, match="one row per"):
+        join_features(ds, users=pl.concat([table, table]))
+    items = read_feature_table(
+        write(tmp_path, "it.csv", "item,name\n5,a\n"),
+        key_col="item",
+        key_name="item_id",
+    )
+    assert join_features(joined, items=items).items is not None
+
+
+# ------------------------------------------------------------ property tests
+
+ID_ALPHABET = st.sampled_from(list("abcXYZ019 ,;|:\t\"'é中😀-+."))
+TEXT_IDS = st.text(ID_ALPHABET, min_size=1, max_size=6).filter(lambda s: s == s.strip())
+INT_IDS = st.integers(-(10**12), 10**12).map(str)
+NOTES = st.text(st.sampled_from(list('ab ,;|:"\r\n\x1f')), max_size=6)
+RATINGS = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+TIMES = st.one_of(
+    st.integers(0, 2**40).map(lambda t: (str(t), t)),
+    st.datetimes(datetime(1971, 1, 1), datetime(2100, 1, 1)).map(
+        lambda d: (
+            d.replace(microsecond=0).isoformat(),
+            int(d.replace(microsecond=0, tzinfo=UTC).timestamp()),
+        )
+    ),
+)
+BAD_KINDS = {
+    "blank": "blank_line",
+    "spaces": "blank_line",
+    "few": "wrong_field_count",
+    "many": "wrong_field_count",
+    "no_user": "empty_user_id",
+    "no_item": "empty_item_id",
+    "rating": "bad_rating",
+    "time": "bad_timestamp",
+}
+
+
+@st.composite
+def tables_with_bad_rows(draw: st.DrawFn, bad: bool = True) -> dict[str, object]:
+    ids = draw(st.sampled_from([TEXT_IDS, INT_IDS]))
+    good = st.tuples(ids, ids, RATINGS, TIMES, NOTES).map(lambda r: ("good", r))
+    kinds = st.sampled_from(sorted(BAD_KINDS)) if bad else st.nothing()
+    broken = st.tuples(kinds, st.tuples(ids, ids, RATINGS, TIMES, NOTES))
+    rows = draw(st.lists(st.one_of(good, good, broken), max_size=25))
+    return {
+        "rows": rows,
+        "sep": draw(st.sampled_from(tables.SEPARATORS)),
+        "eol": draw(st.sampled_from(["\n", "\r\n", "\r"])),
+        "final_eol": draw(st.booleans()),
+    }
+
+
+def quote(field: str, sep: str) -> str:
+    if any(c in field for c in (*sep, '"', "\r", "\n")) or field != field.strip():
+        return '"' + field.replace('"', '""') + '"'
+    return field
+
+
+def render(
+    table: dict[str, object],
+) -> tuple[str, list[tuple[object, ...]], dict[str, list[int]]]:
+    """File text, expected good rows, expected line numbers per rejection reason."""
+    sep, eol = str(table["sep"]), str(table["eol"])
+    records = [sep.join(["user_id", "item_id", "note", "rating", "timestamp"])]
+    good: list[tuple[object, ...]] = []
+    bad: dict[str, list[int]] = {}
+    line = 2
+    for kind, (user, item, rating, (time_text, seconds), note) in table["rows"]:  # type: ignore[attr-defined]
+        fields = [user, item, note, repr(rating), time_text]
+        if kind == "good":
+            good.append((user, item, seconds, rating))
+        elif kind == "no_user":
+            fields[0] = blank_id(user)
+        elif kind == "no_item":
+            fields[1] = ""
+        elif kind == "rating":
+            fields[3] = "n/a"
+        elif kind == "time":
+            fields[4] = "2020-13-45"
+        text = sep.join(quote(f, sep) for f in fields)
+        if kind == "few":
+            text = sep.join(quote(f, sep) for f in fields[:3])
+        elif kind == "many":
+            text += sep + "extra"
+        elif kind in ("blank", "spaces"):
+            text = "" if kind == "blank" else "  "
+        if kind != "good":
+            bad.setdefault(BAD_KINDS[kind], []).append(line)
+        records.append(text)
+        line += 1 + len(re.findall(r"\r\n|\r|\n", text))
+    body = eol.join(records)
+    if table["final_eol"] or records[-1] == "":
+        body += eol
+    return body, good, bad
+
+
+def blank_id(user: str) -> str:
+    return " " if len(user) % 2 else ""
+
+
+def expected_frame(good: list[tuple[object, ...]]) -> pl.DataFrame:
+    def as_ids(values: list[str]) -> pl.Series:
+        canonical = all(
+            re.fullmatch(r"0|-?[1-9][0-9]*", v) and -(2**63) <= int(v) < 2**63
+            for v in values
+        )
+        return pl.Series([int(v) for v in values] if canonical and values else values)
+
+    columns: list[tuple[object, ...]] = [()] * 4
+    if good:
+        columns = list(zip(*good, strict=True))
+    return pl.DataFrame(
+        {
+            "user_id": as_ids([str(v) for v in columns[0]]),
+            "item_id": as_ids([str(v) for v in columns[1]]),
+            "timestamp": pl.Series(columns[2], dtype=pl.Int64),
+            "rating": pl.Series(
+                np.array(columns[3], dtype=np.float32), dtype=pl.Float32
+            ),
+        }
+    )
+
+
+def check_table(
+    path: Path, table: dict[str, object], read: Callable[[Path], Dataset]
+) -> None:
+    body, good, bad = render(table)
+    path.write_bytes(body.encode("utf-8"))
+    ds = read(path)
+    report = ds.report
+    assert report is not None
+    assert report.rows_read == len(table["rows"])  # type: ignore[arg-type]
+    assert report.rows_loaded == len(good) == ds.interactions.height
+    assert report.rows_loaded + report.num_rejected == report.rows_read
+    assert report.rejected == {r: len(lines) for r, lines in bad.items()}
+    assert {r: [n for n, _ in ex] for r, ex in report.examples.items()} == {
+        r: v[:5] for r, v in bad.items()
+    }
+    expected = expected_frame(good)
+    if ds.interactions.height == 0:
+        return
+    assert_frame_equal(ds.interactions, expected, check_dtypes=bool(good))
+
+
+def read_table(path: Path, table: dict[str, object]) -> Dataset:
+    return read_interactions(
+        path, rating_col="rating", time_col="timestamp", separator=str(table["sep"])
+    )
+
+
+PROPERTY = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+@PROPERTY
+@given(table=tables_with_bad_rows())
+def test_property_every_row_is_loaded_or_rejected(
+    tmp_path: Path, table: dict[str, object]
+) -> None:
+    check_table(tmp_path / "p.csv", table, lambda p: read_table(p, table))
+
+
+@PROPERTY
+@given(table=tables_with_bad_rows())
+def test_property_exact_path_agrees(tmp_path: Path, table: dict[str, object]) -> None:
+    with exact_path():
+        check_table(tmp_path / "p.csv", table, lambda p: read_table(p, table))
+
+
+@PROPERTY
+@given(table=tables_with_bad_rows(bad=False))
+def test_property_clean_tables_take_the_fast_path_when_possible(
+    tmp_path: Path, table: dict[str, object]
+) -> None:
+    path = tmp_path / "c.csv"
+    check_table(path, table, lambda p: read_table(p, table))
+    fast = read_table(path, table)
+    with exact_path():
+        exact = read_table(path, table)
+    assert_frame_equal(fast.interactions, exact.interactions)
+
+
+# ------------------------------------------------- integer IDs on the fast path
+
+
+@pytest.fixture
+def size_checks(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The results of the fast path's file-size checks, in order."""
+    results: list[bool] = []
+    original = _table_text.sizes_match
+
+    def spy(
+        df: pl.DataFrame, shape: _table_text.Shape, layout: _table_lines.Layout
+    ) -> bool:
+        results.append(original(df, shape, layout))
+        return results[-1]
+
+    monkeypatch.setattr(_table_text, "sizes_match", spy)
+    return results
+
+
+PLAIN_ROWS = "".join(f"{i},{i % 7},{i % 5}.5,{1_000_000 + i}\n" for i in range(300))
+
+
+@pytest.mark.parametrize(
+    ("odd_row", "user"),
+    [
+        ("007,1,1,1\n", "007"),
+        ("+7,1,1,1\n", "+7"),
+        ("-0,1,1,1\n", "-0"),
+        ('"7",1,1,1\n', None),
+        (" 7,1,1,1\n", None),
+    ],
+)
+@pytest.mark.parametrize("final_eol", [True, False])
+def test_a_late_non_canonical_id_keeps_strings(
+    tmp_path: Path,
+    size_checks: list[bool],
+    odd_row: str,
+    user: str | None,
+    final_eol: bool,
+) -> None:
+    text = f"{HEADER}\n{PLAIN_ROWS}{odd_row}{PLAIN_ROWS}"
+    ds = load(write(tmp_path, "late.csv", text if final_eol else text.rstrip("\n")))
+    assert size_checks == [
+        False
+    ]  # the sample looked canonical; the sizes did not add up
+    users = ds.interactions["user_id"]
+    if user is None:  # quotes and padding are not part of the value: still integers
+        assert users.dtype == pl.Int64 and users[300] == 7
+    else:
+        assert users.dtype == pl.String and users[300] == user and users[301] == "0"
+    assert ds.interactions.height == 601
+
+
+def test_plain_integer_file_is_proven_canonical(
+    tmp_path: Path, size_checks: list[bool]
+) -> None:
+    for final_eol in (True, False):
+        text = f"\ufeff{HEADER}\n{PLAIN_ROWS}"
+        ds = load(
+            write(tmp_path, "plain.csv", text if final_eol else text.rstrip("\n"))
+        )
+        assert (
+            ds.interactions["user_id"].dtype == pl.Int64
+            and ds.interactions.height == 300
+        )
+    path = write(tmp_path, "plain.dat", f"{HEADER}\n{PLAIN_ROWS}".replace(",", "::"))
+    assert load(path).interactions.height == 300
+    assert size_checks == [True, True, True]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    keys=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 1)), max_size=20
+    ),
+    policy=st.sampled_from(["first", "last"]),
+    with_time=st.booleans(),
+)
+def test_property_duplicates(
+    tmp_path_factory: pytest.TempPathFactory,
+    keys: list[tuple[int, int, int]],
+    policy: str,
+    with_time: bool,
+) -> None:
+    rows = [(u, i, t, n) for n, (u, i, t) in enumerate(keys)]
+    text = "user_id,item_id,timestamp,rating\n" + "".join(
+        f"{u},{i},{t},{n}\n" for u, i, t, n in rows
+    )
+    path = tmp_path_factory.mktemp("dups") / "d.csv"
+    path.write_text(text)
+    key = (lambda r: r[:3]) if with_time else (lambda r: r[:2])
+    ordered = rows if policy == "first" else rows[::-1]
+    seen: set[tuple[int, ...]] = set()
+    kept = []
+    for row in ordered:
+        if key(row) not in seen:
+            seen.add(key(row))
+            kept.append(row)
+    kept.sort(key=lambda r: r[3])
+    dropped = sorted(set(r[3] for r in rows) - {r[3] for r in kept})
+    ds = read_interactions(
+        path,
+        rating_col="rating",
+        time_col="timestamp" if with_time else None,
+        duplicates=policy,  # type: ignore[arg-type]
+    )
+    assert ds.interactions["rating"].to_list() == [float(r[3]) for r in kept]
+    assert ds.report is not None
+    assert ds.report.rejected.get("duplicate", 0) == len(dropped)
+    assert [n for n, _ in ds.report.examples.get("duplicate", [])] == [
+        n + 2 for n in dropped[:5]
+    ]
+
+
+def test_feature_table_from_parquet_and_merging(tmp_path: Path) -> None:
+    path = tmp_path / "items.parquet"
+    pl.DataFrame({"sku": ["a", "b", "a"], "price": [1.0, 2.0, 3.0]}).write_parquet(path)
+    items = read_feature_table(path, key_col="sku", key_name="item_id")
+    assert items.rows() == [("a", 1.0), ("b", 2.0)]
+    ds = read_interactions(
+        write(tmp_path, "i.csv", "user_id,item_id,genre\n1,a,x\n2,b,y\n"),
+        item_features=["genre"],
+    )
+    merged = join_features(ds, items=items)
+    assert merged.items is not None
+    assert merged.items.rows() == [("a", "x", 1.0), ("b", "y", 2.0)]
+    with pytest.raises(DataError, match="repeats columns"):
+        join_features(merged, items=items)
+
+
+def test_compressed_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv.gz"
+    path.write_bytes(gzip.compress(f"{HEADER}\n1,1,1,1\n".encode()))
+    with pytest.raises(DataError, match="decompress"):
+        read_interactions(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(st.sampled_from(list('ab,\r\n"')), max_size=60),
+    block=st.integers(1, 8),
+)
+def test_property_lines_match_python_newline_handling(text: str, block: int) -> None:
+    expected = list(io.StringIO(text, newline=""))
+    assert list(_table_lines.iter_lines(text, block)) == expected
+
+
+def test_a_missing_cr_cannot_hide_a_leading_zero(
+    tmp_path: Path, size_checks: list[bool]
+) -> None:
+    # One LF-only line is one byte short, "07" one byte long: the sizes alone agree.
+    crlf = PLAIN_ROWS.replace("\n", "\r\n")
+    text = f"{HEADER}\r\n{crlf}07,1,1,1\n{crlf}"
+    ds = load(write(tmp_path, "mixed.csv", text))
+    assert size_checks == [False]
+    assert ds.interactions["user_id"].dtype == pl.String
+    assert ds.interactions["user_id"][300] == "07"
+    assert ds.interactions.height == 601
+    assert load(write(tmp_path, "crlf.csv", f"{HEADER}\r\n{crlf}")).report is not None
+    assert size_checks == [False, True]

@@ -1,0 +1,334 @@
+"""Non-neural baselines, scored by the same evaluation code as the trained models.
+
+Each baseline has a ``name``, ``fit(train, *, num_items, weights=None)`` on a
+:class:`~twostage.metrics.UserItems` of training items per ``user_idx``, and
+``score(user_idx) -> [B, num_items]`` float scores, which plugs straight into
+:func:`twostage.evaluate.evaluate_scores` as ``score_fn=model.score``. Scores are raw:
+seen and invalid items are masked by the evaluation, not here.
+
+Users with no training history (an empty row, or a ``user_idx`` at or beyond
+``train.num_rows``) get the popularity list from :class:`Popularity` and all-zero
+scores from :class:`EASE` and :class:`ItemKNN` (no fallback: mixing in popularity would
+be a different model, and a zero row makes the cold-start gap visible in a slice).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from twostage.errors import ConfigError, DataError, NotFittedError
+from twostage.metrics import UserItems
+
+__all__ = ["Baseline", "Popularity", "EASE", "ItemKNN", "BASELINES"]
+
+# Rows of a dense [rows, num_items] block built at a time: about 2**24 floats.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+class Baseline(Protocol):
+    """What the evaluation and the CLI need from a baseline."""
+
+    name: str
+
+    def fit(
+        self, train: UserItems, *, num_items: int, weights: np.ndarray | None = None
+    ) -> Baseline: ...
+
+    def score(self, user_idx: torch.Tensor) -> torch.Tensor: ...
+
+
+@contextmanager
+def _quiet_sparse() -> Iterator[None]:
+    # torch warns once that sparse CSR is "beta"; the operations used here are stable.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Sparse CSR tensor support is in beta"
+        )
+        yield
+
+
+def _values(
+    train: UserItems, num_items: int, weights: np.ndarray | None
+) -> torch.Tensor:
+    """Checks the training data; returns ``[num_pairs]`` float64 values of ``X``."""
+    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
+        raise ConfigError(
+            f"`num_items` should be a positive integer. Received: {num_items!r}."
+        )
+    if train.num_pairs and int(train.indices.max()) >= num_items:
+        raise DataError(
+            f"`train` should hold item indices < num_items = {num_items}. "
+            f"Received: an item index {int(train.indices.max())}."
+        )
+    if weights is None:
+        return torch.ones(train.num_pairs, dtype=torch.float64)
+    values = np.asarray(weights, dtype=np.float64)
+    if values.shape != (train.num_pairs,) or not np.isfinite(values).all():
+        raise DataError(
+            "`weights` should be finite, one per stored pair of `train` "
+            f"([{train.num_pairs}], aligned with train.indices). "
+            f"Received: shape={values.shape}."
+        )
+    return torch.from_numpy(values)
+
+
+def _check_users(user_idx: torch.Tensor) -> np.ndarray:
+    if user_idx.ndim != 1 or user_idx.is_floating_point() or user_idx.is_complex():
+        raise DataError(
+            "`user_idx` should be a 1-D integer tensor. "
+            f"Received: dtype={user_idx.dtype}, shape={tuple(user_idx.shape)}."
+        )
+    users = user_idx.cpu().numpy().astype(np.int64)
+    if users.size and users.min() < 0:
+        raise DataError(f"`user_idx` should be >= 0. Received: min={users.min()}.")
+    return users
+
+
+def _history(
+    train: UserItems, values: torch.Tensor, user_idx: torch.Tensor, num_items: int
+) -> torch.Tensor:
+    """``[B, num_items]`` dense rows of ``X`` (zeros for users without history)."""
+    local_row, pos = train.positions(_check_users(user_idx))
+    dense = torch.zeros(user_idx.shape[0], num_items, dtype=values.dtype)
+    dense[torch.from_numpy(local_row), torch.from_numpy(train.indices[pos])] = values[
+        torch.from_numpy(pos)
+    ]
+    return dense
+
+
+def _item_blocks(
+    train: UserItems, values: torch.Tensor, num_items: int, dtype: torch.dtype
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yields ``(start, [C, num_items])`` dense row blocks of ``X^T X``.
+
+    ``X`` is the ``[num_users, num_items]`` matrix of ``values``; each block is one
+    sparse-by-sparse product, so the cost follows the co-occurring pairs, not
+    ``num_users * num_items``.
+    """
+    num_users = train.num_rows
+    vals = values.to(dtype)
+    cols = torch.from_numpy(train.indices)
+    with _quiet_sparse():
+        x = torch.sparse_csr_tensor(
+            torch.from_numpy(train.indptr),
+            cols,
+            vals,
+            (num_users, num_items),
+            check_invariants=False,  # built canonical from a validated UserItems
+        )
+        # X^T in CSR: pairs sorted by item; stable, so users stay sorted in a row.
+        order = torch.from_numpy(np.argsort(train.indices, kind="stable"))
+        users = torch.from_numpy(train.row_ids())[order]
+        item_ptr = torch.zeros(num_items + 1, dtype=torch.int64)
+        item_ptr[1:] = torch.bincount(cols, minlength=num_items).cumsum(0)
+        block = max(1, _BLOCK_ELEMENTS // num_items)
+        for start in range(0, num_items, block):
+            stop = min(start + block, num_items)
+            lo, hi = int(item_ptr[start]), int(item_ptr[stop])
+            xt_block = torch.sparse_csr_tensor(
+                item_ptr[start : stop + 1] - lo,
+                users[lo:hi],
+                vals[order[lo:hi]],
+                (stop - start, num_users),
+                check_invariants=False,
+            )
+            # (C, U) @ (U, N) -> (C, N)
+            yield start, (xt_block @ x).to_dense()
+
+
+class Popularity:
+    """Scores every item by its (weighted) number of training users; same for all.
+
+    With ``train`` built by :meth:`UserItems.from_pairs` repeats count once; pass the
+    counts of :meth:`UserItems.from_pairs_counted` as ``weights`` to count every event.
+    """
+
+    name = "popularity"
+
+    def __init__(self) -> None:
+        self.item_scores: torch.Tensor | None = None  # [num_items] float32
+
+    def fit(
+        self, train: UserItems, *, num_items: int, weights: np.ndarray | None = None
+    ) -> Popularity:
+        values = _values(train, num_items, weights)
+        counts = torch.zeros(num_items, dtype=torch.float64)
+        counts.index_add_(0, torch.from_numpy(train.indices), values)
+        self.item_scores = counts.to(torch.float32)
+        return self
+
+    def score(self, user_idx: torch.Tensor) -> torch.Tensor:
+        """``user_idx [B]`` (any ``>= 0``, known or not) -> ``[B, num_items]``."""
+        if self.item_scores is None:
+            raise NotFittedError("Popularity.score was called before fit.")
+        users = _check_users(user_idx)
+        return self.item_scores.repeat(users.size, 1)
+
+
+class EASE:
+    """Embarrassingly Shallow Autoencoder (Steck, 2019), in closed form.
+
+    ``P = (X^T X + l2 I)^-1`` and ``B = I - P / diag(P)`` (column ``j`` divided by
+    ``P[j, j]``), i.e. ``B[i, j] = -P[i, j] / P[j, j]`` with a zero diagonal; scores are
+    ``X[user] @ B``.
+
+    Args:
+        l2: ridge strength, > 0.
+        max_items: largest catalogue accepted; ``B`` is a dense ``num_items**2`` matrix.
+        dtype: ``torch.float32`` (default: half the memory; ``X^T X + l2 I`` has a
+            condition number of at most ``(max item count + l2) / l2``, which float32
+            handles for the usual ``l2`` of 100..1000) or ``torch.float64`` (for a
+            small ``l2`` or to compare with a float64 reference).
+    """
+
+    name = "ease"
+
+    def __init__(
+        self,
+        *,
+        l2: float = 500.0,
+        max_items: int = 50_000,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not l2 > 0:
+            raise ConfigError(f"`l2` should be > 0. Received: `l2` = {l2!r}.")
+        if dtype not in (torch.float32, torch.float64):
+            raise ConfigError(
+                "`dtype` should be torch.float32 or torch.float64. "
+                f"Received: `dtype` = {dtype!r}."
+            )
+        self.l2, self.max_items, self.dtype = float(l2), max_items, dtype
+        self.weights: torch.Tensor | None = None  # B: [num_items, num_items]
+        self._train: tuple[UserItems, torch.Tensor] | None = None
+
+    def fit(
+        self, train: UserItems, *, num_items: int, weights: np.ndarray | None = None
+    ) -> EASE:
+        values = _values(train, num_items, weights)
+        if num_items > self.max_items:
+            gib = num_items**2 * self.dtype.itemsize / 2**30
+            raise ConfigError(
+                f"EASE needs a dense num_items x num_items matrix: {num_items}^2 "
+                f"x {self.dtype.itemsize} bytes = {gib:.1f} GiB (twice that while "
+                f"inverting), above `max_items` = {self.max_items}. Use ItemKNN "
+                "(sparse top-k neighbours) or a retrieval model for this catalogue, or "
+                "raise `max_items` if the memory is there."
+            )
+        gram = torch.empty(num_items, num_items, dtype=self.dtype)
+        for start, block in _item_blocks(train, values, num_items, self.dtype):
+            gram[start : start + block.shape[0]] = block
+        gram.diagonal().add_(self.l2)
+        # X^T X + l2 I is symmetric positive definite: Cholesky is stable and fast.
+        # Two num_items^2 matrices alive at a time: (gram, L), then (L, P).
+        chol = torch.linalg.cholesky(gram)
+        del gram
+        p = torch.cholesky_inverse(chol)
+        del chol
+        b = p.div_(-p.diagonal().clone())  # column j / -P[j, j], in place
+        b.fill_diagonal_(0.0)
+        self.weights = b
+        self._train = (train, values.to(self.dtype))
+        return self
+
+    def score(self, user_idx: torch.Tensor) -> torch.Tensor:
+        """``user_idx [B]`` -> ``[B, num_items]``; zeros for users without history."""
+        if self.weights is None or self._train is None:
+            raise NotFittedError("EASE.score was called before fit.")
+        train, values = self._train
+        history = _history(train, values, user_idx, self.weights.shape[0])
+        return history @ self.weights  # (B, N) @ (N, N) -> (B, N)
+
+
+class ItemKNN:
+    """Item-item cosine neighbours, keeping the ``k`` most similar items per item.
+
+    ``sim(i, j) = x_i . x_j / (|x_i| |x_j| + shrink)`` over the item columns of the
+    user-item matrix (binary unless ``weights`` are given), with ``sim(i, i) = 0``;
+    only each item's top ``k`` positive neighbours are kept. A user's score for ``j``
+    is the sum of ``sim(i, j)`` over the items ``i`` in their history.
+
+    Args:
+        k: neighbours kept per item.
+        shrink: added to the cosine denominator; damps pairs with little support.
+    """
+
+    name = "itemknn"
+
+    def __init__(self, *, k: int = 100, shrink: float = 10.0) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(
+                f"`k` should be a positive integer. Received: `k` = {k!r}."
+            )
+        if not shrink >= 0:
+            raise ConfigError(
+                f"`shrink` should be >= 0. Received: `shrink` = {shrink!r}."
+            )
+        self.k, self.shrink = k, float(shrink)
+        self.similarity: torch.Tensor | None = None  # sparse CSR [num_items, num_items]
+        self._similarity_t: torch.Tensor | None = None
+        self._train: tuple[UserItems, torch.Tensor] | None = None
+
+    def fit(
+        self, train: UserItems, *, num_items: int, weights: np.ndarray | None = None
+    ) -> ItemKNN:
+        values = _values(train, num_items, weights).to(torch.float32)
+        norms = torch.zeros(num_items, dtype=torch.float32)
+        norms.index_add_(0, torch.from_numpy(train.indices), values.square())
+        norms.sqrt_()
+        width = min(self.k, num_items)
+        rows, cols, sims = [], [], []
+        for start, block in _item_blocks(train, values, num_items, torch.float32):
+            stop = start + block.shape[0]
+            denominator = norms[start:stop, None] * norms[None, :] + self.shrink
+            # An item without users has a zero norm and zero co-occurrences: keep the
+            # 0/0 of shrink=0 at 0 instead of a NaN that topk would rank first.
+            block /= denominator.clamp_(min=torch.finfo(torch.float32).tiny)
+            block[torch.arange(stop - start), torch.arange(start, stop)] = 0.0
+            top, where = block.topk(width, dim=1)
+            keep = top > 0
+            rows.append(torch.arange(start, stop).unsqueeze(1).expand_as(top)[keep])
+            cols.append(where[keep])
+            sims.append(top[keep])
+        index = torch.stack([torch.cat(rows), torch.cat(cols)])
+        sim = torch.sparse_coo_tensor(
+            index, torch.cat(sims), (num_items, num_items), check_invariants=False
+        )
+        with _quiet_sparse():
+            self.similarity = sim.coalesce().to_sparse_csr()
+            self._similarity_t = sim.t().coalesce().to_sparse_csr()
+        self._train = (train, values)
+        return self
+
+    def neighbours(self, item_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(similarities, item_idx)`` of one item's kept neighbours, best first."""
+        if self.similarity is None:
+            raise NotFittedError("ItemKNN.neighbours was called before fit.")
+        crow = self.similarity.crow_indices()
+        lo, hi = int(crow[item_idx]), int(crow[item_idx + 1])
+        sims = self.similarity.values()[lo:hi]
+        ids = self.similarity.col_indices()[lo:hi]
+        order = sims.argsort(descending=True, stable=True)
+        return sims[order], ids[order]
+
+    def score(self, user_idx: torch.Tensor) -> torch.Tensor:
+        """``user_idx [B]`` -> ``[B, num_items]``; zeros for users without history."""
+        if self._similarity_t is None or self._train is None:
+            raise NotFittedError("ItemKNN.score was called before fit.")
+        train, values = self._train
+        history = _history(train, values, user_idx, self._similarity_t.shape[0])
+        with _quiet_sparse():
+            # S^T (N, N) @ X^T (N, B) -> (N, B), transposed: X @ S.
+            return (self._similarity_t @ history.T).T.contiguous()
+
+
+BASELINES: dict[str, Callable[..., Baseline]] = {
+    Popularity.name: Popularity,
+    EASE.name: EASE,
+    ItemKNN.name: ItemKNN,
+}

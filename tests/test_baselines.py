@@ -1,0 +1,151 @@
+"""Baselines on toy matrices with known answers, and through the shared evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from twostage.baselines import BASELINES, EASE, ItemKNN, Popularity
+from twostage.errors import ConfigError, DataError, NotFittedError
+from twostage.evaluate import evaluate_scores
+from twostage.metrics import UserItems
+
+# Users 0..3; items 0 and 1 always co-occur, item 2 is mildly popular, item 4 unused.
+ROWS = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+ITEMS = [0, 1, 2, 0, 1, 0, 1, 3, 2, 3]
+NUM_ITEMS = 5
+
+
+def toy() -> UserItems:
+    return UserItems.from_pairs(ROWS, ITEMS, num_rows=4)
+
+
+def dense_toy() -> np.ndarray:
+    x = np.zeros((4, NUM_ITEMS))
+    x[ROWS, ITEMS] = 1.0
+    return x
+
+
+def test_popularity_orders_by_count_for_everyone():
+    model = Popularity().fit(toy(), num_items=NUM_ITEMS)
+    scores = model.score(torch.tensor([0, 3, 99]))  # 99: a user never seen
+    assert scores.shape == (3, NUM_ITEMS)
+    assert scores[0].tolist() == [3.0, 3.0, 2.0, 2.0, 0.0]
+    assert torch.equal(scores[0], scores[2])
+
+
+def test_popularity_weights_count_repeated_events():
+    train, counts = UserItems.from_pairs_counted([0, 0, 0, 1], [2, 2, 2, 1])
+    model = Popularity().fit(train, num_items=3, weights=counts)
+    assert model.score(torch.tensor([0]))[0].tolist() == [0.0, 1.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)]
+)
+def test_ease_matches_numpy_closed_form(dtype, tol):
+    l2 = 0.7
+    model = EASE(l2=l2, dtype=dtype).fit(toy(), num_items=NUM_ITEMS)
+    x = dense_toy()
+    p = np.linalg.inv(x.T @ x + l2 * np.eye(NUM_ITEMS))
+    b = np.eye(NUM_ITEMS) - p / np.diag(p)  # column j divided by P[j, j]
+    np.fill_diagonal(b, 0.0)
+    assert model.weights is not None
+    np.testing.assert_allclose(model.weights.numpy(), b, atol=tol)
+    scores = model.score(torch.arange(4)).numpy()
+    np.testing.assert_allclose(scores, x @ b, atol=tol * 10)
+
+
+def test_ease_gives_zeros_to_users_without_history():
+    model = EASE(l2=1.0).fit(toy(), num_items=NUM_ITEMS)
+    assert model.score(torch.tensor([7])).abs().sum() == 0.0
+
+
+def test_ease_refuses_catalogues_above_the_cap():
+    with pytest.raises(ConfigError, match=r"dense num_items x num_items.*ItemKNN"):
+        EASE(max_items=4).fit(toy(), num_items=NUM_ITEMS)
+
+
+def test_item_knn_finds_the_co_occurring_pair():
+    model = ItemKNN(k=2, shrink=0.0).fit(toy(), num_items=NUM_ITEMS)
+    sims, ids = model.neighbours(0)
+    assert ids[0].item() == 1 and sims[0].item() == pytest.approx(1.0)
+    assert model.neighbours(1)[1][0].item() == 0
+    assert len(model.neighbours(4)[1]) == 0  # an unused item has no neighbours
+
+
+def test_item_knn_matches_dense_cosine_top_k():
+    rng = np.random.default_rng(0)
+    rows, items = rng.integers(0, 30, 200), rng.integers(0, 12, 200)
+    train = UserItems.from_pairs(rows, items, num_rows=30)
+    k, shrink = 3, 2.0
+    model = ItemKNN(k=k, shrink=shrink).fit(train, num_items=13)  # item 12 unused
+    x = np.zeros((30, 13))
+    x[rows, items] = 1.0
+    norms = np.sqrt((x * x).sum(0))
+    sim = (x.T @ x) / (norms[:, None] * norms[None, :] + shrink)
+    np.fill_diagonal(sim, 0.0)
+    kept = np.zeros_like(sim)
+    for i in range(13):  # keep each row's top k (no ties in this draw)
+        top = np.argsort(-sim[i], kind="stable")[:k]
+        kept[i, top] = sim[i, top]
+    assert model.similarity is not None
+    np.testing.assert_allclose(model.similarity.to_dense().numpy(), kept, atol=1e-6)
+    scores = model.score(torch.arange(31)).numpy()  # user 30 has no history
+    np.testing.assert_allclose(scores[:30], x @ kept, atol=1e-5)
+    assert np.all(scores[30] == 0.0)
+
+
+def test_item_knn_without_shrink_ignores_items_without_users():
+    # Regression: with shrink=0 an unused item gave 0/0 = NaN, which topk ranked
+    # first and then dropped, losing a real neighbour.
+    model = ItemKNN(k=2, shrink=0.0).fit(toy(), num_items=NUM_ITEMS)
+    assert model.neighbours(2)[1].tolist() == [3, 0]
+    assert not torch.isnan(model.score(torch.arange(4))).any()
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_refuse_use_before_fit_and_plug_into_evaluation(name):
+    model = BASELINES[name]()
+    with pytest.raises(NotFittedError):
+        model.score(torch.tensor([0]))
+    # Planted blocks: users 0..9 like items 1..5, users 10..19 like items 6..10.
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(20), 4)
+    items = np.where(users < 10, 1, 6) + rng.integers(0, 5, users.size)
+    train = UserItems.from_pairs(users, items, num_rows=20)
+    test = UserItems.from_pairs(np.arange(20), np.where(np.arange(20) < 10, 3, 8))
+    test = test.difference(train)
+    model.fit(train, num_items=11)
+    valid = np.ones(11, dtype=bool)
+    valid[0] = False
+    result = evaluate_scores(
+        model.score,
+        num_items=11,
+        queries=np.arange(20),
+        relevant=test,
+        seen=train,
+        ks=(5,),
+        valid_items=valid,
+    )
+    recall = result.metrics["exclude_seen"]["recall"][5]
+    if name == "popularity":
+        assert 0.0 <= recall <= 1.0
+    else:  # the block structure puts the held-out item within the user's block
+        assert recall == 1.0
+
+
+def test_baselines_reject_bad_configuration_and_data():
+    with pytest.raises(ConfigError, match="l2"):
+        EASE(l2=0.0)
+    with pytest.raises(ConfigError, match="`k`"):
+        ItemKNN(k=0)
+    with pytest.raises(ConfigError, match="shrink"):
+        ItemKNN(shrink=-1.0)
+    with pytest.raises(DataError, match="num_items"):
+        Popularity().fit(toy(), num_items=3)
+    with pytest.raises(DataError, match="weights"):
+        Popularity().fit(toy(), num_items=NUM_ITEMS, weights=np.ones(3))
+    with pytest.raises(DataError, match="user_idx"):
+        Popularity().fit(toy(), num_items=NUM_ITEMS).score(torch.tensor([-1]))

@@ -1,0 +1,548 @@
+"""A retrieval experiment end to end: load, split, fit features, train, evaluate, save.
+
+This is what ``twostage train retrieval`` and ``twostage evaluate`` run, and what the
+Python API exposes as :func:`fit_retrieval` / :func:`load_run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from twostage.config import ExperimentConfig, RetrievalConfig, load_config, save_config
+from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.data.split import Split, split_dataset, validation_split
+from twostage.errors import ArtifactError, ConfigError, DataError
+from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
+from twostage.features import FeatureSpec
+from twostage.metrics import UserItems
+from twostage.models.retrieval import RetrievalModel
+from twostage.models.towers import FieldInfo
+from twostage.train import ProgressFn, RetrievalTensors, TrainResult, train_retrieval
+
+__all__ = [
+    "RetrievalRun",
+    "build_model",
+    "build_tensors",
+    "fit_retrieval",
+    "hold_out_users",
+    "load_run",
+    "prepare_split",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def hold_out_users(
+    dataset: Dataset, *, fraction: float, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Move every interaction of a random ``fraction`` of users out: (rest, cold)."""
+    users = dataset.interactions[USER].unique().sort()
+    rng = np.random.default_rng(seed + 1)
+    cold = users.gather(rng.permutation(len(users))[: round(len(users) * fraction)])
+    is_cold = pl.col(USER).is_in(cold.implode())
+    inter = dataset.interactions
+    return (
+        dataset.with_interactions(inter.filter(~is_cold)),
+        dataset.with_interactions(inter.filter(is_cold)),
+    )
+
+
+def prepare_split(
+    dataset: Dataset, config: ExperimentConfig
+) -> tuple[Split, Dataset | None]:
+    """Test split (plus held-out cold users) and the validation carve-out from train.
+
+    Returns:
+        ``(Split(fit, test), validation)``: the model trains on ``fit``; ``test``
+        includes every interaction of the cold users; ``validation`` is None when
+        ``data.validation_fraction`` is 0.
+    """
+    data = config.data
+    rest, cold = dataset, None
+    if data.cold_user_fraction > 0:
+        rest, cold = hold_out_users(
+            dataset, fraction=data.cold_user_fraction, seed=data.seed
+        )
+    train, test = split_dataset(
+        rest, method=data.split, test_fraction=data.test_fraction, seed=data.seed
+    )
+    if cold is not None:
+        test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
+    validation = None
+    if data.validation_fraction > 0:
+        train, validation = validation_split(
+            train, fraction=data.validation_fraction, seed=data.seed + 7
+        )
+    return Split(train, test), validation
+
+
+def _rows_in_vocab_order(
+    spec: FeatureSpec, key: str, side: str, table: pl.DataFrame | None
+) -> dict[str, torch.Tensor]:
+    """Feature rows for index 0 (OOV) and every vocabulary entry, in index order."""
+    vocab = spec.vocabulary(key)
+    ids = pl.concat(
+        [pl.Series(key, [None], dtype=vocab.values.dtype), vocab.values.rename(key)]
+    )
+    if side == "query":
+        return spec.transform_queries(ids, users=table)
+    return spec.transform_items(ids, items=table)
+
+
+def _history(
+    train: pl.DataFrame,
+    user_idx: np.ndarray,
+    item_idx: np.ndarray,
+    *,
+    num_users: int,
+    length: int,
+) -> torch.Tensor:
+    """``[U, L]`` each user's last ``length`` training items by time, most recent last."""
+    history = torch.zeros(num_users, length, dtype=torch.long)
+    if length == 0:
+        return history
+    frame = (
+        pl.DataFrame({"u": user_idx, "i": item_idx, "t": train[TIME].to_numpy()})
+        .with_row_index("r")
+        .sort(["u", "t", "r"])
+        .with_columns(pl.int_range(pl.len()).reverse().over("u").alias("from_end"))
+        .filter(pl.col("from_end") < length)
+    )
+    rows = torch.tensor(frame["u"].to_numpy(), dtype=torch.long)
+    cols = length - 1 - torch.tensor(frame["from_end"].to_numpy(), dtype=torch.long)
+    history[rows, cols] = torch.tensor(frame["i"].to_numpy(), dtype=torch.long)
+    return history
+
+
+def build_tensors(
+    spec: FeatureSpec, train: Dataset, config: RetrievalConfig
+) -> RetrievalTensors:
+    """Turn a fitted spec and the training split into the trainer's tensors."""
+    user_vocab, item_vocab = spec.vocabulary(USER), spec.vocabulary(ITEM)
+    inter = train.interactions
+    users = user_vocab.transform(inter[USER])
+    items = item_vocab.transform(inter[ITEM])
+    counts = np.bincount(items, minlength=item_vocab.size).astype(np.float64)
+    weights = None
+    if config.rating_weights and RATING in inter.columns:
+        rating = inter[RATING].fill_null(0).to_numpy().astype(np.float32)
+        weights = torch.from_numpy(np.maximum(rating, 0.0) + 1.0)
+    return RetrievalTensors(
+        user_features=_rows_in_vocab_order(spec, USER, "query", train.users),
+        item_features=_rows_in_vocab_order(spec, ITEM, "candidate", train.items),
+        history=_history(
+            inter, users, items, num_users=user_vocab.size, length=config.history_length
+        ),
+        users=torch.from_numpy(users),
+        items=torch.from_numpy(items),
+        weights=weights,
+        item_probs=torch.from_numpy(counts / counts.sum()).float(),
+        user_id_field=USER,
+    )
+
+
+def with_history_of(
+    tensors: RetrievalTensors,
+    spec: FeatureSpec,
+    train: Dataset,
+    config: RetrievalConfig,
+) -> RetrievalTensors:
+    """The same tables with history and seen items taken from another training set."""
+    inter = train.interactions
+    users = spec.vocabulary(USER).transform(inter[USER])
+    items = spec.vocabulary(ITEM).transform(inter[ITEM])
+    known = (users > 0) & (items > 0)
+    users, items = users[known], items[known]
+    history = _history(
+        inter.filter(pl.Series(known)),
+        users,
+        items,
+        num_users=spec.vocabulary(USER).size,
+        length=config.history_length,
+    )
+    return dataclasses.replace(
+        tensors,
+        history=history,
+        users=torch.from_numpy(users),
+        items=torch.from_numpy(items),
+        weights=None,
+    )
+
+
+def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
+    """The two towers for a fitted spec (from the saved config, never from defaults)."""
+
+    def fields(side: str) -> list[FieldInfo]:
+        return [
+            FieldInfo(f.key, f.output, f.num_embeddings or 0, f.width)  # type: ignore[arg-type]
+            for f in spec.describe(side=side)  # type: ignore[arg-type]
+        ]
+
+    return RetrievalModel(
+        fields("query"),
+        fields("candidate"),
+        num_items=spec.vocabulary(ITEM).size,
+        config=config,
+    )
+
+
+def _spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
+    retrieval = config.retrieval
+    spec = FeatureSpec.default_for(
+        dataset, use_side_features=retrieval.use_side_features
+    )
+
+    def keep(fields: Any, wanted: tuple[str, ...], key: str) -> list[Any]:
+        if not retrieval.use_side_features:
+            return [f for f in fields if f.name == key]
+        if not wanted:
+            return list(fields)
+        names = {f.name for f in fields}
+        unknown = sorted(set(wanted) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown feature column(s) {unknown} in the retrieval config; the data "
+                f"offers {sorted(names)}."
+            )
+        return [f for f in fields if f.name == key or f.name in wanted]
+
+    return FeatureSpec(
+        query=keep(spec.query, retrieval.query_fields, USER),
+        candidate=keep(spec.candidate, retrieval.candidate_fields, ITEM),
+    )
+
+
+@dataclass
+class RetrievalRun:
+    """A trained retrieval model with everything needed to use and evaluate it."""
+
+    config: ExperimentConfig
+    spec: FeatureSpec
+    model: RetrievalModel
+    tensors: RetrievalTensors
+    train_result: TrainResult = field(default_factory=TrainResult)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """``[N, D]`` embeddings of every vocabulary item (row 0: the OOV item)."""
+        with torch.no_grad():
+            return self.model.encode_items(self.tensors.item_features)
+
+    def query_embeddings(
+        self, user_ids: pl.Series, *, users: pl.DataFrame | None
+    ) -> torch.Tensor:
+        """``[Q, D]`` query embeddings of raw user IDs; unknown users use their features."""
+        features = self.spec.transform_queries(user_ids.rename(USER), users=users)
+        user_idx = torch.from_numpy(self.spec.vocabulary(USER).transform(user_ids))
+        features["history"] = self.tensors.history[user_idx]
+        with torch.no_grad():
+            return self.model.encode_queries(features)
+
+    def evaluate(
+        self, test: Dataset, *, ks: tuple[int, ...] = (1, 5, 10, 50, 100)
+    ) -> EvalResult:
+        """Full-catalogue metrics on a test split, with and without seen items."""
+        return evaluate_run_embeddings(self, test, ks=ks)
+
+    def save(self, directory: str | Path) -> None:
+        """Write config, feature spec, weights, training tensors and metrics."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, out / "config.json")
+        self.spec.save(out / "features.json")
+        save_file(
+            {k: v.contiguous() for k, v in self.model.state_dict().items()},
+            out / "model.safetensors",
+        )
+        save_file(tensors_to_flat(self.tensors), out / "tables.safetensors")
+        (out / "history.json").write_text(
+            json.dumps(self.train_result.history, indent=2)
+        )
+        if self.metrics:
+            (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+
+
+@dataclass
+class TestQueries:
+    """A test split turned into evaluation inputs over the run's vocabularies."""
+
+    user_ids: pl.Series  # [Q] raw IDs of the test users
+    user_idx: np.ndarray  # [Q] their vocabulary indices (0: unknown, cold)
+    relevant: UserItems  # test items per query
+    seen: UserItems  # training items per query
+    valid_items: np.ndarray  # [N] bool, False for the OOV row
+    slices: dict[str, np.ndarray] | None
+    item_slices: dict[str, np.ndarray]
+
+
+def test_queries(run: RetrievalRun, test: Dataset) -> TestQueries:
+    """One query per test user; relevant = their test items, seen = training items."""
+    user_vocab, item_vocab = run.spec.vocabulary(USER), run.spec.vocabulary(ITEM)
+    inter = test.interactions
+    user_ids = inter[USER].unique().sort()
+    position = user_ids.to_frame().with_row_index("q")
+    rows_arr = inter.select(USER).join(
+        position, on=USER, how="left", maintain_order="left"
+    )["q"]
+    relevant = UserItems.from_pairs(
+        rows_arr.to_numpy().astype(np.int64),
+        item_vocab.transform(inter[ITEM]),
+        num_rows=len(user_ids),
+    )
+    user_idx = user_vocab.transform(user_ids)
+    valid = np.ones(item_vocab.size, dtype=bool)
+    valid[0] = False
+    cold = user_idx == 0
+    cold_items = np.zeros(item_vocab.size, dtype=bool)
+    cold_items[0] = True  # test items never seen in training all map to the OOV row
+    return TestQueries(
+        user_ids=user_ids,
+        user_idx=user_idx,
+        relevant=relevant,
+        seen=_seen_of(run.tensors, user_idx),
+        valid_items=valid,
+        slices={"warm_users": ~cold, "cold_users": cold} if cold.any() else None,
+        item_slices={"cold_items": cold_items},
+    )
+
+
+def evaluate_run_embeddings(
+    run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...]
+) -> EvalResult:
+    """Evaluate the two towers over the whole catalogue (both seen-item modes)."""
+    queries = test_queries(run, test)
+    return evaluate_embeddings(
+        run.query_embeddings(queries.user_ids, users=test.users),
+        run.item_embeddings(),
+        relevant=queries.relevant,
+        seen=queries.seen,
+        ks=ks,
+        exclude_seen="both",
+        valid_items=queries.valid_items,
+        slices=queries.slices,
+        item_slices=queries.item_slices,
+    )
+
+
+def evaluate_baselines(
+    run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...] = (1, 5, 10, 50, 100)
+) -> dict[str, EvalResult]:
+    """Popularity, EASE and item-kNN on the run's own training data and test split."""
+    from twostage.baselines import BASELINES
+
+    queries = test_queries(run, test)
+    num_items = run.spec.vocabulary(ITEM).size
+    num_users = run.spec.vocabulary(USER).size
+    train = UserItems.from_pairs(
+        run.tensors.users.numpy(), run.tensors.items.numpy(), num_rows=num_users
+    )
+    user_idx = torch.from_numpy(queries.user_idx)
+    results = {}
+    for name, cls in BASELINES.items():
+        try:
+            model = cls().fit(train, num_items=num_items)
+        except ConfigError as e:
+            logger.warning("skipping baseline %s: %s", name, e)
+            continue
+        results[name] = evaluate_scores(
+            lambda rows, model=model: model.score(user_idx[rows]),
+            num_items=num_items,
+            queries=np.arange(len(user_idx)),
+            relevant=queries.relevant,
+            seen=queries.seen,
+            ks=ks,
+            exclude_seen="both",
+            valid_items=queries.valid_items,
+            slices=queries.slices,
+            item_slices=queries.item_slices,
+        )
+    return results
+
+
+def _seen_of(tensors: RetrievalTensors, query_idx: np.ndarray) -> UserItems:
+    """The training items of each query's user (none for unknown users)."""
+    order = np.argsort(tensors.users.numpy(), kind="stable")
+    sorted_users = tensors.users.numpy()[order]
+    starts = np.searchsorted(sorted_users, query_idx, side="left")
+    stops = np.searchsorted(sorted_users, query_idx, side="right")
+    stops = np.where(query_idx == 0, starts, stops)
+    lengths = stops - starts
+    rows = np.repeat(np.arange(len(query_idx)), lengths)
+    take = (
+        np.concatenate([order[a:b] for a, b in zip(starts, stops, strict=True)])
+        if len(rows)
+        else np.zeros(0, dtype=np.int64)
+    )
+    return UserItems.from_pairs(
+        rows, tensors.items.numpy()[take], num_rows=len(query_idx)
+    )
+
+
+def fit_retrieval(
+    config: ExperimentConfig,
+    *,
+    dataset: Dataset | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: ProgressFn | None = None,
+    evaluate_test: bool = True,
+) -> tuple[RetrievalRun, Split]:
+    """Train a two-tower retrieval model from a config and evaluate it on the test split.
+
+    Args:
+        config: data, model and training settings (saved with the run).
+        dataset: the data; loaded from ``config.data.dataset`` when None.
+        out_dir: where checkpoints and the finished run are written.
+        resume: continue an interrupted run from ``out_dir``'s checkpoint.
+        on_step: progress callback of the training loop.
+        evaluate_test: compute test metrics (stored in ``run.metrics``).
+    """
+    _set_threads(config)
+    if dataset is None:
+        dataset = load_dataset_for(config)
+    (train, test), validation = prepare_split(dataset, config)
+    if train.num_interactions == 0:
+        raise DataError("the training split is empty: nothing to train on.")
+    started = time.perf_counter()
+    spec = _spec_for(train, config).fit(train)
+    tensors = build_tensors(spec, train, config.retrieval)
+    torch.manual_seed(config.train.seed)  # the initial weights are part of the run
+    model = build_model(spec, config.retrieval)
+    run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
+    validate = None
+    if validation is not None and validation.num_interactions:
+        k = config.train.eval_k
+
+        def validate(_: RetrievalModel) -> float:
+            result = evaluate_run_embeddings(run, validation, ks=(k,))
+            return result.metrics["exclude_seen"]["recall"][k]
+
+    checkpoints = Path(out_dir) if out_dir is not None else None
+    run.train_result = train_retrieval(
+        model,
+        tensors,
+        config.train,
+        validate=validate,
+        checkpoint_dir=checkpoints,
+        resume=resume,
+        on_step=on_step,
+    )
+    logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
+    if validation is not None and validation.num_interactions:
+        # At inference the validation rows are history like any other training row:
+        # they feed the query history and are excluded as seen.
+        train = train.with_interactions(
+            pl.concat([train.interactions, validation.interactions])
+        )
+        run.tensors = with_history_of(run.tensors, spec, train, config.retrieval)
+    if evaluate_test and test.num_interactions:
+        run.metrics = run.evaluate(test).to_dict()
+    if out_dir is not None:
+        run.save(out_dir)
+    return run, Split(train, test)
+
+
+def _set_threads(config: ExperimentConfig) -> None:
+    if config.train.num_threads > 0:
+        torch.set_num_threads(config.train.num_threads)
+
+
+def load_run(directory: str | Path) -> RetrievalRun:
+    """Rebuild a saved run from its own config, spec and weights (no pickle)."""
+    path = Path(directory)
+    try:
+        config = load_config(path / "config.json", ExperimentConfig)
+        spec = FeatureSpec.load(path / "features.json")
+        model = build_model(spec, config.retrieval)
+        state = load_file(path / "model.safetensors")
+        tables = load_file(path / "tables.safetensors")
+        history = json.loads((path / "history.json").read_text())
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ArtifactError(
+            f"cannot load the run in {str(path)!r}: {e}. Is it the --out directory of "
+            "`twostage train retrieval`?"
+        ) from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"weights in {str(path / 'model.safetensors')!r} do not match the saved "
+            f"config: missing keys {missing}, unexpected keys {unexpected}."
+        )
+    model.eval()
+    run = RetrievalRun(
+        config=config, spec=spec, model=model, tensors=tensors_from_flat(tables)
+    )
+    run.train_result.history = history
+    metrics_path = path / "metrics.json"
+    if metrics_path.exists():
+        run.metrics = json.loads(metrics_path.read_text())
+    return run
+
+
+def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
+    """The trainer's tables as one flat dict for safetensors."""
+    flat = {
+        "history": tensors.history,
+        "users": tensors.users,
+        "items": tensors.items,
+        "item_probs": tensors.item_probs,
+    }
+    if tensors.weights is not None:
+        flat["weights"] = tensors.weights
+    flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
+    flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
+    return {k: v.contiguous() for k, v in flat.items()}
+
+
+def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
+    """Inverse of :func:`tensors_to_flat`."""
+    return RetrievalTensors(
+        user_features={k[5:]: v for k, v in flat.items() if k.startswith("user.")},
+        item_features={k[5:]: v for k, v in flat.items() if k.startswith("item.")},
+        history=flat["history"],
+        users=flat["users"],
+        items=flat["items"],
+        weights=flat.get("weights"),
+        item_probs=flat["item_probs"],
+    )
+
+
+def load_dataset_for(config: ExperimentConfig) -> Dataset:
+    """The dataset a config names, with its column mapping."""
+    from twostage.data.registry import load_dataset
+
+    data = config.data
+    return load_dataset(
+        data.dataset,
+        user_col=data.user_col,
+        item_col=data.item_col,
+        time_col=data.time_col,
+        rating_col=data.rating_col,
+        separator=data.separator,
+        user_features=list(data.user_features) or None,
+        item_features=list(data.item_features) or None,
+    )
+
+
+def evaluate_saved(directory: str | Path, *, baselines: bool = False) -> dict[str, Any]:
+    """Reload a run and its data, rebuild the same split, evaluate (and baselines)."""
+    run = load_run(directory)
+    (_, test), _ = prepare_split(load_dataset_for(run.config), run.config)
+    results = {"twostage": run.evaluate(test).to_dict()}
+    if baselines:
+        results.update(
+            {k: v.to_dict() for k, v in evaluate_baselines(run, test).items()}
+        )
+    return results

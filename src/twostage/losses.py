@@ -1,0 +1,110 @@
+"""Retrieval losses. Towers only make embeddings; the loss lives here.
+
+The in-batch sampled softmax treats the other positives of a batch as negatives. Popular
+items appear in more batches and so are over-penalised; the logQ correction subtracts the
+log of each candidate's expected count among the negatives (Yi et al., RecSys 2019) so the
+logits estimate the full softmax. Mixed negative sampling (Yang et al., WWW 2020) adds
+uniformly drawn items, which reach the long tail that in-batch negatives rarely show.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["in_batch_softmax_loss"]
+
+_MASKED = -1e9  # finite, so a fully masked row cannot produce NaN
+
+
+def in_batch_softmax_loss(
+    queries: Tensor,
+    candidates: Tensor,
+    *,
+    temperature: float | Tensor = 0.05,
+    candidate_ids: Tensor | None = None,
+    candidate_probs: Tensor | None = None,
+    extra_candidates: Tensor | None = None,
+    extra_ids: Tensor | None = None,
+    extra_probs: Tensor | None = None,
+    num_items: int | None = None,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Sampled softmax over in-batch (and optional uniform) negatives.
+
+    Row ``i`` of ``queries`` has its positive at row ``i`` of ``candidates``.
+
+    Args:
+        queries: ``[B, D]`` query embeddings.
+        candidates: ``[B, D]`` embeddings of each query's positive item.
+        temperature: logits are divided by it (a float or a learnable scalar tensor).
+        candidate_ids: ``[B]`` item indices of the positives. When given, accidental hits
+            (the same item as row ``i``'s positive at another column) are masked out.
+        candidate_probs: ``[B]`` sampling probability of each positive item (its share of
+            the training interactions). When given, the logQ correction is applied.
+        extra_candidates: ``[M, D]`` embeddings of extra negatives drawn uniformly.
+        extra_ids: ``[M]`` item indices of the extra negatives (accidental-hit masking).
+        extra_probs: ``[M]`` sampling probabilities of the extra negatives' items, for the
+            logQ correction of the mixed batch.
+        num_items: catalogue size; needed with extra negatives and the correction.
+        weights: ``[B]`` per-example weights (e.g. from ratings); the loss is the
+            weighted mean.
+
+    Returns:
+        A scalar loss.
+    """
+    batch = queries.shape[0]
+    logits = queries @ candidates.T / temperature  # (B, D) @ (D, B) -> (B, B)
+    columns_ids = candidate_ids
+    if extra_candidates is not None:
+        extra_logits = queries @ extra_candidates.T / temperature  # (B, M)
+        logits = torch.cat([logits, extra_logits], dim=1)
+        if candidate_ids is not None and extra_ids is not None:
+            columns_ids = torch.cat([candidate_ids, extra_ids])
+    if candidate_probs is not None:
+        logits = logits - _log_expected_count(
+            batch,
+            candidate_probs,
+            extra_probs,
+            num_extra=0 if extra_candidates is None else extra_candidates.shape[0],
+            num_items=num_items,
+        )
+    if candidate_ids is not None and columns_ids is not None:
+        # An accidental hit is another column holding this row's positive item.
+        hit = candidate_ids[:, None] == columns_ids[None, :]  # (B, B[+M])
+        hit[:, :batch].fill_diagonal_(False)
+        logits = logits.masked_fill(hit, _MASKED)
+    labels = torch.arange(batch, device=queries.device)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def _log_expected_count(
+    batch: int,
+    candidate_probs: Tensor,
+    extra_probs: Tensor | None,
+    *,
+    num_extra: int,
+    num_items: int | None,
+) -> Tensor:
+    """log of each column's expected number of appearances among the negatives.
+
+    An item with training share ``p`` appears ``B * p`` times among ``B`` in-batch
+    positives and ``M / N`` times among ``M`` uniform draws over ``N`` items.
+    """
+    uniform = 0.0
+    if num_extra:
+        if num_items is None or extra_probs is None:
+            raise ValueError(
+                "`num_items` and `extra_probs` are required with extra negatives and the "
+                "logQ correction. Received: "
+                f"num_items={num_items!r}, extra_probs={'set' if extra_probs is not None else None}."
+            )
+        uniform = num_extra / num_items
+        probs = torch.cat([candidate_probs, extra_probs])
+    else:
+        probs = candidate_probs
+    return torch.log(batch * probs + uniform + 1e-12)[None, :]

@@ -1,0 +1,71 @@
+"""The two-tower retrieval model: a query tower, a candidate tower, a dot product."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from twostage.config import RetrievalConfig
+from twostage.models.towers import FieldInfo, HistoryPooling, Tower
+
+__all__ = ["RetrievalModel"]
+
+
+class RetrievalModel(nn.Module):
+    """Two towers whose unit-norm outputs are compared by a dot product.
+
+    Args:
+        query_fields: fields of the query (user and context) side.
+        candidate_fields: fields of the candidate (item) side.
+        num_items: rows of the item vocabulary (for the history embedding).
+        config: the model shape; saved with the weights.
+    """
+
+    def __init__(
+        self,
+        query_fields: Sequence[FieldInfo],
+        candidate_fields: Sequence[FieldInfo],
+        *,
+        num_items: int,
+        config: RetrievalConfig,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        history = None
+        if config.history_length > 0:
+            history = HistoryPooling(
+                num_items,
+                config.embedding_dim,
+                max_length=config.history_length,
+                mode=config.history_pooling,
+                sparse=config.sparse_embeddings,
+            )
+        shape = {
+            "embedding_dim": config.embedding_dim,
+            "output_dim": config.output_dim,
+            "hidden_dims": config.hidden_dims,
+            "dropout": config.dropout,
+            "sparse": config.sparse_embeddings,
+        }
+        self.query_tower = Tower(query_fields, history=history, **shape)  # type: ignore[arg-type]
+        self.candidate_tower = Tower(candidate_fields, **shape)  # type: ignore[arg-type]
+        log_t = torch.tensor(math.log(config.temperature))
+        if config.learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp()
+
+    def encode_queries(self, features: dict[str, Tensor]) -> Tensor:
+        """``[B, output_dim]`` unit query embeddings."""
+        return self.query_tower(features)
+
+    def encode_items(self, features: dict[str, Tensor]) -> Tensor:
+        """``[N, output_dim]`` unit candidate embeddings."""
+        return self.candidate_tower(features)

@@ -1,0 +1,149 @@
+"""Towers: turn feature tensors into L2-normalised embeddings. Nothing else.
+
+A tower embeds every field of its side (an ID, a categorical, a bag of words, a number),
+concatenates the field vectors, and maps them to the shared output width with a linear
+layer or an MLP. The query tower can also pool the user's recent items (YouTube's
+candidate generation model, Covington et al., RecSys 2016).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FieldInfo", "HISTORY", "HistoryPooling", "Tower"]
+
+#: Key of the history field in a query feature dict: ``[B, L]`` item indices, 0 = padding.
+HISTORY = "history"
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What a tower needs to know about one input field.
+
+    Attributes:
+        name: key of the field in the feature dict.
+        kind: ``index`` (``[B]`` int64), ``indices`` (``[B, L]`` int64, 0 = padding) or
+            ``dense`` (``[B]`` or ``[B, width]`` float32).
+        num_embeddings: rows of the embedding table for index kinds.
+        width: number of floats for the dense kind.
+    """
+
+    name: str
+    kind: Literal["index", "indices", "dense"]
+    num_embeddings: int = 0
+    width: int = 1
+
+
+class _BagEmbedding(nn.Module):
+    """Mean of the embeddings of the non-padding entries of ``[B, L]`` index rows."""
+
+    def __init__(self, num_embeddings: int, dim: int, *, sparse: bool = False) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_embeddings, dim, padding_idx=0, sparse=sparse)
+
+    def forward(self, indices: Tensor) -> Tensor:
+        mask = (indices > 0).unsqueeze(-1).float()  # (B, L, 1)
+        summed = (self.embedding(indices) * mask).sum(dim=1)
+        return summed / mask.sum(dim=1).clamp_min(1.0)
+
+
+class HistoryPooling(nn.Module):
+    """Pools the embeddings of a user's recent items: mean or attention.
+
+    Attention scores each history item against a learned probe vector plus a learned
+    recency bias by position, so recent or distinctive items can weigh more.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        dim: int,
+        *,
+        max_length: int,
+        mode: str = "mean",
+        sparse: bool = False,
+    ) -> None:
+        super().__init__()
+        self.mode = mode
+        self.embedding = nn.Embedding(num_items, dim, padding_idx=0, sparse=sparse)
+        nn.init.normal_(self.embedding.weight, std=0.01)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        if mode == "attention":
+            self.probe = nn.Parameter(torch.zeros(dim))
+            self.position_bias = nn.Parameter(torch.zeros(max_length))
+
+    def forward(self, history: Tensor) -> Tensor:
+        """``history``: ``[B, L]`` item indices, most recent last, 0 = padding."""
+        mask = history > 0  # (B, L)
+        vectors = self.embedding(history)  # (B, L, D)
+        if self.mode == "mean":
+            weights = mask.float()
+            return (vectors * weights.unsqueeze(-1)).sum(1) / weights.sum(
+                1, True
+            ).clamp_min(1)
+        length = history.shape[1]
+        scores = vectors @ self.probe + self.position_bias[-length:]  # (B, L)
+        scores = scores.masked_fill(~mask, -1e9)
+        weights = torch.softmax(scores, dim=1) * mask.float()  # empty rows -> zeros
+        return (vectors * weights.unsqueeze(-1)).sum(dim=1)
+
+
+class Tower(nn.Module):
+    """Embeds a dict of feature tensors into ``[B, output_dim]`` unit vectors."""
+
+    def __init__(
+        self,
+        fields: Sequence[FieldInfo],
+        *,
+        embedding_dim: int,
+        output_dim: int,
+        hidden_dims: Sequence[int] = (),
+        dropout: float = 0.0,
+        history: HistoryPooling | None = None,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__()
+        self.fields = list(fields)
+        self.embeddings = nn.ModuleDict()
+        for info in self.fields:
+            if info.kind == "index":
+                table = nn.Embedding(info.num_embeddings, embedding_dim, sparse=sparse)
+                nn.init.normal_(table.weight, std=0.01)
+                self.embeddings[info.name] = table
+            elif info.kind == "indices":
+                bag = _BagEmbedding(info.num_embeddings, embedding_dim, sparse=sparse)
+                nn.init.normal_(bag.embedding.weight, std=0.01)
+                self.embeddings[info.name] = bag
+            else:
+                self.embeddings[info.name] = nn.Linear(info.width, embedding_dim)
+        self.history = history
+        num_inputs = len(self.fields) + (history is not None)
+        width = num_inputs * embedding_dim
+        layers: list[nn.Module] = []
+        for hidden in hidden_dims:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = hidden
+        if layers or width != output_dim:
+            layers.append(nn.Linear(width, output_dim))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        parts = []
+        for info in self.fields:
+            value = features[info.name]
+            if info.kind == "dense" and value.dim() == 1:
+                value = value.unsqueeze(-1)
+            parts.append(self.embeddings[info.name](value))
+        if self.history is not None:
+            parts.append(self.history(features[HISTORY]))
+        hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return F.normalize(self.head(hidden), dim=-1)

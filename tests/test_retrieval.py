@@ -1,0 +1,261 @@
+"""Two-tower retrieval end to end on small synthetic data with planted structure."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.synthetic import generate
+from twostage.errors import ArtifactError, ConfigError
+from twostage.experiment import (
+    build_model,
+    build_tensors,
+    evaluate_baselines,
+    fit_retrieval,
+    load_run,
+    prepare_split,
+)
+from twostage.features import FeatureSpec
+from twostage.train import train_retrieval
+
+SMALL = [
+    "data.dataset=synthetic:num_users=300,num_items=120,num_interactions=6000",
+    "data.validation_fraction=0.1",
+    "train.epochs=4",
+    "train.batch_size=256",
+    "retrieval.embedding_dim=16",
+    "retrieval.output_dim=16",
+    "retrieval.history_length=20",
+]
+
+
+def _config(*extra: str) -> ExperimentConfig:
+    return apply_overrides(ExperimentConfig(), [*SMALL, *extra])
+
+
+def test_planted_structure_is_recovered() -> None:
+    config = _config("train.epochs=8", "retrieval.temperature=0.2")
+    run, split = fit_retrieval(config)
+    recall = run.metrics["metrics"]["exclude_seen"]["recall"]["10"]
+    chance = 10 / 120
+    assert recall > 2.5 * chance, recall
+    # and it is at least as good as recommending the most popular items
+    popularity = evaluate_baselines(run, split.test)["popularity"]
+    assert recall > popularity.metrics["exclude_seen"]["recall"][10]
+
+
+def test_cold_users_use_their_features() -> None:
+    config = _config("data.cold_user_fraction=0.2", "train.epochs=6")
+    run, split = fit_retrieval(config)
+    slices = run.metrics["slices"]
+    assert {"warm_users", "cold_users"} <= set(slices)
+    cold = slices["cold_users"]["counts"]["exclude_seen"]["num_queries"]
+    assert cold == 60  # 20% of 300 users, none of them in training
+    test_users = split.test.interactions["user_id"].unique()
+    train_users = split.train.interactions["user_id"].unique()
+    assert test_users.is_in(train_users.implode()).sum() < len(test_users)
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    config = _config("train.epochs=4", "train.early_stopping_patience=0")
+    dataset = generate(num_users=300, num_items=120, num_interactions=6000)
+    (train, _), _ = prepare_split(dataset, config)
+    spec = FeatureSpec.default_for(train).fit(train)
+    tensors = build_tensors(spec, train, config.retrieval)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(123)
+        return build_model(spec, config.retrieval)
+
+    full = fresh()
+    train_retrieval(full, tensors, config.train)
+    interrupted = fresh()
+    train_retrieval(
+        interrupted, tensors, config.train, checkpoint_dir=tmp_path, stop_after_epoch=2
+    )
+    resumed = fresh()  # a new process would start from scratch weights
+    result = train_retrieval(
+        resumed, tensors, config.train, checkpoint_dir=tmp_path, resume=True
+    )
+    assert len(result.history) == 4
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    config = _config()
+    dataset = generate(num_users=50, num_items=30, num_interactions=500)
+    spec = FeatureSpec.default_for(dataset).fit(dataset)
+    tensors = build_tensors(spec, dataset, config.retrieval)
+    with pytest.raises(ArtifactError, match="no checkpoint"):
+        train_retrieval(
+            build_model(spec, config.retrieval),
+            tensors,
+            config.train,
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+
+
+def test_killed_process_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """Kill `twostage train retrieval` after its first checkpoint, resume, compare."""
+    sets = [
+        *SMALL,
+        "train.epochs=5",
+        "train.early_stopping_patience=0",
+        "data.validation_fraction=0",
+        "train.num_threads=1",
+    ]
+    args = [sys.executable, "-m", "twostage", "train", "retrieval"]
+    for item in sets:
+        if item.startswith("data.dataset="):
+            args += ["--dataset", item.split("=", 1)[1]]
+        else:
+            args += ["--set", item]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    whole = tmp_path / "whole"
+    subprocess.run(
+        [*args, "--out", str(whole)], check=True, env=env, capture_output=True
+    )
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*args, "--out", str(killed), "--set", "train.batch_size=64"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    state = killed / "checkpoint" / "state.json"
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists(), "the run never wrote a checkpoint"
+
+    subprocess.run(
+        [*args, "--out", str(killed), "--set", "train.batch_size=64", "--resume"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    reference = tmp_path / "reference"
+    subprocess.run(
+        [*args, "--out", str(reference), "--set", "train.batch_size=64"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    got = load_file(killed / "model.safetensors")
+    want = load_file(reference / "model.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert whole.exists()
+
+
+def test_saved_run_reloads_to_identical_embeddings(tmp_path: Path) -> None:
+    run, split = fit_retrieval(_config("train.epochs=2"), out_dir=tmp_path)
+    loaded = load_run(tmp_path)
+    assert loaded.config == run.config
+    torch.testing.assert_close(
+        loaded.item_embeddings(), run.item_embeddings(), rtol=0, atol=0
+    )
+    users = split.test.interactions["user_id"].unique().sort()
+    torch.testing.assert_close(
+        loaded.query_embeddings(users, users=split.test.users),
+        run.query_embeddings(users, users=split.test.users),
+        rtol=0,
+        atol=0,
+    )
+    again = loaded.evaluate(split.test).to_dict()
+    assert again["metrics"] == run.metrics["metrics"]
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    fit_retrieval(_config("train.epochs=1"), out_dir=tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError):
+        load_run(tmp_path)
+
+
+def test_config_is_strict() -> None:
+    with pytest.raises(ConfigError, match="unknown config key"):
+        _config("train.epoch=3")
+    with pytest.raises(ConfigError, match="history_pooling"):
+        _config("retrieval.history_pooling=max")
+    with pytest.raises(ConfigError, match="unknown feature column"):
+        fit_retrieval(_config("retrieval.query_fields=shoe_size"))
+
+
+def test_id_only_model_has_no_side_fields() -> None:
+    run, _ = fit_retrieval(
+        _config("retrieval.use_side_features=false", "train.epochs=1"),
+        evaluate_test=False,
+    )
+    keys = [f.key for f in run.spec.describe()]
+    assert keys == ["user_id", "item_id"]
+    assert np.isfinite(run.train_result.history[-1]["train_loss"])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
+def test_sparse_embeddings_train_and_resume(tmp_path: Path, optimizer: str) -> None:
+    config = _config(
+        "retrieval.sparse_embeddings=true",
+        f"train.optimizer={optimizer}",
+        "train.epochs=2",
+        "train.early_stopping_patience=0",
+    )
+    dataset = generate(num_users=100, num_items=60, num_interactions=2000)
+    spec = FeatureSpec.default_for(dataset).fit(dataset)
+    tensors = build_tensors(spec, dataset, config.retrieval)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(5)
+        return build_model(spec, config.retrieval)
+
+    full = fresh()
+    result = train_retrieval(full, tensors, config.train)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] + 1.0
+    train_retrieval(
+        fresh(), tensors, config.train, checkpoint_dir=tmp_path, stop_after_epoch=1
+    )
+    resumed = fresh()
+    train_retrieval(
+        resumed, tensors, config.train, checkpoint_dir=tmp_path, resume=True
+    )
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_max_steps_stops_early() -> None:
+    config = _config(
+        "train.max_steps=3", "train.epochs=5", "data.validation_fraction=0"
+    )
+    dataset = generate(num_users=100, num_items=60, num_interactions=2000)
+    spec = FeatureSpec.default_for(dataset).fit(dataset)
+    tensors = build_tensors(spec, dataset, config.retrieval)
+    steps: list[int] = []
+    train_retrieval(
+        build_model(spec, config.retrieval),
+        tensors,
+        config.train,
+        on_step=lambda info: steps.append(info["step"]),
+    )
+    assert steps == [0, 1, 2]
+
+
+def test_cuda_request_without_gpu_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the error path cannot be reached")
+    config = _config("train.device=cuda")
+    with pytest.raises(ConfigError, match="no GPU"):
+        fit_retrieval(config)

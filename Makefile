@@ -29,6 +29,8 @@ lint: install
 bench: install
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/data_load.py --json benchmarks/results/data_load.json
+	$(PY) benchmarks/retrieval_quality.py --json benchmarks/results/retrieval_quality.json
+	$(PY) benchmarks/retrieval_speed.py --json benchmarks/results/retrieval_speed.json
 
 # Re-pin every dependency from what is installed (run after changing pyproject.toml).
 lock: install

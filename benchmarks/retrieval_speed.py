@@ -1,0 +1,140 @@
+"""Two-tower training throughput on a large synthetic log (10M interactions, 1M items,
+1M users by default), ID-only and with side features and history, on the CPU and on a
+GPU when one is present.
+
+    python benchmarks/retrieval_speed.py --json benchmarks/results/retrieval_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, median, print_table, write_json
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.synthetic import generate
+from twostage.experiment import _spec_for, build_model, build_tensors
+from twostage.train import train_retrieval
+
+VARIANTS = {
+    "id-only": ["retrieval.use_side_features=false", "retrieval.history_length=0"],
+    "features+history": ["retrieval.history_length=20"],
+}
+
+
+def measure(
+    dataset: Any, overrides: list[str], device: str, steps: int, batch: int
+) -> dict[str, Any]:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *overrides,
+            f"train.device={device}",
+            f"train.batch_size={batch}",
+            f"train.max_steps={steps}",
+            "train.epochs=1",
+            "train.early_stopping_patience=0",
+            "retrieval.id_dropout=0.1",
+        ],
+    )
+    started = time.perf_counter()
+    spec = _spec_for(dataset, config).fit(dataset)
+    tensors = build_tensors(spec, dataset, config.retrieval)
+    prepare_s = time.perf_counter() - started
+    model = build_model(spec, config.retrieval)
+    stamps: list[float] = []
+
+    def on_step(_: dict[str, Any]) -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    train_retrieval(model, tensors, config.train, on_step=on_step)
+    warmup = min(10, len(stamps) // 4)
+    per_step = [
+        b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :], strict=False)
+    ]
+    step_s = median(per_step)
+    return {
+        "examples_per_s": batch / step_s,
+        "median_step_ms": step_s * 1000,
+        "steps": len(stamps),
+        "batch_size": batch,
+        "prepare_s": prepare_s,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--interactions", type=int, default=10_000_000)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0: torch default)"
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    dataset = generate(
+        num_users=args.users,
+        num_items=args.items,
+        num_interactions=args.interactions,
+        num_clusters=200,
+    )
+    generate_s = time.perf_counter() - started
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results: dict[str, Any] = {}
+    rows = []
+    for device in devices:
+        for name, overrides in VARIANTS.items():
+            key = f"{name}/{device}"
+            results[key] = measure(
+                dataset, overrides, device, args.steps, args.batch_size
+            )
+            r = results[key]
+            rows.append(
+                [
+                    key,
+                    f"{r['examples_per_s']:,.0f}",
+                    f"{r['median_step_ms']:.1f}",
+                    r["steps"],
+                    f"{r['prepare_s']:.1f}",
+                    f"{r['parameters']:,}",
+                ]
+            )
+    print_table(
+        f"Training throughput: {args.interactions:,} interactions, {args.items:,} items, {args.users:,} users",
+        [
+            "variant/device",
+            "examples/s",
+            "step ms (median)",
+            "steps",
+            "prepare s",
+            "parameters",
+        ],
+        rows,
+    )
+    write_json(
+        args.json,
+        {
+            "results": results,
+            "generate_s": generate_s,
+            "shape": vars(args) | {"json": None},
+            "machine": machine(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

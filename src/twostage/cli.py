@@ -1,0 +1,446 @@
+"""The `twostage` command line. Only this module (and serving) prints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from twostage.errors import TwostageError
+
+app = typer.Typer(
+    help="twostage: a two-stage recommender (two-tower retrieval, then ranking).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Fetch, inspect and split datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+DatasetArg = Annotated[
+    str,
+    typer.Argument(
+        help="A built-in dataset (movielens-100k, movielens-1m, movielens-latest-small, "
+        "movielens-20m, movielens-25m, synthetic[:key=value,...]) or a CSV/Parquet path."
+    ),
+]
+UserCol = Annotated[str | None, typer.Option(help="User ID column of your own log.")]
+ItemCol = Annotated[str | None, typer.Option(help="Item ID column of your own log.")]
+TimeCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch s or ISO).")]
+RatingCol = Annotated[str | None, typer.Option(help="Rating column.")]
+Separator = Annotated[
+    str | None, typer.Option(help="Field separator (default: sniffed).")
+]
+UserFeatures = Annotated[
+    str | None, typer.Option(help="Comma-separated user feature columns of the log.")
+]
+ItemFeatures = Annotated[
+    str | None, typer.Option(help="Comma-separated item feature columns of the log.")
+]
+Strict = Annotated[
+    bool, typer.Option("--strict", help="Stop at the first bad row (line + content).")
+]
+
+
+def _split_names(text: str | None) -> list[str] | None:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def dataset_options(
+    *,
+    user_col: str | None = None,
+    item_col: str | None = None,
+    time_col: str | None = None,
+    rating_col: str | None = None,
+    separator: str | None = None,
+    user_features: str | None = None,
+    item_features: str | None = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Keyword arguments for :func:`twostage.data.registry.load_dataset`."""
+    return {
+        "user_col": user_col,
+        "item_col": item_col,
+        "time_col": time_col,
+        "rating_col": rating_col,
+        "separator": separator,
+        "user_features": _split_names(user_features),
+        "item_features": _split_names(item_features),
+        "strict": strict or None,
+    }
+
+
+def _load(spec: str, options: dict[str, Any]) -> Any:
+    from twostage.data.registry import load_dataset
+
+    lowered = spec.lower()
+    if lowered.startswith(("movielens-", "ml-", "synthetic")):
+        options = {}  # column mapping only applies to a user's own file
+    return load_dataset(spec, **options)
+
+
+def _print_report(report: Any) -> None:
+    if report is None:
+        return
+    if report.ok:
+        console.print(f"[green]No bad rows[/green] in {report.path}.")
+        return
+    table = Table(title=f"Rejected rows in {report.path}")
+    for column in ("reason", "count", "first lines"):
+        table.add_column(column)
+    for reason, count in sorted(report.rejected.items()):
+        lines = ", ".join(str(line) for line, _ in report.examples.get(reason, []))
+        table.add_row(reason, str(count), lines)
+    console.print(table)
+    console.print(
+        f"{report.rows_loaded} of {report.rows_read} rows loaded, "
+        f"{report.num_rejected} rejected (use --strict to stop at the first one)."
+    )
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print the output of :func:`twostage.data.describe.describe` as tables."""
+    table = Table(title=f"Dataset {summary['name']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("num_interactions", "num_users", "num_items"):
+        table.add_row(key.replace("_", " "), f"{summary[key]:,}")
+    table.add_row("density", f"{summary['density']:.4%}")
+    for key in ("interactions_per_user", "interactions_per_item"):
+        s = summary[key]
+        table.add_row(
+            key.replace("_", " "),
+            f"min {s['min']:g} / median {s['median']:g} / mean {s['mean']:.1f} / max {s['max']:g}",
+        )
+    table.add_row("duplicate rows", f"{summary['duplicate_rows']:,}")
+    table.add_row(
+        "time range",
+        f"{summary['time_range']['min']} .. {summary['time_range']['max']}",
+    )
+    if "rating_histogram" in summary:
+        hist = summary["rating_histogram"]
+        table.add_row("rating mean", f"{summary['rating_mean']:.3f}")
+        table.add_row("ratings", "  ".join(f"{r}: {c:,}" for r, c in hist.items()))
+    table.add_row("user features", ", ".join(summary["user_features"]) or "-")
+    table.add_row("item features", ", ".join(summary["item_features"]) or "-")
+    table.add_row("source", summary["source"][:100])
+    console.print(table)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="e.g. movielens-100k")],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Use these already-downloaded files.")
+    ] = None,
+) -> None:
+    """Download (or find offline) a built-in dataset into the cache."""
+    from twostage.data.movielens import load_movielens
+
+    variant = name.lower().removeprefix("movielens-").removeprefix("ml-")
+    dataset = load_movielens(variant, data_dir=data_dir)
+    console.print(
+        f"[green]{dataset.name}[/green]: {dataset.num_interactions:,} interactions "
+        f"from {dataset.source}"
+    )
+
+
+@data_app.command("describe")
+def data_describe(
+    dataset: DatasetArg,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    time_col: TimeCol = None,
+    rating_col: RatingCol = None,
+    separator: Separator = None,
+    user_features: UserFeatures = None,
+    item_features: ItemFeatures = None,
+    strict: Strict = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the summary here.")
+    ] = None,
+) -> None:
+    """Counts, sparsity, rating histogram, time range and the bad-row report."""
+    from twostage.data.describe import describe
+
+    options = dataset_options(
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        rating_col=rating_col,
+        separator=separator,
+        user_features=user_features,
+        item_features=item_features,
+        strict=strict,
+    )
+    data = _load(dataset, options)
+    summary = describe(data)
+    print_summary(summary)
+    _print_report(data.report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(summary, indent=2))
+
+
+@data_app.command("split")
+def data_split(
+    dataset: DatasetArg,
+    out: Annotated[Path, typer.Option(help="Directory for train/test Parquet files.")],
+    method: Annotated[
+        str, typer.Option(help="random, temporal or leave-last-out")
+    ] = "random",
+    test_fraction: Annotated[float, typer.Option(help="Share of rows in test.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 42,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    time_col: TimeCol = None,
+    rating_col: RatingCol = None,
+    separator: Separator = None,
+    strict: Strict = False,
+) -> None:
+    """Split a dataset and write train.parquet and test.parquet."""
+    from twostage.data.split import split_dataset
+
+    options = dataset_options(
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        rating_col=rating_col,
+        separator=separator,
+        strict=strict,
+    )
+    data = _load(dataset, options)
+    split = split_dataset(data, method=method, test_fraction=test_fraction, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    split.train.interactions.write_parquet(out / "train.parquet")
+    split.test.interactions.write_parquet(out / "test.parquet")
+    console.print(
+        f"{method} split: {split.train.num_interactions:,} train, "
+        f"{split.test.num_interactions:,} test rows -> {out}"
+    )
+
+
+train_app = typer.Typer(help="Train models.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _experiment_config(
+    dataset: str,
+    config_file: Path | None,
+    overrides: list[str],
+    columns: dict[str, Any],
+) -> Any:
+    from twostage.config import ExperimentConfig, apply_overrides, load_config
+
+    config = load_config(config_file) if config_file else ExperimentConfig()
+    mapping = [f"data.dataset={dataset}"]
+    for key, value in columns.items():
+        if value:
+            mapping.append(
+                f"data.{key}={','.join(value) if isinstance(value, list) else value}"
+            )
+    return apply_overrides(config, [*mapping, *overrides])
+
+
+@train_app.command("retrieval")
+def train_retrieval_command(
+    out: Annotated[
+        Path, typer.Option(help="Run directory (checkpoints, model, metrics).")
+    ],
+    dataset: Annotated[
+        str, typer.Option(help="Built-in dataset name or path of your CSV/Parquet log.")
+    ] = "movielens-100k",
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="A JSON config (see presets/).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set train.epochs=5."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
+    ] = False,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    time_col: TimeCol = None,
+    rating_col: RatingCol = None,
+    separator: Separator = None,
+    user_features: UserFeatures = None,
+    item_features: ItemFeatures = None,
+) -> None:
+    """Train the two-tower retrieval model, evaluate it on the test split, save it."""
+    from twostage.experiment import fit_retrieval
+
+    config = _experiment_config(
+        dataset,
+        config_file,
+        overrides or [],
+        {
+            "user_col": user_col,
+            "item_col": item_col,
+            "time_col": time_col,
+            "rating_col": rating_col,
+            "separator": separator,
+            "user_features": _split_names(user_features),
+            "item_features": _split_names(item_features),
+        },
+    )
+    with _progress() as on_step:
+        run, _ = fit_retrieval(config, out_dir=out, resume=resume, on_step=on_step)
+    print_metrics(run.metrics, title=f"Retrieval on {config.data.dataset} (test split)")
+    console.print(
+        f"Saved to [cyan]{out}[/cyan] (best epoch {run.train_result.best_epoch})."
+    )
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A rich progress line for the training loop: epoch, step, loss, throughput."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("epoch {task.fields[epoch]} step {task.completed:.0f}"),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} examples/s"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=None, epoch=0, loss=0.0, rate=0.0)
+        clock: dict[str, float] = {}
+
+        def on_step(info: dict[str, Any]) -> None:
+            now = time.perf_counter()
+            if info["epoch"] != clock.get("epoch"):
+                clock.update(epoch=info["epoch"], start=now)
+            rate = info["examples"] / max(now - clock["start"], 1e-9)
+            progress.update(
+                task,
+                completed=info["step"] + 1,
+                epoch=info["epoch"] + 1,
+                loss=info["loss"],
+                rate=rate,
+            )
+
+        yield on_step
+
+
+def print_metrics(
+    metrics: dict[str, Any], *, title: str, models: dict[str, Any] | None = None
+) -> None:
+    """A table of metrics per model: rows model x mode, columns metric@k."""
+    rows = models or {"twostage": metrics}
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("seen")
+    columns = [
+        ("recall", "10"),
+        ("recall", "100"),
+        ("ndcg", "10"),
+        ("hit_rate", "10"),
+        ("mrr", "10"),
+        ("factorized_top_k", "100"),
+        ("coverage", "100"),
+    ]
+    short = {
+        "recall": "R",
+        "ndcg": "NDCG",
+        "hit_rate": "HR",
+        "mrr": "MRR",
+        "factorized_top_k": "FTopK",
+        "coverage": "Cov",
+    }
+    for metric, k in columns:
+        table.add_column(f"{short[metric]}@{k}", justify="right")
+    for name, result in rows.items():
+        for mode in ("exclude_seen", "include_seen"):
+            values = result["metrics"].get(mode)
+            if not values:
+                continue
+            cells = []
+            for metric, k in columns:
+                value = values.get(metric, {}).get(k)
+                cells.append("-" if value is None else f"{value:.4f}")
+            table.add_row(
+                name, "excluded" if mode == "exclude_seen" else "included", *cells
+            )
+    console.print(table)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run_dir: Annotated[
+        Path, typer.Argument(help="The --out directory of a training run.")
+    ],
+    baselines: Annotated[
+        bool,
+        typer.Option("--baselines", help="Also evaluate popularity, EASE, item-kNN."),
+    ] = False,
+) -> None:
+    """Re-evaluate a saved run on its own test split (optionally beside baselines)."""
+    from twostage.experiment import evaluate_saved
+
+    results = evaluate_saved(run_dir, baselines=baselines)
+    print_metrics({}, title=f"Evaluation of {run_dir}", models=results)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes its run.")] = Path(
+        "runs/demo"
+    ),
+    epochs: Annotated[
+        int, typer.Option(help="Training epochs of the retrieval model.")
+    ] = 10,
+) -> None:
+    """The main job on MovieLens-100k, offline: load, describe, split, train the
+    retrieval model, evaluate it beside the baselines, save the run."""
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.data.describe import describe
+    from twostage.data.movielens import load_movielens
+    from twostage.experiment import evaluate_baselines, fit_retrieval
+
+    console.rule("[bold]twostage demo: MovieLens-100k")
+    data = load_movielens("100k")
+    console.print(f"Loaded from: [cyan]{data.source}[/cyan]")
+    print_summary(describe(data))
+    config = apply_overrides(
+        ExperimentConfig(), ["data.dataset=movielens-100k", f"train.epochs={epochs}"]
+    )
+    console.rule("Retrieval: two towers with side features and history")
+    with _progress() as on_step:
+        run, split = fit_retrieval(config, dataset=data, out_dir=out, on_step=on_step)
+    console.print(
+        f"Random 80/20 split (seed {config.data.seed}): "
+        f"{split.train.num_interactions:,} train (incl. validation), "
+        f"{split.test.num_interactions:,} test interactions; "
+        f"trained {len(run.train_result.history)} epochs in "
+        f"{run.train_result.seconds:.1f} s (best epoch {run.train_result.best_epoch + 1})."
+    )
+    models = {"twostage": run.metrics}
+    models.update(
+        {k: v.to_dict() for k, v in evaluate_baselines(run, split.test).items()}
+    )
+    print_metrics({}, title="Test split: twostage vs baselines", models=models)
+    (out / "comparison.json").write_text(json.dumps(models, indent=2))
+    console.print(
+        f"Run saved to [cyan]{out}[/cyan]; `twostage evaluate {out}` reloads it."
+    )
+
+
+def main() -> None:
+    """Console-script entry point: domain errors become one red line and exit code 2."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        app()
+    except TwostageError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise SystemExit(2) from e

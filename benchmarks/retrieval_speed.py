@@ -22,9 +22,14 @@ from twostage.data.synthetic import generate
 from twostage.experiment import _spec_for, build_model, build_tensors
 from twostage.train import train_retrieval
 
+ID_ONLY = ["retrieval.use_side_features=false", "retrieval.history_length=0"]
+FEATURES = ["retrieval.history_length=20"]
+SPARSE = ["retrieval.sparse_embeddings=true"]
 VARIANTS = {
-    "id-only": ["retrieval.use_side_features=false", "retrieval.history_length=0"],
-    "features+history": ["retrieval.history_length=20"],
+    "id-only": ID_ONLY,
+    "id-only/sparse": ID_ONLY + SPARSE,
+    "features+history": FEATURES,
+    "features+history/sparse": FEATURES + SPARSE,
 }
 
 
@@ -78,7 +83,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=1024, help="CPU batch size")
+    parser.add_argument("--gpu-batch-size", type=int, default=8192)
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads (0: torch default)"
     )

@@ -73,6 +73,7 @@ class RetrievalConfig:
     temperature: float = 0.3
     learn_temperature: bool = False
     logq_correction: bool = True
+    logq_weight: float = 1.0
     num_extra_negatives: int = 0
     rating_weights: bool = False
     id_dropout: float = 0.1

@@ -30,6 +30,7 @@ def in_batch_softmax_loss(
     extra_probs: Tensor | None = None,
     num_items: int | None = None,
     weights: Tensor | None = None,
+    correction_weight: float = 1.0,
 ) -> Tensor:
     """Sampled softmax over in-batch (and optional uniform) negatives.
 
@@ -50,6 +51,8 @@ def in_batch_softmax_loss(
         num_items: catalogue size; needed with extra negatives and the correction.
         weights: ``[B]`` per-example weights (e.g. from ratings); the loss is the
             weighted mean.
+        correction_weight: scales the logQ term; 1 is the full correction, values
+            below 1 keep part of the popularity signal in the scores.
 
     Returns:
         A scalar loss.
@@ -63,7 +66,7 @@ def in_batch_softmax_loss(
         if candidate_ids is not None and extra_ids is not None:
             columns_ids = torch.cat([candidate_ids, extra_ids])
     if candidate_probs is not None:
-        logits = logits - _log_expected_count(
+        logits = logits - correction_weight * _log_expected_count(
             batch,
             candidate_probs,
             extra_probs,

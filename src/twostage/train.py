@@ -390,6 +390,7 @@ def _loss(
         extra_probs=extra_probs if probs is not None else None,
         num_items=tensors.num_items,
         weights=weights,
+        correction_weight=model_config.logq_weight,
     )
 
 

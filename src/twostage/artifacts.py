@@ -1,0 +1,172 @@
+"""Saved bundles: versioned directories with a manifest of SHA-256 checksums.
+
+A bundle is written to a temporary sibling directory and renamed into place, so a reader
+never sees half of one. Loading verifies every file against the manifest first and
+refuses a tampered, truncated or incomplete bundle. Only JSON, safetensors and Parquet
+are written; nothing is ever unpickled.
+
+Layout (``models/<name>/<version>/``, as TF Serving expects)::
+
+    manifest.json            format version, twostage version, time, sha256 of each file
+    config.json              the resolved experiment config
+    features.json            fitted encoders and vocabularies
+    retrieval.safetensors    two-tower weights
+    tables.safetensors       feature rows, history, training pairs, item shares
+    items.parquet            item metadata for display (title, genres, ...), if any
+    ranking/...              the ranking stage, if any
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twostage.errors import ArtifactError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "latest_version",
+    "read_manifest",
+    "verify_bundle",
+    "write_bundle",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bundle(
+    directory: str | Path,
+    write_files: Callable[[Path], dict[str, Any]],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a bundle atomically.
+
+    Args:
+        directory: the final bundle directory (e.g. ``models/movielens/1``).
+        write_files: writes the bundle's files into the temporary directory it is given
+            and returns extra manifest entries (e.g. ``{"kind": "recommender"}``).
+        overwrite: replace an existing bundle; versions are otherwise immutable.
+
+    Returns:
+        The bundle directory.
+    """
+    from twostage import __version__
+
+    final = Path(directory)
+    if final.exists() and not overwrite:
+        raise ArtifactError(
+            f"{str(final)!r} already exists; bundle versions are immutable. Save to a "
+            "new version directory, or pass overwrite=True."
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        extra = write_files(temp)
+        files = {
+            str(path.relative_to(temp)): _sha256(path)
+            for path in sorted(temp.rglob("*"))
+            if path.is_file()
+        }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "twostage_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files,
+            **extra,
+        }
+        (temp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(old)
+            temp.rename(final)
+            shutil.rmtree(old)
+        else:
+            temp.rename(final)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The parsed manifest of a bundle, checked for a known format version."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(
+            f"{str(directory)!r} is not a twostage bundle: {MANIFEST} is missing "
+            "(half-written, or not saved with Recommender.save)."
+        ) from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {str(path)!r}: {e}") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"bundle {str(directory)!r} has format version {version!r}; this twostage "
+            f"reads version {FORMAT_VERSION}."
+        )
+    return manifest
+
+
+def verify_bundle(directory: str | Path) -> dict[str, Any]:
+    """Check every file against the manifest; return the manifest.
+
+    Raises:
+        ArtifactError: a file is missing, or its size or SHA-256 differs (tampered or
+            truncated), naming the file.
+    """
+    root = Path(directory)
+    manifest = read_manifest(root)
+    for name, expected in manifest["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise ArtifactError(
+                f"bundle {str(root)!r} is incomplete: {name} is missing."
+            )
+        actual = _sha256(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"bundle {str(root)!r} is corrupt: {name} has sha256 {actual[:12]}..., "
+                f"the manifest says {expected[:12]}... (tampered or truncated). "
+                "Re-save the bundle."
+            )
+    return manifest
+
+
+def latest_version(model_dir: str | Path) -> Path:
+    """The highest-numbered version directory under ``models/<name>/`` with a manifest."""
+    root = Path(model_dir)
+    versions = (
+        sorted(
+            (int(p.name), p)
+            for p in root.iterdir()
+            if p.is_dir() and p.name.isdigit() and (p / MANIFEST).exists()
+        )
+        if root.is_dir()
+        else []
+    )
+    if not versions:
+        raise ArtifactError(
+            f"no saved version under {str(root)!r}: expected numbered directories "
+            "such as 1/, 2/ with a manifest.json."
+        )
+    return versions[-1][1]

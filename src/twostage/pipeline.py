@@ -1,0 +1,359 @@
+"""The Recommender: retrieve over the catalogue, drop seen items, rank, return top k.
+
+This is the one object the CLI and the HTTP server use. It holds a trained retrieval
+run (towers, encoders, per-user history), the candidate embeddings, optional item
+metadata and an optional ranking stage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+
+from twostage.artifacts import verify_bundle, write_bundle
+from twostage.config import ExperimentConfig, load_config, save_config
+from twostage.data.dataset import ITEM, USER
+from twostage.errors import ArtifactError, ConfigError, UnknownIdError
+from twostage.experiment import (
+    RetrievalRun,
+    build_model,
+    tensors_from_flat,
+    tensors_to_flat,
+)
+from twostage.features import FeatureSpec
+from twostage.models.towers import HISTORY
+
+__all__ = ["Recommendation", "Recommender", "Ranker", "load"]
+
+logger = logging.getLogger(__name__)
+
+Path_ = Literal["personalised", "cold_start_features", "popularity"]
+
+
+class Ranker(Protocol):
+    """What the Recommender needs of a ranking stage."""
+
+    def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """``[B]`` users x ``[B, C]`` candidates -> ``[B, C]`` scores (higher first)."""
+        ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+@dataclass
+class Recommendation:
+    """The answer for one user: ranked items and which path produced them."""
+
+    user_id: Any
+    path: Path_
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "path": self.path, "items": self.items}
+
+
+def _check_k(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(
+            f"`{name}` should be a positive integer. Received: `{name}` = {value!r}."
+        )
+
+
+class Recommender:
+    """Two-stage recommendations from a trained retrieval run (and optional ranker).
+
+    Args:
+        run: the trained retrieval run.
+        items: item metadata keyed by ``item_id`` (title, genres...) for display and
+            filters; optional.
+        ranker: a ranking stage scoring (user, candidate) pairs; optional.
+    """
+
+    def __init__(
+        self,
+        run: RetrievalRun,
+        *,
+        items: pl.DataFrame | None = None,
+        ranker: Ranker | None = None,
+    ) -> None:
+        self.run = run
+        self.ranker = ranker
+        self.user_vocab = run.spec.vocabulary(USER)
+        self.item_vocab = run.spec.vocabulary(ITEM)
+        self.item_embeddings = run.item_embeddings()  # [N, D]
+        self.item_ids = pl.concat(
+            [
+                pl.Series(ITEM, [None], dtype=self.item_vocab.values.dtype),
+                self.item_vocab.values.rename(ITEM),
+            ]
+        )
+        self.items = self._align_items(items)
+        self._seen = self._seen_lists()
+        popularity = run.tensors.item_probs.clone()
+        popularity[0] = -1.0
+        self._popular = torch.argsort(popularity, descending=True, stable=True)
+        self._query_cache: torch.Tensor | None = None
+
+    # -- construction -------------------------------------------------------------
+    def _align_items(self, items: pl.DataFrame | None) -> list[dict[str, Any]] | None:
+        """Item metadata as one dict per item index (None for the OOV row)."""
+        if items is None:
+            return None
+        ids = self.item_ids.to_frame()
+        aligned = ids.join(items, on=ITEM, how="left", maintain_order="left")
+        rows = aligned.drop(ITEM).to_dicts()
+        rows[0] = {}
+        return rows
+
+    def _seen_lists(self) -> list[np.ndarray]:
+        users = self.run.tensors.users.numpy()
+        items = self.run.tensors.items.numpy()
+        order = np.argsort(users, kind="stable")
+        bounds = np.searchsorted(users[order], np.arange(self.user_vocab.size + 1))
+        sorted_items = items[order]
+        return [np.unique(sorted_items[a:b]) for a, b in itertools.pairwise(bounds)]
+
+    def _known_queries(self) -> torch.Tensor:
+        """``[U, D]`` query embeddings of every known user, computed once."""
+        if self._query_cache is None:
+            tensors = self.run.tensors
+            features = dict(tensors.user_features)
+            features[HISTORY] = tensors.history
+            with torch.no_grad():
+                self._query_cache = self.run.model.encode_queries(features)
+        return self._query_cache
+
+    # -- queries -----------------------------------------------------------------
+    def _query(
+        self, user_id: Any, user_features: dict[str, Any] | None
+    ) -> tuple[torch.Tensor | None, int, Path_]:
+        """(query embedding [D] or None, user_idx, path)."""
+        user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
+        if user_idx > 0:
+            return self._known_queries()[user_idx], user_idx, "personalised"
+        if user_features:
+            columns = [
+                f.column
+                for f in self.run.spec.describe(side="query")
+                if f.column != USER
+            ]
+            unknown = sorted(set(user_features) - set(columns))
+            if unknown:
+                raise ConfigError(
+                    f"unknown user feature(s) {unknown}; this model reads {columns}."
+                )
+            values = {c: [user_features.get(c)] for c in columns}
+            frame = pl.DataFrame({USER: [None], **values})
+            features = self.run.spec.transform_queries(frame)
+            features[HISTORY] = torch.zeros(
+                1, self.run.tensors.history.shape[1], dtype=torch.long
+            )
+            with torch.no_grad():
+                return (
+                    self.run.model.encode_queries(features)[0],
+                    0,
+                    "cold_start_features",
+                )
+        return None, 0, "popularity"
+
+    def _filter_mask(self, filters: dict[str, Any] | None) -> torch.Tensor | None:
+        """``[N]`` bool of items that pass every filter (metadata equality/membership)."""
+        if not filters:
+            return None
+        if self.items is None:
+            raise ConfigError(
+                "`filters` need item metadata, and this recommender has none."
+            )
+        mask = torch.zeros(len(self.items), dtype=torch.bool)
+        for index, row in enumerate(self.items):
+            mask[index] = all(
+                _matches(row.get(key), wanted) for key, wanted in filters.items()
+            )
+        return mask
+
+    def recommend(
+        self,
+        user_id: Any = None,
+        k: int = 10,
+        *,
+        user_features: dict[str, Any] | None = None,
+        exclude_seen: bool = True,
+        candidates: int = 300,
+        filters: dict[str, Any] | None = None,
+    ) -> Recommendation:
+        """Top ``k`` items for a user.
+
+        Args:
+            user_id: a raw user ID; unknown or None means cold start.
+            k: how many items to return.
+            user_features: raw feature values (e.g. ``{"age": 30, "gender": "F"}``)
+                for an unknown user.
+            exclude_seen: drop the user's training items.
+            candidates: how many items retrieval passes to ranking.
+            filters: keep only items whose metadata matches, e.g.
+                ``{"genres": "Comedy"}`` (a list column matches by membership).
+
+        Returns:
+            A :class:`Recommendation`; ``path`` says whether the answer is personalised,
+            a cold start from features, or the popularity fallback.
+        """
+        _check_k("k", k)
+        _check_k("candidates", candidates)
+        query, user_idx, path = self._query(user_id, user_features)
+        excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
+        excluded[0] = True
+        if exclude_seen and user_idx > 0:
+            excluded[torch.from_numpy(self._seen[user_idx])] = True
+        mask = self._filter_mask(filters)
+        if mask is not None:
+            excluded |= ~mask
+        if query is None:
+            order = self._popular[~excluded[self._popular]][:k]
+            scores = self.run.tensors.item_probs[order]
+            return self._answer(user_id, path, order, scores, None)
+        scores = self.item_embeddings @ query  # (N, D) @ (D,) -> (N,)
+        scores = scores.masked_fill(excluded, -torch.inf)
+        width = min(max(candidates, k), int((~excluded).sum()))
+        top_scores, top_idx = torch.topk(scores, width)
+        if self.ranker is None or path != "personalised":
+            return self._answer(user_id, path, top_idx[:k], top_scores[:k], None)
+        with torch.no_grad():
+            ranked = self.ranker.score(torch.tensor([user_idx]), top_idx[None, :])[0]
+        order = torch.argsort(ranked, descending=True, stable=True)[:k]
+        return self._answer(
+            user_id, path, top_idx[order], top_scores[order], ranked[order]
+        )
+
+    def recommend_batch(
+        self, user_ids: list[Any], k: int = 10, **options: Any
+    ) -> list[Recommendation]:
+        """:meth:`recommend` for many users."""
+        return [self.recommend(user_id, k, **options) for user_id in user_ids]
+
+    def similar_items(self, item_id: Any, k: int = 10) -> list[dict[str, Any]]:
+        """Items whose candidate embeddings are closest to this item's.
+
+        Raises:
+            UnknownIdError: the item is not in the catalogue.
+        """
+        _check_k("k", k)
+        item_idx = self.item_vocab.lookup(item_id)
+        if item_idx == 0:
+            raise UnknownIdError(
+                f"`item_id` {item_id!r} is not in the catalogue of this model "
+                f"({self.item_vocab.size - 1} items)."
+            )
+        scores = self.item_embeddings @ self.item_embeddings[item_idx]
+        scores[0] = -torch.inf
+        scores[item_idx] = -torch.inf
+        top_scores, top_idx = torch.topk(
+            scores, min(k, self.item_embeddings.shape[0] - 2)
+        )
+        return self._answer(item_id, "personalised", top_idx, top_scores, None).items
+
+    def history(self, user_id: Any) -> list[dict[str, Any]]:
+        """The user's training items (with metadata), most recent last."""
+        user_idx = self.user_vocab.lookup(user_id)
+        if user_idx == 0:
+            return []
+        row = self.run.tensors.history[user_idx]
+        idx = row[row > 0]
+        return self._answer(
+            user_id, "personalised", idx, torch.zeros(len(idx)), None
+        ).items
+
+    def _answer(
+        self,
+        user_id: Any,
+        path: Path_,
+        idx: torch.Tensor,
+        retrieval_scores: torch.Tensor,
+        rank_scores: torch.Tensor | None,
+    ) -> Recommendation:
+        ids = self.item_ids.gather(pl.Series(idx.numpy())).to_list()
+        items = []
+        for position, (index, item_id) in enumerate(
+            zip(idx.tolist(), ids, strict=True)
+        ):
+            entry: dict[str, Any] = {
+                "item_id": item_id,
+                "score": float(retrieval_scores[position]),
+            }
+            if rank_scores is not None:
+                entry["rank_score"] = float(rank_scores[position])
+            if self.items is not None:
+                entry.update(self.items[index])
+            items.append(entry)
+        return Recommendation(user_id=user_id, path=path, items=items)
+
+    # -- persistence -------------------------------------------------------------
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a versioned bundle (see :mod:`twostage.artifacts`)."""
+        run = self.run
+
+        def write(temp: Path) -> dict[str, Any]:
+            save_config(run.config, temp / "config.json")
+            run.spec.save(temp / "features.json")
+            state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
+            save_file(state, temp / "retrieval.safetensors")
+            save_file(tensors_to_flat(run.tensors), temp / "tables.safetensors")
+            if self.items is not None:
+                metadata = pl.DataFrame(self.items[1:]).with_columns(
+                    self.item_ids[1:].alias(ITEM)
+                )
+                metadata.write_parquet(temp / "items.parquet")
+            if self.ranker is not None:
+                (temp / "ranking").mkdir()
+                self.ranker.save(temp / "ranking")
+            return {"kind": "recommender", "ranking": self.ranker is not None}
+
+        return write_bundle(directory, write, overwrite=overwrite)
+
+
+def _matches(value: Any, wanted: Any) -> bool:
+    if isinstance(value, list):
+        return wanted in value
+    return bool(value == wanted)
+
+
+def load(directory: str | Path) -> Recommender:
+    """Load a bundle saved by :meth:`Recommender.save`, verifying every checksum."""
+    root = Path(directory)
+    manifest = verify_bundle(root)
+    try:
+        config = load_config(root / "config.json", ExperimentConfig)
+        spec = FeatureSpec.load(root / "features.json")
+        model = build_model(spec, config.retrieval)
+        state = load_file(root / "retrieval.safetensors")
+        tables = load_file(root / "tables.safetensors")
+        items = (
+            pl.read_parquet(root / "items.parquet")
+            if (root / "items.parquet").exists()
+            else None
+        )
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot load the bundle {str(root)!r}: {e}") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"retrieval weights in {str(root)!r} do not match its config: missing "
+            f"{missing}, unexpected {unexpected}."
+        )
+    model.eval()
+    run = RetrievalRun(
+        config=config, spec=spec, model=model, tensors=tensors_from_flat(tables)
+    )
+    ranker = None
+    if manifest.get("ranking"):
+        from twostage.ranking import load_ranking
+
+        ranker = load_ranking(root / "ranking", run)
+    return Recommender(run, items=items, ranker=ranker)

@@ -1,0 +1,116 @@
+"""The Recommender and its saved bundle."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from twostage.artifacts import latest_version, verify_bundle
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.errors import ArtifactError, ConfigError, UnknownIdError
+from twostage.experiment import fit_retrieval
+from twostage.pipeline import Recommender, load
+
+CONFIG = [
+    "data.dataset=synthetic:num_users=200,num_items=80,num_interactions=4000",
+    "train.epochs=2",
+    "retrieval.embedding_dim=16",
+    "retrieval.output_dim=16",
+    "retrieval.history_length=10",
+]
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[Recommender, object]:
+    run, split = fit_retrieval(apply_overrides(ExperimentConfig(), CONFIG))
+    return Recommender(run, items=split.train.items), split
+
+
+def test_seen_items_never_come_back(fitted: tuple[Recommender, object]) -> None:
+    rec, _ = fitted
+    for user_id in range(1, 60):
+        seen = {i["item_id"] for i in rec.history(user_id)}
+        seen |= set(
+            rec.run.spec.vocabulary("item_id")
+            .inverse_transform(rec._seen[rec.user_vocab.lookup(user_id)])
+            .to_list()
+        )
+        got = [i["item_id"] for i in rec.recommend(user_id, 30).items]
+        assert len(got) == 30 and not set(got) & seen
+        with_seen = [
+            i["item_id"] for i in rec.recommend(user_id, 80, exclude_seen=False).items
+        ]
+        assert set(with_seen) & seen  # the switch really switches
+
+
+def test_paths_are_labelled(fitted: tuple[Recommender, object]) -> None:
+    rec, _ = fitted
+    assert rec.recommend(3, 5).path == "personalised"
+    assert rec.recommend("stranger", 5).path == "popularity"
+    answer = rec.recommend("stranger", 5, user_features={"age": 30})
+    assert answer.path == "cold_start_features" and len(answer.items) == 5
+    with pytest.raises(ConfigError, match="shoe_size"):
+        rec.recommend("stranger", 5, user_features={"shoe_size": 44})
+
+
+def test_answers_carry_metadata_and_respect_filters(
+    fitted: tuple[Recommender, object],
+) -> None:
+    rec, _ = fitted
+    items = rec.recommend(5, 5, filters={"category": "cat3"}).items
+    assert items and all(i["category"] == "cat3" for i in items)
+    assert {"item_id", "score", "title"} <= set(items[0])
+
+
+def test_similar_items_and_unknown_item(fitted: tuple[Recommender, object]) -> None:
+    rec, _ = fitted
+    similar = rec.similar_items(7, k=5)
+    assert len(similar) == 5 and 7 not in [i["item_id"] for i in similar]
+    with pytest.raises(UnknownIdError, match="not in the catalogue"):
+        rec.similar_items(10_000)
+    with pytest.raises(ConfigError, match="`k`"):
+        rec.recommend(3, 0)
+
+
+def test_bundle_round_trip_is_identical(
+    fitted: tuple[Recommender, object], tmp_path: Path
+) -> None:
+    rec, _ = fitted
+    rec.save(tmp_path / "demo" / "1")
+    rec.save(tmp_path / "demo" / "2")
+    assert latest_version(tmp_path / "demo").name == "2"
+    loaded = load(tmp_path / "demo" / "2")
+    for user in (1, 2, 50, "stranger"):
+        assert loaded.recommend(user, 10).to_dict() == rec.recommend(user, 10).to_dict()
+    assert loaded.similar_items(7, 5) == rec.similar_items(7, 5)
+    torch.testing.assert_close(
+        loaded.item_embeddings, rec.item_embeddings, rtol=0, atol=0
+    )
+    with pytest.raises(ArtifactError, match="immutable"):
+        rec.save(tmp_path / "demo" / "2")
+
+
+def test_tampered_and_truncated_bundles_are_refused(
+    fitted: tuple[Recommender, object], tmp_path: Path
+) -> None:
+    rec, _ = fitted
+    bundle = rec.save(tmp_path / "b" / "1")
+    verify_bundle(bundle)
+    weights = bundle / "retrieval.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(
+        ArtifactError, match=r"retrieval\.safetensors.*tampered or truncated"
+    ):
+        load(bundle)
+    other = rec.save(tmp_path / "b" / "2")
+    tables = other / "tables.safetensors"
+    tables.write_bytes(tables.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=r"tables\.safetensors"):
+        load(other)
+    half = tmp_path / "b" / "3"
+    half.mkdir()
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
+        load(half)
+    assert latest_version(tmp_path / "b").name == "2"

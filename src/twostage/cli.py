@@ -227,7 +227,11 @@ def data_split(
     )
 
 
-train_app = typer.Typer(help="Train models.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Train both stages into a bundle (`twostage train --out models/x/1`), or "
+    "one stage (`twostage train retrieval`).",
+    invoke_without_command=True,
+)
 app.add_typer(train_app, name="train")
 
 
@@ -247,6 +251,143 @@ def _experiment_config(
                 f"data.{key}={','.join(value) if isinstance(value, list) else value}"
             )
     return apply_overrides(config, [*mapping, *overrides])
+
+
+@train_app.callback()
+def train_all(
+    ctx: typer.Context,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Bundle directory, e.g. models/movielens/1 (new version)."),
+    ] = None,
+    dataset: Annotated[
+        str, typer.Option(help="Built-in dataset name or path of your CSV/Parquet log.")
+    ] = "movielens-100k",
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="A JSON experiment config.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set train.epochs=5."),
+    ] = None,
+    ranking: Annotated[bool, typer.Option(help="Train the ranking stage too.")] = True,
+) -> None:
+    """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        raise typer.BadParameter("--out is required, e.g. --out models/movielens/1")
+    from twostage.experiment import fit_retrieval
+    from twostage.pipeline import Recommender
+
+    config = _experiment_config(dataset, config_file, overrides or [], {})
+    with _progress() as on_step:
+        run, split = fit_retrieval(config, on_step=on_step)
+    print_metrics(run.metrics, title=f"Retrieval on {config.data.dataset} (test split)")
+    ranker = _train_ranker(run, split) if ranking else None
+    bundle = Recommender(run, items=split.train.items, ranker=ranker).save(out)
+    console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
+
+
+def _train_ranker(run: Any, split: Any) -> Any:
+    try:
+        from twostage.ranking import RankingConfig, evaluate_ranking, fit_ranking
+    except ImportError:  # pragma: no cover - the ranking stage is optional here
+        console.print(
+            "[yellow]ranking stage not available; bundle has retrieval only[/yellow]"
+        )
+        return None
+    ranker = fit_ranking(run, split.train, config=RankingConfig())
+    report = evaluate_ranking(ranker, split.test)
+    console.print(
+        f"Ranking: RMSE {report['rmse']:.4f}, MAE {report['mae']:.4f}, AUC {report['auc']:.4f}"
+    )
+    return ranker
+
+
+def _open_bundle(path: Path) -> Any:
+    from twostage.artifacts import MANIFEST, latest_version
+    from twostage.pipeline import load
+
+    return load(path if (path / MANIFEST).exists() else latest_version(path))
+
+
+def _parse_id(value: str) -> Any:
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def _items_table(
+    title: str, items: list[dict[str, Any]], *, scores: bool = True
+) -> Table:
+    table = Table(title=title)
+    table.add_column("#", justify="right")
+    table.add_column("item_id")
+    table.add_column("title")
+    table.add_column("genres")
+    if scores:
+        table.add_column("score", justify="right")
+    for rank, item in enumerate(items, start=1):
+        genres = item.get("genres")
+        table.add_row(
+            str(rank),
+            str(item["item_id"]),
+            str(item.get("display_title") or item.get("title") or ""),
+            ", ".join(genres) if isinstance(genres, list) else str(genres or ""),
+            *([f"{item.get('rank_score', item['score']):.4f}"] if scores else []),
+        )
+    return table
+
+
+@app.command("recommend")
+def recommend_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle dir, or models/<name>/.")],
+    user: Annotated[
+        str | None, typer.Option(help="User ID (unknown: cold start).")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+    include_seen: Annotated[
+        bool, typer.Option("--include-seen", help="Keep items the user has seen.")
+    ] = False,
+    feature: Annotated[
+        list[str] | None,
+        typer.Option(help="Cold-start user feature, e.g. --feature age=30."),
+    ] = None,
+) -> None:
+    """Recommend items for a user, printed with titles next to their history."""
+    rec = _open_bundle(bundle)
+    features = dict(f.split("=", 1) for f in feature or [])
+    for key, value in features.items():
+        if value.lstrip("-").isdigit():
+            features[key] = int(value)  # type: ignore[assignment]
+    user_id = _parse_id(user) if user is not None else None
+    answer = rec.recommend(
+        user_id, k, user_features=features or None, exclude_seen=not include_seen
+    )
+    history = rec.history(user_id) if user_id is not None else []
+    if history:
+        console.print(
+            _items_table(
+                f"User {user_id} watched (latest {min(len(history), 10)})",
+                history[-10:][::-1],
+                scores=False,
+            )
+        )
+    console.print(
+        _items_table(f"Top {k} for user {user_id} ({answer.path})", answer.items)
+    )
+
+
+@app.command("similar")
+def similar_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle dir, or models/<name>/.")],
+    item: Annotated[str, typer.Option(help="Item ID.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+) -> None:
+    """Items most similar to one item (people who liked this also liked)."""
+    rec = _open_bundle(bundle)
+    console.print(
+        _items_table(f"Similar to item {item}", rec.similar_items(_parse_id(item), k))
+    )
 
 
 @train_app.command("retrieval")

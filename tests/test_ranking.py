@@ -1,0 +1,202 @@
+"""The ranking stage on small known answers and small synthetic data."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from twostage.config import ExperimentConfig, apply_overrides, from_dict
+from twostage.data.synthetic import generate
+from twostage.errors import ArtifactError, ConfigError, DataError
+from twostage.experiment import fit_retrieval, prepare_split
+from twostage.models.ranking import CrossLayer, CrossNetwork
+from twostage.ranking import (
+    RankingConfig,
+    auc,
+    evaluate_ranking,
+    fit_ranking,
+    load_ranking,
+    mae,
+    rmse,
+    save_ranking,
+)
+
+RETRIEVAL = [
+    "data.validation_fraction=0.1",
+    "train.epochs=3",
+    "train.batch_size=256",
+    "train.num_threads=1",
+    "retrieval.use_side_features=false",
+    "retrieval.embedding_dim=16",
+    "retrieval.output_dim=16",
+    "retrieval.history_length=20",
+]
+SMALL = RankingConfig(
+    embedding_dim=16,
+    hidden_dims=(64,),
+    dropout=0.1,
+    num_hard_negatives=1,
+    num_random_negatives=1,
+    hard_negative_pool=60,
+    num_candidates=100,
+    epochs=40,
+    batch_size=256,
+    learning_rate=0.01,
+    early_stopping_patience=3,
+)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A retrieval run and a ranker on 300 users x 120 items with planted clusters."""
+    torch.set_num_threads(1)  # `make test` runs two workers on two cores
+    dataset = generate(num_users=300, num_items=120, num_interactions=6000)
+    config = apply_overrides(ExperimentConfig(), RETRIEVAL)
+    run, _ = fit_retrieval(config, dataset=dataset, evaluate_test=False)
+    (fit, test), validation = prepare_split(dataset, config)
+    ranking = fit_ranking(run, fit, config=SMALL, validation=validation)
+    return run, ranking, fit, test
+
+
+def test_cross_layer_matches_a_hand_computed_example() -> None:
+    layer = CrossLayer(2)
+    with torch.no_grad():
+        layer.linear.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        layer.linear.bias.copy_(torch.tensor([0.5, -1.0]))
+    x0 = torch.tensor([[1.0, 2.0]])
+    # W x = [1*3 + 2*-1, 3*3 + 4*-1] = [1, 5]; + b = [1.5, 4]; * x0 = [1.5, 8]; + x
+    out = layer(x0, torch.tensor([[3.0, -1.0]]))
+    torch.testing.assert_close(out, torch.tensor([[4.5, 7.0]]))
+    network = CrossNetwork(2, 2)
+    network.layers[0].load_state_dict(layer.state_dict())
+    network.layers[1].load_state_dict(layer.state_dict())
+    # x1 = x0 * (W x0 + b) + x0 = [1, 2] * [5.5, 10] + [1, 2] = [6.5, 22]
+    # x2 = x0 * (W x1 + b) + x1 = [1, 2] * [51, 106.5] + [6.5, 22] = [57.5, 235]
+    torch.testing.assert_close(network(x0), torch.tensor([[57.5, 235.0]]))
+    torch.testing.assert_close(CrossNetwork(2, 0)(x0), x0)
+
+
+def test_rmse_mae_auc_match_naive_references() -> None:
+    rng = np.random.default_rng(0)
+    predicted, target = rng.normal(size=50), rng.normal(size=50)
+    naive_rmse = math.sqrt(
+        sum((p - t) ** 2 for p, t in zip(predicted, target, strict=True)) / 50
+    )
+    naive_mae = sum(abs(p - t) for p, t in zip(predicted, target, strict=True)) / 50
+    assert rmse(torch.tensor(predicted), torch.tensor(target)) == pytest.approx(
+        naive_rmse
+    )
+    assert mae(torch.tensor(predicted), torch.tensor(target)) == pytest.approx(
+        naive_mae
+    )
+    # Rounded scores make ties, which count one half.
+    pos, neg = rng.normal(0.5, 1, 40).round(1), rng.normal(0, 1, 60).round(1)
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg]
+    assert auc(torch.tensor(pos), torch.tensor(neg)) == pytest.approx(
+        sum(pairs) / len(pairs)
+    )
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0])) == 1.0
+    assert auc(torch.tensor([1.0]), torch.tensor([1.0, 1.0])) == 0.5
+    with pytest.raises(DataError, match="at least one positive"):
+        auc(torch.tensor([]), torch.tensor([1.0]))
+
+
+def test_config_is_strict() -> None:
+    with pytest.raises(ConfigError, match="unknown config key"):
+        RankingConfig.from_dict({"embeding_dim": 16})
+    with pytest.raises(ConfigError, match="epochs"):
+        from_dict(RankingConfig, {"epochs": "many"})
+    with pytest.raises(ConfigError, match="architecture"):
+        RankingConfig.from_dict({"architecture": "transformer"})
+    with pytest.raises(ConfigError, match="dropout"):
+        RankingConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="num_candidates"):
+        RankingConfig(num_candidates=0)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        apply_overrides(RankingConfig(), ["cross_layer=3"])
+    config = apply_overrides(RankingConfig(), ["hidden_dims=128,32", "blend_weight=1"])
+    assert config.hidden_dims == (128, 32) and config.blend_weight == 1.0
+    assert RankingConfig.from_dict(json.loads(json.dumps(config.__dict__))) == config
+
+
+def test_ranker_learns_the_planted_structure(trained) -> None:
+    _, ranking, fit, test = trained
+    result = evaluate_ranking(ranking, test)
+    ratings = test.interactions["rating"].to_numpy()
+    mean_rmse = float(
+        np.sqrt(((ratings - fit.interactions["rating"].mean()) ** 2).mean())
+    )
+    assert result["rmse"] < 0.85 * mean_rmse, (result["rmse"], mean_rmse)
+    assert result["mae"] < result["rmse"]
+    assert result["auc"] > 0.7
+    for name in ("retrieval_only", "two_stage"):
+        assert set(result[name]) == {"ndcg", "hit_rate"}
+        assert list(result[name]["ndcg"]) == ["1", "5", "10", "50", "100"]
+    # with 120 items every unseen item is a candidate: HitRate@100 is ~1 for both
+    assert result["two_stage"]["hit_rate"]["100"] > 0.95
+    assert [r["epoch"] for r in ranking.history] == list(range(len(ranking.history)))
+
+
+def test_score_is_vectorised_over_candidates(trained) -> None:
+    _, ranking, _, _ = trained
+    users = torch.tensor([1, 5, 0])
+    items = torch.tensor([[3, 4, 5, 6], [7, 1, 2, 3], [9, 9, 1, 2]])
+    grid = ranking.score(users, items)
+    assert grid["rating"].shape == grid["click"].shape == (3, 4)
+    for row in range(3):
+        for col in range(4):
+            one = ranking.score(
+                users[row : row + 1], items[row : row + 1, col : col + 1]
+            )
+            for head in ("rating", "click"):
+                torch.testing.assert_close(one[head][0, 0], grid[head][row, col])
+    low, high = ranking.rating_bounds
+    assert grid["rating"].min() >= low and grid["rating"].max() <= high
+    with pytest.raises(DataError, match="item_idx"):
+        ranking.score(users, items[0])
+
+
+def test_save_load_gives_identical_scores(trained, tmp_path: Path) -> None:
+    run, ranking, _, test = trained
+    save_ranking(ranking, tmp_path)
+    loaded = load_ranking(tmp_path, run)
+    users = torch.arange(1, 40)
+    items = torch.randint(1, 100, (39, 25), generator=torch.Generator().manual_seed(1))
+    before, after = ranking.score(users, items), loaded.score(users, items)
+    for head in ("rating", "click"):
+        assert torch.equal(before[head], after[head])
+    assert loaded.config == ranking.config
+    assert loaded.blend_weight == ranking.blend_weight
+    assert evaluate_ranking(loaded, test) == evaluate_ranking(ranking, test)
+
+
+def test_load_rejects_mismatched_weights(trained, tmp_path: Path) -> None:
+    run, ranking, _, _ = trained
+    save_ranking(ranking, tmp_path)
+    weights = load_file(tmp_path / "ranking.safetensors")
+    weights["unexpected.weight"] = weights.pop("click_head.weight")
+    save_file(weights, tmp_path / "ranking.safetensors")
+    with pytest.raises(ArtifactError, match="missing keys"):
+        load_ranking(tmp_path, run)
+    save_ranking(ranking, tmp_path)
+    config = json.loads((tmp_path / "ranking_config.json").read_text())
+    config["embedding_dim"] += 1
+    (tmp_path / "ranking_config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="cannot load"):
+        load_ranking(tmp_path, run)
+    with pytest.raises(ArtifactError, match="cannot load"):
+        load_ranking(tmp_path / "nowhere", run)
+
+
+def test_retrieval_only_lists_match_the_retrieval_evaluation(trained) -> None:
+    """The ranker's seen items and history are the retrieval run's: same lists."""
+    run, ranking, _, test = trained
+    ours = evaluate_ranking(ranking, test)["retrieval_only"]
+    theirs = run.evaluate(test).metrics["exclude_seen"]
+    for metric in ("ndcg", "hit_rate"):
+        for k in (1, 5, 10, 50, 100):
+            assert ours[metric][str(k)] == pytest.approx(theirs[metric][k]), (metric, k)

@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/data_load.py --json benchmarks/results/data_load.json
 	$(PY) benchmarks/retrieval_quality.py --json benchmarks/results/retrieval_quality.json
 	$(PY) benchmarks/retrieval_speed.py --json benchmarks/results/retrieval_speed.json
+	$(PY) benchmarks/ranking_quality.py --json benchmarks/results/ranking_quality.json
 
 # Re-pin every dependency from what is installed (run after changing pyproject.toml).
 lock: install

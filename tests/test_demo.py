@@ -8,17 +8,32 @@ from typer.testing import CliRunner
 
 from twostage.cli import app
 from twostage.errors import DatasetUnavailableError
+from twostage.pipeline import load
 
 
-def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--epochs", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["demo", "--epochs", "1", "--ranking-epochs", "1", "--out", str(out)]
+    )
     if isinstance(result.exception, DatasetUnavailableError):
         pytest.skip(f"MovieLens-100k unavailable here: {result.exception}")
     assert result.exit_code == 0, result.output
     assert "943" in result.output and "1,682" in result.output
+    assert "Star Wars" in result.output and "Return of the Jedi" in result.output
     comparison = json.loads((out / "comparison.json").read_text())
     assert {"twostage", "popularity", "ease", "itemknn"} <= set(comparison)
-    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     ours = comparison["twostage"]["metrics"]["exclude_seen"]["recall"]["100"]
     assert ours > comparison["popularity"]["metrics"]["exclude_seen"]["recall"]["100"]
+    report = out / "report"
+    for name in (
+        "report.md",
+        "report.html",
+        "loss.png",
+        "recall_ndcg.png",
+        "scores.png",
+    ):
+        assert (report / name).stat().st_size > 0, name
+    assert (report / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bundle = load(out / "models" / "movielens" / "1")
+    assert bundle.recommend(42, 10).path == "personalised"

@@ -34,6 +34,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "latest_version",
+    "next_version",
     "read_manifest",
     "verify_bundle",
     "write_bundle",
@@ -170,3 +171,14 @@ def latest_version(model_dir: str | Path) -> Path:
             "such as 1/, 2/ with a manifest.json."
         )
     return versions[-1][1]
+
+
+def next_version(model_dir: str | Path) -> Path:
+    """``models/<name>/<n+1>``: the directory for a new version after the highest one."""
+    root = Path(model_dir)
+    numbers = (
+        [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+        if root.is_dir()
+        else []
+    )
+    return root / str(max(numbers, default=0) + 1)

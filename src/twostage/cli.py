@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -289,7 +290,7 @@ def train_all(
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
 
 
-def _train_ranker(run: Any, split: Any) -> Any:
+def _train_ranker(run: Any, split: Any, *, epochs: int | None = None) -> Any:
     try:
         from twostage.ranking import RankingConfig, evaluate_ranking, fit_ranking
     except ImportError:  # pragma: no cover - the ranking stage is optional here
@@ -297,7 +298,13 @@ def _train_ranker(run: Any, split: Any) -> Any:
             "[yellow]ranking stage not available; bundle has retrieval only[/yellow]"
         )
         return None
-    ranker = fit_ranking(run, split.train, config=RankingConfig())
+    from twostage.config import apply_overrides
+
+    config = RankingConfig()
+    if epochs is not None:
+        config = apply_overrides(config, [f"epochs={epochs}"])
+    with console.status("training the ranking model"):
+        ranker = fit_ranking(run, split.train, config=config)
     report = evaluate_ranking(ranker, split.test)
     console.print(
         f"Ranking: RMSE {report['rmse']:.4f}, MAE {report['mae']:.4f}, AUC {report['auc']:.4f}"
@@ -533,30 +540,44 @@ def evaluate_command(
 
 @app.command("demo")
 def demo(
-    out: Annotated[Path, typer.Option(help="Where the demo writes its run.")] = Path(
-        "runs/demo"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Where the demo writes its outputs.")
+    ] = Path("runs/demo"),
     epochs: Annotated[
         int, typer.Option(help="Training epochs of the retrieval model.")
     ] = 10,
+    ranking: Annotated[bool, typer.Option(help="Train the ranking stage too.")] = True,
+    ranking_epochs: Annotated[
+        int | None, typer.Option(help="Cap on ranking epochs (default: its config).")
+    ] = None,
+    user: Annotated[
+        int, typer.Option(help="The user whose recommendations are shown.")
+    ] = 42,
 ) -> None:
-    """The main job on MovieLens-100k, offline: load, describe, split, train the
-    retrieval model, evaluate it beside the baselines, save the run."""
+    """The main job on MovieLens-100k, offline: load, train both stages, evaluate
+    against the baselines, save a bundle, recommend, and write a report."""
+    from twostage.artifacts import next_version
     from twostage.config import ExperimentConfig, apply_overrides
     from twostage.data.describe import describe
     from twostage.data.movielens import load_movielens
     from twostage.experiment import evaluate_baselines, fit_retrieval
+    from twostage.pipeline import Recommender
+    from twostage.report import write_report
 
+    started = time.perf_counter()
     console.rule("[bold]twostage demo: MovieLens-100k")
     data = load_movielens("100k")
     console.print(f"Loaded from: [cyan]{data.source}[/cyan]")
-    print_summary(describe(data))
+    summary = describe(data)
+    print_summary(summary)
     config = apply_overrides(
         ExperimentConfig(), ["data.dataset=movielens-100k", f"train.epochs={epochs}"]
     )
     console.rule("Retrieval: two towers with side features and history")
     with _progress() as on_step:
-        run, split = fit_retrieval(config, dataset=data, out_dir=out, on_step=on_step)
+        run, split = fit_retrieval(
+            config, dataset=data, out_dir=out / "retrieval", on_step=on_step
+        )
     console.print(
         f"Random 80/20 split (seed {config.data.seed}): "
         f"{split.train.num_interactions:,} train (incl. validation), "
@@ -564,15 +585,75 @@ def demo(
         f"trained {len(run.train_result.history)} epochs in "
         f"{run.train_result.seconds:.1f} s (best epoch {run.train_result.best_epoch + 1})."
     )
-    models = {"twostage": run.metrics}
-    models.update(
+    ranker = None
+    if ranking:
+        console.rule("Ranking")
+        ranker = _train_ranker(run, split, epochs=ranking_epochs)
+    console.rule("Evaluation against the baselines")
+    comparison = {"twostage": run.metrics}
+    comparison.update(
         {k: v.to_dict() for k, v in evaluate_baselines(run, split.test).items()}
     )
-    print_metrics({}, title="Test split: twostage vs baselines", models=models)
-    (out / "comparison.json").write_text(json.dumps(models, indent=2))
+    print_metrics({}, title="Test split: twostage vs baselines", models=comparison)
+    rec = Recommender(run, items=data.items, ranker=ranker)
+    bundle = rec.save(next_version(out / "models" / "movielens"))
+    console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
+    answer = rec.recommend(user, 10)
+    history = rec.history(user)
     console.print(
-        f"Run saved to [cyan]{out}[/cyan]; `twostage evaluate {out}` reloads it."
+        _items_table(
+            f"User {user} watched (latest 10)", history[-10:][::-1], scores=False
+        )
     )
+    console.print(
+        _items_table(f"Recommended for user {user} ({answer.path})", answer.items)
+    )
+    star_wars = data.items.filter(  # type: ignore[union-attr]
+        (pl.col("title") == "Star Wars") & (pl.col("year") == 1977)
+    )["item_id"][0]
+    similar = rec.similar_items(star_wars, 10)
+    console.print(_items_table("Most similar to Star Wars (1977)", similar))
+    files = write_report(
+        out / "report",
+        title="twostage demo: MovieLens-100k",
+        summary=summary,
+        history=run.train_result.history,
+        comparison=comparison,
+        scores=_score_samples(run, split.test),
+        sections={
+            f"User {user}: recently watched": history[-10:][::-1],
+            f"User {user}: recommended ({answer.path})": answer.items,
+            "Most similar to Star Wars (1977)": similar,
+        },
+    )
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    console.print(
+        f"Report: [cyan]{files[0].parent}[/cyan] ({', '.join(f.name for f in files)}); "
+        f"demo took {time.perf_counter() - started:.0f} s."
+    )
+
+
+def _score_samples(run: Any, test: Any) -> dict[str, Any]:
+    """Retrieval scores of test (user, item) pairs and of random (user, item) pairs."""
+    import numpy as np
+    import torch
+
+    from twostage.experiment import test_queries
+
+    queries = test_queries(run, test)
+    query_emb = run.query_embeddings(queries.user_ids, users=test.users)
+    items = run.item_embeddings()
+    rows = queries.relevant.row_ids()
+    cols = queries.relevant.indices
+    keep = cols > 0
+    positive = (query_emb[rows[keep]] * items[cols[keep]]).sum(1)
+    generator = torch.Generator().manual_seed(0)
+    random_items = torch.randint(1, items.shape[0], (len(rows),), generator=generator)
+    negative = (query_emb[rows] * items[random_items]).sum(1)
+    return {
+        "test interactions": np.asarray(positive),
+        "random items": np.asarray(negative),
+    }
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
 
     def fields(side: str) -> list[FieldInfo]:
         return [
-            FieldInfo(f.key, f.output, f.num_embeddings or 0, f.width)  # type: ignore[arg-type]
+            FieldInfo(f.key, f.output, f.num_embeddings or 0, f.width)
             for f in spec.describe(side=side)  # type: ignore[arg-type]
         ]
 
@@ -349,7 +350,11 @@ def evaluate_baselines(
         run.tensors.users.numpy(), run.tensors.items.numpy(), num_rows=num_users
     )
     user_idx = torch.from_numpy(queries.user_idx)
-    results = {}
+    results: dict[str, EvalResult] = {}
+
+    def scorer(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda rows: model.score(user_idx[rows])
+
     for name, cls in BASELINES.items():
         try:
             model = cls().fit(train, num_items=num_items)
@@ -357,7 +362,7 @@ def evaluate_baselines(
             logger.warning("skipping baseline %s: %s", name, e)
             continue
         results[name] = evaluate_scores(
-            lambda rows, model=model: model.score(user_idx[rows]),
+            scorer(model),
             num_items=num_items,
             queries=np.arange(len(user_idx)),
             relevant=queries.relevant,
@@ -425,9 +430,12 @@ def fit_retrieval(
     if validation is not None and validation.num_interactions:
         k = config.train.eval_k
 
-        def validate(_: RetrievalModel) -> float:
+        valid_users, valid_items = _pairs(spec, validation)
+
+        def validate(model: RetrievalModel) -> dict[str, float]:
             result = evaluate_run_embeddings(run, validation, ks=(k,))
-            return result.metrics["exclude_seen"]["recall"][k]
+            loss = validation_loss(model, tensors, valid_users, valid_items, config)
+            return {"metric": result.metrics["exclude_seen"]["recall"][k], "loss": loss}
 
     checkpoints = Path(out_dir) if out_dir is not None else None
     run.train_result = train_retrieval(
@@ -452,6 +460,50 @@ def fit_retrieval(
     if out_dir is not None:
         run.save(out_dir)
     return run, Split(train, test)
+
+
+def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known (user_idx, item_idx) pairs of a split; pairs with an unknown side dropped."""
+    users = spec.vocabulary(USER).transform(data.interactions[USER])
+    items = spec.vocabulary(ITEM).transform(data.interactions[ITEM])
+    known = (users > 0) & (items > 0)
+    return torch.from_numpy(users[known]), torch.from_numpy(items[known])
+
+
+def validation_loss(
+    model: RetrievalModel,
+    tensors: RetrievalTensors,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    config: ExperimentConfig,
+) -> float:
+    """The training loss (same batch size, logQ, no dropout) on held-out pairs."""
+    from twostage.losses import in_batch_softmax_loss
+    from twostage.train import query_features
+
+    if len(users) == 0:
+        return float("nan")
+    total, count = 0.0, 0
+    size = config.train.batch_size
+    probs = tensors.item_probs if config.retrieval.logq_correction else None
+    with torch.no_grad():
+        for start in range(0, len(users), size):
+            u, i = users[start : start + size], items[start : start + size]
+            queries = model.encode_queries(query_features(tensors, u))
+            candidates = model.encode_items(
+                {n: v[i] for n, v in tensors.item_features.items()}
+            )
+            loss = in_batch_softmax_loss(
+                queries,
+                candidates,
+                temperature=model.temperature,
+                candidate_ids=i,
+                candidate_probs=None if probs is None else probs[i],
+                correction_weight=config.retrieval.logq_weight,
+            )
+            total += float(loss) * len(u)
+            count += len(u)
+    return total / count
 
 
 def _set_threads(config: ExperimentConfig) -> None:

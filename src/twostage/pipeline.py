@@ -39,13 +39,15 @@ Path_ = Literal["personalised", "cold_start_features", "popularity"]
 
 
 class Ranker(Protocol):
-    """What the Recommender needs of a ranking stage."""
+    """What the Recommender needs of a ranking stage (see :mod:`twostage.ranking`)."""
 
-    def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        """``[B]`` users x ``[B, C]`` candidates -> ``[B, C]`` scores (higher first)."""
+    blend_weight: float
+
+    def score(
+        self, user_idx: torch.Tensor, item_idx: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``[B]`` users x ``[B, C]`` candidates -> ``{"rating", "click"}`` ``[B, C]``."""
         ...
-
-    def save(self, directory: Path) -> None: ...
 
 
 @dataclass
@@ -226,11 +228,19 @@ class Recommender:
         if self.ranker is None or path != "personalised":
             return self._answer(user_id, path, top_idx[:k], top_scores[:k], None)
         with torch.no_grad():
-            ranked = self.ranker.score(torch.tensor([user_idx]), top_idx[None, :])[0]
+            out = self.ranker.score(torch.tensor([user_idx]), top_idx[None, :])
+        # The order the ranking stage was tuned for: click logit plus a validated
+        # share of the retrieval logit.
+        logits = top_scores / float(self.run.model.temperature)
+        ranked = out["click"][0] + self.ranker.blend_weight * logits
         order = torch.argsort(ranked, descending=True, stable=True)[:k]
-        return self._answer(
+        answer = self._answer(
             user_id, path, top_idx[order], top_scores[order], ranked[order]
         )
+        ratings = out["rating"][0][order].tolist()
+        for entry, rating in zip(answer.items, ratings, strict=True):
+            entry["predicted_rating"] = rating
+        return answer
 
     def recommend_batch(
         self, user_ids: list[Any], k: int = 10, **options: Any
@@ -311,8 +321,9 @@ class Recommender:
                 )
                 metadata.write_parquet(temp / "items.parquet")
             if self.ranker is not None:
-                (temp / "ranking").mkdir()
-                self.ranker.save(temp / "ranking")
+                from twostage.ranking import save_ranking
+
+                save_ranking(self.ranker, temp / "ranking")  # type: ignore[arg-type]
             return {"kind": "recommender", "ranking": self.ranker is not None}
 
         return write_bundle(directory, write, overwrite=overwrite)

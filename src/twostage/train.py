@@ -171,7 +171,7 @@ class Optimizers:
             optimizer.step()
 
 
-def _sparse_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+def _sparse_parameters(model: torch.nn.Module) -> list[Tensor]:
     return [
         module.weight
         for module in model.modules()
@@ -185,19 +185,21 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> Optimizers:
     dense = [
         p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids
     ]
-    kwargs = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
+    lr, decay = config.learning_rate, config.weight_decay
     optimizers: list[torch.optim.Optimizer] = []
     if config.optimizer == "adam":
-        optimizers.append(torch.optim.Adam(dense, **kwargs))
+        optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=decay))
         if sparse:
             optimizers.append(torch.optim.SparseAdam(sparse, lr=config.learning_rate))
     elif config.optimizer == "adamw":
-        optimizers.append(torch.optim.AdamW(dense, **kwargs))
+        optimizers.append(torch.optim.AdamW(dense, lr=lr, weight_decay=decay))
         if sparse:
             optimizers.append(torch.optim.SparseAdam(sparse, lr=config.learning_rate))
     elif config.optimizer == "adagrad":
         # Adagrad takes sparse gradients itself (as in the TFRS tutorials).
-        optimizers.append(torch.optim.Adagrad(dense + sparse, **kwargs))
+        optimizers.append(
+            torch.optim.Adagrad(dense + sparse, lr=lr, weight_decay=decay)
+        )
     else:
         raise ConfigError(
             "`train.optimizer` should be one of adam, adamw, adagrad. "
@@ -224,7 +226,7 @@ def train_retrieval(
     tensors: RetrievalTensors,
     config: TrainConfig,
     *,
-    validate: Callable[[RetrievalModel], float] | None = None,
+    validate: Callable[[RetrievalModel], float | dict[str, float]] | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
@@ -237,6 +239,8 @@ def train_retrieval(
         tensors: the training tables.
         config: optimisation settings.
         validate: returns a metric to maximise (e.g. Recall@100 on a validation carve
+            out), or a dict whose ``"metric"`` entry is that metric and whose other
+            entries (e.g. ``"loss"``) are recorded as ``validation_<name>``;
             out); without it every epoch counts as the best.
         checkpoint_dir: where a checkpoint is written after every epoch.
         resume: continue from the checkpoint in ``checkpoint_dir``.
@@ -310,7 +314,18 @@ def train_retrieval(
         if validate is not None:
             with torch.no_grad():
                 model.cpu()  # evaluation runs beside the host tables
-                record["validation"] = float(validate(model))
+                outcome = validate(model)
+                if isinstance(outcome, dict):
+                    record["validation"] = float(outcome["metric"])
+                    record.update(
+                        {
+                            f"validation_{k}": float(v)
+                            for k, v in outcome.items()
+                            if k != "metric"
+                        }
+                    )
+                else:
+                    record["validation"] = float(outcome)
                 model.to(device)
         metric = record.get("validation", -record["train_loss"])
         if metric > result.best_metric:

@@ -44,7 +44,7 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
     if lowered == "synthetic" or lowered.startswith("synthetic:"):
         from twostage.data.synthetic import generate
 
-        return generate(**_parse_overrides(spec.partition(":")[2]))
+        return generate(None, **_parse_overrides(spec.partition(":")[2]))
     path = Path(spec).expanduser()
     if path.exists():
         from twostage.data.tables import read_interactions

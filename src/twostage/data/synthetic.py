@@ -140,7 +140,7 @@ def generate(
     """
     config = config or SyntheticConfig()
     if overrides:
-        config = SyntheticConfig(**{**config.__dict__, **overrides})  # type: ignore[arg-type]
+        config = SyntheticConfig(**{**config.__dict__, **overrides})
     rng = np.random.default_rng(config.seed)
     user_probs, item_cluster = _latent(config, rng)
     n, num_users, num_items = (

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import generate
-from twostage.experiment import _spec_for, build_model, build_tensors
+from twostage.experiment import spec_for, build_model, build_tensors
 from twostage.train import train_retrieval
 
 ID_ONLY = ["retrieval.use_side_features=false", "retrieval.history_length=0"]
@@ -49,7 +49,7 @@ def measure(
         ],
     )
     started = time.perf_counter()
-    spec = _spec_for(dataset, config).fit(dataset)
+    spec = spec_for(dataset, config).fit(dataset)
     tensors = build_tensors(spec, dataset, config.retrieval)
     prepare_s = time.perf_counter() - started
     model = build_model(spec, config.retrieval)

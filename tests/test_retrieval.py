@@ -16,6 +16,7 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError
 from twostage.experiment import (
+    spec_for,
     build_model,
     build_tensors,
     evaluate_baselines,
@@ -206,16 +207,27 @@ def test_id_only_model_has_no_side_fields() -> None:
     assert np.isfinite(run.train_result.history[-1]["train_loss"])
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
-def test_sparse_embeddings_train_and_resume(tmp_path: Path, optimizer: str) -> None:
+@pytest.mark.parametrize(
+    ("optimizer", "extra"),
+    [
+        ("adam", ()),
+        ("adagrad", ()),
+        # regression: an ID-only sparse model has no dense parameter for Adam
+        ("adam", ("retrieval.use_side_features=false", "retrieval.history_length=0")),
+    ],
+)
+def test_sparse_embeddings_train_and_resume(
+    tmp_path: Path, optimizer: str, extra: tuple[str, ...]
+) -> None:
     config = _config(
+        *extra,
         "retrieval.sparse_embeddings=true",
         f"train.optimizer={optimizer}",
         "train.epochs=2",
         "train.early_stopping_patience=0",
     )
     dataset = generate(num_users=100, num_items=60, num_interactions=2000)
-    spec = FeatureSpec.default_for(dataset).fit(dataset)
+    spec = spec_for(dataset, config).fit(dataset)
     tensors = build_tensors(spec, dataset, config.retrieval)
 
     def fresh() -> torch.nn.Module:

@@ -35,6 +35,7 @@ from twostage.train import ProgressFn, RetrievalTensors, TrainResult, train_retr
 __all__ = [
     "RetrievalRun",
     "build_model",
+    "spec_for",
     "build_tensors",
     "fit_retrieval",
     "hold_out_users",
@@ -199,7 +200,7 @@ def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
     )
 
 
-def _spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
+def spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
     retrieval = config.retrieval
     spec = FeatureSpec.default_for(
         dataset, use_side_features=retrieval.use_side_features
@@ -421,7 +422,7 @@ def fit_retrieval(
     if train.num_interactions == 0:
         raise DataError("the training split is empty: nothing to train on.")
     started = time.perf_counter()
-    spec = _spec_for(train, config).fit(train)
+    spec = spec_for(train, config).fit(train)
     tensors = build_tensors(spec, train, config.retrieval)
     torch.manual_seed(config.train.seed)  # the initial weights are part of the run
     model = build_model(spec, config.retrieval)

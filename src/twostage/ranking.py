@@ -75,11 +75,30 @@ Pairs = tuple[Tensor, Tensor, Tensor]  # [n] user_idx, [n] item_idx, [n] rating 
 class RankingConfig:
     """Shape of the ranker, its objectives and its optimisation (saved with it).
 
-    ``architecture="mlp"`` with ``use_history``, ``use_biases`` and
+    Attributes:
+        embedding_dim: width of every field vector.
+        architecture: ``dcn`` (cross network and MLP) or ``mlp`` (MLP only).
+        cross_layers: DCN-v2 cross layers; ``structure``: beside (``parallel``) or
+            before (``stacked``) the MLP of ``hidden_dims``, with ``dropout``.
+        use_history: pool the user's recent items (SVD++-like implicit feedback).
+        use_biases: global mean, user/item biases and the factorisation term.
+        use_retrieval_features: feed the retrieval score and both tower embeddings.
+        rating_weight: weight of the rating MSE; ``click_weight``: of the click BCE.
+        num_hard_negatives: click negatives per positive drawn from the user's
+            ``hard_negative_pool`` best unseen retrieval items; ``num_random_negatives``
+            drawn uniformly.
+        num_candidates: items retrieved per user before re-ranking.
+        blend_weight: weight of the retrieval logit in the re-ranking order; None picks
+            it on validation (set it when ``click_weight`` is 0: the click head is
+            then untrained).
+        early_stopping_patience: epochs without a better validation RMSE (click AUC
+            without ratings) before stopping; the best epoch's weights are kept.
+        validation_fraction: carved out of the training data when :func:`fit_ranking`
+            gets no ``validation``.
+
+    ``architecture="mlp"`` with ``use_history``, ``use_biases``,
     ``use_retrieval_features`` off and ``click_weight=0`` is the TFRS basic ranking
-    model. ``validation_fraction`` is carved out of the training data only when
-    :func:`fit_ranking` gets no ``validation``; early stopping watches validation RMSE
-    (click AUC without ratings).
+    model.
     """
 
     embedding_dim: int = 32
@@ -108,6 +127,11 @@ class RankingConfig:
 
     def __post_init__(self) -> None:
         rules = {
+            "architecture": (self.architecture in ("dcn", "mlp"), "dcn or mlp"),
+            "structure": (
+                self.structure in ("parallel", "stacked"),
+                "parallel/stacked",
+            ),
             "embedding_dim": (self.embedding_dim >= 1, "a positive integer"),
             "cross_layers": (self.cross_layers >= 0, "a non-negative integer"),
             "hidden_dims": (all(h >= 1 for h in self.hidden_dims), "positive widths"),
@@ -440,8 +464,9 @@ def fit_ranking(
         run: the trained retrieval run (features, vocabularies, candidate source).
         train: the ranker's training pairs (pairs with unknown IDs are skipped).
         config: the ranker's settings; ``RankingConfig()`` when None.
-        validation: held-out pairs for early stopping and the blend weight; carved out
-            of ``train`` (``config.validation_fraction``) when None.
+        validation: held-out pairs, disjoint from ``train``, for early stopping and the
+            blend weight; carved out of ``train`` (``config.validation_fraction``) when
+            None. Best: the retrieval run's own carve-out (module docstring).
         on_step: called after every step with ``{"epoch", "step", "loss", "examples"}``.
 
     Returns:

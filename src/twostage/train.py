@@ -187,12 +187,15 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> Optimizers:
     ]
     lr, decay = config.learning_rate, config.weight_decay
     optimizers: list[torch.optim.Optimizer] = []
+    # An ID-only model with sparse tables has no dense parameter at all.
     if config.optimizer == "adam":
-        optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=decay))
+        if dense:
+            optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=decay))
         if sparse:
             optimizers.append(torch.optim.SparseAdam(sparse, lr=config.learning_rate))
     elif config.optimizer == "adamw":
-        optimizers.append(torch.optim.AdamW(dense, lr=lr, weight_decay=decay))
+        if dense:
+            optimizers.append(torch.optim.AdamW(dense, lr=lr, weight_decay=decay))
         if sparse:
             optimizers.append(torch.optim.SparseAdam(sparse, lr=config.learning_rate))
     elif config.optimizer == "adagrad":

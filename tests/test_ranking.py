@@ -200,3 +200,21 @@ def test_retrieval_only_lists_match_the_retrieval_evaluation(trained) -> None:
     for metric in ("ndcg", "hit_rate"):
         for k in (1, 5, 10, 50, 100):
             assert ours[metric][str(k)] == pytest.approx(theirs[metric][k]), (metric, k)
+
+
+def test_side_features_are_embedded_per_field() -> None:
+    """Text (bag of indices), categorical and numeric fields all reach the ranker."""
+    torch.set_num_threads(1)
+    dataset = generate(num_users=80, num_items=40, num_interactions=1200)
+    overrides = [o for o in RETRIEVAL if "side_features" not in o]
+    config = apply_overrides(ExperimentConfig(), [*overrides, "train.epochs=1"])
+    run, _ = fit_retrieval(config, dataset=dataset, evaluate_test=False)
+    kinds = {f.output for f in run.spec.describe()}
+    assert kinds == {"index", "indices", "dense"}
+    (fit, _), validation = prepare_split(dataset, config)
+    small = RankingConfig(**{**SMALL.__dict__, "epochs": 2, "hard_negative_pool": 10})
+    ranking = fit_ranking(run, fit, config=small, validation=validation)
+    parts = ranking.model.query.num_parts + ranking.model.candidate.num_parts
+    assert parts == len(run.spec.describe()) + 1  # every field plus the history
+    scores = ranking.score(torch.tensor([1, 2]), torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert all(torch.isfinite(v).all() for v in scores.values())

@@ -16,13 +16,13 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError
 from twostage.experiment import (
-    spec_for,
     build_model,
     build_tensors,
     evaluate_baselines,
     fit_retrieval,
     load_run,
     prepare_split,
+    spec_for,
 )
 from twostage.features import FeatureSpec
 from twostage.train import train_retrieval

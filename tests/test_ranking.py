@@ -13,7 +13,8 @@ from twostage.config import ExperimentConfig, apply_overrides, from_dict
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError, DataError
 from twostage.experiment import fit_retrieval, prepare_split
-from twostage.models.ranking import CrossLayer, CrossNetwork
+from twostage.models.ranking import CrossLayer, CrossNetwork, RankingModel
+from twostage.models.towers import FieldInfo
 from twostage.ranking import (
     RankingConfig,
     auc,
@@ -78,6 +79,44 @@ def test_cross_layer_matches_a_hand_computed_example() -> None:
     # x2 = x0 * (W x1 + b) + x1 = [1, 2] * [51, 106.5] + [6.5, 22] = [57.5, 235]
     torch.testing.assert_close(network(x0), torch.tensor([[57.5, 235.0]]))
     torch.testing.assert_close(CrossNetwork(2, 0)(x0), x0)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "structure", "extra_dim"),
+    [("dcn", "parallel", 4), ("dcn", "stacked", 0), ("mlp", "parallel", 0)],
+)
+def test_model_variants_score_rows(architecture, structure, extra_dim) -> None:
+    torch.manual_seed(0)
+    model = RankingModel(
+        [FieldInfo("user_id", "index", 7)],
+        [FieldInfo("item_id", "index", 9), FieldInfo("price", "dense", width=1)],
+        user_field="user_id",
+        item_field="item_id",
+        num_users=7,
+        num_items=9,
+        embedding_dim=4,
+        architecture=architecture,
+        structure=structure,
+        hidden_dims=(8, 4),
+        use_biases=architecture == "dcn",
+        extra_dim=extra_dim,
+        rating_mean=3.5,
+    )
+    query = {"user_id": torch.tensor([1, 2, 3]), "history": torch.tensor([[0, 4]] * 3)}
+    candidate = {"item_id": torch.tensor([4, 5, 6]), "price": torch.rand(3)}
+    extras = {}
+    if extra_dim:
+        extras = {
+            "retrieval_score": torch.rand(3),
+            "query_embedding": torch.rand(3, extra_dim),
+            "candidate_embedding": torch.rand(3, extra_dim),
+        }
+    out = model(query, candidate, **extras)
+    assert out["rating"].shape == out["click"].shape == (3,)
+    assert len(model.cross.layers) == (2 if architecture == "dcn" else 0)
+    if extra_dim:
+        with pytest.raises(ConfigError, match="retrieval features"):
+            model(query, candidate)
 
 
 def test_rmse_mae_auc_match_naive_references() -> None:

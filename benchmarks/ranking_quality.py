@@ -8,6 +8,9 @@ of retrieval alone and of retrieve-then-re-rank, and the RMSE of the TFRS basic
 ranking model (a 256-64-1 MLP over the user and item ID embeddings) on the same split.
 
     python benchmarks/ranking_quality.py --json benchmarks/results/ranking_quality.json
+
+The figures do not depend on ``--threads``. On a 2-core machine that other jobs also
+load, ``--threads 1`` can be much faster than 2 (torch's threads wait on each other).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ SMALL = RankingConfig(
     batch_size=256,
     learning_rate=0.01,
     early_stopping_patience=3,
+    blend_weight=None,  # picked on validation
 )
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "fit_retrieval",
     "hold_out_users",
     "load_run",
+    "read_retrieval",
     "prepare_split",
 ]
 
@@ -512,32 +513,47 @@ def _set_threads(config: ExperimentConfig) -> None:
         torch.set_num_threads(config.train.num_threads)
 
 
-def load_run(directory: str | Path) -> RetrievalRun:
-    """Rebuild a saved run from its own config, spec and weights (no pickle)."""
-    path = Path(directory)
+def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
+    """Rebuild a retrieval run from ``config.json``, ``features.json``, the weights file
+    and ``tables.safetensors`` in ``path``, with strict weight-key checks.
+
+    Args:
+        path: the directory holding the files.
+        weights: file name of the two-tower weights.
+        hint: what ``path`` should be, for the error message.
+    """
     try:
         config = load_config(path / "config.json", ExperimentConfig)
         spec = FeatureSpec.load(path / "features.json")
         model = build_model(spec, config.retrieval)
-        state = load_file(path / "model.safetensors")
+        state = load_file(path / weights)
         tables = load_file(path / "tables.safetensors")
-        history = json.loads((path / "history.json").read_text())
     except (OSError, ValueError, SafetensorError) as e:
-        raise ArtifactError(
-            f"cannot load the run in {str(path)!r}: {e}. Is it the --out directory of "
-            "`twostage train retrieval`?"
-        ) from e
+        raise ArtifactError(f"cannot load {str(path)!r}: {e}. Is it {hint}?") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(
-            f"weights in {str(path / 'model.safetensors')!r} do not match the saved "
-            f"config: missing keys {missing}, unexpected keys {unexpected}."
+            f"weights in {str(path / weights)!r} do not match the saved config: "
+            f"missing keys {missing}, unexpected keys {unexpected}."
         )
     model.eval()
-    run = RetrievalRun(
+    return RetrievalRun(
         config=config, spec=spec, model=model, tensors=tensors_from_flat(tables)
     )
-    run.train_result.history = history
+
+
+def load_run(directory: str | Path) -> RetrievalRun:
+    """Rebuild a saved run from its own config, spec and weights (no pickle)."""
+    path = Path(directory)
+    run = read_retrieval(
+        path,
+        weights="model.safetensors",
+        hint="the --out directory of `twostage train retrieval`",
+    )
+    try:
+        run.train_result.history = json.loads((path / "history.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {str(path / 'history.json')!r}: {e}") from e
     metrics_path = path / "metrics.json"
     if metrics_path.exists():
         run.metrics = json.loads(metrics_path.read_text())

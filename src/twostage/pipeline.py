@@ -16,19 +16,13 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import polars as pl
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from twostage.artifacts import verify_bundle, write_bundle
-from twostage.config import ExperimentConfig, load_config, save_config
+from twostage.config import save_config
 from twostage.data.dataset import ITEM, USER
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
-from twostage.experiment import (
-    RetrievalRun,
-    build_model,
-    tensors_from_flat,
-    tensors_to_flat,
-)
-from twostage.features import FeatureSpec
+from twostage.experiment import RetrievalRun, read_retrieval, tensors_to_flat
 from twostage.models.towers import HISTORY
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
@@ -339,29 +333,14 @@ def load(directory: str | Path) -> Recommender:
     """Load a bundle saved by :meth:`Recommender.save`, verifying every checksum."""
     root = Path(directory)
     manifest = verify_bundle(root)
-    try:
-        config = load_config(root / "config.json", ExperimentConfig)
-        spec = FeatureSpec.load(root / "features.json")
-        model = build_model(spec, config.retrieval)
-        state = load_file(root / "retrieval.safetensors")
-        tables = load_file(root / "tables.safetensors")
-        items = (
-            pl.read_parquet(root / "items.parquet")
-            if (root / "items.parquet").exists()
-            else None
-        )
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot load the bundle {str(root)!r}: {e}") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ArtifactError(
-            f"retrieval weights in {str(root)!r} do not match its config: missing "
-            f"{missing}, unexpected {unexpected}."
-        )
-    model.eval()
-    run = RetrievalRun(
-        config=config, spec=spec, model=model, tensors=tensors_from_flat(tables)
+    run = read_retrieval(
+        root, weights="retrieval.safetensors", hint="a bundle saved by Recommender.save"
     )
+    items_path = root / "items.parquet"
+    try:
+        items = pl.read_parquet(items_path) if items_path.exists() else None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {str(items_path)!r}: {e}") from e
     ranker = None
     if manifest.get("ranking"):
         from twostage.ranking import load_ranking

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from twostage.cli_ops import index_app, serve_command
 from twostage.errors import TwostageError
 
 app = typer.Typer(
@@ -24,6 +25,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Fetch, inspect and split datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(index_app, name="index")
+app.command("serve")(serve_command)
 console = Console()
 
 DatasetArg = Annotated[

@@ -20,6 +20,7 @@ __all__ = [
     "DataConfig",
     "RetrievalConfig",
     "TrainConfig",
+    "IndexConfig",
     "ExperimentConfig",
     "from_dict",
     "to_dict",
@@ -107,12 +108,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """The nearest-neighbour index the Recommender retrieves with.
+
+    ``exact`` (chunked matrix product + top-k) is right for catalogues up to a few
+    hundred thousand items; ``hnsw`` and ``ivf`` are faiss backends for millions,
+    ``scann`` needs the optional ``scann`` package. Zero means "pick from the catalogue
+    size" for ``ivf_nlist`` and the measured default for the other numbers.
+    """
+
+    kind: Literal["exact", "hnsw", "ivf", "scann"] = "exact"
+    hnsw_m: int = 32
+    ef_construction: int = 0
+    ef_search: int = 0
+    ivf_nlist: int = 0
+    nprobe: int = 0
+    chunk_size: int = 65536
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Everything a training run needs; saved with the model."""
 
     data: DataConfig = field(default_factory=DataConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

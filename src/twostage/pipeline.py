@@ -85,6 +85,7 @@ class Recommender:
         self.user_vocab = run.spec.vocabulary(USER)
         self.item_vocab = run.spec.vocabulary(ITEM)
         self.item_embeddings = run.item_embeddings()  # [N, D]
+        self.index_kind = run.config.index.kind
         self.item_ids = pl.concat(
             [
                 pl.Series(ITEM, [None], dtype=self.item_vocab.values.dtype),

@@ -1,0 +1,404 @@
+"""The FastAPI application: an app factory, a lifespan that loads the models, thin routes.
+
+Nothing is loaded at import: :func:`create_app` builds the app, and its lifespan loads
+the newest valid version of every model and starts the version watcher. Handlers are
+plain ``def`` (CPU-bound inference runs in the thread pool); domain errors become HTTP
+errors only here, at the edge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+
+from twostage.errors import ArtifactError, ConfigError, UnknownIdError
+from twostage.serving.metrics import Metrics
+from twostage.serving.registry import LoadedModel, ModelRegistry, UnknownModelError
+from twostage.serving.schemas import (
+    ErrorResponse,
+    PredictRequest,
+    PredictResponse,
+    RecommendRequest,
+    RecommendResponse,
+    SimilarRequest,
+    SimilarResponse,
+)
+
+__all__ = ["ServeSettings", "app_from_env", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+SETTINGS_ENV = "TWOSTAGE_SERVE_SETTINGS"
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server runs.
+
+    Args:
+        models: directory of ``<name>/<version>/`` bundles (or one model's directory).
+        max_k: the largest ``k`` a request may ask for.
+        max_body_bytes: larger request bodies get 413.
+        api_key: when set, ``/v1/*`` and ``/metrics`` need header ``X-API-Key``.
+        poll_seconds: how often to look for new model versions (0: never).
+        torch_threads: torch CPU threads per process (1 suits many small requests).
+        candidates: how many retrieved items the ranking stage re-scores.
+    """
+
+    models: str
+    max_k: int = 100
+    max_body_bytes: int = 64 * 1024
+    api_key: str | None = None
+    poll_seconds: float = 5.0
+    torch_threads: int = 1
+    candidates: int = 300
+
+
+def _error(status: int, message: str, details: list[str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "details": details or []}, status)
+
+
+async def _send_error(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message, "details": []}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Edge:
+    """Pure ASGI middleware: metrics, the body-size limit and the API key, in that order."""
+
+    def __init__(self, app: Any, settings: ServeSettings, metrics: Metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe(
+                label, scope["method"], status, time.perf_counter() - started
+            )
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        key = self.settings.api_key
+        if key and (path.startswith("/v1/") or path == "/metrics"):
+            given = headers.get(b"x-api-key", b"").decode("latin-1")
+            if not secrets.compare_digest(given, key):
+                await _send_error(
+                    send, 401, "missing or wrong API key: send it in header X-API-Key."
+                )
+                return
+        limit = self.settings.max_body_bytes
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _send_error(
+                send,
+                413,
+                f"request body of {int(length)} bytes is over the limit of {limit} bytes.",
+            )
+            return
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body, more = b"", True
+            while more:  # chunked upload: read it, up to the limit
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > limit:
+                    await _send_error(
+                        send, 413, f"request body is over the limit of {limit} bytes."
+                    )
+                    return
+
+            async def replay() -> Message:
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            receive = replay
+        await self.app(scope, receive, send)
+
+
+def _check_k(k: int, limit: int) -> None:
+    if not 1 <= k <= limit:
+        raise ConfigError(f"`k` should be between 1 and {limit}. Received: `k` = {k}.")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str, list[str]]:
+    details = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        if error.get("type") == "json_invalid":
+            reason = error.get("ctx", {}).get("error", "invalid JSON")
+            return 400, f"malformed JSON in the request body: {reason}.", []
+        details.append(f"{where}: {error.get('msg')}")
+    return 422, "the request does not match the schema: " + "; ".join(details), details
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The HTTP app for the models under ``settings.models`` (loaded at startup)."""
+    registry = ModelRegistry(settings.models, poll_seconds=settings.poll_seconds)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(max(1, settings.torch_threads))
+        for event in registry.refresh():
+            logger.info("serving %s", event)
+        registry.start()
+        yield
+        registry.stop()
+
+    app = FastAPI(
+        title="twostage",
+        summary="Two-stage recommendations over HTTP.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    app.state.metrics = metrics
+    app.add_middleware(_Edge, settings=settings, metrics=metrics)
+
+    @app.exception_handler(RequestValidationError)
+    def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message, details = _validation_message(exc)
+        return _error(status, message, details)
+
+    @app.exception_handler(ConfigError)
+    def on_config(request: Request, exc: ConfigError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(UnknownIdError)
+    def on_unknown_id(request: Request, exc: UnknownIdError) -> JSONResponse:
+        return _error(404, str(exc).strip("'\""))
+
+    @app.exception_handler(UnknownModelError)
+    def on_unknown_model(request: Request, exc: UnknownModelError) -> JSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(ArtifactError)
+    def on_artifact(request: Request, exc: ArtifactError) -> JSONResponse:
+        return _error(503, str(exc))
+
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        413: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+    }
+
+    @app.post(
+        "/v1/recommend",
+        response_model=None,
+        responses={200: {"model": RecommendResponse}, **errors},
+        tags=["recommendations"],
+    )
+    def recommend(body: RecommendRequest) -> dict[str, Any]:
+        """Top-k items for a user; an unknown user gets the cold-start answer."""
+        _check_k(body.k, settings.max_k)
+        model = registry.get(body.model)
+        rec = model.recommender
+        answer = rec.recommend(
+            body.user_id,
+            body.k,
+            user_features=body.user_features,
+            exclude_seen=body.exclude_seen,
+            candidates=max(settings.candidates, body.k),
+            filters=body.filters,
+        )
+        out = {"model": model.name, "version": model.version, **answer.to_dict()}
+        if body.include_history:
+            out["history"] = (
+                rec.history(body.user_id) if body.user_id is not None else []
+            )
+        return out
+
+    @app.post(
+        "/v1/similar",
+        response_model=None,
+        responses={200: {"model": SimilarResponse}, **errors},
+        tags=["recommendations"],
+    )
+    def similar(body: SimilarRequest) -> dict[str, Any]:
+        """Items closest to one item in the candidate embedding space."""
+        _check_k(body.k, settings.max_k)
+        model = registry.get(body.model)
+        items = model.recommender.similar_items(body.item_id, body.k)
+        return {
+            "model": model.name,
+            "version": model.version,
+            "item_id": body.item_id,
+            "items": items,
+        }
+
+    @app.post(
+        "/v1/models/{name}:predict",
+        response_model=None,
+        responses={200: {"model": PredictResponse}, **errors},
+        tags=["tf-serving"],
+    )
+    def predict(name: str, body: PredictRequest) -> dict[str, Any]:
+        """TF Serving's REST ``:predict``: ``{"instances": ["42"]}`` -> scores and IDs."""
+        model = registry.get(name)
+        predictions = []
+        for instance in body.instances:
+            options = instance if isinstance(instance, dict) else {"user_id": instance}
+            request = RecommendRequest.model_validate(options)
+            _check_k(request.k, settings.max_k)
+            answer = model.recommender.recommend(
+                request.user_id,
+                request.k,
+                user_features=request.user_features,
+                exclude_seen=request.exclude_seen,
+                candidates=max(settings.candidates, request.k),
+                filters=request.filters,
+            )
+            predictions.append(
+                {
+                    "output_1": [item["score"] for item in answer.items],
+                    "output_2": [item["item_id"] for item in answer.items],
+                }
+            )
+        return {"predictions": predictions}
+
+    @app.get("/v1/models", tags=["models"])
+    def models() -> dict[str, Any]:
+        """Every model and the version it serves."""
+        return {
+            "models": [
+                {
+                    "name": name,
+                    "version": slot.current.version if slot.current else None,
+                }
+                for name, slot in sorted(registry.slots.items())
+            ]
+        }
+
+    @app.get("/v1/models/{name}", tags=["models"], responses=errors)
+    def model_status(name: str) -> dict[str, Any]:
+        """TF Serving's model status: every version seen, its state and any error."""
+        slot = registry.slots.get(name)
+        if slot is None:
+            raise UnknownModelError(
+                f"unknown model {name!r}; this server holds {sorted(registry.slots)}."
+            )
+        versions = sorted(slot.versions.values(), key=lambda s: -s.version)
+        return {"model_version_status": [s.to_dict() for s in versions]}
+
+    @app.get("/v1/models/{name}/metadata", tags=["models"], responses=errors)
+    def model_metadata(name: str) -> dict[str, Any]:
+        """What a client needs to build requests: user features, sample users, sizes."""
+        return _metadata(registry.get(name))
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> JSONResponse:
+        """200 when every model serves a version, 503 otherwise."""
+        serving = {
+            name: slot.current.version if slot.current else None
+            for name, slot in registry.slots.items()
+        }
+        ready = bool(serving) and all(v is not None for v in serving.values())
+        return JSONResponse(
+            {"status": "ok" if ready else "unavailable", "models": serving},
+            200 if ready else 503,
+        )
+
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        """Request counts, latency histograms, errors and model versions."""
+        versions = [
+            (
+                name,
+                slot.current.version if slot.current else None,
+                sum(s.state == "FAILED" for s in slot.versions.values()),
+            )
+            for name, slot in sorted(registry.slots.items())
+        ]
+        return PlainTextResponse(
+            metrics.render(versions), media_type="text/plain; version=0.0.4"
+        )
+
+    @app.get("/", include_in_schema=False)
+    def index_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _metadata(model: LoadedModel) -> dict[str, Any]:
+    rec = model.recommender
+    features = [
+        {"column": f.column, "kind": f.kind}
+        for f in rec.run.spec.describe(side="query")
+        if f.column != "user_id"
+    ]
+    users = rec.user_vocab.values
+    return {
+        "model": model.name,
+        "version": model.version,
+        "num_users": len(users),
+        "num_items": len(rec.item_vocab.values),
+        "user_features": features,
+        "sample_users": users.head(50).to_list(),
+        "has_ranker": rec.ranker is not None,
+        "index": rec.index_kind,
+    }
+
+
+def _version() -> str:
+    from twostage import __version__
+
+    return __version__
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory`` (several workers): settings from the env."""
+    raw = os.environ.get(SETTINGS_ENV)
+    if not raw:
+        raise ConfigError(
+            f"{SETTINGS_ENV} is not set; start the server with `twostage serve`."
+        )
+    return create_app(ServeSettings(**json.loads(raw)))
+
+
+def settings_to_env(settings: ServeSettings) -> str:
+    """The JSON that :func:`app_from_env` reads back."""
+    return json.dumps(asdict(settings))

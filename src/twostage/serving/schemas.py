@@ -1,0 +1,112 @@
+"""Request and response bodies of the HTTP API.
+
+Requests forbid unknown fields, so a typo (``"exclude_sen"``) is a 422 that names the
+field instead of a silently ignored option. Responses are documented here for the
+OpenAPI page; handlers return plain dicts of the same shape (no second validation pass
+on the hot path).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ErrorResponse",
+    "Item",
+    "PredictRequest",
+    "PredictResponse",
+    "RecommendRequest",
+    "RecommendResponse",
+    "SimilarRequest",
+    "SimilarResponse",
+]
+
+RawId = int | str
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(_Strict):
+    """Top-k items for one user: a known ``user_id``, or features for a new user."""
+
+    model: str | None = Field(
+        None, description="Model name; optional when the server holds one model."
+    )
+    user_id: RawId | None = Field(
+        None, description="Raw user ID. Unknown or absent: the cold-start answer."
+    )
+    user_features: dict[str, Any] | None = Field(
+        None, description='Raw features of a new user, e.g. {"age": 30}.'
+    )
+    k: int = Field(10, description="How many items (1 to the server's maximum).")
+    exclude_seen: bool = Field(True, description="Drop the user's training items.")
+    filters: dict[str, Any] | None = Field(
+        None,
+        description='Keep items whose metadata matches, e.g. {"genres": "Comedy"}.',
+    )
+    include_history: bool = Field(
+        False, description="Also return the user's training items."
+    )
+
+
+class SimilarRequest(_Strict):
+    """Items most similar to one item ("people who watched this also watched")."""
+
+    model: str | None = None
+    item_id: RawId
+    k: int = 10
+
+
+class PredictRequest(_Strict):
+    """TF Serving's REST request shape: one instance per user.
+
+    An instance is a user ID (``"42"``, as the TFRS tutorials send it) or an object
+    ``{"user_id": "42", "k": 5}``.
+    """
+
+    instances: list[RawId | dict[str, Any]]
+    signature_name: str | None = None
+
+
+class Item(BaseModel):
+    """One recommended item; metadata columns (title, genres...) are added as fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    item_id: RawId
+    score: float = Field(description="Retrieval score (dot product of embeddings).")
+    rank_score: float | None = Field(
+        None, description="Ranking-stage score, when the model has a ranking stage."
+    )
+    predicted_rating: float | None = None
+
+
+class RecommendResponse(BaseModel):
+    model: str
+    version: int
+    user_id: RawId | None
+    path: Literal["personalised", "cold_start_features", "popularity"]
+    items: list[Item]
+    history: list[Item] | None = None
+
+
+class SimilarResponse(BaseModel):
+    model: str
+    version: int
+    item_id: RawId
+    items: list[Item]
+
+
+class PredictResponse(BaseModel):
+    """``output_1``: scores, ``output_2``: item IDs, as the tutorials' exported index."""
+
+    predictions: list[dict[str, list[Any]]]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    details: list[str] = []

@@ -1,0 +1,236 @@
+"""The HTTP service: every route, every bad-request class, version swaps, API keys."""
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from twostage.pipeline import Recommender
+from twostage.serving import ServeSettings, create_app
+
+
+def client_for(models: Path, **options: object) -> TestClient:
+    settings = ServeSettings(models=str(models), poll_seconds=0, **options)  # type: ignore[arg-type]
+    return TestClient(create_app(settings))
+
+
+def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -> None:
+    with client_for(models_dir) as client:
+        assert client.get("/healthz").json() == {
+            "status": "ok",
+            "models": {"synthetic": 1},
+        }
+        assert client.get("/v1/models").json()["models"] == [
+            {"name": "synthetic", "version": 1}
+        ]
+        status = client.get("/v1/models/synthetic").json()["model_version_status"]
+        assert status[0]["version"] == "1" and status[0]["state"] == "AVAILABLE"
+        meta = client.get("/v1/models/synthetic/metadata").json()
+        assert meta["num_items"] == 80 and meta["sample_users"]
+        assert {f["column"] for f in meta["user_features"]} >= {"age"}
+
+        answer = client.post(
+            "/v1/recommend", json={"user_id": 3, "k": 5, "include_history": True}
+        ).json()
+        expected = small_recommender.recommend(3, 5).to_dict()
+        assert answer["path"] == "personalised" and answer["version"] == 1
+        assert answer["items"] == expected["items"]
+        assert answer["history"] == small_recommender.history(3)
+        # IDs arrive as strings from TF Serving clients; they mean the same user.
+        assert (
+            client.post("/v1/recommend", json={"user_id": "3", "k": 5}).json()["items"]
+            == expected["items"]
+        )
+
+        cold = client.post("/v1/recommend", json={"user_id": "nobody", "k": 4}).json()
+        assert cold["path"] == "popularity" and len(cold["items"]) == 4
+        new = client.post(
+            "/v1/recommend", json={"user_features": {"age": 30}, "k": 4}
+        ).json()
+        assert new["path"] == "cold_start_features"
+
+        similar = client.post("/v1/similar", json={"item_id": 7, "k": 3}).json()
+        assert similar["items"] == small_recommender.similar_items(7, 3)
+
+        predicted = client.post(
+            "/v1/models/synthetic:predict",
+            json={"instances": ["3", {"user_id": 4, "k": 2}]},
+        ).json()["predictions"]
+        assert (
+            predicted[0]["output_2"]
+            == [i["item_id"] for i in expected["items"]][:5]
+            + [i["item_id"] for i in small_recommender.recommend(3, 10).items][5:]
+        )
+        assert len(predicted[1]["output_1"]) == 2
+
+        metrics = client.get("/metrics").text
+        assert (
+            'twostage_requests_total{route="/v1/recommend",method="POST",status="200"} 4'
+            in metrics
+        )
+        assert 'twostage_model_version{model="synthetic"} 1' in metrics
+        assert client.get("/docs").status_code == 200
+        assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
+        assert "<title>twostage</title>" in client.get("/").text
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "message"),
+    [
+        ("/v1/recommend", b'{"user_id": 3, "k": ', 400, "malformed JSON"),
+        ("/v1/recommend", {"user_id": 3, "exclude_sen": False}, 422, "exclude_sen"),
+        ("/v1/recommend", {"user_id": 3, "k": "ten"}, 422, "body.k"),
+        (
+            "/v1/recommend",
+            {"user_id": 3, "k": 0},
+            400,
+            "`k` should be between 1 and 50",
+        ),
+        ("/v1/recommend", {"user_id": 3, "k": 51}, 400, "Received: `k` = 51"),
+        ("/v1/recommend", {"user_features": {"shoe_size": 44}}, 400, "shoe_size"),
+        ("/v1/recommend", {"model": "nope"}, 404, "unknown model 'nope'"),
+        ("/v1/similar", {"item_id": 10_000}, 404, "not in the catalogue"),
+        ("/v1/similar", {"item_id": 7, "k": 500}, 400, "`k`"),
+        ("/v1/models/nope:predict", {"instances": ["3"]}, 404, "unknown model"),
+        ("/v1/models/synthetic:predict", {"instances": [{"k": 0}]}, 400, "`k`"),
+        ("/v1/recommend", {"user_id": "x" * 3000}, 413, "over the limit of 2000"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(
+    models_dir: Path, route: str, body: object, status: int, message: str
+) -> None:
+    with client_for(models_dir, max_k=50, max_body_bytes=2000) as client:
+        if isinstance(body, bytes):
+            response = client.post(
+                route, content=body, headers={"content-type": "application/json"}
+            )
+        else:
+            response = client.post(route, json=body)
+        assert response.status_code == status, response.text
+        assert message in response.json()["error"]
+        metrics = client.get("/metrics").text
+        assert f'status="{status}"' in metrics
+
+
+def test_chunked_body_over_the_limit_is_413(models_dir: Path) -> None:
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"user_id": "'
+        yield b"x" * 5000
+        yield b'"}'
+
+    with client_for(models_dir, max_body_bytes=2000) as client:
+        response = client.post(
+            "/v1/recommend",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 413
+
+
+def test_api_key_is_checked_when_set(models_dir: Path) -> None:
+    with client_for(models_dir, api_key="s3cret") as client:
+        assert client.get("/healthz").status_code == 200  # probes need no key
+        denied = client.post("/v1/recommend", json={"user_id": 3})
+        assert denied.status_code == 401 and "X-API-Key" in denied.json()["error"]
+        assert client.get("/metrics").status_code == 401
+        wrong = client.post(
+            "/v1/recommend", json={"user_id": 3}, headers={"X-API-Key": "guess"}
+        )
+        assert wrong.status_code == 401
+        ok = client.post(
+            "/v1/recommend", json={"user_id": 3}, headers={"X-API-Key": "s3cret"}
+        )
+        assert ok.status_code == 200
+
+
+def test_new_version_swaps_in_without_failed_requests(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    with client_for(models_dir) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        results: list[tuple[int, int]] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                response = client.post("/v1/recommend", json={"user_id": 3, "k": 5})
+                version = response.json().get("version", -1)
+                results.append((response.status_code, version))
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        small_recommender.save(models_dir / "synthetic" / "2")
+        assert registry.refresh() == ["synthetic: version 2"]
+        while sum(v == 2 for _, v in results) < 20:
+            pass
+        stop.set()
+        for thread in threads:
+            thread.join()
+        assert {code for code, _ in results} == {200}
+        assert {v for _, v in results} == {1, 2}
+        states = {
+            s["version"]: s["state"]
+            for s in client.get("/v1/models/synthetic").json()["model_version_status"]
+        }
+        assert states == {"2": "AVAILABLE", "1": "END"}
+
+
+def test_corrupt_or_half_written_version_is_refused_and_reported(
+    models_dir: Path, small_recommender: Recommender, caplog: pytest.LogCaptureFixture
+) -> None:
+    with client_for(models_dir) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        corrupt = small_recommender.save(models_dir / "synthetic" / "2")
+        weights = corrupt / "retrieval.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-10])  # truncated
+        half = small_recommender.save(models_dir / "synthetic" / "3")
+        (half / "tables.safetensors").unlink()  # a copy that stopped half-way
+        (models_dir / "synthetic" / "4").mkdir()  # no manifest yet: not a version
+
+        assert registry.refresh() == []
+        assert "refused" in caplog.text
+        answer = client.post("/v1/recommend", json={"user_id": 3}).json()
+        assert answer["version"] == 1
+        status = {
+            s["version"]: s
+            for s in client.get("/v1/models/synthetic").json()["model_version_status"]
+        }
+        assert status["1"]["state"] == "AVAILABLE"
+        assert status["2"]["state"] == "FAILED"
+        assert "retrieval.safetensors" in status["2"]["status"]["error_message"]
+        assert status["3"]["state"] == "FAILED"
+        assert "incomplete" in status["3"]["status"]["error_message"]
+        assert "4" not in status
+        assert (
+            'twostage_model_versions_failed{model="synthetic"} 2'
+            in client.get("/metrics").text
+        )
+        # Refused versions are not retried until they are rewritten.
+        assert registry.refresh() == []
+        weights.unlink()
+        (models_dir / "synthetic" / "2" / "manifest.json").unlink()
+        small_recommender.save(models_dir / "synthetic" / "5")
+        assert registry.refresh() == ["synthetic: version 5"]
+
+
+def test_model_without_any_valid_version_is_unavailable(
+    models_dir: Path,
+) -> None:
+    bundle = models_dir / "synthetic" / "1"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["config.json"] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with client_for(models_dir) as client:
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        response = client.post("/v1/recommend", json={"user_id": 3})
+        assert response.status_code == 503
+        assert "no loadable version" in response.json()["error"]
+
+
+def test_a_single_bundle_directory_is_refused_with_a_hint(models_dir: Path) -> None:
+    with pytest.raises(ValueError, match="serve the directory above"):
+        create_app(ServeSettings(models=str(models_dir / "synthetic" / "1")))

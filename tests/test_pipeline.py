@@ -1,14 +1,16 @@
 """The Recommender and its saved bundle."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from twostage.artifacts import latest_version, verify_bundle
-from twostage.config import ExperimentConfig, apply_overrides
+from twostage.config import ExperimentConfig, IndexConfig, apply_overrides
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.experiment import fit_retrieval
+from twostage.index import make_index
 from twostage.pipeline import Recommender, load
 
 CONFIG = [
@@ -114,3 +116,39 @@ def test_tampered_and_truncated_bundles_are_refused(
     with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         load(half)
     assert latest_version(tmp_path / "b").name == "2"
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_serves_and_round_trips(
+    fitted: tuple[Recommender, object], tmp_path: Path, kind: str
+) -> None:
+    exact, _ = fitted
+    config = dataclasses.replace(
+        exact.run.config, index=IndexConfig(kind=kind, nprobe=64)
+    )
+    run = dataclasses.replace(exact.run, config=config)
+    rec = Recommender(run)
+    assert rec.index_kind == kind and not rec.index.is_exact
+    for user in (1, 2, 50):
+        got = [i["item_id"] for i in rec.recommend(user, 10).items]
+        want = [i["item_id"] for i in exact.recommend(user, 10).items]
+        # 80 items: the approximate search visits them all and agrees with exact.
+        assert got == want
+        seen = set(
+            run.spec.vocabulary("item_id")
+            .inverse_transform(rec._seen[rec.user_vocab.lookup(user)])
+            .to_list()
+        )
+        assert len(got) == 10 and not set(got) & seen
+    rec.save(tmp_path / "m" / "1")
+    loaded = load(tmp_path / "m" / "1")
+    assert loaded.index_kind == kind
+    assert loaded.recommend(3, 10).to_dict() == rec.recommend(3, 10).to_dict()
+    assert loaded.similar_items(7, 5) == rec.similar_items(7, 5)
+
+
+def test_index_of_another_model_is_refused(fitted: tuple[Recommender, object]) -> None:
+    rec, _ = fitted
+    other = make_index(IndexConfig()).build(torch.randn(5, 16), torch.arange(1, 6))
+    with pytest.raises(ArtifactError, match="Rebuild the index"):
+        Recommender(rec.run, index=other)

@@ -13,6 +13,7 @@ Layout (``models/<name>/<version>/``, as TF Serving expects)::
     retrieval.safetensors    two-tower weights
     tables.safetensors       feature rows, history, training pairs, item shares
     items.parquet            item metadata for display (title, genres, ...), if any
+    index/...                the nearest-neighbour index (index.json + its data)
     ranking/...              the ranking stage, if any
 """
 

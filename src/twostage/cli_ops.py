@@ -6,8 +6,9 @@ Registered on the main app by :mod:`twostage.cli`.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -51,6 +52,10 @@ def serve_command(
     torch_threads: Annotated[
         int, typer.Option(help="torch CPU threads per worker.")
     ] = 1,
+    candidates: Annotated[
+        int,
+        typer.Option(help="Retrieved items the ranking stage re-scores per request."),
+    ] = 300,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); docs at /docs, UI at /."""
@@ -66,6 +71,7 @@ def serve_command(
         api_key=api_key,
         poll_seconds=poll_seconds,
         torch_threads=torch_threads,
+        candidates=candidates,
     )
     ModelRegistry(models)  # a wrong path fails here, before uvicorn starts
     os.environ[SETTINGS_ENV] = settings_to_env(settings)
@@ -79,3 +85,93 @@ def serve_command(
         log_level=log_level,
         access_log=False,
     )
+
+
+def _open(bundle: Path) -> tuple[Path, Any]:
+    from twostage.artifacts import MANIFEST, latest_version
+    from twostage.pipeline import load
+
+    path = bundle if (bundle / MANIFEST).exists() else latest_version(bundle)
+    return path, load(path)
+
+
+@index_app.command("build")
+def index_build(
+    bundle: Annotated[
+        Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
+    ],
+    kind: Annotated[
+        str, typer.Option(help="exact, hnsw, ivf or scann (optional extra).")
+    ] = "hnsw",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Index setting, e.g. --set ef_search=128 (fields of IndexConfig).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to save (default: the next version of the model)."),
+    ] = None,
+) -> None:
+    """Rebuild a bundle's index and save the result as a new version."""
+    from twostage.artifacts import next_version
+    from twostage.config import apply_overrides
+
+    source, rec = _open(bundle)
+    config = apply_overrides(rec.run.config.index, [f"kind={kind}", *(set_ or [])])
+    started = time.perf_counter()
+    with console.status(f"building the {kind} index over {rec.index.size:,} items"):
+        rebuilt = rec.with_index(config)
+    seconds = time.perf_counter() - started
+    target = out or next_version(source.parent)
+    rebuilt.save(target)
+    console.print(f"built a {kind} index in {seconds:.1f} s; saved {target}")
+
+
+@index_app.command("bench")
+def index_bench(
+    bundle: Annotated[
+        Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
+    ],
+    kinds: Annotated[
+        str, typer.Option(help="Comma-separated backends to compare with exact.")
+    ] = "exact,hnsw,ivf",
+    k: Annotated[int, typer.Option("-k", help="List length for recall@k.")] = 100,
+    num_queries: Annotated[
+        int, typer.Option(help="Known users used as queries.")
+    ] = 1000,
+) -> None:
+    """Recall@k against exact search, latency and throughput of each backend."""
+    import torch
+    from rich.table import Table
+
+    from twostage.config import IndexConfig
+    from twostage.index import make_index
+    from twostage.index.measure import measure_search
+
+    _, rec = _open(bundle)
+    torch.set_num_threads(1)
+    num_items = rec.item_embeddings.shape[0]
+    items, ids = rec.item_embeddings[1:], torch.arange(1, num_items)
+    queries = rec._known_queries()[1:][:num_queries].contiguous()
+    width = min(k, num_items - 1)
+    truth = make_index(IndexConfig()).build(items, ids).search(queries, width)[1]
+    table = Table(title=f"{len(queries)} queries, {num_items - 1:,} items, k={width}")
+    for column in ("backend", "build s", f"recall@{width}", "p50 ms", "p99 ms", "q/s"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for kind in kinds.split(","):
+        started = time.perf_counter()
+        index = make_index(IndexConfig(kind=kind)).build(items, ids)  # type: ignore[arg-type]
+        built = time.perf_counter() - started
+        row = measure_search(index, queries, truth)
+        table.add_row(
+            kind,
+            f"{built:.2f}",
+            f"{row['recall_at_k']:.4f}",
+            f"{row['p50_ms']:.3f}",
+            f"{row['p99_ms']:.3f}",
+            f"{row['batched_qps']:,.0f}",
+        )
+    console.print(table)

@@ -7,6 +7,8 @@ metadata and an optional ranking stage.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -19,10 +21,11 @@ import torch
 from safetensors.torch import save_file
 
 from twostage.artifacts import verify_bundle, write_bundle
-from twostage.config import save_config
+from twostage.config import IndexConfig, save_config
 from twostage.data.dataset import ITEM, USER
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.experiment import RetrievalRun, read_retrieval, tensors_to_flat
+from twostage.index import Index, load_index, make_index
 from twostage.models.towers import HISTORY
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
@@ -71,6 +74,8 @@ class Recommender:
         items: item metadata keyed by ``item_id`` (title, genres...) for display and
             filters; optional.
         ranker: a ranking stage scoring (user, candidate) pairs; optional.
+        index: the nearest-neighbour index over the candidate embeddings (ids are
+            item indices); built from ``run.config.index`` when not given.
     """
 
     def __init__(
@@ -79,13 +84,28 @@ class Recommender:
         *,
         items: pl.DataFrame | None = None,
         ranker: Ranker | None = None,
+        index: Index | None = None,
     ) -> None:
         self.run = run
         self.ranker = ranker
         self.user_vocab = run.spec.vocabulary(USER)
         self.item_vocab = run.spec.vocabulary(ITEM)
         self.item_embeddings = run.item_embeddings()  # [N, D]
-        self.index_kind = run.config.index.kind
+        self.dim = int(self.item_embeddings.shape[1])
+        if index is None:
+            # Row 0 is the OOV item: never a candidate, so never indexed.
+            num_items = self.item_embeddings.shape[0]
+            index = make_index(run.config.index).build(
+                self.item_embeddings[1:], torch.arange(1, num_items)
+            )
+        if index.size != self.item_embeddings.shape[0] - 1 or index.dim != self.dim:
+            raise ArtifactError(
+                f"the {index.kind} index holds {index.size} vectors of width "
+                f"{index.dim}; this model has {self.item_embeddings.shape[0] - 1} "
+                f"items of width {self.dim}. Rebuild the index for this model."
+            )
+        self.index = index
+        self.index_kind = index.kind
         self.item_ids = pl.concat(
             [
                 pl.Series(ITEM, [None], dtype=self.item_vocab.values.dtype),
@@ -205,21 +225,30 @@ class Recommender:
         _check_k("k", k)
         _check_k("candidates", candidates)
         query, user_idx, path = self._query(user_id, user_features)
-        excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
-        excluded[0] = True
-        if exclude_seen and user_idx > 0:
-            excluded[torch.from_numpy(self._seen[user_idx])] = True
+        seen = self._seen[user_idx] if exclude_seen and user_idx > 0 else None
         mask = self._filter_mask(filters)
-        if mask is not None:
-            excluded |= ~mask
+        if query is None or mask is not None:
+            excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
+            excluded[0] = True
+            if seen is not None:
+                excluded[torch.from_numpy(seen)] = True
+            if mask is not None:
+                excluded |= ~mask
         if query is None:
             order = self._popular[~excluded[self._popular]][:k]
             scores = self.run.tensors.item_probs[order]
             return self._answer(user_id, path, order, scores, None)
-        scores = self.item_embeddings @ query  # (N, D) @ (D,) -> (N,)
-        scores = scores.masked_fill(excluded, -torch.inf)
-        width = min(max(candidates, k), int((~excluded).sum()))
-        top_scores, top_idx = torch.topk(scores, width)
+        width = max(candidates, k)
+        if mask is None:
+            top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
+            found = top_idx[0] >= 0  # rows run short only when the catalogue does
+            top_scores, top_idx = top_scores[0][found], top_idx[0][found]
+        else:
+            # A metadata filter restricts the catalogue: exact search over what passes.
+            scores = self.item_embeddings @ query  # (N, D) @ (D,) -> (N,)
+            scores = scores.masked_fill(excluded, -torch.inf)
+            width = min(width, int((~excluded).sum()))
+            top_scores, top_idx = torch.topk(scores, width)
         if self.ranker is None or path != "personalised":
             return self._answer(user_id, path, top_idx[:k], top_scores[:k], None)
         with torch.no_grad():
@@ -256,12 +285,10 @@ class Recommender:
                 f"`item_id` {item_id!r} is not in the catalogue of this model "
                 f"({self.item_vocab.size - 1} items)."
             )
-        scores = self.item_embeddings @ self.item_embeddings[item_idx]
-        scores[0] = -torch.inf
-        scores[item_idx] = -torch.inf
-        top_scores, top_idx = torch.topk(
-            scores, min(k, self.item_embeddings.shape[0] - 2)
-        )
+        query = self.item_embeddings[item_idx][None]
+        top_scores, top_idx = self.index.search(query, k, exclude=[[item_idx]])
+        found = top_idx[0] >= 0
+        top_scores, top_idx = top_scores[0][found], top_idx[0][found]
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items
 
     def history(self, user_id: Any) -> list[dict[str, Any]]:
@@ -299,6 +326,23 @@ class Recommender:
             items.append(entry)
         return Recommendation(user_id=user_id, path=path, items=items)
 
+    def with_index(self, config: IndexConfig) -> Recommender:
+        """A copy that retrieves with a new index built from ``config``.
+
+        Everything else (model, encoders, metadata, ranker) is shared; the copy's
+        saved config records the new index settings.
+        """
+        num_items = self.item_embeddings.shape[0]
+        index = make_index(config).build(
+            self.item_embeddings[1:], torch.arange(1, num_items)
+        )
+        other = copy.copy(self)
+        other.run = dataclasses.replace(
+            self.run, config=dataclasses.replace(self.run.config, index=config)
+        )
+        other.index, other.index_kind = index, index.kind
+        return other
+
     # -- persistence -------------------------------------------------------------
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write a versioned bundle (see :mod:`twostage.artifacts`)."""
@@ -315,6 +359,7 @@ class Recommender:
                     self.item_ids[1:].alias(ITEM)
                 )
                 metadata.write_parquet(temp / "items.parquet")
+            self.index.save(temp / "index")
             if self.ranker is not None:
                 from twostage.ranking import save_ranking
 
@@ -347,4 +392,5 @@ def load(directory: str | Path) -> Recommender:
         from twostage.ranking import load_ranking
 
         ranker = load_ranking(root / "ranking", run)
-    return Recommender(run, items=items, ranker=ranker)
+    index = load_index(root / "index") if (root / "index").is_dir() else None
+    return Recommender(run, items=items, ranker=ranker, index=index)

@@ -1,0 +1,269 @@
+"""Closed-loop load on `twostage serve`: throughput, latency, errors, and a version swap.
+
+Two scenarios, each served by a real `twostage serve` subprocess on loopback and loaded
+from a separate process (benchmarks/_load_client.py, raw HTTP/1.1 keep-alive):
+
+- ``movielens-100k``: the two-stage bundle (retrieval + ranking, exact index);
+- ``synthetic-1m``: a 1,000,000-item ID-only bundle with an HNSW index.
+
+Each scenario runs a bounded load of ``POST /v1/recommend`` (a fixed number of requests
+and a time cap), then a second phase that publishes a new model version mid-load and
+counts the errors around the swap. Usage:
+
+    python benchmarks/serve_load.py --json benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --scenarios movielens-100k --requests 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import console, machine, print_table, write_json
+from _load_client import run_load
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.experiment import fit_retrieval
+from twostage.pipeline import Recommender, load
+
+MOVIELENS = [
+    "data.dataset=movielens-100k",
+    "train.epochs=3",
+    "train.early_stopping_patience=0",
+]
+SYNTHETIC = [
+    "data.dataset=synthetic:num_users=20000,num_items=1000000,num_interactions=2000000",
+    "data.validation_fraction=0",
+    "retrieval.use_side_features=false",
+    "retrieval.history_length=20",
+    "retrieval.sparse_embeddings=true",
+    "train.epochs=1",
+    "train.max_steps=300",
+    "train.batch_size=1024",
+    "train.early_stopping_patience=0",
+    "index.kind=hnsw",
+]
+
+
+def build_bundle(name: str, root: Path, *, ranking_epochs: int) -> Path:
+    """Train the scenario's model and save it as ``root/<name>/1``."""
+    overrides = MOVIELENS if name == "movielens-100k" else SYNTHETIC
+    config = apply_overrides(ExperimentConfig(), overrides)
+    started = time.perf_counter()
+    run, split = fit_retrieval(config, evaluate_test=False)
+    ranker = None
+    if name == "movielens-100k" and ranking_epochs > 0:
+        from twostage.ranking import RankingConfig, fit_ranking
+
+        ranking_config = apply_overrides(RankingConfig(), [f"epochs={ranking_epochs}"])
+        ranker = fit_ranking(run, split.train, config=ranking_config)
+    rec = Recommender(run, items=split.train.items, ranker=ranker)
+    path = rec.save(root / name / "1")
+    console.print(f"built {path} in {time.perf_counter() - started:.0f} s")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(
+    root: Path, port: int, workers: int, candidates: int
+) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "twostage",
+        "serve",
+        str(root),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--poll-seconds",
+        "0.5",
+        "--max-k",
+        "100",
+        "--candidates",
+        str(candidates),
+        "--log-level",
+        "warning",
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with code {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise SystemExit("the server did not become healthy within 600 s")
+
+
+def drive(
+    port: int,
+    bodies: list[bytes],
+    args: argparse.Namespace,
+    requests: int,
+    on_start: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    client = context.Process(
+        target=run_load,
+        args=(
+            "127.0.0.1",
+            port,
+            "/v1/recommend",
+            bodies,
+            args.concurrency,
+            requests,
+            args.time_cap,
+            results,
+        ),
+    )
+    client.start()
+    if results.get() != "started":
+        raise SystemExit("the load client did not start")
+    if on_start is not None:
+        on_start()
+    outcome = results.get()
+    client.join()
+    return outcome
+
+
+def summarise(outcome: dict[str, Any]) -> dict[str, Any]:
+    latencies = np.asarray(outcome["latencies"]) * 1000
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / outcome["seconds"],
+        "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else None,
+        "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
+        "errors": len(outcome["errors"]),
+        "error_samples": outcome["errors"][:5],
+        "versions": {str(k): v for k, v in sorted(outcome["versions"].items())},
+    }
+
+
+def publish(model_dir: Path, source: Path, version: int) -> None:
+    """Copy a bundle to a hidden temp dir, then rename it into place (atomic)."""
+    temp = model_dir / f".publish-{version}"
+    shutil.copytree(source, temp)
+    os.rename(temp, model_dir / str(version))
+
+
+def scenario(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    given = getattr(args, name.replace("-", "_") + "_bundle")
+    model_dir = root / name
+    if given:
+        model_dir.mkdir(parents=True)
+        shutil.copytree(given, model_dir / "1")
+        bundle = model_dir / "1"
+    else:
+        bundle = build_bundle(name, root, ranking_epochs=args.ranking_epochs)
+    users = load(bundle).user_vocab.values.to_list()
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(users), size=min(5000, args.requests), replace=True)
+    bodies = [json.dumps({"user_id": users[int(i)], "k": 10}).encode() for i in picks]
+    port = free_port()
+    server = start_server(model_dir, port, args.workers, args.candidates)
+    try:
+        drive(port, bodies, args, min(500, args.requests))  # warm-up
+        steady = summarise(drive(port, bodies, args, args.requests))
+        # Phase 2: publish version 2 while the load runs; count failures around it.
+        timer = threading.Timer(args.swap_after, publish, (model_dir, bundle, 2))
+        swap = summarise(drive(port, bodies, args, args.requests, timer.start))
+        timer.join()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return {
+        **{k: steady[k] for k in ("rps", "p50_ms", "p99_ms", "errors", "requests")},
+        "swap_errors": swap["errors"],
+        "swap_versions_seen": swap["versions"],
+        "swap_rps": swap["rps"],
+        "swap_p99_ms": swap["p99_ms"],
+        "error_samples": steady["error_samples"] + swap["error_samples"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument(
+        "--scenarios", default="movielens-100k,synthetic-1m", help="comma-separated"
+    )
+    parser.add_argument("--requests", type=int, default=10_000, help="per phase")
+    parser.add_argument("--time-cap", type=float, default=60.0, help="s per phase")
+    parser.add_argument("--concurrency", type=int, default=8, help="connections")
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
+    parser.add_argument(
+        "--swap-after", type=float, default=2.0, help="s into phase 2 to publish v2"
+    )
+    parser.add_argument("--ranking-epochs", type=int, default=3)
+    parser.add_argument(
+        "--candidates", type=int, default=300, help="re-ranked per request"
+    )
+    parser.add_argument(
+        "--movielens-100k-bundle", help="use this bundle, not a new one"
+    )
+    parser.add_argument("--synthetic-1m-bundle", help="use this bundle, not a new one")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="twostage-serve-load-") as temp:
+        for name in args.scenarios.split(","):
+            results[name] = scenario(name, args, Path(temp))
+    rows = [
+        [
+            name,
+            r["rps"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["errors"],
+            r["swap_errors"],
+            ", ".join(f"v{k}: {v}" for k, v in r["swap_versions_seen"].items()),
+        ]
+        for name, r in results.items()
+    ]
+    print_table(
+        f"serve load: {args.concurrency} connections, {args.workers} worker(s), "
+        f"{args.requests} requests per phase",
+        ["scenario", "req/s", "p50 ms", "p99 ms", "errors", "swap errors", "swap"],
+        rows,
+    )
+    payload = {
+        **results,
+        "config": {
+            k: v for k, v in vars(args).items() if k != "json" and v is not None
+        },
+        "machine": machine(),
+    }
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

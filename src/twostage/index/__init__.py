@@ -1,0 +1,82 @@
+"""Nearest-neighbour indexes behind one contract (see :class:`Index`).
+
+``exact`` is the oracle (chunked matrix product, any torch device); ``hnsw`` and ``ivf``
+are faiss; ``scann`` needs the optional ScaNN package. All score by inner product and
+return ``(scores, ids)`` like ``torch.topk``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twostage.config import IndexConfig
+from twostage.errors import ArtifactError, ConfigError
+from twostage.index.base import META_FILE, ApproximateIndex, Index
+from twostage.index.exact import ExactIndex
+from twostage.index.faiss import HNSWIndex, IVFIndex
+from twostage.index.scann import ScannIndex
+
+__all__ = [
+    "KINDS",
+    "ApproximateIndex",
+    "ExactIndex",
+    "HNSWIndex",
+    "IVFIndex",
+    "Index",
+    "ScannIndex",
+    "load_index",
+    "make_index",
+]
+
+_CLASSES: dict[str, type[Index]] = {
+    "exact": ExactIndex,
+    "hnsw": HNSWIndex,
+    "ivf": IVFIndex,
+    "scann": ScannIndex,
+}
+KINDS = tuple(_CLASSES)
+
+
+def make_index(config: IndexConfig) -> Index:
+    """An empty index of ``config.kind``; zeros in ``config`` pick the defaults.
+
+    ScaNN reads ``ivf_nlist`` as its number of leaves and ``nprobe`` as the leaves
+    searched per query.
+    """
+    if config.kind == "exact":
+        return ExactIndex(chunk_size=config.chunk_size, device=config.device)
+    if config.kind == "hnsw":
+        return HNSWIndex(
+            m=config.hnsw_m,
+            ef_construction=config.ef_construction,
+            ef_search=config.ef_search,
+        )
+    if config.kind == "ivf":
+        return IVFIndex(nlist=config.ivf_nlist, nprobe=config.nprobe)
+    if config.kind == "scann":
+        return ScannIndex(num_leaves=config.ivf_nlist, leaves_to_search=config.nprobe)
+    raise ConfigError(
+        f"`kind` should be one of {list(KINDS)}. Received: `kind` = {config.kind!r}."
+    )
+
+
+def load_index(directory: str | Path) -> Index:
+    """The index saved by ``Index.save(directory)``, of whichever kind it was."""
+    path = Path(directory) / META_FILE
+    try:
+        meta: dict[str, Any] = json.loads(path.read_text())
+        kind = meta["kind"]
+        if kind not in _CLASSES:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {list(KINDS)}")
+        if not isinstance(meta["params"], dict) or not all(
+            isinstance(meta[key], int) for key in ("size", "dim")
+        ):
+            raise ValueError("`params` should be a mapping, `size` and `dim` integers")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(
+            f"cannot read index metadata {str(path)!r}: {e}. Is "
+            f"{str(directory)!r} a directory written by `Index.save`?"
+        ) from e
+    return _CLASSES[kind]._load(Path(directory), meta)

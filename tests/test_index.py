@@ -1,0 +1,234 @@
+"""The index contract, run against every backend; the exact index is the oracle."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from twostage.config import IndexConfig
+from twostage.errors import ArtifactError, ConfigError, DataError, NotFittedError
+from twostage.index import (
+    KINDS,
+    ExactIndex,
+    HNSWIndex,
+    Index,
+    IVFIndex,
+    ScannIndex,
+    load_index,
+    make_index,
+)
+
+NUM_ITEMS, DIM, NUM_QUERIES, K = 3000, 32, 40, 10
+HAS_SCANN = importlib.util.find_spec("scann") is not None
+
+
+def _clustered(
+    num: int, centres: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    pick = torch.randint(len(centres), (num,), generator=generator)
+    noise = 0.25 * torch.randn(num, centres.shape[1], generator=generator)
+    return torch.nn.functional.normalize(centres[pick] + noise, dim=1)
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, torch.Tensor]:
+    """3,000 clustered items under shuffled, non-contiguous ids, and 40 queries."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(
+        torch.randn(30, DIM, generator=generator), dim=1
+    )
+    items = _clustered(NUM_ITEMS, centres, generator)
+    queries = _clustered(NUM_QUERIES, centres, generator)
+    ids = torch.randperm(10 * NUM_ITEMS, generator=generator)[:NUM_ITEMS] + 1
+    return {"items": items, "ids": ids, "queries": queries}
+
+
+def _backend(kind: str) -> Index:
+    if kind == "scann":
+        pytest.importorskip("scann")
+        return ScannIndex()
+    if kind == "exact":  # several chunks, so running top-k lists get merged
+        return ExactIndex(chunk_size=1000)
+    return make_index(IndexConfig(kind=kind))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def index(request: pytest.FixtureRequest, data: dict[str, torch.Tensor]) -> Index:
+    return _backend(request.param).build(data["items"], data["ids"])
+
+
+def _reference(
+    data: dict[str, torch.Tensor], k: int, exclude: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force: every score, excluded items set to -inf, torch.topk."""
+    scores = data["queries"] @ data["items"].T
+    for row, excluded in enumerate(exclude or []):
+        scores[row, torch.isin(data["ids"], excluded)] = -torch.inf
+    top, positions = scores.topk(k, dim=1)
+    return top, data["ids"][positions]
+
+
+def _recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    hits = [
+        len(np.intersect1d(a[a >= 0], b[b >= 0]))
+        for a, b in zip(found, truth, strict=True)
+    ]
+    return sum(hits) / int((truth >= 0).sum())
+
+
+def test_matches_the_exact_oracle(index: Index, data: dict[str, torch.Tensor]) -> None:
+    scores, ids = index.search(data["queries"], K)
+    ref_scores, ref_ids = _reference(data, K)
+    assert scores.shape == ids.shape == (NUM_QUERIES, K)
+    assert scores.dtype == torch.float32 and ids.dtype == torch.int64
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())  # best first
+    if index.is_exact:
+        assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+    else:
+        assert _recall(ids, ref_ids) >= 0.9
+    assert index.size == NUM_ITEMS and index.dim == DIM
+
+
+def test_exclusion_never_loses_results(
+    index: Index, data: dict[str, torch.Tensor]
+) -> None:
+    _, top = _reference(data, 60)
+    exclude: list[torch.Tensor | None] = [
+        top[row, : 5 + row] for row in range(NUM_QUERIES)
+    ]
+    best = int(top[0, 0])
+    exclude[0] = torch.tensor([-5, 10**9, best, best])  # unknown ids and a repeat
+    exclude[1] = None
+    exclude[2] = top[2].numpy()  # 60 excluded, more than k
+    scores, ids = index.search(data["queries"], K, exclude=exclude)
+    assert bool((ids >= 0).all()) and bool(torch.isfinite(scores).all())
+    for row, excluded in enumerate(exclude):
+        if excluded is not None:
+            assert not set(ids[row].tolist()) & set(torch.as_tensor(excluded).tolist())
+    as_tensors = [torch.as_tensor(e if e is not None else []).long() for e in exclude]
+    ref_scores, ref_ids = _reference(data, K, as_tensors)
+    if index.is_exact:
+        assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+    else:
+        assert _recall(ids, ref_ids) >= 0.9
+
+
+def test_pads_when_almost_everything_is_excluded(
+    index: Index, data: dict[str, torch.Tensor]
+) -> None:
+    queries = data["queries"][:3]
+    remaining = data["ids"][[7, 1500, 2999, 42]]
+    allowed = data["ids"][~torch.isin(data["ids"], remaining)]
+    scores, ids = index.search(queries, K, exclude=[allowed, allowed[:-2], None])
+    assert sorted(ids[0, :4].tolist()) == sorted(remaining.tolist())
+    assert ids[0, 4:].eq(-1).all() and scores[0, 4:].eq(-torch.inf).all()
+    assert set(ids[1, :6].tolist()) == {*remaining.tolist(), *allowed[-2:].tolist()}
+    assert ids[1, 6:].eq(-1).all() and (ids[2] >= 0).all()
+    # k beyond the catalogue: every item once, then padding.
+    scores, ids = index.search(queries[:1], NUM_ITEMS + 5)
+    assert sorted(ids[0, :NUM_ITEMS].tolist()) == sorted(data["ids"].tolist())
+    assert ids[0, NUM_ITEMS:].eq(-1).all()
+    assert scores[0, NUM_ITEMS:].eq(-torch.inf).all()
+
+
+def test_save_load_gives_identical_results(
+    index: Index, data: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    index.save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    assert meta["kind"] == index.kind
+    assert (meta["size"], meta["dim"]) == (NUM_ITEMS, DIM)
+    loaded = load_index(tmp_path)
+    assert type(loaded) is type(index) and loaded.params() == index.params()
+    exclude = [data["ids"][row : row + 20] for row in range(NUM_QUERIES)]
+    for before, after in zip(
+        index.search(data["queries"], K, exclude=exclude),
+        loaded.search(data["queries"], K, exclude=exclude),
+        strict=True,
+    ):
+        assert torch.equal(before, after)
+    data_file = next(p for p in sorted(tmp_path.iterdir()) if p.suffix != ".json")
+    data_file.write_bytes(b"not an index")
+    with pytest.raises(ArtifactError, match=data_file.name):
+        load_index(tmp_path)
+    (tmp_path / "index.json").unlink()
+    with pytest.raises(ArtifactError, match=r"index\.json"):
+        load_index(tmp_path)
+
+
+def test_clear_errors(index: Index, data: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(
+        ConfigError, match=r"`k` should be a positive integer\. Received: `k` = 0\."
+    ):
+        index.search(data["queries"], 0)
+    with pytest.raises(ConfigError, match="`k`"):
+        index.search(data["queries"], 2.5)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=f"should have {DIM} columns"):
+        index.search(torch.randn(2, DIM + 1), K)
+    with pytest.raises(DataError, match="2-D"):
+        index.search(data["queries"][0], K)
+    with pytest.raises(DataError, match="one entry per query"):
+        index.search(data["queries"], K, exclude=[None])
+    with pytest.raises(DataError, match="integer ids"):
+        index.search(data["queries"][:1], K, exclude=[torch.tensor([1.5])])
+    empty = type(index)()
+    with pytest.raises(NotFittedError, match="build"):
+        empty.search(data["queries"], K)
+    with pytest.raises(DataError, match="distinct"):
+        empty.build(data["items"][:2], torch.tensor([3, 3]))
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "scann" or HAS_SCANN])
+def test_make_index_builds_the_configured_class(kind: str) -> None:
+    expected = {
+        "exact": ExactIndex,
+        "hnsw": HNSWIndex,
+        "ivf": IVFIndex,
+        "scann": ScannIndex,
+    }
+    config = IndexConfig(kind=kind, hnsw_m=16, ef_search=0, nprobe=4, chunk_size=512)  # type: ignore[arg-type]
+    index = make_index(config)
+    assert type(index) is expected[kind] and index.kind == kind
+    params = {"exact": {"chunk_size": 512}, "hnsw": {"m": 16, "ef_search": 128}}
+    params |= {"ivf": {"nprobe": 4}, "scann": {"leaves_to_search": 4}}
+    assert params[kind].items() <= index.params().items()
+    with pytest.raises(ConfigError, match="`nprobe`"):
+        IVFIndex(nprobe=-1)
+
+
+@pytest.mark.skipif(HAS_SCANN, reason="scann is installed")
+def test_scann_absent_is_a_config_error_with_the_install_hint() -> None:
+    with pytest.raises(ConfigError, match=r"pip install 'twostage\[scann\]'"):
+        make_index(IndexConfig(kind="scann"))
+
+
+@pytest.mark.parametrize(
+    "narrow", [lambda: IVFIndex(nprobe=1), lambda: HNSWIndex(m=4, ef_search=1)]
+)
+def test_a_narrow_search_widens_until_rows_are_full(
+    narrow: Callable[[], Index],
+    data: dict[str, torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    index = narrow().build(data["items"], data["ids"])
+    calls: list[tuple[int, int]] = []
+    raw_search = index._raw_search
+
+    def counted(queries: np.ndarray, fetch: int, attempt: int):  # type: ignore[no-untyped-def]
+        calls.append((fetch, attempt))
+        return raw_search(queries, fetch, attempt)
+
+    monkeypatch.setattr(index, "_raw_search", counted)
+    k = 400  # more than one IVF list holds (about 40 items each)
+    _, ids = index.search(data["queries"], k)
+    assert bool((ids >= 0).all())
+    assert all(len(set(row.tolist())) == k for row in ids)
+    assert _recall(ids, _reference(data, k)[1]) >= 0.9
+    if isinstance(index, IVFIndex):
+        assert len(calls) > 1  # the first, one-list search was short

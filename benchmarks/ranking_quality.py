@@ -6,11 +6,15 @@ validation carve-out for early stopping and for picking the two-stage blend. Rep
 the rating head's RMSE/MAE and the click head's AUC on the test pairs, the list quality
 of retrieval alone and of retrieve-then-re-rank, and the RMSE of the TFRS basic
 ranking model (a 256-64-1 MLP over the user and item ID embeddings) on the same split.
+Last, it saves the two-stage Recommender as a bundle, loads it back, and times
+``recommend(user_id, k=10)`` for one user at a time (300 candidates re-ranked) on one
+torch thread: warm-up, then ``--latency-calls`` calls over random known users.
 
     python benchmarks/ranking_quality.py --json benchmarks/results/ranking_quality.json
 
-The figures do not depend on ``--threads``. On a 2-core machine that other jobs also
-load, ``--threads 1`` can be much faster than 2 (torch's threads wait on each other).
+The quality figures do not depend on ``--threads``. On a 2-core machine that other jobs
+also load, ``--threads 1`` can be much faster than 2 (torch's threads wait on each
+other); the latency tail (p99) grows with that load too.
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import console, machine, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.registry import load_dataset
-from twostage.experiment import fit_retrieval, prepare_split
-from twostage.ranking import RankingConfig, evaluate_ranking, fit_ranking
+from twostage.experiment import RetrievalRun, fit_retrieval, prepare_split
+from twostage.pipeline import Recommender, load
+from twostage.ranking import RankingConfig, RankingRun, evaluate_ranking, fit_ranking
 
 KS = ("1", "5", "10", "50", "100")
 RETRIEVAL = [
@@ -64,6 +71,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="KEY=VALUE",
         help="override a RankingConfig field, e.g. --set epochs=5 (repeatable)",
     )
+    parser.add_argument(
+        "--latency-calls",
+        type=int,
+        default=1000,
+        help="timed recommend() calls, one random known user each",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -84,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baseline = fit_ranking(run, fit, config=BASELINE, validation=validation)
     baseline_rmse = evaluate_ranking(baseline, test)["rmse"]
     baseline_seconds = time.perf_counter() - baseline_started
+    latency = _latency(run, ranking, dataset.items, calls=args.latency_calls)
+    torch.set_num_threads(args.threads)
 
     payload = {
         "dataset": "movielens-100k",
@@ -96,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "blend_weight": result["blend_weight"],
         "num_candidates": result["num_candidates"],
         "baseline_mlp_rmse": baseline_rmse,
+        **latency,
         "train_seconds": train_seconds,
         "retrieval_seconds": retrieval_seconds,
         "ranking_seconds": ranking.train_seconds,
@@ -108,6 +124,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _report(payload)
     write_json(args.json, payload)
     return payload
+
+
+def _latency(
+    run: RetrievalRun, ranking: RankingRun, items: Any, *, calls: int
+) -> dict[str, Any]:
+    """Milliseconds per ``recommend(user_id, k=10)`` of the saved, reloaded bundle.
+
+    One torch thread (a server worker's setting); 200 warm-up calls fill the caches
+    (query embeddings, the ranker's item rows); then ``calls`` seeded random known
+    users. The same for the bundle without its ranker, for scale.
+    """
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        Recommender(run, items=items, ranker=ranking).save(Path(tmp) / "1")
+        rec = load(Path(tmp) / "1")
+    users = rec.user_vocab.values.to_list()
+    picks = np.random.default_rng(0).integers(0, len(users), calls + 200)
+
+    def timed(recommender: Recommender) -> np.ndarray:
+        times = []
+        for n, pick in enumerate(picks):
+            start = time.perf_counter()
+            recommender.recommend(users[pick], 10)
+            if n >= 200:  # the first 200 calls are the warm-up
+                times.append(time.perf_counter() - start)
+        return np.asarray(times) * 1000
+
+    two_stage = timed(rec)
+    retrieval = timed(Recommender(rec.run, items=items))
+    return {
+        "latency_ms_p50": float(np.percentile(two_stage, 50)),
+        "latency_ms_p99": float(np.percentile(two_stage, 99)),
+        "latency_ms_p50_retrieval_only": float(np.percentile(retrieval, 50)),
+        "latency_ms_p99_retrieval_only": float(np.percentile(retrieval, 99)),
+        "latency_calls": calls,
+        "latency_candidates": 300,
+        "latency_threads": 1,
+    }
 
 
 def _report(payload: dict[str, Any]) -> None:
@@ -130,6 +184,23 @@ def _report(payload: dict[str, Any]) -> None:
         f"weight {payload['blend_weight']})",
         ["metric", "retrieval only", "two stage", "change"],
         rows,
+    )
+    print_table(
+        f"recommend(user_id, k=10) on the reloaded bundle, {payload['latency_calls']} "
+        "calls, 1 thread",
+        ["stages", "p50 ms", "p99 ms"],
+        [
+            [
+                "retrieve 300, re-rank",
+                payload["latency_ms_p50"],
+                payload["latency_ms_p99"],
+            ],
+            [
+                "retrieval only",
+                payload["latency_ms_p50_retrieval_only"],
+                payload["latency_ms_p99_retrieval_only"],
+            ],
+        ],
     )
     console.print(
         f"trained in {payload['train_seconds']:.1f} s (retrieval "

@@ -1,10 +1,14 @@
 import json
+import re
 from pathlib import Path
 
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from twostage.cli import app
+from twostage.data.synthetic import generate
+from twostage.errors import ArtifactError, DataError
 
 runner = CliRunner()
 
@@ -89,3 +93,73 @@ def test_unknown_dataset_is_a_clear_error() -> None:
     result = runner.invoke(app, ["data", "describe", "no-such-dataset.csv"])
     assert result.exit_code != 0
     assert "no such file" in str(result.exception)
+
+
+SYNTHETIC = "synthetic:num_users=150,num_items=60,num_interactions=3000"
+SMALL_TRAINING = [
+    *("--set", "train.epochs=2", "--set", "train.batch_size=256"),
+    *("--set", "train.num_threads=1", "--set", "retrieval.embedding_dim=16"),
+    *("--set", "retrieval.output_dim=16", "--set", "retrieval.history_length=20"),
+]
+
+
+def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
+    models = tmp_path / "models" / "synthetic"
+    trained = runner.invoke(
+        app,
+        ["train", "--dataset", SYNTHETIC, "--out", str(models / "1"), *SMALL_TRAINING],
+    )
+    assert trained.exit_code == 0, trained.output
+    printed = re.search(r"RMSE ([\d.]+), MAE ([\d.]+), AUC ([\d.]+)", trained.output)
+    assert printed is not None, trained.output
+    figures = tmp_path / "figures.json"
+    # The model directory: its newest version is evaluated.
+    result = runner.invoke(
+        app, ["evaluate", str(models), "--baselines", "--json", str(figures)]
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(figures.read_text())
+    assert {"twostage", "popularity", "ease", "itemknn"} <= set(saved["retrieval"])
+    ranking = saved["ranking"]
+    assert 0 < ranking["mae"] <= ranking["rmse"] < 4  # ratings are 1..5
+    assert 0.5 < ranking["auc"] <= 1
+    for name in ("retrieval_only", "two_stage"):
+        for metric in ("ndcg", "hit_rate"):
+            assert 0 < ranking[name][metric]["10"] <= 1, (name, metric)
+    # The test split rebuilt from the saved config is the one `train` evaluated on.
+    for value, key in zip(printed.groups(), ("rmse", "mae", "auc"), strict=True):
+        assert float(value) == pytest.approx(ranking[key], abs=1e-4), key
+    for text in ("Ranking stage", "RMSE", "AUC", "NDCG@10", "HR@10", "two stage"):
+        assert text in result.output, text
+    for key in ("rmse", "mae", "auc"):
+        assert f"{ranking[key]:.4f}" in result.output, key
+    two_stage = ranking["two_stage"]["ndcg"]["10"]
+    assert f"{two_stage:.4f}" in result.output
+
+
+def test_evaluate_retrieval_only_bundle_and_missing_data(tmp_path: Path) -> None:
+    log = tmp_path / "log.parquet"
+    generate(
+        num_users=120, num_items=50, num_interactions=2000
+    ).interactions.write_parquet(log)
+    bundle = tmp_path / "models" / "mine" / "1"
+    trained = runner.invoke(
+        app,
+        [
+            *("train", "--dataset", str(log), "--out", str(bundle), "--no-ranking"),
+            *SMALL_TRAINING,
+            *("--set", "data.time_col=timestamp", "--set", "data.rating_col=rating"),
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["evaluate", str(bundle)])
+    assert result.exit_code == 0, result.output
+    assert "R@10" in result.output and "Ranking stage" not in result.output
+    log.unlink()  # the data the bundle names is gone: say so, and how to fix it
+    result = runner.invoke(app, ["evaluate", str(bundle)])
+    assert isinstance(result.exception, DataError), result.output
+    message = str(result.exception)
+    assert "cannot rebuild the test split" in message and str(log) in message
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "nowhere")])
+    assert isinstance(result.exception, ArtifactError)
+    assert "twostage train retrieval" in str(result.exception)

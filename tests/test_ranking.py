@@ -17,6 +17,8 @@ from twostage.models.ranking import CrossLayer, CrossNetwork, RankingModel
 from twostage.models.towers import FieldInfo
 from twostage.ranking import (
     RankingConfig,
+    RankingRun,
+    _forward,
     auc,
     evaluate_ranking,
     fit_ranking,
@@ -200,6 +202,37 @@ def test_score_is_vectorised_over_candidates(trained) -> None:
         ranking.score(users, items[0])
 
 
+def _assert_score_matches_embedding_per_call(ranking: RankingRun) -> None:
+    """`score` gathers cached item rows: the same bits as embedding them per call."""
+    generator = torch.Generator().manual_seed(2)
+    num_users, num_items = ranking.tensors.history.shape[0], ranking.tensors.num_items
+    for rows, cols in [(1, 300), (7, 40), (2, 1)]:
+        users = torch.randint(0, num_users, (rows,), generator=generator)
+        items = torch.randint(0, num_items, (rows, cols), generator=generator)
+        with torch.no_grad():
+            direct = _forward(ranking, users, items, exclude_target=False)
+        scored = ranking.score(users, items)
+        assert torch.equal(scored["click"], direct["click"])
+        assert torch.equal(
+            scored["rating"], direct["rating"].clamp(*ranking.rating_bounds)
+        )
+
+
+def test_score_reuses_item_rows_until_the_weights_change(trained, tmp_path) -> None:
+    """Regression (slow `recommend`): item rows are embedded once, not per call."""
+    run, ranking, _, _ = trained
+    save_ranking(ranking, tmp_path)
+    loaded = load_ranking(tmp_path, run)
+    _assert_score_matches_embedding_per_call(loaded)
+    assert loaded.candidate_side() is loaded.candidate_side()
+    users, items = torch.tensor([1, 2]), torch.tensor([[3, 4, 5], [6, 7, 8]])
+    before = loaded.score(users, items)["click"]
+    state = loaded.model.state_dict()
+    state["item_click_bias.weight"] = state["item_click_bias.weight"] + 1.0
+    loaded.model.load_state_dict(state)  # new weights: the cached rows are stale
+    torch.testing.assert_close(loaded.score(users, items)["click"], before + 1.0)
+
+
 def test_save_load_gives_identical_scores(trained, tmp_path: Path) -> None:
     run, ranking, _, test = trained
     save_ranking(ranking, tmp_path)
@@ -258,3 +291,4 @@ def test_side_features_are_embedded_per_field() -> None:
     assert parts == len(run.spec.describe()) + 1  # every field plus the history
     scores = ranking.score(torch.tensor([1, 2]), torch.tensor([[1, 2, 3], [4, 5, 6]]))
     assert all(torch.isfinite(v).all() for v in scores.values())
+    _assert_score_matches_embedding_per_call(ranking)  # bags and dense fields too

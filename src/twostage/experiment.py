@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from twostage.config import ExperimentConfig, RetrievalConfig, load_config, save_config
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.split import Split, split_dataset, validation_split
-from twostage.errors import ArtifactError, ConfigError, DataError
+from twostage.errors import ArtifactError, ConfigError, DataError, TwostageError
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
 from twostage.features import FeatureSpec
 from twostage.metrics import UserItems
@@ -37,11 +37,14 @@ __all__ = [
     "build_model",
     "spec_for",
     "build_tensors",
+    "evaluate_on",
+    "evaluate_saved",
     "fit_retrieval",
     "hold_out_users",
     "load_run",
     "read_retrieval",
     "prepare_split",
+    "rebuild_test_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -605,13 +608,51 @@ def load_dataset_for(config: ExperimentConfig) -> Dataset:
     )
 
 
-def evaluate_saved(directory: str | Path, *, baselines: bool = False) -> dict[str, Any]:
-    """Reload a run and its data, rebuild the same split, evaluate (and baselines)."""
-    run = load_run(directory)
-    (_, test), _ = prepare_split(load_dataset_for(run.config), run.config)
+def rebuild_test_split(
+    run: RetrievalRun, *, source: str | Path | None = None
+) -> Dataset:
+    """The test split a saved run was evaluated on, rebuilt from its saved config.
+
+    The saved config names the dataset (``data.dataset`` and the column mapping) and
+    the split (``data.split``, ``test_fraction``, ``seed``, ``cold_user_fraction``);
+    :func:`prepare_split` on the same data gives the same test rows.
+
+    Args:
+        run: a trained or reloaded run.
+        source: where the run was loaded from, for the error message.
+
+    Raises:
+        DataError: the dataset named in the config cannot be loaded here.
+    """
+    try:
+        dataset = load_dataset_for(run.config)
+    except (TwostageError, OSError) as e:
+        where = f" of {str(source)!r}" if source is not None else ""
+        raise DataError(
+            f"cannot rebuild the test split{where}: its config names "
+            f"data.dataset = {run.config.data.dataset!r}, which cannot be loaded "
+            f"here ({e}). Make that dataset available at the same name or path "
+            "(built-in data: `twostage data fetch NAME`), then evaluate again."
+        ) from e
+    (_, test), _ = prepare_split(dataset, run.config)
+    return test
+
+
+def evaluate_on(
+    run: RetrievalRun, test: Dataset, *, baselines: bool = False
+) -> dict[str, Any]:
+    """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on ``test``."""
     results = {"twostage": run.evaluate(test).to_dict()}
     if baselines:
         results.update(
             {k: v.to_dict() for k, v in evaluate_baselines(run, test).items()}
         )
     return results
+
+
+def evaluate_saved(directory: str | Path, *, baselines: bool = False) -> dict[str, Any]:
+    """Reload a run and its data, rebuild the same split, evaluate (and baselines)."""
+    run = load_run(directory)
+    return evaluate_on(
+        run, rebuild_test_split(run, source=directory), baselines=baselines
+    )

@@ -48,6 +48,7 @@ from twostage.experiment import RetrievalRun, test_queries, with_history_of
 from twostage.features.fields import Side
 from twostage.metrics import MetricAccumulator, UserItems
 from twostage.models.ranking import RankingModel, retrieval_extras
+from twostage.models.ranking import Side as EmbeddedSide
 from twostage.models.towers import FieldInfo
 from twostage.train import ProgressFn, RetrievalTensors, query_features
 
@@ -260,6 +261,10 @@ class RankingRun:
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     _vectors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    _candidates: tuple[tuple[int, ...], EmbeddedSide] | None = field(
+        default=None, repr=False
+    )
+    _weights: tuple[RankingModel, list[Tensor]] | None = field(default=None, repr=False)
 
     def retrieval_vectors(self) -> tuple[Tensor, Tensor]:
         """``([U, D], [N, D])`` retrieval embeddings of every user and item (cached)."""
@@ -296,34 +301,70 @@ class RankingRun:
                 "`user_idx` should be [B] and `item_idx` [B, C]. Received: "
                 f"{tuple(user_idx.shape)} and {tuple(item_idx.shape)}."
             )
-        self.model.eval()
+        if self.model.training:  # eval() walks every module: only when needed
+            self.model.eval()
         with torch.no_grad():
-            out = _forward(self, user_idx, item_idx, exclude_target=False)
+            out = _forward(
+                self,
+                user_idx,
+                item_idx,
+                exclude_target=False,
+                candidates=self.candidate_side(),
+            )
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
 
+    def candidate_side(self) -> EmbeddedSide:
+        """``[N, ...]`` every item's embedded candidate side, for inference.
+
+        Computed once and reused until the weights or the item table change
+        (optimiser steps and ``load_state_dict`` bump the parameters' version
+        counters), so scoring a user's candidates only gathers rows. Each row equals
+        embedding that item alone (per-row lookups and maps): the same bits.
+        """
+        if self._weights is None or self._weights[0] is not self.model:
+            weights = [*self.model.parameters(), *self.model.buffers()]
+            self._weights = (self.model, weights)
+        features = self.tensors.item_features
+        key = (id(features), *(t._version for t in self._weights[1]))
+        if self._candidates is None or self._candidates[0] != key:
+            with torch.no_grad():
+                self._candidates = (key, self.model.embed_candidates(features))
+        return self._candidates[1]
+
 
 def _forward(
-    run: RankingRun, user_idx: Tensor, item_idx: Tensor, *, exclude_target: bool
+    run: RankingRun,
+    user_idx: Tensor,
+    item_idx: Tensor,
+    *,
+    exclude_target: bool,
+    candidates: EmbeddedSide | None = None,
 ) -> dict[str, Tensor]:
     """Both heads for ``[B]`` users x ``[B, C]`` items -> ``[B, C]`` each.
 
     The query side is embedded once per user and repeated over its ``C`` candidates.
     ``exclude_target`` drops each row's first candidate from the user's history.
+    ``candidates``: every item's embedded side (:meth:`RankingRun.candidate_side`) to
+    gather from; None embeds the ``B * C`` candidates here (training, with gradients).
     """
     num_rows, width = item_idx.shape
     model, tensors = run.model, run.tensors
     target = item_idx[:, 0] if exclude_target else None
     query = model.embed_queries(query_features(tensors, user_idx, exclude_items=target))
     flat = item_idx.reshape(-1)
-    candidate = model.embed_candidates(
-        {k: v[flat] for k, v in tensors.item_features.items()}
-    )
+    if candidates is None:
+        candidate = model.embed_candidates(
+            {k: v[flat] for k, v in tensors.item_features.items()}
+        )
+    else:
+        candidate = EmbeddedSide(*(t[flat] for t in candidates))
     extras = None
     if model.extra_dim:
         users, items = run.retrieval_vectors()
         q = users[user_idx].repeat_interleave(width, dim=0)  # (B * C, D)
-        extras = retrieval_extras((q * items[flat]).sum(-1), q, items[flat])
+        c = items[flat]  # (B * C, D)
+        extras = retrieval_extras((q * c).sum(-1), q, c)
     out = model.combine(query.expand(width), candidate, extras)
     return {k: v.view(num_rows, width) for k, v in out.items()}
 

@@ -1,9 +1,10 @@
 """Closed-loop load on `twostage serve`: throughput, latency, errors, and a version swap.
 
-Two scenarios, each served by a real `twostage serve` subprocess on loopback and loaded
+Three scenarios, each served by a real `twostage serve` subprocess on loopback and loaded
 from a separate process (benchmarks/_load_client.py, raw HTTP/1.1 keep-alive):
 
 - ``movielens-100k``: the two-stage bundle (retrieval + ranking, exact index);
+- ``movielens-100k-retrieval-only``: the same bundle without its ranking stage;
 - ``synthetic-1m``: a 1,000,000-item ID-only bundle with an HNSW index.
 
 Each scenario runs a bounded load of ``POST /v1/recommend`` (a fixed number of requests
@@ -61,7 +62,18 @@ SYNTHETIC = [
 
 
 def build_bundle(name: str, root: Path, *, ranking_epochs: int) -> Path:
-    """Train the scenario's model and save it as ``root/<name>/1``."""
+    """Train the scenario's model and save it as ``root/<name>/1``.
+
+    ``movielens-100k-retrieval-only`` is the ``movielens-100k`` bundle without its
+    ranking stage (built first when needed): what the ranker costs per request.
+    """
+    if name == "movielens-100k-retrieval-only":
+        full = root / "movielens-100k" / "1"
+        if not full.exists():
+            build_bundle("movielens-100k", root, ranking_epochs=ranking_epochs)
+        rec = load(full)
+        rec.ranker = None
+        return rec.save(root / name / "1")
     overrides = MOVIELENS if name == "movielens-100k" else SYNTHETIC
     config = apply_overrides(ExperimentConfig(), overrides)
     started = time.perf_counter()
@@ -85,7 +97,7 @@ def free_port() -> int:
 
 
 def start_server(
-    root: Path, port: int, workers: int, candidates: int
+    root: Path, port: int, workers: int, candidates: int | None
 ) -> subprocess.Popen[bytes]:
     command = [
         sys.executable,
@@ -101,8 +113,7 @@ def start_server(
         "0.5",
         "--max-k",
         "100",
-        "--candidates",
-        str(candidates),
+        *(["--candidates", str(candidates)] if candidates else []),
         "--log-level",
         "warning",
     ]
@@ -175,7 +186,7 @@ def publish(model_dir: Path, source: Path, version: int) -> None:
 
 
 def scenario(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    given = getattr(args, name.replace("-", "_") + "_bundle")
+    given = getattr(args, name.replace("-", "_") + "_bundle", None)
     model_dir = root / name
     if given:
         model_dir.mkdir(parents=True)
@@ -213,25 +224,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.add_argument(
-        "--scenarios", default="movielens-100k,synthetic-1m", help="comma-separated"
+        "--scenarios",
+        default="movielens-100k,movielens-100k-retrieval-only,synthetic-1m",
+        help="comma-separated",
     )
     parser.add_argument("--requests", type=int, default=10_000, help="per phase")
     parser.add_argument("--time-cap", type=float, default=60.0, help="s per phase")
-    parser.add_argument("--concurrency", type=int, default=8, help="connections")
+    parser.add_argument("--concurrency", type=int, default=4, help="connections")
     parser.add_argument("--workers", type=int, default=1, help="server processes")
     parser.add_argument(
         "--swap-after", type=float, default=2.0, help="s into phase 2 to publish v2"
     )
     parser.add_argument("--ranking-epochs", type=int, default=3)
     parser.add_argument(
-        "--candidates", type=int, default=300, help="re-ranked per request"
+        "--candidates", type=int, help="re-ranked per request (default: the ranker's)"
     )
     parser.add_argument(
         "--movielens-100k-bundle", help="use this bundle, not a new one"
     )
     parser.add_argument("--synthetic-1m-bundle", help="use this bundle, not a new one")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # two threads crawl when another process holds a core
     results = {}
     with tempfile.TemporaryDirectory(prefix="twostage-serve-load-") as temp:
         for name in args.scenarios.split(","):

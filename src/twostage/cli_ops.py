@@ -53,9 +53,12 @@ def serve_command(
         int, typer.Option(help="torch CPU threads per worker.")
     ] = 1,
     candidates: Annotated[
-        int,
-        typer.Option(help="Retrieved items the ranking stage re-scores per request."),
-    ] = 300,
+        int | None,
+        typer.Option(
+            help="Retrieved items the ranking stage re-scores per request "
+            "(default: the number it was trained with)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); docs at /docs, UI at /."""

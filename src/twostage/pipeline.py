@@ -106,6 +106,8 @@ class Recommender:
             )
         self.index = index
         self.index_kind = index.kind
+        config = getattr(ranker, "config", None)
+        self.default_candidates = int(getattr(config, "num_candidates", 300))
         self.item_ids = pl.concat(
             [
                 pl.Series(ITEM, [None], dtype=self.item_vocab.values.dtype),
@@ -113,6 +115,9 @@ class Recommender:
             ]
         )
         self.items = self._align_items(items)
+        self._item_id_list = (
+            self.item_ids.to_list()
+        )  # index -> raw ID, no polars per call
         self._seen = self._seen_lists()
         popularity = run.tensors.item_probs.clone()
         popularity[0] = -1.0
@@ -203,7 +208,7 @@ class Recommender:
         *,
         user_features: dict[str, Any] | None = None,
         exclude_seen: bool = True,
-        candidates: int = 300,
+        candidates: int | None = None,
         filters: dict[str, Any] | None = None,
     ) -> Recommendation:
         """Top ``k`` items for a user.
@@ -214,7 +219,9 @@ class Recommender:
             user_features: raw feature values (e.g. ``{"age": 30, "gender": "F"}``)
                 for an unknown user.
             exclude_seen: drop the user's training items.
-            candidates: how many items retrieval passes to ranking.
+            candidates: how many items retrieval passes to ranking; default: the
+                number the ranking stage was trained and evaluated with (200 unless
+                configured), or 300 without a ranking stage.
             filters: keep only items whose metadata matches, e.g.
                 ``{"genres": "Comedy"}`` (a list column matches by membership).
 
@@ -223,6 +230,8 @@ class Recommender:
             a cold start from features, or the popularity fallback.
         """
         _check_k("k", k)
+        if candidates is None:
+            candidates = self.default_candidates
         _check_k("candidates", candidates)
         query, user_idx, path = self._query(user_id, user_features)
         seen = self._seen[user_idx] if exclude_seen and user_idx > 0 else None
@@ -310,7 +319,7 @@ class Recommender:
         retrieval_scores: torch.Tensor,
         rank_scores: torch.Tensor | None,
     ) -> Recommendation:
-        ids = self.item_ids.gather(pl.Series(idx.numpy())).to_list()
+        ids = [self._item_id_list[i] for i in idx.tolist()]
         items = []
         for position, (index, item_id) in enumerate(
             zip(idx.tolist(), ids, strict=True)

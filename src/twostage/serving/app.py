@@ -61,7 +61,8 @@ class ServeSettings:
         api_key: when set, ``/v1/*`` and ``/metrics`` need header ``X-API-Key``.
         poll_seconds: how often to look for new model versions (0: never).
         torch_threads: torch CPU threads per process (1 suits many small requests).
-        candidates: how many retrieved items the ranking stage re-scores.
+        candidates: how many retrieved items the ranking stage re-scores (None: what
+            the ranking stage was trained with).
     """
 
     models: str
@@ -70,7 +71,7 @@ class ServeSettings:
     api_key: str | None = None
     poll_seconds: float = 5.0
     torch_threads: int = 1
-    candidates: int = 300
+    candidates: int | None = None
 
 
 def _error(status: int, message: str, details: list[str] | None = None) -> JSONResponse:
@@ -161,6 +162,10 @@ def _check_k(k: int, limit: int) -> None:
         raise ConfigError(f"`k` should be between 1 and {limit}. Received: `k` = {k}.")
 
 
+def _candidates(settings: ServeSettings, k: int) -> int | None:
+    return None if settings.candidates is None else max(settings.candidates, k)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[int, str, list[str]]:
     details = []
     for error in exc.errors():
@@ -230,7 +235,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         responses={200: {"model": RecommendResponse}, **errors},
         tags=["recommendations"],
     )
-    def recommend(body: RecommendRequest) -> dict[str, Any]:
+    def recommend(body: RecommendRequest) -> JSONResponse:
         """Top-k items for a user; an unknown user gets the cold-start answer."""
         _check_k(body.k, settings.max_k)
         model = registry.get(body.model)
@@ -240,7 +245,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             body.k,
             user_features=body.user_features,
             exclude_seen=body.exclude_seen,
-            candidates=max(settings.candidates, body.k),
+            candidates=_candidates(settings, body.k),
             filters=body.filters,
         )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
@@ -248,7 +253,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             out["history"] = (
                 rec.history(body.user_id) if body.user_id is not None else []
             )
-        return out
+        return JSONResponse(out)  # already JSON types: skip FastAPI's re-encoding
 
     @app.post(
         "/v1/similar",
@@ -256,17 +261,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
         responses={200: {"model": SimilarResponse}, **errors},
         tags=["recommendations"],
     )
-    def similar(body: SimilarRequest) -> dict[str, Any]:
+    def similar(body: SimilarRequest) -> JSONResponse:
         """Items closest to one item in the candidate embedding space."""
         _check_k(body.k, settings.max_k)
         model = registry.get(body.model)
         items = model.recommender.similar_items(body.item_id, body.k)
-        return {
-            "model": model.name,
-            "version": model.version,
-            "item_id": body.item_id,
-            "items": items,
-        }
+        return JSONResponse(
+            {
+                "model": model.name,
+                "version": model.version,
+                "item_id": body.item_id,
+                "items": items,
+            }
+        )
 
     @app.post(
         "/v1/models/{name}:predict",
@@ -274,7 +281,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         responses={200: {"model": PredictResponse}, **errors},
         tags=["tf-serving"],
     )
-    def predict(name: str, body: PredictRequest) -> dict[str, Any]:
+    def predict(name: str, body: PredictRequest) -> JSONResponse:
         """TF Serving's REST ``:predict``: ``{"instances": ["42"]}`` -> scores and IDs."""
         model = registry.get(name)
         predictions = []
@@ -287,7 +294,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 request.k,
                 user_features=request.user_features,
                 exclude_seen=request.exclude_seen,
-                candidates=max(settings.candidates, request.k),
+                candidates=_candidates(settings, request.k),
                 filters=request.filters,
             )
             predictions.append(
@@ -296,7 +303,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     "output_2": [item["item_id"] for item in answer.items],
                 }
             )
-        return {"predictions": predictions}
+        return JSONResponse({"predictions": predictions})
 
     @app.get("/v1/models", tags=["models"])
     def models() -> dict[str, Any]:

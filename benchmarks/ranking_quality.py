@@ -191,7 +191,7 @@ def _report(payload: dict[str, Any]) -> None:
         ["stages", "p50 ms", "p99 ms"],
         [
             [
-                "retrieve 300, re-rank",
+                "retrieve, re-rank",
                 payload["latency_ms_p50"],
                 payload["latency_ms_p99"],
             ],

@@ -152,3 +152,29 @@ def test_index_of_another_model_is_refused(fitted: tuple[Recommender, object]) -
     other = make_index(IndexConfig()).build(torch.randn(5, 16), torch.arange(1, 6))
     with pytest.raises(ArtifactError, match="Rebuild the index"):
         Recommender(rec.run, index=other)
+
+
+def test_history_is_complete_beyond_the_model_window(
+    fitted: tuple[Recommender, object],
+) -> None:
+    # Regression: history() used to return only the last `history_length` items.
+    rec, _ = fitted
+    vocab = rec.run.spec.vocabulary("item_id")
+    longer = 0
+    for user_id in range(1, 60):
+        user_idx = rec.user_vocab.lookup(user_id)
+        seen = rec._seen[user_idx]
+        got = [i["item_id"] for i in rec.history(user_id)]
+        assert sorted(got) == sorted(vocab.inverse_transform(seen).to_list())
+        window = rec.run.tensors.history[user_idx]
+        window_ids = vocab.inverse_transform(window[window > 0].numpy()).to_list()
+        recent = [
+            item
+            for position, item in enumerate(window_ids)
+            if item not in window_ids[position + 1 :]
+        ]  # each item once, at its latest position
+        assert len(set(got)) == len(got)
+        assert got[len(got) - len(recent) :] == recent  # most recent last, in order
+        longer += len(got) > rec.run.tensors.history.shape[1]
+    assert longer > 0  # the fixture really has users past the window
+    assert rec.history("nobody") == []

@@ -301,12 +301,22 @@ class Recommender:
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items
 
     def history(self, user_id: Any) -> list[dict[str, Any]]:
-        """The user's training items (with metadata), most recent last."""
+        """Every distinct training item of the user (with metadata), none left out.
+
+        The most recent ``retrieval.history_length`` items come last, in time order
+        (the bundle keeps time order only for that window); older items come first, in
+        catalogue order. An unknown user has no history.
+        """
         user_idx = self.user_vocab.lookup(user_id)
         if user_idx == 0:
             return []
         row = self.run.tensors.history[user_idx]
-        idx = row[row > 0]
+        recent = row[row > 0].numpy()
+        # Distinct items, each at its latest position in the window.
+        _, last = np.unique(recent[::-1], return_index=True)
+        recent = recent[::-1][np.sort(last)][::-1]
+        older = np.setdiff1d(self._seen[user_idx], recent, assume_unique=False)
+        idx = torch.from_numpy(np.concatenate([older, recent]).astype(np.int64))
         return self._answer(
             user_id, "personalised", idx, torch.zeros(len(idx)), None
         ).items

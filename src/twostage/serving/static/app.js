@@ -80,8 +80,9 @@ async function recommend(event) {
     const answer = await call("POST", "/v1/recommend", body);
     $("path").textContent = `(${answer.path.replaceAll("_", " ")}, version ${answer.version})`;
     fill($("recs"), answer.items, true);
-    fill($("history"), answer.history || [], false);
-    $("history-count").textContent = `(${(answer.history || []).length} items)`;
+    const history = (answer.history || []).slice().reverse();  // latest first
+    fill($("history"), history, false);
+    $("history-count").textContent = `(${history.length} items, latest first)`;
   } catch (error) {
     showError(error.message);
   }

@@ -1,0 +1,216 @@
+"""The `twostage data` commands (fetch, describe, split) and the dataset options that
+the training commands share. Registered on the main app by :mod:`twostage.cli`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+data_app = typer.Typer(help="Fetch, inspect and split datasets.", no_args_is_help=True)
+
+DatasetArg = Annotated[
+    str,
+    typer.Argument(
+        help="A built-in dataset (movielens-100k, movielens-1m, movielens-latest-small, "
+        "movielens-20m, movielens-25m, synthetic[:key=value,...]) or a CSV/Parquet path."
+    ),
+]
+UserCol = Annotated[str | None, typer.Option(help="User ID column of your own log.")]
+ItemCol = Annotated[str | None, typer.Option(help="Item ID column of your own log.")]
+TimeCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch s or ISO).")]
+RatingCol = Annotated[str | None, typer.Option(help="Rating column.")]
+Separator = Annotated[
+    str | None, typer.Option(help="Field separator (default: sniffed).")
+]
+UserFeatures = Annotated[
+    str | None, typer.Option(help="Comma-separated user feature columns of the log.")
+]
+ItemFeatures = Annotated[
+    str | None, typer.Option(help="Comma-separated item feature columns of the log.")
+]
+Strict = Annotated[
+    bool, typer.Option("--strict", help="Stop at the first bad row (line + content).")
+]
+
+
+def split_names(text: str | None) -> list[str] | None:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def dataset_options(
+    *,
+    user_col: str | None = None,
+    item_col: str | None = None,
+    time_col: str | None = None,
+    rating_col: str | None = None,
+    separator: str | None = None,
+    user_features: str | None = None,
+    item_features: str | None = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Keyword arguments for :func:`twostage.data.registry.load_dataset`."""
+    return {
+        "user_col": user_col,
+        "item_col": item_col,
+        "time_col": time_col,
+        "rating_col": rating_col,
+        "separator": separator,
+        "user_features": split_names(user_features),
+        "item_features": split_names(item_features),
+        "strict": strict or None,
+    }
+
+
+def _load(spec: str, options: dict[str, Any]) -> Any:
+    from twostage.data.registry import load_dataset
+
+    lowered = spec.lower()
+    if lowered.startswith(("movielens-", "ml-", "synthetic")):
+        options = {}  # column mapping only applies to a user's own file
+    return load_dataset(spec, **options)
+
+
+def _print_report(report: Any) -> None:
+    if report is None:
+        return
+    if report.ok:
+        console.print(f"[green]No bad rows[/green] in {report.path}.")
+        return
+    table = Table(title=f"Rejected rows in {report.path}")
+    for column in ("reason", "count", "first lines"):
+        table.add_column(column)
+    for reason, count in sorted(report.rejected.items()):
+        lines = ", ".join(str(line) for line, _ in report.examples.get(reason, []))
+        table.add_row(reason, str(count), lines)
+    console.print(table)
+    console.print(
+        f"{report.rows_loaded} of {report.rows_read} rows loaded, "
+        f"{report.num_rejected} rejected (use --strict to stop at the first one)."
+    )
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """Print the output of :func:`twostage.data.describe.describe` as tables."""
+    table = Table(title=f"Dataset {summary['name']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("num_interactions", "num_users", "num_items"):
+        table.add_row(key.replace("_", " "), f"{summary[key]:,}")
+    table.add_row("density", f"{summary['density']:.4%}")
+    for key in ("interactions_per_user", "interactions_per_item"):
+        s = summary[key]
+        table.add_row(
+            key.replace("_", " "),
+            f"min {s['min']:g} / median {s['median']:g} / mean {s['mean']:.1f} / max {s['max']:g}",
+        )
+    table.add_row("duplicate rows", f"{summary['duplicate_rows']:,}")
+    table.add_row(
+        "time range",
+        f"{summary['time_range']['min']} .. {summary['time_range']['max']}",
+    )
+    if "rating_histogram" in summary:
+        hist = summary["rating_histogram"]
+        table.add_row("rating mean", f"{summary['rating_mean']:.3f}")
+        table.add_row("ratings", "  ".join(f"{r}: {c:,}" for r, c in hist.items()))
+    table.add_row("user features", ", ".join(summary["user_features"]) or "-")
+    table.add_row("item features", ", ".join(summary["item_features"]) or "-")
+    table.add_row("source", summary["source"][:100])
+    console.print(table)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="e.g. movielens-100k")],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Use these already-downloaded files.")
+    ] = None,
+) -> None:
+    """Download (or find offline) a built-in dataset into the cache."""
+    from twostage.data.movielens import load_movielens
+
+    variant = name.lower().removeprefix("movielens-").removeprefix("ml-")
+    dataset = load_movielens(variant, data_dir=data_dir)
+    console.print(
+        f"[green]{dataset.name}[/green]: {dataset.num_interactions:,} interactions "
+        f"from {dataset.source}"
+    )
+
+
+@data_app.command("describe")
+def data_describe(
+    dataset: DatasetArg,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    time_col: TimeCol = None,
+    rating_col: RatingCol = None,
+    separator: Separator = None,
+    user_features: UserFeatures = None,
+    item_features: ItemFeatures = None,
+    strict: Strict = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the summary here.")
+    ] = None,
+) -> None:
+    """Counts, sparsity, rating histogram, time range and the bad-row report."""
+    from twostage.data.describe import describe
+
+    options = dataset_options(
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        rating_col=rating_col,
+        separator=separator,
+        user_features=user_features,
+        item_features=item_features,
+        strict=strict,
+    )
+    data = _load(dataset, options)
+    summary = describe(data)
+    print_summary(summary)
+    _print_report(data.report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(summary, indent=2))
+
+
+@data_app.command("split")
+def data_split(
+    dataset: DatasetArg,
+    out: Annotated[Path, typer.Option(help="Directory for train/test Parquet files.")],
+    method: Annotated[
+        str, typer.Option(help="random, temporal or leave-last-out")
+    ] = "random",
+    test_fraction: Annotated[float, typer.Option(help="Share of rows in test.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 42,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    time_col: TimeCol = None,
+    rating_col: RatingCol = None,
+    separator: Separator = None,
+    strict: Strict = False,
+) -> None:
+    """Split a dataset and write train.parquet and test.parquet."""
+    from twostage.data.split import split_dataset
+
+    options = dataset_options(
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        rating_col=rating_col,
+        separator=separator,
+        strict=strict,
+    )
+    data = _load(dataset, options)
+    split = split_dataset(data, method=method, test_fraction=test_fraction, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    split.train.interactions.write_parquet(out / "train.parquet")
+    split.test.interactions.write_parquet(out / "test.parquet")
+    console.print(
+        f"{method} split: {split.train.num_interactions:,} train, "
+        f"{split.test.num_interactions:,} test rows -> {out}"
+    )

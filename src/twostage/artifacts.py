@@ -37,6 +37,7 @@ __all__ = [
     "latest_version",
     "next_version",
     "read_manifest",
+    "resolve_bundle",
     "verify_bundle",
     "write_bundle",
 ]
@@ -183,3 +184,13 @@ def next_version(model_dir: str | Path) -> Path:
         else []
     )
     return root / str(max(numbers, default=0) + 1)
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """``path`` if it is a bundle, else the newest version under it (``models/<name>/``).
+
+    Raises:
+        ArtifactError: ``path`` is neither a bundle nor a directory of versions.
+    """
+    path = Path(path)
+    return path if (path / MANIFEST).exists() else latest_version(path)

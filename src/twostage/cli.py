@@ -127,10 +127,10 @@ def _train_ranker(run: Any, split: Any, *, epochs: int | None = None) -> Any:
 
 
 def _open_bundle(path: Path) -> Any:
-    from twostage.artifacts import MANIFEST, latest_version
+    from twostage.artifacts import resolve_bundle
     from twostage.pipeline import load
 
-    return load(path if (path / MANIFEST).exists() else latest_version(path))
+    return load(resolve_bundle(path))
 
 
 def _parse_id(value: str) -> Any:
@@ -360,12 +360,10 @@ def print_ranking(report: dict[str, Any], *, title: str) -> None:
 
 def _bundle_path(path: Path) -> Path:
     """``path`` if it is a bundle, else its newest version; the error names all kinds."""
-    from twostage.artifacts import MANIFEST, latest_version
+    from twostage.artifacts import resolve_bundle
 
-    if (path / MANIFEST).exists():
-        return path
     try:
-        return latest_version(path)
+        return resolve_bundle(path)
     except TwostageError as e:
         raise ArtifactError(
             f"{e} Or pass the --out directory of `twostage train retrieval` (it holds "

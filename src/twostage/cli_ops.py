@@ -91,10 +91,10 @@ def serve_command(
 
 
 def _open(bundle: Path) -> tuple[Path, Any]:
-    from twostage.artifacts import MANIFEST, latest_version
+    from twostage.artifacts import resolve_bundle
     from twostage.pipeline import load
 
-    path = bundle if (bundle / MANIFEST).exists() else latest_version(bundle)
+    path = resolve_bundle(bundle)
     return path, load(path)
 
 

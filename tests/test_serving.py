@@ -64,6 +64,16 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
             + [i["item_id"] for i in small_recommender.recommend(3, 10).items][5:]
         )
         assert len(predicted[1]["output_1"]) == 2
+        # TF Serving reads the body as JSON whatever the Content-Type (curl -d sends
+        # a form type); clients that rely on that keep working.
+        for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+            formless = client.post(
+                "/v1/models/synthetic:predict",
+                content=b'{"instances": ["3"]}',
+                headers={"content-type": content_type},
+            )
+            assert formless.status_code == 200, formless.text
+            assert formless.json()["predictions"][0] == predicted[0]
 
         metrics = client.get("/metrics").text
         assert (

@@ -90,7 +90,8 @@ async def _send_error(send: Send, status: int, message: str) -> None:
 
 
 class _Edge:
-    """Pure ASGI middleware: metrics, the body-size limit and the API key, in that order."""
+    """Pure ASGI middleware: metrics, the body-size limit and the API key, in that order;
+    and ``:predict`` bodies read as JSON whatever their Content-Type, as TF Serving does."""
 
     def __init__(self, app: Any, settings: ServeSettings, metrics: Metrics) -> None:
         self.app = app
@@ -155,6 +156,15 @@ class _Edge:
                 return {"type": "http.request", "body": body, "more_body": False}
 
             receive = replay
+        if path.endswith(":predict"):
+            # TF Serving reads the body as JSON whatever Content-Type says (clients
+            # often send none, or curl's form default): do the same.
+            scope = dict(scope)
+            scope["headers"] = [
+                (name, value)
+                for name, value in scope["headers"]
+                if name.lower() != b"content-type"
+            ] + [(b"content-type", b"application/json")]
         await self.app(scope, receive, send)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from twostage import ranking as ranking_module
 from twostage.config import ExperimentConfig, apply_overrides, from_dict
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError, DataError
@@ -84,6 +85,21 @@ def test_cross_layer_matches_a_hand_computed_example() -> None:
     torch.testing.assert_close(CrossNetwork(2, 0)(x0), x0)
 
 
+def test_low_rank_cross_layer_is_the_product_of_its_factors() -> None:
+    layer = CrossLayer(3, rank=1)
+    with torch.no_grad():
+        layer.down.weight.copy_(torch.tensor([[1.0, 0.0, 2.0]]))  # V: [1, 3]
+        layer.up.weight.copy_(torch.tensor([[1.0], [-1.0], [0.5]]))  # U: [3, 1]
+        layer.up.bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    x0, x = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2.0, 0.0, 1.0]])
+    # V x = 2 + 2 = 4; U V x + b = [4, -3, 2]; x0 * that + x = [6, -6, 7]
+    torch.testing.assert_close(layer(x0, x), torch.tensor([[6.0, -6.0, 7.0]]))
+    weight, bias = layer.matrix()
+    assert weight.shape == (3, 3)
+    torch.testing.assert_close(x0 * (x @ weight.T + bias) + x, layer(x0, x))
+    assert sum(p.numel() for p in layer.parameters()) == 3 + 3 + 3
+
+
 @pytest.mark.parametrize(
     ("architecture", "structure", "extra_dim"),
     [("dcn", "parallel", 4), ("dcn", "stacked", 0), ("mlp", "parallel", 0)],
@@ -120,6 +136,76 @@ def test_model_variants_score_rows(architecture, structure, extra_dim) -> None:
     if extra_dim:
         with pytest.raises(ConfigError, match="retrieval features"):
             model(query, candidate)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "structure", "extra_dim", "cross_rank"),
+    [
+        ("dcn", "parallel", 4, 0),
+        ("dcn", "parallel", 0, 0),
+        ("dcn", "parallel", 4, 3),
+        ("dcn", "stacked", 4, 0),
+        ("mlp", "parallel", 3, 0),
+    ],
+)
+def test_per_query_scoring_equals_scoring_expanded_rows(
+    architecture, structure, extra_dim, cross_rank
+) -> None:
+    """The first layers split into query and item parts: same scores as `combine`."""
+    torch.manual_seed(1)
+    model = RankingModel(
+        [FieldInfo("user_id", "index", 7), FieldInfo("age", "dense", width=1)],
+        [FieldInfo("item_id", "index", 9), FieldInfo("tags", "indices", 5)],
+        user_field="user_id",
+        item_field="item_id",
+        num_users=7,
+        num_items=9,
+        embedding_dim=4,
+        architecture=architecture,
+        structure=structure,
+        hidden_dims=(8, 4),
+        extra_dim=extra_dim,
+        cross_rank=cross_rank,
+        rating_mean=3.5,
+    ).eval()
+    users, width = 3, 5
+    query = model.embed_queries(
+        {
+            "user_id": torch.tensor([1, 2, 6]),
+            "age": torch.randn(users),
+            "history": torch.tensor([[0, 4], [3, 8], [0, 0]]),
+        }
+    )
+    items = torch.randint(1, 9, (users * width,))
+    candidate = model.embed_candidates(
+        {"item_id": items, "tags": torch.randint(0, 5, (users * width, 3))}
+    )
+    q = c = score = None
+    extras = None
+    if extra_dim:
+        q, c = torch.randn(users, extra_dim), torch.randn(users * width, extra_dim)
+        score = torch.randn(users * width)
+        extras = torch.cat(
+            [score[:, None], q.repeat_interleave(width, dim=0), c], dim=-1
+        )
+    with torch.no_grad():
+        expected = model.combine(query.expand(width), candidate, extras)
+        first = model.first_layers()
+        projection = model.project_items(first, candidate, c)
+        got = model.combine_per_query(
+            query,
+            candidate,
+            first,
+            projection,
+            query_embedding=q,
+            candidate_embedding=c,
+            retrieval_score=score,
+        )
+    for head in ("rating", "click"):
+        torch.testing.assert_close(got[head], expected[head], rtol=1e-5, atol=1e-5)
+    if extra_dim:
+        with pytest.raises(ConfigError, match="retrieval features"):
+            model.combine_per_query(query, candidate, first, projection)
 
 
 def test_rmse_mae_auc_match_naive_references() -> None:
@@ -203,7 +289,8 @@ def test_score_is_vectorised_over_candidates(trained) -> None:
 
 
 def _assert_score_matches_embedding_per_call(ranking: RankingRun) -> None:
-    """`score` gathers cached item rows: the same bits as embedding them per call."""
+    """`score` gathers cached item rows and factors the first layers per user: the
+    same scores, up to float rounding, as embedding the items per call."""
     generator = torch.Generator().manual_seed(2)
     num_users, num_items = ranking.tensors.history.shape[0], ranking.tensors.num_items
     for rows, cols in [(1, 300), (7, 40), (2, 1)]:
@@ -212,19 +299,32 @@ def _assert_score_matches_embedding_per_call(ranking: RankingRun) -> None:
         with torch.no_grad():
             direct = _forward(ranking, users, items, exclude_target=False)
         scored = ranking.score(users, items)
-        assert torch.equal(scored["click"], direct["click"])
-        assert torch.equal(
-            scored["rating"], direct["rating"].clamp(*ranking.rating_bounds)
+        torch.testing.assert_close(
+            scored["click"], direct["click"], rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            scored["rating"],
+            direct["rating"].clamp(*ranking.rating_bounds),
+            rtol=1e-5,
+            atol=1e-5,
         )
 
 
-def test_score_reuses_item_rows_until_the_weights_change(trained, tmp_path) -> None:
+def test_score_reuses_item_rows_until_the_weights_change(
+    trained, tmp_path, monkeypatch
+) -> None:
     """Regression (slow `recommend`): item rows are embedded once, not per call."""
     run, ranking, _, _ = trained
     save_ranking(ranking, tmp_path)
     loaded = load_ranking(tmp_path, run)
     _assert_score_matches_embedding_per_call(loaded)
     assert loaded.candidate_side() is loaded.candidate_side()
+    # Catalogues too big for the cache of item projections project per call.
+    monkeypatch.setattr(ranking_module, "_PROJECTION_CACHE_BYTES", 0)
+    loaded.model.load_state_dict(loaded.model.state_dict())  # a fresh cache
+    assert loaded._inference().projection is None
+    _assert_score_matches_embedding_per_call(loaded)
+    monkeypatch.undo()
     users, items = torch.tensor([1, 2]), torch.tensor([[3, 4, 5], [6, 7, 8]])
     before = loaded.score(users, items)["click"]
     state = loaded.model.state_dict()

@@ -47,7 +47,7 @@ from twostage.errors import ArtifactError, ConfigError, DataError
 from twostage.experiment import RetrievalRun, test_queries, with_history_of
 from twostage.features.fields import Side
 from twostage.metrics import MetricAccumulator, UserItems
-from twostage.models.ranking import RankingModel, retrieval_extras
+from twostage.models.ranking import FirstLayers, RankingModel, retrieval_extras
 from twostage.models.ranking import Side as EmbeddedSide
 from twostage.models.towers import FieldInfo
 from twostage.train import ProgressFn, RetrievalTensors, query_features
@@ -81,6 +81,8 @@ class RankingConfig:
         architecture: ``dcn`` (cross network and MLP) or ``mlp`` (MLP only).
         cross_layers: DCN-v2 cross layers; ``structure``: beside (``parallel``) or
             before (``stacked``) the MLP of ``hidden_dims``, with ``dropout``.
+        cross_rank: 0 for full-rank cross layers, else the rank ``r`` of low-rank
+            ones (``W = U V``, ``2 r / width`` of the cost).
         use_history: pool the user's recent items (SVD++-like implicit feedback).
         use_biases: global mean, user/item biases and the factorisation term.
         use_retrieval_features: feed the retrieval score and both tower embeddings.
@@ -107,6 +109,7 @@ class RankingConfig:
     embedding_dim: int = 32
     architecture: Literal["dcn", "mlp"] = "dcn"
     cross_layers: int = 2
+    cross_rank: int = 0
     structure: Literal["parallel", "stacked"] = "parallel"
     hidden_dims: tuple[int, ...] = (256, 64)
     dropout: float = 0.2
@@ -137,6 +140,7 @@ class RankingConfig:
             ),
             "embedding_dim": (self.embedding_dim >= 1, "a positive integer"),
             "cross_layers": (self.cross_layers >= 0, "a non-negative integer"),
+            "cross_rank": (self.cross_rank >= 0, "a non-negative integer"),
             "hidden_dims": (all(h >= 1 for h in self.hidden_dims), "positive widths"),
             "dropout": (0.0 <= self.dropout < 1.0, "in [0, 1)"),
             "rating_weight": (self.rating_weight >= 0, "non-negative"),
@@ -226,6 +230,7 @@ def build_ranking_model(
         embedding_dim=config.embedding_dim,
         architecture=config.architecture,
         cross_layers=config.cross_layers,
+        cross_rank=config.cross_rank,
         structure=config.structure,
         hidden_dims=config.hidden_dims,
         dropout=config.dropout,
@@ -261,7 +266,7 @@ class RankingRun:
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     _vectors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
-    _candidates: tuple[tuple[int, ...], EmbeddedSide] | None = field(
+    _candidates: tuple[tuple[int, ...], _Inference] | None = field(
         default=None, repr=False
     )
     _weights: tuple[RankingModel, list[Tensor]] | None = field(default=None, repr=False)
@@ -309,7 +314,7 @@ class RankingRun:
                 user_idx,
                 item_idx,
                 exclude_target=False,
-                candidates=self.candidate_side(),
+                inference=self._inference(),
             )
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
@@ -322,15 +327,66 @@ class RankingRun:
         counters), so scoring a user's candidates only gathers rows. Each row equals
         embedding that item alone (per-row lookups and maps): the same bits.
         """
+        return self._inference().candidates
+
+    def _inference(self) -> _Inference:
+        """What inference caches: every item's embedded side, the first layers'
+        weights split by side and, for catalogues where it fits, every item's
+        projection through them."""
         if self._weights is None or self._weights[0] is not self.model:
             weights = [*self.model.parameters(), *self.model.buffers()]
             self._weights = (self.model, weights)
         features = self.tensors.item_features
-        key = (id(features), *(t._version for t in self._weights[1]))
+        key = (
+            id(features),
+            id(self.tensors.history),
+            *(t._version for t in self._weights[1]),
+        )
         if self._candidates is None or self._candidates[0] != key:
             with torch.no_grad():
-                self._candidates = (key, self.model.embed_candidates(features))
+                self._candidates = (key, self._build_inference())
         return self._candidates[1]
+
+    def _build_inference(self) -> _Inference:
+        model = self.model
+        side = model.embed_candidates(self.tensors.item_features)
+        first = model.first_layers()
+        width = first.item.shape[1]
+        user_vectors = item_vectors = None
+        if model.extra_dim:
+            user_vectors, item_vectors = self.retrieval_vectors()
+        projection = None
+        if side.vector.shape[0] * width * 4 <= _PROJECTION_CACHE_BYTES:
+            projection = model.project_items(first, side, item_vectors)
+        users = per_query = None
+        num_users = self.tensors.history.shape[0]
+        if num_users * (width + side.vector.shape[1]) * 4 <= _PROJECTION_CACHE_BYTES:
+            chunks = [
+                model.embed_queries(query_features(self.tensors, chunk))
+                for chunk in torch.arange(num_users).split(4096)
+            ]
+            users = EmbeddedSide(
+                *(torch.cat(parts) for parts in zip(*chunks, strict=True))
+            )
+            per_query = model.project_queries(first, users, user_vectors)
+        return _Inference(side, first, projection, users, per_query)
+
+
+#: Largest ``[N, F]`` table of item (or user) projections inference keeps: bigger
+#: catalogues project the candidates (users) of each call instead.
+_PROJECTION_CACHE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class _Inference:
+    """Per-weights caches of inference: every item's side and projection through the
+    first layers, and where the table fits, every user's."""
+
+    candidates: EmbeddedSide
+    first: FirstLayers
+    projection: Tensor | None
+    users: EmbeddedSide | None = None
+    per_query: Tensor | None = None
 
 
 def _forward(
@@ -339,26 +395,56 @@ def _forward(
     item_idx: Tensor,
     *,
     exclude_target: bool,
-    candidates: EmbeddedSide | None = None,
+    inference: _Inference | None = None,
 ) -> dict[str, Tensor]:
     """Both heads for ``[B]`` users x ``[B, C]`` items -> ``[B, C]`` each.
 
     The query side is embedded once per user and repeated over its ``C`` candidates.
     ``exclude_target`` drops each row's first candidate from the user's history.
-    ``candidates``: every item's embedded side (:meth:`RankingRun.candidate_side`) to
-    gather from; None embeds the ``B * C`` candidates here (training, with gradients).
+    ``inference``: the cached item side (:meth:`RankingRun._inference`) to gather
+    from, with the first layers factored per query; None embeds the ``B * C``
+    candidates here (training, with gradients).
     """
     num_rows, width = item_idx.shape
     model, tensors = run.model, run.tensors
     target = item_idx[:, 0] if exclude_target else None
-    query = model.embed_queries(query_features(tensors, user_idx, exclude_items=target))
     flat = item_idx.reshape(-1)
-    if candidates is None:
-        candidate = model.embed_candidates(
-            {k: v[flat] for k, v in tensors.item_features.items()}
+    if inference is not None and target is None:
+        per_query = None
+        if inference.users is not None and inference.per_query is not None:
+            query = EmbeddedSide(
+                *(t.index_select(0, user_idx) for t in inference.users)
+            )
+            per_query = inference.per_query.index_select(0, user_idx)
+        else:
+            query = model.embed_queries(query_features(tensors, user_idx))
+        candidate = EmbeddedSide(
+            *(t.index_select(0, flat) for t in inference.candidates)
         )
-    else:
-        candidate = EmbeddedSide(*(t[flat] for t in candidates))
+        q = c = score = None
+        if model.extra_dim:
+            users, items = run.retrieval_vectors()
+            q, c = users[user_idx], items[flat]
+            score = (q.repeat_interleave(width, dim=0) * c).sum(-1)
+        if inference.projection is not None:
+            projection = inference.projection.index_select(0, flat)
+        else:
+            projection = model.project_items(inference.first, candidate, c)
+        out = model.combine_per_query(
+            query,
+            candidate,
+            inference.first,
+            projection,
+            query_embedding=q,
+            candidate_embedding=c,
+            retrieval_score=score,
+            per_query=per_query,
+        )
+        return {k: v.view(num_rows, width) for k, v in out.items()}
+    query = model.embed_queries(query_features(tensors, user_idx, exclude_items=target))
+    candidate = model.embed_candidates(
+        {k: v[flat] for k, v in tensors.item_features.items()}
+    )
     extras = None
     if model.extra_dim:
         users, items = run.retrieval_vectors()

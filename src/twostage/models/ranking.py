@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from twostage.errors import ConfigError
 from twostage.models.towers import HISTORY, FieldInfo, HistoryPooling
 
-__all__ = ["CrossLayer", "CrossNetwork", "RankingModel", "SideEmbedding"]
+__all__ = [
+    "CrossLayer",
+    "CrossNetwork",
+    "FirstLayers",
+    "RankingModel",
+    "SideEmbedding",
+]
 
 Architecture = Literal["dcn", "mlp"]
 Structure = Literal["parallel", "stacked"]
@@ -40,24 +46,39 @@ class CrossLayer(nn.Module):
     """One DCN-v2 cross layer: ``x_{l+1} = x0 * (W x_l + b) + x_l``.
 
     Args:
-        width: size of ``x0`` and ``x_l``; ``W`` is a full-rank ``[width, width]``.
+        width: size of ``x0`` and ``x_l``.
+        rank: 0 for a full-rank ``W`` (``[width, width]``); otherwise ``W = U V`` with
+            ``V`` ``[rank, width]`` and ``U`` ``[width, rank]``, the DCN-v2 paper's
+            low-rank cross layer, which costs ``2 * rank / width`` of the full one.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, rank: int = 0) -> None:
         super().__init__()
-        self.linear = nn.Linear(width, width)
+        self.rank = rank
+        if rank:
+            self.down = nn.Linear(width, rank, bias=False)
+            self.up = nn.Linear(rank, width)
+        else:
+            self.linear = nn.Linear(width, width)
 
     def forward(self, x0: Tensor, x: Tensor) -> Tensor:
         """``x0``, ``x``: ``[B, width]`` -> ``[B, width]``."""
-        return x0 * self.linear(x) + x
+        inner = self.up(self.down(x)) if self.rank else self.linear(x)
+        return torch.addcmul(x, x0, inner)
+
+    def matrix(self) -> tuple[Tensor, Tensor]:
+        """``W`` (``[width, width]``, the product ``U V`` when low-rank) and ``b``."""
+        if self.rank:
+            return self.up.weight @ self.down.weight, self.up.bias
+        return self.linear.weight, self.linear.bias
 
 
 class CrossNetwork(nn.Module):
     """``num_layers`` cross layers applied to the same ``x0``; 0 layers is identity."""
 
-    def __init__(self, width: int, num_layers: int) -> None:
+    def __init__(self, width: int, num_layers: int, rank: int = 0) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(CrossLayer(width) for _ in range(num_layers))
+        self.layers = nn.ModuleList(CrossLayer(width, rank) for _ in range(num_layers))
 
     def forward(self, x0: Tensor) -> Tensor:
         """``x0``: ``[B, width]`` -> ``[B, width]``."""
@@ -153,6 +174,25 @@ class Side(NamedTuple):
         return Side(*(t.repeat_interleave(repeats, dim=0) for t in self))
 
 
+class FirstLayers(NamedTuple):
+    """The weights of the layers that read ``x0``, split by where ``x0``'s columns
+    come from (see :meth:`RankingModel.first_layers`).
+
+    Attributes:
+        query: ``[query columns, F]`` rows for the query's field vectors and retrieval
+            embedding.
+        item: ``[item columns, F]`` rows for the item's field vectors and retrieval
+            embedding.
+        score: ``[F]`` the row of the retrieval score (zeros without extras).
+        bias: ``[F]`` the layers' biases.
+    """
+
+    query: Tensor
+    item: Tensor
+    score: Tensor
+    bias: Tensor
+
+
 class RankingModel(nn.Module):
     """Scores (query, candidate) pairs: ``{"rating": [B], "click": [B]}``.
 
@@ -166,6 +206,8 @@ class RankingModel(nn.Module):
         embedding_dim: width of every field vector.
         architecture: ``dcn`` (cross network plus MLP) or ``mlp`` (MLP only).
         cross_layers: number of cross layers (``dcn`` only).
+        cross_rank: 0 for full-rank cross layers, else the rank of their low-rank
+            ``W = U V`` (see :class:`CrossLayer`).
         structure: cross network beside (``parallel``) or before (``stacked``) the MLP.
         hidden_dims: widths of the MLP's hidden layers.
         dropout: dropout after each hidden layer and on ``x0``.
@@ -187,6 +229,7 @@ class RankingModel(nn.Module):
         embedding_dim: int = 32,
         architecture: Architecture = "dcn",
         cross_layers: int = 2,
+        cross_rank: int = 0,
         structure: Structure = "parallel",
         hidden_dims: Sequence[int] = (256, 64),
         dropout: float = 0.0,
@@ -212,12 +255,15 @@ class RankingModel(nn.Module):
             nn.init.normal_(history.embedding.weight, std=0.05)
             with torch.no_grad():
                 history.embedding.weight[0].zero_()
+        self.embedding_dim = embedding_dim
         self.query = SideEmbedding(query_fields, dim=embedding_dim, history=history)
         self.candidate = SideEmbedding(candidate_fields, dim=embedding_dim)
         num_parts = self.query.num_parts + self.candidate.num_parts
         width = num_parts * embedding_dim + (2 * extra_dim + 1 if extra_dim else 0)
         self.input_dropout = nn.Dropout(dropout)
-        self.cross = CrossNetwork(width, cross_layers if architecture == "dcn" else 0)
+        self.cross = CrossNetwork(
+            width, cross_layers if architecture == "dcn" else 0, cross_rank
+        )
         self.parallel = architecture == "dcn" and structure == "parallel"
         self.deep = _mlp(width, hidden_dims, dropout)
         deep_width = hidden_dims[-1] if hidden_dims else width
@@ -262,7 +308,16 @@ class RankingModel(nn.Module):
         Returns:
             ``{"rating": [B], "click": [B]}``: predicted rating and click logit.
         """
-        parts = [query.vector, candidate.vector]
+        x0 = self.input_dropout(self._x0(query.vector, candidate.vector, extras))
+        crossed = self.cross(x0)
+        if self.parallel:
+            hidden = torch.cat([crossed, self.deep(x0)], dim=-1)
+        else:
+            hidden = self.deep(crossed)
+        return self._heads(hidden, query, candidate)
+
+    def _x0(self, query: Tensor, candidate: Tensor, extras: Tensor | None) -> Tensor:
+        parts = [query, candidate]
         if self.extra_dim:
             if extras is None or extras.shape[-1] != 2 * self.extra_dim + 1:
                 got = None if extras is None else tuple(extras.shape)
@@ -271,12 +326,9 @@ class RankingModel(nn.Module):
                     f"be [B, {2 * self.extra_dim + 1}]. Received: {got}."
                 )
             parts.append(extras)
-        x0 = self.input_dropout(torch.cat(parts, dim=-1))
-        crossed = self.cross(x0)
-        if self.parallel:
-            hidden = torch.cat([crossed, self.deep(x0)], dim=-1)
-        else:
-            hidden = self.deep(crossed)
+        return torch.cat(parts, dim=-1)
+
+    def _heads(self, hidden: Tensor, query: Side, candidate: Side) -> dict[str, Tensor]:
         rating = self.rating_head(hidden).squeeze(-1)
         if self.use_biases:
             dot = (query.factor * candidate.factor).sum(-1)
@@ -284,6 +336,138 @@ class RankingModel(nn.Module):
             rating = rating + candidate.rating_bias
         click = self.click_head(hidden).squeeze(-1) + candidate.click_bias
         return {"rating": rating, "click": click}
+
+    def first_layers(self) -> FirstLayers:
+        """The layers that read ``x0`` itself, split by the side each column of ``x0``
+        comes from (for :meth:`combine_per_query`).
+
+        Those are cross layer 1, and the MLP's first layer when it reads ``x0``
+        (parallel structure, or no cross layers). Their outputs are stacked.
+        """
+        layers: list[tuple[Tensor, Tensor]] = []
+        if self.cross.layers:
+            cross = self.cross.layers[0]
+            assert isinstance(cross, CrossLayer)
+            layers.append(cross.matrix())
+        if (self.parallel or not self.cross.layers) and len(self.deep):
+            deep = self.deep[0]
+            assert isinstance(deep, nn.Linear)
+            layers.append((deep.weight, deep.bias))
+        if not layers:
+            raise ConfigError("this ranker has no layer that reads x0 to factor.")
+        weight = torch.cat([w for w, _ in layers]).T  # (width, F)
+        q = self.query.num_parts * self.embedding_dim
+        c = self.candidate.num_parts * self.embedding_dim
+        d = self.extra_dim
+        # x0 = [query fields (q) | candidate fields (c) | score | query emb (d) | item emb (d)]
+        query_rows = [*range(q), *range(q + c + 1, q + c + 1 + d)]
+        item_rows = [*range(q, q + c), *range(q + c + 1 + d, q + c + 1 + 2 * d)]
+        score = weight[q + c] if d else torch.zeros(weight.shape[1])
+        return FirstLayers(
+            query=weight[query_rows].contiguous(),
+            item=weight[item_rows].contiguous(),
+            score=score.contiguous(),
+            bias=torch.cat([b for _, b in layers]),
+        )
+
+    def combine_per_query(
+        self,
+        query: Side,
+        candidate: Side,
+        first: FirstLayers,
+        projection: Tensor,
+        *,
+        query_embedding: Tensor | None = None,
+        candidate_embedding: Tensor | None = None,
+        retrieval_score: Tensor | None = None,
+        per_query: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """:meth:`combine` for ``C`` candidates of each of ``B`` queries (inference).
+
+        The layers that read ``x0`` are linear, so their product splits into a query
+        part, computed here once per query instead of once per candidate, and an item
+        part (``projection``), which the caller can compute once per item with
+        :meth:`project_items`. The result equals :meth:`combine` on the expanded rows
+        up to float rounding.
+
+        Args:
+            query: embedded query side, ``B`` rows.
+            candidate: embedded candidate side, ``B * C`` rows (query-major).
+            first: :meth:`first_layers` of this model's current weights.
+            projection: ``[B * C, F]`` :meth:`project_items` of the candidates.
+            query_embedding: ``[B, D]`` retrieval query embeddings (extras only).
+            candidate_embedding: ``[B * C, D]`` retrieval item embeddings (extras only).
+            retrieval_score: ``[B * C]`` retrieval scores (extras only).
+            per_query: ``[B, F]`` :meth:`project_queries` of these queries, or None to
+                compute it here.
+        """
+        batch = query.vector.shape[0]
+        repeats = candidate.vector.shape[0] // max(batch, 1)
+        extras = None
+        if self.extra_dim:
+            if (
+                query_embedding is None
+                or candidate_embedding is None
+                or retrieval_score is None
+            ):
+                raise ConfigError(
+                    "this ranker was built with retrieval features: `query_embedding`, "
+                    "`candidate_embedding` and `retrieval_score` are required. "
+                    "Received: None."
+                )
+            extras = retrieval_extras(
+                retrieval_score,
+                query_embedding.repeat_interleave(repeats, dim=0),
+                candidate_embedding,
+            )
+        if per_query is None:
+            per_query = self.project_queries(first, query, query_embedding)
+        pre = projection.view(batch, repeats, -1) + per_query[:, None]
+        pre = pre.view(batch * repeats, -1)
+        if self.extra_dim:
+            assert retrieval_score is not None
+            pre.addcmul_(retrieval_score[:, None], first.score)
+        expanded = query.expand(repeats)
+        x0 = self._x0(expanded.vector, candidate.vector, extras)
+        width = x0.shape[1]
+        if self.cross.layers:
+            x = torch.addcmul(x0, x0, pre[:, :width])  # x0 * (W x0 + b) + x0
+            for layer in self.cross.layers[1:]:
+                x = layer(x0, x)
+            deep_pre = pre[:, width:]
+        else:
+            x, deep_pre = x0, pre
+        if self.parallel:
+            hidden = torch.cat([x, self.deep[1:](deep_pre)], dim=-1)
+        elif self.cross.layers:
+            hidden = self.deep(x)
+        else:
+            hidden = self.deep[1:](deep_pre)
+        return self._heads(hidden, expanded, candidate)
+
+    @staticmethod
+    def project_queries(
+        first: FirstLayers, query: Side, query_embedding: Tensor | None
+    ) -> Tensor:
+        """``[B, F]``: the query's columns of ``x0`` through the first layers, plus
+        their biases. Depends on the query alone, so inference can keep it per user."""
+        query_in = query.vector
+        if query_embedding is not None:
+            query_in = torch.cat([query_in, query_embedding], dim=-1)
+        return torch.addmm(first.bias, query_in, first.query)
+
+    @staticmethod
+    def project_items(
+        first: FirstLayers, candidate: Side, candidate_embedding: Tensor | None
+    ) -> Tensor:
+        """``[N, F]``: the item's columns of ``x0`` through the first layers, no bias.
+
+        Depends on the item alone, so inference computes it once per item.
+        """
+        item_in = candidate.vector
+        if candidate_embedding is not None:
+            item_in = torch.cat([item_in, candidate_embedding], dim=-1)
+        return item_in @ first.item
 
     def forward(
         self,

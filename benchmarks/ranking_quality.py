@@ -159,7 +159,7 @@ def _latency(
         "latency_ms_p50_retrieval_only": float(np.percentile(retrieval, 50)),
         "latency_ms_p99_retrieval_only": float(np.percentile(retrieval, 99)),
         "latency_calls": calls,
-        "latency_candidates": 300,
+        "latency_candidates": rec.default_candidates,
         "latency_threads": 1,
     }
 

@@ -329,17 +329,17 @@ class Recommender:
         retrieval_scores: torch.Tensor,
         rank_scores: torch.Tensor | None,
     ) -> Recommendation:
-        ids = [self._item_id_list[i] for i in idx.tolist()]
+        indices = idx.tolist()
+        scores = retrieval_scores.tolist()
+        ranks = None if rank_scores is None else rank_scores.tolist()
         items = []
-        for position, (index, item_id) in enumerate(
-            zip(idx.tolist(), ids, strict=True)
-        ):
+        for position, index in enumerate(indices):
             entry: dict[str, Any] = {
-                "item_id": item_id,
-                "score": float(retrieval_scores[position]),
+                "item_id": self._item_id_list[index],
+                "score": scores[position],
             }
-            if rank_scores is not None:
-                entry["rank_score"] = float(rank_scores[position])
+            if ranks is not None:
+                entry["rank_score"] = ranks[position]
             if self.items is not None:
                 entry.update(self.items[index])
             items.append(entry)

@@ -61,6 +61,12 @@ class RetrievalConfig:
 
     ``query_fields`` / ``candidate_fields`` restrict the side features to these columns
     (the ID fields are always used); empty means every column the data offers.
+
+    ``negatives`` is ``in_batch`` (the other positives of the batch, plus
+    ``num_extra_negatives`` uniform draws, with the logQ correction) or ``full`` (an
+    exact softmax over the whole catalogue, for catalogues up to some tens of thousands
+    of items); with ``full``, ``mask_seen_negatives`` keeps the user's other training
+    items (its history) out of the negatives.
     """
 
     embedding_dim: int = 64
@@ -76,6 +82,8 @@ class RetrievalConfig:
     logq_correction: bool = True
     logq_weight: float = 1.0
     num_extra_negatives: int = 0
+    negatives: Literal["in_batch", "full"] = "in_batch"
+    mask_seen_negatives: bool = True
     rating_weights: bool = False
     id_dropout: float = 0.1
     dropout: float = 0.0

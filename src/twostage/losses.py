@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["in_batch_softmax_loss"]
+__all__ = ["full_softmax_loss", "in_batch_softmax_loss"]
 
 _MASKED = -1e9  # finite, so a fully masked row cannot produce NaN
 
@@ -111,3 +111,46 @@ def _log_expected_count(
     else:
         probs = candidate_probs
     return torch.log(batch * probs + uniform + 1e-12)[None, :]
+
+
+def full_softmax_loss(
+    queries: Tensor,
+    items: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float | Tensor = 0.05,
+    other_positives: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Softmax over the whole catalogue: every item is a negative, none is sampled.
+
+    Exact where the in-batch loss estimates, so no logQ correction is needed; it costs
+    one candidate-tower pass over the catalogue per step, which pays for catalogues up
+    to some tens of thousands of items. Row 0 of ``items`` (the out-of-vocabulary item)
+    is never a negative.
+
+    Args:
+        queries: ``[B, D]`` query embeddings.
+        items: ``[N, D]`` embeddings of every item, row ``j`` is item index ``j``.
+        targets: ``[B]`` item index of each row's positive.
+        temperature: logits are divided by it.
+        other_positives: ``[B, L]`` item indices (0 = padding) the row's user also
+            interacted with; they are removed from that row's negatives, since they are
+            not negatives.
+        weights: ``[B]`` per-example weights; the loss is the weighted mean.
+
+    Returns:
+        A scalar loss.
+    """
+    logits = queries @ items.T / temperature  # (B, D) @ (D, N) -> (B, N)
+    masked = torch.zeros_like(logits, dtype=torch.bool)
+    masked[:, 0] = True
+    if other_positives is not None and other_positives.shape[1]:
+        masked.scatter_(1, other_positives, True)
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    masked[rows, targets] = False
+    logits = logits.masked_fill(masked, _MASKED)
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum().clamp_min(1e-12)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from twostage.config import RetrievalConfig, TrainConfig
 from twostage.errors import ArtifactError, ConfigError
-from twostage.losses import in_batch_softmax_loss
+from twostage.losses import full_softmax_loss, in_batch_softmax_loss
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.towers import HISTORY
 
@@ -379,6 +379,19 @@ def _loss(
     queries = model.encode_queries(
         query_features(tensors, users, exclude_items=items, drop_ids=drop)
     )
+    weights = tensors.weights[batch] if tensors.weights is not None else None
+    if model_config.negatives == "full":
+        others = None
+        if model_config.mask_seen_negatives:
+            others = tensors.history[users]
+        return full_softmax_loss(
+            queries,
+            model.encode_items(tensors.item_features),
+            items,
+            temperature=model.temperature,
+            other_positives=others,
+            weights=weights,
+        )
     candidates = model.encode_items(
         {k: v[items] for k, v in tensors.item_features.items()}
     )
@@ -395,7 +408,6 @@ def _loss(
             {k: v[extra_ids] for k, v in tensors.item_features.items()}
         )
         extra_probs = tensors.item_probs[extra_ids]
-    weights = tensors.weights[batch] if tensors.weights is not None else None
     probs = tensors.item_probs[items] if model_config.logq_correction else None
     return in_batch_softmax_loss(
         queries,

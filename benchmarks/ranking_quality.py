@@ -7,8 +7,10 @@ the rating head's RMSE/MAE and the click head's AUC on the test pairs, the list 
 of retrieval alone and of retrieve-then-re-rank, and the RMSE of the TFRS basic
 ranking model (a 256-64-1 MLP over the user and item ID embeddings) on the same split.
 Last, it saves the two-stage Recommender as a bundle, loads it back, and times
-``recommend(user_id, k=10)`` for one user at a time (300 candidates re-ranked) on one
-torch thread: warm-up, then ``--latency-calls`` calls over random known users.
+``recommend(user_id, k=10)`` for one user at a time (the ranker's ``num_candidates``
+re-ranked) on one torch thread: warm-up, then ``--latency-calls`` calls over random
+known users. ``--candidates-sweep`` repeats the list metrics and the timing with fewer
+(or more) candidates re-ranked, the serving-time knob (``twostage serve --candidates``).
 
     python benchmarks/ranking_quality.py --json benchmarks/results/ranking_quality.json
 
@@ -20,6 +22,7 @@ other); the latency tail (p99) grows with that load too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tempfile
@@ -77,6 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=1000,
         help="timed recommend() calls, one random known user each",
     )
+    parser.add_argument(
+        "--candidates-sweep",
+        default="100,150,200",
+        help="comma-separated candidate counts (>= 100) to re-rank in the sweep",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -99,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baseline_seconds = time.perf_counter() - baseline_started
     latency = _latency(run, ranking, dataset.items, calls=args.latency_calls)
     torch.set_num_threads(args.threads)
+    counts = [int(c) for c in args.candidates_sweep.split(",") if c.strip()]
+    sweep = _candidates_sweep(run, ranking, test, dataset.items, counts, calls=300)
+    torch.set_num_threads(args.threads)
 
     payload = {
         "dataset": "movielens-100k",
@@ -112,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_candidates": result["num_candidates"],
         "baseline_mlp_rmse": baseline_rmse,
         **latency,
+        "candidates_sweep": sweep,
         "train_seconds": train_seconds,
         "retrieval_seconds": retrieval_seconds,
         "ranking_seconds": ranking.train_seconds,
@@ -164,6 +176,52 @@ def _latency(
     }
 
 
+def _candidates_sweep(
+    run: RetrievalRun,
+    ranking: RankingRun,
+    test: Any,
+    items: Any,
+    counts: list[int],
+    *,
+    calls: int,
+) -> list[dict[str, Any]]:
+    """List metrics and ``recommend`` latency with ``c`` candidates re-ranked, per ``c``.
+
+    The ranker is the same; only how many retrieved items it re-orders changes.
+    """
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        Recommender(run, items=items, ranker=ranking).save(Path(tmp) / "1")
+        rec = load(Path(tmp) / "1")
+    users = rec.user_vocab.values.to_list()
+    picks = np.random.default_rng(1).integers(0, len(users), calls + 100)
+    for count in counts:
+        config = dataclasses.replace(ranking.config, num_candidates=count)
+        result = evaluate_ranking(dataclasses.replace(ranking, config=config), test)
+        times = []
+        for n, pick in enumerate(picks):
+            start = time.perf_counter()
+            rec.recommend(users[pick], 10, candidates=count)
+            if n >= 100:
+                times.append(time.perf_counter() - start)
+        ms = np.asarray(times) * 1000
+        rows.append(
+            {
+                "candidates": count,
+                "ndcg_10": _at(result["two_stage"]["ndcg"], 10),
+                "hit_rate_10": _at(result["two_stage"]["hit_rate"], 10),
+                "latency_ms_p50": float(np.percentile(ms, 50)),
+                "latency_ms_p99": float(np.percentile(ms, 99)),
+            }
+        )
+    return rows
+
+
+def _at(values: dict[Any, float], k: int) -> float:
+    return float(values[k] if k in values else values[str(k)])
+
+
 def _report(payload: dict[str, Any]) -> None:
     print_table(
         "Rating and click heads (test pairs)",
@@ -202,6 +260,21 @@ def _report(payload: dict[str, Any]) -> None:
             ],
         ],
     )
+    if payload["candidates_sweep"]:
+        print_table(
+            "Candidates re-ranked: list quality and recommend() latency (1 thread)",
+            ["candidates", "NDCG@10", "HR@10", "p50 ms", "p99 ms"],
+            [
+                [
+                    row["candidates"],
+                    row["ndcg_10"],
+                    row["hit_rate_10"],
+                    row["latency_ms_p50"],
+                    row["latency_ms_p99"],
+                ]
+                for row in payload["candidates_sweep"]
+            ],
+        )
     console.print(
         f"trained in {payload['train_seconds']:.1f} s (retrieval "
         f"{payload['retrieval_seconds']:.1f} s, ranker {payload['ranking_seconds']:.1f}"

@@ -438,12 +438,20 @@ class RankingModel(nn.Module):
         else:
             x, deep_pre = x0, pre
         if self.parallel:
-            hidden = torch.cat([x, self.deep[1:](deep_pre)], dim=-1)
+            hidden = torch.cat([x, self._deep_after_first(deep_pre)], dim=-1)
         elif self.cross.layers:
             hidden = self.deep(x)
         else:
-            hidden = self.deep[1:](deep_pre)
+            hidden = self._deep_after_first(deep_pre)
         return self._heads(hidden, expanded, candidate)
+
+    def _deep_after_first(self, x: Tensor) -> Tensor:
+        """The MLP after its first linear layer (slicing the Sequential would build a
+        new module on every call)."""
+        for index, module in enumerate(self.deep):
+            if index:
+                x = module(x)
+        return x
 
     @staticmethod
     def project_queries(

@@ -9,10 +9,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from twostage.cli import app
 from twostage.pipeline import load
+from twostage.serving.workers import reuse_port_supported, run_workers
 
 runner = CliRunner()
 
@@ -104,3 +106,71 @@ def test_serve_refuses_a_missing_directory(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", str(tmp_path / "nowhere")])
     assert result.exit_code != 0
     assert "not a directory" in str(result.exception)
+
+
+def _wait_healthy(port: int, server: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
+                assert json.loads(r.read())["status"] == "ok"
+                return
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.skipif(
+    not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
+)
+def test_serve_workers_share_the_port_and_both_answer(models_dir: Path) -> None:
+    """Regression: with one shared socket, a worker took every connection."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "TWOSTAGE_API_KEY": ""}
+    command = [
+        sys.executable,
+        "-m",
+        "twostage",
+        "serve",
+        str(models_dir),
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--poll-seconds",
+        "0",
+        "--log-level",
+        "warning",
+    ]
+    server = subprocess.Popen(command, env=env)
+    try:
+        _wait_healthy(port, server)
+        pids = set()
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            # A new connection each time: the kernel spreads them over the sockets.
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
+                    pids.add(json.loads(r.read())["pid"])
+            except OSError:
+                time.sleep(0.2)  # the second worker may still be loading
+        assert len(pids) == 2
+        assert server.pid not in pids  # the parent only supervises
+        server.terminate()
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_run_workers_reports_a_port_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            run_workers("127.0.0.1", port, 2, log_level="warning")

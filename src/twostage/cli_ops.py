@@ -32,7 +32,11 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[
-        int, typer.Option(help="Worker processes (each holds its own models).")
+        int,
+        typer.Option(
+            help="Worker processes, each holding its own models; on Linux each "
+            "accepts on its own SO_REUSEPORT socket, so connections spread over them."
+        ),
     ] = 1,
     max_k: Annotated[int, typer.Option(help="Largest k a request may ask for.")] = 100,
     max_body_bytes: Annotated[
@@ -66,6 +70,7 @@ def serve_command(
 
     from twostage.serving.app import SETTINGS_ENV, ServeSettings, settings_to_env
     from twostage.serving.registry import ModelRegistry
+    from twostage.serving.workers import reuse_port_supported, run_workers
 
     settings = ServeSettings(
         models=str(models),
@@ -79,6 +84,14 @@ def serve_command(
     ModelRegistry(models)  # a wrong path fails here, before uvicorn starts
     os.environ[SETTINGS_ENV] = settings_to_env(settings)
     console.print(f"serving {models} on http://{host}:{port}/ (API docs at /docs)")
+    if workers > 1 and reuse_port_supported():
+        try:
+            code = run_workers(host, port, workers, log_level=log_level)
+        except OSError as e:
+            raise typer.BadParameter(
+                f"cannot listen on {host}:{port}: {e}", param_hint="--port"
+            ) from e
+        raise typer.Exit(code)
     uvicorn.run(
         "twostage.serving.app:app_from_env",
         factory=True,

@@ -361,7 +361,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         }
         ready = bool(serving) and all(v is not None for v in serving.values())
         return JSONResponse(
-            {"status": "ok" if ready else "unavailable", "models": serving},
+            {
+                "status": "ok" if ready else "unavailable",
+                "models": serving,
+                "pid": os.getpid(),
+            },
             200 if ready else 503,
         )
 

@@ -195,6 +195,18 @@ def test_config_is_strict() -> None:
         _config("retrieval.history_pooling=max")
     with pytest.raises(ConfigError, match="unknown feature column"):
         fit_retrieval(_config("retrieval.query_fields=shoe_size"))
+    with pytest.raises(ConfigError, match=r"e\.g\. `256,128`"):
+        _config("retrieval.hidden_dims=[256,")
+
+
+def test_list_overrides_take_commas_or_json() -> None:
+    """Regression: `retrieval.hidden_dims=[256]` said "should be of type int"."""
+    for raw in ("256,128", "[256, 128]", " [256,128] "):
+        assert _config(f"retrieval.hidden_dims={raw}").retrieval.hidden_dims == (
+            256,
+            128,
+        )
+    assert _config("retrieval.hidden_dims=[]").retrieval.hidden_dims == ()
 
 
 def test_id_only_model_has_no_side_fields() -> None:

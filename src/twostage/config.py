@@ -174,7 +174,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             )
         return value
     if origin is tuple:
-        if isinstance(value, str):
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"`{where}` should be a list, e.g. `256,128` or `[256, 128]`. "
+                    f"Received: {value!r} ({e.msg})."
+                ) from e
+        elif isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"`{where}` should be a list. Received: {value!r}.")

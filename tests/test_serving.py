@@ -1,6 +1,7 @@
 """The HTTP service: every route, every bad-request class, version swaps, API keys."""
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
         assert client.get("/healthz").json() == {
             "status": "ok",
             "models": {"synthetic": 1},
+            "pid": os.getpid(),  # the worker that answered
         }
         assert client.get("/v1/models").json()["models"] == [
             {"name": "synthetic", "version": 1}

@@ -148,19 +148,64 @@ def test_serve_workers_share_the_port_and_both_answer(models_dir: Path) -> None:
     server = subprocess.Popen(command, env=env)
     try:
         _wait_healthy(port, server)
-        pids = set()
-        deadline = time.monotonic() + 60
-        while len(pids) < 2 and time.monotonic() < deadline:
-            # A new connection each time: the kernel spreads them over the sockets.
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
-                    pids.add(json.loads(r.read())["pid"])
-            except OSError:
-                time.sleep(0.2)  # the second worker may still be loading
+        pids = _worker_pids(port, 2)
         assert len(pids) == 2
         assert server.pid not in pids  # the parent only supervises
         server.terminate()
         assert server.wait(timeout=60) == 0
+        _assert_gone(pids)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _worker_pids(port: int, wanted: int, timeout_s: float = 60) -> set[int]:
+    """The pids that answer /healthz, one new connection per request (the kernel
+    spreads new connections over the workers' sockets)."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(pids) < wanted and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
+                pids.add(json.loads(r.read())["pid"])
+        except OSError:
+            time.sleep(0.2)  # a worker may still be loading its models
+    return pids
+
+
+def _assert_gone(pids: set[int], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        time.sleep(0.2)
+    assert not alive, f"workers {sorted(alive)} outlived their supervisor"
+
+
+@pytest.mark.skipif(
+    not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
+)
+def test_serve_workers_stop_when_the_supervisor_is_killed(models_dir: Path) -> None:
+    """SIGKILL leaves the supervisor no chance to stop them: they notice and leave."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "TWOSTAGE_API_KEY": ""}
+    command = [sys.executable, "-m", "twostage", "serve", str(models_dir)]
+    command += ["--port", str(port), "--workers", "2", "--poll-seconds", "0"]
+    server = subprocess.Popen([*command, "--log-level", "warning"], env=env)
+    try:
+        _wait_healthy(port, server)
+        pids = _worker_pids(port, 2)
+        assert len(pids) == 2
+        server.kill()
+        server.wait()
+        _assert_gone(pids)
     finally:
         if server.poll() is None:
             server.kill()

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 from multiprocessing.process import BaseProcess
 
 logger = logging.getLogger(__name__)
@@ -49,11 +51,24 @@ def bind_reuse_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(sock: socket.socket, log_level: str) -> None:
+def _worker(sock: socket.socket, log_level: str, parent: int) -> None:
     import uvicorn
+
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
     config = uvicorn.Config(APP, factory=True, log_level=log_level, access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Shut this worker down gracefully once its supervisor is gone (even killed by
+    SIGKILL, which leaves it no chance to stop its workers): no orphan keeps the port."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    logger.warning(
+        "the supervisor (pid %d) is gone; stopping worker %d", parent, os.getpid()
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_workers(host: str, port: int, workers: int, *, log_level: str) -> int:
@@ -74,7 +89,9 @@ def run_workers(host: str, port: int, workers: int, *, log_level: str) -> int:
         raise
     context = multiprocessing.get_context("spawn")
     processes: list[BaseProcess] = [
-        context.Process(target=_worker, args=(sock, log_level), daemon=False)
+        context.Process(
+            target=_worker, args=(sock, log_level, os.getpid()), daemon=False
+        )
         for sock in sockets
     ]
     stop = threading.Event()

@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--requests", type=int, default=10_000, help="per phase")
     parser.add_argument("--time-cap", type=float, default=60.0, help="s per phase")
     parser.add_argument("--concurrency", type=int, default=4, help="connections")
-    parser.add_argument("--workers", type=int, default=1, help="server processes")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="server processes (2: one per core here)"
+    )
     parser.add_argument(
         "--swap-after", type=float, default=2.0, help="s into phase 2 to publish v2"
     )

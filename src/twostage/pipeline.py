@@ -220,7 +220,7 @@ class Recommender:
                 for an unknown user.
             exclude_seen: drop the user's training items.
             candidates: how many items retrieval passes to ranking; default: the
-                number the ranking stage was trained and evaluated with (200 unless
+                number the ranking stage was trained and evaluated with (100 unless
                 configured), or 300 without a ranking stage.
             filters: keep only items whose metadata matches, e.g.
                 ``{"genres": "Comedy"}`` (a list column matches by membership).

@@ -90,7 +90,9 @@ class RankingConfig:
         num_hard_negatives: click negatives per positive drawn from the user's
             ``hard_negative_pool`` best unseen retrieval items; ``num_random_negatives``
             drawn uniformly.
-        num_candidates: items retrieved per user before re-ranking.
+        num_candidates: items retrieved per user before re-ranking (and the default
+            of ``Recommender.recommend``). On MovieLens-100k, 100 gave every user the
+            same top 10 as 200, at a lower serving cost; 50 changed 11 users' lists.
         blend_weight: weight of the retrieval logit in the re-ranking order; None picks
             it per run from :data:`BLEND_GRID` on validation (set it when
             ``click_weight`` is 0: the click head is then untrained). The default 0.5
@@ -121,7 +123,7 @@ class RankingConfig:
     num_hard_negatives: int = 2
     num_random_negatives: int = 2
     hard_negative_pool: int = 500
-    num_candidates: int = 200
+    num_candidates: int = 100
     blend_weight: float | None = 0.5
     epochs: int = 30
     batch_size: int = 1024

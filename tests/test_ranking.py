@@ -318,11 +318,17 @@ def test_score_reuses_item_rows_until_the_weights_change(
     save_ranking(ranking, tmp_path)
     loaded = load_ranking(tmp_path, run)
     _assert_score_matches_embedding_per_call(loaded)
-    assert loaded.candidate_side() is loaded.candidate_side()
+    side = loaded.candidate_side()
+    assert side is not None and loaded.candidate_side() is side
     # Catalogues too big for the cache of item projections project per call.
     monkeypatch.setattr(ranking_module, "_PROJECTION_CACHE_BYTES", 0)
     loaded.model.load_state_dict(loaded.model.state_dict())  # a fresh cache
     assert loaded._inference().projection is None
+    _assert_score_matches_embedding_per_call(loaded)
+    # ... and too big for the item rows: each call embeds its candidates.
+    monkeypatch.setattr(ranking_module, "_ITEM_CACHE_BYTES", 0)
+    loaded.model.load_state_dict(loaded.model.state_dict())
+    assert loaded.candidate_side() is None
     _assert_score_matches_embedding_per_call(loaded)
     monkeypatch.undo()
     users, items = torch.tensor([1, 2]), torch.tensor([[3, 4, 5], [6, 7, 8]])

@@ -321,13 +321,15 @@ class RankingRun:
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
 
-    def candidate_side(self) -> EmbeddedSide:
+    def candidate_side(self) -> EmbeddedSide | None:
         """``[N, ...]`` every item's embedded candidate side, for inference.
 
         Computed once and reused until the weights or the item table change
         (optimiser steps and ``load_state_dict`` bump the parameters' version
         counters), so scoring a user's candidates only gathers rows. Each row equals
-        embedding that item alone (per-row lookups and maps): the same bits.
+        embedding that item alone (per-row lookups and maps): the same bits. None
+        when the table would pass ``_ITEM_CACHE_BYTES``: each call then embeds its
+        candidates.
         """
         return self._inference().candidates
 
@@ -351,18 +353,23 @@ class RankingRun:
 
     def _build_inference(self) -> _Inference:
         model = self.model
-        side = model.embed_candidates(self.tensors.item_features)
         first = model.first_layers()
         width = first.item.shape[1]
         user_vectors = item_vectors = None
         if model.extra_dim:
             user_vectors, item_vectors = self.retrieval_vectors()
-        projection = None
-        if side.vector.shape[0] * width * 4 <= _PROJECTION_CACHE_BYTES:
-            projection = model.project_items(first, side, item_vectors)
+        # Row widths: field vectors, the factor, two biases.
+        item_row = (model.candidate.num_parts + 1) * model.embedding_dim + 2
+        query_row = (model.query.num_parts + 1) * model.embedding_dim + 2
+        side = projection = None
+        num_items = self.tensors.num_items
+        if num_items * item_row * 4 <= _ITEM_CACHE_BYTES:
+            side = model.embed_candidates(self.tensors.item_features)
+            if num_items * width * 4 <= _PROJECTION_CACHE_BYTES:
+                projection = model.project_items(first, side, item_vectors)
         users = per_query = None
         num_users = self.tensors.history.shape[0]
-        if num_users * (width + side.vector.shape[1]) * 4 <= _PROJECTION_CACHE_BYTES:
+        if num_users * (width + query_row) * 4 <= _PROJECTION_CACHE_BYTES:
             chunks = [
                 model.embed_queries(query_features(self.tensors, chunk))
                 for chunk in torch.arange(num_users).split(4096)
@@ -377,6 +384,10 @@ class RankingRun:
 #: Largest ``[N, F]`` table of item (or user) projections inference keeps: bigger
 #: catalogues project the candidates (users) of each call instead.
 _PROJECTION_CACHE_BYTES = 256 * 2**20
+#: Largest table of every item's embedded side inference keeps: bigger catalogues
+#: (1M items with text and genre features take about 650 MB) embed the candidates of
+#: each call instead.
+_ITEM_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -384,7 +395,7 @@ class _Inference:
     """Per-weights caches of inference: every item's side and projection through the
     first layers, and where the table fits, every user's."""
 
-    candidates: EmbeddedSide
+    candidates: EmbeddedSide | None
     first: FirstLayers
     projection: Tensor | None
     users: EmbeddedSide | None = None
@@ -420,9 +431,14 @@ def _forward(
             per_query = inference.per_query.index_select(0, user_idx)
         else:
             query = model.embed_queries(query_features(tensors, user_idx))
-        candidate = EmbeddedSide(
-            *(t.index_select(0, flat) for t in inference.candidates)
-        )
+        if inference.candidates is not None:
+            candidate = EmbeddedSide(
+                *(t.index_select(0, flat) for t in inference.candidates)
+            )
+        else:
+            candidate = model.embed_candidates(
+                {k: v[flat] for k, v in tensors.item_features.items()}
+            )
         q = c = score = None
         if model.extra_dim:
             users, items = run.retrieval_vectors()

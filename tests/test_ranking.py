@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from twostage import ranking as ranking_module
 from twostage.config import ExperimentConfig, apply_overrides, from_dict
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError, DataError
@@ -19,7 +18,6 @@ from twostage.models.towers import FieldInfo
 from twostage.ranking import (
     RankingConfig,
     RankingRun,
-    _forward,
     auc,
     evaluate_ranking,
     fit_ranking,
@@ -28,6 +26,8 @@ from twostage.ranking import (
     rmse,
     save_ranking,
 )
+from twostage.ranking import run as ranking_module
+from twostage.ranking.run import _forward
 
 RETRIEVAL = [
     "data.validation_fraction=0.1",

@@ -1,0 +1,187 @@
+"""Evaluating the ranker: rating error, click AUC and two-stage lists."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from twostage.data.dataset import Dataset
+from twostage.errors import DataError
+from twostage.experiment import test_queries
+from twostage.metrics import MetricAccumulator, UserItems
+from twostage.ranking.run import (
+    BLEND_GRID,
+    KS,
+    RankingRun,
+    _is_pair,
+    _pairs,
+    _seen,
+    _top_unseen,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def rmse(predicted: Tensor, target: Tensor) -> float:
+    """Root mean squared error of two ``[n]`` tensors."""
+    return float(torch.sqrt(torch.mean((predicted.double() - target.double()) ** 2)))
+
+
+def mae(predicted: Tensor, target: Tensor) -> float:
+    """Mean absolute error of two ``[n]`` tensors."""
+    return float(torch.mean(torch.abs(predicted.double() - target.double())))
+
+
+def auc(positive: Tensor, negative: Tensor) -> float:
+    """P(a random positive outscores a random negative), ties counting 1/2.
+
+    Args:
+        positive: ``[p]`` scores of positive examples.
+        negative: ``[n]`` scores of negative examples.
+    """
+    p, n = positive.numel(), negative.numel()
+    if p == 0 or n == 0:
+        raise DataError(
+            "`auc` needs at least one positive and one negative score. "
+            f"Received: {p} positive(s), {n} negative(s)."
+        )
+    scores = torch.cat([positive, negative]).double()
+    order = scores.argsort()
+    # Mann-Whitney U with 1-based ranks averaged over ties.
+    _, inverse, counts = torch.unique_consecutive(
+        scores[order], return_inverse=True, return_counts=True
+    )
+    tie_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2
+    ranks = torch.empty_like(scores)
+    ranks[order] = tie_rank[inverse]
+    return float((ranks[:p].sum() - p * (p + 1) / 2) / (p * n))
+
+
+def _two_stage(
+    ranking: RankingRun,
+    user_idx: Tensor,
+    seen: UserItems,
+    blend_weights: tuple[float, ...],
+    *,
+    chunk: int = 256,
+) -> tuple[Tensor, dict[float, Tensor]]:
+    """Retrieve ``num_candidates`` unseen items per user, then re-rank them.
+
+    Returns:
+        ``[Q, C]`` item_idx in retrieval order and, per blend weight, ``[Q, C]`` in
+        re-ranked order; ``-1`` marks empty slots, which stay last.
+    """
+    k = ranking.config.num_candidates
+    retrieved: list[Tensor] = []
+    reranked: dict[float, list[Tensor]] = {w: [] for w in blend_weights}
+    for start in range(0, len(user_idx), chunk):
+        users = user_idx[start : start + chunk]
+        ids, logits = _top_unseen(
+            ranking, users, seen.slice(start, start + len(users)), k
+        )
+        click = ranking.score(users, ids.clamp_min(0))["click"]
+        retrieved.append(ids)
+        for w in blend_weights:
+            key = (click + w * logits).masked_fill(ids < 0, -math.inf)
+            order = key.argsort(dim=1, descending=True, stable=True)
+            reranked[w].append(ids.gather(1, order))
+    return torch.cat(retrieved), {w: torch.cat(v) for w, v in reranked.items()}
+
+
+def _list_metrics(
+    ids: Tensor, relevant: UserItems, num_items: int
+) -> dict[str, dict[str, float]]:
+    """``{"ndcg", "hit_rate"} -> "k" -> value`` of ``[Q, K]`` ranked item_idx."""
+    acc = MetricAccumulator(ks=KS, num_items=num_items)
+    acc.update(ids, relevant)
+    metrics = acc.compute()
+    return {m: {str(k): v for k, v in metrics[m].items()} for m in ("ndcg", "hit_rate")}
+
+
+def _queries(ranking: RankingRun, data: Dataset) -> tuple[Tensor, UserItems, UserItems]:
+    """One query per user of ``data``: ``[Q]`` user_idx, relevant unseen, seen items."""
+    queries = test_queries(ranking.retrieval, data)
+    seen = _seen(ranking.tensors).take(queries.user_idx)
+    return torch.from_numpy(queries.user_idx), queries.relevant.difference(seen), seen
+
+
+def _pick_blend(ranking: RankingRun, validation: Dataset) -> float:
+    """The blend weight of :data:`BLEND_GRID` with the best validation NDCG@10."""
+    if not validation.num_interactions:
+        return 0.0
+    user_idx, relevant, seen = _queries(ranking, validation)
+    _, lists = _two_stage(ranking, user_idx, seen, BLEND_GRID)
+    num_items = ranking.tensors.num_items
+    ndcg = {
+        w: _list_metrics(ids, relevant, num_items)["ndcg"]["10"]
+        for w, ids in lists.items()
+    }
+    logger.info("validation NDCG@10 by blend weight: %s", ndcg)
+    return max(ndcg, key=ndcg.__getitem__)
+
+
+def evaluate_ranking(
+    ranking: RankingRun, test: Dataset, *, seed: int = 0
+) -> dict[str, Any]:
+    """Rating error, click AUC and the two-stage list quality on a test split.
+
+    Args:
+        ranking: the trained ranker (its tables say which items are seen).
+        test: held-out interactions; a user's test items are the relevant ones.
+        seed: seed of the AUC's negatives.
+
+    Returns:
+        ``rmse`` and ``mae`` of the rating head on the rated test pairs (clipped to the
+        training range; unknown IDs use the OOV rows); ``auc`` of the click head, each
+        test pair against one uniform item that is neither a training nor a test item
+        of the user; ``retrieval_only`` and ``two_stage``: ``{"ndcg", "hit_rate"}`` ->
+        ``"k"`` -> per-user mean (users with a relevant unseen item; unknown users are
+        the OOV row) for k in 1, 5, 10, 50, 100; and ``blend_weight``,
+        ``num_candidates``, ``num_test_pairs``.
+    """
+    users, items, ratings = _pairs(ranking.retrieval, test, known_only=False)
+    splits = zip(users.split(8192), items.split(8192), strict=True)
+    predicted = torch.cat(
+        [ranking.score(u, i[:, None])["rating"][:, 0] for u, i in splits]
+    )
+    rated = ~torch.isnan(ratings)
+    result: dict[str, Any] = {"num_test_pairs": len(users)}
+    if rated.any():
+        result["rmse"] = rmse(predicted[rated], ratings[rated])
+        result["mae"] = mae(predicted[rated], ratings[rated])
+    result["auc"] = _test_auc(ranking, users, items, seed)
+    user_idx, relevant, seen = _queries(ranking, test)
+    retrieved, lists = _two_stage(ranking, user_idx, seen, (ranking.blend_weight,))
+    num_items = ranking.tensors.num_items
+    result["retrieval_only"] = _list_metrics(retrieved, relevant, num_items)
+    result["two_stage"] = _list_metrics(
+        lists[ranking.blend_weight], relevant, num_items
+    )
+    result["blend_weight"] = ranking.blend_weight
+    result["num_candidates"] = ranking.config.num_candidates
+    return result
+
+
+def _test_auc(ranking: RankingRun, users: Tensor, items: Tensor, seed: int) -> float:
+    """Click AUC: each test pair against a uniform item unknown to its user."""
+    num_items, tensors = ranking.tensors.num_items, ranking.tensors
+    pair_keys = torch.cat(
+        [tensors.users * num_items + tensors.items, users * num_items + items]
+    )
+    known = pair_keys.unique()  # sorted
+    generator = torch.Generator().manual_seed(seed)
+    negatives = torch.randint(1, num_items, (len(users),), generator=generator)
+    for _ in range(20):  # redraw the negatives that are a known pair of their user
+        clash = _is_pair(known, users, negatives, num_items)
+        if not clash.any():
+            break
+        redraw = torch.randint(1, num_items, (int(clash.sum()),), generator=generator)
+        negatives[clash] = redraw
+    candidates = torch.stack([items, negatives], dim=1)
+    splits = zip(users.split(8192), candidates.split(8192), strict=True)
+    click = torch.cat([ranking.score(u, c)["click"] for u, c in splits])
+    return auc(click[:, 0], click[:, 1])

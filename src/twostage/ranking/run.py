@@ -1,0 +1,453 @@
+"""The ranking stage's config and the trained ranker (:class:`RankingRun`): building
+the model, inference with its caches, and the pair tables training and evaluation use."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from twostage.config import from_dict
+from twostage.data.dataset import ITEM, RATING, USER, Dataset
+from twostage.errors import ConfigError, DataError
+from twostage.experiment import RetrievalRun
+from twostage.features.fields import Side
+from twostage.metrics import UserItems
+from twostage.models.ranking import FirstLayers, RankingModel, retrieval_extras
+from twostage.models.ranking import Side as EmbeddedSide
+from twostage.models.towers import FieldInfo
+from twostage.train import RetrievalTensors, query_features
+
+logger = logging.getLogger(__name__)
+
+KS = (1, 5, 10, 50, 100)
+BLEND_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+Pairs = tuple[Tensor, Tensor, Tensor]  # [n] user_idx, [n] item_idx, [n] rating (NaN)
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """Shape of the ranker, its objectives and its optimisation (saved with it).
+
+    Attributes:
+        embedding_dim: width of every field vector.
+        architecture: ``dcn`` (cross network and MLP) or ``mlp`` (MLP only).
+        cross_layers: DCN-v2 cross layers; ``structure``: beside (``parallel``) or
+            before (``stacked``) the MLP of ``hidden_dims``, with ``dropout``.
+        cross_rank: 0 for full-rank cross layers, else the rank ``r`` of low-rank
+            ones (``W = U V``, ``2 r / width`` of the cost).
+        use_history: pool the user's recent items (SVD++-like implicit feedback).
+        use_biases: global mean, user/item biases and the factorisation term.
+        use_retrieval_features: feed the retrieval score and both tower embeddings.
+        rating_weight: weight of the rating MSE; ``click_weight``: of the click BCE.
+        num_hard_negatives: click negatives per positive drawn from the user's
+            ``hard_negative_pool`` best unseen retrieval items; ``num_random_negatives``
+            drawn uniformly.
+        num_candidates: items retrieved per user before re-ranking (and the default
+            of ``Recommender.recommend``). On MovieLens-100k, 100 gave every user the
+            same top 10 as 200, at a lower serving cost; 50 changed 11 users' lists.
+        blend_weight: weight of the retrieval logit in the re-ranking order; None picks
+            it per run from :data:`BLEND_GRID` on validation (set it when
+            ``click_weight`` is 0: the click head is then untrained). The default 0.5
+            was the best on the MovieLens-100k validation carve-out; per-run picks
+            swing between 0.25 and 2 with the seed, as 5% of the data is a noisy judge.
+        early_stopping_patience: epochs without a better validation RMSE (click AUC
+            without ratings) before stopping; the best epoch's weights are kept.
+        validation_fraction: carved out of the training data when :func:`fit_ranking`
+            gets no ``validation``.
+
+    ``architecture="mlp"`` with ``use_history``, ``use_biases``,
+    ``use_retrieval_features`` off and ``click_weight=0`` is the TFRS basic ranking
+    model.
+    """
+
+    embedding_dim: int = 32
+    architecture: Literal["dcn", "mlp"] = "dcn"
+    cross_layers: int = 2
+    cross_rank: int = 0
+    structure: Literal["parallel", "stacked"] = "parallel"
+    hidden_dims: tuple[int, ...] = (256, 64)
+    dropout: float = 0.2
+    use_history: bool = True
+    use_biases: bool = True
+    use_retrieval_features: bool = True
+    rating_weight: float = 1.0
+    click_weight: float = 0.5
+    num_hard_negatives: int = 2
+    num_random_negatives: int = 2
+    hard_negative_pool: int = 500
+    num_candidates: int = 100
+    blend_weight: float | None = 0.5
+    epochs: int = 30
+    batch_size: int = 1024
+    learning_rate: float = 0.003
+    weight_decay: float = 0.0
+    early_stopping_patience: int = 3
+    validation_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        rules = {
+            "architecture": (self.architecture in ("dcn", "mlp"), "dcn or mlp"),
+            "structure": (
+                self.structure in ("parallel", "stacked"),
+                "parallel/stacked",
+            ),
+            "embedding_dim": (self.embedding_dim >= 1, "a positive integer"),
+            "cross_layers": (self.cross_layers >= 0, "a non-negative integer"),
+            "cross_rank": (self.cross_rank >= 0, "a non-negative integer"),
+            "hidden_dims": (all(h >= 1 for h in self.hidden_dims), "positive widths"),
+            "dropout": (0.0 <= self.dropout < 1.0, "in [0, 1)"),
+            "rating_weight": (self.rating_weight >= 0, "non-negative"),
+            "click_weight": (self.click_weight >= 0, "non-negative"),
+            "num_hard_negatives": (self.num_hard_negatives >= 0, "non-negative"),
+            "num_random_negatives": (self.num_random_negatives >= 0, "non-negative"),
+            "hard_negative_pool": (self.hard_negative_pool >= 1, "positive"),
+            "num_candidates": (self.num_candidates >= max(KS), f">= {max(KS)}"),
+            "epochs": (self.epochs >= 1, "a positive integer"),
+            "batch_size": (self.batch_size >= 1, "a positive integer"),
+            "learning_rate": (self.learning_rate > 0, "positive"),
+            "weight_decay": (self.weight_decay >= 0, "non-negative"),
+            "early_stopping_patience": (self.early_stopping_patience >= 0, ">= 0"),
+            "validation_fraction": (0 < self.validation_fraction < 1, "in (0, 1)"),
+        }
+        for name, (ok, expected) in rules.items():
+            if not ok:
+                raise ConfigError(
+                    f"`{name}` should be {expected}. "
+                    f"Received: `{name}` = {getattr(self, name)!r}."
+                )
+        if self.rating_weight + self.click_weight == 0:
+            raise ConfigError(
+                "`rating_weight` and `click_weight` should not both be 0: nothing "
+                "would be learned. Received: 0 and 0."
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RankingConfig:
+        """Strict: unknown keys and wrong types are :class:`ConfigError`."""
+        return from_dict(cls, values)
+
+
+def build_ranking_model(
+    run: RetrievalRun, config: RankingConfig, *, rating_mean: float = 0.0
+) -> RankingModel:
+    """The ranker for a retrieval run's features (from a saved config, never defaults)."""
+
+    def fields(side: Side) -> list[FieldInfo]:
+        return [
+            FieldInfo(f.key, f.output, f.num_embeddings or 0, f.width)
+            for f in run.spec.describe(side=side)
+        ]
+
+    return RankingModel(
+        fields("query"),
+        fields("candidate"),
+        user_field=USER,
+        item_field=ITEM,
+        num_users=run.spec.vocabulary(USER).size,
+        num_items=run.spec.vocabulary(ITEM).size,
+        embedding_dim=config.embedding_dim,
+        architecture=config.architecture,
+        cross_layers=config.cross_layers,
+        cross_rank=config.cross_rank,
+        structure=config.structure,
+        hidden_dims=config.hidden_dims,
+        dropout=config.dropout,
+        use_history=config.use_history,
+        use_biases=config.use_biases,
+        extra_dim=run.config.retrieval.output_dim * config.use_retrieval_features,
+        rating_mean=rating_mean,
+    )
+
+
+@dataclass
+class RankingRun:
+    """A trained ranker beside the retrieval run whose candidates it re-scores.
+
+    Attributes:
+        config: the ranker's config.
+        retrieval: the retrieval run (features, vocabularies, candidate model).
+        model: the ranking network.
+        tensors: the retrieval run's tables with ``history`` and ``users``/``items``
+            (the seen items) from the ranker's training and validation pairs.
+        blend_weight: weight of the retrieval logit in the two-stage order.
+        rating_bounds: ``(min, max)`` training rating; predictions are clipped to it.
+        history: per-epoch training records.
+        train_seconds: wall time of :func:`fit_ranking`.
+    """
+
+    config: RankingConfig
+    retrieval: RetrievalRun
+    model: RankingModel
+    tensors: RetrievalTensors
+    blend_weight: float = 0.0
+    rating_bounds: tuple[float, float] = (-math.inf, math.inf)
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    _vectors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    _candidates: tuple[tuple[int, ...], _Inference] | None = field(
+        default=None, repr=False
+    )
+    _weights: tuple[RankingModel, list[Tensor]] | None = field(default=None, repr=False)
+
+    def retrieval_vectors(self) -> tuple[Tensor, Tensor]:
+        """``([U, D], [N, D])`` retrieval embeddings of every user and item (cached)."""
+        if self._vectors is None:
+            users = torch.arange(self.tensors.history.shape[0])
+            encode = self.retrieval.model.encode_queries
+            with torch.no_grad():
+                queries = [
+                    encode(query_features(self.tensors, chunk))
+                    for chunk in users.split(4096)
+                ]
+            self._vectors = (torch.cat(queries), self.retrieval.item_embeddings())
+        return self._vectors
+
+    def retrieval_scores(self, user_idx: Tensor) -> Tensor:
+        """``[B, N]`` retrieval logits (cosine / temperature) of every item."""
+        users, items = self.retrieval_vectors()
+        temperature = float(self.retrieval.model.temperature)
+        return users[user_idx] @ items.T / temperature  # (B, D) @ (D, N) -> (B, N)
+
+    def score(self, user_idx: Tensor, item_idx: Tensor) -> dict[str, Tensor]:
+        """Score ``C`` candidates for each of ``B`` users in one forward pass.
+
+        Args:
+            user_idx: ``[B]`` int64 user indices (0: unknown user).
+            item_idx: ``[B, C]`` int64 item indices.
+
+        Returns:
+            ``{"rating": [B, C], "click": [B, C]}``: ratings clipped to the training
+            range, click logits.
+        """
+        if user_idx.dim() != 1 or item_idx.dim() != 2 or len(user_idx) != len(item_idx):
+            raise DataError(
+                "`user_idx` should be [B] and `item_idx` [B, C]. Received: "
+                f"{tuple(user_idx.shape)} and {tuple(item_idx.shape)}."
+            )
+        if self.model.training:  # eval() walks every module: only when needed
+            self.model.eval()
+        with torch.no_grad():
+            out = _forward(
+                self,
+                user_idx,
+                item_idx,
+                exclude_target=False,
+                inference=self._inference(),
+            )
+        low, high = self.rating_bounds
+        return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
+
+    def candidate_side(self) -> EmbeddedSide | None:
+        """``[N, ...]`` every item's embedded candidate side, for inference.
+
+        Computed once and reused until the weights or the item table change
+        (optimiser steps and ``load_state_dict`` bump the parameters' version
+        counters), so scoring a user's candidates only gathers rows. Each row equals
+        embedding that item alone (per-row lookups and maps): the same bits. None
+        when the table would pass ``_ITEM_CACHE_BYTES``: each call then embeds its
+        candidates.
+        """
+        return self._inference().candidates
+
+    def _inference(self) -> _Inference:
+        """What inference caches: every item's embedded side, the first layers'
+        weights split by side and, for catalogues where it fits, every item's
+        projection through them."""
+        if self._weights is None or self._weights[0] is not self.model:
+            weights = [*self.model.parameters(), *self.model.buffers()]
+            self._weights = (self.model, weights)
+        features = self.tensors.item_features
+        key = (
+            id(features),
+            id(self.tensors.history),
+            *(t._version for t in self._weights[1]),
+        )
+        if self._candidates is None or self._candidates[0] != key:
+            with torch.no_grad():
+                self._candidates = (key, self._build_inference())
+        return self._candidates[1]
+
+    def _build_inference(self) -> _Inference:
+        model = self.model
+        first = model.first_layers()
+        width = first.item.shape[1]
+        user_vectors = item_vectors = None
+        if model.extra_dim:
+            user_vectors, item_vectors = self.retrieval_vectors()
+        # Row widths: field vectors, the factor, two biases.
+        item_row = (model.candidate.num_parts + 1) * model.embedding_dim + 2
+        query_row = (model.query.num_parts + 1) * model.embedding_dim + 2
+        side = projection = None
+        num_items = self.tensors.num_items
+        if num_items * item_row * 4 <= _ITEM_CACHE_BYTES:
+            side = model.embed_candidates(self.tensors.item_features)
+            if num_items * width * 4 <= _PROJECTION_CACHE_BYTES:
+                projection = model.project_items(first, side, item_vectors)
+        users = per_query = None
+        num_users = self.tensors.history.shape[0]
+        if num_users * (width + query_row) * 4 <= _PROJECTION_CACHE_BYTES:
+            chunks = [
+                model.embed_queries(query_features(self.tensors, chunk))
+                for chunk in torch.arange(num_users).split(4096)
+            ]
+            users = EmbeddedSide(
+                *(torch.cat(parts) for parts in zip(*chunks, strict=True))
+            )
+            per_query = model.project_queries(first, users, user_vectors)
+        return _Inference(side, first, projection, users, per_query)
+
+
+#: Largest ``[N, F]`` table of item (or user) projections inference keeps: bigger
+#: catalogues project the candidates (users) of each call instead.
+_PROJECTION_CACHE_BYTES = 256 * 2**20
+#: Largest table of every item's embedded side inference keeps: bigger catalogues
+#: (1M items with text and genre features take about 650 MB) embed the candidates of
+#: each call instead.
+_ITEM_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class _Inference:
+    """Per-weights caches of inference: every item's side and projection through the
+    first layers, and where the table fits, every user's."""
+
+    candidates: EmbeddedSide | None
+    first: FirstLayers
+    projection: Tensor | None
+    users: EmbeddedSide | None = None
+    per_query: Tensor | None = None
+
+
+def _forward(
+    run: RankingRun,
+    user_idx: Tensor,
+    item_idx: Tensor,
+    *,
+    exclude_target: bool,
+    inference: _Inference | None = None,
+) -> dict[str, Tensor]:
+    """Both heads for ``[B]`` users x ``[B, C]`` items -> ``[B, C]`` each.
+
+    The query side is embedded once per user and repeated over its ``C`` candidates.
+    ``exclude_target`` drops each row's first candidate from the user's history.
+    ``inference``: the cached item side (:meth:`RankingRun._inference`) to gather
+    from, with the first layers factored per query; None embeds the ``B * C``
+    candidates here (training, with gradients).
+    """
+    num_rows, width = item_idx.shape
+    model, tensors = run.model, run.tensors
+    target = item_idx[:, 0] if exclude_target else None
+    flat = item_idx.reshape(-1)
+    if inference is not None and target is None:
+        per_query = None
+        if inference.users is not None and inference.per_query is not None:
+            query = EmbeddedSide(
+                *(t.index_select(0, user_idx) for t in inference.users)
+            )
+            per_query = inference.per_query.index_select(0, user_idx)
+        else:
+            query = model.embed_queries(query_features(tensors, user_idx))
+        if inference.candidates is not None:
+            candidate = EmbeddedSide(
+                *(t.index_select(0, flat) for t in inference.candidates)
+            )
+        else:
+            candidate = model.embed_candidates(
+                {k: v[flat] for k, v in tensors.item_features.items()}
+            )
+        q = c = score = None
+        if model.extra_dim:
+            users, items = run.retrieval_vectors()
+            q, c = users[user_idx], items[flat]
+            score = (q.repeat_interleave(width, dim=0) * c).sum(-1)
+        if inference.projection is not None:
+            projection = inference.projection.index_select(0, flat)
+        else:
+            projection = model.project_items(inference.first, candidate, c)
+        out = model.combine_per_query(
+            query,
+            candidate,
+            inference.first,
+            projection,
+            query_embedding=q,
+            candidate_embedding=c,
+            retrieval_score=score,
+            per_query=per_query,
+        )
+        return {k: v.view(num_rows, width) for k, v in out.items()}
+    query = model.embed_queries(query_features(tensors, user_idx, exclude_items=target))
+    candidate = model.embed_candidates(
+        {k: v[flat] for k, v in tensors.item_features.items()}
+    )
+    extras = None
+    if model.extra_dim:
+        users, items = run.retrieval_vectors()
+        q = users[user_idx].repeat_interleave(width, dim=0)  # (B * C, D)
+        c = items[flat]  # (B * C, D)
+        extras = retrieval_extras((q * c).sum(-1), q, c)
+    out = model.combine(query.expand(width), candidate, extras)
+    return {k: v.view(num_rows, width) for k, v in out.items()}
+
+
+def _top_unseen(
+    run: RankingRun, user_idx: Tensor, seen: UserItems, k: int
+) -> tuple[Tensor, Tensor]:
+    """The retrieval model's best ``k`` items per user, ``seen`` and OOV excluded.
+
+    Args:
+        run: supplies the retrieval embeddings.
+        user_idx: ``[B]`` user indices.
+        seen: ``B`` rows of items to exclude (aligned with ``user_idx``).
+        k: list length.
+
+    Returns:
+        ``[B, k]`` item_idx (``-1`` once the unseen items run out) and ``[B, k]``
+        retrieval logits (``-inf`` there).
+    """
+    scores = run.retrieval_scores(user_idx)
+    scores[:, 0] = -math.inf
+    scores[torch.from_numpy(seen.row_ids()), torch.from_numpy(seen.indices)] = -math.inf
+    if k > scores.shape[1]:
+        scores = F.pad(scores, (0, k - scores.shape[1]), value=-math.inf)
+    values, ids = scores.topk(k, dim=1)
+    return ids.masked_fill(values == -math.inf, -1), values
+
+
+def _pairs(run: RetrievalRun, dataset: Dataset, *, known_only: bool) -> Pairs:
+    """A dataset's pairs as vocabulary indices (0: unknown) and ratings (NaN: none)."""
+    inter = dataset.interactions
+    users = torch.from_numpy(run.spec.vocabulary(USER).transform(inter[USER]))
+    items = torch.from_numpy(run.spec.vocabulary(ITEM).transform(inter[ITEM]))
+    ratings = torch.full((len(users),), math.nan)
+    if RATING in inter.columns:
+        values = inter[RATING].cast(pl.Float32).fill_null(math.nan).to_numpy()
+        ratings = torch.from_numpy(values.copy())
+    if not known_only:
+        return users, items, ratings
+    keep = (users > 0) & (items > 0)
+    return users[keep], items[keep], ratings[keep]
+
+
+def _seen(tensors: RetrievalTensors) -> UserItems:
+    """The tables' training items of every user (row = user_idx)."""
+    num_users = tensors.history.shape[0]
+    return UserItems.from_pairs(
+        tensors.users.numpy(), tensors.items.numpy(), num_rows=num_users
+    )
+
+
+def _is_pair(known: Tensor, users: Tensor, items: Tensor, num_items: int) -> Tensor:
+    """Whether each (user, item) is among ``known``: sorted ``user * N + item`` keys."""
+    keys = users * num_items + items
+    pos = torch.searchsorted(known, keys).clamp_(max=max(len(known) - 1, 0))
+    return (
+        known[pos] == keys if len(known) else torch.zeros_like(keys, dtype=torch.bool)
+    )

@@ -1,0 +1,95 @@
+"""Saving and loading a trained ranker: config and state as JSON, weights and tables
+as safetensors (never pickle)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from twostage.config import load_config, save_config
+from twostage.errors import ArtifactError
+from twostage.experiment import RetrievalRun
+from twostage.ranking.run import RankingConfig, RankingRun, build_ranking_model
+
+_CONFIG, _WEIGHTS, _TABLES, _STATE = (
+    "ranking_config.json",
+    "ranking.safetensors",
+    "ranking_tables.safetensors",
+    "ranking_state.json",
+)
+
+
+def save_ranking(ranking: RankingRun, directory: str | Path) -> None:
+    """Write config and state (JSON), weights and seen/history tables (safetensors).
+
+    The retrieval run is saved on its own (``RetrievalRun.save``); pass it back to
+    :func:`load_ranking`.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(ranking.config, out / _CONFIG)
+    weights = ranking.model.state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / _WEIGHTS)
+    tensors = ranking.tensors
+    tables = {
+        "history": tensors.history,
+        "users": tensors.users,
+        "items": tensors.items,
+    }
+    save_file({k: v.contiguous() for k, v in tables.items()}, out / _TABLES)
+    state = {
+        "blend_weight": ranking.blend_weight,
+        "rating_bounds": list(ranking.rating_bounds),
+        "history": ranking.history,
+        "train_seconds": ranking.train_seconds,
+    }
+    (out / _STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingRun:
+    """Rebuild a saved ranker from its own config and weights (strict key checks).
+
+    Args:
+        directory: what :func:`save_ranking` wrote.
+        retrieval_run: the retrieval run the ranker was trained on.
+    """
+    path = Path(directory)
+    try:
+        config = load_config(path / _CONFIG, RankingConfig)
+        weights, tables = load_file(path / _WEIGHTS), load_file(path / _TABLES)
+        state = json.loads((path / _STATE).read_text())
+        model = build_ranking_model(retrieval_run, config)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        low, high = state["rating_bounds"]
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise ArtifactError(
+            f"cannot load the ranker in {str(path)!r}: {e}. Is it a directory written "
+            "by save_ranking, loaded with the retrieval run it was trained on?"
+        ) from e
+    if missing or unexpected:
+        raise ArtifactError(
+            f"weights in {str(path / _WEIGHTS)!r} do not match the saved config: "
+            f"missing keys {missing}, unexpected keys {unexpected}."
+        )
+    model.eval()
+    tensors = dataclasses.replace(
+        retrieval_run.tensors,
+        history=tables["history"],
+        users=tables["users"],
+        items=tables["items"],
+        weights=None,
+    )
+    return RankingRun(
+        config=config,
+        retrieval=retrieval_run,
+        model=model,
+        tensors=tensors,
+        blend_weight=float(state["blend_weight"]),
+        rating_bounds=(float(low), float(high)),
+        history=state["history"],
+        train_seconds=float(state["train_seconds"]),
+    )

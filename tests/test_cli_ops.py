@@ -57,38 +57,35 @@ def test_index_bench_prints_recall_against_exact(models_dir: Path) -> None:
     assert "1.0000" in exact_row  # the oracle agrees with itself
 
 
-def test_serve_answers_over_real_http(models_dir: Path) -> None:
+def _serve(models_dir: Path, *options: str) -> tuple[subprocess.Popen, int]:
+    """`twostage serve` in a subprocess on a free loopback port, once it is healthy."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "TWOSTAGE_API_KEY": ""}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "twostage",
-            "serve",
-            str(models_dir),
-            "--port",
-            str(port),
-            "--poll-seconds",
-            "0",
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-    )
+    command = [sys.executable, "-m", "twostage", "serve", str(models_dir)]
+    command += ["--port", str(port), "--poll-seconds", "0", "--log-level", "warning"]
+    server = subprocess.Popen([*command, *options], env=env)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
                     assert json.loads(r.read())["status"] == "ok"
-                    break
+                    return server, port
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise
                 time.sleep(0.2)
+    except BaseException:
+        server.kill()
+        server.wait()
+        raise
+
+
+def test_serve_answers_over_real_http(models_dir: Path) -> None:
+    server, port = _serve(models_dir)
+    try:
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/models/synthetic:predict",
             data=json.dumps({"instances": ["3"]}).encode(),
@@ -108,46 +105,13 @@ def test_serve_refuses_a_missing_directory(tmp_path: Path) -> None:
     assert "not a directory" in str(result.exception)
 
 
-def _wait_healthy(port: int, server: subprocess.Popen, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
-                assert json.loads(r.read())["status"] == "ok"
-                return
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise
-            time.sleep(0.2)
-
-
 @pytest.mark.skipif(
     not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
 )
 def test_serve_workers_share_the_port_and_both_answer(models_dir: Path) -> None:
     """Regression: with one shared socket, a worker took every connection."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "TWOSTAGE_API_KEY": ""}
-    command = [
-        sys.executable,
-        "-m",
-        "twostage",
-        "serve",
-        str(models_dir),
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-        "--poll-seconds",
-        "0",
-        "--log-level",
-        "warning",
-    ]
-    server = subprocess.Popen(command, env=env)
+    server, port = _serve(models_dir, "--workers", "2")
     try:
-        _wait_healthy(port, server)
         pids = _worker_pids(port, 2)
         assert len(pids) == 2
         assert server.pid not in pids  # the parent only supervises
@@ -192,15 +156,8 @@ def _assert_gone(pids: set[int], timeout_s: float = 30) -> None:
 )
 def test_serve_workers_stop_when_the_supervisor_is_killed(models_dir: Path) -> None:
     """SIGKILL leaves the supervisor no chance to stop them: they notice and leave."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "TWOSTAGE_API_KEY": ""}
-    command = [sys.executable, "-m", "twostage", "serve", str(models_dir)]
-    command += ["--port", str(port), "--workers", "2", "--poll-seconds", "0"]
-    server = subprocess.Popen([*command, "--log-level", "warning"], env=env)
+    server, port = _serve(models_dir, "--workers", "2")
     try:
-        _wait_healthy(port, server)
         pids = _worker_pids(port, 2)
         assert len(pids) == 2
         server.kill()

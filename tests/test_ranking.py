@@ -100,26 +100,37 @@ def test_low_rank_cross_layer_is_the_product_of_its_factors() -> None:
     assert sum(p.numel() for p in layer.parameters()) == 3 + 3 + 3
 
 
+def _tiny_model(
+    query_fields: list[FieldInfo], candidate_fields: list[FieldInfo], **options
+) -> RankingModel:
+    """A ranker over 7 users and 9 items with 4-wide embeddings and an 8-4 MLP."""
+    return RankingModel(
+        query_fields,
+        candidate_fields,
+        user_field="user_id",
+        item_field="item_id",
+        num_users=7,
+        num_items=9,
+        embedding_dim=4,
+        hidden_dims=(8, 4),
+        rating_mean=3.5,
+        **options,
+    )
+
+
 @pytest.mark.parametrize(
     ("architecture", "structure", "extra_dim"),
     [("dcn", "parallel", 4), ("dcn", "stacked", 0), ("mlp", "parallel", 0)],
 )
 def test_model_variants_score_rows(architecture, structure, extra_dim) -> None:
     torch.manual_seed(0)
-    model = RankingModel(
+    model = _tiny_model(
         [FieldInfo("user_id", "index", 7)],
         [FieldInfo("item_id", "index", 9), FieldInfo("price", "dense", width=1)],
-        user_field="user_id",
-        item_field="item_id",
-        num_users=7,
-        num_items=9,
-        embedding_dim=4,
         architecture=architecture,
         structure=structure,
-        hidden_dims=(8, 4),
         use_biases=architecture == "dcn",
         extra_dim=extra_dim,
-        rating_mean=3.5,
     )
     query = {"user_id": torch.tensor([1, 2, 3]), "history": torch.tensor([[0, 4]] * 3)}
     candidate = {"item_id": torch.tensor([4, 5, 6]), "price": torch.rand(3)}
@@ -153,20 +164,13 @@ def test_per_query_scoring_equals_scoring_expanded_rows(
 ) -> None:
     """The first layers split into query and item parts: same scores as `combine`."""
     torch.manual_seed(1)
-    model = RankingModel(
+    model = _tiny_model(
         [FieldInfo("user_id", "index", 7), FieldInfo("age", "dense", width=1)],
         [FieldInfo("item_id", "index", 9), FieldInfo("tags", "indices", 5)],
-        user_field="user_id",
-        item_field="item_id",
-        num_users=7,
-        num_items=9,
-        embedding_dim=4,
         architecture=architecture,
         structure=structure,
-        hidden_dims=(8, 4),
         extra_dim=extra_dim,
         cross_rank=cross_rank,
-        rating_mean=3.5,
     ).eval()
     users, width = 3, 5
     query = model.embed_queries(

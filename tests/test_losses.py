@@ -3,7 +3,11 @@ import math
 import pytest
 import torch
 
-from twostage.losses import full_softmax_loss, in_batch_softmax_loss
+from twostage.losses import (
+    full_softmax_loss,
+    in_batch_softmax_loss,
+    multi_positive_softmax_loss,
+)
 
 
 def _naive(
@@ -177,3 +181,33 @@ def test_full_softmax_trains_end_to_end() -> None:
     run, _ = fit_retrieval(config, dataset=dataset, evaluate_test=False)
     losses = [record["train_loss"] for record in run.train_result.history]
     assert losses[-1] < losses[0]
+
+
+def test_multi_positive_softmax_hand_computed() -> None:
+    """One softmax per query; every positive pair adds its -log p; log q shifts."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    c = torch.tensor([[9.0, 9.0], [1.0, 0.0], [0.0, 1.0]])
+    rows = torch.tensor([0, 0, 1])
+    columns = torch.tensor([1, 2, 2])
+    # Column 0 excluded: row 0 logits [1, 0], row 1 logits [0, 1].
+    p_top = math.exp(1.0) / (math.exp(1.0) + 1.0)
+    expected = [-math.log(p_top), -math.log(1 - p_top), -math.log(p_top)]
+    got = multi_positive_softmax_loss(
+        q, c, rows, columns, temperature=1.0, excluded_column=0
+    )
+    assert got.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    weights = torch.tensor([1.0, 2.0, 1.0])
+    got = multi_positive_softmax_loss(
+        q, c, rows, columns, temperature=1.0, excluded_column=0, weights=weights
+    )
+    assert got.item() == pytest.approx(
+        (expected[0] + 2 * expected[1] + expected[2]) / 4, rel=1e-6
+    )
+    # Sampled candidates: log q is subtracted, so a likelier sample counts for less.
+    log_q = torch.log(torch.tensor([0.5, 0.5, 0.25]))
+    two = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    got = multi_positive_softmax_loss(
+        q[:1], two, torch.tensor([0]), torch.tensor([1]), temperature=0.5, log_q=log_q
+    )
+    logits = torch.tensor([2.0, 1.0, 0.0]) - log_q
+    assert got.item() == pytest.approx(-torch.log_softmax(logits, 0)[1].item())

@@ -25,7 +25,7 @@ from twostage.experiment import (
     spec_for,
 )
 from twostage.features import FeatureSpec
-from twostage.train import train_retrieval
+from twostage.train import UserExamples, train_retrieval
 
 SMALL = [
     "data.dataset=synthetic:num_users=300,num_items=120,num_interactions=6000",
@@ -53,6 +53,40 @@ def test_planted_structure_is_recovered() -> None:
     assert recall > popularity.metrics["exclude_seen"]["recall"][10]
 
 
+@pytest.mark.parametrize("negatives", ["full", "in_batch"])
+def test_users_as_examples_recover_planted_structure(negatives: str) -> None:
+    """One example per user (Mult-DAE style), with history dropout."""
+    config = _config(
+        "retrieval.examples=users",
+        "retrieval.history_dropout=0.5",
+        f"retrieval.negatives={negatives}",
+        "retrieval.temperature=0.2",
+        "train.batch_size=32",
+        "train.epochs=40",
+        "train.early_stopping_patience=0",
+    )
+    run, split = fit_retrieval(config)
+    recall = run.metrics["metrics"]["exclude_seen"]["recall"]["10"]
+    popularity = evaluate_baselines(run, split.test)["popularity"]
+    assert recall > popularity.metrics["exclude_seen"]["recall"][10], recall
+    assert recall > 3 * 10 / 120, recall
+
+
+def test_user_examples_gather_every_row_of_a_user() -> None:
+    config = _config()
+    dataset = generate(num_users=40, num_items=30, num_interactions=400)
+    spec = FeatureSpec.default_for(dataset).fit(dataset)
+    tensors = build_tensors(spec, dataset, config.retrieval)
+    by_user = UserExamples.of(tensors)
+    users = tensors.users.numpy()
+    assert sorted(by_user.users.tolist()) == sorted(set(users.tolist()))
+    batch = by_user.users[torch.tensor([3, 0, 7])]
+    rows, train_rows = by_user.rows_of(batch)
+    for position, user in enumerate(batch.tolist()):
+        got = sorted(train_rows[rows == position].tolist())
+        assert got == np.flatnonzero(users == user).tolist()
+
+
 def test_cold_users_use_their_features() -> None:
     config = _config("data.cold_user_fraction=0.2", "train.epochs=6")
     run, split = fit_retrieval(config)
@@ -65,8 +99,14 @@ def test_cold_users_use_their_features() -> None:
     assert test_users.is_in(train_users.implode()).sum() < len(test_users)
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
-    config = _config("train.epochs=4", "train.early_stopping_patience=0")
+@pytest.mark.parametrize("examples", ["interactions", "users"])
+def test_resume_continues_exactly(tmp_path: Path, examples: str) -> None:
+    config = _config(
+        "train.epochs=4",
+        "train.early_stopping_patience=0",
+        f"retrieval.examples={examples}",
+        "retrieval.history_dropout=0.3",
+    )
     dataset = generate(num_users=300, num_items=120, num_interactions=6000)
     (train, _), _ = prepare_split(dataset, config)
     spec = FeatureSpec.default_for(train).fit(train)

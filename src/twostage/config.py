@@ -62,6 +62,14 @@ class RetrievalConfig:
     ``query_fields`` / ``candidate_fields`` restrict the side features to these columns
     (the ID fields are always used); empty means every column the data offers.
 
+    ``examples`` is ``interactions`` (one training example per (user, item) row: the
+    query sees the user's history without that item and must pick it) or ``users`` (one
+    example per user, as in Mult-DAE, Liang et al., WWW 2018: the query sees the user's
+    history with ``history_dropout`` of it hidden, and must put every one of the user's
+    training items high; with ``in_batch`` negatives the candidates are the items of the
+    batch's users, logQ corrected). ``history_dropout`` hides that share of the history
+    items from each training query, at random.
+
     ``negatives`` is ``in_batch`` (the other positives of the batch, plus
     ``num_extra_negatives`` uniform draws, with the logQ correction) or ``full`` (an
     exact softmax over the whole catalogue, for catalogues up to some tens of thousands
@@ -77,6 +85,8 @@ class RetrievalConfig:
     candidate_fields: tuple[str, ...] = ()
     history_length: int = 100
     history_pooling: Literal["mean", "attention"] = "mean"
+    history_dropout: float = 0.0
+    examples: Literal["interactions", "users"] = "interactions"
     temperature: float = 0.3
     learn_temperature: bool = False
     logq_correction: bool = True

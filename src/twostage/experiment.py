@@ -436,9 +436,23 @@ def fit_retrieval(
         k = config.train.eval_k
 
         valid_users, valid_items = _pairs(spec, validation)
+        # The validation queries and their features do not change between epochs.
+        queries = test_queries(run, validation)
+        features = spec.transform_queries(
+            queries.user_ids.rename(USER), users=validation.users
+        )
+        user_idx = torch.from_numpy(queries.user_idx)
 
         def validate(model: RetrievalModel) -> dict[str, float]:
-            result = evaluate_run_embeddings(run, validation, ks=(k,))
+            features["history"] = tensors.history[user_idx]
+            result = evaluate_embeddings(
+                model.encode_queries(features),
+                run.item_embeddings(),
+                relevant=queries.relevant,
+                seen=queries.seen,
+                ks=(k,),
+                valid_items=queries.valid_items,
+            )
             loss = validation_loss(model, tensors, valid_users, valid_items, config)
             return {"metric": result.metrics["exclude_seen"]["recall"][k], "loss": loss}
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["full_softmax_loss", "in_batch_softmax_loss"]
+__all__ = ["full_softmax_loss", "in_batch_softmax_loss", "multi_positive_softmax_loss"]
 
 _MASKED = -1e9  # finite, so a fully masked row cannot produce NaN
 
@@ -154,3 +154,47 @@ def full_softmax_loss(
     if weights is None:
         return losses.mean()
     return (losses * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def multi_positive_softmax_loss(
+    queries: Tensor,
+    candidates: Tensor,
+    rows: Tensor,
+    columns: Tensor,
+    *,
+    temperature: float | Tensor = 0.05,
+    log_q: Tensor | None = None,
+    excluded_column: int | None = None,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Softmax over a shared candidate set, with many positives per query.
+
+    The multinomial likelihood of Mult-DAE (Liang et al., WWW 2018): each query spreads
+    one softmax over the candidates and every positive pair ``(rows[k], columns[k])``
+    adds ``-log p`` of its candidate. The candidates are the whole catalogue (exact) or
+    a sample such as the batch's items, whose ``log_q`` (log of each candidate's chance
+    to be in the sample) is subtracted from the logits.
+
+    Args:
+        queries: ``[B, D]`` query embeddings.
+        candidates: ``[M, D]`` candidate embeddings.
+        rows: ``[P]`` query row of each positive pair.
+        columns: ``[P]`` candidate row of each positive pair.
+        temperature: logits are divided by it.
+        log_q: ``[M]`` sampling log-probability of each candidate, or None.
+        excluded_column: a candidate that is never scored (the OOV item), or None.
+        weights: ``[P]`` per-pair weights; the loss is the weighted mean over pairs.
+
+    Returns:
+        A scalar loss.
+    """
+    logits = queries @ candidates.T / temperature  # (B, D) @ (D, M) -> (B, M)
+    if log_q is not None:
+        logits = logits - log_q[None, :]
+    if excluded_column is not None:
+        column = torch.tensor([excluded_column], device=logits.device)
+        logits = logits.index_fill(1, column, _MASKED)
+    log_probs = torch.log_softmax(logits, dim=1)[rows, columns]  # (P,)
+    if weights is None:
+        return -log_probs.mean()
+    return -(log_probs * weights).sum() / weights.sum().clamp_min(1e-12)

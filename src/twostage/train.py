@@ -25,7 +25,11 @@ from torch import Tensor
 
 from twostage.config import RetrievalConfig, TrainConfig
 from twostage.errors import ArtifactError, ConfigError
-from twostage.losses import full_softmax_loss, in_batch_softmax_loss
+from twostage.losses import (
+    full_softmax_loss,
+    in_batch_softmax_loss,
+    multi_positive_softmax_loss,
+)
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.towers import HISTORY
 
@@ -116,6 +120,43 @@ def query_features(
         history = history.masked_fill(drop_ids[:, None], 0)
     features[HISTORY] = history
     return features
+
+
+@dataclass
+class UserExamples:
+    """The training rows grouped by user, for ``retrieval.examples=users``.
+
+    Attributes:
+        users: ``[M]`` every user with at least one training row: one example each.
+        order: ``[n]`` training row numbers sorted by user.
+        starts: ``[U]`` where each user's rows begin in ``order``.
+        counts: ``[U]`` how many training rows each user has.
+    """
+
+    users: Tensor
+    order: Tensor
+    starts: Tensor
+    counts: Tensor
+
+    @classmethod
+    def of(cls, tensors: RetrievalTensors) -> UserExamples:
+        num_users = int(tensors.history.shape[0])
+        order = torch.argsort(tensors.users, stable=True)
+        counts = torch.bincount(tensors.users, minlength=num_users)
+        starts = torch.cumsum(counts, 0) - counts
+        return cls(torch.nonzero(counts).squeeze(1), order, starts, counts)
+
+    def rows_of(self, users: Tensor) -> tuple[Tensor, Tensor]:
+        """``(batch_row, training_row)`` of every training row of ``users``."""
+        counts = self.counts[users]
+        batch_rows = torch.repeat_interleave(
+            torch.arange(len(users), device=users.device), counts
+        )
+        first = torch.repeat_interleave(self.starts[users], counts)
+        offset = torch.arange(len(batch_rows), device=users.device) - (
+            torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        )
+        return batch_rows, self.order[first + offset]
 
 
 @dataclass
@@ -256,7 +297,14 @@ def train_retrieval(
     model.to(device)
     host_tensors, tensors = tensors, tensors.to(device)
     optimizer = _make_optimizer(model, config)
-    steps_per_epoch = math.ceil(tensors.num_examples / config.batch_size)
+    if not 0.0 <= model_config.history_dropout < 1.0:
+        raise ConfigError(
+            "`retrieval.history_dropout` should be in [0, 1). "
+            f"Received: {model_config.history_dropout!r}."
+        )
+    by_user = UserExamples.of(tensors) if model_config.examples == "users" else None
+    num_examples = tensors.num_examples if by_user is None else len(by_user.users)
+    steps_per_epoch = math.ceil(num_examples / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
@@ -277,7 +325,7 @@ def train_retrieval(
         model.train()
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout masks
-        order = torch.randperm(tensors.num_examples, generator=generator)
+        order = torch.randperm(num_examples, generator=generator)
         epoch_loss, seen = 0.0, 0
         for step_in_epoch in range(steps_per_epoch):
             step = epoch * steps_per_epoch + step_in_epoch
@@ -287,7 +335,12 @@ def train_retrieval(
                 group["lr"] = _learning_rate(config, step, total_steps)
             start = step_in_epoch * config.batch_size
             batch = order[start : start + config.batch_size].to(device)
-            loss = _loss(model, model_config, tensors, batch, generator)
+            if by_user is None:
+                loss = _loss(model, model_config, tensors, batch, generator)
+            else:
+                loss = _user_loss(
+                    model, model_config, tensors, by_user, batch, generator
+                )
             optimizer.zero_grad()
             loss.backward()
             if config.grad_clip > 0:
@@ -364,6 +417,74 @@ def train_retrieval(
     return result
 
 
+def _training_queries(
+    model: RetrievalModel,
+    model_config: RetrievalConfig,
+    tensors: RetrievalTensors,
+    users: Tensor,
+    generator: torch.Generator,
+    exclude_items: Tensor | None = None,
+) -> Tensor:
+    """Query embeddings of a training batch: ID dropout, then history dropout."""
+    drop = None
+    if model_config.id_dropout > 0:
+        drop = torch.rand(len(users), generator=generator) < model_config.id_dropout
+        drop = drop.to(users.device)
+    features = query_features(
+        tensors, users, exclude_items=exclude_items, drop_ids=drop
+    )
+    history = features[HISTORY]
+    if model_config.history_dropout > 0 and history.shape[1]:
+        hidden = torch.rand(history.shape, generator=generator)
+        hidden = hidden < model_config.history_dropout
+        features[HISTORY] = history.masked_fill(hidden.to(history.device), 0)
+    return model.encode_queries(features)
+
+
+def _user_loss(
+    model: RetrievalModel,
+    model_config: RetrievalConfig,
+    tensors: RetrievalTensors,
+    by_user: UserExamples,
+    batch: Tensor,
+    generator: torch.Generator,
+) -> Tensor:
+    """One example per user: every training item of the user is a positive."""
+    users = by_user.users[batch]
+    queries = _training_queries(model, model_config, tensors, users, generator)
+    rows, train_rows = by_user.rows_of(users)
+    items = tensors.items[train_rows]
+    weights = tensors.weights[train_rows] if tensors.weights is not None else None
+    if model_config.negatives == "full":
+        return multi_positive_softmax_loss(
+            queries,
+            model.encode_items(tensors.item_features),
+            rows,
+            items,
+            temperature=model.temperature,
+            excluded_column=0,
+            weights=weights,
+        )
+    # The candidates are the distinct items of the batch's users.
+    sample, columns = torch.unique(items, return_inverse=True)
+    log_q = None
+    if model_config.logq_correction:
+        # Chance that an item is among `len(items)` draws from the training rows.
+        draws = float(len(items))
+        probs = tensors.item_probs[sample].clamp(1e-12, 1 - 1e-7)
+        log_q = torch.log(-torch.expm1(draws * torch.log1p(-probs)))
+        log_q = model_config.logq_weight * log_q
+    return multi_positive_softmax_loss(
+        queries,
+        model.encode_items({k: v[sample] for k, v in tensors.item_features.items()}),
+        rows,
+        columns,
+        temperature=model.temperature,
+        log_q=log_q,
+        weights=weights,
+    )
+
+
 def _loss(
     model: RetrievalModel,
     model_config: RetrievalConfig,
@@ -372,12 +493,8 @@ def _loss(
     generator: torch.Generator,
 ) -> Tensor:
     users, items = tensors.users[batch], tensors.items[batch]
-    drop = None
-    if model_config.id_dropout > 0:
-        drop = torch.rand(len(batch), generator=generator) < model_config.id_dropout
-        drop = drop.to(batch.device)
-    queries = model.encode_queries(
-        query_features(tensors, users, exclude_items=items, drop_ids=drop)
+    queries = _training_queries(
+        model, model_config, tensors, users, generator, exclude_items=items
     )
     weights = tensors.weights[batch] if tensors.weights is not None else None
     if model_config.negatives == "full":

@@ -652,7 +652,7 @@ def test_default_for_movielens(movielens: Dataset) -> None:
         ("item_id", "id"),
         ("title", "text"),
         ("genres", "multi_hot"),
-        ("year", "numeric"),
+        ("year", "bucket"),
     ]
     plain = FeatureSpec.default_for(movielens, use_side_features=False)
     assert [f.name for f in plain.fields] == ["user_id", "item_id"]

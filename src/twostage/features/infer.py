@@ -54,7 +54,7 @@ def _by_name(name: str, series: pl.Series) -> Field | None:
     if lowered == "title" and series.dtype == pl.String:
         return Field(name, "text", max_length=16)
     if lowered == "year" and _is_numeric(series):
-        return Field(name, "numeric")
+        return Field(name, "bucket", num_buckets=10)
     return None
 
 

@@ -25,6 +25,7 @@ from twostage.experiment import (
     spec_for,
 )
 from twostage.features import FeatureSpec
+from twostage.models.towers import FieldInfo, Tower
 from twostage.train import UserExamples, train_retrieval
 
 SMALL = [
@@ -42,8 +43,11 @@ def _config(*extra: str) -> ExperimentConfig:
     return apply_overrides(ExperimentConfig(), [*SMALL, *extra])
 
 
-def test_planted_structure_is_recovered() -> None:
-    config = _config("train.epochs=8", "retrieval.temperature=0.2")
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_planted_structure_is_recovered(combine: str) -> None:
+    config = _config(
+        "train.epochs=8", "retrieval.temperature=0.2", f"retrieval.combine={combine}"
+    )
     run, split = fit_retrieval(config)
     recall = run.metrics["metrics"]["exclude_seen"]["recall"]["10"]
     chance = 10 / 120
@@ -70,6 +74,33 @@ def test_users_as_examples_recover_planted_structure(negatives: str) -> None:
     popularity = evaluate_baselines(run, split.test)["popularity"]
     assert recall > popularity.metrics["exclude_seen"]["recall"][10], recall
     assert recall > 3 * 10 / 120, recall
+
+
+def test_sum_tower_adds_its_field_vectors() -> None:
+    """``combine=sum``: the unit vector of the sum of the field embeddings, no head."""
+    fields = [
+        FieldInfo("item_id", "index", num_embeddings=5),
+        FieldInfo("genres", "indices", num_embeddings=4),
+        FieldInfo("year", "dense", width=1),
+    ]
+    torch.manual_seed(0)
+    tower = Tower(fields, embedding_dim=3, output_dim=3, combine="sum")
+    assert len(tower.head) == 0
+    features = {
+        "item_id": torch.tensor([1, 4]),
+        "genres": torch.tensor([[1, 2], [3, 0]]),
+        "year": torch.tensor([0.5, -1.0]),
+    }
+    ids = tower.embeddings["item_id"].weight
+    bag = tower.embeddings["genres"].embedding.weight
+    linear = tower.embeddings["year"]
+    year = features["year"].unsqueeze(-1) @ linear.weight.T + linear.bias
+    want = torch.stack([ids[1] + (bag[1] + bag[2]) / 2, ids[4] + bag[3]]) + year
+    got = tower(features)
+    torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=-1))
+    # concatenation instead goes through a linear head from 3 * 3 inputs
+    concat = Tower(fields, embedding_dim=3, output_dim=3)
+    assert concat.head[0].in_features == 9
 
 
 def test_user_examples_gather_every_row_of_a_user() -> None:
@@ -203,8 +234,12 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert whole.exists()
 
 
-def test_saved_run_reloads_to_identical_embeddings(tmp_path: Path) -> None:
-    run, split = fit_retrieval(_config("train.epochs=2"), out_dir=tmp_path)
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_saved_run_reloads_to_identical_embeddings(
+    tmp_path: Path, combine: str
+) -> None:
+    config = _config("train.epochs=2", f"retrieval.combine={combine}")
+    run, split = fit_retrieval(config, out_dir=tmp_path)
     loaded = load_run(tmp_path)
     assert loaded.config == run.config
     torch.testing.assert_close(

@@ -75,11 +75,17 @@ class RetrievalConfig:
     exact softmax over the whole catalogue, for catalogues up to some tens of thousands
     of items); with ``full``, ``mask_seen_negatives`` keeps the user's other training
     items (its history) out of the negatives.
+
+    ``combine`` joins a tower's field embeddings (and the pooled history): ``concat``
+    passes their concatenation through the head (an MLP or one linear layer), ``sum``
+    adds them, as factorisation machines and LightFM do, so an item's vector is its ID
+    vector plus its features' vectors and a field that does not help can fade to zero.
     """
 
     embedding_dim: int = 64
     output_dim: int = 64
     hidden_dims: tuple[int, ...] = ()
+    combine: Literal["concat", "sum"] = "concat"
     use_side_features: bool = True
     query_fields: tuple[str, ...] = ()
     candidate_fields: tuple[str, ...] = ()

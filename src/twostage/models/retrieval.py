@@ -48,6 +48,7 @@ class RetrievalModel(nn.Module):
             "output_dim": config.output_dim,
             "hidden_dims": config.hidden_dims,
             "dropout": config.dropout,
+            "combine": config.combine,
             "sparse": config.sparse_embeddings,
         }
         self.query_tower = Tower(query_fields, history=history, **shape)  # type: ignore[arg-type]

@@ -96,7 +96,12 @@ class HistoryPooling(nn.Module):
 
 
 class Tower(nn.Module):
-    """Embeds a dict of feature tensors into ``[B, output_dim]`` unit vectors."""
+    """Embeds a dict of feature tensors into ``[B, output_dim]`` unit vectors.
+
+    Each field (and the pooled history) becomes an ``embedding_dim`` vector; ``combine``
+    concatenates them or sums them before the head (the MLP of ``hidden_dims``, then a
+    linear layer to ``output_dim`` unless the width already matches).
+    """
 
     def __init__(
         self,
@@ -106,6 +111,7 @@ class Tower(nn.Module):
         output_dim: int,
         hidden_dims: Sequence[int] = (),
         dropout: float = 0.0,
+        combine: str = "concat",
         history: HistoryPooling | None = None,
         sparse: bool = False,
     ) -> None:
@@ -124,8 +130,9 @@ class Tower(nn.Module):
             else:
                 self.embeddings[info.name] = nn.Linear(info.width, embedding_dim)
         self.history = history
+        self.combine = combine
         num_inputs = len(self.fields) + (history is not None)
-        width = num_inputs * embedding_dim
+        width = embedding_dim if combine == "sum" else num_inputs * embedding_dim
         layers: list[nn.Module] = []
         for hidden in hidden_dims:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
@@ -145,5 +152,10 @@ class Tower(nn.Module):
             parts.append(self.embeddings[info.name](value))
         if self.history is not None:
             parts.append(self.history(features[HISTORY]))
-        hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if len(parts) == 1:
+            hidden = parts[0]
+        elif self.combine == "sum":
+            hidden = torch.stack(parts).sum(dim=0)
+        else:
+            hidden = torch.cat(parts, dim=-1)
         return F.normalize(self.head(hidden), dim=-1)

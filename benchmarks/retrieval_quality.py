@@ -1,8 +1,11 @@
 """Retrieval quality on MovieLens-100k, seeded random 80/20 split (the TFRS protocol).
 
-Trains the ID-only two-tower model and the model with side features and history, runs
-the baselines on the same split and the same evaluation code, and prints one table. A
-second scenario holds 10% of the users out of training entirely (cold start).
+Trains the ID-only two-tower model and the model with side features and history, each
+with one example per interaction (the defaults: ``twostage-id``, ``twostage-features``)
+and with one example per user (``presets/retrieval-users.json``: ``twostage-users-id``,
+``twostage-users-features``), runs the baselines on the same split and the same
+evaluation code, and prints one table. A second scenario holds 10% of the users out of
+training entirely (cold start).
 
     python benchmarks/retrieval_quality.py --json benchmarks/results/retrieval_quality.json
 """
@@ -19,15 +22,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json
-from twostage.config import ExperimentConfig, apply_overrides
+from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.registry import load_dataset
 from twostage.experiment import evaluate_baselines, fit_retrieval
 
 KS = ("1", "5", "10", "50", "100")
 COMMON = ["data.split=random", "data.test_fraction=0.2", "data.seed=42"]
-MODELS = {
-    "twostage-id": ["retrieval.use_side_features=false"],
-    "twostage-features": [],
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
+# name -> (preset file or None for the defaults, overrides)
+MODELS: dict[str, tuple[str | None, list[str]]] = {
+    "twostage-id": (None, ["retrieval.use_side_features=false"]),
+    "twostage-features": (None, []),
+    "twostage-users-id": (
+        "retrieval-users.json",
+        ["retrieval.use_side_features=false"],
+    ),
+    "twostage-users-features": ("retrieval-users.json", []),
 }
 
 
@@ -57,16 +67,16 @@ def scenario(dataset: Any, extra: list[str], overrides: list[str]) -> dict[str, 
     results: dict[str, Any] = {}
     slices: dict[str, dict[str, Any]] = {}
     last_run = last_split = None
-    for name, model_overrides in MODELS.items():
-        config = apply_overrides(
-            ExperimentConfig(), [*COMMON, *extra, *model_overrides, *overrides]
-        )
+    for name, (preset, model_overrides) in MODELS.items():
+        base = load_config(PRESETS / preset) if preset else ExperimentConfig()
+        config = apply_overrides(base, [*COMMON, *extra, *model_overrides, *overrides])
         started = time.perf_counter()
         run, split = fit_retrieval(config, dataset=dataset)
         seconds = time.perf_counter() - started
         epochs = len(run.train_result.history)
         results[name] = entry(run.metrics, seconds, epochs)
         results[name]["best_epoch"] = run.train_result.best_epoch + 1
+        results[name]["config"] = {"preset": preset, "overrides": model_overrides}
         for slice_name, sub in run.metrics["slices"].items():
             slices.setdefault(slice_name, {})[name] = entry(sub, None, None)
         last_run, last_split = run, split

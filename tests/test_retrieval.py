@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twostage.config import ExperimentConfig, apply_overrides
+from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError
 from twostage.experiment import (
@@ -272,6 +272,15 @@ def test_config_is_strict() -> None:
         fit_retrieval(_config("retrieval.query_fields=shoe_size"))
     with pytest.raises(ConfigError, match=r"e\.g\. `256,128`"):
         _config("retrieval.hidden_dims=[256,")
+
+
+def test_presets_load_strictly() -> None:
+    """Every file under presets/ is a valid config (a renamed key would fail here)."""
+    presets = sorted((Path(__file__).parent.parent / "presets").glob("*.json"))
+    assert presets
+    for path in presets:
+        config = load_config(path)
+        assert isinstance(config, ExperimentConfig), path
 
 
 def test_list_overrides_take_commas_or_json() -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from twostage.batches import UserExamples
 from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError
@@ -26,7 +27,7 @@ from twostage.experiment import (
 )
 from twostage.features import FeatureSpec
 from twostage.models.towers import FieldInfo, Tower
-from twostage.train import UserExamples, train_retrieval
+from twostage.train import train_retrieval
 
 SMALL = [
     "data.dataset=synthetic:num_users=300,num_items=120,num_interactions=6000",

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from twostage.batches import RetrievalTensors, query_features
 from twostage.config import ExperimentConfig, RetrievalConfig, load_config, save_config
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.split import Split, split_dataset, validation_split
@@ -30,7 +31,7 @@ from twostage.features import FeatureSpec
 from twostage.metrics import UserItems
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.towers import FieldInfo
-from twostage.train import ProgressFn, RetrievalTensors, TrainResult, train_retrieval
+from twostage.train import ProgressFn, TrainResult, train_retrieval
 
 __all__ = [
     "RetrievalRun",
@@ -498,7 +499,6 @@ def validation_loss(
 ) -> float:
     """The training loss (same batch size, logQ, no dropout) on held-out pairs."""
     from twostage.losses import in_batch_softmax_loss
-    from twostage.train import query_features
 
     if len(users) == 0:
         return float("nan")

@@ -23,140 +23,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from twostage.batches import (
+    RetrievalTensors,
+    UserExamples,
+    interaction_loss,
+    user_loss,
+)
 from twostage.config import RetrievalConfig, TrainConfig
 from twostage.errors import ArtifactError, ConfigError
-from twostage.losses import (
-    full_softmax_loss,
-    in_batch_softmax_loss,
-    multi_positive_softmax_loss,
-)
 from twostage.models.retrieval import RetrievalModel
-from twostage.models.towers import HISTORY
 
-__all__ = ["RetrievalTensors", "TrainResult", "train_retrieval", "query_features"]
+__all__ = ["ProgressFn", "TrainResult", "train_retrieval"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class RetrievalTensors:
-    """Everything the training loop gathers batches from.
-
-    Attributes:
-        user_features: per-user rows ``[U, ...]`` indexed by ``user_idx``.
-        item_features: per-item rows ``[N, ...]`` indexed by ``item_idx``.
-        history: ``[U, L]`` each user's most recent training items, most recent last,
-            0 = padding; ``[U, 0]`` when the model uses no history.
-        users: ``[n]`` user index of each training example.
-        items: ``[n]`` item index of each training example.
-        weights: ``[n]`` example weights, or None.
-        item_probs: ``[N]`` share of the training examples of each item (logQ).
-        user_id_field: name of the user ID field (dropped to OOV for ID dropout).
-    """
-
-    user_features: dict[str, Tensor]
-    item_features: dict[str, Tensor]
-    history: Tensor
-    users: Tensor
-    items: Tensor
-    weights: Tensor | None
-    item_probs: Tensor
-    user_id_field: str | None = "user_id"
-
-    def to(self, device: torch.device) -> RetrievalTensors:
-        """A copy with every tensor on ``device``."""
-
-        def move(values: dict[str, Tensor]) -> dict[str, Tensor]:
-            return {k: v.to(device) for k, v in values.items()}
-
-        return RetrievalTensors(
-            user_features=move(self.user_features),
-            item_features=move(self.item_features),
-            history=self.history.to(device),
-            users=self.users.to(device),
-            items=self.items.to(device),
-            weights=None if self.weights is None else self.weights.to(device),
-            item_probs=self.item_probs.to(device),
-            user_id_field=self.user_id_field,
-        )
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.users.shape[0])
-
-    @property
-    def num_items(self) -> int:
-        return int(self.item_probs.shape[0])
-
-
-def query_features(
-    tensors: RetrievalTensors,
-    users: Tensor,
-    *,
-    exclude_items: Tensor | None = None,
-    drop_ids: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """Gather the query features of a batch of users.
-
-    Args:
-        tensors: the prepared tables.
-        users: ``[B]`` user indices.
-        exclude_items: ``[B]`` item per row to remove from that row's history (the
-            training target, so the model cannot see the answer).
-        drop_ids: ``[B]`` bool; where True, the user ID becomes OOV (0) and the history
-            is emptied, which trains the cold-start path.
-    """
-    features = {name: values[users] for name, values in tensors.user_features.items()}
-    history = tensors.history[users]
-    if exclude_items is not None and history.shape[1]:
-        history = history.masked_fill(history == exclude_items[:, None], 0)
-    if drop_ids is not None:
-        if tensors.user_id_field in features:
-            ids = features[tensors.user_id_field]
-            features[tensors.user_id_field] = ids.masked_fill(drop_ids, 0)
-        history = history.masked_fill(drop_ids[:, None], 0)
-    features[HISTORY] = history
-    return features
-
-
-@dataclass
-class UserExamples:
-    """The training rows grouped by user, for ``retrieval.examples=users``.
-
-    Attributes:
-        users: ``[M]`` every user with at least one training row: one example each.
-        order: ``[n]`` training row numbers sorted by user.
-        starts: ``[U]`` where each user's rows begin in ``order``.
-        counts: ``[U]`` how many training rows each user has.
-    """
-
-    users: Tensor
-    order: Tensor
-    starts: Tensor
-    counts: Tensor
-
-    @classmethod
-    def of(cls, tensors: RetrievalTensors) -> UserExamples:
-        num_users = int(tensors.history.shape[0])
-        order = torch.argsort(tensors.users, stable=True)
-        counts = torch.bincount(tensors.users, minlength=num_users)
-        starts = torch.cumsum(counts, 0) - counts
-        return cls(torch.nonzero(counts).squeeze(1), order, starts, counts)
-
-    def rows_of(self, users: Tensor) -> tuple[Tensor, Tensor]:
-        """``(batch_row, training_row)`` of every training row of ``users``."""
-        counts = self.counts[users]
-        batch_rows = torch.repeat_interleave(
-            torch.arange(len(users), device=users.device), counts
-        )
-        first = torch.repeat_interleave(self.starts[users], counts)
-        offset = torch.arange(len(batch_rows), device=users.device) - (
-            torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        )
-        return batch_rows, self.order[first + offset]
 
 
 @dataclass
@@ -336,9 +218,9 @@ def train_retrieval(
             start = step_in_epoch * config.batch_size
             batch = order[start : start + config.batch_size].to(device)
             if by_user is None:
-                loss = _loss(model, model_config, tensors, batch, generator)
+                loss = interaction_loss(model, model_config, tensors, batch, generator)
             else:
-                loss = _user_loss(
+                loss = user_loss(
                     model, model_config, tensors, by_user, batch, generator
                 )
             optimizer.zero_grad()
@@ -415,130 +297,6 @@ def train_retrieval(
     model.cpu().eval()
     del host_tensors
     return result
-
-
-def _training_queries(
-    model: RetrievalModel,
-    model_config: RetrievalConfig,
-    tensors: RetrievalTensors,
-    users: Tensor,
-    generator: torch.Generator,
-    exclude_items: Tensor | None = None,
-) -> Tensor:
-    """Query embeddings of a training batch: ID dropout, then history dropout."""
-    drop = None
-    if model_config.id_dropout > 0:
-        drop = torch.rand(len(users), generator=generator) < model_config.id_dropout
-        drop = drop.to(users.device)
-    features = query_features(
-        tensors, users, exclude_items=exclude_items, drop_ids=drop
-    )
-    history = features[HISTORY]
-    if model_config.history_dropout > 0 and history.shape[1]:
-        hidden = torch.rand(history.shape, generator=generator)
-        hidden = hidden < model_config.history_dropout
-        features[HISTORY] = history.masked_fill(hidden.to(history.device), 0)
-    return model.encode_queries(features)
-
-
-def _user_loss(
-    model: RetrievalModel,
-    model_config: RetrievalConfig,
-    tensors: RetrievalTensors,
-    by_user: UserExamples,
-    batch: Tensor,
-    generator: torch.Generator,
-) -> Tensor:
-    """One example per user: every training item of the user is a positive."""
-    users = by_user.users[batch]
-    queries = _training_queries(model, model_config, tensors, users, generator)
-    rows, train_rows = by_user.rows_of(users)
-    items = tensors.items[train_rows]
-    weights = tensors.weights[train_rows] if tensors.weights is not None else None
-    if model_config.negatives == "full":
-        return multi_positive_softmax_loss(
-            queries,
-            model.encode_items(tensors.item_features),
-            rows,
-            items,
-            temperature=model.temperature,
-            excluded_column=0,
-            weights=weights,
-        )
-    # The candidates are the distinct items of the batch's users.
-    sample, columns = torch.unique(items, return_inverse=True)
-    log_q = None
-    if model_config.logq_correction:
-        # Chance that an item is among `len(items)` draws from the training rows.
-        draws = float(len(items))
-        probs = tensors.item_probs[sample].clamp(1e-12, 1 - 1e-7)
-        log_q = torch.log(-torch.expm1(draws * torch.log1p(-probs)))
-        log_q = model_config.logq_weight * log_q
-    return multi_positive_softmax_loss(
-        queries,
-        model.encode_items({k: v[sample] for k, v in tensors.item_features.items()}),
-        rows,
-        columns,
-        temperature=model.temperature,
-        log_q=log_q,
-        weights=weights,
-    )
-
-
-def _loss(
-    model: RetrievalModel,
-    model_config: RetrievalConfig,
-    tensors: RetrievalTensors,
-    batch: Tensor,
-    generator: torch.Generator,
-) -> Tensor:
-    users, items = tensors.users[batch], tensors.items[batch]
-    queries = _training_queries(
-        model, model_config, tensors, users, generator, exclude_items=items
-    )
-    weights = tensors.weights[batch] if tensors.weights is not None else None
-    if model_config.negatives == "full":
-        others = None
-        if model_config.mask_seen_negatives:
-            others = tensors.history[users]
-        return full_softmax_loss(
-            queries,
-            model.encode_items(tensors.item_features),
-            items,
-            temperature=model.temperature,
-            other_positives=others,
-            weights=weights,
-        )
-    candidates = model.encode_items(
-        {k: v[items] for k, v in tensors.item_features.items()}
-    )
-    extra = extra_ids = extra_probs = None
-    if model_config.num_extra_negatives > 0:
-        # Uniform over the real items (index 0 is the OOV row).
-        extra_ids = torch.randint(
-            1,
-            tensors.num_items,
-            (model_config.num_extra_negatives,),
-            generator=generator,
-        ).to(batch.device)
-        extra = model.encode_items(
-            {k: v[extra_ids] for k, v in tensors.item_features.items()}
-        )
-        extra_probs = tensors.item_probs[extra_ids]
-    probs = tensors.item_probs[items] if model_config.logq_correction else None
-    return in_batch_softmax_loss(
-        queries,
-        candidates,
-        temperature=model.temperature,
-        candidate_ids=items,
-        candidate_probs=probs,
-        extra_candidates=extra,
-        extra_ids=extra_ids,
-        extra_probs=extra_probs if probs is not None else None,
-        num_items=tensors.num_items,
-        weights=weights,
-        correction_weight=model_config.logq_weight,
-    )
 
 
 def _flatten_optimizer(

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from twostage.batches import RetrievalTensors, query_features
 from twostage.config import from_dict
 from twostage.data.dataset import ITEM, RATING, USER, Dataset
 from twostage.errors import ConfigError, DataError
@@ -22,7 +23,6 @@ from twostage.metrics import UserItems
 from twostage.models.ranking import FirstLayers, RankingModel, retrieval_extras
 from twostage.models.ranking import Side as EmbeddedSide
 from twostage.models.towers import FieldInfo
-from twostage.train import RetrievalTensors, query_features
 
 logger = logging.getLogger(__name__)
 

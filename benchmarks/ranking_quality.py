@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import console, machine, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.registry import load_dataset
-from twostage.experiment import RetrievalRun, fit_retrieval, prepare_split
+from twostage.experiment import RetrievalRun, fit_retrieval
 from twostage.pipeline import Recommender, load
+from twostage.prepare import prepare_split
 from twostage.ranking import RankingConfig, RankingRun, evaluate_ranking, fit_ranking
 
 KS = ("1", "5", "10", "50", "100")

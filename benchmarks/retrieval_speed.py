@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import generate
-from twostage.experiment import build_model, build_tensors, spec_for
+from twostage.experiment import build_model, spec_for
+from twostage.prepare import build_tensors
 from twostage.train import train_retrieval
 
 ID_ONLY = ["retrieval.use_side_features=false", "retrieval.history_length=0"]

@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from twostage.config import ExperimentConfig, apply_overrides, from_dict
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError, DataError
-from twostage.experiment import fit_retrieval, prepare_split
+from twostage.experiment import fit_retrieval
 from twostage.models.ranking import CrossLayer, CrossNetwork, RankingModel
 from twostage.models.towers import FieldInfo
+from twostage.prepare import prepare_split
 from twostage.ranking import (
     RankingConfig,
     RankingRun,

@@ -18,15 +18,14 @@ from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError
 from twostage.experiment import (
     build_model,
-    build_tensors,
     evaluate_baselines,
     fit_retrieval,
     load_run,
-    prepare_split,
     spec_for,
 )
 from twostage.features import FeatureSpec
 from twostage.models.towers import FieldInfo, Tower
+from twostage.prepare import build_tensors, prepare_split
 from twostage.train import train_retrieval
 
 SMALL = [

@@ -18,7 +18,7 @@ Two-stage lists retrieve the top ``num_candidates`` items per user (training ite
 excluded), then order them by ``click logit + blend_weight * retrieval logit`` (cosine
 over the retrieval temperature); ``blend_weight=None`` picks the weight on the
 validation carve-out. Pass the retrieval run's own carve-out (see
-:func:`twostage.experiment.prepare_split`) as ``validation``: neither stage trained on
+:func:`twostage.prepare.prepare_split`) as ``validation``: neither stage trained on
 it, so neither stage's scores are inflated there.
 """
 

@@ -15,7 +15,8 @@ from torch import Tensor
 from twostage.data.dataset import Dataset
 from twostage.data.split import validation_split
 from twostage.errors import DataError
-from twostage.experiment import RetrievalRun, with_history_of
+from twostage.experiment import RetrievalRun
+from twostage.prepare import with_history_of
 from twostage.ranking.evaluation import _pick_blend, auc, rmse
 from twostage.ranking.run import (
     Pairs,

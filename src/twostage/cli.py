@@ -1,20 +1,18 @@
 """The `twostage` command line. Only the cli modules print; data and ops commands live
-in :mod:`twostage.cli_data` and :mod:`twostage.cli_ops`."""
+in :mod:`twostage.cli_data` and :mod:`twostage.cli_ops`, tables and the progress line in
+:mod:`twostage.cli_output`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import polars as pl
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from twostage.cli_data import (
     ItemCol,
@@ -29,6 +27,12 @@ from twostage.cli_data import (
     split_names,
 )
 from twostage.cli_ops import index_app, serve_command
+from twostage.cli_output import (
+    items_table,
+    print_metrics,
+    print_ranking,
+    training_progress,
+)
 from twostage.errors import ArtifactError, TwostageError
 
 app = typer.Typer(
@@ -96,7 +100,7 @@ def train_all(
     from twostage.pipeline import Recommender
 
     config = _experiment_config(dataset, config_file, overrides or [], {})
-    with _progress() as on_step:
+    with training_progress() as on_step:
         run, split = fit_retrieval(config, on_step=on_step)
     print_metrics(run.metrics, title=f"Retrieval on {config.data.dataset} (test split)")
     ranker = _train_ranker(run, split) if ranking else None
@@ -137,28 +141,6 @@ def _parse_id(value: str) -> Any:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
-def _items_table(
-    title: str, items: list[dict[str, Any]], *, scores: bool = True
-) -> Table:
-    table = Table(title=title)
-    table.add_column("#", justify="right")
-    table.add_column("item_id")
-    table.add_column("title")
-    table.add_column("genres")
-    if scores:
-        table.add_column("score", justify="right")
-    for rank, item in enumerate(items, start=1):
-        genres = item.get("genres")
-        table.add_row(
-            str(rank),
-            str(item["item_id"]),
-            str(item.get("display_title") or item.get("title") or ""),
-            ", ".join(genres) if isinstance(genres, list) else str(genres or ""),
-            *([f"{item.get('rank_score', item['score']):.4f}"] if scores else []),
-        )
-    return table
-
-
 @app.command("recommend")
 def recommend_command(
     bundle: Annotated[Path, typer.Argument(help="A bundle dir, or models/<name>/.")],
@@ -187,14 +169,14 @@ def recommend_command(
     history = rec.history(user_id) if user_id is not None else []
     if history:
         console.print(
-            _items_table(
+            items_table(
                 f"User {user_id} watched (latest {min(len(history), 10)})",
                 history[-10:][::-1],
                 scores=False,
             )
         )
     console.print(
-        _items_table(f"Top {k} for user {user_id} ({answer.path})", answer.items)
+        items_table(f"Top {k} for user {user_id} ({answer.path})", answer.items)
     )
 
 
@@ -207,7 +189,7 @@ def similar_command(
     """Items most similar to one item (people who liked this also liked)."""
     rec = _open_bundle(bundle)
     console.print(
-        _items_table(f"Similar to item {item}", rec.similar_items(_parse_id(item), k))
+        items_table(f"Similar to item {item}", rec.similar_items(_parse_id(item), k))
     )
 
 
@@ -254,108 +236,12 @@ def train_retrieval_command(
             "item_features": split_names(item_features),
         },
     )
-    with _progress() as on_step:
+    with training_progress() as on_step:
         run, _ = fit_retrieval(config, out_dir=out, resume=resume, on_step=on_step)
     print_metrics(run.metrics, title=f"Retrieval on {config.data.dataset} (test split)")
     console.print(
         f"Saved to [cyan]{out}[/cyan] (best epoch {run.train_result.best_epoch})."
     )
-
-
-@contextlib.contextmanager
-def _progress() -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A rich progress line for the training loop: epoch, step, loss, throughput."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    columns = (
-        SpinnerColumn(),
-        TextColumn("epoch {task.fields[epoch]} step {task.completed:.0f}"),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} examples/s"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=None, epoch=0, loss=0.0, rate=0.0)
-        clock: dict[str, float] = {}
-
-        def on_step(info: dict[str, Any]) -> None:
-            now = time.perf_counter()
-            if info["epoch"] != clock.get("epoch"):
-                clock.update(epoch=info["epoch"], start=now)
-            rate = info["examples"] / max(now - clock["start"], 1e-9)
-            progress.update(
-                task,
-                completed=info["step"] + 1,
-                epoch=info["epoch"] + 1,
-                loss=info["loss"],
-                rate=rate,
-            )
-
-        yield on_step
-
-
-def print_metrics(
-    metrics: dict[str, Any], *, title: str, models: dict[str, Any] | None = None
-) -> None:
-    """A table of metrics per model: rows model x mode, columns metric@k."""
-    rows = models or {"twostage": metrics}
-    table = Table(title=title)
-    table.add_column("model")
-    table.add_column("seen")
-    columns = [
-        ("recall", "10"),
-        ("recall", "100"),
-        ("ndcg", "10"),
-        ("hit_rate", "10"),
-        ("mrr", "10"),
-        ("factorized_top_k", "100"),
-        ("coverage", "100"),
-    ]
-    short = {
-        "recall": "R",
-        "ndcg": "NDCG",
-        "hit_rate": "HR",
-        "mrr": "MRR",
-        "factorized_top_k": "FTopK",
-        "coverage": "Cov",
-    }
-    for metric, k in columns:
-        table.add_column(f"{short[metric]}@{k}", justify="right")
-    for name, result in rows.items():
-        for mode in ("exclude_seen", "include_seen"):
-            values = result["metrics"].get(mode)
-            if not values:
-                continue
-            cells = []
-            for metric, k in columns:
-                value = values.get(metric, {}).get(k)
-                cells.append("-" if value is None else f"{value:.4f}")
-            table.add_row(
-                name, "excluded" if mode == "exclude_seen" else "included", *cells
-            )
-    console.print(table)
-
-
-def print_ranking(report: dict[str, Any], *, title: str) -> None:
-    """The output of :func:`twostage.ranking.evaluate_ranking` as two tables."""
-    heads = Table(title=title)
-    for column in ("RMSE", "MAE", "AUC", "test pairs"):
-        heads.add_column(column, justify="right")
-    heads.add_row(
-        *(f"{report[k]:.4f}" if k in report else "-" for k in ("rmse", "mae", "auc")),
-        f"{report['num_test_pairs']:,}",
-    )
-    console.print(heads)
-    lists = Table(
-        title=f"Top {report['num_candidates']} retrieved, re-ranked "
-        f"(blend weight {report['blend_weight']:g}), seen items excluded"
-    )
-    for column in ("metric", "retrieval only", "two stage", "change"):
-        lists.add_column(column, justify="left" if column == "metric" else "right")
-    for metric, label in (("ndcg", "NDCG@10"), ("hit_rate", "HR@10")):
-        before = report["retrieval_only"][metric]["10"]
-        after = report["two_stage"][metric]["10"]
-        lists.add_row(label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
-    console.print(lists)
 
 
 def _bundle_path(path: Path) -> Path:
@@ -455,7 +341,7 @@ def demo(
         ExperimentConfig(), ["data.dataset=movielens-100k", f"train.epochs={epochs}"]
     )
     console.rule("Retrieval: two towers with side features and history")
-    with _progress() as on_step:
+    with training_progress() as on_step:
         run, split = fit_retrieval(
             config, dataset=data, out_dir=out / "retrieval", on_step=on_step
         )
@@ -482,18 +368,18 @@ def demo(
     answer = rec.recommend(user, 10)
     history = rec.history(user)
     console.print(
-        _items_table(
+        items_table(
             f"User {user} watched (latest 10)", history[-10:][::-1], scores=False
         )
     )
     console.print(
-        _items_table(f"Recommended for user {user} ({answer.path})", answer.items)
+        items_table(f"Recommended for user {user} ({answer.path})", answer.items)
     )
     star_wars = data.items.filter(  # type: ignore[union-attr]
         (pl.col("title") == "Star Wars") & (pl.col("year") == 1977)
     )["item_id"][0]
     similar = rec.similar_items(star_wars, 10)
-    console.print(_items_table("Most similar to Star Wars (1977)", similar))
+    console.print(items_table("Most similar to Star Wars (1977)", similar))
     files = write_report(
         out / "report",
         title="twostage demo: MovieLens-100k",

@@ -1,0 +1,133 @@
+"""What the CLI prints: metric tables, item lists and the training progress line."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["items_table", "print_metrics", "print_ranking", "training_progress"]
+
+console = Console()
+
+
+def items_table(
+    title: str, items: list[dict[str, Any]], *, scores: bool = True
+) -> Table:
+    table = Table(title=title)
+    table.add_column("#", justify="right")
+    table.add_column("item_id")
+    table.add_column("title")
+    table.add_column("genres")
+    if scores:
+        table.add_column("score", justify="right")
+    for rank, item in enumerate(items, start=1):
+        genres = item.get("genres")
+        table.add_row(
+            str(rank),
+            str(item["item_id"]),
+            str(item.get("display_title") or item.get("title") or ""),
+            ", ".join(genres) if isinstance(genres, list) else str(genres or ""),
+            *([f"{item.get('rank_score', item['score']):.4f}"] if scores else []),
+        )
+    return table
+
+
+@contextlib.contextmanager
+def training_progress() -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A rich progress line for the training loop: epoch, step, loss, throughput."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("epoch {task.fields[epoch]} step {task.completed:.0f}"),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} examples/s"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=None, epoch=0, loss=0.0, rate=0.0)
+        clock: dict[str, float] = {}
+
+        def on_step(info: dict[str, Any]) -> None:
+            now = time.perf_counter()
+            if info["epoch"] != clock.get("epoch"):
+                clock.update(epoch=info["epoch"], start=now)
+            rate = info["examples"] / max(now - clock["start"], 1e-9)
+            progress.update(
+                task,
+                completed=info["step"] + 1,
+                epoch=info["epoch"] + 1,
+                loss=info["loss"],
+                rate=rate,
+            )
+
+        yield on_step
+
+
+def print_metrics(
+    metrics: dict[str, Any], *, title: str, models: dict[str, Any] | None = None
+) -> None:
+    """A table of metrics per model: rows model x mode, columns metric@k."""
+    rows = models or {"twostage": metrics}
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("seen")
+    columns = [
+        ("recall", "10"),
+        ("recall", "100"),
+        ("ndcg", "10"),
+        ("hit_rate", "10"),
+        ("mrr", "10"),
+        ("factorized_top_k", "100"),
+        ("coverage", "100"),
+    ]
+    short = {
+        "recall": "R",
+        "ndcg": "NDCG",
+        "hit_rate": "HR",
+        "mrr": "MRR",
+        "factorized_top_k": "FTopK",
+        "coverage": "Cov",
+    }
+    for metric, k in columns:
+        table.add_column(f"{short[metric]}@{k}", justify="right")
+    for name, result in rows.items():
+        for mode in ("exclude_seen", "include_seen"):
+            values = result["metrics"].get(mode)
+            if not values:
+                continue
+            cells = []
+            for metric, k in columns:
+                value = values.get(metric, {}).get(k)
+                cells.append("-" if value is None else f"{value:.4f}")
+            table.add_row(
+                name, "excluded" if mode == "exclude_seen" else "included", *cells
+            )
+    console.print(table)
+
+
+def print_ranking(report: dict[str, Any], *, title: str) -> None:
+    """The output of :func:`twostage.ranking.evaluate_ranking` as two tables."""
+    heads = Table(title=title)
+    for column in ("RMSE", "MAE", "AUC", "test pairs"):
+        heads.add_column(column, justify="right")
+    heads.add_row(
+        *(f"{report[k]:.4f}" if k in report else "-" for k in ("rmse", "mae", "auc")),
+        f"{report['num_test_pairs']:,}",
+    )
+    console.print(heads)
+    lists = Table(
+        title=f"Top {report['num_candidates']} retrieved, re-ranked "
+        f"(blend weight {report['blend_weight']:g}), seen items excluded"
+    )
+    for column in ("metric", "retrieval only", "two stage", "change"):
+        lists.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, label in (("ndcg", "NDCG@10"), ("hit_rate", "HR@10")):
+        before = report["retrieval_only"][metric]["10"]
+        after = report["two_stage"][metric]["10"]
+        lists.add_row(label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
+    console.print(lists)

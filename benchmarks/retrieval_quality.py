@@ -1,8 +1,9 @@
 """Retrieval quality on MovieLens-100k, seeded random 80/20 split (the TFRS protocol).
 
 Trains the ID-only two-tower model and the model with side features and history, each
-with one example per interaction (the defaults: ``twostage-id``, ``twostage-features``)
-and with one example per user (``presets/retrieval-users.json``: ``twostage-users-id``,
+with one example per interaction (the defaults: ``twostage-id``, ``twostage-features``;
+``twostage-features-concat`` with ``retrieval.combine=concat``) and with one example
+per user (``presets/retrieval-users.json``: ``twostage-users-id``,
 ``twostage-users-features``, and ``twostage-users-age-gender`` with only those user
 fields), runs the baselines on the same split and the same evaluation code, and prints
 one table. A second scenario holds 10% of the users out of training entirely (cold
@@ -37,6 +38,8 @@ PRESETS = Path(__file__).resolve().parent.parent / "presets"
 MODELS: dict[str, tuple[str | None, list[str]]] = {
     "twostage-id": (None, ["retrieval.use_side_features=false"]),
     "twostage-features": (None, []),
+    # the towers' fields concatenated through a linear layer instead of summed
+    "twostage-features-concat": (None, ["retrieval.combine=concat"]),
     "twostage-users-id": (
         "retrieval-users.json",
         ["retrieval.use_side_features=false"],

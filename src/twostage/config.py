@@ -76,16 +76,17 @@ class RetrievalConfig:
     of items); with ``full``, ``mask_seen_negatives`` keeps the user's other training
     items (its history) out of the negatives.
 
-    ``combine`` joins a tower's field embeddings (and the pooled history): ``concat``
-    passes their concatenation through the head (an MLP or one linear layer), ``sum``
-    adds them, as factorisation machines and LightFM do, so an item's vector is its ID
-    vector plus its features' vectors and a field that does not help can fade to zero.
+    ``combine`` joins a tower's field embeddings (and the pooled history): ``sum`` (the
+    default) adds them, as factorisation machines and LightFM do, so an item's vector
+    is its ID vector plus its features' vectors and a field that does not help can fade
+    to zero; ``concat`` passes their concatenation through the head (an MLP or one
+    linear layer).
     """
 
     embedding_dim: int = 64
     output_dim: int = 64
     hidden_dims: tuple[int, ...] = ()
-    combine: Literal["concat", "sum"] = "concat"
+    combine: Literal["concat", "sum"] = "sum"
     use_side_features: bool = True
     query_fields: tuple[str, ...] = ()
     candidate_fields: tuple[str, ...] = ()

@@ -1,8 +1,8 @@
 """Towers: turn feature tensors into L2-normalised embeddings. Nothing else.
 
 A tower embeds every field of its side (an ID, a categorical, a bag of words, a number),
-concatenates the field vectors, and maps them to the shared output width with a linear
-layer or an MLP. The query tower can also pool the user's recent items (YouTube's
+sums or concatenates the field vectors, and maps them to the shared output width with
+an MLP or a linear layer (none when a sum already has that width). The query tower can also pool the user's recent items (YouTube's
 candidate generation model, Covington et al., RecSys 2016).
 """
 

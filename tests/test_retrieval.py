@@ -1,5 +1,6 @@
 """Two-tower retrieval end to end on small synthetic data with planted structure."""
 
+import json
 import os
 import signal
 import subprocess
@@ -254,6 +255,22 @@ def test_saved_run_reloads_to_identical_embeddings(
     )
     again = loaded.evaluate(split.test).to_dict()
     assert again["metrics"] == run.metrics["metrics"]
+
+
+def test_run_saved_before_combine_existed_loads_as_concat(tmp_path: Path) -> None:
+    """Configs written before `retrieval.combine` lack it; their towers concatenated."""
+    run, _ = fit_retrieval(
+        _config("train.epochs=1", "retrieval.combine=concat"), out_dir=tmp_path
+    )
+    path = tmp_path / "config.json"
+    values = json.loads(path.read_text())
+    del values["retrieval"]["combine"]
+    path.write_text(json.dumps(values))
+    loaded = load_run(tmp_path)
+    assert loaded.config.retrieval.combine == "concat"
+    torch.testing.assert_close(
+        loaded.item_embeddings(), run.item_embeddings(), rtol=0, atol=0
+    )
 
 
 def test_tampered_weights_are_refused(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from twostage.batches import RetrievalTensors, query_features
-from twostage.config import ExperimentConfig, RetrievalConfig, load_config, save_config
+from twostage.config import ExperimentConfig, RetrievalConfig, from_dict, save_config
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.split import Split
 from twostage.errors import ArtifactError, ConfigError, DataError, TwostageError
@@ -400,7 +400,14 @@ def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
         hint: what ``path`` should be, for the error message.
     """
     try:
-        config = load_config(path / "config.json", ExperimentConfig)
+        values = json.loads((path / "config.json").read_text())
+        if not isinstance(values, dict):
+            raise ValueError("config.json does not hold a mapping")
+        # Saved before `retrieval.combine` existed: those towers concatenated.
+        retrieval = values.get("retrieval")
+        if isinstance(retrieval, dict):
+            retrieval.setdefault("combine", "concat")
+        config = from_dict(ExperimentConfig, values)
         spec = FeatureSpec.load(path / "features.json")
         model = build_model(spec, config.retrieval)
         state = load_file(path / weights)

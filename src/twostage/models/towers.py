@@ -2,8 +2,9 @@
 
 A tower embeds every field of its side (an ID, a categorical, a bag of words, a number),
 sums or concatenates the field vectors, and maps them to the shared output width with
-an MLP or a linear layer (none when a sum already has that width). The query tower can also pool the user's recent items (YouTube's
-candidate generation model, Covington et al., RecSys 2016).
+an MLP or a linear layer (none when a sum already has that width). The query tower can
+also pool the user's recent items (YouTube's candidate generation model, Covington et
+al., RecSys 2016).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Tower(nn.Module):
         output_dim: int,
         hidden_dims: Sequence[int] = (),
         dropout: float = 0.0,
-        combine: str = "concat",
+        combine: Literal["concat", "sum"] = "concat",
         history: HistoryPooling | None = None,
         sparse: bool = False,
     ) -> None:

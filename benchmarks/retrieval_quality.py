@@ -9,7 +9,10 @@ fields), runs the baselines on the same split and the same evaluation code, and 
 one table. A second scenario holds 10% of the users out of training entirely (cold
 start). ``--seeds N`` trains each twostage model with training seeds 0 .. N-1 on the
 same split and reports their means (single runs in ``per_seed``): differences of a few
-thousandths in NDCG@10 are within one seed's noise here.
+thousandths in NDCG@10 are within one seed's noise here. ``--models`` trains only the
+named twostage models. ``--validation`` is the protocol for tuning: it sets the test 20%
+aside unread and runs everything on the other 80%, split 80/20 again with the same seed,
+so settings are chosen without looking at the test interactions.
 
     python benchmarks/retrieval_quality.py --json benchmarks/results/retrieval_quality.json
 """
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.registry import load_dataset
+from twostage.data.split import split_dataset
 from twostage.experiment import evaluate_baselines, fit_retrieval
 
 KS = ("1", "5", "10", "50", "100")
@@ -91,7 +95,11 @@ def mean_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def scenario(
-    dataset: Any, extra: list[str], overrides: list[str], seeds: int
+    dataset: Any,
+    extra: list[str],
+    overrides: list[str],
+    seeds: int,
+    models: list[str],
 ) -> dict[str, Any]:
     """Every model and baseline on one split; each slice reported separately.
 
@@ -101,7 +109,8 @@ def scenario(
     results: dict[str, Any] = {}
     slices: dict[str, dict[str, Any]] = {}
     last_run = last_split = None
-    for name, (preset, model_overrides) in MODELS.items():
+    for name in models:
+        preset, model_overrides = MODELS[name]
         base = load_config(PRESETS / preset) if preset else ExperimentConfig()
         runs, by_slice = [], {}
         for seed in range(seeds):
@@ -187,24 +196,49 @@ def main() -> None:
         default=1,
         help="training seeds per twostage model (entries are their means)",
     )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated twostage models to train (default: all of them; "
+        "the baselines always run)",
+    )
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="for tuning: set the test 20%% aside unread and run everything on the "
+        "other 80%%, split 80/20 again with the same seed",
+    )
     args = parser.parse_args()
+    models = [name for name in args.models.split(",") if name]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or not models:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
     dataset = load_dataset("movielens-100k")
-    main_run = scenario(dataset, [], args.set, args.seeds)
+    source = dataset.source
+    protocol = "test"
+    if args.validation:
+        dataset = split_dataset(dataset, test_fraction=0.2, seed=42).train
+        protocol = "validation"
+    main_run = scenario(dataset, [], args.set, args.seeds, models)
     show(
-        "MovieLens-100k, random 80/20 (seed 42): seen items excluded, FTopK without",
+        f"MovieLens-100k, random 80/20 (seed 42), {protocol} protocol: seen items "
+        "excluded, FTopK without",
         main_run["models"],
     )
     payload: dict[str, Any] = {
         **main_run["models"],
         "slices": main_run["slices"],
         "dataset": "movielens-100k",
-        "source": dataset.source,
+        "source": source,
+        "protocol": protocol,
         "seeds": args.seeds,
         "machine": machine(),
     }
     if not args.skip_cold:
-        cold = scenario(dataset, ["data.cold_user_fraction=0.1"], args.set, args.seeds)
+        cold = scenario(
+            dataset, ["data.cold_user_fraction=0.1"], args.set, args.seeds, models
+        )
         for slice_name in ("warm_users", "cold_users"):
             show(
                 f"10% of users held out of training: {slice_name}",

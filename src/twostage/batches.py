@@ -271,3 +271,31 @@ def interaction_loss(
         weights=weights,
         correction_weight=model_config.logq_weight,
     )
+
+
+def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
+    """The trainer's tables as one flat dict for safetensors."""
+    flat = {
+        "history": tensors.history,
+        "users": tensors.users,
+        "items": tensors.items,
+        "item_probs": tensors.item_probs,
+    }
+    if tensors.weights is not None:
+        flat["weights"] = tensors.weights
+    flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
+    flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
+    return {k: v.contiguous() for k, v in flat.items()}
+
+
+def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
+    """Inverse of :func:`tensors_to_flat`."""
+    return RetrievalTensors(
+        user_features={k[5:]: v for k, v in flat.items() if k.startswith("user.")},
+        item_features={k[5:]: v for k, v in flat.items() if k.startswith("item.")},
+        history=flat["history"],
+        users=flat["users"],
+        items=flat["items"],
+        weights=flat.get("weights"),
+        item_probs=flat["item_probs"],
+    )

@@ -277,7 +277,7 @@ def evaluate_command(
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
     config: retrieval (optionally beside the baselines), then the ranking stage when
     the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone)."""
-    from twostage.experiment import evaluate_on, evaluate_saved, rebuild_test_split
+    from twostage.reevaluate import evaluate_on, evaluate_saved, rebuild_test_split
 
     results: dict[str, Any] = {}
     if (path / "model.safetensors").exists():  # `twostage train retrieval --out`

@@ -1,7 +1,8 @@
 """A retrieval experiment end to end: load, split, fit features, train, evaluate, save.
 
 This is what ``twostage train retrieval`` and ``twostage evaluate`` run, and what the
-Python API exposes as :func:`fit_retrieval` / :func:`load_run`.
+Python API exposes as :func:`fit_retrieval` / :func:`load_run`. Evaluating a saved run
+again (``twostage evaluate DIR``) is :mod:`twostage.reevaluate`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from twostage.batches import RetrievalTensors, query_features
+from twostage.batches import (
+    RetrievalTensors,
+    query_features,
+    tensors_from_flat,
+    tensors_to_flat,
+)
 from twostage.config import ExperimentConfig, RetrievalConfig, from_dict, save_config
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.split import Split
-from twostage.errors import ArtifactError, ConfigError, DataError, TwostageError
+from twostage.errors import ArtifactError, ConfigError, DataError
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
 from twostage.features import FeatureSpec
 from twostage.metrics import UserItems
@@ -37,12 +43,9 @@ __all__ = [
     "RetrievalRun",
     "build_model",
     "spec_for",
-    "evaluate_on",
-    "evaluate_saved",
     "fit_retrieval",
     "load_run",
     "read_retrieval",
-    "rebuild_test_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -444,34 +447,6 @@ def load_run(directory: str | Path) -> RetrievalRun:
     return run
 
 
-def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
-    """The trainer's tables as one flat dict for safetensors."""
-    flat = {
-        "history": tensors.history,
-        "users": tensors.users,
-        "items": tensors.items,
-        "item_probs": tensors.item_probs,
-    }
-    if tensors.weights is not None:
-        flat["weights"] = tensors.weights
-    flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
-    flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
-    return {k: v.contiguous() for k, v in flat.items()}
-
-
-def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
-    """Inverse of :func:`tensors_to_flat`."""
-    return RetrievalTensors(
-        user_features={k[5:]: v for k, v in flat.items() if k.startswith("user.")},
-        item_features={k[5:]: v for k, v in flat.items() if k.startswith("item.")},
-        history=flat["history"],
-        users=flat["users"],
-        items=flat["items"],
-        weights=flat.get("weights"),
-        item_probs=flat["item_probs"],
-    )
-
-
 def load_dataset_for(config: ExperimentConfig) -> Dataset:
     """The dataset a config names, with its column mapping."""
     from twostage.data.registry import load_dataset
@@ -486,54 +461,4 @@ def load_dataset_for(config: ExperimentConfig) -> Dataset:
         separator=data.separator,
         user_features=list(data.user_features) or None,
         item_features=list(data.item_features) or None,
-    )
-
-
-def rebuild_test_split(
-    run: RetrievalRun, *, source: str | Path | None = None
-) -> Dataset:
-    """The test split a saved run was evaluated on, rebuilt from its saved config.
-
-    The saved config names the dataset (``data.dataset`` and the column mapping) and
-    the split (``data.split``, ``test_fraction``, ``seed``, ``cold_user_fraction``);
-    :func:`prepare_split` on the same data gives the same test rows.
-
-    Args:
-        run: a trained or reloaded run.
-        source: where the run was loaded from, for the error message.
-
-    Raises:
-        DataError: the dataset named in the config cannot be loaded here.
-    """
-    try:
-        dataset = load_dataset_for(run.config)
-    except (TwostageError, OSError) as e:
-        where = f" of {str(source)!r}" if source is not None else ""
-        raise DataError(
-            f"cannot rebuild the test split{where}: its config names "
-            f"data.dataset = {run.config.data.dataset!r}, which cannot be loaded "
-            f"here ({e}). Make that dataset available at the same name or path "
-            "(built-in data: `twostage data fetch NAME`), then evaluate again."
-        ) from e
-    (_, test), _ = prepare_split(dataset, run.config)
-    return test
-
-
-def evaluate_on(
-    run: RetrievalRun, test: Dataset, *, baselines: bool = False
-) -> dict[str, Any]:
-    """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on ``test``."""
-    results = {"twostage": run.evaluate(test).to_dict()}
-    if baselines:
-        results.update(
-            {k: v.to_dict() for k, v in evaluate_baselines(run, test).items()}
-        )
-    return results
-
-
-def evaluate_saved(directory: str | Path, *, baselines: bool = False) -> dict[str, Any]:
-    """Reload a run and its data, rebuild the same split, evaluate (and baselines)."""
-    run = load_run(directory)
-    return evaluate_on(
-        run, rebuild_test_split(run, source=directory), baselines=baselines
     )

@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import save_file
 
 from twostage.artifacts import verify_bundle, write_bundle
+from twostage.batches import tensors_to_flat
 from twostage.config import IndexConfig, save_config
 from twostage.data.dataset import ITEM, USER
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
-from twostage.experiment import RetrievalRun, read_retrieval, tensors_to_flat
+from twostage.experiment import RetrievalRun, read_retrieval
 from twostage.index import Index, load_index, make_index
 from twostage.models.towers import HISTORY
 

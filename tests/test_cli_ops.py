@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from twostage.cli import app
 from twostage.pipeline import load
+from twostage.serving.app import SETTINGS_ENV, ServeSettings, settings_to_env
 from twostage.serving.workers import reuse_port_supported, run_workers
 
 runner = CliRunner()
@@ -124,15 +126,22 @@ def test_serve_workers_share_the_port_and_both_answer(models_dir: Path) -> None:
             server.wait()
 
 
-def _worker_pids(port: int, wanted: int, timeout_s: float = 60) -> set[int]:
+def _worker_pids(
+    port: int,
+    wanted: int,
+    timeout_s: float = 60,
+    exclude: frozenset[int] | set[int] = frozenset(),
+) -> set[int]:
     """The pids that answer /healthz, one new connection per request (the kernel
-    spreads new connections over the workers' sockets)."""
+    spreads new connections over the workers' sockets), but those in ``exclude``."""
     pids: set[int] = set()
     deadline = time.monotonic() + timeout_s
     while len(pids) < wanted and time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
-                pids.add(json.loads(r.read())["pid"])
+                pid = json.loads(r.read())["pid"]
+                if pid not in exclude:
+                    pids.add(pid)
         except OSError:
             time.sleep(0.2)  # a worker may still be loading its models
     return pids
@@ -167,6 +176,45 @@ def test_serve_workers_stop_when_the_supervisor_is_killed(models_dir: Path) -> N
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@pytest.mark.skipif(
+    not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
+)
+def test_serve_replaces_a_worker_that_dies(models_dir: Path) -> None:
+    server, port = _serve(models_dir, "--workers", "2")
+    try:
+        pids = _worker_pids(port, 2)
+        assert len(pids) == 2
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        _assert_gone({victim})
+        # The survivor and the replacement answer; the supervisor keeps running.
+        replaced = _worker_pids(port, 2, exclude={victim})
+        assert len(replaced) == 2 and victim not in replaced
+        assert server.poll() is None
+        server.terminate()
+        assert server.wait(timeout=60) == 0
+        _assert_gone(replaced)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.skipif(
+    not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
+)
+def test_run_workers_gives_up_when_workers_keep_dying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers that cannot load their models are not replaced forever."""
+    settings = ServeSettings(models=str(tmp_path / "gone"))
+    monkeypatch.setenv(SETTINGS_ENV, settings_to_env(settings))
+    code = run_workers(
+        "127.0.0.1", 0, 2, log_level="critical", max_restarts=1, restart_window_s=600
+    )
+    assert code == 1
 
 
 def test_run_workers_reports_a_port_in_use() -> None:

@@ -35,7 +35,9 @@ def serve_command(
         int,
         typer.Option(
             help="Worker processes, each holding its own models; on Linux each "
-            "accepts on its own SO_REUSEPORT socket, so connections spread over them."
+            "accepts on its own SO_REUSEPORT socket, so connections spread over them, "
+            "and a worker that dies is replaced (the server exits with an error if "
+            "workers keep dying)."
         ),
     ] = 1,
     max_k: Annotated[int, typer.Option(help="Largest k a request may ask for.")] = 100,

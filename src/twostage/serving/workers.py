@@ -7,8 +7,13 @@ and four connections we measured the same throughput as with one worker. With on
 ``SO_REUSEPORT`` socket per worker, Linux spreads new connections over the workers.
 
 The parent binds every socket before starting a worker, so a port in use fails at once
-with a clear message. It stops all workers on SIGINT/SIGTERM; if a worker exits on its
-own, it stops the others and exits with an error, for a process manager to restart.
+with a clear message. It stops all workers on SIGINT/SIGTERM. A worker that exits on its
+own (killed, out of memory) is replaced by a new one on the same socket: the socket
+stays open and listening in the parent meanwhile, so connections the kernel hands it
+wait in its backlog instead of being refused. Workers that keep dying (more than
+``max_restarts`` replacements within ``restart_window_s`` seconds: a model that fails
+to load, a port the workers cannot use) make the parent stop the others and exit with
+an error, for a process manager to see.
 """
 
 from __future__ import annotations
@@ -71,8 +76,28 @@ def _exit_with_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_workers(host: str, port: int, workers: int, *, log_level: str) -> int:
+def run_workers(
+    host: str,
+    port: int,
+    workers: int,
+    *,
+    log_level: str,
+    max_restarts: int = 5,
+    restart_window_s: float = 60.0,
+) -> int:
     """Serve with ``workers`` processes until SIGINT/SIGTERM; returns the exit code.
+
+    Args:
+        host: interface to bind.
+        port: TCP port (0: any free port, shared by every worker).
+        workers: number of worker processes.
+        log_level: uvicorn's log level in the workers.
+        max_restarts: dead workers replaced within ``restart_window_s`` before the
+            supervisor gives up (0: never replace one).
+        restart_window_s: the window ``max_restarts`` counts in, in seconds.
+
+    Returns:
+        0 after SIGINT/SIGTERM, 1 when workers kept dying.
 
     Raises:
         OSError: ``host:port`` cannot be bound (e.g. in use by another program).
@@ -88,12 +113,16 @@ def run_workers(host: str, port: int, workers: int, *, log_level: str) -> int:
             sock.close()
         raise
     context = multiprocessing.get_context("spawn")
-    processes: list[BaseProcess] = [
-        context.Process(
+
+    def spawn(sock: socket.socket) -> BaseProcess:
+        process = context.Process(
             target=_worker, args=(sock, log_level, os.getpid()), daemon=False
         )
-        for sock in sockets
-    ]
+        process.start()
+        return process
+
+    processes: list[BaseProcess] = []
+    restarts: list[float] = []  # when each dead worker was replaced
     stop = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set())
@@ -101,8 +130,7 @@ def run_workers(host: str, port: int, workers: int, *, log_level: str) -> int:
     }
     code = 0
     try:
-        for process in processes:
-            process.start()
+        processes.extend(spawn(sock) for sock in sockets)
         logger.info(
             "%d workers on %s:%d: pids %s",
             workers,
@@ -111,14 +139,32 @@ def run_workers(host: str, port: int, workers: int, *, log_level: str) -> int:
             [p.pid for p in processes],
         )
         while not stop.wait(0.5):
-            dead = [p for p in processes if not p.is_alive()]
-            if dead:
+            for slot, process in enumerate(processes):
+                if process.is_alive() or stop.is_set():
+                    continue
+                now = time.monotonic()
+                restarts[:] = [t for t in restarts if now - t < restart_window_s]
+                if len(restarts) >= max_restarts:
+                    logger.error(
+                        "worker %d exited (code %s); %d worker(s) already replaced "
+                        "in the last %g s, so the workers keep dying: stopping the "
+                        "others",
+                        process.pid,
+                        process.exitcode,
+                        len(restarts),
+                        restart_window_s,
+                    )
+                    code = 1
+                    break
+                restarts.append(now)
+                processes[slot] = spawn(sockets[slot])
                 logger.error(
-                    "worker(s) %s exited (codes %s); stopping the others",
-                    [p.pid for p in dead],
-                    [p.exitcode for p in dead],
+                    "worker %d exited (code %s); replaced by worker %d",
+                    process.pid,
+                    process.exitcode,
+                    processes[slot].pid,
                 )
-                code = 1
+            if code:
                 break
     finally:
         _stop(processes)

@@ -119,6 +119,51 @@ def test_user_examples_gather_every_row_of_a_user() -> None:
         assert got == np.flatnonzero(users == user).tolist()
 
 
+def test_user_examples_draw_at_most_the_cap_of_each_user() -> None:
+    config = _config()
+    dataset = generate(num_users=40, num_items=30, num_interactions=400)
+    spec = FeatureSpec.default_for(dataset).fit(dataset)
+    tensors = build_tensors(spec, dataset, config.retrieval)
+    by_user = UserExamples.of(tensors)
+    batch = by_user.users[:12]
+    counts = by_user.counts[batch]
+    cap = int(counts.median())
+    assert counts.min() < cap < counts.max()  # some users above the cap, some below
+    all_rows, all_train_rows = by_user.rows_of(batch)
+    generator = torch.Generator().manual_seed(0)
+    draws = [
+        by_user.rows_of(batch, max_per_user=cap, generator=generator) for _ in range(50)
+    ]
+    for rows, train_rows in draws:
+        assert torch.equal(torch.bincount(rows, minlength=12), counts.clamp(max=cap))
+        for position in range(12):
+            drawn = train_rows[rows == position].tolist()
+            assert len(set(drawn)) == len(drawn)  # without replacement
+            assert set(drawn) <= set(all_train_rows[all_rows == position].tolist())
+    # over many draws every row of a capped user comes up
+    heavy = int(torch.argmax(counts))
+    seen = {r for rows, train_rows in draws for r in train_rows[rows == heavy].tolist()}
+    assert seen == set(all_train_rows[all_rows == heavy].tolist())
+
+
+def test_users_as_examples_with_a_positive_cap_still_learn() -> None:
+    config = _config(
+        "retrieval.examples=users",
+        "retrieval.history_dropout=0.5",
+        "retrieval.max_positives_per_user=8",
+        "retrieval.temperature=0.2",
+        "train.batch_size=32",
+        "train.epochs=40",
+        "train.early_stopping_patience=0",
+    )
+    run, split = fit_retrieval(config)
+    recall = run.metrics["metrics"]["exclude_seen"]["recall"]["10"]
+    popularity = evaluate_baselines(run, split.test)["popularity"]
+    assert recall > popularity.metrics["exclude_seen"]["recall"][10], recall
+    with pytest.raises(ConfigError, match="max_positives_per_user"):
+        fit_retrieval(_config("retrieval.max_positives_per_user=-1"))
+
+
 def test_cold_users_use_their_features() -> None:
     config = _config("data.cold_user_fraction=0.2", "train.epochs=6")
     run, split = fit_retrieval(config)

@@ -136,8 +136,35 @@ class UserExamples:
         starts = torch.cumsum(counts, 0) - counts
         return cls(torch.nonzero(counts).squeeze(1), order, starts, counts)
 
-    def rows_of(self, users: Tensor) -> tuple[Tensor, Tensor]:
-        """``(batch_row, training_row)`` of every training row of ``users``."""
+    def rows_of(
+        self,
+        users: Tensor,
+        *,
+        max_per_user: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(batch_row, training_row)`` of every training row of ``users``.
+
+        Args:
+            users: ``[B]`` user indices.
+            max_per_user: > 0 keeps at most that many rows of each user, drawn
+                uniformly without replacement with ``generator``; 0 keeps all.
+            generator: the random source of the draw.
+        """
+        batch_rows, train_rows = self._all_rows_of(users)
+        if max_per_user <= 0 or int(self.counts[users].max()) <= max_per_user:
+            return batch_rows, train_rows
+        # Shuffle within each user: sort by batch row plus a uniform key in [0, 1),
+        # then keep the first `max_per_user` of each user's run.
+        keys = torch.rand(len(batch_rows), generator=generator, dtype=torch.float64)
+        order = torch.argsort(batch_rows.double().cpu() + keys).to(batch_rows.device)
+        counts = self.counts[users]
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(order), device=order.device) - starts[batch_rows]
+        keep = order[rank < max_per_user]
+        return batch_rows[keep], train_rows[keep]
+
+    def _all_rows_of(self, users: Tensor) -> tuple[Tensor, Tensor]:
         counts = self.counts[users]
         batch_rows = torch.repeat_interleave(
             torch.arange(len(users), device=users.device), counts
@@ -184,7 +211,11 @@ def user_loss(
     """One example per user: every training item of the user is a positive."""
     users = by_user.users[batch]
     queries = training_queries(model, model_config, tensors, users, generator)
-    rows, train_rows = by_user.rows_of(users)
+    rows, train_rows = by_user.rows_of(
+        users,
+        max_per_user=model_config.max_positives_per_user,
+        generator=generator,
+    )
     items = tensors.items[train_rows]
     weights = tensors.weights[train_rows] if tensors.weights is not None else None
     if model_config.negatives == "full":

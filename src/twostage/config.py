@@ -68,7 +68,12 @@ class RetrievalConfig:
     history with ``history_dropout`` of it hidden, and must put every one of the user's
     training items high; with ``in_batch`` negatives the candidates are the items of the
     batch's users, logQ corrected). ``history_dropout`` hides that share of the history
-    items from each training query, at random.
+    items from each training query, at random. ``max_positives_per_user`` > 0 draws at
+    most that many of a user's training items as the positives of each users-mode
+    example (a fresh draw every time), so a user with a very long log neither fills a
+    batch's memory nor outweighs everyone else in the loss (YouTube's candidate
+    generation model, Covington et al. 2016, also caps examples per user); 0 uses
+    them all.
 
     ``negatives`` is ``in_batch`` (the other positives of the batch, plus
     ``num_extra_negatives`` uniform draws, with the logQ correction) or ``full`` (an
@@ -94,6 +99,7 @@ class RetrievalConfig:
     history_pooling: Literal["mean", "attention"] = "mean"
     history_dropout: float = 0.0
     examples: Literal["interactions", "users"] = "interactions"
+    max_positives_per_user: int = 0
     temperature: float = 0.3
     learn_temperature: bool = False
     logq_correction: bool = True

@@ -184,6 +184,11 @@ def train_retrieval(
             "`retrieval.history_dropout` should be in [0, 1). "
             f"Received: {model_config.history_dropout!r}."
         )
+    if model_config.max_positives_per_user < 0:
+        raise ConfigError(
+            "`retrieval.max_positives_per_user` should be 0 (no cap) or positive. "
+            f"Received: {model_config.max_positives_per_user!r}."
+        )
     by_user = UserExamples.of(tensors) if model_config.examples == "users" else None
     num_examples = tensors.num_examples if by_user is None else len(by_user.users)
     steps_per_epoch = math.ceil(num_examples / config.batch_size)

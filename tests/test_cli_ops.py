@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,19 +109,14 @@ def test_serve_refuses_a_missing_directory(tmp_path: Path) -> None:
     assert "not a directory" in str(result.exception)
 
 
-@pytest.mark.skipif(
-    not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
-)
-def test_serve_workers_share_the_port_and_both_answer(models_dir: Path) -> None:
-    """Regression: with one shared socket, a worker took every connection."""
+@contextmanager
+def _two_workers(models_dir: Path) -> Iterator[tuple[subprocess.Popen, int, set[int]]]:
+    """`twostage serve --workers 2`, with the pids of both workers once they answer."""
     server, port = _serve(models_dir, "--workers", "2")
     try:
         pids = _worker_pids(port, 2)
         assert len(pids) == 2
-        assert server.pid not in pids  # the parent only supervises
-        server.terminate()
-        assert server.wait(timeout=60) == 0
-        _assert_gone(pids)
+        yield server, port, pids
     finally:
         if server.poll() is None:
             server.kill()
@@ -160,32 +157,33 @@ def _assert_gone(pids: set[int], timeout_s: float = 30) -> None:
     assert not alive, f"workers {sorted(alive)} outlived their supervisor"
 
 
-@pytest.mark.skipif(
+linux_only = pytest.mark.skipif(
     not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
 )
+
+
+@linux_only
+def test_serve_workers_share_the_port_and_both_answer(models_dir: Path) -> None:
+    """Regression: with one shared socket, a worker took every connection."""
+    with _two_workers(models_dir) as (server, _, pids):
+        assert server.pid not in pids  # the parent only supervises
+        server.terminate()
+        assert server.wait(timeout=60) == 0
+        _assert_gone(pids)
+
+
+@linux_only
 def test_serve_workers_stop_when_the_supervisor_is_killed(models_dir: Path) -> None:
     """SIGKILL leaves the supervisor no chance to stop them: they notice and leave."""
-    server, port = _serve(models_dir, "--workers", "2")
-    try:
-        pids = _worker_pids(port, 2)
-        assert len(pids) == 2
+    with _two_workers(models_dir) as (server, _, pids):
         server.kill()
         server.wait()
         _assert_gone(pids)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
-@pytest.mark.skipif(
-    not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
-)
+@linux_only
 def test_serve_replaces_a_worker_that_dies(models_dir: Path) -> None:
-    server, port = _serve(models_dir, "--workers", "2")
-    try:
-        pids = _worker_pids(port, 2)
-        assert len(pids) == 2
+    with _two_workers(models_dir) as (server, port, pids):
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         _assert_gone({victim})
@@ -196,15 +194,9 @@ def test_serve_replaces_a_worker_that_dies(models_dir: Path) -> None:
         server.terminate()
         assert server.wait(timeout=60) == 0
         _assert_gone(replaced)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
-@pytest.mark.skipif(
-    not reuse_port_supported(), reason="SO_REUSEPORT balancing is Linux's"
-)
+@linux_only
 def test_run_workers_gives_up_when_workers_keep_dying(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -58,12 +58,18 @@ def test_planted_structure_is_recovered(combine: str) -> None:
     assert recall > popularity.metrics["exclude_seen"]["recall"][10]
 
 
-@pytest.mark.parametrize("negatives", ["full", "in_batch"])
-def test_users_as_examples_recover_planted_structure(negatives: str) -> None:
-    """One example per user (Mult-DAE style), with history dropout."""
+@pytest.mark.parametrize(
+    ("negatives", "max_positives"), [("full", 0), ("in_batch", 0), ("full", 8)]
+)
+def test_users_as_examples_recover_planted_structure(
+    negatives: str, max_positives: int
+) -> None:
+    """One example per user (Mult-DAE style), with history dropout; and with at most
+    8 positives drawn per user."""
     config = _config(
         "retrieval.examples=users",
         "retrieval.history_dropout=0.5",
+        f"retrieval.max_positives_per_user={max_positives}",
         f"retrieval.negatives={negatives}",
         "retrieval.temperature=0.2",
         "train.batch_size=32",
@@ -119,6 +125,11 @@ def test_user_examples_gather_every_row_of_a_user() -> None:
         assert got == np.flatnonzero(users == user).tolist()
 
 
+def test_a_negative_positive_cap_is_refused() -> None:
+    with pytest.raises(ConfigError, match="max_positives_per_user"):
+        fit_retrieval(_config("retrieval.max_positives_per_user=-1"))
+
+
 def test_user_examples_draw_at_most_the_cap_of_each_user() -> None:
     config = _config()
     dataset = generate(num_users=40, num_items=30, num_interactions=400)
@@ -144,24 +155,6 @@ def test_user_examples_draw_at_most_the_cap_of_each_user() -> None:
     heavy = int(torch.argmax(counts))
     seen = {r for rows, train_rows in draws for r in train_rows[rows == heavy].tolist()}
     assert seen == set(all_train_rows[all_rows == heavy].tolist())
-
-
-def test_users_as_examples_with_a_positive_cap_still_learn() -> None:
-    config = _config(
-        "retrieval.examples=users",
-        "retrieval.history_dropout=0.5",
-        "retrieval.max_positives_per_user=8",
-        "retrieval.temperature=0.2",
-        "train.batch_size=32",
-        "train.epochs=40",
-        "train.early_stopping_patience=0",
-    )
-    run, split = fit_retrieval(config)
-    recall = run.metrics["metrics"]["exclude_seen"]["recall"]["10"]
-    popularity = evaluate_baselines(run, split.test)["popularity"]
-    assert recall > popularity.metrics["exclude_seen"]["recall"][10], recall
-    with pytest.raises(ConfigError, match="max_positives_per_user"):
-        fit_retrieval(_config("retrieval.max_positives_per_user=-1"))
 
 
 def test_cold_users_use_their_features() -> None:

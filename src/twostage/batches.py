@@ -208,7 +208,8 @@ def user_loss(
     batch: Tensor,
     generator: torch.Generator,
 ) -> Tensor:
-    """One example per user: every training item of the user is a positive."""
+    """One example per user: every training item of the user is a positive (or a
+    fresh draw of ``retrieval.max_positives_per_user`` of them)."""
     users = by_user.users[batch]
     queries = training_queries(model, model_config, tensors, users, generator)
     rows, train_rows = by_user.rows_of(

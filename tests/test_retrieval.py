@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twostage.batches import UserExamples
+from twostage.batches import RetrievalTensors, UserExamples
 from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError
@@ -110,12 +110,16 @@ def test_sum_tower_adds_its_field_vectors() -> None:
     assert concat.head[0].in_features == 9
 
 
-def test_user_examples_gather_every_row_of_a_user() -> None:
-    config = _config()
+def _user_examples() -> tuple[RetrievalTensors, UserExamples]:
+    """The training tables of 400 synthetic interactions, grouped by user."""
     dataset = generate(num_users=40, num_items=30, num_interactions=400)
     spec = FeatureSpec.default_for(dataset).fit(dataset)
-    tensors = build_tensors(spec, dataset, config.retrieval)
-    by_user = UserExamples.of(tensors)
+    tensors = build_tensors(spec, dataset, _config().retrieval)
+    return tensors, UserExamples.of(tensors)
+
+
+def test_user_examples_gather_every_row_of_a_user() -> None:
+    tensors, by_user = _user_examples()
     users = tensors.users.numpy()
     assert sorted(by_user.users.tolist()) == sorted(set(users.tolist()))
     batch = by_user.users[torch.tensor([3, 0, 7])]
@@ -131,11 +135,7 @@ def test_a_negative_positive_cap_is_refused() -> None:
 
 
 def test_user_examples_draw_at_most_the_cap_of_each_user() -> None:
-    config = _config()
-    dataset = generate(num_users=40, num_items=30, num_interactions=400)
-    spec = FeatureSpec.default_for(dataset).fit(dataset)
-    tensors = build_tensors(spec, dataset, config.retrieval)
-    by_user = UserExamples.of(tensors)
+    _, by_user = _user_examples()
     batch = by_user.users[:12]
     counts = by_user.counts[batch]
     cap = int(counts.median())

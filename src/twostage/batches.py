@@ -151,29 +151,22 @@ class UserExamples:
                 uniformly without replacement with ``generator``; 0 keeps all.
             generator: the random source of the draw.
         """
-        batch_rows, train_rows = self._all_rows_of(users)
-        if max_per_user <= 0 or int(self.counts[users].max()) <= max_per_user:
-            return batch_rows, train_rows
-        # Shuffle within each user: sort by batch row plus a uniform key in [0, 1),
-        # then keep the first `max_per_user` of each user's run.
-        keys = torch.rand(len(batch_rows), generator=generator, dtype=torch.float64)
-        order = torch.argsort(batch_rows.double().cpu() + keys).to(batch_rows.device)
         counts = self.counts[users]
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(order), device=order.device) - starts[batch_rows]
-        keep = order[rank < max_per_user]
-        return batch_rows[keep], train_rows[keep]
-
-    def _all_rows_of(self, users: Tensor) -> tuple[Tensor, Tensor]:
-        counts = self.counts[users]
+        starts = torch.cumsum(counts, 0) - counts  # each user's first batch position
         batch_rows = torch.repeat_interleave(
             torch.arange(len(users), device=users.device), counts
         )
-        first = torch.repeat_interleave(self.starts[users], counts)
-        offset = torch.arange(len(batch_rows), device=users.device) - (
-            torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        )
-        return batch_rows, self.order[first + offset]
+        offset = torch.arange(len(batch_rows), device=users.device) - starts[batch_rows]
+        train_rows = self.order[self.starts[users][batch_rows] + offset]
+        if max_per_user <= 0 or int(counts.max()) <= max_per_user:
+            return batch_rows, train_rows
+        # Shuffle within each user: sort by batch row plus a uniform key in [0, 1);
+        # the runs stay in place, so a row's rank in its run is its position minus the
+        # run's start. Keep the first `max_per_user` of each run.
+        keys = torch.rand(len(batch_rows), generator=generator, dtype=torch.float64)
+        order = torch.argsort(batch_rows.double().cpu() + keys).to(batch_rows.device)
+        keep = order[offset < max_per_user]
+        return batch_rows[keep], train_rows[keep]
 
 
 def training_queries(

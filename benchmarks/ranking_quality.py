@@ -35,12 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import console, machine, print_table, write_json
-from twostage.config import ExperimentConfig, apply_overrides
+from twostage.config import ExperimentConfig, RankingConfig, apply_overrides
 from twostage.data.registry import load_dataset
-from twostage.experiment import RetrievalRun, fit_retrieval
-from twostage.pipeline import Recommender, load
-from twostage.prepare import prepare_split
-from twostage.ranking import RankingConfig, RankingRun, evaluate_ranking, fit_ranking
+from twostage.ranking import RankingRun, evaluate_ranking, fit_ranking
+from twostage.recommender import Recommender, load
+from twostage.retrieval.run import RetrievalRun
+from twostage.two_stage import fit_two_stage
 
 KS = ("1", "5", "10", "50", "100")
 RETRIEVAL = [
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a RankingConfig field, e.g. --set epochs=5 (repeatable)",
+        help="override a ranking config key, e.g. --set ranking.epochs=5 (repeatable)",
     )
     parser.add_argument(
         "--latency-calls",
@@ -90,20 +90,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     dataset = load_dataset("movielens-100k")
-    config = apply_overrides(ExperimentConfig(), RETRIEVAL)
-    ranking_config = apply_overrides(RankingConfig(), args.set)
+    config = apply_overrides(ExperimentConfig(), [*RETRIEVAL, *args.set])
 
     started = time.perf_counter()
-    run, _ = fit_retrieval(config, dataset=dataset, evaluate_test=False)
-    retrieval_seconds = time.perf_counter() - started
-    # The retrieval run's own carve-out: neither stage trains on it.
-    (fit, test), validation = prepare_split(dataset, config)
-    ranking = fit_ranking(run, fit, config=ranking_config, validation=validation)
+    # The ranker validates on the retrieval run's own carve-out: neither stage
+    # trains on it.
+    stages = fit_two_stage(config, dataset, evaluate_test=False)
+    run, ranking, split = stages.retrieval, stages.ranker, stages.split
+    if ranking is None:  # pragma: no cover - fit_two_stage trains it by default
+        raise SystemExit("the ranking stage was not trained")
     train_seconds = time.perf_counter() - started
+    retrieval_seconds = train_seconds - ranking.train_seconds
+    test = split.test
     result = evaluate_ranking(ranking, test)
 
     baseline_started = time.perf_counter()
-    baseline = fit_ranking(run, fit, config=BASELINE, validation=validation)
+    baseline = fit_ranking(run, split.fit, config=BASELINE, validation=split.validation)
     baseline_rmse = evaluate_ranking(baseline, test)["rmse"]
     baseline_seconds = time.perf_counter() - baseline_started
     latency = _latency(run, ranking, dataset.items, calls=args.latency_calls)
@@ -172,7 +174,7 @@ def _latency(
         "latency_ms_p50_retrieval_only": float(np.percentile(retrieval, 50)),
         "latency_ms_p99_retrieval_only": float(np.percentile(retrieval, 99)),
         "latency_calls": calls,
-        "latency_candidates": rec.default_candidates,
+        "latency_candidates": rec.num_candidates,
         "latency_threads": 1,
     }
 
@@ -203,7 +205,7 @@ def _candidates_sweep(
         times = []
         for n, pick in enumerate(picks):
             start = time.perf_counter()
-            rec.recommend(users[pick], 10, candidates=count)
+            rec.recommend(users[pick], 10, num_candidates=count)
             if n >= 100:
                 times.append(time.perf_counter() - start)
         ms = np.asarray(times) * 1000

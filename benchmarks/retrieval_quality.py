@@ -34,7 +34,8 @@ from _common import machine, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.registry import load_dataset
 from twostage.data.split import split_dataset
-from twostage.experiment import evaluate_baselines, fit_retrieval
+from twostage.retrieval.evaluation import evaluate_baselines
+from twostage.two_stage import fit_two_stage
 
 KS = ("1", "5", "10", "50", "100")
 COMMON = ["data.split=random", "data.test_fraction=0.2", "data.seed=42"]
@@ -126,7 +127,8 @@ def scenario(
                 [*COMMON, *extra, *model_overrides, *overrides, f"train.seed={seed}"],
             )
             started = time.perf_counter()
-            run, split = fit_retrieval(config, dataset=dataset)
+            stages = fit_two_stage(config, dataset, ranking=False)
+            run, split = stages.retrieval, stages.split
             seconds = time.perf_counter() - started
             runs.append(entry(run.metrics, seconds, len(run.train_result.history)))
             runs[-1]["best_epoch"] = run.train_result.best_epoch + 1

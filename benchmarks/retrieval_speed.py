@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import generate
-from twostage.experiment import build_model, spec_for
-from twostage.prepare import build_tensors
-from twostage.train import train_retrieval
+from twostage.retrieval.fit import train_retrieval
+from twostage.retrieval.run import build_model, spec_for
+from twostage.retrieval.tensors import build_tensors
 
 ID_ONLY = ["retrieval.use_side_features=false", "retrieval.history_length=0"]
 FEATURES = ["retrieval.history_length=20"]

@@ -39,8 +39,8 @@ import torch
 from _common import console, machine, print_table, write_json
 from _load_client import run_load
 from twostage.config import ExperimentConfig, apply_overrides
-from twostage.experiment import fit_retrieval
-from twostage.pipeline import Recommender, load
+from twostage.recommender import load
+from twostage.two_stage import fit_two_stage
 
 MOVIELENS = [
     "data.dataset=movielens-100k",
@@ -77,15 +77,11 @@ def build_bundle(name: str, root: Path, *, ranking_epochs: int) -> Path:
     overrides = MOVIELENS if name == "movielens-100k" else SYNTHETIC
     config = apply_overrides(ExperimentConfig(), overrides)
     started = time.perf_counter()
-    run, split = fit_retrieval(config, evaluate_test=False)
-    ranker = None
-    if name == "movielens-100k" and ranking_epochs > 0:
-        from twostage.ranking import RankingConfig, fit_ranking
-
-        ranking_config = apply_overrides(RankingConfig(), [f"epochs={ranking_epochs}"])
-        ranker = fit_ranking(run, split.train, config=ranking_config)
-    rec = Recommender(run, items=split.train.items, ranker=ranker)
-    path = rec.save(root / name / "1")
+    ranking = name == "movielens-100k" and ranking_epochs > 0
+    if ranking:
+        config = apply_overrides(config, [f"ranking.epochs={ranking_epochs}"])
+    stages = fit_two_stage(config, ranking=ranking, evaluate_test=False)
+    path = stages.recommender().save(root / name / "1")
     console.print(f"built {path} in {time.perf_counter() - started:.0f} s")
     return path
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from twostage.config import ExperimentConfig, apply_overrides
-from twostage.experiment import fit_retrieval
-from twostage.pipeline import Recommender
+from twostage.recommender import Recommender
+from twostage.retrieval.fit import fit_retrieval
 
 SMALL_MODEL = [
     "data.dataset=synthetic:num_users=200,num_items=80,num_interactions=4000",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from twostage.pipeline import Recommender
+from twostage.recommender import Recommender
 from twostage.serving import ServeSettings, create_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from twostage.cli import app
-from twostage.pipeline import load
+from twostage.recommender import load
 from twostage.serving.app import SETTINGS_ENV, ServeSettings, settings_to_env
 from twostage.serving.workers import reuse_port_supported, run_workers
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from twostage.cli import app
 from twostage.errors import DatasetUnavailableError
-from twostage.pipeline import load
+from twostage.recommender import load
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:

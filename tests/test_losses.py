@@ -162,7 +162,7 @@ def test_full_softmax_trains_end_to_end() -> None:
     """The training loop takes `retrieval.negatives=full` and the loss falls."""
     from twostage.config import ExperimentConfig, apply_overrides
     from twostage.data.synthetic import generate
-    from twostage.experiment import fit_retrieval
+    from twostage.retrieval.fit import fit_retrieval
 
     torch.set_num_threads(1)
     dataset = generate(num_users=120, num_items=60, num_interactions=2000)

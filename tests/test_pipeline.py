@@ -9,9 +9,9 @@ import torch
 from twostage.artifacts import latest_version, verify_bundle
 from twostage.config import ExperimentConfig, IndexConfig, apply_overrides
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
-from twostage.experiment import fit_retrieval
 from twostage.index import make_index
-from twostage.pipeline import Recommender, load
+from twostage.recommender import Recommender, load
+from twostage.retrieval.fit import fit_retrieval
 
 CONFIG = [
     "data.dataset=synthetic:num_users=200,num_items=80,num_interactions=4000",

@@ -1,5 +1,6 @@
 """The ranking stage on small known answers and small synthetic data."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,12 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from twostage.config import ExperimentConfig, apply_overrides, from_dict
+from twostage.data.split import prepare_split
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError, DataError
-from twostage.experiment import fit_retrieval
 from twostage.models.ranking import CrossLayer, CrossNetwork, RankingModel
 from twostage.models.towers import FieldInfo
-from twostage.prepare import prepare_split
 from twostage.ranking import (
     RankingConfig,
     RankingRun,
@@ -29,6 +29,7 @@ from twostage.ranking import (
 )
 from twostage.ranking import run as ranking_module
 from twostage.ranking.run import _forward
+from twostage.retrieval.fit import fit_retrieval
 
 RETRIEVAL = [
     "data.validation_fraction=0.1",
@@ -63,8 +64,9 @@ def trained():
     dataset = generate(num_users=300, num_items=120, num_interactions=6000)
     config = apply_overrides(ExperimentConfig(), RETRIEVAL)
     run, _ = fit_retrieval(config, dataset=dataset, evaluate_test=False)
-    (fit, test), validation = prepare_split(dataset, config)
-    ranking = fit_ranking(run, fit, config=SMALL, validation=validation)
+    split = prepare_split(dataset, config)
+    fit, test = split.fit, split.test
+    ranking = fit_ranking(run, fit, config=SMALL, validation=split.validation)
     return run, ranking, fit, test
 
 
@@ -395,9 +397,9 @@ def test_side_features_are_embedded_per_field() -> None:
     run, _ = fit_retrieval(config, dataset=dataset, evaluate_test=False)
     kinds = {f.output for f in run.spec.describe()}
     assert kinds == {"index", "indices", "dense"}
-    (fit, _), validation = prepare_split(dataset, config)
-    small = RankingConfig(**{**SMALL.__dict__, "epochs": 2, "hard_negative_pool": 10})
-    ranking = fit_ranking(run, fit, config=small, validation=validation)
+    split = prepare_split(dataset, config)
+    small = dataclasses.replace(SMALL, epochs=2, hard_negative_pool=10)
+    ranking = fit_ranking(run, split.fit, config=small, validation=split.validation)
     parts = ranking.model.query.num_parts + ranking.model.candidate.num_parts
     assert parts == len(run.spec.describe()) + 1  # every field plus the history
     scores = ranking.score(torch.tensor([1, 2]), torch.tensor([[1, 2, 3], [4, 5, 6]]))

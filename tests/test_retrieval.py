@@ -13,21 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from twostage.batches import RetrievalTensors, UserExamples
 from twostage.config import ExperimentConfig, apply_overrides, load_config
+from twostage.data.split import prepare_split
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError
-from twostage.experiment import (
-    build_model,
-    evaluate_baselines,
-    fit_retrieval,
-    load_run,
-    spec_for,
-)
 from twostage.features import FeatureSpec
 from twostage.models.towers import FieldInfo, Tower
-from twostage.prepare import build_tensors, prepare_split
-from twostage.train import train_retrieval
+from twostage.retrieval.evaluation import evaluate_baselines
+from twostage.retrieval.fit import fit_retrieval, train_retrieval
+from twostage.retrieval.run import build_model, load_run, spec_for
+from twostage.retrieval.task import UserExamples
+from twostage.retrieval.tensors import RetrievalTensors, build_tensors
 
 SMALL = [
     "data.dataset=synthetic:num_users=300,num_items=120,num_interactions=6000",
@@ -178,7 +174,7 @@ def test_resume_continues_exactly(tmp_path: Path, examples: str) -> None:
         "retrieval.history_dropout=0.3",
     )
     dataset = generate(num_users=300, num_items=120, num_interactions=6000)
-    (train, _), _ = prepare_split(dataset, config)
+    train = prepare_split(dataset, config).fit
     spec = FeatureSpec.default_for(train).fit(train)
     tensors = build_tensors(spec, train, config.retrieval)
 

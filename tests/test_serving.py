@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from twostage.pipeline import Recommender
+from twostage.recommender import Recommender
 from twostage.serving import ServeSettings, create_app
 
 

@@ -96,43 +96,37 @@ def train_all(
         return
     if out is None:
         raise typer.BadParameter("--out is required, e.g. --out models/movielens/1")
-    from twostage.experiment import fit_retrieval
-    from twostage.pipeline import Recommender
-
     config = _experiment_config(dataset, config_file, overrides or [], {})
-    with training_progress() as on_step:
-        run, split = fit_retrieval(config, on_step=on_step)
-    print_metrics(run.metrics, title=f"Retrieval on {config.data.dataset} (test split)")
-    ranker = _train_ranker(run, split) if ranking else None
-    bundle = Recommender(run, items=split.train.items, ranker=ranker).save(out)
+    stages = _fit_both(config, ranking=ranking)
+    bundle = stages.recommender().save(out)
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
 
 
-def _train_ranker(run: Any, split: Any, *, epochs: int | None = None) -> Any:
-    try:
-        from twostage.ranking import RankingConfig, evaluate_ranking, fit_ranking
-    except ImportError:  # pragma: no cover - the ranking stage is optional here
-        console.print(
-            "[yellow]ranking stage not available; bundle has retrieval only[/yellow]"
-        )
-        return None
-    from twostage.config import apply_overrides
+def _fit_both(config: Any, *, ranking: bool, **options: Any) -> Any:
+    """:func:`twostage.two_stage.fit_two_stage` behind the progress line; prints each
+    stage's test figures."""
+    from twostage.two_stage import fit_two_stage
 
-    config = RankingConfig()
-    if epochs is not None:
-        config = apply_overrides(config, [f"epochs={epochs}"])
-    with console.status("training the ranking model"):
-        ranker = fit_ranking(run, split.train, config=config)
-    report = evaluate_ranking(ranker, split.test)
-    console.print(
-        f"Ranking: RMSE {report['rmse']:.4f}, MAE {report['mae']:.4f}, AUC {report['auc']:.4f}"
+    with training_progress() as on_step:
+        stages = fit_two_stage(config, ranking=ranking, on_step=on_step, **options)
+    print_metrics(
+        stages.retrieval.metrics,
+        title=f"Retrieval on {config.data.dataset} (test split)",
     )
-    return ranker
+    report = stages.ranking_metrics
+    if report is not None:
+        figures = ", ".join(
+            f"{name} {report[key]:.4f}"
+            for key, name in (("rmse", "RMSE"), ("mae", "MAE"), ("auc", "AUC"))
+            if key in report
+        )
+        console.print(f"Ranking: {figures}")
+    return stages
 
 
 def _open_bundle(path: Path) -> Any:
     from twostage.artifacts import resolve_bundle
-    from twostage.pipeline import load
+    from twostage.recommender import load
 
     return load(resolve_bundle(path))
 
@@ -220,7 +214,7 @@ def train_retrieval_command(
     item_features: ItemFeatures = None,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
-    from twostage.experiment import fit_retrieval
+    from twostage.retrieval.fit import fit_retrieval
 
     config = _experiment_config(
         dataset,
@@ -277,7 +271,11 @@ def evaluate_command(
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
     config: retrieval (optionally beside the baselines), then the ranking stage when
     the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone)."""
-    from twostage.reevaluate import evaluate_on, evaluate_saved, rebuild_test_split
+    from twostage.retrieval.evaluation import (
+        evaluate_on,
+        evaluate_saved,
+        rebuild_test_split,
+    )
 
     results: dict[str, Any] = {}
     if (path / "model.safetensors").exists():  # `twostage train retrieval --out`
@@ -327,9 +325,8 @@ def demo(
     from twostage.config import ExperimentConfig, apply_overrides
     from twostage.data.describe import describe
     from twostage.data.movielens import load_movielens
-    from twostage.experiment import evaluate_baselines, fit_retrieval
-    from twostage.pipeline import Recommender
     from twostage.report import write_report
+    from twostage.retrieval.evaluation import evaluate_baselines
 
     started = time.perf_counter()
     console.rule("[bold]twostage demo: MovieLens-100k")
@@ -338,13 +335,16 @@ def demo(
     summary = describe(data)
     print_summary(summary)
     config = apply_overrides(
-        ExperimentConfig(), ["data.dataset=movielens-100k", f"train.epochs={epochs}"]
+        ExperimentConfig(),
+        [
+            "data.dataset=movielens-100k",
+            f"train.epochs={epochs}",
+            f"ranking.epochs={ranking_epochs}",
+        ],
     )
-    console.rule("Retrieval: two towers with side features and history")
-    with training_progress() as on_step:
-        run, split = fit_retrieval(
-            config, dataset=data, out_dir=out / "retrieval", on_step=on_step
-        )
+    console.rule("Two towers with side features and history, then the ranker")
+    stages = _fit_both(config, ranking=ranking, dataset=data, work_dir=out)
+    run, split = stages.retrieval, stages.split
     console.print(
         f"Random 80/20 split (seed {config.data.seed}): "
         f"{split.train.num_interactions:,} train (incl. validation), "
@@ -352,17 +352,13 @@ def demo(
         f"trained {len(run.train_result.history)} epochs in "
         f"{run.train_result.seconds:.1f} s (best epoch {run.train_result.best_epoch + 1})."
     )
-    ranker = None
-    if ranking:
-        console.rule("Ranking")
-        ranker = _train_ranker(run, split, epochs=ranking_epochs)
     console.rule("Evaluation against the baselines")
     comparison = {"twostage": run.metrics}
     comparison.update(
         {k: v.to_dict() for k, v in evaluate_baselines(run, split.test).items()}
     )
     print_metrics({}, title="Test split: twostage vs baselines", models=comparison)
-    rec = Recommender(run, items=data.items, ranker=ranker)
+    rec = stages.recommender(items=data.items)
     bundle = rec.save(next_version(out / "models" / "movielens"))
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
     answer = rec.recommend(user, 10)
@@ -405,7 +401,7 @@ def _score_samples(run: Any, test: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from twostage.experiment import test_queries
+    from twostage.retrieval.evaluation import test_queries
 
     queries = test_queries(run, test)
     query_emb = run.query_embeddings(queries.user_ids, users=test.users)

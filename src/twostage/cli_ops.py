@@ -58,11 +58,11 @@ def serve_command(
     torch_threads: Annotated[
         int, typer.Option(help="torch CPU threads per worker.")
     ] = 1,
-    candidates: Annotated[
+    num_candidates: Annotated[
         int | None,
         typer.Option(
             help="Retrieved items the ranking stage re-scores per request "
-            "(default: the number it was trained with)."
+            "(default: the bundle's ranking.num_candidates)."
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -81,7 +81,7 @@ def serve_command(
         api_key=api_key,
         poll_seconds=poll_seconds,
         torch_threads=torch_threads,
-        candidates=candidates,
+        num_candidates=num_candidates,
     )
     ModelRegistry(models)  # a wrong path fails here, before uvicorn starts
     os.environ[SETTINGS_ENV] = settings_to_env(settings)
@@ -107,7 +107,7 @@ def serve_command(
 
 def _open(bundle: Path) -> tuple[Path, Any]:
     from twostage.artifacts import resolve_bundle
-    from twostage.pipeline import load
+    from twostage.recommender import load
 
     path = resolve_bundle(bundle)
     return path, load(path)

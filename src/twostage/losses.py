@@ -1,10 +1,14 @@
-"""Retrieval losses. Towers only make embeddings; the loss lives here.
+"""Retrieval losses, and every logQ (sampling-probability) correction they use.
+Towers only make embeddings; the loss lives here.
 
 The in-batch sampled softmax treats the other positives of a batch as negatives. Popular
 items appear in more batches and so are over-penalised; the logQ correction subtracts the
 log of each candidate's expected count among the negatives (Yi et al., RecSys 2019) so the
 logits estimate the full softmax. Mixed negative sampling (Yang et al., WWW 2020) adds
 uniformly drawn items, which reach the long tail that in-batch negatives rarely show.
+When the candidates are the distinct items of a batch (one example per user), the
+correction is the log of each item's chance to be in the sample at all
+(:func:`log_inclusion_probability`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["full_softmax_loss", "in_batch_softmax_loss", "multi_positive_softmax_loss"]
+__all__ = [
+    "full_softmax_loss",
+    "in_batch_softmax_loss",
+    "log_inclusion_probability",
+    "multi_positive_softmax_loss",
+]
 
 _MASKED = -1e9  # finite, so a fully masked row cannot produce NaN
 
@@ -198,3 +207,21 @@ def multi_positive_softmax_loss(
     if weights is None:
         return -log_probs.mean()
     return -(log_probs * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def log_inclusion_probability(probs: Tensor, num_draws: int) -> Tensor:
+    """log of each item's chance to be among ``num_draws`` draws from the training rows.
+
+    The logQ term of :func:`multi_positive_softmax_loss` when the candidates are the
+    distinct items of a batch: an item with training share ``p`` is in the sample with
+    probability ``1 - (1 - p) ** num_draws``.
+
+    Args:
+        probs: ``[M]`` training share of each candidate item.
+        num_draws: how many training rows the batch drew.
+
+    Returns:
+        ``[M]`` log-probabilities.
+    """
+    probs = probs.clamp(1e-12, 1 - 1e-7)
+    return torch.log(-torch.expm1(float(num_draws) * torch.log1p(-probs)))

@@ -1,21 +1,68 @@
-"""Reading, generating and splitting interaction data."""
+"""Reading, generating and splitting interaction data.
 
-from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
-from twostage.data.describe import describe
-from twostage.data.movielens import load_movielens
-from twostage.data.registry import load_dataset
-from twostage.data.report import REASONS, LoadReport
-from twostage.data.split import (
-    Split,
-    leave_last_out,
-    random_split,
-    split_dataset,
-    temporal_split,
-    validation_split,
-)
-from twostage.data.synthetic import SyntheticConfig, generate
-from twostage.data.tables import join_features, read_feature_table, read_interactions
+Names load on first use: the server reads ``twostage.data.dataset`` without importing
+the MovieLens downloader or the CSV reader.
+"""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twostage._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
+    from twostage.data.describe import describe
+    from twostage.data.movielens import load_movielens
+    from twostage.data.registry import load_dataset
+    from twostage.data.report import REASONS, LoadReport
+    from twostage.data.split import (
+        ExperimentSplit,
+        Split,
+        leave_last_out,
+        prepare_split,
+        random_split,
+        split_dataset,
+        temporal_split,
+        validation_split,
+    )
+    from twostage.data.synthetic import SyntheticConfig, generate
+    from twostage.data.tables import (
+        join_features,
+        read_feature_table,
+        read_interactions,
+    )
+
+_EXPORTS = {
+    **dict.fromkeys(
+        ["ITEM", "RATING", "TIME", "USER", "WEIGHT", "Dataset"],
+        "twostage.data.dataset",
+    ),
+    "describe": "twostage.data.describe",
+    "load_movielens": "twostage.data.movielens",
+    "load_dataset": "twostage.data.registry",
+    "REASONS": "twostage.data.report",
+    "LoadReport": "twostage.data.report",
+    **dict.fromkeys(
+        [
+            "ExperimentSplit",
+            "Split",
+            "leave_last_out",
+            "prepare_split",
+            "random_split",
+            "split_dataset",
+            "temporal_split",
+            "validation_split",
+        ],
+        "twostage.data.split",
+    ),
+    "SyntheticConfig": "twostage.data.synthetic",
+    "generate": "twostage.data.synthetic",
+    **dict.fromkeys(
+        ["join_features", "read_feature_table", "read_interactions"],
+        "twostage.data.tables",
+    ),
+}
 __all__ = [
     "ITEM",
     "RATING",
@@ -24,6 +71,7 @@ __all__ = [
     "USER",
     "WEIGHT",
     "Dataset",
+    "ExperimentSplit",
     "LoadReport",
     "Split",
     "SyntheticConfig",
@@ -33,6 +81,7 @@ __all__ = [
     "leave_last_out",
     "load_dataset",
     "load_movielens",
+    "prepare_split",
     "random_split",
     "read_feature_table",
     "read_interactions",
@@ -40,3 +89,4 @@ __all__ = [
     "temporal_split",
     "validation_split",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twostage.data.dataset import Dataset
 from twostage.errors import DataError
 
-__all__ = ["BUILTIN_DATASETS", "load_dataset"]
+if TYPE_CHECKING:
+    from twostage.config import ExperimentConfig
+
+__all__ = ["BUILTIN_DATASETS", "load_dataset", "load_dataset_for"]
 
 BUILTIN_DATASETS = (
     "movielens-100k",
@@ -54,6 +57,21 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
         f"`dataset` should be one of {BUILTIN_DATASETS} or an existing CSV/Parquet "
         "file. "
         f"Received: `dataset` = {spec!r} (no such file)."
+    )
+
+
+def load_dataset_for(config: ExperimentConfig) -> Dataset:
+    """The dataset a config names, with its column mapping."""
+    data = config.data
+    return load_dataset(
+        data.dataset,
+        user_col=data.user_col,
+        item_col=data.item_col,
+        time_col=data.time_col,
+        rating_col=data.rating_col,
+        separator=data.separator,
+        user_features=list(data.user_features) or None,
+        item_features=list(data.item_features) or None,
     )
 
 

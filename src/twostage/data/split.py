@@ -7,7 +7,8 @@ different sides, which is the usual protocol for logs that contain repeats.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -15,10 +16,16 @@ import polars as pl
 from twostage.data.dataset import TIME, USER, Dataset
 from twostage.errors import ConfigError
 
+if TYPE_CHECKING:
+    from twostage.config import ExperimentConfig
+
 __all__ = [
     "SPLIT_METHODS",
+    "ExperimentSplit",
     "Split",
+    "hold_out_users",
     "leave_last_out",
+    "prepare_split",
     "random_split",
     "split_dataset",
     "temporal_split",
@@ -144,3 +151,72 @@ def split_dataset(
     raise ConfigError(
         f"`method` should be one of {SPLIT_METHODS}. Received: `method` = {method!r}."
     )
+
+
+@dataclass(frozen=True)
+class ExperimentSplit:
+    """The three parts of an experiment, disjoint by row.
+
+    Attributes:
+        fit: what both stages' models train on.
+        validation: the carve-out neither stage trains on (early stopping, the
+            ranker's blend weight); None when ``data.validation_fraction`` is 0.
+        test: the held-out rows every figure is measured on.
+    """
+
+    fit: Dataset
+    validation: Dataset | None
+    test: Dataset
+
+    @property
+    def train(self) -> Dataset:
+        """``fit`` and ``validation`` together: every row a served model knows as the
+        users' history (and excludes as seen)."""
+        if self.validation is None or not self.validation.num_interactions:
+            return self.fit
+        rows = pl.concat([self.fit.interactions, self.validation.interactions])
+        return self.fit.with_interactions(rows)
+
+
+def hold_out_users(
+    dataset: Dataset, *, fraction: float, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Move every interaction of a random ``fraction`` of users out: (rest, cold)."""
+    users = dataset.interactions[USER].unique().sort()
+    rng = np.random.default_rng(seed + 1)
+    cold = users.gather(rng.permutation(len(users))[: round(len(users) * fraction)])
+    is_cold = pl.col(USER).is_in(cold.implode())
+    inter = dataset.interactions
+    return (
+        dataset.with_interactions(inter.filter(~is_cold)),
+        dataset.with_interactions(inter.filter(is_cold)),
+    )
+
+
+def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit:
+    """The test split (plus held-out cold users) and the validation carve-out.
+
+    The same config and data always give the same three parts: re-evaluating a saved
+    run rebuilds its test split this way.
+
+    Returns:
+        The :class:`ExperimentSplit`; ``test`` includes every interaction of the cold
+        users; ``validation`` is None when ``data.validation_fraction`` is 0.
+    """
+    data = config.data
+    rest, cold = dataset, None
+    if data.cold_user_fraction > 0:
+        rest, cold = hold_out_users(
+            dataset, fraction=data.cold_user_fraction, seed=data.seed
+        )
+    train, test = split_dataset(
+        rest, method=data.split, test_fraction=data.test_fraction, seed=data.seed
+    )
+    if cold is not None:
+        test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
+    validation = None
+    if data.validation_fraction > 0:
+        train, validation = validation_split(
+            train, fraction=data.validation_fraction, seed=data.seed + 7
+        )
+    return ExperimentSplit(fit=train, validation=validation, test=test)

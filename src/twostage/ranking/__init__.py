@@ -1,7 +1,8 @@
-"""The ranking stage: config, training data, training loop, evaluation, save/load.
+"""The ranking stage: config, training data, training, evaluation, save/load.
 
 The ranker re-scores the retrieval stage's candidates. It learns two objectives from
-the training log, weighted by :class:`RankingConfig`:
+the training log, weighted by :class:`~twostage.config.RankingConfig` (the ``ranking``
+section of the experiment config):
 
 * ``rating``: mean squared error on the explicit ratings of the training pairs;
 * ``click``: binary cross-entropy of observed pairs (label 1) against negatives
@@ -15,24 +16,46 @@ A narrow hard-negative pool hurts on a random split: the retrieval model's best 
 items are where the held-out positives are, so the ranker learns to push them down.
 
 Two-stage lists retrieve the top ``num_candidates`` items per user (training items
-excluded), then order them by ``click logit + blend_weight * retrieval logit`` (cosine
-over the retrieval temperature); ``blend_weight=None`` picks the weight on the
-validation carve-out. Pass the retrieval run's own carve-out (see
-:func:`twostage.prepare.prepare_split`) as ``validation``: neither stage trained on
-it, so neither stage's scores are inflated there.
+excluded), then order them by the one rule in :mod:`twostage.ranking.rerank`;
+``blend_weight=None`` picks the weight on the validation carve-out. Pass the retrieval
+run's own carve-out as ``validation`` (:func:`twostage.two_stage.fit_two_stage` does):
+neither stage trained on it, so neither stage's scores are inflated there.
+
+Modules: :mod:`~twostage.ranking.run` (the trained ranker and inference),
+:mod:`~twostage.ranking.rerank`, :mod:`~twostage.ranking.fit`,
+:mod:`~twostage.ranking.evaluation`, :mod:`~twostage.ranking.saved`. Names load on
+first use: loading a saved ranker imports no fitting code.
 """
 
-from twostage.ranking.evaluation import auc, evaluate_ranking, mae, rmse
-from twostage.ranking.fit import fit_ranking
-from twostage.ranking.run import (
-    BLEND_GRID,
-    KS,
-    RankingConfig,
-    RankingRun,
-    build_ranking_model,
-)
-from twostage.ranking.saved import load_ranking, save_ranking
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from twostage._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from twostage.config import KS, RankingConfig
+    from twostage.ranking.evaluation import auc, evaluate_ranking, mae, rmse
+    from twostage.ranking.fit import fit_ranking
+    from twostage.ranking.rerank import BLEND_GRID, rerank
+    from twostage.ranking.run import RankingRun, build_ranking_model
+    from twostage.ranking.saved import load_ranking, save_ranking
+
+_EXPORTS = {
+    "BLEND_GRID": "twostage.ranking.rerank",
+    "KS": "twostage.config",
+    "RankingConfig": "twostage.config",
+    "RankingRun": "twostage.ranking.run",
+    "auc": "twostage.ranking.evaluation",
+    "build_ranking_model": "twostage.ranking.run",
+    "evaluate_ranking": "twostage.ranking.evaluation",
+    "fit_ranking": "twostage.ranking.fit",
+    "load_ranking": "twostage.ranking.saved",
+    "mae": "twostage.ranking.evaluation",
+    "rerank": "twostage.ranking.rerank",
+    "rmse": "twostage.ranking.evaluation",
+    "save_ranking": "twostage.ranking.saved",
+}
 __all__ = [
     "BLEND_GRID",
     "KS",
@@ -44,6 +67,8 @@ __all__ = [
     "fit_ranking",
     "load_ranking",
     "mae",
+    "rerank",
     "rmse",
     "save_ranking",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

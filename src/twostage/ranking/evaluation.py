@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from twostage.config import KS
 from twostage.data.dataset import Dataset
 from twostage.errors import DataError
-from twostage.experiment import test_queries
 from twostage.metrics import MetricAccumulator, UserItems
+from twostage.ranking.rerank import BLEND_GRID, rerank
 from twostage.ranking.run import (
-    BLEND_GRID,
-    KS,
     RankingRun,
     _is_pair,
     _pairs,
     _seen,
     _top_unseen,
 )
+from twostage.retrieval.evaluation import test_queries
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,8 @@ def _two_stage(
     *,
     chunk: int = 256,
 ) -> tuple[Tensor, dict[float, Tensor]]:
-    """Retrieve ``num_candidates`` unseen items per user, then re-rank them.
+    """Retrieve ``num_candidates`` unseen items per user, then re-rank them
+    (:func:`twostage.ranking.rerank.rerank`, the rule serving uses).
 
     Returns:
         ``[Q, C]`` item_idx in retrieval order and, per blend weight, ``[Q, C]`` in
@@ -86,8 +86,7 @@ def _two_stage(
         click = ranking.score(users, ids.clamp_min(0))["click"]
         retrieved.append(ids)
         for w in blend_weights:
-            key = (click + w * logits).masked_fill(ids < 0, -math.inf)
-            order = key.argsort(dim=1, descending=True, stable=True)
+            order, _ = rerank(click, logits, blend_weight=w, valid=ids >= 0)
             reranked[w].append(ids.gather(1, order))
     return torch.cat(retrieved), {w: torch.cat(v) for w, v in reranked.items()}
 

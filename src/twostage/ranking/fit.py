@@ -1,26 +1,27 @@
-"""Training the ranker: pairs, click negatives, the loss and the loop."""
+"""Training the ranker: pairs, click negatives, the loss; the loop is the one both
+stages share (:func:`twostage.training.loop.run_training`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from twostage.config import RankingConfig, TrainConfig
 from twostage.data.dataset import Dataset
 from twostage.data.split import validation_split
 from twostage.errors import DataError
-from twostage.experiment import RetrievalRun
-from twostage.prepare import with_history_of
 from twostage.ranking.evaluation import _pick_blend, auc, rmse
 from twostage.ranking.run import (
     Pairs,
-    RankingConfig,
     RankingRun,
     _forward,
     _is_pair,
@@ -29,7 +30,13 @@ from twostage.ranking.run import (
     _top_unseen,
     build_ranking_model,
 )
-from twostage.train import ProgressFn
+from twostage.retrieval.run import RetrievalRun
+from twostage.retrieval.tensors import with_history_of
+from twostage.training import ProgressFn, TrainResult
+from twostage.training.loop import run_training
+from twostage.training.optim import resolve_device
+
+__all__ = ["fit_ranking"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +57,10 @@ class _Negatives:
         """``[B]`` users -> ``[B, M]`` item_idx and ``[B, M]`` bool (usable draw)."""
         shape = (len(users), self.num_hard)
         cols = torch.randint(0, self.pool.shape[1], shape, generator=generator)
-        hard = self.pool[users[:, None], cols]
+        hard = self.pool[users[:, None], cols.to(users.device)]
         shape = (len(users), self.num_random)
         uniform = torch.randint(1, self.num_items, shape, generator=generator)
-        items = torch.cat([hard, uniform], dim=1)
+        items = torch.cat([hard, uniform.to(users.device)], dim=1)
         known = _is_pair(self.known, users[:, None], items, self.num_items)
         return items, (items > 0) & ~known
 
@@ -66,13 +73,14 @@ def _loss(
 ) -> Tensor:
     """Weighted rating MSE (rated positives) plus click BCE (positives, negatives)."""
     config, (users, items, ratings) = run.config, batch
-    candidates, usable = items[:, None], torch.ones(len(items), 1, dtype=torch.bool)
+    candidates = items[:, None]
+    usable = torch.ones(len(items), 1, dtype=torch.bool, device=items.device)
     if negatives is not None:
         sampled, ok = negatives.sample(users, generator)
         candidates = torch.cat([candidates, sampled], dim=1)  # (B, 1 + M)
         usable = torch.cat([usable, ok], dim=1)
     out = _forward(run, users, candidates, exclude_target=True)
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=items.device)
     rated = ~torch.isnan(ratings)
     if config.rating_weight > 0 and rated.any():
         error = out["rating"][:, 0][rated] - ratings[rated]
@@ -88,17 +96,20 @@ def _loss(
 
 
 def _validate(run: RankingRun, pairs: Pairs) -> dict[str, float]:
-    """Validation RMSE (rating head, clipped) and click AUC against uniform items."""
+    """Validation RMSE (rating head, clipped) and click AUC against uniform items;
+    ``metric`` (maximised) is minus the RMSE, or the AUC without ratings."""
     users, items, ratings = pairs
-    generator = torch.Generator().manual_seed(run.config.seed + 17)
+    generator = torch.Generator().manual_seed(_train_config(run).seed + 17)
     uniform = torch.randint(
         1, run.tensors.num_items, (len(users),), generator=generator
     )
     out = run.score(users, torch.stack([items, uniform], dim=1))
     result = {"auc": auc(out["click"][:, 0], out["click"][:, 1])}
     rated = ~torch.isnan(ratings)
+    result["metric"] = result["auc"]
     if rated.any():
         result["rmse"] = rmse(out["rating"][:, 0][rated], ratings[rated])
+        result["metric"] = -result["rmse"]
     return result
 
 
@@ -108,28 +119,38 @@ def fit_ranking(
     *,
     config: RankingConfig | None = None,
     validation: Dataset | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
     on_step: ProgressFn | None = None,
+    stop_after_epoch: int | None = None,
 ) -> RankingRun:
     """Train a ranker on a retrieval run's features and candidates.
 
     Args:
-        run: the trained retrieval run (features, vocabularies, candidate source).
+        run: the trained retrieval run (features, vocabularies, candidate source); its
+            config's ``train`` section gives the seed, device and threads.
         train: the ranker's training pairs (pairs with unknown IDs are skipped).
-        config: the ranker's settings; ``RankingConfig()`` when None.
+        config: the ranker's settings; ``run.config.ranking`` when None.
         validation: held-out pairs, disjoint from ``train``, for early stopping and the
-            blend weight; carved out of ``train`` (``config.validation_fraction``) when
-            None. Best: the retrieval run's own carve-out (module docstring).
+            blend weight; carved out of ``train`` (``data.validation_fraction`` of it)
+            when None. Best: the retrieval run's own carve-out, which
+            :func:`twostage.two_stage.fit_two_stage` passes.
+        checkpoint_dir: where the loop writes a checkpoint after every epoch.
+        resume: continue from the checkpoint in ``checkpoint_dir``.
         on_step: called after every step with ``{"epoch", "step", "loss", "examples"}``.
+        stop_after_epoch: stop (as if killed) after this many epochs; for tests.
 
     Returns:
         The run; its tables hold ``train`` and ``validation`` as history and seen items
         (as a retrieval run's tables do after training).
     """
-    config = config or RankingConfig()
+    config = config or run.config.ranking
     started = time.perf_counter()
-    if validation is None:
+    if validation is None and run.config.data.validation_fraction > 0:
         train, validation = validation_split(
-            train, fraction=config.validation_fraction, seed=config.seed
+            train,
+            fraction=run.config.data.validation_fraction,
+            seed=run.config.train.seed,
         )
     pairs = _pairs(run, train, known_only=True)
     rated = pairs[2][~torch.isnan(pairs[2])]
@@ -139,7 +160,7 @@ def fit_ranking(
             f"rating_weight > 0 (else set rating_weight=0). Received: {len(pairs[0])} "
             f"known pairs, {len(rated)} rated."
         )
-    torch.manual_seed(config.seed)  # the initial weights are part of the run
+    torch.manual_seed(run.config.train.seed)  # the initial weights are part of the run
     mean = float(rated.mean()) if len(rated) else 0.0
     ranking = RankingRun(
         config=config,
@@ -149,14 +170,21 @@ def fit_ranking(
     )
     if len(rated):
         ranking.rating_bounds = (float(rated.min()), float(rated.max()))
-    val_pairs = _pairs(run, validation, known_only=True)
-    ranking.history = _train(
+    val_pairs = None
+    if validation is not None:
+        val_pairs = _pairs(run, validation, known_only=True)
+    result = _train(
         ranking,
         pairs,
-        _negatives(ranking, pairs),
-        val_pairs if len(val_pairs[0]) else None,
-        on_step,
+        val_pairs if val_pairs is not None and len(val_pairs[0]) else None,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+        resume=resume,
+        on_step=on_step,
+        stop_after_epoch=stop_after_epoch,
     )
+    ranking.history = result.history
+    if validation is None:
+        validation = train.with_interactions(train.interactions.head(0))
     ranking.blend_weight = (
         _pick_blend(ranking, validation)
         if config.blend_weight is None
@@ -170,6 +198,86 @@ def fit_ranking(
     ranking.train_seconds = time.perf_counter() - started
     logger.info("ranker trained in %.1f s", ranking.train_seconds)
     return ranking
+
+
+def _train_config(ranking: RankingRun) -> TrainConfig:
+    """The loop settings of the ranker: its own epochs, batch, LR, clipping and
+    patience; the retrieval run's seed, device and threads."""
+    config, shared = ranking.config, ranking.retrieval.config.train
+    return TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        optimizer="adamw",
+        lr_schedule="constant",
+        warmup_steps=0,
+        grad_clip=config.grad_clip,
+        early_stopping_patience=config.early_stopping_patience,
+        seed=shared.seed,
+        device=shared.device,
+        num_threads=shared.num_threads,
+    )
+
+
+def _train(
+    ranking: RankingRun,
+    pairs: Pairs,
+    validation: Pairs | None,
+    **loop: Any,
+) -> TrainResult:
+    """The shared loop over the ranker's pairs; on a GPU the tables train there and
+    validation runs on the host copies."""
+    train_config = _train_config(ranking)
+    device = resolve_device(train_config.device)
+    host = ranking.tensors
+    negatives = _negatives(ranking, pairs)  # built on the host, before any move
+    moved = device.type != "cpu"
+    if moved:
+        ranking.tensors = host.to(device)
+        host_vectors = ranking.retrieval_vectors()
+        ranking._vectors = (host_vectors[0].to(device), host_vectors[1].to(device))
+        pairs = (pairs[0].to(device), pairs[1].to(device), pairs[2].to(device))
+        if negatives is not None:
+            negatives = dataclasses.replace(
+                negatives,
+                pool=negatives.pool.to(device),
+                known=negatives.known.to(device),
+            )
+
+    def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
+        users, items, ratings = (p[batch] for p in pairs)
+        return _loss(ranking, negatives, (users, items, ratings), generator)
+
+    validate = None
+    if validation is not None:
+
+        def validate(model: torch.nn.Module) -> dict[str, float]:
+            if moved:  # the loop validates on the host
+                ranking.tensors, ranking._vectors = host, host_vectors
+            try:
+                return _validate(ranking, validation)
+            finally:
+                if moved:
+                    ranking.tensors = host.to(device)
+                    ranking._vectors = (
+                        host_vectors[0].to(device),
+                        host_vectors[1].to(device),
+                    )
+
+    try:
+        return run_training(
+            ranking.model,
+            train_config,
+            num_examples=len(pairs[0]),
+            batch_loss=batch_loss,
+            device=device,
+            validate=validate,
+            **loop,
+        )
+    finally:
+        if moved:
+            ranking.tensors, ranking._vectors = host, None
 
 
 def _negatives(ranking: RankingRun, pairs: Pairs) -> _Negatives | None:
@@ -196,56 +304,3 @@ def _negatives(ranking: RankingRun, pairs: Pairs) -> _Negatives | None:
         num_hard=config.num_hard_negatives,
         num_random=config.num_random_negatives,
     )
-
-
-def _train(
-    ranking: RankingRun,
-    pairs: Pairs,
-    negatives: _Negatives | None,
-    validation: Pairs | None,
-    on_step: ProgressFn | None,
-) -> list[dict[str, float]]:
-    """Per epoch: shuffle, then per step loss, backward, step; then validate, keep best."""
-    config, model = ranking.config, ranking.model
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    history: list[dict[str, float]] = []
-    best, best_state, bad_epochs = math.inf, None, 0
-    num_pairs, step, started = len(pairs[0]), 0, time.perf_counter()
-    for epoch in range(config.epochs):
-        model.train()
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout masks
-        total = 0.0
-        for batch in torch.randperm(num_pairs, generator=generator).split(
-            config.batch_size
-        ):
-            users, items, ratings = (p[batch] for p in pairs)
-            loss = _loss(ranking, negatives, (users, items, ratings), generator)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-            step += 1
-            if on_step is not None:
-                progress = {"loss": loss.item(), "examples": len(batch)}
-                on_step({"epoch": epoch, "step": step, **progress})
-        record = {"epoch": float(epoch), "train_loss": total / num_pairs}
-        if validation is not None:
-            record.update(_validate(ranking, validation))
-        record["seconds"] = time.perf_counter() - started
-        logger.info("ranking epoch %d: %s", epoch, record)
-        history.append(record)
-        metric = record.get("rmse", -record.get("auc", -record["train_loss"]))
-        if metric < best:
-            best, bad_epochs = metric, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= config.early_stopping_patience > 0:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return history

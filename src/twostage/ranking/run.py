@@ -1,138 +1,31 @@
-"""The ranking stage's config and the trained ranker (:class:`RankingRun`): building
-the model, inference with its caches, and the pair tables training and evaluation use."""
+"""The trained ranker (:class:`RankingRun`): building the model, inference with its
+caches, and the pair tables training and evaluation use."""
 
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from twostage.batches import RetrievalTensors, query_features
-from twostage.config import from_dict
+from twostage.config import RankingConfig
 from twostage.data.dataset import ITEM, RATING, USER, Dataset
-from twostage.errors import ConfigError, DataError
-from twostage.experiment import RetrievalRun
+from twostage.errors import DataError
 from twostage.features.fields import Side
 from twostage.metrics import UserItems
 from twostage.models.ranking import FirstLayers, RankingModel, retrieval_extras
 from twostage.models.ranking import Side as EmbeddedSide
 from twostage.models.towers import FieldInfo
+from twostage.retrieval.run import RetrievalRun
+from twostage.retrieval.tensors import RetrievalTensors, query_features
 
 logger = logging.getLogger(__name__)
 
-KS = (1, 5, 10, 50, 100)
-BLEND_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 Pairs = tuple[Tensor, Tensor, Tensor]  # [n] user_idx, [n] item_idx, [n] rating (NaN)
-
-
-@dataclass(frozen=True)
-class RankingConfig:
-    """Shape of the ranker, its objectives and its optimisation (saved with it).
-
-    Attributes:
-        embedding_dim: width of every field vector.
-        architecture: ``dcn`` (cross network and MLP) or ``mlp`` (MLP only).
-        cross_layers: DCN-v2 cross layers; ``structure``: beside (``parallel``) or
-            before (``stacked``) the MLP of ``hidden_dims``, with ``dropout``.
-        cross_rank: 0 for full-rank cross layers, else the rank ``r`` of low-rank
-            ones (``W = U V``, ``2 r / width`` of the cost).
-        use_history: pool the user's recent items (SVD++-like implicit feedback).
-        use_biases: global mean, user/item biases and the factorisation term.
-        use_retrieval_features: feed the retrieval score and both tower embeddings.
-        rating_weight: weight of the rating MSE; ``click_weight``: of the click BCE.
-        num_hard_negatives: click negatives per positive drawn from the user's
-            ``hard_negative_pool`` best unseen retrieval items; ``num_random_negatives``
-            drawn uniformly.
-        num_candidates: items retrieved per user before re-ranking (and the default
-            of ``Recommender.recommend``). On MovieLens-100k, 100 gave every user the
-            same top 10 as 200, at a lower serving cost; 50 changed 11 users' lists.
-        blend_weight: weight of the retrieval logit in the re-ranking order; None picks
-            it per run from :data:`BLEND_GRID` on validation (set it when
-            ``click_weight`` is 0: the click head is then untrained). The default 0.5
-            was the best on the MovieLens-100k validation carve-out; per-run picks
-            swing between 0.25 and 2 with the seed, as 5% of the data is a noisy judge.
-        early_stopping_patience: epochs without a better validation RMSE (click AUC
-            without ratings) before stopping; the best epoch's weights are kept.
-        validation_fraction: carved out of the training data when :func:`fit_ranking`
-            gets no ``validation``.
-
-    ``architecture="mlp"`` with ``use_history``, ``use_biases``,
-    ``use_retrieval_features`` off and ``click_weight=0`` is the TFRS basic ranking
-    model.
-    """
-
-    embedding_dim: int = 32
-    architecture: Literal["dcn", "mlp"] = "dcn"
-    cross_layers: int = 2
-    cross_rank: int = 0
-    structure: Literal["parallel", "stacked"] = "parallel"
-    hidden_dims: tuple[int, ...] = (256, 64)
-    dropout: float = 0.2
-    use_history: bool = True
-    use_biases: bool = True
-    use_retrieval_features: bool = True
-    rating_weight: float = 1.0
-    click_weight: float = 0.5
-    num_hard_negatives: int = 2
-    num_random_negatives: int = 2
-    hard_negative_pool: int = 500
-    num_candidates: int = 100
-    blend_weight: float | None = 0.5
-    epochs: int = 30
-    batch_size: int = 1024
-    learning_rate: float = 0.003
-    weight_decay: float = 0.0
-    early_stopping_patience: int = 3
-    validation_fraction: float = 0.05
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        rules = {
-            "architecture": (self.architecture in ("dcn", "mlp"), "dcn or mlp"),
-            "structure": (
-                self.structure in ("parallel", "stacked"),
-                "parallel/stacked",
-            ),
-            "embedding_dim": (self.embedding_dim >= 1, "a positive integer"),
-            "cross_layers": (self.cross_layers >= 0, "a non-negative integer"),
-            "cross_rank": (self.cross_rank >= 0, "a non-negative integer"),
-            "hidden_dims": (all(h >= 1 for h in self.hidden_dims), "positive widths"),
-            "dropout": (0.0 <= self.dropout < 1.0, "in [0, 1)"),
-            "rating_weight": (self.rating_weight >= 0, "non-negative"),
-            "click_weight": (self.click_weight >= 0, "non-negative"),
-            "num_hard_negatives": (self.num_hard_negatives >= 0, "non-negative"),
-            "num_random_negatives": (self.num_random_negatives >= 0, "non-negative"),
-            "hard_negative_pool": (self.hard_negative_pool >= 1, "positive"),
-            "num_candidates": (self.num_candidates >= max(KS), f">= {max(KS)}"),
-            "epochs": (self.epochs >= 1, "a positive integer"),
-            "batch_size": (self.batch_size >= 1, "a positive integer"),
-            "learning_rate": (self.learning_rate > 0, "positive"),
-            "weight_decay": (self.weight_decay >= 0, "non-negative"),
-            "early_stopping_patience": (self.early_stopping_patience >= 0, ">= 0"),
-            "validation_fraction": (0 < self.validation_fraction < 1, "in (0, 1)"),
-        }
-        for name, (ok, expected) in rules.items():
-            if not ok:
-                raise ConfigError(
-                    f"`{name}` should be {expected}. "
-                    f"Received: `{name}` = {getattr(self, name)!r}."
-                )
-        if self.rating_weight + self.click_weight == 0:
-            raise ConfigError(
-                "`rating_weight` and `click_weight` should not both be 0: nothing "
-                "would be learned. Received: 0 and 0."
-            )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RankingConfig:
-        """Strict: unknown keys and wrong types are :class:`ConfigError`."""
-        return from_dict(cls, values)
 
 
 def build_ranking_model(

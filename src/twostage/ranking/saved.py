@@ -10,10 +10,10 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from twostage.config import load_config, save_config
+from twostage.config import RankingConfig, from_dict, save_config
 from twostage.errors import ArtifactError
-from twostage.experiment import RetrievalRun
-from twostage.ranking.run import RankingConfig, RankingRun, build_ranking_model
+from twostage.ranking.run import RankingRun, build_ranking_model
+from twostage.retrieval.run import RetrievalRun
 
 _CONFIG, _WEIGHTS, _TABLES, _STATE = (
     "ranking_config.json",
@@ -59,7 +59,14 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
     """
     path = Path(directory)
     try:
-        config = load_config(path / _CONFIG, RankingConfig)
+        values = json.loads((path / _CONFIG).read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"{_CONFIG} does not hold a mapping")
+        # Saved before the ranker shared `train.seed` and `data.validation_fraction`;
+        # neither changes a trained ranker.
+        values.pop("seed", None)
+        values.pop("validation_fraction", None)
+        config = from_dict(RankingConfig, values)
         weights, tables = load_file(path / _WEIGHTS), load_file(path / _TABLES)
         state = json.loads((path / _STATE).read_text())
         model = build_ranking_model(retrieval_run, config)

@@ -62,8 +62,8 @@ class ServeSettings:
         api_key: when set, ``/v1/*`` and ``/metrics`` need header ``X-API-Key``.
         poll_seconds: how often to look for new model versions (0: never).
         torch_threads: torch CPU threads per process (1 suits many small requests).
-        candidates: how many retrieved items the ranking stage re-scores (None: what
-            the ranking stage was trained with).
+        num_candidates: how many retrieved items the ranking stage re-scores (None:
+            the bundle's ``ranking.num_candidates``).
     """
 
     models: str
@@ -72,7 +72,7 @@ class ServeSettings:
     api_key: str | None = None
     poll_seconds: float = 5.0
     torch_threads: int = 1
-    candidates: int | None = None
+    num_candidates: int | None = None
 
 
 def _error(status: int, message: str, details: list[str] | None = None) -> JSONResponse:
@@ -173,8 +173,10 @@ def _check_k(k: int, limit: int) -> None:
         raise ConfigError(f"`k` should be between 1 and {limit}. Received: `k` = {k}.")
 
 
-def _candidates(settings: ServeSettings, k: int) -> int | None:
-    return None if settings.candidates is None else max(settings.candidates, k)
+def _num_candidates(settings: ServeSettings, k: int) -> int | None:
+    if settings.num_candidates is None:
+        return None
+    return max(settings.num_candidates, k)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str, list[str]]:
@@ -261,7 +263,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 body.k,
                 user_features=body.user_features,
                 exclude_seen=body.exclude_seen,
-                candidates=_candidates(settings, body.k),
+                num_candidates=_num_candidates(settings, body.k),
                 filters=body.filters,
             )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
@@ -312,7 +314,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     request.k,
                     user_features=request.user_features,
                     exclude_seen=request.exclude_seen,
-                    candidates=_candidates(settings, request.k),
+                    num_candidates=_num_candidates(settings, request.k),
                     filters=request.filters,
                 )
             predictions.append(

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from twostage.artifacts import MANIFEST
 from twostage.errors import ArtifactError, ConfigError, TwostageError
-from twostage.pipeline import Recommender, load
+from twostage.recommender import Recommender, load
 
 __all__ = [
     "LoadedModel",

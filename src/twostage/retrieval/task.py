@@ -1,9 +1,10 @@
-"""Retrieval training examples and their loss.
+"""The retrieval task: the loss of a training batch in each example mode, and the same
+loss on held-out pairs.
 
-``RetrievalTensors`` holds everything batches are gathered from; ``query_features``
-gathers a batch's query side; ``UserExamples`` groups the rows by user for
-``retrieval.examples=users``. ``interaction_loss`` and ``user_loss`` are the loss of one
-batch in each set-up: the training loop in ``twostage.train`` calls one of them per step.
+``retrieval.examples=interactions``: one example per training row
+(:func:`interaction_loss`); ``retrieval.examples=users``: one per user, every training
+item a positive (:class:`UserExamples`, :func:`user_loss`). The loss functions and
+every logQ variant are in :mod:`twostage.losses`.
 """
 
 from __future__ import annotations
@@ -13,103 +14,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from twostage.config import RetrievalConfig
+from twostage.config import ExperimentConfig, RetrievalConfig
 from twostage.losses import (
     full_softmax_loss,
     in_batch_softmax_loss,
+    log_inclusion_probability,
     multi_positive_softmax_loss,
 )
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.towers import HISTORY
+from twostage.retrieval.tensors import RetrievalTensors, query_features
 
 __all__ = [
-    "RetrievalTensors",
     "UserExamples",
     "interaction_loss",
-    "query_features",
+    "training_queries",
     "user_loss",
+    "validation_loss",
 ]
-
-
-@dataclass
-class RetrievalTensors:
-    """Everything the training loop gathers batches from.
-
-    Attributes:
-        user_features: per-user rows ``[U, ...]`` indexed by ``user_idx``.
-        item_features: per-item rows ``[N, ...]`` indexed by ``item_idx``.
-        history: ``[U, L]`` each user's most recent training items, most recent last,
-            0 = padding; ``[U, 0]`` when the model uses no history.
-        users: ``[n]`` user index of each training example.
-        items: ``[n]`` item index of each training example.
-        weights: ``[n]`` example weights, or None.
-        item_probs: ``[N]`` share of the training examples of each item (logQ).
-        user_id_field: name of the user ID field (dropped to OOV for ID dropout).
-    """
-
-    user_features: dict[str, Tensor]
-    item_features: dict[str, Tensor]
-    history: Tensor
-    users: Tensor
-    items: Tensor
-    weights: Tensor | None
-    item_probs: Tensor
-    user_id_field: str | None = "user_id"
-
-    def to(self, device: torch.device) -> RetrievalTensors:
-        """A copy with every tensor on ``device``."""
-
-        def move(values: dict[str, Tensor]) -> dict[str, Tensor]:
-            return {k: v.to(device) for k, v in values.items()}
-
-        return RetrievalTensors(
-            user_features=move(self.user_features),
-            item_features=move(self.item_features),
-            history=self.history.to(device),
-            users=self.users.to(device),
-            items=self.items.to(device),
-            weights=None if self.weights is None else self.weights.to(device),
-            item_probs=self.item_probs.to(device),
-            user_id_field=self.user_id_field,
-        )
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.users.shape[0])
-
-    @property
-    def num_items(self) -> int:
-        return int(self.item_probs.shape[0])
-
-
-def query_features(
-    tensors: RetrievalTensors,
-    users: Tensor,
-    *,
-    exclude_items: Tensor | None = None,
-    drop_ids: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """Gather the query features of a batch of users.
-
-    Args:
-        tensors: the prepared tables.
-        users: ``[B]`` user indices.
-        exclude_items: ``[B]`` item per row to remove from that row's history (the
-            training target, so the model cannot see the answer).
-        drop_ids: ``[B]`` bool; where True, the user ID becomes OOV (0) and the history
-            is emptied, which trains the cold-start path.
-    """
-    features = {name: values[users] for name, values in tensors.user_features.items()}
-    history = tensors.history[users]
-    if exclude_items is not None and history.shape[1]:
-        history = history.masked_fill(history == exclude_items[:, None], 0)
-    if drop_ids is not None:
-        if tensors.user_id_field in features:
-            ids = features[tensors.user_id_field]
-            features[tensors.user_id_field] = ids.masked_fill(drop_ids, 0)
-        history = history.masked_fill(drop_ids[:, None], 0)
-    features[HISTORY] = history
-    return features
 
 
 @dataclass
@@ -226,10 +148,7 @@ def user_loss(
     sample, columns = torch.unique(items, return_inverse=True)
     log_q = None
     if model_config.logq_correction:
-        # Chance that an item is among `len(items)` draws from the training rows.
-        draws = float(len(items))
-        probs = tensors.item_probs[sample].clamp(1e-12, 1 - 1e-7)
-        log_q = torch.log(-torch.expm1(draws * torch.log1p(-probs)))
+        log_q = log_inclusion_probability(tensors.item_probs[sample], len(items))
         log_q = model_config.logq_weight * log_q
     return multi_positive_softmax_loss(
         queries,
@@ -249,6 +168,9 @@ def interaction_loss(
     batch: Tensor,
     generator: torch.Generator,
 ) -> Tensor:
+    """One example per training row: the query (history without the row's item) must
+    pick the row's item among the batch's (and the extra) candidates, or the whole
+    catalogue with ``negatives=full``."""
     users, items = tensors.users[batch], tensors.items[batch]
     queries = training_queries(
         model, model_config, tensors, users, generator, exclude_items=items
@@ -298,29 +220,34 @@ def interaction_loss(
     )
 
 
-def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
-    """The trainer's tables as one flat dict for safetensors."""
-    flat = {
-        "history": tensors.history,
-        "users": tensors.users,
-        "items": tensors.items,
-        "item_probs": tensors.item_probs,
-    }
-    if tensors.weights is not None:
-        flat["weights"] = tensors.weights
-    flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
-    flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
-    return {k: v.contiguous() for k, v in flat.items()}
-
-
-def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
-    """Inverse of :func:`tensors_to_flat`."""
-    return RetrievalTensors(
-        user_features={k[5:]: v for k, v in flat.items() if k.startswith("user.")},
-        item_features={k[5:]: v for k, v in flat.items() if k.startswith("item.")},
-        history=flat["history"],
-        users=flat["users"],
-        items=flat["items"],
-        weights=flat.get("weights"),
-        item_probs=flat["item_probs"],
-    )
+def validation_loss(
+    model: RetrievalModel,
+    tensors: RetrievalTensors,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    config: ExperimentConfig,
+) -> float:
+    """The training loss (same batch size, logQ, no dropout) on held-out pairs."""
+    if len(users) == 0:
+        return float("nan")
+    total, count = 0.0, 0
+    size = config.train.batch_size
+    probs = tensors.item_probs if config.retrieval.logq_correction else None
+    with torch.no_grad():
+        for start in range(0, len(users), size):
+            u, i = users[start : start + size], items[start : start + size]
+            queries = model.encode_queries(query_features(tensors, u))
+            candidates = model.encode_items(
+                {n: v[i] for n, v in tensors.item_features.items()}
+            )
+            loss = in_batch_softmax_loss(
+                queries,
+                candidates,
+                temperature=model.temperature,
+                candidate_ids=i,
+                candidate_probs=None if probs is None else probs[i],
+                correction_weight=config.retrieval.logq_weight,
+            )
+            total += float(loss) * len(u)
+            count += len(u)
+    return total / count

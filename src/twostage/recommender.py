@@ -21,13 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from twostage.artifacts import verify_bundle, write_bundle
-from twostage.batches import tensors_to_flat
-from twostage.config import IndexConfig, save_config
+from twostage.config import IndexConfig, RankingConfig, save_config
 from twostage.data.dataset import ITEM, USER
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
-from twostage.experiment import RetrievalRun, read_retrieval
 from twostage.index import Index, load_index, make_index
 from twostage.models.towers import HISTORY
+from twostage.ranking.rerank import rerank
+from twostage.retrieval.run import RetrievalRun, read_retrieval
+from twostage.retrieval.tensors import tensors_to_flat
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
 
@@ -39,6 +40,7 @@ Path_ = Literal["personalised", "cold_start_features", "popularity"]
 class Ranker(Protocol):
     """What the Recommender needs of a ranking stage (see :mod:`twostage.ranking`)."""
 
+    config: RankingConfig
     blend_weight: float
 
     def score(
@@ -107,8 +109,12 @@ class Recommender:
             )
         self.index = index
         self.index_kind = index.kind
-        config = getattr(ranker, "config", None)
-        self.default_candidates = int(getattr(config, "num_candidates", 300))
+        # One default, what the ranking stage was evaluated with.
+        self.num_candidates = (
+            run.config.ranking.num_candidates
+            if ranker is None
+            else ranker.config.num_candidates
+        )
         self.item_ids = pl.concat(
             [
                 pl.Series(ITEM, [None], dtype=self.item_vocab.values.dtype),
@@ -209,7 +215,7 @@ class Recommender:
         *,
         user_features: dict[str, Any] | None = None,
         exclude_seen: bool = True,
-        candidates: int | None = None,
+        num_candidates: int | None = None,
         filters: dict[str, Any] | None = None,
     ) -> Recommendation:
         """Top ``k`` items for a user.
@@ -220,9 +226,9 @@ class Recommender:
             user_features: raw feature values (e.g. ``{"age": 30, "gender": "F"}``)
                 for an unknown user.
             exclude_seen: drop the user's training items.
-            candidates: how many items retrieval passes to ranking; default: the
-                number the ranking stage was trained and evaluated with (100 unless
-                configured), or 300 without a ranking stage.
+            num_candidates: how many items retrieval passes to ranking; default:
+                ``ranking.num_candidates``, the number the ranking stage was
+                evaluated with.
             filters: keep only items whose metadata matches, e.g.
                 ``{"genres": "Comedy"}`` (a list column matches by membership).
 
@@ -231,9 +237,9 @@ class Recommender:
             a cold start from features, or the popularity fallback.
         """
         _check_k("k", k)
-        if candidates is None:
-            candidates = self.default_candidates
-        _check_k("candidates", candidates)
+        if num_candidates is None:
+            num_candidates = self.num_candidates
+        _check_k("num_candidates", num_candidates)
         query, user_idx, path = self._query(user_id, user_features)
         seen = self._seen[user_idx] if exclude_seen and user_idx > 0 else None
         mask = self._filter_mask(filters)
@@ -248,7 +254,7 @@ class Recommender:
             order = self._popular[~excluded[self._popular]][:k]
             scores = self.run.tensors.item_probs[order]
             return self._answer(user_id, path, order, scores, None)
-        width = max(candidates, k)
+        width = max(num_candidates, k)
         if mask is None:
             top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
             found = top_idx[0] >= 0  # rows run short only when the catalogue does
@@ -263,14 +269,14 @@ class Recommender:
             return self._answer(user_id, path, top_idx[:k], top_scores[:k], None)
         with torch.no_grad():
             out = self.ranker.score(torch.tensor([user_idx]), top_idx[None, :])
-        # The order the ranking stage was tuned for: click logit plus a validated
-        # share of the retrieval logit.
+        # The rule evaluation scores: click logit plus a validated share of the
+        # retrieval logit.
         logits = top_scores / float(self.run.model.temperature)
-        ranked = out["click"][0] + self.ranker.blend_weight * logits
-        order = torch.argsort(ranked, descending=True, stable=True)[:k]
-        answer = self._answer(
-            user_id, path, top_idx[order], top_scores[order], ranked[order]
+        order, keys = rerank(
+            out["click"], logits[None, :], blend_weight=self.ranker.blend_weight
         )
+        order, keys = order[0, :k], keys[0, :k]
+        answer = self._answer(user_id, path, top_idx[order], top_scores[order], keys)
         ratings = out["rating"][0][order].tolist()
         for entry, rating in zip(answer.items, ratings, strict=True):
             entry["predicted_rating"] = rating

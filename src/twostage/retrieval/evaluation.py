@@ -1,0 +1,205 @@
+"""Evaluating the retrieval stage: a test split as queries over a run's vocabularies,
+the run and the baselines scored over the whole catalogue, and a saved run evaluated
+again on its own test split (``twostage evaluate DIR``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.data.registry import load_dataset_for
+from twostage.data.split import prepare_split
+from twostage.errors import ConfigError, DataError, TwostageError
+from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
+from twostage.metrics import UserItems
+from twostage.retrieval.run import RetrievalRun, load_run
+from twostage.retrieval.tensors import RetrievalTensors
+
+__all__ = [
+    "TestQueries",
+    "evaluate_baselines",
+    "evaluate_on",
+    "evaluate_run_embeddings",
+    "evaluate_saved",
+    "rebuild_test_split",
+    "test_queries",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TestQueries:
+    """A test split turned into evaluation inputs over the run's vocabularies."""
+
+    user_ids: pl.Series  # [Q] raw IDs of the test users
+    user_idx: np.ndarray  # [Q] their vocabulary indices (0: unknown, cold)
+    relevant: UserItems  # test items per query
+    seen: UserItems  # training items per query
+    valid_items: np.ndarray  # [N] bool, False for the OOV row
+    slices: dict[str, np.ndarray] | None
+    item_slices: dict[str, np.ndarray]
+
+
+def test_queries(run: RetrievalRun, test: Dataset) -> TestQueries:
+    """One query per test user; relevant = their test items, seen = training items."""
+    user_vocab, item_vocab = run.spec.vocabulary(USER), run.spec.vocabulary(ITEM)
+    inter = test.interactions
+    user_ids = inter[USER].unique().sort()
+    position = user_ids.to_frame().with_row_index("q")
+    rows_arr = inter.select(USER).join(
+        position, on=USER, how="left", maintain_order="left"
+    )["q"]
+    relevant = UserItems.from_pairs(
+        rows_arr.to_numpy().astype(np.int64),
+        item_vocab.transform(inter[ITEM]),
+        num_rows=len(user_ids),
+    )
+    user_idx = user_vocab.transform(user_ids)
+    valid = np.ones(item_vocab.size, dtype=bool)
+    valid[0] = False
+    cold = user_idx == 0
+    cold_items = np.zeros(item_vocab.size, dtype=bool)
+    cold_items[0] = True  # test items never seen in training all map to the OOV row
+    return TestQueries(
+        user_ids=user_ids,
+        user_idx=user_idx,
+        relevant=relevant,
+        seen=_seen_of(run.tensors, user_idx),
+        valid_items=valid,
+        slices={"warm_users": ~cold, "cold_users": cold} if cold.any() else None,
+        item_slices={"cold_items": cold_items},
+    )
+
+
+def evaluate_run_embeddings(
+    run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...]
+) -> EvalResult:
+    """Evaluate the two towers over the whole catalogue (both seen-item modes)."""
+    queries = test_queries(run, test)
+    return evaluate_embeddings(
+        run.query_embeddings(queries.user_ids, users=test.users),
+        run.item_embeddings(),
+        relevant=queries.relevant,
+        seen=queries.seen,
+        ks=ks,
+        exclude_seen="both",
+        valid_items=queries.valid_items,
+        slices=queries.slices,
+        item_slices=queries.item_slices,
+    )
+
+
+def evaluate_baselines(
+    run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...] = (1, 5, 10, 50, 100)
+) -> dict[str, EvalResult]:
+    """Popularity, EASE and item-kNN on the run's own training data and test split."""
+    from twostage.baselines import BASELINES
+
+    queries = test_queries(run, test)
+    num_items = run.spec.vocabulary(ITEM).size
+    num_users = run.spec.vocabulary(USER).size
+    train = UserItems.from_pairs(
+        run.tensors.users.numpy(), run.tensors.items.numpy(), num_rows=num_users
+    )
+    user_idx = torch.from_numpy(queries.user_idx)
+    results: dict[str, EvalResult] = {}
+
+    def scorer(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda rows: model.score(user_idx[rows])
+
+    for name, cls in BASELINES.items():
+        try:
+            model = cls().fit(train, num_items=num_items)
+        except ConfigError as e:
+            logger.warning("skipping baseline %s: %s", name, e)
+            continue
+        results[name] = evaluate_scores(
+            scorer(model),
+            num_items=num_items,
+            queries=np.arange(len(user_idx)),
+            relevant=queries.relevant,
+            seen=queries.seen,
+            ks=ks,
+            exclude_seen="both",
+            valid_items=queries.valid_items,
+            slices=queries.slices,
+            item_slices=queries.item_slices,
+        )
+    return results
+
+
+def _seen_of(tensors: RetrievalTensors, query_idx: np.ndarray) -> UserItems:
+    """The training items of each query's user (none for unknown users)."""
+    order = np.argsort(tensors.users.numpy(), kind="stable")
+    sorted_users = tensors.users.numpy()[order]
+    starts = np.searchsorted(sorted_users, query_idx, side="left")
+    stops = np.searchsorted(sorted_users, query_idx, side="right")
+    stops = np.where(query_idx == 0, starts, stops)
+    lengths = stops - starts
+    rows = np.repeat(np.arange(len(query_idx)), lengths)
+    take = (
+        np.concatenate([order[a:b] for a, b in zip(starts, stops, strict=True)])
+        if len(rows)
+        else np.zeros(0, dtype=np.int64)
+    )
+    return UserItems.from_pairs(
+        rows, tensors.items.numpy()[take], num_rows=len(query_idx)
+    )
+
+
+def rebuild_test_split(
+    run: RetrievalRun, *, source: str | Path | None = None
+) -> Dataset:
+    """The test split a saved run was evaluated on, rebuilt from its saved config.
+
+    The saved config names the dataset (``data.dataset`` and the column mapping) and
+    the split (``data.split``, ``test_fraction``, ``seed``, ``cold_user_fraction``);
+    :func:`prepare_split` on the same data gives the same test rows.
+
+    Args:
+        run: a trained or reloaded run.
+        source: where the run was loaded from, for the error message.
+
+    Raises:
+        DataError: the dataset named in the config cannot be loaded here.
+    """
+    try:
+        dataset = load_dataset_for(run.config)
+    except (TwostageError, OSError) as e:
+        where = f" of {str(source)!r}" if source is not None else ""
+        raise DataError(
+            f"cannot rebuild the test split{where}: its config names "
+            f"data.dataset = {run.config.data.dataset!r}, which cannot be loaded "
+            f"here ({e}). Make that dataset available at the same name or path "
+            "(built-in data: `twostage data fetch NAME`), then evaluate again."
+        ) from e
+    return prepare_split(dataset, run.config).test
+
+
+def evaluate_on(
+    run: RetrievalRun, test: Dataset, *, baselines: bool = False
+) -> dict[str, Any]:
+    """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on ``test``."""
+    results = {"twostage": run.evaluate(test).to_dict()}
+    if baselines:
+        results.update(
+            {k: v.to_dict() for k, v in evaluate_baselines(run, test).items()}
+        )
+    return results
+
+
+def evaluate_saved(directory: str | Path, *, baselines: bool = False) -> dict[str, Any]:
+    """Reload a run and its data, rebuild the same split, evaluate (and baselines)."""
+    run = load_run(directory)
+    return evaluate_on(
+        run, rebuild_test_split(run, source=directory), baselines=baselines
+    )

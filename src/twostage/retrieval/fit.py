@@ -1,0 +1,182 @@
+"""Fitting the retrieval stage: from a config (and data) to a trained, evaluated
+:class:`~twostage.retrieval.run.RetrievalRun`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from twostage.config import ExperimentConfig, RetrievalConfig, TrainConfig
+from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.data.registry import load_dataset_for
+from twostage.data.split import ExperimentSplit, prepare_split
+from twostage.errors import DataError
+from twostage.evaluate import evaluate_embeddings
+from twostage.features import FeatureSpec
+from twostage.models.retrieval import RetrievalModel
+from twostage.retrieval.evaluation import test_queries
+from twostage.retrieval.run import RetrievalRun, build_model, spec_for
+from twostage.retrieval.task import (
+    UserExamples,
+    interaction_loss,
+    user_loss,
+    validation_loss,
+)
+from twostage.retrieval.tensors import (
+    RetrievalTensors,
+    build_tensors,
+    with_history_of,
+)
+from twostage.training import ProgressFn, TrainResult
+from twostage.training.loop import run_training
+from twostage.training.optim import resolve_device
+
+__all__ = ["fit_retrieval", "train_retrieval"]
+
+logger = logging.getLogger(__name__)
+
+
+def fit_retrieval(
+    config: ExperimentConfig,
+    *,
+    dataset: Dataset | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: ProgressFn | None = None,
+    evaluate_test: bool = True,
+) -> tuple[RetrievalRun, ExperimentSplit]:
+    """Train a two-tower retrieval model from a config and evaluate it on the test split.
+
+    The split comes from the config (:func:`twostage.data.split.prepare_split`); the
+    returned run's tables hold the training and validation rows as history and seen
+    items, as served.
+
+    Args:
+        config: data, model and training settings (saved with the run).
+        dataset: the data; loaded from ``config.data.dataset`` when None.
+        out_dir: where checkpoints and the finished run are written.
+        resume: continue an interrupted run from ``out_dir``'s checkpoint.
+        on_step: progress callback of the training loop.
+        evaluate_test: compute test metrics (stored in ``run.metrics``).
+    """
+    _set_threads(config)
+    if dataset is None:
+        dataset = load_dataset_for(config)
+    split = prepare_split(dataset, config)
+    train, validation = split.fit, split.validation
+    if train.num_interactions == 0:
+        raise DataError("the training split is empty: nothing to train on.")
+    started = time.perf_counter()
+    spec = spec_for(train, config).fit(train)
+    tensors = build_tensors(spec, train, config.retrieval)
+    torch.manual_seed(config.train.seed)  # the initial weights are part of the run
+    model = build_model(spec, config.retrieval)
+    run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
+    validate = None
+    if validation is not None and validation.num_interactions:
+        k = config.train.eval_k
+
+        valid_users, valid_items = _pairs(spec, validation)
+        # The validation queries and their features do not change between epochs.
+        queries = test_queries(run, validation)
+        features = spec.transform_queries(
+            queries.user_ids.rename(USER), users=validation.users
+        )
+        user_idx = torch.from_numpy(queries.user_idx)
+
+        def validate(model: RetrievalModel) -> dict[str, float]:
+            features["history"] = tensors.history[user_idx]
+            result = evaluate_embeddings(
+                model.encode_queries(features),
+                run.item_embeddings(),
+                relevant=queries.relevant,
+                seen=queries.seen,
+                ks=(k,),
+                valid_items=queries.valid_items,
+            )
+            loss = validation_loss(model, tensors, valid_users, valid_items, config)
+            return {"metric": result.metrics["exclude_seen"]["recall"][k], "loss": loss}
+
+    checkpoints = Path(out_dir) if out_dir is not None else None
+    run.train_result = train_retrieval(
+        model,
+        tensors,
+        config.train,
+        validate=validate,
+        checkpoint_dir=checkpoints,
+        resume=resume,
+        on_step=on_step,
+    )
+    logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
+    if validation is not None and validation.num_interactions:
+        # At inference the validation rows are history like any other training row:
+        # they feed the query history and are excluded as seen.
+        run.tensors = with_history_of(run.tensors, spec, split.train, config.retrieval)
+    if evaluate_test and split.test.num_interactions:
+        run.metrics = run.evaluate(split.test).to_dict()
+    if out_dir is not None:
+        run.save(out_dir)
+    return run, split
+
+
+def train_retrieval(
+    model: RetrievalModel,
+    tensors: RetrievalTensors,
+    config: TrainConfig,
+    *,
+    validate: Callable[[RetrievalModel], dict[str, float]] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    on_step: ProgressFn | None = None,
+    stop_after_epoch: int | None = None,
+) -> TrainResult:
+    """Train the two towers in place with :func:`twostage.training.loop.run_training`.
+
+    Args:
+        model: the two towers (its config says loss options).
+        tensors: the training tables.
+        config: optimisation settings.
+        validate: returns ``{"metric": value to maximise, ...}`` (e.g. Recall@100 on
+            a validation carve-out); without it every epoch counts as the best.
+        checkpoint_dir, resume, on_step, stop_after_epoch: as for ``run_training``.
+    """
+    model_config: RetrievalConfig = model.config
+    device = resolve_device(config.device)
+    tensors = tensors.to(device)
+    by_user = UserExamples.of(tensors) if model_config.examples == "users" else None
+
+    def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
+        if by_user is None:
+            return interaction_loss(model, model_config, tensors, batch, generator)
+        return user_loss(model, model_config, tensors, by_user, batch, generator)
+
+    return run_training(
+        model,
+        config,
+        num_examples=tensors.num_examples if by_user is None else len(by_user.users),
+        batch_loss=batch_loss,
+        device=device,
+        validate=validate,  # type: ignore[arg-type]
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        on_step=on_step,
+        stop_after_epoch=stop_after_epoch,
+    )
+
+
+def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Known (user_idx, item_idx) pairs of a split; pairs with an unknown side dropped."""
+    users = spec.vocabulary(USER).transform(data.interactions[USER])
+    items = spec.vocabulary(ITEM).transform(data.interactions[ITEM])
+    known = (users > 0) & (items > 0)
+    return torch.from_numpy(users[known]), torch.from_numpy(items[known])
+
+
+def _set_threads(config: ExperimentConfig) -> None:
+    if config.train.num_threads > 0:
+        torch.set_num_threads(config.train.num_threads)

@@ -1,0 +1,190 @@
+"""The trained retrieval model and everything needed to use it: :class:`RetrievalRun`,
+building the two towers from a saved config, and saving/loading a run (no pickle).
+
+Loading a run imports no fitting code, loss or data download: the server loads runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from twostage.config import ExperimentConfig, RetrievalConfig, from_dict, save_config
+from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.errors import ArtifactError, ConfigError
+from twostage.features import FeatureSpec
+from twostage.models.retrieval import RetrievalModel
+from twostage.models.towers import FieldInfo
+from twostage.retrieval.tensors import (
+    RetrievalTensors,
+    tensors_from_flat,
+    tensors_to_flat,
+)
+from twostage.training import TrainResult
+
+if TYPE_CHECKING:
+    from twostage.evaluate import EvalResult
+
+__all__ = [
+    "RetrievalRun",
+    "build_model",
+    "load_run",
+    "read_retrieval",
+    "spec_for",
+]
+
+
+def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
+    """The two towers for a fitted spec (from the saved config, never from defaults)."""
+
+    def fields(side: str) -> list[FieldInfo]:
+        return [
+            FieldInfo(f.key, f.output, f.num_embeddings or 0, f.width)
+            for f in spec.describe(side=side)  # type: ignore[arg-type]
+        ]
+
+    return RetrievalModel(
+        fields("query"),
+        fields("candidate"),
+        num_items=spec.vocabulary(ITEM).size,
+        config=config,
+    )
+
+
+def spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
+    retrieval = config.retrieval
+    spec = FeatureSpec.default_for(
+        dataset, use_side_features=retrieval.use_side_features
+    )
+
+    def keep(fields: Any, wanted: tuple[str, ...], key: str) -> list[Any]:
+        if not retrieval.use_side_features:
+            return [f for f in fields if f.name == key]
+        if not wanted:
+            return list(fields)
+        names = {f.name for f in fields}
+        unknown = sorted(set(wanted) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown feature column(s) {unknown} in the retrieval config; the data "
+                f"offers {sorted(names)}."
+            )
+        return [f for f in fields if f.name == key or f.name in wanted]
+
+    return FeatureSpec(
+        query=keep(spec.query, retrieval.query_fields, USER),
+        candidate=keep(spec.candidate, retrieval.candidate_fields, ITEM),
+    )
+
+
+@dataclass
+class RetrievalRun:
+    """A trained retrieval model with everything needed to use and evaluate it."""
+
+    config: ExperimentConfig
+    spec: FeatureSpec
+    model: RetrievalModel
+    tensors: RetrievalTensors
+    train_result: TrainResult = field(default_factory=TrainResult)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """``[N, D]`` embeddings of every vocabulary item (row 0: the OOV item)."""
+        with torch.no_grad():
+            return self.model.encode_items(self.tensors.item_features)
+
+    def query_embeddings(
+        self, user_ids: pl.Series, *, users: pl.DataFrame | None
+    ) -> torch.Tensor:
+        """``[Q, D]`` query embeddings of raw user IDs; unknown users use their features."""
+        features = self.spec.transform_queries(user_ids.rename(USER), users=users)
+        user_idx = torch.from_numpy(self.spec.vocabulary(USER).transform(user_ids))
+        features["history"] = self.tensors.history[user_idx]
+        with torch.no_grad():
+            return self.model.encode_queries(features)
+
+    def evaluate(
+        self, test: Dataset, *, ks: tuple[int, ...] = (1, 5, 10, 50, 100)
+    ) -> EvalResult:
+        """Full-catalogue metrics on a test split, with and without seen items."""
+        from twostage.retrieval.evaluation import evaluate_run_embeddings
+
+        return evaluate_run_embeddings(self, test, ks=ks)
+
+    def save(self, directory: str | Path) -> None:
+        """Write config, feature spec, weights, training tensors and metrics."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, out / "config.json")
+        self.spec.save(out / "features.json")
+        save_file(
+            {k: v.contiguous() for k, v in self.model.state_dict().items()},
+            out / "model.safetensors",
+        )
+        save_file(tensors_to_flat(self.tensors), out / "tables.safetensors")
+        (out / "history.json").write_text(
+            json.dumps(self.train_result.history, indent=2)
+        )
+        if self.metrics:
+            (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+
+
+def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
+    """Rebuild a retrieval run from ``config.json``, ``features.json``, the weights file
+    and ``tables.safetensors`` in ``path``, with strict weight-key checks.
+
+    Args:
+        path: the directory holding the files.
+        weights: file name of the two-tower weights.
+        hint: what ``path`` should be, for the error message.
+    """
+    try:
+        values = json.loads((path / "config.json").read_text())
+        if not isinstance(values, dict):
+            raise ValueError("config.json does not hold a mapping")
+        # Saved before `retrieval.combine` existed: those towers concatenated.
+        retrieval = values.get("retrieval")
+        if isinstance(retrieval, dict):
+            retrieval.setdefault("combine", "concat")
+        config = from_dict(ExperimentConfig, values)
+        spec = FeatureSpec.load(path / "features.json")
+        model = build_model(spec, config.retrieval)
+        state = load_file(path / weights)
+        tables = load_file(path / "tables.safetensors")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ArtifactError(f"cannot load {str(path)!r}: {e}. Is it {hint}?") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"weights in {str(path / weights)!r} do not match the saved config: "
+            f"missing keys {missing}, unexpected keys {unexpected}."
+        )
+    model.eval()
+    return RetrievalRun(
+        config=config, spec=spec, model=model, tensors=tensors_from_flat(tables)
+    )
+
+
+def load_run(directory: str | Path) -> RetrievalRun:
+    """Rebuild a saved run from its own config, spec and weights (no pickle)."""
+    path = Path(directory)
+    run = read_retrieval(
+        path,
+        weights="model.safetensors",
+        hint="the --out directory of `twostage train retrieval`",
+    )
+    try:
+        run.train_result.history = json.loads((path / "history.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {str(path / 'history.json')!r}: {e}") from e
+    metrics_path = path / "metrics.json"
+    if metrics_path.exists():
+        run.metrics = json.loads(metrics_path.read_text())
+    return run

@@ -1,0 +1,235 @@
+"""The retrieval stage's tables: everything training batches and served queries are
+gathered from (:class:`RetrievalTensors`), built from a fitted ``FeatureSpec`` and the
+training split, and their flat safetensors form.
+
+``build_tensors`` turns the spec and the training split into tables;
+``with_history_of`` swaps in another training set's histories and seen items (the
+ranking stage and serving use more data than retrieval trained on); ``query_features``
+gathers the query side of a batch of users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from twostage.config import RetrievalConfig
+from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.features import FeatureSpec
+from twostage.models.towers import HISTORY
+
+__all__ = [
+    "RetrievalTensors",
+    "build_tensors",
+    "query_features",
+    "tensors_from_flat",
+    "tensors_to_flat",
+    "with_history_of",
+]
+
+
+@dataclass
+class RetrievalTensors:
+    """Everything the training loop gathers batches from.
+
+    Attributes:
+        user_features: per-user rows ``[U, ...]`` indexed by ``user_idx``.
+        item_features: per-item rows ``[N, ...]`` indexed by ``item_idx``.
+        history: ``[U, L]`` each user's most recent training items, most recent last,
+            0 = padding; ``[U, 0]`` when the model uses no history.
+        users: ``[n]`` user index of each training example.
+        items: ``[n]`` item index of each training example.
+        weights: ``[n]`` example weights, or None.
+        item_probs: ``[N]`` share of the training examples of each item (logQ).
+        user_id_field: name of the user ID field (dropped to OOV for ID dropout).
+    """
+
+    user_features: dict[str, Tensor]
+    item_features: dict[str, Tensor]
+    history: Tensor
+    users: Tensor
+    items: Tensor
+    weights: Tensor | None
+    item_probs: Tensor
+    user_id_field: str | None = "user_id"
+
+    def to(self, device: torch.device) -> RetrievalTensors:
+        """A copy with every tensor on ``device``."""
+
+        def move(values: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v.to(device) for k, v in values.items()}
+
+        return RetrievalTensors(
+            user_features=move(self.user_features),
+            item_features=move(self.item_features),
+            history=self.history.to(device),
+            users=self.users.to(device),
+            items=self.items.to(device),
+            weights=None if self.weights is None else self.weights.to(device),
+            item_probs=self.item_probs.to(device),
+            user_id_field=self.user_id_field,
+        )
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.users.shape[0])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_probs.shape[0])
+
+
+def query_features(
+    tensors: RetrievalTensors,
+    users: Tensor,
+    *,
+    exclude_items: Tensor | None = None,
+    drop_ids: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Gather the query features of a batch of users.
+
+    Args:
+        tensors: the prepared tables.
+        users: ``[B]`` user indices.
+        exclude_items: ``[B]`` item per row to remove from that row's history (the
+            training target, so the model cannot see the answer).
+        drop_ids: ``[B]`` bool; where True, the user ID becomes OOV (0) and the history
+            is emptied, which trains the cold-start path.
+    """
+    features = {name: values[users] for name, values in tensors.user_features.items()}
+    history = tensors.history[users]
+    if exclude_items is not None and history.shape[1]:
+        history = history.masked_fill(history == exclude_items[:, None], 0)
+    if drop_ids is not None:
+        if tensors.user_id_field in features:
+            ids = features[tensors.user_id_field]
+            features[tensors.user_id_field] = ids.masked_fill(drop_ids, 0)
+        history = history.masked_fill(drop_ids[:, None], 0)
+    features[HISTORY] = history
+    return features
+
+
+def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
+    """The trainer's tables as one flat dict for safetensors."""
+    flat = {
+        "history": tensors.history,
+        "users": tensors.users,
+        "items": tensors.items,
+        "item_probs": tensors.item_probs,
+    }
+    if tensors.weights is not None:
+        flat["weights"] = tensors.weights
+    flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
+    flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
+    return {k: v.contiguous() for k, v in flat.items()}
+
+
+def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
+    """Inverse of :func:`tensors_to_flat`."""
+    return RetrievalTensors(
+        user_features={k[5:]: v for k, v in flat.items() if k.startswith("user.")},
+        item_features={k[5:]: v for k, v in flat.items() if k.startswith("item.")},
+        history=flat["history"],
+        users=flat["users"],
+        items=flat["items"],
+        weights=flat.get("weights"),
+        item_probs=flat["item_probs"],
+    )
+
+
+def _rows_in_vocab_order(
+    spec: FeatureSpec, key: str, side: str, table: pl.DataFrame | None
+) -> dict[str, torch.Tensor]:
+    """Feature rows for index 0 (OOV) and every vocabulary entry, in index order."""
+    vocab = spec.vocabulary(key)
+    ids = pl.concat(
+        [pl.Series(key, [None], dtype=vocab.values.dtype), vocab.values.rename(key)]
+    )
+    if side == "query":
+        return spec.transform_queries(ids, users=table)
+    return spec.transform_items(ids, items=table)
+
+
+def _history(
+    train: pl.DataFrame,
+    user_idx: np.ndarray,
+    item_idx: np.ndarray,
+    *,
+    num_users: int,
+    length: int,
+) -> torch.Tensor:
+    """``[U, L]`` each user's last ``length`` training items by time, most recent last."""
+    history = torch.zeros(num_users, length, dtype=torch.long)
+    if length == 0:
+        return history
+    frame = (
+        pl.DataFrame({"u": user_idx, "i": item_idx, "t": train[TIME].to_numpy()})
+        .with_row_index("r")
+        .sort(["u", "t", "r"])
+        .with_columns(pl.int_range(pl.len()).reverse().over("u").alias("from_end"))
+        .filter(pl.col("from_end") < length)
+    )
+    rows = torch.tensor(frame["u"].to_numpy(), dtype=torch.long)
+    cols = length - 1 - torch.tensor(frame["from_end"].to_numpy(), dtype=torch.long)
+    history[rows, cols] = torch.tensor(frame["i"].to_numpy(), dtype=torch.long)
+    return history
+
+
+def build_tensors(
+    spec: FeatureSpec, train: Dataset, config: RetrievalConfig
+) -> RetrievalTensors:
+    """Turn a fitted spec and the training split into the trainer's tensors."""
+    user_vocab, item_vocab = spec.vocabulary(USER), spec.vocabulary(ITEM)
+    inter = train.interactions
+    users = user_vocab.transform(inter[USER])
+    items = item_vocab.transform(inter[ITEM])
+    counts = np.bincount(items, minlength=item_vocab.size).astype(np.float64)
+    weights = None
+    if config.rating_weights and RATING in inter.columns:
+        rating = inter[RATING].fill_null(0).to_numpy().astype(np.float32)
+        weights = torch.from_numpy(np.maximum(rating, 0.0) + 1.0)
+    return RetrievalTensors(
+        user_features=_rows_in_vocab_order(spec, USER, "query", train.users),
+        item_features=_rows_in_vocab_order(spec, ITEM, "candidate", train.items),
+        history=_history(
+            inter, users, items, num_users=user_vocab.size, length=config.history_length
+        ),
+        users=torch.from_numpy(users),
+        items=torch.from_numpy(items),
+        weights=weights,
+        item_probs=torch.from_numpy(counts / counts.sum()).float(),
+        user_id_field=USER,
+    )
+
+
+def with_history_of(
+    tensors: RetrievalTensors,
+    spec: FeatureSpec,
+    train: Dataset,
+    config: RetrievalConfig,
+) -> RetrievalTensors:
+    """The same tables with history and seen items taken from another training set."""
+    inter = train.interactions
+    users = spec.vocabulary(USER).transform(inter[USER])
+    items = spec.vocabulary(ITEM).transform(inter[ITEM])
+    known = (users > 0) & (items > 0)
+    users, items = users[known], items[known]
+    history = _history(
+        inter.filter(pl.Series(known)),
+        users,
+        items,
+        num_users=spec.vocabulary(USER).size,
+        length=config.history_length,
+    )
+    return dataclasses.replace(
+        tensors,
+        history=history,
+        users=torch.from_numpy(users),
+        items=torch.from_numpy(items),
+        weights=None,
+    )

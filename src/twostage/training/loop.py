@@ -1,0 +1,175 @@
+"""The training loop of both stages: reads top to bottom, seeded, resumable.
+
+Per epoch: shuffle the examples with a generator seeded by (seed, epoch); per step:
+learning rate, the stage's batch loss, backward, clip, step. After each epoch: a no-grad
+validation, early stopping, the best weights, and a checkpoint. Because all randomness
+of an epoch derives from (seed, epoch), resuming from the last checkpoint reproduces an
+uninterrupted run exactly.
+
+A stage supplies only what differs: its model, the loss of a batch of example numbers,
+and its validation (:func:`twostage.retrieval.fit.train_retrieval`,
+:func:`twostage.ranking.fit.fit_ranking`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from twostage.config import TrainConfig
+from twostage.errors import ConfigError
+from twostage.training import ProgressFn, TrainResult
+from twostage.training.checkpoint import load_checkpoint, save_checkpoint
+from twostage.training.optim import learning_rate, make_optimizer
+
+__all__ = ["BatchLoss", "Validate", "run_training"]
+
+logger = logging.getLogger(__name__)
+
+#: ``(batch, generator) -> scalar loss``: ``batch`` holds ``[B]`` example numbers (on
+#: the training device); ``generator`` is the epoch's seeded random source.
+BatchLoss = Callable[[Tensor, torch.Generator], Tensor]
+#: ``model -> {"metric": value to maximise, other figures...}``, run under no_grad with
+#: the model in eval mode on the CPU.
+Validate = Callable[[nn.Module], dict[str, float]]
+
+
+def run_training(
+    model: nn.Module,
+    config: TrainConfig,
+    *,
+    num_examples: int,
+    batch_loss: BatchLoss,
+    device: torch.device,
+    validate: Validate | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    on_step: ProgressFn | None = None,
+    stop_after_epoch: int | None = None,
+) -> TrainResult:
+    """Train ``model`` in place; the best validated weights are kept.
+
+    Args:
+        model: the network; moved to ``device`` for training, left on the CPU.
+        config: optimisation settings (epochs, batch size, LR schedule, clipping,
+            early stopping, seed).
+        num_examples: how many examples an epoch shuffles (numbers ``0..n-1``).
+        batch_loss: the loss of one batch of example numbers.
+        device: where training runs (:func:`twostage.training.optim.resolve_device`).
+        validate: the validation after each epoch; without it every epoch that
+            lowers the training loss counts as the best.
+        checkpoint_dir: where a checkpoint is written after every epoch.
+        resume: continue from the checkpoint in ``checkpoint_dir``.
+        on_step: called after every step with ``{"epoch", "step", "loss", "examples"}``.
+        stop_after_epoch: stop (as if killed) after this many epochs; for tests.
+    """
+    torch.manual_seed(config.seed)
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = math.ceil(num_examples / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps > 0:
+        total_steps = min(total_steps, config.max_steps)
+    result = TrainResult()
+    best_state = _clone(model)
+    bad_epochs, start_epoch = 0, 0
+    if resume:
+        if checkpoint_dir is None:
+            raise ConfigError("`resume` needs a `checkpoint_dir`. Received: None.")
+        start_epoch, bad_epochs, best_state = load_checkpoint(
+            checkpoint_dir, model, optimizer, result
+        )
+        logger.info("resumed from %s at epoch %d", checkpoint_dir, start_epoch + 1)
+    started = time.perf_counter() - result.seconds
+    for epoch in range(start_epoch, config.epochs):
+        if bad_epochs >= config.early_stopping_patience > 0:
+            break
+        model.train()
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout masks
+        order = torch.randperm(num_examples, generator=generator)
+        epoch_loss, seen = 0.0, 0
+        for step_in_epoch in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + step_in_epoch
+            if step >= total_steps:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step, total_steps)
+            start = step_in_epoch * config.batch_size
+            batch = order[start : start + config.batch_size].to(device)
+            loss = batch_loss(batch, generator)
+            optimizer.zero_grad()
+            loss.backward()
+            if config.grad_clip > 0:
+                # Sparse embedding gradients are left out of the norm.
+                torch.nn.utils.clip_grad_norm_(
+                    [
+                        p
+                        for p in model.parameters()
+                        if p.grad is not None and not p.grad.is_sparse
+                    ],
+                    config.grad_clip,
+                )
+            optimizer.step()
+            epoch_loss += loss.item() * len(batch)
+            seen += len(batch)
+            if on_step is not None:
+                on_step(
+                    {
+                        "epoch": epoch,
+                        "step": step,
+                        "loss": loss.item(),
+                        "examples": seen,
+                    }
+                )
+        record = {"epoch": epoch, "train_loss": epoch_loss / max(seen, 1)}
+        model.eval()
+        if validate is not None:
+            with torch.no_grad():
+                model.cpu()  # evaluation runs beside the host tables
+                outcome = validate(model)
+                record["validation"] = float(outcome["metric"])
+                record.update({f"validation_{k}": float(v) for k, v in outcome.items()})
+                del record["validation_metric"]
+                model.to(device)
+        metric = record.get("validation", -record["train_loss"])
+        if metric > result.best_metric:
+            result.best_metric, result.best_epoch, bad_epochs = metric, epoch, 0
+            best_state = _clone(model)
+        else:
+            bad_epochs += 1
+        record["seconds"] = time.perf_counter() - started
+        result.history.append(record)
+        logger.info("epoch %d: %s", epoch, record)
+        result.seconds = record["seconds"]
+        if checkpoint_dir is not None:
+            save_checkpoint(
+                checkpoint_dir,
+                model,
+                optimizer,
+                result,
+                epoch + 1,
+                bad_epochs,
+                best_state,
+            )
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            model.cpu()
+            return result
+        if config.max_steps > 0 and (epoch + 1) * steps_per_epoch >= total_steps:
+            break
+    result.stopped_early = bad_epochs >= config.early_stopping_patience > 0 and (
+        len(result.history) < config.epochs
+    )
+    model.load_state_dict(best_state)
+    model.cpu().eval()
+    return result
+
+
+def _clone(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,110 @@
+"""The one seam that trains both stages: :func:`fit_two_stage`.
+
+``twostage train``, ``twostage demo`` and the benchmarks call it, so every ranker is
+trained the same way: on the rows the retrieval model trained on, validated (early
+stopping, the blend weight) on the carve-out that neither stage trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twostage.config import ExperimentConfig
+from twostage.data.dataset import Dataset
+from twostage.data.split import ExperimentSplit
+from twostage.ranking.evaluation import evaluate_ranking
+from twostage.ranking.fit import fit_ranking
+from twostage.ranking.run import RankingRun
+from twostage.retrieval.fit import fit_retrieval
+from twostage.retrieval.run import RetrievalRun
+from twostage.training import ProgressFn
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from twostage.recommender import Recommender
+
+__all__ = ["TwoStage", "fit_two_stage"]
+
+
+@dataclass
+class TwoStage:
+    """Both trained stages and the split they were trained and measured on.
+
+    Attributes:
+        retrieval: the retrieval run; ``retrieval.metrics`` holds its test metrics.
+        ranker: the ranker, or None when the ranking stage was not trained.
+        split: ``fit`` (both stages trained on it), ``validation`` (neither did),
+            ``test``.
+        ranking_metrics: :func:`twostage.ranking.evaluate_ranking` on the test split
+            (None without a ranker or without test evaluation).
+    """
+
+    retrieval: RetrievalRun
+    ranker: RankingRun | None
+    split: ExperimentSplit
+    ranking_metrics: dict[str, Any] | None = None
+
+    def recommender(self, *, items: pl.DataFrame | None = None) -> Recommender:
+        """The served object of both stages (item metadata: ``items``, else the
+        training data's item table)."""
+        from twostage.recommender import Recommender
+
+        if items is None:
+            items = self.split.fit.items
+        return Recommender(self.retrieval, items=items, ranker=self.ranker)
+
+
+def fit_two_stage(
+    config: ExperimentConfig,
+    dataset: Dataset | None = None,
+    *,
+    ranking: bool = True,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    evaluate_test: bool = True,
+    on_step: ProgressFn | None = None,
+    on_ranking_step: ProgressFn | None = None,
+) -> TwoStage:
+    """Split, train retrieval, then the ranker on the same split, and evaluate both.
+
+    Args:
+        config: every setting, the ``ranking`` section included (saved with each run).
+        dataset: the data; loaded from ``config.data`` when None.
+        ranking: train the ranking stage too.
+        work_dir: checkpoints (and the finished retrieval run) go to
+            ``work_dir/retrieval`` and ``work_dir/ranking``.
+        resume: continue both stages from the checkpoints in ``work_dir``.
+        evaluate_test: measure both stages on the test split.
+        on_step: progress callback of retrieval training; ``on_ranking_step``: of
+            ranking training.
+    """
+    work = Path(work_dir) if work_dir is not None else None
+    run, split = fit_retrieval(
+        config,
+        dataset=dataset,
+        out_dir=None if work is None else work / "retrieval",
+        resume=resume,
+        on_step=on_step,
+        evaluate_test=evaluate_test,
+    )
+    result = TwoStage(retrieval=run, ranker=None, split=split)
+    if not ranking:
+        return result
+    ranker_dir = None if work is None else work / "ranking"
+    result.ranker = fit_ranking(
+        run,
+        split.fit,
+        config=config.ranking,
+        validation=split.validation,
+        checkpoint_dir=ranker_dir,
+        resume=resume
+        and ranker_dir is not None
+        and (ranker_dir / "checkpoint").exists(),
+        on_step=on_ranking_step,
+    )
+    if evaluate_test and split.test.num_interactions:
+        result.ranking_metrics = evaluate_ranking(result.ranker, split.test)
+    return result

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from twostage.baselines import BASELINES, EASE, ItemKNN, Popularity
+from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, NotFittedError
 from twostage.evaluate import evaluate_scores
-from twostage.metrics import UserItems
 
 # Users 0..3; items 0 and 1 always co-occur, item 2 is mildly popular, item 4 unused.
 ROWS = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]

@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
 from twostage.metrics import (
     METRIC_NAMES,
-    UserItems,
     compute_metrics,
     per_query_metrics,
 )

@@ -34,7 +34,7 @@ def test_seen_items_never_come_back(fitted: tuple[Recommender, object]) -> None:
         seen = {i["item_id"] for i in rec.history(user_id)}
         seen |= set(
             rec.run.spec.vocabulary("item_id")
-            .inverse_transform(rec._seen[rec.user_vocab.lookup(user_id)])
+            .inverse_transform(rec._seen.row(rec.user_vocab.lookup(user_id)))
             .to_list()
         )
         got = [i["item_id"] for i in rec.recommend(user_id, 30).items]
@@ -136,7 +136,7 @@ def test_approximate_index_serves_and_round_trips(
         assert got == want
         seen = set(
             run.spec.vocabulary("item_id")
-            .inverse_transform(rec._seen[rec.user_vocab.lookup(user)])
+            .inverse_transform(rec._seen.row(rec.user_vocab.lookup(user)))
             .to_list()
         )
         assert len(got) == 10 and not set(got) & seen
@@ -163,7 +163,7 @@ def test_history_is_complete_beyond_the_model_window(
     longer = 0
     for user_id in range(1, 60):
         user_idx = rec.user_vocab.lookup(user_id)
-        seen = rec._seen[user_idx]
+        seen = rec._seen.row(user_idx)
         got = [i["item_id"] for i in rec.history(user_id)]
         assert sorted(got) == sorted(vocab.inverse_transform(seen).to_list())
         window = rec.run.tensors.history[user_idx]

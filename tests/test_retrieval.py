@@ -95,7 +95,7 @@ def test_sum_tower_adds_its_field_vectors() -> None:
         "year": torch.tensor([0.5, -1.0]),
     }
     ids = tower.embeddings["item_id"].weight
-    bag = tower.embeddings["genres"].embedding.weight
+    bag = tower.embeddings["genres"].weight
     linear = tower.embeddings["year"]
     year = features["year"].unsqueeze(-1) @ linear.weight.T + linear.bias
     want = torch.stack([ids[1] + (bag[1] + bag[2]) / 2, ids[4] + bag[3]]) + year
@@ -104,6 +104,15 @@ def test_sum_tower_adds_its_field_vectors() -> None:
     # concatenation instead goes through a linear head from 3 * 3 inputs
     concat = Tower(fields, embedding_dim=3, output_dim=3)
     assert concat.head[0].in_features == 9
+    # Towers saved before the shared FieldEmbedding kept a bag's table one level down.
+    old = {
+        k.replace("genres.weight", "genres.embedding.weight"): v
+        for k, v in tower.state_dict().items()
+    }
+    assert "embeddings.genres.embedding.weight" in old
+    again = Tower(fields, embedding_dim=3, output_dim=3, combine="sum")
+    again.load_state_dict(old, strict=True)
+    torch.testing.assert_close(again(features), got)
 
 
 def _user_examples() -> tuple[RetrievalTensors, UserExamples]:

@@ -22,8 +22,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, NotFittedError
-from twostage.metrics import UserItems
 
 __all__ = ["Baseline", "Popularity", "EASE", "ItemKNN", "BASELINES"]
 

@@ -22,8 +22,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError
-from twostage.metrics import MetricAccumulator, UserItems, check_ks
+from twostage.metrics import MetricAccumulator, check_ks
 
 __all__ = [
     "DEFAULT_KS",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +124,7 @@ class Recommender:
         self._item_id_list = (
             self.item_ids.to_list()
         )  # index -> raw ID, no polars per call
-        self._seen = self._seen_lists()
+        self._seen = run.tensors.seen()  # row = user_idx
         popularity = run.tensors.item_probs.clone()
         popularity[0] = -1.0
         self._popular = torch.argsort(popularity, descending=True, stable=True)
@@ -141,14 +140,6 @@ class Recommender:
         rows = aligned.drop(ITEM).to_dicts()
         rows[0] = {}
         return rows
-
-    def _seen_lists(self) -> list[np.ndarray]:
-        users = self.run.tensors.users.numpy()
-        items = self.run.tensors.items.numpy()
-        order = np.argsort(users, kind="stable")
-        bounds = np.searchsorted(users[order], np.arange(self.user_vocab.size + 1))
-        sorted_items = items[order]
-        return [np.unique(sorted_items[a:b]) for a, b in itertools.pairwise(bounds)]
 
     def _known_queries(self) -> torch.Tensor:
         """``[U, D]`` query embeddings of every known user, computed once."""
@@ -241,7 +232,7 @@ class Recommender:
             num_candidates = self.num_candidates
         _check_k("num_candidates", num_candidates)
         query, user_idx, path = self._query(user_id, user_features)
-        seen = self._seen[user_idx] if exclude_seen and user_idx > 0 else None
+        seen = self._seen.row(user_idx) if exclude_seen and user_idx > 0 else None
         mask = self._filter_mask(filters)
         if query is None or mask is not None:
             excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
@@ -322,7 +313,7 @@ class Recommender:
         # Distinct items, each at its latest position in the window.
         _, last = np.unique(recent[::-1], return_index=True)
         recent = recent[::-1][np.sort(last)][::-1]
-        older = np.setdiff1d(self._seen[user_idx], recent, assume_unique=False)
+        older = np.setdiff1d(self._seen.row(user_idx), recent, assume_unique=False)
         idx = torch.from_numpy(np.concatenate([older, recent]).astype(np.int64))
         return self._answer(
             user_id, "personalised", idx, torch.zeros(len(idx)), None

@@ -1,8 +1,9 @@
 """The ranking network: per-field embeddings, a DCN-v2 cross network, two heads.
 
 The ranker scores a (query, candidate) pair from the same feature dicts the retrieval
-towers take. Every field is embedded as :class:`~twostage.models.towers.Tower` does
-(IDs and categoricals by a table, bags of indices by a mean, numbers by a linear map)
+towers take. Every field is embedded by the module the towers use,
+:class:`~twostage.models.fields.FieldEmbedding` (IDs and categoricals by a table, bags
+of indices by a mean, numbers by a linear map)
 and the user's recent items are pooled (SVD++'s implicit feedback, Koren, KDD 2008).
 The concatenation ``x0`` optionally carries dense extras from the retrieval stage (its
 score and both tower embeddings) and feeds:
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 
 from twostage.errors import ConfigError
 from twostage.models.cross import CrossLayer, CrossNetwork
-from twostage.models.towers import HISTORY, FieldInfo, HistoryPooling
+from twostage.models.fields import FieldEmbedding, FieldInfo
+from twostage.models.towers import HistoryPooling
 
 __all__ = [
     "CrossLayer",
@@ -53,7 +55,7 @@ def _mlp(width: int, hidden_dims: Sequence[int], dropout: float) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-class SideEmbedding(nn.Module):
+class SideEmbedding(FieldEmbedding):
     """Embeds every field of one side into ``[B, num_parts, dim]`` (no mixing).
 
     Args:
@@ -71,42 +73,11 @@ class SideEmbedding(nn.Module):
         history: HistoryPooling | None = None,
         init_std: float = 0.05,
     ) -> None:
-        super().__init__()
-        self.fields = list(fields)
-        self.embeddings = nn.ModuleDict()
-        for info in self.fields:
-            module: nn.Module
-            if info.kind == "index":
-                module = nn.Embedding(info.num_embeddings, dim)
-                nn.init.normal_(module.weight, std=init_std)
-            elif info.kind == "indices":
-                module = nn.EmbeddingBag(
-                    info.num_embeddings, dim, mode="mean", padding_idx=0
-                )
-                nn.init.normal_(module.weight, std=init_std)
-                with torch.no_grad():
-                    module.weight[0].zero_()
-            else:
-                module = nn.Linear(info.width, dim)
-            self.embeddings[info.name] = module
-        self.history = history
-        self.num_parts = len(self.fields) + (history is not None)
+        super().__init__(fields, dim=dim, history=history, init_std=init_std)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
-        """``features``: field name -> ``[B]`` / ``[B, L]`` / ``[B, width]``.
-
-        Returns:
-            ``[B, num_parts, dim]``, fields in order, then the pooled history.
-        """
-        parts = []
-        for info in self.fields:
-            value = features[info.name]
-            if info.kind == "dense" and value.dim() == 1:
-                value = value.unsqueeze(-1)
-            parts.append(self.embeddings[info.name](value))
-        if self.history is not None:
-            parts.append(self.history(features[HISTORY]))
-        return torch.stack(parts, dim=1)
+        """``[B, num_parts, dim]``: the fields in order, then the pooled history."""
+        return torch.stack(self.parts(features), dim=1)
 
 
 class Side(NamedTuple):

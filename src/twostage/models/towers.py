@@ -10,48 +10,15 @@ al., RecSys 2016).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twostage.models.fields import HISTORY, FieldEmbedding, FieldInfo
+
 __all__ = ["FieldInfo", "HISTORY", "HistoryPooling", "Tower"]
-
-#: Key of the history field in a query feature dict: ``[B, L]`` item indices, 0 = padding.
-HISTORY = "history"
-
-
-@dataclass(frozen=True)
-class FieldInfo:
-    """What a tower needs to know about one input field.
-
-    Attributes:
-        name: key of the field in the feature dict.
-        kind: ``index`` (``[B]`` int64), ``indices`` (``[B, L]`` int64, 0 = padding) or
-            ``dense`` (``[B]`` or ``[B, width]`` float32).
-        num_embeddings: rows of the embedding table for index kinds.
-        width: number of floats for the dense kind.
-    """
-
-    name: str
-    kind: Literal["index", "indices", "dense"]
-    num_embeddings: int = 0
-    width: int = 1
-
-
-class _BagEmbedding(nn.Module):
-    """Mean of the embeddings of the non-padding entries of ``[B, L]`` index rows."""
-
-    def __init__(self, num_embeddings: int, dim: int, *, sparse: bool = False) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(num_embeddings, dim, padding_idx=0, sparse=sparse)
-
-    def forward(self, indices: Tensor) -> Tensor:
-        mask = (indices > 0).unsqueeze(-1).float()  # (B, L, 1)
-        summed = (self.embedding(indices) * mask).sum(dim=1)
-        return summed / mask.sum(dim=1).clamp_min(1.0)
 
 
 class HistoryPooling(nn.Module):
@@ -96,7 +63,7 @@ class HistoryPooling(nn.Module):
         return (vectors * weights.unsqueeze(-1)).sum(dim=1)
 
 
-class Tower(nn.Module):
+class Tower(FieldEmbedding):
     """Embeds a dict of feature tensors into ``[B, output_dim]`` unit vectors.
 
     Each field (and the pooled history) becomes an ``embedding_dim`` vector; ``combine``
@@ -116,24 +83,11 @@ class Tower(nn.Module):
         history: HistoryPooling | None = None,
         sparse: bool = False,
     ) -> None:
-        super().__init__()
-        self.fields = list(fields)
-        self.embeddings = nn.ModuleDict()
-        for info in self.fields:
-            if info.kind == "index":
-                table = nn.Embedding(info.num_embeddings, embedding_dim, sparse=sparse)
-                nn.init.normal_(table.weight, std=0.01)
-                self.embeddings[info.name] = table
-            elif info.kind == "indices":
-                bag = _BagEmbedding(info.num_embeddings, embedding_dim, sparse=sparse)
-                nn.init.normal_(bag.embedding.weight, std=0.01)
-                self.embeddings[info.name] = bag
-            else:
-                self.embeddings[info.name] = nn.Linear(info.width, embedding_dim)
-        self.history = history
+        super().__init__(
+            fields, dim=embedding_dim, history=history, init_std=0.01, sparse=sparse
+        )
         self.combine = combine
-        num_inputs = len(self.fields) + (history is not None)
-        width = embedding_dim if combine == "sum" else num_inputs * embedding_dim
+        width = embedding_dim if combine == "sum" else self.num_parts * embedding_dim
         layers: list[nn.Module] = []
         for hidden in hidden_dims:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
@@ -145,14 +99,7 @@ class Tower(nn.Module):
         self.head = nn.Sequential(*layers)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
-        parts = []
-        for info in self.fields:
-            value = features[info.name]
-            if info.kind == "dense" and value.dim() == 1:
-                value = value.unsqueeze(-1)
-            parts.append(self.embeddings[info.name](value))
-        if self.history is not None:
-            parts.append(self.history(features[HISTORY]))
+        parts = self.parts(features)
         if len(parts) == 1:
             hidden = parts[0]
         elif self.combine == "sum":

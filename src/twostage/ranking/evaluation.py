@@ -10,14 +10,14 @@ from torch import Tensor
 
 from twostage.config import KS
 from twostage.data.dataset import Dataset
+from twostage.data.user_items import UserItems
 from twostage.errors import DataError
-from twostage.metrics import MetricAccumulator, UserItems
+from twostage.metrics import MetricAccumulator
 from twostage.ranking.rerank import BLEND_GRID, rerank
 from twostage.ranking.run import (
     RankingRun,
     _is_pair,
     _pairs,
-    _seen,
     _top_unseen,
 )
 from twostage.retrieval.evaluation import test_queries
@@ -104,7 +104,7 @@ def _list_metrics(
 def _queries(ranking: RankingRun, data: Dataset) -> tuple[Tensor, UserItems, UserItems]:
     """One query per user of ``data``: ``[Q]`` user_idx, relevant unseen, seen items."""
     queries = test_queries(ranking.retrieval, data)
-    seen = _seen(ranking.tensors).take(queries.user_idx)
+    seen = ranking.tensors.seen().take(queries.user_idx)
     return torch.from_numpy(queries.user_idx), queries.relevant.difference(seen), seen
 
 

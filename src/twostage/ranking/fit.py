@@ -26,7 +26,6 @@ from twostage.ranking.run import (
     _forward,
     _is_pair,
     _pairs,
-    _seen,
     _top_unseen,
     build_ranking_model,
 )
@@ -289,7 +288,7 @@ def _negatives(ranking: RankingRun, pairs: Pairs) -> _Negatives | None:
     num_users = ranking.tensors.history.shape[0]
     pool = torch.zeros(num_users, 1, dtype=torch.long)
     if config.num_hard_negatives > 0:
-        seen = _seen(ranking.tensors)
+        seen = ranking.tensors.seen()
         chunks = [
             _top_unseen(
                 ranking, users, seen.take(users.numpy()), config.hard_negative_pool

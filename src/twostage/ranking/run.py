@@ -14,9 +14,9 @@ from torch import Tensor
 
 from twostage.config import RankingConfig
 from twostage.data.dataset import ITEM, RATING, USER, Dataset
+from twostage.data.user_items import UserItems
 from twostage.errors import DataError
 from twostage.features.fields import Side
-from twostage.metrics import UserItems
 from twostage.models.ranking import FirstLayers, RankingModel, retrieval_extras
 from twostage.models.ranking import Side as EmbeddedSide
 from twostage.models.towers import FieldInfo
@@ -327,14 +327,6 @@ def _pairs(run: RetrievalRun, dataset: Dataset, *, known_only: bool) -> Pairs:
         return users, items, ratings
     keep = (users > 0) & (items > 0)
     return users[keep], items[keep], ratings[keep]
-
-
-def _seen(tensors: RetrievalTensors) -> UserItems:
-    """The tables' training items of every user (row = user_idx)."""
-    num_users = tensors.history.shape[0]
-    return UserItems.from_pairs(
-        tensors.users.numpy(), tensors.items.numpy(), num_rows=num_users
-    )
 
 
 def _is_pair(known: Tensor, users: Tensor, items: Tensor, num_items: int) -> Tensor:

@@ -17,9 +17,9 @@ import torch
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import prepare_split
+from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, TwostageError
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
-from twostage.metrics import UserItems
 from twostage.retrieval.run import RetrievalRun, load_run
 from twostage.retrieval.tensors import RetrievalTensors
 
@@ -106,10 +106,7 @@ def evaluate_baselines(
 
     queries = test_queries(run, test)
     num_items = run.spec.vocabulary(ITEM).size
-    num_users = run.spec.vocabulary(USER).size
-    train = UserItems.from_pairs(
-        run.tensors.users.numpy(), run.tensors.items.numpy(), num_rows=num_users
-    )
+    train = run.tensors.seen()
     user_idx = torch.from_numpy(queries.user_idx)
     results: dict[str, EvalResult] = {}
 
@@ -139,21 +136,9 @@ def evaluate_baselines(
 
 def _seen_of(tensors: RetrievalTensors, query_idx: np.ndarray) -> UserItems:
     """The training items of each query's user (none for unknown users)."""
-    order = np.argsort(tensors.users.numpy(), kind="stable")
-    sorted_users = tensors.users.numpy()[order]
-    starts = np.searchsorted(sorted_users, query_idx, side="left")
-    stops = np.searchsorted(sorted_users, query_idx, side="right")
-    stops = np.where(query_idx == 0, starts, stops)
-    lengths = stops - starts
-    rows = np.repeat(np.arange(len(query_idx)), lengths)
-    take = (
-        np.concatenate([order[a:b] for a, b in zip(starts, stops, strict=True)])
-        if len(rows)
-        else np.zeros(0, dtype=np.int64)
-    )
-    return UserItems.from_pairs(
-        rows, tensors.items.numpy()[take], num_rows=len(query_idx)
-    )
+    seen = tensors.seen()
+    # Rows past the end come back empty: unknown users (index 0) have no history.
+    return seen.take(np.where(query_idx == 0, seen.num_rows, query_idx))
 
 
 def rebuild_test_split(

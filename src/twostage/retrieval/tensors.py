@@ -20,6 +20,7 @@ from torch import Tensor
 
 from twostage.config import RetrievalConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.data.user_items import UserItems
 from twostage.features import FeatureSpec
 from twostage.models.towers import HISTORY
 
@@ -73,6 +74,13 @@ class RetrievalTensors:
             weights=None if self.weights is None else self.weights.to(device),
             item_probs=self.item_probs.to(device),
             user_id_field=self.user_id_field,
+        )
+
+    def seen(self) -> UserItems:
+        """Every user's distinct training items (row = ``user_idx``): what evaluation
+        and serving exclude as seen."""
+        return UserItems.from_pairs(
+            self.users.numpy(), self.items.numpy(), num_rows=int(self.history.shape[0])
         )
 
     @property

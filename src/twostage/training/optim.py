@@ -63,7 +63,8 @@ def _sparse_parameters(model: torch.nn.Module) -> list[Tensor]:
     return [
         module.weight
         for module in model.modules()
-        if isinstance(module, torch.nn.Embedding) and module.sparse
+        if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag)
+        and module.sparse
     ]
 
 

@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean lock
+.PHONY: install demo test test-fast lint bench clean lock
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# Everything but the long end-to-end tests (marked `slow`); `make test` runs them all.
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks

@@ -103,6 +103,7 @@ SMALL_TRAINING = [
 ]
 
 
+@pytest.mark.slow
 def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
     models = tmp_path / "models" / "synthetic"
     trained = runner.invoke(

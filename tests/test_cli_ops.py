@@ -87,6 +87,7 @@ def _serve(models_dir: Path, *options: str) -> tuple[subprocess.Popen, int]:
         raise
 
 
+@pytest.mark.slow
 def test_serve_answers_over_real_http(models_dir: Path) -> None:
     server, port = _serve(models_dir)
     try:
@@ -163,6 +164,7 @@ linux_only = pytest.mark.skipif(
 
 
 @linux_only
+@pytest.mark.slow
 def test_serve_workers_share_the_port_and_both_answer(models_dir: Path) -> None:
     """Regression: with one shared socket, a worker took every connection."""
     with _two_workers(models_dir) as (server, _, pids):
@@ -173,6 +175,7 @@ def test_serve_workers_share_the_port_and_both_answer(models_dir: Path) -> None:
 
 
 @linux_only
+@pytest.mark.slow
 def test_serve_workers_stop_when_the_supervisor_is_killed(models_dir: Path) -> None:
     """SIGKILL leaves the supervisor no chance to stop them: they notice and leave."""
     with _two_workers(models_dir) as (server, _, pids):
@@ -182,6 +185,7 @@ def test_serve_workers_stop_when_the_supervisor_is_killed(models_dir: Path) -> N
 
 
 @linux_only
+@pytest.mark.slow
 def test_serve_replaces_a_worker_that_dies(models_dir: Path) -> None:
     with _two_workers(models_dir) as (server, port, pids):
         victim = min(pids)
@@ -197,6 +201,7 @@ def test_serve_replaces_a_worker_that_dies(models_dir: Path) -> None:
 
 
 @linux_only
+@pytest.mark.slow
 def test_run_workers_gives_up_when_workers_keep_dying(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

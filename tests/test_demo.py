@@ -11,6 +11,7 @@ from twostage.errors import DatasetUnavailableError
 from twostage.recommender import load
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     result = CliRunner().invoke(

@@ -91,6 +91,19 @@ def _two_stage(
     return torch.cat(retrieved), {w: torch.cat(v) for w, v in reranked.items()}
 
 
+def evaluated_lists(ranking: RankingRun, data: Dataset) -> tuple[Tensor, Tensor]:
+    """The two-stage list evaluation scores for every user of ``data``.
+
+    Returns:
+        ``[Q]`` user_idx (0: a user unknown to the model) and ``[Q, C]`` item_idx in
+        re-ranked order, ``C = num_candidates``, ``-1`` for empty slots (last). For
+        a known user this is the list ``Recommender.recommend`` serves.
+    """
+    user_idx, _, seen = _queries(ranking, data)
+    _, lists = _two_stage(ranking, user_idx, seen, (ranking.blend_weight,))
+    return user_idx, lists[ranking.blend_weight]
+
+
 def _list_metrics(
     ids: Tensor, relevant: UserItems, num_items: int
 ) -> dict[str, dict[str, float]]:

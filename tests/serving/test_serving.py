@@ -3,6 +3,7 @@
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -176,11 +177,14 @@ def test_new_version_swaps_in_without_failed_requests(
             thread.start()
         small_recommender.save(models_dir / "synthetic" / "2")
         assert registry.refresh() == ["synthetic: version 2"]
-        while sum(v == 2 for _, v in results) < 20:
-            pass
+        # Bounded: a swap that never serves version 2 fails here instead of hanging.
+        deadline = time.monotonic() + 60
+        while sum(v == 2 for _, v in results) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
         stop.set()
         for thread in threads:
-            thread.join()
+            thread.join(timeout=30)
+        assert sum(v == 2 for _, v in results) >= 20, "version 2 was never served"
         assert {code for code, _ in results} == {200}
         assert {v for _, v in results} == {1, 2}
         states = {

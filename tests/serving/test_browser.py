@@ -60,6 +60,7 @@ def server(models_dir: Path) -> Iterator[str]:
     thread.join(timeout=10)
 
 
+@pytest.mark.slow
 def test_page_shows_history_recommendations_and_similar_items(
     server: str, small_recommender: Recommender
 ) -> None:

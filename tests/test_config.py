@@ -1,0 +1,84 @@
+"""Config: strict keys and types, range checks in every section, the ranking section."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from twostage.cli import app
+from twostage.config import (
+    ExperimentConfig,
+    RankingConfig,
+    apply_overrides,
+    load_config,
+    save_config,
+)
+from twostage.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("retrieval.temperature=0", "positive"),
+        ("retrieval.temperature=-0.5", "positive"),
+        ("train.epochs=-1", "a positive integer"),
+        ("train.epochs=0", "a positive integer"),
+        ("train.batch_size=0", "a positive integer"),
+        ("train.learning_rate=0", "positive"),
+        ("train.grad_clip=-1", "0 (no clipping) or positive"),
+        ("train.seed=-3", "a non-negative integer"),
+        ("data.test_fraction=1", "in (0, 1)"),
+        ("data.test_fraction=0", "in (0, 1)"),
+        ("data.validation_fraction=-0.1", "in [0, 1)"),
+        ("retrieval.history_dropout=1", "in [0, 1)"),
+        ("retrieval.embedding_dim=0", "a positive integer"),
+        ("retrieval.hidden_dims=64,0", "positive widths"),
+        ("retrieval.max_positives_per_user=-1", "0 (no cap) or positive"),
+        ("index.chunk_size=0", "a positive integer"),
+        ("ranking.epochs=0", "a positive integer"),
+        ("ranking.num_candidates=10", ">= 100"),
+        ("ranking.dropout=1.5", "in [0, 1)"),
+    ],
+)
+def test_out_of_range_values_name_key_range_and_value(
+    override: str, allowed: str
+) -> None:
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as error:
+        apply_overrides(ExperimentConfig(), [override])
+    message = str(error.value)
+    assert f"`{key}` should be {allowed}" in message
+    assert f"Received: `{key}` = " in message
+    assert value.split(",")[-1] in message.rsplit("=", 1)[1]
+
+
+def test_ranking_is_a_section_that_overrides_and_files_reach(tmp_path: Path) -> None:
+    config = apply_overrides(ExperimentConfig(), ["ranking.epochs=2"])
+    assert config.ranking == RankingConfig(epochs=2)
+    save_config(config, tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["ranking"]["epochs"] == 2
+    # Keys the ranker shares with other sections live there only.
+    assert (
+        "seed" not in saved["ranking"] and "validation_fraction" not in saved["ranking"]
+    )
+    assert load_config(tmp_path / "config.json") == config
+    # A preset may set the ranking section alone; the rest keeps its defaults.
+    (tmp_path / "preset.json").write_text(json.dumps({"ranking": {"blend_weight": 1}}))
+    assert load_config(tmp_path / "preset.json").ranking.blend_weight == 1.0
+    with pytest.raises(ConfigError, match="unknown config key"):
+        apply_overrides(ExperimentConfig(), ["ranking.epoch=2"])
+    with pytest.raises(ConfigError, match="rating_weight"):
+        apply_overrides(
+            ExperimentConfig(), ["ranking.rating_weight=0", "ranking.click_weight=0"]
+        )
+
+
+def test_cli_reports_a_range_error_without_a_traceback() -> None:
+    result = CliRunner().invoke(
+        app, ["train", "--out", "unused", "--set", "retrieval.temperature=0"]
+    )
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigError)
+    assert "`retrieval.temperature` should be positive" in str(result.exception)

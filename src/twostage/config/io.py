@@ -1,0 +1,147 @@
+"""Configs as JSON and ``key=value`` overrides, strictly: unknown keys and wrong types
+are errors, not warnings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from twostage.config.sections import ExperimentConfig
+from twostage.errors import ConfigError
+
+__all__ = ["apply_overrides", "from_dict", "load_config", "save_config", "to_dict"]
+
+T = TypeVar("T")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{where}` should be a mapping. Received: {value!r}.")
+        return from_dict(hint, value, prefix=where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"`{where}` should be one of {list(args)}. Received: {value!r}."
+            )
+        return value
+    if origin is tuple:
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"`{where}` should be a list, e.g. `256,128` or `[256, 128]`. "
+                    f"Received: {value!r} ({e.msg})."
+                ) from e
+        elif isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"`{where}` should be a list. Received: {value!r}.")
+        return tuple(_coerce(v, args[0], f"{where}[]") for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this module does not know
+        raise ConfigError(f"`{where}` has an unsupported type {hint!r}.")
+    raise ConfigError(
+        f"`{where}` should be of type {getattr(hint, '__name__', hint)}. "
+        f"Received: {value!r}."
+    )
+
+
+def from_dict(cls: type[T], values: dict[str, Any], *, prefix: str = "") -> T:
+    """Build a config dataclass, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = f" in `{prefix}`" if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s) {unknown}{where}. Known keys: {names}."
+        )
+    kwargs = {
+        k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+        for k, v in values.items()
+    }
+    return cls(**kwargs)
+
+
+def apply_overrides(config: T, overrides: list[str] | tuple[str, ...]) -> T:
+    """Apply ``section.key=value`` overrides (e.g. ``train.epochs=5``) to a config."""
+    values = to_dict(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"an override should look like `train.epochs=5`. Received: {item!r}."
+            )
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(
+                    f"unknown config section {part!r} in override {item!r}. "
+                    f"Known sections: {sorted(k for k, v in node.items() if isinstance(v, dict))}."
+                )
+            node = node[part]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ConfigError(
+                f"unknown config key {key!r} in override {item!r}. "
+                f"Known keys here: {sorted(node)}."
+            )
+        node[parts[-1]] = raw
+    return from_dict(type(config), values)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write a config as indented JSON."""
+    Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def load_config(path: str | Path, cls: type[T] = ExperimentConfig) -> T:  # type: ignore[assignment]
+    """Read a config saved by :func:`save_config` (or written by hand), strictly."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from e
+    return from_dict(cls, values)

@@ -90,14 +90,34 @@ def train_all(
         typer.Option("--set", help="Override a config key, e.g. --set train.epochs=5."),
     ] = None,
     ranking: Annotated[bool, typer.Option(help="Train the ranking stage too.")] = True,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoints of both stages go here after every epoch "
+            "(retrieval/, ranking/); needed by --resume."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run from the --work-dir checkpoints.",
+        ),
+    ] = False,
 ) -> None:
     """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
     if ctx.invoked_subcommand is not None:
         return
     if out is None:
         raise typer.BadParameter("--out is required, e.g. --out models/movielens/1")
+    if resume and work_dir is None:
+        raise typer.BadParameter(
+            "--resume continues from the checkpoints in --work-dir; pass the "
+            "--work-dir of the interrupted run.",
+            param_hint="--resume",
+        )
     config = _experiment_config(dataset, config_file, overrides or [], {})
-    stages = _fit_both(config, ranking=ranking)
+    stages = _fit_both(config, ranking=ranking, work_dir=work_dir, resume=resume)
     bundle = stages.recommender().save(out)
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
 

@@ -1,10 +1,17 @@
 """The ranker trains with the shared loop: checkpoints, exact resume, clipping."""
 
 import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from twostage.config import ExperimentConfig, RankingConfig, apply_overrides
 from twostage.data.split import prepare_split
@@ -81,3 +88,58 @@ def test_ranker_clipping_changes_the_updates(retrieval) -> None:
     )
     free_state, clipped_state = free.model.state_dict(), clipped.model.state_dict()
     assert any(not torch.equal(free_state[k], clipped_state[k]) for k in free_state)
+
+
+@pytest.mark.slow
+def test_killed_two_stage_run_resumes_the_ranker_exactly(tmp_path: Path) -> None:
+    """Kill `twostage train` once the ranker has checkpointed, resume, compare the
+    bundle with an uninterrupted run's."""
+    args = [sys.executable, "-m", "twostage", "train"]
+    args += ["--dataset", "synthetic:num_users=150,num_items=80,num_interactions=3000"]
+    for item in [
+        *RETRIEVAL,
+        "ranking.embedding_dim=8",
+        "ranking.hidden_dims=16",
+        "ranking.hard_negative_pool=20",
+        "ranking.epochs=6",
+        "ranking.batch_size=64",
+        "ranking.early_stopping_patience=0",
+    ]:
+        args += ["--set", item]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    work = tmp_path / "work"
+    process = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "killed" / "1"), "--work-dir", str(work)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = work / "ranking" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 180
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists(), "the ranker never wrote a checkpoint"
+    assert json.loads(state.read_text())["next_epoch"] < 6, "killed too late"
+    resumed = tmp_path / "resumed" / "1"
+    subprocess.run(
+        [*args, "--out", str(resumed), "--work-dir", str(work), "--resume"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    reference = tmp_path / "reference" / "1"
+    subprocess.run(
+        [*args, "--out", str(reference)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    for name in ("retrieval.safetensors", "ranking/ranking.safetensors"):
+        got, want = load_file(resumed / name), load_file(reference / name)
+        assert got.keys() == want.keys(), name
+        for key in want:
+            assert torch.equal(got[key], want[key]), (name, key)

@@ -28,7 +28,7 @@ from twostage.ranking import (
     save_ranking,
 )
 from twostage.ranking import run as ranking_module
-from twostage.ranking.run import _forward
+from twostage.ranking.run import forward_pairs
 from twostage.retrieval.fit import fit_retrieval
 
 RETRIEVAL = [
@@ -304,7 +304,7 @@ def _assert_score_matches_embedding_per_call(ranking: RankingRun) -> None:
         users = torch.randint(0, num_users, (rows,), generator=generator)
         items = torch.randint(0, num_items, (rows, cols), generator=generator)
         with torch.no_grad():
-            direct = _forward(ranking, users, items, exclude_target=False)
+            direct = forward_pairs(ranking, users, items, exclude_target=False)
         scored = ranking.score(users, items)
         torch.testing.assert_close(
             scored["click"], direct["click"], rtol=1e-5, atol=1e-5

@@ -16,9 +16,9 @@ from twostage.metrics import MetricAccumulator
 from twostage.ranking.rerank import BLEND_GRID, rerank
 from twostage.ranking.run import (
     RankingRun,
-    _is_pair,
-    _pairs,
-    _top_unseen,
+    is_pair,
+    pairs_of,
+    top_unseen,
 )
 from twostage.retrieval.evaluation import test_queries
 
@@ -80,7 +80,7 @@ def _two_stage(
     reranked: dict[float, list[Tensor]] = {w: [] for w in blend_weights}
     for start in range(0, len(user_idx), chunk):
         users = user_idx[start : start + chunk]
-        ids, logits = _top_unseen(
+        ids, logits = top_unseen(
             ranking, users, seen.slice(start, start + len(users)), k
         )
         click = ranking.score(users, ids.clamp_min(0))["click"]
@@ -121,7 +121,7 @@ def _queries(ranking: RankingRun, data: Dataset) -> tuple[Tensor, UserItems, Use
     return torch.from_numpy(queries.user_idx), queries.relevant.difference(seen), seen
 
 
-def _pick_blend(ranking: RankingRun, validation: Dataset) -> float:
+def pick_blend(ranking: RankingRun, validation: Dataset) -> float:
     """The blend weight of :data:`BLEND_GRID` with the best validation NDCG@10."""
     if not validation.num_interactions:
         return 0.0
@@ -155,7 +155,7 @@ def evaluate_ranking(
         the OOV row) for k in 1, 5, 10, 50, 100; and ``blend_weight``,
         ``num_candidates``, ``num_test_pairs``.
     """
-    users, items, ratings = _pairs(ranking.retrieval, test, known_only=False)
+    users, items, ratings = pairs_of(ranking.retrieval, test, known_only=False)
     splits = zip(users.split(8192), items.split(8192), strict=True)
     predicted = torch.cat(
         [ranking.score(u, i[:, None])["rating"][:, 0] for u, i in splits]
@@ -188,7 +188,7 @@ def _test_auc(ranking: RankingRun, users: Tensor, items: Tensor, seed: int) -> f
     generator = torch.Generator().manual_seed(seed)
     negatives = torch.randint(1, num_items, (len(users),), generator=generator)
     for _ in range(20):  # redraw the negatives that are a known pair of their user
-        clash = _is_pair(known, users, negatives, num_items)
+        clash = is_pair(known, users, negatives, num_items)
         if not clash.any():
             break
         redraw = torch.randint(1, num_items, (int(clash.sum()),), generator=generator)

@@ -19,15 +19,15 @@ from twostage.config import RankingConfig, TrainConfig
 from twostage.data.dataset import Dataset
 from twostage.data.split import validation_split
 from twostage.errors import DataError
-from twostage.ranking.evaluation import _pick_blend, auc, rmse
+from twostage.ranking.evaluation import auc, pick_blend, rmse
 from twostage.ranking.run import (
     Pairs,
     RankingRun,
-    _forward,
-    _is_pair,
-    _pairs,
-    _top_unseen,
     build_ranking_model,
+    forward_pairs,
+    is_pair,
+    pairs_of,
+    top_unseen,
 )
 from twostage.retrieval.run import RetrievalRun
 from twostage.retrieval.tensors import with_history_of
@@ -60,7 +60,7 @@ class _Negatives:
         shape = (len(users), self.num_random)
         uniform = torch.randint(1, self.num_items, shape, generator=generator)
         items = torch.cat([hard, uniform.to(users.device)], dim=1)
-        known = _is_pair(self.known, users[:, None], items, self.num_items)
+        known = is_pair(self.known, users[:, None], items, self.num_items)
         return items, (items > 0) & ~known
 
 
@@ -78,7 +78,7 @@ def _loss(
         sampled, ok = negatives.sample(users, generator)
         candidates = torch.cat([candidates, sampled], dim=1)  # (B, 1 + M)
         usable = torch.cat([usable, ok], dim=1)
-    out = _forward(run, users, candidates, exclude_target=True)
+    out = forward_pairs(run, users, candidates, exclude_target=True)
     loss = torch.zeros((), device=items.device)
     rated = ~torch.isnan(ratings)
     if config.rating_weight > 0 and rated.any():
@@ -151,7 +151,7 @@ def fit_ranking(
             fraction=run.config.data.validation_fraction,
             seed=run.config.train.seed,
         )
-    pairs = _pairs(run, train, known_only=True)
+    pairs = pairs_of(run, train, known_only=True)
     rated = pairs[2][~torch.isnan(pairs[2])]
     if not len(pairs[0]) or (config.rating_weight > 0 and not len(rated)):
         raise DataError(
@@ -171,7 +171,7 @@ def fit_ranking(
         ranking.rating_bounds = (float(rated.min()), float(rated.max()))
     val_pairs = None
     if validation is not None:
-        val_pairs = _pairs(run, validation, known_only=True)
+        val_pairs = pairs_of(run, validation, known_only=True)
     result = _train(
         ranking,
         pairs,
@@ -185,7 +185,7 @@ def fit_ranking(
     if validation is None:
         validation = train.with_interactions(train.interactions.head(0))
     ranking.blend_weight = (
-        _pick_blend(ranking, validation)
+        pick_blend(ranking, validation)
         if config.blend_weight is None
         else config.blend_weight
     )
@@ -290,7 +290,7 @@ def _negatives(ranking: RankingRun, pairs: Pairs) -> _Negatives | None:
     if config.num_hard_negatives > 0:
         seen = ranking.tensors.seen()
         chunks = [
-            _top_unseen(
+            top_unseen(
                 ranking, users, seen.take(users.numpy()), config.hard_negative_pool
             )
             for users in torch.arange(num_users).split(1024)

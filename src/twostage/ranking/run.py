@@ -128,7 +128,7 @@ class RankingRun:
         if self.model.training:  # eval() walks every module: only when needed
             self.model.eval()
         with torch.no_grad():
-            out = _forward(
+            out = forward_pairs(
                 self,
                 user_idx,
                 item_idx,
@@ -219,7 +219,7 @@ class _Inference:
     per_query: Tensor | None = None
 
 
-def _forward(
+def forward_pairs(
     run: RankingRun,
     user_idx: Tensor,
     item_idx: Tensor,
@@ -290,7 +290,7 @@ def _forward(
     return {k: v.view(num_rows, width) for k, v in out.items()}
 
 
-def _top_unseen(
+def top_unseen(
     run: RankingRun, user_idx: Tensor, seen: UserItems, k: int
 ) -> tuple[Tensor, Tensor]:
     """The retrieval model's best ``k`` items per user, ``seen`` and OOV excluded.
@@ -314,7 +314,7 @@ def _top_unseen(
     return ids.masked_fill(values == -math.inf, -1), values
 
 
-def _pairs(run: RetrievalRun, dataset: Dataset, *, known_only: bool) -> Pairs:
+def pairs_of(run: RetrievalRun, dataset: Dataset, *, known_only: bool) -> Pairs:
     """A dataset's pairs as vocabulary indices (0: unknown) and ratings (NaN: none)."""
     inter = dataset.interactions
     users = torch.from_numpy(run.spec.vocabulary(USER).transform(inter[USER]))
@@ -329,7 +329,7 @@ def _pairs(run: RetrievalRun, dataset: Dataset, *, known_only: bool) -> Pairs:
     return users[keep], items[keep], ratings[keep]
 
 
-def _is_pair(known: Tensor, users: Tensor, items: Tensor, num_items: int) -> Tensor:
+def is_pair(known: Tensor, users: Tensor, items: Tensor, num_items: int) -> Tensor:
     """Whether each (user, item) is among ``known``: sorted ``user * N + item`` keys."""
     keys = users * num_items + items
     pos = torch.searchsorted(known, keys).clamp_(max=max(len(known) - 1, 0))

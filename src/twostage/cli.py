@@ -421,14 +421,14 @@ def _score_samples(run: Any, test: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from twostage.retrieval.evaluation import test_queries
+    from twostage.retrieval.evaluation import eval_queries
 
-    queries = test_queries(run, test)
+    queries = eval_queries(run, test)
     query_emb = run.query_embeddings(queries.user_ids, users=test.users)
     items = run.item_embeddings()
     rows = queries.relevant.row_ids()
     cols = queries.relevant.indices
-    keep = cols > 0
+    keep = (cols > 0) & (cols < items.shape[0])  # items the model knows
     positive = (query_emb[rows[keep]] * items[cols[keep]]).sum(1)
     generator = torch.Generator().manual_seed(0)
     random_items = torch.randint(1, items.shape[0], (len(rows),), generator=generator)

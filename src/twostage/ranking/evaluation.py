@@ -20,7 +20,7 @@ from twostage.ranking.run import (
     pairs_of,
     top_unseen,
 )
-from twostage.retrieval.evaluation import test_queries
+from twostage.retrieval.evaluation import eval_queries
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def evaluated_lists(ranking: RankingRun, data: Dataset) -> tuple[Tensor, Tensor]
         re-ranked order, ``C = num_candidates``, ``-1`` for empty slots (last). For
         a known user this is the list ``Recommender.recommend`` serves.
     """
-    user_idx, _, seen = _queries(ranking, data)
+    user_idx, _, seen, _ = _queries(ranking, data)
     _, lists = _two_stage(ranking, user_idx, seen, (ranking.blend_weight,))
     return user_idx, lists[ranking.blend_weight]
 
@@ -114,20 +114,24 @@ def _list_metrics(
     return {m: {str(k): v for k, v in metrics[m].items()} for m in ("ndcg", "hit_rate")}
 
 
-def _queries(ranking: RankingRun, data: Dataset) -> tuple[Tensor, UserItems, UserItems]:
-    """One query per user of ``data``: ``[Q]`` user_idx, relevant unseen, seen items."""
-    queries = test_queries(ranking.retrieval, data)
+def _queries(
+    ranking: RankingRun, data: Dataset
+) -> tuple[Tensor, UserItems, UserItems, int]:
+    """One query per user of ``data``: ``[Q]`` user_idx, relevant unseen, seen items,
+    and the width of the evaluated catalogue (unknown test items each count, past the
+    vocabulary: :class:`~twostage.retrieval.evaluation.EvalQueries`)."""
+    queries = eval_queries(ranking.retrieval, data)
     seen = ranking.tensors.seen().take(queries.user_idx)
-    return torch.from_numpy(queries.user_idx), queries.relevant.difference(seen), seen
+    relevant = queries.relevant.difference(seen)
+    return torch.from_numpy(queries.user_idx), relevant, seen, queries.num_items
 
 
 def pick_blend(ranking: RankingRun, validation: Dataset) -> float:
     """The blend weight of :data:`BLEND_GRID` with the best validation NDCG@10."""
     if not validation.num_interactions:
         return 0.0
-    user_idx, relevant, seen = _queries(ranking, validation)
+    user_idx, relevant, seen, num_items = _queries(ranking, validation)
     _, lists = _two_stage(ranking, user_idx, seen, BLEND_GRID)
-    num_items = ranking.tensors.num_items
     ndcg = {
         w: _list_metrics(ids, relevant, num_items)["ndcg"]["10"]
         for w, ids in lists.items()
@@ -166,9 +170,8 @@ def evaluate_ranking(
         result["rmse"] = rmse(predicted[rated], ratings[rated])
         result["mae"] = mae(predicted[rated], ratings[rated])
     result["auc"] = _test_auc(ranking, users, items, seed)
-    user_idx, relevant, seen = _queries(ranking, test)
+    user_idx, relevant, seen, num_items = _queries(ranking, test)
     retrieved, lists = _two_stage(ranking, user_idx, seen, (ranking.blend_weight,))
-    num_items = ranking.tensors.num_items
     result["retrieval_only"] = _list_metrics(retrieved, relevant, num_items)
     result["two_stage"] = _list_metrics(
         lists[ranking.blend_weight], relevant, num_items

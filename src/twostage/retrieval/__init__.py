@@ -20,9 +20,9 @@ from twostage._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from twostage.retrieval.evaluation import (
+        eval_queries,
         evaluate_baselines,
         evaluate_saved,
-        test_queries,
     )
     from twostage.retrieval.fit import fit_retrieval, train_retrieval
     from twostage.retrieval.run import RetrievalRun, build_model, load_run
@@ -36,7 +36,7 @@ _EXPORTS = {
     "evaluate_saved": "twostage.retrieval.evaluation",
     "fit_retrieval": "twostage.retrieval.fit",
     "load_run": "twostage.retrieval.run",
-    "test_queries": "twostage.retrieval.evaluation",
+    "eval_queries": "twostage.retrieval.evaluation",
     "train_retrieval": "twostage.retrieval.fit",
 }
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
     "evaluate_saved",
     "fit_retrieval",
     "load_run",
-    "test_queries",
+    "eval_queries",
     "train_retrieval",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

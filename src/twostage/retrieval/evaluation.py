@@ -24,32 +24,53 @@ from twostage.retrieval.run import RetrievalRun, load_run
 from twostage.retrieval.tensors import RetrievalTensors
 
 __all__ = [
-    "TestQueries",
+    "EvalQueries",
     "evaluate_baselines",
     "evaluate_on",
     "evaluate_run_embeddings",
     "evaluate_saved",
     "rebuild_test_split",
-    "test_queries",
+    "eval_queries",
 ]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TestQueries:
-    """A test split turned into evaluation inputs over the run's vocabularies."""
+class EvalQueries:
+    """A test split turned into evaluation inputs over the run's vocabularies.
+
+    A test item the model never saw in training cannot be ranked, but it is relevant:
+    each distinct one gets its own index past the vocabulary (``N``, ``N + 1``, ...),
+    so that a user with three unseen test items counts three misses, not one. The
+    evaluated catalogue is therefore ``num_items = N + num_cold_items`` wide, and
+    :meth:`pad_items` / :meth:`pad_scores` widen the model's ``[N, ...]`` outputs
+    with rows that are never valid.
+    """
 
     user_ids: pl.Series  # [Q] raw IDs of the test users
     user_idx: np.ndarray  # [Q] their vocabulary indices (0: unknown, cold)
     relevant: UserItems  # test items per query
     seen: UserItems  # training items per query
-    valid_items: np.ndarray  # [N] bool, False for the OOV row
+    valid_items: np.ndarray  # [num_items] bool, False for the OOV row and cold items
     slices: dict[str, np.ndarray] | None
     item_slices: dict[str, np.ndarray]
+    num_cold_items: int = 0  # distinct test items unknown to the model
+
+    @property
+    def num_items(self) -> int:
+        return int(self.valid_items.size)
+
+    def pad_items(self, items: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` item embeddings -> ``[num_items, D]`` (zero rows for cold items)."""
+        return torch.nn.functional.pad(items, (0, 0, 0, self.num_cold_items))
+
+    def pad_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` scores -> ``[B, num_items]`` (zeros for cold items, never valid)."""
+        return torch.nn.functional.pad(scores, (0, self.num_cold_items))
 
 
-def test_queries(run: RetrievalRun, test: Dataset) -> TestQueries:
+def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
     """One query per test user; relevant = their test items, seen = training items."""
     user_vocab, item_vocab = run.spec.vocabulary(USER), run.spec.vocabulary(ITEM)
     inter = test.interactions
@@ -58,18 +79,24 @@ def test_queries(run: RetrievalRun, test: Dataset) -> TestQueries:
     rows_arr = inter.select(USER).join(
         position, on=USER, how="left", maintain_order="left"
     )["q"]
+    items = item_vocab.transform(inter[ITEM])
+    # Each distinct unknown test item gets its own index past the vocabulary.
+    unknown = items == 0
+    cold_ids = inter[ITEM].filter(pl.Series(unknown))
+    _, cold_index = np.unique(cold_ids.cast(pl.String).to_numpy(), return_inverse=True)
+    num_cold = int(cold_index.max()) + 1 if cold_index.size else 0
+    items[unknown] = item_vocab.size + cold_index
     relevant = UserItems.from_pairs(
-        rows_arr.to_numpy().astype(np.int64),
-        item_vocab.transform(inter[ITEM]),
-        num_rows=len(user_ids),
+        rows_arr.to_numpy().astype(np.int64), items, num_rows=len(user_ids)
     )
     user_idx = user_vocab.transform(user_ids)
-    valid = np.ones(item_vocab.size, dtype=bool)
+    num_items = item_vocab.size + num_cold
+    valid = np.ones(num_items, dtype=bool)
     valid[0] = False
+    valid[item_vocab.size :] = False
     cold = user_idx == 0
-    cold_items = np.zeros(item_vocab.size, dtype=bool)
-    cold_items[0] = True  # test items never seen in training all map to the OOV row
-    return TestQueries(
+    cold_items = ~valid  # the OOV row and every test item unknown to the model
+    return EvalQueries(
         user_ids=user_ids,
         user_idx=user_idx,
         relevant=relevant,
@@ -77,6 +104,7 @@ def test_queries(run: RetrievalRun, test: Dataset) -> TestQueries:
         valid_items=valid,
         slices={"warm_users": ~cold, "cold_users": cold} if cold.any() else None,
         item_slices={"cold_items": cold_items},
+        num_cold_items=num_cold,
     )
 
 
@@ -84,10 +112,10 @@ def evaluate_run_embeddings(
     run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...]
 ) -> EvalResult:
     """Evaluate the two towers over the whole catalogue (both seen-item modes)."""
-    queries = test_queries(run, test)
+    queries = eval_queries(run, test)
     return evaluate_embeddings(
         run.query_embeddings(queries.user_ids, users=test.users),
-        run.item_embeddings(),
+        queries.pad_items(run.item_embeddings()),
         relevant=queries.relevant,
         seen=queries.seen,
         ks=ks,
@@ -104,14 +132,14 @@ def evaluate_baselines(
     """Popularity, EASE and item-kNN on the run's own training data and test split."""
     from twostage.baselines import BASELINES
 
-    queries = test_queries(run, test)
+    queries = eval_queries(run, test)
     num_items = run.spec.vocabulary(ITEM).size
     train = run.tensors.seen()
     user_idx = torch.from_numpy(queries.user_idx)
     results: dict[str, EvalResult] = {}
 
     def scorer(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda rows: model.score(user_idx[rows])
+        return lambda rows: queries.pad_scores(model.score(user_idx[rows]))
 
     for name, cls in BASELINES.items():
         try:
@@ -121,7 +149,7 @@ def evaluate_baselines(
             continue
         results[name] = evaluate_scores(
             scorer(model),
-            num_items=num_items,
+            num_items=queries.num_items,
             queries=np.arange(len(user_idx)),
             relevant=queries.relevant,
             seen=queries.seen,

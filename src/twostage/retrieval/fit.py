@@ -19,7 +19,7 @@ from twostage.errors import DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
 from twostage.models.retrieval import RetrievalModel
-from twostage.retrieval.evaluation import test_queries
+from twostage.retrieval.evaluation import eval_queries
 from twostage.retrieval.run import RetrievalRun, build_model, spec_for
 from twostage.retrieval.task import (
     UserExamples,
@@ -83,7 +83,7 @@ def fit_retrieval(
 
         valid_users, valid_items = _pairs(spec, validation)
         # The validation queries and their features do not change between epochs.
-        queries = test_queries(run, validation)
+        queries = eval_queries(run, validation)
         features = spec.transform_queries(
             queries.user_ids.rename(USER), users=validation.users
         )
@@ -93,7 +93,7 @@ def fit_retrieval(
             features["history"] = tensors.history[user_idx]
             result = evaluate_embeddings(
                 model.encode_queries(features),
-                run.item_embeddings(),
+                queries.pad_items(run.item_embeddings()),
                 relevant=queries.relevant,
                 seen=queries.seen,
                 ks=(k,),

@@ -1,0 +1,111 @@
+"""Retrieval evaluation against a naive reference, cold test items included."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.dataset import ITEM, USER
+from twostage.retrieval.evaluation import eval_queries, evaluate_baselines
+from twostage.retrieval.fit import fit_retrieval
+
+SMALL = [
+    "data.dataset=synthetic:num_users=60,num_items=80,num_interactions=1500",
+    "data.validation_fraction=0",
+    "train.epochs=1",
+    "train.num_threads=1",
+    "retrieval.use_side_features=false",
+    "retrieval.embedding_dim=8",
+    "retrieval.output_dim=8",
+]
+
+
+@pytest.fixture(scope="module")
+def run_and_test():
+    run, split = fit_retrieval(
+        apply_overrides(ExperimentConfig(), SMALL), evaluate_test=False
+    )
+    test = split.test.interactions
+    # Three users each get test items that no training row has: two distinct cold
+    # items for the first user (one of them twice), one for the others.
+    users = test[USER].unique().sort()[:3].to_list()
+    cold_ids = [10_001, 10_002, 10_002, 10_003, 10_004]
+    cold = pl.DataFrame(
+        {USER: [users[0], users[0], users[0], users[1], users[2]], ITEM: cold_ids}
+    ).with_columns(
+        pl.col(USER).cast(test[USER].dtype), pl.col(ITEM).cast(test[ITEM].dtype)
+    )
+    extra = test.head(len(cold)).with_columns(cold[USER], cold[ITEM])
+    return run, split.test.with_interactions(pl.concat([test, extra]))
+
+
+def _naive(run, test, k: int) -> dict[str, float]:
+    """Per-user recall/NDCG@k and per-pair FTopK@k (seen excluded), in plain Python."""
+    inter = test.interactions
+    users = inter[USER].unique().sort()
+    queries = run.query_embeddings(users, users=test.users)
+    items = run.item_embeddings()
+    vocab = run.spec.vocabulary(ITEM)
+    seen = run.tensors.seen()
+    recall, ndcg, hits_total, pairs = [], [], 0, 0
+    for row, user in enumerate(users.to_list()):
+        relevant = set(inter.filter(pl.col(USER) == user)[ITEM].to_list())
+        user_idx = int(run.spec.vocabulary(USER).lookup(user))
+        seen_idx = set(seen.row(user_idx).tolist()) if user_idx else set()
+        seen_ids = set(vocab.inverse_transform(np.array(sorted(seen_idx))).to_list())
+        relevant -= seen_ids
+        if not relevant:
+            continue
+        scores = (items @ queries[row]).tolist()
+        ranked = [
+            i
+            for i in sorted(range(1, len(scores)), key=lambda i: -scores[i])
+            if i not in seen_idx
+        ][:k]
+        top = vocab.inverse_transform(np.array(ranked)).to_list()
+        hits = [item in relevant for item in top]
+        recall.append(sum(hits) / len(relevant))
+        dcg = sum(1 / np.log2(r + 2) for r, h in enumerate(hits) if h)
+        idcg = sum(1 / np.log2(r + 2) for r in range(min(len(relevant), k)))
+        ndcg.append(dcg / idcg)
+        hits_total += sum(hits)
+        pairs += len(relevant)
+    return {
+        "recall": float(np.mean(recall)),
+        "ndcg": float(np.mean(ndcg)),
+        "ftopk": hits_total / pairs,
+        "pairs": pairs,
+    }
+
+
+def test_cold_test_items_each_count_as_a_miss(run_and_test) -> None:
+    """Regression: every test item unseen in training mapped to the OOV row, so a
+    user's cold items collapsed into one relevant entry and recall was inflated."""
+    run, test = run_and_test
+    queries = eval_queries(run, test)
+    vocab = run.spec.vocabulary(ITEM)
+    inter = test.interactions
+    unknown = inter.filter(pl.Series(vocab.transform(inter[ITEM]) == 0))
+    cold_pairs = unknown.select(USER, ITEM).unique().height
+    assert {10_001, 10_002, 10_003, 10_004} <= set(unknown[ITEM].to_list())
+    assert queries.num_cold_items == unknown[ITEM].n_unique()
+    assert queries.num_items == vocab.size + queries.num_cold_items
+    assert not queries.valid_items[vocab.size :].any()
+    got = run.evaluate(test, ks=(10,)).to_dict()
+    want = _naive(run, test, 10)
+    metrics = got["metrics"]["exclude_seen"]
+    assert metrics["recall"]["10"] == pytest.approx(want["recall"], abs=1e-9)
+    assert metrics["ndcg"]["10"] == pytest.approx(want["ndcg"], abs=1e-9)
+    assert metrics["factorized_top_k"]["10"] == pytest.approx(want["ftopk"], abs=1e-9)
+    assert got["counts"]["exclude_seen"]["num_test_interactions"] == want["pairs"]
+    # The cold-item slice holds every distinct (user, cold item) pair, none ever hit.
+    cold = got["slices"]["cold_items"]
+    assert cold["counts"]["include_seen"]["num_test_interactions"] == cold_pairs
+    assert cold["metrics"]["include_seen"]["recall"]["10"] == 0.0
+
+
+def test_baselines_see_the_same_cold_items(run_and_test) -> None:
+    run, test = run_and_test
+    ours = run.evaluate(test, ks=(10,)).to_dict()["counts"]
+    for name, result in evaluate_baselines(run, test, ks=(10,)).items():
+        assert result.to_dict()["counts"] == ours, name

@@ -110,9 +110,12 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"min {s['min']:g} / median {s['median']:g} / mean {s['mean']:.1f} / max {s['max']:g}",
         )
     table.add_row("duplicate rows", f"{summary['duplicate_rows']:,}")
+    times = summary["time_range"]
     table.add_row(
         "time range",
-        f"{summary['time_range']['min']} .. {summary['time_range']['max']}",
+        f"{times['min']} .. {times['max']}"
+        if times
+        else "none: no time column (file order is the time order)",
     )
     if "rating_histogram" in summary:
         hist = summary["rating_histogram"]

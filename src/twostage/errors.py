@@ -49,7 +49,8 @@ class BadRowError(DataError):
         self.content = content
         super().__init__(
             f"{path}:{line}: bad row ({reason}): {content[:200]!r}. "
-            "Fix the row, or load with strict=False to skip and count bad rows."
+            "Fix the row, or read without strict mode (the CLI: leave out --strict; "
+            "Python: strict=False) to skip and count bad rows."
         )
 
 

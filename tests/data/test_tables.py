@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from twostage.data import Dataset, _table_lines, _table_text, tables
+from twostage.data.describe import describe
 from twostage.data.report import REASONS
 from twostage.data.tables import join_features, read_feature_table, read_interactions
 from twostage.errors import BadRowError, ConfigError, DataError
@@ -852,3 +853,38 @@ def test_a_missing_cr_cannot_hide_a_leading_zero(
     assert ds.interactions.height == 601
     assert load(write(tmp_path, "crlf.csv", f"{HEADER}\r\n{crlf}")).report is not None
     assert size_checks == [False, True]
+
+
+def test_separator_only_rows_have_their_own_count(tmp_path: Path) -> None:
+    """Regression: 900k `,,` rows were all reported as empty_user_id, hiding the few
+    genuinely malformed rows among them."""
+    rows = ["user_id,item_id,rating", "1,2,3"]
+    rows += [",,"] * 50 + ["7,,4", ",9,4"] + [",,"] * 50 + ["2,3,4"]
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(rows) + "\n")
+    report = read_interactions(path, duplicates="keep").report
+    assert report is not None
+    assert report.rejected == {"empty_row": 100, "empty_item_id": 1, "empty_user_id": 1}
+    assert [line for line, _ in report.examples["empty_item_id"]] == [53]
+    assert [line for line, _ in report.examples["empty_user_id"]] == [54]
+
+
+def test_a_log_without_time_has_no_time_range(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id\n1,2\n2,3\n")
+    dataset = read_interactions(path)
+    assert not dataset.has_time
+    assert describe(dataset)["time_range"] is None
+    timed = tmp_path / "timed.csv"
+    timed.write_text("user_id,item_id,timestamp\n1,2,86400\n2,3,172800\n")
+    assert describe(read_interactions(timed, time_col="timestamp"))["time_range"][
+        "min"
+    ].startswith("1970-01-02")
+
+
+def test_strict_message_speaks_to_cli_and_python_users(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id\n1,2\n,3\n")
+    with pytest.raises(BadRowError) as error:
+        read_interactions(path, strict=True)
+    assert "--strict" in str(error.value) and "strict=False" in str(error.value)

@@ -142,6 +142,11 @@ def parse_columns(
     parsed = pl.DataFrame(out)
     if not bad:
         return parsed, None
+    # A row of separators only is reported on its own, not as a missing ID, so the
+    # genuinely malformed rows stay easy to find among thousands of empty ones.
+    empty = _all_fields_empty(df)
+    if empty is not None and empty.any():
+        bad = {"empty_row": empty, **bad}
     masks = pl.DataFrame(bad)
     reason = masks.select(
         pl.coalesce([pl.when(pl.col(r)).then(pl.lit(r)) for r in masks.columns])
@@ -184,6 +189,22 @@ def _parse_number(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
 def _select(s: pl.Series, expr: pl.Expr) -> pl.Series:
     """``expr`` applied to ``s`` (an expression runs on the chunks in parallel)."""
     return s.to_frame().select(expr.alias(s.name)).to_series()
+
+
+def _all_fields_empty(df: pl.DataFrame) -> pl.Series | None:
+    """``[n]`` bool: every column read (mapped or a feature) is missing or empty text
+    in the row; columns the reader does not read are not looked at."""
+    columns = [c for c in df.columns if c not in (LINE, END)]
+    if not columns:
+        return None
+    return df.select(
+        pl.all_horizontal(
+            [
+                pl.col(c).cast(pl.String).str.len_bytes().fill_null(0) == 0
+                for c in columns
+            ]
+        )
+    ).to_series()
 
 
 def _parse_time(s: pl.Series, time_format: str | None) -> tuple[pl.Series, pl.Series]:

@@ -32,6 +32,8 @@ class Dataset:
         items: optional item feature table keyed by ``item_id`` (one row per item).
         source: where the data came from (URL, path, or the fallback used).
         report: what was rejected while reading, if anything was read from text.
+        has_time: False when the source had no time column (``timestamp`` is then
+            the row order, not a time).
     """
 
     name: str
@@ -40,6 +42,7 @@ class Dataset:
     items: pl.DataFrame | None = None
     source: str = ""
     report: LoadReport | None = field(default=None)
+    has_time: bool = True
 
     def __post_init__(self) -> None:
         missing = [c for c in (USER, ITEM, TIME) if c not in self.interactions.columns]
@@ -80,4 +83,5 @@ class Dataset:
             items=self.items,
             source=self.source,
             report=self.report,
+            has_time=self.has_time,
         )

@@ -43,10 +43,13 @@ def describe(dataset: Dataset) -> dict[str, Any]:
         "interactions_per_user": _spread(per_user),
         "interactions_per_item": _spread(per_item),
         "duplicate_rows": duplicates,
+        # A log without a time column has row numbers for times: no range to show.
         "time_range": {
             "min": _iso(inter[TIME].min()),  # type: ignore[arg-type]
             "max": _iso(inter[TIME].max()),  # type: ignore[arg-type]
-        },
+        }
+        if dataset.has_time
+        else None,
         "user_features": [
             c
             for c in (dataset.users.columns if dataset.users is not None else [])

@@ -10,6 +10,7 @@ __all__ = ["REASONS", "LoadReport"]
 #: Why a row can be rejected. Every reader uses these names.
 REASONS = (
     "blank_line",
+    "empty_row",  # no value in any column read (e.g. a row of separators only: `,,`)
     "wrong_field_count",
     "empty_user_id",
     "empty_item_id",

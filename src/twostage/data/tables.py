@@ -173,6 +173,7 @@ def read_interactions(
         items=items,
         source=str(path),
         report=report,
+        has_time=TIME in spec.roles,
     )
 
 
@@ -273,6 +274,7 @@ def join_features(
         items=tables["items"],
         source=dataset.source,
         report=dataset.report,
+        has_time=dataset.has_time,
     )
 
 

@@ -250,3 +250,58 @@ def test_model_without_any_valid_version_is_unavailable(
 def test_a_single_bundle_directory_is_refused_with_a_hint(models_dir: Path) -> None:
     with pytest.raises(ValueError, match="serve the directory above"):
         create_app(ServeSettings(models=str(models_dir / "synthetic" / "1")))
+
+
+def test_predict_scores_follow_the_two_stage_order(tmp_path: Path) -> None:
+    """Regression: with a ranker, `output_1` held retrieval scores in re-ranked order
+    (not sorted); it now holds the two-stage key the list is ordered by."""
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.two_stage import fit_two_stage
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=60,num_items=120,num_interactions=1500",
+            "train.epochs=1",
+            "train.num_threads=1",
+            "retrieval.embedding_dim=8",
+            "retrieval.output_dim=8",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            "ranking.epochs=1",
+            "ranking.hard_negative_pool=10",
+        ],
+    )
+    rec = fit_two_stage(config, evaluate_test=False).recommender()
+    rec.save(tmp_path / "models" / "two" / "1")
+    user = rec.user_vocab.values[0]
+    with client_for(tmp_path / "models") as client:
+        predicted = client.post(
+            "/v1/models/two:predict", json={"instances": [{"user_id": user, "k": 20}]}
+        ).json()["predictions"][0]
+    scores = predicted["output_1"]
+    assert scores == sorted(scores, reverse=True)
+    answer = rec.recommend(user, 20)
+    assert predicted["output_2"] == [item["item_id"] for item in answer.items]
+    assert scores == pytest.approx([item["rank_score"] for item in answer.items])
+
+
+def test_body_without_json_content_type_gets_a_hint(models_dir: Path) -> None:
+    with client_for(models_dir) as client:
+        response = client.post(
+            "/v1/recommend",
+            content=b'{"user_id": 3}',
+            headers={"Content-Type": "text/plain"},
+        )
+        assert response.status_code == 415
+        assert "Content-Type: application/json" in response.json()["error"]
+
+
+def test_predict_instance_of_the_wrong_shape_is_a_422(models_dir: Path) -> None:
+    with client_for(models_dir) as client:
+        for instance in ({"user_id": 3, "k": "many"}, {"user_id": 3, "colour": 1}):
+            response = client.post(
+                "/v1/models/synthetic:predict", json={"instances": [instance]}
+            )
+            assert response.status_code == 422, instance
+            assert "instances.0." in response.json()["error"], response.json()

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.serving.metrics import Metrics
@@ -220,6 +221,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        media = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in media.lower():
+            return _error(
+                415,
+                "the request body should be JSON: send the header "
+                f"`Content-Type: application/json` (received: {media or 'none'!r}).",
+            )
         status, message, details = _validation_message(exc)
         return _error(status, message, details)
 
@@ -301,12 +309,30 @@ def create_app(settings: ServeSettings) -> FastAPI:
         tags=["tf-serving"],
     )
     def predict(name: str, body: PredictRequest) -> JSONResponse:
-        """TF Serving's REST ``:predict``: ``{"instances": ["42"]}`` -> scores and IDs."""
+        """TF Serving's REST ``:predict``: ``{"instances": ["42"]}`` -> scores and IDs.
+
+        ``output_1`` holds the scores the list is ordered by, best first: the
+        two-stage key when the bundle has a ranker, else the retrieval score;
+        ``output_2`` the item IDs in the same order.
+        """
         model = registry.get(name)
         predictions = []
-        for instance in body.instances:
+        for number, instance in enumerate(body.instances):
             options = instance if isinstance(instance, dict) else {"user_id": instance}
-            request = RecommendRequest.model_validate(options)
+            try:
+                request = RecommendRequest.model_validate(options)
+            except ValidationError as e:
+                details = [
+                    f"instances.{number}."
+                    + ".".join(str(part) for part in error.get("loc", ()))
+                    + f": {error.get('msg')}"
+                    for error in e.errors()
+                ]
+                return _error(
+                    422,
+                    "an instance does not match the schema: " + "; ".join(details),
+                    details,
+                )
             _check_k(request.k, settings.max_k)
             with inference:
                 answer = model.recommender.recommend(
@@ -319,7 +345,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 )
             predictions.append(
                 {
-                    "output_1": [item["score"] for item in answer.items],
+                    "output_1": [
+                        item.get("rank_score", item["score"]) for item in answer.items
+                    ],
                     "output_2": [item["item_id"] for item in answer.items],
                 }
             )

@@ -164,3 +164,34 @@ def test_evaluate_retrieval_only_bundle_and_missing_data(tmp_path: Path) -> None
     result = runner.invoke(app, ["evaluate", str(tmp_path / "nowhere")])
     assert isinstance(result.exception, ArtifactError)
     assert "twostage train retrieval" in str(result.exception)
+
+
+def test_every_reading_command_takes_a_run_a_bundle_or_a_model_dir(
+    tmp_path: Path,
+) -> None:
+    """Regression: `recommend` refused the output of `train retrieval`, and the Python
+    `load` refused `models/<name>/`, both of which `evaluate` accepted."""
+    from twostage.recommender import load
+
+    run_dir = tmp_path / "run"
+    trained = runner.invoke(
+        app,
+        ["train", "retrieval", "--dataset", SYNTHETIC, "--out", str(run_dir)]
+        + SMALL_TRAINING,
+    )
+    assert trained.exit_code == 0, trained.output
+    assert (run_dir / "items.parquet").exists()
+    models = tmp_path / "models" / "synthetic"
+    load(run_dir).save(models / "1")
+    user = str(load(run_dir).user_vocab.values[0])
+    for target in (run_dir, models, models / "1"):
+        rec = load(target)
+        assert rec.recommend(int(user), k=5).path == "personalised", target
+        result = runner.invoke(app, ["recommend", str(target), "--user", user])
+        assert result.exit_code == 0, (target, result.output)
+        item = str(rec.item_vocab.values[0])
+        result = runner.invoke(app, ["similar", str(target), "--item", item])
+        assert result.exit_code == 0, (target, result.output)
+    assert load(models).recommend(int(user), k=5) == load(run_dir).recommend(
+        int(user), k=5
+    )

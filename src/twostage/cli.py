@@ -33,7 +33,7 @@ from twostage.cli_output import (
     print_ranking,
     training_progress,
 )
-from twostage.errors import ArtifactError, TwostageError
+from twostage.errors import TwostageError
 
 app = typer.Typer(
     help="twostage: a two-stage recommender (two-tower retrieval, then ranking).",
@@ -145,10 +145,10 @@ def _fit_both(config: Any, *, ranking: bool, **options: Any) -> Any:
 
 
 def _open_bundle(path: Path) -> Any:
-    from twostage.artifacts import resolve_bundle
+    """A bundle, ``models/<name>/`` (newest version) or a `train retrieval` run."""
     from twostage.recommender import load
 
-    return load(resolve_bundle(path))
+    return load(path)
 
 
 def _parse_id(value: str) -> Any:
@@ -157,7 +157,13 @@ def _parse_id(value: str) -> Any:
 
 @app.command("recommend")
 def recommend_command(
-    bundle: Annotated[Path, typer.Argument(help="A bundle dir, or models/<name>/.")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="A bundle dir, models/<name>/ (its newest version), or the --out "
+            "directory of `twostage train retrieval`."
+        ),
+    ],
     user: Annotated[
         str | None, typer.Option(help="User ID (unknown: cold start).")
     ] = None,
@@ -196,7 +202,13 @@ def recommend_command(
 
 @app.command("similar")
 def similar_command(
-    bundle: Annotated[Path, typer.Argument(help="A bundle dir, or models/<name>/.")],
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="A bundle dir, models/<name>/ (its newest version), or the --out "
+            "directory of `twostage train retrieval`."
+        ),
+    ],
     item: Annotated[str, typer.Option(help="Item ID.")],
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
 ) -> None:
@@ -258,19 +270,6 @@ def train_retrieval_command(
     )
 
 
-def _bundle_path(path: Path) -> Path:
-    """``path`` if it is a bundle, else its newest version; the error names all kinds."""
-    from twostage.artifacts import resolve_bundle
-
-    try:
-        return resolve_bundle(path)
-    except TwostageError as e:
-        raise ArtifactError(
-            f"{e} Or pass the --out directory of `twostage train retrieval` (it holds "
-            "model.safetensors)."
-        ) from e
-
-
 @app.command("evaluate")
 def evaluate_command(
     path: Annotated[
@@ -291,24 +290,17 @@ def evaluate_command(
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
     config: retrieval (optionally beside the baselines), then the ranking stage when
     the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone)."""
-    from twostage.retrieval.evaluation import (
-        evaluate_on,
-        evaluate_saved,
-        rebuild_test_split,
-    )
+    from twostage.retrieval.evaluation import evaluate_on, rebuild_test_split
 
     results: dict[str, Any] = {}
-    if (path / "model.safetensors").exists():  # `twostage train retrieval --out`
-        results["retrieval"] = evaluate_saved(path, baselines=baselines)
-    else:
-        rec = _open_bundle(_bundle_path(path))
-        test = rebuild_test_split(rec.run, source=path)
-        results["retrieval"] = evaluate_on(rec.run, test, baselines=baselines)
-        if rec.ranker is not None:
-            from twostage.ranking import evaluate_ranking
+    rec = _open_bundle(path)
+    test = rebuild_test_split(rec.run, source=path)
+    results["retrieval"] = evaluate_on(rec.run, test, baselines=baselines)
+    if rec.ranker is not None:
+        from twostage.ranking import evaluate_ranking
 
-            with console.status("evaluating the ranking stage"):
-                results["ranking"] = evaluate_ranking(rec.ranker, test)
+        with console.status("evaluating the ranking stage"):
+            results["ranking"] = evaluate_ranking(rec.ranker, test)
     title = f"Evaluation of {path} (test split)"
     print_metrics({}, title=title, models=results["retrieval"])
     if "ranking" in results:

@@ -19,14 +19,14 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
-from twostage.artifacts import verify_bundle, write_bundle
+from twostage.artifacts import MANIFEST, resolve_bundle, verify_bundle, write_bundle
 from twostage.config import IndexConfig, RankingConfig, save_config
 from twostage.data.dataset import ITEM, USER
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import Index, load_index, make_index
 from twostage.models.towers import HISTORY
 from twostage.ranking.rerank import rerank
-from twostage.retrieval.run import RetrievalRun, read_retrieval
+from twostage.retrieval.run import RUN_WEIGHTS, RetrievalRun, load_run, read_retrieval
 from twostage.retrieval.tensors import tensors_to_flat
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
@@ -393,17 +393,48 @@ def _matches(value: Any, wanted: Any) -> bool:
 
 
 def load(directory: str | Path) -> Recommender:
-    """Load a bundle saved by :meth:`Recommender.save`, verifying every checksum."""
-    root = Path(directory)
+    """The Recommender of a saved model, whatever the CLI accepts there.
+
+    Args:
+        directory: a bundle saved by :meth:`Recommender.save` (every checksum is
+            verified), ``models/<name>/`` (its newest version), or the ``--out``
+            directory of ``twostage train retrieval`` (a retrieval run: no ranker, and
+            the item metadata it was trained with).
+
+    Raises:
+        ArtifactError: none of these is found at ``directory``.
+    """
+    path = Path(directory)
+    if (path / RUN_WEIGHTS).exists() and not (path / MANIFEST).exists():
+        return _load_run_dir(path)
+    try:
+        bundle = resolve_bundle(path)
+    except ArtifactError as e:
+        raise ArtifactError(
+            f"{e} Or pass the --out directory of `twostage train retrieval` (it holds "
+            f"{RUN_WEIGHTS})."
+        ) from e
+    return _load_bundle(bundle)
+
+
+def _load_run_dir(path: Path) -> Recommender:
+    """A retrieval run (``twostage train retrieval --out``) as a Recommender."""
+    return Recommender(load_run(path), items=_read_items(path / "items.parquet"))
+
+
+def _read_items(path: Path) -> pl.DataFrame | None:
+    try:
+        return pl.read_parquet(path) if path.exists() else None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {str(path)!r}: {e}") from e
+
+
+def _load_bundle(root: Path) -> Recommender:
     manifest = verify_bundle(root)
     run = read_retrieval(
         root, weights="retrieval.safetensors", hint="a bundle saved by Recommender.save"
     )
-    items_path = root / "items.parquet"
-    try:
-        items = pl.read_parquet(items_path) if items_path.exists() else None
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read {str(items_path)!r}: {e}") from e
+    items = _read_items(root / "items.parquet")
     ranker = None
     if manifest.get("ranking"):
         from twostage.ranking import load_ranking

@@ -121,6 +121,8 @@ def fit_retrieval(
         run.metrics = run.evaluate(split.test).to_dict()
     if out_dir is not None:
         run.save(out_dir)
+        if split.fit.items is not None:  # what `twostage recommend RUN` shows
+            split.fit.items.write_parquet(Path(out_dir) / "items.parquet")
     return run, split
 
 

@@ -33,12 +33,17 @@ if TYPE_CHECKING:
     from twostage.evaluate import EvalResult
 
 __all__ = [
+    "RUN_WEIGHTS",
     "RetrievalRun",
     "build_model",
     "load_run",
     "read_retrieval",
     "spec_for",
 ]
+
+
+#: The two towers' weights in a saved run directory (a bundle names them otherwise).
+RUN_WEIGHTS = "model.safetensors"
 
 
 def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
@@ -126,7 +131,7 @@ class RetrievalRun:
         self.spec.save(out / "features.json")
         save_file(
             {k: v.contiguous() for k, v in self.model.state_dict().items()},
-            out / "model.safetensors",
+            out / RUN_WEIGHTS,
         )
         save_file(tensors_to_flat(self.tensors), out / "tables.safetensors")
         (out / "history.json").write_text(
@@ -177,7 +182,7 @@ def load_run(directory: str | Path) -> RetrievalRun:
     path = Path(directory)
     run = read_retrieval(
         path,
-        weights="model.safetensors",
+        weights=RUN_WEIGHTS,
         hint="the --out directory of `twostage train retrieval`",
     )
     try:

@@ -176,8 +176,10 @@ def test_every_reading_command_takes_a_run_a_bundle_or_a_model_dir(
     run_dir = tmp_path / "run"
     trained = runner.invoke(
         app,
-        ["train", "retrieval", "--dataset", SYNTHETIC, "--out", str(run_dir)]
-        + SMALL_TRAINING,
+        [
+            *("train", "retrieval", "--dataset", SYNTHETIC),
+            *("--out", str(run_dir), *SMALL_TRAINING),
+        ],
     )
     assert trained.exit_code == 0, trained.output
     assert (run_dir / "items.parquet").exists()

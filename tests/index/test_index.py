@@ -140,10 +140,16 @@ def test_pads_when_almost_everything_is_excluded(
 def test_save_load_gives_identical_results(
     index: Index, data: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
-    index.save(tmp_path)
+    # Saved in one directory, then moved, as a bundle is renamed into place.
+    index.save(tmp_path / "written")
+    (tmp_path / "written").rename(tmp_path / "moved")
+    tmp_path = tmp_path / "moved"
     meta = json.loads((tmp_path / "index.json").read_text())
     assert meta["kind"] == index.kind
     assert (meta["size"], meta["dim"]) == (NUM_ITEMS, DIM)
+    for saved in tmp_path.rglob("*"):  # no file may name where it was written
+        if saved.is_file() and saved.suffix in (".json", ".pbtxt", ".txt"):
+            assert "written" not in saved.read_text(errors="replace"), saved
     loaded = load_index(tmp_path)
     assert type(loaded) is type(index) and loaded.params() == index.params()
     exclude = [data["ids"][row : row + 20] for row in range(NUM_QUERIES)]
@@ -232,3 +238,24 @@ def test_a_narrow_search_widens_until_rows_are_full(
     assert _recall(ids, _reference(data, k)[1]) >= 0.9
     if isinstance(index, IVFIndex):
         assert len(calls) > 1  # the first, one-list search was short
+
+
+def test_scann_asset_paths_are_kept_relative_and_resolved_on_load(
+    tmp_path: Path,
+) -> None:
+    """Regression: ScaNN recorded absolute temporary paths in scann_assets.pbtxt, so
+    a bundle renamed into place could not be opened."""
+    from twostage.index.scann import absolute_asset_paths, relative_asset_paths
+
+    written = (
+        'assets {\n  asset_type: AH_CENTERS\n  asset_path: "/tmp/x/.tmp-1/index/scann'
+        '/ah_codebook.pb"\n}\nassets {\n  asset_type: DATASET_NPY\n'
+        '  asset_path: "/tmp/x/.tmp-1/index/scann/dataset.npy"\n}\n'
+    )
+    relative = relative_asset_paths(written)
+    assert "/tmp/x" not in relative
+    assert 'asset_path: "ah_codebook.pb"' in relative
+    assert 'asset_path: "dataset.npy"' in relative
+    here = absolute_asset_paths(relative, tmp_path / "scann")
+    assert f'asset_path: "{(tmp_path / "scann").resolve()}/dataset.npy"' in here
+    assert "AH_CENTERS" in here and here.count("asset_path: ") == 2

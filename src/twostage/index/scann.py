@@ -3,13 +3,16 @@
 ``pip install 'twostage[scann]'`` (wheels exist for Linux x86_64 only). The searcher is
 a partitioning tree, asymmetric-hashing scores and an exact re-ordering of the best
 candidates; it is saved with ``searcher.serialize`` into ``scann/`` (numpy files and
-protos, no pickle) beside ``ids.safetensors``.
+protos, no pickle) beside ``ids.safetensors``, with the asset paths in
+``scann_assets.pbtxt`` made relative so the bundle can be renamed or moved.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,9 @@ from twostage.index.base import ApproximateIndex, check_int
 __all__ = ["ScannIndex"]
 
 SEARCHER_DIR = "scann"
+_ASSETS = "scann_assets.pbtxt"
+#: ScaNN's ``serialize`` records every asset by the absolute path it wrote it to.
+_ASSET_PATH = re.compile(r'asset_path:\s*"([^"]*)"')
 _MIN_LEAVES_TO_SEARCH = 40  # 3,000 items, 55 leaves: 20 gave recall@10 0.94, 40 0.995
 
 
@@ -111,14 +117,53 @@ class ScannIndex(ApproximateIndex):
         return self._raw_search(queries, self.size, attempt=64)
 
     def _save_data(self, directory: Path) -> None:
-        (directory / SEARCHER_DIR).mkdir(exist_ok=True)
-        self._searcher.serialize(str(directory / SEARCHER_DIR))
+        searcher_dir = directory / SEARCHER_DIR
+        searcher_dir.mkdir(exist_ok=True)
+        self._searcher.serialize(str(searcher_dir))
+        # The bundle is written in a temporary directory and renamed into place:
+        # keep the asset paths relative, or the saved index points at a dead path.
+        assets = searcher_dir / _ASSETS
+        if assets.exists():
+            assets.write_text(relative_asset_paths(assets.read_text()))
         self._save_ids(directory)
 
     def _load_data(self, directory: Path, meta: dict[str, Any]) -> None:
         path = directory / SEARCHER_DIR
         try:
-            self._searcher = self._scann.scann_ops_pybind.load_searcher(str(path))
+            self._searcher = _load_searcher(self._scann, path)
         except (OSError, RuntimeError, ValueError) as e:
             raise ArtifactError(f"cannot read ScaNN searcher {str(path)!r}: {e}") from e
         self._set_ids(self._load_ids(directory), int(meta["dim"]))
+
+
+def relative_asset_paths(text: str) -> str:
+    """``scann_assets.pbtxt`` with each asset path reduced to its file name."""
+    return _ASSET_PATH.sub(lambda m: f'asset_path: "{Path(m.group(1)).name}"', text)
+
+
+def absolute_asset_paths(text: str, directory: Path) -> str:
+    """``scann_assets.pbtxt`` with each asset path inside ``directory``."""
+    root = directory.resolve()
+    return _ASSET_PATH.sub(
+        lambda m: f'asset_path: "{root / Path(m.group(1)).name}"', text
+    )
+
+
+def _load_searcher(scann: Any, path: Path) -> Any:
+    """``load_searcher`` for a searcher directory wherever it now lies.
+
+    ScaNN reads its assets from the paths in ``scann_assets.pbtxt``; the bundle keeps
+    them relative, so the searcher is loaded from a temporary directory holding the
+    other files (links) and a copy of that file with the paths made absolute.
+    """
+    assets = path / _ASSETS
+    if not assets.exists():
+        return scann.scann_ops_pybind.load_searcher(str(path))
+    with tempfile.TemporaryDirectory(prefix="twostage-scann-") as temp:
+        for item in path.iterdir():
+            if item.name != _ASSETS:
+                (Path(temp) / item.name).symlink_to(item.resolve())
+        (Path(temp) / _ASSETS).write_text(
+            absolute_asset_paths(assets.read_text(), path)
+        )
+        return scann.scann_ops_pybind.load_searcher(temp)

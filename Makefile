@@ -40,8 +40,11 @@ bench: install
 	$(PY) benchmarks/serve_load.py --json benchmarks/results/serve_load.json
 
 # Re-pin every dependency from what is installed (run after changing pyproject.toml).
+# ScaNN (and the protobuf it needs) has wheels for Linux x86_64 only: keep the marker.
+LINUX_X86 := ; sys_platform == "linux" and platform_machine == "x86_64"
 lock: install
-	$(PY) -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > requirements.lock
+	$(PY) -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' \
+		-e 's/^\(scann\|protobuf\)==\(.*\)$$/\1==\2$(LINUX_X86)/' > requirements.lock
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

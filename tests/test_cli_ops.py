@@ -221,3 +221,16 @@ def test_run_workers_reports_a_port_in_use() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError):
             run_workers("127.0.0.1", port, 2, log_level="warning")
+
+
+def test_index_build_scann_writes_a_version_recommend_opens(models_dir: Path) -> None:
+    """Regression (tutorial 004): `index build --kind scann` wrote a newest version
+    whose searcher pointed into the bundle's temporary directory."""
+    pytest.importorskip("scann")
+    model = models_dir / "synthetic"
+    result = runner.invoke(app, ["index", "build", str(model), "--kind", "scann"])
+    assert result.exit_code == 0, result.output
+    shown = runner.invoke(app, ["recommend", str(model), "--user", "3"])
+    assert shown.exit_code == 0, shown.output
+    rebuilt = load(model)  # the newest version: the ScaNN one
+    assert rebuilt.index_kind == "scann" and len(rebuilt.recommend(3, 10).items) == 10

@@ -18,20 +18,21 @@ console = Console()
 def items_table(
     title: str, items: list[dict[str, Any]], *, scores: bool = True
 ) -> Table:
+    """Items with the label and tags the Recommender chose for this catalogue
+    (:mod:`twostage.display`)."""
     table = Table(title=title)
     table.add_column("#", justify="right")
     table.add_column("item_id")
-    table.add_column("title")
-    table.add_column("genres")
+    table.add_column("label")
+    table.add_column("tags")
     if scores:
         table.add_column("score", justify="right")
     for rank, item in enumerate(items, start=1):
-        genres = item.get("genres")
         table.add_row(
             str(rank),
             str(item["item_id"]),
-            str(item.get("display_title") or item.get("title") or ""),
-            ", ".join(genres) if isinstance(genres, list) else str(genres or ""),
+            str(item.get("label") or ""),
+            ", ".join(item.get("tags") or []),
             *([f"{item.get('rank_score', item['score']):.4f}"] if scores else []),
         )
     return table

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from twostage.artifacts import MANIFEST, resolve_bundle, verify_bundle, write_bundle
 from twostage.config import IndexConfig, RankingConfig, save_config
 from twostage.data.dataset import ITEM, USER
+from twostage.display import display_columns, label_and_tags
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import Index, load_index, make_index
 from twostage.models.towers import HISTORY
@@ -121,6 +122,13 @@ class Recommender:
             ]
         )
         self.items = self._align_items(items)
+        data = run.config.data
+        self.display = display_columns(
+            items, title=data.title_col, tags=data.tags_col, key=ITEM
+        )
+        self._labels = [
+            label_and_tags(row, self.display) for row in (self.items or [{}])
+        ]
         self._item_id_list = (
             self.item_ids.to_list()
         )  # index -> raw ID, no polars per call
@@ -340,6 +348,9 @@ class Recommender:
                 entry["rank_score"] = ranks[position]
             if self.items is not None:
                 entry.update(self.items[index])
+                entry.update(self._labels[index])
+            else:
+                entry.update(label=None, tags=[])
             items.append(entry)
         return Recommendation(user_id=user_id, path=path, items=items)
 
@@ -407,6 +418,8 @@ def load(directory: str | Path) -> Recommender:
     path = Path(directory)
     if (path / RUN_WEIGHTS).exists() and not (path / MANIFEST).exists():
         return _load_run_dir(path)
+    if path.is_dir() and not any(p.name.isdigit() for p in path.iterdir()):
+        return _load_bundle(path)  # a version directory: says what it lacks
     try:
         bundle = resolve_bundle(path)
     except ArtifactError as e:

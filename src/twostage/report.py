@@ -162,14 +162,14 @@ def write_report(
         ["items", f"{summary['num_items']:,}"],
         ["source", str(summary.get("source", ""))],
     ]
-    item_header = ["#", "item", "title", "score"]
+    item_header = ["#", "item", "label", "score"]
 
     def item_rows(items: list[dict[str, Any]]) -> list[list[str]]:
         return [
             [
                 str(i + 1),
                 str(item["item_id"]),
-                str(item.get("display_title") or item.get("title") or ""),
+                str(item.get("label") or ""),
                 f"{item.get('rank_score', item.get('score', 0.0)):.4f}",
             ]
             for i, item in enumerate(items)

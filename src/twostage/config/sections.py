@@ -52,7 +52,9 @@ class DataConfig(_Checked):
     """Which data, and how it is split.
 
     ``user_features``/``item_features`` name extra columns of a user's own log that become
-    side features; the ``*_col`` options map the log's columns.
+    side features; the ``*_col`` options map the log's columns. ``title_col`` and
+    ``tags_col`` name the item-table columns shown for an item (None: guessed, see
+    :mod:`twostage.display`).
     """
 
     dataset: str = "movielens-100k"
@@ -68,6 +70,8 @@ class DataConfig(_Checked):
     user_features: tuple[str, ...] = ()
     item_features: tuple[str, ...] = ()
     cold_user_fraction: float = 0.0
+    title_col: str | None = None
+    tags_col: str | None = None
 
     SECTION: ClassVar[str] = "data"
 

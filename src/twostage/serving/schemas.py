@@ -83,6 +83,15 @@ class Item(BaseModel):
         None, description="Ranking-stage score, when the model has a ranking stage."
     )
     predicted_rating: float | None = None
+    label: str | None = Field(
+        None,
+        description="What to call the item: its title column (data.title_col, or "
+        "a guess such as title or name); null without item metadata.",
+    )
+    tags: list[str] = Field(
+        default_factory=list,
+        description="Its tags column (data.tags_col, or a guess such as genres).",
+    )
 
 
 class RecommendResponse(BaseModel):

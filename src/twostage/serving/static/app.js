@@ -27,7 +27,8 @@ function showError(message) {
 }
 
 function label(item) {
-  return item.title || item.name || String(item.item_id);
+  const name = item.label || String(item.item_id);
+  return item.tags && item.tags.length ? `${name} (${item.tags.join(", ")})` : name;
 }
 
 function fill(list, items, withScores) {

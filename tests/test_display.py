@@ -43,7 +43,7 @@ def test_configured_columns_win_and_are_checked() -> None:
     books = pl.DataFrame({"item_id": [1], "book_title": ["A"], "publisher": ["P"]})
     chosen = display_columns(books, title="publisher")
     assert chosen.title == "publisher"
-    with pytest.raises(ConfigError, match="data.title_col"):
+    with pytest.raises(ConfigError, match=r"data\.title_col"):
         display_columns(books, title="Book-Title")
 
 

@@ -197,3 +197,30 @@ def test_every_reading_command_takes_a_run_a_bundle_or_a_model_dir(
     assert load(models).recommend(int(user), k=5) == load(run_dir).recommend(
         int(user), k=5
     )
+
+
+def test_train_takes_the_column_options_of_train_retrieval(tmp_path: Path) -> None:
+    """Regression: `twostage train` had no column options (only --set data.*)."""
+    data = generate(num_users=60, num_items=100, num_interactions=1500)
+    log = tmp_path / "log.csv"
+    data.interactions.rename(
+        {"user_id": "uid", "item_id": "isbn", "rating": "stars", "timestamp": "ts"}
+    ).write_csv(log)
+    bundle = tmp_path / "models" / "mine" / "1"
+    result = runner.invoke(
+        app,
+        [
+            *("train", "--dataset", str(log), "--out", str(bundle)),
+            *("--user-col", "uid", "--item-col", "isbn", "--rating-col", "stars"),
+            *("--time-col", "ts", "--set", "ranking.epochs=1"),
+            *SMALL_TRAINING,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "RMSE" in result.output
+    saved = json.loads((bundle / "config.json").read_text())["data"]
+    assert (saved["user_col"], saved["item_col"], saved["rating_col"]) == (
+        "uid",
+        "isbn",
+        "stars",
+    )

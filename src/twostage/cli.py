@@ -72,6 +72,27 @@ def _experiment_config(
     return apply_overrides(config, [*mapping, *overrides])
 
 
+def _columns(
+    user_col: str | None,
+    item_col: str | None,
+    time_col: str | None,
+    rating_col: str | None,
+    separator: str | None,
+    user_features: str | None,
+    item_features: str | None,
+) -> dict[str, Any]:
+    """The column options every data-reading command takes, as ``data.*`` keys."""
+    return {
+        "user_col": user_col,
+        "item_col": item_col,
+        "time_col": time_col,
+        "rating_col": rating_col,
+        "separator": separator,
+        "user_features": split_names(user_features),
+        "item_features": split_names(item_features),
+    }
+
+
 @train_app.callback()
 def train_all(
     ctx: typer.Context,
@@ -104,6 +125,13 @@ def train_all(
             help="Continue an interrupted run from the --work-dir checkpoints.",
         ),
     ] = False,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    time_col: TimeCol = None,
+    rating_col: RatingCol = None,
+    separator: Separator = None,
+    user_features: UserFeatures = None,
+    item_features: ItemFeatures = None,
 ) -> None:
     """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
     if ctx.invoked_subcommand is not None:
@@ -116,7 +144,16 @@ def train_all(
             "--work-dir of the interrupted run.",
             param_hint="--resume",
         )
-    config = _experiment_config(dataset, config_file, overrides or [], {})
+    columns = _columns(
+        user_col,
+        item_col,
+        time_col,
+        rating_col,
+        separator,
+        user_features,
+        item_features,
+    )
+    config = _experiment_config(dataset, config_file, overrides or [], columns)
     stages = _fit_both(config, ranking=ranking, work_dir=work_dir, resume=resume)
     bundle = stages.recommender().save(out)
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
@@ -248,20 +285,16 @@ def train_retrieval_command(
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
     from twostage.retrieval.fit import fit_retrieval
 
-    config = _experiment_config(
-        dataset,
-        config_file,
-        overrides or [],
-        {
-            "user_col": user_col,
-            "item_col": item_col,
-            "time_col": time_col,
-            "rating_col": rating_col,
-            "separator": separator,
-            "user_features": split_names(user_features),
-            "item_features": split_names(item_features),
-        },
+    columns = _columns(
+        user_col,
+        item_col,
+        time_col,
+        rating_col,
+        separator,
+        user_features,
+        item_features,
     )
+    config = _experiment_config(dataset, config_file, overrides or [], columns)
     with training_progress() as on_step:
         run, _ = fit_retrieval(config, out_dir=out, resume=resume, on_step=on_step)
     print_metrics(run.metrics, title=f"Retrieval on {config.data.dataset} (test split)")

@@ -54,7 +54,10 @@ class DataConfig(_Checked):
     ``user_features``/``item_features`` name extra columns of a user's own log that become
     side features; the ``*_col`` options map the log's columns. ``title_col`` and
     ``tags_col`` name the item-table columns shown for an item (None: guessed, see
-    :mod:`twostage.display`).
+    :mod:`twostage.display`). ``unrated_values`` are rating values that mean "an
+    interaction without a rating" (Book-Crossing's 0): such rows stay interactions
+    for retrieval, but their rating is missing, so the ranker's rating regression and
+    RMSE skip them.
     """
 
     dataset: str = "movielens-100k"
@@ -72,6 +75,7 @@ class DataConfig(_Checked):
     cold_user_fraction: float = 0.0
     title_col: str | None = None
     tags_col: str | None = None
+    unrated_values: tuple[float, ...] = ()
 
     SECTION: ClassVar[str] = "data"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -73,6 +74,18 @@ class Dataset:
     @property
     def has_ratings(self) -> bool:
         return RATING in self.interactions.columns
+
+    def with_unrated(self, values: Sequence[float]) -> Dataset:
+        """A copy whose ratings equal to any of ``values`` are missing (null): rows
+        that record an interaction without a rating (implicit feedback)."""
+        if not values or RATING not in self.interactions.columns:
+            return self
+        unrated = pl.col(RATING).is_in([float(v) for v in values])
+        return self.with_interactions(
+            self.interactions.with_columns(
+                pl.when(unrated).then(None).otherwise(pl.col(RATING)).alias(RATING)
+            )
+        )
 
     def with_interactions(self, interactions: pl.DataFrame) -> Dataset:
         """A copy sharing the side tables, with other interactions (e.g. one split)."""

@@ -197,13 +197,15 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     """The test split (plus held-out cold users) and the validation carve-out.
 
     The same config and data always give the same three parts: re-evaluating a saved
-    run rebuilds its test split this way.
+    run rebuilds its test split this way. Ratings listed in ``data.unrated_values``
+    become missing first (:meth:`Dataset.with_unrated`).
 
     Returns:
         The :class:`ExperimentSplit`; ``test`` includes every interaction of the cold
         users; ``validation`` is None when ``data.validation_fraction`` is 0.
     """
     data = config.data
+    dataset = dataset.with_unrated(data.unrated_values)
     rest, cold = dataset, None
     if data.cold_user_fraction > 0:
         rest, cold = hold_out_users(

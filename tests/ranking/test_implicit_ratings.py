@@ -1,0 +1,60 @@
+"""Implicit feedback: rows whose rating means "no rating" train retrieval, never the
+rating head."""
+
+import polars as pl
+import pytest
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.dataset import RATING
+from twostage.data.synthetic import generate
+from twostage.ranking import evaluate_ranking
+from twostage.two_stage import fit_two_stage
+
+SMALL = [
+    "train.epochs=1",
+    "train.num_threads=1",
+    "retrieval.embedding_dim=8",
+    "retrieval.output_dim=8",
+    "ranking.embedding_dim=8",
+    "ranking.hidden_dims=8",
+    "ranking.epochs=2",
+    "ranking.hard_negative_pool=10",
+]
+
+
+@pytest.fixture(scope="module")
+def book_crossing_like():
+    """Ratings 1-5, and every third row a 0: "interacted, did not rate"."""
+    data = generate(num_users=80, num_items=120, num_interactions=2400)
+    inter = data.interactions.with_row_index("row").with_columns(
+        pl.when(pl.col("row") % 3 == 0)
+        .then(0.0)
+        .otherwise(pl.col(RATING))
+        .cast(pl.Float32)
+        .alias(RATING)
+    )
+    return data.with_interactions(inter.drop("row"))
+
+
+def test_unrated_values_are_interactions_without_a_rating(book_crossing_like) -> None:
+    data = book_crossing_like
+    unrated = data.with_unrated([0])
+    assert unrated.num_interactions == data.num_interactions
+    assert unrated.interactions[RATING].null_count() == 800
+    assert data.with_unrated([]) is data
+
+    config = apply_overrides(ExperimentConfig(), [*SMALL, "data.unrated_values=0"])
+    stages = fit_two_stage(config, data)
+    assert stages.ranker is not None and stages.ranking_metrics is not None
+    assert stages.ranker.rating_bounds[0] >= 1.0  # the zeros were not fitted
+    # Retrieval trained on every row, the zeros included.
+    assert stages.retrieval.tensors.num_examples == stages.split.train.num_interactions
+    rated_test = stages.split.test.interactions[RATING].drop_nulls().len()
+    assert 0 < rated_test < stages.split.test.num_interactions
+
+    naive = fit_two_stage(apply_overrides(ExperimentConfig(), SMALL), data)
+    assert naive.ranker is not None and naive.ranker.rating_bounds[0] == 0.0
+    # On the same test rows' real ratings, the ranker that fitted the zeros as
+    # ratings is far off.
+    naive_rmse = evaluate_ranking(naive.ranker, stages.split.test)["rmse"]
+    assert stages.ranking_metrics["rmse"] < 1.5 < naive_rmse

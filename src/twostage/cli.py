@@ -29,6 +29,7 @@ from twostage.cli_data import (
 from twostage.cli_ops import index_app, serve_command
 from twostage.cli_output import (
     items_table,
+    print_fallback,
     print_metrics,
     print_ranking,
     training_progress,
@@ -159,6 +160,20 @@ def train_all(
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
 
 
+def _print_retrieval(run: Any, test: Any, config: Any) -> None:
+    """The retrieval metrics beside most-popular's, and the popularity fallback."""
+    from twostage.retrieval.evaluation import evaluate_baselines
+
+    rows = {"twostage": run.metrics}
+    if run.metrics and test.num_interactions:
+        popular = evaluate_baselines(run, test, names=("popularity",))
+        rows.update({k: v.to_dict() for k, v in popular.items()})
+    print_metrics(
+        {}, title=f"Retrieval on {config.data.dataset} (test split)", models=rows
+    )
+    print_fallback(run.fallback, num_users=run.spec.vocabulary("user_id").size - 1)
+
+
 def _fit_both(config: Any, *, ranking: bool, **options: Any) -> Any:
     """:func:`twostage.two_stage.fit_two_stage` behind the progress line; prints each
     stage's test figures."""
@@ -166,10 +181,7 @@ def _fit_both(config: Any, *, ranking: bool, **options: Any) -> Any:
 
     with training_progress() as on_step:
         stages = fit_two_stage(config, ranking=ranking, on_step=on_step, **options)
-    print_metrics(
-        stages.retrieval.metrics,
-        title=f"Retrieval on {config.data.dataset} (test split)",
-    )
+    _print_retrieval(stages.retrieval, stages.split.test, config)
     report = stages.ranking_metrics
     if report is not None:
         figures = ", ".join(
@@ -296,8 +308,8 @@ def train_retrieval_command(
     )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     with training_progress() as on_step:
-        run, _ = fit_retrieval(config, out_dir=out, resume=resume, on_step=on_step)
-    print_metrics(run.metrics, title=f"Retrieval on {config.data.dataset} (test split)")
+        run, split = fit_retrieval(config, out_dir=out, resume=resume, on_step=on_step)
+    _print_retrieval(run, split.test, config)
     console.print(
         f"Saved to [cyan]{out}[/cyan] (best epoch {run.train_result.best_epoch})."
     )

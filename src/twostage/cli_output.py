@@ -10,7 +10,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["items_table", "print_metrics", "print_ranking", "training_progress"]
+__all__ = [
+    "items_table",
+    "print_fallback",
+    "print_metrics",
+    "print_ranking",
+    "training_progress",
+]
 
 console = Console()
 
@@ -132,3 +138,24 @@ def print_ranking(report: dict[str, Any], *, title: str) -> None:
         after = report["two_stage"][metric]["10"]
         lists.add_row(label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
     console.print(lists)
+
+
+def print_fallback(fallback: dict[str, Any] | None, *, num_users: int) -> None:
+    """Say how the trained model compared with most-popular on validation, and which
+    users get the most-popular list because of it."""
+    if not fallback:
+        return
+    ndcg = fallback["validation_ndcg_10"]
+    threshold = fallback["max_interactions"]
+    if ndcg["popularity"] > ndcg["model"]:
+        console.print(
+            f"[yellow]On validation, most-popular beats the trained model: NDCG@10 "
+            f"{ndcg['popularity']:.4f} against {ndcg['model']:.4f}.[/yellow]"
+        )
+    if threshold:
+        console.print(
+            f"Users with at most {threshold} training items get the most-popular list "
+            f"(validation NDCG@10 {ndcg['with_fallback']:.4f} with this rule; "
+            f"{num_users:,} users in all). Set retrieval.popularity_fallback to "
+            "choose another threshold (0: never)."
+        )

@@ -27,7 +27,13 @@ from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import Index, load_index, make_index
 from twostage.models.towers import HISTORY
 from twostage.ranking.rerank import rerank
-from twostage.retrieval.run import RUN_WEIGHTS, RetrievalRun, load_run, read_retrieval
+from twostage.retrieval.run import (
+    RUN_WEIGHTS,
+    RetrievalRun,
+    load_run,
+    read_retrieval,
+    write_serving,
+)
 from twostage.retrieval.tensors import tensors_to_flat
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
@@ -133,6 +139,7 @@ class Recommender:
             self.item_ids.to_list()
         )  # index -> raw ID, no polars per call
         self._seen = run.tensors.seen()  # row = user_idx
+        self._popular_users = run.uses_popularity(np.arange(self.user_vocab.size))
         popularity = run.tensors.item_probs.clone()
         popularity[0] = -1.0
         self._popular = torch.argsort(popularity, descending=True, stable=True)
@@ -165,6 +172,9 @@ class Recommender:
     ) -> tuple[torch.Tensor | None, int, Path_]:
         """(query embedding [D] or None, user_idx, path)."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
+        if user_idx > 0 and self._popular_users[user_idx]:
+            # The run's validated fallback: too few interactions to beat popularity.
+            return None, user_idx, "popularity"
         if user_idx > 0:
             return self._known_queries()[user_idx], user_idx, "personalised"
         if user_features:
@@ -382,6 +392,7 @@ class Recommender:
             state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
             save_file(state, temp / "retrieval.safetensors")
             save_file(tensors_to_flat(run.tensors), temp / "tables.safetensors")
+            write_serving(run, temp)
             if self.items is not None:
                 metadata = pl.DataFrame(self.items[1:]).with_columns(
                     self.item_ids[1:].alias(ITEM)

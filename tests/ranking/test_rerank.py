@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from twostage.config import ExperimentConfig, apply_overrides
@@ -42,10 +43,14 @@ def test_rerank_orders_by_click_plus_blended_logit() -> None:
     assert order[0].tolist() == [1, 2, 0] and keys[0, 2] == -math.inf
 
 
-def test_served_list_equals_the_evaluated_list() -> None:
+@pytest.mark.parametrize("fallback", [0, 25])
+def test_served_list_equals_the_evaluated_list(fallback: int) -> None:
     """For every known test user, `Recommender.recommend` serves exactly the list
-    `evaluate_ranking` scores: same candidates, same re-rank rule, same order."""
-    config = apply_overrides(ExperimentConfig(), SMALL)
+    `evaluate_ranking` scores: same candidates, same re-rank rule, same order, and
+    the same most-popular list for the users the popularity fallback covers."""
+    config = apply_overrides(
+        ExperimentConfig(), [*SMALL, f"retrieval.popularity_fallback={fallback}"]
+    )
     stages = fit_two_stage(config, evaluate_test=False)
     assert stages.ranker is not None
     recommender = stages.recommender()
@@ -56,9 +61,12 @@ def test_served_list_equals_the_evaluated_list() -> None:
     items = stages.retrieval.spec.vocabulary(ITEM)
     known = user_idx > 0
     assert known.sum() > 50
+    popular = stages.retrieval.uses_popularity(user_idx.numpy())
+    assert popular.any() == (fallback > 0)
     for index, ranked in zip(user_idx[known], lists[known], strict=True):
         evaluated = items.inverse_transform(ranked[ranked >= 0].numpy()).to_list()
         user_id = users.inverse_transform(index.reshape(1).numpy())[0]
         served = recommender.recommend(user_id, k=num_candidates)
-        assert served.path == "personalised"
+        covered = popular[user_idx.numpy().tolist().index(int(index))]
+        assert served.path == ("popularity" if covered else "personalised")
         assert [entry[ITEM] for entry in served.items] == evaluated, user_id

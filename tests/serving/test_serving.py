@@ -270,6 +270,7 @@ def test_predict_scores_follow_the_two_stage_order(tmp_path: Path) -> None:
             "ranking.hidden_dims=8",
             "ranking.epochs=1",
             "ranking.hard_negative_pool=10",
+            "retrieval.popularity_fallback=0",  # every known user is re-ranked
         ],
     )
     rec = fit_two_stage(config, evaluate_test=False).recommender()

@@ -116,6 +116,12 @@ class RetrievalConfig(_Checked):
     of items); with ``full``, ``mask_seen_negatives`` keeps the user's other training
     items (its history) out of the negatives.
 
+    ``popularity_fallback``: users with at most this many training items get the
+    most-popular list instead of the model's, in evaluation and serving; -1 (the
+    default) picks it on the validation carve-out (0 without one), which matters on
+    sparse logs where most-popular beats the model for the least active users
+    (:mod:`twostage.retrieval.fallback`).
+
     ``combine`` joins a tower's field embeddings (and the pooled history): ``sum`` (the
     default) adds them, as factorisation machines and LightFM do, so an item's vector
     is its ID vector plus its features' vectors and a field that does not help can fade
@@ -146,6 +152,7 @@ class RetrievalConfig(_Checked):
     id_dropout: float = 0.1
     dropout: float = 0.0
     sparse_embeddings: bool = False
+    popularity_fallback: int = -1
 
     SECTION: ClassVar[str] = "retrieval"
 
@@ -165,6 +172,10 @@ class RetrievalConfig(_Checked):
             "num_extra_negatives": (self.num_extra_negatives >= 0, "non-negative"),
             "id_dropout": (_fraction(self.id_dropout), "in [0, 1)"),
             "dropout": (_fraction(self.dropout), "in [0, 1)"),
+            "popularity_fallback": (
+                self.popularity_fallback >= -1,
+                "-1 (picked on validation), 0 (never) or positive",
+            ),
         }
 
 

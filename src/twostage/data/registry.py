@@ -29,7 +29,9 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
     Args:
         spec: ``movielens-100k`` (also ``ml-100k``), ``movielens-1m``, ...,
             ``synthetic`` or ``synthetic:num_items=1000,num_users=500`` for generated
-            data, or the path of a CSV/TSV/Parquet interaction log.
+            data, ``book-crossing:PATH`` for a file in the layout of Book-Crossing's
+            ``Preprocessed_data.csv``, or the path of a CSV/TSV/Parquet interaction
+            log.
         **options: for a path, the keyword arguments of
             :func:`twostage.data.tables.read_interactions` (column mapping, separator,
             ``strict``...); for MovieLens, those of
@@ -44,6 +46,10 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
         from twostage.data.movielens import load_movielens
 
         return load_movielens(lowered.split("-", 1)[1], **options)
+    if lowered.startswith("book-crossing:"):
+        from twostage.data.book_crossing import read_book_crossing
+
+        return read_book_crossing(spec.partition(":")[2], **options)
     if lowered == "synthetic" or lowered.startswith("synthetic:"):
         from twostage.data.synthetic import generate
 

@@ -21,6 +21,7 @@ from twostage.ranking.run import (
     top_unseen,
 )
 from twostage.retrieval.evaluation import eval_queries
+from twostage.retrieval.fallback import popularity_top
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +79,24 @@ def _two_stage(
     k = ranking.config.num_candidates
     retrieved: list[Tensor] = []
     reranked: dict[float, list[Tensor]] = {w: [] for w in blend_weights}
+    # The run's popularity fallback: those users get most-popular, not re-ranked.
+    popular = torch.from_numpy(ranking.retrieval.uses_popularity(user_idx.numpy()))
+    valid = torch.ones(ranking.tensors.num_items, dtype=torch.bool)
+    valid[0] = False
     for start in range(0, len(user_idx), chunk):
         users = user_idx[start : start + chunk]
-        ids, logits = top_unseen(
-            ranking, users, seen.slice(start, start + len(users)), k
-        )
+        part = seen.slice(start, start + len(users))
+        ids, logits = top_unseen(ranking, users, part, k)
         click = ranking.score(users, ids.clamp_min(0))["click"]
+        fallback = popular[start : start + len(users)]
+        if fallback.any():
+            rows = [part.row(r) for r in torch.nonzero(fallback).flatten().tolist()]
+            probs = ranking.retrieval.tensors.item_probs
+            ids[fallback] = popularity_top(probs, rows, k, valid=valid)
         retrieved.append(ids)
         for w in blend_weights:
             order, _ = rerank(click, logits, blend_weight=w, valid=ids >= 0)
+            order[fallback] = torch.arange(k)  # most-popular order, as served
             reranked[w].append(ids.gather(1, order))
     return torch.cat(retrieved), {w: torch.cat(v) for w, v in reranked.items()}
 

@@ -111,25 +111,57 @@ def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
 def evaluate_run_embeddings(
     run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...]
 ) -> EvalResult:
-    """Evaluate the two towers over the whole catalogue (both seen-item modes)."""
+    """Evaluate the two towers over the whole catalogue (both seen-item modes), with
+    the run's popularity fallback applied as serving applies it (the users it covers
+    are also reported as the ``popularity_fallback_users`` slice)."""
     queries = eval_queries(run, test)
-    return evaluate_embeddings(
-        run.query_embeddings(queries.user_ids, users=test.users),
-        queries.pad_items(run.item_embeddings()),
+    query_emb = run.query_embeddings(queries.user_ids, users=test.users)
+    item_emb = queries.pad_items(run.item_embeddings())
+    popular = run.uses_popularity(queries.user_idx)
+    if not popular.any():
+        return evaluate_embeddings(
+            query_emb,
+            item_emb,
+            relevant=queries.relevant,
+            seen=queries.seen,
+            ks=ks,
+            exclude_seen="both",
+            valid_items=queries.valid_items,
+            slices=queries.slices,
+            item_slices=queries.item_slices,
+        )
+    popularity = queries.pad_scores(run.tensors.item_probs[None, :])[0]  # [num_items]
+    fallback = torch.from_numpy(popular)
+
+    def score(rows: torch.Tensor) -> torch.Tensor:
+        scores = query_emb[rows] @ item_emb.T  # (B, D) @ (D, N) -> (B, N)
+        scores[fallback[rows]] = popularity
+        return scores
+
+    slices = {**(queries.slices or {}), "popularity_fallback_users": popular}
+    return evaluate_scores(
+        score,
+        num_items=queries.num_items,
+        queries=np.arange(len(popular)),
         relevant=queries.relevant,
         seen=queries.seen,
         ks=ks,
         exclude_seen="both",
         valid_items=queries.valid_items,
-        slices=queries.slices,
+        slices=slices,
         item_slices=queries.item_slices,
     )
 
 
 def evaluate_baselines(
-    run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...] = (1, 5, 10, 50, 100)
+    run: RetrievalRun,
+    test: Dataset,
+    *,
+    ks: tuple[int, ...] = (1, 5, 10, 50, 100),
+    names: tuple[str, ...] | None = None,
 ) -> dict[str, EvalResult]:
-    """Popularity, EASE and item-kNN on the run's own training data and test split."""
+    """Popularity, EASE and item-kNN (or the ``names`` among them) on the run's own
+    training data and test split."""
     from twostage.baselines import BASELINES
 
     queries = eval_queries(run, test)
@@ -142,6 +174,8 @@ def evaluate_baselines(
         return lambda rows: queries.pad_scores(model.score(user_idx[rows]))
 
     for name, cls in BASELINES.items():
+        if names is not None and name not in names:
+            continue
         try:
             model = cls().fit(train, num_items=num_items)
         except ConfigError as e:

@@ -20,6 +20,7 @@ from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
 from twostage.models.retrieval import RetrievalModel
 from twostage.retrieval.evaluation import eval_queries
+from twostage.retrieval.fallback import choose_popularity_fallback
 from twostage.retrieval.run import RetrievalRun, build_model, spec_for
 from twostage.retrieval.task import (
     UserExamples,
@@ -113,6 +114,20 @@ def fit_retrieval(
         on_step=on_step,
     )
     logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
+    run.popularity_fallback = max(config.retrieval.popularity_fallback, 0)
+    if config.retrieval.popularity_fallback < 0 and validate is not None:
+        with torch.no_grad():
+            features["history"] = tensors.history[user_idx]
+            choice = choose_popularity_fallback(
+                model.encode_queries(features),
+                run.item_embeddings(),
+                tensors.item_probs,
+                relevant=queries.relevant,
+                seen=queries.seen,
+                num_train_items=tensors.seen().lengths()[queries.user_idx],
+            )
+        run.popularity_fallback = choice.max_interactions
+        run.fallback = choice.to_dict()
     if validation is not None and validation.num_interactions:
         # At inference the validation rows are history like any other training row:
         # they feed the query history and are excluded as seen.

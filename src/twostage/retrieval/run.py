@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import polars as pl
 import torch
 from safetensors import SafetensorError
@@ -44,6 +45,8 @@ __all__ = [
 
 #: The two towers' weights in a saved run directory (a bundle names them otherwise).
 RUN_WEIGHTS = "model.safetensors"
+#: The serving rules of a run (the popularity fallback), in runs and bundles.
+SERVING = "serving.json"
 
 
 def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
@@ -91,7 +94,13 @@ def spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
 
 @dataclass
 class RetrievalRun:
-    """A trained retrieval model with everything needed to use and evaluate it."""
+    """A trained retrieval model with everything needed to use and evaluate it.
+
+    Attributes:
+        popularity_fallback: users with at most this many training items get the
+            most-popular list (:mod:`twostage.retrieval.fallback`); 0: nobody.
+        fallback: the validation figures the threshold was picked on, if it was.
+    """
 
     config: ExperimentConfig
     spec: FeatureSpec
@@ -99,6 +108,17 @@ class RetrievalRun:
     tensors: RetrievalTensors
     train_result: TrainResult = field(default_factory=TrainResult)
     metrics: dict[str, Any] = field(default_factory=dict)
+    popularity_fallback: int = 0
+    fallback: dict[str, Any] | None = None
+
+    def uses_popularity(self, user_idx: np.ndarray) -> np.ndarray:
+        """``[Q]`` bool: which users (by index; 0 = unknown) get the most-popular
+        list under the run's fallback rule. Unknown users are not covered: they take
+        the cold-start path."""
+        if self.popularity_fallback <= 0:
+            return np.zeros(len(user_idx), dtype=bool)
+        counts = self.tensors.seen().lengths()
+        return (user_idx > 0) & (counts[user_idx] <= self.popularity_fallback)
 
     def item_embeddings(self) -> torch.Tensor:
         """``[N, D]`` embeddings of every vocabulary item (row 0: the OOV item)."""
@@ -139,6 +159,26 @@ class RetrievalRun:
         )
         if self.metrics:
             (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+        write_serving(self, out)
+
+
+def write_serving(run: RetrievalRun, directory: Path) -> None:
+    """``serving.json``: the rules evaluation and serving apply beyond the weights."""
+    serving = {"popularity_fallback": run.popularity_fallback, "fallback": run.fallback}
+    (directory / SERVING).write_text(json.dumps(serving, indent=2) + "\n")
+
+
+def _read_serving(run: RetrievalRun, directory: Path) -> None:
+    path = directory / SERVING
+    if not path.exists():  # saved before the fallback existed: the model serves all
+        return
+    values = json.loads(path.read_text())
+    if not isinstance(values, dict) or not isinstance(
+        values.get("popularity_fallback"), int
+    ):
+        raise ValueError(f"{SERVING} should hold an integer popularity_fallback")
+    run.popularity_fallback = values["popularity_fallback"]
+    run.fallback = values.get("fallback")
 
 
 def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
@@ -172,9 +212,14 @@ def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
             f"missing keys {missing}, unexpected keys {unexpected}."
         )
     model.eval()
-    return RetrievalRun(
+    run = RetrievalRun(
         config=config, spec=spec, model=model, tensors=tensors_from_flat(tables)
     )
+    try:
+        _read_serving(run, path)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {str(path / SERVING)!r}: {e}") from e
+    return run
 
 
 def load_run(directory: str | Path) -> RetrievalRun:

@@ -1,0 +1,143 @@
+"""The most-popular fallback for users a sparse log tells too little about.
+
+On a sparse log (most users with one or two rows, as in Book-Crossing) a trained model
+can rank worse than most-popular for the users with the fewest interactions. After
+training, :func:`choose_popularity_fallback` measures both on the validation carve-out
+by the users' number of training items, and picks the largest threshold ``t`` whose
+rule "users with at most ``t`` training items get the most-popular list" gives the
+best NDCG@10 on validation (0: the model serves everyone). Evaluation, the ranker's
+lists and the Recommender apply the same rule, so the figures describe what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from twostage.data.user_items import UserItems
+from twostage.metrics import per_query_metrics
+
+__all__ = ["FALLBACK_GRID", "FallbackChoice", "choose_popularity_fallback"]
+
+logger = logging.getLogger(__name__)
+
+#: Thresholds tried on validation (training items per user).
+FALLBACK_GRID = (0, 1, 2, 3, 5, 10, 20, 50)
+_K = 10
+
+
+@dataclass(frozen=True)
+class FallbackChoice:
+    """The picked threshold and the validation NDCG@10 it rests on.
+
+    Attributes:
+        max_interactions: users with at most this many training items get the
+            most-popular list (0: nobody).
+        model, popularity, combined: validation NDCG@10 (seen items excluded) of the
+            model alone, of most-popular alone, and of the rule.
+        num_users: validation users measured.
+    """
+
+    max_interactions: int
+    model: float
+    popularity: float
+    combined: float
+    num_users: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_interactions": self.max_interactions,
+            "validation_ndcg_10": {
+                "model": self.model,
+                "popularity": self.popularity,
+                "with_fallback": self.combined,
+            },
+            "num_validation_users": self.num_users,
+        }
+
+
+def popularity_top(
+    item_probs: Tensor, seen: list[np.ndarray], k: int, *, valid: Tensor
+) -> Tensor:
+    """``[Q, k]`` the most popular valid items of each row, its ``seen`` excluded."""
+    # Stable: ties in popularity keep catalogue order, as the Recommender does.
+    order = torch.argsort(
+        item_probs.masked_fill(~valid, -1.0), descending=True, stable=True
+    )
+    order = order[valid[order]]
+    rows = []
+    for items in seen:
+        head = order[: k + len(items)]  # enough to fill k after the exclusions
+        top = head[~torch.isin(head, torch.from_numpy(items))][:k]
+        rows.append(torch.nn.functional.pad(top, (0, k - len(top)), value=-1))
+    return torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.long)
+
+
+def choose_popularity_fallback(
+    query_embeddings: Tensor,
+    item_embeddings: Tensor,
+    item_probs: Tensor,
+    *,
+    relevant: UserItems,
+    seen: UserItems,
+    num_train_items: np.ndarray,
+    chunk: int = 1024,
+) -> FallbackChoice:
+    """Pick the fallback threshold on validation queries.
+
+    Args:
+        query_embeddings: ``[Q, D]`` the validation users' query embeddings.
+        item_embeddings: ``[N, D]`` every item's (row 0: OOV, never ranked).
+        item_probs: ``[N]`` each item's share of the training rows.
+        relevant: ``Q`` rows of validation items (a ``UserItems``; items past ``N``
+            are unknown to the model and never hit).
+        seen: ``Q`` rows of training items (a ``UserItems``), excluded from lists.
+        num_train_items: ``[Q]`` each user's number of training items.
+        chunk: queries scored at once.
+    """
+    num_items = item_embeddings.shape[0]
+    valid = torch.ones(num_items, dtype=torch.bool)
+    valid[0] = False
+    model_ids, popular_ids = [], []
+    for start in range(0, len(query_embeddings), chunk):
+        stop = min(start + chunk, len(query_embeddings))
+        scores = query_embeddings[start:stop] @ item_embeddings.T  # (B, D)@(D, N)
+        scores[:, 0] = -torch.inf
+        part = seen.slice(start, stop)
+        rows, cols = torch.from_numpy(part.row_ids()), torch.from_numpy(part.indices)
+        scores[rows, cols] = -torch.inf
+        values, ids = scores.topk(min(_K, num_items), dim=1)
+        ids = ids.masked_fill(values == -torch.inf, -1)  # the unseen items ran out
+        model_ids.append(torch.nn.functional.pad(ids, (0, _K - ids.shape[1]), value=-1))
+        seen_rows = [part.row(r) for r in range(stop - start)]
+        popular_ids.append(popularity_top(item_probs, seen_rows, _K, valid=valid))
+    model_ndcg = _ndcg(torch.cat(model_ids), relevant)
+    popular_ndcg = _ndcg(torch.cat(popular_ids), relevant)
+    has = ~np.isnan(model_ndcg)
+    counts = np.asarray(num_train_items)[has]
+    model_ndcg, popular_ndcg = model_ndcg[has], popular_ndcg[has]
+    best_t, best = 0, float(model_ndcg.mean()) if has.any() else 0.0
+    for t in FALLBACK_GRID[1:]:
+        combined = float(np.where(counts <= t, popular_ndcg, model_ndcg).mean())
+        if combined > best + 1e-12:
+            best_t, best = t, combined
+    choice = FallbackChoice(
+        max_interactions=best_t,
+        model=float(model_ndcg.mean()) if has.any() else 0.0,
+        popularity=float(popular_ndcg.mean()) if has.any() else 0.0,
+        combined=best,
+        num_users=int(has.sum()),
+    )
+    logger.info("popularity fallback on validation: %s", choice)
+    return choice
+
+
+def _ndcg(ids: Tensor, relevant: UserItems) -> np.ndarray:
+    """``[Q]`` NDCG@10 per query (NaN without relevant items)."""
+    out = per_query_metrics(ids, relevant, ks=(_K,))
+    return out["ndcg"][:, 0].numpy()

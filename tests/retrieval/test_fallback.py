@@ -1,0 +1,84 @@
+"""The most-popular fallback for users with few interactions."""
+
+import numpy as np
+import pytest
+import torch
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.book_crossing import write_book_crossing
+from twostage.data.user_items import UserItems
+from twostage.recommender import load
+from twostage.retrieval.fallback import choose_popularity_fallback
+from twostage.two_stage import fit_two_stage
+
+
+def test_threshold_is_picked_where_popularity_wins() -> None:
+    """20 items; item 1 is the most popular, item 5 among the least. Users 0-1 (one
+    training item) want item 1, and their queries rank it last; users 2-3 (five
+    training items) want item 5, and their queries rank it first. Popularity serves
+    0-1, the model 2-3: threshold 1."""
+    items = torch.eye(20)
+    probs = torch.full((20,), 0.03)
+    probs[0], probs[1], probs[5] = 0.0, 0.5, 0.001
+    queries = torch.stack([-items[1], -items[1], items[5], items[5]])
+    relevant = UserItems.from_pairs([0, 1, 2, 3], [1, 1, 5, 5], num_rows=4)
+    seen = UserItems.from_pairs([0, 1, 2, 3], [2, 2, 4, 4], num_rows=4)
+    choice = choose_popularity_fallback(
+        queries,
+        items,
+        probs,
+        relevant=relevant,
+        seen=seen,
+        num_train_items=np.array([1, 1, 5, 5]),
+    )
+    assert choice.max_interactions == 1
+    assert choice.model == pytest.approx(0.5)  # users 2-3 hit at rank 1
+    assert choice.popularity == pytest.approx(0.5)  # users 0-1 hit at rank 1
+    assert choice.combined == pytest.approx(1.0)
+    # When the model wins everywhere, nobody falls back.
+    queries = torch.stack([items[1], items[1], items[5], items[5]])
+    choice = choose_popularity_fallback(
+        queries,
+        items,
+        probs,
+        relevant=relevant,
+        seen=seen,
+        num_train_items=np.array([1, 1, 5, 5]),
+    )
+    assert choice.max_interactions == 0
+
+
+@pytest.mark.slow
+def test_sparse_log_serves_popularity_to_the_least_active(tmp_path) -> None:
+    """On a Book-Crossing-layout log the rule is picked, evaluated, saved and served."""
+    log = write_book_crossing(tmp_path / "Preprocessed_data.csv", num_rows=6000)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            f"data.dataset=book-crossing:{log}",
+            "data.unrated_values=0",
+            "data.validation_fraction=0.1",
+            "train.epochs=4",
+            "train.num_threads=1",
+            "retrieval.embedding_dim=16",
+            "retrieval.output_dim=16",
+        ],
+    )
+    stages = fit_two_stage(config, ranking=False)
+    run = stages.retrieval
+    assert run.fallback is not None
+    picked = run.popularity_fallback
+    validation = run.fallback["validation_ndcg_10"]
+    assert validation["with_fallback"] >= validation["model"]
+    rec = stages.recommender()
+    rec.save(tmp_path / "models" / "books" / "1")
+    loaded = load(tmp_path / "models" / "books")
+    assert loaded.run.popularity_fallback == picked
+    counts = run.tensors.seen().lengths()
+    users = loaded.user_vocab.values.to_list()
+    for index, user in enumerate(users[:200], start=1):
+        expected = "popularity" if 0 < counts[index] <= picked else "personalised"
+        assert loaded.recommend(user, k=5).path == expected, (user, counts[index])
+    if picked:
+        slice_ = run.metrics["slices"]["popularity_fallback_users"]
+        assert slice_["counts"]["exclude_seen"]["num_queries"] > 0

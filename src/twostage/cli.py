@@ -200,6 +200,19 @@ def _open_bundle(path: Path) -> Any:
     return load(path)
 
 
+def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
+    """``["age=30", "gender=F"]`` -> ``{"age": 30, "gender": "F"}`` (integers parsed)."""
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(
+                f"should look like key=value. Received: {item!r}.", param_hint=option
+            )
+        values[key] = int(value) if value.lstrip("-").isdigit() else value
+    return values
+
+
 def _parse_id(value: str) -> Any:
     return int(value) if value.lstrip("-").isdigit() else value
 
@@ -224,16 +237,23 @@ def recommend_command(
         list[str] | None,
         typer.Option(help="Cold-start user feature, e.g. --feature age=30."),
     ] = None,
+    context: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Context of the request, for a model that reads some, e.g. "
+            "--context timestamp=1700000000."
+        ),
+    ] = None,
 ) -> None:
     """Recommend items for a user, printed with titles next to their history."""
     rec = _open_bundle(bundle)
-    features = dict(f.split("=", 1) for f in feature or [])
-    for key, value in features.items():
-        if value.lstrip("-").isdigit():
-            features[key] = int(value)  # type: ignore[assignment]
     user_id = _parse_id(user) if user is not None else None
     answer = rec.recommend(
-        user_id, k, user_features=features or None, exclude_seen=not include_seen
+        user_id,
+        k,
+        user_features=_key_values(feature, "--feature") or None,
+        exclude_seen=not include_seen,
+        context=_key_values(context, "--context") or None,
     )
     history = rec.history(user_id) if user_id is not None else []
     if history:
@@ -461,7 +481,9 @@ def _score_samples(run: Any, test: Any) -> dict[str, Any]:
     from twostage.retrieval.evaluation import eval_queries
 
     queries = eval_queries(run, test)
-    query_emb = run.query_embeddings(queries.user_ids, users=test.users)
+    query_emb = run.query_embeddings(
+        queries.user_ids, users=test.users, context=queries.context
+    )
     items = run.item_embeddings()
     rows = queries.relevant.row_ids()
     cols = queries.relevant.indices

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -24,6 +25,7 @@ from twostage.config import IndexConfig, RankingConfig, save_config
 from twostage.data.dataset import ITEM, USER
 from twostage.display import display_columns, label_and_tags
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
+from twostage.features.context import context_frame
 from twostage.index import Index, load_index, make_index
 from twostage.models.towers import HISTORY
 from twostage.ranking.rerank import rerank
@@ -34,7 +36,7 @@ from twostage.retrieval.run import (
     read_retrieval,
     write_serving,
 )
-from twostage.retrieval.tensors import tensors_to_flat
+from twostage.retrieval.tensors import context_keys, tensors_to_flat
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
 
@@ -140,6 +142,7 @@ class Recommender:
         )  # index -> raw ID, no polars per call
         self._seen = run.tensors.seen()  # row = user_idx
         self._popular_users = run.uses_popularity(np.arange(self.user_vocab.size))
+        self._context_keys = context_keys(run.spec)
         popularity = run.tensors.item_probs.clone()
         popularity[0] = -1.0
         self._popular = torch.argsort(popularity, descending=True, stable=True)
@@ -167,21 +170,64 @@ class Recommender:
         return self._query_cache
 
     # -- queries -----------------------------------------------------------------
+    def _context(self, context: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+        """``{key: [1, ...]}`` the encoded context of one request (unknown where
+        missing); empty for a model that reads no context.
+
+        Raises:
+            ConfigError: context is given to a model that reads none, or names a
+                column the model does not read.
+        """
+        if not self._context_keys:
+            if context:
+                raise ConfigError(
+                    "`context` is given, but this model reads no context "
+                    f"(received {sorted(context)})."
+                )
+            return {}
+        frame = context_frame(pl.Series(USER, [None]), context, self._context_keys)
+        return {
+            info.key: torch.from_numpy(
+                np.require(
+                    self.run.spec.encoder(info.key).transform(frame[info.column]),
+                    requirements=["C", "W"],
+                )
+            )
+            for info in self.run.spec.describe(side="query")
+            if info.column in self._context_keys
+        }
+
     def _query(
-        self, user_id: Any, user_features: dict[str, Any] | None
+        self,
+        user_id: Any,
+        user_features: dict[str, Any] | None,
+        context: Mapping[str, Any] | None = None,
     ) -> tuple[torch.Tensor | None, int, Path_]:
         """(query embedding [D] or None, user_idx, path)."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
+        encoded = self._context(context)
         if user_idx > 0 and self._popular_users[user_idx]:
             # The run's validated fallback: too few interactions to beat popularity.
             return None, user_idx, "popularity"
+        if user_idx > 0 and encoded:
+            tensors = self.run.tensors
+            row = slice(user_idx, user_idx + 1)
+            features = {k: v[row] for k, v in tensors.user_features.items()}
+            features.update(encoded)
+            features[HISTORY] = tensors.history[row]
+            with torch.no_grad():
+                return (
+                    self.run.model.encode_queries(features)[0],
+                    user_idx,
+                    "personalised",
+                )
         if user_idx > 0:
             return self._known_queries()[user_idx], user_idx, "personalised"
         if user_features:
             columns = [
                 f.column
                 for f in self.run.spec.describe(side="query")
-                if f.column != USER
+                if f.column != USER and f.column not in self._context_keys
             ]
             unknown = sorted(set(user_features) - set(columns))
             if unknown:
@@ -190,7 +236,11 @@ class Recommender:
                 )
             values = {c: [user_features.get(c)] for c in columns}
             frame = pl.DataFrame({USER: [None], **values})
+            frame = frame.with_columns(
+                pl.lit(None).alias(c) for c in self._context_keys
+            )
             features = self.run.spec.transform_queries(frame)
+            features.update(encoded)
             features[HISTORY] = torch.zeros(
                 1, self.run.tensors.history.shape[1], dtype=torch.long
             )
@@ -226,6 +276,7 @@ class Recommender:
         exclude_seen: bool = True,
         num_candidates: int | None = None,
         filters: dict[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> Recommendation:
         """Top ``k`` items for a user.
 
@@ -240,6 +291,10 @@ class Recommender:
                 evaluated with.
             filters: keep only items whose metadata matches, e.g.
                 ``{"genres": "Comedy"}`` (a list column matches by membership).
+            context: the moment of the request, for a model that reads
+                per-interaction context, e.g. ``{"timestamp": 1700000000}`` (which
+                also gives ``hour_of_day`` and ``day_of_week``); missing values
+                encode as unknown.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
@@ -249,7 +304,7 @@ class Recommender:
         if num_candidates is None:
             num_candidates = self.num_candidates
         _check_k("num_candidates", num_candidates)
-        query, user_idx, path = self._query(user_id, user_features)
+        query, user_idx, path = self._query(user_id, user_features, context)
         seen = self._seen.row(user_idx) if exclude_seen and user_idx > 0 else None
         mask = self._filter_mask(filters)
         if query is None or mask is not None:

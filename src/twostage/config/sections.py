@@ -96,6 +96,10 @@ class RetrievalConfig(_Checked):
 
     ``query_fields`` / ``candidate_fields`` restrict the side features to these columns
     (the ID fields are always used); empty means every column the data offers.
+    ``query_fields`` may also name per-interaction context: ``timestamp``, a per-row
+    column of the log, or ``hour_of_day`` / ``day_of_week``
+    (:mod:`twostage.features.context`); with context, every test interaction is its
+    own evaluation query, and ``examples=users`` sees no context.
 
     ``examples`` is ``interactions`` (one training example per (user, item) row: the
     query sees the user's history without that item and must pick it) or ``users`` (one

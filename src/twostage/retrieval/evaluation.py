@@ -20,8 +20,9 @@ from twostage.data.split import prepare_split
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, TwostageError
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
+from twostage.features.context import add_context_columns
 from twostage.retrieval.run import RetrievalRun, load_run
-from twostage.retrieval.tensors import RetrievalTensors
+from twostage.retrieval.tensors import RetrievalTensors, context_keys
 
 __all__ = [
     "EvalQueries",
@@ -56,6 +57,7 @@ class EvalQueries:
     slices: dict[str, np.ndarray] | None
     item_slices: dict[str, np.ndarray]
     num_cold_items: int = 0  # distinct test items unknown to the model
+    context: pl.DataFrame | None = None  # [Q] each query's context columns, if any
 
     @property
     def num_items(self) -> int:
@@ -71,14 +73,24 @@ class EvalQueries:
 
 
 def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
-    """One query per test user; relevant = their test items, seen = training items."""
+    """One query per test user (relevant: their test items), or, for a model that
+    reads per-interaction context, one query per test interaction with its context
+    (relevant: its item); seen = the user's training items."""
     user_vocab, item_vocab = run.spec.vocabulary(USER), run.spec.vocabulary(ITEM)
     inter = test.interactions
-    user_ids = inter[USER].unique().sort()
-    position = user_ids.to_frame().with_row_index("q")
-    rows_arr = inter.select(USER).join(
-        position, on=USER, how="left", maintain_order="left"
-    )["q"]
+    keys = context_keys(run.spec)
+    context = None
+    if keys:
+        inter = add_context_columns(test, keys).interactions
+        user_ids = inter[USER]
+        rows_arr = pl.Series(np.arange(len(inter)))
+        context = inter.select([c for c in inter.columns if c in keys])
+    else:
+        user_ids = inter[USER].unique().sort()
+        position = user_ids.to_frame().with_row_index("q")
+        rows_arr = inter.select(USER).join(
+            position, on=USER, how="left", maintain_order="left"
+        )["q"]
     items = item_vocab.transform(inter[ITEM])
     # Each distinct unknown test item gets its own index past the vocabulary.
     unknown = items == 0
@@ -105,6 +117,7 @@ def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
         slices={"warm_users": ~cold, "cold_users": cold} if cold.any() else None,
         item_slices={"cold_items": cold_items},
         num_cold_items=num_cold,
+        context=context,
     )
 
 
@@ -115,7 +128,9 @@ def evaluate_run_embeddings(
     the run's popularity fallback applied as serving applies it (the users it covers
     are also reported as the ``popularity_fallback_users`` slice)."""
     queries = eval_queries(run, test)
-    query_emb = run.query_embeddings(queries.user_ids, users=test.users)
+    query_emb = run.query_embeddings(
+        queries.user_ids, users=test.users, context=queries.context
+    )
     item_emb = queries.pad_items(run.item_embeddings())
     popular = run.uses_popularity(queries.user_idx)
     if not popular.any():

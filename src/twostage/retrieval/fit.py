@@ -18,6 +18,7 @@ from twostage.data.split import ExperimentSplit, prepare_split
 from twostage.errors import DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
+from twostage.features.context import add_context_columns, context_frame
 from twostage.models.retrieval import RetrievalModel
 from twostage.retrieval.evaluation import eval_queries
 from twostage.retrieval.fallback import choose_popularity_fallback
@@ -31,6 +32,7 @@ from twostage.retrieval.task import (
 from twostage.retrieval.tensors import (
     RetrievalTensors,
     build_tensors,
+    context_keys,
     with_history_of,
 )
 from twostage.training import ProgressFn, TrainResult
@@ -69,7 +71,9 @@ def fit_retrieval(
     if dataset is None:
         dataset = load_dataset_for(config)
     split = prepare_split(dataset, config)
-    train, validation = split.fit, split.validation
+    wanted = config.retrieval.query_fields
+    train = add_context_columns(split.fit, wanted)
+    validation = split.validation
     if train.num_interactions == 0:
         raise DataError("the training split is empty: nothing to train on.")
     started = time.perf_counter()
@@ -85,9 +89,8 @@ def fit_retrieval(
         valid_users, valid_items = _pairs(spec, validation)
         # The validation queries and their features do not change between epochs.
         queries = eval_queries(run, validation)
-        features = spec.transform_queries(
-            queries.user_ids.rename(USER), users=validation.users
-        )
+        frame = context_frame(queries.user_ids, queries.context, context_keys(spec))
+        features = spec.transform_queries(frame, users=validation.users)
         user_idx = torch.from_numpy(queries.user_idx)
 
         def validate(model: RetrievalModel) -> dict[str, float]:

@@ -7,6 +7,7 @@ Loading a run imports no fitting code, loss or data download: the server loads r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,12 @@ from twostage.config import ExperimentConfig, RetrievalConfig, from_dict, save_c
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.errors import ArtifactError, ConfigError
 from twostage.features import FeatureSpec
+from twostage.features.context import context_field, context_frame, context_names
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.towers import FieldInfo
 from twostage.retrieval.tensors import (
     RetrievalTensors,
+    context_keys,
     tensors_from_flat,
     tensors_to_flat,
 )
@@ -67,27 +70,41 @@ def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
 
 
 def spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
+    """The fields of both towers for a training split and config.
+
+    ``retrieval.query_fields`` may name user-table columns and context columns (the
+    timestamp, per-row columns, ``hour_of_day``, ``day_of_week``:
+    :mod:`twostage.features.context`); the ID fields are always used.
+    """
     retrieval = config.retrieval
     spec = FeatureSpec.default_for(
         dataset, use_side_features=retrieval.use_side_features
     )
+    user_columns = {f.name for f in spec.query}
+    offered = context_names(dataset)
+    context = [
+        n for n in retrieval.query_fields if n not in user_columns and n in offered
+    ]
 
     def keep(fields: Any, wanted: tuple[str, ...], key: str) -> list[Any]:
         if not retrieval.use_side_features:
             return [f for f in fields if f.name == key]
-        if not wanted:
+        if not wanted:  # nothing named: every column the data offers
             return list(fields)
+        wanted = tuple(n for n in wanted if n not in context)
         names = {f.name for f in fields}
         unknown = sorted(set(wanted) - names)
         if unknown:
             raise ConfigError(
                 f"unknown feature column(s) {unknown} in the retrieval config; the data "
-                f"offers {sorted(names)}."
+                f"offers {sorted(names)} and the context columns {offered}."
             )
         return [f for f in fields if f.name == key or f.name in wanted]
 
+    query = keep(spec.query, retrieval.query_fields, USER)
+    query += [context_field(name, dataset) for name in context]
     return FeatureSpec(
-        query=keep(spec.query, retrieval.query_fields, USER),
+        query=query,
         candidate=keep(spec.candidate, retrieval.candidate_fields, ITEM),
     )
 
@@ -126,10 +143,23 @@ class RetrievalRun:
             return self.model.encode_items(self.tensors.item_features)
 
     def query_embeddings(
-        self, user_ids: pl.Series, *, users: pl.DataFrame | None
+        self,
+        user_ids: pl.Series,
+        *,
+        users: pl.DataFrame | None,
+        context: Mapping[str, Any] | pl.DataFrame | None = None,
     ) -> torch.Tensor:
-        """``[Q, D]`` query embeddings of raw user IDs; unknown users use their features."""
-        features = self.spec.transform_queries(user_ids.rename(USER), users=users)
+        """``[Q, D]`` query embeddings of raw user IDs; unknown users use their features.
+
+        Args:
+            user_ids: ``[Q]`` raw user IDs.
+            users: the user feature table (for users the model has not seen).
+            context: the per-interaction context of each query, for a model that reads
+                some (a frame of ``Q`` rows, or one mapping for all); missing values
+                encode as unknown.
+        """
+        frame = context_frame(user_ids, context, context_keys(self.spec))
+        features = self.spec.transform_queries(frame, users=users)
         user_idx = torch.from_numpy(self.spec.vocabulary(USER).transform(user_ids))
         features["history"] = self.tensors.history[user_idx]
         with torch.no_grad():

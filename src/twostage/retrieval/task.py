@@ -98,14 +98,16 @@ def training_queries(
     users: Tensor,
     generator: torch.Generator,
     exclude_items: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
-    """Query embeddings of a training batch: ID dropout, then history dropout."""
+    """Query embeddings of a training batch: ID dropout, then history dropout.
+    ``rows``: the batch's training rows, whose context the queries see."""
     drop = None
     if model_config.id_dropout > 0:
         drop = torch.rand(len(users), generator=generator) < model_config.id_dropout
         drop = drop.to(users.device)
     features = query_features(
-        tensors, users, exclude_items=exclude_items, drop_ids=drop
+        tensors, users, exclude_items=exclude_items, drop_ids=drop, rows=rows
     )
     history = features[HISTORY]
     if model_config.history_dropout > 0 and history.shape[1]:
@@ -173,7 +175,7 @@ def interaction_loss(
     catalogue with ``negatives=full``."""
     users, items = tensors.users[batch], tensors.items[batch]
     queries = training_queries(
-        model, model_config, tensors, users, generator, exclude_items=items
+        model, model_config, tensors, users, generator, exclude_items=items, rows=batch
     )
     weights = tensors.weights[batch] if tensors.weights is not None else None
     if model_config.negatives == "full":

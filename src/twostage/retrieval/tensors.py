@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -22,6 +23,7 @@ from twostage.config import RetrievalConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.user_items import UserItems
 from twostage.features import FeatureSpec
+from twostage.features.context import context_frame
 from twostage.models.towers import HISTORY
 
 __all__ = [
@@ -48,6 +50,9 @@ class RetrievalTensors:
         weights: ``[n]`` example weights, or None.
         item_probs: ``[N]`` share of the training examples of each item (logQ).
         user_id_field: name of the user ID field (dropped to OOV for ID dropout).
+        context: ``[n, ...]`` each training row's own context fields, which replace
+            the per-user (unknown) values when a batch names its rows; empty when
+            the model reads no context. Training-only: not saved.
     """
 
     user_features: dict[str, Tensor]
@@ -58,6 +63,7 @@ class RetrievalTensors:
     weights: Tensor | None
     item_probs: Tensor
     user_id_field: str | None = "user_id"
+    context: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
     def to(self, device: torch.device) -> RetrievalTensors:
         """A copy with every tensor on ``device``."""
@@ -74,6 +80,7 @@ class RetrievalTensors:
             weights=None if self.weights is None else self.weights.to(device),
             item_probs=self.item_probs.to(device),
             user_id_field=self.user_id_field,
+            context=move(self.context),
         )
 
     def seen(self) -> UserItems:
@@ -98,18 +105,25 @@ def query_features(
     *,
     exclude_items: Tensor | None = None,
     drop_ids: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Gather the query features of a batch of users.
 
     Args:
         tensors: the prepared tables.
         users: ``[B]`` user indices.
+        rows: ``[B]`` the training rows of the batch, whose own context replaces the
+            users' unknown context (when the model reads context).
         exclude_items: ``[B]`` item per row to remove from that row's history (the
             training target, so the model cannot see the answer).
         drop_ids: ``[B]`` bool; where True, the user ID becomes OOV (0) and the history
             is emptied, which trains the cold-start path.
     """
     features = {name: values[users] for name, values in tensors.user_features.items()}
+    if rows is not None:
+        features.update(
+            {name: values[rows] for name, values in tensors.context.items()}
+        )
     history = tensors.history[users]
     if exclude_items is not None and history.shape[1]:
         history = history.masked_fill(history == exclude_items[:, None], 0)
@@ -159,7 +173,10 @@ def _rows_in_vocab_order(
         [pl.Series(key, [None], dtype=vocab.values.dtype), vocab.values.rename(key)]
     )
     if side == "query":
-        return spec.transform_queries(ids, users=table)
+        # No context belongs to a user: those columns encode as unknown here.
+        return spec.transform_queries(
+            context_frame(ids, None, context_keys(spec)), users=table
+        )
     return spec.transform_items(ids, items=table)
 
 
@@ -201,6 +218,13 @@ def build_tensors(
     if config.rating_weights and RATING in inter.columns:
         rating = inter[RATING].fill_null(0).to_numpy().astype(np.float32)
         weights = torch.from_numpy(np.maximum(rating, 0.0) + 1.0)
+    keys = context_keys(spec)
+    context = {}
+    if keys:
+        # Each training row's own context; the per-user rows hold "unknown".
+        rows = context_frame(inter[USER], inter, keys)
+        encoded = spec.transform_queries(rows, users=train.users)
+        context = {f.key: encoded[f.key] for f in _context_infos(spec)}
     return RetrievalTensors(
         user_features=_rows_in_vocab_order(spec, USER, "query", train.users),
         item_features=_rows_in_vocab_order(spec, ITEM, "candidate", train.items),
@@ -212,7 +236,22 @@ def build_tensors(
         weights=weights,
         item_probs=torch.from_numpy(counts / counts.sum()).float(),
         user_id_field=USER,
+        context=context,
     )
+
+
+def context_keys(spec: FeatureSpec) -> list[str]:
+    """The query columns read from the interactions rather than the user table: the
+    per-interaction context (:mod:`twostage.features.context`)."""
+    return [info.column for info in _context_infos(spec)]
+
+
+def _context_infos(spec: FeatureSpec) -> list[Any]:
+    return [
+        info
+        for info in spec.describe(side="query")
+        if info.source == "interactions" and info.column != USER
+    ]
 
 
 def with_history_of(
@@ -240,4 +279,5 @@ def with_history_of(
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
         weights=None,
+        context={},  # the rows changed; context is for training batches only
     )

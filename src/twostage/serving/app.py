@@ -273,6 +273,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 exclude_seen=body.exclude_seen,
                 num_candidates=_num_candidates(settings, body.k),
                 filters=body.filters,
+                context=body.context,
             )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
         if body.include_history:
@@ -342,6 +343,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     exclude_seen=request.exclude_seen,
                     num_candidates=_num_candidates(settings, request.k),
                     filters=request.filters,
+                    context=request.context,
                 )
             predictions.append(
                 {

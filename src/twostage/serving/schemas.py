@@ -51,6 +51,11 @@ class RecommendRequest(_Strict):
     include_history: bool = Field(
         False, description="Also return the user's training items."
     )
+    context: dict[str, Any] | None = Field(
+        None,
+        description="The moment of the request, for a model that reads "
+        'per-interaction context, e.g. {"timestamp": 1700000000}.',
+    )
 
 
 class SimilarRequest(_Strict):

@@ -121,7 +121,7 @@ def test_timestamp_is_accepted_as_a_query_field() -> None:
         "retrieval.use_side_features=true",
         "retrieval.query_fields=weather",
     ]
-    with pytest.raises(ConfigError, match="unknown feature column.*hour_of_day"):
+    with pytest.raises(ConfigError, match=r"unknown feature column.*hour_of_day"):
         fit_two_stage(
             apply_overrides(ExperimentConfig(), unknown),
             _daypart_log(num=500),

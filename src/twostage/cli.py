@@ -374,6 +374,35 @@ def evaluate_command(
         json_out.write_text(json.dumps(results, indent=2))
 
 
+@app.command("report")
+def report_command(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A bundle dir, models/<name>/ (its newest version), or the --out "
+            "directory of `twostage train retrieval`."
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where the report goes (default: reports/<path name>)."),
+    ] = None,
+) -> None:
+    """Write the report of a run or bundle: loss curves of both stages with the best
+    epoch marked, metrics at K beside the baselines, score distributions, ranking
+    figures, config, seed and version (Markdown, HTML and PNG)."""
+    from twostage.report import report_for
+
+    target = out or Path("reports") / (path.resolve().name or "run")
+    with console.status("rebuilding the test split and evaluating"):
+        files, notes = report_for(path, target)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
+    console.print(
+        f"Report: [cyan]{files[0].parent}[/cyan] ({', '.join(f.name for f in files)})."
+    )
+
+
 @app.command("demo")
 def demo(
     out: Annotated[
@@ -402,7 +431,7 @@ def demo(
     from twostage.config import ExperimentConfig, apply_overrides
     from twostage.data.describe import describe
     from twostage.data.movielens import load_movielens
-    from twostage.report import write_report
+    from twostage.report import score_samples, write_report
     from twostage.retrieval.evaluation import evaluate_baselines
 
     started = time.perf_counter()
@@ -459,7 +488,7 @@ def demo(
         summary=summary,
         history=run.train_result.history,
         comparison=comparison,
-        scores=_score_samples(run, split.test),
+        scores=score_samples(run, split.test),
         sections={
             f"User {user}: recently watched": history[-10:][::-1],
             f"User {user}: recommended ({answer.path})": answer.items,
@@ -471,31 +500,6 @@ def demo(
         f"Report: [cyan]{files[0].parent}[/cyan] ({', '.join(f.name for f in files)}); "
         f"demo took {time.perf_counter() - started:.0f} s."
     )
-
-
-def _score_samples(run: Any, test: Any) -> dict[str, Any]:
-    """Retrieval scores of test (user, item) pairs and of random (user, item) pairs."""
-    import numpy as np
-    import torch
-
-    from twostage.retrieval.evaluation import eval_queries
-
-    queries = eval_queries(run, test)
-    query_emb = run.query_embeddings(
-        queries.user_ids, users=test.users, context=queries.context
-    )
-    items = run.item_embeddings()
-    rows = queries.relevant.row_ids()
-    cols = queries.relevant.indices
-    keep = (cols > 0) & (cols < items.shape[0])  # items the model knows
-    positive = (query_emb[rows[keep]] * items[cols[keep]]).sum(1)
-    generator = torch.Generator().manual_seed(0)
-    random_items = torch.randint(1, items.shape[0], (len(rows),), generator=generator)
-    negative = (query_emb[rows] * items[random_items]).sum(1)
-    return {
-        "test interactions": np.asarray(positive),
-        "random items": np.asarray(negative),
-    }
 
 
 def main() -> None:

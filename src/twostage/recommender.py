@@ -33,7 +33,9 @@ from twostage.retrieval.run import (
     RUN_WEIGHTS,
     RetrievalRun,
     load_run,
+    read_records,
     read_retrieval,
+    write_records,
     write_serving,
 )
 from twostage.retrieval.tensors import context_keys, tensors_to_flat
@@ -143,6 +145,8 @@ class Recommender:
         self._seen = run.tensors.seen()  # row = user_idx
         self._popular_users = run.uses_popularity(np.arange(self.user_vocab.size))
         self._context_keys = context_keys(run.spec)
+        #: The bundle's manifest (version, creation time, checksums) when loaded.
+        self.manifest: dict[str, Any] = {}
         popularity = run.tensors.item_probs.clone()
         popularity[0] = -1.0
         self._popular = torch.argsort(popularity, descending=True, stable=True)
@@ -448,6 +452,7 @@ class Recommender:
             save_file(state, temp / "retrieval.safetensors")
             save_file(tensors_to_flat(run.tensors), temp / "tables.safetensors")
             write_serving(run, temp)
+            write_records(run, temp)
             if self.items is not None:
                 metadata = pl.DataFrame(self.items[1:]).with_columns(
                     self.item_ids[1:].alias(ITEM)
@@ -513,6 +518,7 @@ def _load_bundle(root: Path) -> Recommender:
     run = read_retrieval(
         root, weights="retrieval.safetensors", hint="a bundle saved by Recommender.save"
     )
+    read_records(run, root)
     items = _read_items(root / "items.parquet")
     ranker = None
     if manifest.get("ranking"):
@@ -520,4 +526,6 @@ def _load_bundle(root: Path) -> Recommender:
 
         ranker = load_ranking(root / "ranking", run)
     index = load_index(root / "index") if (root / "index").is_dir() else None
-    return Recommender(run, items=items, ranker=ranker, index=index)
+    recommender = Recommender(run, items=items, ranker=ranker, index=index)
+    recommender.manifest = manifest
+    return recommender

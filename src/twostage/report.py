@@ -1,19 +1,44 @@
-"""The demo report: a Markdown and an HTML summary with PNG plots."""
+"""The report of a run: a Markdown and an HTML summary with PNG plots.
+
+``twostage demo`` writes one; ``twostage report RUN_OR_BUNDLE`` writes one for any saved
+run or bundle (:func:`report_for`).
+"""
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["write_report"]
+if TYPE_CHECKING:
+    from twostage.data.dataset import Dataset
+    from twostage.retrieval.run import RetrievalRun
+
+__all__ = ["report_for", "score_samples", "write_report"]
 
 KS = ("1", "5", "10", "50", "100")
 
 
-def _plot_losses(history: list[dict[str, float]], path: Path) -> None:
+def _best_epoch(history: list[dict[str, float]]) -> int | None:
+    """The 1-based epoch whose weights were kept (best validation, else train loss)."""
+    if not history:
+        return None
+    key, sign = ("validation", 1) if "validation" in history[0] else ("train_loss", -1)
+    best = max(history, key=lambda h: sign * h[key])
+    return int(best["epoch"]) + 1
+
+
+def _plot_losses(
+    history: list[dict[str, float]],
+    path: Path,
+    *,
+    title: str = "Retrieval training",
+    loss_label: str = "in-batch softmax loss",
+    metric_label: str = "validation Recall@100",
+) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [int(h["epoch"]) + 1 for h in history]
@@ -29,7 +54,8 @@ def _plot_losses(history: list[dict[str, float]], path: Path) -> None:
             label="validation loss",
         )
     left.set_xlabel("epoch")
-    left.set_ylabel("in-batch softmax loss")
+    left.set_ylabel(loss_label)
+    handles, labels = left.get_legend_handles_labels()
     if any("validation" in h for h in history):
         right = left.twinx()
         right.plot(
@@ -37,12 +63,21 @@ def _plot_losses(history: list[dict[str, float]], path: Path) -> None:
             [h.get("validation", np.nan) for h in history],
             color="tab:green",
             linestyle="--",
-            label="validation Recall@100",
+            label=metric_label,
         )
-        right.set_ylabel("validation Recall@100")
-        right.legend(loc="center right")
-    left.legend(loc="upper right")
-    left.set_title("Retrieval training")
+        right.set_ylabel(metric_label)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    best = _best_epoch(history)
+    if best is not None:
+        left.axvline(best, color="grey", linestyle=":", linewidth=1)
+        handles.append(left.lines[-1])
+        labels.append(f"best epoch ({best})")
+    # One legend for both axes, outside the curves.
+    left.legend(
+        handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2
+    )
+    left.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -108,6 +143,9 @@ def write_report(
     comparison: dict[str, Any],
     scores: dict[str, np.ndarray],
     sections: dict[str, list[dict[str, Any]]],
+    ranking_history: list[dict[str, float]] | None = None,
+    ranking: dict[str, Any] | None = None,
+    facts: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write ``report.md``, ``report.html`` and the plots into ``directory``.
 
@@ -118,7 +156,10 @@ def write_report(
         history: per-epoch training records.
         comparison: model name -> ``EvalResult.to_dict()``.
         scores: label -> 1-D array of scores, for the score histogram.
-        sections: heading -> list of items (``item_id``, ``title``, ``score``...) to list.
+        sections: heading -> list of items (``item_id``, ``label``, ``score``...).
+        ranking_history: the ranker's per-epoch records (its loss plot).
+        ranking: :func:`twostage.ranking.evaluate_ranking`'s figures.
+        facts: more lines for the facts table (config, seed, version...).
 
     Returns:
         The written files.
@@ -128,11 +169,21 @@ def write_report(
     matplotlib.use("Agg")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {
-        "loss.png": lambda p: _plot_losses(history, p),
-        "recall_ndcg.png": lambda p: _plot_curves(comparison, p),
-        "scores.png": lambda p: _plot_scores(scores, p),
-    }
+    plots: dict[str, Any] = {}
+    if history:
+        plots["loss.png"] = lambda p: _plot_losses(history, p)
+    if ranking_history:
+        plots["ranking_loss.png"] = lambda p: _plot_losses(
+            ranking_history,
+            p,
+            title="Ranking training",
+            loss_label="rating MSE + click BCE",
+            metric_label="validation (minus RMSE)",
+        )
+    if comparison:
+        plots["recall_ndcg.png"] = lambda p: _plot_curves(comparison, p)
+    if scores:
+        plots["scores.png"] = lambda p: _plot_scores(scores, p)
     for name, draw in plots.items():
         draw(out / name)
     header = [
@@ -156,12 +207,15 @@ def write_report(
                 f"{inc['factorized_top_k']['100']:.4f}",
             ]
         )
-    facts = [
+    fact_rows = [
         ["interactions", f"{summary['num_interactions']:,}"],
         ["users", f"{summary['num_users']:,}"],
         ["items", f"{summary['num_items']:,}"],
         ["source", str(summary.get("source", ""))],
+        *([k, v] for k, v in (facts or {}).items()),
     ]
+    ranking_rows = _ranking_rows(ranking) if ranking else []
+    ranking_header = ["figure", "retrieval only", "two stage"]
     item_header = ["#", "item", "label", "score"]
 
     def item_rows(items: list[dict[str, Any]]) -> list[list[str]]:
@@ -175,20 +229,26 @@ def write_report(
             for i, item in enumerate(items)
         ]
 
-    md = [f"# {title}", "", _table(facts, ["", ""]), "", "## Test metrics", ""]
-    md += [
-        _table(rows, header),
-        "",
-        "![losses](loss.png)",
-        "",
-        "![curves](recall_ndcg.png)",
-    ]
-    md += ["", "![scores](scores.png)", ""]
+    md = [f"# {title}", "", _table(fact_rows, ["", ""]), "", "## Test metrics", ""]
+    md += [_table(rows, header), ""]
+    if ranking_rows:
+        md += [
+            "## Ranking stage (test split)",
+            "",
+            _table(ranking_rows, ranking_header),
+        ]
+    md += [line for name in plots for line in ("", f"![{name}]({name})")]
+    md += [""]
     for heading, items in sections.items():
         md += [f"## {heading}", "", _table(item_rows(items), item_header), ""]
     (out / "report.md").write_text("\n".join(md))
-    body = [f"<h1>{html.escape(title)}</h1>", _html_table(facts, ["", ""])]
+    body = [f"<h1>{html.escape(title)}</h1>", _html_table(fact_rows, ["", ""])]
     body += ["<h2>Test metrics</h2>", _html_table(rows, header)]
+    if ranking_rows:
+        body += [
+            "<h2>Ranking stage (test split)</h2>",
+            _html_table(ranking_rows, ranking_header),
+        ]
     body += [f'<p><img src="{name}" alt="{name}"></p>' for name in plots]
     for heading, items in sections.items():
         body += [
@@ -203,3 +263,137 @@ def write_report(
         f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
     )
     return [out / "report.md", out / "report.html", *(out / name for name in plots)]
+
+
+def _ranking_rows(report: dict[str, Any]) -> list[list[str]]:
+    """RMSE, MAE, AUC, then NDCG@10 and HitRate@10 of both lists."""
+    rows = [
+        [name, "", f"{report[key]:.4f}"]
+        for key, name in (
+            ("rmse", "rating RMSE"),
+            ("mae", "rating MAE"),
+            ("auc", "click AUC"),
+        )
+        if key in report
+    ]
+    for metric, name in (("ndcg", "NDCG@10"), ("hit_rate", "HitRate@10")):
+        rows.append(
+            [
+                name,
+                f"{report['retrieval_only'][metric]['10']:.4f}",
+                f"{report['two_stage'][metric]['10']:.4f}",
+            ]
+        )
+    return rows
+
+
+def score_samples(run: RetrievalRun, test: Dataset) -> dict[str, np.ndarray]:
+    """Retrieval scores of test (user, item) pairs and of random (user, item) pairs."""
+    import torch
+
+    from twostage.retrieval.evaluation import eval_queries
+
+    queries = eval_queries(run, test)
+    query_emb = run.query_embeddings(
+        queries.user_ids, users=test.users, context=queries.context
+    )
+    items = run.item_embeddings()
+    rows = queries.relevant.row_ids()
+    cols = queries.relevant.indices
+    keep = (cols > 0) & (cols < items.shape[0])  # items the model knows
+    positive = (query_emb[rows[keep]] * items[cols[keep]]).sum(1)
+    generator = torch.Generator().manual_seed(0)
+    random_items = torch.randint(1, items.shape[0], (len(rows),), generator=generator)
+    negative = (query_emb[rows] * items[random_items]).sum(1)
+    return {
+        "test interactions": np.asarray(positive),
+        "random items": np.asarray(negative),
+    }
+
+
+def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[str]]:
+    """The report of a saved run or bundle (whatever ``load`` takes).
+
+    The test split is rebuilt from the saved config (as ``twostage evaluate`` does)
+    for the metrics beside the baselines, the score distributions and the ranking
+    figures; when the data cannot be loaded here the report keeps the metrics saved
+    with the run, and says so.
+
+    Returns:
+        The files written and the notes (what could not be computed, and why).
+    """
+    from twostage import __version__
+    from twostage.data.describe import describe
+    from twostage.data.registry import load_dataset_for
+    from twostage.data.split import prepare_split
+    from twostage.errors import TwostageError
+    from twostage.recommender import load
+    from twostage.retrieval.evaluation import evaluate_baselines
+
+    rec = load(source)
+    run, notes = rec.run, []
+    comparison: dict[str, Any] = {"twostage": run.metrics} if run.metrics else {}
+    scores: dict[str, np.ndarray] = {}
+    ranking = None
+    summary: dict[str, Any] = {
+        "num_interactions": run.tensors.num_examples,
+        "num_users": run.spec.vocabulary("user_id").size - 1,
+        "num_items": run.spec.vocabulary("item_id").size - 1,
+        "source": run.config.data.dataset,
+    }
+    sections: dict[str, list[dict[str, Any]]] = {}
+    try:
+        dataset = load_dataset_for(run.config)
+    except (TwostageError, OSError) as e:
+        notes.append(
+            f"the data {run.config.data.dataset!r} cannot be loaded here ({e}); the "
+            "report shows the metrics saved with the run."
+        )
+    else:
+        summary = describe(dataset)
+        test = prepare_split(dataset, run.config).test
+        comparison = {"twostage": run.evaluate(test).to_dict()}
+        comparison.update(
+            {k: v.to_dict() for k, v in evaluate_baselines(run, test).items()}
+        )
+        scores = score_samples(run, test)
+        if rec.ranker is not None:
+            from twostage.ranking import evaluate_ranking
+
+            ranking = evaluate_ranking(rec.ranker, test)  # type: ignore[arg-type]
+        user = test.interactions["user_id"][0]
+        answer = rec.recommend(user, k=10)
+        sections[f"Recommended for user {user} ({answer.path})"] = answer.items
+    config = run.config
+    facts = {
+        "twostage version": str(
+            getattr(rec, "manifest", {}).get("twostage_version", __version__)
+        ),
+        "training seed": str(config.train.seed),
+        "split": f"{config.data.split}, test {config.data.test_fraction:g}, seed {config.data.seed}",
+        "best retrieval epoch": str(_best_epoch(run.train_result.history) or "-"),
+        "popularity fallback": f"users with at most {run.popularity_fallback} items"
+        if run.popularity_fallback
+        else "none",
+        "config": json.dumps(_compact(config), sort_keys=True),
+    }
+    files = write_report(
+        out,
+        title=f"twostage report: {Path(source)}",
+        summary=summary,
+        history=run.train_result.history,
+        comparison=comparison,
+        scores=scores,
+        sections=sections,
+        ranking_history=None if rec.ranker is None else rec.ranker.history,  # type: ignore[attr-defined]
+        ranking=ranking,
+        facts=facts,
+    )
+    return files, notes
+
+
+def _compact(config: Any) -> dict[str, Any]:
+    """The config's sections as a dict (for the facts table)."""
+    from twostage.config import to_dict
+
+    return to_dict(config)

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RUN_WEIGHTS",
+    "read_records",
+    "write_records",
     "RetrievalRun",
     "build_model",
     "load_run",
@@ -184,11 +186,7 @@ class RetrievalRun:
             out / RUN_WEIGHTS,
         )
         save_file(tensors_to_flat(self.tensors), out / "tables.safetensors")
-        (out / "history.json").write_text(
-            json.dumps(self.train_result.history, indent=2)
-        )
-        if self.metrics:
-            (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+        write_records(self, out)
         write_serving(self, out)
 
 
@@ -260,11 +258,39 @@ def load_run(directory: str | Path) -> RetrievalRun:
         weights=RUN_WEIGHTS,
         hint="the --out directory of `twostage train retrieval`",
     )
-    try:
-        run.train_result.history = json.loads((path / "history.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read {str(path / 'history.json')!r}: {e}") from e
-    metrics_path = path / "metrics.json"
-    if metrics_path.exists():
-        run.metrics = json.loads(metrics_path.read_text())
+    if not (path / "history.json").exists():
+        raise ArtifactError(f"cannot read {str(path / 'history.json')!r}: missing")
+    read_records(run, path)
     return run
+
+
+def write_records(run: RetrievalRun, directory: Path) -> None:
+    """``history.json`` (per-epoch training records) and ``metrics.json`` (test
+    metrics, when there are some): what reports are drawn from."""
+    (directory / "history.json").write_text(
+        json.dumps(run.train_result.history, indent=2)
+    )
+    if run.metrics:
+        (directory / "metrics.json").write_text(json.dumps(run.metrics, indent=2))
+
+
+def read_records(run: RetrievalRun, directory: Path) -> None:
+    """Read what :func:`write_records` wrote, where it exists (older bundles lack it)."""
+    for name in ("history.json", "metrics.json"):
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot read {str(path)!r}: {e}") from e
+        if name == "history.json":
+            run.train_result.history = values
+            known = [r for r in values if "validation" in r] or values
+            if known:
+                key = "validation" if "validation" in known[0] else "train_loss"
+                sign = 1 if key == "validation" else -1
+                best = max(known, key=lambda r: sign * r[key])
+                run.train_result.best_epoch = int(best["epoch"])
+        else:
+            run.metrics = values

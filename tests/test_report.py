@@ -1,0 +1,75 @@
+"""`twostage report`: the report of any run or bundle."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from twostage.cli import app
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.synthetic import generate
+from twostage.two_stage import fit_two_stage
+
+runner = CliRunner()
+SMALL = [
+    "train.epochs=2",
+    "train.num_threads=1",
+    "retrieval.embedding_dim=8",
+    "retrieval.output_dim=8",
+    "ranking.embedding_dim=8",
+    "ranking.hidden_dims=8",
+    "ranking.epochs=2",
+    "ranking.hard_negative_pool=10",
+]
+
+
+def test_report_of_a_bundle_covers_both_stages(tmp_path: Path) -> None:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=60,num_items=100,num_interactions=1500",
+            "train.seed=3",
+            *SMALL,
+        ],
+    )
+    fit_two_stage(config).recommender().save(tmp_path / "models" / "syn" / "1")
+    out = tmp_path / "report"
+    result = runner.invoke(
+        app, ["report", str(tmp_path / "models" / "syn"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "report.html", "loss.png", "ranking_loss.png"} <= names
+    assert {"recall_ndcg.png", "scores.png"} <= names
+    text = (out / "report.md").read_text()
+    for expected in (
+        "Ranking stage (test split)",
+        "rating RMSE",
+        "| training seed | 3 |",
+        "best retrieval epoch",
+        "| popularity |",
+        "| ease |",
+        "twostage version",
+        "Recommended for user",
+    ):
+        assert expected in text, expected
+
+
+def test_report_without_the_data_keeps_the_saved_metrics(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    generate(num_users=50, num_items=80, num_interactions=1200).interactions.write_csv(
+        log
+    )
+    config = apply_overrides(
+        ExperimentConfig(),
+        [f"data.dataset={log}", "data.rating_col=rating", *SMALL],
+    )
+    stages = fit_two_stage(config, ranking=False)
+    stages.recommender().save(tmp_path / "bundle")
+    log.unlink()
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["report", str(tmp_path / "bundle"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "cannot be loaded here" in result.output
+    text = (out / "report.md").read_text()
+    saved = stages.retrieval.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
+    assert f"{saved:.4f}" in text and (out / "loss.png").exists()

@@ -131,14 +131,18 @@ def print_summary(summary: dict[str, Any]) -> None:
 def data_fetch(
     name: Annotated[str, typer.Argument(help="e.g. movielens-100k")],
     data_dir: Annotated[
-        Path | None, typer.Option(help="Use these already-downloaded files.")
+        Path | None,
+        typer.Option(
+            help="Files you already have (e.g. an extracted ml-latest-small folder): "
+            "they are parsed into the cache, so `--dataset NAME` finds them offline."
+        ),
     ] = None,
 ) -> None:
     """Download (or find offline) a built-in dataset into the cache."""
     from twostage.data.movielens import load_movielens
 
     variant = name.lower().removeprefix("movielens-").removeprefix("ml-")
-    dataset = load_movielens(variant, data_dir=data_dir)
+    dataset = load_movielens(variant, data_dir=data_dir, keep=True)
     console.print(
         f"[green]{dataset.name}[/green]: {dataset.num_interactions:,} interactions "
         f"from {dataset.source}"

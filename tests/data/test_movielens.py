@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -530,3 +531,23 @@ def test_io_bytes_source_reads_zip_members(tmp_path: Path) -> None:
     assert isinstance(files.source("movies.csv"), io.BytesIO)
     ds = load_movielens("latest-small", data_dir=archive)
     assert ds.num_interactions == 5
+
+
+def test_fetch_with_data_dir_caches_for_later_loads_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: `data fetch --data-dir` read the files and cached nothing, so a
+    later `--dataset movielens-latest-small` still needed the network."""
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    monkeypatch.setenv("TWOSTAGE_DATA", str(tmp_path / "cache"))
+    folder = write_csv(tmp_path / "small")
+    result = CliRunner().invoke(
+        app, ["data", "fetch", "movielens-latest-small", "--data-dir", str(folder)]
+    )
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(folder)  # gone: only the cache can answer now
+    again = load_movielens("latest-small", allow_download=False, allow_fallback=False)
+    assert again.interactions["rating"].to_list() == [4.0, 3.5, 0.5, 5.0, 2.5]

@@ -148,6 +148,7 @@ def load_movielens(
     cache_dir: str | os.PathLike[str] | None = None,
     allow_download: bool = True,
     allow_fallback: bool = True,
+    keep: bool = False,
 ) -> Dataset:
     """Load a MovieLens dataset in the normalised schema (see the module docstring).
 
@@ -156,11 +157,13 @@ def load_movielens(
             ``"movielens-100k"`` and ``"ml-100k"`` spellings work too.
         data_dir: files you already have: the extracted folder (holding ``u.data``,
             ``ratings.dat`` or ``ratings.csv``, or the folder above it), or the zip
-            itself. Read as is, without checksum or cache.
+            itself. Read as is, without checksum; cached only with ``keep``.
         cache_dir: cache folder; defaults to ``$TWOSTAGE_DATA`` or
             ``~/.cache/twostage``. Delete ``<cache>/movielens`` to start afresh.
         allow_download: if false, nothing is fetched over the network (cached files
             only, including a cached RecBole wheel).
+        keep: with ``data_dir``, also write the parsed data to the cache, so that
+            loading the variant by name later (``movielens-latest-small``) finds it.
         allow_fallback: for 100k, use the copy in the ``recbole==1.2.1`` wheel when
             GroupLens cannot be reached.
 
@@ -172,13 +175,16 @@ def load_movielens(
         DatasetUnavailableError: no source worked; the message lists what was tried.
     """
     spec = _resolve(variant)
+    base = cache_root(cache_dir) / "movielens"
+    normalised = base / f"{spec.folder}.normalised"
     if data_dir is not None:
         location = Path(data_dir).expanduser()
         dataset = _parse(spec, location, source=str(location.resolve()))
         logger.info("%s: read from %s", spec.name, dataset.source)
+        if keep:  # later loads by name find it, offline
+            _write_normalised(normalised, dataset)
+            logger.info("%s: cached as %s", spec.name, normalised)
         return dataset
-    base = cache_root(cache_dir) / "movielens"
-    normalised = base / f"{spec.folder}.normalised"
     cached = _read_normalised(normalised, spec)
     if cached is not None:
         logger.info(

@@ -224,3 +224,58 @@ def test_train_takes_the_column_options_of_train_retrieval(tmp_path: Path) -> No
         "isbn",
         "stars",
     )
+
+
+def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
+    """Regression: `data split` wrote files that no training command read."""
+    data = generate(num_users=60, num_items=100, num_interactions=1500)
+    log = tmp_path / "log.csv"
+    data.interactions.write_csv(log)
+    split = tmp_path / "split"
+    mapping = ("--time-col", "timestamp", "--rating-col", "rating")
+    done = runner.invoke(
+        app,
+        [
+            "data",
+            "split",
+            str(log),
+            "--method",
+            "temporal",
+            "--out",
+            str(split),
+            *list(mapping),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    bundle = tmp_path / "models" / "mine" / "1"
+    result = runner.invoke(
+        app,
+        [
+            *("train", "--dataset", str(log), *mapping, "--out", str(bundle)),
+            *("--train", str(split / "train.parquet")),
+            *("--test", str(split / "test.parquet")),
+            *("--set", "ranking.epochs=1", *SMALL_TRAINING),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    test = pl.read_parquet(split / "test.parquet")
+    saved = json.loads((bundle / "metrics.json").read_text())
+    per_user = saved["counts"]["include_seen"]["num_queries"]
+    assert per_user == test["user_id"].n_unique()  # the file's test users
+    config = json.loads((bundle / "config.json").read_text())["data"]
+    assert config["test_file"].endswith("test.parquet")
+    # Half a split is a clear error.
+    half = runner.invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            str(log),
+            "--out",
+            str(tmp_path / "x" / "1"),
+            "--train",
+            str(split / "train.parquet"),
+            *SMALL_TRAINING,
+        ],
+    )
+    assert "go together" in str(half.exception)

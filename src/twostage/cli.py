@@ -19,7 +19,9 @@ from twostage.cli_data import (
     ItemFeatures,
     RatingCol,
     Separator,
+    TestFile,
     TimeCol,
+    TrainFile,
     UserCol,
     UserFeatures,
     data_app,
@@ -67,6 +69,8 @@ def _experiment_config(
     mapping = [f"data.dataset={dataset}"]
     for key, value in columns.items():
         if value:
+            if isinstance(value, Path):
+                value = str(value.resolve())  # the saved config must find it again
             mapping.append(
                 f"data.{key}={','.join(value) if isinstance(value, list) else value}"
             )
@@ -133,6 +137,8 @@ def train_all(
     separator: Separator = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
+    train_file: TrainFile = None,
+    test_file: TestFile = None,
 ) -> None:
     """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
     if ctx.invoked_subcommand is not None:
@@ -154,6 +160,7 @@ def train_all(
         user_features,
         item_features,
     )
+    columns.update(train_file=train_file, test_file=test_file)
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     stages = _fit_both(config, ranking=ranking, work_dir=work_dir, resume=resume)
     bundle = stages.recommender().save(out)
@@ -313,6 +320,8 @@ def train_retrieval_command(
     separator: Separator = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
+    train_file: TrainFile = None,
+    test_file: TestFile = None,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
     from twostage.retrieval.fit import fit_retrieval
@@ -326,6 +335,7 @@ def train_retrieval_command(
         user_features,
         item_features,
     )
+    columns.update(train_file=train_file, test_file=test_file)
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     with training_progress() as on_step:
         run, split = fit_retrieval(config, out_dir=out, resume=resume, on_step=on_step)

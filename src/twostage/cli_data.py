@@ -21,6 +21,18 @@ DatasetArg = Annotated[
         "movielens-20m, movielens-25m, synthetic[:key=value,...]) or a CSV/Parquet path."
     ),
 ]
+TrainFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--train",
+        help="The training side of a split (`twostage data split` writes it); with "
+        "--test, used instead of drawing a split from --dataset.",
+    ),
+]
+TestFile = Annotated[
+    Path | None,
+    typer.Option("--test", help="The test side of a split; goes with --train."),
+]
 UserCol = Annotated[str | None, typer.Option(help="User ID column of your own log.")]
 ItemCol = Annotated[str | None, typer.Option(help="Item ID column of your own log.")]
 TimeCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch s or ISO).")]

@@ -57,7 +57,9 @@ class DataConfig(_Checked):
     :mod:`twostage.display`). ``unrated_values`` are rating values that mean "an
     interaction without a rating" (Book-Crossing's 0): such rows stay interactions
     for retrieval, but their rating is missing, so the ranker's rating regression and
-    RMSE skip them.
+    RMSE skip them. ``train_file`` / ``test_file`` take the split from two files (as
+    ``twostage data split`` writes them) instead of drawing it; the ``dataset`` still
+    gives the user and item tables.
     """
 
     dataset: str = "movielens-100k"
@@ -76,6 +78,8 @@ class DataConfig(_Checked):
     title_col: str | None = None
     tags_col: str | None = None
     unrated_values: tuple[float, ...] = ()
+    train_file: str | None = None
+    test_file: str | None = None
 
     SECTION: ClassVar[str] = "data"
 

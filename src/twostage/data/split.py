@@ -206,6 +206,8 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     """
     data = config.data
     dataset = dataset.with_unrated(data.unrated_values)
+    if data.train_file is not None or data.test_file is not None:
+        return _split_from_files(dataset, config)
     rest, cold = dataset, None
     if data.cold_user_fraction > 0:
         rest, cold = hold_out_users(
@@ -222,3 +224,62 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
             train, fraction=data.validation_fraction, seed=data.seed + 7
         )
     return ExperimentSplit(fit=train, validation=validation, test=test)
+
+
+def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit:
+    """The split of ``data.train_file`` / ``data.test_file``, with the dataset's side
+    tables; the validation carve-out is drawn from the training file as usual."""
+    data = config.data
+    if data.train_file is None or data.test_file is None:
+        raise ConfigError(
+            "`data.train_file` and `data.test_file` go together (the split comes "
+            f"from both). Received: train_file={data.train_file!r}, "
+            f"test_file={data.test_file!r}."
+        )
+    if data.cold_user_fraction > 0:
+        raise ConfigError(
+            "`data.cold_user_fraction` draws cold users from one log; with split "
+            "files, put those users in the test file instead. Received: "
+            f"`data.cold_user_fraction` = {data.cold_user_fraction!r}."
+        )
+    train = dataset.with_interactions(
+        read_split_file(data.train_file, like=dataset).interactions
+    ).with_unrated(data.unrated_values)
+    test = dataset.with_interactions(
+        read_split_file(data.test_file, like=dataset).interactions
+    ).with_unrated(data.unrated_values)
+    validation = None
+    if data.validation_fraction > 0:
+        train, validation = validation_split(
+            train, fraction=data.validation_fraction, seed=data.seed + 7
+        )
+    return ExperimentSplit(fit=train, validation=validation, test=test)
+
+
+def read_split_file(path: str, *, like: Dataset) -> Dataset:
+    """One side of a split as ``twostage data split`` writes it (Parquet or CSV with
+    ``user_id``, ``item_id`` and optionally ``timestamp`` and ``rating``); IDs are
+    cast to the dtype of ``like``'s so they meet its vocabularies and side tables."""
+    from pathlib import Path
+
+    from twostage.data.dataset import ITEM, RATING
+    from twostage.data.tables import read_interactions
+
+    source = Path(path)
+    if source.suffix in (".parquet", ".pq") and source.exists():
+        columns = list(pl.read_parquet_schema(source))
+    elif source.exists():
+        columns = source.read_text().split("\n", 1)[0].strip().split(",")
+    else:
+        raise ConfigError(f"the split file {path!r} does not exist.")
+    part = read_interactions(
+        source,
+        time_col=TIME if TIME in columns else None,
+        rating_col=RATING if RATING in columns else None,
+    )
+    schema = like.interactions.schema
+    return part.with_interactions(
+        part.interactions.with_columns(
+            pl.col(USER).cast(schema[USER]), pl.col(ITEM).cast(schema[ITEM])
+        )
+    )

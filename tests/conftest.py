@@ -15,6 +15,9 @@ SMALL_MODEL = [
     "retrieval.embedding_dim=16",
     "retrieval.output_dim=16",
     "retrieval.history_length=10",
+    # These fixtures test the model's paths (cold start included), not the
+    # sparse-log fallback, which a 2-epoch model on 4,000 rows would trigger.
+    "retrieval.popularity_fallback=0",
 ]
 
 

@@ -19,6 +19,7 @@ CONFIG = [
     "retrieval.embedding_dim=16",
     "retrieval.output_dim=16",
     "retrieval.history_length=10",
+    "retrieval.popularity_fallback=0",  # the paths of the model itself
 ]
 
 

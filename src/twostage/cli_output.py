@@ -152,7 +152,12 @@ def print_fallback(fallback: dict[str, Any] | None, *, num_users: int) -> None:
             f"[yellow]On validation, most-popular beats the trained model: NDCG@10 "
             f"{ndcg['popularity']:.4f} against {ndcg['model']:.4f}.[/yellow]"
         )
-    if threshold:
+    if threshold >= 2**31 - 1:
+        console.print(
+            "[yellow]Every user gets the most-popular list: the trained model did "
+            "worse for users of every activity level on validation.[/yellow]"
+        )
+    elif threshold:
         console.print(
             f"Users with at most {threshold} training items get the most-popular list "
             f"(validation NDCG@10 {ndcg['with_fallback']:.4f} with this rule; "

@@ -210,8 +210,20 @@ class Recommender:
         """(query embedding [D] or None, user_idx, path)."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
         encoded = self._context(context)
-        if user_idx > 0 and self._popular_users[user_idx]:
-            # The run's validated fallback: too few interactions to beat popularity.
+        columns = [
+            f.column
+            for f in self.run.spec.describe(side="query")
+            if f.column != USER and f.column not in self._context_keys
+        ]
+        if user_features:  # a client's mistake is reported on every path
+            unknown = sorted(set(user_features) - set(columns))
+            if unknown:
+                raise ConfigError(
+                    f"unknown user feature(s) {unknown}; this model reads {columns}."
+                )
+        if self._popular_users[user_idx]:
+            # The run's validated fallback: with this few interactions (none for an
+            # unknown user) most-popular did better on validation.
             return None, user_idx, "popularity"
         if user_idx > 0 and encoded:
             tensors = self.run.tensors
@@ -220,24 +232,11 @@ class Recommender:
             features.update(encoded)
             features[HISTORY] = tensors.history[row]
             with torch.no_grad():
-                return (
-                    self.run.model.encode_queries(features)[0],
-                    user_idx,
-                    "personalised",
-                )
+                query = self.run.model.encode_queries(features)[0]
+            return query, user_idx, "personalised"
         if user_idx > 0:
             return self._known_queries()[user_idx], user_idx, "personalised"
         if user_features:
-            columns = [
-                f.column
-                for f in self.run.spec.describe(side="query")
-                if f.column != USER and f.column not in self._context_keys
-            ]
-            unknown = sorted(set(user_features) - set(columns))
-            if unknown:
-                raise ConfigError(
-                    f"unknown user feature(s) {unknown}; this model reads {columns}."
-                )
             values = {c: [user_features.get(c)] for c in columns}
             frame = pl.DataFrame({USER: [None], **values})
             frame = frame.with_columns(

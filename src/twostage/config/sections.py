@@ -128,7 +128,8 @@ class RetrievalConfig(_Checked):
     most-popular list instead of the model's, in evaluation and serving; -1 (the
     default) picks it on the validation carve-out (0 without one), which matters on
     sparse logs where most-popular beats the model for the least active users
-    (:mod:`twostage.retrieval.fallback`).
+    (:mod:`twostage.retrieval.fallback`). Users the model does not know have no
+    training items, so a threshold of 1 or more covers them as well.
 
     ``combine`` joins a tower's field embeddings (and the pooled history): ``sum`` (the
     default) adds them, as factorisation machines and LightFM do, so an item's vector

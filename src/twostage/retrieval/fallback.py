@@ -3,9 +3,11 @@
 On a sparse log (most users with one or two rows, as in Book-Crossing) a trained model
 can rank worse than most-popular for the users with the fewest interactions. After
 training, :func:`choose_popularity_fallback` measures both on the validation carve-out
-by the users' number of training items, and picks the largest threshold ``t`` whose
-rule "users with at most ``t`` training items get the most-popular list" gives the
-best NDCG@10 on validation (0: the model serves everyone). Evaluation, the ranker's
+by the users' number of training items, and picks the threshold ``t`` whose rule
+"users with at most ``t`` training items get the most-popular list" gives the best
+NDCG@10 on validation (0: the model serves everyone). Users unknown to the model have
+no training items: with ``t >= 1`` they get most-popular too, instead of the
+cold-start query from their features. Evaluation, the ranker's
 lists and the Recommender apply the same rule, so the figures describe what is served.
 """
 
@@ -22,12 +24,14 @@ from torch import Tensor
 from twostage.data.user_items import UserItems
 from twostage.metrics import per_query_metrics
 
-__all__ = ["FALLBACK_GRID", "FallbackChoice", "choose_popularity_fallback"]
+__all__ = ["EVERYONE", "FALLBACK_GRID", "FallbackChoice", "choose_popularity_fallback"]
 
 logger = logging.getLogger(__name__)
 
+#: Every user, however active: the model loses to most-popular across the board.
+EVERYONE = 2**31 - 1
 #: Thresholds tried on validation (training items per user).
-FALLBACK_GRID = (0, 1, 2, 3, 5, 10, 20, 50)
+FALLBACK_GRID = (0, 1, 2, 3, 5, 10, 20, 50, 100, EVERYONE)
 _K = 10
 
 

@@ -132,12 +132,12 @@ class RetrievalRun:
 
     def uses_popularity(self, user_idx: np.ndarray) -> np.ndarray:
         """``[Q]`` bool: which users (by index; 0 = unknown) get the most-popular
-        list under the run's fallback rule. Unknown users are not covered: they take
-        the cold-start path."""
+        list under the run's fallback rule. An unknown user has no training items,
+        so the rule covers them too (validation measured them that way)."""
         if self.popularity_fallback <= 0:
             return np.zeros(len(user_idx), dtype=bool)
         counts = self.tensors.seen().lengths()
-        return (user_idx > 0) & (counts[user_idx] <= self.popularity_fallback)
+        return counts[user_idx] <= self.popularity_fallback
 
     def item_embeddings(self) -> torch.Tensor:
         """``[N, D]`` embeddings of every vocabulary item (row 0: the OOV item)."""

@@ -26,8 +26,8 @@ test-fast: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 	$(PY) -m mypy
 
 bench: install

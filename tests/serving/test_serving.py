@@ -306,3 +306,83 @@ def test_predict_instance_of_the_wrong_shape_is_a_422(models_dir: Path) -> None:
             )
             assert response.status_code == 422, instance
             assert "instances.0." in response.json()["error"], response.json()
+
+
+def _break(bundle: Path, how: str) -> None:
+    """Damage a saved version the ways the reliability probe found (issue 15)."""
+    manifest = bundle / "manifest.json"
+    if how == "files_is_a_list":
+        data = json.loads(manifest.read_text())
+        data["files"] = list(data["files"])
+        manifest.write_text(json.dumps(data))
+    elif how == "nested_json":
+        manifest.write_text("[" * 100_000 + "]" * 100_000)
+    elif how == "negative_dim":
+        config = bundle / "config.json"
+        data = json.loads(config.read_text())
+        data["retrieval"]["embedding_dim"] = -1
+        config.write_text(json.dumps(data))
+        _rehash(bundle)
+    elif how == "corrupt_parquet":
+        (bundle / "items.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+        _rehash(bundle)
+
+
+def _rehash(bundle: Path) -> None:
+    """Make the manifest agree with edited files (an operator's bad hand edit)."""
+    import hashlib
+
+    manifest = bundle / "manifest.json"
+    data = json.loads(manifest.read_text())
+    for name in data["files"]:
+        data["files"][name] = hashlib.sha256((bundle / name).read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "how", ["files_is_a_list", "nested_json", "negative_dim", "corrupt_parquet"]
+)
+def test_a_bad_newest_version_never_stops_the_server(
+    models_dir: Path, small_recommender: Recommender, how: str
+) -> None:
+    """Regression: these made `twostage serve` exit although version 1 was good."""
+    _break(small_recommender.save(models_dir / "synthetic" / "2"), how)
+    small_recommender.save(models_dir / "other" / "1")
+    with client_for(models_dir) as client:  # start-up: serves what loads
+        answer = client.post("/v1/recommend", json={"model": "synthetic", "user_id": 3})
+        assert answer.status_code == 200 and answer.json()["version"] == 1
+        status = client.get("/v1/models/synthetic").json()["model_version_status"]
+        failed = next(s for s in status if s["version"] == "2")
+        assert failed["state"] == "FAILED" and failed["status"]["error_message"]
+        other = client.post("/v1/recommend", json={"model": "other", "user_id": 3})
+        assert other.status_code == 200
+
+
+def test_a_partial_copy_is_retried_when_its_files_arrive(
+    models_dir: Path, small_recommender: Recommender, tmp_path: Path
+) -> None:
+    """Regression: a copy that wrote manifest.json before the weights stayed FAILED,
+    because only the manifest's mtime was watched."""
+    complete = small_recommender.save(tmp_path / "staging" / "2")
+    target = models_dir / "synthetic" / "2"
+    target.mkdir()
+    (target / "manifest.json").write_bytes((complete / "manifest.json").read_bytes())
+    with client_for(models_dir) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        assert registry.slots["synthetic"].versions[2].state == "FAILED"
+        for item in complete.rglob("*"):  # the rest of the copy lands
+            destination = target / item.relative_to(complete)
+            if item.is_dir():
+                destination.mkdir(exist_ok=True)
+            elif item.name != "manifest.json":
+                destination.write_bytes(item.read_bytes())
+        assert registry.refresh() == ["synthetic: version 2"]
+
+
+def test_version_names_are_ascii_digits(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    small_recommender.save(models_dir / "synthetic" / "²")  # isdigit() says yes
+    with client_for(models_dir) as client:
+        answer = client.post("/v1/recommend", json={"user_id": 3})
+        assert answer.status_code == 200 and answer.json()["version"] == 1

@@ -61,7 +61,7 @@ class VersionStatus:
     version: int
     state: State
     error: str = ""
-    stamp: float = 0.0  # the manifest's mtime when this version was last tried
+    stamp: tuple[int, int, int] = (0, 0, 0)  # the files' signature when last tried
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,21 +83,41 @@ class ModelSlot:
     current: LoadedModel | None = None
     versions: dict[int, VersionStatus] = field(default_factory=dict)
 
-    def candidates(self) -> list[tuple[int, Path, float]]:
-        """(version, path, manifest mtime) of complete-looking versions, newest first."""
-        found: list[tuple[int, Path, float]] = []
+    def candidates(self) -> list[tuple[int, Path, tuple[int, int, int]]]:
+        """(version, path, signature of its files) of complete-looking versions,
+        newest first. A version is tried again whenever its signature changes: a
+        copy that wrote the manifest before the weights (rsync's order) is retried
+        once the weights arrive."""
+        found: list[tuple[int, Path, tuple[int, int, int]]] = []
         if not self.directory.is_dir():
             return found
         for path in self.directory.iterdir():
-            if not (path.is_dir() and path.name.isdigit()):
+            if not (path.is_dir() and is_version_name(path.name)):
                 continue  # temp dirs of an atomic write start with a dot
-            manifest = path / MANIFEST
-            try:
-                stamp = manifest.stat().st_mtime
-            except OSError:
+            if not (path / MANIFEST).exists():
                 continue  # no manifest yet: half-copied; looked at again next time
+            try:
+                stamp = _signature(path)
+            except OSError:
+                continue  # files moving under us: looked at again next time
             found.append((int(path.name), path, stamp))
-        return sorted(found, reverse=True)
+        return sorted(found, key=lambda entry: entry[0], reverse=True)
+
+
+def is_version_name(name: str) -> bool:
+    """A version directory's name: ASCII digits only (``²`` passes ``isdigit``)."""
+    return name.isascii() and name.isdigit()
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    """(newest mtime in ns, number of files, total bytes) of a directory tree."""
+    newest = count = size = 0
+    for item in path.rglob("*"):
+        info = item.lstat()
+        newest = max(newest, info.st_mtime_ns)
+        count += 1
+        size += info.st_size
+    return newest, count, size
 
 
 def _warm_up(recommender: Recommender) -> None:
@@ -137,7 +157,7 @@ class ModelRegistry:
     # -- discovery -----------------------------------------------------------------
     def _model_dirs(self) -> dict[str, Path]:
         children = [p for p in self.root.iterdir() if p.is_dir()]
-        if any(p.name.isdigit() for p in children):
+        if any(is_version_name(p.name) for p in children):
             return {self.root.name: self.root}  # one model's directory
         return {p.name: p for p in children if not p.name.startswith(".")}
 
@@ -165,9 +185,20 @@ class ModelRegistry:
             try:
                 recommender = load(path)
                 _warm_up(recommender)
-            except (TwostageError, OSError, ValueError, KeyError) as e:
-                status.state, status.error = "FAILED", str(e)
-                logger.error("model %s version %d refused: %s", slot.name, version, e)
+            except Exception as e:
+                # A bad version must never stop the server or block other models:
+                # whatever it raised (a malformed manifest, a corrupt table, a JSON
+                # nested 100,000 deep), it is refused with the reason, and an older
+                # version keeps (or starts) serving.
+                reason = (
+                    str(e)
+                    if isinstance(e, TwostageError)
+                    else f"{type(e).__name__}: {e}"
+                )
+                status.state, status.error = "FAILED", reason[:2000]
+                logger.error(
+                    "model %s version %d refused: %s", slot.name, version, reason
+                )
                 continue
             previous = slot.current
             slot.current = LoadedModel(

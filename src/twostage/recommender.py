@@ -132,6 +132,15 @@ class Recommender:
             ]
         )
         self.items = self._align_items(items)
+        # The metadata as columns, row = item index, for vectorised filters.
+        self._item_frame = (
+            None
+            if items is None
+            else self.item_ids.to_frame().join(
+                items, on=ITEM, how="left", maintain_order="left"
+            )
+        )
+        self._masks: dict[tuple[str, Any], torch.Tensor] = {}
         data = run.config.data
         self.display = display_columns(
             items, title=data.title_col, tags=data.tags_col, key=ITEM
@@ -190,16 +199,43 @@ class Recommender:
                 )
             return {}
         frame = context_frame(pl.Series(USER, [None]), context, self._context_keys)
-        return {
-            info.key: torch.from_numpy(
-                np.require(
-                    self.run.spec.encoder(info.key).transform(frame[info.column]),
-                    requirements=["C", "W"],
+        try:
+            return {
+                info.key: torch.from_numpy(
+                    np.require(
+                        self.run.spec.encoder(info.key).transform(frame[info.column]),
+                        requirements=["C", "W"],
+                    )
                 )
+                for info in self.run.spec.describe(side="query")
+                if info.column in self._context_keys
+            }
+        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
+            raise ConfigError(
+                f"`context` {dict(context or {})!r} cannot be encoded for this "
+                f"model's context columns {self._context_keys}: {e}"
+            ) from e
+
+    def _encode_user_features(
+        self, user_features: dict[str, Any], columns: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """``{key: [1, ...]}`` the query fields of a user described by features.
+
+        Raises:
+            ConfigError: a value is of the wrong kind for its column.
+        """
+        values = {c: [user_features.get(c)] for c in columns}
+        try:
+            frame = pl.DataFrame({USER: [None], **values})
+            frame = frame.with_columns(
+                pl.lit(None).alias(c) for c in self._context_keys
             )
-            for info in self.run.spec.describe(side="query")
-            if info.column in self._context_keys
-        }
+            return self.run.spec.transform_queries(frame)
+        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
+            raise ConfigError(
+                f"`user_features` {user_features!r} cannot be encoded for this "
+                f"model's columns {columns} (a value of the wrong kind?): {e}"
+            ) from e
 
     def _query(
         self,
@@ -221,6 +257,7 @@ class Recommender:
                 raise ConfigError(
                     f"unknown user feature(s) {unknown}; this model reads {columns}."
                 )
+            self._encode_user_features(user_features, columns)
         if self._popular_users[user_idx]:
             # The run's validated fallback: with this few interactions (none for an
             # unknown user) most-popular did better on validation.
@@ -237,12 +274,7 @@ class Recommender:
         if user_idx > 0:
             return self._known_queries()[user_idx], user_idx, "personalised"
         if user_features:
-            values = {c: [user_features.get(c)] for c in columns}
-            frame = pl.DataFrame({USER: [None], **values})
-            frame = frame.with_columns(
-                pl.lit(None).alias(c) for c in self._context_keys
-            )
-            features = self.run.spec.transform_queries(frame)
+            features = self._encode_user_features(user_features, columns)
             features.update(encoded)
             features[HISTORY] = torch.zeros(
                 1, self.run.tensors.history.shape[1], dtype=torch.long
@@ -256,18 +288,53 @@ class Recommender:
         return None, 0, "popularity"
 
     def _filter_mask(self, filters: dict[str, Any] | None) -> torch.Tensor | None:
-        """``[N]`` bool of items that pass every filter (metadata equality/membership)."""
+        """``[N]`` bool of items that pass every filter (metadata equality, or
+        membership for a list column), computed column-wise and cached per filter.
+
+        Raises:
+            ConfigError: no metadata, an unknown column, or a value that is not a
+                single string, number or bool of the column's kind.
+        """
         if not filters:
             return None
-        if self.items is None:
+        frame = self._item_frame
+        if frame is None:
             raise ConfigError(
                 "`filters` need item metadata, and this recommender has none."
             )
-        mask = torch.zeros(len(self.items), dtype=torch.bool)
-        for index, row in enumerate(self.items):
-            mask[index] = all(
-                _matches(row.get(key), wanted) for key, wanted in filters.items()
+        columns = [c for c in frame.columns if c != ITEM]
+        unknown = sorted(set(filters) - set(columns))
+        if unknown:
+            raise ConfigError(
+                f"unknown filter column(s) {unknown}; the item metadata has {columns}."
             )
+        mask = torch.ones(frame.height, dtype=torch.bool)
+        for key, wanted in filters.items():
+            mask &= self._one_filter(frame, key, wanted)
+        return mask
+
+    def _one_filter(self, frame: pl.DataFrame, key: str, wanted: Any) -> torch.Tensor:
+        if not isinstance(wanted, str | int | float | bool):
+            raise ConfigError(
+                f"`filters[{key!r}]` should be one string, number or bool. "
+                f"Received: {wanted!r}."
+            )
+        cached = self._masks.get((key, wanted))
+        if cached is not None:
+            return cached
+        column = pl.col(key)
+        is_list = isinstance(frame.schema[key], pl.List)
+        expr = column.list.contains(wanted) if is_list else column == wanted
+        try:
+            values = frame.select(expr.fill_null(False)).to_series().to_numpy()
+        except (pl.exceptions.PolarsError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"`filters[{key!r}]` = {wanted!r} cannot be compared with the "
+                f"{frame.schema[key]} column {key!r}: {e}"
+            ) from e
+        mask = torch.from_numpy(values.astype(bool))
+        if len(self._masks) < 1024:  # a bounded cache of the filters clients use
+            self._masks[(key, wanted)] = mask
         return mask
 
     def recommend(
@@ -332,7 +399,8 @@ class Recommender:
             scores = scores.masked_fill(excluded, -torch.inf)
             width = min(width, int((~excluded).sum()))
             top_scores, top_idx = torch.topk(scores, width)
-        if self.ranker is None or path != "personalised":
+        if self.ranker is None or path != "personalised" or not len(top_idx):
+            # (Nothing passed the filters: an empty answer, not a ranker error.)
             return self._answer(user_id, path, top_idx[:k], top_scores[:k], None)
         with torch.no_grad():
             out = self.ranker.score(torch.tensor([user_idx]), top_idx[None, :])
@@ -465,12 +533,6 @@ class Recommender:
             return {"kind": "recommender", "ranking": self.ranker is not None}
 
         return write_bundle(directory, write, overwrite=overwrite)
-
-
-def _matches(value: Any, wanted: Any) -> bool:
-    if isinstance(value, list):
-        return wanted in value
-    return bool(value == wanted)
 
 
 def load(directory: str | Path) -> Recommender:

@@ -65,6 +65,11 @@ class ServeSettings:
         torch_threads: torch CPU threads per process (1 suits many small requests).
         num_candidates: how many retrieved items the ranking stage re-scores (None:
             the bundle's ``ranking.num_candidates``).
+        max_instances: the most users one ``:predict`` request may ask for.
+
+    Raises:
+        ConfigError: the API key is empty or not printable ASCII (an empty key
+            would silently turn authentication off).
     """
 
     models: str
@@ -74,6 +79,23 @@ class ServeSettings:
     poll_seconds: float = 5.0
     torch_threads: int = 1
     num_candidates: int | None = None
+    max_instances: int = 100
+
+    def __post_init__(self) -> None:
+        key = self.api_key
+        if key is not None and not (
+            key and key.isascii() and key.isprintable() and key.strip() == key
+        ):
+            raise ConfigError(
+                "`api_key` should be non-empty printable ASCII without surrounding "
+                f"spaces (it is sent in an HTTP header). Received {len(key)} "
+                "character(s) that are not."
+            )
+        if self.max_instances < 1:
+            raise ConfigError(
+                "`max_instances` should be a positive integer. "
+                f"Received: `max_instances` = {self.max_instances!r}."
+            )
 
 
 def _error(status: int, message: str, details: list[str] | None = None) -> JSONResponse:
@@ -126,8 +148,9 @@ class _Edge:
         path = scope["path"]
         key = self.settings.api_key
         if key and (path.startswith("/v1/") or path == "/metrics"):
-            given = headers.get(b"x-api-key", b"").decode("latin-1")
-            if not secrets.compare_digest(given, key):
+            # Bytes against bytes: a non-ASCII header must be a 401, not a 500.
+            given = headers.get(b"x-api-key", b"")
+            if not secrets.compare_digest(given, key.encode("ascii")):
                 await _send_error(
                     send, 401, "missing or wrong API key: send it in header X-API-Key."
                 )
@@ -316,6 +339,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
         two-stage key when the bundle has a ranker, else the retrieval score;
         ``output_2`` the item IDs in the same order.
         """
+        if len(body.instances) > settings.max_instances:
+            return _error(
+                413,
+                f"`instances` holds {len(body.instances)} users; this server answers "
+                f"at most {settings.max_instances} per request (split the request).",
+            )
         model = registry.get(name)
         predictions = []
         for number, instance in enumerate(body.instances):

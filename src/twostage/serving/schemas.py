@@ -8,9 +8,10 @@ on the hot path).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "ErrorResponse",
@@ -27,7 +28,31 @@ RawId = int | str
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no "5" for 5, no true for 1, no "no" for false; the README promises a
+    # 422 for a wrong type, not a guess.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+_INT64 = 2**63
+
+
+def _plain_values(values: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """Feature or context values must be null, a string, a finite number within
+    int64, or a bool: anything else is a client's mistake, reported as such."""
+    if values is None:
+        return None
+    for key, value in values.items():
+        ok = value is None or isinstance(value, str | bool)
+        if isinstance(value, int) and not isinstance(value, bool):
+            ok = -_INT64 <= value < _INT64
+        elif isinstance(value, float):
+            ok = math.isfinite(value)
+        if not ok:
+            raise ValueError(
+                f"{name}[{key!r}] should be null, a string, a bool or a finite number "
+                f"within int64; received {value!r}"
+            )
+    return values
 
 
 class RecommendRequest(_Strict):
@@ -56,6 +81,21 @@ class RecommendRequest(_Strict):
         description="The moment of the request, for a model that reads "
         'per-interaction context, e.g. {"timestamp": 1700000000}.',
     )
+
+    @field_validator("user_features")
+    @classmethod
+    def _features(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _plain_values(value, "user_features")
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _plain_values(value, "context")
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _plain_values(value, "filters")
 
 
 class SimilarRequest(_Strict):

@@ -1,0 +1,113 @@
+"""Every client mistake is a 4xx in the documented shape, on a bundle with a ranker
+(issue 15's 14 request shapes that answered 500), and the API key checks bytes."""
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.errors import ConfigError
+from twostage.serving import ServeSettings, create_app
+from twostage.two_stage import fit_two_stage
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=60,num_items=120,num_interactions=1500",
+            "train.epochs=1",
+            "train.num_threads=1",
+            "retrieval.embedding_dim=8",
+            "retrieval.output_dim=8",
+            "retrieval.popularity_fallback=0",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            "ranking.epochs=1",
+            "ranking.hard_negative_pool=10",
+        ],
+    )
+    root = tmp_path_factory.mktemp("models")
+    fit_two_stage(config, evaluate_test=False).recommender().save(root / "m" / "1")
+    return root
+
+
+BAD = [
+    {"user_id": 3, "user_features": {"age": "old"}},
+    {"user_features": {"age": "old"}},
+    {"user_features": [1, 2]},
+    {"user_features": {"a": 1}},
+    {"user_features": {"age": 10**40}},
+    {"user_id": 3, "filters": {"category": "no-such-category"}, "expect": 200},
+    {"user_id": 3, "filters": {"colour": "red"}},
+    {"user_id": 3, "filters": {"category": ["cat1", "cat2"]}},
+    {"user_id": 3, "filters": {"category": {"a": 1}}},
+    {"user_id": 3, "k": "5"},
+    {"user_id": 3, "k": True},
+    {"user_id": 3, "exclude_seen": "no"},
+    {"user_id": True},
+    {"user_id": 3, "context": {"timestamp": 1}},
+]
+
+
+@pytest.mark.parametrize("body", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_no_request_shape_gets_a_5xx(models: Path, body: dict) -> None:
+    expect = body.pop("expect", None)
+    with TestClient(
+        create_app(ServeSettings(models=str(models), poll_seconds=0))
+    ) as client:
+        response = client.post("/v1/recommend", json=body)
+        if expect == 200:  # a filter nothing passes: an empty answer
+            assert response.status_code == 200 and response.json()["items"] == []
+        else:
+            assert 400 <= response.status_code < 500, (body, response.text)
+            assert response.json()["error"], body
+        # The connection stays usable: the next good request is answered.
+        assert client.post("/v1/recommend", json={"user_id": 3}).status_code == 200
+
+
+def test_nan_and_infinity_are_not_ages(models: Path) -> None:
+    with TestClient(
+        create_app(ServeSettings(models=str(models), poll_seconds=0))
+    ) as client:
+        for raw in (
+            b'{"user_features": {"age": NaN}}',
+            b'{"user_features": {"age": Infinity}}',
+        ):
+            response = client.post(
+                "/v1/recommend",
+                content=raw,
+                headers={"Content-Type": "application/json"},
+            )
+            assert response.status_code == 422, response.text
+
+
+def test_predict_instances_are_capped(models: Path) -> None:
+    settings = ServeSettings(models=str(models), poll_seconds=0, max_instances=5)
+    with TestClient(create_app(settings)) as client:
+        many = client.post("/v1/models/m:predict", json={"instances": [3] * 6})
+        assert many.status_code == 413 and "at most 5" in many.json()["error"]
+        bad = client.post(
+            "/v1/models/m:predict", json={"instances": [{"user_id": 3, "k": 0}]}
+        )
+        assert bad.status_code == 400
+
+
+def test_api_key_is_compared_as_bytes_and_must_be_printable(models: Path) -> None:
+    settings = ServeSettings(models=str(models), poll_seconds=0, api_key="s3cret")
+    with TestClient(create_app(settings)) as client:
+        odd = client.post(
+            "/v1/recommend",
+            json={"user_id": 3},
+            headers={"X-API-Key": "sécret".encode()},  # raw UTF-8 bytes
+        )
+        assert odd.status_code == 401
+        good = client.post(
+            "/v1/recommend", json={"user_id": 3}, headers={"X-API-Key": "s3cret"}
+        )
+        assert good.status_code == 200
+    for key in ("", " padded ", "clé"):
+        with pytest.raises(ConfigError, match="api_key"):
+            ServeSettings(models=str(models), api_key=key)

@@ -44,6 +44,9 @@ def serve_command(
     max_body_bytes: Annotated[
         int, typer.Option(help="Larger request bodies get 413.")
     ] = 64 * 1024,
+    max_instances: Annotated[
+        int, typer.Option(help="Most users one :predict request may ask for (413).")
+    ] = 100,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -82,6 +85,7 @@ def serve_command(
         poll_seconds=poll_seconds,
         torch_threads=torch_threads,
         num_candidates=num_candidates,
+        max_instances=max_instances,
     )
     ModelRegistry(models)  # a wrong path fails here, before uvicorn starts
     os.environ[SETTINGS_ENV] = settings_to_env(settings)

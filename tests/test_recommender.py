@@ -179,3 +179,47 @@ def test_history_is_complete_beyond_the_model_window(
         longer += len(got) > rec.run.tensors.history.shape[1]
     assert longer > 0  # the fixture really has users past the window
     assert rec.history("nobody") == []
+
+
+def test_bundle_files_must_be_listed_plain_and_inside(
+    fitted: tuple[Recommender, object], tmp_path: Path
+) -> None:
+    """Regression: an unlisted items.parquet was loaded unchecked (it served an
+    injected title), and symlinks and manifest paths that left the bundle were
+    followed."""
+    import json
+    import os
+
+    import polars as pl
+
+    rec, _ = fitted
+    bundle = rec.save(tmp_path / "b" / "1")
+    (bundle / "items.parquet").unlink(missing_ok=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"].pop("items.parquet", None)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    load(bundle)  # fine without it
+    pl.DataFrame({"item_id": [1], "title": ["injected"]}).write_parquet(
+        bundle / "items.parquet"
+    )
+    with pytest.raises(ArtifactError, match=r"items\.parquet is not listed"):
+        load(bundle)
+    (bundle / "items.parquet").unlink()
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    (bundle / "extra.json").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        load(bundle)
+    (bundle / "extra.json").unlink()
+    manifest["files"]["../outside.json"] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="outside"):
+        load(bundle)
+    # Saved bundles follow the umask (they were 0700/0600 whatever it was).
+    previous = os.umask(0o022)
+    try:
+        other = rec.save(tmp_path / "c" / "1")
+    finally:
+        os.umask(previous)
+    assert other.stat().st_mode & 0o777 == 0o755
+    assert (other / "manifest.json").stat().st_mode & 0o777 == 0o644

@@ -96,6 +96,7 @@ def write_bundle(
             **extra,
         }
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _follow_umask(temp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)
@@ -109,6 +110,16 @@ def write_bundle(
     return final
 
 
+def _follow_umask(root: Path) -> None:
+    """Give the bundle the permissions of the process umask (``mkdtemp`` made its
+    directory 0700), so a separate service user can read what training wrote."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        mode = 0o777 if path.is_dir() else 0o666
+        path.chmod(mode & ~umask)
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The parsed manifest of a bundle, checked for a known format version."""
     path = Path(directory) / MANIFEST
@@ -119,8 +130,17 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
             f"{str(directory)!r} is not a twostage bundle: {MANIFEST} is missing "
             "(half-written, or not saved with Recommender.save)."
         ) from e
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ArtifactError(f"cannot read {str(path)!r}: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{str(path)!r} should hold a JSON object.")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise ArtifactError(
+            f"{str(path)!r}: `files` should map file names to sha256 digests."
+        )
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(
@@ -135,11 +155,33 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
 
     Raises:
         ArtifactError: a file is missing, or its size or SHA-256 differs (tampered or
-            truncated), naming the file.
+            truncated), a file is not listed, a symbolic link, or a listed path leaves
+            the bundle; the message names the file.
     """
     root = Path(directory)
     manifest = read_manifest(root)
-    for name, expected in manifest["files"].items():
+    listed = manifest["files"]
+    for name in listed:
+        # Every listed path stays inside the bundle: no absolute paths, no `..`.
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise ArtifactError(
+                f"bundle {str(root)!r}: the manifest lists {name!r}, a path outside "
+                "the bundle. Re-save the bundle."
+            )
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_symlink():
+            raise ArtifactError(
+                f"bundle {str(root)!r}: {name} is a symbolic link; a bundle holds "
+                "plain files only (copy the file in instead)."
+            )
+        if path.is_file() and name != MANIFEST and name not in listed:
+            raise ArtifactError(
+                f"bundle {str(root)!r}: {name} is not listed in the manifest, so "
+                "nothing vouches for it. Remove it, or re-save the bundle."
+            )
+    for name, expected in listed.items():
         path = root / name
         if not path.is_file():
             raise ArtifactError(
@@ -162,7 +204,10 @@ def latest_version(model_dir: str | Path) -> Path:
         sorted(
             (int(p.name), p)
             for p in root.iterdir()
-            if p.is_dir() and p.name.isdigit() and (p / MANIFEST).exists()
+            if p.is_dir()
+            and p.name.isascii()
+            and p.name.isdigit()
+            and (p / MANIFEST).exists()
         )
         if root.is_dir()
         else []
@@ -179,7 +224,7 @@ def next_version(model_dir: str | Path) -> Path:
     """``models/<name>/<n+1>``: the directory for a new version after the highest one."""
     root = Path(model_dir)
     numbers = (
-        [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+        [int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()]
         if root.is_dir()
         else []
     )

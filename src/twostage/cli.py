@@ -4,9 +4,13 @@ in :mod:`twostage.cli_data` and :mod:`twostage.cli_ops`, tables and the progress
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,6 +81,32 @@ def _experiment_config(
     return apply_overrides(config, [*mapping, *overrides])
 
 
+AllowConfigChange = Annotated[
+    bool,
+    typer.Option(
+        "--allow-config-change",
+        help="With --resume: continue although the settings differ from the "
+        "checkpoint's (beyond epochs, threads and device; refused otherwise).",
+    ),
+]
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """While training: SIGTERM finishes the epoch, writes its checkpoint and stops
+    with a message (instead of losing the epoch without a word)."""
+    from twostage.training.loop import request_stop
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: request_stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _columns(
     user_col: str | None,
     item_col: str | None,
@@ -139,6 +169,7 @@ def train_all(
     item_features: ItemFeatures = None,
     train_file: TrainFile = None,
     test_file: TestFile = None,
+    allow_config_change: AllowConfigChange = False,
 ) -> None:
     """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
     if ctx.invoked_subcommand is not None:
@@ -162,7 +193,13 @@ def train_all(
     )
     columns.update(train_file=train_file, test_file=test_file)
     config = _experiment_config(dataset, config_file, overrides or [], columns)
-    stages = _fit_both(config, ranking=ranking, work_dir=work_dir, resume=resume)
+    stages = _fit_both(
+        config,
+        ranking=ranking,
+        work_dir=work_dir,
+        resume=resume,
+        allow_config_change=allow_config_change,
+    )
     bundle = stages.recommender().save(out)
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
 
@@ -186,7 +223,7 @@ def _fit_both(config: Any, *, ranking: bool, **options: Any) -> Any:
     stage's test figures."""
     from twostage.two_stage import fit_two_stage
 
-    with training_progress() as on_step:
+    with _stop_on_sigterm(), training_progress() as on_step:
         stages = fit_two_stage(config, ranking=ranking, on_step=on_step, **options)
     _print_retrieval(stages.retrieval, stages.split.test, config)
     report = stages.ranking_metrics
@@ -322,6 +359,7 @@ def train_retrieval_command(
     item_features: ItemFeatures = None,
     train_file: TrainFile = None,
     test_file: TestFile = None,
+    allow_config_change: AllowConfigChange = False,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
     from twostage.retrieval.fit import fit_retrieval
@@ -337,8 +375,14 @@ def train_retrieval_command(
     )
     columns.update(train_file=train_file, test_file=test_file)
     config = _experiment_config(dataset, config_file, overrides or [], columns)
-    with training_progress() as on_step:
-        run, split = fit_retrieval(config, out_dir=out, resume=resume, on_step=on_step)
+    with _stop_on_sigterm(), training_progress() as on_step:
+        run, split = fit_retrieval(
+            config,
+            out_dir=out,
+            resume=resume,
+            on_step=on_step,
+            allow_config_change=allow_config_change,
+        )
     _print_retrieval(run, split.test, config)
     console.print(
         f"Saved to [cyan]{out}[/cyan] (best epoch {run.train_result.best_epoch})."

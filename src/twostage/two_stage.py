@@ -67,6 +67,7 @@ def fit_two_stage(
     evaluate_test: bool = True,
     on_step: ProgressFn | None = None,
     on_ranking_step: ProgressFn | None = None,
+    allow_config_change: bool = False,
 ) -> TwoStage:
     """Split, train retrieval, then the ranker on the same split, and evaluate both.
 
@@ -80,6 +81,8 @@ def fit_two_stage(
         evaluate_test: measure both stages on the test split.
         on_step: progress callback of retrieval training; ``on_ranking_step``: of
             ranking training.
+        allow_config_change: resume although the config differs from the
+            checkpoints' (beyond epochs, threads and device).
     """
     work = Path(work_dir) if work_dir is not None else None
     run, split = fit_retrieval(
@@ -89,6 +92,7 @@ def fit_two_stage(
         resume=resume,
         on_step=on_step,
         evaluate_test=evaluate_test,
+        allow_config_change=allow_config_change,
     )
     result = TwoStage(retrieval=run, ranker=None, split=split)
     if not ranking:
@@ -104,6 +108,7 @@ def fit_two_stage(
         and ranker_dir is not None
         and (ranker_dir / "checkpoint").exists(),
         on_step=on_ranking_step,
+        allow_config_change=allow_config_change,
     )
     if evaluate_test and split.test.num_interactions:
         result.ranking_metrics = evaluate_ranking(result.ranker, split.test)

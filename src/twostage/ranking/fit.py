@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from twostage.config import RankingConfig, TrainConfig
+from twostage.config import RankingConfig, TrainConfig, to_dict
 from twostage.data.dataset import Dataset
 from twostage.data.split import validation_split
 from twostage.errors import DataError
@@ -32,7 +32,7 @@ from twostage.ranking.run import (
 from twostage.retrieval.run import RetrievalRun
 from twostage.retrieval.tensors import with_history_of
 from twostage.training import ProgressFn, TrainResult
-from twostage.training.loop import run_training
+from twostage.training.loop import resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
 __all__ = ["fit_ranking"]
@@ -122,6 +122,7 @@ def fit_ranking(
     resume: bool = False,
     on_step: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
+    allow_config_change: bool = False,
 ) -> RankingRun:
     """Train a ranker on a retrieval run's features and candidates.
 
@@ -138,6 +139,8 @@ def fit_ranking(
         resume: continue from the checkpoint in ``checkpoint_dir``.
         on_step: called after every step with ``{"epoch", "step", "loss", "examples"}``.
         stop_after_epoch: stop (as if killed) after this many epochs; for tests.
+        allow_config_change: resume even though the settings differ from the
+            checkpoint's.
 
     Returns:
         The run; its tables hold ``train`` and ``validation`` as history and seen items
@@ -180,6 +183,14 @@ def fit_ranking(
         resume=resume,
         on_step=on_step,
         stop_after_epoch=stop_after_epoch,
+        fingerprint=resume_fingerprint(
+            {
+                "data": to_dict(run.config.data),
+                "ranking": to_dict(config),
+                "train": {"seed": run.config.train.seed},
+            }
+        ),
+        allow_config_change=allow_config_change,
     )
     ranking.history = result.history
     if validation is None:

@@ -7,11 +7,12 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from twostage.config import ExperimentConfig, RetrievalConfig, TrainConfig
+from twostage.config import ExperimentConfig, RetrievalConfig, TrainConfig, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import ExperimentSplit, prepare_split
@@ -36,12 +37,15 @@ from twostage.retrieval.tensors import (
     with_history_of,
 )
 from twostage.training import ProgressFn, TrainResult
-from twostage.training.loop import run_training
+from twostage.training.loop import resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
 __all__ = ["fit_retrieval", "train_retrieval"]
 
 logger = logging.getLogger(__name__)
+
+#: The config sections a retrieval checkpoint depends on.
+_RETRIEVAL_SECTIONS = ("data", "retrieval", "train")
 
 
 def fit_retrieval(
@@ -52,6 +56,7 @@ def fit_retrieval(
     resume: bool = False,
     on_step: ProgressFn | None = None,
     evaluate_test: bool = True,
+    allow_config_change: bool = False,
 ) -> tuple[RetrievalRun, ExperimentSplit]:
     """Train a two-tower retrieval model from a config and evaluate it on the test split.
 
@@ -66,6 +71,8 @@ def fit_retrieval(
         resume: continue an interrupted run from ``out_dir``'s checkpoint.
         on_step: progress callback of the training loop.
         evaluate_test: compute test metrics (stored in ``run.metrics``).
+        allow_config_change: resume even though the config differs from the
+            checkpoint's (beyond epochs, threads and device).
     """
     _set_threads(config)
     if dataset is None:
@@ -115,6 +122,10 @@ def fit_retrieval(
         checkpoint_dir=checkpoints,
         resume=resume,
         on_step=on_step,
+        fingerprint=resume_fingerprint(
+            {k: v for k, v in to_dict(config).items() if k in _RETRIEVAL_SECTIONS}
+        ),
+        allow_config_change=allow_config_change,
     )
     logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
     run.popularity_fallback = max(config.retrieval.popularity_fallback, 0)
@@ -154,6 +165,8 @@ def train_retrieval(
     resume: bool = False,
     on_step: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train the two towers in place with :func:`twostage.training.loop.run_training`.
 
@@ -163,7 +176,8 @@ def train_retrieval(
         config: optimisation settings.
         validate: returns ``{"metric": value to maximise, ...}`` (e.g. Recall@100 on
             a validation carve-out); without it every epoch counts as the best.
-        checkpoint_dir, resume, on_step, stop_after_epoch: as for ``run_training``.
+        checkpoint_dir, resume, on_step, stop_after_epoch, fingerprint,
+        allow_config_change: as for ``run_training``.
     """
     model_config: RetrievalConfig = model.config
     device = resolve_device(config.device)
@@ -186,6 +200,8 @@ def train_retrieval(
         resume=resume,
         on_step=on_step,
         stop_after_epoch=stop_after_epoch,
+        fingerprint=fingerprint,
+        allow_config_change=allow_config_change,
     )
 
 

@@ -7,6 +7,9 @@ Weights and optimiser tensors are safetensors; everything else is JSON (no pickl
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +18,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from twostage.errors import ArtifactError
+from twostage.errors import ArtifactError, ConfigError
 from twostage.training import TrainResult
 from twostage.training.optim import Optimizers
 
 __all__ = ["CHECKPOINT", "load_checkpoint", "save_checkpoint"]
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT = "checkpoint"
+STATE = "state.json"
+#: The checkpoint, the one being written, the one being replaced.
+_NAMES = (CHECKPOINT, f".{CHECKPOINT}.tmp", f".{CHECKPOINT}.old")
 
 
 def _flatten_optimizer(
@@ -69,39 +77,62 @@ def save_checkpoint(
     next_epoch: int,
     bad_epochs: int,
     best_state: dict[str, Tensor],
+    *,
+    fingerprint: dict[str, Any] | None = None,
 ) -> None:
-    """Write the checkpoint to a temp dir, then rename it over the old one (atomic)."""
+    """Write the checkpoint so that a crash at any point leaves a loadable one.
+
+    The new checkpoint is written in full to ``.checkpoint.tmp`` (``state.json``
+    last, everything flushed to disk), the current one is renamed to
+    ``.checkpoint.old``, the new one renamed into place, and the old one removed.
+    :func:`load_checkpoint` takes the newest complete one of the three, whichever
+    step a crash interrupted. A failed write (a full disk) raises
+    :class:`ArtifactError` and keeps the previous checkpoint.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / CHECKPOINT
-    temp = directory / f".{CHECKPOINT}.tmp"
-    temp.mkdir(exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        temp / "model.safetensors",
-    )
-    save_file(
-        {k: v.contiguous() for k, v in best_state.items()}, temp / "best.safetensors"
-    )
-    optim_tensors, optim_meta = _flatten_optimizer(optimizer)
-    save_file(optim_tensors, temp / "optimizer.safetensors")
-    meta = {
-        "next_epoch": next_epoch,
-        "bad_epochs": bad_epochs,
-        "optimizer": optim_meta,
-        "history": result.history,
-        "best_epoch": result.best_epoch,
-        "best_metric": result.best_metric,
-        "seconds": result.seconds,
-    }
-    (temp / "state.json").write_text(json.dumps(meta))
-    old = directory / f".{CHECKPOINT}.old"
-    if final.exists():
-        final.rename(old)
-    temp.rename(final)
-    if old.exists():
-        for path in old.iterdir():
-            path.unlink()
-        old.rmdir()
+    final, temp, old = (directory / name for name in _NAMES)
+    try:
+        if temp.exists():  # a crash while writing left half a checkpoint
+            shutil.rmtree(temp)
+        temp.mkdir()
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            temp / "model.safetensors",
+        )
+        save_file(
+            {k: v.contiguous() for k, v in best_state.items()},
+            temp / "best.safetensors",
+        )
+        optim_tensors, optim_meta = _flatten_optimizer(optimizer)
+        save_file(optim_tensors, temp / "optimizer.safetensors")
+        meta = {
+            "next_epoch": next_epoch,
+            "bad_epochs": bad_epochs,
+            "optimizer": optim_meta,
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "best_metric": result.best_metric,
+            "seconds": result.seconds,
+            "fingerprint": fingerprint,
+        }
+        for name in ("model.safetensors", "best.safetensors", "optimizer.safetensors"):
+            _fsync(temp / name)
+        (temp / STATE).write_text(json.dumps(meta))  # last: marks it complete
+        _fsync(temp / STATE)
+        if final.exists():
+            if old.exists():  # a crash while removing it left a stale one
+                shutil.rmtree(old)
+            final.rename(old)
+        temp.rename(final)
+        _fsync(directory)
+        if old.exists():
+            shutil.rmtree(old)
+    except OSError as e:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise ArtifactError(
+            f"cannot write the checkpoint in {str(directory)!r}: {e} (disk full?). "
+            "The previous checkpoint, if any, is kept."
+        ) from e
 
 
 def load_checkpoint(
@@ -109,15 +140,41 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: Optimizers,
     result: TrainResult,
+    *,
+    fingerprint: dict[str, Any] | None = None,
+    allow_changes: bool = False,
 ) -> tuple[int, int, dict[str, Tensor]]:
-    path = directory / CHECKPOINT
-    if not (path / "state.json").exists():
-        raise ArtifactError(
-            f"no checkpoint to resume from in {str(directory)!r} (expected "
-            f"{str(path / 'state.json')!r}). Train without --resume first."
+    """Restore the newest complete checkpoint into ``model``, ``optimizer``, ``result``.
+
+    Args:
+        fingerprint: what the run's results depend on (its config, less what may
+            change on resume); compared with the checkpoint's.
+        allow_changes: resume even when the fingerprints differ.
+
+    Returns:
+        ``(next epoch, epochs without improvement, best weights)``.
+
+    Raises:
+        ArtifactError: no complete checkpoint, or it cannot be read.
+        ConfigError: the fingerprint differs and ``allow_changes`` is False.
+    """
+    path, meta = _newest_complete(directory)
+    saved = meta.get("fingerprint")
+    if fingerprint is not None and saved is not None and saved != fingerprint:
+        changed = sorted(
+            k
+            for k in set(saved) | set(fingerprint)
+            if saved.get(k) != fingerprint.get(k)
         )
+        if not allow_changes:
+            raise ConfigError(
+                f"the checkpoint in {str(directory)!r} was trained with another "
+                f"config: {', '.join(changed)} differ. Resume with the same settings, "
+                "train into a new directory, or allow the change explicitly "
+                "(--allow-config-change)."
+            )
+        logger.warning("resuming with changed settings: %s", ", ".join(changed))
     try:
-        meta = json.loads((path / "state.json").read_text())
         model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
         _load_optimizer(
             optimizer, load_file(path / "optimizer.safetensors"), meta["optimizer"]
@@ -130,3 +187,33 @@ def load_checkpoint(
     result.best_metric = meta["best_metric"]
     result.seconds = meta["seconds"]
     return meta["next_epoch"], meta["bad_epochs"], best
+
+
+def _newest_complete(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """The complete checkpoint (``state.json`` written) with the most epochs done."""
+    found = []
+    for name in _NAMES:
+        state = directory / name / STATE
+        try:
+            meta = json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue  # absent, or interrupted before its state was written
+        if isinstance(meta, dict) and isinstance(meta.get("next_epoch"), int):
+            found.append((meta["next_epoch"], directory / name, meta))
+    if not found:
+        raise ArtifactError(
+            f"no checkpoint to resume from in {str(directory)!r} (expected "
+            f"{str(directory / CHECKPOINT / STATE)!r}). Train without --resume first."
+        )
+    _, path, meta = max(found, key=lambda entry: entry[0])
+    return path, meta
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

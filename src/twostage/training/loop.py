@@ -15,20 +15,29 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from twostage.config import TrainConfig
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, TwostageError
 from twostage.training import ProgressFn, TrainResult
 from twostage.training.checkpoint import load_checkpoint, save_checkpoint
 from twostage.training.optim import learning_rate, make_optimizer
 
-__all__ = ["BatchLoss", "Validate", "run_training"]
+__all__ = [
+    "BatchLoss",
+    "TrainingInterrupted",
+    "Validate",
+    "request_stop",
+    "resume_fingerprint",
+    "run_training",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +47,33 @@ BatchLoss = Callable[[Tensor, torch.Generator], Tensor]
 #: ``model -> {"metric": value to maximise, other figures...}``, run under no_grad with
 #: the model in eval mode on the CPU.
 Validate = Callable[[nn.Module], dict[str, float]]
+
+#: Set by :func:`request_stop` (the CLI's SIGTERM handler): the loop finishes the
+#: epoch, writes its checkpoint and stops.
+_STOP = threading.Event()
+#: Settings that may change between a run and its resumption.
+_MAY_CHANGE = ("train.epochs", "train.num_threads", "train.device", "ranking.epochs")
+
+
+class TrainingInterrupted(TwostageError, RuntimeError):
+    """Training stopped on request (SIGTERM) after finishing an epoch."""
+
+
+def request_stop() -> None:
+    """Ask the running loop to stop after the current epoch (signal-safe)."""
+    _STOP.set()
+
+
+def resume_fingerprint(values: dict[str, Any]) -> dict[str, Any]:
+    """``section.key -> value`` of a config dict, less the settings that may change
+    when a run is resumed (more epochs, other threads or device)."""
+    flat = {
+        f"{section}.{key}": value
+        for section, entries in values.items()
+        if isinstance(entries, dict)
+        for key, value in entries.items()
+    }
+    return {k: v for k, v in flat.items() if k not in _MAY_CHANGE}
 
 
 def run_training(
@@ -52,6 +88,8 @@ def run_training(
     resume: bool = False,
     on_step: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place; the best validated weights are kept.
 
@@ -68,7 +106,15 @@ def run_training(
         resume: continue from the checkpoint in ``checkpoint_dir``.
         on_step: called after every step with ``{"epoch", "step", "loss", "examples"}``.
         stop_after_epoch: stop (as if killed) after this many epochs; for tests.
+        fingerprint: what the run's results depend on (:func:`resume_fingerprint`),
+            saved in the checkpoint; resuming with another one is refused unless
+            ``allow_config_change``.
+
+    Raises:
+        TrainingInterrupted: :func:`request_stop` was called; the epoch in progress
+            was finished and checkpointed first.
     """
+    _STOP.clear()
     torch.manual_seed(config.seed)
     model.to(device)
     optimizer = make_optimizer(model, config)
@@ -83,7 +129,12 @@ def run_training(
         if checkpoint_dir is None:
             raise ConfigError("`resume` needs a `checkpoint_dir`. Received: None.")
         start_epoch, bad_epochs, best_state = load_checkpoint(
-            checkpoint_dir, model, optimizer, result
+            checkpoint_dir,
+            model,
+            optimizer,
+            result,
+            fingerprint=fingerprint,
+            allow_changes=allow_config_change,
         )
         logger.info("resumed from %s at epoch %d", checkpoint_dir, start_epoch + 1)
     started = time.perf_counter() - result.seconds
@@ -157,6 +208,18 @@ def run_training(
                 epoch + 1,
                 bad_epochs,
                 best_state,
+                fingerprint=fingerprint,
+            )
+        if _STOP.is_set():
+            model.cpu()
+            where = (
+                f"its checkpoint is in {str(checkpoint_dir)!r}: continue with --resume"
+                if checkpoint_dir is not None
+                else "nothing was saved (no checkpoint directory)"
+            )
+            raise TrainingInterrupted(
+                f"training stopped on request after epoch {epoch + 1} of "
+                f"{config.epochs}; {where}."
             )
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             model.cpu()

@@ -1,0 +1,162 @@
+"""Checkpoints survive a crash at any point; resume checks the config; SIGTERM
+finishes the epoch; a full disk keeps the previous checkpoint."""
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.split import prepare_split
+from twostage.data.synthetic import generate
+from twostage.errors import ArtifactError, ConfigError
+from twostage.features import FeatureSpec
+from twostage.retrieval.fit import train_retrieval
+from twostage.retrieval.run import build_model
+from twostage.retrieval.tensors import build_tensors
+from twostage.training import checkpoint as checkpoint_module
+from twostage.training.loop import TrainingInterrupted, request_stop
+
+SMALL = [
+    "train.epochs=4",
+    "train.early_stopping_patience=0",
+    "train.num_threads=1",
+    "train.batch_size=128",
+    "retrieval.embedding_dim=8",
+    "retrieval.output_dim=8",
+    "retrieval.history_length=10",
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = apply_overrides(ExperimentConfig(), SMALL)
+    dataset = generate(num_users=80, num_items=60, num_interactions=1500)
+    train = prepare_split(dataset, config).fit
+    spec = FeatureSpec.default_for(train).fit(train)
+    tensors = build_tensors(spec, train, config.retrieval)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(7)
+        return build_model(spec, config.retrieval)
+
+    full = fresh()
+    train_retrieval(full, tensors, config.train)
+    return config, tensors, fresh, full.state_dict()
+
+
+def _equal(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("crash", ["stale_old", "between_renames", "half_written_tmp"])
+def test_resume_after_a_crash_at_any_point(setup, tmp_path: Path, crash: str) -> None:
+    config, tensors, fresh, want = setup
+    after_two, after_three = tmp_path / "two", tmp_path / "three"
+    train_retrieval(
+        fresh(), tensors, config.train, checkpoint_dir=after_two, stop_after_epoch=2
+    )
+    train_retrieval(
+        fresh(), tensors, config.train, checkpoint_dir=after_three, stop_after_epoch=3
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    if crash == "stale_old":  # a crash while the replaced checkpoint was removed
+        shutil.copytree(after_three / "checkpoint", work / "checkpoint")
+        shutil.copytree(after_two / "checkpoint", work / ".checkpoint.old")
+        (work / ".checkpoint.old" / "model.safetensors").unlink()
+    elif crash == "between_renames":  # old moved away, new not yet in place
+        shutil.copytree(after_two / "checkpoint", work / ".checkpoint.old")
+        shutil.copytree(after_three / "checkpoint", work / ".checkpoint.tmp")
+    else:  # the new one was being written: no state.json yet
+        shutil.copytree(after_two / "checkpoint", work / "checkpoint")
+        shutil.copytree(after_three / "checkpoint", work / ".checkpoint.tmp")
+        (work / ".checkpoint.tmp" / "state.json").unlink()
+    resumed = fresh()
+    result = train_retrieval(
+        resumed, tensors, config.train, checkpoint_dir=work, resume=True
+    )
+    assert len(result.history) == 4
+    assert _equal(resumed, want), crash
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint"]  # cleaned up
+
+
+def test_resume_refuses_a_changed_config_unless_told(setup, tmp_path: Path) -> None:
+    config, tensors, fresh, _ = setup
+    fingerprint = {"train.learning_rate": 0.005, "retrieval.embedding_dim": 8}
+    train_retrieval(
+        fresh(),
+        tensors,
+        config.train,
+        checkpoint_dir=tmp_path,
+        stop_after_epoch=1,
+        fingerprint=fingerprint,
+    )
+    changed = {**fingerprint, "train.learning_rate": 0.1}
+    with pytest.raises(ConfigError, match=r"train\.learning_rate differ"):
+        train_retrieval(
+            fresh(),
+            tensors,
+            config.train,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            fingerprint=changed,
+        )
+    result = train_retrieval(
+        fresh(),
+        tensors,
+        config.train,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        fingerprint=changed,
+        allow_config_change=True,
+    )
+    assert len(result.history) == 4
+
+
+def test_a_stop_request_finishes_the_epoch_then_resumes_exactly(
+    setup, tmp_path: Path
+) -> None:
+    """What the CLI's SIGTERM handler does: the epoch in progress is finished and
+    checkpointed, the run says so and stops; --resume continues exactly."""
+    config, tensors, fresh, want = setup
+
+    def stop_soon(info: dict) -> None:
+        if info["epoch"] == 1:
+            request_stop()
+
+    with pytest.raises(TrainingInterrupted, match="after epoch 2 of 4"):
+        train_retrieval(
+            fresh(), tensors, config.train, checkpoint_dir=tmp_path, on_step=stop_soon
+        )
+    resumed = fresh()
+    train_retrieval(
+        resumed, tensors, config.train, checkpoint_dir=tmp_path, resume=True
+    )
+    assert _equal(resumed, want)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, tensors, fresh, _ = setup
+    train_retrieval(
+        fresh(), tensors, config.train, checkpoint_dir=tmp_path, stop_after_epoch=1
+    )
+    real = checkpoint_module.save_file
+
+    def full(tensors: dict, path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    with pytest.raises(ArtifactError, match="disk full"):
+        train_retrieval(
+            fresh(), tensors, config.train, checkpoint_dir=tmp_path, resume=True
+        )
+    monkeypatch.setattr(checkpoint_module, "save_file", real)
+    result = train_retrieval(
+        fresh(), tensors, config.train, checkpoint_dir=tmp_path, resume=True
+    )
+    assert len(result.history) == 4  # resumed from epoch 1, which was kept

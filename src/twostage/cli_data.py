@@ -127,6 +127,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         "time range",
         f"{times['min']} .. {times['max']}"
         if times
+        else "none: no rows"
+        if not summary["num_interactions"]
         else "none: no time column (file order is the time order)",
     )
     if "rating_histogram" in summary:

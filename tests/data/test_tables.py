@@ -525,7 +525,8 @@ INT_IDS = st.integers(-(10**12), 10**12).map(str)
 NOTES = st.text(st.sampled_from(list('ab ,;|:"\r\n\x1f')), max_size=6)
 RATINGS = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 TIMES = st.one_of(
-    st.integers(0, 2**40).map(lambda t: (str(t), t)),
+    # Good times lie in the reader's default bounds (the years 1900 to 2199).
+    st.integers(0, 7_258_118_399).map(lambda t: (str(t), t)),
     st.datetimes(datetime(1971, 1, 1), datetime(2100, 1, 1)).map(
         lambda d: (
             d.replace(microsecond=0).isoformat(),
@@ -888,3 +889,42 @@ def test_strict_message_speaks_to_cli_and_python_users(tmp_path: Path) -> None:
     with pytest.raises(BadRowError) as error:
         read_interactions(path, strict=True)
     assert "--strict" in str(error.value) and "strict=False" in str(error.value)
+
+
+def test_reader_refuses_what_it_cannot_take_faithfully(tmp_path: Path) -> None:
+    """Regression (issue 15): a UTF-8 file with one latin-1 row was decoded entirely
+    as latin-1 ('usér' became 'usÃ©r', a second user); a duplicated header name
+    silently used the first column; NUL bytes stayed inside IDs; timestamps of year
+    9999 or int64 max were accepted and crashed `data describe`; a header-only file
+    crashed it too."""
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_bytes("user_id,item_id\nusér,2\n".encode() + b"us\xe9r,3\nbob,4\n")
+    with pytest.raises(DataError, match=r"mixes encodings.*first: 3"):
+        read_interactions(mixed)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"user_id,item_id\nbob,2\nus\xe9r,3\n")
+    assert read_interactions(latin).interactions["user_id"].to_list() == ["bob", "usér"]
+    twice = tmp_path / "twice.csv"
+    twice.write_text("user_id,item_id,item_id\n1,2,3\n")
+    with pytest.raises(DataError, match=r"\['item_id'\] more than once"):
+        read_interactions(twice)
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b"user_id,item_id\nu\x001,2\nbob,3\n")
+    report = read_interactions(nul).report
+    assert report is not None and report.rejected == {"nul_in_id": 1}
+    times = tmp_path / "times.csv"
+    times.write_text(
+        "user_id,item_id,timestamp\n1,2,253402300799\n2,3,9223372036854775807\n"
+        "3,4,1700000000\n4,5,4611686018427387904\n"
+    )
+    dataset = read_interactions(times, time_col="timestamp")
+    assert dataset.report is not None
+    assert dataset.report.rejected == {"bad_timestamp": 3}
+    assert describe(dataset)["time_range"]["min"].startswith("2023-11-14")
+    wide = read_interactions(times, time_col="timestamp", time_bounds=(0, 2**63 - 1))
+    assert wide.num_interactions == 3  # int64 max is the (excluded) upper bound
+    assert "out of the calendar" in describe(wide)["time_range"]["max"]
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("user_id,item_id,timestamp\n")
+    summary = describe(read_interactions(header_only, time_col="timestamp"))
+    assert summary["num_interactions"] == 0 and summary["time_range"] is None

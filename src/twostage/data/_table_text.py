@@ -75,7 +75,7 @@ class _Source:
             try:
                 self._decode_head()
             except UnicodeDecodeError:
-                self.codec = "latin-1"
+                self.fall_back_to_latin1(path.read_bytes())
         else:
             try:
                 name = codecs.lookup(encoding).name
@@ -108,9 +108,38 @@ class _Source:
         except UnicodeDecodeError as err:
             if not (self.auto and self.is_utf8):
                 raise DataError(f"{self.path}: not valid {self.codec}: {err}") from err
+        self.fall_back_to_latin1(data)
+        return data.removeprefix(codecs.BOM_UTF8).decode("latin-1")
+
+    def fall_back_to_latin1(self, data: bytes) -> None:
+        """Decode an invalid-UTF-8 file as latin-1, unless it mixes encodings.
+
+        A file whose other lines hold real UTF-8 (multi-byte characters) is not a
+        latin-1 file with a few odd rows: decoding all of it as latin-1 would turn
+        ``usér`` into ``usÃ©r``, a second user. Such a file is refused, naming the
+        lines that are not UTF-8.
+
+        Raises:
+            DataError: the file mixes UTF-8 and other bytes.
+        """
+        bad, utf8_text = [], False
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            try:
+                decoded = line.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(number)
+                continue
+            utf8_text = utf8_text or not decoded.isascii()
+        if utf8_text and bad:
+            shown = ", ".join(str(n) for n in bad[:5])
+            raise DataError(
+                f"{self.path} mixes encodings: most lines are UTF-8, but {len(bad)} "
+                f"line(s) are not (first: {shown}). Re-encode those lines as UTF-8, "
+                "or read the whole file as latin-1 with encoding='latin-1' if that is "
+                "what it is."
+            )
         logger.info("%s is not valid UTF-8; decoding it as latin-1.", self.path)
         self.codec = "latin-1"
-        return data.removeprefix(codecs.BOM_UTF8).decode("latin-1")
 
 
 def load_text(
@@ -179,10 +208,14 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
             )
         names = [f"column_{i}" for i in range(1, len(records[0]) + 1)]
     names = list(opts.column_names or names)
-    seen: Counter[str] = Counter()
-    for i, n in enumerate(names):  # repeated names get a suffix: a, a_2, a_3
-        seen[n] += 1
-        names[i] = n if seen[n] == 1 else f"{n}_{seen[n]}"
+    repeated = sorted(n for n, count in Counter(names).items() if count > 1)
+    if repeated:  # which one would a mapping mean? Say so rather than pick one.
+        where = {n: [i + 1 for i, m in enumerate(names) if m == n] for n in repeated}
+        raise DataError(
+            f"{src.path}: the header names {repeated} more than once (columns "
+            f"{where}); a column mapping could not tell them apart. Rename them in the "
+            "file, or pass `column_names=` with distinct names."
+        )
     leading_blank = not (lines and lines[0].strip())
     samples = records[1:] if opts.has_header else records
     eol = "\r" if "\r" in sample and "\n" not in sample else "\n"
@@ -246,12 +279,12 @@ def read_fast(src: _Source, layout: Layout, spec: Spec) -> pl.DataFrame | None:
         parsed = _polars_parse(source, Shape.of(source, layout), layout, spec)
         if parsed is not None or not (src.auto and src.codec == "utf-8"):
             break
+        data = src.path.read_bytes()
         try:  # polars rejects invalid UTF-8: is that why it failed?
-            src.path.read_bytes().decode("utf-8")
+            data.decode("utf-8")
             break
         except UnicodeDecodeError:
-            logger.info("%s is not valid UTF-8; decoding it as latin-1.", src.path)
-            src.codec = "latin-1"
+            src.fall_back_to_latin1(data)
     if parsed is None:
         return None
     df, shape, verified = parsed

@@ -48,6 +48,7 @@ class Spec:
     time_format: str | None
     duplicates: str
     keys: tuple[str, ...]  # output columns that define a duplicate
+    time_bounds: tuple[int, int] = (-2_208_988_800, 7_258_118_400)  # 1900 .. 2200
 
     @property
     def sources(self) -> list[str]:
@@ -124,6 +125,10 @@ def parse_columns(
         s = df[src]
         if target == TIME:
             value, mask = _parse_time(s, spec.time_format)
+            low, high = spec.time_bounds  # year 9999 or int64 max: not a time
+            outside = (value < low) | (value >= high)
+            value = value.set(outside.fill_null(False), None)
+            mask = mask | outside.fill_null(False)
         elif target in (RATING, WEIGHT):
             value, mask = _parse_number(s, target)
         else:
@@ -131,6 +136,10 @@ def parse_columns(
         out[target] = value.alias(target)
         if mask.any():
             bad[BAD[target]] = mask.fill_null(True)
+        if target in (USER, ITEM) and value.dtype == pl.String:
+            nul = value.str.contains("\x00", literal=True).fill_null(False)
+            if nul.any():  # invisible in every display: never an ID
+                bad["nul_in_id"] = bad.get("nul_in_id", nul) | nul
     for col in spec.features:
         s = df[col]
         if s.dtype == pl.String:  # quoted "" and missing both mean no value

@@ -15,7 +15,10 @@ __all__ = ["describe"]
 def _iso(ts: int | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # beyond what a calendar shows
+        return f"{ts} s (out of the calendar's range)"
 
 
 def describe(dataset: Dataset) -> dict[str, Any]:
@@ -48,7 +51,7 @@ def describe(dataset: Dataset) -> dict[str, Any]:
             "min": _iso(inter[TIME].min()),  # type: ignore[arg-type]
             "max": _iso(inter[TIME].max()),  # type: ignore[arg-type]
         }
-        if dataset.has_time
+        if dataset.has_time and n
         else None,
         "user_features": [
             c
@@ -73,6 +76,8 @@ def describe(dataset: Dataset) -> dict[str, Any]:
 
 
 def _spread(counts: pl.Series) -> dict[str, float]:
+    if counts.is_empty():  # a header-only file: nothing to spread
+        return {"min": 0.0, "median": 0.0, "mean": 0.0, "max": 0.0}
     return {
         "min": float(counts.min()),  # type: ignore[arg-type]
         "median": float(counts.median()),  # type: ignore[arg-type]

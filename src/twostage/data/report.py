@@ -19,6 +19,7 @@ REASONS = (
     "duplicate",
     "bad_weight",  # a mapped weight column is empty, non-numeric or not finite
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
+    "nul_in_id",  # a user or item ID holds a NUL byte
 )
 
 MAX_EXAMPLES = 5

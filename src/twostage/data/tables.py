@@ -84,6 +84,7 @@ def read_interactions(
     strict: bool = False,
     duplicates: Duplicates = "keep",
     time_format: str | None = None,
+    time_bounds: tuple[int, int] = (-2_208_988_800, 7_258_118_400),
     name: str | None = None,
 ) -> Dataset:
     """Read an interaction log from delimited text or Parquet into a :class:`Dataset`.
@@ -121,6 +122,8 @@ def read_interactions(
             ``"duplicate"``), or raise (``"error"``). Duplicates are not bad rows, so
             ``strict`` does not apply to them.
         time_format: strptime-like format of the timestamps (polars syntax).
+        time_bounds: ``(low, high)`` epoch seconds a timestamp must lie in (default:
+            the years 1900 to 2199); others are bad rows (``bad_timestamp``).
         name: dataset name; the file stem by default.
 
     Returns:
@@ -148,7 +151,8 @@ def read_interactions(
     def make_spec(names: list[str]) -> Spec:
         mapped = {k: v for k, v in roles.items() if v is not None}
         keys = (USER, ITEM, TIME) if time_col is not None else (USER, ITEM)
-        spec = Spec(mapped, (), time_format, duplicates, keys)
+        bounds = (int(time_bounds[0]), int(time_bounds[1]))
+        spec = Spec(mapped, (), time_format, duplicates, keys, bounds)
         return _make_spec(path, names, spec, feats, reserved=tuple(BAD))
 
     opts = make_options(

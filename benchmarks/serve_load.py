@@ -5,11 +5,14 @@ from a separate process (benchmarks/_load_client.py, raw HTTP/1.1 keep-alive):
 
 - ``movielens-100k``: the two-stage bundle (retrieval + ranking, exact index);
 - ``movielens-100k-retrieval-only``: the same bundle without its ranking stage;
-- ``synthetic-1m``: a 1,000,000-item ID-only bundle with an HNSW index.
+- ``synthetic-1m``: an ID-only bundle of about 1,000,000 items (the number of items in
+  its vocabulary is reported) with an HNSW index.
 
 Each scenario runs a bounded load of ``POST /v1/recommend`` (a fixed number of requests
 and a time cap), then a second phase that publishes a new model version mid-load and
-counts the errors around the swap. Usage:
+counts the errors around the swap, and a third phase that mixes hostile requests (wrong
+types, unknown fields and filter columns, NaN, oversized k) into the load: they must
+all be 4xx, and the good requests' p99 is compared with the first phase's. Usage:
 
     python benchmarks/serve_load.py --json benchmarks/results/serve_load.json
     python benchmarks/serve_load.py --scenarios movielens-100k --requests 5000
@@ -48,7 +51,10 @@ MOVIELENS = [
     "train.early_stopping_patience=0",
 ]
 SYNTHETIC = [
-    "data.dataset=synthetic:num_users=20000,num_items=1000000,num_interactions=2000000",
+    # Flat popularity and 5M rows: every item needs a training row to enter the
+    # vocabulary (2M Zipf rows reached 344,228 items); the size built is reported.
+    "data.dataset=synthetic:num_users=20000,num_items=1000000,num_interactions=5000000,"
+    "popularity_exponent=0.0",
     "data.validation_fraction=0",
     "retrieval.use_side_features=false",
     "retrieval.history_length=20",
@@ -109,7 +115,7 @@ def start_server(
         "0.5",
         "--max-k",
         "100",
-        *(["--candidates", str(candidates)] if candidates else []),
+        *(["--num-candidates", str(candidates)] if candidates else []),
         "--log-level",
         "warning",
     ]
@@ -161,9 +167,29 @@ def drive(
     return outcome
 
 
+#: Client mistakes mixed into the third phase; each must get a 4xx.
+HOSTILE = [
+    json.dumps(body).encode()
+    for body in (
+        {"user_id": 1, "k": "5"},
+        {"user_id": 1, "k": 10**6},
+        {"user_id": 1, "exclude_seen": "no"},
+        {"user_id": 1, "colour": "red"},
+        {"user_id": 1, "filters": {"no_such_column": 1}},
+        {"user_features": {"age": [1, 2]}},
+        {"user_id": True},
+    )
+] + [b'{"user_features": {"age": NaN}}', b'{"user_id": ']
+
+
 def summarise(outcome: dict[str, Any]) -> dict[str, Any]:
     latencies = np.asarray(outcome["latencies"]) * 1000
+    good = np.asarray(outcome.get("good_latencies", outcome["latencies"])) * 1000
     return {
+        "requests_by_status": {
+            str(k): v for k, v in sorted(outcome.get("statuses", {}).items())
+        },
+        "good_p99_ms": float(np.percentile(good, 99)) if len(good) else None,
         "requests": len(latencies),
         "rps": len(latencies) / outcome["seconds"],
         "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else None,
@@ -203,6 +229,12 @@ def scenario(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         timer = threading.Timer(args.swap_after, publish, (model_dir, bundle, 2))
         swap = summarise(drive(port, bodies, args, args.requests, timer.start))
         timer.join()
+        # Phase 3: one hostile request in five, mixed into the same load.
+        mixed = [
+            HOSTILE[i // 5 % len(HOSTILE)] if i % 5 == 4 else body
+            for i, body in enumerate(bodies)
+        ]
+        hostile = summarise(drive(port, mixed, args, args.requests))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -213,6 +245,17 @@ def scenario(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "swap_rps": swap["rps"],
         "swap_p99_ms": swap["p99_ms"],
         "error_samples": steady["error_samples"] + swap["error_samples"],
+        "num_items": load(bundle).item_vocab.size - 1,
+        "hostile_requests": hostile["requests_by_status"],
+        "hostile_5xx": sum(
+            n for code, n in hostile["requests_by_status"].items() if int(code) >= 500
+        ),
+        "hostile_good_p99_ms": hostile["good_p99_ms"],
+        "hostile_p99_ratio": (
+            hostile["good_p99_ms"] / steady["p99_ms"]
+            if hostile["good_p99_ms"] and steady["p99_ms"]
+            else None
+        ),
     }
 
 
@@ -235,7 +278,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--ranking-epochs", type=int, default=3)
     parser.add_argument(
-        "--candidates", type=int, help="re-ranked per request (default: the ranker's)"
+        "--num-candidates",
+        dest="candidates",
+        type=int,
+        help="re-ranked per request (default: the bundle's ranking.num_candidates)",
     )
     parser.add_argument(
         "--movielens-100k-bundle", help="use this bundle, not a new one"
@@ -250,19 +296,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [
         [
             name,
+            r["num_items"],
             r["rps"],
             r["p50_ms"],
             r["p99_ms"],
             r["errors"],
             r["swap_errors"],
             ", ".join(f"v{k}: {v}" for k, v in r["swap_versions_seen"].items()),
+            r["hostile_5xx"],
+            r["hostile_p99_ratio"],
         ]
         for name, r in results.items()
     ]
     print_table(
         f"serve load: {args.concurrency} connections, {args.workers} worker(s), "
         f"{args.requests} requests per phase",
-        ["scenario", "req/s", "p50 ms", "p99 ms", "errors", "swap errors", "swap"],
+        [
+            "scenario",
+            "items",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+            "swap errors",
+            "swap",
+            "hostile 5xx",
+            "good p99 / phase 1",
+        ],
         rows,
     )
     payload = {

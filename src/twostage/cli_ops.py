@@ -68,6 +68,13 @@ def serve_command(
             "(default: the bundle's ranking.num_candidates)."
         ),
     ] = None,
+    docs: Annotated[
+        bool,
+        typer.Option(
+            help="Serve /docs, /redoc and /openapi.json (open even with --api-key: "
+            "they describe the API, not the models)."
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve recommendations over HTTP (FastAPI + uvicorn); docs at /docs, UI at /."""
@@ -86,6 +93,7 @@ def serve_command(
         torch_threads=torch_threads,
         num_candidates=num_candidates,
         max_instances=max_instances,
+        docs=docs,
     )
     ModelRegistry(models)  # a wrong path fails here, before uvicorn starts
     os.environ[SETTINGS_ENV] = settings_to_env(settings)

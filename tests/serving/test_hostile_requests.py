@@ -111,3 +111,13 @@ def test_api_key_is_compared_as_bytes_and_must_be_printable(models: Path) -> Non
     for key in ("", " padded ", "clé"):
         with pytest.raises(ConfigError, match="api_key"):
             ServeSettings(models=str(models), api_key=key)
+
+
+def test_docs_routes_are_open_and_can_be_closed(models: Path) -> None:
+    settings = ServeSettings(models=str(models), poll_seconds=0, api_key="s3cret")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/openapi.json").status_code == 200  # documented as open
+    closed = ServeSettings(models=str(models), poll_seconds=0, docs=False)
+    with TestClient(create_app(closed)) as client:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 404, path

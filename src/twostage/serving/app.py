@@ -66,6 +66,8 @@ class ServeSettings:
         num_candidates: how many retrieved items the ranking stage re-scores (None:
             the bundle's ``ranking.num_candidates``).
         max_instances: the most users one ``:predict`` request may ask for.
+        docs: serve ``/docs``, ``/redoc`` and ``/openapi.json`` (open even with an
+            API key: they describe the API, not the models).
 
     Raises:
         ConfigError: the API key is empty or not printable ASCII (an empty key
@@ -80,6 +82,7 @@ class ServeSettings:
     torch_threads: int = 1
     num_candidates: int | None = None
     max_instances: int = 100
+    docs: bool = True
 
     def __post_init__(self) -> None:
         key = self.api_key
@@ -237,6 +240,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         summary="Two-stage recommendations over HTTP.",
         version=_version(),
         lifespan=lifespan,
+        # The API description is open (it holds no model data); `docs=False` closes it.
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.registry = registry
     app.state.metrics = metrics

@@ -200,6 +200,20 @@ def summarise(outcome: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _wait_for_version(
+    port: int, name: str, version: int, *, timeout_s: float = 600.0
+) -> None:
+    """Poll until 10 answers in a row (any worker) say ``name`` serves ``version``."""
+    deadline, streak = time.monotonic() + timeout_s, 0
+    while streak < 10:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} did not serve version {version} in time")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as response:
+            served = json.loads(response.read())["models"].get(name)
+        streak = streak + 1 if served == version else 0
+        time.sleep(0.2)
+
+
 def publish(model_dir: Path, source: Path, version: int) -> None:
     """Copy a bundle to a hidden temp dir, then rename it into place (atomic)."""
     temp = model_dir / f".publish-{version}"
@@ -229,6 +243,10 @@ def scenario(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         timer = threading.Timer(args.swap_after, publish, (model_dir, bundle, 2))
         swap = summarise(drive(port, bodies, args, args.requests, timer.start))
         timer.join()
+        # Version 2 may still be loading in the workers (a large catalogue takes
+        # longer than phase 2): wait until it serves, so that phase 3 measures the
+        # hostile requests and not the background load.
+        _wait_for_version(port, name, 2)
         # Phase 3: one hostile request in five, mixed into the same load.
         mixed = [
             HOSTILE[i // 5 % len(HOSTILE)] if i % 5 == 4 else body

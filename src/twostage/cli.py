@@ -29,8 +29,8 @@ from twostage.cli_data import (
     UserCol,
     UserFeatures,
     data_app,
+    dataset_options,
     print_summary,
-    split_names,
 )
 from twostage.cli_ops import index_app, serve_command
 from twostage.cli_output import (
@@ -117,15 +117,17 @@ def _columns(
     item_features: str | None,
 ) -> dict[str, Any]:
     """The column options every data-reading command takes, as ``data.*`` keys."""
-    return {
-        "user_col": user_col,
-        "item_col": item_col,
-        "time_col": time_col,
-        "rating_col": rating_col,
-        "separator": separator,
-        "user_features": split_names(user_features),
-        "item_features": split_names(item_features),
-    }
+    options = dataset_options(
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        rating_col=rating_col,
+        separator=separator,
+        user_features=user_features,
+        item_features=item_features,
+    )
+    del options["strict"]  # not a config key: training reads without it
+    return options
 
 
 @train_app.callback()

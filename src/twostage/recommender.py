@@ -7,10 +7,11 @@ metadata and an optional ranking stage.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -199,7 +200,7 @@ class Recommender:
                 )
             return {}
         frame = context_frame(pl.Series(USER, [None]), context, self._context_keys)
-        try:
+        with _client_values("context", dict(context or {}), self._context_keys):
             return {
                 info.key: torch.from_numpy(
                     np.require(
@@ -210,11 +211,6 @@ class Recommender:
                 for info in self.run.spec.describe(side="query")
                 if info.column in self._context_keys
             }
-        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
-            raise ConfigError(
-                f"`context` {dict(context or {})!r} cannot be encoded for this "
-                f"model's context columns {self._context_keys}: {e}"
-            ) from e
 
     def _encode_user_features(
         self, user_features: dict[str, Any], columns: list[str]
@@ -225,17 +221,12 @@ class Recommender:
             ConfigError: a value is of the wrong kind for its column.
         """
         values = {c: [user_features.get(c)] for c in columns}
-        try:
+        with _client_values("user_features", user_features, columns):
             frame = pl.DataFrame({USER: [None], **values})
             frame = frame.with_columns(
                 pl.lit(None).alias(c) for c in self._context_keys
             )
             return self.run.spec.transform_queries(frame)
-        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
-            raise ConfigError(
-                f"`user_features` {user_features!r} cannot be encoded for this "
-                f"model's columns {columns} (a value of the wrong kind?): {e}"
-            ) from e
 
     def _query(
         self,
@@ -533,6 +524,20 @@ class Recommender:
             return {"kind": "recommender", "ranking": self.ranker is not None}
 
         return write_bundle(directory, write, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def _client_values(
+    name: str, values: Mapping[str, Any], columns: list[str]
+) -> Iterator[None]:
+    """Turn an encoder's failure on a request's values into the client's error."""
+    try:
+        yield
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(
+            f"`{name}` {dict(values)!r} cannot be encoded for this model's columns "
+            f"{columns} (a value of the wrong kind?): {e}"
+        ) from e
 
 
 def load(directory: str | Path) -> Recommender:

@@ -84,3 +84,52 @@ def test_every_tampered_variant_is_refused_and_the_server_keeps_serving(
         # are refused with a reason.
         assert len(refused) >= len(variants) - 2
         assert all(s["status"]["error_message"] for s in refused)
+
+
+@pytest.mark.parametrize(
+    ("file", "edit"),
+    [
+        ("ranking/ranking_state.json", {"blend_weight": [1, 2]}),
+        ("ranking/ranking_state.json", {"rating_bounds": "low"}),
+        ("serving.json", {"popularity_fallback": "many"}),
+        ("config.json", {"retrieval": {"embedding_dim": -1}}),
+    ],
+)
+def test_a_hand_edited_value_of_the_wrong_kind_is_an_artifact_error(
+    tmp_path: Path, file: str, edit: dict
+) -> None:
+    """Values of the wrong kind, with the checksums made to agree (an operator's
+    edit): a clear ArtifactError naming the bundle, never a raw TypeError."""
+    import hashlib
+
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.two_stage import fit_two_stage
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=40,num_items=60,num_interactions=800",
+            "train.epochs=1",
+            "retrieval.embedding_dim=8",
+            "retrieval.output_dim=8",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            "ranking.epochs=1",
+            "ranking.hard_negative_pool=10",
+        ],
+    )
+    bundle = (
+        fit_two_stage(config, evaluate_test=False).recommender().save(tmp_path / "b")
+    )
+    values = json.loads((bundle / file).read_text())
+    for key, value in edit.items():
+        if isinstance(value, dict):
+            values[key].update(value)
+        else:
+            values[key] = value
+    (bundle / file).write_text(json.dumps(values))
+    manifest = _manifest(bundle)
+    manifest["files"][file] = hashlib.sha256((bundle / file).read_bytes()).hexdigest()
+    _write_manifest(bundle, manifest)
+    with pytest.raises(ArtifactError):
+        load(bundle)

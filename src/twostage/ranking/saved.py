@@ -71,8 +71,19 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         state = json.loads((path / _STATE).read_text())
         model = build_ranking_model(retrieval_run, config)
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        low, high = state["rating_bounds"]
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        low, high = (float(v) for v in state["rating_bounds"])
+        blend_weight = float(state["blend_weight"])
+        train_seconds = float(state["train_seconds"])
+        history = list(state["history"])
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RuntimeError,
+        SafetensorError,
+    ) as e:
         raise ArtifactError(
             f"cannot load the ranker in {str(path)!r}: {e}. Is it a directory written "
             "by save_ranking, loaded with the retrieval run it was trained on?"
@@ -95,8 +106,8 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         retrieval=retrieval_run,
         model=model,
         tensors=tensors,
-        blend_weight=float(state["blend_weight"]),
-        rating_bounds=(float(low), float(high)),
-        history=state["history"],
-        train_seconds=float(state["train_seconds"]),
+        blend_weight=blend_weight,
+        rating_bounds=(low, high),
+        history=history,
+        train_seconds=train_seconds,
     )

@@ -52,6 +52,16 @@ __all__ = [
 RUN_WEIGHTS = "model.safetensors"
 #: The serving rules of a run (the popularity fallback), in runs and bundles.
 SERVING = "serving.json"
+#: What reading a malformed artifact raises (an ArtifactError wraps each).
+_MALFORMED = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    RuntimeError,  # RecursionError and torch's shape errors included
+    SafetensorError,
+)
 
 
 def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
@@ -231,18 +241,19 @@ def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
         model = build_model(spec, config.retrieval)
         state = load_file(path / weights)
         tables = load_file(path / "tables.safetensors")
-    except (OSError, ValueError, SafetensorError) as e:
+        # A value of the wrong shape or kind (a hand-edited file) is the artifact's
+        # fault, named as such, never a raw traceback.
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tensors = tensors_from_flat(tables)
+    except _MALFORMED as e:
         raise ArtifactError(f"cannot load {str(path)!r}: {e}. Is it {hint}?") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(
             f"weights in {str(path / weights)!r} do not match the saved config: "
             f"missing keys {missing}, unexpected keys {unexpected}."
         )
     model.eval()
-    run = RetrievalRun(
-        config=config, spec=spec, model=model, tensors=tensors_from_flat(tables)
-    )
+    run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
     try:
         _read_serving(run, path)
     except (OSError, ValueError) as e:

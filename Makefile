@@ -1,36 +1,48 @@
+# `make lock` uses process substitution.
+SHELL := /bin/bash
 # Every target installs what it needs on first use: `make demo` and `make test` are the
 # only two commands a newcomer runs.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast lint bench clean lock
+.PHONY: install install-dev demo test test-fast lint bench clean lock
 
+# What running twostage needs (requirements.lock); tests and tools add
+# requirements-dev.lock, so `make demo` installs no pytest, mypy or playwright.
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PIP) -r requirements.lock
+	$(PIP) --no-deps -e .
 	touch $(STAMP)
+
+install-dev: $(DEV)
+
+$(DEV): $(STAMP) requirements-dev.lock
+	$(PIP) -r requirements.lock -r requirements-dev.lock
+	touch $(DEV)
 
 demo: install
 	$(VENV)/bin/twostage demo
 
-test: install
+test: install-dev
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Everything but the long end-to-end tests (marked `slow`); `make test` runs them all.
-test-fast: install
+test-fast: install-dev
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-lint: install
+lint: install-dev
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m ruff format --check src tests benchmarks examples
 	$(PY) -m mypy
 
-bench: install
+bench: install-dev
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/data_load.py --json benchmarks/results/data_load.json
 	$(PY) benchmarks/retrieval_quality.py --json benchmarks/results/retrieval_quality.json
@@ -39,12 +51,15 @@ bench: install
 	$(PY) benchmarks/index_bench.py --json benchmarks/results/index_bench.json
 	$(PY) benchmarks/serve_load.py --json benchmarks/results/serve_load.json
 
-# Re-pin every dependency from what is installed (run after changing pyproject.toml).
+# Re-pin the dev tools from what is installed (run after changing the dev extra):
+# every installed package that requirements.lock does not pin. To re-pin the runtime
+# lock, install the project's dependencies into a fresh venv and freeze it there.
 # ScaNN (and the protobuf it needs) has wheels for Linux x86_64 only: keep the marker.
 LINUX_X86 := ; sys_platform == "linux" and platform_machine == "x86_64"
-lock: install
+lock: install-dev
 	$(PY) -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' \
-		-e 's/^\(scann\|protobuf\)==\(.*\)$$/\1==\2$(LINUX_X86)/' > requirements.lock
+		-e 's/^\(scann\|protobuf\)==\(.*\)$$/\1==\2$(LINUX_X86)/' \
+		| grep -v -i -x -F -f <(sed 's/;.*//' requirements.lock) > requirements-dev.lock
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

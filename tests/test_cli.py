@@ -279,3 +279,13 @@ def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
         ],
     )
     assert "go together" in str(half.exception)
+
+
+def test_version_and_help_order() -> None:
+    from twostage import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    shown = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    # By step of the work: the demo first, training before serving.
+    assert shown.index("demo") < shown.index("train") < shown.index("serve")

@@ -47,9 +47,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(data_app, name="data")
-app.add_typer(index_app, name="index")
-app.command("serve")(serve_command)
+# --help groups the commands by step of the work (registered at the end of the module,
+# in the order a user takes them).
+START, DATA, TRAIN, USE = "Start here", "Data", "Train and evaluate", "Use a model"
+app.add_typer(data_app, name="data", rich_help_panel=DATA)
+app.add_typer(index_app, name="index", rich_help_panel=USE)
 console = Console()
 
 
@@ -58,7 +60,7 @@ train_app = typer.Typer(
     "one stage (`twostage train retrieval`).",
     invoke_without_command=True,
 )
-app.add_typer(train_app, name="train")
+app.add_typer(train_app, name="train", rich_help_panel=TRAIN)
 
 
 def _experiment_config(
@@ -263,7 +265,6 @@ def _parse_id(value: str) -> Any:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
-@app.command("recommend")
 def recommend_command(
     bundle: Annotated[
         Path,
@@ -315,7 +316,6 @@ def recommend_command(
     )
 
 
-@app.command("similar")
 def similar_command(
     bundle: Annotated[
         Path,
@@ -391,7 +391,6 @@ def train_retrieval_command(
     )
 
 
-@app.command("evaluate")
 def evaluate_command(
     path: Annotated[
         Path,
@@ -430,7 +429,6 @@ def evaluate_command(
         json_out.write_text(json.dumps(results, indent=2))
 
 
-@app.command("report")
 def report_command(
     path: Annotated[
         Path,
@@ -459,7 +457,6 @@ def report_command(
     )
 
 
-@app.command("demo")
 def demo(
     out: Annotated[
         Path, typer.Option(help="Where the demo writes its outputs.")
@@ -556,6 +553,40 @@ def demo(
         f"Report: [cyan]{files[0].parent}[/cyan] ({', '.join(f.name for f in files)}); "
         f"demo took {time.perf_counter() - started:.0f} s."
     )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from twostage import __version__
+
+        console.print(f"twostage {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """twostage: a two-stage recommender (two-tower retrieval, then ranking)."""
+
+
+for _name, _command, _panel in (
+    ("demo", demo, START),
+    ("evaluate", evaluate_command, TRAIN),
+    ("report", report_command, TRAIN),
+    ("recommend", recommend_command, USE),
+    ("similar", similar_command, USE),
+    ("serve", serve_command, USE),
+):
+    app.command(_name, rich_help_panel=_panel)(_command)
 
 
 def main() -> None:

@@ -197,7 +197,18 @@ def run_training(
             bad_epochs += 1
         record["seconds"] = time.perf_counter() - started
         result.history.append(record)
-        logger.info("epoch %d: %s", epoch, record)
+        # 1-based, as the progress line counts them; the record keeps 0-based epochs.
+        logger.info(
+            "epoch %d/%d: %s (%.1f s)",
+            epoch + 1,
+            config.epochs,
+            ", ".join(
+                f"{k.replace('_', ' ')} {v:.4f}"
+                for k, v in record.items()
+                if k not in ("epoch", "seconds")
+            ),
+            record["seconds"],
+        )
         result.seconds = record["seconds"]
         if checkpoint_dir is not None:
             save_checkpoint(

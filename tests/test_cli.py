@@ -289,3 +289,21 @@ def test_version_and_help_order() -> None:
     shown = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     # By step of the work: the demo first, training before serving.
     assert shown.index("demo") < shown.index("train") < shown.index("serve")
+
+
+def test_recommend_says_when_the_user_is_unknown(tmp_path: Path) -> None:
+    """Regression: an unknown user silently got a cold-start list, so a typo in the
+    ID went unnoticed."""
+    trained = runner.invoke(
+        app,
+        [
+            *("train", "retrieval", "--dataset", SYNTHETIC),
+            *("--out", str(tmp_path / "run"), *SMALL_TRAINING),
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(
+        app, ["recommend", str(tmp_path / "run"), "--user", "no-such-user"]
+    )
+    assert result.exit_code == 0
+    assert "not known to this model" in result.output

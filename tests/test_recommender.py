@@ -223,3 +223,11 @@ def test_bundle_files_must_be_listed_plain_and_inside(
         os.umask(previous)
     assert other.stat().st_mode & 0o777 == 0o755
     assert (other / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_list_of_users_is_a_clear_error(fitted: tuple[Recommender, object]) -> None:
+    """Regression: recommend([1, 2]) raised `TypeError: unhashable type: 'list'`."""
+    rec, _ = fitted
+    with pytest.raises(ConfigError, match="recommend_batch"):
+        rec.recommend([1, 2])
+    assert len(rec.recommend_batch([1, 2], 3)) == 2

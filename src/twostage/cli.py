@@ -302,6 +302,12 @@ def recommend_command(
         exclude_seen=not include_seen,
         context=_key_values(context, "--context") or None,
     )
+    if user_id is not None and not rec.user_vocab.lookup(user_id):
+        # Not an error (a new user is a cold start), but a typo must not pass unseen.
+        console.print(
+            f"[yellow]User {user_id!r} is not known to this model: the list is a "
+            f"cold start ({answer.path}).[/yellow]"
+        )
     history = rec.history(user_id) if user_id is not None else []
     if history:
         console.print(

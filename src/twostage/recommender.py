@@ -362,6 +362,11 @@ class Recommender:
             a cold start from features, or the popularity fallback.
         """
         _check_k("k", k)
+        if isinstance(user_id, list | tuple | set | dict):
+            raise ConfigError(
+                "`user_id` should be one user ID. Received a "
+                f"{type(user_id).__name__}; use recommend_batch(user_ids, k) for many."
+            )
         if num_candidates is None:
             num_candidates = self.num_candidates
         _check_k("num_candidates", num_candidates)

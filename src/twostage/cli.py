@@ -16,7 +16,6 @@ from typing import Annotated, Any
 
 import polars as pl
 import typer
-from rich.console import Console
 
 from twostage.cli_data import (
     ItemCol,
@@ -34,10 +33,13 @@ from twostage.cli_data import (
 )
 from twostage.cli_ops import index_app, serve_command
 from twostage.cli_output import (
+    console,
     items_table,
     print_fallback,
+    print_json,
     print_metrics,
     print_ranking,
+    status_console,
     training_progress,
 )
 from twostage.errors import TwostageError
@@ -52,7 +54,6 @@ app = typer.Typer(
 START, DATA, TRAIN, USE = "Start here", "Data", "Train and evaluate", "Use a model"
 app.add_typer(data_app, name="data", rich_help_panel=DATA)
 app.add_typer(index_app, name="index", rich_help_panel=USE)
-console = Console()
 
 
 train_app = typer.Typer(
@@ -82,6 +83,15 @@ def _experiment_config(
             )
     return apply_overrides(config, [*mapping, *overrides])
 
+
+JsonOutput = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the result as JSON on stdout instead of tables (progress and "
+        "logs go to stderr).",
+    ),
+]
 
 AllowConfigChange = Annotated[
     bool,
@@ -174,6 +184,7 @@ def train_all(
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
     if ctx.invoked_subcommand is not None:
@@ -200,11 +211,22 @@ def train_all(
     stages = _fit_both(
         config,
         ranking=ranking,
+        quiet=json_output,
         work_dir=work_dir,
         resume=resume,
         allow_config_change=allow_config_change,
     )
     bundle = stages.recommender().save(out)
+    if json_output:
+        print_json(
+            {
+                "bundle": str(bundle),
+                "retrieval": stages.retrieval.metrics,
+                "ranking": stages.ranking_metrics,
+                "best_epoch": stages.retrieval.train_result.best_epoch + 1,
+            }
+        )
+        return
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
 
 
@@ -222,13 +244,24 @@ def _print_retrieval(run: Any, test: Any, config: Any) -> None:
     print_fallback(run.fallback, num_users=run.spec.vocabulary("user_id").size - 1)
 
 
-def _fit_both(config: Any, *, ranking: bool, **options: Any) -> Any:
-    """:func:`twostage.two_stage.fit_two_stage` behind the progress line; prints each
-    stage's test figures."""
+def _fit_both(
+    config: Any, *, ranking: bool, quiet: bool = False, **options: Any
+) -> Any:
+    """:func:`twostage.two_stage.fit_two_stage` behind the progress bars; prints each
+    stage's test figures (unless ``quiet``)."""
     from twostage.two_stage import fit_two_stage
 
-    with _stop_on_sigterm(), training_progress() as on_step:
-        stages = fit_two_stage(config, ranking=ranking, on_step=on_step, **options)
+    stage_names = ("retrieval", "ranking") if ranking else ("retrieval",)
+    with _stop_on_sigterm(), training_progress(*stage_names) as bars:
+        stages = fit_two_stage(
+            config,
+            ranking=ranking,
+            on_step=bars["retrieval"],
+            on_ranking_step=bars.get("ranking"),
+            **options,
+        )
+    if quiet:
+        return stages
     _print_retrieval(stages.retrieval, stages.split.test, config)
     report = stages.ranking_metrics
     if report is not None:
@@ -291,10 +324,27 @@ def recommend_command(
             "--context timestamp=1700000000."
         ),
     ] = None,
+    require_known_user: Annotated[
+        bool,
+        typer.Option(
+            "--require-known-user",
+            help="Fail (exit 2) when --user is not known to the model, instead of "
+            "answering with a labelled cold start.",
+        ),
+    ] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Recommend items for a user, printed with titles next to their history."""
     rec = _open_bundle(bundle)
     user_id = _parse_id(user) if user is not None else None
+    known = user_id is not None and bool(rec.user_vocab.lookup(user_id))
+    if require_known_user and not known:
+        raise typer.BadParameter(
+            f"user {user_id!r} is not known to this model "
+            f"({rec.user_vocab.size - 1:,} users); drop --require-known-user for a "
+            "cold-start answer.",
+            param_hint="--user",
+        )
     answer = rec.recommend(
         user_id,
         k,
@@ -302,11 +352,16 @@ def recommend_command(
         exclude_seen=not include_seen,
         context=_key_values(context, "--context") or None,
     )
-    if user_id is not None and not rec.user_vocab.lookup(user_id):
+    if json_output:
+        print_json({**answer.to_dict(), "known_user": known})
+        return
+    label = f"user {user_id}" if known else f"unknown user {user_id!r}"
+    if user_id is not None and not known:
         # Not an error (a new user is a cold start), but a typo must not pass unseen.
-        console.print(
+        status_console.print(
             f"[yellow]User {user_id!r} is not known to this model: the list is a "
-            f"cold start ({answer.path}).[/yellow]"
+            f"cold start ({answer.path}); --require-known-user makes this an "
+            "error.[/yellow]"
         )
     history = rec.history(user_id) if user_id is not None else []
     if history:
@@ -317,9 +372,8 @@ def recommend_command(
                 scores=False,
             )
         )
-    console.print(
-        items_table(f"Top {k} for user {user_id} ({answer.path})", answer.items)
-    )
+    title = f"Top {k} for {label if user_id is not None else 'no user'} ({answer.path})"
+    console.print(items_table(title, answer.items))
 
 
 def similar_command(
@@ -332,12 +386,20 @@ def similar_command(
     ],
     item: Annotated[str, typer.Option(help="Item ID.")],
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+    json_output: JsonOutput = False,
 ) -> None:
     """Items most similar to one item (people who liked this also liked)."""
+    from twostage.errors import UnknownIdError
+
     rec = _open_bundle(bundle)
-    console.print(
-        items_table(f"Similar to item {item}", rec.similar_items(_parse_id(item), k))
-    )
+    try:
+        similar = rec.similar_items(_parse_id(item), k)
+    except UnknownIdError as e:
+        raise typer.BadParameter(str(e), param_hint="--item") from e
+    if json_output:
+        print_json({"item_id": _parse_id(item), "items": similar})
+        return
+    console.print(items_table(f"Similar to item {item}", similar))
 
 
 @train_app.command("retrieval")
@@ -368,6 +430,7 @@ def train_retrieval_command(
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
     from twostage.retrieval.fit import fit_retrieval
@@ -383,18 +446,20 @@ def train_retrieval_command(
     )
     columns.update(train_file=train_file, test_file=test_file)
     config = _experiment_config(dataset, config_file, overrides or [], columns)
-    with _stop_on_sigterm(), training_progress() as on_step:
+    with _stop_on_sigterm(), training_progress("retrieval") as bars:
         run, split = fit_retrieval(
             config,
             out_dir=out,
             resume=resume,
-            on_step=on_step,
+            on_step=bars["retrieval"],
             allow_config_change=allow_config_change,
         )
+    best = run.train_result.best_epoch + 1  # 1-based, as the logs and bars say
+    if json_output:
+        print_json({"run": str(out), "retrieval": run.metrics, "best_epoch": best})
+        return
     _print_retrieval(run, split.test, config)
-    console.print(
-        f"Saved to [cyan]{out}[/cyan] (best epoch {run.train_result.best_epoch})."
-    )
+    console.print(f"Saved to [cyan]{out}[/cyan] (best epoch {best}).")
 
 
 def evaluate_command(
@@ -409,9 +474,7 @@ def evaluate_command(
         bool,
         typer.Option("--baselines", help="Also evaluate popularity, EASE, item-kNN."),
     ] = False,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the figures here.")
-    ] = None,
+    json_output: JsonOutput = False,
 ) -> None:
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
     config: retrieval (optionally beside the baselines), then the ranking stage when
@@ -425,14 +488,15 @@ def evaluate_command(
     if rec.ranker is not None:
         from twostage.ranking import evaluate_ranking
 
-        with console.status("evaluating the ranking stage"):
+        with status_console.status("evaluating the ranking stage"):
             results["ranking"] = evaluate_ranking(rec.ranker, test)
+    if json_output:
+        print_json(results)
+        return
     title = f"Evaluation of {path} (test split)"
     print_metrics({}, title=title, models=results["retrieval"])
     if "ranking" in results:
         print_ranking(results["ranking"], title="Ranking stage (test split)")
-    if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2))
 
 
 def report_command(
@@ -454,7 +518,7 @@ def report_command(
     from twostage.report import report_for
 
     target = out or Path("reports") / (path.resolve().name or "run")
-    with console.status("rebuilding the test split and evaluating"):
+    with status_console.status("rebuilding the test split and evaluating"):
         files, notes = report_for(path, target)
     for note in notes:
         console.print(f"[yellow]{note}[/yellow]")
@@ -569,6 +633,22 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _setup_logging(verbosity: int) -> None:
+    """Logs go through rich's handler on the console the progress bars draw on, so a
+    log line never breaks a bar. -q: warnings and errors; default: info; -v: debug."""
+    from rich.logging import RichHandler
+
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = RichHandler(
+        console=status_console, show_path=False, log_time_format="[%X]", markup=False
+    )
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[handler], force=True
+    )
+    # faiss logs each CPU-specific build it does not find; only the outcome matters.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -580,8 +660,18 @@ def _root(
             help="Print the version and exit.",
         ),
     ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Log warnings and errors only."),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log debug messages too.")
+    ] = False,
 ) -> None:
     """twostage: a two-stage recommender (two-tower retrieval, then ranking)."""
+    if quiet and verbose:
+        raise typer.BadParameter("pass --quiet or --verbose, not both.")
+    _setup_logging(-1 if quiet else 1 if verbose else 0)
 
 
 for _name, _command, _panel in (
@@ -595,15 +685,45 @@ for _name, _command, _panel in (
     app.command(_name, rich_help_panel=_panel)(_command)
 
 
-def main() -> None:
-    """Console-script entry point: domain errors become one red line and exit code 2."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    # faiss logs each CPU-specific build it does not find; only the outcome matters.
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point: domain errors become one red line and exit code 2.
+
+    Args:
+        args: the command line without the program name (default: ``sys.argv``).
+    """
     try:
-        app()
+        app(args)
     except TwostageError as e:
-        console.print(f"[red]error:[/red] {e}")
+        from rich.markup import escape
+
+        message = escape(as_flags(str(e)))
+        status_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from e
+
+
+#: Python argument and config names in library messages -> the CLI flag that sets
+#: them, so that an error names what the user typed.
+FLAGS = {
+    "`user_col`": "`--user-col`",
+    "`item_col`": "`--item-col`",
+    "`time_col`": "`--time-col`",
+    "`rating_col`": "`--rating-col`",
+    "`separator`": "`--separator`",
+    "`user_features`": "`--user-features`",
+    "`item_features`": "`--item-features`",
+    "or `column_names=` for a headerless file": "or give the file a header row",
+    "`variant`": "the dataset name",
+    "`method`": "`--method`",
+    "`models` should be": "MODELS should be",
+    "`k`": "`-k`",
+    "`num_candidates`": "`--num-candidates`",
+    "`data.train_file`": "`--train`",
+    "`data.test_file`": "`--test`",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library error message with Python names replaced by the CLI's flags."""
+    for name, flag in FLAGS.items():
+        message = message.replace(name, flag)
+    return message

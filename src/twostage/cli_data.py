@@ -3,15 +3,14 @@ the training commands share. Registered on the main app by :mod:`twostage.cli`."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
+from twostage.cli_output import console, print_json
+
 data_app = typer.Typer(help="Fetch, inspect and split datasets.", no_args_is_help=True)
 
 DatasetArg = Annotated[
@@ -174,9 +173,12 @@ def data_describe(
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
     strict: Strict = False,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the summary here.")
-    ] = None,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the summary (and the bad-row report) as JSON."
+        ),
+    ] = False,
 ) -> None:
     """Counts, sparsity, rating histogram, time range and the bad-row report."""
     from twostage.data.describe import describe
@@ -193,10 +195,12 @@ def data_describe(
     )
     data = _load(dataset, options)
     summary = describe(data)
+    if json_output:
+        report = data.report
+        print_json({**summary, "report": None if report is None else report.to_dict()})
+        return
     print_summary(summary)
     _print_report(data.report)
-    if json_out is not None:
-        json_out.write_text(json.dumps(summary, indent=2))
 
 
 @data_app.command("split")

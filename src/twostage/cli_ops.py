@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 __all__ = ["index_app", "serve_command"]
 
-console = Console()
+from twostage.cli_output import console, print_json, status_console
+
 index_app = typer.Typer(
     help="Build and measure nearest-neighbour indexes.", no_args_is_help=True
 )
@@ -137,7 +137,8 @@ def index_build(
         list[str] | None,
         typer.Option(
             "--set",
-            help="Index setting, e.g. --set ef_search=128 (fields of IndexConfig).",
+            help="Index setting, e.g. --set index.ef_search=128 (the index section "
+            "of the config; `ef_search=128` works too).",
         ),
     ] = None,
     out: Annotated[
@@ -150,9 +151,12 @@ def index_build(
     from twostage.config import apply_overrides
 
     source, rec = _open(bundle)
-    config = apply_overrides(rec.run.config.index, [f"kind={kind}", *(set_ or [])])
+    settings = [item.removeprefix("index.") for item in set_ or []]
+    config = apply_overrides(rec.run.config.index, [f"kind={kind}", *settings])
     started = time.perf_counter()
-    with console.status(f"building the {kind} index over {rec.index.size:,} items"):
+    with status_console.status(
+        f"building the {kind} index over {rec.index.size:,} items"
+    ):
         rebuilt = rec.with_index(config)
     seconds = time.perf_counter() - started
     target = out or next_version(source.parent)
@@ -166,12 +170,23 @@ def index_bench(
         Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
     ],
     kinds: Annotated[
-        str, typer.Option(help="Comma-separated backends to compare with exact.")
-    ] = "exact,hnsw,ivf",
-    k: Annotated[int, typer.Option("-k", help="List length for recall@k.")] = 100,
+        list[str] | None,
+        typer.Option(
+            "--kind",
+            "--kinds",
+            help="Backends to compare with exact: repeat --kind or give a "
+            "comma-separated list (default: exact,hnsw,ivf).",
+        ),
+    ] = None,
+    k: Annotated[
+        int, typer.Option("-k", "--k", help="List length for recall@k.")
+    ] = 100,
     num_queries: Annotated[
         int, typer.Option(help="Known users used as queries.")
     ] = 1000,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the figures as JSON on stdout.")
+    ] = False,
 ) -> None:
     """Recall@k against exact search, latency and throughput of each backend."""
     import torch
@@ -191,11 +206,14 @@ def index_bench(
     table = Table(title=f"{len(queries)} queries, {num_items - 1:,} items, k={width}")
     for column in ("backend", "build s", f"recall@{width}", "p50 ms", "p99 ms", "q/s"):
         table.add_column(column, justify="left" if column == "backend" else "right")
-    for kind in kinds.split(","):
+    names = [n for item in kinds or ["exact,hnsw,ivf"] for n in item.split(",") if n]
+    rows: dict[str, Any] = {}
+    for kind in names:
         started = time.perf_counter()
         index = make_index(IndexConfig(kind=kind)).build(items, ids)  # type: ignore[arg-type]
         built = time.perf_counter() - started
         row = measure_search(index, queries, truth)
+        rows[kind] = {"build_seconds": built, **row}
         table.add_row(
             kind,
             f"{built:.2f}",
@@ -204,4 +222,7 @@ def index_bench(
             f"{row['p99_ms']:.3f}",
             f"{row['batched_qps']:,.0f}",
         )
+    if json_output:
+        print_json({"k": width, "num_queries": len(queries), "backends": rows})
+        return
     console.print(table)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = [
+    "console",
+    "print_json",
+    "status_console",
     "items_table",
     "print_fallback",
     "print_metrics",
@@ -18,7 +20,20 @@ __all__ = [
     "training_progress",
 ]
 
+#: Results (tables, JSON) go to stdout ...
 console = Console()
+#: ... and progress bars, spinners and logs to stderr, on one console so that a log
+#: line never breaks a bar, and ``--json`` output stays clean to pipe.
+status_console = Console(stderr=True)
+
+
+def print_json(value: Any) -> None:
+    """``--json``: the command's result as JSON on stdout, nothing else there."""
+    import json
+    import sys
+
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+    sys.stdout.flush()
 
 
 def items_table(
@@ -45,34 +60,15 @@ def items_table(
 
 
 @contextlib.contextmanager
-def training_progress() -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A rich progress line for the training loop: epoch, step, loss, throughput."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+def training_progress(
+    *stages: str,
+) -> Iterator[dict[str, Callable[[dict[str, Any]], None]]]:
+    """Progress bars of the training stages (:func:`twostage.progress.training_bars`)
+    on the CLI's console, the one its log handler writes to."""
+    from twostage.progress import training_bars
 
-    columns = (
-        SpinnerColumn(),
-        TextColumn("epoch {task.fields[epoch]} step {task.completed:.0f}"),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} examples/s"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=None, epoch=0, loss=0.0, rate=0.0)
-        clock: dict[str, float] = {}
-
-        def on_step(info: dict[str, Any]) -> None:
-            now = time.perf_counter()
-            if info["epoch"] != clock.get("epoch"):
-                clock.update(epoch=info["epoch"], start=now)
-            rate = info["examples"] / max(now - clock["start"], 1e-9)
-            progress.update(
-                task,
-                completed=info["step"] + 1,
-                epoch=info["epoch"] + 1,
-                loss=info["loss"],
-                rate=rate,
-            )
-
-        yield on_step
+    with training_bars(*(stages or ("retrieval",)), console=status_console) as bars:
+        yield bars
 
 
 def print_metrics(

@@ -106,6 +106,17 @@ def from_dict(cls: type[T], values: dict[str, Any], *, prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+def did_you_mean(name: str, choices: list[str], *, prefix: str = "") -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` (written after
+    ``prefix.`` when given), or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?"
+
+
 def apply_overrides(config: T, overrides: list[str] | tuple[str, ...]) -> T:
     """Apply ``section.key=value`` overrides (e.g. ``train.epochs=5``) to a config."""
     values = to_dict(config)
@@ -119,14 +130,26 @@ def apply_overrides(config: T, overrides: list[str] | tuple[str, ...]) -> T:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
+                sections = sorted(k for k, v in node.items() if isinstance(v, dict))
                 raise ConfigError(
-                    f"unknown config section {part!r} in override {item!r}. "
-                    f"Known sections: {sorted(k for k, v in node.items() if isinstance(v, dict))}."
+                    f"unknown config section {part!r} in override {item!r}."
+                    f"{did_you_mean(part, sections)} Known sections: {sections}."
                 )
             node = node[part]
         if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            keys = sorted(k for k, v in node.items() if not isinstance(v, dict))
+            hint = did_you_mean(parts[-1], keys, prefix=".".join(parts[:-1]))
+            if not hint and len(parts) == 1:  # `epochs=5` for `train.epochs=5`
+                full = sorted(
+                    f"{name}.{k}"
+                    for name, sub in node.items()
+                    if isinstance(sub, dict)
+                    for k in sub
+                    if k == parts[-1]
+                )
+                hint = f" Did you mean {' or '.join(map(repr, full))}?" if full else ""
             raise ConfigError(
-                f"unknown config key {key!r} in override {item!r}. "
+                f"unknown config key {key!r} in override {item!r}.{hint} "
                 f"Known keys here: {sorted(node)}."
             )
         node[parts[-1]] = raw

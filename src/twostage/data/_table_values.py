@@ -343,7 +343,7 @@ def dedupe(
     spec: Spec,
     report: LoadReport,
     describe: Callable[[pl.DataFrame], list[str]],
-    path: Path,
+    path: Path | str,
 ) -> pl.DataFrame:
     """Apply the duplicates policy; dropped rows are counted as "duplicate"."""
     report.duplicate_policy = spec.duplicates
@@ -407,7 +407,16 @@ def load_parquet(
         raw = pl.read_parquet(path, columns=spec.sources)
     except (OSError, pl.exceptions.PolarsError) as err:
         raise DataError(f"{path}: not a readable Parquet file: {err}") from err
-    report = LoadReport(path=str(path), rows_read=raw.height)
+    return load_frame(raw, str(path), spec, opts)
+
+
+def load_frame(
+    raw: pl.DataFrame, label: str, spec: Spec, opts: Options
+) -> tuple[pl.DataFrame, LoadReport, Spec, Callable[[pl.DataFrame], list[str]]]:
+    """Check an in-memory table (a Parquet file's, or a caller's frame) as a file is
+    checked; a row's "line" is its 1-based row number and ``label`` names the table
+    in the report."""
+    report = LoadReport(path=label, rows_read=raw.height)
     parsed, reason = parse_columns(raw, spec)
     if reason is not None or spec.duplicates != "keep":  # line = 1-based row number
         parsed = parsed.with_row_index(LINE, offset=1)
@@ -417,7 +426,7 @@ def load_parquet(
         if opts.strict:
             row = bad.row(0, named=True)
             line = row.pop(LINE)
-            raise BadRowError(str(path), line, bad_reasons[0], repr(row))
+            raise BadRowError(label, line, bad_reasons[0], repr(row))
         for r in bad_reasons.unique(maintain_order=True):
             rows = bad.filter(bad_reasons == r)
             head = rows.head(MAX_EXAMPLES)

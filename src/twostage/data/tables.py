@@ -35,7 +35,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import polars as pl
 
@@ -48,6 +48,7 @@ from twostage.data._table_values import (
     Options,
     Spec,
     dedupe,
+    load_frame,
     load_parquet,
     make_options,
 )
@@ -67,7 +68,7 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def read_interactions(
-    path: str | Path,
+    path: str | Path | Any,
     *,
     user_col: str = USER,
     item_col: str = ITEM,
@@ -95,7 +96,9 @@ def read_interactions(
     numbers and text; a summary is logged at WARNING. Nothing is dropped silently.
 
     Args:
-        path: a text file, or a Parquet file (suffix ``.parquet`` or ``.pq``).
+        path: a text file, a Parquet file (suffix ``.parquet`` or ``.pq``), or a
+            polars or pandas DataFrame (checked row by row as a Parquet file is;
+            a row's "line" is its 1-based position).
         user_col: source column of the user IDs.
         item_col: source column of the item IDs.
         time_col: source column of the timestamps: integer seconds since the epoch
@@ -142,7 +145,7 @@ def read_interactions(
         BadRowError: ``strict=True`` and a row is bad.
         ConfigError: an option has an invalid value.
     """
-    path = Path(path)
+    path = as_source(path)
     roles: dict[str, str | None] = {USER: user_col, ITEM: item_col, TIME: time_col}
     roles |= {RATING: rating_col, WEIGHT: weight_col}
     feats = {"user_features": list(user_features), "item_features": list(item_features)}
@@ -171,18 +174,18 @@ def read_interactions(
     users = _feature_table(df, USER, feats["user_features"])
     items = _feature_table(df, ITEM, feats["item_features"])
     return Dataset(
-        name=name or path.stem,
+        name=name or (path.stem if isinstance(path, Path) else "frame"),
         interactions=df.select(out_cols),
         users=users,
         items=items,
-        source=str(path),
+        source=str(path) if isinstance(path, Path) else FRAME,
         report=report,
         has_time=TIME in spec.roles,
     )
 
 
 def read_feature_table(
-    path: str | Path,
+    path: str | Path | Any,
     *,
     key_col: str,
     key_name: Literal["user_id", "item_id"] = "user_id",
@@ -202,7 +205,7 @@ def read_feature_table(
     counted and the summary is logged at WARNING.
 
     Args:
-        path: a text or Parquet file.
+        path: a text or Parquet file, or a polars or pandas DataFrame.
         key_col: source column of the key.
         key_name: output name of the key, ``"user_id"`` or ``"item_id"``.
         columns: feature columns to keep; all other columns when ``None``.
@@ -219,7 +222,7 @@ def read_feature_table(
         A DataFrame with ``key_name`` first (typed like interaction IDs), then the
         feature columns (typed like feature columns of :func:`read_interactions`).
     """
-    path = Path(path)
+    path = as_source(path)
     _check_choice("key_name", key_name, (USER, ITEM))
     _check_choice("duplicates", duplicates, ("first", "last", "error"))
     wanted = None if columns is None else list(columns)
@@ -282,10 +285,48 @@ def join_features(
     )
 
 
+#: How a table given as a DataFrame is named in reports and messages.
+FRAME = "<DataFrame>"
+
+
+def as_source(data: Any) -> Path | pl.DataFrame:
+    """A path, or a polars frame (a pandas frame is converted through Arrow)."""
+    if isinstance(data, str | Path):
+        return Path(data)
+    if isinstance(data, pl.DataFrame):
+        return data
+    if type(data).__module__.split(".")[0] == "pandas" and hasattr(data, "columns"):
+        try:
+            return pl.from_pandas(data, include_index=False)
+        except (TypeError, ValueError, pl.exceptions.PolarsError):
+            pass
+        # A mixed-type object column (numbers and text): read it as text, so that its
+        # bad values are rejected and counted row by row like a file's.
+        mixed = {c: "string" for c in data.columns if data[c].dtype == object}
+        try:
+            return pl.from_pandas(data.astype(mixed), include_index=False)
+        except (TypeError, ValueError, pl.exceptions.PolarsError) as e:
+            raise DataError(
+                f"the pandas DataFrame could not be converted (through Arrow): {e}"
+            ) from e
+    raise DataError(
+        "`path` should be a file path or a polars or pandas DataFrame. Received: "
+        f"{type(data).__name__}."
+    )
+
+
 def _load(
-    path: Path, make_spec: Callable[[list[str]], Spec], opts: Options
+    path: Path | pl.DataFrame,
+    make_spec: Callable[[list[str]], Spec],
+    opts: Options,
 ) -> tuple[pl.DataFrame, LoadReport, Spec]:
-    """Read, check, type and de-duplicate the mapped columns of a file."""
+    """Read, check, type and de-duplicate the mapped columns of a file or frame."""
+    if isinstance(path, pl.DataFrame):
+        spec = make_spec(list(path.columns))
+        df, report, spec, describe = load_frame(
+            path.select(spec.sources), FRAME, spec, opts
+        )
+        return _finish(df, report, spec, describe, FRAME)
     if not path.is_file():
         raise DataError(f"`path` should be an existing file. Received: {str(path)!r}.")
     with path.open("rb") as f:
@@ -299,7 +340,17 @@ def _load(
         df, report, spec, describe = load_parquet(path, make_spec, opts)
     else:
         df, report, spec, describe = load_text(path, make_spec, opts)
-    df = dedupe(df, spec, report, describe, path)
+    return _finish(df, report, spec, describe, str(path))
+
+
+def _finish(
+    df: pl.DataFrame,
+    report: LoadReport,
+    spec: Spec,
+    describe: Callable[[pl.DataFrame], list[str]],
+    label: str,
+) -> tuple[pl.DataFrame, LoadReport, Spec]:
+    df = dedupe(df, spec, report, describe, label)
     df = df.drop([c for c in (LINE, END) if c in df.columns])
     report.rows_loaded = df.height
     if not report.ok:
@@ -310,7 +361,7 @@ def _load(
 
 
 def _make_spec(
-    path: Path,
+    path: Path | pl.DataFrame,
     names: list[str],
     draft: Spec,
     features: dict[str, list[str]],
@@ -320,18 +371,19 @@ def _make_spec(
     """Check the columns of ``draft`` against the file's; add the feature columns.
 
     Args:
-        path: the file, for messages.
+        path: the file (or frame), for messages.
         names: its column names.
         draft: the spec with ``roles`` (output name -> source column) but no features.
         features: argument name -> feature columns it lists.
         reserved: output names a feature column may not take.
     """
+    where = FRAME if isinstance(path, pl.DataFrame) else str(path)
     mapped = draft.roles
     for target, col in mapped.items():
         if col not in names:
             raise DataError(
                 f"`{ARG.get(target, 'key_col')}` = {col!r} is not a column of "
-                f"{str(path)!r}. Available columns: {names}. Pass one of them, or "
+                f"{where!r}. Available columns: {names}. Pass one of them, or "
                 "`column_names=` for a headerless file."
             )
     seen = list(mapped.values())
@@ -342,7 +394,7 @@ def _make_spec(
         for col in cols:
             if col not in names:
                 raise DataError(
-                    f"`{arg}` lists {col!r}, which is not a column of {str(path)!r}. "
+                    f"`{arg}` lists {col!r}, which is not a column of {where!r}. "
                     f"Available columns: {names}."
                 )
             if col in seen or col in reserved:

@@ -104,7 +104,9 @@ def run_training(
             lowers the training loss counts as the best.
         checkpoint_dir: where a checkpoint is written after every epoch.
         resume: continue from the checkpoint in ``checkpoint_dir``.
-        on_step: called after every step with ``{"epoch", "step", "loss", "examples"}``.
+        on_step: called after every step with ``{"epoch", "step", "loss",
+            "examples", "num_epochs", "total_steps"}`` (``epoch`` and ``step`` are
+            0-based; ``step`` counts across epochs; ``examples`` within the epoch).
         stop_after_epoch: stop (as if killed) after this many epochs; for tests.
         fingerprint: what the run's results depend on (:func:`resume_fingerprint`),
             saved in the checkpoint; resuming with another one is refused unless
@@ -177,6 +179,8 @@ def run_training(
                         "step": step,
                         "loss": loss.item(),
                         "examples": seen,
+                        "num_epochs": config.epochs,
+                        "total_steps": total_steps,
                     }
                 )
         record = {"epoch": epoch, "train_loss": epoch_loss / max(seen, 1)}

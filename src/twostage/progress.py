@@ -1,0 +1,92 @@
+"""Progress bars for training, shared by the CLI and the Python API (notebooks
+included: rich draws a live widget in Jupyter and a line in a terminal).
+
+A bar is opt-in display, not logging: library functions take an ``on_step``
+callback and never draw one themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+
+from twostage.training import ProgressFn
+
+__all__ = ["training_bars"]
+
+
+@contextlib.contextmanager
+def training_bars(
+    *labels: str,
+    console: Console | None = None,
+    also: Callable[[dict[str, Any]], None] | None = None,
+) -> Iterator[dict[str, ProgressFn]]:
+    """One progress bar per stage, each with epoch, loss, throughput, elapsed time
+    and ETA (one live display: rich draws one at a time).
+
+    Args:
+        labels: the stages, e.g. ``"retrieval", "ranking"``; a bar appears when its
+            stage takes its first step.
+        console: where to draw; a new rich console when None.
+        also: a callback called with every step's record too (the user's hook),
+            with ``"stage"`` added.
+
+    Yields:
+        ``label -> on_step`` callbacks for the training loops; their records carry
+        ``total_steps``, so each bar has a total and an ETA from its first step.
+    """
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskID,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    width = max(len(label) for label in labels) if labels else 0
+    columns = (
+        TextColumn(f"{{task.description:<{width}}}"),
+        BarColumn(bar_width=20),
+        TaskProgressColumn(),
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+        TextColumn("loss {task.fields[loss]:.4f} {task.fields[rate]:>8,.0f} ex/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def bar(label: str) -> ProgressFn:
+            clock: dict[str, float] = {}
+
+            def on_step(info: dict[str, Any]) -> None:
+                now = time.perf_counter()
+                if label not in tasks:
+                    tasks[label] = progress.add_task(
+                        label, total=None, epoch=0, epochs="?", loss=0.0, rate=0.0
+                    )
+                if info["epoch"] != clock.get("epoch"):
+                    clock.update(epoch=info["epoch"], start=now)
+                rate = info["examples"] / max(now - clock["start"], 1e-9)
+                progress.update(
+                    tasks[label],
+                    total=info.get("total_steps"),
+                    completed=info["step"] + 1,
+                    epoch=info["epoch"] + 1,  # 1-based, as the logs say
+                    epochs=info.get("num_epochs", "?"),
+                    loss=info["loss"],
+                    rate=rate,
+                )
+                if also is not None:
+                    also({"stage": label, **info})
+
+            return on_step
+
+        yield {label: bar(label) for label in labels}

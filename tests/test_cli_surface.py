@@ -1,0 +1,152 @@
+"""The CLI's conventions: --json on commands that print results, the unknown-user
+label, -q/-v, and errors that name the flag the user typed."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from twostage.cli import app, main
+from twostage.recommender import Recommender
+
+runner = CliRunner()
+
+
+def _known_user(rec: Recommender) -> str:
+    return str(rec.user_vocab.values[0])
+
+
+def test_recommend_json_labels_known_and_unknown_users(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    user = _known_user(small_recommender)
+    result = runner.invoke(
+        app, ["recommend", str(models_dir / "synthetic"), "--user", user, "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)  # nothing but JSON on stdout
+    assert answer["known_user"] is True and answer["path"] == "personalised"
+    assert len(answer["items"]) == 10
+    bundle = str(models_dir / "synthetic")
+    unknown = runner.invoke(
+        app, ["recommend", bundle, "--user", "no-such-user", "--json"]
+    )
+    assert unknown.exit_code == 0, unknown.output
+    assert json.loads(unknown.stdout)["known_user"] is False
+    table = runner.invoke(app, ["recommend", bundle, "--user", "nobody"])
+    assert "unknown user 'nobody'" in table.stdout
+    assert "--require-known-user" in table.output  # the warning says how to refuse
+
+
+def test_require_known_user_is_an_error_naming_the_flag(models_dir: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "recommend",
+            str(models_dir / "synthetic"),
+            "--user",
+            "x",
+            "--require-known-user",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--user" in result.output and "not known" in result.output
+
+
+def test_similar_json_and_unknown_item_names_the_flag(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    models_dir = models_dir / "synthetic"
+    item = str(small_recommender.item_vocab.values[0])
+    result = runner.invoke(
+        app, ["similar", str(models_dir), "--item", item, "-k", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["items"]) == 3
+    missing = runner.invoke(app, ["similar", str(models_dir), "--item", "nope"])
+    assert missing.exit_code == 2 and "--item" in missing.output
+
+
+def test_index_bench_json_and_kind_spelling(models_dir: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            *("index", "bench", str(models_dir / "synthetic"), "--kind", "exact"),
+            *("--kind", "ivf", "--num-queries", "20", "-k", "5", "--json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert set(figures["backends"]) == {"exact", "ivf"}
+    assert figures["backends"]["exact"]["recall_at_k"] == 1.0
+
+
+def test_index_build_takes_section_qualified_settings(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "rebuilt"
+    result = runner.invoke(
+        app,
+        [
+            *("index", "build", str(models_dir / "synthetic"), "--kind", "hnsw"),
+            *("--set", "index.ef_search=32", "--out", str(out)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())["index"]
+    assert saved["ef_search"] == 32
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        # A library message names a Python argument; the CLI shows the flag.
+        (["data", "describe", "{log}", "--user-col", "uid"], "--user-col"),
+        (["train", "--dataset", "{log}", "--out", "{out}", "--item-col", "x"], None),
+        (["recommend", "{bundle}", "-k", "0"], "-k"),
+        (["evaluate", "{missing}"], None),
+        (["train", "--out", "{out}", "--set", "train.epoch=3"], "train.epochs"),
+        (["data", "split", "{log}", "--out", "{out}", "--method", "sideways"], None),
+        (["report", "{missing}"], None),
+        (["serve", "{missing}"], None),
+    ],
+)
+def test_errors_name_what_the_user_typed(
+    args: list[str],
+    flag: str | None,
+    models_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id\n1,2\n")
+    values = {
+        "log": str(log),
+        "out": str(tmp_path / "out"),
+        "bundle": str(models_dir / "synthetic"),
+        "missing": str(tmp_path / "nothinghere"),
+    }
+    with pytest.raises(SystemExit) as exited:  # through main(), as the shell runs it
+        main([a.format(**values) for a in args])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2, captured
+    message = " ".join((captured.out + captured.err).split())  # rich folds lines
+    assert "Traceback" not in message
+    if flag is None:  # the option's own name
+        named = [a for a in args if a.startswith("-")] or [values["missing"]]
+        flag = named[-1] if "{" not in named[-1] else values["missing"]
+    assert flag in message, message
+    assert "`user_col`" not in message and "column_names=" not in message
+
+
+def test_quiet_and_verbose_set_the_log_level() -> None:
+    import logging
+
+    assert runner.invoke(app, ["-q", "--version"]).exit_code == 0
+    runner.invoke(app, ["-q", "data", "describe", "synthetic:num_users=5", "--json"])
+    assert logging.getLogger().level == logging.WARNING
+    runner.invoke(app, ["-v", "data", "describe", "synthetic:num_users=5", "--json"])
+    assert logging.getLogger().level == logging.DEBUG
+    both = runner.invoke(app, ["-q", "-v", "data", "describe", "synthetic"])
+    assert both.exit_code == 2

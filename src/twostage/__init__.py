@@ -1,8 +1,14 @@
 """twostage: a two-stage recommender on PyTorch, from raw logs to an HTTP answer.
 
-The names a script needs are here::
+The estimator answers most needs::
 
     import twostage
+
+    model = twostage.TwoStageModel(settings={"train.epochs": 5}).fit(train_frame)
+    model.recommend([1, 2], k=10)  # (item_ids, scores) arrays
+    model.evaluate(test_frame).ndcg[10]
+
+and the lower-level functions are here too::
 
     config = twostage.apply_overrides(twostage.ExperimentConfig(), ["train.epochs=5"])
     stages = twostage.fit_two_stage(config, twostage.load_dataset("movielens-100k"))
@@ -29,8 +35,16 @@ if TYPE_CHECKING:
     from twostage.data.dataset import Dataset
     from twostage.data.registry import load_dataset
     from twostage.data.report import LoadReport
-    from twostage.data.split import ExperimentSplit, prepare_split
+    from twostage.data.split import (
+        ExperimentSplit,
+        leave_last_out,
+        prepare_split,
+        random_split,
+        temporal_split,
+    )
+    from twostage.data.tables import read_feature_table, read_interactions
     from twostage.errors import TwostageError
+    from twostage.estimator import Evaluation, TwoStageModel
     from twostage.ranking.evaluation import evaluate_ranking
     from twostage.ranking.fit import fit_ranking
     from twostage.recommender import Recommender, load
@@ -51,6 +65,13 @@ _EXPORTS = {
     "LoadReport": "twostage.data.report",
     "ExperimentSplit": "twostage.data.split",
     "prepare_split": "twostage.data.split",
+    "random_split": "twostage.data.split",
+    "temporal_split": "twostage.data.split",
+    "leave_last_out": "twostage.data.split",
+    "read_interactions": "twostage.data.tables",
+    "read_feature_table": "twostage.data.tables",
+    "TwoStageModel": "twostage.estimator",
+    "Evaluation": "twostage.estimator",
     "TwostageError": "twostage.errors",
     "evaluate_ranking": "twostage.ranking.evaluation",
     "fit_ranking": "twostage.ranking.fit",
@@ -64,6 +85,13 @@ _EXPORTS = {
 }
 __all__ = [
     "Dataset",
+    "Evaluation",
+    "TwoStageModel",
+    "leave_last_out",
+    "random_split",
+    "read_feature_table",
+    "read_interactions",
+    "temporal_split",
     "ExperimentConfig",
     "ExperimentSplit",
     "LoadReport",

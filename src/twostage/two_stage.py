@@ -61,6 +61,7 @@ def fit_two_stage(
     config: ExperimentConfig,
     dataset: Dataset | None = None,
     *,
+    split: ExperimentSplit | None = None,
     ranking: bool = True,
     work_dir: str | Path | None = None,
     resume: bool = False,
@@ -74,6 +75,8 @@ def fit_two_stage(
     Args:
         config: every setting, the ``ranking`` section included (saved with each run).
         dataset: the data; loaded from ``config.data`` when None.
+        split: the parts to use as they are (``fit``, ``validation``, ``test``)
+            instead of splitting ``dataset`` by the config.
         ranking: train the ranking stage too.
         work_dir: checkpoints (and the finished retrieval run) go to
             ``work_dir/retrieval`` and ``work_dir/ranking``.
@@ -88,6 +91,7 @@ def fit_two_stage(
     run, split = fit_retrieval(
         config,
         dataset=dataset,
+        split=split,
         out_dir=None if work is None else work / "retrieval",
         resume=resume,
         on_step=on_step,

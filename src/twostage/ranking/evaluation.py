@@ -117,11 +117,13 @@ def evaluated_lists(ranking: RankingRun, data: Dataset) -> tuple[Tensor, Tensor]
 def _list_metrics(
     ids: Tensor, relevant: UserItems, num_items: int
 ) -> dict[str, dict[str, float]]:
-    """``{"ndcg", "hit_rate"} -> "k" -> value`` of ``[Q, K]`` ranked item_idx."""
+    """``{"ndcg", "hit_rate", "recall"} -> "k" -> value`` of ``[Q, K]`` ranked
+    item_idx."""
     acc = MetricAccumulator(ks=KS, num_items=num_items)
     acc.update(ids, relevant)
     metrics = acc.compute()
-    return {m: {str(k): v for k, v in metrics[m].items()} for m in ("ndcg", "hit_rate")}
+    names = ("ndcg", "hit_rate", "recall")
+    return {m: {str(k): v for k, v in metrics[m].items()} for m in names}
 
 
 def _queries(

@@ -52,6 +52,7 @@ def fit_retrieval(
     config: ExperimentConfig,
     *,
     dataset: Dataset | None = None,
+    split: ExperimentSplit | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
@@ -67,6 +68,8 @@ def fit_retrieval(
     Args:
         config: data, model and training settings (saved with the run).
         dataset: the data; loaded from ``config.data.dataset`` when None.
+        split: the parts to use as they are (e.g. tables a caller split itself);
+            then ``dataset`` and the config's split settings are not used.
         out_dir: where checkpoints and the finished run are written.
         resume: continue an interrupted run from ``out_dir``'s checkpoint.
         on_step: progress callback of the training loop.
@@ -75,9 +78,10 @@ def fit_retrieval(
             checkpoint's (beyond epochs, threads and device).
     """
     _set_threads(config)
-    if dataset is None:
-        dataset = load_dataset_for(config)
-    split = prepare_split(dataset, config)
+    if split is None:
+        if dataset is None:
+            dataset = load_dataset_for(config)
+        split = prepare_split(dataset, config)
     wanted = config.retrieval.query_fields
     train = add_context_columns(split.fit, wanted)
     validation = split.validation

@@ -1,0 +1,476 @@
+"""The estimator-style API: one object that fits both stages and answers.
+
+:class:`TwoStageModel` wraps the lower-level pieces (:func:`fit_two_stage`, the
+:class:`~twostage.recommender.Recommender`, the evaluation functions) for users who
+want ``fit`` / ``recommend`` / ``predict`` / ``evaluate`` / ``save`` / ``load``, as
+in implicit, LightFM or scikit-learn. People who build their own towers keep the
+lower-level API.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from twostage.config import ExperimentConfig, apply_overrides, to_dict
+from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.data.split import ExperimentSplit, validation_split
+from twostage.errors import ConfigError, DataError
+from twostage.evaluate import EvalResult
+from twostage.recommender import Recommendation, Recommender
+
+__all__ = ["Evaluation", "TwoStageModel"]
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test figures of a fitted model.
+
+    ``recall``, ``ndcg`` and ``hit_rate`` (``k -> value``, full catalogue, the
+    user's training items excluded) are those of the list the model serves: the
+    two-stage list when there is a ranker, else retrieval's. ``result.ndcg[10]``.
+
+    Attributes:
+        recall, ndcg, hit_rate: the served list's figures at k = 1, 5, 10, 50, 100.
+        retrieval: retrieval's full result, both protocol modes
+            (:class:`~twostage.evaluate.EvalResult`; ``factorized_top_k`` is TFRS's
+            metric).
+        ranking: the ranking stage's figures (``rmse``, ``mae``, ``auc``,
+            ``two_stage`` and ``retrieval_only`` lists), or None.
+        num_users: users evaluated.
+    """
+
+    recall: dict[int, float]
+    ndcg: dict[int, float]
+    hit_rate: dict[int, float]
+    retrieval: EvalResult
+    ranking: dict[str, Any] | None = None
+    num_users: int = 0
+
+    @property
+    def factorized_top_k(self) -> dict[int, float]:
+        """TFRS's metric (seen items kept), for comparison with its tutorials."""
+        return self.retrieval.metrics["include_seen"]["factorized_top_k"]
+
+    @property
+    def rmse(self) -> float | None:
+        return None if self.ranking is None else self.ranking.get("rmse")
+
+    @property
+    def auc(self) -> float | None:
+        return None if self.ranking is None else self.ranking.get("auc")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: ``k`` keys as strings."""
+        return {
+            "recall": {str(k): v for k, v in self.recall.items()},
+            "ndcg": {str(k): v for k, v in self.ndcg.items()},
+            "hit_rate": {str(k): v for k, v in self.hit_rate.items()},
+            "retrieval": self.retrieval.to_dict(),
+            "ranking": self.ranking,
+            "num_users": self.num_users,
+        }
+
+    def __repr__(self) -> str:
+        extra = "" if self.rmse is None else f", rmse={self.rmse:.4f}"
+        return (
+            f"Evaluation(ndcg@10={self.ndcg.get(10, float('nan')):.4f}, "
+            f"recall@10={self.recall.get(10, float('nan')):.4f}, "
+            f"hit_rate@10={self.hit_rate.get(10, float('nan')):.4f}{extra}, "
+            f"num_users={self.num_users:,})"
+        )
+
+
+def _settings_to_overrides(settings: Mapping[str, Any]) -> list[str]:
+    """``{"train.epochs": 5}`` -> ``["train.epochs=5"]`` (lists comma-joined)."""
+    out = []
+    for key, value in settings.items():
+        if isinstance(value, list | tuple):
+            value = ",".join(map(str, value))
+        out.append(f"{key}={value}")
+    return out
+
+
+@dataclass
+class _Columns:
+    user_col: str = USER
+    item_col: str = ITEM
+    time_col: str | None = None
+    rating_col: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TwoStageModel:
+    """Two-tower retrieval and a ranker, fitted and used like an estimator.
+
+    Example::
+
+        model = TwoStageModel(settings={"train.epochs": 5})
+        model.fit(train_frame, rating_col="rating", time_col="ts")
+        model.recommend([1, 2, 3], k=10)      # -> (item_ids [3, 10], scores [3, 10])
+        model.evaluate(test_frame).ndcg[10]
+        model.save("models/mine/1"); TwoStageModel.load("models/mine/1")
+
+    Args:
+        config: every setting (:class:`~twostage.config.ExperimentConfig`); the
+            defaults when None.
+        settings: overrides of ``config``, ``{"train.epochs": 5,
+            "retrieval.embedding_dim": 32}`` (unknown keys are an error with a
+            suggestion).
+        ranking: fit the ranking stage too.
+        progress: draw progress bars (rich; a live widget in Jupyter).
+        on_step: called after every training step of either stage with
+            ``{"stage", "epoch", "step", "loss", "examples", "num_epochs",
+            "total_steps"}`` (epoch and step 0-based), e.g. to log to a tracker.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig | None = None,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        ranking: bool = True,
+        progress: bool = True,
+        on_step: StepCallback | None = None,
+    ) -> None:
+        config = config if config is not None else ExperimentConfig()
+        self.config = apply_overrides(config, _settings_to_overrides(settings or {}))
+        self.ranking = ranking
+        self.progress = progress
+        self.on_step = on_step
+        self.recommender_: Recommender | None = None
+        self.split_: ExperimentSplit | None = None
+
+    # -- fitting ------------------------------------------------------------------
+    def fit(
+        self,
+        data: Any,
+        *,
+        validation: Any = None,
+        test: Any = None,
+        users: Any = None,
+        items: Any = None,
+        user_col: str = USER,
+        item_col: str = ITEM,
+        time_col: str | None = None,
+        rating_col: str | None = None,
+    ) -> TwoStageModel:
+        """Fit both stages on ``data`` as given: nothing is re-split.
+
+        Args:
+            data: the training interactions: a :class:`~twostage.data.Dataset`, a
+                polars or pandas DataFrame (rows are checked as a file's are; the
+                rejected ones are counted in the log), or a CSV/Parquet path.
+            validation: held-out interactions for early stopping and the ranker's
+                blend weight (same kinds as ``data``); when None, a
+                ``data.validation_fraction`` carve-out of ``data`` (0: none).
+            test: test interactions to measure at the end of fitting (optional;
+                :meth:`evaluate` measures any table later).
+            users, items: user and item feature tables (frames or Datasets' tables)
+                keyed by ``user_col`` / ``item_col``.
+            user_col, item_col, time_col, rating_col: column names of the frames
+                (``time_col`` None: row order is time order; ``rating_col`` None:
+                implicit feedback).
+
+        Returns:
+            self, fitted.
+        """
+        from twostage.two_stage import fit_two_stage
+
+        columns = _Columns(user_col, item_col, time_col, rating_col)
+        train = self._as_dataset(data, columns, users=users, items=items)
+        if validation is not None:
+            held = self._as_dataset(validation, columns, like=train)
+        elif self.config.data.validation_fraction > 0:
+            train, held = validation_split(
+                train,
+                fraction=self.config.data.validation_fraction,
+                seed=self.config.data.seed + 7,
+            )
+        else:
+            held = None
+        tested = (
+            self._as_dataset(test, columns, like=train)
+            if test is not None
+            else train.with_interactions(train.interactions.clear())
+        )
+        split = ExperimentSplit(fit=train, validation=held, test=tested)
+        stages = self._fit(split, fit_two_stage)
+        self.split_ = split
+        self.recommender_ = stages.recommender(items=train.items)
+        self.test_metrics_ = (
+            None if test is None else self._evaluation(stages.retrieval.metrics, stages)
+        )
+        return self
+
+    def _fit(self, split: ExperimentSplit, fit: Callable[..., Any]) -> Any:
+        stages = ("retrieval", "ranking") if self.ranking else ("retrieval",)
+        if not self.progress:
+            hooks = {s: self._hook(s) for s in stages}
+            return fit(
+                self.config,
+                split=split,
+                ranking=self.ranking,
+                on_step=hooks["retrieval"],
+                on_ranking_step=hooks.get("ranking"),
+            )
+        from twostage.progress import training_bars
+
+        with training_bars(*stages, also=self.on_step) as bars:
+            return fit(
+                self.config,
+                split=split,
+                ranking=self.ranking,
+                on_step=bars["retrieval"],
+                on_ranking_step=bars.get("ranking"),
+            )
+
+    def _hook(self, stage: str) -> StepCallback | None:
+        hook = self.on_step
+        if hook is None:
+            return None
+        return lambda info: hook({"stage": stage, **info})
+
+    def _as_dataset(
+        self,
+        data: Any,
+        columns: _Columns,
+        *,
+        users: Any = None,
+        items: Any = None,
+        like: Dataset | None = None,
+    ) -> Dataset:
+        """A Dataset from a Dataset, a frame or a path; IDs cast like ``like``'s."""
+        from twostage.data.tables import read_feature_table, read_interactions
+
+        if isinstance(data, Dataset):
+            dataset = data
+        else:
+            dataset = read_interactions(
+                data,
+                user_col=columns.user_col,
+                item_col=columns.item_col,
+                time_col=columns.time_col,
+                rating_col=columns.rating_col,
+                name=self.config.data.dataset,
+            )
+        if users is not None:
+            table = read_feature_table(
+                users, key_col=columns.user_col, key_name="user_id"
+            )
+            dataset = Dataset(**{**dataset.__dict__, "users": table})
+        if items is not None:
+            table = read_feature_table(
+                items, key_col=columns.item_col, key_name="item_id"
+            )
+            dataset = Dataset(**{**dataset.__dict__, "items": table})
+        if like is not None:
+            schema = like.interactions.schema
+            try:
+                cast = dataset.interactions.with_columns(
+                    pl.col(USER).cast(schema[USER]), pl.col(ITEM).cast(schema[ITEM])
+                )
+            except pl.exceptions.PolarsError as e:
+                raise DataError(
+                    "the IDs of this table do not have the training data's types "
+                    f"({schema[USER]}, {schema[ITEM]}): {e}"
+                ) from e
+            dataset = like.with_interactions(cast)
+        return dataset
+
+    # -- answering ----------------------------------------------------------------
+    @property
+    def recommender(self) -> Recommender:
+        """The served object (the one ``twostage serve`` loads)."""
+        if self.recommender_ is None:
+            raise ConfigError(
+                "this TwoStageModel is not fitted; call fit(data) or "
+                "TwoStageModel.load(path) first."
+            )
+        return self.recommender_
+
+    def recommend(
+        self,
+        user_ids: Any,
+        k: int = 10,
+        *,
+        exclude_seen: bool = True,
+        **options: Any,
+    ) -> Recommendation | tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items, as served (both stages, seen items excluded).
+
+        Args:
+            user_ids: one user ID, or a list / array / Series of them.
+            k: list length.
+            exclude_seen: drop each user's training items.
+            options: as :meth:`Recommender.recommend` (``filters``, ``context``,
+                ``num_candidates``, ``user_features``).
+
+        Returns:
+            For one ID: the rich answer (:class:`~twostage.recommender.Recommendation`
+            with titles, scores and the path taken). For many: ``(item_ids,
+            scores)``, two ``[num_users, k]`` arrays; a row shorter than ``k`` (a
+            tiny catalogue) is padded with None IDs and NaN scores.
+        """
+        rec = self.recommender
+        if not _is_many(user_ids):
+            return rec.recommend(user_ids, k, exclude_seen=exclude_seen, **options)
+        ids = list(user_ids.to_list() if hasattr(user_ids, "to_list") else user_ids)
+        answers = rec.recommend_batch(ids, k, exclude_seen=exclude_seen, **options)
+        item_ids = np.full((len(ids), k), None, dtype=object)
+        scores = np.full((len(ids), k), np.nan, dtype=np.float32)
+        for row, answer in enumerate(answers):
+            for col, entry in enumerate(answer.items):
+                item_ids[row, col] = entry["item_id"]
+                scores[row, col] = entry.get("rank_score", entry["score"])
+        flat = item_ids.ravel()
+        if len(flat) and all(isinstance(v, int) for v in flat):  # no padding
+            item_ids = item_ids.astype(np.int64)
+        return item_ids, scores
+
+    def predict(self, user_ids: Any, item_ids: Any) -> np.ndarray:
+        """Scores of (user, item) pairs, element by element.
+
+        With a ranker: its predicted rating when the data had ratings, else its click
+        probability. Without: the retrieval score (query . candidate). An unknown user
+        is scored as a cold start; an item outside the catalogue gets NaN.
+
+        Returns:
+            ``[n]`` float32 array.
+        """
+        rec = self.recommender
+        users = pl.Series(USER, _as_list(user_ids))
+        items = _as_list(item_ids)
+        if len(users) != len(items):
+            raise ConfigError(
+                "`user_ids` and `item_ids` should have the same length. Received: "
+                f"{len(users)} and {len(items)}."
+            )
+        item_idx = torch.from_numpy(
+            rec.item_vocab.transform(pl.Series(ITEM, items)).astype(np.int64)
+        )
+        user_idx = torch.from_numpy(rec.user_vocab.transform(users).astype(np.int64))
+        with torch.no_grad():
+            if rec.ranker is not None:
+                out = rec.ranker.score(user_idx, item_idx[:, None])
+                low, _ = rec.ranker.rating_bounds  # type: ignore[attr-defined]
+                rated = bool(np.isfinite(low))  # the data had ratings
+                values = out["rating"] if rated else torch.sigmoid(out["click"])
+                scores = values[:, 0]
+            else:
+                queries = rec.run.query_embeddings(users, users=None)
+                scores = (queries * rec.item_embeddings[item_idx]).sum(dim=1)
+        result = scores.float().numpy().copy()
+        result[item_idx.numpy() == 0] = np.nan
+        return result
+
+    def similar_items(self, item_id: Any, k: int = 10) -> list[dict[str, Any]]:
+        """The ``k`` items whose candidate embeddings are closest to ``item_id``'s."""
+        return self.recommender.similar_items(item_id, k)
+
+    # -- measuring ----------------------------------------------------------------
+    def evaluate(self, test: Any, **columns: Any) -> Evaluation:
+        """Full-catalogue figures on a test table (same kinds as :meth:`fit`'s
+        ``data``; ``user_col=`` etc. for a frame's column names)."""
+        rec = self.recommender
+        like = self.split_.fit if self.split_ is not None else None
+        data = self._as_dataset(test, _Columns(**columns), like=like)
+        if like is None:  # a loaded model: cast to the vocabularies' types
+            data = data.with_interactions(
+                data.interactions.with_columns(
+                    pl.col(USER).cast(rec.user_vocab.values.dtype),
+                    pl.col(ITEM).cast(rec.item_vocab.values.dtype),
+                )
+            )
+        retrieval = rec.run.evaluate(data)
+        ranking = None
+        if rec.ranker is not None:
+            from twostage.ranking.evaluation import evaluate_ranking
+
+            ranking = evaluate_ranking(rec.ranker, data)  # type: ignore[arg-type]
+        return _summarise(retrieval, ranking)
+
+    def _evaluation(self, metrics: Any, stages: Any) -> Evaluation:
+        retrieval = EvalResult.from_dict(metrics)
+        return _summarise(retrieval, stages.ranking_metrics)
+
+    # -- saving -------------------------------------------------------------------
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the bundle ``twostage serve`` and :meth:`load` read."""
+        return self.recommender.save(directory, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TwoStageModel:
+        """A fitted model from a bundle, a ``models/<name>/`` directory (its newest
+        version) or a ``train retrieval`` run; its config is the saved one."""
+        from twostage.recommender import load
+
+        rec = load(directory)
+        model = cls(rec.run.config, ranking=rec.ranker is not None, progress=False)
+        model.recommender_ = rec
+        return model
+
+    def __repr__(self) -> str:
+        c = self.config
+        head = f"TwoStageModel(examples={c.retrieval.examples}"
+        head += f", dim={c.retrieval.output_dim}, epochs={c.train.epochs}"
+        head += f", ranking={'on' if self.ranking else 'off'}"
+        if self.recommender_ is None:
+            return head + ", not fitted)"
+        rec = self.recommender_
+        return (
+            f"{head}, fitted: {rec.user_vocab.size - 1:,} users x "
+            f"{rec.item_vocab.size - 1:,} items, index={rec.index_kind})"
+        )
+
+    def get_params(self) -> dict[str, Any]:
+        """The config as a plain dict (what :meth:`save` writes as config.json)."""
+        return json.loads(json.dumps(to_dict(self.config)))
+
+
+def _summarise(retrieval: EvalResult, ranking: dict[str, Any] | None) -> Evaluation:
+    if ranking is not None and "two_stage" in ranking:
+        served = {
+            m: {int(k): v for k, v in ranking["two_stage"][m].items()}
+            for m in ("recall", "ndcg", "hit_rate")
+        }
+    else:
+        served = {
+            m: retrieval.metrics["exclude_seen"][m]
+            for m in ("recall", "ndcg", "hit_rate")
+        }
+    return Evaluation(
+        recall=served["recall"],
+        ndcg=served["ndcg"],
+        hit_rate=served["hit_rate"],
+        retrieval=retrieval,
+        ranking=ranking,
+        num_users=retrieval.num_queries,
+    )
+
+
+def _is_many(user_ids: Any) -> bool:
+    return isinstance(user_ids, list | tuple | np.ndarray | pl.Series) or (
+        type(user_ids).__module__.split(".")[0] == "pandas"
+    )
+
+
+def _as_list(values: Any) -> list[Any]:
+    if isinstance(values, np.ndarray):
+        return values.tolist()
+    if hasattr(values, "to_list"):
+        return list(values.to_list())
+    if hasattr(values, "tolist"):
+        return list(values.tolist())
+    if isinstance(values, Sequence) and not isinstance(values, str):
+        return list(values)
+    return [values]

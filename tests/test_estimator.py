@@ -1,0 +1,119 @@
+"""The estimator API end to end, as a notebook would drive it: pandas frames in,
+both stages fitted without re-splitting, answers, figures, save and reload."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import twostage
+from twostage.data.synthetic import generate
+
+pd = pytest.importorskip("pandas")
+
+SETTINGS = {
+    "train.epochs": 2,
+    "train.num_threads": 1,
+    "retrieval.embedding_dim": 16,
+    "retrieval.output_dim": 16,
+    "retrieval.history_length": 10,
+    "ranking.epochs": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def frames() -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    data = generate(num_users=120, num_items=90, num_interactions=3000, seed=3)
+    log = data.interactions.rename(
+        {"user_id": "uid", "item_id": "movie", "rating": "stars", "timestamp": "ts"}
+    ).to_pandas()
+    log["ts"] = pd.to_datetime(log["ts"], unit="s")  # as a notebook would hold it
+    train, test = twostage.random_split(
+        twostage.read_interactions(
+            log, user_col="uid", item_col="movie", rating_col="stars", time_col="ts"
+        ),
+        test_fraction=0.2,
+        seed=0,
+    )
+    back = {"user_id": "uid", "item_id": "movie", "rating": "stars"}
+    return (
+        train.interactions.rename(back).drop("timestamp").to_pandas(),
+        test.interactions.rename(back).drop("timestamp").to_pandas(),
+    )
+
+
+def test_estimator_from_pandas_to_reload(frames, tmp_path: Path) -> None:
+    train, test = frames
+    steps: list[dict] = []
+    model = twostage.TwoStageModel(
+        settings=SETTINGS, progress=False, on_step=steps.append
+    )
+    assert "not fitted" in repr(model)
+    columns = {"user_col": "uid", "item_col": "movie", "rating_col": "stars"}
+    model.fit(train, **columns)
+    # Trained on the rows given, minus the validation carve-out: nothing re-split.
+    assert model.split_.fit.num_interactions + model.split_.validation.num_interactions
+    assert (
+        model.split_.fit.num_interactions + model.split_.validation.num_interactions
+        == len(train)
+    )
+    assert model.split_.test.num_interactions == 0
+    assert {s["stage"] for s in steps} == {"retrieval", "ranking"}
+    assert "fitted" in repr(model) and "users" in repr(model)
+
+    users = sorted(train["uid"].unique())[:3]
+    item_ids, scores = model.recommend(users, k=5)
+    assert item_ids.shape == scores.shape == (3, 5)
+    assert item_ids.dtype == np.int64
+    # Seen items are excluded, as served.
+    for row, user in enumerate(users):
+        seen = set(train.loc[train["uid"] == user, "movie"])
+        assert not seen & set(item_ids[row].tolist())
+    one = model.recommend(users[0], k=5)
+    assert [e["item_id"] for e in one.items] == item_ids[0].tolist()
+
+    ratings = model.predict([users[0], users[1], users[0]], [item_ids[0, 0], 1, -99])
+    assert ratings.shape == (3,) and math.isnan(ratings[2])  # -99: not in catalogue
+    assert 1.0 <= ratings[0] <= 5.0  # the ranker's rating, clipped to the data's
+    assert len(model.similar_items(int(item_ids[0, 0]), k=4)) == 4
+
+    result = model.evaluate(test, **columns)
+    assert 0 < result.ndcg[10] <= 1 and 0 < result.recall[10] <= 1
+    assert result.rmse is not None and result.rmse < 4
+    assert 0 <= result.factorized_top_k[100] <= 1
+    assert "ndcg@10=" in repr(result)
+
+    bundle = model.save(tmp_path / "models" / "mine" / "1")
+    again = twostage.TwoStageModel.load(tmp_path / "models" / "mine")
+    ids_again, scores_again = again.recommend(users, k=5)
+    assert (ids_again == item_ids).all()
+    np.testing.assert_allclose(scores_again, scores, rtol=0, atol=0)
+    np.testing.assert_array_equal(
+        again.predict([users[0]], [item_ids[0, 0]]), ratings[:1]
+    )
+    assert again.evaluate(test, **columns).ndcg == result.ndcg
+    assert bundle.exists()
+
+
+def test_estimator_takes_explicit_validation_and_test(frames) -> None:
+    train, test = frames
+    model = twostage.TwoStageModel(settings=SETTINGS, ranking=False, progress=False)
+    columns = {"user_col": "uid", "item_col": "movie", "rating_col": "stars"}
+    half = len(test) // 2
+    model.fit(train, validation=test[:half], test=test[half:], **columns)
+    assert model.split_.fit.num_interactions == len(train)
+    assert model.split_.validation.num_interactions == half
+    assert model.test_metrics_ is not None and model.test_metrics_.ndcg[10] > 0
+    # No ranker: predict is the retrieval score, recommend's first score.
+    ids, scores = model.recommend([train["uid"].iloc[0]], k=3)
+    predicted = model.predict([train["uid"].iloc[0]], [ids[0, 0]])
+    assert predicted[0] == pytest.approx(scores[0, 0], abs=1e-5)
+
+
+def test_unfitted_and_mismatched_calls_are_clear_errors() -> None:
+    model = twostage.TwoStageModel(progress=False)
+    with pytest.raises(twostage.TwostageError, match="not fitted"):
+        model.recommend([1], k=3)
+    with pytest.raises(twostage.TwostageError, match=r"train\.epochs"):
+        twostage.TwoStageModel(settings={"train.epoch": 3})

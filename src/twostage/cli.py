@@ -625,6 +625,43 @@ def demo(
     )
 
 
+def export_command(
+    bundle: Annotated[
+        Path,
+        typer.Argument(help="A bundle dir, or models/<name>/ (its newest version)."),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where the files go (default: exports/<bundle name>)."),
+    ] = None,
+    format: Annotated[
+        str, typer.Option("--format", help="The format; onnx (opset 17).")
+    ] = "onnx",
+    json_output: JsonOutput = False,
+) -> None:
+    """Export the query tower, candidate tower and ranker (ONNX), with the feature
+    vocabularies and a description of every input and output, for Triton,
+    TorchServe or onnxruntime."""
+    from twostage.export import FORMATS, export_bundle
+
+    if format not in FORMATS:
+        raise typer.BadParameter(
+            f"should be one of {', '.join(FORMATS)}. Received: {format!r}.",
+            param_hint="--format",
+        )
+    rec = _open_bundle(bundle)
+    target = out or Path("exports") / (bundle.resolve().name or "bundle")
+    with status_console.status(f"exporting to {format}"):
+        files = export_bundle(rec, target, format=format)
+    if json_output:
+        print_json({name: str(path) for name, path in files.items()})
+        return
+    console.print(
+        f"Exported to [cyan]{target}[/cyan]: "
+        + ", ".join(path.name for path in files.values())
+    )
+
+
 def _show_version(value: bool) -> None:
     if value:
         from twostage import __version__
@@ -681,6 +718,7 @@ for _name, _command, _panel in (
     ("recommend", recommend_command, USE),
     ("similar", similar_command, USE),
     ("serve", serve_command, USE),
+    ("export", export_command, USE),
 ):
     app.command(_name, rich_help_panel=_panel)(_command)
 

@@ -269,7 +269,7 @@ def test_ranker_learns_the_planted_structure(trained) -> None:
     assert result["mae"] < result["rmse"]
     assert result["auc"] > 0.7
     for name in ("retrieval_only", "two_stage"):
-        assert set(result[name]) == {"ndcg", "hit_rate"}
+        assert set(result[name]) == {"ndcg", "hit_rate", "recall"}
         assert list(result[name]["ndcg"]) == ["1", "5", "10", "50", "100"]
     # with 120 items every unseen item is a candidate: HitRate@100 is ~1 for both
     assert result["two_stage"]["hit_rate"]["100"] > 0.95

@@ -80,10 +80,10 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
 
         metrics = client.get("/metrics").text
         assert (
-            'twostage_requests_total{route="/v1/recommend",method="POST",status="200"} 4'
+            'twostage_requests_total{route="/v1/recommend",method="POST",status="200"} 4.0'
             in metrics
         )
-        assert 'twostage_model_version{model="synthetic"} 1' in metrics
+        assert 'twostage_model_version{model="synthetic"} 1.0' in metrics
         assert client.get("/docs").status_code == 200
         assert "/v1/recommend" in client.get("/openapi.json").json()["paths"]
         assert "<title>twostage</title>" in client.get("/").text

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
-from twostage.serving.metrics import Metrics
+from twostage.serving.metrics import CONTENT_TYPE, Metrics
 from twostage.serving.registry import LoadedModel, ModelRegistry, UnknownModelError
 from twostage.serving.schemas import (
     ErrorResponse,
@@ -448,9 +448,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             )
             for name, slot in sorted(registry.slots.items())
         ]
-        return PlainTextResponse(
-            metrics.render(versions), media_type="text/plain; version=0.0.4"
-        )
+        return PlainTextResponse(metrics.render(versions), media_type=CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     def index_page() -> FileResponse:

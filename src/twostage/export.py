@@ -1,0 +1,241 @@
+"""ONNX export of a bundle's three networks, for serving with Triton, TorchServe or
+onnxruntime: ``twostage export BUNDLE --format onnx``.
+
+- ``query_tower.onnx``: the query tower's encoded features (the names and dtypes of
+  ``features.json``, plus ``history``, the user's recent item indices) ->
+  ``query_embedding`` ``[B, D]``.
+- ``candidate_tower.onnx``: the item features -> ``item_embedding`` ``[N, D]``.
+- ``ranker.onnx`` (bundles with a ranking stage): ``user_idx`` ``[B]`` and
+  ``item_idx`` ``[B, C]`` -> ``rating`` and ``click`` ``[B, C]``, the user and item
+  tables of the bundle inside the graph, as :meth:`RankingRun.score` computes them.
+
+IDs become indices with the vocabularies of ``features.json`` (copied beside the
+models; index 0 is the unknown ID). ``export.json`` lists every input and output.
+torch's TorchScript-based exporter is used: the ``torch.export`` one cannot trace the
+towers' data-dependent bag lookups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from twostage.errors import ConfigError
+from twostage.models.towers import HISTORY
+from twostage.recommender import Recommender
+
+__all__ = ["FORMATS", "export_bundle", "sample_inputs"]
+
+FORMATS = ("onnx",)
+OPSET = 17
+
+
+class _Tower(nn.Module):
+    """A tower as a function of positional tensors (ONNX inputs are positional)."""
+
+    def __init__(self, model: nn.Module, names: list[str], side: str) -> None:
+        super().__init__()
+        self.model, self.names, self.side = model, names, side
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        features = dict(zip(self.names, inputs, strict=True))
+        if self.side == "query":
+            return self.model.encode_queries(features)  # type: ignore[operator]
+        return self.model.encode_items(features)  # type: ignore[operator]
+
+
+class _MeanBag(nn.Module):
+    """``nn.EmbeddingBag(mode="mean", padding_idx=0)`` on ``[B, M]`` indices, spelled
+    with ops the ONNX exporter knows (it rejects a bag with a padding index). Shares
+    the bag's weight."""
+
+    def __init__(self, bag: nn.EmbeddingBag) -> None:
+        super().__init__()
+        self.weight = bag.weight
+
+    def forward(self, indices: Tensor) -> Tensor:
+        rows = nn.functional.embedding(indices, self.weight)  # (B, M, D)
+        keep = (indices != 0).unsqueeze(-1).to(rows.dtype)  # (B, M, 1)
+        return (rows * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+@contextlib.contextmanager
+def _exportable(*models: nn.Module) -> Iterator[None]:
+    """Swap each padded mean bag for :class:`_MeanBag` while exporting."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for model in models:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.EmbeddingBag):
+                    if child.mode != "mean" or child.padding_idx != 0:
+                        raise ConfigError(
+                            f"cannot export an EmbeddingBag with mode={child.mode!r}"
+                            f" and padding_idx={child.padding_idx!r}."
+                        )
+                    setattr(parent, name, _MeanBag(child))
+                    swapped.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+class _Ranker(nn.Module):
+    """``RankingRun.score`` with the run's tables baked in as constants."""
+
+    def __init__(self, ranker: Any) -> None:
+        super().__init__()
+        self.ranker = ranker
+        self.model = ranker.model
+        # Registered so that the tracer sees its weights as weights, not constants.
+        self.retrieval = ranker.retrieval.model
+        with torch.no_grad():
+            ranker.retrieval_vectors()  # cached outside the trace: a table in the graph
+
+    def forward(self, user_idx: Tensor, item_idx: Tensor) -> tuple[Tensor, Tensor]:
+        from twostage.ranking.run import forward_pairs
+
+        out = forward_pairs(self.ranker, user_idx, item_idx, exclude_target=False)
+        low, high = self.ranker.rating_bounds
+        return out["rating"].clamp(low, high), out["click"]
+
+
+def sample_inputs(rec: Recommender, side: str, rows: int = 4) -> dict[str, Tensor]:
+    """Encoded features of the first ``rows`` known users (``side="query"``; a
+    context the model reads is "unknown") or items (``"candidate"``), as the towers
+    take them."""
+    tensors = rec.run.tensors
+    if side == "candidate":
+        return {k: v[1 : rows + 1] for k, v in tensors.item_features.items()}
+    picked = slice(1, rows + 1)
+    features = {k: v[picked] for k, v in tensors.user_features.items()}
+    for key, value in rec._context(None).items():  # [1, ...] -> [rows, ...]
+        features[key] = value.expand(len(tensors.history[picked]), *value.shape[1:])
+    if rec.run.config.retrieval.history_length > 0:
+        features[HISTORY] = tensors.history[picked]
+    return features
+
+
+def _export(
+    module: nn.Module, args: tuple[Tensor, ...], path: Path, **names: Any
+) -> None:
+    with warnings.catch_warnings():  # the exporter's notes on tracing and deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=names["inputs"],
+            output_names=names["outputs"],
+            dynamic_axes={
+                n: {0: "batch"} for n in [*names["inputs"], *names["outputs"]]
+            }
+            | names.get("extra_axes", {}),
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def _describe(features: dict[str, Tensor]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": k,
+            "dtype": str(v.dtype).removeprefix("torch."),
+            "shape": ["batch", *v.shape[1:]],
+        }
+        for k, v in features.items()
+    ]
+
+
+def export_bundle(
+    rec: Recommender, out_dir: str | Path, *, format: str = "onnx"
+) -> dict[str, Path]:
+    """Write the bundle's networks in ``format`` under ``out_dir``.
+
+    Returns:
+        ``{"query_tower", "candidate_tower", ["ranker"], "export", "features"}`` ->
+        the file written.
+
+    Raises:
+        ConfigError: an unknown format.
+    """
+    if format not in FORMATS:
+        raise ConfigError(
+            f"`format` should be one of {FORMATS}. Received: `format` = {format!r}."
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = rec.run.model.eval()
+    networks = [model] if rec.ranker is None else [model, rec.ranker.model]  # type: ignore[attr-defined]
+    with _exportable(*networks):
+        return _export_all(rec, out, model)
+
+
+def _export_all(rec: Recommender, out: Path, model: nn.Module) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    described: dict[str, Any] = {"opset": OPSET, "models": {}}
+    for side, output in (("query", "query_embedding"), ("candidate", "item_embedding")):
+        features = sample_inputs(rec, side)
+        names = list(features)
+        path = out / f"{side}_tower.onnx"
+        with torch.no_grad():
+            _export(
+                _Tower(model, names, side),
+                tuple(features[n] for n in names),
+                path,
+                inputs=names,
+                outputs=[output],
+            )
+        files[f"{side}_tower"] = path
+        described["models"][path.name] = {
+            "inputs": _describe(features),
+            "outputs": [
+                {"name": output, "dtype": "float32", "shape": ["batch", rec.dim]}
+            ],
+        }
+    if rec.ranker is not None:
+        ranker = rec.ranker
+        ranker.model.eval()  # type: ignore[attr-defined]
+        users = torch.arange(1, 3)
+        items = torch.arange(1, 7).reshape(2, 3) % rec.item_embeddings.shape[0]
+        path = out / "ranker.onnx"
+        with torch.no_grad():
+            _export(
+                _Ranker(ranker),
+                (users, items),
+                path,
+                inputs=["user_idx", "item_idx"],
+                outputs=["rating", "click"],
+                extra_axes={
+                    "item_idx": {0: "batch", 1: "candidates"},
+                    "rating": {0: "batch", 1: "candidates"},
+                    "click": {0: "batch", 1: "candidates"},
+                },
+            )
+        files["ranker"] = path
+        pair = ["batch", "candidates"]
+        described["models"][path.name] = {
+            "inputs": [
+                {"name": "user_idx", "dtype": "int64", "shape": ["batch"]},
+                {"name": "item_idx", "dtype": "int64", "shape": pair},
+            ],
+            "outputs": [
+                {"name": "rating", "dtype": "float32", "shape": pair},
+                {"name": "click", "dtype": "float32", "shape": pair},
+            ],
+        }
+    features_file = out / "features.json"
+    rec.run.spec.save(features_file)
+    files["features"] = features_file
+    meta = out / "export.json"
+    meta.write_text(json.dumps(described, indent=2) + "\n")
+    files["export"] = meta
+    return files

@@ -1,0 +1,92 @@
+"""ONNX export: onnxruntime's outputs equal PyTorch's on a two-stage fixture bundle."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from twostage.cli import app
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.export import sample_inputs
+from twostage.recommender import Recommender, load
+from twostage.two_stage import fit_two_stage
+
+ort = pytest.importorskip("onnxruntime")
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-stage bundle with item side features (a text bag, a category, a
+    number), user history and the ranker."""
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=150,num_items=70,num_interactions=3000",
+            "train.epochs=1",
+            "train.num_threads=1",
+            "ranking.epochs=1",
+            "retrieval.embedding_dim=16",
+            "retrieval.output_dim=16",
+            "retrieval.history_length=8",
+        ],
+    )
+    stages = fit_two_stage(config)
+    path = tmp_path_factory.mktemp("models") / "synthetic" / "1"
+    stages.recommender().save(path)
+    return path
+
+
+def _session(path: Path) -> "ort.InferenceSession":
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_onnx_towers_and_ranker_match_pytorch(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(
+        app, ["export", str(bundle), "--out", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout)
+    assert {"query_tower", "candidate_tower", "ranker", "features"} <= set(files)
+    rec: Recommender = load(bundle)
+    model = rec.run.model
+
+    # Every user and every item, not the 4 rows the graph was traced with.
+    queries = sample_inputs(rec, "query", rows=rec.user_vocab.size - 1)
+    got = _session(out / "query_tower.onnx").run(
+        None, {k: v.numpy() for k, v in queries.items()}
+    )[0]
+    with torch.no_grad():
+        want = model.encode_queries(queries).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
+
+    items = rec.run.tensors.item_features
+    got = _session(out / "candidate_tower.onnx").run(
+        None, {k: v.numpy() for k, v in items.items()}
+    )[0]
+    np.testing.assert_allclose(got, rec.item_embeddings.numpy(), rtol=0, atol=TOLERANCE)
+
+    users = torch.tensor([0, 1, 2, 3, 5])  # 0: the unknown user
+    candidates = torch.randint(1, rec.item_embeddings.shape[0], (5, 30))
+    rating, click = _session(out / "ranker.onnx").run(
+        None, {"user_idx": users.numpy(), "item_idx": candidates.numpy()}
+    )
+    want_ranker = rec.ranker.score(users, candidates)
+    np.testing.assert_allclose(rating, want_ranker["rating"].numpy(), atol=TOLERANCE)
+    np.testing.assert_allclose(click, want_ranker["click"].numpy(), atol=TOLERANCE)
+    described = json.loads((out / "export.json").read_text())
+    assert [i["name"] for i in described["models"]["ranker.onnx"]["inputs"]] == [
+        "user_idx",
+        "item_idx",
+    ]
+
+
+def test_unknown_format_names_the_flag(bundle: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["export", str(bundle), "--format", "tflite"])
+    assert result.exit_code == 2 and "--format" in result.output

@@ -80,7 +80,7 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
 
         metrics = client.get("/metrics").text
         assert (
-            'twostage_requests_total{route="/v1/recommend",method="POST",status="200"} 4.0'
+            'twostage_requests_total{method="POST",route="/v1/recommend",status="200"} 4.0'
             in metrics
         )
         assert 'twostage_model_version{model="synthetic"} 1.0' in metrics

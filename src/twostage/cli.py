@@ -39,6 +39,7 @@ from twostage.cli_output import (
     print_json,
     print_metrics,
     print_ranking,
+    standing,
     status_console,
     training_progress,
 )
@@ -554,7 +555,7 @@ def demo(
     from twostage.config import ExperimentConfig, apply_overrides
     from twostage.data.describe import describe
     from twostage.data.movielens import load_movielens
-    from twostage.report import score_samples, write_report
+    from twostage.report import run_facts, score_samples, write_report
     from twostage.retrieval.evaluation import evaluate_baselines
 
     started = time.perf_counter()
@@ -587,6 +588,16 @@ def demo(
         {k: v.to_dict() for k, v in evaluate_baselines(run, split.test).items()}
     )
     print_metrics({}, title="Test split: twostage vs baselines", models=comparison)
+    served = _served_figures(stages)
+    console.print(
+        "The list a user gets (retrieval, then the ranker's order): "
+        + ", ".join(f"{name}@10 {value:.4f}" for name, value in served.items())
+        + "."
+    )
+    for line in standing(
+        served, {k: v for k, v in comparison.items() if k != "twostage"}
+    ):
+        console.print(f"- {line}")
     rec = stages.recommender(items=data.items)
     bundle = rec.save(next_version(out / "models" / "movielens"))
     console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
@@ -613,10 +624,17 @@ def demo(
         comparison=comparison,
         scores=score_samples(run, split.test),
         sections={
-            f"User {user}: recently watched": history[-10:][::-1],
+            # A history has no score: the report's table leaves the column out.
+            f"User {user}: recently watched": [
+                {k: v for k, v in item.items() if k != "score"}
+                for item in history[-10:][::-1]
+            ],
             f"User {user}: recommended ({answer.path})": answer.items,
             "Most similar to Star Wars (1977)": similar,
         },
+        ranking_history=None if stages.ranker is None else stages.ranker.history,
+        ranking=stages.ranking_metrics,
+        facts=run_facts(rec),
     )
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
     console.print(
@@ -660,6 +678,15 @@ def export_command(
         f"Exported to [cyan]{target}[/cyan]: "
         + ", ".join(path.name for path in files.values())
     )
+
+
+def _served_figures(stages: Any) -> dict[str, float]:
+    """NDCG, Recall and HitRate @10 of the served list: two-stage with a ranker."""
+    if stages.ranking_metrics is not None:
+        lists = stages.ranking_metrics["two_stage"]
+        return {m: lists[m]["10"] for m in ("ndcg", "recall", "hit_rate")}
+    figures = stages.retrieval.metrics["metrics"]["exclude_seen"]
+    return {m: figures[m]["10"] for m in ("ndcg", "recall", "hit_rate")}
 
 
 def _show_version(value: bool) -> None:

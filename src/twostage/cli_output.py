@@ -16,6 +16,7 @@ __all__ = [
     "items_table",
     "print_fallback",
     "print_metrics",
+    "standing",
     "print_ranking",
     "training_progress",
 ]
@@ -71,33 +72,50 @@ def training_progress(
         yield bars
 
 
+#: Metric columns, most wanted first: a narrow terminal keeps a prefix of them.
+METRIC_COLUMNS = (
+    ("recall", "10"),
+    ("ndcg", "10"),
+    ("hit_rate", "10"),
+    ("recall", "100"),
+    ("factorized_top_k", "100"),
+    ("mrr", "10"),
+    ("coverage", "100"),
+)
+SHORT = {
+    "recall": "R",
+    "ndcg": "NDCG",
+    "hit_rate": "HR",
+    "mrr": "MRR",
+    "factorized_top_k": "FTopK",
+    "coverage": "Cov",
+}
+
+
 def print_metrics(
     metrics: dict[str, Any], *, title: str, models: dict[str, Any] | None = None
 ) -> None:
-    """A table of metrics per model: rows model x mode, columns metric@k."""
+    """A table of metrics per model: rows model x mode, columns metric@k.
+
+    Columns that do not fit the terminal are left out, least wanted first, and a
+    note names them (never a cut-off header or value).
+    """
     rows = models or {"twostage": metrics}
+    names = max([len("model"), *(len(n) for n in rows)])
+    # Borders and padding: 3 characters per column, plus one.
+    budget = console.width - 1 - (names + 3) - (len("seen") + 3)
+    columns = []
+    for metric, k in METRIC_COLUMNS:
+        header = f"{SHORT[metric]}@{k}"
+        if budget < max(len(header), 6) + 3:
+            break
+        budget -= max(len(header), 6) + 3
+        columns.append((metric, k))
     table = Table(title=title)
-    table.add_column("model")
-    table.add_column("seen")
-    columns = [
-        ("recall", "10"),
-        ("recall", "100"),
-        ("ndcg", "10"),
-        ("hit_rate", "10"),
-        ("mrr", "10"),
-        ("factorized_top_k", "100"),
-        ("coverage", "100"),
-    ]
-    short = {
-        "recall": "R",
-        "ndcg": "NDCG",
-        "hit_rate": "HR",
-        "mrr": "MRR",
-        "factorized_top_k": "FTopK",
-        "coverage": "Cov",
-    }
+    table.add_column("model", no_wrap=True, min_width=names)
+    table.add_column("seen", no_wrap=True)
     for metric, k in columns:
-        table.add_column(f"{short[metric]}@{k}", justify="right")
+        table.add_column(f"{SHORT[metric]}@{k}", justify="right", no_wrap=True)
     for name, result in rows.items():
         for mode in ("exclude_seen", "include_seen"):
             values = result["metrics"].get(mode)
@@ -107,10 +125,14 @@ def print_metrics(
             for metric, k in columns:
                 value = values.get(metric, {}).get(k)
                 cells.append("-" if value is None else f"{value:.4f}")
-            table.add_row(
-                name, "excluded" if mode == "exclude_seen" else "included", *cells
-            )
+            table.add_row(name, "excl" if mode == "exclude_seen" else "incl", *cells)
     console.print(table)
+    left = [f"{SHORT[m]}@{k}" for m, k in METRIC_COLUMNS if (m, k) not in columns]
+    if left:
+        console.print(
+            f"({', '.join(left)} left out at {console.width} columns; a wider "
+            "terminal or --json shows them.)"
+        )
 
 
 def print_ranking(report: dict[str, Any], *, title: str) -> None:
@@ -129,11 +151,49 @@ def print_ranking(report: dict[str, Any], *, title: str) -> None:
     )
     for column in ("metric", "retrieval only", "two stage", "change"):
         lists.add_column(column, justify="left" if column == "metric" else "right")
-    for metric, label in (("ndcg", "NDCG@10"), ("hit_rate", "HR@10")):
+    for metric, label in (
+        ("ndcg", "NDCG@10"),
+        ("recall", "R@10"),
+        ("hit_rate", "HR@10"),
+    ):
+        if metric not in report["two_stage"]:
+            continue
         before = report["retrieval_only"][metric]["10"]
         after = report["two_stage"][metric]["10"]
         lists.add_row(label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
     console.print(lists)
+
+
+#: One line on what each baseline is, for the sentence on where we stand.
+BASELINE_NOTES = {
+    "popularity": "most-popular, the floor every model must clear",
+    "ease": "a linear item-item model with a closed-form items x items solve; strong "
+    "on small dense logs, but its memory and time grow with the catalogue squared",
+    "itemknn": "item-kNN on co-occurrence",
+}
+
+
+def standing(served: dict[str, float], baselines: dict[str, Any]) -> list[str]:
+    """One honest sentence per baseline: the served list's NDCG@10 against the
+    baseline's, on the same test split with seen items excluded."""
+    ours = served["ndcg"]
+    lines = []
+    for name, result in baselines.items():
+        theirs = result["metrics"]["exclude_seen"]["ndcg"]["10"]
+        change = (ours - theirs) / theirs if theirs else float("inf")
+        verdict = (
+            "ahead of"
+            if change > 0.01
+            else "behind"
+            if change < -0.01
+            else "level with"
+        )
+        lines.append(
+            f"Our served list is {verdict} {name} on NDCG@10: {ours:.4f} vs "
+            f"{theirs:.4f} ({change:+.1%}); {name} is "
+            f"{BASELINE_NOTES.get(name, 'a baseline')}."
+        )
+    return lines
 
 
 def print_fallback(fallback: dict[str, Any] | None, *, num_users: int) -> None:

@@ -216,18 +216,25 @@ def write_report(
     ]
     ranking_rows = _ranking_rows(ranking) if ranking else []
     ranking_header = ["figure", "retrieval only", "two stage"]
-    item_header = ["#", "item", "label", "score"]
 
-    def item_rows(items: list[dict[str, Any]]) -> list[list[str]]:
-        return [
-            [
-                str(i + 1),
-                str(item["item_id"]),
-                str(item.get("label") or ""),
-                f"{item.get('rank_score', item.get('score', 0.0)):.4f}",
-            ]
+    def item_table(items: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
+        """Rows and header of an item list; the score column is named by what it
+        holds, and left out for a list without scores (a history)."""
+        key = next(
+            (k for k in ("rank_score", "score") if any(k in item for item in items)),
+            None,
+        )
+        header = ["#", "item", "label"]
+        if key is not None:
+            header.append(
+                "two-stage score" if key == "rank_score" else "retrieval score"
+            )
+        rows = [
+            [str(i + 1), str(item["item_id"]), str(item.get("label") or "")]
+            + ([f"{item[key]:.4f}"] if key is not None else [])
             for i, item in enumerate(items)
         ]
+        return rows, header
 
     md = [f"# {title}", "", _table(fact_rows, ["", ""]), "", "## Test metrics", ""]
     md += [_table(rows, header), ""]
@@ -240,7 +247,7 @@ def write_report(
     md += [line for name in plots for line in ("", f"![{name}]({name})")]
     md += [""]
     for heading, items in sections.items():
-        md += [f"## {heading}", "", _table(item_rows(items), item_header), ""]
+        md += [f"## {heading}", "", _table(*item_table(items)), ""]
     (out / "report.md").write_text("\n".join(md))
     body = [f"<h1>{html.escape(title)}</h1>", _html_table(fact_rows, ["", ""])]
     body += ["<h2>Test metrics</h2>", _html_table(rows, header)]
@@ -253,7 +260,7 @@ def write_report(
     for heading, items in sections.items():
         body += [
             f"<h2>{html.escape(heading)}</h2>",
-            _html_table(item_rows(items), item_header),
+            _html_table(*item_table(items)),
         ]
     style = (
         "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px}"
@@ -276,7 +283,13 @@ def _ranking_rows(report: dict[str, Any]) -> list[list[str]]:
         )
         if key in report
     ]
-    for metric, name in (("ndcg", "NDCG@10"), ("hit_rate", "HitRate@10")):
+    for metric, name in (
+        ("ndcg", "NDCG@10"),
+        ("recall", "Recall@10"),
+        ("hit_rate", "HitRate@10"),
+    ):
+        if metric not in report["two_stage"]:
+            continue
         rows.append(
             [
                 name,
@@ -311,6 +324,32 @@ def score_samples(run: RetrievalRun, test: Dataset) -> dict[str, np.ndarray]:
     }
 
 
+def run_facts(rec: Any) -> dict[str, str]:
+    """Version, seeds, split, best epochs, fallback and the config of a recommender:
+    the facts table of a report."""
+    from twostage import __version__
+
+    run, config = rec.run, rec.run.config
+    facts = {
+        "twostage version": str(
+            getattr(rec, "manifest", {}).get("twostage_version", __version__)
+        ),
+        "training seed": str(config.train.seed),
+        "split": f"{config.data.split}, test {config.data.test_fraction:g}, "
+        f"seed {config.data.seed}",
+        "best retrieval epoch": str(_best_epoch(run.train_result.history) or "-"),
+        "popularity fallback": f"users with at most {run.popularity_fallback} items"
+        if run.popularity_fallback
+        else "none",
+    }
+    ranker = rec.ranker
+    if ranker is not None:
+        facts["best ranking epoch"] = str(_best_epoch(ranker.history) or "-")
+        facts["ranking blend weight"] = f"{ranker.blend_weight:g}"
+    facts["config"] = json.dumps(_compact(config), sort_keys=True)
+    return facts
+
+
 def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[str]]:
     """The report of a saved run or bundle (whatever ``load`` takes).
 
@@ -322,7 +361,6 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
     Returns:
         The files written and the notes (what could not be computed, and why).
     """
-    from twostage import __version__
     from twostage.data.describe import describe
     from twostage.data.registry import load_dataset_for
     from twostage.data.split import prepare_split
@@ -364,19 +402,7 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
         user = test.interactions["user_id"][0]
         answer = rec.recommend(user, k=10)
         sections[f"Recommended for user {user} ({answer.path})"] = answer.items
-    config = run.config
-    facts = {
-        "twostage version": str(
-            getattr(rec, "manifest", {}).get("twostage_version", __version__)
-        ),
-        "training seed": str(config.train.seed),
-        "split": f"{config.data.split}, test {config.data.test_fraction:g}, seed {config.data.seed}",
-        "best retrieval epoch": str(_best_epoch(run.train_result.history) or "-"),
-        "popularity fallback": f"users with at most {run.popularity_fallback} items"
-        if run.popularity_fallback
-        else "none",
-        "config": json.dumps(_compact(config), sort_keys=True),
-    }
+    facts = run_facts(rec)
     files = write_report(
         out,
         title=f"twostage report: {Path(source)}",

@@ -71,7 +71,7 @@ def serve_command(
     docs: Annotated[
         bool,
         typer.Option(
-            help="Serve /docs, /redoc and /openapi.json (open even with --api-key: "
+            help="Serve /docs (Swagger UI from local files) and /openapi.json (open even with --api-key: "
             "they describe the API, not the models)."
         ),
     ] = True,

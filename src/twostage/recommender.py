@@ -338,6 +338,8 @@ class Recommender:
         num_candidates: int | None = None,
         filters: dict[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
+        use_ranker: bool = True,
+        explain: bool = False,
     ) -> Recommendation:
         """Top ``k`` items for a user.
 
@@ -356,6 +358,11 @@ class Recommender:
                 per-interaction context, e.g. ``{"timestamp": 1700000000}`` (which
                 also gives ``hour_of_day`` and ``day_of_week``); missing values
                 encode as unknown.
+            use_ranker: apply the ranking stage (False: retrieval's order, e.g. to show
+                both lists side by side).
+            explain: add ``because`` to each item of a known user: the training item
+                of theirs closest to it in the candidate embedding space ("because
+                you watched ...").
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
@@ -395,23 +402,63 @@ class Recommender:
             scores = scores.masked_fill(excluded, -torch.inf)
             width = min(width, int((~excluded).sum()))
             top_scores, top_idx = torch.topk(scores, width)
-        if self.ranker is None or path != "personalised" or not len(top_idx):
+        ranker = self.ranker if use_ranker else None
+        if ranker is None or path != "personalised" or not len(top_idx):
             # (Nothing passed the filters: an empty answer, not a ranker error.)
-            return self._answer(user_id, path, top_idx[:k], top_scores[:k], None)
+            answer = self._answer(user_id, path, top_idx[:k], top_scores[:k], None)
+            return self._explained(answer, user_idx, top_idx[:k]) if explain else answer
         with torch.no_grad():
-            out = self.ranker.score(torch.tensor([user_idx]), top_idx[None, :])
+            out = ranker.score(torch.tensor([user_idx]), top_idx[None, :])
         # The rule evaluation scores: click logit plus a validated share of the
         # retrieval logit.
         logits = top_scores / float(self.run.model.temperature)
         order, keys = rerank(
-            out["click"], logits[None, :], blend_weight=self.ranker.blend_weight
+            out["click"], logits[None, :], blend_weight=ranker.blend_weight
         )
         order, keys = order[0, :k], keys[0, :k]
         answer = self._answer(user_id, path, top_idx[order], top_scores[order], keys)
         ratings = out["rating"][0][order].tolist()
         for entry, rating in zip(answer.items, ratings, strict=True):
             entry["predicted_rating"] = rating
+        return self._explained(answer, user_idx, top_idx[order]) if explain else answer
+
+    def _explained(
+        self, answer: Recommendation, user_idx: int, idx: torch.Tensor
+    ) -> Recommendation:
+        """Each item's closest training item of the user (cosine of the candidate
+        embeddings); nothing for a user without history."""
+        seen = self._seen.row(user_idx) if user_idx > 0 else np.zeros(0, np.int64)
+        if not len(seen) or not len(idx):
+            return answer
+        history = torch.from_numpy(seen.astype(np.int64))
+        # (K, D) @ (D, H) -> (K, H): each recommended item against the history.
+        similarity = self.item_embeddings[idx] @ self.item_embeddings[history].T
+        best = history[similarity.argmax(dim=1)].tolist()
+        for entry, index in zip(answer.items, best, strict=True):
+            entry["because"] = {
+                "item_id": self._item_id_list[index],
+                "label": self._labels[index]["label"] if self.items else None,
+            }
         return answer
+
+    def search_items(self, text: str, limit: int = 10) -> list[dict[str, Any]]:
+        """Items whose label (or ID) contains ``text``, case-insensitive, in
+        catalogue order: what a client offers to pick an item by its title."""
+        _check_k("limit", limit)
+        needle = text.strip().lower()
+        found = []
+        for index in range(1, len(self._item_id_list)):
+            label = self._labels[index]["label"] if self.items else None
+            haystack = f"{label or ''} {self._item_id_list[index]}".lower()
+            if needle and needle in haystack:
+                found.append(index)
+                if len(found) == limit:
+                    break
+        idx = torch.tensor(found, dtype=torch.long)
+        items = self._answer(None, "personalised", idx, torch.zeros(len(idx)), None)
+        for entry in items.items:
+            del entry["score"]  # a match, not a scored recommendation
+        return items.items
 
     def recommend_batch(
         self, user_ids: list[Any], k: int = 10, **options: Any

@@ -4,6 +4,7 @@ Needs Debian's ``chromium`` (``/usr/bin/chromium``); skipped, with the reason sh
 the test summary, where it is absent. ``.ci/run`` installs it.
 """
 
+import os
 import shutil
 import socket
 import threading
@@ -60,11 +61,16 @@ def server(models_dir: Path) -> Iterator[str]:
     thread.join(timeout=10)
 
 
+#: Screenshots of the page go here (kept by CI as test artefacts).
+ARTIFACTS = Path(os.environ.get("TWOSTAGE_TEST_ARTIFACTS", "test-artifacts"))
+
+
 @pytest.mark.slow
 def test_page_shows_history_recommendations_and_similar_items(
     server: str, small_recommender: Recommender
 ) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
@@ -72,21 +78,36 @@ def test_page_shows_history_recommendations_and_similar_items(
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server + "/")
-            page.wait_for_selector("#model option[value=synthetic]", state="attached")
-            page.wait_for_function("document.querySelector('#user').value !== ''")
+            # Useful from the first paint: a sample user's answer, without a click.
+            page.wait_for_selector("#recs li")
+            first = small_recommender.user_vocab.values[0]
+            assert page.input_value("#user") == str(first)
+            page.screenshot(
+                path=str(ARTIFACTS / "page-first-paint.png"), full_page=True
+            )
+
             page.fill("#user", "3")
             page.fill("#k", "5")
             page.click("#recommend")
-            page.wait_for_selector("#recs li")
-
+            page.wait_for_function("document.querySelectorAll('#recs li').length === 5")
             expected = small_recommender.recommend(3, 5).items
             shown = page.eval_on_selector_all(
                 "#recs li", "items => items.map(li => li.dataset.itemId)"
             )
             assert shown == [str(item["item_id"]) for item in expected]
             assert "personalised" in page.inner_text("#path")
-            history = page.eval_on_selector_all("#history li", "items => items.length")
-            assert history == len(small_recommender.history(3)) > 0
+            # "Because you watched ..." names one of the user's history items.
+            history = small_recommender.history(3)
+            labels = {str(h.get("label") or f"item {h['item_id']}") for h in history}
+            because = page.inner_text("#recs li >> nth=0 >> .because")
+            assert because.removeprefix("because you watched ") in labels
+            shown_history = page.eval_on_selector_all(
+                "#history li", "items => items.length"
+            )
+            assert shown_history == len(history) > 0
+            # The history box scrolls instead of growing with the history.
+            height = page.eval_on_selector("#history", "el => el.clientHeight")
+            assert height <= 22 * 16 + 4
 
             page.click("#recs li >> nth=0")
             page.wait_for_selector("#similar li")
@@ -96,6 +117,14 @@ def test_page_shows_history_recommendations_and_similar_items(
             wanted = small_recommender.similar_items(expected[0]["item_id"], 10)
             assert similar == [str(item["item_id"]) for item in wanted]
 
+            # Title search offers items to pick; a pick shows the similar items.
+            label = str(wanted[0].get("label") or "")
+            if label:
+                page.fill("#search", label[:4])
+                page.wait_for_selector("#found li")
+                found = page.inner_text("#found")
+                assert label[:4].lower() in found.lower()
+
             # A new user described by features gets the cold-start answer.
             page.fill("#user", "")
             page.click("#features-box summary")
@@ -104,11 +133,46 @@ def test_page_shows_history_recommendations_and_similar_items(
             page.wait_for_function(
                 "document.querySelector('#path').textContent.includes('cold start')"
             )
-            # A bad request shows the server's message instead of failing silently.
+            # A bad request shows the server's message and clears the stale lists.
             page.fill("#k", "1000")
             page.click("#recommend")
             page.wait_for_selector("#error:not([hidden])")
             assert "`k` should be between 1 and 100" in page.inner_text("#error")
+            assert page.eval_on_selector_all("#recs li", "l => l.length") == 0
             assert errors == []
+
+            # Usable on a 390 px phone: nothing wider than the screen.
+            phone = browser.new_page(viewport={"width": 390, "height": 844})
+            phone.goto(server + "/")
+            phone.wait_for_selector("#recs li")
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, width
+            phone.screenshot(path=str(ARTIFACTS / "page-390px.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_docs_page_renders_offline(server: str) -> None:
+    """Swagger UI comes from the server: the page renders with no other host."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page()
+            outside: list[str] = []
+            page.route(
+                "**/*",
+                lambda route: (
+                    route.continue_()
+                    if route.request.url.startswith(server)
+                    else (outside.append(route.request.url), route.abort())
+                ),
+            )
+            page.goto(server + "/docs")
+            page.wait_for_selector(".opblock", timeout=20_000)
+            assert "/v1/recommend" in page.inner_text("body")
+            assert outside == []
+            page.screenshot(path=str(ARTIFACTS / "docs.png"))
         finally:
             browser.close()

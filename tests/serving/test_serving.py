@@ -386,3 +386,38 @@ def test_version_names_are_ascii_digits(
     with client_for(models_dir) as client:
         answer = client.post("/v1/recommend", json={"user_id": 3})
         assert answer.status_code == 200 and answer.json()["version"] == 1
+
+
+def test_docs_work_offline_and_search_explain_compare(models_dir: Path) -> None:
+    """/docs loads Swagger UI from the server itself (no CDN); the page's search,
+    "because you watched" and retrieval-only list come from the API."""
+    settings = ServeSettings(models=str(models_dir), poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        page = client.get("/docs").text
+        assert "cdn" not in page.lower() and "/static/swagger-ui/" in page
+        for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+            got = client.get(f"/static/swagger-ui/{asset}")
+            assert got.status_code == 200 and len(got.content) > 10_000, asset
+
+        found = client.get("/v1/models/synthetic/items", params={"q": "1"}).json()
+        assert found["items"] and all(
+            "1" in f"{i['label']} {i['item_id']}" for i in found["items"]
+        )
+        assert (
+            client.get("/v1/models/synthetic/items", params={"q": ""}).json()["items"]
+            == []
+        )
+        bad = client.get("/v1/models/synthetic/items", params={"q": "x", "limit": 0})
+        assert bad.status_code == 422
+
+        body = {"user_id": 3, "k": 5, "explain": True}
+        answer = client.post("/v1/recommend", json=body).json()
+        history = {
+            h["item_id"]
+            for h in client.post(
+                "/v1/recommend", json={"user_id": 3, "include_history": True}
+            ).json()["history"]
+        }
+        assert all(item["because"]["item_id"] in history for item in answer["items"])
+        plain = client.post("/v1/recommend", json={**body, "use_ranker": False}).json()
+        assert len(plain["items"]) == 5

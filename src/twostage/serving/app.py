@@ -18,16 +18,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
+from twostage.serving.docs import add_offline_docs
 from twostage.serving.metrics import CONTENT_TYPE, Metrics
 from twostage.serving.registry import LoadedModel, ModelRegistry, UnknownModelError
 from twostage.serving.schemas import (
@@ -36,6 +37,7 @@ from twostage.serving.schemas import (
     PredictResponse,
     RecommendRequest,
     RecommendResponse,
+    SearchResponse,
     SimilarRequest,
     SimilarResponse,
 )
@@ -66,8 +68,9 @@ class ServeSettings:
         num_candidates: how many retrieved items the ranking stage re-scores (None:
             the bundle's ``ranking.num_candidates``).
         max_instances: the most users one ``:predict`` request may ask for.
-        docs: serve ``/docs``, ``/redoc`` and ``/openapi.json`` (open even with an
-            API key: they describe the API, not the models).
+        docs: serve ``/docs`` (Swagger UI from local files: it works offline) and
+            ``/openapi.json``, open even with an API key: they describe the API, not
+            the models.
 
     Raises:
         ConfigError: the API key is empty or not printable ASCII (an empty key
@@ -241,10 +244,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
         version=_version(),
         lifespan=lifespan,
         # The API description is open (it holds no model data); `docs=False` closes it.
-        docs_url="/docs" if settings.docs else None,
-        redoc_url="/redoc" if settings.docs else None,
+        # /docs is added below with local assets (FastAPI's loads them from a CDN).
+        docs_url=None,
+        redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
+    if settings.docs:
+        add_offline_docs(app)
     app.state.registry = registry
     app.state.metrics = metrics
     app.add_middleware(_Edge, settings=settings, metrics=metrics)
@@ -304,6 +310,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 num_candidates=_num_candidates(settings, body.k),
                 filters=body.filters,
                 context=body.context,
+                use_ranker=body.use_ranker,
+                explain=body.explain,
             )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
         if body.include_history:
@@ -420,6 +428,25 @@ def create_app(settings: ServeSettings) -> FastAPI:
         """What a client needs to build requests: user features, sample users, sizes."""
         return _metadata(registry.get(name))
 
+    @app.get(
+        "/v1/models/{name}/items",
+        response_model=SearchResponse,
+        responses=errors,
+        tags=["models"],
+    )
+    def search_items(
+        name: str,
+        q: Annotated[str, Query(max_length=200, description="Text in the title.")],
+        limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    ) -> JSONResponse:
+        """Items whose title (or ID) contains ``q``, case-insensitive: to pick an
+        item by its title."""
+        model = registry.get(name)
+        items = model.recommender.search_items(q, limit)
+        return JSONResponse(
+            {"model": model.name, "version": model.version, "query": q, "items": items}
+        )
+
     @app.get("/healthz", tags=["operations"])
     def healthz() -> JSONResponse:
         """200 when every model serves a version, 503 otherwise."""
@@ -475,6 +502,10 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         "sample_users": users.head(50).to_list(),
         "has_ranker": rec.ranker is not None,
         "index": rec.index_kind,
+        # The item columns the answers' `label` and `tags` come from; a client
+        # filters on the tags column (`filters={tags_column: value}`).
+        "title_column": rec.display.title,
+        "tags_column": rec.display.tags,
     }
 
 

@@ -76,6 +76,16 @@ class RecommendRequest(_Strict):
     include_history: bool = Field(
         False, description="Also return the user's training items."
     )
+    use_ranker: bool = Field(
+        True,
+        description="Apply the ranking stage; false: retrieval's order (to compare "
+        "the two lists).",
+    )
+    explain: bool = Field(
+        False,
+        description="Add `because` to each item: the user's training item closest "
+        'to it ("because you watched ...").',
+    )
     context: dict[str, Any] | None = Field(
         None,
         description="The moment of the request, for a model that reads "
@@ -137,6 +147,11 @@ class Item(BaseModel):
         default_factory=list,
         description="Its tags column (data.tags_col, or a guess such as genres).",
     )
+    because: dict[str, Any] | None = Field(
+        None,
+        description="With `explain`: the user's training item closest to this one "
+        "(`item_id`, `label`).",
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -153,6 +168,13 @@ class SimilarResponse(BaseModel):
     version: int
     item_id: RawId
     items: list[Item]
+
+
+class SearchResponse(BaseModel):
+    model: str
+    version: int
+    query: str
+    items: list[dict[str, Any]]
 
 
 class PredictResponse(BaseModel):

@@ -1,4 +1,4 @@
-// The twostage demo page: plain JS against the JSON API, no build step.
+// The twostage page: plain JS against the JSON API, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -26,29 +26,45 @@ function showError(message) {
   box.hidden = !message;
 }
 
-function label(item) {
-  const name = item.label || String(item.item_id);
-  return item.tags && item.tags.length ? `${name} (${item.tags.join(", ")})` : name;
+function clearResults() {
+  // An error must not leave the previous user's lists on screen.
+  for (const id of ["recs", "retrieval", "history"]) $(id).replaceChildren();
+  for (const id of ["path", "history-count"]) $(id).textContent = "";
 }
 
-function fill(list, items, withScores) {
-  list.replaceChildren();
-  for (const item of items) {
-    const li = document.createElement("li");
-    li.dataset.itemId = String(item.item_id);
-    li.textContent = label(item);
-    if (withScores) {
-      const score = document.createElement("span");
-      score.className = "score";
-      const parts = [`score ${item.score.toFixed(3)}`];
-      if (item.rank_score != null) parts.push(`rank ${item.rank_score.toFixed(3)}`);
-      if (item.predicted_rating != null) parts.push(`rating ${item.predicted_rating.toFixed(2)}`);
-      score.textContent = parts.join(" · ");
-      li.append(score);
-    }
-    li.addEventListener("click", () => similar(item));
-    list.append(li);
+function name(item) {
+  return item.label || `item ${item.item_id}`;
+}
+
+// One list entry: the title (with its year when the title has one), tags (genres),
+// the score and the predicted rating, and why it is there.
+function entry(item, scoreName) {
+  const li = document.createElement("li");
+  li.dataset.itemId = String(item.item_id);
+  li.append(document.createTextNode(name(item)));
+  const meta = [];
+  if (item.tags && item.tags.length) meta.push(item.tags.join(", "));
+  if (scoreName && item.rank_score != null) meta.push(`${scoreName} ${item.rank_score.toFixed(3)}`);
+  else if (scoreName && item.score != null) meta.push(`${scoreName} ${item.score.toFixed(3)}`);
+  if (item.predicted_rating != null) meta.push(`predicted rating ${item.predicted_rating.toFixed(1)}`);
+  if (meta.length) {
+    const span = document.createElement("span");
+    span.className = "meta";
+    span.textContent = meta.join(" · ");
+    li.append(span);
   }
+  if (item.because) {
+    const why = document.createElement("span");
+    why.className = "because";
+    why.textContent = `because you watched ${item.because.label || "item " + item.because.item_id}`;
+    li.append(why);
+  }
+  li.addEventListener("click", () => similar(item));
+  return li;
+}
+
+function fill(list, items, scoreName) {
+  list.replaceChildren(...items.map((item) => entry(item, scoreName)));
 }
 
 function userId() {
@@ -66,6 +82,12 @@ function userFeatures() {
   return Object.keys(values).length ? values : null;
 }
 
+function filters() {
+  const tag = $("filter").value.trim();
+  if (!tag || !metadata || !metadata.tags_column) return null;
+  return { [metadata.tags_column]: tag };
+}
+
 async function recommend(event) {
   if (event) event.preventDefault();
   showError("");
@@ -75,16 +97,26 @@ async function recommend(event) {
     user_features: userFeatures(),
     k: Number($("k").value) || 10,
     exclude_seen: $("exclude-seen").checked,
+    filters: filters(),
     include_history: true,
+    explain: true,
   };
   try {
-    const answer = await call("POST", "/v1/recommend", body);
+    const both = metadata && metadata.has_ranker;
+    const [answer, plain] = await Promise.all([
+      call("POST", "/v1/recommend", body),
+      both ? call("POST", "/v1/recommend", { ...body, use_ranker: false, include_history: false })
+           : Promise.resolve(null),
+    ]);
     $("path").textContent = `(${answer.path.replaceAll("_", " ")}, version ${answer.version})`;
-    fill($("recs"), answer.items, true);
+    fill($("recs"), answer.items, both ? "two-stage score" : "score");
+    $("retrieval-column").hidden = !plain;
+    if (plain) fill($("retrieval"), plain.items, "retrieval score");
     const history = (answer.history || []).slice().reverse();  // latest first
-    fill($("history"), history, false);
-    $("history-count").textContent = `(${history.length} items, latest first)`;
+    fill($("history"), history, null);
+    $("history-count").textContent = history.length ? `(${history.length} items, latest first)` : "(none)";
   } catch (error) {
+    clearResults();
     showError(error.message);
   }
 }
@@ -95,11 +127,30 @@ async function similar(item) {
     const answer = await call("POST", "/v1/similar", {
       model: $("model").value || null, item_id: item.item_id, k: 10,
     });
-    $("similar-to").textContent = `(to ${label(item)})`;
-    fill($("similar"), answer.items, true);
+    $("similar-to").textContent = `(to ${name(item)})`;
+    fill($("similar"), answer.items, "similarity");
   } catch (error) {
+    $("similar").replaceChildren();
     showError(error.message);
   }
+}
+
+let searchTimer = null;
+function search() {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(async () => {
+    const text = $("search").value.trim();
+    if (!text) { $("found").replaceChildren(); return; }
+    try {
+      const path = `/v1/models/${encodeURIComponent($("model").value)}/items?` +
+        new URLSearchParams({ q: text, limit: "8" });
+      const answer = await call("GET", path);
+      fill($("found"), answer.items, null);
+    } catch (error) {
+      $("found").replaceChildren();
+      showError(error.message);
+    }
+  }, 150);
 }
 
 async function loadModel() {
@@ -113,6 +164,7 @@ async function loadModel() {
   $("model-info").textContent =
     `version ${metadata.version} · ${metadata.num_users} users · ${metadata.num_items} items` +
     (metadata.has_ranker ? " · with ranking stage" : "");
+  $("filter").disabled = !metadata.tags_column;
   $("users").replaceChildren(...metadata.sample_users.map((id) => {
     const option = document.createElement("option");
     option.value = String(id);
@@ -128,17 +180,7 @@ async function loadModel() {
     wrap.append(input);
     return wrap;
   }));
-}
-
-function start() {
-  $("api-key").value = localStorage.getItem("twostage-api-key") || "";
-  $("api-key").addEventListener("change", () => {
-    localStorage.setItem("twostage-api-key", $("api-key").value);
-    loadModels();
-  });
-  $("query").addEventListener("submit", recommend);
-  $("model").addEventListener("change", loadModel);
-  loadModels();
+  await recommend();  // useful from the first paint: a sample user's answer
 }
 
 async function loadModels() {
@@ -154,6 +196,19 @@ async function loadModels() {
   } catch (error) {
     showError(error.message);
   }
+}
+
+function start() {
+  $("api-key").value = localStorage.getItem("twostage-api-key") || "";
+  $("api-key").addEventListener("change", () => {
+    localStorage.setItem("twostage-api-key", $("api-key").value);
+    loadModels();
+  });
+  $("query").addEventListener("submit", recommend);
+  $("search-form").addEventListener("submit", (event) => event.preventDefault());
+  $("search").addEventListener("input", search);
+  $("model").addEventListener("change", loadModel);
+  loadModels();
 }
 
 start();

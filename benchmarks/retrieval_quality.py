@@ -52,7 +52,7 @@ MODELS: dict[str, tuple[str | None, list[str]]] = {
     ),
     "twostage-users-features": ("retrieval-users.json", []),
     # the same with only the coarse user fields: zip prefix and occupation overfit the
-    # cold-start path (see the README)
+    # cold-start path (see docs/guide.md)
     "twostage-users-age-gender": (
         "retrieval-users.json",
         ["retrieval.query_fields=age,gender"],

@@ -28,7 +28,7 @@ RawId = int | str
 
 
 class _Strict(BaseModel):
-    # strict: no "5" for 5, no true for 1, no "no" for false; the README promises a
+    # strict: no "5" for 5, no true for 1, no "no" for false; docs/serving.md promises a
     # 422 for a wrong type, not a guess.
     model_config = ConfigDict(extra="forbid", strict=True)
 

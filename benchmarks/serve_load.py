@@ -98,28 +98,61 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Who runs the worker processes: our SO_REUSEPORT supervisor (`twostage serve
+#: --workers`), uvicorn's own (`uvicorn --workers`: one shared socket), or gunicorn
+#: with uvicorn workers (a shared socket too).
+MANAGERS = ("twostage", "uvicorn", "gunicorn")
+
+
+def server_command(
+    manager: str, root: Path, port: int, workers: int, candidates: int | None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that serve ``root`` with ``manager``."""
+    env = dict(os.environ)
+    if manager == "twostage":
+        return [
+            sys.executable,
+            "-m",
+            "twostage",
+            "serve",
+            str(root),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--poll-seconds",
+            "0.5",
+            "--max-k",
+            "100",
+            *(["--num-candidates", str(candidates)] if candidates else []),
+            "--log-level",
+            "warning",
+        ], env
+    from twostage.serving.app import SETTINGS_ENV, ServeSettings, settings_to_env
+
+    settings = ServeSettings(
+        models=str(root), max_k=100, poll_seconds=0.5, num_candidates=candidates
+    )
+    env[SETTINGS_ENV] = settings_to_env(settings)
+    app = "twostage.serving.app:app_from_env"
+    if manager == "uvicorn":
+        return [
+            *(sys.executable, "-m", "uvicorn", app, "--factory"),
+            *("--port", str(port), "--workers", str(workers)),
+            *("--log-level", "warning", "--no-access-log"),
+        ], env
+    return [
+        *(sys.executable, "-m", "gunicorn", f"{app}()"),
+        *("-k", "uvicorn_worker.UvicornWorker", "-w", str(workers)),
+        *("-b", f"127.0.0.1:{port}", "--log-level", "warning"),
+    ], env
+
+
 def start_server(
-    root: Path, port: int, workers: int, candidates: int | None
+    root: Path, port: int, workers: int, candidates: int | None, manager: str
 ) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "twostage",
-        "serve",
-        str(root),
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--poll-seconds",
-        "0.5",
-        "--max-k",
-        "100",
-        *(["--num-candidates", str(candidates)] if candidates else []),
-        "--log-level",
-        "warning",
-    ]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    command, env = server_command(manager, root, port, workers, candidates)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -235,7 +268,7 @@ def scenario(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     picks = rng.choice(len(users), size=min(5000, args.requests), replace=True)
     bodies = [json.dumps({"user_id": users[int(i)], "k": 10}).encode() for i in picks]
     port = free_port()
-    server = start_server(model_dir, port, args.workers, args.candidates)
+    server = start_server(model_dir, port, args.workers, args.candidates, args.manager)
     try:
         drive(port, bodies, args, min(500, args.requests))  # warm-up
         steady = summarise(drive(port, bodies, args, args.requests))
@@ -305,6 +338,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--movielens-100k-bundle", help="use this bundle, not a new one"
     )
     parser.add_argument("--synthetic-1m-bundle", help="use this bundle, not a new one")
+    parser.add_argument(
+        "--manager",
+        choices=MANAGERS,
+        default="twostage",
+        help="process manager of the workers (uvicorn and gunicorn share one socket)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # two threads crawl when another process holds a core
     results = {}
@@ -327,7 +366,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name, r in results.items()
     ]
     print_table(
-        f"serve load: {args.concurrency} connections, {args.workers} worker(s), "
+        f"serve load ({args.manager}): {args.concurrency} connections, "
+        f"{args.workers} worker(s), "
         f"{args.requests} requests per phase",
         [
             "scenario",

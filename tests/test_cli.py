@@ -210,11 +210,13 @@ def test_train_takes_the_column_options_of_train_retrieval(tmp_path: Path) -> No
             *("train", "--dataset", str(log), "--out", str(bundle)),
             *("--user-col", "uid", "--item-col", "isbn", "--rating-col", "stars"),
             *("--time-col", "ts", "--set", "ranking.epochs=1"),
+            *("--tensorboard", str(tmp_path / "tb")),
             *SMALL_TRAINING,
         ],
     )
     assert result.exit_code == 0, result.output
     assert "RMSE" in result.output
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # both stages' curves
     saved = json.loads((bundle / "config.json").read_text())["data"]
     assert (saved["user_col"], saved["item_col"], saved["rating_col"]) == (
         "uid",

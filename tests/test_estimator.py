@@ -117,3 +117,22 @@ def test_unfitted_and_mismatched_calls_are_clear_errors() -> None:
         model.recommend([1], k=3)
     with pytest.raises(twostage.TwostageError, match=r"train\.epochs"):
         twostage.TwoStageModel(settings={"train.epoch": 3})
+
+
+def test_tensorboard_logs_both_stages(frames, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    train, _ = frames
+    model = twostage.TwoStageModel(
+        settings=SETTINGS, progress=False, tensorboard=tmp_path / "tb"
+    )
+    model.fit(train, user_col="uid", item_col="movie", rating_col="stars")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"retrieval/step_loss", "retrieval/train_loss", "ranking/train_loss"} <= tags
+    epochs = [e.step for e in events.Scalars("retrieval/train_loss")]
+    assert epochs == [1, 2]  # 1-based, one point per epoch

@@ -85,6 +85,15 @@ def _experiment_config(
     return apply_overrides(config, [*mapping, *overrides])
 
 
+TensorBoard = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        help="Also log both stages' curves here for TensorBoard (needs the "
+        "tensorboard package).",
+    ),
+]
+
 JsonOutput = Annotated[
     bool,
     typer.Option(
@@ -185,6 +194,7 @@ def train_all(
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
+    tensorboard: TensorBoard = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
@@ -213,6 +223,7 @@ def train_all(
         config,
         ranking=ranking,
         quiet=json_output,
+        tensorboard=tensorboard,
         work_dir=work_dir,
         resume=resume,
         allow_config_change=allow_config_change,
@@ -246,14 +257,25 @@ def _print_retrieval(run: Any, test: Any, config: Any) -> None:
 
 
 def _fit_both(
-    config: Any, *, ranking: bool, quiet: bool = False, **options: Any
+    config: Any,
+    *,
+    ranking: bool,
+    quiet: bool = False,
+    tensorboard: Path | None = None,
+    **options: Any,
 ) -> Any:
     """:func:`twostage.two_stage.fit_two_stage` behind the progress bars; prints each
-    stage's test figures (unless ``quiet``)."""
+    stage's test figures (unless ``quiet``); logs to TensorBoard when asked."""
     from twostage.two_stage import fit_two_stage
 
+    logger = None
+    if tensorboard is not None:
+        from twostage.tracking import TensorBoardLogger
+
+        logger = TensorBoardLogger(tensorboard)
     stage_names = ("retrieval", "ranking") if ranking else ("retrieval",)
-    with _stop_on_sigterm(), training_progress(*stage_names) as bars:
+    also = None if logger is None else logger.on_step
+    with _stop_on_sigterm(), training_progress(*stage_names, also=also) as bars:
         stages = fit_two_stage(
             config,
             ranking=ranking,
@@ -261,6 +283,9 @@ def _fit_both(
             on_ranking_step=bars.get("ranking"),
             **options,
         )
+    if logger is not None:
+        logger.log_stages(stages)
+        logger.close()
     if quiet:
         return stages
     _print_retrieval(stages.retrieval, stages.split.test, config)

@@ -62,13 +62,15 @@ def items_table(
 
 @contextlib.contextmanager
 def training_progress(
-    *stages: str,
+    *stages: str, also: Callable[[dict[str, Any]], None] | None = None
 ) -> Iterator[dict[str, Callable[[dict[str, Any]], None]]]:
     """Progress bars of the training stages (:func:`twostage.progress.training_bars`)
-    on the CLI's console, the one its log handler writes to."""
+    on the CLI's console, the one its log handler writes to; ``also`` gets every
+    step record too."""
     from twostage.progress import training_bars
 
-    with training_bars(*(stages or ("retrieval",)), console=status_console) as bars:
+    names = stages or ("retrieval",)
+    with training_bars(*names, console=status_console, also=also) as bars:
         yield bars
 
 

@@ -131,6 +131,8 @@ class TwoStageModel:
         on_step: called after every training step of either stage with
             ``{"stage", "epoch", "step", "loss", "examples", "num_epochs",
             "total_steps"}`` (epoch and step 0-based), e.g. to log to a tracker.
+        tensorboard: log both stages' curves to this directory for TensorBoard
+            (:class:`~twostage.tracking.TensorBoardLogger`).
     """
 
     def __init__(
@@ -141,12 +143,14 @@ class TwoStageModel:
         ranking: bool = True,
         progress: bool = True,
         on_step: StepCallback | None = None,
+        tensorboard: str | Path | None = None,
     ) -> None:
         config = config if config is not None else ExperimentConfig()
         self.config = apply_overrides(config, _settings_to_overrides(settings or {}))
         self.ranking = ranking
         self.progress = progress
         self.on_step = on_step
+        self.tensorboard = tensorboard
         self.recommender_: Recommender | None = None
         self.split_: ExperimentSplit | None = None
 
@@ -213,6 +217,28 @@ class TwoStageModel:
         return self
 
     def _fit(self, split: ExperimentSplit, fit: Callable[..., Any]) -> Any:
+        if self.tensorboard is None:
+            return self._fit_stages(split, fit)
+        from twostage.tracking import TensorBoardLogger
+
+        logger = TensorBoardLogger(self.tensorboard)
+        hook = self.on_step
+
+        def both(info: dict[str, Any]) -> None:
+            logger.on_step(info)
+            if hook is not None:
+                hook(info)
+
+        self.on_step = both
+        try:
+            stages = self._fit_stages(split, fit)
+            logger.log_stages(stages)
+        finally:
+            self.on_step = hook
+            logger.close()
+        return stages
+
+    def _fit_stages(self, split: ExperimentSplit, fit: Callable[..., Any]) -> Any:
         stages = ("retrieval", "ranking") if self.ranking else ("retrieval",)
         if not self.progress:
             hooks = {s: self._hook(s) for s in stages}

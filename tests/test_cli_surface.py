@@ -150,3 +150,16 @@ def test_quiet_and_verbose_set_the_log_level() -> None:
     assert logging.getLogger().level == logging.DEBUG
     both = runner.invoke(app, ["-q", "-v", "data", "describe", "synthetic"])
     assert both.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [("movielen-100k", "movielens-100k"), ("movielens-100", "movielens-100k")],
+)
+def test_unknown_dataset_names_get_a_suggestion(
+    name: str, suggestion: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["data", "describe", name])
+    message = " ".join(capsys.readouterr().err.split())
+    assert f"Did you mean '{suggestion}'?" in message, message

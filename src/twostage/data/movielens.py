@@ -33,6 +33,7 @@ from typing import Literal
 
 import polars as pl
 
+from twostage.config.io import did_you_mean
 from twostage.data import movielens_formats as formats
 from twostage.data.dataset import Dataset
 from twostage.data.download import (
@@ -238,6 +239,7 @@ def _resolve(variant: str) -> MovieLensSpec:
         raise DataError(
             f"`variant` should be one of {available()} (also spelled "
             f"'movielens-100k' or 'ml-100k'). Received: `variant` = {variant!r}."
+            + did_you_mean(f"movielens-{key}", [f"movielens-{v}" for v in available()])
         )
     return spec
 

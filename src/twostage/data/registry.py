@@ -59,10 +59,12 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
         from twostage.data.tables import read_interactions
 
         return read_interactions(path, **options)
+    from twostage.config.io import did_you_mean
+
     raise DataError(
         f"`dataset` should be one of {BUILTIN_DATASETS} or an existing CSV/Parquet "
-        "file. "
-        f"Received: `dataset` = {spec!r} (no such file)."
+        f"file. Received: `dataset` = {spec!r} (no such file)."
+        + did_you_mean(spec.lower(), list(BUILTIN_DATASETS))
     )
 
 

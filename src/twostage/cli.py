@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -103,6 +106,16 @@ JsonOutput = Annotated[
     ),
 ]
 
+NProc = Annotated[
+    int,
+    typer.Option(
+        "--nproc",
+        help="Train as N data-parallel processes on this machine (torchrun "
+        "--standalone; gloo on CPU, nccl on GPU). Several machines: "
+        "`torchrun --nnodes ... -m twostage train ...`.",
+    ),
+]
+
 AllowConfigChange = Annotated[
     bool,
     typer.Option(
@@ -195,6 +208,7 @@ def train_all(
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
     tensorboard: TensorBoard = None,
+    nproc: NProc = 1,
     json_output: JsonOutput = False,
 ) -> None:
     """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
@@ -228,6 +242,8 @@ def train_all(
         resume=resume,
         allow_config_change=allow_config_change,
     )
+    if _rank() != 0:  # under torchrun: rank 0 saves and reports
+        return
     bundle = stages.recommender().save(out)
     if json_output:
         print_json(
@@ -273,6 +289,8 @@ def _fit_both(
         from twostage.tracking import TensorBoardLogger
 
         logger = TensorBoardLogger(tensorboard)
+    if _rank() != 0:  # another rank of a torchrun job: rank 0 shows the progress
+        return fit_two_stage(config, ranking=ranking, **options)
     stage_names = ("retrieval", "ranking") if ranking else ("retrieval",)
     also = None if logger is None else logger.on_step
     with _stop_on_sigterm(), training_progress(*stage_names, also=also) as bars:
@@ -456,6 +474,7 @@ def train_retrieval_command(
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
+    nproc: NProc = 1,
     json_output: JsonOutput = False,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
@@ -472,13 +491,16 @@ def train_retrieval_command(
     )
     columns.update(train_file=train_file, test_file=test_file)
     config = _experiment_config(dataset, config_file, overrides or [], columns)
+    options: dict[str, Any] = {"out_dir": out, "resume": resume}
+    if _rank() != 0:  # another rank of a torchrun job: rank 0 reports and saves
+        fit_retrieval(config, allow_config_change=allow_config_change, **options)
+        return
     with _stop_on_sigterm(), training_progress("retrieval") as bars:
         run, split = fit_retrieval(
             config,
-            out_dir=out,
-            resume=resume,
             on_step=bars["retrieval"],
             allow_config_change=allow_config_change,
+            **options,
         )
     best = run.train_result.best_epoch + 1  # 1-based, as the logs and bars say
     if json_output:
@@ -722,12 +744,19 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 for a single process)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _setup_logging(verbosity: int) -> None:
     """Logs go through rich's handler on the console the progress bars draw on, so a
     log line never breaks a bar. -q: warnings and errors; default: info; -v: debug."""
     from rich.logging import RichHandler
 
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    if _rank() != 0:
+        level = max(level, logging.WARNING)  # rank 0 logs for the job
     handler = RichHandler(
         console=status_console, show_path=False, log_time_format="[%X]", markup=False
     )
@@ -781,6 +810,9 @@ def main(args: list[str] | None = None) -> None:
     Args:
         args: the command line without the program name (default: ``sys.argv``).
     """
+    args = list(sys.argv[1:] if args is None else args)
+    if "--nproc" in args and "WORLD_SIZE" not in os.environ:
+        raise SystemExit(_launch(args))
     try:
         app(args)
     except TwostageError as e:
@@ -789,6 +821,26 @@ def main(args: list[str] | None = None) -> None:
         message = escape(as_flags(str(e)))
         status_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from e
+
+
+def _launch(args: list[str]) -> int:
+    """``--nproc N``: run the same command as N data-parallel processes on this
+    machine through torchrun (``torch.distributed.run --standalone``)."""
+    at = args.index("--nproc")
+    try:
+        count = int(args[at + 1])
+    except (IndexError, ValueError):
+        status_console.print("[red]error:[/red] --nproc takes a number, e.g. --nproc 2")
+        return 2
+    if count < 1:
+        status_console.print("[red]error:[/red] --nproc should be at least 1.")
+        return 2
+    rest = args[:at] + args[at + 2 :]
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        *("--nproc-per-node", str(count), "-m", "twostage", *rest),
+    ]
+    return subprocess.call(command)
 
 
 #: Python argument and config names in library messages -> the CLI flag that sets

@@ -40,10 +40,14 @@ def in_batch_softmax_loss(
     num_items: int | None = None,
     weights: Tensor | None = None,
     correction_weight: float = 1.0,
+    positive_offset: int = 0,
+    normaliser: float | Tensor | None = None,
 ) -> Tensor:
     """Sampled softmax over in-batch (and optional uniform) negatives.
 
-    Row ``i`` of ``queries`` has its positive at row ``i`` of ``candidates``.
+    Row ``i`` of ``queries`` has its positive at row ``positive_offset + i`` of
+    ``candidates`` (``candidates`` may hold more rows than ``queries``: the global
+    batch of a data-parallel step, :mod:`twostage.distributed`).
 
     Args:
         queries: ``[B, D]`` query embeddings.
@@ -62,12 +66,18 @@ def in_batch_softmax_loss(
             weighted mean.
         correction_weight: scales the logQ term; 1 is the full correction, values
             below 1 keep part of the popularity signal in the scores.
+        positive_offset: where the queries' positives start among ``candidates``.
+        normaliser: divide the (weighted) sum of the losses by this instead of taking
+            the mean (a data-parallel rank passes its share of the global count).
 
     Returns:
         A scalar loss.
     """
-    batch = queries.shape[0]
-    logits = queries @ candidates.T / temperature  # (B, D) @ (D, B) -> (B, B)
+    num_queries = queries.shape[0]
+    batch = candidates.shape[0]  # the in-batch candidates: the global batch
+    rows = torch.arange(num_queries, device=queries.device)
+    labels = rows + positive_offset
+    logits = queries @ candidates.T / temperature  # (b, D) @ (D, B) -> (b, B)
     columns_ids = candidate_ids
     if extra_candidates is not None:
         extra_logits = queries @ extra_candidates.T / temperature  # (B, M)
@@ -84,11 +94,14 @@ def in_batch_softmax_loss(
         )
     if candidate_ids is not None and columns_ids is not None:
         # An accidental hit is another column holding this row's positive item.
-        hit = candidate_ids[:, None] == columns_ids[None, :]  # (B, B[+M])
-        hit[:, :batch].fill_diagonal_(False)
+        positives = candidate_ids[labels]
+        hit = positives[:, None] == columns_ids[None, :]  # (b, B[+M])
+        hit[rows, labels] = False
         logits = logits.masked_fill(hit, _MASKED)
-    labels = torch.arange(batch, device=queries.device)
     losses = F.cross_entropy(logits, labels, reduction="none")
+    if normaliser is not None:
+        total = losses.sum() if weights is None else (losses * weights).sum()
+        return total / normaliser
     if weights is None:
         return losses.mean()
     return (losses * weights).sum() / weights.sum().clamp_min(1e-12)

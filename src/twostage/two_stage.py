@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twostage import distributed
 from twostage.config import ExperimentConfig
 from twostage.data.dataset import Dataset
 from twostage.data.split import ExperimentSplit
@@ -114,6 +115,6 @@ def fit_two_stage(
         on_step=on_ranking_step,
         allow_config_change=allow_config_change,
     )
-    if evaluate_test and split.test.num_interactions:
+    if evaluate_test and split.test.num_interactions and distributed.is_main():
         result.ranking_metrics = evaluate_ranking(result.ranker, split.test)
     return result

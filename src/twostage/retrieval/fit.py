@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from twostage import distributed
 from twostage.config import ExperimentConfig, RetrievalConfig, TrainConfig, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import ExperimentSplit, prepare_split
-from twostage.errors import DataError
+from twostage.errors import ConfigError, DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
 from twostage.features.context import add_context_columns, context_frame
@@ -78,6 +79,13 @@ def fit_retrieval(
             checkpoint's (beyond epochs, threads and device).
     """
     _set_threads(config)
+    world = distributed.init_from_env(config.train.device)
+    if world is not None and config.retrieval.examples == "users":
+        raise ConfigError(
+            "data-parallel training supports `retrieval.examples=interactions` only. "
+            "Received: `retrieval.examples` = 'users' with "
+            f"{world.size} ranks."
+        )
     if split is None:
         if dataset is None:
             dataset = load_dataset_for(config)
@@ -150,9 +158,10 @@ def fit_retrieval(
         # At inference the validation rows are history like any other training row:
         # they feed the query history and are excluded as seen.
         run.tensors = with_history_of(run.tensors, spec, split.train, config.retrieval)
-    if evaluate_test and split.test.num_interactions:
+    main = distributed.is_main()  # one rank evaluates and saves
+    if evaluate_test and split.test.num_interactions and main:
         run.metrics = run.evaluate(split.test).to_dict()
-    if out_dir is not None:
+    if out_dir is not None and main:
         run.save(out_dir)
         if split.fit.items is not None:  # what `twostage recommend RUN` shows
             split.fit.items.write_parquet(Path(out_dir) / "items.parquet")

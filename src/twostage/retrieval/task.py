@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from twostage import distributed
 from twostage.config import ExperimentConfig, RetrievalConfig
 from twostage.losses import (
     full_softmax_loss,
@@ -99,20 +100,25 @@ def training_queries(
     generator: torch.Generator,
     exclude_items: Tensor | None = None,
     rows: Tensor | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Tensor:
     """Query embeddings of a training batch: ID dropout, then history dropout.
-    ``rows``: the batch's training rows, whose context the queries see."""
+    ``rows``: the batch's training rows, whose context the queries see. ``shard``:
+    ``(offset, global batch size)`` of a data-parallel rank's share, so that the
+    dropout draws are the global batch's, sliced (as one process would draw them)."""
+    offset, total = shard if shard is not None else (0, len(users))
+    share = slice(offset, offset + len(users))
     drop = None
     if model_config.id_dropout > 0:
-        drop = torch.rand(len(users), generator=generator) < model_config.id_dropout
+        drop = torch.rand(total, generator=generator)[share] < model_config.id_dropout
         drop = drop.to(users.device)
     features = query_features(
         tensors, users, exclude_items=exclude_items, drop_ids=drop, rows=rows
     )
     history = features[HISTORY]
     if model_config.history_dropout > 0 and history.shape[1]:
-        hidden = torch.rand(history.shape, generator=generator)
-        hidden = hidden < model_config.history_dropout
+        draw = torch.rand((total, history.shape[1]), generator=generator)
+        hidden = draw[share] < model_config.history_dropout
         features[HISTORY] = history.masked_fill(hidden.to(history.device), 0)
     return model.encode_queries(features)
 
@@ -172,17 +178,40 @@ def interaction_loss(
 ) -> Tensor:
     """One example per training row: the query (history without the row's item) must
     pick the row's item among the batch's (and the extra) candidates, or the whole
-    catalogue with ``negatives=full``."""
-    users, items = tensors.users[batch], tensors.items[batch]
+    catalogue with ``negatives=full``.
+
+    In a data-parallel run (:mod:`twostage.distributed`) ``batch`` is the global batch:
+    this rank's queries are its share, the in-batch candidates those of every rank,
+    and the loss is scaled so that DDP's averaged gradient is the global batch's.
+    """
+    world = distributed.current()
+    local, offset = batch, 0
+    normaliser: float | Tensor | None = None
+    if world is not None:
+        sizes = world.sizes(len(batch))
+        local = world.shard(batch)
+        offset = sum(sizes[: world.rank])
+        normaliser = len(batch) / world.size
+        if tensors.weights is not None:
+            total = distributed.gather_rows(tensors.weights[local], sizes).sum()
+            normaliser = total.clamp_min(1e-12) / world.size
+    users, items = tensors.users[local], tensors.items[local]
     queries = training_queries(
-        model, model_config, tensors, users, generator, exclude_items=items, rows=batch
+        model,
+        model_config,
+        tensors,
+        users,
+        generator,
+        exclude_items=items,
+        rows=local,
+        shard=(offset, len(batch)),
     )
-    weights = tensors.weights[batch] if tensors.weights is not None else None
+    weights = tensors.weights[local] if tensors.weights is not None else None
     if model_config.negatives == "full":
         others = None
         if model_config.mask_seen_negatives:
             others = tensors.history[users]
-        return full_softmax_loss(
+        loss = full_softmax_loss(
             queries,
             model.encode_items(tensors.item_features),
             items,
@@ -190,9 +219,18 @@ def interaction_loss(
             other_positives=others,
             weights=weights,
         )
+        if normaliser is None or not len(local):
+            return loss
+        # The rank's mean over its share, as its share of the global mean.
+        share = len(local) if weights is None else weights.sum()
+        return loss * share / normaliser
     candidates = model.encode_items(
         {k: v[items] for k, v in tensors.item_features.items()}
     )
+    candidate_ids = items
+    if world is not None:  # the whole global batch's candidates
+        candidates = distributed.gather_rows(candidates, sizes)
+        candidate_ids = distributed.gather_rows(items, sizes)
     extra = extra_ids = extra_probs = None
     if model_config.num_extra_negatives > 0:
         # Uniform over the real items (index 0 is the OOV row).
@@ -206,12 +244,12 @@ def interaction_loss(
             {k: v[extra_ids] for k, v in tensors.item_features.items()}
         )
         extra_probs = tensors.item_probs[extra_ids]
-    probs = tensors.item_probs[items] if model_config.logq_correction else None
+    probs = tensors.item_probs[candidate_ids] if model_config.logq_correction else None
     return in_batch_softmax_loss(
         queries,
         candidates,
         temperature=model.temperature,
-        candidate_ids=items,
+        candidate_ids=candidate_ids,
         candidate_probs=probs,
         extra_candidates=extra,
         extra_ids=extra_ids,
@@ -219,6 +257,8 @@ def interaction_loss(
         num_items=tensors.num_items,
         weights=weights,
         correction_weight=model_config.logq_weight,
+        positive_offset=offset,
+        normaliser=normaliser,
     )
 
 

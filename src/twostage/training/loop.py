@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from twostage import distributed
 from twostage.config import TrainConfig
 from twostage.errors import ConfigError, TwostageError
 from twostage.training import ProgressFn, TrainResult
@@ -76,6 +77,19 @@ def resume_fingerprint(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in _MAY_CHANGE}
 
 
+class _StepLoss(nn.Module):
+    """The batch loss as a module's forward, so that DistributedDataParallel can wrap
+    it (DDP synchronises gradients of what its forward computed)."""
+
+    def __init__(self, model: nn.Module, batch_loss: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.batch_loss = batch_loss
+
+    def forward(self, batch: Tensor, generator: torch.Generator) -> Tensor:
+        return self.batch_loss(batch, generator)
+
+
 def run_training(
     model: nn.Module,
     config: TrainConfig,
@@ -120,6 +134,15 @@ def run_training(
     torch.manual_seed(config.seed)
     model.to(device)
     optimizer = make_optimizer(model, config)
+    world = distributed.current()
+    step_loss: Callable[[Tensor, torch.Generator], Tensor] = batch_loss
+    if world is not None:
+        # Every rank takes the same global batch; batch_loss trains on the rank's
+        # share (twostage.distributed) and DDP averages the gradients.
+        step_loss = nn.parallel.DistributedDataParallel(
+            _StepLoss(model, batch_loss), find_unused_parameters=True
+        )
+    main = distributed.is_main()
     steps_per_epoch = math.ceil(num_examples / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps > 0:
@@ -156,7 +179,7 @@ def run_training(
                 group["lr"] = learning_rate(config, step, total_steps)
             start = step_in_epoch * config.batch_size
             batch = order[start : start + config.batch_size].to(device)
-            loss = batch_loss(batch, generator)
+            loss = step_loss(batch, generator)
             optimizer.zero_grad()
             loss.backward()
             if config.grad_clip > 0:
@@ -170,14 +193,17 @@ def run_training(
                     config.grad_clip,
                 )
             optimizer.step()
-            epoch_loss += loss.item() * len(batch)
+            value = loss.item()
+            if world is not None:  # each rank holds its share of the global loss
+                value = _mean_over_ranks(loss.detach())
+            epoch_loss += value * len(batch)
             seen += len(batch)
-            if on_step is not None:
+            if on_step is not None and main:
                 on_step(
                     {
                         "epoch": epoch,
                         "step": step,
-                        "loss": loss.item(),
+                        "loss": value,
                         "examples": seen,
                         "num_epochs": config.epochs,
                         "total_steps": total_steps,
@@ -202,7 +228,7 @@ def run_training(
         record["seconds"] = time.perf_counter() - started
         result.history.append(record)
         # 1-based, as the progress line counts them; the record keeps 0-based epochs.
-        logger.info(
+        (logger.info if main else logger.debug)(
             "epoch %d/%d: %s (%.1f s)",
             epoch + 1,
             config.epochs,
@@ -214,7 +240,7 @@ def run_training(
             record["seconds"],
         )
         result.seconds = record["seconds"]
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and main:  # one checkpoint for all ranks
             save_checkpoint(
                 checkpoint_dir,
                 model,
@@ -247,6 +273,16 @@ def run_training(
     model.load_state_dict(best_state)
     model.cpu().eval()
     return result
+
+
+def _mean_over_ranks(value: Tensor) -> float:
+    """The global batch's loss: the ranks' shares are scaled to sum to W times it."""
+    import torch.distributed as dist
+
+    total = value.clone()
+    dist.all_reduce(total)
+    world = distributed.current()
+    return float(total) / (world.size if world is not None else 1)
 
 
 def _clone(model: nn.Module) -> dict[str, Tensor]:

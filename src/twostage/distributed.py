@@ -1,0 +1,113 @@
+"""Data-parallel training with ``torch.distributed``: one process per core, GPU or
+machine, started by ``torchrun`` (or ``twostage train --nproc N``).
+
+Every rank draws the same global batch (same seed, same permutation) and trains on its
+contiguous share of it; :class:`torch.nn.parallel.DistributedDataParallel` averages the
+gradients. In-batch negatives come from the whole global batch: each rank gathers the
+candidate embeddings, item IDs and sampling probabilities of all ranks
+(:func:`gather_rows`, autograd-aware, so the gradient of every candidate reaches the
+rank that computed it), and each rank's loss is scaled so that the averaged gradient
+equals the single-process gradient of the global batch. A 2-rank run therefore gives the
+weights of a 1-rank run with the same batch size (within float tolerance).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "World",
+    "current",
+    "gather_rows",
+    "init_from_env",
+    "is_main",
+    "shutdown",
+]
+
+_WORLD: World | None = None
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks."""
+
+    rank: int
+    size: int
+    backend: str
+
+    def shard(self, batch: Tensor) -> Tensor:
+        """This rank's contiguous share of a global batch (shares differ by at most
+        one row when the batch does not divide evenly)."""
+        return batch.tensor_split(self.size)[self.rank]
+
+    def sizes(self, total: int) -> list[int]:
+        """Every rank's share of a global batch of ``total`` rows."""
+        base, extra = divmod(total, self.size)
+        return [base + (1 if r < extra else 0) for r in range(self.size)]
+
+
+def init_from_env(device: str = "cpu") -> World | None:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the
+    environment): ``nccl`` for CUDA devices, ``gloo`` otherwise. None when this is a
+    single process. Idempotent."""
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return None
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend)
+    return _WORLD
+
+
+def current() -> World | None:
+    """The process group joined by :func:`init_from_env`, or None."""
+    return _WORLD
+
+
+def is_main() -> bool:
+    """Rank 0, or a single process: the one that logs, saves and evaluates."""
+    return _WORLD is None or _WORLD.rank == 0
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a run)."""
+    global _WORLD
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _WORLD = None
+
+
+def gather_rows(local: Tensor, sizes: list[int]) -> Tensor:
+    """Every rank's ``local`` rows, concatenated in rank order: ``[sum(sizes), ...]``.
+
+    Ranks may hold different numbers of rows (``sizes``, known to all): each pads to
+    the largest and the padding is dropped after gathering. Gradients flow back to the
+    rank that owns each row (``torch.distributed.nn.functional.all_gather``).
+    """
+    world = _WORLD
+    if world is None:
+        return local
+    width = max(sizes)
+    pad = width - local.shape[0]
+    if pad:
+        filler = local.new_zeros((pad, *local.shape[1:]))
+        local = torch.cat([local, filler])
+    if local.requires_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        parts = list(all_gather(local))
+    else:
+        parts = [torch.empty_like(local) for _ in range(world.size)]
+        dist.all_gather(parts, local.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])

@@ -1,0 +1,128 @@
+"""Data-parallel training: 2 gloo ranks give the weights of 1 process with the same
+global batch (in-batch negatives gathered across ranks, gradients averaged by DDP)."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.retrieval.fit import fit_retrieval
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not built in"
+)
+
+
+def _config(extra: list[str]) -> ExperimentConfig:
+    return apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=150,num_items=90,num_interactions=3000",
+            "data.validation_fraction=0",
+            "train.epochs=2",
+            "train.batch_size=256",  # 2,400 rows: the last batch is uneven (96)
+            "train.num_threads=1",
+            "retrieval.embedding_dim=16",
+            "retrieval.output_dim=16",
+            "retrieval.history_length=8",
+            *extra,
+        ],
+    )
+
+
+def _rank(rank: int, world: int, port: int, extra: list[str], out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    from twostage import distributed
+
+    try:
+        run, _ = fit_retrieval(_config(extra), evaluate_test=False)
+        if rank == 0:
+            state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
+            save_file(state, out)
+    finally:
+        distributed.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # Side features, history, logQ correction, ID dropout: the defaults.
+        [],
+        # Sparse embeddings (Adagrad), ratings as weights, extra uniform negatives.
+        [
+            "retrieval.sparse_embeddings=true",
+            "train.optimizer=adagrad",
+            "retrieval.num_extra_negatives=32",
+            "retrieval.rating_weights=true",
+        ],
+    ],
+    ids=["defaults", "sparse-extra-negatives"],
+)
+def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) -> None:
+    single, _ = fit_retrieval(_config(extra), evaluate_test=False)
+    out = tmp_path / "rank0.safetensors"
+    mp.start_processes(
+        _rank,
+        args=(2, _free_port(), extra, str(out)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    two = load_file(out)
+    one = single.model.state_dict()
+    assert set(two) == set(one)
+    changed = 0
+    for name, weights in one.items():
+        torch.testing.assert_close(two[name], weights, rtol=1e-4, atol=1e-5, msg=name)
+        changed += 1
+    assert changed > 4
+
+
+@pytest.mark.slow
+def test_cli_nproc_trains_one_run_through_torchrun(tmp_path: Path) -> None:
+    """`twostage train retrieval --nproc 2`: torchrun starts 2 gloo ranks; rank 0
+    writes the run and prints the JSON, the other stays quiet."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "twostage", "train", "retrieval", "--nproc", "2"),
+            *(
+                "--dataset",
+                "synthetic:num_users=150,num_items=90,num_interactions=3000",
+            ),
+            *("--out", str(out), "--set", "train.epochs=1"),
+            *("--set", "train.num_threads=1", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout)  # one JSON document: rank 0's
+    assert answer["run"] == str(out) and answer["retrieval"]["metrics"]
+    assert (out / "model.safetensors").exists() and (out / "checkpoint").exists()

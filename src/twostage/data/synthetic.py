@@ -15,14 +15,16 @@ Everything is vectorised with numpy, so 10M interactions over 1M items take seco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.errors import ConfigError
 
-__all__ = ["SyntheticConfig", "generate", "planted_clusters"]
+__all__ = ["SyntheticConfig", "generate", "planted_clusters", "write_parquet"]
 
 _START = 1_600_000_000  # 2020-09-13, start of the synthetic log
 _SPAN = 365 * 24 * 3600
@@ -238,3 +240,95 @@ def generate(
         items=item_table,
         source=f"synthetic({config})",
     )
+
+
+def write_parquet(
+    directory: str | Path,
+    *,
+    num_users: int,
+    num_items: int,
+    num_interactions: int,
+    num_clusters: int = 50,
+    rows_per_file: int = 10_000_000,
+    rows_per_group: int = 1_000_000,
+    seed: int = 0,
+) -> list[Path]:
+    """Write a planted-structure log straight to Parquet, a chunk at a time, for logs
+    larger than memory (10^8 rows and more; memory holds one row group).
+
+    User ``u`` favours cluster ``u % num_clusters``: 80% of their rows are items of
+    that cluster (``item % num_clusters``), the rest any item; within either, item
+    popularity follows a power law. Columns: ``user_id``, ``item_id`` (Int64),
+    ``timestamp`` (Int64, increasing over the log), ``rating`` (Float32, 1..5,
+    higher inside the favoured cluster).
+
+    Returns:
+        The files written, ``part-00000.parquet`` ...
+    """
+    import pyarrow as pa
+
+    for name, value in (
+        ("num_users", num_users),
+        ("num_items", num_items),
+        ("num_interactions", num_interactions),
+        ("rows_per_group", rows_per_group),
+    ):
+        if value < 1:
+            raise ConfigError(f"`{name}` should be >= 1. Received: {value!r}.")
+    if num_items < num_clusters:
+        raise ConfigError(
+            f"`num_items` should be >= `num_clusters` ({num_clusters}). "
+            f"Received: {num_items!r}."
+        )
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per_cluster = num_items // num_clusters
+    # Power-law popularity: the cumulative weights, sampled by inverse transform.
+    local_cdf = np.cumsum(1.0 / np.arange(1, per_cluster + 1) ** 0.8)
+    local_cdf /= local_cdf[-1]
+    global_cdf = np.cumsum(1.0 / np.arange(1, num_items + 1) ** 0.8)
+    global_cdf /= global_cdf[-1]
+    global_order = rng.permutation(num_items)  # which item holds each popularity rank
+    files: list[Path] = []
+    writer = None
+    written = in_file = 0
+    try:
+        while written < num_interactions:
+            n = min(rows_per_group, num_interactions - written)
+            users = rng.integers(0, num_users, n)
+            favoured = rng.random(n) < 0.8
+            cluster_rank = np.searchsorted(local_cdf, rng.random(n))
+            items = np.where(
+                favoured,
+                cluster_rank * num_clusters + users % num_clusters,
+                global_order[np.searchsorted(global_cdf, rng.random(n))],
+            )
+            liked = favoured | (items % num_clusters == users % num_clusters)
+            ratings = np.clip(
+                np.where(liked, 4.0, 2.5) + rng.normal(0, 1, n), 1, 5
+            ).round()
+            times = _START + (np.arange(written, written + n) * _SPAN) // max(
+                num_interactions, 1
+            )
+            table = pa.table(
+                {
+                    USER: users.astype(np.int64),
+                    ITEM: items.astype(np.int64),
+                    TIME: times.astype(np.int64),
+                    RATING: ratings.astype(np.float32),
+                }
+            )
+            if writer is None or in_file >= rows_per_file:
+                if writer is not None:
+                    writer.close()
+                files.append(out / f"part-{len(files):05d}.parquet")
+                writer = pq.ParquetWriter(files[-1], table.schema)
+                in_file = 0
+            writer.write_table(table, row_group_size=rows_per_group)
+            written += n
+            in_file += n
+    finally:
+        if writer is not None:
+            writer.close()
+    return files

@@ -123,6 +123,32 @@ class Vocabulary:
         self._set(dtype, counts[_KEY], counts["count"].to_numpy(), min_count, max_size)
         return self
 
+    @classmethod
+    def from_counts(
+        cls,
+        keys: pl.Series,
+        counts: np.ndarray,
+        *,
+        num_oov_buckets: int = 1,
+        seed: int = 0,
+    ) -> Self:
+        """A fitted vocabulary from counts gathered elsewhere (a streaming pass).
+
+        Args:
+            keys: [V] distinct raw IDs, already in index order (descending count,
+                ties by ascending value: what :meth:`fit` produces).
+            counts: [V] training count of each key.
+        """
+        if len(keys) != len(counts):
+            raise DataError(
+                f"`keys` and `counts` should have the same length. Received: "
+                f"{len(keys)} and {len(counts)}."
+            )
+        vocabulary = cls(num_oov_buckets=num_oov_buckets, seed=seed)
+        dtype = _key_dtype(keys.dtype)
+        vocabulary._set(dtype, _normalise(keys, dtype), np.asarray(counts), 1, None)
+        return vocabulary
+
     def _set(
         self,
         dtype: KeyDtype,

@@ -1,0 +1,241 @@
+"""Logs larger than memory: a Parquet dataset (one file or a directory of them) read
+in record batches, never as one table.
+
+- :func:`parquet_files` and :func:`row_groups`: the units of work; a rank of a
+  data-parallel job takes every ``world``-th row group (:func:`iter_batches`).
+- :func:`held_out_mask`: which side of the split a row is on, decided from the row alone
+  (a stable hash of user, item, time and seed for ``random``; a time cut for
+  ``temporal``), so no global shuffle or sort is needed and any batching gives the
+  same split.
+- :func:`fit_vocabularies`: user and item vocabularies (and item counts for the logQ
+  correction) from the training side, in one streaming pass whose memory is bounded
+  by the number of distinct IDs, not rows. They equal
+  :meth:`Vocabulary.fit` on the same rows held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from twostage.data.dataset import ITEM, TIME, USER
+from twostage.errors import ConfigError, DataError
+from twostage.features.hashing import _fmix64, stable_hash
+from twostage.features.vocab import Vocabulary
+
+__all__ = [
+    "StreamingVocabularies",
+    "fit_vocabularies",
+    "iter_batches",
+    "parquet_files",
+    "row_groups",
+    "temporal_cut",
+    "held_out_mask",
+]
+
+SPLIT_METHODS = ("random", "temporal")
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """The Parquet files of a dataset: the file itself, or every ``*.parquet`` under
+    a directory (sorted, so every process sees the same order)."""
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+        if files:
+            return files
+        raise DataError(f"{str(root)!r} holds no *.parquet file.")
+    raise DataError(
+        f"`path` should be a Parquet file or directory. Received: {str(root)!r}."
+    )
+
+
+def row_groups(files: list[Path]) -> list[tuple[Path, int]]:
+    """Every (file, row group) of the dataset, in order: the units ranks share."""
+    return [
+        (file, group)
+        for file in files
+        for group in range(pq.ParquetFile(file).metadata.num_row_groups)
+    ]
+
+
+def iter_batches(
+    path: str | Path,
+    *,
+    columns: list[str],
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[pl.DataFrame]:
+    """The dataset's row groups as polars frames of ``columns``; rank ``rank`` of
+    ``world`` gets row groups ``rank, rank + world, ...`` (disjoint shares that
+    together are the whole dataset)."""
+    if not 0 <= rank < world:
+        raise ConfigError(
+            f"`rank` should be in [0, world). Received: rank={rank}, world={world}."
+        )
+    for number, (file, group) in enumerate(row_groups(parquet_files(path))):
+        if number % world == rank:
+            table = pq.ParquetFile(file).read_row_group(group, columns=columns)
+            yield pl.from_arrow(table)  # type: ignore[misc]
+
+
+def _id_hash(values: pl.Series, seed: int) -> np.ndarray:
+    """A stable uint64 hash per value: integers by arithmetic (fast), text by FNV."""
+    if values.dtype.is_integer():
+        raw = values.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
+        return _fmix64(raw ^ np.uint64(stable_hash([seed])[0]))
+    return stable_hash(values, seed=seed)
+
+
+def held_out_mask(
+    batch: pl.DataFrame,
+    *,
+    method: str,
+    test_fraction: float,
+    seed: int,
+    time_cut: int | None = None,
+) -> np.ndarray:
+    """Which rows of ``batch`` are test rows, from each row alone.
+
+    ``random``: a stable hash of (user, item, timestamp, seed) below
+    ``test_fraction`` of its range (the same row is on the same side in any batch,
+    file layout, process or version). ``temporal``: rows at or after ``time_cut``
+    (:func:`temporal_cut`).
+
+    Returns:
+        ``[len(batch)]`` bool array.
+    """
+    if method not in SPLIT_METHODS:
+        raise ConfigError(
+            f"`method` should be one of {SPLIT_METHODS} for a streamed log. "
+            f"Received: `method` = {method!r}."
+        )
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(
+            f"`test_fraction` should be in [0, 1). Received: {test_fraction!r}."
+        )
+    if method == "temporal":
+        if time_cut is None:
+            raise ConfigError("a temporal split needs `time_cut` (temporal_cut()).")
+        return batch[TIME].to_numpy() >= time_cut
+    mixed = _id_hash(batch[USER], seed) * np.uint64(0x9E3779B97F4A7C15)
+    mixed ^= _id_hash(batch[ITEM], seed + 1)
+    mixed = _fmix64(mixed ^ (_id_hash(batch[TIME], seed + 2) >> np.uint64(1)))
+    # The top 53 bits as a uniform number in [0, 1).
+    uniform = (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return uniform < test_fraction
+
+
+def temporal_cut(path: str | Path, *, test_fraction: float) -> int:
+    """The timestamp from which rows are test rows: the ``1 - test_fraction``
+    quantile of the dataset's time column, found by polars' streaming engine."""
+    files = [str(f) for f in parquet_files(path)]
+    cut = (
+        pl.scan_parquet(files)
+        .select(pl.col(TIME).quantile(1.0 - test_fraction, interpolation="lower"))
+        .collect(engine="streaming")
+        .item()
+    )
+    if cut is None:
+        raise DataError(f"{str(path)!r} has no timestamps to cut.")
+    return int(cut)
+
+
+@dataclass
+class StreamingVocabularies:
+    """What one streaming pass over the training side learns.
+
+    Attributes:
+        users, items: fitted vocabularies (index order: descending count).
+        num_train_rows, num_test_rows: rows on each side of the split.
+        num_batches: record batches read.
+    """
+
+    users: Vocabulary
+    items: Vocabulary
+    num_train_rows: int
+    num_test_rows: int
+    num_batches: int
+
+    def item_probs(self) -> np.ndarray:
+        """``[num_items]`` each item's share of the training rows (row 0, OOV: 0),
+        the sampling probability of the logQ correction."""
+        counts = np.concatenate([[0], self.items.counts]).astype(np.float64)
+        return counts / max(counts.sum(), 1.0)
+
+
+def _merge(counts: pl.DataFrame | None, batch: pl.Series) -> pl.DataFrame:
+    new = batch.rename("key").value_counts(name="count")
+    new = new.with_columns(pl.col("count").cast(pl.Int64))
+    if counts is None:
+        return new
+    merged = pl.concat([counts, new.cast(counts.schema)])
+    return merged.group_by("key").agg(pl.col("count").sum())
+
+
+def fit_vocabularies(
+    path: str | Path,
+    *,
+    method: str = "random",
+    test_fraction: float = 0.2,
+    seed: int = 42,
+    rank: int = 0,
+    world: int = 1,
+) -> StreamingVocabularies:
+    """User and item vocabularies of the training side, in one pass of record batches.
+
+    Memory holds the running (ID, count) tables, not the rows; each batch is merged
+    into them and dropped. The vocabularies are the ones :meth:`Vocabulary.fit`
+    gives on the same training rows in memory (same indices, same counts).
+
+    Args:
+        path: a Parquet file or directory with ``user_id``, ``item_id`` and
+            ``timestamp`` columns.
+        method, test_fraction, seed: the split (:func:`held_out_mask`).
+        rank, world: read only this rank's row groups (then the counts are this
+            rank's; merge them across ranks before building the vocabularies).
+    """
+    time_cut = (
+        temporal_cut(path, test_fraction=test_fraction)
+        if method == "temporal"
+        else None
+    )
+    users: pl.DataFrame | None = None
+    items: pl.DataFrame | None = None
+    train_rows = test_rows = batches = 0
+    for batch in iter_batches(path, columns=[USER, ITEM, TIME], rank=rank, world=world):
+        test = held_out_mask(
+            batch,
+            method=method,
+            test_fraction=test_fraction,
+            seed=seed,
+            time_cut=time_cut,
+        )
+        train = batch.filter(pl.Series(~test))
+        users = _merge(users, train[USER].drop_nulls())
+        items = _merge(items, train[ITEM].drop_nulls())
+        train_rows += train.height
+        test_rows += int(test.sum())
+        batches += 1
+    if users is None or items is None:
+        raise DataError(f"{str(path)!r} has no rows.")
+    return StreamingVocabularies(
+        users=_vocabulary(users),
+        items=_vocabulary(items),
+        num_train_rows=train_rows,
+        num_test_rows=test_rows,
+        num_batches=batches,
+    )
+
+
+def _vocabulary(counts: pl.DataFrame) -> Vocabulary:
+    """A fitted Vocabulary from (key, count) rows, ordered as ``Vocabulary.fit``."""
+    ordered = counts.sort(["count", "key"], descending=[True, False])
+    return Vocabulary.from_counts(ordered["key"], ordered["count"].to_numpy())

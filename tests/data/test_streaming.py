@@ -1,0 +1,141 @@
+"""Logs larger than memory: Parquet written a chunk at a time, split row by row,
+shared by rank, vocabularies fitted in one streaming pass."""
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from twostage.data.streaming import (
+    fit_vocabularies,
+    held_out_mask,
+    iter_batches,
+    parquet_files,
+)
+from twostage.data.synthetic import write_parquet
+from twostage.errors import ConfigError, DataError
+from twostage.features.vocab import Vocabulary
+
+COLUMNS = ["user_id", "item_id", "timestamp"]
+
+
+def _write(directory: Path, rows_per_group: int) -> list[Path]:
+    return write_parquet(
+        directory,
+        num_users=300,
+        num_items=120,
+        num_interactions=20_000,
+        num_clusters=6,
+        rows_per_file=7_000,
+        rows_per_group=rows_per_group,
+        seed=5,
+    )
+
+
+def _all(path: Path) -> pl.DataFrame:
+    return pl.concat(iter_batches(path, columns=COLUMNS))
+
+
+def test_writer_writes_every_row_in_files_and_row_groups(tmp_path: Path) -> None:
+    files = _write(tmp_path, 1_000)
+    assert len(files) == 3 and parquet_files(tmp_path) == files
+    log = pl.concat(pl.read_parquet(f) for f in files)
+    assert log.height == 20_000
+    assert log["timestamp"].is_sorted()
+    # The planted structure: most rows are in the user's favoured cluster.
+    favoured = (log["item_id"] % 6 == log["user_id"] % 6).mean()
+    assert favoured > 0.75
+    assert log["rating"].min() >= 1 and log["rating"].max() <= 5
+
+
+def test_random_side_is_decided_by_the_row_alone(tmp_path: Path) -> None:
+    """The same rows are test rows however the log is cut into batches or files."""
+    _write(tmp_path, 500)
+    log = _all(tmp_path)
+    whole = held_out_mask(log, method="random", test_fraction=0.2, seed=1)
+    for size in (333, 4_000):
+        parts = [
+            held_out_mask(
+                log.slice(start, size), method="random", test_fraction=0.2, seed=1
+            )
+            for start in range(0, log.height, size)
+        ]
+        assert (np.concatenate(parts) == whole).all(), size
+    shuffled = log.sample(fraction=1.0, shuffle=True, seed=0)
+    again = held_out_mask(shuffled, method="random", test_fraction=0.2, seed=1)
+    assert (
+        shuffled.filter(pl.Series(again))
+        .sort(COLUMNS)
+        .equals(log.filter(pl.Series(whole)).sort(COLUMNS))
+    )
+    assert 0.18 < whole.mean() < 0.22
+    other_seed = held_out_mask(log, method="random", test_fraction=0.2, seed=2)
+    assert (other_seed != whole).mean() > 0.2
+
+
+def test_string_ids_hash_too() -> None:
+    batch = pl.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in range(4_000)],
+            "item_id": [f"i{i % 50}" for i in range(4_000)],
+            "timestamp": list(range(4_000)),
+        }
+    )
+    mask = held_out_mask(batch, method="random", test_fraction=0.3, seed=0)
+    assert 0.26 < mask.mean() < 0.34
+    again = held_out_mask(batch.reverse(), method="random", test_fraction=0.3, seed=0)
+    assert (again[::-1] == mask).all()
+
+
+def test_ranks_share_the_row_groups_disjointly(tmp_path: Path) -> None:
+    _write(tmp_path, 1_000)
+    whole = _all(tmp_path).with_row_index("row")
+    key = ["user_id", "item_id", "timestamp"]
+    shares = [
+        pl.concat(iter_batches(tmp_path, columns=COLUMNS, rank=r, world=3))
+        for r in range(3)
+    ]
+    assert sum(s.height for s in shares) == whole.height
+    assert all(s.height > 0 for s in shares)
+    together = pl.concat(shares).sort(key)
+    assert together.equals(whole.drop("row").sort(key))
+    with pytest.raises(ConfigError, match="rank"):
+        next(iter_batches(tmp_path, columns=COLUMNS, rank=3, world=3))
+
+
+@pytest.mark.parametrize("method", ["random", "temporal"])
+def test_streaming_vocabularies_equal_in_memory_ones(
+    tmp_path: Path, method: str
+) -> None:
+    _write(tmp_path, 1_000)
+    fitted = fit_vocabularies(tmp_path, method=method, test_fraction=0.2, seed=3)
+    log = _all(tmp_path)
+    if method == "temporal":
+        cut = log["timestamp"].quantile(0.8, interpolation="lower")
+        test = (log["timestamp"] >= cut).to_numpy()
+        train_times = log.filter(pl.Series(~test))["timestamp"]
+        assert train_times.max() < log.filter(pl.Series(test))["timestamp"].min()
+    else:
+        test = held_out_mask(log, method="random", test_fraction=0.2, seed=3)
+    train = log.filter(pl.Series(~test))
+    assert fitted.num_train_rows == train.height
+    assert fitted.num_test_rows == int(test.sum())
+    for name, vocabulary in (("user_id", fitted.users), ("item_id", fitted.items)):
+        expected = Vocabulary().fit(train[name])
+        assert vocabulary.values.to_list() == expected.values.to_list(), name
+        np.testing.assert_array_equal(vocabulary.counts, expected.counts)
+    probs = fitted.item_probs()
+    assert probs[0] == 0 and probs.sum() == pytest.approx(1.0)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="Parquet"):
+        parquet_files(tmp_path / "missing")
+    with pytest.raises(DataError, match=r"no \*\.parquet"):
+        parquet_files(tmp_path)
+    batch = pl.DataFrame({"user_id": [1], "item_id": [2], "timestamp": [3]})
+    with pytest.raises(ConfigError, match="method"):
+        held_out_mask(batch, method="leave-last-out", test_fraction=0.2, seed=0)
+    with pytest.raises(ConfigError, match="time_cut"):
+        held_out_mask(batch, method="temporal", test_fraction=0.2, seed=0)

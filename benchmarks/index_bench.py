@@ -28,19 +28,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json
-from twostage.index import ExactIndex, HNSWIndex, Index, IVFIndex, ScannIndex
+from twostage.index import (
+    ExactIndex,
+    HNSWIndex,
+    Index,
+    IVFIndex,
+    IVFSQIndex,
+    ScannIndex,
+)
 from twostage.index.measure import measure_search
 
 K = 100
 SWEEPS: dict[str, tuple[str, list[int]]] = {
     "hnsw": ("ef_search", [64, 128, 256, 512]),
     "ivf": ("nprobe", [16, 32, 64, 128, 256]),
+    "ivf_sq": ("nprobe", [16, 32, 64, 128, 256]),
     "scann": ("leaves_to_search", [25, 50, 100, 200]),  # optional: pip install scann
 }
 SHORT = {"ef_search": "ef", "nprobe": "nprobe", "leaves_to_search": "leaves"}
 FACTORIES: dict[str, Callable[[], Index]] = {
     "hnsw": HNSWIndex,
     "ivf": IVFIndex,
+    "ivf_sq": IVFSQIndex,
     "scann": ScannIndex,
 }
 
@@ -105,7 +114,7 @@ def main() -> None:
     parser.add_argument("--num-queries", type=int, default=1000)
     parser.add_argument("--num-clusters", type=int, default=1000)
     parser.add_argument("--spread", type=float, default=1.0, help="noise / centre")
-    parser.add_argument("--backends", default="exact,hnsw,ivf")
+    parser.add_argument("--backends", default="exact,hnsw,ivf,ivf_sq")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--build-threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--seed", type=int, default=0)

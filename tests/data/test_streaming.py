@@ -104,10 +104,15 @@ def test_ranks_share_the_row_groups_disjointly(tmp_path: Path) -> None:
         next(iter_batches(tmp_path, columns=COLUMNS, rank=3, world=3))
 
 
+@pytest.mark.parametrize("flush_rows", [4_000_000, 50])
 @pytest.mark.parametrize("method", ["random", "temporal"])
 def test_streaming_vocabularies_equal_in_memory_ones(
-    tmp_path: Path, method: str
+    tmp_path: Path, method: str, flush_rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Merged once at the end, or many times as the batches come (flush_rows=50)."""
+    from twostage.data import streaming
+
+    monkeypatch.setattr(streaming._Counts, "FLUSH_ROWS", flush_rows)
     _write(tmp_path, 1_000)
     fitted = fit_vocabularies(tmp_path, method=method, test_fraction=0.2, seed=3)
     log = _all(tmp_path)

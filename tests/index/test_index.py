@@ -19,6 +19,7 @@ from twostage.index import (
     HNSWIndex,
     Index,
     IVFIndex,
+    IVFSQIndex,
     ScannIndex,
     load_index,
     make_index,
@@ -196,13 +197,15 @@ def test_make_index_builds_the_configured_class(kind: str) -> None:
         "exact": ExactIndex,
         "hnsw": HNSWIndex,
         "ivf": IVFIndex,
+        "ivf_sq": IVFSQIndex,
         "scann": ScannIndex,
     }
     config = IndexConfig(kind=kind, hnsw_m=16, ef_search=0, nprobe=4, chunk_size=512)  # type: ignore[arg-type]
     index = make_index(config)
     assert type(index) is expected[kind] and index.kind == kind
     params = {"exact": {"chunk_size": 512}, "hnsw": {"m": 16, "ef_search": 128}}
-    params |= {"ivf": {"nprobe": 4}, "scann": {"leaves_to_search": 4}}
+    params |= {"ivf": {"nprobe": 4}, "ivf_sq": {"nprobe": 4}}
+    params |= {"scann": {"leaves_to_search": 4}}
     assert params[kind].items() <= index.params().items()
     with pytest.raises(ConfigError, match="`nprobe`"):
         IVFIndex(nprobe=-1)

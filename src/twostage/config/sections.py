@@ -239,11 +239,13 @@ class IndexConfig(_Checked):
 
     ``exact`` (chunked matrix product + top-k) is right for catalogues up to a few
     hundred thousand items; ``hnsw`` and ``ivf`` are faiss backends for millions,
+    ``ivf_sq`` is ``ivf`` with 8-bit codes (a quarter of the memory) for tens of
+    millions,
     ``scann`` needs the optional ``scann`` package. Zero means "pick from the catalogue
     size" for ``ivf_nlist`` and the measured default for the other numbers.
     """
 
-    kind: Literal["exact", "hnsw", "ivf", "scann"] = "exact"
+    kind: Literal["exact", "hnsw", "ivf", "ivf_sq", "scann"] = "exact"
     hnsw_m: int = 32
     ef_construction: int = 0
     ef_search: int = 0

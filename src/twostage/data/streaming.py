@@ -171,13 +171,40 @@ class StreamingVocabularies:
         return counts / max(counts.sum(), 1.0)
 
 
-def _merge(counts: pl.DataFrame | None, batch: pl.Series) -> pl.DataFrame:
-    new = batch.rename("key").value_counts(name="count")
-    new = new.with_columns(pl.col("count").cast(pl.Int64))
-    if counts is None:
-        return new
-    merged = pl.concat([counts, new.cast(counts.schema)])
-    return merged.group_by("key").agg(pl.col("count").sum())
+class _Counts:
+    """Running (key, count) totals of a stream of ID batches.
+
+    Each batch's counts wait in a buffer until the buffer is as large as the merged
+    table (or 4M rows), and are then merged in one group-by: every row is merged
+    O(log batches) times, where merging each batch at once would regroup the whole
+    table per batch (100 batches of a 10M-user log: 100 group-bys of 10M rows).
+    """
+
+    #: Merge at least this many buffered rows at a time.
+    FLUSH_ROWS = 4_000_000
+
+    def __init__(self) -> None:
+        self.merged: pl.DataFrame | None = None
+        self.pending: list[pl.DataFrame] = []
+        self.pending_rows = 0
+
+    def add(self, values: pl.Series) -> None:
+        counts = values.rename("key").value_counts(name="count")
+        self.pending.append(counts.with_columns(pl.col("count").cast(pl.Int64)))
+        self.pending_rows += counts.height
+        merged_rows = 0 if self.merged is None else self.merged.height
+        if self.pending_rows >= max(merged_rows, self.FLUSH_ROWS):
+            self._flush()
+
+    def _flush(self) -> None:
+        parts = self.pending if self.merged is None else [self.merged, *self.pending]
+        if parts:
+            self.merged = pl.concat(parts).group_by("key").agg(pl.col("count").sum())
+        self.pending, self.pending_rows = [], 0
+
+    def result(self) -> pl.DataFrame | None:
+        self._flush()
+        return self.merged
 
 
 def fit_vocabularies(
@@ -207,8 +234,7 @@ def fit_vocabularies(
         if method == "temporal"
         else None
     )
-    users: pl.DataFrame | None = None
-    items: pl.DataFrame | None = None
+    users, items = _Counts(), _Counts()
     train_rows = test_rows = batches = 0
     for batch in iter_batches(path, columns=[USER, ITEM, TIME], rank=rank, world=world):
         test = held_out_mask(
@@ -219,16 +245,17 @@ def fit_vocabularies(
             time_cut=time_cut,
         )
         train = batch.filter(pl.Series(~test))
-        users = _merge(users, train[USER].drop_nulls())
-        items = _merge(items, train[ITEM].drop_nulls())
+        users.add(train[USER].drop_nulls())
+        items.add(train[ITEM].drop_nulls())
         train_rows += train.height
         test_rows += int(test.sum())
         batches += 1
-    if users is None or items is None:
+    user_counts, item_counts = users.result(), items.result()
+    if user_counts is None or item_counts is None:
         raise DataError(f"{str(path)!r} has no rows.")
     return StreamingVocabularies(
-        users=_vocabulary(users),
-        items=_vocabulary(items),
+        users=_vocabulary(user_counts),
+        items=_vocabulary(item_counts),
         num_train_rows=train_rows,
         num_test_rows=test_rows,
         num_batches=batches,

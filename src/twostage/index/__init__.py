@@ -15,7 +15,7 @@ from twostage.config import IndexConfig
 from twostage.errors import ArtifactError, ConfigError
 from twostage.index.base import META_FILE, ApproximateIndex, Index
 from twostage.index.exact import ExactIndex
-from twostage.index.faiss import HNSWIndex, IVFIndex
+from twostage.index.faiss import HNSWIndex, IVFIndex, IVFSQIndex
 from twostage.index.scann import ScannIndex
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ExactIndex",
     "HNSWIndex",
     "IVFIndex",
+    "IVFSQIndex",
     "Index",
     "ScannIndex",
     "load_index",
@@ -34,6 +35,7 @@ _CLASSES: dict[str, type[Index]] = {
     "exact": ExactIndex,
     "hnsw": HNSWIndex,
     "ivf": IVFIndex,
+    "ivf_sq": IVFSQIndex,
     "scann": ScannIndex,
 }
 KINDS = tuple(_CLASSES)
@@ -55,6 +57,8 @@ def make_index(config: IndexConfig) -> Index:
         )
     if config.kind == "ivf":
         return IVFIndex(nlist=config.ivf_nlist, nprobe=config.nprobe)
+    if config.kind == "ivf_sq":
+        return IVFSQIndex(nlist=config.ivf_nlist, nprobe=config.nprobe)
     if config.kind == "scann":
         return ScannIndex(num_leaves=config.ivf_nlist, leaves_to_search=config.nprobe)
     raise ConfigError(

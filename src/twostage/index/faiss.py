@@ -163,11 +163,15 @@ class IVFIndex(_FaissIndex):
         rng = np.random.default_rng(self.seed)
         sample = vectors[np.sort(rng.choice(num_items, num_train, replace=False))]
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index = self._ivf(quantizer, dim, nlist)
         index.cp.seed = self.seed
         index.train(sample)
         index.add(vectors)
         self._index, self._nlist = index, nlist
+
+    def _ivf(self, quantizer: Any, dim: int, nlist: int) -> Any:
+        """The inverted-file index over ``quantizer``: float vectors in the lists."""
+        return faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
 
     def _raw_search(
         self, queries: np.ndarray, fetch: int, attempt: int
@@ -175,3 +179,23 @@ class IVFIndex(_FaissIndex):
         nprobe = min(self._nlist, self.nprobe << min(attempt, 32))
         params = faiss.SearchParametersIVF(nprobe=nprobe)  # type: ignore[call-arg]
         return self._index.search(queries, fetch, params=params)
+
+
+class IVFSQIndex(IVFIndex):
+    """``faiss.IndexIVFScalarQuantizer`` with 8-bit codes: :class:`IVFIndex` with one
+    byte per dimension in the lists instead of four, for catalogues whose float
+    vectors do not fit comfortably (10M x 64 floats: 2.4 GiB; as codes: 0.6 GiB).
+    Scores are computed on the decoded codes, so they differ slightly from the exact
+    ones; ``benchmarks/index_bench.py`` measures recall against exact.
+    """
+
+    kind = "ivf_sq"
+
+    def _ivf(self, quantizer: Any, dim: int, nlist: int) -> Any:
+        return faiss.IndexIVFScalarQuantizer(
+            quantizer,
+            dim,
+            nlist,
+            faiss.ScalarQuantizer.QT_8bit,
+            faiss.METRIC_INNER_PRODUCT,
+        )

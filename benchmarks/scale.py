@@ -1,0 +1,182 @@
+"""Scale: a log written straight to Parquet, the streaming data pass against a bare
+polars scan (time and peak RSS, each phase in its own process), and data-parallel
+training with 1 and 2 gloo ranks on MovieLens-100k (throughput, the cost of gathering
+negatives, and quality with the same global batch).
+
+    python benchmarks/scale.py --rows 100000000 --users 10000000 --items 2000000 \\
+        --json benchmarks/results/scale.json
+
+Defaults are smaller (10M rows) so that a run takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, print_table, write_json
+
+
+def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    """Run one phase in a fresh process; its wall time and peak RSS come back."""
+    command = [
+        *(sys.executable, __file__, "--phase", name, "--dir", str(directory)),
+        *("--rows", str(args.rows), "--users", str(args.users)),
+        *("--items", str(args.items), "--rows-per-group", str(args.rows_per_group)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"phase {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import polars as pl
+
+    from twostage.data.streaming import fit_vocabularies, parquet_files
+    from twostage.data.synthetic import write_parquet
+
+    started = time.perf_counter()
+    out: dict[str, Any] = {}
+    if name == "write":
+        files = write_parquet(
+            args.dir,
+            num_users=args.users,
+            num_items=args.items,
+            num_interactions=args.rows,
+            rows_per_group=args.rows_per_group,
+            rows_per_file=10 * args.rows_per_group,
+        )
+        out["files"] = len(files)
+        out["bytes"] = sum(f.stat().st_size for f in files)
+    elif name == "vocabularies":
+        fitted = fit_vocabularies(args.dir, method="random", test_fraction=0.2, seed=42)
+        out.update(
+            users=fitted.users.size - 1,
+            items=fitted.items.size - 1,
+            train_rows=fitted.num_train_rows,
+            test_rows=fitted.num_test_rows,
+        )
+    elif name == "polars-scan":
+        # The floor: count every user and item with polars' streaming engine, no
+        # split and no vocabulary.
+        files = [str(f) for f in parquet_files(args.dir)]
+        for column in ("user_id", "item_id"):
+            counts = (
+                pl.scan_parquet(files)
+                .group_by(column)
+                .len()
+                .collect(engine="streaming")
+            )
+            out[column] = counts.height
+    out["seconds"] = time.perf_counter() - started
+    # ru_maxrss is in KiB on Linux.
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def _distributed(args: argparse.Namespace) -> dict[str, Any]:
+    """`twostage train retrieval --nproc N` on MovieLens-100k, N = 1 and 2, the
+    same global batch: seconds, examples/s, and the test figures."""
+    results: dict[str, Any] = {}
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    for ranks in (1, 2):
+        with tempfile.TemporaryDirectory() as temp:
+            command = [
+                *(sys.executable, "-m", "twostage", "-q", "train", "retrieval"),
+                *("--dataset", "movielens-100k", "--out", f"{temp}/run", "--json"),
+                *("--set", f"train.epochs={args.epochs}"),
+                *("--set", f"train.batch_size={args.batch_size}"),
+                *("--set", "train.num_threads=1"),
+            ]
+            if ranks > 1:
+                command += ["--nproc", str(ranks)]
+            started = time.perf_counter()
+            done = subprocess.run(
+                command, capture_output=True, text=True, env=env, check=False
+            )
+            seconds = time.perf_counter() - started
+            if done.returncode != 0:
+                raise SystemExit(f"{ranks} rank(s) failed:\n{done.stderr[-3000:]}")
+            answer = json.loads(done.stdout)
+            history = json.loads(Path(f"{temp}/run/history.json").read_text())
+        metrics = answer["retrieval"]["metrics"]
+        epochs = history["history"] if isinstance(history, dict) else history
+        train_seconds = epochs[-1]["seconds"]
+        results[str(ranks)] = {
+            "wall_seconds": seconds,
+            "train_seconds": train_seconds,
+            "examples_per_second": 0.8 * 0.95 * 100_000 * args.epochs / train_seconds,
+            "ndcg@10": metrics["exclude_seen"]["ndcg"]["10"],
+            "recall@100": metrics["exclude_seen"]["recall"]["100"],
+            "factorized_top_k@100": metrics["include_seen"]["factorized_top_k"]["100"],
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--rows-per-group", type=int, default=1_000_000)
+    parser.add_argument("--epochs", type=int, default=3, help="distributed runs")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument(
+        "--skip-distributed", action="store_true", help="only the data pass"
+    )
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.phase:
+        args.dir = Path(args.dir)
+        print(json.dumps(_run_phase(args.phase, args)))
+        return {}
+    results: dict[str, Any] = {"config": vars(args) | {"json": None}}
+    with tempfile.TemporaryDirectory(prefix="twostage-scale-") as temp:
+        directory = Path(temp) / "log"
+        for name in ("write", "vocabularies", "polars-scan"):
+            results[name] = _phase(name, args, directory)
+    rows = [
+        [name, results[name]["seconds"], results[name]["peak_rss_gib"]]
+        for name in ("write", "vocabularies", "polars-scan")
+    ]
+    print_table(
+        f"data pass: {args.rows:,} rows, {args.users:,} users, {args.items:,} items",
+        ["phase", "seconds", "peak RSS GiB"],
+        rows,
+    )
+    if not args.skip_distributed:
+        results["distributed"] = _distributed(args)
+        print_table(
+            f"MovieLens-100k, {args.epochs} epochs, global batch {args.batch_size}",
+            ["ranks", "train s", "examples/s", "NDCG@10", "R@100", "FTopK@100"],
+            [
+                [
+                    ranks,
+                    r["train_seconds"],
+                    r["examples_per_second"],
+                    r["ndcg@10"],
+                    r["recall@100"],
+                    r["factorized_top_k@100"],
+                ]
+                for ranks, r in results["distributed"].items()
+            ],
+        )
+    results["machine"] = machine()
+    write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -194,7 +194,10 @@ class TrainConfig(_Checked):
 
     ``max_steps`` > 0 stops after that many optimiser steps in all (smoke runs and
     throughput benchmarks). ``device`` is ``auto`` (CUDA when present), ``cpu`` or
-    ``cuda[:n]``; ``num_threads`` > 0 sets torch's CPU threads.
+    ``cuda[:n]``; ``num_threads`` > 0 sets torch's CPU threads. ``precision=bf16``
+    runs the forward pass under ``torch.autocast`` in bfloat16 (weights, optimiser
+    state and the loss's softmax stay float32): the GPU setting; on CPUs without
+    bf16 units it is slower.
     """
 
     epochs: int = 10
@@ -211,6 +214,7 @@ class TrainConfig(_Checked):
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     SECTION: ClassVar[str] = "train"
 

@@ -212,7 +212,7 @@ def fit_ranking(
 
 def _train_config(ranking: RankingRun) -> TrainConfig:
     """The loop settings of the ranker: its own epochs, batch, LR, clipping and
-    patience; the retrieval run's seed, device and threads."""
+    patience; the retrieval run's seed, device, threads and precision."""
     config, shared = ranking.config, ranking.retrieval.config.train
     return TrainConfig(
         epochs=config.epochs,
@@ -227,6 +227,7 @@ def _train_config(ranking: RankingRun) -> TrainConfig:
         seed=shared.seed,
         device=shared.device,
         num_threads=shared.num_threads,
+        precision=shared.precision,
     )
 
 

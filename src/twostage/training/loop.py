@@ -179,7 +179,12 @@ def run_training(
                 group["lr"] = learning_rate(config, step, total_steps)
             start = step_in_epoch * config.batch_size
             batch = order[start : start + config.batch_size].to(device)
-            loss = step_loss(batch, generator)
+            with torch.autocast(
+                device_type=torch.device(device).type,
+                dtype=torch.bfloat16,
+                enabled=config.precision == "bf16",
+            ):
+                loss = step_loss(batch, generator)
             optimizer.zero_grad()
             loss.backward()
             if config.grad_clip > 0:

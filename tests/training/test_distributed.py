@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from twostage.config import ExperimentConfig, apply_overrides
-from twostage.retrieval.fit import fit_retrieval
+from twostage.two_stage import TwoStage, fit_two_stage
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not built in"
@@ -27,6 +27,12 @@ def _config(extra: list[str]) -> ExperimentConfig:
             "train.epochs=2",
             "train.batch_size=256",  # 2,400 rows: the last batch is uneven (96)
             "train.num_threads=1",
+            "ranking.epochs=2",
+            # Dropout masks follow each rank's share (the only per-rank draw left).
+            "ranking.dropout=0",
+            # Hard negatives are retrieval's top 500 per user: retrieval weights equal
+            # to 1e-7 can still swap one at the boundary, and the runs then part.
+            "ranking.num_hard_negatives=0",
             "retrieval.embedding_dim=16",
             "retrieval.output_dim=16",
             "retrieval.history_length=8",
@@ -46,12 +52,19 @@ def _rank(rank: int, world: int, port: int, extra: list[str], out: str) -> None:
     from twostage import distributed
 
     try:
-        run, _ = fit_retrieval(_config(extra), evaluate_test=False)
+        stages = fit_two_stage(_config(extra), evaluate_test=False)
         if rank == 0:
-            state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
-            save_file(state, out)
+            save_file(_weights(stages), out)
     finally:
         distributed.shutdown()
+
+
+def _weights(stages: TwoStage) -> dict[str, torch.Tensor]:
+    """Both stages' weights, by stage."""
+    assert stages.ranker is not None
+    out = {f"retrieval.{k}": v for k, v in stages.retrieval.model.state_dict().items()}
+    out |= {f"ranking.{k}": v for k, v in stages.ranker.model.state_dict().items()}
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _free_port() -> int:
@@ -77,7 +90,9 @@ def _free_port() -> int:
     ids=["defaults", "sparse-extra-negatives"],
 )
 def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) -> None:
-    single, _ = fit_retrieval(_config(extra), evaluate_test=False)
+    """Both stages: retrieval (gathered negatives) and the ranker (its share of the
+    global batch, negatives drawn for the whole batch)."""
+    single = _weights(fit_two_stage(_config(extra), evaluate_test=False))
     out = tmp_path / "rank0.safetensors"
     mp.start_processes(
         _rank,
@@ -87,13 +102,14 @@ def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) ->
         start_method="spawn",
     )
     two = load_file(out)
-    one = single.model.state_dict()
+    one = single
     assert set(two) == set(one)
     changed = 0
     for name, weights in one.items():
         torch.testing.assert_close(two[name], weights, rtol=1e-4, atol=1e-5, msg=name)
         changed += 1
     assert changed > 4
+    assert any(k.startswith("ranking.") for k in one)
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from twostage import distributed
 from twostage.config import RankingConfig, TrainConfig, to_dict
 from twostage.data.dataset import Dataset
 from twostage.data.split import validation_split
@@ -70,7 +71,13 @@ def _loss(
     batch: Pairs,
     generator: torch.Generator,
 ) -> Tensor:
-    """Weighted rating MSE (rated positives) plus click BCE (positives, negatives)."""
+    """Weighted rating MSE (rated positives) plus click BCE (positives, negatives).
+
+    In a data-parallel run (:mod:`twostage.distributed`) ``batch`` is the global
+    batch: the negatives are drawn for all of it, this rank scores its share, and the
+    means divide by the global counts times the number of ranks, so that DDP's
+    averaged gradient is the global batch's.
+    """
     config, (users, items, ratings) = run.config, batch
     candidates = items[:, None]
     usable = torch.ones(len(items), 1, dtype=torch.bool, device=items.device)
@@ -78,19 +85,25 @@ def _loss(
         sampled, ok = negatives.sample(users, generator)
         candidates = torch.cat([candidates, sampled], dim=1)  # (B, 1 + M)
         usable = torch.cat([usable, ok], dim=1)
+    rated = ~torch.isnan(ratings)
+    num_rated, num_usable, ranks = rated.sum(), usable.sum(), 1
+    world = distributed.current()
+    if world is not None:  # the global counts, then this rank's rows
+        share = world.shard(torch.arange(len(users), device=users.device))
+        users, candidates, usable = users[share], candidates[share], usable[share]
+        ratings, rated, ranks = ratings[share], rated[share], world.size
     out = forward_pairs(run, users, candidates, exclude_target=True)
     loss = torch.zeros((), device=items.device)
-    rated = ~torch.isnan(ratings)
-    if config.rating_weight > 0 and rated.any():
+    if config.rating_weight > 0 and num_rated > 0:
         error = out["rating"][:, 0][rated] - ratings[rated]
-        loss = loss + config.rating_weight * error.pow(2).mean()
+        loss = loss + config.rating_weight * ranks * error.pow(2).sum() / num_rated
     if config.click_weight > 0:
         labels = torch.zeros_like(out["click"])
         labels[:, 0] = 1.0
         bce = F.binary_cross_entropy_with_logits(
             out["click"], labels, weight=usable.float(), reduction="sum"
         )
-        loss = loss + config.click_weight * bce / usable.sum()
+        loss = loss + config.click_weight * ranks * bce / num_usable
     return loss
 
 

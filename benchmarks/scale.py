@@ -12,6 +12,7 @@ Defaults are smaller (10M rows) so that a run takes about a minute.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -25,6 +26,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json
 
+#: Each in its own process: wall time and peak RSS per phase.
+PHASES = ("write", "vocabularies", "polars-scan", "train")
+
 
 def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     """Run one phase in a fresh process; its wall time and peak RSS come back."""
@@ -32,6 +36,7 @@ def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, An
         *(sys.executable, __file__, "--phase", name, "--dir", str(directory)),
         *("--rows", str(args.rows), "--users", str(args.users)),
         *("--items", str(args.items), "--rows-per-group", str(args.rows_per_group)),
+        *("--steps", str(args.steps)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -66,6 +71,8 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             train_rows=fitted.num_train_rows,
             test_rows=fitted.num_test_rows,
         )
+    elif name == "train":
+        out.update(_train_steps(args))
     elif name == "polars-scan":
         # The floor: count every user and item with polars' streaming engine, no
         # split and no vocabulary.
@@ -82,6 +89,54 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # ru_maxrss is in KiB on Linux.
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
+
+
+def _train_steps(args: argparse.Namespace) -> dict[str, Any]:
+    """The first ``--steps`` steps of ID-only training (sparse embeddings, batches of
+    1,024) on the whole log. Training loads the split as index tensors: this measures
+    that path's peak RSS and speed at this size."""
+    import polars as pl
+    import torch
+
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.data.dataset import Dataset
+    from twostage.data.streaming import parquet_files
+    from twostage.retrieval.fit import fit_retrieval
+
+    files = [str(f) for f in parquet_files(args.dir)]
+    log = pl.read_parquet(files, columns=["user_id", "item_id", "timestamp"])
+    dataset = Dataset(name="scale", interactions=log)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "retrieval.use_side_features=false",
+            "retrieval.history_length=0",
+            "retrieval.sparse_embeddings=true",
+            "retrieval.popularity_fallback=0",
+            "data.validation_fraction=0",
+            "train.optimizer=adagrad",
+            "train.batch_size=1024",
+            f"train.max_steps={args.steps}",
+            "train.epochs=1",
+            "train.early_stopping_patience=0",
+        ],
+    )
+    stamps: list[float] = []
+    started = time.perf_counter()
+    fit_retrieval(
+        config,
+        dataset=dataset,
+        evaluate_test=False,
+        on_step=lambda _: stamps.append(time.perf_counter()),
+    )
+    steps = [b - a for a, b in itertools.pairwise(stamps[10:])]  # after warm-up
+    step = sorted(steps)[len(steps) // 2]
+    return {
+        "steps": len(stamps),
+        "examples_per_s": 1024 / step,
+        "prepare_and_train_s": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _distributed(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--rows-per-group", type=int, default=1_000_000)
     parser.add_argument("--epochs", type=int, default=3, help="distributed runs")
+    parser.add_argument(
+        "--steps", type=int, default=200, help="training steps measured on the log"
+    )
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument(
         "--skip-distributed", action="store_true", help="only the data pass"
@@ -145,16 +203,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"config": vars(args) | {"json": None}}
     with tempfile.TemporaryDirectory(prefix="twostage-scale-") as temp:
         directory = Path(temp) / "log"
-        for name in ("write", "vocabularies", "polars-scan"):
+        for name in PHASES:
             results[name] = _phase(name, args, directory)
     rows = [
         [name, results[name]["seconds"], results[name]["peak_rss_gib"]]
-        for name in ("write", "vocabularies", "polars-scan")
+        for name in PHASES
     ]
     print_table(
         f"data pass: {args.rows:,} rows, {args.users:,} users, {args.items:,} items",
         ["phase", "seconds", "peak RSS GiB"],
         rows,
+    )
+    train = results["train"]
+    print(
+        f"training, first {train['steps']} steps (ID-only, sparse, batch 1,024): "
+        f"{train['examples_per_s']:,.0f} examples/s"
     )
     if not args.skip_distributed:
         results["distributed"] = _distributed(args)

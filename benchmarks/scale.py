@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json
 
 #: Each in its own process: wall time and peak RSS per phase.
-PHASES = ("write", "vocabularies", "polars-scan", "train")
+PHASES = ("write", "vocabularies", "polars-scan", "train", "train-streamed")
 
 
 def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
@@ -72,7 +72,9 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             test_rows=fitted.num_test_rows,
         )
     elif name == "train":
-        out.update(_train_steps(args))
+        out.update(_train_steps(args, streamed=False))
+    elif name == "train-streamed":
+        out.update(_train_steps(args, streamed=True))
     elif name == "polars-scan":
         # The floor: count every user and item with polars' streaming engine, no
         # split and no vocabulary.
@@ -91,10 +93,10 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _train_steps(args: argparse.Namespace) -> dict[str, Any]:
+def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
     """The first ``--steps`` steps of ID-only training (sparse embeddings, batches of
-    1,024) on the whole log. Training loads the split as index tensors: this measures
-    that path's peak RSS and speed at this size."""
+    1,024) on the whole log: loaded and split in memory (``train``), or streamed
+    (``train-streamed``: two passes over the row groups, index arrays only)."""
     import polars as pl
     import torch
 
@@ -103,9 +105,6 @@ def _train_steps(args: argparse.Namespace) -> dict[str, Any]:
     from twostage.data.streaming import parquet_files
     from twostage.retrieval.fit import fit_retrieval
 
-    files = [str(f) for f in parquet_files(args.dir)]
-    log = pl.read_parquet(files, columns=["user_id", "item_id", "timestamp"])
-    dataset = Dataset(name="scale", interactions=log)
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -123,12 +122,21 @@ def _train_steps(args: argparse.Namespace) -> dict[str, Any]:
     )
     stamps: list[float] = []
     started = time.perf_counter()
-    fit_retrieval(
-        config,
-        dataset=dataset,
-        evaluate_test=False,
-        on_step=lambda _: stamps.append(time.perf_counter()),
-    )
+    if streamed:
+        from twostage.retrieval.streamed import fit_streamed_retrieval
+
+        fit_streamed_retrieval(
+            config, args.dir, on_step=lambda _: stamps.append(time.perf_counter())
+        )
+    else:
+        files = [str(f) for f in parquet_files(args.dir)]
+        log = pl.read_parquet(files, columns=["user_id", "item_id", "timestamp"])
+        fit_retrieval(
+            config,
+            dataset=Dataset(name="scale", interactions=log),
+            evaluate_test=False,
+            on_step=lambda _: stamps.append(time.perf_counter()),
+        )
     steps = [b - a for a, b in itertools.pairwise(stamps[10:])]  # after warm-up
     step = sorted(steps)[len(steps) // 2]
     return {
@@ -193,6 +201,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--skip-distributed", action="store_true", help="only the data pass"
     )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES[1:]),
+        help="after writing the log: any of " + ", ".join(PHASES[1:]),
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -203,22 +216,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"config": vars(args) | {"json": None}}
     with tempfile.TemporaryDirectory(prefix="twostage-scale-") as temp:
         directory = Path(temp) / "log"
-        for name in PHASES:
+        for name in ["write", *args.phases.split(",")]:
             results[name] = _phase(name, args, directory)
     rows = [
         [name, results[name]["seconds"], results[name]["peak_rss_gib"]]
         for name in PHASES
+        if name in results
     ]
     print_table(
         f"data pass: {args.rows:,} rows, {args.users:,} users, {args.items:,} items",
         ["phase", "seconds", "peak RSS GiB"],
         rows,
     )
-    train = results["train"]
-    print(
-        f"training, first {train['steps']} steps (ID-only, sparse, batch 1,024): "
-        f"{train['examples_per_s']:,.0f} examples/s"
-    )
+    for name in ("train", "train-streamed"):
+        if name in results:
+            train = results[name]
+            print(
+                f"{name}, first {train['steps']} steps (ID-only, sparse, batch "
+                f"1,024): {train['examples_per_s']:,.0f} examples/s"
+            )
     if not args.skip_distributed:
         results["distributed"] = _distributed(args)
         print_table(

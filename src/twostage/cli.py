@@ -475,6 +475,15 @@ def train_retrieval_command(
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
     nproc: NProc = 1,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Read --dataset (a Parquet file or directory) one row group at a "
+            "time, never as a table, for logs larger than memory; ID-only towers, "
+            "no test evaluation (docs/scaling.md).",
+        ),
+    ] = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
@@ -491,6 +500,28 @@ def train_retrieval_command(
     )
     columns.update(train_file=train_file, test_file=test_file)
     config = _experiment_config(dataset, config_file, overrides or [], columns)
+    if stream:
+        from twostage.retrieval.streamed import fit_streamed_retrieval
+
+        with _stop_on_sigterm(), training_progress("retrieval") as bars:
+            streamed = fit_streamed_retrieval(
+                config, dataset, out_dir=out, on_step=bars["retrieval"]
+            )
+        summary = {
+            "run": str(out),
+            "training_rows": len(streamed.tensors.users),
+            "users": streamed.spec.vocabulary("user_id").size - 1,
+            "items": streamed.spec.vocabulary("item_id").size - 1,
+        }
+        if json_output:
+            print_json(summary)
+            return
+        console.print(
+            f"Streamed {summary['training_rows']:,} training rows "
+            f"({summary['users']:,} users, {summary['items']:,} items); saved to "
+            f"[cyan]{out}[/cyan]."
+        )
+        return
     options: dict[str, Any] = {"out_dir": out, "resume": resume}
     if _rank() != 0:  # another rank of a torchrun job: rank 0 reports and saves
         fit_retrieval(config, allow_config_change=allow_config_change, **options)

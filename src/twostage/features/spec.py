@@ -112,6 +112,21 @@ class FeatureSpec:
         query, candidate = default_fields(dataset, use_side_features=use_side_features)
         return cls(query=query, candidate=candidate)
 
+    @classmethod
+    def for_ids(cls, *, users: Vocabulary, items: Vocabulary) -> Self:
+        """A fitted ID-only spec (``user_id`` and ``item_id`` fields) from vocabularies
+        fitted elsewhere, e.g. in a streaming pass over a log too large to load
+        (:func:`twostage.data.streaming.fit_vocabularies`)."""
+        spec = cls(query=[Field(USER, "id")], candidate=[Field(ITEM, "id")])
+        encoders: dict[str, Encoder] = {}
+        for field, vocabulary in ((spec.query[0], users), (spec.candidate[0], items)):
+            encoder = field.make_encoder()
+            encoder.vocabulary = vocabulary  # type: ignore[attr-defined]
+            encoders[field.key] = encoder
+        spec._encoders = encoders
+        spec._sources = {USER: "interactions", ITEM: "interactions"}
+        return spec
+
     def fit(self, dataset: Dataset) -> Self:
         """Fit one encoder per field on the training split (see the module docstring).
 

@@ -148,7 +148,9 @@ def run_training(
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
     result = TrainResult()
-    best_state = _clone(model)
+    # The best epoch's weights; None until an epoch ends (the weights themselves are
+    # then the fallback). Not cloned up front: for a large model a copy is gigabytes.
+    best_state: dict[str, Tensor] | None = None
     bad_epochs, start_epoch = 0, 0
     if resume:
         if checkpoint_dir is None:
@@ -227,6 +229,7 @@ def run_training(
         metric = record.get("validation", -record["train_loss"])
         if metric > result.best_metric:
             result.best_metric, result.best_epoch, bad_epochs = metric, epoch, 0
+            best_state = None  # drop the old copy before taking the new one
             best_state = _clone(model)
         else:
             bad_epochs += 1
@@ -253,7 +256,7 @@ def run_training(
                 result,
                 epoch + 1,
                 bad_epochs,
-                best_state,
+                best_state if best_state is not None else _clone(model),
                 fingerprint=fingerprint,
             )
         if _STOP.is_set():
@@ -275,7 +278,8 @@ def run_training(
     result.stopped_early = bad_epochs >= config.early_stopping_patience > 0 and (
         len(result.history) < config.epochs
     )
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.cpu().eval()
     return result
 

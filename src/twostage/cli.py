@@ -503,6 +503,10 @@ def train_retrieval_command(
     if stream:
         from twostage.retrieval.streamed import fit_streamed_retrieval
 
+        if _rank() != 0:  # another rank of a torchrun job: rank 0 reports and saves
+            fit_streamed_retrieval(config, dataset, out_dir=out)
+            return
+
         with _stop_on_sigterm(), training_progress("retrieval") as bars:
             streamed = fit_streamed_retrieval(
                 config, dataset, out_dir=out, on_step=bars["retrieval"]

@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from twostage import distributed
 from twostage.config import ExperimentConfig
 from twostage.data.dataset import ITEM, TIME, USER
 from twostage.data.streaming import (
@@ -117,13 +118,16 @@ def fit_streamed_retrieval(
             choose the training rows row by row; the model must be ID-only.
         path: a Parquet file or directory with ``user_id``, ``item_id`` and
             ``timestamp``.
-        out_dir: where the run is saved (servable like ``twostage train retrieval``'s).
+        out_dir: where the run is saved (servable like ``twostage train retrieval``'s);
+            under torchrun every rank reads the whole log, trains on its share of
+            each global batch, and rank 0 saves.
         on_step: progress callback of the training loop.
 
     Raises:
         ConfigError: the config asks for something the streamed path lacks.
     """
     _check(config)
+    distributed.init_from_env(config.train.device)  # under torchrun: data-parallel
     started = time.perf_counter()
     data = config.data
     fitted = fit_vocabularies(
@@ -143,6 +147,6 @@ def fit_streamed_retrieval(
     run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
     run.train_result = train_retrieval(model, tensors, config.train, on_step=on_step)
     run.popularity_fallback = 0
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():
         run.save(out_dir)
     return run

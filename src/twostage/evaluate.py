@@ -224,8 +224,14 @@ class _Run:
         valid_items: np.ndarray | None,
         slices: Mapping[str, np.ndarray] | None,
         item_slices: Mapping[str, np.ndarray] | None,
+        shard: bool = False,
     ) -> None:
         self.ks = check_ks(ks)
+        self.world = None
+        if shard:
+            from twostage import distributed
+
+            self.world = distributed.current()
         self.k = self.ks[-1]
         self.modes = _resolve_modes(exclude_seen, seen)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -262,8 +268,15 @@ class _Run:
         self.accs.update({n: accumulators(m) for n, m in item_masks.items()})
 
     def batches(self) -> Iterator[tuple[int, int]]:
-        for start in range(0, self.num_queries, self.batch_size):
-            yield start, min(start + self.batch_size, self.num_queries)
+        """The query blocks; with ``shard`` under torch.distributed, those of this
+        rank's contiguous share of the queries."""
+        low, high = 0, self.num_queries
+        if self.world is not None:
+            sizes = self.world.sizes(self.num_queries)
+            low = sum(sizes[: self.world.rank])
+            high = low + sizes[self.world.rank]
+        for start in range(low, high, self.batch_size):
+            yield start, min(start + self.batch_size, high)
 
     def seen_pairs(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(local_row, item_idx)``, each ``[n]`` int64, of the batch's seen items."""
@@ -313,6 +326,11 @@ class _Run:
                     )
 
     def result(self) -> EvalResult:
+        if self.world is not None:  # every rank ends with all ranks' figures
+            for by_mode in self.accs.values():
+                for accumulator in by_mode.values():
+                    accumulator.all_reduce()
+
         def build(by_mode: dict[str, MetricAccumulator]) -> EvalResult:
             return EvalResult(
                 ks=self.ks,
@@ -378,6 +396,7 @@ def evaluate_scores(
     valid_items: np.ndarray | None = None,
     slices: Mapping[str, np.ndarray] | None = None,
     item_slices: Mapping[str, np.ndarray] | None = None,
+    shard: bool = False,
 ) -> EvalResult:
     """Ranks the whole catalogue for every query with a scoring function.
 
@@ -399,6 +418,7 @@ def evaluate_scores(
         slices: ``name -> [Q] bool`` query subsets (e.g. cold users) to report apart.
         item_slices: ``name -> [num_items] bool`` item subsets (e.g. cold items): the
             same rankings, relevant sets and coverage restricted to those items.
+        shard: as in :func:`evaluate_embeddings`.
     """
     query_arr = np.asarray(queries)
     if query_arr.ndim != 1 or not np.issubdtype(query_arr.dtype, np.integer):
@@ -417,6 +437,7 @@ def evaluate_scores(
         valid_items=valid_items,
         slices=slices,
         item_slices=item_slices,
+        shard=shard,
     )
 
     def score_chunks(start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -445,6 +466,7 @@ def evaluate_embeddings(
     valid_items: np.ndarray | None = None,
     slices: Mapping[str, np.ndarray] | None = None,
     item_slices: Mapping[str, np.ndarray] | None = None,
+    shard: bool = False,
 ) -> EvalResult:
     """Dot-product retrieval evaluation that scans the catalogue in item chunks.
 
@@ -460,6 +482,9 @@ def evaluate_embeddings(
         item_batch_size: items scored at a time.
         relevant, seen, ks, exclude_seen, batch_size, valid_items, slices,
             item_slices: as in :func:`evaluate_scores`.
+        shard: under ``torch.distributed`` (:mod:`twostage.distributed`), score
+            this rank's share of the query blocks and merge the figures of all
+            ranks; every rank must call it, and every rank returns the same result.
     """
     if (
         query_emb.ndim != 2
@@ -487,6 +512,7 @@ def evaluate_embeddings(
         valid_items=valid_items,
         slices=slices,
         item_slices=item_slices,
+        shard=shard,
     )
     item_emb = item_emb.to(query_emb.device)
 

@@ -227,6 +227,24 @@ class MetricAccumulator:
         ranks = torch.arange(ids.shape[1]).expand_as(ids)
         self._best_rank.scatter_reduce_(0, ids[present], ranks[present], reduce="amin")
 
+    def all_reduce(self) -> None:
+        """Merge the accumulators of every rank of a ``torch.distributed`` group into
+        each (sums and counts add, each item's best rank is the minimum): after it,
+        every rank computes the metrics of all ranks' queries together."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self._sums)
+        dist.all_reduce(self._hits)
+        dist.all_reduce(self._best_rank, op=dist.ReduceOp.MIN)
+        counts = torch.tensor(
+            [self._num_queries, self._num_with_relevant, self._num_interactions],
+            dtype=torch.int64,
+        )
+        dist.all_reduce(counts)
+        self._num_queries, self._num_with_relevant, self._num_interactions = (
+            int(c) for c in counts
+        )
+
     def counts(self) -> dict[str, int]:
         """Queries seen, with and without relevant items, and relevant pairs."""
         return {

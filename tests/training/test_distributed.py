@@ -1,6 +1,7 @@
 """Data-parallel training: 2 gloo ranks give the weights of 1 process with the same
 global batch (in-batch negatives gathered across ranks, gradients averaged by DDP)."""
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -52,9 +53,10 @@ def _rank(rank: int, world: int, port: int, extra: list[str], out: str) -> None:
     from twostage import distributed
 
     try:
-        stages = fit_two_stage(_config(extra), evaluate_test=False)
+        stages = fit_two_stage(_config(extra))  # test users sharded over the ranks
         if rank == 0:
             save_file(_weights(stages), out)
+            Path(out + ".json").write_text(json.dumps(stages.retrieval.metrics))
     finally:
         distributed.shutdown()
 
@@ -93,7 +95,8 @@ def _free_port() -> int:
 def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) -> None:
     """Both stages: retrieval (gathered negatives) and the ranker (its share of the
     global batch, negatives drawn for the whole batch)."""
-    single = _weights(fit_two_stage(_config(extra), evaluate_test=False))
+    alone = fit_two_stage(_config(extra))
+    single = _weights(alone)
     out = tmp_path / "rank0.safetensors"
     mp.start_processes(
         _rank,
@@ -114,6 +117,16 @@ def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) ->
         changed += 1
     assert changed > 4
     assert any(k.startswith("ranking.") for k in one)
+    # Evaluation sharded by user: each rank scored half the test users, and the
+    # merged figures are the single process's.
+    sharded = json.loads(Path(str(out) + ".json").read_text())
+    whole = alone.retrieval.metrics
+    assert sharded["counts"] == whole["counts"]
+    for mode, metrics in whole["metrics"].items():
+        for name, per_k in metrics.items():
+            for k, value in per_k.items():
+                got = sharded["metrics"][mode][name][k]
+                assert got == pytest.approx(value, abs=1e-6), (mode, name, k)
 
 
 @pytest.mark.slow

@@ -122,11 +122,12 @@ def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
 
 
 def evaluate_run_embeddings(
-    run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...]
+    run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...], shard: bool = False
 ) -> EvalResult:
     """Evaluate the two towers over the whole catalogue (both seen-item modes), with
     the run's popularity fallback applied as serving applies it (the users it covers
-    are also reported as the ``popularity_fallback_users`` slice)."""
+    are also reported as the ``popularity_fallback_users`` slice). ``shard``: each
+    rank of a torch.distributed group scores its share of the users."""
     queries = eval_queries(run, test)
     query_emb = run.query_embeddings(
         queries.user_ids, users=test.users, context=queries.context
@@ -144,6 +145,7 @@ def evaluate_run_embeddings(
             valid_items=queries.valid_items,
             slices=queries.slices,
             item_slices=queries.item_slices,
+            shard=shard,
         )
     popularity = queries.pad_scores(run.tensors.item_probs[None, :])[0]  # [num_items]
     fallback = torch.from_numpy(popular)
@@ -165,6 +167,7 @@ def evaluate_run_embeddings(
         valid_items=queries.valid_items,
         slices=slices,
         item_slices=queries.item_slices,
+        shard=shard,
     )
 
 

@@ -158,10 +158,10 @@ def fit_retrieval(
         # At inference the validation rows are history like any other training row:
         # they feed the query history and are excluded as seen.
         run.tensors = with_history_of(run.tensors, spec, split.train, config.retrieval)
-    main = distributed.is_main()  # one rank evaluates and saves
-    if evaluate_test and split.test.num_interactions and main:
-        run.metrics = run.evaluate(split.test).to_dict()
-    if out_dir is not None and main:
+    # Every rank scores its share of the test users; one rank saves.
+    if evaluate_test and split.test.num_interactions:
+        run.metrics = run.evaluate(split.test, shard=world is not None).to_dict()
+    if out_dir is not None and distributed.is_main():
         run.save(out_dir)
         if split.fit.items is not None:  # what `twostage recommend RUN` shows
             split.fit.items.write_parquet(Path(out_dir) / "items.parquet")

@@ -178,12 +178,18 @@ class RetrievalRun:
             return self.model.encode_queries(features)
 
     def evaluate(
-        self, test: Dataset, *, ks: tuple[int, ...] = (1, 5, 10, 50, 100)
+        self,
+        test: Dataset,
+        *,
+        ks: tuple[int, ...] = (1, 5, 10, 50, 100),
+        shard: bool = False,
     ) -> EvalResult:
-        """Full-catalogue metrics on a test split, with and without seen items."""
+        """Full-catalogue metrics on a test split, with and without seen items;
+        ``shard``: every rank of a torch.distributed group scores its share of the
+        users and all return the merged figures."""
         from twostage.retrieval.evaluation import evaluate_run_embeddings
 
-        return evaluate_run_embeddings(self, test, ks=ks)
+        return evaluate_run_embeddings(self, test, ks=ks, shard=shard)
 
     def save(self, directory: str | Path) -> None:
         """Write config, feature spec, weights, training tensors and metrics."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,6 @@ class _Columns:
     item_col: str = ITEM
     time_col: str | None = None
     rating_col: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TwoStageModel:

@@ -65,7 +65,6 @@ def _check(config: ExperimentConfig) -> None:
 
 def streamed_tensors(
     path: str | Path,
-    spec: FeatureSpec,
     fitted: StreamingVocabularies,
     config: ExperimentConfig,
 ) -> RetrievalTensors:
@@ -134,7 +133,7 @@ def fit_streamed_retrieval(
         path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
     )
     spec = FeatureSpec.for_ids(users=fitted.users, items=fitted.items)
-    tensors = streamed_tensors(path, spec, fitted, config)
+    tensors = streamed_tensors(path, fitted, config)
     logger.info(
         "streamed %d training rows (%d users, %d items) in %.1f s",
         fitted.num_train_rows,

@@ -118,6 +118,15 @@ class RetrievalConfig(_Checked):
     generation model, Covington et al. 2016, also caps examples per user); 0 uses
     them all.
 
+    ``query_encoder`` reads the history as a bag (``pooling``, by
+    ``history_pooling``) or in order: ``transformer`` (a causal transformer of
+    ``sequence_layers`` blocks of ``sequence_heads`` heads, SASRec style) or ``gru``
+    (:mod:`twostage.models.sequence`), with ``sequence_dropout``. ``examples`` =
+    ``sequences`` trains next-item prediction on every position of each user's last
+    ``history_length`` training items at once (one example per user; the query at a
+    position sees that item and the earlier ones), the way ordered encoders learn;
+    the other example modes also work with them.
+
     ``negatives`` is ``in_batch`` (the other positives of the batch, plus
     ``num_extra_negatives`` uniform draws, with the logQ correction) or ``full`` (an
     exact softmax over the whole catalogue, for catalogues up to some tens of thousands
@@ -148,7 +157,11 @@ class RetrievalConfig(_Checked):
     history_length: int = 100
     history_pooling: Literal["mean", "attention"] = "mean"
     history_dropout: float = 0.0
-    examples: Literal["interactions", "users"] = "interactions"
+    query_encoder: Literal["pooling", "transformer", "gru"] = "pooling"
+    sequence_layers: int = 2
+    sequence_heads: int = 2
+    sequence_dropout: float = 0.2
+    examples: Literal["interactions", "users", "sequences"] = "interactions"
     max_positives_per_user: int = 0
     temperature: float = 0.3
     learn_temperature: bool = False
@@ -172,6 +185,14 @@ class RetrievalConfig(_Checked):
             "hidden_dims": (all(h >= 1 for h in self.hidden_dims), "positive widths"),
             "history_length": (self.history_length >= 0, "0 (no history) or more"),
             "history_dropout": (_fraction(self.history_dropout), "in [0, 1)"),
+            "sequence_layers": (self.sequence_layers >= 1, "a positive integer"),
+            "sequence_heads": (
+                self.sequence_heads >= 1
+                and self.embedding_dim % self.sequence_heads == 0,
+                f"a positive divisor of `retrieval.embedding_dim` "
+                f"({self.embedding_dim})",
+            ),
+            "sequence_dropout": (_fraction(self.sequence_dropout), "in [0, 1)"),
             "max_positives_per_user": (
                 self.max_positives_per_user >= 0,
                 "0 (no cap) or positive",

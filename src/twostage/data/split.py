@@ -196,6 +196,11 @@ def hold_out_users(
 def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit:
     """The test split (plus held-out cold users) and the validation carve-out.
 
+    The carve-out uses the test split's method on the training rows:
+    ``data.validation_fraction`` of them at random, the latest fraction of them by
+    time (``temporal``), or each user's last training item (``leave-last-out``:
+    the second-last of the user's log; the fraction only switches it on).
+
     The same config and data always give the same three parts: re-evaluating a saved
     run rebuilds its test split this way. Ratings listed in ``data.unrated_values``
     become missing first (:meth:`Dataset.with_unrated`).
@@ -220,8 +225,13 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
         test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
     validation = None
     if data.validation_fraction > 0:
+        # Validation is carved the way test was: the second-last item of each user
+        # under leave-last-out, the latest rows of train under a temporal split.
         train, validation = validation_split(
-            train, fraction=data.validation_fraction, seed=data.seed + 7
+            train,
+            method=data.split,
+            fraction=data.validation_fraction,
+            seed=data.seed + 7,
         )
     return ExperimentSplit(fit=train, validation=validation, test=test)
 
@@ -250,8 +260,13 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
     ).with_unrated(data.unrated_values)
     validation = None
     if data.validation_fraction > 0:
+        # Validation is carved the way test was: the second-last item of each user
+        # under leave-last-out, the latest rows of train under a temporal split.
         train, validation = validation_split(
-            train, fraction=data.validation_fraction, seed=data.seed + 7
+            train,
+            method=data.split,
+            fraction=data.validation_fraction,
+            seed=data.seed + 7,
         )
     return ExperimentSplit(fit=train, validation=validation, test=test)
 

@@ -84,11 +84,14 @@ class FieldEmbedding(nn.Module):
         self.num_parts = len(self.fields) + (history is not None)
         self._register_load_state_dict_pre_hook(_rename_bag_weights)
 
-    def parts(self, features: dict[str, Tensor]) -> list[Tensor]:
+    def parts(
+        self, features: dict[str, Tensor], *, with_history: bool = True
+    ) -> list[Tensor]:
         """``features``: field name -> ``[B]`` / ``[B, L]`` / ``[B, width]``.
 
         Returns:
-            ``num_parts`` tensors ``[B, dim]``: the fields in order, then the history.
+            ``num_parts`` tensors ``[B, dim]``: the fields in order, then the history
+            (left out when ``with_history`` is False).
         """
         parts = []
         for info in self.fields:
@@ -96,7 +99,7 @@ class FieldEmbedding(nn.Module):
             if info.kind == "dense" and value.dim() == 1:
                 value = value.unsqueeze(-1)
             parts.append(self.embeddings[info.name](value))
-        if self.history is not None:
+        if self.history is not None and with_history:
             parts.append(self.history(features[HISTORY]))
         return parts
 

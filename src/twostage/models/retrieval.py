@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from twostage.config import RetrievalConfig
+from twostage.models.sequence import SequenceEncoder
 from twostage.models.towers import FieldInfo, HistoryPooling, Tower
 
 __all__ = ["RetrievalModel"]
@@ -34,8 +35,19 @@ class RetrievalModel(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        history = None
-        if config.history_length > 0:
+        history: HistoryPooling | SequenceEncoder | None = None
+        if config.history_length > 0 and config.query_encoder != "pooling":
+            history = SequenceEncoder(
+                num_items,
+                config.embedding_dim,
+                max_length=config.history_length,
+                kind=config.query_encoder,
+                num_layers=config.sequence_layers,
+                num_heads=config.sequence_heads,
+                dropout=config.sequence_dropout,
+                sparse=config.sparse_embeddings,
+            )
+        elif config.history_length > 0:
             history = HistoryPooling(
                 num_items,
                 config.embedding_dim,
@@ -66,6 +78,10 @@ class RetrievalModel(nn.Module):
     def encode_queries(self, features: dict[str, Tensor]) -> Tensor:
         """``[B, output_dim]`` unit query embeddings."""
         return self.query_tower(features)
+
+    def encode_query_positions(self, features: dict[str, Tensor]) -> Tensor:
+        """``[B, L, output_dim]`` unit queries after each history position."""
+        return self.query_tower.encode_positions(features)
 
     def encode_items(self, features: dict[str, Tensor]) -> Tensor:
         """``[N, output_dim]`` unit candidate embeddings."""

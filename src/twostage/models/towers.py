@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twostage.errors import ConfigError
 from twostage.models.fields import HISTORY, FieldEmbedding, FieldInfo
+from twostage.models.sequence import SequenceEncoder
 
 __all__ = ["FieldInfo", "HISTORY", "HistoryPooling", "Tower"]
 
@@ -46,6 +48,21 @@ class HistoryPooling(nn.Module):
         if mode == "attention":
             self.probe = nn.Parameter(torch.zeros(dim))
             self.position_bias = nn.Parameter(torch.zeros(max_length))
+
+    def states(self, history: Tensor) -> Tensor:
+        """``[B, L]`` -> ``[B, L, D]``: position ``i`` pools items ``0..i`` (the
+        running mean), so the bag model can train on every position of a sequence
+        as the ordered encoders do (:mod:`twostage.models.sequence`)."""
+        if self.mode != "mean":
+            raise ConfigError(
+                "training on every position of a sequence needs "
+                "`retrieval.history_pooling` = 'mean' or an ordered "
+                "`retrieval.query_encoder`. Received: `retrieval.history_pooling` = "
+                f"{self.mode!r}."
+            )
+        mask = (history > 0).float().unsqueeze(-1)  # (B, L, 1)
+        sums = (self.embedding(history) * mask).cumsum(1)
+        return sums / mask.cumsum(1).clamp_min(1)
 
     def forward(self, history: Tensor) -> Tensor:
         """``history``: ``[B, L]`` item indices, most recent last, 0 = padding."""
@@ -80,7 +97,7 @@ class Tower(FieldEmbedding):
         hidden_dims: Sequence[int] = (),
         dropout: float = 0.0,
         combine: Literal["concat", "sum"] = "concat",
-        history: HistoryPooling | None = None,
+        history: HistoryPooling | SequenceEncoder | None = None,
         sparse: bool = False,
     ) -> None:
         super().__init__(
@@ -99,7 +116,25 @@ class Tower(FieldEmbedding):
         self.head = nn.Sequential(*layers)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
-        parts = self.parts(features)
+        return self._output(self.parts(features))
+
+    def encode_positions(self, features: dict[str, Tensor]) -> Tensor:
+        """``[B, L, output_dim]``: the query after each position of the history
+        (``features["history"]`` ``[B, L]``), each seeing that item and the ones
+        before it, with the side fields the same at every position."""
+        if self.history is None:
+            raise ConfigError(
+                "training on every position of a sequence needs a history: "
+                "`retrieval.history_length` should be positive. Received: 0."
+            )
+        history = features[HISTORY]
+        states = self.history.states(history)  # type: ignore[operator]  # (B, L, D)
+        fields = self.parts(features, with_history=False)
+        parts = [p.unsqueeze(1).expand(-1, history.shape[1], -1) for p in fields]
+        return self._output([*parts, states])
+
+    def _output(self, parts: list[Tensor]) -> Tensor:
+        """Combine ``[..., D]`` parts, apply the head, normalise."""
         if len(parts) == 1:
             hidden = parts[0]
         elif self.combine == "sum":

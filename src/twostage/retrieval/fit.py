@@ -28,6 +28,7 @@ from twostage.retrieval.run import RetrievalRun, build_model, spec_for
 from twostage.retrieval.task import (
     UserExamples,
     interaction_loss,
+    sequence_loss,
     user_loss,
     validation_loss,
 )
@@ -80,10 +81,10 @@ def fit_retrieval(
     """
     _set_threads(config)
     world = distributed.init_from_env(config.train.device)
-    if world is not None and config.retrieval.examples == "users":
+    if world is not None and config.retrieval.examples != "interactions":
         raise ConfigError(
             "data-parallel training supports `retrieval.examples=interactions` only. "
-            "Received: `retrieval.examples` = 'users' with "
+            f"Received: `retrieval.examples` = {config.retrieval.examples!r} with "
             f"{world.size} ranks."
         )
     if split is None:
@@ -196,8 +197,15 @@ def train_retrieval(
     device = resolve_device(config.device)
     tensors = tensors.to(device)
     by_user = UserExamples.of(tensors) if model_config.examples == "users" else None
+    num_examples = tensors.num_examples
+    if by_user is not None:
+        num_examples = len(by_user.users)
+    elif model_config.examples == "sequences":
+        num_examples = len(tensors.sequences)
 
     def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
+        if model_config.examples == "sequences":
+            return sequence_loss(model, model_config, tensors, batch, generator)
         if by_user is None:
             return interaction_loss(model, model_config, tensors, batch, generator)
         return user_loss(model, model_config, tensors, by_user, batch, generator)
@@ -205,7 +213,7 @@ def train_retrieval(
     return run_training(
         model,
         config,
-        num_examples=tensors.num_examples if by_user is None else len(by_user.users),
+        num_examples=num_examples,
         batch_loss=batch_loss,
         device=device,
         validate=validate,  # type: ignore[arg-type]

@@ -3,7 +3,8 @@ loss on held-out pairs.
 
 ``retrieval.examples=interactions``: one example per training row
 (:func:`interaction_loss`); ``retrieval.examples=users``: one per user, every training
-item a positive (:class:`UserExamples`, :func:`user_loss`). The loss functions and
+item a positive (:class:`UserExamples`, :func:`user_loss`); ``retrieval.examples=
+sequences``: one per user, the next item at every position (:func:`sequence_loss`). The loss functions and
 every logQ variant are in :mod:`twostage.losses`.
 """
 
@@ -29,6 +30,7 @@ from twostage.retrieval.tensors import RetrievalTensors, query_features
 __all__ = [
     "UserExamples",
     "interaction_loss",
+    "sequence_loss",
     "training_queries",
     "user_loss",
     "validation_loss",
@@ -259,6 +261,68 @@ def interaction_loss(
         correction_weight=model_config.logq_weight,
         positive_offset=offset,
         normaliser=normaliser,
+    )
+
+
+def sequence_loss(
+    model: RetrievalModel,
+    model_config: RetrievalConfig,
+    tensors: RetrievalTensors,
+    batch: Tensor,
+    generator: torch.Generator,
+) -> Tensor:
+    """One example per window of a user's training items (``tensors.sequences``):
+    next-item prediction at every position at once. The query after the items
+    before position ``i`` must pick item ``i`` (the user's first item from the side
+    features alone) among the whole catalogue (``negatives=full``) or the batch's
+    distinct targets plus ``num_extra_negatives`` uniform draws, logQ corrected."""
+    windows = tensors.sequences[batch]  # (B, L + 1): the lead, then the targets
+    users = tensors.sequence_users[batch]
+    features = query_features(tensors, users)
+    if model_config.id_dropout > 0 and tensors.user_id_field in features:
+        drop = torch.rand(len(users), generator=generator) < model_config.id_dropout
+        ids = features[tensors.user_id_field]
+        features[tensors.user_id_field] = ids.masked_fill(drop.to(ids.device), 0)
+    targets = windows[:, 1:]  # (B, L), most recent last
+    features[HISTORY] = windows[:, :-1]  # what precedes each target
+    states = model.encode_query_positions(features)  # (B, L, D)
+    where = targets > 0
+    queries, positives = states[where], targets[where]  # (P, D), (P,)
+    if model_config.negatives == "full":
+        others = None
+        if model_config.mask_seen_negatives:
+            rows = torch.nonzero(where)[:, 0]
+            # (P, L): the user's latest training items (the history), all of them
+            # positives of this user, not negatives.
+            others = tensors.history[users[rows]]
+        return full_softmax_loss(
+            queries,
+            model.encode_items(tensors.item_features),
+            positives,
+            temperature=model.temperature,
+            other_positives=others,
+        )
+    sample = positives
+    if model_config.num_extra_negatives > 0:
+        extra = torch.randint(
+            1,
+            tensors.num_items,
+            (model_config.num_extra_negatives,),
+            generator=generator,
+        ).to(positives.device)
+        sample = torch.cat([positives, extra])
+    sample, columns = torch.unique(sample, return_inverse=True)
+    log_q = None
+    if model_config.logq_correction:
+        log_q = log_inclusion_probability(tensors.item_probs[sample], len(positives))
+        log_q = model_config.logq_weight * log_q
+    return multi_positive_softmax_loss(
+        queries,
+        model.encode_items({k: v[sample] for k, v in tensors.item_features.items()}),
+        torch.arange(len(positives), device=positives.device),
+        columns[: len(positives)],
+        temperature=model.temperature,
+        log_q=log_q,
     )
 
 

@@ -64,6 +64,12 @@ class RetrievalTensors:
     item_probs: Tensor
     user_id_field: str | None = "user_id"
     context: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    sequences: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
+    )
+    sequence_users: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )
 
     def to(self, device: torch.device) -> RetrievalTensors:
         """A copy with every tensor on ``device``."""
@@ -81,6 +87,8 @@ class RetrievalTensors:
             item_probs=self.item_probs.to(device),
             user_id_field=self.user_id_field,
             context=move(self.context),
+            sequences=self.sequences.to(device),
+            sequence_users=self.sequence_users.to(device),
         )
 
     def seen(self) -> UserItems:
@@ -205,6 +213,39 @@ def _history(
     return history
 
 
+def _sequence_windows(
+    train: pl.DataFrame, user_idx: np.ndarray, item_idx: np.ndarray, *, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([W, length + 1], [W])``: each user's training items by time, cut from the
+    most recent backwards into windows of ``length`` targets, each led by the item
+    before them (see :attr:`RetrievalTensors.sequences`)."""
+    frame = (
+        pl.DataFrame({"u": user_idx, "i": item_idx, "t": train[TIME].to_numpy()})
+        .with_row_index("r")
+        .sort(["u", "t", "r"])
+        .with_columns(pl.int_range(pl.len()).reverse().over("u").alias("from_end"))
+    )
+    users = frame["u"].to_numpy()
+    items = torch.from_numpy(frame["i"].to_numpy().astype(np.int64))
+    from_end = frame["from_end"].to_numpy()
+    window = from_end // length  # 0 = the most recent window of the user
+    column = length - from_end % length  # 1..length, most recent last
+    # Number the windows: (user, window) pairs in order of appearance.
+    per_user = int(window.max(initial=0)) + 1
+    keys = users.astype(np.int64) * per_user + window
+    distinct, row = np.unique(keys, return_inverse=True)
+    sequences = torch.zeros(len(distinct), length + 1, dtype=torch.long)
+    rows, cols = torch.from_numpy(row), torch.from_numpy(column)
+    sequences[rows, cols] = items
+    # The lead of window w is the item just before its first target: the most
+    # recent item (column `length`) of the user's window w + 1.
+    leads = (column == length) & (window > 0)
+    led = np.searchsorted(distinct, keys[leads] - 1)
+    sequences[torch.from_numpy(led), 0] = items[torch.from_numpy(leads)]
+    window_users = torch.from_numpy(distinct // per_user)
+    return sequences, window_users
+
+
 def build_tensors(
     spec: FeatureSpec, train: Dataset, config: RetrievalConfig
 ) -> RetrievalTensors:
@@ -218,6 +259,11 @@ def build_tensors(
     if config.rating_weights and RATING in inter.columns:
         rating = inter[RATING].fill_null(0).to_numpy().astype(np.float32)
         weights = torch.from_numpy(np.maximum(rating, 0.0) + 1.0)
+    sequences, sequence_users = torch.zeros(0, 0, dtype=torch.long), None
+    if config.examples == "sequences":
+        sequences, sequence_users = _sequence_windows(
+            inter, users, items, length=config.history_length
+        )
     keys = context_keys(spec)
     context = {}
     if keys:
@@ -237,6 +283,12 @@ def build_tensors(
         item_probs=torch.from_numpy(counts / counts.sum()).float(),
         user_id_field=USER,
         context=context,
+        sequences=sequences,
+        sequence_users=(
+            sequence_users
+            if sequence_users is not None
+            else torch.zeros(0, dtype=torch.long)
+        ),
     )
 
 

@@ -1,0 +1,145 @@
+"""Causal encoders of a user's recent items: the query tower's ordered history.
+
+A bag of items (:class:`~twostage.models.towers.HistoryPooling`) forgets the order in
+which a user met them; under next-item protocols order is most of the signal. These
+encoders read the history ``[B, L]`` (item indices, most recent last, 0 = padding) and
+return one state per position, each a function of that position's item and the items
+before it only: a causal transformer (SASRec, Kang & McAuley, ICDM 2018, with
+pre-norm blocks) or a GRU (GRU4Rec, Hidasi et al., ICLR 2016; the TFRS sequential
+retrieval tutorial). The last position's state is the query; training reads every
+position at once (next-item prediction, :func:`twostage.retrieval.task.sequence_loss`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SequenceEncoder", "causal_mask"]
+
+
+def causal_mask(history: Tensor) -> Tensor:
+    """``[B, 1, L, L]`` bool, True where query position ``i`` may read key ``j``:
+    ``j <= i`` and ``j`` holds an item. A position always reads itself, so a row of
+    padding cannot turn into a softmax over nothing (NaN)."""
+    length = history.shape[1]
+    positions = torch.arange(length, device=history.device)
+    earlier = positions[None, :] <= positions[:, None]  # (L, L): key j <= query i
+    real = history > 0  # (B, L)
+    itself = torch.eye(length, dtype=torch.bool, device=history.device)
+    allowed = earlier[None] & (real[:, None, :] | itself[None])  # (B, L, L)
+    return allowed.unsqueeze(1)
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention, then a feed-forward layer."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.feed_forward_norm = nn.LayerNorm(dim)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        batch, length, dim = x.shape
+        qkv = self.qkv(self.attention_norm(x))  # (B, L, 3D)
+        # (B, L, 3D) -> 3 x (B, heads, L, D / heads)
+        q, k, v = (
+            qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
+        # No dropout on the attention weights: on CPU it costs more than the
+        # attention itself ([B, heads, L, L] random draws); the residual paths keep
+        # theirs.
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.drop(
+            self.out(attended.transpose(1, 2).reshape(batch, length, dim))
+        )
+        return x + self.drop(self.feed_forward(self.feed_forward_norm(x)))
+
+
+class SequenceEncoder(nn.Module):
+    """Encodes ``[B, L]`` recent items into ``[B, L, dim]`` causal states.
+
+    Args:
+        num_items: rows of the item table (index 0 is padding).
+        dim: width of the item vectors and states.
+        max_length: the longest history (positions are counted from the most recent
+            item, so a shorter history reads the same position vectors for its last
+            items).
+        kind: ``transformer`` or ``gru``.
+        num_layers: transformer blocks or GRU layers.
+        num_heads: attention heads (``dim`` must be a multiple).
+        dropout: on the inputs and inside the blocks.
+        sparse: the item table produces sparse gradients.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        dim: int,
+        *,
+        max_length: int,
+        kind: Literal["transformer", "gru"] = "transformer",
+        num_layers: int = 2,
+        num_heads: int = 2,
+        dropout: float = 0.2,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kind, self.max_length = kind, max_length
+        self.embedding = nn.Embedding(num_items, dim, padding_idx=0, sparse=sparse)
+        nn.init.normal_(self.embedding.weight, std=0.01)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        self.drop = nn.Dropout(dropout)
+        if kind == "transformer":
+            self.position = nn.Embedding(max_length, dim)
+            nn.init.normal_(self.position.weight, std=0.01)
+            self.blocks = nn.ModuleList(
+                _Block(dim, num_heads, dropout) for _ in range(num_layers)
+            )
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.gru = nn.GRU(
+                dim,
+                dim,
+                num_layers=num_layers,
+                batch_first=True,
+                dropout=dropout if num_layers > 1 else 0.0,
+            )
+
+    def states(self, history: Tensor) -> Tensor:
+        """``history [B, L]`` (most recent last, 0 = padding) -> ``[B, L, dim]``;
+        state ``i`` depends on items ``0..i`` only."""
+        length = history.shape[1]
+        x = self.embedding(history)  # (B, L, D)
+        if self.kind == "gru":
+            return self.gru(self.drop(x))[0]
+        # The most recent item reads the last row of the position table, so a
+        # history shorter than max_length reads the last `length` rows.
+        positions = torch.arange(
+            self.max_length - length, self.max_length, device=history.device
+        )
+        x = self.drop(x + self.position(positions))
+        mask = causal_mask(history)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def forward(self, history: Tensor) -> Tensor:
+        """``[B, L]`` -> ``[B, dim]``: the state after the most recent item."""
+        if history.shape[1] == 0:
+            width = self.embedding.embedding_dim
+            return self.embedding.weight.new_zeros(history.shape[0], width)
+        return self.states(history)[:, -1]

@@ -1,0 +1,126 @@
+"""Ordered query encoders: causal masking, the training windows, and a planted
+sequence that only a model reading the order can follow."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.dataset import Dataset
+from twostage.errors import ConfigError
+from twostage.models.sequence import SequenceEncoder, causal_mask
+from twostage.models.towers import HistoryPooling
+from twostage.retrieval.fit import fit_retrieval
+from twostage.retrieval.tensors import _sequence_windows
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gru"])
+def test_a_position_never_sees_a_later_item(kind: str) -> None:
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(30, 16, max_length=8, kind=kind, dropout=0.0).eval()
+    history = torch.tensor([[0, 0, 3, 7, 2, 9, 4, 5]])
+    changed = history.clone()
+    changed[0, 5:] = torch.tensor([11, 12, 13])
+    before, after = encoder.states(history), encoder.states(changed)
+    torch.testing.assert_close(before[:, :5], after[:, :5])
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
+    # the query is the state after the most recent item
+    torch.testing.assert_close(encoder(history), before[:, -1])
+
+
+def test_causal_mask_reads_earlier_real_items_and_itself() -> None:
+    mask = causal_mask(torch.tensor([[0, 4, 5]]))[0, 0]
+    expected = torch.tensor(
+        [[True, False, False], [False, True, False], [False, True, True]]
+    )
+    assert torch.equal(mask, expected)
+    # a row of padding attends to itself only: finite states, no NaN
+    encoder = SequenceEncoder(10, 8, max_length=3, dropout=0.0)
+    assert torch.isfinite(encoder.states(torch.zeros(2, 3, dtype=torch.long))).all()
+
+
+def test_mean_pooling_states_are_running_means() -> None:
+    pooling = HistoryPooling(10, 4, max_length=4)
+    history = torch.tensor([[0, 3, 5, 2]])
+    states = pooling.states(history)
+    vectors = pooling.embedding(history)[0]
+    torch.testing.assert_close(states[0, 2], (vectors[1] + vectors[2]) / 2)
+    torch.testing.assert_close(states[0, -1], pooling(history)[0])
+    with pytest.raises(ConfigError, match="history_pooling"):
+        HistoryPooling(10, 4, max_length=4, mode="attention").states(history)
+
+
+def test_windows_cover_every_training_item_once_in_time_order() -> None:
+    # user 1: items 1..7 at times 7..1 (reverse row order); user 2: items 8, 9
+    frame = pl.DataFrame(
+        {"timestamp": [7, 6, 5, 4, 3, 2, 1, 1, 2]}, schema={"timestamp": pl.Int64}
+    )
+    users = np.array([1, 1, 1, 1, 1, 1, 1, 2, 2])
+    items = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    sequences, owners = _sequence_windows(frame, users, items, length=3)
+    # user 1 in time order: 7 6 5 4 3 2 1 -> windows [7], [6 5 4], [3 2 1]
+    assert owners.tolist() == [1, 1, 1, 2]
+    assert sequences.tolist() == [
+        [4, 3, 2, 1],  # the most recent window, led by the item before it
+        [7, 6, 5, 4],
+        [0, 0, 0, 7],
+        [0, 0, 8, 9],
+    ]
+    targets = sequences[:, 1:]
+    assert sorted(targets[targets > 0].tolist()) == list(range(1, 10))
+
+
+def _planted_log(num_users: int = 300, num_items: int = 60) -> Dataset:
+    """Each user walks the items: after item ``a`` comes ``successor(a)`` with
+    probability 0.8, else a random jump. From the user's last item the next one is
+    known at that rate; the bag of the user's items holds a few chain ends that are
+    equally likely to be the last one."""
+    rng = np.random.default_rng(0)
+    successor = rng.permutation(num_items)
+    rows = []
+    for user in range(num_users):
+        item = int(rng.integers(num_items))
+        for t in range(int(rng.integers(10, 15))):
+            rows.append((user, item, t))
+            jump = rng.random() > 0.8
+            item = int(rng.integers(num_items)) if jump else int(successor[item])
+    frame = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+    return Dataset("planted-walks", frame)
+
+
+def _fit(dataset: Dataset, encoder: str) -> float:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.split=leave-last-out",
+            "data.validation_fraction=0",
+            f"retrieval.query_encoder={encoder}",
+            "retrieval.examples=sequences",
+            "retrieval.negatives=full",
+            "retrieval.use_side_features=false",
+            "retrieval.history_length=12",
+            "retrieval.embedding_dim=32",
+            "retrieval.output_dim=32",
+            "retrieval.temperature=0.1",
+            "retrieval.sequence_dropout=0.0",
+            "retrieval.popularity_fallback=0",
+            "train.epochs=40",
+            "train.batch_size=64",
+            "train.learning_rate=0.01",
+            "train.num_threads=1",
+        ],
+    )
+    run, _ = fit_retrieval(config, dataset=dataset)
+    return float(run.metrics["metrics"]["exclude_seen"]["hit_rate"]["1"])
+
+
+def test_order_beats_the_bag_on_a_planted_sequence() -> None:
+    dataset = _planted_log()
+    bag = _fit(dataset, "pooling")
+    ordered = _fit(dataset, "transformer")
+    gru = _fit(dataset, "gru")
+    # 0.8 is the most any model can reach: the walk's rate of following the chain.
+    # The bag was measured at 0.57, the transformer at 0.74, the GRU at 0.80.
+    assert ordered > 0.65 and gru > 0.65, (ordered, gru)
+    assert min(ordered, gru) > bag + 0.1, (ordered, gru, bag)

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from twostage.baselines import BASELINES, EASE, ItemKNN, Popularity
+from twostage.baselines import (
+    BASELINES,
+    EASE,
+    ItemKNN,
+    Popularity,
+    RecentPopularity,
+    Transition,
+)
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, NotFittedError
 from twostage.evaluate import evaluate_scores
@@ -80,7 +87,8 @@ def test_item_knn_matches_dense_cosine_top_k():
     rows, items = rng.integers(0, 30, 200), rng.integers(0, 12, 200)
     train = UserItems.from_pairs(rows, items, num_rows=30)
     k, shrink = 3, 2.0
-    model = ItemKNN(k=k, shrink=shrink).fit(train, num_items=13)  # item 12 unused
+    model = ItemKNN(k=k, shrink=shrink, neighbours_of="history")
+    model.fit(train, num_items=13)  # item 12 unused
     x = np.zeros((30, 13))
     x[rows, items] = 1.0
     norms = np.sqrt((x * x).sum(0))
@@ -95,6 +103,47 @@ def test_item_knn_matches_dense_cosine_top_k():
     scores = model.score(torch.arange(31)).numpy()  # user 30 has no history
     np.testing.assert_allclose(scores[:30], x @ kept, atol=1e-5)
     assert np.all(scores[30] == 0.0)
+
+
+def test_item_knn_candidate_neighbourhoods_score_with_the_transposed_top_k():
+    rng = np.random.default_rng(3)
+    rows, items = rng.integers(0, 25, 150), rng.integers(1, 10, 150)
+    train = UserItems.from_pairs(rows, items, num_rows=25)
+    by_candidate = ItemKNN(k=3).fit(train, num_items=10)
+    by_history = ItemKNN(k=3, neighbours_of="history").fit(train, num_items=10)
+    x = np.zeros((25, 10), dtype=np.float32)
+    x[rows, items] = 1.0
+    assert by_candidate.similarity is not None
+    kept = by_candidate.similarity.to_dense().numpy()  # row j: j's top 3
+    users = torch.arange(25)
+    np.testing.assert_allclose(by_candidate.score(users), x @ kept.T, atol=1e-5)
+    np.testing.assert_allclose(by_history.score(users), x @ kept, atol=1e-5)
+    with pytest.raises(ConfigError, match="neighbours_of"):
+        ItemKNN(neighbours_of="user")  # type: ignore[arg-type]
+
+
+def test_transition_scores_what_followed_the_last_item():
+    history = torch.tensor([[0, 1, 2, 3], [1, 2, 4, 2], [0, 0, 0, 0]])
+    model = Transition().fit_sequences(history, num_items=5)
+    scores = model.score(torch.tensor([0, 1, 2, 9]))
+    assert scores[0].tolist() == [0.0] * 5  # nothing ever followed item 3
+    assert scores[1].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]  # 2 -> 3, 2 -> 4
+    assert scores[2:].abs().sum() == 0  # no history, unknown user
+    with pytest.raises(NotFittedError):
+        Transition().score(torch.tensor([0]))
+
+
+def test_recent_popularity_counts_the_last_days_and_breaks_ties_by_all_time():
+    day = 86_400
+    items = np.array([1, 1, 1, 2, 3, 4])
+    times = np.array([0, 0, 0, 20 * day, 40 * day, 40 * day])
+    model = RecentPopularity(days=15).fit_log(items, times, num_items=5)
+    order = model.score(torch.tensor([0, 7])).argsort(dim=1, descending=True)
+    assert order[0, :2].tolist() in ([3, 4], [4, 3])
+    assert order[0, 2].item() == 1  # outside the window, but the most events ever
+    assert torch.equal(order[0], order[1])
+    with pytest.raises(ConfigError, match="days"):
+        RecentPopularity(days=0)
 
 
 def test_item_knn_without_shrink_ignores_items_without_users():

@@ -667,7 +667,10 @@ def demo(
     console.rule("Evaluation against the baselines")
     comparison = {"twostage": run.metrics}
     comparison.update(
-        {k: v.to_dict() for k, v in evaluate_baselines(run, split.test).items()}
+        {
+            k: v.to_dict()
+            for k, v in evaluate_baselines(run, split.test, train=split.train).items()
+        }
     )
     print_metrics({}, title="Test split: twostage vs baselines", models=comparison)
     served = _served_figures(stages)

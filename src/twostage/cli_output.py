@@ -171,7 +171,11 @@ BASELINE_NOTES = {
     "popularity": "most-popular, the floor every model must clear",
     "ease": "a linear item-item model with a closed-form items x items solve; strong "
     "on small dense logs, but its memory and time grow with the catalogue squared",
-    "itemknn": "item-kNN on co-occurrence",
+    "itemknn": "item-kNN on co-occurrence (each candidate's 100 nearest items)",
+    "itemknn-history": "item-kNN keeping each history item's 100 nearest items",
+    "transition": "the items that followed the user's last item in other users' "
+    "sequences",
+    "recent-popularity": "most-popular over the training log's last 30 days",
 }
 
 

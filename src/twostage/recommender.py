@@ -11,7 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -45,7 +45,7 @@ __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
 
 logger = logging.getLogger(__name__)
 
-Path_ = Literal["personalised", "cold_start_features", "popularity"]
+Path_ = Literal["personalised", "session", "cold_start_features", "popularity"]
 
 
 class Ranker(Protocol):
@@ -233,8 +233,11 @@ class Recommender:
         user_id: Any,
         user_features: dict[str, Any] | None,
         context: Mapping[str, Any] | None = None,
+        *,
+        session: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, int, Path_]:
-        """(query embedding [D] or None, user_idx, path)."""
+        """(query embedding [D] or None, user_idx, path). ``session``: ``[S]`` item
+        indices of the current session, oldest first."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
         encoded = self._context(context)
         columns = [
@@ -249,6 +252,10 @@ class Recommender:
                     f"unknown user feature(s) {unknown}; this model reads {columns}."
                 )
             self._encode_user_features(user_features, columns)
+        if session is not None:
+            return self._session_query(
+                user_idx, user_features, columns, encoded, session
+            )
         if self._popular_users[user_idx]:
             # The run's validated fallback: with this few interactions (none for an
             # unknown user) most-popular did better on validation.
@@ -277,6 +284,83 @@ class Recommender:
                     "cold_start_features",
                 )
         return None, 0, "popularity"
+
+    def _session_items(self, session: Sequence[Any] | None) -> torch.Tensor | None:
+        """``[S]`` item indices of a request's session, oldest first, or None.
+
+        Raises:
+            ConfigError: the model reads no history, or the session is malformed.
+            UnknownIdError: item IDs the model does not know (all of them named).
+        """
+        if session is None:
+            return None
+        if isinstance(session, str | bytes | Mapping) or not isinstance(
+            session, Sequence
+        ):
+            raise ConfigError(
+                "`session` should be a list of item IDs or of "
+                '{"item_id": ..., "timestamp": ...} objects, oldest first. '
+                f"Received a {type(session).__name__}."
+            )
+        if self.run.tensors.history.shape[1] == 0:
+            raise ConfigError(
+                "`session` is given, but this model reads no history "
+                "(`retrieval.history_length` = 0)."
+            )
+        entries = [e if isinstance(e, Mapping) else {"item_id": e} for e in session]
+        bad = [n for n, e in enumerate(entries) if set(e) - {"item_id", "timestamp"}]
+        if bad or any("item_id" not in e for e in entries):
+            raise ConfigError(
+                "each `session` entry should be an item ID or an object with "
+                "`item_id` and an optional `timestamp`. Received: "
+                f"{[session[n] for n in bad][:3] or session[:3]}."
+            )
+        times = [e.get("timestamp") for e in entries]
+        if all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
+            order = sorted(range(len(entries)), key=lambda n: float(times[n]))  # type: ignore[arg-type]
+            entries = [entries[n] for n in order]
+        ids = [e["item_id"] for e in entries]
+        indices = [self.item_vocab.lookup(i) for i in ids]
+        unknown = [i for i, idx in zip(ids, indices, strict=True) if idx == 0]
+        if unknown:
+            raise UnknownIdError(
+                f"`session` holds item IDs this model does not know: {unknown[:10]}"
+                + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+                + ". Leave them out (items added after training have no embedding)."
+            )
+        return torch.tensor(indices, dtype=torch.long)
+
+    def _session_query(
+        self,
+        user_idx: int,
+        user_features: dict[str, Any] | None,
+        columns: list[str],
+        encoded: dict[str, torch.Tensor],
+        session: torch.Tensor,
+    ) -> tuple[torch.Tensor, int, Path_]:
+        """The query of a session: the user's history (none when anonymous) then the
+        session's items, the last ``history_length`` of them."""
+        tensors = self.run.tensors
+        length = tensors.history.shape[1]
+        if user_idx > 0:
+            row = slice(user_idx, user_idx + 1)
+            features = {k: v[row] for k, v in tensors.user_features.items()}
+            stored = tensors.history[user_idx]
+            recent = torch.cat([stored[stored > 0], session])[-length:]
+        else:
+            if user_features:
+                features = self._encode_user_features(user_features, columns)
+            else:  # row 0: every query field unknown
+                features = {k: v[:1] for k, v in tensors.user_features.items()}
+            recent = session[-length:]
+        features.update(encoded)
+        history = torch.zeros(1, length, dtype=torch.long)
+        if len(recent):
+            history[0, -len(recent) :] = recent
+        features[HISTORY] = history
+        with torch.no_grad():
+            query = self.run.model.encode_queries(features)[0]
+        return query, user_idx, "personalised" if user_idx > 0 else "session"
 
     def _filter_mask(self, filters: dict[str, Any] | None) -> torch.Tensor | None:
         """``[N]`` bool of items that pass every filter (metadata equality, or
@@ -340,6 +424,7 @@ class Recommender:
         context: Mapping[str, Any] | None = None,
         use_ranker: bool = True,
         explain: bool = False,
+        session: Sequence[Any] | None = None,
     ) -> Recommendation:
         """Top ``k`` items for a user.
 
@@ -363,10 +448,18 @@ class Recommender:
             explain: add ``because`` to each item of a known user: the training item
                 of theirs closest to it in the candidate embedding space ("because
                 you watched ...").
+            session: the items of the current session, oldest first: raw item IDs,
+                or ``{"item_id": ..., "timestamp": ...}`` mappings (ordered by
+                timestamp when every one has one). They follow the user's training
+                history (the model reads the last ``retrieval.history_length``
+                items) and count as seen; an anonymous session is a query of its
+                own (``path="session"``), so it needs no user. Unknown item IDs
+                are an error that names them.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
-            a cold start from features, or the popularity fallback.
+            from an anonymous session, a cold start from features, or the popularity
+            fallback.
         """
         _check_k("k", k)
         if isinstance(user_id, list | tuple | set | dict):
@@ -377,8 +470,14 @@ class Recommender:
         if num_candidates is None:
             num_candidates = self.num_candidates
         _check_k("num_candidates", num_candidates)
-        query, user_idx, path = self._query(user_id, user_features, context)
+        session_idx = self._session_items(session)
+        query, user_idx, path = self._query(
+            user_id, user_features, context, session=session_idx
+        )
         seen = self._seen.row(user_idx) if exclude_seen and user_idx > 0 else None
+        if exclude_seen and session_idx is not None:
+            seen = np.union1d(seen if seen is not None else [], session_idx.numpy())
+            seen = seen.astype(np.int64)
         mask = self._filter_mask(filters)
         if query is None or mask is not None:
             excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)

@@ -1,18 +1,23 @@
 """Ordered query encoders: causal masking, the training windows, and a planted
 sequence that only a model reading the order can follow."""
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, UnknownIdError
 from twostage.models.sequence import SequenceEncoder, causal_mask
 from twostage.models.towers import HistoryPooling
+from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.tensors import _sequence_windows
+from twostage.serving import ServeSettings, create_app
 
 
 @pytest.mark.parametrize("kind", ["transformer", "gru"])
@@ -71,13 +76,20 @@ def test_windows_cover_every_training_item_once_in_time_order() -> None:
     assert sorted(targets[targets > 0].tolist()) == list(range(1, 10))
 
 
+def _successors(
+    num_items: int = 60, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """The planted chain: ``successor[a]`` follows item ``a``."""
+    return (rng or np.random.default_rng(0)).permutation(num_items)
+
+
 def _planted_log(num_users: int = 300, num_items: int = 60) -> Dataset:
     """Each user walks the items: after item ``a`` comes ``successor(a)`` with
     probability 0.8, else a random jump. From the user's last item the next one is
     known at that rate; the bag of the user's items holds a few chain ends that are
     equally likely to be the last one."""
     rng = np.random.default_rng(0)
-    successor = rng.permutation(num_items)
+    successor = _successors(num_items, rng)
     rows = []
     for user in range(num_users):
         item = int(rng.integers(num_items))
@@ -89,27 +101,28 @@ def _planted_log(num_users: int = 300, num_items: int = 60) -> Dataset:
     return Dataset("planted-walks", frame)
 
 
+_SETTINGS = [
+    "data.split=leave-last-out",
+    "data.validation_fraction=0",
+    "retrieval.examples=sequences",
+    "retrieval.negatives=full",
+    "retrieval.use_side_features=false",
+    "retrieval.history_length=12",
+    "retrieval.embedding_dim=32",
+    "retrieval.output_dim=32",
+    "retrieval.temperature=0.1",
+    "retrieval.sequence_dropout=0.0",
+    "retrieval.popularity_fallback=0",
+    "train.epochs=40",
+    "train.batch_size=64",
+    "train.learning_rate=0.01",
+    "train.num_threads=1",
+]
+
+
 def _fit(dataset: Dataset, encoder: str) -> float:
     config = apply_overrides(
-        ExperimentConfig(),
-        [
-            "data.split=leave-last-out",
-            "data.validation_fraction=0",
-            f"retrieval.query_encoder={encoder}",
-            "retrieval.examples=sequences",
-            "retrieval.negatives=full",
-            "retrieval.use_side_features=false",
-            "retrieval.history_length=12",
-            "retrieval.embedding_dim=32",
-            "retrieval.output_dim=32",
-            "retrieval.temperature=0.1",
-            "retrieval.sequence_dropout=0.0",
-            "retrieval.popularity_fallback=0",
-            "train.epochs=40",
-            "train.batch_size=64",
-            "train.learning_rate=0.01",
-            "train.num_threads=1",
-        ],
+        ExperimentConfig(), [*_SETTINGS, f"retrieval.query_encoder={encoder}"]
     )
     run, _ = fit_retrieval(config, dataset=dataset)
     return float(run.metrics["metrics"]["exclude_seen"]["hit_rate"]["1"])
@@ -124,3 +137,82 @@ def test_order_beats_the_bag_on_a_planted_sequence() -> None:
     # The bag was measured at 0.57, the transformer at 0.74, the GRU at 0.80.
     assert ordered > 0.65 and gru > 0.65, (ordered, gru)
     assert min(ordered, gru) > bag + 0.1, (ordered, gru, bag)
+
+
+@pytest.fixture(scope="module")
+def walk_recommender() -> tuple[Recommender, Dataset]:
+    """A GRU model of the planted walks, as served."""
+    dataset = _planted_log()
+    config = apply_overrides(
+        ExperimentConfig(),
+        [*_SETTINGS, "retrieval.query_encoder=gru", "train.epochs=30"],
+    )
+    run, _ = fit_retrieval(config, dataset=dataset)
+    return Recommender(run), dataset
+
+
+def test_an_anonymous_session_is_answered_from_its_order(
+    walk_recommender: tuple[Recommender, Dataset],
+) -> None:
+    recommender, _ = walk_recommender
+    successor = _successors()
+    start = 5
+    walk = [start, int(successor[start]), int(successor[successor[start]])]
+    answer = recommender.recommend(None, 3, session=walk)
+    assert answer.path == "session"
+    assert answer.items[0]["item_id"] == int(successor[walk[-1]])
+    assert not {item["item_id"] for item in answer.items} & set(walk)  # seen
+    # timestamps order the session, whatever order the client lists it in
+    timed = [{"item_id": i, "timestamp": 100 + t} for t, i in enumerate(walk)]
+    shuffled = recommender.recommend(None, 3, session=timed[::-1])
+    assert shuffled.items == answer.items
+    # a known user's session follows their history
+    known = recommender.recommend(0, 3, session=walk)
+    assert known.path == "personalised"
+    assert known.items[0]["item_id"] == int(successor[walk[-1]])
+
+
+def test_session_mistakes_are_named(
+    walk_recommender: tuple[Recommender, Dataset],
+) -> None:
+    recommender, _ = walk_recommender
+    with pytest.raises(UnknownIdError, match=r"\[999, 'x'\]"):
+        recommender.recommend(None, 3, session=[1, 999, "x"])
+    with pytest.raises(ConfigError, match="list of item IDs"):
+        recommender.recommend(None, 3, session="1,2")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="optional `timestamp`"):
+        recommender.recommend(None, 3, session=[{"item": 1}])
+
+
+def test_the_api_answers_sessions(
+    walk_recommender: tuple[Recommender, Dataset], tmp_path: Path
+) -> None:
+    recommender, _ = walk_recommender
+    recommender.save(tmp_path / "models" / "walks" / "1")
+    settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
+    walk = [5, int(_successors()[5])]
+    expected = recommender.recommend(None, 4, session=walk).to_dict()["items"]
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/v1/recommend", json={"session": walk, "k": 4}).json()
+        assert answer["path"] == "session" and answer["items"] == expected
+        timed = [
+            {"item_id": walk[1], "timestamp": 2},
+            {"item_id": walk[0], "timestamp": 1},
+        ]
+        again = client.post("/v1/recommend", json={"session": timed, "k": 4}).json()
+        assert again["items"] == expected
+        predicted = client.post(
+            "/v1/models/walks:predict",
+            json={"instances": [{"session": walk, "k": 4}]},
+        ).json()
+        assert predicted["predictions"][0]["output_2"] == [
+            e["item_id"] for e in expected
+        ]
+        for bad, status in [
+            ({"session": [999]}, 404),
+            ({"session": "5"}, 422),
+            ({"session": [{"item_id": 5, "timestamp": "noon"}]}, 422),
+            ({"session": [{"item_id": 5, "extra": 1}]}, 422),
+        ]:
+            response = client.post("/v1/recommend", json=bad)
+            assert response.status_code == status, (bad, response.text)

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import prepare_split
 from twostage.data.user_items import UserItems
@@ -177,25 +177,43 @@ def evaluate_baselines(
     *,
     ks: tuple[int, ...] = (1, 5, 10, 50, 100),
     names: tuple[str, ...] | None = None,
+    train: Dataset | None = None,
 ) -> dict[str, EvalResult]:
-    """Popularity, EASE and item-kNN (or the ``names`` among them) on the run's own
-    training data and test split."""
-    from twostage.baselines import BASELINES
+    """The baselines (or the ``names`` among them) on the run's own training data and
+    test split: popularity, EASE, item-kNN, the item-to-item transition model (on the
+    run's time-ordered histories, when it keeps any) and, given the ``train`` rows
+    with their times, recent popularity."""
+    from twostage.baselines import BASELINES, RecentPopularity, Transition
 
     queries = eval_queries(run, test)
     num_items = run.spec.vocabulary(ITEM).size
-    train = run.tensors.seen()
+    seen = run.tensors.seen()
     user_idx = torch.from_numpy(queries.user_idx)
+
+    def fitted(cls: Callable[[], Any]) -> Callable[[], Any]:
+        return lambda: cls().fit(seen, num_items=num_items)
+
+    makers = {name: fitted(cls) for name, cls in BASELINES.items()}
+    if run.tensors.history.shape[1] > 1:
+        makers[Transition.name] = lambda: Transition().fit_sequences(
+            run.tensors.history, num_items=num_items
+        )
+    if train is not None:
+        items = run.spec.vocabulary(ITEM).transform(train.interactions[ITEM])
+        times = train.interactions[TIME].to_numpy()
+        makers[RecentPopularity.name] = lambda: RecentPopularity().fit_log(
+            items, times, num_items=num_items
+        )
     results: dict[str, EvalResult] = {}
 
     def scorer(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda rows: queries.pad_scores(model.score(user_idx[rows]))
 
-    for name, cls in BASELINES.items():
+    for name, make in makers.items():
         if names is not None and name not in names:
             continue
         try:
-            model = cls().fit(train, num_items=num_items)
+            model = make()
         except ConfigError as e:
             logger.warning("skipping baseline %s: %s", name, e)
             continue

@@ -312,6 +312,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 context=body.context,
                 use_ranker=body.use_ranker,
                 explain=body.explain,
+                session=body.session_items(),
             )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
         if body.include_history:
@@ -388,6 +389,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     num_candidates=_num_candidates(settings, request.k),
                     filters=request.filters,
                     context=request.context,
+                    session=request.session_items(),
                 )
             predictions.append(
                 {

@@ -55,6 +55,15 @@ def _plain_values(values: dict[str, Any] | None, name: str) -> dict[str, Any] | 
     return values
 
 
+class SessionItem(_Strict):
+    """One item of the current session, with the moment it was met."""
+
+    item_id: RawId
+    timestamp: int | float | None = Field(
+        None, description="Seconds since the epoch; orders the session when given."
+    )
+
+
 class RecommendRequest(_Strict):
     """Top-k items for one user: a known ``user_id``, or features for a new user."""
 
@@ -91,6 +100,22 @@ class RecommendRequest(_Strict):
         description="The moment of the request, for a model that reads "
         'per-interaction context, e.g. {"timestamp": 1700000000}.',
     )
+
+    session: list[RawId | SessionItem] | None = Field(
+        None,
+        description="The current session's items, oldest first (IDs, or objects "
+        "with `item_id` and `timestamp`): they extend the user's history and are "
+        "excluded as seen; without a `user_id` the session alone is the query.",
+    )
+
+    def session_items(self) -> list[Any] | None:
+        """The session as the Recommender takes it."""
+        if self.session is None:
+            return None
+        return [
+            e.model_dump(exclude_none=True) if isinstance(e, SessionItem) else e
+            for e in self.session
+        ]
 
     @field_validator("user_features")
     @classmethod

@@ -1,0 +1,191 @@
+"""Ordered (sequence) retrieval against bag models and baselines under three protocols.
+
+Protocols, all full-ranking with each user's training items excluded:
+
+* ``loo``: leave-one-out, each user's last item is test, the second-last validation;
+* ``temporal``: a global time cut, the latest 20% of rows are test (the latest 5% of
+  the rest validation); users first seen after the cut are cold;
+* ``random``: the seeded random 80/20 split of ``retrieval_quality.py``.
+
+Datasets: MovieLens-100k and latest-small (``../shared/data/ml-latest-small``, or
+``--latest-small DIR``). Models: ``twostage-bag`` (the default two towers, history
+pooled as a bag), ``twostage-transformer`` (``presets/retrieval-sequence.json``) and
+``twostage-gru`` (the same with a GRU), each trained with seeds 0 .. ``--seeds``-1
+(means reported); baselines: popularity, recent popularity (last 30 days), EASE,
+item-kNN (both neighbourhood forms) and the item-to-item transition model, on the
+same split and evaluation code. One table per protocol and dataset.
+
+    python benchmarks/sequence_quality.py --json benchmarks/results/sequence_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, print_table, write_json
+from twostage.config import ExperimentConfig, apply_overrides, load_config
+from twostage.data.dataset import Dataset
+from twostage.data.movielens import load_movielens
+from twostage.data.registry import load_dataset
+from twostage.data.split import prepare_split
+from twostage.retrieval.evaluation import evaluate_baselines
+from twostage.retrieval.fit import fit_retrieval
+
+KS = ("1", "5", "10", "50", "100")
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+PROTOCOLS = {
+    "loo": ["data.split=leave-last-out", "data.validation_fraction=0.05"],
+    "temporal": [
+        "data.split=temporal",
+        "data.test_fraction=0.2",
+        "data.validation_fraction=0.05",
+    ],
+    "random": [
+        "data.split=random",
+        "data.test_fraction=0.2",
+        "data.validation_fraction=0.05",
+    ],
+}
+# name -> (preset file or None for the defaults, overrides)
+MODELS: dict[str, tuple[str | None, list[str]]] = {
+    "twostage-bag": (None, []),
+    "twostage-transformer": ("retrieval-sequence.json", []),
+    "twostage-gru": ("retrieval-sequence.json", ["retrieval.query_encoder=gru"]),
+}
+
+
+def entry(metrics: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    """One model's JSON entry: seen items excluded, K as strings; TFRS's
+    factorized top-K (nothing excluded) for comparison."""
+    exclude = metrics["metrics"]["exclude_seen"]
+    include = metrics["metrics"]["include_seen"]
+    return {
+        "hit_rate": {k: exclude["hit_rate"][k] for k in KS},
+        "ndcg": {k: exclude["ndcg"][k] for k in KS},
+        "recall": {k: exclude["recall"][k] for k in KS},
+        "factorized_top_k": {k: include["factorized_top_k"][k] for k in KS},
+        "train_seconds": seconds,
+    }
+
+
+def mean_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in entries[0].items():
+        if isinstance(value, dict):
+            out[key] = {k: statistics.fmean(e[key][k] for e in entries) for k in value}
+        else:
+            out[key] = statistics.fmean(e[key] for e in entries)
+    return out
+
+
+def scenario(
+    dataset: Dataset, protocol: str, models: list[str], seeds: int, overrides: list[str]
+) -> dict[str, Any]:
+    """Every model (mean over training seeds) and every baseline on one split."""
+    results: dict[str, Any] = {}
+    split = run = None
+    for name in models:
+        preset, model_overrides = MODELS[name]
+        base = load_config(PRESETS / preset) if preset else ExperimentConfig()
+        runs = []
+        for seed in range(seeds):
+            config = apply_overrides(
+                base,
+                [
+                    "data.seed=42",
+                    *PROTOCOLS[protocol],
+                    *model_overrides,
+                    *overrides,
+                    f"train.seed={seed}",
+                ],
+            )
+            if split is None:
+                split = prepare_split(dataset, config)
+            started = time.perf_counter()
+            run, _ = fit_retrieval(config, split=split)
+            runs.append(entry(run.metrics, time.perf_counter() - started))
+        results[name] = mean_entry(runs)
+        if seeds > 1:
+            results[name]["per_seed"] = runs
+    assert split is not None and run is not None
+    started = time.perf_counter()
+    baselines = evaluate_baselines(run, split.test, train=split.train)
+    seconds = (time.perf_counter() - started) / max(len(baselines), 1)
+    for name, result in baselines.items():
+        results[name] = entry(result.to_dict(), seconds)
+    return results
+
+
+def show(title: str, models: dict[str, Any]) -> None:
+    rows = [
+        [
+            name,
+            e["hit_rate"]["10"],
+            e["ndcg"]["10"],
+            e["recall"]["10"],
+            e["hit_rate"]["100"],
+            e["factorized_top_k"]["100"],
+            f"{e['train_seconds']:.1f}",
+        ]
+        for name, e in models.items()
+    ]
+    header = ["model", "HR@10", "NDCG@10", "R@10", "HR@100", "FTopK@100", "train s"]
+    print_table(title, header, rows)
+
+
+def load(name: str, latest_small: Path) -> Dataset:
+    if name == "movielens-latest-small":
+        return load_movielens("latest-small", data_dir=latest_small)
+    return load_dataset(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None, help="write results here")
+    parser.add_argument(
+        "--protocols", default="loo,temporal,random", help="comma-separated"
+    )
+    parser.add_argument(
+        "--datasets",
+        default="movielens-100k,movielens-latest-small",
+        help="comma-separated",
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated twostage models"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds")
+    parser.add_argument("--latest-small", type=Path, default=SHARED)
+    parser.add_argument("--set", action="append", default=[], help="config override")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    models = args.models.split(",")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {sorted(MODELS)}")
+    results: dict[str, Any] = {}
+    for protocol in args.protocols.split(","):
+        if protocol not in PROTOCOLS:
+            parser.error(
+                f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}"
+            )
+        for name in args.datasets.split(","):
+            dataset = load(name, args.latest_small)
+            found = scenario(dataset, protocol, models, args.seeds, args.set)
+            results.setdefault(protocol, {})[name] = found
+            show(f"{protocol}, {name} (seen items excluded)", found)
+    print(f"machine: {machine()}; seeds: {args.seeds}; overrides: {args.set}")
+    write_json(args.json, results)  # {protocol: {dataset: {model: entry}}}
+
+
+if __name__ == "__main__":
+    main()

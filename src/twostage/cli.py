@@ -342,6 +342,19 @@ def _parse_id(value: str) -> Any:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
+def _session(value: str | None) -> list[Any] | None:
+    """``--session 1,2,3`` as item IDs, oldest first."""
+    if value is None:
+        return None
+    ids = [part.strip() for part in value.split(",")]
+    if not all(ids):
+        raise typer.BadParameter(
+            f"should be item IDs separated by commas. Received: {value!r}.",
+            param_hint="--session",
+        )
+    return [_parse_id(part) for part in ids]
+
+
 def recommend_command(
     bundle: Annotated[
         Path,
@@ -376,9 +389,18 @@ def recommend_command(
             "answering with a labelled cold start.",
         ),
     ] = False,
+    session: Annotated[
+        str | None,
+        typer.Option(
+            help="The current session's item IDs, oldest first, comma-separated "
+            "(e.g. --session 50,172,181): they follow the user's history, or "
+            "without --user are the query on their own.",
+        ),
+    ] = None,
     json_output: JsonOutput = False,
 ) -> None:
-    """Recommend items for a user, printed with titles next to their history."""
+    """Recommend items for a user or a session, printed with titles next to their
+    history."""
     rec = _open_bundle(bundle)
     user_id = _parse_id(user) if user is not None else None
     known = user_id is not None and bool(rec.user_vocab.lookup(user_id))
@@ -389,13 +411,19 @@ def recommend_command(
             "cold-start answer.",
             param_hint="--user",
         )
-    answer = rec.recommend(
-        user_id,
-        k,
-        user_features=_key_values(feature, "--feature") or None,
-        exclude_seen=not include_seen,
-        context=_key_values(context, "--context") or None,
-    )
+    from twostage.errors import UnknownIdError
+
+    try:
+        answer = rec.recommend(
+            user_id,
+            k,
+            user_features=_key_values(feature, "--feature") or None,
+            exclude_seen=not include_seen,
+            context=_key_values(context, "--context") or None,
+            session=_session(session),
+        )
+    except UnknownIdError as e:  # only a session's items can be unknown here
+        raise typer.BadParameter(str(e), param_hint="--session") from e
     if json_output:
         print_json({**answer.to_dict(), "known_user": known})
         return
@@ -416,7 +444,10 @@ def recommend_command(
                 scores=False,
             )
         )
-    title = f"Top {k} for {label if user_id is not None else 'no user'} ({answer.path})"
+    who = label if user_id is not None else "no user"
+    if session:
+        who += f" after a session of {len(_session(session) or [])} items"
+    title = f"Top {k} for {who} ({answer.path})"
     console.print(items_table(title, answer.items))
 
 

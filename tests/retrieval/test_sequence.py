@@ -1,6 +1,7 @@
 """Ordered query encoders: causal masking, the training windows, and a planted
 sequence that only a model reading the order can follow."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,9 @@ import polars as pl
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.errors import ConfigError, UnknownIdError
@@ -216,3 +219,22 @@ def test_the_api_answers_sessions(
         ]:
             response = client.post("/v1/recommend", json=bad)
             assert response.status_code == status, (bad, response.text)
+
+
+def test_the_cli_answers_sessions(
+    walk_recommender: tuple[Recommender, Dataset], tmp_path: Path
+) -> None:
+    recommender, _ = walk_recommender
+    bundle = recommender.save(tmp_path / "walks")
+    walk = [5, int(_successors()[5])]
+    session = ",".join(map(str, walk))
+    result = CliRunner().invoke(
+        app, ["recommend", str(bundle), "--session", session, "-k", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    expected = recommender.recommend(None, 3, session=walk).to_dict()["items"]
+    assert answer["path"] == "session" and answer["items"] == expected
+    for bad in ("5,,6", "5,999"):
+        refused = CliRunner().invoke(app, ["recommend", str(bundle), "--session", bad])
+        assert refused.exit_code == 2 and "--session" in refused.output, bad

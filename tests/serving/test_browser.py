@@ -125,8 +125,15 @@ def test_page_shows_history_recommendations_and_similar_items(
                 found = page.inner_text("#found")
                 assert label[:4].lower() in found.lower()
 
-            # A new user described by features gets the cold-start answer.
+            # An anonymous session is a query of its own.
             page.fill("#user", "")
+            page.fill("#session", ", ".join(str(h["item_id"]) for h in history[:3]))
+            page.click("#recommend")
+            page.wait_for_function(
+                "document.querySelector('#path').textContent.includes('session')"
+            )
+            page.fill("#session", "")
+            # A new user described by features gets the cold-start answer.
             page.click("#features-box summary")
             page.fill("#features input[name=age]", "30")
             page.click("#recommend")

@@ -73,6 +73,12 @@ function userId() {
   return /^-?\d+$/.test(raw) ? Number(raw) : raw;
 }
 
+// The session box: item IDs of this visit, oldest first ("50, 172").
+function session() {
+  const ids = $("session").value.split(",").map((s) => s.trim()).filter(Boolean);
+  return ids.length ? ids.map((id) => (/^-?\d+$/.test(id) ? Number(id) : id)) : null;
+}
+
 function userFeatures() {
   const values = {};
   for (const input of $("features").querySelectorAll("input")) {
@@ -98,6 +104,7 @@ async function recommend(event) {
     k: Number($("k").value) || 10,
     exclude_seen: $("exclude-seen").checked,
     filters: filters(),
+    session: session(),
     include_history: true,
     explain: true,
   };

@@ -19,6 +19,7 @@ from twostage.models.sequence import SequenceEncoder, causal_mask
 from twostage.models.towers import HistoryPooling
 from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
+from twostage.retrieval.run import load_run
 from twostage.retrieval.tensors import _sequence_windows
 from twostage.serving import ServeSettings, create_app
 
@@ -238,3 +239,42 @@ def test_the_cli_answers_sessions(
     for bad in ("5,,6", "5,999"):
         refused = CliRunner().invoke(app, ["recommend", str(bundle), "--session", bad])
         assert refused.exit_code == 2 and "--session" in refused.output, bad
+
+
+def test_a_shared_item_table_is_saved_once_and_reloads_identically(
+    tmp_path: Path,
+) -> None:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *_SETTINGS,
+            "retrieval.query_encoder=transformer",
+            "retrieval.share_item_embeddings=true",
+            "train.epochs=2",
+        ],
+    )
+    run, _ = fit_retrieval(config, dataset=_planted_log(num_users=60))
+    encoder = run.model.query_tower.history
+    table = run.model.candidate_tower.embeddings["item_id"]
+    assert isinstance(encoder, SequenceEncoder)
+    history = run.tensors.history[:5]
+    torch.testing.assert_close(
+        encoder.items(history)[history > 0], table(history)[history > 0]
+    )
+    assert not any(
+        k.startswith("query_tower.history.embedding") for k in run.model.state_dict()
+    )
+    run.save(tmp_path / "run")
+    again = load_run(tmp_path / "run")
+    features = {k: v[:5] for k, v in run.tensors.user_features.items()}
+    features["history"] = history
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again.model.eval().encode_queries(features),
+            run.model.eval().encode_queries(features),
+        )
+    with pytest.raises(ConfigError, match="share_item_embeddings"):
+        fit_retrieval(
+            apply_overrides(config, ["retrieval.query_encoder=pooling"]),
+            dataset=_planted_log(num_users=20),
+        )

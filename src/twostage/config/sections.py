@@ -121,7 +121,9 @@ class RetrievalConfig(_Checked):
     ``query_encoder`` reads the history as a bag (``pooling``, by
     ``history_pooling``) or in order: ``transformer`` (a causal transformer of
     ``sequence_layers`` blocks of ``sequence_heads`` heads, SASRec style) or ``gru``
-    (:mod:`twostage.models.sequence`), with ``sequence_dropout``. ``examples`` =
+    (:mod:`twostage.models.sequence`), with ``sequence_dropout``;
+    ``share_item_embeddings`` makes it read the items from the candidate tower's
+    item ID table (input and output tied, as SASRec does). ``examples`` =
     ``sequences`` trains next-item prediction on every position of each user's last
     ``history_length`` training items at once (one example per user; the query at a
     position sees that item and the earlier ones), the way ordered encoders learn;
@@ -161,6 +163,7 @@ class RetrievalConfig(_Checked):
     sequence_layers: int = 2
     sequence_heads: int = 2
     sequence_dropout: float = 0.2
+    share_item_embeddings: bool = False
     examples: Literal["interactions", "users", "sequences"] = "interactions"
     max_positives_per_user: int = 0
     temperature: float = 0.3

@@ -9,10 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from twostage.config import RetrievalConfig
+from twostage.errors import ConfigError
 from twostage.models.sequence import SequenceEncoder
 from twostage.models.towers import FieldInfo, HistoryPooling, Tower
 
 __all__ = ["RetrievalModel"]
+
+#: The candidate tower's item ID field, whose table an ordered history can share.
+ITEM_FIELD = "item_id"
 
 
 class RetrievalModel(nn.Module):
@@ -35,25 +39,15 @@ class RetrievalModel(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        history: HistoryPooling | SequenceEncoder | None = None
-        if config.history_length > 0 and config.query_encoder != "pooling":
-            history = SequenceEncoder(
-                num_items,
-                config.embedding_dim,
-                max_length=config.history_length,
-                kind=config.query_encoder,
-                num_layers=config.sequence_layers,
-                num_heads=config.sequence_heads,
-                dropout=config.sequence_dropout,
-                sparse=config.sparse_embeddings,
-            )
-        elif config.history_length > 0:
-            history = HistoryPooling(
-                num_items,
-                config.embedding_dim,
-                max_length=config.history_length,
-                mode=config.history_pooling,
-                sparse=config.sparse_embeddings,
+        if config.share_item_embeddings and (
+            config.query_encoder == "pooling"
+            or not any(f.name == ITEM_FIELD for f in candidate_fields)
+        ):
+            raise ConfigError(
+                "`retrieval.share_item_embeddings` ties an ordered history's item "
+                "table to the candidate tower's item IDs: it needs "
+                "`retrieval.query_encoder` = 'transformer' or 'gru'. Received: "
+                f"`retrieval.query_encoder` = {config.query_encoder!r}."
             )
         shape = {
             "embedding_dim": config.embedding_dim,
@@ -63,8 +57,39 @@ class RetrievalModel(nn.Module):
             "combine": config.combine,
             "sparse": config.sparse_embeddings,
         }
+        # Built first only when the history shares its table (the draw order of
+        # the initial weights is part of a seeded run).
+        candidates = None
+        if config.share_item_embeddings:
+            candidates = Tower(candidate_fields, **shape)  # type: ignore[arg-type]
+        history: HistoryPooling | SequenceEncoder | None = None
+        if config.history_length > 0 and config.query_encoder != "pooling":
+            table = None
+            if candidates is not None:
+                table = candidates.embeddings[ITEM_FIELD]
+            history = SequenceEncoder(
+                num_items,
+                config.embedding_dim,
+                max_length=config.history_length,
+                kind=config.query_encoder,
+                num_layers=config.sequence_layers,
+                num_heads=config.sequence_heads,
+                dropout=config.sequence_dropout,
+                sparse=config.sparse_embeddings,
+                item_table=table,  # type: ignore[arg-type]
+            )
+        elif config.history_length > 0:
+            history = HistoryPooling(
+                num_items,
+                config.embedding_dim,
+                max_length=config.history_length,
+                mode=config.history_pooling,
+                sparse=config.sparse_embeddings,
+            )
         self.query_tower = Tower(query_fields, history=history, **shape)  # type: ignore[arg-type]
-        self.candidate_tower = Tower(candidate_fields, **shape)  # type: ignore[arg-type]
+        if candidates is None:
+            candidates = Tower(candidate_fields, **shape)  # type: ignore[arg-type]
+        self.candidate_tower = candidates
         log_t = torch.tensor(math.log(config.temperature))
         if config.learn_temperature:
             self.log_temperature = nn.Parameter(log_t)

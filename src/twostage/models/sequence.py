@@ -82,6 +82,9 @@ class SequenceEncoder(nn.Module):
         num_heads: attention heads (``dim`` must be a multiple).
         dropout: on the inputs and inside the blocks.
         sparse: the item table produces sparse gradients.
+        item_table: read the items from this table (the candidate tower's item ID
+            table: input and output embeddings tied, as in SASRec) instead of one
+            of its own. Padding reads as zeros either way.
     """
 
     def __init__(
@@ -95,13 +98,18 @@ class SequenceEncoder(nn.Module):
         num_heads: int = 2,
         dropout: float = 0.2,
         sparse: bool = False,
+        item_table: nn.Embedding | None = None,
     ) -> None:
         super().__init__()
-        self.kind, self.max_length = kind, max_length
-        self.embedding = nn.Embedding(num_items, dim, padding_idx=0, sparse=sparse)
-        nn.init.normal_(self.embedding.weight, std=0.01)
-        with torch.no_grad():
-            self.embedding.weight[0].zero_()
+        self.kind, self.max_length, self.dim = kind, max_length, dim
+        # A shared table belongs to the candidate tower: held outside the module
+        # tree, so the weights are saved (and moved, and loaded) once, there.
+        self._shared = [item_table] if item_table is not None else []
+        if item_table is None:
+            self.embedding = nn.Embedding(num_items, dim, padding_idx=0, sparse=sparse)
+            nn.init.normal_(self.embedding.weight, std=0.01)
+            with torch.no_grad():
+                self.embedding.weight[0].zero_()
         self.drop = nn.Dropout(dropout)
         if kind == "transformer":
             self.position = nn.Embedding(max_length, dim)
@@ -119,11 +127,18 @@ class SequenceEncoder(nn.Module):
                 dropout=dropout if num_layers > 1 else 0.0,
             )
 
+    def items(self, history: Tensor) -> Tensor:
+        """``[B, L]`` -> ``[B, L, dim]`` item vectors, zeros for padding."""
+        if not self._shared:
+            return self.embedding(history)
+        vectors = self._shared[0](history)
+        return vectors * (history > 0).unsqueeze(-1).to(vectors.dtype)
+
     def states(self, history: Tensor) -> Tensor:
         """``history [B, L]`` (most recent last, 0 = padding) -> ``[B, L, dim]``;
         state ``i`` depends on items ``0..i`` only."""
         length = history.shape[1]
-        x = self.embedding(history)  # (B, L, D)
+        x = self.items(history)  # (B, L, D)
         if self.kind == "gru":
             return self.gru(self.drop(x))[0]
         # The most recent item reads the last row of the position table, so a
@@ -140,6 +155,5 @@ class SequenceEncoder(nn.Module):
     def forward(self, history: Tensor) -> Tensor:
         """``[B, L]`` -> ``[B, dim]``: the state after the most recent item."""
         if history.shape[1] == 0:
-            width = self.embedding.embedding_dim
-            return self.embedding.weight.new_zeros(history.shape[0], width)
+            return torch.zeros(history.shape[0], self.dim, device=history.device)
         return self.states(history)[:, -1]

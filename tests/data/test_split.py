@@ -4,9 +4,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data import Dataset
 from twostage.data.split import (
+    ExperimentSplit,
     leave_last_out,
+    prepare_split,
     random_split,
     split_dataset,
     temporal_split,
@@ -111,3 +114,60 @@ def test_random_split_partitions_any_table(
     train, test = random_split(data, test_fraction=fraction, seed=seed)
     _check_partition(data, train, test)
     assert test.num_interactions == round(n * fraction)
+
+
+def _experiment(data: Dataset, split: str) -> ExperimentSplit:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            f"data.split={split}",
+            "data.test_fraction=0.2",
+            "data.validation_fraction=0.1",
+        ],
+    )
+    return prepare_split(data, config)
+
+
+@pytest.mark.parametrize("split", ["random", "temporal", "leave-last-out"])
+def test_protocols_partition_the_rows_into_fit_validation_and_test(
+    data: Dataset, split: str
+) -> None:
+    parts = _experiment(data, split)
+    assert parts.validation is not None
+    rows = [
+        set(p.interactions["row"].to_list())
+        for p in (parts.fit, parts.validation, parts.test)
+    ]
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+    assert sum(map(len, rows)) == data.num_interactions
+
+
+def test_leave_last_out_holds_out_the_last_item_and_validates_on_the_second_last(
+    data: Dataset,
+) -> None:
+    parts = _experiment(data, "leave-last-out")
+    assert parts.validation is not None
+    ordered = data.interactions.sort(["user_id", "timestamp", "row"]).with_columns(
+        pl.int_range(pl.len()).reverse().over("user_id").alias("from_end")
+    )
+    rank = dict(
+        zip(ordered["row"].to_list(), ordered["from_end"].to_list(), strict=True)
+    )
+    assert {rank[r] for r in parts.test.interactions["row"]} == {0}
+    assert {rank[r] for r in parts.validation.interactions["row"]} == {1}
+    # one test row per user with at least two rows, one validation row per user
+    # with at least three
+    counts = data.interactions.group_by("user_id").len()
+    assert parts.test.num_interactions == counts.filter(pl.col("len") >= 2).height
+    assert parts.validation.num_interactions == counts.filter(pl.col("len") >= 3).height
+
+
+def test_temporal_protocol_validates_on_the_latest_training_rows(data: Dataset) -> None:
+    parts = _experiment(data, "temporal")
+    assert parts.validation is not None
+    fit_times = parts.fit.interactions["timestamp"]
+    valid_times = parts.validation.interactions["timestamp"]
+    test_times = parts.test.interactions["timestamp"]
+    # no row is judged on a future the model trained on
+    assert fit_times.max() <= valid_times.min()
+    assert valid_times.max() <= test_times.min()

@@ -6,6 +6,7 @@ import torch
 from twostage.losses import (
     full_softmax_loss,
     in_batch_softmax_loss,
+    log_inclusion_probability,
     multi_positive_softmax_loss,
 )
 
@@ -211,3 +212,15 @@ def test_multi_positive_softmax_hand_computed() -> None:
     )
     logits = torch.tensor([2.0, 1.0, 0.0]) - log_q
     assert got.item() == pytest.approx(-torch.log_softmax(logits, 0)[1].item())
+
+
+def test_inclusion_probability_counts_the_uniform_draws_too() -> None:
+    probs = torch.tensor([0.01, 0.2])
+    # P(in sample) = 1 - (1 - p)^n (1 - 1/N)^m, by its complement
+    expected = 1 - (1 - probs) ** 50 * (1 - 1 / 100) ** 30
+    got = log_inclusion_probability(probs, 50, num_uniform=30, num_items=100).exp()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(
+        log_inclusion_probability(probs, 50, num_uniform=0, num_items=100),
+        log_inclusion_probability(probs, 50),
+    )

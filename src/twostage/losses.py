@@ -13,6 +13,8 @@ correction is the log of each item's chance to be in the sample at all
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -222,19 +224,27 @@ def multi_positive_softmax_loss(
     return -(log_probs * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
-def log_inclusion_probability(probs: Tensor, num_draws: int) -> Tensor:
-    """log of each item's chance to be among ``num_draws`` draws from the training rows.
+def log_inclusion_probability(
+    probs: Tensor, num_draws: int, *, num_uniform: int = 0, num_items: int = 1
+) -> Tensor:
+    """log of each item's chance to be among ``num_draws`` draws from the training rows
+    (and ``num_uniform`` uniform draws over ``num_items`` items).
 
     The logQ term of :func:`multi_positive_softmax_loss` when the candidates are the
     distinct items of a batch: an item with training share ``p`` is in the sample with
-    probability ``1 - (1 - p) ** num_draws``.
+    probability ``1 - (1 - p) ** num_draws * (1 - 1 / num_items) ** num_uniform``.
 
     Args:
         probs: ``[M]`` training share of each candidate item.
         num_draws: how many training rows the batch drew.
+        num_uniform: how many extra items were drawn uniformly.
+        num_items: how many items the uniform draws chose from.
 
     Returns:
         ``[M]`` log-probabilities.
     """
     probs = probs.clamp(1e-12, 1 - 1e-7)
-    return torch.log(-torch.expm1(float(num_draws) * torch.log1p(-probs)))
+    log_missed = float(num_draws) * torch.log1p(-probs)
+    if num_uniform > 0 and num_items > 1:
+        log_missed = log_missed + num_uniform * math.log1p(-1.0 / num_items)
+    return torch.log(-torch.expm1(log_missed))

@@ -132,6 +132,21 @@ def _fit(dataset: Dataset, encoder: str) -> float:
     return float(run.metrics["metrics"]["exclude_seen"]["hit_rate"]["1"])
 
 
+def test_sampled_negatives_also_learn_the_order() -> None:
+    # the batch's distinct targets and 20 uniform draws, logQ corrected
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *_SETTINGS,
+            "retrieval.query_encoder=gru",
+            "retrieval.negatives=in_batch",
+            "retrieval.num_extra_negatives=20",
+        ],
+    )
+    run, _ = fit_retrieval(config, dataset=_planted_log())
+    assert run.metrics["metrics"]["exclude_seen"]["hit_rate"]["1"] > 0.6
+
+
 def test_order_beats_the_bag_on_a_planted_sequence() -> None:
     dataset = _planted_log()
     bag = _fit(dataset, "pooling")

@@ -155,16 +155,41 @@ def user_loss(
             weights=weights,
         )
     # The candidates are the distinct items of the batch's users.
-    sample, columns = torch.unique(items, return_inverse=True)
+    return _distinct_items_softmax(
+        model, model_config, tensors, queries, rows, items, weights=weights
+    )
+
+
+def _distinct_items_softmax(
+    model: RetrievalModel,
+    model_config: RetrievalConfig,
+    tensors: RetrievalTensors,
+    queries: Tensor,
+    rows: Tensor,
+    items: Tensor,
+    *,
+    weights: Tensor | None = None,
+    extra: Tensor | None = None,
+) -> Tensor:
+    """The softmax of ``queries [B, D]`` over the distinct items of the positives
+    ``(rows [P], items [P])`` (and the ``extra [M]`` uniform draws), each
+    candidate's chance to be in that sample subtracted (logQ)."""
+    pooled = items if extra is None else torch.cat([items, extra])
+    sample, columns = torch.unique(pooled, return_inverse=True)
     log_q = None
     if model_config.logq_correction:
-        log_q = log_inclusion_probability(tensors.item_probs[sample], len(items))
+        log_q = log_inclusion_probability(
+            tensors.item_probs[sample],
+            len(items),
+            num_uniform=0 if extra is None else len(extra),
+            num_items=tensors.num_items - 1,  # the uniform draws skip the OOV row
+        )
         log_q = model_config.logq_weight * log_q
     return multi_positive_softmax_loss(
         queries,
         model.encode_items({k: v[sample] for k, v in tensors.item_features.items()}),
         rows,
-        columns,
+        columns[: len(items)],
         temperature=model.temperature,
         log_q=log_q,
         weights=weights,
@@ -302,7 +327,7 @@ def sequence_loss(
             temperature=model.temperature,
             other_positives=others,
         )
-    sample = positives
+    extra = None
     if model_config.num_extra_negatives > 0:
         extra = torch.randint(
             1,
@@ -310,19 +335,9 @@ def sequence_loss(
             (model_config.num_extra_negatives,),
             generator=generator,
         ).to(positives.device)
-        sample = torch.cat([positives, extra])
-    sample, columns = torch.unique(sample, return_inverse=True)
-    log_q = None
-    if model_config.logq_correction:
-        log_q = log_inclusion_probability(tensors.item_probs[sample], len(positives))
-        log_q = model_config.logq_weight * log_q
-    return multi_positive_softmax_loss(
-        queries,
-        model.encode_items({k: v[sample] for k, v in tensors.item_features.items()}),
-        torch.arange(len(positives), device=positives.device),
-        columns[: len(positives)],
-        temperature=model.temperature,
-        log_q=log_q,
+    rows = torch.arange(len(positives), device=positives.device)
+    return _distinct_items_softmax(
+        model, model_config, tensors, queries, rows, positives, extra=extra
     )
 
 

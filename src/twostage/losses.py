@@ -166,7 +166,8 @@ def full_softmax_loss(
     Returns:
         A scalar loss.
     """
-    logits = queries @ items.T / temperature  # (B, D) @ (D, N) -> (B, N)
+    # Scaling the queries costs B x D where scaling the logits costs B x N.
+    logits = (queries / temperature) @ items.T  # (B, D) @ (D, N) -> (B, N)
     masked = torch.zeros_like(logits, dtype=torch.bool)
     masked[:, 0] = True
     if other_positives is not None and other_positives.shape[1]:

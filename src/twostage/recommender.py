@@ -157,7 +157,7 @@ class Recommender:
         self._context_keys = context_keys(run.spec)
         #: The bundle's manifest (version, creation time, checksums) when loaded.
         self.manifest: dict[str, Any] = {}
-        popularity = run.tensors.item_probs.clone()
+        popularity = run.tensors.fallback_popularity.clone()
         popularity[0] = -1.0
         self._popular = torch.argsort(popularity, descending=True, stable=True)
         self._query_cache: torch.Tensor | None = None
@@ -488,7 +488,7 @@ class Recommender:
                 excluded |= ~mask
         if query is None:
             order = self._popular[~excluded[self._popular]][:k]
-            scores = self.run.tensors.item_probs[order]
+            scores = self.run.tensors.fallback_popularity[order]
             return self._answer(user_id, path, order, scores, None)
         width = max(num_candidates, k)
         if mask is None:

@@ -1,14 +1,20 @@
 """The most-popular fallback for users with few interactions."""
 
+from pathlib import Path
+
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.book_crossing import write_book_crossing
+from twostage.data.dataset import Dataset
+from twostage.data.split import ExperimentSplit
 from twostage.data.user_items import UserItems
-from twostage.recommender import load
+from twostage.recommender import Recommender, load
 from twostage.retrieval.fallback import choose_popularity_fallback
+from twostage.retrieval.fit import fit_retrieval
 from twostage.two_stage import fit_two_stage
 
 
@@ -82,3 +88,38 @@ def test_sparse_log_serves_popularity_to_the_least_active(tmp_path) -> None:
     if picked:
         slice_ = run.metrics["slices"]["popularity_fallback_users"]
         assert slice_["counts"]["exclude_seen"]["num_queries"] > 0
+
+
+def test_a_recent_popularity_fallback_serves_what_is_popular_at_the_end(
+    tmp_path: Path,
+) -> None:
+    # Item 1 was the hit long ago; items 2 and 3 are what everyone meets lately.
+    day = 86_400
+    rows = [(u, 1, 0) for u in range(40)]
+    rows += [(u, 2 + u % 2, 100 * day + u) for u in range(40, 70)]
+    rows += [(u, 4 + u % 5, 50 * day) for u in range(70)]
+    frame = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+    dataset = Dataset("hits", frame)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.validation_fraction=0",
+            "retrieval.popularity_fallback=1",
+            "retrieval.popularity_days=30",
+            "retrieval.embedding_dim=8",
+            "retrieval.output_dim=8",
+            "train.epochs=1",
+            "train.num_threads=1",
+        ],
+    )
+    run, _ = fit_retrieval(config, split=ExperimentSplit(dataset, None, dataset))
+    recommender = Recommender(run)
+    answer = recommender.recommend("new-user", 3)
+    assert answer.path == "popularity"
+    assert {item["item_id"] for item in answer.items[:2]} == {2, 3}
+    # the list reloads with the run, and all-time popularity puts the old hit first
+    recommender.save(tmp_path / "bundle")
+    assert load(tmp_path / "bundle").recommend("new-user", 3).items == answer.items
+    all_time = apply_overrides(config, ["retrieval.popularity_days=0"])
+    old, _ = fit_retrieval(all_time, split=ExperimentSplit(dataset, None, dataset))
+    assert Recommender(old).recommend("new-user", 1).items[0]["item_id"] == 1

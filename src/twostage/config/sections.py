@@ -141,6 +141,10 @@ class RetrievalConfig(_Checked):
     sparse logs where most-popular beats the model for the least active users
     (:mod:`twostage.retrieval.fallback`). Users the model does not know have no
     training items, so a threshold of 1 or more covers them as well.
+    ``popularity_days`` > 0 ranks that most-popular list by the training log's last
+    that many days (older counts break ties) instead of all time: what is popular
+    now, which serves new users far better when the test lies after the training
+    period (a temporal split).
 
     ``combine`` joins a tower's field embeddings (and the pooled history): ``sum`` (the
     default) adds them, as factorisation machines and LightFM do, so an item's vector
@@ -178,6 +182,7 @@ class RetrievalConfig(_Checked):
     dropout: float = 0.0
     sparse_embeddings: bool = False
     popularity_fallback: int = -1
+    popularity_days: float = 0.0
 
     SECTION: ClassVar[str] = "retrieval"
 
@@ -208,6 +213,10 @@ class RetrievalConfig(_Checked):
             "popularity_fallback": (
                 self.popularity_fallback >= -1,
                 "-1 (picked on validation), 0 (never) or positive",
+            ),
+            "popularity_days": (
+                self.popularity_days >= 0,
+                "0 (all-time popularity) or a positive number of days",
             ),
         }
 

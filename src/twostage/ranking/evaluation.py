@@ -91,7 +91,7 @@ def _two_stage(
         fallback = popular[start : start + len(users)]
         if fallback.any():
             rows = [part.row(r) for r in torch.nonzero(fallback).flatten().tolist()]
-            probs = ranking.retrieval.tensors.item_probs
+            probs = ranking.retrieval.tensors.fallback_popularity
             ids[fallback] = popularity_top(probs, rows, k, valid=valid)
         retrieved.append(ids)
         for w in blend_weights:

@@ -147,7 +147,8 @@ def evaluate_run_embeddings(
             item_slices=queries.item_slices,
             shard=shard,
         )
-    popularity = queries.pad_scores(run.tensors.item_probs[None, :])[0]  # [num_items]
+    fallback_scores = run.tensors.fallback_popularity[None, :]
+    popularity = queries.pad_scores(fallback_scores)[0]  # [num_items]
     fallback = torch.from_numpy(popular)
 
     def score(rows: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,7 @@ def fit_retrieval(
             choice = choose_popularity_fallback(
                 model.encode_queries(features),
                 run.item_embeddings(),
-                tensors.item_probs,
+                tensors.fallback_popularity,
                 relevant=queries.relevant,
                 seen=queries.seen,
                 num_train_items=tensors.seen().lengths()[queries.user_idx],

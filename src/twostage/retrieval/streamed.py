@@ -53,6 +53,8 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("retrieval.examples=interactions")
     if retrieval.rating_weights:
         problems.append("retrieval.rating_weights=false")
+    if retrieval.popularity_days:
+        problems.append("retrieval.popularity_days=0")
     if data.split not in ("random", "temporal"):
         problems.append("data.split=random or temporal")
     if problems:

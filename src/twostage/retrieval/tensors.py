@@ -30,6 +30,7 @@ __all__ = [
     "RetrievalTensors",
     "build_tensors",
     "query_features",
+    "recent_popularity",
     "tensors_from_flat",
     "tensors_to_flat",
     "with_history_of",
@@ -70,6 +71,12 @@ class RetrievalTensors:
     sequence_users: Tensor = dataclasses.field(
         default_factory=lambda: torch.zeros(0, dtype=torch.long)
     )
+    popularity: Tensor | None = None
+
+    @property
+    def fallback_popularity(self) -> Tensor:
+        """``[N]`` what the most-popular fallback ranks by."""
+        return self.item_probs if self.popularity is None else self.popularity
 
     def to(self, device: torch.device) -> RetrievalTensors:
         """A copy with every tensor on ``device``."""
@@ -89,6 +96,7 @@ class RetrievalTensors:
             context=move(self.context),
             sequences=self.sequences.to(device),
             sequence_users=self.sequence_users.to(device),
+            popularity=None if self.popularity is None else self.popularity.to(device),
         )
 
     def seen(self) -> UserItems:
@@ -154,6 +162,8 @@ def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
     }
     if tensors.weights is not None:
         flat["weights"] = tensors.weights
+    if tensors.popularity is not None:
+        flat["popularity"] = tensors.popularity
     flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
     flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
     return {k: v.contiguous() for k, v in flat.items()}
@@ -169,6 +179,7 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
         items=flat["items"],
         weights=flat.get("weights"),
         item_probs=flat["item_probs"],
+        popularity=flat.get("popularity"),
     )
 
 
@@ -246,6 +257,22 @@ def _sequence_windows(
     return sequences, window_users
 
 
+def recent_popularity(
+    train: pl.DataFrame, item_idx: np.ndarray, *, num_items: int, days: float
+) -> torch.Tensor | None:
+    """``[N]`` shares of the training rows in the log's last ``days`` (ties broken by
+    all-time counts; :class:`~twostage.baselines.RecentPopularity`), or None when
+    ``days`` is 0 (the fallback then ranks by ``item_probs``)."""
+    if days <= 0:
+        return None
+    from twostage.baselines import RecentPopularity
+
+    times = train[TIME].to_numpy()
+    scores = RecentPopularity(days=days).fit_log(item_idx, times, num_items=num_items)
+    assert scores.item_scores is not None
+    return scores.item_scores / scores.item_scores.sum().clamp_min(1e-12)
+
+
 def build_tensors(
     spec: FeatureSpec, train: Dataset, config: RetrievalConfig
 ) -> RetrievalTensors:
@@ -283,6 +310,9 @@ def build_tensors(
         item_probs=torch.from_numpy(counts / counts.sum()).float(),
         user_id_field=USER,
         context=context,
+        popularity=recent_popularity(
+            inter, items, num_items=item_vocab.size, days=config.popularity_days
+        ),
         sequences=sequences,
         sequence_users=(
             sequence_users
@@ -332,4 +362,10 @@ def with_history_of(
         items=torch.from_numpy(items),
         weights=None,
         context={},  # the rows changed; context is for training batches only
+        popularity=recent_popularity(
+            inter.filter(pl.Series(known)),
+            items,
+            num_items=spec.vocabulary(ITEM).size,
+            days=config.popularity_days,
+        ),
     )

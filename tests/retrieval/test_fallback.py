@@ -15,6 +15,8 @@ from twostage.data.user_items import UserItems
 from twostage.recommender import Recommender, load
 from twostage.retrieval.fallback import choose_popularity_fallback
 from twostage.retrieval.fit import fit_retrieval
+from twostage.retrieval.run import spec_for
+from twostage.retrieval.tensors import build_tensors, with_history_of
 from twostage.two_stage import fit_two_stage
 
 
@@ -123,3 +125,27 @@ def test_a_recent_popularity_fallback_serves_what_is_popular_at_the_end(
     all_time = apply_overrides(config, ["retrieval.popularity_days=0"])
     old, _ = fit_retrieval(all_time, split=ExperimentSplit(dataset, None, dataset))
     assert Recommender(old).recommend("new-user", 1).items[0]["item_id"] == 1
+
+
+def test_the_recent_list_counts_rows_of_users_the_model_does_not_know() -> None:
+    # Regression: the served tables dropped the validation rows of new users from
+    # the count, and under a temporal split those are most of the recent rows.
+    day = 86_400
+    fit = pl.DataFrame(
+        [(u, 1 + u % 3, u) for u in range(30)],
+        schema=["user_id", "item_id", "timestamp"],
+        orient="row",
+    )
+    newcomers = pl.DataFrame(
+        [(100 + u, 3, 60 * day) for u in range(10)],
+        schema=["user_id", "item_id", "timestamp"],
+        orient="row",
+    )
+    config = apply_overrides(ExperimentConfig(), ["retrieval.popularity_days=30"])
+    spec = spec_for(Dataset("fit", fit), config).fit(Dataset("fit", fit))
+    tensors = build_tensors(spec, Dataset("fit", fit), config.retrieval)
+    served = with_history_of(
+        tensors, spec, Dataset("all", pl.concat([fit, newcomers])), config.retrieval
+    )
+    item_3 = int(spec.vocabulary("item_id").transform(pl.Series([3]))[0])
+    assert int(served.fallback_popularity.argmax()) == item_3

@@ -346,6 +346,13 @@ def with_history_of(
     inter = train.interactions
     users = spec.vocabulary(USER).transform(inter[USER])
     items = spec.vocabulary(ITEM).transform(inter[ITEM])
+    # What is popular counts every row of a known item, new users' rows included.
+    popularity = recent_popularity(
+        inter.filter(pl.Series(items > 0)),
+        items[items > 0],
+        num_items=spec.vocabulary(ITEM).size,
+        days=config.popularity_days,
+    )
     known = (users > 0) & (items > 0)
     users, items = users[known], items[known]
     history = _history(
@@ -362,10 +369,5 @@ def with_history_of(
         items=torch.from_numpy(items),
         weights=None,
         context={},  # the rows changed; context is for training batches only
-        popularity=recent_popularity(
-            inter.filter(pl.Series(known)),
-            items,
-            num_items=spec.vocabulary(ITEM).size,
-            days=config.popularity_days,
-        ),
+        popularity=popularity,
     )

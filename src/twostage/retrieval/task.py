@@ -160,6 +160,22 @@ def user_loss(
     )
 
 
+def _uniform_negatives(
+    model_config: RetrievalConfig,
+    tensors: RetrievalTensors,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Tensor | None:
+    """``[M]`` ``retrieval.num_extra_negatives`` items drawn uniformly over the real
+    items (index 0 is the OOV row), or None."""
+    if model_config.num_extra_negatives <= 0:
+        return None
+    draws = torch.randint(
+        1, tensors.num_items, (model_config.num_extra_negatives,), generator=generator
+    )
+    return draws.to(device)
+
+
 def _distinct_items_softmax(
     model: RetrievalModel,
     model_config: RetrievalConfig,
@@ -258,15 +274,9 @@ def interaction_loss(
     if world is not None:  # the whole global batch's candidates
         candidates = distributed.gather_rows(candidates, sizes)
         candidate_ids = distributed.gather_rows(items, sizes)
-    extra = extra_ids = extra_probs = None
-    if model_config.num_extra_negatives > 0:
-        # Uniform over the real items (index 0 is the OOV row).
-        extra_ids = torch.randint(
-            1,
-            tensors.num_items,
-            (model_config.num_extra_negatives,),
-            generator=generator,
-        ).to(batch.device)
+    extra = extra_probs = None
+    extra_ids = _uniform_negatives(model_config, tensors, generator, batch.device)
+    if extra_ids is not None:
         extra = model.encode_items(
             {k: v[extra_ids] for k, v in tensors.item_features.items()}
         )
@@ -327,14 +337,7 @@ def sequence_loss(
             temperature=model.temperature,
             other_positives=others,
         )
-    extra = None
-    if model_config.num_extra_negatives > 0:
-        extra = torch.randint(
-            1,
-            tensors.num_items,
-            (model_config.num_extra_negatives,),
-            generator=generator,
-        ).to(positives.device)
+    extra = _uniform_negatives(model_config, tensors, generator, positives.device)
     rows = torch.arange(len(positives), device=positives.device)
     return _distinct_items_softmax(
         model, model_config, tensors, queries, rows, positives, extra=extra

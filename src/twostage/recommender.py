@@ -290,10 +290,10 @@ class Recommender:
 
         Raises:
             ConfigError: the model reads no history, or the session is malformed.
-            UnknownIdError: item IDs the model does not know (all of them named).
+            UnknownIdError: item IDs the model does not know (the first ten named).
         """
-        if session is None:
-            return None
+        if session is None or (isinstance(session, list | tuple) and not session):
+            return None  # an empty session says nothing: the usual answer
         if isinstance(session, str | bytes | Mapping) or not isinstance(
             session, Sequence
         ):

@@ -186,6 +186,7 @@ def test_an_anonymous_session_is_answered_from_its_order(
     shuffled = recommender.recommend(None, 3, session=timed[::-1])
     assert shuffled.items == answer.items
     # a known user's session follows their history
+    assert recommender.recommend(0, 3, session=[]) == recommender.recommend(0, 3)
     known = recommender.recommend(0, 3, session=walk)
     assert known.path == "personalised"
     assert known.items[0]["item_id"] == int(successor[walk[-1]])

@@ -199,6 +199,19 @@ def _rows_in_vocab_order(
     return spec.transform_items(ids, items=table)
 
 
+def _in_time_order(
+    train: pl.DataFrame, user_idx: np.ndarray, item_idx: np.ndarray
+) -> pl.DataFrame:
+    """Columns ``u``, ``i`` of the training rows sorted by user, then time (ties: row
+    order), with ``from_end``: 0 for each user's most recent row, 1 before it..."""
+    return (
+        pl.DataFrame({"u": user_idx, "i": item_idx, "t": train[TIME].to_numpy()})
+        .with_row_index("r")
+        .sort(["u", "t", "r"])
+        .with_columns(pl.int_range(pl.len()).reverse().over("u").alias("from_end"))
+    )
+
+
 def _history(
     train: pl.DataFrame,
     user_idx: np.ndarray,
@@ -211,12 +224,8 @@ def _history(
     history = torch.zeros(num_users, length, dtype=torch.long)
     if length == 0:
         return history
-    frame = (
-        pl.DataFrame({"u": user_idx, "i": item_idx, "t": train[TIME].to_numpy()})
-        .with_row_index("r")
-        .sort(["u", "t", "r"])
-        .with_columns(pl.int_range(pl.len()).reverse().over("u").alias("from_end"))
-        .filter(pl.col("from_end") < length)
+    frame = _in_time_order(train, user_idx, item_idx).filter(
+        pl.col("from_end") < length
     )
     rows = torch.tensor(frame["u"].to_numpy(), dtype=torch.long)
     cols = length - 1 - torch.tensor(frame["from_end"].to_numpy(), dtype=torch.long)
@@ -230,12 +239,7 @@ def _sequence_windows(
     """``([W, length + 1], [W])``: each user's training items by time, cut from the
     most recent backwards into windows of ``length`` targets, each led by the item
     before them (see :attr:`RetrievalTensors.sequences`)."""
-    frame = (
-        pl.DataFrame({"u": user_idx, "i": item_idx, "t": train[TIME].to_numpy()})
-        .with_row_index("r")
-        .sort(["u", "t", "r"])
-        .with_columns(pl.int_range(pl.len()).reverse().over("u").alias("from_end"))
-    )
+    frame = _in_time_order(train, user_idx, item_idx)
     users = frame["u"].to_numpy()
     items = torch.from_numpy(frame["i"].to_numpy().astype(np.int64))
     from_end = frame["from_end"].to_numpy()

@@ -126,6 +126,26 @@ def test_matches_reference_with_everything_on() -> None:
     assert got.item() == pytest.approx(want, rel=1e-5)
 
 
+def test_shares_of_a_batch_add_up_to_the_whole_with_repeated_items() -> None:
+    """A data-parallel rank's queries (``positive_offset``) see the same masked
+    columns as in the whole batch, also when one item fills many columns."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    ids = torch.randint(0, 6, (40,), generator=g)  # every item repeated
+    ids[:10] = 99  # and one of them ten times
+    probs = torch.rand(40, generator=g) / 10
+    kwargs = dict(candidate_ids=ids, candidate_probs=probs, temperature=0.1)
+    whole = in_batch_softmax_loss(q, c, **kwargs) * 40
+    shares = [
+        in_batch_softmax_loss(q[lo:hi], c, positive_offset=lo, normaliser=1.0, **kwargs)
+        for lo, hi in [(0, 7), (7, 25), (25, 40)]
+    ]
+    assert sum(float(s) for s in shares) == pytest.approx(float(whole), rel=1e-5)
+    want = _naive(q, c, t=0.1, ids=ids.tolist(), probs=probs)
+    assert float(whole) / 40 == pytest.approx(want, rel=1e-5)
+
+
 def test_gradient_flows_to_learnable_temperature() -> None:
     q = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
     c = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)

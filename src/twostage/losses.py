@@ -77,17 +77,21 @@ def in_batch_softmax_loss(
     """
     num_queries = queries.shape[0]
     batch = candidates.shape[0]  # the in-batch candidates: the global batch
-    rows = torch.arange(num_queries, device=queries.device)
-    labels = rows + positive_offset
-    logits = queries @ candidates.T / temperature  # (b, D) @ (D, B) -> (b, B)
+    labels = torch.arange(num_queries, device=queries.device) + positive_offset
+    columns = candidates
     columns_ids = candidate_ids
     if extra_candidates is not None:
-        extra_logits = queries @ extra_candidates.T / temperature  # (B, M)
-        logits = torch.cat([logits, extra_logits], dim=1)
+        columns = torch.cat([candidates, extra_candidates])
         if candidate_ids is not None and extra_ids is not None:
             columns_ids = torch.cat([candidate_ids, extra_ids])
+    # Every elementwise pass over the (b, B[+M]) logits costs about as much as one of
+    # the matmuls, so the temperature scales the queries (b x D) and the logQ term and
+    # the masked accidental hits go in as the matmul's bias (addmm), which autograd
+    # does not have to mask again on the way back.
+    scaled = queries / temperature
+    bias: Tensor | None = None
     if candidate_probs is not None:
-        logits = logits - correction_weight * _log_expected_count(
+        bias = -correction_weight * _log_expected_count(
             batch,
             candidate_probs,
             extra_probs,
@@ -95,11 +99,16 @@ def in_batch_softmax_loss(
             num_items=num_items,
         )
     if candidate_ids is not None and columns_ids is not None:
-        # An accidental hit is another column holding this row's positive item.
-        positives = candidate_ids[labels]
-        hit = positives[:, None] == columns_ids[None, :]  # (b, B[+M])
-        hit[rows, labels] = False
-        logits = logits.masked_fill(hit, _MASKED)
+        hits = _accidental_hits(columns_ids, positive_offset, num_queries)
+        if hits is not None:
+            shape = (num_queries, columns.shape[0])
+            full = torch.zeros(shape, device=queries.device, dtype=scaled.dtype)
+            bias = full if bias is None else full.add_(bias)
+            bias.index_put_(hits, bias.new_tensor(_MASKED))
+    if bias is None:
+        logits = scaled @ columns.T  # (b, D) @ (D, B[+M]) -> (b, B[+M])
+    else:
+        logits = torch.addmm(bias.to(scaled.dtype), scaled, columns.T)
     losses = F.cross_entropy(logits, labels, reduction="none")
     if normaliser is not None:
         total = losses.sum() if weights is None else (losses * weights).sum()
@@ -107,6 +116,31 @@ def in_batch_softmax_loss(
     if weights is None:
         return losses.mean()
     return (losses * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def _accidental_hits(
+    columns_ids: Tensor, offset: int, num_queries: int
+) -> tuple[Tensor, Tensor] | None:
+    """``(rows, columns)`` where a query's logits hold its own positive item again at
+    another column (query ``i``'s positive is column ``offset + i``), or None.
+
+    Only the columns whose item occurs more than once are compared, so the cost is
+    that of a sort of the columns, not of a dense ``(b, B)`` comparison.
+    """
+    ordered, order = torch.sort(columns_ids)
+    repeated = ordered[1:] == ordered[:-1]
+    if not bool(repeated.any()):
+        return None
+    member = torch.zeros_like(ordered, dtype=torch.bool)
+    member[1:] |= repeated
+    member[:-1] |= repeated
+    columns = order[member]  # the columns of repeated items
+    same = columns_ids[columns][:, None] == columns_ids[columns][None, :]
+    same.fill_diagonal_(False)
+    first, second = torch.nonzero(same, as_tuple=True)
+    rows = columns[first] - offset  # the column of a query's positive, as its row
+    mine = (rows >= 0) & (rows < num_queries)
+    return rows[mine], columns[second][mine]
 
 
 def _log_expected_count(

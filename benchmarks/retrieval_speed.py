@@ -1,6 +1,7 @@
 """Two-tower training throughput on a large synthetic log (10M interactions, 1M items,
 1M users by default), ID-only and with side features and history, on the CPU and on a
-GPU when one is present.
+GPU when one is present. The last row is the floor of the CPU batch size: the in-batch
+softmax's three matmuls alone.
 
     python benchmarks/retrieval_speed.py --json benchmarks/results/retrieval_speed.json
 """
@@ -77,6 +78,22 @@ def measure(
     }
 
 
+def matmul_floor(batch: int, dim: int = 64, repeats: int = 50) -> dict[str, Any]:
+    """The in-batch softmax's three matmuls alone (logits, and the gradients of the
+    queries and the candidates): no step of that batch size can be faster here."""
+    queries, candidates = torch.randn(batch, dim), torch.randn(batch, dim)
+    grad = torch.randn(batch, batch)
+    stamps = []
+    for _ in range(repeats + 5):
+        started = time.perf_counter()
+        _ = queries @ candidates.T
+        _ = grad @ candidates
+        _ = grad.T @ queries
+        stamps.append(time.perf_counter() - started)
+    step_s = median(stamps[5:])
+    return {"examples_per_s": batch / step_s, "median_step_ms": step_s * 1000}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
@@ -86,6 +103,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=1024, help="CPU batch size")
     parser.add_argument("--gpu-batch-size", type=int, default=8192)
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated, any of " + ", ".join(VARIANTS),
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads (0: torch default)"
     )
@@ -104,7 +126,8 @@ def main() -> None:
     results: dict[str, Any] = {}
     rows = []
     for device in devices:
-        for name, overrides in VARIANTS.items():
+        for name in args.variants.split(","):
+            overrides = VARIANTS[name]
             key = f"{name}/{device}"
             results[key] = measure(
                 dataset, overrides, device, args.steps, args.batch_size
@@ -120,6 +143,17 @@ def main() -> None:
                     f"{r['parameters']:,}",
                 ]
             )
+    floor = results["matmul-floor/cpu"] = matmul_floor(args.batch_size)
+    rows.append(
+        [
+            "matmul-floor/cpu",
+            f"{floor['examples_per_s']:,.0f}",
+            f"{floor['median_step_ms']:.1f}",
+            "",
+            "",
+            "",
+        ]
+    )
     print_table(
         f"Training throughput: {args.interactions:,} interactions, {args.items:,} items, {args.users:,} users",
         [

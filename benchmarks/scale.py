@@ -186,6 +186,56 @@ def _distributed(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _gather_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Two gloo ranks time what gathering the in-batch negatives adds to a step: the
+    candidate embeddings (forward all-gather, backward reduce-scatter), their item
+    IDs and sampling probabilities, for the global batch of the distributed runs."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        *("--nproc-per-node", "2", __file__, "--phase", "gather", "--dir", "."),
+        *("--batch-size", str(args.batch_size)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"the gather timing failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _time_gather(batch_size: int, dim: int = 64, repeats: int = 200) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from twostage import distributed
+
+    torch.set_num_threads(1)  # as the distributed runs: one thread per rank
+    world = distributed.init_from_env("cpu")
+    assert world is not None, "run under torchrun with 2 ranks"
+    sizes = world.sizes(batch_size)
+    local = torch.randn(sizes[world.rank], dim, requires_grad=True)
+    ids = torch.randint(1, 100_000, (sizes[world.rank],))
+    probs = torch.rand(sizes[world.rank])
+    stamps = []
+    for _ in range(repeats + 20):
+        dist.barrier()
+        started = time.perf_counter()
+        candidates = distributed.gather_rows(local, sizes)
+        distributed.gather_rows(ids, sizes)
+        distributed.gather_rows(probs, sizes)
+        candidates.sum().backward()
+        stamps.append(time.perf_counter() - started)
+    stamps = sorted(stamps[20:])
+    out = {
+        "ranks": world.size,
+        "global_batch": batch_size,
+        "dim": dim,
+        "median_ms": 1000 * stamps[len(stamps) // 2],
+        "p90_ms": 1000 * stamps[int(0.9 * len(stamps))],
+    }
+    distributed.shutdown()
+    return out if world.rank == 0 else {}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the figures to this JSON file")
@@ -209,6 +259,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.phase == "gather":
+        timing = _time_gather(args.batch_size)
+        if timing:
+            print(json.dumps(timing))
+        return {}
     if args.phase:
         args.dir = Path(args.dir)
         print(json.dumps(_run_phase(args.phase, args)))
@@ -251,6 +306,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ]
                 for ranks, r in results["distributed"].items()
             ],
+        )
+        gather = results["distributed"]["gather"] = _gather_cost(args)
+        two = results["distributed"]["2"]
+        steps = args.epochs * -(-int(0.8 * 0.95 * 100_000) // args.batch_size)
+        step_ms = 1000 * two["train_seconds"] / steps
+        gather["share_of_2_rank_step"] = gather["median_ms"] / step_ms
+        print(
+            f"gathering the negatives of a {args.batch_size:,} batch over 2 ranks: "
+            f"{gather['median_ms']:.2f} ms median (p90 {gather['p90_ms']:.2f}), "
+            f"{100 * gather['share_of_2_rank_step']:.1f}% of a 2-rank step "
+            f"({step_ms:.1f} ms)"
         )
     results["machine"] = machine()
     write_json(args.json, results)

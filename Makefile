@@ -54,12 +54,12 @@ bench: install-dev
 # Re-pin the dev tools from what is installed (run after changing the dev extra):
 # every installed package that requirements.lock does not pin. To re-pin the runtime
 # lock, install the project's dependencies into a fresh venv and freeze it there.
-# ScaNN has wheels for Linux x86_64 only: keep its marker (protobuf, which it needs,
-# is needed by onnx everywhere).
+# ScaNN and fbgemm-gpu-cpu have wheels for Linux x86_64 only: keep their marker
+# (protobuf, which ScaNN needs, is needed by onnx everywhere).
 LINUX_X86 := ; sys_platform == "linux" and platform_machine == "x86_64"
 lock: install-dev
 	$(PY) -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' \
-		-e 's/^\(scann\)==\(.*\)$$/\1==\2$(LINUX_X86)/' \
+		-e 's/^\(scann\|fbgemm[-_]gpu[-_]cpu\)==\(.*\)$$/\1==\2$(LINUX_X86)/' \
 		| grep -v -i -x -F -f <(sed 's/;.*//' requirements.lock) > requirements-dev.lock
 
 clean:

@@ -27,11 +27,19 @@ from twostage.retrieval.tensors import build_tensors
 ID_ONLY = ["retrieval.use_side_features=false", "retrieval.history_length=0"]
 FEATURES = ["retrieval.history_length=20"]
 SPARSE = ["retrieval.sparse_embeddings=true"]
+ADAGRAD = ["train.optimizer=adagrad", "train.learning_rate=0.05"]
+#: fbgemm's kernel for the ID and categorical tables (row-wise Adagrad fused into
+#: backward); the optional fbgemm-gpu-cpu package, skipped without it.
+FBGEMM = ["retrieval.embedding_backend=fbgemm"]
 VARIANTS = {
     "id-only": ID_ONLY,
     "id-only/sparse": ID_ONLY + SPARSE,
+    "id-only/sparse-adagrad": ID_ONLY + SPARSE + ADAGRAD,
+    "id-only/fbgemm": ID_ONLY + SPARSE + ADAGRAD + FBGEMM,
     "features+history": FEATURES,
     "features+history/sparse": FEATURES + SPARSE,
+    "features+history/sparse-adagrad": FEATURES + SPARSE + ADAGRAD,
+    "features+history/fbgemm": FEATURES + SPARSE + ADAGRAD + FBGEMM,
 }
 
 
@@ -76,6 +84,14 @@ def measure(
         "prepare_s": prepare_s,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _has_fbgemm() -> bool:
+    try:
+        import fbgemm_gpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def matmul_floor(batch: int, dim: int = 64, repeats: int = 50) -> dict[str, Any]:
@@ -129,6 +145,8 @@ def main() -> None:
         for name in args.variants.split(","):
             overrides = VARIANTS[name]
             key = f"{name}/{device}"
+            if "fbgemm" in name and (device != "cpu" or not _has_fbgemm()):
+                continue  # the CPU build of the optional kernel
             results[key] = measure(
                 dataset, overrides, device, args.steps, args.batch_size
             )

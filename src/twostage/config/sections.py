@@ -146,6 +146,13 @@ class RetrievalConfig(_Checked):
     now, which serves new users far better when the test lies after the training
     period (a temporal split).
 
+    ``embedding_backend`` = ``fbgemm`` trains the towers' ID and categorical tables
+    with fbgemm's table-batched embedding kernel (the one TorchRec's sharded tables
+    run on; the optional ``fbgemm-gpu-cpu`` package), its row-wise Adagrad fused into
+    the backward pass, on the CPU and in one process
+    (:mod:`twostage.models.fused`). The saved run holds plain tables either way, so
+    serving never needs fbgemm.
+
     ``combine`` joins a tower's field embeddings (and the pooled history): ``sum`` (the
     default) adds them, as factorisation machines and LightFM do, so an item's vector
     is its ID vector plus its features' vectors and a field that does not help can fade
@@ -181,6 +188,7 @@ class RetrievalConfig(_Checked):
     id_dropout: float = 0.1
     dropout: float = 0.0
     sparse_embeddings: bool = False
+    embedding_backend: Literal["torch", "fbgemm"] = "torch"
     popularity_fallback: int = -1
     popularity_days: float = 0.0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from twostage.errors import ConfigError, DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
 from twostage.features.context import add_context_columns, context_frame
+from twostage.models.fused import fused_tables, require_fbgemm
 from twostage.models.retrieval import RetrievalModel
 from twostage.retrieval.evaluation import eval_queries
 from twostage.retrieval.fallback import choose_popularity_fallback
@@ -210,20 +212,39 @@ def train_retrieval(
             return interaction_loss(model, model_config, tensors, batch, generator)
         return user_loss(model, model_config, tensors, by_user, batch, generator)
 
-    return run_training(
-        model,
-        config,
-        num_examples=num_examples,
-        batch_loss=batch_loss,
-        device=device,
-        validate=validate,  # type: ignore[arg-type]
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        on_step=on_step,
-        stop_after_epoch=stop_after_epoch,
-        fingerprint=fingerprint,
-        allow_config_change=allow_config_change,
-    )
+    with ExitStack() as stack:
+        if model_config.embedding_backend == "fbgemm":
+            _check_fbgemm(device)
+            stack.enter_context(fused_tables(model, learning_rate=config.learning_rate))
+        return run_training(
+            model,
+            config,
+            num_examples=num_examples,
+            batch_loss=batch_loss,
+            device=device,
+            validate=validate,  # type: ignore[arg-type]
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            on_step=on_step,
+            stop_after_epoch=stop_after_epoch,
+            fingerprint=fingerprint,
+            allow_config_change=allow_config_change,
+        )
+
+
+def _check_fbgemm(device: torch.device) -> None:
+    require_fbgemm()
+    if device.type != "cpu":
+        raise ConfigError(
+            "`retrieval.embedding_backend=fbgemm` runs fbgemm's CPU build: set "
+            f"`train.device=cpu`. Received: `train.device` = {str(device)!r}."
+        )
+    if distributed.current() is not None:
+        raise ConfigError(
+            "`retrieval.embedding_backend=fbgemm` updates its tables inside backward, "
+            "where data-parallel training cannot average them: train it in one "
+            "process (no torchrun, no --nproc), or use the torch backend."
+        )
 
 
 def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

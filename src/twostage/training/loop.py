@@ -177,8 +177,7 @@ def run_training(
             step = epoch * steps_per_epoch + step_in_epoch
             if step >= total_steps:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step, total_steps)
+            optimizer.set_learning_rate(learning_rate(config, step, total_steps))
             start = step_in_epoch * config.batch_size
             batch = order[start : start + config.batch_size].to(device)
             with torch.autocast(

@@ -49,12 +49,24 @@ class Optimizers:
     step would otherwise read and write every row of a 1M-row table on every step.
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+    def __init__(
+        self, optimizers: list[torch.optim.Optimizer], fused: list[Any] | None = None
+    ) -> None:
         self.optimizers = optimizers
+        #: Tables that update themselves inside backward
+        #: (:class:`twostage.models.fused.FusedEmbedding`): they take the learning rate.
+        self.fused = fused or []
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return [g for o in self.optimizers for g in o.param_groups]
+
+    def set_learning_rate(self, value: float) -> None:
+        """This step's learning rate, for every optimiser and fused table."""
+        for group in self.param_groups:
+            group["lr"] = value
+        for table in self.fused:
+            table.set_learning_rate(value)
 
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
@@ -132,11 +144,15 @@ def _sparse_parameters(model: torch.nn.Module) -> list[Tensor]:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> Optimizers:
+    from twostage.models.fused import fused_modules
+
+    fused = fused_modules(model)
     sparse = _sparse_parameters(model)
-    sparse_ids = {id(p) for p in sparse}
-    dense = [
-        p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids
-    ]
+    # Fused tables update themselves in backward: no optimiser may touch them.
+    skipped = {id(p) for p in sparse} | {
+        id(p) for table in fused for p in table.parameters()
+    }
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in skipped]
     lr, decay = config.learning_rate, config.weight_decay
     optimizers: list[torch.optim.Optimizer] = []
     # An ID-only model with sparse tables has no dense parameter at all.
@@ -152,9 +168,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> Optimizers:
             optimizers.append(RowSparseAdam(sparse, lr=config.learning_rate))
     elif config.optimizer == "adagrad":
         # Adagrad takes sparse gradients itself (as in the TFRS tutorials).
-        optimizers.append(
-            torch.optim.Adagrad(dense + sparse, lr=lr, weight_decay=decay)
-        )
+        if dense or sparse:
+            optimizers.append(
+                torch.optim.Adagrad(dense + sparse, lr=lr, weight_decay=decay)
+            )
     else:
         raise ConfigError(
             "`train.optimizer` should be one of adam, adamw, adagrad. "
@@ -162,7 +179,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> Optimizers:
         )
     if sparse and config.weight_decay and config.optimizer != "adagrad":
         logger.warning("weight decay is not applied to sparse embedding tables")
-    return Optimizers(optimizers)
+    return Optimizers(optimizers, fused)
 
 
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:

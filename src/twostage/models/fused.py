@@ -1,0 +1,153 @@
+"""ID tables trained with fbgemm's table-batched embedding kernel (TBE): the kernel
+TorchRec's sharded embedding tables run on, with the optimiser fused into the backward
+pass (exact row-wise Adagrad: one accumulator per row).
+
+``retrieval.embedding_backend=fbgemm`` swaps every ``index`` field's ``nn.Embedding``
+of both towers for a :class:`FusedEmbedding` for the length of training
+(:func:`fused_tables`) and swaps plain tables back afterwards, so checkpoints hold the
+kernel's state while saved runs, bundles and serving never need fbgemm. The kernel is
+the optional ``fbgemm-gpu-cpu`` package (``pip install "twostage[fbgemm]"``); it is
+the CPU build, so training stays on the CPU and in one process (its updates happen
+inside backward, where DDP cannot average them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from twostage.errors import ConfigError
+
+if TYPE_CHECKING:
+    from twostage.models.retrieval import RetrievalModel
+
+__all__ = ["FusedEmbedding", "fused_modules", "fused_tables", "require_fbgemm"]
+
+logger = logging.getLogger(__name__)
+
+_INSTALL = (
+    "`retrieval.embedding_backend=fbgemm` needs the optional fbgemm kernel: "
+    'pip install "twostage[fbgemm]" (fbgemm-gpu-cpu==1.8.0, which matches '
+    "torch==2.13.0; Linux x86_64 only)."
+)
+
+
+def require_fbgemm() -> None:
+    """Raise a ConfigError that says how to install fbgemm when it is missing."""
+    try:
+        import fbgemm_gpu  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{_INSTALL} Received: {e}.") from e
+
+
+class FusedEmbedding(nn.Module):
+    """One ``[N, D]`` table in fbgemm's kernel: ``[B]`` indices -> ``[B, D]`` rows.
+
+    Each backward pass updates the looked-up rows in place with exact row-wise Adagrad
+    (the accumulator of row ``r`` adds the mean of its squared gradient; the row moves
+    by ``lr * g / (sqrt(acc) + eps)``). The learning rate follows the training
+    schedule through :meth:`set_learning_rate`.
+
+    Args:
+        weight: the initial table, copied in.
+        learning_rate: the initial learning rate.
+        eps: Adagrad's epsilon.
+    """
+
+    def __init__(self, weight: Tensor, *, learning_rate: float, eps: float) -> None:
+        super().__init__()
+        require_fbgemm()
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+            EmbeddingLocation,
+            PoolingMode,
+        )
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+
+        rows, dim = weight.shape
+        self.kernel = SplitTableBatchedEmbeddingBagsCodegen(
+            [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+            learning_rate=learning_rate,
+            eps=eps,
+            pooling_mode=PoolingMode.SUM,
+        )
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            self.kernel.split_optimizer_states()[0][0].zero_()
+
+    @property
+    def weight(self) -> Tensor:
+        """``[N, D]`` view of the kernel's table."""
+        return self.kernel.split_embedding_weights()[0]
+
+    @property
+    def accumulator(self) -> Tensor:
+        """``[N]`` row-wise Adagrad accumulators."""
+        return self.kernel.split_optimizer_states()[0][0]
+
+    def set_learning_rate(self, value: float) -> None:
+        self.kernel.set_learning_rate(value)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        # One index per bag: bag b is ids[b:b + 1], and a sum over one row is the row.
+        offsets = torch.arange(len(ids) + 1, dtype=torch.int64, device=ids.device)
+        return self.kernel(ids.long(), offsets)
+
+
+def fused_modules(model: nn.Module) -> list[FusedEmbedding]:
+    return [m for m in model.modules() if isinstance(m, FusedEmbedding)]
+
+
+def _index_tables(model: RetrievalModel) -> Iterator[tuple[nn.ModuleDict, str]]:
+    """``(dict, name)`` of every ``index`` field's table in the model's towers."""
+    for tower in (model.query_tower, model.candidate_tower):
+        for info in tower.fields:
+            if info.kind == "index":
+                yield tower.embeddings, info.name
+
+
+@contextmanager
+def fused_tables(
+    model: RetrievalModel, *, learning_rate: float, eps: float = 1e-10
+) -> Iterator[list[FusedEmbedding]]:
+    """Train ``model``'s ID and categorical tables in fbgemm's kernel while inside.
+
+    On the way in each such ``nn.Embedding`` becomes a :class:`FusedEmbedding` with its
+    weights; on the way out (also after an error) each becomes an ``nn.Embedding``
+    again, with the trained weights and the sparsity it had.
+    """
+    swapped: list[tuple[nn.ModuleDict, str, bool]] = []
+    try:
+        for tables, name in _index_tables(model):
+            plain = tables[name]
+            assert isinstance(plain, nn.Embedding)
+            tables[name] = FusedEmbedding(
+                plain.weight.detach(), learning_rate=learning_rate, eps=eps
+            )
+            swapped.append((tables, name, plain.sparse))
+        logger.info(
+            "fbgemm: %d table(s) train with row-wise Adagrad inside backward (%s); "
+            "train.optimizer applies to the other parameters",
+            len(swapped),
+            ", ".join(name for _, name, _ in swapped),
+        )
+        yield [tables[name] for tables, name, _ in swapped]  # type: ignore[misc]
+    finally:
+        for tables, name, sparse in swapped:
+            fused = tables[name]
+            assert isinstance(fused, FusedEmbedding)
+            weight = fused.weight.detach().clone()
+            rows, dim = weight.shape
+            plain = nn.Embedding(rows, dim, sparse=sparse)
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+            tables[name] = plain

@@ -1,0 +1,156 @@
+"""``retrieval.embedding_backend=fbgemm``: the ID tables train in fbgemm's kernel (the
+optional ``fbgemm-gpu-cpu`` package; these tests run where it is installed, as in
+``make test``)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.split import prepare_split
+from twostage.data.synthetic import generate
+from twostage.errors import ConfigError
+from twostage.features import FeatureSpec
+from twostage.models.fused import FusedEmbedding
+from twostage.retrieval.fit import train_retrieval
+from twostage.retrieval.run import build_model
+from twostage.retrieval.tensors import build_tensors
+
+SMALL = [
+    "train.epochs=3",
+    "train.early_stopping_patience=0",
+    "train.num_threads=1",
+    "train.batch_size=128",
+    "train.learning_rate=0.05",
+    "retrieval.embedding_dim=8",
+    "retrieval.output_dim=8",
+    "retrieval.history_length=10",
+    "retrieval.embedding_backend=fbgemm",
+]
+
+
+def test_one_step_is_exact_rowwise_adagrad() -> None:
+    pytest.importorskip("fbgemm_gpu")
+    start = torch.randn(5, 4)
+    table = FusedEmbedding(start, learning_rate=0.1, eps=1e-8)
+    target = torch.randn(3, 4)
+    ids = torch.tensor([1, 1, 3])  # row 1 twice: its gradients add up
+    (table(ids) * target).sum().backward()
+    grads = {1: target[0] + target[1], 3: target[2]}
+    want = start.clone()
+    for row, grad in grads.items():
+        accumulator = (grad**2).mean()
+        want[row] -= 0.1 * grad / (accumulator.sqrt() + 1e-8)
+        assert float(table.accumulator[row]) == pytest.approx(float(accumulator))
+    torch.testing.assert_close(table.weight, want, rtol=1e-5, atol=1e-6)
+    assert float(table.accumulator[0]) == 0.0  # untouched rows keep no state
+
+
+@pytest.fixture(scope="module")
+def setup():
+    pytest.importorskip("fbgemm_gpu")
+    config = apply_overrides(ExperimentConfig(), SMALL)
+    dataset = generate(num_users=80, num_items=60, num_interactions=1500)
+    train = prepare_split(dataset, config).fit
+    spec = FeatureSpec.default_for(train).fit(train)
+    tensors = build_tensors(spec, train, config.retrieval)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(7)
+        return build_model(spec, config.retrieval)
+
+    return config, tensors, fresh
+
+
+def test_training_leaves_plain_tables_that_moved(setup) -> None:
+    config, tensors, fresh = setup
+    before = fresh()
+    model = fresh()
+    result = train_retrieval(model, tensors, config.train)
+    assert len(result.history) == 3
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert not any(isinstance(m, FusedEmbedding) for m in model.modules())
+    assert model.state_dict().keys() == before.state_dict().keys()
+    user_ids = "query_tower.embeddings.user_id.weight"
+    assert not torch.equal(model.state_dict()[user_ids], before.state_dict()[user_ids])
+    # The swap is the same model a torch-backend run builds: a reload needs no fbgemm.
+    reloaded = fresh()
+    reloaded.load_state_dict(model.state_dict())
+    assert all(
+        torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items()
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad"])
+def test_an_id_only_model_trains_with_no_other_optimiser(setup, optimizer) -> None:
+    """Every table of an ID-only model is fused: no optimiser has anything left."""
+    config, _, _ = setup
+    overrides = [
+        *SMALL,
+        "retrieval.use_side_features=false",
+        "retrieval.history_length=0",
+        f"train.optimizer={optimizer}",
+    ]
+    config = apply_overrides(ExperimentConfig(), overrides)
+    dataset = generate(num_users=80, num_items=60, num_interactions=1500)
+    train = prepare_split(dataset, config).fit
+    spec = FeatureSpec.default_for(train).fit(train)
+    tensors = build_tensors(spec, train, config.retrieval)
+    model = build_model(spec, config.retrieval)
+    result = train_retrieval(model, tensors, config.train)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_resume_continues_the_kernels_state_exactly(setup, tmp_path: Path) -> None:
+    """The checkpoint holds the kernel's tables and Adagrad accumulators: stopping
+    after one epoch and resuming gives the uninterrupted run's weights."""
+    config, tensors, fresh = setup
+    whole = fresh()
+    train_retrieval(whole, tensors, config.train)
+    train_retrieval(
+        fresh(), tensors, config.train, checkpoint_dir=tmp_path, stop_after_epoch=1
+    )
+    resumed = fresh()
+    train_retrieval(
+        resumed, tensors, config.train, checkpoint_dir=tmp_path, resume=True
+    )
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_without_fbgemm_the_error_says_how_to_install(setup, monkeypatch) -> None:
+    config, tensors, fresh = setup
+    monkeypatch.setitem(sys.modules, "fbgemm_gpu", None)  # import now fails
+    with pytest.raises(ConfigError, match=r"twostage\[fbgemm\]"):
+        train_retrieval(fresh(), tensors, config.train)
+
+
+def test_cli_trains_with_fbgemm_and_the_run_serves_without_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    pytest.importorskip("fbgemm_gpu")
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+    from twostage.recommender import load
+
+    result = CliRunner().invoke(
+        app,
+        [
+            *("train", "retrieval", "--dataset"),
+            "synthetic:num_users=60,num_items=80,num_interactions=1500",
+            *("--out", str(tmp_path / "run")),
+            *("--set", "retrieval.embedding_backend=fbgemm"),
+            *("--set", "train.epochs=2", "--set", "train.batch_size=128"),
+            *("--set", "retrieval.embedding_dim=8", "--set", "retrieval.output_dim=8"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["retrieval"]["embedding_backend"] == "fbgemm"
+    monkeypatch.setitem(sys.modules, "fbgemm_gpu", None)  # serving needs no fbgemm
+    answer = load(tmp_path / "run").recommend(user_id="1", k=5)
+    assert len(answer.items) == 5

@@ -36,7 +36,7 @@ def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, An
         *(sys.executable, __file__, "--phase", name, "--dir", str(directory)),
         *("--rows", str(args.rows), "--users", str(args.users)),
         *("--items", str(args.items), "--rows-per-group", str(args.rows_per_group)),
-        *("--steps", str(args.steps)),
+        *("--steps", str(args.steps), "--history", str(args.history)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -94,8 +94,9 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
-    """The first ``--steps`` steps of ID-only training (sparse embeddings, batches of
-    1,024) on the whole log: loaded and split in memory (``train``), or streamed
+    """The first ``--steps`` steps of ID training (sparse embeddings, batches of
+    1,024; with ``--history N`` each user's last N items pooled in the query) on the
+    whole log: loaded and split in memory (``train``), or streamed
     (``train-streamed``: two passes over the row groups, index arrays only)."""
     import polars as pl
     import torch
@@ -109,7 +110,7 @@ def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
         ExperimentConfig(),
         [
             "retrieval.use_side_features=false",
-            "retrieval.history_length=0",
+            f"retrieval.history_length={args.history}",
             "retrieval.sparse_embeddings=true",
             "retrieval.popularity_fallback=0",
             "data.validation_fraction=0",
@@ -249,6 +250,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="training phases: each user's last N items in the query (0: ID-only)",
+    )
+    parser.add_argument(
         "--skip-distributed", action="store_true", help="only the data pass"
     )
     parser.add_argument(
@@ -287,8 +294,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name in results:
             train = results[name]
             print(
-                f"{name}, first {train['steps']} steps (ID-only, sparse, batch "
-                f"1,024): {train['examples_per_s']:,.0f} examples/s"
+                f"{name}, first {train['steps']} steps (IDs, history "
+                f"{args.history}, sparse, batch 1,024): "
+                f"{train['examples_per_s']:,.0f} examples/s"
             )
     if not args.skip_distributed:
         results["distributed"] = _distributed(args)

@@ -46,9 +46,16 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("split", ["random", "temporal"])
-def test_streamed_training_equals_the_in_memory_path(log: Path, split: str) -> None:
-    config = apply_overrides(ExperimentConfig(), [*ID_ONLY, f"data.split={split}"])
+@pytest.mark.parametrize(
+    ("split", "history"), [("random", 0), ("temporal", 0), ("random", 8)]
+)
+def test_streamed_training_equals_the_in_memory_path(
+    log: Path, split: str, history: int
+) -> None:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [*ID_ONLY, f"data.split={split}", f"retrieval.history_length={history}"],
+    )
     streamed = fit_streamed_retrieval(config, log)
 
     # The same training rows, loaded and split in memory, in file order.
@@ -68,14 +75,23 @@ def test_streamed_training_equals_the_in_memory_path(log: Path, split: str) -> N
 
     assert torch.equal(streamed.tensors.users, in_memory.tensors.users)
     assert torch.equal(streamed.tensors.items, in_memory.tensors.items)
+    assert streamed.tensors.history.shape == (in_memory.tensors.history.shape)
+    assert torch.equal(streamed.tensors.history, in_memory.tensors.history)
+    if history:  # every user with 8+ training rows has a full history
+        assert int((streamed.tensors.history > 0).sum(1).max()) == history
     mine, theirs = streamed.model.state_dict(), in_memory.model.state_dict()
     assert set(mine) == set(theirs)
     for name, weights in theirs.items():
         torch.testing.assert_close(mine[name], weights, msg=name)
 
 
-def test_a_streamed_run_saves_loads_and_answers(log: Path, tmp_path: Path) -> None:
-    config = apply_overrides(ExperimentConfig(), ID_ONLY)
+@pytest.mark.parametrize("history", [0, 8])
+def test_a_streamed_run_saves_loads_and_answers(
+    log: Path, tmp_path: Path, history: int
+) -> None:
+    config = apply_overrides(
+        ExperimentConfig(), [*ID_ONLY, f"retrieval.history_length={history}"]
+    )
     run = fit_streamed_retrieval(config, log, out_dir=tmp_path / "run")
     rec = load(tmp_path / "run")
     user = rec.user_vocab.values[0]
@@ -85,7 +101,7 @@ def test_a_streamed_run_saves_loads_and_answers(log: Path, tmp_path: Path) -> No
 
 
 def test_what_the_streamed_path_lacks_is_a_clear_error(log: Path) -> None:
-    with pytest.raises(ConfigError, match="history_length=0"):
+    with pytest.raises(ConfigError, match="use_side_features=false"):
         fit_streamed_retrieval(ExperimentConfig(), log)
 
 

@@ -1,13 +1,17 @@
-"""Training the ID-only two towers on a Parquet log that is never loaded as a table.
+"""Training the two ID towers, with or without the users' history, on a Parquet log
+that is never loaded as a table.
 
 Two passes over the row groups (:mod:`twostage.data.streaming`): the first fits the
 vocabularies on the training side, the second maps each training row to its two
 indices, written into arrays sized by the first pass. The raw table, the split's copies
 and the polars frames of the in-memory path are never held, so memory is the index
 arrays (16 bytes per training row), the embedding tables and their optimiser state.
+With ``retrieval.history_length`` > 0 the second pass also keeps each training row's
+time (8 bytes per row), and each user's last items come from one sort of those arrays,
+as :func:`~twostage.retrieval.tensors.history_table` builds them in memory.
 
-Side features, history and per-row context need per-user and per-item tables built in
-more streaming passes; they are not supported here yet (a clear error says so).
+Side features and per-row context need the user and item tables joined in; they are
+not supported here yet (a clear error says so).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from twostage.errors import ConfigError
 from twostage.features.spec import FeatureSpec
 from twostage.retrieval.fit import train_retrieval
 from twostage.retrieval.run import RetrievalRun, build_model
-from twostage.retrieval.tensors import RetrievalTensors
+from twostage.retrieval.tensors import RetrievalTensors, history_table
 from twostage.training import ProgressFn
 
 __all__ = ["fit_streamed_retrieval", "streamed_tensors"]
@@ -47,8 +51,6 @@ def _check(config: ExperimentConfig) -> None:
     problems = []
     if retrieval.use_side_features:
         problems.append("retrieval.use_side_features=false")
-    if retrieval.history_length:
-        problems.append("retrieval.history_length=0")
     if retrieval.examples != "interactions":
         problems.append("retrieval.examples=interactions")
     if retrieval.rating_weights:
@@ -59,9 +61,8 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("data.split=random or temporal")
     if problems:
         raise ConfigError(
-            "training from a streamed log supports ID-only towers for now; set "
-            + ", ".join(problems)
-            + "."
+            "training from a streamed log supports ID towers (with history) for now; "
+            "set " + ", ".join(problems) + "."
         )
 
 
@@ -70,7 +71,8 @@ def streamed_tensors(
     fitted: StreamingVocabularies,
     config: ExperimentConfig,
 ) -> RetrievalTensors:
-    """The training tensors of an ID-only model from a second pass over the log."""
+    """The training tensors of an ID model (and the users' history, when
+    ``retrieval.history_length`` > 0) from a second pass over the log."""
     data = config.data
     time_cut = (
         temporal_cut(path, test_fraction=data.test_fraction)
@@ -79,6 +81,9 @@ def streamed_tensors(
     )
     users = np.empty(fitted.num_train_rows, dtype=np.int64)
     items = np.empty(fitted.num_train_rows, dtype=np.int64)
+    length = config.retrieval.history_length
+    # The times only order each user's rows: their physical integers order the same.
+    times = np.empty(fitted.num_train_rows if length else 0, dtype=np.int64)
     filled = 0
     for batch in iter_batches(path, columns=[USER, ITEM, TIME]):
         test = held_out_mask(
@@ -92,12 +97,20 @@ def streamed_tensors(
         rows = slice(filled, filled + train.height)
         users[rows] = fitted.users.transform(train[USER])
         items[rows] = fitted.items.transform(train[ITEM])
+        if length:
+            times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
         filled += train.height
     num_users, num_items = fitted.users.size, fitted.items.size
     return RetrievalTensors(
         user_features={USER: torch.arange(num_users)},
         item_features={ITEM: torch.arange(num_items)},
-        history=torch.zeros(num_users, 0, dtype=torch.long),
+        history=history_table(
+            times[:filled],
+            users[:filled],
+            items[:filled],
+            num_users=num_users,
+            length=length,
+        ),
         users=torch.from_numpy(users[:filled]),
         items=torch.from_numpy(items[:filled]),
         weights=None,
@@ -112,11 +125,13 @@ def fit_streamed_retrieval(
     out_dir: str | Path | None = None,
     on_step: ProgressFn | None = None,
 ) -> RetrievalRun:
-    """Train ID-only two towers on the training side of a Parquet log.
+    """Train the two ID towers (with the users' history when
+    ``retrieval.history_length`` > 0) on the training side of a Parquet log.
 
     Args:
         config: ``data.split`` (random or temporal), ``test_fraction`` and ``seed``
-            choose the training rows row by row; the model must be ID-only.
+            choose the training rows row by row; the towers read IDs (and the
+            history) only.
         path: a Parquet file or directory with ``user_id``, ``item_id`` and
             ``timestamp``.
         out_dir: where the run is saved (servable like ``twostage train retrieval``'s);

@@ -29,6 +29,7 @@ from twostage.models.towers import HISTORY
 __all__ = [
     "RetrievalTensors",
     "build_tensors",
+    "history_table",
     "query_features",
     "recent_popularity",
     "tensors_from_flat",
@@ -200,31 +201,33 @@ def _rows_in_vocab_order(
 
 
 def _in_time_order(
-    train: pl.DataFrame, user_idx: np.ndarray, item_idx: np.ndarray
+    times: np.ndarray, user_idx: np.ndarray, item_idx: np.ndarray
 ) -> pl.DataFrame:
     """Columns ``u``, ``i`` of the training rows sorted by user, then time (ties: row
     order), with ``from_end``: 0 for each user's most recent row, 1 before it..."""
     return (
-        pl.DataFrame({"u": user_idx, "i": item_idx, "t": train[TIME].to_numpy()})
+        pl.DataFrame({"u": user_idx, "i": item_idx, "t": times})
         .with_row_index("r")
         .sort(["u", "t", "r"])
         .with_columns(pl.int_range(pl.len()).reverse().over("u").alias("from_end"))
     )
 
 
-def _history(
-    train: pl.DataFrame,
+def history_table(
+    times: np.ndarray,
     user_idx: np.ndarray,
     item_idx: np.ndarray,
     *,
     num_users: int,
     length: int,
 ) -> torch.Tensor:
-    """``[U, L]`` each user's last ``length`` training items by time, most recent last."""
+    """``[U, L]`` each user's last ``length`` training items by time (ties: row
+    order), most recent last, 0 = padding; from the training rows' times and indices
+    (``times`` in any orderable dtype)."""
     history = torch.zeros(num_users, length, dtype=torch.long)
     if length == 0:
         return history
-    frame = _in_time_order(train, user_idx, item_idx).filter(
+    frame = _in_time_order(times, user_idx, item_idx).filter(
         pl.col("from_end") < length
     )
     rows = torch.tensor(frame["u"].to_numpy(), dtype=torch.long)
@@ -239,7 +242,7 @@ def _sequence_windows(
     """``([W, length + 1], [W])``: each user's training items by time, cut from the
     most recent backwards into windows of ``length`` targets, each led by the item
     before them (see :attr:`RetrievalTensors.sequences`)."""
-    frame = _in_time_order(train, user_idx, item_idx)
+    frame = _in_time_order(train[TIME].to_numpy(), user_idx, item_idx)
     users = frame["u"].to_numpy()
     items = torch.from_numpy(frame["i"].to_numpy().astype(np.int64))
     from_end = frame["from_end"].to_numpy()
@@ -305,8 +308,12 @@ def build_tensors(
     return RetrievalTensors(
         user_features=_rows_in_vocab_order(spec, USER, "query", train.users),
         item_features=_rows_in_vocab_order(spec, ITEM, "candidate", train.items),
-        history=_history(
-            inter, users, items, num_users=user_vocab.size, length=config.history_length
+        history=history_table(
+            inter[TIME].to_numpy(),
+            users,
+            items,
+            num_users=user_vocab.size,
+            length=config.history_length,
         ),
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
@@ -359,8 +366,8 @@ def with_history_of(
     )
     known = (users > 0) & (items > 0)
     users, items = users[known], items[known]
-    history = _history(
-        inter.filter(pl.Series(known)),
+    history = history_table(
+        inter.filter(pl.Series(known))[TIME].to_numpy(),
         users,
         items,
         num_users=spec.vocabulary(USER).size,

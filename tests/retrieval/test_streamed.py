@@ -101,8 +101,16 @@ def test_a_streamed_run_saves_loads_and_answers(
 
 
 def test_what_the_streamed_path_lacks_is_a_clear_error(log: Path) -> None:
-    with pytest.raises(ConfigError, match="use_side_features=false"):
-        fit_streamed_retrieval(ExperimentConfig(), log)
+    from twostage.errors import DataError
+
+    users = apply_overrides(ExperimentConfig(), ["retrieval.examples=users"])
+    with pytest.raises(ConfigError, match="examples=interactions"):
+        fit_streamed_retrieval(users, log)
+    context = apply_overrides(
+        ExperimentConfig(), ["retrieval.query_fields=hour_of_day"]
+    )
+    with pytest.raises(DataError, match="no per-row context yet"):
+        fit_streamed_retrieval(context, log)
 
 
 def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
@@ -124,3 +132,136 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["training_rows"] > 9_000 and (out / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def log_with_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A log carrying its users' and items' features as columns, in 2 files of
+    1,000-row groups, with one user's age changed after its first row."""
+    import pyarrow.parquet as pq
+
+    from twostage.data.synthetic import generate
+
+    data = generate(num_users=300, num_items=120, num_interactions=8_000, seed=4)
+    table = (
+        data.interactions.drop("rating")
+        .join(data.users, on="user_id", how="left")
+        .join(data.items, on="item_id", how="left")
+    )
+    first_user = table["user_id"][0]
+    later = (pl.col("user_id") == first_user) & (pl.int_range(pl.len()) > 0)
+    table = table.with_columns(
+        pl.when(later).then(pl.col("age") + 1).otherwise(pl.col("age")).alias("age")
+    )
+    path = tmp_path_factory.mktemp("features")
+    half = table.height // 2
+    for number, part in enumerate([table[:half], table[half:]]):
+        pq.write_table(part.to_arrow(), path / f"part-{number}.parquet", 1_000)
+    return path
+
+
+def test_streamed_side_features_equal_the_in_memory_path(
+    log_with_features: Path,
+) -> None:
+    """The feature tables (first row per ID), the encoded features and the trained
+    weights are those of the in-memory path on the same training rows."""
+    user_columns, item_columns = ["age", "segment"], ["title", "category", "price"]
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *ID_ONLY,
+            "retrieval.use_side_features=true",
+            "retrieval.history_length=5",
+            f"data.user_features={','.join(user_columns)}",
+            f"data.item_features={','.join(item_columns)}",
+        ],
+    )
+    streamed = fit_streamed_retrieval(config, log_with_features)
+
+    columns = ["user_id", "item_id", "timestamp", *user_columns, *item_columns]
+    table = pl.concat(iter_batches(log_with_features, columns=columns))
+    users = table.select(["user_id", *user_columns]).unique(
+        subset="user_id", keep="first", maintain_order=True
+    )
+    items = table.select(["item_id", *item_columns]).unique(
+        subset="item_id", keep="first", maintain_order=True
+    )
+    test = held_out_mask(table, method="random", test_fraction=0.2, seed=42)
+    log = table.select(["user_id", "item_id", "timestamp"])
+    data = Dataset(name="log", interactions=log, users=users, items=items)
+    parts = ExperimentSplit(
+        fit=data.with_interactions(log.filter(pl.Series(~test))),
+        validation=None,
+        test=data.with_interactions(log.filter(pl.Series(test))),
+    )
+    in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
+
+    assert [f.key for f in streamed.spec.fields] == [
+        f.key for f in in_memory.spec.fields
+    ]
+    assert {"age", "segment", "title", "category", "price"} <= {
+        f.name for f in streamed.spec.fields
+    }
+    for side in ("user_features", "item_features"):
+        mine, theirs = getattr(streamed.tensors, side), getattr(in_memory.tensors, side)
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            assert torch.equal(mine[key], theirs[key]), (side, key)
+    assert torch.equal(streamed.tensors.history, in_memory.tensors.history)
+    mine, theirs = streamed.model.state_dict(), in_memory.model.state_dict()
+    assert set(mine) == set(theirs)
+    for name, weights in theirs.items():
+        torch.testing.assert_close(mine[name], weights, msg=name)
+
+
+def test_feature_tables_keep_first_rows_and_count_the_others(
+    log_with_features: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from twostage.data.streaming import feature_tables
+
+    users, items = feature_tables(log_with_features, user_features=["age"])
+    assert items is None and users is not None
+    table = pl.concat(iter_batches(log_with_features, columns=["user_id", "age"]))
+    assert users.equals(
+        table.unique(subset="user_id", keep="first", maintain_order=True)
+    )
+    assert "had other values of ['age']" in caplog.text
+
+
+def test_a_missing_feature_column_is_a_clear_error(log_with_features: Path) -> None:
+    from twostage.data.streaming import feature_tables
+    from twostage.errors import DataError
+
+    with pytest.raises(DataError, match=r"\['colour'\] are not in"):
+        feature_tables(log_with_features, item_features=["category", "colour"])
+
+
+def test_cli_stream_reads_the_feature_columns_it_is_told(
+    log_with_features: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+    from twostage.features import FeatureSpec
+
+    out = tmp_path / "run"
+    settings = [a for item in ID_ONLY[2:] for a in ("--set", item)]
+    result = CliRunner().invoke(
+        app,
+        [
+            *("train", "retrieval", "--stream", "--dataset", str(log_with_features)),
+            *("--user-features", "age", "--item-features", "category,price"),
+            *("--out", str(out), *settings),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    spec = FeatureSpec.load(out / "features.json")
+    assert {f.name for f in spec.fields} == {
+        "user_id",
+        "age",
+        "item_id",
+        "category",
+        "price",
+    }
+    shown = pl.read_parquet(out / "items.parquet")
+    assert shown.columns == ["item_id", "category", "price"]

@@ -11,10 +11,14 @@ in record batches, never as one table.
   correction) from the training side, in one streaming pass whose memory is bounded
   by the number of distinct IDs, not rows. They equal
   :meth:`Vocabulary.fit` on the same rows held in memory.
+- :func:`feature_tables`: the user and item feature tables carried as columns of the
+  log (one row per ID, its first occurrence), in one pass whose memory is bounded by
+  the number of distinct IDs; the tables the in-memory loader builds.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +32,11 @@ from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import _fmix64, stable_hash
 from twostage.features.vocab import Vocabulary
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "StreamingVocabularies",
+    "feature_tables",
     "fit_vocabularies",
     "iter_batches",
     "parquet_files",
@@ -266,3 +273,85 @@ def _vocabulary(counts: pl.DataFrame) -> Vocabulary:
     """A fitted Vocabulary from (key, count) rows, ordered as ``Vocabulary.fit``."""
     ordered = counts.sort(["count", "key"], descending=[True, False])
     return Vocabulary.from_counts(ordered["key"], ordered["count"].to_numpy())
+
+
+class _FirstRows:
+    """The first row of each key seen so far, over batches in order: per-batch firsts
+    are buffered and merged into the running table when the buffer is as large as it
+    (as :class:`_Counts` merges counts)."""
+
+    FLUSH_ROWS = 4_000_000
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.merged: pl.DataFrame | None = None
+        self.pending: list[pl.DataFrame] = []
+        self.pending_rows = 0
+        #: Rows whose features differed from those of their key's first row (counted
+        #: once per merge in which the differing values were buffered).
+        self.conflicts = 0
+
+    def add(self, batch: pl.DataFrame) -> None:
+        rows = batch.filter(pl.col(self.key).is_not_null()).unique(maintain_order=True)
+        self.pending.append(rows)
+        self.pending_rows += rows.height
+        merged_rows = 0 if self.merged is None else self.merged.height
+        if self.pending_rows >= max(merged_rows, self.FLUSH_ROWS):
+            self._flush()
+
+    def _flush(self) -> None:
+        parts = self.pending if self.merged is None else [self.merged, *self.pending]
+        if parts:
+            combined = pl.concat(parts).unique(maintain_order=True)
+            first = combined.unique(subset=self.key, keep="first", maintain_order=True)
+            self.conflicts += combined.height - first.height
+            self.merged = first
+        self.pending, self.pending_rows = [], 0
+
+    def result(self) -> pl.DataFrame | None:
+        self._flush()
+        return self.merged
+
+
+def feature_tables(
+    path: str | Path,
+    *,
+    user_features: list[str] | tuple[str, ...] = (),
+    item_features: list[str] | tuple[str, ...] = (),
+) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """``(users, items)``: the feature columns of the log as tables, one row per ID
+    (its first occurrence in file order, as the in-memory loader keeps it; a warning
+    counts the rows whose values differed), or None for a side without columns.
+
+    One pass over the row groups; memory holds the tables, not the rows.
+    """
+    wanted = {USER: list(dict.fromkeys(user_features))}
+    wanted[ITEM] = list(dict.fromkeys(item_features))
+    firsts = {key: _FirstRows(key) for key, columns in wanted.items() if columns}
+    if not firsts:
+        return None, None
+    columns = list(dict.fromkeys([*firsts, *(c for k in firsts for c in wanted[k])]))
+    for file in parquet_files(path):
+        names = pq.ParquetFile(file).schema_arrow.names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DataError(
+                f"the feature columns {missing} are not in {str(file)!r}, whose "
+                f"columns are {names}."
+            )
+    for batch in iter_batches(path, columns=columns):
+        for key, first in firsts.items():
+            first.add(batch.select([key, *wanted[key]]))
+    tables: dict[str, pl.DataFrame | None] = {USER: None, ITEM: None}
+    for key, first in firsts.items():
+        tables[key] = first.result()
+        if first.conflicts:
+            logger.warning(
+                "%d %s rows had other values of %s than the first row of their %s; "
+                "the first occurrence was kept.",
+                first.conflicts,
+                key,
+                wanted[key],
+                key,
+            )
+    return tables[USER], tables[ITEM]

@@ -127,6 +127,53 @@ class FeatureSpec:
         spec._sources = {USER: "interactions", ITEM: "interactions"}
         return spec
 
+    def fit_streamed(
+        self,
+        *,
+        users: Vocabulary,
+        items: Vocabulary,
+        user_table: pl.DataFrame | None,
+        item_table: pl.DataFrame | None,
+    ) -> Self:
+        """Fit on a log too large to load: the ID fields take vocabularies fitted in
+        a streaming pass (:func:`twostage.data.streaming.fit_vocabularies`), the
+        other fields the rows of the feature tables whose ID is in them (the training
+        users and items), as :meth:`fit` takes them from a training split.
+
+        Raises:
+            DataError: a field reads a column that is in neither feature table (a
+                per-row context column, which a streamed log cannot provide yet).
+        """
+        encoders: dict[str, Encoder] = {}
+        sources: dict[str, str] = {}
+        for side in _SIDES:
+            key, vocabulary, table, table_name = (
+                (USER, users, user_table, "users")
+                if side == "query"
+                else (ITEM, items, item_table, "items")
+            )
+            seen: pl.DataFrame | None = None
+            for field in self._side(side):
+                if field.name == key:
+                    encoder = field.make_encoder()
+                    encoder.vocabulary = vocabulary  # type: ignore[attr-defined]
+                    encoders[field.key], sources[field.key] = encoder, "interactions"
+                    continue
+                if table is None or field.name not in table.columns:
+                    raise DataError(
+                        f"{side} field {field.key!r} reads column {field.name!r}, which "
+                        f"is not in the {table_name} feature table "
+                        f"{None if table is None else table.columns}: a streamed log "
+                        "gives side features from its feature columns only (no "
+                        "per-row context yet)."
+                    )
+                if seen is None:  # one row per training user / item
+                    seen = rows_with_keys(table, key, vocabulary.values)
+                encoders[field.key] = field.make_encoder().fit(seen[field.name])
+                sources[field.key] = table_name
+        self._encoders, self._sources = encoders, sources
+        return self
+
     def fit(self, dataset: Dataset) -> Self:
         """Fit one encoder per field on the training split (see the module docstring).
 

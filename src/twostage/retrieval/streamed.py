@@ -1,4 +1,4 @@
-"""Training the two ID towers, with or without the users' history, on a Parquet log
+"""Training the two towers (IDs, the users' history, side features) on a Parquet log
 that is never loaded as a table.
 
 Two passes over the row groups (:mod:`twostage.data.streaming`): the first fits the
@@ -10,8 +10,12 @@ With ``retrieval.history_length`` > 0 the second pass also keeps each training r
 time (8 bytes per row), and each user's last items come from one sort of those arrays,
 as :func:`~twostage.retrieval.tensors.history_table` builds them in memory.
 
-Side features and per-row context need the user and item tables joined in; they are
-not supported here yet (a clear error says so).
+Side features come from the log's feature columns (``data.user_features`` /
+``data.item_features``, as ``--user-features`` / ``--item-features`` name them): one
+more pass keeps each user's and item's first row
+(:func:`~twostage.data.streaming.feature_tables`), and the spec fits on the training
+users' and items' rows (:meth:`~twostage.features.FeatureSpec.fit_streamed`). Per-row
+context is not supported here yet (a clear error says so).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import torch
 
 from twostage import distributed
 from twostage.config import ExperimentConfig
-from twostage.data.dataset import ITEM, TIME, USER
+from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.streaming import (
     StreamingVocabularies,
+    feature_tables,
     fit_vocabularies,
     held_out_mask,
     iter_batches,
@@ -37,8 +42,12 @@ from twostage.data.streaming import (
 from twostage.errors import ConfigError
 from twostage.features.spec import FeatureSpec
 from twostage.retrieval.fit import train_retrieval
-from twostage.retrieval.run import RetrievalRun, build_model
-from twostage.retrieval.tensors import RetrievalTensors, history_table
+from twostage.retrieval.run import RetrievalRun, build_model, spec_for
+from twostage.retrieval.tensors import (
+    RetrievalTensors,
+    history_table,
+    rows_in_vocab_order,
+)
 from twostage.training import ProgressFn
 
 __all__ = ["fit_streamed_retrieval", "streamed_tensors"]
@@ -49,8 +58,6 @@ logger = logging.getLogger(__name__)
 def _check(config: ExperimentConfig) -> None:
     retrieval, data = config.retrieval, config.data
     problems = []
-    if retrieval.use_side_features:
-        problems.append("retrieval.use_side_features=false")
     if retrieval.examples != "interactions":
         problems.append("retrieval.examples=interactions")
     if retrieval.rating_weights:
@@ -61,8 +68,8 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("data.split=random or temporal")
     if problems:
         raise ConfigError(
-            "training from a streamed log supports ID towers (with history) for now; "
-            "set " + ", ".join(problems) + "."
+            "training from a streamed log supports IDs, history and side features "
+            "for now; set " + ", ".join(problems) + "."
         )
 
 
@@ -70,9 +77,14 @@ def streamed_tensors(
     path: str | Path,
     fitted: StreamingVocabularies,
     config: ExperimentConfig,
+    *,
+    spec: FeatureSpec | None = None,
+    user_table: pl.DataFrame | None = None,
+    item_table: pl.DataFrame | None = None,
 ) -> RetrievalTensors:
-    """The training tensors of an ID model (and the users' history, when
-    ``retrieval.history_length`` > 0) from a second pass over the log."""
+    """The training tensors from a second pass over the log: the rows' indices, the
+    users' history when ``retrieval.history_length`` > 0, and each user's and item's
+    feature rows from ``user_table`` / ``item_table`` (IDs only without them)."""
     data = config.data
     time_cut = (
         temporal_cut(path, test_fraction=data.test_fraction)
@@ -101,9 +113,14 @@ def streamed_tensors(
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
         filled += train.height
     num_users, num_items = fitted.users.size, fitted.items.size
+    user_features: dict[str, torch.Tensor] = {USER: torch.arange(num_users)}
+    item_features: dict[str, torch.Tensor] = {ITEM: torch.arange(num_items)}
+    if spec is not None:
+        user_features = rows_in_vocab_order(spec, USER, "query", user_table)
+        item_features = rows_in_vocab_order(spec, ITEM, "candidate", item_table)
     return RetrievalTensors(
-        user_features={USER: torch.arange(num_users)},
-        item_features={ITEM: torch.arange(num_items)},
+        user_features=user_features,
+        item_features=item_features,
         history=history_table(
             times[:filled],
             users[:filled],
@@ -149,8 +166,32 @@ def fit_streamed_retrieval(
     fitted = fit_vocabularies(
         path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
     )
-    spec = FeatureSpec.for_ids(users=fitted.users, items=fitted.items)
-    tensors = streamed_tensors(path, fitted, config)
+    user_table = item_table = None
+    if config.retrieval.use_side_features:
+        user_table, item_table = feature_tables(
+            path, user_features=data.user_features, item_features=data.item_features
+        )
+    probe = Dataset(
+        name="stream",
+        interactions=pl.DataFrame(
+            {
+                USER: fitted.users.values[:0],
+                ITEM: fitted.items.values[:0],
+                TIME: pl.Series([], dtype=pl.Int64),
+            }
+        ),
+        users=user_table,
+        items=item_table,
+    )
+    spec = spec_for(probe, config).fit_streamed(
+        users=fitted.users,
+        items=fitted.items,
+        user_table=user_table,
+        item_table=item_table,
+    )
+    tensors = streamed_tensors(
+        path, fitted, config, spec=spec, user_table=user_table, item_table=item_table
+    )
     logger.info(
         "streamed %d training rows (%d users, %d items) in %.1f s",
         fitted.num_train_rows,
@@ -165,4 +206,6 @@ def fit_streamed_retrieval(
     run.popularity_fallback = 0
     if out_dir is not None and distributed.is_main():
         run.save(out_dir)
+        if item_table is not None:  # what `twostage recommend RUN` shows
+            item_table.write_parquet(Path(out_dir) / "items.parquet")
     return run

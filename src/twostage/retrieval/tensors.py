@@ -32,6 +32,7 @@ __all__ = [
     "history_table",
     "query_features",
     "recent_popularity",
+    "rows_in_vocab_order",
     "tensors_from_flat",
     "tensors_to_flat",
     "with_history_of",
@@ -184,7 +185,7 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
     )
 
 
-def _rows_in_vocab_order(
+def rows_in_vocab_order(
     spec: FeatureSpec, key: str, side: str, table: pl.DataFrame | None
 ) -> dict[str, torch.Tensor]:
     """Feature rows for index 0 (OOV) and every vocabulary entry, in index order."""
@@ -306,8 +307,8 @@ def build_tensors(
         encoded = spec.transform_queries(rows, users=train.users)
         context = {f.key: encoded[f.key] for f in _context_infos(spec)}
     return RetrievalTensors(
-        user_features=_rows_in_vocab_order(spec, USER, "query", train.users),
-        item_features=_rows_in_vocab_order(spec, ITEM, "candidate", train.items),
+        user_features=rows_in_vocab_order(spec, USER, "query", train.users),
+        item_features=rows_in_vocab_order(spec, ITEM, "candidate", train.items),
         history=history_table(
             inter[TIME].to_numpy(),
             users,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -103,11 +104,31 @@ def gather_rows(local: Tensor, sizes: list[int]) -> Tensor:
     if pad:
         filler = local.new_zeros((pad, *local.shape[1:]))
         local = torch.cat([local, filler])
-    if local.requires_grad:
-        from torch.distributed.nn.functional import all_gather
-
-        parts = list(all_gather(local))
-    else:
-        parts = [torch.empty_like(local) for _ in range(world.size)]
-        dist.all_gather(parts, local.contiguous())
+    gather = _AllGather.apply if local.requires_grad else _all_gather
+    parts = gather(local).split(width)
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+
+def _all_gather(local: Tensor) -> Tensor:
+    """Every rank's equally long ``local``, concatenated in rank order."""
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather whose backward sends each rank the summed gradient of its own rows:
+    every rank's loss used them. (torch.distributed.nn.functional.all_gather does
+    the same but is deprecated; this needs only all_gather and all_reduce, which
+    every backend has, gloo included.)"""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), local.shape[0]
+        return _all_gather(local)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]

@@ -7,11 +7,10 @@ metadata and an optional ranking stage.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -19,27 +18,22 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import polars as pl
 import torch
-from safetensors.torch import save_file
 
-from twostage.artifacts import MANIFEST, resolve_bundle, verify_bundle, write_bundle
-from twostage.config import IndexConfig, RankingConfig, save_config
+from twostage.config import IndexConfig, RankingConfig
 from twostage.data.dataset import ITEM, USER
 from twostage.display import display_columns, label_and_tags
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
-from twostage.features.context import context_frame
-from twostage.index import Index, load_index, make_index
+from twostage.index import Index, make_index
+from twostage.inputs import (
+    ItemFilters,
+    encode_context,
+    encode_user_features,
+    session_indices,
+)
 from twostage.models.towers import HISTORY
 from twostage.ranking.rerank import rerank
-from twostage.retrieval.run import (
-    RUN_WEIGHTS,
-    RetrievalRun,
-    load_run,
-    read_records,
-    read_retrieval,
-    write_records,
-    write_serving,
-)
-from twostage.retrieval.tensors import context_keys, tensors_to_flat
+from twostage.retrieval.run import RetrievalRun
+from twostage.retrieval.tensors import context_keys
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
 
@@ -134,14 +128,13 @@ class Recommender:
         )
         self.items = self._align_items(items)
         # The metadata as columns, row = item index, for vectorised filters.
-        self._item_frame = (
+        self._filters = ItemFilters(
             None
             if items is None
             else self.item_ids.to_frame().join(
                 items, on=ITEM, how="left", maintain_order="left"
             )
         )
-        self._masks: dict[tuple[str, Any], torch.Tensor] = {}
         data = run.config.data
         self.display = display_columns(
             items, title=data.title_col, tags=data.tags_col, key=ITEM
@@ -185,48 +178,14 @@ class Recommender:
 
     # -- queries -----------------------------------------------------------------
     def _context(self, context: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
-        """``{key: [1, ...]}`` the encoded context of one request (unknown where
-        missing); empty for a model that reads no context.
-
-        Raises:
-            ConfigError: context is given to a model that reads none, or names a
-                column the model does not read.
-        """
-        if not self._context_keys:
-            if context:
-                raise ConfigError(
-                    "`context` is given, but this model reads no context "
-                    f"(received {sorted(context)})."
-                )
-            return {}
-        frame = context_frame(pl.Series(USER, [None]), context, self._context_keys)
-        with _client_values("context", dict(context or {}), self._context_keys):
-            return {
-                info.key: torch.from_numpy(
-                    np.require(
-                        self.run.spec.encoder(info.key).transform(frame[info.column]),
-                        requirements=["C", "W"],
-                    )
-                )
-                for info in self.run.spec.describe(side="query")
-                if info.column in self._context_keys
-            }
+        return encode_context(self.run.spec, self._context_keys, context)
 
     def _encode_user_features(
         self, user_features: dict[str, Any], columns: list[str]
     ) -> dict[str, torch.Tensor]:
-        """``{key: [1, ...]}`` the query fields of a user described by features.
-
-        Raises:
-            ConfigError: a value is of the wrong kind for its column.
-        """
-        values = {c: [user_features.get(c)] for c in columns}
-        with _client_values("user_features", user_features, columns):
-            frame = pl.DataFrame({USER: [None], **values})
-            frame = frame.with_columns(
-                pl.lit(None).alias(c) for c in self._context_keys
-            )
-            return self.run.spec.transform_queries(frame)
+        return encode_user_features(
+            self.run.spec, self._context_keys, user_features, columns
+        )
 
     def _query(
         self,
@@ -285,51 +244,6 @@ class Recommender:
                 )
         return None, 0, "popularity"
 
-    def _session_items(self, session: Sequence[Any] | None) -> torch.Tensor | None:
-        """``[S]`` item indices of a request's session, oldest first, or None.
-
-        Raises:
-            ConfigError: the model reads no history, or the session is malformed.
-            UnknownIdError: item IDs the model does not know (the first ten named).
-        """
-        if session is None or (isinstance(session, list | tuple) and not session):
-            return None  # an empty session says nothing: the usual answer
-        if isinstance(session, str | bytes | Mapping) or not isinstance(
-            session, Sequence
-        ):
-            raise ConfigError(
-                "`session` should be a list of item IDs or of "
-                '{"item_id": ..., "timestamp": ...} objects, oldest first. '
-                f"Received a {type(session).__name__}."
-            )
-        if self.run.tensors.history.shape[1] == 0:
-            raise ConfigError(
-                "`session` is given, but this model reads no history "
-                "(`retrieval.history_length` = 0)."
-            )
-        entries = [e if isinstance(e, Mapping) else {"item_id": e} for e in session]
-        bad = [n for n, e in enumerate(entries) if set(e) - {"item_id", "timestamp"}]
-        if bad or any("item_id" not in e for e in entries):
-            raise ConfigError(
-                "each `session` entry should be an item ID or an object with "
-                "`item_id` and an optional `timestamp`. Received: "
-                f"{[session[n] for n in bad][:3] or session[:3]}."
-            )
-        times = [e.get("timestamp") for e in entries]
-        if all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
-            order = sorted(range(len(entries)), key=lambda n: float(times[n]))  # type: ignore[arg-type]
-            entries = [entries[n] for n in order]
-        ids = [e["item_id"] for e in entries]
-        indices = [self.item_vocab.lookup(i) for i in ids]
-        unknown = [i for i, idx in zip(ids, indices, strict=True) if idx == 0]
-        if unknown:
-            raise UnknownIdError(
-                f"`session` holds item IDs this model does not know: {unknown[:10]}"
-                + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-                + ". Leave them out (items added after training have no embedding)."
-            )
-        return torch.tensor(indices, dtype=torch.long)
-
     def _session_query(
         self,
         user_idx: int,
@@ -361,56 +275,6 @@ class Recommender:
         with torch.no_grad():
             query = self.run.model.encode_queries(features)[0]
         return query, user_idx, "personalised" if user_idx > 0 else "session"
-
-    def _filter_mask(self, filters: dict[str, Any] | None) -> torch.Tensor | None:
-        """``[N]`` bool of items that pass every filter (metadata equality, or
-        membership for a list column), computed column-wise and cached per filter.
-
-        Raises:
-            ConfigError: no metadata, an unknown column, or a value that is not a
-                single string, number or bool of the column's kind.
-        """
-        if not filters:
-            return None
-        frame = self._item_frame
-        if frame is None:
-            raise ConfigError(
-                "`filters` need item metadata, and this recommender has none."
-            )
-        columns = [c for c in frame.columns if c != ITEM]
-        unknown = sorted(set(filters) - set(columns))
-        if unknown:
-            raise ConfigError(
-                f"unknown filter column(s) {unknown}; the item metadata has {columns}."
-            )
-        mask = torch.ones(frame.height, dtype=torch.bool)
-        for key, wanted in filters.items():
-            mask &= self._one_filter(frame, key, wanted)
-        return mask
-
-    def _one_filter(self, frame: pl.DataFrame, key: str, wanted: Any) -> torch.Tensor:
-        if not isinstance(wanted, str | int | float | bool):
-            raise ConfigError(
-                f"`filters[{key!r}]` should be one string, number or bool. "
-                f"Received: {wanted!r}."
-            )
-        cached = self._masks.get((key, wanted))
-        if cached is not None:
-            return cached
-        column = pl.col(key)
-        is_list = isinstance(frame.schema[key], pl.List)
-        expr = column.list.contains(wanted) if is_list else column == wanted
-        try:
-            values = frame.select(expr.fill_null(False)).to_series().to_numpy()
-        except (pl.exceptions.PolarsError, TypeError, ValueError) as e:
-            raise ConfigError(
-                f"`filters[{key!r}]` = {wanted!r} cannot be compared with the "
-                f"{frame.schema[key]} column {key!r}: {e}"
-            ) from e
-        mask = torch.from_numpy(values.astype(bool))
-        if len(self._masks) < 1024:  # a bounded cache of the filters clients use
-            self._masks[(key, wanted)] = mask
-        return mask
 
     def recommend(
         self,
@@ -470,7 +334,11 @@ class Recommender:
         if num_candidates is None:
             num_candidates = self.num_candidates
         _check_k("num_candidates", num_candidates)
-        session_idx = self._session_items(session)
+        session_idx = session_indices(
+            session,
+            self.item_vocab,
+            history_length=int(self.run.tensors.history.shape[1]),
+        )
         query, user_idx, path = self._query(
             user_id, user_features, context, session=session_idx
         )
@@ -478,7 +346,7 @@ class Recommender:
         if exclude_seen and session_idx is not None:
             seen = np.union1d(seen if seen is not None else [], session_idx.numpy())
             seen = seen.astype(np.int64)
-        mask = self._filter_mask(filters)
+        mask = self._filters.mask(filters)
         if query is None or mask is not None:
             excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
             excluded[0] = True
@@ -651,98 +519,22 @@ class Recommender:
 
     # -- persistence -------------------------------------------------------------
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write a versioned bundle (see :mod:`twostage.artifacts`)."""
-        run = self.run
+        """Write a versioned bundle (see :mod:`twostage.artifacts`,
+        :func:`twostage.bundles.save_recommender`)."""
+        from twostage.bundles import save_recommender
 
-        def write(temp: Path) -> dict[str, Any]:
-            save_config(run.config, temp / "config.json")
-            run.spec.save(temp / "features.json")
-            state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
-            save_file(state, temp / "retrieval.safetensors")
-            save_file(tensors_to_flat(run.tensors), temp / "tables.safetensors")
-            write_serving(run, temp)
-            write_records(run, temp)
-            if self.items is not None:
-                metadata = pl.DataFrame(self.items[1:]).with_columns(
-                    self.item_ids[1:].alias(ITEM)
-                )
-                metadata.write_parquet(temp / "items.parquet")
-            self.index.save(temp / "index")
-            if self.ranker is not None:
-                from twostage.ranking import save_ranking
-
-                save_ranking(self.ranker, temp / "ranking")  # type: ignore[arg-type]
-            return {"kind": "recommender", "ranking": self.ranker is not None}
-
-        return write_bundle(directory, write, overwrite=overwrite)
-
-
-@contextlib.contextmanager
-def _client_values(
-    name: str, values: Mapping[str, Any], columns: list[str]
-) -> Iterator[None]:
-    """Turn an encoder's failure on a request's values into the client's error."""
-    try:
-        yield
-    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
-        raise ConfigError(
-            f"`{name}` {dict(values)!r} cannot be encoded for this model's columns "
-            f"{columns} (a value of the wrong kind?): {e}"
-        ) from e
+        return save_recommender(self, directory, overwrite=overwrite)
 
 
 def load(directory: str | Path) -> Recommender:
-    """The Recommender of a saved model, whatever the CLI accepts there.
-
-    Args:
-        directory: a bundle saved by :meth:`Recommender.save` (every checksum is
-            verified), ``models/<name>/`` (its newest version), or the ``--out``
-            directory of ``twostage train retrieval`` (a retrieval run: no ranker, and
-            the item metadata it was trained with).
+    """The Recommender of a saved model, whatever the CLI accepts there: a bundle
+    (every checksum verified), ``models/<name>/`` (its newest version), or the
+    ``--out`` directory of ``twostage train retrieval``
+    (:func:`twostage.bundles.load_recommender`).
 
     Raises:
         ArtifactError: none of these is found at ``directory``.
     """
-    path = Path(directory)
-    if (path / RUN_WEIGHTS).exists() and not (path / MANIFEST).exists():
-        return _load_run_dir(path)
-    if path.is_dir() and not any(p.name.isdigit() for p in path.iterdir()):
-        return _load_bundle(path)  # a version directory: says what it lacks
-    try:
-        bundle = resolve_bundle(path)
-    except ArtifactError as e:
-        raise ArtifactError(
-            f"{e} Or pass the --out directory of `twostage train retrieval` (it holds "
-            f"{RUN_WEIGHTS})."
-        ) from e
-    return _load_bundle(bundle)
+    from twostage.bundles import load_recommender
 
-
-def _load_run_dir(path: Path) -> Recommender:
-    """A retrieval run (``twostage train retrieval --out``) as a Recommender."""
-    return Recommender(load_run(path), items=_read_items(path / "items.parquet"))
-
-
-def _read_items(path: Path) -> pl.DataFrame | None:
-    try:
-        return pl.read_parquet(path) if path.exists() else None
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read {str(path)!r}: {e}") from e
-
-
-def _load_bundle(root: Path) -> Recommender:
-    manifest = verify_bundle(root)
-    run = read_retrieval(
-        root, weights="retrieval.safetensors", hint="a bundle saved by Recommender.save"
-    )
-    read_records(run, root)
-    items = _read_items(root / "items.parquet")
-    ranker = None
-    if manifest.get("ranking"):
-        from twostage.ranking import load_ranking
-
-        ranker = load_ranking(root / "ranking", run)
-    index = load_index(root / "index") if (root / "index").is_dir() else None
-    recommender = Recommender(run, items=items, ranker=ranker, index=index)
-    recommender.manifest = manifest
-    return recommender
+    return load_recommender(directory)

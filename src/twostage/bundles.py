@@ -1,0 +1,117 @@
+"""Saving a :class:`~twostage.recommender.Recommender` as a versioned bundle
+(:func:`save_recommender`, :mod:`twostage.artifacts`), and loading one back
+(:func:`load_recommender`) from a bundle (checksums verified), the newest version
+under ``models/<name>/``, or the ``--out`` directory of ``twostage train retrieval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from safetensors.torch import save_file
+
+from twostage.artifacts import MANIFEST, resolve_bundle, verify_bundle, write_bundle
+from twostage.config import save_config
+from twostage.data.dataset import ITEM
+from twostage.errors import ArtifactError
+from twostage.index import load_index
+from twostage.recommender import Recommender
+from twostage.retrieval.run import (
+    RUN_WEIGHTS,
+    load_run,
+    read_records,
+    read_retrieval,
+    write_records,
+    write_serving,
+)
+from twostage.retrieval.tensors import tensors_to_flat
+
+__all__ = ["load_recommender", "save_recommender"]
+
+
+def save_recommender(
+    recommender: Recommender, directory: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Write ``recommender`` as a versioned bundle: config, features, weights and
+    tables as safetensors and JSON, item metadata, the index and the ranker."""
+    run = recommender.run
+
+    def write(temp: Path) -> dict[str, Any]:
+        save_config(run.config, temp / "config.json")
+        run.spec.save(temp / "features.json")
+        state = {k: v.contiguous() for k, v in run.model.state_dict().items()}
+        save_file(state, temp / "retrieval.safetensors")
+        save_file(tensors_to_flat(run.tensors), temp / "tables.safetensors")
+        write_serving(run, temp)
+        write_records(run, temp)
+        if recommender.items is not None:
+            metadata = pl.DataFrame(recommender.items[1:]).with_columns(
+                recommender.item_ids[1:].alias(ITEM)
+            )
+            metadata.write_parquet(temp / "items.parquet")
+        recommender.index.save(temp / "index")
+        if recommender.ranker is not None:
+            from twostage.ranking import save_ranking
+
+            save_ranking(recommender.ranker, temp / "ranking")  # type: ignore[arg-type]
+        return {"kind": "recommender", "ranking": recommender.ranker is not None}
+
+    return write_bundle(directory, write, overwrite=overwrite)
+
+
+def load_recommender(directory: str | Path) -> Recommender:
+    """The Recommender of a saved model, whatever the CLI accepts there.
+
+    Args:
+        directory: a bundle saved by :meth:`Recommender.save` (every checksum is
+            verified), ``models/<name>/`` (its newest version), or the ``--out``
+            directory of ``twostage train retrieval`` (a retrieval run: no ranker, and
+            the item metadata it was trained with).
+
+    Raises:
+        ArtifactError: none of these is found at ``directory``.
+    """
+    path = Path(directory)
+    if (path / RUN_WEIGHTS).exists() and not (path / MANIFEST).exists():
+        return _load_run_dir(path)
+    if path.is_dir() and not any(p.name.isdigit() for p in path.iterdir()):
+        return _load_bundle(path)  # a version directory: says what it lacks
+    try:
+        bundle = resolve_bundle(path)
+    except ArtifactError as e:
+        raise ArtifactError(
+            f"{e} Or pass the --out directory of `twostage train retrieval` (it holds "
+            f"{RUN_WEIGHTS})."
+        ) from e
+    return _load_bundle(bundle)
+
+
+def _load_run_dir(path: Path) -> Recommender:
+    """A retrieval run (``twostage train retrieval --out``) as a Recommender."""
+    return Recommender(load_run(path), items=_read_items(path / "items.parquet"))
+
+
+def _read_items(path: Path) -> pl.DataFrame | None:
+    try:
+        return pl.read_parquet(path) if path.exists() else None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cannot read {str(path)!r}: {e}") from e
+
+
+def _load_bundle(root: Path) -> Recommender:
+    manifest = verify_bundle(root)
+    run = read_retrieval(
+        root, weights="retrieval.safetensors", hint="a bundle saved by Recommender.save"
+    )
+    read_records(run, root)
+    items = _read_items(root / "items.parquet")
+    ranker = None
+    if manifest.get("ranking"):
+        from twostage.ranking import load_ranking
+
+        ranker = load_ranking(root / "ranking", run)
+    index = load_index(root / "index") if (root / "index").is_dir() else None
+    recommender = Recommender(run, items=items, ranker=ranker, index=index)
+    recommender.manifest = manifest
+    return recommender

@@ -1,0 +1,214 @@
+"""What a recommendation request carries besides the user ID, checked and encoded:
+the session's items (:func:`session_indices`), the item filters
+(:class:`ItemFilters`), the context (:func:`encode_context`) and a new user's
+features (:func:`encode_user_features`). A bad value is refused with an error that
+names the request's field (:func:`client_values`), never a server error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from twostage.data.dataset import ITEM, USER
+from twostage.errors import ConfigError, UnknownIdError
+from twostage.features.context import context_frame
+from twostage.features.spec import FeatureSpec
+from twostage.features.vocab import Vocabulary
+
+__all__ = [
+    "ItemFilters",
+    "client_values",
+    "encode_context",
+    "encode_user_features",
+    "session_indices",
+]
+
+
+def session_indices(
+    session: Sequence[Any] | None, item_vocab: Vocabulary, *, history_length: int
+) -> torch.Tensor | None:
+    """``[S]`` item indices of a request's session, oldest first, or None (no
+    session, or an empty one: the usual answer).
+
+    Args:
+        session: item IDs, or ``{"item_id", "timestamp"}`` objects (ordered by
+            timestamp when every entry has a number there), oldest first.
+        item_vocab: the model's item vocabulary.
+        history_length: how many recent items the model reads (0: none).
+
+    Raises:
+        ConfigError: the model reads no history, or the session is malformed.
+        UnknownIdError: item IDs the model does not know (the first ten named).
+    """
+    if session is None or (isinstance(session, list | tuple) and not session):
+        return None
+    if isinstance(session, str | bytes | Mapping) or not isinstance(session, Sequence):
+        raise ConfigError(
+            "`session` should be a list of item IDs or of "
+            '{"item_id": ..., "timestamp": ...} objects, oldest first. '
+            f"Received a {type(session).__name__}."
+        )
+    if history_length == 0:
+        raise ConfigError(
+            "`session` is given, but this model reads no history "
+            "(`retrieval.history_length` = 0)."
+        )
+    entries = [e if isinstance(e, Mapping) else {"item_id": e} for e in session]
+    bad = [n for n, e in enumerate(entries) if set(e) - {"item_id", "timestamp"}]
+    if bad or any("item_id" not in e for e in entries):
+        raise ConfigError(
+            "each `session` entry should be an item ID or an object with "
+            "`item_id` and an optional `timestamp`. Received: "
+            f"{[session[n] for n in bad][:3] or session[:3]}."
+        )
+    times = [e.get("timestamp") for e in entries]
+    if all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
+        order = sorted(range(len(entries)), key=lambda n: float(times[n]))  # type: ignore[arg-type]
+        entries = [entries[n] for n in order]
+    ids = [e["item_id"] for e in entries]
+    indices = [item_vocab.lookup(i) for i in ids]
+    unknown = [i for i, idx in zip(ids, indices, strict=True) if idx == 0]
+    if unknown:
+        raise UnknownIdError(
+            f"`session` holds item IDs this model does not know: {unknown[:10]}"
+            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            + ". Leave them out (items added after training have no embedding)."
+        )
+    return torch.tensor(indices, dtype=torch.long)
+
+
+class ItemFilters:
+    """Metadata filters over the catalogue: ``{column: value}`` keeps the items whose
+    column equals the value (or, for a list column, contains it).
+
+    Args:
+        frame: the item metadata as columns, row = item index (row 0 the OOV
+            item), or None when there is no metadata.
+    """
+
+    #: How many distinct (column, value) masks are kept.
+    CACHE_SIZE = 1024
+
+    def __init__(self, frame: pl.DataFrame | None) -> None:
+        self.frame = frame
+        self._masks: dict[tuple[str, Any], torch.Tensor] = {}
+
+    def mask(self, filters: dict[str, Any] | None) -> torch.Tensor | None:
+        """``[N]`` bool of the items that pass every filter (None: no filters),
+        computed column-wise and cached per filter.
+
+        Raises:
+            ConfigError: no metadata, an unknown column, or a value that is not a
+                single string, number or bool of the column's kind.
+        """
+        if not filters:
+            return None
+        frame = self.frame
+        if frame is None:
+            raise ConfigError(
+                "`filters` need item metadata, and this recommender has none."
+            )
+        columns = [c for c in frame.columns if c != ITEM]
+        unknown = sorted(set(filters) - set(columns))
+        if unknown:
+            raise ConfigError(
+                f"unknown filter column(s) {unknown}; the item metadata has {columns}."
+            )
+        mask = torch.ones(frame.height, dtype=torch.bool)
+        for key, wanted in filters.items():
+            mask &= self._one(frame, key, wanted)
+        return mask
+
+    def _one(self, frame: pl.DataFrame, key: str, wanted: Any) -> torch.Tensor:
+        if not isinstance(wanted, str | int | float | bool):
+            raise ConfigError(
+                f"`filters[{key!r}]` should be one string, number or bool. "
+                f"Received: {wanted!r}."
+            )
+        cached = self._masks.get((key, wanted))
+        if cached is not None:
+            return cached
+        column = pl.col(key)
+        is_list = isinstance(frame.schema[key], pl.List)
+        expr = column.list.contains(wanted) if is_list else column == wanted
+        try:
+            values = frame.select(expr.fill_null(False)).to_series().to_numpy()
+        except (pl.exceptions.PolarsError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"`filters[{key!r}]` = {wanted!r} cannot be compared with the "
+                f"{frame.schema[key]} column {key!r}: {e}"
+            ) from e
+        mask = torch.from_numpy(values.astype(bool))
+        if len(self._masks) < self.CACHE_SIZE:  # a bounded cache of what clients use
+            self._masks[(key, wanted)] = mask
+        return mask
+
+
+@contextlib.contextmanager
+def client_values(
+    name: str, values: Mapping[str, Any], columns: list[str]
+) -> Iterator[None]:
+    """Turn an encoder's failure on a request's values into the client's error."""
+    try:
+        yield
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(
+            f"`{name}` {dict(values)!r} cannot be encoded for this model's columns "
+            f"{columns} (a value of the wrong kind?): {e}"
+        ) from e
+
+
+def encode_context(
+    spec: FeatureSpec, keys: list[str], context: Mapping[str, Any] | None
+) -> dict[str, torch.Tensor]:
+    """``{key: [1, ...]}`` the encoded context of one request (unknown where
+    missing); empty for a model that reads no context (``keys`` empty).
+
+    Raises:
+        ConfigError: context is given to a model that reads none, or a value cannot
+            be encoded for its column.
+    """
+    if not keys:
+        if context:
+            raise ConfigError(
+                "`context` is given, but this model reads no context "
+                f"(received {sorted(context)})."
+            )
+        return {}
+    frame = context_frame(pl.Series(USER, [None]), context, keys)
+    with client_values("context", dict(context or {}), keys):
+        return {
+            info.key: torch.from_numpy(
+                np.require(
+                    spec.encoder(info.key).transform(frame[info.column]),
+                    requirements=["C", "W"],
+                )
+            )
+            for info in spec.describe(side="query")
+            if info.column in keys
+        }
+
+
+def encode_user_features(
+    spec: FeatureSpec,
+    context_keys: list[str],
+    user_features: dict[str, Any],
+    columns: list[str],
+) -> dict[str, torch.Tensor]:
+    """``{key: [1, ...]}`` the query fields of a user described by ``columns`` of
+    ``user_features`` (the context columns unknown).
+
+    Raises:
+        ConfigError: a value is of the wrong kind for its column.
+    """
+    values = {c: [user_features.get(c)] for c in columns}
+    with client_values("user_features", user_features, columns):
+        frame = pl.DataFrame({USER: [None], **values})
+        frame = frame.with_columns(pl.lit(None).alias(c) for c in context_keys)
+        return spec.transform_queries(frame)

@@ -13,10 +13,12 @@ weights of a 1-rank run with the same batch size (within float tolerance).
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -24,7 +26,9 @@ from torch import Tensor
 __all__ = [
     "World",
     "current",
+    "gather_frames",
     "gather_rows",
+    "gather_sizes",
     "init_from_env",
     "is_main",
     "shutdown",
@@ -94,12 +98,14 @@ def gather_rows(local: Tensor, sizes: list[int]) -> Tensor:
 
     Ranks may hold different numbers of rows (``sizes``, known to all): each pads to
     the largest and the padding is dropped after gathering. Gradients flow back to the
-    rank that owns each row (``torch.distributed.nn.functional.all_gather``).
+    rank that owns each row (an all-gather whose backward all-reduces).
     """
     world = _WORLD
     if world is None:
         return local
     width = max(sizes)
+    if width == 0:
+        return local
     pad = width - local.shape[0]
     if pad:
         filler = local.new_zeros((pad, *local.shape[1:]))
@@ -107,6 +113,26 @@ def gather_rows(local: Tensor, sizes: list[int]) -> Tensor:
     gather = _AllGather.apply if local.requires_grad else _all_gather
     parts = gather(local).split(width)
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+
+def gather_sizes(size: int) -> list[int]:
+    """Every rank's ``size``, in rank order (``[size]`` in a single process)."""
+    if _WORLD is None:
+        return [size]
+    return [int(n) for n in _all_gather(torch.tensor([size], dtype=torch.int64))]
+
+
+def gather_frames(frame: pl.DataFrame) -> list[pl.DataFrame]:
+    """Every rank's ``frame``, in rank order, sent as Arrow IPC bytes (never pickled);
+    ``[frame]`` in a single process."""
+    if _WORLD is None:
+        return [frame]
+    buffer = io.BytesIO()
+    frame.write_ipc(buffer)
+    local = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    sizes = gather_sizes(len(local))
+    parts = gather_rows(local, sizes).split(sizes)
+    return [pl.read_ipc(io.BytesIO(part.numpy().tobytes())) for part in parts]
 
 
 def _all_gather(local: Tensor) -> Tensor:

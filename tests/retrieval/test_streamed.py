@@ -265,3 +265,67 @@ def test_cli_stream_reads_the_feature_columns_it_is_told(
     }
     shown = pl.read_parquet(out / "items.parquet")
     assert shown.columns == ["item_id", "category", "price"]
+
+
+def _streamed_rank(rank: int, port: int, log: str, out: str) -> None:
+    import os
+
+    from safetensors.torch import save_file
+
+    from twostage import distributed
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    try:
+        config = apply_overrides(
+            ExperimentConfig(), [*ID_ONLY, "retrieval.history_length=8"]
+        )
+        run = fit_streamed_retrieval(config, Path(log))
+        tables = {
+            "users": run.tensors.users,
+            "items": run.tensors.items,
+            "history": run.tensors.history,
+        }
+        weights = {f"model.{k}": v for k, v in run.model.state_dict().items()}
+        save_file({**tables, **weights}, f"{out}.{rank}")
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
+    log: Path, tmp_path: Path
+) -> None:
+    """Each rank reads every other row group in both passes; the merged counts and
+    the gathered rows (in file order) make the single process's run."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    out = str(tmp_path / "rank")
+    mp.spawn(_streamed_rank, args=(port, str(log), out), nprocs=2)
+    config = apply_overrides(
+        ExperimentConfig(), [*ID_ONLY, "retrieval.history_length=8"]
+    )
+    single = fit_streamed_retrieval(config, log)
+    want = {
+        "users": single.tensors.users,
+        "items": single.tensors.items,
+        "history": single.tensors.history,
+    } | {f"model.{k}": v for k, v in single.model.state_dict().items()}
+    for rank in (0, 1):
+        got = load_file(f"{out}.{rank}")
+        assert got.keys() == want.keys()
+        for key in ("users", "items", "history"):
+            assert torch.equal(got[key], want[key]), (rank, key)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, msg=f"{rank} {key}")

@@ -27,6 +27,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from twostage import distributed
 from twostage.data.dataset import ITEM, TIME, USER
 from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import _fmix64, stable_hash
@@ -163,6 +164,8 @@ class StreamingVocabularies:
         users, items: fitted vocabularies (index order: descending count).
         num_train_rows, num_test_rows: rows on each side of the split.
         num_batches: record batches read.
+        num_local_train_rows: the training rows of this rank's row groups (all of
+            them in a single process).
     """
 
     users: Vocabulary
@@ -170,6 +173,11 @@ class StreamingVocabularies:
     num_train_rows: int
     num_test_rows: int
     num_batches: int
+    num_local_train_rows: int = -1
+
+    def __post_init__(self) -> None:
+        if self.num_local_train_rows < 0:
+            self.num_local_train_rows = self.num_train_rows
 
     def item_probs(self) -> np.ndarray:
         """``[num_items]`` each item's share of the training rows (row 0, OOV: 0),
@@ -233,8 +241,10 @@ def fit_vocabularies(
         path: a Parquet file or directory with ``user_id``, ``item_id`` and
             ``timestamp`` columns.
         method, test_fraction, seed: the split (:func:`held_out_mask`).
-        rank, world: read only this rank's row groups (then the counts are this
-            rank's; merge them across ranks before building the vocabularies).
+        rank, world: read only this rank's row groups. Under ``torch.distributed``
+            (:mod:`twostage.distributed`) the ranks then merge their counts, so
+            every rank ends with the vocabularies of the whole log; without a
+            process group they are this rank's.
     """
     time_cut = (
         temporal_cut(path, test_fraction=test_fraction)
@@ -258,6 +268,12 @@ def fit_vocabularies(
         test_rows += int(test.sum())
         batches += 1
     user_counts, item_counts = users.result(), items.result()
+    local_rows = train_rows
+    if world > 1 and distributed.current() is not None:
+        user_counts, item_counts = _merged(user_counts), _merged(item_counts)
+        train_rows, test_rows, batches = (
+            sum(distributed.gather_sizes(n)) for n in (train_rows, test_rows, batches)
+        )
     if user_counts is None or item_counts is None:
         raise DataError(f"{str(path)!r} has no rows.")
     return StreamingVocabularies(
@@ -266,7 +282,17 @@ def fit_vocabularies(
         num_train_rows=train_rows,
         num_test_rows=test_rows,
         num_batches=batches,
+        num_local_train_rows=local_rows,
     )
+
+
+def _merged(counts: pl.DataFrame | None) -> pl.DataFrame | None:
+    """Every rank's (key, count) table, summed (sent as Arrow IPC, never pickled)."""
+    mine = counts if counts is not None else pl.DataFrame({"key": [], "count": []})
+    parts = [p for p in distributed.gather_frames(mine) if p.height]
+    if not parts:
+        return None
+    return pl.concat(parts).group_by("key").agg(pl.col("count").sum())
 
 
 def _vocabulary(counts: pl.DataFrame) -> Vocabulary:

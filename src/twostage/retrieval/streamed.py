@@ -91,13 +91,17 @@ def streamed_tensors(
         if data.split == "temporal"
         else None
     )
-    users = np.empty(fitted.num_train_rows, dtype=np.int64)
-    items = np.empty(fitted.num_train_rows, dtype=np.int64)
+    world = distributed.current()
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    local = fitted.num_local_train_rows
+    users = np.empty(local, dtype=np.int64)
+    items = np.empty(local, dtype=np.int64)
     length = config.retrieval.history_length
     # The times only order each user's rows: their physical integers order the same.
-    times = np.empty(fitted.num_train_rows if length else 0, dtype=np.int64)
-    filled = 0
-    for batch in iter_batches(path, columns=[USER, ITEM, TIME]):
+    times = np.empty(local if length else 0, dtype=np.int64)
+    filled, group_rows = 0, []
+    # Each rank reads its own row groups (rank, rank + size, ...).
+    for batch in iter_batches(path, columns=[USER, ITEM, TIME], rank=rank, world=size):
         test = held_out_mask(
             batch,
             method=data.split,
@@ -112,6 +116,14 @@ def streamed_tensors(
         if length:
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
         filled += train.height
+        group_rows.append(train.height)
+    users, items, times = users[:filled], items[:filled], times[:filled]
+    if size > 1:
+        # Training draws global batches from every row: each rank gets all of
+        # them, in file order (so the run is the single process's).
+        order = _file_order(group_rows, size)
+        users, items = _gathered(users)[order], _gathered(items)[order]
+        times = _gathered(times)[order] if length else times
     num_users, num_items = fitted.users.size, fitted.items.size
     user_features: dict[str, torch.Tensor] = {USER: torch.arange(num_users)}
     item_features: dict[str, torch.Tensor] = {ITEM: torch.arange(num_items)}
@@ -122,17 +134,37 @@ def streamed_tensors(
         user_features=user_features,
         item_features=item_features,
         history=history_table(
-            times[:filled],
-            users[:filled],
-            items[:filled],
+            times,
+            users,
+            items,
             num_users=num_users,
             length=length,
         ),
-        users=torch.from_numpy(users[:filled]),
-        items=torch.from_numpy(items[:filled]),
+        users=torch.from_numpy(users),
+        items=torch.from_numpy(items),
         weights=None,
         item_probs=torch.from_numpy(fitted.item_probs()).float(),
     )
+
+
+def _gathered(values: np.ndarray) -> np.ndarray:
+    """Every rank's ``values``, concatenated in rank order."""
+    sizes = distributed.gather_sizes(len(values))
+    return distributed.gather_rows(torch.from_numpy(values), sizes).numpy()
+
+
+def _file_order(group_rows: list[int], size: int) -> np.ndarray:
+    """Positions, in the ranks' concatenated rows, of the rows in file order: rank
+    ``r`` read row groups ``r, r + size, ...`` and holds ``group_rows`` rows of each."""
+    lengths = _gathered(np.asarray(group_rows, dtype=np.int64))
+    counts = distributed.gather_sizes(len(group_rows))  # row groups per rank
+    firsts = np.cumsum([0, *counts])[:-1]  # each rank's first group in `lengths`
+    starts = np.cumsum(np.concatenate([[0], lengths]))[:-1]  # each group's first row
+    spans = []
+    for number in range(sum(counts)):  # row group `number` of the dataset
+        where = firsts[number % size] + number // size
+        spans.append(np.arange(starts[where], starts[where] + lengths[where]))
+    return np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
 
 
 def fit_streamed_retrieval(
@@ -151,9 +183,11 @@ def fit_streamed_retrieval(
             history) only.
         path: a Parquet file or directory with ``user_id``, ``item_id`` and
             ``timestamp``.
-        out_dir: where the run is saved (servable like ``twostage train retrieval``'s);
-            under torchrun every rank reads the whole log, trains on its share of
-            each global batch, and rank 0 saves.
+        out_dir: where the run is saved (servable like ``twostage train retrieval``'s).
+            Under torchrun each rank reads its own row groups in both passes (the
+            counts merge; the training rows are then gathered to every rank, in
+            file order), trains on its share of each global batch, and rank 0
+            saves: the weights of a single process.
         on_step: progress callback of the training loop.
 
     Raises:
@@ -163,8 +197,14 @@ def fit_streamed_retrieval(
     distributed.init_from_env(config.train.device)  # under torchrun: data-parallel
     started = time.perf_counter()
     data = config.data
-    fitted = fit_vocabularies(
-        path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
+    world = distributed.current()
+    fitted = fit_vocabularies(  # each rank counts its row groups; the counts merge
+        path,
+        method=data.split,
+        test_fraction=data.test_fraction,
+        seed=data.seed,
+        rank=world.rank if world is not None else 0,
+        world=world.size if world is not None else 1,
     )
     user_table = item_table = None
     if config.retrieval.use_side_features:

@@ -46,20 +46,35 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+WEIGHTED = ["retrieval.rating_weights=true", "retrieval.popularity_days=30"]
+
+
 @pytest.mark.parametrize(
-    ("split", "history"), [("random", 0), ("temporal", 0), ("random", 8)]
+    ("split", "history", "extra"),
+    [
+        ("random", 0, []),
+        ("temporal", 0, []),
+        ("random", 8, []),
+        ("temporal", 8, WEIGHTED),
+    ],
 )
 def test_streamed_training_equals_the_in_memory_path(
-    log: Path, split: str, history: int
+    log: Path, split: str, history: int, extra: list[str]
 ) -> None:
     config = apply_overrides(
         ExperimentConfig(),
-        [*ID_ONLY, f"data.split={split}", f"retrieval.history_length={history}"],
+        [
+            *ID_ONLY,
+            f"data.split={split}",
+            f"retrieval.history_length={history}",
+            *extra,
+        ],
     )
     streamed = fit_streamed_retrieval(config, log)
 
     # The same training rows, loaded and split in memory, in file order.
-    table = pl.concat(iter_batches(log, columns=["user_id", "item_id", "timestamp"]))
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
     if split == "temporal":
         cut = table["timestamp"].quantile(0.8, interpolation="lower")
         test = (table["timestamp"] >= cut).to_numpy()
@@ -77,6 +92,14 @@ def test_streamed_training_equals_the_in_memory_path(
     assert torch.equal(streamed.tensors.items, in_memory.tensors.items)
     assert streamed.tensors.history.shape == (in_memory.tensors.history.shape)
     assert torch.equal(streamed.tensors.history, in_memory.tensors.history)
+    for name in ("weights", "popularity"):  # rating weights, recent popularity
+        mine_t, theirs_t = (
+            getattr(streamed.tensors, name),
+            getattr(in_memory.tensors, name),
+        )
+        assert (mine_t is None) == (theirs_t is None) == (not extra), name
+        if mine_t is not None:
+            assert torch.equal(mine_t, theirs_t), name
     if history:  # every user with 8+ training rows has a full history
         assert int((streamed.tensors.history > 0).sum(1).max()) == history
     mine, theirs = streamed.model.state_dict(), in_memory.model.state_dict()

@@ -14,8 +14,10 @@ Side features come from the log's feature columns (``data.user_features`` /
 ``data.item_features``, as ``--user-features`` / ``--item-features`` name them): one
 more pass keeps each user's and item's first row
 (:func:`~twostage.data.streaming.feature_tables`), and the spec fits on the training
-users' and items' rows (:meth:`~twostage.features.FeatureSpec.fit_streamed`). Per-row
-context is not supported here yet (a clear error says so).
+users' and items' rows (:meth:`~twostage.features.FeatureSpec.fit_streamed`). Rating
+weights and the recent-popularity fallback read the rows' ratings and times in the
+second pass. Per-row context, the leave-last-out split and the per-user example modes
+are not supported here yet (a clear error says so).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import torch
 
 from twostage import distributed
 from twostage.config import ExperimentConfig
-from twostage.data.dataset import ITEM, TIME, USER, Dataset
+from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.streaming import (
     StreamingVocabularies,
     feature_tables,
     fit_vocabularies,
     held_out_mask,
     iter_batches,
+    parquet_files,
     temporal_cut,
 )
 from twostage.errors import ConfigError
@@ -46,6 +49,7 @@ from twostage.retrieval.run import RetrievalRun, build_model, spec_for
 from twostage.retrieval.tensors import (
     RetrievalTensors,
     history_table,
+    recent_popularity,
     rows_in_vocab_order,
 )
 from twostage.training import ProgressFn
@@ -60,16 +64,14 @@ def _check(config: ExperimentConfig) -> None:
     problems = []
     if retrieval.examples != "interactions":
         problems.append("retrieval.examples=interactions")
-    if retrieval.rating_weights:
-        problems.append("retrieval.rating_weights=false")
-    if retrieval.popularity_days:
-        problems.append("retrieval.popularity_days=0")
     if data.split not in ("random", "temporal"):
         problems.append("data.split=random or temporal")
     if problems:
         raise ConfigError(
-            "training from a streamed log supports IDs, history and side features "
-            "for now; set " + ", ".join(problems) + "."
+            "training from a streamed log supports IDs, history, side features, "
+            "rating weights and recent popularity for now; set "
+            + ", ".join(problems)
+            + "."
         )
 
 
@@ -97,11 +99,16 @@ def streamed_tensors(
     users = np.empty(local, dtype=np.int64)
     items = np.empty(local, dtype=np.int64)
     length = config.retrieval.history_length
-    # The times only order each user's rows: their physical integers order the same.
-    times = np.empty(local if length else 0, dtype=np.int64)
+    days = config.retrieval.popularity_days
+    # The times order each user's rows (history) and find the last days (recent
+    # popularity): their physical integers do both as the values do.
+    times = np.empty(local if length or days > 0 else 0, dtype=np.int64)
+    weighted = config.retrieval.rating_weights and RATING in _columns(path)
+    ratings = np.empty(local if weighted else 0, dtype=np.float32)
+    columns = [USER, ITEM, TIME, *([RATING] if weighted else [])]
     filled, group_rows = 0, []
     # Each rank reads its own row groups (rank, rank + size, ...).
-    for batch in iter_batches(path, columns=[USER, ITEM, TIME], rank=rank, world=size):
+    for batch in iter_batches(path, columns=columns, rank=rank, world=size):
         test = held_out_mask(
             batch,
             method=data.split,
@@ -113,17 +120,24 @@ def streamed_tensors(
         rows = slice(filled, filled + train.height)
         users[rows] = fitted.users.transform(train[USER])
         items[rows] = fitted.items.transform(train[ITEM])
-        if length:
+        if len(times):
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
+        if weighted:  # as build_tensors: a missing rating counts as 0
+            ratings[rows] = train[RATING].fill_null(0).cast(pl.Float32).to_numpy()
         filled += train.height
         group_rows.append(train.height)
-    users, items, times = users[:filled], items[:filled], times[:filled]
+    users, items = users[:filled], items[:filled]
+    times, ratings = (
+        times[: min(filled, len(times))],
+        ratings[: min(filled, len(ratings))],
+    )
     if size > 1:
         # Training draws global batches from every row: each rank gets all of
         # them, in file order (so the run is the single process's).
         order = _file_order(group_rows, size)
         users, items = _gathered(users)[order], _gathered(items)[order]
-        times = _gathered(times)[order] if length else times
+        times = _gathered(times)[order] if len(times) else times
+        ratings = _gathered(ratings)[order] if weighted else ratings
     num_users, num_items = fitted.users.size, fitted.items.size
     user_features: dict[str, torch.Tensor] = {USER: torch.arange(num_users)}
     item_features: dict[str, torch.Tensor] = {ITEM: torch.arange(num_items)}
@@ -142,9 +156,17 @@ def streamed_tensors(
         ),
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
-        weights=None,
+        weights=torch.from_numpy(np.maximum(ratings, 0.0) + 1.0) if weighted else None,
         item_probs=torch.from_numpy(fitted.item_probs()).float(),
+        popularity=recent_popularity(times, items, num_items=num_items, days=days),
     )
+
+
+def _columns(path: str | Path) -> list[str]:
+    """The columns of the dataset's first file."""
+    import pyarrow.parquet as pq
+
+    return list(pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names)
 
 
 def _gathered(values: np.ndarray) -> np.ndarray:

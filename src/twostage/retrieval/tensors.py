@@ -266,7 +266,7 @@ def _sequence_windows(
 
 
 def recent_popularity(
-    train: pl.DataFrame, item_idx: np.ndarray, *, num_items: int, days: float
+    times: np.ndarray, item_idx: np.ndarray, *, num_items: int, days: float
 ) -> torch.Tensor | None:
     """``[N]`` shares of the training rows in the log's last ``days`` (ties broken by
     all-time counts; :class:`~twostage.baselines.RecentPopularity`), or None when
@@ -275,7 +275,6 @@ def recent_popularity(
         return None
     from twostage.baselines import RecentPopularity
 
-    times = train[TIME].to_numpy()
     scores = RecentPopularity(days=days).fit_log(item_idx, times, num_items=num_items)
     assert scores.item_scores is not None
     return scores.item_scores / scores.item_scores.sum().clamp_min(1e-12)
@@ -323,7 +322,10 @@ def build_tensors(
         user_id_field=USER,
         context=context,
         popularity=recent_popularity(
-            inter, items, num_items=item_vocab.size, days=config.popularity_days
+            inter[TIME].to_numpy(),
+            items,
+            num_items=item_vocab.size,
+            days=config.popularity_days,
         ),
         sequences=sequences,
         sequence_users=(
@@ -360,7 +362,7 @@ def with_history_of(
     items = spec.vocabulary(ITEM).transform(inter[ITEM])
     # What is popular counts every row of a known item, new users' rows included.
     popularity = recent_popularity(
-        inter.filter(pl.Series(items > 0)),
+        inter.filter(pl.Series(items > 0))[TIME].to_numpy(),
         items[items > 0],
         num_items=spec.vocabulary(ITEM).size,
         days=config.popularity_days,

@@ -226,10 +226,17 @@ def run_training(
                 del record["validation_metric"]
                 model.to(device)
         metric = record.get("validation", -record["train_loss"])
+        last = epoch + 1 >= config.epochs or (
+            config.max_steps > 0 and (epoch + 1) * steps_per_epoch >= total_steps
+        )
         if metric > result.best_metric:
             result.best_metric, result.best_epoch, bad_epochs = metric, epoch, 0
             best_state = None  # drop the old copy before taking the new one
-            best_state = _clone(model)
+            # After the last epoch the best weights are the model's own: no copy
+            # (for a 10M-user table that is gigabytes), unless a checkpoint or a
+            # stop request needs one.
+            if not last or checkpoint_dir is not None or stop_after_epoch is not None:
+                best_state = _clone(model)
         else:
             bad_epochs += 1
         record["seconds"] = time.perf_counter() - started

@@ -1,0 +1,59 @@
+"""The training loop keeps the best epoch's weights, copying them only when needed."""
+
+import pytest
+import torch
+
+from twostage.config import TrainConfig
+from twostage.training import loop
+
+
+def _train(
+    monkeypatch: pytest.MonkeyPatch, metrics: list[float]
+) -> tuple[torch.nn.Module, list[torch.Tensor], int]:
+    """Three epochs of a linear model; ``metrics[e]`` is epoch e's validation."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    data = torch.randn(40, 3)
+    after_epoch: list[torch.Tensor] = []
+    clones = 0
+    original = loop._clone
+
+    def counted(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        nonlocal clones
+        clones += 1
+        return original(module)
+
+    monkeypatch.setattr(loop, "_clone", counted)
+
+    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return (model(data[batch]) - 1.0).pow(2).mean()
+
+    def validate(module: torch.nn.Module) -> dict[str, float]:
+        after_epoch.append(module.weight.detach().clone())
+        return {"metric": metrics[len(after_epoch) - 1]}
+
+    config = TrainConfig(
+        epochs=3, batch_size=8, early_stopping_patience=0, device="cpu"
+    )
+    loop.run_training(
+        model,
+        config,
+        num_examples=40,
+        batch_loss=batch_loss,
+        device=torch.device("cpu"),
+        validate=validate,
+    )
+    return model, after_epoch, clones
+
+
+def test_a_best_last_epoch_is_kept_without_a_copy(monkeypatch) -> None:
+    model, after_epoch, clones = _train(monkeypatch, [0.1, 0.2, 0.3])
+    assert clones == 2  # epochs 1 and 2; the last one's weights are the model's
+    assert torch.equal(model.weight, after_epoch[2])
+
+
+def test_an_earlier_best_epoch_comes_back(monkeypatch) -> None:
+    model, after_epoch, clones = _train(monkeypatch, [0.1, 0.3, 0.2])
+    assert clones == 2
+    assert torch.equal(model.weight, after_epoch[1])
+    assert not torch.equal(model.weight, after_epoch[2])

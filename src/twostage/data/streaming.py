@@ -186,13 +186,13 @@ class StreamingVocabularies:
         return counts / max(counts.sum(), 1.0)
 
 
-class _Counts:
-    """Running (key, count) totals of a stream of ID batches.
+class _Buffered:
+    """A running table over a stream of batches, merged in bulk.
 
-    Each batch's counts wait in a buffer until the buffer is as large as the merged
-    table (or 4M rows), and are then merged in one group-by: every row is merged
-    O(log batches) times, where merging each batch at once would regroup the whole
-    table per batch (100 batches of a 10M-user log: 100 group-bys of 10M rows).
+    Each batch's part waits in a buffer until the buffer is as large as the merged
+    table (or 4M rows), and is then merged in one pass (:meth:`_merge`): every row is
+    merged O(log batches) times, where merging each batch at once would redo the
+    whole table per batch (100 batches of a 10M-user log: 100 passes over 10M rows).
     """
 
     #: Merge at least this many buffered rows at a time.
@@ -203,23 +203,36 @@ class _Counts:
         self.pending: list[pl.DataFrame] = []
         self.pending_rows = 0
 
-    def add(self, values: pl.Series) -> None:
-        counts = values.rename("key").value_counts(name="count")
-        self.pending.append(counts.with_columns(pl.col("count").cast(pl.Int64)))
-        self.pending_rows += counts.height
+    def _add(self, part: pl.DataFrame) -> None:
+        self.pending.append(part)
+        self.pending_rows += part.height
         merged_rows = 0 if self.merged is None else self.merged.height
         if self.pending_rows >= max(merged_rows, self.FLUSH_ROWS):
             self._flush()
 
+    def _merge(self, rows: pl.DataFrame) -> pl.DataFrame:
+        raise NotImplementedError
+
     def _flush(self) -> None:
         parts = self.pending if self.merged is None else [self.merged, *self.pending]
         if parts:
-            self.merged = pl.concat(parts).group_by("key").agg(pl.col("count").sum())
+            self.merged = self._merge(pl.concat(parts))
         self.pending, self.pending_rows = [], 0
 
     def result(self) -> pl.DataFrame | None:
         self._flush()
         return self.merged
+
+
+class _Counts(_Buffered):
+    """Running (key, count) totals of a stream of ID batches."""
+
+    def add(self, values: pl.Series) -> None:
+        counts = values.rename("key").value_counts(name="count")
+        self._add(counts.with_columns(pl.col("count").cast(pl.Int64)))
+
+    def _merge(self, rows: pl.DataFrame) -> pl.DataFrame:
+        return rows.group_by("key").agg(pl.col("count").sum())
 
 
 def fit_vocabularies(
@@ -301,42 +314,27 @@ def _vocabulary(counts: pl.DataFrame) -> Vocabulary:
     return Vocabulary.from_counts(ordered["key"], ordered["count"].to_numpy())
 
 
-class _FirstRows:
-    """The first row of each key seen so far, over batches in order: per-batch firsts
-    are buffered and merged into the running table when the buffer is as large as it
-    (as :class:`_Counts` merges counts)."""
-
-    FLUSH_ROWS = 4_000_000
+class _FirstRows(_Buffered):
+    """The first row of each key seen so far, over batches in order (their order is
+    kept through every merge)."""
 
     def __init__(self, key: str) -> None:
+        super().__init__()
         self.key = key
-        self.merged: pl.DataFrame | None = None
-        self.pending: list[pl.DataFrame] = []
-        self.pending_rows = 0
         #: Rows whose features differed from those of their key's first row (counted
         #: once per merge in which the differing values were buffered).
         self.conflicts = 0
 
     def add(self, batch: pl.DataFrame) -> None:
-        rows = batch.filter(pl.col(self.key).is_not_null()).unique(maintain_order=True)
-        self.pending.append(rows)
-        self.pending_rows += rows.height
-        merged_rows = 0 if self.merged is None else self.merged.height
-        if self.pending_rows >= max(merged_rows, self.FLUSH_ROWS):
-            self._flush()
+        self._add(
+            batch.filter(pl.col(self.key).is_not_null()).unique(maintain_order=True)
+        )
 
-    def _flush(self) -> None:
-        parts = self.pending if self.merged is None else [self.merged, *self.pending]
-        if parts:
-            combined = pl.concat(parts).unique(maintain_order=True)
-            first = combined.unique(subset=self.key, keep="first", maintain_order=True)
-            self.conflicts += combined.height - first.height
-            self.merged = first
-        self.pending, self.pending_rows = [], 0
-
-    def result(self) -> pl.DataFrame | None:
-        self._flush()
-        return self.merged
+    def _merge(self, rows: pl.DataFrame) -> pl.DataFrame:
+        distinct = rows.unique(maintain_order=True)
+        first = distinct.unique(subset=self.key, keep="first", maintain_order=True)
+        self.conflicts += distinct.height - first.height
+        return first
 
 
 def feature_tables(

@@ -102,7 +102,8 @@ def streamed_tensors(
     days = config.retrieval.popularity_days
     # The times order each user's rows (history) and find the last days (recent
     # popularity): their physical integers do both as the values do.
-    times = np.empty(local if length or days > 0 else 0, dtype=np.int64)
+    timed = bool(length) or days > 0
+    times = np.empty(local if timed else 0, dtype=np.int64)
     weighted = config.retrieval.rating_weights and RATING in _columns(path)
     ratings = np.empty(local if weighted else 0, dtype=np.float32)
     columns = [USER, ITEM, TIME, *([RATING] if weighted else [])]
@@ -120,23 +121,22 @@ def streamed_tensors(
         rows = slice(filled, filled + train.height)
         users[rows] = fitted.users.transform(train[USER])
         items[rows] = fitted.items.transform(train[ITEM])
-        if len(times):
+        if timed:
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
         if weighted:  # as build_tensors: a missing rating counts as 0
             ratings[rows] = train[RATING].fill_null(0).cast(pl.Float32).to_numpy()
         filled += train.height
         group_rows.append(train.height)
     users, items = users[:filled], items[:filled]
-    times, ratings = (
-        times[: min(filled, len(times))],
-        ratings[: min(filled, len(ratings))],
-    )
+    times = times[:filled] if timed else times
+    ratings = ratings[:filled] if weighted else ratings
     if size > 1:
         # Training draws global batches from every row: each rank gets all of
         # them, in file order (so the run is the single process's).
         order = _file_order(group_rows, size)
         users, items = _gathered(users)[order], _gathered(items)[order]
-        times = _gathered(times)[order] if len(times) else times
+        # Every rank takes part in each gather, also one that read no rows.
+        times = _gathered(times)[order] if timed else times
         ratings = _gathered(ratings)[order] if weighted else ratings
     num_users, num_items = fitted.users.size, fitted.items.size
     user_features: dict[str, torch.Tensor] = {USER: torch.arange(num_users)}

@@ -12,6 +12,7 @@ from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.export import sample_inputs
 from twostage.recommender import Recommender, load
+from twostage.retrieval.fit import fit_retrieval
 from twostage.two_stage import fit_two_stage
 
 ort = pytest.importorskip("onnxruntime")
@@ -90,3 +91,38 @@ def test_onnx_towers_and_ranker_match_pytorch(bundle: Path, tmp_path: Path) -> N
 def test_unknown_format_names_the_flag(bundle: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["export", str(bundle), "--format", "tflite"])
     assert result.exit_code == 2 and "--format" in result.output
+
+
+def test_a_transformer_history_with_item_features_exports(tmp_path: Path) -> None:
+    # The causal mask and the history items' side features (a text bag, a
+    # category, a number) inside the query tower's graph.
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=60,num_items=40,num_interactions=900",
+            "train.epochs=1",
+            "train.num_threads=1",
+            "retrieval.embedding_dim=16",
+            "retrieval.output_dim=16",
+            "retrieval.history_length=8",
+            "retrieval.query_encoder=transformer",
+            "retrieval.examples=sequences",
+            "retrieval.sequence_item_features=true",
+        ],
+    )
+    run, _ = fit_retrieval(config)
+    assert run.model.reads_item_features
+    rec = Recommender(run)
+    rec.save(tmp_path / "bundle")
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "bundle"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    queries = sample_inputs(rec, "query", rows=rec.user_vocab.size - 1)
+    got = _session(out / "query_tower.onnx").run(
+        None, {k: v.numpy() for k, v in queries.items()}
+    )[0]
+    with torch.no_grad():
+        want = run.model.eval().encode_queries(queries).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)

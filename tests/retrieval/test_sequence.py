@@ -294,3 +294,68 @@ def test_a_shared_item_table_is_saved_once_and_reloads_identically(
             apply_overrides(config, ["retrieval.query_encoder=pooling"]),
             dataset=_planted_log(num_users=20),
         )
+
+
+def test_history_items_read_their_side_features(tmp_path: Path) -> None:
+    walks = _planted_log(num_users=60)
+    items = pl.DataFrame(
+        {
+            "item_id": np.arange(60),
+            "category": [f"c{i % 7}" for i in range(60)],
+            "year": np.linspace(1950.0, 2000.0, 60),
+        }
+    )
+    dataset = Dataset("planted-walks", walks.interactions, items=items)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *_SETTINGS,
+            "retrieval.use_side_features=true",
+            "retrieval.query_encoder=transformer",
+            "retrieval.sequence_item_features=true",
+            "train.epochs=2",
+        ],
+    )
+    run, _ = fit_retrieval(config, dataset=dataset)
+    model, tensors = run.model, run.tensors
+    encoder = model.query_tower.history
+    assert isinstance(encoder, SequenceEncoder) and model.reads_item_features
+    history = tensors.history[:5]
+    # The item's ID vector plus its category and year vectors, from the candidate
+    # tower's tables; padding reads as zeros.
+    assert {f.name: f.kind for f in model._side_fields} == {
+        "category": "index",
+        "year": "index",
+    }
+    side = model.candidate_tower.embeddings
+    rows = tensors.item_features
+    expected = (
+        encoder.embedding(history)
+        + side["category"](rows["category"][history])
+        + side["year"](rows["year"][history])  # bucketised: an index
+    )
+    real = history > 0
+    assert (~real).any() and real.any()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.items(history)[real], expected[real])
+        assert encoder.items(history)[~real].abs().max() == 0
+    # The query side trains the candidate tower's feature tables too.
+    model.zero_grad()
+    features = {k: v[:5] for k, v in tensors.user_features.items()}
+    features["history"] = history
+    model.encode_queries(features).sum().backward()
+    assert side["category"].weight.grad is not None
+    assert side["category"].weight.grad.abs().sum() > 0
+    # Saved and reloaded, the run reads the same features.
+    run.save(tmp_path / "run")
+    again = load_run(tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again.model.eval().encode_queries(features),
+            run.model.eval().encode_queries(features),
+        )
+    with pytest.raises(ConfigError, match="sequence_item_features"):
+        fit_retrieval(
+            apply_overrides(config, ["retrieval.query_encoder=pooling"]),
+            dataset=dataset,
+        )

@@ -123,7 +123,10 @@ class RetrievalConfig(_Checked):
     ``sequence_layers`` blocks of ``sequence_heads`` heads, SASRec style) or ``gru``
     (:mod:`twostage.models.sequence`), with ``sequence_dropout``;
     ``share_item_embeddings`` makes it read the items from the candidate tower's
-    item ID table (input and output tied, as SASRec does). ``examples`` =
+    item ID table (input and output tied, as SASRec does);
+    ``sequence_item_features`` adds each history item's side-feature vectors (genres,
+    year...: the candidate tower's tables for them, so the two towers read an item's
+    features alike) to its ID vector (no effect without item side features). ``examples`` =
     ``sequences`` trains next-item prediction on every position of each user's last
     ``history_length`` training items at once (one example per user; the query at a
     position sees that item and the earlier ones), the way ordered encoders learn;
@@ -175,6 +178,7 @@ class RetrievalConfig(_Checked):
     sequence_heads: int = 2
     sequence_dropout: float = 0.2
     share_item_embeddings: bool = False
+    sequence_item_features: bool = False
     examples: Literal["interactions", "users", "sequences"] = "interactions"
     max_positives_per_user: int = 0
     temperature: float = 0.3

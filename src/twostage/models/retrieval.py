@@ -90,11 +90,61 @@ class RetrievalModel(nn.Module):
         if candidates is None:
             candidates = Tower(candidate_fields, **shape)  # type: ignore[arg-type]
         self.candidate_tower = candidates
+        # Side fields of the items an ordered history reads, and their rows (index
+        # order) once attach_item_features hands them over.
+        self._side_fields: list[FieldInfo] = []
+        self._item_rows: dict[str, Tensor] = {}
+        if config.sequence_item_features:
+            if not isinstance(history, SequenceEncoder):
+                raise ConfigError(
+                    "`retrieval.sequence_item_features` adds item features to an "
+                    "ordered history: it needs `retrieval.query_encoder` = "
+                    "'transformer' or 'gru' and `retrieval.history_length` > 0. "
+                    f"Received: `retrieval.query_encoder` = {config.query_encoder!r}, "
+                    f"`retrieval.history_length` = {config.history_length}."
+                )
+            self._side_fields = [f for f in candidate_fields if f.name != ITEM_FIELD]
+            if self._side_fields:
+                history.read_item_side(self._item_side)
         log_t = torch.tensor(math.log(config.temperature))
         if config.learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
+
+    @property
+    def reads_item_features(self) -> bool:
+        """Whether the query tower reads item side features (call
+        :meth:`attach_item_features` before encoding queries)."""
+        return bool(self._side_fields)
+
+    def attach_item_features(self, item_features: dict[str, Tensor]) -> None:
+        """Hand over every item's feature rows (``[N, ...]`` by item index, as the
+        candidate tower reads them) for the ordered history to read; a no-op when
+        it reads none. Not weights: a run holds them in its tensors."""
+        if self._side_fields:
+            self._item_rows = {f.name: item_features[f.name] for f in self._side_fields}
+
+    def _item_side(self, history: Tensor) -> Tensor:
+        """``[B, L]`` item indices -> ``[B, L, D]``: the sum of their side-feature
+        vectors, from the candidate tower's tables."""
+        if not self._item_rows:
+            raise RuntimeError(
+                "this model's history reads item features: call "
+                "`attach_item_features(tensors.item_features)` first."
+            )
+        flat = history.reshape(-1)
+        total = torch.zeros(0)
+        for n, info in enumerate(self._side_fields):
+            rows = self._item_rows[info.name]
+            if rows.device != flat.device:  # moved once, then kept there
+                rows = self._item_rows[info.name] = rows.to(flat.device)
+            value = rows[flat]
+            if info.kind == "dense" and value.dim() == 1:
+                value = value.unsqueeze(-1)
+            vector = self.candidate_tower.embeddings[info.name](value)
+            total = vector if n == 0 else total + vector
+        return total.view(*history.shape, -1)
 
     @property
     def temperature(self) -> Tensor:

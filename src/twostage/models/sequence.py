@@ -12,6 +12,7 @@ position at once (next-item prediction, :func:`twostage.retrieval.task.sequence_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -29,7 +30,8 @@ def causal_mask(history: Tensor) -> Tensor:
     positions = torch.arange(length, device=history.device)
     earlier = positions[None, :] <= positions[:, None]  # (L, L): key j <= query i
     real = history > 0  # (B, L)
-    itself = torch.eye(length, dtype=torch.bool, device=history.device)
+    # (A comparison, not a boolean torch.eye: ONNX Runtime has no boolean EyeLike.)
+    itself = positions[None, :] == positions[:, None]
     allowed = earlier[None] & (real[:, None, :] | itself[None])  # (B, L, L)
     return allowed.unsqueeze(1)
 
@@ -105,6 +107,8 @@ class SequenceEncoder(nn.Module):
         # A shared table belongs to the candidate tower: held outside the module
         # tree, so the weights are saved (and moved, and loaded) once, there.
         self._shared = [item_table] if item_table is not None else []
+        # Held the same way: a function of the owner's, not a submodule.
+        self._side: list[Callable[[Tensor], Tensor]] = []
         if item_table is None:
             self.embedding = nn.Embedding(num_items, dim, padding_idx=0, sparse=sparse)
             nn.init.normal_(self.embedding.weight, std=0.01)
@@ -127,11 +131,19 @@ class SequenceEncoder(nn.Module):
                 dropout=dropout if num_layers > 1 else 0.0,
             )
 
+    def read_item_side(self, side: Callable[[Tensor], Tensor]) -> None:
+        """Add ``side(history)`` (``[B, L]`` -> ``[B, L, dim]``: the items' side
+        features, embedded) to the item vectors from now on."""
+        self._side = [side]
+
     def items(self, history: Tensor) -> Tensor:
         """``[B, L]`` -> ``[B, L, dim]`` item vectors, zeros for padding."""
-        if not self._shared:
+        if not self._shared and not self._side:
             return self.embedding(history)
-        vectors = self._shared[0](history)
+        table = self._shared[0] if self._shared else self.embedding
+        vectors = table(history)
+        if self._side:
+            vectors = vectors + self._side[0](history)
         return vectors * (history > 0).unsqueeze(-1).to(vectors.dtype)
 
     def states(self, history: Tensor) -> Tensor:

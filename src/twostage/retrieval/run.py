@@ -140,6 +140,10 @@ class RetrievalRun:
     popularity_fallback: int = 0
     fallback: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # An ordered history may read the items' features (a no-op otherwise).
+        self.model.attach_item_features(self.tensors.item_features)
+
     def uses_popularity(self, user_idx: np.ndarray) -> np.ndarray:
         """``[Q]`` bool: which users (by index; 0 = unknown) get the most-popular
         list under the run's fallback rule. An unknown user has no training items,

@@ -16,6 +16,11 @@ pooled as a bag), ``twostage-transformer`` (``presets/retrieval-sequence.json``)
 item-kNN (both neighbourhood forms) and the item-to-item transition model, on the
 same split and evaluation code. One table per protocol and dataset.
 
+``--validation`` is the protocol for tuning: each protocol's test rows are set aside
+unread and the same protocol runs on what is left (under leave-one-out the
+second-last item is then the test, the third-last the validation), so settings are
+chosen without looking at the test interactions.
+
     python benchmarks/sequence_quality.py --json benchmarks/results/sequence_quality.json
 """
 
@@ -36,13 +41,15 @@ from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.dataset import Dataset
 from twostage.data.movielens import load_movielens
 from twostage.data.registry import load_dataset
-from twostage.data.split import prepare_split
+from twostage.data.split import prepare_split, split_dataset
 from twostage.retrieval.evaluation import evaluate_baselines
 from twostage.retrieval.fit import fit_retrieval
 
 KS = ("1", "5", "10", "50", "100")
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+#: The split method of each protocol (its test fraction is 0.2 where one applies).
+METHODS = {"loo": "leave-last-out", "temporal": "temporal", "random": "random"}
 PROTOCOLS = {
     "loo": ["data.split=leave-last-out", "data.validation_fraction=0.05"],
     "temporal": [
@@ -169,6 +176,12 @@ def main() -> None:
     parser.add_argument("--latest-small", type=Path, default=SHARED)
     parser.add_argument("--set", action="append", default=[], help="config override")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="for tuning: set each protocol's test rows aside unread and run the "
+        "protocol again on the rest",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = args.models.split(",")
@@ -183,10 +196,17 @@ def main() -> None:
             )
         for name in args.datasets.split(","):
             dataset = load(name, args.latest_small)
+            if args.validation:
+                dataset = split_dataset(
+                    dataset, method=METHODS[protocol], test_fraction=0.2, seed=42
+                ).train
             found = scenario(dataset, protocol, models, args.seeds, args.set)
             results.setdefault(protocol, {})[name] = found
             show(f"{protocol}, {name} (seen items excluded)", found)
-    print(f"machine: {machine()}; seeds: {args.seeds}; overrides: {args.set}")
+    print(
+        f"machine: {machine()}; seeds: {args.seeds}; overrides: {args.set}; "
+        f"{'validation' if args.validation else 'test'} protocol"
+    )
     write_json(args.json, results)  # {protocol: {dataset: {model: entry}}}
 
 

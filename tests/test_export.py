@@ -94,8 +94,9 @@ def test_unknown_format_names_the_flag(bundle: Path, tmp_path: Path) -> None:
 
 
 def test_a_transformer_history_with_item_features_exports(tmp_path: Path) -> None:
-    # The causal mask and the history items' side features (a text bag, a
-    # category, a number) inside the query tower's graph.
+    # The causal mask, the history items' side features (a text bag, a category,
+    # a number) and the time gaps (`history_times`, an input) inside the query
+    # tower's graph.
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -108,6 +109,7 @@ def test_a_transformer_history_with_item_features_exports(tmp_path: Path) -> Non
             "retrieval.query_encoder=transformer",
             "retrieval.examples=sequences",
             "retrieval.sequence_item_features=true",
+            "retrieval.sequence_time_gaps=true",
         ],
     )
     run, _ = fit_retrieval(config)
@@ -120,6 +122,7 @@ def test_a_transformer_history_with_item_features_exports(tmp_path: Path) -> Non
     )
     assert result.exit_code == 0, result.output
     queries = sample_inputs(rec, "query", rows=rec.user_vocab.size - 1)
+    assert "history_times" in queries
     got = _session(out / "query_tower.onnx").run(
         None, {k: v.numpy() for k, v in queries.items()}
     )[0]

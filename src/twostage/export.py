@@ -2,7 +2,8 @@
 onnxruntime: ``twostage export BUNDLE --format onnx``.
 
 - ``query_tower.onnx``: the query tower's encoded features (the names and dtypes of
-  ``features.json``, plus ``history``, the user's recent item indices) ->
+  ``features.json``, plus ``history``, the user's recent item indices, and
+  ``history_times``, their times, for models with ``retrieval.sequence_time_gaps``) ->
   ``query_embedding`` ``[B, D]``.
 - ``candidate_tower.onnx``: the item features -> ``item_embedding`` ``[N, D]``.
 - ``ranker.onnx`` (bundles with a ranking stage): ``user_idx`` ``[B]`` and
@@ -28,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from twostage.errors import ConfigError
-from twostage.models.towers import HISTORY
 from twostage.recommender import Recommender
 
 __all__ = ["FORMATS", "export_bundle", "sample_inputs"]
@@ -120,7 +120,7 @@ def sample_inputs(rec: Recommender, side: str, rows: int = 4) -> dict[str, Tenso
     for key, value in rec._context(None).items():  # [1, ...] -> [rows, ...]
         features[key] = value.expand(len(tensors.history[picked]), *value.shape[1:])
     if rec.run.config.retrieval.history_length > 0:
-        features[HISTORY] = tensors.history[picked]
+        features.update(tensors.history_features(picked))
     return features
 
 

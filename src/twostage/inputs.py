@@ -8,6 +8,7 @@ names the request's field (:func:`client_values`), never a server error.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from twostage.errors import ConfigError, UnknownIdError
 from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
 from twostage.features.vocab import Vocabulary
+from twostage.models.fields import UNKNOWN_TIME
 
 __all__ = [
     "ItemFilters",
@@ -32,9 +34,11 @@ __all__ = [
 
 def session_indices(
     session: Sequence[Any] | None, item_vocab: Vocabulary, *, history_length: int
-) -> torch.Tensor | None:
-    """``[S]`` item indices of a request's session, oldest first, or None (no
-    session, or an empty one: the usual answer).
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``([S], [S])`` item indices of a request's session, oldest first, and their
+    times (int64 seconds; :data:`~twostage.models.fields.UNKNOWN_TIME` where an entry
+    has no numeric timestamp), or None (no session, or an empty one: the usual
+    answer).
 
     Args:
         session: item IDs, or ``{"item_id", "timestamp"}`` objects (ordered by
@@ -68,9 +72,22 @@ def session_indices(
             f"{[session[n] for n in bad][:3] or session[:3]}."
         )
     times = [e.get("timestamp") for e in entries]
-    if all(isinstance(t, int | float) and not isinstance(t, bool) for t in times):
+    numeric = [isinstance(t, int | float) and not isinstance(t, bool) for t in times]
+    odd = [
+        t
+        for t, known in zip(times, numeric, strict=True)
+        if known and not (math.isfinite(t) and abs(t) < 2**62)  # type: ignore[arg-type]
+    ]
+    if odd:
+        raise ConfigError(
+            "each `session` timestamp should be a finite number of seconds. "
+            f"Received: {odd[:3]}."
+        )
+    if all(numeric):
         order = sorted(range(len(entries)), key=lambda n: float(times[n]))  # type: ignore[arg-type]
         entries = [entries[n] for n in order]
+        times = [times[n] for n in order]
+        numeric = [True] * len(entries)
     ids = [e["item_id"] for e in entries]
     indices = [item_vocab.lookup(i) for i in ids]
     unknown = [i for i, idx in zip(ids, indices, strict=True) if idx == 0]
@@ -80,7 +97,13 @@ def session_indices(
             + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
             + ". Leave them out (items added after training have no embedding)."
         )
-    return torch.tensor(indices, dtype=torch.long)
+    stamps = [
+        math.floor(t) if known else UNKNOWN_TIME  # type: ignore[arg-type]
+        for t, known in zip(times, numeric, strict=True)
+    ]
+    return torch.tensor(indices, dtype=torch.long), torch.tensor(
+        stamps, dtype=torch.long
+    )
 
 
 class ItemFilters:

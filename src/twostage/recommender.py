@@ -30,7 +30,7 @@ from twostage.inputs import (
     encode_user_features,
     session_indices,
 )
-from twostage.models.towers import HISTORY
+from twostage.models.fields import HISTORY, HISTORY_TIMES
 from twostage.ranking.rerank import rerank
 from twostage.retrieval.run import RetrievalRun
 from twostage.retrieval.tensors import context_keys
@@ -171,7 +171,7 @@ class Recommender:
         if self._query_cache is None:
             tensors = self.run.tensors
             features = dict(tensors.user_features)
-            features[HISTORY] = tensors.history
+            features.update(tensors.history_features(slice(None)))
             with torch.no_grad():
                 self._query_cache = self.run.model.encode_queries(features)
         return self._query_cache
@@ -193,10 +193,10 @@ class Recommender:
         user_features: dict[str, Any] | None,
         context: Mapping[str, Any] | None = None,
         *,
-        session: torch.Tensor | None = None,
+        session: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, int, Path_]:
         """(query embedding [D] or None, user_idx, path). ``session``: ``[S]`` item
-        indices of the current session, oldest first."""
+        indices of the current session, oldest first, and their times."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
         encoded = self._context(context)
         columns = [
@@ -224,7 +224,7 @@ class Recommender:
             row = slice(user_idx, user_idx + 1)
             features = {k: v[row] for k, v in tensors.user_features.items()}
             features.update(encoded)
-            features[HISTORY] = tensors.history[row]
+            features.update(tensors.history_features(row))
             with torch.no_grad():
                 query = self.run.model.encode_queries(features)[0]
             return query, user_idx, "personalised"
@@ -250,28 +250,37 @@ class Recommender:
         user_features: dict[str, Any] | None,
         columns: list[str],
         encoded: dict[str, torch.Tensor],
-        session: torch.Tensor,
+        session: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, int, Path_]:
         """The query of a session: the user's history (none when anonymous) then the
-        session's items, the last ``history_length`` of them."""
+        session's items, the last ``history_length`` of them (with their times when
+        the model reads time gaps)."""
         tensors = self.run.tensors
         length = tensors.history.shape[1]
+        items, times = session
         if user_idx > 0:
             row = slice(user_idx, user_idx + 1)
             features = {k: v[row] for k, v in tensors.user_features.items()}
             stored = tensors.history[user_idx]
-            recent = torch.cat([stored[stored > 0], session])[-length:]
+            items = torch.cat([stored[stored > 0], items])
+            if tensors.history_times.numel():
+                stamps = tensors.history_times[user_idx][stored > 0]
+                times = torch.cat([stamps, times])
         else:
             if user_features:
                 features = self._encode_user_features(user_features, columns)
             else:  # row 0: every query field unknown
                 features = {k: v[:1] for k, v in tensors.user_features.items()}
-            recent = session[-length:]
+        recent, times = items[-length:], times[-length:]
         features.update(encoded)
         history = torch.zeros(1, length, dtype=torch.long)
         if len(recent):
             history[0, -len(recent) :] = recent
         features[HISTORY] = history
+        if tensors.history_times.numel():
+            features[HISTORY_TIMES] = torch.zeros(1, length, dtype=torch.long)
+            if len(recent):
+                features[HISTORY_TIMES][0, -len(recent) :] = times
         with torch.no_grad():
             query = self.run.model.encode_queries(features)[0]
         return query, user_idx, "personalised" if user_idx > 0 else "session"
@@ -334,13 +343,14 @@ class Recommender:
         if num_candidates is None:
             num_candidates = self.num_candidates
         _check_k("num_candidates", num_candidates)
-        session_idx = session_indices(
+        read = session_indices(
             session,
             self.item_vocab,
             history_length=int(self.run.tensors.history.shape[1]),
         )
+        session_idx = None if read is None else read[0]
         query, user_idx, path = self._query(
-            user_id, user_features, context, session=session_idx
+            user_id, user_features, context, session=read
         )
         seen = self._seen.row(user_idx) if exclude_seen and user_idx > 0 else None
         if exclude_seen and session_idx is not None:

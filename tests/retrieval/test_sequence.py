@@ -15,7 +15,13 @@ from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.errors import ConfigError, UnknownIdError
-from twostage.models.sequence import SequenceEncoder, causal_mask
+from twostage.models.fields import UNKNOWN_TIME
+from twostage.models.sequence import (
+    GAP_BUCKETS,
+    SequenceEncoder,
+    causal_mask,
+    gap_buckets,
+)
 from twostage.models.towers import HistoryPooling
 from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
@@ -67,7 +73,7 @@ def test_windows_cover_every_training_item_once_in_time_order() -> None:
     )
     users = np.array([1, 1, 1, 1, 1, 1, 1, 2, 2])
     items = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9])
-    sequences, owners = _sequence_windows(frame, users, items, length=3)
+    sequences, owners, times = _sequence_windows(frame, users, items, length=3)
     # user 1 in time order: 7 6 5 4 3 2 1 -> windows [7], [6 5 4], [3 2 1]
     assert owners.tolist() == [1, 1, 1, 2]
     assert sequences.tolist() == [
@@ -78,6 +84,13 @@ def test_windows_cover_every_training_item_once_in_time_order() -> None:
     ]
     targets = sequences[:, 1:]
     assert sorted(targets[targets > 0].tolist()) == list(range(1, 10))
+    # each item's time beside it (item i of user 1 came at 8 - i), 0 under padding
+    assert times.tolist() == [
+        [4, 5, 6, 7],
+        [1, 2, 3, 4],
+        [0, 0, 0, 1],
+        [0, 0, 1, 2],
+    ]
 
 
 def _successors(
@@ -355,6 +368,95 @@ def test_history_items_read_their_side_features(tmp_path: Path) -> None:
             run.model.eval().encode_queries(features),
         )
     with pytest.raises(ConfigError, match="sequence_item_features"):
+        fit_retrieval(
+            apply_overrides(config, ["retrieval.query_encoder=pooling"]),
+            dataset=dataset,
+        )
+
+
+def test_time_gaps_are_bucketed_by_powers_of_two_seconds() -> None:
+    history = torch.tensor([[0, 4, 5, 6, 7, 8], [0, 0, 0, 3, 3, 3]])
+    times = torch.tensor(
+        [[0, 100, 100, 101, 103, 10_100], [0, 0, 0, 50, UNKNOWN_TIME, 40]]
+    )
+    # 0: padding, the first item, a missing time on either side; then
+    # 1 + floor(log2(1 + gap)): 0 s -> 1, 1 s -> 2, 2 s -> 2, 9,999 s -> 14;
+    # a negative gap counts as 0 s.
+    expected = torch.tensor([[0, 0, 1, 2, 2, 14], [0, 0, 0, 0, 0, 0]])
+    assert torch.equal(gap_buckets(history, times), expected)
+    out_of_order = gap_buckets(torch.tensor([[1, 2]]), torch.tensor([[50, 40]]))
+    assert out_of_order.tolist() == [[0, 1]]
+    huge = gap_buckets(torch.tensor([[1, 2]]), torch.tensor([[0, 2**61]]))
+    assert huge.tolist() == [[0, GAP_BUCKETS - 1]]
+
+
+@pytest.mark.parametrize("kind", ["transformer", "gru"])
+def test_time_gaps_stay_causal_and_change_the_query(kind: str) -> None:
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(
+        30, 16, max_length=6, kind=kind, dropout=0.0, time_gaps=True
+    ).eval()
+    history = torch.tensor([[0, 3, 7, 2, 9, 4]])
+    times = torch.tensor([[0, 10, 20, 30, 40, 50]])
+    later = times.clone()
+    later[0, 4:] = torch.tensor([90_000, 90_010])  # a day passes before item 9
+    before, after = encoder.states(history, times), encoder.states(history, later)
+    torch.testing.assert_close(before[:, :4], after[:, :4])
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+    # no times: every gap unknown, as for a session sent without timestamps
+    unknown = torch.full_like(times, UNKNOWN_TIME)
+    torch.testing.assert_close(encoder(history), encoder(history, unknown))
+
+
+def test_a_time_gap_model_trains_saves_and_reads_session_times(
+    tmp_path: Path,
+) -> None:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *_SETTINGS,
+            "retrieval.query_encoder=gru",
+            "retrieval.sequence_time_gaps=true",
+            "train.epochs=2",
+        ],
+    )
+    dataset = _planted_log(num_users=60)
+    run, _ = fit_retrieval(config, dataset=dataset)
+    tensors = run.tensors
+    # the history's times line up with its items (the walks' times are 0, 1, 2...)
+    assert tensors.history_times.shape == tensors.history.shape
+    real = tensors.history > 0
+    steps = tensors.history_times[:, 1:] - tensors.history_times[:, :-1]
+    assert (steps[real[:, 1:] & real[:, :-1]] == 1).all()
+    assert (tensors.history_times[~real] == 0).all()
+    features = {k: v[:5] for k, v in tensors.user_features.items()}
+    features.update(tensors.history_features(slice(0, 5)))
+    assert set(features) >= {"history", "history_times"}
+    run.save(tmp_path / "run")
+    again = load_run(tmp_path / "run")
+    assert torch.equal(again.tensors.history_times, tensors.history_times)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again.model.eval().encode_queries(features),
+            run.model.eval().encode_queries(features),
+        )
+    # A session's timestamps are read: a long pause moves the answer's scores.
+    recommender = Recommender(run)
+    walk = [5, int(_successors()[5]), int(_successors()[_successors()[5]])]
+    close = [
+        {"item_id": i, "timestamp": t} for i, t in zip(walk, [0, 1, 2], strict=True)
+    ]
+    apart = [
+        {"item_id": i, "timestamp": t} for i, t in zip(walk, [0, 1, 10**6], strict=True)
+    ]
+    scores = [
+        [e["score"] for e in recommender.recommend(None, 5, session=s).items]
+        for s in (close, apart)
+    ]
+    assert scores[0] != scores[1]
+    with pytest.raises(ConfigError, match="finite number of seconds"):
+        recommender.recommend(None, 3, session=[{"item_id": 5, "timestamp": 1e300}])
+    with pytest.raises(ConfigError, match="sequence_time_gaps"):
         fit_retrieval(
             apply_overrides(config, ["retrieval.query_encoder=pooling"]),
             dataset=dataset,

@@ -129,6 +129,12 @@ def test_what_the_streamed_path_lacks_is_a_clear_error(log: Path) -> None:
     users = apply_overrides(ExperimentConfig(), ["retrieval.examples=users"])
     with pytest.raises(ConfigError, match="examples=interactions"):
         fit_streamed_retrieval(users, log)
+    gaps = apply_overrides(
+        ExperimentConfig(),
+        ["retrieval.query_encoder=gru", "retrieval.sequence_time_gaps=true"],
+    )
+    with pytest.raises(ConfigError, match="sequence_time_gaps=false"):
+        fit_streamed_retrieval(gaps, log)
     context = apply_overrides(
         ExperimentConfig(), ["retrieval.query_fields=hour_of_day"]
     )

@@ -126,7 +126,10 @@ class RetrievalConfig(_Checked):
     item ID table (input and output tied, as SASRec does);
     ``sequence_item_features`` adds each history item's side-feature vectors (genres,
     year...: the candidate tower's tables for them, so the two towers read an item's
-    features alike) to its ID vector (no effect without item side features). ``examples`` =
+    features alike) to its ID vector (no effect without item side features);
+    ``sequence_time_gaps`` adds a learned vector for the time since the previous
+    history item (buckets of powers of two seconds; a session's items without
+    timestamps read "unknown"). ``examples`` =
     ``sequences`` trains next-item prediction on every position of each user's last
     ``history_length`` training items at once (one example per user; the query at a
     position sees that item and the earlier ones), the way ordered encoders learn;
@@ -179,6 +182,7 @@ class RetrievalConfig(_Checked):
     sequence_dropout: float = 0.2
     share_item_embeddings: bool = False
     sequence_item_features: bool = False
+    sequence_time_gaps: bool = False
     examples: Literal["interactions", "users", "sequences"] = "interactions"
     max_positives_per_user: int = 0
     temperature: float = 0.3

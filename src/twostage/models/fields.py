@@ -18,10 +18,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HISTORY", "FieldEmbedding", "FieldInfo"]
+__all__ = ["HISTORY", "HISTORY_TIMES", "UNKNOWN_TIME", "FieldEmbedding", "FieldInfo"]
 
 #: Key of the history field in a query feature dict: ``[B, L]`` item indices, 0 = padding.
 HISTORY = "history"
+#: Key of the history's times (``[B, L]`` int64 seconds, aligned with ``history``), read
+#: by ordered histories with ``retrieval.sequence_time_gaps``.
+HISTORY_TIMES = "history_times"
+#: A history time that is not known (a session entry without a timestamp).
+UNKNOWN_TIME = -(2**62)
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,12 @@ class FieldEmbedding(nn.Module):
                 value = value.unsqueeze(-1)
             parts.append(self.embeddings[info.name](value))
         if self.history is not None and with_history:
-            parts.append(self.history(features[HISTORY]))
+            if getattr(self.history, "reads_times", False):
+                parts.append(
+                    self.history(features[HISTORY], features.get(HISTORY_TIMES))
+                )
+            else:
+                parts.append(self.history(features[HISTORY]))
         return parts
 
 

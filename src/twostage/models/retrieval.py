@@ -77,6 +77,7 @@ class RetrievalModel(nn.Module):
                 dropout=config.sequence_dropout,
                 sparse=config.sparse_embeddings,
                 item_table=table,  # type: ignore[arg-type]
+                time_gaps=config.sequence_time_gaps,
             )
         elif config.history_length > 0:
             history = HistoryPooling(
@@ -90,6 +91,14 @@ class RetrievalModel(nn.Module):
         if candidates is None:
             candidates = Tower(candidate_fields, **shape)  # type: ignore[arg-type]
         self.candidate_tower = candidates
+        if config.sequence_time_gaps and not isinstance(history, SequenceEncoder):
+            raise ConfigError(
+                "`retrieval.sequence_time_gaps` reads the gaps between an ordered "
+                "history's items: it needs `retrieval.query_encoder` = 'transformer' "
+                "or 'gru' and `retrieval.history_length` > 0. Received: "
+                f"`retrieval.query_encoder` = {config.query_encoder!r}, "
+                f"`retrieval.history_length` = {config.history_length}."
+            )
         # Side fields of the items an ordered history reads, and their rows (index
         # order) once attach_item_features hands them over.
         self._side_fields: list[FieldInfo] = []

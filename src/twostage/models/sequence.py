@@ -19,7 +19,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SequenceEncoder", "causal_mask"]
+__all__ = ["GAP_BUCKETS", "SequenceEncoder", "causal_mask", "gap_buckets"]
+
+#: Rows of the time-gap table: 0 = no gap known (the first item, padding, a missing
+#: time), then one bucket per power of two seconds (1 + floor(log2(1 + gap))).
+GAP_BUCKETS = 34
+
+
+def gap_buckets(history: Tensor, times: Tensor) -> Tensor:
+    """``[B, L]`` bucket of the time since the previous item at each position.
+
+    The gap of position ``i`` is ``times[i] - times[i - 1]`` (in seconds; the history
+    is oldest first), bucketed by powers of two: 1 for under a second, 2 for one, 3
+    for two or three seconds... up to ``GAP_BUCKETS - 1``. Bucket 0 where it is not
+    known: the first item, padding, or a time equal to
+    :data:`~twostage.models.fields.UNKNOWN_TIME` on either side. A negative gap
+    (items out of time order) counts as 0 seconds. It reads positions ``i - 1`` and
+    ``i`` only, so it stays causal.
+    """
+    from twostage.models.fields import UNKNOWN_TIME
+
+    buckets = torch.zeros_like(history)
+    if history.shape[1] < 2:
+        return buckets
+    known = (history > 0) & (times != UNKNOWN_TIME)
+    both = known[:, 1:] & known[:, :-1]
+    gaps = (times[:, 1:] - times[:, :-1]).clamp_min(0).double()
+    value = 1 + torch.floor(torch.log2(1 + gaps)).clamp_max(GAP_BUCKETS - 2).long()
+    buckets[:, 1:] = torch.where(both, value, torch.zeros_like(value))
+    return buckets
 
 
 def causal_mask(history: Tensor) -> Tensor:
@@ -87,6 +115,9 @@ class SequenceEncoder(nn.Module):
         item_table: read the items from this table (the candidate tower's item ID
             table: input and output embeddings tied, as in SASRec) instead of one
             of its own. Padding reads as zeros either way.
+        time_gaps: add a learned vector for the time since the previous item
+            (:func:`gap_buckets`) to each item's vector; the history's times come
+            as a second argument (``[B, L]`` seconds), unknown gaps read bucket 0.
     """
 
     def __init__(
@@ -101,8 +132,13 @@ class SequenceEncoder(nn.Module):
         dropout: float = 0.2,
         sparse: bool = False,
         item_table: nn.Embedding | None = None,
+        time_gaps: bool = False,
     ) -> None:
         super().__init__()
+        self.reads_times = time_gaps
+        if time_gaps:
+            self.gap = nn.Embedding(GAP_BUCKETS, dim)
+            nn.init.normal_(self.gap.weight, std=0.01)
         self.kind, self.max_length, self.dim = kind, max_length, dim
         # A shared table belongs to the candidate tower: held outside the module
         # tree, so the weights are saved (and moved, and loaded) once, there.
@@ -146,11 +182,19 @@ class SequenceEncoder(nn.Module):
             vectors = vectors + self._side[0](history)
         return vectors * (history > 0).unsqueeze(-1).to(vectors.dtype)
 
-    def states(self, history: Tensor) -> Tensor:
+    def states(self, history: Tensor, times: Tensor | None = None) -> Tensor:
         """``history [B, L]`` (most recent last, 0 = padding) -> ``[B, L, dim]``;
-        state ``i`` depends on items ``0..i`` only."""
+        state ``i`` depends on items ``0..i`` only (and their ``times``, read with
+        ``time_gaps``; None: no gap known)."""
         length = history.shape[1]
         x = self.items(history)  # (B, L, D)
+        if self.reads_times:
+            buckets = (
+                torch.zeros_like(history)
+                if times is None
+                else gap_buckets(history, times)
+            )
+            x = x + self.gap(buckets) * (history > 0).unsqueeze(-1).to(x.dtype)
         if self.kind == "gru":
             return self.gru(self.drop(x))[0]
         # The most recent item reads the last row of the position table, so a
@@ -164,8 +208,8 @@ class SequenceEncoder(nn.Module):
             x = block(x, mask)
         return self.norm(x)
 
-    def forward(self, history: Tensor) -> Tensor:
+    def forward(self, history: Tensor, times: Tensor | None = None) -> Tensor:
         """``[B, L]`` -> ``[B, dim]``: the state after the most recent item."""
         if history.shape[1] == 0:
             return torch.zeros(history.shape[0], self.dim, device=history.device)
-        return self.states(history)[:, -1]
+        return self.states(history, times)[:, -1]

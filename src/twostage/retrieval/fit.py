@@ -116,7 +116,7 @@ def fit_retrieval(
         user_idx = torch.from_numpy(queries.user_idx)
 
         def validate(model: RetrievalModel) -> dict[str, float]:
-            features["history"] = tensors.history[user_idx]
+            features.update(tensors.history_features(user_idx))
             result = evaluate_embeddings(
                 model.encode_queries(features),
                 queries.pad_items(run.item_embeddings()),
@@ -146,7 +146,7 @@ def fit_retrieval(
     run.popularity_fallback = max(config.retrieval.popularity_fallback, 0)
     if config.retrieval.popularity_fallback < 0 and validate is not None:
         with torch.no_grad():
-            features["history"] = tensors.history[user_idx]
+            features.update(tensors.history_features(user_idx))
             choice = choose_popularity_fallback(
                 model.encode_queries(features),
                 run.item_embeddings(),

@@ -177,7 +177,7 @@ class RetrievalRun:
         frame = context_frame(user_ids, context, context_keys(self.spec))
         features = self.spec.transform_queries(frame, users=users)
         user_idx = torch.from_numpy(self.spec.vocabulary(USER).transform(user_ids))
-        features["history"] = self.tensors.history[user_idx]
+        features.update(self.tensors.history_features(user_idx))
         with torch.no_grad():
             return self.model.encode_queries(features)
 

@@ -64,6 +64,8 @@ def _check(config: ExperimentConfig) -> None:
     problems = []
     if retrieval.examples != "interactions":
         problems.append("retrieval.examples=interactions")
+    if retrieval.sequence_time_gaps:
+        problems.append("retrieval.sequence_time_gaps=false")
     if data.split not in ("random", "temporal"):
         problems.append("data.split=random or temporal")
     if problems:

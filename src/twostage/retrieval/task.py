@@ -23,8 +23,8 @@ from twostage.losses import (
     log_inclusion_probability,
     multi_positive_softmax_loss,
 )
+from twostage.models.fields import HISTORY, HISTORY_TIMES
 from twostage.models.retrieval import RetrievalModel
-from twostage.models.towers import HISTORY
 from twostage.retrieval.tensors import RetrievalTensors, query_features
 
 __all__ = [
@@ -320,6 +320,8 @@ def sequence_loss(
         features[tensors.user_id_field] = ids.masked_fill(drop.to(ids.device), 0)
     targets = windows[:, 1:]  # (B, L), most recent last
     features[HISTORY] = windows[:, :-1]  # what precedes each target
+    if tensors.sequence_times.numel():
+        features[HISTORY_TIMES] = tensors.sequence_times[batch][:, :-1]
     states = model.encode_query_positions(features)  # (B, L, D)
     where = targets > 0
     queries, positives = states[where], targets[where]  # (P, D), (P,)

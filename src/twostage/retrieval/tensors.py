@@ -24,7 +24,7 @@ from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.user_items import UserItems
 from twostage.features import FeatureSpec
 from twostage.features.context import context_frame
-from twostage.models.towers import HISTORY
+from twostage.models.fields import HISTORY, HISTORY_TIMES
 
 __all__ = [
     "RetrievalTensors",
@@ -74,6 +74,20 @@ class RetrievalTensors:
         default_factory=lambda: torch.zeros(0, dtype=torch.long)
     )
     popularity: Tensor | None = None
+    history_times: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
+    )
+    sequence_times: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
+    )
+
+    def history_features(self, users: Tensor | slice) -> dict[str, Tensor]:
+        """The history entries of a query feature dict for these users (rows):
+        their items, and their times when the model reads time gaps."""
+        features = {HISTORY: self.history[users]}
+        if self.history_times.numel():
+            features[HISTORY_TIMES] = self.history_times[users]
+        return features
 
     @property
     def fallback_popularity(self) -> Tensor:
@@ -99,6 +113,8 @@ class RetrievalTensors:
             sequences=self.sequences.to(device),
             sequence_users=self.sequence_users.to(device),
             popularity=None if self.popularity is None else self.popularity.to(device),
+            history_times=self.history_times.to(device),
+            sequence_times=self.sequence_times.to(device),
         )
 
     def seen(self) -> UserItems:
@@ -151,6 +167,8 @@ def query_features(
             features[tensors.user_id_field] = ids.masked_fill(drop_ids, 0)
         history = history.masked_fill(drop_ids[:, None], 0)
     features[HISTORY] = history
+    if tensors.history_times.numel():
+        features[HISTORY_TIMES] = tensors.history_times[users]
     return features
 
 
@@ -166,6 +184,8 @@ def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
         flat["weights"] = tensors.weights
     if tensors.popularity is not None:
         flat["popularity"] = tensors.popularity
+    if tensors.history_times.numel():
+        flat["history_times"] = tensors.history_times
     flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
     flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
     return {k: v.contiguous() for k, v in flat.items()}
@@ -182,6 +202,7 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
         weights=flat.get("weights"),
         item_probs=flat["item_probs"],
         popularity=flat.get("popularity"),
+        history_times=flat.get("history_times", torch.zeros(0, 0, dtype=torch.long)),
     )
 
 
@@ -225,27 +246,44 @@ def history_table(
     """``[U, L]`` each user's last ``length`` training items by time (ties: row
     order), most recent last, 0 = padding; from the training rows' times and indices
     (``times`` in any orderable dtype)."""
+    return _latest(times, user_idx, item_idx, num_users=num_users, length=length)[0]
+
+
+def _latest(
+    times: np.ndarray,
+    user_idx: np.ndarray,
+    item_idx: np.ndarray,
+    *,
+    num_users: int,
+    length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(items, times) ``[U, L]`` of each user's last ``length`` training rows."""
     history = torch.zeros(num_users, length, dtype=torch.long)
+    stamps = torch.zeros(num_users, length, dtype=torch.long)
     if length == 0:
-        return history
+        return history, stamps
     frame = _in_time_order(times, user_idx, item_idx).filter(
         pl.col("from_end") < length
     )
     rows = torch.tensor(frame["u"].to_numpy(), dtype=torch.long)
     cols = length - 1 - torch.tensor(frame["from_end"].to_numpy(), dtype=torch.long)
     history[rows, cols] = torch.tensor(frame["i"].to_numpy(), dtype=torch.long)
-    return history
+    if frame["t"].dtype.is_numeric():
+        stamps[rows, cols] = torch.from_numpy(frame["t"].to_numpy().astype(np.int64))
+    return history, stamps
 
 
 def _sequence_windows(
     train: pl.DataFrame, user_idx: np.ndarray, item_idx: np.ndarray, *, length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([W, length + 1], [W])``: each user's training items by time, cut from the
-    most recent backwards into windows of ``length`` targets, each led by the item
-    before them (see :attr:`RetrievalTensors.sequences`)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``([W, length + 1], [W], [W, length + 1])``: each user's training items by
+    time, cut from the most recent backwards into windows of ``length`` targets, each
+    led by the item before them (see :attr:`RetrievalTensors.sequences`), and the
+    window's times (int64 seconds, 0 under padding)."""
     frame = _in_time_order(train[TIME].to_numpy(), user_idx, item_idx)
     users = frame["u"].to_numpy()
     items = torch.from_numpy(frame["i"].to_numpy().astype(np.int64))
+    stamps = torch.from_numpy(frame["t"].to_numpy().astype(np.int64))
     from_end = frame["from_end"].to_numpy()
     window = from_end // length  # 0 = the most recent window of the user
     column = length - from_end % length  # 1..length, most recent last
@@ -256,13 +294,16 @@ def _sequence_windows(
     sequences = torch.zeros(len(distinct), length + 1, dtype=torch.long)
     rows, cols = torch.from_numpy(row), torch.from_numpy(column)
     sequences[rows, cols] = items
+    times = torch.zeros_like(sequences)
+    times[rows, cols] = stamps
     # The lead of window w is the item just before its first target: the most
     # recent item (column `length`) of the user's window w + 1.
     leads = (column == length) & (window > 0)
-    led = np.searchsorted(distinct, keys[leads] - 1)
-    sequences[torch.from_numpy(led), 0] = items[torch.from_numpy(leads)]
+    led = torch.from_numpy(np.searchsorted(distinct, keys[leads] - 1))
+    sequences[led, 0] = items[torch.from_numpy(leads)]
+    times[led, 0] = stamps[torch.from_numpy(leads)]
     window_users = torch.from_numpy(distinct // per_user)
-    return sequences, window_users
+    return sequences, window_users, times
 
 
 def recent_popularity(
@@ -294,10 +335,20 @@ def build_tensors(
         rating = inter[RATING].fill_null(0).to_numpy().astype(np.float32)
         weights = torch.from_numpy(np.maximum(rating, 0.0) + 1.0)
     sequences, sequence_users = torch.zeros(0, 0, dtype=torch.long), None
+    sequence_times = torch.zeros(0, 0, dtype=torch.long)
     if config.examples == "sequences":
-        sequences, sequence_users = _sequence_windows(
+        sequences, sequence_users, sequence_times = _sequence_windows(
             inter, users, items, length=config.history_length
         )
+    history, history_times = _latest(
+        inter[TIME].to_numpy(),
+        users,
+        items,
+        num_users=user_vocab.size,
+        length=config.history_length,
+    )
+    if not config.sequence_time_gaps:
+        history_times = sequence_times = torch.zeros(0, 0, dtype=torch.long)
     keys = context_keys(spec)
     context = {}
     if keys:
@@ -308,13 +359,7 @@ def build_tensors(
     return RetrievalTensors(
         user_features=rows_in_vocab_order(spec, USER, "query", train.users),
         item_features=rows_in_vocab_order(spec, ITEM, "candidate", train.items),
-        history=history_table(
-            inter[TIME].to_numpy(),
-            users,
-            items,
-            num_users=user_vocab.size,
-            length=config.history_length,
-        ),
+        history=history,
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
         weights=weights,
@@ -333,6 +378,8 @@ def build_tensors(
             if sequence_users is not None
             else torch.zeros(0, dtype=torch.long)
         ),
+        history_times=history_times,
+        sequence_times=sequence_times,
     )
 
 
@@ -369,7 +416,7 @@ def with_history_of(
     )
     known = (users > 0) & (items > 0)
     users, items = users[known], items[known]
-    history = history_table(
+    history, history_times = _latest(
         inter.filter(pl.Series(known))[TIME].to_numpy(),
         users,
         items,
@@ -379,6 +426,11 @@ def with_history_of(
     return dataclasses.replace(
         tensors,
         history=history,
+        history_times=(
+            history_times
+            if config.sequence_time_gaps
+            else torch.zeros(0, 0, dtype=torch.long)
+        ),
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
         weights=None,

@@ -245,6 +245,7 @@ def test_the_api_answers_sessions(
             ({"session": [999]}, 404),
             ({"session": "5"}, 422),
             ({"session": [{"item_id": 5, "timestamp": "noon"}]}, 422),
+            ({"session": [{"item_id": 5, "timestamp": 1e300}]}, 400),
             ({"session": [{"item_id": 5, "extra": 1}]}, 422),
         ]:
             response = client.post("/v1/recommend", json=bad)

@@ -143,17 +143,16 @@ class RetrievalModel(nn.Module):
                 "`attach_item_features(tensors.item_features)` first."
             )
         flat = history.reshape(-1)
-        total = torch.zeros(0)
-        for n, info in enumerate(self._side_fields):
+        vectors = []
+        for info in self._side_fields:
             rows = self._item_rows[info.name]
             if rows.device != flat.device:  # moved once, then kept there
                 rows = self._item_rows[info.name] = rows.to(flat.device)
             value = rows[flat]
             if info.kind == "dense" and value.dim() == 1:
                 value = value.unsqueeze(-1)
-            vector = self.candidate_tower.embeddings[info.name](value)
-            total = vector if n == 0 else total + vector
-        return total.view(*history.shape, -1)
+            vectors.append(self.candidate_tower.embeddings[info.name](value))
+        return torch.stack(vectors).sum(dim=0).view(*history.shape, -1)
 
     @property
     def temperature(self) -> Tensor:

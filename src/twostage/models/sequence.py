@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from twostage.models.fields import UNKNOWN_TIME
+
 __all__ = ["GAP_BUCKETS", "SequenceEncoder", "causal_mask", "gap_buckets"]
 
 #: Rows of the time-gap table: 0 = no gap known (the first item, padding, a missing
@@ -30,15 +32,14 @@ def gap_buckets(history: Tensor, times: Tensor) -> Tensor:
     """``[B, L]`` bucket of the time since the previous item at each position.
 
     The gap of position ``i`` is ``times[i] - times[i - 1]`` (in seconds; the history
-    is oldest first), bucketed by powers of two: 1 for under a second, 2 for one, 3
-    for two or three seconds... up to ``GAP_BUCKETS - 1``. Bucket 0 where it is not
+    is oldest first), bucketed as ``1 + floor(log2(1 + gap))``: 1 for no time
+    between them, 2 for 1 or 2 seconds, 3 for 3 to 6... up to ``GAP_BUCKETS - 1``
+    (over 2^32 seconds). Bucket 0 where it is not
     known: the first item, padding, or a time equal to
     :data:`~twostage.models.fields.UNKNOWN_TIME` on either side. A negative gap
     (items out of time order) counts as 0 seconds. It reads positions ``i - 1`` and
     ``i`` only, so it stays causal.
     """
-    from twostage.models.fields import UNKNOWN_TIME
-
     buckets = torch.zeros_like(history)
     if history.shape[1] < 2:
         return buckets

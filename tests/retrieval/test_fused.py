@@ -50,19 +50,9 @@ def test_one_step_is_exact_rowwise_adagrad() -> None:
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(small_training):
     pytest.importorskip("fbgemm_gpu")
-    config = apply_overrides(ExperimentConfig(), SMALL)
-    dataset = generate(num_users=80, num_items=60, num_interactions=1500)
-    train = prepare_split(dataset, config).fit
-    spec = FeatureSpec.default_for(train).fit(train)
-    tensors = build_tensors(spec, train, config.retrieval)
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(7)
-        return build_model(spec, config.retrieval)
-
-    return config, tensors, fresh
+    return small_training(SMALL)
 
 
 def test_training_leaves_plain_tables_that_moved(setup) -> None:

@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from twostage.config import ExperimentConfig, apply_overrides
-from twostage.data.split import prepare_split
-from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, ConfigError
-from twostage.features import FeatureSpec
 from twostage.retrieval.fit import train_retrieval
-from twostage.retrieval.run import build_model
-from twostage.retrieval.tensors import build_tensors
 from twostage.training import checkpoint as checkpoint_module
 from twostage.training.loop import TrainingInterrupted, request_stop
 
@@ -31,17 +25,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def setup():
-    config = apply_overrides(ExperimentConfig(), SMALL)
-    dataset = generate(num_users=80, num_items=60, num_interactions=1500)
-    train = prepare_split(dataset, config).fit
-    spec = FeatureSpec.default_for(train).fit(train)
-    tensors = build_tensors(spec, train, config.retrieval)
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(7)
-        return build_model(spec, config.retrieval)
-
+def setup(small_training):
+    config, tensors, fresh = small_training(SMALL)
     full = fresh()
     train_retrieval(full, tensors, config.train)
     return config, tensors, fresh, full.state_dict()

@@ -37,6 +37,7 @@ def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, An
         *("--rows", str(args.rows), "--users", str(args.users)),
         *("--items", str(args.items), "--rows-per-group", str(args.rows_per_group)),
         *("--steps", str(args.steps), "--history", str(args.history)),
+        *("--split", args.split),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -64,7 +65,9 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out["files"] = len(files)
         out["bytes"] = sum(f.stat().st_size for f in files)
     elif name == "vocabularies":
-        fitted = fit_vocabularies(args.dir, method="random", test_fraction=0.2, seed=42)
+        fitted = fit_vocabularies(
+            args.dir, method=args.split, test_fraction=0.2, seed=42
+        )
         out.update(
             users=fitted.users.size - 1,
             items=fitted.items.size - 1,
@@ -114,6 +117,7 @@ def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
             "retrieval.sparse_embeddings=true",
             "retrieval.popularity_fallback=0",
             "data.validation_fraction=0",
+            f"data.split={args.split}",
             "train.optimizer=adagrad",
             "train.batch_size=1024",
             f"train.max_steps={args.steps}",
@@ -254,6 +258,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=int,
         default=0,
         help="training phases: each user's last N items in the query (0: ID-only)",
+    )
+    parser.add_argument(
+        "--split",
+        default="random",
+        choices=("random", "temporal", "leave-last-out"),
+        help="the split of the vocabulary and training phases (the test rows held "
+        "out row by row, or each user's last row found by a streaming aggregation)",
     )
     parser.add_argument(
         "--skip-distributed", action="store_true", help="only the data pass"

@@ -511,9 +511,10 @@ def train_retrieval_command(
         typer.Option(
             "--stream",
             help="Read --dataset (a Parquet file or directory) one row group at a "
-            "time, never as a table, for logs larger than memory: IDs, history "
-            "and the --user-features / --item-features columns, no per-row "
-            "context, no test evaluation (docs/scaling.md).",
+            "time, never as a table, for logs larger than memory: IDs, history, "
+            "the --user-features / --item-features columns and per-row context; "
+            "random, temporal or leave-last-out splits; no test evaluation "
+            "(docs/scaling.md).",
         ),
     ] = False,
     json_output: JsonOutput = False,

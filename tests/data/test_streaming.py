@@ -11,7 +11,9 @@ from twostage.data.streaming import (
     fit_vocabularies,
     held_out_mask,
     iter_batches,
+    iter_row_groups,
     parquet_files,
+    split_rule,
 )
 from twostage.data.synthetic import write_parquet
 from twostage.errors import ConfigError, DataError
@@ -141,6 +143,67 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         parquet_files(tmp_path)
     batch = pl.DataFrame({"user_id": [1], "item_id": [2], "timestamp": [3]})
     with pytest.raises(ConfigError, match="method"):
+        held_out_mask(batch, method="by-user", test_fraction=0.2, seed=0)
+    with pytest.raises(ConfigError, match="method"):
+        split_rule(tmp_path, method="by-user", test_fraction=0.2, seed=0)
+    with pytest.raises(ConfigError, match="held_rows"):
         held_out_mask(batch, method="leave-last-out", test_fraction=0.2, seed=0)
     with pytest.raises(ConfigError, match="time_cut"):
         held_out_mask(batch, method="temporal", test_fraction=0.2, seed=0)
+
+
+def _tied_log(directory: Path) -> pl.DataFrame:
+    """Users whose last timestamp is shared by several rows (the later row is the
+    last), spread over two files of several row groups, and a user with one row."""
+    rng = np.random.default_rng(0)
+    rows = 3_000
+    log = pl.DataFrame(
+        {
+            "user_id": rng.integers(0, 200, rows),
+            "item_id": rng.integers(0, 80, rows),
+            # few distinct times: most users' last time is tied with another row
+            "timestamp": rng.integers(0, 20, rows),
+        }
+    ).vstack(pl.DataFrame({"user_id": [999], "item_id": [1], "timestamp": [5]}))
+    directory.mkdir(parents=True, exist_ok=True)
+    log.slice(0, 1_700).write_parquet(directory / "a.parquet", row_group_size=400)
+    log.slice(1_700).write_parquet(directory / "b.parquet", row_group_size=300)
+    return log
+
+
+def test_leave_last_out_streamed_holds_out_the_in_memory_rows(tmp_path: Path) -> None:
+    """Each user's last row by time (ties: the later row), as the in-memory split
+    picks it, found by row number in every batch and in every rank's share."""
+    from twostage.data.dataset import Dataset
+    from twostage.data.split import leave_last_out
+
+    log = _tied_log(tmp_path)
+    rule = split_rule(tmp_path, method="leave-last-out", test_fraction=0.2, seed=0)
+    assert rule.held_rows is not None and (np.diff(rule.held_rows) > 0).all()
+    held = leave_last_out(Dataset(name="log", interactions=log)).test.interactions
+    streamed = pl.concat(
+        batch.filter(pl.Series(rule.mask(batch, first)))
+        for first, batch in iter_row_groups(tmp_path, columns=COLUMNS)
+    )
+    assert streamed.sort(COLUMNS).equals(held.select(COLUMNS).sort(COLUMNS))
+    # the rows themselves, not just equal values: the row numbers are the last ones
+    numbered = log.with_row_index("row")
+    last = numbered.sort(["user_id", "timestamp", "row"]).group_by("user_id").last()
+    counts = log.group_by("user_id").len()
+    expected = last.join(counts.filter(pl.col("len") >= 2), on="user_id", how="semi")
+    assert rule.held_rows.tolist() == sorted(expected["row"].to_list())
+    assert 999 not in streamed["user_id"].to_list()  # one row: kept for training
+    # ranks: every other row group each, the same rows in all
+    shares = [
+        batch.filter(pl.Series(rule.mask(batch, first)))
+        for rank in (0, 1)
+        for first, batch in iter_row_groups(
+            tmp_path, columns=COLUMNS, rank=rank, world=2
+        )
+    ]
+    assert pl.concat(shares).sort(COLUMNS).equals(streamed.sort(COLUMNS))
+    fitted = fit_vocabularies(
+        tmp_path, method="leave-last-out", test_fraction=0.2, seed=0
+    )
+    assert fitted.num_test_rows == held.height
+    assert fitted.num_train_rows == log.height - held.height

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -687,3 +689,41 @@ def test_default_for_infers_unknown_columns() -> None:
         "labels": "multi_hot",
         "sku": "categorical",
     }
+
+
+@pytest.mark.parametrize(
+    ("make", "values"),
+    [
+        (lambda: CategoricalEncoder(), ["b", "a", None, "c", "a", "b", "a"]),
+        (lambda: CategoricalEncoder(min_count=2, max_size=1), ["x", "y", "y", "z"]),
+        (lambda: CategoricalEncoder(prefix=2), ["12345", "12999", "98101", None]),
+        (lambda: CategoricalEncoder(), [3, 1, 3, 2, None, 3]),
+        (lambda: NumericEncoder(log1p=True), [1.0, 5.0, None, 5.0, -2.0, 100.0]),
+        (lambda: NumericEncoder(), [7.0, 7.0, 7.0]),
+        (lambda: BucketEncoder(num_buckets=4), [1, 1, 1, 2, 3, 3, 9, None, 20, 20]),
+        (lambda: TimestampEncoder(), [1_700_000_000, 1_700_003_600, 1_700_003_600]),
+        (lambda: TimestampEncoder(num_buckets=3), [5, 1, 1, 1, 9, 7, 7, 2]),
+    ],
+)
+def test_fit_counts_learns_what_fit_learns(
+    make: Callable[[], Encoder], values: list[Any]
+) -> None:
+    """Distinct values with their counts (a streamed log's context column) give
+    the state of fit on every value."""
+    series = pl.Series("v", values)
+    counts = series.value_counts(name="count")
+    direct = make().fit(series)
+    counted = make().fit_counts(counts["v"], counts["count"].to_numpy())
+    one, two = direct.to_dict()["state"], counted.to_dict()["state"]
+    assert one.keys() == two.keys()
+    for key in one:
+        if isinstance(one[key], float):
+            assert two[key] == pytest.approx(one[key], rel=1e-12), key
+        else:
+            assert two[key] == one[key], key
+    np.testing.assert_array_equal(direct.transform(series), counted.transform(series))
+
+
+def test_fit_counts_is_refused_where_counts_do_not_say_enough() -> None:
+    with pytest.raises(ConfigError, match="cannot be fitted from value counts"):
+        MultiHotEncoder().fit_counts(pl.Series(["a|b"]), np.array([1]))

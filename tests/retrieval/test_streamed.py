@@ -9,8 +9,13 @@ import torch
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
-from twostage.data.split import ExperimentSplit
-from twostage.data.streaming import held_out_mask, iter_batches
+from twostage.data.split import ExperimentSplit, leave_last_out
+from twostage.data.streaming import (
+    count_values,
+    held_out_mask,
+    iter_batches,
+    split_rule,
+)
 from twostage.data.synthetic import write_parquet
 from twostage.errors import ConfigError
 from twostage.recommender import Recommender, load
@@ -56,6 +61,7 @@ WEIGHTED = ["retrieval.rating_weights=true", "retrieval.popularity_days=30"]
         ("temporal", 0, []),
         ("random", 8, []),
         ("temporal", 8, WEIGHTED),
+        ("leave-last-out", 8, []),
     ],
 )
 def test_streamed_training_equals_the_in_memory_path(
@@ -75,17 +81,22 @@ def test_streamed_training_equals_the_in_memory_path(
     # The same training rows, loaded and split in memory, in file order.
     columns = ["user_id", "item_id", "timestamp", "rating"]
     table = pl.concat(iter_batches(log, columns=columns))
-    if split == "temporal":
-        cut = table["timestamp"].quantile(0.8, interpolation="lower")
-        test = (table["timestamp"] >= cut).to_numpy()
-    else:
-        test = held_out_mask(table, method="random", test_fraction=0.2, seed=42)
     data = Dataset(name="log", interactions=table)
-    parts = ExperimentSplit(
-        fit=data.with_interactions(table.filter(pl.Series(~test))),
-        validation=None,
-        test=data.with_interactions(table.filter(pl.Series(test))),
-    )
+    if split == "leave-last-out":  # the in-memory split of the rows in file order
+        held = leave_last_out(data)
+        assert 0 < held.test.num_interactions <= data.num_users
+        parts = ExperimentSplit(fit=held.train, validation=None, test=held.test)
+    else:
+        if split == "temporal":
+            cut = table["timestamp"].quantile(0.8, interpolation="lower")
+            test = (table["timestamp"] >= cut).to_numpy()
+        else:
+            test = held_out_mask(table, method="random", test_fraction=0.2, seed=42)
+        parts = ExperimentSplit(
+            fit=data.with_interactions(table.filter(pl.Series(~test))),
+            validation=None,
+            test=data.with_interactions(table.filter(pl.Series(test))),
+        )
     in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
 
     assert torch.equal(streamed.tensors.users, in_memory.tensors.users)
@@ -135,11 +146,13 @@ def test_what_the_streamed_path_lacks_is_a_clear_error(log: Path) -> None:
     )
     with pytest.raises(ConfigError, match="sequence_time_gaps=false"):
         fit_streamed_retrieval(gaps, log)
-    context = apply_overrides(
-        ExperimentConfig(), ["retrieval.query_fields=hour_of_day"]
-    )
-    with pytest.raises(DataError, match="no per-row context yet"):
+    context = apply_overrides(ExperimentConfig(), ["retrieval.query_fields=device"])
+    with pytest.raises(ConfigError, match="device"):  # not a column of the log
         fit_streamed_retrieval(context, log)
+    with pytest.raises(DataError, match="not in the log"):
+        count_values(
+            log, split_rule(log, method="random", test_fraction=0.2, seed=0), ["device"]
+        )
 
 
 def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
@@ -161,6 +174,45 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["training_rows"] > 9_000 and (out / "model.safetensors").exists()
+
+
+def test_cli_stream_reads_per_row_context_and_serves_it(
+    log: Path, tmp_path: Path
+) -> None:
+    """`--stream` with a context field and leave-last-out, then answers whose
+    context changes them."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    out = tmp_path / "run"
+    settings = [
+        *ID_ONLY,
+        "retrieval.use_side_features=true",
+        "retrieval.query_fields=hour_of_day",
+        "data.split=leave-last-out",
+    ]
+    result = CliRunner().invoke(
+        app,
+        [
+            *("train", "retrieval", "--stream", "--dataset", str(log)),
+            *("--out", str(out), "--json"),
+            *[a for item in settings for a in ("--set", item)],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["training_rows"] == 12_000 - 400
+    rec = load(out)
+    user = rec.user_vocab.values[0]
+    hours = [
+        rec.recommend(user, 20, context={"timestamp": 1_700_000_000 + 3_600 * h})
+        for h in range(24)
+    ]
+    assert all(len(answer.items) == 20 for answer in hours)
+    lists = {tuple(i["item_id"] for i in answer.items) for answer in hours}
+    assert len(lists) > 1  # the hour matters
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +348,20 @@ def test_cli_stream_reads_the_feature_columns_it_is_told(
     assert shown.columns == ["item_id", "category", "price"]
 
 
+#: The 2-rank run: history, per-row context and the leave-last-out split, whose
+#: held-out rows each rank finds by row number in its own row groups.
+_RANKED = apply_overrides(
+    ExperimentConfig(),
+    [
+        *ID_ONLY,
+        "retrieval.history_length=8",
+        "retrieval.use_side_features=true",
+        "retrieval.query_fields=hour_of_day",
+        "data.split=leave-last-out",
+    ],
+)
+
+
 def _streamed_rank(rank: int, port: int, log: str, out: str) -> None:
     import os
 
@@ -311,14 +377,12 @@ def _streamed_rank(rank: int, port: int, log: str, out: str) -> None:
         LOCAL_RANK=str(rank),
     )
     try:
-        config = apply_overrides(
-            ExperimentConfig(), [*ID_ONLY, "retrieval.history_length=8"]
-        )
-        run = fit_streamed_retrieval(config, Path(log))
+        run = fit_streamed_retrieval(_RANKED, Path(log))
         tables = {
             "users": run.tensors.users,
             "items": run.tensors.items,
             "history": run.tensors.history,
+            "hour_of_day": run.tensors.context["hour_of_day"],
         }
         weights = {f"model.{k}": v for k, v in run.model.state_dict().items()}
         save_file({**tables, **weights}, f"{out}.{rank}")
@@ -342,19 +406,93 @@ def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
         port = int(sock.getsockname()[1])
     out = str(tmp_path / "rank")
     mp.spawn(_streamed_rank, args=(port, str(log), out), nprocs=2)
-    config = apply_overrides(
-        ExperimentConfig(), [*ID_ONLY, "retrieval.history_length=8"]
-    )
-    single = fit_streamed_retrieval(config, log)
+    single = fit_streamed_retrieval(_RANKED, log)
     want = {
         "users": single.tensors.users,
         "items": single.tensors.items,
         "history": single.tensors.history,
+        "hour_of_day": single.tensors.context["hour_of_day"],
     } | {f"model.{k}": v for k, v in single.model.state_dict().items()}
+    assert len(single.tensors.users) == 12_000 - 400  # each user's last row held
     for rank in (0, 1):
         got = load_file(f"{out}.{rank}")
         assert got.keys() == want.keys()
-        for key in ("users", "items", "history"):
+        for key in ("users", "items", "history", "hour_of_day"):
             assert torch.equal(got[key], want[key]), (rank, key)
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, msg=f"{rank} {key}")
+
+
+@pytest.mark.parametrize("split", ["random", "leave-last-out"])
+def test_streamed_per_row_context_equals_the_in_memory_path(
+    log: Path, tmp_path: Path, split: str
+) -> None:
+    """The log's own context columns (text and numbers) and one the timestamp gives:
+    encoders fitted on the training rows' counted values, each row's context
+    encoded, and the trained weights, as in memory."""
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns)).with_columns(
+        device=pl.when(pl.col("item_id") % 3 == 0)
+        .then(pl.lit("phone"))
+        .when(pl.col("user_id") % 4 == 0)
+        .then(None)
+        .otherwise(pl.lit("web")),
+        dwell=(pl.col("user_id") * 7 % 13).cast(pl.Float64),
+    )
+    directory = tmp_path / "context"
+    directory.mkdir()
+    table.slice(0, 7_000).write_parquet(directory / "a.parquet", row_group_size=2_000)
+    table.slice(7_000).write_parquet(directory / "b.parquet", row_group_size=1_500)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *ID_ONLY,
+            "retrieval.use_side_features=true",
+            "retrieval.query_fields=device,dwell,hour_of_day",
+            f"data.split={split}",
+        ],
+    )
+    streamed = fit_streamed_retrieval(config, directory)
+
+    data = Dataset(name="log", interactions=table)
+    if split == "leave-last-out":
+        held = leave_last_out(data)
+        parts = ExperimentSplit(fit=held.train, validation=None, test=held.test)
+    else:
+        test = held_out_mask(table, method="random", test_fraction=0.2, seed=42)
+        parts = ExperimentSplit(
+            fit=data.with_interactions(table.filter(pl.Series(~test))),
+            validation=None,
+            test=data.with_interactions(table.filter(pl.Series(test))),
+        )
+    in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
+
+    assert [f.key for f in streamed.spec.fields] == [
+        f.key for f in in_memory.spec.fields
+    ]
+    sources = {i.column: i.source for i in streamed.spec.describe(side="query")}
+    assert sources == {
+        "user_id": "interactions",
+        "device": "interactions",
+        "dwell": "interactions",
+        "hour_of_day": "interactions",
+    }
+    for field in ("device", "hour_of_day"):  # vocabularies: equal
+        assert (
+            streamed.spec.encoder(field).to_dict()
+            == in_memory.spec.encoder(field).to_dict()
+        ), field
+    # mean and std: summed from counts, so equal up to rounding
+    mine_state = streamed.spec.encoder("dwell").to_dict()["state"]
+    assert mine_state == pytest.approx(
+        in_memory.spec.encoder("dwell").to_dict()["state"]
+    )
+    assert streamed.tensors.context.keys() == in_memory.tensors.context.keys()
+    assert set(streamed.tensors.context) == {"device", "dwell", "hour_of_day"}
+    for key, values in in_memory.tensors.context.items():
+        torch.testing.assert_close(streamed.tensors.context[key], values, msg=key)
+    assert int((streamed.tensors.context["device"] == 0).sum()) > 0  # missing rows
+    mine, theirs = streamed.model.state_dict(), in_memory.model.state_dict()
+    assert set(mine) == set(theirs)
+    for name, weights in theirs.items():
+        torch.testing.assert_close(mine[name], weights, msg=name)

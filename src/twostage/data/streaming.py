@@ -3,10 +3,12 @@ in record batches, never as one table.
 
 - :func:`parquet_files` and :func:`row_groups`: the units of work; a rank of a
   data-parallel job takes every ``world``-th row group (:func:`iter_batches`).
-- :func:`held_out_mask`: which side of the split a row is on, decided from the row alone
-  (a stable hash of user, item, time and seed for ``random``; a time cut for
-  ``temporal``), so no global shuffle or sort is needed and any batching gives the
-  same split.
+- :func:`held_out_mask`: which side of the split a row is on, decided from the row
+  alone (a stable hash of user, item, time and seed for ``random``; a time cut for
+  ``temporal``), or from its row number and a list of held-out rows found by one
+  streaming aggregation (each user's last row for ``leave-last-out``,
+  :func:`last_rows`), so no global shuffle or sort is needed and any batching gives
+  the same split. :func:`split_rule` computes what a method needs once.
 - :func:`fit_vocabularies`: user and item vocabularies (and item counts for the logQ
   correction) from the training side, in one streaming pass whose memory is bounded
   by the number of distinct IDs, not rows. They equal
@@ -14,6 +16,8 @@ in record batches, never as one table.
 - :func:`feature_tables`: the user and item feature tables carried as columns of the
   log (one row per ID, its first occurrence), in one pass whose memory is bounded by
   the number of distinct IDs; the tables the in-memory loader builds.
+- :func:`count_values`: the distinct values of per-row context columns over the
+  training rows, with their counts, which the context encoders fit on.
 """
 
 from __future__ import annotations
@@ -36,17 +40,24 @@ from twostage.features.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SplitRule",
     "StreamingVocabularies",
+    "count_values",
     "feature_tables",
     "fit_vocabularies",
     "iter_batches",
+    "iter_row_groups",
+    "last_rows",
     "parquet_files",
     "row_groups",
     "temporal_cut",
     "held_out_mask",
+    "split_rule",
 ]
 
-SPLIT_METHODS = ("random", "temporal")
+SPLIT_METHODS = ("random", "temporal", "leave-last-out")
+#: The row-number column of a scan (a row's position in the dataset, file order).
+_ROW = "__row"
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -84,14 +95,30 @@ def iter_batches(
     """The dataset's row groups as polars frames of ``columns``; rank ``rank`` of
     ``world`` gets row groups ``rank, rank + world, ...`` (disjoint shares that
     together are the whole dataset)."""
+    for _, frame in iter_row_groups(path, columns=columns, rank=rank, world=world):
+        yield frame
+
+
+def iter_row_groups(
+    path: str | Path,
+    *,
+    columns: list[str],
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[int, pl.DataFrame]]:
+    """As :func:`iter_batches`, with the dataset row number of each frame's first
+    row (the rows counted in file order, row groups in order)."""
     if not 0 <= rank < world:
         raise ConfigError(
             f"`rank` should be in [0, world). Received: rank={rank}, world={world}."
         )
+    first = 0
     for number, (file, group) in enumerate(row_groups(parquet_files(path))):
+        reader = pq.ParquetFile(file)
         if number % world == rank:
-            table = pq.ParquetFile(file).read_row_group(group, columns=columns)
-            yield pl.from_arrow(table)  # type: ignore[misc]
+            table = reader.read_row_group(group, columns=columns)
+            yield first, pl.from_arrow(table)  # type: ignore[misc]
+        first += reader.metadata.row_group(group).num_rows
 
 
 def _id_hash(values: pl.Series, seed: int) -> np.ndarray:
@@ -109,13 +136,16 @@ def held_out_mask(
     test_fraction: float,
     seed: int,
     time_cut: int | None = None,
+    held_rows: np.ndarray | None = None,
+    first_row: int = 0,
 ) -> np.ndarray:
-    """Which rows of ``batch`` are test rows, from each row alone.
+    """Which rows of ``batch`` are test rows.
 
     ``random``: a stable hash of (user, item, timestamp, seed) below
     ``test_fraction`` of its range (the same row is on the same side in any batch,
     file layout, process or version). ``temporal``: rows at or after ``time_cut``
-    (:func:`temporal_cut`).
+    (:func:`temporal_cut`). ``leave-last-out``: the rows whose dataset row numbers
+    (``first_row`` is the batch's first) are in ``held_rows`` (:func:`last_rows`).
 
     Returns:
         ``[len(batch)]`` bool array.
@@ -133,12 +163,104 @@ def held_out_mask(
         if time_cut is None:
             raise ConfigError("a temporal split needs `time_cut` (temporal_cut()).")
         return batch[TIME].to_numpy() >= time_cut
+    if method == "leave-last-out":
+        if held_rows is None:
+            raise ConfigError("a leave-last-out split needs `held_rows` (last_rows()).")
+        # held_rows is sorted: the ones inside this batch's span of row numbers.
+        lo, hi = np.searchsorted(held_rows, [first_row, first_row + batch.height])
+        mask = np.zeros(batch.height, dtype=bool)
+        mask[held_rows[lo:hi] - first_row] = True
+        return mask
     mixed = _id_hash(batch[USER], seed) * np.uint64(0x9E3779B97F4A7C15)
     mixed ^= _id_hash(batch[ITEM], seed + 1)
     mixed = _fmix64(mixed ^ (_id_hash(batch[TIME], seed + 2) >> np.uint64(1)))
     # The top 53 bits as a uniform number in [0, 1).
     uniform = (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return uniform < test_fraction
+
+
+def last_rows(path: str | Path) -> np.ndarray:
+    """Sorted dataset row numbers of each user's last row, for users with two rows
+    or more: the test rows of ``leave-last-out``, as
+    :func:`twostage.data.split.leave_last_out` picks them in memory (last by
+    timestamp, a missing timestamp first; ties: the later row).
+
+    Two streaming aggregations of polars (each user's latest time and row count, then
+    the last row at that time); memory is bounded by the number of users, not rows.
+    """
+    files = [str(f) for f in parquet_files(path)]
+    earliest = np.iinfo(np.int64).min
+    rows = (
+        pl.scan_parquet(files, row_index_name=_ROW)
+        .select(
+            _ROW,
+            USER,
+            pl.col(TIME).to_physical().cast(pl.Int64).fill_null(earliest),
+        )
+        .filter(pl.col(USER).is_not_null())
+    )
+    latest = (
+        rows.group_by(USER)
+        .agg(pl.col(TIME).max().alias("__latest"), pl.len().alias("__count"))
+        .filter(pl.col("__count") >= 2)
+        .drop("__count")
+    )
+    last = (
+        rows.join(latest, on=USER)
+        .filter(pl.col(TIME) == pl.col("__latest"))
+        .group_by(USER)
+        .agg(pl.col(_ROW).max())
+        .select(pl.col(_ROW).cast(pl.Int64).sort())
+        .collect(engine="streaming")
+    )
+    return last[_ROW].to_numpy()
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """What :func:`held_out_mask` needs for one split of one dataset
+    (:func:`split_rule`)."""
+
+    method: str
+    test_fraction: float
+    seed: int
+    time_cut: int | None = None
+    held_rows: np.ndarray | None = None
+
+    def mask(self, batch: pl.DataFrame, first_row: int) -> np.ndarray:
+        """Which rows of ``batch`` (whose first row is ``first_row``) are test rows."""
+        return held_out_mask(
+            batch,
+            method=self.method,
+            test_fraction=self.test_fraction,
+            seed=self.seed,
+            time_cut=self.time_cut,
+            held_rows=self.held_rows,
+            first_row=first_row,
+        )
+
+
+def split_rule(
+    path: str | Path, *, method: str, test_fraction: float, seed: int
+) -> SplitRule:
+    """The split of a streamed log: the time cut of ``temporal`` and the last rows of
+    ``leave-last-out`` are found here, once, by a streaming pass."""
+    if method not in SPLIT_METHODS:
+        raise ConfigError(
+            f"`method` should be one of {SPLIT_METHODS} for a streamed log. "
+            f"Received: `method` = {method!r}."
+        )
+    return SplitRule(
+        method=method,
+        test_fraction=test_fraction,
+        seed=seed,
+        time_cut=(
+            temporal_cut(path, test_fraction=test_fraction)
+            if method == "temporal"
+            else None
+        ),
+        held_rows=last_rows(path) if method == "leave-last-out" else None,
+    )
 
 
 def temporal_cut(path: str | Path, *, test_fraction: float) -> int:
@@ -166,6 +288,7 @@ class StreamingVocabularies:
         num_batches: record batches read.
         num_local_train_rows: the training rows of this rank's row groups (all of
             them in a single process).
+        rule: the split the pass applied (the second pass applies it again).
     """
 
     users: Vocabulary
@@ -174,6 +297,7 @@ class StreamingVocabularies:
     num_test_rows: int
     num_batches: int
     num_local_train_rows: int = -1
+    rule: SplitRule | None = None
 
     def __post_init__(self) -> None:
         if self.num_local_train_rows < 0:
@@ -253,27 +377,19 @@ def fit_vocabularies(
     Args:
         path: a Parquet file or directory with ``user_id``, ``item_id`` and
             ``timestamp`` columns.
-        method, test_fraction, seed: the split (:func:`held_out_mask`).
+        method, test_fraction, seed: the split (:func:`split_rule`,
+            :func:`held_out_mask`).
         rank, world: read only this rank's row groups. Under ``torch.distributed``
             (:mod:`twostage.distributed`) the ranks then merge their counts, so
             every rank ends with the vocabularies of the whole log; without a
             process group they are this rank's.
     """
-    time_cut = (
-        temporal_cut(path, test_fraction=test_fraction)
-        if method == "temporal"
-        else None
-    )
+    rule = split_rule(path, method=method, test_fraction=test_fraction, seed=seed)
     users, items = _Counts(), _Counts()
     train_rows = test_rows = batches = 0
-    for batch in iter_batches(path, columns=[USER, ITEM, TIME], rank=rank, world=world):
-        test = held_out_mask(
-            batch,
-            method=method,
-            test_fraction=test_fraction,
-            seed=seed,
-            time_cut=time_cut,
-        )
+    columns = [USER, ITEM, TIME]
+    for first, batch in iter_row_groups(path, columns=columns, rank=rank, world=world):
+        test = rule.mask(batch, first)
         train = batch.filter(pl.Series(~test))
         users.add(train[USER].drop_nulls())
         items.add(train[ITEM].drop_nulls())
@@ -296,7 +412,62 @@ def fit_vocabularies(
         num_test_rows=test_rows,
         num_batches=batches,
         num_local_train_rows=local_rows,
+        rule=rule,
     )
+
+
+def count_values(
+    path: str | Path,
+    rule: SplitRule,
+    columns: list[str],
+    *,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, pl.DataFrame]:
+    """Each per-row context column's distinct values over the training rows, with
+    their counts (``key``, ``count``; a null key counts the missing values): what
+    :meth:`FeatureSpec.fit_streamed` fits the context encoders on. A column may be
+    one the timestamp gives (``hour_of_day``, ``day_of_week``:
+    :mod:`twostage.features.context`). Memory holds the distinct values, not rows;
+    under ``torch.distributed`` each rank reads its row groups and the counts merge.
+
+    Raises:
+        DataError: a column is neither in the log nor derived from its timestamp.
+    """
+    from twostage.features.context import DERIVED, context_frame
+
+    present = set(_schema(path))
+    missing = [c for c in columns if c not in present and c not in DERIVED]
+    if missing:
+        raise DataError(
+            f"context column(s) {missing} are not in the log {sorted(present)}, nor "
+            f"derived from its timestamp ({sorted(DERIVED)})."
+        )
+    raw = [c for c in columns if c in present and c not in (USER, ITEM, TIME)]
+    counters = {c: _Counts() for c in columns}
+    for first, batch in iter_row_groups(
+        path, columns=[USER, ITEM, TIME, *raw], rank=rank, world=world
+    ):
+        train = batch.filter(pl.Series(~rule.mask(batch, first)))
+        frame = context_frame(train[USER], train, columns)
+        for column, counter in counters.items():
+            counter.add(frame[column])
+    out = {}
+    for column, counter in counters.items():
+        counts = counter.result()
+        if world > 1 and distributed.current() is not None:
+            counts = _merged(counts)
+        out[column] = (
+            counts
+            if counts is not None
+            else pl.DataFrame(schema={"key": pl.Int64, "count": pl.Int64})
+        )
+    return out
+
+
+def _schema(path: str | Path) -> list[str]:
+    """The column names of the dataset's first file."""
+    return list(pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names)
 
 
 def _merged(counts: pl.DataFrame | None) -> pl.DataFrame | None:

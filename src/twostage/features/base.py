@@ -104,6 +104,19 @@ class Encoder(ABC):
     def _set_state(self, state: dict[str, Any]) -> None:
         """Restore the state written by ``_state``."""
 
+    def fit_counts(self, values: pl.Series, counts: np.ndarray) -> Self:
+        """Learn the state :meth:`fit` would learn from ``counts[i]`` copies of each
+        ``values[i]`` (distinct raw values and their training counts, e.g. from a
+        streaming pass over a log too large to load); returns ``self``.
+
+        Raises:
+            ConfigError: this encoder cannot be fitted from counts.
+        """
+        raise ConfigError(
+            f"a {self.type_name!r} encoder cannot be fitted from value counts (a "
+            "streamed log): use a categorical, numeric, bucket or timestamp field."
+        )
+
     def fit_transform(self, values: pl.Series | Sequence[Any]) -> np.ndarray:
         """``fit(values)`` then ``transform(values)``."""
         return self.fit(values).transform(values)

@@ -67,6 +67,23 @@ class NumericEncoder(Encoder):
         self.mean, self.std = mean, (std if std > 1e-12 else 1.0)
         return self
 
+    def fit_counts(self, values: pl.Series, counts: np.ndarray) -> Self:
+        x = self._prepare(values)
+        weights = np.asarray(counts, dtype=np.float64)
+        known = ~np.isnan(x)
+        x, weights = x[known], weights[known]
+        # Sorted, so that the same counts in any order (a group-by's) sum alike.
+        order = np.argsort(x, kind="stable")
+        x, weights = x[order], weights[order]
+        total = weights.sum()
+        if total == 0:
+            self.mean, self.std = 0.0, 1.0
+            return self
+        mean = float((x * weights).sum() / total)
+        std = float(np.sqrt((weights * (x - mean) ** 2).sum() / total))
+        self.mean, self.std = mean, (std if std > 1e-12 else 1.0)
+        return self
+
     @property
     def is_fitted(self) -> bool:
         return self.mean is not None
@@ -138,6 +155,26 @@ class BucketEncoder(Encoder):
         self.boundaries = np.unique(np.quantile(x, quantiles, method="lower"))
         return self
 
+    def fit_counts(self, values: pl.Series, counts: np.ndarray) -> Self:
+        if self.fixed:
+            return self
+        x = to_float(as_series(values, "values"))
+        weights = np.asarray(counts, dtype=np.int64)
+        known = ~np.isnan(x)
+        x, weights = x[known], weights[known]
+        total = int(weights.sum())
+        if total == 0:
+            self.boundaries = np.zeros(0)
+            return self
+        order = np.argsort(x, kind="stable")
+        x, ends = x[order], np.cumsum(weights[order])
+        quantiles = np.linspace(0.0, 1.0, self.num_buckets + 1)[1:-1]
+        # numpy's "lower" quantile q is the sorted value at floor(q * (n - 1)): here
+        # the distinct value whose run of copies covers that position.
+        positions = np.floor(quantiles * (total - 1)).astype(np.int64)
+        self.boundaries = np.unique(x[np.searchsorted(ends, positions, side="right")])
+        return self
+
     @property
     def is_fitted(self) -> bool:
         return self.boundaries is not None
@@ -205,6 +242,10 @@ class TimestampEncoder(Encoder):
 
     def fit(self, values: Values) -> Self:
         self._inner.fit(values)
+        return self
+
+    def fit_counts(self, values: pl.Series, counts: np.ndarray) -> Self:
+        self._inner.fit_counts(values, counts)
         return self
 
     @property
@@ -276,6 +317,15 @@ class CategoricalEncoder(Encoder):
     def fit(self, values: Values) -> Self:
         self.vocabulary.fit(
             self._prepare(values), min_count=self.min_count, max_size=self.max_size
+        )
+        return self
+
+    def fit_counts(self, values: pl.Series, counts: np.ndarray) -> Self:
+        self.vocabulary.fit_counts(
+            self._prepare(values),
+            counts,
+            min_count=self.min_count,
+            max_size=self.max_size,
         )
         return self
 

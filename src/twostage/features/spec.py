@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -134,16 +134,23 @@ class FeatureSpec:
         items: Vocabulary,
         user_table: pl.DataFrame | None,
         item_table: pl.DataFrame | None,
+        context: Mapping[str, pl.DataFrame] | None = None,
     ) -> Self:
         """Fit on a log too large to load: the ID fields take vocabularies fitted in
         a streaming pass (:func:`twostage.data.streaming.fit_vocabularies`), the
         other fields the rows of the feature tables whose ID is in them (the training
         users and items), as :meth:`fit` takes them from a training split.
 
+        A query field whose column is in no feature table reads the log's rows (per-row
+        context): ``context[column]`` holds that column's distinct training values
+        and their counts (``key``, ``count``; :func:`twostage.data.streaming.
+        count_values`), and the encoder fits on them (:meth:`Encoder.fit_counts`).
+
         Raises:
-            DataError: a field reads a column that is in neither feature table (a
-                per-row context column, which a streamed log cannot provide yet).
+            DataError: a field reads a column found in no feature table and not in
+                ``context``.
         """
+        context = context or {}
         encoders: dict[str, Encoder] = {}
         sources: dict[str, str] = {}
         for side in _SIDES:
@@ -159,13 +166,23 @@ class FeatureSpec:
                     encoder.vocabulary = vocabulary  # type: ignore[attr-defined]
                     encoders[field.key], sources[field.key] = encoder, "interactions"
                     continue
+                if (
+                    side == "query"
+                    and field.name in context
+                    and (table is None or field.name not in table.columns)
+                ):
+                    counts = context[field.name]
+                    encoders[field.key] = field.make_encoder().fit_counts(
+                        counts["key"].rename(field.name), counts["count"].to_numpy()
+                    )
+                    sources[field.key] = "interactions"
+                    continue
                 if table is None or field.name not in table.columns:
                     raise DataError(
                         f"{side} field {field.key!r} reads column {field.name!r}, which "
                         f"is not in the {table_name} feature table "
-                        f"{None if table is None else table.columns}: a streamed log "
-                        "gives side features from its feature columns only (no "
-                        "per-row context yet)."
+                        f"{None if table is None else table.columns}, nor counted "
+                        "as a per-row context column of the streamed log."
                     )
                 if seen is None:  # one row per training user / item
                     seen = rows_with_keys(table, key, vocabulary.values)
@@ -222,6 +239,21 @@ class FeatureSpec:
             DataError: a query column is neither in ``frame`` nor in ``users``.
         """
         return self._transform("query", as_frame(frame, USER), users)
+
+    def transform_context(self, frame: pl.DataFrame) -> dict[str, torch.Tensor]:
+        """Encode the per-row context fields of the query side (the query fields
+        read from the interactions, the user ID aside) from ``frame``'s columns, as
+        :meth:`transform_queries` encodes them."""
+        self._check_fitted()
+        out: dict[str, torch.Tensor] = {}
+        for field in self._side("query"):
+            if field.name == USER or self._sources[field.key] != "interactions":
+                continue
+            encoded = self._encoders[field.key].transform(frame[field.name])
+            out[field.key] = torch.from_numpy(
+                np.require(encoded, requirements=["C", "W"])
+            )
+        return out
 
     def transform_items(
         self,

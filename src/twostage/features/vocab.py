@@ -123,6 +123,44 @@ class Vocabulary:
         self._set(dtype, counts[_KEY], counts["count"].to_numpy(), min_count, max_size)
         return self
 
+    def fit_counts(
+        self,
+        values: pl.Series,
+        counts: np.ndarray,
+        *,
+        min_count: int = 1,
+        max_size: int | None = None,
+    ) -> Self:
+        """:meth:`fit` on ``counts[i]`` copies of each ``values[i]`` (values may
+        repeat, e.g. after a prefix cut: their counts add up; nulls are ignored).
+
+        Returns:
+            ``self``, in the state :meth:`fit` gives on the expanded values.
+        """
+        check_positive_int("min_count", min_count)
+        check_positive_int("max_size", max_size, allow_none=True)
+        series = as_series(values, "values")
+        if len(series) != len(counts):
+            raise DataError(
+                f"`values` and `counts` should have the same length. Received: "
+                f"{len(series)} and {len(counts)}."
+            )
+        dtype = _key_dtype(series.dtype)
+        keyed = pl.DataFrame(
+            {_KEY: _normalise(series, dtype), "count": np.asarray(counts, np.int64)}
+        )
+        totals = (
+            keyed.drop_nulls(_KEY)
+            .group_by(_KEY)
+            .agg(pl.col("count").sum())
+            .filter(pl.col("count") >= min_count)
+            .sort(["count", _KEY], descending=[True, False])
+        )
+        if max_size is not None:
+            totals = totals.head(max_size)
+        self._set(dtype, totals[_KEY], totals["count"].to_numpy(), min_count, max_size)
+        return self
+
     @classmethod
     def from_counts(
         cls,

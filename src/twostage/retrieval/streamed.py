@@ -16,8 +16,16 @@ more pass keeps each user's and item's first row
 (:func:`~twostage.data.streaming.feature_tables`), and the spec fits on the training
 users' and items' rows (:meth:`~twostage.features.FeatureSpec.fit_streamed`). Rating
 weights and the recent-popularity fallback read the rows' ratings and times in the
-second pass. Per-row context, the leave-last-out split and the per-user example modes
-are not supported here yet (a clear error says so).
+second pass. Under ``data.split=leave-last-out`` a streaming aggregation finds each
+user's last row first (:func:`~twostage.data.streaming.last_rows`), and both passes
+hold those rows out by their row numbers.
+
+Per-row context (``retrieval.query_fields`` naming a column of the log that is not a
+user feature, or ``hour_of_day`` / ``day_of_week``): one more pass counts each context
+column's values over the training rows (:func:`~twostage.data.streaming.count_values`),
+the encoders fit on those counts (:meth:`~twostage.features.base.Encoder.fit_counts`),
+and the second pass encodes each training row's context. The per-user example modes
+and time gaps are not supported here yet (a clear error says so).
 """
 
 from __future__ import annotations
@@ -35,19 +43,21 @@ from twostage.config import ExperimentConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.streaming import (
     StreamingVocabularies,
+    count_values,
     feature_tables,
     fit_vocabularies,
-    held_out_mask,
-    iter_batches,
+    iter_row_groups,
     parquet_files,
-    temporal_cut,
+    split_rule,
 )
 from twostage.errors import ConfigError
+from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
 from twostage.retrieval.fit import train_retrieval
 from twostage.retrieval.run import RetrievalRun, build_model, spec_for
 from twostage.retrieval.tensors import (
     RetrievalTensors,
+    context_keys,
     history_table,
     recent_popularity,
     rows_in_vocab_order,
@@ -66,8 +76,8 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("retrieval.examples=interactions")
     if retrieval.sequence_time_gaps:
         problems.append("retrieval.sequence_time_gaps=false")
-    if data.split not in ("random", "temporal"):
-        problems.append("data.split=random or temporal")
+    if data.split not in ("random", "temporal", "leave-last-out"):
+        problems.append("data.split=random, temporal or leave-last-out")
     if problems:
         raise ConfigError(
             "training from a streamed log supports IDs, history, side features, "
@@ -90,10 +100,8 @@ def streamed_tensors(
     users' history when ``retrieval.history_length`` > 0, and each user's and item's
     feature rows from ``user_table`` / ``item_table`` (IDs only without them)."""
     data = config.data
-    time_cut = (
-        temporal_cut(path, test_fraction=data.test_fraction)
-        if data.split == "temporal"
-        else None
+    rule = fitted.rule or split_rule(  # the first pass's, unless built elsewhere
+        path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
     )
     world = distributed.current()
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
@@ -108,17 +116,15 @@ def streamed_tensors(
     times = np.empty(local if timed else 0, dtype=np.int64)
     weighted = config.retrieval.rating_weights and RATING in _columns(path)
     ratings = np.empty(local if weighted else 0, dtype=np.float32)
-    columns = [USER, ITEM, TIME, *([RATING] if weighted else [])]
+    keys = context_keys(spec) if spec is not None else []
+    # The log's own context columns (the timestamp gives the derived ones).
+    raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
+    columns = [USER, ITEM, TIME, *([RATING] if weighted else []), *raw]
+    context: dict[str, list[np.ndarray]] = {}
     filled, group_rows = 0, []
     # Each rank reads its own row groups (rank, rank + size, ...).
-    for batch in iter_batches(path, columns=columns, rank=rank, world=size):
-        test = held_out_mask(
-            batch,
-            method=data.split,
-            test_fraction=data.test_fraction,
-            seed=data.seed,
-            time_cut=time_cut,
-        )
+    for first, batch in iter_row_groups(path, columns=columns, rank=rank, world=size):
+        test = rule.mask(batch, first)
         train = batch.filter(pl.Series(~test))
         rows = slice(filled, filled + train.height)
         users[rows] = fitted.users.transform(train[USER])
@@ -127,6 +133,11 @@ def streamed_tensors(
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
         if weighted:  # as build_tensors: a missing rating counts as 0
             ratings[rows] = train[RATING].fill_null(0).cast(pl.Float32).to_numpy()
+        if keys:  # each training row's own context, encoded as build_tensors does
+            assert spec is not None
+            frame = context_frame(train[USER], train, keys)
+            for key, values in spec.transform_context(frame).items():
+                context.setdefault(key, []).append(values.numpy())
         filled += train.height
         group_rows.append(train.height)
     users, items = users[:filled], items[:filled]
@@ -140,6 +151,9 @@ def streamed_tensors(
         # Every rank takes part in each gather, also one that read no rows.
         times = _gathered(times)[order] if timed else times
         ratings = _gathered(ratings)[order] if weighted else ratings
+    encoded = {key: np.concatenate(parts) for key, parts in context.items()}
+    if size > 1:
+        encoded = {key: _gathered(values)[order] for key, values in encoded.items()}
     num_users, num_items = fitted.users.size, fitted.items.size
     user_features: dict[str, torch.Tensor] = {USER: torch.arange(num_users)}
     item_features: dict[str, torch.Tensor] = {ITEM: torch.arange(num_items)}
@@ -161,7 +175,16 @@ def streamed_tensors(
         weights=torch.from_numpy(np.maximum(ratings, 0.0) + 1.0) if weighted else None,
         item_probs=torch.from_numpy(fitted.item_probs()).float(),
         popularity=recent_popularity(times, items, num_items=num_items, days=days),
+        context={key: torch.from_numpy(values) for key, values in encoded.items()},
     )
+
+
+def _empty_log(path: str | Path) -> pl.DataFrame:
+    """The dataset's columns and dtypes (its first file's), without rows."""
+    import pyarrow.parquet as pq
+
+    schema = pq.ParquetFile(parquet_files(path)[0]).schema_arrow
+    return pl.from_arrow(schema.empty_table())  # type: ignore[return-value]
 
 
 def _columns(path: str | Path) -> list[str]:
@@ -202,9 +225,8 @@ def fit_streamed_retrieval(
     ``retrieval.history_length`` > 0) on the training side of a Parquet log.
 
     Args:
-        config: ``data.split`` (random or temporal), ``test_fraction`` and ``seed``
-            choose the training rows row by row; the towers read IDs (and the
-            history) only.
+        config: ``data.split`` (random, temporal or leave-last-out),
+            ``test_fraction`` and ``seed`` choose the training rows row by row.
         path: a Parquet file or directory with ``user_id``, ``item_id`` and
             ``timestamp``.
         out_dir: where the run is saved (servable like ``twostage train retrieval``'s).
@@ -235,23 +257,44 @@ def fit_streamed_retrieval(
         user_table, item_table = feature_tables(
             path, user_features=data.user_features, item_features=data.item_features
         )
+    # No rows: the log's columns (less the feature columns) say which per-row
+    # context the model may read, with their dtypes.
+    features = {*data.user_features, *data.item_features}
     probe = Dataset(
         name="stream",
-        interactions=pl.DataFrame(
-            {
-                USER: fitted.users.values[:0],
-                ITEM: fitted.items.values[:0],
-                TIME: pl.Series([], dtype=pl.Int64),
-            }
+        interactions=_empty_log(path).select(
+            pl.exclude(*features, USER, ITEM, TIME),
+            fitted.users.values[:0].alias(USER),
+            fitted.items.values[:0].alias(ITEM),
+            pl.Series(TIME, [], dtype=pl.Int64),
         ),
         users=user_table,
         items=item_table,
     )
-    spec = spec_for(probe, config).fit_streamed(
+    spec = spec_for(probe, config)
+    from_table = set(user_table.columns) if user_table is not None else set()
+    wanted = [f.name for f in spec.query if f.name != USER and f.name not in from_table]
+    context = None
+    if wanted:  # one more pass: the training rows' context values, counted
+        context = count_values(
+            path,
+            fitted.rule
+            or split_rule(
+                path,
+                method=data.split,
+                test_fraction=data.test_fraction,
+                seed=data.seed,
+            ),
+            wanted,
+            rank=world.rank if world is not None else 0,
+            world=world.size if world is not None else 1,
+        )
+    spec = spec.fit_streamed(
         users=fitted.users,
         items=fitted.items,
         user_table=user_table,
         item_table=item_table,
+        context=context,
     )
     tensors = streamed_tensors(
         path, fitted, config, spec=spec, user_table=user_table, item_table=item_table

@@ -512,9 +512,9 @@ def train_retrieval_command(
             "--stream",
             help="Read --dataset (a Parquet file or directory) one row group at a "
             "time, never as a table, for logs larger than memory: IDs, history, "
-            "the --user-features / --item-features columns and per-row context; "
-            "random, temporal or leave-last-out splits; no test evaluation "
-            "(docs/scaling.md).",
+            "the --user-features / --item-features columns, per-row context and "
+            "sequence windows; random, temporal or leave-last-out splits; no test "
+            "evaluation (docs/scaling.md).",
         ),
     ] = False,
     json_output: JsonOutput = False,

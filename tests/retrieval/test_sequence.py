@@ -26,7 +26,7 @@ from twostage.models.towers import HistoryPooling
 from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.run import load_run
-from twostage.retrieval.tensors import _sequence_windows
+from twostage.retrieval.tensors import sequence_windows
 from twostage.serving import ServeSettings, create_app
 
 
@@ -73,7 +73,8 @@ def test_windows_cover_every_training_item_once_in_time_order() -> None:
     )
     users = np.array([1, 1, 1, 1, 1, 1, 1, 2, 2])
     items = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9])
-    sequences, owners, times = _sequence_windows(frame, users, items, length=3)
+    stamps = frame["timestamp"].to_numpy()
+    sequences, owners, times = sequence_windows(stamps, users, items, length=3)
     # user 1 in time order: 7 6 5 4 3 2 1 -> windows [7], [6 5 4], [3 2 1]
     assert owners.tolist() == [1, 1, 1, 2]
     assert sequences.tolist() == [

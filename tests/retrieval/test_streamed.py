@@ -52,6 +52,13 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 WEIGHTED = ["retrieval.rating_weights=true", "retrieval.popularity_days=30"]
+#: The GRU trained on every position of each user's windows, with time gaps.
+SEQUENCES = [
+    "retrieval.query_encoder=gru",
+    "retrieval.examples=sequences",
+    "retrieval.negatives=full",
+    "retrieval.sequence_time_gaps=true",
+]
 
 
 @pytest.mark.parametrize(
@@ -62,6 +69,8 @@ WEIGHTED = ["retrieval.rating_weights=true", "retrieval.popularity_days=30"]
         ("random", 8, []),
         ("temporal", 8, WEIGHTED),
         ("leave-last-out", 8, []),
+        ("leave-last-out", 6, SEQUENCES),
+        ("random", 6, ["retrieval.examples=users"]),
     ],
 )
 def test_streamed_training_equals_the_in_memory_path(
@@ -103,12 +112,19 @@ def test_streamed_training_equals_the_in_memory_path(
     assert torch.equal(streamed.tensors.items, in_memory.tensors.items)
     assert streamed.tensors.history.shape == (in_memory.tensors.history.shape)
     assert torch.equal(streamed.tensors.history, in_memory.tensors.history)
+    for name in ("sequences", "sequence_users", "history_times", "sequence_times"):
+        mine_s, theirs_s = (
+            getattr(streamed.tensors, name),
+            getattr(in_memory.tensors, name),
+        )
+        assert torch.equal(mine_s, theirs_s), name
+        assert (mine_s.numel() > 0) == (extra == SEQUENCES), name
     for name in ("weights", "popularity"):  # rating weights, recent popularity
         mine_t, theirs_t = (
             getattr(streamed.tensors, name),
             getattr(in_memory.tensors, name),
         )
-        assert (mine_t is None) == (theirs_t is None) == (not extra), name
+        assert (mine_t is None) == (theirs_t is None) == (extra != WEIGHTED), name
         if mine_t is not None:
             assert torch.equal(mine_t, theirs_t), name
     if history:  # every user with 8+ training rows has a full history
@@ -134,18 +150,9 @@ def test_a_streamed_run_saves_loads_and_answers(
     assert answer.items == Recommender(run).recommend(user, 10).items
 
 
-def test_what_the_streamed_path_lacks_is_a_clear_error(log: Path) -> None:
+def test_a_context_column_the_log_lacks_is_a_clear_error(log: Path) -> None:
     from twostage.errors import DataError
 
-    users = apply_overrides(ExperimentConfig(), ["retrieval.examples=users"])
-    with pytest.raises(ConfigError, match="examples=interactions"):
-        fit_streamed_retrieval(users, log)
-    gaps = apply_overrides(
-        ExperimentConfig(),
-        ["retrieval.query_encoder=gru", "retrieval.sequence_time_gaps=true"],
-    )
-    with pytest.raises(ConfigError, match="sequence_time_gaps=false"):
-        fit_streamed_retrieval(gaps, log)
     context = apply_overrides(ExperimentConfig(), ["retrieval.query_fields=device"])
     with pytest.raises(ConfigError, match="device"):  # not a column of the log
         fit_streamed_retrieval(context, log)

@@ -24,8 +24,11 @@ Per-row context (``retrieval.query_fields`` naming a column of the log that is n
 user feature, or ``hour_of_day`` / ``day_of_week``): one more pass counts each context
 column's values over the training rows (:func:`~twostage.data.streaming.count_values`),
 the encoders fit on those counts (:meth:`~twostage.features.base.Encoder.fit_counts`),
-and the second pass encodes each training row's context. The per-user example modes
-and time gaps are not supported here yet (a clear error says so).
+and the second pass encodes each training row's context.
+
+``retrieval.examples=users|sequences`` and ``retrieval.sequence_time_gaps`` build the
+same tables from the second pass's index and time arrays as in memory (the sequence
+windows, the history's times); as in memory, several ranks train interactions only.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ from twostage.retrieval.run import RetrievalRun, build_model, spec_for
 from twostage.retrieval.tensors import (
     RetrievalTensors,
     context_keys,
-    history_table,
+    latest_rows,
     recent_popularity,
     rows_in_vocab_order,
+    sequence_windows,
 )
 from twostage.training import ProgressFn
 
@@ -72,16 +76,14 @@ logger = logging.getLogger(__name__)
 def _check(config: ExperimentConfig) -> None:
     retrieval, data = config.retrieval, config.data
     problems = []
-    if retrieval.examples != "interactions":
-        problems.append("retrieval.examples=interactions")
-    if retrieval.sequence_time_gaps:
-        problems.append("retrieval.sequence_time_gaps=false")
+    if retrieval.examples != "interactions" and distributed.current() is not None:
+        problems.append("retrieval.examples=interactions (with several ranks)")
     if data.split not in ("random", "temporal", "leave-last-out"):
         problems.append("data.split=random, temporal or leave-last-out")
     if problems:
         raise ConfigError(
-            "training from a streamed log supports IDs, history, side features, "
-            "rating weights and recent popularity for now; set "
+            "training from a streamed log supports every example mode in one "
+            "process, and interactions only under torchrun (as in memory); set "
             + ", ".join(problems)
             + "."
         )
@@ -110,9 +112,11 @@ def streamed_tensors(
     items = np.empty(local, dtype=np.int64)
     length = config.retrieval.history_length
     days = config.retrieval.popularity_days
-    # The times order each user's rows (history) and find the last days (recent
-    # popularity): their physical integers do both as the values do.
-    timed = bool(length) or days > 0
+    sequences = config.retrieval.examples == "sequences"
+    # The times order each user's rows (history, sequences), find the last days
+    # (recent popularity) and give the gaps between items: their physical integers
+    # do all three as the values do (epoch seconds, as in memory).
+    timed = bool(length) or days > 0 or sequences
     times = np.empty(local if timed else 0, dtype=np.int64)
     weighted = config.retrieval.rating_weights and RATING in _columns(path)
     ratings = np.empty(local if weighted else 0, dtype=np.float32)
@@ -155,6 +159,17 @@ def streamed_tensors(
     if size > 1:
         encoded = {key: _gathered(values)[order] for key, values in encoded.items()}
     num_users, num_items = fitted.users.size, fitted.items.size
+    history, history_times = latest_rows(
+        times, users, items, num_users=num_users, length=length
+    )
+    empty = torch.zeros(0, 0, dtype=torch.long)
+    windows, window_users, window_times = empty, torch.zeros(0, dtype=torch.long), empty
+    if sequences:
+        windows, window_users, window_times = sequence_windows(
+            times, users, items, length=length
+        )
+    if not config.retrieval.sequence_time_gaps:
+        history_times = window_times = empty
     user_features: dict[str, torch.Tensor] = {USER: torch.arange(num_users)}
     item_features: dict[str, torch.Tensor] = {ITEM: torch.arange(num_items)}
     if spec is not None:
@@ -163,19 +178,17 @@ def streamed_tensors(
     return RetrievalTensors(
         user_features=user_features,
         item_features=item_features,
-        history=history_table(
-            times,
-            users,
-            items,
-            num_users=num_users,
-            length=length,
-        ),
+        history=history,
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
         weights=torch.from_numpy(np.maximum(ratings, 0.0) + 1.0) if weighted else None,
         item_probs=torch.from_numpy(fitted.item_probs()).float(),
         popularity=recent_popularity(times, items, num_items=num_items, days=days),
         context={key: torch.from_numpy(values) for key, values in encoded.items()},
+        sequences=windows,
+        sequence_users=window_users,
+        history_times=history_times,
+        sequence_times=window_times,
     )
 
 
@@ -239,8 +252,8 @@ def fit_streamed_retrieval(
     Raises:
         ConfigError: the config asks for something the streamed path lacks.
     """
-    _check(config)
     distributed.init_from_env(config.train.device)  # under torchrun: data-parallel
+    _check(config)
     started = time.perf_counter()
     data = config.data
     world = distributed.current()

@@ -246,10 +246,10 @@ def history_table(
     """``[U, L]`` each user's last ``length`` training items by time (ties: row
     order), most recent last, 0 = padding; from the training rows' times and indices
     (``times`` in any orderable dtype)."""
-    return _latest(times, user_idx, item_idx, num_users=num_users, length=length)[0]
+    return latest_rows(times, user_idx, item_idx, num_users=num_users, length=length)[0]
 
 
-def _latest(
+def latest_rows(
     times: np.ndarray,
     user_idx: np.ndarray,
     item_idx: np.ndarray,
@@ -273,14 +273,15 @@ def _latest(
     return history, stamps
 
 
-def _sequence_windows(
-    train: pl.DataFrame, user_idx: np.ndarray, item_idx: np.ndarray, *, length: int
+def sequence_windows(
+    times: np.ndarray, user_idx: np.ndarray, item_idx: np.ndarray, *, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``([W, length + 1], [W], [W, length + 1])``: each user's training items by
-    time, cut from the most recent backwards into windows of ``length`` targets, each
-    led by the item before them (see :attr:`RetrievalTensors.sequences`), and the
-    window's times (int64 seconds, 0 under padding)."""
-    frame = _in_time_order(train[TIME].to_numpy(), user_idx, item_idx)
+    time (the training rows' ``times``, int64 seconds; ties: row order), cut from the
+    most recent backwards into windows of ``length`` targets, each led by the item
+    before them (see :attr:`RetrievalTensors.sequences`), and the window's times (0
+    under padding)."""
+    frame = _in_time_order(times, user_idx, item_idx)
     users = frame["u"].to_numpy()
     items = torch.from_numpy(frame["i"].to_numpy().astype(np.int64))
     stamps = torch.from_numpy(frame["t"].to_numpy().astype(np.int64))
@@ -294,16 +295,16 @@ def _sequence_windows(
     sequences = torch.zeros(len(distinct), length + 1, dtype=torch.long)
     rows, cols = torch.from_numpy(row), torch.from_numpy(column)
     sequences[rows, cols] = items
-    times = torch.zeros_like(sequences)
-    times[rows, cols] = stamps
+    window_times = torch.zeros_like(sequences)
+    window_times[rows, cols] = stamps
     # The lead of window w is the item just before its first target: the most
     # recent item (column `length`) of the user's window w + 1.
     leads = (column == length) & (window > 0)
     led = torch.from_numpy(np.searchsorted(distinct, keys[leads] - 1))
     sequences[led, 0] = items[torch.from_numpy(leads)]
-    times[led, 0] = stamps[torch.from_numpy(leads)]
+    window_times[led, 0] = stamps[torch.from_numpy(leads)]
     window_users = torch.from_numpy(distinct // per_user)
-    return sequences, window_users, times
+    return sequences, window_users, window_times
 
 
 def recent_popularity(
@@ -337,10 +338,10 @@ def build_tensors(
     sequences, sequence_users = torch.zeros(0, 0, dtype=torch.long), None
     sequence_times = torch.zeros(0, 0, dtype=torch.long)
     if config.examples == "sequences":
-        sequences, sequence_users, sequence_times = _sequence_windows(
-            inter, users, items, length=config.history_length
+        sequences, sequence_users, sequence_times = sequence_windows(
+            inter[TIME].to_numpy(), users, items, length=config.history_length
         )
-    history, history_times = _latest(
+    history, history_times = latest_rows(
         inter[TIME].to_numpy(),
         users,
         items,
@@ -416,7 +417,7 @@ def with_history_of(
     )
     known = (users > 0) & (items > 0)
     users, items = users[known], items[known]
-    history, history_times = _latest(
+    history, history_times = latest_rows(
         inter.filter(pl.Series(known))[TIME].to_numpy(),
         users,
         items,

@@ -131,7 +131,10 @@ def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
         from twostage.retrieval.streamed import fit_streamed_retrieval
 
         fit_streamed_retrieval(
-            config, args.dir, on_step=lambda _: stamps.append(time.perf_counter())
+            config,
+            args.dir,
+            on_step=lambda _: stamps.append(time.perf_counter()),
+            evaluate_test=False,
         )
     else:
         files = [str(f) for f in parquet_files(args.dir)]

@@ -513,8 +513,9 @@ def train_retrieval_command(
             help="Read --dataset (a Parquet file or directory) one row group at a "
             "time, never as a table, for logs larger than memory: IDs, history, "
             "the --user-features / --item-features columns, per-row context and "
-            "sequence windows; random, temporal or leave-last-out splits; no test "
-            "evaluation (docs/scaling.md).",
+            "sequence windows; random, temporal or leave-last-out splits; the test "
+            "side evaluated after training (--set data.test_users=N for a fixed "
+            "sample of N test users; docs/scaling.md).",
         ),
     ] = False,
     json_output: JsonOutput = False,
@@ -549,10 +550,17 @@ def train_retrieval_command(
             "training_rows": len(streamed.tensors.users),
             "users": streamed.spec.vocabulary("user_id").size - 1,
             "items": streamed.spec.vocabulary("item_id").size - 1,
+            "retrieval": streamed.metrics,
         }
         if json_output:
             print_json(summary)
             return
+        if streamed.metrics:
+            print_metrics(
+                {},
+                title=f"Retrieval on {dataset} (test side, streamed)",
+                models={"twostage": streamed.metrics},
+            )
         console.print(
             f"Streamed {summary['training_rows']:,} training rows "
             f"({summary['users']:,} users, {summary['items']:,} items); saved to "

@@ -171,3 +171,30 @@ def test_temporal_protocol_validates_on_the_latest_training_rows(data: Dataset) 
     # no row is judged on a future the model trained on
     assert fit_times.max() <= valid_times.min()
     assert valid_times.max() <= test_times.min()
+
+
+def test_test_users_evaluates_a_fixed_sample_and_trains_on_the_same_rows(
+    data: Dataset,
+) -> None:
+    """`data.test_users=N`: N test users, the same whatever the row order; the other
+    test rows leave evaluation but do not join training."""
+    from twostage.data.split import sample_users
+
+    whole = prepare_split(data, apply_overrides(ExperimentConfig(), []))
+    config = apply_overrides(ExperimentConfig(), ["data.test_users=30"])
+    parts = prepare_split(data, config)
+    assert parts.test.interactions["user_id"].n_unique() == 30
+    assert parts.fit.interactions.equals(whole.fit.interactions)
+    chosen = set(parts.test.interactions["user_id"].to_list())
+    kept = whole.test.interactions.filter(pl.col("user_id").is_in(list(chosen)))
+    assert _rows(parts.test.interactions) == _rows(kept)  # every row of those users
+    shuffled = whole.test.with_interactions(
+        whole.test.interactions.sample(fraction=1.0, shuffle=True, seed=3)
+    )
+    again = sample_users(shuffled, 30, seed=42)
+    assert set(again.interactions["user_id"].to_list()) == chosen
+    other = sample_users(whole.test, 30, seed=7)
+    assert set(other.interactions["user_id"].to_list()) != chosen
+    assert sample_users(whole.test, 0, seed=42) is whole.test  # 0: every user
+    with pytest.raises(ConfigError, match="test_users"):
+        apply_overrides(ExperimentConfig(), ["data.test_users=-1"])

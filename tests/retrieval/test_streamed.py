@@ -181,6 +181,8 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["training_rows"] > 9_000 and (out / "model.safetensors").exists()
+    assert summary["retrieval"]["counts"]["exclude_seen"]["num_queries"] > 300
+    assert json.loads((out / "metrics.json").read_text()) == summary["retrieval"]
 
 
 def test_cli_stream_reads_per_row_context_and_serves_it(
@@ -503,3 +505,35 @@ def test_streamed_per_row_context_equals_the_in_memory_path(
     assert set(mine) == set(theirs)
     for name, weights in theirs.items():
         torch.testing.assert_close(mine[name], weights, msg=name)
+
+
+def test_a_streamed_run_is_evaluated_on_the_held_out_side(log: Path) -> None:
+    """The metrics are the run's on the test rows the in-memory split holds out;
+    `data.test_users` evaluates a fixed sample of those users."""
+    from twostage.data.split import sample_users
+
+    config = apply_overrides(
+        ExperimentConfig(), [*ID_ONLY, "retrieval.history_length=8"]
+    )
+    run = fit_streamed_retrieval(config, log)
+    table = pl.concat(iter_batches(log, columns=["user_id", "item_id", "timestamp"]))
+    held = table.filter(
+        pl.Series(held_out_mask(table, method="random", test_fraction=0.2, seed=42))
+    )
+    test = Dataset(name="log", interactions=held)
+    assert run.metrics == run.evaluate(test).to_dict()
+    assert (
+        run.metrics["counts"]["exclude_seen"]["num_queries"]
+        == held["user_id"].n_unique()
+    )
+
+    sampled = fit_streamed_retrieval(
+        apply_overrides(config, ["data.test_users=50"]), log
+    )
+    assert sampled.metrics["counts"]["exclude_seen"]["num_queries"] == 50
+    chosen = sample_users(test, 50, seed=42)
+    assert sampled.metrics == sampled.evaluate(chosen).to_dict()
+    assert (
+        sampled.metrics["metrics"]["exclude_seen"]
+        != run.metrics["metrics"]["exclude_seen"]
+    )

@@ -59,7 +59,11 @@ class DataConfig(_Checked):
     for retrieval, but their rating is missing, so the ranker's rating regression and
     RMSE skip them. ``train_file`` / ``test_file`` take the split from two files (as
     ``twostage data split`` writes them) instead of drawing it; the ``dataset`` still
-    gives the user and item tables.
+    gives the user and item tables. ``test_users`` > 0 evaluates on at most that many
+    test users, the same ones for every model and run (those with the smallest stable
+    hash of their ID and ``seed``; :func:`twostage.data.split.sample_users`): the
+    other test rows are left out of evaluation, not moved into training. 0: every
+    test user.
     """
 
     dataset: str = "movielens-100k"
@@ -80,6 +84,7 @@ class DataConfig(_Checked):
     unrated_values: tuple[float, ...] = ()
     train_file: str | None = None
     test_file: str | None = None
+    test_users: int = 0
 
     SECTION: ClassVar[str] = "data"
 
@@ -91,6 +96,7 @@ class DataConfig(_Checked):
             ),
             "validation_fraction": (_fraction(self.validation_fraction), "in [0, 1)"),
             "cold_user_fraction": (_fraction(self.cold_user_fraction), "in [0, 1)"),
+            "test_users": (self.test_users >= 0, "0 (every test user) or more"),
         }
 
 

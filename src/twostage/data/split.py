@@ -15,6 +15,7 @@ import polars as pl
 
 from twostage.data.dataset import TIME, USER, Dataset
 from twostage.errors import ConfigError
+from twostage.features.hashing import stable_hash
 
 if TYPE_CHECKING:
     from twostage.config import ExperimentConfig
@@ -25,6 +26,7 @@ __all__ = [
     "Split",
     "hold_out_users",
     "leave_last_out",
+    "sample_users",
     "prepare_split",
     "random_split",
     "split_dataset",
@@ -193,6 +195,20 @@ def hold_out_users(
     )
 
 
+def sample_users(dataset: Dataset, n: int, *, seed: int) -> Dataset:
+    """The rows of at most ``n`` of the dataset's users: those with the smallest
+    stable hash of their ID and ``seed``, so the same users are drawn whatever the row
+    order, file layout or process (``n`` <= 0: every user)."""
+    users = dataset.interactions[USER].unique()
+    if n <= 0 or len(users) <= n:
+        return dataset
+    order = np.argsort(stable_hash(users, seed=seed), kind="stable")[:n]
+    chosen = users.gather(order)
+    return dataset.with_interactions(
+        dataset.interactions.filter(pl.col(USER).is_in(chosen.implode()))
+    )
+
+
 def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit:
     """The test split (plus held-out cold users) and the validation carve-out.
 
@@ -223,6 +239,7 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     )
     if cold is not None:
         test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
+    test = sample_users(test, data.test_users, seed=data.seed)
     validation = None
     if data.validation_fraction > 0:
         # Validation is carved the way test was: the second-last item of each user
@@ -258,6 +275,7 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
     test = dataset.with_interactions(
         read_split_file(data.test_file, like=dataset).interactions
     ).with_unrated(data.unrated_values)
+    test = sample_users(test, data.test_users, seed=data.seed)
     validation = None
     if data.validation_fraction > 0:
         # Validation is carved the way test was: the second-last item of each user

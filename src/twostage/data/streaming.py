@@ -18,6 +18,7 @@ in record batches, never as one table.
   the number of distinct IDs; the tables the in-memory loader builds.
 - :func:`count_values`: the distinct values of per-row context columns over the
   training rows, with their counts, which the context encoders fit on.
+- :func:`held_out_rows`: the test side's rows, for evaluation.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "count_values",
     "feature_tables",
     "fit_vocabularies",
+    "held_out_rows",
     "iter_batches",
     "iter_row_groups",
     "last_rows",
@@ -463,6 +465,38 @@ def count_values(
             else pl.DataFrame(schema={"key": pl.Int64, "count": pl.Int64})
         )
     return out
+
+
+def held_out_rows(
+    path: str | Path,
+    rule: SplitRule,
+    columns: list[str],
+    *,
+    rank: int = 0,
+    world: int = 1,
+) -> pl.DataFrame:
+    """The test side of the split: ``columns`` of every held-out row, in file order.
+    Under ``torch.distributed`` each rank reads its row groups and every rank gets
+    all the rows, in rank order (sent as Arrow IPC). Memory holds these rows: the
+    test side only."""
+    parts = [
+        batch.filter(pl.Series(rule.mask(batch, first)))
+        for first, batch in iter_row_groups(
+            path, columns=columns, rank=rank, world=world
+        )
+    ]
+    empty = _empty_frame(path, columns)
+    mine = pl.concat(parts) if parts else empty
+    if world > 1 and distributed.current() is not None:
+        gathered = [p for p in distributed.gather_frames(mine) if p.height]
+        mine = pl.concat(gathered) if gathered else empty
+    return mine
+
+
+def _empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:
+    """No rows, with ``columns`` as the dataset's first file types them."""
+    schema = pq.ParquetFile(parquet_files(path)[0]).schema_arrow
+    return pl.from_arrow(schema.empty_table()).select(columns)  # type: ignore[union-attr]
 
 
 def _schema(path: str | Path) -> list[str]:

@@ -18,7 +18,8 @@ users' and items' rows (:meth:`~twostage.features.FeatureSpec.fit_streamed`). Ra
 weights and the recent-popularity fallback read the rows' ratings and times in the
 second pass. Under ``data.split=leave-last-out`` a streaming aggregation finds each
 user's last row first (:func:`~twostage.data.streaming.last_rows`), and both passes
-hold those rows out by their row numbers.
+hold those rows out by their row numbers. After training, one more pass reads the test
+side and evaluates the run on it (on ``data.test_users`` of the users when set).
 
 Per-row context (``retrieval.query_fields`` naming a column of the log that is not a
 user feature, or ``hour_of_day`` / ``day_of_week``): one more pass counts each context
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -44,11 +46,13 @@ import torch
 from twostage import distributed
 from twostage.config import ExperimentConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.data.split import sample_users
 from twostage.data.streaming import (
     StreamingVocabularies,
     count_values,
     feature_tables,
     fit_vocabularies,
+    held_out_rows,
     iter_row_groups,
     parquet_files,
     split_rule,
@@ -192,6 +196,52 @@ def streamed_tensors(
     )
 
 
+def _evaluate(
+    run: RetrievalRun,
+    path: str | Path,
+    fitted: StreamingVocabularies,
+    user_table: pl.DataFrame | None,
+    item_table: pl.DataFrame | None,
+) -> dict[str, Any]:
+    """The run's test metrics on the held-out rows (``data.test_users`` of the
+    users, when set); empty when the split holds nothing out."""
+    data = run.config.data
+    world = distributed.current()
+    keys = context_keys(run.spec)
+    raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
+    rule = fitted.rule or split_rule(
+        path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
+    )
+    rows = held_out_rows(
+        path,
+        rule,
+        [USER, ITEM, TIME, *raw],
+        rank=world.rank if world is not None else 0,
+        world=world.size if world is not None else 1,
+    )
+    test = sample_users(
+        Dataset(name="stream", interactions=rows, users=user_table, items=item_table),
+        data.test_users,
+        seed=data.seed,
+    )
+    if test.num_interactions == 0:
+        return {}
+    users = test.interactions[USER].n_unique()
+    if data.test_users == 0 and users > 100_000:
+        logger.warning(
+            "evaluating all %d test users over %d items; set data.test_users to "
+            "evaluate a fixed sample of them",
+            users,
+            fitted.items.size - 1,
+        )
+    started = time.perf_counter()
+    metrics = run.evaluate(test, shard=world is not None).to_dict()
+    logger.info(
+        "evaluated %d test users in %.1f s", users, time.perf_counter() - started
+    )
+    return metrics
+
+
 def _empty_log(path: str | Path) -> pl.DataFrame:
     """The dataset's columns and dtypes (its first file's), without rows."""
     import pyarrow.parquet as pq
@@ -233,6 +283,7 @@ def fit_streamed_retrieval(
     *,
     out_dir: str | Path | None = None,
     on_step: ProgressFn | None = None,
+    evaluate_test: bool = True,
 ) -> RetrievalRun:
     """Train the two ID towers (with the users' history when
     ``retrieval.history_length`` > 0) on the training side of a Parquet log.
@@ -248,6 +299,11 @@ def fit_streamed_retrieval(
             file order), trains on its share of each global batch, and rank 0
             saves: the weights of a single process.
         on_step: progress callback of the training loop.
+        evaluate_test: read the test side (one more pass; its rows are held) and
+            store the full-catalogue metrics in ``run.metrics``, on
+            ``data.test_users`` of the test users when that is set (every one
+            otherwise: at millions of users, set it). Under torchrun the ranks
+            share the users.
 
     Raises:
         ConfigError: the config asks for something the streamed path lacks.
@@ -324,6 +380,8 @@ def fit_streamed_retrieval(
     run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
     run.train_result = train_retrieval(model, tensors, config.train, on_step=on_step)
     run.popularity_fallback = 0
+    if evaluate_test:
+        run.metrics = _evaluate(run, path, fitted, user_table, item_table)
     if out_dir is not None and distributed.is_main():
         run.save(out_dir)
         if item_table is not None:  # what `twostage recommend RUN` shows

@@ -551,6 +551,7 @@ def train_retrieval_command(
             "users": streamed.spec.vocabulary("user_id").size - 1,
             "items": streamed.spec.vocabulary("item_id").size - 1,
             "retrieval": streamed.metrics,
+            "rejected_rows": (streamed.load_report or {}).get("rejected", {}),
         }
         if json_output:
             print_json(summary)
@@ -561,10 +562,12 @@ def train_retrieval_command(
                 title=f"Retrieval on {dataset} (test side, streamed)",
                 models={"twostage": streamed.metrics},
             )
+        rejected = sum(summary["rejected_rows"].values())
         console.print(
             f"Streamed {summary['training_rows']:,} training rows "
-            f"({summary['users']:,} users, {summary['items']:,} items); saved to "
-            f"[cyan]{out}[/cyan]."
+            f"({summary['users']:,} users, {summary['items']:,} items"
+            + (f"; {rejected:,} bad rows left out, see the log" if rejected else "")
+            + f"); saved to [cyan]{out}[/cyan]."
         )
         return
     options: dict[str, Any] = {"out_dir": out, "resume": resume}

@@ -181,10 +181,12 @@ def test_leave_last_out_streamed_holds_out_the_in_memory_rows(tmp_path: Path) ->
     rule = split_rule(tmp_path, method="leave-last-out", test_fraction=0.2, seed=0)
     assert rule.held_rows is not None and (np.diff(rule.held_rows) > 0).all()
     held = leave_last_out(Dataset(name="log", interactions=log)).test.interactions
-    streamed = pl.concat(
+    numbered_rows = pl.concat(
         batch.filter(pl.Series(rule.mask(batch, first)))
         for first, batch in iter_row_groups(tmp_path, columns=COLUMNS)
     )
+    assert numbered_rows["__row"].to_list() == rule.held_rows.tolist()
+    streamed = numbered_rows.drop("__row")
     assert streamed.sort(COLUMNS).equals(held.select(COLUMNS).sort(COLUMNS))
     # the rows themselves, not just equal values: the row numbers are the last ones
     numbered = log.with_row_index("row")
@@ -195,7 +197,7 @@ def test_leave_last_out_streamed_holds_out_the_in_memory_rows(tmp_path: Path) ->
     assert 999 not in streamed["user_id"].to_list()  # one row: kept for training
     # ranks: every other row group each, the same rows in all
     shares = [
-        batch.filter(pl.Series(rule.mask(batch, first)))
+        batch.filter(pl.Series(rule.mask(batch, first))).drop("__row")
         for rank in (0, 1)
         for first, batch in iter_row_groups(
             tmp_path, columns=COLUMNS, rank=rank, world=2

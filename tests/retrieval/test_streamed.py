@@ -537,3 +537,76 @@ def test_a_streamed_run_is_evaluated_on_the_held_out_side(log: Path) -> None:
         sampled.metrics["metrics"]["exclude_seen"]
         != run.metrics["metrics"]["exclude_seen"]
     )
+
+
+def test_bad_rows_are_counted_and_left_out_of_every_pass(
+    log: Path, tmp_path: Path
+) -> None:
+    """Missing IDs, a missing timestamp and a rating that is not a number are
+    counted by reason with their row numbers and left out of every pass, as the
+    in-memory loader leaves them out; datetime timestamps read as epoch seconds."""
+    from twostage.data.tables import read_interactions
+
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    row = pl.int_range(pl.len())
+    table = table.with_columns(
+        user_id=pl.when(row.is_in([5, 7_777])).then(None).otherwise("user_id"),
+        item_id=pl.when(row == 3_000).then(None).otherwise("item_id"),
+        timestamp=pl.when(row == 4_000)
+        .then(None)
+        .otherwise(pl.from_epoch("timestamp", time_unit="s")),
+        rating=pl.when(row == 9_000).then(float("nan")).otherwise("rating"),
+    )
+    directory = tmp_path / "bad"
+    directory.mkdir()
+    table.slice(0, 6_000).write_parquet(directory / "a.parquet", row_group_size=1_000)
+    table.slice(6_000).write_parquet(directory / "b.parquet", row_group_size=2_500)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *ID_ONLY,
+            "retrieval.history_length=8",
+            "retrieval.use_side_features=true",
+            "retrieval.query_fields=hour_of_day",
+        ],
+    )
+    streamed = fit_streamed_retrieval(config, directory)
+
+    loaded = read_interactions(
+        table,
+        user_col="user_id",
+        item_col="item_id",
+        time_col="timestamp",
+        rating_col="rating",
+    )
+    assert loaded.report is not None
+    expected = {
+        "empty_user_id": 2,
+        "empty_item_id": 1,
+        "bad_timestamp": 1,
+        "bad_rating": 1,
+    }
+    assert dict(loaded.report.rejected) == expected
+    assert streamed.load_report is not None
+    assert streamed.load_report["rejected"] == expected
+    lines = {r: [e[0] for e in v] for r, v in streamed.load_report["examples"].items()}
+    assert lines["empty_user_id"] == [6, 7_778]  # 1-based row numbers, file order
+    assert streamed.load_report["rows_read"] == table.height
+
+    good = loaded.interactions
+    test = held_out_mask(good, method="random", test_fraction=0.2, seed=42)
+    data = Dataset(name="log", interactions=good)
+    parts = ExperimentSplit(
+        fit=data.with_interactions(good.filter(pl.Series(~test))),
+        validation=None,
+        test=data.with_interactions(good.filter(pl.Series(test))),
+    )
+    in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
+    assert torch.equal(streamed.tensors.users, in_memory.tensors.users)
+    assert torch.equal(streamed.tensors.items, in_memory.tensors.items)
+    assert torch.equal(streamed.tensors.history, in_memory.tensors.history)
+    assert torch.equal(
+        streamed.tensors.context["hour_of_day"],
+        in_memory.tensors.context["hour_of_day"],
+    )

@@ -33,7 +33,9 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from twostage import distributed
-from twostage.data.dataset import ITEM, TIME, USER
+from twostage.data._table_values import Spec, parse_columns
+from twostage.data.dataset import ITEM, RATING, TIME, USER
+from twostage.data.report import MAX_EXAMPLES, LoadReport
 from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import _fmix64, stable_hash
 from twostage.features.vocab import Vocabulary
@@ -93,12 +95,16 @@ def iter_batches(
     columns: list[str],
     rank: int = 0,
     world: int = 1,
+    report: LoadReport | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """The dataset's row groups as polars frames of ``columns``; rank ``rank`` of
+    """The dataset's row groups as polars frames of ``columns``, checked as the
+    in-memory loader checks a Parquet file (:func:`iter_row_groups`); rank ``rank`` of
     ``world`` gets row groups ``rank, rank + world, ...`` (disjoint shares that
     together are the whole dataset)."""
-    for _, frame in iter_row_groups(path, columns=columns, rank=rank, world=world):
-        yield frame
+    for _, frame in iter_row_groups(
+        path, columns=columns, rank=rank, world=world, report=report
+    ):
+        yield frame.drop(_ROW)
 
 
 def iter_row_groups(
@@ -107,20 +113,71 @@ def iter_row_groups(
     columns: list[str],
     rank: int = 0,
     world: int = 1,
+    report: LoadReport | None = None,
 ) -> Iterator[tuple[int, pl.DataFrame]]:
-    """As :func:`iter_batches`, with the dataset row number of each frame's first
-    row (the rows counted in file order, row groups in order)."""
+    """``(first row number, frame)`` per row group of this rank: the good rows of the
+    group, with ``columns`` and their dataset row numbers (``__row``; rows counted
+    in file order, row groups in order; ``first`` is the group's first).
+
+    Every row is checked as the in-memory loader checks a Parquet file
+    (:func:`twostage.data._table_values.parse_columns`, whatever ``columns`` asks
+    for): a missing or empty user or item ID, a NUL byte in one, a timestamp that is
+    missing or outside 1900..2200, a rating that is not a finite number. Datetime
+    timestamps become epoch seconds. Bad rows are left out of every pass alike, and
+    ``report`` (one pass's) counts them by reason with their 1-based row numbers.
+    """
     if not 0 <= rank < world:
         raise ConfigError(
             f"`rank` should be in [0, world). Received: rank={rank}, world={world}."
         )
+    files = parquet_files(path)
+    present = _schema_of(files[0])
+    missing = [
+        c for c in dict.fromkeys([USER, ITEM, TIME, *columns]) if c not in present
+    ]
+    if missing:
+        raise DataError(
+            f"the column(s) {missing} are not in {str(files[0])!r}, whose columns are "
+            f"{present}; a streamed log needs user_id, item_id and timestamp."
+        )
+    roles = {c: c for c in (USER, ITEM, TIME, RATING) if c in present}
+    spec = Spec(roles, (), None, "keep", (USER, ITEM, TIME))
+    extra = [c for c in columns if c not in roles]
     first = 0
-    for number, (file, group) in enumerate(row_groups(parquet_files(path))):
+    for number, (file, group) in enumerate(row_groups(files)):
         reader = pq.ParquetFile(file)
         if number % world == rank:
-            table = reader.read_row_group(group, columns=columns)
-            yield first, pl.from_arrow(table)  # type: ignore[misc]
+            table = reader.read_row_group(group, columns=[*roles, *extra])
+            raw = pl.from_arrow(table)
+            assert isinstance(raw, pl.DataFrame)
+            parsed, reason = parse_columns(raw.select(list(roles)), spec)
+            frame = pl.concat([parsed, raw.select(extra)], how="horizontal")
+            frame = frame.with_columns(
+                pl.int_range(first, first + raw.height, dtype=pl.Int64).alias(_ROW)
+            )
+            if reason is not None:
+                if report is not None:
+                    _count_rejects(report, raw, reason, first)
+                frame = frame.filter(reason.is_null())
+            yield first, frame.select(*columns, _ROW)
         first += reader.metadata.row_group(group).num_rows
+
+
+def _count_rejects(
+    report: LoadReport, raw: pl.DataFrame, reason: pl.Series, first: int
+) -> None:
+    numbered = raw.with_row_index("__line", offset=first + 1)
+    bad = numbered.filter(reason.is_not_null())
+    reasons = reason.drop_nulls()
+    for name in reasons.unique(maintain_order=True):
+        rows = bad.filter(reasons == name)
+        head = rows.head(MAX_EXAMPLES)
+        text = [repr(d) for d in head.drop("__line").to_dicts()]
+        report.add_many(name, rows.height, list(zip(head["__line"], text, strict=True)))
+
+
+def _schema_of(file: Path) -> list[str]:
+    return list(pq.ParquetFile(file).schema_arrow.names)
 
 
 def _id_hash(values: pl.Series, seed: int) -> np.ndarray:
@@ -168,11 +225,19 @@ def held_out_mask(
     if method == "leave-last-out":
         if held_rows is None:
             raise ConfigError("a leave-last-out split needs `held_rows` (last_rows()).")
+        # The batch's row numbers: its own column (iter_row_groups), else consecutive.
+        rows = (
+            batch[_ROW].to_numpy()
+            if _ROW in batch.columns
+            else np.arange(first_row, first_row + batch.height)
+        )
+        if rows.size == 0:
+            return np.zeros(0, dtype=bool)
         # held_rows is sorted: the ones inside this batch's span of row numbers.
-        lo, hi = np.searchsorted(held_rows, [first_row, first_row + batch.height])
-        mask = np.zeros(batch.height, dtype=bool)
-        mask[held_rows[lo:hi] - first_row] = True
-        return mask
+        lo, hi = np.searchsorted(held_rows, [rows.min(), rows.max() + 1])
+        inside = held_rows[lo:hi]
+        at = np.minimum(np.searchsorted(inside, rows), max(inside.size - 1, 0))
+        return inside[at] == rows if inside.size else np.zeros(rows.size, dtype=bool)
     mixed = _id_hash(batch[USER], seed) * np.uint64(0x9E3779B97F4A7C15)
     mixed ^= _id_hash(batch[ITEM], seed + 1)
     mixed = _fmix64(mixed ^ (_id_hash(batch[TIME], seed + 2) >> np.uint64(1)))
@@ -185,37 +250,72 @@ def last_rows(path: str | Path) -> np.ndarray:
     """Sorted dataset row numbers of each user's last row, for users with two rows
     or more: the test rows of ``leave-last-out``, as
     :func:`twostage.data.split.leave_last_out` picks them in memory (last by
-    timestamp, a missing timestamp first; ties: the later row).
+    timestamp, ties: the later row), among the rows that pass the loader's checks
+    (:func:`iter_row_groups`).
 
-    Two streaming aggregations of polars (each user's latest time and row count, then
-    the last row at that time); memory is bounded by the number of users, not rows.
+    One pass over every row group; memory holds one (user, time, row, count) entry
+    per user, merged in bulk, not the rows.
     """
-    files = [str(f) for f in parquet_files(path)]
-    earliest = np.iinfo(np.int64).min
-    rows = (
-        pl.scan_parquet(files, row_index_name=_ROW)
-        .select(
-            _ROW,
-            USER,
-            pl.col(TIME).to_physical().cast(pl.Int64).fill_null(earliest),
+    latest = _Latest()
+    for _, batch in iter_row_groups(path, columns=[USER, TIME]):
+        latest.add(batch)
+    table = latest.result()
+    if table is None:
+        return np.zeros(0, dtype=np.int64)
+    held = table.filter(pl.col("count") >= 2)[_ROW].sort()
+    return held.to_numpy().astype(np.int64)
+
+
+class _Buffered:
+    """A running table over a stream of batches, merged in bulk.
+
+    Each batch's part waits in a buffer until the buffer is as large as the merged
+    table (or 4M rows), and is then merged in one pass (:meth:`_merge`): every row is
+    merged O(log batches) times, where merging each batch at once would redo the
+    whole table per batch (100 batches of a 10M-user log: 100 passes over 10M rows).
+    """
+
+    #: Merge at least this many buffered rows at a time.
+    FLUSH_ROWS = 4_000_000
+
+    def __init__(self) -> None:
+        self.merged: pl.DataFrame | None = None
+        self.pending: list[pl.DataFrame] = []
+        self.pending_rows = 0
+
+    def _add(self, part: pl.DataFrame) -> None:
+        self.pending.append(part)
+        self.pending_rows += part.height
+        merged_rows = 0 if self.merged is None else self.merged.height
+        if self.pending_rows >= max(merged_rows, self.FLUSH_ROWS):
+            self._flush()
+
+    def _merge(self, rows: pl.DataFrame) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        parts = self.pending if self.merged is None else [self.merged, *self.pending]
+        if parts:
+            self.merged = self._merge(pl.concat(parts))
+        self.pending, self.pending_rows = [], 0
+
+    def result(self) -> pl.DataFrame | None:
+        self._flush()
+        return self.merged
+
+
+class _Latest(_Buffered):
+    """Each user's latest row so far (by time, then row number) and row count."""
+
+    def add(self, batch: pl.DataFrame) -> None:
+        self._add(self._merge(batch.with_columns(count=pl.lit(1, dtype=pl.Int64))))
+
+    def _merge(self, rows: pl.DataFrame) -> pl.DataFrame:
+        return (
+            rows.sort([USER, TIME, _ROW])
+            .group_by(USER)
+            .agg(pl.col(TIME).last(), pl.col(_ROW).last(), pl.col("count").sum())
         )
-        .filter(pl.col(USER).is_not_null())
-    )
-    latest = (
-        rows.group_by(USER)
-        .agg(pl.col(TIME).max().alias("__latest"), pl.len().alias("__count"))
-        .filter(pl.col("__count") >= 2)
-        .drop("__count")
-    )
-    last = (
-        rows.join(latest, on=USER)
-        .filter(pl.col(TIME) == pl.col("__latest"))
-        .group_by(USER)
-        .agg(pl.col(_ROW).max())
-        .select(pl.col(_ROW).cast(pl.Int64).sort())
-        .collect(engine="streaming")
-    )
-    return last[_ROW].to_numpy()
 
 
 @dataclass(frozen=True)
@@ -266,12 +366,18 @@ def split_rule(
 
 
 def temporal_cut(path: str | Path, *, test_fraction: float) -> int:
-    """The timestamp from which rows are test rows: the ``1 - test_fraction``
-    quantile of the dataset's time column, found by polars' streaming engine."""
+    """The timestamp (epoch seconds) from which rows are test rows: the
+    ``1 - test_fraction`` quantile of the dataset's times, found by polars' streaming
+    engine over the rows with a user, an item and a time (datetimes as epoch
+    seconds, as :func:`iter_row_groups` reads them)."""
     files = [str(f) for f in parquet_files(path)]
+    scan = pl.scan_parquet(files)
+    time = pl.col(TIME)
+    if scan.collect_schema()[TIME].is_temporal():
+        time = time.dt.epoch("s")
     cut = (
-        pl.scan_parquet(files)
-        .select(pl.col(TIME).quantile(1.0 - test_fraction, interpolation="lower"))
+        scan.filter(pl.col(USER).is_not_null() & pl.col(ITEM).is_not_null())
+        .select(time.drop_nulls().quantile(1.0 - test_fraction, interpolation="lower"))
         .collect(engine="streaming")
         .item()
     )
@@ -291,6 +397,8 @@ class StreamingVocabularies:
         num_local_train_rows: the training rows of this rank's row groups (all of
             them in a single process).
         rule: the split the pass applied (the second pass applies it again).
+        report: the rows the loader's checks left out of every pass, by reason
+            (all ranks' counts; examples with their 1-based row numbers).
     """
 
     users: Vocabulary
@@ -300,6 +408,7 @@ class StreamingVocabularies:
     num_batches: int
     num_local_train_rows: int = -1
     rule: SplitRule | None = None
+    report: LoadReport | None = None
 
     def __post_init__(self) -> None:
         if self.num_local_train_rows < 0:
@@ -310,44 +419,6 @@ class StreamingVocabularies:
         the sampling probability of the logQ correction."""
         counts = np.concatenate([[0], self.items.counts]).astype(np.float64)
         return counts / max(counts.sum(), 1.0)
-
-
-class _Buffered:
-    """A running table over a stream of batches, merged in bulk.
-
-    Each batch's part waits in a buffer until the buffer is as large as the merged
-    table (or 4M rows), and is then merged in one pass (:meth:`_merge`): every row is
-    merged O(log batches) times, where merging each batch at once would redo the
-    whole table per batch (100 batches of a 10M-user log: 100 passes over 10M rows).
-    """
-
-    #: Merge at least this many buffered rows at a time.
-    FLUSH_ROWS = 4_000_000
-
-    def __init__(self) -> None:
-        self.merged: pl.DataFrame | None = None
-        self.pending: list[pl.DataFrame] = []
-        self.pending_rows = 0
-
-    def _add(self, part: pl.DataFrame) -> None:
-        self.pending.append(part)
-        self.pending_rows += part.height
-        merged_rows = 0 if self.merged is None else self.merged.height
-        if self.pending_rows >= max(merged_rows, self.FLUSH_ROWS):
-            self._flush()
-
-    def _merge(self, rows: pl.DataFrame) -> pl.DataFrame:
-        raise NotImplementedError
-
-    def _flush(self) -> None:
-        parts = self.pending if self.merged is None else [self.merged, *self.pending]
-        if parts:
-            self.merged = self._merge(pl.concat(parts))
-        self.pending, self.pending_rows = [], 0
-
-    def result(self) -> pl.DataFrame | None:
-        self._flush()
-        return self.merged
 
 
 class _Counts(_Buffered):
@@ -390,7 +461,10 @@ def fit_vocabularies(
     users, items = _Counts(), _Counts()
     train_rows = test_rows = batches = 0
     columns = [USER, ITEM, TIME]
-    for first, batch in iter_row_groups(path, columns=columns, rank=rank, world=world):
+    report = LoadReport(path=str(path))
+    for first, batch in iter_row_groups(
+        path, columns=columns, rank=rank, world=world, report=report
+    ):
         test = rule.mask(batch, first)
         train = batch.filter(pl.Series(~test))
         users.add(train[USER].drop_nulls())
@@ -405,6 +479,11 @@ def fit_vocabularies(
         train_rows, test_rows, batches = (
             sum(distributed.gather_sizes(n)) for n in (train_rows, test_rows, batches)
         )
+        report = _merged_report(report)
+    report.rows_loaded = train_rows + test_rows
+    report.rows_read = report.rows_loaded + report.num_rejected
+    if not report.ok and distributed.is_main():
+        logger.warning("%s", report.summary())
     if user_counts is None or item_counts is None:
         raise DataError(f"{str(path)!r} has no rows.")
     return StreamingVocabularies(
@@ -415,7 +494,33 @@ def fit_vocabularies(
         num_batches=batches,
         num_local_train_rows=local_rows,
         rule=rule,
+        report=report,
     )
+
+
+def _merged_report(report: LoadReport) -> LoadReport:
+    """Every rank's rejected rows in one report (counts summed, examples by row)."""
+    rows = [
+        {"reason": reason, "line": line, "text": text}
+        for reason, examples in report.examples.items()
+        for line, text in examples
+    ]
+    counts = pl.DataFrame(
+        {"reason": list(report.rejected), "count": list(report.rejected.values())},
+        schema={"reason": pl.String, "count": pl.Int64},
+    )
+    examples = pl.DataFrame(
+        rows, schema={"reason": pl.String, "line": pl.Int64, "text": pl.String}
+    )
+    merged = LoadReport(path=report.path)
+    all_examples = pl.concat(distributed.gather_frames(examples)).sort("line")
+    totals = pl.concat(distributed.gather_frames(counts)).group_by("reason").sum()
+    for reason, count in totals.sort("reason").iter_rows():
+        shown = all_examples.filter(pl.col("reason") == reason)
+        merged.add_many(
+            reason, count, list(zip(shown["line"], shown["text"], strict=True))
+        )
+    return merged
 
 
 def count_values(

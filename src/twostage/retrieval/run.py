@@ -139,6 +139,8 @@ class RetrievalRun:
     metrics: dict[str, Any] = field(default_factory=dict)
     popularity_fallback: int = 0
     fallback: dict[str, Any] | None = None
+    #: The input rows the loader left out, by reason (streamed training; not saved).
+    load_report: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # An ordered history may read the items' features (a no-op otherwise).

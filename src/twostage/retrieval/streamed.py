@@ -378,6 +378,7 @@ def fit_streamed_retrieval(
     torch.manual_seed(config.train.seed)
     model = build_model(spec, config.retrieval)
     run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
+    run.load_report = fitted.report.to_dict() if fitted.report is not None else None
     run.train_result = train_retrieval(model, tensors, config.train, on_step=on_step)
     run.popularity_fallback = 0
     if evaluate_test:

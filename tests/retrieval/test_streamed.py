@@ -51,6 +51,35 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _in_memory_split(data: Dataset, split: str = "random") -> ExperimentSplit:
+    """The split the streamed path draws, made in memory on ``data``'s rows (in
+    file order): the same rows on each side."""
+    table = data.interactions
+    if split == "leave-last-out":
+        held = leave_last_out(data)
+        assert 0 < held.test.num_interactions <= data.num_users
+        return ExperimentSplit(fit=held.train, validation=None, test=held.test)
+    if split == "temporal":
+        cut = table["timestamp"].quantile(0.8, interpolation="lower")
+        test = (table["timestamp"] >= cut).to_numpy()
+    else:
+        test = held_out_mask(table, method="random", test_fraction=0.2, seed=42)
+    return ExperimentSplit(
+        fit=data.with_interactions(table.filter(pl.Series(~test))),
+        validation=None,
+        test=data.with_interactions(table.filter(pl.Series(test))),
+    )
+
+
+def _two_files(table: pl.DataFrame, directory: Path, at: int, groups: int) -> Path:
+    """``table`` as two Parquet files cut at row ``at``, in row groups of ``groups``
+    and ``groups // 2`` rows."""
+    directory.mkdir()
+    table.slice(0, at).write_parquet(directory / "a.parquet", row_group_size=groups)
+    table.slice(at).write_parquet(directory / "b.parquet", row_group_size=groups // 2)
+    return directory
+
+
 WEIGHTED = ["retrieval.rating_weights=true", "retrieval.popularity_days=30"]
 #: The GRU trained on every position of each user's windows, with time gaps.
 SEQUENCES = [
@@ -90,22 +119,7 @@ def test_streamed_training_equals_the_in_memory_path(
     # The same training rows, loaded and split in memory, in file order.
     columns = ["user_id", "item_id", "timestamp", "rating"]
     table = pl.concat(iter_batches(log, columns=columns))
-    data = Dataset(name="log", interactions=table)
-    if split == "leave-last-out":  # the in-memory split of the rows in file order
-        held = leave_last_out(data)
-        assert 0 < held.test.num_interactions <= data.num_users
-        parts = ExperimentSplit(fit=held.train, validation=None, test=held.test)
-    else:
-        if split == "temporal":
-            cut = table["timestamp"].quantile(0.8, interpolation="lower")
-            test = (table["timestamp"] >= cut).to_numpy()
-        else:
-            test = held_out_mask(table, method="random", test_fraction=0.2, seed=42)
-        parts = ExperimentSplit(
-            fit=data.with_interactions(table.filter(pl.Series(~test))),
-            validation=None,
-            test=data.with_interactions(table.filter(pl.Series(test))),
-        )
+    parts = _in_memory_split(Dataset(name="log", interactions=table), split)
     in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
 
     assert torch.equal(streamed.tensors.users, in_memory.tensors.users)
@@ -276,15 +290,11 @@ def test_streamed_side_features_equal_the_in_memory_path(
     items = table.select(["item_id", *item_columns]).unique(
         subset="item_id", keep="first", maintain_order=True
     )
-    test = held_out_mask(table, method="random", test_fraction=0.2, seed=42)
     log = table.select(["user_id", "item_id", "timestamp"])
     data = Dataset(name="log", interactions=log, users=users, items=items)
-    parts = ExperimentSplit(
-        fit=data.with_interactions(log.filter(pl.Series(~test))),
-        validation=None,
-        test=data.with_interactions(log.filter(pl.Series(test))),
+    in_memory, _ = fit_retrieval(
+        config, split=_in_memory_split(data), evaluate_test=False
     )
-    in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
 
     assert [f.key for f in streamed.spec.fields] == [
         f.key for f in in_memory.spec.fields
@@ -448,10 +458,7 @@ def test_streamed_per_row_context_equals_the_in_memory_path(
         .otherwise(pl.lit("web")),
         dwell=(pl.col("user_id") * 7 % 13).cast(pl.Float64),
     )
-    directory = tmp_path / "context"
-    directory.mkdir()
-    table.slice(0, 7_000).write_parquet(directory / "a.parquet", row_group_size=2_000)
-    table.slice(7_000).write_parquet(directory / "b.parquet", row_group_size=1_500)
+    directory = _two_files(table, tmp_path / "context", 7_000, 2_000)
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -463,17 +470,7 @@ def test_streamed_per_row_context_equals_the_in_memory_path(
     )
     streamed = fit_streamed_retrieval(config, directory)
 
-    data = Dataset(name="log", interactions=table)
-    if split == "leave-last-out":
-        held = leave_last_out(data)
-        parts = ExperimentSplit(fit=held.train, validation=None, test=held.test)
-    else:
-        test = held_out_mask(table, method="random", test_fraction=0.2, seed=42)
-        parts = ExperimentSplit(
-            fit=data.with_interactions(table.filter(pl.Series(~test))),
-            validation=None,
-            test=data.with_interactions(table.filter(pl.Series(test))),
-        )
+    parts = _in_memory_split(Dataset(name="log", interactions=table), split)
     in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
 
     assert [f.key for f in streamed.spec.fields] == [
@@ -558,10 +555,7 @@ def test_bad_rows_are_counted_and_left_out_of_every_pass(
         .otherwise(pl.from_epoch("timestamp", time_unit="s")),
         rating=pl.when(row == 9_000).then(float("nan")).otherwise("rating"),
     )
-    directory = tmp_path / "bad"
-    directory.mkdir()
-    table.slice(0, 6_000).write_parquet(directory / "a.parquet", row_group_size=1_000)
-    table.slice(6_000).write_parquet(directory / "b.parquet", row_group_size=2_500)
+    directory = _two_files(table, tmp_path / "bad", 6_000, 1_000)
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -594,14 +588,7 @@ def test_bad_rows_are_counted_and_left_out_of_every_pass(
     assert lines["empty_user_id"] == [6, 7_778]  # 1-based row numbers, file order
     assert streamed.load_report["rows_read"] == table.height
 
-    good = loaded.interactions
-    test = held_out_mask(good, method="random", test_fraction=0.2, seed=42)
-    data = Dataset(name="log", interactions=good)
-    parts = ExperimentSplit(
-        fit=data.with_interactions(good.filter(pl.Series(~test))),
-        validation=None,
-        test=data.with_interactions(good.filter(pl.Series(test))),
-    )
+    parts = _in_memory_split(Dataset(name="log", interactions=loaded.interactions))
     in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
     assert torch.equal(streamed.tensors.users, in_memory.tensors.users)
     assert torch.equal(streamed.tensors.items, in_memory.tensors.items)

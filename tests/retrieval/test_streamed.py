@@ -164,6 +164,25 @@ def test_a_streamed_run_saves_loads_and_answers(
     assert answer.items == Recommender(run).recommend(user, 10).items
 
 
+def test_settings_a_stream_cannot_use_yet_are_named_in_a_warning(
+    log: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [*ID_ONLY, "data.validation_fraction=0.05", "retrieval.popularity_fallback=-1"],
+    )
+    with caplog.at_level("WARNING", logger="twostage.retrieval.streamed"):
+        run = fit_streamed_retrieval(config, log, evaluate_test=False)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "data.validation_fraction=0.05" in warned
+    assert "retrieval.popularity_fallback=-1" in warned
+    assert run.popularity_fallback == 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage.retrieval.streamed"):
+        fit_streamed_retrieval(apply_overrides(ExperimentConfig(), ID_ONLY), log)
+    assert not caplog.records  # ID_ONLY sets both to 0: nothing unused
+
+
 def test_a_context_column_the_log_lacks_is_a_clear_error(log: Path) -> None:
     from twostage.errors import DataError
 

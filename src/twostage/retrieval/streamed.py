@@ -379,6 +379,20 @@ def fit_streamed_retrieval(
     model = build_model(spec, config.retrieval)
     run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
     run.load_report = fitted.report.to_dict() if fitted.report is not None else None
+    unused = []
+    if data.validation_fraction > 0:
+        unused.append(f"data.validation_fraction={data.validation_fraction}")
+    if config.retrieval.popularity_fallback != 0:
+        unused.append(
+            f"retrieval.popularity_fallback={config.retrieval.popularity_fallback}"
+        )
+    if unused and distributed.is_main():
+        logger.warning(
+            "a streamed log has no validation carve-out yet: %s not used; every "
+            "epoch trains on all training rows, the epoch with the lowest training "
+            "loss is kept, and no user gets the most-popular fallback",
+            " and ".join(unused),
+        )
     run.train_result = train_retrieval(model, tensors, config.train, on_step=on_step)
     run.popularity_fallback = 0
     if evaluate_test:

@@ -209,3 +209,30 @@ def test_leave_last_out_streamed_holds_out_the_in_memory_rows(tmp_path: Path) ->
     )
     assert fitted.num_test_rows == held.height
     assert fitted.num_train_rows == log.height - held.height
+
+
+def test_temporal_cut_reads_times_as_the_loader_does(tmp_path: Path) -> None:
+    """ISO text and datetimes become epoch seconds, bad rows are left out, and the
+    cut is the "lower" quantile of what is left, as in memory."""
+    from twostage.data.streaming import temporal_cut
+    from twostage.data.tables import read_interactions
+
+    times = [
+        f"2021-03-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:00" for i in range(900)
+    ]
+    log = pl.DataFrame(
+        {
+            "user_id": [i % 37 for i in range(900)],
+            "item_id": [None if i % 50 == 0 else i % 11 for i in range(900)],
+            "timestamp": [None if i == 7 else t for i, t in enumerate(times)],
+        }
+    )
+    log.write_parquet(tmp_path / "log.parquet", row_group_size=200)
+    loaded = read_interactions(
+        log, user_col="user_id", item_col="item_id", time_col="timestamp"
+    )
+    expected = loaded.interactions["timestamp"].quantile(0.8, interpolation="lower")
+    assert temporal_cut(tmp_path, test_fraction=0.2) == expected
+    as_datetimes = log.with_columns(pl.col("timestamp").str.to_datetime())
+    as_datetimes.write_parquet(tmp_path / "log.parquet", row_group_size=200)
+    assert temporal_cut(tmp_path, test_fraction=0.2) == expected

@@ -378,7 +378,8 @@ def temporal_cut(path: str | Path, *, test_fraction: float) -> int:
     if times.size == 0:
         raise DataError(f"{str(path)!r} has no timestamps to cut.")
     at = int(np.floor((1.0 - test_fraction) * (times.size - 1)))
-    return int(np.partition(times, at)[at])
+    times.partition(at)  # in place: no second copy of the times
+    return int(times[at])
 
 
 @dataclass

@@ -216,6 +216,12 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     assert summary["training_rows"] > 9_000 and (out / "model.safetensors").exists()
     assert summary["retrieval"]["counts"]["exclude_seen"]["num_queries"] > 300
     assert json.loads((out / "metrics.json").read_text()) == summary["retrieval"]
+    # `twostage evaluate` reads the stream's own split again, not an in-memory one
+    again = CliRunner().invoke(app, ["evaluate", str(out), "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["retrieval"]["twostage"] == summary["retrieval"]
+    refused = CliRunner().invoke(app, ["evaluate", str(out), "--baselines"])
+    assert refused.exit_code == 2 and "in memory" in refused.output
 
 
 def test_cli_stream_reads_per_row_context_and_serves_it(

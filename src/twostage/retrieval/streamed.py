@@ -34,6 +34,7 @@ windows, the history's times); as in memory, several ranks train interactions on
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -72,7 +73,15 @@ from twostage.retrieval.tensors import (
 )
 from twostage.training import ProgressFn
 
-__all__ = ["fit_streamed_retrieval", "streamed_tensors"]
+__all__ = [
+    "STREAM_MARKER",
+    "evaluate_streamed",
+    "fit_streamed_retrieval",
+    "streamed_tensors",
+]
+
+#: In a run saved from a stream: the log it was trained on (JSON).
+STREAM_MARKER = "stream.json"
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +205,41 @@ def streamed_tensors(
     )
 
 
+def evaluate_streamed(directory: str | Path) -> dict[str, Any]:
+    """Re-evaluate a run saved by :func:`fit_streamed_retrieval` on its log's test
+    side, read a row group at a time as training read it (the same split rule, the
+    same checks, ``data.test_users`` of the users when set): the metrics training
+    stored. ``twostage evaluate RUN`` calls this for streamed runs.
+
+    Raises:
+        DataError: ``directory`` is not a streamed run, or its log is gone.
+    """
+    from twostage.errors import DataError
+    from twostage.retrieval.run import load_run
+
+    marker = Path(directory) / STREAM_MARKER
+    if not marker.exists():
+        raise DataError(f"{str(directory)!r} is not a run trained from a stream.")
+    path = Path(json.loads(marker.read_text())["dataset"])
+    if not path.exists():
+        raise DataError(
+            f"the streamed run {str(directory)!r} was trained on {str(path)!r}, which "
+            "is not there any more: put the log back at that path to evaluate it."
+        )
+    run = load_run(directory)
+    data = run.config.data
+    user_table = item_table = None
+    if run.config.retrieval.use_side_features:
+        user_table, item_table = feature_tables(
+            path, user_features=data.user_features, item_features=data.item_features
+        )
+    return _evaluate(run, path, None, user_table, item_table)
+
+
 def _evaluate(
     run: RetrievalRun,
     path: str | Path,
-    fitted: StreamingVocabularies,
+    fitted: StreamingVocabularies | None,
     user_table: pl.DataFrame | None,
     item_table: pl.DataFrame | None,
 ) -> dict[str, Any]:
@@ -209,7 +249,7 @@ def _evaluate(
     world = distributed.current()
     keys = context_keys(run.spec)
     raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
-    rule = fitted.rule or split_rule(
+    rule = (fitted.rule if fitted is not None else None) or split_rule(
         path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
     )
     rows = held_out_rows(
@@ -232,7 +272,7 @@ def _evaluate(
             "evaluating all %d test users over %d items; set data.test_users to "
             "evaluate a fixed sample of them",
             users,
-            fitted.items.size - 1,
+            run.spec.vocabulary(ITEM).size - 1,
         )
     started = time.perf_counter()
     metrics = run.evaluate(test, shard=world is not None).to_dict()
@@ -401,4 +441,8 @@ def fit_streamed_retrieval(
         run.save(out_dir)
         if item_table is not None:  # what `twostage recommend RUN` shows
             item_table.write_parquet(Path(out_dir) / "items.parquet")
+        # Its test side is the stream's split, which `twostage evaluate` must reuse
+        # (the in-memory split of the same log holds out other rows).
+        marker = {"dataset": str(Path(path).resolve())}
+        (Path(out_dir) / STREAM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return run

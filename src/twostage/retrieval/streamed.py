@@ -49,6 +49,7 @@ from twostage.config import ExperimentConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.split import sample_users
 from twostage.data.streaming import (
+    SplitRule,
     StreamingVocabularies,
     count_values,
     feature_tables,
@@ -114,10 +115,7 @@ def streamed_tensors(
     """The training tensors from a second pass over the log: the rows' indices, the
     users' history when ``retrieval.history_length`` > 0, and each user's and item's
     feature rows from ``user_table`` / ``item_table`` (IDs only without them)."""
-    data = config.data
-    rule = fitted.rule or split_rule(  # the first pass's, unless built elsewhere
-        path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
-    )
+    rule = _split_rule(path, config, fitted)
     world = distributed.current()
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
     local = fitted.num_local_train_rows
@@ -249,9 +247,7 @@ def _evaluate(
     world = distributed.current()
     keys = context_keys(run.spec)
     raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
-    rule = (fitted.rule if fitted is not None else None) or split_rule(
-        path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
-    )
+    rule = _split_rule(path, run.config, fitted)
     rows = held_out_rows(
         path,
         rule,
@@ -280,6 +276,18 @@ def _evaluate(
         "evaluated %d test users in %.1f s", users, time.perf_counter() - started
     )
     return metrics
+
+
+def _split_rule(
+    path: str | Path, config: ExperimentConfig, fitted: StreamingVocabularies | None
+) -> SplitRule:
+    """The run's split: the one the vocabulary pass applied, else found again."""
+    if fitted is not None and fitted.rule is not None:
+        return fitted.rule
+    data = config.data
+    return split_rule(
+        path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
+    )
 
 
 def _empty_log(path: str | Path) -> pl.DataFrame:
@@ -387,13 +395,7 @@ def fit_streamed_retrieval(
     if wanted:  # one more pass: the training rows' context values, counted
         context = count_values(
             path,
-            fitted.rule
-            or split_rule(
-                path,
-                method=data.split,
-                test_fraction=data.test_fraction,
-                seed=data.seed,
-            ),
+            _split_rule(path, config, fitted),
             wanted,
             rank=world.rank if world is not None else 0,
             world=world.size if world is not None else 1,

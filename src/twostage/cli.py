@@ -607,23 +607,24 @@ def evaluate_command(
     config: retrieval (optionally beside the baselines), then the ranking stage when
     the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone)."""
     from twostage.retrieval.evaluation import evaluate_on, rebuild_test_split
-    from twostage.retrieval.streamed import STREAM_MARKER, evaluate_streamed
+    from twostage.retrieval.streamed import evaluate_streamed
 
     results: dict[str, Any] = {}
-    if (path / STREAM_MARKER).exists():  # trained from a stream: the stream's split
-        if baselines:
+    rec = _open_bundle(path)
+    if rec.run.stream is not None:  # trained from a stream: the stream's split
+        if baselines or rec.ranker is not None:
             raise typer.BadParameter(
                 "a run trained from a stream is evaluated a row group at a time; "
-                "the baselines need the log in memory. Drop --baselines."
+                "the baselines and the ranking stage need the log in memory. Drop "
+                "--baselines."
             )
-        results["retrieval"] = {"twostage": evaluate_streamed(path)}
+        results["retrieval"] = {"twostage": evaluate_streamed(rec.run)}
         if json_output:
             print_json(results)
             return
         title = f"Evaluation of {path} (test side of the stream)"
         print_metrics({}, title=title, models=results["retrieval"])
         return
-    rec = _open_bundle(path)
     test = rebuild_test_split(rec.run, source=path)
     results["retrieval"] = evaluate_on(rec.run, test, baselines=baselines)
     if rec.ranker is not None:

@@ -216,10 +216,15 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     assert summary["training_rows"] > 9_000 and (out / "model.safetensors").exists()
     assert summary["retrieval"]["counts"]["exclude_seen"]["num_queries"] > 300
     assert json.loads((out / "metrics.json").read_text()) == summary["retrieval"]
-    # `twostage evaluate` reads the stream's own split again, not an in-memory one
-    again = CliRunner().invoke(app, ["evaluate", str(out), "--json"])
-    assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout)["retrieval"]["twostage"] == summary["retrieval"]
+    # `twostage evaluate` reads the stream's own split again, not an in-memory one,
+    # for the run and for a bundle saved from it
+    bundle = load(out).save(tmp_path / "bundle")
+    assert load(bundle).run.stream == str(log.resolve())
+    for where in (out, bundle):
+        again = CliRunner().invoke(app, ["evaluate", str(where), "--json"])
+        assert again.exit_code == 0, again.output
+        got = json.loads(again.stdout)["retrieval"]["twostage"]
+        assert got == summary["retrieval"], where
     refused = CliRunner().invoke(app, ["evaluate", str(out), "--baselines"])
     assert refused.exit_code == 2 and "in memory" in refused.output
 

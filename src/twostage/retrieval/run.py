@@ -141,6 +141,9 @@ class RetrievalRun:
     fallback: dict[str, Any] | None = None
     #: The input rows the loader left out, by reason (streamed training; not saved).
     load_report: dict[str, Any] | None = None
+    #: The Parquet log a streamed run was trained on (saved): its test side is that
+    #: stream's split, which re-evaluation reads again (``evaluate_streamed``).
+    stream: str | None = None
 
     def __post_init__(self) -> None:
         # An ordered history may read the items' features (a no-op otherwise).
@@ -214,7 +217,11 @@ class RetrievalRun:
 
 def write_serving(run: RetrievalRun, directory: Path) -> None:
     """``serving.json``: the rules evaluation and serving apply beyond the weights."""
-    serving = {"popularity_fallback": run.popularity_fallback, "fallback": run.fallback}
+    serving = {
+        "popularity_fallback": run.popularity_fallback,
+        "fallback": run.fallback,
+        "stream": run.stream,
+    }
     (directory / SERVING).write_text(json.dumps(serving, indent=2) + "\n")
 
 
@@ -229,6 +236,10 @@ def _read_serving(run: RetrievalRun, directory: Path) -> None:
         raise ValueError(f"{SERVING} should hold an integer popularity_fallback")
     run.popularity_fallback = values["popularity_fallback"]
     run.fallback = values.get("fallback")
+    stream = values.get("stream")
+    if stream is not None and not isinstance(stream, str):
+        raise ValueError(f"{SERVING} should hold a path (or null) as stream")
+    run.stream = stream
 
 
 def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:

@@ -34,7 +34,6 @@ windows, the history's times); as in memory, several ranks train interactions on
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -75,14 +74,10 @@ from twostage.retrieval.tensors import (
 from twostage.training import ProgressFn
 
 __all__ = [
-    "STREAM_MARKER",
     "evaluate_streamed",
     "fit_streamed_retrieval",
     "streamed_tensors",
 ]
-
-#: In a run saved from a stream: the log it was trained on (JSON).
-STREAM_MARKER = "stream.json"
 
 logger = logging.getLogger(__name__)
 
@@ -203,28 +198,26 @@ def streamed_tensors(
     )
 
 
-def evaluate_streamed(directory: str | Path) -> dict[str, Any]:
-    """Re-evaluate a run saved by :func:`fit_streamed_retrieval` on its log's test
-    side, read a row group at a time as training read it (the same split rule, the
-    same checks, ``data.test_users`` of the users when set): the metrics training
-    stored. ``twostage evaluate RUN`` calls this for streamed runs.
+def evaluate_streamed(run: RetrievalRun) -> dict[str, Any]:
+    """Re-evaluate a run trained by :func:`fit_streamed_retrieval` (``run.stream``
+    names its log) on that log's test side, read a row group at a time as training
+    read it (the same split rule, the same checks, ``data.test_users`` of the users
+    when set): the metrics training stored. ``twostage evaluate`` calls this for
+    streamed runs and their bundles.
 
     Raises:
-        DataError: ``directory`` is not a streamed run, or its log is gone.
+        DataError: the run was not trained from a stream, or its log is gone.
     """
     from twostage.errors import DataError
-    from twostage.retrieval.run import load_run
 
-    marker = Path(directory) / STREAM_MARKER
-    if not marker.exists():
-        raise DataError(f"{str(directory)!r} is not a run trained from a stream.")
-    path = Path(json.loads(marker.read_text())["dataset"])
+    if run.stream is None:
+        raise DataError("this run was not trained from a stream (run.stream is None).")
+    path = Path(run.stream)
     if not path.exists():
         raise DataError(
-            f"the streamed run {str(directory)!r} was trained on {str(path)!r}, which "
-            "is not there any more: put the log back at that path to evaluate it."
+            f"the run was trained on the stream {str(path)!r}, which is not there "
+            "any more: put the log back at that path to evaluate it."
         )
-    run = load_run(directory)
     data = run.config.data
     user_table = item_table = None
     if run.config.retrieval.use_side_features:
@@ -437,14 +430,13 @@ def fit_streamed_retrieval(
         )
     run.train_result = train_retrieval(model, tensors, config.train, on_step=on_step)
     run.popularity_fallback = 0
+    # Its test side is the stream's split, which `twostage evaluate` must reuse (the
+    # in-memory split of the same log holds out other rows): saved with the run.
+    run.stream = str(Path(path).resolve())
     if evaluate_test:
         run.metrics = _evaluate(run, path, fitted, user_table, item_table)
     if out_dir is not None and distributed.is_main():
         run.save(out_dir)
         if item_table is not None:  # what `twostage recommend RUN` shows
             item_table.write_parquet(Path(out_dir) / "items.parquet")
-        # Its test side is the stream's split, which `twostage evaluate` must reuse
-        # (the in-memory split of the same log holds out other rows).
-        marker = {"dataset": str(Path(path).resolve())}
-        (Path(out_dir) / STREAM_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return run

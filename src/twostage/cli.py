@@ -605,7 +605,9 @@ def evaluate_command(
 ) -> None:
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
     config: retrieval (optionally beside the baselines), then the ranking stage when
-    the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone)."""
+    the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone). A
+    run trained with --stream reads its log's test side again a row group at a
+    time (retrieval only)."""
     from twostage.retrieval.evaluation import evaluate_on, rebuild_test_split
     from twostage.retrieval.streamed import evaluate_streamed
 

@@ -547,7 +547,10 @@ def train_retrieval_command(
             )
         summary = {
             "run": str(out),
-            "training_rows": len(streamed.tensors.users),
+            **{
+                f"{side}_rows": count
+                for side, count in (streamed.stream_rows or {}).items()
+            },
             "users": streamed.spec.vocabulary("user_id").size - 1,
             "items": streamed.spec.vocabulary("item_id").size - 1,
             "retrieval": streamed.metrics,
@@ -564,7 +567,8 @@ def train_retrieval_command(
             )
         rejected = sum(summary["rejected_rows"].values())
         console.print(
-            f"Streamed {summary['training_rows']:,} training rows "
+            f"Streamed {summary['training_rows']:,} training rows, "
+            f"{summary['validation_rows']:,} validation rows "
             f"({summary['users']:,} users, {summary['items']:,} items"
             + (f"; {rejected:,} bad rows left out, see the log" if rejected else "")
             + f"); saved to [cyan]{out}[/cyan]."

@@ -236,3 +236,72 @@ def test_temporal_cut_reads_times_as_the_loader_does(tmp_path: Path) -> None:
     as_datetimes = log.with_columns(pl.col("timestamp").str.to_datetime())
     as_datetimes.write_parquet(tmp_path / "log.parquet", row_group_size=200)
     assert temporal_cut(tmp_path, test_fraction=0.2) == expected
+
+
+@pytest.mark.parametrize("method", ["random", "temporal", "leave-last-out"])
+def test_the_validation_carve_out_is_the_in_memory_split_of_the_training_rows(
+    tmp_path: Path, method: str
+) -> None:
+    """The carve-out is drawn from the training rows only, by the in-memory
+    method: a second hash for random, the training times' "lower" quantile for
+    temporal, each user's last training row for leave-last-out (ties: the later
+    row); the three sides are disjoint and counted."""
+    from twostage.data.dataset import Dataset
+    from twostage.data.split import leave_last_out
+    from twostage.data.streaming import VALIDATION_SEED_OFFSET
+
+    path = tmp_path / "log"
+    path.mkdir()
+    log = _tied_log(path) if method == "leave-last-out" else None
+    if log is None:
+        _write(tmp_path / "raw", rows_per_group=1_500)
+        log = _all(tmp_path / "raw")
+        if method == "temporal":  # coarse times: many rows tie at both cuts
+            log = log.with_columns(pl.col("timestamp") // 100_000 * 100_000)
+        log.write_parquet(path / "log.parquet", row_group_size=1_500)
+    rule = split_rule(
+        path, method=method, test_fraction=0.2, seed=3, validation_fraction=0.1
+    )
+    sides = [
+        rule.sides(batch, first)
+        for first, batch in iter_row_groups(path, columns=COLUMNS)
+    ]
+    test = np.concatenate([t for t, _ in sides])
+    validation = np.concatenate([v for _, v in sides])
+    assert not (test & validation).any() and validation.any()
+    assert (rule.test_mask(log, 0) == test).all()  # the test side is unchanged
+    train = log.filter(pl.Series(~test))
+    carved = log.filter(pl.Series(validation))
+    if method == "random":
+        expected = held_out_mask(
+            train, method="random", test_fraction=0.1, seed=3 + VALIDATION_SEED_OFFSET
+        )
+        assert 0.07 < expected.mean() < 0.13
+    elif method == "temporal":
+        cut = train["timestamp"].quantile(0.9, interpolation="lower")
+        expected = (train["timestamp"] >= cut).to_numpy()
+        ties = log["timestamp"] == rule.time_cut
+        assert ties.sum() > 20 and (log["timestamp"] == cut).sum() > 20
+    else:
+        held = leave_last_out(Dataset(name="log", interactions=train))
+        expected = np.zeros(train.height, dtype=bool)
+        numbered = train.with_row_index("row").join(
+            held.test.interactions.with_row_index("held"), on=COLUMNS, how="semi"
+        )
+        expected[numbered["row"].to_numpy()] = True
+        assert expected.sum() == held.test.num_interactions
+    assert carved.equals(train.filter(pl.Series(expected)))
+    fitted = fit_vocabularies(
+        path,
+        method=method,
+        test_fraction=0.2,
+        seed=3,
+        validation_fraction=0.1,
+    )
+    assert fitted.num_test_rows == int(test.sum())
+    assert fitted.num_validation_rows == carved.height
+    assert fitted.num_train_rows == log.height - test.sum() - carved.height
+    # the vocabularies count the rows left for training only
+    left = log.filter(pl.Series(~(test | validation)))
+    assert fitted.items.size - 1 == left["item_id"].n_unique()
+    assert int(fitted.items.counts.sum()) == left.height

@@ -164,23 +164,81 @@ def test_a_streamed_run_saves_loads_and_answers(
     assert answer.items == Recommender(run).recommend(user, 10).items
 
 
-def test_settings_a_stream_cannot_use_yet_are_named_in_a_warning(
-    log: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("split", "extra"),
+    [("random", []), ("temporal", WEIGHTED), ("leave-last-out", [])],
+)
+def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
+    log: Path, split: str, extra: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """With `data.validation_fraction`, the carve-out's rows leave training, pick
+    the best epoch and the fallback threshold, then join the history and seen
+    items: the in-memory run on the same three sides, epoch by epoch."""
+    from twostage.data.split import validation_split
+    from twostage.data.streaming import VALIDATION_SEED_OFFSET
+
     config = apply_overrides(
         ExperimentConfig(),
-        [*ID_ONLY, "data.validation_fraction=0.05", "retrieval.popularity_fallback=-1"],
+        [
+            *ID_ONLY,
+            f"data.split={split}",
+            "data.validation_fraction=0.1",
+            "retrieval.popularity_fallback=-1",
+            "retrieval.history_length=8",
+            "train.epochs=3",
+            *extra,
+        ],
     )
-    with caplog.at_level("WARNING", logger="twostage.retrieval.streamed"):
-        run = fit_streamed_retrieval(config, log, evaluate_test=False)
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "data.validation_fraction=0.05" in warned
-    assert "retrieval.popularity_fallback=-1" in warned
-    assert run.popularity_fallback == 0
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="twostage.retrieval.streamed"):
-        fit_streamed_retrieval(apply_overrides(ExperimentConfig(), ID_ONLY), log)
-    assert not caplog.records  # ID_ONLY sets both to 0: nothing unused
+    with caplog.at_level("WARNING"):
+        streamed = fit_streamed_retrieval(config, log)
+    assert not caplog.records  # both settings are used
+
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    parts = _in_memory_split(Dataset(name="log", interactions=table), split)
+    train = parts.fit.interactions
+    if split == "random":
+        carved = held_out_mask(
+            train,
+            method="random",
+            test_fraction=0.1,
+            seed=42 + VALIDATION_SEED_OFFSET,
+        )
+        fit = parts.fit.with_interactions(train.filter(pl.Series(~carved)))
+        held = parts.fit.with_interactions(train.filter(pl.Series(carved)))
+    elif split == "temporal":
+        cut = train["timestamp"].quantile(0.9, interpolation="lower")
+        carved = (train["timestamp"] >= cut).to_numpy()
+        fit = parts.fit.with_interactions(train.filter(pl.Series(~carved)))
+        held = parts.fit.with_interactions(train.filter(pl.Series(carved)))
+    else:
+        fit, held = validation_split(parts.fit, method="leave-last-out")
+    three = ExperimentSplit(fit=fit, validation=held, test=parts.test)
+    in_memory, _ = fit_retrieval(config, split=three)
+
+    assert held.num_interactions >= 0.03 * train.height  # loo: one row a user
+    history = streamed.train_result.history
+    assert [e["validation"] for e in history] == [
+        e["validation"] for e in in_memory.train_result.history
+    ]
+    assert len({e["validation"] for e in history}) > 1  # the epochs differ
+    assert streamed.fallback == in_memory.fallback is not None
+    assert streamed.popularity_fallback == in_memory.popularity_fallback
+    # the served tables hold the carve-out's rows again
+    assert len(streamed.tensors.users) == fit.num_interactions + held.num_interactions
+    for name in ("users", "items", "history"):
+        assert torch.equal(
+            getattr(streamed.tensors, name), getattr(in_memory.tensors, name)
+        ), name
+    if extra == WEIGHTED:
+        assert streamed.tensors.popularity is not None
+        assert torch.equal(streamed.tensors.popularity, in_memory.tensors.popularity)
+    mine, theirs = streamed.model.state_dict(), in_memory.model.state_dict()
+    for name, weights in theirs.items():
+        torch.testing.assert_close(mine[name], weights, msg=name)
+    torch.testing.assert_close(
+        streamed.metrics["metrics"], in_memory.metrics["metrics"]
+    )
 
 
 def test_a_context_column_the_log_lacks_is_a_clear_error(log: Path) -> None:
@@ -203,7 +261,11 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     from twostage.cli import app
 
     out = tmp_path / "run"
-    settings = [a for item in ID_ONLY for a in ("--set", item)]
+    # the defaults' validation carve-out (5%) and the fallback chosen on it
+    defaults = ("data.validation_fraction", "retrieval.popularity_fallback")
+    settings = [
+        a for item in ID_ONLY if not item.startswith(defaults) for a in ("--set", item)
+    ]
     result = CliRunner().invoke(
         app,
         [
@@ -214,6 +276,10 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["training_rows"] > 9_000 and (out / "model.safetensors").exists()
+    assert 0.03 * 9_600 < summary["validation_rows"] < 0.07 * 9_600
+    rows = summary["training_rows"] + summary["validation_rows"] + summary["test_rows"]
+    assert rows == 12_000
+    assert load(out).run.fallback is not None  # chosen on the carve-out
     assert summary["retrieval"]["counts"]["exclude_seen"]["num_queries"] > 300
     assert json.loads((out / "metrics.json").read_text()) == summary["retrieval"]
     # `twostage evaluate` reads the stream's own split again, not an in-memory one,
@@ -407,6 +473,8 @@ _RANKED = apply_overrides(
         "retrieval.use_side_features=true",
         "retrieval.query_fields=hour_of_day",
         "data.split=leave-last-out",
+        "data.validation_fraction=0.1",  # each user's last training row
+        "retrieval.popularity_fallback=-1",
     ],
 )
 
@@ -431,7 +499,10 @@ def _streamed_rank(rank: int, port: int, log: str, out: str) -> None:
             "users": run.tensors.users,
             "items": run.tensors.items,
             "history": run.tensors.history,
-            "hour_of_day": run.tensors.context["hour_of_day"],
+            "validation": torch.tensor(
+                [e["validation"] for e in run.train_result.history]
+            ),
+            "fallback": torch.tensor(run.popularity_fallback),
         }
         weights = {f"model.{k}": v for k, v in run.model.state_dict().items()}
         save_file({**tables, **weights}, f"{out}.{rank}")
@@ -460,13 +531,19 @@ def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
         "users": single.tensors.users,
         "items": single.tensors.items,
         "history": single.tensors.history,
-        "hour_of_day": single.tensors.context["hour_of_day"],
+        "validation": torch.tensor(
+            [e["validation"] for e in single.train_result.history]
+        ),
+        "fallback": torch.tensor(single.popularity_fallback),
     } | {f"model.{k}": v for k, v in single.model.state_dict().items()}
     assert len(single.tensors.users) == 12_000 - 400  # each user's last row held
     for rank in (0, 1):
         got = load_file(f"{out}.{rank}")
         assert got.keys() == want.keys()
-        for key in ("users", "items", "history", "hour_of_day"):
+        # the hour-of-day table trained on the same rows' context (the served
+        # tables keep no context: the carve-out's rows joined them after training)
+        assert "model.query_tower.embeddings.hour_of_day.weight" in got
+        for key in ("users", "items", "history", "validation", "fallback"):
             assert torch.equal(got[key], want[key]), (rank, key)
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, msg=f"{rank} {key}")

@@ -63,7 +63,8 @@ class DataConfig(_Checked):
     test users, the same ones for every model and run (those with the smallest stable
     hash of their ID and ``seed``; :func:`twostage.data.split.sample_users`): the
     other test rows are left out of evaluation, not moved into training. 0: every
-    test user.
+    test user. A streamed run (``--stream``) samples its validation users the same
+    way: every epoch scores them.
     """
 
     dataset: str = "movielens-100k"

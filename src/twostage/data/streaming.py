@@ -18,11 +18,13 @@ in record batches, never as one table.
   the number of distinct IDs; the tables the in-memory loader builds.
 - :func:`count_values`: the distinct values of per-row context columns over the
   training rows, with their counts, which the context encoders fit on.
-- :func:`held_out_rows`: the test side's rows, for evaluation.
+- :func:`held_out_rows`: the test side's rows, for evaluation (or the validation
+  carve-out's, for early stopping).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +57,8 @@ __all__ = [
     "parquet_files",
     "row_groups",
     "temporal_cut",
+    "temporal_cuts",
+    "VALIDATION_SEED_OFFSET",
     "held_out_mask",
     "split_rule",
 ]
@@ -246,19 +250,23 @@ def held_out_mask(
     return uniform < test_fraction
 
 
-def last_rows(path: str | Path) -> np.ndarray:
+def last_rows(path: str | Path, *, within: SplitRule | None = None) -> np.ndarray:
     """Sorted dataset row numbers of each user's last row, for users with two rows
     or more: the test rows of ``leave-last-out``, as
     :func:`twostage.data.split.leave_last_out` picks them in memory (last by
     timestamp, ties: the later row), among the rows that pass the loader's checks
-    (:func:`iter_row_groups`).
+    (:func:`iter_row_groups`). With ``within``, among the rows that rule does not
+    hold out (its training rows: the validation carve-out of leave-last-out).
 
     One pass over every row group; memory holds one (user, time, row, count) entry
     per user, merged in bulk, not the rows.
     """
     latest = _Latest()
-    for _, batch in iter_row_groups(path, columns=[USER, TIME]):
-        latest.add(batch)
+    columns = [USER, TIME] if within is None else [USER, ITEM, TIME]
+    for first, batch in iter_row_groups(path, columns=columns):
+        if within is not None:
+            batch = batch.filter(pl.Series(~within.mask(batch, first)))
+        latest.add(batch.select(USER, TIME, _ROW))
     table = latest.result()
     if table is None:
         return np.zeros(0, dtype=np.int64)
@@ -318,18 +326,26 @@ class _Latest(_Buffered):
         )
 
 
+#: Added to ``data.seed`` for the hash that draws a random split's validation rows
+#: (independent of the test rows' hash, which uses ``seed``, ``seed + 1``, ``seed + 2``).
+VALIDATION_SEED_OFFSET = 3
+
+
 @dataclass(frozen=True)
 class SplitRule:
     """What :func:`held_out_mask` needs for one split of one dataset
-    (:func:`split_rule`)."""
+    (:func:`split_rule`), and the validation carve-out of its training rows."""
 
     method: str
     test_fraction: float
     seed: int
     time_cut: int | None = None
     held_rows: np.ndarray | None = None
+    #: The validation carve-out: a rule over the training rows (its held-out rows
+    #: that are not test rows are validation rows), or None without one.
+    validation: SplitRule | None = None
 
-    def mask(self, batch: pl.DataFrame, first_row: int) -> np.ndarray:
+    def test_mask(self, batch: pl.DataFrame, first_row: int) -> np.ndarray:
         """Which rows of ``batch`` (whose first row is ``first_row``) are test rows."""
         return held_out_mask(
             batch,
@@ -341,28 +357,75 @@ class SplitRule:
             first_row=first_row,
         )
 
+    def sides(
+        self, batch: pl.DataFrame, first_row: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(test, validation)`` masks of ``batch``'s rows (disjoint); the rest
+        are the rows training reads."""
+        test = self.test_mask(batch, first_row)
+        if self.validation is None:
+            return test, np.zeros_like(test)
+        return test, self.validation.test_mask(batch, first_row) & ~test
+
+    def mask(self, batch: pl.DataFrame, first_row: int) -> np.ndarray:
+        """Which rows of ``batch`` training never reads: test and validation rows."""
+        test, validation = self.sides(batch, first_row)
+        return test | validation
+
 
 def split_rule(
-    path: str | Path, *, method: str, test_fraction: float, seed: int
+    path: str | Path,
+    *,
+    method: str,
+    test_fraction: float,
+    seed: int,
+    validation_fraction: float = 0.0,
 ) -> SplitRule:
     """The split of a streamed log: the time cut of ``temporal`` and the last rows of
-    ``leave-last-out`` are found here, once, by a streaming pass."""
+    ``leave-last-out`` are found here, once, by a streaming pass.
+
+    With ``validation_fraction`` > 0 the training rows lose a validation carve-out,
+    drawn by the same method as :func:`twostage.data.split.validation_split` draws it
+    in memory: ``random``, a second hash (seed ``seed + VALIDATION_SEED_OFFSET``)
+    below the fraction; ``temporal``, the training rows from the ``1 -
+    validation_fraction`` quantile of their times on (found in the same pass as the
+    test cut); ``leave-last-out``, each user's last training row, for users with two
+    training rows or more (one more pass).
+    """
     if method not in SPLIT_METHODS:
         raise ConfigError(
             f"`method` should be one of {SPLIT_METHODS} for a streamed log. "
             f"Received: `method` = {method!r}."
         )
-    return SplitRule(
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ConfigError(
+            "`validation_fraction` should be in [0, 1). "
+            f"Received: {validation_fraction!r}."
+        )
+    time_cut = validation_cut = None
+    if method == "temporal":
+        time_cut, validation_cut = temporal_cuts(
+            path, test_fraction=test_fraction, validation_fraction=validation_fraction
+        )
+    rule = SplitRule(
         method=method,
         test_fraction=test_fraction,
         seed=seed,
-        time_cut=(
-            temporal_cut(path, test_fraction=test_fraction)
-            if method == "temporal"
-            else None
-        ),
+        time_cut=time_cut,
         held_rows=last_rows(path) if method == "leave-last-out" else None,
     )
+    if validation_fraction == 0:
+        return rule
+    inner = SplitRule(
+        method=method,
+        test_fraction=validation_fraction,
+        seed=seed + VALIDATION_SEED_OFFSET,
+        time_cut=validation_cut,
+        held_rows=(
+            last_rows(path, within=rule) if method == "leave-last-out" else None
+        ),
+    )
+    return dataclasses.replace(rule, validation=inner)
 
 
 def temporal_cut(path: str | Path, *, test_fraction: float) -> int:
@@ -371,6 +434,15 @@ def temporal_cut(path: str | Path, *, test_fraction: float) -> int:
     rows that pass the loader's checks (:func:`iter_row_groups`: datetimes and ISO
     text as epoch seconds, bad rows left out). One pass; memory holds 8 bytes per row.
     """
+    return temporal_cuts(path, test_fraction=test_fraction)[0]
+
+
+def temporal_cuts(
+    path: str | Path, *, test_fraction: float, validation_fraction: float = 0.0
+) -> tuple[int, int | None]:
+    """:func:`temporal_cut`, and with ``validation_fraction`` > 0 the validation
+    cut: the ``1 - validation_fraction`` quantile ("lower") of the training rows'
+    times (those before the test cut), from the same pass and the same array."""
     parts = [
         batch[TIME].to_numpy() for _, batch in iter_row_groups(path, columns=[TIME])
     ]
@@ -379,7 +451,18 @@ def temporal_cut(path: str | Path, *, test_fraction: float) -> int:
         raise DataError(f"{str(path)!r} has no timestamps to cut.")
     at = int(np.floor((1.0 - test_fraction) * (times.size - 1)))
     times.partition(at)  # in place: no second copy of the times
-    return int(times[at])
+    cut = int(times[at])
+    if validation_fraction == 0:
+        return cut, None
+    # Every training time (< cut) is in times[:at]; the times equal to the cut there
+    # are the largest, so the k-th smallest training time is the k-th of the view.
+    before = times[:at]
+    count = int(np.count_nonzero(before < cut))
+    if count == 0:  # no training row before the cut: nothing to carve
+        return cut, cut
+    place = int(np.floor((1.0 - validation_fraction) * (count - 1)))
+    before.partition(place)
+    return cut, int(before[place])
 
 
 @dataclass
@@ -389,6 +472,7 @@ class StreamingVocabularies:
     Attributes:
         users, items: fitted vocabularies (index order: descending count).
         num_train_rows, num_test_rows: rows on each side of the split.
+        num_validation_rows: the validation carve-out's rows (not training rows).
         num_batches: record batches read.
         num_local_train_rows: the training rows of this rank's row groups (all of
             them in a single process).
@@ -403,6 +487,7 @@ class StreamingVocabularies:
     num_test_rows: int
     num_batches: int
     num_local_train_rows: int = -1
+    num_validation_rows: int = 0
     rule: SplitRule | None = None
     report: LoadReport | None = None
 
@@ -434,6 +519,7 @@ def fit_vocabularies(
     method: str = "random",
     test_fraction: float = 0.2,
     seed: int = 42,
+    validation_fraction: float = 0.0,
     rank: int = 0,
     world: int = 1,
 ) -> StreamingVocabularies:
@@ -448,35 +534,45 @@ def fit_vocabularies(
             ``timestamp`` columns.
         method, test_fraction, seed: the split (:func:`split_rule`,
             :func:`held_out_mask`).
+        validation_fraction: the validation carve-out of the training rows
+            (:func:`split_rule`); its rows are counted apart and fit nothing.
         rank, world: read only this rank's row groups. Under ``torch.distributed``
             (:mod:`twostage.distributed`) the ranks then merge their counts, so
             every rank ends with the vocabularies of the whole log; without a
             process group they are this rank's.
     """
-    rule = split_rule(path, method=method, test_fraction=test_fraction, seed=seed)
+    rule = split_rule(
+        path,
+        method=method,
+        test_fraction=test_fraction,
+        seed=seed,
+        validation_fraction=validation_fraction,
+    )
     users, items = _Counts(), _Counts()
-    train_rows = test_rows = batches = 0
+    train_rows = test_rows = validation_rows = batches = 0
     columns = [USER, ITEM, TIME]
     report = LoadReport(path=str(path))
     for first, batch in iter_row_groups(
         path, columns=columns, rank=rank, world=world, report=report
     ):
-        test = rule.mask(batch, first)
-        train = batch.filter(pl.Series(~test))
+        test, validation = rule.sides(batch, first)
+        train = batch.filter(pl.Series(~(test | validation)))
         users.add(train[USER].drop_nulls())
         items.add(train[ITEM].drop_nulls())
         train_rows += train.height
         test_rows += int(test.sum())
+        validation_rows += int(validation.sum())
         batches += 1
     user_counts, item_counts = users.result(), items.result()
     local_rows = train_rows
     if world > 1 and distributed.current() is not None:
         user_counts, item_counts = _merged(user_counts), _merged(item_counts)
-        train_rows, test_rows, batches = (
-            sum(distributed.gather_sizes(n)) for n in (train_rows, test_rows, batches)
+        train_rows, test_rows, validation_rows, batches = (
+            sum(distributed.gather_sizes(n))
+            for n in (train_rows, test_rows, validation_rows, batches)
         )
         report = _merged_report(report)
-    report.rows_loaded = train_rows + test_rows
+    report.rows_loaded = train_rows + test_rows + validation_rows
     report.rows_read = report.rows_loaded + report.num_rejected
     if not report.ok and distributed.is_main():
         logger.warning("%s", report.summary())
@@ -489,6 +585,7 @@ def fit_vocabularies(
         num_test_rows=test_rows,
         num_batches=batches,
         num_local_train_rows=local_rows,
+        num_validation_rows=validation_rows,
         rule=rule,
         report=report,
     )
@@ -573,25 +670,30 @@ def held_out_rows(
     rule: SplitRule,
     columns: list[str],
     *,
+    side: str = "test",
     rank: int = 0,
     world: int = 1,
 ) -> pl.DataFrame:
-    """The test side of the split: ``columns`` of every held-out row, in file order.
-    Under ``torch.distributed`` each rank reads its row groups and every rank gets
-    all the rows, in rank order (sent as Arrow IPC). Memory holds these rows: the
-    test side only."""
+    """The test side of the split (``side="validation"``: the validation carve-out):
+    ``columns`` of every such row, in file order. Under ``torch.distributed`` each
+    rank reads its row groups and every rank gets all the rows (sent as Arrow IPC),
+    in file order too. Memory holds these rows: that side only."""
+    if side not in ("test", "validation"):
+        raise ConfigError(f"`side` should be test or validation. Received: {side!r}.")
+    which = 0 if side == "test" else 1
     parts = [
-        batch.filter(pl.Series(rule.mask(batch, first)))
+        batch.filter(pl.Series(rule.sides(batch, first)[which]))
         for first, batch in iter_row_groups(
             path, columns=columns, rank=rank, world=world
         )
     ]
-    empty = _empty_frame(path, columns)
+    empty = _empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(_ROW))
     mine = pl.concat(parts) if parts else empty
     if world > 1 and distributed.current() is not None:
         gathered = [p for p in distributed.gather_frames(mine) if p.height]
-        mine = pl.concat(gathered) if gathered else empty
-    return mine
+        # Every rank's rows, back in file order (by row number).
+        mine = pl.concat(gathered).sort(_ROW) if gathered else empty
+    return mine.drop(_ROW)
 
 
 def _empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:

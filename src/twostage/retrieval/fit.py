@@ -44,7 +44,7 @@ from twostage.training import ProgressFn, TrainResult
 from twostage.training.loop import resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
-__all__ = ["fit_retrieval", "train_retrieval"]
+__all__ = ["Validator", "choose_fallback", "fit_retrieval", "train_retrieval"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,27 +106,7 @@ def fit_retrieval(
     run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
     validate = None
     if validation is not None and validation.num_interactions:
-        k = config.train.eval_k
-
-        valid_users, valid_items = _pairs(spec, validation)
-        # The validation queries and their features do not change between epochs.
-        queries = eval_queries(run, validation)
-        frame = context_frame(queries.user_ids, queries.context, context_keys(spec))
-        features = spec.transform_queries(frame, users=validation.users)
-        user_idx = torch.from_numpy(queries.user_idx)
-
-        def validate(model: RetrievalModel) -> dict[str, float]:
-            features.update(tensors.history_features(user_idx))
-            result = evaluate_embeddings(
-                model.encode_queries(features),
-                queries.pad_items(run.item_embeddings()),
-                relevant=queries.relevant,
-                seen=queries.seen,
-                ks=(k,),
-                valid_items=queries.valid_items,
-            )
-            loss = validation_loss(model, tensors, valid_users, valid_items, config)
-            return {"metric": result.metrics["exclude_seen"]["recall"][k], "loss": loss}
+        validate = Validator(run, validation)
 
     checkpoints = Path(out_dir) if out_dir is not None else None
     run.train_result = train_retrieval(
@@ -143,20 +123,7 @@ def fit_retrieval(
         allow_config_change=allow_config_change,
     )
     logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
-    run.popularity_fallback = max(config.retrieval.popularity_fallback, 0)
-    if config.retrieval.popularity_fallback < 0 and validate is not None:
-        with torch.no_grad():
-            features.update(tensors.history_features(user_idx))
-            choice = choose_popularity_fallback(
-                model.encode_queries(features),
-                run.item_embeddings(),
-                tensors.fallback_popularity,
-                relevant=queries.relevant,
-                seen=queries.seen,
-                num_train_items=tensors.seen().lengths()[queries.user_idx],
-            )
-        run.popularity_fallback = choice.max_interactions
-        run.fallback = choice.to_dict()
+    choose_fallback(run, validate)
     if validation is not None and validation.num_interactions:
         # At inference the validation rows are history like any other training row:
         # they feed the query history and are excluded as seen.
@@ -245,6 +212,66 @@ def _check_fbgemm(device: torch.device) -> None:
             "where data-parallel training cannot average them: train it in one "
             "process (no torchrun, no --nproc), or use the torch backend."
         )
+
+
+class Validator:
+    """The figures training keeps the best epoch by: Recall@``train.eval_k`` (seen
+    items excluded) of the run's queries on a validation carve-out, and the in-batch
+    loss of its known (user, item) pairs. The queries, their features and the pairs
+    are computed once; each call embeds them with the current weights.
+
+    The run's tables are the training rows' (history, seen items), as each epoch
+    trained them; the carve-out's rows join them only after training.
+    """
+
+    def __init__(self, run: RetrievalRun, validation: Dataset) -> None:
+        spec, self.run = run.spec, run
+        self.pairs = _pairs(spec, validation)
+        self.queries = eval_queries(run, validation)
+        frame = context_frame(
+            self.queries.user_ids, self.queries.context, context_keys(spec)
+        )
+        self.features = spec.transform_queries(frame, users=validation.users)
+        self.user_idx = torch.from_numpy(self.queries.user_idx)
+
+    def query_embeddings(self, model: RetrievalModel) -> Tensor:
+        self.features.update(self.run.tensors.history_features(self.user_idx))
+        return model.encode_queries(self.features)
+
+    def __call__(self, model: RetrievalModel) -> dict[str, float]:
+        k, queries = self.run.config.train.eval_k, self.queries
+        result = evaluate_embeddings(
+            self.query_embeddings(model),
+            queries.pad_items(self.run.item_embeddings()),
+            relevant=queries.relevant,
+            seen=queries.seen,
+            ks=(k,),
+            valid_items=queries.valid_items,
+        )
+        loss = validation_loss(model, self.run.tensors, *self.pairs, self.run.config)
+        return {"metric": result.metrics["exclude_seen"]["recall"][k], "loss": loss}
+
+
+def choose_fallback(run: RetrievalRun, validate: Validator | None) -> None:
+    """Set ``run.popularity_fallback``: the config's threshold, or with
+    ``retrieval.popularity_fallback`` < 0 the one that scores best on validation
+    (:func:`choose_popularity_fallback`; 0 without a validation carve-out)."""
+    wanted = run.config.retrieval.popularity_fallback
+    run.popularity_fallback = max(wanted, 0)
+    if wanted >= 0 or validate is None:
+        return
+    queries, tensors = validate.queries, run.tensors
+    with torch.no_grad():
+        choice = choose_popularity_fallback(
+            validate.query_embeddings(run.model),
+            run.item_embeddings(),
+            tensors.fallback_popularity,
+            relevant=queries.relevant,
+            seen=queries.seen,
+            num_train_items=tensors.seen().lengths()[queries.user_idx],
+        )
+    run.popularity_fallback = choice.max_interactions
+    run.fallback = choice.to_dict()
 
 
 def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

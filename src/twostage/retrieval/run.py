@@ -141,6 +141,9 @@ class RetrievalRun:
     fallback: dict[str, Any] | None = None
     #: The input rows the loader left out, by reason (streamed training; not saved).
     load_report: dict[str, Any] | None = None
+    #: A streamed run's rows on each side of its split: ``training``,
+    #: ``validation``, ``test`` (not saved).
+    stream_rows: dict[str, int] | None = None
     #: The Parquet log a streamed run was trained on (saved): its test side is that
     #: stream's split, which re-evaluation reads again (``evaluate_streamed``).
     stream: str | None = None

@@ -27,6 +27,12 @@ column's values over the training rows (:func:`~twostage.data.streaming.count_va
 the encoders fit on those counts (:meth:`~twostage.features.base.Encoder.fit_counts`),
 and the second pass encodes each training row's context.
 
+With ``data.validation_fraction`` > 0 the split also carves validation rows out of
+the training rows by its own method (:func:`~twostage.data.streaming.split_rule`).
+They are held in memory (``data.test_users`` of their users scored), score every
+epoch for early stopping, pick the popularity fallback's threshold, and join the
+history and seen items after training, as the in-memory path does with its carve-out.
+
 ``retrieval.examples=users|sequences`` and ``retrieval.sequence_time_gaps`` build the
 same tables from the second pass's index and time arrays as in memory (the sequence
 windows, the history's times); as in memory, several ranks train interactions only.
@@ -61,7 +67,7 @@ from twostage.data.streaming import (
 from twostage.errors import ConfigError
 from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
-from twostage.retrieval.fit import train_retrieval
+from twostage.retrieval.fit import Validator, choose_fallback, train_retrieval
 from twostage.retrieval.run import RetrievalRun, build_model, spec_for
 from twostage.retrieval.tensors import (
     RetrievalTensors,
@@ -70,6 +76,7 @@ from twostage.retrieval.tensors import (
     recent_popularity,
     rows_in_vocab_order,
     sequence_windows,
+    with_history_rows,
 )
 from twostage.training import ProgressFn
 
@@ -106,10 +113,17 @@ def streamed_tensors(
     spec: FeatureSpec | None = None,
     user_table: pl.DataFrame | None = None,
     item_table: pl.DataFrame | None = None,
-) -> RetrievalTensors:
+) -> tuple[RetrievalTensors, np.ndarray]:
     """The training tensors from a second pass over the log: the rows' indices, the
     users' history when ``retrieval.history_length`` > 0, and each user's and item's
-    feature rows from ``user_table`` / ``item_table`` (IDs only without them)."""
+    feature rows from ``user_table`` / ``item_table`` (IDs only without them). The
+    training rows are the ones ``fitted.rule`` holds out neither as test nor as
+    validation rows.
+
+    Returns:
+        The tensors, and the training rows' times in the tensors' row order (empty
+        when nothing reads them), which the validation rows' history joins.
+    """
     rule = _split_rule(path, config, fitted)
     world = distributed.current()
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
@@ -134,8 +148,7 @@ def streamed_tensors(
     filled, group_rows = 0, []
     # Each rank reads its own row groups (rank, rank + size, ...).
     for first, batch in iter_row_groups(path, columns=columns, rank=rank, world=size):
-        test = rule.mask(batch, first)
-        train = batch.filter(pl.Series(~test))
+        train = batch.filter(pl.Series(~rule.mask(batch, first)))
         rows = slice(filled, filled + train.height)
         users[rows] = fitted.users.transform(train[USER])
         items[rows] = fitted.items.transform(train[ITEM])
@@ -181,7 +194,7 @@ def streamed_tensors(
     if spec is not None:
         user_features = rows_in_vocab_order(spec, USER, "query", user_table)
         item_features = rows_in_vocab_order(spec, ITEM, "candidate", item_table)
-    return RetrievalTensors(
+    tensors = RetrievalTensors(
         user_features=user_features,
         item_features=item_features,
         history=history,
@@ -196,6 +209,7 @@ def streamed_tensors(
         history_times=history_times,
         sequence_times=window_times,
     )
+    return tensors, times
 
 
 def evaluate_streamed(run: RetrievalRun) -> dict[str, Any]:
@@ -236,45 +250,94 @@ def _evaluate(
 ) -> dict[str, Any]:
     """The run's test metrics on the held-out rows (``data.test_users`` of the
     users, when set); empty when the split holds nothing out."""
-    data = run.config.data
+    world = distributed.current()
+    rule = _split_rule(path, run.config, fitted)
+    test = _sampled(run, _held_out(run, path, rule, "test", user_table, item_table))
+    if test.num_interactions == 0:
+        return {}
+    started = time.perf_counter()
+    metrics = run.evaluate(test, shard=world is not None).to_dict()
+    logger.info(
+        "evaluated %d test users in %.1f s",
+        test.interactions[USER].n_unique(),
+        time.perf_counter() - started,
+    )
+    return metrics
+
+
+def _held_out(
+    run: RetrievalRun,
+    path: str | Path,
+    rule: SplitRule,
+    side: str,
+    user_table: pl.DataFrame | None,
+    item_table: pl.DataFrame | None,
+) -> Dataset:
+    """The rows of one held-out side (test or validation) with the columns the
+    run's queries read."""
     world = distributed.current()
     keys = context_keys(run.spec)
     raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
-    rule = _split_rule(path, run.config, fitted)
     rows = held_out_rows(
         path,
         rule,
         [USER, ITEM, TIME, *raw],
+        side=side,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
     )
-    test = sample_users(
-        Dataset(name="stream", interactions=rows, users=user_table, items=item_table),
-        data.test_users,
-        seed=data.seed,
-    )
-    if test.num_interactions == 0:
-        return {}
-    users = test.interactions[USER].n_unique()
-    if data.test_users == 0 and users > 100_000:
+    return Dataset(name=side, interactions=rows, users=user_table, items=item_table)
+
+
+def _sampled(run: RetrievalRun, held: Dataset) -> Dataset:
+    """``data.test_users`` of a held-out side's users when set (the same sample
+    rule on the test and validation sides); a warning above 100,000 users without."""
+    data = run.config.data
+    held = sample_users(held, data.test_users, seed=data.seed)
+    side = held.name
+    users = held.interactions[USER].n_unique()
+    if data.test_users == 0 and users > 100_000 and distributed.is_main():
         logger.warning(
-            "evaluating all %d test users over %d items; set data.test_users to "
+            "evaluating all %d %s users over %d items%s; set data.test_users to "
             "evaluate a fixed sample of them",
             users,
+            side,
             run.spec.vocabulary(ITEM).size - 1,
+            " after every epoch" if side == "validation" else "",
         )
-    started = time.perf_counter()
-    metrics = run.evaluate(test, shard=world is not None).to_dict()
-    logger.info(
-        "evaluated %d test users in %.1f s", users, time.perf_counter() - started
+    return held
+
+
+def _with_validation_rows(
+    run: RetrievalRun,
+    fitted: StreamingVocabularies,
+    validation: Dataset,
+    times: np.ndarray,
+) -> RetrievalTensors:
+    """The run's tables with the validation rows joined to the training rows
+    (``times``: theirs, in the tables' order): history, seen items and recent
+    popularity, as :func:`~twostage.retrieval.tensors.with_history_of` gives them
+    in memory."""
+    rows = validation.interactions
+    tensors = run.tensors
+    if not times.size:  # nothing reads the training rows' times: they stay unknown
+        times = np.zeros(tensors.num_examples, dtype=np.int64)
+    return with_history_rows(
+        tensors,
+        np.concatenate([tensors.users.numpy(), fitted.users.transform(rows[USER])]),
+        np.concatenate([tensors.items.numpy(), fitted.items.transform(rows[ITEM])]),
+        np.concatenate([times, rows[TIME].to_numpy()]),
+        num_users=fitted.users.size,
+        num_items=fitted.items.size,
+        config=run.config.retrieval,
     )
-    return metrics
 
 
 def _split_rule(
     path: str | Path, config: ExperimentConfig, fitted: StreamingVocabularies | None
 ) -> SplitRule:
-    """The run's split: the one the vocabulary pass applied, else found again."""
+    """The run's split: the one the vocabulary pass applied (with its validation
+    carve-out), else found again (its test side: evaluation needs no more)."""
     if fitted is not None and fitted.rule is not None:
         return fitted.rule
     data = config.data
@@ -331,7 +394,8 @@ def fit_streamed_retrieval(
 
     Args:
         config: ``data.split`` (random, temporal or leave-last-out),
-            ``test_fraction`` and ``seed`` choose the training rows row by row.
+            ``test_fraction`` and ``seed`` choose the training rows row by row;
+            ``validation_fraction`` carves the validation rows out of them.
         path: a Parquet file or directory with ``user_id``, ``item_id`` and
             ``timestamp``.
         out_dir: where the run is saved (servable like ``twostage train retrieval``'s).
@@ -359,6 +423,7 @@ def fit_streamed_retrieval(
         method=data.split,
         test_fraction=data.test_fraction,
         seed=data.seed,
+        validation_fraction=data.validation_fraction,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
     )
@@ -400,12 +465,13 @@ def fit_streamed_retrieval(
         item_table=item_table,
         context=context,
     )
-    tensors = streamed_tensors(
+    tensors, times = streamed_tensors(
         path, fitted, config, spec=spec, user_table=user_table, item_table=item_table
     )
     logger.info(
-        "streamed %d training rows (%d users, %d items) in %.1f s",
+        "streamed %d training rows, %d validation rows (%d users, %d items) in %.1f s",
         fitted.num_train_rows,
+        fitted.num_validation_rows,
         fitted.users.size - 1,
         fitted.items.size - 1,
         time.perf_counter() - started,
@@ -414,22 +480,27 @@ def fit_streamed_retrieval(
     model = build_model(spec, config.retrieval)
     run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
     run.load_report = fitted.report.to_dict() if fitted.report is not None else None
-    unused = []
-    if data.validation_fraction > 0:
-        unused.append(f"data.validation_fraction={data.validation_fraction}")
-    if config.retrieval.popularity_fallback != 0:
-        unused.append(
-            f"retrieval.popularity_fallback={config.retrieval.popularity_fallback}"
+    run.stream_rows = {
+        "training": fitted.num_train_rows,
+        "validation": fitted.num_validation_rows,
+        "test": fitted.num_test_rows,
+    }
+    validate = validation = None
+    if fitted.num_validation_rows:  # early stopping and the fallback's threshold
+        assert fitted.rule is not None
+        validation = _held_out(
+            run, path, fitted.rule, "validation", user_table, item_table
         )
-    if unused and distributed.is_main():
-        logger.warning(
-            "a streamed log has no validation carve-out yet: %s not used; every "
-            "epoch trains on all training rows, the epoch with the lowest training "
-            "loss is kept, and no user gets the most-popular fallback",
-            " and ".join(unused),
-        )
-    run.train_result = train_retrieval(model, tensors, config.train, on_step=on_step)
-    run.popularity_fallback = 0
+        sample = _sampled(run, validation)
+        validate = Validator(run, sample) if sample.num_interactions else None
+    run.train_result = train_retrieval(
+        model, tensors, config.train, validate=validate, on_step=on_step
+    )
+    choose_fallback(run, validate)
+    if validation is not None:
+        # At inference the validation rows are history like any other training
+        # row, as in memory: all of them, not only the sampled users'.
+        run.tensors = _with_validation_rows(run, fitted, validation, times)
     # Its test side is the stream's split, which `twostage evaluate` must reuse (the
     # in-memory split of the same log holds out other rows): saved with the run.
     run.stream = str(Path(path).resolve())

@@ -36,6 +36,7 @@ __all__ = [
     "tensors_from_flat",
     "tensors_to_flat",
     "with_history_of",
+    "with_history_rows",
 ]
 
 
@@ -406,23 +407,41 @@ def with_history_of(
 ) -> RetrievalTensors:
     """The same tables with history and seen items taken from another training set."""
     inter = train.interactions
-    users = spec.vocabulary(USER).transform(inter[USER])
-    items = spec.vocabulary(ITEM).transform(inter[ITEM])
+    return with_history_rows(
+        tensors,
+        spec.vocabulary(USER).transform(inter[USER]),
+        spec.vocabulary(ITEM).transform(inter[ITEM]),
+        inter[TIME].to_numpy(),
+        num_users=spec.vocabulary(USER).size,
+        num_items=spec.vocabulary(ITEM).size,
+        config=config,
+    )
+
+
+def with_history_rows(
+    tensors: RetrievalTensors,
+    users: np.ndarray,
+    items: np.ndarray,
+    times: np.ndarray,
+    *,
+    num_users: int,
+    num_items: int,
+    config: RetrievalConfig,
+) -> RetrievalTensors:
+    """:func:`with_history_of` from the rows' vocabulary indices (0: unknown) and
+    times: the history, the seen items and recent popularity of those rows, as
+    served. The rows' weights and context leave (they were training batches')."""
     # What is popular counts every row of a known item, new users' rows included.
     popularity = recent_popularity(
-        inter.filter(pl.Series(items > 0))[TIME].to_numpy(),
+        times[items > 0],
         items[items > 0],
-        num_items=spec.vocabulary(ITEM).size,
+        num_items=num_items,
         days=config.popularity_days,
     )
     known = (users > 0) & (items > 0)
     users, items = users[known], items[known]
     history, history_times = latest_rows(
-        inter.filter(pl.Series(known))[TIME].to_numpy(),
-        users,
-        items,
-        num_users=spec.vocabulary(USER).size,
-        length=config.history_length,
+        times[known], users, items, num_users=num_users, length=config.history_length
     )
     return dataclasses.replace(
         tensors,

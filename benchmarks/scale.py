@@ -38,6 +38,7 @@ def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, An
         *("--items", str(args.items), "--rows-per-group", str(args.rows_per_group)),
         *("--steps", str(args.steps), "--history", str(args.history)),
         *("--split", args.split),
+        *("--validation-fraction", str(args.validation_fraction)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -66,12 +67,17 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out["bytes"] = sum(f.stat().st_size for f in files)
     elif name == "vocabularies":
         fitted = fit_vocabularies(
-            args.dir, method=args.split, test_fraction=0.2, seed=42
+            args.dir,
+            method=args.split,
+            test_fraction=0.2,
+            seed=42,
+            validation_fraction=args.validation_fraction,
         )
         out.update(
             users=fitted.users.size - 1,
             items=fitted.items.size - 1,
             train_rows=fitted.num_train_rows,
+            validation_rows=fitted.num_validation_rows,
             test_rows=fitted.num_test_rows,
         )
     elif name == "train":
@@ -268,6 +274,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         choices=("random", "temporal", "leave-last-out"),
         help="the split of the vocabulary and training phases (the test rows held "
         "out row by row, or each user's last row found by a streaming aggregation)",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.0,
+        help="the vocabulary phase's validation carve-out of the training rows "
+        "(leave-last-out: each user's last training row, one more pass)",
     )
     parser.add_argument(
         "--skip-distributed", action="store_true", help="only the data pass"

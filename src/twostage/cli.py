@@ -209,6 +209,16 @@ def train_all(
     allow_config_change: AllowConfigChange = False,
     tensorboard: TensorBoard = None,
     nproc: NProc = 1,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Read --dataset (a Parquet file or directory) one row group at a "
+            "time, never as a table, for logs larger than memory: both stages train "
+            "on the training rows' indices and ratings (see `train retrieval "
+            "--stream`; docs/scaling.md).",
+        ),
+    ] = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Train retrieval (and ranking), evaluate, and save a versioned bundle."""
@@ -233,14 +243,27 @@ def train_all(
     )
     columns.update(train_file=train_file, test_file=test_file)
     config = _experiment_config(dataset, config_file, overrides or [], columns)
+    if stream and (work_dir is not None or train_file or test_file):
+        raise typer.BadParameter(
+            "--stream reads one Parquet log and splits it row by row, without "
+            "checkpoints: drop --work-dir/--resume and --train-file/--test-file.",
+            param_hint="--stream",
+        )
+    options: dict[str, Any] = (
+        {"stream": dataset}
+        if stream
+        else {
+            "work_dir": work_dir,
+            "resume": resume,
+            "allow_config_change": allow_config_change,
+        }
+    )
     stages = _fit_both(
         config,
         ranking=ranking,
         quiet=json_output,
         tensorboard=tensorboard,
-        work_dir=work_dir,
-        resume=resume,
-        allow_config_change=allow_config_change,
+        **options,
     )
     if _rank() != 0:  # under torchrun: rank 0 saves and reports
         return
@@ -281,8 +304,17 @@ def _fit_both(
     **options: Any,
 ) -> Any:
     """:func:`twostage.two_stage.fit_two_stage` behind the progress bars; prints each
-    stage's test figures (unless ``quiet``); logs to TensorBoard when asked."""
+    stage's test figures (unless ``quiet``); logs to TensorBoard when asked. With
+    ``stream=PATH`` in ``options``: :func:`fit_streamed_two_stage` on that log."""
     from twostage.two_stage import fit_two_stage
+
+    fit: Any = fit_two_stage
+    if "stream" in options:
+        from functools import partial
+
+        from twostage.retrieval.streamed import fit_streamed_two_stage
+
+        fit = partial(fit_streamed_two_stage, path=options.pop("stream"))
 
     logger = None
     if tensorboard is not None:
@@ -290,11 +322,11 @@ def _fit_both(
 
         logger = TensorBoardLogger(tensorboard)
     if _rank() != 0:  # another rank of a torchrun job: rank 0 shows the progress
-        return fit_two_stage(config, ranking=ranking, **options)
+        return fit(config, ranking=ranking, **options)
     stage_names = ("retrieval", "ranking") if ranking else ("retrieval",)
     also = None if logger is None else logger.on_step
     with _stop_on_sigterm(), training_progress(*stage_names, also=also) as bars:
-        stages = fit_two_stage(
+        stages = fit(
             config,
             ranking=ranking,
             on_step=bars["retrieval"],
@@ -610,29 +642,25 @@ def evaluate_command(
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
     config: retrieval (optionally beside the baselines), then the ranking stage when
     the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone). A
-    run trained with --stream reads its log's test side again a row group at a
-    time (retrieval only)."""
+    run or bundle trained with --stream reads its log's test side again, a row
+    group at a time (no baselines)."""
     from twostage.retrieval.evaluation import evaluate_on, rebuild_test_split
-    from twostage.retrieval.streamed import evaluate_streamed
+    from twostage.retrieval.streamed import streamed_test_side
 
     results: dict[str, Any] = {}
     rec = _open_bundle(path)
-    if rec.run.stream is not None:  # trained from a stream: the stream's split
-        if baselines or rec.ranker is not None:
+    streamed = rec.run.stream is not None
+    if streamed:  # trained from a stream: the stream's split, read again
+        if baselines:
             raise typer.BadParameter(
                 "a run trained from a stream is evaluated a row group at a time; "
-                "the baselines and the ranking stage need the log in memory. Drop "
-                "--baselines."
+                "the baselines need the log in memory. Drop --baselines."
             )
-        results["retrieval"] = {"twostage": evaluate_streamed(rec.run)}
-        if json_output:
-            print_json(results)
-            return
-        title = f"Evaluation of {path} (test side of the stream)"
-        print_metrics({}, title=title, models=results["retrieval"])
-        return
-    test = rebuild_test_split(rec.run, source=path)
-    results["retrieval"] = evaluate_on(rec.run, test, baselines=baselines)
+        test = streamed_test_side(rec.run)
+        results["retrieval"] = evaluate_on(rec.run, test)
+    else:
+        test = rebuild_test_split(rec.run, source=path)
+        results["retrieval"] = evaluate_on(rec.run, test, baselines=baselines)
     if rec.ranker is not None:
         from twostage.ranking import evaluate_ranking
 
@@ -641,8 +669,10 @@ def evaluate_command(
     if json_output:
         print_json(results)
         return
-    title = f"Evaluation of {path} (test split)"
-    print_metrics({}, title=title, models=results["retrieval"])
+    side = "test side of the stream" if streamed else "test split"
+    print_metrics(
+        {}, title=f"Evaluation of {path} ({side})", models=results["retrieval"]
+    )
     if "ranking" in results:
         print_ranking(results["ranking"], title="Ranking stage (test split)")
 

@@ -2,7 +2,9 @@
 
 ``twostage train``, ``twostage demo`` and the benchmarks call it, so every ranker is
 trained the same way: on the rows the retrieval model trained on, validated (early
-stopping, the blend weight) on the carve-out that neither stage trained on.
+stopping, the blend weight) on the carve-out that neither stage trained on. Its
+streamed twin, :func:`twostage.retrieval.streamed.fit_streamed_two_stage` (``twostage
+train --stream``), trains the same way on a log that is never loaded.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class TwoStage:
         retrieval: the retrieval run; ``retrieval.metrics`` holds its test metrics.
         ranker: the ranker, or None when the ranking stage was not trained.
         split: ``fit`` (both stages trained on it), ``validation`` (neither did),
-            ``test``.
+            ``test``. From a stream, ``fit`` holds no rows (they stayed in the log),
+            only the feature tables.
         ranking_metrics: :func:`twostage.ranking.evaluate_ranking` on the test split
             (None without a ranker or without test evaluation).
     """

@@ -164,6 +164,36 @@ def test_a_streamed_run_saves_loads_and_answers(
     assert answer.items == Recommender(run).recommend(user, 10).items
 
 
+def _three_sides(log: Path, split: str) -> ExperimentSplit:
+    """The streamed split's test side and validation carve-out (10% of the
+    training rows), made in memory on the log's rows in file order."""
+    from twostage.data.split import validation_split
+    from twostage.data.streaming import VALIDATION_SEED_OFFSET
+
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    parts = _in_memory_split(Dataset(name="log", interactions=table), split)
+    train = parts.fit.interactions
+    if split == "leave-last-out":
+        fit, held = validation_split(parts.fit, method="leave-last-out")
+        return ExperimentSplit(fit=fit, validation=held, test=parts.test)
+    if split == "random":
+        carved = held_out_mask(
+            train,
+            method="random",
+            test_fraction=0.1,
+            seed=42 + VALIDATION_SEED_OFFSET,
+        )
+    else:
+        cut = train["timestamp"].quantile(0.9, interpolation="lower")
+        carved = (train["timestamp"] >= cut).to_numpy()
+    return ExperimentSplit(
+        fit=parts.fit.with_interactions(train.filter(pl.Series(~carved))),
+        validation=parts.fit.with_interactions(train.filter(pl.Series(carved))),
+        test=parts.test,
+    )
+
+
 @pytest.mark.parametrize(
     ("split", "extra"),
     [("random", []), ("temporal", WEIGHTED), ("leave-last-out", [])],
@@ -174,8 +204,6 @@ def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
     """With `data.validation_fraction`, the carve-out's rows leave training, pick
     the best epoch and the fallback threshold, then join the history and seen
     items: the in-memory run on the same three sides, epoch by epoch."""
-    from twostage.data.split import validation_split
-    from twostage.data.streaming import VALIDATION_SEED_OFFSET
 
     config = apply_overrides(
         ExperimentConfig(),
@@ -193,30 +221,13 @@ def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
         streamed = fit_streamed_retrieval(config, log)
     assert not caplog.records  # both settings are used
 
-    columns = ["user_id", "item_id", "timestamp", "rating"]
-    table = pl.concat(iter_batches(log, columns=columns))
-    parts = _in_memory_split(Dataset(name="log", interactions=table), split)
-    train = parts.fit.interactions
-    if split == "random":
-        carved = held_out_mask(
-            train,
-            method="random",
-            test_fraction=0.1,
-            seed=42 + VALIDATION_SEED_OFFSET,
-        )
-        fit = parts.fit.with_interactions(train.filter(pl.Series(~carved)))
-        held = parts.fit.with_interactions(train.filter(pl.Series(carved)))
-    elif split == "temporal":
-        cut = train["timestamp"].quantile(0.9, interpolation="lower")
-        carved = (train["timestamp"] >= cut).to_numpy()
-        fit = parts.fit.with_interactions(train.filter(pl.Series(~carved)))
-        held = parts.fit.with_interactions(train.filter(pl.Series(carved)))
-    else:
-        fit, held = validation_split(parts.fit, method="leave-last-out")
-    three = ExperimentSplit(fit=fit, validation=held, test=parts.test)
+    three = _three_sides(log, split)
+    fit, held = three.fit, three.validation
+    assert held is not None
     in_memory, _ = fit_retrieval(config, split=three)
 
-    assert held.num_interactions >= 0.03 * train.height  # loo: one row a user
+    train_rows = fit.num_interactions + held.num_interactions
+    assert held.num_interactions >= 0.03 * train_rows  # loo: one row a user
     history = streamed.train_result.history
     assert [e["validation"] for e in history] == [
         e["validation"] for e in in_memory.train_result.history
@@ -238,6 +249,54 @@ def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
         torch.testing.assert_close(mine[name], weights, msg=name)
     torch.testing.assert_close(
         streamed.metrics["metrics"], in_memory.metrics["metrics"]
+    )
+
+
+@pytest.mark.parametrize("split", ["random", "leave-last-out"])
+def test_the_streamed_ranker_is_the_in_memory_one(log: Path, split: str) -> None:
+    """Both stages from a stream: the ranker trains on the towers' training rows
+    and their ratings, stops early and picks its blend on the carve-out, and
+    both are measured on the test side, as `fit_two_stage` does on the same
+    three sides."""
+    from twostage.retrieval.streamed import fit_streamed_two_stage
+    from twostage.two_stage import fit_two_stage
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *ID_ONLY,
+            f"data.split={split}",
+            "data.validation_fraction=0.1",
+            "retrieval.history_length=8",
+            "ranking.epochs=3",
+            "ranking.hidden_dims=[32]",
+        ],
+    )
+    streamed = fit_streamed_two_stage(config, log)
+    in_memory = fit_two_stage(config, split=_three_sides(log, split))
+
+    mine, theirs = streamed.ranker, in_memory.ranker
+    assert mine is not None and theirs is not None
+    assert [e["validation"] for e in mine.history] == [
+        e["validation"] for e in theirs.history
+    ]
+    assert mine.blend_weight == theirs.blend_weight
+    assert torch.equal(mine.tensors.history, theirs.tensors.history)
+    for name, weights in theirs.model.state_dict().items():
+        torch.testing.assert_close(mine.model.state_dict()[name], weights, msg=name)
+    assert streamed.ranking_metrics is not None
+    assert in_memory.ranking_metrics is not None
+    assert streamed.ranking_metrics["num_test_pairs"] == (
+        in_memory.split.test.num_interactions
+    )
+    torch.testing.assert_close(streamed.ranking_metrics, in_memory.ranking_metrics)
+    torch.testing.assert_close(
+        streamed.retrieval.metrics["metrics"], in_memory.retrieval.metrics["metrics"]
+    )
+    rec = streamed.recommender()  # both stages serve
+    answer = rec.recommend(rec.user_vocab.values[0], 5)
+    assert len(answer.items) == 5 and answer.items == (
+        in_memory.recommender().recommend(rec.user_vocab.values[0], 5).items
     )
 
 
@@ -293,6 +352,40 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
         assert got == summary["retrieval"], where
     refused = CliRunner().invoke(app, ["evaluate", str(out), "--baselines"])
     assert refused.exit_code == 2 and "in memory" in refused.output
+
+
+def test_cli_trains_both_stages_from_a_stream(log: Path, tmp_path: Path) -> None:
+    """`twostage train --stream` saves a two-stage bundle; `twostage evaluate`
+    measures both stages again on the stream's test side, with the same figures."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    settings = [
+        *ID_ONLY,
+        "data.validation_fraction=0.1",
+        "retrieval.history_length=4",
+        "ranking.epochs=2",
+    ]
+    options = [a for item in settings for a in ("--set", item)]
+    command = ["train", "--stream", "--dataset", str(log), "--json", *options]
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "models")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["ranking"]["num_test_pairs"] > 2_000 and "rmse" in summary["ranking"]
+    bundle = Path(summary["bundle"])
+    assert load(bundle).ranker is not None
+    again = CliRunner().invoke(app, ["evaluate", str(bundle), "--json"])
+    assert again.exit_code == 0, again.output
+    measured = json.loads(again.stdout)
+    assert measured["retrieval"]["twostage"] == summary["retrieval"]
+    assert measured["ranking"] == summary["ranking"]
+    refused = CliRunner().invoke(
+        app, [*command, "--out", str(tmp_path / "m2"), "--work-dir", str(tmp_path)]
+    )
+    assert refused.exit_code == 2 and "--work-dir" in refused.output
 
 
 def test_cli_stream_reads_per_row_context_and_serves_it(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,12 @@ from twostage.ranking.run import (
     top_unseen,
 )
 from twostage.retrieval.run import RetrievalRun
-from twostage.retrieval.tensors import with_history_of
+from twostage.retrieval.tensors import RetrievalTensors, with_history_of
 from twostage.training import ProgressFn, TrainResult
 from twostage.training.loop import resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
-__all__ = ["fit_ranking"]
+__all__ = ["fit_ranking", "fit_ranking_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,6 @@ def fit_ranking(
         The run; its tables hold ``train`` and ``validation`` as history and seen items
         (as a retrieval run's tables do after training).
     """
-    config = config or run.config.ranking
     started = time.perf_counter()
     if validation is None and run.config.data.validation_fraction > 0:
         train, validation = validation_split(
@@ -167,7 +167,62 @@ def fit_ranking(
             fraction=run.config.data.validation_fraction,
             seed=run.config.train.seed,
         )
-    pairs = pairs_of(run, train, known_only=True)
+    held = validation
+
+    def served() -> RetrievalTensors:  # the training and validation rows
+        rows = train.interactions
+        if held is not None:
+            rows = pl.concat([rows, held.interactions])
+        both = train.with_interactions(rows)
+        return with_history_of(run.tensors, run.spec, both, run.config.retrieval)
+
+    ranking = fit_ranking_pairs(
+        run,
+        pairs_of(run, train, known_only=True),
+        with_history_of(run.tensors, run.spec, train, run.config.retrieval),
+        served=served,
+        config=config,
+        validation=validation,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        on_step=on_step,
+        stop_after_epoch=stop_after_epoch,
+        allow_config_change=allow_config_change,
+    )
+    ranking.train_seconds = time.perf_counter() - started
+    return ranking
+
+
+def fit_ranking_pairs(
+    run: RetrievalRun,
+    pairs: Pairs,
+    tables: RetrievalTensors,
+    *,
+    served: Callable[[], RetrievalTensors],
+    config: RankingConfig | None = None,
+    validation: Dataset | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step: ProgressFn | None = None,
+    stop_after_epoch: int | None = None,
+    allow_config_change: bool = False,
+) -> RankingRun:
+    """:func:`fit_ranking` from the training rows as vocabulary indices: what a
+    streamed log gives (:func:`twostage.retrieval.streamed.fit_streamed_two_stage`).
+
+    Args:
+        run: the trained retrieval run.
+        pairs: the training rows' known ``(user_idx, item_idx, rating)`` (NaN: no
+            rating).
+        tables: the retrieval tables of those rows (history, seen items) the
+            ranker trains with.
+        served: the tables it serves with afterwards (the validation rows joined).
+        validation: held-out rows for early stopping and the blend weight.
+        config, checkpoint_dir, resume, on_step, stop_after_epoch,
+        allow_config_change: as for :func:`fit_ranking`.
+    """
+    config = config or run.config.ranking
+    started = time.perf_counter()
     rated = pairs[2][~torch.isnan(pairs[2])]
     if not len(pairs[0]) or (config.rating_weight > 0 and not len(rated)):
         raise DataError(
@@ -181,7 +236,7 @@ def fit_ranking(
         config=config,
         retrieval=run,
         model=build_ranking_model(run, config, rating_mean=mean),
-        tensors=with_history_of(run.tensors, run.spec, train, run.config.retrieval),
+        tensors=tables,
     )
     if len(rated):
         ranking.rating_bounds = (float(rated.min()), float(rated.max()))
@@ -206,17 +261,12 @@ def fit_ranking(
         allow_config_change=allow_config_change,
     )
     ranking.history = result.history
-    if validation is None:
-        validation = train.with_interactions(train.interactions.head(0))
     ranking.blend_weight = (
         pick_blend(ranking, validation)
-        if config.blend_weight is None
-        else config.blend_weight
+        if config.blend_weight is None and validation is not None
+        else (config.blend_weight or 0.0)
     )
-    both = train.with_interactions(
-        pl.concat([train.interactions, validation.interactions])
-    )
-    ranking.tensors = with_history_of(run.tensors, run.spec, both, run.config.retrieval)
+    ranking.tensors = served()
     ranking._vectors = None  # the retrieval query vectors depend on the history
     ranking.train_seconds = time.perf_counter() - started
     logger.info("ranker trained in %.1f s", ranking.train_seconds)

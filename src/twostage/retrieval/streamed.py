@@ -33,6 +33,10 @@ They are held in memory (``data.test_users`` of their users scored), score every
 epoch for early stopping, pick the popularity fallback's threshold, and join the
 history and seen items after training, as the in-memory path does with its carve-out.
 
+:func:`fit_streamed_two_stage` trains the ranker after the towers on the same
+training rows (their indices, history and ratings, kept by the second pass) and the
+same carve-out, and measures both stages on the test side.
+
 ``retrieval.examples=users|sequences`` and ``retrieval.sequence_time_gaps`` build the
 same tables from the second pass's index and time arrays as in memory (the sequence
 windows, the history's times); as in memory, several ranks train interactions only.
@@ -42,8 +46,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -81,10 +86,16 @@ from twostage.retrieval.tensors import (
 from twostage.training import ProgressFn
 
 __all__ = [
+    "StreamedRows",
     "evaluate_streamed",
     "fit_streamed_retrieval",
+    "fit_streamed_two_stage",
     "streamed_tensors",
+    "streamed_test_side",
 ]
+
+if TYPE_CHECKING:
+    from twostage.two_stage import TwoStage
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +116,19 @@ def _check(config: ExperimentConfig) -> None:
         )
 
 
+class StreamedRows(NamedTuple):
+    """What the second pass over a log keeps (:func:`streamed_tensors`)."""
+
+    #: The training tensors.
+    tensors: RetrievalTensors
+    #: The training rows' times, in the tensors' row order (empty when nothing
+    #: reads them): the validation rows' history joins them after training.
+    times: np.ndarray
+    #: The training rows' ratings, in the same order (empty without a rating
+    #: column): the ranker's targets.
+    ratings: np.ndarray
+
+
 def streamed_tensors(
     path: str | Path,
     fitted: StreamingVocabularies,
@@ -113,17 +137,12 @@ def streamed_tensors(
     spec: FeatureSpec | None = None,
     user_table: pl.DataFrame | None = None,
     item_table: pl.DataFrame | None = None,
-) -> tuple[RetrievalTensors, np.ndarray]:
+) -> StreamedRows:
     """The training tensors from a second pass over the log: the rows' indices, the
     users' history when ``retrieval.history_length`` > 0, and each user's and item's
     feature rows from ``user_table`` / ``item_table`` (IDs only without them). The
     training rows are the ones ``fitted.rule`` holds out neither as test nor as
-    validation rows.
-
-    Returns:
-        The tensors, and the training rows' times in the tensors' row order (empty
-        when nothing reads them), which the validation rows' history joins.
-    """
+    validation rows; their times and ratings come back beside the tensors."""
     rule = _split_rule(path, config, fitted)
     world = distributed.current()
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
@@ -138,12 +157,14 @@ def streamed_tensors(
     # do all three as the values do (epoch seconds, as in memory).
     timed = bool(length) or days > 0 or sequences
     times = np.empty(local if timed else 0, dtype=np.int64)
-    weighted = config.retrieval.rating_weights and RATING in _columns(path)
-    ratings = np.empty(local if weighted else 0, dtype=np.float32)
+    # The ratings weight the retrieval loss and are the ranker's targets.
+    rated = RATING in _columns(path)
+    weighted = config.retrieval.rating_weights and rated
+    ratings = np.empty(local if rated else 0, dtype=np.float32)
     keys = context_keys(spec) if spec is not None else []
     # The log's own context columns (the timestamp gives the derived ones).
     raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
-    columns = [USER, ITEM, TIME, *([RATING] if weighted else []), *raw]
+    columns = [USER, ITEM, TIME, *([RATING] if rated else []), *raw]
     context: dict[str, list[np.ndarray]] = {}
     filled, group_rows = 0, []
     # Each rank reads its own row groups (rank, rank + size, ...).
@@ -154,8 +175,8 @@ def streamed_tensors(
         items[rows] = fitted.items.transform(train[ITEM])
         if timed:
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
-        if weighted:  # as build_tensors: a missing rating counts as 0
-            ratings[rows] = train[RATING].fill_null(0).cast(pl.Float32).to_numpy()
+        if rated:  # the row checks leave no missing or non-finite rating
+            ratings[rows] = train[RATING].cast(pl.Float32).to_numpy()
         if keys:  # each training row's own context, encoded as build_tensors does
             assert spec is not None
             frame = context_frame(train[USER], train, keys)
@@ -165,7 +186,7 @@ def streamed_tensors(
         group_rows.append(train.height)
     users, items = users[:filled], items[:filled]
     times = times[:filled] if timed else times
-    ratings = ratings[:filled] if weighted else ratings
+    ratings = ratings[:filled] if rated else ratings
     if size > 1:
         # Training draws global batches from every row: each rank gets all of
         # them, in file order (so the run is the single process's).
@@ -173,7 +194,7 @@ def streamed_tensors(
         users, items = _gathered(users)[order], _gathered(items)[order]
         # Every rank takes part in each gather, also one that read no rows.
         times = _gathered(times)[order] if timed else times
-        ratings = _gathered(ratings)[order] if weighted else ratings
+        ratings = _gathered(ratings)[order] if rated else ratings
     encoded = {key: np.concatenate(parts) for key, parts in context.items()}
     if size > 1:
         encoded = {key: _gathered(values)[order] for key, values in encoded.items()}
@@ -209,15 +230,26 @@ def streamed_tensors(
         history_times=history_times,
         sequence_times=window_times,
     )
-    return tensors, times
+    return StreamedRows(tensors=tensors, times=times, ratings=ratings)
 
 
 def evaluate_streamed(run: RetrievalRun) -> dict[str, Any]:
     """Re-evaluate a run trained by :func:`fit_streamed_retrieval` (``run.stream``
-    names its log) on that log's test side, read a row group at a time as training
-    read it (the same split rule, the same checks, ``data.test_users`` of the users
-    when set): the metrics training stored. ``twostage evaluate`` calls this for
-    streamed runs and their bundles.
+    names its log) on that log's test side (:func:`streamed_test_side`): the
+    metrics training stored. ``twostage evaluate`` calls this for streamed runs and
+    their bundles.
+
+    Raises:
+        DataError: the run was not trained from a stream, or its log is gone.
+    """
+    return _evaluate(run, streamed_test_side(run))
+
+
+def streamed_test_side(run: RetrievalRun) -> Dataset:
+    """The test side of the log a streamed run trained on (``run.stream``), read a
+    row group at a time as training read it: the same split rule, the same checks,
+    ``data.test_users`` of the users when set. What both stages of a streamed
+    bundle are evaluated on.
 
     Raises:
         DataError: the run was not trained from a stream, or its log is gone.
@@ -238,21 +270,25 @@ def evaluate_streamed(run: RetrievalRun) -> dict[str, Any]:
         user_table, item_table = feature_tables(
             path, user_features=data.user_features, item_features=data.item_features
         )
-    return _evaluate(run, path, None, user_table, item_table)
+    return _test_side(run, path, None, user_table, item_table)
 
 
-def _evaluate(
+def _test_side(
     run: RetrievalRun,
     path: str | Path,
     fitted: StreamingVocabularies | None,
     user_table: pl.DataFrame | None,
     item_table: pl.DataFrame | None,
-) -> dict[str, Any]:
-    """The run's test metrics on the held-out rows (``data.test_users`` of the
-    users, when set); empty when the split holds nothing out."""
-    world = distributed.current()
+) -> Dataset:
+    """The held-out rows evaluation reads (``data.test_users`` of the users, when
+    set): one more pass over the log."""
     rule = _split_rule(path, run.config, fitted)
-    test = _sampled(run, _held_out(run, path, rule, "test", user_table, item_table))
+    return _sampled(run, _held_out(run, path, rule, "test", user_table, item_table))
+
+
+def _evaluate(run: RetrievalRun, test: Dataset) -> dict[str, Any]:
+    """The run's test metrics (empty when the split holds nothing out)."""
+    world = distributed.current()
     if test.num_interactions == 0:
         return {}
     started = time.perf_counter()
@@ -274,14 +310,17 @@ def _held_out(
     item_table: pl.DataFrame | None,
 ) -> Dataset:
     """The rows of one held-out side (test or validation) with the columns the
-    run's queries read."""
+    run's queries read, and the ratings."""
     world = distributed.current()
     keys = context_keys(run.spec)
-    raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
+    present = _columns(path)
+    raw = [k for k in keys if k in present and k not in (USER, ITEM, TIME, RATING)]
+    # The ratings are the ranker's targets (validation, RMSE on the test side).
+    rated = [RATING] if RATING in present else []
     rows = held_out_rows(
         path,
         rule,
-        [USER, ITEM, TIME, *raw],
+        [USER, ITEM, TIME, *rated, *raw],
         side=side,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
@@ -381,6 +420,21 @@ def _file_order(group_rows: list[int], size: int) -> np.ndarray:
     return np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
 
 
+@dataclass
+class _Streamed:
+    """One streamed training of the retrieval stage, with what the ranker needs."""
+
+    run: RetrievalRun
+    #: The second pass's training rows (the tensors the towers trained on).
+    rows: StreamedRows
+    #: Every validation row (None without a carve-out), and the sample scored.
+    validation: Dataset | None
+    sample: Dataset | None
+    fitted: StreamingVocabularies
+    user_table: pl.DataFrame | None
+    item_table: pl.DataFrame | None
+
+
 def fit_streamed_retrieval(
     config: ExperimentConfig,
     path: str | Path,
@@ -413,6 +467,96 @@ def fit_streamed_retrieval(
     Raises:
         ConfigError: the config asks for something the streamed path lacks.
     """
+    streamed = _fit_streamed(config, path, on_step=on_step)
+    run = streamed.run
+    if evaluate_test:
+        run.metrics = _evaluate(
+            run, _test_side(run, path, streamed.fitted, *_tables(streamed))
+        )
+    if out_dir is not None and distributed.is_main():
+        run.save(out_dir)
+        if streamed.item_table is not None:  # what `twostage recommend RUN` shows
+            streamed.item_table.write_parquet(Path(out_dir) / "items.parquet")
+    return run
+
+
+def fit_streamed_two_stage(
+    config: ExperimentConfig,
+    path: str | Path,
+    *,
+    ranking: bool = True,
+    on_step: ProgressFn | None = None,
+    on_ranking_step: ProgressFn | None = None,
+    evaluate_test: bool = True,
+) -> TwoStage:
+    """:func:`twostage.two_stage.fit_two_stage` on a Parquet log that is never
+    loaded as a table: the retrieval stage as :func:`fit_streamed_retrieval` trains
+    it, then the ranker on the same training rows (their indices and ratings, kept
+    by the second pass: 4 more bytes per row), validated on the same carve-out
+    (early stopping, the blend weight; ``data.test_users`` of its users), and both
+    stages measured on the test side.
+
+    The returned split's ``fit`` holds no rows (they stayed in the log), only the
+    feature tables; ``validation`` and ``test`` hold the rows that were read.
+
+    Raises:
+        ConfigError: the config asks for something the streamed path lacks.
+        DataError: ``ranking.rating_weight`` > 0 on a log without ratings.
+    """
+    import dataclasses
+
+    from twostage.data.split import ExperimentSplit
+    from twostage.ranking.evaluation import evaluate_ranking
+    from twostage.ranking.fit import fit_ranking_pairs
+    from twostage.two_stage import TwoStage
+
+    streamed = _fit_streamed(config, path, on_step=on_step)
+    run, rows = streamed.run, streamed.rows
+    test = Dataset(
+        name="test",
+        interactions=_empty_log(path).select(USER, ITEM, TIME),
+        users=streamed.user_table,
+        items=streamed.item_table,
+    )
+    if evaluate_test:
+        test = _test_side(run, path, streamed.fitted, *_tables(streamed))
+        run.metrics = _evaluate(run, test)
+    fit = test.with_interactions(test.interactions.head(0))
+    split = ExperimentSplit(fit=fit, validation=streamed.validation, test=test)
+    result = TwoStage(retrieval=run, ranker=None, split=split)
+    if not ranking:
+        return result
+    tables = rows.tensors
+    ratings = rows.ratings
+    if not ratings.size:  # no rating column: clicks only
+        ratings = np.full(len(tables.users), np.nan, dtype=np.float32)
+    result.ranker = fit_ranking_pairs(
+        run,
+        (tables.users, tables.items, torch.from_numpy(ratings)),
+        # the ranker's tables, as in memory: the training rows' history and seen
+        # items, without the retrieval batches' weights and context
+        dataclasses.replace(tables, weights=None, context={}),
+        served=lambda: run.tensors,
+        config=config.ranking,
+        validation=streamed.sample,
+        on_step=on_ranking_step,
+    )
+    if evaluate_test and test.num_interactions and distributed.is_main():
+        result.ranking_metrics = evaluate_ranking(result.ranker, test)
+    return result
+
+
+def _tables(
+    streamed: _Streamed,
+) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    return streamed.user_table, streamed.item_table
+
+
+def _fit_streamed(
+    config: ExperimentConfig, path: str | Path, *, on_step: ProgressFn | None
+) -> _Streamed:
+    """The passes, the validation carve-out and the towers' training of
+    :func:`fit_streamed_retrieval`, without the test side."""
     distributed.init_from_env(config.train.device)  # under torchrun: data-parallel
     _check(config)
     started = time.perf_counter()
@@ -465,9 +609,10 @@ def fit_streamed_retrieval(
         item_table=item_table,
         context=context,
     )
-    tensors, times = streamed_tensors(
+    rows = streamed_tensors(
         path, fitted, config, spec=spec, user_table=user_table, item_table=item_table
     )
+    tensors = rows.tensors
     logger.info(
         "streamed %d training rows, %d validation rows (%d users, %d items) in %.1f s",
         fitted.num_train_rows,
@@ -485,7 +630,7 @@ def fit_streamed_retrieval(
         "validation": fitted.num_validation_rows,
         "test": fitted.num_test_rows,
     }
-    validate = validation = None
+    validate = validation = sample = None
     if fitted.num_validation_rows:  # early stopping and the fallback's threshold
         assert fitted.rule is not None
         validation = _held_out(
@@ -500,14 +645,16 @@ def fit_streamed_retrieval(
     if validation is not None:
         # At inference the validation rows are history like any other training
         # row, as in memory: all of them, not only the sampled users'.
-        run.tensors = _with_validation_rows(run, fitted, validation, times)
+        run.tensors = _with_validation_rows(run, fitted, validation, rows.times)
     # Its test side is the stream's split, which `twostage evaluate` must reuse (the
     # in-memory split of the same log holds out other rows): saved with the run.
     run.stream = str(Path(path).resolve())
-    if evaluate_test:
-        run.metrics = _evaluate(run, path, fitted, user_table, item_table)
-    if out_dir is not None and distributed.is_main():
-        run.save(out_dir)
-        if item_table is not None:  # what `twostage recommend RUN` shows
-            item_table.write_parquet(Path(out_dir) / "items.parquet")
-    return run
+    return _Streamed(
+        run=run,
+        rows=rows,
+        validation=validation,
+        sample=sample,
+        fitted=fitted,
+        user_table=user_table,
+        item_table=item_table,
+    )

@@ -28,6 +28,7 @@ from twostage.ranking import (
     save_ranking,
 )
 from twostage.ranking import run as ranking_module
+from twostage.ranking.fit import _train_config
 from twostage.ranking.run import forward_pairs
 from twostage.retrieval.fit import fit_retrieval
 
@@ -405,3 +406,40 @@ def test_side_features_are_embedded_per_field() -> None:
     scores = ranking.score(torch.tensor([1, 2]), torch.tensor([[1, 2, 3], [4, 5, 6]]))
     assert all(torch.isfinite(v).all() for v in scores.values())
     _assert_score_matches_embedding_per_call(ranking)  # bags and dense fields too
+
+
+def test_sparse_ranker_tables_touch_only_the_batch_rows(
+    trained, tmp_path: Path
+) -> None:
+    """`ranking.sparse_embeddings`: every ID-keyed table takes sparse gradients and
+    the row-wise Adam step, so a user no training row names keeps its initial
+    bias; the ranker learns as the dense one does, and saves and loads."""
+    from twostage.training.optim import RowSparseAdam, make_optimizer
+
+    run, dense, fit, test = trained
+    sparse = fit_ranking(
+        run,
+        fit,
+        config=dataclasses.replace(SMALL, sparse_embeddings=True, epochs=8),
+        validation=None,
+    )
+    tables = [
+        m
+        for m in sparse.model.modules()
+        if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag)
+    ]
+    assert len(tables) >= 5 and all(t.sparse for t in tables)  # fields, history, biases
+    optimizers = make_optimizer(sparse.model, _train_config(sparse)).optimizers
+    assert any(isinstance(o, RowSparseAdam) for o in optimizers)
+    trained_users = set(
+        run.spec.vocabulary("user_id").transform(fit.interactions["user_id"]).tolist()
+    )
+    biases = sparse.model.user_bias.weight[:, 0]
+    untouched = [u for u in range(len(biases)) if u not in trained_users]
+    assert untouched and bool((biases[untouched] == 0).all())  # OOV row at least
+    assert bool((biases[sorted(trained_users)] != 0).any())
+    mine, theirs = evaluate_ranking(sparse, test), evaluate_ranking(dense, test)
+    assert mine["rmse"] < 1.1 * theirs["rmse"] and mine["auc"] > 0.7
+    save_ranking(sparse, tmp_path)
+    loaded = load_ranking(tmp_path, run)
+    assert loaded.config.sparse_embeddings and evaluate_ranking(loaded, test) == mine

@@ -363,6 +363,11 @@ class RankingConfig(_Checked):
         early_stopping_patience: the training loop's settings for the ranker
             (patience counts epochs without a better validation RMSE, or click AUC
             without ratings; the best epoch's weights are kept).
+        sparse_embeddings: the ranker's ID-keyed tables (fields, history, biases)
+            take sparse gradients and a row-wise Adam step, so a step touches only
+            the batch's rows; dense AdamW updates every row of every table on every
+            step, which dominates at millions of users (docs/scaling.md). Weight
+            decay does not reach those tables then.
 
     ``architecture="mlp"`` with ``use_history``, ``use_biases``,
     ``use_retrieval_features`` off and ``click_weight=0`` is the TFRS basic ranking
@@ -392,6 +397,7 @@ class RankingConfig(_Checked):
     weight_decay: float = 0.0
     grad_clip: float = 0.0
     early_stopping_patience: int = 3
+    sparse_embeddings: bool = False
 
     SECTION: ClassVar[str] = "ranking"
 

@@ -63,6 +63,7 @@ class SideEmbedding(FieldEmbedding):
         dim: width of every field vector.
         history: pools the ``history`` entry of the dict as one more part.
         init_std: standard deviation of the embedding tables' initial values.
+        sparse: the tables produce sparse gradients (only the rows a batch touched).
     """
 
     def __init__(
@@ -72,8 +73,11 @@ class SideEmbedding(FieldEmbedding):
         dim: int,
         history: HistoryPooling | None = None,
         init_std: float = 0.05,
+        sparse: bool = False,
     ) -> None:
-        super().__init__(fields, dim=dim, history=history, init_std=init_std)
+        super().__init__(
+            fields, dim=dim, history=history, init_std=init_std, sparse=sparse
+        )
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         """``[B, num_parts, dim]``: the fields in order, then the pooled history."""
@@ -141,6 +145,8 @@ class RankingModel(nn.Module):
         use_biases: global mean, user and item biases and the factorisation term.
         extra_dim: width ``D`` of the retrieval embeddings fed as extras; 0: none.
         rating_mean: initial global mean rating.
+        sparse: every ID-keyed table (fields, history, biases) produces sparse
+            gradients, so an optimiser step touches only the batch's rows.
     """
 
     def __init__(
@@ -163,6 +169,7 @@ class RankingModel(nn.Module):
         use_biases: bool = True,
         extra_dim: int = 0,
         rating_mean: float = 0.0,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         if architecture not in ("dcn", "mlp") or structure not in (
@@ -177,13 +184,19 @@ class RankingModel(nn.Module):
         self.use_biases, self.extra_dim = use_biases, extra_dim
         history = None
         if use_history:
-            history = HistoryPooling(num_items, embedding_dim, max_length=1)
+            history = HistoryPooling(
+                num_items, embedding_dim, max_length=1, sparse=sparse
+            )
             nn.init.normal_(history.embedding.weight, std=0.05)
             with torch.no_grad():
                 history.embedding.weight[0].zero_()
         self.embedding_dim = embedding_dim
-        self.query = SideEmbedding(query_fields, dim=embedding_dim, history=history)
-        self.candidate = SideEmbedding(candidate_fields, dim=embedding_dim)
+        self.query = SideEmbedding(
+            query_fields, dim=embedding_dim, history=history, sparse=sparse
+        )
+        self.candidate = SideEmbedding(
+            candidate_fields, dim=embedding_dim, sparse=sparse
+        )
         num_parts = self.query.num_parts + self.candidate.num_parts
         width = num_parts * embedding_dim + (2 * extra_dim + 1 if extra_dim else 0)
         self.input_dropout = nn.Dropout(dropout)
@@ -197,9 +210,9 @@ class RankingModel(nn.Module):
         self.rating_head = nn.Linear(out_width, 1)
         self.click_head = nn.Linear(out_width, 1)
         self.register_buffer("rating_mean", torch.tensor(float(rating_mean)))
-        self.user_bias = nn.Embedding(num_users, 1)
-        self.item_bias = nn.Embedding(num_items, 1)
-        self.item_click_bias = nn.Embedding(num_items, 1)
+        self.user_bias = nn.Embedding(num_users, 1, sparse=sparse)
+        self.item_bias = nn.Embedding(num_items, 1, sparse=sparse)
+        self.item_click_bias = nn.Embedding(num_items, 1, sparse=sparse)
         for table in (self.user_bias, self.item_bias, self.item_click_bias):
             nn.init.zeros_(table.weight)
 

@@ -57,6 +57,7 @@ def build_ranking_model(
         use_biases=config.use_biases,
         extra_dim=run.config.retrieval.output_dim * config.use_retrieval_features,
         rating_mean=rating_mean,
+        sparse=config.sparse_embeddings,
     )
 
 

@@ -434,6 +434,10 @@ class _Streamed:
     user_table: pl.DataFrame | None
     item_table: pl.DataFrame | None
 
+    def test_side(self, path: str | Path) -> Dataset:
+        """The log's test side, read with the split this training applied."""
+        return _test_side(self.run, path, self.fitted, self.user_table, self.item_table)
+
 
 def fit_streamed_retrieval(
     config: ExperimentConfig,
@@ -470,9 +474,7 @@ def fit_streamed_retrieval(
     streamed = _fit_streamed(config, path, on_step=on_step)
     run = streamed.run
     if evaluate_test:
-        run.metrics = _evaluate(
-            run, _test_side(run, path, streamed.fitted, *_tables(streamed))
-        )
+        run.metrics = _evaluate(run, streamed.test_side(path))
     if out_dir is not None and distributed.is_main():
         run.save(out_dir)
         if streamed.item_table is not None:  # what `twostage recommend RUN` shows
@@ -519,7 +521,7 @@ def fit_streamed_two_stage(
         items=streamed.item_table,
     )
     if evaluate_test:
-        test = _test_side(run, path, streamed.fitted, *_tables(streamed))
+        test = streamed.test_side(path)
         run.metrics = _evaluate(run, test)
     fit = test.with_interactions(test.interactions.head(0))
     split = ExperimentSplit(fit=fit, validation=streamed.validation, test=test)
@@ -544,12 +546,6 @@ def fit_streamed_two_stage(
     if evaluate_test and test.num_interactions and distributed.is_main():
         result.ranking_metrics = evaluate_ranking(result.ranker, test)
     return result
-
-
-def _tables(
-    streamed: _Streamed,
-) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
-    return streamed.user_table, streamed.item_table
 
 
 def _fit_streamed(

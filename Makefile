@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml requirements.lock
 
 install-dev: $(DEV)
 
-$(DEV): $(STAMP) requirements-dev.lock
+# TorchRec goes in with --no-deps (see requirements-torchrec.lock).
+$(DEV): $(STAMP) requirements-dev.lock requirements-torchrec.lock
 	$(PIP) -r requirements.lock -r requirements-dev.lock
+	$(PIP) --no-deps -r requirements-torchrec.lock
 	touch $(DEV)
 
 demo: install
@@ -55,12 +57,15 @@ bench: install-dev
 # every installed package that requirements.lock does not pin. To re-pin the runtime
 # lock, install the project's dependencies into a fresh venv and freeze it there.
 # ScaNN and fbgemm-gpu-cpu have wheels for Linux x86_64 only: keep their marker
-# (protobuf, which ScaNN needs, is needed by onnx everywhere).
+# (protobuf, which ScaNN needs, is needed by onnx everywhere). What
+# requirements-torchrec.lock pins stays there (it installs with --no-deps).
 LINUX_X86 := ; sys_platform == "linux" and platform_machine == "x86_64"
 lock: install-dev
 	$(PY) -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' \
 		-e 's/^\(scann\|fbgemm[-_]gpu[-_]cpu\)==\(.*\)$$/\1==\2$(LINUX_X86)/' \
-		| grep -v -i -x -F -f <(sed 's/;.*//' requirements.lock) > requirements-dev.lock
+		| grep -v -i -x -F -f <(sed 's/;.*//' requirements.lock) \
+		| grep -v -i -x -F -f <(sed -e '/^#/d' -e 's/;.*//' requirements-torchrec.lock) \
+		> requirements-dev.lock
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

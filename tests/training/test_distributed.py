@@ -1,6 +1,7 @@
 """Data-parallel training: 2 gloo ranks give the weights of 1 process with the same
 global batch (in-batch negatives gathered across ranks, gradients averaged by DDP)."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -89,8 +90,17 @@ def _free_port() -> int:
             "retrieval.num_extra_negatives=32",
             "retrieval.rating_weights=true",
         ],
+        # The ID tables sharded by rows over the ranks (TorchRec), one rank's
+        # share each: the gradients TorchRec averages are the global batch's.
+        pytest.param(
+            ["retrieval.embedding_backend=torchrec"],
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torchrec") is None,
+                reason="torchrec is not installed (make install-dev installs it)",
+            ),
+        ),
     ],
-    ids=["defaults", "adagrad-weights-extra-negatives"],
+    ids=["defaults", "adagrad-weights-extra-negatives", "torchrec"],
 )
 def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) -> None:
     """Both stages: retrieval (gathered negatives) and the ranker (its share of the

@@ -163,8 +163,12 @@ class RetrievalConfig(_Checked):
     with fbgemm's table-batched embedding kernel (the one TorchRec's sharded tables
     run on; the optional ``fbgemm-gpu-cpu`` package), its row-wise Adagrad fused into
     the backward pass, on the CPU and in one process
-    (:mod:`twostage.models.fused`). The saved run holds plain tables either way, so
-    serving never needs fbgemm.
+    (:mod:`twostage.models.fused`). ``torchrec`` shards the same tables by rows over
+    the run's ranks with TorchRec (``torchrun``; one rank without it), each rank
+    holding and updating its share of every table with the same kernel and update
+    (:mod:`twostage.models.sharded`; the optional ``torchrec`` package). The saved run
+    holds plain tables either way, so serving never needs fbgemm or TorchRec. Neither
+    lets the history share the item table (``share_item_embeddings``).
 
     ``combine`` joins a tower's field embeddings (and the pooled history): ``sum`` (the
     default) adds them, as factorisation machines and LightFM do, so an item's vector
@@ -203,7 +207,7 @@ class RetrievalConfig(_Checked):
     id_dropout: float = 0.1
     dropout: float = 0.0
     sparse_embeddings: bool = False
-    embedding_backend: Literal["torch", "fbgemm"] = "torch"
+    embedding_backend: Literal["torch", "fbgemm", "torchrec"] = "torch"
     popularity_fallback: int = -1
     popularity_days: float = 0.0
 

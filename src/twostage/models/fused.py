@@ -14,7 +14,7 @@ inside backward, where DDP cannot average them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,14 @@ from twostage.errors import ConfigError
 if TYPE_CHECKING:
     from twostage.models.retrieval import RetrievalModel
 
-__all__ = ["FusedEmbedding", "fused_modules", "fused_tables", "require_fbgemm"]
+__all__ = [
+    "FusedEmbedding",
+    "SelfUpdatingTable",
+    "fused_modules",
+    "fused_tables",
+    "require_fbgemm",
+    "swapped_tables",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +52,22 @@ def require_fbgemm() -> None:
         raise ConfigError(f"{_INSTALL} Received: {e}.") from e
 
 
-class FusedEmbedding(nn.Module):
+class SelfUpdatingTable(nn.Module):
+    """A table that updates its rows inside backward (no optimiser may touch it):
+    it takes the schedule's learning rate and gives back its whole table."""
+
+    #: Whether :meth:`full_weight` is a collective every rank must call.
+    collective: bool = False
+
+    def set_learning_rate(self, value: float) -> None:
+        raise NotImplementedError
+
+    def full_weight(self) -> Tensor:
+        """``[N, D]``: the whole table."""
+        raise NotImplementedError
+
+
+class FusedEmbedding(SelfUpdatingTable):
     """One ``[N, D]`` table in fbgemm's kernel: ``[B]`` indices -> ``[B, D]`` rows.
 
     Each backward pass updates the looked-up rows in place with exact row-wise Adagrad
@@ -97,14 +119,18 @@ class FusedEmbedding(nn.Module):
     def set_learning_rate(self, value: float) -> None:
         self.kernel.set_learning_rate(value)
 
+    def full_weight(self) -> Tensor:
+        return self.weight
+
     def forward(self, ids: Tensor) -> Tensor:
         # One index per bag: bag b is ids[b:b + 1], and a sum over one row is the row.
         offsets = torch.arange(len(ids) + 1, dtype=torch.int64, device=ids.device)
         return self.kernel(ids.long(), offsets)
 
 
-def fused_modules(model: nn.Module) -> list[FusedEmbedding]:
-    return [m for m in model.modules() if isinstance(m, FusedEmbedding)]
+def fused_modules(model: nn.Module) -> list[SelfUpdatingTable]:
+    """The tables of ``model`` that update themselves inside backward."""
+    return [m for m in model.modules() if isinstance(m, SelfUpdatingTable)]
 
 
 def _index_tables(model: RetrievalModel) -> Iterator[tuple[nn.ModuleDict, str]]:
@@ -116,38 +142,59 @@ def _index_tables(model: RetrievalModel) -> Iterator[tuple[nn.ModuleDict, str]]:
 
 
 @contextmanager
-def fused_tables(
-    model: RetrievalModel, *, learning_rate: float, eps: float = 1e-10
-) -> Iterator[list[FusedEmbedding]]:
-    """Train ``model``'s ID and categorical tables in fbgemm's kernel while inside.
-
-    On the way in each such ``nn.Embedding`` becomes a :class:`FusedEmbedding` with its
-    weights; on the way out (also after an error) each becomes an ``nn.Embedding``
-    again, with the trained weights and the sparsity it had.
-    """
+def swapped_tables(
+    model: RetrievalModel,
+    make: Callable[[str, Tensor], SelfUpdatingTable],
+    *,
+    backend: str,
+) -> Iterator[list[SelfUpdatingTable]]:
+    """Swap every ``index`` field's ``nn.Embedding`` for ``make(name, weight)`` while
+    inside; on the way out each becomes an ``nn.Embedding`` again, with the trained
+    weights and the sparsity it had. After an error too, except for tables whose
+    whole weight is a collective (sharded over several ranks): another rank may
+    never reach it, so those stay as they are and the error goes on."""
     swapped: list[tuple[nn.ModuleDict, str, bool]] = []
+    failed = False
     try:
         for tables, name in _index_tables(model):
             plain = tables[name]
             assert isinstance(plain, nn.Embedding)
-            tables[name] = FusedEmbedding(
-                plain.weight.detach(), learning_rate=learning_rate, eps=eps
-            )
+            tables[name] = make(name, plain.weight.detach())
             swapped.append((tables, name, plain.sparse))
         logger.info(
-            "fbgemm: %d table(s) train with row-wise Adagrad inside backward (%s); "
+            "%s: %d table(s) train with row-wise Adagrad inside backward (%s); "
             "train.optimizer applies to the other parameters",
+            backend,
             len(swapped),
             ", ".join(name for _, name, _ in swapped),
         )
         yield [tables[name] for tables, name, _ in swapped]  # type: ignore[misc]
+    except BaseException:
+        failed = True
+        raise
     finally:
         for tables, name, sparse in swapped:
-            fused = tables[name]
-            assert isinstance(fused, FusedEmbedding)
-            weight = fused.weight.detach().clone()
+            table = tables[name]
+            assert isinstance(table, SelfUpdatingTable)
+            if failed and table.collective:
+                continue
+            weight = table.full_weight().detach().clone()
             rows, dim = weight.shape
             plain = nn.Embedding(rows, dim, sparse=sparse)
             with torch.no_grad():
                 plain.weight.copy_(weight)
             tables[name] = plain
+
+
+@contextmanager
+def fused_tables(
+    model: RetrievalModel, *, learning_rate: float, eps: float = 1e-10
+) -> Iterator[list[SelfUpdatingTable]]:
+    """Train ``model``'s ID and categorical tables in fbgemm's kernel while inside
+    (:func:`swapped_tables` with :class:`FusedEmbedding`)."""
+
+    def fuse(name: str, weight: Tensor) -> FusedEmbedding:
+        return FusedEmbedding(weight, learning_rate=learning_rate, eps=eps)
+
+    with swapped_tables(model, fuse, backend="fbgemm") as tables:
+        yield tables

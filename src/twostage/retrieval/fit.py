@@ -24,6 +24,7 @@ from twostage.features import FeatureSpec
 from twostage.features.context import add_context_columns, context_frame
 from twostage.models.fused import fused_tables, require_fbgemm
 from twostage.models.retrieval import RetrievalModel
+from twostage.models.sharded import require_torchrec, sharded_tables
 from twostage.retrieval.evaluation import eval_queries
 from twostage.retrieval.fallback import choose_popularity_fallback
 from twostage.retrieval.run import RetrievalRun, build_model, spec_for
@@ -180,9 +181,11 @@ def train_retrieval(
         return user_loss(model, model_config, tensors, by_user, batch, generator)
 
     with ExitStack() as stack:
-        if model_config.embedding_backend == "fbgemm":
-            _check_fbgemm(device)
-            stack.enter_context(fused_tables(model, learning_rate=config.learning_rate))
+        backend = model_config.embedding_backend
+        if backend != "torch":
+            _check_backend(model_config, device)
+            tables = fused_tables if backend == "fbgemm" else sharded_tables
+            stack.enter_context(tables(model, learning_rate=config.learning_rate))
         return run_training(
             model,
             config,
@@ -199,18 +202,30 @@ def train_retrieval(
         )
 
 
-def _check_fbgemm(device: torch.device) -> None:
-    require_fbgemm()
+def _check_backend(config: RetrievalConfig, device: torch.device) -> None:
+    """Refuse what the fbgemm and torchrec backends cannot train."""
+    backend = f"`retrieval.embedding_backend={config.embedding_backend}`"
+    if config.embedding_backend == "fbgemm":
+        require_fbgemm()
+        if distributed.current() is not None:
+            raise ConfigError(
+                f"{backend} updates its tables inside backward, where data-parallel "
+                "training cannot average them: train it in one process (no torchrun, "
+                "no --nproc), or use retrieval.embedding_backend=torchrec, whose "
+                "sharded tables train under torchrun."
+            )
+    else:
+        require_torchrec()
     if device.type != "cpu":
         raise ConfigError(
-            "`retrieval.embedding_backend=fbgemm` runs fbgemm's CPU build: set "
+            f"{backend} runs fbgemm's CPU build here (the CUDA path has not run): set "
             f"`train.device=cpu`. Received: `train.device` = {str(device)!r}."
         )
-    if distributed.current() is not None:
+    if config.share_item_embeddings:
         raise ConfigError(
-            "`retrieval.embedding_backend=fbgemm` updates its tables inside backward, "
-            "where data-parallel training cannot average them: train it in one "
-            "process (no torchrun, no --nproc), or use the torch backend."
+            f"{backend} trains the candidate tower's item table inside backward, "
+            "which the history cannot share: set "
+            "`retrieval.share_item_embeddings=false` or use the torch backend."
         )
 
 

@@ -71,7 +71,7 @@ def _load_optimizer(
 
 def save_checkpoint(
     directory: Path,
-    model: torch.nn.Module,
+    model_state: dict[str, Tensor],
     optimizer: Optimizers,
     result: TrainResult,
     next_epoch: int,
@@ -88,6 +88,9 @@ def save_checkpoint(
     :func:`load_checkpoint` takes the newest complete one of the three, whichever
     step a crash interrupted. A failed write (a full disk) raises
     :class:`ArtifactError` and keeps the previous checkpoint.
+
+    ``model_state`` is the model's state dict, taken by the caller on every rank (a
+    sharded table gathers its rows to give it).
     """
     directory.mkdir(parents=True, exist_ok=True)
     final, temp, old = (directory / name for name in _NAMES)
@@ -96,7 +99,7 @@ def save_checkpoint(
             shutil.rmtree(temp)
         temp.mkdir()
         save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()},
+            {k: v.contiguous() for k, v in model_state.items()},
             temp / "model.safetensors",
         )
         save_file(

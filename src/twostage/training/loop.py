@@ -254,17 +254,21 @@ def run_training(
             record["seconds"],
         )
         result.seconds = record["seconds"]
-        if checkpoint_dir is not None and main:  # one checkpoint for all ranks
-            save_checkpoint(
-                checkpoint_dir,
-                model,
-                optimizer,
-                result,
-                epoch + 1,
-                bad_epochs,
-                best_state if best_state is not None else _clone(model),
-                fingerprint=fingerprint,
-            )
+        if checkpoint_dir is not None:
+            # Taken on every rank: a sharded table's state is a collective.
+            current = model.state_dict()
+            if main:  # one checkpoint for all ranks
+                save_checkpoint(
+                    checkpoint_dir,
+                    current,
+                    optimizer,
+                    result,
+                    epoch + 1,
+                    bad_epochs,
+                    best_state if best_state is not None else current,
+                    fingerprint=fingerprint,
+                )
+            del current
         if _STOP.is_set():
             model.cpu()
             where = (

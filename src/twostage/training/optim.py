@@ -54,7 +54,8 @@ class Optimizers:
     ) -> None:
         self.optimizers = optimizers
         #: Tables that update themselves inside backward
-        #: (:class:`twostage.models.fused.FusedEmbedding`): they take the learning rate.
+        #: (:class:`twostage.models.fused.SelfUpdatingTable`): they take the learning
+        #: rate.
         self.fused = fused or []
 
     @property

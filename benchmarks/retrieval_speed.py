@@ -9,6 +9,7 @@ softmax's three matmuls alone.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -31,15 +32,20 @@ ADAGRAD = ["train.optimizer=adagrad", "train.learning_rate=0.05"]
 #: fbgemm's kernel for the ID and categorical tables (row-wise Adagrad fused into
 #: backward); the optional fbgemm-gpu-cpu package, skipped without it.
 FBGEMM = ["retrieval.embedding_backend=fbgemm"]
+#: The same tables sharded by TorchRec (one rank here: what its sharding layer costs
+#: over the bare kernel); the optional torchrec package, skipped without it.
+TORCHREC = ["retrieval.embedding_backend=torchrec"]
 VARIANTS = {
     "id-only": ID_ONLY,
     "id-only/sparse": ID_ONLY + SPARSE,
     "id-only/sparse-adagrad": ID_ONLY + SPARSE + ADAGRAD,
     "id-only/fbgemm": ID_ONLY + SPARSE + ADAGRAD + FBGEMM,
+    "id-only/torchrec": ID_ONLY + SPARSE + ADAGRAD + TORCHREC,
     "features+history": FEATURES,
     "features+history/sparse": FEATURES + SPARSE,
     "features+history/sparse-adagrad": FEATURES + SPARSE + ADAGRAD,
     "features+history/fbgemm": FEATURES + SPARSE + ADAGRAD + FBGEMM,
+    "features+history/torchrec": FEATURES + SPARSE + ADAGRAD + TORCHREC,
 }
 
 
@@ -86,12 +92,8 @@ def measure(
     }
 
 
-def _has_fbgemm() -> bool:
-    try:
-        import fbgemm_gpu  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
 
 
 def matmul_floor(batch: int, dim: int = 64, repeats: int = 50) -> dict[str, Any]:
@@ -145,7 +147,11 @@ def main() -> None:
         for name in args.variants.split(","):
             overrides = VARIANTS[name]
             key = f"{name}/{device}"
-            if "fbgemm" in name and (device != "cpu" or not _has_fbgemm()):
+            optional = {"fbgemm": "fbgemm_gpu", "torchrec": "torchrec"}
+            backend = name.rsplit("/", 1)[-1]
+            if backend in optional and (
+                device != "cpu" or not _installed(optional[backend])
+            ):
                 continue  # the CPU build of the optional kernel
             results[key] = measure(
                 dataset, overrides, device, args.steps, args.batch_size

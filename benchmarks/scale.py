@@ -174,6 +174,7 @@ def _distributed(args: argparse.Namespace) -> dict[str, Any]:
                 *("--set", f"train.epochs={args.epochs}"),
                 *("--set", f"train.batch_size={args.batch_size}"),
                 *("--set", "train.num_threads=1"),
+                *("--set", f"retrieval.embedding_backend={args.embedding_backend}"),
             ]
             if ranks > 1:
                 command += ["--nproc", str(ranks)]
@@ -286,6 +287,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--skip-distributed", action="store_true", help="only the data pass"
     )
     parser.add_argument(
+        "--embedding-backend",
+        default="torch",
+        choices=("torch", "torchrec"),
+        help="the distributed runs' retrieval.embedding_backend (torchrec: the ID "
+        "tables sharded by rows over the ranks; the optional torchrec package)",
+    )
+    parser.add_argument(
         "--phases",
         default=",".join(PHASES[1:]),
         help="after writing the log: any of " + ", ".join(PHASES[1:]),
@@ -328,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_distributed:
         results["distributed"] = _distributed(args)
         print_table(
-            f"MovieLens-100k, {args.epochs} epochs, global batch {args.batch_size}",
+            f"MovieLens-100k, {args.epochs} epochs, global batch {args.batch_size}, "
+            f"{args.embedding_backend} tables",
             ["ranks", "train s", "examples/s", "NDCG@10", "R@100", "FTopK@100"],
             [
                 [

@@ -443,3 +443,21 @@ def test_sparse_ranker_tables_touch_only_the_batch_rows(
     save_ranking(sparse, tmp_path)
     loaded = load_ranking(tmp_path, run)
     assert loaded.config.sparse_embeddings and evaluate_ranking(loaded, test) == mine
+
+
+def test_max_steps_stops_the_ranker(trained) -> None:
+    """`ranking.max_steps`: the ranker stops after that many steps in all, within
+    an epoch, and that partial epoch is validated and kept."""
+    run, _, fit, _ = trained
+    steps: list[int] = []
+    ranking = fit_ranking(
+        run,
+        fit,
+        config=dataclasses.replace(SMALL, max_steps=5, epochs=3),
+        validation=None,
+        on_step=lambda progress: steps.append(progress["step"]),
+    )
+    assert steps == [0, 1, 2, 3, 4]
+    assert len(ranking.history) == 1  # the partial epoch, validated and kept
+    with pytest.raises(ConfigError, match="max_steps"):
+        dataclasses.replace(SMALL, max_steps=-1)

@@ -367,6 +367,10 @@ class RankingConfig(_Checked):
         early_stopping_patience: the training loop's settings for the ranker
             (patience counts epochs without a better validation RMSE, or click AUC
             without ratings; the best epoch's weights are kept).
+        max_steps: > 0 stops the ranker after that many optimiser steps in all, as
+            ``train.max_steps`` stops the towers (on a log of 10^8 rows one epoch
+            of the ranker is hours on a few CPU cores; the last, partial epoch is
+            validated and counts like the others).
         sparse_embeddings: the ranker's ID-keyed tables (fields, history, biases)
             take sparse gradients and a row-wise Adam step, so a step touches only
             the batch's rows; dense AdamW updates every row of every table on every
@@ -401,6 +405,7 @@ class RankingConfig(_Checked):
     weight_decay: float = 0.0
     grad_clip: float = 0.0
     early_stopping_patience: int = 3
+    max_steps: int = 0
     sparse_embeddings: bool = False
 
     SECTION: ClassVar[str] = "ranking"
@@ -432,6 +437,7 @@ class RankingConfig(_Checked):
                 self.early_stopping_patience >= 0,
                 "0 (never stop early) or positive",
             ),
+            "max_steps": (self.max_steps >= 0, "0 (no limit) or positive"),
         }
 
     def __post_init__(self) -> None:

@@ -274,8 +274,9 @@ def fit_ranking_pairs(
 
 
 def _train_config(ranking: RankingRun) -> TrainConfig:
-    """The loop settings of the ranker: its own epochs, batch, LR, clipping and
-    patience; the retrieval run's seed, device, threads and precision."""
+    """The loop settings of the ranker: its own epochs, batch, LR, clipping,
+    patience and step limit; the retrieval run's seed, device, threads and
+    precision."""
     config, shared = ranking.config, ranking.retrieval.config.train
     return TrainConfig(
         epochs=config.epochs,
@@ -287,6 +288,7 @@ def _train_config(ranking: RankingRun) -> TrainConfig:
         warmup_steps=0,
         grad_clip=config.grad_clip,
         early_stopping_patience=config.early_stopping_patience,
+        max_steps=config.max_steps,
         seed=shared.seed,
         device=shared.device,
         num_threads=shared.num_threads,

@@ -1,6 +1,7 @@
-"""``retrieval.embedding_backend=fbgemm``: the ID tables train in fbgemm's kernel (the
-optional ``fbgemm-gpu-cpu`` package; these tests run where it is installed, as in
-``make test``)."""
+"""``retrieval.embedding_backend=fbgemm`` and ``torchrec``: the ID tables train in
+fbgemm's kernel, alone or sharded by TorchRec (one rank here; two in
+tests/training/test_distributed.py). The optional packages are installed by ``make
+install-dev``; each backend's tests are skipped without its package."""
 
 import json
 import sys
@@ -14,7 +15,8 @@ from twostage.data.split import prepare_split
 from twostage.data.synthetic import generate
 from twostage.errors import ConfigError
 from twostage.features import FeatureSpec
-from twostage.models.fused import FusedEmbedding
+from twostage.models.fused import FusedEmbedding, SelfUpdatingTable
+from twostage.models.sharded import ShardedEmbedding
 from twostage.retrieval.fit import train_retrieval
 from twostage.retrieval.run import build_model
 from twostage.retrieval.tensors import build_tensors
@@ -28,8 +30,18 @@ SMALL = [
     "retrieval.embedding_dim=8",
     "retrieval.output_dim=8",
     "retrieval.history_length=10",
-    "retrieval.embedding_backend=fbgemm",
 ]
+#: backend -> the module its import needs (nulled to test the install message) and
+#: the message's install line.
+BACKENDS = {
+    "fbgemm": ("fbgemm_gpu", r"twostage\[fbgemm\]"),
+    "torchrec": ("torchrec", r"--no-deps torchrec==1\.8\.0"),
+}
+
+
+def _backend(name: str) -> list[str]:
+    pytest.importorskip(BACKENDS[name][0])
+    return [*SMALL, f"retrieval.embedding_backend={name}"]
 
 
 def test_one_step_is_exact_rowwise_adagrad() -> None:
@@ -49,10 +61,9 @@ def test_one_step_is_exact_rowwise_adagrad() -> None:
     assert float(table.accumulator[0]) == 0.0  # untouched rows keep no state
 
 
-@pytest.fixture(scope="module")
-def setup(small_training):
-    pytest.importorskip("fbgemm_gpu")
-    return small_training(SMALL)
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def setup(request, small_training):
+    return small_training(_backend(request.param))
 
 
 def test_training_leaves_plain_tables_that_moved(setup) -> None:
@@ -62,11 +73,12 @@ def test_training_leaves_plain_tables_that_moved(setup) -> None:
     result = train_retrieval(model, tensors, config.train)
     assert len(result.history) == 3
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    assert not any(isinstance(m, FusedEmbedding) for m in model.modules())
+    assert not any(isinstance(m, SelfUpdatingTable) for m in model.modules())
     assert model.state_dict().keys() == before.state_dict().keys()
     user_ids = "query_tower.embeddings.user_id.weight"
     assert not torch.equal(model.state_dict()[user_ids], before.state_dict()[user_ids])
-    # The swap is the same model a torch-backend run builds: a reload needs no fbgemm.
+    # The swap is the same model a torch-backend run builds: a reload needs neither
+    # fbgemm nor TorchRec.
     reloaded = fresh()
     reloaded.load_state_dict(model.state_dict())
     assert all(
@@ -79,7 +91,7 @@ def test_an_id_only_model_trains_with_no_other_optimiser(setup, optimizer) -> No
     """Every table of an ID-only model is fused: no optimiser has anything left."""
     config, _, _ = setup
     overrides = [
-        *SMALL,
+        *_backend(config.retrieval.embedding_backend),
         "retrieval.use_side_features=false",
         "retrieval.history_length=0",
         f"train.optimizer={optimizer}",
@@ -95,8 +107,9 @@ def test_an_id_only_model_trains_with_no_other_optimiser(setup, optimizer) -> No
 
 
 def test_resume_continues_the_kernels_state_exactly(setup, tmp_path: Path) -> None:
-    """The checkpoint holds the kernel's tables and Adagrad accumulators: stopping
-    after one epoch and resuming gives the uninterrupted run's weights."""
+    """The checkpoint holds the kernel's tables and Adagrad accumulators (a sharded
+    table's whole, gathered from the ranks): stopping after one epoch and resuming
+    gives the uninterrupted run's weights."""
     config, tensors, fresh = setup
     whole = fresh()
     train_retrieval(whole, tensors, config.train)
@@ -111,17 +124,36 @@ def test_resume_continues_the_kernels_state_exactly(setup, tmp_path: Path) -> No
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
-def test_without_fbgemm_the_error_says_how_to_install(setup, monkeypatch) -> None:
+def test_without_the_package_the_error_says_how_to_install(setup, monkeypatch) -> None:
     config, tensors, fresh = setup
-    monkeypatch.setitem(sys.modules, "fbgemm_gpu", None)  # import now fails
-    with pytest.raises(ConfigError, match=r"twostage\[fbgemm\]"):
+    module, install = BACKENDS[config.retrieval.embedding_backend]
+    monkeypatch.setitem(sys.modules, module, None)  # import now fails
+    with pytest.raises(ConfigError, match=install):
         train_retrieval(fresh(), tensors, config.train)
 
 
-def test_cli_trains_with_fbgemm_and_the_run_serves_without_it(
-    tmp_path: Path, monkeypatch
+def test_a_shared_item_table_is_refused(setup) -> None:
+    """The history would keep reading the plain table the swap leaves behind."""
+    config, tensors, fresh = setup
+    model = fresh()
+    model.config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *_backend(config.retrieval.embedding_backend),
+            "retrieval.query_encoder=transformer",
+            "retrieval.share_item_embeddings=true",
+        ],
+    ).retrieval
+    with pytest.raises(ConfigError, match="share_item_embeddings=false"):
+        train_retrieval(model, tensors, config.train)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_cli_trains_with_the_backend_and_the_run_serves_without_it(
+    backend: str, tmp_path: Path, monkeypatch
 ) -> None:
-    pytest.importorskip("fbgemm_gpu")
+    module = BACKENDS[backend][0]
+    pytest.importorskip(module)
     from typer.testing import CliRunner
 
     from twostage.cli import app
@@ -133,14 +165,49 @@ def test_cli_trains_with_fbgemm_and_the_run_serves_without_it(
             *("train", "retrieval", "--dataset"),
             "synthetic:num_users=60,num_items=80,num_interactions=1500",
             *("--out", str(tmp_path / "run")),
-            *("--set", "retrieval.embedding_backend=fbgemm"),
+            *("--set", f"retrieval.embedding_backend={backend}"),
             *("--set", "train.epochs=2", "--set", "train.batch_size=128"),
             *("--set", "retrieval.embedding_dim=8", "--set", "retrieval.output_dim=8"),
         ],
     )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["retrieval"]["embedding_backend"] == "fbgemm"
-    monkeypatch.setitem(sys.modules, "fbgemm_gpu", None)  # serving needs no fbgemm
+    assert config["retrieval"]["embedding_backend"] == backend
+    monkeypatch.setitem(sys.modules, module, None)  # serving needs neither package
     answer = load(tmp_path / "run").recommend(user_id="1", k=5)
     assert len(answer.items) == 5
+
+
+def test_one_rank_trains_what_the_fbgemm_kernel_trains(small_training) -> None:
+    """One rank holds every row: the same kernel and update as the fbgemm backend
+    in one process, so the same weights, and plain tables afterwards."""
+    pytest.importorskip("torchrec")
+    config, tensors, fresh = small_training(
+        [*SMALL, "retrieval.embedding_backend=torchrec"]
+    )
+    sharded = fresh()
+    swapped: list[int] = []
+    result = train_retrieval(
+        sharded,
+        tensors,
+        config.train,
+        on_step=lambda _: swapped.append(
+            sum(isinstance(m, ShardedEmbedding) for m in sharded.modules())
+        ),
+    )
+    assert swapped[0] >= 3  # user and item IDs, and the categorical fields
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert not any(isinstance(m, ShardedEmbedding) for m in sharded.modules())
+    fused = fresh()
+    fused.config = apply_overrides(
+        ExperimentConfig(), [*SMALL, "retrieval.embedding_backend=fbgemm"]
+    ).retrieval
+    train_retrieval(fused, tensors, config.train)
+    before = fresh().state_dict()
+    assert sharded.state_dict().keys() == before.keys()
+    ids = "query_tower.embeddings.user_id.weight"
+    assert not torch.equal(sharded.state_dict()[ids], before[ids])
+    for key, value in fused.state_dict().items():
+        torch.testing.assert_close(
+            sharded.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=key
+        )

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from twostage.models.sharded import lookup_together
+
 __all__ = ["HISTORY", "HISTORY_TIMES", "UNKNOWN_TIME", "FieldEmbedding", "FieldInfo"]
 
 #: Key of the history field in a query feature dict: ``[B, L]`` item indices, 0 = padding.
@@ -87,6 +89,7 @@ class FieldEmbedding(nn.Module):
             self.embeddings[info.name] = module
         self.history = history
         self.num_parts = len(self.fields) + (history is not None)
+        self._index_names = [f.name for f in self.fields if f.kind == "index"]
         self._register_load_state_dict_pre_hook(_rename_bag_weights)
 
     def parts(
@@ -98,8 +101,13 @@ class FieldEmbedding(nn.Module):
             ``num_parts`` tensors ``[B, dim]``: the fields in order, then the history
             (left out when ``with_history`` is False).
         """
+        # Tables sharded by TorchRec are looked up together: one exchange.
+        looked = lookup_together(self.embeddings, self._index_names, features)
         parts = []
         for info in self.fields:
+            if info.name in looked:
+                parts.append(looked[info.name])
+                continue
             value = features[info.name]
             if info.kind == "dense" and value.dim() == 1:
                 value = value.unsqueeze(-1)

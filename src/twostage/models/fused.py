@@ -133,34 +133,42 @@ def fused_modules(model: nn.Module) -> list[SelfUpdatingTable]:
     return [m for m in model.modules() if isinstance(m, SelfUpdatingTable)]
 
 
-def _index_tables(model: RetrievalModel) -> Iterator[tuple[nn.ModuleDict, str]]:
-    """``(dict, name)`` of every ``index`` field's table in the model's towers."""
+def _index_tables(model: RetrievalModel) -> Iterator[tuple[nn.ModuleDict, list[str]]]:
+    """Each tower's ``(dict, names)``: its tables and its ``index`` fields' names."""
     for tower in (model.query_tower, model.candidate_tower):
-        for info in tower.fields:
-            if info.kind == "index":
-                yield tower.embeddings, info.name
+        names = [info.name for info in tower.fields if info.kind == "index"]
+        if names:
+            yield tower.embeddings, names
 
 
 @contextmanager
 def swapped_tables(
     model: RetrievalModel,
-    make: Callable[[str, Tensor], SelfUpdatingTable],
+    make: Callable[[list[tuple[str, Tensor]]], list[SelfUpdatingTable]],
     *,
     backend: str,
 ) -> Iterator[list[SelfUpdatingTable]]:
-    """Swap every ``index`` field's ``nn.Embedding`` for ``make(name, weight)`` while
-    inside; on the way out each becomes an ``nn.Embedding`` again, with the trained
-    weights and the sparsity it had. After an error too, except for tables whose
-    whole weight is a collective (sharded over several ranks): another rank may
-    never reach it, so those stay as they are and the error goes on."""
+    """Swap each tower's ``index`` fields' ``nn.Embedding`` tables for
+    ``make([(name, weight), ...])`` (one call per tower, the tables in field order)
+    while inside; on the way out each becomes an ``nn.Embedding`` again, with the
+    trained weights and the sparsity it had. After an error too, except for tables
+    whose whole weight is a collective (sharded over several ranks): another rank
+    may never reach it, so those stay as they are and the error goes on."""
     swapped: list[tuple[nn.ModuleDict, str, bool]] = []
     failed = False
     try:
-        for tables, name in _index_tables(model):
-            plain = tables[name]
-            assert isinstance(plain, nn.Embedding)
-            tables[name] = make(name, plain.weight.detach())
-            swapped.append((tables, name, plain.sparse))
+        for tables, names in _index_tables(model):
+            plain: list[nn.Embedding] = []
+            for name in names:
+                table = tables[name]
+                assert isinstance(table, nn.Embedding)
+                plain.append(table)
+            made = make(
+                [(n, t.weight.detach()) for n, t in zip(names, plain, strict=True)]
+            )
+            for name, old, new in zip(names, plain, made, strict=True):
+                tables[name] = new
+                swapped.append((tables, name, old.sparse))
         logger.info(
             "%s: %d table(s) train with row-wise Adagrad inside backward (%s); "
             "train.optimizer applies to the other parameters",
@@ -180,10 +188,10 @@ def swapped_tables(
                 continue
             weight = table.full_weight().detach().clone()
             rows, dim = weight.shape
-            plain = nn.Embedding(rows, dim, sparse=sparse)
+            plain_table = nn.Embedding(rows, dim, sparse=sparse)
             with torch.no_grad():
-                plain.weight.copy_(weight)
-            tables[name] = plain
+                plain_table.weight.copy_(weight)
+            tables[name] = plain_table
 
 
 @contextmanager
@@ -193,8 +201,11 @@ def fused_tables(
     """Train ``model``'s ID and categorical tables in fbgemm's kernel while inside
     (:func:`swapped_tables` with :class:`FusedEmbedding`)."""
 
-    def fuse(name: str, weight: Tensor) -> FusedEmbedding:
-        return FusedEmbedding(weight, learning_rate=learning_rate, eps=eps)
+    def fuse(tables: list[tuple[str, Tensor]]) -> list[SelfUpdatingTable]:
+        return [
+            FusedEmbedding(weight, learning_rate=learning_rate, eps=eps)
+            for _, weight in tables
+        ]
 
     with swapped_tables(model, fuse, backend="fbgemm") as tables:
         yield tables

@@ -3,12 +3,14 @@ kernel and its row-wise Adagrad fused into the backward pass.
 
 ``retrieval.embedding_backend=torchrec`` swaps every ``index`` field's
 ``nn.Embedding`` of both towers for a :class:`ShardedEmbedding` for the length of
-training (:func:`sharded_tables`). Each is a TorchRec ``EmbeddingCollection`` of one
-table that ``DistributedModelParallel`` shards by rows over the process group: under
-``torchrun`` each rank holds ``1/W`` of every table's rows and its row-wise Adagrad
+training (:func:`sharded_tables`). Each tower's tables form one
+:class:`ShardedCollection`: a TorchRec ``EmbeddingCollection`` that
+``DistributedModelParallel`` shards by rows over the process group. Under
+``torchrun`` each rank holds ``1/W`` of every table's rows and their row-wise Adagrad
 state, and a lookup sends each ID to the rank that owns its row (an all-to-all) and
-the gradient back. Without ``torchrun`` the group is one gloo rank made for the length
-of training.
+the gradient back; a tower looks up all its fields at once
+(:func:`lookup_together`), one all-to-all each way instead of one per table. Without
+``torchrun`` the group is one gloo rank made for the length of training.
 
 TorchRec averages the gradients that reach a row over the ranks, as
 DistributedDataParallel averages the dense ones, so under the loss scaling of
@@ -28,6 +30,7 @@ requirements pull the CUDA build of fbgemm) beside ``fbgemm-gpu-cpu==1.8.0``.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from twostage.errors import ConfigError
 from twostage.models.fused import SelfUpdatingTable, swapped_tables
@@ -43,7 +46,13 @@ from twostage.models.fused import SelfUpdatingTable, swapped_tables
 if TYPE_CHECKING:
     from twostage.models.retrieval import RetrievalModel
 
-__all__ = ["ShardedEmbedding", "require_torchrec", "sharded_tables"]
+__all__ = [
+    "ShardedCollection",
+    "ShardedEmbedding",
+    "lookup_together",
+    "require_torchrec",
+    "sharded_tables",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +77,15 @@ def require_torchrec() -> None:
         ) from e
 
 
-class ShardedEmbedding(SelfUpdatingTable):
-    """One ``[N, D]`` table sharded by rows over ``group``: ``[...]`` indices ->
-    ``[..., D]`` rows.
-
-    Each backward pass updates the looked-up rows on the ranks that own them with
-    exact row-wise Adagrad, as :class:`twostage.models.fused.FusedEmbedding` does in
-    one process.
+class ShardedCollection:
+    """A side's ``[N_t, D]`` tables in one TorchRec ``EmbeddingCollection``, each
+    sharded by rows over ``group``, updated in backward with exact row-wise Adagrad
+    on the ranks that own the rows (as :class:`twostage.models.fused.FusedEmbedding`
+    does in one process).
 
     Args:
-        weight: the whole initial table, the same on every rank; each rank copies in
-            its rows.
-        name: the table's name (the field's).
+        tables: ``(name, whole initial table)`` pairs, the same on every rank; each
+            rank copies in its rows.
         learning_rate: the initial learning rate.
         eps: Adagrad's epsilon.
         group: the ranks to shard over.
@@ -87,75 +93,123 @@ class ShardedEmbedding(SelfUpdatingTable):
 
     def __init__(
         self,
-        weight: Tensor,
+        tables: list[tuple[str, Tensor]],
         *,
-        name: str,
         learning_rate: float,
         eps: float,
         group: dist.ProcessGroup,
     ) -> None:
-        super().__init__()
         require_torchrec()
-        self.name, self.group = name, group
-        self.collective = dist.get_world_size(group) > 1
-        self.num_embeddings, self.embedding_dim = weight.shape
-        # A list, not a submodule: model.parameters(), .to() and state_dict() must not
-        # reach the sharded module (its parameters are ShardedTensors that update
-        # themselves); this module's own state dict holds the table whole.
-        self._dmp = [_shard(name, weight.shape, learning_rate, eps, group)]
+        self.group = group
+        self.shapes = {name: tuple(weight.shape) for name, weight in tables}
+        self.module = _shard(self.shapes, learning_rate, eps, group)
         with torch.no_grad():
-            self._load(weight, torch.zeros(self.num_embeddings))
+            for name, weight in tables:
+                self.load(name, weight, torch.zeros(len(weight)))
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def lookup(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{name: [...] indices}`` -> ``{name: [..., D] rows}`` in one lookup (a
+        collective: every rank calls it with the same names). The indices all have
+        one shape; tables not named take no IDs."""
         from torchrec import KeyedJaggedTensor
 
-        flat = ids.reshape(-1).long()
-        # One ID per bag: lengths of ones.
-        features = KeyedJaggedTensor.from_lengths_sync(
-            keys=[self.name], values=flat, lengths=torch.ones_like(flat)
+        shapes = {tuple(value.shape) for value in ids.values()}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"`ids` should all have one shape. Received: {sorted(shapes)}."
+            )
+        shape = shapes.pop()
+        count = math.prod(shape)
+        # Every table is a key of one batch of `count` bags: one ID per bag for the
+        # tables asked for, empty bags for the others.
+        # The values go in the collection's key order.
+        names = list(self.shapes)
+        values = torch.cat([ids[n].reshape(-1).long() for n in names if n in ids])
+        lengths = torch.cat(
+            [torch.full((count,), int(n in ids), dtype=torch.int64) for n in names]
         )
-        out: Any = self._dmp[0](features)
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=names, values=values, lengths=lengths
+        )
+        out: Any = self.module(features)
         if hasattr(out, "wait"):
             out = out.wait()
-        return out[self.name].values().view(*ids.shape, self.embedding_dim)
+        return {
+            name: out[name].values().view(*shape, self.shapes[name][1]) for name in ids
+        }
 
     def set_learning_rate(self, value: float) -> None:
-        optimizer = self._dmp[0].fused_optimizer
+        optimizer = self.module.fused_optimizer
         for group in optimizer.param_groups:
             group["lr"] = value
         optimizer.step()  # a fused optimiser's step only hands the kernel its rate
 
-    def full_weight(self) -> Tensor:
-        """``[N, D]``: the whole table, gathered from every rank (a collective)."""
-        return _gather(self._weight_shards(), self.num_embeddings, self.group)
+    def full_weight(self, name: str) -> Tensor:
+        """``[N, D]``: table ``name`` whole, gathered from every rank (a collective)."""
+        return _gather(self._weights(name), self.shapes[name][0], self.group)
 
-    def full_accumulator(self) -> Tensor:
-        """``[N]``: the whole table's row-wise Adagrad state (a collective)."""
-        return _gather(self._accumulator_shards(), self.num_embeddings, self.group)
+    def full_accumulator(self, name: str) -> Tensor:
+        """``[N]``: its row-wise Adagrad state, whole (a collective)."""
+        return _gather(self._accumulators(name), self.shapes[name][0], self.group)
 
-    def _weight_shards(self) -> Any:
-        return self._dmp[0].state_dict()[f"embeddings.{self.name}.weight"]
-
-    def _accumulator_shards(self) -> Any:
-        state = self._dmp[0].fused_optimizer.state_dict()["state"]
-        return state[f"embeddings.{self.name}.weight"][f"{self.name}.momentum1"]
-
-    def _load(self, weight: Tensor, accumulator: Tensor) -> None:
-        """Copy this rank's rows of whole tables into the shards (views of the
-        kernel's storage)."""
+    def load(self, name: str, weight: Tensor, accumulator: Tensor) -> None:
+        """Copy this rank's rows of a whole table and its state into the shards
+        (views of the kernel's storage)."""
         for shards, whole in (
-            (self._weight_shards(), weight),
-            (self._accumulator_shards(), accumulator),
+            (self._weights(name), weight),
+            (self._accumulators(name), accumulator),
         ):
             for shard in shards.local_shards():
                 start, size = shard.metadata.shard_offsets[0], len(shard.tensor)
                 shard.tensor.copy_(whole[start : start + size])
 
+    def _weights(self, name: str) -> Any:
+        return self.module.state_dict()[f"embeddings.{name}.weight"]
+
+    def _accumulators(self, name: str) -> Any:
+        state = self.module.fused_optimizer.state_dict()["state"]
+        return state[f"embeddings.{name}.weight"][f"{name}.momentum1"]
+
+
+class ShardedEmbedding(SelfUpdatingTable):
+    """One table of a :class:`ShardedCollection`: ``[...]`` indices -> ``[..., D]``
+    rows. Its state dict holds the table whole (``weight``, ``accumulator``).
+
+    Args:
+        collection: the side's collection.
+        name: the table's name in it (the field's).
+    """
+
+    def __init__(self, collection: ShardedCollection, name: str) -> None:
+        super().__init__()
+        # A list, not a submodule: model.parameters(), .to() and state_dict() must not
+        # reach the sharded module (its parameters are ShardedTensors that update
+        # themselves); this module's own state dict holds the table whole.
+        self._collection = [collection]
+        self.name = name
+        self.num_embeddings, self.embedding_dim = collection.shapes[name]
+        self.collective = dist.get_world_size(collection.group) > 1
+
+    @property
+    def collection(self) -> ShardedCollection:
+        return self._collection[0]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.collection.lookup({self.name: ids})[self.name]
+
+    def set_learning_rate(self, value: float) -> None:
+        self.collection.set_learning_rate(value)
+
+    def full_weight(self) -> Tensor:
+        return self.collection.full_weight(self.name)
+
     def _save_to_state_dict(
         self, destination: dict[str, Any], prefix: str, keep_vars: bool
     ) -> None:
         destination[prefix + "weight"] = self.full_weight()
-        destination[prefix + "accumulator"] = self.full_accumulator()
+        destination[prefix + "accumulator"] = self.collection.full_accumulator(
+            self.name
+        )
 
     def _load_from_state_dict(
         self,
@@ -181,18 +235,37 @@ class ShardedEmbedding(SelfUpdatingTable):
             )
             return
         with torch.no_grad():
-            self._load(weight, accumulator)
+            self.collection.load(self.name, weight, accumulator)
+
+
+def lookup_together(
+    tables: nn.ModuleDict, names: list[str], features: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """The rows of every field in ``names`` whose table is a :class:`ShardedEmbedding`,
+    one lookup per collection (one all-to-all each way instead of one per table);
+    ``{}`` when none is."""
+    groups: dict[int, tuple[ShardedCollection, dict[str, Tensor]]] = {}
+    for name in names:
+        table = tables[name]
+        if isinstance(table, ShardedEmbedding):
+            collection = table.collection
+            groups.setdefault(id(collection), (collection, {}))[1][name] = features[
+                name
+            ]
+    rows: dict[str, Tensor] = {}
+    for collection, ids in groups.values():
+        rows |= collection.lookup(ids)
+    return rows
 
 
 def _shard(
-    name: str,
-    shape: torch.Size,
+    shapes: dict[str, tuple[int, ...]],
     learning_rate: float,
     eps: float,
     group: dist.ProcessGroup,
 ) -> Any:
-    """One table as a TorchRec EmbeddingCollection, sharded by rows over ``group``
-    with row-wise Adagrad applied in backward."""
+    """Tables ``{name: (rows, dim)}`` as one TorchRec EmbeddingCollection, each
+    sharded by rows over ``group``, with row-wise Adagrad applied in backward."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec import EmbeddingCollection, EmbeddingConfig
     from torchrec.distributed import DistributedModelParallel
@@ -204,12 +277,15 @@ def _shard(
     )
     from torchrec.distributed.types import ShardingEnv, ShardingType
 
-    rows, dim = shape
     collection = EmbeddingCollection(
         tables=[
             EmbeddingConfig(
-                name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[name]
+                name=name,
+                embedding_dim=dim,
+                num_embeddings=rows,
+                feature_names=[name],
             )
+            for name, (rows, dim) in shapes.items()
         ],
         device=torch.device("meta"),  # the rows are copied in after sharding
     )
@@ -236,6 +312,7 @@ def _shard(
                     name: ParameterConstraints(
                         sharding_types=[ShardingType.ROW_WISE.value]
                     )
+                    for name in shapes
                 },
             )
             plan = planner.collective_plan(collection, [sharder], group)
@@ -297,10 +374,11 @@ def sharded_tables(
     """
     with _process_group() as group:
 
-        def shard(name: str, weight: Tensor) -> ShardedEmbedding:
-            return ShardedEmbedding(
-                weight, name=name, learning_rate=learning_rate, eps=eps, group=group
+        def shard(tables: list[tuple[str, Tensor]]) -> list[SelfUpdatingTable]:
+            collection = ShardedCollection(
+                tables, learning_rate=learning_rate, eps=eps, group=group
             )
+            return [ShardedEmbedding(collection, name) for name, _ in tables]
 
         with swapped_tables(model, shard, backend="torchrec") as tables:
             yield tables  # type: ignore[misc]

@@ -1,6 +1,7 @@
 """Training from a Parquet log that is never loaded as a table: the same weights as
 the in-memory path on the same training rows, and a servable run."""
 
+import importlib.util
 from pathlib import Path
 
 import polars as pl
@@ -572,7 +573,11 @@ _RANKED = apply_overrides(
 )
 
 
-def _streamed_rank(rank: int, port: int, log: str, out: str) -> None:
+def _ranked(backend: str) -> ExperimentConfig:
+    return apply_overrides(_RANKED, [f"retrieval.embedding_backend={backend}"])
+
+
+def _streamed_rank(rank: int, port: int, log: str, out: str, backend: str) -> None:
     import os
 
     from safetensors.torch import save_file
@@ -587,7 +592,7 @@ def _streamed_rank(rank: int, port: int, log: str, out: str) -> None:
         LOCAL_RANK=str(rank),
     )
     try:
-        run = fit_streamed_retrieval(_RANKED, Path(log))
+        run = fit_streamed_retrieval(_ranked(backend), Path(log))
         tables = {
             "users": run.tensors.users,
             "items": run.tensors.items,
@@ -604,8 +609,23 @@ def _streamed_rank(rank: int, port: int, log: str, out: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        # The ID tables sharded by rows over the 2 ranks (every epoch's validation
+        # and the fallback's choice look them up on both ranks).
+        pytest.param(
+            "torchrec",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torchrec") is None,
+                reason="torchrec is not installed (make install-dev installs it)",
+            ),
+        ),
+    ],
+)
 def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
-    log: Path, tmp_path: Path
+    log: Path, tmp_path: Path, backend: str
 ) -> None:
     """Each rank reads every other row group in both passes; the merged counts and
     the gathered rows (in file order) make the single process's run."""
@@ -618,8 +638,8 @@ def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     out = str(tmp_path / "rank")
-    mp.spawn(_streamed_rank, args=(port, str(log), out), nprocs=2)
-    single = fit_streamed_retrieval(_RANKED, log)
+    mp.spawn(_streamed_rank, args=(port, str(log), out, backend), nprocs=2)
+    single = fit_streamed_retrieval(_ranked(backend), log)
     want = {
         "users": single.tensors.users,
         "items": single.tensors.items,

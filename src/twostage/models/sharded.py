@@ -23,8 +23,9 @@ checkpoints, the best epoch's copy and ``--resume`` work as with plain tables; i
 gather is a collective too. On the way out each table becomes a plain ``nn.Embedding``
 again on every rank, so evaluation, saved runs and serving never need TorchRec.
 
-TorchRec is an optional install: ``torchrec==1.8.0`` with ``--no-deps`` (its declared
-requirements pull the CUDA build of fbgemm) beside ``fbgemm-gpu-cpu==1.8.0``.
+TorchRec is an optional install: the ``torchrec`` extra (fbgemm's CPU kernel and what
+``import torchrec`` needs), then ``torchrec==1.8.0`` with ``--no-deps`` (its declared
+requirements pull the CUDA build of fbgemm).
 """
 
 from __future__ import annotations
@@ -58,9 +59,7 @@ logger = logging.getLogger(__name__)
 
 #: TorchRec and what its import needs, at the versions that match torch==2.13.0.
 INSTALL_COMMAND = (
-    'pip install "fbgemm-gpu-cpu==1.8.0" && pip install --no-deps torchrec==1.8.0 '
-    "tensordict==0.15.3 pyvers==0.2.3 cloudpickle==3.1.3 pyre-extensions==0.0.32 "
-    "typing-inspect==0.9.0"
+    'pip install "twostage[torchrec]" && pip install --no-deps torchrec==1.8.0'
 )
 
 

@@ -20,6 +20,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+NEEDS_TORCHREC = pytest.mark.skipif(
+    importlib.util.find_spec("torchrec") is None,
+    reason="torchrec is not installed (make install-dev installs it)",
+)
+
+
 def _config(extra: list[str]) -> ExperimentConfig:
     return apply_overrides(
         ExperimentConfig(),
@@ -92,15 +98,24 @@ def _free_port() -> int:
         ],
         # The ID tables sharded by rows over the ranks (TorchRec), one rank's
         # share each: the gradients TorchRec averages are the global batch's.
+        pytest.param(["retrieval.embedding_backend=torchrec"], marks=NEEDS_TORCHREC),
+        # IDs only: every retrieval table sharded, no dense parameter for DDP (it
+        # refused to wrap such a model).
         pytest.param(
-            ["retrieval.embedding_backend=torchrec"],
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("torchrec") is None,
-                reason="torchrec is not installed (make install-dev installs it)",
-            ),
+            [
+                "retrieval.embedding_backend=torchrec",
+                "retrieval.use_side_features=false",
+                "retrieval.history_length=0",
+            ],
+            marks=NEEDS_TORCHREC,
         ),
     ],
-    ids=["defaults", "adagrad-weights-extra-negatives", "torchrec"],
+    ids=[
+        "defaults",
+        "adagrad-weights-extra-negatives",
+        "torchrec",
+        "torchrec-ids-only",
+    ],
 )
 def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) -> None:
     """Both stages: retrieval (gathered negatives) and the ranker (its share of the

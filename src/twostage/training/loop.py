@@ -136,9 +136,11 @@ def run_training(
     optimizer = make_optimizer(model, config)
     world = distributed.current()
     step_loss: Callable[[Tensor, torch.Generator], Tensor] = batch_loss
-    if world is not None:
+    if world is not None and any(p.requires_grad for p in model.parameters()):
         # Every rank takes the same global batch; batch_loss trains on the rank's
-        # share (twostage.distributed) and DDP averages the gradients.
+        # share (twostage.distributed) and DDP averages the gradients. (A model
+        # whose every table is sharded and updates itself in backward has nothing
+        # left for DDP.)
         step_loss = nn.parallel.DistributedDataParallel(
             _StepLoss(model, batch_loss), find_unused_parameters=True
         )

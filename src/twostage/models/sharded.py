@@ -328,23 +328,34 @@ def _shard(
 
 
 def _gather(shards: Any, rows: int, group: dist.ProcessGroup) -> Tensor:
-    """The whole tensor of a row-sharded ShardedTensor, on every rank of ``group``."""
-    spans = {rank: (0, 0) for rank in range(dist.get_world_size(group))}
+    """The whole tensor of a row-sharded ShardedTensor, on every rank of ``group``
+    (a fresh copy: training goes on changing the shards).
+
+    Row-wise shards are blocks of ``ceil(rows / W)`` rows, rank ``r``'s at ``r``
+    blocks (the last one shorter or empty): each rank pads its block to that size
+    and one all-gather fills a ``[W * block, ...]`` buffer whose first ``rows`` rows
+    are the table, so a gather holds the table once, not once per rank plus a copy.
+    """
+    world = dist.get_world_size(group)
     metadata = shards.metadata()
-    for meta in metadata.shards_metadata:
-        spans[meta.placement.rank()] = (meta.shard_offsets[0], meta.shard_sizes[0])
-    local = [shard.tensor for shard in shards.local_shards()]
     tail = tuple(metadata.size[1:])
+    local = [shard.tensor for shard in shards.local_shards()]
     mine = local[0] if local else torch.zeros((0, *tail))
-    width = max(size for _, size in spans.values())
-    padded = mine.new_zeros((width, *tail))
+    if world == 1:
+        return mine.clone()
+    block = -(-rows // world)
+    for meta in metadata.shards_metadata:
+        if meta.shard_offsets[0] != meta.placement.rank() * block:
+            raise RuntimeError(
+                "TorchRec's row-wise shards should be blocks of "
+                f"{block} rows at rank x {block}. Received: a shard at row "
+                f"{meta.shard_offsets[0]} on rank {meta.placement.rank()}."
+            )
+    padded = mine.new_zeros((block, *tail))
     padded[: len(mine)] = mine
-    parts = [torch.empty_like(padded) for _ in spans]
-    dist.all_gather(parts, padded, group=group)
-    whole = mine.new_empty((rows, *tail))
-    for rank, (start, size) in spans.items():
-        whole[start : start + size] = parts[rank][:size]
-    return whole
+    whole = mine.new_empty((world * block, *tail))
+    dist.all_gather_into_tensor(whole, padded, group=group)
+    return whole[:rows]
 
 
 @contextmanager

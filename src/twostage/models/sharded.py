@@ -99,6 +99,9 @@ class ShardedCollection:
         group: dist.ProcessGroup,
     ) -> None:
         require_torchrec()
+        # TorchRec's lookups call torch.fx's is_fx_tracing, which logs a deprecation
+        # notice to torch.fx's logger on every rank; nothing a user can act on.
+        logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
         self.group = group
         self.shapes = {name: tuple(weight.shape) for name, weight in tables}
         self.module = _shard(self.shapes, learning_rate, eps, group)
@@ -354,7 +357,7 @@ def _gather(shards: Any, rows: int, group: dist.ProcessGroup) -> Tensor:
     padded = mine.new_zeros((block, *tail))
     padded[: len(mine)] = mine
     whole = mine.new_empty((world * block, *tail))
-    dist.all_gather_into_tensor(whole, padded, group=group)
+    dist.all_gather_single(whole, padded, group=group)
     return whole[:rows]
 
 

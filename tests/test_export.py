@@ -93,10 +93,17 @@ def test_unknown_format_names_the_flag(bundle: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--format" in result.output
 
 
-def test_a_transformer_history_with_item_features_exports(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "ensemble",
+    [[], ["retrieval.ensemble=gru,pooling", "retrieval.ensemble_weights=5,3,2"]],
+    ids=["transformer", "ensemble"],
+)
+def test_a_transformer_history_with_item_features_exports(
+    tmp_path: Path, ensemble: list[str]
+) -> None:
     # The causal mask, the history items' side features (a text bag, a category,
     # a number) and the time gaps (`history_times`, an input) inside the query
-    # tower's graph.
+    # tower's graph; with `retrieval.ensemble`, every member's towers in one graph.
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -110,6 +117,7 @@ def test_a_transformer_history_with_item_features_exports(tmp_path: Path) -> Non
             "retrieval.examples=sequences",
             "retrieval.sequence_item_features=true",
             "retrieval.sequence_time_gaps=true",
+            *ensemble,
         ],
     )
     run, _ = fit_retrieval(config)
@@ -129,3 +137,8 @@ def test_a_transformer_history_with_item_features_exports(tmp_path: Path) -> Non
     with torch.no_grad():
         want = run.model.eval().encode_queries(queries).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
+    items = run.tensors.item_features
+    got = _session(out / "candidate_tower.onnx").run(
+        None, {k: v.numpy() for k, v in items.items()}
+    )[0]
+    np.testing.assert_allclose(got, rec.item_embeddings.numpy(), rtol=0, atol=TOLERANCE)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from twostage.training import main_member
+
 if TYPE_CHECKING:
     from twostage.data.dataset import Dataset
     from twostage.retrieval.run import RetrievalRun
@@ -23,7 +25,9 @@ KS = ("1", "5", "10", "50", "100")
 
 
 def _best_epoch(history: list[dict[str, float]]) -> int | None:
-    """The 1-based epoch whose weights were kept (best validation, else train loss)."""
+    """The 1-based epoch whose weights were kept (best validation, else train loss;
+    an ensemble's first model's)."""
+    history = main_member(history)
     if not history:
         return None
     key, sign = ("validation", 1) if "validation" in history[0] else ("train_loss", -1)
@@ -41,6 +45,7 @@ def _plot_losses(
 ) -> None:
     import matplotlib.pyplot as plt
 
+    history = main_member(history)  # an ensemble: its first model's curves
     epochs = [int(h["epoch"]) + 1 for h in history]
     fig, left = plt.subplots(figsize=(6, 3.5))
     left.plot(

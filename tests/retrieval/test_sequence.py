@@ -1,5 +1,6 @@
-"""Ordered query encoders: causal masking, the training windows, and a planted
-sequence that only a model reading the order can follow."""
+"""Ordered query encoders: causal masking, the training windows, a planted
+sequence that only a model reading the order can follow, and ensembles of encoders
+(`retrieval.ensemble`)."""
 
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.errors import ConfigError, UnknownIdError
+from twostage.models.ensemble import EnsembleModel
 from twostage.models.fields import UNKNOWN_TIME
 from twostage.models.sequence import (
     GAP_BUCKETS,
@@ -23,11 +25,13 @@ from twostage.models.sequence import (
     gap_buckets,
 )
 from twostage.models.towers import HistoryPooling
-from twostage.recommender import Recommender
+from twostage.recommender import Recommender, load
 from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.run import load_run
+from twostage.retrieval.streamed import fit_streamed_retrieval
 from twostage.retrieval.tensors import sequence_windows
 from twostage.serving import ServeSettings, create_app
+from twostage.two_stage import fit_two_stage
 
 
 @pytest.mark.parametrize("kind", ["transformer", "gru"])
@@ -463,3 +467,154 @@ def test_a_time_gap_model_trains_saves_and_reads_session_times(
             apply_overrides(config, ["retrieval.query_encoder=pooling"]),
             dataset=dataset,
         )
+
+
+_ENSEMBLE = [
+    "retrieval.query_encoder=transformer",
+    "retrieval.ensemble=gru",
+    "retrieval.ensemble_weights=0.7,0.3",
+]
+
+
+def _config(*extra: str) -> ExperimentConfig:
+    return apply_overrides(ExperimentConfig(), [*_SETTINGS, "train.epochs=3", *extra])
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> Recommender:
+    run, _ = fit_retrieval(_config(*_ENSEMBLE), dataset=_planted_log())
+    return Recommender(run)
+
+
+def test_members_are_the_single_runs_and_score_their_weighted_mean(
+    ensemble: Recommender,
+) -> None:
+    dataset = _planted_log()
+    model = ensemble.run.model
+    assert isinstance(model, EnsembleModel)
+    singles = []
+    for encoder in ("transformer", "gru"):
+        run, _ = fit_retrieval(
+            _config(f"retrieval.query_encoder={encoder}"), dataset=dataset
+        )
+        singles.append(run)
+    for member, single in zip(model.members, singles, strict=True):
+        mine, theirs = member.state_dict(), single.model.state_dict()
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=0)
+
+    users = pl.Series("user_id", [0, 1, 2, 3])
+    queries = ensemble.run.query_embeddings(users, users=None)
+    items = ensemble.run.item_embeddings()
+    assert queries.shape[1] == items.shape[1] == 2 * 32
+    torch.testing.assert_close(queries.norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(items.norm(dim=1), torch.ones(len(items)))
+    parts = [
+        s.query_embeddings(users, users=None) @ s.item_embeddings().T for s in singles
+    ]
+    torch.testing.assert_close(queries @ items.T, 0.7 * parts[0] + 0.3 * parts[1])
+
+    # every member's epochs, tagged; the first model's best epoch is the run's
+    history = ensemble.run.train_result.history
+    assert [r["member"] for r in history] == [0, 0, 0, 1, 1, 1]
+    assert ensemble.run.train_result.best_epoch == singles[0].train_result.best_epoch
+
+
+def test_an_ensemble_bundle_reloads_and_serves_sessions(
+    ensemble: Recommender, tmp_path: Path
+) -> None:
+    root = tmp_path / "models" / "walks" / "1"
+    ensemble.save(root)
+    again = load(root)
+    walk = [5, int(_successors()[5])]
+    expected = ensemble.recommend(None, 4, session=walk).to_dict()["items"]
+    assert again.recommend(None, 4, session=walk).to_dict()["items"] == expected
+    assert again.similar_items(5, 4) == ensemble.similar_items(5, 4)
+    assert again.recommend(3, 4) == ensemble.recommend(3, 4)
+    settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/v1/recommend", json={"session": walk, "k": 4}).json()
+        assert answer["path"] == "session" and answer["items"] == expected
+        predicted = client.post(
+            "/v1/models/walks:predict",
+            json={"instances": [{"session": walk, "k": 4}]},
+        ).json()
+        assert predicted["predictions"][0]["output_2"] == [
+            e["item_id"] for e in expected
+        ]
+
+
+def test_an_ensemble_resumes_each_member_exactly(tmp_path: Path) -> None:
+    dataset = _planted_log(num_users=80)
+    settings = [*_ENSEMBLE, "train.lr_schedule=constant"]
+    whole, _ = fit_retrieval(_config(*settings), dataset=dataset)
+    fit_retrieval(
+        _config(*settings, "train.epochs=2"), dataset=dataset, out_dir=tmp_path
+    )
+    assert (tmp_path / "member-0" / "checkpoint").is_dir()
+    assert (tmp_path / "member-1" / "checkpoint").is_dir()
+    resumed, _ = fit_retrieval(
+        _config(*settings), dataset=dataset, out_dir=tmp_path, resume=True
+    )
+    mine, theirs = resumed.model.state_dict(), whole.model.state_dict()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=0)
+
+
+def test_the_cli_trains_an_ensemble_with_its_ranker(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    sets = [
+        "retrieval.ensemble=pooling",
+        "retrieval.embedding_dim=16",
+        "retrieval.output_dim=16",
+        "retrieval.history_length=8",
+        "train.epochs=1",
+        "ranking.epochs=1",
+        "train.num_threads=1",
+    ]
+    data = "synthetic:num_users=60,num_items=40,num_interactions=900"
+    args = ["train", "--dataset", data]
+    args += [part for item in sets for part in ("--set", item)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    bundle = load(out)
+    assert isinstance(bundle.run.model, EnsembleModel)
+    assert bundle.ranker is not None  # reads both members' vectors (2 x 16)
+    answer = CliRunner().invoke(app, ["recommend", str(out), "--user", "1", "--json"])
+    assert answer.exit_code == 0, answer.output
+    assert json.loads(answer.stdout)["path"] in ("personalised", "popular")
+
+
+def test_ensemble_mistakes_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ensemble_weights` should be empty"):
+        _config("retrieval.ensemble=gru", "retrieval.ensemble_weights=1,2,3")
+    with pytest.raises(ConfigError, match="ensemble_weights"):
+        _config("retrieval.ensemble=gru", "retrieval.ensemble_weights=1,0")
+    with pytest.raises(ConfigError, match=r"ensemble\[\]` should be one of"):
+        _config("retrieval.ensemble=lstm")
+    log = tmp_path / "log.parquet"
+    _planted_log(num_users=20).interactions.write_parquet(log)
+    with pytest.raises(ConfigError, match=r"retrieval.ensemble=\[\]"):
+        fit_streamed_retrieval(_config("retrieval.ensemble=gru"), log)
+
+
+def test_a_two_stage_ensemble_reads_every_member_vector() -> None:
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=60,num_items=40,num_interactions=900",
+            "retrieval.ensemble=gru",
+            "retrieval.embedding_dim=16",
+            "retrieval.output_dim=16",
+            "retrieval.history_length=8",
+            "train.epochs=1",
+            "ranking.epochs=1",
+            "train.num_threads=1",
+        ],
+    )
+    stages = fit_two_stage(config)
+    assert stages.ranker is not None
+    users, items = stages.ranker.retrieval_vectors()
+    assert users.shape[1] == items.shape[1] == 32
+    assert stages.ranking_metrics

@@ -55,7 +55,7 @@ def build_ranking_model(
         dropout=config.dropout,
         use_history=config.use_history,
         use_biases=config.use_biases,
-        extra_dim=run.config.retrieval.output_dim * config.use_retrieval_features,
+        extra_dim=run.config.retrieval.served_dim * config.use_retrieval_features,
         rating_mean=rating_mean,
         sparse=config.sparse_embeddings,
     )

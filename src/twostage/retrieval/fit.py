@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -22,12 +23,13 @@ from twostage.errors import ConfigError, DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
 from twostage.features.context import add_context_columns, context_frame
+from twostage.models.ensemble import EnsembleModel, member_configs
 from twostage.models.fused import fused_tables, require_fbgemm
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.sharded import require_torchrec, sharded_tables
 from twostage.retrieval.evaluation import eval_queries
 from twostage.retrieval.fallback import choose_popularity_fallback
-from twostage.retrieval.run import RetrievalRun, build_model, spec_for
+from twostage.retrieval.run import RetrievalRun, Towers, build_member, spec_for
 from twostage.retrieval.task import (
     UserExamples,
     interaction_loss,
@@ -41,7 +43,7 @@ from twostage.retrieval.tensors import (
     context_keys,
     with_history_of,
 )
-from twostage.training import ProgressFn, TrainResult
+from twostage.training import ProgressFn, TrainResult, merge_results
 from twostage.training.loop import resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
@@ -102,27 +104,52 @@ def fit_retrieval(
     started = time.perf_counter()
     spec = spec_for(train, config).fit(train)
     tensors = build_tensors(spec, train, config.retrieval)
-    torch.manual_seed(config.train.seed)  # the initial weights are part of the run
-    model = build_model(spec, config.retrieval)
-    run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
-    validate = None
-    if validation is not None and validation.num_interactions:
-        validate = Validator(run, validation)
-
     checkpoints = Path(out_dir) if out_dir is not None else None
-    run.train_result = train_retrieval(
-        model,
-        tensors,
-        config.train,
-        validate=validate,
-        checkpoint_dir=checkpoints,
-        resume=resume,
-        on_step=on_step,
-        fingerprint=resume_fingerprint(
-            {k: v for k, v in to_dict(config).items() if k in _RETRIEVAL_SECTIONS}
-        ),
-        allow_config_change=allow_config_change,
-    )
+    members = []
+    for member in member_configs(config.retrieval):  # every member built first
+        # Every member starts from the run's seed: the first one is the run a config
+        # without `retrieval.ensemble` trains, weight for weight.
+        torch.manual_seed(config.train.seed)  # the initial weights are part of the run
+        members.append(
+            RetrievalRun(
+                config=dataclasses.replace(config, retrieval=member),
+                spec=spec,
+                model=build_member(spec, member),
+                tensors=tensors,
+            )
+        )
+    for i, member_run in enumerate(members):
+        validate = None
+        if validation is not None and validation.num_interactions:
+            validate = Validator(member_run, validation)
+        if checkpoints is not None and config.retrieval.ensemble:
+            member_dir: Path | None = checkpoints / f"member-{i}"
+        else:
+            member_dir = checkpoints
+        sections = to_dict(member_run.config if config.retrieval.ensemble else config)
+        member_run.train_result = train_retrieval(
+            member_run.model,  # type: ignore[arg-type]
+            tensors,
+            config.train,
+            validate=validate,
+            checkpoint_dir=member_dir,
+            resume=resume,
+            on_step=on_step,
+            fingerprint=resume_fingerprint(
+                {k: v for k, v in sections.items() if k in _RETRIEVAL_SECTIONS}
+            ),
+            allow_config_change=allow_config_change,
+        )
+    if len(members) == 1:
+        run = members[0]
+        run.config = config
+    else:
+        model = EnsembleModel([m.model for m in members], config.retrieval)  # type: ignore[misc]
+        run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
+        run.train_result = merge_results([m.train_result for m in members])
+        validate = None
+        if validation is not None and validation.num_interactions:
+            validate = Validator(run, validation)
     logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
     choose_fallback(run, validate)
     if validation is not None and validation.num_interactions:
@@ -249,7 +276,7 @@ class Validator:
         self.features = spec.transform_queries(frame, users=validation.users)
         self.user_idx = torch.from_numpy(self.queries.user_idx)
 
-    def query_embeddings(self, model: RetrievalModel) -> Tensor:
+    def query_embeddings(self, model: Towers) -> Tensor:
         self.features.update(self.run.tensors.history_features(self.user_idx))
         return model.encode_queries(self.features)
 

@@ -23,6 +23,7 @@ from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.errors import ArtifactError, ConfigError
 from twostage.features import FeatureSpec
 from twostage.features.context import context_field, context_frame, context_names
+from twostage.models.ensemble import EnsembleModel, member_configs
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.towers import FieldInfo
 from twostage.retrieval.tensors import (
@@ -31,7 +32,7 @@ from twostage.retrieval.tensors import (
     tensors_from_flat,
     tensors_to_flat,
 )
-from twostage.training import TrainResult
+from twostage.training import TrainResult, main_member
 
 if TYPE_CHECKING:
     from twostage.evaluate import EvalResult
@@ -41,6 +42,8 @@ __all__ = [
     "read_records",
     "write_records",
     "RetrievalRun",
+    "Towers",
+    "build_member",
     "build_model",
     "load_run",
     "read_retrieval",
@@ -64,8 +67,21 @@ _MALFORMED = (
 )
 
 
-def build_model(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
-    """The two towers for a fitted spec (from the saved config, never from defaults)."""
+#: What a run serves: one two-tower model, or several (``retrieval.ensemble``).
+Towers = RetrievalModel | EnsembleModel
+
+
+def build_model(spec: FeatureSpec, config: RetrievalConfig) -> Towers:
+    """The two towers for a fitted spec (from the saved config, never from defaults);
+    with ``retrieval.ensemble``, one pair per member (:func:`build_member`)."""
+    if config.ensemble:
+        members = [build_member(spec, member) for member in member_configs(config)]
+        return EnsembleModel(members, config)
+    return build_member(spec, config)
+
+
+def build_member(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
+    """One pair of towers, for a config without ``ensemble``."""
 
     def fields(side: str) -> list[FieldInfo]:
         return [
@@ -133,7 +149,7 @@ class RetrievalRun:
 
     config: ExperimentConfig
     spec: FeatureSpec
-    model: RetrievalModel
+    model: Towers
     tensors: RetrievalTensors
     train_result: TrainResult = field(default_factory=TrainResult)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -323,7 +339,8 @@ def read_records(run: RetrievalRun, directory: Path) -> None:
             raise ArtifactError(f"cannot read {str(path)!r}: {e}") from e
         if name == "history.json":
             run.train_result.history = values
-            known = [r for r in values if "validation" in r] or values
+            first = main_member(values)  # an ensemble's first model's epochs
+            known = [r for r in first if "validation" in r] or first
             if known:
                 key = "validation" if "validation" in known[0] else "train_loss"
                 sign = 1 if key == "validation" else -1

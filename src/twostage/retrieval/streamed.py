@@ -73,7 +73,7 @@ from twostage.errors import ConfigError
 from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
 from twostage.retrieval.fit import Validator, choose_fallback, train_retrieval
-from twostage.retrieval.run import RetrievalRun, build_model, spec_for
+from twostage.retrieval.run import RetrievalRun, build_member, spec_for
 from twostage.retrieval.tensors import (
     RetrievalTensors,
     context_keys,
@@ -107,6 +107,8 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("retrieval.examples=interactions (with several ranks)")
     if data.split not in ("random", "temporal", "leave-last-out"):
         problems.append("data.split=random, temporal or leave-last-out")
+    if retrieval.ensemble:  # its members train from a log in memory
+        problems.append("retrieval.ensemble=[] (one model)")
     if problems:
         raise ConfigError(
             "training from a streamed log supports every example mode in one "
@@ -618,7 +620,7 @@ def _fit_streamed(
         time.perf_counter() - started,
     )
     torch.manual_seed(config.train.seed)
-    model = build_model(spec, config.retrieval)
+    model = build_member(spec, config.retrieval)
     run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
     run.load_report = fitted.report.to_dict() if fitted.report is not None else None
     run.stream_rows = {

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ProgressFn", "TrainResult"]
+__all__ = ["ProgressFn", "TrainResult", "main_member", "merge_results"]
 
 #: Called after every optimiser step with ``{"epoch", "step", "loss", "examples"}``.
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -34,3 +34,28 @@ class TrainResult:
     best_metric: float = -math.inf
     seconds: float = 0.0
     stopped_early: bool = False
+
+
+def merge_results(results: list[TrainResult]) -> TrainResult:
+    """One record of members trained one after another (``retrieval.ensemble``): every
+    member's epochs, each record tagged with its ``member`` (0-based), the best epoch
+    and metric of the first, the seconds of all."""
+    history = [
+        {**record, "member": i}
+        for i, one in enumerate(results)
+        for record in one.history
+    ]
+    first = results[0]
+    return TrainResult(
+        history=history,
+        best_epoch=first.best_epoch,
+        best_metric=first.best_metric,
+        seconds=sum(r.seconds for r in results),
+        stopped_early=first.stopped_early,
+    )
+
+
+def main_member(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of a run's first model: all of them but an ensemble's other
+    members' (:func:`merge_results`)."""
+    return [record for record in history if not record.get("member")]

@@ -11,9 +11,10 @@ Protocols, all full-ranking with each user's training items excluded:
 Datasets: MovieLens-100k and latest-small (``../shared/data/ml-latest-small``, or
 ``--latest-small DIR``). Models: ``twostage-bag`` (the default two towers, history
 pooled as a bag), ``twostage-transformer`` (``presets/retrieval-sequence.json``) and
-``twostage-gru`` (the same with a GRU), each trained with seeds 0 .. ``--seeds``-1
-(means reported); ``mix-transformer-gru`` (asked for by name: the same seed's
-transformer and GRU, each user's scores standardised and mixed 0.7 / 0.3); baselines: popularity, recent popularity (last 30 days), EASE,
+``twostage-gru`` (the same with a GRU) and ``twostage-ensemble``
+(``presets/retrieval-sequence-ensemble.json``: both, trained apart, serving 0.7 x the
+transformer's score + 0.3 x the GRU's), each trained with seeds 0 .. ``--seeds``-1
+(means reported); baselines: popularity, recent popularity (last 30 days), EASE,
 item-kNN (both neighbourhood forms) and the item-to-item transition model, on the
 same split and evaluation code. One table per protocol and dataset.
 
@@ -34,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,8 +44,7 @@ from twostage.data.dataset import Dataset
 from twostage.data.movielens import load_movielens
 from twostage.data.registry import load_dataset
 from twostage.data.split import prepare_split, split_dataset
-from twostage.evaluate import evaluate_scores
-from twostage.retrieval.evaluation import eval_queries, evaluate_baselines
+from twostage.retrieval.evaluation import evaluate_baselines
 from twostage.retrieval.fit import fit_retrieval
 
 KS = ("1", "5", "10", "50", "100")
@@ -73,6 +72,7 @@ MODELS: dict[str, tuple[str | None, list[str]]] = {
     "twostage-bag": (None, []),
     "twostage-transformer": ("retrieval-sequence.json", []),
     "twostage-gru": ("retrieval-sequence.json", ["retrieval.query_encoder=gru"]),
+    "twostage-ensemble": ("retrieval-sequence-ensemble.json", []),
 }
 
 
@@ -100,58 +100,12 @@ def mean_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-#: The mix of two models' scores (each user's standardised), with the first one's
-#: weight, chosen on the leave-one-out --validation split of MovieLens-100k (training
-#: seeds 0 and 1; docs/benchmarks.md). Not a feature yet: measured here only.
-MIXES: dict[str, tuple[str, str, float]] = {
-    "mix-transformer-gru": ("twostage-transformer", "twostage-gru", 0.7),
-}
-
-
-def mix_entry(first: Any, second: Any, weight: float, test: Dataset) -> dict[str, Any]:
-    """``weight * first + (1 - weight) * second`` on each user's standardised scores
-    of the whole catalogue (both runs share the split and its vocabularies)."""
-    queries = eval_queries(first, test)
-    scored = []
-    for run in (first, second):
-        query = run.query_embeddings(
-            queries.user_ids, users=test.users, context=queries.context
-        )
-        scored.append((query, queries.pad_items(run.item_embeddings())))
-
-    def score(rows: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(())
-        for share, (query, items) in zip((weight, 1 - weight), scored, strict=True):
-            scores = query[rows] @ items.T  # (B, D) @ (D, N) -> (B, N)
-            mean, spread = scores.mean(1, True), scores.std(1, keepdim=True)
-            total = total + share * (scores - mean) / spread.clamp_min(1e-6)
-        return total
-
-    result = evaluate_scores(
-        score,
-        num_items=queries.num_items,
-        queries=np.arange(len(queries.user_ids)),
-        relevant=queries.relevant,
-        seen=queries.seen,
-        ks=tuple(int(k) for k in KS),
-        exclude_seen="both",
-        valid_items=queries.valid_items,
-    )
-    return entry(result.to_dict(), None)
-
-
 def scenario(
     dataset: Dataset, protocol: str, models: list[str], seeds: int, overrides: list[str]
 ) -> dict[str, Any]:
-    """Every model (mean over training seeds), every mix of two of them (the same
-    seed's runs) and every baseline on one split."""
+    """Every model (mean over training seeds) and every baseline on one split."""
     results: dict[str, Any] = {}
     split = run = None
-    mixes = [name for name in models if name in MIXES]
-    members = {member for name in mixes for member in MIXES[name][:2]}
-    trained: dict[tuple[str, int], Any] = {}  # the runs a mix needs
-    models = [name for name in models if name not in MIXES]
-    models += sorted(members - set(models))
     for name in models:
         preset, model_overrides = MODELS[name]
         base = load_config(PRESETS / preset) if preset else ExperimentConfig()
@@ -172,25 +126,10 @@ def scenario(
             started = time.perf_counter()
             run, _ = fit_retrieval(config, split=split)
             runs.append(entry(run.metrics, time.perf_counter() - started))
-            if name in members:
-                trained[name, seed] = run
         results[name] = mean_entry(runs)
         if seeds > 1:
             results[name]["per_seed"] = runs
     assert split is not None and run is not None
-    for name in mixes:
-        first, second, weight = MIXES[name]
-        runs = [
-            mix_entry(trained[first, seed], trained[second, seed], weight, split.test)
-            for seed in range(seeds)
-        ]
-        for one in runs:  # both members' training
-            one["train_seconds"] = sum(
-                results[member]["train_seconds"] for member in (first, second)
-            )
-        results[name] = mean_entry(runs)
-        if seeds > 1:
-            results[name]["per_seed"] = runs
     started = time.perf_counter()
     baselines = evaluate_baselines(run, split.test, train=split.train)
     seconds = (time.perf_counter() - started) / max(len(baselines), 1)
@@ -236,8 +175,7 @@ def main() -> None:
     parser.add_argument(
         "--models",
         default=",".join(MODELS),
-        help="comma-separated twostage models; also mix-transformer-gru (the two "
-        "sequence towers' scores mixed 0.7 / 0.3, trained with each seed)",
+        help="comma-separated twostage models",
     )
     parser.add_argument("--seeds", type=int, default=3, help="training seeds")
     parser.add_argument("--latest-small", type=Path, default=SHARED)
@@ -252,11 +190,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = args.models.split(",")
-    unknown = sorted(set(models) - set(MODELS) - set(MIXES))
+    unknown = sorted(set(models) - set(MODELS))
     if unknown:
-        parser.error(
-            f"unknown --models {unknown}; choose from {sorted(MODELS) + list(MIXES)}"
-        )
+        parser.error(f"unknown --models {unknown}; choose from {sorted(MODELS)}")
     results: dict[str, Any] = {}
     for protocol in args.protocols.split(","):
         if protocol not in PROTOCOLS:

@@ -448,6 +448,9 @@ class TwoStageModel:
         c = self.config
         head = f"TwoStageModel(examples={c.retrieval.examples}"
         head += f", dim={c.retrieval.output_dim}, epochs={c.train.epochs}"
+        if c.retrieval.ensemble:
+            encoders = (c.retrieval.query_encoder, *c.retrieval.ensemble)
+            head += f", ensemble={'+'.join(encoders)}"
         head += f", ranking={'on' if self.ranking else 'off'}"
         if self.recommender_ is None:
             return head + ", not fitted)"

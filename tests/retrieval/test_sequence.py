@@ -534,6 +534,9 @@ def test_an_ensemble_bundle_reloads_and_serves_sessions(
     assert again.recommend(3, 4) == ensemble.recommend(3, 4)
     settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
     with TestClient(create_app(settings)) as client:
+        metadata = client.get("/v1/models/walks/metadata").json()
+        assert metadata["query_encoders"] == ["transformer", "gru"]
+        assert metadata["history_length"] == 12
         answer = client.post("/v1/recommend", json={"session": walk, "k": 4}).json()
         assert answer["path"] == "session" and answer["items"] == expected
         predicted = client.post(

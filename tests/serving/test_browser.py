@@ -82,6 +82,9 @@ def test_page_shows_history_recommendations_and_similar_items(
             page.wait_for_selector("#recs li")
             first = small_recommender.user_vocab.values[0]
             assert page.input_value("#user") == str(first)
+            # How the query reads the history; a model that reads some takes sessions.
+            assert "pooling query" in page.inner_text("#model-info")
+            assert page.is_enabled("#session")
             page.screenshot(
                 path=str(ARTIFACTS / "page-first-paint.png"), full_page=True
             )

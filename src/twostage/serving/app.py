@@ -400,6 +400,7 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         if f.column != "user_id"
     ]
     users = rec.user_vocab.values
+    retrieval = rec.run.config.retrieval
     return {
         "model": model.name,
         "version": model.version,
@@ -409,6 +410,10 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         "sample_users": users.head(50).to_list(),
         "has_ranker": rec.ranker is not None,
         "index": rec.index_kind,
+        # How the query reads the history (several: `retrieval.ensemble`), and how
+        # many recent items a request's `session` may bring to it (0: none).
+        "query_encoders": [retrieval.query_encoder, *retrieval.ensemble],
+        "history_length": int(rec.run.tensors.history.shape[1]),
         # The item columns the answers' `label` and `tags` come from; a client
         # filters on the tags column (`filters={tags_column: value}`).
         "title_column": rec.display.title,

@@ -75,6 +75,7 @@ function userId() {
 
 // The session box: item IDs of this visit, oldest first ("50, 172").
 function session() {
+  if ($("session").disabled) return null;  // the model reads no history
   const ids = $("session").value.split(",").map((s) => s.trim()).filter(Boolean);
   return ids.length ? ids.map((id) => (/^-?\d+$/.test(id) ? Number(id) : id)) : null;
 }
@@ -170,8 +171,10 @@ async function loadModel() {
   }
   $("model-info").textContent =
     `version ${metadata.version} · ${metadata.num_users} users · ${metadata.num_items} items` +
+    ` · ${metadata.query_encoders.join(" + ")} query` +
     (metadata.has_ranker ? " · with ranking stage" : "");
   $("filter").disabled = !metadata.tags_column;
+  $("session").disabled = metadata.history_length === 0;  // nothing would read it
   $("users").replaceChildren(...metadata.sample_users.map((id) => {
     const option = document.createElement("option");
     option.value = String(id);

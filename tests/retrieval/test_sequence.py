@@ -31,7 +31,6 @@ from twostage.retrieval.run import load_run
 from twostage.retrieval.streamed import fit_streamed_retrieval
 from twostage.retrieval.tensors import sequence_windows
 from twostage.serving import ServeSettings, create_app
-from twostage.two_stage import fit_two_stage
 
 
 @pytest.mark.parametrize("kind", ["transformer", "gru"])
@@ -222,6 +221,19 @@ def test_session_mistakes_are_named(
         recommender.recommend(None, 3, session=[{"item": 1}])
 
 
+def _assert_session_served(
+    client: TestClient, walk: list[int], expected: list[dict]
+) -> None:
+    """Model `walks` answers the anonymous session with ``expected`` (4 items) on
+    both routes."""
+    answer = client.post("/v1/recommend", json={"session": walk, "k": 4}).json()
+    assert answer["path"] == "session" and answer["items"] == expected
+    predicted = client.post(
+        "/v1/models/walks:predict", json={"instances": [{"session": walk, "k": 4}]}
+    ).json()
+    assert predicted["predictions"][0]["output_2"] == [e["item_id"] for e in expected]
+
+
 def test_the_api_answers_sessions(
     walk_recommender: tuple[Recommender, Dataset], tmp_path: Path
 ) -> None:
@@ -231,21 +243,13 @@ def test_the_api_answers_sessions(
     walk = [5, int(_successors()[5])]
     expected = recommender.recommend(None, 4, session=walk).to_dict()["items"]
     with TestClient(create_app(settings)) as client:
-        answer = client.post("/v1/recommend", json={"session": walk, "k": 4}).json()
-        assert answer["path"] == "session" and answer["items"] == expected
+        _assert_session_served(client, walk, expected)
         timed = [
             {"item_id": walk[1], "timestamp": 2},
             {"item_id": walk[0], "timestamp": 1},
         ]
         again = client.post("/v1/recommend", json={"session": timed, "k": 4}).json()
         assert again["items"] == expected
-        predicted = client.post(
-            "/v1/models/walks:predict",
-            json={"instances": [{"session": walk, "k": 4}]},
-        ).json()
-        assert predicted["predictions"][0]["output_2"] == [
-            e["item_id"] for e in expected
-        ]
         for bad, status in [
             ({"session": [999]}, 404),
             ({"session": "5"}, 422),
@@ -537,15 +541,7 @@ def test_an_ensemble_bundle_reloads_and_serves_sessions(
         metadata = client.get("/v1/models/walks/metadata").json()
         assert metadata["query_encoders"] == ["transformer", "gru"]
         assert metadata["history_length"] == 12
-        answer = client.post("/v1/recommend", json={"session": walk, "k": 4}).json()
-        assert answer["path"] == "session" and answer["items"] == expected
-        predicted = client.post(
-            "/v1/models/walks:predict",
-            json={"instances": [{"session": walk, "k": 4}]},
-        ).json()
-        assert predicted["predictions"][0]["output_2"] == [
-            e["item_id"] for e in expected
-        ]
+        _assert_session_served(client, walk, expected)
 
 
 def test_an_ensemble_resumes_each_member_exactly(tmp_path: Path) -> None:
@@ -568,7 +564,7 @@ def test_an_ensemble_resumes_each_member_exactly(tmp_path: Path) -> None:
 def test_the_cli_trains_an_ensemble_with_its_ranker(tmp_path: Path) -> None:
     out = tmp_path / "run"
     sets = [
-        "retrieval.ensemble=pooling",
+        "retrieval.ensemble=gru",
         "retrieval.embedding_dim=16",
         "retrieval.output_dim=16",
         "retrieval.history_length=8",
@@ -583,7 +579,9 @@ def test_the_cli_trains_an_ensemble_with_its_ranker(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     bundle = load(out)
     assert isinstance(bundle.run.model, EnsembleModel)
-    assert bundle.ranker is not None  # reads both members' vectors (2 x 16)
+    assert bundle.ranker is not None  # it reads both members' vectors (2 x 16)
+    users, items = bundle.ranker.retrieval_vectors()
+    assert users.shape[1] == items.shape[1] == 32
     answer = CliRunner().invoke(app, ["recommend", str(out), "--user", "1", "--json"])
     assert answer.exit_code == 0, answer.output
     assert json.loads(answer.stdout)["path"] in ("personalised", "popular")
@@ -600,24 +598,3 @@ def test_ensemble_mistakes_are_named(tmp_path: Path) -> None:
     _planted_log(num_users=20).interactions.write_parquet(log)
     with pytest.raises(ConfigError, match=r"retrieval.ensemble=\[\]"):
         fit_streamed_retrieval(_config("retrieval.ensemble=gru"), log)
-
-
-def test_a_two_stage_ensemble_reads_every_member_vector() -> None:
-    config = apply_overrides(
-        ExperimentConfig(),
-        [
-            "data.dataset=synthetic:num_users=60,num_items=40,num_interactions=900",
-            "retrieval.ensemble=gru",
-            "retrieval.embedding_dim=16",
-            "retrieval.output_dim=16",
-            "retrieval.history_length=8",
-            "train.epochs=1",
-            "ranking.epochs=1",
-            "train.num_threads=1",
-        ],
-    )
-    stages = fit_two_stage(config)
-    assert stages.ranker is not None
-    users, items = stages.ranker.retrieval_vectors()
-    assert users.shape[1] == items.shape[1] == 32
-    assert stages.ranking_metrics

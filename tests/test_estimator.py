@@ -136,3 +136,27 @@ def test_tensorboard_logs_both_stages(frames, tmp_path: Path) -> None:
     assert {"retrieval/step_loss", "retrieval/train_loss", "ranking/train_loss"} <= tags
     epochs = [e.step for e in events.Scalars("retrieval/train_loss")]
     assert epochs == [1, 2]  # 1-based, one point per epoch
+
+
+def test_tensorboard_keeps_an_ensembles_members_apart(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    from twostage.tracking import TensorBoardLogger
+
+    history = [
+        {"epoch": e, "train_loss": 1.0 + e + m, "member": m}
+        for m in (0, 1)
+        for e in (0, 1)
+    ]
+    logger = TensorBoardLogger(tmp_path / "tb")
+    logger.log_epochs("retrieval", history)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert tags == {"retrieval/train_loss", "retrieval/member-1/train_loss"}
+    losses = [e.value for e in events.Scalars("retrieval/member-1/train_loss")]
+    assert losses == [2.0, 3.0]

@@ -48,12 +48,15 @@ class TensorBoardLogger:
             self.writer.add_scalar(f"{stage}/step_loss", info["loss"], info["step"])
 
     def log_epochs(self, stage: str, history: list[dict[str, Any]]) -> None:
-        """Every numeric field of each epoch record (``TrainResult.history``)."""
+        """Every numeric field of each epoch record (``TrainResult.history``); an
+        ensemble's later members under ``<stage>/member-<i>/``."""
         for record in history:
             epoch = int(record["epoch"]) + 1  # 1-based, as the logs say
+            member = int(record.get("member", 0))
+            prefix = f"{stage}/member-{member}" if member else stage
             for key, value in record.items():
-                if key != "epoch" and isinstance(value, int | float):
-                    self.writer.add_scalar(f"{stage}/{key}", value, epoch)
+                if key not in ("epoch", "member") and isinstance(value, int | float):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, epoch)
         self.writer.flush()
 
     def log_stages(self, stages: Any) -> None:

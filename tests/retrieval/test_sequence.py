@@ -525,6 +525,19 @@ def test_members_are_the_single_runs_and_score_their_weighted_mean(
     assert ensemble.run.train_result.best_epoch == singles[0].train_result.best_epoch
 
 
+def test_a_repeated_encoder_trains_from_the_next_seed() -> None:
+    dataset = _planted_log(num_users=80)
+    config = _config("retrieval.query_encoder=gru", "retrieval.ensemble=gru,gru")
+    run, _ = fit_retrieval(config, dataset=dataset)
+    for i, member in enumerate(run.model.members):
+        single, _ = fit_retrieval(
+            _config("retrieval.query_encoder=gru", f"train.seed={i}"), dataset=dataset
+        )
+        mine, theirs = member.state_dict(), single.model.state_dict()
+        for key in mine:
+            torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=0)
+
+
 def test_an_ensemble_bundle_reloads_and_serves_sessions(
     ensemble: Recommender, tmp_path: Path
 ) -> None:

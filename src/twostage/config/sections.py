@@ -177,8 +177,10 @@ class RetrievalConfig(_Checked):
     linear layer).
 
     ``ensemble`` names more query encoders (``pooling``, ``transformer``, ``gru``):
-    each trains a whole two-tower model of its own, apart and from the same seed,
-    with every other setting of this section, after the ``query_encoder`` one (a
+    each trains a whole two-tower model of its own, apart, with every other setting
+    of this section, after the ``query_encoder`` one; each encoder's first model
+    trains from ``train.seed``, a repeated encoder's next ones from ``train.seed`` + 1,
+    + 2... (another draw of the same model, not a copy) (a
     ``pooling`` member goes without the settings only an ordered history reads:
     ``share_item_embeddings``, ``sequence_item_features``,
     ``sequence_time_gaps``). The

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from twostage.config import RetrievalConfig
 from twostage.models.retrieval import RetrievalModel
 
-__all__ = ["EnsembleModel", "member_configs"]
+__all__ = ["EnsembleModel", "member_configs", "member_seeds", "member_shares"]
 
 
 def member_configs(config: RetrievalConfig) -> list[RetrievalConfig]:
@@ -42,6 +42,18 @@ def member_configs(config: RetrievalConfig) -> list[RetrievalConfig]:
             )
         configs.append(member)
     return configs
+
+
+def member_seeds(config: RetrievalConfig, seed: int) -> list[int]:
+    """Each member's training seed: ``seed`` for the first member of each encoder,
+    ``seed + 1``, ``seed + 2``... for the same encoder's later ones (a repeated encoder
+    is another draw of the same model, not a copy)."""
+    seen: dict[str, int] = {}
+    seeds = []
+    for encoder in (config.query_encoder, *config.ensemble):
+        seeds.append(seed + seen.get(encoder, 0))
+        seen[encoder] = seen.get(encoder, 0) + 1
+    return seeds
 
 
 def member_shares(config: RetrievalConfig) -> list[float]:

@@ -23,7 +23,7 @@ from twostage.errors import ConfigError, DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
 from twostage.features.context import add_context_columns, context_frame
-from twostage.models.ensemble import EnsembleModel, member_configs
+from twostage.models.ensemble import EnsembleModel, member_configs, member_seeds
 from twostage.models.fused import fused_tables, require_fbgemm
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.sharded import require_torchrec, sharded_tables
@@ -106,13 +106,17 @@ def fit_retrieval(
     tensors = build_tensors(spec, train, config.retrieval)
     checkpoints = Path(out_dir) if out_dir is not None else None
     members = []
-    for member in member_configs(config.retrieval):  # every member built first
-        # Every member starts from the run's seed: the first one is the run a config
-        # without `retrieval.ensemble` trains, weight for weight.
-        torch.manual_seed(config.train.seed)  # the initial weights are part of the run
-        members.append(
+    seeds = member_seeds(config.retrieval, config.train.seed)
+    for member, seed in zip(member_configs(config.retrieval), seeds, strict=True):
+        # Each encoder's first member trains from the run's seed: the first member is
+        # the run a config without `retrieval.ensemble` trains, weight for weight.
+        train_config = dataclasses.replace(config.train, seed=seed)
+        torch.manual_seed(seed)  # the initial weights are part of the run
+        members.append(  # every member built first: a bad setting fails at once
             RetrievalRun(
-                config=dataclasses.replace(config, retrieval=member),
+                config=dataclasses.replace(
+                    config, retrieval=member, train=train_config
+                ),
                 spec=spec,
                 model=build_member(spec, member),
                 tensors=tensors,
@@ -130,7 +134,7 @@ def fit_retrieval(
         member_run.train_result = train_retrieval(
             member_run.model,  # type: ignore[arg-type]
             tensors,
-            config.train,
+            member_run.config.train,
             validate=validate,
             checkpoint_dir=member_dir,
             resume=resume,

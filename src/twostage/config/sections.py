@@ -176,23 +176,21 @@ class RetrievalConfig(_Checked):
     to zero; ``concat`` passes their concatenation through the head (an MLP or one
     linear layer).
 
-    ``ensemble`` names more query encoders (``pooling``, ``transformer``, ``gru``):
-    each trains a whole two-tower model of its own, apart, with every other setting
-    of this section, after the ``query_encoder`` one; each encoder's first model
-    trains from ``train.seed``, a repeated encoder's next ones from ``train.seed`` + 1,
-    + 2... (another draw of the same model, not a copy) (a
-    ``pooling`` member goes without the settings only an ordered history reads:
-    ``share_item_embeddings``, ``sequence_item_features``,
-    ``sequence_time_gaps``). The
-    run serves their weighted mean score, by ``ensemble_weights`` (one per model,
+    ``ensemble`` names more query encoders (``pooling``, ``transformer``, ``gru``).
+    Each trains a whole two-tower model of its own, apart, after the
+    ``query_encoder`` one, with every other setting of this section; a ``pooling``
+    model goes without the settings only an ordered history reads
+    (``share_item_embeddings``, ``sequence_item_features``, ``sequence_time_gaps``).
+    Each encoder's first model trains from ``train.seed``; a repeated encoder's next
+    ones from ``train.seed`` + 1, + 2... (another draw, not a copy). The run serves
+    their weighted mean score, by ``ensemble_weights`` (one per model,
     ``query_encoder``'s first; empty: equal), normalised to sum to 1. It stays one
-    dot product: each model's unit query and item vectors, times the square root
-    of its weight, are concatenated (:mod:`twostage.models.ensemble`), so the
-    output has ``output_dim`` times the number of models dimensions, still unit
-    norm, and the index, evaluation, export and serving work unchanged. Models
-    that read the history in different ways err differently: on leave-one-out
-    MovieLens-100k the transformer and GRU mixed 0.7 / 0.3 score 10 to 12% above
-    either (docs/benchmarks.md).
+    dot product: each model's unit query and item vectors, times the square root of
+    its weight, are concatenated (:mod:`twostage.models.ensemble`), so the vectors
+    have ``output_dim`` per model, still unit norm, and the index, evaluation,
+    export and serving work unchanged. Models that read the history in different
+    ways err differently: on leave-one-out MovieLens-100k the transformer and GRU
+    mixed 0.7 / 0.3 score 10 to 14% above either (docs/benchmarks.md).
     """
 
     embedding_dim: int = 64

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -122,10 +123,12 @@ def fit_retrieval(
                 tensors=tensors,
             )
         )
+    validate = None  # its queries are computed once, for every member
+    if validation is not None and validation.num_interactions:
+        validate = Validator(members[0], validation)
     for i, member_run in enumerate(members):
-        validate = None
-        if validation is not None and validation.num_interactions:
-            validate = Validator(member_run, validation)
+        if validate is not None:
+            validate = validate.for_run(member_run)
         if checkpoints is not None and config.retrieval.ensemble:
             member_dir: Path | None = checkpoints / f"member-{i}"
         else:
@@ -151,9 +154,7 @@ def fit_retrieval(
         model = EnsembleModel([m.model for m in members], config.retrieval)  # type: ignore[misc]
         run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
         run.train_result = merge_results([m.train_result for m in members])
-        validate = None
-        if validation is not None and validation.num_interactions:
-            validate = Validator(run, validation)
+        validate = validate.for_run(run) if validate is not None else None
     logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
     choose_fallback(run, validate)
     if validation is not None and validation.num_interactions:
@@ -279,6 +280,13 @@ class Validator:
         )
         self.features = spec.transform_queries(frame, users=validation.users)
         self.user_idx = torch.from_numpy(self.queries.user_idx)
+
+    def for_run(self, run: RetrievalRun) -> Validator:
+        """The same queries for another run on the same spec and tables (an
+        ensemble's members, then the ensemble)."""
+        other = copy.copy(self)
+        other.run = run
+        return other
 
     def query_embeddings(self, model: Towers) -> Tensor:
         self.features.update(self.run.tensors.history_features(self.user_idx))

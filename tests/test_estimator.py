@@ -151,12 +151,19 @@ def test_tensorboard_keeps_an_ensembles_members_apart(tmp_path: Path) -> None:
         for m in (0, 1)
         for e in (0, 1)
     ]
-    logger = TensorBoardLogger(tmp_path / "tb")
+    logger = TensorBoardLogger(tmp_path / "tb", every=1)
     logger.log_epochs("retrieval", history)
+    for member in (0, 1):
+        logger.on_step({"step": 0, "loss": 5.0 + member, "member": member})
     logger.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert tags == {"retrieval/train_loss", "retrieval/member-1/train_loss"}
+    assert tags == {
+        "retrieval/train_loss",
+        "retrieval/member-1/train_loss",
+        "retrieval/step_loss",
+        "retrieval/member-1/step_loss",
+    }
     losses = [e.value for e in events.Scalars("retrieval/member-1/train_loss")]
     assert losses == [2.0, 3.0]

@@ -42,10 +42,13 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(str(self.log_dir))
 
     def on_step(self, info: dict[str, Any]) -> None:
-        """A training loop's step record (``stage`` defaults to retrieval)."""
+        """A training loop's step record (``stage`` defaults to retrieval; an
+        ensemble's later members under ``<stage>/member-<i>/``)."""
         if info["step"] % self.every == 0:
             stage = info.get("stage", "retrieval")
-            self.writer.add_scalar(f"{stage}/step_loss", info["loss"], info["step"])
+            member = int(info.get("member", 0))
+            prefix = f"{stage}/member-{member}" if member else stage
+            self.writer.add_scalar(f"{prefix}/step_loss", info["loss"], info["step"])
 
     def log_epochs(self, stage: str, history: list[dict[str, Any]]) -> None:
         """Every numeric field of each epoch record (``TrainResult.history``); an

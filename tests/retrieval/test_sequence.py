@@ -560,7 +560,10 @@ def test_an_ensemble_bundle_reloads_and_serves_sessions(
 def test_an_ensemble_resumes_each_member_exactly(tmp_path: Path) -> None:
     dataset = _planted_log(num_users=80)
     settings = [*_ENSEMBLE, "train.lr_schedule=constant"]
-    whole, _ = fit_retrieval(_config(*settings), dataset=dataset)
+    steps: list[dict] = []
+    whole, _ = fit_retrieval(_config(*settings), dataset=dataset, on_step=steps.append)
+    assert [r["member"] for r in steps] == sorted(r["member"] for r in steps)
+    assert {r["member"] for r in steps} == {0, 1}  # each step says whose it is
     fit_retrieval(
         _config(*settings, "train.epochs=2"), dataset=dataset, out_dir=tmp_path
     )

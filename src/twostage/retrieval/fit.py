@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -129,6 +130,17 @@ def fit_retrieval(
     for i, member_run in enumerate(members):
         if validate is not None:
             validate = validate.for_run(member_run)
+        step_fn = on_step
+        if config.retrieval.ensemble:
+            logger.info(
+                "ensemble member %d/%d: query_encoder=%s, seed %d",
+                i + 1,
+                len(members),
+                member_run.config.retrieval.query_encoder,
+                member_run.config.train.seed,
+            )
+            if on_step is not None:  # each step record says whose step it is
+                step_fn = functools.partial(_tag_member, on_step, i)
         if checkpoints is not None and config.retrieval.ensemble:
             member_dir: Path | None = checkpoints / f"member-{i}"
         else:
@@ -141,7 +153,7 @@ def fit_retrieval(
             validate=validate,
             checkpoint_dir=member_dir,
             resume=resume,
-            on_step=on_step,
+            on_step=step_fn,
             fingerprint=resume_fingerprint(
                 {k: v for k, v in sections.items() if k in _RETRIEVAL_SECTIONS}
             ),
@@ -334,6 +346,10 @@ def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor
     items = spec.vocabulary(ITEM).transform(data.interactions[ITEM])
     known = (users > 0) & (items > 0)
     return torch.from_numpy(users[known]), torch.from_numpy(items[known])
+
+
+def _tag_member(on_step: ProgressFn, member: int, info: dict[str, Any]) -> None:
+    on_step({**info, "member": member})
 
 
 def _set_threads(config: ExperimentConfig) -> None:

@@ -25,8 +25,9 @@ def training_bars(
     console: Console | None = None,
     also: Callable[[dict[str, Any]], None] | None = None,
 ) -> Iterator[dict[str, ProgressFn]]:
-    """One progress bar per stage, each with epoch, loss, throughput, elapsed time
-    and ETA (one live display: rich draws one at a time).
+    """One progress bar per stage (per model of a ``retrieval.ensemble``: records
+    with a ``member``), each with epoch, loss, throughput, elapsed time and ETA (one
+    live display: rich draws one at a time).
 
     Args:
         labels: the stages, e.g. ``"retrieval", "ranking"``; a bar appears when its
@@ -49,7 +50,8 @@ def training_bars(
         TimeRemainingColumn,
     )
 
-    width = max(len(label) for label in labels) if labels else 0
+    # An ensemble's models get a bar each ("retrieval 2"), as they may train at once.
+    width = max(len(label) for label in labels) + 3 if labels else 0
     columns = (
         TextColumn(f"{{task.description:<{width}}}"),
         BarColumn(bar_width=20),
@@ -64,19 +66,23 @@ def training_bars(
         tasks: dict[str, TaskID] = {}
 
         def bar(label: str) -> ProgressFn:
-            clock: dict[str, float] = {}
+            clocks: dict[str, dict[str, float]] = {}
 
             def on_step(info: dict[str, Any]) -> None:
                 now = time.perf_counter()
-                if label not in tasks:
-                    tasks[label] = progress.add_task(
-                        label, total=None, epoch=0, epochs="?", loss=0.0, rate=0.0
+                name = label
+                if "member" in info:  # 1-based, as the logs say
+                    name = f"{label} {info['member'] + 1}"
+                if name not in tasks:
+                    tasks[name] = progress.add_task(
+                        name, total=None, epoch=0, epochs="?", loss=0.0, rate=0.0
                     )
+                clock = clocks.setdefault(name, {})
                 if info["epoch"] != clock.get("epoch"):
                     clock.update(epoch=info["epoch"], start=now)
                 rate = info["examples"] / max(now - clock["start"], 1e-9)
                 progress.update(
-                    tasks[label],
+                    tasks[name],
                     total=info.get("total_steps"),
                     completed=info["step"] + 1,
                     epoch=info["epoch"] + 1,  # 1-based, as the logs say

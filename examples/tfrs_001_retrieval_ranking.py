@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--ranking-epochs", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: one epoch of retrieval, 20 steps of the ranker")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one epoch of retrieval, 20 steps of the ranker",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     config = twostage.apply_overrides(

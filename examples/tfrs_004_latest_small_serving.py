@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--data-dir", type=Path, default=default)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", type=Path, help="where bundle and report go")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: one epoch of retrieval, 20 steps of the ranker")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one epoch of retrieval, 20 steps of the ranker",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from twostage.data.movielens import load_movielens

@@ -50,7 +50,7 @@ def training_bars(
         TimeRemainingColumn,
     )
 
-    # An ensemble's models get a bar each ("retrieval 2"), as they may train at once.
+    # An ensemble's models get a bar each ("retrieval 2"), with its own total.
     width = max(len(label) for label in labels) + 3 if labels else 0
     columns = (
         TextColumn(f"{{task.description:<{width}}}"),

@@ -717,8 +717,8 @@ def demo(
         int,
         typer.Option(
             help="Ranking epochs; the best on validation is kept. Validation RMSE "
-            "bottoms out after 3 on MovieLens-100k, and each epoch costs ~15 s on 2 "
-            "cores, so the demo stops there (`twostage train`: up to 30, early "
+            "bottoms out after 3 on MovieLens-100k, and each epoch costs about 35 s "
+            "on 2 cores, so the demo stops there (`twostage train`: up to 30, early "
             "stopping)."
         ),
     ] = 3,

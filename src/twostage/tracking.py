@@ -45,9 +45,7 @@ class TensorBoardLogger:
         """A training loop's step record (``stage`` defaults to retrieval; an
         ensemble's later members under ``<stage>/member-<i>/``)."""
         if info["step"] % self.every == 0:
-            stage = info.get("stage", "retrieval")
-            member = int(info.get("member", 0))
-            prefix = f"{stage}/member-{member}" if member else stage
+            prefix = _prefix(info.get("stage", "retrieval"), info)
             self.writer.add_scalar(f"{prefix}/step_loss", info["loss"], info["step"])
 
     def log_epochs(self, stage: str, history: list[dict[str, Any]]) -> None:
@@ -55,8 +53,7 @@ class TensorBoardLogger:
         ensemble's later members under ``<stage>/member-<i>/``."""
         for record in history:
             epoch = int(record["epoch"]) + 1  # 1-based, as the logs say
-            member = int(record.get("member", 0))
-            prefix = f"{stage}/member-{member}" if member else stage
+            prefix = _prefix(stage, record)
             for key, value in record.items():
                 if key not in ("epoch", "member") and isinstance(value, int | float):
                     self.writer.add_scalar(f"{prefix}/{key}", value, epoch)
@@ -70,3 +67,10 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _prefix(stage: str, record: dict[str, Any]) -> str:
+    """Where a record's scalars go: the stage, or an ensemble's later member's
+    ``<stage>/member-<i>``."""
+    member = int(record.get("member", 0))
+    return f"{stage}/member-{member}" if member else stage

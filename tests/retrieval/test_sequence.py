@@ -12,12 +12,14 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from twostage.baselines import EASE
 from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.errors import ConfigError, UnknownIdError
 from twostage.models.ensemble import EnsembleModel
-from twostage.models.fields import UNKNOWN_TIME
+from twostage.models.fields import HISTORY, UNKNOWN_TIME
+from twostage.models.linear_items import LinearItemsModel
 from twostage.models.sequence import (
     GAP_BUCKETS,
     SequenceEncoder,
@@ -29,7 +31,7 @@ from twostage.recommender import Recommender, load
 from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.run import load_run
 from twostage.retrieval.streamed import fit_streamed_retrieval
-from twostage.retrieval.tensors import sequence_windows
+from twostage.retrieval.tensors import query_features, sequence_windows
 from twostage.serving import ServeSettings, create_app
 
 
@@ -614,3 +616,111 @@ def test_ensemble_mistakes_are_named(tmp_path: Path) -> None:
     _planted_log(num_users=20).interactions.write_parquet(log)
     with pytest.raises(ConfigError, match=r"retrieval.ensemble=\[\]"):
         fit_streamed_retrieval(_config("retrieval.ensemble=gru"), log)
+
+
+_EASE = [
+    "retrieval.query_encoder=transformer",
+    "retrieval.ensemble=ease",
+    "retrieval.ensemble_weights=0.8,0.2",
+    "retrieval.ease_l2=10",
+]
+
+
+def test_an_ease_member_scores_eases_standardised_scores() -> None:
+    """At full rank, with each user's whole log in the history, the member's score of
+    item ``j`` is EASE's, divided by the spread of the user's scores over the
+    catalogue: a standardised score (less its mean, which ranks nothing)."""
+    dataset = _planted_log(num_users=120, num_items=30)
+    config = _config(
+        *_EASE,
+        "retrieval.ease_rank=40",
+        "retrieval.history_length=20",
+        "train.epochs=1",
+    )
+    run, _ = fit_retrieval(config, dataset=dataset)
+    member = run.model.members[1]
+    assert isinstance(member, LinearItemsModel)
+    tensors = run.tensors
+    users = torch.arange(1, 20)
+    ease = EASE(l2=10).fit(tensors.seen(), num_items=tensors.num_items)
+    expected = ease.score(users)[:, 1:]
+    expected = expected / expected.std(dim=1, unbiased=False, keepdim=True)
+    history = tensors.history[users]
+    seen = tensors.seen()
+    for user, row in zip(users.tolist(), history, strict=True):  # the whole log
+        assert set(row[row > 0].tolist()) == set(seen.row(user).tolist())
+    query = member.encode_queries({HISTORY: history})
+    items = member.encode_items({"item_id": torch.arange(tensors.num_items)})
+    scores = (query @ items.T)[:, 1:]
+    shift = (scores - expected).mean(dim=1, keepdim=True)  # a constant per user
+    torch.testing.assert_close(scores - shift, expected, atol=1e-4, rtol=1e-4)
+
+    # the ensemble scores 0.8 x the transformer's cosine + 0.2 x this
+    transformer = run.model.members[0]
+    features = {HISTORY: history}
+    cosines = (
+        transformer.encode_queries(query_features(tensors, users))
+        @ transformer.encode_items(tensors.item_features).T
+    )
+    both = run.model.encode_queries(query_features(tensors, users))
+    torch.testing.assert_close(
+        both @ run.item_embeddings().T,
+        0.8 * cosines + 0.2 * member.encode_queries(features) @ items.T,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_an_ease_query_counts_an_item_once_and_an_empty_history_is_zero() -> None:
+    member = LinearItemsModel(6, 3)
+    weights = torch.rand(6, 6, generator=torch.Generator().manual_seed(0))
+    member.fit(weights.fill_diagonal_(0.0))
+    once = member.encode_queries({HISTORY: torch.tensor([[0, 2, 3]])})
+    twice = member.encode_queries({HISTORY: torch.tensor([[2, 3, 2]])})
+    torch.testing.assert_close(once, twice)
+    empty = member.encode_queries({HISTORY: torch.zeros(2, 3, dtype=torch.long)})
+    assert torch.equal(empty, torch.zeros(2, 3))
+    # the query after each position is the query of the history up to it
+    history = torch.tensor([[4, 2, 4, 1]])
+    steps = member.encode_query_positions({HISTORY: history})
+    for i in range(4):
+        padded = torch.cat(
+            [torch.zeros(1, 3 - i, dtype=torch.long), history[:, : i + 1]], 1
+        )
+        torch.testing.assert_close(
+            steps[:, i], member.encode_queries({HISTORY: padded})
+        )
+
+
+def test_an_ease_ensemble_reloads_and_serves_sessions(tmp_path: Path) -> None:
+    run, _ = fit_retrieval(_config(*_EASE), dataset=_planted_log())
+    recommender = Recommender(run)
+    assert run.item_embeddings().shape[1] == 32 + 128  # output_dim + ease_rank
+    root = tmp_path / "models" / "walks" / "1"
+    recommender.save(root)
+    again = load(root)
+    for name, value in recommender.run.model.state_dict().items():
+        assert torch.equal(again.run.model.state_dict()[name], value), name
+    walk = [5, int(_successors()[5])]
+    expected = recommender.recommend(None, 4, session=walk).to_dict()["items"]
+    assert again.recommend(None, 4, session=walk).to_dict()["items"] == expected
+    assert again.recommend(3, 4) == recommender.recommend(3, 4)
+    settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        metadata = client.get("/v1/models/walks/metadata").json()
+        assert metadata["query_encoders"] == ["transformer", "ease"]
+        _assert_session_served(client, walk, expected)
+
+
+def test_ease_member_mistakes_are_named() -> None:
+    with pytest.raises(ConfigError, match="at most one `ease`"):
+        _config("retrieval.ensemble=ease,ease")
+    with pytest.raises(ConfigError, match="ease_l2` should be positive"):
+        _config("retrieval.ensemble=ease", "retrieval.ease_l2=0")
+    with pytest.raises(ConfigError, match="query_encoder` should be one of"):
+        _config("retrieval.query_encoder=ease")
+    # a catalogue EASE cannot hold is refused before the first member trains
+    items = np.arange(51_000)  # the last 500 (one per user) are test, not training
+    frame = pl.DataFrame({"user_id": items % 500, "item_id": items, "timestamp": items})
+    with pytest.raises(ConfigError, match="Drop 'ease'"):
+        fit_retrieval(_config(*_EASE), dataset=Dataset("wide", frame))

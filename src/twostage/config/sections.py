@@ -176,8 +176,13 @@ class RetrievalConfig(_Checked):
     to zero; ``concat`` passes their concatenation through the head (an MLP or one
     linear layer).
 
-    ``ensemble`` names more query encoders (``pooling``, ``transformer``, ``gru``).
-    Each trains a whole two-tower model of its own, apart, after the
+    ``ensemble`` names more query encoders (``pooling``, ``transformer``, ``gru``),
+    and ``ease``: EASE's item-to-item model fitted in closed form on the training
+    rows (ridge ``ease_l2``), factorised to ``ease_rank`` and standardised per query
+    (:mod:`twostage.models.linear_items`); it reads the query's history, costs a
+    Cholesky inverse of an items x items matrix (EASE's ``max_items`` bound
+    applies) and has no training loop. Each other entry trains a whole two-tower
+    model of its own, apart, after the
     ``query_encoder`` one, with every other setting of this section; a ``pooling``
     model goes without the settings only an ordered history reads
     (``share_item_embeddings``, ``sequence_item_features``, ``sequence_time_gaps``).
@@ -187,10 +192,12 @@ class RetrievalConfig(_Checked):
     ``query_encoder``'s first; empty: equal), normalised to sum to 1. It stays one
     dot product: each model's unit query and item vectors, times the square root of
     its weight, are concatenated (:mod:`twostage.models.ensemble`), so the vectors
-    have ``output_dim`` per model, still unit norm, and the index, evaluation,
-    export and serving work unchanged. Models that read the history in different
-    ways err differently: on leave-one-out MovieLens-100k the transformer and GRU
-    mixed 0.7 / 0.3 score 10 to 14% above either (docs/benchmarks.md).
+    have ``output_dim`` per model (``ease_rank`` for ``ease``), unit norm but for
+    ``ease``'s, and the index, evaluation, export and serving work unchanged. Models
+    that read the history in different ways err differently: on leave-one-out
+    MovieLens-100k the transformer and GRU mixed 0.7 / 0.3 score 10 to 14% above
+    either, and the transformer with ``ease`` nearly as much in half the time
+    (docs/benchmarks.md).
     """
 
     embedding_dim: int = 64
@@ -226,15 +233,21 @@ class RetrievalConfig(_Checked):
     embedding_backend: Literal["torch", "fbgemm", "torchrec"] = "torch"
     popularity_fallback: int = -1
     popularity_days: float = 0.0
-    ensemble: tuple[Literal["pooling", "transformer", "gru"], ...] = ()
+    ensemble: tuple[Literal["pooling", "transformer", "gru", "ease"], ...] = ()
     ensemble_weights: tuple[float, ...] = ()
+    ease_l2: float = 500.0
+    ease_rank: int = 128
 
     SECTION: ClassVar[str] = "retrieval"
 
     @property
     def served_dim(self) -> int:
-        """Width of the run's query and item vectors: ``output_dim`` per model."""
-        return self.output_dim * (1 + len(self.ensemble))
+        """Width of the run's query and item vectors: ``output_dim`` per trained
+        model, ``ease_rank`` for an ``ease`` member."""
+        eases = self.ensemble.count("ease")
+        return (
+            self.output_dim * (1 + len(self.ensemble) - eases) + self.ease_rank * eases
+        )
 
     def _rules(self) -> dict[str, tuple[bool, str]]:
         return {
@@ -268,6 +281,13 @@ class RetrievalConfig(_Checked):
                 self.popularity_days >= 0,
                 "0 (all-time popularity) or a positive number of days",
             ),
+            "ensemble": (
+                self.ensemble.count("ease") <= 1,
+                "query encoders (`pooling`, `transformer`, `gru`) and at most one "
+                "`ease`",
+            ),
+            "ease_l2": (self.ease_l2 > 0, "positive"),
+            "ease_rank": (self.ease_rank >= 1, "a positive integer"),
             "ensemble_weights": (
                 all(w > 0 for w in self.ensemble_weights)
                 and len(self.ensemble_weights) in (0, 1 + len(self.ensemble)),

@@ -4,32 +4,60 @@ Each member is a whole :class:`~twostage.models.retrieval.RetrievalModel` with i
 query encoder, trained apart. The ensemble scores an item by the members' weighted
 mean score, ``sum_m w_m * <q_m, i_m>`` with the weights summing to 1, which is still
 one dot product: the query is the concatenation of ``sqrt(w_m) * q_m`` and the item
-of ``sqrt(w_m) * i_m``. Both stay unit vectors (each member's are), so an
+of ``sqrt(w_m) * i_m``. Both stay unit vectors when every member's are, so an
 item-to-item similarity is the same weighted mean of the members' similarities, and
 everything that reads embeddings (the index, evaluation, export, serving) takes the
-ensemble as it takes one model.
+ensemble as it takes one model. An ``ease`` member
+(:class:`~twostage.models.linear_items.LinearItemsModel`) is fitted in closed form
+instead of trained; its vectors are not unit norm.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from twostage.config import RetrievalConfig
+from twostage.models.linear_items import LinearItemsModel
 from twostage.models.retrieval import RetrievalModel
 
-__all__ = ["EnsembleModel", "member_configs", "member_seeds", "member_shares"]
+__all__ = [
+    "EnsembleModel",
+    "Member",
+    "member_configs",
+    "member_kinds",
+    "member_seeds",
+    "member_shares",
+]
+
+#: One model of an ensemble: a trained pair of towers or the closed-form EASE member.
+Member = RetrievalModel | LinearItemsModel
+
+
+MemberKind = Literal["pooling", "transformer", "gru", "ease"]
+
+
+def member_kinds(config: RetrievalConfig) -> list[MemberKind]:
+    """Each member's kind: ``query_encoder``, then each ``ensemble`` entry."""
+    return [config.query_encoder, *config.ensemble]
 
 
 def member_configs(config: RetrievalConfig) -> list[RetrievalConfig]:
     """One config per member: ``query_encoder``'s, then each ``ensemble`` entry's,
     every other setting shared, but a ``pooling`` member goes without the
-    settings only an ordered history reads."""
+    settings only an ordered history reads. An ``ease`` member's is the first
+    member's (it reads ``ease_l2``, ``ease_rank`` and ``history_length``)."""
     configs = []
-    for encoder in (config.query_encoder, *config.ensemble):
+    for encoder in member_kinds(config):
+        if encoder == "ease":
+            configs.append(
+                dataclasses.replace(config, ensemble=(), ensemble_weights=())
+            )
+            continue
         member = dataclasses.replace(
             config, query_encoder=encoder, ensemble=(), ensemble_weights=()
         )
@@ -50,7 +78,7 @@ def member_seeds(config: RetrievalConfig, seed: int) -> list[int]:
     is another draw of the same model, not a copy)."""
     seen: dict[str, int] = {}
     seeds = []
-    for encoder in (config.query_encoder, *config.ensemble):
+    for encoder in member_kinds(config):
         seeds.append(seed + seen.get(encoder, 0))
         seen[encoder] = seen.get(encoder, 0) + 1
     return seeds
@@ -73,9 +101,7 @@ class EnsembleModel(nn.Module):
 
     shares: Tensor
 
-    def __init__(
-        self, members: Sequence[RetrievalModel], config: RetrievalConfig
-    ) -> None:
+    def __init__(self, members: Sequence[Member], config: RetrievalConfig) -> None:
         super().__init__()
         shares = member_shares(config)
         if len(members) != len(shares):
@@ -85,7 +111,7 @@ class EnsembleModel(nn.Module):
         # From the config, which the saved run holds: not weights.
         self.register_buffer("shares", torch.tensor(shares), persistent=False)
 
-    def _models(self) -> list[RetrievalModel]:
+    def _models(self) -> list[Member]:
         return list(self.members)  # type: ignore[arg-type]
 
     @property
@@ -98,9 +124,16 @@ class EnsembleModel(nn.Module):
 
     @property
     def temperature(self) -> Tensor:
-        """The members' temperatures' weighted mean (all equal unless learned)."""
-        temperatures = torch.stack([m.temperature for m in self._models()])
-        return (self.shares * temperatures).sum()
+        """The trained members' temperatures' weighted mean (all equal unless
+        learned; an ``ease`` member has none)."""
+        pairs = [
+            (share, m.temperature)
+            for share, m in zip(self.shares, self._models(), strict=True)
+            if isinstance(m, RetrievalModel)
+        ]
+        shares = torch.stack([share for share, _ in pairs])
+        temperatures = torch.stack([t for _, t in pairs])
+        return (shares * temperatures).sum() / shares.sum()
 
     def _join(self, parts: list[Tensor]) -> Tensor:
         scales = self.shares.sqrt()

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from twostage import distributed
+from twostage.baselines import EASE
 from twostage.config import ExperimentConfig, RetrievalConfig, TrainConfig, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import load_dataset_for
@@ -25,8 +26,14 @@ from twostage.errors import ConfigError, DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
 from twostage.features.context import add_context_columns, context_frame
-from twostage.models.ensemble import EnsembleModel, member_configs, member_seeds
+from twostage.models.ensemble import (
+    EnsembleModel,
+    member_configs,
+    member_kinds,
+    member_seeds,
+)
 from twostage.models.fused import fused_tables, require_fbgemm
+from twostage.models.linear_items import LinearItemsModel
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.sharded import require_torchrec, sharded_tables
 from twostage.retrieval.evaluation import eval_queries
@@ -108,8 +115,17 @@ def fit_retrieval(
     tensors = build_tensors(spec, train, config.retrieval)
     checkpoints = Path(out_dir) if out_dir is not None else None
     members = []
+    kinds = member_kinds(config.retrieval)
+    if "ease" in kinds and tensors.num_items > EASE().max_items:
+        raise ConfigError(  # before any member trains
+            "`retrieval.ensemble` entry 'ease' fits a dense items x items matrix: "
+            f"{tensors.num_items} items is above EASE's {EASE().max_items}. Drop "
+            "'ease' from `retrieval.ensemble` for this catalogue."
+        )
     seeds = member_seeds(config.retrieval, config.train.seed)
-    for member, seed in zip(member_configs(config.retrieval), seeds, strict=True):
+    for kind, member, seed in zip(
+        kinds, member_configs(config.retrieval), seeds, strict=True
+    ):
         # Each encoder's first member trains from the run's seed: the first member is
         # the run a config without `retrieval.ensemble` trains, weight for weight.
         train_config = dataclasses.replace(config.train, seed=seed)
@@ -120,7 +136,8 @@ def fit_retrieval(
                     config, retrieval=member, train=train_config
                 ),
                 spec=spec,
-                model=build_member(spec, member),
+                # an `ease` member's run only carries its model to the ensemble
+                model=build_member(spec, member, kind=kind),  # type: ignore[arg-type]
                 tensors=tensors,
             )
         )
@@ -128,6 +145,17 @@ def fit_retrieval(
     if validation is not None and validation.num_interactions:
         validate = Validator(members[0], validation)
     for i, member_run in enumerate(members):
+        if isinstance(member_run.model, LinearItemsModel):
+            fitted = time.perf_counter()
+            fit_ease_member(member_run.model, tensors, config.retrieval)
+            member_run.train_result = TrainResult(seconds=time.perf_counter() - fitted)
+            logger.info(
+                "ensemble member %d/%d: ease, fitted in closed form (rank %d)",
+                i + 1,
+                len(members),
+                config.retrieval.ease_rank,
+            )
+            continue
         if validate is not None:
             validate = validate.for_run(member_run)
         step_fn = on_step
@@ -136,7 +164,7 @@ def fit_retrieval(
                 "ensemble member %d/%d: query_encoder=%s, seed %d",
                 i + 1,
                 len(members),
-                member_run.config.retrieval.query_encoder,
+                kinds[i],
                 member_run.config.train.seed,
             )
             if on_step is not None:  # each step record says whose step it is
@@ -346,6 +374,17 @@ def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor
     items = spec.vocabulary(ITEM).transform(data.interactions[ITEM])
     known = (users > 0) & (items > 0)
     return torch.from_numpy(users[known]), torch.from_numpy(items[known])
+
+
+def fit_ease_member(
+    model: LinearItemsModel, tensors: RetrievalTensors, config: RetrievalConfig
+) -> None:
+    """Fit an ``ease`` member on the training rows: EASE's closed form
+    (:class:`twostage.baselines.EASE`, ridge ``ease_l2``), then factorised."""
+    ease = EASE(l2=config.ease_l2)
+    ease.fit(tensors.seen(), num_items=tensors.num_items)
+    assert ease.weights is not None
+    model.fit(ease.weights)
 
 
 def _tag_member(on_step: ProgressFn, member: int, info: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import polars as pl
@@ -23,7 +23,13 @@ from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.errors import ArtifactError, ConfigError
 from twostage.features import FeatureSpec
 from twostage.features.context import context_field, context_frame, context_names
-from twostage.models.ensemble import EnsembleModel, member_configs
+from twostage.models.ensemble import (
+    EnsembleModel,
+    Member,
+    member_configs,
+    member_kinds,
+)
+from twostage.models.linear_items import LinearItemsModel
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.towers import FieldInfo
 from twostage.retrieval.tensors import (
@@ -75,13 +81,33 @@ def build_model(spec: FeatureSpec, config: RetrievalConfig) -> Towers:
     """The two towers for a fitted spec (from the saved config, never from defaults);
     with ``retrieval.ensemble``, one pair per member (:func:`build_member`)."""
     if config.ensemble:
-        members = [build_member(spec, member) for member in member_configs(config)]
+        members: list[Member] = [
+            build_member(spec, member, kind=kind)
+            for kind, member in zip(
+                member_kinds(config), member_configs(config), strict=True
+            )
+        ]
         return EnsembleModel(members, config)
     return build_member(spec, config)
 
 
-def build_member(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel:
-    """One pair of towers, for a config without ``ensemble``."""
+@overload
+def build_member(spec: FeatureSpec, config: RetrievalConfig) -> RetrievalModel: ...
+
+
+@overload
+def build_member(
+    spec: FeatureSpec, config: RetrievalConfig, *, kind: str
+) -> Member: ...
+
+
+def build_member(
+    spec: FeatureSpec, config: RetrievalConfig, *, kind: str = ""
+) -> Member:
+    """One pair of towers, for a config without ``ensemble``; ``kind="ease"``: the
+    closed-form EASE member (:mod:`twostage.models.linear_items`), still unfitted."""
+    if kind == "ease":
+        return LinearItemsModel(spec.vocabulary(ITEM).size, config.ease_rank)
 
     def fields(side: str) -> list[FieldInfo]:
         return [

@@ -13,7 +13,10 @@ Datasets: MovieLens-100k and latest-small (``../shared/data/ml-latest-small``, o
 pooled as a bag), ``twostage-transformer`` (``presets/retrieval-sequence.json``) and
 ``twostage-gru`` (the same with a GRU) and ``twostage-ensemble``
 (``presets/retrieval-sequence-ensemble.json``: both, trained apart, serving 0.7 x the
-transformer's score + 0.3 x the GRU's), each trained with seeds 0 .. ``--seeds``-1
+transformer's score + 0.3 x the GRU's + 0.01 x EASE's standardised score) and
+``twostage-transformer-ease``
+(``presets/retrieval-sequence-ease.json``: the transformer plus EASE's standardised
+score at 0.02 its weight), each trained with seeds 0 .. ``--seeds``-1
 (means reported); baselines: popularity, recent popularity (last 30 days), EASE,
 item-kNN (both neighbourhood forms) and the item-to-item transition model, on the
 same split and evaluation code. One table per protocol and dataset.
@@ -73,6 +76,7 @@ MODELS: dict[str, tuple[str | None, list[str]]] = {
     "twostage-transformer": ("retrieval-sequence.json", []),
     "twostage-gru": ("retrieval-sequence.json", ["retrieval.query_encoder=gru"]),
     "twostage-ensemble": ("retrieval-sequence-ensemble.json", []),
+    "twostage-transformer-ease": ("retrieval-sequence-ease.json", []),
 }
 
 

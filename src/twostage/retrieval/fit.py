@@ -116,11 +116,12 @@ def fit_retrieval(
     checkpoints = Path(out_dir) if out_dir is not None else None
     members = []
     kinds = member_kinds(config.retrieval)
-    if "ease" in kinds and tensors.num_items > EASE().max_items:
+    limit = EASE().max_items
+    if "ease" in kinds and tensors.num_items > limit:
         raise ConfigError(  # before any member trains
             "`retrieval.ensemble` entry 'ease' fits a dense items x items matrix: "
-            f"{tensors.num_items} items is above EASE's {EASE().max_items}. Drop "
-            "'ease' from `retrieval.ensemble` for this catalogue."
+            f"{tensors.num_items} items is above EASE's {limit}. Drop 'ease' from "
+            "`retrieval.ensemble` for this catalogue."
         )
     seeds = member_seeds(config.retrieval, config.train.seed)
     for kind, member, seed in zip(

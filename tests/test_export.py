@@ -150,3 +150,44 @@ def test_a_transformer_history_with_item_features_exports(
         None, {k: v.numpy() for k, v in items.items()}
     )[0]
     np.testing.assert_allclose(got, rec.item_embeddings.numpy(), rtol=0, atol=TOLERANCE)
+
+
+def test_a_ranker_with_the_ease_term_exports_its_scores(tmp_path: Path) -> None:
+    # `ranking.ease_weight`: the ranker's graph has a third output, the EASE term
+    # of each candidate (every user's query a table in the graph).
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=60,num_items=40,num_interactions=900",
+            "train.epochs=1",
+            "train.num_threads=1",
+            "ranking.epochs=1",
+            "retrieval.embedding_dim=16",
+            "retrieval.output_dim=16",
+            "ranking.ease_weight=0.5",
+            "ranking.ease_rank=8",
+        ],
+    )
+    rec = fit_two_stage(config, evaluate_test=False).recommender()
+    rec.save(tmp_path / "bundle")
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "bundle"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert rec.ranker is not None
+    users = torch.tensor([0, 1, 2, 3, 5])  # 0: the unknown user, a zero term
+    candidates = torch.randint(1, rec.item_embeddings.shape[0], (5, 12))
+    rating, click, ease = _session(out / "ranker.onnx").run(
+        None, {"user_idx": users.numpy(), "item_idx": candidates.numpy()}
+    )
+    want = rec.ranker.score(users, candidates)
+    want_ease = rec.ranker.ease_scores(users, candidates)
+    assert want_ease is not None and want_ease[1:].abs().max() > 0.1
+    np.testing.assert_allclose(rating, want["rating"].numpy(), atol=TOLERANCE)
+    np.testing.assert_allclose(click, want["click"].numpy(), atol=TOLERANCE)
+    # standardised scores (a few units): float32 rounding is relative
+    np.testing.assert_allclose(ease, want_ease.numpy(), rtol=1e-5, atol=TOLERANCE)
+    described = json.loads((out / "export.json").read_text())
+    outputs = described["models"]["ranker.onnx"]["outputs"]
+    assert [o["name"] for o in outputs] == ["rating", "click", "ease"]

@@ -147,9 +147,12 @@ def print_ranking(report: dict[str, Any], *, title: str) -> None:
         f"{report['num_test_pairs']:,}",
     )
     console.print(heads)
+    weights = f"blend weight {report['blend_weight']:g}"
+    if report.get("ease_weight"):
+        weights += f", EASE weight {report['ease_weight']:g}"
     lists = Table(
         title=f"Top {report['num_candidates']} retrieved, re-ranked "
-        f"(blend weight {report['blend_weight']:g}), seen items excluded"
+        f"({weights}), seen items excluded"
     )
     for column in ("metric", "retrieval only", "two stage", "change"):
         lists.add_column(column, justify="left" if column == "metric" else "right")

@@ -99,13 +99,24 @@ class _Ranker(nn.Module):
         self.retrieval = ranker.retrieval.model
         with torch.no_grad():
             ranker.retrieval_vectors()  # cached outside the trace: a table in the graph
+        self.ease_queries = self.ease_items = None
+        if ranker.ease is not None:  # every user's EASE query, a table in the graph
+            with torch.no_grad():
+                self.ease_queries = ranker.ease.encode_item_sets(ranker.tensors.seen())
+            self.ease_items = ranker.ease.right
 
-    def forward(self, user_idx: Tensor, item_idx: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, user_idx: Tensor, item_idx: Tensor) -> tuple[Tensor, ...]:
         from twostage.ranking.run import forward_pairs
 
         out = forward_pairs(self.ranker, user_idx, item_idx, exclude_target=False)
         low, high = self.ranker.rating_bounds
-        return out["rating"].clamp(low, high), out["click"]
+        if self.ease_queries is None or self.ease_items is None:
+            return out["rating"].clamp(low, high), out["click"]
+        # (B, C, r) @ (B, r, 1) -> (B, C): RankingRun.ease_scores
+        ease = (self.ease_items[item_idx] @ self.ease_queries[user_idx][:, :, None])[
+            :, :, 0
+        ]
+        return out["rating"].clamp(low, high), out["click"], ease
 
 
 def sample_inputs(rec: Recommender, side: str, rows: int = 4) -> dict[str, Tensor]:
@@ -207,17 +218,18 @@ def _export_all(rec: Recommender, out: Path, model: nn.Module) -> dict[str, Path
         users = torch.arange(1, 3)
         items = torch.arange(1, 7).reshape(2, 3) % rec.item_embeddings.shape[0]
         path = out / "ranker.onnx"
+        # With the EASE term (`ranking.ease_weight`), a third output: its scores.
+        outputs = ["rating", "click"] + (["ease"] if ranker.ease is not None else [])
         with torch.no_grad():
             _export(
                 _Ranker(ranker),
                 (users, items),
                 path,
                 inputs=["user_idx", "item_idx"],
-                outputs=["rating", "click"],
+                outputs=outputs,
                 extra_axes={
                     "item_idx": {0: "batch", 1: "candidates"},
-                    "rating": {0: "batch", 1: "candidates"},
-                    "click": {0: "batch", 1: "candidates"},
+                    **{name: {0: "batch", 1: "candidates"} for name in outputs},
                 },
             )
         files["ranker"] = path
@@ -228,8 +240,7 @@ def _export_all(rec: Recommender, out: Path, model: nn.Module) -> dict[str, Path
                 {"name": "item_idx", "dtype": "int64", "shape": pair},
             ],
             "outputs": [
-                {"name": "rating", "dtype": "float32", "shape": pair},
-                {"name": "click", "dtype": "float32", "shape": pair},
+                {"name": name, "dtype": "float32", "shape": pair} for name in outputs
             ],
         }
     features_file = out / "features.json"

@@ -48,10 +48,21 @@ class Ranker(Protocol):
     config: RankingConfig
     blend_weight: float
 
+    @property
+    def ease(self) -> torch.nn.Module | None:
+        """The EASE term's factorised matrix, if the ranker has one."""
+        ...
+
     def score(
         self, user_idx: torch.Tensor, item_idx: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``[B]`` users x ``[B, C]`` candidates -> ``{"rating", "click"}`` ``[B, C]``."""
+        ...
+
+    def ease_scores(
+        self, user_idx: torch.Tensor, item_idx: torch.Tensor
+    ) -> torch.Tensor | None:
+        """``[B, C]`` the EASE term of the re-ranking order, or None."""
         ...
 
 
@@ -387,10 +398,14 @@ class Recommender:
         with torch.no_grad():
             out = ranker.score(torch.tensor([user_idx]), top_idx[None, :])
         # The rule evaluation scores: click logit plus a validated share of the
-        # retrieval logit.
+        # retrieval logit (and the EASE term when the ranker has one).
         logits = top_scores / float(self.run.model.temperature)
         order, keys = rerank(
-            out["click"], logits[None, :], blend_weight=ranker.blend_weight
+            out["click"],
+            logits[None, :],
+            blend_weight=ranker.blend_weight,
+            ease=ranker.ease_scores(torch.tensor([user_idx]), top_idx[None, :]),
+            ease_weight=ranker.config.ease_weight,
         )
         order, keys = order[0, :k], keys[0, :k]
         answer = self._answer(user_id, path, top_idx[order], top_scores[order], keys)

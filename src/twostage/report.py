@@ -351,6 +351,8 @@ def run_facts(rec: Any) -> dict[str, str]:
     if ranker is not None:
         facts["best ranking epoch"] = str(_best_epoch(ranker.history) or "-")
         facts["ranking blend weight"] = f"{ranker.blend_weight:g}"
+        if ranker.config.ease_weight:
+            facts["ranking EASE weight"] = f"{ranker.config.ease_weight:g}"
     facts["config"] = json.dumps(_compact(config), sort_keys=True)
     return facts
 

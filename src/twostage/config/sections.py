@@ -413,6 +413,12 @@ class RankingConfig(_Checked):
             default 0.5 was the best on the MovieLens-100k validation carve-out;
             per-run picks swing between 0.25 and 2 with the seed, as 5% of the data is
             a noisy judge.
+        ease_weight: weight of an EASE score in the re-ranking order (0: none). EASE
+            (:class:`twostage.baselines.EASE`, ridge ``ease_l2``) is fitted in closed
+            form on the ranker's rows, factorised to rank ``ease_rank``, and each
+            candidate gets the user's standardised EASE score (over the catalogue,
+            from all of the user's seen items): the item-to-item signal the towers
+            miss. Catalogues above 50,000 items are refused before training.
         epochs, batch_size, learning_rate, weight_decay, grad_clip,
         early_stopping_patience: the training loop's settings for the ranker
             (patience counts epochs without a better validation RMSE, or click AUC
@@ -449,6 +455,9 @@ class RankingConfig(_Checked):
     hard_negative_pool: int = 500
     num_candidates: int = 100
     blend_weight: float | None = 0.5
+    ease_weight: float = 0.0
+    ease_l2: float = 500.0
+    ease_rank: int = 128
     epochs: int = 30
     batch_size: int = 1024
     learning_rate: float = 0.003
@@ -478,6 +487,9 @@ class RankingConfig(_Checked):
             "num_random_negatives": (self.num_random_negatives >= 0, "non-negative"),
             "hard_negative_pool": (self.hard_negative_pool >= 1, "positive"),
             "num_candidates": (self.num_candidates >= max(KS), f">= {max(KS)}"),
+            "ease_weight": (self.ease_weight >= 0, "0 (no EASE term) or positive"),
+            "ease_l2": (self.ease_l2 > 0, "positive"),
+            "ease_rank": (self.ease_rank >= 1, "a positive integer"),
             "epochs": (self.epochs >= 1, "a positive integer"),
             "batch_size": (self.batch_size >= 1, "a positive integer"),
             "learning_rate": (self.learning_rate > 0, "positive"),

@@ -1,4 +1,5 @@
-"""EASE as a member of a retrieval ensemble (``retrieval.ensemble`` entry ``ease``).
+"""EASE as a member of a retrieval ensemble (``retrieval.ensemble`` entry ``ease``)
+and as the ranker's EASE term (``ranking.ease_weight``).
 
 EASE (:class:`twostage.baselines.EASE`) scores item ``j`` for a user as ``(x B)[j]``,
 ``x`` the user's items as a multi-hot row and ``B`` an items x items matrix fitted in
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from twostage.data.user_items import UserItems
 from twostage.models.fields import HISTORY
 from twostage.models.retrieval import ITEM_FIELD
 
@@ -105,6 +107,15 @@ class LinearItemsModel(nn.Module):
         # An item repeated in a history counts once, as in EASE's 0/1 matrix.
         unique = _first_occurrence(history)
         return self._standardised(self.left[history * unique].sum(dim=1))
+
+    def encode_item_sets(self, rows: UserItems) -> Tensor:
+        """``[B, r]``: the standardised query of each row's items (a set, as the
+        ranker's EASE term reads a user's seen items; 0 for an empty row)."""
+        row_ids = torch.from_numpy(rows.row_ids())
+        items = torch.from_numpy(rows.indices)
+        sums = torch.zeros(rows.num_rows, self.rank, device=self.left.device)
+        sums.index_add_(0, row_ids, self.left[items])
+        return self._standardised(sums)
 
     def encode_query_positions(self, features: dict[str, Tensor]) -> Tensor:
         """``[B, L, r]``: the query after each history position (running sums)."""

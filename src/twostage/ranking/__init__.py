@@ -17,7 +17,10 @@ items are where the held-out positives are, so the ranker learns to push them do
 
 Two-stage lists retrieve the top ``num_candidates`` items per user (training items
 excluded), then order them by the one rule in :mod:`twostage.ranking.rerank`;
-``blend_weight=None`` picks the weight on the validation carve-out. Pass the retrieval
+``blend_weight=None`` picks the weight on the validation carve-out. ``ease_weight``
+> 0 adds an EASE term to that rule: the user's standardised EASE score of each
+candidate, fitted in closed form on the ranker's rows (the item-to-item signal; on
+MovieLens-100k's random split it lifts the served list above EASE's own). Pass the retrieval
 run's own carve-out as ``validation`` (:func:`twostage.two_stage.fit_two_stage` does):
 neither stage trained on it, so neither stage's scores are inflated there.
 

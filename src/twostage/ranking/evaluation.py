@@ -88,6 +88,7 @@ def _two_stage(
         part = seen.slice(start, start + len(users))
         ids, logits = top_unseen(ranking, users, part, k)
         click = ranking.score(users, ids.clamp_min(0))["click"]
+        ease = ranking.ease_scores(users, ids.clamp_min(0))
         fallback = popular[start : start + len(users)]
         if fallback.any():
             rows = [part.row(r) for r in torch.nonzero(fallback).flatten().tolist()]
@@ -95,7 +96,14 @@ def _two_stage(
             ids[fallback] = popularity_top(probs, rows, k, valid=valid)
         retrieved.append(ids)
         for w in blend_weights:
-            order, _ = rerank(click, logits, blend_weight=w, valid=ids >= 0)
+            order, _ = rerank(
+                click,
+                logits,
+                blend_weight=w,
+                valid=ids >= 0,
+                ease=ease,
+                ease_weight=ranking.config.ease_weight,
+            )
             order[fallback] = torch.arange(k)  # most-popular order, as served
             reranked[w].append(ids.gather(1, order))
     return torch.cat(retrieved), {w: torch.cat(v) for w, v in reranked.items()}
@@ -169,7 +177,7 @@ def evaluate_ranking(
         of the user; ``retrieval_only`` and ``two_stage``: ``{"ndcg", "hit_rate"}`` ->
         ``"k"`` -> per-user mean (users with a relevant unseen item; unknown users are
         the OOV row) for k in 1, 5, 10, 50, 100; and ``blend_weight``,
-        ``num_candidates``, ``num_test_pairs``.
+        ``ease_weight``, ``num_candidates``, ``num_test_pairs``.
     """
     users, items, ratings = pairs_of(ranking.retrieval, test, known_only=False)
     splits = zip(users.split(8192), items.split(8192), strict=True)
@@ -189,6 +197,7 @@ def evaluate_ranking(
         lists[ranking.blend_weight], relevant, num_items
     )
     result["blend_weight"] = ranking.blend_weight
+    result["ease_weight"] = ranking.config.ease_weight
     result["num_candidates"] = ranking.config.num_candidates
     return result
 

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twostage import distributed
+from twostage.baselines import EASE
 from twostage.config import RankingConfig, TrainConfig, to_dict
 from twostage.data.dataset import Dataset
 from twostage.data.split import validation_split
-from twostage.errors import DataError
+from twostage.errors import ConfigError, DataError
+from twostage.models.linear_items import LinearItemsModel
 from twostage.ranking.evaluation import auc, pick_blend, rmse
 from twostage.ranking.run import (
     Pairs,
@@ -37,7 +39,7 @@ from twostage.training import ProgressFn, TrainResult
 from twostage.training.loop import resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
-__all__ = ["fit_ranking", "fit_ranking_pairs"]
+__all__ = ["fit_ease_term", "fit_ranking", "fit_ranking_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +232,13 @@ def fit_ranking_pairs(
             f"rating_weight > 0 (else set rating_weight=0). Received: {len(pairs[0])} "
             f"known pairs, {len(rated)} rated."
         )
+    limit = EASE().max_items
+    if config.ease_weight > 0 and tables.num_items > limit:
+        raise ConfigError(  # before the ranker trains
+            "`ranking.ease_weight` > 0 fits EASE, a dense items x items matrix: "
+            f"{tables.num_items} items is above EASE's {limit}. Set "
+            "`ranking.ease_weight=0` for this catalogue."
+        )
     torch.manual_seed(run.config.train.seed)  # the initial weights are part of the run
     mean = float(rated.mean()) if len(rated) else 0.0
     ranking = RankingRun(
@@ -237,6 +246,9 @@ def fit_ranking_pairs(
         retrieval=run,
         model=build_ranking_model(run, config, rating_mean=mean),
         tensors=tables,
+        # On the training rows, so that the blend picked on validation does not
+        # read the validation rows; refitted below on every row it serves with.
+        ease=fit_ease_term(config, tables),
     )
     if len(rated):
         ranking.rating_bounds = (float(rated.min()), float(rated.max()))
@@ -266,11 +278,29 @@ def fit_ranking_pairs(
         if config.blend_weight is None and validation is not None
         else (config.blend_weight or 0.0)
     )
-    ranking.tensors = served()
+    served_tables = served()
+    if ranking.ease is not None and served_tables.num_examples != tables.num_examples:
+        ranking.ease = fit_ease_term(config, served_tables)
+    ranking.tensors = served_tables
     ranking._vectors = None  # the retrieval query vectors depend on the history
     ranking.train_seconds = time.perf_counter() - started
     logger.info("ranker trained in %.1f s", ranking.train_seconds)
     return ranking
+
+
+def fit_ease_term(
+    config: RankingConfig, tables: RetrievalTensors
+) -> LinearItemsModel | None:
+    """The ranker's EASE term (``ranking.ease_weight`` > 0) fitted on the rows of
+    ``tables``: EASE's closed form, ridge ``ease_l2``, factorised to ``ease_rank``;
+    None when the weight is 0."""
+    if config.ease_weight == 0:
+        return None
+    ease = EASE(l2=config.ease_l2).fit(tables.seen(), num_items=tables.num_items)
+    assert ease.weights is not None
+    term = LinearItemsModel(tables.num_items, config.ease_rank)
+    term.fit(ease.weights)
+    return term
 
 
 def _train_config(ranking: RankingRun) -> TrainConfig:

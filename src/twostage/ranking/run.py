@@ -17,6 +17,7 @@ from twostage.data.dataset import ITEM, RATING, USER, Dataset
 from twostage.data.user_items import UserItems
 from twostage.errors import DataError
 from twostage.features.fields import Side
+from twostage.models.linear_items import LinearItemsModel
 from twostage.models.ranking import FirstLayers, RankingModel, retrieval_extras
 from twostage.models.ranking import Side as EmbeddedSide
 from twostage.models.towers import FieldInfo
@@ -75,6 +76,8 @@ class RankingRun:
         rating_bounds: ``(min, max)`` training rating; predictions are clipped to it.
         history: per-epoch training records.
         train_seconds: wall time of :func:`fit_ranking`.
+        ease: the EASE term's factorised matrix when ``config.ease_weight`` > 0
+            (fitted on the rows of ``tensors``), else None.
     """
 
     config: RankingConfig
@@ -85,7 +88,9 @@ class RankingRun:
     rating_bounds: tuple[float, float] = (-math.inf, math.inf)
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    ease: LinearItemsModel | None = None
     _vectors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    _seen: tuple[int, UserItems] | None = field(default=None, repr=False)
     _candidates: tuple[tuple[int, ...], _Inference] | None = field(
         default=None, repr=False
     )
@@ -109,6 +114,22 @@ class RankingRun:
         users, items = self.retrieval_vectors()
         temperature = float(self.retrieval.model.temperature)
         return users[user_idx] @ items.T / temperature  # (B, D) @ (D, N) -> (B, N)
+
+    def ease_scores(self, user_idx: Tensor, item_idx: Tensor) -> Tensor | None:
+        """``[B, C]`` the EASE term of ``C`` candidates for each of ``B`` users: the
+        user's EASE score over their seen items, divided by its spread over the
+        catalogue (less its mean, which shifts a user's candidates alike); None
+        without the term. Unknown users (index 0) have no items and score 0."""
+        if self.ease is None:
+            return None
+        users = self.tensors.users
+        if self._seen is None or self._seen[0] != id(users):
+            self._seen = (id(users), self.tensors.seen())
+        rows = self._seen[1].take(user_idx.numpy())
+        with torch.no_grad():
+            queries = self.ease.encode_item_sets(rows)  # (B, r)
+            items = self.ease.right[item_idx]  # (B, C, r)
+            return (items @ queries[:, :, None])[:, :, 0]  # (B, C, r) @ (B, r, 1)
 
     def score(self, user_idx: Tensor, item_idx: Tensor) -> dict[str, Tensor]:
         """Score ``C`` candidates for each of ``B`` users in one forward pass.

@@ -12,19 +12,22 @@ from safetensors.torch import load_file, save_file
 
 from twostage.config import RankingConfig, from_dict, save_config
 from twostage.errors import ArtifactError
+from twostage.models.linear_items import LinearItemsModel
 from twostage.ranking.run import RankingRun, build_ranking_model
 from twostage.retrieval.run import RetrievalRun
 
-_CONFIG, _WEIGHTS, _TABLES, _STATE = (
+_CONFIG, _WEIGHTS, _TABLES, _STATE, _EASE = (
     "ranking_config.json",
     "ranking.safetensors",
     "ranking_tables.safetensors",
     "ranking_state.json",
+    "ranking_ease.safetensors",
 )
 
 
 def save_ranking(ranking: RankingRun, directory: str | Path) -> None:
-    """Write config and state (JSON), weights and seen/history tables (safetensors).
+    """Write config and state (JSON), weights, seen/history tables and the EASE
+    term when there is one (safetensors).
 
     The retrieval run is saved on its own (``RetrievalRun.save``); pass it back to
     :func:`load_ranking`.
@@ -41,6 +44,9 @@ def save_ranking(ranking: RankingRun, directory: str | Path) -> None:
         "items": tensors.items,
     }
     save_file({k: v.contiguous() for k, v in tables.items()}, out / _TABLES)
+    if ranking.ease is not None:
+        ease = ranking.ease.state_dict()
+        save_file({k: v.contiguous() for k, v in ease.items()}, out / _EASE)
     state = {
         "blend_weight": ranking.blend_weight,
         "rating_bounds": list(ranking.rating_bounds),
@@ -75,6 +81,10 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         blend_weight = float(state["blend_weight"])
         train_seconds = float(state["train_seconds"])
         history = list(state["history"])
+        ease = None
+        if config.ease_weight > 0:
+            ease = LinearItemsModel(retrieval_run.tensors.num_items, config.ease_rank)
+            ease.load_state_dict(load_file(path / _EASE))  # strict: names and shapes
     except (
         OSError,
         ValueError,
@@ -110,4 +120,5 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         rating_bounds=(low, high),
         history=history,
         train_seconds=train_seconds,
+        ease=ease,
     )

@@ -33,6 +33,7 @@ from twostage.ranking.run import (
     pairs_of,
     top_unseen,
 )
+from twostage.retrieval.fit import fit_ease
 from twostage.retrieval.run import RetrievalRun
 from twostage.retrieval.tensors import RetrievalTensors, with_history_of
 from twostage.training import ProgressFn, TrainResult
@@ -296,10 +297,8 @@ def fit_ease_term(
     None when the weight is 0."""
     if config.ease_weight == 0:
         return None
-    ease = EASE(l2=config.ease_l2).fit(tables.seen(), num_items=tables.num_items)
-    assert ease.weights is not None
     term = LinearItemsModel(tables.num_items, config.ease_rank)
-    term.fit(ease.weights)
+    fit_ease(term, tables.seen(), l2=config.ease_l2)
     return term
 
 

@@ -22,6 +22,7 @@ from twostage.config import ExperimentConfig, RetrievalConfig, TrainConfig, to_d
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import ExperimentSplit, prepare_split
+from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
@@ -148,7 +149,7 @@ def fit_retrieval(
     for i, member_run in enumerate(members):
         if isinstance(member_run.model, LinearItemsModel):
             fitted = time.perf_counter()
-            fit_ease_member(member_run.model, tensors, config.retrieval)
+            fit_ease(member_run.model, tensors.seen(), l2=config.retrieval.ease_l2)
             member_run.train_result = TrainResult(seconds=time.perf_counter() - fitted)
             logger.info(
                 "ensemble member %d/%d: ease, fitted in closed form (rank %d)",
@@ -377,13 +378,11 @@ def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(users[known]), torch.from_numpy(items[known])
 
 
-def fit_ease_member(
-    model: LinearItemsModel, tensors: RetrievalTensors, config: RetrievalConfig
-) -> None:
-    """Fit an ``ease`` member on the training rows: EASE's closed form
-    (:class:`twostage.baselines.EASE`, ridge ``ease_l2``), then factorised."""
-    ease = EASE(l2=config.ease_l2)
-    ease.fit(tensors.seen(), num_items=tensors.num_items)
+def fit_ease(model: LinearItemsModel, seen: UserItems, *, l2: float) -> None:
+    """Fit EASE's closed form (:class:`twostage.baselines.EASE`, ridge ``l2``) on
+    ``seen`` (one row of items per user) into ``model``, factorised: the
+    ``retrieval.ensemble`` entry ``ease`` and the ranker's EASE term."""
+    ease = EASE(l2=l2).fit(seen, num_items=model.left.shape[0])
     assert ease.weights is not None
     model.fit(ease.weights)
 

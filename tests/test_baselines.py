@@ -133,6 +133,35 @@ def test_transition_scores_what_followed_the_last_item():
         Transition().score(torch.tensor([0]))
 
 
+def test_transition_from_the_log_reads_every_row_in_time_order():
+    # Rows out of order; user 1 rated 2 and 4 in the same second (row order wins);
+    # item 0 (unknown) breaks a chain; user 3 has no rows.
+    users = np.array([1, 0, 1, 0, 1, 2, 1, 0, 2])
+    items = np.array([2, 3, 1, 1, 4, 0, 3, 2, 3])
+    times = np.array([20, 30, 10, 10, 20, 5, 40, 20, 6])
+    model = Transition().fit_log(users, items, times, num_users=4, num_items=5)
+    # Sequences: user 0: 1 2 3; user 1: 1 2 4 3; user 2: 0 3.
+    assert model.counts is not None
+    dense = model.counts.to_dense()
+    expected = torch.zeros(5, 5)
+    for a, b in [(1, 2), (2, 3), (1, 2), (2, 4), (4, 3)]:
+        expected[a, b] += 1
+    assert torch.equal(dense, expected)
+    assert model.last_items is not None
+    assert model.last_items.tolist() == [3, 3, 3, 0]
+    # The same counts as the full-length [U, L] table the retrieval tables hold.
+    history = torch.tensor([[0, 1, 2, 3], [1, 2, 4, 3], [0, 0, 0, 3], [0, 0, 0, 0]])
+    by_table = Transition().fit_sequences(history, num_items=5)
+    assert by_table.counts is not None
+    assert torch.equal(by_table.counts.to_dense(), dense)
+    every = torch.arange(4)
+    assert torch.equal(model.score(every), by_table.score(every))
+    with pytest.raises(DataError, match="one entry per"):
+        Transition().fit_log(users, items[:3], times, num_users=4, num_items=5)
+    with pytest.raises(DataError, match="user_idx"):
+        Transition().fit_log(users, items, times, num_users=2, num_items=5)
+
+
 def test_recent_popularity_counts_the_last_days_and_breaks_ties_by_all_time():
     day = 86_400
     items = np.array([1, 1, 1, 2, 3, 4])

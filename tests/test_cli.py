@@ -115,7 +115,8 @@ def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
     figures = runner.invoke(app, ["evaluate", str(models), "--baselines", "--json"])
     assert figures.exit_code == 0, figures.output
     saved = json.loads(figures.stdout)
-    assert {"twostage", "popularity", "ease", "itemknn"} <= set(saved["retrieval"])
+    baselines = {"popularity", "ease", "itemknn", "recent-popularity", "transition"}
+    assert {"twostage", *baselines} <= set(saved["retrieval"])
     ranking = saved["ranking"]
     assert 0 < ranking["mae"] <= ranking["rmse"] < 4  # ratings are 1..5
     assert 0.5 < ranking["auc"] <= 1

@@ -7,7 +7,7 @@ Each baseline has a ``name``, ``fit(train, *, num_items, weights=None)`` on a
 seen and invalid items are masked by the evaluation, not here.
 
 :class:`RecentPopularity` (fitted on the training rows' times) and
-:class:`Transition` (fitted on the time-ordered recent items) need what a
+:class:`Transition` (fitted on the time-ordered training rows) need what a
 :class:`~twostage.metrics.UserItems` does not hold, and have their own ``fit_*``.
 
 Users with no training history (an empty row, or a ``user_idx`` at or beyond
@@ -412,9 +412,10 @@ class Transition:
     user's last item elsewhere in the training sequences, by how often (a
     first-order Markov chain); items never seen after it score 0.
 
-    Fitted on each user's most recent items in time order (``[U, L]``, as the
-    retrieval tables hold them), so it sees the same training data the sequence
-    models read.
+    :meth:`fit_log` reads every training row in time order (what the benchmarks and
+    the CLI use, so the baseline does not depend on any model's settings);
+    :meth:`fit_sequences` reads a ``[U, L]`` table of recent items, as the retrieval
+    tables hold them.
     """
 
     name = "transition"
@@ -431,6 +432,59 @@ class Transition:
                 f"Received: dtype={history.dtype}, shape={tuple(history.shape)}."
             )
         before, after = history[:, :-1].reshape(-1), history[:, 1:].reshape(-1)
+        last = history[:, -1].clone() if history.shape[1] else None
+        return self._fit_pairs(before, after, last, num_items=num_items)
+
+    def fit_log(
+        self,
+        user_idx: np.ndarray,
+        item_idx: np.ndarray,
+        timestamps: np.ndarray,
+        *,
+        num_users: int,
+        num_items: int,
+    ) -> Transition:
+        """Every training row: ``user_idx [n]``, ``item_idx [n]`` (0 = unknown item,
+        never a transition's end) and ``timestamps [n]``; each user's rows in time
+        order, ties in row order, as the retrieval tables order histories."""
+        users = np.asarray(user_idx, dtype=np.int64)
+        items = np.asarray(item_idx, dtype=np.int64)
+        times = np.asarray(timestamps)
+        if not users.shape == items.shape == times.shape or users.ndim != 1:
+            raise DataError(
+                "`user_idx`, `item_idx` and `timestamps` should have one entry per "
+                f"training row. Received: shapes {users.shape}, {items.shape} and "
+                f"{times.shape}."
+            )
+        if len(users) and (users.min() < 0 or users.max() >= num_users):
+            raise DataError(
+                f"`user_idx` should lie in [0, {num_users}). Received: values from "
+                f"{users.min()} to {users.max()}."
+            )
+        order = np.lexsort((np.arange(len(users)), times, users))  # stable
+        users, items = users[order], items[order]
+        same_user = users[:-1] == users[1:]
+        last = torch.zeros(num_users, dtype=torch.long)
+        if len(users):  # each user's last row in that order
+            ends = np.flatnonzero(np.append(~same_user, True))
+            last[torch.from_numpy(users[ends])] = torch.from_numpy(items[ends])
+        return self._fit_pairs(
+            torch.from_numpy(items[:-1][same_user]),
+            torch.from_numpy(items[1:][same_user]),
+            last,
+            num_items=num_items,
+        )
+
+    def _fit_pairs(
+        self,
+        before: torch.Tensor,
+        after: torch.Tensor,
+        last_items: torch.Tensor | None,
+        *,
+        num_items: int,
+    ) -> Transition:
+        """Counts of ``before -> after`` (pairs with a 0 skipped) and each user's
+        last item."""
         pairs = (before > 0) & (after > 0)
         index = torch.stack([before[pairs], after[pairs]])
         counts = torch.sparse_coo_tensor(
@@ -441,7 +495,7 @@ class Transition:
         )
         with _quiet_sparse():
             self.counts = counts.coalesce().to_sparse_csr()
-        self.last_items = history[:, -1].clone() if history.shape[1] else None
+        self.last_items = last_items
         return self
 
     def score(self, user_idx: torch.Tensor) -> torch.Tensor:

@@ -635,7 +635,11 @@ def evaluate_command(
     ],
     baselines: Annotated[
         bool,
-        typer.Option("--baselines", help="Also evaluate popularity, EASE, item-kNN."),
+        typer.Option(
+            "--baselines",
+            help="Also evaluate the baselines: popularity, recent popularity, EASE, "
+            "item-kNN (both forms), item-to-item transitions.",
+        ),
     ] = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -644,7 +648,7 @@ def evaluate_command(
     the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone). A
     run or bundle trained with --stream reads its log's test side again, a row
     group at a time (no baselines)."""
-    from twostage.retrieval.evaluation import evaluate_on, rebuild_test_split
+    from twostage.retrieval.evaluation import evaluate_on, rebuild_split
     from twostage.retrieval.streamed import streamed_test_side
 
     results: dict[str, Any] = {}
@@ -659,8 +663,11 @@ def evaluate_command(
         test = streamed_test_side(rec.run)
         results["retrieval"] = evaluate_on(rec.run, test)
     else:
-        test = rebuild_test_split(rec.run, source=path)
-        results["retrieval"] = evaluate_on(rec.run, test, baselines=baselines)
+        split = rebuild_split(rec.run, source=path)
+        test = split.test
+        results["retrieval"] = evaluate_on(
+            rec.run, test, baselines=baselines, train=split.train
+        )
     if rec.ranker is not None:
         from twostage.ranking import evaluate_ranking
 

@@ -396,10 +396,14 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
         )
     else:
         summary = describe(dataset)
-        test = prepare_split(dataset, run.config).test
+        split = prepare_split(dataset, run.config)
+        test = split.test
         comparison = {"twostage": run.evaluate(test).to_dict()}
         comparison.update(
-            {k: v.to_dict() for k, v in evaluate_baselines(run, test).items()}
+            {
+                k: v.to_dict()
+                for k, v in evaluate_baselines(run, test, train=split.train).items()
+            }
         )
         scores = score_samples(run, test)
         if rec.ranker is not None:

@@ -1,5 +1,8 @@
 """Retrieval evaluation against a naive reference, cold test items included."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
@@ -109,3 +112,24 @@ def test_baselines_see_the_same_cold_items(run_and_test) -> None:
     ours = run.evaluate(test, ks=(10,)).to_dict()["counts"]
     for name, result in evaluate_baselines(run, test, ks=(10,)).items():
         assert result.to_dict()["counts"] == ours, name
+
+
+def test_transition_baseline_reads_the_log_not_the_runs_window() -> None:
+    run, split = fit_retrieval(
+        apply_overrides(ExperimentConfig(), [*SMALL, "retrieval.history_length=50"]),
+        evaluate_test=False,
+    )
+    short = copy.copy(run)
+    short.tensors = dataclasses.replace(
+        run.tensors, history=run.tensors.history[:, -2:]
+    )
+
+    def transition(r, **kwargs):
+        return evaluate_baselines(r, split.test, names=("transition",), **kwargs)[
+            "transition"
+        ].to_dict()["metrics"]
+
+    with_log = transition(run, train=split.train)
+    assert transition(short, train=split.train) == with_log
+    # Without the log it falls back to each run's recent items, which differ here.
+    assert transition(short) != transition(run)

@@ -16,7 +16,7 @@ import torch
 
 from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.registry import load_dataset_for
-from twostage.data.split import prepare_split
+from twostage.data.split import ExperimentSplit, prepare_split
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, TwostageError
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
@@ -30,6 +30,7 @@ __all__ = [
     "evaluate_on",
     "evaluate_run_embeddings",
     "evaluate_saved",
+    "rebuild_split",
     "rebuild_test_split",
     "eval_queries",
 ]
@@ -181,9 +182,10 @@ def evaluate_baselines(
     train: Dataset | None = None,
 ) -> dict[str, EvalResult]:
     """The baselines (or the ``names`` among them) on the run's own training data and
-    test split: popularity, EASE, item-kNN, the item-to-item transition model (on the
-    run's time-ordered histories, when it keeps any) and, given the ``train`` rows
-    with their times, recent popularity."""
+    test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
+    times, recent popularity and the item-to-item transition model (on every training
+    row in time order; without ``train``, on the run's recent items when it keeps
+    more than one a user, so then it depends on ``retrieval.history_length``)."""
     from twostage.baselines import BASELINES, RecentPopularity, Transition
 
     queries = eval_queries(run, test)
@@ -195,15 +197,23 @@ def evaluate_baselines(
         return lambda: cls().fit(seen, num_items=num_items)
 
     makers = {name: fitted(cls) for name, cls in BASELINES.items()}
-    if run.tensors.history.shape[1] > 1:
-        makers[Transition.name] = lambda: Transition().fit_sequences(
-            run.tensors.history, num_items=num_items
-        )
     if train is not None:
         items = run.spec.vocabulary(ITEM).transform(train.interactions[ITEM])
         times = train.interactions[TIME].to_numpy()
         makers[RecentPopularity.name] = lambda: RecentPopularity().fit_log(
             items, times, num_items=num_items
+        )
+        users = run.spec.vocabulary(USER).transform(train.interactions[USER])
+        makers[Transition.name] = lambda: Transition().fit_log(
+            users,
+            items,
+            times,
+            num_users=run.spec.vocabulary(USER).size,
+            num_items=num_items,
+        )
+    elif run.tensors.history.shape[1] > 1:
+        makers[Transition.name] = lambda: Transition().fit_sequences(
+            run.tensors.history, num_items=num_items
         )
     results: dict[str, EvalResult] = {}
 
@@ -243,7 +253,15 @@ def _seen_of(tensors: RetrievalTensors, query_idx: np.ndarray) -> UserItems:
 def rebuild_test_split(
     run: RetrievalRun, *, source: str | Path | None = None
 ) -> Dataset:
-    """The test split a saved run was evaluated on, rebuilt from its saved config.
+    """The test split a saved run was evaluated on: :func:`rebuild_split`'s test."""
+    return rebuild_split(run, source=source).test
+
+
+def rebuild_split(
+    run: RetrievalRun, *, source: str | Path | None = None
+) -> ExperimentSplit:
+    """The split a saved run was trained and evaluated on, rebuilt from its saved
+    config (the training rows are what the baselines fit on).
 
     The saved config names the dataset (``data.dataset`` and the column mapping) and
     the split (``data.split``, ``test_fraction``, ``seed``, ``cold_user_fraction``);
@@ -266,17 +284,26 @@ def rebuild_test_split(
             f"here ({e}). Make that dataset available at the same name or path "
             "(built-in data: `twostage data fetch NAME`), then evaluate again."
         ) from e
-    return prepare_split(dataset, run.config).test
+    return prepare_split(dataset, run.config)
 
 
 def evaluate_on(
-    run: RetrievalRun, test: Dataset, *, baselines: bool = False
+    run: RetrievalRun,
+    test: Dataset,
+    *,
+    baselines: bool = False,
+    train: Dataset | None = None,
 ) -> dict[str, Any]:
-    """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on ``test``."""
+    """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on ``test``;
+    the baselines that need the training log's times (recent popularity, the
+    transition model from every row) fit on ``train`` when given."""
     results = {"twostage": run.evaluate(test).to_dict()}
     if baselines:
         results.update(
-            {k: v.to_dict() for k, v in evaluate_baselines(run, test).items()}
+            {
+                k: v.to_dict()
+                for k, v in evaluate_baselines(run, test, train=train).items()
+            }
         )
     return results
 
@@ -284,6 +311,5 @@ def evaluate_on(
 def evaluate_saved(directory: str | Path, *, baselines: bool = False) -> dict[str, Any]:
     """Reload a run and its data, rebuild the same split, evaluate (and baselines)."""
     run = load_run(directory)
-    return evaluate_on(
-        run, rebuild_test_split(run, source=directory), baselines=baselines
-    )
+    split = rebuild_split(run, source=directory)
+    return evaluate_on(run, split.test, baselines=baselines, train=split.train)

@@ -99,8 +99,9 @@ def test_unknown_format_names_the_flag(bundle: Path, tmp_path: Path) -> None:
         [],
         ["retrieval.ensemble=gru,pooling", "retrieval.ensemble_weights=5,3,2"],
         ["retrieval.ensemble=ease", "retrieval.ease_rank=8"],
+        ["retrieval.ensemble=ease,transition", "retrieval.ease_rank=8"],
     ],
-    ids=["transformer", "ensemble", "ease"],
+    ids=["transformer", "ensemble", "ease", "transition"],
 )
 def test_a_transformer_history_with_item_features_exports(
     tmp_path: Path, ensemble: list[str]
@@ -108,7 +109,8 @@ def test_a_transformer_history_with_item_features_exports(
     # The causal mask, the history items' side features (a text bag, a category,
     # a number) and the time gaps (`history_times`, an input) inside the query
     # tower's graph; with `retrieval.ensemble`, every member's towers in one graph
-    # (an `ease` member's factorised rows and per-query spread included).
+    # (an `ease` or `transition` member's factorised rows and per-query spread
+    # included).
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -141,9 +143,9 @@ def test_a_transformer_history_with_item_features_exports(
     )[0]
     with torch.no_grad():
         want = run.model.eval().encode_queries(queries).numpy()
-    # An `ease` member's query entries are standardised scores (up to about 10, not
+    # A closed-form member's query entries are standardised scores (up to about 10, not
     # a unit vector's), so float32's rounding reaches past an absolute 1e-5.
-    rtol = 1e-5 if "retrieval.ensemble=ease" in ensemble else 0
+    rtol = 1e-5 if "retrieval.ease_rank=8" in ensemble else 0
     np.testing.assert_allclose(got, want, rtol=rtol, atol=TOLERANCE)
     items = run.tensors.item_features
     got = _session(out / "candidate_tower.onnx").run(

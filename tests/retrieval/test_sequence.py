@@ -12,10 +12,10 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from twostage.baselines import EASE
+from twostage.baselines import EASE, Transition
 from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
-from twostage.data.dataset import Dataset
+from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.errors import ConfigError, UnknownIdError
 from twostage.models.ensemble import EnsembleModel
 from twostage.models.fields import HISTORY, UNKNOWN_TIME
@@ -28,10 +28,14 @@ from twostage.models.sequence import (
 )
 from twostage.models.towers import HistoryPooling
 from twostage.recommender import Recommender, load
-from twostage.retrieval.fit import fit_retrieval
+from twostage.retrieval.fit import fit_ease, fit_retrieval, fit_transition
 from twostage.retrieval.run import load_run
 from twostage.retrieval.streamed import fit_streamed_retrieval
-from twostage.retrieval.tensors import query_features, sequence_windows
+from twostage.retrieval.tensors import (
+    build_tensors,
+    query_features,
+    sequence_windows,
+)
 from twostage.serving import ServeSettings, create_app
 
 
@@ -692,8 +696,93 @@ def test_an_ease_query_counts_an_item_once_and_an_empty_history_is_zero() -> Non
         )
 
 
-def test_an_ease_ensemble_reloads_and_serves_sessions(tmp_path: Path) -> None:
-    run, _ = fit_retrieval(_config(*_EASE), dataset=_planted_log())
+def test_a_transition_member_scores_what_followed_the_last_item() -> None:
+    """At full rank the member's score of item ``k`` for a history ending in ``j``
+    is ``log(1 + n)``, ``n`` the times ``k`` followed ``j`` in the training users'
+    time-ordered logs, divided by that row's spread over the catalogue."""
+    dataset = _planted_log(num_users=120, num_items=30)
+    config = _config(
+        "retrieval.query_encoder=transformer",
+        "retrieval.ensemble=transition",
+        "retrieval.ease_rank=40",
+        "train.epochs=1",
+    )
+    run, split = fit_retrieval(config, dataset=dataset)
+    member = run.model.members[1]
+    assert isinstance(member, LinearItemsModel) and member.last_item_only
+    rows = split.fit.interactions
+    users_vocab, items_vocab = run.spec.vocabulary(USER), run.spec.vocabulary(ITEM)
+    counts = Transition().fit_log(
+        users_vocab.transform(rows[USER]),
+        items_vocab.transform(rows[ITEM]),
+        rows[TIME].to_numpy(),
+        num_users=users_vocab.size,
+        num_items=items_vocab.size,
+    )
+    assert counts.counts is not None
+    table = torch.log1p(counts.counts.to_dense())
+    history = run.tensors.history[1:40]
+    expected = table[history[:, -1]][:, 1:]
+    expected = expected / expected.std(dim=1, unbiased=False, keepdim=True)
+    query = member.encode_queries({HISTORY: history})
+    items = member.encode_items({"item_id": torch.arange(items_vocab.size)})
+    scores = (query @ items.T)[:, 1:]
+    shift = (scores - expected).mean(dim=1, keepdim=True)  # a constant per user
+    torch.testing.assert_close(scores - shift, expected, atol=1e-4, rtol=1e-4)
+    # only the last item is read; the query after each position is that item's
+    last_only = torch.zeros_like(history)
+    last_only[:, -1] = history[:, -1]
+    torch.testing.assert_close(query, member.encode_queries({HISTORY: last_only}))
+    steps = member.encode_query_positions({HISTORY: history})
+    torch.testing.assert_close(
+        steps[:, 3], member.encode_queries({HISTORY: history[:, :4]})
+    )
+    # the planted chain is in the counts: the successor leads the last item's row
+    walk = torch.from_numpy(_successors(30, np.random.default_rng(0)))
+    ends = history[:, -1]
+    last_ids = items_vocab.inverse_transform(ends.numpy()).to_numpy()
+    top = items_vocab.inverse_transform((scores.argmax(dim=1) + 1).numpy())
+    hits = torch.tensor(top.to_numpy()) == walk[torch.tensor(last_ids)]
+    assert hits.float().mean() > 0.9
+    with pytest.raises(ConfigError, match="at most one `transition`"):
+        _config("retrieval.ensemble=transition,transition")
+
+
+@pytest.mark.parametrize("kind", ["ease", "transition"])
+def test_closed_form_members_serve_fitted_on_the_validation_rows_too(
+    kind: str,
+) -> None:
+    config = _config(
+        "retrieval.query_encoder=gru",
+        f"retrieval.ensemble={kind}",
+        "retrieval.ease_rank=16",
+        "data.validation_fraction=0.05",  # each user's second-last item
+        "train.epochs=1",
+    )
+    run, split = fit_retrieval(config, dataset=_planted_log(num_users=80))
+    assert split.validation is not None and split.validation.num_interactions
+    member = run.model.members[1]
+    size = run.spec.vocabulary(ITEM).size
+    served, fit_only = LinearItemsModel(size, 16), LinearItemsModel(size, 16)
+    if kind == "transition":
+        fit_transition(served, run.spec, split.train)
+        fit_transition(fit_only, run.spec, split.fit)
+    else:
+        fit_ease(served, run.tensors.seen(), l2=config.retrieval.ease_l2)
+        fit_rows = build_tensors(run.spec, split.fit, config.retrieval)
+        fit_ease(fit_only, fit_rows.seen(), l2=config.retrieval.ease_l2)
+    torch.testing.assert_close(member.left, served.left)
+    torch.testing.assert_close(member.right, served.right)
+    assert not torch.allclose(member.left, fit_only.left)
+
+
+@pytest.mark.parametrize("kind", ["ease", "transition"])
+def test_an_ease_ensemble_reloads_and_serves_sessions(
+    tmp_path: Path, kind: str
+) -> None:
+    run, _ = fit_retrieval(
+        _config(*_EASE, f"retrieval.ensemble={kind}"), dataset=_planted_log()
+    )
     recommender = Recommender(run)
     assert run.item_embeddings().shape[1] == 32 + 128  # output_dim + ease_rank
     root = tmp_path / "models" / "walks" / "1"
@@ -708,7 +797,7 @@ def test_an_ease_ensemble_reloads_and_serves_sessions(tmp_path: Path) -> None:
     settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
     with TestClient(create_app(settings)) as client:
         metadata = client.get("/v1/models/walks/metadata").json()
-        assert metadata["query_encoders"] == ["transformer", "ease"]
+        assert metadata["query_encoders"] == ["transformer", kind]
         _assert_session_served(client, walk, expected)
 
 

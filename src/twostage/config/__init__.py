@@ -14,6 +14,7 @@ from twostage.config.io import (
     to_dict,
 )
 from twostage.config.sections import (
+    CLOSED_FORM_MEMBERS,
     KS,
     DataConfig,
     ExperimentConfig,
@@ -24,6 +25,7 @@ from twostage.config.sections import (
 )
 
 __all__ = [
+    "CLOSED_FORM_MEMBERS",
     "KS",
     "DataConfig",
     "ExperimentConfig",

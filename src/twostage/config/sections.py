@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from twostage.errors import ConfigError
 
 __all__ = [
+    "CLOSED_FORM_MEMBERS",
     "KS",
     "DataConfig",
     "ExperimentConfig",
@@ -22,6 +23,8 @@ __all__ = [
 
 #: The list lengths every evaluation reports; a ranker retrieves at least the largest.
 KS = (1, 5, 10, 50, 100)
+#: ``retrieval.ensemble`` entries fitted in closed form, with no training loop.
+CLOSED_FORM_MEMBERS = ("ease", "transition")
 
 
 class _Checked:
@@ -177,11 +180,15 @@ class RetrievalConfig(_Checked):
     linear layer).
 
     ``ensemble`` names more query encoders (``pooling``, ``transformer``, ``gru``),
-    and ``ease``: EASE's item-to-item model fitted in closed form on the training
-    rows (ridge ``ease_l2``), factorised to ``ease_rank`` and standardised per query
-    (:mod:`twostage.models.linear_items`); it reads the query's history, costs a
-    Cholesky inverse of an items x items matrix (EASE's ``max_items`` bound
-    applies) and has no training loop. Each other entry trains a whole two-tower
+    and two closed-form members with no training loop: ``ease``, EASE's
+    item-to-item model fitted on the training rows (ridge ``ease_l2``), which reads
+    the query's history as a set, and ``transition``, the counts of which item
+    followed which in the training users' time-ordered logs (``log(1 + n)``), which
+    reads the history's last item; each is factorised to ``ease_rank`` and
+    standardised per query (:mod:`twostage.models.linear_items`), refitted with the
+    validation rows once training ends (they are served history), and costs an
+    items x items matrix (EASE's ``max_items`` bound applies). Each other entry
+    trains a whole two-tower
     model of its own, apart, after the
     ``query_encoder`` one, with every other setting of this section; a ``pooling``
     model goes without the settings only an ordered history reads
@@ -192,8 +199,9 @@ class RetrievalConfig(_Checked):
     ``query_encoder``'s first; empty: equal), normalised to sum to 1. It stays one
     dot product: each model's unit query and item vectors, times the square root of
     its weight, are concatenated (:mod:`twostage.models.ensemble`), so the vectors
-    have ``output_dim`` per model (``ease_rank`` for ``ease``), unit norm but for
-    ``ease``'s, and the index, evaluation, export and serving work unchanged. Models
+    have ``output_dim`` per model (``ease_rank`` for ``ease`` and ``transition``),
+    unit norm but for those two, and the index, evaluation, export and serving work
+    unchanged. Models
     that read the history in different ways err differently: on leave-one-out
     MovieLens-100k the transformer and GRU mixed 0.7 / 0.3 score 10 to 14% above
     either, and the transformer with ``ease`` nearly as much in half the time
@@ -233,7 +241,9 @@ class RetrievalConfig(_Checked):
     embedding_backend: Literal["torch", "fbgemm", "torchrec"] = "torch"
     popularity_fallback: int = -1
     popularity_days: float = 0.0
-    ensemble: tuple[Literal["pooling", "transformer", "gru", "ease"], ...] = ()
+    ensemble: tuple[
+        Literal["pooling", "transformer", "gru", "ease", "transition"], ...
+    ] = ()
     ensemble_weights: tuple[float, ...] = ()
     ease_l2: float = 500.0
     ease_rank: int = 128
@@ -243,10 +253,11 @@ class RetrievalConfig(_Checked):
     @property
     def served_dim(self) -> int:
         """Width of the run's query and item vectors: ``output_dim`` per trained
-        model, ``ease_rank`` for an ``ease`` member."""
-        eases = self.ensemble.count("ease")
+        model, ``ease_rank`` per closed-form member (``ease``, ``transition``)."""
+        closed = sum(self.ensemble.count(k) for k in CLOSED_FORM_MEMBERS)
         return (
-            self.output_dim * (1 + len(self.ensemble) - eases) + self.ease_rank * eases
+            self.output_dim * (1 + len(self.ensemble) - closed)
+            + self.ease_rank * closed
         )
 
     def _rules(self) -> dict[str, tuple[bool, str]]:
@@ -282,9 +293,9 @@ class RetrievalConfig(_Checked):
                 "0 (all-time popularity) or a positive number of days",
             ),
             "ensemble": (
-                self.ensemble.count("ease") <= 1,
-                "query encoders (`pooling`, `transformer`, `gru`) and at most one "
-                "`ease`",
+                all(self.ensemble.count(k) <= 1 for k in CLOSED_FORM_MEMBERS),
+                "query encoders (`pooling`, `transformer`, `gru`), at most one "
+                "`ease` and at most one `transition`",
             ),
             "ease_l2": (self.ease_l2 > 0, "positive"),
             "ease_rank": (self.ease_rank >= 1, "a positive integer"),

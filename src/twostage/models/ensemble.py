@@ -7,7 +7,7 @@ one dot product: the query is the concatenation of ``sqrt(w_m) * q_m`` and the i
 of ``sqrt(w_m) * i_m``. Both stay unit vectors when every member's are, so an
 item-to-item similarity is the same weighted mean of the members' similarities, and
 everything that reads embeddings (the index, evaluation, export, serving) takes the
-ensemble as it takes one model. An ``ease`` member
+ensemble as it takes one model. An ``ease`` or ``transition`` member
 (:class:`~twostage.models.linear_items.LinearItemsModel`) is fitted in closed form
 instead of trained; its vectors are not unit norm.
 """
@@ -38,7 +38,7 @@ __all__ = [
 Member = RetrievalModel | LinearItemsModel
 
 
-MemberKind = Literal["pooling", "transformer", "gru", "ease"]
+MemberKind = Literal["pooling", "transformer", "gru", "ease", "transition"]
 
 
 def member_kinds(config: RetrievalConfig) -> list[MemberKind]:
@@ -49,11 +49,12 @@ def member_kinds(config: RetrievalConfig) -> list[MemberKind]:
 def member_configs(config: RetrievalConfig) -> list[RetrievalConfig]:
     """One config per member: ``query_encoder``'s, then each ``ensemble`` entry's,
     every other setting shared, but a ``pooling`` member goes without the
-    settings only an ordered history reads. An ``ease`` member's is the first
-    member's (it reads ``ease_l2``, ``ease_rank`` and ``history_length``)."""
+    settings only an ordered history reads. A closed-form member's (``ease``,
+    ``transition``) is the first member's (it reads ``ease_l2``, ``ease_rank`` and
+    ``history_length``)."""
     configs = []
     for encoder in member_kinds(config):
-        if encoder == "ease":
+        if encoder == "ease" or encoder == "transition":  # CLOSED_FORM_MEMBERS
             configs.append(
                 dataclasses.replace(config, ensemble=(), ensemble_weights=())
             )

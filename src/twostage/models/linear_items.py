@@ -19,6 +19,13 @@ GRU ensemble does, in half its training time (docs/benchmarks.md).
 
 The member reads the query's history (``retrieval.history_length`` latest items, or
 a request's session), not the whole log, like the other members.
+
+The ``transition`` member is the same model over another matrix, read from the
+history's most recent item alone (``last_item_only``): row ``j`` holds ``log(1 + n)``
+for each item that followed ``j`` ``n`` times in the training users' time-ordered
+logs (the first-order Markov chain of :class:`twostage.baselines.Transition`, whose
+counts it takes), factorised and standardised the same way. The ordered towers learn
+transitions too, but smoothed through embeddings; the counts keep the exact pairs.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ class LinearItemsModel(nn.Module):
     Args:
         num_items: rows of the item vocabulary (row 0, the OOV item, scores nothing).
         rank: width of the factorised query and item vectors.
+        last_item_only: the query reads the history's most recent item alone (the
+            ``transition`` member: row ``j`` of the matrix scores what follows item
+            ``j``), not the set of its items.
     """
 
     left: Tensor
@@ -49,9 +59,12 @@ class LinearItemsModel(nn.Module):
     moment: Tensor
     mean: Tensor
 
-    def __init__(self, num_items: int, rank: int) -> None:
+    def __init__(
+        self, num_items: int, rank: int, *, last_item_only: bool = False
+    ) -> None:
         super().__init__()
         self.rank = rank
+        self.last_item_only = last_item_only
         # Buffers, not parameters: fitted in closed form (``fit``), never trained,
         # saved and reloaded with the run's weights.
         self.register_buffer("left", torch.zeros(num_items, rank))
@@ -67,8 +80,8 @@ class LinearItemsModel(nn.Module):
         """Nothing to attach: the member reads item IDs only."""
 
     def fit(self, weights: Tensor) -> None:
-        """Take EASE's ``[N, N]`` matrix ``B`` (row and column 0: the OOV item),
-        factorised to this member's rank."""
+        """Take an ``[N, N]`` item-to-item matrix (EASE's ``B``, or the transition
+        scores; row and column 0: the OOV item), factorised to this member's rank."""
         num_items = self.left.shape[0]
         if weights.shape != (num_items, num_items):
             raise ValueError(
@@ -104,6 +117,8 @@ class LinearItemsModel(nn.Module):
         if history is None or history.shape[1] == 0:
             batch = next(iter(features.values())).shape[0]
             return torch.zeros(batch, self.rank, device=self.left.device)
+        if self.last_item_only:  # most recent last; padding (0) reads nothing
+            return self._standardised(self.left[history[:, -1]])
         # An item repeated in a history counts once, as in EASE's 0/1 matrix.
         unique = _first_occurrence(history)
         return self._standardised(self.left[history * unique].sum(dim=1))
@@ -120,6 +135,8 @@ class LinearItemsModel(nn.Module):
     def encode_query_positions(self, features: dict[str, Tensor]) -> Tensor:
         """``[B, L, r]``: the query after each history position (running sums)."""
         history = features[HISTORY]
+        if self.last_item_only:
+            return self._standardised(self.left[history])
         unique = _first_occurrence(history)
         return self._standardised(self.left[history * unique].cumsum(dim=1))
 

@@ -17,9 +17,15 @@ import torch
 from torch import Tensor
 
 from twostage import distributed
-from twostage.baselines import EASE
-from twostage.config import ExperimentConfig, RetrievalConfig, TrainConfig, to_dict
-from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.baselines import EASE, Transition
+from twostage.config import (
+    CLOSED_FORM_MEMBERS,
+    ExperimentConfig,
+    RetrievalConfig,
+    TrainConfig,
+    to_dict,
+)
+from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import ExperimentSplit, prepare_split
 from twostage.data.user_items import UserItems
@@ -118,12 +124,13 @@ def fit_retrieval(
     members = []
     kinds = member_kinds(config.retrieval)
     limit = EASE().max_items
-    if "ease" in kinds and tensors.num_items > limit:
-        raise ConfigError(  # before any member trains
-            "`retrieval.ensemble` entry 'ease' fits a dense items x items matrix: "
-            f"{tensors.num_items} items is above EASE's {limit}. Drop 'ease' from "
-            "`retrieval.ensemble` for this catalogue."
-        )
+    for closed in CLOSED_FORM_MEMBERS:
+        if closed in kinds and tensors.num_items > limit:
+            raise ConfigError(  # before any member trains
+                f"`retrieval.ensemble` entry {closed!r} fits a dense items x items "
+                f"matrix: {tensors.num_items} items is above EASE's {limit}. Drop "
+                f"{closed!r} from `retrieval.ensemble` for this catalogue."
+            )
     seeds = member_seeds(config.retrieval, config.train.seed)
     for kind, member, seed in zip(
         kinds, member_configs(config.retrieval), seeds, strict=True
@@ -149,12 +156,13 @@ def fit_retrieval(
     for i, member_run in enumerate(members):
         if isinstance(member_run.model, LinearItemsModel):
             fitted = time.perf_counter()
-            fit_ease(member_run.model, tensors.seen(), l2=config.retrieval.ease_l2)
+            _fit_closed_form(member_run.model, kinds[i], config, spec, tensors, train)
             member_run.train_result = TrainResult(seconds=time.perf_counter() - fitted)
             logger.info(
-                "ensemble member %d/%d: ease, fitted in closed form (rank %d)",
+                "ensemble member %d/%d: %s, fitted in closed form (rank %d)",
                 i + 1,
                 len(members),
+                kinds[i],
                 config.retrieval.ease_rank,
             )
             continue
@@ -203,6 +211,14 @@ def fit_retrieval(
         # At inference the validation rows are history like any other training row:
         # they feed the query history and are excluded as seen.
         run.tensors = with_history_of(run.tensors, spec, split.train, config.retrieval)
+        # The closed-form members are refitted on those rows too (the trained ones
+        # keep their weights): what follows a user's last item is most often learnt
+        # from other users' last items, which leave-one-out validation holds.
+        for kind, member_run in zip(kinds, members, strict=True):
+            if isinstance(member_run.model, LinearItemsModel):
+                _fit_closed_form(
+                    member_run.model, kind, config, spec, run.tensors, split.train
+                )
     # Every rank scores its share of the test users; one rank saves.
     if evaluate_test and split.test.num_interactions:
         run.metrics = run.evaluate(split.test, shard=world is not None).to_dict()
@@ -378,6 +394,22 @@ def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(users[known]), torch.from_numpy(items[known])
 
 
+def _fit_closed_form(
+    model: LinearItemsModel,
+    kind: str,
+    config: ExperimentConfig,
+    spec: FeatureSpec,
+    tensors: RetrievalTensors,
+    rows: Dataset,
+) -> None:
+    """Fit an ``ease`` or ``transition`` member on ``rows`` (``tensors``: their
+    retrieval tables)."""
+    if kind == "transition":
+        fit_transition(model, spec, rows)
+    else:
+        fit_ease(model, tensors.seen(), l2=config.retrieval.ease_l2)
+
+
 def fit_ease(model: LinearItemsModel, seen: UserItems, *, l2: float) -> None:
     """Fit EASE's closed form (:class:`twostage.baselines.EASE`, ridge ``l2``) on
     ``seen`` (one row of items per user) into ``model``, factorised: the
@@ -385,6 +417,24 @@ def fit_ease(model: LinearItemsModel, seen: UserItems, *, l2: float) -> None:
     ease = EASE(l2=l2).fit(seen, num_items=model.left.shape[0])
     assert ease.weights is not None
     model.fit(ease.weights)
+
+
+def fit_transition(model: LinearItemsModel, spec: FeatureSpec, train: Dataset) -> None:
+    """Fit the ``transition`` member on the training rows: ``log(1 + n)``, ``n`` the
+    times item ``k`` followed item ``j`` in a user's time-ordered log
+    (:meth:`twostage.baselines.Transition.fit_log`, ties in row order), factorised
+    into ``model``."""
+    rows = train.interactions
+    users, items = spec.vocabulary(USER), spec.vocabulary(ITEM)
+    transition = Transition().fit_log(
+        users.transform(rows[USER]),
+        items.transform(rows[ITEM]),
+        rows[TIME].to_numpy(),
+        num_users=users.size,
+        num_items=model.left.shape[0],
+    )
+    assert transition.counts is not None
+    model.fit(torch.log1p(transition.counts.to_dense()))
 
 
 def _tag_member(on_step: ProgressFn, member: int, info: dict[str, Any]) -> None:

@@ -18,7 +18,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from twostage.config import ExperimentConfig, RetrievalConfig, from_dict, save_config
+from twostage.config import (
+    CLOSED_FORM_MEMBERS,
+    ExperimentConfig,
+    RetrievalConfig,
+    from_dict,
+    save_config,
+)
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.errors import ArtifactError, ConfigError
 from twostage.features import FeatureSpec
@@ -104,10 +110,15 @@ def build_member(
 def build_member(
     spec: FeatureSpec, config: RetrievalConfig, *, kind: str = ""
 ) -> Member:
-    """One pair of towers, for a config without ``ensemble``; ``kind="ease"``: the
-    closed-form EASE member (:mod:`twostage.models.linear_items`), still unfitted."""
-    if kind == "ease":
-        return LinearItemsModel(spec.vocabulary(ITEM).size, config.ease_rank)
+    """One pair of towers, for a config without ``ensemble``; ``kind="ease"`` or
+    ``"transition"``: that closed-form member (:mod:`twostage.models.linear_items`),
+    still unfitted."""
+    if kind in CLOSED_FORM_MEMBERS:
+        return LinearItemsModel(
+            spec.vocabulary(ITEM).size,
+            config.ease_rank,
+            last_item_only=kind == "transition",
+        )
 
     def fields(side: str) -> list[FieldInfo]:
         return [

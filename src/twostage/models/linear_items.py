@@ -133,7 +133,8 @@ class LinearItemsModel(nn.Module):
         return self._standardised(sums)
 
     def encode_query_positions(self, features: dict[str, Tensor]) -> Tensor:
-        """``[B, L, r]``: the query after each history position (running sums)."""
+        """``[B, L, r]``: the query after each history position (running sums; with
+        ``last_item_only``, each position's own item)."""
         history = features[HISTORY]
         if self.last_item_only:
             return self._standardised(self.left[history])

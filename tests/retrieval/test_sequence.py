@@ -19,7 +19,7 @@ from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.errors import ConfigError, UnknownIdError
 from twostage.models.ensemble import EnsembleModel
 from twostage.models.fields import HISTORY, UNKNOWN_TIME
-from twostage.models.linear_items import LinearItemsModel
+from twostage.models.linear_items import LinearItemsModel, leading_svd
 from twostage.models.sequence import (
     GAP_BUCKETS,
     SequenceEncoder,
@@ -694,6 +694,32 @@ def test_an_ease_query_counts_an_item_once_and_an_empty_history_is_zero() -> Non
         torch.testing.assert_close(
             steps[:, i], member.encode_queries({HISTORY: padded})
         )
+
+
+def test_the_randomized_factorisation_matches_the_exact_one() -> None:
+    """Above ``exact_up_to`` items the leading directions come from a randomized SVD:
+    as close to the best rank-r approximation as the exact SVD's, the same on every
+    call, and the run's random stream untouched."""
+    g = torch.Generator().manual_seed(0)
+    n, rank = 400, 16
+    basis_u = torch.linalg.qr(torch.randn(n, n, generator=g)).Q
+    basis_v = torch.linalg.qr(torch.randn(n, n, generator=g)).Q
+    spectrum = 1.0 / (1.0 + torch.arange(n, dtype=torch.float32)) ** 0.5
+    matrix = (basis_u * spectrum) @ basis_v.T  # a slowly decaying spectrum, as EASE's
+    u, s, v = leading_svd(matrix, rank)  # 400 items: exact
+    best = torch.linalg.norm(matrix - (u * s) @ v.T)
+    state = torch.random.get_rng_state()
+    ru, rs, rv = leading_svd(matrix, rank, exact_up_to=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert ru.shape == (n, rank) and rs.shape == (rank,) and rv.shape == (n, rank)
+    torch.testing.assert_close(rs, s, rtol=0.02, atol=0.0)
+    assert torch.linalg.norm(matrix - (ru * rs) @ rv.T) < 1.01 * best
+    again = leading_svd(matrix, rank, exact_up_to=0)
+    assert all(torch.equal(a, b) for a, b in zip(again, (ru, rs, rv), strict=True))
+    # a sketch most of the matrix wide is no saving: exact
+    small = matrix[:50, :50]
+    exact = torch.linalg.svdvals(small)[:rank]
+    torch.testing.assert_close(leading_svd(small, rank, exact_up_to=0)[1], exact)
 
 
 def test_a_transition_member_scores_what_followed_the_last_item() -> None:

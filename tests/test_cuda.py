@@ -70,3 +70,17 @@ def test_evaluation_on_the_gpu_matches_the_cpu() -> None:
         for name, per_k in metrics.items():
             for k, value in per_k.items():
                 assert gpu.metrics[mode][name][k] == pytest.approx(value, abs=1e-6)
+
+
+def test_the_randomized_factorisation_on_the_gpu_leaves_its_random_stream() -> None:
+    from twostage.models.linear_items import leading_svd
+
+    generator = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(600, 600, generator=generator)).Q
+    spectrum = 1.0 / (1.0 + torch.arange(600, dtype=torch.float32))
+    matrix = (basis * spectrum) @ basis.T  # a decaying spectrum, as EASE's
+    state = torch.cuda.get_rng_state()
+    gpu = leading_svd(matrix.cuda(), 32, exact_up_to=0)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert gpu[0].device.type == "cuda"
+    torch.testing.assert_close(gpu[1].cpu(), spectrum[:32], rtol=0.02, atol=0.0)

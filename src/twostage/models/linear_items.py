@@ -72,9 +72,13 @@ def leading_svd(
         u, s, vh = torch.linalg.svd(matrix)
         r = min(rank, len(s))
         return u[:, :r], s[:r], vh[:r].T
-    devices = [matrix.device] if matrix.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
+    on_cuda = matrix.device.type == "cuda"
+    with torch.random.fork_rng(devices=[matrix.device] if on_cuda else []):
+        if on_cuda:  # only the generator the sketch draws from
+            with torch.cuda.device(matrix.device):
+                torch.cuda.manual_seed(0)
+        else:
+            torch.random.default_generator.manual_seed(0)
         u, s, v = torch.svd_lowrank(matrix, q=sketch, niter=_POWER_ITERATIONS)
     return u[:, :rank], s[:rank], v[:, :rank]
 

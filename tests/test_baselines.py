@@ -12,6 +12,7 @@ from twostage.baselines import (
     ItemKNN,
     Popularity,
     RecentPopularity,
+    SessionKNN,
     Transition,
 )
 from twostage.data.user_items import UserItems
@@ -227,3 +228,81 @@ def test_baselines_reject_bad_configuration_and_data():
         Popularity().fit(toy(), num_items=NUM_ITEMS, weights=np.ones(3))
     with pytest.raises(DataError, match="user_idx"):
         Popularity().fit(toy(), num_items=NUM_ITEMS).score(torch.tensor([-1]))
+
+
+def _session_knn_by_hand(
+    sequences: list[list[int]], user: int, num_items: int, k: int, r: float, p: float
+) -> np.ndarray:
+    """SessionKNN's docstring, one user and one neighbour at a time."""
+    own = sequences[user]
+    scores = np.zeros(num_items)
+    if not own:
+        return scores
+    weight = {i: np.exp(-(len(own) - 1 - q) / r) for q, i in enumerate(own)}
+    recency = {i: q for q, i in enumerate(own)}  # the latest occurrence wins
+    sims = []
+    for n, seq in enumerate(sequences):
+        shared = set(own) & set(seq)
+        if n == user or not shared:
+            continue
+        sims.append((sum(weight[i] for i in shared) / np.sqrt(len(own) * len(seq)), n))
+    sims.sort(reverse=True)
+    if len(sims) > k:
+        assert sims[k - 1][0] > sims[k][0], "a tie at the k-th neighbour"
+    for sim, n in sims[:k]:
+        seq = sequences[n]
+        latest = max(set(own) & set(seq), key=recency.__getitem__)
+        anchor = max(q for q, i in enumerate(seq) if i == latest)
+        for q, i in enumerate(seq):
+            scores[i] += sim * np.exp(-abs(q - anchor) / p)
+    return scores
+
+
+def test_session_knn_follows_its_definition():
+    rng = np.random.default_rng(4)  # no tie at any user's third neighbour
+    num_items = 12
+    sequences = [
+        list(rng.integers(1, num_items, size=rng.integers(1, 9))) for _ in range(14)
+    ]
+    sequences[5] = []  # no history
+    history = torch.zeros(len(sequences), 8, dtype=torch.long)
+    for u, seq in enumerate(sequences):
+        if seq:
+            history[u, -len(seq) :] = torch.tensor(seq)
+    model = SessionKNN(neighbours=3, recency=2.0, proximity=1.5).fit_sequences(
+        history, num_items=num_items
+    )
+    users = torch.arange(len(sequences) + 1)  # and one past the end: unknown
+    scores = model.score(users)
+    for u in range(len(sequences)):
+        expected = _session_knn_by_hand(sequences, u, num_items, 3, 2.0, 1.5)
+        np.testing.assert_allclose(scores[u].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert scores[5].abs().sum() == 0 and scores[-1].abs().sum() == 0
+    # Scored a few at a time, the same.
+    small = SessionKNN(neighbours=3, recency=2.0, proximity=1.5, batch_size=4)
+    small.fit_sequences(history, num_items=num_items)
+    assert torch.allclose(small.score(users), scores)
+
+
+def test_session_knn_from_the_log_and_its_errors():
+    # User 0 rated 1 and 2 in the same second (row order wins); item 0 is unknown.
+    users = np.array([1, 0, 0, 1, 0, 2, 1, 2])
+    items = np.array([2, 1, 2, 3, 0, 4, 1, 3])
+    times = np.array([20, 10, 10, 30, 5, 7, 10, 9])
+    by_log = SessionKNN().fit_log(users, items, times, num_users=4, num_items=5)
+    history = torch.tensor([[0, 0, 1, 2], [0, 1, 2, 3], [0, 0, 4, 3], [0, 0, 0, 0]])
+    by_table = SessionKNN().fit_sequences(history, num_items=5)
+    every = torch.arange(4)
+    assert torch.equal(by_log.score(every), by_table.score(every))
+    # User 0 (1 then 2) is like user 1 (1, 2, 3), who went on to 3.
+    assert int(by_log.score(torch.tensor([0]))[0, 3:].argmax()) == 0
+    with pytest.raises(NotFittedError):
+        SessionKNN().score(every)
+    with pytest.raises(ConfigError, match="neighbours"):
+        SessionKNN(neighbours=0)
+    with pytest.raises(ConfigError, match="proximity"):
+        SessionKNN(proximity=-1.0)
+    with pytest.raises(DataError, match="one entry per"):
+        SessionKNN().fit_log(users, items[:3], times, num_users=4, num_items=5)
+    with pytest.raises(DataError, match="num_items"):
+        SessionKNN().fit_sequences(history, num_items=3)

@@ -115,7 +115,14 @@ def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
     figures = runner.invoke(app, ["evaluate", str(models), "--baselines", "--json"])
     assert figures.exit_code == 0, figures.output
     saved = json.loads(figures.stdout)
-    baselines = {"popularity", "ease", "itemknn", "recent-popularity", "transition"}
+    baselines = {
+        "popularity",
+        "ease",
+        "itemknn",
+        "recent-popularity",
+        "transition",
+        "session-knn",
+    }
     assert {"twostage", *baselines} <= set(saved["retrieval"])
     ranking = saved["ranking"]
     assert 0 < ranking["mae"] <= ranking["rmse"] < 4  # ratings are 1..5

@@ -638,7 +638,8 @@ def evaluate_command(
         typer.Option(
             "--baselines",
             help="Also evaluate the baselines: popularity, recent popularity, EASE, "
-            "item-kNN (both forms), item-to-item transitions.",
+            "item-kNN (both forms), item-to-item transitions, session-kNN (the users "
+            "whose sequences share the user's recent items).",
         ),
     ] = False,
     json_output: JsonOutput = False,

@@ -183,10 +183,11 @@ def evaluate_baselines(
 ) -> dict[str, EvalResult]:
     """The baselines (or the ``names`` among them) on the run's own training data and
     test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
-    times, recent popularity and the item-to-item transition model (on every training
-    row in time order; without ``train``, on the run's recent items when it keeps
-    more than one a user, so then it depends on ``retrieval.history_length``)."""
-    from twostage.baselines import BASELINES, RecentPopularity, Transition
+    times, recent popularity, the item-to-item transition model and the
+    sequence-aware user neighbourhood (session-kNN) (both on every training row in
+    time order; without ``train``, on the run's recent items when it keeps more than
+    one a user, so then they depend on ``retrieval.history_length``)."""
+    from twostage.baselines import BASELINES, RecentPopularity, SessionKNN, Transition
 
     queries = eval_queries(run, test)
     num_items = run.spec.vocabulary(ITEM).size
@@ -211,8 +212,18 @@ def evaluate_baselines(
             num_users=run.spec.vocabulary(USER).size,
             num_items=num_items,
         )
+        makers[SessionKNN.name] = lambda: SessionKNN().fit_log(
+            users,
+            items,
+            times,
+            num_users=run.spec.vocabulary(USER).size,
+            num_items=num_items,
+        )
     elif run.tensors.history.shape[1] > 1:
         makers[Transition.name] = lambda: Transition().fit_sequences(
+            run.tensors.history, num_items=num_items
+        )
+        makers[SessionKNN.name] = lambda: SessionKNN().fit_sequences(
             run.tensors.history, num_items=num_items
         )
     results: dict[str, EvalResult] = {}

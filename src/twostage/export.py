@@ -176,11 +176,20 @@ def export_bundle(
         the file written.
 
     Raises:
-        ConfigError: an unknown format.
+        ConfigError: an unknown format, or a run whose retrieval adds the
+            session-kNN term (a search over the stored users, no network holds it).
     """
     if format not in FORMATS:
         raise ConfigError(
             f"`format` should be one of {FORMATS}. Received: `format` = {format!r}."
+        )
+    if rec.run.scores_exactly:
+        raise ConfigError(
+            "this run's retrieval adds the session-kNN term "
+            "(`retrieval.session_knn_weight` > 0), a search over the stored users' "
+            "sequences that no exported network holds: the exported towers would "
+            "rank otherwise than the bundle serves. Serve the bundle itself, or train "
+            "with `retrieval.session_knn_weight=0` to export."
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -368,7 +368,8 @@ class Recommender:
             seen = np.union1d(seen if seen is not None else [], session_idx.numpy())
             seen = seen.astype(np.int64)
         mask = self._filters.mask(filters)
-        if query is None or mask is not None:
+        exact = self.run.scores_exactly
+        if query is None or mask is not None or exact:
             excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
             excluded[0] = True
             if seen is not None:
@@ -380,13 +381,19 @@ class Recommender:
             scores = self.run.tensors.fallback_popularity[order]
             return self._answer(user_id, path, order, scores, None)
         width = max(num_candidates, k)
-        if mask is None:
+        if mask is None and not exact:
             top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
             found = top_idx[0] >= 0  # rows run short only when the catalogue does
             top_scores, top_idx = top_scores[0][found], top_idx[0][found]
         else:
-            # A metadata filter restricts the catalogue: exact search over what passes.
+            # A metadata filter restricts the catalogue, or the session-kNN term
+            # (which no index holds) joins the scores: exact search over what passes.
             scores = self.item_embeddings @ query  # (N, D) @ (D,) -> (N,)
+            if exact:
+                sessions = None if session_idx is None else session_idx[None]
+                scores += self.run.neighbour_term(
+                    torch.tensor([user_idx]), sessions=sessions
+                )[0]
             scores = scores.masked_fill(excluded, -torch.inf)
             width = min(width, int((~excluded).sum()))
             top_scores, top_idx = torch.topk(scores, width)

@@ -206,6 +206,19 @@ class RetrievalConfig(_Checked):
     MovieLens-100k the transformer and GRU mixed 0.7 / 0.3 score 10 to 14% above
     either, and the transformer with ``ease`` nearly as much in half the time
     (docs/benchmarks.md).
+
+    ``session_knn_weight`` > 0 adds a term no dot product holds: the
+    sequence-aware user neighbourhood (session-kNN, :mod:`twostage.models.session_knn`)
+    over every user's latest ``session_knn_length`` training items, with
+    ``session_knn_neighbours`` neighbours and the decays ``session_knn_recency``
+    (the query's items) and ``session_knn_proximity`` (a neighbour's items around
+    the shared one). Each query's session-kNN scores are standardised over the
+    catalogue and added, times the weight, to the model's dot products; the query
+    is the user's own stored sequence (they are never their own neighbour), or it
+    followed by a request's session. Retrieval then scores every item exactly
+    (evaluation, serving, the ranker's candidates): an approximate index is not
+    searched, and an exported query tower does not hold the term. The table is
+    built from the served rows (validation included) and saved with the run.
     """
 
     embedding_dim: int = 64
@@ -247,6 +260,11 @@ class RetrievalConfig(_Checked):
     ensemble_weights: tuple[float, ...] = ()
     ease_l2: float = 500.0
     ease_rank: int = 128
+    session_knn_weight: float = 0.0
+    session_knn_neighbours: int = 50
+    session_knn_recency: float = 5.0
+    session_knn_proximity: float = 5.0
+    session_knn_length: int = 200
 
     SECTION: ClassVar[str] = "retrieval"
 
@@ -299,6 +317,17 @@ class RetrievalConfig(_Checked):
             ),
             "ease_l2": (self.ease_l2 > 0, "positive"),
             "ease_rank": (self.ease_rank >= 1, "a positive integer"),
+            "session_knn_weight": (
+                self.session_knn_weight >= 0,
+                "0 (no session-kNN term) or positive",
+            ),
+            "session_knn_neighbours": (
+                self.session_knn_neighbours >= 1,
+                "a positive integer",
+            ),
+            "session_knn_recency": (self.session_knn_recency > 0, "positive"),
+            "session_knn_proximity": (self.session_knn_proximity > 0, "positive"),
+            "session_knn_length": (self.session_knn_length >= 1, "a positive integer"),
             "ensemble_weights": (
                 all(w > 0 for w in self.ensemble_weights)
                 and len(self.ensemble_weights) in (0, 1 + len(self.ensemble)),

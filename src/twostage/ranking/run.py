@@ -110,10 +110,14 @@ class RankingRun:
         return self._vectors
 
     def retrieval_scores(self, user_idx: Tensor) -> Tensor:
-        """``[B, N]`` retrieval logits (cosine / temperature) of every item."""
+        """``[B, N]`` retrieval logits (cosine / temperature) of every item, the
+        session-kNN term included when the retrieval run has one."""
         users, items = self.retrieval_vectors()
         temperature = float(self.retrieval.model.temperature)
-        return users[user_idx] @ items.T / temperature  # (B, D) @ (D, N) -> (B, N)
+        scores = users[user_idx] @ items.T  # (B, D) @ (D, N) -> (B, N)
+        if self.retrieval.scores_exactly:
+            scores += self.retrieval.neighbour_term(user_idx)
+        return scores / temperature
 
     def ease_scores(self, user_idx: Tensor, item_idx: Tensor) -> Tensor | None:
         """``[B, C]`` the EASE term of ``C`` candidates for each of ``B`` users: the

@@ -127,7 +127,8 @@ def evaluate_run_embeddings(
 ) -> EvalResult:
     """Evaluate the two towers over the whole catalogue (both seen-item modes), with
     the run's popularity fallback applied as serving applies it (the users it covers
-    are also reported as the ``popularity_fallback_users`` slice). ``shard``: each
+    are also reported as the ``popularity_fallback_users`` slice), and the
+    session-kNN term added when the run has one. ``shard``: each
     rank of a torch.distributed group scores its share of the users."""
     queries = eval_queries(run, test)
     query_emb = run.query_embeddings(
@@ -135,7 +136,7 @@ def evaluate_run_embeddings(
     )
     item_emb = queries.pad_items(run.item_embeddings())
     popular = run.uses_popularity(queries.user_idx)
-    if not popular.any():
+    if not popular.any() and not run.scores_exactly:
         return evaluate_embeddings(
             query_emb,
             item_emb,
@@ -151,13 +152,18 @@ def evaluate_run_embeddings(
     fallback_scores = run.tensors.fallback_popularity[None, :]
     popularity = queries.pad_scores(fallback_scores)[0]  # [num_items]
     fallback = torch.from_numpy(popular)
+    user_idx = torch.from_numpy(queries.user_idx)
 
     def score(rows: torch.Tensor) -> torch.Tensor:
         scores = query_emb[rows] @ item_emb.T  # (B, D) @ (D, N) -> (B, N)
+        if run.scores_exactly:
+            scores += queries.pad_scores(run.neighbour_term(user_idx[rows]))
         scores[fallback[rows]] = popularity
         return scores
 
-    slices = {**(queries.slices or {}), "popularity_fallback_users": popular}
+    slices = queries.slices
+    if popular.any():
+        slices = {**(slices or {}), "popularity_fallback_users": popular}
     return evaluate_scores(
         score,
         num_items=queries.num_items,

@@ -14,6 +14,7 @@ lists and the Recommender apply the same rule, so the figures describe what is s
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,7 @@ def choose_popularity_fallback(
     seen: UserItems,
     num_train_items: np.ndarray,
     chunk: int = 1024,
+    extra_scores: Callable[[int, int], Tensor] | None = None,
 ) -> FallbackChoice:
     """Pick the fallback threshold on validation queries.
 
@@ -103,6 +105,8 @@ def choose_popularity_fallback(
         seen: ``Q`` rows of training items (a ``UserItems``), excluded from lists.
         num_train_items: ``[Q]`` each user's number of training items.
         chunk: queries scored at once.
+        extra_scores: ``(start, stop) -> [stop - start, N]`` added to those queries'
+            dot products (the session-kNN term), as serving adds it.
     """
     num_items = item_embeddings.shape[0]
     valid = torch.ones(num_items, dtype=torch.bool)
@@ -111,6 +115,8 @@ def choose_popularity_fallback(
     for start in range(0, len(query_embeddings), chunk):
         stop = min(start + chunk, len(query_embeddings))
         scores = query_embeddings[start:stop] @ item_embeddings.T  # (B, D)@(D, N)
+        if extra_scores is not None:
+            scores += extra_scores(start, stop)
         scores[:, 0] = -torch.inf
         part = seen.slice(start, stop)
         rows, cols = torch.from_numpy(part.row_ids()), torch.from_numpy(part.indices)

@@ -373,6 +373,11 @@ def choose_fallback(run: RetrievalRun, validate: Validator | None) -> None:
     if wanted >= 0 or validate is None:
         return
     queries, tensors = validate.queries, run.tensors
+    user_idx = torch.from_numpy(queries.user_idx)
+
+    def term(start: int, stop: int) -> torch.Tensor:
+        return run.neighbour_term(user_idx[start:stop])
+
     with torch.no_grad():
         choice = choose_popularity_fallback(
             validate.query_embeddings(run.model),
@@ -381,6 +386,7 @@ def choose_fallback(run: RetrievalRun, validate: Validator | None) -> None:
             relevant=queries.relevant,
             seen=queries.seen,
             num_train_items=tensors.seen().lengths()[queries.user_idx],
+            extra_scores=term if run.scores_exactly else None,
         )
     run.popularity_fallback = choice.max_interactions
     run.fallback = choice.to_dict()

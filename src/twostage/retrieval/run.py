@@ -37,6 +37,7 @@ from twostage.models.ensemble import (
 )
 from twostage.models.linear_items import LinearItemsModel
 from twostage.models.retrieval import RetrievalModel
+from twostage.models.session_knn import SessionNeighbours
 from twostage.models.towers import FieldInfo
 from twostage.retrieval.tensors import (
     RetrievalTensors,
@@ -200,6 +201,11 @@ class RetrievalRun:
     #: The Parquet log a streamed run was trained on (saved): its test side is that
     #: stream's split, which re-evaluation reads again (``evaluate_streamed``).
     stream: str | None = None
+    #: The session-kNN term's neighbours, built on first use from the table they
+    #: are read from (saved, ``tensors.neighbour_history``), rebuilt when it changes.
+    _neighbours: tuple[torch.Tensor, SessionNeighbours] | None = field(
+        default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         # An ordered history may read the items' features (a no-op otherwise).
@@ -213,6 +219,60 @@ class RetrievalRun:
             return np.zeros(len(user_idx), dtype=bool)
         counts = self.tensors.seen().lengths()
         return counts[user_idx] <= self.popularity_fallback
+
+    @property
+    def scores_exactly(self) -> bool:
+        """Whether retrieval adds the session-kNN term
+        (``retrieval.session_knn_weight`` > 0), which no index holds: every item
+        is then scored exactly, embeddings' dot product plus :meth:`neighbour_term`."""
+        return self.config.retrieval.session_knn_weight > 0
+
+    def neighbour_term(
+        self, user_idx: torch.Tensor, *, sessions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, N]``: the session-kNN term of each query (0 without the term).
+
+        Args:
+            user_idx: ``[B]`` the queries' users (0: unknown); a known user's
+                latest stored items are the query, and never their own neighbour.
+            sessions: ``[B, S]`` items to read after them (a request's session,
+                most recent last, 0 = padding); an unknown user's query is it alone.
+        """
+        num_items = int(self.tensors.item_probs.shape[0])
+        if not self.scores_exactly:
+            return torch.zeros(len(user_idx), num_items)
+        table = self.tensors.neighbour_history
+        if table.shape[0] == 0:
+            raise ConfigError(
+                "`retrieval.session_knn_weight` > 0 reads each user's latest items, "
+                "and this run's tables hold none (built before the term was set). "
+                "Train the run again with the term, or set it to 0."
+            )
+        if self._neighbours is None or self._neighbours[0] is not table:
+            cfg = self.config.retrieval
+            self._neighbours = (
+                table,
+                SessionNeighbours.from_table(
+                    table,
+                    num_items=num_items,
+                    neighbours=cfg.session_knn_neighbours,
+                    recency=cfg.session_knn_recency,
+                    proximity=cfg.session_knn_proximity,
+                ),
+            )
+        queries = table[user_idx]
+        if sessions is not None:
+            queries = torch.cat([queries, sessions], dim=1)
+        neighbours = self._neighbours[1]
+        raw = neighbours.score_sequences(queries, exclude=user_idx)[:, 1:]
+        # Standardised over the catalogue (not the OOV row), then weighted.
+        spread = raw.std(dim=1, keepdim=True)
+        term = torch.where(
+            spread > 0, (raw - raw.mean(dim=1, keepdim=True)) / spread, 0.0
+        )
+        return torch.nn.functional.pad(
+            term * self.config.retrieval.session_knn_weight, (1, 0)
+        )
 
     def item_embeddings(self) -> torch.Tensor:
         """``[N, D]`` embeddings of every vocabulary item (row 0: the OOV item)."""

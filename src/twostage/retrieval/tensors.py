@@ -81,6 +81,12 @@ class RetrievalTensors:
     sequence_times: Tensor = dataclasses.field(
         default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
     )
+    #: ``[U, M]`` each user's latest ``retrieval.session_knn_length`` items, most
+    #: recent last (0 = padding), what the session-kNN term finds neighbours in;
+    #: ``[0, 0]`` without that term.
+    neighbour_history: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
+    )
 
     def history_features(self, users: Tensor | slice) -> dict[str, Tensor]:
         """The history entries of a query feature dict for these users (rows):
@@ -116,6 +122,7 @@ class RetrievalTensors:
             popularity=None if self.popularity is None else self.popularity.to(device),
             history_times=self.history_times.to(device),
             sequence_times=self.sequence_times.to(device),
+            neighbour_history=self.neighbour_history.to(device),
         )
 
     def seen(self) -> UserItems:
@@ -187,6 +194,8 @@ def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
         flat["popularity"] = tensors.popularity
     if tensors.history_times.numel():
         flat["history_times"] = tensors.history_times
+    if tensors.neighbour_history.numel():
+        flat["neighbour_history"] = tensors.neighbour_history
     flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
     flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
     return {k: v.contiguous() for k, v in flat.items()}
@@ -204,6 +213,9 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
         item_probs=flat["item_probs"],
         popularity=flat.get("popularity"),
         history_times=flat.get("history_times", torch.zeros(0, 0, dtype=torch.long)),
+        neighbour_history=flat.get(
+            "neighbour_history", torch.zeros(0, 0, dtype=torch.long)
+        ),
     )
 
 
@@ -382,7 +394,31 @@ def build_tensors(
         ),
         history_times=history_times,
         sequence_times=sequence_times,
+        neighbour_history=neighbour_table(
+            inter[TIME].to_numpy(),
+            users,
+            items,
+            num_users=user_vocab.size,
+            config=config,
+        ),
     )
+
+
+def neighbour_table(
+    times: np.ndarray,
+    user_idx: np.ndarray,
+    item_idx: np.ndarray,
+    *,
+    num_users: int,
+    config: RetrievalConfig,
+) -> torch.Tensor:
+    """``[U, session_knn_length]`` each user's latest items for the session-kNN
+    term (:attr:`RetrievalTensors.neighbour_history`); ``[0, 0]`` without it."""
+    if config.session_knn_weight == 0:
+        return torch.zeros(0, 0, dtype=torch.long)
+    return latest_rows(
+        times, user_idx, item_idx, num_users=num_users, length=config.session_knn_length
+    )[0]
 
 
 def context_keys(spec: FeatureSpec) -> list[str]:
@@ -456,4 +492,7 @@ def with_history_rows(
         weights=None,
         context={},  # the rows changed; context is for training batches only
         popularity=popularity,
+        neighbour_history=neighbour_table(
+            times[known], users, items, num_users=num_users, config=config
+        ),
     )

@@ -1,0 +1,210 @@
+"""The session-kNN term (`retrieval.session_knn_weight`): what it adds, that
+evaluation, serving and the ranker's candidates add the same, and that it reloads."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.dataset import ITEM, TIME, USER, Dataset
+from twostage.errors import ConfigError
+from twostage.export import export_bundle
+from twostage.models.session_knn import SessionNeighbours
+from twostage.recommender import Recommender, load
+from twostage.retrieval.fit import fit_retrieval
+from twostage.retrieval.tensors import latest_rows
+from twostage.serving import ServeSettings, create_app
+
+WEIGHT = 0.05
+
+
+def _walks(num_users: int = 80, num_items: int = 40) -> Dataset:
+    """Users walk a chain (item ``a`` then ``successor[a]``, else a random jump)."""
+    rng = np.random.default_rng(1)
+    successor = rng.permutation(num_items)
+    rows = []
+    for user in range(num_users):
+        item = int(rng.integers(num_items))
+        for t in range(int(rng.integers(8, 14))):
+            rows.append((user, item, t))
+            jump = rng.random() > 0.7
+            item = int(rng.integers(num_items)) if jump else int(successor[item])
+    frame = pl.DataFrame(rows, schema=[USER, ITEM, TIME], orient="row")
+    return Dataset("walks", frame)
+
+
+def _config(*extra: str) -> ExperimentConfig:
+    return apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.split=leave-last-out",
+            "data.validation_fraction=0.05",
+            "retrieval.examples=sequences",
+            "retrieval.query_encoder=gru",
+            "retrieval.negatives=full",
+            "retrieval.use_side_features=false",
+            "retrieval.history_length=6",
+            "retrieval.embedding_dim=16",
+            "retrieval.output_dim=16",
+            "retrieval.popularity_fallback=0",
+            "train.epochs=2",
+            "train.num_threads=1",
+            f"retrieval.session_knn_weight={WEIGHT}",
+            "retrieval.session_knn_neighbours=5",
+            "retrieval.session_knn_length=10",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def trained():
+    run, split = fit_retrieval(_config(), dataset=_walks())
+    return run, split
+
+
+def _expected_scores(run, queries: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """The term by hand: session-kNN over the stored table, standardised over the
+    catalogue, times the weight."""
+    cfg = run.config.retrieval
+    table = run.tensors.neighbour_history
+    knn = SessionNeighbours.from_table(
+        table,
+        num_items=int(run.tensors.item_probs.shape[0]),
+        neighbours=cfg.session_knn_neighbours,
+        recency=cfg.session_knn_recency,
+        proximity=cfg.session_knn_proximity,
+    ).score_sequences(queries, exclude=exclude)[:, 1:]
+    z = (knn - knn.mean(dim=1, keepdim=True)) / knn.std(dim=1, keepdim=True)
+    return torch.nn.functional.pad(WEIGHT * z, (1, 0))
+
+
+def test_the_table_holds_the_served_rows(trained) -> None:
+    run, split = trained
+    assert split.validation is not None and split.validation.num_interactions
+    inter = split.train.interactions  # training and validation rows
+    expected, _ = latest_rows(
+        inter[TIME].to_numpy(),
+        run.spec.vocabulary(USER).transform(inter[USER]),
+        run.spec.vocabulary(ITEM).transform(inter[ITEM]),
+        num_users=run.spec.vocabulary(USER).size,
+        length=10,
+    )
+    assert torch.equal(run.tensors.neighbour_history, expected)
+
+
+def test_evaluation_and_serving_add_the_same_term(trained) -> None:
+    run, split = trained
+    recommender = Recommender(run)
+    users = torch.arange(1, run.tensors.neighbour_history.shape[0])
+    term = run.neighbour_term(users)
+    torch.testing.assert_close(
+        term, _expected_scores(run, run.tensors.neighbour_history[users], users)
+    )
+    # Every user's list as served: dot products plus the term, seen items excluded.
+    queries = recommender._known_queries()[users]
+    scores = queries @ recommender.item_embeddings.T + term
+    seen = run.tensors.seen()
+    user_ids = run.spec.vocabulary(USER).values
+    test = split.test.interactions
+    hits = tested = 0
+    for row, user in enumerate(users.tolist()):
+        row_scores = scores[row].clone()
+        row_scores[0] = -torch.inf
+        row_scores[torch.from_numpy(seen.row(user))] = -torch.inf
+        top = row_scores.topk(3).indices
+        user_id = user_ids[user - 1]
+        answer = recommender.recommend(user_id, 3)
+        assert [e["item_id"] for e in answer.items] == [
+            recommender.item_ids[int(i)] for i in top
+        ]
+        held = test.filter(pl.col(USER) == user_id)[ITEM].to_list()
+        # A held-out item the user already has is unreachable once seen items
+        # are excluded: the metric leaves such users out.
+        tested += bool(
+            set(held) - {recommender.item_ids[int(i)] for i in seen.row(user)}
+        )
+        hits += any(recommender.item_ids[int(i)] in held for i in top)
+    figures = run.evaluate(split.test, ks=(3,)).to_dict()["metrics"]
+    assert figures["exclude_seen"]["hit_rate"]["3"] == pytest.approx(hits / tested)
+    # The term moves lists: without it the same run ranks otherwise.
+    plain = dataclasses.replace(
+        run,
+        config=apply_overrides(run.config, ["retrieval.session_knn_weight=0"]),
+    )
+    assert plain.evaluate(split.test, ks=(3,)).to_dict()["metrics"] != figures
+
+
+def test_a_session_reads_after_the_stored_items(trained) -> None:
+    run, _ = trained
+    recommender = Recommender(run)
+    walk = [3, 7, 11]
+    session = torch.tensor([recommender.item_vocab.lookup(i) for i in walk])
+    answer = recommender.recommend(None, 4, session=walk)
+    assert answer.path == "session"
+    query = torch.tensor(0)  # row 0: no stored items, nobody to exclude
+    expected = _expected_scores(run, session[None], query[None])[0]
+    torch.testing.assert_close(
+        run.neighbour_term(torch.tensor([0]), sessions=session[None])[0], expected
+    )
+    known = run.neighbour_term(torch.tensor([1]), sessions=session[None])[0]
+    stored = torch.cat([run.tensors.neighbour_history[1], session])
+    torch.testing.assert_close(
+        known, _expected_scores(run, stored[None], torch.tensor([1]))[0]
+    )
+
+
+def test_a_session_knn_bundle_reloads_and_serves(trained, tmp_path: Path) -> None:
+    run, _ = trained
+    recommender = Recommender(run)
+    root = tmp_path / "models" / "walks" / "1"
+    recommender.save(root)
+    again = load(root)
+    assert torch.equal(
+        again.run.tensors.neighbour_history, run.tensors.neighbour_history
+    )
+    walk = [3, 7]
+    expected = recommender.recommend(None, 4, session=walk).to_dict()["items"]
+    assert again.recommend(None, 4, session=walk).to_dict()["items"] == expected
+    user = run.spec.vocabulary(USER).values[4]
+    assert again.recommend(user, 4) == recommender.recommend(user, 4)
+    settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        metadata = client.get("/v1/models/walks/metadata").json()
+        assert metadata["session_knn_weight"] == WEIGHT
+        answer = client.post("/v1/recommend", json={"session": walk, "k": 4}).json()
+        assert answer["items"] == expected
+        predicted = client.post(
+            "/v1/models/walks:predict",
+            json={"instances": [{"session": walk, "k": 4}]},
+        ).json()
+        assert predicted["predictions"][0]["output_2"] == [
+            e["item_id"] for e in expected
+        ]
+
+
+def test_session_knn_mistakes_are_named(trained) -> None:
+    with pytest.raises(ConfigError, match="session_knn_weight` should be 0"):
+        _config("retrieval.session_knn_weight=-1")
+    with pytest.raises(ConfigError, match="session_knn_length` should be"):
+        _config("retrieval.session_knn_length=0")
+    run, _ = trained
+    without_table = dataclasses.replace(
+        run,
+        tensors=dataclasses.replace(
+            run.tensors, neighbour_history=torch.zeros(0, 0, dtype=torch.long)
+        ),
+    )
+    with pytest.raises(ConfigError, match="hold none"):
+        without_table.neighbour_term(torch.tensor([1]))
+
+
+def test_a_session_knn_run_is_not_exported(trained, tmp_path: Path) -> None:
+    run, _ = trained
+    with pytest.raises(ConfigError, match="no exported network holds"):
+        export_bundle(Recommender(run), tmp_path)

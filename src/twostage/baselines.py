@@ -19,9 +19,7 @@ be a different model, and a zero row makes the cold-start gap visible in a slice
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
 from typing import Literal, Protocol
 
@@ -30,7 +28,7 @@ import torch
 
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, NotFittedError
-from twostage.models.session_knn import SessionNeighbours
+from twostage.models.session_knn import SessionNeighbours, quiet_sparse
 
 __all__ = [
     "BASELINES",
@@ -57,16 +55,6 @@ class Baseline(Protocol):
     ) -> Baseline: ...
 
     def score(self, user_idx: torch.Tensor) -> torch.Tensor: ...
-
-
-@contextmanager
-def _quiet_sparse() -> Iterator[None]:
-    # torch warns once that sparse CSR is "beta"; the operations used here are stable.
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Sparse CSR tensor support is in beta"
-        )
-        yield
 
 
 def _values(
@@ -106,6 +94,29 @@ def _check_users(user_idx: torch.Tensor) -> np.ndarray:
     return users
 
 
+def _in_time_order(
+    user_idx: np.ndarray, item_idx: np.ndarray, timestamps: np.ndarray, num_users: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows' ``(users, items)``, checked, sorted by user, then time
+    (ties: row order), as the retrieval tables order histories."""
+    users = np.asarray(user_idx, dtype=np.int64)
+    items = np.asarray(item_idx, dtype=np.int64)
+    times = np.asarray(timestamps)
+    if not users.shape == items.shape == times.shape or users.ndim != 1:
+        raise DataError(
+            "`user_idx`, `item_idx` and `timestamps` should have one entry per "
+            f"training row. Received: shapes {users.shape}, {items.shape} and "
+            f"{times.shape}."
+        )
+    if len(users) and (users.min() < 0 or users.max() >= num_users):
+        raise DataError(
+            f"`user_idx` should lie in [0, {num_users}). Received: values from "
+            f"{users.min()} to {users.max()}."
+        )
+    order = np.lexsort((np.arange(len(users)), times, users))  # stable
+    return users[order], items[order]
+
+
 def _history(
     train: UserItems, values: torch.Tensor, user_idx: torch.Tensor, num_items: int
 ) -> torch.Tensor:
@@ -130,7 +141,7 @@ def _item_blocks(
     num_users = train.num_rows
     vals = values.to(dtype)
     cols = torch.from_numpy(train.indices)
-    with _quiet_sparse():
+    with quiet_sparse():
         x = torch.sparse_csr_tensor(
             torch.from_numpy(train.indptr),
             cols,
@@ -333,7 +344,7 @@ class ItemKNN:
         sim = torch.sparse_coo_tensor(
             index, torch.cat(sims), (num_items, num_items), check_invariants=False
         )
-        with _quiet_sparse():
+        with quiet_sparse():
             self.similarity = sim.coalesce().to_sparse_csr()
             self._similarity_t = sim.t().coalesce().to_sparse_csr()
         self._train = (train, values)
@@ -359,7 +370,7 @@ class ItemKNN:
         # S keeps row i's top k (cosine is symmetric). Candidate neighbourhoods:
         # score[j] = sum_i S[j, i] x_i, i.e. X @ S^T; history ones: X @ S.
         kept = self.similarity if self.neighbours_of == "candidate" else None
-        with _quiet_sparse():
+        with quiet_sparse():
             if kept is not None:
                 # S (N, N) @ X^T (N, B) -> (N, B), transposed: X @ S^T.
                 return (kept @ history.T).T.contiguous()
@@ -450,22 +461,7 @@ class Transition:
         """Every training row: ``user_idx [n]``, ``item_idx [n]`` (0 = unknown item,
         never a transition's end) and ``timestamps [n]``; each user's rows in time
         order, ties in row order, as the retrieval tables order histories."""
-        users = np.asarray(user_idx, dtype=np.int64)
-        items = np.asarray(item_idx, dtype=np.int64)
-        times = np.asarray(timestamps)
-        if not users.shape == items.shape == times.shape or users.ndim != 1:
-            raise DataError(
-                "`user_idx`, `item_idx` and `timestamps` should have one entry per "
-                f"training row. Received: shapes {users.shape}, {items.shape} and "
-                f"{times.shape}."
-            )
-        if len(users) and (users.min() < 0 or users.max() >= num_users):
-            raise DataError(
-                f"`user_idx` should lie in [0, {num_users}). Received: values from "
-                f"{users.min()} to {users.max()}."
-            )
-        order = np.lexsort((np.arange(len(users)), times, users))  # stable
-        users, items = users[order], items[order]
+        users, items = _in_time_order(user_idx, item_idx, timestamps, num_users)
         same_user = users[:-1] == users[1:]
         last = torch.zeros(num_users, dtype=torch.long)
         if len(users):  # each user's last row in that order
@@ -496,7 +492,7 @@ class Transition:
             (num_items, num_items),
             check_invariants=False,
         )
-        with _quiet_sparse():
+        with quiet_sparse():
             self.counts = counts.coalesce().to_sparse_csr()
         self.last_items = last_items
         return self
@@ -514,7 +510,7 @@ class Transition:
         one_hot = torch.zeros(len(users), num_items)
         one_hot[torch.arange(len(users)), last] = 1.0
         one_hot[:, 0] = 0.0  # no last item: no row
-        with _quiet_sparse():
+        with quiet_sparse():
             # counts^T (N, N) @ one_hot^T (N, B) -> (N, B): the rows of the last items.
             return (self.counts.t() @ one_hot.T).T.to_dense().contiguous()
 
@@ -591,22 +587,7 @@ class SessionKNN:
         """Every training row: ``user_idx [n]``, ``item_idx [n]`` (0 = unknown, left
         out) and ``timestamps [n]``; each user's rows in time order, ties in row
         order, as the retrieval tables order histories."""
-        users = np.asarray(user_idx, dtype=np.int64)
-        items = np.asarray(item_idx, dtype=np.int64)
-        times = np.asarray(timestamps)
-        if not users.shape == items.shape == times.shape or users.ndim != 1:
-            raise DataError(
-                "`user_idx`, `item_idx` and `timestamps` should have one entry per "
-                f"training row. Received: shapes {users.shape}, {items.shape} and "
-                f"{times.shape}."
-            )
-        if len(users) and (users.min() < 0 or users.max() >= num_users):
-            raise DataError(
-                f"`user_idx` should lie in [0, {num_users}). Received: values from "
-                f"{users.min()} to {users.max()}."
-            )
-        order = np.lexsort((np.arange(len(users)), times, users))  # stable
-        users, items = users[order], items[order]
+        users, items = _in_time_order(user_idx, item_idx, timestamps, num_users)
         known = items > 0
         self.model = self._build(
             torch.from_numpy(np.bincount(users[known], minlength=num_users)),

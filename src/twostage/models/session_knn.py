@@ -31,7 +31,7 @@ from torch import Tensor
 
 from twostage.errors import ConfigError, DataError
 
-__all__ = ["SessionNeighbours"]
+__all__ = ["SessionNeighbours", "quiet_sparse"]
 
 
 class SessionNeighbours:
@@ -95,7 +95,7 @@ class SessionNeighbours:
             (len(lengths), num_items),
             check_invariants=False,
         ).coalesce()
-        with _quiet_sparse():
+        with quiet_sparse():
             # 0/1: a repeated item is one shared item.
             self.matrix = torch.sparse_coo_tensor(
                 pairs.indices(),
@@ -205,7 +205,7 @@ class SessionNeighbours:
         recent.scatter_reduce_(0, flat, position + 1, "amax")
         weights, recent = weights.view(batch, num_items), recent.view(batch, num_items)
         # Similarity to every stored user: shared items' weights over sqrt(L * len).
-        with _quiet_sparse():
+        with quiet_sparse():
             # (U, N) @ (N, B) -> (U, B)
             shared = (self.matrix @ weights.T.float()).T.double()
         sizes = (self.indptr[1:] - self.indptr[:-1]).double()
@@ -232,8 +232,9 @@ class SessionNeighbours:
 
 
 @contextmanager
-def _quiet_sparse() -> Iterator[None]:
-    # torch warns once that sparse CSR is "beta"; the operations used are stable.
+def quiet_sparse() -> Iterator[None]:
+    """Silence torch's one-time warning that sparse CSR is "beta": the operations
+    used here and by the baselines (products, coalescing) are stable."""
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="Sparse CSR tensor support is in beta"

@@ -19,6 +19,7 @@ from twostage.recommender import Recommender, load
 from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.tensors import latest_rows
 from twostage.serving import ServeSettings, create_app
+from twostage.two_stage import fit_two_stage
 
 WEIGHT = 0.05
 
@@ -208,3 +209,27 @@ def test_a_session_knn_run_is_not_exported(trained, tmp_path: Path) -> None:
     run, _ = trained
     with pytest.raises(ConfigError, match="no exported network holds"):
         export_bundle(Recommender(run), tmp_path)
+
+
+def test_the_rankers_candidates_carry_the_term() -> None:
+    stages = fit_two_stage(
+        _config(
+            "ranking.epochs=1",
+            "ranking.max_steps=3",
+            "ranking.rating_weight=0",
+            "train.epochs=1",
+        ),
+        _walks(num_users=40),
+        evaluate_test=False,
+    )
+    run, ranker = stages.retrieval, stages.ranker
+    assert ranker is not None
+    users = torch.arange(1, 6)
+    queries, items = ranker.retrieval_vectors()
+    expected = (queries[users] @ items.T + run.neighbour_term(users)) / float(
+        run.model.temperature
+    )
+    torch.testing.assert_close(ranker.retrieval_scores(users), expected)
+    user = run.spec.vocabulary(USER).values[2]
+    answer = Recommender(run, ranker=ranker).recommend(user, 3)
+    assert answer.path == "personalised" and len(answer.items) == 3

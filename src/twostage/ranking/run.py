@@ -115,8 +115,9 @@ class RankingRun:
         users, items = self.retrieval_vectors()
         temperature = float(self.retrieval.model.temperature)
         scores = users[user_idx] @ items.T  # (B, D) @ (D, N) -> (B, N)
-        if self.retrieval.scores_exactly:
-            scores += self.retrieval.neighbour_term(user_idx)
+        if self.retrieval.scores_exactly:  # computed on the host, like its table
+            term = self.retrieval.neighbour_term(user_idx.cpu())
+            scores += term.to(scores.device)
         return scores / temperature
 
     def ease_scores(self, user_idx: Tensor, item_idx: Tensor) -> Tensor | None:

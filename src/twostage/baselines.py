@@ -28,7 +28,11 @@ import torch
 
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, NotFittedError
-from twostage.models.session_knn import SessionNeighbours, quiet_sparse
+from twostage.models.session_knn import (
+    SessionNeighbours,
+    check_options,
+    quiet_sparse,
+)
 
 __all__ = [
     "BASELINES",
@@ -547,7 +551,12 @@ class SessionKNN:
     ) -> None:
         self.neighbours, self.batch_size = neighbours, batch_size
         self.recency, self.proximity = recency, proximity
-        self._build(torch.zeros(0), torch.zeros(0), num_items=1)  # checks them now
+        check_options(  # now, not at fit
+            neighbours=neighbours,
+            recency=recency,
+            proximity=proximity,
+            batch_size=batch_size,
+        )
         self.model: SessionNeighbours | None = None
 
     def _build(

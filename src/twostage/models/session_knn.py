@@ -31,7 +31,7 @@ from torch import Tensor
 
 from twostage.errors import ConfigError, DataError
 
-__all__ = ["SessionNeighbours", "quiet_sparse"]
+__all__ = ["SessionNeighbours", "check_options", "quiet_sparse"]
 
 
 class SessionNeighbours:
@@ -60,17 +60,12 @@ class SessionNeighbours:
         proximity: float = 5.0,
         batch_size: int = 256,
     ) -> None:
-        checks = {
-            "neighbours": (neighbours, isinstance(neighbours, int) and neighbours >= 1),
-            "recency": (recency, recency > 0),
-            "proximity": (proximity, proximity > 0),
-            "batch_size": (batch_size, isinstance(batch_size, int) and batch_size >= 1),
-        }
-        for arg, (value, ok) in checks.items():
-            if not ok:
-                raise ConfigError(
-                    f"`{arg}` should be positive. Received: `{arg}` = {value!r}."
-                )
+        check_options(
+            neighbours=neighbours,
+            recency=recency,
+            proximity=proximity,
+            batch_size=batch_size,
+        )
         lengths, items = lengths.long(), items.long()
         if int(lengths.sum()) != len(items) or (len(items) and items.min() < 1):
             raise DataError(
@@ -229,6 +224,24 @@ class SessionNeighbours:
         out = torch.zeros(batch * num_items, dtype=torch.float64)
         out.index_add_(0, owner * num_items + held, vote)
         return out.view(batch, num_items).float()
+
+
+def check_options(
+    *, neighbours: int, recency: float, proximity: float, batch_size: int
+) -> None:
+    """Raise ConfigError unless every option of :class:`SessionNeighbours` is
+    positive (the counts, integers)."""
+    checks = {
+        "neighbours": (neighbours, isinstance(neighbours, int) and neighbours >= 1),
+        "recency": (recency, recency > 0),
+        "proximity": (proximity, proximity > 0),
+        "batch_size": (batch_size, isinstance(batch_size, int) and batch_size >= 1),
+    }
+    for arg, (value, ok) in checks.items():
+        if not ok:
+            raise ConfigError(
+                f"`{arg}` should be positive. Received: `{arg}` = {value!r}."
+            )
 
 
 @contextmanager

@@ -211,27 +211,22 @@ def evaluate_baselines(
             items, times, num_items=num_items
         )
         users = run.spec.vocabulary(USER).transform(train.interactions[USER])
-        makers[Transition.name] = lambda: Transition().fit_log(
-            users,
-            items,
-            times,
-            num_users=run.spec.vocabulary(USER).size,
-            num_items=num_items,
-        )
-        makers[SessionKNN.name] = lambda: SessionKNN().fit_log(
-            users,
-            items,
-            times,
-            num_users=run.spec.vocabulary(USER).size,
-            num_items=num_items,
-        )
+        num_users = run.spec.vocabulary(USER).size
+
+        def from_log(cls: Any) -> Callable[[], Any]:
+            return lambda: cls().fit_log(
+                users, items, times, num_users=num_users, num_items=num_items
+            )
+
+        for ordered in (Transition, SessionKNN):
+            makers[ordered.name] = from_log(ordered)
     elif run.tensors.history.shape[1] > 1:
-        makers[Transition.name] = lambda: Transition().fit_sequences(
-            run.tensors.history, num_items=num_items
-        )
-        makers[SessionKNN.name] = lambda: SessionKNN().fit_sequences(
-            run.tensors.history, num_items=num_items
-        )
+
+        def from_table(cls: Any) -> Callable[[], Any]:
+            return lambda: cls().fit_sequences(run.tensors.history, num_items=num_items)
+
+        for ordered in (Transition, SessionKNN):
+            makers[ordered.name] = from_table(ordered)
     results: dict[str, EvalResult] = {}
 
     def scorer(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -13,15 +13,18 @@ Datasets: MovieLens-100k and latest-small (``../shared/data/ml-latest-small``, o
 pooled as a bag), ``twostage-transformer`` (``presets/retrieval-sequence.json``) and
 ``twostage-gru`` (the same with a GRU) and ``twostage-ensemble``
 (``presets/retrieval-sequence-ensemble.json``: both, trained apart, serving 0.7 x the
-transformer's score + 0.3 x the GRU's + 0.01 x EASE's standardised score) and
+transformer's score + 0.3 x the GRU's + 0.01 x EASE's and 0.005 x the transition
+model's standardised scores, plus the session-kNN term at its weight) and
 ``twostage-transformer-ease``
 (``presets/retrieval-sequence-ease.json``: the transformer plus EASE's standardised
 score at 0.02 its weight) and ``twostage-two-stage-ease``
 (``presets/two-stage-ease.json``: retrieval by the ``users`` towers, then the ranker
 re-ranks the top 100 with EASE's standardised score in its order; the list columns
 are that served list, FTopK the retrieval's), each trained with seeds 0 ..
-``--seeds``-1 (means reported); baselines: popularity, recent popularity (last 30 days), EASE,
-item-kNN (both neighbourhood forms) and the item-to-item transition model, on the
+``--seeds``-1 (means reported; the JSON also holds each of our models' served
+``session_knn_weight``, picked per run on validation where a config says -1);
+baselines: popularity, recent popularity (last 30 days), EASE, item-kNN (both
+neighbourhood forms), the item-to-item transition model and session-kNN, on the
 same split and evaluation code. One table per protocol and dataset.
 
 ``--validation`` is the protocol for tuning: each protocol's test rows are set aside
@@ -138,15 +141,17 @@ def scenario(
             started = time.perf_counter()
             if name not in TWO_STAGE:
                 run, _ = fit_retrieval(config, split=split)
-                runs.append(entry(run.metrics, time.perf_counter() - started))
-                continue
-            stages = fit_two_stage(config, split=split)
-            run = stages.retrieval
-            assert stages.ranking_metrics is not None
-            found = entry(run.metrics, time.perf_counter() - started)
-            served = stages.ranking_metrics["two_stage"]
-            for metric in ("hit_rate", "ndcg", "recall"):
-                found[metric] = {k: served[metric][k] for k in KS}
+                found = entry(run.metrics, time.perf_counter() - started)
+            else:
+                stages = fit_two_stage(config, split=split)
+                run = stages.retrieval
+                assert stages.ranking_metrics is not None
+                found = entry(run.metrics, time.perf_counter() - started)
+                served = stages.ranking_metrics["two_stage"]
+                for metric in ("hit_rate", "ndcg", "recall"):
+                    found[metric] = {k: served[metric][k] for k in KS}
+            # The term's weight as served (picked on validation where it says -1).
+            found["session_knn_weight"] = run.session_knn_weight
             runs.append(found)
         results[name] = mean_entry(runs)
         if seeds > 1:

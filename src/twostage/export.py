@@ -185,8 +185,8 @@ def export_bundle(
         )
     if rec.run.scores_exactly:
         raise ConfigError(
-            "this run's retrieval adds the session-kNN term "
-            "(`retrieval.session_knn_weight` > 0), a search over the stored users' "
+            "this run's retrieval adds the session-kNN term (weight "
+            f"{rec.run.session_knn_weight:g}), a search over the stored users' "
             "sequences that no exported network holds: the exported towers would "
             "rank otherwise than the bundle serves. Serve the bundle itself, or train "
             "with `retrieval.session_knn_weight=0` to export."

@@ -346,6 +346,8 @@ def run_facts(rec: Any) -> dict[str, str]:
         "popularity fallback": f"users with at most {run.popularity_fallback} items"
         if run.popularity_fallback
         else "none",
+        "session-kNN weight": f"{run.session_knn_weight:g}"
+        + (" (picked on validation)" if run.session_knn is not None else ""),
     }
     ranker = rec.ranker
     if ranker is not None:

@@ -2,6 +2,7 @@
 evaluation, serving and the ranker's candidates add the same, and that it reloads."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,14 @@ from fastapi.testclient import TestClient
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import ITEM, TIME, USER, Dataset
-from twostage.errors import ConfigError
+from twostage.data.user_items import UserItems
+from twostage.errors import ArtifactError, ConfigError
 from twostage.export import export_bundle
 from twostage.models.session_knn import SessionNeighbours
 from twostage.recommender import Recommender, load
+from twostage.retrieval.fallback import SESSION_KNN_GRID, choose_term_weight
 from twostage.retrieval.fit import fit_retrieval
+from twostage.retrieval.run import load_run
 from twostage.retrieval.tensors import latest_rows
 from twostage.serving import ServeSettings, create_app
 from twostage.two_stage import fit_two_stage
@@ -190,8 +194,13 @@ def test_a_session_knn_bundle_reloads_and_serves(trained, tmp_path: Path) -> Non
 
 
 def test_session_knn_mistakes_are_named(trained) -> None:
-    with pytest.raises(ConfigError, match="session_knn_weight` should be 0"):
-        _config("retrieval.session_knn_weight=-1")
+    with pytest.raises(ConfigError, match="session_knn_weight` should be -1"):
+        _config("retrieval.session_knn_weight=-0.5")
+    with pytest.raises(ConfigError, match="has no validation rows"):
+        fit_retrieval(
+            _config("retrieval.session_knn_weight=-1", "data.validation_fraction=0"),
+            dataset=_walks(num_users=10),
+        )
     with pytest.raises(ConfigError, match="session_knn_length` should be"):
         _config("retrieval.session_knn_length=0")
     run, _ = trained
@@ -233,3 +242,69 @@ def test_the_rankers_candidates_carry_the_term() -> None:
     user = run.spec.vocabulary(USER).values[2]
     answer = Recommender(run, ranker=ranker).recommend(user, 3)
     assert answer.path == "personalised" and len(answer.items) == 3
+
+
+def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
+    """One query; item 5 is wanted, item 1 seen. The dot products rank items 2, 3,
+    4, 5 (-0.01 x item); the term favours item 5 (0.9), which climbs to 3rd at
+    weight 0.02 and to 1st from 0.04: 0.04 is picked (0.08 and 0.16 only tie)."""
+    items = torch.zeros(6, 1)
+    items[1:, 0] = -0.01 * torch.arange(1, 6)
+    queries = torch.ones(1, 1)
+    term = torch.zeros(1, 6)
+    term[0, 5] = 0.9
+    calls = []
+
+    def term_of(start: int, stop: int) -> torch.Tensor:
+        calls.append((start, stop))
+        return term[start:stop]
+
+    choice = choose_term_weight(
+        queries,
+        items,
+        term_of,
+        relevant=UserItems.from_pairs([0], [5], num_rows=1),
+        seen=UserItems.from_pairs([0], [1], num_rows=1),
+    )
+    assert calls == [(0, 1)]  # the term is computed once for every weight
+    rank = {0.0: 4, 0.0025: 4, 0.005: 4, 0.01: 4, 0.02: 3}
+    expected = {w: 1 / np.log2(1 + rank.get(w, 1)) for w in SESSION_KNN_GRID}
+    assert choice.ndcg == pytest.approx(expected)
+    assert choice.weight == 0.04 and choice.num_users == 1
+    assert choice.to_dict()["validation_ndcg_10"]["0.04"] == pytest.approx(1.0)
+
+
+def test_a_run_picks_its_weight_on_validation(tmp_path: Path) -> None:
+    run, split = fit_retrieval(
+        _config("retrieval.session_knn_weight=-1"), dataset=_walks()
+    )
+    assert run.session_knn is not None
+    figures = {float(w): v for w, v in run.session_knn["validation_ndcg_10"].items()}
+    assert set(figures) == set(SESSION_KNN_GRID)
+    best = max(figures.values())
+    assert run.session_knn_weight == min(w for w, v in figures.items() if v == best)
+    # On walks along a chain the neighbours' next steps help: the term is kept.
+    assert run.session_knn_weight > 0 and best > figures[0.0]
+    # Evaluation and serving use the picked weight, and a saved run keeps it.
+    fixed = dataclasses.replace(
+        run,
+        config=apply_overrides(
+            run.config, [f"retrieval.session_knn_weight={run.session_knn_weight}"]
+        ),
+    )
+    assert run.evaluate(split.test).to_dict() == fixed.evaluate(split.test).to_dict()
+    recommender = Recommender(run)
+    recommender.save(tmp_path / "bundle")
+    again = load(tmp_path / "bundle")
+    assert again.run.session_knn_weight == run.session_knn_weight
+    assert again.run.session_knn == run.session_knn
+    user = run.spec.vocabulary(USER).values[4]
+    assert again.recommend(user, 5) == recommender.recommend(user, 5)
+    # A run whose config leaves the weight to validation cannot load without it.
+    run.save(tmp_path / "run")
+    serving = tmp_path / "run" / "serving.json"
+    values = json.loads(serving.read_text())
+    del values["session_knn_weight"]
+    serving.write_text(json.dumps(values))
+    with pytest.raises(ArtifactError, match="session-kNN weight picked on validation"):
+        load_run(tmp_path / "run")

@@ -197,14 +197,20 @@ def _three_sides(log: Path, split: str) -> ExperimentSplit:
 
 @pytest.mark.parametrize(
     ("split", "extra"),
-    [("random", []), ("temporal", WEIGHTED), ("leave-last-out", [])],
+    [
+        ("random", []),
+        ("temporal", WEIGHTED),
+        ("leave-last-out", []),
+        ("leave-last-out", ["retrieval.session_knn_weight=-1"]),
+    ],
 )
 def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
     log: Path, split: str, extra: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """With `data.validation_fraction`, the carve-out's rows leave training, pick
-    the best epoch and the fallback threshold, then join the history and seen
-    items: the in-memory run on the same three sides, epoch by epoch."""
+    the best epoch, the fallback threshold (and the session-kNN weight), then join
+    the history and seen items: the in-memory run on the same three sides, epoch
+    by epoch."""
 
     config = apply_overrides(
         ExperimentConfig(),
@@ -236,9 +242,11 @@ def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
     assert len({e["validation"] for e in history}) > 1  # the epochs differ
     assert streamed.fallback == in_memory.fallback is not None
     assert streamed.popularity_fallback == in_memory.popularity_fallback
+    assert streamed.session_knn == in_memory.session_knn
+    assert streamed.session_knn_weight == in_memory.session_knn_weight
     # the served tables hold the carve-out's rows again
     assert len(streamed.tensors.users) == fit.num_interactions + held.num_interactions
-    for name in ("users", "items", "history"):
+    for name in ("users", "items", "history", "neighbour_history"):
         assert torch.equal(
             getattr(streamed.tensors, name), getattr(in_memory.tensors, name)
         ), name

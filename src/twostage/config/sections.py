@@ -219,6 +219,10 @@ class RetrievalConfig(_Checked):
     (evaluation, serving, the ranker's candidates): an approximate index is not
     searched, and an exported query tower does not hold the term. The table is
     built from the served rows (validation included) and saved with the run.
+    -1 picks the weight once training ends, as ``popularity_fallback`` does: the one
+    of :data:`twostage.retrieval.fallback.SESSION_KNN_GRID` (0 included) whose lists
+    score the best NDCG@10 on the validation carve-out (which such a run needs);
+    the run saves it, and serves and is evaluated with it.
     """
 
     embedding_dim: int = 64
@@ -318,8 +322,8 @@ class RetrievalConfig(_Checked):
             "ease_l2": (self.ease_l2 > 0, "positive"),
             "ease_rank": (self.ease_rank >= 1, "a positive integer"),
             "session_knn_weight": (
-                self.session_knn_weight >= 0,
-                "0 (no session-kNN term) or positive",
+                self.session_knn_weight == -1 or self.session_knn_weight >= 0,
+                "-1 (picked on validation), 0 (no session-kNN term) or positive",
             ),
             "session_knn_neighbours": (
                 self.session_knn_neighbours >= 1,

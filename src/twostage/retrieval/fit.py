@@ -44,7 +44,7 @@ from twostage.models.linear_items import LinearItemsModel
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.sharded import require_torchrec, sharded_tables
 from twostage.retrieval.evaluation import eval_queries
-from twostage.retrieval.fallback import choose_popularity_fallback
+from twostage.retrieval.fallback import choose_popularity_fallback, choose_term_weight
 from twostage.retrieval.run import RetrievalRun, Towers, build_member, spec_for
 from twostage.retrieval.task import (
     UserExamples,
@@ -63,7 +63,13 @@ from twostage.training import ProgressFn, TrainResult, merge_results
 from twostage.training.loop import resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
-__all__ = ["Validator", "choose_fallback", "fit_retrieval", "train_retrieval"]
+__all__ = [
+    "Validator",
+    "check_validation_choices",
+    "choose_on_validation",
+    "fit_retrieval",
+    "train_retrieval",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +123,10 @@ def fit_retrieval(
     validation = split.validation
     if train.num_interactions == 0:
         raise DataError("the training split is empty: nothing to train on.")
+    check_validation_choices(
+        config,
+        has_validation=validation is not None and validation.num_interactions > 0,
+    )
     started = time.perf_counter()
     spec = spec_for(train, config).fit(train)
     tensors = build_tensors(spec, train, config.retrieval)
@@ -206,7 +216,7 @@ def fit_retrieval(
         run.train_result = merge_results([m.train_result for m in members])
         validate = validate.for_run(run) if validate is not None else None
     logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
-    choose_fallback(run, validate)
+    choose_on_validation(run, validate)
     if validation is not None and validation.num_interactions:
         # At inference the validation rows are history like any other training row:
         # they feed the query history and are excluded as seen.
@@ -362,6 +372,51 @@ class Validator:
         )
         loss = validation_loss(model, self.run.tensors, *self.pairs, self.run.config)
         return {"metric": result.metrics["exclude_seen"]["recall"][k], "loss": loss}
+
+
+def choose_on_validation(run: RetrievalRun, validate: Validator | None) -> None:
+    """Set the serving rules a config leaves to validation (-1): first
+    ``run.session_knn_weight``, then ``run.popularity_fallback`` with that term."""
+    choose_session_knn_weight(run, validate)
+    choose_fallback(run, validate)
+
+
+def check_validation_choices(config: ExperimentConfig, *, has_validation: bool) -> None:
+    """Refuse, before training, a config that leaves the session-kNN weight to a
+    validation carve-out the run does not have."""
+    if config.retrieval.session_knn_weight == -1 and not has_validation:
+        raise ConfigError(
+            "`retrieval.session_knn_weight=-1` picks the session-kNN term's weight "
+            "on the validation carve-out, and this run has no validation rows. Set "
+            "`data.validation_fraction` above 0, or the weight itself (0: no term)."
+        )
+
+
+def choose_session_knn_weight(run: RetrievalRun, validate: Validator | None) -> None:
+    """With ``retrieval.session_knn_weight=-1``, set ``run.session_knn_weight`` to
+    the weight that scores best on validation (:func:`choose_term_weight`); the
+    config's weight is the run's otherwise."""
+    if run.config.retrieval.session_knn_weight != -1:
+        return
+    if validate is None:
+        check_validation_choices(run.config, has_validation=False)  # raises
+        return
+    queries = validate.queries
+    user_idx = torch.from_numpy(queries.user_idx)
+
+    def term(start: int, stop: int) -> torch.Tensor:
+        return run.neighbour_term(user_idx[start:stop], weight=1.0)
+
+    with torch.no_grad():
+        choice = choose_term_weight(
+            validate.query_embeddings(run.model),
+            run.item_embeddings(),
+            term,
+            relevant=queries.relevant,
+            seen=queries.seen,
+        )
+    run.session_knn_weight = choice.weight
+    run.session_knn = choice.to_dict()
 
 
 def choose_fallback(run: RetrievalRun, validate: Validator | None) -> None:

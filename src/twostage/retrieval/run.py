@@ -183,6 +183,10 @@ class RetrievalRun:
         popularity_fallback: users with at most this many training items get the
             most-popular list (:mod:`twostage.retrieval.fallback`); 0: nobody.
         fallback: the validation figures the threshold was picked on, if it was.
+        session_knn_weight: the weight of the session-kNN term (0: none);
+            ``retrieval.session_knn_weight``, or with -1 there the one picked on
+            validation (:func:`twostage.retrieval.fallback.choose_term_weight`).
+        session_knn: the validation figures that weight was picked on, if it was.
     """
 
     config: ExperimentConfig
@@ -193,6 +197,8 @@ class RetrievalRun:
     metrics: dict[str, Any] = field(default_factory=dict)
     popularity_fallback: int = 0
     fallback: dict[str, Any] | None = None
+    session_knn_weight: float = 0.0
+    session_knn: dict[str, Any] | None = None
     #: The input rows the loader left out, by reason (streamed training; not saved).
     load_report: dict[str, Any] | None = None
     #: A streamed run's rows on each side of its split: ``training``,
@@ -210,6 +216,9 @@ class RetrievalRun:
     def __post_init__(self) -> None:
         # An ordered history may read the items' features (a no-op otherwise).
         self.model.attach_item_features(self.tensors.item_features)
+        # -1 (picked on validation) keeps the field: 0 until the pick, then its.
+        if self.config.retrieval.session_knn_weight >= 0:
+            self.session_knn_weight = self.config.retrieval.session_knn_weight
 
     def uses_popularity(self, user_idx: np.ndarray) -> np.ndarray:
         """``[Q]`` bool: which users (by index; 0 = unknown) get the most-popular
@@ -222,13 +231,17 @@ class RetrievalRun:
 
     @property
     def scores_exactly(self) -> bool:
-        """Whether retrieval adds the session-kNN term
-        (``retrieval.session_knn_weight`` > 0), which no index holds: every item
-        is then scored exactly, embeddings' dot product plus :meth:`neighbour_term`."""
-        return self.config.retrieval.session_knn_weight > 0
+        """Whether retrieval adds the session-kNN term (:attr:`session_knn_weight`
+        > 0), which no index holds: every item is then scored exactly, embeddings'
+        dot product plus :meth:`neighbour_term`."""
+        return self.session_knn_weight > 0
 
     def neighbour_term(
-        self, user_idx: torch.Tensor, *, sessions: torch.Tensor | None = None
+        self,
+        user_idx: torch.Tensor,
+        *,
+        sessions: torch.Tensor | None = None,
+        weight: float | None = None,
     ) -> torch.Tensor:
         """``[B, N]``: the session-kNN term of each query (0 without the term).
 
@@ -237,14 +250,17 @@ class RetrievalRun:
                 latest stored items are the query, and never their own neighbour.
             sessions: ``[B, S]`` items to read after them (a request's session,
                 most recent last, 0 = padding); an unknown user's query is it alone.
+            weight: the term's weight; :attr:`session_knn_weight` when None (1:
+                the standardised scores themselves, as validation weighs them).
         """
         num_items = int(self.tensors.item_probs.shape[0])
-        if not self.scores_exactly:
+        weight = self.session_knn_weight if weight is None else weight
+        if weight == 0:
             return torch.zeros(len(user_idx), num_items)
         table = self.tensors.neighbour_history
         if table.shape[0] == 0:
             raise ConfigError(
-                "`retrieval.session_knn_weight` > 0 reads each user's latest items, "
+                "`retrieval.session_knn_weight` != 0 reads each user's latest items, "
                 "and this run's tables hold none (built before the term was set). "
                 "Train the run again with the term, or set it to 0."
             )
@@ -270,9 +286,7 @@ class RetrievalRun:
         term = torch.where(
             spread > 0, (raw - raw.mean(dim=1, keepdim=True)) / spread, 0.0
         )
-        return torch.nn.functional.pad(
-            term * self.config.retrieval.session_knn_weight, (1, 0)
-        )
+        return torch.nn.functional.pad(term * weight, (1, 0))
 
     def item_embeddings(self) -> torch.Tensor:
         """``[N, D]`` embeddings of every vocabulary item (row 0: the OOV item)."""
@@ -336,6 +350,8 @@ def write_serving(run: RetrievalRun, directory: Path) -> None:
     serving = {
         "popularity_fallback": run.popularity_fallback,
         "fallback": run.fallback,
+        "session_knn_weight": run.session_knn_weight,
+        "session_knn": run.session_knn,
         "stream": run.stream,
     }
     (directory / SERVING).write_text(json.dumps(serving, indent=2) + "\n")
@@ -352,6 +368,19 @@ def _read_serving(run: RetrievalRun, directory: Path) -> None:
         raise ValueError(f"{SERVING} should hold an integer popularity_fallback")
     run.popularity_fallback = values["popularity_fallback"]
     run.fallback = values.get("fallback")
+    if run.config.retrieval.session_knn_weight == -1:  # the weight picked on validation
+        weight = values.get("session_knn_weight")
+        if (
+            not isinstance(weight, int | float)
+            or isinstance(weight, bool)
+            or weight < 0
+        ):
+            raise ValueError(
+                f"{SERVING} should hold the session-kNN weight picked on validation "
+                "(a number >= 0), as `retrieval.session_knn_weight` is -1"
+            )
+        run.session_knn_weight = float(weight)
+        run.session_knn = values.get("session_knn")
     stream = values.get("stream")
     if stream is not None and not isinstance(stream, str):
         raise ValueError(f"{SERVING} should hold a path (or null) as stream")

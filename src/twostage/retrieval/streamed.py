@@ -72,12 +72,18 @@ from twostage.data.streaming import (
 from twostage.errors import ConfigError
 from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
-from twostage.retrieval.fit import Validator, choose_fallback, train_retrieval
+from twostage.retrieval.fit import (
+    Validator,
+    check_validation_choices,
+    choose_on_validation,
+    train_retrieval,
+)
 from twostage.retrieval.run import RetrievalRun, build_member, spec_for
 from twostage.retrieval.tensors import (
     RetrievalTensors,
     context_keys,
     latest_rows,
+    neighbour_table,
     recent_popularity,
     rows_in_vocab_order,
     sequence_windows,
@@ -154,10 +160,12 @@ def streamed_tensors(
     length = config.retrieval.history_length
     days = config.retrieval.popularity_days
     sequences = config.retrieval.examples == "sequences"
-    # The times order each user's rows (history, sequences), find the last days
-    # (recent popularity) and give the gaps between items: their physical integers
-    # do all three as the values do (epoch seconds, as in memory).
-    timed = bool(length) or days > 0 or sequences
+    # The times order each user's rows (history, sequences, the session-kNN
+    # table), find the last days (recent popularity) and give the gaps between
+    # items: their physical integers do all three as the values do (epoch
+    # seconds, as in memory).
+    neighbours = config.retrieval.session_knn_weight != 0
+    timed = bool(length) or days > 0 or sequences or neighbours
     times = np.empty(local if timed else 0, dtype=np.int64)
     # The ratings weight the retrieval loss and are the ranker's targets.
     rated = RATING in _columns(path)
@@ -231,6 +239,9 @@ def streamed_tensors(
         sequence_users=window_users,
         history_times=history_times,
         sequence_times=window_times,
+        neighbour_history=neighbour_table(
+            times, users, items, num_users=num_users, config=config.retrieval
+        ),
     )
     return StreamedRows(tensors=tensors, times=times, ratings=ratings)
 
@@ -569,6 +580,7 @@ def _fit_streamed(
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
     )
+    check_validation_choices(config, has_validation=fitted.num_validation_rows > 0)
     user_table = item_table = None
     if config.retrieval.use_side_features:
         user_table, item_table = feature_tables(
@@ -639,7 +651,7 @@ def _fit_streamed(
     run.train_result = train_retrieval(
         model, tensors, config.train, validate=validate, on_step=on_step
     )
-    choose_fallback(run, validate)
+    choose_on_validation(run, validate)
     if validation is not None:
         # At inference the validation rows are history like any other training
         # row, as in memory: all of them, not only the sampled users'.

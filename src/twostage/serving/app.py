@@ -415,8 +415,9 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         "query_encoders": [retrieval.query_encoder, *retrieval.ensemble],
         "history_length": int(rec.run.tensors.history.shape[1]),
         # > 0: retrieval adds the session-kNN term and scores every item exactly
-        # (the index serves similar items only).
-        "session_knn_weight": retrieval.session_knn_weight,
+        # (the index serves similar items only); the run's weight, picked on
+        # validation where the config says -1.
+        "session_knn_weight": rec.run.session_knn_weight,
         # The item columns the answers' `label` and `tags` come from; a client
         # filters on the tags column (`filters={tags_column: value}`).
         "title_column": rec.display.title,

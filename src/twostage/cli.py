@@ -42,6 +42,7 @@ from twostage.cli_output import (
     print_json,
     print_metrics,
     print_ranking,
+    print_session_knn,
     standing,
     status_console,
     training_progress,
@@ -292,6 +293,7 @@ def _print_retrieval(run: Any, test: Any, config: Any) -> None:
     print_metrics(
         {}, title=f"Retrieval on {config.data.dataset} (test split)", models=rows
     )
+    print_session_knn(run.session_knn)
     print_fallback(run.fallback, num_users=run.spec.vocabulary("user_id").size - 1)
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "status_console",
     "items_table",
     "print_fallback",
+    "print_session_knn",
     "print_metrics",
     "standing",
     "print_ranking",
@@ -203,6 +204,21 @@ def standing(served: dict[str, float], baselines: dict[str, Any]) -> list[str]:
             f"{BASELINE_NOTES.get(name, 'a baseline')}."
         )
     return lines
+
+
+def print_session_knn(choice: dict[str, Any] | None) -> None:
+    """Say which session-kNN weight validation picked (``session_knn_weight=-1``),
+    with the validation NDCG@10 at each weight tried."""
+    if not choice:
+        return
+    tried = ", ".join(
+        f"{weight}: {value:.4f}"
+        for weight, value in choice["validation_ndcg_10"].items()
+    )
+    console.print(
+        f"Session-kNN term: weight {choice['weight']:g}, picked on validation "
+        f"(NDCG@10 by weight: {tried})."
+    )
 
 
 def print_fallback(fallback: dict[str, Any] | None, *, num_users: int) -> None:

@@ -308,3 +308,46 @@ def test_a_run_picks_its_weight_on_validation(tmp_path: Path) -> None:
     serving.write_text(json.dumps(values))
     with pytest.raises(ArtifactError, match="session-kNN weight picked on validation"):
         load_run(tmp_path / "run")
+
+
+def test_the_cli_trains_a_run_that_picks_its_weight(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    log = tmp_path / "walks.parquet"
+    _walks().interactions.write_parquet(log)
+    bundle = tmp_path / "models" / "walks" / "1"
+    settings = [  # _config's, with the weight left to validation
+        "data.split=leave-last-out",
+        "data.time_col=timestamp",
+        "retrieval.examples=sequences",
+        "retrieval.query_encoder=gru",
+        "retrieval.negatives=full",
+        "retrieval.use_side_features=false",
+        "retrieval.history_length=6",
+        "retrieval.embedding_dim=16",
+        "retrieval.output_dim=16",
+        "train.epochs=2",
+        "train.num_threads=1",
+        "retrieval.session_knn_weight=-1",
+        "retrieval.session_knn_neighbours=5",
+        "retrieval.session_knn_length=10",
+    ]
+    args = ["train", "--dataset", str(log), "--out", str(bundle), "--no-ranking"]
+    for setting in settings:
+        args += ["--set", setting]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    served = load(bundle).run
+    assert served.session_knn is not None
+    assert f"Session-kNN term: weight {served.session_knn_weight:g}" in result.output
+    report = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(bundle), "--out", str(report)])
+    assert result.exit_code == 0, result.output
+    text = (report / "report.md").read_text()
+    assert f"{served.session_knn_weight:g} (picked on validation)" in text
+    settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        metadata = client.get("/v1/models/walks/metadata").json()
+    assert metadata["session_knn_weight"] == served.session_knn_weight > 0

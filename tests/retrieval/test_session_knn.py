@@ -18,7 +18,11 @@ from twostage.errors import ArtifactError, ConfigError
 from twostage.export import export_bundle
 from twostage.models.session_knn import SessionNeighbours
 from twostage.recommender import Recommender, load
-from twostage.retrieval.fallback import SESSION_KNN_GRID, choose_term_weight
+from twostage.retrieval.fallback import (
+    FALLBACK_GRID,
+    SESSION_KNN_GRID,
+    choose_term_weight,
+)
 from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.run import load_run
 from twostage.retrieval.tensors import latest_rows
@@ -247,7 +251,8 @@ def test_the_rankers_candidates_carry_the_term() -> None:
 def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
     """One query; item 5 is wanted, item 1 seen. The dot products rank items 2, 3,
     4, 5 (-0.01 x item); the term favours item 5 (0.9), which climbs to 3rd at
-    weight 0.02 and to 1st from 0.04: 0.04 is picked (0.08 and 0.16 only tie)."""
+    weight 0.02 and to 1st from 0.04: 0.04 is picked (the larger weights only
+    tie)."""
     items = torch.zeros(6, 1)
     items[1:, 0] = -0.01 * torch.arange(1, 6)
     queries = torch.ones(1, 1)
@@ -267,11 +272,38 @@ def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
         seen=UserItems.from_pairs([0], [1], num_rows=1),
     )
     assert calls == [(0, 1)]  # the term is computed once for every weight
+    calls.clear()
     rank = {0.0: 4, 0.0025: 4, 0.005: 4, 0.01: 4, 0.02: 3}
     expected = {w: 1 / np.log2(1 + rank.get(w, 1)) for w in SESSION_KNN_GRID}
     assert choice.ndcg == pytest.approx(expected)
     assert choice.weight == 0.04 and choice.num_users == 1
     assert choice.to_dict()["validation_ndcg_10"]["0.04"] == pytest.approx(1.0)
+    # Measured as served: where most-popular ranks item 5 2nd, the fallback serves
+    # the user better than the weights below 0.02 (it is the picked threshold there).
+    probs = torch.tensor([0.0, 0.1, 0.5, 0.05, 0.05, 0.3])
+    served = choose_term_weight(
+        queries,
+        items,
+        term_of,
+        relevant=UserItems.from_pairs([0], [5], num_rows=1),
+        seen=UserItems.from_pairs([0], [1], num_rows=1),
+        item_probs=probs,
+        num_train_items=np.array([1]),
+        thresholds=FALLBACK_GRID,
+    )
+    assert served.ndcg == pytest.approx(
+        {w: max(v, 1 / np.log2(3)) for w, v in expected.items()}
+    )
+    assert served.weight == 0.04
+    with pytest.raises(ValueError, match="item_probs"):
+        choose_term_weight(
+            queries,
+            items,
+            term_of,
+            relevant=UserItems.from_pairs([0], [5], num_rows=1),
+            seen=UserItems.from_pairs([0], [1], num_rows=1),
+            thresholds=FALLBACK_GRID,
+        )
 
 
 def test_a_run_picks_its_weight_on_validation(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ EVERYONE = 2**31 - 1
 FALLBACK_GRID = (0, 1, 2, 3, 5, 10, 20, 50, 100, EVERYONE)
 #: Weights of the session-kNN term tried on validation (its scores are standardised
 #: per query; the dot products of unit vectors lie in [-1, 1]).
-SESSION_KNN_GRID = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16)
+SESSION_KNN_GRID = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 _K = 10
 
 
@@ -168,11 +168,7 @@ def choose_popularity_fallback(
     has = ~np.isnan(model_ndcg)
     counts = np.asarray(num_train_items)[has]
     model_ndcg, popular_ndcg = model_ndcg[has], popular_ndcg[has]
-    best_t, best = 0, float(model_ndcg.mean()) if has.any() else 0.0
-    for t in FALLBACK_GRID[1:]:
-        combined = float(np.where(counts <= t, popular_ndcg, model_ndcg).mean())
-        if combined > best + 1e-12:
-            best_t, best = t, combined
+    best_t, best = _best_threshold(model_ndcg, popular_ndcg, counts, FALLBACK_GRID)
     choice = FallbackChoice(
         max_interactions=best_t,
         model=float(model_ndcg.mean()) if has.any() else 0.0,
@@ -193,18 +189,36 @@ def choose_term_weight(
     seen: UserItems,
     grid: tuple[float, ...] = SESSION_KNN_GRID,
     chunk: int = 1024,
+    item_probs: Tensor | None = None,
+    num_train_items: np.ndarray | None = None,
+    thresholds: tuple[int, ...] = (0,),
 ) -> WeightChoice:
     """Pick the weight of a score term on validation queries: the ``grid`` entry
     whose lists (dot product plus weight x term, seen items excluded) have the best
     mean NDCG@10; a tie goes to the smaller weight.
 
+    The lists are scored as served, the popularity fallback applied: at each weight
+    the best of ``thresholds`` (users with at most that many training items get
+    most-popular; 0: nobody). Given :data:`FALLBACK_GRID` (the fallback is picked
+    too), the weight and threshold are the best pair: where most-popular serves
+    users better than the model alone, the term may still serve them better than
+    most-popular (a sequence-aware neighbourhood on a temporal split).
+
     Args:
-        query_embeddings, item_embeddings, relevant, seen, chunk: as
-            :func:`choose_popularity_fallback`'s.
+        query_embeddings, item_embeddings, relevant, seen, chunk, item_probs,
+            num_train_items: as :func:`choose_popularity_fallback`'s
+            (``item_probs`` and ``num_train_items`` needed with thresholds > 0).
         term: ``(start, stop) -> [stop - start, N]`` those queries' term at weight 1.
         grid: the weights tried.
+        thresholds: the fallback thresholds each weight is measured at.
     """
     ids: dict[float, list[Tensor]] = {w: [] for w in sorted(grid)}
+    popular_ids = []
+    fallback = any(thresholds)
+    if fallback and (item_probs is None or num_train_items is None):
+        raise ValueError("thresholds above 0 need `item_probs` and `num_train_items`")
+    valid = torch.ones(item_embeddings.shape[0], dtype=torch.bool)
+    valid[0] = False
     for start in range(0, len(query_embeddings), chunk):
         stop = min(start + chunk, len(query_embeddings))
         dots = query_embeddings[start:stop] @ item_embeddings.T  # (B, D)@(D, N)
@@ -212,20 +226,50 @@ def choose_term_weight(
         part = seen.slice(start, stop)
         for weight, parts in ids.items():
             parts.append(_top_unseen(dots + weight * extra, part))
-    ndcg, has = {}, None
+        if fallback:
+            assert item_probs is not None
+            seen_rows = [part.row(r) for r in range(stop - start)]
+            popular_ids.append(popularity_top(item_probs, seen_rows, _K, valid=valid))
+    has = ~np.isnan(_ndcg(torch.cat(ids[min(ids)]), relevant))
+    popular_ndcg = _ndcg(torch.cat(popular_ids), relevant)[has] if fallback else None
+    counts = np.asarray(num_train_items)[has] if fallback else None
+    ndcg = {}
     for weight, parts in ids.items():
-        per_query = _ndcg(torch.cat(parts), relevant)
-        has = ~np.isnan(per_query)
-        ndcg[weight] = float(per_query[has].mean()) if has.any() else 0.0
+        per_query = _ndcg(torch.cat(parts), relevant)[has]
+        if popular_ndcg is None or counts is None:
+            ndcg[weight] = float(per_query.mean()) if has.any() else 0.0
+        else:
+            ndcg[weight] = _best_threshold(per_query, popular_ndcg, counts, thresholds)[
+                1
+            ]
     best = min(ndcg)  # the smallest weight, unless a larger one scores better
     for weight, value in ndcg.items():
         if value > ndcg[best] + 1e-12:
             best = weight
-    choice = WeightChoice(
-        weight=best, ndcg=ndcg, num_users=int(has.sum()) if has is not None else 0
-    )
+    choice = WeightChoice(weight=best, ndcg=ndcg, num_users=int(has.sum()))
     logger.info("session-kNN weight on validation: %s", choice)
     return choice
+
+
+def _best_threshold(
+    model: np.ndarray,
+    popular: np.ndarray,
+    counts: np.ndarray,
+    thresholds: tuple[int, ...],
+) -> tuple[int, float]:
+    """``(t, NDCG@10)``: the threshold of ``thresholds`` whose rule (users with at
+    most ``t`` training items get most-popular; 0: nobody) has the best mean of the
+    per-query figures, and that mean (0 without queries); a tie goes to the smaller."""
+    if not len(model):
+        return min(thresholds), 0.0
+    best_t, best = -1, -np.inf
+    for t in sorted(thresholds):
+        combined = float(
+            np.where(counts <= t, popular, model).mean() if t else model.mean()
+        )
+        if combined > best + 1e-12:
+            best_t, best = t, combined
+    return best_t, best
 
 
 def _top_unseen(scores: Tensor, seen: UserItems) -> Tensor:

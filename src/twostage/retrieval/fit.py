@@ -44,7 +44,11 @@ from twostage.models.linear_items import LinearItemsModel
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.sharded import require_torchrec, sharded_tables
 from twostage.retrieval.evaluation import eval_queries
-from twostage.retrieval.fallback import choose_popularity_fallback, choose_term_weight
+from twostage.retrieval.fallback import (
+    FALLBACK_GRID,
+    choose_popularity_fallback,
+    choose_term_weight,
+)
 from twostage.retrieval.run import RetrievalRun, Towers, build_member, spec_for
 from twostage.retrieval.task import (
     UserExamples,
@@ -394,8 +398,8 @@ def check_validation_choices(config: ExperimentConfig, *, has_validation: bool) 
 
 def choose_session_knn_weight(run: RetrievalRun, validate: Validator | None) -> None:
     """With ``retrieval.session_knn_weight=-1``, set ``run.session_knn_weight`` to
-    the weight that scores best on validation (:func:`choose_term_weight`); the
-    config's weight is the run's otherwise."""
+    the weight whose lists, with the popularity fallback, score best on validation
+    (:func:`choose_term_weight`); the config's weight is the run's otherwise."""
     if run.config.retrieval.session_knn_weight != -1:
         return
     if validate is None:
@@ -407,6 +411,10 @@ def choose_session_knn_weight(run: RetrievalRun, validate: Validator | None) -> 
     def term(start: int, stop: int) -> torch.Tensor:
         return run.neighbour_term(user_idx[start:stop], weight=1.0)
 
+    # Each weight is measured as served: with the config's fallback threshold, or
+    # with each one's best when the threshold is picked next (the best pair).
+    wanted = run.config.retrieval.popularity_fallback
+    tensors = run.tensors
     with torch.no_grad():
         choice = choose_term_weight(
             validate.query_embeddings(run.model),
@@ -414,6 +422,9 @@ def choose_session_knn_weight(run: RetrievalRun, validate: Validator | None) -> 
             term,
             relevant=queries.relevant,
             seen=queries.seen,
+            item_probs=tensors.fallback_popularity,
+            num_train_items=tensors.seen().lengths()[queries.user_idx],
+            thresholds=FALLBACK_GRID if wanted < 0 else (wanted,),
         )
     run.session_knn_weight = choice.weight
     run.session_knn = choice.to_dict()

@@ -47,27 +47,29 @@ def _walks(num_users: int = 80, num_items: int = 40) -> Dataset:
     return Dataset("walks", frame)
 
 
+#: A small GRU run with the term (its weight set apart).
+SETTINGS = [
+    "data.split=leave-last-out",
+    "data.validation_fraction=0.05",
+    "retrieval.examples=sequences",
+    "retrieval.query_encoder=gru",
+    "retrieval.negatives=full",
+    "retrieval.use_side_features=false",
+    "retrieval.history_length=6",
+    "retrieval.embedding_dim=16",
+    "retrieval.output_dim=16",
+    "retrieval.popularity_fallback=0",
+    "train.epochs=2",
+    "train.num_threads=1",
+    "retrieval.session_knn_neighbours=5",
+    "retrieval.session_knn_length=10",
+]
+
+
 def _config(*extra: str) -> ExperimentConfig:
     return apply_overrides(
         ExperimentConfig(),
-        [
-            "data.split=leave-last-out",
-            "data.validation_fraction=0.05",
-            "retrieval.examples=sequences",
-            "retrieval.query_encoder=gru",
-            "retrieval.negatives=full",
-            "retrieval.use_side_features=false",
-            "retrieval.history_length=6",
-            "retrieval.embedding_dim=16",
-            "retrieval.output_dim=16",
-            "retrieval.popularity_fallback=0",
-            "train.epochs=2",
-            "train.num_threads=1",
-            f"retrieval.session_knn_weight={WEIGHT}",
-            "retrieval.session_knn_neighbours=5",
-            "retrieval.session_knn_length=10",
-            *extra,
-        ],
+        [*SETTINGS, f"retrieval.session_knn_weight={WEIGHT}", *extra],
     )
 
 
@@ -350,21 +352,10 @@ def test_the_cli_trains_a_run_that_picks_its_weight(tmp_path: Path) -> None:
     log = tmp_path / "walks.parquet"
     _walks().interactions.write_parquet(log)
     bundle = tmp_path / "models" / "walks" / "1"
-    settings = [  # _config's, with the weight left to validation
-        "data.split=leave-last-out",
+    settings = [
+        *SETTINGS,
         "data.time_col=timestamp",
-        "retrieval.examples=sequences",
-        "retrieval.query_encoder=gru",
-        "retrieval.negatives=full",
-        "retrieval.use_side_features=false",
-        "retrieval.history_length=6",
-        "retrieval.embedding_dim=16",
-        "retrieval.output_dim=16",
-        "train.epochs=2",
-        "train.num_threads=1",
         "retrieval.session_knn_weight=-1",
-        "retrieval.session_knn_neighbours=5",
-        "retrieval.session_knn_length=10",
     ]
     args = ["train", "--dataset", str(log), "--out", str(bundle), "--no-ranking"]
     for setting in settings:

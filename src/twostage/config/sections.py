@@ -220,9 +220,10 @@ class RetrievalConfig(_Checked):
     searched, and an exported query tower does not hold the term. The table is
     built from the served rows (validation included) and saved with the run.
     -1 picks the weight once training ends, as ``popularity_fallback`` does: the one
-    of :data:`twostage.retrieval.fallback.SESSION_KNN_GRID` (0 included) whose lists
-    score the best NDCG@10 on the validation carve-out (which such a run needs);
-    the run saves it, and serves and is evaluated with it.
+    of :data:`twostage.retrieval.fallback.SESSION_KNN_GRID` (0 included) whose lists,
+    the popularity fallback applied (the best pair when both are picked), score the
+    best NDCG@10 on the validation carve-out (which such a run needs); the run saves
+    it, and serves and is evaluated with it.
     """
 
     embedding_dim: int = 64

@@ -15,7 +15,8 @@ lists and the Recommender apply the same rule, so the figures describe what is s
 
 With ``retrieval.session_knn_weight=-1``, :func:`choose_term_weight` picks the
 session-kNN term's weight from :data:`SESSION_KNN_GRID` the same way: the one whose
-lists score the best validation NDCG@10 (ties go to the smaller weight, 0 included).
+lists, as served (the fallback applied), score the best validation NDCG@10 (ties go
+to the smaller weight, 0 included).
 How much the neighbourhood should count differs by log: on leave-one-out
 validation MovieLens-100k's ensemble preset peaks at 0.005, latest-small's at 0.02.
 """

@@ -297,6 +297,14 @@ def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
         {w: max(v, 1 / np.log2(3)) for w, v in expected.items()}
     )
     assert served.weight == 0.04
+    nobody = choose_term_weight(
+        queries[:0],
+        items,
+        term_of,
+        relevant=UserItems.from_pairs([], [], num_rows=0),
+        seen=UserItems.from_pairs([], [], num_rows=0),
+    )
+    assert nobody.weight == 0 and nobody.num_users == 0
     with pytest.raises(ValueError, match="item_probs"):
         choose_term_weight(
             queries,

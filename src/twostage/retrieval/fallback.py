@@ -93,7 +93,8 @@ class WeightChoice:
 
     Attributes:
         weight: the picked weight (0: no term).
-        ndcg: validation NDCG@10 (seen items excluded) at each weight tried.
+        ndcg: validation NDCG@10 (seen items excluded) of the lists as served (the
+            fallback applied) at each weight tried.
         num_users: validation users measured.
     """
 
@@ -214,6 +215,8 @@ def choose_term_weight(
         thresholds: the fallback thresholds each weight is measured at.
     """
     ids: dict[float, list[Tensor]] = {w: [] for w in sorted(grid)}
+    if not len(query_embeddings):  # nothing to measure: the smallest weight
+        return WeightChoice(weight=min(ids), ndcg=dict.fromkeys(ids, 0.0), num_users=0)
     popular_ids = []
     fallback = any(thresholds)
     if fallback and (item_probs is None or num_train_items is None):

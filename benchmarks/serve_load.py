@@ -5,6 +5,9 @@ from a separate process (benchmarks/_load_client.py, raw HTTP/1.1 keep-alive):
 
 - ``movielens-100k``: the two-stage bundle (retrieval + ranking, exact index);
 - ``movielens-100k-retrieval-only``: the same bundle without its ranking stage;
+- ``movielens-100k-session-knn``: the ``movielens-100k`` bundle trained with the
+  session-kNN term (``retrieval.session_knn_weight=0.005``), so retrieval scores every
+  item exactly and searches the users' neighbourhood per request;
 - ``synthetic-1m``: an ID-only bundle of about 1,000,000 items (the number of items in
   its vocabulary is reported) with an HNSW index.
 
@@ -80,10 +83,16 @@ def build_bundle(name: str, root: Path, *, ranking_epochs: int) -> Path:
         rec = load(full)
         rec.ranker = None
         return rec.save(root / name / "1")
-    overrides = MOVIELENS if name == "movielens-100k" else SYNTHETIC
+    overrides = {
+        "movielens-100k": MOVIELENS,
+        "movielens-100k-session-knn": [
+            *MOVIELENS,
+            "retrieval.session_knn_weight=0.005",
+        ],
+    }.get(name, SYNTHETIC)
     config = apply_overrides(ExperimentConfig(), overrides)
     started = time.perf_counter()
-    ranking = name == "movielens-100k" and ranking_epochs > 0
+    ranking = name.startswith("movielens-100k") and ranking_epochs > 0
     if ranking:
         config = apply_overrides(config, [f"ranking.epochs={ranking_epochs}"])
     stages = fit_two_stage(config, ranking=ranking, evaluate_test=False)

@@ -234,18 +234,17 @@ def choose_term_weight(
             assert item_probs is not None
             seen_rows = [part.row(r) for r in range(stop - start)]
             popular_ids.append(popularity_top(item_probs, seen_rows, _K, valid=valid))
-    has = ~np.isnan(_ndcg(torch.cat(ids[min(ids)]), relevant))
-    popular_ndcg = _ndcg(torch.cat(popular_ids), relevant)[has] if fallback else None
-    counts = np.asarray(num_train_items)[has] if fallback else None
-    ndcg = {}
-    for weight, parts in ids.items():
-        per_query = _ndcg(torch.cat(parts), relevant)[has]
-        if popular_ndcg is None or counts is None:
-            ndcg[weight] = float(per_query.mean()) if has.any() else 0.0
-        else:
-            ndcg[weight] = _best_threshold(per_query, popular_ndcg, counts, thresholds)[
-                1
-            ]
+    per_weight = {w: _ndcg(torch.cat(parts), relevant) for w, parts in ids.items()}
+    has = ~np.isnan(per_weight[min(per_weight)])  # queries with a relevant item
+    if fallback:
+        popular = _ndcg(torch.cat(popular_ids), relevant)[has]
+        counts = np.asarray(num_train_items)[has]
+    else:  # threshold 0 alone: nobody falls back
+        popular = counts = np.zeros(int(has.sum()))
+    ndcg = {
+        w: _best_threshold(values[has], popular, counts, thresholds)[1]
+        for w, values in per_weight.items()
+    }
     best = min(ndcg)  # the smallest weight, unless a larger one scores better
     for weight, value in ndcg.items():
         if value > ndcg[best] + 1e-12:

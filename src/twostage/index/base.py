@@ -22,8 +22,9 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from twostage.artifacts import read_safetensors
 from twostage.errors import ArtifactError, ConfigError, DataError, NotFittedError
 
 __all__ = ["META_FILE", "ApproximateIndex", "Exclude", "Index", "check_int"]
@@ -72,7 +73,7 @@ def _as_ids(values: Any) -> np.ndarray:
 def load_tensors(path: Path, keys: set[str]) -> dict[str, torch.Tensor]:
     """The safetensors file at ``path`` with exactly ``keys``, or an ArtifactError."""
     try:
-        tensors = load_file(path)
+        tensors = read_safetensors(path)
     except (OSError, SafetensorError) as e:
         raise ArtifactError(f"cannot read index file {str(path)!r}: {e}.") from e
     if set(tensors) != keys:

@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from twostage.artifacts import read_safetensors
 from twostage.config import RankingConfig, from_dict, save_config
 from twostage.errors import ArtifactError
 from twostage.models.linear_items import LinearItemsModel
@@ -73,7 +74,7 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         values.pop("seed", None)
         values.pop("validation_fraction", None)
         config = from_dict(RankingConfig, values)
-        weights, tables = load_file(path / _WEIGHTS), load_file(path / _TABLES)
+        weights, tables = load_file(path / _WEIGHTS), read_safetensors(path / _TABLES)
         state = json.loads((path / _STATE).read_text())
         model = build_ranking_model(retrieval_run, config)
         missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from twostage.artifacts import read_safetensors
 from twostage.config import (
     CLOSED_FORM_MEMBERS,
     ExperimentConfig,
@@ -408,7 +409,7 @@ def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
         spec = FeatureSpec.load(path / "features.json")
         model = build_model(spec, config.retrieval)
         state = load_file(path / weights)
-        tables = load_file(path / "tables.safetensors")
+        tables = read_safetensors(path / "tables.safetensors")
         # A value of the wrong shape or kind (a hand-edited file) is the artifact's
         # fault, named as such, never a raw traceback.
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -25,7 +25,7 @@ from twostage.retrieval.fallback import (
 )
 from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.run import load_run
-from twostage.retrieval.tensors import latest_rows
+from twostage.retrieval.tensors import latest_rows, with_history_of
 from twostage.serving import ServeSettings, create_app
 from twostage.two_stage import fit_two_stage
 
@@ -382,3 +382,30 @@ def test_the_cli_trains_a_run_that_picks_its_weight(tmp_path: Path) -> None:
     with TestClient(create_app(settings)) as client:
         metadata = client.get("/v1/models/walks/metadata").json()
     assert metadata["session_knn_weight"] == served.session_knn_weight > 0
+
+
+def test_a_run_that_picks_no_term_keeps_no_table(tmp_path: Path) -> None:
+    # Users who share no item have no neighbours: the term adds nothing, every
+    # weight ties, and the tie goes to 0, which drops the term and its table.
+    walks = _walks().interactions
+    apart = walks.with_columns(pl.col(ITEM) + pl.col(USER) * 40)
+    config = _config("retrieval.session_knn_weight=-1")
+    run, split = fit_retrieval(config, dataset=Dataset("apart", apart))
+    assert run.session_knn is not None
+    assert len(set(run.session_knn["validation_ndcg_10"].values())) == 1
+    assert run.session_knn_weight == 0 and not run.scores_exactly
+    assert run.tensors.neighbour_history.numel() == 0
+    # The ranker's tables, built again from the run's, stay without it.
+    both = with_history_of(run.tensors, run.spec, split.train, run.config.retrieval)
+    assert both.neighbour_history.numel() == 0
+    recommender = Recommender(run)
+    recommender.save(tmp_path / "bundle")
+    again = load(tmp_path / "bundle")
+    assert again.run.session_knn_weight == 0
+    assert again.run.tensors.neighbour_history.numel() == 0
+    user = run.spec.vocabulary(USER).values[4]
+    assert again.recommend(user, 5) == recommender.recommend(user, 5)
+    session = list(run.spec.vocabulary(ITEM).values[1:4])
+    assert again.recommend(None, 5, session=session) == recommender.recommend(
+        None, 5, session=session
+    )

@@ -83,7 +83,7 @@ class RetrievalTensors:
     )
     #: ``[U, M]`` each user's latest ``retrieval.session_knn_length`` items, most
     #: recent last (0 = padding), what the session-kNN term finds neighbours in;
-    #: ``[0, 0]`` without that term.
+    #: ``[0, 0]`` without that term (weight 0, or 0 picked on validation).
     neighbour_history: Tensor = dataclasses.field(
         default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
     )
@@ -492,7 +492,12 @@ def with_history_rows(
         weights=None,
         context={},  # the rows changed; context is for training batches only
         popularity=popularity,
-        neighbour_history=neighbour_table(
-            times[known], users, items, num_users=num_users, config=config
+        # Weight -1 (picked on validation) keeps the table only if the pick kept it.
+        neighbour_history=(
+            neighbour_table(
+                times[known], users, items, num_users=num_users, config=config
+            )
+            if config.session_knn_weight > 0 or tensors.neighbour_history.numel()
+            else torch.zeros(0, 0, dtype=torch.long)
         ),
     )

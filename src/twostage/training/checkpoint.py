@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from twostage.artifacts import read_safetensors
 from twostage.errors import ArtifactError, ConfigError
 from twostage.training import TrainResult
 from twostage.training.optim import Optimizers
@@ -179,8 +180,12 @@ def load_checkpoint(
         logger.warning("resuming with changed settings: %s", ", ".join(changed))
     try:
         model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        # Adam's moments are used in place: read into aligned memory, as the
+        # uninterrupted run holds them (artifacts.read_safetensors).
         _load_optimizer(
-            optimizer, load_file(path / "optimizer.safetensors"), meta["optimizer"]
+            optimizer,
+            read_safetensors(path / "optimizer.safetensors"),
+            meta["optimizer"],
         )
         best = load_file(path / "best.safetensors")
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:

@@ -27,9 +27,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twostage.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FORMAT_VERSION",
@@ -47,7 +50,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def read_safetensors(path: str | Path) -> dict[str, Any]:
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, each in memory of its own.
 
     ``safetensors.torch.load_file`` returns views into one buffer at the file's

@@ -39,6 +39,13 @@ from twostage.errors import ConfigError
         ("ranking.epochs=0", "a positive integer"),
         ("ranking.num_candidates=10", ">= 100"),
         ("ranking.dropout=1.5", "in [0, 1)"),
+        # NaN and the infinities pass a range check such as `> 0`: refused first.
+        ("retrieval.session_knn_weight=inf", "a finite number"),
+        ("retrieval.session_knn_weight=nan", "a finite number"),
+        ("retrieval.ensemble_weights=0.5,inf", "a finite number"),
+        ("train.learning_rate=-inf", "a finite number"),
+        ("data.unrated_values=nan", "a finite number"),
+        ("ranking.blend_weight=inf", "a finite number"),
     ],
 )
 def test_out_of_range_values_name_key_range_and_value(
@@ -51,6 +58,21 @@ def test_out_of_range_values_name_key_range_and_value(
     assert f"`{key}` should be {allowed}" in message
     assert f"Received: `{key}` = " in message
     assert value.split(",")[-1] in message.rsplit("=", 1)[1]
+
+
+def test_a_non_finite_number_is_refused_however_the_config_is_built(
+    tmp_path: Path,
+) -> None:
+    from twostage.config import RetrievalConfig
+
+    with pytest.raises(
+        ConfigError, match=r"`retrieval\.temperature` should be a finite"
+    ):
+        RetrievalConfig(temperature=float("inf"))
+    path = tmp_path / "config.json"
+    path.write_text('{"train": {"learning_rate": NaN}}')  # Python's json reads NaN
+    with pytest.raises(ConfigError, match=r"`train\.learning_rate` should be a finite"):
+        load_config(path)
 
 
 def test_ranking_is_a_section_that_overrides_and_files_reach(tmp_path: Path) -> None:

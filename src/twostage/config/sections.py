@@ -4,6 +4,7 @@ received), and :class:`ExperimentConfig`, which holds them all."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -37,13 +38,21 @@ class _Checked:
         return {}
 
     def __post_init__(self) -> None:
+        # No setting takes NaN or an infinity: each would pass a range check
+        # (inf > 0) and turn every score, loss or weight it touches into NaN.
+        for name, value in vars(self).items():
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                self._refuse(name, "a finite number")
         for name, (ok, expected) in self._rules().items():
             if not ok:
-                key = f"{self.SECTION}.{name}" if self.SECTION else name
-                raise ConfigError(
-                    f"`{key}` should be {expected}. "
-                    f"Received: `{key}` = {getattr(self, name)!r}."
-                )
+                self._refuse(name, expected)
+
+    def _refuse(self, name: str, expected: str) -> None:
+        key = f"{self.SECTION}.{name}" if self.SECTION else name
+        raise ConfigError(
+            f"`{key}` should be {expected}. Received: `{key}` = {getattr(self, name)!r}."
+        )
 
 
 def _fraction(value: float, *, closed_low: bool = True) -> bool:

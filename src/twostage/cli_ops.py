@@ -30,14 +30,17 @@ def serve_command(
         ),
     ] = Path("models"),
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="TCP port (1 to 65535).")
+    ] = 8000,
     workers: Annotated[
         int,
         typer.Option(
+            min=1,
             help="Worker processes, each holding its own models; on Linux each "
             "accepts on its own SO_REUSEPORT socket, so connections spread over them, "
             "and a worker that dies is replaced (the server exits with an error if "
-            "workers keep dying)."
+            "workers keep dying).",
         ),
     ] = 1,
     max_k: Annotated[int, typer.Option(help="Largest k a request may ask for.")] = 100,

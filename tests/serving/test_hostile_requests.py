@@ -113,6 +113,43 @@ def test_api_key_is_compared_as_bytes_and_must_be_printable(models: Path) -> Non
             ServeSettings(models=str(models), api_key=key)
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "allowed"),
+    [
+        ("poll_seconds", -1.0, "0 (never) or a positive, finite"),
+        ("poll_seconds", float("nan"), "0 (never) or a positive, finite"),
+        ("poll_seconds", float("inf"), "0 (never) or a positive, finite"),
+        ("max_k", 0, "a positive integer"),
+        ("max_body_bytes", 0, "a positive integer"),
+        ("max_instances", 0, "a positive integer"),
+        ("torch_threads", 0, "a positive integer"),
+        ("num_candidates", 0, "unset (the bundle's) or a positive integer"),
+    ],
+)
+def test_out_of_range_settings_are_refused_not_coerced(
+    models: Path, setting: str, value: float, allowed: str
+) -> None:
+    # Each once started a server that misbehaved quietly: an infinite poll killed
+    # the watcher thread, 0 threads became 1, 0 candidates became k.
+    with pytest.raises(ConfigError) as error:
+        ServeSettings(models=str(models), **{setting: value})
+    assert str(error.value).startswith(f"`{setting}` should be {allowed}")
+
+
+def test_serve_refuses_a_port_or_worker_count_out_of_range(models: Path) -> None:
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    runner = CliRunner()
+    for option, value in (("--port", "99999"), ("--port", "0"), ("--workers", "0")):
+        result = runner.invoke(app, ["serve", str(models), option, value])
+        assert result.exit_code == 2, (option, value, result.output)
+        assert option in result.output
+    result = runner.invoke(app, ["serve", str(models), "--poll-seconds", "-1"])
+    assert result.exit_code != 0 and "`poll_seconds` should be" in str(result.exception)
+
+
 def test_docs_routes_are_open_and_can_be_closed(models: Path) -> None:
     settings = ServeSettings(models=str(models), poll_seconds=0, api_key="s3cret")
     with TestClient(create_app(settings)) as client:

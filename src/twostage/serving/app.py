@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -69,7 +70,9 @@ class ServeSettings:
 
     Raises:
         ConfigError: the API key is empty or not printable ASCII (an empty key
-            would silently turn authentication off).
+            would silently turn authentication off), or a number is out of its
+            range (a negative ``poll_seconds``, ``torch_threads`` of 0...): named,
+            never coerced.
     """
 
     models: str
@@ -92,11 +95,27 @@ class ServeSettings:
                 f"spaces (it is sent in an HTTP header). Received {len(key)} "
                 "character(s) that are not."
             )
-        if self.max_instances < 1:
-            raise ConfigError(
-                "`max_instances` should be a positive integer. "
-                f"Received: `max_instances` = {self.max_instances!r}."
-            )
+        candidates = self.num_candidates
+        rules = {
+            "max_k": (self.max_k >= 1, "a positive integer"),
+            "max_body_bytes": (self.max_body_bytes >= 1, "a positive integer"),
+            "max_instances": (self.max_instances >= 1, "a positive integer"),
+            "poll_seconds": (
+                math.isfinite(self.poll_seconds) and self.poll_seconds >= 0,
+                "0 (never) or a positive, finite number of seconds",
+            ),
+            "torch_threads": (self.torch_threads >= 1, "a positive integer"),
+            "num_candidates": (
+                candidates is None or candidates >= 1,
+                "unset (the bundle's) or a positive integer",
+            ),
+        }
+        for name, (ok, expected) in rules.items():
+            if not ok:
+                raise ConfigError(
+                    f"`{name}` should be {expected}. "
+                    f"Received: `{name}` = {getattr(self, name)!r}."
+                )
 
 
 def _error(status: int, message: str, details: list[str] | None = None) -> JSONResponse:
@@ -136,7 +155,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        torch.set_num_threads(max(1, settings.torch_threads))
+        torch.set_num_threads(settings.torch_threads)
         for event in registry.refresh():
             logger.info("serving %s", event)
         registry.start()

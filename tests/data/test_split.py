@@ -89,6 +89,8 @@ def test_bad_arguments_name_the_problem(data: Dataset) -> None:
         temporal_split(data)
     with pytest.raises(ConfigError, match="method"):
         split_dataset(data, method="shuffle")
+    with pytest.raises(ConfigError, match="`seed` should be a non-negative integer"):
+        split_dataset(data, seed=-1)  # as `twostage data split --seed -1` asks
 
 
 @settings(max_examples=30, deadline=None)

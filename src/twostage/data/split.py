@@ -67,6 +67,10 @@ def random_split(
 ) -> Split:
     """Seeded uniform split of rows: exactly ``round(n * test_fraction)`` go to test."""
     _check_fraction("test_fraction", test_fraction)
+    if seed < 0:  # numpy's generator would raise a bare ValueError
+        raise ConfigError(
+            f"`seed` should be a non-negative integer. Received: `seed` = {seed}."
+        )
     n = dataset.num_interactions
     num_test = round(n * test_fraction)
     order = np.random.default_rng(seed).permutation(n)

@@ -163,3 +163,27 @@ def test_unknown_dataset_names_get_a_suggestion(
         main(["data", "describe", name])
     message = " ".join(capsys.readouterr().err.split())
     assert f"Did you mean '{suggestion}'?" in message, message
+
+
+def test_command_lists_give_each_command_its_first_sentence_on_one_line() -> None:
+    # The docstrings wrap at 88 columns; the lists must not keep those breaks.
+    from twostage.cli import evaluate_command
+
+    wide = {"COLUMNS": "250"}
+    result = runner.invoke(app, ["--help"], env=wide)
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    docstring = " ".join((evaluate_command.__doc__ or "").split())
+    first, second = docstring.split(". A run", 1)
+    assert f"evaluate {first}." in text
+    assert "reads its log's test side" in second
+    assert "reads its log's test side" not in text  # the second sentence is left out
+    # At this width a summary wraps only where the terminal ends: no line of the
+    # list ends early inside a sentence, as the docstring's breaks made them.
+    lines = [line for line in result.output.splitlines() if line.startswith("│")]
+    assert not any(
+        line.rstrip("│ ").endswith("rebuilt from the saved") for line in lines
+    )
+    for group in ("train", "data", "index"):
+        listed = runner.invoke(app, [group, "--help"], env=wide)
+        assert listed.exit_code == 0, group

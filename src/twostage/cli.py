@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -945,6 +946,25 @@ for _name, _command, _panel in (
     ("export", export_command, USE),
 ):
     app.command(_name, rich_help_panel=_panel)(_command)
+
+
+def _summary(docstring: str) -> str:
+    """A command's line in the command lists: its docstring's first sentence, on
+    one line (typer keeps the docstring's own line breaks there)."""
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", paragraph, maxsplit=1)[0]
+
+
+def _summarise(group: typer.Typer) -> None:
+    for info in group.registered_commands:
+        if info.short_help is None and info.callback and info.callback.__doc__:
+            info.short_help = _summary(info.callback.__doc__)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _summarise(sub.typer_instance)
+
+
+_summarise(app)
 
 
 def main(args: list[str] | None = None) -> None:

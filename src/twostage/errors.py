@@ -17,7 +17,14 @@ __all__ = [
     "NotFittedError",
     "UnknownIdError",
     "ArtifactError",
+    "clause",
 ]
+
+
+def clause(error: BaseException) -> str:
+    """An error's message to quote inside another sentence: without the full stop
+    our own messages end with (so ``f"cannot load x: {clause(e)}."`` reads once)."""
+    return str(error).rstrip().rstrip(".")
 
 
 class TwostageError(Exception):

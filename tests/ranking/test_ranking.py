@@ -377,6 +377,11 @@ def test_load_rejects_mismatched_weights(trained, tmp_path: Path) -> None:
         load_ranking(tmp_path, run)
     with pytest.raises(ArtifactError, match="cannot load"):
         load_ranking(tmp_path / "nowhere", run)
+    config["embedding_dim"] = 0  # our own message, quoted: one full stop, not two
+    (tmp_path / "ranking_config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="positive integer") as error:
+        load_ranking(tmp_path, run)
+    assert ".." not in str(error.value)
 
 
 def test_retrieval_only_lists_match_the_retrieval_evaluation(trained) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from twostage.config import IndexConfig
-from twostage.errors import ArtifactError, ConfigError
+from twostage.errors import ArtifactError, ConfigError, clause
 from twostage.index.base import META_FILE, ApproximateIndex, Index
 from twostage.index.exact import ExactIndex
 from twostage.index.faiss import HNSWIndex, IVFIndex, IVFSQIndex
@@ -80,7 +80,7 @@ def load_index(directory: str | Path) -> Index:
             raise ValueError("`params` should be a mapping, `size` and `dim` integers")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ArtifactError(
-            f"cannot read index metadata {str(path)!r}: {e}. Is "
+            f"cannot read index metadata {str(path)!r}: {clause(e)}. Is "
             f"{str(directory)!r} a directory written by `Index.save`?"
         ) from e
     return _CLASSES[kind]._load(Path(directory), meta)

@@ -25,7 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from twostage.artifacts import read_safetensors
-from twostage.errors import ArtifactError, ConfigError, DataError, NotFittedError
+from twostage.errors import (
+    ArtifactError,
+    ConfigError,
+    DataError,
+    NotFittedError,
+    clause,
+)
 
 __all__ = ["META_FILE", "ApproximateIndex", "Exclude", "Index", "check_int"]
 
@@ -75,7 +81,9 @@ def load_tensors(path: Path, keys: set[str]) -> dict[str, torch.Tensor]:
     try:
         tensors = read_safetensors(path)
     except (OSError, SafetensorError) as e:
-        raise ArtifactError(f"cannot read index file {str(path)!r}: {e}.") from e
+        raise ArtifactError(
+            f"cannot read index file {str(path)!r}: {clause(e)}."
+        ) from e
     if set(tensors) != keys:
         raise ArtifactError(
             f"index file {str(path)!r} should hold tensors {sorted(keys)}. "

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, clause
 
 if TYPE_CHECKING:
     from twostage.models.retrieval import RetrievalModel
@@ -49,7 +49,7 @@ def require_fbgemm() -> None:
     try:
         import fbgemm_gpu  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"{_INSTALL} Received: {e}.") from e
+        raise ConfigError(f"{_INSTALL} Received: {clause(e)}.") from e
 
 
 class SelfUpdatingTable(nn.Module):

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, clause
 from twostage.models.fused import SelfUpdatingTable, swapped_tables
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def require_torchrec() -> None:
         raise ConfigError(
             "`retrieval.embedding_backend=torchrec` needs TorchRec and fbgemm's kernel: "
             f"{INSTALL_COMMAND} (--no-deps keeps torchrec from pulling fbgemm's CUDA "
-            f"build; Linux x86_64 only). Received: {e}."
+            f"build; Linux x86_64 only). Received: {clause(e)}."
         ) from e
 
 

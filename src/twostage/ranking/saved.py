@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from twostage.artifacts import read_safetensors
 from twostage.config import RankingConfig, from_dict, save_config
-from twostage.errors import ArtifactError
+from twostage.errors import ArtifactError, clause
 from twostage.models.linear_items import LinearItemsModel
 from twostage.ranking.run import RankingRun, build_ranking_model
 from twostage.retrieval.run import RetrievalRun
@@ -96,7 +96,7 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         SafetensorError,
     ) as e:
         raise ArtifactError(
-            f"cannot load the ranker in {str(path)!r}: {e}. Is it a directory written "
+            f"cannot load the ranker in {str(path)!r}: {clause(e)}. Is it a directory written "
             "by save_ranking, loaded with the retrieval run it was trained on?"
         ) from e
     if missing or unexpected:

@@ -27,7 +27,7 @@ from twostage.config import (
     save_config,
 )
 from twostage.data.dataset import ITEM, USER, Dataset
-from twostage.errors import ArtifactError, ConfigError
+from twostage.errors import ArtifactError, ConfigError, clause
 from twostage.features import FeatureSpec
 from twostage.features.context import context_field, context_frame, context_names
 from twostage.models.ensemble import (
@@ -415,7 +415,9 @@ def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
         missing, unexpected = model.load_state_dict(state, strict=False)
         tensors = tensors_from_flat(tables)
     except _MALFORMED as e:
-        raise ArtifactError(f"cannot load {str(path)!r}: {e}. Is it {hint}?") from e
+        raise ArtifactError(
+            f"cannot load {str(path)!r}: {clause(e)}. Is it {hint}?"
+        ) from e
     if missing or unexpected:
         raise ArtifactError(
             f"weights in {str(path / weights)!r} do not match the saved config: "

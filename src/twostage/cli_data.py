@@ -34,8 +34,17 @@ TestFile = Annotated[
 ]
 UserCol = Annotated[str | None, typer.Option(help="User ID column of your own log.")]
 ItemCol = Annotated[str | None, typer.Option(help="Item ID column of your own log.")]
-TimeCol = Annotated[str | None, typer.Option(help="Timestamp column (epoch s or ISO).")]
-RatingCol = Annotated[str | None, typer.Option(help="Rating column.")]
+TimeCol = Annotated[
+    str | None,
+    typer.Option(
+        help="Timestamp column (epoch s or ISO); default: one named timestamp, "
+        'if any; "" for none (file order).'
+    ),
+]
+RatingCol = Annotated[
+    str | None,
+    typer.Option(help='Rating column; default: one named rating, if any; "" for none.'),
+]
 Separator = Annotated[
     str | None, typer.Option(help="Field separator (default: sniffed).")
 ]

@@ -797,7 +797,7 @@ def test_property_duplicates(
     ds = read_interactions(
         path,
         rating_col="rating",
-        time_col="timestamp" if with_time else None,
+        time_col="timestamp" if with_time else "",  # "": file order, not the column
         duplicates=policy,  # type: ignore[arg-type]
     )
     assert ds.interactions["rating"].to_list() == [float(r[3]) for r in kept]
@@ -928,3 +928,39 @@ def test_reader_refuses_what_it_cannot_take_faithfully(tmp_path: Path) -> None:
     header_only.write_text("user_id,item_id,timestamp\n")
     summary = describe(read_interactions(header_only, time_col="timestamp"))
     assert summary["num_interactions"] == 0 and summary["time_range"] is None
+
+
+def test_columns_named_timestamp_and_rating_play_those_roles(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,rating,timestamp\n1,10,5,300\n1,11,4,100\n")
+    ds = read_interactions(path)
+    assert ds.has_time and ds.interactions["timestamp"].to_list() == [300, 100]
+    assert ds.interactions["rating"].to_list() == [5.0, 4.0]
+    # A bad value there is now a counted bad row, not a column passed over.
+    path.write_text("user_id,item_id,rating,timestamp\n1,10,5,300\n1,11,x,y\n")
+    ds = read_interactions(path)
+    assert ds.report is not None and ds.report.rows_loaded == 1
+    # "" refuses the role; another role may take the column instead.
+    plain = read_interactions(path, time_col="", rating_col="")
+    assert not plain.has_time and plain.interactions["timestamp"].to_list() == [0, 1]
+    assert "rating" not in plain.interactions.columns
+    swapped = read_interactions(path, time_col="", weight_col="rating")
+    assert "rating" not in swapped.interactions.columns
+    assert swapped.interactions["weight"].to_list()[0] == 5.0
+    # The streamed reader of a Parquet log takes the columns by these names too.
+    from twostage.data.streaming import iter_row_groups
+
+    parquet = tmp_path / "log.parquet"
+    pl.DataFrame(
+        {
+            "user_id": [1, 1],
+            "item_id": [10, 11],
+            "rating": [5.0, 4.0],
+            "timestamp": [300, 100],
+        }
+    ).write_parquet(parquet)
+    in_memory = read_interactions(parquet).interactions
+    groups = iter_row_groups(parquet, columns=["timestamp", "rating"])
+    streamed = pl.concat([batch for _, batch in groups])
+    for column in ("timestamp", "rating"):
+        assert in_memory[column].to_list() == streamed[column].to_list()

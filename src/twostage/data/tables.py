@@ -103,9 +103,13 @@ def read_interactions(
         item_col: source column of the item IDs.
         time_col: source column of the timestamps: integer seconds since the epoch
             (taken as given) or ISO 8601 dates/datetimes (naive ones read as UTC), or
-            any format given by ``time_format``. ``None``: the timestamp becomes the
-            0-based order of the loaded rows, so temporal order means file order.
-        rating_col: source column of explicit ratings (output ``rating``, Float32).
+            any format given by ``time_format``. ``None``: a column named
+            ``timestamp``, if the file has one (and no other role takes it);
+            without one, or with ``""``, the timestamp becomes the 0-based order of
+            the loaded rows, so temporal order means file order.
+        rating_col: source column of explicit ratings (output ``rating``, Float32);
+            ``None``: a column named ``rating``, if the file has one (and no other
+            role takes it); ``""``: none.
         weight_col: source column of interaction weights (output ``weight``, Float32).
         user_features: columns split out into ``Dataset.users``, one row per user.
         item_features: columns split out into ``Dataset.items``, one row per item.
@@ -152,8 +156,18 @@ def read_interactions(
     _check_choice("duplicates", duplicates, ("keep", "first", "last", "error"))
 
     def make_spec(names: list[str]) -> Spec:
-        mapped = {k: v for k, v in roles.items() if v is not None}
-        keys = (USER, ITEM, TIME) if time_col is not None else (USER, ITEM)
+        # None: unmapped; "" for an optional role: none, explicitly.
+        mapped = {
+            k: v for k, v in roles.items() if v is not None and (v or k in (USER, ITEM))
+        }
+        # A column already named as twostage names the time or the rating is that
+        # role unless mapped otherwise or refused with "" (as the streamed reader
+        # takes it); never a column another role claims.
+        for role in (TIME, RATING):
+            if roles[role] is None and role in names and role not in mapped.values():
+                mapped[role] = role
+                logger.info("column %r read as the %s (named so)", role, role)
+        keys = (USER, ITEM, TIME) if TIME in mapped else (USER, ITEM)
         bounds = (int(time_bounds[0]), int(time_bounds[1]))
         spec = Spec(mapped, (), time_format, duplicates, keys, bounds)
         return _make_spec(path, names, spec, feats, reserved=tuple(BAD))

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data import Dataset
+from twostage.data.dataset import ITEM, TIME, USER
 from twostage.data.split import (
     ExperimentSplit,
     leave_last_out,
@@ -16,7 +17,7 @@ from twostage.data.split import (
     validation_split,
 )
 from twostage.data.synthetic import generate
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, DataError
 
 
 def _rows(frame: pl.DataFrame) -> list[tuple]:
@@ -200,3 +201,27 @@ def test_test_users_evaluates_a_fixed_sample_and_trains_on_the_same_rows(
     assert sample_users(whole.test, 0, seed=42) is whole.test  # 0: every user
     with pytest.raises(ConfigError, match="test_users"):
         apply_overrides(ExperimentConfig(), ["data.test_users=-1"])
+
+
+def test_a_split_that_leaves_a_side_empty_says_why() -> None:
+    def log(users: list[int], times: list[int]) -> Dataset:
+        frame = pl.DataFrame({USER: users, ITEM: list(range(len(users))), TIME: times})
+        return Dataset("tiny", frame)
+
+    def prepared(dataset: Dataset, *overrides: str) -> ExperimentSplit:
+        config = apply_overrides(ExperimentConfig(), list(overrides))
+        return prepare_split(dataset, config)
+
+    tied = log([1, 2, 3, 4, 5], [7] * 5)
+    with pytest.raises(DataError, match="temporal split of 5 rows left none to train"):
+        prepared(tied, "data.split=temporal")
+    with pytest.raises(DataError, match="no user has the 2 interactions"):
+        prepared(tied, "data.split=leave-last-out")
+    with pytest.raises(DataError, match="of 1 row left none to test on"):
+        prepared(log([1], [7]), "data.split=random")
+    # The test side is fine, but validation's own temporal cut takes every row left.
+    late = log([1, 2, 3, 4, 5], [1, 1, 1, 1, 2])
+    with pytest.raises(DataError, match="took all 4 training rows"):
+        prepared(late, "data.split=temporal")
+    split = prepared(late, "data.split=temporal", "data.validation_fraction=0")
+    assert (split.fit.num_interactions, split.test.num_interactions) == (4, 1)

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from twostage.data.dataset import TIME, USER, Dataset
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import stable_hash
 
 if TYPE_CHECKING:
@@ -243,18 +243,65 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     )
     if cold is not None:
         test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
+    _check_sides(train, test, data.split)
     test = sample_users(test, data.test_users, seed=data.seed)
-    validation = None
-    if data.validation_fraction > 0:
-        # Validation is carved the way test was: the second-last item of each user
-        # under leave-last-out, the latest rows of train under a temporal split.
-        train, validation = validation_split(
-            train,
-            method=data.split,
-            fraction=data.validation_fraction,
-            seed=data.seed + 7,
+    return _carve_validation(train, test, config)
+
+
+def _carve_validation(
+    train: Dataset, test: Dataset, config: ExperimentConfig
+) -> ExperimentSplit:
+    """The three parts, with validation carved from ``train`` the way test was: the
+    second-last item of each user under leave-last-out, the latest rows of train
+    under a temporal split (none when ``data.validation_fraction`` is 0)."""
+    data = config.data
+    if data.validation_fraction <= 0:
+        return ExperimentSplit(fit=train, validation=None, test=test)
+    fit, validation = validation_split(
+        train, method=data.split, fraction=data.validation_fraction, seed=data.seed + 7
+    )
+    if not fit.num_interactions:
+        raise DataError(
+            f"the validation carve-out ({data.split}, `data.validation_fraction` = "
+            f"{data.validation_fraction}) took all {train.num_interactions} training "
+            "rows and left none to train on"
+            + _tied_times(train, data.split)
+            + ". Set `data.validation_fraction=0`, or split another way."
         )
-    return ExperimentSplit(fit=train, validation=validation, test=test)
+    return ExperimentSplit(fit=fit, validation=validation, test=test)
+
+
+def _check_sides(train: Dataset, test: Dataset, method: str) -> None:
+    """A split that leaves one side empty cannot train or be evaluated: say why,
+    before a step fails on an empty table."""
+    count = train.num_interactions + test.num_interactions
+    rows = f"{count} row{'' if count == 1 else 's'}"
+    if not train.num_interactions:
+        raise DataError(
+            f"the {method} split of {rows} left none to train on"
+            + _tied_times(test, method)
+            + ". Use a log with more rows or times, or another `data.split`."
+        )
+    if not test.num_interactions:
+        why = {
+            "leave-last-out": ": no user has the 2 interactions it needs to hold one out",
+            "random": ": `data.test_fraction` of so few rows rounds to 0",
+        }.get(method, "")
+        raise DataError(
+            f"the {method} split of {rows} left none to test on{why}. Use a "
+            "log with more rows or users, or another `data.split`."
+        )
+
+
+def _tied_times(side: Dataset, method: str) -> str:
+    """Why a temporal cut took every row, when it did: the times it cut."""
+    if method != "temporal" or not side.num_interactions:
+        return ""
+    distinct = side.interactions[TIME].n_unique()
+    return (
+        f": a temporal cut puts every row at or after it on the later side, and "
+        f"those rows hold {distinct} distinct timestamp(s)"
+    )
 
 
 def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit:
@@ -279,18 +326,9 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
     test = dataset.with_interactions(
         read_split_file(data.test_file, like=dataset).interactions
     ).with_unrated(data.unrated_values)
+    _check_sides(train, test, "files'")
     test = sample_users(test, data.test_users, seed=data.seed)
-    validation = None
-    if data.validation_fraction > 0:
-        # Validation is carved the way test was: the second-last item of each user
-        # under leave-last-out, the latest rows of train under a temporal split.
-        train, validation = validation_split(
-            train,
-            method=data.split,
-            fraction=data.validation_fraction,
-            seed=data.seed + 7,
-        )
-    return ExperimentSplit(fit=train, validation=validation, test=test)
+    return _carve_validation(train, test, config)
 
 
 def read_split_file(path: str, *, like: Dataset) -> Dataset:

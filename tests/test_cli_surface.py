@@ -110,6 +110,9 @@ def test_index_build_takes_section_qualified_settings(
         (["data", "split", "{log}", "--out", "{out}", "--method", "sideways"], None),
         (["report", "{missing}"], None),
         (["serve", "{missing}"], None),
+        (["serve", "{bundle}", "--poll-seconds", "-1"], "`--poll-seconds` should"),
+        (["serve", "{bundle}", "--torch-threads", "0"], "`--torch-threads` should"),
+        (["data", "split", "{log}", "--out", "{out}", "--seed", "-1"], "`--seed`"),
     ],
 )
 def test_errors_name_what_the_user_typed(

@@ -38,3 +38,17 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (report / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bundle = load(out / "models" / "movielens" / "1")
     assert bundle.recommend(42, 10).path == "personalised"
+
+
+def test_demo_options_are_checked_before_it_trains(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = str(tmp_path / "demo")
+    bad_epochs = runner.invoke(app, ["demo", "--epochs", "0", "--out", out])
+    assert "`train.epochs` should be a positive integer" in str(bad_epochs.exception)
+    assert "Loaded from" not in bad_epochs.output  # refused before loading
+    unknown = runner.invoke(app, ["demo", "--user", "5000", "--out", out])
+    if isinstance(unknown.exception, DatasetUnavailableError):
+        pytest.skip(str(unknown.exception))
+    assert unknown.exit_code == 2
+    assert "no user 5000" in " ".join(unknown.output.split())
+    assert not (tmp_path / "demo").exists()  # nothing trained or saved

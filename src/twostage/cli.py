@@ -747,11 +747,7 @@ def demo(
     from twostage.retrieval.evaluation import evaluate_baselines
 
     started = time.perf_counter()
-    console.rule("[bold]twostage demo: MovieLens-100k")
-    data = load_movielens("100k")
-    console.print(f"Loaded from: [cyan]{data.source}[/cyan]")
-    summary = describe(data)
-    print_summary(summary)
+    # The options are checked before anything is loaded or trained.
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -760,6 +756,18 @@ def demo(
             f"ranking.epochs={ranking_epochs}",
         ],
     )
+    console.rule("[bold]twostage demo: MovieLens-100k")
+    data = load_movielens("100k")
+    console.print(f"Loaded from: [cyan]{data.source}[/cyan]")
+    if not data.interactions["user_id"].is_in([user]).any():
+        raise typer.BadParameter(
+            f"MovieLens-100k has no user {user} (its user IDs run from "
+            f"{data.interactions['user_id'].min()!r} to "
+            f"{data.interactions['user_id'].max()!r}).",
+            param_hint="--user",
+        )
+    summary = describe(data)
+    print_summary(summary)
     console.rule("Two towers with side features and history, then the ranker")
     stages = _fit_both(config, ranking=ranking, dataset=data, work_dir=out)
     run, split = stages.retrieval, stages.split
@@ -1023,6 +1031,13 @@ FLAGS = {
     "`models` should be": "MODELS should be",
     "`k`": "`-k`",
     "`num_candidates`": "`--num-candidates`",
+    "`poll_seconds`": "`--poll-seconds`",
+    "`torch_threads`": "`--torch-threads`",
+    "`max_k`": "`--max-k`",
+    "`max_body_bytes`": "`--max-body-bytes`",
+    "`max_instances`": "`--max-instances`",
+    "`api_key`": "`--api-key`",
+    "`seed`": "`--seed`",
     "`data.train_file`": "`--train`",
     "`data.test_file`": "`--test`",
 }

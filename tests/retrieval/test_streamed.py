@@ -321,6 +321,21 @@ def test_a_context_column_the_log_lacks_is_a_clear_error(log: Path) -> None:
         )
 
 
+def test_a_streamed_split_that_leaves_a_side_empty_says_why(tmp_path: Path) -> None:
+    from twostage.errors import DataError
+
+    tied = tmp_path / "tied.parquet"  # every row at one time: all after the cut
+    pl.DataFrame(
+        {"user_id": [1, 2, 3, 4], "item_id": [1, 2, 1, 2], "timestamp": [7] * 4}
+    ).write_parquet(tied)
+    temporal = apply_overrides(ExperimentConfig(), ["data.split=temporal"])
+    with pytest.raises(DataError, match="streamed temporal split of 4 rows left none"):
+        fit_streamed_retrieval(temporal, tied)
+    once = apply_overrides(ExperimentConfig(), ["data.split=leave-last-out"])
+    with pytest.raises(DataError, match="left none to test on"):  # one item a user
+        fit_streamed_retrieval(once, tied)
+
+
 def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     import json
 

@@ -274,15 +274,28 @@ def _carve_validation(
 def _check_sides(train: Dataset, test: Dataset, method: str) -> None:
     """A split that leaves one side empty cannot train or be evaluated: say why,
     before a step fails on an empty table."""
-    count = train.num_interactions + test.num_interactions
+    check_split_sizes(
+        train.num_interactions,
+        test.num_interactions,
+        method,
+        why_no_training=_tied_times(test, method),
+    )
+
+
+def check_split_sizes(
+    train_rows: int, test_rows: int, method: str, *, why_no_training: str = ""
+) -> None:
+    """Raise a DataError naming the cause when a split of ``method`` left no
+    training rows or no test rows (in memory, or counted by a streamed pass)."""
+    count = train_rows + test_rows
     rows = f"{count} row{'' if count == 1 else 's'}"
-    if not train.num_interactions:
+    if not train_rows:
         raise DataError(
             f"the {method} split of {rows} left none to train on"
-            + _tied_times(test, method)
+            + why_no_training
             + ". Use a log with more rows or times, or another `data.split`."
         )
-    if not test.num_interactions:
+    if not test_rows:
         why = {
             "leave-last-out": ": no user has the 2 interactions it needs to hold one out",
             "random": ": `data.test_fraction` of so few rows rounds to 0",

@@ -57,7 +57,7 @@ import torch
 from twostage import distributed
 from twostage.config import ExperimentConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
-from twostage.data.split import sample_users
+from twostage.data.split import check_split_sizes, sample_users
 from twostage.data.streaming import (
     SplitRule,
     StreamingVocabularies,
@@ -579,6 +579,13 @@ def _fit_streamed(
         validation_fraction=data.validation_fraction,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
+    )
+    held = fitted.num_validation_rows  # not training rows here
+    check_split_sizes(
+        fitted.num_train_rows,
+        fitted.num_test_rows,
+        f"streamed {data.split}",
+        why_no_training=f" ({held} more went to validation)" if held else "",
     )
     check_validation_choices(config, has_validation=fitted.num_validation_rows > 0)
     user_table = item_table = None

@@ -79,8 +79,11 @@ def training_bars(
                     )
                 clock = clocks.setdefault(name, {})
                 if info["epoch"] != clock.get("epoch"):
-                    clock.update(epoch=info["epoch"], start=now)
-                rate = info["examples"] / max(now - clock["start"], 1e-9)
+                    # Timed from the epoch's first reported step: the examples
+                    # after it over the time after it (0 until a second step).
+                    clock.update(epoch=info["epoch"], start=now, base=info["examples"])
+                elapsed, done = now - clock["start"], info["examples"] - clock["base"]
+                rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
                 progress.update(
                     tasks[name],
                     total=info.get("total_steps"),

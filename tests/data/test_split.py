@@ -225,3 +225,5 @@ def test_a_split_that_leaves_a_side_empty_says_why() -> None:
         prepared(late, "data.split=temporal")
     split = prepared(late, "data.split=temporal", "data.validation_fraction=0")
     assert (split.fit.num_interactions, split.test.num_interactions) == (4, 1)
+    with pytest.raises(DataError, match="held out 5 of 5 users first"):
+        prepared(late, "data.cold_user_fraction=0.99")

@@ -243,7 +243,14 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     )
     if cold is not None:
         test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
-    _check_sides(train, test, data.split)
+    held = ""
+    if cold is not None:
+        held = (
+            f" (`data.cold_user_fraction` = {data.cold_user_fraction} held out "
+            f"{cold.interactions[USER].n_unique()} of "
+            f"{dataset.interactions[USER].n_unique()} users first)"
+        )
+    _check_sides(train, test, data.split, held=held)
     test = sample_users(test, data.test_users, seed=data.seed)
     return _carve_validation(train, test, config)
 
@@ -271,14 +278,14 @@ def _carve_validation(
     return ExperimentSplit(fit=fit, validation=validation, test=test)
 
 
-def _check_sides(train: Dataset, test: Dataset, method: str) -> None:
+def _check_sides(train: Dataset, test: Dataset, method: str, *, held: str = "") -> None:
     """A split that leaves one side empty cannot train or be evaluated: say why,
-    before a step fails on an empty table."""
+    before a step fails on an empty table (``held``: the cold users set aside)."""
     check_split_sizes(
         train.num_interactions,
         test.num_interactions,
         method,
-        why_no_training=_tied_times(test, method),
+        why_no_training=held or _tied_times(test, method),
     )
 
 

@@ -241,10 +241,9 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     train, test = split_dataset(
         rest, method=data.split, test_fraction=data.test_fraction, seed=data.seed
     )
-    if cold is not None:
-        test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
     held = ""
     if cold is not None:
+        test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
         held = (
             f" (`data.cold_user_fraction` = {data.cold_user_fraction} held out "
             f"{cold.interactions[USER].n_unique()} of "

@@ -308,6 +308,30 @@ def test_predict_instance_of_the_wrong_shape_is_a_422(models_dir: Path) -> None:
             assert "instances.0." in response.json()["error"], response.json()
 
 
+def test_a_version_pinned_request_is_answered_by_the_served_version(
+    models_dir: Path,
+) -> None:
+    # TF Serving clients may name a version: the served one answers as unpinned.
+    with client_for(models_dir) as client:
+        body = {"instances": [3, 5]}
+        plain = client.post("/v1/models/synthetic:predict", json=body)
+        pinned = client.post("/v1/models/synthetic/versions/1:predict", json=body)
+        assert pinned.status_code == 200 and pinned.json() == plain.json()
+        other = client.post("/v1/models/synthetic/versions/2:predict", json=body)
+        assert other.status_code == 404
+        assert "serves version 1" in other.json()["error"]
+        assert (
+            client.post(
+                "/v1/models/synthetic/versions/two:predict", json=body
+            ).status_code
+            == 422
+        )
+        status = client.get("/v1/models/synthetic/versions/1").json()
+        assert status["model_version_status"][0]["state"] == "AVAILABLE"
+        assert client.get("/v1/models/synthetic/versions/9").status_code == 404
+        assert client.get("/v1/models/nothing/versions/1").status_code == 404
+
+
 def _break(bundle: Path, how: str) -> None:
     """Damage a saved version the ways the reliability probe found (issue 15)."""
     manifest = bundle / "manifest.json"

@@ -279,13 +279,35 @@ def create_app(settings: ServeSettings) -> FastAPI:
         two-stage key when the bundle has a ranker, else the retrieval score;
         ``output_2`` the item IDs in the same order.
         """
+        return _predict(registry.get(name), body)
+
+    @app.post(
+        "/v1/models/{name}/versions/{version}:predict",
+        response_model=None,
+        responses={200: {"model": PredictResponse}, **errors},
+        tags=["tf-serving"],
+    )
+    def predict_version(name: str, version: int, body: PredictRequest) -> JSONResponse:
+        """``:predict`` pinned to a version, as TF Serving clients may ask: answered
+        by the version this server serves (its newest valid one), 404 for others."""
+        return _predict(_served_version(name, version), body)
+
+    def _served_version(name: str, version: int) -> LoadedModel:
+        model = registry.get(name)
+        if model.version != version:
+            raise UnknownModelError(
+                f"model {name!r} version {version} is not served; this server serves "
+                f"version {model.version} (the newest valid one)."
+            )
+        return model
+
+    def _predict(model: LoadedModel, body: PredictRequest) -> JSONResponse:
         if len(body.instances) > settings.max_instances:
             return _error(
                 413,
                 f"`instances` holds {len(body.instances)} users; this server answers "
                 f"at most {settings.max_instances} per request (split the request).",
             )
-        model = registry.get(name)
         predictions = []
         for number, instance in enumerate(body.instances):
             options = instance if isinstance(instance, dict) else {"user_id": instance}
@@ -348,6 +370,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
             )
         versions = sorted(slot.versions.values(), key=lambda s: -s.version)
         return {"model_version_status": [s.to_dict() for s in versions]}
+
+    @app.get("/v1/models/{name}/versions/{version}", tags=["models"], responses=errors)
+    def version_status(name: str, version: int) -> dict[str, Any]:
+        """TF Serving's status of one version: its state and any error."""
+        statuses = model_status(name)["model_version_status"]
+        found = [s for s in statuses if s["version"] == str(version)]
+        if not found:
+            raise UnknownModelError(
+                f"model {name!r} has no version {version}; seen: "
+                f"{[s['version'] for s in statuses]}."
+            )
+        return {"model_version_status": found}
 
     @app.get("/v1/models/{name}/metadata", tags=["models"], responses=errors)
     def model_metadata(name: str) -> dict[str, Any]:

@@ -190,3 +190,25 @@ def test_command_lists_give_each_command_its_first_sentence_on_one_line() -> Non
     for group in ("train", "data", "index"):
         listed = runner.invoke(app, [group, "--help"], env=wide)
         assert listed.exit_code == 0, group
+
+
+def test_the_users_text_is_shown_as_written_not_as_markup(tmp_path: Path) -> None:
+    # Catalogue titles and paths are data: "[sound recording]" once vanished and
+    # "[/]" raised a MarkupError from `twostage recommend`.
+    from rich.console import Console
+
+    from twostage.cli_output import items_table
+
+    item = {"item_id": "b[/]1", "score": 1.0, "tags": ["[bold]new"]}
+    console = Console(width=200, record=True)
+    for label in ("Les Misérables [sound recording]", "Bad [/] title"):
+        console.print(items_table("t", [{**item, "label": label}]))
+        shown = console.export_text()
+        assert label in shown and "[bold]new" in shown and "b[/]1" in shown
+    folder = tmp_path / "[old] logs"
+    folder.mkdir()
+    log = folder / "log.csv"
+    log.write_text("user_id,item_id\n1,2\n2,2\n")
+    result = runner.invoke(app, ["data", "describe", str(log)])
+    assert result.exit_code == 0, result.output
+    assert "[old] logs" in " ".join(result.output.split())  # rich folds lines

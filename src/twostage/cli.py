@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import polars as pl
 import typer
+from rich.markup import escape
 
 from twostage.cli_data import (
     ItemCol,
@@ -280,7 +281,7 @@ def train_all(
             }
         )
         return
-    console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
+    console.print(f"Bundle saved to [cyan]{escape(str(bundle))}[/cyan].")
 
 
 def _print_retrieval(run: Any, test: Any, config: Any) -> None:
@@ -625,7 +626,7 @@ def train_retrieval_command(
         print_json({"run": str(out), "retrieval": run.metrics, "best_epoch": best})
         return
     _print_retrieval(run, split.test, config)
-    console.print(f"Saved to [cyan]{out}[/cyan] (best epoch {best}).")
+    console.print(f"Saved to [cyan]{escape(str(out))}[/cyan] (best epoch {best}).")
 
 
 def evaluate_command(
@@ -710,7 +711,7 @@ def report_command(
     with status_console.status("rebuilding the test split and evaluating"):
         files, notes = report_for(path, target)
     for note in notes:
-        console.print(f"[yellow]{note}[/yellow]")
+        console.print(f"[yellow]{escape(note)}[/yellow]")
     console.print(
         f"Report: [cyan]{files[0].parent}[/cyan] ({', '.join(f.name for f in files)})."
     )
@@ -758,7 +759,7 @@ def demo(
     )
     console.rule("[bold]twostage demo: MovieLens-100k")
     data = load_movielens("100k")
-    console.print(f"Loaded from: [cyan]{data.source}[/cyan]")
+    console.print(f"Loaded from: [cyan]{escape(str(data.source))}[/cyan]")
     if not data.interactions["user_id"].is_in([user]).any():
         raise typer.BadParameter(
             f"MovieLens-100k has no user {user} (its user IDs run from "
@@ -799,7 +800,7 @@ def demo(
         console.print(f"- {line}")
     rec = stages.recommender(items=data.items)
     bundle = rec.save(next_version(out / "models" / "movielens"))
-    console.print(f"Bundle saved to [cyan]{bundle}[/cyan].")
+    console.print(f"Bundle saved to [cyan]{escape(str(bundle))}[/cyan].")
     answer = rec.recommend(user, 10)
     history = rec.history(user)
     console.print(
@@ -987,8 +988,6 @@ def main(args: list[str] | None = None) -> None:
     try:
         app(args)
     except TwostageError as e:
-        from rich.markup import escape
-
         message = escape(as_flags(str(e)))
         status_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from e

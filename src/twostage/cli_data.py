@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from twostage.cli_output import console, print_json
 
@@ -100,9 +102,9 @@ def _print_report(report: Any) -> None:
     if report is None:
         return
     if report.ok:
-        console.print(f"[green]No bad rows[/green] in {report.path}.")
+        console.print(f"[green]No bad rows[/green] in {escape(str(report.path))}.")
         return
-    table = Table(title=f"Rejected rows in {report.path}")
+    table = Table(title=f"Rejected rows in {escape(str(report.path))}")
     for column in ("reason", "count", "first lines"):
         table.add_column(column)
     for reason, count in sorted(report.rejected.items()):
@@ -117,7 +119,8 @@ def _print_report(report: Any) -> None:
 
 def print_summary(summary: dict[str, Any]) -> None:
     """Print the output of :func:`twostage.data.describe.describe` as tables."""
-    table = Table(title=f"Dataset {summary['name']}", show_header=False)
+    # Names, columns and paths are the user's text, never Rich markup.
+    table = Table(title=f"Dataset {escape(str(summary['name']))}", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
     for key in ("num_interactions", "num_users", "num_items"):
@@ -143,9 +146,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         hist = summary["rating_histogram"]
         table.add_row("rating mean", f"{summary['rating_mean']:.3f}")
         table.add_row("ratings", "  ".join(f"{r}: {c:,}" for r, c in hist.items()))
-    table.add_row("user features", ", ".join(summary["user_features"]) or "-")
-    table.add_row("item features", ", ".join(summary["item_features"]) or "-")
-    table.add_row("source", summary["source"][:100])
+    table.add_row("user features", Text(", ".join(summary["user_features"]) or "-"))
+    table.add_row("item features", Text(", ".join(summary["item_features"]) or "-"))
+    table.add_row("source", Text(summary["source"][:100]))
     console.print(table)
 
 

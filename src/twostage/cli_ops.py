@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 __all__ = ["index_app", "serve_command"]
 
@@ -100,7 +101,9 @@ def serve_command(
     )
     ModelRegistry(models)  # a wrong path fails here, before uvicorn starts
     os.environ[SETTINGS_ENV] = settings_to_env(settings)
-    console.print(f"serving {models} on http://{host}:{port}/ (API docs at /docs)")
+    console.print(
+        f"serving {escape(str(models))} on http://{host}:{port}/ (API docs at /docs)"
+    )
     if workers > 1 and reuse_port_supported():
         try:
             code = run_workers(host, port, workers, log_level=log_level)
@@ -164,7 +167,9 @@ def index_build(
     seconds = time.perf_counter() - started
     target = out or next_version(source.parent)
     rebuilt.save(target)
-    console.print(f"built a {kind} index in {seconds:.1f} s; saved {target}")
+    console.print(
+        f"built a {kind} index in {seconds:.1f} s; saved {escape(str(target))}"
+    )
 
 
 @index_app.command("bench")

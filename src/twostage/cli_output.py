@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 __all__ = [
     "console",
@@ -42,7 +43,9 @@ def items_table(
     title: str, items: list[dict[str, Any]], *, scores: bool = True
 ) -> Table:
     """Items with the label and tags the Recommender chose for this catalogue
-    (:mod:`twostage.display`)."""
+    (:mod:`twostage.display`). They are the catalogue's own text, shown as
+    written: never read as Rich markup ("[sound recording]" would vanish, "[/]"
+    would raise)."""
     table = Table(title=title)
     table.add_column("#", justify="right")
     table.add_column("item_id")
@@ -53,9 +56,9 @@ def items_table(
     for rank, item in enumerate(items, start=1):
         table.add_row(
             str(rank),
-            str(item["item_id"]),
-            str(item.get("label") or ""),
-            ", ".join(item.get("tags") or []),
+            Text(str(item["item_id"])),
+            Text(str(item.get("label") or "")),
+            Text(", ".join(str(tag) for tag in item.get("tags") or [])),
             *([f"{item.get('rank_score', item['score']):.4f}"] if scores else []),
         )
     return table

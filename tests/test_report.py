@@ -73,3 +73,12 @@ def test_report_without_the_data_keeps_the_saved_metrics(tmp_path: Path) -> None
     text = (out / "report.md").read_text()
     saved = stages.retrieval.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
     assert f"{saved:.4f}" in text and (out / "loss.png").exists()
+
+
+def test_a_markdown_cell_stays_one_cell() -> None:
+    from twostage.report import _table
+
+    table = _table([["runs/a|b", "two\nlines"]], ["source", "note"])
+    row = table.splitlines()[2]
+    assert row == "| runs/a\\|b | two lines |"
+    assert row.replace("\\|", "").count("|") == 3  # the row's own separators only

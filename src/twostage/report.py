@@ -125,8 +125,14 @@ def _plot_scores(scores: dict[str, np.ndarray], path: Path) -> None:
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    """A Markdown table; a cell's "|" and line breaks (a path, a dataset name)
+    are escaped so the cell stays one cell."""
+
+    def cell(text: str) -> str:
+        return " ".join(text.replace("|", "\\|").split())
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -261,6 +261,11 @@ def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
     term = torch.zeros(1, 6)
     term[0, 5] = 0.9
     calls = []
+    # The one user: item 5 is the validation item, item 1 a training item.
+    user = {
+        "relevant": UserItems.from_pairs([0], [5], num_rows=1),
+        "seen": UserItems.from_pairs([0], [1], num_rows=1),
+    }
 
     def term_of(start: int, stop: int) -> torch.Tensor:
         calls.append((start, stop))
@@ -270,8 +275,7 @@ def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
         queries,
         items,
         term_of,
-        relevant=UserItems.from_pairs([0], [5], num_rows=1),
-        seen=UserItems.from_pairs([0], [1], num_rows=1),
+        **user,
     )
     assert calls == [(0, 1)]  # the term is computed once for every weight
     calls.clear()
@@ -287,8 +291,7 @@ def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
         queries,
         items,
         term_of,
-        relevant=UserItems.from_pairs([0], [5], num_rows=1),
-        seen=UserItems.from_pairs([0], [1], num_rows=1),
+        **user,
         item_probs=probs,
         num_train_items=np.array([1]),
         thresholds=FALLBACK_GRID,
@@ -310,8 +313,7 @@ def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
             queries,
             items,
             term_of,
-            relevant=UserItems.from_pairs([0], [5], num_rows=1),
-            seen=UserItems.from_pairs([0], [1], num_rows=1),
+            **user,
             thresholds=FALLBACK_GRID,
         )
 

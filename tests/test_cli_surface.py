@@ -212,3 +212,28 @@ def test_the_users_text_is_shown_as_written_not_as_markup(tmp_path: Path) -> Non
     result = runner.invoke(app, ["data", "describe", str(log)])
     assert result.exit_code == 0, result.output
     assert "[old] logs" in " ".join(result.output.split())  # rich folds lines
+
+
+def test_an_unknown_user_typed_as_markup_and_a_short_list_are_shown_plainly(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    # "[/]" as a --user once raised a MarkupError from the cold-start warning, and
+    # `-k` above the catalogue printed "Top 1000" over a list of about 60 items.
+    bundle = str(models_dir / "synthetic")
+    wide = {"COLUMNS": "200"}
+    result = runner.invoke(
+        app, ["recommend", bundle, "--user", "[/]", "-k", "1000"], env=wide
+    )
+    assert result.exit_code == 0, result.output
+    catalogue = small_recommender.item_vocab.size - 1
+    assert "User '[/]' is not known" in result.output
+    assert f"Top {catalogue} for unknown user '[/]'" in result.output
+    assert f"1,000 asked for: only {catalogue} items to rank" in result.output
+    item = str(small_recommender.item_vocab.values[0])
+    similar = runner.invoke(
+        app, ["similar", bundle, "--item", item, "-k", "1000"], env=wide
+    )
+    assert similar.exit_code == 0, similar.output
+    assert f"only {catalogue - 1} items to rank besides this one" in similar.output
+    exact = runner.invoke(app, ["recommend", bundle, "--user", "[/]", "-k", "5"])
+    assert "Top 5 for" in exact.output and "asked for" not in exact.output

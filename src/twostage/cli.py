@@ -467,9 +467,9 @@ def recommend_command(
     if user_id is not None and not known:
         # Not an error (a new user is a cold start), but a typo must not pass unseen.
         status_console.print(
-            f"[yellow]User {user_id!r} is not known to this model: the list is a "
-            f"cold start ({answer.path}); --require-known-user makes this an "
-            "error.[/yellow]"
+            f"[yellow]User {escape(repr(user_id))} is not known to this model: the "
+            f"list is a cold start ({answer.path}); --require-known-user makes this "
+            "an error.[/yellow]"
         )
     history = rec.history(user_id) if user_id is not None else []
     if history:
@@ -483,8 +483,12 @@ def recommend_command(
     who = label if user_id is not None else "no user"
     if session:
         who += f" after a session of {len(_session(session) or [])} items"
-    title = f"Top {k} for {who} ({answer.path})"
+    title = f"Top {len(answer.items)} for {who} ({answer.path})"
     console.print(items_table(title, answer.items))
+    catalogue = f"in its catalogue of {rec.item_vocab.size - 1:,}"
+    if not include_seen and len(answer.items) < k:
+        catalogue += ", less the items the query has seen"
+    _say_when_short(k, len(answer.items), catalogue)
 
 
 def similar_command(
@@ -511,6 +515,13 @@ def similar_command(
         print_json({"item_id": _parse_id(item), "items": similar})
         return
     console.print(items_table(f"Similar to item {item}", similar))
+    _say_when_short(k, len(similar), "besides this one")
+
+
+def _say_when_short(asked: int, got: int, why: str) -> None:
+    """A list shorter than ``-k`` says so: the catalogue ran out, nothing was cut."""
+    if got < asked:
+        status_console.print(f"{asked:,} asked for: only {got:,} items to rank {why}.")
 
 
 @train_app.command("retrieval")
@@ -607,7 +618,7 @@ def train_retrieval_command(
             f"{summary['validation_rows']:,} validation rows "
             f"({summary['users']:,} users, {summary['items']:,} items"
             + (f"; {rejected:,} bad rows left out, see the log" if rejected else "")
-            + f"); saved to [cyan]{out}[/cyan]."
+            + f"); saved to [cyan]{escape(str(out))}[/cyan]."
         )
         return
     options: dict[str, Any] = {"out_dir": out, "resume": resume}
@@ -713,7 +724,7 @@ def report_command(
     for note in notes:
         console.print(f"[yellow]{escape(note)}[/yellow]")
     console.print(
-        f"Report: [cyan]{files[0].parent}[/cyan] ({', '.join(f.name for f in files)})."
+        f"Report: [cyan]{escape(str(files[0].parent))}[/cyan] ({', '.join(f.name for f in files)})."
     )
 
 
@@ -838,7 +849,7 @@ def demo(
     )
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
     console.print(
-        f"Report: [cyan]{files[0].parent}[/cyan] ({', '.join(f.name for f in files)}); "
+        f"Report: [cyan]{escape(str(files[0].parent))}[/cyan] ({', '.join(f.name for f in files)}); "
         f"demo took {time.perf_counter() - started:.0f} s."
     )
 
@@ -875,7 +886,7 @@ def export_command(
         print_json({name: str(path) for name, path in files.items()})
         return
     console.print(
-        f"Exported to [cyan]{target}[/cyan]: "
+        f"Exported to [cyan]{escape(str(target))}[/cyan]: "
         + ", ".join(path.name for path in files.values())
     )
 

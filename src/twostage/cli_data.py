@@ -170,7 +170,7 @@ def data_fetch(
     dataset = load_movielens(variant, data_dir=data_dir, keep=True)
     console.print(
         f"[green]{dataset.name}[/green]: {dataset.num_interactions:,} interactions "
-        f"from {dataset.source}"
+        f"from {escape(str(dataset.source))}"
     )
 
 
@@ -249,5 +249,5 @@ def data_split(
     split.test.interactions.write_parquet(out / "test.parquet")
     console.print(
         f"{method} split: {split.train.num_interactions:,} train, "
-        f"{split.test.num_interactions:,} test rows -> {out}"
+        f"{split.test.num_interactions:,} test rows -> {escape(str(out))}"
     )

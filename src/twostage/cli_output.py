@@ -46,7 +46,7 @@ def items_table(
     (:mod:`twostage.display`). They are the catalogue's own text, shown as
     written: never read as Rich markup ("[sound recording]" would vanish, "[/]"
     would raise)."""
-    table = Table(title=title)
+    table = Table(title=Text(title))
     table.add_column("#", justify="right")
     table.add_column("item_id")
     table.add_column("label")
@@ -117,7 +117,7 @@ def print_metrics(
             break
         budget -= max(len(header), 6) + 3
         columns.append((metric, k))
-    table = Table(title=title)
+    table = Table(title=Text(title))
     table.add_column("model", no_wrap=True, min_width=names)
     table.add_column("seen", no_wrap=True)
     for metric, k in columns:
@@ -143,7 +143,7 @@ def print_metrics(
 
 def print_ranking(report: dict[str, Any], *, title: str) -> None:
     """The output of :func:`twostage.ranking.evaluate_ranking` as two tables."""
-    heads = Table(title=title)
+    heads = Table(title=Text(title))
     for column in ("RMSE", "MAE", "AUC", "test pairs"):
         heads.add_column(column, justify="right")
     heads.add_row(

@@ -152,6 +152,55 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         held_out_mask(batch, method="temporal", test_fraction=0.2, seed=0)
 
 
+def test_files_that_disagree_on_a_column_are_named_before_a_row_is_read(
+    tmp_path: Path,
+) -> None:
+    # A later file with text IDs once ended a pass in polars' SchemaError, one
+    # without a column in ColumnNotFoundError.
+    log = pl.DataFrame(
+        {
+            "user_id": [1, 2, 3, 4],
+            "item_id": [5, 6, 7, 8],
+            "timestamp": [10, 20, 30, 40],
+            "rating": [1.0, 2.0, 3.0, 4.0],
+            "genre": ["a", "b", "a", "b"],
+        }
+    )
+
+    def dataset(name: str, second: pl.DataFrame) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        log.head(2).write_parquet(directory / "a.parquet")
+        second.write_parquet(directory / "b.parquet")
+        return directory
+
+    later = log.tail(2)
+    text_ids = dataset("text", later.with_columns(pl.col("user_id").cast(pl.String)))
+    with pytest.raises(DataError, match=r"b\.parquet' types 'user_id' as large_string"):
+        _all(text_ids)
+    no_rating = dataset("no_rating", later.drop("rating"))
+    with pytest.raises(
+        DataError, match=r"b\.parquet' lacks the column\(s\) \['rating'\]"
+    ):
+        _all(no_rating)
+    number_genre = dataset("genre", later.with_columns(pl.lit(3).alias("genre")))
+    with pytest.raises(DataError, match="'genre' as int32 \\(number\\)"):
+        pl.concat(iter_batches(number_genre, columns=[*COLUMNS, "genre"]))
+    # Widths, timestamps as datetimes and ratings as text are read as one type.
+    readable = dataset(
+        "readable",
+        later.with_columns(
+            pl.col("user_id").cast(pl.Int32),
+            pl.from_epoch("timestamp").alias("timestamp"),
+            pl.col("rating").cast(pl.String),
+        ),
+    )
+    rows = pl.concat(iter_batches(readable, columns=[*COLUMNS, "rating"]))
+    assert rows["user_id"].to_list() == [1, 2, 3, 4]
+    assert rows["timestamp"].to_list() == [10, 20, 30, 40]
+    assert rows["rating"].to_list() == [1.0, 2.0, 3.0, 4.0]
+
+
 def _tied_log(directory: Path) -> pl.DataFrame:
     """Users whose last timestamp is shared by several rows (the later row is the
     last), spread over two files of several row groups, and a user with one row."""

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twostage import distributed
@@ -145,6 +146,7 @@ def iter_row_groups(
             f"{present}; a streamed log needs user_id, item_id and timestamp."
         )
     roles = {c: c for c in (USER, ITEM, TIME, RATING) if c in present}
+    check_file_schemas(files, [*roles, *columns])
     spec = Spec(roles, (), None, "keep", (USER, ITEM, TIME))
     extra = [c for c in columns if c not in roles]
     first = 0
@@ -182,6 +184,66 @@ def _count_rejects(
 
 def _schema_of(file: Path) -> list[str]:
     return list(pq.ParquetFile(file).schema_arrow.names)
+
+
+def check_file_schemas(files: list[Path], columns: list[str]) -> None:
+    """Every file of a dataset holds ``columns``, each ID or feature column with one
+    kind of type (the first file's): integer and float widths may differ, text may
+    not stand where another file has numbers. Timestamps and ratings are parsed
+    into one type in any case (epoch seconds from numbers, datetimes or ISO text).
+    Reads the files' footers only.
+
+    Raises:
+        DataError: naming the first file that lacks a column or types it otherwise,
+            and the first file's type, before any row is read (a late file used to
+            end a pass in polars' SchemaError or ColumnNotFoundError).
+    """
+    first = pq.ParquetFile(files[0]).schema_arrow
+    wanted = list(dict.fromkeys(columns))
+    # Timestamps and ratings are parsed into one type whatever the file holds
+    # (epoch seconds, floats), so only their presence is checked.
+    kinds = {
+        c: _kind(first.field(c).type)
+        for c in wanted
+        if c in first.names and c not in (TIME, RATING)
+    }
+    for file in files[1:]:
+        schema = pq.ParquetFile(file).schema_arrow
+        missing = [c for c in wanted if c not in schema.names]
+        if missing:
+            raise DataError(
+                f"{str(file)!r} lacks the column(s) {missing}, which "
+                f"{str(files[0])!r} has; every file of a streamed dataset needs the "
+                f"columns read ({wanted})."
+            )
+        for column, kind in kinds.items():
+            found = _kind(schema.field(column).type)
+            if found != kind and "null" not in (found, kind):
+                raise DataError(
+                    f"{str(file)!r} types {column!r} as "
+                    f"{schema.field(column).type} ({found}), but {str(files[0])!r} "
+                    f"as {first.field(column).type} ({kind}); every file of a "
+                    "streamed dataset must give a column one kind of type. Rewrite "
+                    f"the odd file with {column!r} cast, e.g. "
+                    f"`pl.read_parquet(f).with_columns(pl.col({column!r}).cast(...))`."
+                )
+
+
+def _kind(dtype: pa.DataType) -> str:
+    """The kind of an Arrow type that decides whether files can be read as one."""
+    if pa.types.is_dictionary(dtype):
+        return _kind(dtype.value_type)
+    if pa.types.is_integer(dtype) or pa.types.is_floating(dtype):
+        return "number"
+    if pa.types.is_decimal(dtype):
+        return "number"
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return "text"
+    if pa.types.is_timestamp(dtype) or pa.types.is_date(dtype):
+        return "datetime"
+    if pa.types.is_null(dtype):
+        return "null"
+    return str(dtype)
 
 
 def _id_hash(values: pl.Series, seed: int) -> np.ndarray:

@@ -233,6 +233,29 @@ def test_train_takes_the_column_options_of_train_retrieval(tmp_path: Path) -> No
     )
 
 
+def test_an_empty_time_col_reaches_training(tmp_path: Path) -> None:
+    """Regression: `--time-col ""` (file order, as --help says) was dropped on its
+    way into the config, so training still read the `timestamp` column."""
+    data = generate(num_users=60, num_items=100, num_interactions=1500)
+    log = tmp_path / "log.csv"
+    # One time for every row: a temporal split of these times has nothing to train
+    # on, the file's order has.
+    data.interactions.with_columns(pl.lit(1_600_000_000).alias("timestamp")).write_csv(
+        log
+    )
+    args = [
+        *("train", "retrieval", "--dataset", str(log), "--out", str(tmp_path / "run")),
+        *("--set", "data.split=temporal", *SMALL_TRAINING),
+    ]
+    tied = runner.invoke(app, args)
+    assert isinstance(tied.exception, DataError)
+    assert "1 distinct timestamp" in str(tied.exception)
+    result = runner.invoke(app, [*args, "--time-col", ""])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert saved["time_col"] == ""
+
+
 def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
     """Regression: `data split` wrote files that no training command read."""
     data = generate(num_users=60, num_items=100, num_interactions=1500)

@@ -82,7 +82,7 @@ def _experiment_config(
     config = load_config(config_file) if config_file else ExperimentConfig()
     mapping = [f"data.dataset={dataset}"]
     for key, value in columns.items():
-        if value:
+        if value is not None:  # "" is a choice: `--time-col ""` reads no time
             if isinstance(value, Path):
                 value = str(value.resolve())  # the saved config must find it again
             mapping.append(

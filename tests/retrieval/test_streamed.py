@@ -2,6 +2,7 @@
 the in-memory path on the same training rows, and a servable run."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import polars as pl
@@ -21,7 +22,7 @@ from twostage.data.synthetic import write_parquet
 from twostage.errors import ConfigError
 from twostage.recommender import Recommender, load
 from twostage.retrieval.fit import fit_retrieval
-from twostage.retrieval.streamed import fit_streamed_retrieval
+from twostage.retrieval.streamed import check_data_options, fit_streamed_retrieval
 
 ID_ONLY = [
     "retrieval.use_side_features=false",
@@ -334,6 +335,29 @@ def test_a_streamed_split_that_leaves_a_side_empty_says_why(tmp_path: Path) -> N
     once = apply_overrides(ExperimentConfig(), ["data.split=leave-last-out"])
     with pytest.raises(DataError, match="left none to test on"):  # one item a user
         fit_streamed_retrieval(once, tied)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["data.user_col=uid"], "data.user_col='uid'"),
+        (["data.rating_col="], "data.rating_col=''"),
+        (["data.cold_user_fraction=0.1"], "data.cold_user_fraction"),
+        (["data.unrated_values=0"], "data.unrated_values"),
+        (["data.separator=;"], "data.separator"),
+    ],
+)
+def test_data_options_a_stream_does_not_read_are_refused(
+    log: Path, overrides: list[str], refused: str
+) -> None:
+    # Each once trained as if unset: `--user-col uid --stream` read user_id anyway.
+    config = apply_overrides(ExperimentConfig(), overrides)
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        fit_streamed_retrieval(config, log)
+    named = apply_overrides(
+        ExperimentConfig(), ["data.user_col=user_id", "data.time_col=timestamp"]
+    )
+    check_data_options(named.data)  # the names it reads anyway: fine
 
 
 def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:

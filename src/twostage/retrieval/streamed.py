@@ -55,7 +55,7 @@ import polars as pl
 import torch
 
 from twostage import distributed
-from twostage.config import ExperimentConfig
+from twostage.config import DataConfig, ExperimentConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.split import check_split_sizes, sample_users
 from twostage.data.streaming import (
@@ -93,6 +93,7 @@ from twostage.training import ProgressFn
 
 __all__ = [
     "StreamedRows",
+    "check_data_options",
     "evaluate_streamed",
     "fit_streamed_retrieval",
     "fit_streamed_two_stage",
@@ -115,12 +116,59 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("data.split=random, temporal or leave-last-out")
     if retrieval.ensemble:  # its members train from a log in memory
         problems.append("retrieval.ensemble=[] (one model)")
+    check_data_options(data)
     if problems:
         raise ConfigError(
             "training from a streamed log supports every example mode in one "
             "process, and interactions only under torchrun (as in memory); set "
             + ", ".join(problems)
             + "."
+        )
+
+
+def check_data_options(data: DataConfig) -> None:
+    """Refuse the ``data`` options a streamed log does not read, rather than train
+    as if they were unset: its columns are read by name (``user_id``, ``item_id``,
+    ``timestamp``, ``rating``), and rows are never moved between users."""
+    fixed = {
+        "user_col": (data.user_col, USER),
+        "item_col": (data.item_col, ITEM),
+        "time_col": (data.time_col, TIME),
+        "rating_col": (data.rating_col, RATING),
+    }
+    renamed = {
+        f"data.{key}": value
+        for key, (value, name) in fixed.items()
+        if value is not None and value != name
+    }
+    if renamed:
+        mapping = {v: fixed[k.removeprefix("data.")][1] for k, v in renamed.items()}
+        mapping.pop("", None)
+        hint = (
+            f" (e.g. `pl.scan_parquet(path).rename({mapping}).sink_parquet(...)`"
+            ", which streams too)"
+            if mapping
+            else ""
+        )
+        raise ConfigError(
+            f"a streamed log reads its columns by name ({USER}, {ITEM}, {TIME} and "
+            f"{RATING} when present) and cannot map or drop them: received "
+            + ", ".join(f"{k}={v!r}" for k, v in renamed.items())
+            + f". Rename the log's columns{hint}, or load it in memory "
+            "(without --stream)."
+        )
+    unread = {
+        "data.separator": data.separator is not None,
+        "data.cold_user_fraction": data.cold_user_fraction != 0,
+        "data.unrated_values": bool(data.unrated_values),
+    }
+    if any(unread.values()):
+        raise ConfigError(
+            "a streamed log does not read "
+            + ", ".join(key for key, value in unread.items() if value)
+            + " (a Parquet log has no separator; cold users and unrated values "
+            "are in-memory options): unset them, or load the log in memory "
+            "(without --stream)."
         )
 
 

@@ -44,6 +44,31 @@ def test_describe_own_csv_reports_bad_rows(tmp_path: Path) -> None:
     assert "empty_item_id" in result.output and "bad_rating" in result.output
 
 
+def test_describe_reads_a_parquet_directory_as_a_stream(tmp_path: Path) -> None:
+    """Regression: a directory of Parquet files, the form `train --stream` reads,
+    was refused as "not an existing file"."""
+    from twostage.data.synthetic import write_parquet
+
+    logs = tmp_path / "logs"
+    write_parquet(
+        logs,
+        num_users=50,
+        num_items=40,
+        num_interactions=900,
+        num_clusters=4,
+        rows_per_file=400,
+    )
+    result = runner.invoke(app, ["data", "describe", str(logs), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["num_interactions"] == 900 and summary["num_users"] <= 50
+    assert summary["duplicate_rows"] is None and summary["report"]["rejected"] == {}
+    table = runner.invoke(app, ["data", "describe", str(logs)])
+    assert "not counted when streamed" in table.output
+    mapped = runner.invoke(app, ["data", "describe", str(logs), "--user-col", "u"])
+    assert mapped.exit_code == 2 and "--user-col" in mapped.output
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

@@ -98,7 +98,7 @@ def _load(spec: str, options: dict[str, Any]) -> Any:
     return load_dataset(spec, **options)
 
 
-def _print_report(report: Any) -> None:
+def _print_report(report: Any, *, strict_hint: bool = True) -> None:
     if report is None:
         return
     if report.ok:
@@ -113,7 +113,8 @@ def _print_report(report: Any) -> None:
     console.print(table)
     console.print(
         f"{report.rows_loaded} of {report.rows_read} rows loaded, "
-        f"{report.num_rejected} rejected (use --strict to stop at the first one)."
+        f"{report.num_rejected} rejected"
+        + (" (use --strict to stop at the first one)." if strict_hint else ".")
     )
 
 
@@ -132,7 +133,11 @@ def print_summary(summary: dict[str, Any]) -> None:
             key.replace("_", " "),
             f"min {s['min']:g} / median {s['median']:g} / mean {s['mean']:.1f} / max {s['max']:g}",
         )
-    table.add_row("duplicate rows", f"{summary['duplicate_rows']:,}")
+    duplicates = summary["duplicate_rows"]
+    table.add_row(
+        "duplicate rows",
+        "not counted when streamed" if duplicates is None else f"{duplicates:,}",
+    )
     times = summary["time_range"]
     table.add_row(
         "time range",
@@ -148,6 +153,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row("ratings", "  ".join(f"{r}: {c:,}" for r, c in hist.items()))
     table.add_row("user features", Text(", ".join(summary["user_features"]) or "-"))
     table.add_row("item features", Text(", ".join(summary["item_features"]) or "-"))
+    if "other_columns" in summary:
+        table.add_row("other columns", Text(", ".join(summary["other_columns"]) or "-"))
     table.add_row("source", Text(summary["source"][:100]))
     console.print(table)
 
@@ -191,9 +198,18 @@ def data_describe(
             "--json", help="Print the summary (and the bad-row report) as JSON."
         ),
     ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Read a Parquet log one row group at a time, never as a table (a "
+            "directory of Parquet files always is), as `train --stream` reads it: "
+            "columns by name, duplicates not counted.",
+        ),
+    ] = False,
 ) -> None:
     """Counts, sparsity, rating histogram, time range and the bad-row report."""
-    from twostage.data.describe import describe
+    from twostage.data.describe import describe, describe_streamed
 
     options = dataset_options(
         user_col=user_col,
@@ -205,14 +221,30 @@ def data_describe(
         item_features=item_features,
         strict=strict,
     )
-    data = _load(dataset, options)
-    summary = describe(data)
+    if stream or Path(dataset).is_dir():
+        given = [
+            f"--{key.replace('_', '-')}"
+            for key, value in options.items()
+            if value is not None
+        ]
+        if given:
+            raise typer.BadParameter(
+                "a streamed log is read by its column names (user_id, item_id, "
+                "timestamp, rating) and counts bad rows without stopping; drop "
+                + ", ".join(given)
+                + ".",
+                param_hint="--stream",
+            )
+        summary, report = describe_streamed(dataset)
+        streamed = True
+    else:
+        data = _load(dataset, options)
+        summary, report, streamed = describe(data), data.report, False
     if json_output:
-        report = data.report
         print_json({**summary, "report": None if report is None else report.to_dict()})
         return
     print_summary(summary)
-    _print_report(data.report)
+    _print_report(report, strict_hint=not streamed)
 
 
 @data_app.command("split")

@@ -114,7 +114,7 @@ def test_streaming_vocabularies_equal_in_memory_ones(
     """Merged once at the end, or many times as the batches come (flush_rows=50)."""
     from twostage.data import streaming
 
-    monkeypatch.setattr(streaming._Counts, "FLUSH_ROWS", flush_rows)
+    monkeypatch.setattr(streaming.RunningCounts, "FLUSH_ROWS", flush_rows)
     _write(tmp_path, 1_000)
     fitted = fit_vocabularies(tmp_path, method=method, test_fraction=0.2, seed=3)
     log = _all(tmp_path)
@@ -354,3 +354,57 @@ def test_the_validation_carve_out_is_the_in_memory_split_of_the_training_rows(
     left = log.filter(pl.Series(~(test | validation)))
     assert fitted.items.size - 1 == left["item_id"].n_unique()
     assert int(fitted.items.counts.sum()) == left.height
+
+
+def test_a_streamed_description_is_the_in_memory_one(tmp_path: Path) -> None:
+    from twostage.data.describe import describe, describe_streamed
+    from twostage.data.tables import read_interactions
+
+    rng = np.random.default_rng(3)
+    rows = 2_000
+    log = pl.DataFrame(
+        {
+            "user_id": rng.integers(0, 90, rows),
+            "item_id": rng.integers(0, 70, rows),
+            "timestamp": rng.integers(1_500_000_000, 1_600_000_000, rows),
+            "rating": rng.integers(1, 6, rows).astype(float),
+            "device": rng.choice(["ios", "web"], rows),
+        }
+    ).with_columns(  # two bad rows: a NaN rating and a missing item
+        pl.when(pl.int_range(rows) == 10)
+        .then(float("nan"))
+        .otherwise(pl.col("rating"))
+        .alias("rating"),
+        pl.when(pl.int_range(rows) == 1_500)
+        .then(None)
+        .otherwise(pl.col("item_id"))
+        .alias("item_id"),
+    )
+    file = tmp_path / "log.parquet"
+    log.write_parquet(file, row_group_size=300)
+    in_memory = read_interactions(file)
+    expected = describe(in_memory)
+    summary, report = describe_streamed(file)
+    for key in (
+        "num_interactions",
+        "num_users",
+        "num_items",
+        "density",
+        "interactions_per_user",
+        "interactions_per_item",
+        "time_range",
+        "rating_histogram",
+    ):
+        assert summary[key] == expected[key], key
+    assert summary["rating_mean"] == pytest.approx(expected["rating_mean"])
+    assert summary["duplicate_rows"] is None and summary["other_columns"] == ["device"]
+    assert (
+        report.rejected
+        == in_memory.report.rejected
+        == {
+            "bad_rating": 1,
+            "empty_item_id": 1,
+        }
+    )
+    assert [line for line, _ in report.examples["bad_rating"]] == [11]
+    assert (report.rows_read, report.rows_loaded) == (2_000, 1_998)

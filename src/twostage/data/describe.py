@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 
-__all__ = ["describe"]
+if TYPE_CHECKING:
+    from twostage.data.report import LoadReport
+
+__all__ = ["describe", "describe_streamed"]
 
 
 def _iso(ts: int | None) -> str | None:
@@ -73,6 +77,79 @@ def describe(dataset: Dataset) -> dict[str, Any]:
     if dataset.report is not None:
         out["bad_rows"] = dataset.report.to_dict()
     return out
+
+
+def describe_streamed(path: str | Path) -> tuple[dict[str, Any], LoadReport]:
+    """:func:`describe` of a Parquet log read one row group at a time
+    (:mod:`twostage.data.streaming`: a file or a directory of files, columns by
+    name, bad rows counted and left out as every streamed pass does), and its
+    bad-row report.
+
+    Memory holds each distinct user and item with its count, and the rating
+    values' counts, never the rows. ``duplicate_rows`` is None: counting them
+    would hold every distinct row. ``user_features`` / ``item_features`` are
+    empty (a streamed log has no feature tables until a run names its columns),
+    and ``other_columns`` lists the log's columns that play no role.
+    """
+    import pyarrow.parquet as pq
+
+    from twostage.data.report import LoadReport
+    from twostage.data.streaming import RunningCounts, iter_row_groups, parquet_files
+
+    names = pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names
+    rated = RATING in names
+    report = LoadReport(path=str(path))
+    users, items, ratings = RunningCounts(), RunningCounts(), RunningCounts()
+    rows = 0
+    low: int | None = None
+    high: int | None = None
+    columns = [USER, ITEM, TIME, *([RATING] if rated else [])]
+    for _, batch in iter_row_groups(path, columns=columns, report=report):
+        rows += batch.height
+        users.add(batch[USER])
+        items.add(batch[ITEM])
+        if rated:
+            ratings.add(batch[RATING])
+        if batch.height:
+            times = batch[TIME]  # epoch seconds, as the loader parsed them
+            first, last = int(times.min()), int(times.max())  # type: ignore[arg-type]
+            low = first if low is None else min(low, first)
+            high = last if high is None else max(high, last)
+    report.rows_loaded = rows
+    report.rows_read = rows + report.num_rejected
+    per_user, per_item = users.result(), items.result()
+    num_users = 0 if per_user is None else per_user.height
+    num_items = 0 if per_item is None else per_item.height
+    empty = pl.Series("count", [], dtype=pl.Int64)
+    out: dict[str, Any] = {
+        "name": Path(path).name,
+        "source": str(path),
+        "num_interactions": rows,
+        "num_users": num_users,
+        "num_items": num_items,
+        "density": rows / (num_users * num_items) if num_users and num_items else 0.0,
+        "interactions_per_user": _spread(
+            empty if per_user is None else per_user["count"]
+        ),
+        "interactions_per_item": _spread(
+            empty if per_item is None else per_item["count"]
+        ),
+        "duplicate_rows": None,
+        "time_range": {"min": _iso(low), "max": _iso(high)} if rows else None,
+        "user_features": [],
+        "item_features": [],
+        "other_columns": [c for c in names if c not in (USER, ITEM, TIME, RATING)],
+    }
+    hist = ratings.result()
+    if rated and hist is not None and hist.height:
+        hist = hist.sort("key")
+        counts = hist["count"]
+        out["rating_histogram"] = {
+            f"{r:g}": int(c) for r, c in zip(hist["key"], counts, strict=True)
+        }
+        total = float((hist["key"] * counts).sum())
+        out["rating_mean"] = total / float(counts.sum())
+    return out, report
 
 
 def _spread(counts: pl.Series) -> dict[str, float]:

@@ -46,7 +46,9 @@ from twostage.features.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "RunningCounts",
     "SplitRule",
+    "check_file_schemas",
     "StreamingVocabularies",
     "count_values",
     "feature_tables",
@@ -564,7 +566,7 @@ class StreamingVocabularies:
         return counts / max(counts.sum(), 1.0)
 
 
-class _Counts(_Buffered):
+class RunningCounts(_Buffered):
     """Running (key, count) totals of a stream of ID batches."""
 
     def add(self, values: pl.Series) -> None:
@@ -610,7 +612,7 @@ def fit_vocabularies(
         seed=seed,
         validation_fraction=validation_fraction,
     )
-    users, items = _Counts(), _Counts()
+    users, items = RunningCounts(), RunningCounts()
     train_rows = test_rows = validation_rows = batches = 0
     columns = [USER, ITEM, TIME]
     report = LoadReport(path=str(path))
@@ -706,7 +708,7 @@ def count_values(
             f"derived from its timestamp ({sorted(DERIVED)})."
         )
     raw = [c for c in columns if c in present and c not in (USER, ITEM, TIME)]
-    counters = {c: _Counts() for c in columns}
+    counters = {c: RunningCounts() for c in columns}
     for first, batch in iter_row_groups(
         path, columns=[USER, ITEM, TIME, *raw], rank=rank, world=world
     ):

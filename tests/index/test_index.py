@@ -288,3 +288,41 @@ def test_tensors_read_back_aligned_and_equal(tmp_path: Path) -> None:
     again = ExactIndex().build(read, torch.arange(1, 501))
     pairs = zip(built.search(query, 20), again.search(query, 20), strict=True)
     assert all(torch.equal(before, after) for before, after in pairs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_gpu_index_is_refused_without_a_gpu_and_loads_onto_the_cpu(
+    data: dict[str, torch.Tensor],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # `index build --set device=cuda` ended in torch's "not compiled with CUDA"
+    # traceback; a bundle whose index was saved on a GPU machine failed to load.
+    with pytest.raises(ConfigError, match="torch sees no GPU here"):
+        ExactIndex(device="cuda")
+    built = ExactIndex().build(data["items"], data["ids"])
+    built.save(tmp_path)
+    meta = json.loads((tmp_path / "index.json").read_text())
+    meta["params"]["device"] = "cuda:0"  # as a GPU machine saves it
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="twostage.index.exact"):
+        loaded = load_index(tmp_path)
+    assert "saved for device 'cuda:0'" in caplog.text
+    assert isinstance(loaded, ExactIndex) and loaded.device == torch.device("cpu")
+    want = built.search(data["queries"], K)
+    got = loaded.search(data["queries"], K)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+def test_more_ivf_lists_than_the_items_fill_are_reported(
+    data: dict[str, torch.Tensor], caplog: pytest.LogCaptureFixture
+) -> None:
+    items, ids = data["items"][:200], data["ids"][:200]
+    with caplog.at_level("WARNING", logger="twostage.index.faiss"):
+        index = IVFIndex(nlist=5000).build(items, ids)
+    assert index.params()["nlist"] == 200  # one list per item at most
+    assert "nlist = 5000 asks for more lists than 200 items fill" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage.index.faiss"):
+        IVFIndex(nlist=4).build(items, ids)
+    assert "asks for more lists" not in caplog.text

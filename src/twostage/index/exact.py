@@ -9,8 +9,9 @@ device; results always come back on the CPU.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from twostage.errors import ArtifactError, ConfigError
 from twostage.index.base import Index, check_int, load_tensors
 
 __all__ = ["ExactIndex"]
+
+logger = logging.getLogger(__name__)
 
 DATA_FILE = "embeddings.safetensors"
 _SCORES_PER_BLOCK = 1 << 24  # query_block x chunk_size scores (64 MiB of float32)
@@ -46,6 +49,11 @@ class ExactIndex(Index):
                 f"`device` should be a torch device such as 'cpu' or 'cuda'. "
                 f"Received: `device` = {device!r}."
             ) from e
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"`device` = {device!r} asks for CUDA but torch sees no GPU here; "
+                "use 'cpu'."
+            )
         self._embeddings = torch.empty(0, 0)
         self._device_ids = torch.empty(0, dtype=torch.int64)
 
@@ -97,6 +105,26 @@ class ExactIndex(Index):
         # Masked (excluded) items and the padding of short rows both score -inf.
         best_ids[best == -torch.inf] = -1
         return best, best_ids
+
+    @classmethod
+    def _load(cls, directory: Path, meta: dict[str, Any]) -> Self:
+        """As :meth:`Index._load`; an index saved on a GPU machine loads onto the
+        CPU where there is none (the scores are the same up to float rounding),
+        with a warning."""
+        device = meta["params"].get("device")
+        if (
+            isinstance(device, str)
+            and device.startswith("cuda")
+            and not torch.cuda.is_available()
+        ):
+            logger.warning(
+                "%s was saved for device %r, but torch sees no GPU here: it is "
+                "searched on the CPU.",
+                directory,
+                device,
+            )
+            meta = {**meta, "params": {**meta["params"], "device": "cpu"}}
+        return super()._load(directory, meta)
 
     def _save_data(self, directory: Path) -> None:
         tensors = {

@@ -24,6 +24,7 @@ shared 2-core VM):
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ __all__ = [
     "HNSWIndex",
     "IVFIndex",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EF_CONSTRUCTION = 80
 DEFAULT_EF_SEARCH = 128
@@ -155,6 +158,18 @@ class IVFIndex(_FaissIndex):
     def _build(self, embeddings: torch.Tensor, ids: torch.Tensor) -> None:
         num_items, dim = embeddings.shape
         nlist = min(self.nlist, num_items)
+        if self.nlist > num_items // _MIN_POINTS_PER_LIST:
+            # faiss trains on what there is, with a warning of its own on stderr.
+            logger.warning(
+                "nlist = %d asks for more lists than %d items fill (%d points a list "
+                "is faiss's minimum%s); the index has %d lists, and recall may "
+                "suffer: fewer lists (or 0, picked from the catalogue) fit better.",
+                self.nlist,
+                num_items,
+                _MIN_POINTS_PER_LIST,
+                "; one list per item at most" if self.nlist > num_items else "",
+                nlist,
+            )
         if nlist == 0:
             wanted = round(4 * math.sqrt(num_items))
             nlist = max(1, min(wanted, num_items // _MIN_POINTS_PER_LIST))

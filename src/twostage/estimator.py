@@ -181,8 +181,9 @@ class TwoStageModel:
             users, items: user and item feature tables (frames or Datasets' tables)
                 keyed by ``user_col`` / ``item_col``.
             user_col, item_col, time_col, rating_col: column names of the frames
-                (``time_col`` None: row order is time order; ``rating_col`` None:
-                implicit feedback).
+                (``time_col`` / ``rating_col`` None: a column named ``timestamp`` /
+                ``rating`` when there is one, as every reader takes it; ``""``:
+                none, so row order is time order / the feedback is implicit).
 
         Returns:
             self, fitted.

@@ -67,6 +67,11 @@ def test_describe_reads_a_parquet_directory_as_a_stream(tmp_path: Path) -> None:
     assert "not counted when streamed" in table.output
     mapped = runner.invoke(app, ["data", "describe", str(logs), "--user-col", "u"])
     assert mapped.exit_code == 2 and "--user-col" in mapped.output
+    split = runner.invoke(app, ["data", "split", str(logs), "--out", str(tmp_path)])
+    assert isinstance(split.exception, DataError)  # in memory: one file, said so
+    assert "is a directory" in str(split.exception) and "--stream" in str(
+        split.exception
+    )
 
 
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:

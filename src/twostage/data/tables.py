@@ -341,6 +341,12 @@ def _load(
             path.select(spec.sources), FRAME, spec, opts
         )
         return _finish(df, report, spec, describe, FRAME)
+    if path.is_dir():
+        raise DataError(
+            f"{str(path)!r} is a directory; a log in memory is one CSV or Parquet "
+            "file. A directory of Parquet files is read one row group at a time: "
+            "`twostage train --stream`, `twostage data describe` (docs/scaling.md)."
+        )
     if not path.is_file():
         raise DataError(f"`path` should be an existing file. Received: {str(path)!r}.")
     with path.open("rb") as f:

@@ -286,6 +286,26 @@ def test_an_empty_time_col_reaches_training(tmp_path: Path) -> None:
     assert saved["time_col"] == ""
 
 
+def test_a_relative_log_path_is_saved_so_evaluate_finds_it_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: `--dataset log.csv` was saved as written, so `twostage evaluate`
+    from another directory could not rebuild the split."""
+    data = generate(num_users=60, num_items=100, num_interactions=1500)
+    (tmp_path / "logs").mkdir()
+    data.interactions.write_csv(tmp_path / "logs" / "log.csv")
+    monkeypatch.chdir(tmp_path / "logs")
+    run = tmp_path / "run"
+    args = ["train", "retrieval", "--dataset", "log.csv", "--out", str(run)]
+    result = runner.invoke(app, [*args, *SMALL_TRAINING])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "config.json").read_text())["data"]["dataset"]
+    assert saved == str((tmp_path / "logs" / "log.csv").resolve())
+    monkeypatch.chdir(tmp_path)
+    evaluated = runner.invoke(app, ["evaluate", str(run), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+
+
 def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
     """Regression: `data split` wrote files that no training command read."""
     data = generate(num_users=60, num_items=100, num_interactions=1500)

@@ -235,6 +235,9 @@ def train_all(
             "--work-dir of the interrupted run.",
             param_hint="--resume",
         )
+    from twostage.data.registry import anchored
+
+    dataset = anchored(dataset)  # the saved config finds the log from anywhere
     columns = _columns(
         user_col,
         item_col,
@@ -568,8 +571,10 @@ def train_retrieval_command(
     json_output: JsonOutput = False,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
+    from twostage.data.registry import anchored
     from twostage.retrieval.fit import fit_retrieval
 
+    dataset = anchored(dataset)  # the saved config finds the log from anywhere
     columns = _columns(
         user_col,
         item_col,

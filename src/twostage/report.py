@@ -379,7 +379,7 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
     from twostage.data.describe import describe
     from twostage.data.registry import load_dataset_for
     from twostage.data.split import prepare_split
-    from twostage.errors import TwostageError
+    from twostage.errors import TwostageError, clause
     from twostage.recommender import load
     from twostage.retrieval.evaluation import evaluate_baselines
 
@@ -399,7 +399,7 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
         dataset = load_dataset_for(run.config)
     except (TwostageError, OSError) as e:
         notes.append(
-            f"the data {run.config.data.dataset!r} cannot be loaded here ({e}); the "
+            f"the data {run.config.data.dataset!r} cannot be loaded here ({clause(e)}); the "
             "report shows the metrics saved with the run."
         )
     else:

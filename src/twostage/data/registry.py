@@ -11,7 +11,7 @@ from twostage.errors import DataError
 if TYPE_CHECKING:
     from twostage.config import ExperimentConfig
 
-__all__ = ["BUILTIN_DATASETS", "load_dataset", "load_dataset_for"]
+__all__ = ["BUILTIN_DATASETS", "anchored", "load_dataset", "load_dataset_for"]
 
 BUILTIN_DATASETS = (
     "movielens-100k",
@@ -21,6 +21,22 @@ BUILTIN_DATASETS = (
     "movielens-25m",
     "synthetic",
 )
+
+
+def anchored(spec: str) -> str:
+    """``spec`` with the path of an existing file or directory made absolute (also
+    inside ``book-crossing:PATH``), built-in names unchanged: what a saved config
+    keeps, so ``twostage evaluate`` and ``report`` find the log again from another
+    working directory."""
+    lowered = spec.lower()
+    if lowered.startswith(("movielens-", "ml-", "synthetic")):  # as load_dataset
+        return spec
+    prefix = ""
+    if lowered.startswith("book-crossing:"):
+        prefix, _, spec = spec.partition(":")
+        prefix += ":"
+    path = Path(spec).expanduser()
+    return prefix + (str(path.resolve()) if path.exists() else spec)
 
 
 def load_dataset(spec: str, **options: Any) -> Dataset:

@@ -18,7 +18,7 @@ from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import ExperimentSplit, prepare_split
 from twostage.data.user_items import UserItems
-from twostage.errors import ConfigError, DataError, TwostageError
+from twostage.errors import ConfigError, DataError, TwostageError, clause
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
 from twostage.features.context import add_context_columns
 from twostage.retrieval.run import RetrievalRun, load_run
@@ -293,7 +293,7 @@ def rebuild_split(
         raise DataError(
             f"cannot rebuild the test split{where}: its config names "
             f"data.dataset = {run.config.data.dataset!r}, which cannot be loaded "
-            f"here ({e}). Make that dataset available at the same name or path "
+            f"here ({clause(e)}). Make that dataset available at the same name or path "
             "(built-in data: `twostage data fetch NAME`), then evaluate again."
         ) from e
     return prepare_split(dataset, run.config)

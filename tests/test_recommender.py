@@ -231,3 +231,29 @@ def test_a_list_of_users_is_a_clear_error(fitted: tuple[Recommender, object]) ->
     with pytest.raises(ConfigError, match="recommend_batch"):
         rec.recommend([1, 2])
     assert len(rec.recommend_batch([1, 2], 3)) == 2
+
+
+def test_ids_that_are_neither_integers_nor_strings_are_refused(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """Regression: Python's equality served True and 1.0 as user 1, and a NaN (an
+    ID column read as floats) as a new user's cold start."""
+    import numpy as np
+
+    rec, _ = fitted
+    user = int(rec.user_vocab.values[0])
+    item = int(rec.item_vocab.values[0])
+    for bad in (True, float(user), float("nan"), 1.5):
+        with pytest.raises(ConfigError, match="`user_id` should be an integer or"):
+            rec.recommend(bad, 3)
+        with pytest.raises(ConfigError, match="`user_id` should be an integer or"):
+            rec.history(bad)
+        with pytest.raises(ConfigError, match="`item_id` should be an integer or"):
+            rec.similar_items(bad, 3)
+        with pytest.raises(ConfigError, match=r"`session\[1\]` should be an integer"):
+            rec.recommend(session=[item, bad], k=3)
+    # Integers of any kind, and strings of digits (a form field), are IDs.
+    want = rec.recommend(user, 3).items
+    assert rec.recommend(np.int64(user), 3).items == want
+    assert rec.recommend(str(user), 3).items == want
+    assert rec.recommend(session=[np.int32(item)], k=3).path == "session"

@@ -25,11 +25,27 @@ from twostage.models.fields import UNKNOWN_TIME
 
 __all__ = [
     "ItemFilters",
+    "check_raw_id",
     "client_values",
     "encode_context",
     "encode_user_features",
     "session_indices",
 ]
+
+
+def check_raw_id(name: str, value: Any) -> None:
+    """Refuse a raw ID that is neither an integer nor a string: logs hold only
+    those (a float ID column is refused at load), and Python's equality would
+    otherwise take ``True`` and ``1.0`` for user 1 and a NaN for a new user.
+
+    Raises:
+        ConfigError: naming ``name`` and the value's type.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer | str):
+        raise ConfigError(
+            f"`{name}` should be an integer or string ID, as in the log. Received: "
+            f"{value!r} ({type(value).__name__})."
+        )
 
 
 def session_indices(
@@ -71,6 +87,8 @@ def session_indices(
             "`item_id` and an optional `timestamp`. Received: "
             f"{[session[n] for n in bad][:3] or session[:3]}."
         )
+    for number, entry in enumerate(entries):  # numbered as the request has them
+        check_raw_id(f"session[{number}]", entry["item_id"])
     times = [e.get("timestamp") for e in entries]
     numeric = [isinstance(t, int | float) and not isinstance(t, bool) for t in times]
     odd = [

@@ -26,6 +26,7 @@ from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import Index, make_index
 from twostage.inputs import (
     ItemFilters,
+    check_raw_id,
     encode_context,
     encode_user_features,
     session_indices,
@@ -313,7 +314,8 @@ class Recommender:
         """Top ``k`` items for a user.
 
         Args:
-            user_id: a raw user ID; unknown or None means cold start.
+            user_id: a raw user ID, an integer or a string (digits also find an
+                integer ID); unknown or None means cold start.
             k: how many items to return.
             user_features: raw feature values (e.g. ``{"age": 30, "gender": "F"}``)
                 for an unknown user.
@@ -351,6 +353,8 @@ class Recommender:
                 "`user_id` should be one user ID. Received a "
                 f"{type(user_id).__name__}; use recommend_batch(user_ids, k) for many."
             )
+        if user_id is not None:
+            check_raw_id("user_id", user_id)
         if num_candidates is None:
             num_candidates = self.num_candidates
         _check_k("num_candidates", num_candidates)
@@ -472,6 +476,7 @@ class Recommender:
             UnknownIdError: the item is not in the catalogue.
         """
         _check_k("k", k)
+        check_raw_id("item_id", item_id)
         item_idx = self.item_vocab.lookup(item_id)
         if item_idx == 0:
             raise UnknownIdError(
@@ -491,6 +496,7 @@ class Recommender:
         (the bundle keeps time order only for that window); older items come first, in
         catalogue order. An unknown user has no history.
         """
+        check_raw_id("user_id", user_id)
         user_idx = self.user_vocab.lookup(user_id)
         if user_idx == 0:
             return []

@@ -367,6 +367,35 @@ def test_numeric_encoder_standardises_with_train_statistics() -> None:
         NumericEncoder().fit(pl.Series("name", ["a", "b"]))
 
 
+def test_infinite_values_fitted_on_are_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # They are read as missing, as documented; fitting on them used to say nothing.
+    price = pl.Series("price", [1.0, 3.0, float("inf"), None, -float("inf")])
+    with caplog.at_level("WARNING", logger="twostage.features.base"):
+        numeric = NumericEncoder().fit(price)
+        BucketEncoder(num_buckets=2).fit(price)
+        NumericEncoder().fit_counts(
+            pl.Series("price", [1.0, float("inf")]), np.array([3, 5])
+        )
+    said = [r.getMessage() for r in caplog.records]
+    assert (
+        said
+        == [
+            "column 'price': 2 infinite value(s) are read as missing (fitted without "
+            "them; encoded as missing values are).",
+        ]
+        * 2
+        + [said[2]]
+        and "5 infinite value(s)" in said[2]
+    )
+    assert numeric.mean == 2.0 and numeric.std == 1.0  # fitted on 1 and 3 alone
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage.features.base"):
+        NumericEncoder().fit(pl.Series("n", [1.0, 2.0, None, float("nan")]))
+    assert not caplog.records
+
+
 def test_bucket_encoder_fixed_boundaries() -> None:
     encoder = BucketEncoder(boundaries=[10, 20])
     assert encoder.is_fitted and encoder.output.num_embeddings == 4

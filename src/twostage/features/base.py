@@ -16,6 +16,7 @@ dense     ``[N, d]`` float32     ``d`` real-valued columns
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import numpy as np
 import polars as pl
 
 from twostage.errors import ArtifactError, ConfigError, DataError, NotFittedError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Encoder",
@@ -218,6 +221,25 @@ def to_float(values: pl.Series) -> np.ndarray:
     out = np.array(out, dtype=np.float64)  # own, writable copy
     out[~np.isfinite(out)] = np.nan
     return out
+
+
+def warn_infinite(values: pl.Series, counts: np.ndarray | None = None) -> None:
+    """Log how many of the values an encoder is fitted on are infinite: they are
+    read as missing (:func:`to_float`), which a user should hear about once, at
+    fit time, not find in the figures. ``counts``: each value's row count (a
+    streamed fit's distinct values)."""
+    if not values.dtype.is_float():
+        return
+    infinite = values.is_infinite().fill_null(False).to_numpy()
+    if not infinite.any():
+        return
+    rows = int(infinite.sum() if counts is None else np.asarray(counts)[infinite].sum())
+    logger.warning(
+        "column %r: %d infinite value(s) are read as missing (fitted without "
+        "them; encoded as missing values are).",
+        values.name,
+        rows,
+    )
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:

@@ -20,6 +20,7 @@ from twostage.features.base import (
     as_series,
     check_positive_int,
     to_float,
+    warn_infinite,
 )
 from twostage.features.vocab import Vocabulary
 
@@ -60,6 +61,7 @@ class NumericEncoder(Encoder):
         return np.sign(x) * np.log1p(np.abs(x)) if self.log1p else x
 
     def fit(self, values: Values) -> Self:
+        warn_infinite(as_series(values, "values"))
         x = self._prepare(values)
         x = x[~np.isnan(x)]
         mean = float(x.mean()) if x.size else 0.0
@@ -68,6 +70,7 @@ class NumericEncoder(Encoder):
         return self
 
     def fit_counts(self, values: pl.Series, counts: np.ndarray) -> Self:
+        warn_infinite(values, counts)
         x = self._prepare(values)
         weights = np.asarray(counts, dtype=np.float64)
         known = ~np.isnan(x)
@@ -144,6 +147,7 @@ class BucketEncoder(Encoder):
     def fit(self, values: Values) -> Self:
         if self.fixed:
             return self
+        warn_infinite(as_series(values, "values"))
         x = to_float(as_series(values, "values"))
         x = x[~np.isnan(x)]
         if x.size == 0:
@@ -158,6 +162,7 @@ class BucketEncoder(Encoder):
     def fit_counts(self, values: pl.Series, counts: np.ndarray) -> Self:
         if self.fixed:
             return self
+        warn_infinite(values, counts)
         x = to_float(as_series(values, "values"))
         weights = np.asarray(counts, dtype=np.int64)
         known = ~np.isnan(x)

@@ -237,3 +237,15 @@ def test_an_unknown_user_typed_as_markup_and_a_short_list_are_shown_plainly(
     assert f"only {catalogue - 1} items to rank besides this one" in similar.output
     exact = runner.invoke(app, ["recommend", bundle, "--user", "[/]", "-k", "5"])
     assert "Top 5 for" in exact.output and "asked for" not in exact.output
+
+
+def test_a_feature_given_twice_or_not_finite_names_the_flag(models_dir: Path) -> None:
+    bundle = str(models_dir / "synthetic")
+    twice = runner.invoke(
+        app, ["recommend", bundle, "--feature", "age=30", "--feature", "age=31"]
+    )
+    assert twice.exit_code == 2 and "'age' is given twice" in twice.output
+    result = runner.invoke(app, ["recommend", bundle, "--feature", "age=inf"])
+    assert result.exit_code == 2, result.output
+    shown = " ".join(result.output.split())
+    assert "--feature" in shown and "should be a finite number" in shown

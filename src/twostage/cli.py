@@ -373,6 +373,12 @@ def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
             raise typer.BadParameter(
                 f"should look like key=value. Received: {item!r}.", param_hint=option
             )
+        if key in values:
+            raise typer.BadParameter(
+                f"{key!r} is given twice ({values[key]!r} and {value!r}); give each "
+                "key once.",
+                param_hint=option,
+            )
         values[key] = int(value) if value.lstrip("-").isdigit() else value
     return values
 
@@ -450,7 +456,7 @@ def recommend_command(
             "cold-start answer.",
             param_hint="--user",
         )
-    from twostage.errors import UnknownIdError
+    from twostage.errors import ConfigError, UnknownIdError
 
     try:
         answer = rec.recommend(
@@ -463,6 +469,18 @@ def recommend_command(
         )
     except UnknownIdError as e:  # only a session's items can be unknown here
         raise typer.BadParameter(str(e), param_hint="--session") from e
+    except ConfigError as e:  # a request field is named by the flag that fills it
+        message = str(e)
+        for field, flag in (
+            ("user_features", "--feature"),
+            ("context", "--context"),
+            ("session", "--session"),
+        ):
+            if message.startswith(f"`{field}"):
+                raise typer.BadParameter(
+                    message.replace(f"`{field}`", f"`{flag}`", 1), param_hint=flag
+                ) from e
+        raise
     if json_output:
         print_json({**answer.to_dict(), "known_user": known})
         return

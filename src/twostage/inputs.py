@@ -25,6 +25,7 @@ from twostage.models.fields import UNKNOWN_TIME
 
 __all__ = [
     "ItemFilters",
+    "check_finite_numbers",
     "check_raw_id",
     "client_values",
     "encode_context",
@@ -205,6 +206,35 @@ def client_values(
         ) from e
 
 
+#: Field kinds whose encoder reads numbers (a non-finite one would be "missing").
+_NUMBER_KINDS = ("numeric", "bucket", "timestamp")
+
+
+def check_finite_numbers(
+    spec: FeatureSpec, name: str, values: Mapping[str, Any]
+) -> None:
+    """Refuse a request's NaN or infinite number (or text such as "inf") for a
+    numeric, bucketed or timestamp column: the encoders read those as missing,
+    which would answer a client's mistake as if the value had been left out.
+
+    Raises:
+        ConfigError: naming the request's field and the column.
+    """
+    numeric = {f.name for f in spec.fields if f.kind in _NUMBER_KINDS}
+    for column, value in values.items():
+        if column not in numeric or value is None or isinstance(value, bool):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue  # not a number at all: the encoder says so
+        if not math.isfinite(number):
+            raise ConfigError(
+                f"`{name}`[{column!r}] should be a finite number, or left out when "
+                f"unknown. Received: {value!r}."
+            )
+
+
 def encode_context(
     spec: FeatureSpec, keys: list[str], context: Mapping[str, Any] | None
 ) -> dict[str, torch.Tensor]:
@@ -222,6 +252,7 @@ def encode_context(
                 f"(received {sorted(context)})."
             )
         return {}
+    check_finite_numbers(spec, "context", context or {})
     frame = context_frame(pl.Series(USER, [None]), context, keys)
     with client_values("context", dict(context or {}), keys):
         return {
@@ -248,6 +279,7 @@ def encode_user_features(
     Raises:
         ConfigError: a value is of the wrong kind for its column.
     """
+    check_finite_numbers(spec, "user_features", user_features)
     values = {c: [user_features.get(c)] for c in columns}
     with client_values("user_features", user_features, columns):
         frame = pl.DataFrame({USER: [None], **values})

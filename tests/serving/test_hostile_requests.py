@@ -82,6 +82,16 @@ def test_nan_and_infinity_are_not_ages(models: Path) -> None:
                 headers={"Content-Type": "application/json"},
             )
             assert response.status_code == 422, response.text
+        # As text they passed the schema and were read as a missing age: a cold
+        # start answered as if the client had left the age out.
+        for text in ("nan", "inf", "-Infinity", "1e400"):
+            response = client.post(
+                "/v1/recommend", json={"user_features": {"age": text}}
+            )
+            assert response.status_code == 400, response.text
+            assert "['age'] should be a finite number" in response.json()["error"]
+        fine = client.post("/v1/recommend", json={"user_features": {"age": "31"}})
+        assert fine.status_code == 200, fine.text
 
 
 def test_predict_instances_are_capped(models: Path) -> None:

@@ -94,6 +94,26 @@ def test_nan_and_infinity_are_not_ages(models: Path) -> None:
         assert fine.status_code == 200, fine.text
 
 
+def test_unknown_routes_and_methods_answer_in_the_api_error_shape(
+    models: Path,
+) -> None:
+    # They answered Starlette's {"detail": "Not Found"}, unlike every other error.
+    with TestClient(
+        create_app(ServeSettings(models=str(models), poll_seconds=0))
+    ) as client:
+        missing = client.get("/v1/no-such-route")
+        assert missing.status_code == 404
+        assert missing.json() == {
+            "error": "no route GET /v1/no-such-route; the routes are listed at /docs.",
+            "details": [],
+        }
+        wrong = client.get("/v1/recommend")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        assert (
+            wrong.json()["error"] == "/v1/recommend does not take GET; it takes POST."
+        )
+
+
 def test_predict_instances_are_capped(models: Path) -> None:
     settings = ServeSettings(models=str(models), poll_seconds=0, max_instances=5)
     with TestClient(create_app(settings)) as client:

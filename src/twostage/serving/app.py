@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.serving.docs import add_offline_docs
@@ -190,6 +191,27 @@ def create_app(settings: ServeSettings) -> FastAPI:
             )
         status, message, details = _validation_message(exc)
         return _error(status, message, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The router's own 404 and 405 (and any other HTTPException) in the API's
+        # error shape, {"error", "details"}, not Starlette's {"detail"}.
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            message = f"no route {where}" + (
+                "; the routes are listed at /docs." if settings.docs else "."
+            )
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{request.url.path} does not take {request.method}" + (
+                f"; it takes {allowed}." if allowed else "."
+            )
+        else:
+            message = f"{where}: {exc.detail}"
+        response = _error(exc.status_code, message)
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
 
     @app.exception_handler(ConfigError)
     def on_config(request: Request, exc: ConfigError) -> JSONResponse:

@@ -75,6 +75,25 @@ def test_a_non_finite_number_is_refused_however_the_config_is_built(
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "reader",
+    [
+        "retrieval.query_encoder=transformer",
+        "retrieval.query_encoder=gru",
+        "retrieval.ensemble=gru",
+        "retrieval.examples=sequences",
+    ],
+)
+def test_an_ordered_model_needs_a_history(reader: str) -> None:
+    # Each trained without one, and its queries read nothing but the user ID.
+    with pytest.raises(ConfigError, match="at least 1 with a transformer or GRU"):
+        apply_overrides(ExperimentConfig(), [reader, "retrieval.history_length=0"])
+    kept = apply_overrides(ExperimentConfig(), [reader, "retrieval.history_length=1"])
+    assert kept.retrieval.history_length == 1
+    bag = apply_overrides(ExperimentConfig(), ["retrieval.history_length=0"])
+    assert bag.retrieval.history_length == 0  # a bag model may read no history
+
+
 def test_ranking_is_a_section_that_overrides_and_files_reach(tmp_path: Path) -> None:
     config = apply_overrides(ExperimentConfig(), ["ranking.epochs=2"])
     assert config.ranking == RankingConfig(epochs=2)

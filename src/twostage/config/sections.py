@@ -292,12 +292,24 @@ class RetrievalConfig(_Checked):
             + self.ease_rank * closed
         )
 
+    def _reads_order(self) -> bool:
+        """Whether the model reads the history in order (and needs one)."""
+        encoders = (self.query_encoder, *self.ensemble)
+        return self.examples == "sequences" or any(
+            e in ("transformer", "gru") for e in encoders
+        )
+
     def _rules(self) -> dict[str, tuple[bool, str]]:
         return {
             "embedding_dim": (self.embedding_dim >= 1, "a positive integer"),
             "output_dim": (self.output_dim >= 1, "a positive integer"),
             "hidden_dims": (all(h >= 1 for h in self.hidden_dims), "positive widths"),
-            "history_length": (self.history_length >= 0, "0 (no history) or more"),
+            "history_length": (
+                self.history_length >= 1
+                or (self.history_length == 0 and not self._reads_order()),
+                "0 (no history) or more; at least 1 with a transformer or GRU "
+                "query encoder or `examples=sequences`, which read the history",
+            ),
             "history_dropout": (_fraction(self.history_dropout), "in [0, 1)"),
             "sequence_layers": (self.sequence_layers >= 1, "a positive integer"),
             "sequence_heads": (

@@ -306,6 +306,33 @@ def test_a_relative_log_path_is_saved_so_evaluate_finds_it_from_anywhere(
     assert evaluated.exit_code == 0, evaluated.output
 
 
+def test_an_existing_bundle_is_refused_before_training(tmp_path: Path) -> None:
+    """Regression: `train --out` onto an existing version trained in full and was
+    refused only at the save; `train retrieval --out` onto one wrote its run files
+    into the bundle, which then failed verification."""
+    bundle = tmp_path / "models" / "m" / "1"
+    args = ["--dataset", "synthetic:num_users=60,num_items=100,num_interactions=1500"]
+    first = runner.invoke(
+        app,
+        [
+            *("train", *args, "--out", str(bundle)),
+            *("--set", "ranking.epochs=1", *SMALL_TRAINING),
+        ],
+    )
+    assert first.exit_code == 0, first.output
+    files = sorted(p.name for p in bundle.iterdir())
+    again = runner.invoke(app, ["train", *args, "--out", str(bundle)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert "retrieval" not in again.output  # no training began
+    into = runner.invoke(app, ["train", "retrieval", *args, "--out", str(bundle)])
+    assert into.exit_code == 2 and "is a saved bundle version" in " ".join(
+        into.output.split()
+    )
+    assert sorted(p.name for p in bundle.iterdir()) == files
+    recommended = runner.invoke(app, ["recommend", str(bundle.parent), "--user", "1"])
+    assert recommended.exit_code == 0, recommended.output
+
+
 def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
     """Regression: `data split` wrote files that no training command read."""
     data = generate(num_users=60, num_items=100, num_interactions=1500)

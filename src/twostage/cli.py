@@ -229,6 +229,12 @@ def train_all(
         return
     if out is None:
         raise typer.BadParameter("--out is required, e.g. --out models/movielens/1")
+    if out.exists():  # refused now, not after training as the save would
+        raise typer.BadParameter(
+            f"{str(out)!r} already exists, and bundle versions are immutable: save "
+            "to a new version directory (e.g. the next number).",
+            param_hint="--out",
+        )
     if resume and work_dir is None:
         raise typer.BadParameter(
             "--resume continues from the checkpoints in --work-dir; pass the "
@@ -589,9 +595,23 @@ def train_retrieval_command(
     json_output: JsonOutput = False,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
+    from twostage.artifacts import MANIFEST
     from twostage.data.registry import anchored
     from twostage.retrieval.fit import fit_retrieval
+    from twostage.retrieval.run import RUN_WEIGHTS
 
+    if (out / MANIFEST).exists():
+        raise typer.BadParameter(
+            f"{str(out)!r} is a saved bundle version, and bundle versions are "
+            "immutable: a run saved into it would mix with its files. Give a run "
+            "directory of its own.",
+            param_hint="--out",
+        )
+    if (out / RUN_WEIGHTS).exists() and not resume:
+        status_console.print(
+            f"[yellow]{escape(str(out))} holds a trained run; this one replaces it "
+            "(--resume continues it instead).[/yellow]"
+        )
     dataset = anchored(dataset)  # the saved config finds the log from anywhere
     columns = _columns(
         user_col,

@@ -93,6 +93,36 @@ def test_unknown_format_names_the_flag(bundle: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--format" in result.output
 
 
+def test_an_export_never_lands_in_a_bundle_and_replaces_an_earlier_one(
+    bundle: Path, tmp_path: Path
+) -> None:
+    """Regression: `export --out` a bundle's own directory overwrote its
+    features.json and added files its manifest did not list: the bundle no longer
+    loaded."""
+    from twostage.errors import ConfigError
+    from twostage.export import export_bundle
+
+    rec = load(bundle)
+    before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="not an earlier export"):
+        export_bundle(rec, bundle)
+    assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before
+    load(bundle)  # still verifies
+    out = tmp_path / "exported"
+    assert "ranker" in export_bundle(rec, out)
+    retrieval_only = Recommender(rec.run)  # no ranker: ranker.onnx must go
+    export_bundle(retrieval_only, out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "candidate_tower.onnx",
+        "export.json",
+        "features.json",
+        "query_tower.onnx",
+    ]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"notes\.txt"):
+        export_bundle(rec, out)
+
+
 @pytest.mark.parametrize(
     "ensemble",
     [

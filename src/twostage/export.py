@@ -192,11 +192,47 @@ def export_bundle(
             "with `retrieval.session_knn_weight=0` to export."
         )
     out = Path(out_dir)
+    _clear_target(out)
     out.mkdir(parents=True, exist_ok=True)
     model = rec.run.model.eval()
     networks = [model] if rec.ranker is None else [model, rec.ranker.model]  # type: ignore[attr-defined]
     with _exportable(*networks):
         return _export_all(rec, out, model)
+
+
+#: Every file an export may write.
+_EXPORT_FILES = frozenset(
+    {
+        "query_tower.onnx",
+        "candidate_tower.onnx",
+        "ranker.onnx",
+        "features.json",
+        "export.json",
+    }
+)
+
+
+def _clear_target(out: Path) -> None:
+    """Let an export go to a new or empty directory, or replace an earlier export
+    (its files removed first, so none of them outlives it); refuse anything else,
+    such as a bundle, whose own ``features.json`` an export would overwrite."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{str(out)!r} is a file; export into a directory.")
+    present = {p.name for p in out.iterdir()}
+    if not present:
+        return
+    foreign = sorted(present - _EXPORT_FILES)
+    if foreign or "export.json" not in present:
+        raise ConfigError(
+            f"{str(out)!r} holds files that are not an earlier export "
+            f"({', '.join(foreign[:5] or sorted(present)[:5])}): an export would "
+            "overwrite or mix with them. Export into a new or empty directory, or "
+            "over an earlier export."
+        )
+    for name in present:
+        (out / name).unlink()
 
 
 def _export_all(rec: Recommender, out: Path, model: nn.Module) -> dict[str, Path]:

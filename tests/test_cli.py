@@ -308,8 +308,8 @@ def test_a_relative_log_path_is_saved_so_evaluate_finds_it_from_anywhere(
 
 def test_an_existing_bundle_is_refused_before_training(tmp_path: Path) -> None:
     """Regression: `train --out` onto an existing version trained in full and was
-    refused only at the save; `train retrieval --out` onto one wrote its run files
-    into the bundle, which then failed verification."""
+    refused only at the save; `train retrieval`, `report` and `data split` with
+    `--out` a bundle wrote their files into it, which then failed verification."""
     bundle = tmp_path / "models" / "m" / "1"
     args = ["--dataset", "synthetic:num_users=60,num_items=100,num_interactions=1500"]
     first = runner.invoke(
@@ -328,6 +328,10 @@ def test_an_existing_bundle_is_refused_before_training(tmp_path: Path) -> None:
     assert into.exit_code == 2 and "is a saved bundle version" in " ".join(
         into.output.split()
     )
+    report = runner.invoke(app, ["report", str(bundle), "--out", str(bundle)])
+    assert "is a saved bundle version" in str(report.exception)
+    split = runner.invoke(app, ["data", "split", args[1], "--out", str(bundle)])
+    assert "is a saved bundle version" in str(split.exception)
     assert sorted(p.name for p in bundle.iterdir()) == files
     recommended = runner.invoke(app, ["recommend", str(bundle.parent), "--user", "1"])
     assert recommended.exit_code == 0, recommended.output

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twostage.errors import ArtifactError
+from twostage.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,7 @@ __all__ = [
     "next_version",
     "read_manifest",
     "read_safetensors",
+    "refuse_bundle_target",
     "resolve_bundle",
     "verify_bundle",
     "write_bundle",
@@ -48,6 +49,22 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+
+
+def refuse_bundle_target(directory: str | Path, what: str) -> None:
+    """Refuse to write ``what`` into a saved bundle version: its manifest vouches
+    for every file there, so one more (or one replaced) and the bundle no longer
+    loads.
+
+    Raises:
+        ConfigError: naming the directory.
+    """
+    if (Path(directory) / MANIFEST).exists():
+        raise ConfigError(
+            f"{str(directory)!r} is a saved bundle version, and bundle versions are "
+            f"immutable: {what} written there would break it (its manifest lists "
+            "every file). Write it to another directory."
+        )
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

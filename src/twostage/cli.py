@@ -49,7 +49,7 @@ from twostage.cli_output import (
     status_console,
     training_progress,
 )
-from twostage.errors import TwostageError
+from twostage.errors import ConfigError, TwostageError
 
 app = typer.Typer(
     help="twostage: a two-stage recommender (two-tower retrieval, then ranking).",
@@ -462,7 +462,7 @@ def recommend_command(
             "cold-start answer.",
             param_hint="--user",
         )
-    from twostage.errors import ConfigError, UnknownIdError
+    from twostage.errors import UnknownIdError
 
     try:
         answer = rec.recommend(
@@ -595,18 +595,15 @@ def train_retrieval_command(
     json_output: JsonOutput = False,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
-    from twostage.artifacts import MANIFEST
+    from twostage.artifacts import refuse_bundle_target
     from twostage.data.registry import anchored
     from twostage.retrieval.fit import fit_retrieval
     from twostage.retrieval.run import RUN_WEIGHTS
 
-    if (out / MANIFEST).exists():
-        raise typer.BadParameter(
-            f"{str(out)!r} is a saved bundle version, and bundle versions are "
-            "immutable: a run saved into it would mix with its files. Give a run "
-            "directory of its own.",
-            param_hint="--out",
-        )
+    try:
+        refuse_bundle_target(out, "a run")
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--out") from e
     if (out / RUN_WEIGHTS).exists() and not resume:
         status_console.print(
             f"[yellow]{escape(str(out))} holds a trained run; this one replaces it "

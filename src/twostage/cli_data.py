@@ -264,8 +264,10 @@ def data_split(
     strict: Strict = False,
 ) -> None:
     """Split a dataset and write train.parquet and test.parquet."""
+    from twostage.artifacts import refuse_bundle_target
     from twostage.data.split import split_dataset
 
+    refuse_bundle_target(out, "a split")  # before the log is read
     options = dataset_options(
         user_col=user_col,
         item_col=item_col,

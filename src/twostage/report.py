@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from twostage.artifacts import refuse_bundle_target
 from twostage.training import main_member
 
 if TYPE_CHECKING:
@@ -179,6 +180,7 @@ def write_report(
 
     matplotlib.use("Agg")
     out = Path(directory)
+    refuse_bundle_target(out, "a report")
     out.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Any] = {}
     if history:

@@ -328,6 +328,11 @@ def test_an_existing_bundle_is_refused_before_training(tmp_path: Path) -> None:
     assert into.exit_code == 2 and "is a saved bundle version" in " ".join(
         into.output.split()
     )
+    for flag in ("--work-dir", "--tensorboard"):
+        beside = runner.invoke(
+            app, ["train", *args, "--out", str(bundle.parent / "2"), flag, str(bundle)]
+        )
+        assert beside.exit_code == 2 and flag in beside.output
     report = runner.invoke(app, ["report", str(bundle), "--out", str(bundle)])
     assert "is a saved bundle version" in str(report.exception)
     split = runner.invoke(app, ["data", "split", args[1], "--out", str(bundle)])

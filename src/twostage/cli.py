@@ -241,6 +241,17 @@ def train_all(
             "--work-dir of the interrupted run.",
             param_hint="--resume",
         )
+    from twostage.artifacts import refuse_bundle_target
+
+    for flag, where, what in (
+        ("--work-dir", work_dir, "checkpoints"),
+        ("--tensorboard", tensorboard, "TensorBoard logs"),
+    ):
+        try:
+            if where is not None:
+                refuse_bundle_target(where, what)
+        except ConfigError as e:
+            raise typer.BadParameter(str(e), param_hint=flag) from e
     from twostage.data.registry import anchored
 
     dataset = anchored(dataset)  # the saved config finds the log from anywhere

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from twostage.artifacts import read_safetensors
+from twostage.artifacts import read_safetensors, refuse_bundle_target
 from twostage.config import (
     CLOSED_FORM_MEMBERS,
     ExperimentConfig,
@@ -332,8 +332,10 @@ class RetrievalRun:
         return evaluate_run_embeddings(self, test, ks=ks, shard=shard)
 
     def save(self, directory: str | Path) -> None:
-        """Write config, feature spec, weights, training tensors and metrics."""
+        """Write config, feature spec, weights, training tensors and metrics (never
+        into a saved bundle version: :func:`~twostage.artifacts.refuse_bundle_target`)."""
         out = Path(directory)
+        refuse_bundle_target(out, "a run")
         out.mkdir(parents=True, exist_ok=True)
         save_config(self.config, out / "config.json")
         self.spec.save(out / "features.json")

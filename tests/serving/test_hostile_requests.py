@@ -188,3 +188,24 @@ def test_docs_routes_are_open_and_can_be_closed(models: Path) -> None:
     with TestClient(create_app(closed)) as client:
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert client.get(path).status_code == 404, path
+
+
+def test_a_run_directory_is_refused_and_an_empty_one_is_announced(
+    models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both once started a server that served nothing and said nothing.
+    from twostage.recommender import load
+
+    run = tmp_path / "run"
+    load(models / "m").run.save(run)  # what `twostage train retrieval --out` holds
+    with pytest.raises(ConfigError, match="is a training run"):
+        create_app(ServeSettings(models=str(run), poll_seconds=0))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with (
+        caplog.at_level("WARNING", logger="twostage.serving.app"),
+        TestClient(create_app(ServeSettings(models=str(empty), poll_seconds=0))),
+    ):
+        pass
+    assert "no loadable model under" in caplog.text
+    assert "--poll-seconds 0 never looks again" in caplog.text

@@ -159,6 +159,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
         torch.set_num_threads(settings.torch_threads)
         for event in registry.refresh():
             logger.info("serving %s", event)
+        if not any(slot.current for slot in registry.slots.values()):
+            logger.warning(
+                "no loadable model under %s yet: requests get 404 (or 503 for a "
+                "model whose versions were all refused) until a "
+                "<name>/<version>/ bundle appears%s.",
+                registry.root,
+                f" (looked for every {settings.poll_seconds:g} s)"
+                if settings.poll_seconds > 0
+                else "; --poll-seconds 0 never looks again",
+            )
         registry.start()
         yield
         registry.stop()

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from twostage.artifacts import MANIFEST
 from twostage.errors import ArtifactError, ConfigError, TwostageError
 from twostage.recommender import Recommender, load
+from twostage.retrieval.run import RUN_WEIGHTS
 
 __all__ = [
     "LoadedModel",
@@ -147,6 +148,14 @@ class ModelRegistry:
             raise ConfigError(
                 f"`models` should be a directory holding <name>/<version>/ bundles. "
                 f"Received: {str(self.root)!r}, which is not a directory."
+            )
+        if (self.root / RUN_WEIGHTS).exists():
+            raise ConfigError(
+                f"{str(self.root)!r} is a training run (the --out of `twostage train "
+                "retrieval`), not a directory of bundles. Serve a bundle: train one "
+                "with `twostage train --out models/<name>/1` (--no-ranking for "
+                "retrieval alone), or save this run as one in Python, "
+                f"`Recommender(load_run({str(self.root)!r})).save('models/<name>/1')`."
             )
         if (self.root / MANIFEST).exists():
             raise ConfigError(

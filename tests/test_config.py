@@ -94,6 +94,23 @@ def test_an_ordered_model_needs_a_history(reader: str) -> None:
     assert bag.retrieval.history_length == 0  # a bag model may read no history
 
 
+def test_a_list_with_an_empty_item_is_refused_not_shortened() -> None:
+    # "a,,b" became ("a", "b") and "0,1," (0, 1): a slip passed unseen.
+    for override in ("data.user_features=age,,gender", "data.unrated_values=0,1,"):
+        with pytest.raises(ConfigError, match="without empty items"):
+            apply_overrides(ExperimentConfig(), [override])
+    config = apply_overrides(
+        ExperimentConfig(), ["retrieval.hidden_dims=", "data.user_features=age, gender"]
+    )
+    assert config.retrieval.hidden_dims == ()  # "" is the empty list
+    assert config.data.user_features == ("age", "gender")
+    result = CliRunner().invoke(
+        app, ["data", "describe", "synthetic", "--user-features", "age,,gender"]
+    )
+    assert result.exit_code == 2
+    assert "without empty" in result.output and "'age,,gender'" in result.output
+
+
 def test_ranking_is_a_section_that_overrides_and_files_reach(tmp_path: Path) -> None:
     config = apply_overrides(ExperimentConfig(), ["ranking.epochs=2"])
     assert config.ranking == RankingConfig(epochs=2)

@@ -62,7 +62,16 @@ Strict = Annotated[
 
 
 def split_names(text: str | None) -> list[str] | None:
-    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+    """``"age,country"`` -> ``["age", "country"]``; an empty item is refused."""
+    if not text:
+        return None
+    names = [p.strip() for p in text.split(",")]
+    if not all(names):
+        raise typer.BadParameter(
+            "should be column names separated by commas, without empty items. "
+            f"Received: {text!r}."
+        )
+    return names
 
 
 def dataset_options(

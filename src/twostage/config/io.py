@@ -56,7 +56,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                     f"Received: {value!r} ({e.msg})."
                 ) from e
         elif isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            text = value
+            # "" is the empty list; items are stripped, as the CLI's lists are.
+            value = [v.strip() for v in text.split(",")] if text.strip() else []
+            if not all(value):  # "a,,b" or "a,b,": a slip
+                raise ConfigError(
+                    f"`{where}` should be a comma-separated list without empty "
+                    f"items. Received: {text!r}."
+                )
         if not isinstance(value, list | tuple):
             raise ConfigError(f"`{where}` should be a list. Received: {value!r}.")
         return tuple(_coerce(v, args[0], f"{where}[]") for v in value)

@@ -80,6 +80,12 @@ def test_index_bench_json_and_kind_spelling(models_dir: Path) -> None:
     figures = json.loads(result.stdout)
     assert set(figures["backends"]) == {"exact", "ivf"}
     assert figures["backends"]["exact"]["recall_at_k"] == 1.0
+    bundle = str(models_dir / "synthetic")
+    # --num-queries 0 ended in torch.cat's traceback; "exact,,ivf" lost its gap.
+    none = runner.invoke(app, ["index", "bench", bundle, "--num-queries", "0"])
+    assert none.exit_code == 2 and "--num-queries" in none.output
+    gap = runner.invoke(app, ["index", "bench", bundle, "--kind", "exact,,ivf"])
+    assert gap.exit_code == 2 and "--kind" in gap.output
 
 
 def test_index_build_takes_section_qualified_settings(

@@ -190,7 +190,7 @@ def index_bench(
         int, typer.Option("-k", "--k", help="List length for recall@k.")
     ] = 100,
     num_queries: Annotated[
-        int, typer.Option(help="Known users used as queries.")
+        int, typer.Option(min=1, help="Known users used as queries (at most).")
     ] = 1000,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the figures as JSON on stdout.")
@@ -214,7 +214,13 @@ def index_bench(
     table = Table(title=f"{len(queries)} queries, {num_items - 1:,} items, k={width}")
     for column in ("backend", "build s", f"recall@{width}", "p50 ms", "p99 ms", "q/s"):
         table.add_column(column, justify="left" if column == "backend" else "right")
-    names = [n for item in kinds or ["exact,hnsw,ivf"] for n in item.split(",") if n]
+    names = [n.strip() for item in kinds or ["exact,hnsw,ivf"] for n in item.split(",")]
+    if not all(names):
+        raise typer.BadParameter(
+            f"should be backends separated by commas, without empty items. Received: "
+            f"{','.join(kinds or [])!r}.",
+            param_hint="--kind",
+        )
     rows: dict[str, Any] = {}
     for kind in names:
         started = time.perf_counter()

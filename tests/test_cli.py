@@ -115,6 +115,21 @@ def test_split_writes_disjoint_parquet(tmp_path: Path) -> None:
     test = pl.read_parquet(tmp_path / "test.parquet")
     assert train.height + test.height == 2000
     assert train["timestamp"].max() < test["timestamp"].min()
+    # Options a method does not read were ignored: leave-last-out held out one row
+    # a user whatever --test-fraction said.
+    for method, flag, value in (
+        ("leave-last-out", "--test-fraction", "0.5"),
+        ("temporal", "--seed", "3"),
+    ):
+        ignored = runner.invoke(
+            app,
+            [
+                *("data", "split", "synthetic:num_interactions=2000"),
+                *("--out", str(tmp_path / "x"), "--method", method, flag, value),
+            ],
+        )
+        assert ignored.exit_code == 2 and flag in ignored.output, ignored.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_dataset_is_a_clear_error() -> None:

@@ -1099,6 +1099,7 @@ FLAGS = {
     "`max_instances`": "`--max-instances`",
     "`api_key`": "`--api-key`",
     "`seed`": "`--seed`",
+    "`test_fraction`": "`--test-fraction`",
     "`data.train_file`": "`--train`",
     "`data.test_file`": "`--test`",
 }

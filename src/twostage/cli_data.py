@@ -263,8 +263,13 @@ def data_split(
     method: Annotated[
         str, typer.Option(help="random, temporal or leave-last-out")
     ] = "random",
-    test_fraction: Annotated[float, typer.Option(help="Share of rows in test.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 42,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of rows in test (random, temporal). [default: 0.2]"),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the random split. [default: 42]")
+    ] = None,
     user_col: UserCol = None,
     item_col: ItemCol = None,
     time_col: TimeCol = None,
@@ -277,6 +282,20 @@ def data_split(
     from twostage.data.split import split_dataset
 
     refuse_bundle_target(out, "a split")  # before the log is read
+    unread = [
+        flag
+        for flag, value, read in (
+            ("--test-fraction", test_fraction, method != "leave-last-out"),
+            ("--seed", seed, method == "random"),
+        )
+        if value is not None and not read
+    ]
+    if unread and method in ("temporal", "leave-last-out"):
+        raise typer.BadParameter(
+            f"the {method} split does not read {' or '.join(unread)}: only the "
+            "random split draws, and leave-last-out holds out each user's last row.",
+            param_hint="--method",
+        )
     options = dataset_options(
         user_col=user_col,
         item_col=item_col,
@@ -286,7 +305,12 @@ def data_split(
         strict=strict,
     )
     data = _load(dataset, options)
-    split = split_dataset(data, method=method, test_fraction=test_fraction, seed=seed)
+    split = split_dataset(
+        data,
+        method=method,
+        test_fraction=0.2 if test_fraction is None else test_fraction,
+        seed=42 if seed is None else seed,
+    )
     out.mkdir(parents=True, exist_ok=True)
     split.train.interactions.write_parquet(out / "train.parquet")
     split.test.interactions.write_parquet(out / "test.parquet")

@@ -9,6 +9,7 @@ import pytest
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import ITEM, USER
+from twostage.errors import ConfigError
 from twostage.retrieval.evaluation import eval_queries, evaluate_baselines
 from twostage.retrieval.fit import fit_retrieval
 
@@ -112,6 +113,22 @@ def test_baselines_see_the_same_cold_items(run_and_test) -> None:
     ours = run.evaluate(test, ks=(10,)).to_dict()["counts"]
     for name, result in evaluate_baselines(run, test, ks=(10,)).items():
         assert result.to_dict()["counts"] == ours, name
+
+
+def test_unknown_or_unavailable_baselines_are_named(run_and_test) -> None:
+    # An unknown name gave an empty table, as if there were nothing to compare.
+    run, test = run_and_test
+    with pytest.raises(ConfigError, match=r"unknown baselines \['eease'\]"):
+        evaluate_baselines(run, test, names=("eease",))
+    assert list(evaluate_baselines(run, test, names=("popularity",), ks=(10,))) == [
+        "popularity"
+    ]
+    short = copy.copy(run)  # one recent item a user: nothing to order
+    short.tensors = dataclasses.replace(
+        run.tensors, history=run.tensors.history[:, -1:]
+    )
+    with pytest.raises(ConfigError, match="pass `train=`"):
+        evaluate_baselines(short, test, names=("session-knn",))
 
 
 def test_transition_baseline_reads_the_log_not_the_runs_window() -> None:

@@ -227,6 +227,19 @@ def evaluate_baselines(
 
         for ordered in (Transition, SessionKNN):
             makers[ordered.name] = from_table(ordered)
+    if names is not None:
+        every = [*BASELINES, RecentPopularity.name, Transition.name, SessionKNN.name]
+        unknown = [n for n in names if n not in every]
+        if unknown:
+            raise ConfigError(
+                f"`names` holds unknown baselines {unknown}; they are {every}."
+            )
+        missing = [n for n in names if n not in makers]
+        if missing:
+            raise ConfigError(
+                f"the baselines {missing} read the training rows in time order: pass "
+                "`train=` (the run keeps too short a history to fit them from it)."
+            )
     results: dict[str, EvalResult] = {}
 
     def scorer(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:

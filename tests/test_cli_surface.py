@@ -68,6 +68,18 @@ def test_similar_json_and_unknown_item_names_the_flag(
     assert missing.exit_code == 2 and "--item" in missing.output
 
 
+def test_index_commands_say_a_run_is_not_a_bundle(
+    small_recommender: Recommender, tmp_path: Path
+) -> None:
+    # They said "no saved version under 'run'", which sent users looking for one.
+    small_recommender.run.save(tmp_path / "run")
+    for command in ("build", "bench"):
+        result = runner.invoke(
+            app, ["index", command, str(tmp_path / "run")], env={"COLUMNS": "200"}
+        )
+        assert result.exit_code == 2 and "is a training run" in result.output
+
+
 def test_index_bench_json_and_kind_spelling(models_dir: Path) -> None:
     result = runner.invoke(
         app,

@@ -126,7 +126,15 @@ def serve_command(
 def _open(bundle: Path) -> tuple[Path, Any]:
     from twostage.artifacts import resolve_bundle
     from twostage.recommender import load
+    from twostage.retrieval.run import RUN_WEIGHTS
 
+    if (bundle / RUN_WEIGHTS).exists():  # resolve_bundle would say "no version"
+        raise typer.BadParameter(
+            f"{str(bundle)!r} is a training run (the --out of `twostage train "
+            "retrieval`); the index commands work on bundles, models/<name>/<version>/ "
+            "(`twostage train --out models/<name>/1`).",
+            param_hint="BUNDLE",
+        )
     path = resolve_bundle(bundle)
     return path, load(path)
 

@@ -101,6 +101,61 @@ def test_resume_refuses_a_changed_config_unless_told(setup, tmp_path: Path) -> N
     assert len(result.history) == 4
 
 
+def test_resume_refuses_other_training_rows(setup, tmp_path: Path) -> None:
+    # A log edited since the checkpoint, with the same users and items, resumed
+    # silently on other rows: only shapes were compared, by load_state_dict.
+    from twostage.training.loop import resume_fingerprint
+
+    config, tensors, fresh, _ = setup
+    settings = {"train": {"learning_rate": 0.005}}
+    train_retrieval(
+        fresh(),
+        tensors,
+        config.train,
+        checkpoint_dir=tmp_path,
+        stop_after_epoch=1,
+        fingerprint=resume_fingerprint(settings, tensors.users, tensors.items),
+    )
+    shuffled = tensors.items.roll(1)  # same items, other pairs
+    with pytest.raises(ConfigError, match="on other training rows"):
+        train_retrieval(
+            fresh(),
+            tensors,
+            config.train,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            fingerprint=resume_fingerprint(settings, tensors.users, shuffled),
+        )
+    same = resume_fingerprint(settings, tensors.users.clone(), tensors.items.clone())
+    result = train_retrieval(
+        fresh(),
+        tensors,
+        config.train,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        fingerprint=same,
+    )
+    assert len(result.history) == 4
+    # A checkpoint written before the digest existed is compared on its config.
+    old = tmp_path / "old"
+    train_retrieval(
+        fresh(),
+        tensors,
+        config.train,
+        checkpoint_dir=old,
+        stop_after_epoch=1,
+        fingerprint=resume_fingerprint(settings),
+    )
+    train_retrieval(
+        fresh(),
+        tensors,
+        config.train,
+        checkpoint_dir=old,
+        resume=True,
+        fingerprint=same,
+    )
+
+
 def test_a_stop_request_finishes_the_epoch_then_resumes_exactly(
     setup, tmp_path: Path
 ) -> None:

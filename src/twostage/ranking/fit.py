@@ -269,7 +269,8 @@ def fit_ranking_pairs(
                 "data": to_dict(run.config.data),
                 "ranking": to_dict(config),
                 "train": {"seed": run.config.train.seed},
-            }
+            },
+            *pairs,
         ),
         allow_config_change=allow_config_change,
     )

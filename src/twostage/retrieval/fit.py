@@ -207,7 +207,11 @@ def fit_retrieval(
             resume=resume,
             on_step=step_fn,
             fingerprint=resume_fingerprint(
-                {k: v for k, v in sections.items() if k in _RETRIEVAL_SECTIONS}
+                {k: v for k, v in sections.items() if k in _RETRIEVAL_SECTIONS},
+                tensors.users,
+                tensors.items,
+                tensors.weights,
+                tensors.sequences,
             ),
             allow_config_change=allow_config_change,
         )

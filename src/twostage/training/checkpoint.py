@@ -23,12 +23,15 @@ from twostage.errors import ArtifactError, ConfigError
 from twostage.training import TrainResult
 from twostage.training.optim import Optimizers
 
-__all__ = ["CHECKPOINT", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "DATA_KEY", "load_checkpoint", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
+#: The fingerprint key of the digest of the rows a run trains on
+#: (:func:`twostage.training.loop.resume_fingerprint`).
+DATA_KEY = "data.training_rows"
 #: The checkpoint, the one being written, the one being replaced.
 _NAMES = (CHECKPOINT, f".{CHECKPOINT}.tmp", f".{CHECKPOINT}.old")
 
@@ -164,6 +167,11 @@ def load_checkpoint(
     """
     path, meta = _newest_complete(directory)
     saved = meta.get("fingerprint")
+    if isinstance(saved, dict) and fingerprint is not None:
+        # A checkpoint from before the data digest existed is compared on its config.
+        fingerprint = {
+            k: v for k, v in fingerprint.items() if k in saved or k != DATA_KEY
+        }
     if fingerprint is not None and saved is not None and saved != fingerprint:
         changed = sorted(
             k
@@ -171,11 +179,18 @@ def load_checkpoint(
             if saved.get(k) != fingerprint.get(k)
         )
         if not allow_changes:
+            data = DATA_KEY in changed
             raise ConfigError(
-                f"the checkpoint in {str(directory)!r} was trained with another "
-                f"config: {', '.join(changed)} differ. Resume with the same settings, "
-                "train into a new directory, or allow the change explicitly "
-                "(--allow-config-change)."
+                f"the checkpoint in {str(directory)!r} was trained "
+                + (
+                    "on other training rows (the log, or its split, changed since)"
+                    if data
+                    else "with another config"
+                )
+                + f": {', '.join(changed)} differ. Resume with the same "
+                + ("data and " if data else "")
+                + "settings, train into a new directory, or allow the change "
+                "explicitly (--allow-config-change)."
             )
         logger.warning("resuming with changed settings: %s", ", ".join(changed))
     try:

@@ -13,6 +13,7 @@ and its validation (:func:`twostage.retrieval.fit.train_retrieval`,
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -28,7 +29,7 @@ from twostage import distributed
 from twostage.config import TrainConfig
 from twostage.errors import ConfigError, TwostageError
 from twostage.training import ProgressFn, TrainResult
-from twostage.training.checkpoint import load_checkpoint, save_checkpoint
+from twostage.training.checkpoint import DATA_KEY, load_checkpoint, save_checkpoint
 from twostage.training.optim import learning_rate, make_optimizer
 
 __all__ = [
@@ -65,16 +66,35 @@ def request_stop() -> None:
     _STOP.set()
 
 
-def resume_fingerprint(values: dict[str, Any]) -> dict[str, Any]:
+def resume_fingerprint(values: dict[str, Any], *data: Tensor | None) -> dict[str, Any]:
     """``section.key -> value`` of a config dict, less the settings that may change
-    when a run is resumed (more epochs, other threads or device)."""
+    when a run is resumed (more epochs, other threads or device), and with ``data``
+    the digest of the tensors trained on (:data:`DATA_KEY`): the same config over a
+    log that changed since the checkpoint is not the same run."""
     flat = {
         f"{section}.{key}": value
         for section, entries in values.items()
         if isinstance(entries, dict)
         for key, value in entries.items()
     }
-    return {k: v for k, v in flat.items() if k not in _MAY_CHANGE}
+    out = {k: v for k, v in flat.items() if k not in _MAY_CHANGE}
+    if data:
+        out[DATA_KEY] = data_digest(*data)
+    return out
+
+
+def data_digest(*tensors: Tensor | None) -> str:
+    """A SHA-256 (hex, 16 digits) of tensors' shapes, dtypes and values: equal for
+    equal training data, whatever process or machine computed it."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none;")
+            continue
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(flat.shape)}:{flat.dtype};".encode())
+        digest.update(flat.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class _StepLoss(nn.Module):

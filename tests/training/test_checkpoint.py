@@ -68,36 +68,26 @@ def test_resume_after_a_crash_at_any_point(setup, tmp_path: Path, crash: str) ->
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint"]  # cleaned up
 
 
-def test_resume_refuses_a_changed_config_unless_told(setup, tmp_path: Path) -> None:
+def _train(setup, directory: Path, fingerprint: dict, **options):
+    """Train the setup's fresh towers with checkpoints in ``directory``."""
     config, tensors, fresh, _ = setup
-    fingerprint = {"train.learning_rate": 0.005, "retrieval.embedding_dim": 8}
-    train_retrieval(
+    return train_retrieval(
         fresh(),
         tensors,
         config.train,
-        checkpoint_dir=tmp_path,
-        stop_after_epoch=1,
+        checkpoint_dir=directory,
         fingerprint=fingerprint,
+        **options,
     )
+
+
+def test_resume_refuses_a_changed_config_unless_told(setup, tmp_path: Path) -> None:
+    fingerprint = {"train.learning_rate": 0.005, "retrieval.embedding_dim": 8}
+    _train(setup, tmp_path, fingerprint, stop_after_epoch=1)
     changed = {**fingerprint, "train.learning_rate": 0.1}
     with pytest.raises(ConfigError, match=r"train\.learning_rate differ"):
-        train_retrieval(
-            fresh(),
-            tensors,
-            config.train,
-            checkpoint_dir=tmp_path,
-            resume=True,
-            fingerprint=changed,
-        )
-    result = train_retrieval(
-        fresh(),
-        tensors,
-        config.train,
-        checkpoint_dir=tmp_path,
-        resume=True,
-        fingerprint=changed,
-        allow_config_change=True,
-    )
+        _train(setup, tmp_path, changed, resume=True)
+    result = _train(setup, tmp_path, changed, resume=True, allow_config_change=True)
     assert len(result.history) == 4
 
 
@@ -106,54 +96,24 @@ def test_resume_refuses_other_training_rows(setup, tmp_path: Path) -> None:
     # silently on other rows: only shapes were compared, by load_state_dict.
     from twostage.training.loop import resume_fingerprint
 
-    config, tensors, fresh, _ = setup
+    tensors = setup[1]
     settings = {"train": {"learning_rate": 0.005}}
-    train_retrieval(
-        fresh(),
-        tensors,
-        config.train,
-        checkpoint_dir=tmp_path,
-        stop_after_epoch=1,
-        fingerprint=resume_fingerprint(settings, tensors.users, tensors.items),
-    )
+    first = resume_fingerprint(settings, tensors.users, tensors.items)
+    _train(setup, tmp_path, first, stop_after_epoch=1)
     shuffled = tensors.items.roll(1)  # same items, other pairs
     with pytest.raises(ConfigError, match="on other training rows"):
-        train_retrieval(
-            fresh(),
-            tensors,
-            config.train,
-            checkpoint_dir=tmp_path,
+        _train(
+            setup,
+            tmp_path,
+            resume_fingerprint(settings, tensors.users, shuffled),
             resume=True,
-            fingerprint=resume_fingerprint(settings, tensors.users, shuffled),
         )
     same = resume_fingerprint(settings, tensors.users.clone(), tensors.items.clone())
-    result = train_retrieval(
-        fresh(),
-        tensors,
-        config.train,
-        checkpoint_dir=tmp_path,
-        resume=True,
-        fingerprint=same,
-    )
-    assert len(result.history) == 4
+    assert len(_train(setup, tmp_path, same, resume=True).history) == 4
     # A checkpoint written before the digest existed is compared on its config.
     old = tmp_path / "old"
-    train_retrieval(
-        fresh(),
-        tensors,
-        config.train,
-        checkpoint_dir=old,
-        stop_after_epoch=1,
-        fingerprint=resume_fingerprint(settings),
-    )
-    train_retrieval(
-        fresh(),
-        tensors,
-        config.train,
-        checkpoint_dir=old,
-        resume=True,
-        fingerprint=same,
-    )
+    _train(setup, old, resume_fingerprint(settings), stop_after_epoch=1)
+    assert len(_train(setup, old, same, resume=True).history) == 4
 
 
 def test_a_stop_request_finishes_the_epoch_then_resumes_exactly(

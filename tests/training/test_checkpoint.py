@@ -94,21 +94,23 @@ def test_resume_refuses_a_changed_config_unless_told(setup, tmp_path: Path) -> N
 def test_resume_refuses_other_training_rows(setup, tmp_path: Path) -> None:
     # A log edited since the checkpoint, with the same users and items, resumed
     # silently on other rows: only shapes were compared, by load_state_dict.
-    from twostage.training.loop import resume_fingerprint
+    from twostage.training.loop import data_digest, resume_fingerprint
 
     tensors = setup[1]
     settings = {"train": {"learning_rate": 0.005}}
-    first = resume_fingerprint(settings, tensors.users, tensors.items)
+    first = resume_fingerprint(settings, data=data_digest(tensors.users, tensors.items))
     _train(setup, tmp_path, first, stop_after_epoch=1)
     shuffled = tensors.items.roll(1)  # same items, other pairs
     with pytest.raises(ConfigError, match="on other training rows"):
         _train(
             setup,
             tmp_path,
-            resume_fingerprint(settings, tensors.users, shuffled),
+            resume_fingerprint(settings, data=data_digest(tensors.users, shuffled)),
             resume=True,
         )
-    same = resume_fingerprint(settings, tensors.users.clone(), tensors.items.clone())
+    same = resume_fingerprint(
+        settings, data=data_digest(tensors.users.clone(), tensors.items.clone())
+    )
     assert len(_train(setup, tmp_path, same, resume=True).history) == 4
     # A checkpoint written before the digest existed is compared on its config.
     old = tmp_path / "old"

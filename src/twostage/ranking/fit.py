@@ -37,7 +37,7 @@ from twostage.retrieval.fit import fit_ease
 from twostage.retrieval.run import RetrievalRun
 from twostage.retrieval.tensors import RetrievalTensors, with_history_of
 from twostage.training import ProgressFn, TrainResult
-from twostage.training.loop import resume_fingerprint, run_training
+from twostage.training.loop import data_digest, resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
 __all__ = ["fit_ease_term", "fit_ranking", "fit_ranking_pairs"]
@@ -270,7 +270,7 @@ def fit_ranking_pairs(
                 "ranking": to_dict(config),
                 "train": {"seed": run.config.train.seed},
             },
-            *pairs,
+            data=None if checkpoint_dir is None else data_digest(*pairs),
         ),
         allow_config_change=allow_config_change,
     )

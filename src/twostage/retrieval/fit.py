@@ -64,7 +64,7 @@ from twostage.retrieval.tensors import (
     with_history_of,
 )
 from twostage.training import ProgressFn, TrainResult, merge_results
-from twostage.training.loop import resume_fingerprint, run_training
+from twostage.training.loop import data_digest, resume_fingerprint, run_training
 from twostage.training.optim import resolve_device
 
 __all__ = [
@@ -167,6 +167,14 @@ def fit_retrieval(
     validate = None  # its queries are computed once, for every member
     if validation is not None and validation.num_interactions:
         validate = Validator(members[0], validation)
+    # What the checkpoints are of, for resume to compare (the members share it).
+    rows = (
+        None
+        if checkpoints is None
+        else data_digest(
+            tensors.users, tensors.items, tensors.weights, tensors.sequences
+        )
+    )
     for i, member_run in enumerate(members):
         if isinstance(member_run.model, LinearItemsModel):
             fitted = time.perf_counter()
@@ -208,10 +216,7 @@ def fit_retrieval(
             on_step=step_fn,
             fingerprint=resume_fingerprint(
                 {k: v for k, v in sections.items() if k in _RETRIEVAL_SECTIONS},
-                tensors.users,
-                tensors.items,
-                tensors.weights,
-                tensors.sequences,
+                data=rows,
             ),
             allow_config_change=allow_config_change,
         )

@@ -37,6 +37,7 @@ __all__ = [
     "TrainingInterrupted",
     "Validate",
     "request_stop",
+    "data_digest",
     "resume_fingerprint",
     "run_training",
 ]
@@ -66,11 +67,14 @@ def request_stop() -> None:
     _STOP.set()
 
 
-def resume_fingerprint(values: dict[str, Any], *data: Tensor | None) -> dict[str, Any]:
+def resume_fingerprint(
+    values: dict[str, Any], *, data: str | None = None
+) -> dict[str, Any]:
     """``section.key -> value`` of a config dict, less the settings that may change
     when a run is resumed (more epochs, other threads or device), and with ``data``
-    the digest of the tensors trained on (:data:`DATA_KEY`): the same config over a
-    log that changed since the checkpoint is not the same run."""
+    the digest of the rows trained on (:func:`data_digest`, under
+    :data:`~twostage.training.checkpoint.DATA_KEY`): the same config over a log
+    that changed since the checkpoint is not the same run."""
     flat = {
         f"{section}.{key}": value
         for section, entries in values.items()
@@ -78,14 +82,15 @@ def resume_fingerprint(values: dict[str, Any], *data: Tensor | None) -> dict[str
         for key, value in entries.items()
     }
     out = {k: v for k, v in flat.items() if k not in _MAY_CHANGE}
-    if data:
-        out[DATA_KEY] = data_digest(*data)
+    if data is not None:
+        out[DATA_KEY] = data
     return out
 
 
 def data_digest(*tensors: Tensor | None) -> str:
     """A SHA-256 (hex, 16 digits) of tensors' shapes, dtypes and values: equal for
-    equal training data, whatever process or machine computed it."""
+    equal training data, whatever process or machine computed it. It reads every
+    byte (about a second per GB), so callers compute it only for checkpoints."""
     digest = hashlib.sha256()
     for tensor in tensors:
         if tensor is None:

@@ -99,7 +99,7 @@ def data_digest(*tensors: Tensor | None) -> str:
             continue
         flat = tensor.detach().cpu().contiguous()
         digest.update(f"{tuple(flat.shape)}:{flat.dtype};".encode())
-        digest.update(flat.numpy())  # the buffer itself: no copy
+        digest.update(flat.numpy().data)  # the buffer itself: no copy
     return digest.hexdigest()[:16]
 
 

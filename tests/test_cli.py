@@ -200,9 +200,12 @@ def test_evaluate_retrieval_only_bundle_and_missing_data(tmp_path: Path) -> None
             *("train", "--dataset", str(log), "--out", str(bundle), "--no-ranking"),
             *SMALL_TRAINING,
             *("--set", "data.time_col=timestamp", "--set", "data.rating_col=rating"),
+            *("--set", "ranking.epochs=3"),
         ],
     )
     assert trained.exit_code == 0, trained.output
+    # A ranking setting with --no-ranking was passed over without a word.
+    assert "--no-ranking: ranking.epochs not used" in trained.output
     result = runner.invoke(app, ["evaluate", str(bundle)])
     assert result.exit_code == 0, result.output
     assert "R@10" in result.output and "Ranking stage" not in result.output

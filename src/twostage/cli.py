@@ -272,6 +272,12 @@ def train_all(
             "checkpoints: drop --work-dir/--resume and --train-file/--test-file.",
             param_hint="--stream",
         )
+    unused = [o.partition("=")[0] for o in overrides or [] if o.startswith("ranking.")]
+    if unused and not ranking:
+        status_console.print(
+            f"[yellow]--no-ranking: {escape(', '.join(unused))} not used (no ranking "
+            "stage is trained).[/yellow]"
+        )
     options: dict[str, Any] = (
         {"stream": dataset}
         if stream

@@ -111,6 +111,13 @@ def test_a_list_with_an_empty_item_is_refused_not_shortened() -> None:
     assert "without empty" in result.output and "'age,,gender'" in result.output
 
 
+def test_an_override_key_with_an_empty_part_is_named() -> None:
+    # "train..epochs=3" answered "unknown config section '' ... Known sections: []".
+    for override in ("train..epochs=3", "=3", "train.=3"):
+        with pytest.raises(ConfigError, match="without empty parts"):
+            apply_overrides(ExperimentConfig(), [override])
+
+
 def test_ranking_is_a_section_that_overrides_and_files_reach(tmp_path: Path) -> None:
     config = apply_overrides(ExperimentConfig(), ["ranking.epochs=2"])
     assert config.ranking == RankingConfig(epochs=2)

@@ -135,6 +135,11 @@ def apply_overrides(config: T, overrides: list[str] | tuple[str, ...]) -> T:
             )
         node = values
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(
+                f"an override's key should be `section.key`, without empty parts "
+                f"(e.g. `train.epochs=5`). Received: {item!r}."
+            )
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 sections = sorted(k for k, v in node.items() if isinstance(v, dict))

@@ -396,6 +396,21 @@ def test_infinite_values_fitted_on_are_reported(
     assert not caplog.records
 
 
+def test_values_near_the_float_limit_still_standardise() -> None:
+    # Their squares overflowed the standard deviation to inf, and every value
+    # was then encoded as 0.
+    values = pl.Series("price", [1.0, 2.0, 1e308, -1e308, 3.0])
+    for encoder in (
+        NumericEncoder().fit(values),
+        NumericEncoder().fit_counts(values, np.ones(5, dtype=np.int64)),
+    ):
+        assert np.isfinite(encoder.mean) and np.isfinite(encoder.std)
+        out = encoder.transform(values)[:, 0]
+        assert out[2] > 1.0 and out[3] < -1.0 and abs(out[0]) < 1e-6
+    usual = NumericEncoder().fit([1.0, 2.0, 3.0])  # computed as before
+    assert (usual.mean, usual.std) == (2.0, float(np.std([1.0, 2.0, 3.0])))
+
+
 def test_bucket_encoder_fixed_boundaries() -> None:
     encoder = BucketEncoder(boundaries=[10, 20])
     assert encoder.is_fitted and encoder.output.num_embeddings == 4

@@ -7,6 +7,7 @@ infinite) never raise: they become 0 after standardising, or the reserved index 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -32,6 +33,32 @@ __all__ = [
 ]
 
 Values = pl.Series | Sequence[Any]
+
+
+def _moments(
+    x: np.ndarray, weights: np.ndarray, *, weighted: bool
+) -> tuple[float, float]:
+    """``(mean, std)`` of finite values ``x`` (with row ``weights``), ``std`` 1 for a
+    constant or empty column. Values near the float64 limit (1e308) overflow the
+    sums to inf, which would encode every value as 0: those are computed again on
+    ``x`` scaled by its largest magnitude."""
+    total = float(weights.sum())
+    if total == 0 or x.size == 0:
+        return 0.0, 1.0
+
+    def of(v: np.ndarray) -> tuple[float, float]:
+        if not weighted:  # numpy's own (pairwise) sums, as fitted before
+            return float(v.mean()), float(v.std())
+        mean = float((v * weights).sum() / total)
+        return mean, float(np.sqrt((weights * (v - mean) ** 2).sum() / total))
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = of(x)
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        scale = float(np.abs(x).max())
+        low, spread = of(x / scale)
+        mean, std = low * scale, spread * scale
+    return mean, (std if std > 1e-12 else 1.0)
 
 
 class NumericEncoder(Encoder):
@@ -64,9 +91,7 @@ class NumericEncoder(Encoder):
         warn_infinite(as_series(values, "values"))
         x = self._prepare(values)
         x = x[~np.isnan(x)]
-        mean = float(x.mean()) if x.size else 0.0
-        std = float(x.std()) if x.size else 1.0
-        self.mean, self.std = mean, (std if std > 1e-12 else 1.0)
+        self.mean, self.std = _moments(x, np.ones_like(x), weighted=False)
         return self
 
     def fit_counts(self, values: pl.Series, counts: np.ndarray) -> Self:
@@ -78,13 +103,7 @@ class NumericEncoder(Encoder):
         # Sorted, so that the same counts in any order (a group-by's) sum alike.
         order = np.argsort(x, kind="stable")
         x, weights = x[order], weights[order]
-        total = weights.sum()
-        if total == 0:
-            self.mean, self.std = 0.0, 1.0
-            return self
-        mean = float((x * weights).sum() / total)
-        std = float(np.sqrt((weights * (x - mean) ** 2).sum() / total))
-        self.mean, self.std = mean, (std if std > 1e-12 else 1.0)
+        self.mean, self.std = _moments(x, weights, weighted=True)
         return self
 
     @property

@@ -100,6 +100,8 @@ def serve_command(
         docs=docs,
     )
     ModelRegistry(models)  # a wrong path fails here, before uvicorn starts
+    if not (workers > 1 and reuse_port_supported()):  # those bind below, and say so
+        _check_port_free(host, port)
     os.environ[SETTINGS_ENV] = settings_to_env(settings)
     console.print(
         f"serving {escape(str(models))} on http://{host}:{port}/ (API docs at /docs)"
@@ -121,6 +123,29 @@ def serve_command(
         log_level=log_level,
         access_log=False,
     )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port something else listens on before the models load: uvicorn
+    would load them all, then exit 3 with a line of its own."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise typer.BadParameter(
+            f"cannot resolve {host!r}: {e}", param_hint="--host"
+        ) from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise typer.BadParameter(
+                f"cannot listen on {host}:{port}: {e.strerror or e}.",
+                param_hint="--port",
+            ) from e
 
 
 def _open(bundle: Path) -> tuple[Path, Any]:

@@ -178,6 +178,17 @@ def test_serve_refuses_a_port_or_worker_count_out_of_range(models: Path) -> None
         assert option in result.output
     result = runner.invoke(app, ["serve", str(models), "--poll-seconds", "-1"])
     assert result.exit_code != 0 and "`poll_seconds` should be" in str(result.exception)
+    # A port in use: uvicorn loaded every model, then exited 3 with its own line.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = runner.invoke(
+            app, ["serve", str(models), "--port", port], env={"COLUMNS": "200"}
+        )
+    assert busy.exit_code == 2 and "cannot listen on 127.0.0.1:" in busy.output
 
 
 def test_docs_routes_are_open_and_can_be_closed(models: Path) -> None:

@@ -360,6 +360,35 @@ def test_an_existing_bundle_is_refused_before_training(tmp_path: Path) -> None:
     assert recommended.exit_code == 0, recommended.output
 
 
+def test_ids_with_leading_zeros_are_found_from_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """Regression: `--item 0829433244` (an ISBN) was read as the integer 829433244,
+    so no string catalogue could be asked about such an item."""
+    data = generate(num_users=60, num_items=100, num_interactions=1500)
+    log = tmp_path / "books.csv"
+    data.interactions.with_columns(
+        pl.format("0{}", pl.col("item_id")).alias("item_id")  # "042", "0117"...
+    ).write_csv(log)
+    run = tmp_path / "run"
+    trained = runner.invoke(
+        app,
+        [
+            *("train", "retrieval", "--dataset", str(log), "--out", str(run)),
+            *SMALL_TRAINING,
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    from twostage.recommender import load
+
+    item = next(i for i in load(run).item_vocab.values.to_list() if i.startswith("0"))
+    similar = runner.invoke(app, ["similar", str(run), "--item", item, "--json"])
+    assert similar.exit_code == 0, similar.output
+    assert json.loads(similar.stdout)["item_id"] == item
+    session = runner.invoke(app, ["recommend", str(run), "--session", item, "--json"])
+    assert session.exit_code == 0 and json.loads(session.stdout)["path"] == "session"
+
+
 def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
     """Regression: `data split` wrote files that no training command read."""
     data = generate(num_users=60, num_items=100, num_interactions=1500)

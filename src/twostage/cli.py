@@ -402,12 +402,20 @@ def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
                 "key once.",
                 param_hint=option,
             )
-        values[key] = int(value) if value.lstrip("-").isdigit() else value
+        values[key] = _parse_id(value)
     return values
 
 
 def _parse_id(value: str) -> Any:
-    return int(value) if value.lstrip("-").isdigit() else value
+    """An integer when ``value`` is one written plainly (``42``, ``-5``), else the
+    text as typed: ``0829433244`` (an ISBN) or ``02139`` (a zip code) keep their
+    leading zeros, which ``int`` would drop (a string ID then no longer matched);
+    an integer vocabulary still finds ``007`` as 7."""
+    try:
+        number = int(value)
+    except ValueError:
+        return value
+    return number if str(number) == value else value
 
 
 def _session(value: str | None) -> list[Any] | None:

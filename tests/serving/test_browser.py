@@ -136,6 +136,12 @@ def test_page_shows_history_recommendations_and_similar_items(
                 "document.querySelector('#path').textContent.includes('session')"
             )
             page.fill("#session", "")
+            # Typed IDs keep their text unless they are plain integers: an ISBN's
+            # leading zero and a 20-digit ID's last digits were lost to Number().
+            typed = page.evaluate(
+                "['42', '-5', '0829433244', '12345678901234567890', 'a1'].map(typedId)"
+            )
+            assert typed == [42, -5, "0829433244", "12345678901234567890", "a1"]
             # A new user described by features gets the cold-start answer.
             page.click("#features-box summary")
             page.fill("#features input[name=age]", "30")

@@ -67,24 +67,34 @@ function fill(list, items, scoreName) {
   list.replaceChildren(...items.map((item) => entry(item, scoreName)));
 }
 
+// Text typed as an ID: a number when it is one written plainly and exactly ("42"),
+// else the text itself, so "0829433244" (an ISBN) keeps its leading zero and a
+// 20-digit ID its last digits.
+function typedId(raw) {
+  if (!/^-?(0|[1-9]\d*)$/.test(raw)) return raw;
+  const number = Number(raw);
+  return Number.isSafeInteger(number) ? number : raw;
+}
+
 function userId() {
   const raw = $("user").value.trim();
   if (!raw) return null;
-  return /^-?\d+$/.test(raw) ? Number(raw) : raw;
+  return typedId(raw);
 }
 
 // The session box: item IDs of this visit, oldest first ("50, 172").
 function session() {
   if ($("session").disabled) return null;  // the model reads no history
   const ids = $("session").value.split(",").map((s) => s.trim()).filter(Boolean);
-  return ids.length ? ids.map((id) => (/^-?\d+$/.test(id) ? Number(id) : id)) : null;
+  return ids.length ? ids.map(typedId) : null;
 }
 
 function userFeatures() {
   const values = {};
   for (const input of $("features").querySelectorAll("input")) {
     const raw = input.value.trim();
-    if (raw) values[input.name] = /^-?\d+(\.\d+)?$/.test(raw) ? Number(raw) : raw;
+    // "02139" (a zip code) stays text; "30" and "1.5" are numbers.
+    if (raw) values[input.name] = /^-?(0|[1-9]\d*)(\.\d+)?$/.test(raw) ? Number(raw) : raw;
   }
   return Object.keys(values).length ? values : null;
 }

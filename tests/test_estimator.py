@@ -79,6 +79,8 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path) -> None:
     assert len(model.similar_items(int(item_ids[0, 0]), k=4)) == 4
 
     result = model.evaluate(test, **columns)
+    # The names fit was given are remembered: they had to be passed again.
+    assert model.evaluate(test).ndcg == result.ndcg
     assert 0 < result.ndcg[10] <= 1 and 0 < result.recall[10] <= 1
     assert result.rmse is not None and result.rmse < 4
     assert 0 <= result.factorized_top_k[100] <= 1

@@ -9,6 +9,7 @@ lower-level API.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,8 @@ class TwoStageModel:
         self.tensorboard = tensorboard
         self.recommender_: Recommender | None = None
         self.split_: ExperimentSplit | None = None
+        #: The column names :meth:`fit` was given; :meth:`evaluate` reads with them.
+        self.columns_: _Columns | None = None
 
     # -- fitting ------------------------------------------------------------------
     def fit(
@@ -191,6 +194,7 @@ class TwoStageModel:
         from twostage.two_stage import fit_two_stage
 
         columns = _Columns(user_col, item_col, time_col, rating_col)
+        self.columns_ = columns
         train = self._as_dataset(data, columns, users=users, items=items)
         if validation is not None:
             held = self._as_dataset(validation, columns, like=train)
@@ -406,10 +410,12 @@ class TwoStageModel:
     # -- measuring ----------------------------------------------------------------
     def evaluate(self, test: Any, **columns: Any) -> Evaluation:
         """Full-catalogue figures on a test table (same kinds as :meth:`fit`'s
-        ``data``; ``user_col=`` etc. for a frame's column names)."""
+        ``data``), read with the column names :meth:`fit` was given unless
+        ``user_col=`` etc. say otherwise."""
         rec = self.recommender
         like = self.split_.fit if self.split_ is not None else None
-        data = self._as_dataset(test, _Columns(**columns), like=like)
+        names = dataclasses.replace(self.columns_ or _Columns(), **columns)
+        data = self._as_dataset(test, names, like=like)
         if like is None:  # a loaded model: cast to the vocabularies' types
             data = data.with_interactions(
                 data.interactions.with_columns(

@@ -964,3 +964,29 @@ def test_columns_named_timestamp_and_rating_play_those_roles(tmp_path: Path) -> 
     streamed = pl.concat([batch for _, batch in groups])
     for column in ("timestamp", "rating"):
         assert in_memory[column].to_list() == streamed[column].to_list()
+
+
+def test_float_ids_with_missing_values_read_as_integers(tmp_path: Path) -> None:
+    # pandas turns an integer ID column with a gap into floats (1.0, NaN): the
+    # whole frame was refused for its dtype. Now the gaps are the rejected rows.
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.DataFrame(
+        {"user_id": [1.0, 2.0, np.nan, 4.0, None], "item_id": [5, 6, 7, 8, 9]}
+    )
+    data = read_interactions(frame)
+    assert data.interactions["user_id"].dtype == pl.Int64
+    assert data.interactions["user_id"].to_list() == [1, 2, 4]
+    assert data.report.rejected == {"empty_user_id": 2}
+    assert [line for line, _ in data.report.examples["empty_user_id"]] == [3, 5]
+    for bad in ([1.5, 2.0], [2.0**60, 1.0], [float("inf"), 1.0]):
+        odd = pandas.DataFrame({"user_id": bad, "item_id": [1, 2]})
+        with pytest.raises(DataError, match="not whole"):
+            read_interactions(odd)
+    # The streamed reader parses a file's IDs the same way.
+    from twostage.data.streaming import iter_batches
+
+    frame.assign(timestamp=range(5)).to_parquet(tmp_path / "log.parquet")
+    rows = pl.concat(
+        iter_batches(tmp_path / "log.parquet", columns=["user_id", "item_id"])
+    )
+    assert rows["user_id"].to_list() == [1, 2, 4]

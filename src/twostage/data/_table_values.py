@@ -171,6 +171,22 @@ def _parse_id(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
     if dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum):
         value = s.cast(pl.String).str.strip_chars()
         return value, value.is_null() | (value.str.len_bytes() == 0)
+    if dtype.is_float():
+        # pandas holds an integer ID column with a missing value as floats (1.0,
+        # NaN): whole numbers are the IDs, a NaN is a missing ID like a null; a
+        # fraction means the column holds no IDs at all.
+        known = s.is_not_null() & s.is_not_nan()
+        whole = known & (s == s.floor()) & (s.abs() < 2.0**53)
+        odd = s.filter(known & ~whole)
+        if len(odd):
+            raise DataError(
+                f"`{ARG.get(target, 'key_col')}` = {s.name!r} holds numbers that "
+                "are not whole (or beyond 2**53, where floats skip integers), e.g. "
+                f"{odd.head(3).to_list()}; expected integer or string IDs. Is it "
+                "the right column?"
+            )
+        value = s.cast(pl.Int64, strict=False).set(~known.fill_null(False), None)
+        return value, value.is_null()
     raise DataError(
         f"`{ARG.get(target, 'key_col')}` = {s.name!r} has dtype {dtype}; expected "
         "integer or string IDs. Cast the column before loading."

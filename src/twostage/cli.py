@@ -241,17 +241,8 @@ def train_all(
             "--work-dir of the interrupted run.",
             param_hint="--resume",
         )
-    from twostage.artifacts import refuse_bundle_target
-
-    for flag, where, what in (
-        ("--work-dir", work_dir, "checkpoints"),
-        ("--tensorboard", tensorboard, "TensorBoard logs"),
-    ):
-        try:
-            if where is not None:
-                refuse_bundle_target(where, what)
-        except ConfigError as e:
-            raise typer.BadParameter(str(e), param_hint=flag) from e
+    _not_into_a_bundle("--work-dir", work_dir, "checkpoints")
+    _not_into_a_bundle("--tensorboard", tensorboard, "TensorBoard logs")
     from twostage.data.registry import anchored
 
     dataset = anchored(dataset)  # the saved config finds the log from anywhere
@@ -385,6 +376,19 @@ def _open_bundle(path: Path) -> Any:
     from twostage.recommender import load
 
     return load(path)
+
+
+def _not_into_a_bundle(flag: str, directory: Path | None, what: str) -> None:
+    """The flag's error when ``directory`` is a saved bundle version
+    (:func:`twostage.artifacts.refuse_bundle_target`)."""
+    from twostage.artifacts import refuse_bundle_target
+
+    if directory is None:
+        return
+    try:
+        refuse_bundle_target(directory, what)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from e
 
 
 def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
@@ -620,15 +624,11 @@ def train_retrieval_command(
     json_output: JsonOutput = False,
 ) -> None:
     """Train the two-tower retrieval model, evaluate it on the test split, save it."""
-    from twostage.artifacts import refuse_bundle_target
     from twostage.data.registry import anchored
     from twostage.retrieval.fit import fit_retrieval
     from twostage.retrieval.run import RUN_WEIGHTS
 
-    try:
-        refuse_bundle_target(out, "a run")
-    except ConfigError as e:
-        raise typer.BadParameter(str(e), param_hint="--out") from e
+    _not_into_a_bundle("--out", out, "a run")
     if (out / RUN_WEIGHTS).exists() and not resume:
         status_console.print(
             f"[yellow]{escape(str(out))} holds a trained run; this one replaces it "

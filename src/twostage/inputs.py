@@ -35,9 +35,10 @@ __all__ = [
 
 
 def check_raw_id(name: str, value: Any) -> None:
-    """Refuse a raw ID that is neither an integer nor a string: logs hold only
-    those (a float ID column is refused at load), and Python's equality would
-    otherwise take ``True`` and ``1.0`` for user 1 and a NaN for a new user.
+    """Refuse a raw ID that is neither an integer nor a string: vocabularies hold
+    only those (a log's float column of whole numbers is read as integers), and
+    Python's equality would otherwise take ``True`` and ``1.0`` for user 1 and a
+    NaN for a new user.
 
     Raises:
         ConfigError: naming ``name`` and the value's type.

@@ -104,6 +104,19 @@ def test_recommender_and_api_take_the_context(trained, tmp_path: Path) -> None:
         assert sum(i["item_id"] > 50 for i in answer.json()["items"]) >= 8
         body["context"] = {"weather": "rain"}
         assert client.post("/v1/recommend", json=body).status_code == 400
+        # Values the columns cannot hold were read as unknown, a silent default.
+        for bad in (
+            {"timestamp": "noon"},
+            {"timestamp": 1e30},
+            {"hour_of_day": 24},
+            {"hour_of_day": "9am"},
+        ):
+            body["context"] = bad
+            refused = client.post("/v1/recommend", json=body)
+            assert refused.status_code == 400, (bad, refused.text)
+            assert refused.json()["error"].startswith("`context`[")
+        body["context"] = {"timestamp": str(day + EVENING)}  # digits as text: fine
+        assert client.post("/v1/recommend", json=body).status_code == 200
 
 
 def test_timestamp_is_accepted_as_a_query_field() -> None:

@@ -16,6 +16,7 @@ as unknown, which the encoders fitted on training rows map to their missing slot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -41,6 +42,45 @@ DERIVED: dict[str, pl.Expr] = {
     .cast(pl.Int64),
 }
 _NOT_CONTEXT = (USER, ITEM, RATING, WEIGHT)
+
+
+#: The values a request may give a derived column directly.
+_RANGES = {"hour_of_day": (0, 23), "day_of_week": (1, 7)}
+
+
+def _checked(name: str, value: Any) -> Any:
+    """A request's context value, refused when it cannot be what the column holds:
+    a timestamp that is no number of seconds, an hour or weekday out of range
+    (they were read as unknown, as if the client had left them out)."""
+    if value is None:
+        return None
+    if name == TIME:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if isinstance(value, bool) or not (
+            math.isfinite(seconds) and abs(seconds) < 2**40
+        ):
+            raise ConfigError(
+                "`context`['timestamp'] should be epoch seconds, a finite number. "
+                f"Received: {value!r}."
+            )
+        return math.floor(seconds)
+    if name in _RANGES:
+        low, high = _RANGES[name]
+        number = (
+            value if isinstance(value, int) and not isinstance(value, bool) else None
+        )
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            number = int(value)
+        if number is None or not low <= number <= high:
+            raise ConfigError(
+                f"`context`[{name!r}] should be an integer from {low} to {high}. "
+                f"Received: {value!r}."
+            )
+        return number
+    return value
 
 
 def context_names(dataset: Dataset) -> list[str]:
@@ -103,6 +143,7 @@ def context_frame(
             raise ConfigError(
                 f"unknown context column(s) {unknown}; this model reads {names}."
             )
+        values = {k: _checked(k, v) for k, v in values.items()}
         given = pl.DataFrame({k: [v] * len(frame) for k, v in values.items()})
     frame = pl.concat([frame, given], how="horizontal") if given.width else frame
     if TIME in frame.columns:

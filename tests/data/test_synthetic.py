@@ -49,3 +49,8 @@ def test_bad_config_is_rejected() -> None:
         SyntheticConfig(num_items=0)
     with pytest.raises(ConfigError, match="num_clusters"):
         SyntheticConfig(num_items=5, num_clusters=10)
+    # An unknown option and a fractional seed ended in TypeError tracebacks.
+    with pytest.raises(ConfigError, match=r"unknown synthetic option\(s\) \['nope'\]"):
+        generate(nope=3)
+    with pytest.raises(ConfigError, match="synthetic seed should be"):
+        generate(seed=1.5)

@@ -71,6 +71,21 @@ class SyntheticConfig:
                     f"`{name}` should be a positive integer. "
                     f"Received: `{name}` = {value!r}."
                 )
+        if (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or self.seed < 0
+        ):
+            raise ConfigError(  # "seed" unquoted: the CLI reads `seed` as --seed
+                "the synthetic seed should be a non-negative integer. Received: "
+                f"seed={self.seed!r}."
+            )
+        for name in ("sharpness", "popularity_exponent", "feature_noise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(
+                    f"`{name}` should be a number. Received: `{name}` = {value!r}."
+                )
         if self.num_clusters > self.num_items:
             raise ConfigError(
                 "`num_clusters` should be at most `num_items`. Received: "
@@ -142,6 +157,12 @@ def generate(
     """
     config = config or SyntheticConfig()
     if overrides:
+        unknown = sorted(set(overrides) - set(config.__dict__))
+        if unknown:
+            raise ConfigError(
+                f"unknown synthetic option(s) {unknown}; the options are "
+                f"{sorted(config.__dict__)}."
+            )
         config = SyntheticConfig(**{**config.__dict__, **overrides})
     rng = np.random.default_rng(config.seed)
     user_probs, item_cluster = _latent(config, rng)

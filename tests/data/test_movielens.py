@@ -435,6 +435,10 @@ def test_checksum_mismatch_and_unavailable_messages(
     with pytest.raises(DatasetUnavailableError, match="data_dir=") as info:
         load_movielens("1m", cache_dir=cache)
     assert isinstance(info.value.__cause__, ChecksumError)
+    # the command line's way is named too, and spelled as `data fetch` accepts it
+    assert "`twostage data fetch movielens-1m --data-dir path/to/ml-1m`" in str(
+        info.value
+    )
     assert not (cache / "movielens" / "ml-1m.zip").exists()
     assert [p.name for p in (cache / "movielens").iterdir()] == []
 

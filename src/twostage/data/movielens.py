@@ -274,8 +274,10 @@ def _obtain(
         f"Could not obtain MovieLens {spec.variant}. Tried: "
         + "; ".join(f"({i}) {t}" for i, t in enumerate(tried, 1))
         + f". To fix: download {spec.url} ({spec.size_bytes:,} bytes){checksum} and "
-        f"save it as {base / (spec.folder + '.zip')}, or pass "
-        f"data_dir='path/to/{spec.folder}' (the extracted folder or the zip)."
+        f"save it as {base / (spec.folder + '.zip')}, or give the extracted folder or "
+        f"the zip: `load_movielens({spec.variant!r}, data_dir='path/to/{spec.folder}')` "
+        f"in Python, `twostage data fetch {spec.name} --data-dir path/to/{spec.folder}` "
+        "on the command line."
     ) from first_error
 
 

@@ -466,3 +466,27 @@ def test_max_steps_stops_the_ranker(trained) -> None:
     assert len(ranking.history) == 1  # the partial epoch, validated and kept
     with pytest.raises(ConfigError, match="max_steps"):
         dataclasses.replace(SMALL, max_steps=-1)
+
+
+def test_candidates_above_the_catalogue_are_reported(
+    trained, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More candidates than items trains (the ranker re-scores every unseen item),
+    and says so."""
+    run, _, fit, _ = trained
+    with caplog.at_level("WARNING", logger="twostage"):
+        fit_ranking(
+            run,
+            fit,
+            config=dataclasses.replace(SMALL, num_candidates=500, max_steps=1),
+            validation=None,
+        )
+    assert "ranking.num_candidates=500 is not below the catalogue's 120 items" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage"):
+        fit_ranking(
+            run, fit, config=dataclasses.replace(SMALL, max_steps=1), validation=None
+        )
+    assert "num_candidates" not in caplog.text

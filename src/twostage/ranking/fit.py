@@ -240,6 +240,15 @@ def fit_ranking_pairs(
             f"{tables.num_items} items is above EASE's {limit}. Set "
             "`ranking.ease_weight=0` for this catalogue."
         )
+    catalogue = tables.num_items - 1  # row 0 is padding
+    if config.num_candidates >= catalogue:
+        logger.warning(
+            "ranking.num_candidates=%d is not below the catalogue's %d items: the "
+            "ranking stage re-scores every unseen item, and retrieval does not narrow "
+            "the list. A smaller number keeps the ranker to retrieval's best.",
+            config.num_candidates,
+            catalogue,
+        )
     torch.manual_seed(run.config.train.seed)  # the initial weights are part of the run
     mean = float(rated.mean()) if len(rated) else 0.0
     ranking = RankingRun(

@@ -194,18 +194,23 @@ def test_evaluate_retrieval_only_bundle_and_missing_data(tmp_path: Path) -> None
         num_users=120, num_items=50, num_interactions=2000
     ).interactions.write_parquet(log)
     bundle = tmp_path / "models" / "mine" / "1"
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"ranking": {"ease_weight": 0.5}}))
     trained = runner.invoke(
         app,
         [
             *("train", "--dataset", str(log), "--out", str(bundle), "--no-ranking"),
             *SMALL_TRAINING,
             *("--set", "data.time_col=timestamp", "--set", "data.rating_col=rating"),
-            *("--set", "ranking.epochs=3"),
+            *("--set", "ranking.epochs=3", "--config", str(config_file)),
         ],
     )
     assert trained.exit_code == 0, trained.output
-    # A ranking setting with --no-ranking was passed over without a word.
-    assert "--no-ranking: ranking.epochs not used" in trained.output
+    # Ranking settings with --no-ranking, from --set or a --config file, were
+    # passed over without a word.
+    assert (
+        "--no-ranking: ranking.ease_weight, ranking.epochs not used" in trained.output
+    )
     result = runner.invoke(app, ["evaluate", str(bundle)])
     assert result.exit_code == 0, result.output
     assert "R@10" in result.output and "Ranking stage" not in result.output

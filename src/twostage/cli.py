@@ -263,7 +263,7 @@ def train_all(
             "checkpoints: drop --work-dir/--resume and --train-file/--test-file.",
             param_hint="--stream",
         )
-    unused = [o.partition("=")[0] for o in overrides or [] if o.startswith("ranking.")]
+    unused = _ranking_settings(config, overrides or [])
     if unused and not ranking:
         status_console.print(
             f"[yellow]--no-ranking: {escape(', '.join(unused))} not used (no ranking "
@@ -299,6 +299,23 @@ def train_all(
         )
         return
     console.print(f"Bundle saved to [cyan]{escape(str(bundle))}[/cyan].")
+
+
+def _ranking_settings(config: Any, overrides: list[str]) -> list[str]:
+    """The ``ranking.*`` keys set by ``--set`` or away from their defaults (e.g. by
+    ``--config``), in the section's order."""
+    import dataclasses
+
+    from twostage.config import RankingConfig
+
+    given = {o.partition("=")[0].strip() for o in overrides}
+    default = RankingConfig()
+    return [
+        f"ranking.{f.name}"
+        for f in dataclasses.fields(config.ranking)
+        if f"ranking.{f.name}" in given
+        or getattr(config.ranking, f.name) != getattr(default, f.name)
+    ]
 
 
 def _print_retrieval(run: Any, test: Any, config: Any) -> None:

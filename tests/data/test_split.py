@@ -165,6 +165,30 @@ def test_leave_last_out_holds_out_the_last_item_and_validates_on_the_second_last
     assert parts.validation.num_interactions == counts.filter(pl.col("len") >= 3).height
 
 
+def test_leave_last_out_reports_an_unused_test_fraction(
+    data: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fraction does not size a leave-last-out test; a config that sets it
+    is told so (and still loads, as saved configs do)."""
+    config = apply_overrides(
+        ExperimentConfig(), ["data.split=leave-last-out", "data.test_fraction=0.3"]
+    )
+    with caplog.at_level("WARNING", logger="twostage"):
+        parts = prepare_split(data, config)
+    assert "data.test_fraction=0.3 is not used by the leave-last-out split" in (
+        caplog.text
+    )
+    assert (
+        parts.test.num_interactions
+        == _experiment(data, "leave-last-out").test.num_interactions
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage"):
+        _experiment(data, "leave-last-out")
+        _experiment(data, "random")
+    assert "test_fraction" not in caplog.text
+
+
 def test_temporal_protocol_validates_on_the_latest_training_rows(data: Dataset) -> None:
     parts = _experiment(data, "temporal")
     assert parts.validation is not None

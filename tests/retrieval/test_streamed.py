@@ -322,7 +322,9 @@ def test_a_context_column_the_log_lacks_is_a_clear_error(log: Path) -> None:
         )
 
 
-def test_a_streamed_split_that_leaves_a_side_empty_says_why(tmp_path: Path) -> None:
+def test_a_streamed_split_that_leaves_a_side_empty_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from twostage.errors import DataError
 
     tied = tmp_path / "tied.parquet"  # every row at one time: all after the cut
@@ -332,9 +334,16 @@ def test_a_streamed_split_that_leaves_a_side_empty_says_why(tmp_path: Path) -> N
     temporal = apply_overrides(ExperimentConfig(), ["data.split=temporal"])
     with pytest.raises(DataError, match="streamed temporal split of 4 rows left none"):
         fit_streamed_retrieval(temporal, tied)
-    once = apply_overrides(ExperimentConfig(), ["data.split=leave-last-out"])
-    with pytest.raises(DataError, match="left none to test on"):  # one item a user
+    once = apply_overrides(
+        ExperimentConfig(), ["data.split=leave-last-out", "data.test_fraction=0.3"]
+    )
+    with (
+        caplog.at_level("WARNING", logger="twostage"),
+        pytest.raises(DataError, match="left none to test on"),  # one item a user
+    ):
         fit_streamed_retrieval(once, tied)
+    # as in memory: the fraction sizes no leave-last-out test, and the run says so
+    assert "data.test_fraction=0.3 is not used by the leave-last-out" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ different sides, which is the usual protocol for logs that contain repeats.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -29,6 +30,7 @@ __all__ = [
     "sample_users",
     "prepare_split",
     "random_split",
+    "report_unused_fraction",
     "split_dataset",
     "temporal_split",
     "validation_split",
@@ -36,6 +38,7 @@ __all__ = [
 
 SPLIT_METHODS = ("random", "temporal", "leave-last-out")
 _ROW = "__row"
+logger = logging.getLogger(__name__)
 
 
 class Split(NamedTuple):
@@ -213,6 +216,17 @@ def sample_users(dataset: Dataset, n: int, *, seed: int) -> Dataset:
     )
 
 
+def report_unused_fraction(method: str, test_fraction: float) -> None:
+    """Log that ``data.test_fraction`` sizes no leave-last-out test. Not an error:
+    saved configs that carry it must keep loading."""
+    if method == "leave-last-out" and test_fraction != 0.2:  # the default
+        logger.warning(
+            "data.test_fraction=%s is not used by the leave-last-out split (each "
+            "user's last item is the test)",
+            test_fraction,
+        )
+
+
 def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit:
     """The test split (plus held-out cold users) and the validation carve-out.
 
@@ -230,6 +244,7 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
         users; ``validation`` is None when ``data.validation_fraction`` is 0.
     """
     data = config.data
+    report_unused_fraction(data.split, data.test_fraction)
     dataset = dataset.with_unrated(data.unrated_values)
     if data.train_file is not None or data.test_file is not None:
         return _split_from_files(dataset, config)

@@ -57,7 +57,7 @@ import torch
 from twostage import distributed
 from twostage.config import DataConfig, ExperimentConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
-from twostage.data.split import check_split_sizes, sample_users
+from twostage.data.split import check_split_sizes, report_unused_fraction, sample_users
 from twostage.data.streaming import (
     SplitRule,
     StreamingVocabularies,
@@ -117,6 +117,7 @@ def _check(config: ExperimentConfig) -> None:
     if retrieval.ensemble:  # its members train from a log in memory
         problems.append("retrieval.ensemble=[] (one model)")
     check_data_options(data)
+    report_unused_fraction(data.split, data.test_fraction)
     if problems:
         raise ConfigError(
             "training from a streamed log supports every example mode in one "

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -11,6 +12,7 @@ from twostage.config import (
     ExperimentConfig,
     RankingConfig,
     apply_overrides,
+    apply_settings,
     load_config,
     save_config,
 )
@@ -116,6 +118,33 @@ def test_an_override_key_with_an_empty_part_is_named() -> None:
     for override in ("train..epochs=3", "=3", "train.=3"):
         with pytest.raises(ConfigError, match="without empty parts"):
             apply_overrides(ExperimentConfig(), [override])
+
+
+def test_python_settings_keep_their_types() -> None:
+    """`TwoStageModel(settings=...)` went through override text: None became the
+    column name "None", and True passed as "True"."""
+    config = apply_settings(
+        apply_overrides(ExperimentConfig(), ["data.time_col=ts"]),
+        {
+            "data.time_col": None,
+            "train.epochs": np.int64(3),
+            "data.user_features": ["age", "gender"],
+            "train.learning_rate": 0.01,
+        },
+    )
+    assert config.data.time_col is None
+    assert config.train.epochs == 3 and type(config.train.epochs) is int
+    assert config.data.user_features == ("age", "gender")
+    assert config.train.learning_rate == 0.01
+    for settings, message in [
+        ({"train.epochs": True}, "should be of type int. Received: True"),
+        ({"train.epochs": None}, "should be of type int. Received: None"),
+        ({"train.epoch": 3}, "Did you mean 'train.epochs'"),
+        ({"train..epochs": 3}, "without empty parts"),
+        ({("train", "epochs"): 3}, "`section.key` text"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            apply_settings(ExperimentConfig(), settings)
 
 
 def test_ranking_is_a_section_that_overrides_and_files_reach(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from twostage.config import ExperimentConfig, apply_overrides, to_dict
+from twostage.config import ExperimentConfig, apply_settings, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.split import ExperimentSplit, validation_split
 from twostage.errors import ConfigError, DataError
@@ -91,16 +91,6 @@ class Evaluation:
         )
 
 
-def _settings_to_overrides(settings: Mapping[str, Any]) -> list[str]:
-    """``{"train.epochs": 5}`` -> ``["train.epochs=5"]`` (lists comma-joined)."""
-    out = []
-    for key, value in settings.items():
-        if isinstance(value, list | tuple):
-            value = ",".join(map(str, value))
-        out.append(f"{key}={value}")
-    return out
-
-
 @dataclass
 class _Columns:
     user_col: str = USER
@@ -124,8 +114,9 @@ class TwoStageModel:
         config: every setting (:class:`~twostage.config.ExperimentConfig`); the
             defaults when None.
         settings: overrides of ``config``, ``{"train.epochs": 5,
-            "retrieval.embedding_dim": 32}`` (unknown keys are an error with a
-            suggestion).
+            "retrieval.embedding_dim": 32}``, with Python values (``None`` unsets
+            an optional key, lists for lists; unknown keys and wrong types are
+            errors, with a suggestion; :func:`twostage.config.apply_settings`).
         ranking: fit the ranking stage too.
         progress: draw progress bars (rich; a live widget in Jupyter).
         on_step: called after every training step of either stage with
@@ -146,7 +137,7 @@ class TwoStageModel:
         tensorboard: str | Path | None = None,
     ) -> None:
         config = config if config is not None else ExperimentConfig()
-        self.config = apply_overrides(config, _settings_to_overrides(settings or {}))
+        self.config = apply_settings(config, settings or {})
         self.ranking = ranking
         self.progress = progress
         self.on_step = on_step

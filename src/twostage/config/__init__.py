@@ -8,6 +8,7 @@ writing in :mod:`twostage.config.io`.
 
 from twostage.config.io import (
     apply_overrides,
+    apply_settings,
     from_dict,
     load_config,
     save_config,
@@ -34,6 +35,7 @@ __all__ = [
     "RetrievalConfig",
     "TrainConfig",
     "apply_overrides",
+    "apply_settings",
     "from_dict",
     "load_config",
     "save_config",

@@ -7,13 +7,23 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+import numpy as np
 
 from twostage.config.sections import ExperimentConfig
 from twostage.errors import ConfigError
 
-__all__ = ["apply_overrides", "from_dict", "load_config", "save_config", "to_dict"]
+__all__ = [
+    "apply_overrides",
+    "apply_settings",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+]
 
 T = TypeVar("T")
 
@@ -133,39 +143,63 @@ def apply_overrides(config: T, overrides: list[str] | tuple[str, ...]) -> T:
             raise ConfigError(
                 f"an override should look like `train.epochs=5`. Received: {item!r}."
             )
-        node = values
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(
-                f"an override's key should be `section.key`, without empty parts "
-                f"(e.g. `train.epochs=5`). Received: {item!r}."
-            )
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                sections = sorted(k for k, v in node.items() if isinstance(v, dict))
-                raise ConfigError(
-                    f"unknown config section {part!r} in override {item!r}."
-                    f"{did_you_mean(part, sections)} Known sections: {sections}."
-                )
-            node = node[part]
-        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
-            keys = sorted(k for k, v in node.items() if not isinstance(v, dict))
-            hint = did_you_mean(parts[-1], keys, prefix=".".join(parts[:-1]))
-            if not hint and len(parts) == 1:  # `epochs=5` for `train.epochs=5`
-                full = sorted(
-                    f"{name}.{k}"
-                    for name, sub in node.items()
-                    if isinstance(sub, dict)
-                    for k in sub
-                    if k == parts[-1]
-                )
-                hint = f" Did you mean {' or '.join(map(repr, full))}?" if full else ""
-            raise ConfigError(
-                f"unknown config key {key!r} in override {item!r}.{hint} "
-                f"Known keys here: {sorted(node)}."
-            )
-        node[parts[-1]] = raw
+        _assign(values, key, raw, f"override {item!r}")
     return from_dict(type(config), values)
+
+
+def apply_settings(config: T, settings: Mapping[str, Any]) -> T:
+    """Apply ``{"section.key": value}`` settings with Python values, checked as a
+    JSON config's are: ``None`` unsets an optional key (where an override's text
+    would be the string ``"None"``), ``True`` is no number, lists stay lists.
+    numpy scalars count as their Python values."""
+    values = to_dict(config)
+    for key, value in settings.items():
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"a setting's key should be `section.key` text, e.g. "
+                f"`train.epochs`. Received: {key!r}."
+            )
+        if isinstance(value, np.generic):
+            value = value.item()
+        _assign(values, key, value, f"setting {key!r}")
+    return from_dict(type(config), values)
+
+
+def _assign(values: dict[str, Any], key: str, value: Any, what: str) -> None:
+    """Set ``section.key`` in a config's dict, naming an unknown section or key
+    (with the closest known one) and ``what`` was given."""
+    node = values
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(
+            f"a {what.split()[0]}'s key should be `section.key`, without empty parts "
+            f"(e.g. `train.epochs=5`). Received: {what.partition(' ')[2]}."
+        )
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            sections = sorted(k for k, v in node.items() if isinstance(v, dict))
+            raise ConfigError(
+                f"unknown config section {part!r} in {what}."
+                f"{did_you_mean(part, sections)} Known sections: {sections}."
+            )
+        node = node[part]
+    if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+        keys = sorted(k for k, v in node.items() if not isinstance(v, dict))
+        hint = did_you_mean(parts[-1], keys, prefix=".".join(parts[:-1]))
+        if not hint and len(parts) == 1:  # `epochs=5` for `train.epochs=5`
+            full = sorted(
+                f"{name}.{k}"
+                for name, sub in node.items()
+                if isinstance(sub, dict)
+                for k in sub
+                if k == parts[-1]
+            )
+            hint = f" Did you mean {' or '.join(map(repr, full))}?" if full else ""
+        raise ConfigError(
+            f"unknown config key {key!r} in {what}.{hint} "
+            f"Known keys here: {sorted(node)}."
+        )
+    node[parts[-1]] = value
 
 
 def save_config(config: Any, path: str | Path) -> None:

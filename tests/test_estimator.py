@@ -77,6 +77,7 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path) -> None:
     assert ratings.shape == (3,) and math.isnan(ratings[2])  # -99: not in catalogue
     assert 1.0 <= ratings[0] <= 5.0  # the ranker's rating, clipped to the data's
     assert len(model.similar_items(int(item_ids[0, 0]), k=4)) == 4
+    _check_id_arguments(model, int(users[0]), int(item_ids[0, 0]))
 
     result = model.evaluate(test, **columns)
     # The names fit was given are remembered: they had to be passed again.
@@ -111,6 +112,34 @@ def test_estimator_takes_explicit_validation_and_test(frames) -> None:
     ids, scores = model.recommend([train["uid"].iloc[0]], k=3)
     predicted = model.predict([train["uid"].iloc[0]], [ids[0, 0]])
     assert predicted[0] == pytest.approx(scores[0, 0], abs=1e-5)
+    _check_id_arguments(model, int(train["uid"].iloc[0]), int(ids[0, 0]))
+
+
+def _check_id_arguments(model: "twostage.TwoStageModel", user: int, item: int) -> None:
+    """IDs are taken as recommend() takes them: integers or strings (digits find
+    integer IDs), unknown ones as unknown; other types and empty or empty test
+    tables are clear errors. `predict([True], ...)` scored user 1 by its dtype,
+    `predict([], [])` and `evaluate(<no rows>)` ended in a reshape RuntimeError,
+    and an unknown string user in a DataError."""
+    known = model.predict([user, str(user)], [item, str(item)])
+    assert known[0] == known[1]
+    cold = model.predict([None, "nobody", 10**6], [item, item, item])
+    assert cold[0] == cold[1] == cold[2]
+    assert np.isnan(model.predict([user], ["no-such-item"])[0])
+    assert model.predict([], []).shape == (0,)
+    for users, message in [
+        ([True], r"`user_ids\[0\]` should be an integer or string ID"),
+        ([user, 1.0], r"`user_ids\[1\]` should be an integer or string ID"),
+        ([float("nan")], r"`user_ids\[0\]`"),
+    ]:
+        with pytest.raises(twostage.TwostageError, match=message):
+            model.predict(users, [item] * len(users))
+    with pytest.raises(twostage.TwostageError, match=r"`item_ids\[0\]`"):
+        model.predict([user], [float(item)])
+    with pytest.raises(twostage.TwostageError, match="a set"):
+        model.recommend({user}, k=3)
+    with pytest.raises(twostage.TwostageError, match="the test table has no rows"):
+        model.evaluate(pd.DataFrame({"uid": [], "movie": [], "stars": []}))
 
 
 def test_unfitted_and_mismatched_calls_are_clear_errors() -> None:

@@ -25,6 +25,7 @@ from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.split import ExperimentSplit, validation_split
 from twostage.errors import ConfigError, DataError
 from twostage.evaluate import EvalResult
+from twostage.inputs import check_raw_id
 from twostage.recommender import Recommendation, Recommender
 
 __all__ = ["Evaluation", "TwoStageModel"]
@@ -343,6 +344,12 @@ class TwoStageModel:
             tiny catalogue) is padded with None IDs and NaN scores.
         """
         rec = self.recommender
+        if isinstance(user_ids, set | frozenset | dict):
+            raise ConfigError(
+                "`user_ids` should be one user ID, or a list, array or Series of "
+                f"them, whose order the rows follow. Received a "
+                f"{type(user_ids).__name__}."
+            )
         if not _is_many(user_ids):
             return rec.recommend(user_ids, k, exclude_seen=exclude_seen, **options)
         ids = list(user_ids.to_list() if hasattr(user_ids, "to_list") else user_ids)
@@ -362,24 +369,28 @@ class TwoStageModel:
         """Scores of (user, item) pairs, element by element.
 
         With a ranker: its predicted rating when the data had ratings, else its click
-        probability. Without: the retrieval score (query . candidate). An unknown user
+        probability. Without: the retrieval score (query . candidate). IDs are
+        integers or strings, as :meth:`recommend` takes them (None: unknown). An
+        unknown user
         is scored as a cold start; an item outside the catalogue gets NaN.
 
         Returns:
             ``[n]`` float32 array.
         """
         rec = self.recommender
-        users = pl.Series(USER, _as_list(user_ids))
-        items = _as_list(item_ids)
-        if len(users) != len(items):
+        user_list, item_list = _as_list(user_ids), _as_list(item_ids)
+        if len(user_list) != len(item_list):
             raise ConfigError(
                 "`user_ids` and `item_ids` should have the same length. Received: "
-                f"{len(users)} and {len(items)}."
+                f"{len(user_list)} and {len(item_list)}."
             )
-        item_idx = torch.from_numpy(
-            rec.item_vocab.transform(pl.Series(ITEM, items)).astype(np.int64)
-        )
-        user_idx = torch.from_numpy(rec.user_vocab.transform(users).astype(np.int64))
+        if not user_list:
+            return np.empty(0, dtype=np.float32)
+        # One lookup per ID, as recommend() makes: an ID the vocabulary does not
+        # hold (text for integer IDs included) is unknown, not an error.
+        user_idx = _indices(rec.user_vocab, "user_ids", user_list)
+        item_idx = _indices(rec.item_vocab, "item_ids", item_list)
+        users = _canonical(rec.user_vocab, user_list, user_idx)
         with torch.no_grad():
             if rec.ranker is not None:
                 out = rec.ranker.score(user_idx, item_idx[:, None])
@@ -488,6 +499,32 @@ def _is_many(user_ids: Any) -> bool:
     return isinstance(user_ids, list | tuple | np.ndarray | pl.Series) or (
         type(user_ids).__module__.split(".")[0] == "pandas"
     )
+
+
+def _indices(vocab: Any, argument: str, values: list[Any]) -> torch.Tensor:
+    """Vocabulary indices of raw IDs, each an integer or a string (None:
+    unknown), as :meth:`Recommender.recommend` takes them."""
+    for position, value in enumerate(values):
+        if value is not None:
+            check_raw_id(f"{argument}[{position}]", value)
+    return torch.tensor([vocab.lookup(v) for v in values], dtype=torch.int64)
+
+
+def _canonical(vocab: Any, values: list[Any], indices: torch.Tensor) -> pl.Series:
+    """The raw IDs as the vocabulary holds them (``"0032"`` -> 32 for integer IDs),
+    for the model's own lookup; an unknown ID stays as given where it has the
+    vocabulary's type (its hash bucket) and is None otherwise."""
+    known = vocab.values
+    start = vocab.num_oov_buckets
+    numeric = known.dtype.is_integer()
+    raw = known.to_list()
+    out = [
+        raw[i - start]
+        if i >= start
+        else (v if isinstance(v, int | np.integer) == numeric else None)
+        for v, i in zip(values, indices.tolist(), strict=True)
+    ]
+    return pl.Series(USER, out, dtype=known.dtype)
 
 
 def _as_list(values: Any) -> list[Any]:

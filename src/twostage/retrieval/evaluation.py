@@ -122,6 +122,16 @@ def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
     )
 
 
+def check_test_rows(test: Dataset) -> None:
+    """A test table without rows has no figures: say so, before a tensor of no
+    users fails to reshape."""
+    if not test.num_interactions:
+        raise DataError(
+            "the test table has no rows, so there is nothing to evaluate. Pass the "
+            "held-out interactions (user, item and the columns fit read)."
+        )
+
+
 def evaluate_run_embeddings(
     run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...], shard: bool = False
 ) -> EvalResult:
@@ -130,6 +140,7 @@ def evaluate_run_embeddings(
     are also reported as the ``popularity_fallback_users`` slice), and the
     session-kNN term added when the run has one. ``shard``: each
     rank of a torch.distributed group scores its share of the users."""
+    check_test_rows(test)
     queries = eval_queries(run, test)
     query_emb = run.query_embeddings(
         queries.user_ids, users=test.users, context=queries.context

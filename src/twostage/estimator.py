@@ -371,8 +371,8 @@ class TwoStageModel:
         With a ranker: its predicted rating when the data had ratings, else its click
         probability. Without: the retrieval score (query . candidate). IDs are
         integers or strings, as :meth:`recommend` takes them (None: unknown). An
-        unknown user
-        is scored as a cold start; an item outside the catalogue gets NaN.
+        unknown user is scored as a cold start; an item outside the catalogue gets
+        NaN.
 
         Returns:
             ``[n]`` float32 array.

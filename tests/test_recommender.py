@@ -257,3 +257,7 @@ def test_ids_that_are_neither_integers_nor_strings_are_refused(
     assert rec.recommend(np.int64(user), 3).items == want
     assert rec.recommend(str(user), 3).items == want
     assert rec.recommend(session=[np.int32(item)], k=3).path == "session"
+    # search text: None ended in AttributeError ('NoneType' ... 'strip')
+    for bad_text in (None, 3):
+        with pytest.raises(ConfigError, match="`text` should be a string"):
+            rec.search_items(bad_text)  # type: ignore[arg-type]

@@ -448,6 +448,11 @@ class Recommender:
         """Items whose label (or ID) contains ``text``, case-insensitive, in
         catalogue order: what a client offers to pick an item by its title."""
         _check_k("limit", limit)
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"`text` should be a string to look for. Received: {text!r} "
+                f"({type(text).__name__})."
+            )
         needle = text.strip().lower()
         found = []
         for index in range(1, len(self._item_id_list)):

@@ -80,6 +80,15 @@ def test_index_commands_say_a_run_is_not_a_bundle(
         assert result.exit_code == 2 and "is a training run" in result.output
 
 
+def test_a_path_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
+    # They said "no saved version under ...", as if the directory held something.
+    missing = str(tmp_path / "modles" / "x")
+    for command in (["recommend", missing, "--user", "1"], ["index", "build", missing]):
+        result = runner.invoke(app, command, env={"COLUMNS": "200"})
+        assert result.exit_code != 0
+        assert f"{missing!r} does not exist" in result.output, result.output
+
+
 def test_index_bench_json_and_kind_spelling(models_dir: Path) -> None:
     result = runner.invoke(
         app,

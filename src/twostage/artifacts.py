@@ -238,6 +238,8 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
 def latest_version(model_dir: str | Path) -> Path:
     """The highest-numbered version directory under ``models/<name>/`` with a manifest."""
     root = Path(model_dir)
+    if not root.exists():
+        raise ArtifactError(f"{str(root)!r} does not exist (is the path right?).")
     versions = (
         sorted(
             (int(p.name), p)

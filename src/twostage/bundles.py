@@ -73,6 +73,12 @@ def load_recommender(directory: str | Path) -> Recommender:
         ArtifactError: none of these is found at ``directory``.
     """
     path = Path(directory)
+    if not path.exists():
+        raise ArtifactError(
+            f"{str(path)!r} does not exist. Pass a bundle (models/NAME/1), a "
+            "models/NAME directory (its newest version), or the --out directory of "
+            "`twostage train retrieval`."
+        )
     if (path / RUN_WEIGHTS).exists() and not (path / MANIFEST).exists():
         return _load_run_dir(path)
     if path.is_dir() and not any(p.name.isdigit() for p in path.iterdir()):

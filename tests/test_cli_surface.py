@@ -86,7 +86,8 @@ def test_a_path_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:
     for command in (["recommend", missing, "--user", "1"], ["index", "build", missing]):
         result = runner.invoke(app, command, env={"COLUMNS": "200"})
         assert result.exit_code != 0
-        assert f"{missing!r} does not exist" in result.output, result.output
+        told = result.output + str(result.exception or "")
+        assert f"{missing!r} does not exist" in told, told
 
 
 def test_index_bench_json_and_kind_spelling(models_dir: Path) -> None:

@@ -415,6 +415,15 @@ def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
         ],
     )
     assert done.exit_code == 0, done.output
+    test = pl.read_parquet(split / "test.parquet")
+    new_item = test.head(1).with_columns(
+        pl.lit(10**6, test["item_id"].dtype).alias("item_id")
+    )
+    new_user = test.head(1).with_columns(
+        pl.lit(10**6, test["user_id"].dtype).alias("user_id")
+    )
+    test = pl.concat([test, new_item, new_user])
+    test.write_parquet(split / "test.parquet")
     bundle = tmp_path / "models" / "mine" / "1"
     result = runner.invoke(
         app,
@@ -424,9 +433,16 @@ def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
             *("--test", str(split / "test.parquet")),
             *("--set", "ranking.epochs=1", *SMALL_TRAINING),
         ],
+        env={"COLUMNS": "400"},
     )
     assert result.exit_code == 0, result.output
-    test = pl.read_parquet(split / "test.parquet")
+    # Who the figures are about: the temporal split's test holds users and an
+    # item training never saw, and the output said nothing of them.
+    trained_users = set(pl.read_parquet(split / "train.parquet")["user_id"])
+    cold = set(test["user_id"]) - trained_users
+    assert 10**6 in cold
+    assert f"{len(cold)} not in training, answered as cold starts" in result.output
+    assert "1 test (user, item) pair with an item not in training" in result.output
     saved = json.loads((bundle / "metrics.json").read_text())
     per_user = saved["counts"]["include_seen"]["num_queries"]
     assert per_user == test["user_id"].n_unique()  # the file's test users

@@ -45,6 +45,7 @@ from twostage.cli_output import (
     print_metrics,
     print_ranking,
     print_session_knn,
+    print_test_counts,
     standing,
     status_console,
     training_progress,
@@ -329,6 +330,7 @@ def _print_retrieval(run: Any, test: Any, config: Any) -> None:
     print_metrics(
         {}, title=f"Retrieval on {config.data.dataset} (test split)", models=rows
     )
+    print_test_counts(run.metrics)
     print_session_knn(run.session_knn)
     print_fallback(run.fallback, num_users=run.spec.vocabulary("user_id").size - 1)
 
@@ -778,6 +780,7 @@ def evaluate_command(
     print_metrics(
         {}, title=f"Evaluation of {path} ({side})", models=results["retrieval"]
     )
+    print_test_counts(results["retrieval"].get("twostage"))
     if "ranking" in results:
         print_ranking(results["ranking"], title="Ranking stage (test split)")
 

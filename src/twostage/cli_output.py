@@ -209,6 +209,42 @@ def standing(served: dict[str, float], baselines: dict[str, Any]) -> list[str]:
     return lines
 
 
+def print_test_counts(metrics: dict[str, Any] | None) -> None:
+    """Who the test figures are about: users the model never saw (answered as cold
+    starts), users whose test items were all trained on (outside the seen-excluded
+    figures), and test rows whose item the model never saw (counted as misses: no
+    list can hold it). Nothing is printed for a plain split."""
+    if not metrics or "counts" not in metrics:
+        return
+    counts = metrics["counts"]
+    slices = metrics.get("slices") or {}
+
+    def count(name: str, key: str) -> int:
+        return int(
+            slices.get(name, {}).get("counts", {}).get("include_seen", {}).get(key, 0)
+        )
+
+    users = int(counts["include_seen"]["num_queries"])
+    cold_users = count("cold_users", "num_queries")
+    cold_rows = count("cold_items", "num_test_interactions")
+    all_seen = int(counts["exclude_seen"]["num_queries_without_relevant"])
+    notes = []
+    if cold_users:
+        notes.append(f"{cold_users:,} not in training, answered as cold starts")
+    if all_seen:
+        notes.append(
+            f"{all_seen:,} whose test items were all in their training rows, left out "
+            "of the 'excl' figures"
+        )
+    if cold_rows:
+        notes.append(
+            f"{cold_rows:,} test (user, item) pair{'s' if cold_rows != 1 else ''} with "
+            "an item not in training, counted as misses (no list can hold it)"
+        )
+    if notes:
+        console.print(Text(f"Test users: {users:,}; " + "; ".join(notes) + "."))
+
+
 def print_session_knn(choice: dict[str, Any] | None) -> None:
     """Say which session-kNN weight validation picked (``session_knn_weight=-1``),
     with the validation NDCG@10 at each weight tried."""

@@ -109,6 +109,20 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
         ("/v1/models/nope:predict", {"instances": ["3"]}, 404, "unknown model"),
         ("/v1/models/synthetic:predict", {"instances": [{"k": 0}]}, 400, "`k`"),
         ("/v1/recommend", {"user_id": "x" * 3000}, 413, "over the limit of 2000"),
+        # Half a surrogate pair: an answer echoing it could not be encoded (a 500).
+        ("/v1/recommend", b'{"user_id": "\\ud800"}', 422, "user_id holds an unpaired"),
+        (
+            "/v1/recommend",
+            b'{"session": [{"item_id": 7}, "\\udfff"]}',
+            422,
+            "session[1] holds an unpaired",
+        ),
+        (
+            "/v1/models/synthetic:predict",
+            b'{"instances": [{"user_id": "\\ud800"}]}',
+            422,
+            "instances[0].user_id holds an unpaired",
+        ),
     ],
 )
 def test_bad_requests_get_4xx_with_a_message(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "ErrorResponse",
@@ -31,6 +31,44 @@ class _Strict(BaseModel):
     # strict: no "5" for 5, no true for 1, no "no" for false; docs/serving.md promises a
     # 422 for a wrong type, not a guess.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        """JSON may escape half of a surrogate pair (``"\\ud800"``): no Unicode
+        text, so no ID or value can hold it, and an answer echoing it could not be
+        encoded (a 500). Refused, with where it is."""
+        where = _surrogate_at(data, "")
+        if where is not None:
+            raise ValueError(
+                f"{where or 'the body'} holds an unpaired surrogate escape "
+                "(\\ud800-\\udfff alone), which is not Unicode text"
+            )
+        return data
+
+
+def _surrogate_at(value: Any, path: str) -> str | None:
+    """The path of the first string (value or key) holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _surrogate_at(key, "") is not None:
+                return f"{path or 'the body'}: a key"
+            found = _surrogate_at(item, inner)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _surrogate_at(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 _INT64 = 2**63

@@ -39,6 +39,24 @@ def test_index_build_saves_a_new_version_that_serves(models_dir: Path) -> None:
     ]
     bad = runner.invoke(app, ["index", "build", str(model), "--kind", "annoy"])
     assert bad.exit_code != 0 and "annoy" in str(bad.exception or bad.output)
+    # `--set kind=ivf` built an ivf index and said "built a hnsw index"; a device
+    # for a faiss index, or one that holds no data, was taken without a word.
+    ivf = runner.invoke(app, ["index", "build", str(model), "--set", "kind=ivf"])
+    assert ivf.exit_code == 0, ivf.output
+    assert "built the ivf index" in ivf.output and load(model / "3").index_kind == "ivf"
+    for options, message in [
+        (
+            ["--kind", "hnsw", "--set", "device=cuda"],
+            "the hnsw index searches on the CPU",
+        ),
+        (
+            ["--kind", "exact", "--set", "device=meta"],
+            "a device that holds the vectors",
+        ),
+    ]:
+        refused = runner.invoke(app, ["index", "build", str(model), *options])
+        assert message in str(refused.exception), refused.output
+    assert not (model / "4").exists()
 
 
 def test_index_bench_prints_recall_against_exact(models_dir: Path) -> None:

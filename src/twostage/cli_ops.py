@@ -192,6 +192,7 @@ def index_build(
     source, rec = _open(bundle)
     settings = [item.removeprefix("index.") for item in set_ or []]
     config = apply_overrides(rec.run.config.index, [f"kind={kind}", *settings])
+    kind = config.kind  # `--set kind=...` has the last word, as any --set
     started = time.perf_counter()
     with status_console.status(
         f"building the {kind} index over {rec.index.size:,} items"
@@ -201,7 +202,7 @@ def index_build(
     target = out or next_version(source.parent)
     rebuilt.save(target)
     console.print(
-        f"built a {kind} index in {seconds:.1f} s; saved {escape(str(target))}"
+        f"built the {kind} index in {seconds:.1f} s; saved {escape(str(target))}"
     )
 
 

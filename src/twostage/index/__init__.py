@@ -49,6 +49,11 @@ def make_index(config: IndexConfig) -> Index:
     """
     if config.kind == "exact":
         return ExactIndex(chunk_size=config.chunk_size, device=config.device)
+    if config.device != "cpu":
+        raise ConfigError(
+            f"`device` = {config.device!r} places the exact index; the {config.kind} "
+            "index searches on the CPU. Use kind 'exact' for a GPU, or drop the device."
+        )
     if config.kind == "hnsw":
         return HNSWIndex(
             m=config.hnsw_m,

@@ -49,6 +49,11 @@ class ExactIndex(Index):
                 f"`device` should be a torch device such as 'cpu' or 'cuda'. "
                 f"Received: `device` = {device!r}."
             ) from e
+        if self.device.type not in ("cpu", "cuda", "mps"):  # meta holds no data
+            raise ConfigError(
+                f"`device` should be 'cpu', 'cuda' (or 'cuda:N') or 'mps': a device "
+                f"that holds the vectors. Received: `device` = {device!r}."
+            )
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(
                 f"`device` = {device!r} asks for CUDA but torch sees no GPU here; "

@@ -41,8 +41,12 @@ def test_index_build_saves_a_new_version_that_serves(models_dir: Path) -> None:
     assert bad.exit_code != 0 and "annoy" in str(bad.exception or bad.output)
     # `--set kind=ivf` built an ivf index and said "built a hnsw index"; a device
     # for a faiss index, or one that holds no data, was taken without a word.
-    ivf = runner.invoke(app, ["index", "build", str(model), "--set", "kind=ivf"])
+    ivf = runner.invoke(
+        app,
+        ["index", "build", str(model), "--set", "kind=ivf", "--set", "ef_search=64"],
+    )
     assert ivf.exit_code == 0, ivf.output
+    assert "ef_search: not read by the ivf index" in " ".join(ivf.output.split())
     assert "built the ivf index" in ivf.output and load(model / "3").index_kind == "ivf"
     for options, message in [
         (

@@ -125,6 +125,8 @@ def _print_report(report: Any, *, strict_hint: bool = True) -> None:
         f"{report.num_rejected} rejected"
         + (" (use --strict to stop at the first one)." if strict_hint else ".")
     )
+    if report.hint:
+        console.print(Text(report.hint[0].upper() + report.hint[1:] + "."))
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -930,6 +930,52 @@ def test_reader_refuses_what_it_cannot_take_faithfully(tmp_path: Path) -> None:
     assert summary["num_interactions"] == 0 and summary["time_range"] is None
 
 
+def test_timestamps_in_milliseconds_have_their_own_reason_and_hint(
+    tmp_path: Path,
+) -> None:
+    """A log of milliseconds (Java, JavaScript) lost every row as `bad_timestamp`,
+    and training then said "the random split of 0 rows left none to train on"."""
+    from twostage.config import ExperimentConfig
+    from twostage.data.split import prepare_split
+
+    log = tmp_path / "ms.csv"
+    log.write_text(
+        "user_id,item_id,timestamp\n1,2,1700000000\n2,3,1700000000123\n"
+        "3,4,1700000000123456\n4,5,253402300799\n"
+    )
+    report = read_interactions(log).report
+    assert report is not None
+    # milliseconds and microseconds named; the year-9999 sentinel stays bad
+    assert report.rejected == {"timestamp_not_in_seconds": 2, "bad_timestamp": 1}
+    assert [line for line, _ in report.examples["timestamp_not_in_seconds"]] == [3, 4]
+    assert "convert the column to seconds first" in report.summary()
+    frame = pl.DataFrame(
+        {"user_id": [1, 2], "item_id": [3, 4], "timestamp": [1700000000123] * 2}
+    )
+    every = read_interactions(frame)
+    assert every.report is not None
+    assert every.report.rejected == {"timestamp_not_in_seconds": 2}
+    summary = describe(every)  # no rows left: it ended in a TypeError
+    assert summary["num_interactions"] == 0 and "rating_histogram" not in summary
+    with pytest.raises(DataError, match=r"every row read was rejected.*ts // 1000"):
+        prepare_split(every, ExperimentConfig())
+
+
+def test_unsigned_ids_beyond_int64_are_refused_not_lost(tmp_path: Path) -> None:
+    """A UInt64 ID above 2**63 - 1 (a 64-bit hash) became null on the cast to
+    Int64, and its row was rejected as an empty ID."""
+    frame = pl.DataFrame(
+        {
+            "user_id": pl.Series([2**64 - 1, 5], dtype=pl.UInt64),
+            "item_id": [1, 2],
+        }
+    )
+    with pytest.raises(DataError, match="holds 18446744073709551615, beyond the int64"):
+        read_interactions(frame)
+    small = frame.with_columns(pl.Series("user_id", [7, 5], dtype=pl.UInt64))
+    assert read_interactions(small).interactions["user_id"].to_list() == [7, 5]
+
+
 def test_columns_named_timestamp_and_rating_play_those_roles(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("user_id,item_id,rating,timestamp\n1,10,5,300\n1,11,4,100\n")

@@ -344,6 +344,12 @@ def test_a_streamed_split_that_leaves_a_side_empty_says_why(
         fit_streamed_retrieval(once, tied)
     # as in memory: the fraction sizes no leave-last-out test, and the run says so
     assert "data.test_fraction=0.3 is not used by the leave-last-out" in caplog.text
+    millis = tmp_path / "millis.parquet"  # every row rejected: say why, as in memory
+    pl.DataFrame(
+        {"user_id": [1, 2], "item_id": [1, 2], "timestamp": [1700000000123] * 2}
+    ).write_parquet(millis)
+    with pytest.raises(DataError, match=r"every row read was rejected.*ts // 1000"):
+        fit_streamed_retrieval(temporal, millis)
 
 
 @pytest.mark.parametrize(

@@ -126,9 +126,19 @@ def parse_columns(
         if target == TIME:
             value, mask = _parse_time(s, spec.time_format)
             low, high = spec.time_bounds  # year 9999 or int64 max: not a time
-            outside = (value < low) | (value >= high)
-            value = value.set(outside.fill_null(False), None)
-            mask = mask | outside.fill_null(False)
+            outside = ((value < low) | (value >= high)).fill_null(False)
+            # Milliseconds or microseconds since the epoch (Java, JavaScript logs):
+            # their own reason, so the report says what the numbers are. Only
+            # where the scaled time is 1990-2099, so a sentinel such as
+            # 253402300799 (9999-12-31 in seconds) stays a bad timestamp.
+            scaled = outside & (
+                _within(value // 1000, *_RECENT) | _within(value // 1_000_000, *_RECENT)
+            )
+            if scaled.any():
+                bad["timestamp_not_in_seconds"] = scaled
+                outside = outside & ~scaled
+            value = value.set(outside | scaled, None)
+            mask = mask | outside
         elif target in (RATING, WEIGHT):
             value, mask = _parse_number(s, target)
         else:
@@ -163,10 +173,25 @@ def parse_columns(
     return parsed, reason
 
 
+_RECENT = (631_152_000, 4_102_444_800)  # 1990-01-01 .. 2100-01-01, epoch seconds
+
+
+def _within(value: pl.Series, low: int, high: int) -> pl.Series:
+    return ((value >= low) & (value < high)).fill_null(False)
+
+
 def _parse_id(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
     dtype = s.dtype
     if dtype.is_integer():
         value = s.cast(pl.Int64, strict=False)
+        beyond = value.is_null() & s.is_not_null()  # UInt64 above 2**63 - 1
+        if beyond.any():
+            raise DataError(
+                f"the {target} column holds {s.filter(beyond)[0]}, beyond the int64 "
+                "range integer IDs are read in (an unsigned 64-bit hash?). Cast the "
+                "column to text before loading, e.g. `.cast(pl.String)`; IDs are "
+                "then strings."
+            )
         return value, value.is_null()
     if dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum):
         value = s.cast(pl.String).str.strip_chars()

@@ -68,12 +68,13 @@ def describe(dataset: Dataset) -> dict[str, Any]:
             if c != ITEM
         ],
     }
-    if dataset.has_ratings:
-        hist = inter.group_by(RATING).len().sort(RATING)
+    rated = inter[RATING].drop_nulls() if dataset.has_ratings else None
+    if rated is not None and len(rated):  # as streamed: no rows, no histogram
+        hist = rated.to_frame().group_by(RATING).len().sort(RATING)
         out["rating_histogram"] = {
             f"{r:g}": int(c) for r, c in zip(hist[RATING], hist["len"], strict=True)
         }
-        out["rating_mean"] = float(inter[RATING].mean())  # type: ignore[arg-type]
+        out["rating_mean"] = float(rated.mean())  # type: ignore[arg-type]
     if dataset.report is not None:
         out["bad_rows"] = dataset.report.to_dict()
     return out

@@ -16,6 +16,8 @@ REASONS = (
     "empty_item_id",
     "bad_rating",
     "bad_timestamp",
+    # a number that is a time only as milliseconds or microseconds since the epoch
+    "timestamp_not_in_seconds",
     "duplicate",
     "bad_weight",  # a mapped weight column is empty, non-numeric or not finite
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
@@ -73,10 +75,21 @@ class LoadReport:
         for reason, count in sorted(self.rejected.items()):
             lines = ", ".join(str(line) for line, _ in self.examples.get(reason, []))
             parts.append(f"{reason}: {count} (first lines: {lines})")
+        hint = f" ({self.hint})" if self.hint else ""
         return (
             f"{self.path}: {self.rows_loaded} of {self.rows_read} rows loaded, "
-            f"{self.num_rejected} rejected; " + "; ".join(parts)
+            f"{self.num_rejected} rejected; " + "; ".join(parts) + hint
         )
+
+    @property
+    def hint(self) -> str:
+        """How to fix the rejected rows where their reason says ("" otherwise)."""
+        if "timestamp_not_in_seconds" in self.rejected:
+            return (
+                "timestamps in milliseconds or microseconds since the epoch: convert "
+                "the column to seconds first, e.g. `ts // 1000`"
+            )
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         return {

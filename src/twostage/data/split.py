@@ -25,6 +25,7 @@ __all__ = [
     "SPLIT_METHODS",
     "ExperimentSplit",
     "Split",
+    "check_not_empty",
     "hold_out_users",
     "leave_last_out",
     "sample_users",
@@ -216,6 +217,20 @@ def sample_users(dataset: Dataset, n: int, *, seed: int) -> Dataset:
     )
 
 
+def check_not_empty(dataset: Dataset) -> None:
+    """A log with no row loaded has nothing to split: say so, with why each row
+    was rejected, rather than that a split of 0 rows left no side."""
+    if dataset.num_interactions:
+        return
+    report = dataset.report
+    why = (
+        f": every row read was rejected. {report.summary()}"
+        if report is not None and report.num_rejected
+        else " (it holds no interactions)"
+    )
+    raise DataError(f"no row of {dataset.name!r} was loaded{why}")
+
+
 def report_unused_fraction(method: str, test_fraction: float) -> None:
     """Log that ``data.test_fraction`` sizes no leave-last-out test. Not an error:
     saved configs that carry it must keep loading."""
@@ -245,6 +260,7 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     """
     data = config.data
     report_unused_fraction(data.split, data.test_fraction)
+    check_not_empty(dataset)
     dataset = dataset.with_unrated(data.unrated_values)
     if data.train_file is not None or data.test_file is not None:
         return _split_from_files(dataset, config)

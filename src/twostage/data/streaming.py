@@ -507,12 +507,19 @@ def temporal_cuts(
     """:func:`temporal_cut`, and with ``validation_fraction`` > 0 the validation
     cut: the ``1 - validation_fraction`` quantile ("lower") of the training rows'
     times (those before the test cut), from the same pass and the same array."""
+    report = LoadReport(path=str(path))
     parts = [
-        batch[TIME].to_numpy() for _, batch in iter_row_groups(path, columns=[TIME])
+        batch[TIME].to_numpy()
+        for _, batch in iter_row_groups(path, columns=[TIME], report=report)
     ]
     times = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if times.size == 0:
-        raise DataError(f"{str(path)!r} has no timestamps to cut.")
+        why = (
+            f": every row read was rejected. {report.summary()}"
+            if report.num_rejected
+            else "."
+        )
+        raise DataError(f"{str(path)!r} has no timestamps to cut{why}")
     at = int(np.floor((1.0 - test_fraction) * (times.size - 1)))
     times.partition(at)  # in place: no second copy of the times
     cut = int(times[at])

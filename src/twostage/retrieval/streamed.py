@@ -69,7 +69,7 @@ from twostage.data.streaming import (
     parquet_files,
     split_rule,
 )
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, DataError
 from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
 from twostage.retrieval.fit import (
@@ -630,6 +630,12 @@ def _fit_streamed(
         world=world.size if world is not None else 1,
     )
     held = fitted.num_validation_rows  # not training rows here
+    report = fitted.report
+    if report is not None and report.num_rejected and not report.rows_loaded:
+        raise DataError(
+            f"no row of {str(path)!r} was loaded: every row read was rejected. "
+            f"{report.summary()}"
+        )
     check_split_sizes(
         fitted.num_train_rows,
         fitted.num_test_rows,

@@ -959,6 +959,23 @@ def test_timestamps_in_milliseconds_have_their_own_reason_and_hint(
     assert summary["num_interactions"] == 0 and "rating_histogram" not in summary
     with pytest.raises(DataError, match=r"every row read was rejected.*ts // 1000"):
         prepare_split(every, ExperimentConfig())
+    # seconds with a fraction (time.time()), as text or floats: refused, not cut,
+    # under their own reason
+    fractions = tmp_path / "fractions.csv"
+    fractions.write_text(
+        "user_id,item_id,timestamp\n1,2,1700000000.25\n2,3,1700000001\n3,4,noon\n"
+    )
+    report = read_interactions(fractions).report
+    assert report is not None
+    assert report.rejected == {"timestamp_with_fraction": 1, "bad_timestamp": 1}
+    assert "floor the column to whole seconds" in report.summary()
+    floats = pl.DataFrame(
+        {"user_id": [1, 2], "item_id": [3, 4], "timestamp": [1.7e9 + 0.5, 1.7e9]}
+    )
+    loaded = read_interactions(floats)
+    assert loaded.report is not None
+    assert loaded.report.rejected == {"timestamp_with_fraction": 1}
+    assert loaded.interactions["timestamp"].to_list() == [1_700_000_000]
 
 
 def test_unsigned_ids_beyond_int64_are_refused_not_lost(tmp_path: Path) -> None:

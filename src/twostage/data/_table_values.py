@@ -137,6 +137,12 @@ def parse_columns(
             if scaled.any():
                 bad["timestamp_not_in_seconds"] = scaled
                 outside = outside & ~scaled
+            # Seconds with a fraction (time.time()) are refused, not cut: their own
+            # reason, so the report says how to make them whole.
+            fraction = mask & _with_fraction(s, low, high)
+            if fraction.any():
+                bad["timestamp_with_fraction"] = fraction
+                mask = mask & ~fraction
             value = value.set(outside | scaled, None)
             mask = mask | outside
         elif target in (RATING, WEIGHT):
@@ -171,6 +177,19 @@ def parse_columns(
         pl.coalesce([pl.when(pl.col(r)).then(pl.lit(r)) for r in masks.columns])
     ).to_series()
     return parsed, reason
+
+
+def _with_fraction(s: pl.Series, low: int, high: int) -> pl.Series:
+    """Where ``s`` holds a finite number of seconds with a fraction, in bounds."""
+    if s.dtype == pl.String:
+        number = s.str.strip_chars(PADDING).cast(pl.Float64, strict=False)
+    elif s.dtype.is_float():
+        number = s.cast(pl.Float64)
+    else:
+        return pl.repeat(False, len(s), eager=True)
+    return (
+        number.is_finite() & (number != number.floor()) & _within(number, low, high)
+    ).fill_null(False)
 
 
 _RECENT = (631_152_000, 4_102_444_800)  # 1990-01-01 .. 2100-01-01, epoch seconds

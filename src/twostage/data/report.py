@@ -18,6 +18,7 @@ REASONS = (
     "bad_timestamp",
     # a number that is a time only as milliseconds or microseconds since the epoch
     "timestamp_not_in_seconds",
+    "timestamp_with_fraction",  # seconds with a fraction: refused, not cut
     "duplicate",
     "bad_weight",  # a mapped weight column is empty, non-numeric or not finite
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
@@ -84,12 +85,18 @@ class LoadReport:
     @property
     def hint(self) -> str:
         """How to fix the rejected rows where their reason says ("" otherwise)."""
+        hints = []
         if "timestamp_not_in_seconds" in self.rejected:
-            return (
+            hints.append(
                 "timestamps in milliseconds or microseconds since the epoch: convert "
                 "the column to seconds first, e.g. `ts // 1000`"
             )
-        return ""
+        if "timestamp_with_fraction" in self.rejected:
+            hints.append(
+                "timestamps with a fraction of a second: floor the column to whole "
+                "seconds first, e.g. `ts // 1`, if that order is fine"
+            )
+        return "; ".join(hints)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -706,7 +706,7 @@ def test_default_for_movielens(movielens: Dataset) -> None:
     assert spec.transform_items(movielens.items)["genres"].shape[0] == 5
 
 
-def test_default_for_infers_unknown_columns() -> None:
+def test_default_for_infers_unknown_columns(caplog: pytest.LogCaptureFixture) -> None:
     n = 60
     items = pl.DataFrame(
         {
@@ -719,10 +719,20 @@ def test_default_for_infers_unknown_columns() -> None:
             "url": [f"https://example.com/{i}" for i in range(n)],
             "empty": pl.Series([None] * n, dtype=pl.String),
             "sku": [f"SKU{i}" for i in range(n)],
+            "meta": [{"w": i} for i in range(n)],
         }
     )
     interactions = pl.DataFrame({"user_id": [1], "item_id": [0], "timestamp": [0]})
-    spec = FeatureSpec.default_for(Dataset("x", interactions, items=items))
+    with caplog.at_level("INFO", logger="twostage"):
+        spec = FeatureSpec.default_for(Dataset("x", interactions, items=items))
+    # The columns left out say why: they were dropped without a word.
+    warned = {r.getMessage() for r in caplog.records if r.levelname == "WARNING"}
+    assert warned == {
+        "column 'empty' is not a feature: it holds no values",
+        "column 'meta' is not a feature: no encoder reads its type "
+        "Struct({'w': Int64}); convert it to numbers, text or a list to use it",
+    }
+    assert "column 'url' is not a feature: it holds URLs" in caplog.text
     kinds = {f.name: f.kind for f in spec.candidate}
     assert kinds == {
         "item_id": "id",

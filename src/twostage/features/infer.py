@@ -116,5 +116,27 @@ def default_fields(
                 field = None if column == key else infer_field(column, table[column])
                 if field is not None:
                     fields.append(field)
+                elif column != key:
+                    _report_skipped(column, table[column])
     logger.info("default features: query=%s candidate=%s", query, candidate)
     return query, candidate
+
+
+def _report_skipped(name: str, series: pl.Series) -> None:
+    """Say why a side-table column is no default feature: a warning where the
+    column looks meant as one (no values, a type no encoder reads), a note for the
+    columns left out by design (URLs, presentation copies)."""
+    values = series.drop_nulls()
+    if name.lower() in _SKIPPED_NAMES:
+        logger.info("column %r is not a feature: a display copy of others", name)
+    elif len(values) == 0:
+        logger.warning("column %r is not a feature: it holds no values", name)
+    elif values.dtype in (pl.String, pl.Categorical, pl.Enum):
+        logger.info("column %r is not a feature: it holds URLs", name)
+    else:
+        logger.warning(
+            "column %r is not a feature: no encoder reads its type %s; convert it "
+            "to numbers, text or a list to use it",
+            name,
+            values.dtype,
+        )

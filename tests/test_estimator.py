@@ -142,6 +142,32 @@ def _check_id_arguments(model: "twostage.TwoStageModel", user: int, item: int) -
         model.evaluate(pd.DataFrame({"uid": [], "movie": [], "stars": []}))
 
 
+def test_feature_tables_are_checked_against_the_log(
+    frames, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`fit(users=...)` attached the table unchecked: keys written "0001" for the
+    log's 1 matched no user, and the feature trained as unknown for everyone."""
+    train, _ = frames
+    columns = {"user_col": "uid", "item_col": "movie", "rating_col": "stars"}
+    ids = sorted(train["uid"].unique())
+    ages = pd.DataFrame({"uid": [str(u) for u in ids], "age": range(len(ids))})
+    model = twostage.TwoStageModel(
+        settings={**SETTINGS, "train.epochs": 1}, ranking=False, progress=False
+    )
+    model.fit(train, users=ages, **columns)  # text keys written plainly: matched
+    users = model.split_.fit.users
+    assert users["user_id"].dtype == model.split_.fit.interactions["user_id"].dtype
+    tables = model.recommender.run.tensors.user_features
+    assert float(tables["age"][1:].float().std()) > 0  # the values reached the model
+    padded = ages.assign(uid=[f"{u:05d}" for u in ids])
+    with pytest.raises(twostage.TwostageError, match="'00001' is not an integer"):
+        model.fit(train, users=padded, **columns)
+    strangers = ages.assign(uid=[str(u + 10**6) for u in ids])
+    with caplog.at_level("WARNING", logger="twostage"):
+        model.fit(train, users=strangers, **columns)
+    assert "0 of" in caplog.text and "do its keys match the log's?" in caplog.text
+
+
 def test_unfitted_and_mismatched_calls_are_clear_errors() -> None:
     model = twostage.TwoStageModel(progress=False)
     with pytest.raises(twostage.TwostageError, match="not fitted"):

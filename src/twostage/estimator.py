@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -272,7 +272,11 @@ class TwoStageModel:
         like: Dataset | None = None,
     ) -> Dataset:
         """A Dataset from a Dataset, a frame or a path; IDs cast like ``like``'s."""
-        from twostage.data.tables import read_feature_table, read_interactions
+        from twostage.data.tables import (
+            join_features,
+            read_feature_table,
+            read_interactions,
+        )
 
         if isinstance(data, Dataset):
             dataset = data
@@ -285,16 +289,17 @@ class TwoStageModel:
                 rating_col=columns.rating_col,
                 name=self.config.data.dataset,
             )
-        if users is not None:
-            table = read_feature_table(
-                users, key_col=columns.user_col, key_name="user_id"
-            )
-            dataset = Dataset(**{**dataset.__dict__, "users": table})
-        if items is not None:
-            table = read_feature_table(
-                items, key_col=columns.item_col, key_name="item_id"
-            )
-            dataset = Dataset(**{**dataset.__dict__, "items": table})
+        tables = {}
+        sides: tuple[tuple[str, Any, str, Literal["user_id", "item_id"]], ...] = (
+            ("users", users, columns.user_col, "user_id"),
+            ("items", items, columns.item_col, "item_id"),
+        )
+        for arg, table, key_col, key in sides:
+            if table is not None:
+                read = read_feature_table(table, key_col=key_col, key_name=key)
+                tables[arg] = _keys_like(read, key, dataset, arg)
+        if tables:  # checked against the log: keys, repeats, how many match
+            dataset = join_features(dataset, **tables)
         if like is not None:
             schema = like.interactions.schema
             try:
@@ -525,6 +530,29 @@ def _canonical(vocab: Any, values: list[Any], indices: torch.Tensor) -> pl.Serie
         for v, i in zip(values, indices.tolist(), strict=True)
     ]
     return pl.Series(USER, out, dtype=known.dtype)
+
+
+def _keys_like(
+    table: pl.DataFrame, key: str, dataset: Dataset, arg: str
+) -> pl.DataFrame:
+    """``table`` with its keys in the log's ID type, where text keys are integers
+    written plainly (``"42"``, as a CSV of features holds them); other mismatches
+    are left for :func:`~twostage.data.tables.join_features` to refuse."""
+    want = dataset.interactions.schema[key]
+    have = table.schema[key]
+    if have == want or not (have == pl.String and want.is_integer()):
+        return table
+    keys = table[key]
+    numbers = keys.cast(want, strict=False)
+    plain = numbers.is_not_null() & (numbers.cast(pl.String) == keys)
+    if not plain.all():
+        odd = keys.filter(~plain & keys.is_not_null())
+        raise DataError(
+            f"`{arg}` keys are text, and {odd[0]!r} is not an integer written as "
+            f"the log's {key} values are ({want}): no row of the log would match "
+            f"it. Give `{arg}` the log's IDs."
+        )
+    return table.with_columns(numbers)
 
 
 def _as_list(values: Any) -> list[Any]:

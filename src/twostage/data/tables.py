@@ -473,8 +473,14 @@ def _merge_table(
         )
     known = dataset.interactions[key].unique()
     covered = int(known.is_in(new[key].implode()).sum())
-    logger.info(
-        "%d of %d %s values have features in `%s`.", covered, known.len(), key, arg
+    logger.log(
+        logging.WARNING if known.len() and not covered else logging.INFO,
+        "%d of %d %s values have features in `%s`%s",
+        covered,
+        known.len(),
+        key,
+        arg,
+        ": do its keys match the log's?" if known.len() and not covered else ".",
     )
     if old is None:
         return new

@@ -174,7 +174,9 @@ class TwoStageModel:
             test: test interactions to measure at the end of fitting (optional;
                 :meth:`evaluate` measures any table later).
             users, items: user and item feature tables (frames or Datasets' tables)
-                keyed by ``user_col`` / ``item_col``.
+                keyed by ``user_col`` / ``item_col``, one row per key, joined as
+                :func:`~twostage.data.tables.join_features` joins (text keys that
+                are plain integers take the log's integer type).
             user_col, item_col, time_col, rating_col: column names of the frames
                 (``time_col`` / ``rating_col`` None: a column named ``timestamp`` /
                 ``rating`` when there is one, as every reader takes it; ``""``:

@@ -57,3 +57,30 @@ def test_an_earlier_best_epoch_comes_back(monkeypatch) -> None:
     assert clones == 2
     assert torch.equal(model.weight, after_epoch[1])
     assert not torch.equal(model.weight, after_epoch[2])
+
+
+def test_a_loss_that_is_no_number_stops_training() -> None:
+    """A learning rate far too high, or a value far out of scale, made the weights
+    NaN; the run was saved and served NaN scores (or a silent popularity
+    fallback)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    data = torch.randn(40, 3)
+    data[17, 1] = 1e30  # squared: beyond float32
+    config = TrainConfig(
+        epochs=3, batch_size=8, learning_rate=1e-3, early_stopping_patience=0
+    )
+
+    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return (model(data[batch]) - 1.0).pow(2).mean()
+
+    with pytest.raises(
+        loop.TrainingDiverged, match=r"the loss became inf at epoch 1.*set to 0.001"
+    ):
+        loop.run_training(
+            model,
+            config,
+            num_examples=40,
+            batch_loss=batch_loss,
+            device=torch.device("cpu"),
+        )

@@ -34,6 +34,7 @@ from twostage.training.optim import learning_rate, make_optimizer
 
 __all__ = [
     "BatchLoss",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "Validate",
     "request_stop",
@@ -60,6 +61,11 @@ _MAY_CHANGE = ("train.epochs", "train.num_threads", "train.device", "ranking.epo
 
 class TrainingInterrupted(TwostageError, RuntimeError):
     """Training stopped on request (SIGTERM) after finishing an epoch."""
+
+
+class TrainingDiverged(TwostageError, ArithmeticError):
+    """The loss stopped being a finite number: the weights after it are not a
+    model, so training stops rather than saving them."""
 
 
 def request_stop() -> None:
@@ -230,6 +236,15 @@ def run_training(
             value = loss.item()
             if world is not None:  # each rank holds its share of the global loss
                 value = _mean_over_ranks(loss.detach())
+            if not math.isfinite(value):  # every rank sees the same mean
+                raise TrainingDiverged(
+                    f"the loss became {value} at epoch {epoch + 1}, step "
+                    f"{step_in_epoch + 1}: training diverged, and its weights are no "
+                    f"model. Lower the learning rate (set to "
+                    f"{config.learning_rate:g}: `train.learning_rate` for retrieval, "
+                    "`ranking.learning_rate` for the ranker), or look for values far "
+                    "out of scale among the ratings and numeric features."
+                )
             epoch_loss += value * len(batch)
             seen += len(batch)
             if on_step is not None and main:

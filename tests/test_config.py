@@ -120,6 +120,24 @@ def test_an_override_key_with_an_empty_part_is_named() -> None:
             apply_overrides(ExperimentConfig(), [override])
 
 
+def test_config_files_are_one_json_object_read_strictly(tmp_path: Path) -> None:
+    """A BOM (Notepad's UTF-8) was refused; a repeated key silently kept the last;
+    a list said "unknown config key(s) [1, 2]"; bytes that are no UTF-8 ended in a
+    UnicodeDecodeError traceback."""
+    path = tmp_path / "config.json"
+    path.write_bytes(b'\xef\xbb\xbf{"train": {"epochs": 3}}')
+    assert load_config(path).train.epochs == 3
+    for content, message in [
+        (b'{"train": {"epochs": 1, "epochs": 2}}', "'epochs' is given twice"),
+        (b"[1, 2]", "should hold one JSON object of sections"),
+        (b'{"train": {"epochs": \xff}}', r"as JSON \(UTF-8\)"),
+        (b"train:\n  epochs: 1\n", r"as JSON \(UTF-8\)"),
+    ]:
+        path.write_bytes(content)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+
+
 def test_python_settings_keep_their_types() -> None:
     """`TwoStageModel(settings=...)` went through override text: None became the
     column name "None", and True passed as "True"."""

@@ -208,9 +208,33 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def load_config(path: str | Path, cls: type[T] = ExperimentConfig) -> T:  # type: ignore[assignment]
-    """Read a config saved by :func:`save_config` (or written by hand), strictly."""
+    """Read a config saved by :func:`save_config` (or written by hand), strictly:
+    one JSON object (UTF-8, with or without a BOM), no key given twice."""
     try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from e
+        text = Path(path).read_bytes().decode("utf-8-sig")  # editors may add a BOM
+        values = json.loads(text, object_pairs_hook=_unique_keys)
+    except ConfigError as e:  # a repeated key
+        raise ConfigError(f"config file {str(path)!r}: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"cannot read config file {str(path)!r} as JSON (UTF-8): {e}"
+        ) from e
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} should hold one JSON object of sections, "
+            f'e.g. {{"train": {{"epochs": 5}}}}. Received a {type(values).__name__}.'
+        )
     return from_dict(cls, values)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are distinct (the json module keeps the last of
+    a repeated key without a word)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(
+                f"the key {key!r} is given twice in one object; keep one of them"
+            )
+        seen[key] = value
+    return seen

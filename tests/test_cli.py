@@ -130,6 +130,16 @@ def test_split_writes_disjoint_parquet(tmp_path: Path) -> None:
         )
         assert ignored.exit_code == 2 and flag in ignored.output, ignored.output
     assert not (tmp_path / "x").exists()
+    # A second split into the same --out replaced the files a run may have been
+    # trained on, without a word.
+    before = (tmp_path / "test.parquet").read_bytes()
+    again = [*("data", "split", "synthetic:num_interactions=3000", "--out")]
+    refused = runner.invoke(app, [*again, str(tmp_path)], env={"COLUMNS": "200"})
+    assert refused.exit_code == 2 and "already holds a split" in refused.output
+    assert (tmp_path / "test.parquet").read_bytes() == before
+    replaced = runner.invoke(app, [*again, str(tmp_path), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert pl.read_parquet(tmp_path / "train.parquet").height == 2400
 
 
 def test_unknown_dataset_is_a_clear_error() -> None:

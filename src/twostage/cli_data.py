@@ -170,6 +170,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
 
 
+#: What `data split` writes into --out.
+SPLIT_FILES = ("train.parquet", "test.parquet")
+
+
 @data_app.command("fetch")
 def data_fetch(
     name: Annotated[str, typer.Argument(help="e.g. movielens-100k")],
@@ -278,12 +282,28 @@ def data_split(
     rating_col: RatingCol = None,
     separator: Separator = None,
     strict: Strict = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the train.parquet / test.parquet already in --out (a run "
+            "trained on them then evaluates on the new ones).",
+        ),
+    ] = False,
 ) -> None:
     """Split a dataset and write train.parquet and test.parquet."""
     from twostage.artifacts import refuse_bundle_target
-    from twostage.data.split import split_dataset
+    from twostage.data.split import check_not_empty, split_dataset
 
     refuse_bundle_target(out, "a split")  # before the log is read
+    there = [name for name in SPLIT_FILES if (out / name).exists()]
+    if there and not overwrite:
+        raise typer.BadParameter(
+            f"{str(out)!r} already holds a split ({', '.join(there)}): a run trained "
+            "with --train/--test on it would evaluate on the new one. Choose another "
+            "--out, or pass --overwrite.",
+            param_hint="--out",
+        )
     unread = [
         flag
         for flag, value, read in (
@@ -307,6 +327,7 @@ def data_split(
         strict=strict,
     )
     data = _load(dataset, options)
+    check_not_empty(data)  # every row rejected: the report, not two empty files
     split = split_dataset(
         data,
         method=method,
@@ -314,8 +335,9 @@ def data_split(
         seed=42 if seed is None else seed,
     )
     out.mkdir(parents=True, exist_ok=True)
-    split.train.interactions.write_parquet(out / "train.parquet")
-    split.test.interactions.write_parquet(out / "test.parquet")
+    train_file, test_file = SPLIT_FILES
+    split.train.interactions.write_parquet(out / train_file)
+    split.test.interactions.write_parquet(out / test_file)
     console.print(
         f"{method} split: {split.train.num_interactions:,} train, "
         f"{split.test.num_interactions:,} test rows -> {escape(str(out))}"

@@ -322,6 +322,32 @@ def test_predict_instance_of_the_wrong_shape_is_a_422(models_dir: Path) -> None:
             assert "instances.0." in response.json()["error"], response.json()
 
 
+def test_predict_takes_the_columnar_inputs_form(models_dir: Path) -> None:
+    """TF Serving's other request form, `inputs`, was a 422 ("inputs: extra
+    inputs are not permitted"); it is answered as TF Serving answers it, by output."""
+    with client_for(models_dir, max_instances=3) as client:
+        route = "/v1/models/synthetic:predict"
+        rows = client.post(route, json={"instances": [{"user_id": 3, "k": 4}, 5]})
+        columns = client.post(route, json={"inputs": {"user_id": [3, 5], "k": [4, 10]}})
+        assert rows.status_code == columns.status_code == 200, columns.text
+        by_user = rows.json()["predictions"]
+        outputs = columns.json()["outputs"]
+        for name in ("output_1", "output_2"):
+            assert outputs[name] == [p[name] for p in by_user]
+        listed = client.post(route, json={"inputs": [3, 5]}).json()["outputs"]
+        assert listed["output_2"][1] == by_user[1]["output_2"]
+        for body, status, message in [
+            ({"inputs": [3], "instances": [3]}, 422, "exactly one of them"),
+            ({}, 422, "exactly one of them"),
+            ({"inputs": {"user_id": [3, 5], "k": [4]}}, 422, "one length"),
+            ({"inputs": {"user_id": [3], "kk": [4]}}, 422, "inputs.0.kk"),
+            ({"inputs": [1, 2, 3, 4]}, 413, "`inputs` holds 4 users"),
+        ]:
+            refused = client.post(route, json=body)
+            assert refused.status_code == status, refused.text
+            assert message in refused.json()["error"]
+
+
 def test_a_version_pinned_request_is_answered_by_the_served_version(
     models_dir: Path,
 ) -> None:

@@ -334,20 +334,22 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return model
 
     def _predict(model: LoadedModel, body: PredictRequest) -> JSONResponse:
-        if len(body.instances) > settings.max_instances:
+        rows = body.rows()
+        form = "instances" if body.instances is not None else "inputs"
+        if len(rows) > settings.max_instances:
             return _error(
                 413,
-                f"`instances` holds {len(body.instances)} users; this server answers "
+                f"`{form}` holds {len(rows)} users; this server answers "
                 f"at most {settings.max_instances} per request (split the request).",
             )
         predictions = []
-        for number, instance in enumerate(body.instances):
+        for number, instance in enumerate(rows):
             options = instance if isinstance(instance, dict) else {"user_id": instance}
             try:
                 request = RecommendRequest.model_validate(options)
             except ValidationError as e:
                 details = [
-                    f"instances.{number}."
+                    f"{form}.{number}."
                     + ".".join(str(part) for part in error.get("loc", ()))
                     + f": {error.get('msg')}"
                     for error in e.errors()
@@ -375,6 +377,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
                         item.get("rank_score", item["score"]) for item in answer.items
                     ],
                     "output_2": [item["item_id"] for item in answer.items],
+                }
+            )
+        if form == "inputs":  # TF Serving answers the columnar form by output
+            return JSONResponse(
+                {
+                    "outputs": {
+                        name: [p[name] for p in predictions]
+                        for name in ("output_1", "output_2")
+                    }
                 }
             )
         return JSONResponse({"predictions": predictions})

@@ -180,14 +180,41 @@ class SimilarRequest(_Strict):
 
 
 class PredictRequest(_Strict):
-    """TF Serving's REST request shape: one instance per user.
-
-    An instance is a user ID (``"42"``, as the TFRS tutorials send it) or an object
-    ``{"user_id": "42", "k": 5}``.
+    """TF Serving's REST request shapes, one user per instance: the row form
+    ``instances`` (a user ID such as ``"42"``, as the TFRS tutorials send it, or
+    an object ``{"user_id": "42", "k": 5}``), or the columnar form ``inputs``
+    (a list of user IDs, or ``{"user_id": [...], "k": [...]}`` lists of one length),
+    answered as ``outputs``. Exactly one of the two.
     """
 
-    instances: list[RawId | dict[str, Any]]
+    instances: list[RawId | dict[str, Any]] | None = None
+    inputs: list[RawId] | dict[str, list[Any]] | None = None
     signature_name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PredictRequest:
+        if (self.instances is None) == (self.inputs is None):
+            raise ValueError(
+                "give `instances` (one entry per user) or `inputs` (columns), "
+                "exactly one of them"
+            )
+        if isinstance(self.inputs, dict):
+            lengths = {name: len(values) for name, values in self.inputs.items()}
+            if len(set(lengths.values())) > 1:
+                raise ValueError(
+                    f"the `inputs` columns should have one length; received {lengths}"
+                )
+        return self
+
+    def rows(self) -> list[RawId | dict[str, Any]]:
+        """One entry per user, whichever form the request took."""
+        if self.instances is not None:
+            return self.instances
+        if isinstance(self.inputs, dict):
+            names = list(self.inputs)
+            count = len(self.inputs[names[0]]) if names else 0
+            return [{n: self.inputs[n][row] for n in names} for row in range(count)]
+        return list(self.inputs or [])
 
 
 class Item(BaseModel):
@@ -241,9 +268,12 @@ class SearchResponse(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    """``output_1``: scores, ``output_2``: item IDs, as the tutorials' exported index."""
+    """``output_1``: scores, ``output_2``: item IDs, as the tutorials' exported index:
+    per user under ``predictions`` (the row form), or per output under ``outputs``,
+    one list per user (the columnar form)."""
 
-    predictions: list[dict[str, list[Any]]]
+    predictions: list[dict[str, list[Any]]] | None = None
+    outputs: dict[str, list[list[Any]]] | None = None
 
 
 class ErrorResponse(BaseModel):

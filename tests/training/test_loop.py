@@ -7,13 +7,45 @@ from twostage.config import TrainConfig
 from twostage.training import loop
 
 
-def _train(
-    monkeypatch: pytest.MonkeyPatch, metrics: list[float]
-) -> tuple[torch.nn.Module, list[torch.Tensor], int]:
-    """Three epochs of a linear model; ``metrics[e]`` is epoch e's validation."""
+def _fit_linear(
+    *,
+    outlier: float | None = None,
+    validate: loop.Validate | None = None,
+    learning_rate: float = TrainConfig.learning_rate,
+) -> torch.nn.Module:
+    """Three epochs of a linear model on 40 seeded rows (``outlier``: one value
+    set far out of scale)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     data = torch.randn(40, 3)
+    if outlier is not None:
+        data[17, 1] = outlier
+
+    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return (model(data[batch]) - 1.0).pow(2).mean()
+
+    config = TrainConfig(
+        epochs=3,
+        batch_size=8,
+        early_stopping_patience=0,
+        device="cpu",
+        learning_rate=learning_rate,
+    )
+    loop.run_training(
+        model,
+        config,
+        num_examples=40,
+        batch_loss=batch_loss,
+        device=torch.device("cpu"),
+        validate=validate,
+    )
+    return model
+
+
+def _train(
+    monkeypatch: pytest.MonkeyPatch, metrics: list[float]
+) -> tuple[torch.nn.Module, list[torch.Tensor], int]:
+    """``_fit_linear`` where ``metrics[e]`` is epoch e's validation."""
     after_epoch: list[torch.Tensor] = []
     clones = 0
     original = loop._clone
@@ -25,24 +57,11 @@ def _train(
 
     monkeypatch.setattr(loop, "_clone", counted)
 
-    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return (model(data[batch]) - 1.0).pow(2).mean()
-
     def validate(module: torch.nn.Module) -> dict[str, float]:
         after_epoch.append(module.weight.detach().clone())
         return {"metric": metrics[len(after_epoch) - 1]}
 
-    config = TrainConfig(
-        epochs=3, batch_size=8, early_stopping_patience=0, device="cpu"
-    )
-    loop.run_training(
-        model,
-        config,
-        num_examples=40,
-        batch_loss=batch_loss,
-        device=torch.device("cpu"),
-        validate=validate,
-    )
+    model = _fit_linear(validate=validate)
     return model, after_epoch, clones
 
 
@@ -63,24 +82,7 @@ def test_a_loss_that_is_no_number_stops_training() -> None:
     """A learning rate far too high, or a value far out of scale, made the weights
     NaN; the run was saved and served NaN scores (or a silent popularity
     fallback)."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    data = torch.randn(40, 3)
-    data[17, 1] = 1e30  # squared: beyond float32
-    config = TrainConfig(
-        epochs=3, batch_size=8, learning_rate=1e-3, early_stopping_patience=0
-    )
-
-    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return (model(data[batch]) - 1.0).pow(2).mean()
-
     with pytest.raises(
         loop.TrainingDiverged, match=r"the loss became inf at epoch 1.*set to 0.001"
     ):
-        loop.run_training(
-            model,
-            config,
-            num_examples=40,
-            batch_loss=batch_loss,
-            device=torch.device("cpu"),
-        )
+        _fit_linear(outlier=1e30, learning_rate=1e-3)  # squared: beyond float32

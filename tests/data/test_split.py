@@ -92,6 +92,9 @@ def test_bad_arguments_name_the_problem(data: Dataset) -> None:
         split_dataset(data, method="shuffle")
     with pytest.raises(ConfigError, match="`seed` should be a non-negative integer"):
         split_dataset(data, seed=-1)  # as `twostage data split --seed -1` asks
+    for seed in ("7", 1.5, True):  # a TypeError from numpy, or True taken for 1
+        with pytest.raises(ConfigError, match="`seed` should be a non-negative"):
+            random_split(data, seed=seed)  # type: ignore[arg-type]
 
 
 @settings(max_examples=30, deadline=None)

@@ -921,6 +921,10 @@ def test_reader_refuses_what_it_cannot_take_faithfully(tmp_path: Path) -> None:
     assert dataset.report is not None
     assert dataset.report.rejected == {"bad_timestamp": 3}
     assert describe(dataset)["time_range"]["min"].startswith("2023-11-14")
+    # reversed or fractional bounds rejected every row as a bad timestamp
+    for bounds in ((2**40, 0), (0.5, 2**40)):
+        with pytest.raises(ConfigError, match="`time_bounds` should be"):
+            read_interactions(times, time_bounds=bounds)  # type: ignore[arg-type]
     wide = read_interactions(times, time_col="timestamp", time_bounds=(0, 2**63 - 1))
     assert wide.num_interactions == 3  # int64 max is the (excluded) upper bound
     assert "out of the calendar" in describe(wide)["time_range"]["max"]

@@ -71,9 +71,10 @@ def random_split(
 ) -> Split:
     """Seeded uniform split of rows: exactly ``round(n * test_fraction)`` go to test."""
     _check_fraction("test_fraction", test_fraction)
-    if seed < 0:  # numpy's generator would raise a bare ValueError
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        # numpy's generator would raise a bare ValueError or TypeError
         raise ConfigError(
-            f"`seed` should be a non-negative integer. Received: `seed` = {seed}."
+            f"`seed` should be a non-negative integer. Received: `seed` = {seed!r}."
         )
     n = dataset.num_interactions
     num_test = round(n * test_fraction)

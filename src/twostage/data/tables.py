@@ -154,6 +154,14 @@ def read_interactions(
     roles |= {RATING: rating_col, WEIGHT: weight_col}
     feats = {"user_features": list(user_features), "item_features": list(item_features)}
     _check_choice("duplicates", duplicates, ("keep", "first", "last", "error"))
+    low, high = time_bounds
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or (
+        low >= high
+    ):  # else every row would be rejected as a bad timestamp
+        raise ConfigError(
+            "`time_bounds` should be (low, high) epoch seconds, integers with low < "
+            f"high. Received: `time_bounds` = {time_bounds!r}."
+        )
 
     def make_spec(names: list[str]) -> Spec:
         # None: unmapped; "" for an optional role: none, explicitly.

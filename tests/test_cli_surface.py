@@ -277,3 +277,17 @@ def test_a_feature_given_twice_or_not_finite_names_the_flag(models_dir: Path) ->
     assert result.exit_code == 2, result.output
     shown = " ".join(result.output.split())
     assert "--feature" in shown and "should be a finite number" in shown
+
+
+def test_ctrl_c_during_training_says_what_is_kept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Ctrl-C exited 130 without a word about the epochs checkpointed or lost.
+    from twostage import cli
+
+    with pytest.raises(SystemExit) as stopped, cli._stop_on_sigterm():
+        raise KeyboardInterrupt
+    assert stopped.value.code == 130
+    said = " ".join(capsys.readouterr().err.split())
+    assert "interrupted (Ctrl-C) in the middle of an epoch" in said
+    assert "--resume continues from there" in said

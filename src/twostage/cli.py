@@ -133,7 +133,8 @@ AllowConfigChange = Annotated[
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
     """While training: SIGTERM finishes the epoch, writes its checkpoint and stops
-    with a message (instead of losing the epoch without a word)."""
+    with a message (instead of losing the epoch without a word); Ctrl-C stops at
+    once, saying what is kept (it exited 130 without a word)."""
     from twostage.training.loop import request_stop
 
     if threading.current_thread() is not threading.main_thread():
@@ -142,6 +143,14 @@ def _stop_on_sigterm() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, lambda *_: request_stop())
     try:
         yield
+    except KeyboardInterrupt:
+        status_console.print(
+            "[red]interrupted[/red] (Ctrl-C) in the middle of an epoch: nothing of "
+            "this run was saved but the checkpoints of its finished epochs, when "
+            "--work-dir (train) or --out (train retrieval) holds them; --resume "
+            "continues from there. SIGTERM instead finishes the epoch first."
+        )
+        raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -257,6 +257,18 @@ def test_ids_that_are_neither_integers_nor_strings_are_refused(
     assert rec.recommend(np.int64(user), 3).items == want
     assert rec.recommend(str(user), 3).items == want
     assert rec.recommend(session=[np.int32(item)], k=3).path == "session"
+    # numpy integers are list lengths; switches are bools, since "no" is truthy
+    # and excluded the seen items it asked to keep; a string of users was read
+    # one character per user.
+    assert len(rec.recommend(user, np.int64(3)).items) == 3
+    assert len(rec.similar_items(item, np.int32(2))) == 2
+    for switch in ("exclude_seen", "use_ranker", "explain"):
+        with pytest.raises(ConfigError, match=f"`{switch}` should be True or False"):
+            rec.recommend(user, 3, **{switch: "no"})
+    assert rec.recommend(user, 3, exclude_seen=np.bool_(True)).items == want
+    for users in (str(user), user):
+        with pytest.raises(ConfigError, match="`user_ids` should be a list"):
+            rec.recommend_batch(users, 3)  # type: ignore[arg-type]
     # search text: None ended in AttributeError ('NoneType' ... 'strip')
     for bad_text in (None, 3):
         with pytest.raises(ConfigError, match="`text` should be a string"):

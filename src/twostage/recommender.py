@@ -79,11 +79,23 @@ class Recommendation:
         return {"user_id": self.user_id, "path": self.path, "items": self.items}
 
 
-def _check_k(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def _check_k(name: str, value: int) -> int:
+    """``value`` as a Python int, if it is a positive integer (numpy's too)."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
         raise ConfigError(
             f"`{name}` should be a positive integer. Received: `{name}` = {value!r}."
         )
+    return int(value)
+
+
+def _check_flag(name: str, value: bool) -> bool:
+    """A switch must be a bool: ``exclude_seen="no"`` is truthy, and would have
+    done the opposite of what it says."""
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigError(
+            f"`{name}` should be True or False. Received: `{name}` = {value!r}."
+        )
+    return bool(value)
 
 
 class Recommender:
@@ -347,7 +359,10 @@ class Recommender:
             from an anonymous session, a cold start from features, or the popularity
             fallback.
         """
-        _check_k("k", k)
+        k = _check_k("k", k)
+        exclude_seen = _check_flag("exclude_seen", exclude_seen)
+        use_ranker = _check_flag("use_ranker", use_ranker)
+        explain = _check_flag("explain", explain)
         if isinstance(user_id, list | tuple | set | dict):
             raise ConfigError(
                 "`user_id` should be one user ID. Received a "
@@ -357,7 +372,7 @@ class Recommender:
             check_raw_id("user_id", user_id)
         if num_candidates is None:
             num_candidates = self.num_candidates
-        _check_k("num_candidates", num_candidates)
+        num_candidates = _check_k("num_candidates", num_candidates)
         read = session_indices(
             session,
             self.item_vocab,
@@ -447,7 +462,7 @@ class Recommender:
     def search_items(self, text: str, limit: int = 10) -> list[dict[str, Any]]:
         """Items whose label (or ID) contains ``text``, case-insensitive, in
         catalogue order: what a client offers to pick an item by its title."""
-        _check_k("limit", limit)
+        limit = _check_k("limit", limit)
         if not isinstance(text, str):
             raise ConfigError(
                 f"`text` should be a string to look for. Received: {text!r} "
@@ -471,7 +486,14 @@ class Recommender:
     def recommend_batch(
         self, user_ids: list[Any], k: int = 10, **options: Any
     ) -> list[Recommendation]:
-        """:meth:`recommend` for many users."""
+        """:meth:`recommend` for many users (a list, tuple or array of IDs)."""
+        if isinstance(user_ids, str | bytes | int | dict | set) or not hasattr(
+            user_ids, "__iter__"
+        ):  # a string would be read one character per user
+            raise ConfigError(
+                "`user_ids` should be a list of user IDs, in the order of the "
+                f"answers. Received: {user_ids!r} ({type(user_ids).__name__})."
+            )
         return [self.recommend(user_id, k, **options) for user_id in user_ids]
 
     def similar_items(self, item_id: Any, k: int = 10) -> list[dict[str, Any]]:
@@ -480,7 +502,7 @@ class Recommender:
         Raises:
             UnknownIdError: the item is not in the catalogue.
         """
-        _check_k("k", k)
+        k = _check_k("k", k)
         check_raw_id("item_id", item_id)
         item_idx = self.item_vocab.lookup(item_id)
         if item_idx == 0:

@@ -91,6 +91,21 @@ def test_bundle_round_trip_is_identical(
     )
     with pytest.raises(ArtifactError, match="immutable"):
         rec.save(tmp_path / "demo" / "2")
+    rec.save(tmp_path / "demo" / "2", overwrite=True)  # a bundle may be replaced
+    assert load(tmp_path / "demo" / "2").recommend(1, 10).to_dict() == (
+        rec.recommend(1, 10).to_dict()
+    )
+    # overwrite=True deleted whatever directory it was given, a user's files and
+    # all; and overwrite="no" (truthy) overwrote.
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for target in (mine, mine / "notes.txt"):
+        with pytest.raises(ArtifactError, match="is not a twostage bundle"):
+            rec.save(target, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ArtifactError, match="`overwrite` should be True or False"):
+        rec.save(tmp_path / "demo" / "2", overwrite="no")  # type: ignore[arg-type]
 
 
 def test_tampered_and_truncated_bundles_are_refused(

@@ -112,10 +112,20 @@ def write_bundle(
     from twostage import __version__
 
     final = Path(directory)
+    if not isinstance(overwrite, bool):  # "no" is truthy
+        raise ArtifactError(
+            f"`overwrite` should be True or False. Received: {overwrite!r}."
+        )
     if final.exists() and not overwrite:
         raise ArtifactError(
             f"{str(final)!r} already exists; bundle versions are immutable. Save to a "
             "new version directory, or pass overwrite=True."
+        )
+    if final.exists() and not _replaceable(final):
+        raise ArtifactError(
+            f"{str(final)!r} exists and is not a twostage bundle: overwrite=True "
+            "replaces a bundle (or an empty directory), never other files, so "
+            "nothing was written. Save to a new directory."
         )
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -146,6 +156,14 @@ def write_bundle(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return final
+
+
+def _replaceable(path: Path) -> bool:
+    """An earlier bundle (its manifest) or an empty directory: what overwriting
+    may delete. A user's other files never are."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return (path / MANIFEST).is_file() or not any(path.iterdir())
 
 
 def _follow_umask(root: Path) -> None:

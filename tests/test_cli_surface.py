@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from twostage.cli import app, main
+from twostage.errors import ArtifactError
 from twostage.recommender import Recommender
 
 runner = CliRunner()
@@ -78,6 +79,33 @@ def test_index_commands_say_a_run_is_not_a_bundle(
             app, ["index", command, str(tmp_path / "run")], env={"COLUMNS": "200"}
         )
         assert result.exit_code == 2 and "is a training run" in result.output
+
+
+def test_a_run_never_writes_over_other_files(
+    small_recommender: Recommender, tmp_path: Path
+) -> None:
+    # `train retrieval --out .` in a project replaced its config.json at the save.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"mine": true}')
+    (project / "README.md").write_text("mine")
+    result = runner.invoke(
+        app,
+        [
+            *("train", "retrieval", "--dataset", "synthetic:num_users=40"),
+            *("--out", str(project), "--set", "train.epochs=1"),
+        ],
+    )
+    assert "a run would write over them: config.json" in str(result.exception)
+    with pytest.raises(ArtifactError, match=r"would write over them: config\.json"):
+        small_recommender.run.save(project)
+    assert (project / "config.json").read_text() == '{"mine": true}'
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "config.json"]
+    small_recommender.run.save(tmp_path / "run")  # a new directory
+    small_recommender.run.save(tmp_path / "run")  # an earlier run: replaced
+    (project / "config.json").unlink()
+    small_recommender.run.save(project)  # beside other files, over none of them
+    assert (project / "README.md").read_text() == "mine"
 
 
 def test_a_path_that_does_not_exist_is_named_as_such(tmp_path: Path) -> None:

@@ -49,7 +49,13 @@ from twostage.retrieval.fallback import (
     choose_popularity_fallback,
     choose_term_weight,
 )
-from twostage.retrieval.run import RetrievalRun, Towers, build_member, spec_for
+from twostage.retrieval.run import (
+    RetrievalRun,
+    Towers,
+    build_member,
+    refuse_foreign_target,
+    spec_for,
+)
 from twostage.retrieval.task import (
     UserExamples,
     interaction_loss,
@@ -111,6 +117,8 @@ def fit_retrieval(
             checkpoint's (beyond epochs, threads and device).
     """
     _set_threads(config)
+    if out_dir is not None:
+        refuse_foreign_target(out_dir)  # before training, not at the save
     world = distributed.init_from_env(config.train.device)
     if world is not None and config.retrieval.examples != "interactions":
         raise ConfigError(

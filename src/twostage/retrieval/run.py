@@ -60,6 +60,7 @@ __all__ = [
     "build_member",
     "build_model",
     "load_run",
+    "refuse_foreign_target",
     "read_retrieval",
     "spec_for",
 ]
@@ -69,6 +70,44 @@ __all__ = [
 RUN_WEIGHTS = "model.safetensors"
 #: The serving rules of a run (the popularity fallback), in runs and bundles.
 SERVING = "serving.json"
+#: What a run directory holds: a directory with any of these, and no run in it,
+#: is someone's other work (:func:`refuse_foreign_target`).
+RUN_FILES = (
+    "config.json",
+    "features.json",
+    RUN_WEIGHTS,
+    "tables.safetensors",
+    "history.json",
+    "metrics.json",
+    SERVING,
+    "items.parquet",
+    "checkpoint",
+)
+
+
+def refuse_foreign_target(directory: str | Path) -> None:
+    """Refuse to write a run into a directory whose files of the same names are
+    not a run's (``--out .`` in a project with its own ``config.json``): they would
+    be replaced. A new or empty directory, or an earlier run, is fine.
+
+    Raises:
+        ArtifactError: naming the files that would be overwritten.
+    """
+    out = Path(directory)
+    if not out.is_dir():
+        return
+    if (out / RUN_WEIGHTS).exists() or (out / "checkpoint").is_dir():
+        return  # an earlier run, or one in progress
+    if (out / "member-0").is_dir():
+        return  # an ensemble's checkpoints
+    clashes = [name for name in RUN_FILES if (out / name).exists()]
+    if clashes:
+        raise ArtifactError(
+            f"{str(out)!r} holds files that are not a run's, and a run would write "
+            f"over them: {', '.join(clashes)}. Save the run to a new directory."
+        )
+
+
 #: What reading a malformed artifact raises (an ArtifactError wraps each).
 _MALFORMED = (
     OSError,
@@ -336,6 +375,7 @@ class RetrievalRun:
         into a saved bundle version: :func:`~twostage.artifacts.refuse_bundle_target`)."""
         out = Path(directory)
         refuse_bundle_target(out, "a run")
+        refuse_foreign_target(out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(self.config, out / "config.json")
         self.spec.save(out / "features.json")

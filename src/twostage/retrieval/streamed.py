@@ -78,7 +78,12 @@ from twostage.retrieval.fit import (
     choose_on_validation,
     train_retrieval,
 )
-from twostage.retrieval.run import RetrievalRun, build_member, spec_for
+from twostage.retrieval.run import (
+    RetrievalRun,
+    build_member,
+    refuse_foreign_target,
+    spec_for,
+)
 from twostage.retrieval.tensors import (
     RetrievalTensors,
     context_keys,
@@ -533,6 +538,8 @@ def fit_streamed_retrieval(
     Raises:
         ConfigError: the config asks for something the streamed path lacks.
     """
+    if out_dir is not None:
+        refuse_foreign_target(out_dir)  # before the passes, not at the save
     streamed = _fit_streamed(config, path, on_step=on_step)
     run = streamed.run
     if evaluate_test:

@@ -81,6 +81,42 @@ def test_index_commands_say_a_run_is_not_a_bundle(
         assert result.exit_code == 2 and "is a training run" in result.output
 
 
+def test_recommend_ranks_a_candidate_list(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    model = str(models_dir / "synthetic")
+    whole = runner.invoke(
+        app, ["recommend", model, "--user", "3", "-k", "30", "--json"]
+    )
+    mine = [i["item_id"] for i in json.loads(whole.stdout)["items"]][10:15]
+    listed = ",".join(str(i) for i in mine[::-1])
+    result = runner.invoke(
+        app,
+        [
+            "recommend",
+            model,
+            "--user",
+            "3",
+            "-k",
+            "5",
+            "--candidates",
+            listed,
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert [i["item_id"] for i in json.loads(result.stdout)["items"]] == mine
+    unknown = runner.invoke(
+        app,
+        ["recommend", model, "--user", "3", "--candidates", f"{mine[0]},10000"],
+        env={"COLUMNS": "200"},
+    )
+    assert unknown.exit_code == 2
+    assert "`--candidates` holds item IDs this model does not know: [10000]" in (
+        unknown.output
+    )
+
+
 def test_a_run_never_writes_over_other_files(
     small_recommender: Recommender, tmp_path: Path
 ) -> None:

@@ -46,6 +46,38 @@ def test_seen_items_never_come_back(fitted: tuple[Recommender, object]) -> None:
         assert set(with_seen) & seen  # the switch really switches
 
 
+def test_a_candidate_list_is_ranked_as_the_catalogue_would_be(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """`candidates`: a client with a retrieval of its own asks for its list in
+    the model's order; nothing could score a given list before."""
+    rec, _ = fitted
+    everything = [i["item_id"] for i in rec.recommend(3, 80).items]
+    mine = everything[40:50][::-1] + everything[:3]
+    ranked = rec.recommend(3, len(mine), candidates=mine)
+    assert [i["item_id"] for i in ranked.items] == [
+        i for i in everything if i in set(mine)
+    ]
+    assert ranked.path == "personalised"
+    assert len(rec.recommend(3, 2, candidates=mine).items) == 2
+    # seen items still leave unless asked to stay; filters still apply
+    seen = [i["item_id"] for i in rec.history(3)][:2]
+    assert [
+        i["item_id"] for i in rec.recommend(3, 10, candidates=seen + mine[:1]).items
+    ] == mine[:1]
+    kept = rec.recommend(3, 10, candidates=seen, exclude_seen=False).items
+    assert sorted(i["item_id"] for i in kept) == sorted(seen)
+    cold = rec.recommend("stranger", 5, candidates=mine)  # most popular of them
+    assert cold.path == "popularity" and {i["item_id"] for i in cold.items} <= set(mine)
+    with pytest.raises(UnknownIdError, match=r"`candidates` holds .*\[10000\]"):
+        rec.recommend(3, 5, candidates=[mine[0], 10_000])
+    for bad, message in [([], "at least one item"), ("12", "a list of item IDs")]:
+        with pytest.raises(ConfigError, match=message):
+            rec.recommend(3, 5, candidates=bad)
+    with pytest.raises(ConfigError, match=r"`candidates\[1\]` should be an integer"):
+        rec.recommend(3, 5, candidates=[mine[0], 1.5])
+
+
 def test_paths_are_labelled(fitted: tuple[Recommender, object]) -> None:
     rec, _ = fitted
     assert rec.recommend(3, 5).path == "personalised"

@@ -450,15 +450,15 @@ def _parse_id(value: str) -> Any:
     return number if str(number) == value else value
 
 
-def _session(value: str | None) -> list[Any] | None:
-    """``--session 1,2,3`` as item IDs, oldest first."""
+def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
+    """``--session 1,2,3`` (or ``--candidates``) as item IDs, in their order."""
     if value is None:
         return None
     ids = [part.strip() for part in value.split(",")]
     if not all(ids):
         raise typer.BadParameter(
             f"should be item IDs separated by commas. Received: {value!r}.",
-            param_hint="--session",
+            param_hint=flag,
         )
     return [_parse_id(part) for part in ids]
 
@@ -505,6 +505,14 @@ def recommend_command(
             "without --user are the query on their own.",
         ),
     ] = None,
+    candidates: Annotated[
+        str | None,
+        typer.Option(
+            help="Rank these item IDs only, comma-separated (a candidate list of "
+            "your own): ordered as the catalogue would be, ranker included; -k "
+            "as long as the list shows every one.",
+        ),
+    ] = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Recommend items for a user or a session, printed with titles next to their
@@ -529,15 +537,20 @@ def recommend_command(
             exclude_seen=not include_seen,
             context=_key_values(context, "--context") or None,
             session=_session(session),
+            candidates=_session(candidates, "--candidates"),
         )
-    except UnknownIdError as e:  # only a session's items can be unknown here
-        raise typer.BadParameter(str(e), param_hint="--session") from e
+    except UnknownIdError as e:  # only listed items can be unknown here
+        flag = "--candidates" if str(e).startswith("`candidates`") else "--session"
+        raise typer.BadParameter(
+            str(e).replace("`candidates`", "`--candidates`", 1), param_hint=flag
+        ) from e
     except ConfigError as e:  # a request field is named by the flag that fills it
         message = str(e)
         for field, flag in (
             ("user_features", "--feature"),
             ("context", "--context"),
             ("session", "--session"),
+            ("candidates", "--candidates"),
         ):
             if message.startswith(f"`{field}"):
                 raise typer.BadParameter(
@@ -570,6 +583,8 @@ def recommend_command(
     title = f"Top {len(answer.items)} for {who} ({answer.path})"
     console.print(items_table(title, answer.items))
     catalogue = f"in its catalogue of {rec.item_vocab.size - 1:,}"
+    if candidates:
+        catalogue = f"among the {len(set(_session(candidates) or []))} --candidates"
     if not include_seen and len(answer.items) < k:
         catalogue += ", less the items the query has seen"
     _say_when_short(k, len(answer.items), catalogue)

@@ -24,6 +24,7 @@ from twostage.features.vocab import Vocabulary
 from twostage.models.fields import UNKNOWN_TIME
 
 __all__ = [
+    "candidate_indices",
     "ItemFilters",
     "check_finite_numbers",
     "check_raw_id",
@@ -48,6 +49,43 @@ def check_raw_id(name: str, value: Any) -> None:
             f"`{name}` should be an integer or string ID, as in the log. Received: "
             f"{value!r} ({type(value).__name__})."
         )
+
+
+def candidate_indices(
+    candidates: Sequence[Any] | None, item_vocab: Vocabulary
+) -> torch.Tensor | None:
+    """``[C]`` vocabulary indices of the items a request asks to rank (a
+    candidate list from the client's own retrieval), or None when it names none.
+
+    Raises:
+        ConfigError: not a list, an empty one, or an entry that is no ID.
+        UnknownIdError: item IDs the model does not know (the first ten named).
+    """
+    if candidates is None:
+        return None
+    if isinstance(candidates, str | bytes | dict | set) or not isinstance(
+        candidates, Sequence
+    ):
+        raise ConfigError(
+            "`candidates` should be a list of item IDs. Received: "
+            f"{candidates!r} ({type(candidates).__name__})."
+        )
+    if not candidates:
+        raise ConfigError(
+            "`candidates` should name at least one item (leave it out to rank the "
+            "whole catalogue)."
+        )
+    for position, value in enumerate(candidates):
+        check_raw_id(f"candidates[{position}]", value)
+    indices = [item_vocab.lookup(i) for i in candidates]
+    unknown = [i for i, idx in zip(candidates, indices, strict=True) if idx == 0]
+    if unknown:
+        raise UnknownIdError(
+            f"`candidates` holds item IDs this model does not know: {unknown[:10]}"
+            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            + ". Leave them out (items added after training have no embedding)."
+        )
+    return torch.tensor(sorted(set(indices)), dtype=torch.long)
 
 
 def session_indices(

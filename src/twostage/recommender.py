@@ -26,6 +26,7 @@ from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import Index, make_index
 from twostage.inputs import (
     ItemFilters,
+    candidate_indices,
     check_raw_id,
     encode_context,
     encode_user_features,
@@ -322,6 +323,7 @@ class Recommender:
         use_ranker: bool = True,
         explain: bool = False,
         session: Sequence[Any] | None = None,
+        candidates: Sequence[Any] | None = None,
     ) -> Recommendation:
         """Top ``k`` items for a user.
 
@@ -353,6 +355,12 @@ class Recommender:
                 items) and count as seen; an anonymous session is a query of its
                 own (``path="session"``), so it needs no user. Unknown item IDs
                 are an error that names them.
+            candidates: rank these items only (raw item IDs, e.g. the list of a
+                retrieval of your own): the answer orders them as the whole
+                catalogue would be ordered, ranker included, and
+                ``exclude_seen`` and ``filters`` still apply; ask for ``k`` as
+                long as the list to get every one back. Unknown item IDs are an
+                error that names them.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
@@ -387,6 +395,11 @@ class Recommender:
             seen = np.union1d(seen if seen is not None else [], session_idx.numpy())
             seen = seen.astype(np.int64)
         mask = self._filters.mask(filters)
+        chosen = candidate_indices(candidates, self.item_vocab)
+        if chosen is not None:  # the client's own candidates: the catalogue shrinks
+            only = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
+            only[chosen] = True
+            mask = only if mask is None else mask & only
         exact = self.run.scores_exactly
         if query is None or mask is not None or exact:
             excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)

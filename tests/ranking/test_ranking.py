@@ -490,3 +490,20 @@ def test_candidates_above_the_catalogue_are_reported(
             run, fit, config=dataclasses.replace(SMALL, max_steps=1), validation=None
         )
     assert "num_candidates" not in caplog.text
+
+
+def test_a_candidate_list_is_reranked_as_served(trained) -> None:
+    """`candidates` with a ranker: every listed unseen item is scored by the
+    ranker and ordered by the served key, as the catalogue's top would be."""
+    from twostage.recommender import Recommender
+
+    run, ranking, _, _ = trained
+    rec = Recommender(run, ranker=ranking)
+    user = int(rec.user_vocab.values[0])
+    full = rec.recommend(user, 100).items  # all of retrieval's top, re-ranked
+    mine = [i["item_id"] for i in full[5:25]]
+    ranked = rec.recommend(user, 20, candidates=mine[::-1]).items
+    assert [i["item_id"] for i in ranked] == mine  # the served order, kept
+    keys = [i["rank_score"] for i in ranked]
+    assert keys == sorted(keys, reverse=True)
+    assert all("predicted_rating" in i for i in ranked)

@@ -109,6 +109,8 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
         ("/v1/models/nope:predict", {"instances": ["3"]}, 404, "unknown model"),
         ("/v1/models/synthetic:predict", {"instances": [{"k": 0}]}, 400, "`k`"),
         ("/v1/recommend", {"user_id": "x" * 3000}, 413, "over the limit of 2000"),
+        ("/v1/recommend", {"user_id": 3, "candidates": [10_000]}, 404, "candidates"),
+        ("/v1/recommend", {"user_id": 3, "candidates": []}, 400, "at least one item"),
         # Half a surrogate pair: an answer echoing it could not be encoded (a 500).
         ("/v1/recommend", b'{"user_id": "\\ud800"}', 422, "user_id holds an unpaired"),
         (
@@ -320,6 +322,21 @@ def test_predict_instance_of_the_wrong_shape_is_a_422(models_dir: Path) -> None:
             )
             assert response.status_code == 422, instance
             assert "instances.0." in response.json()["error"], response.json()
+
+
+def test_a_client_candidate_list_is_ranked(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    with client_for(models_dir) as client:
+        whole = client.post("/v1/recommend", json={"user_id": 3, "k": 30}).json()
+        mine = [i["item_id"] for i in whole["items"]][10:20]
+        body = {"user_id": 3, "k": 10, "candidates": mine[::-1]}
+        ranked = client.post("/v1/recommend", json=body)
+        assert ranked.status_code == 200, ranked.text
+        assert [i["item_id"] for i in ranked.json()["items"]] == mine
+        instance = {"instances": [{"user_id": 3, "k": 10, "candidates": mine}]}
+        predicted = client.post("/v1/models/synthetic:predict", json=instance)
+        assert predicted.json()["predictions"][0]["output_2"] == mine
 
 
 def test_predict_takes_the_columnar_inputs_form(models_dir: Path) -> None:

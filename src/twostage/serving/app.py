@@ -269,6 +269,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 use_ranker=body.use_ranker,
                 explain=body.explain,
                 session=body.session_items(),
+                candidates=body.candidates,
             )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
         if body.include_history:
@@ -370,6 +371,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     filters=request.filters,
                     context=request.context,
                     session=request.session_items(),
+                    candidates=request.candidates,
                 )
             predictions.append(
                 {

@@ -138,6 +138,11 @@ class RecommendRequest(_Strict):
         description="The moment of the request, for a model that reads "
         'per-interaction context, e.g. {"timestamp": 1700000000}.',
     )
+    candidates: list[RawId] | None = Field(
+        None,
+        description="Rank these items only (your own candidate list), as the "
+        "catalogue would be ranked; ask for `k` as long as the list to get all.",
+    )
 
     session: list[RawId | SessionItem] | None = Field(
         None,

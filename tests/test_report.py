@@ -69,10 +69,22 @@ def test_report_without_the_data_keeps_the_saved_metrics(tmp_path: Path) -> None
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", str(tmp_path / "bundle"), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "cannot be loaded here" in result.output
+    assert "cannot be loaded here" in " ".join(result.output.split())  # any width
     text = (out / "report.md").read_text()
     saved = stages.retrieval.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
     assert f"{saved:.4f}" in text and (out / "loss.png").exists()
+    again = runner.invoke(app, ["report", str(tmp_path / "bundle"), "--out", str(out)])
+    assert again.exit_code == 0, again.output  # an earlier report is replaced
+    # `--out .` in a project replaced its own report.md.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "report.md").write_text("# My thesis notes\n")
+    mine = runner.invoke(
+        app, ["report", str(tmp_path / "bundle"), "--out", str(project)]
+    )
+    assert "is not a twostage report" in str(mine.exception)
+    assert (project / "report.md").read_text() == "# My thesis notes\n"
+    assert sorted(p.name for p in project.iterdir()) == ["report.md"]
 
 
 def test_a_markdown_cell_stays_one_cell() -> None:

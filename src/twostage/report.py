@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from twostage.artifacts import refuse_bundle_target
+from twostage.errors import ArtifactError
 from twostage.training import main_member
 
 if TYPE_CHECKING:
@@ -146,6 +147,34 @@ def _html_table(rows: list[list[str]], header: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+#: What every report's files hold, so an earlier report may be replaced (reports
+#: written before the mark have their facts table's "twostage version" line).
+_REPORT_MARK = "<!-- twostage report -->"
+
+
+def refuse_foreign_report(directory: Path) -> None:
+    """Refuse a directory whose ``report.md`` / ``report.html`` are someone's own
+    (``--out .`` in a project with a ``report.md``): writing would replace them.
+    An earlier twostage report is replaced.
+
+    Raises:
+        ArtifactError: naming the file.
+    """
+    for name in ("report.md", "report.html"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        if _REPORT_MARK not in text and "| twostage version |" not in text:
+            raise ArtifactError(
+                f"{str(path)!r} is not a twostage report, and the report would "
+                "replace it. Write the report to another --out."
+            )
+
+
 def write_report(
     directory: str | Path,
     *,
@@ -181,6 +210,7 @@ def write_report(
     matplotlib.use("Agg")
     out = Path(directory)
     refuse_bundle_target(out, "a report")
+    refuse_foreign_report(out)
     out.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Any] = {}
     if history:
@@ -261,7 +291,7 @@ def write_report(
     md += [""]
     for heading, items in sections.items():
         md += [f"## {heading}", "", _table(*item_table(items)), ""]
-    (out / "report.md").write_text("\n".join(md))
+    (out / "report.md").write_text("\n".join([_REPORT_MARK, *md]))
     body = [f"<h1>{html.escape(title)}</h1>", _html_table(fact_rows, ["", ""])]
     body += ["<h2>Test metrics</h2>", _html_table(rows, header)]
     if ranking_rows:
@@ -279,7 +309,8 @@ def write_report(
         "body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px}"
     )
     (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"<!doctype html>{_REPORT_MARK}<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}"
         f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
     )
     return [out / "report.md", out / "report.html", *(out / name for name in plots)]
@@ -385,6 +416,7 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
     from twostage.recommender import load
     from twostage.retrieval.evaluation import evaluate_baselines
 
+    refuse_foreign_report(Path(out))  # before the evaluation, not after
     rec = load(source)
     run, notes = rec.run, []
     comparison: dict[str, Any] = {"twostage": run.metrics} if run.metrics else {}

@@ -351,7 +351,9 @@ def test_predict_takes_the_columnar_inputs_form(models_dir: Path) -> None:
         outputs = columns.json()["outputs"]
         for name in ("output_1", "output_2"):
             assert outputs[name] == [p[name] for p in by_user]
-        listed = client.post(route, json={"inputs": [3, 5]}).json()["outputs"]
+        listed = client.post(
+            route, json={"inputs": [3, 5], "signature_name": "serving_default"}
+        ).json()["outputs"]
         assert listed["output_2"][1] == by_user[1]["output_2"]
         for body, status, message in [
             ({"inputs": [3], "instances": [3]}, 422, "exactly one of them"),
@@ -359,6 +361,7 @@ def test_predict_takes_the_columnar_inputs_form(models_dir: Path) -> None:
             ({"inputs": {"user_id": [3, 5], "k": [4]}}, 422, "one length"),
             ({"inputs": {"user_id": [3], "kk": [4]}}, 422, "inputs.0.kk"),
             ({"inputs": [1, 2, 3, 4]}, 413, "`inputs` holds 4 users"),
+            ({"inputs": [3], "signature_name": "rank"}, 422, "'serving_default'"),
         ]:
             refused = client.post(route, json=body)
             assert refused.status_code == status, refused.text

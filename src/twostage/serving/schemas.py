@@ -198,6 +198,12 @@ class PredictRequest(_Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> PredictRequest:
+        if self.signature_name not in (None, "serving_default"):
+            # TF Serving refuses a signature the model lacks; so does this server
+            raise ValueError(
+                f"`signature_name` {self.signature_name!r} is not a signature of "
+                "this model: it has one, 'serving_default' (or leave it out)"
+            )
         if (self.instances is None) == (self.inputs is None):
             raise ValueError(
                 "give `instances` (one entry per user) or `inputs` (columns), "

@@ -86,6 +86,11 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path) -> None:
     assert result.rmse is not None and result.rmse < 4
     assert 0 <= result.factorized_top_k[100] <= 1
     assert "ndcg@10=" in repr(result)
+    # num_users counted every test user, the ones the figures leave out too
+    counts = result.retrieval.counts["exclude_seen"]
+    assert result.num_users == counts["num_queries_with_relevant"] > 0
+    trained_on = model.evaluate(train.head(20))  # every pair a training row
+    assert trained_on.num_users == 0 and math.isnan(trained_on.ndcg[10])
 
     bundle = model.save(tmp_path / "models" / "mine" / "1")
     again = twostage.TwoStageModel.load(tmp_path / "models" / "mine")

@@ -48,7 +48,9 @@ class Evaluation:
             metric).
         ranking: the ranking stage's figures (``rmse``, ``mae``, ``auc``,
             ``two_stage`` and ``retrieval_only`` lists), or None.
-        num_users: users evaluated.
+        num_users: the users the served figures average over: test users with
+            a test item outside their training rows (the others, and their
+            count, are in ``retrieval.counts``).
     """
 
     recall: dict[int, float]
@@ -498,7 +500,9 @@ def _summarise(retrieval: EvalResult, ranking: dict[str, Any] | None) -> Evaluat
         hit_rate=served["hit_rate"],
         retrieval=retrieval,
         ranking=ranking,
-        num_users=retrieval.num_queries,
+        num_users=retrieval.counts.get("exclude_seen", {}).get(
+            "num_queries_with_relevant", retrieval.num_queries
+        ),
     )
 
 

@@ -106,6 +106,8 @@ def test_a_list_with_an_empty_item_is_refused_not_shortened() -> None:
     )
     assert config.retrieval.hidden_dims == ()  # "" is the empty list
     assert config.data.user_features == ("age", "gender")
+    assert config.ranking.hidden_dims == (64, 32)
+    assert config.retrieval.ensemble_weights == (0.5, 0.5)
     result = CliRunner().invoke(
         app, ["data", "describe", "synthetic", "--user-features", "age,,gender"]
     )
@@ -147,12 +149,17 @@ def test_python_settings_keep_their_types() -> None:
             "data.time_col": None,
             "train.epochs": np.int64(3),
             "data.user_features": ["age", "gender"],
+            "ranking.hidden_dims": np.array([64, 32]),
+            "retrieval.ensemble": ["gru"],
+            "retrieval.ensemble_weights": [np.float32(0.5), np.float64(0.5)],
             "train.learning_rate": 0.01,
         },
     )
     assert config.data.time_col is None
     assert config.train.epochs == 3 and type(config.train.epochs) is int
     assert config.data.user_features == ("age", "gender")
+    assert config.ranking.hidden_dims == (64, 32)
+    assert config.retrieval.ensemble_weights == (0.5, 0.5)
     assert config.train.learning_rate == 0.01
     for settings, message in [
         ({"train.epochs": True}, "should be of type int. Received: True"),

@@ -159,10 +159,19 @@ def apply_settings(config: T, settings: Mapping[str, Any]) -> T:
                 f"a setting's key should be `section.key` text, e.g. "
                 f"`train.epochs`. Received: {key!r}."
             )
-        if isinstance(value, np.generic):
-            value = value.item()
-        _assign(values, key, value, f"setting {key!r}")
+        _assign(values, key, _plain(value), f"setting {key!r}")
     return from_dict(type(config), values)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python values, in lists and arrays too."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _assign(values: dict[str, Any], key: str, value: Any, what: str) -> None:

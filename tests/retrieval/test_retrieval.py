@@ -422,3 +422,40 @@ def test_cuda_request_without_gpu_is_a_clear_error() -> None:
     config = _config("train.device=cuda")
     with pytest.raises(ConfigError, match="no GPU"):
         fit_retrieval(config)
+
+
+def test_the_logs_weights_scale_the_loss(tmp_path: Path) -> None:
+    """`read_interactions(weight_col=...)` checked the weights and then trained as
+    if every row weighed 1."""
+    from twostage.data.tables import read_interactions
+
+    config = _config("train.epochs=1", "train.num_threads=1")
+    log = generate(num_users=80, num_items=60, num_interactions=1500).interactions
+    weighted = log.with_columns(
+        w=(log["item_id"] % 3).cast(float),  # a third of the items weigh nothing
+        ones=np.ones(log.height),
+    )
+    path = tmp_path / "log.parquet"
+    weighted.with_columns(
+        neg=(weighted["w"] - 1.0),  # -1 on a third of the rows: refused
+    ).write_parquet(path)
+    refused = read_interactions(path, weight_col="neg")
+    assert refused.report is not None
+    assert refused.report.rejected == {"bad_weight": int((weighted["w"] == 0).sum())}
+
+    def trained(column: str | None) -> dict[str, torch.Tensor]:
+        data = read_interactions(path, weight_col=column)
+        split = prepare_split(data, config)
+        spec = spec_for(split.fit, config).fit(split.fit)
+        tensors = build_tensors(spec, split.fit, config.retrieval)
+        if column is not None:
+            expected = split.fit.interactions["weight"].to_numpy()
+            assert tensors.weights is not None
+            np.testing.assert_array_equal(tensors.weights.numpy(), expected)
+        run, _ = fit_retrieval(config, split=split, evaluate_test=False)
+        return run.model.state_dict()
+
+    plain, ones, thirds = trained(None), trained("ones"), trained("w")
+    for name, value in plain.items():  # weights of 1: the same training
+        torch.testing.assert_close(ones[name], value, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(thirds[n], v) for n, v in plain.items())

@@ -147,6 +147,8 @@ def parse_columns(
             mask = mask | outside
         elif target in (RATING, WEIGHT):
             value, mask = _parse_number(s, target)
+            if target == WEIGHT:  # a weight scales a row's share of the loss
+                mask = mask | (value < 0).fill_null(False)
         else:
             value, mask = _parse_id(s, target)
         out[target] = value.alias(target)

@@ -20,7 +20,7 @@ REASONS = (
     "timestamp_not_in_seconds",
     "timestamp_with_fraction",  # seconds with a fraction: refused, not cut
     "duplicate",
-    "bad_weight",  # a mapped weight column is empty, non-numeric or not finite
+    "bad_weight",  # a mapped weight is empty, non-numeric, not finite or negative
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
     "nul_in_id",  # a user or item ID holds a NUL byte
 )

@@ -11,6 +11,7 @@ gathers the query side of a batch of users.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from twostage.config import RetrievalConfig
-from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
 from twostage.data.user_items import UserItems
 from twostage.features import FeatureSpec
 from twostage.features.context import context_frame
@@ -38,6 +39,8 @@ __all__ = [
     "with_history_of",
     "with_history_rows",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -348,6 +351,16 @@ def build_tensors(
     if config.rating_weights and RATING in inter.columns:
         rating = inter[RATING].fill_null(0).to_numpy().astype(np.float32)
         weights = torch.from_numpy(np.maximum(rating, 0.0) + 1.0)
+    if WEIGHT in inter.columns:  # the log's own weights (``weight_col``) scale too
+        given = torch.tensor(
+            inter[WEIGHT].fill_null(1.0).to_numpy(), dtype=torch.float32
+        )
+        weights = given if weights is None else weights * given
+        if config.examples == "sequences":
+            logger.warning(
+                "the log's `weight` column is not read by `retrieval.examples="
+                "sequences` (every position of a sequence counts once)"
+            )
     sequences, sequence_users = torch.zeros(0, 0, dtype=torch.long), None
     sequence_times = torch.zeros(0, 0, dtype=torch.long)
     if config.examples == "sequences":

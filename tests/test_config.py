@@ -106,8 +106,6 @@ def test_a_list_with_an_empty_item_is_refused_not_shortened() -> None:
     )
     assert config.retrieval.hidden_dims == ()  # "" is the empty list
     assert config.data.user_features == ("age", "gender")
-    assert config.ranking.hidden_dims == (64, 32)
-    assert config.retrieval.ensemble_weights == (0.5, 0.5)
     result = CliRunner().invoke(
         app, ["data", "describe", "synthetic", "--user-features", "age,,gender"]
     )
@@ -158,6 +156,8 @@ def test_python_settings_keep_their_types() -> None:
     assert config.data.time_col is None
     assert config.train.epochs == 3 and type(config.train.epochs) is int
     assert config.data.user_features == ("age", "gender")
+    assert config.ranking.hidden_dims == (64, 32)
+    assert config.retrieval.ensemble_weights == (0.5, 0.5)
     assert config.ranking.hidden_dims == (64, 32)
     assert config.retrieval.ensemble_weights == (0.5, 0.5)
     assert config.train.learning_rate == 0.01

@@ -77,15 +77,25 @@ def candidate_indices(
         )
     for position, value in enumerate(candidates):
         check_raw_id(f"candidates[{position}]", value)
-    indices = [item_vocab.lookup(i) for i in candidates]
-    unknown = [i for i, idx in zip(candidates, indices, strict=True) if idx == 0]
+    indices = _known_items("candidates", list(candidates), item_vocab)
+    return torch.tensor(sorted(set(indices)), dtype=torch.long)
+
+
+def _known_items(name: str, ids: list[Any], item_vocab: Vocabulary) -> list[int]:
+    """The vocabulary indices of item IDs a request lists under ``name``.
+
+    Raises:
+        UnknownIdError: naming the IDs the model does not know (the first ten).
+    """
+    indices = [item_vocab.lookup(i) for i in ids]
+    unknown = [i for i, idx in zip(ids, indices, strict=True) if idx == 0]
     if unknown:
         raise UnknownIdError(
-            f"`candidates` holds item IDs this model does not know: {unknown[:10]}"
+            f"`{name}` holds item IDs this model does not know: {unknown[:10]}"
             + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
             + ". Leave them out (items added after training have no embedding)."
         )
-    return torch.tensor(sorted(set(indices)), dtype=torch.long)
+    return indices
 
 
 def session_indices(
@@ -146,15 +156,7 @@ def session_indices(
         entries = [entries[n] for n in order]
         times = [times[n] for n in order]
         numeric = [True] * len(entries)
-    ids = [e["item_id"] for e in entries]
-    indices = [item_vocab.lookup(i) for i in ids]
-    unknown = [i for i, idx in zip(ids, indices, strict=True) if idx == 0]
-    if unknown:
-        raise UnknownIdError(
-            f"`session` holds item IDs this model does not know: {unknown[:10]}"
-            + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-            + ". Leave them out (items added after training have no embedding)."
-        )
+    indices = _known_items("session", [e["item_id"] for e in entries], item_vocab)
     stamps = [
         math.floor(t) if known else UNKNOWN_TIME  # type: ignore[arg-type]
         for t, known in zip(times, numeric, strict=True)

@@ -515,9 +515,16 @@ def _is_many(user_ids: Any) -> bool:
 def _indices(vocab: Any, argument: str, values: list[Any]) -> torch.Tensor:
     """Vocabulary indices of raw IDs, each an integer or a string (None:
     unknown), as :meth:`Recommender.recommend` takes them."""
+    integers = True
     for position, value in enumerate(values):
         if value is not None:
             check_raw_id(f"{argument}[{position}]", value)
+            integers = integers and not isinstance(value, str)
+        else:
+            integers = False
+    if integers and vocab.values.dtype.is_integer():  # the usual case, vectorised
+        column = pl.Series(values, dtype=pl.Int64)
+        return torch.from_numpy(vocab.transform(column).astype(np.int64))
     return torch.tensor([vocab.lookup(v) for v in values], dtype=torch.int64)
 
 

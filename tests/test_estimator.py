@@ -173,6 +173,28 @@ def test_feature_tables_are_checked_against_the_log(
     assert "0 of" in caplog.text and "do its keys match the log's?" in caplog.text
 
 
+def test_fit_reads_the_training_rows_weights(frames) -> None:
+    """`weight_col`: the estimator had no way to pass a log's weights."""
+    train, test = frames
+    weighted = train.assign(w=(train["movie"] % 3).astype(float))
+    model = twostage.TwoStageModel(
+        settings={**SETTINGS, "train.epochs": 1}, ranking=False, progress=False
+    )
+    columns = {"user_col": "uid", "item_col": "movie", "rating_col": "stars"}
+    half = len(test) // 2  # held-out frames without the column: read unweighted
+    model.fit(
+        weighted,
+        validation=test[:half],
+        test=test[half:],
+        weight_col="w",
+        **columns,
+    )
+    fitted = model.split_.fit.interactions
+    assert fitted["weight"].to_list() == weighted["w"].astype("float32").tolist()
+    assert "weight" not in model.split_.validation.interactions.columns
+    assert model.evaluate(test[half:]).num_users > 0  # read without `w`
+
+
 def test_unfitted_and_mismatched_calls_are_clear_errors() -> None:
     model = twostage.TwoStageModel(progress=False)
     with pytest.raises(twostage.TwostageError, match="not fitted"):

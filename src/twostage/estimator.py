@@ -100,6 +100,7 @@ class _Columns:
     item_col: str = ITEM
     time_col: str | None = None
     rating_col: str | None = None
+    weight_col: str | None = None
 
 
 class TwoStageModel:
@@ -163,6 +164,7 @@ class TwoStageModel:
         item_col: str = ITEM,
         time_col: str | None = None,
         rating_col: str | None = None,
+        weight_col: str | None = None,
     ) -> TwoStageModel:
         """Fit both stages on ``data`` as given: nothing is re-split.
 
@@ -183,15 +185,19 @@ class TwoStageModel:
                 (``time_col`` / ``rating_col`` None: a column named ``timestamp`` /
                 ``rating`` when there is one, as every reader takes it; ``""``:
                 none, so row order is time order / the feedback is implicit).
+            weight_col: a column of ``data`` whose non-negative values scale each
+                row's share of the retrieval loss (None: every row weighs 1);
+                ``validation`` and ``test`` are read without it.
 
         Returns:
             self, fitted.
         """
         from twostage.two_stage import fit_two_stage
 
-        columns = _Columns(user_col, item_col, time_col, rating_col)
-        self.columns_ = columns
+        columns = _Columns(user_col, item_col, time_col, rating_col, weight_col)
+        self.columns_ = dataclasses.replace(columns, weight_col=None)  # for evaluate
         train = self._as_dataset(data, columns, users=users, items=items)
+        columns = self.columns_  # held-out rows are not weighed
         if validation is not None:
             held = self._as_dataset(validation, columns, like=train)
         elif self.config.data.validation_fraction > 0:
@@ -291,6 +297,7 @@ class TwoStageModel:
                 item_col=columns.item_col,
                 time_col=columns.time_col,
                 rating_col=columns.rating_col,
+                weight_col=columns.weight_col,
                 name=self.config.data.dataset,
             )
         tables = {}

@@ -185,7 +185,11 @@ class ExperimentSplit:
         users' history (and excludes as seen)."""
         if self.validation is None or not self.validation.num_interactions:
             return self.fit
-        rows = pl.concat([self.fit.interactions, self.validation.interactions])
+        # diagonal: held-out rows read without the log's weights have no column
+        rows = pl.concat(
+            [self.fit.interactions, self.validation.interactions],
+            how="diagonal_relaxed",
+        )
         return self.fit.with_interactions(rows)
 
 

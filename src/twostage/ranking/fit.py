@@ -175,7 +175,8 @@ def fit_ranking(
     def served() -> RetrievalTensors:  # the training and validation rows
         rows = train.interactions
         if held is not None:
-            rows = pl.concat([rows, held.interactions])
+            # diagonal: held-out rows may lack the training rows' weights
+            rows = pl.concat([rows, held.interactions], how="diagonal_relaxed")
         both = train.with_interactions(rows)
         return with_history_of(run.tensors, run.spec, both, run.config.retrieval)
 

@@ -456,6 +456,18 @@ def test_the_logs_weights_scale_the_loss(tmp_path: Path) -> None:
         return run.model.state_dict()
 
     plain, ones, thirds = trained(None), trained("ones"), trained("w")
+    # the same from a config (`--set data.weight_col=w`), and never for a
+    # built-in dataset, whose loader took the option as an unexpected keyword
+    from twostage.data.registry import load_dataset_for
+
+    named = apply_overrides(config, [f"data.dataset={path}", "data.weight_col=w"])
+    assert load_dataset_for(named).interactions["weight"].to_list() == (
+        weighted["w"].to_list()
+    )
+    for builtin in ("movielens-100k", "synthetic"):
+        odd = apply_overrides(named, [f"data.dataset={builtin}"])
+        with pytest.raises(ConfigError, match="`weight_col` maps the columns"):
+            load_dataset_for(odd)
     for name, value in plain.items():  # weights of 1: the same training
         torch.testing.assert_close(ones[name], value, rtol=0, atol=1e-6)
     assert any(not torch.allclose(thirds[n], v) for n, v in plain.items())

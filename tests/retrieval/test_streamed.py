@@ -360,6 +360,7 @@ def test_a_streamed_split_that_leaves_a_side_empty_says_why(
         (["data.cold_user_fraction=0.1"], "data.cold_user_fraction"),
         (["data.unrated_values=0"], "data.unrated_values"),
         (["data.separator=;"], "data.separator"),
+        (["data.weight_col=plays"], "data.weight_col"),
     ],
 )
 def test_data_options_a_stream_does_not_read_are_refused(

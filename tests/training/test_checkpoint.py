@@ -91,6 +91,15 @@ def test_resume_refuses_a_changed_config_unless_told(setup, tmp_path: Path) -> N
     assert len(result.history) == 4
 
 
+def test_a_setting_added_since_the_checkpoint_resumes(setup, tmp_path: Path) -> None:
+    # A config key added in a later version (unset: None) made every older
+    # checkpoint "trained with another config: ... differ", naming nothing.
+    fingerprint = {"train.learning_rate": 0.005}
+    _train(setup, tmp_path, fingerprint, stop_after_epoch=1)
+    grown = {**fingerprint, "data.weight_col": None}
+    assert len(_train(setup, tmp_path, grown, resume=True).history) == 4
+
+
 def test_resume_refuses_other_training_rows(setup, tmp_path: Path) -> None:
     # A log edited since the checkpoint, with the same users and items, resumed
     # silently on other rows: only shapes were compared, by load_state_dict.

@@ -76,7 +76,9 @@ class DataConfig(_Checked):
     hash of their ID and ``seed``; :func:`twostage.data.split.sample_users`): the
     other test rows are left out of evaluation, not moved into training. 0: every
     test user. A streamed run (``--stream``) samples its validation users the same
-    way: every epoch scores them.
+    way: every epoch scores them. ``weight_col`` names a column of the log whose
+    non-negative values scale each training row's share of the retrieval loss
+    (play counts, dwell time...); unset, every row weighs 1.
     """
 
     dataset: str = "movielens-100k"
@@ -88,6 +90,7 @@ class DataConfig(_Checked):
     item_col: str | None = None
     time_col: str | None = None
     rating_col: str | None = None
+    weight_col: str | None = None
     separator: str | None = None
     user_features: tuple[str, ...] = ()
     item_features: tuple[str, ...] = ()

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twostage.data.dataset import Dataset
-from twostage.errors import DataError
+from twostage.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from twostage.config import ExperimentConfig
@@ -39,6 +39,16 @@ def anchored(spec: str) -> str:
     return prefix + (str(path.resolve()) if path.exists() else spec)
 
 
+#: What :func:`twostage.data.movielens.load_movielens` takes besides the variant.
+_MOVIELENS_OPTIONS = (
+    "data_dir",
+    "cache_dir",
+    "allow_download",
+    "allow_fallback",
+    "keep",
+)
+
+
 def load_dataset(spec: str, **options: Any) -> Dataset:
     """Load a dataset by built-in name or file path.
 
@@ -58,6 +68,15 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
     """
     options = {k: v for k, v in options.items() if v is not None}
     lowered = spec.lower()
+    builtin = lowered.startswith(("movielens-", "ml-", "synthetic"))
+    mapped = sorted(k for k in options if k not in _MOVIELENS_OPTIONS)
+    if builtin and mapped:  # they ended in a TypeError, or were ignored
+        raise ConfigError(
+            f"{', '.join(f'`{k}`' for k in mapped)} "
+            f"{'map' if len(mapped) > 1 else 'maps'} the columns of a log of your "
+            f"own; {spec!r} has its columns already. Leave "
+            f"{'them' if len(mapped) > 1 else 'it'} unset for this dataset."
+        )
     if lowered.startswith(("movielens-", "ml-")):
         from twostage.data.movielens import load_movielens
 
@@ -93,6 +112,7 @@ def load_dataset_for(config: ExperimentConfig) -> Dataset:
         item_col=data.item_col,
         time_col=data.time_col,
         rating_col=data.rating_col,
+        weight_col=data.weight_col,
         separator=data.separator,
         user_features=list(data.user_features) or None,
         item_features=list(data.item_features) or None,

@@ -172,12 +172,16 @@ def load_checkpoint(
         fingerprint = {
             k: v for k, v in fingerprint.items() if k in saved or k != DATA_KEY
         }
+    changed: list[str] = []
     if fingerprint is not None and saved is not None and saved != fingerprint:
+        # A setting added since the checkpoint was written is absent from it: at
+        # None (unset) it is the same run, not "a config change" of no names.
         changed = sorted(
             k
             for k in set(saved) | set(fingerprint)
             if saved.get(k) != fingerprint.get(k)
         )
+    if changed:
         if not allow_changes:
             data = DATA_KEY in changed
             raise ConfigError(

@@ -402,7 +402,7 @@ class TwoStageModel:
             )
         if not user_list:
             return np.empty(0, dtype=np.float32)
-        # One lookup per ID, as recommend() makes: an ID the vocabulary does not
+        # IDs are read as recommend() reads them: an ID the vocabulary does not
         # hold (text for integer IDs included) is unknown, not an error.
         user_idx = _indices(rec.user_vocab, "user_ids", user_list)
         item_idx = _indices(rec.item_vocab, "item_ids", item_list)

@@ -475,6 +475,101 @@ def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:
     assert "go together" in str(half.exception)
 
 
+def test_weight_col_reaches_split_files_and_training(tmp_path: Path) -> None:
+    """Regression: the CLI had no way to name a weight column but `--set`, `data
+    split` dropped the weights, and a run trained on split files read none of the
+    log's weights without a word."""
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.data.registry import load_dataset_for
+    from twostage.data.split import prepare_split
+
+    data = generate(num_users=60, num_items=100, num_interactions=1500)
+    log = tmp_path / "log.csv"
+    rows = data.interactions.with_columns(
+        (pl.int_range(pl.len()) % 7).cast(pl.Int64).alias("plays")
+    )
+    rows.write_csv(log)
+    described = runner.invoke(
+        app, ["data", "describe", str(log), "--weight-col", "plays", "--json"]
+    )
+    assert described.exit_code == 0, described.output
+    weights = json.loads(described.stdout)["weights"]
+    assert weights["max"] == 6 and weights["zero"] == rows["plays"].eq(0).sum()
+    split = tmp_path / "split"
+    done = runner.invoke(
+        app, ["data", "split", str(log), "--out", str(split), "--weight-col", "plays"]
+    )
+    assert done.exit_code == 0, done.output
+    keys = ["user_id", "item_id", "timestamp"]
+    written = pl.concat(
+        [
+            pl.read_parquet(split / "train.parquet"),
+            pl.read_parquet(split / "test.parquet"),
+        ]
+    )
+    joined = written.join(rows.select(*keys, "plays"), on=keys)
+    assert joined.height == rows.height
+    assert (joined["weight"] == joined["plays"].cast(pl.Float32)).all()
+
+    def files(*overrides: str) -> ExperimentConfig:
+        return apply_overrides(
+            ExperimentConfig(),
+            [
+                f"data.dataset={log}",
+                f"data.train_file={split / 'train.parquet'}",
+                f"data.test_file={split / 'test.parquet'}",
+                *overrides,
+            ],
+        )
+
+    weighted = files("data.weight_col=plays")
+    fitted = prepare_split(load_dataset_for(weighted), weighted).train.interactions
+    assert fitted["weight"].sum() > 0 and "weight" in fitted.columns
+    plain = files()
+    unread = prepare_split(load_dataset_for(plain), plain).train.interactions
+    assert "weight" not in unread.columns
+    # A split written without weights cannot train a run that asks for them.
+    bare = tmp_path / "bare"
+    runner.invoke(app, ["data", "split", str(log), "--out", str(bare)])
+    result = runner.invoke(
+        app,
+        [
+            *("train", "retrieval", "--dataset", str(log), "--weight-col", "plays"),
+            *("--train", str(bare / "train.parquet")),
+            *("--test", str(bare / "test.parquet")),
+            *("--out", str(tmp_path / "run"), *SMALL_TRAINING),
+        ],
+    )
+    assert result.exit_code != 0
+    assert "has no 'weight' column" in str(result.exception)
+    assert not (tmp_path / "run").exists()
+    # From the CLI the weighted split trains.
+    result = runner.invoke(
+        app,
+        [
+            *("train", "retrieval", "--dataset", str(log), "--weight-col", "plays"),
+            *("--train", str(split / "train.parquet")),
+            *("--test", str(split / "test.parquet")),
+            *("--out", str(tmp_path / "run"), *SMALL_TRAINING),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["weight_col"] == "plays"
+
+
+def test_column_options_for_a_built_in_dataset_are_refused() -> None:
+    """Regression: `data describe synthetic --user-col x` ignored the option."""
+    result = runner.invoke(app, ["data", "describe", "synthetic", "--user-col", "x"])
+    assert result.exit_code != 0
+    assert "maps the columns of a log of your own" in " ".join(
+        str(result.exception or result.output).split()
+    )
+    assert (
+        runner.invoke(app, ["data", "describe", "synthetic", "--strict"]).exit_code == 0
+    )
+
+
 def test_version_and_help_order() -> None:
     from twostage import __version__
 

@@ -47,6 +47,13 @@ RatingCol = Annotated[
     str | None,
     typer.Option(help='Rating column; default: one named rating, if any; "" for none.'),
 ]
+WeightCol = Annotated[
+    str | None,
+    typer.Option(
+        help="Column of non-negative row weights (e.g. play counts): each row's "
+        "share of the retrieval loss; default: none (every row weighs 1)."
+    ),
+]
 Separator = Annotated[
     str | None, typer.Option(help="Field separator (default: sniffed).")
 ]
@@ -80,6 +87,7 @@ def dataset_options(
     item_col: str | None = None,
     time_col: str | None = None,
     rating_col: str | None = None,
+    weight_col: str | None = None,
     separator: str | None = None,
     user_features: str | None = None,
     item_features: str | None = None,
@@ -91,6 +99,7 @@ def dataset_options(
         "item_col": item_col,
         "time_col": time_col,
         "rating_col": rating_col,
+        "weight_col": weight_col,
         "separator": separator,
         "user_features": split_names(user_features),
         "item_features": split_names(item_features),
@@ -103,7 +112,9 @@ def _load(spec: str, options: dict[str, Any]) -> Any:
 
     lowered = spec.lower()
     if lowered.startswith(("movielens-", "ml-", "synthetic")):
-        options = {}  # column mapping only applies to a user's own file
+        # A built-in dataset has no bad rows to stop at; a column option for it is
+        # refused by load_dataset (it was ignored here).
+        options = {**options, "strict": None}
     return load_dataset(spec, **options)
 
 
@@ -162,6 +173,13 @@ def print_summary(summary: dict[str, Any]) -> None:
         hist = summary["rating_histogram"]
         table.add_row("rating mean", f"{summary['rating_mean']:.3f}")
         table.add_row("ratings", "  ".join(f"{r}: {c:,}" for r, c in hist.items()))
+    if "weights" in summary:
+        w = summary["weights"]
+        table.add_row(
+            "row weights",
+            f"min {w['min']:g} / median {w['median']:g} / mean {w['mean']:.3g} / "
+            f"max {w['max']:g}; {w['zero']:,} zero",
+        )
     table.add_row("user features", Text(", ".join(summary["user_features"]) or "-"))
     table.add_row("item features", Text(", ".join(summary["item_features"]) or "-"))
     if "other_columns" in summary:
@@ -203,6 +221,7 @@ def data_describe(
     item_col: ItemCol = None,
     time_col: TimeCol = None,
     rating_col: RatingCol = None,
+    weight_col: WeightCol = None,
     separator: Separator = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
@@ -231,6 +250,7 @@ def data_describe(
         item_col=item_col,
         time_col=time_col,
         rating_col=rating_col,
+        weight_col=weight_col,
         separator=separator,
         user_features=user_features,
         item_features=item_features,
@@ -280,6 +300,7 @@ def data_split(
     item_col: ItemCol = None,
     time_col: TimeCol = None,
     rating_col: RatingCol = None,
+    weight_col: WeightCol = None,
     separator: Separator = None,
     strict: Strict = False,
     overwrite: Annotated[
@@ -291,7 +312,8 @@ def data_split(
         ),
     ] = False,
 ) -> None:
-    """Split a dataset and write train.parquet and test.parquet."""
+    """Split a dataset and write train.parquet and test.parquet (user_id, item_id,
+    timestamp, and rating and weight when read; `train --train/--test` reads them)."""
     from twostage.artifacts import refuse_bundle_target
     from twostage.data.split import check_not_empty, split_dataset
 
@@ -323,6 +345,7 @@ def data_split(
         item_col=item_col,
         time_col=time_col,
         rating_col=rating_col,
+        weight_col=weight_col,
         separator=separator,
         strict=strict,
     )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
 
 if TYPE_CHECKING:
     from twostage.data.report import LoadReport
@@ -26,7 +26,8 @@ def _iso(ts: int | None) -> str | None:
 
 
 def describe(dataset: Dataset) -> dict[str, Any]:
-    """Counts, sparsity, per-user/per-item activity, rating histogram and time range.
+    """Counts, sparsity, per-user/per-item activity, rating histogram, time range,
+    and the spread of the row weights when the log was read with ``weight_col``.
 
     Returns:
         A JSON-safe dict.
@@ -75,6 +76,9 @@ def describe(dataset: Dataset) -> dict[str, Any]:
             f"{r:g}": int(c) for r, c in zip(hist[RATING], hist["len"], strict=True)
         }
         out["rating_mean"] = float(rated.mean())  # type: ignore[arg-type]
+    if WEIGHT in inter.columns:  # read with ``weight_col``
+        weights = inter[WEIGHT]
+        out["weights"] = {**_spread(weights), "zero": int((weights == 0).sum())}
     if dataset.report is not None:
         out["bad_rows"] = dataset.report.to_dict()
     return out

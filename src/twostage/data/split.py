@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import polars as pl
 
-from twostage.data.dataset import TIME, USER, Dataset
+from twostage.data.dataset import TIME, USER, WEIGHT, Dataset
 from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import stable_hash
 
@@ -375,9 +375,22 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
             "files, put those users in the test file instead. Received: "
             f"`data.cold_user_fraction` = {data.cold_user_fraction!r}."
         )
-    train = dataset.with_interactions(
-        read_split_file(data.train_file, like=dataset).interactions
-    ).with_unrated(data.unrated_values)
+    rows = read_split_file(data.train_file, like=dataset).interactions
+    if data.weight_col is not None and WEIGHT not in rows.columns:
+        raise ConfigError(
+            f"`data.weight_col` = {data.weight_col!r} asks for row weights, but the "
+            f"training file {data.train_file!r} has no {WEIGHT!r} column (its "
+            f"columns: {rows.columns}). Write the split with them (`twostage data "
+            f"split LOG --weight-col {data.weight_col}`), or unset `data.weight_col`."
+        )
+    if data.weight_col is None and WEIGHT in rows.columns:
+        logger.warning(
+            "the training file %r carries row weights, which this run does not "
+            "read: set `data.weight_col` (`--weight-col`) to train with them.",
+            data.train_file,
+        )
+        rows = rows.drop(WEIGHT)
+    train = dataset.with_interactions(rows).with_unrated(data.unrated_values)
     test = dataset.with_interactions(
         read_split_file(data.test_file, like=dataset).interactions
     ).with_unrated(data.unrated_values)
@@ -388,11 +401,12 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
 
 def read_split_file(path: str, *, like: Dataset) -> Dataset:
     """One side of a split as ``twostage data split`` writes it (Parquet or CSV with
-    ``user_id``, ``item_id`` and optionally ``timestamp`` and ``rating``); IDs are
-    cast to the dtype of ``like``'s so they meet its vocabularies and side tables."""
+    ``user_id``, ``item_id`` and optionally ``timestamp``, ``rating`` and ``weight``,
+    each read when present); IDs are cast to the dtype of ``like``'s so they meet
+    its vocabularies and side tables."""
     from pathlib import Path
 
-    from twostage.data.dataset import ITEM, RATING
+    from twostage.data.dataset import ITEM, RATING, WEIGHT
     from twostage.data.tables import read_interactions
 
     source = Path(path)
@@ -406,6 +420,7 @@ def read_split_file(path: str, *, like: Dataset) -> Dataset:
         source,
         time_col=TIME if TIME in columns else None,
         rating_col=RATING if RATING in columns else None,
+        weight_col=WEIGHT if WEIGHT in columns else None,
     )
     schema = like.interactions.schema
     return part.with_interactions(

@@ -125,6 +125,19 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
             422,
             "instances[0].user_id holds an unpaired",
         ),
+        # A key given twice was answered with its last value, without a word.
+        (
+            "/v1/recommend",
+            b'{"user_id": 3, "user_id": 4}',
+            400,
+            "'user_id' is given twice",
+        ),
+        (
+            "/v1/models/synthetic:predict",
+            b'{"instances": [{"user_id": 3, "k": 2, "k": 5}]}',
+            400,
+            "'k' is given twice",
+        ),
     ],
 )
 def test_bad_requests_get_4xx_with_a_message(

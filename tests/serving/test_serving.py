@@ -506,6 +506,15 @@ def test_docs_work_offline_and_search_explain_compare(models_dir: Path) -> None:
         )
         bad = client.get("/v1/models/synthetic/items", params={"q": "x", "limit": 0})
         assert bad.status_code == 422
+        # A misspelt or repeated parameter was ignored, or the last one kept.
+        for params, message in (
+            ([("q", "x"), ("limt", "5")], "query.limt: this route takes no such"),
+            ([("q", "x"), ("q", "y")], "query.q: given 2 times"),
+        ):
+            bad = client.get("/v1/models/synthetic/items", params=params)
+            assert bad.status_code == 422 and message in bad.json()["error"], bad.text
+        assert client.get("/v1/models", params={"x": "1"}).status_code == 422
+        assert client.get("/", params={"utm_source": "mail"}).status_code == 200
 
         body = {"user_id": 3, "k": 5, "explain": True}
         answer = client.post("/v1/recommend", json=body).json()

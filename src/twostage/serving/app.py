@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.serving.docs import add_offline_docs
-from twostage.serving.edge import Edge, StrictJSONRoute
+from twostage.serving.edge import Edge, StrictRoute
 from twostage.serving.metrics import CONTENT_TYPE, Metrics
 from twostage.serving.registry import LoadedModel, ModelRegistry, UnknownModelError
 from twostage.serving.schemas import (
@@ -184,7 +184,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
-    app.router.route_class = StrictJSONRoute  # before the routes below are added
+    app.router.route_class = StrictRoute  # before the routes below are added
     if settings.docs:
         add_offline_docs(app)
     app.state.registry = registry

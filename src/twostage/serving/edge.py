@@ -1,8 +1,8 @@
 """The serving app's edge, as pure ASGI middleware (:class:`Edge`): request metrics,
 the body-size limit, the API key, and ``:predict`` bodies read as JSON whatever
-their Content-Type; and the routes' JSON reading (:class:`StrictJSONRoute`), which
-refuses a key given twice in one object. Refusals here are JSON errors of the API's
-shape."""
+their Content-Type; and how the routes read a request (:class:`StrictRoute`): a
+key given twice in one JSON object, and stray or repeated query parameters, are
+refused. Refusals here are JSON errors of the API's shape."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.routing import APIRoute
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from twostage.serving.metrics import Metrics
 
 if TYPE_CHECKING:
     from twostage.serving.app import ServeSettings
 
-__all__ = ["Edge", "StrictJSONRoute"]
+__all__ = ["Edge", "StrictRoute"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -151,17 +151,48 @@ class _StrictJSONRequest(Request):
         return self._json
 
 
-class StrictJSONRoute(APIRoute):
-    """Routes whose JSON bodies refuse a key given twice in one object:
-    ``{"user_id": 1, "user_id": 2}`` was answered for user 2 without a word (RFC
-    8259 leaves it to the parser; RFC 7493's I-JSON forbids it). FastAPI's own way
-    to change how a request is read (a custom ``Request`` in a route class); the
-    standard library's ``object_pairs_hook`` finds the repeats."""
+class StrictRoute(APIRoute):
+    """Routes that refuse what they would otherwise ignore or overwrite without a
+    word: a key given twice in one JSON object (``{"user_id": 1, "user_id": 2}``
+    was answered for user 2; RFC 8259 leaves it to the parser, RFC 7493's I-JSON
+    forbids it) is a 400; under ``/v1/``, a query parameter the route does not
+    take (``?limt=5``) or one given twice (``?q=a&q=b`` searched for "b") is a 422.
+    A route class with a custom ``Request`` is FastAPI's own way to change how a
+    request is read; the standard library's ``object_pairs_hook`` finds the repeats.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        taken = {param.alias for param in self.dependant.query_params}
+        checked = self.path.startswith("/v1/")
 
         async def strict(request: Request) -> Response:
+            if checked and (refusal := _query_refusal(request, taken)) is not None:
+                return refusal
             return await handler(_StrictJSONRequest(request.scope, request.receive))
 
         return strict
+
+
+def _query_refusal(request: Request, taken: set[str]) -> Response | None:
+    names = [name for name, _ in request.query_params.multi_items()]
+    details = [
+        f"query.{name}: this route takes no such parameter"
+        + (f" (it takes: {', '.join(sorted(taken))})" if taken else "")
+        for name in dict.fromkeys(names)
+        if name not in taken
+    ]
+    details += [
+        f"query.{name}: given {names.count(name)} times; send it once"
+        for name in dict.fromkeys(names)
+        if name in taken and names.count(name) > 1
+    ]
+    if not details:
+        return None
+    return JSONResponse(
+        {
+            "error": "the request does not match the schema: " + "; ".join(details),
+            "details": details,
+        },
+        422,
+    )

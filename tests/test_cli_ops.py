@@ -46,7 +46,9 @@ def test_index_build_saves_a_new_version_that_serves(models_dir: Path) -> None:
         ["index", "build", str(model), "--set", "kind=ivf", "--set", "ef_search=64"],
     )
     assert ivf.exit_code == 0, ivf.output
-    assert "ef_search: not read by the ivf index" in " ".join(ivf.output.split())
+    assert "index.ef_search=64: not read by the ivf index" in " ".join(
+        ivf.output.split()
+    )
     assert "built the ivf index" in ivf.output and load(model / "3").index_kind == "ivf"
     for options, message in [
         (

@@ -164,16 +164,6 @@ def _open(bundle: Path) -> tuple[Path, Any]:
     return path, load(path)
 
 
-#: The index settings each kind reads (docs/guide.md, "Nearest-neighbour index").
-INDEX_SETTINGS = {
-    "exact": ("chunk_size", "device"),
-    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
-    "ivf": ("ivf_nlist", "nprobe"),
-    "ivf_sq": ("ivf_nlist", "nprobe"),
-    "scann": ("ivf_nlist", "nprobe"),
-}
-
-
 @index_app.command("build")
 def index_build(
     bundle: Annotated[
@@ -203,16 +193,7 @@ def index_build(
     settings = [item.removeprefix("index.") for item in set_ or []]
     config = apply_overrides(rec.run.config.index, [f"kind={kind}", *settings])
     kind = config.kind  # `--set kind=...` has the last word, as any --set
-    unread = [
-        key
-        for key in (item.partition("=")[0].strip() for item in settings)
-        if key not in ("kind", *INDEX_SETTINGS[kind])
-    ]
-    if unread:
-        status_console.print(
-            f"[yellow]{escape(', '.join(unread))}: not read by the {kind} index "
-            f"(it reads {', '.join(INDEX_SETTINGS[kind])}).[/yellow]"
-        )
+    # make_index logs the settings this kind does not read.
     started = time.perf_counter()
     with status_console.status(
         f"building the {kind} index over {rec.index.size:,} items"

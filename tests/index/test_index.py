@@ -211,6 +211,22 @@ def test_make_index_builds_the_configured_class(kind: str) -> None:
         IVFIndex(nprobe=-1)
 
 
+def test_settings_a_kind_does_not_read_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: `train --set index.kind=ivf --set index.ef_search=64` took the
+    HNSW setting without a word (only `index build` named it)."""
+    with caplog.at_level("WARNING", logger="twostage.index"):
+        make_index(IndexConfig(kind="hnsw", ef_search=64, hnsw_m=16))
+        assert not caplog.records
+        make_index(IndexConfig(kind="ivf", ef_search=64, nprobe=4, chunk_size=99))
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "index.ef_search=64, index.chunk_size=99: not read by the ivf index "
+        "(it reads ivf_nlist, nprobe)"
+    )
+
+
 @pytest.mark.skipif(HAS_SCANN, reason="scann is installed")
 def test_scann_absent_is_a_config_error_with_the_install_hint() -> None:
     with pytest.raises(ConfigError, match=r"pip install 'twostage\[scann\]'"):

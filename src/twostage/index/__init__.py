@@ -7,7 +7,9 @@ return ``(scores, ids)`` like ``torch.topk``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from twostage.index.scann import ScannIndex
 
 __all__ = [
     "KINDS",
+    "SETTINGS_READ",
     "ApproximateIndex",
     "ExactIndex",
     "HNSWIndex",
@@ -29,7 +32,10 @@ __all__ = [
     "ScannIndex",
     "load_index",
     "make_index",
+    "unread_settings",
 ]
+
+logger = logging.getLogger(__name__)
 
 _CLASSES: dict[str, type[Index]] = {
     "exact": ExactIndex,
@@ -40,13 +46,44 @@ _CLASSES: dict[str, type[Index]] = {
 }
 KINDS = tuple(_CLASSES)
 
+#: The ``index`` settings each kind reads (docs/guide.md, "Nearest-neighbour index").
+SETTINGS_READ = {
+    "exact": ("chunk_size", "device"),
+    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+    "ivf": ("ivf_nlist", "nprobe"),
+    "ivf_sq": ("ivf_nlist", "nprobe"),
+    "scann": ("ivf_nlist", "nprobe"),
+}
+
+
+def unread_settings(config: IndexConfig) -> list[str]:
+    """The settings of ``config`` set away from their defaults that its kind does
+    not read (``ef_search`` for an ``ivf`` index), in the section's order."""
+    default = IndexConfig()
+    return [
+        field.name
+        for field in dataclasses.fields(config)
+        if field.name != "kind"
+        and field.name not in SETTINGS_READ.get(config.kind, ())
+        and getattr(config, field.name) != getattr(default, field.name)
+    ]
+
 
 def make_index(config: IndexConfig) -> Index:
     """An empty index of ``config.kind``; zeros in ``config`` pick the defaults.
 
     ScaNN reads ``ivf_nlist`` as its number of leaves and ``nprobe`` as the leaves
-    searched per query.
+    searched per query. Settings the kind does not read (:func:`unread_settings`)
+    are logged as a warning: they were taken without a word.
     """
+    unread = unread_settings(config)
+    if unread and config.kind in SETTINGS_READ:
+        logger.warning(
+            "%s: not read by the %s index (it reads %s)",
+            ", ".join(f"index.{name}={getattr(config, name)!r}" for name in unread),
+            config.kind,
+            ", ".join(SETTINGS_READ[config.kind]),
+        )
     if config.kind == "exact":
         return ExactIndex(chunk_size=config.chunk_size, device=config.device)
     if config.device != "cpu":

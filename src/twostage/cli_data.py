@@ -51,7 +51,7 @@ WeightCol = Annotated[
     str | None,
     typer.Option(
         help="Column of non-negative row weights (e.g. play counts): each row's "
-        "share of the retrieval loss; default: none (every row weighs 1)."
+        "share of both stages' losses; default: none (every row weighs 1)."
     ),
 ]
 Separator = Annotated[

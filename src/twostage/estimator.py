@@ -186,7 +186,7 @@ class TwoStageModel:
                 ``rating`` when there is one, as every reader takes it; ``""``:
                 none, so row order is time order / the feedback is implicit).
             weight_col: a column of ``data`` whose non-negative values scale each
-                row's share of the retrieval loss (None: every row weighs 1);
+                row's share of both stages' losses (None: every row weighs 1);
                 ``validation`` and ``test`` are read without it.
 
         Returns:

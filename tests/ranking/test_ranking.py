@@ -507,3 +507,49 @@ def test_a_candidate_list_is_reranked_as_served(trained) -> None:
     keys = [i["rank_score"] for i in ranked]
     assert keys == sorted(keys, reverse=True)
     assert all("predicted_rating" in i for i in ranked)
+
+
+def test_the_logs_weights_scale_the_rankers_loss(trained) -> None:
+    """The ranker read none of the log's row weights (`weight_col`), which scale
+    the retrieval loss."""
+    import polars as pl
+
+    from twostage.ranking.fit import _loss
+    from twostage.ranking.run import pairs_of
+
+    run, ranking, fit, _ = trained
+    # The loss: a row of weight 0 counts for nothing, one of weight 2 as two rows.
+    users, items, ratings = pairs_of(run, fit, known_only=True)
+    batch = (users[:64], items[:64], ratings[:64])
+    weights = torch.tensor([0.0, 1.0, 2.0, 1.0]).repeat(16)
+    rows = torch.cat([torch.nonzero(weights > 0), torch.nonzero(weights == 2)])[:, 0]
+    mode = ranking.model.training
+    ranking.model.eval()  # no dropout: the two losses see the same network
+    try:
+        with torch.no_grad():
+            generator = torch.Generator()
+            weighted = _loss(ranking, None, batch, generator, weights)
+            repeated = _loss(ranking, None, tuple(p[rows] for p in batch), generator)
+    finally:
+        ranking.model.train(mode)
+    torch.testing.assert_close(weighted, repeated)
+
+    # Training: weights of 1 train the same ranker as none; others another one.
+    config = dataclasses.replace(SMALL, max_steps=8, blend_weight=0.5)
+
+    def trained_with(weight: pl.Expr | None) -> dict[str, torch.Tensor]:
+        data = (
+            fit
+            if weight is None
+            else fit.with_interactions(
+                fit.interactions.with_columns(weight.cast(pl.Float32).alias("weight"))
+            )
+        )
+        return fit_ranking(run, data, config=config, validation=None).model.state_dict()
+
+    plain = trained_with(None)
+    ones = trained_with(pl.lit(1.0))
+    thirds = trained_with((pl.col("item_id") % 3 > 0).cast(pl.Float32))
+    for name, value in plain.items():
+        torch.testing.assert_close(ones[name], value, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(thirds[n], v) for n, v in plain.items())

@@ -77,8 +77,8 @@ class DataConfig(_Checked):
     other test rows are left out of evaluation, not moved into training. 0: every
     test user. A streamed run (``--stream``) samples its validation users the same
     way: every epoch scores them. ``weight_col`` names a column of the log whose
-    non-negative values scale each training row's share of the retrieval loss
-    (play counts, dwell time...); unset, every row weighs 1.
+    non-negative values scale each training row's share of the retrieval and the
+    ranking losses (play counts, dwell time...); unset, every row weighs 1.
     """
 
     dataset: str = "movielens-100k"

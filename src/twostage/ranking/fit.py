@@ -32,6 +32,7 @@ from twostage.ranking.run import (
     is_pair,
     pairs_of,
     top_unseen,
+    weighted_pairs_of,
 )
 from twostage.retrieval.fit import fit_ease
 from twostage.retrieval.run import RetrievalRun
@@ -74,12 +75,16 @@ def _loss(
     negatives: _Negatives | None,
     batch: Pairs,
     generator: torch.Generator,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """Weighted rating MSE (rated positives) plus click BCE (positives, negatives).
+    """Rating MSE (rated positives) plus click BCE (positives, negatives), each a
+    mean over the batch's rows weighted by ``weights`` (the log's row weights: a
+    row's rating error and its positive and negatives count that much; all 1 when
+    None).
 
     In a data-parallel run (:mod:`twostage.distributed`) ``batch`` is the global
     batch: the negatives are drawn for all of it, this rank scores its share, and the
-    means divide by the global counts times the number of ranks, so that DDP's
+    means divide by the global totals times the number of ranks, so that DDP's
     averaged gradient is the global batch's.
     """
     config, (users, items, ratings) = run.config, batch
@@ -90,22 +95,26 @@ def _loss(
         candidates = torch.cat([candidates, sampled], dim=1)  # (B, 1 + M)
         usable = torch.cat([usable, ok], dim=1)
     rated = ~torch.isnan(ratings)
-    num_rated, num_usable, ranks = rated.sum(), usable.sum(), 1
+    rows = torch.ones_like(ratings) if weights is None else weights
+    cells = usable * rows[:, None]  # each candidate's weight in the BCE
+    num_rated, num_usable, ranks = rows[rated].sum(), cells.sum(), 1
     world = distributed.current()
-    if world is not None:  # the global counts, then this rank's rows
+    if world is not None:  # the global totals, then this rank's rows
         share = world.shard(torch.arange(len(users), device=users.device))
-        users, candidates, usable = users[share], candidates[share], usable[share]
-        ratings, rated, ranks = ratings[share], rated[share], world.size
+        users, candidates, cells = users[share], candidates[share], cells[share]
+        ratings, rated, rows = ratings[share], rated[share], rows[share]
+        ranks = world.size
     out = forward_pairs(run, users, candidates, exclude_target=True)
     loss = torch.zeros((), device=items.device)
     if config.rating_weight > 0 and num_rated > 0:
         error = out["rating"][:, 0][rated] - ratings[rated]
-        loss = loss + config.rating_weight * ranks * error.pow(2).sum() / num_rated
-    if config.click_weight > 0:
+        squared = (rows[rated] * error.pow(2)).sum()
+        loss = loss + config.rating_weight * ranks * squared / num_rated
+    if config.click_weight > 0 and num_usable > 0:
         labels = torch.zeros_like(out["click"])
         labels[:, 0] = 1.0
         bce = F.binary_cross_entropy_with_logits(
-            out["click"], labels, weight=usable.float(), reduction="sum"
+            out["click"], labels, weight=cells, reduction="sum"
         )
         loss = loss + config.click_weight * ranks * bce / num_usable
     return loss
@@ -180,10 +189,12 @@ def fit_ranking(
         both = train.with_interactions(rows)
         return with_history_of(run.tensors, run.spec, both, run.config.retrieval)
 
+    pairs, weights = weighted_pairs_of(run, train, known_only=True)
     ranking = fit_ranking_pairs(
         run,
-        pairs_of(run, train, known_only=True),
+        pairs,
         with_history_of(run.tensors, run.spec, train, run.config.retrieval),
+        weights=weights,
         served=served,
         config=config,
         validation=validation,
@@ -203,6 +214,7 @@ def fit_ranking_pairs(
     tables: RetrievalTensors,
     *,
     served: Callable[[], RetrievalTensors],
+    weights: Tensor | None = None,
     config: RankingConfig | None = None,
     validation: Dataset | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -221,6 +233,8 @@ def fit_ranking_pairs(
         tables: the retrieval tables of those rows (history, seen items) the
             ranker trains with.
         served: the tables it serves with afterwards (the validation rows joined).
+        weights: the rows' weights (the log's ``weight`` column), which scale each
+            row's share of the loss; every row weighs 1 when None.
         validation: held-out rows for early stopping and the blend weight.
         config, checkpoint_dir, resume, on_step, stop_after_epoch,
         allow_config_change: as for :func:`fit_ranking`.
@@ -270,6 +284,7 @@ def fit_ranking_pairs(
         ranking,
         pairs,
         val_pairs if val_pairs is not None and len(val_pairs[0]) else None,
+        weights=weights,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
         resume=resume,
         on_step=on_step,
@@ -280,7 +295,10 @@ def fit_ranking_pairs(
                 "ranking": to_dict(config),
                 "train": {"seed": run.config.train.seed},
             },
-            data=None if checkpoint_dir is None else data_digest(*pairs),
+            # Weights join the digest only when given: earlier checkpoints resume.
+            data=None
+            if checkpoint_dir is None
+            else data_digest(*pairs, *([] if weights is None else [weights])),
         ),
         allow_config_change=allow_config_change,
     )
@@ -340,6 +358,8 @@ def _train(
     ranking: RankingRun,
     pairs: Pairs,
     validation: Pairs | None,
+    *,
+    weights: Tensor | None = None,
     **loop: Any,
 ) -> TrainResult:
     """The shared loop over the ranker's pairs; on a GPU the tables train there and
@@ -354,6 +374,7 @@ def _train(
         host_vectors = ranking.retrieval_vectors()
         ranking._vectors = (host_vectors[0].to(device), host_vectors[1].to(device))
         pairs = (pairs[0].to(device), pairs[1].to(device), pairs[2].to(device))
+        weights = None if weights is None else weights.to(device)
         if negatives is not None:
             negatives = dataclasses.replace(
                 negatives,
@@ -363,7 +384,8 @@ def _train(
 
     def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
         users, items, ratings = (p[batch] for p in pairs)
-        return _loss(ranking, negatives, (users, items, ratings), generator)
+        rows = None if weights is None else weights[batch]
+        return _loss(ranking, negatives, (users, items, ratings), generator, rows)
 
     validate = None
     if validation is not None:

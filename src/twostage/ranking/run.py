@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twostage.config import RankingConfig
-from twostage.data.dataset import ITEM, RATING, USER, Dataset
+from twostage.data.dataset import ITEM, RATING, USER, WEIGHT, Dataset
 from twostage.data.user_items import UserItems
 from twostage.errors import DataError
 from twostage.features.fields import Side
@@ -343,6 +343,14 @@ def top_unseen(
 
 def pairs_of(run: RetrievalRun, dataset: Dataset, *, known_only: bool) -> Pairs:
     """A dataset's pairs as vocabulary indices (0: unknown) and ratings (NaN: none)."""
+    return weighted_pairs_of(run, dataset, known_only=known_only)[0]
+
+
+def weighted_pairs_of(
+    run: RetrievalRun, dataset: Dataset, *, known_only: bool
+) -> tuple[Pairs, Tensor | None]:
+    """:func:`pairs_of`, and the pairs' row weights (the log's ``weight`` column,
+    read with ``weight_col``; None without one)."""
     inter = dataset.interactions
     users = torch.from_numpy(run.spec.vocabulary(USER).transform(inter[USER]))
     items = torch.from_numpy(run.spec.vocabulary(ITEM).transform(inter[ITEM]))
@@ -350,10 +358,15 @@ def pairs_of(run: RetrievalRun, dataset: Dataset, *, known_only: bool) -> Pairs:
     if RATING in inter.columns:
         values = inter[RATING].cast(pl.Float32).fill_null(math.nan).to_numpy()
         ratings = torch.from_numpy(values.copy())
+    weights = None
+    if WEIGHT in inter.columns:
+        given = inter[WEIGHT].cast(pl.Float32).fill_null(1.0).to_numpy()
+        weights = torch.from_numpy(given.copy())
     if not known_only:
-        return users, items, ratings
+        return (users, items, ratings), weights
     keep = (users > 0) & (items > 0)
-    return users[keep], items[keep], ratings[keep]
+    kept = None if weights is None else weights[keep]
+    return (users[keep], items[keep], ratings[keep]), kept
 
 
 def is_pair(known: Tensor, users: Tensor, items: Tensor, num_items: int) -> Tensor:

@@ -596,3 +596,68 @@ def test_recommend_says_when_the_user_is_unknown(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0
     assert "not known to this model" in result.output
+
+
+def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) -> None:
+    """Batch scoring: the CLI answered one user at a time, and the Python API only
+    as a list of answers."""
+    from twostage.recommender import load
+
+    model = models_dir / "synthetic"
+    rec = load(model)
+    out = tmp_path / "recs.parquet"
+    done = runner.invoke(
+        app, ["recommend", str(model), "--all-users", "--out", str(out), "-k", "4"]
+    )
+    assert done.exit_code == 0, done.output
+    table = pl.read_parquet(out)
+    users = rec.user_vocab.values.to_list()
+    assert table.height == 4 * len(users)
+    assert table["user_id"].unique(maintain_order=True).to_list() == users
+    for user in users[:5]:  # each user's rows are the served list, in order
+        rows = table.filter(pl.col("user_id") == user).sort("rank")
+        served = rec.recommend(user, 4).items
+        assert rows["item_id"].to_list() == [i["item_id"] for i in served]
+        assert rows["rank"].to_list() == [1, 2, 3, 4]
+        assert rows["score"].to_list() == pytest.approx([i["score"] for i in served])
+    # A file of IDs, in its order, repeats and unknown users kept (cold start).
+    listed = tmp_path / "users.csv"
+    listed.write_text(f"user_id,segment\n{users[1]},a\nstranger,b\n{users[1]},c\n")
+    csv = tmp_path / "recs.csv"
+    done = runner.invoke(
+        app,
+        ["recommend", str(model), "--users", str(listed), "--out", str(csv), "--json"],
+    )
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    assert summary["users"] == 3 and summary["rows"] == 30
+    assert summary["paths"] == {"personalised": 2, "popularity": 1}
+    written = pl.read_csv(csv, infer_schema=False)
+    assert written["user_id"].unique(maintain_order=True).to_list() == [
+        str(users[1]),
+        "stranger",
+    ]
+    assert written.filter(pl.col("user_id") == "stranger")[
+        "path"
+    ].unique().to_list() == ["popularity"]
+    # The Python API gives the same table.
+    direct = rec.recommend_table([users[1], "stranger", users[1]], 10)
+    assert direct["item_id"].to_list() == [int(i) for i in written["item_id"]]
+    # Refused before any work: an existing file, one request's options, --out alone.
+    for options, message in [
+        (["--all-users", "--out", str(out)], "already exists"),
+        (["--all-users", "--out", str(tmp_path / "r.json")], "should end in .parquet"),
+        (["--users", str(listed), "--user", "3", "--out", str(csv)], "--user shapes"),
+        (["--out", str(tmp_path / "x.csv")], "give --users FILE or --all-users"),
+        (["--all-users"], "give --out"),
+    ]:
+        refused = runner.invoke(app, ["recommend", str(model), *options])
+        assert refused.exit_code == 2, refused.output
+        unboxed = " ".join(re.sub("[│╭╮╰╯─]", " ", refused.output).split())
+        assert message in unboxed, refused.output
+    replaced = runner.invoke(
+        app, ["recommend", str(model), "--all-users", "--out", str(out), "--overwrite"]
+    )
+    assert replaced.exit_code == 0, replaced.output
+    assert pl.read_parquet(out).height == 10 * len(users)
+    assert not list(tmp_path.glob(".*.partial"))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -518,11 +519,72 @@ def recommend_command(
             "as long as the list shows every one.",
         ),
     ] = None,
+    users_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--users",
+            help="A CSV or Parquet file with a user_id column: recommend for each "
+            "of its users (unknown ones: cold start) into --out, a row per user "
+            "and rank.",
+        ),
+    ] = None,
+    all_users: Annotated[
+        bool,
+        typer.Option(
+            "--all-users", help="Recommend for every user the model knows, into --out."
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --users or --all-users: the .parquet or .csv file to write "
+            "(user_id, rank, item_id, score, retrieval_score, path)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+    ] = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Recommend items for a user or a session, printed with titles next to their
-    history."""
+    history; or for many users into a file (--users, --all-users)."""
+    many = users_file is not None or all_users
+    if many or out is not None:
+        _check_batch_options(
+            users_file,
+            all_users,
+            out,
+            overwrite,
+            {
+                "--user": user,
+                "--feature": feature,
+                "--context": context,
+                "--session": session,
+                "--candidates": candidates,
+                "--require-known-user": require_known_user or None,
+            },
+        )
     rec = _open_bundle(bundle)
+    if many:
+        out = typing.cast(Path, out)  # _check_batch_options refused None
+        ids = (
+            rec.user_vocab.values.to_list() if all_users else _read_user_ids(users_file)  # type: ignore[arg-type]
+        )
+        summary = _recommend_into(rec, ids, out, k=k, exclude_seen=not include_seen)
+        if json_output:
+            print_json(summary)
+            return
+        paths = ", ".join(f"{n:,} {p}" for p, n in summary["paths"].items()) or "none"
+        console.print(
+            f"{summary['rows']:,} rows for {summary['users']:,} users ({paths}) -> "
+            f"{escape(str(out))}"
+        )
+        if summary["short_lists"]:
+            status_console.print(
+                f"[yellow]{summary['short_lists']:,} users have fewer than {k} items "
+                "(the catalogue less what they have seen).[/yellow]"
+            )
+        return
     user_id = _parse_id(user) if user is not None else None
     known = user_id is not None and bool(rec.user_vocab.lookup(user_id))
     if require_known_user and not known:
@@ -593,6 +655,149 @@ def recommend_command(
     if not include_seen and len(answer.items) < k:
         catalogue += ", less the items the query has seen"
     _say_when_short(k, len(answer.items), catalogue)
+
+
+def _check_batch_options(
+    users_file: Path | None,
+    all_users: bool,
+    out: Path | None,
+    overwrite: bool,
+    single: dict[str, Any],
+) -> None:
+    """``--users`` / ``--all-users`` go with ``--out`` and without the options of
+    one request, checked before the bundle loads."""
+    if users_file is not None and all_users:
+        raise typer.BadParameter(
+            "give --users FILE or --all-users, not both.", param_hint="--users"
+        )
+    if users_file is None and not all_users:
+        raise typer.BadParameter(
+            "--out writes the lists of many users: give --users FILE or --all-users "
+            "(one user's list is printed, or given as JSON with --json).",
+            param_hint="--out",
+        )
+    given = [flag for flag, value in single.items() if value is not None]
+    if given:
+        raise typer.BadParameter(
+            f"{', '.join(given)} {'shape' if len(given) > 1 else 'shapes'} one "
+            "request; with --users or --all-users every "
+            "user is answered from their own history. Drop "
+            f"{'them' if len(given) > 1 else 'it'}.",
+            param_hint="--users" if users_file is not None else "--all-users",
+        )
+    if out is None:
+        raise typer.BadParameter(
+            "--users and --all-users write a file: give --out recs.parquet (or .csv).",
+            param_hint="--out",
+        )
+    if out.suffix.lower() not in (".parquet", ".csv"):
+        raise typer.BadParameter(
+            f"should end in .parquet or .csv. Received: {str(out)!r}.",
+            param_hint="--out",
+        )
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise typer.BadParameter(
+            f"{str(out)!r} already exists: choose another path, or pass --overwrite "
+            "to replace it."
+            if not out.is_dir()
+            else f"{str(out)!r} is a directory.",
+            param_hint="--out",
+        )
+    if users_file is not None and not users_file.is_file():
+        raise typer.BadParameter(
+            f"{str(users_file)!r} is not a file.", param_hint="--users"
+        )
+
+
+def _read_user_ids(path: Path) -> list[Any]:
+    """The ``user_id`` column of a CSV or Parquet file, in its order (repeats kept).
+    CSV IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its zeros."""
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            frame = pl.read_parquet(path)
+        else:
+            frame = pl.read_csv(path, infer_schema=False)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise typer.BadParameter(
+            f"cannot read {str(path)!r} as CSV or Parquet: {e}", param_hint="--users"
+        ) from e
+    if "user_id" not in frame.columns:
+        raise typer.BadParameter(
+            f"{str(path)!r} has no user_id column (its columns: {frame.columns}); "
+            "give the file a header row naming it.",
+            param_hint="--users",
+        )
+    column = frame["user_id"]
+    blank = column.is_null()
+    if column.dtype == pl.String:
+        blank = blank | (column.str.strip_chars() == "")
+    if blank.any():
+        rows = (blank.arg_true() + 1).head(5).to_list()
+        raise typer.BadParameter(
+            f"{int(blank.sum())} row(s) of {str(path)!r} have no user_id (data rows "
+            f"{rows}{' ...' if blank.sum() > 5 else ''}); fill or drop them.",
+            param_hint="--users",
+        )
+    if column.dtype == pl.String:
+        return [_parse_id(value) for value in column.to_list()]
+    return column.to_list()
+
+
+def _recommend_into(
+    rec: Any, ids: list[Any], out: Path, *, k: int, exclude_seen: bool
+) -> dict[str, Any]:
+    """Every user's list into ``out`` (Parquet or CSV), a chunk of users at a time
+    so that memory holds one chunk's answers; written beside ``out`` and renamed
+    at the end, so that an interrupted run leaves no partial file."""
+    import pyarrow.parquet as pq
+
+    # One type for the whole column, whatever each chunk holds.
+    user_type = pl.Series(ids, strict=False).dtype if ids else pl.String
+    partial = out.with_name(f".{out.name}.partial")
+    writer: Any = None
+    rows, short, paths = 0, 0, dict[str, int]()
+    chunk = 2048
+    try:
+        with (
+            status_console.status(f"recommending for {len(ids):,} users") as status,
+            partial.open("wb") as handle,
+        ):
+            for start in range(0, max(len(ids), 1), chunk):
+                part = ids[start : start + chunk]
+                table = rec.recommend_table(part, k, exclude_seen=exclude_seen)
+                table = table.with_columns(pl.col("user_id").cast(user_type))
+                rows += table.height
+                short += len(part) - int((table["rank"] == k).sum())  # one per list
+                for path, n in (
+                    table.filter(pl.col("rank") == 1)["path"]
+                    .value_counts(sort=True)
+                    .iter_rows()
+                ):
+                    paths[path] = paths.get(path, 0) + n
+                if out.suffix.lower() == ".csv":
+                    table.write_csv(handle, include_header=start == 0)
+                else:
+                    arrow = table.to_arrow()
+                    if writer is None:
+                        writer = pq.ParquetWriter(handle, arrow.schema)
+                    writer.write_table(arrow)
+                status.update(
+                    f"recommended for {min(start + chunk, len(ids)):,} of "
+                    f"{len(ids):,} users"
+                )
+            if writer is not None:
+                writer.close()
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {
+        "out": str(out),
+        "users": len(ids),
+        "rows": rows,
+        "k": k,
+        "paths": paths,
+        "short_lists": short,
+    }
 
 
 def similar_command(

@@ -497,7 +497,7 @@ class Recommender:
         return items.items
 
     def recommend_batch(
-        self, user_ids: list[Any], k: int = 10, **options: Any
+        self, user_ids: Sequence[Any], k: int = 10, **options: Any
     ) -> list[Recommendation]:
         """:meth:`recommend` for many users (a list, tuple or array of IDs)."""
         if isinstance(user_ids, str | bytes | int | dict | set) or not hasattr(
@@ -508,6 +508,52 @@ class Recommender:
                 f"answers. Received: {user_ids!r} ({type(user_ids).__name__})."
             )
         return [self.recommend(user_id, k, **options) for user_id in user_ids]
+
+    def recommend_table(
+        self, user_ids: Sequence[Any], k: int = 10, **options: Any
+    ) -> pl.DataFrame:
+        """:meth:`recommend_batch` as one long table, for batch scoring (an email
+        campaign, a cache to fill, offline analysis): a row per user and rank.
+
+        Columns: ``user_id`` (as given: text where the IDs mix types), ``rank``
+        (1 is the best), ``item_id``, ``score`` (the key the list is ordered by:
+        the two-stage key with a ranker, else the retrieval score),
+        ``retrieval_score`` and ``path`` (``personalised``, ``popularity`` for an
+        unknown user...). A user whose list is shorter than ``k`` (the catalogue
+        is almost all seen) has fewer rows; none is dropped silently, as the
+        ``path`` and rank counts show.
+
+        Args:
+            user_ids: a list, tuple or array of user IDs (unknown ones get the
+                cold-start answer).
+            k: list length.
+            options: as :meth:`recommend` (``exclude_seen``, ``use_ranker``...).
+        """
+        answers = self.recommend_batch(user_ids, k, **options)
+        users: list[Any] = []
+        ranks: list[int] = []
+        items: list[Any] = []
+        scores: list[float] = []
+        retrieval: list[float] = []
+        paths: list[str] = []
+        for answer in answers:
+            for rank, entry in enumerate(answer.items, 1):
+                users.append(answer.user_id)
+                ranks.append(rank)
+                items.append(entry["item_id"])
+                scores.append(entry.get("rank_score", entry["score"]))
+                retrieval.append(entry["score"])
+                paths.append(answer.path)
+        return pl.DataFrame(
+            {
+                USER: pl.Series(users, strict=False),
+                "rank": pl.Series(ranks, dtype=pl.Int32),
+                ITEM: pl.Series(items, dtype=self.item_vocab.values.dtype),
+                "score": pl.Series(scores, dtype=pl.Float32),
+                "retrieval_score": pl.Series(retrieval, dtype=pl.Float32),
+                "path": pl.Series(paths, dtype=pl.String),
+            }
+        )
 
     def similar_items(self, item_id: Any, k: int = 10) -> list[dict[str, Any]]:
         """Items whose candidate embeddings are closest to this item's.

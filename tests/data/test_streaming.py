@@ -141,6 +141,11 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         parquet_files(tmp_path / "missing")
     with pytest.raises(DataError, match=r"no \*\.parquet"):
         parquet_files(tmp_path)
+    # A CSV or JSON log under --stream ended in pyarrow's "magic bytes" traceback.
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"user_id": 1, "item_id": 2, "timestamp": 3}\n')
+    with pytest.raises(DataError, match=r"not a Parquet file.*pl\.scan_ndjson"):
+        parquet_files(log)
     batch = pl.DataFrame({"user_id": [1], "item_id": [2], "timestamp": [3]})
     with pytest.raises(ConfigError, match="method"):
         held_out_mask(batch, method="by-user", test_fraction=0.2, seed=0)

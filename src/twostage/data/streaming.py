@@ -76,6 +76,16 @@ def parquet_files(path: str | Path) -> list[Path]:
     a directory (sorted, so every process sees the same order)."""
     root = Path(path)
     if root.is_file():
+        with root.open("rb") as f:
+            magic = f.read(4)
+        if magic != b"PAR1":  # pyarrow's "magic bytes not found" traceback, else
+            scan = "scan_ndjson" if "json" in root.suffix.lower() else "scan_csv"
+            raise DataError(
+                f"{str(root)!r} is not a Parquet file, and a streamed log is read one "
+                "Parquet row group at a time. Write it to Parquet once (e.g. "
+                f"`pl.{scan}({root.name!r}).sink_parquet('log.parquet')`), or load "
+                "it in memory (without --stream)."
+            )
         return [root]
     if root.is_dir():
         files = sorted(p for p in root.rglob("*.parquet") if p.is_file())

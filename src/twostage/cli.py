@@ -190,7 +190,10 @@ def train_all(
         typer.Option(help="Bundle directory, e.g. models/movielens/1 (new version)."),
     ] = None,
     dataset: Annotated[
-        str, typer.Option(help="Built-in dataset name or path of your CSV/Parquet log.")
+        str,
+        typer.Option(
+            help="Built-in dataset name or path of your CSV, JSON lines or Parquet log."
+        ),
     ] = "movielens-100k",
     config_file: Annotated[
         Path | None, typer.Option("--config", help="A JSON experiment config.")
@@ -839,7 +842,10 @@ def train_retrieval_command(
         Path, typer.Option(help="Run directory (checkpoints, model, metrics).")
     ],
     dataset: Annotated[
-        str, typer.Option(help="Built-in dataset name or path of your CSV/Parquet log.")
+        str,
+        typer.Option(
+            help="Built-in dataset name or path of your CSV, JSON lines or Parquet log."
+        ),
     ] = "movielens-100k",
     config_file: Annotated[
         Path | None, typer.Option("--config", help="A JSON config (see presets/).")

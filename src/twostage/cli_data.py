@@ -19,7 +19,7 @@ DatasetArg = Annotated[
     str,
     typer.Argument(
         help="A built-in dataset (movielens-100k, movielens-1m, movielens-latest-small, "
-        "movielens-20m, movielens-25m, synthetic[:key=value,...]) or a CSV/Parquet path."
+        "movielens-20m, movielens-25m, synthetic[:key=value,...]) or a CSV, JSON lines or Parquet path."
     ),
 ]
 TrainFile = Annotated[

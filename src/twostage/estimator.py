@@ -171,7 +171,7 @@ class TwoStageModel:
         Args:
             data: the training interactions: a :class:`~twostage.data.Dataset`, a
                 polars or pandas DataFrame (rows are checked as a file's are; the
-                rejected ones are counted in the log), or a CSV/Parquet path.
+                rejected ones are counted in the log), or a CSV, JSON lines or Parquet path.
             validation: held-out interactions for early stopping and the ranker's
                 blend weight (same kinds as ``data``); when None, a
                 ``data.validation_fraction`` carve-out of ``data`` (0: none).

@@ -1057,3 +1057,68 @@ def test_float_ids_with_missing_values_read_as_integers(tmp_path: Path) -> None:
         iter_batches(tmp_path / "log.parquet", columns=["user_id", "item_id"])
     )
     assert rows["user_id"].to_list() == [1, 2, 4]
+
+
+def test_json_lines_and_arrays_read_as_the_same_log_as_csv(tmp_path: Path) -> None:
+    """A JSON log (event exports are JSON lines) was read as CSV: one column per
+    `"key":value` fragment, and every row rejected."""
+    rows = pl.DataFrame(
+        {
+            "user": [1, 1, 2, 3],
+            "item": ["a", "b", "a", "c"],
+            "ts": [1_600_000_000 + i for i in range(4)],
+            "rating": [4.0, 3.5, 5.0, 1.0],
+            "genres": [["x"], ["x", "y"], ["x"], []],
+        }
+    )
+    rows.drop("genres").write_csv(tmp_path / "log.csv")
+    rows.write_ndjson(tmp_path / "log.jsonl")
+    (tmp_path / "log.json").write_text(rows.write_json())  # an array of objects
+    options = {"user_col": "user", "item_col": "item", "time_col": "ts"}
+    expected = read_interactions(tmp_path / "log.csv", **options)
+    for name in ("log.jsonl", "log.json"):
+        found = read_interactions(tmp_path / name, **options, item_features=["genres"])
+        assert found.report is not None and found.report.ok, name
+        assert_frame_equal(found.interactions, expected.interactions)
+        assert found.items is not None
+        assert found.items.sort("item_id")["genres"].to_list() == [
+            ["x"],
+            ["x", "y"],
+            [],
+        ]
+    users = read_feature_table(tmp_path / "log.jsonl", key_col="user", columns=["ts"])
+    assert users["user_id"].to_list() == [1, 2, 3]
+
+
+def test_bad_json_lines_are_counted_on_their_lines(tmp_path: Path) -> None:
+    text = "\n".join(
+        [
+            '{"user": 1, "item": 10, "timestamp": 1600000000}',
+            "",  # a blank line holds no row: skipped, and the numbers stay physical
+            '{"user": 2, "item": 11, "timestamp": 1600000001',  # cut short
+            '{"user": 3, "item": 12, "timestamp": NaN}',  # not JSON
+            "[1, 2, 3]",  # not an object
+            '{"user": 4, "item": 13, "timestamp": 1600000003, "user": 5}',  # which?
+            '{"user": null, "item": 14, "timestamp": 1600000004}',
+            '{"user": 6, "item": 15, "timestamp": 1600000005}',
+        ]
+    )
+    path = write(tmp_path, "events.jsonl", text + "\n")
+    data = read_interactions(path, user_col="user", item_col="item")
+    assert data.interactions["user_id"].to_list() == [1, 6]
+    report = data.report
+    assert report is not None and report.rows_read == 7 and report.rows_loaded == 2
+    assert report.rejected == {"bad_json": 4, "empty_user_id": 1}
+    assert [line for line, _ in report.examples["bad_json"]] == [3, 4, 5, 6]
+    assert [line for line, _ in report.examples["empty_user_id"]] == [7]
+    assert "bad_json" in REASONS
+    with pytest.raises(BadRowError) as stopped:
+        read_interactions(path, user_col="user", item_col="item", strict=True)
+    assert (stopped.value.line, stopped.value.reason) == (3, "bad_json")
+    for content, message in [
+        (b'[{"user": 1}, {"user": 2', "not a readable JSON array"),
+        (b'{"user": 1, "item": "caf\xe9"}\n', "line 1 holds the byte"),
+        (b"\n\n", "no JSON object to read"),
+    ]:
+        with pytest.raises(DataError, match=message):
+            read_interactions(write(tmp_path, "x.json", content), user_col="user")

@@ -473,17 +473,28 @@ def load_parquet(
 
 
 def load_frame(
-    raw: pl.DataFrame, label: str, spec: Spec, opts: Options
+    raw: pl.DataFrame,
+    label: str,
+    spec: Spec,
+    opts: Options,
+    *,
+    lines: pl.Series | None = None,
 ) -> tuple[pl.DataFrame, LoadReport, Spec, Callable[[pl.DataFrame], list[str]]]:
-    """Check an in-memory table (a Parquet file's, or a caller's frame) as a file is
-    checked; a row's "line" is its 1-based row number and ``label`` names the table
+    """Check an in-memory table (a Parquet file's, a JSON file's, or a caller's
+    frame) as a file is checked; a row's "line" is its 1-based row number, or its
+    entry of ``lines`` (a JSON file's physical lines), and ``label`` names the table
     in the report."""
     report = LoadReport(path=label, rows_read=raw.height)
     parsed, reason = parse_columns(raw, spec)
-    if reason is not None or spec.duplicates != "keep":  # line = 1-based row number
-        parsed = parsed.with_row_index(LINE, offset=1)
+    numbers = (
+        pl.int_range(1, raw.height + 1, dtype=pl.Int64, eager=True).alias(LINE)
+        if lines is None
+        else lines.cast(pl.Int64).alias(LINE)
+    )
+    if reason is not None or spec.duplicates != "keep":
+        parsed = parsed.with_columns(numbers)
     if reason is not None:
-        bad = raw.with_row_index(LINE, offset=1).filter(reason.is_not_null())
+        bad = raw.with_columns(numbers).filter(reason.is_not_null())
         bad_reasons = reason.drop_nulls()
         if opts.strict:
             row = bad.row(0, named=True)

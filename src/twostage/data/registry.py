@@ -97,7 +97,7 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
     from twostage.config.io import did_you_mean
 
     raise DataError(
-        f"`dataset` should be one of {BUILTIN_DATASETS} or an existing CSV/Parquet "
+        f"`dataset` should be one of {BUILTIN_DATASETS} or an existing CSV, JSON or Parquet "
         f"file. Received: `dataset` = {spec!r} (no such file)."
         + did_you_mean(spec.lower(), list(BUILTIN_DATASETS))
     )

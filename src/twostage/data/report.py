@@ -23,6 +23,9 @@ REASONS = (
     "bad_weight",  # a mapped weight is empty, non-numeric, not finite or negative
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
     "nul_in_id",  # a user or item ID holds a NUL byte
+    # a JSON line that is not one object: malformed, an array or a number, a NaN,
+    # or a key given twice
+    "bad_json",
 )
 
 MAX_EXAMPLES = 5

@@ -1,4 +1,4 @@
-"""Reading interaction logs and feature tables from delimited text or Parquet.
+"""Reading interaction logs and feature tables from delimited text, JSON or Parquet.
 
 Text files (CSV, TSV, MovieLens ``.dat`` with ``::``, ...) are read in two ways that
 give the same answer:
@@ -21,7 +21,9 @@ A multi-character separator is replaced by a control character the file does not
 before either path reads it, and put back in the values afterwards.
 
 Parquet files are read with :func:`polars.read_parquet` and checked the same way; their
-"line numbers" are 1-based row numbers.
+"line numbers" are 1-based row numbers. JSON lines (``.jsonl``, ``.ndjson``) and JSON
+arrays of objects (``.json``) are read line by line by ``_table_json`` and checked the
+same way, with their physical line numbers.
 
 The public functions live here; the work is done in private modules:
 ``_table_text`` (encoding, separator sniffing, the fast path), ``_table_lines``
@@ -39,6 +41,7 @@ from typing import Any, Literal
 
 import polars as pl
 
+from twostage.data._table_json import JSON_SUFFIXES, load_json
 from twostage.data._table_text import SEPARATORS, load_text
 from twostage.data._table_values import (
     ARG,
@@ -96,9 +99,12 @@ def read_interactions(
     numbers and text; a summary is logged at WARNING. Nothing is dropped silently.
 
     Args:
-        path: a text file, a Parquet file (suffix ``.parquet`` or ``.pq``), or a
-            polars or pandas DataFrame (checked row by row as a Parquet file is;
-            a row's "line" is its 1-based position).
+        path: a text file, a Parquet file (suffix ``.parquet`` or ``.pq``), a
+            JSON file (``.jsonl`` / ``.ndjson``: one object per line, a line that
+            is not one object rejected as ``bad_json``; ``.json``: those, or an
+            array of objects; the text options below do not apply), or a polars
+            or pandas DataFrame (checked row by row as a Parquet file is; a row's
+            "line" is its 1-based position).
         user_col: source column of the user IDs.
         item_col: source column of the item IDs.
         time_col: source column of the timestamps: integer seconds since the epoch
@@ -366,6 +372,8 @@ def _load(
         )
     if path.suffix.lower() in PARQUET_SUFFIXES or magic == b"PAR1":
         df, report, spec, describe = load_parquet(path, make_spec, opts)
+    elif path.suffix.lower() in JSON_SUFFIXES:
+        df, report, spec, describe = load_json(path, make_spec, opts)
     else:
         df, report, spec, describe = load_text(path, make_spec, opts)
     return _finish(df, report, spec, describe, str(path))

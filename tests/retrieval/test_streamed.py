@@ -352,6 +352,51 @@ def test_a_streamed_split_that_leaves_a_side_empty_says_why(
         fit_streamed_retrieval(temporal, millis)
 
 
+def test_a_streamed_logs_weights_train_as_in_memory(log: Path, tmp_path: Path) -> None:
+    """`data.weight_col` was refused under --stream: a streamed log read no weights."""
+    from twostage.errors import DataError
+    from twostage.retrieval.streamed import fit_streamed_two_stage
+
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    plays = table.with_columns(plays=(pl.col("item_id") % 4).cast(pl.Int32))
+    weighted = _two_files(plays, tmp_path / "weighted", 7_000, 1_000)
+    config = apply_overrides(
+        ExperimentConfig(), [*ID_ONLY, "data.weight_col=plays", *WEIGHTED]
+    )
+    streamed = fit_streamed_retrieval(config, weighted)
+    in_memory_log = Dataset(
+        name="log",
+        interactions=plays.rename({"plays": "weight"}).with_columns(
+            pl.col("weight").cast(pl.Float32)
+        ),
+    )
+    parts = _in_memory_split(in_memory_log)
+    in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
+    assert (
+        streamed.tensors.weights is not None and in_memory.tensors.weights is not None
+    )
+    assert torch.equal(streamed.tensors.weights, in_memory.tensors.weights)
+    assert float(streamed.tensors.weights.min()) == 0.0  # item_id % 4 == 0 rows
+    for name, weights in in_memory.model.state_dict().items():
+        torch.testing.assert_close(streamed.model.state_dict()[name], weights)
+    # The ranker reads them too, and a bad weight stops the run at its row.
+    ranked = fit_streamed_two_stage(
+        apply_overrides(config, ["ranking.epochs=1", "ranking.max_steps=2"]),
+        weighted,
+        evaluate_test=False,
+    )
+    assert ranked.ranker is not None
+    held = held_out_mask(plays, method="random", test_fraction=0.2, seed=42)
+    at = int(pl.Series(~held).arg_true()[100])  # a training row
+    broken = plays.with_columns(
+        plays=pl.when(pl.int_range(pl.len()) == at).then(-1).otherwise(pl.col("plays"))
+    )
+    bad = _two_files(broken, tmp_path / "bad", 7_000, 1_000)
+    with pytest.raises(DataError, match=f"row {at + 1} has the weight -1"):
+        fit_streamed_retrieval(config, bad)
+
+
 @pytest.mark.parametrize(
     ("overrides", "refused"),
     [
@@ -360,7 +405,6 @@ def test_a_streamed_split_that_leaves_a_side_empty_says_why(
         (["data.cold_user_fraction=0.1"], "data.cold_user_fraction"),
         (["data.unrated_values=0"], "data.unrated_values"),
         (["data.separator=;"], "data.separator"),
-        (["data.weight_col=plays"], "data.weight_col"),
     ],
 )
 def test_data_options_a_stream_does_not_read_are_refused(

@@ -46,6 +46,7 @@ from twostage.features.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ROW",
     "RunningCounts",
     "SplitRule",
     "check_file_schemas",
@@ -68,7 +69,7 @@ __all__ = [
 
 SPLIT_METHODS = ("random", "temporal", "leave-last-out")
 #: The row-number column of a scan (a row's position in the dataset, file order).
-_ROW = "__row"
+ROW = "__row"
 
 
 def parquet_files(path: str | Path) -> list[Path]:
@@ -121,7 +122,7 @@ def iter_batches(
     for _, frame in iter_row_groups(
         path, columns=columns, rank=rank, world=world, report=report
     ):
-        yield frame.drop(_ROW)
+        yield frame.drop(ROW)
 
 
 def iter_row_groups(
@@ -171,13 +172,13 @@ def iter_row_groups(
             parsed, reason = parse_columns(raw.select(list(roles)), spec)
             frame = pl.concat([parsed, raw.select(extra)], how="horizontal")
             frame = frame.with_columns(
-                pl.int_range(first, first + raw.height, dtype=pl.Int64).alias(_ROW)
+                pl.int_range(first, first + raw.height, dtype=pl.Int64).alias(ROW)
             )
             if reason is not None:
                 if report is not None:
                     _count_rejects(report, raw, reason, first)
                 frame = frame.filter(reason.is_null())
-            yield first, frame.select(*columns, _ROW)
+            yield first, frame.select(*columns, ROW)
         first += reader.metadata.row_group(group).num_rows
 
 
@@ -305,8 +306,8 @@ def held_out_mask(
             raise ConfigError("a leave-last-out split needs `held_rows` (last_rows()).")
         # The batch's row numbers: its own column (iter_row_groups), else consecutive.
         rows = (
-            batch[_ROW].to_numpy()
-            if _ROW in batch.columns
+            batch[ROW].to_numpy()
+            if ROW in batch.columns
             else np.arange(first_row, first_row + batch.height)
         )
         if rows.size == 0:
@@ -340,11 +341,11 @@ def last_rows(path: str | Path, *, within: SplitRule | None = None) -> np.ndarra
     for first, batch in iter_row_groups(path, columns=columns):
         if within is not None:
             batch = batch.filter(pl.Series(~within.mask(batch, first)))
-        latest.add(batch.select(USER, TIME, _ROW))
+        latest.add(batch.select(USER, TIME, ROW))
     table = latest.result()
     if table is None:
         return np.zeros(0, dtype=np.int64)
-    held = table.filter(pl.col("count") >= 2)[_ROW].sort()
+    held = table.filter(pl.col("count") >= 2)[ROW].sort()
     return held.to_numpy().astype(np.int64)
 
 
@@ -394,9 +395,9 @@ class _Latest(_Buffered):
 
     def _merge(self, rows: pl.DataFrame) -> pl.DataFrame:
         return (
-            rows.sort([USER, TIME, _ROW])
+            rows.sort([USER, TIME, ROW])
             .group_by(USER)
-            .agg(pl.col(TIME).last(), pl.col(_ROW).last(), pl.col("count").sum())
+            .agg(pl.col(TIME).last(), pl.col(ROW).last(), pl.col("count").sum())
         )
 
 
@@ -768,13 +769,13 @@ def held_out_rows(
             path, columns=columns, rank=rank, world=world
         )
     ]
-    empty = _empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(_ROW))
+    empty = _empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(ROW))
     mine = pl.concat(parts) if parts else empty
     if world > 1 and distributed.current() is not None:
         gathered = [p for p in distributed.gather_frames(mine) if p.height]
         # Every rank's rows, back in file order (by row number).
-        mine = pl.concat(gathered).sort(_ROW) if gathered else empty
-    return mine.drop(_ROW)
+        mine = pl.concat(gathered).sort(ROW) if gathered else empty
+    return mine.drop(ROW)
 
 
 def _empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:

@@ -59,6 +59,7 @@ from twostage.config import DataConfig, ExperimentConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.split import check_split_sizes, report_unused_fraction, sample_users
 from twostage.data.streaming import (
+    ROW,
     SplitRule,
     StreamingVocabularies,
     count_values,
@@ -167,14 +168,13 @@ def check_data_options(data: DataConfig) -> None:
         "data.separator": data.separator is not None,
         "data.cold_user_fraction": data.cold_user_fraction != 0,
         "data.unrated_values": bool(data.unrated_values),
-        "data.weight_col": data.weight_col is not None,
     }
     if any(unread.values()):
         raise ConfigError(
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
-            + " (a Parquet log has no separator; cold users, unrated values and "
-            "row weights are in-memory options): unset them, or load the log in memory "
+            + " (a Parquet log has no separator; cold users and unrated values "
+            "are in-memory options): unset them, or load the log in memory "
             "(without --stream)."
         )
 
@@ -190,6 +190,9 @@ class StreamedRows(NamedTuple):
     #: The training rows' ratings, in the same order (empty without a rating
     #: column): the ranker's targets.
     ratings: np.ndarray
+    #: The training rows' weights (``data.weight_col``), in the same order (empty
+    #: without one): they scale both stages' losses.
+    weights: np.ndarray
 
 
 def streamed_tensors(
@@ -224,12 +227,20 @@ def streamed_tensors(
     times = np.empty(local if timed else 0, dtype=np.int64)
     # The ratings weight the retrieval loss and are the ranker's targets.
     rated = RATING in _columns(path)
-    weighted = config.retrieval.rating_weights and rated
     ratings = np.empty(local if rated else 0, dtype=np.float32)
+    weight_col = config.data.weight_col  # the log's own row weights, if named
+    weights = np.empty(local if weight_col else 0, dtype=np.float32)
     keys = context_keys(spec) if spec is not None else []
     # The log's own context columns (the timestamp gives the derived ones).
     raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
     columns = [USER, ITEM, TIME, *([RATING] if rated else []), *raw]
+    columns += [weight_col] if weight_col and weight_col not in columns else []
+    if weight_col and sequences:
+        logger.warning(
+            "the log's weight column %r is not read by `retrieval.examples=sequences` "
+            "(every position of a sequence counts once)",
+            weight_col,
+        )
     context: dict[str, list[np.ndarray]] = {}
     filled, group_rows = 0, []
     # Each rank reads its own row groups (rank, rank + size, ...).
@@ -242,6 +253,8 @@ def streamed_tensors(
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
         if rated:  # the row checks leave no missing or non-finite rating
             ratings[rows] = train[RATING].cast(pl.Float32).to_numpy()
+        if weight_col:
+            weights[rows] = _checked_weights(train, weight_col, path)
         if keys:  # each training row's own context, encoded as build_tensors does
             assert spec is not None
             frame = context_frame(train[USER], train, keys)
@@ -252,6 +265,7 @@ def streamed_tensors(
     users, items = users[:filled], items[:filled]
     times = times[:filled] if timed else times
     ratings = ratings[:filled] if rated else ratings
+    weights = weights[:filled] if weight_col else weights
     if size > 1:
         # Training draws global batches from every row: each rank gets all of
         # them, in file order (so the run is the single process's).
@@ -260,6 +274,7 @@ def streamed_tensors(
         # Every rank takes part in each gather, also one that read no rows.
         times = _gathered(times)[order] if timed else times
         ratings = _gathered(ratings)[order] if rated else ratings
+        weights = _gathered(weights)[order] if weight_col else weights
     encoded = {key: np.concatenate(parts) for key, parts in context.items()}
     if size > 1:
         encoded = {key: _gathered(values)[order] for key, values in encoded.items()}
@@ -286,7 +301,7 @@ def streamed_tensors(
         history=history,
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
-        weights=torch.from_numpy(np.maximum(ratings, 0.0) + 1.0) if weighted else None,
+        weights=_loss_weights(config, ratings, weights),
         item_probs=torch.from_numpy(fitted.item_probs()).float(),
         popularity=recent_popularity(times, items, num_items=num_items, days=days),
         context={key: torch.from_numpy(values) for key, values in encoded.items()},
@@ -298,7 +313,49 @@ def streamed_tensors(
             times, users, items, num_users=num_users, config=config.retrieval
         ),
     )
-    return StreamedRows(tensors=tensors, times=times, ratings=ratings)
+    return StreamedRows(tensors=tensors, times=times, ratings=ratings, weights=weights)
+
+
+def _checked_weights(train: pl.DataFrame, column: str, path: str | Path) -> np.ndarray:
+    """The training rows' weights, which must be finite, non-negative numbers.
+
+    In memory a bad weight is a bad row, counted and skipped; a streamed row
+    cannot leave this pass and stay in the others (its vocabularies, split and
+    counts are fixed by then), so the first bad weight stops the run with its row.
+    """
+    values = train[column]
+    if not values.dtype.is_numeric():
+        raise DataError(
+            f"`data.weight_col` = {column!r} of {str(path)!r} holds {values.dtype}; "
+            "row weights are numbers (cast the column, or unset `data.weight_col`)."
+        )
+    weights = values.cast(pl.Float64)
+    bad = weights.is_null() | ~weights.is_finite().fill_null(False) | (weights < 0)
+    bad = bad.fill_null(True)
+    if bad.any():
+        at = int(bad.arg_true()[0])
+        raise DataError(
+            f"{str(path)!r}: row {int(train[ROW][at]) + 1} has the weight "
+            f"{values[at]!r}; row weights should be finite and non-negative. A "
+            "streamed run stops at a bad weight (in memory it is a bad row, counted "
+            "and skipped): fix or drop such rows, or load the log in memory."
+        )
+    return weights.cast(pl.Float32).to_numpy()
+
+
+def _loss_weights(
+    config: ExperimentConfig, ratings: np.ndarray, weights: np.ndarray
+) -> torch.Tensor | None:
+    """Each training row's weight in the retrieval loss, as ``build_tensors`` gives
+    it in memory: ``1 + rating`` under ``retrieval.rating_weights``, times the
+    log's own weight when ``data.weight_col`` names one; None when all are 1."""
+    out = None
+    if config.retrieval.rating_weights and ratings.size:
+        out = torch.from_numpy(np.maximum(ratings, 0.0) + 1.0)
+    if weights.size or config.data.weight_col:
+        given = torch.from_numpy(weights.copy())
+        out = given if out is None else out * given
+    return out
 
 
 def evaluate_streamed(run: RetrievalRun) -> dict[str, Any]:
@@ -608,6 +665,7 @@ def fit_streamed_two_stage(
         # the ranker's tables, as in memory: the training rows' history and seen
         # items, without the retrieval batches' weights and context
         dataclasses.replace(tables, weights=None, context={}),
+        weights=torch.from_numpy(rows.weights) if config.data.weight_col else None,
         served=lambda: run.tensors,
         config=config.ranking,
         validation=streamed.sample,

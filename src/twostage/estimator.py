@@ -410,8 +410,7 @@ class TwoStageModel:
         with torch.no_grad():
             if rec.ranker is not None:
                 out = rec.ranker.score(user_idx, item_idx[:, None])
-                low, _ = rec.ranker.rating_bounds  # type: ignore[attr-defined]
-                rated = bool(np.isfinite(low))  # the data had ratings
+                rated = rec.ranker.predicts_ratings
                 values = out["rating"] if rated else torch.sigmoid(out["click"])
                 scores = values[:, 0]
             else:

@@ -55,6 +55,11 @@ class Ranker(Protocol):
         """The EASE term's factorised matrix, if the ranker has one."""
         ...
 
+    @property
+    def predicts_ratings(self) -> bool:
+        """Whether its rating head was trained (answers carry predicted ratings)."""
+        ...
+
     def score(
         self, user_idx: torch.Tensor, item_idx: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -448,9 +453,10 @@ class Recommender:
         )
         order, keys = order[0, :k], keys[0, :k]
         answer = self._answer(user_id, path, top_idx[order], top_scores[order], keys)
-        ratings = out["rating"][0][order].tolist()
-        for entry, rating in zip(answer.items, ratings, strict=True):
-            entry["predicted_rating"] = rating
+        if ranker.predicts_ratings:  # an untrained rating head says nothing
+            ratings = out["rating"][0][order].tolist()
+            for entry, rating in zip(answer.items, ratings, strict=True):
+                entry["predicted_rating"] = rating
         return self._explained(answer, user_idx, top_idx[order]) if explain else answer
 
     def _explained(

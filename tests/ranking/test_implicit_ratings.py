@@ -58,3 +58,43 @@ def test_unrated_values_are_interactions_without_a_rating(book_crossing_like) ->
     # ratings is far off.
     naive_rmse = evaluate_ranking(naive.ranker, stages.split.test)["rmse"]
     assert stages.ranking_metrics["rmse"] < 1.5 < naive_rmse
+
+
+def test_a_log_without_ratings_trains_a_click_ranker(
+    book_crossing_like, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An implicit log (no rating column) with the default ranking settings ended
+    in "should hold ... ratings when rating_weight > 0", after retrieval trained;
+    and a ranker whose rating head never trained still answered predicted ratings."""
+    from twostage.estimator import TwoStageModel
+    from twostage.recommender import Recommender
+
+    data = book_crossing_like.with_interactions(
+        book_crossing_like.interactions.drop(RATING)
+    )
+    served = [*SMALL, "retrieval.popularity_fallback=0"]  # the ranker's path
+    with caplog.at_level("WARNING", logger="twostage.ranking"):
+        stages = fit_two_stage(apply_overrides(ExperimentConfig(), served), data)
+    assert "the ranker learns clicks only" in caplog.text
+    ranker = stages.ranker
+    assert ranker is not None and ranker.config.rating_weight == 0
+    assert not ranker.predicts_ratings
+    assert stages.ranking_metrics is not None and "auc" in stages.ranking_metrics
+    rec = Recommender(stages.retrieval, ranker=ranker, items=data.items)
+    user = data.interactions["user_id"][0]
+    answer = rec.recommend(user, 5)
+    items = answer.items
+    assert answer.path == "personalised"
+    assert items and all("predicted_rating" not in item for item in items)
+    # With ratings the answers carry them, as before.
+    rated = fit_two_stage(
+        apply_overrides(ExperimentConfig(), served), book_crossing_like
+    )
+    assert rated.ranker is not None and rated.ranker.predicts_ratings
+    answer = Recommender(rated.retrieval, ranker=rated.ranker).recommend(user, 5)
+    assert all("predicted_rating" in item for item in answer.items)
+    # predict() gives click probabilities for the implicit model.
+    model = TwoStageModel(settings={k: v for k, v in (s.split("=") for s in SMALL)})
+    model.fit(data.interactions.select("user_id", "item_id", "timestamp"))
+    scores = model.predict([user, user], data.interactions["item_id"][:2].to_list())
+    assert ((scores >= 0) & (scores <= 1)).all()

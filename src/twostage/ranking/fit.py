@@ -242,12 +242,23 @@ def fit_ranking_pairs(
     config = config or run.config.ranking
     started = time.perf_counter()
     rated = pairs[2][~torch.isnan(pairs[2])]
-    if not len(pairs[0]) or (config.rating_weight > 0 and not len(rated)):
+    if not len(pairs[0]) or (
+        config.rating_weight > 0 and not len(rated) and config.click_weight == 0
+    ):
         raise DataError(
             "`train` should hold pairs of known users and items, with ratings when "
             f"rating_weight > 0 (else set rating_weight=0). Received: {len(pairs[0])} "
             f"known pairs, {len(rated)} rated."
         )
+    if config.rating_weight > 0 and not len(rated):
+        # An implicit log (views, plays, clicks): the default settings ended in the
+        # error above, after retrieval had trained.
+        logger.warning(
+            "the training rows hold no ratings: the ranker learns clicks only "
+            "(ranking.rating_weight=%g is not used; set it to 0 to say so)",
+            config.rating_weight,
+        )
+        config = dataclasses.replace(config, rating_weight=0.0)
     limit = EASE().max_items
     if config.ease_weight > 0 and tables.num_items > limit:
         raise ConfigError(  # before the ranker trains

@@ -96,6 +96,12 @@ class RankingRun:
     )
     _weights: tuple[RankingModel, list[Tensor]] | None = field(default=None, repr=False)
 
+    @property
+    def predicts_ratings(self) -> bool:
+        """Whether the rating head was trained: the data had ratings and
+        ``rating_weight`` > 0 (an implicit log's ranker learns clicks only)."""
+        return math.isfinite(self.rating_bounds[0]) and self.config.rating_weight > 0
+
     def retrieval_vectors(self) -> tuple[Tensor, Tensor]:
         """``([U, D], [N, D])`` retrieval embeddings of every user and item (cached)."""
         if self._vectors is None:

@@ -87,6 +87,40 @@ def test_onnx_towers_and_ranker_match_pytorch(bundle: Path, tmp_path: Path) -> N
         "item_idx",
     ]
 
+    # export.json says how the outputs make the served list (the blend weight and
+    # temperature were nowhere in the export): the ONNX graphs give its order.
+    order = described["two_stage_order"]
+    assert order["blend_weight"] == rec.ranker.blend_weight
+    assert "predicted rating" in order["rating"]
+    item_vectors = got  # the candidate tower's rows, by item index
+    query_vectors = _session(out / "query_tower.onnx").run(
+        None, {k: v.numpy() for k, v in queries.items()}
+    )[0]
+    checked = 0
+    for user_idx in range(1, 30):
+        user_id = rec.user_vocab.inverse_transform([user_idx])[0]
+        served = rec.recommend(user_id, 10)
+        if served.path != "personalised":
+            continue
+        seen = {rec.item_vocab.lookup(h["item_id"]) for h in rec.history(user_id)}
+        scores = item_vectors @ query_vectors[user_idx - 1]
+        scores[[0, *seen]] = -np.inf
+        top = np.argsort(-scores, kind="stable")[: order["num_candidates"]]
+        _, clicks = _session(out / "ranker.onnx").run(
+            None,
+            {
+                "user_idx": np.array([user_idx]),
+                "item_idx": top[None, :].astype(np.int64),
+            },
+        )
+        key = clicks[0] + order["blend_weight"] * scores[top] / order["temperature"]
+        ranked = top[np.argsort(-key, kind="stable")][:10]
+        assert rec.item_vocab.inverse_transform(ranked).to_list() == [
+            i["item_id"] for i in served.items
+        ]
+        checked += 1
+    assert checked >= 5
+
 
 def test_unknown_format_names_the_flag(bundle: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["export", str(bundle), "--format", "tflite"])

@@ -11,7 +11,10 @@ onnxruntime: ``twostage export BUNDLE --format onnx``.
   tables of the bundle inside the graph, as :meth:`RankingRun.score` computes them.
 
 IDs become indices with the vocabularies of ``features.json`` (copied beside the
-models; index 0 is the unknown ID). ``export.json`` lists every input and output.
+models; index 0 is the unknown ID). ``export.json`` lists every input and output,
+and with a ranker how the served list combines them (``two_stage_order``: the key,
+this bundle's blend weight, temperature and EASE weight, and whether the rating
+output was trained).
 torch's TorchScript-based exporter is used: the ``torch.export`` one cannot trace the
 towers' data-dependent bag lookups.
 """
@@ -155,6 +158,41 @@ def _export(
         )
 
 
+def _served_order(rec: Recommender) -> dict[str, Any]:
+    """How the served list combines the exported outputs (:mod:`twostage.ranking.
+    rerank`), with this bundle's numbers: without them a Triton or onnxruntime
+    deployment could not reproduce the order ``twostage serve`` answers."""
+    ranker = rec.ranker
+    assert ranker is not None
+    low, high = ranker.rating_bounds  # type: ignore[attr-defined]
+    order: dict[str, Any] = {
+        "candidates": "each user's top num_candidates unseen items by retrieval "
+        "score, the dot product of query_embedding and item_embedding",
+        "num_candidates": ranker.config.num_candidates,
+        "key": "click + blend_weight * retrieval_score / temperature"
+        + (" + ease_weight * ease" if ranker.ease is not None else "")
+        + "; best first, ties in retrieval order",
+        "blend_weight": ranker.blend_weight,
+        "temperature": float(rec.run.model.temperature),
+        "ease_weight": ranker.config.ease_weight if ranker.ease is not None else 0.0,
+        "rating": (
+            f"the predicted rating, clipped to the training ratings' [{low:g}, "
+            f"{high:g}]; shown beside the list, not part of its order"
+            if ranker.predicts_ratings
+            else "not trained (the log had no ratings, or ranking.rating_weight "
+            "was 0): ignore it"
+        ),
+    }
+    if rec.run.scores_exactly:
+        order["retrieval_note"] = (
+            "this bundle's retrieval adds a session-kNN term "
+            f"(retrieval.session_knn_weight = {rec.run.session_knn_weight:g}) that "
+            "the export does not hold: exported retrieval scores, and so candidates "
+            "and keys, differ from the served ones"
+        )
+    return order
+
+
 def _describe(features: dict[str, Tensor]) -> list[dict[str, Any]]:
     return [
         {
@@ -288,6 +326,7 @@ def _export_all(rec: Recommender, out: Path, model: nn.Module) -> dict[str, Path
                 {"name": name, "dtype": "float32", "shape": pair} for name in outputs
             ],
         }
+        described["two_stage_order"] = _served_order(rec)
     features_file = out / "features.json"
     rec.run.spec.save(features_file)
     files["features"] = features_file

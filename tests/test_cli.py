@@ -661,3 +661,50 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
     assert replaced.exit_code == 0, replaced.output
     assert pl.read_parquet(out).height == 10 * len(users)
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_feature_files_beside_a_log(tmp_path: Path) -> None:
+    """`--item-table` / `--user-table`: a product catalogue or a user export could
+    reach training only by joining it into the log first."""
+    from twostage.retrieval.run import load_run
+
+    data = generate(num_users=60, num_items=80, num_interactions=1500)
+    log = tmp_path / "log.csv"
+    data.interactions.rename({"user_id": "visitor", "item_id": "sku"}).write_csv(log)
+    catalogue = tmp_path / "catalogue.csv"
+    assert data.items is not None and data.users is not None
+    data.items.select("item_id", "category", "price").rename(
+        {"item_id": "sku"}
+    ).write_csv(catalogue)
+    people = tmp_path / "people.jsonl"
+    data.users.select("user_id", "age").write_ndjson(people)
+    mapping = ["--user-col", "visitor", "--item-col", "sku"]
+    run = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            *("train", "retrieval", "--dataset", str(log), *mapping),
+            *("--item-table", str(catalogue), "--user-table", str(people)),
+            *("--out", str(run), *SMALL_TRAINING),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    trained = load_run(run)
+    assert {"category", "price"} <= {f.name for f in trained.spec.candidate}
+    assert "age" in {f.name for f in trained.spec.query}
+    saved = json.loads((run / "config.json").read_text())["data"]
+    assert saved["item_table"] == str(catalogue.resolve())  # found from anywhere
+    # A key the file lacks, or no file, is named before training.
+    for options, message in [
+        (["--item-table", str(people)], "should have a key column named 'sku' or"),
+        (["--user-table", str(tmp_path / "nope.csv")], "is not a file"),
+    ]:
+        refused = runner.invoke(
+            app,
+            [
+                *("train", "retrieval", "--dataset", str(log), *mapping, *options),
+                *("--out", str(tmp_path / "other"), *SMALL_TRAINING),
+            ],
+        )
+        assert refused.exit_code != 0
+        assert message in " ".join(str(refused.exception).split()), refused.output

@@ -26,6 +26,7 @@ from rich.markup import escape
 from twostage.cli_data import (
     ItemCol,
     ItemFeatures,
+    ItemTable,
     RatingCol,
     Separator,
     TestFile,
@@ -33,6 +34,7 @@ from twostage.cli_data import (
     TrainFile,
     UserCol,
     UserFeatures,
+    UserTable,
     WeightCol,
     data_app,
     dataset_options,
@@ -225,6 +227,8 @@ def train_all(
     separator: Separator = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
+    user_table: UserTable = None,
+    item_table: ItemTable = None,
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
@@ -274,7 +278,12 @@ def train_all(
         user_features,
         item_features,
     )
-    columns.update(train_file=train_file, test_file=test_file)
+    columns.update(
+        train_file=train_file,
+        test_file=test_file,
+        user_table=user_table,
+        item_table=item_table,
+    )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     if stream and (work_dir is not None or train_file or test_file):
         raise typer.BadParameter(
@@ -865,6 +874,8 @@ def train_retrieval_command(
     separator: Separator = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
+    user_table: UserTable = None,
+    item_table: ItemTable = None,
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
@@ -905,7 +916,12 @@ def train_retrieval_command(
         user_features,
         item_features,
     )
-    columns.update(train_file=train_file, test_file=test_file)
+    columns.update(
+        train_file=train_file,
+        test_file=test_file,
+        user_table=user_table,
+        item_table=item_table,
+    )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     if stream:
         from twostage.retrieval.streamed import fit_streamed_retrieval
@@ -1378,6 +1394,8 @@ FLAGS = {
     "`seed`": "`--seed`",
     "`test_fraction`": "`--test-fraction`",
     "`data.train_file`": "`--train`",
+    "`data.user_table`": "`--user-table`",
+    "`data.item_table`": "`--item-table`",
     "`data.test_file`": "`--test`",
 }
 

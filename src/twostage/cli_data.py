@@ -63,6 +63,22 @@ UserFeatures = Annotated[
 ItemFeatures = Annotated[
     str | None, typer.Option(help="Comma-separated item feature columns of the log.")
 ]
+UserTable = Annotated[
+    Path | None,
+    typer.Option(
+        "--user-table",
+        help="A file of user features (CSV, JSON lines, Parquet) keyed by the log's "
+        "user column name or user_id; its other columns become features.",
+    ),
+]
+ItemTable = Annotated[
+    Path | None,
+    typer.Option(
+        "--item-table",
+        help="A file of item features (a catalogue: CSV, JSON lines, Parquet) keyed "
+        "by the log's item column name or item_id; its other columns become features.",
+    ),
+]
 Strict = Annotated[
     bool, typer.Option("--strict", help="Stop at the first bad row (line + content).")
 ]

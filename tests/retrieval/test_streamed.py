@@ -611,6 +611,37 @@ def test_streamed_side_features_equal_the_in_memory_path(
         torch.testing.assert_close(mine[name], weights, msg=name)
 
 
+def test_a_feature_file_beside_a_streamed_log_trains_as_its_columns(
+    log_with_features: Path, tmp_path: Path
+) -> None:
+    """`data.item_table`: a catalogue file gives the same item features as the
+    same columns inside the log (there was no way to name a feature file)."""
+    item_columns = ["title", "category", "price"]
+    base = [*ID_ONLY, "retrieval.use_side_features=true", "data.user_features=age"]
+    inside = fit_streamed_retrieval(
+        apply_overrides(
+            ExperimentConfig(), [*base, f"data.item_features={','.join(item_columns)}"]
+        ),
+        log_with_features,
+    )
+    table = pl.concat(
+        iter_batches(log_with_features, columns=["item_id", *item_columns])
+    )
+    catalogue = tmp_path / "catalogue.parquet"
+    table.unique(subset="item_id", keep="first", maintain_order=True).write_parquet(
+        catalogue
+    )
+    beside = fit_streamed_retrieval(
+        apply_overrides(ExperimentConfig(), [*base, f"data.item_table={catalogue}"]),
+        log_with_features,
+    )
+    assert [f.key for f in beside.spec.fields] == [f.key for f in inside.spec.fields]
+    for key, values in inside.tensors.item_features.items():
+        assert torch.equal(beside.tensors.item_features[key], values), key
+    for name, weights in inside.model.state_dict().items():
+        torch.testing.assert_close(beside.model.state_dict()[name], weights, msg=name)
+
+
 def test_feature_tables_keep_first_rows_and_count_the_others(
     log_with_features: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -79,6 +79,10 @@ class DataConfig(_Checked):
     way: every epoch scores them. ``weight_col`` names a column of the log whose
     non-negative values scale each training row's share of the retrieval and the
     ranking losses (play counts, dwell time...); unset, every row weighs 1.
+    ``user_table`` / ``item_table`` name files of user / item features (CSV, JSON
+    lines or Parquet; a product catalogue, a user profile export), keyed by the
+    log's user / item column name (``user_col`` / ``item_col``) or ``user_id`` /
+    ``item_id``; their other columns join the log's own feature columns.
     """
 
     dataset: str = "movielens-100k"
@@ -101,6 +105,8 @@ class DataConfig(_Checked):
     train_file: str | None = None
     test_file: str | None = None
     test_users: int = 0
+    user_table: str | None = None
+    item_table: str | None = None
 
     SECTION: ClassVar[str] = "data"
 

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from twostage.data.dataset import Dataset
 from twostage.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from twostage.config import ExperimentConfig
+    import polars as pl
 
-__all__ = ["BUILTIN_DATASETS", "anchored", "load_dataset", "load_dataset_for"]
+    from twostage.config import DataConfig, ExperimentConfig
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "anchored",
+    "load_dataset",
+    "load_dataset_for",
+    "read_side_tables",
+]
 
 BUILTIN_DATASETS = (
     "movielens-100k",
@@ -104,9 +112,10 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
 
 
 def load_dataset_for(config: ExperimentConfig) -> Dataset:
-    """The dataset a config names, with its column mapping."""
+    """The dataset a config names, with its column mapping and the feature files
+    of ``data.user_table`` / ``data.item_table`` joined."""
     data = config.data
-    return load_dataset(
+    dataset = load_dataset(
         data.dataset,
         user_col=data.user_col,
         item_col=data.item_col,
@@ -116,6 +125,38 @@ def load_dataset_for(config: ExperimentConfig) -> Dataset:
         separator=data.separator,
         user_features=list(data.user_features) or None,
         item_features=list(data.item_features) or None,
+    )
+    users, items = read_side_tables(data)
+    if users is None and items is None:
+        return dataset
+    from twostage.data.tables import join_features
+
+    return join_features(dataset, users=users, items=items)
+
+
+def read_side_tables(
+    data: DataConfig,
+) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """The user and item feature tables of ``data.user_table`` /
+    ``data.item_table`` (None where unset), keyed ``user_id`` / ``item_id``: read
+    by the log's user / item column name when the file has it, else by
+    ``user_id`` / ``item_id``."""
+    from twostage.data.tables import read_feature_table
+
+    def side(
+        path: str | None, column: str | None, key: Literal["user_id", "item_id"]
+    ) -> pl.DataFrame | None:
+        if path is None:
+            return None
+        if not Path(path).is_file():
+            name = "user_table" if key == "user_id" else "item_table"
+            raise DataError(f"`data.{name}` = {path!r} is not a file.")
+        keys = list(dict.fromkeys([c for c in (column, key) if c]))
+        return read_feature_table(path, key_col=keys, key_name=key)
+
+    return (
+        side(data.user_table, data.user_col, "user_id"),
+        side(data.item_table, data.item_col, "item_id"),
     )
 
 

@@ -59,7 +59,13 @@ from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
 from twostage.data.report import LoadReport
 from twostage.errors import ConfigError, DataError
 
-__all__ = ["SEPARATORS", "join_features", "read_feature_table", "read_interactions"]
+__all__ = [
+    "SEPARATORS",
+    "join_features",
+    "merge_table",
+    "read_feature_table",
+    "read_interactions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +221,7 @@ def read_interactions(
 def read_feature_table(
     path: str | Path | Any,
     *,
-    key_col: str,
+    key_col: str | Sequence[str],
     key_name: Literal["user_id", "item_id"] = "user_id",
     columns: Sequence[str] | None = None,
     separator: str | None = None,
@@ -234,7 +240,8 @@ def read_feature_table(
 
     Args:
         path: a text or Parquet file, or a polars or pandas DataFrame.
-        key_col: source column of the key.
+        key_col: source column of the key, or several names: the first the table
+            has (a file keyed by the log's column name or by ``user_id``).
         key_name: output name of the key, ``"user_id"`` or ``"item_id"``.
         columns: feature columns to keep; all other columns when ``None``.
         separator: see :func:`read_interactions`.
@@ -256,9 +263,17 @@ def read_feature_table(
     wanted = None if columns is None else list(columns)
 
     def make_spec(names: list[str]) -> Spec:
-        rest = [c for c in names if c != key_col] if wanted is None else wanted
+        keys = [key_col] if isinstance(key_col, str) else list(key_col)
+        key = next((c for c in keys if c in names), None)
+        if key is None:
+            where = FRAME if isinstance(path, pl.DataFrame) else str(path)
+            raise DataError(
+                f"{where!r} should have a key column named {' or '.join(map(repr, keys))}"
+                f". Available columns: {names}; rename its key column."
+            )
+        rest = [c for c in names if c != key] if wanted is None else wanted
         feats = {"columns": rest}
-        mapped: dict[str, str] = {key_name: key_col}
+        mapped: dict[str, str] = {key_name: key}
         spec = Spec(mapped, (), None, duplicates, (key_name,))
         return _make_spec(path, names, spec, feats, reserved=(key_name,))
 
@@ -301,7 +316,8 @@ def join_features(
         ("users", USER, users, dataset.users),
         ("items", ITEM, items, dataset.items),
     ):
-        tables[arg] = old if new is None else _merge_table(arg, key, new, old, dataset)
+        known = dataset.interactions[key]
+        tables[arg] = old if new is None else merge_table(arg, key, new, old, known)
     return Dataset(
         name=dataset.name,
         interactions=dataset.interactions,
@@ -466,15 +482,17 @@ def _feature_table(df: pl.DataFrame, key: str, cols: list[str]) -> pl.DataFrame 
     return first
 
 
-def _merge_table(
-    arg: str, key: str, new: pl.DataFrame, old: pl.DataFrame | None, dataset: Dataset
+def merge_table(
+    arg: str, key: str, new: pl.DataFrame, old: pl.DataFrame | None, ids: pl.Series
 ) -> pl.DataFrame:
-    """Check a feature table against the interactions and join it onto ``old``."""
+    """Check a feature table against the log's IDs ``ids`` (its ``key`` column, or
+    a streamed log's vocabulary) and join it onto ``old``, the table already
+    there (None: none)."""
     if key not in new.columns:
         raise DataError(
             f"`{arg}` should have a {key!r} column. Received columns: {new.columns}."
         )
-    want = dataset.interactions.schema[key]
+    want = ids.dtype
     if new.schema[key] != want:
         raise DataError(
             f"`{arg}`[{key!r}] has dtype {new.schema[key]} but the interactions' "
@@ -487,7 +505,7 @@ def _merge_table(
             f"`{arg}.unique(subset={key!r}, keep='first')` or read it with "
             "read_feature_table()."
         )
-    known = dataset.interactions[key].unique()
+    known = ids.unique()
     covered = int(known.is_in(new[key].implode()).sum())
     logger.log(
         logging.WARNING if known.len() and not covered else logging.INFO,

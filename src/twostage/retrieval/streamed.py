@@ -57,6 +57,7 @@ import torch
 from twostage import distributed
 from twostage.config import DataConfig, ExperimentConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.data.registry import read_side_tables
 from twostage.data.split import check_split_sizes, report_unused_fraction, sample_users
 from twostage.data.streaming import (
     ROW,
@@ -70,6 +71,7 @@ from twostage.data.streaming import (
     parquet_files,
     split_rule,
 )
+from twostage.data.tables import merge_table
 from twostage.errors import ConfigError, DataError
 from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
@@ -316,6 +318,27 @@ def streamed_tensors(
     return StreamedRows(tensors=tensors, times=times, ratings=ratings, weights=weights)
 
 
+def _side_tables(
+    path: str | Path, config: ExperimentConfig, users: pl.Series, items: pl.Series
+) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """The feature tables a streamed run reads (None without side features): the
+    log's own feature columns, one row per ID (:func:`feature_tables`), joined with
+    the files of ``data.user_table`` / ``data.item_table``, checked against the
+    log's IDs ``users`` / ``items`` as in memory."""
+    if not config.retrieval.use_side_features:
+        return None, None
+    data = config.data
+    user_table, item_table = feature_tables(
+        path, user_features=data.user_features, item_features=data.item_features
+    )
+    extra_users, extra_items = read_side_tables(data)
+    if extra_users is not None:
+        user_table = merge_table("user_table", USER, extra_users, user_table, users)
+    if extra_items is not None:
+        item_table = merge_table("item_table", ITEM, extra_items, item_table, items)
+    return user_table, item_table
+
+
 def _checked_weights(train: pl.DataFrame, column: str, path: str | Path) -> np.ndarray:
     """The training rows' weights, which must be finite, non-negative numbers.
 
@@ -389,12 +412,12 @@ def streamed_test_side(run: RetrievalRun) -> Dataset:
             f"the run was trained on the stream {str(path)!r}, which is not there "
             "any more: put the log back at that path to evaluate it."
         )
-    data = run.config.data
-    user_table = item_table = None
-    if run.config.retrieval.use_side_features:
-        user_table, item_table = feature_tables(
-            path, user_features=data.user_features, item_features=data.item_features
-        )
+    user_table, item_table = _side_tables(
+        path,
+        run.config,
+        run.spec.vocabulary(USER).values,
+        run.spec.vocabulary(ITEM).values,
+    )
     return _test_side(run, path, None, user_table, item_table)
 
 
@@ -709,11 +732,9 @@ def _fit_streamed(
         why_no_training=f" ({held} more went to validation)" if held else "",
     )
     check_validation_choices(config, has_validation=fitted.num_validation_rows > 0)
-    user_table = item_table = None
-    if config.retrieval.use_side_features:
-        user_table, item_table = feature_tables(
-            path, user_features=data.user_features, item_features=data.item_features
-        )
+    user_table, item_table = _side_tables(
+        path, config, fitted.users.values, fitted.items.values
+    )
     # No rows: the log's columns (less the feature columns) say which per-row
     # context the model may read, with their dtypes.
     features = {*data.user_features, *data.item_features}

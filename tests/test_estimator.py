@@ -148,7 +148,7 @@ def _check_id_arguments(model: "twostage.TwoStageModel", user: int, item: int) -
 
 
 def test_feature_tables_are_checked_against_the_log(
-    frames, caplog: pytest.LogCaptureFixture
+    frames, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """`fit(users=...)` attached the table unchecked: keys written "0001" for the
     log's 1 matched no user, and the feature trained as unknown for everyone."""
@@ -171,6 +171,21 @@ def test_feature_tables_are_checked_against_the_log(
     with caplog.at_level("WARNING", logger="twostage"):
         model.fit(train, users=strangers, **columns)
     assert "0 of" in caplog.text and "do its keys match the log's?" in caplog.text
+
+    # A file keyed user_id (not the log's "uid"), named by the setting
+    # `data.user_table` (it was read by the CLI only), and not twice.
+    path = tmp_path / "ages.csv"
+    ages.rename(columns={"uid": "user_id"}).to_csv(path, index=False)
+    named = twostage.TwoStageModel(
+        settings={**SETTINGS, "train.epochs": 1, "data.user_table": str(path)},
+        ranking=False,
+        progress=False,
+    )
+    named.fit(train, **columns)
+    assert named.split_.fit.users is not None
+    assert "age" in named.split_.fit.users.columns
+    with pytest.raises(twostage.TwostageError, match="both name a feature table"):
+        named.fit(train, users=ages, **columns)
 
 
 def test_fit_reads_the_training_rows_weights(frames) -> None:

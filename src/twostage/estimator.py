@@ -177,10 +177,12 @@ class TwoStageModel:
                 ``data.validation_fraction`` carve-out of ``data`` (0: none).
             test: test interactions to measure at the end of fitting (optional;
                 :meth:`evaluate` measures any table later).
-            users, items: user and item feature tables (frames or Datasets' tables)
-                keyed by ``user_col`` / ``item_col``, one row per key, joined as
+            users, items: user and item feature tables (frames, Datasets' tables
+                or file paths) keyed by ``user_col`` / ``item_col`` or ``user_id`` /
+                ``item_id``, one row per key, joined as
                 :func:`~twostage.data.tables.join_features` joins (text keys that
-                are plain integers take the log's integer type).
+                are plain integers take the log's integer type); when None, the
+                files of the settings ``data.user_table`` / ``data.item_table``.
             user_col, item_col, time_col, rating_col: column names of the frames
                 (``time_col`` / ``rating_col`` None: a column named ``timestamp`` /
                 ``rating`` when there is one, as every reader takes it; ``""``:
@@ -196,6 +198,18 @@ class TwoStageModel:
 
         columns = _Columns(user_col, item_col, time_col, rating_col, weight_col)
         self.columns_ = dataclasses.replace(columns, weight_col=None)  # for evaluate
+        data_config = self.config.data
+        for arg, given, setting in (
+            ("users", users, data_config.user_table),
+            ("items", items, data_config.item_table),
+        ):
+            if given is not None and setting is not None:
+                raise ConfigError(
+                    f"`{arg}` and the setting `data.{arg[:-1]}_table` = {setting!r} "
+                    "both name a feature table; give one."
+                )
+        users = users if users is not None else data_config.user_table
+        items = items if items is not None else data_config.item_table
         train = self._as_dataset(data, columns, users=users, items=items)
         columns = self.columns_  # held-out rows are not weighed
         if validation is not None:
@@ -307,7 +321,8 @@ class TwoStageModel:
         )
         for arg, table, key_col, key in sides:
             if table is not None:
-                read = read_feature_table(table, key_col=key_col, key_name=key)
+                keys = list(dict.fromkeys([key_col, key]))  # the log's name, or the key
+                read = read_feature_table(table, key_col=keys, key_name=key)
                 tables[arg] = _keys_like(read, key, dataset, arg)
         if tables:  # checked against the log: keys, repeats, how many match
             dataset = join_features(dataset, **tables)

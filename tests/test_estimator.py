@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
 import twostage
@@ -216,6 +217,15 @@ def test_unfitted_and_mismatched_calls_are_clear_errors() -> None:
         model.recommend([1], k=3)
     with pytest.raises(twostage.TwostageError, match=r"train\.epochs"):
         twostage.TwoStageModel(settings={"train.epoch": 3})
+    # `data` settings the estimator does not read were ignored without a word.
+    unread = twostage.TwoStageModel(
+        settings={"data.split": "temporal", "data.rating_col": "stars"}, progress=False
+    )
+    with pytest.raises(twostage.TwostageError) as refused:
+        unread.fit(pl.DataFrame({"user_id": [1], "item_id": [2]}))
+    message = str(refused.value)
+    assert "`data.split` (it fits on the rows given" in message
+    assert "`data.rating_col` (fit(rating_col=...))" in message
 
 
 def test_tensorboard_logs_both_stages(frames, tmp_path: Path) -> None:

@@ -199,6 +199,7 @@ class TwoStageModel:
         columns = _Columns(user_col, item_col, time_col, rating_col, weight_col)
         self.columns_ = dataclasses.replace(columns, weight_col=None)  # for evaluate
         data_config = self.config.data
+        _refuse_unread_data_settings(data_config)
         for arg, given, setting in (
             ("users", users, data_config.user_table),
             ("items", items, data_config.item_table),
@@ -564,6 +565,48 @@ def _canonical(vocab: Any, values: list[Any], indices: torch.Tensor) -> pl.Serie
         for v, i in zip(values, indices.tolist(), strict=True)
     ]
     return pl.Series(USER, out, dtype=known.dtype)
+
+
+#: ``data`` settings that ``TwoStageModel.fit`` does not read, and what does the
+#: job there: it fits on the tables it is given, which were read already.
+_UNREAD_DATA = {
+    "split": "it fits on the rows given: split them first (twostage.random_split, "
+    "temporal_split, leave_last_out) and pass validation= / test=",
+    "test_fraction": "split the rows first and pass test=",
+    "cold_user_fraction": "hold users out of the rows you pass",
+    "test_users": "pass test= with the users to measure",
+    "train_file": "pass the rows as data=",
+    "test_file": "pass the rows as test=",
+    "user_col": "fit(user_col=...)",
+    "item_col": "fit(item_col=...)",
+    "time_col": "fit(time_col=...)",
+    "rating_col": "fit(rating_col=...)",
+    "weight_col": "fit(weight_col=...)",
+    "separator": "read the file with read_interactions(separator=...) and pass it",
+    "user_features": "pass users= (a table keyed by user), or columns through "
+    "read_interactions(user_features=...)",
+    "item_features": "pass items=, or read_interactions(item_features=...)",
+    "unrated_values": "pass a Dataset with .with_unrated([...]) applied",
+}
+
+
+def _refuse_unread_data_settings(data: Any) -> None:
+    """``data`` settings away from their defaults that ``fit`` would not read
+    (``settings={"data.split": "temporal"}`` fitted on the rows as given, without
+    a word), each with what does its job."""
+    from twostage.config import DataConfig
+
+    default = DataConfig()
+    unread = [
+        f"`data.{key}` ({how})"
+        for key, how in _UNREAD_DATA.items()
+        if getattr(data, key) != getattr(default, key)
+    ]
+    if unread:
+        raise ConfigError(
+            "TwoStageModel.fit does not read these settings, which the command "
+            "line's data loading reads: " + "; ".join(unread) + ". Unset them."
+        )
 
 
 def _keys_like(

@@ -232,7 +232,11 @@ def run_training(
                     ],
                     config.grad_clip,
                 )
-            optimizer.step()
+            # Adagrad builds sparse tensors from sparse gradients; torch warns unless
+            # invariant checks are chosen: off, the default (torch's own gradients
+            # hold them), said explicitly.
+            with torch.sparse.check_sparse_tensor_invariants(enable=False):
+                optimizer.step()
             value = loss.item()
             if world is not None:  # each rank holds its share of the global loss
                 value = _mean_over_ranks(loss.detach())

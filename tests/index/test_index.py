@@ -94,6 +94,11 @@ def test_matches_the_exact_oracle(index: Index, data: dict[str, torch.Tensor]) -
     else:
         assert _recall(ids, ref_ids) >= 0.9
     assert index.size == NUM_ITEMS and index.dim == DIM
+    # No query: no rows, of the same types (the exact index ended in torch.cat's
+    # "non-empty list" error).
+    none_scores, none_ids = index.search(data["queries"][:0], K, exclude=[])
+    assert none_scores.shape == none_ids.shape == (0, K)
+    assert none_scores.dtype == torch.float32 and none_ids.dtype == torch.int64
 
 
 def test_exclusion_never_loses_results(

@@ -196,6 +196,8 @@ class Index(abc.ABC):
                 f"`exclude` should hold one entry per query ({len(matrix)}). "
                 f"Received {len(exclude)}."
             )
+        if not len(matrix):  # no query: no rows (the exact index's concat failed)
+            return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
         excluded = [
             self._positions(_as_ids(None if exclude is None else exclude[row]))
             for row in range(len(matrix))

@@ -708,3 +708,63 @@ def test_feature_files_beside_a_log(tmp_path: Path) -> None:
         )
         assert refused.exit_code != 0
         assert message in " ".join(str(refused.exception).split()), refused.output
+
+
+def test_similar_items_for_many_items_into_a_file(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Item-to-item tables (a shop's "also liked"): one item at a time only."""
+    from twostage.recommender import load
+
+    model = models_dir / "synthetic"
+    rec = load(model)
+    out = tmp_path / "similar.parquet"
+    done = runner.invoke(
+        app, ["similar", str(model), "--all-items", "--out", str(out), "-k", "4"]
+    )
+    assert done.exit_code == 0, done.output
+    table = pl.read_parquet(out)
+    items = rec.item_vocab.values.to_list()
+    assert table.height == 4 * len(items)
+    for item in items[:5]:
+        rows = table.filter(pl.col("item_id") == item).sort("rank")
+        served = rec.similar_items(item, 4)
+        assert rows["similar_item_id"].to_list() == [i["item_id"] for i in served]
+        assert item not in rows["similar_item_id"].to_list()
+        assert rows["score"].to_list() == pytest.approx([i["score"] for i in served])
+    listed = tmp_path / "items.csv"
+    listed.write_text(f"item_id\n{items[3]}\n{items[0]}\n")
+    done = runner.invoke(
+        app,
+        [
+            "similar",
+            str(model),
+            "--items",
+            str(listed),
+            "--out",
+            str(tmp_path / "s.csv"),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    written = pl.read_csv(tmp_path / "s.csv")
+    assert written["item_id"].unique(maintain_order=True).to_list() == [
+        items[3],
+        items[0],
+    ]
+    direct = rec.similar_table([items[3], items[0]], 10)
+    assert direct["similar_item_id"].to_list() == written["similar_item_id"].to_list()
+    listed.write_text(f"item_id\n{items[0]}\nno-such-item\n")
+    refused = runner.invoke(
+        app,
+        [
+            "similar",
+            str(model),
+            "--items",
+            str(listed),
+            "--out",
+            str(tmp_path / "t.csv"),
+        ],
+    )
+    assert refused.exit_code == 2 and "not in the catalogue" in refused.output
+    assert not (tmp_path / "t.csv").exists()
+    assert runner.invoke(app, ["similar", str(model)]).exit_code == 2

@@ -23,6 +23,12 @@ import polars as pl
 import typer
 from rich.markup import escape
 
+from twostage.cli_batch import (
+    check_batch_options,
+    parse_id,
+    read_ids,
+    write_in_chunks,
+)
 from twostage.cli_data import (
     ItemCol,
     ItemFeatures,
@@ -452,20 +458,8 @@ def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
                 "key once.",
                 param_hint=option,
             )
-        values[key] = _parse_id(value)
+        values[key] = parse_id(value)
     return values
-
-
-def _parse_id(value: str) -> Any:
-    """An integer when ``value`` is one written plainly (``42``, ``-5``), else the
-    text as typed: ``0829433244`` (an ISBN) or ``02139`` (a zip code) keep their
-    leading zeros, which ``int`` would drop (a string ID then no longer matched);
-    an integer vocabulary still finds ``007`` as 7."""
-    try:
-        number = int(value)
-    except ValueError:
-        return value
-    return number if str(number) == value else value
 
 
 def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
@@ -478,7 +472,7 @@ def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
             f"should be item IDs separated by commas. Received: {value!r}.",
             param_hint=flag,
         )
-    return [_parse_id(part) for part in ids]
+    return [parse_id(part) for part in ids]
 
 
 def recommend_command(
@@ -562,7 +556,7 @@ def recommend_command(
     history; or for many users into a file (--users, --all-users)."""
     many = users_file is not None or all_users
     if many or out is not None:
-        _check_batch_options(
+        check_batch_options(
             users_file,
             all_users,
             out,
@@ -575,12 +569,15 @@ def recommend_command(
                 "--candidates": candidates,
                 "--require-known-user": require_known_user or None,
             },
+            noun="user",
         )
     rec = _open_bundle(bundle)
     if many:
-        out = typing.cast(Path, out)  # _check_batch_options refused None
+        out = typing.cast(Path, out)  # check_batch_options refused None
         ids = (
-            rec.user_vocab.values.to_list() if all_users else _read_user_ids(users_file)  # type: ignore[arg-type]
+            rec.user_vocab.values.to_list()
+            if all_users or users_file is None
+            else read_ids(users_file, "user_id", "--users")
         )
         summary = _recommend_into(rec, ids, out, k=k, exclude_seen=not include_seen)
         if json_output:
@@ -597,7 +594,7 @@ def recommend_command(
                 "(the catalogue less what they have seen).[/yellow]"
             )
         return
-    user_id = _parse_id(user) if user is not None else None
+    user_id = parse_id(user) if user is not None else None
     known = user_id is not None and bool(rec.user_vocab.lookup(user_id))
     if require_known_user and not known:
         raise typer.BadParameter(
@@ -669,139 +666,29 @@ def recommend_command(
     _say_when_short(k, len(answer.items), catalogue)
 
 
-def _check_batch_options(
-    users_file: Path | None,
-    all_users: bool,
-    out: Path | None,
-    overwrite: bool,
-    single: dict[str, Any],
-) -> None:
-    """``--users`` / ``--all-users`` go with ``--out`` and without the options of
-    one request, checked before the bundle loads."""
-    if users_file is not None and all_users:
-        raise typer.BadParameter(
-            "give --users FILE or --all-users, not both.", param_hint="--users"
-        )
-    if users_file is None and not all_users:
-        raise typer.BadParameter(
-            "--out writes the lists of many users: give --users FILE or --all-users "
-            "(one user's list is printed, or given as JSON with --json).",
-            param_hint="--out",
-        )
-    given = [flag for flag, value in single.items() if value is not None]
-    if given:
-        raise typer.BadParameter(
-            f"{', '.join(given)} {'shape' if len(given) > 1 else 'shapes'} one "
-            "request; with --users or --all-users every "
-            "user is answered from their own history. Drop "
-            f"{'them' if len(given) > 1 else 'it'}.",
-            param_hint="--users" if users_file is not None else "--all-users",
-        )
-    if out is None:
-        raise typer.BadParameter(
-            "--users and --all-users write a file: give --out recs.parquet (or .csv).",
-            param_hint="--out",
-        )
-    if out.suffix.lower() not in (".parquet", ".csv"):
-        raise typer.BadParameter(
-            f"should end in .parquet or .csv. Received: {str(out)!r}.",
-            param_hint="--out",
-        )
-    if out.is_dir() or (out.exists() and not overwrite):
-        raise typer.BadParameter(
-            f"{str(out)!r} already exists: choose another path, or pass --overwrite "
-            "to replace it."
-            if not out.is_dir()
-            else f"{str(out)!r} is a directory.",
-            param_hint="--out",
-        )
-    if users_file is not None and not users_file.is_file():
-        raise typer.BadParameter(
-            f"{str(users_file)!r} is not a file.", param_hint="--users"
-        )
-
-
-def _read_user_ids(path: Path) -> list[Any]:
-    """The ``user_id`` column of a CSV or Parquet file, in its order (repeats kept).
-    CSV IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its zeros."""
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            frame = pl.read_parquet(path)
-        else:
-            frame = pl.read_csv(path, infer_schema=False)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise typer.BadParameter(
-            f"cannot read {str(path)!r} as CSV or Parquet: {e}", param_hint="--users"
-        ) from e
-    if "user_id" not in frame.columns:
-        raise typer.BadParameter(
-            f"{str(path)!r} has no user_id column (its columns: {frame.columns}); "
-            "give the file a header row naming it.",
-            param_hint="--users",
-        )
-    column = frame["user_id"]
-    blank = column.is_null()
-    if column.dtype == pl.String:
-        blank = blank | (column.str.strip_chars() == "")
-    if blank.any():
-        rows = (blank.arg_true() + 1).head(5).to_list()
-        raise typer.BadParameter(
-            f"{int(blank.sum())} row(s) of {str(path)!r} have no user_id (data rows "
-            f"{rows}{' ...' if blank.sum() > 5 else ''}); fill or drop them.",
-            param_hint="--users",
-        )
-    if column.dtype == pl.String:
-        return [_parse_id(value) for value in column.to_list()]
-    return column.to_list()
-
-
 def _recommend_into(
     rec: Any, ids: list[Any], out: Path, *, k: int, exclude_seen: bool
 ) -> dict[str, Any]:
-    """Every user's list into ``out`` (Parquet or CSV), a chunk of users at a time
-    so that memory holds one chunk's answers; written beside ``out`` and renamed
-    at the end, so that an interrupted run leaves no partial file."""
-    import pyarrow.parquet as pq
+    """Every user's list into ``out``, 2,048 users at a time, with the counts the
+    command reports: the paths taken and the lists shorter than ``k``."""
+    short, paths = 0, dict[str, int]()
 
-    # One type for the whole column, whatever each chunk holds.
-    user_type = pl.Series(ids, strict=False).dtype if ids else pl.String
-    partial = out.with_name(f".{out.name}.partial")
-    writer: Any = None
-    rows, short, paths = 0, 0, dict[str, int]()
-    chunk = 2048
-    try:
-        with (
-            status_console.status(f"recommending for {len(ids):,} users") as status,
-            partial.open("wb") as handle,
-        ):
-            for start in range(0, max(len(ids), 1), chunk):
-                part = ids[start : start + chunk]
-                table = rec.recommend_table(part, k, exclude_seen=exclude_seen)
-                table = table.with_columns(pl.col("user_id").cast(user_type))
-                rows += table.height
-                short += len(part) - int((table["rank"] == k).sum())  # one per list
-                for path, n in (
-                    table.filter(pl.col("rank") == 1)["path"]
-                    .value_counts(sort=True)
-                    .iter_rows()
-                ):
-                    paths[path] = paths.get(path, 0) + n
-                if out.suffix.lower() == ".csv":
-                    table.write_csv(handle, include_header=start == 0)
-                else:
-                    arrow = table.to_arrow()
-                    if writer is None:
-                        writer = pq.ParquetWriter(handle, arrow.schema)
-                    writer.write_table(arrow)
-                status.update(
-                    f"recommended for {min(start + chunk, len(ids)):,} of "
-                    f"{len(ids):,} users"
-                )
-            if writer is not None:
-                writer.close()
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
+    def tally(part: list[Any], table: pl.DataFrame) -> None:
+        nonlocal short
+        short += len(part) - int((table["rank"] == k).sum())  # one per full list
+        firsts = table.filter(pl.col("rank") == 1)["path"].value_counts(sort=True)
+        for path, n in firsts.iter_rows():
+            paths[path] = paths.get(path, 0) + n
+
+    rows = write_in_chunks(
+        out,
+        ids,
+        lambda part: rec.recommend_table(part, k, exclude_seen=exclude_seen),
+        key="user_id",
+        noun="users",
+        chunk=2048,
+        on_chunk=tally,
+    )
     return {
         "out": str(out),
         "users": len(ids),
@@ -820,20 +707,94 @@ def similar_command(
             "directory of `twostage train retrieval`."
         ),
     ],
-    item: Annotated[str, typer.Option(help="Item ID.")],
+    item: Annotated[str | None, typer.Option(help="Item ID.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+    items_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--items",
+            help="A CSV or Parquet file with an item_id column: the similar items "
+            "of each into --out, a row per item and rank.",
+        ),
+    ] = None,
+    all_items: Annotated[
+        bool,
+        typer.Option("--all-items", help="Every catalogue item's, into --out."),
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --items or --all-items: the .parquet or .csv file to write "
+            "(item_id, rank, similar_item_id, score)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+    ] = False,
     json_output: JsonOutput = False,
 ) -> None:
-    """Items most similar to one item (people who liked this also liked)."""
+    """Items most similar to one item (people who liked this also liked); or to
+    many items into a file (--items, --all-items)."""
     from twostage.errors import UnknownIdError
 
+    many = items_file is not None or all_items
+    if many or out is not None:
+        check_batch_options(
+            items_file, all_items, out, overwrite, {"--item": item}, noun="item"
+        )
+    elif item is None:
+        raise typer.BadParameter(
+            "give --item ID (or --items FILE / --all-items with --out).",
+            param_hint="--item",
+        )
     rec = _open_bundle(bundle)
+    if many:
+        out = typing.cast(Path, out)  # check_batch_options refused None
+        ids = (
+            rec.item_vocab.values.to_list()
+            if all_items or items_file is None
+            else read_ids(items_file, "item_id", "--items")
+        )
+        unknown = [i for i in ids if not rec.item_vocab.lookup(i)]
+        if unknown:  # named before any work, not after a partial file
+            raise typer.BadParameter(
+                f"{len(unknown)} of the items are not in the catalogue: "
+                f"{unknown[:5]!r}{' ...' if len(unknown) > 5 else ''}.",
+                param_hint="--items",
+            )
+        short = 0
+
+        def tally(part: list[Any], table: pl.DataFrame) -> None:
+            nonlocal short
+            short += len(part) - int((table["rank"] == k).sum())
+
+        rows = write_in_chunks(
+            out,
+            ids,
+            lambda part: rec.similar_table(part, k),
+            key="item_id",
+            noun="items",
+            chunk=4096,
+            on_chunk=tally,
+        )
+        summary = {"out": str(out), "items": len(ids), "rows": rows, "k": k}
+        if json_output:
+            print_json({**summary, "short_lists": short})
+            return
+        console.print(f"{rows:,} rows for {len(ids):,} items -> {escape(str(out))}")
+        if short:
+            status_console.print(
+                f"[yellow]{short:,} items have fewer than {k} similar items (the "
+                "catalogue is that small).[/yellow]"
+            )
+        return
+    item = typing.cast(str, item)  # refused above when None
     try:
-        similar = rec.similar_items(_parse_id(item), k)
+        similar = rec.similar_items(parse_id(item), k)
     except UnknownIdError as e:
         raise typer.BadParameter(str(e), param_hint="--item") from e
     if json_output:
-        print_json({"item_id": _parse_id(item), "items": similar})
+        print_json({"item_id": parse_id(item), "items": similar})
         return
     console.print(items_table(f"Similar to item {item}", similar))
     _say_when_short(k, len(similar), "besides this one")

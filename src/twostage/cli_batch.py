@@ -1,0 +1,169 @@
+"""Lists for many users or items into one file: what ``twostage recommend --users``
+/ ``--all-users`` and ``twostage similar --items`` / ``--all-items`` share (the
+options' checks, reading a file of IDs, writing a chunk of answers at a time)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import typer
+
+from twostage.cli_output import status_console
+
+__all__ = ["check_batch_options", "parse_id", "read_ids", "write_in_chunks"]
+
+
+def parse_id(value: str) -> Any:
+    """An integer when ``value`` is one written plainly (``42``, ``-5``), else the
+    text as typed: ``0829433244`` (an ISBN) or ``02139`` (a zip code) keep their
+    leading zeros, which ``int`` would drop (a string ID then no longer matched);
+    an integer vocabulary still finds ``007`` as 7."""
+    try:
+        number = int(value)
+    except ValueError:
+        return value
+    return number if str(number) == value else value
+
+
+def check_batch_options(
+    ids_file: Path | None,
+    every: bool,
+    out: Path | None,
+    overwrite: bool,
+    single: dict[str, Any],
+    *,
+    noun: str,
+) -> None:
+    """``--{noun}s FILE`` / ``--all-{noun}s`` go with ``--out`` and without the
+    options of one request (``single``: flag -> value), checked before the bundle
+    loads."""
+    flag, every_flag = f"--{noun}s", f"--all-{noun}s"
+    if ids_file is not None and every:
+        raise typer.BadParameter(
+            f"give {flag} FILE or {every_flag}, not both.", param_hint=flag
+        )
+    if ids_file is None and not every:
+        raise typer.BadParameter(
+            f"--out writes the lists of many {noun}s: give {flag} FILE or "
+            f"{every_flag} (one {noun}'s list is printed, or given as JSON with "
+            "--json).",
+            param_hint="--out",
+        )
+    given = [name for name, value in single.items() if value is not None]
+    if given:
+        raise typer.BadParameter(
+            f"{', '.join(given)} {'shape' if len(given) > 1 else 'shapes'} one "
+            f"request; with {flag} or {every_flag} every {noun} is answered on its "
+            f"own. Drop {'them' if len(given) > 1 else 'it'}.",
+            param_hint=flag if ids_file is not None else every_flag,
+        )
+    if out is None:
+        raise typer.BadParameter(
+            f"{flag} and {every_flag} write a file: give --out lists.parquet (or "
+            ".csv).",
+            param_hint="--out",
+        )
+    if out.suffix.lower() not in (".parquet", ".csv"):
+        raise typer.BadParameter(
+            f"should end in .parquet or .csv. Received: {str(out)!r}.",
+            param_hint="--out",
+        )
+    if out.is_dir():
+        raise typer.BadParameter(f"{str(out)!r} is a directory.", param_hint="--out")
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(
+            f"{str(out)!r} already exists: choose another path, or pass --overwrite "
+            "to replace it.",
+            param_hint="--out",
+        )
+    if ids_file is not None and not ids_file.is_file():
+        raise typer.BadParameter(f"{str(ids_file)!r} is not a file.", param_hint=flag)
+
+
+def read_ids(path: Path, column: str, flag: str) -> list[Any]:
+    """The ``column`` of a CSV or Parquet file, in its order (repeats kept). CSV
+    IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its zeros."""
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            frame = pl.read_parquet(path)
+        else:
+            frame = pl.read_csv(path, infer_schema=False)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise typer.BadParameter(
+            f"cannot read {str(path)!r} as CSV or Parquet: {e}", param_hint=flag
+        ) from e
+    if column not in frame.columns:
+        raise typer.BadParameter(
+            f"{str(path)!r} has no {column} column (its columns: {frame.columns}); "
+            "give the file a header row naming it.",
+            param_hint=flag,
+        )
+    values = frame[column]
+    blank = values.is_null()
+    if values.dtype == pl.String:
+        blank = blank | (values.str.strip_chars() == "")
+    if blank.any():
+        rows = (blank.arg_true() + 1).head(5).to_list()
+        raise typer.BadParameter(
+            f"{int(blank.sum())} row(s) of {str(path)!r} have no {column} (data rows "
+            f"{rows}{' ...' if blank.sum() > 5 else ''}); fill or drop them.",
+            param_hint=flag,
+        )
+    if values.dtype == pl.String:
+        return [parse_id(value) for value in values.to_list()]
+    return values.to_list()
+
+
+def write_in_chunks(
+    out: Path,
+    ids: list[Any],
+    table_of: Callable[[list[Any]], pl.DataFrame],
+    *,
+    key: str,
+    noun: str,
+    chunk: int,
+    on_chunk: Callable[[list[Any], pl.DataFrame], None] | None = None,
+) -> int:
+    """``table_of`` a chunk of ``ids`` at a time into ``out`` (Parquet or CSV), so
+    that memory holds one chunk's answers; the ``key`` column takes one type for
+    the whole file. Written beside ``out`` and renamed at the end, so that an
+    interrupted run leaves no partial file.
+
+    Returns:
+        The number of rows written.
+    """
+    import pyarrow.parquet as pq
+
+    key_type = pl.Series(ids, strict=False).dtype if ids else pl.String
+    partial = out.with_name(f".{out.name}.partial")
+    writer: Any = None
+    rows = 0
+    try:
+        with (
+            status_console.status(f"answering for {len(ids):,} {noun}") as status,
+            partial.open("wb") as handle,
+        ):
+            for start in range(0, max(len(ids), 1), chunk):
+                part = ids[start : start + chunk]
+                table = table_of(part).with_columns(pl.col(key).cast(key_type))
+                if on_chunk is not None:
+                    on_chunk(part, table)
+                rows += table.height
+                if out.suffix.lower() == ".csv":
+                    table.write_csv(handle, include_header=start == 0)
+                else:
+                    arrow = table.to_arrow()
+                    if writer is None:
+                        writer = pq.ParquetWriter(handle, arrow.schema)
+                    writer.write_table(arrow)
+                done = min(start + chunk, len(ids))
+                status.update(f"answered for {done:,} of {len(ids):,} {noun}")
+            if writer is not None:
+                writer.close()
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return rows

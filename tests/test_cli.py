@@ -768,3 +768,33 @@ def test_similar_items_for_many_items_into_a_file(
     assert refused.exit_code == 2 and "not in the catalogue" in refused.output
     assert not (tmp_path / "t.csv").exists()
     assert runner.invoke(app, ["similar", str(model)]).exit_code == 2
+
+
+def test_evaluate_a_bundle_on_a_log_of_new_rows(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """`evaluate --test FILE`: a bundle could be measured on its own test split only
+    (from the command line), not on the rows that came after it."""
+    from twostage.recommender import load
+    from twostage.retrieval.evaluation import read_test_log
+
+    model = models_dir / "synthetic"
+    rec = load(model)
+    later = generate(num_users=200, num_items=80, num_interactions=600, seed=9)
+    week = tmp_path / "week.csv"
+    later.interactions.write_csv(week)
+    done = runner.invoke(
+        app, ["evaluate", str(model), "--test", str(week), "--baselines", "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    measured = json.loads(done.stdout)["retrieval"]
+    assert {"twostage", "popularity", "ease"} <= set(measured)
+    expected = rec.run.evaluate(read_test_log(rec.run, week)).to_dict()
+    assert measured["twostage"] == json.loads(json.dumps(expected))
+    text = tmp_path / "text.csv"
+    later.interactions.with_columns(
+        pl.format("u{}", "user_id").alias("user_id")
+    ).write_csv(text)
+    refused = runner.invoke(app, ["evaluate", str(model), "--test", str(text)])
+    assert refused.exit_code != 0
+    assert "do not have the run's types" in str(refused.exception)

@@ -960,25 +960,41 @@ def evaluate_command(
             "whose sequences share the user's recent items).",
         ),
     ] = False,
+    test_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--test",
+            help="Evaluate on this log instead (CSV, JSON lines, Parquet; e.g. the "
+            "week after training), read with the run's column mapping.",
+        ),
+    ] = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
-    config: retrieval (optionally beside the baselines), then the ranking stage when
-    the bundle has one (RMSE, MAE, AUC, two-stage lists against retrieval alone). A
-    run or bundle trained with --stream reads its log's test side again, a row
-    group at a time (no baselines)."""
+    config, or on a log of new rows (--test): retrieval (optionally beside the
+    baselines), then the ranking stage when the bundle has one (RMSE, MAE, AUC,
+    two-stage lists against retrieval alone). A run or bundle trained with --stream
+    reads its log's test side again, a row group at a time (no baselines)."""
     from twostage.retrieval.evaluation import evaluate_on, rebuild_split
     from twostage.retrieval.streamed import streamed_test_side
 
     results: dict[str, Any] = {}
     rec = _open_bundle(path)
     streamed = rec.run.stream is not None
-    if streamed:  # trained from a stream: the stream's split, read again
-        if baselines:
-            raise typer.BadParameter(
-                "a run trained from a stream is evaluated a row group at a time; "
-                "the baselines need the log in memory. Drop --baselines."
-            )
+    if streamed and baselines:
+        raise typer.BadParameter(
+            "a run trained from a stream has no training log in memory for the "
+            "baselines to fit on. Drop --baselines."
+        )
+    if test_file is not None:
+        from twostage.retrieval.evaluation import read_test_log
+
+        test = read_test_log(rec.run, test_file)
+        train = rebuild_split(rec.run, source=path).train if baselines else None
+        results["retrieval"] = evaluate_on(
+            rec.run, test, baselines=baselines, train=train
+        )
+    elif streamed:  # trained from a stream: the stream's split, read again
         test = streamed_test_side(rec.run)
         results["retrieval"] = evaluate_on(rec.run, test)
     else:
@@ -995,13 +1011,19 @@ def evaluate_command(
     if json_output:
         print_json(results)
         return
-    side = "test side of the stream" if streamed else "test split"
+    side = (
+        str(test_file)
+        if test_file is not None
+        else "test side of the stream"
+        if streamed
+        else "test split"
+    )
     print_metrics(
         {}, title=f"Evaluation of {path} ({side})", models=results["retrieval"]
     )
     print_test_counts(results["retrieval"].get("twostage"))
     if "ranking" in results:
-        print_ranking(results["ranking"], title="Ranking stage (test split)")
+        print_ranking(results["ranking"], title=f"Ranking stage ({side})")
 
 
 def report_command(

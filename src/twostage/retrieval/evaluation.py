@@ -4,6 +4,7 @@ again on its own test split (``twostage evaluate DIR``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -321,6 +322,86 @@ def rebuild_split(
             "(built-in data: `twostage data fetch NAME`), then evaluate again."
         ) from e
     return prepare_split(dataset, run.config)
+
+
+def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
+    """A log of held-out rows (a later week, say) read as the run's training log was
+    read (its saved column mapping and feature columns), its IDs typed as the run's
+    vocabularies hold them, for :func:`evaluate_on`. Users and items the run never
+    saw are kept: cold starts, and misses no list can hold.
+
+    Raises:
+        DataError: the file cannot be read so, every row is rejected, or an ID
+            column cannot take the run's ID type.
+    """
+    from twostage.data.registry import load_dataset
+    from twostage.data.split import check_not_empty
+
+    data = run.config.data
+    try:
+        test = load_dataset(
+            str(path),
+            user_col=data.user_col,
+            item_col=data.item_col,
+            time_col=data.time_col,
+            rating_col=data.rating_col,
+            separator=data.separator,
+            user_features=list(data.user_features) or None,
+            item_features=list(data.item_features) or None,
+        )
+    except DataError as e:
+        raise DataError(
+            f"{str(path)!r} is read as the run's training log was (user column "
+            f"{data.user_col or USER!r}, item column {data.item_col or ITEM!r}), and "
+            f"that failed: {e}"
+        ) from e
+    check_not_empty(test)
+    test = test.with_unrated(data.unrated_values)
+    types = {key: run.spec.vocabulary(key).values.dtype for key in (USER, ITEM)}
+    try:
+        rows = test.interactions.with_columns(
+            pl.col(key).cast(dtype) for key, dtype in types.items()
+        )
+    except pl.exceptions.PolarsError as e:
+        raise DataError(
+            f"the IDs of {str(path)!r} do not have the run's types "
+            f"({types[USER]}, {types[ITEM]}): {clause(e)}"
+        ) from e
+    test = test.with_interactions(rows)
+    if run.config.retrieval.use_side_features and (
+        test.users is None or test.items is None
+    ):  # features the new rows do not carry: the training data's tables
+        users, items = _training_tables(run)
+        test = dataclasses.replace(
+            test,
+            users=test.users if test.users is not None else users,
+            items=test.items if test.items is not None else items,
+        )
+    return test
+
+
+def _training_tables(run: RetrievalRun) -> tuple[pl.DataFrame | None, ...]:
+    """The user and item tables the run trained with, read again from its data (a
+    log in memory, or the stream it was trained on)."""
+    try:
+        if run.stream is not None:
+            from twostage.retrieval.streamed import side_tables
+
+            return side_tables(
+                Path(run.stream),
+                run.config,
+                run.spec.vocabulary(USER).values,
+                run.spec.vocabulary(ITEM).values,
+            )
+        dataset = load_dataset_for(run.config)
+    except (TwostageError, OSError) as e:
+        raise DataError(
+            "the new rows carry no feature columns, and the run's training data "
+            f"(data.dataset = {run.config.data.dataset!r}), which holds its feature "
+            f"tables, cannot be read here ({clause(e)}). Give the rows their "
+            "feature columns, or make that data available."
+        ) from e
+    return dataset.users, dataset.items
 
 
 def evaluate_on(

@@ -105,6 +105,7 @@ __all__ = [
     "evaluate_streamed",
     "fit_streamed_retrieval",
     "fit_streamed_two_stage",
+    "side_tables",
     "streamed_tensors",
     "streamed_test_side",
 ]
@@ -318,7 +319,7 @@ def streamed_tensors(
     return StreamedRows(tensors=tensors, times=times, ratings=ratings, weights=weights)
 
 
-def _side_tables(
+def side_tables(
     path: str | Path, config: ExperimentConfig, users: pl.Series, items: pl.Series
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """The feature tables a streamed run reads (None without side features): the
@@ -412,7 +413,7 @@ def streamed_test_side(run: RetrievalRun) -> Dataset:
             f"the run was trained on the stream {str(path)!r}, which is not there "
             "any more: put the log back at that path to evaluate it."
         )
-    user_table, item_table = _side_tables(
+    user_table, item_table = side_tables(
         path,
         run.config,
         run.spec.vocabulary(USER).values,
@@ -732,7 +733,7 @@ def _fit_streamed(
         why_no_training=f" ({held} more went to validation)" if held else "",
     )
     check_validation_choices(config, has_validation=fitted.num_validation_rows > 0)
-    user_table, item_table = _side_tables(
+    user_table, item_table = side_tables(
         path, config, fitted.users.values, fitted.items.values
     )
     # No rows: the log's columns (less the feature columns) say which per-row

@@ -798,3 +798,37 @@ def test_evaluate_a_bundle_on_a_log_of_new_rows(
     refused = runner.invoke(app, ["evaluate", str(model), "--test", str(text)])
     assert refused.exit_code != 0
     assert "do not have the run's types" in str(refused.exception)
+
+
+def test_a_log_changed_since_training_is_not_evaluated_as_its_split(
+    tmp_path: Path,
+) -> None:
+    """`evaluate` and `report` rebuild the split from `data.dataset`: a log that
+    had grown since training (or another dataset under that name) gave another
+    split's figures, without a word."""
+    data = generate(num_users=60, num_items=80, num_interactions=1500)
+    log = tmp_path / "log.csv"
+    data.interactions.write_csv(log)
+    run = tmp_path / "run"
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "retrieval",
+            "--dataset",
+            str(log),
+            "--out",
+            str(run),
+            *SMALL_TRAINING,
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
+    more = generate(num_users=60, num_items=80, num_interactions=300, seed=5)
+    pl.concat([data.interactions, more.interactions]).write_csv(log)
+    refused = runner.invoke(app, ["evaluate", str(run)])
+    assert refused.exit_code != 0
+    assert "is not the one this run trained on" in str(refused.exception)
+    report = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "r")])
+    assert report.exit_code == 0, report.output
+    assert "is not the one this run trained on" in " ".join(report.output.split())

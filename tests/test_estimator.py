@@ -1,6 +1,7 @@
 """The estimator API end to end, as a notebook would drive it: pandas frames in,
 both stages fitted without re-splitting, answers, figures, save and reload."""
 
+import json
 import math
 from pathlib import Path
 
@@ -276,3 +277,38 @@ def test_tensorboard_keeps_an_ensembles_members_apart(tmp_path: Path) -> None:
     }
     losses = [e.value for e in events.Scalars("retrieval/member-1/train_loss")]
     assert losses == [2.0, 3.0]
+
+
+def test_a_model_fitted_on_tables_is_not_evaluated_on_another_dataset(
+    frames, tmp_path: Path
+) -> None:
+    """A bundle saved by TwoStageModel.fit kept `data.dataset` = "movielens-100k"
+    (the default), and `twostage evaluate` / `report` rebuilt a "test split" of
+    MovieLens-100k for it: figures of another dataset, without a word."""
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    train, test = frames
+    columns = {"user_col": "uid", "item_col": "movie", "rating_col": "stars"}
+    model = twostage.TwoStageModel(
+        settings={**SETTINGS, "train.epochs": 1}, ranking=False, progress=False
+    )
+    model.fit(train, **columns)
+    bundle = model.save(tmp_path / "bundle")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["evaluate", str(bundle)])
+    assert refused.exit_code != 0
+    assert "fitted by TwoStageModel.fit on tables given in Python" in str(
+        refused.exception
+    )
+    rows = tmp_path / "test.csv"
+    test.rename(columns={"uid": "user_id", "movie": "item_id"}).drop(
+        columns=["stars"]
+    ).to_csv(rows, index=False)
+    measured = runner.invoke(
+        app, ["evaluate", str(bundle), "--test", str(rows), "--json"]
+    )
+    assert measured.exit_code == 0, measured.output
+    counts = json.loads(measured.stdout)["retrieval"]["twostage"]["counts"]
+    assert counts["include_seen"]["num_queries"] > 0

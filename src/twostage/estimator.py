@@ -22,6 +22,7 @@ import torch
 
 from twostage.config import ExperimentConfig, apply_settings, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.data.registry import FIT_TABLES
 from twostage.data.split import ExperimentSplit, validation_split
 from twostage.errors import ConfigError, DataError
 from twostage.evaluate import EvalResult
@@ -200,6 +201,10 @@ class TwoStageModel:
         self.columns_ = dataclasses.replace(columns, weight_col=None)  # for evaluate
         data_config = self.config.data
         _refuse_unread_data_settings(data_config)
+        # The saved config must not name a dataset these tables did not come from.
+        self.config = dataclasses.replace(
+            self.config, data=dataclasses.replace(data_config, dataset=FIT_TABLES)
+        )
         for arg, given, setting in (
             ("users", users, data_config.user_table),
             ("items", items, data_config.item_table),

@@ -414,7 +414,7 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
     from twostage.data.split import prepare_split
     from twostage.errors import TwostageError, clause
     from twostage.recommender import load
-    from twostage.retrieval.evaluation import evaluate_baselines
+    from twostage.retrieval.evaluation import check_rebuilt, evaluate_baselines
 
     refuse_foreign_report(Path(out))  # before the evaluation, not after
     rec = load(source)
@@ -431,6 +431,8 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
     sections: dict[str, list[dict[str, Any]]] = {}
     try:
         dataset = load_dataset_for(run.config)
+        split = prepare_split(dataset, run.config)
+        check_rebuilt(run, split)  # not another log's figures under the same name
     except (TwostageError, OSError) as e:
         notes.append(
             f"the data {run.config.data.dataset!r} cannot be loaded here ({clause(e)}); the "
@@ -438,7 +440,6 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
         )
     else:
         summary = describe(dataset)
-        split = prepare_split(dataset, run.config)
         test = split.test
         comparison = {"twostage": run.evaluate(test).to_dict()}
         comparison.update(

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "FIT_TABLES",
     "anchored",
     "load_dataset",
     "load_dataset_for",
@@ -29,6 +30,12 @@ BUILTIN_DATASETS = (
     "movielens-25m",
     "synthetic",
 )
+
+
+#: ``data.dataset`` of a run fitted by ``TwoStageModel.fit`` on tables given in
+#: Python: no name or path reads them again, so evaluation and reports must not
+#: rebuild a split from the default dataset (they did: MovieLens-100k).
+FIT_TABLES = "<tables given to TwoStageModel.fit>"
 
 
 def anchored(spec: str) -> str:
@@ -74,6 +81,13 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
     Raises:
         DataError: the name is not a built-in dataset and no such file exists.
     """
+    if spec == FIT_TABLES:
+        raise DataError(
+            "this run was fitted by TwoStageModel.fit on tables given in Python, "
+            "which are not recorded with it, so its data cannot be read again. "
+            "Measure it on rows you give: `twostage evaluate BUNDLE --test FILE`, or "
+            "TwoStageModel.evaluate(table)."
+        )
     options = {k: v for k, v in options.items() if v is not None}
     lowered = spec.lower()
     builtin = lowered.startswith(("movielens-", "ml-", "synthetic"))

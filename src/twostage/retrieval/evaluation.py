@@ -32,6 +32,7 @@ __all__ = [
     "evaluate_run_embeddings",
     "evaluate_saved",
     "rebuild_split",
+    "check_rebuilt",
     "rebuild_test_split",
     "eval_queries",
 ]
@@ -311,9 +312,13 @@ def rebuild_split(
     Raises:
         DataError: the dataset named in the config cannot be loaded here.
     """
+    from twostage.data.registry import FIT_TABLES
+
     try:
         dataset = load_dataset_for(run.config)
     except (TwostageError, OSError) as e:
+        if run.config.data.dataset == FIT_TABLES:  # its message says what to do
+            raise
         where = f" of {str(source)!r}" if source is not None else ""
         raise DataError(
             f"cannot rebuild the test split{where}: its config names "
@@ -321,7 +326,39 @@ def rebuild_split(
             f"here ({clause(e)}). Make that dataset available at the same name or path "
             "(built-in data: `twostage data fetch NAME`), then evaluate again."
         ) from e
-    return prepare_split(dataset, run.config)
+    split = prepare_split(dataset, run.config)
+    check_rebuilt(run, split)
+    return split
+
+
+def check_rebuilt(run: RetrievalRun, split: ExperimentSplit) -> None:
+    """Refuse a rebuilt split whose training rows are not the run's: the file at
+    ``data.dataset`` changed since training, or the run was fitted on other data
+    under that name (a run given a Dataset in Python keeps the config's default
+    name). Its figures would be another log's, without a word.
+
+    The run's ID vocabularies are its fingerprint: their counts sum to its
+    training rows, and they hold its distinct users and items.
+
+    Raises:
+        DataError: the counts differ.
+    """
+    users, items = run.spec.vocabulary(USER), run.spec.vocabulary(ITEM)
+    if any(v.min_count != 1 or v.max_size is not None for v in (users, items)):
+        return  # IDs left out of a vocabulary: no exact fingerprint
+    fit = split.fit.interactions
+    trained = (int(users.counts.sum()), len(users.values), len(items.values))
+    rebuilt = (fit.height, fit[USER].n_unique(), fit[ITEM].n_unique())
+    if trained != rebuilt:
+        raise DataError(
+            f"the split rebuilt from data.dataset = {run.config.data.dataset!r} is "
+            f"not the one this run trained on: {rebuilt[0]:,} training rows of "
+            f"{rebuilt[1]:,} users and {rebuilt[2]:,} items, where the run trained "
+            f"on {trained[0]:,} rows of {trained[1]:,} users and {trained[2]:,} items. "
+            "The data at that name or path changed since training, or the run was "
+            "fitted on other data: measure it on rows you give (`twostage evaluate "
+            "BUNDLE --test FILE`)."
+        )
 
 
 def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
@@ -368,8 +405,9 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
             f"({types[USER]}, {types[ITEM]}): {clause(e)}"
         ) from e
     test = test.with_interactions(rows)
-    if run.config.retrieval.use_side_features and (
-        test.users is None or test.items is None
+    sources = {info.source for info in run.spec.describe()}
+    if ("users" in sources and test.users is None) or (
+        "items" in sources and test.items is None
     ):  # features the new rows do not carry: the training data's tables
         users, items = _training_tables(run)
         test = dataclasses.replace(

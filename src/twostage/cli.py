@@ -24,6 +24,7 @@ import typer
 from rich.markup import escape
 
 from twostage.cli_batch import (
+    Overwrite,
     check_batch_options,
     parse_id,
     read_ids,
@@ -547,9 +548,7 @@ def recommend_command(
             "(user_id, rank, item_id, score, retrieval_score, path)."
         ),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
-    ] = False,
+    overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Recommend items for a user or a session, printed with titles next to their
@@ -728,9 +727,7 @@ def similar_command(
             "(item_id, rank, similar_item_id, score)."
         ),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
-    ] = False,
+    overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Items most similar to one item (people who liked this also liked); or to

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import polars as pl
 import typer
 
 from twostage.cli_output import status_console
 
-__all__ = ["check_batch_options", "parse_id", "read_ids", "write_in_chunks"]
+__all__ = [
+    "Overwrite",
+    "check_batch_options",
+    "parse_id",
+    "read_ids",
+    "write_in_chunks",
+]
+
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+]
 
 
 def parse_id(value: str) -> Any:

@@ -19,6 +19,7 @@ __all__ = [
     "anchored",
     "load_dataset",
     "load_dataset_for",
+    "load_mapped",
     "read_side_tables",
 ]
 
@@ -129,23 +130,30 @@ def load_dataset_for(config: ExperimentConfig) -> Dataset:
     """The dataset a config names, with its column mapping and the feature files
     of ``data.user_table`` / ``data.item_table`` joined."""
     data = config.data
-    dataset = load_dataset(
-        data.dataset,
-        user_col=data.user_col,
-        item_col=data.item_col,
-        time_col=data.time_col,
-        rating_col=data.rating_col,
-        weight_col=data.weight_col,
-        separator=data.separator,
-        user_features=list(data.user_features) or None,
-        item_features=list(data.item_features) or None,
-    )
+    dataset = load_mapped(data.dataset, data)
     users, items = read_side_tables(data)
     if users is None and items is None:
         return dataset
     from twostage.data.tables import join_features
 
     return join_features(dataset, users=users, items=items)
+
+
+def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset:
+    """:func:`load_dataset` of ``spec`` with the column mapping and feature columns
+    of ``data`` (a run's saved ``data`` section); without ``weights``, the weight
+    column is left unread (held-out rows)."""
+    return load_dataset(
+        spec,
+        user_col=data.user_col,
+        item_col=data.item_col,
+        time_col=data.time_col,
+        rating_col=data.rating_col,
+        weight_col=data.weight_col if weights else None,
+        separator=data.separator,
+        user_features=list(data.user_features) or None,
+        item_features=list(data.item_features) or None,
+    )
 
 
 def read_side_tables(

@@ -371,21 +371,12 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
         DataError: the file cannot be read so, every row is rejected, or an ID
             column cannot take the run's ID type.
     """
-    from twostage.data.registry import load_dataset
+    from twostage.data.registry import load_mapped
     from twostage.data.split import check_not_empty
 
     data = run.config.data
     try:
-        test = load_dataset(
-            str(path),
-            user_col=data.user_col,
-            item_col=data.item_col,
-            time_col=data.time_col,
-            rating_col=data.rating_col,
-            separator=data.separator,
-            user_features=list(data.user_features) or None,
-            item_features=list(data.item_features) or None,
-        )
+        test = load_mapped(str(path), data, weights=False)
     except DataError as e:
         raise DataError(
             f"{str(path)!r} is read as the run's training log was (user column "

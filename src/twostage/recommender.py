@@ -516,7 +516,12 @@ class Recommender:
         return [self.recommend(user_id, k, **options) for user_id in user_ids]
 
     def recommend_table(
-        self, user_ids: Sequence[Any], k: int = 10, **options: Any
+        self,
+        user_ids: Sequence[Any],
+        k: int = 10,
+        *,
+        exclude_seen: bool = True,
+        use_ranker: bool = True,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -529,37 +534,131 @@ class Recommender:
         is almost all seen) has fewer rows; none is dropped silently, as the
         ``path`` and rank counts show.
 
+        Known users on the personalised path are answered 512 at a time (one
+        index search and one ranker call per chunk; the lists :meth:`recommend`
+        gives, up to float rounding in the scores), the others one by one.
+
         Args:
             user_ids: a list, tuple or array of user IDs (unknown ones get the
                 cold-start answer).
             k: list length.
-            options: as :meth:`recommend` (``exclude_seen``, ``use_ranker``...).
+            exclude_seen, use_ranker: as :meth:`recommend`.
         """
-        answers = self.recommend_batch(user_ids, k, **options)
+        k = _check_k("k", k)
+        exclude_seen = _check_flag("exclude_seen", exclude_seen)
+        use_ranker = _check_flag("use_ranker", use_ranker)
+        if isinstance(user_ids, str | bytes | int | dict | set) or not hasattr(
+            user_ids, "__iter__"
+        ):
+            raise ConfigError(
+                "`user_ids` should be a list of user IDs, in the order of the "
+                f"rows. Received: {user_ids!r} ({type(user_ids).__name__})."
+            )
+        given = list(user_ids)
+        for user_id in given:
+            if user_id is not None:
+                check_raw_id("user_id", user_id)
+        idx = np.array(
+            [self.user_vocab.lookup(u) if u is not None else 0 for u in given],
+            dtype=np.int64,
+        )
+        # The chunked path: what recommend() does for these users, vectorised.
+        fast = (idx > 0) & ~self._popular_users[idx]
+        if self._context_keys or self.run.scores_exactly:
+            fast[:] = False  # per-request context, or the session-kNN term
+        lists: dict[int, tuple[list[int], list[float], list[float], str]] = {}
+        positions = np.flatnonzero(fast)
+        for part in np.array_split(positions, max(1, -(-len(positions) // 512))):
+            if len(part):
+                lists.update(
+                    zip(
+                        part.tolist(),
+                        self._personalised_lists(
+                            idx[part], k, exclude_seen, use_ranker
+                        ),
+                        strict=True,
+                    )
+                )
         users: list[Any] = []
         ranks: list[int] = []
-        items: list[Any] = []
+        items: list[int] = []
         scores: list[float] = []
         retrieval: list[float] = []
         paths: list[str] = []
-        for answer in answers:
-            for rank, entry in enumerate(answer.items, 1):
-                users.append(answer.user_id)
-                ranks.append(rank)
-                items.append(entry["item_id"])
-                scores.append(entry.get("rank_score", entry["score"]))
-                retrieval.append(entry["score"])
-                paths.append(answer.path)
+        for position, user_id in enumerate(given):
+            if position in lists:
+                item_idx, keys, plain, path = lists[position]
+            else:
+                answer = self.recommend(
+                    user_id, k, exclude_seen=exclude_seen, use_ranker=use_ranker
+                )
+                item_idx = [self.item_vocab.lookup(i["item_id"]) for i in answer.items]
+                plain = [i["score"] for i in answer.items]
+                keys = [i.get("rank_score", i["score"]) for i in answer.items]
+                path = answer.path
+            users.extend([user_id] * len(item_idx))
+            ranks.extend(range(1, len(item_idx) + 1))
+            items.extend(item_idx)
+            scores.extend(keys)
+            retrieval.extend(plain)
+            paths.extend([path] * len(item_idx))
         return pl.DataFrame(
             {
                 USER: pl.Series(users, strict=False),
                 "rank": pl.Series(ranks, dtype=pl.Int32),
-                ITEM: pl.Series(items, dtype=self.item_vocab.values.dtype),
+                ITEM: self.item_vocab.inverse_transform(
+                    np.array(items, dtype=np.int64)
+                ),
                 "score": pl.Series(scores, dtype=pl.Float32),
                 "retrieval_score": pl.Series(retrieval, dtype=pl.Float32),
                 "path": pl.Series(paths, dtype=pl.String),
             }
         )
+
+    def _personalised_lists(
+        self, user_idx: np.ndarray, k: int, exclude_seen: bool, use_ranker: bool
+    ) -> list[tuple[list[int], list[float], list[float], str]]:
+        """``(item indices, keys, retrieval scores, path)`` of known users on the
+        personalised path, as :meth:`recommend` orders them, in one index search
+        and one ranker call."""
+        users = torch.from_numpy(user_idx)
+        queries = self._known_queries()[users]
+        seen = [self._seen.row(int(u)) if exclude_seen else None for u in user_idx]
+        width = max(self.num_candidates, k)
+        top_scores, top_idx = self.index.search(queries, width, exclude=seen)
+        valid = top_idx >= 0  # rows run short only when the catalogue does
+        ranker = self.ranker if use_ranker else None
+        if ranker is None:
+            order = torch.arange(top_idx.shape[1]).expand_as(top_idx)
+            keys = top_scores
+        else:
+            candidates = top_idx.clamp_min(0)
+            with torch.no_grad():
+                out = ranker.score(users, candidates)
+            logits = top_scores.masked_fill(~valid, 0.0) / float(
+                self.run.model.temperature
+            )
+            order, keys = rerank(
+                out["click"],
+                logits,
+                blend_weight=ranker.blend_weight,
+                valid=valid,
+                ease=ranker.ease_scores(users, candidates),
+                ease_weight=ranker.config.ease_weight,
+            )
+        chosen = top_idx.gather(1, order)[:, :k]
+        plain = top_scores.gather(1, order)[:, :k]
+        keys = keys[:, :k]
+        kept = chosen >= 0
+        return [
+            (
+                chosen[row][kept[row]].tolist(),
+                keys[row][kept[row]].tolist(),
+                plain[row][kept[row]].tolist(),
+                "personalised",
+            )
+            for row in range(len(user_idx))
+        ]
 
     def similar_table(self, item_ids: Sequence[Any], k: int = 10) -> pl.DataFrame:
         """:meth:`similar_items` for many items as one long table (an "also liked"

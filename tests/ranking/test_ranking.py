@@ -553,3 +553,22 @@ def test_the_logs_weights_scale_the_rankers_loss(trained) -> None:
     for name, value in plain.items():
         torch.testing.assert_close(ones[name], value, rtol=0, atol=1e-6)
     assert any(not torch.allclose(thirds[n], v) for n, v in plain.items())
+
+
+def test_a_table_of_lists_is_the_lists_recommend_gives(trained) -> None:
+    """`recommend_table` answers known users in chunks (one index search, one
+    ranker call): the same items in the same order as one `recommend` per user."""
+    from twostage.recommender import Recommender
+
+    run, ranking, _, _ = trained
+    rec = Recommender(run, ranker=ranking)
+    users = [*rec.user_vocab.values.to_list()[:700], 10**9]  # and a stranger
+    for use_ranker in (True, False):
+        table = rec.recommend_table(users, 7, use_ranker=use_ranker)
+        answers = rec.recommend_batch(users, 7, use_ranker=use_ranker)
+        expected = [(a.user_id, i["item_id"]) for a in answers for i in a.items]
+        assert list(zip(table["user_id"], table["item_id"], strict=True)) == expected
+        keys = [i.get("rank_score", i["score"]) for a in answers for i in a.items]
+        assert table["score"].to_list() == pytest.approx(keys, abs=1e-5)
+        paths = {a.path for a in answers}
+        assert "personalised" in paths and "popularity" in paths

@@ -10,9 +10,10 @@ equal keys without a word, so it is not used here. The good objects become a pol
 frame a chunk at a time and are checked as every other table is
 (:func:`twostage.data._table_values.load_frame`), with their physical line numbers.
 
-Measured on the 2-core VM: 4.9 s for a million lines of four fields, against 0.2 s
-for the same log as CSV (almost all of it in :mod:`json`); a log of tens of
-millions of rows is better written to Parquet once (``pl.scan_ndjson``).
+Measured on the 2-core VM (``benchmarks/data_load.py --rows 1000000``): 4.5 s for a
+million lines of four fields, against 0.17 s for the same log as CSV (almost all of
+it in :mod:`json`); a log of tens of millions of rows is better written to Parquet
+once (``pl.scan_ndjson``).
 """
 
 from __future__ import annotations

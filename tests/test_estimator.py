@@ -312,3 +312,17 @@ def test_a_model_fitted_on_tables_is_not_evaluated_on_another_dataset(
     assert measured.exit_code == 0, measured.output
     counts = json.loads(measured.stdout)["retrieval"]["twostage"]["counts"]
     assert counts["include_seen"]["num_queries"] > 0
+
+
+def test_a_loaded_model_evaluates_rows_without_their_feature_columns(
+    models_dir: Path,
+) -> None:
+    """TwoStageModel.load(...).evaluate(rows) of a model with side features ended
+    in "`frame` lacks column(s) ['age', ...]": its feature tables are read from
+    its training data, as `twostage evaluate --test` reads them."""
+    from twostage.data.synthetic import generate
+
+    model = twostage.TwoStageModel.load(models_dir / "synthetic")
+    rows = generate(num_users=200, num_items=80, num_interactions=400, seed=9)
+    result = model.evaluate(rows.interactions.select("user_id", "item_id", "timestamp"))
+    assert result.num_users > 0

@@ -455,12 +455,15 @@ class TwoStageModel:
         names = dataclasses.replace(self.columns_ or _Columns(), **columns)
         data = self._as_dataset(test, names, like=like)
         if like is None:  # a loaded model: cast to the vocabularies' types
+            from twostage.retrieval.evaluation import with_training_tables
+
             data = data.with_interactions(
                 data.interactions.with_columns(
                     pl.col(USER).cast(rec.user_vocab.values.dtype),
                     pl.col(ITEM).cast(rec.item_vocab.values.dtype),
                 )
             )
+            data = with_training_tables(rec.run, data)  # features the rows lack
         retrieval = rec.run.evaluate(data)
         ranking = None
         if rec.ranker is not None:

@@ -33,6 +33,7 @@ __all__ = [
     "evaluate_saved",
     "rebuild_split",
     "check_rebuilt",
+    "with_training_tables",
     "rebuild_test_split",
     "eval_queries",
 ]
@@ -395,18 +396,24 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
             f"the IDs of {str(path)!r} do not have the run's types "
             f"({types[USER]}, {types[ITEM]}): {clause(e)}"
         ) from e
-    test = test.with_interactions(rows)
+    return with_training_tables(run, test.with_interactions(rows))
+
+
+def with_training_tables(run: RetrievalRun, test: Dataset) -> Dataset:
+    """``test`` with the user / item tables the run trained with where it has none
+    and the run's features read one (rows of a new log carry no feature tables)."""
     sources = {info.source for info in run.spec.describe()}
-    if ("users" in sources and test.users is None) or (
-        "items" in sources and test.items is None
-    ):  # features the new rows do not carry: the training data's tables
-        users, items = _training_tables(run)
-        test = dataclasses.replace(
-            test,
-            users=test.users if test.users is not None else users,
-            items=test.items if test.items is not None else items,
-        )
-    return test
+    if not (
+        ("users" in sources and test.users is None)
+        or ("items" in sources and test.items is None)
+    ):
+        return test
+    users, items = _training_tables(run)
+    return dataclasses.replace(
+        test,
+        users=test.users if test.users is not None else users,
+        items=test.items if test.items is not None else items,
+    )
 
 
 def _training_tables(run: RetrievalRun) -> tuple[pl.DataFrame | None, ...]:

@@ -43,6 +43,13 @@ TimeCol = Annotated[
         'if any; "" for none (file order).'
     ),
 ]
+TimeFormat = Annotated[
+    str | None,
+    typer.Option(
+        help="strptime format of the time column, e.g. %Y%m%d for 20240301 "
+        "(default: epoch seconds or ISO 8601)."
+    ),
+]
 RatingCol = Annotated[
     str | None,
     typer.Option(help='Rating column; default: one named rating, if any; "" for none.'),
@@ -102,6 +109,7 @@ def dataset_options(
     user_col: str | None = None,
     item_col: str | None = None,
     time_col: str | None = None,
+    time_format: str | None = None,
     rating_col: str | None = None,
     weight_col: str | None = None,
     separator: str | None = None,
@@ -114,6 +122,7 @@ def dataset_options(
         "user_col": user_col,
         "item_col": item_col,
         "time_col": time_col,
+        "time_format": time_format,
         "rating_col": rating_col,
         "weight_col": weight_col,
         "separator": separator,
@@ -236,6 +245,7 @@ def data_describe(
     user_col: UserCol = None,
     item_col: ItemCol = None,
     time_col: TimeCol = None,
+    time_format: TimeFormat = None,
     rating_col: RatingCol = None,
     weight_col: WeightCol = None,
     separator: Separator = None,
@@ -265,6 +275,7 @@ def data_describe(
         user_col=user_col,
         item_col=item_col,
         time_col=time_col,
+        time_format=time_format,
         rating_col=rating_col,
         weight_col=weight_col,
         separator=separator,
@@ -315,6 +326,7 @@ def data_split(
     user_col: UserCol = None,
     item_col: ItemCol = None,
     time_col: TimeCol = None,
+    time_format: TimeFormat = None,
     rating_col: RatingCol = None,
     weight_col: WeightCol = None,
     separator: Separator = None,
@@ -360,6 +372,7 @@ def data_split(
         user_col=user_col,
         item_col=item_col,
         time_col=time_col,
+        time_format=time_format,
         rating_col=rating_col,
         weight_col=weight_col,
         separator=separator,

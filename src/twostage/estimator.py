@@ -591,6 +591,7 @@ _UNREAD_DATA = {
     "rating_col": "fit(rating_col=...)",
     "weight_col": "fit(weight_col=...)",
     "separator": "read the file with read_interactions(separator=...) and pass it",
+    "time_format": "read the file with read_interactions(time_format=...) and pass it",
     "user_features": "pass users= (a table keyed by user), or columns through "
     "read_interactions(user_features=...)",
     "item_features": "pass items=, or read_interactions(item_features=...)",

@@ -1122,3 +1122,34 @@ def test_bad_json_lines_are_counted_on_their_lines(tmp_path: Path) -> None:
     ]:
         with pytest.raises(DataError, match=message):
             read_interactions(write(tmp_path, "x.json", content), user_col="user")
+
+
+def test_dates_written_as_numbers_are_not_read_as_1970(tmp_path: Path) -> None:
+    """20240301 read as 20,240,301 seconds: a log of August 1970, without a word."""
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.data.registry import load_dataset_for
+
+    text = "user_id,item_id,day\n1,1,20240301\n1,2,20240302\n2,1,20240315\n"
+    path = write(tmp_path, "days.csv", text)
+    refused = read_interactions(path, time_col="day")
+    assert refused.report is not None and refused.num_interactions == 0
+    assert refused.report.rejected == {"timestamp_as_date_number": 3}
+    assert "time_format='%Y%m%d'" in refused.report.summary()
+    read = read_interactions(path, time_col="day", time_format="%Y%m%d")
+    assert read.interactions["timestamp"].to_list() == [
+        int(datetime(2024, 3, d, tzinfo=UTC).timestamp()) for d in (1, 2, 15)
+    ]
+    # From a config (`--time-format`), and as Parquet integers too.
+    pl.read_csv(path).write_parquet(tmp_path / "days.parquet")
+    config = apply_overrides(
+        ExperimentConfig(),
+        [f"data.dataset={tmp_path / 'days.parquet'}", "data.time_col=day"],
+    )
+    assert load_dataset_for(config).num_interactions == 0
+    dated = apply_overrides(config, ["data.time_format=%Y%m%d"])
+    assert load_dataset_for(dated).interactions["timestamp"].to_list() == (
+        read.interactions["timestamp"].to_list()
+    )
+    # Seconds that merely fall in that band (a relative clock) stay seconds.
+    mixed = write(tmp_path, "mixed.csv", "user_id,item_id,t\n1,1,20240301\n1,2,5\n")
+    assert read_interactions(mixed, time_col="t").num_interactions == 2

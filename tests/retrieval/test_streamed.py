@@ -405,6 +405,7 @@ def test_a_streamed_logs_weights_train_as_in_memory(log: Path, tmp_path: Path) -
         (["data.cold_user_fraction=0.1"], "data.cold_user_fraction"),
         (["data.unrated_values=0"], "data.unrated_values"),
         (["data.separator=;"], "data.separator"),
+        (["data.time_format=%Y%m%d"], "data.time_format"),
     ],
 )
 def test_data_options_a_stream_does_not_read_are_refused(

@@ -79,6 +79,9 @@ class DataConfig(_Checked):
     way: every epoch scores them. ``weight_col`` names a column of the log whose
     non-negative values scale each training row's share of the retrieval and the
     ranking losses (play counts, dwell time...); unset, every row weighs 1.
+    ``time_format`` parses the time column with a strptime format (``"%Y%m%d"``
+    for dates written as numbers, ``"%m/%d/%Y %H:%M"``) instead of epoch seconds
+    or ISO 8601.
     ``user_table`` / ``item_table`` name files of user / item features (CSV, JSON
     lines or Parquet; a product catalogue, a user profile export), keyed by the
     log's user / item column name (``user_col`` / ``item_col``) or ``user_id`` /
@@ -107,6 +110,7 @@ class DataConfig(_Checked):
     test_users: int = 0
     user_table: str | None = None
     item_table: str | None = None
+    time_format: str | None = None
 
     SECTION: ClassVar[str] = "data"
 

@@ -143,6 +143,13 @@ def parse_columns(
             if fraction.any():
                 bad["timestamp_with_fraction"] = fraction
                 mask = mask & ~fraction
+            # Dates written as numbers (20240301) read as seconds of August 1970:
+            # their own reason when every value is one, so the report says how to
+            # read them (time_format="%Y%m%d"), not a 1970 log without a word.
+            if spec.time_format is None and _date_numbers(value):
+                dated = value.is_not_null()
+                bad["timestamp_as_date_number"] = dated
+                value = value.set(dated, None)
             value = value.set(outside | scaled, None)
             mask = mask | outside
         elif target in (RATING, WEIGHT):
@@ -278,7 +285,22 @@ def _all_fields_empty(df: pl.DataFrame) -> pl.Series | None:
     ).to_series()
 
 
+def _date_numbers(value: pl.Series) -> bool:
+    """Whether every value (two or more) is a yyyymmdd date of 1900-2100."""
+    given = value.drop_nulls()
+    if given.len() < 2:
+        return False
+    month, day = (given // 100) % 100, given % 100
+    return bool(
+        ((given >= 19000101) & (given <= 21001231)).all()
+        & ((month >= 1) & (month <= 12)).all()
+        & ((day >= 1) & (day <= 31)).all()
+    )
+
+
 def _parse_time(s: pl.Series, time_format: str | None) -> tuple[pl.Series, pl.Series]:
+    if time_format is not None and s.dtype != pl.String and s.dtype.is_numeric():
+        s = s.cast(pl.String)  # 20240301 with time_format="%Y%m%d"
     dtype = s.dtype
     if dtype == pl.String:
         value = _parse_time_text(s.str.strip_chars(PADDING), time_format)

@@ -149,6 +149,7 @@ def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset
         item_col=data.item_col,
         time_col=data.time_col,
         rating_col=data.rating_col,
+        time_format=data.time_format,
         weight_col=data.weight_col if weights else None,
         separator=data.separator,
         user_features=list(data.user_features) or None,

@@ -19,6 +19,8 @@ REASONS = (
     # a number that is a time only as milliseconds or microseconds since the epoch
     "timestamp_not_in_seconds",
     "timestamp_with_fraction",  # seconds with a fraction: refused, not cut
+    # numbers that are dates (20240301): read with time_format="%Y%m%d"
+    "timestamp_as_date_number",
     "duplicate",
     "bad_weight",  # a mapped weight is empty, non-numeric, not finite or negative
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
@@ -98,6 +100,11 @@ class LoadReport:
             hints.append(
                 "timestamps with a fraction of a second: floor the column to whole "
                 "seconds first, e.g. `ts // 1`, if that order is fine"
+            )
+        if "timestamp_as_date_number" in self.rejected:
+            hints.append(
+                "timestamps written as dates such as 20240301: read them with "
+                "time_format='%Y%m%d' (--time-format %Y%m%d)"
             )
         return "; ".join(hints)
 

@@ -171,13 +171,15 @@ def check_data_options(data: DataConfig) -> None:
         "data.separator": data.separator is not None,
         "data.cold_user_fraction": data.cold_user_fraction != 0,
         "data.unrated_values": bool(data.unrated_values),
+        "data.time_format": data.time_format is not None,
     }
     if any(unread.values()):
         raise ConfigError(
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
-            + " (a Parquet log has no separator; cold users and unrated values "
-            "are in-memory options): unset them, or load the log in memory "
+            + " (a Parquet log has no separator; cold users, unrated values and "
+            "time formats are in-memory options; a Parquet log can hold datetimes): "
+            "unset them, or load the log in memory "
             "(without --stream)."
         )
 

@@ -1153,3 +1153,19 @@ def test_dates_written_as_numbers_are_not_read_as_1970(tmp_path: Path) -> None:
     # Seconds that merely fall in that band (a relative clock) stay seconds.
     mixed = write(tmp_path, "mixed.csv", "user_id,item_id,t\n1,1,20240301\n1,2,5\n")
     assert read_interactions(mixed, time_col="t").num_interactions == 2
+
+
+def test_numbers_with_a_decimal_comma_have_their_own_reason(tmp_path: Path) -> None:
+    """European exports write 4,5: counted as bad ratings, with no word of why."""
+    text = "user;item;rating;plays\n1;1;4,5;1\n1;2;3;2,5\n2;1;5;1\n2;2;x;1\n"
+    path = write(tmp_path, "eu.csv", text)
+    data = read_interactions(
+        path, user_col="user", item_col="item", rating_col="rating", weight_col="plays"
+    )
+    assert data.report is not None and data.num_interactions == 1
+    assert data.report.rejected == {"number_with_decimal_comma": 2, "bad_rating": 1}
+    assert [line for line, _ in data.report.examples["number_with_decimal_comma"]] == [
+        2,
+        3,
+    ]
+    assert "str.replace(',', '.')" in data.report.summary()

@@ -156,6 +156,14 @@ def parse_columns(
             value, mask = _parse_number(s, target)
             if target == WEIGHT:  # a weight scales a row's share of the loss
                 mask = mask | (value < 0).fill_null(False)
+            if s.dtype == pl.String:  # "4,5" (European exports): its own reason
+                comma = mask & s.str.strip_chars(PADDING).str.contains(
+                    r"^-?\d+,\d+$"
+                ).fill_null(False)
+                if comma.any():  # ratings and weights share the reason
+                    key = "number_with_decimal_comma"
+                    bad[key] = bad.get(key, comma) | comma
+                    mask = mask & ~comma
         else:
             value, mask = _parse_id(s, target)
         out[target] = value.alias(target)

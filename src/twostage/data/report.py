@@ -21,6 +21,8 @@ REASONS = (
     "timestamp_with_fraction",  # seconds with a fraction: refused, not cut
     # numbers that are dates (20240301): read with time_format="%Y%m%d"
     "timestamp_as_date_number",
+    # a rating or weight written with a decimal comma ("4,5"), or a thousands one
+    "number_with_decimal_comma",
     "duplicate",
     "bad_weight",  # a mapped weight is empty, non-numeric, not finite or negative
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
@@ -100,6 +102,12 @@ class LoadReport:
             hints.append(
                 "timestamps with a fraction of a second: floor the column to whole "
                 "seconds first, e.g. `ts // 1`, if that order is fine"
+            )
+        if "number_with_decimal_comma" in self.rejected:
+            hints.append(
+                "ratings or weights written with a comma such as 4,5: a decimal "
+                "comma or a thousands one cannot be told apart; write them with a "
+                "point first, e.g. `pl.col('rating').str.replace(',', '.')`"
             )
         if "timestamp_as_date_number" in self.rejected:
             hints.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
@@ -1169,3 +1170,18 @@ def test_numbers_with_a_decimal_comma_have_their_own_reason(tmp_path: Path) -> N
         3,
     ]
     assert "str.replace(',', '.')" in data.report.summary()
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be-bom", "utf-32"])
+def test_utf16_and_utf32_files_with_a_bom_are_read(tmp_path: Path, codec: str) -> None:
+    """Excel's "Unicode text" export (UTF-16) was decoded as latin-1: every column
+    name came out as 'ÿþu\\x00s\\x00e\\x00r...', and nothing could be read."""
+    text = "user_id\titem_id\trating\n1\tcafé\t4\n2\tthé\t5\n"
+    data = (
+        codecs.BOM_UTF16_BE + text.encode("utf-16-be")
+        if codec == "utf-16-be-bom"
+        else text.encode(codec)
+    )
+    found = read_interactions(write(tmp_path, "export.txt", data))
+    assert found.interactions["item_id"].to_list() == ["café", "thé"]
+    assert found.interactions["rating"].to_list() == [4.0, 5.0]

@@ -72,6 +72,17 @@ class _Source:
             self.codec = (
                 "utf-8-sig" if self.head.startswith(codecs.BOM_UTF8) else "utf-8"
             )
+            # Excel's "Unicode text" and PowerShell write UTF-16 with a BOM; read
+            # as latin-1 its NULs made every column name and ID garbage.
+            for bom, codec in (
+                (codecs.BOM_UTF32_LE, "utf-32"),
+                (codecs.BOM_UTF32_BE, "utf-32"),
+                (codecs.BOM_UTF16_LE, "utf-16"),
+                (codecs.BOM_UTF16_BE, "utf-16"),
+            ):
+                if self.head.startswith(bom):
+                    self.codec = codec
+                    break
             try:
                 self._decode_head()
             except UnicodeDecodeError:

@@ -131,8 +131,9 @@ def read_interactions(
             of ``, \\t ; | ::`` from the start of the file.
         has_header: whether the first non-blank record holds the column names.
         column_names: names for a headerless file, or to replace the header's.
-        encoding: ``"auto"`` (UTF-8, with or without BOM; latin-1 when the bytes are
-            not valid UTF-8) or any Python codec name.
+        encoding: ``"auto"`` (UTF-8, with or without BOM; UTF-16 or UTF-32 with a
+            BOM, as Excel's "Unicode text" writes; latin-1 when the bytes are not
+            valid UTF-8) or any Python codec name.
         quote_char: quote character, or ``None`` for no quoting.
         strict: raise :class:`BadRowError` at the first bad row instead of skipping.
         duplicates: rows with the same user, item and timestamp (user and item when

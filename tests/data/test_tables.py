@@ -830,6 +830,11 @@ def test_compressed_files_are_refused(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(f"{HEADER}\n1,1,1,1\n".encode()))
     with pytest.raises(DataError, match="decompress"):
         read_interactions(path)
+    # A workbook is a zip too: "decompress it" sent users the wrong way.
+    book = tmp_path / "log.xlsx"
+    book.write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(DataError, match=r"spreadsheet workbook.*save its sheet as CSV"):
+        read_interactions(book)
 
 
 @settings(max_examples=200, deadline=None)

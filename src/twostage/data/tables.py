@@ -382,6 +382,12 @@ def _load(
         raise DataError(f"`path` should be an existing file. Received: {str(path)!r}.")
     with path.open("rb") as f:
         magic = f.read(4)
+    if path.suffix.lower() in (".xlsx", ".xlsm", ".xls", ".ods"):
+        raise DataError(
+            f"{path} is a spreadsheet workbook, not a log file: save its sheet as CSV "
+            "(UTF-8) or Parquet, e.g. `pl.read_excel(path).write_parquet(...)`, and "
+            "read that."
+        )
     if magic[:2] == b"\x1f\x8b" or magic == b"PK\x03\x04":
         raise DataError(
             f"{path} is compressed (gzip or zip); decompress it first, e.g. with "

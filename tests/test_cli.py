@@ -732,8 +732,8 @@ def test_similar_items_for_many_items_into_a_file(
         assert rows["similar_item_id"].to_list() == [i["item_id"] for i in served]
         assert item not in rows["similar_item_id"].to_list()
         assert rows["score"].to_list() == pytest.approx([i["score"] for i in served])
-    listed = tmp_path / "items.csv"
-    listed.write_text(f"item_id\n{items[3]}\n{items[0]}\n")
+    listed = tmp_path / "items.jsonl"  # JSON lines, as a log may be
+    listed.write_text(f'{{"item_id": {items[3]}}}\n{{"item_id": {items[0]}}}\n')
     done = runner.invoke(
         app,
         [
@@ -753,6 +753,7 @@ def test_similar_items_for_many_items_into_a_file(
     ]
     direct = rec.similar_table([items[3], items[0]], 10)
     assert direct["similar_item_id"].to_list() == written["similar_item_id"].to_list()
+    listed = tmp_path / "items.csv"
     listed.write_text(f"item_id\n{items[0]}\nno-such-item\n")
     refused = runner.invoke(
         app,

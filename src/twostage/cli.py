@@ -535,7 +535,8 @@ def recommend_command(
         Path | None,
         typer.Option(
             "--users",
-            help="A CSV or Parquet file with a user_id column: recommend for each "
+            help="A CSV, JSON lines or Parquet file with a user_id column: recommend "
+            "for each "
             "of its users (unknown ones: cold start) into --out, a row per user "
             "and rank.",
         ),
@@ -589,7 +590,8 @@ def recommend_command(
             return
         paths = ", ".join(f"{n:,} {p}" for p, n in summary["paths"].items()) or "none"
         console.print(
-            f"{summary['rows']:,} rows for {summary['users']:,} users ({paths}) -> "
+            f"{summary['rows']:,} rows for {summary['users']:,} "
+            f"user{'s' if summary['users'] != 1 else ''} ({paths}) -> "
             f"{escape(str(out))}"
         )
         if summary["short_lists"]:
@@ -717,7 +719,8 @@ def similar_command(
         Path | None,
         typer.Option(
             "--items",
-            help="A CSV or Parquet file with an item_id column: the similar items "
+            help="A CSV, JSON lines or Parquet file with an item_id column: the "
+            "similar items "
             "of each into --out, a row per item and rank.",
         ),
     ] = None,
@@ -783,7 +786,8 @@ def similar_command(
         if json_output:
             print_json({**summary, "short_lists": short})
             return
-        console.print(f"{rows:,} rows for {len(ids):,} items -> {escape(str(out))}")
+        noun = "item" if len(ids) == 1 else "items"
+        console.print(f"{rows:,} rows for {len(ids):,} {noun} -> {escape(str(out))}")
         if short:
             status_console.print(
                 f"[yellow]{short:,} items have fewer than {k} similar items (the "

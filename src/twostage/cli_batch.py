@@ -94,16 +94,24 @@ def check_batch_options(
 
 
 def read_ids(path: Path, column: str, flag: str) -> list[Any]:
-    """The ``column`` of a CSV or Parquet file, in its order (repeats kept). CSV
-    IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its zeros."""
+    """The ``column`` of a CSV, JSON lines or Parquet file, in its order (repeats
+    kept). CSV IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its
+    zeros; JSON and Parquet IDs keep their types."""
+    suffix = path.suffix.lower()
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
+        if suffix in (".parquet", ".pq"):
             frame = pl.read_parquet(path)
+        elif suffix in (".jsonl", ".ndjson"):
+            frame = pl.read_ndjson(path)
+        elif suffix == ".json":
+            text = path.read_text(encoding="utf-8-sig").lstrip()
+            frame = pl.read_json(path) if text.startswith("[") else pl.read_ndjson(path)
         else:
             frame = pl.read_csv(path, infer_schema=False)
-    except (pl.exceptions.PolarsError, OSError) as e:
+    except (pl.exceptions.PolarsError, OSError, ValueError) as e:
         raise typer.BadParameter(
-            f"cannot read {str(path)!r} as CSV or Parquet: {e}", param_hint=flag
+            f"cannot read {str(path)!r} as CSV, JSON lines or Parquet: {e}",
+            param_hint=flag,
         ) from e
     if column not in frame.columns:
         raise typer.BadParameter(

@@ -94,6 +94,18 @@ def _check_k(name: str, value: int) -> int:
     return int(value)
 
 
+def _id_list(name: str, ids: Any, order: str) -> list[Any]:
+    """``ids`` as a list, if it is a list, tuple, array or Series of IDs: a string
+    would be read one character per ID, a set has no order."""
+    if isinstance(ids, str | bytes | int | dict | set) or not hasattr(ids, "__iter__"):
+        what = "user" if name.startswith("user") else "item"
+        raise ConfigError(
+            f"`{name}` should be a list of {what} IDs, in the order of the {order}. "
+            f"Received: {ids!r} ({type(ids).__name__})."
+        )
+    return list(ids)
+
+
 def _check_flag(name: str, value: bool) -> bool:
     """A switch must be a bool: ``exclude_seen="no"`` is truthy, and would have
     done the opposite of what it says."""
@@ -506,14 +518,8 @@ class Recommender:
         self, user_ids: Sequence[Any], k: int = 10, **options: Any
     ) -> list[Recommendation]:
         """:meth:`recommend` for many users (a list, tuple or array of IDs)."""
-        if isinstance(user_ids, str | bytes | int | dict | set) or not hasattr(
-            user_ids, "__iter__"
-        ):  # a string would be read one character per user
-            raise ConfigError(
-                "`user_ids` should be a list of user IDs, in the order of the "
-                f"answers. Received: {user_ids!r} ({type(user_ids).__name__})."
-            )
-        return [self.recommend(user_id, k, **options) for user_id in user_ids]
+        given = _id_list("user_ids", user_ids, "answers")
+        return [self.recommend(user_id, k, **options) for user_id in given]
 
     def recommend_table(
         self,
@@ -547,14 +553,7 @@ class Recommender:
         k = _check_k("k", k)
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
-        if isinstance(user_ids, str | bytes | int | dict | set) or not hasattr(
-            user_ids, "__iter__"
-        ):
-            raise ConfigError(
-                "`user_ids` should be a list of user IDs, in the order of the "
-                f"rows. Received: {user_ids!r} ({type(user_ids).__name__})."
-            )
-        given = list(user_ids)
+        given = _id_list("user_ids", user_ids, "rows")
         for user_id in given:
             if user_id is not None:
                 check_raw_id("user_id", user_id)
@@ -670,14 +669,7 @@ class Recommender:
             UnknownIdError: an item is not in the catalogue (the first few named).
         """
         k = _check_k("k", k)
-        if isinstance(item_ids, str | bytes | int | dict | set) or not hasattr(
-            item_ids, "__iter__"
-        ):
-            raise ConfigError(
-                "`item_ids` should be a list of item IDs, in the order of the "
-                f"rows. Received: {item_ids!r} ({type(item_ids).__name__})."
-            )
-        given = list(item_ids)
+        given = _id_list("item_ids", item_ids, "rows")
         for item_id in given:
             check_raw_id("item_id", item_id)
         idx = torch.tensor([self.item_vocab.lookup(i) for i in given], dtype=torch.long)

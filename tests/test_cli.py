@@ -1,12 +1,14 @@
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 from typer.testing import CliRunner
 
 from twostage.cli import app
+from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, DataError
 
@@ -479,7 +481,6 @@ def test_weight_col_reaches_split_files_and_training(tmp_path: Path) -> None:
     """Regression: the CLI had no way to name a weight column but `--set`, `data
     split` dropped the weights, and a run trained on split files read none of the
     log's weights without a word."""
-    from twostage.config import ExperimentConfig, apply_overrides
     from twostage.data.registry import load_dataset_for
     from twostage.data.split import prepare_split
 
@@ -833,3 +834,49 @@ def test_a_log_changed_since_training_is_not_evaluated_as_its_split(
     report = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "r")])
     assert report.exit_code == 0, report.output
     assert "is not the one this run trained on" in " ".join(report.output.split())
+
+
+def test_recommend_without_the_ranker(tmp_path: Path) -> None:
+    """`--no-ranker`: retrieval's own list from the CLI (the HTTP API and Python
+    had `use_ranker`; the CLI always ranked)."""
+    from twostage.recommender import load
+    from twostage.two_stage import fit_two_stage
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=60,num_items=100,num_interactions=1500",
+            "train.epochs=1",
+            "train.num_threads=1",
+            "retrieval.embedding_dim=8",
+            "retrieval.output_dim=8",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            "ranking.epochs=1",
+        ],
+    )
+    model = tmp_path / "models" / "syn" / "1"
+    fit_two_stage(config, evaluate_test=False).recommender().save(model)
+    rec = load(model)
+    user = rec.user_vocab.values.to_list()[3]
+
+    def listed(*options: str) -> list[Any]:
+        done = runner.invoke(
+            app, ["recommend", str(model), "--user", str(user), "--json", *options]
+        )
+        assert done.exit_code == 0, done.output
+        return [i["item_id"] for i in json.loads(done.stdout)["items"]]
+
+    retrieval = [i["item_id"] for i in rec.recommend(user, 10, use_ranker=False).items]
+    ranked = [i["item_id"] for i in rec.recommend(user, 10).items]
+    assert retrieval != ranked  # the switch must have something to switch
+    assert listed("--no-ranker") == retrieval
+    assert listed() == ranked
+    out = tmp_path / "recs.parquet"
+    done = runner.invoke(
+        app,
+        ["recommend", str(model), "--all-users", "--out", str(out), "--no-ranker"],
+    )
+    assert done.exit_code == 0, done.output
+    want = rec.recommend_table(rec.user_vocab.values.to_list(), 10, use_ranker=False)
+    assert pl.read_parquet(out)["item_id"].to_list() == want["item_id"].to_list()

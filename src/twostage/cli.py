@@ -554,6 +554,14 @@ def recommend_command(
             "(user_id, rank, item_id, score, retrieval_score, path)."
         ),
     ] = None,
+    no_ranker: Annotated[
+        bool,
+        typer.Option(
+            "--no-ranker",
+            help="Retrieval's list alone, without the ranking stage (e.g. to compare "
+            "the two); the score column is then retrieval's.",
+        ),
+    ] = False,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -584,7 +592,9 @@ def recommend_command(
             if all_users or users_file is None
             else read_ids(users_file, "user_id", "--users")
         )
-        summary = _recommend_into(rec, ids, out, k=k, exclude_seen=not include_seen)
+        summary = _recommend_into(
+            rec, ids, out, k=k, exclude_seen=not include_seen, use_ranker=not no_ranker
+        )
         if json_output:
             print_json(summary)
             return
@@ -620,6 +630,7 @@ def recommend_command(
             context=_key_values(context, "--context") or None,
             session=_session(session),
             candidates=_session(candidates, "--candidates"),
+            use_ranker=not no_ranker,
         )
     except UnknownIdError as e:  # only listed items can be unknown here
         flag = "--candidates" if str(e).startswith("`candidates`") else "--session"
@@ -662,7 +673,8 @@ def recommend_command(
     who = label if user_id is not None else "no user"
     if session:
         who += f" after a session of {len(_session(session) or [])} items"
-    title = f"Top {len(answer.items)} for {who} ({answer.path})"
+    stage = ", retrieval alone" if no_ranker and rec.ranker is not None else ""
+    title = f"Top {len(answer.items)} for {who} ({answer.path}{stage})"
     console.print(items_table(title, answer.items))
     catalogue = f"in its catalogue of {rec.item_vocab.size - 1:,}"
     if candidates:
@@ -673,7 +685,7 @@ def recommend_command(
 
 
 def _recommend_into(
-    rec: Any, ids: list[Any], out: Path, *, k: int, exclude_seen: bool
+    rec: Any, ids: list[Any], out: Path, *, k: int, exclude_seen: bool, use_ranker: bool
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``."""
@@ -689,7 +701,9 @@ def _recommend_into(
     rows = write_in_chunks(
         out,
         ids,
-        lambda part: rec.recommend_table(part, k, exclude_seen=exclude_seen),
+        lambda part: rec.recommend_table(
+            part, k, exclude_seen=exclude_seen, use_ranker=use_ranker
+        ),
         key="user_id",
         noun="users",
         chunk=2048,

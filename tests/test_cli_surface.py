@@ -341,6 +341,12 @@ def test_a_feature_given_twice_or_not_finite_names_the_flag(models_dir: Path) ->
     assert result.exit_code == 2, result.output
     shown = " ".join(result.output.split())
     assert "--feature" in shown and "should be a finite number" in shown
+    # `--feature segment=$SEGMENT` with the variable unset read as a missing value.
+    empty = runner.invoke(
+        app, ["recommend", bundle, "--feature", "age=", "--context", "hour= "]
+    )
+    assert empty.exit_code == 2, empty.output
+    assert "'age' has no value" in " ".join(empty.output.split())
 
 
 def test_ctrl_c_during_training_says_what_is_kept(

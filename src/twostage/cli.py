@@ -458,6 +458,14 @@ def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
             raise typer.BadParameter(
                 f"should look like key=value. Received: {item!r}.", param_hint=option
             )
+        if not value.strip():
+            # An empty value is most often a shell variable that expanded to
+            # nothing; read as a missing value it would pass without a word.
+            raise typer.BadParameter(
+                f"{key!r} has no value ({item!r}); leave the key out to answer "
+                "without it.",
+                param_hint=option,
+            )
         if key in values:
             raise typer.BadParameter(
                 f"{key!r} is given twice ({values[key]!r} and {value!r}); give each "

@@ -510,6 +510,15 @@ def test_read_feature_table_and_join(
         join_features(ds, users=table.with_columns(pl.col("user_id").cast(pl.String)))
     with pytest.raises(DataError, match="one row per"):
         join_features(ds, users=pl.concat([table, table]))
+    # Another integer width (pandas' int32) holds the same keys; a key that the
+    # log's dtype cannot hold is named.
+    narrow = join_features(
+        ds, users=table.with_columns(pl.col("user_id").cast(pl.Int32))
+    )
+    assert narrow.users is not None and narrow.users.equals(joined.users)
+    huge = pl.DataFrame({"user_id": [1, 2**63]}, schema={"user_id": pl.UInt64})
+    with pytest.raises(DataError, match=r"cannot, e\.g\. 9223372036854775808"):
+        join_features(ds, users=huge)
     items = read_feature_table(
         write(tmp_path, "it.csv", "item,name\n5,a\n"),
         key_col="item",

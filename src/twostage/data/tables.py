@@ -310,7 +310,8 @@ def join_features(
 
     Raises:
         DataError: a table lacks its key, has repeated keys, a key dtype differs from
-            the interactions', or a column already exists in the existing table.
+            the interactions' (other integer widths are cast where every key fits),
+            or a column already exists in the existing table.
     """
     tables = {}
     for arg, key, new, old in (
@@ -500,6 +501,18 @@ def merge_table(
             f"`{arg}` should have a {key!r} column. Received columns: {new.columns}."
         )
     want = ids.dtype
+    if new.schema[key] != want and new.schema[key].is_integer() and want.is_integer():
+        # Another integer width (pandas' int32, a Parquet UInt32) holds the same IDs:
+        # widened or narrowed where every value fits, refused where one does not.
+        fits = new[key].cast(want, strict=False)
+        lost = new[key].is_not_null() & fits.is_null()
+        if lost.any():
+            raise DataError(
+                f"`{arg}`[{key!r}] holds values that the interactions' {want} "
+                f"cannot, e.g. {new[key].filter(lost)[0]}; its keys cannot match "
+                "the log's."
+            )
+        new = new.with_columns(fits)
     if new.schema[key] != want:
         raise DataError(
             f"`{arg}`[{key!r}] has dtype {new.schema[key]} but the interactions' "

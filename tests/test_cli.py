@@ -76,6 +76,43 @@ def test_describe_reads_a_parquet_directory_as_a_stream(tmp_path: Path) -> None:
     )
 
 
+def test_time_unit_reads_a_log_of_milliseconds(tmp_path: Path) -> None:
+    """RetailRocket's events.csv (milliseconds) lost every row from the CLI until
+    the user rewrote its time column."""
+    log = tmp_path / "events.csv"
+    rows = [
+        f"{u},{i},{1433221332117 + 1000 * n}"
+        for n, (u, i) in enumerate(
+            [(u, i) for u in range(30) for i in range(u % 7, u % 7 + 6)]
+        )
+    ]
+    log.write_text("visitorid,itemid,timestamp\n" + "\n".join(rows) + "\n")
+    columns = ["--user-col", "visitorid", "--item-col", "itemid"]
+    before = runner.invoke(app, ["data", "describe", str(log), *columns, "--json"])
+    assert json.loads(before.stdout)["report"]["rejected"] == {
+        "timestamp_not_in_seconds": 180
+    }
+    read = runner.invoke(
+        app, ["data", "describe", str(log), *columns, "--time-unit", "ms", "--json"]
+    )
+    assert read.exit_code == 0, read.output
+    summary = json.loads(read.stdout)
+    assert summary["num_interactions"] == 180 and summary["report"]["rejected"] == {}
+    out = tmp_path / "split"
+    split = runner.invoke(
+        app,
+        ["data", "split", str(log), *columns, "--time-unit", "ms", "--out", str(out)],
+    )
+    assert split.exit_code == 0, split.output
+    train = pl.read_parquet(next(out.glob("train*")))
+    assert train["timestamp"].min() >= 1433221332
+    assert train["timestamp"].max() < 1433221332 + 180
+    bad = runner.invoke(
+        app, ["data", "describe", str(log), *columns, "--time-unit", "sec"]
+    )
+    assert "should be one of ['s', 'ms', 'us', 'ns']" in str(bad.exception)
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

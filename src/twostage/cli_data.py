@@ -50,6 +50,13 @@ TimeFormat = Annotated[
         "(default: epoch seconds or ISO 8601)."
     ),
 ]
+TimeUnit = Annotated[
+    str | None,
+    typer.Option(
+        help="Unit of numeric timestamps since the epoch: s (default), ms (Java, "
+        "JavaScript logs), us or ns; floored to whole seconds.",
+    ),
+]
 RatingCol = Annotated[
     str | None,
     typer.Option(help='Rating column; default: one named rating, if any; "" for none.'),
@@ -110,6 +117,7 @@ def dataset_options(
     item_col: str | None = None,
     time_col: str | None = None,
     time_format: str | None = None,
+    time_unit: str | None = None,
     rating_col: str | None = None,
     weight_col: str | None = None,
     separator: str | None = None,
@@ -123,6 +131,7 @@ def dataset_options(
         "item_col": item_col,
         "time_col": time_col,
         "time_format": time_format,
+        "time_unit": time_unit,
         "rating_col": rating_col,
         "weight_col": weight_col,
         "separator": separator,
@@ -246,6 +255,7 @@ def data_describe(
     item_col: ItemCol = None,
     time_col: TimeCol = None,
     time_format: TimeFormat = None,
+    time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
     weight_col: WeightCol = None,
     separator: Separator = None,
@@ -276,6 +286,7 @@ def data_describe(
         item_col=item_col,
         time_col=time_col,
         time_format=time_format,
+        time_unit=time_unit,
         rating_col=rating_col,
         weight_col=weight_col,
         separator=separator,
@@ -327,6 +338,7 @@ def data_split(
     item_col: ItemCol = None,
     time_col: TimeCol = None,
     time_format: TimeFormat = None,
+    time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
     weight_col: WeightCol = None,
     separator: Separator = None,
@@ -373,6 +385,7 @@ def data_split(
         item_col=item_col,
         time_col=time_col,
         time_format=time_format,
+        time_unit=time_unit,
         rating_col=rating_col,
         weight_col=weight_col,
         separator=separator,

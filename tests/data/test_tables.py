@@ -967,7 +967,7 @@ def test_timestamps_in_milliseconds_have_their_own_reason_and_hint(
     # milliseconds and microseconds named; the year-9999 sentinel stays bad
     assert report.rejected == {"timestamp_not_in_seconds": 2, "bad_timestamp": 1}
     assert [line for line, _ in report.examples["timestamp_not_in_seconds"]] == [3, 4]
-    assert "convert the column to seconds first" in report.summary()
+    assert "time_unit='ms'" in report.summary()
     frame = pl.DataFrame(
         {"user_id": [1, 2], "item_id": [3, 4], "timestamp": [1700000000123] * 2}
     )
@@ -995,6 +995,53 @@ def test_timestamps_in_milliseconds_have_their_own_reason_and_hint(
     assert loaded.report is not None
     assert loaded.report.rejected == {"timestamp_with_fraction": 1}
     assert loaded.interactions["timestamp"].to_list() == [1_700_000_000]
+
+
+def test_time_unit_reads_milliseconds_and_names_numbers_in_another_unit(
+    tmp_path: Path,
+) -> None:
+    """RetailRocket-style logs (milliseconds) had to be rewritten before any run:
+    `time_unit` reads them, floored to whole seconds."""
+    log = tmp_path / "events.csv"
+    log.write_text(
+        "visitorid,itemid,timestamp\n1,2,1433221332117\n2,3,1433221332999\n"
+        "3,4,2015-06-02T05:02:12\n4,5,1433221332\n5,6,-1\n6,7,\n"
+    )
+    ds = read_interactions(log, user_col="visitorid", item_col="itemid", time_unit="ms")
+    times = ds.interactions["timestamp"].to_list()
+    assert times == [1433221332, 1433221332, 1433221332, -1]
+    report = ds.report
+    assert report is not None
+    # seconds given as milliseconds would read as January 1970: named, not loaded
+    assert report.rejected == {"timestamp_not_in_time_unit": 1, "bad_timestamp": 1}
+    assert [line for line, _ in report.examples["timestamp_not_in_time_unit"]] == [5]
+    assert "give the unit of the column" in report.summary()
+    # (-1 ms is 1969-12-31T23:59:59.999: floored, as every unit is, within bounds)
+    # a float column of microseconds (whole ones); datetimes stay as they are
+    frame = pl.DataFrame(
+        {
+            "user_id": [1, 2, 3],
+            "item_id": [1, 2, 3],
+            "timestamp": [1_700_000_000_500_000.0, 1_700_000_001_000_000.0, 1.4e12],
+        }
+    )
+    us = read_interactions(frame, time_unit="us")
+    assert us.interactions["timestamp"].to_list() == [1_700_000_000, 1_700_000_001]
+    assert us.report is not None and us.report.rejected == {
+        "timestamp_not_in_time_unit": 1  # 1.4e12 is 2014 in milliseconds
+    }
+    dated = pl.DataFrame(
+        {"user_id": [1], "item_id": [1], "timestamp": [datetime(2024, 3, 1)]}
+    )
+    assert read_interactions(dated, time_unit="ns").interactions["timestamp"][0] == (
+        1709251200
+    )
+    for options, message in [
+        ({"time_unit": "sec"}, "should be one of"),
+        ({"time_unit": "ms", "time_format": "%Y"}, "give one"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            read_interactions(log, **options)
 
 
 def test_unsigned_ids_beyond_int64_are_refused_not_lost(tmp_path: Path) -> None:
@@ -1168,6 +1215,17 @@ def test_dates_written_as_numbers_are_not_read_as_1970(tmp_path: Path) -> None:
     # Seconds that merely fall in that band (a relative clock) stay seconds.
     mixed = write(tmp_path, "mixed.csv", "user_id,item_id,t\n1,1,20240301\n1,2,5\n")
     assert read_interactions(mixed, time_col="t").num_interactions == 2
+    # The whole column decides, not a block of it: the exact path parses a file
+    # in blocks (here of 3 rows), and a block of dates alone was rejected.
+    blocks = "user_id,item_id,t\n1,1,5\n1,2,6\n1,3,7\n2,1,20240301\n2,2,20240302\n"
+    blocked = write(tmp_path, "blocks.csv", blocks)
+    with exact_path():
+        assert read_interactions(blocked, time_col="t").num_interactions == 5
+        assert read_interactions(path, time_col="day").report.rejected == {
+            "timestamp_as_date_number": 3
+        }
+    with pytest.raises(BadRowError, match="timestamp_as_date_number"):
+        read_interactions(path, time_col="day", strict=True)
 
 
 def test_numbers_with_a_decimal_comma_have_their_own_reason(tmp_path: Path) -> None:

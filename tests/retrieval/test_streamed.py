@@ -406,6 +406,7 @@ def test_a_streamed_logs_weights_train_as_in_memory(log: Path, tmp_path: Path) -
         (["data.unrated_values=0"], "data.unrated_values"),
         (["data.separator=;"], "data.separator"),
         (["data.time_format=%Y%m%d"], "data.time_format"),
+        (["data.time_unit=ms"], "data.time_unit"),
     ],
 )
 def test_data_options_a_stream_does_not_read_are_refused(

@@ -81,7 +81,9 @@ class DataConfig(_Checked):
     ranking losses (play counts, dwell time...); unset, every row weighs 1.
     ``time_format`` parses the time column with a strptime format (``"%Y%m%d"``
     for dates written as numbers, ``"%m/%d/%Y %H:%M"``) instead of epoch seconds
-    or ISO 8601.
+    or ISO 8601. ``time_unit`` is the unit of numeric timestamps since the epoch:
+    ``s`` (default), ``ms`` (Java and JavaScript logs), ``us`` or ``ns``, floored to
+    whole seconds.
     ``user_table`` / ``item_table`` name files of user / item features (CSV, JSON
     lines or Parquet; a product catalogue, a user profile export), keyed by the
     log's user / item column name (``user_col`` / ``item_col``) or ``user_id`` /
@@ -111,6 +113,7 @@ class DataConfig(_Checked):
     user_table: str | None = None
     item_table: str | None = None
     time_format: str | None = None
+    time_unit: Literal["s", "ms", "us", "ns"] = "s"
 
     SECTION: ClassVar[str] = "data"
 

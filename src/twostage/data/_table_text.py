@@ -39,6 +39,7 @@ from twostage.data._table_values import (
     Options,
     Spec,
     canonical_ints,
+    has_date_numbers,
     parse_columns,
     repeats,
     text_lengths,
@@ -168,6 +169,8 @@ def load_text(
     spec = make_spec(layout.names)
     report = LoadReport(path=str(path))
     parsed = None if layout.leading_blank else read_fast(src, layout, spec)
+    if parsed is not None and has_date_numbers(parsed, spec):
+        parsed = None  # their rows are rejected: the exact path has their lines
     text = ""
     if parsed is None:
         text = substitute(src.text(), layout)

@@ -24,6 +24,8 @@ ARG[WEIGHT] = "weight_col"
 # Checked in this order: a row with several problems is counted under the first.
 BAD = {USER: "empty_user_id", ITEM: "empty_item_id", RATING: "bad_rating"}
 BAD |= {WEIGHT: "bad_weight", TIME: "bad_timestamp"}
+#: Units of numeric timestamps since the epoch, as divisors to seconds.
+TIME_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _LINE_BREAK = re.compile(r"[\r\n]")
 # Numbers and times may be padded with these, never with line breaks: a stray CR in
 # such a field makes it unparseable on every path instead of being stripped.
@@ -49,6 +51,7 @@ class Spec:
     duplicates: str
     keys: tuple[str, ...]  # output columns that define a duplicate
     time_bounds: tuple[int, int] = (-2_208_988_800, 7_258_118_400)  # 1900 .. 2200
+    time_unit: str = "s"  # of numeric timestamps: a key of TIME_UNITS
 
     @property
     def sources(self) -> list[str]:
@@ -126,30 +129,33 @@ def parse_columns(
         if target == TIME:
             value, mask = _parse_time(s, spec.time_format)
             low, high = spec.time_bounds  # year 9999 or int64 max: not a time
-            outside = ((value < low) | (value >= high)).fill_null(False)
-            # Milliseconds or microseconds since the epoch (Java, JavaScript logs):
-            # their own reason, so the report says what the numbers are. Only
-            # where the scaled time is 1990-2099, so a sentinel such as
-            # 253402300799 (9999-12-31 in seconds) stays a bad timestamp.
-            scaled = outside & (
-                _within(value // 1000, *_RECENT) | _within(value // 1_000_000, *_RECENT)
-            )
+            seconds = spec.time_unit == "s"
+            if seconds:
+                outside = ((value < low) | (value >= high)).fill_null(False)
+                # Milliseconds or microseconds since the epoch (Java, JavaScript
+                # logs): their own reason, so the report says what the numbers are.
+                # Only where the scaled time is 1990-2099, so a sentinel such as
+                # 253402300799 (9999-12-31 in seconds) stays a bad timestamp.
+                scaled = outside & (
+                    _within(value // 1000, *_RECENT)
+                    | _within(value // 1_000_000, *_RECENT)
+                )
+                misread = "timestamp_not_in_seconds"
+            else:  # numbers in the unit given, floored to whole seconds
+                value, scaled = _from_unit(s, value, TIME_UNITS[spec.time_unit])
+                outside = ((value < low) | (value >= high)).fill_null(False)
+                misread = "timestamp_not_in_time_unit"
             if scaled.any():
-                bad["timestamp_not_in_seconds"] = scaled
+                bad[misread] = scaled
                 outside = outside & ~scaled
             # Seconds with a fraction (time.time()) are refused, not cut: their own
             # reason, so the report says how to make them whole.
-            fraction = mask & _with_fraction(s, low, high)
-            if fraction.any():
+            fraction = mask & _with_fraction(s, low, high) if seconds else None
+            if fraction is not None and fraction.any():
                 bad["timestamp_with_fraction"] = fraction
                 mask = mask & ~fraction
-            # Dates written as numbers (20240301) read as seconds of August 1970:
-            # their own reason when every value is one, so the report says how to
-            # read them (time_format="%Y%m%d"), not a 1970 log without a word.
-            if spec.time_format is None and _date_numbers(value):
-                dated = value.is_not_null()
-                bad["timestamp_as_date_number"] = dated
-                value = value.set(dated, None)
+            # (Dates written as numbers, 20240301, are found over the whole
+            # column, once every block is parsed: reject_date_numbers.)
             value = value.set(outside | scaled, None)
             mask = mask | outside
         elif target in (RATING, WEIGHT):
@@ -210,6 +216,29 @@ def _with_fraction(s: pl.Series, low: int, high: int) -> pl.Series:
 
 
 _RECENT = (631_152_000, 4_102_444_800)  # 1990-01-01 .. 2100-01-01, epoch seconds
+
+
+def _from_unit(
+    s: pl.Series, value: pl.Series, divisor: int
+) -> tuple[pl.Series, pl.Series]:
+    """``value`` (parsed from ``s``) with its numbers divided by ``divisor`` down to
+    whole seconds (dates and ISO text are seconds already), and where a number is
+    in another unit: read in the unit given it falls outside 1990-2099, read in
+    another it falls inside (seconds given as milliseconds read as January 1970)."""
+    if s.dtype == pl.String:
+        number = s.str.strip_chars(PADDING).cast(pl.Int64, strict=False).is_not_null()
+    else:
+        number = pl.repeat(s.dtype.is_numeric(), len(s), eager=True)
+    number = number & value.is_not_null()
+    frame = pl.DataFrame({"v": value, "n": number})
+    seconds = frame.select(
+        pl.when(pl.col("n")).then(pl.col("v") // divisor).otherwise(pl.col("v"))
+    ).to_series()
+    elsewhere = pl.repeat(False, len(s), eager=True)
+    for other in TIME_UNITS.values():
+        if other != divisor:
+            elsewhere = elsewhere | _within(value // other, *_RECENT)
+    return seconds, number & elsewhere & ~_within(seconds, *_RECENT)
 
 
 def _within(value: pl.Series, low: int, high: int) -> pl.Series:
@@ -291,6 +320,42 @@ def _all_fields_empty(df: pl.DataFrame) -> pl.Series | None:
             ]
         )
     ).to_series()
+
+
+def has_date_numbers(parsed: pl.DataFrame, spec: Spec) -> bool:
+    """Whether the parsed timestamps of ``parsed`` (the good rows) are dates written
+    as numbers (20240301): every one, two or more, a yyyymmdd date of 1900-2100.
+
+    Read as seconds they are a log of August 1970. A property of the whole column,
+    not of a row, so the readers ask it once every block of a file is parsed (a
+    block of two such values in a log of seconds is no such column).
+    """
+    if spec.time_format is not None or spec.time_unit != "s":
+        return False
+    if TIME not in spec.roles or TIME not in parsed.columns:
+        return False
+    return _date_numbers(parsed[TIME])
+
+
+def reject_date_numbers(
+    parsed: pl.DataFrame,
+    spec: Spec,
+    report: LoadReport,
+    describe: Callable[[pl.DataFrame], list[str]],
+    strict: bool,
+) -> pl.DataFrame:
+    """``parsed`` without its rows when its timestamps are dates written as numbers
+    (:func:`has_date_numbers`): each counted as ``timestamp_as_date_number`` with
+    its line (``__line``), or the first raised with ``strict``."""
+    if not has_date_numbers(parsed, spec):
+        return parsed
+    head = parsed.head(MAX_EXAMPLES)
+    texts = describe(head)
+    reason = "timestamp_as_date_number"
+    if strict:
+        raise BadRowError(report.path, int(head[LINE][0]), reason, texts[0])
+    report.add_many(reason, parsed.height, list(zip(head[LINE], texts, strict=True)))
+    return parsed.clear()
 
 
 def _date_numbers(value: pl.Series) -> bool:
@@ -521,7 +586,11 @@ def load_frame(
         if lines is None
         else lines.cast(pl.Int64).alias(LINE)
     )
-    if reason is not None or spec.duplicates != "keep":
+    if (
+        reason is not None
+        or spec.duplicates != "keep"
+        or has_date_numbers(parsed, spec)  # rejected once parsed: lines name them
+    ):
         parsed = parsed.with_columns(numbers)
     if reason is not None:
         bad = raw.with_columns(numbers).filter(reason.is_not_null())

@@ -18,6 +18,8 @@ REASONS = (
     "bad_timestamp",
     # a number that is a time only as milliseconds or microseconds since the epoch
     "timestamp_not_in_seconds",
+    # with time_unit other than seconds: a number that is a time in another unit only
+    "timestamp_not_in_time_unit",
     "timestamp_with_fraction",  # seconds with a fraction: refused, not cut
     # numbers that are dates (20240301): read with time_format="%Y%m%d"
     "timestamp_as_date_number",
@@ -95,8 +97,14 @@ class LoadReport:
         hints = []
         if "timestamp_not_in_seconds" in self.rejected:
             hints.append(
-                "timestamps in milliseconds or microseconds since the epoch: convert "
-                "the column to seconds first, e.g. `ts // 1000`"
+                "timestamps in milliseconds or microseconds since the epoch: read "
+                "them with time_unit='ms' or 'us' (--time-unit ms; a streamed log: "
+                "convert the column to seconds, e.g. `ts // 1000`)"
+            )
+        if "timestamp_not_in_time_unit" in self.rejected:
+            hints.append(
+                "timestamps that are times only in another unit than time_unit "
+                "says: give the unit of the column (s, ms, us or ns)"
             )
         if "timestamp_with_fraction" in self.rejected:
             hints.append(

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twostage import distributed
-from twostage.data._table_values import Spec, parse_columns
+from twostage.data._table_values import Spec, has_date_numbers, parse_columns
 from twostage.data.dataset import ITEM, RATING, TIME, USER
 from twostage.data.report import MAX_EXAMPLES, LoadReport
 from twostage.errors import ConfigError, DataError
@@ -140,7 +140,9 @@ def iter_row_groups(
     Every row is checked as the in-memory loader checks a Parquet file
     (:func:`twostage.data._table_values.parse_columns`, whatever ``columns`` asks
     for): a missing or empty user or item ID, a NUL byte in one, a timestamp that is
-    missing or outside 1900..2200, a rating that is not a finite number. Datetime
+    missing or outside 1900..2200, a rating that is not a finite number; and a row
+    group whose timestamps are all dates written as numbers (20240301; decided per
+    group, where the in-memory loader decides over the whole column). Datetime
     timestamps become epoch seconds. Bad rows are left out of every pass alike, and
     ``report`` (one pass's) counts them by reason with their 1-based row numbers.
     """
@@ -170,6 +172,14 @@ def iter_row_groups(
             raw = pl.from_arrow(table)
             assert isinstance(raw, pl.DataFrame)
             parsed, reason = parse_columns(raw.select(list(roles)), spec)
+            good = parsed if reason is None else parsed.filter(reason.is_null())
+            if has_date_numbers(good, spec):  # a stream has no whole column: a group
+                dated = "timestamp_as_date_number"
+                reason = (
+                    pl.repeat(dated, raw.height, eager=True)
+                    if reason is None
+                    else reason.fill_null(dated)
+                )
             frame = pl.concat([parsed, raw.select(extra)], how="horizontal")
             frame = frame.with_columns(
                 pl.int_range(first, first + raw.height, dtype=pl.Int64).alias(ROW)

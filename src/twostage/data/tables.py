@@ -48,12 +48,14 @@ from twostage.data._table_values import (
     BAD,
     END,
     LINE,
+    TIME_UNITS,
     Options,
     Spec,
     dedupe,
     load_frame,
     load_parquet,
     make_options,
+    reject_date_numbers,
 )
 from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
 from twostage.data.report import LoadReport
@@ -94,6 +96,7 @@ def read_interactions(
     strict: bool = False,
     duplicates: Duplicates = "keep",
     time_format: str | None = None,
+    time_unit: str = "s",
     time_bounds: tuple[int, int] = (-2_208_988_800, 7_258_118_400),
     name: str | None = None,
 ) -> Dataset:
@@ -142,6 +145,12 @@ def read_interactions(
             ``"duplicate"``), or raise (``"error"``). Duplicates are not bad rows, so
             ``strict`` does not apply to them.
         time_format: strptime-like format of the timestamps (polars syntax).
+        time_unit: the unit of numeric timestamps since the epoch: ``"s"``
+            (default), ``"ms"`` (Java, JavaScript), ``"us"`` or ``"ns"``; they are
+            floored to whole seconds. Dates and ISO text are read as usual. A number
+            that reads as 1990-2099 in another unit but not in this one is rejected
+            as ``timestamp_not_in_time_unit`` (with ``"s"``:
+            ``timestamp_not_in_seconds``).
         time_bounds: ``(low, high)`` epoch seconds a timestamp must lie in (default:
             the years 1900 to 2199); others are bad rows (``bad_timestamp``).
         name: dataset name; the file stem by default.
@@ -167,6 +176,17 @@ def read_interactions(
     roles |= {RATING: rating_col, WEIGHT: weight_col}
     feats = {"user_features": list(user_features), "item_features": list(item_features)}
     _check_choice("duplicates", duplicates, ("keep", "first", "last", "error"))
+    if time_unit not in TIME_UNITS:
+        raise ConfigError(
+            f"`time_unit` should be one of {list(TIME_UNITS)}. Received: "
+            f"`time_unit` = {time_unit!r}."
+        )
+    if time_unit != "s" and time_format is not None:
+        raise ConfigError(
+            "`time_unit` applies to numbers since the epoch and `time_format` to "
+            f"text; give one. Received: `time_unit` = {time_unit!r}, `time_format` "
+            f"= {time_format!r}."
+        )
     low, high = time_bounds
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or (
         low >= high
@@ -190,7 +210,7 @@ def read_interactions(
                 logger.info("column %r read as the %s (named so)", role, role)
         keys = (USER, ITEM, TIME) if TIME in mapped else (USER, ITEM)
         bounds = (int(time_bounds[0]), int(time_bounds[1]))
-        spec = Spec(mapped, (), time_format, duplicates, keys, bounds)
+        spec = Spec(mapped, (), time_format, duplicates, keys, bounds, time_unit)
         return _make_spec(path, names, spec, feats, reserved=tuple(BAD))
 
     opts = make_options(
@@ -372,7 +392,7 @@ def _load(
         df, report, spec, describe = load_frame(
             path.select(spec.sources), FRAME, spec, opts
         )
-        return _finish(df, report, spec, describe, FRAME)
+        return _finish(df, report, spec, describe, FRAME, opts.strict)
     if path.is_dir():
         raise DataError(
             f"{str(path)!r} is a directory; a log in memory is one CSV or Parquet "
@@ -400,7 +420,7 @@ def _load(
         df, report, spec, describe = load_json(path, make_spec, opts)
     else:
         df, report, spec, describe = load_text(path, make_spec, opts)
-    return _finish(df, report, spec, describe, str(path))
+    return _finish(df, report, spec, describe, str(path), opts.strict)
 
 
 def _finish(
@@ -409,7 +429,9 @@ def _finish(
     spec: Spec,
     describe: Callable[[pl.DataFrame], list[str]],
     label: str,
+    strict: bool,
 ) -> tuple[pl.DataFrame, LoadReport, Spec]:
+    df = reject_date_numbers(df, spec, report, describe, strict)
     df = dedupe(df, spec, report, describe, label)
     df = df.drop([c for c in (LINE, END) if c in df.columns])
     report.rows_loaded = df.height

@@ -172,13 +172,15 @@ def check_data_options(data: DataConfig) -> None:
         "data.cold_user_fraction": data.cold_user_fraction != 0,
         "data.unrated_values": bool(data.unrated_values),
         "data.time_format": data.time_format is not None,
+        "data.time_unit": data.time_unit != "s",
     }
     if any(unread.values()):
         raise ConfigError(
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
             + " (a Parquet log has no separator; cold users, unrated values and "
-            "time formats are in-memory options; a Parquet log can hold datetimes): "
+            "time formats and units are in-memory options; a Parquet log can hold "
+            "datetimes, or convert its column to seconds once): "
             "unset them, or load the log in memory "
             "(without --stream)."
         )

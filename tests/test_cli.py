@@ -113,6 +113,65 @@ def test_time_unit_reads_a_log_of_milliseconds(tmp_path: Path) -> None:
     assert "should be one of ['s', 'ms', 'us', 'ns']" in str(bad.exception)
 
 
+def test_weight_values_from_the_command_line(tmp_path: Path) -> None:
+    """`--weight-values`: a column of event types weighs the rows in training, in
+    the saved config (so `evaluate` rebuilds the split) and in `data split`."""
+    log = tmp_path / "events.csv"
+    generated = generate(num_users=40, num_items=30, num_interactions=600)
+    kinds = ["view", "view", "view", "addtocart", "transaction"]
+    generated.interactions.with_columns(
+        event=pl.Series([kinds[n % 5] for n in range(600)])
+    ).drop("rating").write_csv(log)
+    values = [
+        "--weight-col",
+        "event",
+        "--weight-values",
+        "view=1,addtocart=3,transaction=5",
+    ]
+    described = runner.invoke(app, ["data", "describe", str(log), *values, "--json"])
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    assert summary["weights"]["max"] == 5 and summary["report"]["rejected"] == {}
+    split = runner.invoke(
+        app, ["data", "split", str(log), *values, "--out", str(tmp_path / "s")]
+    )
+    assert split.exit_code == 0, split.output
+    train = pl.read_parquet(tmp_path / "s" / "train.parquet")
+    assert set(train["weight"].unique().to_list()) == {1.0, 3.0, 5.0}
+    run = tmp_path / "run"
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "retrieval",
+            "--dataset",
+            str(log),
+            *values,
+            "--out",
+            str(run),
+            *SMALL_TRAINING,
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    saved = json.loads((run / "config.json").read_text())["data"]
+    assert saved["weight_values"] == ["view=1", "addtocart=3", "transaction=5"]
+    assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
+    bad = runner.invoke(
+        app,
+        [
+            "data",
+            "describe",
+            str(log),
+            "--weight-col",
+            "event",
+            "--weight-values",
+            "view",
+        ],
+    )
+    assert bad.exit_code == 2
+    assert "value=weight pairs" in " ".join(re.sub("[│╭╮╰╯─]", " ", bad.output).split())
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

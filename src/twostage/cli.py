@@ -45,6 +45,7 @@ from twostage.cli_data import (
     UserFeatures,
     UserTable,
     WeightCol,
+    WeightValues,
     data_app,
     dataset_options,
     print_summary,
@@ -176,6 +177,7 @@ def _columns(
     time_unit: str | None,
     rating_col: str | None,
     weight_col: str | None,
+    weight_values: str | None,
     separator: str | None,
     user_features: str | None,
     item_features: str | None,
@@ -189,11 +191,13 @@ def _columns(
         time_unit=time_unit,
         rating_col=rating_col,
         weight_col=weight_col,
+        weight_values=weight_values,
         separator=separator,
         user_features=user_features,
         item_features=item_features,
     )
     del options["strict"]  # not a config key: training reads without it
+    options["weight_values"] = weight_values  # checked, kept as the config's text
     return options
 
 
@@ -239,6 +243,7 @@ def train_all(
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
     weight_col: WeightCol = None,
+    weight_values: WeightValues = None,
     separator: Separator = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
@@ -291,6 +296,7 @@ def train_all(
         time_unit,
         rating_col,
         weight_col,
+        weight_values,
         separator,
         user_features,
         item_features,
@@ -867,6 +873,7 @@ def train_retrieval_command(
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
     weight_col: WeightCol = None,
+    weight_values: WeightValues = None,
     separator: Separator = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
@@ -910,6 +917,7 @@ def train_retrieval_command(
         time_unit,
         rating_col,
         weight_col,
+        weight_values,
         separator,
         user_features,
         item_features,
@@ -1397,6 +1405,7 @@ FLAGS = {
     "`time_unit`": "`--time-unit`",
     "`rating_col`": "`--rating-col`",
     "`weight_col`": "`--weight-col`",
+    "`weight_values`": "`--weight-values`",
     "`separator`": "`--separator`",
     "`user_features`": "`--user-features`",
     "`item_features`": "`--item-features`",

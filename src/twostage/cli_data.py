@@ -68,6 +68,14 @@ WeightCol = Annotated[
         "share of both stages' losses; default: none (every row weighs 1)."
     ),
 ]
+WeightValues = Annotated[
+    str | None,
+    typer.Option(
+        help="With --weight-col naming a column of names (event types): the weight "
+        "of each, e.g. view=1,addtocart=3,transaction=5; a value not listed is a "
+        "bad row.",
+    ),
+]
 Separator = Annotated[
     str | None, typer.Option(help="Field separator (default: sniffed).")
 ]
@@ -98,6 +106,28 @@ Strict = Annotated[
 ]
 
 
+def weight_values_of(text: str | None) -> dict[str, float] | None:
+    """``"view=1,cart=3"`` -> ``{"view": 1.0, "cart": 3.0}`` (the library checks
+    the weights); an entry without ``=`` or a number is refused here."""
+    if text is None:
+        return None
+    values: dict[str, float] = {}
+    for entry in text.split(","):
+        name, sep, weight = entry.rpartition("=")
+        try:
+            number = float(weight)
+        except ValueError:
+            number = None
+        if not sep or not name.strip() or number is None:
+            raise typer.BadParameter(
+                "should be value=weight pairs separated by commas, e.g. "
+                f"view=1,purchase=5. Received: {text!r}.",
+                param_hint="--weight-values",
+            )
+        values[name.strip()] = number
+    return values
+
+
 def split_names(text: str | None) -> list[str] | None:
     """``"age,country"`` -> ``["age", "country"]``; an empty item is refused."""
     if not text:
@@ -120,6 +150,7 @@ def dataset_options(
     time_unit: str | None = None,
     rating_col: str | None = None,
     weight_col: str | None = None,
+    weight_values: str | None = None,
     separator: str | None = None,
     user_features: str | None = None,
     item_features: str | None = None,
@@ -134,6 +165,7 @@ def dataset_options(
         "time_unit": time_unit,
         "rating_col": rating_col,
         "weight_col": weight_col,
+        "weight_values": weight_values_of(weight_values),
         "separator": separator,
         "user_features": split_names(user_features),
         "item_features": split_names(item_features),
@@ -212,7 +244,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row(
             "row weights",
             f"min {w['min']:g} / median {w['median']:g} / mean {w['mean']:.3g} / "
-            f"max {w['max']:g}; {w['zero']:,} zero",
+            f"max {w['max']:g}; {w['zero']:,} zero"
+            if summary["num_interactions"]
+            else "none: no rows",
         )
     table.add_row("user features", Text(", ".join(summary["user_features"]) or "-"))
     table.add_row("item features", Text(", ".join(summary["item_features"]) or "-"))
@@ -258,6 +292,7 @@ def data_describe(
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
     weight_col: WeightCol = None,
+    weight_values: WeightValues = None,
     separator: Separator = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
@@ -289,6 +324,7 @@ def data_describe(
         time_unit=time_unit,
         rating_col=rating_col,
         weight_col=weight_col,
+        weight_values=weight_values,
         separator=separator,
         user_features=user_features,
         item_features=item_features,
@@ -341,6 +377,7 @@ def data_split(
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
     weight_col: WeightCol = None,
+    weight_values: WeightValues = None,
     separator: Separator = None,
     strict: Strict = False,
     overwrite: Annotated[
@@ -388,6 +425,7 @@ def data_split(
         time_unit=time_unit,
         rating_col=rating_col,
         weight_col=weight_col,
+        weight_values=weight_values,
         separator=separator,
         strict=strict,
     )

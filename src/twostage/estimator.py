@@ -593,6 +593,8 @@ _UNREAD_DATA = {
     "separator": "read the file with read_interactions(separator=...) and pass it",
     "time_format": "read the file with read_interactions(time_format=...) and pass it",
     "time_unit": "read the file with read_interactions(time_unit=...) and pass it",
+    "weight_values": "read the file with read_interactions(weight_values=...) and "
+    "pass it",
     "user_features": "pass users= (a table keyed by user), or columns through "
     "read_interactions(user_features=...)",
     "item_features": "pass items=, or read_interactions(item_features=...)",

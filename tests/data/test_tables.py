@@ -1044,6 +1044,52 @@ def test_time_unit_reads_milliseconds_and_names_numbers_in_another_unit(
             read_interactions(log, **options)
 
 
+def test_weight_values_weigh_a_column_of_event_types(tmp_path: Path) -> None:
+    """E-commerce logs name their events (view, addtocart, transaction); a weight
+    column had to be numbers, so every row of such a log was a bad weight."""
+    log = tmp_path / "events.csv"
+    log.write_text(
+        "user,item,event\n1,1,view\n1,2, transaction\n2,1,addtocart\n"
+        "2,2,click\n3,1,\n3,3,view\n"
+    )
+    weights = {"view": 1, "addtocart": 3, "transaction": 5.5}
+    ds = read_interactions(
+        log, user_col="user", item_col="item", weight_col="event", weight_values=weights
+    )
+    assert ds.interactions["weight"].to_list() == [1.0, 5.5, 3.0, 1.0]
+    report = ds.report
+    assert report is not None
+    assert report.rejected == {"weight_value_not_mapped": 1, "bad_weight": 1}
+    assert report.examples["weight_value_not_mapped"][0][0] == 5
+    assert "--weight-values" in report.summary()
+    # The exact path and a Parquet file of integer codes read the same way.
+    with exact_path():
+        again = read_interactions(
+            log,
+            user_col="user",
+            item_col="item",
+            weight_col="event",
+            weight_values=weights,
+        )
+    assert_frame_equal(again.interactions, ds.interactions)
+    codes = pl.DataFrame({"user_id": [1, 2], "item_id": [1, 1], "kind": [0, 2]})
+    coded = read_interactions(codes, weight_col="kind", weight_values={"0": 1, "2": 4})
+    assert coded.interactions["weight"].to_list() == [1.0, 4.0]
+    for values, message in [
+        ({"view": -1}, "finite number >= 0"),
+        ({"view": True}, "finite number >= 0"),
+        ({}, "should map each value"),
+        ({"view": 1, " view": 2}, "twice"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            read_interactions(log, weight_col="event", weight_values=values)
+    with pytest.raises(ConfigError, match="name the column with `weight_col`"):
+        read_interactions(log, user_col="user", item_col="item", weight_values=weights)
+    floats = pl.DataFrame({"user_id": [1], "item_id": [1], "kind": [0.5]})
+    with pytest.raises(DataError, match=r"names \(text\) or integer codes"):
+        read_interactions(floats, weight_col="kind", weight_values={"0.5": 1})
+
+
 def test_unsigned_ids_beyond_int64_are_refused_not_lost(tmp_path: Path) -> None:
     """A UInt64 ID above 2**63 - 1 (a 64-bit hash) became null on the cast to
     Int64, and its row was rejected as an empty ID."""

@@ -55,6 +55,16 @@ class _Checked:
         )
 
 
+def _named_weight(entry: str) -> bool:
+    """Whether ``entry`` is ``value=weight`` with a finite weight >= 0."""
+    name, sep, weight = entry.rpartition("=")
+    try:
+        number = float(weight)
+    except ValueError:
+        return False
+    return bool(sep and name.strip()) and math.isfinite(number) and number >= 0
+
+
 def _fraction(value: float, *, closed_low: bool = True) -> bool:
     return (value >= 0.0 if closed_low else value > 0.0) and value < 1.0
 
@@ -84,6 +94,10 @@ class DataConfig(_Checked):
     or ISO 8601. ``time_unit`` is the unit of numeric timestamps since the epoch:
     ``s`` (default), ``ms`` (Java and JavaScript logs), ``us`` or ``ns``, floored to
     whole seconds.
+    ``weight_values`` gives the weight of each value of ``weight_col`` when it
+    holds names such as event types: ``("view=1", "cart=3", "purchase=5")``
+    (``--weight-values view=1,cart=3,purchase=5``); a value it does not list is a
+    bad row.
     ``user_table`` / ``item_table`` name files of user / item features (CSV, JSON
     lines or Parquet; a product catalogue, a user profile export), keyed by the
     log's user / item column name (``user_col`` / ``item_col``) or ``user_id`` /
@@ -114,8 +128,17 @@ class DataConfig(_Checked):
     item_table: str | None = None
     time_format: str | None = None
     time_unit: Literal["s", "ms", "us", "ns"] = "s"
+    weight_values: tuple[str, ...] = ()
 
     SECTION: ClassVar[str] = "data"
+
+    @property
+    def weights_of_values(self) -> dict[str, float] | None:
+        """``weight_values`` as ``{value: weight}`` (None when unset)."""
+        if not self.weight_values:
+            return None
+        pairs = (entry.rpartition("=") for entry in self.weight_values)
+        return {name.strip(): float(weight) for name, _, weight in pairs}
 
     def _rules(self) -> dict[str, tuple[bool, str]]:
         return {
@@ -126,6 +149,12 @@ class DataConfig(_Checked):
             "validation_fraction": (_fraction(self.validation_fraction), "in [0, 1)"),
             "cold_user_fraction": (_fraction(self.cold_user_fraction), "in [0, 1)"),
             "test_users": (self.test_users >= 0, "0 (every test user) or more"),
+            "weight_values": (
+                all(_named_weight(e) for e in self.weight_values)
+                and (not self.weight_values or self.weight_col is not None),
+                "value=weight entries (e.g. view=1,purchase=5), each weight a finite "
+                "number >= 0, with a weight_col to read",
+            ),
         }
 
 

@@ -401,7 +401,9 @@ def _polars_parse(
     ]
     lean = [c for c in ints if _sampled(layout, c, _CANONICAL)]
     typed: dict[str, pl.DataType] = {
-        c: pl.Float64() for t, c in spec.roles.items() if t in (RATING, WEIGHT)
+        c: pl.Float64()
+        for t, c in spec.roles.items()
+        if t == RATING or (t == WEIGHT and not spec.weight_values)  # else: names
     }
     if TIME in spec.roles and _sampled(layout, spec.roles[TIME], _INT_TEXT):
         typed[spec.roles[TIME]] = pl.Int64()

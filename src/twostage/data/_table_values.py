@@ -52,6 +52,8 @@ class Spec:
     keys: tuple[str, ...]  # output columns that define a duplicate
     time_bounds: tuple[int, int] = (-2_208_988_800, 7_258_118_400)  # 1900 .. 2200
     time_unit: str = "s"  # of numeric timestamps: a key of TIME_UNITS
+    # the weight of each value of the weight column, matched as text (event types)
+    weight_values: tuple[tuple[str, float], ...] = ()
 
     @property
     def sources(self) -> list[str]:
@@ -158,6 +160,10 @@ def parse_columns(
             # column, once every block is parsed: reject_date_numbers.)
             value = value.set(outside | scaled, None)
             mask = mask | outside
+        elif target == WEIGHT and spec.weight_values:
+            value, mask, unlisted = _weight_of_values(s, dict(spec.weight_values))
+            if unlisted.any():
+                bad["weight_value_not_mapped"] = unlisted
         elif target in (RATING, WEIGHT):
             value, mask = _parse_number(s, target)
             if target == WEIGHT:  # a weight scales a row's share of the loss
@@ -299,6 +305,28 @@ def _parse_number(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
             f"`{ARG[target]}` = {s.name!r} has dtype {dtype}; expected numbers."
         )
     return value, (~value.is_finite()).fill_null(True)  # Float32 overflow is bad too
+
+
+def _weight_of_values(
+    s: pl.Series, weights: dict[str, float]
+) -> tuple[pl.Series, pl.Series, pl.Series]:
+    """Each value of ``s`` (as text, stripped) looked up in ``weights``: the weights
+    (Float32, null where none), where the value is missing or empty, and where it
+    is a value ``weights`` does not list."""
+    if not (s.dtype == pl.String or s.dtype.is_integer() or s.dtype == pl.Null):
+        raise DataError(
+            f"`weight_col` = {s.name!r} has dtype {s.dtype}; with `weight_values` it "
+            "should hold names (text) or integer codes."
+        )
+    text = _select(s, pl.first().cast(pl.String).str.strip_chars(PADDING))
+    text = text.set(text.str.len_bytes() == 0, None)
+    found = _select(
+        text,
+        pl.first().replace_strict(
+            list(weights), list(weights.values()), default=None, return_dtype=pl.Float32
+        ),
+    )
+    return found, text.is_null(), found.is_null() & text.is_not_null()
 
 
 def _select(s: pl.Series, expr: pl.Expr) -> pl.Series:

@@ -27,6 +27,7 @@ REASONS = (
     "number_with_decimal_comma",
     "duplicate",
     "bad_weight",  # a mapped weight is empty, non-numeric, not finite or negative
+    "weight_value_not_mapped",  # a weight column's value that weight_values lacks
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
     "nul_in_id",  # a user or item ID holds a NUL byte
     # a JSON line that is not one object: malformed, an array or a number, a NaN,
@@ -116,6 +117,11 @@ class LoadReport:
                 "ratings or weights written with a comma such as 4,5: a decimal "
                 "comma or a thousands one cannot be told apart; write them with a "
                 "point first, e.g. `pl.col('rating').str.replace(',', '.')`"
+            )
+        if "weight_value_not_mapped" in self.rejected:
+            hints.append(
+                "values of the weight column that weight_values does not list: give "
+                "each its weight (--weight-values view=1,purchase=5)"
             )
         if "timestamp_as_date_number" in self.rejected:
             hints.append(

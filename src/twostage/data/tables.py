@@ -34,7 +34,8 @@ Parquet).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +98,7 @@ def read_interactions(
     duplicates: Duplicates = "keep",
     time_format: str | None = None,
     time_unit: str = "s",
+    weight_values: Mapping[str, float] | None = None,
     time_bounds: tuple[int, int] = (-2_208_988_800, 7_258_118_400),
     name: str | None = None,
 ) -> Dataset:
@@ -151,6 +153,10 @@ def read_interactions(
             that reads as 1990-2099 in another unit but not in this one is rejected
             as ``timestamp_not_in_time_unit`` (with ``"s"``:
             ``timestamp_not_in_seconds``).
+        weight_values: the weight of each value of ``weight_col`` when it holds
+            names such as event types (``{"view": 1, "cart": 3, "purchase": 5}``),
+            matched as text; a value it does not list is rejected as
+            ``weight_value_not_mapped``, an empty one as ``bad_weight``.
         time_bounds: ``(low, high)`` epoch seconds a timestamp must lie in (default:
             the years 1900 to 2199); others are bad rows (``bad_timestamp``).
         name: dataset name; the file stem by default.
@@ -187,6 +193,7 @@ def read_interactions(
             f"text; give one. Received: `time_unit` = {time_unit!r}, `time_format` "
             f"= {time_format!r}."
         )
+    weights = check_weight_values(weight_values, weight_col)
     low, high = time_bounds
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) or (
         low >= high
@@ -210,7 +217,9 @@ def read_interactions(
                 logger.info("column %r read as the %s (named so)", role, role)
         keys = (USER, ITEM, TIME) if TIME in mapped else (USER, ITEM)
         bounds = (int(time_bounds[0]), int(time_bounds[1]))
-        spec = Spec(mapped, (), time_format, duplicates, keys, bounds, time_unit)
+        spec = Spec(
+            mapped, (), time_format, duplicates, keys, bounds, time_unit, weights
+        )
         return _make_spec(path, names, spec, feats, reserved=tuple(BAD))
 
     opts = make_options(
@@ -309,6 +318,44 @@ def read_feature_table(
     )
     df, _, spec = _load(path, make_spec, opts)
     return df.select([key_name, *spec.features])
+
+
+def check_weight_values(
+    weight_values: Mapping[str, float] | None, weight_col: str | None
+) -> tuple[tuple[str, float], ...]:
+    """``weight_values`` checked (names to finite non-negative numbers, with a
+    ``weight_col`` to read) as the pairs a reader's spec holds."""
+    if weight_values is None:
+        return ()
+    if not isinstance(weight_values, Mapping) or not weight_values:
+        raise ConfigError(
+            "`weight_values` should map each value of the weight column to its "
+            f"weight, e.g. {{'view': 1, 'purchase': 5}}. Received: {weight_values!r}."
+        )
+    if not weight_col:
+        raise ConfigError(
+            "`weight_values` gives the weights of a weight column's values; name the "
+            "column with `weight_col`."
+        )
+    pairs = []
+    for name, weight in weight_values.items():
+        number = not isinstance(weight, bool) and isinstance(weight, int | float)
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(
+                f"`weight_values` keys should be non-empty text. Received: {name!r}."
+            )
+        if not number or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(
+                f"`weight_values`[{name!r}] should be a finite number >= 0. "
+                f"Received: {weight!r}."
+            )
+        pairs.append((name.strip(), float(weight)))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"`weight_values` names a value twice once stripped of spaces: {names}."
+        )
+    return tuple(pairs)
 
 
 def join_features(

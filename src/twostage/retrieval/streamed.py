@@ -173,6 +173,7 @@ def check_data_options(data: DataConfig) -> None:
         "data.unrated_values": bool(data.unrated_values),
         "data.time_format": data.time_format is not None,
         "data.time_unit": data.time_unit != "s",
+        "data.weight_values": bool(data.weight_values),
     }
     if any(unread.values()):
         raise ConfigError(

@@ -326,3 +326,54 @@ def test_a_loaded_model_evaluates_rows_without_their_feature_columns(
     rows = generate(num_users=200, num_items=80, num_interactions=400, seed=9)
     result = model.evaluate(rows.interactions.select("user_id", "item_id", "timestamp"))
     assert result.num_users > 0
+
+
+def test_fit_reads_a_file_with_the_data_reading_settings(tmp_path: Path) -> None:
+    """`data.time_unit`, `data.weight_values` (and `separator`, `time_format`)
+    were refused by `fit`, so a RetailRocket-style log had to be read by hand; a
+    bundle now records them, and `evaluate --test` reads new rows the same way."""
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    data = generate(num_users=60, num_items=40, num_interactions=1500, seed=5)
+    kinds = ["view", "view", "transaction"]
+    log = data.interactions.select(
+        visitor=pl.col("user_id"),
+        item=pl.col("item_id"),
+        timestamp=pl.col("timestamp") * 1000 + 123,  # milliseconds
+        event=pl.Series([kinds[n % 3] for n in range(data.interactions.height)]),
+    )
+    path = tmp_path / "events.csv"
+    log.head(1200).write_csv(path, separator=";")
+    settings = {
+        **SETTINGS,
+        "train.epochs": 1,
+        "data.separator": ";",
+        "data.time_unit": "ms",
+        "data.weight_values": ["view=1", "transaction=5"],
+    }
+    model = twostage.TwoStageModel(settings=settings, ranking=False, progress=False)
+    model.fit(path, user_col="visitor", item_col="item", weight_col="event")
+    fitted = model.split_.fit.interactions
+    assert fitted["timestamp"].max() < 4_102_444_800  # seconds, not milliseconds
+    assert set(fitted["weight"].unique().to_list()) == {1.0, 5.0}
+    bundle = model.save(tmp_path / "bundle")
+    rows = tmp_path / "week.csv"
+    log.tail(300).rename({"visitor": "user_id", "item": "item_id"}).drop(
+        "event"
+    ).write_csv(rows, separator=";")
+    measured = CliRunner().invoke(
+        app, ["evaluate", str(bundle), "--test", str(rows), "--json"]
+    )
+    assert measured.exit_code == 0, measured.output
+    # Without the weight column named, or with a Dataset already read: refused.
+    unnamed = twostage.TwoStageModel(settings=settings, progress=False)
+    with pytest.raises(twostage.TwostageError, match=r"fit\(weight_col=\.\.\.\)"):
+        unnamed.fit(path, user_col="visitor", item_col="item")
+    read = twostage.read_interactions(
+        path, user_col="visitor", item_col="item", separator=";", time_unit="ms"
+    )
+    unweighted = {k: v for k, v in settings.items() if k != "data.weight_values"}
+    with pytest.raises(twostage.TwostageError, match="this Dataset was read already"):
+        twostage.TwoStageModel(settings=unweighted, progress=False).fit(read)

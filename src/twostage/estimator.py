@@ -173,6 +173,9 @@ class TwoStageModel:
             data: the training interactions: a :class:`~twostage.data.Dataset`, a
                 polars or pandas DataFrame (rows are checked as a file's are; the
                 rejected ones are counted in the log), or a CSV, JSON lines or Parquet path.
+                A file or frame is read with the settings ``data.separator``,
+                ``data.time_format``, ``data.time_unit`` and ``data.weight_values``
+                (a Dataset was read already: they are refused with one).
             validation: held-out interactions for early stopping and the ranker's
                 blend weight (same kinds as ``data``); when None, a
                 ``data.validation_fraction`` carve-out of ``data`` (0: none).
@@ -308,7 +311,26 @@ class TwoStageModel:
             read_interactions,
         )
 
+        settings = self.config.data
+        weights = settings.weights_of_values if columns.weight_col else None
+        if settings.weight_values and like is None and not columns.weight_col:
+            raise ConfigError(
+                "`data.weight_values` gives the weights of a weight column's values; "
+                "name the column with fit(weight_col=...)."
+            )
+        reading = {  # the settings that say how to read a file or a frame
+            "separator": settings.separator,
+            "time_format": settings.time_format,
+            "time_unit": None if settings.time_unit == "s" else settings.time_unit,
+            "weight_values": weights,
+        }
         if isinstance(data, Dataset):
+            given = [f"`data.{k}`" for k, v in reading.items() if v is not None]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} say how to read a file or a frame; this "
+                    "Dataset was read already. Pass the file or frame, or unset them."
+                )
             dataset = data
         else:
             dataset = read_interactions(
@@ -319,6 +341,10 @@ class TwoStageModel:
                 rating_col=columns.rating_col,
                 weight_col=columns.weight_col,
                 name=self.config.data.dataset,
+                separator=settings.separator,
+                time_format=settings.time_format,
+                time_unit=settings.time_unit,
+                weight_values=weights,
             )
         tables = {}
         sides: tuple[tuple[str, Any, str, Literal["user_id", "item_id"]], ...] = (
@@ -590,11 +616,6 @@ _UNREAD_DATA = {
     "time_col": "fit(time_col=...)",
     "rating_col": "fit(rating_col=...)",
     "weight_col": "fit(weight_col=...)",
-    "separator": "read the file with read_interactions(separator=...) and pass it",
-    "time_format": "read the file with read_interactions(time_format=...) and pass it",
-    "time_unit": "read the file with read_interactions(time_unit=...) and pass it",
-    "weight_values": "read the file with read_interactions(weight_values=...) and "
-    "pass it",
     "user_features": "pass users= (a table keyed by user), or columns through "
     "read_interactions(user_features=...)",
     "item_features": "pass items=, or read_interactions(item_features=...)",

@@ -150,10 +150,9 @@ class DataConfig(_Checked):
             "cold_user_fraction": (_fraction(self.cold_user_fraction), "in [0, 1)"),
             "test_users": (self.test_users >= 0, "0 (every test user) or more"),
             "weight_values": (
-                all(_named_weight(e) for e in self.weight_values)
-                and (not self.weight_values or self.weight_col is not None),
+                all(_named_weight(e) for e in self.weight_values),
                 "value=weight entries (e.g. view=1,purchase=5), each weight a finite "
-                "number >= 0, with a weight_col to read",
+                "number >= 0",
             ),
         }
 

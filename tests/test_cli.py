@@ -172,6 +172,42 @@ def test_weight_values_from_the_command_line(tmp_path: Path) -> None:
     assert "value=weight pairs" in " ".join(re.sub("[│╭╮╰╯─]", " ", bad.output).split())
 
 
+def test_column_names_read_a_headerless_log(tmp_path: Path) -> None:
+    """Amazon's ratings CSVs and Taobao's UserBehavior.csv have no header: the CLI
+    read their first row as the column names, and had no way to name them."""
+    log = tmp_path / "ratings.csv"
+    generated = generate(num_users=40, num_items=30, num_interactions=600)
+    generated.interactions.select(
+        "user_id", "item_id", "rating", "timestamp"
+    ).write_csv(log, include_header=False)
+    names = ["--column-names", "user,item,stars,ts", "--user-col", "user"]
+    names += ["--item-col", "item", "--rating-col", "stars", "--time-col", "ts"]
+    described = runner.invoke(app, ["data", "describe", str(log), *names, "--json"])
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    assert summary["num_interactions"] == 600 and summary["report"]["rejected"] == {}
+    run = tmp_path / "run"
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "retrieval",
+            "--dataset",
+            str(log),
+            *names,
+            "--out",
+            str(run),
+            *SMALL_TRAINING,
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    saved = json.loads((run / "config.json").read_text())["data"]
+    assert saved["column_names"] == ["user", "item", "stars", "ts"]
+    assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0  # read alike
+    unnamed = runner.invoke(app, ["data", "describe", str(log)])
+    assert "reads its first row as names" in str(unnamed.exception)
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

@@ -31,6 +31,7 @@ from twostage.cli_batch import (
     write_in_chunks,
 )
 from twostage.cli_data import (
+    ColumnNames,
     ItemCol,
     ItemFeatures,
     ItemTable,
@@ -179,6 +180,7 @@ def _columns(
     weight_col: str | None,
     weight_values: str | None,
     separator: str | None,
+    column_names: str | None,
     user_features: str | None,
     item_features: str | None,
 ) -> dict[str, Any]:
@@ -193,11 +195,13 @@ def _columns(
         weight_col=weight_col,
         weight_values=weight_values,
         separator=separator,
+        column_names=column_names,
         user_features=user_features,
         item_features=item_features,
     )
     del options["strict"]  # not a config key: training reads without it
     options["weight_values"] = weight_values  # checked, kept as the config's text
+    del options["has_header"]  # data.column_names says the file has none
     return options
 
 
@@ -245,6 +249,7 @@ def train_all(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
+    column_names: ColumnNames = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
@@ -298,6 +303,7 @@ def train_all(
         weight_col,
         weight_values,
         separator,
+        column_names,
         user_features,
         item_features,
     )
@@ -875,6 +881,7 @@ def train_retrieval_command(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
+    column_names: ColumnNames = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
@@ -919,6 +926,7 @@ def train_retrieval_command(
         weight_col,
         weight_values,
         separator,
+        column_names,
         user_features,
         item_features,
     )
@@ -1409,7 +1417,7 @@ FLAGS = {
     "`separator`": "`--separator`",
     "`user_features`": "`--user-features`",
     "`item_features`": "`--item-features`",
-    "or `column_names=` for a headerless file": "or give the file a header row",
+    "`column_names`": "`--column-names`",
     "Received: `variant` = ": "Received: ",
     "`variant`": "the MovieLens variant",
     "`method`": "`--method`",

@@ -68,6 +68,13 @@ WeightCol = Annotated[
         "share of both stages' losses; default: none (every row weighs 1)."
     ),
 ]
+ColumnNames = Annotated[
+    str | None,
+    typer.Option(
+        help="Names of the columns of a headerless CSV, in order, comma-separated "
+        "(its first line is then a row), e.g. user_id,item_id,rating,timestamp.",
+    ),
+]
 WeightValues = Annotated[
     str | None,
     typer.Option(
@@ -152,6 +159,7 @@ def dataset_options(
     weight_col: str | None = None,
     weight_values: str | None = None,
     separator: str | None = None,
+    column_names: str | None = None,
     user_features: str | None = None,
     item_features: str | None = None,
     strict: bool = False,
@@ -167,6 +175,8 @@ def dataset_options(
         "weight_col": weight_col,
         "weight_values": weight_values_of(weight_values),
         "separator": separator,
+        "column_names": split_names(column_names),
+        "has_header": False if column_names else None,
         "user_features": split_names(user_features),
         "item_features": split_names(item_features),
         "strict": strict or None,
@@ -294,6 +304,7 @@ def data_describe(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
+    column_names: ColumnNames = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
     strict: Strict = False,
@@ -326,6 +337,7 @@ def data_describe(
         weight_col=weight_col,
         weight_values=weight_values,
         separator=separator,
+        column_names=column_names,
         user_features=user_features,
         item_features=item_features,
         strict=strict,
@@ -379,6 +391,7 @@ def data_split(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
+    column_names: ColumnNames = None,
     strict: Strict = False,
     overwrite: Annotated[
         bool,
@@ -427,6 +440,7 @@ def data_split(
         weight_col=weight_col,
         weight_values=weight_values,
         separator=separator,
+        column_names=column_names,
         strict=strict,
     )
     data = _load(dataset, options)

@@ -174,7 +174,8 @@ class TwoStageModel:
                 polars or pandas DataFrame (rows are checked as a file's are; the
                 rejected ones are counted in the log), or a CSV, JSON lines or Parquet path.
                 A file or frame is read with the settings ``data.separator``,
-                ``data.time_format``, ``data.time_unit`` and ``data.weight_values``
+                ``data.time_format``, ``data.time_unit``, ``data.weight_values``
+                and ``data.column_names``
                 (a Dataset was read already: they are refused with one).
             validation: held-out interactions for early stopping and the ranker's
                 blend weight (same kinds as ``data``); when None, a
@@ -323,6 +324,7 @@ class TwoStageModel:
             "time_format": settings.time_format,
             "time_unit": None if settings.time_unit == "s" else settings.time_unit,
             "weight_values": weights,
+            "column_names": settings.column_names or None,
         }
         if isinstance(data, Dataset):
             given = [f"`data.{k}`" for k, v in reading.items() if v is not None]
@@ -345,6 +347,8 @@ class TwoStageModel:
                 time_format=settings.time_format,
                 time_unit=settings.time_unit,
                 weight_values=weights,
+                column_names=list(settings.column_names) or None,
+                has_header=not settings.column_names,
             )
         tables = {}
         sides: tuple[tuple[str, Any, str, Literal["user_id", "item_id"]], ...] = (

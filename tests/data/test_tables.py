@@ -135,6 +135,18 @@ def test_headerless_with_column_names_and_double_colon(tmp_path: Path) -> None:
         (1, 1193, 978300760, 5.0),
         (1, 661, 978302109, 3.0),
     ]
+    # Names that do not fit the lines: said at once, not every row rejected.
+    with pytest.raises(DataError, match=r"has 3 names but the lines of .* have 4"):
+        load(path, has_header=False, column_names=names[:3])
+    # Without names, the message says the first row read as names.
+    with pytest.raises(DataError, match="reads its first row as names"):
+        read_interactions(write(tmp_path, "bare.csv", "1,2\n3,4\n"))
+    # Parquet, JSON and frames name their columns: the options are refused.
+    frame = pl.DataFrame({"column_1": [1], "column_2": [2]})
+    frame.write_parquet(tmp_path / "named.parquet")
+    for source in (frame, tmp_path / "named.parquet"):
+        with pytest.raises(ConfigError, match="apply to delimited text files"):
+            read_interactions(source, has_header=False, column_names=["a", "b"])
 
 
 def test_double_colon_inside_quotes_survives(tmp_path: Path) -> None:

@@ -94,6 +94,10 @@ class DataConfig(_Checked):
     or ISO 8601. ``time_unit`` is the unit of numeric timestamps since the epoch:
     ``s`` (default), ``ms`` (Java and JavaScript logs), ``us`` or ``ns``, floored to
     whole seconds.
+    ``column_names`` names the columns of a headerless text file, in order (its
+    first line is a row; Amazon's ratings CSVs, Taobao's UserBehavior.csv); the
+    roles then map these names (or name them ``user_id``, ``item_id``, ``rating``,
+    ``timestamp``).
     ``weight_values`` gives the weight of each value of ``weight_col`` when it
     holds names such as event types: ``("view=1", "cart=3", "purchase=5")``
     (``--weight-values view=1,cart=3,purchase=5``); a value it does not list is a
@@ -129,6 +133,7 @@ class DataConfig(_Checked):
     time_format: str | None = None
     time_unit: Literal["s", "ms", "us", "ns"] = "s"
     weight_values: tuple[str, ...] = ()
+    column_names: tuple[str, ...] = ()
 
     SECTION: ClassVar[str] = "data"
 

@@ -218,9 +218,14 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
     elif opts.column_names is None:
         if not records:
             raise DataError(
-                f"{src.path}: the file is empty; pass `column_names=` to read it."
+                f"{src.path}: the file is empty; pass `column_names` to read it."
             )
         names = [f"column_{i}" for i in range(1, len(records[0]) + 1)]
+    elif records and all(len(r) != len(opts.column_names) for r in records):
+        raise DataError(  # else every row would be a wrong_field_count
+            f"`column_names` has {len(opts.column_names)} names but the lines of "
+            f"{src.path} have {len(records[0])} fields (the first: {records[0]})."
+        )
     names = list(opts.column_names or names)
     repeated = sorted(n for n, count in Counter(names).items() if count > 1)
     if repeated:  # which one would a mapping mean? Say so rather than pick one.
@@ -228,7 +233,7 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
         raise DataError(
             f"{src.path}: the header names {repeated} more than once (columns "
             f"{where}); a column mapping could not tell them apart. Rename them in the "
-            "file, or pass `column_names=` with distinct names."
+            "file, or pass `column_names` with distinct names."
         )
     leading_blank = not (lines and lines[0].strip())
     samples = records[1:] if opts.has_header else records

@@ -153,6 +153,8 @@ def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset
         time_unit=None if data.time_unit == "s" else data.time_unit,  # the default
         weight_col=data.weight_col if weights else None,
         weight_values=data.weights_of_values if weights else None,
+        column_names=list(data.column_names) or None,
+        has_header=None if not data.column_names else False,
         separator=data.separator,
         user_features=list(data.user_features) or None,
         item_features=list(data.item_features) or None,

@@ -434,6 +434,16 @@ def _load(
     opts: Options,
 ) -> tuple[pl.DataFrame, LoadReport, Spec]:
     """Read, check, type and de-duplicate the mapped columns of a file or frame."""
+    named = isinstance(path, pl.DataFrame) or path.suffix.lower() in (
+        *PARQUET_SUFFIXES,
+        *JSON_SUFFIXES,
+    )
+    if named and (opts.column_names is not None or not opts.has_header):
+        raise ConfigError(
+            "`column_names` and `has_header` apply to delimited text files; "
+            f"{'a DataFrame' if isinstance(path, pl.DataFrame) else str(path)} "
+            "names its columns itself (map them with `user_col`, `item_col`...)."
+        )
     if isinstance(path, pl.DataFrame):
         spec = make_spec(list(path.columns))
         df, report, spec, describe = load_frame(
@@ -512,8 +522,9 @@ def _make_spec(
         if col not in names:
             raise DataError(
                 f"`{ARG.get(target, 'key_col')}` = {col!r} is not a column of "
-                f"{where!r}. Available columns: {names}. Pass one of them, or "
-                "`column_names=` for a headerless file."
+                f"{where!r}. Available columns: {names}. Pass one of them; a file "
+                "without a header reads its first row as names: name its columns "
+                "with `column_names`."
             )
     seen = list(mapped.values())
     if len(set(seen)) != len(seen):

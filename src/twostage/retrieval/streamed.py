@@ -174,6 +174,7 @@ def check_data_options(data: DataConfig) -> None:
         "data.time_format": data.time_format is not None,
         "data.time_unit": data.time_unit != "s",
         "data.weight_values": bool(data.weight_values),
+        "data.column_names": bool(data.column_names),
     }
     if any(unread.values()):
         raise ConfigError(

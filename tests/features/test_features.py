@@ -720,6 +720,12 @@ def test_default_for_infers_unknown_columns(caplog: pytest.LogCaptureFixture) ->
             "empty": pl.Series([None] * n, dtype=pl.String),
             "sku": [f"SKU{i}" for i in range(n)],
             "meta": [{"w": i} for i in range(n)],
+            # Integer codes (Taobao's category_id) are categories, not quantities
+            # to normalise; a float named so stays a number.
+            "category_id": [i % 7 for i in range(n)],
+            "brand": [i % 3 for i in range(n)],
+            "score_id": [i / 2 for i in range(n)],
+            "stock": [i % 7 for i in range(n)],
         }
     )
     interactions = pl.DataFrame({"user_id": [1], "item_id": [0], "timestamp": [0]})
@@ -742,6 +748,10 @@ def test_default_for_infers_unknown_columns(caplog: pytest.LogCaptureFixture) ->
         "tags": "multi_hot",
         "labels": "multi_hot",
         "sku": "categorical",
+        "category_id": "categorical",
+        "brand": "categorical",
+        "score_id": "numeric",
+        "stock": "numeric",
     }
 
 

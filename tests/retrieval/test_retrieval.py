@@ -358,6 +358,33 @@ def test_id_only_model_has_no_side_fields() -> None:
     assert np.isfinite(run.train_result.history[-1]["train_loss"])
 
 
+def test_field_kinds_set_how_side_columns_are_encoded(tmp_path: Path) -> None:
+    """A numeric code column was always normalised as a number, and nothing could
+    say otherwise: `retrieval.field_kinds` names the kind of a column."""
+    config = _config(
+        "retrieval.field_kinds=price=bucket,age=categorical", "train.epochs=1"
+    )
+    split = prepare_split(
+        generate(num_users=60, num_items=40, num_interactions=800), config
+    )
+    spec = spec_for(split.fit, config)
+    kinds = {f.name: f.kind for f in [*spec.query, *spec.candidate]}
+    assert kinds["price"] == "bucket" and kinds["age"] == "categorical"
+    assert spec_for(split.fit, _config()).candidate[-1].kind == "numeric"
+    for entry, message in [
+        ("user_id=categorical", "always an ID field"),
+        ("weather=numeric", "no user or item feature column"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            spec_for(split.fit, _config(f"retrieval.field_kinds={entry}"))
+    with pytest.raises(ConfigError, match="each kind one of"):
+        _config("retrieval.field_kinds=price=hash")
+    run, _ = fit_retrieval(config, evaluate_test=False)
+    run.save(tmp_path / "run")
+    reloaded = load_run(tmp_path / "run")
+    assert {f.name: f.kind for f in reloaded.spec.candidate}["price"] == "bucket"
+
+
 @pytest.mark.parametrize(
     ("optimizer", "extra"),
     [

@@ -55,6 +55,18 @@ class _Checked:
         )
 
 
+#: The field kinds ``retrieval.field_kinds`` may set: those whose encoders need no
+#: option (``hash`` needs its ``num_buckets``; ``id`` is the key's).
+FIELD_KIND_CHOICES = (
+    "categorical",
+    "bucket",
+    "numeric",
+    "timestamp",
+    "multi_hot",
+    "text",
+)
+
+
 def _named_weight(entry: str) -> bool:
     """Whether ``entry`` is ``value=weight`` with a finite weight >= 0."""
     name, sep, weight = entry.rpartition("=")
@@ -172,6 +184,10 @@ class RetrievalConfig(_Checked):
     column of the log, or ``hour_of_day`` / ``day_of_week``
     (:mod:`twostage.features.context`); with context, every test interaction is its
     own evaluation query, and ``examples=users`` sees no context.
+    ``field_kinds`` sets how side-feature columns are encoded where the default
+    (:mod:`twostage.features.infer`) does not suit: ``("category_id=categorical",
+    "price=bucket")``, each kind one of ``FIELD_KIND_CHOICES`` with its default
+    options; a column left out by default (URLs...) joins with the kind given.
 
     ``examples`` is ``interactions`` (one training example per (user, item) row: the
     query sees the user's history without that item and must pick it) or ``users`` (one
@@ -291,6 +307,7 @@ class RetrievalConfig(_Checked):
     use_side_features: bool = True
     query_fields: tuple[str, ...] = ()
     candidate_fields: tuple[str, ...] = ()
+    field_kinds: tuple[str, ...] = ()
     history_length: int = 100
     history_pooling: Literal["mean", "attention"] = "mean"
     history_dropout: float = 0.0
@@ -350,6 +367,14 @@ class RetrievalConfig(_Checked):
 
     def _rules(self) -> dict[str, tuple[bool, str]]:
         return {
+            "field_kinds": (
+                all(
+                    e.partition("=")[0].strip()
+                    and e.partition("=")[2].strip() in FIELD_KIND_CHOICES
+                    for e in self.field_kinds
+                ),
+                f"column=kind entries, each kind one of {list(FIELD_KIND_CHOICES)}",
+            ),
             "embedding_dim": (self.embedding_dim >= 1, "a positive integer"),
             "output_dim": (self.output_dim >= 1, "a positive integer"),
             "hidden_dims": (all(h >= 1 for h in self.hidden_dims), "positive widths"),

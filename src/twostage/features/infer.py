@@ -1,7 +1,9 @@
 """Choose default feature fields from the columns a dataset has.
 
 ``user_id`` and ``item_id`` are always ``"id"`` fields. Side-table columns are chosen by
-name first (the MovieLens columns), then by dtype and content:
+name first (the MovieLens columns; integer codes named ``*_id``, ``*_code``, ``*_key``,
+``category`` or ``brand`` -> ``categorical``, not a number to normalise), then by dtype
+and content:
 
 * numbers -> ``numeric``; booleans -> ``categorical``; dates and times -> ``timestamp``;
 * list columns, and strings that look like ``"A|B"`` or ``"['A', 'B']"`` -> ``multi_hot``;
@@ -32,6 +34,9 @@ logger = logging.getLogger(__name__)
 _MAX_CATEGORIES = 1000  # at most this many distinct values is "low cardinality"
 _LIST_SHARE = 0.5  # share of values that must look like lists / URLs
 _TEXT_WORDS = 3.0  # mean words per value from which mostly-distinct strings are text
+# Integer columns named so hold codes (Taobao's category_id, a brand_id).
+_CODE_SUFFIXES = ("_id", "_code", "_key")
+_CODE_NAMES = frozenset({"id", "category", "brand"})
 # Presentation copies of other columns (MovieLens "Title (Year)").
 _SKIPPED_NAMES = frozenset({"display_title"})
 
@@ -40,9 +45,22 @@ def _is_numeric(series: pl.Series) -> bool:
     return series.dtype.is_numeric() and series.dtype != pl.Boolean
 
 
+def _categories(name: str, values: pl.Series) -> Field:
+    """A categorical field; with many distinct values (ID-like), keeping those seen
+    at least twice."""
+    distinct = values.n_unique()
+    if distinct <= _MAX_CATEGORIES or distinct <= 0.5 * len(values):
+        return Field(name, "categorical")
+    return Field(name, "categorical", min_count=2, max_size=100_000)
+
+
 def _by_name(name: str, series: pl.Series) -> Field | None:
-    """The MovieLens conventions, where the column's dtype fits them."""
+    """The MovieLens conventions, and integer codes, where the dtype fits them."""
     lowered = name.lower()
+    if series.dtype.is_integer() and (
+        lowered.endswith(_CODE_SUFFIXES) or lowered in _CODE_NAMES
+    ):  # category_id 17 is no more than category_id 3: a code, not a quantity
+        return _categories(name, series.drop_nulls())
     if lowered == "age":
         return Field(name, "bucket", num_buckets=10) if _is_numeric(series) else None
     if lowered in ("gender", "sex", "occupation"):
@@ -87,9 +105,7 @@ def _by_content(name: str, series: pl.Series) -> Field | None:
     words = float(text.str.count_matches(r"[\p{L}\p{N}]+").to_numpy().mean())
     if words >= _TEXT_WORDS and distinct > 0.2 * len(text):
         return Field(name, "text")
-    if distinct <= _MAX_CATEGORIES or distinct <= 0.5 * len(text):
-        return Field(name, "categorical")
-    return Field(name, "categorical", min_count=2, max_size=100_000)
+    return _categories(name, text)
 
 
 def infer_field(name: str, series: pl.Series) -> Field | None:

@@ -7,6 +7,7 @@ Loading a run imports no fitting code, loss or data download: the server loads r
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.errors import ArtifactError, ConfigError, clause
 from twostage.features import FeatureSpec
 from twostage.features.context import context_field, context_frame, context_names
+from twostage.features.fields import Field
 from twostage.models.ensemble import (
     EnsembleModel,
     Member,
@@ -64,6 +66,8 @@ __all__ = [
     "read_retrieval",
     "spec_for",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 #: The two towers' weights in a saved run directory (a bundle names them otherwise).
@@ -175,6 +179,48 @@ def build_member(
     )
 
 
+def _with_field_kinds(
+    spec: FeatureSpec, dataset: Dataset, entries: tuple[str, ...]
+) -> FeatureSpec:
+    """``spec`` with the side-feature columns of ``retrieval.field_kinds`` encoded
+    as named (``"category_id=categorical"``), added where the default left the
+    column out."""
+    query, candidate = list(spec.query), list(spec.candidate)
+    for entry in entries:
+        name, _, kind = (part.strip() for part in entry.partition("="))
+        if name in (USER, ITEM):
+            raise ConfigError(
+                f"`retrieval.field_kinds` names {name!r}, the key of its tower, "
+                "which is always an ID field; name a side-feature column."
+            )
+        sides = [
+            (fields, table)
+            for fields, table in ((query, dataset.users), (candidate, dataset.items))
+            if table is not None and name in table.columns
+        ]
+        if not sides:
+            offered = sorted(
+                c
+                for table in (dataset.users, dataset.items)
+                if table is not None
+                for c in table.columns
+                if c not in (USER, ITEM)
+            )
+            raise ConfigError(
+                f"`retrieval.field_kinds` names {name!r}, which is no user or item "
+                f"feature column; the data offers {offered}."
+            )
+        for fields, _table in sides:
+            chosen = Field(name, kind)  # type: ignore[arg-type]  # checked by config
+            at = [i for i, f in enumerate(fields) if f.name == name]
+            if at:
+                fields[at[0]] = chosen
+            else:
+                fields.append(chosen)
+            logger.info("feature %r encoded as %s (retrieval.field_kinds)", name, kind)
+    return FeatureSpec(query=query, candidate=candidate)
+
+
 def spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
     """The fields of both towers for a training split and config.
 
@@ -186,6 +232,8 @@ def spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
     spec = FeatureSpec.default_for(
         dataset, use_side_features=retrieval.use_side_features
     )
+    if retrieval.field_kinds:
+        spec = _with_field_kinds(spec, dataset, retrieval.field_kinds)
     user_columns = {f.name for f in spec.query}
     offered = context_names(dataset)
     context = [

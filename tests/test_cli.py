@@ -23,6 +23,16 @@ def test_describe_synthetic_prints_json() -> None:
     summary = json.loads(result.stdout)  # nothing but the JSON on stdout
     assert summary["num_items"] <= 50 and summary["num_users"] == 40
     assert "rating_histogram" in summary
+    # How training would read each side column, before training does.
+    assert summary["feature_kinds"] == {
+        "age": "bucket",
+        "segment": "categorical",
+        "title": "text",
+        "category": "categorical",
+        "price": "numeric",
+    }
+    table = runner.invoke(app, ["data", "describe", "synthetic:num_items=50"])
+    assert "age (bucket), segment (categorical)" in table.output
 
 
 def test_describe_own_csv_reports_bad_rows(tmp_path: Path) -> None:

@@ -258,8 +258,16 @@ def print_summary(summary: dict[str, Any]) -> None:
             if summary["num_interactions"]
             else "none: no rows",
         )
-    table.add_row("user features", Text(", ".join(summary["user_features"]) or "-"))
-    table.add_row("item features", Text(", ".join(summary["item_features"]) or "-"))
+    kinds = summary.get("feature_kinds", {})  # a streamed log has no feature tables
+
+    def features(columns: list[str]) -> Text:
+        named = [
+            f"{c} ({kinds.get(c) or 'not used'})" if c in kinds else c for c in columns
+        ]
+        return Text(", ".join(named) or "-")
+
+    table.add_row("user features", features(summary["user_features"]))
+    table.add_row("item features", features(summary["item_features"]))
     if "other_columns" in summary:
         table.add_row("other columns", Text(", ".join(summary["other_columns"]) or "-"))
     table.add_row("source", Text(summary["source"][:100]))

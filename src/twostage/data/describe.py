@@ -79,9 +79,27 @@ def describe(dataset: Dataset) -> dict[str, Any]:
     if WEIGHT in inter.columns:  # read with ``weight_col``
         weights = inter[WEIGHT]
         out["weights"] = {**_spread(weights), "zero": int((weights == 0).sum())}
+    out["feature_kinds"] = _feature_kinds(dataset)
     if dataset.report is not None:
         out["bad_rows"] = dataset.report.to_dict()
     return out
+
+
+def _feature_kinds(dataset: Dataset) -> dict[str, str | None]:
+    """Per side-table column, the kind of feature training would make of it by
+    default (:mod:`twostage.features.infer`; None: left out), so a column read
+    the wrong way is seen before training (``retrieval.field_kinds`` sets it)."""
+    from twostage.features.infer import infer_field
+
+    kinds: dict[str, str | None] = {}
+    for table, key in ((dataset.users, USER), (dataset.items, ITEM)):
+        if table is None:
+            continue
+        for column in table.columns:
+            if column != key:
+                field = infer_field(column, table[column])
+                kinds[column] = None if field is None else field.kind
+    return kinds
 
 
 def describe_streamed(path: str | Path) -> tuple[dict[str, Any], LoadReport]:

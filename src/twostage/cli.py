@@ -51,6 +51,7 @@ from twostage.cli_data import (
     dataset_options,
     print_summary,
 )
+from twostage.cli_info import info_command
 from twostage.cli_ops import index_app, serve_command
 from twostage.cli_output import (
     console,
@@ -1343,6 +1344,7 @@ for _name, _command, _panel in (
     ("similar", similar_command, USE),
     ("serve", serve_command, USE),
     ("export", export_command, USE),
+    ("info", info_command, USE),
 ):
     app.command(_name, rich_help_panel=_panel)(_command)
 

@@ -26,7 +26,7 @@ __all__ = ["report_for", "score_samples", "write_report"]
 KS = ("1", "5", "10", "50", "100")
 
 
-def _best_epoch(history: list[dict[str, float]]) -> int | None:
+def best_epoch(history: list[dict[str, float]]) -> int | None:
     """The 1-based epoch whose weights were kept (best validation, else train loss;
     an ensemble's first model's)."""
     history = main_member(history)
@@ -75,7 +75,7 @@ def _plot_losses(
         right.set_ylabel(metric_label)
         more_handles, more_labels = right.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    best = _best_epoch(history)
+    best = best_epoch(history)
     if best is not None:
         left.axvline(best, color="grey", linestyle=":", linewidth=1)
         handles.append(left.lines[-1])
@@ -381,7 +381,7 @@ def run_facts(rec: Any) -> dict[str, str]:
         "training seed": str(config.train.seed),
         "split": f"{config.data.split}, test {config.data.test_fraction:g}, "
         f"seed {config.data.seed}",
-        "best retrieval epoch": str(_best_epoch(run.train_result.history) or "-"),
+        "best retrieval epoch": str(best_epoch(run.train_result.history) or "-"),
         "popularity fallback": f"users with at most {run.popularity_fallback} items"
         if run.popularity_fallback
         else "none",
@@ -390,7 +390,7 @@ def run_facts(rec: Any) -> dict[str, str]:
     }
     ranker = rec.ranker
     if ranker is not None:
-        facts["best ranking epoch"] = str(_best_epoch(ranker.history) or "-")
+        facts["best ranking epoch"] = str(best_epoch(ranker.history) or "-")
         facts["ranking blend weight"] = f"{ranker.blend_weight:g}"
         if ranker.config.ease_weight:
             facts["ranking EASE weight"] = f"{ranker.config.ease_weight:g}"

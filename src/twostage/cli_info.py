@@ -1,0 +1,280 @@
+"""``twostage info``: what a saved model is, at a glance, without evaluating it.
+
+A bundle (or ``models/<name>/``, or a ``train retrieval`` run) is loaded as every
+command loads it, checksums verified, and described from what it holds: when and by
+which version it was saved, the data and column mapping it was trained on, its
+features and their kinds, both stages, the index and the test figures saved with it.
+A ``models/`` directory lists its models and their versions instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from twostage.artifacts import MANIFEST
+from twostage.cli_output import console, print_json
+
+__all__ = ["bundle_info", "info_command", "models_info"]
+
+#: ``data`` settings shown when set: how the log's rows were read.
+_READING = (
+    "user_col",
+    "item_col",
+    "time_col",
+    "rating_col",
+    "weight_col",
+    "weight_values",
+    "time_format",
+    "time_unit",
+    "separator",
+    "column_names",
+    "user_features",
+    "item_features",
+    "user_table",
+    "item_table",
+)
+
+
+def _versions(model_dir: Path) -> list[int]:
+    """The saved version numbers under ``models/<name>/``, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir()
+        and p.name.isascii()
+        and p.name.isdigit()
+        and (p / MANIFEST).exists()
+    )
+
+
+def _is_models_root(path: Path) -> bool:
+    """Whether ``path`` holds model directories (``<name>/<version>/``) rather than
+    being a bundle, a model directory or a run."""
+    if not path.is_dir() or (path / MANIFEST).exists() or _versions(path):
+        return False
+    return any(_versions(child) for child in path.iterdir() if child.is_dir())
+
+
+def models_info(root: Path) -> dict[str, Any]:
+    """Every model under ``root`` with its versions and its newest one's manifest."""
+    models = []
+    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+        versions = _versions(child)
+        if not versions:
+            continue
+        try:
+            manifest = json.loads((child / str(versions[-1]) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        manifest = manifest if isinstance(manifest, dict) else {}
+        models.append(
+            {
+                "name": child.name,
+                "versions": versions,
+                "newest": versions[-1],
+                "created": manifest.get("created"),
+                "ranking": bool(manifest.get("ranking")),
+            }
+        )
+    return {"path": str(root), "models": models}
+
+
+def bundle_info(path: Path) -> dict[str, Any]:
+    """What the model at ``path`` holds (:func:`twostage.bundles.load_recommender`
+    loads it, so a corrupt or incomplete bundle is its error)."""
+    from twostage.artifacts import resolve_bundle
+    from twostage.bundles import load_recommender
+    from twostage.data.dataset import ITEM, USER
+    from twostage.report import best_epoch
+    from twostage.training import main_member
+
+    rec = load_recommender(path)
+    manifest: dict[str, Any] = getattr(rec, "manifest", {}) or {}
+    where = path if not manifest else resolve_bundle(path)
+    run, config = rec.run, rec.run.config
+    files = [p for p in where.rglob("*") if p.is_file()]
+    data = config.data
+    reading = {
+        key: value
+        for key in _READING
+        if (value := getattr(data, key)) not in (None, (), "s")
+    }
+    history = main_member(run.train_result.history)
+    out: dict[str, Any] = {
+        "path": str(where),
+        "kind": "bundle" if manifest else "retrieval run",
+        "versions": _versions(where.parent) if manifest else [],
+        "created": manifest.get("created"),
+        "twostage_version": manifest.get("twostage_version"),
+        "files": len(files),
+        "bytes": sum(p.stat().st_size for p in files),
+        "dataset": data.dataset,
+        "split": data.split,
+        "reading": reading,
+        "users": rec.user_vocab.size - 1,
+        "items": rec.item_vocab.size - 1,
+        "training_rows": int(sum(rec.user_vocab.counts)),
+        "features": {
+            side: [
+                {"column": f.name, "kind": f.kind}
+                for f in fields
+                if f.name not in (USER, ITEM)
+            ]
+            for side, fields in (
+                ("query", run.spec.query),
+                ("candidate", run.spec.candidate),
+            )
+        },
+        "retrieval": {
+            "query_encoder": config.retrieval.query_encoder,
+            "embedding_dim": config.retrieval.embedding_dim,
+            "output_dim": config.retrieval.output_dim,
+            "history_length": config.retrieval.history_length,
+            "epochs": len(history),
+            "best_epoch": best_epoch(run.train_result.history),
+        },
+        "ranking": None
+        if rec.ranker is None
+        else {
+            "predicts_ratings": rec.ranker.predicts_ratings,
+            "blend_weight": rec.ranker.blend_weight,
+        },
+        "index": getattr(rec.index, "kind", None),
+        "test": _test_figures(run.metrics),
+    }
+    return out
+
+
+def _test_figures(metrics: dict[str, Any]) -> dict[str, float] | None:
+    """NDCG, Recall and HitRate at 10 with seen items excluded, as saved."""
+    figures = (metrics or {}).get("metrics", {}).get("exclude_seen", {})
+    found = {
+        f"{name}@10": float(at["10"])
+        for name, at in figures.items()
+        if name in ("ndcg", "recall", "hit_rate") and "10" in at
+    }
+    return found or None
+
+
+def _size(num_bytes: int) -> str:
+    size = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"  # pragma: no cover - the loop returns
+
+
+def _print_bundle(info: dict[str, Any]) -> None:
+    table = Table(title=f"Model at {info['path']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    versions = info["versions"]
+    saved = f"{info['kind']}, {info['files']} files, {_size(info['bytes'])}"
+    if info["created"]:
+        saved += f"; saved {info['created']} by twostage {info['twostage_version']}"
+    verified = "; checksums verified" if info["kind"] == "bundle" else ""
+    table.add_row("saved", saved + verified)
+    if versions:
+        table.add_row("versions", ", ".join(map(str, versions)))
+    from twostage.data.registry import FIT_TABLES
+
+    split = "" if info["dataset"] == FIT_TABLES else f" ({info['split']} split)"
+    table.add_row("data", Text(f"{info['dataset']}{split}"))
+    if info["reading"]:
+        table.add_row(
+            "read with",
+            Text(
+                "; ".join(
+                    f"{k}={','.join(map(str, v)) if isinstance(v, list | tuple) else v}"
+                    for k, v in info["reading"].items()
+                )
+            ),
+        )
+    table.add_row(
+        "trained on",
+        f"{info['training_rows']:,} rows, {info['users']:,} users, "
+        f"{info['items']:,} items",
+    )
+    for side, label in (("query", "user features"), ("candidate", "item features")):
+        fields = info["features"][side]
+        table.add_row(
+            label,
+            Text(", ".join(f"{f['column']} ({f['kind']})" for f in fields) or "-"),
+        )
+    r = info["retrieval"]
+    table.add_row(
+        "retrieval",
+        f"{r['query_encoder']} query encoder, embeddings {r['embedding_dim']} -> "
+        f"{r['output_dim']}, history {r['history_length']}; {r['epochs']} "
+        f"epoch{'s' if r['epochs'] != 1 else ''}"
+        + (f", best {r['best_epoch']}" if r["best_epoch"] else ""),
+    )
+    ranking = info["ranking"]
+    table.add_row(
+        "ranking",
+        "none (retrieval's order)"
+        if ranking is None
+        else "clicks and ratings"
+        if ranking["predicts_ratings"]
+        else "clicks (no rating output)",
+    )
+    table.add_row("index", str(info["index"] or "-"))
+    test = info["test"]
+    table.add_row(
+        "test (seen excluded)",
+        "not saved"
+        if test is None
+        else ", ".join(f"{k} {v:.4f}" for k, v in test.items()),
+    )
+    console.print(table)
+
+
+def _print_models(info: dict[str, Any]) -> None:
+    table = Table(title=f"Models in {info['path']}")
+    for column in ("model", "versions", "newest saved", "ranking"):
+        table.add_column(column)
+    for m in info["models"]:
+        table.add_row(
+            Text(m["name"]),
+            ", ".join(map(str, m["versions"])),
+            str(m["created"] or "-"),
+            "yes" if m["ranking"] else "no",
+        )
+    console.print(table)
+
+
+def info_command(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A bundle, models/<name>/ (its newest version), a models/ directory "
+            "(every model), or the --out directory of `twostage train retrieval`."
+        ),
+    ],
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the result as JSON on stdout instead of a table.",
+        ),
+    ] = False,
+) -> None:
+    """What a saved model is: when and how it was trained, on which data, its
+    features, stages, index and saved test figures (checksums verified); or the
+    models and versions of a models/ directory."""
+    info = models_info(path) if _is_models_root(path) else bundle_info(path)
+    if json_output:
+        print_json(info)
+    elif "models" in info:
+        _print_models(info)
+    else:
+        _print_bundle(info)

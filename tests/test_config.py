@@ -201,3 +201,23 @@ def test_cli_reports_a_range_error_without_a_traceback() -> None:
     assert result.exit_code != 0
     assert isinstance(result.exception, ConfigError)
     assert "`retrieval.temperature` should be positive" in str(result.exception)
+
+
+def test_name_value_keys_take_an_object_in_files_and_settings(tmp_path: Path) -> None:
+    """`data.weight_values` and `retrieval.field_kinds` are name=value entries; a
+    JSON config or Python settings hold them most naturally as an object."""
+    path = tmp_path / "config.json"
+    path.write_text(
+        '{"data": {"weight_col": "event", "weight_values": {"view": 1, "buy": 5}},'
+        ' "retrieval": {"field_kinds": {"category_id": "categorical"}}}'
+    )
+    config = load_config(path)
+    assert config.data.weight_values == ("view=1", "buy=5")
+    assert config.data.weights_of_values == {"view": 1.0, "buy": 5.0}
+    assert config.retrieval.field_kinds == ("category_id=categorical",)
+    from_settings = apply_settings(ExperimentConfig(), {"data.weight_values": {"a": 2}})
+    assert from_settings.data.weight_values == ("a=2",)
+    with pytest.raises(ConfigError, match="each weight a finite number"):
+        apply_settings(ExperimentConfig(), {"data.weight_values": {"view": True}})
+    with pytest.raises(ConfigError, match="should be a list"):  # other lists stay lists
+        apply_settings(ExperimentConfig(), {"retrieval.query_fields": {"age": 1}})

@@ -117,10 +117,22 @@ def from_dict(cls: type[T], values: dict[str, Any], *, prefix: str = "") -> T:
             f"unknown config key(s) {unknown}{where}. Known keys: {names}."
         )
     kwargs = {
-        k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+        k: _coerce(_pairs(k, v), hints[k], f"{prefix}.{k}" if prefix else k)
         for k, v in values.items()
     }
     return cls(**kwargs)
+
+
+#: Keys that hold ``name=value`` entries, which a JSON config or Python settings
+#: may give as an object: ``{"view": 1, "purchase": 5}``.
+_PAIR_KEYS = frozenset({"weight_values", "field_kinds"})
+
+
+def _pairs(key: str, value: Any) -> Any:
+    """``{"view": 1}`` as ``["view=1"]`` for the keys of ``_PAIR_KEYS``."""
+    if key in _PAIR_KEYS and isinstance(value, Mapping):
+        return [f"{name}={entry}" for name, entry in value.items()]
+    return value
 
 
 def did_you_mean(name: str, choices: list[str], *, prefix: str = "") -> str:

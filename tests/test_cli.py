@@ -806,6 +806,27 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
     assert not list(tmp_path.glob(".*.partial"))
 
 
+def test_recommend_explains_from_the_cli(models_dir: Path) -> None:
+    """`--explain`: the HTTP API and Python had `explain`; the CLI had no way."""
+    from twostage.recommender import load
+
+    model = models_dir / "synthetic"
+    rec = load(model)
+    user = rec.user_vocab.values.to_list()[2]
+    done = runner.invoke(
+        app, ["recommend", str(model), "--user", str(user), "--explain", "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    items = json.loads(done.stdout)["items"]
+    want = rec.recommend(user, 10, explain=True).items
+    assert [i["because"] for i in items] == [i["because"] for i in want]
+    assert all(i["because"]["item_id"] is not None for i in items)
+    table = runner.invoke(
+        app, ["recommend", str(model), "--user", str(user), "--explain"]
+    )
+    assert "because you liked" in table.output
+
+
 def test_feature_files_beside_a_log(tmp_path: Path) -> None:
     """`--item-table` / `--user-table`: a product catalogue or a user export could
     reach training only by joining it into the log first."""

@@ -580,6 +580,14 @@ def recommend_command(
             "(user_id, rank, item_id, score, retrieval_score, path)."
         ),
     ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Name, for each item, the user's training item closest to it "
+            '("because you liked ..."; a known user with a history).',
+        ),
+    ] = False,
     no_ranker: Annotated[
         bool,
         typer.Option(
@@ -607,6 +615,7 @@ def recommend_command(
                 "--session": session,
                 "--candidates": candidates,
                 "--require-known-user": require_known_user or None,
+                "--explain": explain or None,
             },
             noun="user",
         )
@@ -657,6 +666,7 @@ def recommend_command(
             session=_session(session),
             candidates=_session(candidates, "--candidates"),
             use_ranker=not no_ranker,
+            explain=explain,
         )
     except UnknownIdError as e:  # only listed items can be unknown here
         flag = "--candidates" if str(e).startswith("`candidates`") else "--session"

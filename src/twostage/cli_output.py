@@ -53,13 +53,22 @@ def items_table(
     table.add_column("tags")
     if scores:
         table.add_column("score", justify="right")
+    explained = any("because" in item for item in items)
+    if explained:
+        table.add_column("because you liked")
     for rank, item in enumerate(items, start=1):
+        because = item.get("because") or {}
         table.add_row(
             str(rank),
             Text(str(item["item_id"])),
             Text(str(item.get("label") or "")),
             Text(", ".join(str(tag) for tag in item.get("tags") or [])),
             *([f"{item.get('rank_score', item['score']):.4f}"] if scores else []),
+            *(
+                [Text(str(because.get("label") or because.get("item_id", "")))]
+                if explained
+                else []
+            ),
         )
     return table
 

@@ -827,6 +827,37 @@ def test_recommend_explains_from_the_cli(models_dir: Path) -> None:
     assert "because you liked" in table.output
 
 
+def test_recommend_filters_by_metadata_from_the_cli(models_dir: Path) -> None:
+    """`--filter column=value`: the HTTP API and Python had `filters`."""
+    from twostage.recommender import load
+
+    model = models_dir / "synthetic"
+    rec = load(model)
+    user = rec.user_vocab.values.to_list()[4]
+    top = rec.recommend(user, 1).items[0]["item_id"]  # its category has an answer
+    category = rec.items[rec.item_vocab.lookup(top)]["category"]
+    only = f"category={category}"
+    done = runner.invoke(
+        app, ["recommend", str(model), "--user", str(user), "--filter", only, "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    got = [i["item_id"] for i in json.loads(done.stdout)["items"]]
+    want = rec.recommend(user, 10, filters={"category": category}).items
+    assert got == [i["item_id"] for i in want] and got
+    # Values are typed as their columns hold them; a wrong one names the flag.
+    assert rec.item_filters.from_text({"price": "2.5"}) == {"price": 2.5}
+    for value, message in [
+        ("price=cheap", "'cheap' is no value of the Float64 column 'price'"),
+        ("category", "should look like column=value"),
+    ]:
+        refused = runner.invoke(
+            app, ["recommend", str(model), "--user", str(user), "--filter", value]
+        )
+        assert refused.exit_code == 2, refused.output
+        shown = " ".join(re.sub("[│╭╮╰╯─]", " ", refused.output).split())
+        assert message in shown and "--filter" in shown
+
+
 def test_feature_files_beside_a_log(tmp_path: Path) -> None:
     """`--item-table` / `--user-table`: a product catalogue or a user export could
     reach training only by joining it into the log first."""

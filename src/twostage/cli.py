@@ -494,6 +494,24 @@ def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
     return values
 
 
+def _texts(items: list[str] | None, option: str) -> dict[str, str]:
+    """``["genres=Comedy"]`` -> ``{"genres": "Comedy"}``, values as typed (the
+    caller types them as their columns are)."""
+    values: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value.strip():
+            raise typer.BadParameter(
+                f"should look like column=value. Received: {item!r}.", param_hint=option
+            )
+        if key in values:
+            raise typer.BadParameter(
+                f"{key!r} is given twice; give each column once.", param_hint=option
+            )
+        values[key] = value
+    return values
+
+
 def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
     """``--session 1,2,3`` (or ``--candidates``) as item IDs, in their order."""
     if value is None:
@@ -580,6 +598,15 @@ def recommend_command(
             "(user_id, rank, item_id, score, retrieval_score, path)."
         ),
     ] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            help="Keep only items whose metadata column holds this value, e.g. "
+            "--filter genres=Comedy (a list column: by membership); repeat for "
+            "several (all must match).",
+        ),
+    ] = None,
     explain: Annotated[
         bool,
         typer.Option(
@@ -616,6 +643,7 @@ def recommend_command(
                 "--candidates": candidates,
                 "--require-known-user": require_known_user or None,
                 "--explain": explain or None,
+                "--filter": filters,
             },
             noun="user",
         )
@@ -667,6 +695,7 @@ def recommend_command(
             candidates=_session(candidates, "--candidates"),
             use_ranker=not no_ranker,
             explain=explain,
+            filters=rec.item_filters.from_text(_texts(filters, "--filter")) or None,
         )
     except UnknownIdError as e:  # only listed items can be unknown here
         flag = "--candidates" if str(e).startswith("`candidates`") else "--session"
@@ -676,6 +705,7 @@ def recommend_command(
     except ConfigError as e:  # a request field is named by the flag that fills it
         message = str(e)
         for field, flag in (
+            ("filters", "--filter"),
             ("user_features", "--feature"),
             ("context", "--context"),
             ("session", "--session"),

@@ -208,6 +208,34 @@ class ItemFilters:
             mask &= self._one(frame, key, wanted)
         return mask
 
+    def from_text(self, texts: Mapping[str, str]) -> dict[str, Any]:
+        """Filters typed in as text (``--filter year=1995``) as the values their
+        columns hold: numbers for a numeric column or list of numbers, ``true`` /
+        ``false`` for a bool column, the text itself otherwise.
+
+        Raises:
+            ConfigError: a value is not a number (or bool) its column can hold.
+        """
+        schema = {} if self.frame is None else dict(self.frame.schema)
+        typed: dict[str, Any] = {}
+        for key, text in texts.items():
+            dtype = schema.get(key)
+            inner = dtype.inner if isinstance(dtype, pl.List) else dtype
+            if inner is None or inner in (pl.String, pl.Categorical, pl.Null):
+                typed[key] = text  # unknown columns: mask() names them
+            elif inner == pl.Boolean and text.lower() in ("true", "false"):
+                typed[key] = text.lower() == "true"
+            elif inner.is_integer() and text.strip().lstrip("-").isdigit():
+                typed[key] = int(text)
+            elif inner.is_float() and _finite(text):
+                typed[key] = float(text)
+            else:
+                raise ConfigError(
+                    f"`filters[{key!r}]` = {text!r} is no value of the {dtype} "
+                    f"column {key!r}."
+                )
+        return typed
+
     def _one(self, frame: pl.DataFrame, key: str, wanted: Any) -> torch.Tensor:
         if not isinstance(wanted, str | int | float | bool):
             raise ConfigError(
@@ -231,6 +259,13 @@ class ItemFilters:
         if len(self._masks) < self.CACHE_SIZE:  # a bounded cache of what clients use
             self._masks[(key, wanted)] = mask
         return mask
+
+
+def _finite(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 @contextlib.contextmanager

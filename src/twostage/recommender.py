@@ -197,6 +197,11 @@ class Recommender:
         self._popular = torch.argsort(popularity, descending=True, stable=True)
         self._query_cache: torch.Tensor | None = None
 
+    @property
+    def item_filters(self) -> ItemFilters:
+        """The catalogue's metadata filters (what ``filters=`` reads)."""
+        return self._filters
+
     # -- construction -------------------------------------------------------------
     def _align_items(self, items: pl.DataFrame | None) -> list[dict[str, Any]] | None:
         """Item metadata as one dict per item index (None for the OOV row)."""

@@ -149,21 +149,7 @@ def test_weight_values_from_the_command_line(tmp_path: Path) -> None:
     train = pl.read_parquet(tmp_path / "s" / "train.parquet")
     assert set(train["weight"].unique().to_list()) == {1.0, 3.0, 5.0}
     run = tmp_path / "run"
-    trained = runner.invoke(
-        app,
-        [
-            "train",
-            "retrieval",
-            "--dataset",
-            str(log),
-            *values,
-            "--out",
-            str(run),
-            *SMALL_TRAINING,
-        ],
-    )
-    assert trained.exit_code == 0, trained.output
-    saved = json.loads((run / "config.json").read_text())["data"]
+    saved = train_retrieval(log, values, run)
     assert saved["weight_values"] == ["view=1", "addtocart=3", "transaction=5"]
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
     bad = runner.invoke(
@@ -197,21 +183,7 @@ def test_column_names_read_a_headerless_log(tmp_path: Path) -> None:
     summary = json.loads(described.stdout)
     assert summary["num_interactions"] == 600 and summary["report"]["rejected"] == {}
     run = tmp_path / "run"
-    trained = runner.invoke(
-        app,
-        [
-            "train",
-            "retrieval",
-            "--dataset",
-            str(log),
-            *names,
-            "--out",
-            str(run),
-            *SMALL_TRAINING,
-        ],
-    )
-    assert trained.exit_code == 0, trained.output
-    saved = json.loads((run / "config.json").read_text())["data"]
+    saved = train_retrieval(log, names, run)
     assert saved["column_names"] == ["user", "item", "stars", "ts"]
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0  # read alike
     unnamed = runner.invoke(app, ["data", "describe", str(log)])
@@ -298,6 +270,15 @@ SMALL_TRAINING = [
     *("--set", "train.num_threads=1", "--set", "retrieval.embedding_dim=16"),
     *("--set", "retrieval.output_dim=16", "--set", "retrieval.history_length=20"),
 ]
+
+
+def train_retrieval(log: Path, options: list[str], out: Path) -> dict[str, Any]:
+    """`train retrieval` of ``log`` with ``options`` into ``out`` (small settings);
+    the data section of the config it saved."""
+    command = ["train", "retrieval", "--dataset", str(log), *options]
+    trained = runner.invoke(app, [*command, "--out", str(out), *SMALL_TRAINING])
+    assert trained.exit_code == 0, trained.output
+    return dict(json.loads((out / "config.json").read_text())["data"])
 
 
 @pytest.mark.slow
@@ -1006,19 +987,7 @@ def test_a_log_changed_since_training_is_not_evaluated_as_its_split(
     log = tmp_path / "log.csv"
     data.interactions.write_csv(log)
     run = tmp_path / "run"
-    trained = runner.invoke(
-        app,
-        [
-            "train",
-            "retrieval",
-            "--dataset",
-            str(log),
-            "--out",
-            str(run),
-            *SMALL_TRAINING,
-        ],
-    )
-    assert trained.exit_code == 0, trained.output
+    train_retrieval(log, [], run)
     assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0
     more = generate(num_users=60, num_items=80, num_interactions=300, seed=5)
     pl.concat([data.interactions, more.interactions]).write_csv(log)
@@ -1034,25 +1003,29 @@ def test_recommend_without_the_ranker(tmp_path: Path) -> None:
     """`--no-ranker`: retrieval's own list from the CLI (the HTTP API and Python
     had `use_ranker`; the CLI always ranked)."""
     from twostage.recommender import load
-    from twostage.two_stage import fit_two_stage
 
-    config = apply_overrides(
-        ExperimentConfig(),
+    model = tmp_path / "models" / "syn" / "1"
+    ranker = ["--set", "ranking.epochs=1", "--set", "ranking.hidden_dims=8"]
+    trained = runner.invoke(
+        app,
         [
-            "data.dataset=synthetic:num_users=60,num_items=100,num_interactions=1500",
-            "train.epochs=1",
-            "train.num_threads=1",
-            "retrieval.embedding_dim=8",
-            "retrieval.output_dim=8",
-            "ranking.embedding_dim=8",
-            "ranking.hidden_dims=8",
-            "ranking.epochs=1",
+            "train",
+            "--dataset",
+            SYNTHETIC,
+            "--out",
+            str(model),
+            *SMALL_TRAINING,
+            *ranker,
         ],
     )
-    model = tmp_path / "models" / "syn" / "1"
-    fit_two_stage(config, evaluate_test=False).recommender().save(model)
+    assert trained.exit_code == 0, trained.output
     rec = load(model)
-    user = rec.user_vocab.values.to_list()[3]
+
+    def order(user: Any, ranker: bool) -> list[Any]:
+        return [i["item_id"] for i in rec.recommend(user, 10, use_ranker=ranker).items]
+
+    # A user whose lists differ: the switch must have something to switch.
+    user = next(u for u in rec.user_vocab.values if order(u, True) != order(u, False))
 
     def listed(*options: str) -> list[Any]:
         done = runner.invoke(
@@ -1061,11 +1034,8 @@ def test_recommend_without_the_ranker(tmp_path: Path) -> None:
         assert done.exit_code == 0, done.output
         return [i["item_id"] for i in json.loads(done.stdout)["items"]]
 
-    retrieval = [i["item_id"] for i in rec.recommend(user, 10, use_ranker=False).items]
-    ranked = [i["item_id"] for i in rec.recommend(user, 10).items]
-    assert retrieval != ranked  # the switch must have something to switch
-    assert listed("--no-ranker") == retrieval
-    assert listed() == ranked
+    assert listed("--no-ranker") == order(user, False)
+    assert listed() == order(user, True)
     out = tmp_path / "recs.parquet"
     done = runner.invoke(
         app,

@@ -870,6 +870,19 @@ def test_feature_files_beside_a_log(tmp_path: Path) -> None:
     assert "age" in {f.name for f in trained.spec.query}
     saved = json.loads((run / "config.json").read_text())["data"]
     assert saved["item_table"] == str(catalogue.resolve())  # found from anywhere
+    # `data describe` joins them as training does, and says how it reads them.
+    tables = ["--item-table", str(catalogue), "--user-table", str(people)]
+    described = runner.invoke(
+        app, ["data", "describe", str(log), *mapping, *tables, "--json"]
+    )
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    assert summary["item_features"] == ["category", "price"]
+    assert summary["feature_kinds"] == {
+        "age": "bucket",
+        "category": "categorical",
+        "price": "numeric",
+    }
     # A key the file lacks, or no file, is named before training.
     for options, message in [
         (["--item-table", str(people)], "should have a key column named 'sku' or"),

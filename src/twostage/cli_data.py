@@ -194,6 +194,29 @@ def _load(spec: str, options: dict[str, Any]) -> Any:
     return load_dataset(spec, **options)
 
 
+def _with_tables(
+    data: Any, user_table: Path | None, item_table: Path | None, options: dict[str, Any]
+) -> Any:
+    """``data`` with the feature files of ``--user-table`` / ``--item-table``
+    joined, keyed as training keys them (:func:`twostage.data.registry.
+    read_side_tables`)."""
+    if user_table is None and item_table is None:
+        return data
+    from twostage.config import DataConfig
+    from twostage.data.registry import read_side_tables
+    from twostage.data.tables import join_features
+
+    users, items = read_side_tables(
+        DataConfig(
+            user_table=None if user_table is None else str(user_table),
+            item_table=None if item_table is None else str(item_table),
+            user_col=options.get("user_col"),
+            item_col=options.get("item_col"),
+        )
+    )
+    return join_features(data, users=users, items=items)
+
+
 def _print_report(report: Any, *, strict_hint: bool = True) -> None:
     if report is None:
         return
@@ -315,6 +338,8 @@ def data_describe(
     column_names: ColumnNames = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
+    user_table: UserTable = None,
+    item_table: ItemTable = None,
     strict: Strict = False,
     json_output: Annotated[
         bool,
@@ -351,10 +376,11 @@ def data_describe(
         strict=strict,
     )
     if stream or Path(dataset).is_dir():
+        tables = {"user_table": user_table, "item_table": item_table}
         given = [
             f"--{key.replace('_', '-')}"
-            for key, value in options.items()
-            if value is not None
+            for key, value in {**options, **tables}.items()
+            if value is not None and key != "has_header"  # --column-names says it
         ]
         if given:
             raise typer.BadParameter(
@@ -367,7 +393,7 @@ def data_describe(
         summary, report = describe_streamed(dataset)
         streamed = True
     else:
-        data = _load(dataset, options)
+        data = _with_tables(_load(dataset, options), user_table, item_table, options)
         summary, report, streamed = describe(data), data.report, False
     if json_output:
         print_json({**summary, "report": None if report is None else report.to_dict()})

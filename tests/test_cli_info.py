@@ -59,3 +59,19 @@ def test_info_describes_a_bundle_and_lists_a_models_directory(
     broken = runner.invoke(app, ["info", str(models_dir / "synthetic" / "1")])
     assert isinstance(broken.exception, ArtifactError)
     assert "is corrupt" in str(broken.exception)
+
+
+def test_env_reports_the_machine_and_packages() -> None:
+    import importlib.metadata
+
+    import torch
+
+    done = runner.invoke(app, ["env", "--json"])
+    assert done.exit_code == 0, done.output
+    env = json.loads(done.stdout)
+    assert env["packages"]["torch"] == torch.__version__
+    assert env["packages"]["polars"] == importlib.metadata.version("polars")
+    assert env["cuda"]["available"] == torch.cuda.is_available()
+    assert env["torch_threads"] == torch.get_num_threads()
+    table = runner.invoke(app, ["env"])
+    assert "data cache" in table.output and "torch" in table.output

@@ -51,7 +51,7 @@ from twostage.cli_data import (
     dataset_options,
     print_summary,
 )
-from twostage.cli_info import info_command
+from twostage.cli_info import env_command, info_command
 from twostage.cli_ops import index_app, serve_command
 from twostage.cli_output import (
     console,
@@ -1385,6 +1385,7 @@ for _name, _command, _panel in (
     ("serve", serve_command, USE),
     ("export", export_command, USE),
     ("info", info_command, USE),
+    ("env", env_command, START),
 ):
     app.command(_name, rich_help_panel=_panel)(_command)
 

@@ -5,6 +5,9 @@ command loads it, checksums verified, and described from what it holds: when and
 which version it was saved, the data and column mapping it was trained on, its
 features and their kinds, both stages, the index and the test figures saved with it.
 A ``models/`` directory lists its models and their versions instead.
+
+``twostage env``: the machine and packages twostage runs with (for a bug report, or to
+see whether the GPU, faiss-gpu, ScaNN or TorchRec paths are open here).
 """
 
 from __future__ import annotations
@@ -20,7 +23,34 @@ from rich.text import Text
 from twostage.artifacts import MANIFEST
 from twostage.cli_output import console, print_json
 
-__all__ = ["bundle_info", "info_command", "models_info"]
+__all__ = [
+    "bundle_info",
+    "env_command",
+    "environment",
+    "info_command",
+    "models_info",
+]
+
+#: Distributions twostage uses or can use, by the name pip installs them under.
+_PACKAGES = (
+    "torch",
+    "numpy",
+    "polars",
+    "pyarrow",
+    "safetensors",
+    "faiss-cpu",
+    "faiss-gpu",
+    "fastapi",
+    "uvicorn",
+    "prometheus-client",
+    "onnxruntime",
+    "scann",
+    "fbgemm-gpu-cpu",
+    "fbgemm-gpu",
+    "torchrec",
+    "tensorboard",
+    "pandas",
+)
 
 #: ``data`` settings shown when set: how the log's rows were read.
 _READING = (
@@ -278,3 +308,76 @@ def info_command(
         _print_models(info)
     else:
         _print_bundle(info)
+
+
+def environment() -> dict[str, Any]:
+    """Python, the platform, the installed versions of :data:`_PACKAGES` (None:
+    not installed), torch's threads and devices, and the data cache folder."""
+    import importlib.metadata as metadata
+    import os
+    import platform
+
+    import torch
+
+    from twostage import __version__
+    from twostage.data.download import cache_root
+
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "twostage": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": {
+            "available": cuda,
+            "version": torch.version.cuda,
+            "devices": [
+                torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+            ]
+            if cuda
+            else [],
+        },
+        "packages": versions,
+        "data_cache": str(cache_root()),
+    }
+
+
+def env_command(
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the result as JSON on stdout instead of a table.",
+        ),
+    ] = False,
+) -> None:
+    """The machine and packages twostage runs with: Python, torch and its devices,
+    the optional packages (faiss-gpu, ScaNN, TorchRec, onnxruntime...) and the data
+    cache; paste it into a bug report."""
+    env = environment()
+    if json_output:
+        print_json(env)
+        return
+    table = Table(title=f"twostage {env['twostage']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("python", f"{env['python']} on {env['platform']}")
+    table.add_row("cpus", f"{env['cpus']} ({env['torch_threads']} torch threads)")
+    cuda = env["cuda"]
+    table.add_row(
+        "cuda",
+        f"{cuda['version']}: {', '.join(cuda['devices'])}"
+        if cuda["available"]
+        else "not available (CPU)",
+    )
+    for name, version in env["packages"].items():
+        table.add_row(name, version or "-")
+    table.add_row("data cache", Text(env["data_cache"]))
+    console.print(table)

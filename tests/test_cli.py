@@ -190,6 +190,36 @@ def test_column_names_read_a_headerless_log(tmp_path: Path) -> None:
     assert "reads its first row as names" in str(unnamed.exception)
 
 
+def test_minimum_rows_per_user_and_item(tmp_path: Path) -> None:
+    """`--min-user-rows` / `--min-item-rows` (the 5-core of the literature): users
+    with one row had to be dropped by hand before any run, and nothing said how many."""
+    log = tmp_path / "log.csv"
+    generate(num_users=80, num_items=60, num_interactions=1200).interactions.write_csv(
+        log
+    )
+    core = ["--min-user-rows", "12", "--min-item-rows", "8"]
+    described = runner.invoke(app, ["data", "describe", str(log), *core, "--json"])
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    removed = summary["filtered"]
+    assert removed["rows"] == 1200 - summary["num_interactions"] > 0
+    assert summary["interactions_per_user"]["min"] >= 12
+    assert summary["interactions_per_item"]["min"] >= 8
+    out = tmp_path / "split"
+    split = runner.invoke(app, ["data", "split", str(log), *core, "--out", str(out)])
+    assert split.exit_code == 0, split.output
+    rows = pl.concat(
+        [pl.read_parquet(out / f"{side}.parquet") for side in ("train", "test")]
+    )
+    assert rows.height == summary["num_interactions"]
+    saved = train_retrieval(log, core, tmp_path / "run")
+    assert (saved["min_user_rows"], saved["min_item_rows"]) == (12, 8)
+    # `evaluate` rebuilds the filtered split (its vocabularies match it).
+    assert runner.invoke(app, ["evaluate", str(tmp_path / "run")]).exit_code == 0
+    streamed = runner.invoke(app, ["data", "describe", str(log), "--stream", *core])
+    assert streamed.exit_code == 2
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

@@ -35,6 +35,8 @@ from twostage.cli_data import (
     ItemCol,
     ItemFeatures,
     ItemTable,
+    MinItemRows,
+    MinUserRows,
     RatingCol,
     Separator,
     TestFile,
@@ -255,6 +257,8 @@ def train_all(
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
     item_table: ItemTable = None,
+    min_user_rows: MinUserRows = None,
+    min_item_rows: MinItemRows = None,
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
@@ -313,6 +317,8 @@ def train_all(
         test_file=test_file,
         user_table=user_table,
         item_table=item_table,
+        min_user_rows=min_user_rows,
+        min_item_rows=min_item_rows,
     )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     if stream and (work_dir is not None or train_file or test_file):
@@ -927,6 +933,8 @@ def train_retrieval_command(
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
     item_table: ItemTable = None,
+    min_user_rows: MinUserRows = None,
+    min_item_rows: MinItemRows = None,
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
@@ -976,6 +984,8 @@ def train_retrieval_command(
         test_file=test_file,
         user_table=user_table,
         item_table=item_table,
+        min_user_rows=min_user_rows,
+        min_item_rows=min_item_rows,
     )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     if stream:
@@ -1457,6 +1467,8 @@ FLAGS = {
     "`rating_col`": "`--rating-col`",
     "`weight_col`": "`--weight-col`",
     "`weight_values`": "`--weight-values`",
+    "`min_user_rows`": "`--min-user-rows`",
+    "`min_item_rows`": "`--min-item-rows`",
     "`separator`": "`--separator`",
     "`user_features`": "`--user-features`",
     "`item_features`": "`--item-features`",

@@ -3,6 +3,7 @@ the training commands share. Registered on the main app by :mod:`twostage.cli`."
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from twostage.cli_output import console, print_json
+
+logger = logging.getLogger(__name__)
 
 data_app = typer.Typer(help="Fetch, inspect and split datasets.", no_args_is_help=True)
 
@@ -107,6 +110,19 @@ ItemTable = Annotated[
         help="A file of item features (a catalogue: CSV, JSON lines, Parquet) keyed "
         "by the log's item column name or item_id; its other columns become features.",
     ),
+]
+MinUserRows = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="Drop the users with fewer rows, and the items with fewer than "
+        "--min-item-rows, until every one left has as many (the '5-core' of the "
+        "literature); counted in the log.",
+    ),
+]
+MinItemRows = Annotated[
+    int | None,
+    typer.Option(min=0, help="Drop the items with fewer rows (with --min-user-rows)."),
 ]
 Strict = Annotated[
     bool, typer.Option("--strict", help="Stop at the first bad row (line + content).")
@@ -217,6 +233,18 @@ def _with_tables(
     return join_features(data, users=users, items=items)
 
 
+def _min_counts(data: Any, users: int | None, items: int | None) -> tuple[Any, Any]:
+    """``data`` with ``--min-user-rows`` / ``--min-item-rows`` applied, and what they
+    removed (None when neither asks for anything), which is also logged."""
+    if (users or 0) <= 1 and (items or 0) <= 1:
+        return data, None
+    from twostage.data.filtering import min_counts
+
+    filtered, removed = min_counts(data, users=users or 0, items=items or 0)
+    logger.info("%s", removed.summary())
+    return filtered, removed
+
+
 def _print_report(report: Any, *, strict_hint: bool = True) -> None:
     if report is None:
         return
@@ -289,6 +317,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         ]
         return Text(", ".join(named) or "-")
 
+    if "filtered" in summary:
+        from twostage.data.filtering import Filtered
+
+        table.add_row("filtered", Filtered(**summary["filtered"]).summary())
     table.add_row("user features", features(summary["user_features"]))
     table.add_row("item features", features(summary["item_features"]))
     if "other_columns" in summary:
@@ -340,6 +372,8 @@ def data_describe(
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
     item_table: ItemTable = None,
+    min_user_rows: MinUserRows = None,
+    min_item_rows: MinItemRows = None,
     strict: Strict = False,
     json_output: Annotated[
         bool,
@@ -376,7 +410,12 @@ def data_describe(
         strict=strict,
     )
     if stream or Path(dataset).is_dir():
-        tables = {"user_table": user_table, "item_table": item_table}
+        tables = {
+            "user_table": user_table,
+            "item_table": item_table,
+            "min_user_rows": min_user_rows,
+            "min_item_rows": min_item_rows,
+        }
         given = [
             f"--{key.replace('_', '-')}"
             for key, value in {**options, **tables}.items()
@@ -394,7 +433,10 @@ def data_describe(
         streamed = True
     else:
         data = _with_tables(_load(dataset, options), user_table, item_table, options)
+        data, filtered = _min_counts(data, min_user_rows, min_item_rows)
         summary, report, streamed = describe(data), data.report, False
+        if filtered is not None:
+            summary["filtered"] = filtered.to_dict()
     if json_output:
         print_json({**summary, "report": None if report is None else report.to_dict()})
         return
@@ -426,6 +468,8 @@ def data_split(
     weight_values: WeightValues = None,
     separator: Separator = None,
     column_names: ColumnNames = None,
+    min_user_rows: MinUserRows = None,
+    min_item_rows: MinItemRows = None,
     strict: Strict = False,
     overwrite: Annotated[
         bool,
@@ -479,6 +523,7 @@ def data_split(
     )
     data = _load(dataset, options)
     check_not_empty(data)  # every row rejected: the report, not two empty files
+    data, _ = _min_counts(data, min_user_rows, min_item_rows)
     split = split_dataset(
         data,
         method=method,

@@ -68,6 +68,8 @@ _READING = (
     "item_features",
     "user_table",
     "item_table",
+    "min_user_rows",
+    "min_item_rows",
 )
 
 
@@ -135,7 +137,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
     reading = {
         key: value
         for key in _READING
-        if (value := getattr(data, key)) not in (None, (), "s")
+        if (value := getattr(data, key)) not in (None, (), "s", 0)
     }
     history = main_member(run.train_result.history)
     out: dict[str, Any] = {

@@ -624,6 +624,8 @@ _UNREAD_DATA = {
     "read_interactions(user_features=...)",
     "item_features": "pass items=, or read_interactions(item_features=...)",
     "unrated_values": "pass a Dataset with .with_unrated([...]) applied",
+    "min_user_rows": "filter the rows first (twostage.data.filtering.min_counts)",
+    "min_item_rows": "filter the rows first (twostage.data.filtering.min_counts)",
 }
 
 

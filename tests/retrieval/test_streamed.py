@@ -407,6 +407,7 @@ def test_a_streamed_logs_weights_train_as_in_memory(log: Path, tmp_path: Path) -
         (["data.separator=;"], "data.separator"),
         (["data.time_format=%Y%m%d"], "data.time_format"),
         (["data.time_unit=ms"], "data.time_unit"),
+        (["data.min_user_rows=5"], "data.min_user_rows"),
         (["data.column_names=user_id,item_id,timestamp"], "data.column_names"),
         (["data.weight_col=w", "data.weight_values=view=1"], "data.weight_values"),
     ],

@@ -110,6 +110,9 @@ class DataConfig(_Checked):
     first line is a row; Amazon's ratings CSVs, Taobao's UserBehavior.csv); the
     roles then map these names (or name them ``user_id``, ``item_id``, ``rating``,
     ``timestamp``).
+    ``min_user_rows`` / ``min_item_rows`` drop the users and items with fewer
+    rows before splitting, until every one left has as many (the "5-core" of the
+    literature: :func:`twostage.data.filtering.min_counts`); 0: no minimum.
     ``weight_values`` gives the weight of each value of ``weight_col`` when it
     holds names such as event types: ``("view=1", "cart=3", "purchase=5")``
     (``--weight-values view=1,cart=3,purchase=5``); a value it does not list is a
@@ -146,6 +149,8 @@ class DataConfig(_Checked):
     time_unit: Literal["s", "ms", "us", "ns"] = "s"
     weight_values: tuple[str, ...] = ()
     column_names: tuple[str, ...] = ()
+    min_user_rows: int = 0
+    min_item_rows: int = 0
 
     SECTION: ClassVar[str] = "data"
 
@@ -166,6 +171,8 @@ class DataConfig(_Checked):
             "validation_fraction": (_fraction(self.validation_fraction), "in [0, 1)"),
             "cold_user_fraction": (_fraction(self.cold_user_fraction), "in [0, 1)"),
             "test_users": (self.test_users >= 0, "0 (every test user) or more"),
+            "min_user_rows": (self.min_user_rows >= 0, "0 (no minimum) or more"),
+            "min_item_rows": (self.min_item_rows >= 0, "0 (no minimum) or more"),
             "weight_values": (
                 all(_named_weight(e) for e in self.weight_values),
                 "value=weight entries (e.g. view=1,purchase=5), each weight a finite "

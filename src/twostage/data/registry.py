@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +22,10 @@ __all__ = [
     "load_dataset_for",
     "load_mapped",
     "read_side_tables",
+    "with_min_counts",
 ]
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_DATASETS = (
     "movielens-100k",
@@ -132,11 +136,23 @@ def load_dataset_for(config: ExperimentConfig) -> Dataset:
     data = config.data
     dataset = load_mapped(data.dataset, data)
     users, items = read_side_tables(data)
-    if users is None and items is None:
-        return dataset
-    from twostage.data.tables import join_features
+    if users is not None or items is not None:
+        from twostage.data.tables import join_features
 
-    return join_features(dataset, users=users, items=items)
+        dataset = join_features(dataset, users=users, items=items)
+    return with_min_counts(dataset, data.min_user_rows, data.min_item_rows)
+
+
+def with_min_counts(dataset: Dataset, users: int, items: int) -> Dataset:
+    """``dataset`` with the minimum rows per user and item applied (none when both
+    are 0 or 1), what they removed logged."""
+    if users <= 1 and items <= 1:
+        return dataset
+    from twostage.data.filtering import min_counts
+
+    filtered, removed = min_counts(dataset, users=users, items=items)
+    logger.info("%s", removed.summary())
+    return filtered
 
 
 def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset:

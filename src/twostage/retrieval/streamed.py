@@ -175,6 +175,8 @@ def check_data_options(data: DataConfig) -> None:
         "data.time_unit": data.time_unit != "s",
         "data.weight_values": bool(data.weight_values),
         "data.column_names": bool(data.column_names),
+        "data.min_user_rows": data.min_user_rows > 1,
+        "data.min_item_rows": data.min_item_rows > 1,
     }
     if any(unread.values()):
         raise ConfigError(

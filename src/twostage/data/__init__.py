@@ -13,6 +13,7 @@ from twostage._lazy import lazy_exports
 if TYPE_CHECKING:
     from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
     from twostage.data.describe import describe
+    from twostage.data.filtering import min_counts
     from twostage.data.movielens import load_movielens
     from twostage.data.registry import load_dataset
     from twostage.data.report import REASONS, LoadReport
@@ -39,6 +40,7 @@ _EXPORTS = {
         "twostage.data.dataset",
     ),
     "describe": "twostage.data.describe",
+    "min_counts": "twostage.data.filtering",
     "load_movielens": "twostage.data.movielens",
     "load_dataset": "twostage.data.registry",
     "REASONS": "twostage.data.report",
@@ -81,6 +83,7 @@ __all__ = [
     "leave_last_out",
     "load_dataset",
     "load_movielens",
+    "min_counts",
     "prepare_split",
     "random_split",
     "read_feature_table",

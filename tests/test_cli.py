@@ -220,6 +220,28 @@ def test_minimum_rows_per_user_and_item(tmp_path: Path) -> None:
     assert streamed.exit_code == 2
 
 
+def test_duplicates_policy_from_the_command_line(tmp_path: Path) -> None:
+    """`--duplicates`: `data describe` counted rows logged twice, and nothing on the
+    command line could drop them."""
+    log = tmp_path / "log.csv"
+    data = generate(num_users=50, num_items=40, num_interactions=800).interactions
+    pl.concat([data, data.head(30)]).write_csv(log)  # 30 rows logged twice
+    counted = runner.invoke(app, ["data", "describe", str(log), "--json"])
+    assert json.loads(counted.stdout)["duplicate_rows"] >= 30
+    first = runner.invoke(
+        app, ["data", "describe", str(log), "--duplicates", "first", "--json"]
+    )
+    summary = json.loads(first.stdout)
+    assert summary["duplicate_rows"] == 0
+    assert summary["report"]["rejected"]["duplicate"] >= 30
+    saved = train_retrieval(log, ["--duplicates", "last"], tmp_path / "run")
+    assert saved["duplicates"] == "last"
+    refused = runner.invoke(
+        app, ["data", "describe", str(log), "--duplicates", "error"]
+    )
+    assert "duplicates='error' was requested" in str(refused.exception)
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

@@ -32,6 +32,7 @@ from twostage.cli_batch import (
 )
 from twostage.cli_data import (
     ColumnNames,
+    Duplicates,
     ItemCol,
     ItemFeatures,
     ItemTable,
@@ -184,6 +185,7 @@ def _columns(
     weight_values: str | None,
     separator: str | None,
     column_names: str | None,
+    duplicates: str | None,
     user_features: str | None,
     item_features: str | None,
 ) -> dict[str, Any]:
@@ -199,6 +201,7 @@ def _columns(
         weight_values=weight_values,
         separator=separator,
         column_names=column_names,
+        duplicates=duplicates,
         user_features=user_features,
         item_features=item_features,
     )
@@ -253,6 +256,7 @@ def train_all(
     weight_values: WeightValues = None,
     separator: Separator = None,
     column_names: ColumnNames = None,
+    duplicates: Duplicates = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
@@ -309,6 +313,7 @@ def train_all(
         weight_values,
         separator,
         column_names,
+        duplicates,
         user_features,
         item_features,
     )
@@ -929,6 +934,7 @@ def train_retrieval_command(
     weight_values: WeightValues = None,
     separator: Separator = None,
     column_names: ColumnNames = None,
+    duplicates: Duplicates = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
@@ -976,6 +982,7 @@ def train_retrieval_command(
         weight_values,
         separator,
         column_names,
+        duplicates,
         user_features,
         item_features,
     )
@@ -1468,6 +1475,7 @@ FLAGS = {
     "`weight_col`": "`--weight-col`",
     "`weight_values`": "`--weight-values`",
     "`min_user_rows`": "`--min-user-rows`",
+    "`duplicates`": "`--duplicates`",
     "`min_item_rows`": "`--min-item-rows`",
     "`separator`": "`--separator`",
     "`user_features`": "`--user-features`",

@@ -111,6 +111,13 @@ ItemTable = Annotated[
         "by the log's item column name or item_id; its other columns become features.",
     ),
 ]
+Duplicates = Annotated[
+    str | None,
+    typer.Option(
+        help="Rows of the same user, item and time: keep (default), first or last "
+        "(the others counted as duplicate), or error.",
+    ),
+]
 MinUserRows = Annotated[
     int | None,
     typer.Option(
@@ -176,6 +183,7 @@ def dataset_options(
     weight_values: str | None = None,
     separator: str | None = None,
     column_names: str | None = None,
+    duplicates: str | None = None,
     user_features: str | None = None,
     item_features: str | None = None,
     strict: bool = False,
@@ -192,6 +200,7 @@ def dataset_options(
         "weight_values": weight_values_of(weight_values),
         "separator": separator,
         "column_names": split_names(column_names),
+        "duplicates": duplicates,
         "has_header": False if column_names else None,
         "user_features": split_names(user_features),
         "item_features": split_names(item_features),
@@ -368,6 +377,7 @@ def data_describe(
     weight_values: WeightValues = None,
     separator: Separator = None,
     column_names: ColumnNames = None,
+    duplicates: Duplicates = None,
     user_features: UserFeatures = None,
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
@@ -405,6 +415,7 @@ def data_describe(
         weight_values=weight_values,
         separator=separator,
         column_names=column_names,
+        duplicates=duplicates,
         user_features=user_features,
         item_features=item_features,
         strict=strict,
@@ -468,6 +479,7 @@ def data_split(
     weight_values: WeightValues = None,
     separator: Separator = None,
     column_names: ColumnNames = None,
+    duplicates: Duplicates = None,
     min_user_rows: MinUserRows = None,
     min_item_rows: MinItemRows = None,
     strict: Strict = False,
@@ -519,6 +531,7 @@ def data_split(
         weight_values=weight_values,
         separator=separator,
         column_names=column_names,
+        duplicates=duplicates,
         strict=strict,
     )
     data = _load(dataset, options)

@@ -174,8 +174,8 @@ class TwoStageModel:
                 polars or pandas DataFrame (rows are checked as a file's are; the
                 rejected ones are counted in the log), or a CSV, JSON lines or Parquet path.
                 A file or frame is read with the settings ``data.separator``,
-                ``data.time_format``, ``data.time_unit``, ``data.weight_values``
-                and ``data.column_names``
+                ``data.time_format``, ``data.time_unit``, ``data.weight_values``,
+                ``data.column_names`` and ``data.duplicates``
                 (a Dataset was read already: they are refused with one).
             validation: held-out interactions for early stopping and the ranker's
                 blend weight (same kinds as ``data``); when None, a
@@ -325,6 +325,9 @@ class TwoStageModel:
             "time_unit": None if settings.time_unit == "s" else settings.time_unit,
             "weight_values": weights,
             "column_names": settings.column_names or None,
+            "duplicates": None
+            if settings.duplicates == "keep"
+            else settings.duplicates,
         }
         if isinstance(data, Dataset):
             given = [f"`data.{k}`" for k, v in reading.items() if v is not None]
@@ -348,6 +351,7 @@ class TwoStageModel:
                 time_unit=settings.time_unit,
                 weight_values=weights,
                 column_names=list(settings.column_names) or None,
+                duplicates=settings.duplicates,
                 has_header=not settings.column_names,
             )
         tables = {}

@@ -110,6 +110,9 @@ class DataConfig(_Checked):
     first line is a row; Amazon's ratings CSVs, Taobao's UserBehavior.csv); the
     roles then map these names (or name them ``user_id``, ``item_id``, ``rating``,
     ``timestamp``).
+    ``duplicates`` says what to do with rows of the same user, item and time
+    (logged twice): ``keep`` them (default), keep the ``first`` or ``last`` (the
+    others counted as ``duplicate``), or stop (``error``).
     ``min_user_rows`` / ``min_item_rows`` drop the users and items with fewer
     rows before splitting, until every one left has as many (the "5-core" of the
     literature: :func:`twostage.data.filtering.min_counts`); 0: no minimum.
@@ -151,6 +154,7 @@ class DataConfig(_Checked):
     column_names: tuple[str, ...] = ()
     min_user_rows: int = 0
     min_item_rows: int = 0
+    duplicates: Literal["keep", "first", "last", "error"] = "keep"
 
     SECTION: ClassVar[str] = "data"
 

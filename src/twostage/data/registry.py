@@ -170,6 +170,7 @@ def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset
         weight_col=data.weight_col if weights else None,
         weight_values=data.weights_of_values if weights else None,
         column_names=list(data.column_names) or None,
+        duplicates=None if data.duplicates == "keep" else data.duplicates,
         has_header=None if not data.column_names else False,
         separator=data.separator,
         user_features=list(data.user_features) or None,

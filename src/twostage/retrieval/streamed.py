@@ -176,6 +176,7 @@ def check_data_options(data: DataConfig) -> None:
         "data.weight_values": bool(data.weight_values),
         "data.column_names": bool(data.column_names),
         "data.min_user_rows": data.min_user_rows > 1,
+        "data.duplicates": data.duplicates != "keep",
         "data.min_item_rows": data.min_item_rows > 1,
     }
     if any(unread.values()):

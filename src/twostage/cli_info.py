@@ -70,6 +70,7 @@ _READING = (
     "item_table",
     "min_user_rows",
     "min_item_rows",
+    "duplicates",
 )
 
 
@@ -137,7 +138,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
     reading = {
         key: value
         for key in _READING
-        if (value := getattr(data, key)) not in (None, (), "s", 0)
+        if (value := getattr(data, key)) not in (None, (), "s", 0, "keep")
     }
     history = main_member(run.train_result.history)
     out: dict[str, Any] = {

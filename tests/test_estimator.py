@@ -377,3 +377,51 @@ def test_fit_reads_a_file_with_the_data_reading_settings(tmp_path: Path) -> None
     unweighted = {k: v for k, v in settings.items() if k != "data.weight_values"}
     with pytest.raises(twostage.TwostageError, match="this Dataset was read already"):
         twostage.TwoStageModel(settings=unweighted, progress=False).fit(read)
+
+
+def test_a_model_fitted_on_feature_tables_measures_new_rows_after_a_reload(
+    tmp_path: Path,
+) -> None:
+    """A model fitted on tables given in Python records no data to read them from:
+    `evaluate --test` and `TwoStageModel.load(...).evaluate(rows)` stopped with "the
+    new rows carry no feature columns", and `predict` of a retrieval-only model
+    ended in "lacks column(s)". Known users read the features they trained with."""
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    data = generate(num_users=80, num_items=60, num_interactions=2000, seed=6)
+    train, test = twostage.random_split(data, test_fraction=0.2, seed=1)
+    model = twostage.TwoStageModel(
+        settings={**SETTINGS, "train.epochs": 1}, ranking=False, progress=False
+    )
+    model.fit(train.interactions, users=data.users, items=data.items)
+    assert model.recommender.run.reads_user_table
+    rows = test.interactions.select("user_id", "item_id", "timestamp")
+    known = rows.filter(
+        pl.col("user_id").is_in(train.interactions["user_id"].implode())
+    )
+    in_memory = model.evaluate(known)
+    bundle = model.save(tmp_path / "bundle")
+    loaded = twostage.TwoStageModel.load(bundle)
+    again = loaded.evaluate(known)
+    # The same features, the same figures.
+    assert (again.ndcg, again.recall) == (in_memory.ndcg, in_memory.recall)
+    assert again.num_users == in_memory.num_users > 0
+    pairs = known.head(5)
+    scores = loaded.predict(pairs["user_id"].to_list(), pairs["item_id"].to_list())
+    assert np.isfinite(scores).all()
+    assert np.allclose(
+        scores, model.predict(pairs["user_id"].to_list(), pairs["item_id"].to_list())
+    )
+    path = tmp_path / "week.csv"
+    rows.with_columns(
+        pl.col("user_id") + 10_000 * (pl.int_range(pl.len()) % 2)
+    ).write_csv(path)  # every other row from a user the model never saw
+    measured = CliRunner().invoke(
+        app, ["evaluate", str(bundle), "--test", str(path), "--json"]
+    )
+    assert measured.exit_code == 0, measured.output
+    said = " ".join(measured.stderr.split())
+    assert "test users are unknown to the model and are scored without features" in said
+    assert "fitted on tables given in Python" in said

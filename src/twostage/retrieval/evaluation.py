@@ -16,7 +16,7 @@ import polars as pl
 import torch
 
 from twostage.data.dataset import ITEM, TIME, USER, Dataset
-from twostage.data.registry import load_dataset_for
+from twostage.data.registry import FIT_TABLES, load_dataset_for
 from twostage.data.split import ExperimentSplit, prepare_split
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, TwostageError, clause
@@ -313,8 +313,6 @@ def rebuild_split(
     Raises:
         DataError: the dataset named in the config cannot be loaded here.
     """
-    from twostage.data.registry import FIT_TABLES
-
     try:
         dataset = load_dataset_for(run.config)
     except (TwostageError, OSError) as e:
@@ -400,18 +398,40 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
 
 
 def with_training_tables(run: RetrievalRun, test: Dataset) -> Dataset:
-    """``test`` with the user / item tables the run trained with where it has none
-    and the run's features read one (rows of a new log carry no feature tables)."""
-    sources = {info.source for info in run.spec.describe()}
-    if not (
-        ("users" in sources and test.users is None)
-        or ("items" in sources and test.items is None)
-    ):
+    """``test`` with the user table the run trained with where it has none and the
+    run's query reads one (rows of a new log carry no feature tables), for the users
+    the model never saw; the known ones read the features they trained with.
+
+    Where that table cannot be read (a model fitted on tables given in Python, a
+    log moved away), ``test`` is returned as it is: known users keep their
+    features, unknown ones are scored without any, and a warning says how many."""
+    if not (run.reads_user_table and test.users is None):
         return test
-    users, items = _training_tables(run)
+    try:
+        users, items = _training_tables(run)
+    except (TwostageError, OSError) as e:
+        vocab = run.spec.vocabulary(USER)
+        test_users = test.interactions[USER].unique()
+        unknown = int((vocab.transform(test_users) == 0).sum())
+        if unknown:
+            why = (
+                "it was fitted on tables given in Python, which are not recorded "
+                "with it"
+                if run.config.data.dataset == FIT_TABLES
+                else clause(e)
+            )
+            logger.warning(
+                "%d of %d test users are unknown to the model and are scored "
+                "without features: the model's user table is not at hand (%s). "
+                "Give the rows their feature columns to score them with theirs.",
+                unknown,
+                test_users.len(),
+                why,
+            )
+        return test
     return dataclasses.replace(
         test,
-        users=test.users if test.users is not None else users,
+        users=users,
         items=test.items if test.items is not None else items,
     )
 
@@ -419,24 +439,16 @@ def with_training_tables(run: RetrievalRun, test: Dataset) -> Dataset:
 def _training_tables(run: RetrievalRun) -> tuple[pl.DataFrame | None, ...]:
     """The user and item tables the run trained with, read again from its data (a
     log in memory, or the stream it was trained on)."""
-    try:
-        if run.stream is not None:
-            from twostage.retrieval.streamed import side_tables
+    if run.stream is not None:
+        from twostage.retrieval.streamed import side_tables
 
-            return side_tables(
-                Path(run.stream),
-                run.config,
-                run.spec.vocabulary(USER).values,
-                run.spec.vocabulary(ITEM).values,
-            )
-        dataset = load_dataset_for(run.config)
-    except (TwostageError, OSError) as e:
-        raise DataError(
-            "the new rows carry no feature columns, and the run's training data "
-            f"(data.dataset = {run.config.data.dataset!r}), which holds its feature "
-            f"tables, cannot be read here ({clause(e)}). Give the rows their "
-            "feature columns, or make that data available."
-        ) from e
+        return side_tables(
+            Path(run.stream),
+            run.config,
+            run.spec.vocabulary(USER).values,
+            run.spec.vocabulary(ITEM).values,
+        )
+    dataset = load_dataset_for(run.config)
     return dataset.users, dataset.items
 
 

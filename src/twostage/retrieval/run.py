@@ -392,17 +392,30 @@ class RetrievalRun:
 
         Args:
             user_ids: ``[Q]`` raw user IDs.
-            users: the user feature table (for users the model has not seen).
+            users: the user feature table (for users the model has not seen). None
+                with a model that reads user features: known users read the
+                features they trained with (as serving reads them), unknown ones
+                none (missing values).
             context: the per-interaction context of each query, for a model that reads
                 some (a frame of ``Q`` rows, or one mapping for all); missing values
                 encode as unknown.
         """
         frame = context_frame(user_ids, context, context_keys(self.spec))
-        features = self.spec.transform_queries(frame, users=users)
         user_idx = torch.from_numpy(self.spec.vocabulary(USER).transform(user_ids))
+        if users is None and self.reads_user_table:
+            # Row 0 of the training tensors is the unknown user: missing values.
+            features = {k: v[user_idx] for k, v in self.tensors.user_features.items()}
+            features.update(self.spec.transform_context(frame))
+        else:
+            features = self.spec.transform_queries(frame, users=users)
         features.update(self.tensors.history_features(user_idx))
         with torch.no_grad():
             return self.model.encode_queries(features)
+
+    @property
+    def reads_user_table(self) -> bool:
+        """Whether a query field reads the user feature table."""
+        return any(i.source == "users" for i in self.spec.describe(side="query"))
 
     def evaluate(
         self,

@@ -125,7 +125,9 @@ def test_latin1_after_the_first_megabyte(tmp_path: Path) -> None:
     assert ds.report is not None and ds.report.rows_loaded == 120_001
 
 
-def test_headerless_with_column_names_and_double_colon(tmp_path: Path) -> None:
+def test_headerless_with_column_names_and_double_colon(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = write(
         tmp_path, "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n"
     )
@@ -138,6 +140,17 @@ def test_headerless_with_column_names_and_double_colon(tmp_path: Path) -> None:
     # Names that do not fit the lines: said at once, not every row rejected.
     with pytest.raises(DataError, match=r"has 3 names but the lines of .* have 4"):
         load(path, has_header=False, column_names=names[:3])
+    # A file with a header read as headerless: its header would be a row (user
+    # "user_id"), said at once where it is the names given, warned of otherwise.
+    named = write(tmp_path, "named.csv", "user_id,item_id\n1,2\n3,4\n5,6\n")
+    with pytest.raises(DataError, match="the file has a header"):
+        read_interactions(named, has_header=False, column_names=["user_id", "item_id"])
+    other = write(tmp_path, "other.csv", "uid,iid\n1,2\n3,4\n5,6\n")
+    with caplog.at_level(logging.WARNING, logger="twostage.data"):
+        read = read_interactions(
+            other, has_header=False, column_names=["user_id", "item_id"]
+        )
+    assert read.num_interactions == 4 and "looks like one" in caplog.text
     # Without names, the message says the first row read as names.
     with pytest.raises(DataError, match="reads its first row as names"):
         read_interactions(write(tmp_path, "bare.csv", "1,2\n3,4\n"))

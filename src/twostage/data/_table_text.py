@@ -226,6 +226,13 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
             f"`column_names` has {len(opts.column_names)} names but the lines of "
             f"{src.path} have {len(records[0])} fields (the first: {records[0]})."
         )
+    elif records and [f.strip().lower() for f in records[0]] == [
+        n.strip().lower() for n in opts.column_names
+    ]:  # else the header would be read as a row: user "user_id", item "item_id"
+        raise DataError(
+            f"the first line of {src.path} holds the names given as `column_names` "
+            f"({records[0]}): the file has a header. Read it without `column_names`."
+        )
     names = list(opts.column_names or names)
     repeated = sorted(n for n, count in Counter(names).items() if count > 1)
     if repeated:  # which one would a mapping mean? Say so rather than pick one.
@@ -235,11 +242,39 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
             f"{where}); a column mapping could not tell them apart. Rename them in the "
             "file, or pass `column_names` with distinct names."
         )
+    if not opts.has_header and _looks_like_a_header(records):
+        logger.warning(
+            "%s: read without a header, its first line %s looks like one (text "
+            "where the lines below hold numbers); it is read as a row. If it is "
+            "a header, read the file with it (without `column_names`).",
+            src.path,
+            records[0],
+        )
     leading_blank = not (lines and lines[0].strip())
     samples = records[1:] if opts.has_header else records
     eol = "\r" if "\r" in sample and "\n" not in sample else "\n"
     return Layout(
         sep, token, opts.quote_char, opts.has_header, names, leading_blank, eol, samples
+    )
+
+
+def _looks_like_a_header(records: list[list[str]]) -> bool:
+    """Whether the first record has text in a column where every other sampled
+    record has a number (``uid,iid`` above ``1,2``)."""
+    if len(records) < 3:
+        return False
+    first, rest = records[0], records[1:]
+
+    def number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    return any(
+        not number(first[c]) and all(c < len(r) and number(r[c]) for r in rest)
+        for c in range(len(first))
     )
 
 

@@ -139,22 +139,20 @@ Strict = Annotated[
 def weight_values_of(text: str | None) -> dict[str, float] | None:
     """``"view=1,cart=3"`` -> ``{"view": 1.0, "cart": 3.0}`` (the library checks
     the weights); an entry without ``=`` or a number is refused here."""
+    from twostage.config.sections import named_weight
+
     if text is None:
         return None
     values: dict[str, float] = {}
     for entry in text.split(","):
-        name, sep, weight = entry.rpartition("=")
-        try:
-            number = float(weight)
-        except ValueError:
-            number = None
-        if not sep or not name.strip() or number is None:
+        pair = named_weight(entry)
+        if pair is None:
             raise typer.BadParameter(
                 "should be value=weight pairs separated by commas, e.g. "
                 f"view=1,purchase=5. Received: {text!r}.",
                 param_hint="--weight-values",
             )
-        values[name.strip()] = number
+        values[pair[0]] = pair[1]
     return values
 
 

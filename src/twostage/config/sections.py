@@ -67,14 +67,21 @@ FIELD_KIND_CHOICES = (
 )
 
 
-def _named_weight(entry: str) -> bool:
-    """Whether ``entry`` is ``value=weight`` with a finite weight >= 0."""
+def named_weight(entry: str) -> tuple[str, float] | None:
+    """``"view=1"`` as ``("view", 1.0)``: one entry of ``data.weight_values`` (or of
+    ``--weight-values``); None when it is not ``value=number``."""
     name, sep, weight = entry.rpartition("=")
     try:
         number = float(weight)
     except ValueError:
-        return False
-    return bool(sep and name.strip()) and math.isfinite(number) and number >= 0
+        return None
+    return (name.strip(), number) if sep and name.strip() else None
+
+
+def _named_weight(entry: str) -> bool:
+    """Whether ``entry`` is ``value=weight`` with a finite weight >= 0."""
+    pair = named_weight(entry)
+    return pair is not None and math.isfinite(pair[1]) and pair[1] >= 0
 
 
 def _fraction(value: float, *, closed_low: bool = True) -> bool:
@@ -163,8 +170,8 @@ class DataConfig(_Checked):
         """``weight_values`` as ``{value: weight}`` (None when unset)."""
         if not self.weight_values:
             return None
-        pairs = (entry.rpartition("=") for entry in self.weight_values)
-        return {name.strip(): float(weight) for name, _, weight in pairs}
+        pairs = [named_weight(entry) for entry in self.weight_values]
+        return {pair[0]: pair[1] for pair in pairs if pair is not None}  # all: _rules
 
     def _rules(self) -> dict[str, tuple[bool, str]]:
         return {

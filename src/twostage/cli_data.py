@@ -309,10 +309,17 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_row("ratings", "  ".join(f"{r}: {c:,}" for r, c in hist.items()))
     if "weights" in summary:
         w = summary["weights"]
+        median = "-" if w["median"] is None else f"{w['median']:g}"  # streamed
+        bad = (
+            f"; {w['bad']:,} bad (missing, not finite or negative: a streamed run "
+            f"stops at row {w['first_bad_row']:,})"
+            if w.get("bad")
+            else ""
+        )
         table.add_row(
             "row weights",
-            f"min {w['min']:g} / median {w['median']:g} / mean {w['mean']:.3g} / "
-            f"max {w['max']:g}; {w['zero']:,} zero"
+            f"min {w['min']:g} / median {median} / mean {w['mean']:.3g} / "
+            f"max {w['max']:g}; {w['zero']:,} zero{bad}"
             if summary["num_interactions"]
             else "none: no rows",
         )
@@ -428,17 +435,17 @@ def data_describe(
         given = [
             f"--{key.replace('_', '-')}"
             for key, value in {**options, **tables}.items()
-            if value is not None and key != "has_header"  # --column-names says it
+            if value is not None
+            and key not in ("has_header", "weight_col")  # --column-names says it
         ]
         if given:
             raise typer.BadParameter(
                 "a streamed log is read by its column names (user_id, item_id, "
-                "timestamp, rating) and counts bad rows without stopping; drop "
-                + ", ".join(given)
-                + ".",
+                "timestamp, rating; --weight-col names any) and counts bad rows "
+                "without stopping; drop " + ", ".join(given) + ".",
                 param_hint="--stream",
             )
-        summary, report = describe_streamed(dataset)
+        summary, report = describe_streamed(dataset, weight_col=weight_col)
         streamed = True
     else:
         data = _with_tables(_load(dataset, options), user_table, item_table, options)

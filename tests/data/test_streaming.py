@@ -413,3 +413,18 @@ def test_a_streamed_description_is_the_in_memory_one(tmp_path: Path) -> None:
     )
     assert [line for line, _ in report.examples["bad_rating"]] == [11]
     assert (report.rows_read, report.rows_loaded) == (2_000, 1_998)
+    # Row weights: the spread the in-memory description gives (its median aside),
+    # and where a streamed run would stop on a bad one.
+    plays = rng.integers(0, 9, rows).astype(float)
+    weighted = log.with_columns(plays=pl.Series(plays))
+    weighted.write_parquet(file, row_group_size=300)
+    expected = describe(read_interactions(file, weight_col="plays"))["weights"]
+    got = describe_streamed(file, weight_col="plays")[0]["weights"]
+    for key in ("min", "max", "zero"):
+        assert got[key] == expected[key], key
+    assert got["mean"] == pytest.approx(expected["mean"])
+    assert (got["median"], got["bad"], got["first_bad_row"]) == (None, 0, None)
+    plays[[700, 40]] = [-1.0, float("inf")]
+    log.with_columns(plays=pl.Series(plays)).write_parquet(file, row_group_size=300)
+    got = describe_streamed(file, weight_col="plays")[0]["weights"]
+    assert (got["bad"], got["first_bad_row"]) == (2, 41)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
+from twostage.errors import DataError
 
 if TYPE_CHECKING:
     from twostage.data.report import LoadReport
@@ -102,7 +103,9 @@ def _feature_kinds(dataset: Dataset) -> dict[str, str | None]:
     return kinds
 
 
-def describe_streamed(path: str | Path) -> tuple[dict[str, Any], LoadReport]:
+def describe_streamed(
+    path: str | Path, *, weight_col: str | None = None
+) -> tuple[dict[str, Any], LoadReport]:
     """:func:`describe` of a Parquet log read one row group at a time
     (:mod:`twostage.data.streaming`: a file or a directory of files, columns by
     name, bad rows counted and left out as every streamed pass does), and its
@@ -121,13 +124,17 @@ def describe_streamed(path: str | Path) -> tuple[dict[str, Any], LoadReport]:
 
     names = pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names
     rated = RATING in names
+    weights = _StreamedWeights(weight_col) if weight_col else None
     report = LoadReport(path=str(path))
     users, items, ratings = RunningCounts(), RunningCounts(), RunningCounts()
     rows = 0
     low: int | None = None
     high: int | None = None
     columns = [USER, ITEM, TIME, *([RATING] if rated else [])]
-    for _, batch in iter_row_groups(path, columns=columns, report=report):
+    columns += [weight_col] if weight_col and weight_col not in columns else []
+    for first, batch in iter_row_groups(path, columns=columns, report=report):
+        if weights is not None:
+            weights.add(batch, first)
         rows += batch.height
         users.add(batch[USER])
         items.add(batch[ITEM])
@@ -172,7 +179,59 @@ def describe_streamed(path: str | Path) -> tuple[dict[str, Any], LoadReport]:
         }
         total = float((hist["key"] * counts).sum())
         out["rating_mean"] = total / float(counts.sum())
+    if weights is not None:
+        out["weights"] = weights.result()
     return out, report
+
+
+class _StreamedWeights:
+    """The spread of a streamed log's row weights, one row group at a time: min,
+    mean, max, how many are 0, and the rows a streamed run would stop at (a weight
+    that is missing, not finite or negative). The median would need every value:
+    None."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        self.count = self.zero = self.bad = 0
+        self.total = 0.0
+        self.low: float | None = None
+        self.high: float | None = None
+        self.first_bad: int | None = None
+
+    def add(self, batch: pl.DataFrame, first: int) -> None:
+        from twostage.data.streaming import ROW
+
+        values = batch[self.column]
+        if not values.dtype.is_numeric():
+            raise DataError(
+                f"`weight_col` = {self.column!r} holds {values.dtype}; row weights "
+                "are numbers (cast the column)."
+            )
+        weights = values.cast(pl.Float64)
+        bad = (weights.is_null() | ~weights.is_finite() | (weights < 0)).fill_null(True)
+        if bad.any():
+            self.bad += int(bad.sum())
+            at = int(batch[ROW][int(bad.arg_true()[0])]) + 1
+            self.first_bad = at if self.first_bad is None else min(self.first_bad, at)
+        good = weights.filter(~bad)
+        if good.len():
+            self.count += good.len()
+            self.total += float(good.sum())
+            self.zero += int((good == 0).sum())
+            low, high = float(good.min()), float(good.max())  # type: ignore[arg-type]
+            self.low = low if self.low is None else min(self.low, low)
+            self.high = high if self.high is None else max(self.high, high)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "min": 0.0 if self.low is None else self.low,
+            "median": None,
+            "mean": self.total / self.count if self.count else 0.0,
+            "max": 0.0 if self.high is None else self.high,
+            "zero": self.zero,
+            "bad": self.bad,
+            "first_bad_row": self.first_bad,
+        }
 
 
 def _spread(counts: pl.Series) -> dict[str, float]:

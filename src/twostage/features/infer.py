@@ -57,10 +57,6 @@ def _categories(name: str, values: pl.Series) -> Field:
 def _by_name(name: str, series: pl.Series) -> Field | None:
     """The MovieLens conventions, and integer codes, where the dtype fits them."""
     lowered = name.lower()
-    if series.dtype.is_integer() and (
-        lowered.endswith(_CODE_SUFFIXES) or lowered in _CODE_NAMES
-    ):  # category_id 17 is no more than category_id 3: a code, not a quantity
-        return _categories(name, series.drop_nulls())
     if lowered == "age":
         return Field(name, "bucket", num_buckets=10) if _is_numeric(series) else None
     if lowered in ("gender", "sex", "occupation"):
@@ -73,6 +69,10 @@ def _by_name(name: str, series: pl.Series) -> Field | None:
         return Field(name, "text", max_length=16)
     if lowered == "year" and _is_numeric(series):
         return Field(name, "bucket", num_buckets=10)
+    if series.dtype.is_integer() and (
+        lowered.endswith(_CODE_SUFFIXES) or lowered in _CODE_NAMES
+    ):  # category_id 17 is no more than category_id 3: a code, not a quantity
+        return _categories(name, series.drop_nulls())
     return None
 
 

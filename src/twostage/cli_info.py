@@ -180,7 +180,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
             "predicts_ratings": rec.ranker.predicts_ratings,
             "blend_weight": rec.ranker.blend_weight,
         },
-        "index": getattr(rec.index, "kind", None),
+        "index": rec.index_kind,
         "test": _test_figures(run.metrics),
     }
     return out

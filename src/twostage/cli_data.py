@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 data_app = typer.Typer(help="Fetch, inspect and split datasets.", no_args_is_help=True)
 
+#: The options that say how to read a log, grouped under this heading in --help.
+READING = "Reading the log"
+
 DatasetArg = Annotated[
     str,
     typer.Argument(
@@ -37,43 +40,57 @@ TestFile = Annotated[
     Path | None,
     typer.Option("--test", help="The test side of a split; goes with --train."),
 ]
-UserCol = Annotated[str | None, typer.Option(help="User ID column of your own log.")]
-ItemCol = Annotated[str | None, typer.Option(help="Item ID column of your own log.")]
+UserCol = Annotated[
+    str | None,
+    typer.Option(rich_help_panel=READING, help="User ID column of your own log."),
+]
+ItemCol = Annotated[
+    str | None,
+    typer.Option(rich_help_panel=READING, help="Item ID column of your own log."),
+]
 TimeCol = Annotated[
     str | None,
     typer.Option(
+        rich_help_panel=READING,
         help="Timestamp column (epoch s or ISO); default: one named timestamp, "
-        'if any; "" for none (file order).'
+        'if any; "" for none (file order).',
     ),
 ]
 TimeFormat = Annotated[
     str | None,
     typer.Option(
+        rich_help_panel=READING,
         help="strptime format of the time column, e.g. %Y%m%d for 20240301 "
-        "(default: epoch seconds or ISO 8601)."
+        "(default: epoch seconds or ISO 8601).",
     ),
 ]
 TimeUnit = Annotated[
     str | None,
     typer.Option(
+        rich_help_panel=READING,
         help="Unit of numeric timestamps since the epoch: s (default), ms (Java, "
         "JavaScript logs), us or ns; floored to whole seconds.",
     ),
 ]
 RatingCol = Annotated[
     str | None,
-    typer.Option(help='Rating column; default: one named rating, if any; "" for none.'),
+    typer.Option(
+        rich_help_panel=READING,
+        help='Rating column; default: one named rating, if any; "" for none.',
+    ),
 ]
 WeightCol = Annotated[
     str | None,
     typer.Option(
+        rich_help_panel=READING,
         help="Column of non-negative row weights (e.g. play counts): each row's "
-        "share of both stages' losses; default: none (every row weighs 1)."
+        "share of both stages' losses; default: none (every row weighs 1).",
     ),
 ]
 ColumnNames = Annotated[
     str | None,
     typer.Option(
+        rich_help_panel=READING,
         help="Names of the columns of a headerless CSV, in order, comma-separated "
         "(its first line is then a row), e.g. user_id,item_id,rating,timestamp.",
     ),
@@ -81,24 +98,33 @@ ColumnNames = Annotated[
 WeightValues = Annotated[
     str | None,
     typer.Option(
+        rich_help_panel=READING,
         help="With --weight-col naming a column of names (event types): the weight "
         "of each, e.g. view=1,addtocart=3,transaction=5; a value not listed is a "
         "bad row.",
     ),
 ]
 Separator = Annotated[
-    str | None, typer.Option(help="Field separator (default: sniffed).")
+    str | None,
+    typer.Option(rich_help_panel=READING, help="Field separator (default: sniffed)."),
 ]
 UserFeatures = Annotated[
-    str | None, typer.Option(help="Comma-separated user feature columns of the log.")
+    str | None,
+    typer.Option(
+        rich_help_panel=READING, help="Comma-separated user feature columns of the log."
+    ),
 ]
 ItemFeatures = Annotated[
-    str | None, typer.Option(help="Comma-separated item feature columns of the log.")
+    str | None,
+    typer.Option(
+        rich_help_panel=READING, help="Comma-separated item feature columns of the log."
+    ),
 ]
 UserTable = Annotated[
     Path | None,
     typer.Option(
         "--user-table",
+        rich_help_panel=READING,
         help="A file of user features (CSV, JSON lines, Parquet) keyed by the log's "
         "user column name or user_id; its other columns become features.",
     ),
@@ -107,6 +133,7 @@ ItemTable = Annotated[
     Path | None,
     typer.Option(
         "--item-table",
+        rich_help_panel=READING,
         help="A file of item features (a catalogue: CSV, JSON lines, Parquet) keyed "
         "by the log's item column name or item_id; its other columns become features.",
     ),
@@ -114,6 +141,7 @@ ItemTable = Annotated[
 Duplicates = Annotated[
     str | None,
     typer.Option(
+        rich_help_panel=READING,
         help="Rows of the same user, item and time: keep (default), first or last "
         "(the others counted as duplicate), or error.",
     ),
@@ -121,6 +149,7 @@ Duplicates = Annotated[
 MinUserRows = Annotated[
     int | None,
     typer.Option(
+        rich_help_panel=READING,
         min=0,
         help="Drop the users with fewer rows, and the items with fewer than "
         "--min-item-rows, until every one left has as many (the '5-core' of the "
@@ -129,7 +158,11 @@ MinUserRows = Annotated[
 ]
 MinItemRows = Annotated[
     int | None,
-    typer.Option(min=0, help="Drop the items with fewer rows (with --min-user-rows)."),
+    typer.Option(
+        rich_help_panel=READING,
+        min=0,
+        help="Drop the items with fewer rows (with --min-user-rows).",
+    ),
 ]
 Strict = Annotated[
     bool, typer.Option("--strict", help="Stop at the first bad row (line + content).")

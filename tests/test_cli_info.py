@@ -45,8 +45,15 @@ def test_info_describes_a_bundle_and_lists_a_models_directory(
                 (models_dir / "synthetic" / "2" / "manifest.json").read_text()
             )["created"],
             "ranking": False,
+            "error": None,
         }
     ]
+    # A version whose manifest cannot be read is said, not left blank.
+    (models_dir / "broken" / "1").mkdir(parents=True)
+    (models_dir / "broken" / "1" / "manifest.json").write_text("{bad")
+    listed = runner.invoke(app, ["info", str(models_dir), "--json"])
+    broken = json.loads(listed.stdout)["models"][0]
+    assert broken["name"] == "broken" and "unreadable manifest.json" in broken["error"]
     # A retrieval run (`train retrieval --out`) has no manifest to verify.
     rec.run.save(tmp_path / "run")
     run = json.loads(

@@ -103,11 +103,13 @@ def models_info(root: Path) -> dict[str, Any]:
         versions = _versions(child)
         if not versions:
             continue
+        error = None
         try:
             manifest = json.loads((child / str(versions[-1]) / MANIFEST).read_text())
-        except (OSError, ValueError):
-            manifest = {}
-        manifest = manifest if isinstance(manifest, dict) else {}
+        except (OSError, ValueError) as e:
+            manifest, error = {}, f"unreadable {MANIFEST}: {e}"
+        if not isinstance(manifest, dict):
+            manifest, error = {}, f"{MANIFEST} holds no JSON object"
         models.append(
             {
                 "name": child.name,
@@ -115,6 +117,7 @@ def models_info(root: Path) -> dict[str, Any]:
                 "newest": versions[-1],
                 "created": manifest.get("created"),
                 "ranking": bool(manifest.get("ranking")),
+                "error": error,
             }
         )
     return {"path": str(root), "models": models}
@@ -279,7 +282,7 @@ def _print_models(info: dict[str, Any]) -> None:
         table.add_row(
             Text(m["name"]),
             ", ".join(map(str, m["versions"])),
-            str(m["created"] or "-"),
+            Text(m["error"] or str(m["created"] or "-")),
             "yes" if m["ranking"] else "no",
         )
     console.print(table)

@@ -469,16 +469,20 @@ def data_describe(
             f"--{key.replace('_', '-')}"
             for key, value in {**options, **tables}.items()
             if value is not None
-            and key not in ("has_header", "weight_col")  # --column-names says it
+            # --column-names says has_header; a stream reads these two
+            and key not in ("has_header", "weight_col", "time_unit")
         ]
         if given:
             raise typer.BadParameter(
                 "a streamed log is read by its column names (user_id, item_id, "
-                "timestamp, rating; --weight-col names any) and counts bad rows "
+                "timestamp, rating; --weight-col names any, --time-unit reads its "
+                "numbers) and counts bad rows "
                 "without stopping; drop " + ", ".join(given) + ".",
                 param_hint="--stream",
             )
-        summary, report = describe_streamed(dataset, weight_col=weight_col)
+        summary, report = describe_streamed(
+            dataset, weight_col=weight_col, time_unit=time_unit or "s"
+        )
         streamed = True
     else:
         data = _with_tables(_load(dataset, options), user_table, item_table, options)

@@ -19,7 +19,7 @@ from twostage.data.streaming import (
     split_rule,
 )
 from twostage.data.synthetic import write_parquet
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, DataError
 from twostage.recommender import Recommender, load
 from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.streamed import check_data_options, fit_streamed_retrieval
@@ -348,7 +348,7 @@ def test_a_streamed_split_that_leaves_a_side_empty_says_why(
     pl.DataFrame(
         {"user_id": [1, 2], "item_id": [1, 2], "timestamp": [1700000000123] * 2}
     ).write_parquet(millis)
-    with pytest.raises(DataError, match=r"every row read was rejected.*ts // 1000"):
+    with pytest.raises(DataError, match=r"every row read was rejected.*--time-unit ms"):
         fit_streamed_retrieval(temporal, millis)
 
 
@@ -397,6 +397,36 @@ def test_a_streamed_logs_weights_train_as_in_memory(log: Path, tmp_path: Path) -
         fit_streamed_retrieval(config, bad)
 
 
+def test_a_streamed_log_of_milliseconds_trains_as_the_one_of_seconds(
+    log: Path, tmp_path: Path
+) -> None:
+    """`data.time_unit` was refused under --stream: a Parquet log of epoch
+    milliseconds (Kafka, JavaScript events) had to be rewritten first. Every pass
+    (the temporal cuts, the validation carve-out, the histories, the held-out side)
+    reads its times, so one pass left in seconds would split or order otherwise."""
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    millis = table.with_columns(pl.col("timestamp") * 1000 + 7)
+    ms_log = _two_files(millis, tmp_path / "ms", 7_000, 1_000)
+    settings = [
+        *ID_ONLY,
+        "data.split=temporal",
+        "data.validation_fraction=0.1",
+        "retrieval.history_length=8",
+        "train.epochs=1",
+    ]
+    seconds = fit_streamed_retrieval(apply_overrides(ExperimentConfig(), settings), log)
+    ms_config = apply_overrides(ExperimentConfig(), [*settings, "data.time_unit=ms"])
+    read = fit_streamed_retrieval(ms_config, ms_log)
+    assert torch.equal(read.tensors.history, seconds.tensors.history)
+    for name, weights in seconds.model.state_dict().items():
+        torch.testing.assert_close(read.model.state_dict()[name], weights)
+    assert read.metrics["metrics"] == seconds.metrics["metrics"]
+    # Read as seconds, every row is a time only in milliseconds: the run says so.
+    with pytest.raises(DataError, match="timestamp_not_in_seconds"):
+        fit_streamed_retrieval(apply_overrides(ExperimentConfig(), settings), ms_log)
+
+
 @pytest.mark.parametrize(
     ("overrides", "refused"),
     [
@@ -406,7 +436,6 @@ def test_a_streamed_logs_weights_train_as_in_memory(log: Path, tmp_path: Path) -
         (["data.unrated_values=0"], "data.unrated_values"),
         (["data.separator=;"], "data.separator"),
         (["data.time_format=%Y%m%d"], "data.time_format"),
-        (["data.time_unit=ms"], "data.time_unit"),
         (["data.min_user_rows=5"], "data.min_user_rows"),
         (["data.column_names=user_id,item_id,timestamp"], "data.column_names"),
         (["data.weight_col=w", "data.weight_values=view=1"], "data.weight_values"),

@@ -104,7 +104,7 @@ def _feature_kinds(dataset: Dataset) -> dict[str, str | None]:
 
 
 def describe_streamed(
-    path: str | Path, *, weight_col: str | None = None
+    path: str | Path, *, weight_col: str | None = None, time_unit: str = "s"
 ) -> tuple[dict[str, Any], LoadReport]:
     """:func:`describe` of a Parquet log read one row group at a time
     (:mod:`twostage.data.streaming`: a file or a directory of files, columns by
@@ -132,7 +132,9 @@ def describe_streamed(
     high: int | None = None
     columns = [USER, ITEM, TIME, *([RATING] if rated else [])]
     columns += [weight_col] if weight_col and weight_col not in columns else []
-    for first, batch in iter_row_groups(path, columns=columns, report=report):
+    for first, batch in iter_row_groups(
+        path, columns=columns, report=report, time_unit=time_unit
+    ):
         if weights is not None:
             weights.add(batch, first)
         rows += batch.height

@@ -99,8 +99,7 @@ class LoadReport:
         if "timestamp_not_in_seconds" in self.rejected:
             hints.append(
                 "timestamps in milliseconds or microseconds since the epoch: read "
-                "them with time_unit='ms' or 'us' (--time-unit ms; a streamed log: "
-                "convert the column to seconds, e.g. `ts // 1000`)"
+                "them with time_unit='ms' or 'us' (--time-unit ms)"
             )
         if "timestamp_not_in_time_unit" in self.rejected:
             hints.append(

@@ -36,7 +36,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from twostage import distributed
-from twostage.data._table_values import Spec, has_date_numbers, parse_columns
+from twostage.data._table_values import (
+    TIME_UNITS,
+    Spec,
+    has_date_numbers,
+    parse_columns,
+)
 from twostage.data.dataset import ITEM, RATING, TIME, USER
 from twostage.data.report import MAX_EXAMPLES, LoadReport
 from twostage.errors import ConfigError, DataError
@@ -114,13 +119,19 @@ def iter_batches(
     rank: int = 0,
     world: int = 1,
     report: LoadReport | None = None,
+    time_unit: str = "s",
 ) -> Iterator[pl.DataFrame]:
     """The dataset's row groups as polars frames of ``columns``, checked as the
     in-memory loader checks a Parquet file (:func:`iter_row_groups`); rank ``rank`` of
     ``world`` gets row groups ``rank, rank + world, ...`` (disjoint shares that
     together are the whole dataset)."""
     for _, frame in iter_row_groups(
-        path, columns=columns, rank=rank, world=world, report=report
+        path,
+        columns=columns,
+        rank=rank,
+        world=world,
+        report=report,
+        time_unit=time_unit,
     ):
         yield frame.drop(ROW)
 
@@ -132,6 +143,7 @@ def iter_row_groups(
     rank: int = 0,
     world: int = 1,
     report: LoadReport | None = None,
+    time_unit: str = "s",
 ) -> Iterator[tuple[int, pl.DataFrame]]:
     """``(first row number, frame)`` per row group of this rank: the good rows of the
     group, with ``columns`` and their dataset row numbers (``__row``; rows counted
@@ -162,7 +174,11 @@ def iter_row_groups(
         )
     roles = {c: c for c in (USER, ITEM, TIME, RATING) if c in present}
     check_file_schemas(files, [*roles, *columns])
-    spec = Spec(roles, (), None, "keep", (USER, ITEM, TIME))
+    if time_unit not in TIME_UNITS:
+        raise ConfigError(
+            f"`time_unit` should be one of {list(TIME_UNITS)}. Received: {time_unit!r}."
+        )
+    spec = Spec(roles, (), None, "keep", (USER, ITEM, TIME), time_unit=time_unit)
     extra = [c for c in columns if c not in roles]
     first = 0
     for number, (file, group) in enumerate(row_groups(files)):
@@ -335,7 +351,9 @@ def held_out_mask(
     return uniform < test_fraction
 
 
-def last_rows(path: str | Path, *, within: SplitRule | None = None) -> np.ndarray:
+def last_rows(
+    path: str | Path, *, within: SplitRule | None = None, time_unit: str = "s"
+) -> np.ndarray:
     """Sorted dataset row numbers of each user's last row, for users with two rows
     or more: the test rows of ``leave-last-out``, as
     :func:`twostage.data.split.leave_last_out` picks them in memory (last by
@@ -348,7 +366,7 @@ def last_rows(path: str | Path, *, within: SplitRule | None = None) -> np.ndarra
     """
     latest = _Latest()
     columns = [USER, TIME] if within is None else [USER, ITEM, TIME]
-    for first, batch in iter_row_groups(path, columns=columns):
+    for first, batch in iter_row_groups(path, columns=columns, time_unit=time_unit):
         if within is not None:
             batch = batch.filter(pl.Series(~within.mask(batch, first)))
         latest.add(batch.select(USER, TIME, ROW))
@@ -465,6 +483,7 @@ def split_rule(
     test_fraction: float,
     seed: int,
     validation_fraction: float = 0.0,
+    time_unit: str = "s",
 ) -> SplitRule:
     """The split of a streamed log: the time cut of ``temporal`` and the last rows of
     ``leave-last-out`` are found here, once, by a streaming pass.
@@ -490,14 +509,19 @@ def split_rule(
     time_cut = validation_cut = None
     if method == "temporal":
         time_cut, validation_cut = temporal_cuts(
-            path, test_fraction=test_fraction, validation_fraction=validation_fraction
+            path,
+            test_fraction=test_fraction,
+            validation_fraction=validation_fraction,
+            time_unit=time_unit,
         )
     rule = SplitRule(
         method=method,
         test_fraction=test_fraction,
         seed=seed,
         time_cut=time_cut,
-        held_rows=last_rows(path) if method == "leave-last-out" else None,
+        held_rows=(
+            last_rows(path, time_unit=time_unit) if method == "leave-last-out" else None
+        ),
     )
     if validation_fraction == 0:
         return rule
@@ -507,23 +531,31 @@ def split_rule(
         seed=seed + VALIDATION_SEED_OFFSET,
         time_cut=validation_cut,
         held_rows=(
-            last_rows(path, within=rule) if method == "leave-last-out" else None
+            last_rows(path, within=rule, time_unit=time_unit)
+            if method == "leave-last-out"
+            else None
         ),
     )
     return dataclasses.replace(rule, validation=inner)
 
 
-def temporal_cut(path: str | Path, *, test_fraction: float) -> int:
+def temporal_cut(
+    path: str | Path, *, test_fraction: float, time_unit: str = "s"
+) -> int:
     """The timestamp (epoch seconds) from which rows are test rows: the
     ``1 - test_fraction`` quantile ("lower": an observed time) of the times of the
     rows that pass the loader's checks (:func:`iter_row_groups`: datetimes and ISO
     text as epoch seconds, bad rows left out). One pass; memory holds 8 bytes per row.
     """
-    return temporal_cuts(path, test_fraction=test_fraction)[0]
+    return temporal_cuts(path, test_fraction=test_fraction, time_unit=time_unit)[0]
 
 
 def temporal_cuts(
-    path: str | Path, *, test_fraction: float, validation_fraction: float = 0.0
+    path: str | Path,
+    *,
+    test_fraction: float,
+    validation_fraction: float = 0.0,
+    time_unit: str = "s",
 ) -> tuple[int, int | None]:
     """:func:`temporal_cut`, and with ``validation_fraction`` > 0 the validation
     cut: the ``1 - validation_fraction`` quantile ("lower") of the training rows'
@@ -531,7 +563,9 @@ def temporal_cuts(
     report = LoadReport(path=str(path))
     parts = [
         batch[TIME].to_numpy()
-        for _, batch in iter_row_groups(path, columns=[TIME], report=report)
+        for _, batch in iter_row_groups(
+            path, columns=[TIME], report=report, time_unit=time_unit
+        )
     ]
     times = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if times.size == 0:
@@ -614,6 +648,7 @@ def fit_vocabularies(
     validation_fraction: float = 0.0,
     rank: int = 0,
     world: int = 1,
+    time_unit: str = "s",
 ) -> StreamingVocabularies:
     """User and item vocabularies of the training side, in one pass of record batches.
 
@@ -639,13 +674,19 @@ def fit_vocabularies(
         test_fraction=test_fraction,
         seed=seed,
         validation_fraction=validation_fraction,
+        time_unit=time_unit,
     )
     users, items = RunningCounts(), RunningCounts()
     train_rows = test_rows = validation_rows = batches = 0
     columns = [USER, ITEM, TIME]
     report = LoadReport(path=str(path))
     for first, batch in iter_row_groups(
-        path, columns=columns, rank=rank, world=world, report=report
+        path,
+        columns=columns,
+        rank=rank,
+        world=world,
+        report=report,
+        time_unit=time_unit,
     ):
         test, validation = rule.sides(batch, first)
         train = batch.filter(pl.Series(~(test | validation)))
@@ -715,6 +756,7 @@ def count_values(
     *,
     rank: int = 0,
     world: int = 1,
+    time_unit: str = "s",
 ) -> dict[str, pl.DataFrame]:
     """Each per-row context column's distinct values over the training rows, with
     their counts (``key``, ``count``; a null key counts the missing values): what
@@ -738,7 +780,11 @@ def count_values(
     raw = [c for c in columns if c in present and c not in (USER, ITEM, TIME)]
     counters = {c: RunningCounts() for c in columns}
     for first, batch in iter_row_groups(
-        path, columns=[USER, ITEM, TIME, *raw], rank=rank, world=world
+        path,
+        columns=[USER, ITEM, TIME, *raw],
+        rank=rank,
+        world=world,
+        time_unit=time_unit,
     ):
         train = batch.filter(pl.Series(~rule.mask(batch, first)))
         frame = context_frame(train[USER], train, columns)
@@ -765,6 +811,7 @@ def held_out_rows(
     side: str = "test",
     rank: int = 0,
     world: int = 1,
+    time_unit: str = "s",
 ) -> pl.DataFrame:
     """The test side of the split (``side="validation"``: the validation carve-out):
     ``columns`` of every such row, in file order. Under ``torch.distributed`` each
@@ -776,7 +823,7 @@ def held_out_rows(
     parts = [
         batch.filter(pl.Series(rule.sides(batch, first)[which]))
         for first, batch in iter_row_groups(
-            path, columns=columns, rank=rank, world=world
+            path, columns=columns, rank=rank, world=world, time_unit=time_unit
         )
     ]
     empty = _empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(ROW))
@@ -842,6 +889,7 @@ def feature_tables(
     *,
     user_features: list[str] | tuple[str, ...] = (),
     item_features: list[str] | tuple[str, ...] = (),
+    time_unit: str = "s",
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """``(users, items)``: the feature columns of the log as tables, one row per ID
     (its first occurrence in file order, as the in-memory loader keeps it; a warning
@@ -863,7 +911,7 @@ def feature_tables(
                 f"the feature columns {missing} are not in {str(file)!r}, whose "
                 f"columns are {names}."
             )
-    for batch in iter_batches(path, columns=columns):
+    for batch in iter_batches(path, columns=columns, time_unit=time_unit):
         for key, first in firsts.items():
             first.add(batch.select([key, *wanted[key]]))
     tables: dict[str, pl.DataFrame | None] = {USER: None, ITEM: None}

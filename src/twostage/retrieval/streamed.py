@@ -172,7 +172,6 @@ def check_data_options(data: DataConfig) -> None:
         "data.cold_user_fraction": data.cold_user_fraction != 0,
         "data.unrated_values": bool(data.unrated_values),
         "data.time_format": data.time_format is not None,
-        "data.time_unit": data.time_unit != "s",
         "data.weight_values": bool(data.weight_values),
         "data.column_names": bool(data.column_names),
         "data.min_user_rows": data.min_user_rows > 1,
@@ -184,8 +183,7 @@ def check_data_options(data: DataConfig) -> None:
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
             + " (a Parquet log has no separator; cold users, unrated values and "
-            "time formats and units are in-memory options; a Parquet log can hold "
-            "datetimes, or convert its column to seconds once): "
+            "time formats are in-memory options; a Parquet log can hold datetimes): "
             "unset them, or load the log in memory "
             "(without --stream)."
         )
@@ -256,7 +254,9 @@ def streamed_tensors(
     context: dict[str, list[np.ndarray]] = {}
     filled, group_rows = 0, []
     # Each rank reads its own row groups (rank, rank + size, ...).
-    for first, batch in iter_row_groups(path, columns=columns, rank=rank, world=size):
+    for first, batch in iter_row_groups(
+        path, columns=columns, rank=rank, world=size, time_unit=config.data.time_unit
+    ):
         train = batch.filter(pl.Series(~rule.mask(batch, first)))
         rows = slice(filled, filled + train.height)
         users[rows] = fitted.users.transform(train[USER])
@@ -339,7 +339,10 @@ def side_tables(
         return None, None
     data = config.data
     user_table, item_table = feature_tables(
-        path, user_features=data.user_features, item_features=data.item_features
+        path,
+        user_features=data.user_features,
+        item_features=data.item_features,
+        time_unit=data.time_unit,
     )
     extra_users, extra_items = read_side_tables(data)
     if extra_users is not None:
@@ -482,6 +485,7 @@ def _held_out(
         side=side,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
+        time_unit=run.config.data.time_unit,
     )
     return Dataset(name=side, interactions=rows, users=user_table, items=item_table)
 
@@ -539,7 +543,11 @@ def _split_rule(
         return fitted.rule
     data = config.data
     return split_rule(
-        path, method=data.split, test_fraction=data.test_fraction, seed=data.seed
+        path,
+        method=data.split,
+        test_fraction=data.test_fraction,
+        seed=data.seed,
+        time_unit=data.time_unit,
     )
 
 
@@ -727,6 +735,7 @@ def _fit_streamed(
         validation_fraction=data.validation_fraction,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
+        time_unit=data.time_unit,
     )
     held = fitted.num_validation_rows  # not training rows here
     report = fitted.report
@@ -770,6 +779,7 @@ def _fit_streamed(
             wanted,
             rank=world.rank if world is not None else 0,
             world=world.size if world is not None else 1,
+            time_unit=config.data.time_unit,
         )
     spec = spec.fit_streamed(
         users=fitted.users,

@@ -344,8 +344,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         w = summary["weights"]
         median = "-" if w["median"] is None else f"{w['median']:g}"  # streamed
         bad = (
-            f"; {w['bad']:,} bad (missing, not finite or negative: a streamed run "
-            f"stops at row {w['first_bad_row']:,})"
+            f"; {w['bad']:,} bad (missing, not finite, negative or a value "
+            f"--weight-values lacks: a streamed run stops at row "
+            f"{w['first_bad_row']:,})"
             if w.get("bad")
             else ""
         )
@@ -470,18 +471,21 @@ def data_describe(
             for key, value in {**options, **tables}.items()
             if value is not None
             # --column-names says has_header; a stream reads these two
-            and key not in ("has_header", "weight_col", "time_unit")
+            and key not in ("has_header", "weight_col", "time_unit", "weight_values")
         ]
         if given:
             raise typer.BadParameter(
                 "a streamed log is read by its column names (user_id, item_id, "
-                "timestamp, rating; --weight-col names any, --time-unit reads its "
-                "numbers) and counts bad rows "
+                "timestamp, rating; --weight-col names any, with --weight-values; "
+                "--time-unit reads its numbers) and counts bad rows "
                 "without stopping; drop " + ", ".join(given) + ".",
                 param_hint="--stream",
             )
         summary, report = describe_streamed(
-            dataset, weight_col=weight_col, time_unit=time_unit or "s"
+            dataset,
+            weight_col=weight_col,
+            time_unit=time_unit or "s",
+            weight_values=options["weight_values"],
         )
         streamed = True
     else:

@@ -428,3 +428,11 @@ def test_a_streamed_description_is_the_in_memory_one(tmp_path: Path) -> None:
     log.with_columns(plays=pl.Series(plays)).write_parquet(file, row_group_size=300)
     got = describe_streamed(file, weight_col="plays")[0]["weights"]
     assert (got["bad"], got["first_bad_row"]) == (2, 41)
+    # Names weighed by `weight_values`; a value it does not list is a bad weight.
+    kinds = ["view", "buy"] * (rows // 2)
+    kinds[5] = "zap"
+    log.with_columns(event=pl.Series(kinds)).write_parquet(file, row_group_size=300)
+    got = describe_streamed(
+        file, weight_col="event", weight_values={"view": 1.0, "buy": 5.0}
+    )[0]["weights"]
+    assert (got["min"], got["max"], got["bad"], got["first_bad_row"]) == (1, 5, 1, 6)

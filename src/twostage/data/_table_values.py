@@ -161,7 +161,7 @@ def parse_columns(
             value = value.set(outside | scaled, None)
             mask = mask | outside
         elif target == WEIGHT and spec.weight_values:
-            value, mask, unlisted = _weight_of_values(s, dict(spec.weight_values))
+            value, mask, unlisted = weights_from_names(s, dict(spec.weight_values))
             if unlisted.any():
                 bad["weight_value_not_mapped"] = unlisted
         elif target in (RATING, WEIGHT):
@@ -307,7 +307,7 @@ def _parse_number(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
     return value, (~value.is_finite()).fill_null(True)  # Float32 overflow is bad too
 
 
-def _weight_of_values(
+def weights_from_names(
     s: pl.Series, weights: dict[str, float]
 ) -> tuple[pl.Series, pl.Series, pl.Series]:
     """Each value of ``s`` (as text, stripped) looked up in ``weights``: the weights

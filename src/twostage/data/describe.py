@@ -104,7 +104,11 @@ def _feature_kinds(dataset: Dataset) -> dict[str, str | None]:
 
 
 def describe_streamed(
-    path: str | Path, *, weight_col: str | None = None, time_unit: str = "s"
+    path: str | Path,
+    *,
+    weight_col: str | None = None,
+    time_unit: str = "s",
+    weight_values: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], LoadReport]:
     """:func:`describe` of a Parquet log read one row group at a time
     (:mod:`twostage.data.streaming`: a file or a directory of files, columns by
@@ -124,7 +128,7 @@ def describe_streamed(
 
     names = pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names
     rated = RATING in names
-    weights = _StreamedWeights(weight_col) if weight_col else None
+    weights = _StreamedWeights(weight_col, weight_values) if weight_col else None
     report = LoadReport(path=str(path))
     users, items, ratings = RunningCounts(), RunningCounts(), RunningCounts()
     rows = 0
@@ -192,8 +196,9 @@ class _StreamedWeights:
     that is missing, not finite or negative). The median would need every value:
     None."""
 
-    def __init__(self, column: str) -> None:
+    def __init__(self, column: str, names: dict[str, float] | None = None) -> None:
         self.column = column
+        self.names = names  # data.weight_values: the weight of each value
         self.count = self.zero = self.bad = 0
         self.total = 0.0
         self.low: float | None = None
@@ -204,10 +209,14 @@ class _StreamedWeights:
         from twostage.data.streaming import ROW
 
         values = batch[self.column]
-        if not values.dtype.is_numeric():
+        if self.names is not None:
+            from twostage.data._table_values import weights_from_names
+
+            values = weights_from_names(values, self.names)[0]  # unlisted: null
+        elif not values.dtype.is_numeric():
             raise DataError(
                 f"`weight_col` = {self.column!r} holds {values.dtype}; row weights "
-                "are numbers (cast the column)."
+                "are numbers (cast the column), or names with `weight_values`."
             )
         weights = values.cast(pl.Float64)
         bad = (weights.is_null() | ~weights.is_finite() | (weights < 0)).fill_null(True)

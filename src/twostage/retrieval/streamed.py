@@ -172,7 +172,6 @@ def check_data_options(data: DataConfig) -> None:
         "data.cold_user_fraction": data.cold_user_fraction != 0,
         "data.unrated_values": bool(data.unrated_values),
         "data.time_format": data.time_format is not None,
-        "data.weight_values": bool(data.weight_values),
         "data.column_names": bool(data.column_names),
         "data.min_user_rows": data.min_user_rows > 1,
         "data.duplicates": data.duplicates != "keep",
@@ -266,7 +265,9 @@ def streamed_tensors(
         if rated:  # the row checks leave no missing or non-finite rating
             ratings[rows] = train[RATING].cast(pl.Float32).to_numpy()
         if weight_col:
-            weights[rows] = _checked_weights(train, weight_col, path)
+            weights[rows] = _checked_weights(
+                train, weight_col, path, config.data.weights_of_values
+            )
         if keys:  # each training row's own context, encoded as build_tensors does
             assert spec is not None
             frame = context_frame(train[USER], train, keys)
@@ -352,14 +353,34 @@ def side_tables(
     return user_table, item_table
 
 
-def _checked_weights(train: pl.DataFrame, column: str, path: str | Path) -> np.ndarray:
-    """The training rows' weights, which must be finite, non-negative numbers.
+def _checked_weights(
+    train: pl.DataFrame,
+    column: str,
+    path: str | Path,
+    names: dict[str, float] | None = None,
+) -> np.ndarray:
+    """The training rows' weights, which must be finite, non-negative numbers, or
+    with ``names`` (``data.weight_values``) values it gives a weight.
 
     In memory a bad weight is a bad row, counted and skipped; a streamed row
     cannot leave this pass and stay in the others (its vocabularies, split and
     counts are fixed by then), so the first bad weight stops the run with its row.
     """
     values = train[column]
+    if names is not None:
+        from twostage.data._table_values import weights_from_names
+
+        named, empty, unlisted = weights_from_names(values, names)
+        missing = empty | unlisted
+        if missing.any():
+            at = int(missing.arg_true()[0])
+            raise DataError(
+                f"{str(path)!r}: row {int(train[ROW][at]) + 1} has the value "
+                f"{values[at]!r} in {column!r}, which `data.weight_values` gives no "
+                f"weight (it lists {sorted(names)}). A streamed run stops at such a "
+                "row (in memory it is a bad row, counted and skipped)."
+            )
+        return named.cast(pl.Float32).to_numpy()
     if not values.dtype.is_numeric():
         raise DataError(
             f"`data.weight_col` = {column!r} of {str(path)!r} holds {values.dtype}; "

@@ -560,8 +560,12 @@ INT_IDS = st.integers(-(10**12), 10**12).map(str)
 NOTES = st.text(st.sampled_from(list('ab ,;|:"\r\n\x1f')), max_size=6)
 RATINGS = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 TIMES = st.one_of(
-    # Good times lie in the reader's default bounds (the years 1900 to 2199).
-    st.integers(0, 7_258_118_399).map(lambda t: (str(t), t)),
+    # Good times lie in the reader's default bounds (the years 1900 to 2199), out
+    # of the band where a column of them all reads as dates written as numbers
+    # (20240301: timestamp_as_date_number, tested on its own).
+    st.integers(0, 7_258_118_399)
+    .filter(lambda t: not 19_000_101 <= t <= 21_001_231)
+    .map(lambda t: (str(t), t)),
     st.datetimes(datetime(1971, 1, 1), datetime(2100, 1, 1)).map(
         lambda d: (
             d.replace(microsecond=0).isoformat(),

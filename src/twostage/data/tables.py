@@ -377,7 +377,8 @@ def join_features(
 
     Raises:
         DataError: a table lacks its key, has repeated keys, a key dtype differs from
-            the interactions' (other integer widths are cast where every key fits),
+            the interactions' (other integer widths are cast where every key fits,
+            and text keys that are all integers written plainly are read as such),
             or a column already exists in the existing table.
     """
     tables = {}
@@ -593,6 +594,18 @@ def merge_table(
                 "the log's."
             )
         new = new.with_columns(fits)
+    if new.schema[key] == pl.String and want.is_integer():
+        # Keys written as text ("42", a CSV read without types): the log's integers
+        # where every key is one written plainly; "0042" or "42a" could not match.
+        text = new[key].str.strip_chars()
+        plain = text.str.contains(r"^-?(0|[1-9][0-9]*)$").fill_null(True)
+        if plain.all():
+            new = new.with_columns(text.cast(want, strict=False).alias(key))
+            if new[key].null_count() > text.null_count():  # beyond the dtype
+                raise DataError(
+                    f"`{arg}`[{key!r}] holds integers that the interactions' {want} "
+                    "cannot; its keys cannot match the log's."
+                )
     if new.schema[key] != want:
         raise DataError(
             f"`{arg}`[{key!r}] has dtype {new.schema[key]} but the interactions' "

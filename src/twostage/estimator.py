@@ -362,8 +362,7 @@ class TwoStageModel:
         for arg, table, key_col, key in sides:
             if table is not None:
                 keys = list(dict.fromkeys([key_col, key]))  # the log's name, or the key
-                read = read_feature_table(table, key_col=keys, key_name=key)
-                tables[arg] = _keys_like(read, key, dataset, arg)
+                tables[arg] = read_feature_table(table, key_col=keys, key_name=key)
         if tables:  # checked against the log: keys, repeats, how many match
             dataset = join_features(dataset, **tables)
         if like is not None:
@@ -650,29 +649,6 @@ def _refuse_unread_data_settings(data: Any) -> None:
             "TwoStageModel.fit does not read these settings, which the command "
             "line's data loading reads: " + "; ".join(unread) + ". Unset them."
         )
-
-
-def _keys_like(
-    table: pl.DataFrame, key: str, dataset: Dataset, arg: str
-) -> pl.DataFrame:
-    """``table`` with its keys in the log's ID type, where text keys are integers
-    written plainly (``"42"``, as a CSV of features holds them); other mismatches
-    are left for :func:`~twostage.data.tables.join_features` to refuse."""
-    want = dataset.interactions.schema[key]
-    have = table.schema[key]
-    if have == want or not (have == pl.String and want.is_integer()):
-        return table
-    keys = table[key]
-    numbers = keys.cast(want, strict=False)
-    plain = numbers.is_not_null() & (numbers.cast(pl.String) == keys)
-    if not plain.all():
-        odd = keys.filter(~plain & keys.is_not_null())
-        raise DataError(
-            f"`{arg}` keys are text, and {odd[0]!r} is not an integer written as "
-            f"the log's {key} values are ({want}): no row of the log would match "
-            f"it. Give `{arg}` the log's IDs."
-        )
-    return table.with_columns(numbers)
 
 
 def _as_list(values: Any) -> list[Any]:

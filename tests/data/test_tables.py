@@ -538,7 +538,7 @@ def test_read_feature_table_and_join(
     )
     assert as_text.users is not None and as_text.users.equals(joined.users)
     zeros = table.with_columns(pl.Series("user_id", ["01", "2"]))
-    with pytest.raises(DataError, match="dtype"):
+    with pytest.raises(DataError, match="'01' is not an integer written as"):
         join_features(ds, users=zeros)
     with pytest.raises(DataError, match="one row per"):
         join_features(ds, users=pl.concat([table, table]))

@@ -597,15 +597,17 @@ def merge_table(
     if new.schema[key] == pl.String and want.is_integer():
         # Keys written as text ("42", a CSV read without types): the log's integers
         # where every key is one written plainly; "0042" or "42a" could not match.
-        text = new[key].str.strip_chars()
-        plain = text.str.contains(r"^-?(0|[1-9][0-9]*)$").fill_null(True)
-        if plain.all():
-            new = new.with_columns(text.cast(want, strict=False).alias(key))
-            if new[key].null_count() > text.null_count():  # beyond the dtype
-                raise DataError(
-                    f"`{arg}`[{key!r}] holds integers that the interactions' {want} "
-                    "cannot; its keys cannot match the log's."
-                )
+        keys = new[key]
+        numbers = keys.cast(want, strict=False)
+        plain = numbers.is_not_null() & (numbers.cast(pl.String) == keys)
+        odd = keys.filter(~plain & keys.is_not_null())
+        if odd.len():
+            raise DataError(
+                f"`{arg}` keys are text, and {odd[0]!r} is not an integer written as "
+                f"the log's {key} values are ({want}): no row of the log would match "
+                f"it. Give `{arg}` the log's IDs."
+            )
+        new = new.with_columns(numbers)
     if new.schema[key] != want:
         raise DataError(
             f"`{arg}`[{key!r}] has dtype {new.schema[key]} but the interactions' "

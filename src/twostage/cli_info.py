@@ -52,6 +52,13 @@ _PACKAGES = (
     "pandas",
 )
 
+JsonInstead = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print the result as JSON on stdout instead of a table."
+    ),
+]
+
 #: ``data`` settings shown when set: how the log's rows were read.
 _READING = (
     "user_col",
@@ -296,13 +303,7 @@ def info_command(
             "(every model), or the --out directory of `twostage train retrieval`."
         ),
     ],
-    json_output: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help="Print the result as JSON on stdout instead of a table.",
-        ),
-    ] = False,
+    json_output: JsonInstead = False,
 ) -> None:
     """What a saved model is: when and how it was trained, on which data, its
     features, stages, index and saved test figures (checksums verified); or the
@@ -356,13 +357,7 @@ def environment() -> dict[str, Any]:
 
 
 def env_command(
-    json_output: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help="Print the result as JSON on stdout instead of a table.",
-        ),
-    ] = False,
+    json_output: JsonInstead = False,
 ) -> None:
     """The machine and packages twostage runs with: Python, torch and its devices,
     the optional packages (faiss-gpu, ScaNN, TorchRec, onnxruntime...) and the data

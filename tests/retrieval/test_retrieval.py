@@ -361,9 +361,8 @@ def test_id_only_model_has_no_side_fields() -> None:
 def test_field_kinds_set_how_side_columns_are_encoded(tmp_path: Path) -> None:
     """A numeric code column was always normalised as a number, and nothing could
     say otherwise: `retrieval.field_kinds` names the kind of a column."""
-    config = _config(
-        "retrieval.field_kinds=price=bucket,age=categorical", "train.epochs=1"
-    )
+    config_kinds = ["retrieval.field_kinds=price=bucket,age=categorical"]
+    config = _config(*config_kinds, "train.epochs=1")
     split = prepare_split(
         generate(num_users=60, num_items=40, num_interactions=800), config
     )
@@ -377,6 +376,8 @@ def test_field_kinds_set_how_side_columns_are_encoded(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             spec_for(split.fit, _config(f"retrieval.field_kinds={entry}"))
+    with pytest.raises(ConfigError, match="reads none; unset one"):
+        spec_for(split.fit, _config(*config_kinds, "retrieval.use_side_features=false"))
     with pytest.raises(ConfigError, match="each kind one of"):
         _config("retrieval.field_kinds=price=hash")
     run, _ = fit_retrieval(config, evaluate_test=False)

@@ -233,6 +233,11 @@ def spec_for(dataset: Dataset, config: ExperimentConfig) -> FeatureSpec:
         dataset, use_side_features=retrieval.use_side_features
     )
     if retrieval.field_kinds:
+        if not retrieval.use_side_features:
+            raise ConfigError(
+                "`retrieval.field_kinds` sets how side features are encoded, and "
+                "`retrieval.use_side_features` = false reads none; unset one."
+            )
         spec = _with_field_kinds(spec, dataset, retrieval.field_kinds)
     user_columns = {f.name for f in spec.query}
     offered = context_names(dataset)

@@ -66,7 +66,11 @@ def child(kind: str, path: str) -> None:
 
     start = time.perf_counter()
     if kind.startswith("bare"):
-        read = {"csv": pl.read_csv, "parquet": pl.read_parquet, "ndjson": pl.read_ndjson}
+        read = {
+            "csv": pl.read_csv,
+            "parquet": pl.read_parquet,
+            "ndjson": pl.read_ndjson,
+        }
         rows = read[kind.split("_")[1]](path).height
     else:
         ds = read_interactions(path, time_col="timestamp", rating_col="rating")

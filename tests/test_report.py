@@ -1,5 +1,6 @@
 """`twostage report`: the report of any run or bundle."""
 
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -31,7 +32,17 @@ def test_report_of_a_bundle_covers_both_stages(tmp_path: Path) -> None:
             *SMALL,
         ],
     )
-    fit_two_stage(config).recommender().save(tmp_path / "models" / "syn" / "1")
+    stages = fit_two_stage(config)
+    stages.recommender().save(tmp_path / "models" / "syn" / "1")
+    # The ranker's test figures are saved with the bundle (`twostage info` shows
+    # them without rebuilding the split).
+    info = runner.invoke(app, ["info", str(tmp_path / "models" / "syn"), "--json"])
+    assert info.exit_code == 0, info.output
+    saved = json.loads(info.stdout)["ranking"]["test"]
+    measured = stages.ranking_metrics
+    assert measured is not None
+    assert saved["auc"] == measured["auc"] and saved["rmse"] == measured["rmse"]
+    assert saved["two_stage_ndcg@10"] == measured["two_stage"]["ndcg"]["10"]
     out = tmp_path / "report"
     result = runner.invoke(
         app, ["report", str(tmp_path / "models" / "syn"), "--out", str(out)]

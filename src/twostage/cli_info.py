@@ -189,6 +189,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
         else {
             "predicts_ratings": rec.ranker.predicts_ratings,
             "blend_weight": rec.ranker.blend_weight,
+            "test": _ranking_figures(rec.ranker.metrics),
         },
         "index": rec.index_kind,
         "test": _test_figures(run.metrics),
@@ -204,6 +205,22 @@ def _test_figures(metrics: dict[str, Any]) -> dict[str, float] | None:
         for name, at in figures.items()
         if name in ("ndcg", "recall", "hit_rate") and "10" in at
     }
+    return found or None
+
+
+def _ranking_figures(metrics: dict[str, Any] | None) -> dict[str, float] | None:
+    """RMSE, MAE, click AUC and the two-stage list's NDCG@10 (beside retrieval's
+    alone), as saved with the ranker; None for a bundle saved without them."""
+    if not metrics:
+        return None
+    found: dict[str, float] = {}
+    for key in ("rmse", "mae", "auc"):
+        if key in metrics:
+            found[key] = float(metrics[key])
+    for lists in ("two_stage", "retrieval_only"):
+        at = metrics.get(lists, {}).get("ndcg", {})
+        if "10" in at:
+            found[f"{lists}_ndcg@10"] = float(at["10"])
     return found or None
 
 
@@ -270,6 +287,11 @@ def _print_bundle(info: dict[str, Any]) -> None:
         if ranking["predicts_ratings"]
         else "clicks (no rating output)",
     )
+    if ranking is not None and ranking["test"]:
+        table.add_row(
+            "ranking test",
+            ", ".join(f"{k} {v:.4f}" for k, v in ranking["test"].items()),
+        )
     table.add_row("index", str(info["index"] or "-"))
     test = info["test"]
     table.add_row(

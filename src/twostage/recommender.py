@@ -49,6 +49,8 @@ class Ranker(Protocol):
 
     config: RankingConfig
     blend_weight: float
+    #: Its test figures, measured after training (None: not measured).
+    metrics: dict[str, Any] | None
 
     @property
     def ease(self) -> torch.nn.Module | None:

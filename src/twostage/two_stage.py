@@ -120,4 +120,5 @@ def fit_two_stage(
     )
     if evaluate_test and split.test.num_interactions and distributed.is_main():
         result.ranking_metrics = evaluate_ranking(result.ranker, split.test)
+        result.ranker.metrics = result.ranking_metrics  # saved with the bundle
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import torch
@@ -78,6 +79,8 @@ class RankingRun:
         train_seconds: wall time of :func:`fit_ranking`.
         ease: the EASE term's factorised matrix when ``config.ease_weight`` > 0
             (fitted on the rows of ``tensors``), else None.
+        metrics: the test figures of :func:`twostage.ranking.evaluate_ranking`
+            measured after training (saved with the bundle), or None.
     """
 
     config: RankingConfig
@@ -89,6 +92,7 @@ class RankingRun:
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     ease: LinearItemsModel | None = None
+    metrics: dict[str, Any] | None = None
     _vectors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _seen: tuple[int, UserItems] | None = field(default=None, repr=False)
     _candidates: tuple[tuple[int, ...], _Inference] | None = field(

@@ -54,6 +54,8 @@ def save_ranking(ranking: RankingRun, directory: str | Path) -> None:
         "history": ranking.history,
         "train_seconds": ranking.train_seconds,
     }
+    if ranking.metrics is not None:
+        state["metrics"] = ranking.metrics
     (out / _STATE).write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -82,6 +84,9 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         blend_weight = float(state["blend_weight"])
         train_seconds = float(state["train_seconds"])
         history = list(state["history"])
+        metrics = state.get("metrics")  # bundles saved before it have none
+        if metrics is not None and not isinstance(metrics, dict):
+            raise ValueError(f"`metrics` in {_STATE} is not a mapping")
         ease = None
         if config.ease_weight > 0:
             ease = LinearItemsModel(retrieval_run.tensors.num_items, config.ease_rank)
@@ -122,4 +127,5 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         history=history,
         train_seconds=train_seconds,
         ease=ease,
+        metrics=metrics,
     )

@@ -735,6 +735,7 @@ def fit_streamed_two_stage(
     )
     if evaluate_test and test.num_interactions and distributed.is_main():
         result.ranking_metrics = evaluate_ranking(result.ranker, test)
+        result.ranker.metrics = result.ranking_metrics  # saved with the bundle
     return result
 
 

@@ -74,7 +74,7 @@ def test_report_without_the_data_keeps_the_saved_metrics(tmp_path: Path) -> None
         ExperimentConfig(),
         [f"data.dataset={log}", "data.rating_col=rating", *SMALL],
     )
-    stages = fit_two_stage(config, ranking=False)
+    stages = fit_two_stage(config)
     stages.recommender().save(tmp_path / "bundle")
     log.unlink()
     out = tmp_path / "report"
@@ -84,6 +84,10 @@ def test_report_without_the_data_keeps_the_saved_metrics(tmp_path: Path) -> None
     text = (out / "report.md").read_text()
     saved = stages.retrieval.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
     assert f"{saved:.4f}" in text and (out / "loss.png").exists()
+    # The ranker's figures saved with the bundle too (the section was left out).
+    assert stages.ranking_metrics is not None
+    assert "Ranking stage" in text
+    assert f"| rating RMSE |  | {stages.ranking_metrics['rmse']:.4f} |" in text
     again = runner.invoke(app, ["report", str(tmp_path / "bundle"), "--out", str(out)])
     assert again.exit_code == 0, again.output  # an earlier report is replaced
     # `--out .` in a project replaced its own report.md.

@@ -421,7 +421,8 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
     run, notes = rec.run, []
     comparison: dict[str, Any] = {"twostage": run.metrics} if run.metrics else {}
     scores: dict[str, np.ndarray] = {}
-    ranking = None
+    # The ranker's figures saved with the bundle, until the rebuilt split's replace them.
+    ranking = None if rec.ranker is None else rec.ranker.metrics
     summary: dict[str, Any] = {
         "num_interactions": run.tensors.num_examples,
         "num_users": run.spec.vocabulary("user_id").size - 1,

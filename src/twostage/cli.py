@@ -24,6 +24,7 @@ import typer
 from rich.markup import escape
 
 from twostage.cli_batch import (
+    BATCH,
     Overwrite,
     check_batch_options,
     parse_id,
@@ -590,6 +591,7 @@ def recommend_command(
         Path | None,
         typer.Option(
             "--users",
+            rich_help_panel=BATCH,
             help="A CSV, JSON lines or Parquet file with a user_id column: recommend "
             "for each "
             "of its users (unknown ones: cold start) into --out, a row per user "
@@ -599,14 +601,17 @@ def recommend_command(
     all_users: Annotated[
         bool,
         typer.Option(
-            "--all-users", help="Recommend for every user the model knows, into --out."
+            "--all-users",
+            rich_help_panel=BATCH,
+            help="Recommend for every user the model knows, into --out.",
         ),
     ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
+            rich_help_panel=BATCH,
             help="With --users or --all-users: the .parquet or .csv file to write "
-            "(user_id, rank, item_id, score, retrieval_score, path)."
+            "(user_id, rank, item_id, score, retrieval_score, path).",
         ),
     ] = None,
     filters: Annotated[
@@ -810,6 +815,7 @@ def similar_command(
         Path | None,
         typer.Option(
             "--items",
+            rich_help_panel=BATCH,
             help="A CSV, JSON lines or Parquet file with an item_id column: the "
             "similar items "
             "of each into --out, a row per item and rank.",
@@ -817,13 +823,18 @@ def similar_command(
     ] = None,
     all_items: Annotated[
         bool,
-        typer.Option("--all-items", help="Every catalogue item's, into --out."),
+        typer.Option(
+            "--all-items",
+            rich_help_panel=BATCH,
+            help="Every catalogue item's, into --out.",
+        ),
     ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
+            rich_help_panel=BATCH,
             help="With --items or --all-items: the .parquet or .csv file to write "
-            "(item_id, rank, similar_item_id, score)."
+            "(item_id, rank, similar_item_id, score).",
         ),
     ] = None,
     overwrite: Overwrite = False,

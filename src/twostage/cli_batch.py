@@ -14,6 +14,7 @@ import typer
 from twostage.cli_output import status_console
 
 __all__ = [
+    "BATCH",
     "Overwrite",
     "check_batch_options",
     "parse_id",
@@ -21,8 +22,14 @@ __all__ = [
     "write_in_chunks",
 ]
 
+#: The options of lists for many users or items, grouped under this heading in --help.
+BATCH = "Many users or items into a file"
+
 Overwrite = Annotated[
-    bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+    bool,
+    typer.Option(
+        "--overwrite", rich_help_panel=BATCH, help="Replace an existing --out file."
+    ),
 ]
 
 

@@ -1111,6 +1111,12 @@ def test_weight_values_weigh_a_column_of_event_types(tmp_path: Path) -> None:
     codes = pl.DataFrame({"user_id": [1, 2], "item_id": [1, 1], "kind": [0, 2]})
     coded = read_interactions(codes, weight_col="kind", weight_values={"0": 1, "2": 4})
     assert coded.interactions["weight"].to_list() == [1.0, 4.0]
+    # A categorical column (pandas' category, a Parquet dictionary) holds names too.
+    category = codes.with_columns(pl.Series("kind", ["view", "buy"], pl.Categorical))
+    typed = read_interactions(
+        category, weight_col="kind", weight_values={"buy": 3, "view": 1}
+    )
+    assert typed.interactions["weight"].to_list() == [1.0, 3.0]
     for values, message in [
         ({"view": -1}, "finite number >= 0"),
         ({"view": True}, "finite number >= 0"),

@@ -313,6 +313,8 @@ def weights_from_names(
     """Each value of ``s`` (as text, stripped) looked up in ``weights``: the weights
     (Float32, null where none), where the value is missing or empty, and where it
     is a value ``weights`` does not list."""
+    if isinstance(s.dtype, pl.Categorical | pl.Enum):  # pandas' category, a dictionary
+        s = s.cast(pl.String)
     if not (s.dtype == pl.String or s.dtype.is_integer() or s.dtype == pl.Null):
         raise DataError(
             f"`weight_col` = {s.name!r} has dtype {s.dtype}; with `weight_values` it "

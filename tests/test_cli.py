@@ -242,6 +242,46 @@ def test_duplicates_policy_from_the_command_line(tmp_path: Path) -> None:
     assert "duplicates='error' was requested" in str(refused.exception)
 
 
+def test_quote_char_none_reads_quotes_as_text(tmp_path: Path) -> None:
+    """Last.fm's TSV dumps hold artists such as `"Weird Al" Yankovic`: a field that
+    starts with a quote was a bad_quoting row, and the CLI had no way to say that
+    quotes are text."""
+    log = tmp_path / "plays.tsv"
+    data = generate(num_users=40, num_items=30, num_interactions=600).interactions
+    artist = pl.Series(
+        ["Deep Dish", '"Weird Al" Yankovic', 'The "Best" Band', '"Lonely'] * 150
+    )
+    data.with_columns(artist=artist).write_csv(log, separator="\t", quote_style="never")
+    quoted = runner.invoke(app, ["data", "describe", str(log), "--json"])
+    report = json.loads(quoted.stdout)["report"]
+    assert report["rejected"].get("bad_quoting", 0) > 0
+    assert "--quote-char none" in " ".join(
+        re.sub("[│╭╮╰╯─]", " ", quoted.stderr).split()
+    )
+    as_text = ["--quote-char", "none", "--item-features", "artist"]
+    described = runner.invoke(app, ["data", "describe", str(log), *as_text, "--json"])
+    summary = json.loads(described.stdout)
+    assert summary["num_interactions"] == 600 and summary["report"]["rejected"] == {}
+    split = runner.invoke(
+        app,
+        ["data", "split", str(log), "--quote-char", "none", "--out", str(tmp_path)],
+    )
+    assert split.exit_code == 0, split.output
+    run = tmp_path / "run"
+    saved = train_retrieval(log, as_text, run)
+    assert saved["quote_char"] == ""
+    assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0  # read alike
+    info = runner.invoke(app, ["info", str(run)])
+    assert "quote_char=none" in info.stdout
+    two_chars = ["--set", "data.quote_char=ab", "--out", str(tmp_path / "r")]
+    two = runner.invoke(app, ["train", "retrieval", "--dataset", str(log), *two_chars])
+    assert "one character" in str(two.exception)
+    streamed = runner.invoke(
+        app, ["data", "describe", str(log), "--stream", "--quote-char", "none"]
+    )
+    assert streamed.exit_code == 2
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

@@ -108,6 +108,14 @@ Separator = Annotated[
     str | None,
     typer.Option(rich_help_panel=READING, help="Field separator (default: sniffed)."),
 ]
+QuoteChar = Annotated[
+    str | None,
+    typer.Option(
+        rich_help_panel=READING,
+        help='Quote character of a CSV (default: "); none (or "") when quotes are '
+        "text, as in Last.fm's TSV dumps where a field may start with one.",
+    ),
+]
 UserFeatures = Annotated[
     str | None,
     typer.Option(
@@ -213,6 +221,7 @@ def dataset_options(
     weight_col: str | None = None,
     weight_values: str | None = None,
     separator: str | None = None,
+    quote_char: str | None = None,
     column_names: str | None = None,
     duplicates: str | None = None,
     user_features: str | None = None,
@@ -230,6 +239,7 @@ def dataset_options(
         "weight_col": weight_col,
         "weight_values": weight_values_of(weight_values),
         "separator": separator,
+        "quote_char": "" if quote_char == "none" else quote_char,
         "column_names": split_names(column_names),
         "duplicates": duplicates,
         "has_header": False if column_names else None,
@@ -415,6 +425,7 @@ def data_describe(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
+    quote_char: QuoteChar = None,
     column_names: ColumnNames = None,
     duplicates: Duplicates = None,
     user_features: UserFeatures = None,
@@ -453,6 +464,7 @@ def data_describe(
         weight_col=weight_col,
         weight_values=weight_values,
         separator=separator,
+        quote_char=quote_char,
         column_names=column_names,
         duplicates=duplicates,
         user_features=user_features,
@@ -524,6 +536,7 @@ def data_split(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
+    quote_char: QuoteChar = None,
     column_names: ColumnNames = None,
     duplicates: Duplicates = None,
     min_user_rows: MinUserRows = None,
@@ -576,6 +589,7 @@ def data_split(
         weight_col=weight_col,
         weight_values=weight_values,
         separator=separator,
+        quote_char=quote_char,
         column_names=column_names,
         duplicates=duplicates,
         strict=strict,

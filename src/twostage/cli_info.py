@@ -70,6 +70,7 @@ _READING = (
     "time_format",
     "time_unit",
     "separator",
+    "quote_char",
     "column_names",
     "user_features",
     "item_features",
@@ -79,6 +80,13 @@ _READING = (
     "min_item_rows",
     "duplicates",
 )
+
+
+def _shown(value: Any) -> str:
+    """A reading setting as the CLI takes it (``""``, no quote character: none)."""
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return "none" if value == "" else str(value)
 
 
 def _versions(model_dir: Path) -> list[int]:
@@ -144,11 +152,11 @@ def bundle_info(path: Path) -> dict[str, Any]:
     where = path if not manifest else resolve_bundle(path)
     run, config = rec.run, rec.run.config
     files = [p for p in where.rglob("*") if p.is_file()]
-    data = config.data
+    data, default = config.data, type(config.data)()
     reading = {
         key: value
         for key in _READING
-        if (value := getattr(data, key)) not in (None, (), "s", 0, "keep")
+        if (value := getattr(data, key)) != getattr(default, key)
     }
     history = main_member(run.train_result.history)
     out: dict[str, Any] = {
@@ -252,12 +260,7 @@ def _print_bundle(info: dict[str, Any]) -> None:
     if info["reading"]:
         table.add_row(
             "read with",
-            Text(
-                "; ".join(
-                    f"{k}={','.join(map(str, v)) if isinstance(v, list | tuple) else v}"
-                    for k, v in info["reading"].items()
-                )
-            ),
+            Text("; ".join(f"{k}={_shown(v)}" for k, v in info["reading"].items())),
         )
     table.add_row(
         "trained on",

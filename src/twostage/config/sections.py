@@ -117,6 +117,9 @@ class DataConfig(_Checked):
     first line is a row; Amazon's ratings CSVs, Taobao's UserBehavior.csv); the
     roles then map these names (or name them ``user_id``, ``item_id``, ``rating``,
     ``timestamp``).
+    ``quote_char`` is the quote character of a text log (default ``"``); ``""``
+    reads quotes as text (Last.fm's tab-separated dumps, where a field may start
+    with one).
     ``duplicates`` says what to do with rows of the same user, item and time
     (logged twice): ``keep`` them (default), keep the ``first`` or ``last`` (the
     others counted as ``duplicate``), or stop (``error``).
@@ -162,6 +165,7 @@ class DataConfig(_Checked):
     min_user_rows: int = 0
     min_item_rows: int = 0
     duplicates: Literal["keep", "first", "last", "error"] = "keep"
+    quote_char: str = '"'
 
     SECTION: ClassVar[str] = "data"
 
@@ -184,6 +188,10 @@ class DataConfig(_Checked):
             "test_users": (self.test_users >= 0, "0 (every test user) or more"),
             "min_user_rows": (self.min_user_rows >= 0, "0 (no minimum) or more"),
             "min_item_rows": (self.min_item_rows >= 0, "0 (no minimum) or more"),
+            "quote_char": (
+                len(self.quote_char) <= 1 and self.quote_char not in ("\r", "\n"),
+                'one character, or "" for none (quotes are text)',
+            ),
             "weight_values": (
                 all(_named_weight(e) for e in self.weight_values),
                 "value=weight entries (e.g. view=1,purchase=5), each weight a finite "

@@ -84,6 +84,8 @@ def make_options(
     time_format: str | None,
 ) -> Options:
     """Check the reading options shared by every reader; see ``read_interactions``."""
+    if quote_char == "":  # as a config or the CLI writes "no quoting"
+        quote_char = None
     if separator is not None and (
         not isinstance(separator, str) or not separator or _LINE_BREAK.search(separator)
     ):

@@ -173,6 +173,7 @@ def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset
         duplicates=None if data.duplicates == "keep" else data.duplicates,
         has_header=None if not data.column_names else False,
         separator=data.separator,
+        quote_char=None if data.quote_char == '"' else data.quote_char,  # the default
         user_features=list(data.user_features) or None,
         item_features=list(data.item_features) or None,
     )

@@ -122,6 +122,12 @@ class LoadReport:
                 "values of the weight column that weight_values does not list: give "
                 "each its weight (--weight-values view=1,purchase=5)"
             )
+        if "bad_quoting" in self.rejected:
+            hints.append(
+                "quotes that are part of the text, such as a field starting with "
+                "one in a tab-separated file: read them as text with quote_char='' "
+                "(--quote-char none)"
+            )
         if "timestamp_as_date_number" in self.rejected:
             hints.append(
                 "timestamps written as dates such as 20240301: read them with "

@@ -139,7 +139,9 @@ def read_interactions(
         encoding: ``"auto"`` (UTF-8, with or without BOM; UTF-16 or UTF-32 with a
             BOM, as Excel's "Unicode text" writes; latin-1 when the bytes are not
             valid UTF-8) or any Python codec name.
-        quote_char: quote character, or ``None`` for no quoting.
+        quote_char: quote character, or ``None`` (or ``""``) for no quoting: quotes
+            are then text, as in Last.fm's tab-separated dumps, where an artist
+            called ``"Weird Al" Yankovic`` would otherwise open a quoted field.
         strict: raise :class:`BadRowError` at the first bad row instead of skipping.
         duplicates: rows with the same user, item and timestamp (user and item when
             there is no time column): ``"keep"`` all (default; not even checked),

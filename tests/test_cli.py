@@ -282,6 +282,32 @@ def test_quote_char_none_reads_quotes_as_text(tmp_path: Path) -> None:
     assert streamed.exit_code == 2
 
 
+def test_unrated_values_from_the_command_line(tmp_path: Path) -> None:
+    """Goodreads' and Book-Crossing's logs rate 0 for 'not rated': only `--set
+    data.unrated_values=0` on `train` said so, and `data describe` counted the
+    zeros as ratings without a word."""
+    log = tmp_path / "goodreads_interactions.csv"
+    data = generate(num_users=50, num_items=40, num_interactions=800).interactions
+    data.with_columns(
+        rating=pl.when(pl.col("item_id") % 3 == 0).then(0.0).otherwise("rating")
+    ).write_csv(log)
+    zeros = data.filter(pl.col("item_id") % 3 == 0).height
+    plain = runner.invoke(app, ["data", "describe", str(log)])
+    assert "--unrated-values 0" in " ".join(plain.stdout.split())
+    described = runner.invoke(
+        app, ["data", "describe", str(log), "--unrated-values", "0", "--json"]
+    )
+    summary = json.loads(described.stdout)
+    assert summary["unrated_rows"] == zeros and "0" not in summary["rating_histogram"]
+    assert summary["num_interactions"] == 800
+    saved = train_retrieval(log, ["--unrated-values", "0"], tmp_path / "run")
+    assert saved["unrated_values"] == [0.0]
+    info = runner.invoke(app, ["info", str(tmp_path / "run")])
+    assert "unrated_values=0.0" in info.stdout
+    bad = runner.invoke(app, ["data", "describe", str(log), "--unrated-values", "x"])
+    assert bad.exit_code == 2
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

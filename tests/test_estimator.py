@@ -212,6 +212,23 @@ def test_fit_reads_the_training_rows_weights(frames) -> None:
     assert model.evaluate(test[half:]).num_users > 0  # read without `w`
 
 
+def test_fit_reads_unrated_values(frames) -> None:
+    """`data.unrated_values` was refused by `fit`: Goodreads' 0 ("not rated") had
+    to be nulled by hand, or the ranker learned 0 as a rating."""
+    train, test = frames
+    zeros = train.assign(stars=train["stars"].where(train["movie"] % 4 != 0, 0.0))
+    settings = {**SETTINGS, "train.epochs": 1, "data.unrated_values": [0.0]}
+    model = twostage.TwoStageModel(settings=settings, progress=False)
+    columns = {"user_col": "uid", "item_col": "movie", "rating_col": "stars"}
+    half = len(test) // 2
+    model.fit(zeros, validation=test[:half].assign(stars=0.0), **columns)
+    fitted = model.split_.fit.interactions
+    assert fitted.height == len(zeros)  # the rows stay
+    assert fitted["rating"].null_count() == int((zeros["stars"] == 0).sum()) > 0
+    assert model.split_.validation.interactions["rating"].null_count() == half
+    assert model.evaluate(test[half:]).num_users > 0
+
+
 def test_unfitted_and_mismatched_calls_are_clear_errors() -> None:
     model = twostage.TwoStageModel(progress=False)
     with pytest.raises(twostage.TwostageError, match="not fitted"):

@@ -47,6 +47,7 @@ from twostage.cli_data import (
     TimeFormat,
     TimeUnit,
     TrainFile,
+    UnratedValues,
     UserCol,
     UserFeatures,
     UserTable,
@@ -55,6 +56,7 @@ from twostage.cli_data import (
     data_app,
     dataset_options,
     print_summary,
+    unrated_values_of,
 )
 from twostage.cli_info import env_command, info_command
 from twostage.cli_ops import index_app, serve_command
@@ -108,7 +110,7 @@ def _experiment_config(
             if isinstance(value, Path):
                 value = str(value.resolve())  # the saved config must find it again
             mapping.append(
-                f"data.{key}={','.join(value) if isinstance(value, list) else value}"
+                f"data.{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
             )
     return apply_overrides(config, [*mapping, *overrides])
 
@@ -256,6 +258,7 @@ def train_all(
     time_format: TimeFormat = None,
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
+    unrated_values: UnratedValues = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
@@ -330,6 +333,7 @@ def train_all(
         item_table=item_table,
         min_user_rows=min_user_rows,
         min_item_rows=min_item_rows,
+        unrated_values=unrated_values_of(unrated_values),
     )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     if stream and (work_dir is not None or train_file or test_file):
@@ -946,6 +950,7 @@ def train_retrieval_command(
     time_format: TimeFormat = None,
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
+    unrated_values: UnratedValues = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
@@ -1011,6 +1016,7 @@ def train_retrieval_command(
         item_table=item_table,
         min_user_rows=min_user_rows,
         min_item_rows=min_item_rows,
+        unrated_values=unrated_values_of(unrated_values),
     )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
     if stream:
@@ -1497,6 +1503,7 @@ FLAGS = {
     "`min_item_rows`": "`--min-item-rows`",
     "`separator`": "`--separator`",
     "`quote_char`": "`--quote-char`",
+    "`unrated_values`": "`--unrated-values`",
     "`user_features`": "`--user-features`",
     "`item_features`": "`--item-features`",
     "`column_names`": "`--column-names`",

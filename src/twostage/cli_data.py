@@ -4,6 +4,7 @@ the training commands share. Registered on the main app by :mod:`twostage.cli`."
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -108,6 +109,15 @@ Separator = Annotated[
     str | None,
     typer.Option(rich_help_panel=READING, help="Field separator (default: sniffed)."),
 ]
+UnratedValues = Annotated[
+    str | None,
+    typer.Option(
+        rich_help_panel=READING,
+        help="Rating values that mean 'no rating', comma-separated, e.g. 0 in "
+        "Goodreads' and Book-Crossing's logs: those rows stay interactions, without "
+        "a rating for the ranker to fit.",
+    ),
+]
 QuoteChar = Annotated[
     str | None,
     typer.Option(
@@ -194,6 +204,22 @@ def weight_values_of(text: str | None) -> dict[str, float] | None:
                 param_hint="--weight-values",
             )
         values[pair[0]] = pair[1]
+    return values
+
+
+def unrated_values_of(text: str | None) -> list[float] | None:
+    """``"0"`` or ``"0,-1"`` -> ``[0.0]`` / ``[0.0, -1.0]``; a non-number is refused."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise typer.BadParameter(
+            f"should be numbers separated by commas, e.g. 0. Received: {text!r}.",
+            param_hint="--unrated-values",
+        )
     return values
 
 
@@ -349,6 +375,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     if "rating_histogram" in summary:
         hist = summary["rating_histogram"]
         table.add_row("rating mean", f"{summary['rating_mean']:.3f}")
+        if summary.get("unrated_rows"):
+            table.add_row("unrated rows", f"{summary['unrated_rows']:,}")
         table.add_row("ratings", "  ".join(f"{r}: {c:,}" for r, c in hist.items()))
     if "weights" in summary:
         w = summary["weights"]
@@ -422,6 +450,7 @@ def data_describe(
     time_format: TimeFormat = None,
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
+    unrated_values: UnratedValues = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
@@ -477,6 +506,7 @@ def data_describe(
             "item_table": item_table,
             "min_user_rows": min_user_rows,
             "min_item_rows": min_item_rows,
+            "unrated_values": unrated_values,
         }
         given = [
             f"--{key.replace('_', '-')}"
@@ -502,6 +532,7 @@ def data_describe(
         streamed = True
     else:
         data = _with_tables(_load(dataset, options), user_table, item_table, options)
+        data = data.with_unrated(unrated_values_of(unrated_values) or [])
         data, filtered = _min_counts(data, min_user_rows, min_item_rows)
         summary, report, streamed = describe(data), data.report, False
         if filtered is not None:
@@ -511,6 +542,20 @@ def data_describe(
         return
     print_summary(summary)
     _print_report(report, strict_hint=not streamed)
+    hist = summary.get("rating_histogram", {})
+    if (
+        unrated_values is None
+        and "0" in hist
+        and len(hist) > 2
+        and min(float(r) for r in hist if r != "0") >= 1
+    ):
+        console.print(
+            Text(
+                f"{hist['0']:,} ratings of 0 on a scale that starts at 1: where 0 "
+                "means 'not rated' (Goodreads, Book-Crossing), --unrated-values 0 "
+                "keeps those rows as interactions without a rating."
+            )
+        )
 
 
 @data_app.command("split")

@@ -65,6 +65,7 @@ _READING = (
     "item_col",
     "time_col",
     "rating_col",
+    "unrated_values",
     "weight_col",
     "weight_values",
     "time_format",

@@ -196,6 +196,10 @@ class TwoStageModel:
                 row's share of both stages' losses (None: every row weighs 1);
                 ``validation`` and ``test`` are read without it.
 
+        The setting ``data.unrated_values`` (e.g. ``(0.0,)``) makes the ratings
+        it lists missing in ``data``, ``validation`` and ``test``, and in the rows
+        :meth:`evaluate` is given later: interactions without a rating.
+
         Returns:
             self, fitted.
         """
@@ -379,7 +383,8 @@ class TwoStageModel:
                     f"({schema[USER]}, {schema[ITEM]}): {e}"
                 ) from e
             dataset = like.with_interactions(cast)
-        return dataset
+        # Ratings that mean "no rating": the rows stay, their ratings go.
+        return dataset.with_unrated(self.config.data.unrated_values)
 
     # -- answering ----------------------------------------------------------------
     @property
@@ -628,7 +633,6 @@ _UNREAD_DATA = {
     "user_features": "pass users= (a table keyed by user), or columns through "
     "read_interactions(user_features=...)",
     "item_features": "pass items=, or read_interactions(item_features=...)",
-    "unrated_values": "pass a Dataset with .with_unrated([...]) applied",
     "min_user_rows": "filter the rows first (twostage.data.filtering.min_counts)",
     "min_item_rows": "filter the rows first (twostage.data.filtering.min_counts)",
 }

@@ -77,6 +77,8 @@ def describe(dataset: Dataset) -> dict[str, Any]:
             f"{r:g}": int(c) for r, c in zip(hist[RATING], hist["len"], strict=True)
         }
         out["rating_mean"] = float(rated.mean())  # type: ignore[arg-type]
+    if dataset.has_ratings:  # rows without a rating (``data.unrated_values``)
+        out["unrated_rows"] = int(inter[RATING].null_count())
     if WEIGHT in inter.columns:  # read with ``weight_col``
         weights = inter[WEIGHT]
         out["weights"] = {**_spread(weights), "zero": int((weights == 0).sum())}

@@ -957,6 +957,41 @@ def test_recommend_filters_by_metadata_from_the_cli(models_dir: Path) -> None:
         assert message in shown and "--filter" in shown
 
 
+def test_recommend_filters_many_users_into_a_file(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """`--filter` with `--users` / `--all-users` was refused: a campaign limited to
+    one category had to be scored user by user."""
+    from twostage.recommender import load
+
+    model = models_dir / "synthetic"
+    rec = load(model)
+    users = rec.user_vocab.values.to_list()
+    category = rec.items[1]["category"]
+    out = tmp_path / "recs.parquet"
+    only = ["--filter", f"category={category}"]
+    done = runner.invoke(
+        app, ["recommend", str(model), "--all-users", "--out", str(out), *only]
+    )
+    assert done.exit_code == 0, done.output
+    table = pl.read_parquet(out)
+    items = set(table["item_id"].to_list())
+    assert items and all(
+        rec.items[rec.item_vocab.lookup(i)]["category"] == category for i in items
+    )
+    for user in [*users[:8], "stranger"]:  # the lists one request gets
+        served = rec.recommend(user, 10, filters={"category": category}).items
+        rows = rec.recommend_table([user], 10, filters={"category": category})
+        assert rows["item_id"].to_list() == [i["item_id"] for i in served]
+    assert table.filter(pl.col("user_id") == users[0])["item_id"].to_list() == [
+        i["item_id"]
+        for i in rec.recommend(users[0], 10, filters={"category": category}).items
+    ]
+    wrong = ["--all-users", "--out", str(tmp_path / "x.csv"), "--filter", "price=no"]
+    refused = runner.invoke(app, ["recommend", str(model), *wrong])
+    assert refused.exit_code == 2 and not (tmp_path / "x.csv").exists()
+
+
 def test_feature_files_beside_a_log(tmp_path: Path) -> None:
     """`--item-table` / `--user-table`: a product catalogue or a user export could
     reach training only by joining it into the log first."""

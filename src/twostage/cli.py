@@ -629,7 +629,7 @@ def recommend_command(
             "--filter",
             help="Keep only items whose metadata column holds this value, e.g. "
             "--filter genres=Comedy (a list column: by membership); repeat for "
-            "several (all must match).",
+            "several (all must match); for one user or many (--users).",
         ),
     ] = None,
     explain: Annotated[
@@ -668,11 +668,17 @@ def recommend_command(
                 "--candidates": candidates,
                 "--require-known-user": require_known_user or None,
                 "--explain": explain or None,
-                "--filter": filters,
             },
             noun="user",
         )
     rec = _open_bundle(bundle)
+    try:
+        chosen = rec.item_filters.from_text(_texts(filters, "--filter")) or None
+        rec.item_filters.mask(chosen)  # checked before any user is answered
+    except ConfigError as e:
+        raise typer.BadParameter(
+            str(e).replace("`filters`", "`--filter`", 1), param_hint="--filter"
+        ) from e
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
         ids = (
@@ -681,7 +687,13 @@ def recommend_command(
             else read_ids(users_file, "user_id", "--users")
         )
         summary = _recommend_into(
-            rec, ids, out, k=k, exclude_seen=not include_seen, use_ranker=not no_ranker
+            rec,
+            ids,
+            out,
+            k=k,
+            exclude_seen=not include_seen,
+            use_ranker=not no_ranker,
+            filters=chosen,
         )
         if json_output:
             print_json(summary)
@@ -693,9 +705,10 @@ def recommend_command(
             f"{escape(str(out))}"
         )
         if summary["short_lists"]:
+            pool = "the items that pass --filter" if chosen else "the catalogue"
             status_console.print(
                 f"[yellow]{summary['short_lists']:,} users have fewer than {k} items "
-                "(the catalogue less what they have seen).[/yellow]"
+                f"({pool} less what they have seen).[/yellow]"
             )
         return
     user_id = parse_id(user) if user is not None else None
@@ -720,7 +733,7 @@ def recommend_command(
             candidates=_session(candidates, "--candidates"),
             use_ranker=not no_ranker,
             explain=explain,
-            filters=rec.item_filters.from_text(_texts(filters, "--filter")) or None,
+            filters=chosen,
         )
     except UnknownIdError as e:  # only listed items can be unknown here
         flag = "--candidates" if str(e).startswith("`candidates`") else "--session"
@@ -776,7 +789,14 @@ def recommend_command(
 
 
 def _recommend_into(
-    rec: Any, ids: list[Any], out: Path, *, k: int, exclude_seen: bool, use_ranker: bool
+    rec: Any,
+    ids: list[Any],
+    out: Path,
+    *,
+    k: int,
+    exclude_seen: bool,
+    use_ranker: bool,
+    filters: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``."""
@@ -793,7 +813,7 @@ def _recommend_into(
         out,
         ids,
         lambda part: rec.recommend_table(
-            part, k, exclude_seen=exclude_seen, use_ranker=use_ranker
+            part, k, exclude_seen=exclude_seen, use_ranker=use_ranker, filters=filters
         ),
         key="user_id",
         noun="users",

@@ -23,7 +23,7 @@ from twostage.config import IndexConfig, RankingConfig
 from twostage.data.dataset import ITEM, USER
 from twostage.display import display_columns, label_and_tags
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
-from twostage.index import Index, make_index
+from twostage.index import ExactIndex, Index, make_index
 from twostage.inputs import (
     ItemFilters,
     candidate_indices,
@@ -535,6 +535,7 @@ class Recommender:
         *,
         exclude_seen: bool = True,
         use_ranker: bool = True,
+        filters: dict[str, Any] | None = None,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -555,11 +556,20 @@ class Recommender:
             user_ids: a list, tuple or array of user IDs (unknown ones get the
                 cold-start answer).
             k: list length.
-            exclude_seen, use_ranker: as :meth:`recommend`.
+            exclude_seen, use_ranker, filters: as :meth:`recommend` (with
+                ``filters``, the items that pass are searched exactly, as
+                :meth:`recommend` searches them).
         """
         k = _check_k("k", k)
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
+        search: Index | None = self.index
+        mask = self._filters.mask(filters)
+        if mask is not None:  # an exact index over the items that pass
+            allowed = torch.nonzero(mask[1:])[:, 0] + 1  # never the padding row
+            search = None
+            if len(allowed):
+                search = ExactIndex().build(self.item_embeddings[allowed], allowed)
         given = _id_list("user_ids", user_ids, "rows")
         for user_id in given:
             if user_id is not None:
@@ -580,7 +590,7 @@ class Recommender:
                     zip(
                         part.tolist(),
                         self._personalised_lists(
-                            idx[part], k, exclude_seen, use_ranker
+                            idx[part], k, exclude_seen, use_ranker, search
                         ),
                         strict=True,
                     )
@@ -596,7 +606,11 @@ class Recommender:
                 item_idx, keys, plain, path = lists[position]
             else:
                 answer = self.recommend(
-                    user_id, k, exclude_seen=exclude_seen, use_ranker=use_ranker
+                    user_id,
+                    k,
+                    exclude_seen=exclude_seen,
+                    use_ranker=use_ranker,
+                    filters=filters,
                 )
                 item_idx = [self.item_vocab.lookup(i["item_id"]) for i in answer.items]
                 plain = [i["score"] for i in answer.items]
@@ -622,16 +636,23 @@ class Recommender:
         )
 
     def _personalised_lists(
-        self, user_idx: np.ndarray, k: int, exclude_seen: bool, use_ranker: bool
+        self,
+        user_idx: np.ndarray,
+        k: int,
+        exclude_seen: bool,
+        use_ranker: bool,
+        index: Index | None,
     ) -> list[tuple[list[int], list[float], list[float], str]]:
         """``(item indices, keys, retrieval scores, path)`` of known users on the
-        personalised path, as :meth:`recommend` orders them, in one index search
-        and one ranker call."""
+        personalised path, as :meth:`recommend` orders them, in one search of
+        ``index`` (None: no item passed the filters) and one ranker call."""
+        if index is None:
+            return [([], [], [], "personalised") for _ in user_idx]
         users = torch.from_numpy(user_idx)
         queries = self._known_queries()[users]
         seen = [self._seen.row(int(u)) if exclude_seen else None for u in user_idx]
         width = max(self.num_candidates, k)
-        top_scores, top_idx = self.index.search(queries, width, exclude=seen)
+        top_scores, top_idx = index.search(queries, width, exclude=seen)
         valid = top_idx >= 0  # rows run short only when the catalogue does
         ranker = self.ranker if use_ranker else None
         if ranker is None:

@@ -308,6 +308,33 @@ def test_unrated_values_from_the_command_line(tmp_path: Path) -> None:
     assert bad.exit_code == 2
 
 
+def test_missing_ratings_from_the_command_line(tmp_path: Path) -> None:
+    """`--missing-ratings unrated`: a log of purchases and reviews lost its
+    purchases (no rating) as bad rows, in every command."""
+    log = tmp_path / "shop.csv"
+    data = generate(num_users=50, num_items=40, num_interactions=800).interactions
+    data.with_columns(
+        rating=pl.when(pl.col("item_id") % 3 == 0).then(None).otherwise("rating")
+    ).write_csv(log)
+    missing = data.filter(pl.col("item_id") % 3 == 0).height
+    dropped = json.loads(
+        runner.invoke(app, ["data", "describe", str(log), "--json"]).stdout
+    )
+    assert dropped["report"]["rejected"] == {"bad_rating": missing}
+    option = ["--missing-ratings", "unrated"]
+    kept = json.loads(
+        runner.invoke(app, ["data", "describe", str(log), *option, "--json"]).stdout
+    )
+    assert kept["num_interactions"] == 800 and kept["unrated_rows"] == missing
+    split = runner.invoke(
+        app, ["data", "split", str(log), *option, "--out", str(tmp_path / "s")]
+    )
+    assert split.exit_code == 0, split.output
+    saved = train_retrieval(log, option, tmp_path / "run")
+    assert saved["missing_ratings"] == "unrated"
+    assert runner.invoke(app, ["evaluate", str(tmp_path / "run")]).exit_code == 0
+
+
 def test_strict_stops_with_line_number(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("uid,iid\n1,10\n2,\n")

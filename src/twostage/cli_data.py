@@ -118,6 +118,15 @@ UnratedValues = Annotated[
         "a rating for the ranker to fit.",
     ),
 ]
+MissingRatings = Annotated[
+    str | None,
+    typer.Option(
+        rich_help_panel=READING,
+        help="An empty or missing rating: reject (default; a bad_rating row) or "
+        "unrated, an interaction without a rating (a log of purchases and "
+        "reviews).",
+    ),
+]
 QuoteChar = Annotated[
     str | None,
     typer.Option(
@@ -248,6 +257,7 @@ def dataset_options(
     weight_values: str | None = None,
     separator: str | None = None,
     quote_char: str | None = None,
+    missing_ratings: str | None = None,
     column_names: str | None = None,
     duplicates: str | None = None,
     user_features: str | None = None,
@@ -266,6 +276,7 @@ def dataset_options(
         "weight_values": weight_values_of(weight_values),
         "separator": separator,
         "quote_char": "" if quote_char == "none" else quote_char,
+        "missing_ratings": missing_ratings,
         "column_names": split_names(column_names),
         "duplicates": duplicates,
         "has_header": False if column_names else None,
@@ -450,6 +461,7 @@ def data_describe(
     time_format: TimeFormat = None,
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
+    missing_ratings: MissingRatings = None,
     unrated_values: UnratedValues = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
@@ -490,6 +502,7 @@ def data_describe(
         time_format=time_format,
         time_unit=time_unit,
         rating_col=rating_col,
+        missing_ratings=missing_ratings,
         weight_col=weight_col,
         weight_values=weight_values,
         separator=separator,
@@ -578,6 +591,7 @@ def data_split(
     time_format: TimeFormat = None,
     time_unit: TimeUnit = None,
     rating_col: RatingCol = None,
+    missing_ratings: MissingRatings = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     separator: Separator = None,
@@ -631,6 +645,7 @@ def data_split(
         time_format=time_format,
         time_unit=time_unit,
         rating_col=rating_col,
+        missing_ratings=missing_ratings,
         weight_col=weight_col,
         weight_values=weight_values,
         separator=separator,

@@ -66,6 +66,7 @@ _READING = (
     "time_col",
     "rating_col",
     "unrated_values",
+    "missing_ratings",
     "weight_col",
     "weight_values",
     "time_format",

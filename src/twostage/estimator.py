@@ -174,7 +174,8 @@ class TwoStageModel:
                 polars or pandas DataFrame (rows are checked as a file's are; the
                 rejected ones are counted in the log), or a CSV, JSON lines or Parquet path.
                 A file or frame is read with the settings ``data.separator``,
-                ``data.quote_char``, ``data.time_format``, ``data.time_unit``,
+                ``data.quote_char``, ``data.missing_ratings``,
+                ``data.time_format``, ``data.time_unit``,
                 ``data.weight_values``, ``data.column_names`` and ``data.duplicates``
                 (a Dataset was read already: they are refused with one).
             validation: held-out interactions for early stopping and the ranker's
@@ -326,6 +327,9 @@ class TwoStageModel:
         reading = {  # the settings that say how to read a file or a frame
             "separator": settings.separator,
             "quote_char": None if settings.quote_char == '"' else settings.quote_char,
+            "missing_ratings": None
+            if settings.missing_ratings == "reject"
+            else settings.missing_ratings,
             "time_format": settings.time_format,
             "time_unit": None if settings.time_unit == "s" else settings.time_unit,
             "weight_values": weights,
@@ -353,6 +357,7 @@ class TwoStageModel:
                 name=self.config.data.dataset,
                 separator=settings.separator,
                 quote_char=settings.quote_char,
+                missing_ratings=settings.missing_ratings,
                 time_format=settings.time_format,
                 time_unit=settings.time_unit,
                 weight_values=weights,

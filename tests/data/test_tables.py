@@ -1345,3 +1345,35 @@ def test_utf16_and_utf32_files_with_a_bom_are_read(tmp_path: Path, codec: str) -
     found = read_interactions(write(tmp_path, "export.txt", data))
     assert found.interactions["item_id"].to_list() == ["café", "thé"]
     assert found.interactions["rating"].to_list() == [4.0, 5.0]
+
+
+def test_missing_ratings_unrated_keeps_rows_without_a_rating(tmp_path: Path) -> None:
+    """A log of purchases and reviews rates only the reviews: its purchases were
+    bad_rating rows, dropped, with no way to keep them as interactions."""
+    text = "user_id,item_id,rating\n1,10,4\n1,11,\n2,10, \n2,12,abc\n3,11,5\n"
+    path = tmp_path / "mixed.csv"
+    path.write_text(text)
+    rejected = read_interactions(path)
+    assert rejected.report.rejected == {"bad_rating": 3}
+    assert "--missing-ratings unrated" in rejected.report.hint
+    kept = read_interactions(path, missing_ratings="unrated")
+    assert kept.report.rejected == {"bad_rating": 1}  # "abc" is there, not missing
+    assert kept.interactions["rating"].to_list() == [4.0, None, None, 5.0]
+    assert describe(kept)["unrated_rows"] == 2
+    # The exact path (a quoted field) and JSON lines (a key absent or null) alike.
+    path.write_text(text.replace("1,10,4", '1,"10",4'))
+    assert read_interactions(path, missing_ratings="unrated").report.rejected == {
+        "bad_rating": 1
+    }
+    lines = tmp_path / "mixed.jsonl"
+    lines.write_text(
+        '{"user_id": 1, "item_id": 10, "rating": 4}\n'
+        '{"user_id": 1, "item_id": 11}\n'
+        '{"user_id": 2, "item_id": 10, "rating": null}\n'
+    )
+    read = read_interactions(lines, rating_col="rating", missing_ratings="unrated")
+    assert read.report.ok and read.interactions["rating"].null_count() == 2
+    frame = pl.DataFrame({"user_id": [1, 2], "item_id": [3, 4], "rating": [None, 2.0]})
+    assert read_interactions(frame, missing_ratings="unrated").report.ok
+    with pytest.raises(ConfigError, match="missing_ratings"):
+        read_interactions(frame, missing_ratings="keep")

@@ -117,6 +117,9 @@ class DataConfig(_Checked):
     first line is a row; Amazon's ratings CSVs, Taobao's UserBehavior.csv); the
     roles then map these names (or name them ``user_id``, ``item_id``, ``rating``,
     ``timestamp``).
+    ``missing_ratings`` says what an empty or missing rating is: ``reject``
+    (default; a ``bad_rating`` row) or ``unrated``, an interaction without a
+    rating (a log of purchases and reviews).
     ``quote_char`` is the quote character of a text log (default ``"``); ``""``
     reads quotes as text (Last.fm's tab-separated dumps, where a field may start
     with one).
@@ -166,6 +169,7 @@ class DataConfig(_Checked):
     min_item_rows: int = 0
     duplicates: Literal["keep", "first", "last", "error"] = "keep"
     quote_char: str = '"'
+    missing_ratings: Literal["reject", "unrated"] = "reject"
 
     SECTION: ClassVar[str] = "data"
 

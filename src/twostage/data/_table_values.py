@@ -54,6 +54,8 @@ class Spec:
     time_unit: str = "s"  # of numeric timestamps: a key of TIME_UNITS
     # the weight of each value of the weight column, matched as text (event types)
     weight_values: tuple[tuple[str, float], ...] = ()
+    # "unrated": an empty or missing rating is an interaction without one
+    missing_ratings: str = "reject"
 
     @property
     def sources(self) -> list[str]:
@@ -168,6 +170,11 @@ def parse_columns(
                 bad["weight_value_not_mapped"] = unlisted
         elif target in (RATING, WEIGHT):
             value, mask = _parse_number(s, target)
+            if target == RATING and spec.missing_ratings == "unrated":
+                missing = s.is_null()
+                if s.dtype == pl.String:
+                    missing = missing | (s.str.strip_chars(PADDING) == "")
+                mask = mask & ~missing.fill_null(True)
             if target == WEIGHT:  # a weight scales a row's share of the loss
                 mask = mask | (value < 0).fill_null(False)
             if s.dtype == pl.String:  # "4,5" (European exports): its own reason

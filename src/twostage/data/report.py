@@ -122,6 +122,12 @@ class LoadReport:
                 "values of the weight column that weight_values does not list: give "
                 "each its weight (--weight-values view=1,purchase=5)"
             )
+        if "bad_rating" in self.rejected:
+            hints.append(
+                "ratings that are not numbers, or missing: where a row without a "
+                "rating is an interaction all the same, missing_ratings='unrated' "
+                "(--missing-ratings unrated) keeps it without one"
+            )
         if "bad_quoting" in self.rejected:
             hints.append(
                 "quotes that are part of the text, such as a field starting with "

@@ -101,6 +101,7 @@ def read_interactions(
     weight_values: Mapping[str, float] | None = None,
     time_bounds: tuple[int, int] = (-2_208_988_800, 7_258_118_400),
     name: str | None = None,
+    missing_ratings: Literal["reject", "unrated"] = "reject",
 ) -> Dataset:
     """Read an interaction log from delimited text or Parquet into a :class:`Dataset`.
 
@@ -162,6 +163,10 @@ def read_interactions(
         time_bounds: ``(low, high)`` epoch seconds a timestamp must lie in (default:
             the years 1900 to 2199); others are bad rows (``bad_timestamp``).
         name: dataset name; the file stem by default.
+        missing_ratings: what an empty or missing rating is: ``"reject"``
+            (default), a ``bad_rating`` row, or ``"unrated"``, an interaction
+            without a rating (null), as in a log of purchases and reviews; a rating
+            that is there but not a number stays a bad row.
 
     Returns:
         A Dataset whose ``report`` counts every record after the header, blank lines
@@ -184,6 +189,7 @@ def read_interactions(
     roles |= {RATING: rating_col, WEIGHT: weight_col}
     feats = {"user_features": list(user_features), "item_features": list(item_features)}
     _check_choice("duplicates", duplicates, ("keep", "first", "last", "error"))
+    _check_choice("missing_ratings", missing_ratings, ("reject", "unrated"))
     if time_unit not in TIME_UNITS:
         raise ConfigError(
             f"`time_unit` should be one of {list(TIME_UNITS)}. Received: "
@@ -220,7 +226,15 @@ def read_interactions(
         keys = (USER, ITEM, TIME) if TIME in mapped else (USER, ITEM)
         bounds = (int(time_bounds[0]), int(time_bounds[1]))
         spec = Spec(
-            mapped, (), time_format, duplicates, keys, bounds, time_unit, weights
+            mapped,
+            (),
+            time_format,
+            duplicates,
+            keys,
+            bounds,
+            time_unit,
+            weights,
+            missing_ratings=missing_ratings,
         )
         return _make_spec(path, names, spec, feats, reserved=tuple(BAD))
 

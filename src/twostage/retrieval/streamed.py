@@ -176,6 +176,7 @@ def check_data_options(data: DataConfig) -> None:
         "data.min_user_rows": data.min_user_rows > 1,
         "data.duplicates": data.duplicates != "keep",
         "data.quote_char": data.quote_char != '"',
+        "data.missing_ratings": data.missing_ratings != "reject",
         "data.min_item_rows": data.min_item_rows > 1,
     }
     if any(unread.values()):

@@ -1377,3 +1377,26 @@ def test_missing_ratings_unrated_keeps_rows_without_a_rating(tmp_path: Path) -> 
     assert read_interactions(frame, missing_ratings="unrated").report.ok
     with pytest.raises(ConfigError, match="missing_ratings"):
         read_interactions(frame, missing_ratings="keep")
+
+
+def test_a_space_is_sniffed_only_when_nothing_else_splits_the_lines(
+    tmp_path: Path,
+) -> None:
+    """SNAP's and LibRec's `user item rating` files are separated by spaces: the
+    sniffer said it could not detect a separator (and named `separator=`, which
+    the command line does not take)."""
+    path = tmp_path / "ratings.txt"
+    path.write_text("1 10 4\n1 11 5\n2 10 3\n")
+    read = read_interactions(
+        path, has_header=False, column_names=["user_id", "item_id", "rating"]
+    )
+    assert read.report.ok and read.interactions["rating"].to_list() == [4, 5, 3]
+    # Spaces inside the fields of a CSV never win over its commas.
+    titled = tmp_path / "titled.csv"
+    titled.write_text("user_id,item_id,title\n1,10,Toy Story\n2,11,Star Wars\n")
+    read = read_interactions(titled, item_features=["title"])
+    assert read.items is not None and "Toy Story" in read.items["title"].to_list()
+    lonely = tmp_path / "one.txt"
+    lonely.write_text("a\nb\n")
+    with pytest.raises(DataError, match=r"among \[.*' '\]\. Pass it with `separator`"):
+        read_interactions(lonely)

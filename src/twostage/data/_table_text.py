@@ -279,11 +279,30 @@ def _looks_like_a_header(records: list[list[str]]) -> bool:
 
 
 def _sniff_separator(lines: list[str], opts: Options) -> str:
-    """The candidate giving the most consistent field count (>= 2) per line."""
+    """The candidate giving the most consistent field count (>= 2) per line; a
+    space only when no candidate splits the lines (SNAP's and LibRec's
+    ``user item rating`` files), since text fields hold spaces."""
     lines = lines[:_SNIFF_LINES]
+    choice = _most_consistent(lines, SEPARATORS, opts)
+    if not choice:
+        choice = _most_consistent(lines, (" ",), opts)
+        if choice:
+            logger.info("fields separated by a space (no other separator found)")
+    if not choice:
+        raise DataError(
+            f"could not detect the separator among {[*SEPARATORS, ' ']}. "
+            "Pass it with `separator`."
+        )
+    return choice
+
+
+def _most_consistent(
+    lines: list[str], candidates: tuple[str, ...], opts: Options
+) -> str:
+    """The candidate giving the most consistent field count (>= 2), "" if none."""
     best: tuple[float, int, int] | None = None
     choice = ""
-    for rank, sep in enumerate(SEPARATORS):
+    for rank, sep in enumerate(candidates):
         if len(sep) > 1:
             counts = [len(x.split(sep)) for x in lines]
         else:
@@ -302,11 +321,6 @@ def _sniff_separator(lines: list[str], opts: Options) -> str:
         score = (freq / len(counts), fields, -rank)
         if fields >= 2 and (best is None or score > best):
             best, choice = score, sep
-    if not choice:
-        raise DataError(
-            f"could not detect the separator among {list(SEPARATORS)}. "
-            "Pass it with `separator=`."
-        )
     return choice
 
 

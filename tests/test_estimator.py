@@ -319,10 +319,8 @@ def test_a_model_fitted_on_tables_is_not_evaluated_on_another_dataset(
     assert "fitted by TwoStageModel.fit on tables given in Python" in str(
         refused.exception
     )
-    rows = tmp_path / "test.csv"
-    test.rename(columns={"uid": "user_id", "movie": "item_id"}).drop(
-        columns=["stars"]
-    ).to_csv(rows, index=False)
+    rows = tmp_path / "test.csv"  # as the training rows came (the bundle says so)
+    test.to_csv(rows, index=False)
     measured = runner.invoke(
         app, ["evaluate", str(bundle), "--test", str(rows), "--json"]
     )
@@ -377,9 +375,7 @@ def test_fit_reads_a_file_with_the_data_reading_settings(tmp_path: Path) -> None
     assert set(fitted["weight"].unique().to_list()) == {1.0, 5.0}
     bundle = model.save(tmp_path / "bundle")
     rows = tmp_path / "week.csv"
-    log.tail(300).rename({"visitor": "user_id", "item": "item_id"}).drop(
-        "event"
-    ).write_csv(rows, separator=";")
+    log.tail(300).drop("event").write_csv(rows, separator=";")  # named as in training
     measured = CliRunner().invoke(
         app, ["evaluate", str(bundle), "--test", str(rows), "--json"]
     )
@@ -394,6 +390,50 @@ def test_fit_reads_a_file_with_the_data_reading_settings(tmp_path: Path) -> None
     unweighted = {k: v for k, v in settings.items() if k != "data.weight_values"}
     with pytest.raises(twostage.TwostageError, match="this Dataset was read already"):
         twostage.TwoStageModel(settings=unweighted, progress=False).fit(read)
+
+
+def test_new_rows_of_a_headerless_log_may_name_their_columns(tmp_path: Path) -> None:
+    """`data.column_names` (a headerless training log, as Amazon's) was applied to
+    every later file: `evaluate --test week.parquet` and a week's CSV with a header
+    were refused, and `fit(validation=frame)` too."""
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    data = generate(num_users=60, num_items=40, num_interactions=1500, seed=6)
+    rows = data.interactions.select(
+        u=pl.col("user_id"), i=pl.col("item_id"), r=pl.col("rating"), t="timestamp"
+    )
+    log = tmp_path / "ratings.csv"
+    rows.head(1000).write_csv(log, include_header=False)
+    settings = {
+        **SETTINGS,
+        "train.epochs": 1,
+        "data.column_names": ["u", "i", "r", "t"],
+    }
+    columns = {"user_col": "u", "item_col": "i", "rating_col": "r", "time_col": "t"}
+    model = twostage.TwoStageModel(settings=settings, ranking=False, progress=False)
+    model.fit(log, validation=rows.slice(1000, 200).to_pandas(), **columns)
+    bundle = model.save(tmp_path / "bundle")
+    week = rows.tail(300)
+    files = {
+        "week.parquet": week.write_parquet,
+        "week.csv": week.write_csv,
+        "headerless.csv": lambda p: week.write_csv(p, include_header=False),
+    }
+    loaded = twostage.TwoStageModel.load(bundle)
+    figures = set()
+    for name, write in files.items():
+        write(tmp_path / name)
+        measured = CliRunner().invoke(
+            app, ["evaluate", str(bundle), "--test", str(tmp_path / name), "--json"]
+        )
+        assert measured.exit_code == 0, (name, measured.output)
+        figures.add(loaded.evaluate(tmp_path / name).ndcg[10])
+    assert len(figures) == 1  # the same rows, however they came
+    # The training file itself is still read by the names given.
+    with pytest.raises(twostage.TwostageError, match="names its columns itself"):
+        model.fit(tmp_path / "week.parquet", **columns)
 
 
 def test_a_model_fitted_on_feature_tables_measures_new_rows_after_a_reload(

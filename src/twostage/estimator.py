@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from twostage.config import ExperimentConfig, apply_settings, to_dict
+from twostage.config import DataConfig, ExperimentConfig, apply_settings, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import FIT_TABLES
 from twostage.data.split import ExperimentSplit, validation_split
@@ -102,6 +102,26 @@ class _Columns:
     time_col: str | None = None
     rating_col: str | None = None
     weight_col: str | None = None
+
+    def recorded(self, data: DataConfig) -> DataConfig:
+        """``data`` with these columns as its settings, which the saved config
+        keeps (so that ``evaluate --test`` and a reloaded model read new rows
+        alike)."""
+        return dataclasses.replace(
+            data,
+            user_col=None if self.user_col == USER else self.user_col,
+            item_col=None if self.item_col == ITEM else self.item_col,
+            time_col=self.time_col,
+            rating_col=self.rating_col,
+            weight_col=self.weight_col,
+        )
+
+    @classmethod
+    def of(cls, data: Any) -> _Columns:
+        """The columns a saved ``data`` config records (held-out rows: no weight)."""
+        return cls(
+            data.user_col or USER, data.item_col or ITEM, data.time_col, data.rating_col
+        )
 
 
 class TwoStageModel:
@@ -207,12 +227,16 @@ class TwoStageModel:
         from twostage.two_stage import fit_two_stage
 
         columns = _Columns(user_col, item_col, time_col, rating_col, weight_col)
-        self.columns_ = dataclasses.replace(columns, weight_col=None)  # for evaluate
         data_config = self.config.data
+        if self.columns_ is not None:  # recorded by an earlier fit (or a load)
+            data_config = _Columns(time_col=None, rating_col=None).recorded(data_config)
         _refuse_unread_data_settings(data_config)
-        # The saved config must not name a dataset these tables did not come from.
+        self.columns_ = dataclasses.replace(columns, weight_col=None)  # for evaluate
+        # The saved config must not name a dataset these tables did not come from,
+        # and keeps the column names they were read by.
         self.config = dataclasses.replace(
-            self.config, data=dataclasses.replace(data_config, dataset=FIT_TABLES)
+            self.config,
+            data=dataclasses.replace(columns.recorded(data_config), dataset=FIT_TABLES),
         )
         for arg, given, setting in (
             ("users", users, data_config.user_table),
@@ -228,7 +252,7 @@ class TwoStageModel:
         train = self._as_dataset(data, columns, users=users, items=items)
         columns = self.columns_  # held-out rows are not weighed
         if validation is not None:
-            held = self._as_dataset(validation, columns, like=train)
+            held = self._as_dataset(validation, columns, like=train, held_out=True)
         elif self.config.data.validation_fraction > 0:
             train, held = validation_split(
                 train,
@@ -238,7 +262,7 @@ class TwoStageModel:
         else:
             held = None
         tested = (
-            self._as_dataset(test, columns, like=train)
+            self._as_dataset(test, columns, like=train, held_out=True)
             if test is not None
             else train.with_interactions(train.interactions.clear())
         )
@@ -309,12 +333,16 @@ class TwoStageModel:
         users: Any = None,
         items: Any = None,
         like: Dataset | None = None,
+        held_out: bool = False,
     ) -> Dataset:
-        """A Dataset from a Dataset, a frame or a path; IDs cast like ``like``'s."""
+        """A Dataset from a Dataset, a frame or a path; IDs cast like ``like``'s.
+        ``held_out`` rows (validation, test, evaluate's) take ``data.column_names``
+        only where they are a headerless text file."""
         from twostage.data.tables import (
             join_features,
             read_feature_table,
             read_interactions,
+            with_names_if_headerless,
         )
 
         settings = self.config.data
@@ -333,7 +361,7 @@ class TwoStageModel:
             "time_format": settings.time_format,
             "time_unit": None if settings.time_unit == "s" else settings.time_unit,
             "weight_values": weights,
-            "column_names": settings.column_names or None,
+            "column_names": None if held_out else settings.column_names or None,
             "duplicates": None
             if settings.duplicates == "keep"
             else settings.duplicates,
@@ -347,24 +375,31 @@ class TwoStageModel:
                 )
             dataset = data
         else:
-            dataset = read_interactions(
-                data,
-                user_col=columns.user_col,
-                item_col=columns.item_col,
-                time_col=columns.time_col,
-                rating_col=columns.rating_col,
-                weight_col=columns.weight_col,
-                name=self.config.data.dataset,
-                separator=settings.separator,
-                quote_char=settings.quote_char,
-                missing_ratings=settings.missing_ratings,
-                time_format=settings.time_format,
-                time_unit=settings.time_unit,
-                weight_values=weights,
-                column_names=list(settings.column_names) or None,
-                duplicates=settings.duplicates,
-                has_header=not settings.column_names,
-            )
+
+            def read(names: list[str] | None) -> Dataset:
+                return read_interactions(
+                    data,
+                    user_col=columns.user_col,
+                    item_col=columns.item_col,
+                    time_col=columns.time_col,
+                    rating_col=columns.rating_col,
+                    weight_col=columns.weight_col,
+                    name=self.config.data.dataset,
+                    separator=settings.separator,
+                    quote_char=settings.quote_char,
+                    missing_ratings=settings.missing_ratings,
+                    time_format=settings.time_format,
+                    time_unit=settings.time_unit,
+                    weight_values=weights,
+                    column_names=names,
+                    duplicates=settings.duplicates,
+                    has_header=not names,
+                )
+
+            if held_out:
+                dataset = with_names_if_headerless(data, settings.column_names, read)
+            else:
+                dataset = read(list(settings.column_names) or None)
         tables = {}
         sides: tuple[tuple[str, Any, str, Literal["user_id", "item_id"]], ...] = (
             ("users", users, columns.user_col, "user_id"),
@@ -498,7 +533,7 @@ class TwoStageModel:
         rec = self.recommender
         like = self.split_.fit if self.split_ is not None else None
         names = dataclasses.replace(self.columns_ or _Columns(), **columns)
-        data = self._as_dataset(test, names, like=like)
+        data = self._as_dataset(test, names, like=like, held_out=True)
         if like is None:  # a loaded model: cast to the vocabularies' types
             from twostage.retrieval.evaluation import with_training_tables
 
@@ -535,6 +570,7 @@ class TwoStageModel:
         rec = load(directory)
         model = cls(rec.run.config, ranking=rec.ranker is not None, progress=False)
         model.recommender_ = rec
+        model.columns_ = _Columns.of(rec.run.config.data)  # new rows read alike
         return model
 
     def __repr__(self) -> str:

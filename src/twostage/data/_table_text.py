@@ -154,6 +154,10 @@ class _Source:
         self.codec = "latin-1"
 
 
+class HeaderGivenError(DataError):
+    """A file read with ``column_names`` has those names on its first line."""
+
+
 def load_text(
     path: Path, make_spec: Callable[[list[str]], Spec], opts: Options
 ) -> tuple[pl.DataFrame, LoadReport, Spec, Callable[[pl.DataFrame], list[str]]]:
@@ -229,7 +233,7 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
     elif records and [f.strip().lower() for f in records[0]] == [
         n.strip().lower() for n in opts.column_names
     ]:  # else the header would be read as a row: user "user_id", item "item_id"
-        raise DataError(
+        raise HeaderGivenError(
             f"the first line of {src.path} holds the names given as `column_names` "
             f"({records[0]}): the file has a header. Read it without `column_names`."
         )

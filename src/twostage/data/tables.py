@@ -43,7 +43,7 @@ from typing import Any, Literal
 import polars as pl
 
 from twostage.data._table_json import JSON_SUFFIXES, load_json
-from twostage.data._table_text import SEPARATORS, load_text
+from twostage.data._table_text import SEPARATORS, HeaderGivenError, load_text
 from twostage.data._table_values import (
     ARG,
     BAD,
@@ -63,8 +63,13 @@ from twostage.data.report import LoadReport
 from twostage.errors import ConfigError, DataError
 
 __all__ = [
+    "JSON_SUFFIXES",
+    "PARQUET_SUFFIXES",
     "SEPARATORS",
+    "HeaderGivenError",
     "join_features",
+    "names_its_columns",
+    "with_names_if_headerless",
     "merge_table",
     "read_feature_table",
     "read_interactions",
@@ -417,6 +422,30 @@ def join_features(
 
 #: How a table given as a DataFrame is named in reports and messages.
 FRAME = "<DataFrame>"
+
+
+def names_its_columns(data: Any) -> bool:
+    """Whether ``data`` names its columns itself, so that ``column_names`` (the
+    names of a headerless text file) cannot apply: a frame, a Dataset, a Parquet
+    or JSON lines file, a directory of Parquet files."""
+    if not isinstance(data, str | Path):
+        return True
+    path = Path(data)
+    return path.is_dir() or path.suffix.lower() in (*PARQUET_SUFFIXES, *JSON_SUFFIXES)
+
+
+def with_names_if_headerless(
+    data: Any, names: Sequence[str], read: Callable[[list[str] | None], Dataset]
+) -> Dataset:
+    """``read(names)`` where ``data`` is a headerless text file, else ``read(None)``:
+    for new rows of a log whose training file had no header (a later week may come
+    with one, or as Parquet)."""
+    if not names or names_its_columns(data):
+        return read(None)
+    try:
+        return read(list(names))
+    except HeaderGivenError:  # its first line holds these names: a header
+        return read(None)
 
 
 def as_source(data: Any) -> Path | pl.DataFrame:

@@ -372,10 +372,19 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
     """
     from twostage.data.registry import load_mapped
     from twostage.data.split import check_not_empty
+    from twostage.data.tables import with_names_if_headerless
 
     data = run.config.data
     try:
-        test = load_mapped(str(path), data, weights=False)
+        test = with_names_if_headerless(
+            path,
+            data.column_names,
+            lambda names: load_mapped(
+                str(path),
+                dataclasses.replace(data, column_names=tuple(names or ())),
+                weights=False,
+            ),
+        )
     except DataError as e:
         raise DataError(
             f"{str(path)!r} is read as the run's training log was (user column "

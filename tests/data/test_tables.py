@@ -9,6 +9,7 @@ import gzip
 import io
 import logging
 import re
+import zipfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -870,11 +871,37 @@ def test_feature_table_from_parquet_and_merging(tmp_path: Path) -> None:
         join_features(merged, items=items)
 
 
-def test_compressed_files_are_refused(tmp_path: Path) -> None:
+def test_compressed_files_are_read(tmp_path: Path) -> None:
+    """Logs ship as .csv.gz, .jsonl.gz or a zip of one file (Amazon's reviews,
+    Goodreads, Kaggle downloads): they were refused, to be decompressed by hand."""
+    text = f"{HEADER}\n1,1,1,1\n2,2\n3,3,3,3\n"
+    plain = tmp_path / "r.csv"
+    plain.write_text(text)
+    want = read_interactions(plain)
     path = tmp_path / "r.csv.gz"
-    path.write_bytes(gzip.compress(f"{HEADER}\n1,1,1,1\n".encode()))
-    with pytest.raises(DataError, match="decompress"):
-        read_interactions(path)
+    path.write_bytes(gzip.compress(text.encode()))
+    got = read_interactions(path)
+    assert_frame_equal(got.interactions, want.interactions)
+    assert got.report.path == str(path) and got.source == str(path)
+    assert got.report.examples == want.report.examples  # the lines of the file
+    with pytest.raises(BadRowError, match=r"r\.csv\.gz:3: bad row") as caught:
+        read_interactions(path, strict=True)
+    assert caught.value.path == str(path)
+    lines = tmp_path / "r.jsonl.gz"
+    lines.write_bytes(gzip.compress(b'{"user_id": 1, "item_id": 2}\n'))
+    assert read_interactions(lines).interactions["item_id"].to_list() == [2]
+    zipped = tmp_path / "r.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.write(plain, "ratings/r.csv")
+    assert_frame_equal(read_interactions(zipped).interactions, want.interactions)
+    with zipfile.ZipFile(zipped, "a") as archive:
+        archive.write(plain, "ratings/movies.csv")
+    with pytest.raises(DataError, match=r"zip archive of 2 files"):
+        read_interactions(zipped)
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(gzip.compress(text.encode())[:-12])
+    with pytest.raises(DataError, match="could not be decompressed"):
+        read_interactions(cut)
     # A workbook is a zip too: "decompress it" sent users the wrong way.
     book = tmp_path / "log.xlsx"
     book.write_bytes(b"PK\x03\x04" + bytes(60))

@@ -33,9 +33,15 @@ Parquet).
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+import shutil
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +66,7 @@ from twostage.data._table_values import (
 )
 from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
 from twostage.data.report import LoadReport
-from twostage.errors import ConfigError, DataError
+from twostage.errors import BadRowError, ConfigError, DataError, TwostageError
 
 __all__ = [
     "JSON_SUFFIXES",
@@ -431,6 +437,8 @@ def names_its_columns(data: Any) -> bool:
     if not isinstance(data, str | Path):
         return True
     path = Path(data)
+    if path.suffix.lower() in (".gz", ".zip"):  # what it holds: ratings.jsonl.gz
+        path = path.with_suffix("")
     return path.is_dir() or path.suffix.lower() in (*PARQUET_SUFFIXES, *JSON_SUFFIXES)
 
 
@@ -478,8 +486,10 @@ def _load(
     path: Path | pl.DataFrame,
     make_spec: Callable[[list[str]], Spec],
     opts: Options,
+    label: str | None = None,
 ) -> tuple[pl.DataFrame, LoadReport, Spec]:
-    """Read, check, type and de-duplicate the mapped columns of a file or frame."""
+    """Read, check, type and de-duplicate the mapped columns of a file or frame
+    (``label``: the name reports give the file; its path by default)."""
     named = isinstance(path, pl.DataFrame) or path.suffix.lower() in (
         *PARQUET_SUFFIXES,
         *JSON_SUFFIXES,
@@ -513,17 +523,59 @@ def _load(
             "read that."
         )
     if magic[:2] == b"\x1f\x8b" or magic == b"PK\x03\x04":
-        raise DataError(
-            f"{path} is compressed (gzip or zip); decompress it first, e.g. with "
-            "`gunzip` or `unzip`."
-        )
+        with _decompressed(path, zipped=magic[:2] == b"PK") as plain:
+            try:
+                return _load(plain, make_spec, opts, label=str(path))
+            except TwostageError as e:  # name the file the user gave
+                if isinstance(e, BadRowError):
+                    e.path = str(path)
+                e.args = tuple(
+                    a.replace(str(plain), str(path)) if isinstance(a, str) else a
+                    for a in e.args
+                )
+                raise
     if path.suffix.lower() in PARQUET_SUFFIXES or magic == b"PAR1":
         df, report, spec, describe = load_parquet(path, make_spec, opts)
     elif path.suffix.lower() in JSON_SUFFIXES:
         df, report, spec, describe = load_json(path, make_spec, opts)
     else:
         df, report, spec, describe = load_text(path, make_spec, opts)
-    return _finish(df, report, spec, describe, str(path), opts.strict)
+    report.path = label or str(path)
+    return _finish(df, report, spec, describe, report.path, opts.strict)
+
+
+@contextlib.contextmanager
+def _decompressed(path: Path, *, zipped: bool) -> Iterator[Path]:
+    """A gzip file, or a zip archive of one file, decompressed into a temporary
+    file of the same name less ``.gz`` / ``.zip`` (removed afterwards); its lines
+    and rows are the file's own."""
+    with tempfile.TemporaryDirectory(prefix="twostage-") as tmp:
+        try:
+            if zipped:
+                with zipfile.ZipFile(path) as archive:
+                    members = [m for m in archive.infolist() if not m.is_dir()]
+                    if len(members) != 1:
+                        raise DataError(
+                            f"{path} is a zip archive of {len(members)} files "
+                            f"({[m.filename for m in members][:10]}); extract the "
+                            "log to read (`unzip`) and give its path."
+                        )
+                    name = Path(members[0].filename).name
+                    plain = Path(tmp) / name
+                    with archive.open(members[0]) as src, plain.open("wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            else:
+                plain = Path(tmp) / (path.stem if path.suffix else path.name)
+                with gzip.open(path, "rb") as src, plain.open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+            raise DataError(f"{path} could not be decompressed: {e}") from e
+        logger.info(
+            "%s decompressed into a temporary file (%.1f MB)",
+            path,
+            plain.stat().st_size / 1e6,
+        )
+        yield plain
 
 
 def _finish(

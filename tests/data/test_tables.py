@@ -1427,3 +1427,21 @@ def test_a_space_is_sniffed_only_when_nothing_else_splits_the_lines(
     lonely.write_text("a\nb\n")
     with pytest.raises(DataError, match=r"among \[.*' '\]\. Pass it with `separator`"):
         read_interactions(lonely)
+
+
+def test_a_feature_table_holding_the_other_id_is_refused() -> None:
+    """An item table with a `user_id` column (the log given as a catalogue) ended
+    in "every field needs its own output key; ['user_id'] are used twice"."""
+    log = Dataset(
+        name="log",
+        interactions=pl.DataFrame(
+            {"user_id": [1, 2], "item_id": [3, 4], "timestamp": [0, 1]}
+        ),
+    )
+    items = pl.DataFrame({"item_id": [3, 4], "user_id": [1, 2], "price": [1.0, 2.0]})
+    with pytest.raises(DataError, match=r"`items` has a 'user_id' column beside"):
+        join_features(log, items=items)
+    users = pl.DataFrame({"user_id": [1, 2], "item_id": [3, 4]})
+    with pytest.raises(DataError, match=r"`users` has a 'item_id' column beside"):
+        join_features(log, users=users)
+    assert join_features(log, items=items.drop("user_id")).items is not None

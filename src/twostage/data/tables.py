@@ -678,6 +678,13 @@ def merge_table(
         raise DataError(
             f"`{arg}` should have a {key!r} column. Received columns: {new.columns}."
         )
+    other = ITEM if key == USER else USER
+    if other in new.columns:  # a feature named as the other side's ID: clashes
+        raise DataError(
+            f"`{arg}` has a {other!r} column beside its key {key!r}: a table of "
+            f"{arg} holds one row per {key!r} and its features (is it the log?). "
+            f"Drop that column, or rename it."
+        )
     want = ids.dtype
     if new.schema[key] != want and new.schema[key].is_integer() and want.is_integer():
         # Another integer width (pandas' int32, a Parquet UInt32) holds the same IDs:

@@ -1079,6 +1079,40 @@ def test_feature_files_beside_a_log(tmp_path: Path) -> None:
         assert message in " ".join(str(refused.exception).split()), refused.output
 
 
+def test_similar_filters_by_metadata_from_the_cli(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """`similar --filter`: "more like this, in this category", for one item or a
+    file of them."""
+    from twostage.recommender import load
+
+    model = models_dir / "synthetic"
+    rec = load(model)
+    items = rec.item_vocab.values.to_list()
+    category = rec.items[1]["category"]
+    only = {"category": category}
+    keep = ["--filter", f"category={category}"]
+    one = runner.invoke(
+        app, ["similar", str(model), "--item", str(items[2]), "--json", *keep]
+    )
+    assert one.exit_code == 0, one.output
+    got = [i["item_id"] for i in json.loads(one.stdout)["items"]]
+    assert got == [i["item_id"] for i in rec.similar_items(items[2], 10, filters=only)]
+    out = tmp_path / "similar.csv"
+    many = runner.invoke(
+        app, ["similar", str(model), "--all-items", "--out", str(out), *keep]
+    )
+    assert many.exit_code == 0, many.output
+    table = pl.read_csv(out)
+    assert set(table["similar_item_id"].to_list()) <= {
+        i for i in items if rec.items[rec.item_vocab.lookup(i)]["category"] == category
+    }
+    wrong = runner.invoke(
+        app, ["similar", str(model), "--item", str(items[2]), "--filter", "price=x"]
+    )
+    assert wrong.exit_code == 2 and "--filter" in wrong.output
+
+
 def test_similar_items_for_many_items_into_a_file(
     models_dir: Path, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
@@ -105,6 +106,38 @@ def test_similar_items_and_unknown_item(fitted: tuple[Recommender, object]) -> N
         rec.similar_items(10_000)
     with pytest.raises(ConfigError, match="`k`"):
         rec.recommend(3, 0)
+
+
+def test_similar_items_take_filters(fitted: tuple[Recommender, object]) -> None:
+    """ "More like this, in stock": `similar_items` had no filters, in Python, the
+    CLI or over HTTP; a shop had to over-fetch and filter by hand."""
+    rec, _ = fitted
+    categories = [rec.items[i]["category"] for i in range(1, rec.item_vocab.size)]
+    category = max(set(categories), key=categories.count)  # the most items
+    wanted = {"category": category}
+    similar = rec.similar_items(7, k=5, filters=wanted)
+    assert len(similar) == 5 and all(i["category"] == category for i in similar)
+    assert 7 not in [i["item_id"] for i in similar]
+    # The closest items that pass, by an exact search of the candidate vectors.
+    passing = [
+        i for i in range(1, rec.item_vocab.size) if rec.items[i]["category"] == category
+    ]
+    scores = (
+        rec.item_embeddings[passing] @ rec.item_embeddings[rec.item_vocab.lookup(7)]
+    )
+    order = [passing[int(j)] for j in scores.argsort(descending=True)]
+    expect = [
+        rec.item_vocab.values[i - 1] for i in order if i != rec.item_vocab.lookup(7)
+    ]
+    assert [i["item_id"] for i in similar] == expect[:5]
+    table = rec.similar_table([7, 8], 5, filters=wanted)
+    assert table.filter(pl.col("item_id") == 7)["similar_item_id"].to_list() == [
+        i["item_id"] for i in similar
+    ]
+    assert rec.similar_items(7, 5, filters={"category": "no-such"}) == []
+    assert rec.similar_table([7], 5, filters={"category": "no-such"}).height == 0
+    with pytest.raises(ConfigError, match="unknown filter column"):
+        rec.similar_items(7, 5, filters={"colour": "red"})
 
 
 def test_bundle_round_trip_is_identical(

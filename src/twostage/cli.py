@@ -677,13 +677,7 @@ def recommend_command(
             noun="user",
         )
     rec = _open_bundle(bundle)
-    try:
-        chosen = rec.item_filters.from_text(_texts(filters, "--filter")) or None
-        rec.item_filters.mask(chosen)  # checked before any user is answered
-    except ConfigError as e:
-        raise typer.BadParameter(
-            str(e).replace("`filters`", "`--filter`", 1), param_hint="--filter"
-        ) from e
+    chosen = _checked_filters(rec, filters)
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
         ids = (
@@ -871,6 +865,14 @@ def similar_command(
             "(item_id, rank, similar_item_id, score).",
         ),
     ] = None,
+    filters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--filter",
+            help="Keep only similar items whose metadata column holds this value, "
+            "e.g. --filter in_stock=true; repeat for several (all must match).",
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -889,6 +891,7 @@ def similar_command(
             param_hint="--item",
         )
     rec = _open_bundle(bundle)
+    chosen = _checked_filters(rec, filters)
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
         ids = (
@@ -912,7 +915,7 @@ def similar_command(
         rows = write_in_chunks(
             out,
             ids,
-            lambda part: rec.similar_table(part, k),
+            lambda part: rec.similar_table(part, k, filters=chosen),
             key="item_id",
             noun="items",
             chunk=4096,
@@ -925,21 +928,37 @@ def similar_command(
         noun = "item" if len(ids) == 1 else "items"
         console.print(f"{rows:,} rows for {len(ids):,} {noun} -> {escape(str(out))}")
         if short:
+            pool = "the items that pass --filter are" if chosen else "the catalogue is"
             status_console.print(
-                f"[yellow]{short:,} items have fewer than {k} similar items (the "
-                "catalogue is that small).[/yellow]"
+                f"[yellow]{short:,} items have fewer than {k} similar items ({pool} "
+                "that few).[/yellow]"
             )
         return
     item = typing.cast(str, item)  # refused above when None
     try:
-        similar = rec.similar_items(parse_id(item), k)
+        similar = rec.similar_items(parse_id(item), k, filters=chosen)
     except UnknownIdError as e:
         raise typer.BadParameter(str(e), param_hint="--item") from e
     if json_output:
         print_json({"item_id": parse_id(item), "items": similar})
         return
     console.print(items_table(f"Similar to item {item}", similar))
-    _say_when_short(k, len(similar), "besides this one")
+    _say_when_short(
+        k, len(similar), "that pass --filter" if chosen else "besides this one"
+    )
+
+
+def _checked_filters(rec: Any, filters: list[str] | None) -> dict[str, Any] | None:
+    """``--filter column=value`` options, typed as the catalogue's columns hold
+    them and checked before any list is made (None: no filter)."""
+    try:
+        chosen = rec.item_filters.from_text(_texts(filters, "--filter")) or None
+        rec.item_filters.mask(chosen)
+    except ConfigError as e:
+        raise typer.BadParameter(
+            str(e).replace("`filters`", "`--filter`", 1), param_hint="--filter"
+        ) from e
+    return chosen
 
 
 def _say_when_short(asked: int, got: int, why: str) -> None:

@@ -521,9 +521,12 @@ class TwoStageModel:
         result[item_idx.numpy() == 0] = np.nan
         return result
 
-    def similar_items(self, item_id: Any, k: int = 10) -> list[dict[str, Any]]:
-        """The ``k`` items whose candidate embeddings are closest to ``item_id``'s."""
-        return self.recommender.similar_items(item_id, k)
+    def similar_items(
+        self, item_id: Any, k: int = 10, *, filters: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """The ``k`` items whose candidate embeddings are closest to ``item_id``'s
+        (``filters``: only those whose metadata matches)."""
+        return self.recommender.similar_items(item_id, k, filters=filters)
 
     # -- measuring ----------------------------------------------------------------
     def evaluate(self, test: Any, **columns: Any) -> Evaluation:

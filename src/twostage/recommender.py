@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -563,13 +564,7 @@ class Recommender:
         k = _check_k("k", k)
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
-        search: Index | None = self.index
-        mask = self._filters.mask(filters)
-        if mask is not None:  # an exact index over the items that pass
-            allowed = torch.nonzero(mask[1:])[:, 0] + 1  # never the padding row
-            search = None
-            if len(allowed):
-                search = ExactIndex().build(self.item_embeddings[allowed], allowed)
+        search = self._index_of(filters)
         given = _id_list("user_ids", user_ids, "rows")
         for user_id in given:
             if user_id is not None:
@@ -635,6 +630,18 @@ class Recommender:
             }
         )
 
+    def _index_of(self, filters: dict[str, Any] | None) -> Index | None:
+        """The index to search: the bundle's, or with ``filters`` an exact index
+        of the items that pass (None: none does), searched as :meth:`recommend`
+        searches them."""
+        mask = self._filters.mask(filters)
+        if mask is None:
+            return self.index
+        allowed = torch.nonzero(mask[1:])[:, 0] + 1  # never the padding row
+        if not len(allowed):
+            return None
+        return ExactIndex().build(self.item_embeddings[allowed], allowed)
+
     def _personalised_lists(
         self,
         user_idx: np.ndarray,
@@ -687,11 +694,17 @@ class Recommender:
             for row in range(len(user_idx))
         ]
 
-    def similar_table(self, item_ids: Sequence[Any], k: int = 10) -> pl.DataFrame:
+    def similar_table(
+        self,
+        item_ids: Sequence[Any],
+        k: int = 10,
+        *,
+        filters: dict[str, Any] | None = None,
+    ) -> pl.DataFrame:
         """:meth:`similar_items` for many items as one long table (an "also liked"
         table for a shop's pages): a row per item and rank with ``item_id``,
         ``rank`` (1 is the closest), ``similar_item_id`` and ``score``; searched
-        4,096 items at a time.
+        4,096 items at a time (``filters``: as :meth:`similar_items`).
 
         Raises:
             UnknownIdError: an item is not in the catalogue (the first few named).
@@ -708,9 +721,11 @@ class Recommender:
                 f"model ({self.item_vocab.size - 1} items): {unknown[:5]!r}"
                 f"{' ...' if len(unknown) > 5 else ''}."
             )
+        index = self._index_of(filters)
+        parts = idx.split(4096) if index is not None else ()  # None: nothing passes
         sources, ranks, similar, scores = [], [], [], []
-        for part in idx.split(4096):
-            top_scores, top_idx = self.index.search(
+        for part in parts:
+            top_scores, top_idx = typing.cast(Index, index).search(
                 self.item_embeddings[part], k, exclude=[[int(i)] for i in part]
             )
             found = top_idx >= 0
@@ -736,11 +751,17 @@ class Recommender:
             }
         )
 
-    def similar_items(self, item_id: Any, k: int = 10) -> list[dict[str, Any]]:
-        """Items whose candidate embeddings are closest to this item's.
+    def similar_items(
+        self, item_id: Any, k: int = 10, *, filters: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Items whose candidate embeddings are closest to this item's; with
+        ``filters`` (as :meth:`recommend` takes them, e.g. ``{"in_stock": True}``)
+        only those whose metadata matches, searched exactly.
 
         Raises:
             UnknownIdError: the item is not in the catalogue.
+            ConfigError: a filter names no metadata column, or a value it cannot
+                hold.
         """
         k = _check_k("k", k)
         check_raw_id("item_id", item_id)
@@ -750,8 +771,11 @@ class Recommender:
                 f"`item_id` {item_id!r} is not in the catalogue of this model "
                 f"({self.item_vocab.size - 1} items)."
             )
+        index = self._index_of(filters)
+        if index is None:  # nothing passes the filters: an empty answer
+            return []
         query = self.item_embeddings[item_idx][None]
-        top_scores, top_idx = self.index.search(query, k, exclude=[[item_idx]])
+        top_scores, top_idx = index.search(query, k, exclude=[[item_idx]])
         found = top_idx[0] >= 0
         top_scores, top_idx = top_scores[0][found], top_idx[0][found]
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items

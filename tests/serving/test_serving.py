@@ -56,6 +56,12 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
 
         similar = client.post("/v1/similar", json={"item_id": 7, "k": 3}).json()
         assert similar["items"] == small_recommender.similar_items(7, 3)
+        only = {"category": "cat2"}
+        kept = client.post(
+            "/v1/similar", json={"item_id": 7, "k": 3, "filters": only}
+        ).json()
+        assert kept["items"] == small_recommender.similar_items(7, 3, filters=only)
+        assert all(i["category"] == "cat2" for i in kept["items"])
 
         predicted = client.post(
             "/v1/models/synthetic:predict",
@@ -106,6 +112,8 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
         ("/v1/recommend", {"model": "nope"}, 404, "unknown model 'nope'"),
         ("/v1/similar", {"item_id": 10_000}, 404, "not in the catalogue"),
         ("/v1/similar", {"item_id": 7, "k": 500}, 400, "`k`"),
+        ("/v1/similar", {"item_id": 7, "filters": {"colour": "red"}}, 400, "colour"),
+        ("/v1/similar", {"item_id": 7, "filters": {"category": [1]}}, 422, "filters"),
         ("/v1/models/nope:predict", {"instances": ["3"]}, 404, "unknown model"),
         ("/v1/models/synthetic:predict", {"instances": [{"k": 0}]}, 400, "`k`"),
         ("/v1/recommend", {"user_id": "x" * 3000}, 413, "over the limit of 2000"),

@@ -290,7 +290,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         _check_k(body.k, settings.max_k)
         model = registry.get(body.model)
         with inference:
-            items = model.recommender.similar_items(body.item_id, body.k)
+            items = model.recommender.similar_items(
+                body.item_id, body.k, filters=body.filters
+            )
         return JSONResponse(
             {
                 "model": model.name,

@@ -182,6 +182,15 @@ class SimilarRequest(_Strict):
     model: str | None = None
     item_id: RawId
     k: int = 10
+    filters: dict[str, Any] | None = Field(
+        None,
+        description='Keep items whose metadata matches, e.g. {"in_stock": true}.',
+    )
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _plain_values(value, "filters")
 
 
 class PredictRequest(_Strict):

@@ -526,7 +526,14 @@ def data_describe(
             for key, value in {**options, **tables}.items()
             if value is not None
             # --column-names says has_header; a stream reads these two
-            and key not in ("has_header", "weight_col", "time_unit", "weight_values")
+            and key
+            not in (
+                "has_header",
+                "weight_col",
+                "time_unit",
+                "weight_values",
+                "missing_ratings",
+            )
         ]
         if given:
             raise typer.BadParameter(
@@ -541,6 +548,7 @@ def data_describe(
             weight_col=weight_col,
             time_unit=time_unit or "s",
             weight_values=options["weight_values"],
+            missing_ratings=missing_ratings or "reject",
         )
         streamed = True
     else:

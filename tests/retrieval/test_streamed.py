@@ -166,14 +166,18 @@ def test_a_streamed_run_saves_loads_and_answers(
     assert answer.items == Recommender(run).recommend(user, 10).items
 
 
-def _three_sides(log: Path, split: str) -> ExperimentSplit:
+def _three_sides(
+    log: Path, split: str, missing_ratings: str = "reject"
+) -> ExperimentSplit:
     """The streamed split's test side and validation carve-out (10% of the
     training rows), made in memory on the log's rows in file order."""
     from twostage.data.split import validation_split
     from twostage.data.streaming import VALIDATION_SEED_OFFSET
 
     columns = ["user_id", "item_id", "timestamp", "rating"]
-    table = pl.concat(iter_batches(log, columns=columns))
+    table = pl.concat(
+        iter_batches(log, columns=columns, missing_ratings=missing_ratings)
+    )
     parts = _in_memory_split(Dataset(name="log", interactions=table), split)
     train = parts.fit.interactions
     if split == "leave-last-out":
@@ -415,6 +419,52 @@ def test_a_streamed_logs_weights_train_as_in_memory(log: Path, tmp_path: Path) -
     bad = _two_files(broken, tmp_path / "bad", 7_000, 1_000)
     with pytest.raises(DataError, match=f"row {at + 1} has the weight -1"):
         fit_streamed_retrieval(config, bad)
+
+
+def test_a_streamed_log_with_unrated_rows_trains_both_stages_as_in_memory(
+    log: Path, tmp_path: Path
+) -> None:
+    """`data.missing_ratings=unrated` was refused under --stream: a Parquet log
+    whose purchases carry no rating lost them as bad rows in every pass."""
+    from twostage.retrieval.streamed import fit_streamed_two_stage
+    from twostage.two_stage import fit_two_stage
+
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    nulled = table.with_columns(
+        rating=pl.when(pl.col("item_id") % 4 == 0).then(None).otherwise("rating")
+    )
+    unrated = _two_files(nulled, tmp_path / "unrated", 7_000, 1_000)
+    settings = [
+        *ID_ONLY,
+        *WEIGHTED,
+        "data.validation_fraction=0.1",
+        "retrieval.history_length=8",
+        "train.epochs=1",
+        "ranking.epochs=2",
+        "ranking.hidden_dims=[16]",
+    ]
+    rejected = fit_streamed_retrieval(
+        apply_overrides(ExperimentConfig(), settings), unrated
+    )
+    config = apply_overrides(
+        ExperimentConfig(), [*settings, "data.missing_ratings=unrated"]
+    )
+    streamed = fit_streamed_two_stage(config, unrated)
+    kept = int(streamed.retrieval.tensors.users.numel())
+    assert kept > int(rejected.tensors.users.numel())  # the unrated rows train
+    sides = _three_sides(unrated, "random", missing_ratings="unrated")
+    assert sides.fit.interactions["rating"].null_count() > 0
+    in_memory = fit_two_stage(config, split=sides)
+    for name, weights in in_memory.retrieval.model.state_dict().items():
+        torch.testing.assert_close(
+            streamed.retrieval.model.state_dict()[name], weights, msg=name
+        )
+    mine, theirs = streamed.ranker, in_memory.ranker
+    assert mine is not None and theirs is not None
+    for name, weights in theirs.model.state_dict().items():
+        torch.testing.assert_close(mine.model.state_dict()[name], weights, msg=name)
+    torch.testing.assert_close(streamed.ranking_metrics, in_memory.ranking_metrics)
 
 
 def test_a_streamed_log_of_milliseconds_trains_as_the_one_of_seconds(

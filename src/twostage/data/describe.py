@@ -111,6 +111,7 @@ def describe_streamed(
     weight_col: str | None = None,
     time_unit: str = "s",
     weight_values: dict[str, float] | None = None,
+    missing_ratings: str = "reject",
 ) -> tuple[dict[str, Any], LoadReport]:
     """:func:`describe` of a Parquet log read one row group at a time
     (:mod:`twostage.data.streaming`: a file or a directory of files, columns by
@@ -133,21 +134,26 @@ def describe_streamed(
     weights = _StreamedWeights(weight_col, weight_values) if weight_col else None
     report = LoadReport(path=str(path))
     users, items, ratings = RunningCounts(), RunningCounts(), RunningCounts()
-    rows = 0
+    rows = unrated = 0
     low: int | None = None
     high: int | None = None
     columns = [USER, ITEM, TIME, *([RATING] if rated else [])]
     columns += [weight_col] if weight_col and weight_col not in columns else []
     for first, batch in iter_row_groups(
-        path, columns=columns, report=report, time_unit=time_unit
+        path,
+        columns=columns,
+        report=report,
+        time_unit=time_unit,
+        missing_ratings=missing_ratings,
     ):
         if weights is not None:
             weights.add(batch, first)
         rows += batch.height
         users.add(batch[USER])
         items.add(batch[ITEM])
-        if rated:
-            ratings.add(batch[RATING])
+        if rated:  # rows without one: read with missing_ratings="unrated"
+            unrated += batch[RATING].null_count()
+            ratings.add(batch[RATING].drop_nulls())
         if batch.height:
             times = batch[TIME]  # epoch seconds, as the loader parsed them
             first, last = int(times.min()), int(times.max())  # type: ignore[arg-type]
@@ -187,6 +193,8 @@ def describe_streamed(
         }
         total = float((hist["key"] * counts).sum())
         out["rating_mean"] = total / float(counts.sum())
+    if rated:
+        out["unrated_rows"] = unrated
     if weights is not None:
         out["weights"] = weights.result()
     return out, report

@@ -120,6 +120,7 @@ def iter_batches(
     world: int = 1,
     report: LoadReport | None = None,
     time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> Iterator[pl.DataFrame]:
     """The dataset's row groups as polars frames of ``columns``, checked as the
     in-memory loader checks a Parquet file (:func:`iter_row_groups`); rank ``rank`` of
@@ -132,6 +133,7 @@ def iter_batches(
         world=world,
         report=report,
         time_unit=time_unit,
+        missing_ratings=missing_ratings,
     ):
         yield frame.drop(ROW)
 
@@ -144,6 +146,7 @@ def iter_row_groups(
     world: int = 1,
     report: LoadReport | None = None,
     time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> Iterator[tuple[int, pl.DataFrame]]:
     """``(first row number, frame)`` per row group of this rank: the good rows of the
     group, with ``columns`` and their dataset row numbers (``__row``; rows counted
@@ -178,7 +181,20 @@ def iter_row_groups(
         raise ConfigError(
             f"`time_unit` should be one of {list(TIME_UNITS)}. Received: {time_unit!r}."
         )
-    spec = Spec(roles, (), None, "keep", (USER, ITEM, TIME), time_unit=time_unit)
+    if missing_ratings not in ("reject", "unrated"):
+        raise ConfigError(
+            "`missing_ratings` should be 'reject' or 'unrated'. Received: "
+            f"{missing_ratings!r}."
+        )
+    spec = Spec(
+        roles,
+        (),
+        None,
+        "keep",
+        (USER, ITEM, TIME),
+        time_unit=time_unit,
+        missing_ratings=missing_ratings,
+    )
     extra = [c for c in columns if c not in roles]
     first = 0
     for number, (file, group) in enumerate(row_groups(files)):
@@ -352,7 +368,11 @@ def held_out_mask(
 
 
 def last_rows(
-    path: str | Path, *, within: SplitRule | None = None, time_unit: str = "s"
+    path: str | Path,
+    *,
+    within: SplitRule | None = None,
+    time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> np.ndarray:
     """Sorted dataset row numbers of each user's last row, for users with two rows
     or more: the test rows of ``leave-last-out``, as
@@ -366,7 +386,9 @@ def last_rows(
     """
     latest = _Latest()
     columns = [USER, TIME] if within is None else [USER, ITEM, TIME]
-    for first, batch in iter_row_groups(path, columns=columns, time_unit=time_unit):
+    for first, batch in iter_row_groups(
+        path, columns=columns, time_unit=time_unit, missing_ratings=missing_ratings
+    ):
         if within is not None:
             batch = batch.filter(pl.Series(~within.mask(batch, first)))
         latest.add(batch.select(USER, TIME, ROW))
@@ -484,6 +506,7 @@ def split_rule(
     seed: int,
     validation_fraction: float = 0.0,
     time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> SplitRule:
     """The split of a streamed log: the time cut of ``temporal`` and the last rows of
     ``leave-last-out`` are found here, once, by a streaming pass.
@@ -513,6 +536,7 @@ def split_rule(
             test_fraction=test_fraction,
             validation_fraction=validation_fraction,
             time_unit=time_unit,
+            missing_ratings=missing_ratings,
         )
     rule = SplitRule(
         method=method,
@@ -520,7 +544,9 @@ def split_rule(
         seed=seed,
         time_cut=time_cut,
         held_rows=(
-            last_rows(path, time_unit=time_unit) if method == "leave-last-out" else None
+            last_rows(path, time_unit=time_unit, missing_ratings=missing_ratings)
+            if method == "leave-last-out"
+            else None
         ),
     )
     if validation_fraction == 0:
@@ -531,7 +557,12 @@ def split_rule(
         seed=seed + VALIDATION_SEED_OFFSET,
         time_cut=validation_cut,
         held_rows=(
-            last_rows(path, within=rule, time_unit=time_unit)
+            last_rows(
+                path,
+                within=rule,
+                time_unit=time_unit,
+                missing_ratings=missing_ratings,
+            )
             if method == "leave-last-out"
             else None
         ),
@@ -540,14 +571,23 @@ def split_rule(
 
 
 def temporal_cut(
-    path: str | Path, *, test_fraction: float, time_unit: str = "s"
+    path: str | Path,
+    *,
+    test_fraction: float,
+    time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> int:
     """The timestamp (epoch seconds) from which rows are test rows: the
     ``1 - test_fraction`` quantile ("lower": an observed time) of the times of the
     rows that pass the loader's checks (:func:`iter_row_groups`: datetimes and ISO
     text as epoch seconds, bad rows left out). One pass; memory holds 8 bytes per row.
     """
-    return temporal_cuts(path, test_fraction=test_fraction, time_unit=time_unit)[0]
+    return temporal_cuts(
+        path,
+        test_fraction=test_fraction,
+        time_unit=time_unit,
+        missing_ratings=missing_ratings,
+    )[0]
 
 
 def temporal_cuts(
@@ -556,6 +596,7 @@ def temporal_cuts(
     test_fraction: float,
     validation_fraction: float = 0.0,
     time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> tuple[int, int | None]:
     """:func:`temporal_cut`, and with ``validation_fraction`` > 0 the validation
     cut: the ``1 - validation_fraction`` quantile ("lower") of the training rows'
@@ -564,7 +605,11 @@ def temporal_cuts(
     parts = [
         batch[TIME].to_numpy()
         for _, batch in iter_row_groups(
-            path, columns=[TIME], report=report, time_unit=time_unit
+            path,
+            columns=[TIME],
+            report=report,
+            time_unit=time_unit,
+            missing_ratings=missing_ratings,
         )
     ]
     times = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -649,6 +694,7 @@ def fit_vocabularies(
     rank: int = 0,
     world: int = 1,
     time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> StreamingVocabularies:
     """User and item vocabularies of the training side, in one pass of record batches.
 
@@ -675,6 +721,7 @@ def fit_vocabularies(
         seed=seed,
         validation_fraction=validation_fraction,
         time_unit=time_unit,
+        missing_ratings=missing_ratings,
     )
     users, items = RunningCounts(), RunningCounts()
     train_rows = test_rows = validation_rows = batches = 0
@@ -687,6 +734,7 @@ def fit_vocabularies(
         world=world,
         report=report,
         time_unit=time_unit,
+        missing_ratings=missing_ratings,
     ):
         test, validation = rule.sides(batch, first)
         train = batch.filter(pl.Series(~(test | validation)))
@@ -757,6 +805,7 @@ def count_values(
     rank: int = 0,
     world: int = 1,
     time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> dict[str, pl.DataFrame]:
     """Each per-row context column's distinct values over the training rows, with
     their counts (``key``, ``count``; a null key counts the missing values): what
@@ -785,6 +834,7 @@ def count_values(
         rank=rank,
         world=world,
         time_unit=time_unit,
+        missing_ratings=missing_ratings,
     ):
         train = batch.filter(pl.Series(~rule.mask(batch, first)))
         frame = context_frame(train[USER], train, columns)
@@ -812,6 +862,7 @@ def held_out_rows(
     rank: int = 0,
     world: int = 1,
     time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> pl.DataFrame:
     """The test side of the split (``side="validation"``: the validation carve-out):
     ``columns`` of every such row, in file order. Under ``torch.distributed`` each
@@ -823,7 +874,12 @@ def held_out_rows(
     parts = [
         batch.filter(pl.Series(rule.sides(batch, first)[which]))
         for first, batch in iter_row_groups(
-            path, columns=columns, rank=rank, world=world, time_unit=time_unit
+            path,
+            columns=columns,
+            rank=rank,
+            world=world,
+            time_unit=time_unit,
+            missing_ratings=missing_ratings,
         )
     ]
     empty = _empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(ROW))
@@ -890,6 +946,7 @@ def feature_tables(
     user_features: list[str] | tuple[str, ...] = (),
     item_features: list[str] | tuple[str, ...] = (),
     time_unit: str = "s",
+    missing_ratings: str = "reject",
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """``(users, items)``: the feature columns of the log as tables, one row per ID
     (its first occurrence in file order, as the in-memory loader keeps it; a warning
@@ -911,7 +968,9 @@ def feature_tables(
                 f"the feature columns {missing} are not in {str(file)!r}, whose "
                 f"columns are {names}."
             )
-    for batch in iter_batches(path, columns=columns, time_unit=time_unit):
+    for batch in iter_batches(
+        path, columns=columns, time_unit=time_unit, missing_ratings=missing_ratings
+    ):
         for key, first in firsts.items():
             first.add(batch.select([key, *wanted[key]]))
     tables: dict[str, pl.DataFrame | None] = {USER: None, ITEM: None}

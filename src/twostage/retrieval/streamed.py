@@ -176,7 +176,6 @@ def check_data_options(data: DataConfig) -> None:
         "data.min_user_rows": data.min_user_rows > 1,
         "data.duplicates": data.duplicates != "keep",
         "data.quote_char": data.quote_char != '"',
-        "data.missing_ratings": data.missing_ratings != "reject",
         "data.min_item_rows": data.min_item_rows > 1,
     }
     if any(unread.values()):
@@ -256,7 +255,12 @@ def streamed_tensors(
     filled, group_rows = 0, []
     # Each rank reads its own row groups (rank, rank + size, ...).
     for first, batch in iter_row_groups(
-        path, columns=columns, rank=rank, world=size, time_unit=config.data.time_unit
+        path,
+        columns=columns,
+        rank=rank,
+        world=size,
+        time_unit=config.data.time_unit,
+        missing_ratings=config.data.missing_ratings,
     ):
         train = batch.filter(pl.Series(~rule.mask(batch, first)))
         rows = slice(filled, filled + train.height)
@@ -264,7 +268,7 @@ def streamed_tensors(
         items[rows] = fitted.items.transform(train[ITEM])
         if timed:
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
-        if rated:  # the row checks leave no missing or non-finite rating
+        if rated:  # NaN where missing_ratings="unrated" kept a row without one
             ratings[rows] = train[RATING].cast(pl.Float32).to_numpy()
         if weight_col:
             weights[rows] = _checked_weights(
@@ -346,6 +350,7 @@ def side_tables(
         user_features=data.user_features,
         item_features=data.item_features,
         time_unit=data.time_unit,
+        missing_ratings=data.missing_ratings,
     )
     extra_users, extra_items = read_side_tables(data)
     if extra_users is not None:
@@ -409,8 +414,8 @@ def _loss_weights(
     it in memory: ``1 + rating`` under ``retrieval.rating_weights``, times the
     log's own weight when ``data.weight_col`` names one; None when all are 1."""
     out = None
-    if config.retrieval.rating_weights and ratings.size:
-        out = torch.from_numpy(np.maximum(ratings, 0.0) + 1.0)
+    if config.retrieval.rating_weights and ratings.size:  # unrated: as 0, as in memory
+        out = torch.from_numpy(np.maximum(np.nan_to_num(ratings, nan=0.0), 0.0) + 1.0)
     if weights.size or config.data.weight_col:
         given = torch.from_numpy(weights.copy())
         out = given if out is None else out * given
@@ -509,6 +514,7 @@ def _held_out(
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
         time_unit=run.config.data.time_unit,
+        missing_ratings=run.config.data.missing_ratings,
     )
     return Dataset(name=side, interactions=rows, users=user_table, items=item_table)
 
@@ -571,6 +577,7 @@ def _split_rule(
         test_fraction=data.test_fraction,
         seed=data.seed,
         time_unit=data.time_unit,
+        missing_ratings=data.missing_ratings,
     )
 
 
@@ -760,6 +767,7 @@ def _fit_streamed(
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
         time_unit=data.time_unit,
+        missing_ratings=data.missing_ratings,
     )
     held = fitted.num_validation_rows  # not training rows here
     report = fitted.report
@@ -804,6 +812,7 @@ def _fit_streamed(
             rank=world.rank if world is not None else 0,
             world=world.size if world is not None else 1,
             time_unit=config.data.time_unit,
+            missing_ratings=config.data.missing_ratings,
         )
     spec = spec.fit_streamed(
         users=fitted.users,

@@ -519,7 +519,6 @@ def data_describe(
             "item_table": item_table,
             "min_user_rows": min_user_rows,
             "min_item_rows": min_item_rows,
-            "unrated_values": unrated_values,
         }
         given = [
             f"--{key.replace('_', '-')}"
@@ -549,6 +548,7 @@ def data_describe(
             time_unit=time_unit or "s",
             weight_values=options["weight_values"],
             missing_ratings=missing_ratings or "reject",
+            unrated_values=tuple(unrated_values_of(unrated_values) or ()),
         )
         streamed = True
     else:

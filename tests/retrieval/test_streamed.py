@@ -467,6 +467,46 @@ def test_a_streamed_log_with_unrated_rows_trains_both_stages_as_in_memory(
     torch.testing.assert_close(streamed.ranking_metrics, in_memory.ranking_metrics)
 
 
+def test_streamed_unrated_values_train_both_stages_as_in_memory(log: Path) -> None:
+    """`data.unrated_values` (Goodreads' 0 for "not rated") was refused under
+    --stream; the ranker learned nothing else from a log of such rows."""
+    from twostage.retrieval.streamed import fit_streamed_two_stage
+    from twostage.two_stage import fit_two_stage
+
+    settings = [
+        *ID_ONLY,
+        *WEIGHTED,
+        "data.validation_fraction=0.1",
+        "retrieval.history_length=8",
+        "train.epochs=1",
+        "ranking.epochs=2",
+        "ranking.hidden_dims=[16]",
+        "data.unrated_values=[1,2]",
+    ]
+    config = apply_overrides(ExperimentConfig(), settings)
+    streamed = fit_streamed_two_stage(config, log)
+    sides = _three_sides(log, "random")
+    unrated = ExperimentSplit(
+        fit=sides.fit.with_unrated((1, 2)),
+        validation=sides.validation.with_unrated((1, 2)),
+        test=sides.test.with_unrated((1, 2)),  # as prepare_split makes them
+    )
+    in_memory = fit_two_stage(config, split=unrated)
+    for name, weights in in_memory.retrieval.model.state_dict().items():
+        torch.testing.assert_close(
+            streamed.retrieval.model.state_dict()[name], weights, msg=name
+        )
+    mine, theirs = streamed.ranker, in_memory.ranker
+    assert mine is not None and theirs is not None
+    for name, weights in theirs.model.state_dict().items():
+        torch.testing.assert_close(mine.model.state_dict()[name], weights, msg=name)
+    assert streamed.ranking_metrics is not None
+    assert in_memory.ranking_metrics is not None
+    assert streamed.ranking_metrics["rmse"] == pytest.approx(
+        in_memory.ranking_metrics["rmse"]
+    )
+
+
 def test_a_streamed_log_of_milliseconds_trains_as_the_one_of_seconds(
     log: Path, tmp_path: Path
 ) -> None:
@@ -503,7 +543,6 @@ def test_a_streamed_log_of_milliseconds_trains_as_the_one_of_seconds(
         (["data.user_col=uid"], "data.user_col='uid'"),
         (["data.rating_col="], "data.rating_col=''"),
         (["data.cold_user_fraction=0.1"], "data.cold_user_fraction"),
-        (["data.unrated_values=0"], "data.unrated_values"),
         (["data.separator=;"], "data.separator"),
         (["data.time_format=%Y%m%d"], "data.time_format"),
         (["data.min_user_rows=5"], "data.min_user_rows"),

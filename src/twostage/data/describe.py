@@ -112,6 +112,7 @@ def describe_streamed(
     time_unit: str = "s",
     weight_values: dict[str, float] | None = None,
     missing_ratings: str = "reject",
+    unrated_values: tuple[float, ...] = (),
 ) -> tuple[dict[str, Any], LoadReport]:
     """:func:`describe` of a Parquet log read one row group at a time
     (:mod:`twostage.data.streaming`: a file or a directory of files, columns by
@@ -151,9 +152,13 @@ def describe_streamed(
         rows += batch.height
         users.add(batch[USER])
         items.add(batch[ITEM])
-        if rated:  # rows without one: read with missing_ratings="unrated"
-            unrated += batch[RATING].null_count()
-            ratings.add(batch[RATING].drop_nulls())
+        if rated:  # rows without one: missing_ratings="unrated", unrated_values
+            given = batch[RATING]
+            if unrated_values:
+                listed = given.is_in([float(v) for v in unrated_values])
+                given = given.set(listed.fill_null(False), None)
+            unrated += given.null_count()
+            ratings.add(given.drop_nulls())
         if batch.height:
             times = batch[TIME]  # epoch seconds, as the loader parsed them
             first, last = int(times.min()), int(times.max())  # type: ignore[arg-type]

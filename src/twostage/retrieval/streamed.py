@@ -170,7 +170,6 @@ def check_data_options(data: DataConfig) -> None:
     unread = {
         "data.separator": data.separator is not None,
         "data.cold_user_fraction": data.cold_user_fraction != 0,
-        "data.unrated_values": bool(data.unrated_values),
         "data.time_format": data.time_format is not None,
         "data.column_names": bool(data.column_names),
         "data.min_user_rows": data.min_user_rows > 1,
@@ -182,7 +181,7 @@ def check_data_options(data: DataConfig) -> None:
         raise ConfigError(
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
-            + " (a Parquet log has no separator; cold users, unrated values and "
+            + " (a Parquet log has no separator; cold users and "
             "time formats are in-memory options; a Parquet log can hold datetimes): "
             "unset them, or load the log in memory "
             "(without --stream)."
@@ -268,8 +267,8 @@ def streamed_tensors(
         items[rows] = fitted.items.transform(train[ITEM])
         if timed:
             times[rows] = train[TIME].to_physical().cast(pl.Int64).to_numpy()
-        if rated:  # NaN where missing_ratings="unrated" kept a row without one
-            ratings[rows] = train[RATING].cast(pl.Float32).to_numpy()
+        if rated:  # NaN: a row without a rating (missing_ratings, unrated_values)
+            ratings[rows] = unrated(train[RATING], config.data.unrated_values)
         if weight_col:
             weights[rows] = _checked_weights(
                 train, weight_col, path, config.data.weights_of_values
@@ -407,6 +406,16 @@ def _checked_weights(
     return weights.cast(pl.Float32).to_numpy()
 
 
+def unrated(ratings: pl.Series, values: tuple[float, ...]) -> np.ndarray:
+    """Float32 ratings with those listed in ``values`` (``data.unrated_values``)
+    and the missing ones NaN: rows without a rating, as ``Dataset.with_unrated``
+    makes them in memory."""
+    out = ratings.cast(pl.Float32).to_numpy().copy()
+    if values:
+        out[np.isin(out, np.array(values, dtype=np.float32))] = np.nan
+    return out
+
+
 def _loss_weights(
     config: ExperimentConfig, ratings: np.ndarray, weights: np.ndarray
 ) -> torch.Tensor | None:
@@ -516,7 +525,8 @@ def _held_out(
         time_unit=run.config.data.time_unit,
         missing_ratings=run.config.data.missing_ratings,
     )
-    return Dataset(name=side, interactions=rows, users=user_table, items=item_table)
+    held = Dataset(name=side, interactions=rows, users=user_table, items=item_table)
+    return held.with_unrated(run.config.data.unrated_values)
 
 
 def _sampled(run: RetrievalRun, held: Dataset) -> Dataset:

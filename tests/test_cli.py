@@ -932,7 +932,7 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
     assert not list(tmp_path.glob(".*.partial"))
 
 
-def test_recommend_explains_from_the_cli(models_dir: Path) -> None:
+def test_recommend_explains_from_the_cli(models_dir: Path, tmp_path: Path) -> None:
     """`--explain`: the HTTP API and Python had `explain`; the CLI had no way."""
     from twostage.recommender import load
 
@@ -951,6 +951,36 @@ def test_recommend_explains_from_the_cli(models_dir: Path) -> None:
         app, ["recommend", str(model), "--user", str(user), "--explain"]
     )
     assert "because you liked" in table.output
+    # Many users into a file: a because_item_id column ("because you watched X"
+    # in a campaign's e-mails); refused with --users before.
+    out = tmp_path / "recs.csv"
+    users = rec.user_vocab.values.to_list()
+    listed = tmp_path / "users.csv"
+    listed.write_text(f"user_id\n{users[2]}\n{users[5]}\nstranger\n")
+    many = runner.invoke(
+        app,
+        [
+            "recommend",
+            str(model),
+            "--users",
+            str(listed),
+            "--out",
+            str(out),
+            "--explain",
+        ],
+    )
+    assert many.exit_code == 0, many.output
+    written = pl.read_csv(out)
+    for user in (users[2], users[5]):
+        rows = written.filter(pl.col("user_id") == str(user))
+        served = rec.recommend(user, 10, explain=True).items
+        assert rows["because_item_id"].to_list() == [
+            i["because"]["item_id"] for i in served
+        ]
+    stranger = written.filter(pl.col("user_id") == "stranger")
+    assert (
+        stranger.height and stranger["because_item_id"].null_count() == stranger.height
+    )
 
 
 def test_recommend_filters_by_metadata_from_the_cli(models_dir: Path) -> None:

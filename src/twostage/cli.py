@@ -625,7 +625,8 @@ def recommend_command(
         typer.Option(
             rich_help_panel=BATCH,
             help="With --users or --all-users: the .parquet or .csv file to write "
-            "(user_id, rank, item_id, score, retrieval_score, path).",
+            "(user_id, rank, item_id, score, retrieval_score, path; with --explain "
+            "because_item_id).",
         ),
     ] = None,
     filters: Annotated[
@@ -672,7 +673,6 @@ def recommend_command(
                 "--session": session,
                 "--candidates": candidates,
                 "--require-known-user": require_known_user or None,
-                "--explain": explain or None,
             },
             noun="user",
         )
@@ -693,6 +693,7 @@ def recommend_command(
             exclude_seen=not include_seen,
             use_ranker=not no_ranker,
             filters=chosen,
+            explain=explain,
         )
         if json_output:
             print_json(summary)
@@ -796,6 +797,7 @@ def _recommend_into(
     exclude_seen: bool,
     use_ranker: bool,
     filters: dict[str, Any] | None,
+    explain: bool,
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``."""
@@ -812,7 +814,12 @@ def _recommend_into(
         out,
         ids,
         lambda part: rec.recommend_table(
-            part, k, exclude_seen=exclude_seen, use_ranker=use_ranker, filters=filters
+            part,
+            k,
+            exclude_seen=exclude_seen,
+            use_ranker=use_ranker,
+            filters=filters,
+            explain=explain,
         ),
         key="user_id",
         noun="users",

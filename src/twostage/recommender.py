@@ -479,18 +479,25 @@ class Recommender:
                 entry["predicted_rating"] = rating
         return self._explained(answer, user_idx, top_idx[order]) if explain else answer
 
-    def _explained(
-        self, answer: Recommendation, user_idx: int, idx: torch.Tensor
-    ) -> Recommendation:
-        """Each item's closest training item of the user (cosine of the candidate
-        embeddings); nothing for a user without history."""
+    def _closest_seen(self, user_idx: int, idx: torch.Tensor) -> list[int] | None:
+        """For each item of ``idx``, the user's training item closest to it (inner
+        product of the candidate embeddings); None for a user without history."""
         seen = self._seen.row(user_idx) if user_idx > 0 else np.zeros(0, np.int64)
         if not len(seen) or not len(idx):
-            return answer
+            return None
         history = torch.from_numpy(seen.astype(np.int64))
         # (K, D) @ (D, H) -> (K, H): each recommended item against the history.
         similarity = self.item_embeddings[idx] @ self.item_embeddings[history].T
-        best = history[similarity.argmax(dim=1)].tolist()
+        return history[similarity.argmax(dim=1)].tolist()
+
+    def _explained(
+        self, answer: Recommendation, user_idx: int, idx: torch.Tensor
+    ) -> Recommendation:
+        """Each item's closest training item of the user; nothing for a user
+        without history."""
+        best = self._closest_seen(user_idx, idx)
+        if best is None:
+            return answer
         for entry, index in zip(answer.items, best, strict=True):
             entry["because"] = {
                 "item_id": self._item_id_list[index],
@@ -537,6 +544,7 @@ class Recommender:
         exclude_seen: bool = True,
         use_ranker: bool = True,
         filters: dict[str, Any] | None = None,
+        explain: bool = False,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -560,6 +568,9 @@ class Recommender:
             exclude_seen, use_ranker, filters: as :meth:`recommend` (with
                 ``filters``, the items that pass are searched exactly, as
                 :meth:`recommend` searches them).
+            explain: add ``because_item_id``, the user's training item closest
+                to each recommended one (null for a user without history), as
+                :meth:`recommend` names it with ``explain=True``.
         """
         k = _check_k("k", k)
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
@@ -596,6 +607,8 @@ class Recommender:
         scores: list[float] = []
         retrieval: list[float] = []
         paths: list[str] = []
+        because: list[int | None] = []
+        explain = _check_flag("explain", explain)
         for position, user_id in enumerate(given):
             if position in lists:
                 item_idx, keys, plain, path = lists[position]
@@ -617,7 +630,12 @@ class Recommender:
             scores.extend(keys)
             retrieval.extend(plain)
             paths.extend([path] * len(item_idx))
-        return pl.DataFrame(
+            if explain:
+                best = self._closest_seen(
+                    int(idx[position]), torch.tensor(item_idx, dtype=torch.long)
+                )
+                because.extend(best if best is not None else [None] * len(item_idx))
+        table = pl.DataFrame(
             {
                 USER: pl.Series(users, strict=False),
                 "rank": pl.Series(ranks, dtype=pl.Int32),
@@ -628,6 +646,15 @@ class Recommender:
                 "retrieval_score": pl.Series(retrieval, dtype=pl.Float32),
                 "path": pl.Series(paths, dtype=pl.String),
             }
+        )
+        if not explain:
+            return table
+        named = self.item_vocab.inverse_transform(
+            np.array([0 if b is None else b for b in because], dtype=np.int64)
+        )
+        known = pl.Series([b is not None for b in because])
+        return table.with_columns(
+            pl.when(known).then(named).otherwise(None).alias("because_item_id")
         )
 
     def _index_of(self, filters: dict[str, Any] | None) -> Index | None:

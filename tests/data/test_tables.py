@@ -1445,3 +1445,13 @@ def test_a_feature_table_holding_the_other_id_is_refused() -> None:
     with pytest.raises(DataError, match=r"`users` has a 'item_id' column beside"):
         join_features(log, users=users)
     assert join_features(log, items=items.drop("user_id")).items is not None
+
+
+def test_feature_codes_with_leading_zeros_stay_text(tmp_path: Path) -> None:
+    """H&M's articles.csv writes colour_group_code as "09": the column became
+    Float64, 9.0, so "09" and "9" were one value and the code a quantity."""
+    path = tmp_path / "articles.csv"
+    path.write_text("article_id,colour_group_code,price\n1,09,0.5\n2,10,1.5\n3,09,2\n")
+    table = read_feature_table(path, key_col="article_id", key_name="item_id")
+    assert table["colour_group_code"].to_list() == ["09", "10", "09"]
+    assert table.schema["price"] == pl.Float64  # "0.5" is a number

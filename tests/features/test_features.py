@@ -724,6 +724,8 @@ def test_default_for_infers_unknown_columns(caplog: pytest.LogCaptureFixture) ->
             # to normalise; a float named so stays a number.
             "category_id": [i % 7 for i in range(n)],
             "brand": [i % 3 for i in range(n)],
+            "product_type_no": [i % 5 for i in range(n)],  # H&M's codes
+            "device_type": [i % 2 for i in range(n)],
             "score_id": [i / 2 for i in range(n)],
             "stock": [i % 7 for i in range(n)],
         }
@@ -750,6 +752,8 @@ def test_default_for_infers_unknown_columns(caplog: pytest.LogCaptureFixture) ->
         "sku": "categorical",
         "category_id": "categorical",
         "brand": "categorical",
+        "product_type_no": "categorical",
+        "device_type": "categorical",
         "score_id": "numeric",
         "stock": "numeric",
     }

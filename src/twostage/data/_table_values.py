@@ -520,7 +520,10 @@ def canonical_ints(df: pl.DataFrame, cols: Iterable[str]) -> dict[str, pl.Series
 
 
 def type_text_columns(df: pl.DataFrame, spec: Spec) -> pl.DataFrame:
-    """Integer IDs become Int64; feature columns get the narrowest type that fits."""
+    """Integer IDs become Int64; feature columns get the narrowest type that fits.
+    A column with a number written with leading zeros (H&M's colour_group_code
+    "09", a product code "0042") stays text: a code, which as a number would lose
+    its zeros (and "09" would become "9")."""
     cols = canonical_ints(df, [t for t in (USER, ITEM) if t in spec.roles])
     for col in spec.features:
         s = df[col]
@@ -529,6 +532,8 @@ def type_text_columns(df: pl.DataFrame, spec: Spec) -> pl.DataFrame:
         stripped = s.drop_nulls().str.strip_chars()
         if canonical_ints(stripped.to_frame(), [col]):
             cols[col] = s.str.strip_chars().cast(pl.Int64)
+        elif stripped.str.contains(r"^[+-]?0\d").any():
+            continue
         elif not stripped.cast(pl.Float64, strict=False).null_count():
             cols[col] = s.str.strip_chars().cast(pl.Float64)
     return df.with_columns(**cols) if cols else df

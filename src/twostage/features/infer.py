@@ -1,9 +1,9 @@
 """Choose default feature fields from the columns a dataset has.
 
 ``user_id`` and ``item_id`` are always ``"id"`` fields. Side-table columns are chosen by
-name first (the MovieLens columns; integer codes named ``*_id``, ``*_code``, ``*_key``,
-``category`` or ``brand`` -> ``categorical``, not a number to normalise), then by dtype
-and content:
+name first (the MovieLens columns; integer codes named ``*_id``, ``*_code``,
+``*_key``, ``*_no``, ``*_nr``, ``*_type``, ``category`` or ``brand`` ->
+``categorical``, not a number to normalise), then by dtype and content:
 
 * numbers -> ``numeric``; booleans -> ``categorical``; dates and times -> ``timestamp``;
 * list columns, and strings that look like ``"A|B"`` or ``"['A', 'B']"`` -> ``multi_hot``;
@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 _MAX_CATEGORIES = 1000  # at most this many distinct values is "low cardinality"
 _LIST_SHARE = 0.5  # share of values that must look like lists / URLs
 _TEXT_WORDS = 3.0  # mean words per value from which mostly-distinct strings are text
-# Integer columns named so hold codes (Taobao's category_id, a brand_id).
-_CODE_SUFFIXES = ("_id", "_code", "_key")
+# Integer columns named so hold codes (Taobao's category_id, a brand_id, H&M's
+# product_type_no and section_no, a device_type).
+_CODE_SUFFIXES = ("_id", "_code", "_key", "_no", "_nr", "_type")
 _CODE_NAMES = frozenset({"id", "category", "brand"})
 # Presentation copies of other columns (MovieLens "Title (Year)").
 _SKIPPED_NAMES = frozenset({"display_title"})

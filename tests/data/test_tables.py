@@ -1455,3 +1455,12 @@ def test_feature_codes_with_leading_zeros_stay_text(tmp_path: Path) -> None:
     table = read_feature_table(path, key_col="article_id", key_name="item_id")
     assert table["colour_group_code"].to_list() == ["09", "10", "09"]
     assert table.schema["price"] == pl.Float64  # "0.5" is a number
+
+
+def test_python_dict_lines_are_named_as_such(tmp_path: Path) -> None:
+    """Steam's review dumps hold Python dicts, not JSON: every line was bad_json,
+    with no word of what the lines were or how to convert them."""
+    path = tmp_path / "reviews.json"
+    path.write_text("{'user_id': 'u1', 'item_id': '10', 'recommend': True}\n")
+    with pytest.raises(DataError, match=r"Python dicts.*ast\.literal_eval"):
+        read_interactions(path)

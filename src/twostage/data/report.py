@@ -128,6 +128,17 @@ class LoadReport:
                 "rating is an interaction all the same, missing_ratings='unrated' "
                 "(--missing-ratings unrated) keeps it without one"
             )
+        python = [
+            text
+            for _, text in self.examples.get("bad_json", [])
+            if text.lstrip().startswith("{'")
+        ]
+        if python:
+            hints.append(
+                "lines written as Python dicts (single quotes, True, None: Steam's "
+                "and older Amazon dumps) are not JSON: convert the file once, "
+                "e.g. `json.dumps(ast.literal_eval(line))` for each line"
+            )
         if "bad_quoting" in self.rejected:
             hints.append(
                 "quotes that are part of the text, such as a field starting with "

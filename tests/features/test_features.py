@@ -720,6 +720,9 @@ def test_default_for_infers_unknown_columns(caplog: pytest.LogCaptureFixture) ->
             "empty": pl.Series([None] * n, dtype=pl.String),
             "sku": [f"SKU{i}" for i in range(n)],
             "meta": [{"w": i} for i in range(n)],
+            # Amazon's metadata: a list of records, which was read as multi_hot
+            # and stopped training with a Struct error.
+            "images": [[{"thumb": f"t{i}"}] for i in range(n)],
             # Integer codes (Taobao's category_id) are categories, not quantities
             # to normalise; a float named so stays a number.
             "category_id": [i % 7 for i in range(n)],
@@ -738,7 +741,11 @@ def test_default_for_infers_unknown_columns(caplog: pytest.LogCaptureFixture) ->
     assert warned == {
         "column 'empty' is not a feature: it holds no values",
         "column 'meta' is not a feature: no encoder reads its type "
-        "Struct({'w': Int64}); convert it to numbers, text or a list to use it",
+        "Struct({'w': Int64}); convert it to numbers, text or a list of strings or "
+        "numbers to use it",
+        "column 'images' is not a feature: no encoder reads its type "
+        "List(Struct({'thumb': String})); convert it to numbers, text or a list of "
+        "strings or numbers to use it",
     }
     assert "column 'url' is not a feature: it holds URLs" in caplog.text
     kinds = {f.name: f.kind for f in spec.candidate}

@@ -93,6 +93,11 @@ def _by_content(name: str, series: pl.Series) -> Field | None:
     if dtype.is_temporal():
         return Field(name, "timestamp")
     if isinstance(dtype, (pl.List, pl.Array)):
+        inner = dtype.inner
+        # Lists of records (Amazon's "images": [{"thumb": ...}]) or of lists: no
+        # encoder reads their values.
+        if inner is None or isinstance(inner, (pl.Struct, pl.List, pl.Array)):
+            return None
         return Field(name, "multi_hot")
     if dtype not in (pl.String, pl.Categorical, pl.Enum):
         return None
@@ -153,7 +158,7 @@ def _report_skipped(name: str, series: pl.Series) -> None:
     else:
         logger.warning(
             "column %r is not a feature: no encoder reads its type %s; convert it "
-            "to numbers, text or a list to use it",
+            "to numbers, text or a list of strings or numbers to use it",
             name,
             values.dtype,
         )

@@ -1464,3 +1464,27 @@ def test_python_dict_lines_are_named_as_such(tmp_path: Path) -> None:
     path.write_text("{'user_id': 'u1', 'item_id': '10', 'recommend': True}\n")
     with pytest.raises(DataError, match=r"Python dicts.*ast\.literal_eval"):
         read_interactions(path)
+
+
+def test_words_for_missing_in_a_column_of_numbers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """R writes NA and Amazon's metadata price "None": the column became text, and
+    an age or a price a category of its own values."""
+    path = tmp_path / "users.csv"
+    path.write_text(
+        "user_id,age,region,zip\n1,NA,NA,NA\n2,34,EU,02134\n3,41.5,NA,10001\n"
+    )
+    with caplog.at_level("WARNING"):
+        table = read_feature_table(path, key_col="user_id")
+    assert table["age"].to_list() == [None, 34.0, 41.5]
+    assert table["region"].to_list() == ["NA", "EU", "NA"]  # text: its words stay
+    assert table["zip"].to_list() == ["NA", "02134", "10001"]  # a code with zeros
+    assert "feature column 'age': 1 value 'NA' read as missing" in caplog.text
+    lines = tmp_path / "meta.jsonl"
+    lines.write_text(
+        '{"item_id": 1, "price": 19.99}\n{"item_id": 2, "price": "None"}\n'
+        '{"item_id": 3, "price": 5}\n'
+    )
+    meta = read_feature_table(lines, key_col="item_id", key_name="item_id")
+    assert meta["price"].to_list() == [19.99, None, 5.0]

@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from twostage.data._table_values import LINE, Options, Spec, load_frame
+from twostage.data._table_values import LINE, Options, Spec, load_frame, missing_as_null
 from twostage.data.report import LoadReport
 from twostage.errors import BadRowError, DataError
 
@@ -138,6 +138,7 @@ def load_json(
     parsed, checked, spec, describe = load_frame(
         raw.select(spec.sources), label, spec, opts, lines=pl.Series(LINE, lines)
     )
+    parsed = missing_as_null(parsed, spec)  # price: 19.99 or "None"
     checked.rows_read = report.rows_read
     for reason, count in report.rejected.items():
         checked.add_many(reason, count, report.examples[reason])

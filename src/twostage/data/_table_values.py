@@ -7,6 +7,7 @@ for the same reason on every path.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import polars as pl
 from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT
 from twostage.data.report import MAX_EXAMPLES, LoadReport
 from twostage.errors import BadRowError, ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 LINE, END = "__line", "__end"  # first and last physical line of a record
 ARG = {USER: "user_col", ITEM: "item_col", TIME: "time_col", RATING: "rating_col"}
@@ -525,6 +528,7 @@ def type_text_columns(df: pl.DataFrame, spec: Spec) -> pl.DataFrame:
     "09", a product code "0042") stays text: a code, which as a number would lose
     its zeros (and "09" would become "9")."""
     cols = canonical_ints(df, [t for t in (USER, ITEM) if t in spec.roles])
+    df = missing_as_null(df, spec)
     for col in spec.features:
         s = df[col]
         if s.dtype != pl.String or s.null_count() == s.len():
@@ -536,6 +540,61 @@ def type_text_columns(df: pl.DataFrame, spec: Spec) -> pl.DataFrame:
             continue
         elif not stripped.cast(pl.Float64, strict=False).null_count():
             cols[col] = s.str.strip_chars().cast(pl.Float64)
+    return df.with_columns(**cols) if cols else df
+
+
+#: Words that stand for a missing value in exports (R's NA, Python's None,
+#: Excel's #N/A, SQL's NULL): read as missing in a column of numbers.
+MISSING_WORDS = (
+    "None",
+    "none",
+    "NULL",
+    "null",
+    "NaN",
+    "nan",
+    "NA",
+    "N/A",
+    "n/a",
+    "#N/A",
+)
+
+
+def missing_as_null(df: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """Feature columns of text whose every value is a number or a word for a
+    missing one (Amazon's metadata writes price "None", R writes NA) as numbers,
+    those words missing; each such column and count is logged. A column with
+    other text keeps its words ("NA" a region), as does one with a number written
+    with leading zeros (a code)."""
+    cols = {}
+    for col in spec.features:
+        s = df[col]
+        if s.dtype != pl.String:
+            continue
+        stripped = s.str.strip_chars()
+        words = stripped.is_in(MISSING_WORDS).fill_null(False)
+        if not words.any():
+            continue
+        rest = stripped.filter(~words).drop_nulls()
+        numbers = rest.cast(pl.Float64, strict=False)
+        if (
+            not len(rest)
+            or numbers.null_count()
+            or rest.str.contains(r"^[+-]?0\d").any()
+        ):
+            continue
+        shown = sorted(set(stripped.filter(words).to_list()))
+        count = int(words.sum())
+        logger.warning(
+            "feature column %r: %d value%s %s read as missing (every other value "
+            "is a number)",
+            col,
+            count,
+            "" if count == 1 else "s",
+            " / ".join(repr(w) for w in shown),
+        )
+        kept = stripped.set(words, None)
+        whole = canonical_ints(rest.to_frame(col), [col])
+        cols[col] = kept.cast(pl.Int64 if whole else pl.Float64)
     return df.with_columns(**cols) if cols else df
 
 

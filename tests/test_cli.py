@@ -306,6 +306,10 @@ def test_unrated_values_from_the_command_line(tmp_path: Path) -> None:
     assert "unrated_values=0.0" in info.stdout
     bad = runner.invoke(app, ["data", "describe", str(log), "--unrated-values", "x"])
     assert bad.exit_code == 2
+    ones = tmp_path / "ones.csv"  # implicit feedback written as a rating of 1
+    data.with_columns(rating=pl.lit(1.0)).write_csv(ones)
+    said = runner.invoke(app, ["data", "describe", str(ones)])
+    assert "Every rating is 1: an implicit log" in " ".join(said.stdout.split())
 
 
 def test_missing_ratings_from_the_command_line(tmp_path: Path) -> None:

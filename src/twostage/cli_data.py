@@ -564,6 +564,14 @@ def data_describe(
     print_summary(summary)
     _print_report(report, strict_hint=not streamed)
     hist = summary.get("rating_histogram", {})
+    if len(hist) == 1:
+        console.print(
+            Text(
+                f"Every rating is {next(iter(hist))}: an implicit log written with "
+                "one rating? The ranker's rating head would have nothing to learn; "
+                'read it without ratings (--rating-col "").'
+            )
+        )
     if (
         unrated_values is None
         and "0" in hist

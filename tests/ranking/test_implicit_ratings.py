@@ -98,3 +98,20 @@ def test_a_log_without_ratings_trains_a_click_ranker(
     model.fit(data.interactions.select("user_id", "item_id", "timestamp"))
     scores = model.predict([user, user], data.interactions["item_id"][:2].to_list())
     assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_one_rating_for_every_row_is_named(
+    book_crossing_like, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An implicit log written with a rating of 1 on every row: the ranker printed
+    RMSE 0.0000 and MAE 0.0000, figures that say nothing, without a word."""
+    ones = book_crossing_like.with_interactions(
+        book_crossing_like.interactions.with_columns(pl.lit(1.0).alias(RATING))
+    )
+    with caplog.at_level("WARNING", logger="twostage.ranking"):
+        fit_two_stage(apply_overrides(ExperimentConfig(), SMALL), ones)
+    assert "every training rating is 1: the rating head has nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage.ranking"):
+        fit_two_stage(apply_overrides(ExperimentConfig(), SMALL), book_crossing_like)
+    assert "every training rating" not in caplog.text

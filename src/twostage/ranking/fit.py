@@ -259,6 +259,15 @@ def fit_ranking_pairs(
             config.rating_weight,
         )
         config = dataclasses.replace(config, rating_weight=0.0)
+    elif config.rating_weight > 0 and bool((rated == rated[0]).all()):
+        # Implicit feedback written as a rating of 1: RMSE 0.0000 said nothing.
+        logger.warning(
+            "every training rating is %g: the rating head has nothing to learn and "
+            "RMSE / MAE say nothing (an implicit log written with one rating?); "
+            'read the log without ratings (--rating-col "", rating_col="") or '
+            "set ranking.rating_weight=0, so the ranker learns clicks only",
+            float(rated[0]),
+        )
     limit = EASE().max_items
     if config.ease_weight > 0 and tables.num_items > limit:
         raise ConfigError(  # before the ranker trains

@@ -1488,3 +1488,18 @@ def test_words_for_missing_in_a_column_of_numbers(
     )
     meta = read_feature_table(lines, key_col="item_id", key_name="item_id")
     assert meta["price"].to_list() == [19.99, None, 5.0]
+
+
+def test_a_separator_ending_every_line_below_the_header(tmp_path: Path) -> None:
+    """Some exports end each data line in a separator the header lacks: every row
+    was a wrong_field_count, and nothing was read."""
+    path = tmp_path / "export.csv"
+    path.write_text("user_id,item_id,rating\n1,2,3,\n2,3,4,\n")
+    read = read_interactions(path)
+    assert read.report.ok and read.interactions["rating"].to_list() == [3, 4]
+    # A file where only some lines end so is read by its header, the others
+    # counted.
+    path.write_text("user_id,item_id,rating\n1,2,3,\n2,3,4,\n3,3,5\n")
+    read = read_interactions(path)
+    assert read.interactions["rating"].to_list() == [5]
+    assert read.report.rejected == {"wrong_field_count": 2}

@@ -214,6 +214,18 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
         if not records:
             raise DataError(f"{src.path}: the file is empty; expected a header line.")
         names = [n.strip() or f"column_{i}" for i, n in enumerate(records[0], 1)]
+        rows = records[1:]
+        if (
+            opts.column_names is None
+            and rows
+            and all(len(r) == len(names) + 1 and not r[-1].strip() for r in rows)
+        ):  # "1,2,3," under "a,b,c": else every row would be a wrong_field_count
+            names.append(f"column_{len(names) + 1}")
+            logger.info(
+                "%s: the lines end in a separator the header lacks; read as an "
+                "empty last column",
+                src.path,
+            )
         if opts.column_names is not None and len(opts.column_names) != len(names):
             raise DataError(
                 f"`column_names` has {len(opts.column_names)} names but the header of "

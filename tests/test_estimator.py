@@ -237,13 +237,18 @@ def test_unfitted_and_mismatched_calls_are_clear_errors() -> None:
         twostage.TwoStageModel(settings={"train.epoch": 3})
     # `data` settings the estimator does not read were ignored without a word.
     unread = twostage.TwoStageModel(
-        settings={"data.split": "temporal", "data.rating_col": "stars"}, progress=False
+        settings={"data.split": "temporal", "data.test_users": 5}, progress=False
     )
     with pytest.raises(twostage.TwostageError) as refused:
         unread.fit(pl.DataFrame({"user_id": [1], "item_id": [2]}))
     message = str(refused.value)
     assert "`data.split` (it fits on the rows given" in message
-    assert "`data.rating_col` (fit(rating_col=...))" in message
+    assert "`data.test_users` (pass test=" in message
+    # Column settings are fit's defaults (a saved config keeps them); a column
+    # given beside a different setting is refused.
+    named = twostage.TwoStageModel(settings={"data.user_col": "uid"}, progress=False)
+    with pytest.raises(twostage.TwostageError, match="name different columns"):
+        named.fit(pl.DataFrame({"u": [1], "item_id": [2]}), user_col="u")
 
 
 def test_tensorboard_logs_both_stages(frames, tmp_path: Path) -> None:
@@ -431,6 +436,11 @@ def test_new_rows_of_a_headerless_log_may_name_their_columns(tmp_path: Path) -> 
         assert measured.exit_code == 0, (name, measured.output)
         figures.add(loaded.evaluate(tmp_path / name).ndcg[10])
     assert len(figures) == 1  # the same rows, however they came
+    # A new model from the saved config refits on the same file as it was read.
+    again = twostage.TwoStageModel(loaded.config, ranking=False, progress=False)
+    again.fit(log)
+    assert again.split_ is not None and again.split_.fit.report is not None
+    assert again.split_.fit.report.rows_loaded == 1000
     # The training file itself is still read by the names given.
     with pytest.raises(twostage.TwostageError, match="names its columns itself"):
         model.fit(tmp_path / "week.parquet", **columns)

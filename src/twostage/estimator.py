@@ -181,8 +181,8 @@ class TwoStageModel:
         test: Any = None,
         users: Any = None,
         items: Any = None,
-        user_col: str = USER,
-        item_col: str = ITEM,
+        user_col: str | None = None,
+        item_col: str | None = None,
         time_col: str | None = None,
         rating_col: str | None = None,
         weight_col: str | None = None,
@@ -210,9 +210,14 @@ class TwoStageModel:
                 are plain integers take the log's integer type); when None, the
                 files of the settings ``data.user_table`` / ``data.item_table``.
             user_col, item_col, time_col, rating_col: column names of the frames
-                (``time_col`` / ``rating_col`` None: a column named ``timestamp`` /
+                (``user_col`` / ``item_col`` None: ``user_id`` / ``item_id``;
+                ``time_col`` / ``rating_col`` None: a column named ``timestamp`` /
                 ``rating`` when there is one, as every reader takes it; ``""``:
-                none, so row order is time order / the feedback is implicit).
+                none, so row order is time order / the feedback is implicit). A
+                column left None takes the setting ``data.user_col`` etc. when
+                set (a saved model's config keeps the columns its fit was given);
+                one given that differs from its setting is refused, except on a
+                model fitted or loaded already, which fits on the new columns.
             weight_col: a column of ``data`` whose non-negative values scale each
                 row's share of both stages' losses (None: every row weighs 1);
                 ``validation`` and ``test`` are read without it.
@@ -226,10 +231,31 @@ class TwoStageModel:
         """
         from twostage.two_stage import fit_two_stage
 
-        columns = _Columns(user_col, item_col, time_col, rating_col, weight_col)
         data_config = self.config.data
-        if self.columns_ is not None:  # recorded by an earlier fit (or a load)
-            data_config = _Columns(time_col=None, rating_col=None).recorded(data_config)
+        given = {
+            "user_col": user_col,
+            "item_col": item_col,
+            "time_col": time_col,
+            "rating_col": rating_col,
+            "weight_col": weight_col,
+        }
+        refit = self.columns_ is not None  # columns recorded by a fit or a load
+        for key, value in given.items():
+            setting = getattr(data_config, key)
+            if value is None:
+                given[key] = setting  # the setting, or the default
+            elif setting is not None and value != setting and not refit:
+                raise ConfigError(
+                    f"fit({key}={value!r}) and the setting `data.{key}` = "
+                    f"{setting!r} name different columns; give one."
+                )
+        columns = _Columns(
+            given["user_col"] or USER,
+            given["item_col"] or ITEM,
+            given["time_col"],
+            given["rating_col"],
+            given["weight_col"],
+        )
         _refuse_unread_data_settings(data_config)
         self.columns_ = dataclasses.replace(columns, weight_col=None)  # for evaluate
         # The saved config must not name a dataset these tables did not come from,
@@ -669,11 +695,6 @@ _UNREAD_DATA = {
     "test_users": "pass test= with the users to measure",
     "train_file": "pass the rows as data=",
     "test_file": "pass the rows as test=",
-    "user_col": "fit(user_col=...)",
-    "item_col": "fit(item_col=...)",
-    "time_col": "fit(time_col=...)",
-    "rating_col": "fit(rating_col=...)",
-    "weight_col": "fit(weight_col=...)",
     "user_features": "pass users= (a table keyed by user), or columns through "
     "read_interactions(user_features=...)",
     "item_features": "pass items=, or read_interactions(item_features=...)",

@@ -4,6 +4,7 @@ the in-memory path on the same training rows, and a servable run."""
 import importlib.util
 import re
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -421,6 +422,30 @@ def test_a_streamed_logs_weights_train_as_in_memory(log: Path, tmp_path: Path) -
         fit_streamed_retrieval(config, bad)
 
 
+#: Both stages, small, with rating weights: what the unrated-row tests train.
+TWO_STAGES = [
+    *ID_ONLY,
+    *WEIGHTED,
+    "data.validation_fraction=0.1",
+    "retrieval.history_length=8",
+    "train.epochs=1",
+    "ranking.epochs=2",
+    "ranking.hidden_dims=[16]",
+]
+
+
+def _assert_same_weights(streamed: Any, in_memory: Any) -> None:
+    """Both stages of a streamed run have the in-memory run's weights."""
+    for name, weights in in_memory.retrieval.model.state_dict().items():
+        torch.testing.assert_close(
+            streamed.retrieval.model.state_dict()[name], weights, msg=name
+        )
+    mine, theirs = streamed.ranker, in_memory.ranker
+    assert mine is not None and theirs is not None
+    for name, weights in theirs.model.state_dict().items():
+        torch.testing.assert_close(mine.model.state_dict()[name], weights, msg=name)
+
+
 def test_a_streamed_log_with_unrated_rows_trains_both_stages_as_in_memory(
     log: Path, tmp_path: Path
 ) -> None:
@@ -435,15 +460,7 @@ def test_a_streamed_log_with_unrated_rows_trains_both_stages_as_in_memory(
         rating=pl.when(pl.col("item_id") % 4 == 0).then(None).otherwise("rating")
     )
     unrated = _two_files(nulled, tmp_path / "unrated", 7_000, 1_000)
-    settings = [
-        *ID_ONLY,
-        *WEIGHTED,
-        "data.validation_fraction=0.1",
-        "retrieval.history_length=8",
-        "train.epochs=1",
-        "ranking.epochs=2",
-        "ranking.hidden_dims=[16]",
-    ]
+    settings = TWO_STAGES
     rejected = fit_streamed_retrieval(
         apply_overrides(ExperimentConfig(), settings), unrated
     )
@@ -456,14 +473,7 @@ def test_a_streamed_log_with_unrated_rows_trains_both_stages_as_in_memory(
     sides = _three_sides(unrated, "random", missing_ratings="unrated")
     assert sides.fit.interactions["rating"].null_count() > 0
     in_memory = fit_two_stage(config, split=sides)
-    for name, weights in in_memory.retrieval.model.state_dict().items():
-        torch.testing.assert_close(
-            streamed.retrieval.model.state_dict()[name], weights, msg=name
-        )
-    mine, theirs = streamed.ranker, in_memory.ranker
-    assert mine is not None and theirs is not None
-    for name, weights in theirs.model.state_dict().items():
-        torch.testing.assert_close(mine.model.state_dict()[name], weights, msg=name)
+    _assert_same_weights(streamed, in_memory)
     torch.testing.assert_close(streamed.ranking_metrics, in_memory.ranking_metrics)
 
 
@@ -473,16 +483,7 @@ def test_streamed_unrated_values_train_both_stages_as_in_memory(log: Path) -> No
     from twostage.retrieval.streamed import fit_streamed_two_stage
     from twostage.two_stage import fit_two_stage
 
-    settings = [
-        *ID_ONLY,
-        *WEIGHTED,
-        "data.validation_fraction=0.1",
-        "retrieval.history_length=8",
-        "train.epochs=1",
-        "ranking.epochs=2",
-        "ranking.hidden_dims=[16]",
-        "data.unrated_values=[1,2]",
-    ]
+    settings = [*TWO_STAGES, "data.unrated_values=[1,2]"]
     config = apply_overrides(ExperimentConfig(), settings)
     streamed = fit_streamed_two_stage(config, log)
     sides = _three_sides(log, "random")
@@ -492,14 +493,7 @@ def test_streamed_unrated_values_train_both_stages_as_in_memory(log: Path) -> No
         test=sides.test.with_unrated((1, 2)),  # as prepare_split makes them
     )
     in_memory = fit_two_stage(config, split=unrated)
-    for name, weights in in_memory.retrieval.model.state_dict().items():
-        torch.testing.assert_close(
-            streamed.retrieval.model.state_dict()[name], weights, msg=name
-        )
-    mine, theirs = streamed.ranker, in_memory.ranker
-    assert mine is not None and theirs is not None
-    for name, weights in theirs.model.state_dict().items():
-        torch.testing.assert_close(mine.model.state_dict()[name], weights, msg=name)
+    _assert_same_weights(streamed, in_memory)
     assert streamed.ranking_metrics is not None
     assert in_memory.ranking_metrics is not None
     assert streamed.ranking_metrics["rmse"] == pytest.approx(

@@ -1503,3 +1503,20 @@ def test_a_separator_ending_every_line_below_the_header(tmp_path: Path) -> None:
     read = read_interactions(path)
     assert read.interactions["rating"].to_list() == [5]
     assert read.report.rejected == {"wrong_field_count": 2}
+
+
+def test_an_id_that_is_a_word_for_missing_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Diginetica writes userId "NA" on anonymous sessions: every one of them was
+    read as one user, without a word."""
+    path = tmp_path / "train-item-views.csv"
+    path.write_text("sessionId;userId;itemId\n1;NA;10\n2;NA;11\n3;5;10\n")
+    with caplog.at_level("WARNING"):
+        read = read_interactions(path, user_col="userId", item_col="itemId")
+    assert read.num_interactions == 3  # kept: a user may be called so
+    assert "2 rows have the user ID 'NA', a word for a missing value" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_interactions(path, user_col="sessionId", item_col="itemId")
+    assert "a word for a missing value" not in caplog.text

@@ -55,6 +55,7 @@ from twostage.data._table_values import (
     BAD,
     END,
     LINE,
+    MISSING_WORDS,
     TIME_UNITS,
     Options,
     Spec,
@@ -594,7 +595,32 @@ def _finish(
         logger.warning("%s", report.summary())
     else:
         logger.debug("%s", report.summary())
+    _warn_missing_words_as_ids(df, label)
     return df, report, spec
+
+
+def _warn_missing_words_as_ids(df: pl.DataFrame, label: str) -> None:
+    """Say where an ID is a word for a missing value (Diginetica's userId "NA" on
+    anonymous sessions, R's NA): its rows are read as one user or item, people
+    who cannot be told apart."""
+    for key, noun in ((USER, "user"), (ITEM, "item")):
+        if key not in df.columns or df.schema[key] != pl.String:
+            continue
+        words = df[key].is_in(MISSING_WORDS)
+        if not words.any():
+            continue
+        found = sorted(set(df[key].filter(words).to_list()))
+        logger.warning(
+            "%s: %d rows have the %s ID %s, a word for a missing value; they are "
+            "read as one %s. If they are rows without a %s (anonymous sessions), "
+            "drop them or give each its own ID first.",
+            label,
+            int(words.sum()),
+            noun,
+            " / ".join(repr(w) for w in found),
+            noun,
+            noun,
+        )
 
 
 def _make_spec(

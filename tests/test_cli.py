@@ -282,6 +282,37 @@ def test_quote_char_none_reads_quotes_as_text(tmp_path: Path) -> None:
     assert streamed.exit_code == 2
 
 
+def test_comment_prefix_from_the_command_line(tmp_path: Path) -> None:
+    """KONECT's ratings files open with '%' lines: the second one, '% 600 40 30',
+    was read as a row of user '%', rating 40; the CLI could not skip them."""
+    log = tmp_path / "out.ratings"
+    data = generate(num_users=40, num_items=30, num_interactions=600).interactions
+    head = "% bip weighted\n% 600 40 30\n"
+    rows = data.select("user_id", "item_id", "rating", "timestamp")
+    log.write_text(head + rows.write_csv(separator=" ", include_header=False))
+    names = ["--column-names", "user_id,item_id,rating,timestamp"]
+    plain = runner.invoke(app, ["data", "describe", str(log), *names, "--json"])
+    read_plainly = json.loads(plain.stdout)
+    assert read_plainly["report"]["rejected"] == {"wrong_field_count": 1}
+    assert read_plainly["num_interactions"] == 601  # with user '%'
+    assert "--comment-prefix '%'" in " ".join(
+        re.sub("[│╭╮╰╯─]", " ", plain.stderr).split()
+    )
+    skip = [*names, "--comment-prefix", "%"]
+    described = runner.invoke(app, ["data", "describe", str(log), *skip])
+    assert "No bad rows" in described.stdout
+    assert "2 comment line(s) skipped" in " ".join(described.stdout.split())
+    run = tmp_path / "run"
+    saved = train_retrieval(log, skip, run)
+    assert saved["comment_prefix"] == "%"
+    assert runner.invoke(app, ["evaluate", str(run)]).exit_code == 0  # read alike
+    assert "comment_prefix=%" in runner.invoke(app, ["info", str(run)]).stdout
+    streamed = runner.invoke(
+        app, ["data", "describe", str(log), "--stream", "--comment-prefix", "%"]
+    )
+    assert streamed.exit_code == 2
+
+
 def test_unrated_values_from_the_command_line(tmp_path: Path) -> None:
     """Goodreads' and Book-Crossing's logs rate 0 for 'not rated': only `--set
     data.unrated_values=0` on `train` said so, and `data describe` counted the

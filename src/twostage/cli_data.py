@@ -135,6 +135,14 @@ QuoteChar = Annotated[
         "text, as in Last.fm's TSV dumps where a field may start with one.",
     ),
 ]
+CommentPrefix = Annotated[
+    str | None,
+    typer.Option(
+        rich_help_panel=READING,
+        help="Start of the comment lines of a text log, skipped and counted: # for "
+        "SNAP's files, % for KONECT's (default: none).",
+    ),
+]
 UserFeatures = Annotated[
     str | None,
     typer.Option(
@@ -257,6 +265,7 @@ def dataset_options(
     weight_values: str | None = None,
     separator: str | None = None,
     quote_char: str | None = None,
+    comment_prefix: str | None = None,
     missing_ratings: str | None = None,
     column_names: str | None = None,
     duplicates: str | None = None,
@@ -276,6 +285,7 @@ def dataset_options(
         "weight_values": weight_values_of(weight_values),
         "separator": separator,
         "quote_char": "" if quote_char == "none" else quote_char,
+        "comment_prefix": comment_prefix,
         "missing_ratings": missing_ratings,
         "column_names": split_names(column_names),
         "duplicates": duplicates,
@@ -335,8 +345,12 @@ def _min_counts(data: Any, users: int | None, items: int | None) -> tuple[Any, A
 def _print_report(report: Any, *, strict_hint: bool = True) -> None:
     if report is None:
         return
+    comments = getattr(report, "comment_lines", 0)
+    skipped = f"; {comments} comment line(s) skipped" if comments else ""
     if report.ok:
-        console.print(f"[green]No bad rows[/green] in {escape(str(report.path))}.")
+        console.print(
+            f"[green]No bad rows[/green] in {escape(str(report.path))}{skipped}."
+        )
         return
     table = Table(title=f"Rejected rows in {escape(str(report.path))}")
     for column in ("reason", "count", "first lines"):
@@ -347,7 +361,7 @@ def _print_report(report: Any, *, strict_hint: bool = True) -> None:
     console.print(table)
     console.print(
         f"{report.rows_loaded} of {report.rows_read} rows loaded, "
-        f"{report.num_rejected} rejected"
+        f"{report.num_rejected} rejected{skipped}"
         + (" (use --strict to stop at the first one)." if strict_hint else ".")
     )
     if report.hint:
@@ -467,6 +481,7 @@ def data_describe(
     weight_values: WeightValues = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
+    comment_prefix: CommentPrefix = None,
     column_names: ColumnNames = None,
     duplicates: Duplicates = None,
     user_features: UserFeatures = None,
@@ -507,6 +522,7 @@ def data_describe(
         weight_values=weight_values,
         separator=separator,
         quote_char=quote_char,
+        comment_prefix=comment_prefix,
         column_names=column_names,
         duplicates=duplicates,
         user_features=user_features,
@@ -612,6 +628,7 @@ def data_split(
     weight_values: WeightValues = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
+    comment_prefix: CommentPrefix = None,
     column_names: ColumnNames = None,
     duplicates: Duplicates = None,
     min_user_rows: MinUserRows = None,
@@ -666,6 +683,7 @@ def data_split(
         weight_values=weight_values,
         separator=separator,
         quote_char=quote_char,
+        comment_prefix=comment_prefix,
         column_names=column_names,
         duplicates=duplicates,
         strict=strict,

@@ -73,6 +73,7 @@ _READING = (
     "time_unit",
     "separator",
     "quote_char",
+    "comment_prefix",
     "column_names",
     "user_features",
     "item_features",

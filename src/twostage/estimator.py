@@ -194,7 +194,7 @@ class TwoStageModel:
                 polars or pandas DataFrame (rows are checked as a file's are; the
                 rejected ones are counted in the log), or a CSV, JSON lines or Parquet path.
                 A file or frame is read with the settings ``data.separator``,
-                ``data.quote_char``, ``data.missing_ratings``,
+                ``data.quote_char``, ``data.comment_prefix``, ``data.missing_ratings``,
                 ``data.time_format``, ``data.time_unit``,
                 ``data.weight_values``, ``data.column_names`` and ``data.duplicates``
                 (a Dataset was read already: they are refused with one).
@@ -381,6 +381,7 @@ class TwoStageModel:
         reading = {  # the settings that say how to read a file or a frame
             "separator": settings.separator,
             "quote_char": None if settings.quote_char == '"' else settings.quote_char,
+            "comment_prefix": settings.comment_prefix or None,
             "missing_ratings": None
             if settings.missing_ratings == "reject"
             else settings.missing_ratings,
@@ -413,6 +414,7 @@ class TwoStageModel:
                     name=self.config.data.dataset,
                     separator=settings.separator,
                     quote_char=settings.quote_char,
+                    comment_prefix=settings.comment_prefix,
                     missing_ratings=settings.missing_ratings,
                     time_format=settings.time_format,
                     time_unit=settings.time_unit,

@@ -1520,3 +1520,109 @@ def test_an_id_that_is_a_word_for_missing_is_named(
     with caplog.at_level("WARNING"):
         read_interactions(path, user_col="sessionId", item_col="itemId")
     assert "a word for a missing value" not in caplog.text
+
+
+# -------------------------------------------------------------- comment lines
+
+SNAP_HEAD = (
+    "# Directed graph (each unordered pair of nodes is saved once): soc-Epinions1\n"
+    "# Nodes: 40 Edges: 300\n"
+    "# FromNodeId\tToNodeId\n"
+)
+
+
+def _snap_log(rows: int = 300, middle: str = "") -> str:
+    """SNAP's layout: '#' lines above headerless tab-separated pairs."""
+    rng = np.random.default_rng(0)
+    lines = [f"{u}\t{i}\n" for u, i in rng.integers(0, 40, size=(rows, 2))]
+    return SNAP_HEAD + "".join(lines[:100]) + middle + "".join(lines[100:])
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_comment_prefix_skips_and_counts_comment_lines(
+    tmp_path: Path, exact: bool
+) -> None:
+    """SNAP's '#' and KONECT's '%' header lines were read as rows: bad rows, or a
+    KONECT line '% 3000 300 200' parsed as user '%'."""
+    middle = '# a note with "an unclosed quote\n'
+    path = write(tmp_path, "soc.txt", _snap_log(middle=middle))
+    fast = []
+    spy = _table_text.read_fast
+    with contextlib.ExitStack() as stack:
+        if exact:
+            stack.enter_context(exact_path())
+        else:
+            stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+                _table_text,
+                "read_fast",
+                lambda *args: fast.append(out := spy(*args)) or out,
+            )
+        read = read_interactions(
+            path,
+            column_names=["user_id", "item_id"],
+            has_header=False,
+            comment_prefix="#",
+        )
+    assert fast == [] if exact else fast[0] is not None  # which path was taken
+    assert read.num_interactions == 300 and read.report.ok
+    assert read.report.comment_lines == 4
+    assert "4 comment line(s) skipped" in read.report.summary()
+    expected = pl.read_csv(
+        path, separator="\t", has_header=False, comment_prefix="#", infer_schema=False
+    )
+    assert read.interactions["item_id"].to_list() == [
+        int(x) for x in expected["column_1"]
+    ]
+
+
+def test_comment_lines_keep_physical_line_numbers(tmp_path: Path) -> None:
+    """A bad row after comment lines is named by its line in the file; a line that
+    starts with the prefix inside a quoted field is text, not a comment."""
+    text = (
+        "% bip weighted\n"
+        "user_id,item_id,rating\n"
+        "1,2,3\n"
+        '2,"line one\n'
+        '% still the item",4\n'
+        "% 3 3 3\n"
+        "3,,5\n"
+        "4,5,1\n"
+    )
+    path = write(tmp_path, "konect.csv", text)
+    read = read_interactions(path, comment_prefix="%")
+    assert read.report.comment_lines == 2
+    assert read.report.rejected == {"empty_item_id": 1}
+    assert read.report.examples["empty_item_id"] == [(7, "3,,5")]
+    assert read.interactions["item_id"].to_list() == [
+        "2",
+        "line one\n% still the item",
+        "5",
+    ]
+
+
+def test_comment_like_lines_without_a_prefix_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read without comment_prefix, a file opening with '%' lines gets a warning
+    and its bad rows a hint that name the option."""
+    rows = "".join(f"{u} {u % 7} 4 {900000000 + u}\n" for u in range(1, 60))
+    path = write(tmp_path, "out.ratings", "% bip weighted\n% 59 59 7\n" + rows)
+    names = ["user_id", "item_id", "rating", "timestamp"]
+    with caplog.at_level(logging.WARNING, logger="twostage.data"):
+        read = read_interactions(path, column_names=names, has_header=False)
+    assert "first 2 line(s) start with '%'" in caplog.text
+    assert "--comment-prefix '%'" in caplog.text
+    assert read.report.rejected == {"wrong_field_count": 1}  # '% bip weighted'
+    assert "comment_prefix='%'" in read.report.hint
+    skipped = read_interactions(
+        path, column_names=names, has_header=False, comment_prefix="%"
+    )
+    assert skipped.num_interactions == 59 and skipped.report.ok
+    assert set(skipped.interactions["user_id"].to_list()) == set(range(1, 60))
+
+
+@pytest.mark.parametrize("prefix", [" ", "\n", "######", '"', ","])
+def test_comment_prefix_is_checked(tmp_path: Path, prefix: str) -> None:
+    path = write(tmp_path, "log.csv", "user_id,item_id\n1,2\n")
+    with pytest.raises(ConfigError, match="comment_prefix"):
+        read_interactions(path, comment_prefix=prefix, separator=",")

@@ -122,7 +122,8 @@ class DataConfig(_Checked):
     rating (a log of purchases and reviews).
     ``quote_char`` is the quote character of a text log (default ``"``); ``""``
     reads quotes as text (Last.fm's tab-separated dumps, where a field may start
-    with one).
+    with one). ``comment_prefix`` starts the comment lines of a text log, which are
+    skipped and counted (SNAP's ``#``, KONECT's ``%``); ``""`` (default): none.
     ``duplicates`` says what to do with rows of the same user, item and time
     (logged twice): ``keep`` them (default), keep the ``first`` or ``last`` (the
     others counted as ``duplicate``), or stop (``error``).
@@ -169,6 +170,7 @@ class DataConfig(_Checked):
     min_item_rows: int = 0
     duplicates: Literal["keep", "first", "last", "error"] = "keep"
     quote_char: str = '"'
+    comment_prefix: str = ""
     missing_ratings: Literal["reject", "unrated"] = "reject"
 
     SECTION: ClassVar[str] = "data"
@@ -195,6 +197,13 @@ class DataConfig(_Checked):
             "quote_char": (
                 len(self.quote_char) <= 1 and self.quote_char not in ("\r", "\n"),
                 'one character, or "" for none (quotes are text)',
+            ),
+            "comment_prefix": (
+                len(self.comment_prefix) <= 5
+                and (not self.comment_prefix or bool(self.comment_prefix.strip()))
+                and not {"\r", "\n"} & set(self.comment_prefix),
+                'up to 5 characters that start comment lines (e.g. "#"), or "" for '
+                "none",
             ),
             "weight_values": (
                 all(_named_weight(e) for e in self.weight_values),

@@ -40,6 +40,39 @@ class Layout:
     leading_blank: bool  # blank lines before the first record
     eol: str  # "\r" when the sample has CRs but no LF, else "\n" (LF or CRLF)
     samples: list[list[str]]  # the first data records, to choose dtypes
+    comment: str | None = None  # a record starting with it is a comment line
+
+
+class Uncommented:
+    """Physical lines for :mod:`csv`, with comment lines given as blank ones.
+
+    A line is a comment when it starts with ``prefix`` where a record starts: inside
+    a quoted field it is text, as polars reads it. The reader says where records
+    start by calling :meth:`record_ended` after each one (csv pulls the lines of one
+    record, then returns it). A comment's quotes are never tokenised, so an
+    unbalanced one cannot swallow the lines after it.
+    """
+
+    def __init__(self, lines: Iterator[str], prefix: str | None, number: int = 0):
+        self.lines, self.prefix = lines, prefix
+        self.number = number  # physical lines handed out so far
+        self.at_start = True
+        self.last_comment = 0  # the line number of the last comment handed out
+
+    def __iter__(self) -> Uncommented:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.lines)
+        self.number += 1
+        if self.at_start and self.prefix and line.startswith(self.prefix):
+            self.last_comment = self.number
+            return "\n"  # csv reads an empty record
+        self.at_start = False
+        return line
+
+    def record_ended(self) -> None:
+        self.at_start = True
 
 
 def dialect(token: str, quote: str | None, strict: bool = True) -> type[csv.Dialect]:
@@ -178,7 +211,8 @@ class _ExactReader:
 
     def tokenise(self) -> None:
         fmt = dialect(self.layout.token, self.layout.quote)
-        reader = csv.reader(iter_lines(self.text), fmt)
+        lines = Uncommented(iter_lines(self.text), self.layout.comment)
+        reader = csv.reader(lines, fmt)
         ncols, header = len(self.layout.names), self.layout.has_header
         add_row, add_start, add_end = (
             self.rows.append,
@@ -189,6 +223,7 @@ class _ExactReader:
         while True:
             try:
                 for row in reader:
+                    lines.record_ended()
                     start, prev = prev + 1, base + reader.line_num
                     n = len(row)
                     if n == ncols and not header:
@@ -197,6 +232,8 @@ class _ExactReader:
                         add_end(prev)
                         if len(self.rows) >= _CHUNK_ROWS:
                             self.flush()
+                    elif not n and lines.last_comment == start:
+                        self.report.comment_lines += 1
                     elif not n or (n == 1 and not row[0].strip()):
                         self.reject("blank_line", start, prev)
                     elif header:
@@ -205,11 +242,13 @@ class _ExactReader:
                         self.reject("wrong_field_count", start, prev)
                 break
             except csv.Error as err:  # bad quoting
+                lines.record_ended()
                 start, end = prev + 1, base + reader.line_num
                 if str(err).startswith("unexpected end") and end > start:
                     # An unclosed quote swallowed the rest of the file: reject only
                     # its first line and read on from the next one.
-                    lines = itertools.islice(iter_lines(self.text), start, None)
+                    rest = itertools.islice(iter_lines(self.text), start, None)
+                    lines = Uncommented(rest, self.layout.comment, start)
                     reader, base, end = csv.reader(lines, fmt), start, start
                 prev = end
                 if header:

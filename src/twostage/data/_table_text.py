@@ -24,6 +24,7 @@ import polars as pl
 from twostage.data._table_lines import (
     EOL,
     Layout,
+    Uncommented,
     clean_line,
     dialect,
     iter_lines,
@@ -46,7 +47,7 @@ from twostage.data._table_values import (
     type_text_columns,
 )
 from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT
-from twostage.data.report import LoadReport
+from twostage.data.report import COMMENT_MARKS, LoadReport
 from twostage.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def load_text(
     layout = _sniff_layout(src, opts)
     spec = make_spec(layout.names)
     report = LoadReport(path=str(path))
-    parsed = None if layout.leading_blank else read_fast(src, layout, spec)
+    parsed = None if layout.leading_blank else read_fast(src, layout, spec, report)
     if parsed is not None and has_date_numbers(parsed, spec):
         parsed = None  # their rows are rejected: the exact path has their lines
     text = ""
@@ -200,6 +201,11 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
     lines = EOL.split(head)
     if not src.complete or len(head) < len(sample):
         lines = lines[:-1]  # probably cut short
+    prefix = opts.comment_prefix
+    if prefix is None:
+        _warn_of_comments(src.path, lines)
+    else:  # (for the sniffing only: a comment inside a quoted field is text)
+        lines = [x for x in lines if not x.startswith(prefix)]
     filled = [x for x in lines if x.strip()]
     sep = opts.separator or (_sniff_separator(filled, opts) if filled else ",")
     token = sep if len(sep) == 1 else placeholder(sample, sep)
@@ -270,7 +276,38 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
     samples = records[1:] if opts.has_header else records
     eol = "\r" if "\r" in sample and "\n" not in sample else "\n"
     return Layout(
-        sep, token, opts.quote_char, opts.has_header, names, leading_blank, eol, samples
+        sep,
+        token,
+        opts.quote_char,
+        opts.has_header,
+        names,
+        leading_blank,
+        eol,
+        samples,
+        prefix,
+    )
+
+
+def _warn_of_comments(path: Path, lines: list[str]) -> None:
+    """Warn when a file read without ``comment_prefix`` opens with lines that look
+    like comments (SNAP's ``#``, KONECT's ``%``): they are read as rows, and a
+    KONECT line such as ``% 3000 300 200`` even parses as one."""
+    filled = [x for x in lines if x.strip()]
+    if not filled or not filled[0].startswith(COMMENT_MARKS):
+        return
+    mark = filled[0][0]
+    count = next(
+        (i for i, x in enumerate(filled) if not x.startswith(mark)), len(filled)
+    )
+    logger.warning(
+        "%s: its first %d line(s) start with %r, as comment lines do (SNAP's and "
+        "KONECT's files open with some): they are read as rows. Skip them with "
+        "comment_prefix=%r (--comment-prefix '%s').",
+        path,
+        count,
+        mark,
+        mark,
+        mark,
     )
 
 
@@ -341,11 +378,14 @@ def _most_consistent(
 
 
 def _sample_records(sample: str, token: str, opts: Options) -> list[list[str]]:
-    """The first non-blank records of the sample (fields as read, quotes removed)."""
+    """The first non-blank records of the sample (fields as read, quotes removed),
+    comment lines left out."""
     fmt = dialect(token, opts.quote_char, strict=False)
     records = []
+    lines = Uncommented(iter_lines(sample), opts.comment_prefix)
     try:
-        for row in csv.reader(iter_lines(sample), fmt):
+        for row in csv.reader(lines, fmt):
+            lines.record_ended()
             if row and any(x.strip() for x in row):
                 records.append(row)
                 if len(records) > _SNIFF_LINES:
@@ -355,8 +395,13 @@ def _sample_records(sample: str, token: str, opts: Options) -> list[list[str]]:
     return records
 
 
-def read_fast(src: _Source, layout: Layout, spec: Spec) -> pl.DataFrame | None:
-    """Parse and check with polars; None when the file needs the exact path."""
+def read_fast(
+    src: _Source, layout: Layout, spec: Spec, report: LoadReport
+) -> pl.DataFrame | None:
+    """Parse and check with polars; None when the file needs the exact path.
+
+    ``report.comment_lines`` gets the comment lines polars skipped.
+    """
     parsed = None
     for _ in range(2):
         source = _polars_input(src, layout)
@@ -374,6 +419,14 @@ def read_fast(src: _Source, layout: Layout, spec: Spec) -> pl.DataFrame | None:
     df, shape, verified = parsed
     if df.width != len(layout.names) or df[layout.names[-1]].null_count():
         return None  # a short row, or an empty last field: only csv can tell
+    if shape.comments:  # counted by line start: is one a line inside a quoted field?
+        marks = [f"\n{layout.comment}", f"\r{layout.comment}"]
+        texts = [c for c, t in df.schema.items() if t == pl.String]
+        inside = pl.any_horizontal(
+            pl.col(c).str.contains_any(marks).any() for c in texts
+        )
+        if texts and df.select(inside).item():
+            return None
     df = restore(df, layout)
     ids = {spec.roles[t]: t for t in (USER, ITEM) if t in spec.roles}
     ready = {ids[c]: df[c] for c in ids if c in verified}
@@ -392,6 +445,7 @@ def read_fast(src: _Source, layout: Layout, spec: Spec) -> pl.DataFrame | None:
     parsed_df, reason = parse_columns(df, spec, ready)
     if reason is not None:
         return None
+    report.comment_lines = shape.comments
     if (
         spec.duplicates != "keep"
         and repeats(parsed_df, spec.keys, last=False) is not None
@@ -416,6 +470,7 @@ class Shape:
     ends_with_eol: bool
     other_eol: bool  # a CR in a LF/CRLF file, or a LF in a CR file
     crs: int  # how many CRs a LF/CRLF file holds (0 in a CR file)
+    comments: int = 0  # lines starting with the layout's comment prefix
 
     @classmethod
     def of(cls, source: str | bytes, layout: Layout) -> Shape:
@@ -423,7 +478,7 @@ class Shape:
             return cls._of(source, layout)
         with open(source, "rb") as f:
             if not os.fstat(f.fileno()).st_size:
-                return cls(0, -1, False, False, 0)
+                return cls(0, -1, False, False, 0, 0)
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return cls._of(buf, layout)
 
@@ -434,7 +489,12 @@ class Shape:
         ends = buf[len(buf) - 1 :] == eol
         other_eol = buf.find(other) >= 0
         crs = _count_cr(buf) if other_eol and layout.eol == "\n" else 0
-        return cls(len(buf), header, ends, other_eol, crs)
+        comments = 0
+        if layout.comment:  # at the start, after a LF, or after a CR not before one
+            mark = re.escape(layout.comment.encode("utf-8"))
+            start = re.compile(rb"(?:\A|\n|\r(?!\n))" + mark)
+            comments = sum(1 for _ in start.finditer(buf))
+        return cls(len(buf), header, ends, other_eol, crs, comments)
 
 
 def _count_cr(buf: bytes | mmap.mmap, step: int = 1 << 24) -> int:
@@ -478,7 +538,7 @@ def _polars_parse(
     if TIME in spec.roles and _sampled(layout, spec.roles[TIME], _INT_TEXT):
         typed[spec.roles[TIME]] = pl.Int64()
     attempts: list[tuple[dict[str, pl.DataType], bool]] = []
-    if lean and layout.eol == "\n" and shape.header >= 0:
+    if lean and layout.eol == "\n" and shape.header >= 0 and not shape.comments:
         attempts.append((dict.fromkeys(lean, pl.Int64()), True))
     if typed:
         attempts.append((typed, False))
@@ -493,6 +553,7 @@ def _polars_parse(
                 infer_schema=False,
                 separator=layout.token,
                 quote_char=layout.quote,
+                comment_prefix=layout.comment if shape.comments else None,
                 eol_char=layout.eol,
                 raise_if_empty=False,
             )

@@ -76,6 +76,7 @@ class Options:
     quote_char: str | None
     strict: bool
     time_format: str | None
+    comment_prefix: str | None = None
 
 
 def make_options(
@@ -87,6 +88,7 @@ def make_options(
     quote_char: str | None,
     strict: bool,
     time_format: str | None,
+    comment_prefix: str | None = None,
 ) -> Options:
     """Check the reading options shared by every reader; see ``read_interactions``."""
     if quote_char == "":  # as a config or the CLI writes "no quoting"
@@ -113,9 +115,32 @@ def make_options(
             "`column_names` should be a non-empty list of names. "
             f"Received: `column_names` = {column_names!r}."
         )
+    if comment_prefix == "":
+        comment_prefix = None
+    if comment_prefix is not None and (
+        not isinstance(comment_prefix, str)
+        or len(comment_prefix) > 5  # polars' limit
+        or not comment_prefix.strip()
+        or _LINE_BREAK.search(comment_prefix)
+        or comment_prefix == quote_char
+        or (separator is not None and comment_prefix.startswith(separator))
+    ):
+        raise ConfigError(
+            "`comment_prefix` should be 1 to 5 characters that start comment lines "
+            "(such as '#' or '%'): not only spaces, and without a line break, the "
+            "quote character or the separator. Received: `comment_prefix` = "
+            f"{comment_prefix!r}."
+        )
     names = None if column_names is None else [str(n) for n in column_names]
     return Options(
-        separator, has_header, names, encoding, quote_char, strict, time_format
+        separator,
+        has_header,
+        names,
+        encoding,
+        quote_char,
+        strict,
+        time_format,
+        comment_prefix,
     )
 
 

@@ -174,6 +174,7 @@ def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset
         has_header=None if not data.column_names else False,
         separator=data.separator,
         quote_char=None if data.quote_char == '"' else data.quote_char,  # the default
+        comment_prefix=data.comment_prefix or None,
         missing_ratings=None
         if data.missing_ratings == "reject"
         else data.missing_ratings,

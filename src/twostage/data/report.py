@@ -36,6 +36,9 @@ REASONS = (
 )
 
 MAX_EXAMPLES = 5
+#: First characters of the comment lines of common formats (SNAP's ``#``, KONECT's
+#: ``%``), named in a hint when such lines were read as rows.
+COMMENT_MARKS = ("#", "%")
 
 
 @dataclass
@@ -43,7 +46,8 @@ class LoadReport:
     """What happened while reading a file: rows read, kept, and rejected by reason.
 
     ``examples`` keeps, per reason, the first few ``(line_number, content)`` pairs, with
-    1-based physical line numbers of the source file.
+    1-based physical line numbers of the source file. ``comment_lines`` counts the
+    lines skipped as comments (read with ``comment_prefix``); they are not rows.
     """
 
     path: str
@@ -52,6 +56,7 @@ class LoadReport:
     rejected: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     duplicate_policy: str = "keep"
+    comment_lines: int = 0
 
     @property
     def num_rejected(self) -> int:
@@ -80,8 +85,15 @@ class LoadReport:
 
     def summary(self) -> str:
         """One human-readable paragraph, e.g. for logs."""
+        comments = (
+            f"; {self.comment_lines} comment line(s) skipped"
+            if self.comment_lines
+            else ""
+        )
         if self.ok:
-            return f"{self.path}: {self.rows_loaded} rows loaded, none rejected."
+            return (
+                f"{self.path}: {self.rows_loaded} rows loaded, none rejected{comments}."
+            )
         parts = []
         for reason, count in sorted(self.rejected.items()):
             lines = ", ".join(str(line) for line, _ in self.examples.get(reason, []))
@@ -89,7 +101,7 @@ class LoadReport:
         hint = f" ({self.hint})" if self.hint else ""
         return (
             f"{self.path}: {self.rows_loaded} of {self.rows_read} rows loaded, "
-            f"{self.num_rejected} rejected; " + "; ".join(parts) + hint
+            f"{self.num_rejected} rejected{comments}; " + "; ".join(parts) + hint
         )
 
     @property
@@ -145,6 +157,19 @@ class LoadReport:
                 "one in a tab-separated file: read them as text with quote_char='' "
                 "(--quote-char none)"
             )
+        commented = [
+            text
+            for kept in self.examples.values()
+            for _, text in kept
+            if text.startswith(COMMENT_MARKS)
+        ]
+        if commented:
+            hints.append(
+                f"lines starting with {commented[0][0]!r} look like comments (SNAP's "
+                "and KONECT's files open with some): skip them with "
+                f"comment_prefix={commented[0][0]!r} (--comment-prefix "
+                f"'{commented[0][0]}')"
+            )
         if "timestamp_as_date_number" in self.rejected:
             hints.append(
                 "timestamps written as dates such as 20240301: read them with "
@@ -160,4 +185,5 @@ class LoadReport:
             "rejected": dict(self.rejected),
             "examples": {k: [list(e) for e in v] for k, v in self.examples.items()},
             "duplicate_policy": self.duplicate_policy,
+            "comment_lines": self.comment_lines,
         }

@@ -106,6 +106,7 @@ def read_interactions(
     column_names: Sequence[str] | None = None,
     encoding: str = "auto",
     quote_char: str | None = '"',
+    comment_prefix: str | None = None,
     strict: bool = False,
     duplicates: Duplicates = "keep",
     time_format: str | None = None,
@@ -155,6 +156,11 @@ def read_interactions(
         quote_char: quote character, or ``None`` (or ``""``) for no quoting: quotes
             are then text, as in Last.fm's tab-separated dumps, where an artist
             called ``"Weird Al" Yankovic`` would otherwise open a quoted field.
+        comment_prefix: lines starting with it (where a record starts; inside a
+            quoted field it is text) are comments, skipped and counted in
+            ``Dataset.report.comment_lines``: SNAP's ``#`` and KONECT's ``%``
+            header lines. ``None`` (or ``""``): none; a file that opens with such
+            lines then gets a warning, since they are read as rows.
         strict: raise :class:`BadRowError` at the first bad row instead of skipping.
         duplicates: rows with the same user, item and timestamp (user and item when
             there is no time column): ``"keep"`` all (default; not even checked),
@@ -258,6 +264,7 @@ def read_interactions(
         quote_char=quote_char,
         strict=strict,
         time_format=time_format,
+        comment_prefix=comment_prefix,
     )
     df, report, spec = _load(path, make_spec, opts)
     if TIME not in spec.roles:  # no time column: file order is the time order
@@ -287,6 +294,7 @@ def read_feature_table(
     column_names: Sequence[str] | None = None,
     encoding: str = "auto",
     quote_char: str | None = '"',
+    comment_prefix: str | None = None,
     strict: bool = False,
     duplicates: Literal["first", "last", "error"] = "first",
 ) -> pl.DataFrame:
@@ -307,6 +315,7 @@ def read_feature_table(
         column_names: see :func:`read_interactions`.
         encoding: see :func:`read_interactions`.
         quote_char: see :func:`read_interactions`.
+        comment_prefix: see :func:`read_interactions`.
         strict: raise :class:`BadRowError` at the first bad row.
         duplicates: which row of a repeated key to keep (``"first"``/``"last"``), or
             ``"error"`` to raise.
@@ -343,6 +352,7 @@ def read_feature_table(
         quote_char=quote_char,
         strict=strict,
         time_format=None,
+        comment_prefix=comment_prefix,
     )
     df, _, spec = _load(path, make_spec, opts)
     return df.select([key_name, *spec.features])

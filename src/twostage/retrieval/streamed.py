@@ -175,6 +175,7 @@ def check_data_options(data: DataConfig) -> None:
         "data.min_user_rows": data.min_user_rows > 1,
         "data.duplicates": data.duplicates != "keep",
         "data.quote_char": data.quote_char != '"',
+        "data.comment_prefix": bool(data.comment_prefix),
         "data.min_item_rows": data.min_item_rows > 1,
     }
     if any(unread.values()):

@@ -242,6 +242,25 @@ def test_duplicates_policy_from_the_command_line(tmp_path: Path) -> None:
     assert "duplicates='error' was requested" in str(refused.exception)
 
 
+def test_describe_stream_reads_time_format(tmp_path: Path) -> None:
+    """A streamed describe rejected dates written as numbers with a hint to pass
+    --time-format, which --stream then refused."""
+    log = tmp_path / "days.parquet"
+    days = pl.Series([20240301, 20240302, 20240303] * 20)
+    data = generate(num_users=20, num_items=30, num_interactions=60).interactions
+    data.with_columns(timestamp=days).write_parquet(log, row_group_size=25)
+    plain = runner.invoke(app, ["data", "describe", str(log), "--stream", "--json"])
+    assert json.loads(plain.stdout)["report"]["rejected"] == {
+        "timestamp_as_date_number": 60
+    }
+    dated = ["--stream", "--time-format", "%Y%m%d", "--json"]
+    summary = json.loads(
+        runner.invoke(app, ["data", "describe", str(log), *dated]).stdout
+    )
+    assert summary["report"]["rejected"] == {} and summary["num_interactions"] == 60
+    assert summary["time_range"]["max"] == "2024-03-03 00:00:00"
+
+
 def test_quote_char_none_reads_quotes_as_text(tmp_path: Path) -> None:
     """Last.fm's TSV dumps hold artists such as `"Weird Al" Yankovic`: a field that
     starts with a quote was a bad_quoting row, and the CLI had no way to say that

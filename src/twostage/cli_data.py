@@ -509,6 +509,7 @@ def data_describe(
 ) -> None:
     """Counts, sparsity, rating histogram, time range and the bad-row report."""
     from twostage.data.describe import describe, describe_streamed
+    from twostage.data.streaming import Reading
 
     options = dataset_options(
         user_col=user_col,
@@ -546,6 +547,7 @@ def data_describe(
                 "has_header",
                 "weight_col",
                 "time_unit",
+                "time_format",
                 "weight_values",
                 "missing_ratings",
             )
@@ -554,16 +556,16 @@ def data_describe(
             raise typer.BadParameter(
                 "a streamed log is read by its column names (user_id, item_id, "
                 "timestamp, rating; --weight-col names any, with --weight-values; "
-                "--time-unit reads its numbers) and counts bad rows "
+                "--time-unit reads its numbers, --time-format its dates) and counts "
+                "bad rows "
                 "without stopping; drop " + ", ".join(given) + ".",
                 param_hint="--stream",
             )
         summary, report = describe_streamed(
             dataset,
             weight_col=weight_col,
-            time_unit=time_unit or "s",
+            reading=Reading(time_unit or "s", time_format, missing_ratings or "reject"),
             weight_values=options["weight_values"],
-            missing_ratings=missing_ratings or "reject",
             unrated_values=tuple(unrated_values_of(unrated_values) or ()),
         )
         streamed = True

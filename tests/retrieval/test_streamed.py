@@ -14,6 +14,7 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.data.split import ExperimentSplit, leave_last_out
 from twostage.data.streaming import (
+    Reading,
     count_values,
     held_out_mask,
     iter_batches,
@@ -177,7 +178,9 @@ def _three_sides(
 
     columns = ["user_id", "item_id", "timestamp", "rating"]
     table = pl.concat(
-        iter_batches(log, columns=columns, missing_ratings=missing_ratings)
+        iter_batches(
+            log, columns=columns, reading=Reading(missing_ratings=missing_ratings)
+        )
     )
     parts = _in_memory_split(Dataset(name="log", interactions=table), split)
     train = parts.fit.interactions
@@ -531,6 +534,27 @@ def test_a_streamed_log_of_milliseconds_trains_as_the_one_of_seconds(
         fit_streamed_retrieval(apply_overrides(ExperimentConfig(), settings), ms_log)
 
 
+def test_streamed_runs_read_time_format(log: Path, tmp_path: Path) -> None:
+    """`data.time_format` was refused under --stream, while a streamed pass
+    rejected dates written as numbers (20240301) with a hint to set it: a Parquet
+    log of timestamps as text other than ISO had to be rewritten first."""
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    written = pl.from_epoch("timestamp", time_unit="s").dt.strftime("%d/%m/%Y %H:%M:%S")
+    text_log = _two_files(table.with_columns(written), tmp_path / "text", 7_000, 1_000)
+    settings = [*ID_ONLY, "data.split=temporal", "train.epochs=1"]
+    seconds = fit_streamed_retrieval(apply_overrides(ExperimentConfig(), settings), log)
+    formatted = [*settings, "data.time_format=%d/%m/%Y %H:%M:%S"]
+    read = fit_streamed_retrieval(
+        apply_overrides(ExperimentConfig(), formatted), text_log
+    )
+    for name, weights in seconds.model.state_dict().items():
+        torch.testing.assert_close(read.model.state_dict()[name], weights)
+    assert read.metrics["metrics"] == seconds.metrics["metrics"]
+    with pytest.raises(DataError, match="bad_timestamp"):  # read without the format
+        fit_streamed_retrieval(apply_overrides(ExperimentConfig(), settings), text_log)
+
+
 @pytest.mark.parametrize(
     ("overrides", "refused"),
     [
@@ -538,7 +562,7 @@ def test_a_streamed_log_of_milliseconds_trains_as_the_one_of_seconds(
         (["data.rating_col="], "data.rating_col=''"),
         (["data.cold_user_fraction=0.1"], "data.cold_user_fraction"),
         (["data.separator=;"], "data.separator"),
-        (["data.time_format=%Y%m%d"], "data.time_format"),
+        (["data.comment_prefix=#"], "data.comment_prefix"),
         (["data.min_user_rows=5"], "data.min_user_rows"),
         (["data.column_names=user_id,item_id,timestamp"], "data.column_names"),
     ],

@@ -13,6 +13,7 @@ from twostage.errors import DataError
 
 if TYPE_CHECKING:
     from twostage.data.report import LoadReport
+    from twostage.data.streaming import Reading
 
 __all__ = ["describe", "describe_streamed"]
 
@@ -109,9 +110,8 @@ def describe_streamed(
     path: str | Path,
     *,
     weight_col: str | None = None,
-    time_unit: str = "s",
+    reading: Reading | None = None,
     weight_values: dict[str, float] | None = None,
-    missing_ratings: str = "reject",
     unrated_values: tuple[float, ...] = (),
 ) -> tuple[dict[str, Any], LoadReport]:
     """:func:`describe` of a Parquet log read one row group at a time
@@ -128,7 +128,12 @@ def describe_streamed(
     import pyarrow.parquet as pq
 
     from twostage.data.report import LoadReport
-    from twostage.data.streaming import RunningCounts, iter_row_groups, parquet_files
+    from twostage.data.streaming import (
+        Reading,
+        RunningCounts,
+        iter_row_groups,
+        parquet_files,
+    )
 
     names = pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names
     rated = RATING in names
@@ -144,8 +149,7 @@ def describe_streamed(
         path,
         columns=columns,
         report=report,
-        time_unit=time_unit,
-        missing_ratings=missing_ratings,
+        reading=reading or Reading(),
     ):
         if weights is not None:
             weights.add(batch, first)

@@ -29,6 +29,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ROW",
+    "Reading",
     "RunningCounts",
     "SplitRule",
     "check_file_schemas",
@@ -112,6 +114,45 @@ def row_groups(files: list[Path]) -> list[tuple[Path, int]]:
     ]
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How every pass reads a streamed log's values: the ``data.*`` settings that
+    apply to a Parquet dataset (:meth:`of`), as ``read_interactions`` takes them.
+
+    ``time_unit``: the unit of numeric timestamps (``s``, ``ms``, ``us``, ``ns``);
+    ``time_format``: a strptime format for timestamps written as text or as date
+    numbers (``"%Y%m%d"`` for 20240301); ``missing_ratings``: ``"reject"`` an empty
+    rating, or keep its row ``"unrated"``.
+    """
+
+    time_unit: str = "s"
+    time_format: str | None = None
+    missing_ratings: str = "reject"
+
+    @classmethod
+    def of(cls, data: Any) -> Reading:
+        """The reading settings of a ``DataConfig``."""
+        return cls(data.time_unit, data.time_format, data.missing_ratings)
+
+    def check(self) -> None:
+        if self.time_unit not in TIME_UNITS:
+            raise ConfigError(
+                f"`time_unit` should be one of {list(TIME_UNITS)}. Received: "
+                f"{self.time_unit!r}."
+            )
+        if self.missing_ratings not in ("reject", "unrated"):
+            raise ConfigError(
+                "`missing_ratings` should be 'reject' or 'unrated'. Received: "
+                f"{self.missing_ratings!r}."
+            )
+        if self.time_unit != "s" and self.time_format is not None:
+            raise ConfigError(
+                "`time_unit` applies to numbers since the epoch and `time_format` to "
+                f"text; give one. Received: `time_unit` = {self.time_unit!r}, "
+                f"`time_format` = {self.time_format!r}."
+            )
+
+
 def iter_batches(
     path: str | Path,
     *,
@@ -119,8 +160,7 @@ def iter_batches(
     rank: int = 0,
     world: int = 1,
     report: LoadReport | None = None,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> Iterator[pl.DataFrame]:
     """The dataset's row groups as polars frames of ``columns``, checked as the
     in-memory loader checks a Parquet file (:func:`iter_row_groups`); rank ``rank`` of
@@ -132,8 +172,7 @@ def iter_batches(
         rank=rank,
         world=world,
         report=report,
-        time_unit=time_unit,
-        missing_ratings=missing_ratings,
+        reading=reading,
     ):
         yield frame.drop(ROW)
 
@@ -145,8 +184,7 @@ def iter_row_groups(
     rank: int = 0,
     world: int = 1,
     report: LoadReport | None = None,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> Iterator[tuple[int, pl.DataFrame]]:
     """``(first row number, frame)`` per row group of this rank: the good rows of the
     group, with ``columns`` and their dataset row numbers (``__row``; rows counted
@@ -177,23 +215,15 @@ def iter_row_groups(
         )
     roles = {c: c for c in (USER, ITEM, TIME, RATING) if c in present}
     check_file_schemas(files, [*roles, *columns])
-    if time_unit not in TIME_UNITS:
-        raise ConfigError(
-            f"`time_unit` should be one of {list(TIME_UNITS)}. Received: {time_unit!r}."
-        )
-    if missing_ratings not in ("reject", "unrated"):
-        raise ConfigError(
-            "`missing_ratings` should be 'reject' or 'unrated'. Received: "
-            f"{missing_ratings!r}."
-        )
+    reading.check()
     spec = Spec(
         roles,
         (),
-        None,
+        reading.time_format,
         "keep",
         (USER, ITEM, TIME),
-        time_unit=time_unit,
-        missing_ratings=missing_ratings,
+        time_unit=reading.time_unit,
+        missing_ratings=reading.missing_ratings,
     )
     extra = [c for c in columns if c not in roles]
     first = 0
@@ -371,8 +401,7 @@ def last_rows(
     path: str | Path,
     *,
     within: SplitRule | None = None,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> np.ndarray:
     """Sorted dataset row numbers of each user's last row, for users with two rows
     or more: the test rows of ``leave-last-out``, as
@@ -386,9 +415,7 @@ def last_rows(
     """
     latest = _Latest()
     columns = [USER, TIME] if within is None else [USER, ITEM, TIME]
-    for first, batch in iter_row_groups(
-        path, columns=columns, time_unit=time_unit, missing_ratings=missing_ratings
-    ):
+    for first, batch in iter_row_groups(path, columns=columns, reading=reading):
         if within is not None:
             batch = batch.filter(pl.Series(~within.mask(batch, first)))
         latest.add(batch.select(USER, TIME, ROW))
@@ -505,8 +532,7 @@ def split_rule(
     test_fraction: float,
     seed: int,
     validation_fraction: float = 0.0,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> SplitRule:
     """The split of a streamed log: the time cut of ``temporal`` and the last rows of
     ``leave-last-out`` are found here, once, by a streaming pass.
@@ -535,8 +561,7 @@ def split_rule(
             path,
             test_fraction=test_fraction,
             validation_fraction=validation_fraction,
-            time_unit=time_unit,
-            missing_ratings=missing_ratings,
+            reading=reading,
         )
     rule = SplitRule(
         method=method,
@@ -544,9 +569,7 @@ def split_rule(
         seed=seed,
         time_cut=time_cut,
         held_rows=(
-            last_rows(path, time_unit=time_unit, missing_ratings=missing_ratings)
-            if method == "leave-last-out"
-            else None
+            last_rows(path, reading=reading) if method == "leave-last-out" else None
         ),
     )
     if validation_fraction == 0:
@@ -560,8 +583,7 @@ def split_rule(
             last_rows(
                 path,
                 within=rule,
-                time_unit=time_unit,
-                missing_ratings=missing_ratings,
+                reading=reading,
             )
             if method == "leave-last-out"
             else None
@@ -574,8 +596,7 @@ def temporal_cut(
     path: str | Path,
     *,
     test_fraction: float,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> int:
     """The timestamp (epoch seconds) from which rows are test rows: the
     ``1 - test_fraction`` quantile ("lower": an observed time) of the times of the
@@ -585,8 +606,7 @@ def temporal_cut(
     return temporal_cuts(
         path,
         test_fraction=test_fraction,
-        time_unit=time_unit,
-        missing_ratings=missing_ratings,
+        reading=reading,
     )[0]
 
 
@@ -595,8 +615,7 @@ def temporal_cuts(
     *,
     test_fraction: float,
     validation_fraction: float = 0.0,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> tuple[int, int | None]:
     """:func:`temporal_cut`, and with ``validation_fraction`` > 0 the validation
     cut: the ``1 - validation_fraction`` quantile ("lower") of the training rows'
@@ -608,8 +627,7 @@ def temporal_cuts(
             path,
             columns=[TIME],
             report=report,
-            time_unit=time_unit,
-            missing_ratings=missing_ratings,
+            reading=reading,
         )
     ]
     times = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -693,8 +711,7 @@ def fit_vocabularies(
     validation_fraction: float = 0.0,
     rank: int = 0,
     world: int = 1,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> StreamingVocabularies:
     """User and item vocabularies of the training side, in one pass of record batches.
 
@@ -720,8 +737,7 @@ def fit_vocabularies(
         test_fraction=test_fraction,
         seed=seed,
         validation_fraction=validation_fraction,
-        time_unit=time_unit,
-        missing_ratings=missing_ratings,
+        reading=reading,
     )
     users, items = RunningCounts(), RunningCounts()
     train_rows = test_rows = validation_rows = batches = 0
@@ -733,8 +749,7 @@ def fit_vocabularies(
         rank=rank,
         world=world,
         report=report,
-        time_unit=time_unit,
-        missing_ratings=missing_ratings,
+        reading=reading,
     ):
         test, validation = rule.sides(batch, first)
         train = batch.filter(pl.Series(~(test | validation)))
@@ -804,8 +819,7 @@ def count_values(
     *,
     rank: int = 0,
     world: int = 1,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> dict[str, pl.DataFrame]:
     """Each per-row context column's distinct values over the training rows, with
     their counts (``key``, ``count``; a null key counts the missing values): what
@@ -833,8 +847,7 @@ def count_values(
         columns=[USER, ITEM, TIME, *raw],
         rank=rank,
         world=world,
-        time_unit=time_unit,
-        missing_ratings=missing_ratings,
+        reading=reading,
     ):
         train = batch.filter(pl.Series(~rule.mask(batch, first)))
         frame = context_frame(train[USER], train, columns)
@@ -861,8 +874,7 @@ def held_out_rows(
     side: str = "test",
     rank: int = 0,
     world: int = 1,
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> pl.DataFrame:
     """The test side of the split (``side="validation"``: the validation carve-out):
     ``columns`` of every such row, in file order. Under ``torch.distributed`` each
@@ -878,8 +890,7 @@ def held_out_rows(
             columns=columns,
             rank=rank,
             world=world,
-            time_unit=time_unit,
-            missing_ratings=missing_ratings,
+            reading=reading,
         )
     ]
     empty = _empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(ROW))
@@ -945,8 +956,7 @@ def feature_tables(
     *,
     user_features: list[str] | tuple[str, ...] = (),
     item_features: list[str] | tuple[str, ...] = (),
-    time_unit: str = "s",
-    missing_ratings: str = "reject",
+    reading: Reading = Reading(),
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """``(users, items)``: the feature columns of the log as tables, one row per ID
     (its first occurrence in file order, as the in-memory loader keeps it; a warning
@@ -968,9 +978,7 @@ def feature_tables(
                 f"the feature columns {missing} are not in {str(file)!r}, whose "
                 f"columns are {names}."
             )
-    for batch in iter_batches(
-        path, columns=columns, time_unit=time_unit, missing_ratings=missing_ratings
-    ):
+    for batch in iter_batches(path, columns=columns, reading=reading):
         for key, first in firsts.items():
             first.add(batch.select([key, *wanted[key]]))
     tables: dict[str, pl.DataFrame | None] = {USER: None, ITEM: None}

@@ -61,6 +61,7 @@ from twostage.data.registry import read_side_tables
 from twostage.data.split import check_split_sizes, report_unused_fraction, sample_users
 from twostage.data.streaming import (
     ROW,
+    Reading,
     SplitRule,
     StreamingVocabularies,
     count_values,
@@ -170,7 +171,6 @@ def check_data_options(data: DataConfig) -> None:
     unread = {
         "data.separator": data.separator is not None,
         "data.cold_user_fraction": data.cold_user_fraction != 0,
-        "data.time_format": data.time_format is not None,
         "data.column_names": bool(data.column_names),
         "data.min_user_rows": data.min_user_rows > 1,
         "data.duplicates": data.duplicates != "keep",
@@ -182,8 +182,9 @@ def check_data_options(data: DataConfig) -> None:
         raise ConfigError(
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
-            + " (a Parquet log has no separator; cold users and "
-            "time formats are in-memory options; a Parquet log can hold datetimes): "
+            + " (a Parquet log has no separator, quotes, comments or header; cold "
+            "users and the minimum rows per user or item are in-memory options, and "
+            "so is dropping duplicates): "
             "unset them, or load the log in memory "
             "(without --stream)."
         )
@@ -259,8 +260,7 @@ def streamed_tensors(
         columns=columns,
         rank=rank,
         world=size,
-        time_unit=config.data.time_unit,
-        missing_ratings=config.data.missing_ratings,
+        reading=Reading.of(config.data),
     ):
         train = batch.filter(pl.Series(~rule.mask(batch, first)))
         rows = slice(filled, filled + train.height)
@@ -349,8 +349,7 @@ def side_tables(
         path,
         user_features=data.user_features,
         item_features=data.item_features,
-        time_unit=data.time_unit,
-        missing_ratings=data.missing_ratings,
+        reading=Reading.of(data),
     )
     extra_users, extra_items = read_side_tables(data)
     if extra_users is not None:
@@ -523,8 +522,7 @@ def _held_out(
         side=side,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
-        time_unit=run.config.data.time_unit,
-        missing_ratings=run.config.data.missing_ratings,
+        reading=Reading.of(run.config.data),
     )
     held = Dataset(name=side, interactions=rows, users=user_table, items=item_table)
     return held.with_unrated(run.config.data.unrated_values)
@@ -587,8 +585,7 @@ def _split_rule(
         method=data.split,
         test_fraction=data.test_fraction,
         seed=data.seed,
-        time_unit=data.time_unit,
-        missing_ratings=data.missing_ratings,
+        reading=Reading.of(data),
     )
 
 
@@ -777,8 +774,7 @@ def _fit_streamed(
         validation_fraction=data.validation_fraction,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
-        time_unit=data.time_unit,
-        missing_ratings=data.missing_ratings,
+        reading=Reading.of(data),
     )
     held = fitted.num_validation_rows  # not training rows here
     report = fitted.report
@@ -822,8 +818,7 @@ def _fit_streamed(
             wanted,
             rank=world.rank if world is not None else 0,
             world=world.size if world is not None else 1,
-            time_unit=config.data.time_unit,
-            missing_ratings=config.data.missing_ratings,
+            reading=Reading.of(config.data),
         )
     spec = spec.fit_streamed(
         users=fitted.users,

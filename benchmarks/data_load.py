@@ -8,6 +8,11 @@ Each measurement runs in a fresh subprocess, so the peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``) belongs to that one read; runs are interleaved
 and repeated, and the medians are reported.
 
+The same rows are also written in the Netflix Prize layout (``movie:`` lines opening
+blocks of ``customer,rating,date`` lines, :mod:`twostage.data.netflix`; dates, so the
+times are days): ``bare_netflix`` is polars reading its lines, ``ours_netflix``
+:func:`~twostage.data.netflix.read_netflix` unfolding and checking them.
+
 Usage::
 
     python benchmarks/data_load.py --rows 10000000 --repeats 3 --json bench.json
@@ -37,6 +42,8 @@ KINDS = (
     "ours_parquet",
     "bare_ndjson",
     "ours_ndjson",
+    "bare_netflix",
+    "ours_netflix",
 )
 
 
@@ -54,6 +61,26 @@ def make_table(rows: int, seed: int = 0) -> pl.DataFrame:
     )
 
 
+def write_netflix_layout(table: pl.DataFrame, path: Path) -> Path:
+    """``table`` in the Netflix Prize layout: per item, its ``N:`` line, then a
+    ``user,rating,yyyy-mm-dd`` line per row."""
+    day = pl.from_epoch("timestamp", time_unit="s").dt.strftime("%Y-%m-%d")
+    rows = table.select(
+        pl.col("item_id").alias("block"),
+        pl.lit(1, dtype=pl.Int8).alias("order"),
+        pl.concat_str(pl.col("user_id"), pl.col("rating"), day, separator=",").alias(
+            "text"
+        ),
+    )
+    heads = table.select(pl.col("item_id").unique().alias("block")).with_columns(
+        pl.lit(0, dtype=pl.Int8).alias("order"),
+        (pl.col("block").cast(pl.String) + ":").alias("text"),
+    )
+    lines = pl.concat([heads, rows]).sort("block", "order", maintain_order=True)
+    lines.select("text").write_csv(path, include_header=False, quote_style="never")
+    return path
+
+
 def peak_rss_gib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
@@ -62,10 +89,18 @@ def peak_rss_gib() -> float:
 
 def child(kind: str, path: str) -> None:
     """Time one read in this (fresh) process and print the result as JSON."""
+    from twostage.data.netflix import read_netflix
     from twostage.data.tables import read_interactions
 
     start = time.perf_counter()
-    if kind.startswith("bare"):
+    if kind == "bare_netflix":
+        lines = pl.read_csv(
+            path, has_header=False, separator="\x1f", quote_char=None
+        ).to_series()
+        rows = int((~lines.str.ends_with(":")).sum())
+    elif kind == "ours_netflix":
+        rows = read_netflix(path).num_interactions
+    elif kind.startswith("bare"):
         read = {
             "csv": pl.read_csv,
             "parquet": pl.read_parquet,
@@ -111,6 +146,7 @@ def main() -> None:
         table.write_csv(files["csv"])
         table.write_parquet(files["parquet"])
         table.write_ndjson(files["ndjson"])
+        files["netflix"] = write_netflix_layout(table, workdir / "combined_data_1.txt")
         del table
         runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
         for _ in range(args.repeats):  # interleaved, so drift hits every kind alike
@@ -138,6 +174,7 @@ def report(
         "csv_ratio": seconds["ours_csv"] / seconds["bare_csv"],
         "parquet_ratio": seconds["ours_parquet"] / seconds["bare_parquet"],
         "ndjson_ratio": seconds["ours_ndjson"] / seconds["bare_ndjson"],
+        "netflix_ratio": seconds["ours_netflix"] / seconds["bare_netflix"],
         "peak_rss_gib": max(
             r["peak_rss_gib"] for k in KINDS if k.startswith("ours") for r in runs[k]
         ),

@@ -233,7 +233,8 @@ def train_all(
     dataset: Annotated[
         str,
         typer.Option(
-            help="Built-in dataset name or path of your CSV, JSON lines or Parquet log."
+            help="Built-in dataset name, path of your CSV, JSON lines or Parquet log, "
+            "or book-crossing:PATH / netflix:PATH for those layouts."
         ),
     ] = "movielens-100k",
     config_file: Annotated[
@@ -987,7 +988,8 @@ def train_retrieval_command(
     dataset: Annotated[
         str,
         typer.Option(
-            help="Built-in dataset name or path of your CSV, JSON lines or Parquet log."
+            help="Built-in dataset name, path of your CSV, JSON lines or Parquet log, "
+            "or book-crossing:PATH / netflix:PATH for those layouts."
         ),
     ] = "movielens-100k",
     config_file: Annotated[

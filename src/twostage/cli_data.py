@@ -26,7 +26,8 @@ DatasetArg = Annotated[
     str,
     typer.Argument(
         help="A built-in dataset (movielens-100k, movielens-1m, movielens-latest-small, "
-        "movielens-20m, movielens-25m, synthetic[:key=value,...]) or a CSV, JSON lines or Parquet path."
+        "movielens-20m, movielens-25m, synthetic[:key=value,...]), a CSV, JSON lines "
+        "or Parquet path, or book-crossing:PATH / netflix:PATH for those layouts."
     ),
 ]
 TrainFile = Annotated[

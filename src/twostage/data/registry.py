@@ -45,14 +45,14 @@ FIT_TABLES = "<tables given to TwoStageModel.fit>"
 
 def anchored(spec: str) -> str:
     """``spec`` with the path of an existing file or directory made absolute (also
-    inside ``book-crossing:PATH``), built-in names unchanged: what a saved config
+    inside ``book-crossing:PATH`` and ``netflix:PATH``), built-in names unchanged: what a saved config
     keeps, so ``twostage evaluate`` and ``report`` find the log again from another
     working directory."""
     lowered = spec.lower()
     if lowered.startswith(("movielens-", "ml-", "synthetic")):  # as load_dataset
         return spec
     prefix = ""
-    if lowered.startswith("book-crossing:"):
+    if lowered.startswith(("book-crossing:", "netflix:")):
         prefix, _, spec = spec.partition(":")
         prefix += ":"
     path = Path(spec).expanduser()
@@ -76,7 +76,9 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
         spec: ``movielens-100k`` (also ``ml-100k``), ``movielens-1m``, ...,
             ``synthetic`` or ``synthetic:num_items=1000,num_users=500`` for generated
             data, ``book-crossing:PATH`` for a file in the layout of Book-Crossing's
-            ``Preprocessed_data.csv``, or the path of a CSV/TSV/Parquet interaction
+            ``Preprocessed_data.csv``, ``netflix:PATH`` for the Netflix Prize's
+            ``combined_data_*.txt`` (a file, or their directory with
+            ``movie_titles.csv``), or the path of a CSV/TSV/Parquet interaction
             log.
         **options: for a path, the keyword arguments of
             :func:`twostage.data.tables.read_interactions` (column mapping, separator,
@@ -112,6 +114,10 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
         from twostage.data.book_crossing import read_book_crossing
 
         return read_book_crossing(spec.partition(":")[2], **options)
+    if lowered.startswith("netflix:"):
+        from twostage.data.netflix import read_netflix
+
+        return read_netflix(spec.partition(":")[2], **options)
     if lowered == "synthetic" or lowered.startswith("synthetic:"):
         from twostage.data.synthetic import generate
 

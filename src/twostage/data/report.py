@@ -33,6 +33,8 @@ REASONS = (
     # a JSON line that is not one object: malformed, an array or a number, a NaN,
     # or a key given twice
     "bad_json",
+    # a Netflix Prize rating above the first movie's line ("1:")
+    "no_movie_line",
 )
 
 MAX_EXAMPLES = 5

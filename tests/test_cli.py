@@ -1163,6 +1163,39 @@ def test_feature_files_beside_a_log(tmp_path: Path) -> None:
         assert message in " ".join(str(refused.exception).split()), refused.output
 
 
+def test_feature_files_keyed_otherwise(tmp_path: Path) -> None:
+    """Steam's games are keyed `id` where its reviews say `item_id`, Last.fm's
+    profiles `#id`: such a file had to be rewritten with the log's key name."""
+    data = generate(num_users=60, num_items=80, num_interactions=1500)
+    assert data.items is not None and data.users is not None
+    log = tmp_path / "reviews.csv"
+    data.interactions.write_csv(log)
+    games = tmp_path / "games.csv"
+    data.items.select(pl.col("item_id").alias("id"), "category").write_csv(games)
+    profiles = tmp_path / "profiles.tsv"
+    data.users.select(pl.col("user_id").alias("#id"), "age").write_csv(
+        profiles, separator="\t"
+    )
+    tables = ["--item-table", str(games), "--user-table", str(profiles)]
+    keys = ["--item-table-key", "id", "--user-table-key", "#id"]
+    unkeyed = runner.invoke(app, ["data", "describe", str(log), *tables])
+    assert "data.user_table_key" in str(unkeyed.exception)  # --user-table-key
+    described = runner.invoke(
+        app, ["data", "describe", str(log), *tables, *keys, "--json"]
+    )
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    assert summary["item_features"] == ["category"]
+    assert summary["user_features"] == ["age"]
+    run = tmp_path / "run"
+    saved = train_retrieval(log, [*tables, *keys], run)
+    assert saved["item_table_key"] == "id" and saved["user_table_key"] == "#id"
+    assert "item_table_key=id" in runner.invoke(app, ["info", str(run)]).stdout
+    alone = runner.invoke(app, ["data", "describe", str(log), "--item-table-key", "id"])
+    assert alone.exit_code != 0
+    assert "`data.item_table`, which is unset" in str(alone.exception)
+
+
 def test_similar_filters_by_metadata_from_the_cli(
     models_dir: Path, tmp_path: Path
 ) -> None:

@@ -189,6 +189,18 @@ def test_feature_tables_are_checked_against_the_log(
     with pytest.raises(twostage.TwostageError, match="both name a feature table"):
         named.fit(train, users=ages, **columns)
 
+    # A table keyed otherwise (Steam's games: `id`), named by `data.user_table_key`.
+    keyed = twostage.TwoStageModel(
+        settings={**SETTINGS, "train.epochs": 1, "data.user_table_key": "customer"},
+        ranking=False,
+        progress=False,
+    )
+    keyed.fit(train, users=ages.rename(columns={"uid": "customer"}), **columns)
+    assert keyed.split_.fit.users is not None
+    assert keyed.split_.fit.users["age"].to_list() == list(range(len(ids)))
+    with pytest.raises(twostage.TwostageError, match="none was given"):
+        keyed.fit(train, **columns)
+
 
 def test_fit_reads_the_training_rows_weights(frames) -> None:
     """`weight_col`: the estimator had no way to pass a log's weights."""

@@ -162,7 +162,26 @@ UserTable = Annotated[
         "--user-table",
         rich_help_panel=READING,
         help="A file of user features (CSV, JSON lines, Parquet) keyed by the log's "
-        "user column name or user_id; its other columns become features.",
+        "user column name or user_id (or --user-table-key); its other columns "
+        "become features.",
+    ),
+]
+UserTableKey = Annotated[
+    str | None,
+    typer.Option(
+        "--user-table-key",
+        rich_help_panel=READING,
+        help="The key column of --user-table when it names it otherwise than the "
+        "log (Last.fm's profiles: #id).",
+    ),
+]
+ItemTableKey = Annotated[
+    str | None,
+    typer.Option(
+        "--item-table-key",
+        rich_help_panel=READING,
+        help="The key column of --item-table when it names it otherwise than the "
+        "log (Steam's games: id).",
     ),
 ]
 ItemTable = Annotated[
@@ -171,7 +190,8 @@ ItemTable = Annotated[
         "--item-table",
         rich_help_panel=READING,
         help="A file of item features (a catalogue: CSV, JSON lines, Parquet) keyed "
-        "by the log's item column name or item_id; its other columns become features.",
+        "by the log's item column name or item_id (or --item-table-key); its other "
+        "columns become features.",
     ),
 ]
 Duplicates = Annotated[
@@ -309,12 +329,16 @@ def _load(spec: str, options: dict[str, Any]) -> Any:
 
 
 def _with_tables(
-    data: Any, user_table: Path | None, item_table: Path | None, options: dict[str, Any]
+    data: Any,
+    user_table: Path | None,
+    item_table: Path | None,
+    options: dict[str, Any],
+    keys: tuple[str | None, str | None] = (None, None),
 ) -> Any:
     """``data`` with the feature files of ``--user-table`` / ``--item-table``
     joined, keyed as training keys them (:func:`twostage.data.registry.
-    read_side_tables`)."""
-    if user_table is None and item_table is None:
+    read_side_tables`); ``keys``: ``--user-table-key`` / ``--item-table-key``."""
+    if user_table is None and item_table is None and keys == (None, None):
         return data
     from twostage.config import DataConfig
     from twostage.data.registry import read_side_tables
@@ -326,6 +350,8 @@ def _with_tables(
             item_table=None if item_table is None else str(item_table),
             user_col=options.get("user_col"),
             item_col=options.get("item_col"),
+            user_table_key=keys[0],
+            item_table_key=keys[1],
         )
     )
     return join_features(data, users=users, items=items)
@@ -489,6 +515,8 @@ def data_describe(
     item_features: ItemFeatures = None,
     user_table: UserTable = None,
     item_table: ItemTable = None,
+    user_table_key: UserTableKey = None,
+    item_table_key: ItemTableKey = None,
     min_user_rows: MinUserRows = None,
     min_item_rows: MinItemRows = None,
     strict: Strict = False,
@@ -535,6 +563,8 @@ def data_describe(
         tables = {
             "user_table": user_table,
             "item_table": item_table,
+            "user_table_key": user_table_key,
+            "item_table_key": item_table_key,
             "min_user_rows": min_user_rows,
             "min_item_rows": min_item_rows,
         }
@@ -571,7 +601,10 @@ def data_describe(
         )
         streamed = True
     else:
-        data = _with_tables(_load(dataset, options), user_table, item_table, options)
+        keys = (user_table_key, item_table_key)
+        data = _with_tables(
+            _load(dataset, options), user_table, item_table, options, keys
+        )
         data = data.with_unrated(unrated_values_of(unrated_values) or [])
         data, filtered = _min_counts(data, min_user_rows, min_item_rows)
         summary, report, streamed = describe(data), data.report, False

@@ -79,6 +79,8 @@ _READING = (
     "item_features",
     "user_table",
     "item_table",
+    "user_table_key",
+    "item_table_key",
     "min_user_rows",
     "min_item_rows",
     "duplicates",

@@ -22,7 +22,7 @@ import torch
 
 from twostage.config import DataConfig, ExperimentConfig, apply_settings, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
-from twostage.data.registry import FIT_TABLES
+from twostage.data.registry import FIT_TABLES, table_keys
 from twostage.data.split import ExperimentSplit, validation_split
 from twostage.errors import ConfigError, DataError
 from twostage.evaluate import EvalResult
@@ -429,14 +429,22 @@ class TwoStageModel:
             else:
                 dataset = read(list(settings.column_names) or None)
         tables = {}
-        sides: tuple[tuple[str, Any, str, Literal["user_id", "item_id"]], ...] = (
-            ("users", users, columns.user_col, "user_id"),
-            ("items", items, columns.item_col, "item_id"),
+        sides: tuple[
+            tuple[str, Any, str, Literal["user_id", "item_id"], str | None], ...
+        ] = (
+            ("users", users, columns.user_col, "user_id", settings.user_table_key),
+            ("items", items, columns.item_col, "item_id", settings.item_table_key),
         )
-        for arg, table, key_col, key in sides:
+        for arg, table, key_col, key, table_key in sides:
             if table is not None:
-                keys = list(dict.fromkeys([key_col, key]))  # the log's name, or the key
+                keys = table_keys(key_col, key, table_key)
                 tables[arg] = read_feature_table(table, key_col=keys, key_name=key)
+            elif table_key is not None and not held_out:
+                raise ConfigError(
+                    f"`data.{arg[:-1]}_table_key` = {table_key!r} names the key column "
+                    f"of a {arg[:-1]} feature table, and none was given: pass "
+                    f"fit({arg}=...) or set `data.{arg[:-1]}_table`."
+                )
         if tables:  # checked against the log: keys, repeats, how many match
             dataset = join_features(dataset, **tables)
         if like is not None:

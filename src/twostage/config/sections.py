@@ -137,7 +137,9 @@ class DataConfig(_Checked):
     ``user_table`` / ``item_table`` name files of user / item features (CSV, JSON
     lines or Parquet; a product catalogue, a user profile export), keyed by the
     log's user / item column name (``user_col`` / ``item_col``) or ``user_id`` /
-    ``item_id``; their other columns join the log's own feature columns.
+    ``item_id``, or by ``user_table_key`` / ``item_table_key`` when the file names
+    its key otherwise (Steam's games keyed ``id``, Last.fm's profiles ``#id``);
+    their other columns join the log's own feature columns.
     """
 
     dataset: str = "movielens-100k"
@@ -162,6 +164,8 @@ class DataConfig(_Checked):
     test_users: int = 0
     user_table: str | None = None
     item_table: str | None = None
+    user_table_key: str | None = None
+    item_table_key: str | None = None
     time_format: str | None = None
     time_unit: Literal["s", "ms", "us", "ns"] = "s"
     weight_values: tuple[str, ...] = ()

@@ -22,6 +22,7 @@ __all__ = [
     "load_dataset_for",
     "load_mapped",
     "read_side_tables",
+    "table_keys",
     "with_min_counts",
 ]
 
@@ -194,25 +195,48 @@ def read_side_tables(
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """The user and item feature tables of ``data.user_table`` /
     ``data.item_table`` (None where unset), keyed ``user_id`` / ``item_id``: read
-    by the log's user / item column name when the file has it, else by
-    ``user_id`` / ``item_id``."""
+    by ``data.user_table_key`` / ``item_table_key`` when set, else by the log's
+    user / item column name when the file has it, else by ``user_id`` /
+    ``item_id``.
+
+    Raises:
+        ConfigError: a key setting without its table.
+    """
     from twostage.data.tables import read_feature_table
 
     def side(
-        path: str | None, column: str | None, key: Literal["user_id", "item_id"]
+        path: str | None,
+        column: str | None,
+        key: Literal["user_id", "item_id"],
+        table_key: str | None,
     ) -> pl.DataFrame | None:
+        name = "user_table" if key == "user_id" else "item_table"
         if path is None:
+            if table_key is not None:
+                raise ConfigError(
+                    f"`data.{name}_key` = {table_key!r} names the key column of "
+                    f"`data.{name}`, which is unset: give the table too."
+                )
             return None
         if not Path(path).is_file():
-            name = "user_table" if key == "user_id" else "item_table"
             raise DataError(f"`data.{name}` = {path!r} is not a file.")
-        keys = list(dict.fromkeys([c for c in (column, key) if c]))
+        keys = table_keys(column, key, table_key)
         return read_feature_table(path, key_col=keys, key_name=key)
 
     return (
-        side(data.user_table, data.user_col, "user_id"),
-        side(data.item_table, data.item_col, "item_id"),
+        side(data.user_table, data.user_col, "user_id", data.user_table_key),
+        side(data.item_table, data.item_col, "item_id", data.item_table_key),
     )
+
+
+def table_keys(column: str | None, key: str, table_key: str | None) -> list[str]:
+    """The names a feature table's key column may have, in order: ``table_key``
+    alone when given (a catalogue keyed otherwise than the log: Steam's ``id``,
+    Last.fm's ``#id``), else the log's column name, then ``user_id`` /
+    ``item_id``."""
+    if table_key is not None:
+        return [table_key]
+    return list(dict.fromkeys([c for c in (column, key) if c]))
 
 
 def _parse_overrides(text: str) -> dict[str, int | float]:

@@ -336,7 +336,8 @@ def read_feature_table(
             where = FRAME if isinstance(path, pl.DataFrame) else str(path)
             raise DataError(
                 f"{where!r} should have a key column named {' or '.join(map(repr, keys))}"
-                f". Available columns: {names}; rename its key column."
+                f". Available columns: {names}; rename its key column, or name it "
+                f"with `data.{key_name.removesuffix('_id')}_table_key`."
             )
         rest = [c for c in names if c != key] if wanted is None else wanted
         feats = {"columns": rest}

@@ -27,7 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json
 
 #: Each in its own process: wall time and peak RSS per phase.
-PHASES = ("write", "vocabularies", "polars-scan", "train", "train-streamed")
+PHASES = (
+    "write",
+    "vocabularies",
+    "polars-scan",
+    "min-counts",
+    "train",
+    "train-streamed",
+)
 
 
 def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
@@ -39,6 +46,7 @@ def _phase(name: str, args: argparse.Namespace, directory: Path) -> dict[str, An
         *("--steps", str(args.steps), "--history", str(args.history)),
         *("--split", args.split),
         *("--validation-fraction", str(args.validation_fraction)),
+        *("--min-rows", str(args.min_rows)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -80,6 +88,16 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             validation_rows=fitted.num_validation_rows,
             test_rows=fitted.num_test_rows,
         )
+    elif name == "min-counts":
+        # The k-core of a streamed run (--min-user-rows / --min-item-rows): one
+        # pass over the user and item columns per round.
+        from twostage.data.streaming import Reading, min_count_ids
+
+        minimum = args.min_rows
+        removed = min_count_ids(
+            args.dir, Reading(min_user_rows=minimum, min_item_rows=minimum)
+        ).removed
+        out.update(removed.to_dict())
     elif name == "train":
         out.update(_train_steps(args, streamed=False))
     elif name == "train-streamed":
@@ -282,6 +300,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=0.0,
         help="the vocabulary phase's validation carve-out of the training rows "
         "(leave-last-out: each user's last training row, one more pass)",
+    )
+    parser.add_argument(
+        "--min-rows",
+        type=int,
+        default=5,
+        help="the min-counts phase: the minimum rows per user and per item",
     )
     parser.add_argument(
         "--skip-distributed", action="store_true", help="only the data pass"

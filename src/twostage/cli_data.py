@@ -565,8 +565,6 @@ def data_describe(
             "item_table": item_table,
             "user_table_key": user_table_key,
             "item_table_key": item_table_key,
-            "min_user_rows": min_user_rows,
-            "min_item_rows": min_item_rows,
         }
         given = [
             f"--{key.replace('_', '-')}"
@@ -587,15 +585,21 @@ def data_describe(
             raise typer.BadParameter(
                 "a streamed log is read by its column names (user_id, item_id, "
                 "timestamp, rating; --weight-col names any, with --weight-values; "
-                "--time-unit reads its numbers, --time-format its dates) and counts "
-                "bad rows "
+                "--time-unit reads its numbers, --time-format its dates, "
+                "--min-user-rows / --min-item-rows apply) and counts bad rows "
                 "without stopping; drop " + ", ".join(given) + ".",
                 param_hint="--stream",
             )
         summary, report = describe_streamed(
             dataset,
             weight_col=weight_col,
-            reading=Reading(time_unit or "s", time_format, missing_ratings or "reject"),
+            reading=Reading(
+                time_unit or "s",
+                time_format,
+                missing_ratings or "reject",
+                min_user_rows or 0,
+                min_item_rows or 0,
+            ),
             weight_values=options["weight_values"],
             unrated_values=tuple(unrated_values_of(unrated_values) or ()),
         )

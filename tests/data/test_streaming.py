@@ -436,3 +436,27 @@ def test_a_streamed_description_is_the_in_memory_one(tmp_path: Path) -> None:
         file, weight_col="event", weight_values={"view": 1.0, "buy": 5.0}
     )[0]["weights"]
     assert (got["min"], got["max"], got["bad"], got["first_bad_row"]) == (1, 5, 1, 6)
+
+
+def test_min_counts_of_a_stream_are_the_in_memory_k_core(tmp_path: Path) -> None:
+    """`data.min_user_rows` / `min_item_rows` (the 5-core) were refused under
+    --stream; the streamed rounds keep the rows min_counts keeps in memory."""
+    from twostage.data.dataset import Dataset
+    from twostage.data.filtering import min_counts
+    from twostage.data.streaming import Reading, min_count_ids
+
+    _write(tmp_path, 1_000)
+    log = _all(tmp_path)
+    data = Dataset(name="log", interactions=log)
+    for users, items in ((60, 0), (0, 150), (50, 80)):
+        reading = Reading(min_user_rows=users, min_item_rows=items)
+        kept, removed = min_counts(data, users=users, items=items)
+        streamed = pl.concat(iter_batches(tmp_path, columns=COLUMNS, reading=reading))
+        assert streamed.equals(kept.interactions.select(COLUMNS))
+        found = min_count_ids(tmp_path, reading).removed
+        assert found == removed and removed.rows > 0
+    assert removed.rounds > 1  # both minimums: users left items short, or back
+    with pytest.raises(DataError, match="every row of the log"):
+        min_count_ids(tmp_path, Reading(min_user_rows=10**6))
+    with pytest.raises(ConfigError, match="min_item_rows"):
+        list(iter_batches(tmp_path, columns=COLUMNS, reading=Reading(min_item_rows=-1)))

@@ -555,6 +555,34 @@ def test_streamed_runs_read_time_format(log: Path, tmp_path: Path) -> None:
         fit_streamed_retrieval(apply_overrides(ExperimentConfig(), settings), text_log)
 
 
+@pytest.mark.parametrize("split", ["random", "leave-last-out"])
+def test_streamed_minimum_counts_train_as_the_filtered_log(
+    log: Path, tmp_path: Path, split: str
+) -> None:
+    """`data.min_user_rows` / `min_item_rows` were refused under --stream: a log
+    had to be cut to its k-core and written again first. The run on the whole log
+    with the minimums is the run on the log min_counts filtered in memory."""
+    from twostage.data.filtering import min_counts
+
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    kept, removed = min_counts(
+        Dataset(name="log", interactions=table), users=20, items=40
+    )
+    assert removed.rows > 0
+    filtered = _two_files(kept.interactions, tmp_path / "kept", 4_000, 1_000)
+    settings = [*ID_ONLY, f"data.split={split}", "train.epochs=1"]
+    plain = fit_streamed_retrieval(
+        apply_overrides(ExperimentConfig(), settings), filtered
+    )
+    minimums = [*settings, "data.min_user_rows=20", "data.min_item_rows=40"]
+    read = fit_streamed_retrieval(apply_overrides(ExperimentConfig(), minimums), log)
+    assert torch.equal(read.tensors.items, plain.tensors.items)
+    for name, weights in plain.model.state_dict().items():
+        torch.testing.assert_close(read.model.state_dict()[name], weights)
+    assert read.metrics["metrics"] == plain.metrics["metrics"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "refused"),
     [
@@ -563,7 +591,7 @@ def test_streamed_runs_read_time_format(log: Path, tmp_path: Path) -> None:
         (["data.cold_user_fraction=0.1"], "data.cold_user_fraction"),
         (["data.separator=;"], "data.separator"),
         (["data.comment_prefix=#"], "data.comment_prefix"),
-        (["data.min_user_rows=5"], "data.min_user_rows"),
+        (["data.duplicates=first"], "data.duplicates"),
         (["data.column_names=user_id,item_id,timestamp"], "data.column_names"),
     ],
 )

@@ -132,9 +132,11 @@ def describe_streamed(
         Reading,
         RunningCounts,
         iter_row_groups,
+        min_count_ids,
         parquet_files,
     )
 
+    reading = reading or Reading()
     names = pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names
     rated = RATING in names
     weights = _StreamedWeights(weight_col, weight_values) if weight_col else None
@@ -149,7 +151,7 @@ def describe_streamed(
         path,
         columns=columns,
         report=report,
-        reading=reading or Reading(),
+        reading=reading,
     ):
         if weights is not None:
             weights.add(batch, first)
@@ -168,8 +170,9 @@ def describe_streamed(
             first, last = int(times.min()), int(times.max())  # type: ignore[arg-type]
             low = first if low is None else min(low, first)
             high = last if high is None else max(high, last)
-    report.rows_loaded = rows
-    report.rows_read = rows + report.num_rejected
+    removed = min_count_ids(path, reading).removed if reading.filters else None
+    report.rows_loaded = rows  # the good rows the minimum counts keep
+    report.rows_read = rows + report.num_rejected + (removed.rows if removed else 0)
     per_user, per_item = users.result(), items.result()
     num_users = 0 if per_user is None else per_user.height
     num_items = 0 if per_item is None else per_item.height
@@ -206,6 +209,8 @@ def describe_streamed(
         out["unrated_rows"] = unrated
     if weights is not None:
         out["weights"] = weights.result()
+    if removed is not None:
+        out["filtered"] = removed.to_dict()
     return out, report
 
 

@@ -52,6 +52,7 @@ from twostage.features.vocab import Vocabulary
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "KeptIds",
     "ROW",
     "Reading",
     "RunningCounts",
@@ -65,6 +66,7 @@ __all__ = [
     "iter_batches",
     "iter_row_groups",
     "last_rows",
+    "min_count_ids",
     "parquet_files",
     "row_groups",
     "temporal_cut",
@@ -122,17 +124,33 @@ class Reading:
     ``time_unit``: the unit of numeric timestamps (``s``, ``ms``, ``us``, ``ns``);
     ``time_format``: a strptime format for timestamps written as text or as date
     numbers (``"%Y%m%d"`` for 20240301); ``missing_ratings``: ``"reject"`` an empty
-    rating, or keep its row ``"unrated"``.
+    rating, or keep its row ``"unrated"``; ``min_user_rows`` / ``min_item_rows``:
+    leave out the users and items with fewer rows, until every one left has as many
+    (the k-core, :func:`min_count_ids`), as :func:`twostage.data.filtering.
+    min_counts` does in memory.
     """
 
     time_unit: str = "s"
     time_format: str | None = None
     missing_ratings: str = "reject"
+    min_user_rows: int = 0
+    min_item_rows: int = 0
 
     @classmethod
     def of(cls, data: Any) -> Reading:
         """The reading settings of a ``DataConfig``."""
-        return cls(data.time_unit, data.time_format, data.missing_ratings)
+        return cls(
+            data.time_unit,
+            data.time_format,
+            data.missing_ratings,
+            data.min_user_rows,
+            data.min_item_rows,
+        )
+
+    @property
+    def filters(self) -> bool:
+        """Whether a minimum leaves rows out."""
+        return self.min_user_rows > 1 or self.min_item_rows > 1
 
     def check(self) -> None:
         if self.time_unit not in TIME_UNITS:
@@ -145,6 +163,13 @@ class Reading:
                 "`missing_ratings` should be 'reject' or 'unrated'. Received: "
                 f"{self.missing_ratings!r}."
             )
+        for name in ("min_user_rows", "min_item_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"`{name}` should be a minimum count, an integer >= 0. "
+                    f"Received: {value!r}."
+                )
         if self.time_unit != "s" and self.time_format is not None:
             raise ConfigError(
                 "`time_unit` applies to numbers since the epoch and `time_format` to "
@@ -226,6 +251,7 @@ def iter_row_groups(
         missing_ratings=reading.missing_ratings,
     )
     extra = [c for c in columns if c not in roles]
+    kept = min_count_ids(path, reading) if reading.filters else None
     first = 0
     for number, (file, group) in enumerate(row_groups(files)):
         reader = pq.ParquetFile(file)
@@ -250,6 +276,8 @@ def iter_row_groups(
                 if report is not None:
                     _count_rejects(report, raw, reason, first)
                 frame = frame.filter(reason.is_null())
+            if kept is not None:  # not bad rows: left out by the minimum counts
+                frame = frame.filter(kept.keeps())
             yield first, frame.select(*columns, ROW)
         first += reader.metadata.row_group(group).num_rows
 
@@ -700,6 +728,103 @@ class RunningCounts(_Buffered):
 
     def _merge(self, rows: pl.DataFrame) -> pl.DataFrame:
         return rows.group_by("key").agg(pl.col("count").sum())
+
+
+@dataclass(frozen=True)
+class KeptIds:
+    """The users and items a streamed log's minimum counts keep (None: every one),
+    and what they removed."""
+
+    users: pl.Series | None
+    items: pl.Series | None
+    removed: Any  # a twostage.data.filtering.Filtered
+
+    def keeps(self) -> pl.Expr:
+        """True for the rows of kept users and items."""
+        rule = pl.lit(True)
+        if self.users is not None:
+            rule &= pl.col(USER).is_in(self.users.implode())
+        if self.items is not None:
+            rule &= pl.col(ITEM).is_in(self.items.implode())
+        return rule
+
+
+#: The last few results of :func:`min_count_ids`, by files and settings: every pass
+#: of a run asks for them, and each costs a few passes over the log.
+_KEPT: dict[tuple[Any, ...], KeptIds] = {}
+
+
+def min_count_ids(path: str | Path, reading: Reading) -> KeptIds:
+    """The users and items left when ``reading.min_user_rows`` /
+    ``min_item_rows`` are applied to the log's good rows until no row moves: the
+    k-core :func:`twostage.data.filtering.min_counts` finds in memory, the same
+    rows.
+
+    Each round is one pass over the user and item columns, counting the rows of
+    the users and items still kept; memory holds the counts (one row per distinct
+    ID), not the rows. The result is remembered for the same files (paths, sizes,
+    modification times) and settings, so a run's passes compute it once; every
+    rank of a distributed run computes it over the whole log. What was removed is
+    logged once.
+
+    Raises:
+        DataError: the minimums remove every row.
+    """
+    from twostage.data.filtering import Filtered
+
+    files = parquet_files(path)
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (stamp, reading)
+    if key in _KEPT:
+        return _KEPT[key]
+    plain = dataclasses.replace(reading, min_user_rows=0, min_item_rows=0)
+    minimums = ((USER, reading.min_user_rows), (ITEM, reading.min_item_rows))
+    kept: dict[str, pl.Series | None] = {USER: None, ITEM: None}
+    before: tuple[int, int, int] | None = None
+    rounds = 0
+    while True:
+        counts = {USER: RunningCounts(), ITEM: RunningCounts()}
+        rows = 0
+        for _, batch in iter_row_groups(path, columns=[USER, ITEM], reading=plain):
+            batch = batch.filter(KeptIds(kept[USER], kept[ITEM], None).keeps())
+            rows += batch.height
+            for column, running in counts.items():
+                running.add(batch[column])
+        tables = {c: r.result() for c, r in counts.items()}
+        sizes = {c: 0 if t is None else t.height for c, t in tables.items()}
+        if before is None:
+            before = (rows, sizes[USER], sizes[ITEM])
+        short = {
+            column: table.filter(pl.col("count") < minimum)["key"].len()
+            for column, minimum in minimums
+            if minimum > 1 and (table := tables[column]) is not None
+        }
+        if not any(short.values()):
+            break
+        for column, minimum in minimums:
+            table = tables[column]
+            if minimum > 1 and table is not None:
+                kept[column] = table.filter(pl.col("count") >= minimum)["key"]
+        rounds += 1
+    removed = Filtered(
+        min_user_rows=reading.min_user_rows,
+        min_item_rows=reading.min_item_rows,
+        rows=before[0] - rows,
+        users=before[1] - sizes[USER],
+        items=before[2] - sizes[ITEM],
+        rounds=rounds,
+    )
+    if before[0] and not rows:
+        raise DataError(
+            f"{removed.summary()}: every row of the log. Lower the minimums "
+            "(`min_user_rows`, `min_item_rows`)."
+        )
+    logger.info("%s", removed.summary())
+    result = KeptIds(kept[USER], kept[ITEM], removed)
+    while len(_KEPT) >= 2:
+        _KEPT.pop(next(iter(_KEPT)))
+    _KEPT[key] = result
+    return result
 
 
 def fit_vocabularies(

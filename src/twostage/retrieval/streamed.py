@@ -172,19 +172,16 @@ def check_data_options(data: DataConfig) -> None:
         "data.separator": data.separator is not None,
         "data.cold_user_fraction": data.cold_user_fraction != 0,
         "data.column_names": bool(data.column_names),
-        "data.min_user_rows": data.min_user_rows > 1,
         "data.duplicates": data.duplicates != "keep",
         "data.quote_char": data.quote_char != '"',
         "data.comment_prefix": bool(data.comment_prefix),
-        "data.min_item_rows": data.min_item_rows > 1,
     }
     if any(unread.values()):
         raise ConfigError(
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
             + " (a Parquet log has no separator, quotes, comments or header; cold "
-            "users and the minimum rows per user or item are in-memory options, and "
-            "so is dropping duplicates): "
+            "users and dropping duplicates are in-memory options): "
             "unset them, or load the log in memory "
             "(without --stream)."
         )

@@ -360,6 +360,16 @@ def test_unrated_values_from_the_command_line(tmp_path: Path) -> None:
     data.with_columns(rating=pl.lit(1.0)).write_csv(ones)
     said = runner.invoke(app, ["data", "describe", str(ones)])
     assert "Every rating is 1: an implicit log" in " ".join(said.stdout.split())
+    anime = tmp_path / "rating.csv"  # Kaggle's Anime ratings: -1 is "watched"
+    data.with_columns(
+        rating=pl.when(pl.col("item_id") % 3 == 0).then(-1.0).otherwise("rating")
+    ).write_csv(anime)
+    minus = runner.invoke(app, ["data", "describe", str(anime)])
+    assert "--unrated-values -1 keeps" in " ".join(minus.stdout.split())
+    read = runner.invoke(
+        app, ["data", "describe", str(anime), "--unrated-values", "-1", "--json"]
+    )
+    assert json.loads(read.stdout)["unrated_rows"] == zeros
 
 
 def test_missing_ratings_from_the_command_line(tmp_path: Path) -> None:

@@ -628,17 +628,20 @@ def data_describe(
                 'read it without ratings (--rating-col "").'
             )
         )
+    low = [r for r in hist if float(r) < 1]
     if (
         unrated_values is None
-        and "0" in hist
-        and len(hist) > 2
-        and min(float(r) for r in hist if r != "0") >= 1
+        and low in (["0"], ["-1"])
+        and len(hist) > 2  # a scale beside it, not a 0/1 log
+        and min(float(r) for r in hist if r not in low) >= 1
     ):
+        value = low[0]
         console.print(
             Text(
-                f"{hist['0']:,} ratings of 0 on a scale that starts at 1: where 0 "
-                "means 'not rated' (Goodreads, Book-Crossing), --unrated-values 0 "
-                "keeps those rows as interactions without a rating."
+                f"{hist[value]:,} ratings of {value} on a scale that starts at 1: "
+                f"where {value} means 'not rated' (0 in Goodreads and Book-Crossing, "
+                f"-1 in the Anime ratings), --unrated-values {value} keeps those "
+                "rows as interactions without a rating."
             )
         )
 

@@ -216,8 +216,17 @@ def test_minimum_rows_per_user_and_item(tmp_path: Path) -> None:
     assert (saved["min_user_rows"], saved["min_item_rows"]) == (12, 8)
     # `evaluate` rebuilds the filtered split (its vocabularies match it).
     assert runner.invoke(app, ["evaluate", str(tmp_path / "run")]).exit_code == 0
-    streamed = runner.invoke(app, ["data", "describe", str(log), "--stream", *core])
-    assert streamed.exit_code == 2
+    # A streamed describe keeps the same rows (it refused the options before).
+    parquet = tmp_path / "log.parquet"
+    pl.read_csv(log).write_parquet(parquet, row_group_size=300)
+    streamed = runner.invoke(
+        app, ["data", "describe", str(parquet), "--stream", *core, "--json"]
+    )
+    assert streamed.exit_code == 0, streamed.output
+    read = json.loads(streamed.stdout)
+    assert read["filtered"] == removed
+    assert read["num_interactions"] == summary["num_interactions"]
+    assert read["report"]["rows_read"] == 1200
 
 
 def test_duplicates_policy_from_the_command_line(tmp_path: Path) -> None:

@@ -73,8 +73,9 @@ def read_netflix(path: str | Path, **options: Any) -> Dataset:
         :func:`~twostage.data.tables.read_interactions` for the other values.
 
     Raises:
-        ConfigError: an option other than ``strict`` and ``name`` (such as a column
-            mapping: the layout names its columns).
+        ConfigError: an option other than ``strict``, ``name`` and
+            ``missing_ratings`` (such as a column mapping: the layout names its
+            columns).
         DataError: no such file, or a directory without ratings files.
     """
     unknown = sorted(k for k in options if k not in _OPTIONS)

@@ -223,6 +223,9 @@ def iter_row_groups(
     group, where the in-memory loader decides over the whole column). Datetime
     timestamps become epoch seconds. Bad rows are left out of every pass alike, and
     ``report`` (one pass's) counts them by reason with their 1-based row numbers.
+    ``reading`` says how values are read; with its minimum counts, the rows of the
+    users and items outside the k-core (:func:`min_count_ids`) are left out too,
+    and are not bad rows.
     """
     if not 0 <= rank < world:
         raise ConfigError(

@@ -32,6 +32,7 @@ PHASES = (
     "vocabularies",
     "polars-scan",
     "min-counts",
+    "duplicates",
     "train",
     "train-streamed",
 )
@@ -98,6 +99,12 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             args.dir, Reading(min_user_rows=minimum, min_item_rows=minimum)
         ).removed
         out.update(removed.to_dict())
+    elif name == "duplicates":
+        # --duplicates first on a stream: a hash and a row number per row, then
+        # the rows whose hash repeats compared exactly.
+        from twostage.data.streaming import Reading, duplicate_rows
+
+        out["dropped"] = int(duplicate_rows(args.dir, Reading(duplicates="first")).size)
     elif name == "train":
         out.update(_train_steps(args, streamed=False))
     elif name == "train-streamed":

@@ -579,6 +579,7 @@ def data_describe(
                 "time_format",
                 "weight_values",
                 "missing_ratings",
+                "duplicates",
             )
         ]
         if given:
@@ -586,7 +587,8 @@ def data_describe(
                 "a streamed log is read by its column names (user_id, item_id, "
                 "timestamp, rating; --weight-col names any, with --weight-values; "
                 "--time-unit reads its numbers, --time-format its dates, "
-                "--min-user-rows / --min-item-rows apply) and counts bad rows "
+                "--duplicates, --min-user-rows and --min-item-rows apply) and counts "
+                "bad rows "
                 "without stopping; drop " + ", ".join(given) + ".",
                 param_hint="--stream",
             )
@@ -599,6 +601,7 @@ def data_describe(
                 missing_ratings or "reject",
                 min_user_rows or 0,
                 min_item_rows or 0,
+                duplicates or "keep",
             ),
             weight_values=options["weight_values"],
             unrated_values=tuple(unrated_values_of(unrated_values) or ()),

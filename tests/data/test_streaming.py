@@ -460,3 +460,59 @@ def test_min_counts_of_a_stream_are_the_in_memory_k_core(tmp_path: Path) -> None
         min_count_ids(tmp_path, Reading(min_user_rows=10**6))
     with pytest.raises(ConfigError, match="min_item_rows"):
         list(iter_batches(tmp_path, columns=COLUMNS, reading=Reading(min_item_rows=-1)))
+
+
+def test_duplicates_of_a_stream_are_dropped_as_in_memory(tmp_path: Path) -> None:
+    """`data.duplicates` was refused under --stream: an event log with rows written
+    twice had to be cleaned first. The streamed policy drops the rows the
+    in-memory loader drops, counted as `duplicate`, before the minimum counts."""
+    from twostage.data.dataset import Dataset
+    from twostage.data.filtering import min_counts
+    from twostage.data.report import LoadReport
+    from twostage.data.streaming import Reading, duplicate_rows
+    from twostage.data.tables import read_interactions
+
+    source = tmp_path / "source"
+    _write(source, 1_000)
+    log = pl.concat(pl.read_parquet(f) for f in parquet_files(source))
+    again = log.gather(np.random.default_rng(0).choice(log.height, 300))
+    again = again.with_columns(pl.col("rating").reverse())  # same keys, other values
+    doubled = pl.concat([log.head(9_000), again, log.tail(log.height - 9_000)])
+    whole = tmp_path / "whole.parquet"
+    doubled.write_parquet(whole)
+    streamed = tmp_path / "streamed"
+    streamed.mkdir()
+    doubled.head(8_000).write_parquet(streamed / "a.parquet", row_group_size=700)
+    doubled.slice(8_000).write_parquet(streamed / "b.parquet", row_group_size=1_500)
+    columns = [*COLUMNS, "rating"]
+    for policy in ("first", "last"):
+        read = read_interactions(whole, duplicates=policy)
+        report = LoadReport(path=str(streamed))
+        rows = pl.concat(
+            iter_batches(
+                streamed,
+                columns=columns,
+                report=report,
+                reading=Reading(duplicates=policy),
+            )
+        )
+        assert rows.equals(read.interactions.select(columns))
+        assert report.rejected == read.report.rejected  # {"duplicate": n}
+        assert report.rejected["duplicate"] >= 250
+        assert (
+            duplicate_rows(streamed, Reading(duplicates=policy)).size
+            == (report.rejected["duplicate"])
+        )
+        # Before the minimum counts, as in memory.
+        cored, _ = min_counts(
+            Dataset(name="x", interactions=read.interactions), users=60
+        )
+        both = Reading(duplicates=policy, min_user_rows=60)
+        rows = pl.concat(iter_batches(streamed, columns=columns, reading=both))
+        assert rows.equals(cored.interactions.select(columns))
+    with pytest.raises(DataError, match="repeats the user, item and timestamp of row"):
+        list(
+            iter_batches(streamed, columns=COLUMNS, reading=Reading(duplicates="error"))
+        )
+    with pytest.raises(ConfigError, match="duplicates"):
+        list(iter_batches(streamed, columns=COLUMNS, reading=Reading(duplicates="all")))

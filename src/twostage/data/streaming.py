@@ -65,6 +65,7 @@ __all__ = [
     "held_out_rows",
     "iter_batches",
     "iter_row_groups",
+    "duplicate_rows",
     "last_rows",
     "min_count_ids",
     "parquet_files",
@@ -127,7 +128,11 @@ class Reading:
     rating, or keep its row ``"unrated"``; ``min_user_rows`` / ``min_item_rows``:
     leave out the users and items with fewer rows, until every one left has as many
     (the k-core, :func:`min_count_ids`), as :func:`twostage.data.filtering.
-    min_counts` does in memory.
+    min_counts` does in memory; ``duplicates``: rows of the same user, item and
+    time: ``keep`` them, keep the ``first`` or ``last`` (the others are counted as
+    ``duplicate``), or stop (``error``), as :func:`~twostage.data.tables.
+    read_interactions` does (:func:`duplicate_rows`; before the minimum counts, as
+    in memory).
     """
 
     time_unit: str = "s"
@@ -135,6 +140,7 @@ class Reading:
     missing_ratings: str = "reject"
     min_user_rows: int = 0
     min_item_rows: int = 0
+    duplicates: str = "keep"
 
     @classmethod
     def of(cls, data: Any) -> Reading:
@@ -145,6 +151,7 @@ class Reading:
             data.missing_ratings,
             data.min_user_rows,
             data.min_item_rows,
+            data.duplicates,
         )
 
     @property
@@ -162,6 +169,11 @@ class Reading:
             raise ConfigError(
                 "`missing_ratings` should be 'reject' or 'unrated'. Received: "
                 f"{self.missing_ratings!r}."
+            )
+        if self.duplicates not in ("keep", "first", "last", "error"):
+            raise ConfigError(
+                "`duplicates` should be 'keep', 'first', 'last' or 'error'. "
+                f"Received: {self.duplicates!r}."
             )
         for name in ("min_user_rows", "min_item_rows"):
             value = getattr(self, name)
@@ -254,6 +266,7 @@ def iter_row_groups(
         missing_ratings=reading.missing_ratings,
     )
     extra = [c for c in columns if c not in roles]
+    dropped = None if reading.duplicates == "keep" else duplicate_rows(path, reading)
     kept = min_count_ids(path, reading) if reading.filters else None
     first = 0
     for number, (file, group) in enumerate(row_groups(files)):
@@ -275,6 +288,8 @@ def iter_row_groups(
             frame = frame.with_columns(
                 pl.int_range(first, first + raw.height, dtype=pl.Int64).alias(ROW)
             )
+            if dropped is not None:
+                reason = _with_duplicates(reason, dropped, first, raw.height)
             if reason is not None:
                 if report is not None:
                     _count_rejects(report, raw, reason, first)
@@ -283,6 +298,22 @@ def iter_row_groups(
                 frame = frame.filter(kept.keeps())
             yield first, frame.select(*columns, ROW)
         first += reader.metadata.row_group(group).num_rows
+
+
+def _with_duplicates(
+    reason: pl.Series | None, dropped: np.ndarray, first: int, height: int
+) -> pl.Series | None:
+    """``reason`` with "duplicate" for this group's rows among ``dropped`` (sorted
+    dataset row numbers) that no other reason rejects."""
+    lo, hi = np.searchsorted(dropped, [first, first + height])
+    if lo == hi:
+        return reason
+    flags = np.zeros(height, dtype=bool)
+    flags[dropped[lo:hi] - first] = True
+    marked = pl.when(pl.Series(flags)).then(pl.lit("duplicate"))
+    if reason is None:
+        return pl.select(marked.alias("reason")).to_series()
+    return pl.select(pl.coalesce(pl.lit(reason), marked).alias("reason")).to_series()
 
 
 def _count_rejects(
@@ -776,11 +807,10 @@ def min_count_ids(path: str | Path, reading: Reading) -> KeptIds:
     from twostage.data.filtering import Filtered
 
     files = parquet_files(path)
-    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    key = (stamp, reading)
+    key = (_stamp(files), reading)
     if key in _KEPT:
         return _KEPT[key]
-    plain = dataclasses.replace(reading, min_user_rows=0, min_item_rows=0)
+    plain = dataclasses.replace(reading, min_user_rows=0, min_item_rows=0)  # dedupes
     minimums = ((USER, reading.min_user_rows), (ITEM, reading.min_item_rows))
     kept: dict[str, pl.Series | None] = {USER: None, ITEM: None}
     before: tuple[int, int, int] | None = None
@@ -824,10 +854,96 @@ def min_count_ids(path: str | Path, reading: Reading) -> KeptIds:
         )
     logger.info("%s", removed.summary())
     result = KeptIds(kept[USER], kept[ITEM], removed)
-    while len(_KEPT) >= 2:
-        _KEPT.pop(next(iter(_KEPT)))
-    _KEPT[key] = result
+    _remember(_KEPT, key, result)
     return result
+
+
+#: The last few results of :func:`duplicate_rows`, by files and settings.
+_DROPPED: dict[tuple[Any, ...], np.ndarray] = {}
+
+
+def _stamp(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    """What identifies a dataset's content cheaply: paths, sizes, modification times."""
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def _remember(
+    cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any
+) -> None:
+    while len(cache) >= 2:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def duplicate_rows(path: str | Path, reading: Reading) -> np.ndarray:
+    """The sorted row numbers ``reading.duplicates`` drops: among the good rows of
+    the same user, item and time, all but the first (``first``) or the last
+    (``last``) in file order, as the in-memory loader drops them.
+
+    Two passes: the first keeps a 64-bit hash of each good row's keys with its row
+    number (16 bytes a row, the only state that grows with the log), the second
+    reads the keys of the rows whose hash repeats and compares them exactly. The
+    result is remembered for the same files and settings.
+
+    Raises:
+        DataError: ``duplicates="error"`` and two rows share their keys; both rows
+            are named.
+    """
+    files = parquet_files(path)
+    key = (_stamp(files), reading.time_unit, reading.time_format, reading.duplicates)
+    if key in _DROPPED:
+        return _DROPPED[key]
+    plain = dataclasses.replace(
+        reading, duplicates="keep", min_user_rows=0, min_item_rows=0
+    )
+    columns = [USER, ITEM, TIME]
+    hashes, rows = [], []
+    for _, batch in iter_row_groups(path, columns=columns, reading=plain):
+        keys = batch.select(
+            pl.col(c).cast(pl.Int64) if batch.schema[c].is_integer() else pl.col(c)
+            for c in columns
+        )  # one width for every row group's integers: equal keys hash alike
+        hashes.append(
+            keys.select(pl.struct(columns).hash(seed=0)).to_series().to_numpy()
+        )
+        rows.append(batch[ROW].to_numpy())
+    hashed = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+    numbers = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    del hashes, rows
+    order = np.argsort(hashed, kind="stable")
+    ranked = hashed[order]
+    repeated = np.zeros(len(ranked), dtype=bool)
+    same = ranked[1:] == ranked[:-1]
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    candidates = np.sort(numbers[order[repeated]])
+    del hashed, numbers, order, ranked
+    dropped = np.zeros(0, dtype=np.int64)
+    if candidates.size:
+        wanted = pl.Series(candidates).implode()
+        parts = [
+            batch.filter(pl.col(ROW).is_in(wanted))
+            for _, batch in iter_row_groups(path, columns=columns, reading=plain)
+        ]
+        rows_of = pl.concat(parts).sort(ROW)
+        last = reading.duplicates == "last"
+        group = pl.struct(columns)
+        again = rows_of.filter(
+            ~(group.is_last_distinct() if last else group.is_first_distinct())
+        )
+        if reading.duplicates == "error" and again.height:
+            row = again.row(0, named=True)
+            same_keys = [pl.col(c) == row[c] for c in columns]
+            seen = rows_of.filter(*same_keys)[ROW][0]
+            raise DataError(
+                f"{str(path)!r}: row {row[ROW] + 1} repeats the user, item and "
+                f"timestamp of row {seen + 1} ({ {c: row[c] for c in columns} }). "
+                "duplicates='error' was requested; use duplicates='first', 'last' "
+                "or 'keep' to read the log anyway."
+            )
+        dropped = again[ROW].to_numpy()
+    _remember(_DROPPED, key, dropped)
+    return dropped
 
 
 def fit_vocabularies(

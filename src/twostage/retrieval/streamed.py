@@ -172,7 +172,6 @@ def check_data_options(data: DataConfig) -> None:
         "data.separator": data.separator is not None,
         "data.cold_user_fraction": data.cold_user_fraction != 0,
         "data.column_names": bool(data.column_names),
-        "data.duplicates": data.duplicates != "keep",
         "data.quote_char": data.quote_char != '"',
         "data.comment_prefix": bool(data.comment_prefix),
     }
@@ -181,7 +180,7 @@ def check_data_options(data: DataConfig) -> None:
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
             + " (a Parquet log has no separator, quotes, comments or header; cold "
-            "users and dropping duplicates are in-memory options): "
+            "users are an in-memory option): "
             "unset them, or load the log in memory "
             "(without --stream)."
         )

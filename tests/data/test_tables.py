@@ -1626,3 +1626,22 @@ def test_comment_prefix_is_checked(tmp_path: Path, prefix: str) -> None:
     path = write(tmp_path, "log.csv", "user_id,item_id\n1,2\n")
     with pytest.raises(ConfigError, match="comment_prefix"):
         read_interactions(path, comment_prefix=prefix, separator=",")
+
+
+def test_whole_seconds_written_as_floats(tmp_path: Path) -> None:
+    """pandas writes a timestamp column that has a missing value as floats
+    ("881250949.0"): such a text was a bad_timestamp, while a float column of the
+    same whole seconds loads. A real fraction stays timestamp_with_fraction."""
+    text = (
+        "user_id,item_id,timestamp\n1,2,881250949.0\n3,4,881250950\n5,6,881250951.5\n"
+    )
+    read = read_interactions(write(tmp_path, "floats.csv", text))
+    assert read.interactions["timestamp"].to_list() == [881250949, 881250950]
+    assert read.report.rejected == {"timestamp_with_fraction": 1}
+    floats = pl.DataFrame(
+        {"user_id": [1, 3], "item_id": [2, 4], "timestamp": [881250949.0, 881250950.0]}
+    )
+    assert read_interactions(floats).interactions.equals(read.interactions)
+    millis = "user_id,item_id,timestamp\n1,2,881250949000.0\n3,4,881250950000\n"
+    in_ms = read_interactions(write(tmp_path, "ms.csv", millis), time_unit="ms")
+    assert in_ms.interactions["timestamp"].to_list() == [881250949, 881250950]

@@ -268,8 +268,9 @@ def _from_unit(
     whole seconds (dates and ISO text are seconds already), and where a number is
     in another unit: read in the unit given it falls outside 1990-2099, read in
     another it falls inside (seconds given as milliseconds read as January 1970)."""
-    if s.dtype == pl.String:
-        number = s.str.strip_chars(PADDING).cast(pl.Int64, strict=False).is_not_null()
+    if s.dtype == pl.String:  # an integer, or one written as a float ("17.0")
+        number = s.str.strip_chars(PADDING).str.contains(r"^[+-]?[0-9]+(\.0*)?$")
+        number = number.fill_null(False)
     else:
         number = pl.repeat(s.dtype.is_numeric(), len(s), eager=True)
     number = number & value.is_not_null()
@@ -472,6 +473,11 @@ def _parse_time_text(s: pl.Series, time_format: str | None) -> pl.Series:
             ) from err
     value = s.cast(pl.Int64, strict=False)
     todo = value.is_null() & s.is_not_null()
+    if todo.any():  # whole seconds written as a float ("881250949.0": pandas writes
+        # a column with a missing value so), as a float column of them is read
+        whole = s.str.extract(r"^([+-]?[0-9]+)\.0*$", 1).cast(pl.Int64, strict=False)
+        value = value.fill_null(whole)
+        todo = value.is_null() & s.is_not_null()
     if todo.any():
         idx = todo.arg_true()
         value = value.scatter(idx, _strptime_seconds(s.gather(idx), _ISO_FORMATS))

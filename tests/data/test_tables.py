@@ -1645,3 +1645,25 @@ def test_whole_seconds_written_as_floats(tmp_path: Path) -> None:
     millis = "user_id,item_id,timestamp\n1,2,881250949000.0\n3,4,881250950000\n"
     in_ms = read_interactions(write(tmp_path, "ms.csv", millis), time_unit="ms")
     assert in_ms.interactions["timestamp"].to_list() == [881250949, 881250950]
+
+
+def test_integer_ids_written_as_floats(tmp_path: Path) -> None:
+    """pandas writes an integer ID column with a gap as floats ("196.0"): read as
+    text, user "196.0" was not user 196 of the next file or of a feature table.
+    Such a column is read as the integers, as a float column of them is; one value
+    with a real fraction keeps the column text."""
+    text = "user_id,item_id\n196.0,242.0\n186.0,302.0\n0.0,7.0\n"
+    read = read_interactions(write(tmp_path, "floats.csv", text))
+    assert read.interactions["user_id"].to_list() == [196, 186, 0]
+    assert read.interactions.schema["item_id"] == pl.Int64
+    floats = pl.DataFrame(
+        {"user_id": [196.0, 186.0, 0.0], "item_id": [242.0, 302.0, 7.0]}
+    )
+    assert (
+        read_interactions(floats)
+        .interactions.drop("timestamp")
+        .equals(read.interactions.drop("timestamp"))
+    )
+    mixed = "user_id,item_id\n196.0,242.0\n186.5,302.0\n"
+    kept = read_interactions(write(tmp_path, "mixed.csv", mixed))
+    assert kept.interactions["user_id"].to_list() == ["196.0", "186.5"]

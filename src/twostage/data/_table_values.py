@@ -558,7 +558,21 @@ def type_text_columns(df: pl.DataFrame, spec: Spec) -> pl.DataFrame:
     A column with a number written with leading zeros (H&M's colour_group_code
     "09", a product code "0042") stays text: a code, which as a number would lose
     its zeros (and "09" would become "9")."""
-    cols = canonical_ints(df, [t for t in (USER, ITEM) if t in spec.roles])
+    ids = [t for t in (USER, ITEM) if t in spec.roles]
+    cols = canonical_ints(df, ids)
+    for col in ids:
+        if col not in cols and df.schema[col] == pl.String and df.height:
+            # "196.0" in every row: pandas' text of an integer column with gaps, as
+            # a float column of them is read (else user "196.0" is not user 196).
+            whole = df[col].str.extract(r"^(0|-?[1-9][0-9]{0,17})\.0+$", 1)
+            if not whole.null_count():
+                cols[col] = whole.cast(pl.Int64)
+                logger.info(
+                    "the %s column holds integers written as floats (%r): read as "
+                    "integers",
+                    col,
+                    df[col][0],
+                )
     df = missing_as_null(df, spec)
     for col in spec.features:
         s = df[col]

@@ -1667,3 +1667,62 @@ def test_integer_ids_written_as_floats(tmp_path: Path) -> None:
     mixed = "user_id,item_id\n196.0,242.0\n186.5,302.0\n"
     kept = read_interactions(write(tmp_path, "mixed.csv", mixed))
     assert kept.interactions["user_id"].to_list() == ["196.0", "186.5"]
+
+
+def test_recbole_atomic_files(tmp_path: Path) -> None:
+    """RecBole's datasets come as `name.inter` / `.user` / `.item` with typed
+    headers (`user_id:token`): the log was refused ("`user_col` = 'user_id' is
+    not a column") and `genre:token_seq` was one string."""
+    from twostage.data.registry import anchored, load_dataset
+
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    rows = "".join(
+        f"{u}\t{i}\t{1 + (u + i) % 5}\t{900000000 + u * 50 + i}\n"
+        for u in range(1, 30)
+        for i in range(1, 12)
+        if (u * i) % 3
+    )
+    write(
+        folder,
+        "shop.inter",
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + rows,
+    )
+    write(
+        folder,
+        "shop.item",
+        "item_id:token\titem_title:token_seq\tgenre:token_seq\tprice:float\n"
+        + "".join(
+            f"{i}\tThe Item {i}\tgenre{i % 3} genre{i % 4}\t{i}.5\n"
+            for i in range(1, 12)
+        ),
+    )
+    write(
+        folder,
+        "shop.user",
+        "user_id:token\tcountry:token\n"
+        + "".join(f"{u}\tc{u % 4}\n" for u in range(1, 30)),
+    )
+    log = read_interactions(folder / "shop.inter")
+    assert log.report.ok and log.interactions.columns == [
+        "user_id",
+        "item_id",
+        "timestamp",
+        "rating",
+    ]
+    data = load_dataset(f"recbole:{folder}")
+    assert data.num_interactions == log.num_interactions
+    assert data.items is not None and data.users is not None
+    assert data.items.schema["genre"] == pl.List(pl.String)
+    assert data.items.filter(pl.col("item_id") == 5)["genre"].to_list() == [
+        ["genre2", "genre1"]
+    ]
+    assert data.items.schema["item_title"] == pl.String  # a title stays text
+    assert data.items.schema["price"] == pl.Float64
+    assert data.users["country"].to_list()[:2] == ["c1", "c2"]
+    assert load_dataset(f"recbole:{folder / 'shop.inter'}").num_interactions == (
+        log.num_interactions
+    )
+    assert anchored("recbole:shop").startswith("recbole:")
+    with pytest.raises(DataError, match=r"no \.inter file"):
+        load_dataset(f"recbole:{tmp_path}")

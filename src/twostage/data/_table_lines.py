@@ -14,7 +14,7 @@ import io
 import itertools
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import polars as pl
@@ -41,6 +41,9 @@ class Layout:
     eol: str  # "\r" when the sample has CRs but no LF, else "\n" (LF or CRLF)
     samples: list[list[str]]  # the first data records, to choose dtypes
     comment: str | None = None  # a record starting with it is a comment line
+    # RecBole's typed header ("class:token_seq"): the columns of space-separated
+    # lists, by name, and their kind ("token_seq" or "float_seq")
+    sequences: dict[str, str] = field(default_factory=dict)
 
 
 class Uncommented:

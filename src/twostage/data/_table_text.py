@@ -59,6 +59,8 @@ _SNIFF_CHARS = 1 << 16
 _SNIFF_LINES = 100
 _INT_TEXT = re.compile(r"\s*[+-]?[0-9]+\s*")
 _CANONICAL = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
+#: RecBole's atomic files name each column with its type: ``item_id:token``.
+_RECBOLE_NAME = re.compile(r"(.+):(token|token_seq|float|float_seq)")
 
 
 class _Source:
@@ -183,6 +185,7 @@ def load_text(
     else:
         report.rows_read = parsed.height
     parsed = type_text_columns(parsed, spec)
+    parsed = _as_lists(parsed, layout.sequences, spec)
 
     def describe(rows: pl.DataFrame) -> list[str]:
         if not text:  # the fast path never drops rows, so it never gets here
@@ -255,6 +258,19 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
             f"the first line of {src.path} holds the names given as `column_names` "
             f"({records[0]}): the file has a header. Read it without `column_names`."
         )
+    sequences: dict[str, str] = {}
+    typed = [_RECBOLE_NAME.fullmatch(n) for n in names]
+    if opts.column_names is None and names and all(typed):
+        names = [m[1] for m in typed if m]
+        sequences = {m[1]: m[2] for m in typed if m and m[2].endswith("_seq")}
+        logger.info(
+            "%s: a RecBole atomic header (name:type); columns read by their names%s",
+            src.path,
+            f", {sorted(sequences)} as lists of their space-separated values "
+            "(titles and names as text)"
+            if sequences
+            else "",
+        )
     names = list(opts.column_names or names)
     repeated = sorted(n for n, count in Counter(names).items() if count > 1)
     if repeated:  # which one would a mapping mean? Say so rather than pick one.
@@ -285,7 +301,28 @@ def _sniff_layout(src: _Source, opts: Options) -> Layout:
         eol,
         samples,
         prefix,
+        sequences,
     )
+
+
+def _as_lists(df: pl.DataFrame, sequences: dict[str, str], spec: Spec) -> pl.DataFrame:
+    """RecBole's ``token_seq`` / ``float_seq`` feature columns as lists of their
+    space-separated values (multi-hot features), except titles and names, which are
+    text (RecBole types a movie title ``token_seq`` too)."""
+    lists = []
+    for name, kind in sequences.items():
+        if name not in spec.features or re.search("title|name", name.lower()):
+            continue
+        words = (
+            pl.col(name)
+            .cast(pl.String)
+            .str.split(" ")
+            .list.eval(pl.element().filter(pl.element() != ""))
+        )
+        if kind == "float_seq":
+            words = words.list.eval(pl.element().cast(pl.Float64, strict=False))
+        lists.append(words.alias(name))
+    return df.with_columns(lists) if lists else df
 
 
 def _warn_of_comments(path: Path, lines: list[str]) -> None:

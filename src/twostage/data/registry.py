@@ -46,14 +46,15 @@ FIT_TABLES = "<tables given to TwoStageModel.fit>"
 
 def anchored(spec: str) -> str:
     """``spec`` with the path of an existing file or directory made absolute (also
-    inside ``book-crossing:PATH`` and ``netflix:PATH``), built-in names unchanged: what a saved config
+    inside ``book-crossing:PATH``, ``netflix:PATH`` and ``recbole:PATH``), built-in
+    names unchanged: what a saved config
     keeps, so ``twostage evaluate`` and ``report`` find the log again from another
     working directory."""
     lowered = spec.lower()
     if lowered.startswith(("movielens-", "ml-", "synthetic")):  # as load_dataset
         return spec
     prefix = ""
-    if lowered.startswith(("book-crossing:", "netflix:")):
+    if lowered.startswith(("book-crossing:", "netflix:", "recbole:")):
         prefix, _, spec = spec.partition(":")
         prefix += ":"
     path = Path(spec).expanduser()
@@ -79,8 +80,9 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
             data, ``book-crossing:PATH`` for a file in the layout of Book-Crossing's
             ``Preprocessed_data.csv``, ``netflix:PATH`` for the Netflix Prize's
             ``combined_data_*.txt`` (a file, or their directory with
-            ``movie_titles.csv``), or the path of a CSV/TSV/Parquet interaction
-            log.
+            ``movie_titles.csv``), ``recbole:PATH`` for a RecBole dataset
+            directory (``.inter``, with ``.user`` and ``.item`` joined), or the
+            path of a CSV/TSV/Parquet interaction log.
         **options: for a path, the keyword arguments of
             :func:`twostage.data.tables.read_interactions` (column mapping, separator,
             ``strict``...); for MovieLens, those of
@@ -115,6 +117,10 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
         from twostage.data.book_crossing import read_book_crossing
 
         return read_book_crossing(spec.partition(":")[2], **options)
+    if lowered.startswith("recbole:"):
+        from twostage.data.recbole import read_recbole
+
+        return read_recbole(spec.partition(":")[2], **options)
     if lowered.startswith("netflix:"):
         from twostage.data.netflix import read_netflix
 

@@ -3,7 +3,8 @@
 ``user_id`` and ``item_id`` are always ``"id"`` fields. Side-table columns are chosen by
 name first (the MovieLens columns; integer codes named ``*_id``, ``*_code``,
 ``*_key``, ``*_no``, ``*_nr``, ``*_type``, ``category`` or ``brand`` ->
-``categorical``, not a number to normalise), then by dtype and content:
+``categorical``, not a number to normalise; ``title`` and ``*_title`` text -> ``text``),
+then by dtype and content:
 
 * numbers -> ``numeric``; booleans -> ``categorical``; dates and times -> ``timestamp``;
 * list columns, and strings that look like ``"A|B"`` or ``"['A', 'B']"`` -> ``multi_hot``;
@@ -66,7 +67,7 @@ def _by_name(name: str, series: pl.Series) -> Field | None:
         return Field(name, "categorical", prefix=2)
     if lowered in ("genres", "genre", "tags"):
         return Field(name, "multi_hot")
-    if lowered == "title" and series.dtype == pl.String:
+    if (lowered == "title" or lowered.endswith("_title")) and series.dtype == pl.String:
         return Field(name, "text", max_length=16)
     if lowered == "year" and _is_numeric(series):
         return Field(name, "bucket", num_buckets=10)

@@ -516,3 +516,83 @@ def test_duplicates_of_a_stream_are_dropped_as_in_memory(tmp_path: Path) -> None
         )
     with pytest.raises(ConfigError, match="duplicates"):
         list(iter_batches(streamed, columns=COLUMNS, reading=Reading(duplicates="all")))
+
+
+def _expected_sides(
+    log: pl.DataFrame, method: str, seed: int
+) -> dict[str, pl.DataFrame]:
+    """The streamed split with cold users, made in memory: the users
+    hold_out_users draws, then the streamed rule on the other users' rows (a hash
+    per row, or the times' quantile), with a validation tenth carved the same way."""
+    from twostage.data.dataset import Dataset
+    from twostage.data.split import hold_out_users, leave_last_out
+    from twostage.data.streaming import VALIDATION_SEED_OFFSET
+
+    rest, cold = hold_out_users(
+        Dataset(name="log", interactions=log), fraction=0.1, seed=seed
+    )
+    rows = rest.interactions
+
+    def cut(times: np.ndarray, fraction: float) -> int:
+        return int(np.sort(times)[int(np.floor((1 - fraction) * (len(times) - 1)))])
+
+    if method == "random":
+        test = held_out_mask(rows, method="random", test_fraction=0.2, seed=seed)
+        train = rows.filter(pl.Series(~test))
+        held = held_out_mask(
+            train,
+            method="random",
+            test_fraction=0.1,
+            seed=seed + VALIDATION_SEED_OFFSET,
+        )
+    elif method == "temporal":
+        test = rows["timestamp"].to_numpy() >= cut(rows["timestamp"].to_numpy(), 0.2)
+        train = rows.filter(pl.Series(~test))
+        times = train["timestamp"].to_numpy()
+        held = times >= cut(times, 0.1)
+    else:
+        parts = leave_last_out(rest)
+        inner = leave_last_out(parts.train, min_train=2)
+        return {
+            "test": pl.concat([parts.test.interactions, cold.interactions]),
+            "fit": inner.train.interactions,
+            "validation": inner.test.interactions,
+        }
+    return {
+        "test": pl.concat([rows.filter(pl.Series(test)), cold.interactions]),
+        "fit": train.filter(pl.Series(~held)),
+        "validation": train.filter(pl.Series(held)),
+    }
+
+
+@pytest.mark.parametrize("method", ["random", "temporal", "leave-last-out"])
+def test_cold_users_of_a_stream_are_the_in_memory_ones(
+    tmp_path: Path, method: str
+) -> None:
+    """`data.cold_user_fraction` was refused under --stream. The streamed split
+    holds out the users hold_out_users draws in memory, every row of theirs a test
+    row, and splits the other users' rows alone (a temporal cut is their times'
+    quantile), validation carve-out included."""
+    _write(tmp_path, 1_000)
+    log = _all(tmp_path)
+    rule = split_rule(
+        tmp_path,
+        method=method,
+        test_fraction=0.2,
+        seed=42,
+        validation_fraction=0.1,
+        cold_user_fraction=0.1,
+    )
+    assert rule.cold is not None and rule.cold.len() == 30  # of 300 users
+    sides: dict[str, list[pl.DataFrame]] = {"fit": [], "validation": [], "test": []}
+    for first, batch in iter_row_groups(tmp_path, columns=COLUMNS):
+        test, validation = rule.sides(batch, first)
+        sides["test"].append(batch.filter(pl.Series(test)))
+        sides["validation"].append(batch.filter(pl.Series(validation)))
+        sides["fit"].append(batch.filter(pl.Series(~(test | validation))))
+    expected = _expected_sides(log, method, seed=42)
+    for side, frames in sides.items():
+        want = expected[side].select(COLUMNS).sort(COLUMNS)
+        assert pl.concat(frames).select(COLUMNS).sort(COLUMNS).equals(want), side
+    cold = set(rule.cold.to_list())
+    assert not cold & set(pl.concat(sides["fit"])["user_id"].to_list())

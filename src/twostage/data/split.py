@@ -193,13 +193,19 @@ class ExperimentSplit:
         return self.fit.with_interactions(rows)
 
 
+def cold_user_choice(users: pl.Series, *, fraction: float, seed: int) -> pl.Series:
+    """A random ``fraction`` of the distinct ``users``: a permutation seeded by
+    ``seed`` of the sorted IDs, so a streamed log's pass draws the same users."""
+    users = users.unique().sort()
+    rng = np.random.default_rng(seed + 1)
+    return users.gather(rng.permutation(len(users))[: round(len(users) * fraction)])
+
+
 def hold_out_users(
     dataset: Dataset, *, fraction: float, seed: int
 ) -> tuple[Dataset, Dataset]:
     """Move every interaction of a random ``fraction`` of users out: (rest, cold)."""
-    users = dataset.interactions[USER].unique().sort()
-    rng = np.random.default_rng(seed + 1)
-    cold = users.gather(rng.permutation(len(users))[: round(len(users) * fraction)])
+    cold = cold_user_choice(dataset.interactions[USER], fraction=fraction, seed=seed)
     is_cold = pl.col(USER).is_in(cold.implode())
     inter = dataset.interactions
     return (

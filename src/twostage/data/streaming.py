@@ -58,6 +58,7 @@ __all__ = [
     "RunningCounts",
     "SplitRule",
     "check_file_schemas",
+    "cold_users",
     "StreamingVocabularies",
     "count_values",
     "feature_tables",
@@ -558,10 +559,13 @@ class SplitRule:
     #: The validation carve-out: a rule over the training rows (its held-out rows
     #: that are not test rows are validation rows), or None without one.
     validation: SplitRule | None = None
+    #: Users held out whole (``data.cold_user_fraction``): every row of theirs is a
+    #: test row (:func:`cold_users`).
+    cold: pl.Series | None = None
 
     def test_mask(self, batch: pl.DataFrame, first_row: int) -> np.ndarray:
         """Which rows of ``batch`` (whose first row is ``first_row``) are test rows."""
-        return held_out_mask(
+        held = held_out_mask(
             batch,
             method=self.method,
             test_fraction=self.test_fraction,
@@ -570,6 +574,9 @@ class SplitRule:
             held_rows=self.held_rows,
             first_row=first_row,
         )
+        if self.cold is None:
+            return held
+        return held | batch[USER].is_in(self.cold.implode()).to_numpy()
 
     def sides(
         self, batch: pl.DataFrame, first_row: int
@@ -595,6 +602,7 @@ def split_rule(
     seed: int,
     validation_fraction: float = 0.0,
     reading: Reading = Reading(),
+    cold_user_fraction: float = 0.0,
 ) -> SplitRule:
     """The split of a streamed log: the time cut of ``temporal`` and the last rows of
     ``leave-last-out`` are found here, once, by a streaming pass.
@@ -606,6 +614,11 @@ def split_rule(
     validation_fraction`` quantile of their times on (found in the same pass as the
     test cut); ``leave-last-out``, each user's last training row, for users with two
     training rows or more (one more pass).
+
+    With ``cold_user_fraction`` > 0 that share of the users is held out first, every
+    row of theirs a test row (:func:`cold_users`, the users
+    :func:`twostage.data.split.hold_out_users` draws in memory), and the split
+    applies to the other users' rows (a temporal cut is their times' quantile).
     """
     if method not in SPLIT_METHODS:
         raise ConfigError(
@@ -617,6 +630,16 @@ def split_rule(
             "`validation_fraction` should be in [0, 1). "
             f"Received: {validation_fraction!r}."
         )
+    if not 0.0 <= cold_user_fraction < 1.0:
+        raise ConfigError(
+            "`cold_user_fraction` should be in [0, 1). "
+            f"Received: {cold_user_fraction!r}."
+        )
+    cold = (
+        cold_users(path, fraction=cold_user_fraction, seed=seed, reading=reading)
+        if cold_user_fraction > 0
+        else None
+    )
     time_cut = validation_cut = None
     if method == "temporal":
         time_cut, validation_cut = temporal_cuts(
@@ -624,6 +647,7 @@ def split_rule(
             test_fraction=test_fraction,
             validation_fraction=validation_fraction,
             reading=reading,
+            without=cold,
         )
     rule = SplitRule(
         method=method,
@@ -633,6 +657,7 @@ def split_rule(
         held_rows=(
             last_rows(path, reading=reading) if method == "leave-last-out" else None
         ),
+        cold=cold,
     )
     if validation_fraction == 0:
         return rule
@@ -652,6 +677,24 @@ def split_rule(
         ),
     )
     return dataclasses.replace(rule, validation=inner)
+
+
+def cold_users(
+    path: str | Path, *, fraction: float, seed: int, reading: Reading = Reading()
+) -> pl.Series:
+    """The users ``data.cold_user_fraction`` holds out whole: the ones
+    :func:`twostage.data.split.hold_out_users` draws from the same rows in memory
+    (a seeded permutation of the sorted distinct users). One pass over the user
+    column; memory holds one entry per distinct user."""
+    from twostage.data.split import cold_user_choice
+
+    counts = RunningCounts()
+    for _, batch in iter_row_groups(path, columns=[USER], reading=reading):
+        counts.add(batch[USER])
+    users = counts.result()
+    if users is None:
+        raise DataError(f"{str(path)!r} holds no rows to draw cold users from.")
+    return cold_user_choice(users["key"].rename(USER), fraction=fraction, seed=seed)
 
 
 def temporal_cut(
@@ -678,16 +721,22 @@ def temporal_cuts(
     test_fraction: float,
     validation_fraction: float = 0.0,
     reading: Reading = Reading(),
+    without: pl.Series | None = None,
 ) -> tuple[int, int | None]:
     """:func:`temporal_cut`, and with ``validation_fraction`` > 0 the validation
     cut: the ``1 - validation_fraction`` quantile ("lower") of the training rows'
-    times (those before the test cut), from the same pass and the same array."""
+    times (those before the test cut), from the same pass and the same array.
+    ``without``: users whose rows are left out (cold users, held out first)."""
     report = LoadReport(path=str(path))
     parts = [
-        batch[TIME].to_numpy()
+        (
+            batch
+            if without is None
+            else batch.filter(~pl.col(USER).is_in(without.implode()))
+        )[TIME].to_numpy()
         for _, batch in iter_row_groups(
             path,
-            columns=[TIME],
+            columns=[USER, TIME],
             report=report,
             reading=reading,
         )
@@ -956,6 +1005,7 @@ def fit_vocabularies(
     rank: int = 0,
     world: int = 1,
     reading: Reading = Reading(),
+    cold_user_fraction: float = 0.0,
 ) -> StreamingVocabularies:
     """User and item vocabularies of the training side, in one pass of record batches.
 
@@ -970,6 +1020,7 @@ def fit_vocabularies(
             :func:`held_out_mask`).
         validation_fraction: the validation carve-out of the training rows
             (:func:`split_rule`); its rows are counted apart and fit nothing.
+        cold_user_fraction: the users held out whole first (:func:`split_rule`).
         rank, world: read only this rank's row groups. Under ``torch.distributed``
             (:mod:`twostage.distributed`) the ranks then merge their counts, so
             every rank ends with the vocabularies of the whole log; without a
@@ -982,6 +1033,7 @@ def fit_vocabularies(
         seed=seed,
         validation_fraction=validation_fraction,
         reading=reading,
+        cold_user_fraction=cold_user_fraction,
     )
     users, items = RunningCounts(), RunningCounts()
     train_rows = test_rows = validation_rows = batches = 0

@@ -170,7 +170,6 @@ def check_data_options(data: DataConfig) -> None:
         )
     unread = {
         "data.separator": data.separator is not None,
-        "data.cold_user_fraction": data.cold_user_fraction != 0,
         "data.column_names": bool(data.column_names),
         "data.quote_char": data.quote_char != '"',
         "data.comment_prefix": bool(data.comment_prefix),
@@ -179,8 +178,7 @@ def check_data_options(data: DataConfig) -> None:
         raise ConfigError(
             "a streamed log does not read "
             + ", ".join(key for key, value in unread.items() if value)
-            + " (a Parquet log has no separator, quotes, comments or header; cold "
-            "users are an in-memory option): "
+            + " (a Parquet log has no separator, quotes, comments or header): "
             "unset them, or load the log in memory "
             "(without --stream)."
         )
@@ -582,6 +580,7 @@ def _split_rule(
         test_fraction=data.test_fraction,
         seed=data.seed,
         reading=Reading.of(data),
+        cold_user_fraction=data.cold_user_fraction,
     )
 
 
@@ -771,6 +770,7 @@ def _fit_streamed(
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
         reading=Reading.of(data),
+        cold_user_fraction=data.cold_user_fraction,
     )
     held = fitted.num_validation_rows  # not training rows here
     report = fitted.report

@@ -939,7 +939,10 @@ def duplicate_rows(path: str | Path, reading: Reading) -> np.ndarray:
             are named.
     """
     files = parquet_files(path)
-    key = (_stamp(files), reading.time_unit, reading.time_format, reading.duplicates)
+    key = (
+        _stamp(files),
+        dataclasses.replace(reading, min_user_rows=0, min_item_rows=0),
+    )  # what decides the good rows, and the policy
     if key in _DROPPED:
         return _DROPPED[key]
     plain = dataclasses.replace(

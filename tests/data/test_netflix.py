@@ -67,13 +67,20 @@ def test_bad_lines_are_counted_with_their_file_and_line(tmp_path: Path) -> None:
     (directory / "combined_data_2.txt").write_text(
         "3:\n13,x,2005-01-01\n14,4\n15,4,2005-13-01\n16,2,2004-02-02"
     )
+    # Read in one frame with the others: its first rating takes no movie from them.
+    (directory / "combined_data_3.txt").write_text(
+        "21,2,2005-01-01\n4:\n22,3,2005-01-02\n"
+    )
     data = read_netflix(directory)
-    assert data.interactions["user_id"].to_list() == [11, 12, 16]
-    assert data.interactions["item_id"].to_list() == [1, 1, 3]
+    assert data.interactions["user_id"].to_list() == [11, 12, 16, 22]
+    assert data.interactions["item_id"].to_list() == [1, 1, 3, 4]
     report = data.report
-    assert report.rows_read == 8 and report.rows_loaded == 3
+    assert report.rows_read == 10 and report.rows_loaded == 4
     assert report.examples == {
-        "no_movie_line": [(1, "combined_data_1.txt: 7,3,2005-01-01")],
+        "no_movie_line": [
+            (1, "combined_data_1.txt: 7,3,2005-01-01"),
+            (1, "combined_data_3.txt: 21,2,2005-01-01"),
+        ],
         "blank_line": [(4, "combined_data_1.txt: ")],
         "bad_rating": [(2, "combined_data_2.txt: 13,x,2005-01-01")],
         "wrong_field_count": [(3, "combined_data_2.txt: 14,4")],

@@ -96,11 +96,11 @@ def read_netflix(path: str | Path, **options: Any) -> Dataset:
     files = _rating_files(root)
     label = str(root)
     parts, reports = [], []
-    for file in files:
-        frame, report = _read_file(file, strict, missing_ratings)
+    for indices in _chunks(files):
+        frame, report = _read_files(files, indices, strict, missing_ratings)
         parts.append(frame)
         reports.append(report)
-    report = _merged(label, reports, several=len(files) > 1)
+    report = _merged(label, reports)
     interactions = pl.concat(parts, how="vertical")
     ids = canonical_ints(interactions, [USER, ITEM])
     interactions = interactions.with_columns(ids.values())
@@ -140,30 +140,70 @@ def _rating_files(root: Path) -> list[Path]:
     )
 
 
-def _read_file(
-    file: Path, strict: bool, missing_ratings: str
-) -> tuple[pl.DataFrame, LoadReport]:
-    """The rows of one file and its report (lines numbered within the file)."""
-    try:
-        lines = pl.read_csv(
-            file,
-            has_header=False,
-            separator="\x1f",  # a unit separator: each line is one field
-            quote_char=None,
-            schema={_TEXT: pl.String},
-            raise_if_empty=False,
+#: Files read as one frame at most (the prize's original ``training_set/`` is
+#: 17,770 small files; each of Kaggle's four is one chunk of its own).
+_CHUNK_BYTES = 256 << 20
+#: A file's rows are told apart from another file's by ``file * _SPAN + line``.
+_SPAN = 1 << 40
+
+
+def _chunks(files: list[Path]) -> list[list[int]]:
+    """The indices of ``files`` in runs of at most ``_CHUNK_BYTES`` (or one file)."""
+    chunks: list[list[int]] = []
+    size = 0
+    for i, file in enumerate(files):
+        bytes_ = file.stat().st_size
+        if not chunks or size + bytes_ > _CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += bytes_
+    return chunks
+
+
+def _read_lines(files: list[Path], indices: list[int]) -> pl.DataFrame:
+    """The lines of some files, each with its file index (``__file``) and its
+    1-based line number in that file."""
+    frames = []
+    for i in indices:
+        try:
+            lines = pl.read_csv(
+                files[i],
+                has_header=False,
+                separator="\x1f",  # a unit separator: each line is one field
+                quote_char=None,
+                schema={_TEXT: pl.String},
+                raise_if_empty=False,
+            )
+        except pl.exceptions.PolarsError as err:  # e.g. a \x1f inside a line
+            raise DataError(
+                f"{files[i]}: not a Netflix Prize ratings file: {err}"
+            ) from err
+        frames.append(
+            lines.with_row_index(LINE, offset=1).with_columns(
+                pl.col(LINE).cast(pl.Int64), pl.lit(i, dtype=pl.Int64).alias("__file")
+            )
         )
-    except pl.exceptions.PolarsError as err:  # e.g. a \x1f inside a line
-        raise DataError(f"{file}: not a Netflix Prize ratings file: {err}") from err
+    return pl.concat(frames, how="vertical")
+
+
+def _read_files(
+    files: list[Path], indices: list[int], strict: bool, missing_ratings: str
+) -> tuple[pl.DataFrame, LoadReport]:
+    """The rows of some files read as one frame, and their report: each example
+    is numbered by its line in its file, and named with its file when the dataset
+    has several."""
+    lines = _read_lines(files, indices)
     text = pl.col(_TEXT)
     movie_line = text.str.contains(_MOVIE_LINE).fill_null(False)
-    lines = lines.with_row_index(LINE, offset=1).with_columns(
-        pl.col(LINE).cast(pl.Int64),
+    lines = lines.with_columns(
         pl.when(movie_line)
         .then(text.str.strip_chars().str.strip_suffix(":"))
         .forward_fill()
+        .over("__file")  # a file without its movie line takes none from before
         .alias(ITEM),
         movie_line.alias("__movie"),
+        (pl.col("__file") * _SPAN + pl.col(LINE)).alias("__key"),
     )
     rows = lines.filter(~pl.col("__movie")).with_columns(
         text.str.splitn(",", 3).alias("__f")  # a struct: no list per row
@@ -183,12 +223,20 @@ def _read_file(
         .alias("__reason")
     )
     rows = rows.with_columns(reason)
+    several = len(files) > 1
+
+    def shown(key: int, line_text: str | None) -> tuple[int, str]:
+        file, line = divmod(key, _SPAN)
+        name = f"{files[file].name}: " if several else ""
+        return line, f"{name}{line_text or ''}"[:200]
+
+    report = LoadReport(path="")
     bad = rows.filter(pl.col("__reason").is_not_null())
-    report = LoadReport(path=str(file))
+    firsts: list[tuple[int, str]] = []  # (key, reason) of each reason's first row
     for name, group in bad.group_by("__reason", maintain_order=True):
-        head = group.head(MAX_EXAMPLES)
-        examples = [(n, (t or "")[:200]) for n, t in head.select(LINE, _TEXT).rows()]
-        report.add_many(str(name[0]), group.height, examples)
+        head = group.head(MAX_EXAMPLES).select("__key", _TEXT).rows()
+        report.add_many(str(name[0]), group.height, [shown(k, t) for k, t in head])
+        firsts.append((head[0][0], str(name[0])))
     good = rows.filter(pl.col("__reason").is_null())
     raw = good.select(
         pl.col("__f").struct.field("field_0").alias(USER),
@@ -213,39 +261,31 @@ def _read_file(
         strict=False,
         time_format=None,
     )
-    parsed, values, _, _ = load_frame(raw, str(file), spec, options, lines=good[LINE])
-    if not values.ok:  # name the lines as the file holds them
-        wanted = [n for kept in values.examples.values() for n, _ in kept]
-        found = good.filter(pl.col(LINE).is_in(wanted)).select(LINE, _TEXT).rows()
-        line_text: dict[int, str] = dict(found)
+    parsed, values, _, _ = load_frame(raw, "", spec, options, lines=good["__key"])
+    if not values.ok:  # name the lines as the files hold them
+        wanted = [k for kept in values.examples.values() for k, _ in kept]
+        found = good.filter(pl.col("__key").is_in(wanted)).select("__key", _TEXT)
+        line_text: dict[int, str] = dict(found.rows())
         for cause, count in values.rejected.items():
             kept = values.examples.get(cause, [])
-            report.add_many(cause, count, [(n, line_text[n][:200]) for n, _ in kept])
+            report.add_many(cause, count, [shown(k, line_text[k]) for k, _ in kept])
+            firsts.append((kept[0][0], cause))
     report.rows_read = lines.height - int(lines["__movie"].sum())
-    if strict and not report.ok:
-        line, why = min(
-            (examples[0][0], name)
-            for name, examples in report.examples.items()
-            if examples
-        )
-        raise BadRowError(
-            str(file), line, why, lines.filter(pl.col(LINE) == line)[_TEXT][0] or ""
-        )
+    if strict and firsts:
+        key, why = min(firsts)
+        file, line = divmod(key, _SPAN)
+        content = lines.filter(pl.col("__key") == key)[_TEXT][0] or ""
+        raise BadRowError(str(files[file]), line, why, content)
     return parsed.drop([c for c in (LINE,) if c in parsed.columns]), report
 
 
-def _merged(label: str, reports: list[LoadReport], *, several: bool) -> LoadReport:
-    """One report for the files read; with several, each example names its file."""
+def _merged(label: str, reports: list[LoadReport]) -> LoadReport:
+    """One report for the chunks read."""
     merged = LoadReport(path=label)
     for report in reports:
         merged.rows_read += report.rows_read
-        name = Path(report.path).name
         for reason, count in report.rejected.items():
-            shown = [
-                (line, f"{name}: {text}" if several else text)
-                for line, text in report.examples.get(reason, [])
-            ]
-            merged.add_many(reason, count, shown)
+            merged.add_many(reason, count, report.examples.get(reason, []))
     return merged
 
 

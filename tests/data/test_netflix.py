@@ -52,6 +52,17 @@ def test_the_prize_layout_is_unfolded_into_rows(tmp_path: Path) -> None:
     assert "," in titles[4]
     assert any("é" in t or "ñ" in t for t in titles.values())
     assert items.filter(pl.col("item_id") == 6)["year"].is_null().all()  # NULL
+    # The original archive: download/training_set/mv_*.txt, movie_titles.txt above.
+    original = tmp_path / "download" / "training_set"
+    original.mkdir(parents=True)
+    (original / "mv_0000001.txt").write_text("1:\n11,3,2005-09-06\n12,4,2005-09-07\n")
+    (original / "mv_0000002.txt").write_text("2:\n11,5,2005-09-08\n")
+    (original.parent / "movie_titles.txt").write_text(
+        "1,2003,Dinosaur Planet\n2,2004,Isle of Man TT 2004 Review\n"
+    )
+    old = read_netflix(original)
+    assert old.interactions["item_id"].to_list() == [1, 1, 2]
+    assert old.items is not None and old.items["title"][0] == "Dinosaur Planet"
     # One file reads alone; the titles beside it are found.
     one = read_netflix(directory / "combined_data_2.txt")
     assert 0 < one.num_interactions < data.num_interactions

@@ -43,7 +43,8 @@ __all__ = ["read_netflix", "write_netflix"]
 logger = logging.getLogger(__name__)
 
 _FILES = ("combined_data_*.txt", "mv_*.txt")
-_TITLES = "movie_titles.csv"
+#: Kaggle's name, and the original archive's (beside ``training_set/``).
+_TITLES = ("movie_titles.csv", "movie_titles.txt")
 _MOVIE_LINE = r"^\s*[0-9]+:\s*$"
 _TEXT = "__text"
 #: The options a Netflix Prize file takes; its columns are fixed.
@@ -55,8 +56,10 @@ def read_netflix(path: str | Path, **options: Any) -> Dataset:
 
     Args:
         path: a ``combined_data_*.txt`` or ``mv_*.txt`` file, or a directory holding
-            such files (all of them are read, in name order) and perhaps
-            ``movie_titles.csv``, whose ``year`` and ``title`` become item features.
+            such files (all of them are read, in name order). A
+            ``movie_titles.csv`` (Kaggle's) or ``movie_titles.txt`` (the original
+            archive's, beside ``training_set/``) there or one directory up gives
+            the item features ``year`` and ``title``.
         **options: ``strict=True`` stops at the first bad line (a
             :class:`~twostage.errors.BadRowError` naming its file and line);
             ``name`` names the dataset (default ``netflix``);
@@ -109,10 +112,9 @@ def read_netflix(path: str | Path, **options: Any) -> Dataset:
         logger.debug("%s", report.summary())
     else:
         logger.warning("%s", report.summary())
-    titles = root / _TITLES if root.is_dir() else root.with_name(_TITLES)
-    items = (
-        _read_titles(titles, interactions.schema[ITEM]) if titles.is_file() else None
-    )
+    near = root if root.is_dir() else root.parent
+    found = [d / n for d in (near, near.parent) for n in _TITLES if (d / n).is_file()]
+    items = _read_titles(found[0], interactions.schema[ITEM]) if found else None
     return Dataset(
         name=str(options.get("name") or "netflix"),
         interactions=interactions.select(USER, ITEM, TIME, RATING),
@@ -414,7 +416,7 @@ def write_netflix(
             quote_style="never",
         )
     words = ("Night", "River", "Café", "Return", "Stranger", "Garden", "Señor", "Home")
-    with (out / _TITLES).open("w", encoding="latin-1", newline="\r\n") as f:
+    with (out / _TITLES[0]).open("w", encoding="latin-1", newline="\r\n") as f:
         for movie in range(num_movies):
             year = "NULL" if movie % 97 == 5 else str(rng.integers(1920, 2006))
             title = f"{words[genre[movie]]} {movie + 1}"

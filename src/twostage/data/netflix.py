@@ -164,8 +164,8 @@ def _chunks(files: list[Path]) -> list[list[int]]:
 
 
 def _read_lines(files: list[Path], indices: list[int]) -> pl.DataFrame:
-    """The lines of some files, each with its file index (``__file``) and its
-    1-based line number in that file."""
+    """The lines of some files, each with its 1-based line number in its file and,
+    with several files, the file's index (``__file``)."""
     frames = []
     for i in indices:
         try:
@@ -181,11 +181,10 @@ def _read_lines(files: list[Path], indices: list[int]) -> pl.DataFrame:
             raise DataError(
                 f"{files[i]}: not a Netflix Prize ratings file: {err}"
             ) from err
-        frames.append(
-            lines.with_row_index(LINE, offset=1).with_columns(
-                pl.col(LINE).cast(pl.Int64), pl.lit(i, dtype=pl.Int64).alias("__file")
-            )
-        )
+        lines = lines.with_row_index(LINE, offset=1)
+        if len(indices) > 1:  # one file: its index is a constant (_read_files)
+            lines = lines.with_columns(pl.lit(i, dtype=pl.Int64).alias("__file"))
+        frames.append(lines.with_columns(pl.col(LINE).cast(pl.Int64)))
     return pl.concat(frames, how="vertical")
 
 
@@ -198,15 +197,20 @@ def _read_files(
     lines = _read_lines(files, indices)
     text = pl.col(_TEXT)
     movie_line = text.str.contains(_MOVIE_LINE).fill_null(False)
+    movie = pl.when(movie_line).then(text.str.strip_chars().str.strip_suffix(":"))
     lines = lines.with_columns(
-        pl.when(movie_line)
-        .then(text.str.strip_chars().str.strip_suffix(":"))
-        .forward_fill()
-        .over("__file")  # a file without its movie line takes none from before
-        .alias(ITEM),
+        (
+            movie.forward_fill()
+            if len(indices) == 1
+            # a file without its movie line takes none from the file before
+            else movie.forward_fill().over("__file")
+        ).alias(ITEM),
         movie_line.alias("__movie"),
-        (pl.col("__file") * _SPAN + pl.col(LINE)).alias("__key"),
     )
+    # A row's file and line as one number, computed where needed (24M rows of a
+    # column cost a second and 190 MB).
+    file = pl.col("__file") if len(indices) > 1 else pl.lit(indices[0], pl.Int64)
+    key = (file * _SPAN + pl.col(LINE)).alias("__key")
     rows = lines.filter(~pl.col("__movie")).with_columns(
         text.str.splitn(",", 3).alias("__f")  # a struct: no list per row
     )
@@ -227,16 +231,16 @@ def _read_files(
     rows = rows.with_columns(reason)
     several = len(files) > 1
 
-    def shown(key: int, line_text: str | None) -> tuple[int, str]:
-        file, line = divmod(key, _SPAN)
-        name = f"{files[file].name}: " if several else ""
+    def shown(number: int, line_text: str | None) -> tuple[int, str]:
+        index, line = divmod(number, _SPAN)
+        name = f"{files[index].name}: " if several else ""
         return line, f"{name}{line_text or ''}"[:200]
 
     report = LoadReport(path="")
     bad = rows.filter(pl.col("__reason").is_not_null())
     firsts: list[tuple[int, str]] = []  # (key, reason) of each reason's first row
     for name, group in bad.group_by("__reason", maintain_order=True):
-        head = group.head(MAX_EXAMPLES).select("__key", _TEXT).rows()
+        head = group.head(MAX_EXAMPLES).select(key, _TEXT).rows()
         report.add_many(str(name[0]), group.height, [shown(k, t) for k, t in head])
         firsts.append((head[0][0], str(name[0])))
     good = rows.filter(pl.col("__reason").is_null())
@@ -263,10 +267,11 @@ def _read_files(
         strict=False,
         time_format=None,
     )
-    parsed, values, _, _ = load_frame(raw, "", spec, options, lines=good["__key"])
+    keys = good.select(key).to_series()
+    parsed, values, _, _ = load_frame(raw, "", spec, options, lines=keys)
     if not values.ok:  # name the lines as the files hold them
         wanted = [k for kept in values.examples.values() for k, _ in kept]
-        found = good.filter(pl.col("__key").is_in(wanted)).select("__key", _TEXT)
+        found = good.select(key, _TEXT).filter(pl.col("__key").is_in(wanted))
         line_text: dict[int, str] = dict(found.rows())
         for cause, count in values.rejected.items():
             kept = values.examples.get(cause, [])
@@ -274,10 +279,10 @@ def _read_files(
             firsts.append((kept[0][0], cause))
     report.rows_read = lines.height - int(lines["__movie"].sum())
     if strict and firsts:
-        key, why = min(firsts)
-        file, line = divmod(key, _SPAN)
-        content = lines.filter(pl.col("__key") == key)[_TEXT][0] or ""
-        raise BadRowError(str(files[file]), line, why, content)
+        first_key, why = min(firsts)
+        file_index, line = divmod(first_key, _SPAN)
+        content = lines.filter(pl.col(LINE) == line, file == file_index)[_TEXT][0]
+        raise BadRowError(str(files[file_index]), line, why, content or "")
     return parsed.drop([c for c in (LINE,) if c in parsed.columns]), report
 
 

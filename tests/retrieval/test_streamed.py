@@ -437,6 +437,13 @@ TWO_STAGES = [
 ]
 
 
+def _assert_same_run(read: Any, expected: Any) -> None:
+    """Two retrieval runs have the same weights and test figures."""
+    for name, weights in expected.model.state_dict().items():
+        torch.testing.assert_close(read.model.state_dict()[name], weights, msg=name)
+    assert read.metrics["metrics"] == expected.metrics["metrics"]
+
+
 def _assert_same_weights(streamed: Any, in_memory: Any) -> None:
     """Both stages of a streamed run have the in-memory run's weights."""
     for name, weights in in_memory.retrieval.model.state_dict().items():
@@ -526,9 +533,7 @@ def test_a_streamed_log_of_milliseconds_trains_as_the_one_of_seconds(
     ms_config = apply_overrides(ExperimentConfig(), [*settings, "data.time_unit=ms"])
     read = fit_streamed_retrieval(ms_config, ms_log)
     assert torch.equal(read.tensors.history, seconds.tensors.history)
-    for name, weights in seconds.model.state_dict().items():
-        torch.testing.assert_close(read.model.state_dict()[name], weights)
-    assert read.metrics["metrics"] == seconds.metrics["metrics"]
+    _assert_same_run(read, seconds)
     # Read as seconds, every row is a time only in milliseconds: the run says so.
     with pytest.raises(DataError, match="timestamp_not_in_seconds"):
         fit_streamed_retrieval(apply_overrides(ExperimentConfig(), settings), ms_log)
@@ -548,9 +553,7 @@ def test_streamed_runs_read_time_format(log: Path, tmp_path: Path) -> None:
     read = fit_streamed_retrieval(
         apply_overrides(ExperimentConfig(), formatted), text_log
     )
-    for name, weights in seconds.model.state_dict().items():
-        torch.testing.assert_close(read.model.state_dict()[name], weights)
-    assert read.metrics["metrics"] == seconds.metrics["metrics"]
+    _assert_same_run(read, seconds)
     with pytest.raises(DataError, match="bad_timestamp"):  # read without the format
         fit_streamed_retrieval(apply_overrides(ExperimentConfig(), settings), text_log)
 
@@ -578,9 +581,7 @@ def test_streamed_minimum_counts_train_as_the_filtered_log(
     minimums = [*settings, "data.min_user_rows=20", "data.min_item_rows=40"]
     read = fit_streamed_retrieval(apply_overrides(ExperimentConfig(), minimums), log)
     assert torch.equal(read.tensors.items, plain.tensors.items)
-    for name, weights in plain.model.state_dict().items():
-        torch.testing.assert_close(read.model.state_dict()[name], weights)
-    assert read.metrics["metrics"] == plain.metrics["metrics"]
+    _assert_same_run(read, plain)
 
 
 def test_streamed_duplicates_train_as_the_cleaned_log(
@@ -609,9 +610,7 @@ def test_streamed_duplicates_train_as_the_cleaned_log(
     read = fit_streamed_retrieval(
         apply_overrides(ExperimentConfig(), first), doubled_log
     )
-    for name, weights in plain.model.state_dict().items():
-        torch.testing.assert_close(read.model.state_dict()[name], weights)
-    assert read.metrics["metrics"] == plain.metrics["metrics"]
+    _assert_same_run(read, plain)
 
 
 def test_a_streamed_run_measures_cold_users(log: Path) -> None:

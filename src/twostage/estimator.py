@@ -22,7 +22,7 @@ import torch
 
 from twostage.config import DataConfig, ExperimentConfig, apply_settings, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
-from twostage.data.registry import FIT_TABLES, table_keys
+from twostage.data.registry import FIT_TABLES, reading_settings, table_keys
 from twostage.data.split import ExperimentSplit, validation_split
 from twostage.errors import ConfigError, DataError
 from twostage.evaluate import EvalResult
@@ -379,19 +379,9 @@ class TwoStageModel:
                 "name the column with fit(weight_col=...)."
             )
         reading = {  # the settings that say how to read a file or a frame
-            "separator": settings.separator,
-            "quote_char": None if settings.quote_char == '"' else settings.quote_char,
-            "comment_prefix": settings.comment_prefix or None,
-            "missing_ratings": None
-            if settings.missing_ratings == "reject"
-            else settings.missing_ratings,
-            "time_format": settings.time_format,
-            "time_unit": None if settings.time_unit == "s" else settings.time_unit,
+            **reading_settings(settings),
             "weight_values": weights,
             "column_names": None if held_out else settings.column_names or None,
-            "duplicates": None
-            if settings.duplicates == "keep"
-            else settings.duplicates,
         }
         if isinstance(data, Dataset):
             given = [f"`data.{k}`" for k, v in reading.items() if v is not None]
@@ -412,16 +402,14 @@ class TwoStageModel:
                     rating_col=columns.rating_col,
                     weight_col=columns.weight_col,
                     name=self.config.data.dataset,
-                    separator=settings.separator,
-                    quote_char=settings.quote_char,
-                    comment_prefix=settings.comment_prefix,
-                    missing_ratings=settings.missing_ratings,
-                    time_format=settings.time_format,
-                    time_unit=settings.time_unit,
                     weight_values=weights,
                     column_names=names,
-                    duplicates=settings.duplicates,
                     has_header=not names,
+                    **{
+                        key: value
+                        for key, value in reading_settings(settings).items()
+                        if value is not None  # (None: the default)
+                    },
                 )
 
             if held_out:

@@ -22,6 +22,7 @@ __all__ = [
     "load_dataset_for",
     "load_mapped",
     "read_side_tables",
+    "reading_settings",
     "table_keys",
     "with_min_counts",
 ]
@@ -168,6 +169,24 @@ def with_min_counts(dataset: Dataset, users: int, items: int) -> Dataset:
     return filtered
 
 
+def reading_settings(data: DataConfig) -> dict[str, Any]:
+    """The ``data`` settings that say how to read a log's values, as
+    :func:`~twostage.data.tables.read_interactions` takes them, each None at its
+    default (:func:`load_dataset` drops those, and a Dataset read already is
+    refused only the others)."""
+    return {
+        "separator": data.separator,
+        "quote_char": None if data.quote_char == '"' else data.quote_char,
+        "comment_prefix": data.comment_prefix or None,
+        "missing_ratings": None
+        if data.missing_ratings == "reject"
+        else data.missing_ratings,
+        "time_format": data.time_format,
+        "time_unit": None if data.time_unit == "s" else data.time_unit,
+        "duplicates": None if data.duplicates == "keep" else data.duplicates,
+    }
+
+
 def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset:
     """:func:`load_dataset` of ``spec`` with the column mapping and feature columns
     of ``data`` (a run's saved ``data`` section); without ``weights``, the weight
@@ -178,21 +197,13 @@ def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset
         item_col=data.item_col,
         time_col=data.time_col,
         rating_col=data.rating_col,
-        time_format=data.time_format,
-        time_unit=None if data.time_unit == "s" else data.time_unit,  # the default
         weight_col=data.weight_col if weights else None,
         weight_values=data.weights_of_values if weights else None,
         column_names=list(data.column_names) or None,
-        duplicates=None if data.duplicates == "keep" else data.duplicates,
         has_header=None if not data.column_names else False,
-        separator=data.separator,
-        quote_char=None if data.quote_char == '"' else data.quote_char,  # the default
-        comment_prefix=data.comment_prefix or None,
-        missing_ratings=None
-        if data.missing_ratings == "reject"
-        else data.missing_ratings,
         user_features=list(data.user_features) or None,
         item_features=list(data.item_features) or None,
+        **reading_settings(data),
     )
 
 

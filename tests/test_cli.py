@@ -1215,6 +1215,44 @@ def test_feature_files_keyed_otherwise(tmp_path: Path) -> None:
     assert "`data.item_table`, which is unset" in str(alone.exception)
 
 
+def test_feature_files_without_a_header(tmp_path: Path) -> None:
+    """MovieLens-1M's users.dat and movies.dat have no header: as --user-table /
+    --item-table their first row was read as the column names."""
+    data = generate(num_users=60, num_items=80, num_interactions=1500)
+    assert data.items is not None and data.users is not None
+    log = tmp_path / "ratings.dat"
+    rows = data.interactions.select("user_id", "item_id", "rating", "timestamp")
+    log.write_text(rows.write_csv(separator="\t", include_header=False))
+    users = tmp_path / "users.dat"
+    users.write_text(
+        data.users.select("user_id", "segment", "age").write_csv(include_header=False)
+    )
+    movies = tmp_path / "movies.dat"
+    movies.write_text(
+        data.items.select("item_id", "category").write_csv(include_header=False)
+    )
+    options = [
+        *("--column-names", "user_id,item_id,rating,timestamp"),
+        *("--user-table", str(users), "--user-table-columns", "user_id,segment,age"),
+        *("--item-table", str(movies), "--item-table-columns", "item_id,category"),
+    ]
+    described = runner.invoke(app, ["data", "describe", str(log), *options, "--json"])
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    assert summary["user_features"] == ["segment", "age"]
+    assert summary["item_features"] == ["category"]
+    run = tmp_path / "run"
+    saved = train_retrieval(log, options, run)
+    assert saved["user_table_columns"] == ["user_id", "segment", "age"]
+    assert (
+        "item_table_columns=item_id,category"
+        in runner.invoke(app, ["info", str(run)]).stdout
+    )
+    alone = ["--item-table-columns", "item_id,category"]
+    refused = runner.invoke(app, ["data", "describe", str(log), *options[:2], *alone])
+    assert "which is unset" in str(refused.exception)
+
+
 def test_similar_filters_by_metadata_from_the_cli(
     models_dir: Path, tmp_path: Path
 ) -> None:

@@ -200,6 +200,21 @@ def test_feature_tables_are_checked_against_the_log(
     assert keyed.split_.fit.users["age"].to_list() == list(range(len(ids)))
     with pytest.raises(twostage.TwostageError, match="none was given"):
         keyed.fit(train, **columns)
+    # A file without a header, its columns named by `data.user_table_columns`.
+    bare = tmp_path / "ages.dat"
+    ages.to_csv(bare, index=False, header=False)
+    named_columns = twostage.TwoStageModel(
+        settings={
+            **SETTINGS,
+            "train.epochs": 1,
+            "data.user_table_columns": ["uid", "age"],
+        },
+        ranking=False,
+        progress=False,
+    )
+    named_columns.fit(train, users=str(bare), **columns)
+    assert named_columns.split_.fit.users is not None
+    assert named_columns.split_.fit.users["age"].to_list() == list(range(len(ids)))
 
 
 def test_fit_reads_the_training_rows_weights(frames) -> None:

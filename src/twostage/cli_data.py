@@ -185,6 +185,24 @@ ItemTableKey = Annotated[
         "log (Steam's games: id).",
     ),
 ]
+UserTableColumns = Annotated[
+    str | None,
+    typer.Option(
+        "--user-table-columns",
+        rich_help_panel=READING,
+        help="Names for the columns of a --user-table without a header, in order "
+        "(MovieLens-1M's users.dat: user_id,gender,age,occupation,zip_code).",
+    ),
+]
+ItemTableColumns = Annotated[
+    str | None,
+    typer.Option(
+        "--item-table-columns",
+        rich_help_panel=READING,
+        help="Names for the columns of an --item-table without a header, in order "
+        "(MovieLens-1M's movies.dat: item_id,title,genres).",
+    ),
+]
 ItemTable = Annotated[
     Path | None,
     typer.Option(
@@ -334,12 +352,14 @@ def _with_tables(
     user_table: Path | None,
     item_table: Path | None,
     options: dict[str, Any],
-    keys: tuple[str | None, str | None] = (None, None),
+    described: dict[str, Any] | None = None,
 ) -> Any:
     """``data`` with the feature files of ``--user-table`` / ``--item-table``
     joined, keyed as training keys them (:func:`twostage.data.registry.
-    read_side_tables`); ``keys``: ``--user-table-key`` / ``--item-table-key``."""
-    if user_table is None and item_table is None and keys == (None, None):
+    read_side_tables`); ``described``: the ``data.*_table_key`` /
+    ``*_table_columns`` settings given (``--item-table-key``...)."""
+    described = {k: v for k, v in (described or {}).items() if v}
+    if user_table is None and item_table is None and not described:
         return data
     from twostage.config import DataConfig
     from twostage.data.registry import read_side_tables
@@ -351,8 +371,7 @@ def _with_tables(
             item_table=None if item_table is None else str(item_table),
             user_col=options.get("user_col"),
             item_col=options.get("item_col"),
-            user_table_key=keys[0],
-            item_table_key=keys[1],
+            **described,
         )
     )
     return join_features(data, users=users, items=items)
@@ -518,6 +537,8 @@ def data_describe(
     item_table: ItemTable = None,
     user_table_key: UserTableKey = None,
     item_table_key: ItemTableKey = None,
+    user_table_columns: UserTableColumns = None,
+    item_table_columns: ItemTableColumns = None,
     min_user_rows: MinUserRows = None,
     min_item_rows: MinItemRows = None,
     strict: Strict = False,
@@ -566,6 +587,8 @@ def data_describe(
             "item_table": item_table,
             "user_table_key": user_table_key,
             "item_table_key": item_table_key,
+            "user_table_columns": user_table_columns,
+            "item_table_columns": item_table_columns,
         }
         given = [
             f"--{key.replace('_', '-')}"
@@ -609,9 +632,14 @@ def data_describe(
         )
         streamed = True
     else:
-        keys = (user_table_key, item_table_key)
+        described = {
+            "user_table_key": user_table_key,
+            "item_table_key": item_table_key,
+            "user_table_columns": tuple(split_names(user_table_columns) or ()),
+            "item_table_columns": tuple(split_names(item_table_columns) or ()),
+        }
         data = _with_tables(
-            _load(dataset, options), user_table, item_table, options, keys
+            _load(dataset, options), user_table, item_table, options, described
         )
         data = data.with_unrated(unrated_values_of(unrated_values) or [])
         data, filtered = _min_counts(data, min_user_rows, min_item_rows)

@@ -81,6 +81,8 @@ _READING = (
     "item_table",
     "user_table_key",
     "item_table_key",
+    "user_table_columns",
+    "item_table_columns",
     "min_user_rows",
     "min_item_rows",
     "duplicates",

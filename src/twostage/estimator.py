@@ -417,21 +417,27 @@ class TwoStageModel:
             else:
                 dataset = read(list(settings.column_names) or None)
         tables = {}
-        sides: tuple[
-            tuple[str, Any, str, Literal["user_id", "item_id"], str | None], ...
-        ] = (
-            ("users", users, columns.user_col, "user_id", settings.user_table_key),
-            ("items", items, columns.item_col, "item_id", settings.item_table_key),
+        sides: tuple[tuple[str, Any, str, Literal["user_id", "item_id"]], ...] = (
+            ("users", users, columns.user_col, "user_id"),
+            ("items", items, columns.item_col, "item_id"),
         )
-        for arg, table, key_col, key, table_key in sides:
+        for arg, table, key_col, key in sides:
+            side = arg[:-1]  # "user" or "item"
+            table_key = getattr(settings, f"{side}_table_key")
+            names = list(getattr(settings, f"{side}_table_columns"))
             if table is not None:
-                keys = table_keys(key_col, key, table_key)
-                tables[arg] = read_feature_table(table, key_col=keys, key_name=key)
-            elif table_key is not None and not held_out:
+                tables[arg] = read_feature_table(
+                    table,
+                    key_col=table_keys(key_col, key, table_key),
+                    key_name=key,
+                    column_names=names or None,
+                    has_header=not names,
+                )
+            elif (table_key is not None or names) and not held_out:
                 raise ConfigError(
-                    f"`data.{arg[:-1]}_table_key` = {table_key!r} names the key column "
-                    f"of a {arg[:-1]} feature table, and none was given: pass "
-                    f"fit({arg}=...) or set `data.{arg[:-1]}_table`."
+                    f"`data.{side}_table_key` / `data.{side}_table_columns` describe "
+                    f"a {side} feature table, and none was given: pass "
+                    f"fit({arg}=...) or set `data.{side}_table`."
                 )
         if tables:  # checked against the log: keys, repeats, how many match
             dataset = join_features(dataset, **tables)

@@ -140,6 +140,9 @@ class DataConfig(_Checked):
     ``item_id``, or by ``user_table_key`` / ``item_table_key`` when the file names
     its key otherwise (Steam's games keyed ``id``, Last.fm's profiles ``#id``);
     their other columns join the log's own feature columns.
+    ``user_table_columns`` / ``item_table_columns`` name the columns of a headerless
+    table file, in order (MovieLens-1M's ``users.dat``, Last.fm-360K's profiles), as
+    ``column_names`` names the log's.
     """
 
     dataset: str = "movielens-100k"
@@ -166,6 +169,8 @@ class DataConfig(_Checked):
     item_table: str | None = None
     user_table_key: str | None = None
     item_table_key: str | None = None
+    user_table_columns: tuple[str, ...] = ()
+    item_table_columns: tuple[str, ...] = ()
     time_format: str | None = None
     time_unit: Literal["s", "ms", "us", "ns"] = "s"
     weight_values: tuple[str, ...] = ()

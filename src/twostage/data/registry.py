@@ -212,7 +212,9 @@ def read_side_tables(
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
     """The user and item feature tables of ``data.user_table`` /
     ``data.item_table`` (None where unset), keyed ``user_id`` / ``item_id``: read
-    by ``data.user_table_key`` / ``item_table_key`` when set, else by the log's
+    (headerless files: their columns named by ``data.user_table_columns`` /
+    ``item_table_columns``) by ``data.user_table_key`` / ``item_table_key`` when
+    set, else by the log's
     user / item column name when the file has it, else by ``user_id`` /
     ``item_id``.
 
@@ -226,23 +228,43 @@ def read_side_tables(
         column: str | None,
         key: Literal["user_id", "item_id"],
         table_key: str | None,
+        names: tuple[str, ...],
     ) -> pl.DataFrame | None:
         name = "user_table" if key == "user_id" else "item_table"
         if path is None:
-            if table_key is not None:
-                raise ConfigError(
-                    f"`data.{name}_key` = {table_key!r} names the key column of "
-                    f"`data.{name}`, which is unset: give the table too."
-                )
+            for setting, value in (("key", table_key), ("columns", names)):
+                if value:
+                    raise ConfigError(
+                        f"`data.{name}_{setting}` = {value!r} describes "
+                        f"`data.{name}`, which is unset: give the table too."
+                    )
             return None
         if not Path(path).is_file():
             raise DataError(f"`data.{name}` = {path!r} is not a file.")
         keys = table_keys(column, key, table_key)
-        return read_feature_table(path, key_col=keys, key_name=key)
+        return read_feature_table(
+            path,
+            key_col=keys,
+            key_name=key,
+            column_names=list(names) or None,
+            has_header=not names,
+        )
 
     return (
-        side(data.user_table, data.user_col, "user_id", data.user_table_key),
-        side(data.item_table, data.item_col, "item_id", data.item_table_key),
+        side(
+            data.user_table,
+            data.user_col,
+            "user_id",
+            data.user_table_key,
+            data.user_table_columns,
+        ),
+        side(
+            data.item_table,
+            data.item_col,
+            "item_id",
+            data.item_table_key,
+            data.item_table_columns,
+        ),
     )
 
 

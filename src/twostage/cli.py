@@ -40,6 +40,7 @@ from twostage.cli_data import (
     ItemTable,
     ItemTableColumns,
     ItemTableKey,
+    LabelCol,
     MinItemRows,
     MinUserRows,
     MissingRatings,
@@ -202,6 +203,7 @@ def _columns(
     duplicates: str | None,
     user_features: str | None,
     item_features: str | None,
+    label_col: str | None = None,
 ) -> dict[str, Any]:
     """The column options every data-reading command takes, as ``data.*`` keys."""
     options = dataset_options(
@@ -213,6 +215,7 @@ def _columns(
         rating_col=rating_col,
         weight_col=weight_col,
         weight_values=weight_values,
+        label_col=label_col,
         separator=separator,
         quote_char=quote_char,
         comment_prefix=comment_prefix,
@@ -274,6 +277,7 @@ def train_all(
     unrated_values: UnratedValues = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
+    label_col: LabelCol = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
     comment_prefix: CommentPrefix = None,
@@ -345,6 +349,7 @@ def train_all(
         duplicates,
         user_features,
         item_features,
+        label_col=label_col,
     )
     columns.update(
         train_file=train_file,
@@ -485,7 +490,12 @@ def _fit_both(
     if report is not None:
         figures = ", ".join(
             f"{name} {report[key]:.4f}"
-            for key, name in (("rmse", "RMSE"), ("mae", "MAE"), ("auc", "AUC"))
+            for key, name in (
+                ("rmse", "RMSE"),
+                ("mae", "MAE"),
+                ("auc", "AUC"),
+                ("shown_auc", "AUC against the items shown and not chosen"),
+            )
             if key in report
         )
         console.print(f"Ranking: {figures}")
@@ -1025,6 +1035,7 @@ def train_retrieval_command(
     unrated_values: UnratedValues = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
+    label_col: LabelCol = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
     comment_prefix: CommentPrefix = None,
@@ -1087,6 +1098,7 @@ def train_retrieval_command(
         duplicates,
         user_features,
         item_features,
+        label_col=label_col,
     )
     columns.update(
         train_file=train_file,
@@ -1581,6 +1593,7 @@ FLAGS = {
     "`rating_col`": "`--rating-col`",
     "`weight_col`": "`--weight-col`",
     "`weight_values`": "`--weight-values`",
+    "`label_col`": "`--label-col`",
     "`min_user_rows`": "`--min-user-rows`",
     "`duplicates`": "`--duplicates`",
     "`min_item_rows`": "`--min-item-rows`",

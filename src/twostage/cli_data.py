@@ -90,6 +90,16 @@ WeightCol = Annotated[
         "share of both stages' losses; default: none (every row weighs 1).",
     ),
 ]
+LabelCol = Annotated[
+    str | None,
+    typer.Option(
+        rich_help_panel=READING,
+        help="Column of an impression log saying whether the user chose the item "
+        "shown: 1/true/yes (clicked, bought) or 0/false/no (shown, not chosen). "
+        "The rows not chosen are kept apart from the interactions: the ranker "
+        "learns from them as negatives, evaluation reports shown_auc.",
+    ),
+]
 ColumnNames = Annotated[
     str | None,
     typer.Option(
@@ -303,6 +313,7 @@ def dataset_options(
     rating_col: str | None = None,
     weight_col: str | None = None,
     weight_values: str | None = None,
+    label_col: str | None = None,
     separator: str | None = None,
     quote_char: str | None = None,
     comment_prefix: str | None = None,
@@ -323,6 +334,7 @@ def dataset_options(
         "rating_col": rating_col,
         "weight_col": weight_col,
         "weight_values": weight_values_of(weight_values),
+        "label_col": label_col,
         "separator": separator,
         "quote_char": "" if quote_char == "none" else quote_char,
         "comment_prefix": comment_prefix,
@@ -467,6 +479,14 @@ def print_summary(summary: dict[str, Any]) -> None:
             if summary["num_interactions"]
             else "none: no rows",
         )
+    if "shown" in summary:
+        shown = summary["shown"]
+        table.add_row(
+            "shown, not chosen",
+            f"{shown['rows']:,} rows ({shown['users']:,} users, {shown['items']:,} "
+            f"items, {shown['items_never_chosen']:,} of them never chosen); "
+            f"{shown['chosen_share']:.2%} of the rows shown were chosen",
+        )
     kinds = summary.get("feature_kinds", {})  # a streamed log has no feature tables
 
     def features(columns: list[str]) -> Text:
@@ -489,6 +509,25 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 #: What `data split` writes into --out.
 SPLIT_FILES = ("train.parquet", "test.parquet")
+
+
+def side_rows(side: Any) -> Any:
+    """One side of a split as ``data split`` writes it: its interactions, and for
+    an impression log its shown rows too, with a ``label`` column (True: chosen)
+    that ``data.train_file`` / ``data.test_file`` read back."""
+    import polars as pl
+
+    from twostage.data.dataset import LABEL
+
+    if side.shown is None:
+        return side.interactions
+    return pl.concat(
+        [
+            side.interactions.with_columns(pl.lit(True).alias(LABEL)),
+            side.shown.with_columns(pl.lit(False).alias(LABEL)),
+        ],
+        how="diagonal_relaxed",
+    )
 
 
 @data_app.command("fetch")
@@ -526,6 +565,7 @@ def data_describe(
     unrated_values: UnratedValues = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
+    label_col: LabelCol = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
     comment_prefix: CommentPrefix = None,
@@ -572,6 +612,7 @@ def data_describe(
         missing_ratings=missing_ratings,
         weight_col=weight_col,
         weight_values=weight_values,
+        label_col=label_col,
         separator=separator,
         quote_char=quote_char,
         comment_prefix=comment_prefix,
@@ -701,6 +742,7 @@ def data_split(
     missing_ratings: MissingRatings = None,
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
+    label_col: LabelCol = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
     comment_prefix: CommentPrefix = None,
@@ -756,6 +798,7 @@ def data_split(
         missing_ratings=missing_ratings,
         weight_col=weight_col,
         weight_values=weight_values,
+        label_col=label_col,
         separator=separator,
         quote_char=quote_char,
         comment_prefix=comment_prefix,
@@ -773,9 +816,8 @@ def data_split(
         seed=42 if seed is None else seed,
     )
     out.mkdir(parents=True, exist_ok=True)
-    train_file, test_file = SPLIT_FILES
-    split.train.interactions.write_parquet(out / train_file)
-    split.test.interactions.write_parquet(out / test_file)
+    for side, name in zip(split, SPLIT_FILES, strict=True):
+        side_rows(side).write_parquet(out / name)
     console.print(
         f"{method} split: {split.train.num_interactions:,} train, "
         f"{split.test.num_interactions:,} test rows -> {escape(str(out))}"

@@ -69,6 +69,7 @@ _READING = (
     "missing_ratings",
     "weight_col",
     "weight_values",
+    "label_col",
     "time_format",
     "time_unit",
     "separator",
@@ -229,7 +230,7 @@ def _ranking_figures(metrics: dict[str, Any] | None) -> dict[str, float] | None:
     if not metrics:
         return None
     found: dict[str, float] = {}
-    for key in ("rmse", "mae", "auc"):
+    for key in ("rmse", "mae", "auc", "shown_auc"):
         if key in metrics:
             found[key] = float(metrics[key])
     for lists in ("two_stage", "retrieval_only"):

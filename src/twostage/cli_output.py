@@ -153,10 +153,15 @@ def print_metrics(
 def print_ranking(report: dict[str, Any], *, title: str) -> None:
     """The output of :func:`twostage.ranking.evaluate_ranking` as two tables."""
     heads = Table(title=Text(title))
-    for column in ("RMSE", "MAE", "AUC", "test pairs"):
+    keys = ["rmse", "mae", "auc"]
+    names = ["RMSE", "MAE", "AUC"]
+    if "shown_auc_users" in report:  # an impression log's test rows
+        keys.append("shown_auc")
+        names.append("AUC vs shown")
+    for column in (*names, "test pairs"):
         heads.add_column(column, justify="right")
     heads.add_row(
-        *(f"{report[k]:.4f}" if k in report else "-" for k in ("rmse", "mae", "auc")),
+        *(f"{report[k]:.4f}" if k in report else "-" for k in keys),
         f"{report['num_test_pairs']:,}",
     )
     console.print(heads)

@@ -23,7 +23,7 @@ import torch
 from twostage.config import DataConfig, ExperimentConfig, apply_settings, to_dict
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import FIT_TABLES, reading_settings, table_keys
-from twostage.data.split import ExperimentSplit, validation_split
+from twostage.data.split import ExperimentSplit, validation_split, with_id_types
 from twostage.errors import ConfigError, DataError
 from twostage.evaluate import EvalResult
 from twostage.inputs import check_raw_id
@@ -102,6 +102,7 @@ class _Columns:
     time_col: str | None = None
     rating_col: str | None = None
     weight_col: str | None = None
+    label_col: str | None = None
 
     def recorded(self, data: DataConfig) -> DataConfig:
         """``data`` with these columns as its settings, which the saved config
@@ -114,13 +115,18 @@ class _Columns:
             time_col=self.time_col,
             rating_col=self.rating_col,
             weight_col=self.weight_col,
+            label_col=self.label_col,
         )
 
     @classmethod
     def of(cls, data: Any) -> _Columns:
         """The columns a saved ``data`` config records (held-out rows: no weight)."""
         return cls(
-            data.user_col or USER, data.item_col or ITEM, data.time_col, data.rating_col
+            data.user_col or USER,
+            data.item_col or ITEM,
+            data.time_col,
+            data.rating_col,
+            label_col=data.label_col,
         )
 
 
@@ -186,6 +192,7 @@ class TwoStageModel:
         time_col: str | None = None,
         rating_col: str | None = None,
         weight_col: str | None = None,
+        label_col: str | None = None,
     ) -> TwoStageModel:
         """Fit both stages on ``data`` as given: nothing is re-split.
 
@@ -221,6 +228,13 @@ class TwoStageModel:
             weight_col: a column of ``data`` whose non-negative values scale each
                 row's share of both stages' losses (None: every row weighs 1);
                 ``validation`` and ``test`` are read without it.
+            label_col: a column of an impression log saying whether the user chose
+                the item shown (1, true, yes) or not (0, false, no); the rows not
+                chosen are kept apart (``Dataset.shown``): the ranker draws
+                ``ranking.num_shown_negatives`` of them per positive, and the
+                figures on ``test`` (and :meth:`evaluate`'s) add ``shown_auc``.
+                ``validation``, ``test`` and :meth:`evaluate`'s rows are read
+                with it too.
 
         The setting ``data.unrated_values`` (e.g. ``(0.0,)``) makes the ratings
         it lists missing in ``data``, ``validation`` and ``test``, and in the rows
@@ -238,6 +252,7 @@ class TwoStageModel:
             "time_col": time_col,
             "rating_col": rating_col,
             "weight_col": weight_col,
+            "label_col": label_col,
         }
         refit = self.columns_ is not None  # columns recorded by a fit or a load
         for key, value in given.items():
@@ -255,6 +270,7 @@ class TwoStageModel:
             given["time_col"],
             given["rating_col"],
             given["weight_col"],
+            given["label_col"],
         )
         _refuse_unread_data_settings(data_config)
         self.columns_ = dataclasses.replace(columns, weight_col=None)  # for evaluate
@@ -290,7 +306,7 @@ class TwoStageModel:
         tested = (
             self._as_dataset(test, columns, like=train, held_out=True)
             if test is not None
-            else train.with_interactions(train.interactions.clear())
+            else train.with_interactions(train.interactions.clear()).with_shown(None)
         )
         split = ExperimentSplit(fit=train, validation=held, test=tested)
         stages = self._fit(split, fit_two_stage)
@@ -401,6 +417,7 @@ class TwoStageModel:
                     time_col=columns.time_col,
                     rating_col=columns.rating_col,
                     weight_col=columns.weight_col,
+                    label_col=columns.label_col,
                     name=self.config.data.dataset,
                     weight_values=weights,
                     column_names=names,
@@ -444,15 +461,14 @@ class TwoStageModel:
         if like is not None:
             schema = like.interactions.schema
             try:
-                cast = dataset.interactions.with_columns(
-                    pl.col(USER).cast(schema[USER]), pl.col(ITEM).cast(schema[ITEM])
-                )
+                cast = with_id_types(dataset, like)
             except pl.exceptions.PolarsError as e:
                 raise DataError(
                     "the IDs of this table do not have the training data's types "
                     f"({schema[USER]}, {schema[ITEM]}): {e}"
                 ) from e
-            dataset = like.with_interactions(cast)
+            # the training tables, with these rows and their own shown rows
+            dataset = like.with_interactions(cast.interactions).with_shown(cast.shown)
         # Ratings that mean "no rating": the rows stay, their ratings go.
         return dataset.with_unrated(self.config.data.unrated_values)
 
@@ -570,12 +586,13 @@ class TwoStageModel:
         if like is None:  # a loaded model: cast to the vocabularies' types
             from twostage.retrieval.evaluation import with_training_tables
 
-            data = data.with_interactions(
-                data.interactions.with_columns(
-                    pl.col(USER).cast(rec.user_vocab.values.dtype),
-                    pl.col(ITEM).cast(rec.item_vocab.values.dtype),
-                )
+            typed = (
+                pl.col(USER).cast(rec.user_vocab.values.dtype),
+                pl.col(ITEM).cast(rec.item_vocab.values.dtype),
             )
+            data = data.with_interactions(data.interactions.with_columns(*typed))
+            if data.shown is not None:
+                data = data.with_shown(data.shown.with_columns(*typed))
             data = with_training_tables(rec.run, data)  # features the rows lack
         retrieval = rec.run.evaluate(data)
         ranking = None

@@ -324,6 +324,7 @@ def _ranking_rows(report: dict[str, Any]) -> list[list[str]]:
             ("rmse", "rating RMSE"),
             ("mae", "rating MAE"),
             ("auc", "click AUC"),
+            ("shown_auc", "click AUC, shown items"),
         )
         if key in report
     ]

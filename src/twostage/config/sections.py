@@ -108,6 +108,13 @@ class DataConfig(_Checked):
     way: every epoch scores them. ``weight_col`` names a column of the log whose
     non-negative values scale each training row's share of the retrieval and the
     ranking losses (play counts, dwell time...); unset, every row weighs 1.
+    ``label_col`` names the column of an impression log that says whether the
+    user chose the item shown (1, true, yes: clicked, bought) or not (0, false,
+    no): the rows not chosen are kept apart from the interactions
+    (``Dataset.shown``), so retrieval never learns them as choices; each split
+    side keeps its own, the ranker draws ``ranking.num_shown_negatives`` of them
+    per positive, and evaluation reports the click AUC of the test's chosen items
+    against the same users' test items shown and not chosen (``shown_auc``).
     ``time_format`` parses the time column with a strptime format (``"%Y%m%d"``
     for dates written as numbers, ``"%m/%d/%Y %H:%M"``) instead of epoch seconds
     or ISO 8601. ``time_unit`` is the unit of numeric timestamps since the epoch:
@@ -155,6 +162,7 @@ class DataConfig(_Checked):
     time_col: str | None = None
     rating_col: str | None = None
     weight_col: str | None = None
+    label_col: str | None = None
     separator: str | None = None
     user_features: tuple[str, ...] = ()
     item_features: tuple[str, ...] = ()
@@ -590,7 +598,9 @@ class RankingConfig(_Checked):
         rating_weight: weight of the rating MSE; ``click_weight``: of the click BCE.
         num_hard_negatives: click negatives per positive drawn from the user's
             ``hard_negative_pool`` best unseen retrieval items; ``num_random_negatives``
-            drawn uniformly.
+            drawn uniformly; ``num_shown_negatives`` drawn from the items the user
+            was shown and did not choose in the training rows of an impression log
+            (``data.label_col``; none without one, or for a user never shown one).
         num_candidates: items retrieval passes to the ranker per user, in evaluation
             and when serving (``Recommender.recommend``'s default). On
             MovieLens-100k, 100 gave every user the same top 10 as 200, at a lower
@@ -640,6 +650,7 @@ class RankingConfig(_Checked):
     click_weight: float = 0.5
     num_hard_negatives: int = 2
     num_random_negatives: int = 2
+    num_shown_negatives: int = 4
     hard_negative_pool: int = 500
     num_candidates: int = 100
     blend_weight: float | None = 0.5
@@ -673,6 +684,7 @@ class RankingConfig(_Checked):
             "click_weight": (self.click_weight >= 0, "non-negative"),
             "num_hard_negatives": (self.num_hard_negatives >= 0, "non-negative"),
             "num_random_negatives": (self.num_random_negatives >= 0, "non-negative"),
+            "num_shown_negatives": (self.num_shown_negatives >= 0, "non-negative"),
             "hard_negative_pool": (self.hard_negative_pool >= 1, "positive"),
             "num_candidates": (self.num_candidates >= max(KS), f">= {max(KS)}"),
             "ease_weight": (self.ease_weight >= 0, "0 (no EASE term) or positive"),

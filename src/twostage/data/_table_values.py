@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT
+from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER, WEIGHT
 from twostage.data.report import MAX_EXAMPLES, LoadReport
 from twostage.errors import BadRowError, ConfigError, DataError
 
@@ -23,10 +23,14 @@ logger = logging.getLogger(__name__)
 
 LINE, END = "__line", "__end"  # first and last physical line of a record
 ARG = {USER: "user_col", ITEM: "item_col", TIME: "time_col", RATING: "rating_col"}
-ARG[WEIGHT] = "weight_col"
+ARG |= {WEIGHT: "weight_col", LABEL: "label_col"}
 # Checked in this order: a row with several problems is counted under the first.
 BAD = {USER: "empty_user_id", ITEM: "empty_item_id", RATING: "bad_rating"}
-BAD |= {WEIGHT: "bad_weight", TIME: "bad_timestamp"}
+BAD |= {WEIGHT: "bad_weight", LABEL: "bad_label", TIME: "bad_timestamp"}
+#: The values of a label column (``label_col``), as text stripped and lower-cased:
+#: chosen (clicked, bought) or shown and not chosen.
+LABEL_TEXT = {"1": True, "true": True, "yes": True, "0": False, "false": False}
+LABEL_TEXT |= {"no": False}
 #: Units of numeric timestamps since the epoch, as divisors to seconds.
 TIME_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _LINE_BREAK = re.compile(r"[\r\n]")
@@ -192,6 +196,8 @@ def parse_columns(
             # column, once every block is parsed: reject_date_numbers.)
             value = value.set(outside | scaled, None)
             mask = mask | outside
+        elif target == LABEL:
+            value, mask = parse_label(s)
         elif target == WEIGHT and spec.weight_values:
             value, mask, unlisted = weights_from_names(s, dict(spec.weight_values))
             if unlisted.any():
@@ -343,6 +349,44 @@ def _parse_number(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
             f"`{ARG[target]}` = {s.name!r} has dtype {dtype}; expected numbers."
         )
     return value, (~value.is_finite()).fill_null(True)  # Float32 overflow is bad too
+
+
+def parse_label(s: pl.Series) -> tuple[pl.Series, pl.Series]:
+    """A label column as Boolean (True: chosen), and where a value is missing or
+    not a label: booleans, the numbers 0 and 1, or the words of :data:`LABEL_TEXT`
+    (any case; ``1.0`` as pandas writes a column with gaps)."""
+    if isinstance(s.dtype, pl.Categorical | pl.Enum):
+        s = s.cast(pl.String)
+    if s.dtype == pl.Boolean:
+        value = s
+    elif s.dtype.is_numeric() or s.dtype == pl.Null:
+        number = _select(s, pl.first().cast(pl.Float64, strict=False))
+        value = _select(
+            number,
+            pl.when(pl.first() == 1.0)
+            .then(True)
+            .when(pl.first() == 0.0)
+            .then(False)
+            .otherwise(None),
+        )
+    elif s.dtype == pl.String:
+        text = _select(s, pl.first().str.strip_chars(PADDING).str.to_lowercase())
+        text = _select(text, pl.first().str.replace(r"^([01])\.0*$", "$1"))
+        value = _select(
+            text,
+            pl.first().replace_strict(
+                list(LABEL_TEXT),
+                list(LABEL_TEXT.values()),
+                default=None,
+                return_dtype=pl.Boolean,
+            ),
+        )
+    else:
+        raise DataError(
+            f"`label_col` = {s.name!r} has dtype {s.dtype}; a label is 1 (chosen) or "
+            "0 (shown, not chosen), true/false or yes/no."
+        )
+    return value.cast(pl.Boolean), value.is_null()
 
 
 def weights_from_names(

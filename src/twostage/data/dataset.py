@@ -10,13 +10,14 @@ import polars as pl
 from twostage.data.report import LoadReport
 from twostage.errors import DataError
 
-__all__ = ["ITEM", "RATING", "TIME", "USER", "WEIGHT", "Dataset"]
+__all__ = ["ITEM", "LABEL", "RATING", "TIME", "USER", "WEIGHT", "Dataset"]
 
 USER = "user_id"
 ITEM = "item_id"
 TIME = "timestamp"
 RATING = "rating"
 WEIGHT = "weight"
+LABEL = "label"  # read from ``label_col``: chosen (True) or shown only
 
 
 @dataclass
@@ -35,6 +36,11 @@ class Dataset:
         report: what was rejected while reading, if anything was read from text.
         has_time: False when the source had no time column (``timestamp`` is then
             the row order, not a time).
+        shown: the rows of an impression log read with ``label_col`` whose label
+            says the item was shown to the user and not chosen (``user_id``,
+            ``item_id``, ``timestamp``); they are not interactions. The ranker learns
+            from them as negatives and evaluation scores them (``shown_auc``). None:
+            the log has no such rows.
     """
 
     name: str
@@ -44,6 +50,7 @@ class Dataset:
     source: str = ""
     report: LoadReport | None = field(default=None)
     has_time: bool = True
+    shown: pl.DataFrame | None = None
 
     def __post_init__(self) -> None:
         missing = [c for c in (USER, ITEM, TIME) if c not in self.interactions.columns]
@@ -57,6 +64,13 @@ class Dataset:
                 raise DataError(
                     f"a feature table must have a {key!r} column. "
                     f"Received columns: {table.columns}."
+                )
+        if self.shown is not None:
+            missing = [c for c in (USER, ITEM, TIME) if c not in self.shown.columns]
+            if missing:
+                raise DataError(
+                    f"`shown` must have columns {USER!r}, {ITEM!r}, {TIME!r}; "
+                    f"missing {missing}. Received columns: {self.shown.columns}."
                 )
 
     @property
@@ -87,8 +101,14 @@ class Dataset:
             )
         )
 
+    @property
+    def num_shown(self) -> int:
+        """The rows shown and not chosen (0 without ``shown``)."""
+        return 0 if self.shown is None else self.shown.height
+
     def with_interactions(self, interactions: pl.DataFrame) -> Dataset:
-        """A copy sharing the side tables, with other interactions (e.g. one split)."""
+        """A copy sharing the side tables and the shown rows, with other
+        interactions (a split gives each side its shown rows: :meth:`with_shown`)."""
         return Dataset(
             name=self.name,
             interactions=interactions,
@@ -97,4 +117,11 @@ class Dataset:
             source=self.source,
             report=self.report,
             has_time=self.has_time,
+            shown=self.shown,
         )
+
+    def with_shown(self, shown: pl.DataFrame | None) -> Dataset:
+        """A copy with other shown-and-not-chosen rows (None: none)."""
+        copy = self.with_interactions(self.interactions)
+        copy.shown = shown
+        return copy

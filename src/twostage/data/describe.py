@@ -83,6 +83,19 @@ def describe(dataset: Dataset) -> dict[str, Any]:
     if WEIGHT in inter.columns:  # read with ``weight_col``
         weights = inter[WEIGHT]
         out["weights"] = {**_spread(weights), "zero": int((weights == 0).sum())}
+    if dataset.shown is not None:  # an impression log read with ``label_col``
+        shown = dataset.shown
+        chosen = inter[ITEM].unique().implode()
+        out["shown"] = {
+            "rows": shown.height,
+            "users": int(shown[USER].n_unique()),
+            "items": int(shown[ITEM].n_unique()),
+            # never chosen: outside every vocabulary, so never recommended
+            "items_never_chosen": int(
+                shown.filter(~pl.col(ITEM).is_in(chosen))[ITEM].n_unique()
+            ),
+            "chosen_share": n / (n + shown.height) if n + shown.height else 0.0,
+        }
     out["feature_kinds"] = _feature_kinds(dataset)
     if dataset.report is not None:
         out["bad_rows"] = dataset.report.to_dict()

@@ -199,6 +199,7 @@ def load_mapped(spec: str, data: DataConfig, *, weights: bool = True) -> Dataset
         rating_col=data.rating_col,
         weight_col=data.weight_col if weights else None,
         weight_values=data.weights_of_values if weights else None,
+        label_col=data.label_col,
         column_names=list(data.column_names) or None,
         has_header=None if not data.column_names else False,
         user_features=list(data.user_features) or None,

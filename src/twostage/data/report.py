@@ -27,6 +27,7 @@ REASONS = (
     "number_with_decimal_comma",
     "duplicate",
     "bad_weight",  # a mapped weight is empty, non-numeric, not finite or negative
+    "bad_label",  # a label (label_col) is missing, or not 0/1, true/false, yes/no
     "weight_value_not_mapped",  # a weight column's value that weight_values lacks
     "bad_quoting",  # a quote is unbalanced, or text follows a closing quote
     "nul_in_id",  # a user or item ID holds a NUL byte
@@ -50,6 +51,9 @@ class LoadReport:
     ``examples`` keeps, per reason, the first few ``(line_number, content)`` pairs, with
     1-based physical line numbers of the source file. ``comment_lines`` counts the
     lines skipped as comments (read with ``comment_prefix``); they are not rows.
+    ``shown_rows`` counts the loaded rows of an impression log (read with
+    ``label_col``) that were shown and not chosen: loaded, not rejected, and kept
+    apart from the interactions (``Dataset.shown``).
     """
 
     path: str
@@ -59,6 +63,7 @@ class LoadReport:
     examples: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     duplicate_policy: str = "keep"
     comment_lines: int = 0
+    shown_rows: int = 0
 
     @property
     def num_rejected(self) -> int:
@@ -92,6 +97,11 @@ class LoadReport:
             if self.comment_lines
             else ""
         )
+        if self.shown_rows:
+            comments += (
+                f"; {self.shown_rows} of the rows loaded were shown and not chosen "
+                "(label 0)"
+            )
         if self.ok:
             return (
                 f"{self.path}: {self.rows_loaded} rows loaded, none rejected{comments}."
@@ -188,4 +198,5 @@ class LoadReport:
             "examples": {k: [list(e) for e in v] for k, v in self.examples.items()},
             "duplicate_policy": self.duplicate_policy,
             "comment_lines": self.comment_lines,
+            "shown_rows": self.shown_rows,
         }

@@ -3,6 +3,12 @@
 Every split works on row positions of the interactions table, so a row lands in exactly
 one side: duplicate rows (same user, item and time) are distinct rows and may land on
 different sides, which is the usual protocol for logs that contain repeats.
+
+The rows of an impression log shown and not chosen (``Dataset.shown``) follow the
+interactions: each goes to the side of its user's first interaction at or after its
+time (the choice made from that impression; after the user's last one, that last
+one's side), and under a temporal split to the side of its own time. So the ranker
+never trains on what was shown in the test's impressions.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import polars as pl
 
-from twostage.data.dataset import TIME, USER, WEIGHT, Dataset
+from twostage.data.dataset import ITEM, TIME, USER, WEIGHT, Dataset
 from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import stable_hash
 
@@ -57,13 +63,51 @@ def _check_fraction(name: str, value: float) -> None:
         )
 
 
-def _by_mask(dataset: Dataset, test_mask: np.ndarray) -> Split:
+def _by_mask(
+    dataset: Dataset, test_mask: np.ndarray, *, cutoff: int | None = None
+) -> Split:
+    """The rows where ``test_mask`` holds are test; the shown rows follow them
+    (``cutoff``: a temporal split's, which places them by their own time)."""
     mask = pl.Series(test_mask)
     inter = dataset.interactions
+    train = dataset.with_interactions(inter.filter(~mask))
+    test = dataset.with_interactions(inter.filter(mask))
+    shown = dataset.shown
+    if shown is None:
+        return Split(train=train, test=test)
+    later = shown_sides(shown, inter.select(USER, TIME), mask, cutoff=cutoff)
     return Split(
-        train=dataset.with_interactions(inter.filter(~mask)),
-        test=dataset.with_interactions(inter.filter(mask)),
+        train=train.with_shown(shown.filter(~later)),
+        test=test.with_shown(shown.filter(later)),
     )
+
+
+def shown_sides(
+    shown: pl.DataFrame,
+    chosen: pl.DataFrame,
+    later: pl.Series,
+    *,
+    cutoff: int | None = None,
+) -> pl.Series:
+    """Which ``shown`` rows go to the later side of a split: with ``cutoff`` (a
+    temporal split), those at or after it; else the side of the same user's first
+    ``chosen`` row (``user_id``, ``timestamp``; on the later side where ``later``
+    holds) at or after the shown row's time, or of the user's last chosen row
+    when none is. A user without a chosen row keeps the earlier side."""
+    if cutoff is not None:
+        return shown[TIME] >= cutoff
+    sides = chosen.select(USER, TIME, later.alias("__later")).sort(TIME)
+    rows = shown.select(USER, TIME).with_row_index(_ROW).sort(TIME)
+    nearest = [
+        # both sorted by time above; polars cannot check that within groups
+        rows.join_asof(
+            sides, on=TIME, by=USER, strategy=strategy, check_sortedness=False
+        )
+        .sort(_ROW)["__later"]
+        .alias(strategy)
+        for strategy in ("forward", "backward")
+    ]
+    return pl.select(pl.coalesce(*nearest, pl.lit(False))).to_series()
 
 
 def random_split(
@@ -107,7 +151,7 @@ def temporal_split(
         ordered = np.sort(times, kind="stable")
         position = min(int(len(ordered) * (1.0 - test_fraction)), len(ordered) - 1)
         cutoff = int(ordered[position])
-    return _by_mask(dataset, times >= cutoff)
+    return _by_mask(dataset, times >= cutoff, cutoff=cutoff)
 
 
 def leave_last_out(dataset: Dataset, *, n: int = 1, min_train: int = 1) -> Split:
@@ -207,11 +251,13 @@ def hold_out_users(
     """Move every interaction of a random ``fraction`` of users out: (rest, cold)."""
     cold = cold_user_choice(dataset.interactions[USER], fraction=fraction, seed=seed)
     is_cold = pl.col(USER).is_in(cold.implode())
-    inter = dataset.interactions
-    return (
-        dataset.with_interactions(inter.filter(~is_cold)),
-        dataset.with_interactions(inter.filter(is_cold)),
-    )
+    inter, shown = dataset.interactions, dataset.shown
+    rest = dataset.with_interactions(inter.filter(~is_cold))
+    held = dataset.with_interactions(inter.filter(is_cold))
+    if shown is not None:
+        rest = rest.with_shown(shown.filter(~is_cold))
+        held = held.with_shown(shown.filter(is_cold))
+    return rest, held
 
 
 def sample_users(dataset: Dataset, n: int, *, seed: int) -> Dataset:
@@ -222,10 +268,11 @@ def sample_users(dataset: Dataset, n: int, *, seed: int) -> Dataset:
     if n <= 0 or len(users) <= n:
         return dataset
     order = np.argsort(stable_hash(users, seed=seed), kind="stable")[:n]
-    chosen = users.gather(order)
-    return dataset.with_interactions(
-        dataset.interactions.filter(pl.col(USER).is_in(chosen.implode()))
-    )
+    drawn = pl.col(USER).is_in(users.gather(order).implode())
+    sample = dataset.with_interactions(dataset.interactions.filter(drawn))
+    if dataset.shown is not None:
+        sample = sample.with_shown(dataset.shown.filter(drawn))
+    return sample
 
 
 def check_not_empty(dataset: Dataset) -> None:
@@ -286,6 +333,8 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     held = ""
     if cold is not None:
         test = test.with_interactions(pl.concat([test.interactions, cold.interactions]))
+        if cold.shown is not None and test.shown is not None:
+            test = test.with_shown(pl.concat([test.shown, cold.shown]))
         held = (
             f" (`data.cold_user_fraction` = {data.cold_user_fraction} held out "
             f"{cold.interactions[USER].n_unique()} of "
@@ -381,7 +430,8 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
             "files, put those users in the test file instead. Received: "
             f"`data.cold_user_fraction` = {data.cold_user_fraction!r}."
         )
-    rows = read_split_file(data.train_file, like=dataset).interactions
+    part = read_split_file(data.train_file, like=dataset)
+    rows = part.interactions
     if data.weight_col is not None and WEIGHT not in rows.columns:
         raise ConfigError(
             f"`data.weight_col` = {data.weight_col!r} asks for row weights, but the "
@@ -396,10 +446,11 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
             data.train_file,
         )
         rows = rows.drop(WEIGHT)
-    train = dataset.with_interactions(rows).with_unrated(data.unrated_values)
-    test = dataset.with_interactions(
-        read_split_file(data.test_file, like=dataset).interactions
-    ).with_unrated(data.unrated_values)
+    train = dataset.with_interactions(rows).with_shown(part.shown)
+    train = train.with_unrated(data.unrated_values)
+    part = read_split_file(data.test_file, like=dataset)
+    test = dataset.with_interactions(part.interactions).with_shown(part.shown)
+    test = test.with_unrated(data.unrated_values)
     _check_sides(train, test, "files'")
     test = sample_users(test, data.test_users, seed=data.seed)
     return _carve_validation(train, test, config)
@@ -407,12 +458,13 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
 
 def read_split_file(path: str, *, like: Dataset) -> Dataset:
     """One side of a split as ``twostage data split`` writes it (Parquet or CSV with
-    ``user_id``, ``item_id`` and optionally ``timestamp``, ``rating`` and ``weight``,
-    each read when present); IDs are cast to the dtype of ``like``'s so they meet
-    its vocabularies and side tables."""
+    ``user_id``, ``item_id`` and optionally ``timestamp``, ``rating``, ``weight``
+    and ``label`` (an impression log's shown rows), each read when present); IDs
+    are cast to the dtype of ``like``'s so they meet its vocabularies and side
+    tables."""
     from pathlib import Path
 
-    from twostage.data.dataset import ITEM, RATING, WEIGHT
+    from twostage.data.dataset import LABEL, RATING, WEIGHT
     from twostage.data.tables import read_interactions
 
     source = Path(path)
@@ -427,10 +479,17 @@ def read_split_file(path: str, *, like: Dataset) -> Dataset:
         time_col=TIME if TIME in columns else None,
         rating_col=RATING if RATING in columns else None,
         weight_col=WEIGHT if WEIGHT in columns else None,
+        label_col=LABEL if LABEL in columns else None,
     )
+    return with_id_types(part, like)
+
+
+def with_id_types(part: Dataset, like: Dataset) -> Dataset:
+    """``part`` with its interactions' and shown rows' IDs cast to ``like``'s ID
+    types."""
     schema = like.interactions.schema
-    return part.with_interactions(
-        part.interactions.with_columns(
-            pl.col(USER).cast(schema[USER]), pl.col(ITEM).cast(schema[ITEM])
-        )
-    )
+    types = (pl.col(USER).cast(schema[USER]), pl.col(ITEM).cast(schema[ITEM]))
+    typed = part.with_interactions(part.interactions.with_columns(*types))
+    if part.shown is None:
+        return typed
+    return typed.with_shown(part.shown.with_columns(*types))

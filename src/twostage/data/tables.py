@@ -65,7 +65,7 @@ from twostage.data._table_values import (
     make_options,
     reject_date_numbers,
 )
-from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
+from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER, WEIGHT, Dataset
 from twostage.data.report import LoadReport
 from twostage.errors import BadRowError, ConfigError, DataError, TwostageError
 
@@ -99,6 +99,7 @@ def read_interactions(
     time_col: str | None = None,
     rating_col: str | None = None,
     weight_col: str | None = None,
+    label_col: str | None = None,
     user_features: Sequence[str] = (),
     item_features: Sequence[str] = (),
     separator: str | None = None,
@@ -142,6 +143,12 @@ def read_interactions(
             ``None``: a column named ``rating``, if the file has one (and no other
             role takes it); ``""``: none.
         weight_col: source column of interaction weights (output ``weight``, Float32).
+        label_col: source column saying whether the user chose the item (an
+            impression log: clicked or bought, or only shown): 1, true or yes for
+            an interaction, 0, false or no for an item shown and not chosen (any
+            case; other values are ``bad_label`` rows). The shown rows are loaded
+            apart, into ``Dataset.shown`` (counted in ``report.shown_rows``), and
+            are not interactions: retrieval never learns them as choices.
         user_features: columns split out into ``Dataset.users``, one row per user.
         item_features: columns split out into ``Dataset.items``, one row per item.
             In both tables the first occurrence of an ID wins; IDs whose values differ
@@ -204,7 +211,7 @@ def read_interactions(
     """
     path = as_source(path)
     roles: dict[str, str | None] = {USER: user_col, ITEM: item_col, TIME: time_col}
-    roles |= {RATING: rating_col, WEIGHT: weight_col}
+    roles |= {RATING: rating_col, WEIGHT: weight_col, LABEL: label_col or None}
     feats = {"user_features": list(user_features), "item_features": list(item_features)}
     _check_choice("duplicates", duplicates, ("keep", "first", "last", "error"))
     _check_choice("missing_ratings", missing_ratings, ("reject", "unrated"))
@@ -254,7 +261,9 @@ def read_interactions(
             weights,
             missing_ratings=missing_ratings,
         )
-        return _make_spec(path, names, spec, feats, reserved=tuple(BAD))
+        # "label" is an output name only when a label column is read
+        reserved = tuple(k for k in BAD if k != LABEL or LABEL in mapped)
+        return _make_spec(path, names, spec, feats, reserved=reserved)
 
     opts = make_options(
         separator=separator,
@@ -272,6 +281,18 @@ def read_interactions(
     out_cols = [c for c in (USER, ITEM, TIME, RATING, WEIGHT) if c in df.columns]
     users = _feature_table(df, USER, feats["user_features"])
     items = _feature_table(df, ITEM, feats["item_features"])
+    shown = None
+    if LABEL in spec.roles:  # an impression log: the shown rows are kept apart
+        shown = df.filter(~pl.col(LABEL)).select(USER, ITEM, TIME)
+        df = df.filter(pl.col(LABEL))
+        report.shown_rows = shown.height
+        if shown.height:
+            logger.info(
+                "%d row(s) shown and not chosen (label 0) read apart from the %d "
+                "interactions",
+                shown.height,
+                df.height,
+            )
     return Dataset(
         name=name or (path.stem if isinstance(path, Path) else "frame"),
         interactions=df.select(out_cols),
@@ -280,6 +301,7 @@ def read_interactions(
         source=str(path) if isinstance(path, Path) else FRAME,
         report=report,
         has_time=TIME in spec.roles,
+        shown=shown,
     )
 
 
@@ -435,6 +457,7 @@ def join_features(
         source=dataset.source,
         report=dataset.report,
         has_time=dataset.has_time,
+        shown=dataset.shown,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import polars as pl
 import torch
 from torch import Tensor
 
@@ -177,7 +178,13 @@ def evaluate_ranking(
         of the user; ``retrieval_only`` and ``two_stage``: ``{"ndcg", "hit_rate"}`` ->
         ``"k"`` -> per-user mean (users with a relevant unseen item; unknown users are
         the OOV row) for k in 1, 5, 10, 50, 100; and ``blend_weight``,
-        ``ease_weight``, ``num_candidates``, ``num_test_pairs``.
+        ``ease_weight``, ``num_candidates``, ``num_test_pairs``. When ``test``
+        holds rows shown and not chosen (an impression log read with
+        ``label_col``), ``shown_auc``: the click AUC of each user's test items
+        against the items the same user was shown and did not choose in the test
+        rows, the mean over the users with both (known users and items only;
+        ``shown_auc_users`` of them), as MIND's per-impression AUC: whether the
+        ranker orders what the user actually saw.
     """
     users, items, ratings = pairs_of(ranking.retrieval, test, known_only=False)
     splits = zip(users.split(8192), items.split(8192), strict=True)
@@ -190,6 +197,8 @@ def evaluate_ranking(
         result["rmse"] = rmse(predicted[rated], ratings[rated])
         result["mae"] = mae(predicted[rated], ratings[rated])
     result["auc"] = _test_auc(ranking, users, items, seed)
+    if test.num_shown:
+        result.update(shown_auc(ranking, test))
     user_idx, relevant, seen, num_items = _queries(ranking, test)
     retrieved, lists = _two_stage(ranking, user_idx, seen, (ranking.blend_weight,))
     result["retrieval_only"] = _list_metrics(retrieved, relevant, num_items)
@@ -200,6 +209,62 @@ def evaluate_ranking(
     result["ease_weight"] = ranking.config.ease_weight
     result["num_candidates"] = ranking.config.num_candidates
     return result
+
+
+def shown_auc(ranking: RankingRun, test: Dataset) -> dict[str, Any]:
+    """``shown_auc`` and ``shown_auc_users`` of :func:`evaluate_ranking`: per
+    user, the click AUC of the test items chosen against those shown and not
+    chosen (an item both chosen and shown counts as chosen), ties counting 1/2."""
+    from twostage.data.dataset import ITEM, USER
+
+    spec = ranking.retrieval.spec
+    rows = []
+    assert test.shown is not None
+    for frame, label in ((test.interactions, True), (test.shown, False)):
+        rows.append(
+            pl.DataFrame(
+                {
+                    "u": spec.vocabulary(USER).transform(frame[USER]),
+                    "i": spec.vocabulary(ITEM).transform(frame[ITEM]),
+                    "chosen": pl.repeat(label, frame.height, eager=True),
+                }
+            )
+        )
+    pairs = (
+        pl.concat(rows)
+        .filter((pl.col("u") > 0) & (pl.col("i") > 0))
+        .group_by("u", "i")
+        .agg(pl.col("chosen").any())
+        .sort("u", "i")
+    )
+    mixed = pairs.group_by("u").agg(pl.col("chosen").n_unique() == 2)
+    pairs = pairs.join(mixed.filter(pl.col("chosen")).select("u"), on="u")
+    if not pairs.height:
+        logger.warning(
+            "no test user has both a chosen item and one shown and not chosen that "
+            "the model knows: shown_auc is not measured"
+        )
+        return {"shown_auc_users": 0}
+    users = torch.from_numpy(pairs["u"].to_numpy().copy())
+    items = torch.from_numpy(pairs["i"].to_numpy().copy())
+    splits = zip(users.split(8192), items.split(8192), strict=True)
+    click = torch.cat([ranking.score(u, i[:, None])["click"][:, 0] for u, i in splits])
+    ranked = pairs.with_columns(pl.Series("s", click.double().numpy())).with_columns(
+        pl.col("s").rank("average").over("u").alias("r")
+    )
+    per_user = ranked.group_by("u").agg(
+        p=pl.col("chosen").sum(),
+        n=(~pl.col("chosen")).sum(),
+        r=pl.col("r").filter(pl.col("chosen")).sum(),
+    )
+    user_auc = per_user.select(
+        (pl.col("r") - pl.col("p") * (pl.col("p") + 1) / 2)
+        / (pl.col("p") * pl.col("n"))
+    ).to_series()
+    return {
+        "shown_auc": float(user_auc.to_numpy().mean()),
+        "shown_auc_users": per_user.height,
+    }
 
 
 def _test_auc(ranking: RankingRun, users: Tensor, items: Tensor, seed: int) -> float:

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,11 @@ from torch import Tensor
 from twostage import distributed
 from twostage.baselines import EASE
 from twostage.config import RankingConfig, TrainConfig, to_dict
-from twostage.data.dataset import Dataset
+from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.split import validation_split
 from twostage.errors import ConfigError, DataError
 from twostage.models.linear_items import LinearItemsModel
-from twostage.ranking.evaluation import auc, pick_blend, rmse
+from twostage.ranking.evaluation import auc, pick_blend, rmse, shown_auc
 from twostage.ranking.run import (
     Pairs,
     RankingRun,
@@ -46,15 +46,30 @@ __all__ = ["fit_ease_term", "fit_ranking", "fit_ranking_pairs"]
 logger = logging.getLogger(__name__)
 
 
+#: A user's items shown and not chosen, as vocabulary indices: ``(user_idx,
+#: item_idx)`` of the known pairs (an impression log's ``Dataset.shown``).
+ShownPairs = tuple[Tensor, Tensor]
+
+
 @dataclass
 class _Negatives:
-    """Samples click negatives: hard ones from a retrieval pool, uniform ones."""
+    """Samples click negatives: hard ones from a retrieval pool, uniform ones, and
+    the items each user was shown and did not choose."""
 
     pool: Tensor  # (U, P) each user's top unseen retrieval items, 0 where exhausted
     known: Tensor  # (n,) sorted user_idx * num_items + item_idx of training pairs
     num_items: int
     num_hard: int
     num_random: int
+    # (U + 1,) offsets into ``shown_items`` of each user's shown items, grouped by
+    # user; empty when nothing is drawn from them
+    shown_start: Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )
+    shown_items: Tensor = field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )
+    num_shown: int = 0
 
     def sample(
         self, users: Tensor, generator: torch.Generator
@@ -65,9 +80,27 @@ class _Negatives:
         hard = self.pool[users[:, None], cols.to(users.device)]
         shape = (len(users), self.num_random)
         uniform = torch.randint(1, self.num_items, shape, generator=generator)
-        items = torch.cat([hard, uniform.to(users.device)], dim=1)
+        parts = [hard, uniform.to(users.device)]
+        if self.num_shown:
+            start = self.shown_start[users]
+            count = self.shown_start[users + 1] - start
+            draw = torch.rand((len(users), self.num_shown), generator=generator)
+            offset = (draw.to(users.device) * count[:, None]).long()
+            at = (start[:, None] + offset).clamp_max(max(len(self.shown_items) - 1, 0))
+            shown = self.shown_items[at] if len(self.shown_items) else at * 0
+            parts.append(shown.masked_fill(count[:, None] == 0, 0))
+        items = torch.cat(parts, dim=1)
         known = is_pair(self.known, users[:, None], items, self.num_items)
         return items, (items > 0) & ~known
+
+    def to(self, device: torch.device) -> _Negatives:
+        return dataclasses.replace(
+            self,
+            pool=self.pool.to(device),
+            known=self.known.to(device),
+            shown_start=self.shown_start.to(device),
+            shown_items=self.shown_items.to(device),
+        )
 
 
 def _loss(
@@ -120,9 +153,13 @@ def _loss(
     return loss
 
 
-def _validate(run: RankingRun, pairs: Pairs) -> dict[str, float]:
+def _validate(
+    run: RankingRun, pairs: Pairs, held: Dataset | None = None
+) -> dict[str, float]:
     """Validation RMSE (rating head, clipped) and click AUC against uniform items;
-    ``metric`` (maximised) is minus the RMSE, or the AUC without ratings."""
+    ``metric`` (maximised) is minus the RMSE, or the AUC without ratings: the AUC
+    against the items shown and not chosen when ``held`` (the validation rows)
+    has some, which is what a click model of an impression log is for."""
     users, items, ratings = pairs
     generator = torch.Generator().manual_seed(_train_config(run).seed + 17)
     uniform = torch.randint(
@@ -132,6 +169,10 @@ def _validate(run: RankingRun, pairs: Pairs) -> dict[str, float]:
     result = {"auc": auc(out["click"][:, 0], out["click"][:, 1])}
     rated = ~torch.isnan(ratings)
     result["metric"] = result["auc"]
+    if held is not None and held.num_shown:
+        shown = shown_auc(run, held)
+        if "shown_auc" in shown:
+            result["metric"] = result["shown_auc"] = shown["shown_auc"]
     if rated.any():
         result["rmse"] = rmse(out["rating"][:, 0][rated], ratings[rated])
         result["metric"] = -result["rmse"]
@@ -195,6 +236,7 @@ def fit_ranking(
         pairs,
         with_history_of(run.tensors, run.spec, train, run.config.retrieval),
         weights=weights,
+        shown=shown_pairs_of(run, train),
         served=served,
         config=config,
         validation=validation,
@@ -215,6 +257,7 @@ def fit_ranking_pairs(
     *,
     served: Callable[[], RetrievalTensors],
     weights: Tensor | None = None,
+    shown: ShownPairs | None = None,
     config: RankingConfig | None = None,
     validation: Dataset | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -235,6 +278,8 @@ def fit_ranking_pairs(
         served: the tables it serves with afterwards (the validation rows joined).
         weights: the rows' weights (the log's ``weight`` column), which scale each
             row's share of the loss; every row weighs 1 when None.
+        shown: the items the users were shown and did not choose in the training
+            rows (:func:`shown_pairs_of`), which ``num_shown_negatives`` draws from.
         validation: held-out rows for early stopping and the blend weight.
         config, checkpoint_dir, resume, on_step, stop_after_epoch,
         allow_config_change: as for :func:`fit_ranking`.
@@ -305,6 +350,8 @@ def fit_ranking_pairs(
         pairs,
         val_pairs if val_pairs is not None and len(val_pairs[0]) else None,
         weights=weights,
+        shown=shown,
+        held=validation,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
         resume=resume,
         on_step=on_step,
@@ -315,10 +362,15 @@ def fit_ranking_pairs(
                 "ranking": to_dict(config),
                 "train": {"seed": run.config.train.seed},
             },
-            # Weights join the digest only when given: earlier checkpoints resume.
+            # Weights and shown rows join the digest only when given: earlier
+            # checkpoints resume.
             data=None
             if checkpoint_dir is None
-            else data_digest(*pairs, *([] if weights is None else [weights])),
+            else data_digest(
+                *pairs,
+                *([] if weights is None else [weights]),
+                *([] if shown is None else shown),
+            ),
         ),
         allow_config_change=allow_config_change,
     )
@@ -380,14 +432,17 @@ def _train(
     validation: Pairs | None,
     *,
     weights: Tensor | None = None,
+    shown: ShownPairs | None = None,
+    held: Dataset | None = None,
     **loop: Any,
 ) -> TrainResult:
     """The shared loop over the ranker's pairs; on a GPU the tables train there and
-    validation runs on the host copies."""
+    validation runs on the host copies (``held``: the validation rows, whose
+    shown rows, if any, validate the click head)."""
     train_config = _train_config(ranking)
     device = resolve_device(train_config.device)
     host = ranking.tensors
-    negatives = _negatives(ranking, pairs)  # built on the host, before any move
+    negatives = _negatives(ranking, pairs, shown)  # on the host, before any move
     moved = device.type != "cpu"
     if moved:
         ranking.tensors = host.to(device)
@@ -396,11 +451,7 @@ def _train(
         pairs = (pairs[0].to(device), pairs[1].to(device), pairs[2].to(device))
         weights = None if weights is None else weights.to(device)
         if negatives is not None:
-            negatives = dataclasses.replace(
-                negatives,
-                pool=negatives.pool.to(device),
-                known=negatives.known.to(device),
-            )
+            negatives = negatives.to(device)
 
     def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
         users, items, ratings = (p[batch] for p in pairs)
@@ -414,7 +465,7 @@ def _train(
             if moved:  # the loop validates on the host
                 ranking.tensors, ranking._vectors = host, host_vectors
             try:
-                return _validate(ranking, validation)
+                return _validate(ranking, validation, held)
             finally:
                 if moved:
                     ranking.tensors = host.to(device)
@@ -438,11 +489,26 @@ def _train(
             ranking.tensors, ranking._vectors = host, None
 
 
-def _negatives(ranking: RankingRun, pairs: Pairs) -> _Negatives | None:
+def shown_pairs_of(run: RetrievalRun, dataset: Dataset) -> ShownPairs | None:
+    """``dataset.shown`` as the vocabulary indices of its known pairs (None
+    without shown rows)."""
+    shown = dataset.shown
+    if shown is None or not shown.height:
+        return None
+    users = torch.from_numpy(run.spec.vocabulary(USER).transform(shown[USER]))
+    items = torch.from_numpy(run.spec.vocabulary(ITEM).transform(shown[ITEM]))
+    keep = (users > 0) & (items > 0)
+    return users[keep], items[keep]
+
+
+def _negatives(
+    ranking: RankingRun, pairs: Pairs, shown: ShownPairs | None = None
+) -> _Negatives | None:
     config, num_items = ranking.config, ranking.tensors.num_items
     if config.click_weight == 0:
         return None
-    if config.num_hard_negatives + config.num_random_negatives == 0:
+    num_shown = config.num_shown_negatives if shown is not None else 0
+    if config.num_hard_negatives + config.num_random_negatives + num_shown == 0:
         return None
     num_users = ranking.tensors.history.shape[0]
     pool = torch.zeros(num_users, 1, dtype=torch.long)
@@ -455,10 +521,19 @@ def _negatives(ranking: RankingRun, pairs: Pairs) -> _Negatives | None:
             for users in torch.arange(num_users).split(1024)
         ]
         pool = torch.cat([ids for ids, _ in chunks]).clamp_min(0)
-    return _Negatives(
+    negatives = _Negatives(
         pool=pool,
         known=(pairs[0] * num_items + pairs[1]).unique(),  # sorted
         num_items=num_items,
         num_hard=config.num_hard_negatives,
         num_random=config.num_random_negatives,
     )
+    if num_shown and shown is not None and len(shown[0]):
+        users, items = (part[shown[0] < num_users] for part in shown)
+        order = users.argsort(stable=True)
+        counts = torch.bincount(users, minlength=num_users)
+        start = torch.zeros(num_users + 1, dtype=torch.long)
+        start[1:] = counts.cumsum(0)
+        negatives.shown_start, negatives.shown_items = start, items[order]
+        negatives.num_shown = num_shown
+    return negatives

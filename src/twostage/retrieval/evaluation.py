@@ -394,16 +394,16 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
     check_not_empty(test)
     test = test.with_unrated(data.unrated_values)
     types = {key: run.spec.vocabulary(key).values.dtype for key in (USER, ITEM)}
+    typed = [pl.col(key).cast(dtype) for key, dtype in types.items()]
     try:
-        rows = test.interactions.with_columns(
-            pl.col(key).cast(dtype) for key, dtype in types.items()
-        )
+        rows = test.interactions.with_columns(typed)
+        shown = None if test.shown is None else test.shown.with_columns(typed)
     except pl.exceptions.PolarsError as e:
         raise DataError(
             f"the IDs of {str(path)!r} do not have the run's types "
             f"({types[USER]}, {types[ITEM]}): {clause(e)}"
         ) from e
-    return with_training_tables(run, test.with_interactions(rows))
+    return with_training_tables(run, test.with_interactions(rows).with_shown(shown))
 
 
 def with_training_tables(run: RetrievalRun, test: Dataset) -> Dataset:

@@ -1,0 +1,264 @@
+"""Impression logs (``label_col``): the rows shown and not chosen are read apart,
+follow their choices across a split, and train the ranker as negatives."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from twostage.cli import app
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.dataset import Dataset
+from twostage.data.split import prepare_split, split_dataset
+from twostage.data.tables import read_interactions
+from twostage.errors import ConfigError
+from twostage.estimator import TwoStageModel
+from twostage.ranking.fit import _Negatives
+from twostage.two_stage import fit_two_stage
+
+runner = CliRunner()
+
+SMALL = [
+    "train.epochs=4",
+    "train.num_threads=1",
+    "retrieval.embedding_dim=16",
+    "retrieval.output_dim=16",
+    "ranking.embedding_dim=16",
+    "ranking.hidden_dims=16",
+    "ranking.epochs=4",
+    "ranking.hard_negative_pool=20",
+]
+
+
+def write_impressions(path: Path, *, users: int = 150, per_user: int = 12) -> Path:
+    """Each impression shows one of 40 good items (chosen half the time) and 10 of
+    40 bad ones (each chosen 1 time in 20): both kinds are chosen about as often,
+    so only the items shown and not chosen tell them apart."""
+    rng = np.random.default_rng(0)
+    rows = []
+    time = 1_600_000_000
+    for user in range(1, users + 1):
+        for _ in range(per_user):
+            time += 60
+            shown = [int(rng.integers(1, 41)), *rng.choice(np.arange(41, 81), 10)]
+            for item in shown:
+                chance = 0.5 if item <= 40 else 0.05
+                rows.append((user, item, time, int(rng.random() < chance)))
+    frame = pl.DataFrame(rows, schema=["user", "item", "ts", "clicked"], orient="row")
+    frame.write_csv(path)
+    return path
+
+
+def test_label_values_are_read_and_bad_ones_counted(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text(
+        "user,item,ts,clicked\n"
+        "1,10,100,1\n1,11,100,0\n1,12,100,FALSE\n2,10,200,true\n2,13,200, no \n"
+        "3,14,300,maybe\n3,15,300,\n4,16,400,1.0\n4,17,400,2\n"
+    )
+    data = read_interactions(
+        path, user_col="user", item_col="item", time_col="ts", label_col="clicked"
+    )
+    assert data.interactions.rows() == [(1, 10, 100), (2, 10, 200), (4, 16, 400)]
+    assert data.shown is not None
+    assert data.shown.rows() == [(1, 11, 100), (1, 12, 100), (2, 13, 200)]
+    report = data.report
+    assert report is not None and report.rejected == {"bad_label": 3}
+    assert [line for line, _ in report.examples["bad_label"]] == [7, 8, 10]
+    assert report.shown_rows == 3 and report.rows_loaded == 6
+    # Booleans in a frame (Parquet, pandas) read alike; a column of floats too.
+    frame = pl.DataFrame(
+        {"user_id": [1, 1, 2], "item_id": [1, 2, 3], "seen": [True, False, None]}
+    )
+    data = read_interactions(frame, label_col="seen")
+    assert data.interactions["item_id"].to_list() == [1]
+    assert data.shown is not None and data.shown["item_id"].to_list() == [2]
+    assert data.report is not None and data.report.rejected == {"bad_label": 1}
+    # Without label_col a column named "label" is an ordinary feature.
+    frame = pl.DataFrame({"user_id": [1], "item_id": [2], "label": ["drama"]})
+    data = read_interactions(frame, item_features=["label"])
+    assert data.shown is None and data.items is not None
+    assert data.items["label"].to_list() == ["drama"]
+
+
+def _log() -> Dataset:
+    inter = pl.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2, 2],
+            "item_id": [10, 11, 12, 20, 21],
+            "timestamp": [100, 200, 300, 100, 200],
+        }
+    )
+    shown = pl.DataFrame(
+        {
+            "user_id": [1, 1, 1, 1, 2, 3],
+            "item_id": [90, 91, 92, 93, 94, 95],
+            "timestamp": [100, 150, 300, 400, 50, 10],
+        }
+    )
+    return Dataset("log", inter, shown=shown)
+
+
+def test_shown_rows_follow_the_choice_of_their_impression() -> None:
+    data = _log()
+    train, test = split_dataset(data, method="leave-last-out")
+    assert test.interactions["item_id"].to_list() == [12, 21]
+    # 92 was shown with the test choice 12, 93 after it: both test; the others
+    # (and user 3's, who chose nothing) with the training choices.
+    assert test.shown is not None and train.shown is not None
+    assert test.shown["item_id"].to_list() == [92, 93]
+    assert sorted(train.shown["item_id"].to_list()) == [90, 91, 94, 95]
+    # Temporal: by the rows' own time against the cut.
+    train, test = split_dataset(data, method="temporal", test_fraction=0.4)
+    cut = test.interactions["timestamp"].min()
+    assert test.shown is not None and train.shown is not None
+    assert (test.shown["timestamp"] >= cut).all()
+    assert (train.shown["timestamp"] < cut).all()
+    assert train.shown.height + test.shown.height == 6
+    # Random: each shown row goes where its user's next choice went.
+    train, test = split_dataset(data, method="random", test_fraction=0.4, seed=1)
+    test_choices = set(test.interactions.select("user_id", "timestamp").rows())
+    assert test.shown is not None and train.shown is not None
+    for user, _, time in test.shown.rows():
+        later = [t for u, t in test_choices if u == user and t >= time]
+        assert later or user == 1  # user 1's last choice (300) is a test row
+    assert train.shown.height + test.shown.height == 6
+
+
+def test_experiment_sides_never_share_a_shown_row() -> None:
+    data = _log()
+    for split in ("random", "temporal", "leave-last-out"):
+        config = apply_overrides(
+            ExperimentConfig(),
+            [f"data.split={split}", "data.validation_fraction=0.3"],
+        )
+        parts = prepare_split(data, config)
+        sides = [parts.fit, parts.validation, parts.test]
+        rows = [r for side in sides if side is not None for r in side.shown.rows()]
+        assert sorted(rows) == sorted(_log().shown.rows()), split  # type: ignore[union-attr]
+
+
+def test_shown_negatives_come_from_the_users_own_shown_items() -> None:
+    negatives = _Negatives(
+        pool=torch.zeros(4, 1, dtype=torch.long),
+        known=torch.tensor([1 * 10 + 5]),  # user 1 chose item 5
+        num_items=10,
+        num_hard=0,
+        num_random=0,
+        shown_start=torch.tensor([0, 0, 3, 3, 4]),  # user 1: 3 items, user 3: one
+        shown_items=torch.tensor([5, 6, 7, 9]),
+        num_shown=50,
+    )
+    items, usable = negatives.sample(torch.tensor([1, 2, 3]), torch.Generator())
+    assert set(items[0].tolist()) == {5, 6, 7}
+    assert usable[0].tolist() == [i != 5 for i in items[0].tolist()]  # chosen too
+    assert not usable[1].any()  # user 2 was shown nothing
+    assert items[2].tolist() == [9] * 50 and usable[2].all()
+
+
+def test_the_ranker_learns_what_was_shown_and_not_chosen(tmp_path: Path) -> None:
+    path = write_impressions(tmp_path / "impressions.csv")
+    data = read_interactions(
+        path, user_col="user", item_col="item", time_col="ts", label_col="clicked"
+    )
+    figures = {}
+    for shown in (0, 4):
+        config = apply_overrides(
+            ExperimentConfig(),
+            [*SMALL, "ranking.batch_size=128", f"ranking.num_shown_negatives={shown}"],
+        )
+        stages = fit_two_stage(config, data)
+        assert stages.ranking_metrics is not None
+        figures[shown] = stages.ranking_metrics["shown_auc"]
+        assert stages.ranking_metrics["shown_auc_users"] > 100
+    # Good and bad items are chosen about equally often: without the shown rows
+    # the ranker cannot order them (AUC near 0.5); with them it nears the planted
+    # ceiling (0.725: a chosen item is good half the time, a shown one 1 in 20).
+    assert figures[0] < 0.58 < 0.65 < figures[4], figures
+
+
+def test_label_col_end_to_end_from_the_cli_and_python(tmp_path: Path) -> None:
+    path = write_impressions(tmp_path / "impressions.csv", users=60, per_user=8)
+    columns = ["--user-col", "user", "--item-col", "item", "--time-col", "ts"]
+    described = runner.invoke(
+        app,
+        ["data", "describe", str(path), *columns, "--label-col", "clicked", "--json"],
+    )
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    assert summary["shown"]["rows"] + summary["num_interactions"] == 60 * 8 * 11
+    assert summary["bad_rows"]["shown_rows"] == summary["shown"]["rows"]
+    # Without --label-col every row shown would be an interaction.
+    plain = json.loads(
+        runner.invoke(app, ["data", "describe", str(path), *columns, "--json"]).stdout
+    )
+    assert plain["num_interactions"] == 60 * 8 * 11
+
+    out = tmp_path / "bundle"
+    args = [*columns, "--label-col", "clicked", "--out", str(out), "--json"]
+    sets = [a for s in SMALL for a in ("--set", s)]
+    result = runner.invoke(app, ["train", "--dataset", str(path), *args, *sets])
+    assert result.exit_code == 0, result.output
+    ranking = json.loads(result.stdout)["ranking"]
+    assert 0 <= ranking["shown_auc"] <= 1 and ranking["shown_auc_users"] > 0
+    # The bundle keeps the setting: new rows are read with it.
+    evaluated = runner.invoke(
+        app, ["evaluate", str(out), "--test", str(path), "--json"]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "shown_auc" in json.dumps(json.loads(evaluated.stdout))
+    # data split writes the shown rows with a label column; a run reads them back.
+    split_dir = tmp_path / "split"
+    made = runner.invoke(
+        app,
+        [
+            *("data", "split", str(path), "--out", str(split_dir), *columns),
+            *("--label-col", "clicked", "--method", "leave-last-out"),
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    written = pl.read_parquet(split_dir / "train.parquet")
+    assert set(written["label"].unique().to_list()) == {True, False}
+    from twostage.data.split import read_split_file
+
+    side = read_split_file(str(split_dir / "test.parquet"), like=_int_log())
+    assert side.shown is not None and side.shown.height > 0
+    assert (
+        side.num_interactions
+        == pl.read_parquet(split_dir / "test.parquet")["label"].sum()
+    )
+
+    model = TwoStageModel(apply_overrides(ExperimentConfig(), SMALL), progress=False)
+    frame = pl.read_csv(path)
+    model.fit(
+        frame, user_col="user", item_col="item", time_col="ts", label_col="clicked"
+    )
+    assert model.split_ is not None and model.split_.fit.shown is not None
+    # The estimator's carve-out keeps the shown rows of validation out of fit.
+    held = model.split_.validation
+    assert held is not None and held.shown is not None
+    assert (
+        held.shown.height + model.split_.fit.shown.height
+        == frame.filter(pl.col("clicked") == 0).height
+    )
+    figures = model.evaluate(frame.tail(2000))
+    assert figures.ranking is not None and "shown_auc" in figures.ranking
+
+
+def _int_log() -> Dataset:
+    return Dataset(
+        "like",
+        pl.DataFrame({"user_id": [1], "item_id": [1], "timestamp": [0]}),
+    )
+
+
+def test_a_streamed_run_refuses_label_col() -> None:
+    from twostage.retrieval.streamed import check_data_options
+
+    config = apply_overrides(ExperimentConfig(), ["data.label_col=clicked"])
+    with pytest.raises(ConfigError, match="label_col"):
+        check_data_options(config.data)

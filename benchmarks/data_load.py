@@ -11,7 +11,12 @@ and repeated, and the medians are reported.
 The same rows are also written in the Netflix Prize layout (``movie:`` lines opening
 blocks of ``customer,rating,date`` lines, :mod:`twostage.data.netflix`; dates, so the
 times are days): ``bare_netflix`` is polars reading its lines, ``ours_netflix``
-:func:`~twostage.data.netflix.read_netflix` unfolding and checking them.
+:func:`~twostage.data.netflix.read_netflix` unfolding and checking them. And in
+MIND's layout (:mod:`twostage.data.mind`: a line per impression of up to 20 of a
+user's rows, each news ``-1`` when its rating is 4 or more, else ``-0``; no
+history): ``bare_mind`` is polars reading its lines and counting their news,
+``ours_mind`` :func:`~twostage.data.mind.read_mind` unfolding, parsing and
+checking them into interactions and shown rows.
 
 Usage::
 
@@ -44,6 +49,8 @@ KINDS = (
     "ours_ndjson",
     "bare_netflix",
     "ours_netflix",
+    "bare_mind",
+    "ours_mind",
 )
 
 
@@ -81,6 +88,43 @@ def write_netflix_layout(table: pl.DataFrame, path: Path) -> Path:
     return path
 
 
+def write_mind_layout(table: pl.DataFrame, path: Path) -> Path:
+    """``table`` in MIND's ``behaviors.tsv`` layout: each user's rows in impressions
+    of up to 20, at the time of the impression's first row, each news labelled 1
+    when its rating is 4 or more; the history field is empty."""
+    time = pl.from_epoch(pl.col("timestamp").first(), time_unit="s")
+    lines = (
+        table.with_columns(
+            (pl.int_range(pl.len()).over("user_id") // 20).alias("impression"),
+            pl.concat_str(
+                pl.lit("N"),
+                pl.col("item_id"),
+                pl.when(pl.col("rating") >= 4)
+                .then(pl.lit("-1"))
+                .otherwise(pl.lit("-0")),
+            ).alias("news"),
+        )
+        .group_by("user_id", "impression", maintain_order=True)
+        .agg(
+            time.dt.strftime("%m/%d/%Y %I:%M:%S %p").alias("time"),
+            pl.col("news").str.join(" "),
+        )
+        .with_row_index("id", offset=1)
+        .select(
+            pl.concat_str(
+                pl.col("id"),
+                pl.lit("U") + pl.col("user_id").cast(pl.String),
+                pl.col("time"),
+                pl.lit(""),
+                pl.col("news"),
+                separator="\t",
+            )
+        )
+    )
+    lines.write_csv(path, include_header=False, quote_style="never")
+    return path
+
+
 def peak_rss_gib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
@@ -89,6 +133,7 @@ def peak_rss_gib() -> float:
 
 def child(kind: str, path: str) -> None:
     """Time one read in this (fresh) process and print the result as JSON."""
+    from twostage.data.mind import read_mind
     from twostage.data.netflix import read_netflix
     from twostage.data.tables import read_interactions
 
@@ -100,6 +145,15 @@ def child(kind: str, path: str) -> None:
         rows = int((~lines.str.ends_with(":")).sum())
     elif kind == "ours_netflix":
         rows = read_netflix(path).num_interactions
+    elif kind == "bare_mind":
+        lines = pl.read_csv(
+            path, has_header=False, separator="\x1f", quote_char=None
+        ).to_series()
+        news = lines.str.split("\t").list.get(4).str.count_matches(" ") + 1
+        rows = int(news.sum())
+    elif kind == "ours_mind":
+        data = read_mind(path)
+        rows = data.num_interactions + data.num_shown
     elif kind.startswith("bare"):
         read = {
             "csv": pl.read_csv,
@@ -147,6 +201,7 @@ def main() -> None:
         table.write_parquet(files["parquet"])
         table.write_ndjson(files["ndjson"])
         files["netflix"] = write_netflix_layout(table, workdir / "combined_data_1.txt")
+        files["mind"] = write_mind_layout(table, workdir / "behaviors.tsv")
         del table
         runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
         for _ in range(args.repeats):  # interleaved, so drift hits every kind alike
@@ -175,6 +230,7 @@ def report(
         "parquet_ratio": seconds["ours_parquet"] / seconds["bare_parquet"],
         "ndjson_ratio": seconds["ours_ndjson"] / seconds["bare_ndjson"],
         "netflix_ratio": seconds["ours_netflix"] / seconds["bare_netflix"],
+        "mind_ratio": seconds["ours_mind"] / seconds["bare_mind"],
         "peak_rss_gib": max(
             r["peak_rss_gib"] for k in KINDS if k.startswith("ours") for r in runs[k]
         ),

@@ -242,7 +242,8 @@ def train_all(
         str,
         typer.Option(
             help="Built-in dataset name, path of your CSV, JSON lines or Parquet log, "
-            "or book-crossing:PATH / netflix:PATH / recbole:PATH for those layouts."
+            "or book-crossing:PATH / netflix:PATH / recbole:PATH / mind:PATH for "
+            "those layouts."
         ),
     ] = "movielens-100k",
     config_file: Annotated[
@@ -1012,7 +1013,8 @@ def train_retrieval_command(
         str,
         typer.Option(
             help="Built-in dataset name, path of your CSV, JSON lines or Parquet log, "
-            "or book-crossing:PATH / netflix:PATH / recbole:PATH for those layouts."
+            "or book-crossing:PATH / netflix:PATH / recbole:PATH / mind:PATH for "
+            "those layouts."
         ),
     ] = "movielens-100k",
     config_file: Annotated[

@@ -27,8 +27,8 @@ DatasetArg = Annotated[
     typer.Argument(
         help="A built-in dataset (movielens-100k, movielens-1m, movielens-latest-small, "
         "movielens-20m, movielens-25m, synthetic[:key=value,...]), a CSV, JSON lines "
-        "or Parquet path, or book-crossing:PATH / netflix:PATH / recbole:PATH for "
-        "those layouts."
+        "or Parquet path, or book-crossing:PATH / netflix:PATH / recbole:PATH / "
+        "mind:PATH for those layouts."
     ),
 ]
 TrainFile = Annotated[

@@ -47,7 +47,8 @@ FIT_TABLES = "<tables given to TwoStageModel.fit>"
 
 def anchored(spec: str) -> str:
     """``spec`` with the path of an existing file or directory made absolute (also
-    inside ``book-crossing:PATH``, ``netflix:PATH`` and ``recbole:PATH``), built-in
+    inside ``book-crossing:PATH``, ``netflix:PATH``, ``recbole:PATH`` and
+    ``mind:PATH``), built-in
     names unchanged: what a saved config
     keeps, so ``twostage evaluate`` and ``report`` find the log again from another
     working directory."""
@@ -55,7 +56,7 @@ def anchored(spec: str) -> str:
     if lowered.startswith(("movielens-", "ml-", "synthetic")):  # as load_dataset
         return spec
     prefix = ""
-    if lowered.startswith(("book-crossing:", "netflix:", "recbole:")):
+    if lowered.startswith(("book-crossing:", "netflix:", "recbole:", "mind:")):
         prefix, _, spec = spec.partition(":")
         prefix += ":"
     path = Path(spec).expanduser()
@@ -82,7 +83,10 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
             ``Preprocessed_data.csv``, ``netflix:PATH`` for the Netflix Prize's
             ``combined_data_*.txt`` (a file, or their directory with
             ``movie_titles.csv``), ``recbole:PATH`` for a RecBole dataset
-            directory (``.inter``, with ``.user`` and ``.item`` joined), or the
+            directory (``.inter``, with ``.user`` and ``.item`` joined),
+            ``mind:PATH`` for MIND's ``behaviors.tsv`` (or its directory, with
+            ``news.tsv``: an impression log, the news not clicked its shown
+            rows), or the
             path of a CSV/TSV/Parquet interaction log.
         **options: for a path, the keyword arguments of
             :func:`twostage.data.tables.read_interactions` (column mapping, separator,
@@ -122,6 +126,10 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
         from twostage.data.recbole import read_recbole
 
         return read_recbole(spec.partition(":")[2], **options)
+    if lowered.startswith("mind:"):
+        from twostage.data.mind import read_mind
+
+        return read_mind(spec.partition(":")[2], **options)
     if lowered.startswith("netflix:"):
         from twostage.data.netflix import read_netflix
 

@@ -1,0 +1,131 @@
+"""MIND's impression logs (``mind:PATH``): clicks, news shown and not clicked,
+each user's history, and the news features."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from twostage.cli import app
+from twostage.data.mind import read_mind
+from twostage.data.registry import load_dataset
+from twostage.errors import BadRowError, ConfigError, DataError
+
+runner = CliRunner()
+
+BEHAVIORS = (
+    "1\tU13740\t11/11/2019 9:05:58 AM\tN55189 N42782 N34694\tN55689-1 N35729-0\n"
+    "2\tU91836\t11/12/2019 6:11:30 PM\tN31739 N6072\tN20678-0 N39317-0 N58114-1\n"
+    "3\tU13740\t11/13/2019 7:00:00 AM\tN55189 N42782 N34694\tN35729-1 N33632-0 N55689\n"
+    "4\tU73700\tyesterday\t\tN1-1\n"
+    "\n"
+    "5\tU73700\t11/14/2019 1:00:00 PM\n"
+    "6\tU73700\t11/14/2019 1:00:00 PM\t\tN23414-1\n"
+)
+NEWS = (
+    'N55689\tsports\tfootball_nfl\tThe "Brady" story\tOne\thttps://a\t[]\t[]\n'
+    "N35729\tnews\tnewsus\tTitle two\t\thttps://b\t[]\t[]\n"
+)
+
+
+@pytest.fixture
+def mind(tmp_path: Path) -> Path:
+    (tmp_path / "behaviors.tsv").write_text(BEHAVIORS)
+    (tmp_path / "news.tsv").write_text(NEWS)
+    return tmp_path
+
+
+def test_impressions_history_and_news_are_read(mind: Path) -> None:
+    data = load_dataset(f"mind:{mind}")
+    rows = data.interactions.rows()
+    start = 1573463158  # 2019-11-11 09:05:58 UTC
+    # The history, oldest first, in the seconds before the user's first line.
+    assert rows[:4] == [
+        ("U13740", "N55189", start - 3),
+        ("U13740", "N42782", start - 2),
+        ("U13740", "N34694", start - 1),
+        ("U13740", "N55689", start),
+    ]
+    # U13740's second line repeats the history: read once.
+    assert (
+        data.interactions.filter(data.interactions["item_id"] == "N55189").height == 1
+    )
+    assert ("U13740", "N35729", 1573628400) in rows
+    assert ("U73700", "N23414", 1573736400) in rows
+    assert data.shown is not None
+    assert sorted(data.shown["item_id"].to_list()) == [
+        "N20678",
+        "N33632",
+        "N35729",
+        "N39317",
+    ]
+    report = data.report
+    assert report is not None
+    assert report.rejected == {
+        "bad_label": 1,  # "N55689" without -1 / -0
+        "bad_timestamp": 1,
+        "blank_line": 1,
+        "wrong_field_count": 1,
+    }
+    assert report.examples["bad_label"][0][0] == 3  # the line it is on
+    assert report.examples["wrong_field_count"][0][0] == 6
+    assert report.rows_loaded == data.num_interactions + data.num_shown
+    assert report.rows_loaded + report.num_rejected == report.rows_read
+    assert report.shown_rows == 4
+    items = data.items
+    assert items is not None
+    assert items.columns == ["item_id", "category", "subcategory", "title", "abstract"]
+    assert items.row(0) == (
+        "N55689",
+        "sports",
+        "football_nfl",
+        'The "Brady" story',
+        "One",
+    )
+
+
+def test_a_strict_read_stops_at_the_first_bad_line(mind: Path) -> None:
+    with pytest.raises(BadRowError) as caught:
+        read_mind(mind, strict=True)
+    assert caught.value.line == 3 and caught.value.reason == "bad_label"
+    assert "N55689" in caught.value.content
+    with pytest.raises(ConfigError, match="user_col"):
+        read_mind(mind, user_col="user")
+    with pytest.raises(DataError, match=r"behaviors\.tsv"):
+        read_mind(mind / "elsewhere")
+
+
+def test_mind_trains_end_to_end(tmp_path: Path) -> None:
+    """A planted MIND log: each user reads one of four categories."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for user in range(60):
+        topic = user % 4
+        history = " ".join(f"N{topic}{int(i)}" for i in rng.integers(0, 30, 3))
+        for k in range(6):
+            shown = [f"N{topic}{int(rng.integers(0, 30))}-1"]
+            shown += [
+                f"N{(topic + 1 + j) % 4}{int(rng.integers(0, 30))}-0" for j in range(3)
+            ]
+            time = f"11/{11 + k}/2019 {1 + user % 12}:00:00 PM"
+            lines.append(f"{len(lines)}\tU{user}\t{time}\t{history}\t{' '.join(shown)}")
+    (tmp_path / "behaviors.tsv").write_text("\n".join(lines) + "\n")
+    described = runner.invoke(app, ["data", "describe", f"mind:{tmp_path}", "--json"])
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    assert summary["shown"]["rows"] == 60 * 6 * 3
+    assert summary["num_interactions"] == 60 * (6 + 3)
+    result = runner.invoke(
+        app,
+        [
+            *("train", "--dataset", f"mind:{tmp_path}", "--out", str(tmp_path / "b")),
+            *("--set", "data.split=temporal", "--json"),
+            *("--set", "train.epochs=2", "--set", "ranking.epochs=2"),
+            *("--set", "retrieval.embedding_dim=8", "--set", "retrieval.output_dim=8"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    ranking = json.loads(result.stdout)["ranking"]
+    assert ranking["shown_auc_users"] > 0 and 0 <= ranking["shown_auc"] <= 1

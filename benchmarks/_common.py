@@ -26,6 +26,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory since its exec, in GiB: ``VmHWM`` on
+    Linux, where ``ru_maxrss`` keeps the forking parent's peak across the exec."""
+    import resource
+    import sys
+
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

@@ -4,8 +4,9 @@ A seeded synthetic table (``user_id``, ``item_id``, ``timestamp`` integers and a
 ``rating`` float; about rows/20 users and rows/10 items) is written as CSV, Parquet
 and JSON lines (ours reads those line by line with Python's ``json``, so that one bad
 line is rejected rather than failing the file: expect it far slower than polars').
-Each measurement runs in a fresh subprocess, so the peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``) belongs to that one read; runs are interleaved
+Each measurement runs in a fresh subprocess, so the peak RSS (``VmHWM`` of
+``/proc/self/status`` on Linux: ``ru_maxrss`` would carry over the parent's, which
+holds the table, through the fork and exec) belongs to that one read; runs are interleaved
 and repeated, and the medians are reported.
 
 The same rows are also written in the Netflix Prize layout (``movie:`` lines opening
@@ -126,6 +127,12 @@ def write_mind_layout(table: pl.DataFrame, path: Path) -> Path:
 
 
 def peak_rss_gib() -> float:
+    """This process's peak resident memory since its exec, in GiB."""
+    status = Path("/proc/self/status")
+    if status.exists():  # Linux: ru_maxrss keeps the forking parent's peak
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return peak * scale / 2**30

@@ -15,7 +15,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, write_json
+from _common import machine, peak_rss_gib, print_table, write_json
 
 #: Each in its own process: wall time and peak RSS per phase.
 PHASES = (
@@ -122,8 +121,7 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             )
             out[column] = counts.height
     out["seconds"] = time.perf_counter() - started
-    # ru_maxrss is in KiB on Linux.
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["peak_rss_gib"] = peak_rss_gib()
     return out
 
 

@@ -481,11 +481,16 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
     if "shown" in summary:
         shown = summary["shown"]
+        who = (  # a streamed log's are counted, not held
+            f" ({shown['users']:,} users, {shown['items']:,} items, "
+            f"{shown['items_never_chosen']:,} of them never chosen)"
+            if "users" in shown
+            else ""
+        )
         table.add_row(
             "shown, not chosen",
-            f"{shown['rows']:,} rows ({shown['users']:,} users, {shown['items']:,} "
-            f"items, {shown['items_never_chosen']:,} of them never chosen); "
-            f"{shown['chosen_share']:.2%} of the rows shown were chosen",
+            f"{shown['rows']:,} rows{who}; {shown['chosen_share']:.2%} of the rows "
+            "shown were chosen",
         )
     kinds = summary.get("feature_kinds", {})  # a streamed log has no feature tables
 
@@ -640,6 +645,7 @@ def data_describe(
             not in (
                 "has_header",
                 "weight_col",
+                "label_col",
                 "time_unit",
                 "time_format",
                 "weight_values",
@@ -650,7 +656,8 @@ def data_describe(
         if given:
             raise typer.BadParameter(
                 "a streamed log is read by its column names (user_id, item_id, "
-                "timestamp, rating; --weight-col names any, with --weight-values; "
+                "timestamp, rating; --weight-col names any, with --weight-values, "
+                "and --label-col; "
                 "--time-unit reads its numbers, --time-format its dates, "
                 "--duplicates, --min-user-rows and --min-item-rows apply) and counts "
                 "bad rows "
@@ -667,6 +674,7 @@ def data_describe(
                 min_user_rows or 0,
                 min_item_rows or 0,
                 duplicates or "keep",
+                label_col,
             ),
             weight_values=options["weight_values"],
             unrated_values=tuple(unrated_values_of(unrated_values) or ()),

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -15,7 +14,6 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.data.split import prepare_split, split_dataset
 from twostage.data.tables import read_interactions
-from twostage.errors import ConfigError
 from twostage.estimator import TwoStageModel
 from twostage.ranking.fit import _Negatives
 from twostage.two_stage import fit_two_stage
@@ -254,11 +252,3 @@ def _int_log() -> Dataset:
         "like",
         pl.DataFrame({"user_id": [1], "item_id": [1], "timestamp": [0]}),
     )
-
-
-def test_a_streamed_run_refuses_label_col() -> None:
-    from twostage.retrieval.streamed import check_data_options
-
-    config = apply_overrides(ExperimentConfig(), ["data.label_col=clicked"])
-    with pytest.raises(ConfigError, match="label_col"):
-        check_data_options(config.data)

@@ -613,6 +613,43 @@ def test_streamed_duplicates_train_as_the_cleaned_log(
     _assert_same_run(read, plain)
 
 
+def test_a_streamed_impression_log_trains_on_its_choices(
+    log: Path, tmp_path: Path
+) -> None:
+    """`data.label_col` was refused under --stream. The rows shown and not chosen
+    are left out of every pass: the run equals one on the chosen rows alone."""
+    import numpy as np
+
+    from twostage.data.describe import describe_streamed
+
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    rng = np.random.default_rng(3)
+    picked = table.gather(rng.choice(table.height, 3_000))
+    shown = picked.with_columns(
+        pl.Series("item_id", rng.integers(0, 150, 3_000), dtype=table["item_id"].dtype),
+        pl.lit(0).alias("clicked"),
+    )
+    mixed = pl.concat([table.with_columns(pl.lit(1).alias("clicked")), shown]).sort(
+        "timestamp", maintain_order=True
+    )
+    chosen_log = _two_files(table, tmp_path / "chosen", 6_000, 1_000)
+    mixed_log = _two_files(mixed, tmp_path / "mixed", 7_000, 1_000)
+    settings = [*ID_ONLY, "data.split=leave-last-out", "train.epochs=1"]
+    plain = fit_streamed_retrieval(
+        apply_overrides(ExperimentConfig(), settings), chosen_log
+    )
+    labelled = [*settings, "data.label_col=clicked", "data.duplicates=first"]
+    read = fit_streamed_retrieval(
+        apply_overrides(ExperimentConfig(), labelled), mixed_log
+    )
+    _assert_same_run(read, plain)
+    summary, report = describe_streamed(mixed_log, reading=Reading(label_col="clicked"))
+    assert summary["num_interactions"] == table.height
+    assert summary["shown"]["rows"] == report.shown_rows == 3_000
+    assert report.rows_read == mixed.height
+
+
 def test_a_streamed_run_measures_cold_users(log: Path) -> None:
     """`data.cold_user_fraction` was refused under --stream: cold-start figures
     needed the log in memory. The held-out users are measured apart."""

@@ -184,8 +184,11 @@ def describe_streamed(
             low = first if low is None else min(low, first)
             high = last if high is None else max(high, last)
     removed = min_count_ids(path, reading).removed if reading.filters else None
-    report.rows_loaded = rows  # the good rows the minimum counts keep
-    report.rows_read = rows + report.num_rejected + (removed.rows if removed else 0)
+    # the good rows the minimum counts keep, and those shown and not chosen
+    report.rows_loaded = rows + report.shown_rows
+    report.rows_read = (
+        report.rows_loaded + report.num_rejected + (removed.rows if removed else 0)
+    )
     per_user, per_item = users.result(), items.result()
     num_users = 0 if per_user is None else per_user.height
     num_items = 0 if per_item is None else per_item.height
@@ -224,6 +227,12 @@ def describe_streamed(
         out["weights"] = weights.result()
     if removed is not None:
         out["filtered"] = removed.to_dict()
+    if reading.label_col:  # counted, not held: no users or items of theirs
+        shown = report.shown_rows
+        out["shown"] = {
+            "rows": shown,
+            "chosen_share": rows / (rows + shown) if rows + shown else 0.0,
+        }
     return out, report
 
 

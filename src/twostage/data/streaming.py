@@ -38,12 +38,13 @@ import pyarrow.parquet as pq
 
 from twostage import distributed
 from twostage.data._table_values import (
+    BAD,
     TIME_UNITS,
     Spec,
     has_date_numbers,
     parse_columns,
 )
-from twostage.data.dataset import ITEM, RATING, TIME, USER
+from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER
 from twostage.data.report import MAX_EXAMPLES, LoadReport
 from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import _fmix64, stable_hash
@@ -133,7 +134,11 @@ class Reading:
     time: ``keep`` them, keep the ``first`` or ``last`` (the others are counted as
     ``duplicate``), or stop (``error``), as :func:`~twostage.data.tables.
     read_interactions` does (:func:`duplicate_rows`; before the minimum counts, as
-    in memory).
+    in memory); ``label_col``: an impression log's column of 1/0 (chosen, or shown
+    and not chosen, as ``read_interactions`` reads it): the rows shown and not
+    chosen are left out of every pass after the duplicates are decided, counted in
+    the report's ``shown_rows`` (``keep_shown``, for the duplicates pass: keep
+    them).
     """
 
     time_unit: str = "s"
@@ -142,6 +147,8 @@ class Reading:
     min_user_rows: int = 0
     min_item_rows: int = 0
     duplicates: str = "keep"
+    label_col: str | None = None
+    keep_shown: bool = False
 
     @classmethod
     def of(cls, data: Any) -> Reading:
@@ -153,6 +160,7 @@ class Reading:
             data.min_user_rows,
             data.min_item_rows,
             data.duplicates,
+            data.label_col,
         )
 
     @property
@@ -246,16 +254,24 @@ def iter_row_groups(
         )
     files = parquet_files(path)
     present = _schema_of(files[0])
+    label = [reading.label_col] if reading.label_col else []
     missing = [
-        c for c in dict.fromkeys([USER, ITEM, TIME, *columns]) if c not in present
+        c
+        for c in dict.fromkeys([USER, ITEM, TIME, *label, *columns])
+        if c not in present
     ]
     if missing:
         raise DataError(
             f"the column(s) {missing} are not in {str(files[0])!r}, whose columns are "
-            f"{present}; a streamed log needs user_id, item_id and timestamp."
+            f"{present}; a streamed log needs user_id, item_id and timestamp"
+            + (", and the label column named" if label else "")
+            + "."
         )
     roles = {c: c for c in (USER, ITEM, TIME, RATING) if c in present}
-    check_file_schemas(files, [*roles, *columns])
+    if reading.label_col:  # after the weight, before the time, as BAD orders them
+        roles = {USER: USER, ITEM: ITEM, **roles, LABEL: reading.label_col}
+        roles = {r: roles[r] for r in BAD if r in roles}
+    check_file_schemas(files, [*roles.values(), *columns])
     reading.check()
     spec = Spec(
         roles,
@@ -266,17 +282,17 @@ def iter_row_groups(
         time_unit=reading.time_unit,
         missing_ratings=reading.missing_ratings,
     )
-    extra = [c for c in columns if c not in roles]
+    extra = [c for c in columns if c not in roles and c not in roles.values()]
     dropped = None if reading.duplicates == "keep" else duplicate_rows(path, reading)
     kept = min_count_ids(path, reading) if reading.filters else None
     first = 0
     for number, (file, group) in enumerate(row_groups(files)):
         reader = pq.ParquetFile(file)
         if number % world == rank:
-            table = reader.read_row_group(group, columns=[*roles, *extra])
+            table = reader.read_row_group(group, columns=[*roles.values(), *extra])
             raw = pl.from_arrow(table)
             assert isinstance(raw, pl.DataFrame)
-            parsed, reason = parse_columns(raw.select(list(roles)), spec)
+            parsed, reason = parse_columns(raw.select(list(roles.values())), spec)
             good = parsed if reason is None else parsed.filter(reason.is_null())
             if has_date_numbers(good, spec):  # a stream has no whole column: a group
                 dated = "timestamp_as_date_number"
@@ -295,6 +311,10 @@ def iter_row_groups(
                 if report is not None:
                     _count_rejects(report, raw, reason, first)
                 frame = frame.filter(reason.is_null())
+            if LABEL in roles and not reading.keep_shown:  # not interactions
+                if report is not None:
+                    report.shown_rows += int((~frame[LABEL]).sum())
+                frame = frame.filter(pl.col(LABEL))
             if kept is not None:  # not bad rows: left out by the minimum counts
                 frame = frame.filter(kept.keeps())
             yield first, frame.select(*columns, ROW)
@@ -945,8 +965,8 @@ def duplicate_rows(path: str | Path, reading: Reading) -> np.ndarray:
     )  # what decides the good rows, and the policy
     if key in _DROPPED:
         return _DROPPED[key]
-    plain = dataclasses.replace(
-        reading, duplicates="keep", min_user_rows=0, min_item_rows=0
+    plain = dataclasses.replace(  # duplicates among the shown rows too, as in memory
+        reading, duplicates="keep", min_user_rows=0, min_item_rows=0, keep_shown=True
     )
     columns = [USER, ITEM, TIME]
     hashes, rows = [], []

@@ -168,15 +168,6 @@ def check_data_options(data: DataConfig) -> None:
             + f". Rename the log's columns{hint}, or load it in memory "
             "(without --stream)."
         )
-    if data.label_col is not None:
-        raise ConfigError(
-            f"`data.label_col` = {data.label_col!r} reads an impression log's rows "
-            "shown and not chosen apart from its interactions, which a streamed run "
-            "does not do yet: load the log in memory (without --stream), or keep "
-            "only its chosen rows first (e.g. `pl.scan_parquet(path).filter("
-            f"pl.col({data.label_col!r}) == 1).sink_parquet(...)`, which streams "
-            "too)."
-        )
     unread = {
         "data.separator": data.separator is not None,
         "data.column_names": bool(data.column_names),
@@ -738,6 +729,12 @@ def fit_streamed_two_stage(
     result = TwoStage(retrieval=run, ranker=None, split=split)
     if not ranking:
         return result
+    if config.data.label_col:
+        logger.info(
+            "a streamed run leaves the rows shown and not chosen (`data.label_col`) "
+            "out of every pass: the ranker draws no negatives from them and the "
+            "test has no shown_auc; a log loaded in memory has both"
+        )
     tables = rows.tensors
     ratings = rows.ratings
     if not ratings.size:  # no rating column: clicks only

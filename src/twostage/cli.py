@@ -70,6 +70,7 @@ from twostage.cli_info import env_command, info_command
 from twostage.cli_ops import index_app, serve_command
 from twostage.cli_output import (
     console,
+    impressions_line,
     items_table,
     print_fallback,
     print_json,
@@ -500,6 +501,8 @@ def _fit_both(
             if key in report
         )
         console.print(f"Ranking: {figures}")
+        if "impressions" in report:
+            console.print(impressions_line(report["impressions"]))
     return stages
 
 

@@ -150,6 +150,15 @@ def print_metrics(
         )
 
 
+def impressions_line(figures: dict[str, Any]) -> str:
+    """MIND's per-impression figures of the ranker, on one line."""
+    return (
+        f"Impressions ({figures['count']:,} with a click and a miss): "
+        f"AUC {figures['auc']:.4f}, MRR {figures['mrr']:.4f}, "
+        f"nDCG@5 {figures['ndcg@5']:.4f}, nDCG@10 {figures['ndcg@10']:.4f}"
+    )
+
+
 def print_ranking(report: dict[str, Any], *, title: str) -> None:
     """The output of :func:`twostage.ranking.evaluate_ranking` as two tables."""
     heads = Table(title=Text(title))
@@ -165,6 +174,8 @@ def print_ranking(report: dict[str, Any], *, title: str) -> None:
         f"{report['num_test_pairs']:,}",
     )
     console.print(heads)
+    if "impressions" in report:
+        console.print(impressions_line(report["impressions"]))
     weights = f"blend weight {report['blend_weight']:g}"
     if report.get("ease_weight"):
         weights += f", EASE weight {report['ease_weight']:g}"

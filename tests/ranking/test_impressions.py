@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -252,3 +253,58 @@ def _int_log() -> Dataset:
         "like",
         pl.DataFrame({"user_id": [1], "item_id": [1], "timestamp": [0]}),
     )
+
+
+def test_impression_figures_match_a_naive_reference(tmp_path: Path) -> None:
+    """MIND's per-impression AUC, MRR and nDCG, computed again impression by
+    impression in Python from the ranker's own click scores."""
+    import math
+
+    from twostage.ranking.evaluation import shown_auc
+
+    path = write_impressions(tmp_path / "impressions.csv", users=40, per_user=6)
+    data = read_interactions(
+        path, user_col="user", item_col="item", time_col="ts", label_col="clicked"
+    )
+    config = apply_overrides(ExperimentConfig(), [*SMALL, "ranking.epochs=1"])
+    stages = fit_two_stage(config, data)
+    ranker, test = stages.ranker, stages.split.test
+    assert ranker is not None and test.shown is not None
+    figures = shown_auc(ranker, test)
+    users = ranker.retrieval.spec.vocabulary("user_id")
+    items = ranker.retrieval.spec.vocabulary("item_id")
+    groups: dict[tuple[int, int], dict[int, bool]] = {}
+    for frame, chosen in ((test.interactions, True), (test.shown, False)):
+        u = users.transform(frame["user_id"])
+        i = items.transform(frame["item_id"])
+        for user, item, time in zip(u, i, frame["timestamp"], strict=True):
+            if user and item:
+                group = groups.setdefault((int(user), int(time)), {})
+                group[int(item)] = group.get(int(item), False) or chosen
+    aucs, mrrs, ndcgs = [], [], {5: [], 10: []}
+    for (user, _), labels in sorted(groups.items()):
+        if len(set(labels.values())) < 2:
+            continue
+        order = sorted(labels)  # ties keep the item order
+        scores = ranker.score(torch.tensor([user]), torch.tensor([order]))["click"][
+            0
+        ].tolist()
+        pos = [s for s, i in zip(scores, order, strict=True) if labels[i]]
+        neg = [s for s, i in zip(scores, order, strict=True) if not labels[i]]
+        wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+        aucs.append(wins / (len(pos) * len(neg)))
+        ranked = sorted(range(len(order)), key=lambda k: (-scores[k], k))
+        hits = [r + 1 for r, k in enumerate(ranked) if labels[order[k]]]
+        mrrs.append(sum(1 / r for r in hits) / len(hits))
+        for k in (5, 10):
+            dcg = sum(1 / math.log2(r + 1) for r in hits if r <= k)
+            ideal = sum(1 / math.log2(j + 2) for j in range(min(k, len(hits))))
+            ndcgs[k].append(dcg / ideal)
+    got = figures["impressions"]
+    assert got["count"] == len(aucs) > 10
+    assert got["auc"] == pytest.approx(sum(aucs) / len(aucs), abs=1e-6)
+    assert got["mrr"] == pytest.approx(sum(mrrs) / len(mrrs), abs=1e-6)
+    for k in (5, 10):
+        assert got[f"ndcg@{k}"] == pytest.approx(
+            sum(ndcgs[k]) / len(ndcgs[k]), abs=1e-6
+        )

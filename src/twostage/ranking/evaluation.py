@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
@@ -184,7 +185,8 @@ def evaluate_ranking(
         against the items the same user was shown and did not choose in the test
         rows, the mean over the users with both (known users and items only;
         ``shown_auc_users`` of them), as MIND's per-impression AUC: whether the
-        ranker orders what the user actually saw.
+        ranker orders what the user actually saw; and ``impressions``, MIND's
+        per-impression figures (:func:`shown_auc`).
     """
     users, items, ratings = pairs_of(ranking.retrieval, test, known_only=False)
     splits = zip(users.split(8192), items.split(8192), strict=True)
@@ -212,34 +214,38 @@ def evaluate_ranking(
 
 
 def shown_auc(ranking: RankingRun, test: Dataset) -> dict[str, Any]:
-    """``shown_auc`` and ``shown_auc_users`` of :func:`evaluate_ranking`: per
-    user, the click AUC of the test items chosen against those shown and not
-    chosen (an item both chosen and shown counts as chosen), ties counting 1/2."""
-    from twostage.data.dataset import ITEM, USER
+    """The figures of :func:`evaluate_ranking` on the test's rows shown and not
+    chosen (known users and items only; an item both chosen and shown counts as
+    chosen where both are).
+
+    ``shown_auc``: per user, the click AUC of the test items chosen against those
+    shown and not chosen, ties counting 1/2, averaged over the ``shown_auc_users``
+    users with both. ``impressions``, where some of the test's impressions (a
+    user's rows of one timestamp) hold both: MIND's per-impression ``auc``,
+    ``mrr`` (the mean of 1/rank over the items chosen) and ``ndcg@5`` /
+    ``ndcg@10`` (binary gains) of the impression's items ordered by the click
+    head (ties by item index), averaged over the ``count`` impressions.
+    """
+    from twostage.data.dataset import ITEM, TIME, USER
 
     spec = ranking.retrieval.spec
-    rows = []
+    parts = []
     assert test.shown is not None
     for frame, label in ((test.interactions, True), (test.shown, False)):
-        rows.append(
+        parts.append(
             pl.DataFrame(
                 {
                     "u": spec.vocabulary(USER).transform(frame[USER]),
                     "i": spec.vocabulary(ITEM).transform(frame[ITEM]),
+                    "t": frame[TIME],
                     "chosen": pl.repeat(label, frame.height, eager=True),
                 }
             )
         )
-    pairs = (
-        pl.concat(rows)
-        .filter((pl.col("u") > 0) & (pl.col("i") > 0))
-        .group_by("u", "i")
-        .agg(pl.col("chosen").any())
-        .sort("u", "i")
-    )
+    rows = pl.concat(parts).filter((pl.col("u") > 0) & (pl.col("i") > 0))
+    pairs = rows.group_by("u", "i").agg(pl.col("chosen").any()).sort("u", "i")
     mixed = pairs.group_by("u").agg(pl.col("chosen").n_unique() == 2)
-    pairs = pairs.join(mixed.filter(pl.col("chosen")).select("u"), on="u")
-    if not pairs.height:
+    if not mixed["chosen"].any():
         logger.warning(
             "no test user has both a chosen item and one shown and not chosen that "
             "the model knows: shown_auc is not measured"
@@ -249,22 +255,74 @@ def shown_auc(ranking: RankingRun, test: Dataset) -> dict[str, Any]:
     items = torch.from_numpy(pairs["i"].to_numpy().copy())
     splits = zip(users.split(8192), items.split(8192), strict=True)
     click = torch.cat([ranking.score(u, i[:, None])["click"][:, 0] for u, i in splits])
-    ranked = pairs.with_columns(pl.Series("s", click.double().numpy())).with_columns(
-        pl.col("s").rank("average").over("u").alias("r")
+    pairs = pairs.with_columns(pl.Series("s", click.double().numpy()))
+    result: dict[str, Any] = {}
+    per_user = _group_auc(pairs, ["u"])
+    result["shown_auc"] = float(per_user["auc"].mean())  # type: ignore[arg-type]
+    result["shown_auc_users"] = per_user.height
+    impressions = (
+        rows.group_by("u", "t", "i")
+        .agg(pl.col("chosen").any())
+        .join(pairs.select("u", "i", "s"), on=["u", "i"])
+        .sort("u", "t", "i")
     )
-    per_user = ranked.group_by("u").agg(
+    per_impression = _group_auc(impressions, ["u", "t"])
+    if per_impression.height:
+        result["impressions"] = {
+            "auc": float(per_impression["auc"].mean()),  # type: ignore[arg-type]
+            **_impression_ranks(impressions, per_impression),
+            "count": per_impression.height,
+        }
+    return result
+
+
+def _group_auc(pairs: pl.DataFrame, group: list[str]) -> pl.DataFrame:
+    """Per group of ``pairs`` (scores ``s``, labels ``chosen``) holding both labels:
+    its keys, ``p`` and ``n`` (the chosen and other items) and the AUC."""
+    ranked = pairs.with_columns(pl.col("s").rank("average").over(group).alias("r"))
+    counts = ranked.group_by(group, maintain_order=True).agg(
         p=pl.col("chosen").sum(),
         n=(~pl.col("chosen")).sum(),
         r=pl.col("r").filter(pl.col("chosen")).sum(),
     )
-    user_auc = per_user.select(
-        (pl.col("r") - pl.col("p") * (pl.col("p") + 1) / 2)
-        / (pl.col("p") * pl.col("n"))
-    ).to_series()
-    return {
-        "shown_auc": float(user_auc.to_numpy().mean()),
-        "shown_auc_users": per_user.height,
-    }
+    both = counts.filter((pl.col("p") > 0) & (pl.col("n") > 0))
+    return both.with_columns(
+        (
+            (pl.col("r") - pl.col("p") * (pl.col("p") + 1) / 2)
+            / (pl.col("p") * pl.col("n"))
+        ).alias("auc")
+    )
+
+
+def _impression_ranks(
+    impressions: pl.DataFrame, kept: pl.DataFrame
+) -> dict[str, float]:
+    """MRR and nDCG@5 / @10 over the impressions in ``kept`` (keys ``u``, ``t``)."""
+    ranked = (
+        impressions.join(kept.select("u", "t", "p"), on=["u", "t"])
+        .with_columns(
+            # 1-based position by score, the highest first; ties by item index
+            pl.col("s").rank("ordinal", descending=True).over("u", "t").alias("r")
+        )
+        .filter(pl.col("chosen"))
+    )
+    out: dict[str, float] = {}
+    per = ranked.group_by("u", "t").agg(
+        mrr=(1.0 / pl.col("r")).sum() / pl.len(),
+        p=pl.col("p").first(),
+        **{
+            f"dcg{k}": (1.0 / (pl.col("r") + 1).log(2)).filter(pl.col("r") <= k).sum()
+            for k in (5, 10)
+        },
+    )
+    out["mrr"] = float(per["mrr"].mean())  # type: ignore[arg-type]
+    gains = 1.0 / np.log2(np.arange(2, 12))  # positions 1..10
+    ideal = np.concatenate([[0.0], np.cumsum(gains)])
+    chosen = per["p"].to_numpy()
+    for k in (5, 10):
+        best = ideal[np.minimum(chosen, k)]
+        out[f"ndcg@{k}"] = float((per[f"dcg{k}"].to_numpy() / best).mean())
+    return out
 
 
 def _test_auc(ranking: RankingRun, users: Tensor, items: Tensor, seed: int) -> float:

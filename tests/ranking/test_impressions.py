@@ -308,3 +308,15 @@ def test_impression_figures_match_a_naive_reference(tmp_path: Path) -> None:
         assert got[f"ndcg@{k}"] == pytest.approx(
             sum(ndcgs[k]) / len(ndcgs[k]), abs=1e-6
         )
+
+
+def test_a_column_that_is_no_label_gets_a_hint(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("user,item,rating\n1,2,4.5\n1,3,1\n")
+    data = read_interactions(
+        path, user_col="user", item_col="item", label_col="rating", rating_col=""
+    )
+    report = data.report
+    assert report is not None and report.rejected == {"bad_label": 1}
+    assert data.interactions.height == 1  # the 1 is a label: chosen
+    assert "--label-col" in report.hint and "--rating-col" in report.hint

@@ -146,6 +146,13 @@ class LoadReport:
                 "values of the weight column that weight_values does not list: give "
                 "each its weight (--weight-values view=1,purchase=5)"
             )
+        if "bad_label" in self.rejected:
+            hints.append(
+                "labels that are missing or not 1/0, true/false or yes/no: "
+                "label_col (--label-col) names a column saying whether the item "
+                "shown was chosen, such as clicked; a rating or a count is not one "
+                "(--rating-col, --weight-col)"
+            )
         if "bad_rating" in self.rejected:
             hints.append(
                 "ratings that are not numbers, or missing: where a row without a "

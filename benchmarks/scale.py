@@ -32,6 +32,7 @@ PHASES = (
     "polars-scan",
     "min-counts",
     "duplicates",
+    "filters-2-ranks",
     "train",
     "train-streamed",
 )
@@ -104,6 +105,8 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         from twostage.data.streaming import Reading, duplicate_rows
 
         out["dropped"] = int(duplicate_rows(args.dir, Reading(duplicates="first")).size)
+    elif name == "filters-2-ranks":
+        out.update(_filters_two_ranks(args))
     elif name == "train":
         out.update(_train_steps(args, streamed=False))
     elif name == "train-streamed":
@@ -123,6 +126,59 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
     out["seconds"] = time.perf_counter() - started
     out["peak_rss_gib"] = peak_rss_gib()
     return out
+
+
+def _filters_two_ranks(args: argparse.Namespace) -> dict[str, Any]:
+    """Two gloo ranks (one thread each) compute the streamed filters, the k-core
+    of ``--min-rows`` and the duplicates pass, twice: each rank over the whole log
+    (as before the ranks shared them), then shared (each rank its row groups,
+    the counts merged). The slower rank's seconds of each; the peak RSS reported
+    is the launching process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with tempfile.TemporaryDirectory() as temp:
+        out = f"{temp}/rank"
+        mp.spawn(_filter_rank, args=(port, str(args.dir), args.min_rows, out), nprocs=2)
+        ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    return {key: max(r[key] for r in ranks) for key in ranks[0]}
+
+
+def _filter_rank(rank: int, port: int, path: str, min_rows: int, out: str) -> None:
+    import torch
+
+    from twostage import distributed
+    from twostage.data import streaming
+    from twostage.data.streaming import Reading, duplicate_rows, min_count_ids
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    core = Reading(min_user_rows=min_rows, min_item_rows=min_rows)
+    times: dict[str, float] = {}
+    for mode, ranks in (("whole", (0, 1)), ("shared", (rank, 2))):
+        streaming._KEPT.clear()  # computed again, not remembered
+        streaming._DROPPED.clear()
+        distributed.gather_sizes(0)  # the ranks start together
+        started = time.perf_counter()
+        min_count_ids(path, core, ranks=ranks)
+        times[f"min_counts_{mode}_s"] = time.perf_counter() - started
+        distributed.gather_sizes(0)
+        started = time.perf_counter()
+        duplicate_rows(path, Reading(duplicates="first"), ranks=ranks)
+        times[f"duplicates_{mode}_s"] = time.perf_counter() - started
+    Path(f"{out}.{rank}").write_text(json.dumps(times))
+    distributed.shutdown()
 
 
 def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
@@ -354,6 +410,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["phase", "seconds", "peak RSS GiB"],
         rows,
     )
+    if "filters-2-ranks" in results:
+        shared = results["filters-2-ranks"]
+        print(
+            "2 gloo ranks (the slower one): the k-core "
+            f"{shared['min_counts_shared_s']:.1f} s shared, "
+            f"{shared['min_counts_whole_s']:.1f} s with each rank reading the whole "
+            f"log; the duplicates {shared['duplicates_shared_s']:.1f} s shared, "
+            f"{shared['duplicates_whole_s']:.1f} s"
+        )
     for name in ("train", "train-streamed"):
         if name in results:
             train = results[name]

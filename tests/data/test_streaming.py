@@ -596,3 +596,83 @@ def test_cold_users_of_a_stream_are_the_in_memory_ones(
         assert pl.concat(frames).select(COLUMNS).sort(COLUMNS).equals(want), side
     cold = set(rule.cold.to_list())
     assert not cold & set(pl.concat(sides["fit"])["user_id"].to_list())
+
+
+def _filtered_rank(rank: int, port: int, log: str, out: str) -> None:
+    """One rank of a gloo group: its share of a pass with the duplicates and the
+    minimum counts, which the ranks compute together."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from twostage import distributed
+    from twostage.data.streaming import Reading, min_count_ids
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    distributed.init_from_env()
+    try:
+        reading = Reading(duplicates="first", min_user_rows=50, min_item_rows=80)
+        rows = [
+            batch["__row"].to_numpy()
+            for _, batch in iter_row_groups(
+                log, columns=COLUMNS, rank=rank, world=2, reading=reading
+            )
+        ]
+        kept = min_count_ids(log, reading, ranks=(rank, 2))  # as the pass found
+        save_file(
+            {
+                "rows": torch.from_numpy(np.concatenate(rows)),
+                "read": torch.tensor([kept.local_rows]),
+            },
+            f"{out}.{rank}",
+        )
+    finally:
+        distributed.shutdown()
+
+
+def test_two_ranks_share_the_passes_of_the_filters(tmp_path: Path) -> None:
+    """Under torchrun every rank read the whole log for the duplicates and every
+    round of the k-core; now each reads its row groups and the ranks merge what
+    they found, and the rows kept are the single process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from twostage.data.streaming import Reading, min_count_ids
+
+    source = tmp_path / "source"
+    _write(source, 1_000)
+    log = pl.concat(pl.read_parquet(f) for f in parquet_files(source))
+    again = log.gather(np.random.default_rng(0).choice(log.height, 300))
+    doubled = pl.concat([log.head(9_000), again, log.tail(log.height - 9_000)])
+    streamed = tmp_path / "streamed"
+    streamed.mkdir()
+    doubled.head(8_000).write_parquet(streamed / "a.parquet", row_group_size=700)
+    doubled.slice(8_000).write_parquet(streamed / "b.parquet", row_group_size=1_500)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    out = str(tmp_path / "rank")
+    mp.spawn(_filtered_rank, args=(port, str(streamed), out), nprocs=2)
+    reading = Reading(duplicates="first", min_user_rows=50, min_item_rows=80)
+    single = pl.concat(
+        batch
+        for _, batch in iter_row_groups(streamed, columns=COLUMNS, reading=reading)
+    )["__row"].to_numpy()
+    saved = [load_file(f"{out}.{rank}") for rank in (0, 1)]
+    shares = [part["rows"].numpy() for part in saved]
+    assert all(len(share) > 0 for share in shares)
+    assert np.array_equal(np.sort(np.concatenate(shares)), single)
+    # Each rank counted its own row groups: together, the log once.
+    whole = min_count_ids(streamed, reading).local_rows
+    read = [int(part["read"][0]) for part in saved]
+    assert min(read) > 0 and sum(read) == whole
+    assert len(single) < doubled.unique(COLUMNS).height  # the k-core removed rows

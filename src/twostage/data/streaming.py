@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from twostage import distributed
 from twostage.data._table_values import (
@@ -283,8 +284,14 @@ def iter_row_groups(
         missing_ratings=reading.missing_ratings,
     )
     extra = [c for c in columns if c not in roles and c not in roles.values()]
-    dropped = None if reading.duplicates == "keep" else duplicate_rows(path, reading)
-    kept = min_count_ids(path, reading) if reading.filters else None
+    # Under torch.distributed, a pass every rank makes shares these passes too.
+    ranks = (rank, world)
+    dropped = (
+        None
+        if reading.duplicates == "keep"
+        else duplicate_rows(path, reading, ranks=ranks)
+    )
+    kept = min_count_ids(path, reading, ranks=ranks) if reading.filters else None
     first = 0
     for number, (file, group) in enumerate(row_groups(files)):
         reader = pq.ParquetFile(file)
@@ -836,11 +843,14 @@ class RunningCounts(_Buffered):
 @dataclass(frozen=True)
 class KeptIds:
     """The users and items a streamed log's minimum counts keep (None: every one),
-    and what they removed."""
+    and what they removed; ``local_rows``: the good rows this process read in the
+    first round (its share of the log when the ranks of a process group share the
+    rounds)."""
 
     users: pl.Series | None
     items: pl.Series | None
     removed: Any  # a twostage.data.filtering.Filtered
+    local_rows: int = 0
 
     def keeps(self) -> pl.Expr:
         """True for the rows of kept users and items."""
@@ -857,7 +867,26 @@ class KeptIds:
 _KEPT: dict[tuple[Any, ...], KeptIds] = {}
 
 
-def min_count_ids(path: str | Path, reading: Reading) -> KeptIds:
+def _shared(ranks: tuple[int, int]) -> bool:
+    """Whether a pass of ``(rank, world)`` is made by every rank of a process group
+    at once, so that a filter's passes can be shared among them."""
+    return ranks[1] > 1 and distributed.current() is not None
+
+
+def _cached(
+    cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], shared: bool
+) -> bool:
+    """Whether ``key`` is in ``cache``, on every rank when ``shared`` (a rank that
+    computed it alone earlier must not skip the collective the others enter)."""
+    found = key in cache
+    if shared:
+        found = all(distributed.gather_sizes(int(found)))
+    return found
+
+
+def min_count_ids(
+    path: str | Path, reading: Reading, *, ranks: tuple[int, int] = (0, 1)
+) -> KeptIds:
     """The users and items left when ``reading.min_user_rows`` /
     ``min_item_rows`` are applied to the log's good rows until no row moves: the
     k-core :func:`twostage.data.filtering.min_counts` finds in memory, the same
@@ -866,9 +895,11 @@ def min_count_ids(path: str | Path, reading: Reading) -> KeptIds:
     Each round is one pass over the user and item columns, counting the rows of
     the users and items still kept; memory holds the counts (one row per distinct
     ID), not the rows. The result is remembered for the same files (paths, sizes,
-    modification times) and settings, so a run's passes compute it once; every
-    rank of a distributed run computes it over the whole log. What was removed is
-    logged once.
+    modification times) and settings, so a run's passes compute it once. With
+    ``ranks`` = ``(rank, world)`` of a process group (a pass every rank makes),
+    each rank counts its own row groups and the ranks merge their counts every
+    round, so the log is read once a round in all, not once a rank. What was
+    removed is logged once.
 
     Raises:
         DataError: the minimums remove every row.
@@ -877,22 +908,31 @@ def min_count_ids(path: str | Path, reading: Reading) -> KeptIds:
 
     files = parquet_files(path)
     key = (_stamp(files), reading)
-    if key in _KEPT:
+    shared = _shared(ranks)
+    if _cached(_KEPT, key, shared):
         return _KEPT[key]
+    rank, world = ranks if shared else (0, 1)
     plain = dataclasses.replace(reading, min_user_rows=0, min_item_rows=0)  # dedupes
     minimums = ((USER, reading.min_user_rows), (ITEM, reading.min_item_rows))
     kept: dict[str, pl.Series | None] = {USER: None, ITEM: None}
     before: tuple[int, int, int] | None = None
+    local = 0
     rounds = 0
     while True:
         counts = {USER: RunningCounts(), ITEM: RunningCounts()}
         rows = 0
-        for _, batch in iter_row_groups(path, columns=[USER, ITEM], reading=plain):
+        for _, batch in iter_row_groups(
+            path, columns=[USER, ITEM], reading=plain, rank=rank, world=world
+        ):
             batch = batch.filter(KeptIds(kept[USER], kept[ITEM], None).keeps())
             rows += batch.height
             for column, running in counts.items():
                 running.add(batch[column])
         tables = {c: r.result() for c, r in counts.items()}
+        local = rows if before is None else local
+        if shared:  # every rank's counts, so every rank decides alike
+            tables = {c: _merged(t) for c, t in tables.items()}
+            rows = sum(distributed.gather_sizes(rows))
         sizes = {c: 0 if t is None else t.height for c, t in tables.items()}
         if before is None:
             before = (rows, sizes[USER], sizes[ITEM])
@@ -921,8 +961,9 @@ def min_count_ids(path: str | Path, reading: Reading) -> KeptIds:
             f"{removed.summary()}: every row of the log. Lower the minimums "
             "(`min_user_rows`, `min_item_rows`)."
         )
-    logger.info("%s", removed.summary())
-    result = KeptIds(kept[USER], kept[ITEM], removed)
+    if distributed.is_main():
+        logger.info("%s", removed.summary())
+    result = KeptIds(kept[USER], kept[ITEM], removed, local_rows=local)
     _remember(_KEPT, key, result)
     return result
 
@@ -944,7 +985,9 @@ def _remember(
     cache[key] = value
 
 
-def duplicate_rows(path: str | Path, reading: Reading) -> np.ndarray:
+def duplicate_rows(
+    path: str | Path, reading: Reading, *, ranks: tuple[int, int] = (0, 1)
+) -> np.ndarray:
     """The sorted row numbers ``reading.duplicates`` drops: among the good rows of
     the same user, item and time, all but the first (``first``) or the last
     (``last``) in file order, as the in-memory loader drops them.
@@ -952,7 +995,10 @@ def duplicate_rows(path: str | Path, reading: Reading) -> np.ndarray:
     Two passes: the first keeps a 64-bit hash of each good row's keys with its row
     number (16 bytes a row, the only state that grows with the log), the second
     reads the keys of the rows whose hash repeats and compares them exactly. The
-    result is remembered for the same files and settings.
+    result is remembered for the same files and settings. With ``ranks`` of a
+    process group (a pass every rank makes), each rank reads its own row groups in
+    both passes and the ranks gather the hashes and the repeated rows, so every
+    rank drops the same rows.
 
     Raises:
         DataError: ``duplicates="error"`` and two rows share their keys; both rows
@@ -963,14 +1009,18 @@ def duplicate_rows(path: str | Path, reading: Reading) -> np.ndarray:
         _stamp(files),
         dataclasses.replace(reading, min_user_rows=0, min_item_rows=0),
     )  # what decides the good rows, and the policy
-    if key in _DROPPED:
+    shared = _shared(ranks)
+    if _cached(_DROPPED, key, shared):
         return _DROPPED[key]
+    rank, world = ranks if shared else (0, 1)
     plain = dataclasses.replace(  # duplicates among the shown rows too, as in memory
         reading, duplicates="keep", min_user_rows=0, min_item_rows=0, keep_shown=True
     )
     columns = [USER, ITEM, TIME]
     hashes, rows = [], []
-    for _, batch in iter_row_groups(path, columns=columns, reading=plain):
+    for _, batch in iter_row_groups(
+        path, columns=columns, reading=plain, rank=rank, world=world
+    ):
         keys = batch.select(
             pl.col(c).cast(pl.Int64) if batch.schema[c].is_integer() else pl.col(c)
             for c in columns
@@ -982,6 +1032,10 @@ def duplicate_rows(path: str | Path, reading: Reading) -> np.ndarray:
     hashed = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
     numbers = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     del hashes, rows
+    if shared:  # every rank's hashes and row numbers, sent as int64
+        sizes = distributed.gather_sizes(len(hashed))
+        hashed = _gathered_ints(hashed.view(np.int64), sizes).view(np.uint64)
+        numbers = _gathered_ints(numbers, sizes)
     order = np.argsort(hashed, kind="stable")
     ranked = hashed[order]
     repeated = np.zeros(len(ranked), dtype=bool)
@@ -995,8 +1049,13 @@ def duplicate_rows(path: str | Path, reading: Reading) -> np.ndarray:
         wanted = pl.Series(candidates).implode()
         parts = [
             batch.filter(pl.col(ROW).is_in(wanted))
-            for _, batch in iter_row_groups(path, columns=columns, reading=plain)
+            for _, batch in iter_row_groups(
+                path, columns=columns, reading=plain, rank=rank, world=world
+            )
         ]
+        if shared:
+            mine = pl.concat(parts) if parts else pl.DataFrame({ROW: []})
+            parts = [p for p in distributed.gather_frames(mine) if p.height]
         rows_of = pl.concat(parts).sort(ROW)
         last = reading.duplicates == "last"
         group = pl.struct(columns)
@@ -1230,6 +1289,12 @@ def _empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:
 def _schema(path: str | Path) -> list[str]:
     """The column names of the dataset's first file."""
     return list(pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names)
+
+
+def _gathered_ints(local: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Every rank's ``local`` int64 array, concatenated in rank order."""
+    tensor = torch.from_numpy(np.ascontiguousarray(local, dtype=np.int64))
+    return distributed.gather_rows(tensor, sizes).numpy()
 
 
 def _merged(counts: pl.DataFrame | None) -> pl.DataFrame | None:

@@ -129,3 +129,9 @@ def test_mind_trains_end_to_end(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     ranking = json.loads(result.stdout)["ranking"]
     assert ranking["shown_auc_users"] > 0 and 0 <= ranking["shown_auc"] <= 1
+    # MIND's protocol: a model of the training file measured on another file.
+    evaluated = runner.invoke(
+        app, ["evaluate", str(tmp_path / "b"), "--test", f"mind:{tmp_path}", "--json"]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert '"impressions"' in evaluated.stdout

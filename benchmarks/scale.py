@@ -134,34 +134,22 @@ def _filters_two_ranks(args: argparse.Namespace) -> dict[str, Any]:
     (as before the ranks shared them), then shared (each rank its row groups,
     the counts merged). The slower rank's seconds of each; the peak RSS reported
     is the launching process's."""
-    import socket
+    from twostage import distributed
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
     with tempfile.TemporaryDirectory() as temp:
         out = f"{temp}/rank"
-        mp.spawn(_filter_rank, args=(port, str(args.dir), args.min_rows, out), nprocs=2)
+        distributed.run_local_group(_filter_rank, 2, str(args.dir), args.min_rows, out)
         ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     return {key: max(r[key] for r in ranks) for key in ranks[0]}
 
 
-def _filter_rank(rank: int, port: int, path: str, min_rows: int, out: str) -> None:
+def _filter_rank(rank: int, path: str, min_rows: int, out: str) -> None:
     import torch
 
     from twostage import distributed
     from twostage.data import streaming
     from twostage.data.streaming import Reading, duplicate_rows, min_count_ids
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
     torch.set_num_threads(1)
     distributed.init_from_env()
     core = Reading(min_user_rows=min_rows, min_item_rows=min_rows)

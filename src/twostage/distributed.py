@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "gather_sizes",
     "init_from_env",
     "is_main",
+    "run_local_group",
     "shutdown",
 ]
 
@@ -73,6 +75,41 @@ def init_from_env(device: str = "cpu") -> World | None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend)
     return _WORLD
+
+
+def run_local_group(target: Callable[..., Any], size: int, *args: Any) -> None:
+    """Run ``target(rank, *args)`` in ``size`` new processes on this host, each
+    told its place in one process group as ``torchrun`` tells it (``RANK``,
+    ``WORLD_SIZE``, a free local port), so :func:`init_from_env` joins them; for
+    tests and benchmarks that start ranks without torchrun. ``target`` must be
+    importable (a module-level function); an error in a rank is raised here."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    mp.start_processes(
+        _local_rank,
+        args=(size, port, target, args),
+        nprocs=size,
+        join=True,
+        start_method="spawn",
+    )
+
+
+def _local_rank(
+    rank: int, size: int, port: int, target: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    target(rank, *args)
 
 
 def current() -> World | None:

@@ -598,24 +598,15 @@ def test_cold_users_of_a_stream_are_the_in_memory_ones(
     assert not cold & set(pl.concat(sides["fit"])["user_id"].to_list())
 
 
-def _filtered_rank(rank: int, port: int, log: str, out: str) -> None:
+def _filtered_rank(rank: int, log: str, out: str) -> None:
     """One rank of a gloo group: its share of a pass with the duplicates and the
     minimum counts, which the ranks compute together."""
-    import os
-
     import torch
     from safetensors.torch import save_file
 
     from twostage import distributed
     from twostage.data.streaming import Reading, min_count_ids
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
     distributed.init_from_env()
     try:
         reading = Reading(duplicates="first", min_user_rows=50, min_item_rows=80)
@@ -641,11 +632,9 @@ def test_two_ranks_share_the_passes_of_the_filters(tmp_path: Path) -> None:
     """Under torchrun every rank read the whole log for the duplicates and every
     round of the k-core; now each reads its row groups and the ranks merge what
     they found, and the rows kept are the single process's."""
-    import socket
-
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
+    from twostage import distributed
     from twostage.data.streaming import Reading, min_count_ids
 
     source = tmp_path / "source"
@@ -657,11 +646,8 @@ def test_two_ranks_share_the_passes_of_the_filters(tmp_path: Path) -> None:
     streamed.mkdir()
     doubled.head(8_000).write_parquet(streamed / "a.parquet", row_group_size=700)
     doubled.slice(8_000).write_parquet(streamed / "b.parquet", row_group_size=1_500)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
     out = str(tmp_path / "rank")
-    mp.spawn(_filtered_rank, args=(port, str(streamed), out), nprocs=2)
+    distributed.run_local_group(_filtered_rank, 2, str(streamed), out)
     reading = Reading(duplicates="first", min_user_rows=50, min_item_rows=80)
     single = pl.concat(
         batch

@@ -979,20 +979,11 @@ def _ranked(backend: str) -> ExperimentConfig:
     return apply_overrides(_RANKED, [f"retrieval.embedding_backend={backend}"])
 
 
-def _streamed_rank(rank: int, port: int, log: str, out: str, backend: str) -> None:
-    import os
-
+def _streamed_rank(rank: int, log: str, out: str, backend: str) -> None:
     from safetensors.torch import save_file
 
     from twostage import distributed
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
     try:
         run = fit_streamed_retrieval(_ranked(backend), Path(log))
         tables = {
@@ -1031,16 +1022,12 @@ def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
 ) -> None:
     """Each rank reads every other row group in both passes; the merged counts and
     the gathered rows (in file order) make the single process's run."""
-    import socket
-
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    from twostage import distributed
+
     out = str(tmp_path / "rank")
-    mp.spawn(_streamed_rank, args=(port, str(log), out, backend), nprocs=2)
+    distributed.run_local_group(_streamed_rank, 2, str(log), out, backend)
     single = fit_streamed_retrieval(_ranked(backend), log)
     want = {
         "users": single.tensors.users,

@@ -4,14 +4,13 @@ global batch (in-batch negatives gathered across ranks, gradients averaged by DD
 import importlib.util
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from twostage import distributed
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.two_stage import TwoStage, fit_two_stage
 
@@ -49,16 +48,7 @@ def _config(extra: list[str]) -> ExperimentConfig:
     )
 
 
-def _rank(rank: int, world: int, port: int, extra: list[str], out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
-    from twostage import distributed
-
+def _rank(rank: int, extra: list[str], out: str) -> None:
     try:
         stages = fit_two_stage(_config(extra))  # test users sharded over the ranks
         if rank == 0:
@@ -74,12 +64,6 @@ def _weights(stages: TwoStage) -> dict[str, torch.Tensor]:
     out = {f"retrieval.{k}": v for k, v in stages.retrieval.model.state_dict().items()}
     out |= {f"ranking.{k}": v for k, v in stages.ranker.model.state_dict().items()}
     return {k: v.contiguous() for k, v in out.items()}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.slow
@@ -123,13 +107,7 @@ def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) ->
     alone = fit_two_stage(_config(extra))
     single = _weights(alone)
     out = tmp_path / "rank0.safetensors"
-    mp.start_processes(
-        _rank,
-        args=(2, _free_port(), extra, str(out)),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    distributed.run_local_group(_rank, 2, extra, str(out))
     two = load_file(out)
     one = single
     assert set(two) == set(one)

@@ -22,6 +22,8 @@ from typing import Any
 
 import polars as pl
 
+from twostage.data._layout import TEXT as _TEXT
+from twostage.data._layout import read_lines, refuse_options
 from twostage.data._table_values import (
     LINE,
     Spec,
@@ -31,7 +33,7 @@ from twostage.data._table_values import (
 )
 from twostage.data.dataset import ITEM, LABEL, TIME, USER, Dataset
 from twostage.data.report import MAX_EXAMPLES, LoadReport
-from twostage.errors import BadRowError, ConfigError, DataError
+from twostage.errors import BadRowError, DataError
 
 __all__ = ["read_mind"]
 
@@ -52,7 +54,6 @@ _NEWS_COLUMNS = (
 #: The news columns kept as item features (the URL and entity lists are not).
 _FEATURES = ("category", "subcategory", "title", "abstract")
 _TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
-_TEXT = "__text"
 _OPTIONS = ("strict", "name")
 
 
@@ -82,13 +83,13 @@ def read_mind(path: str | Path, **options: Any) -> Dataset:
             mapping: the layout names its columns).
         DataError: no ``behaviors.tsv`` there.
     """
-    unknown = sorted(k for k in options if k not in _OPTIONS)
-    if unknown:
-        raise ConfigError(
-            f"{', '.join(f'`{k}`' for k in unknown)}: a MIND behaviors file has its "
-            "columns already (impression, user, time, history, impressions); leave "
-            f"{'them' if len(unknown) > 1 else 'it'} unset for `mind:PATH`."
-        )
+    refuse_options(
+        options,
+        _OPTIONS,
+        "a MIND behaviors file has its columns already (impression, user, time, "
+        "history, impressions)",
+        "mind:PATH",
+    )
     strict = bool(options.get("strict", False))
     root = Path(path).expanduser()
     behaviors = root / _BEHAVIORS if root.is_dir() else root
@@ -152,20 +153,8 @@ def _rows(path: Path) -> tuple[pl.DataFrame, LoadReport]:
     """One row per news of each impression and of each user's first history:
     ``user_id``, ``item_id``, ``label`` (text) and ``timestamp`` (seconds), with
     the line each came from; the report counts the lines rejected whole."""
-    try:
-        lines = pl.read_csv(
-            path,
-            has_header=False,
-            separator="\x1f",  # a unit separator: each line is one field
-            quote_char=None,
-            schema={_TEXT: pl.String},
-            raise_if_empty=False,
-        )
-    except pl.exceptions.PolarsError as err:
-        raise DataError(f"{path}: not a MIND behaviors file: {err}") from err
-    lines = lines.with_row_index(LINE, offset=1).with_columns(
-        pl.col(LINE).cast(pl.Int64),
-        pl.col(_TEXT).str.strip_suffix("\r").str.split("\t").alias("__f"),
+    lines = read_lines(path, "a MIND behaviors file").with_columns(
+        pl.col(_TEXT).str.strip_suffix("\r").str.split("\t").alias("__f")
     )
     field = pl.col("__f").list
     time = field.get(2, null_on_oob=True).str.strptime(

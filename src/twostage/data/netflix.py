@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from twostage.data._layout import TEXT as _TEXT
+from twostage.data._layout import read_lines, refuse_options
 from twostage.data._table_values import (
     LINE,
     MISSING_WORDS,
@@ -46,7 +48,6 @@ _FILES = ("combined_data_*.txt", "mv_*.txt")
 #: Kaggle's name, and the original archive's (beside ``training_set/``).
 _TITLES = ("movie_titles.csv", "movie_titles.txt")
 _MOVIE_LINE = r"^\s*[0-9]+:\s*$"
-_TEXT = "__text"
 #: The options a Netflix Prize file takes; its columns are fixed.
 _OPTIONS = ("strict", "name", "missing_ratings")
 
@@ -81,13 +82,12 @@ def read_netflix(path: str | Path, **options: Any) -> Dataset:
             columns).
         DataError: no such file, or a directory without ratings files.
     """
-    unknown = sorted(k for k in options if k not in _OPTIONS)
-    if unknown:
-        raise ConfigError(
-            f"{', '.join(f'`{k}`' for k in unknown)}: a Netflix Prize file has its "
-            "columns already (customer, movie, rating, date); leave "
-            f"{'them' if len(unknown) > 1 else 'it'} unset for `netflix:PATH`."
-        )
+    refuse_options(
+        options,
+        _OPTIONS,
+        "a Netflix Prize file has its columns already (customer, movie, rating, date)",
+        "netflix:PATH",
+    )
     strict = bool(options.get("strict", False))
     missing_ratings = str(options.get("missing_ratings") or "reject")
     if missing_ratings not in ("reject", "unrated"):
@@ -168,23 +168,10 @@ def _read_lines(files: list[Path], indices: list[int]) -> pl.DataFrame:
     with several files, the file's index (``__file``)."""
     frames = []
     for i in indices:
-        try:
-            lines = pl.read_csv(
-                files[i],
-                has_header=False,
-                separator="\x1f",  # a unit separator: each line is one field
-                quote_char=None,
-                schema={_TEXT: pl.String},
-                raise_if_empty=False,
-            )
-        except pl.exceptions.PolarsError as err:  # e.g. a \x1f inside a line
-            raise DataError(
-                f"{files[i]}: not a Netflix Prize ratings file: {err}"
-            ) from err
-        lines = lines.with_row_index(LINE, offset=1)
+        lines = read_lines(files[i], "a Netflix Prize ratings file")
         if len(indices) > 1:  # one file: its index is a constant (_read_files)
             lines = lines.with_columns(pl.lit(i, dtype=pl.Int64).alias("__file"))
-        frames.append(lines.with_columns(pl.col(LINE).cast(pl.Int64)))
+        frames.append(lines)
     return pl.concat(frames, how="vertical")
 
 

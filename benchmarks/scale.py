@@ -130,7 +130,8 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _filters_two_ranks(args: argparse.Namespace) -> dict[str, Any]:
     """Two gloo ranks (one thread each) compute the streamed filters, the k-core
-    of ``--min-rows`` and the duplicates pass, twice: each rank over the whole log
+    of ``--min-rows`` and the duplicates pass, and the split rules' passes (the
+    temporal cut, each user's last row), twice: each rank over the whole log
     (as before the ranks shared them), then shared (each rank its row groups,
     the counts merged). The slower rank's seconds of each; the peak RSS reported
     is the launching process's."""
@@ -148,7 +149,12 @@ def _filter_rank(rank: int, path: str, min_rows: int, out: str) -> None:
 
     from twostage import distributed
     from twostage.data import streaming
-    from twostage.data.streaming import Reading, duplicate_rows, min_count_ids
+    from twostage.data.streaming import (
+        Reading,
+        duplicate_rows,
+        min_count_ids,
+        split_rule,
+    )
 
     torch.set_num_threads(1)
     distributed.init_from_env()
@@ -165,6 +171,11 @@ def _filter_rank(rank: int, path: str, min_rows: int, out: str) -> None:
         started = time.perf_counter()
         duplicate_rows(path, Reading(duplicates="first"), ranks=ranks)
         times[f"duplicates_{mode}_s"] = time.perf_counter() - started
+        for method in ("temporal", "leave-last-out"):  # the split's own passes
+            distributed.gather_sizes(0)
+            started = time.perf_counter()
+            split_rule(path, method=method, test_fraction=0.2, seed=0, ranks=ranks)
+            times[f"{method}_split_{mode}_s"] = time.perf_counter() - started
     Path(f"{out}.{rank}").write_text(json.dumps(times))
     distributed.shutdown()
 
@@ -405,7 +416,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{shared['min_counts_shared_s']:.1f} s shared, "
             f"{shared['min_counts_whole_s']:.1f} s with each rank reading the whole "
             f"log; the duplicates {shared['duplicates_shared_s']:.1f} s shared, "
-            f"{shared['duplicates_whole_s']:.1f} s"
+            f"{shared['duplicates_whole_s']:.1f} s; the temporal cut "
+            f"{shared['temporal_split_shared_s']:.1f} s shared, "
+            f"{shared['temporal_split_whole_s']:.1f} s; the leave-last-out rows "
+            f"{shared['leave-last-out_split_shared_s']:.1f} s shared, "
+            f"{shared['leave-last-out_split_whole_s']:.1f} s"
         )
     for name in ("train", "train-streamed"):
         if name in results:

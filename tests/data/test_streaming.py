@@ -2,6 +2,7 @@
 shared by rank, vocabularies fitted in one streaming pass."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -598,6 +599,44 @@ def test_cold_users_of_a_stream_are_the_in_memory_ones(
     assert not cold & set(pl.concat(sides["fit"])["user_id"].to_list())
 
 
+def _rules(log: str, *, ranks: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """What the split rules found: a temporal cut with cold users and a validation
+    cut, each user's last rows and the validation's last rows."""
+    import torch
+
+    from twostage.data.streaming import Reading
+
+    reading = Reading(duplicates="first")
+    temporal = split_rule(
+        log,
+        method="temporal",
+        test_fraction=0.2,
+        seed=3,
+        validation_fraction=0.1,
+        cold_user_fraction=0.1,
+        reading=reading,
+        ranks=ranks,
+    )
+    last = split_rule(
+        log,
+        method="leave-last-out",
+        test_fraction=0.2,
+        seed=3,
+        validation_fraction=0.1,
+        reading=reading,
+        ranks=ranks,
+    )
+    assert temporal.cold is not None and temporal.validation is not None
+    assert last.held_rows is not None and last.validation is not None
+    assert last.validation.held_rows is not None
+    return {
+        "cuts": torch.tensor([temporal.time_cut, temporal.validation.time_cut]),
+        "cold": torch.from_numpy(temporal.cold.sort().to_numpy().copy()),
+        "last": torch.from_numpy(last.held_rows.copy()),
+        "validation_last": torch.from_numpy(last.validation.held_rows.copy()),
+    }
+
+
 def _filtered_rank(rank: int, log: str, out: str) -> None:
     """One rank of a gloo group: its share of a pass with the duplicates and the
     minimum counts, which the ranks compute together."""
@@ -617,10 +656,12 @@ def _filtered_rank(rank: int, log: str, out: str) -> None:
             )
         ]
         kept = min_count_ids(log, reading, ranks=(rank, 2))  # as the pass found
+        rules = _rules(log, ranks=(rank, 2))
         save_file(
             {
                 "rows": torch.from_numpy(np.concatenate(rows)),
                 "read": torch.tensor([kept.local_rows]),
+                **rules,
             },
             f"{out}.{rank}",
         )
@@ -632,6 +673,7 @@ def test_two_ranks_share_the_passes_of_the_filters(tmp_path: Path) -> None:
     """Under torchrun every rank read the whole log for the duplicates and every
     round of the k-core; now each reads its row groups and the ranks merge what
     they found, and the rows kept are the single process's."""
+    import torch
     from safetensors.torch import load_file
 
     from twostage import distributed
@@ -654,6 +696,11 @@ def test_two_ranks_share_the_passes_of_the_filters(tmp_path: Path) -> None:
         for _, batch in iter_row_groups(streamed, columns=COLUMNS, reading=reading)
     )["__row"].to_numpy()
     saved = [load_file(f"{out}.{rank}") for rank in (0, 1)]
+    # The split rules the ranks found together are the single process's.
+    alone = _rules(str(streamed))
+    for part in saved:
+        for key, value in alone.items():
+            assert torch.equal(part[key], value), key
     shares = [part["rows"].numpy() for part in saved]
     assert all(len(share) > 0 for share in shares)
     assert np.array_equal(np.sort(np.concatenate(shares)), single)

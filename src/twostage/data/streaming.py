@@ -492,6 +492,7 @@ def last_rows(
     *,
     within: SplitRule | None = None,
     reading: Reading = Reading(),
+    ranks: tuple[int, int] = (0, 1),
 ) -> np.ndarray:
     """Sorted dataset row numbers of each user's last row, for users with two rows
     or more: the test rows of ``leave-last-out``, as
@@ -501,15 +502,25 @@ def last_rows(
     hold out (its training rows: the validation carve-out of leave-last-out).
 
     One pass over every row group; memory holds one (user, time, row, count) entry
-    per user, merged in bulk, not the rows.
+    per user, merged in bulk, not the rows. With ``ranks`` of a process group (a
+    pass every rank makes), each rank reads its own row groups and the ranks merge
+    their entries.
     """
+    shared = _shared(ranks)
+    rank, world = ranks if shared else (0, 1)
     latest = _Latest()
     columns = [USER, TIME] if within is None else [USER, ITEM, TIME]
-    for first, batch in iter_row_groups(path, columns=columns, reading=reading):
+    for first, batch in iter_row_groups(
+        path, columns=columns, reading=reading, rank=rank, world=world
+    ):
         if within is not None:
             batch = batch.filter(pl.Series(~within.mask(batch, first)))
         latest.add(batch.select(USER, TIME, ROW))
     table = latest.result()
+    if shared:  # each rank's latest rows, merged again
+        mine = table if table is not None else pl.DataFrame()
+        parts = [p for p in distributed.gather_frames(mine) if p.height]
+        table = latest._merge(pl.concat(parts)) if parts else None
     if table is None:
         return np.zeros(0, dtype=np.int64)
     held = table.filter(pl.col("count") >= 2)[ROW].sort()
@@ -630,9 +641,12 @@ def split_rule(
     validation_fraction: float = 0.0,
     reading: Reading = Reading(),
     cold_user_fraction: float = 0.0,
+    ranks: tuple[int, int] = (0, 1),
 ) -> SplitRule:
     """The split of a streamed log: the time cut of ``temporal`` and the last rows of
-    ``leave-last-out`` are found here, once, by a streaming pass.
+    ``leave-last-out`` are found here, once, by a streaming pass (shared by the
+    ranks of a process group when ``ranks`` is a rank's ``(rank, world)``: every
+    rank must then call it).
 
     With ``validation_fraction`` > 0 the training rows lose a validation carve-out,
     drawn by the same method as :func:`twostage.data.split.validation_split` draws it
@@ -663,7 +677,9 @@ def split_rule(
             f"Received: {cold_user_fraction!r}."
         )
     cold = (
-        cold_users(path, fraction=cold_user_fraction, seed=seed, reading=reading)
+        cold_users(
+            path, fraction=cold_user_fraction, seed=seed, reading=reading, ranks=ranks
+        )
         if cold_user_fraction > 0
         else None
     )
@@ -675,6 +691,7 @@ def split_rule(
             validation_fraction=validation_fraction,
             reading=reading,
             without=cold,
+            ranks=ranks,
         )
     rule = SplitRule(
         method=method,
@@ -682,7 +699,9 @@ def split_rule(
         seed=seed,
         time_cut=time_cut,
         held_rows=(
-            last_rows(path, reading=reading) if method == "leave-last-out" else None
+            last_rows(path, reading=reading, ranks=ranks)
+            if method == "leave-last-out"
+            else None
         ),
         cold=cold,
     )
@@ -698,6 +717,7 @@ def split_rule(
                 path,
                 within=rule,
                 reading=reading,
+                ranks=ranks,
             )
             if method == "leave-last-out"
             else None
@@ -707,7 +727,12 @@ def split_rule(
 
 
 def cold_users(
-    path: str | Path, *, fraction: float, seed: int, reading: Reading = Reading()
+    path: str | Path,
+    *,
+    fraction: float,
+    seed: int,
+    reading: Reading = Reading(),
+    ranks: tuple[int, int] = (0, 1),
 ) -> pl.Series:
     """The users ``data.cold_user_fraction`` holds out whole: the ones
     :func:`twostage.data.split.hold_out_users` draws from the same rows in memory
@@ -715,10 +740,14 @@ def cold_users(
     column; memory holds one entry per distinct user."""
     from twostage.data.split import cold_user_choice
 
+    shared = _shared(ranks)
+    rank, world = ranks if shared else (0, 1)
     counts = RunningCounts()
-    for _, batch in iter_row_groups(path, columns=[USER], reading=reading):
+    for _, batch in iter_row_groups(
+        path, columns=[USER], reading=reading, rank=rank, world=world
+    ):
         counts.add(batch[USER])
-    users = counts.result()
+    users = _merged(counts.result()) if shared else counts.result()
     if users is None:
         raise DataError(f"{str(path)!r} holds no rows to draw cold users from.")
     return cold_user_choice(users["key"].rename(USER), fraction=fraction, seed=seed)
@@ -749,11 +778,16 @@ def temporal_cuts(
     validation_fraction: float = 0.0,
     reading: Reading = Reading(),
     without: pl.Series | None = None,
+    ranks: tuple[int, int] = (0, 1),
 ) -> tuple[int, int | None]:
     """:func:`temporal_cut`, and with ``validation_fraction`` > 0 the validation
     cut: the ``1 - validation_fraction`` quantile ("lower") of the training rows'
     times (those before the test cut), from the same pass and the same array.
-    ``without``: users whose rows are left out (cold users, held out first)."""
+    ``without``: users whose rows are left out (cold users, held out first).
+    ``ranks`` of a process group: each rank reads its own row groups and every
+    rank gathers all the times."""
+    shared = _shared(ranks)
+    rank, world = ranks if shared else (0, 1)
     report = LoadReport(path=str(path))
     parts = [
         (
@@ -766,9 +800,14 @@ def temporal_cuts(
             columns=[USER, TIME],
             report=report,
             reading=reading,
+            rank=rank,
+            world=world,
         )
     ]
     times = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if shared:
+        times = _gathered_ints(times, distributed.gather_sizes(times.size))
+        report = _merged_report(report)
     if times.size == 0:
         why = (
             f": every row read was rejected. {report.summary()}"
@@ -1116,6 +1155,7 @@ def fit_vocabularies(
         validation_fraction=validation_fraction,
         reading=reading,
         cold_user_fraction=cold_user_fraction,
+        ranks=(rank, world),
     )
     users, items = RunningCounts(), RunningCounts()
     train_rows = test_rows = validation_rows = batches = 0

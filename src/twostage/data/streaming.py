@@ -784,8 +784,10 @@ def temporal_cuts(
     cut: the ``1 - validation_fraction`` quantile ("lower") of the training rows'
     times (those before the test cut), from the same pass and the same array.
     ``without``: users whose rows are left out (cold users, held out first).
-    ``ranks`` of a process group: each rank reads its own row groups and every
-    rank gathers all the times."""
+    ``ranks`` of a process group: each rank reads its own row groups and holds
+    their times only; the cuts are found by bisection over time values, each step
+    summing the ranks' counts (:func:`_shared_kth`), so every rank finds the
+    single process's cuts."""
     shared = _shared(ranks)
     rank, world = ranks if shared else (0, 1)
     report = LoadReport(path=str(path))
@@ -806,8 +808,8 @@ def temporal_cuts(
     ]
     times = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if shared:
-        times = _gathered_ints(times, distributed.gather_sizes(times.size))
         report = _merged_report(report)
+        return _shared_cuts(path, times, report, test_fraction, validation_fraction)
     if times.size == 0:
         why = (
             f": every row read was rejected. {report.summary()}"
@@ -829,6 +831,57 @@ def temporal_cuts(
     place = int(np.floor((1.0 - validation_fraction) * (count - 1)))
     before.partition(place)
     return cut, int(before[place])
+
+
+def _shared_cuts(
+    path: str | Path,
+    times: np.ndarray,
+    report: LoadReport,
+    test_fraction: float,
+    validation_fraction: float,
+) -> tuple[int, int | None]:
+    """:func:`temporal_cuts` over every rank's ``times`` (this rank's), none of
+    them gathered: the same quantiles ("lower") of all the times."""
+    times.sort()
+    total = sum(distributed.gather_sizes(times.size))
+    if total == 0:
+        why = (
+            f": every row read was rejected. {report.summary()}"
+            if report.num_rejected
+            else "."
+        )
+        raise DataError(f"{str(path)!r} has no timestamps to cut{why}")
+    cut = _shared_kth(times, int(np.floor((1.0 - test_fraction) * (total - 1))))
+    if validation_fraction == 0:
+        return cut, None
+    before = times[: np.searchsorted(times, cut, side="left")]  # training times
+    count = sum(distributed.gather_sizes(before.size))
+    if count == 0:  # no training row before the cut: nothing to carve
+        return cut, cut
+    place = int(np.floor((1.0 - validation_fraction) * (count - 1)))
+    return cut, _shared_kth(before, place)
+
+
+def _shared_kth(ordered: np.ndarray, k: int) -> int:
+    """The ``k``-th smallest (0-based) of every rank's sorted ``ordered`` values:
+    bisection over the values, each step one all-gather of the ranks' counts of
+    values at or below the middle (about 64 steps for int64 times)."""
+    local = (int(ordered[0]), int(ordered[-1])) if ordered.size else (2**62, -(2**62))
+    bounds = distributed.gather_rows(torch.tensor([local]), [1] * _world_size())
+    low, high = int(bounds[:, 0].min()), int(bounds[:, 1].max())
+    while low < high:  # the smallest value v with more than k values <= v
+        middle = low + (high - low) // 2
+        at_most = int(np.searchsorted(ordered, middle, side="right"))
+        if sum(distributed.gather_sizes(at_most)) > k:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _world_size() -> int:
+    world = distributed.current()
+    return 1 if world is None else world.size
 
 
 @dataclass

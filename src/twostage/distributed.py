@@ -29,6 +29,7 @@ __all__ = [
     "current",
     "gather_frames",
     "gather_rows",
+    "gather_rows_to",
     "gather_sizes",
     "init_from_env",
     "is_main",
@@ -149,6 +150,27 @@ def gather_rows(local: Tensor, sizes: list[int]) -> Tensor:
         local = torch.cat([local, filler])
     gather = _AllGather.apply if local.requires_grad else _all_gather
     parts = gather(local).split(width)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+
+def gather_rows_to(local: Tensor, dst: int) -> Tensor | None:
+    """Every rank's ``local`` rows, concatenated in rank order, on rank ``dst``
+    only (None on the others; ``local`` itself in a single process): what one
+    rank must hold of a table the ranks read in shares, without a copy on every
+    rank."""
+    if _WORLD is None:
+        return local
+    sizes = gather_sizes(local.shape[0])
+    width = max(sizes)
+    if width == 0:
+        return local[:0] if _WORLD.rank == dst else None
+    pad = width - local.shape[0]
+    if pad:
+        local = torch.cat([local, local.new_zeros((pad, *local.shape[1:]))])
+    parts = [torch.empty_like(local) for _ in sizes] if _WORLD.rank == dst else None
+    dist.gather(local.contiguous(), parts, dst=dst)
+    if parts is None:
+        return None
     return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
 
 

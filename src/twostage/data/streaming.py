@@ -1124,10 +1124,8 @@ def duplicate_rows(
     hashed = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
     numbers = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     del hashes, rows
-    if shared:  # every rank's hashes and row numbers, sent as int64
-        sizes = distributed.gather_sizes(len(hashed))
-        hashed = _gathered_ints(hashed.view(np.int64), sizes).view(np.uint64)
-        numbers = _gathered_ints(numbers, sizes)
+    if shared:  # each rank holds the hashes it owns: hash % world == rank
+        hashed, numbers = _owned_hashes(hashed, numbers, rank, world)
     order = np.argsort(hashed, kind="stable")
     ranked = hashed[order]
     repeated = np.zeros(len(ranked), dtype=bool)
@@ -1136,6 +1134,10 @@ def duplicate_rows(
     repeated[:-1] |= same
     candidates = np.sort(numbers[order[repeated]])
     del hashed, numbers, order, ranked
+    if shared:  # the rows to compare, found by the hashes' owners
+        candidates = np.sort(
+            _gathered_ints(candidates, distributed.gather_sizes(candidates.size))
+        )
     dropped = np.zeros(0, dtype=np.int64)
     if candidates.size:
         wanted = pl.Series(candidates).implode()
@@ -1382,6 +1384,26 @@ def _empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:
 def _schema(path: str | Path) -> list[str]:
     """The column names of the dataset's first file."""
     return list(pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names)
+
+
+def _owned_hashes(
+    hashed: np.ndarray, numbers: np.ndarray, rank: int, world: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's ``(hash, row number)`` pairs whose hash this rank owns (``hash
+    % world == rank``), so equal hashes meet on one rank and each rank holds
+    ``1 / world`` of them."""
+    owner = (hashed % np.uint64(world)).astype(np.int64)
+    mine: tuple[np.ndarray, np.ndarray] = (hashed[:0], numbers[:0])
+    for dst in range(world):
+        chosen = owner == dst
+        pairs = torch.from_numpy(
+            np.stack([hashed[chosen].view(np.int64), numbers[chosen]], axis=1)
+        )
+        got = distributed.gather_rows_to(pairs, dst)
+        if got is not None:
+            both = got.numpy()
+            mine = (both[:, 0].copy().view(np.uint64), both[:, 1].copy())
+    return mine
 
 
 def _gathered_ints(local: np.ndarray, sizes: list[int]) -> np.ndarray:

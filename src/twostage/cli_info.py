@@ -225,14 +225,18 @@ def _test_figures(metrics: dict[str, Any]) -> dict[str, float] | None:
 
 
 def _ranking_figures(metrics: dict[str, Any] | None) -> dict[str, float] | None:
-    """RMSE, MAE, click AUC and the two-stage list's NDCG@10 (beside retrieval's
-    alone), as saved with the ranker; None for a bundle saved without them."""
+    """RMSE, MAE, click AUC (and an impression log's: against the shown items,
+    per impression) and the two-stage list's NDCG@10 (beside retrieval's alone),
+    as saved with the ranker; None for a bundle saved without them."""
     if not metrics:
         return None
     found: dict[str, float] = {}
     for key in ("rmse", "mae", "auc", "shown_auc"):
         if key in metrics:
             found[key] = float(metrics[key])
+    for key, value in metrics.get("impressions", {}).items():  # MIND's figures
+        if key != "count":
+            found[f"impressions_{key}"] = float(value)
     for lists in ("two_stage", "retrieval_only"):
         at = metrics.get(lists, {}).get("ndcg", {})
         if "10" in at:

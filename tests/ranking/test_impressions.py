@@ -204,6 +204,10 @@ def test_label_col_end_to_end_from_the_cli_and_python(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     ranking = json.loads(result.stdout)["ranking"]
     assert 0 <= ranking["shown_auc"] <= 1 and ranking["shown_auc_users"] > 0
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    saved = json.loads(info.stdout)["ranking"]["test"]
+    assert saved["shown_auc"] == pytest.approx(ranking["shown_auc"])
     # The bundle keeps the setting: new rows are read with it.
     evaluated = runner.invoke(
         app, ["evaluate", str(out), "--test", str(path), "--json"]

@@ -41,6 +41,7 @@ from twostage.cli_data import (
     ItemTableColumns,
     ItemTableKey,
     LabelCol,
+    LabelThreshold,
     MinItemRows,
     MinUserRows,
     MissingRatings,
@@ -205,6 +206,7 @@ def _columns(
     user_features: str | None,
     item_features: str | None,
     label_col: str | None = None,
+    label_threshold: float | None = None,
 ) -> dict[str, Any]:
     """The column options every data-reading command takes, as ``data.*`` keys."""
     options = dataset_options(
@@ -217,6 +219,7 @@ def _columns(
         weight_col=weight_col,
         weight_values=weight_values,
         label_col=label_col,
+        label_threshold=label_threshold,
         separator=separator,
         quote_char=quote_char,
         comment_prefix=comment_prefix,
@@ -280,6 +283,7 @@ def train_all(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     label_col: LabelCol = None,
+    label_threshold: LabelThreshold = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
     comment_prefix: CommentPrefix = None,
@@ -352,6 +356,7 @@ def train_all(
         user_features,
         item_features,
         label_col=label_col,
+        label_threshold=label_threshold,
     )
     columns.update(
         train_file=train_file,
@@ -1041,6 +1046,7 @@ def train_retrieval_command(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     label_col: LabelCol = None,
+    label_threshold: LabelThreshold = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
     comment_prefix: CommentPrefix = None,
@@ -1104,6 +1110,7 @@ def train_retrieval_command(
         user_features,
         item_features,
         label_col=label_col,
+        label_threshold=label_threshold,
     )
     columns.update(
         train_file=train_file,
@@ -1599,6 +1606,7 @@ FLAGS = {
     "`weight_col`": "`--weight-col`",
     "`weight_values`": "`--weight-values`",
     "`label_col`": "`--label-col`",
+    "`label_threshold`": "`--label-threshold`",
     "`min_user_rows`": "`--min-user-rows`",
     "`duplicates`": "`--duplicates`",
     "`min_item_rows`": "`--min-item-rows`",

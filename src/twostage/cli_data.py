@@ -100,6 +100,15 @@ LabelCol = Annotated[
         "learns from them as negatives, evaluation reports shown_auc.",
     ),
 ]
+LabelThreshold = Annotated[
+    float | None,
+    typer.Option(
+        rich_help_panel=READING,
+        help="Read --label-col as numbers: a row at or above this is chosen, one "
+        "below it shown and not chosen (e.g. 2 for KuaiRec's watch_ratio, 4 for "
+        "ratings).",
+    ),
+]
 ColumnNames = Annotated[
     str | None,
     typer.Option(
@@ -314,6 +323,7 @@ def dataset_options(
     weight_col: str | None = None,
     weight_values: str | None = None,
     label_col: str | None = None,
+    label_threshold: float | None = None,
     separator: str | None = None,
     quote_char: str | None = None,
     comment_prefix: str | None = None,
@@ -335,6 +345,7 @@ def dataset_options(
         "weight_col": weight_col,
         "weight_values": weight_values_of(weight_values),
         "label_col": label_col,
+        "label_threshold": label_threshold,
         "separator": separator,
         "quote_char": "" if quote_char == "none" else quote_char,
         "comment_prefix": comment_prefix,
@@ -571,6 +582,7 @@ def data_describe(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     label_col: LabelCol = None,
+    label_threshold: LabelThreshold = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
     comment_prefix: CommentPrefix = None,
@@ -618,6 +630,7 @@ def data_describe(
         weight_col=weight_col,
         weight_values=weight_values,
         label_col=label_col,
+        label_threshold=label_threshold,
         separator=separator,
         quote_char=quote_char,
         comment_prefix=comment_prefix,
@@ -646,6 +659,7 @@ def data_describe(
                 "has_header",
                 "weight_col",
                 "label_col",
+                "label_threshold",
                 "time_unit",
                 "time_format",
                 "weight_values",
@@ -675,6 +689,7 @@ def data_describe(
                 min_item_rows or 0,
                 duplicates or "keep",
                 label_col,
+                label_threshold=label_threshold,
             ),
             weight_values=options["weight_values"],
             unrated_values=tuple(unrated_values_of(unrated_values) or ()),
@@ -751,6 +766,7 @@ def data_split(
     weight_col: WeightCol = None,
     weight_values: WeightValues = None,
     label_col: LabelCol = None,
+    label_threshold: LabelThreshold = None,
     separator: Separator = None,
     quote_char: QuoteChar = None,
     comment_prefix: CommentPrefix = None,
@@ -807,6 +823,7 @@ def data_split(
         weight_col=weight_col,
         weight_values=weight_values,
         label_col=label_col,
+        label_threshold=label_threshold,
         separator=separator,
         quote_char=quote_char,
         comment_prefix=comment_prefix,

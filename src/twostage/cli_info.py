@@ -70,6 +70,7 @@ _READING = (
     "weight_col",
     "weight_values",
     "label_col",
+    "label_threshold",
     "time_format",
     "time_unit",
     "separator",

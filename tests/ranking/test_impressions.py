@@ -15,6 +15,7 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.data.split import prepare_split, split_dataset
 from twostage.data.tables import read_interactions
+from twostage.errors import ConfigError
 from twostage.estimator import TwoStageModel
 from twostage.ranking.fit import _Negatives
 from twostage.two_stage import fit_two_stage
@@ -324,3 +325,53 @@ def test_a_column_that_is_no_label_gets_a_hint(tmp_path: Path) -> None:
     assert report is not None and report.rejected == {"bad_label": 1}
     assert data.interactions.height == 1  # the 1 is a label: chosen
     assert "--label-col" in report.hint and "--rating-col" in report.hint
+
+
+def test_a_label_threshold_reads_a_column_of_numbers(tmp_path: Path) -> None:
+    """KuaiRec's watch_ratio: a row watched twice over or more is a choice, the
+    others were shown and not chosen; before, such a column could only weigh
+    rows (`--weight-col`), every row an interaction."""
+    path = tmp_path / "kuairec.csv"
+    path.write_text(
+        "user_id,video_id,timestamp,watch_ratio\n"
+        "1,10,100,2.5\n1,11,101,0.3\n1,12,102,2.0\n2,10,103,1.9\n2,13,104,\n"
+        "2,14,105,n/a\n3,10,106,7\n"
+    )
+    data = read_interactions(
+        path, item_col="video_id", label_col="watch_ratio", label_threshold=2
+    )
+    assert data.interactions["item_id"].to_list() == [10, 12, 10]
+    assert data.shown is not None and data.shown["item_id"].to_list() == [11, 10]
+    assert data.report is not None and data.report.rejected == {"bad_label": 2}
+    with pytest.raises(ConfigError, match="label_col"):
+        read_interactions(path, item_col="video_id", label_threshold=2)
+    with pytest.raises(ConfigError, match="finite number"):
+        read_interactions(
+            path, item_col="video_id", label_col="watch_ratio", label_threshold=True
+        )
+    described = runner.invoke(
+        app,
+        [
+            *("data", "describe", str(path), "--item-col", "video_id", "--json"),
+            *("--label-col", "watch_ratio", "--label-threshold", "2"),
+        ],
+    )
+    assert described.exit_code == 0, described.output
+    summary = json.loads(described.stdout)
+    assert summary["num_interactions"] == 3 and summary["shown"]["rows"] == 2
+    # A streamed log reads the setting too.
+    from twostage.data.describe import describe_streamed
+    from twostage.data.streaming import Reading
+
+    pl.read_csv(path).rename({"video_id": "item_id"}).write_parquet(
+        tmp_path / "kuairec.parquet"
+    )
+    summary, report = describe_streamed(
+        tmp_path / "kuairec.parquet",
+        reading=Reading(label_col="watch_ratio", label_threshold=2.0),
+    )
+    assert summary["num_interactions"] == 3 and report.shown_rows == 2
+    with pytest.raises(ConfigError, match="label_col"):
+        describe_streamed(
+            tmp_path / "kuairec.parquet", reading=Reading(label_threshold=2.0)
+        )

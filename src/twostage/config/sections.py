@@ -115,6 +115,8 @@ class DataConfig(_Checked):
     side keeps its own, the ranker draws ``ranking.num_shown_negatives`` of them
     per positive, and evaluation reports the click AUC of the test's chosen items
     against the same users' test items shown and not chosen (``shown_auc``).
+    ``label_threshold`` reads a label column of numbers: at or above it a row is
+    chosen, below it shown and not chosen (KuaiRec's ``watch_ratio`` with 2).
     ``time_format`` parses the time column with a strptime format (``"%Y%m%d"``
     for dates written as numbers, ``"%m/%d/%Y %H:%M"``) instead of epoch seconds
     or ISO 8601. ``time_unit`` is the unit of numeric timestamps since the epoch:
@@ -163,6 +165,7 @@ class DataConfig(_Checked):
     rating_col: str | None = None
     weight_col: str | None = None
     label_col: str | None = None
+    label_threshold: float | None = None
     separator: str | None = None
     user_features: tuple[str, ...] = ()
     item_features: tuple[str, ...] = ()

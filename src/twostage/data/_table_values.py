@@ -63,6 +63,8 @@ class Spec:
     weight_values: tuple[tuple[str, float], ...] = ()
     # "unrated": an empty or missing rating is an interaction without one
     missing_ratings: str = "reject"
+    # a label column of numbers: at or above it, chosen (None: 1/0, true/false)
+    label_threshold: float | None = None
 
     @property
     def sources(self) -> list[str]:
@@ -196,6 +198,9 @@ def parse_columns(
             # column, once every block is parsed: reject_date_numbers.)
             value = value.set(outside | scaled, None)
             mask = mask | outside
+        elif target == LABEL and spec.label_threshold is not None:
+            number, mask = _parse_number(s, LABEL)
+            value = (number >= spec.label_threshold).fill_null(False)
         elif target == LABEL:
             value, mask = parse_label(s)
         elif target == WEIGHT and spec.weight_values:

@@ -192,6 +192,7 @@ def reading_settings(data: DataConfig) -> dict[str, Any]:
         "time_format": data.time_format,
         "time_unit": None if data.time_unit == "s" else data.time_unit,
         "duplicates": None if data.duplicates == "keep" else data.duplicates,
+        "label_threshold": data.label_threshold,
     }
 
 

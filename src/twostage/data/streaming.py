@@ -150,6 +150,7 @@ class Reading:
     duplicates: str = "keep"
     label_col: str | None = None
     keep_shown: bool = False
+    label_threshold: float | None = None
 
     @classmethod
     def of(cls, data: Any) -> Reading:
@@ -162,6 +163,7 @@ class Reading:
             data.min_item_rows,
             data.duplicates,
             data.label_col,
+            label_threshold=data.label_threshold,
         )
 
     @property
@@ -192,6 +194,11 @@ class Reading:
                     f"`{name}` should be a minimum count, an integer >= 0. "
                     f"Received: {value!r}."
                 )
+        if self.label_threshold is not None and not self.label_col:
+            raise ConfigError(
+                "`label_threshold` sorts the values of a label column; name the "
+                "column with `label_col`."
+            )
         if self.time_unit != "s" and self.time_format is not None:
             raise ConfigError(
                 "`time_unit` applies to numbers since the epoch and `time_format` to "
@@ -282,6 +289,7 @@ def iter_row_groups(
         (USER, ITEM, TIME),
         time_unit=reading.time_unit,
         missing_ratings=reading.missing_ratings,
+        label_threshold=reading.label_threshold,
     )
     extra = [c for c in columns if c not in roles and c not in roles.values()]
     # Under torch.distributed, a pass every rank makes shares these passes too.

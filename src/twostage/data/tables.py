@@ -116,6 +116,7 @@ def read_interactions(
     time_bounds: tuple[int, int] = (-2_208_988_800, 7_258_118_400),
     name: str | None = None,
     missing_ratings: Literal["reject", "unrated"] = "reject",
+    label_threshold: float | None = None,
 ) -> Dataset:
     """Read an interaction log from delimited text or Parquet into a :class:`Dataset`.
 
@@ -149,6 +150,10 @@ def read_interactions(
             case; other values are ``bad_label`` rows). The shown rows are loaded
             apart, into ``Dataset.shown`` (counted in ``report.shown_rows``), and
             are not interactions: retrieval never learns them as choices.
+            With ``label_threshold``, a column of numbers instead: a row at or
+            above the threshold is chosen, one below it shown and not chosen
+            (KuaiRec's ``watch_ratio`` with 2; ratings of 4 and up as choices);
+            a value that is not a finite number is ``bad_label``.
         user_features: columns split out into ``Dataset.users``, one row per user.
         item_features: columns split out into ``Dataset.items``, one row per item.
             In both tables the first occurrence of an ID wins; IDs whose values differ
@@ -215,6 +220,20 @@ def read_interactions(
     feats = {"user_features": list(user_features), "item_features": list(item_features)}
     _check_choice("duplicates", duplicates, ("keep", "first", "last", "error"))
     _check_choice("missing_ratings", missing_ratings, ("reject", "unrated"))
+    if label_threshold is not None:
+        number = not isinstance(label_threshold, bool) and isinstance(
+            label_threshold, int | float
+        )
+        if not number or not math.isfinite(label_threshold):
+            raise ConfigError(
+                "`label_threshold` should be a finite number. Received: "
+                f"{label_threshold!r}."
+            )
+        if not label_col:
+            raise ConfigError(
+                "`label_threshold` sorts the values of a label column; name the "
+                "column with `label_col`."
+            )
     if time_unit not in TIME_UNITS:
         raise ConfigError(
             f"`time_unit` should be one of {list(TIME_UNITS)}. Received: "
@@ -260,6 +279,7 @@ def read_interactions(
             time_unit,
             weights,
             missing_ratings=missing_ratings,
+            label_threshold=None if label_threshold is None else float(label_threshold),
         )
         # "label" is an output name only when a label column is read
         reserved = tuple(k for k in BAD if k != LABEL or LABEL in mapped)

@@ -213,7 +213,9 @@ def evaluate_ranking(
     return result
 
 
-def shown_auc(ranking: RankingRun, test: Dataset) -> dict[str, Any]:
+def shown_auc(
+    ranking: RankingRun, test: Dataset, *, impression_figures: bool = True
+) -> dict[str, Any]:
     """The figures of :func:`evaluate_ranking` on the test's rows shown and not
     chosen (known users and items only; an item both chosen and shown counts as
     chosen where both are).
@@ -224,7 +226,8 @@ def shown_auc(ranking: RankingRun, test: Dataset) -> dict[str, Any]:
     user's rows of one timestamp) hold both: MIND's per-impression ``auc``,
     ``mrr`` (the mean of 1/rank over the items chosen) and ``ndcg@5`` /
     ``ndcg@10`` (binary gains) of the impression's items ordered by the click
-    head (ties by item index), averaged over the ``count`` impressions.
+    head (ties by item index), averaged over the ``count`` impressions (not
+    computed when ``impression_figures`` is False).
     """
     from twostage.data.dataset import ITEM, TIME, USER
 
@@ -260,6 +263,8 @@ def shown_auc(ranking: RankingRun, test: Dataset) -> dict[str, Any]:
     per_user = _group_auc(pairs, ["u"])
     result["shown_auc"] = float(per_user["auc"].mean())  # type: ignore[arg-type]
     result["shown_auc_users"] = per_user.height
+    if not impression_figures:  # validation reads shown_auc only
+        return result
     impressions = (
         rows.group_by("u", "t", "i")
         .agg(pl.col("chosen").any())

@@ -170,7 +170,7 @@ def _validate(
     rated = ~torch.isnan(ratings)
     result["metric"] = result["auc"]
     if held is not None and held.num_shown:
-        shown = shown_auc(run, held)
+        shown = shown_auc(run, held, impression_figures=False)
         if "shown_auc" in shown:
             result["metric"] = result["shown_auc"] = shown["shown_auc"]
     if rated.any():

@@ -1,28 +1,45 @@
 """Reading JSON logs: JSON lines (one object per line; ``.jsonl``, ``.ndjson``) and
 JSON arrays of objects (``[{...}, {...}]``).
 
-Each line is parsed with the standard library's :mod:`json`, so that a line that is
-not one JSON object (malformed, cut short, an array or a number, a ``NaN`` that JSON
-does not have, a key given twice whose values would have to be picked from) is
-rejected and counted on its own line as ``bad_json``, and the other lines load.
-polars' NDJSON reader stops at the first malformed line and keeps the first of two
-equal keys without a word, so it is not used here. The good objects become a polars
-frame a chunk at a time and are checked as every other table is
-(:func:`twostage.data._table_values.load_frame`), with their physical line numbers.
+A line that is not one JSON object (malformed, cut short, an array or a number, a
+``NaN`` that JSON does not have, a key given twice whose values would have to be
+picked from, a number beyond a 64-bit float or a 128-bit integer, a lone surrogate)
+is rejected and counted on its own line as ``bad_json``, and the other lines load.
+A key read as a column whose values are of kinds that cannot share one (a list in
+some rows and a number in others, an object and a string) keeps its most common
+kind, and the rows holding another are rejected as ``json_type_mismatch``; ``true``
+beside numbers makes the column text (``"true"``), which the column's checks then
+judge (a rating ``"true"`` is ``bad_rating``), rather than the number 1.
 
-Measured on the 2-core VM (``benchmarks/data_load.py --rows 1000000``): 4.5 s for a
-million lines of four fields, against 0.17 s for the same log as CSV (almost all of
-it in :mod:`json`); a log of tens of millions of rows is better written to Parquet
-once (``pl.scan_ndjson``).
+polars' NDJSON reader reads the file at once when every line is good (the fast
+path). It keeps the first of two equal keys without a word, reads a lone surrogate
+as NUL, writes a list beside text as text (``"[1]"``) and fails the whole file at
+one bad line, so the lines where any of that may happen are checked with the
+standard library's :mod:`json` first, and any doubt sends the file to the exact
+path. That one finds the bad lines (polars parses the lines a block at a time,
+:mod:`json` each line of a block polars cannot) and reads the good ones with polars
+the same way; only where polars cannot type them as they are are the keys' kinds
+reconciled line by line. Both give the same frame (a property test checks it), then
+checked as every other table is (:func:`twostage.data._table_values.load_frame`),
+with its physical line numbers.
+
+Measured on the 2-core VM (``benchmarks/data_load.py --rows 1000000``, medians of
+3): a million good lines of four fields in 1.11 s, 1.66 s with one malformed line
+(2.44 s and 2.43 s when :mod:`json` read every line); docs/guide.md has the rest.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Callable
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from twostage.data._table_values import LINE, Options, Spec, load_frame, missing_as_null
@@ -33,12 +50,15 @@ __all__ = ["JSON_SUFFIXES", "load_json"]
 
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
-#: Objects turned into a frame at once: memory holds one chunk of Python dicts.
+#: Lines polars parses in one batch.
 CHUNK = 100_000
+#: Lines polars tries at once to find the lines of a file it cannot read.
+BLOCK = 20_000
 
 
 class _Unreadable(ValueError):
-    """A line that is valid JSON but not one row: a key given twice, NaN."""
+    """A line that is valid JSON but not one row: a key given twice, NaN, a
+    number beyond what a column holds, a lone surrogate."""
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -46,21 +66,61 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in pairs:
         if key in out:
             raise _Unreadable(f"the key {key!r} is given twice")
+        _whole_text(key, value)
         out[key] = value
     return out
+
+
+def _whole_text(*texts: Any) -> None:
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # "\ud800" alone: no character
+                raise _Unreadable("a lone surrogate is no character") from e
+        elif isinstance(text, list):
+            _whole_text(*text)
 
 
 def _no_constant(name: str) -> Any:
     raise _Unreadable(f"{name} is not a JSON value")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+def _int(text: str) -> int:
+    value = int(text)
+    if not -(2**127) <= value < 2**127:  # what polars reads, in 128 bits
+        raise _Unreadable(f"the integer {text[:20]}... is beyond 128 bits")
+    return value
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
+def _float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Unreadable(f"the number {text[:20]} is beyond a 64-bit float")
+    return value
+
+
+#: Every check: a key given twice, NaN, numbers beyond polars' columns, lone
+#: surrogates (which polars reads as NUL without a word).
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys,
+    parse_constant=_no_constant,
+    parse_int=_int,
+    parse_float=_float,
+)
+#: Twice as fast, for the lines that cannot hold what only the hooks tell.
+_PLAIN = json.JSONDecoder(parse_constant=_no_constant)
+
+#: Lines whose numbers or escapes may be beyond what polars reads: 39 digits in
+#: a row (2**127 has 39), an exponent of 100 or more, a surrogate escape.
+_BEYOND = r"[0-9]{39}|[eE]\+?[0-9]{3}|\\u[dD][89a-fA-F]"
+
+
+def _decode(path: Path) -> tuple[bytes, str]:
+    """The file's bytes (without a byte order mark) and its text."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
-        return data.decode("utf-8-sig")  # RFC 8259: JSON text is UTF-8
+        return data, data.decode("utf-8")  # RFC 8259: JSON text is UTF-8
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(
@@ -69,9 +129,17 @@ def _decode(path: Path) -> str:
         ) from e
 
 
-def _records(text: str, path: Path) -> list[tuple[int, str]]:
-    """``(line number, text)`` of each record: a JSON array's elements, numbered by
-    position (1-based), or a JSON lines file's non-blank lines."""
+#: What Python's ``str.strip`` strips (``str.isspace``): a line of only these is
+#: blank. Rust's ``trim`` keeps U+001C to U+001F.
+_SPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
+    "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def _records(text: str, path: Path) -> tuple[pl.Series, pl.Series]:
+    """The line number and text of each record: a JSON array's elements, numbered
+    by position (1-based), or a JSON lines file's non-blank lines."""
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text, object_pairs_hook=_unique_keys)
@@ -83,14 +151,307 @@ def _records(text: str, path: Path) -> list[tuple[int, str]]:
             ) from e
         if not isinstance(items, list):
             raise DataError(f"{path}: a JSON log should be an array of objects.")
-        return [(n, json.dumps(item)) for n, item in enumerate(items, 1)]
+        return (
+            pl.Series(LINE, range(1, len(items) + 1), dtype=pl.Int64),
+            pl.Series("t", [json.dumps(item) for item in items], dtype=pl.String),
+        )
     # JSON lines are separated by "\n" (with "\r\n" allowed); str.splitlines would
     # also cut at U+2028, which JSON strings may hold unescaped.
-    return [
-        (n, line.removesuffix("\r"))
-        for n, line in enumerate(text.split("\n"), 1)
-        if line.strip()
+    lines = (
+        pl.DataFrame({"t": pl.Series(text.split("\n"), dtype=pl.String)})
+        .with_row_index(LINE, offset=1)
+        .filter(pl.col("t").str.strip_chars(_SPACE) != "")
+        .select(pl.col(LINE).cast(pl.Int64), pl.col("t").str.strip_suffix("\r"))
+    )
+    return lines[LINE], lines["t"]
+
+
+def _doubtful(texts: pl.Series, keys: Iterable[str]) -> pl.Series:
+    """Per line, whether polars may read it otherwise than :mod:`json` with
+    every check (:data:`_DECODER`): it may give a key twice at any depth, which
+    polars reads as the first value without a word, or hold a number or an
+    escape beyond what polars reads (:data:`_BEYOND`). A line holding each key
+    of ``keys`` (the top-level ones) quoted at most once, no backslash (an escape
+    may spell a key otherwise), no object inside and nothing beyond cannot."""
+    text = pl.col("t")
+    flags = [text.str.count_matches(json.dumps(k), literal=True) > 1 for k in keys]
+    flags += [  # json.dumps escapes a key's non-ASCII letters; a file may not
+        text.str.count_matches(json.dumps(k, ensure_ascii=False), literal=True) > 1
+        for k in keys
+        if not k.isascii()
     ]
+    flags += [
+        text.str.contains("\\", literal=True),
+        text.str.count_matches("{", literal=True) > 1,
+        text.str.contains(_BEYOND),
+    ]
+    return pl.DataFrame({"t": texts}).select(pl.any_horizontal(flags))[:, 0]
+
+
+def _checked(texts: pl.Series, keys: Iterable[str]) -> list[tuple[int, str]]:
+    """The index and text of each line that :mod:`json` with every check
+    rejects, of those that polars may read otherwise (:func:`_doubtful`)."""
+    rejected = []
+    for n in _doubtful(texts, keys).arg_true().to_list():
+        line = texts[n]
+        try:
+            _DECODER.decode(line)
+        except (json.JSONDecodeError, _Unreadable, RecursionError):
+            rejected.append((n, line))
+    return rejected
+
+
+def _read_fast(texts: pl.Series, data: bytes | None = None) -> pl.DataFrame | None:
+    """Every line read at once by polars, or None where a line needs the exact
+    path: one that polars cannot read, a key that may be given twice, or values
+    of kinds polars would have to choose between. ``data`` is the file the lines
+    are from, where it is JSON lines: polars skips its blank lines itself."""
+    raw = _read_polars(texts, data)
+    if raw is None or _checked(texts, raw.columns):
+        return None
+    return raw
+
+
+def _read_polars(
+    texts: pl.Series, data: bytes | None = None, *, plain: bool = False
+) -> pl.DataFrame | None:
+    """The lines read by polars, or None where it cannot read them or would
+    have had to choose between kinds: polars writes a list or an object beside
+    text as its JSON text (``"[1]"``), in a column or in a list, so a text that
+    starts so sends the lines to the exact path, which tells them apart. Every
+    line must be read (polars skips blank ones). ``plain``: only whether polars
+    reads the lines as JSON objects."""
+    try:
+        raw = pl.read_ndjson(
+            texts.str.join("\n").item().encode() if data is None else data,
+            # a column no key names: each line parsed, no value kept or typed
+            schema={"\x00": pl.String} if plain else None,
+            infer_schema_length=None,
+            batch_size=CHUNK,
+        )
+    except (pl.exceptions.PolarsError, OverflowError, ValueError):
+        return None
+    if raw.height != len(texts):
+        return None
+    if plain:
+        return raw
+
+    def opens(text: pl.Expr) -> pl.Expr:
+        return text.str.starts_with("[") | text.str.starts_with("{")
+
+    looks = [
+        opens(pl.col(name)) for name, dtype in raw.schema.items() if dtype == pl.String
+    ] + [
+        pl.col(name).list.eval(opens(pl.element())).list.any()
+        for name, dtype in raw.schema.items()
+        if dtype == pl.List(pl.String)
+    ]
+    if looks and raw.select(pl.any_horizontal(looks).fill_null(False).any()).item():
+        return None
+    return raw
+
+
+def _kind(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "list" if isinstance(value, list) else "object"
+
+
+@dataclass
+class _Kinds:
+    """How many values of each kind each key holds over the whole file, and how
+    many elements of each kind its lists hold."""
+
+    values: dict[str, Counter[str]] = field(default_factory=dict)
+    elements: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            kind = _kind(value)
+            if kind is None:
+                continue
+            self.values.setdefault(key, Counter())[kind] += 1
+            if kind == "list":
+                inner = self.elements.setdefault(key, Counter())
+                inner.update(k for k in map(_kind, value) if k is not None)
+
+    @staticmethod
+    def _kept(counts: dict[str, Counter[str]]) -> dict[str, str]:
+        return {
+            key: kinds.most_common(1)[0][0]
+            for key, kinds in counts.items()
+            if len(kinds) > 1 and {"list", "object"} & kinds.keys()
+        }
+
+    def kept(self) -> tuple[dict[str, str], dict[str, str]]:
+        """For each key mixing a list or an object with another kind, the kind
+        kept: the most common (of equal counts, the first seen); and the same for
+        the elements of each key's lists."""
+        return self._kept(self.values), self._kept(self.elements)
+
+    def as_text(self) -> tuple[set[str], set[str]]:
+        """The keys holding booleans beside numbers, whose booleans become the
+        text ``"true"`` / ``"false"`` (and so the column text, as polars makes
+        a column of numbers and text) rather than the numbers 1 and 0; and the
+        keys whose lists hold such elements."""
+        values, elements = (
+            {
+                key
+                for key, kinds in counts.items()
+                if {"boolean", "number"} <= kinds.keys()
+            }
+            for counts in (self.values, self.elements)
+        )
+        return values, elements
+
+
+def _mismatched(
+    row: dict[str, Any], kept: dict[str, str], kept_inside: dict[str, str]
+) -> bool:
+    """Whether a value of ``row``, or an element of one of its lists, is of
+    another kind than its key keeps."""
+    if any(_kind(row.get(key)) not in (None, kind) for key, kind in kept.items()):
+        return True
+    return any(
+        _kind(element) not in (None, kind)
+        for key, kind in kept_inside.items()
+        if isinstance(row.get(key), list)
+        for element in row[key]
+    )
+
+
+def _read_exact(
+    numbers: pl.Series,
+    lines: pl.Series,
+    label: str,
+    opts: Options,
+    report: LoadReport,
+    make_spec: Callable[[list[str]], Spec],
+) -> tuple[pl.DataFrame, pl.Series, Spec] | None:
+    """The lines checked one by one, then the good ones read by polars as the
+    fast path reads a file (so both paths type the values alike); None when no
+    line holds an object.
+
+    polars parses the lines a block at a time, and :mod:`json` parses each line
+    of a block that polars cannot, to find the bad lines. Then the good lines
+    are read at once, and those that polars may read otherwise than :mod:`json`
+    checks (:func:`_doubtful`) are checked. Where polars cannot read the good
+    lines as they are, :func:`_reconciled` reads them with each key's kind
+    reconciled. With ``opts.strict``, the first bad line stops the read.
+    """
+    bad: list[tuple[int, str, str]] = []  # (line, reason, text), in line order
+    ok = np.ones(len(lines), dtype=bool)  # the lines still good
+    for start in range(0, len(lines), BLOCK):
+        block = lines.slice(start, BLOCK)
+        if _read_polars(block, plain=True) is not None:
+            continue
+        for n, line in enumerate(block.to_list()):
+            try:
+                value = _PLAIN.decode(line)
+                if not isinstance(value, dict):
+                    raise _Unreadable(f"a JSON {type(value).__name__}, not an object")
+            except (json.JSONDecodeError, _Unreadable, RecursionError):
+                bad.append((numbers[start + n], "bad_json", line))
+                ok[start + n] = False
+
+    def good() -> pl.Series:
+        return lines.filter(pl.Series(ok))
+
+    def drop_doubtful(keys: Iterable[str]) -> bool:
+        """Reject the good lines :mod:`json` rejects of those polars may read
+        otherwise; whether there were any."""
+        where = np.flatnonzero(ok)
+        found = _checked(good(), keys)
+        for n, line in found:
+            bad.append((numbers[int(where[n])], "bad_json", line))
+            ok[where[n]] = False
+        return bool(found)
+
+    raw = _read_polars(good()) if ok.any() else None
+    if raw is not None and drop_doubtful(raw.columns):
+        raw = _read_polars(good()) if ok.any() else None
+    if raw is not None:
+        spec = make_spec(list(raw.columns))
+    elif ok.any():  # every key's kinds, and the lines that hold another
+        keys: dict[str, None] = {}
+        for line in good().to_list():
+            keys.update(dict.fromkeys(_PLAIN.decode(line)))
+        drop_doubtful(keys)
+        if ok.any():
+            spec = make_spec(list(keys))  # the keys the objects hold between them
+            raw = _reconciled(numbers, lines, ok, set(spec.sources), bad, label)
+    _count(bad, label, opts, report)
+    if raw is None:
+        return None
+    gone = [k for k in spec.sources if k not in raw.columns]  # every value rejected
+    raw = raw.with_columns(pl.lit(None).alias(k) for k in gone)
+    return raw, numbers.filter(pl.Series(ok)), spec
+
+
+def _reconciled(
+    numbers: pl.Series,
+    lines: pl.Series,
+    ok: np.ndarray,
+    read: set[str],
+    bad: list[tuple[int, str, str]],
+    label: str,
+) -> pl.DataFrame | None:
+    """The good lines (``ok``) that keep their keys' kinds, read by polars with
+    only the keys ``read``; the others added to ``bad`` and ``ok`` cleared."""
+    where = np.flatnonzero(ok)
+    texts = lines.gather(where).to_list()
+    kinds = _Kinds()
+    for line in texts:
+        kinds.add(_PLAIN.decode(line))
+    (kept, kept_inside), (as_text, inside_as_text) = kinds.kept(), kinds.as_text()
+    kept = {k: v for k, v in kept.items() if k in read}
+    kept_inside = {k: v for k, v in kept_inside.items() if k in read}
+    out = []
+    for i, line in zip(where, texts, strict=True):
+        row = _PLAIN.decode(line)
+        if _mismatched(row, kept, kept_inside):
+            bad.append((numbers[int(i)], "json_type_mismatch", line))
+            ok[i] = False
+            continue
+        row = {k: v for k, v in row.items() if k in read}
+        for key in as_text & row.keys():
+            if isinstance(row[key], bool):
+                row[key] = "true" if row[key] else "false"
+        for key in inside_as_text & row.keys():
+            if isinstance(row[key], list):
+                row[key] = [
+                    ("true" if v else "false") if isinstance(v, bool) else v
+                    for v in row[key]
+                ]
+        out.append(json.dumps(row))
+    if not out:
+        return None
+    try:
+        return pl.read_ndjson(
+            "\n".join(out).encode(), infer_schema_length=None, batch_size=CHUNK
+        )
+    except pl.exceptions.PolarsError as err:  # e.g. lists of objects of lists
+        raise DataError(
+            f"{label}: the JSON objects could not be read as one table: {err}"
+        ) from err
+
+
+def _count(
+    bad: list[tuple[int, str, str]], label: str, opts: Options, report: LoadReport
+) -> None:
+    """Count the rejected lines in line order, or stop at the first (strict)."""
+    bad.sort()
+    if bad and opts.strict:
+        number, reason, line = bad[0]
+        raise BadRowError(label, number, reason, line[:200])
+    for number, reason, line in bad:
+        report.add(reason, number, line)
 
 
 def load_json(
@@ -105,38 +466,41 @@ def load_json(
 
     Raises:
         DataError: the file is not UTF-8, or a JSON array that does not parse.
-        BadRowError: with ``opts.strict``, at the first line that is not one object.
+        BadRowError: with ``opts.strict``, at the first line that is not one object
+            or holds a value of another kind than the key's (``json_type_mismatch``).
     """
+    return _load(path, make_spec, opts, fast=True)
+
+
+def _load(
+    path: Path, make_spec: Callable[[list[str]], Spec], opts: Options, *, fast: bool
+) -> tuple[pl.DataFrame, LoadReport, Spec, Callable[[pl.DataFrame], list[str]]]:
+    """:func:`load_json`, with the fast path allowed or not (``fast``)."""
     label = str(path)
-    records = _records(_decode(path), path)
-    report = LoadReport(path=label, rows_read=len(records))
-    frames, lines = [], []
-    for start in range(0, len(records), CHUNK):
-        objects, numbers = [], []
-        for number, line in records[start : start + CHUNK]:
-            try:
-                value = _DECODER.decode(line)
-                if not isinstance(value, dict):
-                    raise _Unreadable(f"a JSON {type(value).__name__}, not an object")
-            except (json.JSONDecodeError, _Unreadable, RecursionError) as e:
-                if opts.strict:
-                    raise BadRowError(label, number, "bad_json", line[:200]) from e
-                report.add("bad_json", number, line)
-                continue
-            objects.append(value)
-            numbers.append(number)
-        if objects:
-            frames.append(pl.from_dicts(objects, infer_schema_length=None))
-            lines.extend(numbers)
-    if not frames:
-        raise DataError(
-            f"{path}: no JSON object to read"
-            + (f" ({report.summary()})" if report.num_rejected else " (empty file).")
-        )
-    raw = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-    spec = make_spec(list(raw.columns))  # the keys the objects hold between them
+    data, text = _decode(path)
+    numbers, texts = _records(text, path)
+    whole = data if not text.lstrip().startswith("[") else None  # JSON lines
+    del data, text
+    report = LoadReport(path=label, rows_read=len(texts))
+    quick = _read_fast(texts, whole) if fast and len(texts) else None
+    del whole
+    if quick is not None:
+        raw, lines = quick, numbers
+        spec = make_spec(list(raw.columns))  # the keys the objects hold between them
+    else:
+        found = _read_exact(numbers, texts, label, opts, report, make_spec)
+        if found is None:
+            raise DataError(
+                f"{path}: no JSON object to read"
+                + (
+                    f" ({report.summary()})"
+                    if report.num_rejected
+                    else " (empty file)."
+                )
+            )
+        raw, lines, spec = found
     parsed, checked, spec, describe = load_frame(
-        raw.select(spec.sources), label, spec, opts, lines=pl.Series(LINE, lines)
+        raw.select(spec.sources), label, spec, opts, lines=lines
     )
     parsed = missing_as_null(parsed, spec)  # price: 19.99 or "None"
     checked.rows_read = report.rows_read

@@ -34,6 +34,9 @@ REASONS = (
     # a JSON line that is not one object: malformed, an array or a number, a NaN,
     # or a key given twice
     "bad_json",
+    # a JSON value of another kind than the key holds in most rows: a number where
+    # the others hold a list, a string where they hold an object
+    "json_type_mismatch",
     # a Netflix Prize rating above the first movie's line ("1:")
     "no_movie_line",
 )
@@ -169,6 +172,12 @@ class LoadReport:
                 "lines written as Python dicts (single quotes, True, None: Steam's "
                 "and older Amazon dumps) are not JSON: convert the file once, "
                 "e.g. `json.dumps(ast.literal_eval(line))` for each line"
+            )
+        if "json_type_mismatch" in self.rejected:
+            hints.append(
+                "JSON values of another kind than their key holds in the other rows "
+                "(a number where the others hold a list): write them as the others "
+                "are, e.g. a list of one for a single genre"
             )
         if "bad_quoting" in self.rejected:
             hints.append(

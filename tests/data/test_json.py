@@ -1,0 +1,230 @@
+"""JSON logs: polars' reader and the line-by-line one give the same rows, and
+values of mixed kinds are judged, not coerced."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+
+from twostage.data import _table_json, tables
+from twostage.data.tables import read_interactions
+from twostage.errors import BadRowError, TwostageError
+
+
+def read_both(
+    path: Path, monkeypatch: pytest.MonkeyPatch, **options: Any
+) -> tuple[Any, Any]:
+    """The file read as it is (polars where it can) and line by line only; each
+    a dataset or the error raised."""
+    found = []
+    for fast in (True, False):
+        with monkeypatch.context() as m:
+            m.setattr(
+                tables, "load_json", functools.partial(_table_json._load, fast=fast)
+            )
+            m.setattr(_table_json, "BLOCK", 3)  # blocks of lines polars parses
+            try:
+                found.append(read_interactions(path, **options))
+            except TwostageError as e:
+                found.append(e)
+    return found[0], found[1]
+
+
+def assert_same(fast: Any, exact: Any) -> None:
+    if isinstance(exact, Exception):
+        assert type(fast) is type(exact) and str(fast) == str(exact)
+        return
+    assert not isinstance(fast, Exception), fast
+    assert_frame_equal(fast.interactions, exact.interactions)
+    for table in ("items", "users"):
+        if getattr(exact, table) is None:
+            assert getattr(fast, table) is None
+        else:
+            assert_frame_equal(getattr(fast, table), getattr(exact, table))
+    assert fast.report.to_dict() == exact.report.to_dict()
+
+
+def test_polars_reads_a_plain_log_as_the_exact_path_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines = [
+        '{"user_id": 1, "item_id": "a", "rating": 4, "ts": 1600000000, '
+        '"genres": ["x", "y"], "price": 19.99, "title": "Caf\\u00e9 \\"noir\\""}',
+        "",  # blank lines hold no row and keep the numbers physical
+        '{"item_id": "b", "user_id": 2, "rating": 3.5, "ts": 1600000001, '
+        '"genres": [], "price": "None", "title": "rating"}\r',
+        '{"user_id" : 3, "item_id": "a", "ts": 1600000002, "rating": 5, '
+        '"genres": null, "title": "user_id"}',
+        "   ",
+        '{"user_id": 4, "item_id": "c", "rating": 1, '
+        '"ts": 1600000003, "price": 99999999999999999999, "title": "\\u00e9"}',
+    ]
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    texts = [line.removesuffix("\r") for line in lines if line.strip()]
+    assert _table_json._read_fast(pl.Series(texts)) is not None  # the fast path
+    options = {"time_col": "ts", "item_features": ["genres", "price", "title"]}
+    fast, exact = read_both(path, monkeypatch, **options)
+    assert_same(fast, exact)
+    assert fast.report.ok and fast.interactions.height == 4
+    array = tmp_path / "log.json"
+    array.write_text(json.dumps([json.loads(t) for t in texts]))
+    assert_same(*read_both(array, monkeypatch, **options))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"user_id": 2, "item_id": "b", "user_id": 3}',  # polars keeps the first
+        '{"user_id": 2, "item_id": "b", "user_\\u0069d": 3}',  # the same key
+        '{"user_id": 2, "item_id": "b", "meta": {"k": 1, "k": 2}}',
+    ],
+)
+def test_a_key_given_twice_is_not_read_as_its_first_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str
+) -> None:
+    """polars' NDJSON reader keeps the first of two equal keys without a word."""
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"user_id": 1, "item_id": "a"}\n' + line + "\n")
+    fast, exact = read_both(path, monkeypatch)
+    assert_same(fast, exact)
+    assert fast.report.rejected == {"bad_json": 1}
+    assert [n for n, _ in fast.report.examples["bad_json"]] == [2]
+    # A key's name as another key's value, or in a nested object, is no repeat.
+    path.write_text(
+        '{"user_id": 1, "item_id": "user_id"}\n'
+        '{"user_id": 2, "item_id": "b", "meta": {"user_id": 5}}\n'
+    )
+    fast, exact = read_both(path, monkeypatch)
+    assert_same(fast, exact)
+    assert fast.report.ok and fast.interactions.height == 2
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"user_id": 2, "item_id": "\\ud800"}',  # polars reads it as NUL
+        '{"user_id": 2, "item_id": "b", "rating": 1e400}',  # not a float
+        '{"user_id": 2, "item_id": "b", "n": 1' + "0" * 40 + "}",  # beyond 128 bits
+        '{"user_id": 2, "item_id": "b", "tags": ["\\udc00"]}',
+    ],
+)
+def test_values_beyond_a_column_are_bad_json_in_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str
+) -> None:
+    """A lone surrogate became NUL (and the column's other numbers text), and a
+    number beyond 64-bit floats or 128-bit integers failed the file."""
+    path = tmp_path / "log.jsonl"
+    good = '{"user_id": 1, "item_id": "a", "rating": 4, "n": 1, "tags": ["x"]}'
+    path.write_text(good + "\n" + line + "\n" + good.replace('"a"', '"c"') + "\n")
+    fast, exact = read_both(path, monkeypatch, item_features=["tags"])
+    assert_same(fast, exact)
+    assert fast.report.rejected == {"bad_json": 1}
+    assert [n for n, _ in fast.report.examples["bad_json"]] == [2]
+    assert fast.interactions["item_id"].to_list() == ["a", "c"]
+    # A pair of surrogates is one character, and reads in both.
+    path.write_text(good.replace('"a"', '"\\ud83d\\ude00"') + "\n")
+    fast, exact = read_both(path, monkeypatch)
+    assert_same(fast, exact)
+    assert fast.interactions["item_id"].to_list() == ["\U0001f600"]
+
+
+def test_true_beside_numbers_is_not_the_number_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`"rating": true` among numbers loaded as a rating of 1, without a word."""
+    path = tmp_path / "log.jsonl"
+    path.write_text(
+        '{"user_id": 1, "item_id": 2, "rating": 4}\n'
+        '{"user_id": 2, "item_id": 3, "rating": true}\n'
+        '{"user_id": 3, "item_id": 3, "rating": 5}\n'
+    )
+    fast, exact = read_both(path, monkeypatch)
+    assert_same(fast, exact)
+    assert fast.interactions["rating"].to_list() == [4, 5]
+    assert fast.report.rejected == {"bad_rating": 1}
+    assert [n for n, _ in fast.report.examples["bad_rating"]] == [2]
+
+
+def test_a_list_beside_a_number_is_a_counted_row_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list in some rows and a number in another, or a list mixing numbers and
+    text, ended in a polars traceback."""
+    path = tmp_path / "log.jsonl"
+    path.write_text(
+        '{"user_id": 1, "item_id": 2, "tags": [1, 2]}\n'
+        '{"user_id": 2, "item_id": 3, "tags": 7}\n'
+        '{"user_id": 3, "item_id": 3, "tags": [1, "x"]}\n'
+        '{"user_id": 4, "item_id": 2, "tags": null}\n'
+    )
+    fast, exact = read_both(path, monkeypatch, item_features=["tags"])
+    assert_same(fast, exact)
+    assert fast.interactions["user_id"].to_list() == [1, 3, 4]
+    assert fast.report.rejected == {"json_type_mismatch": 1}
+    assert [n for n, _ in fast.report.examples["json_type_mismatch"]] == [2]
+    assert "a list of one" in fast.report.hint
+    items = fast.items.sort("item_id")
+    assert items["tags"].to_list()[0] in (["1", "2"], None)
+    with pytest.raises(BadRowError) as stopped:
+        read_interactions(path, item_features=["tags"], strict=True)
+    assert (stopped.value.line, stopped.value.reason) == (2, "json_type_mismatch")
+    # Without the number, polars reads the mixed list as the exact path does.
+    path.write_text(
+        '{"user_id": 1, "item_id": 2, "tags": [1, 2]}\n'
+        '{"user_id": 3, "item_id": 3, "tags": [1, "x"]}\n'
+    )
+    fast, exact = read_both(path, monkeypatch, item_features=["tags"])
+    assert_same(fast, exact)
+    assert fast.items.sort("item_id")["tags"].to_list() == [["1", "2"], ["1", "x"]]
+
+
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False, width=64)
+    | st.text(max_size=6)
+    | st.sampled_from(["user_id", "a", '"a": 1', "\\", "None", "1.5"])
+)
+VALUES = SCALARS | st.lists(SCALARS, max_size=3)
+
+
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.integers(0, 5),
+            st.sampled_from(["i1", "i2", "i3"]),
+            st.dictionaries(st.sampled_from(["a", "b", "é"]), VALUES, max_size=3),
+            st.sampled_from(["", "\n", "  \n", "\r"]),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_both_paths_agree_on_any_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: list[Any]
+) -> None:
+    """Whatever the values, polars' reader and the exact one give the same rows,
+    report and error."""
+    text = "".join(
+        json.dumps({"user_id": user, "item_id": item, **extra}) + after + "\n"
+        for user, item, extra, after in rows
+    )
+    path = tmp_path / "any.jsonl"
+    path.write_text(text)
+    keys = sorted({key for _, _, extra, _ in rows for key in extra})
+    assert_same(*read_both(path, monkeypatch, item_features=keys))

@@ -2,6 +2,10 @@
 label, -q/-v, and errors that name the flag the user typed."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -359,5 +363,87 @@ def test_ctrl_c_during_training_says_what_is_kept(
         raise KeyboardInterrupt
     assert stopped.value.code == 130
     said = " ".join(capsys.readouterr().err.split())
-    assert "interrupted (Ctrl-C) in the middle of an epoch" in said
+    assert "interrupted (Ctrl-C)" in said
     assert "--resume continues from there" in said
+
+
+def test_one_ctrl_c_asks_the_loop_to_stop_and_a_second_stops_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The first Ctrl-C during training finishes the step and checkpoints it (it
+    lost the epoch in progress); a second one, or one while the log loads or the
+    model is evaluated, stops at once; SIGTERM outside a loop too."""
+    from twostage import cli
+    from twostage.training import loop
+
+    with pytest.raises(SystemExit) as stopped, cli._stop_on_sigterm():
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        assert callable(ctrl_c)
+        loop._RUNNING.set()  # as run_training marks itself
+        try:
+            ctrl_c(signal.SIGINT, None)
+            assert loop.stop_requested()
+            assert "stopping (Ctrl-C) after the step" in " ".join(
+                capsys.readouterr().err.split()
+            )
+            ctrl_c(signal.SIGINT, None)
+        finally:
+            loop._RUNNING.clear()
+    assert stopped.value.code == 130
+    assert not loop.stop_requested()  # not left for the next run of the process
+    with pytest.raises(SystemExit) as stopped, cli._stop_on_sigterm():
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # type: ignore[operator]
+    assert stopped.value.code == 130
+    with pytest.raises(SystemExit) as stopped, cli._stop_on_sigterm():
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # type: ignore[operator]
+    assert stopped.value.code == 143
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_run_checkpoints_the_step_and_resume_finishes(
+    tmp_path: Path,
+) -> None:
+    """A real `twostage train retrieval` process: one SIGINT within an epoch
+    writes a checkpoint within the epoch and exits with the message; --resume
+    finishes that epoch from there."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "twostage", "train", "retrieval", "--out", str(run)]
+    args += ["--dataset", "synthetic:num_users=150,num_items=80,num_interactions=3000"]
+    for item in [
+        "data.validation_fraction=0",
+        "train.epochs=40",
+        "train.batch_size=32",
+        "train.num_threads=1",
+        "train.early_stopping_patience=0",
+        "train.checkpoint_steps=5",
+        "retrieval.embedding_dim=8",
+        "retrieval.output_dim=8",
+        "retrieval.history_length=5",
+    ]:
+        args += ["--set", item]
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    state = run / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 180
+    while not state.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert state.exists(), "no checkpoint was written"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=180)
+    said = " ".join(err.split())
+    assert process.returncode == 2, said
+    assert "stopping (Ctrl-C) after the step in progress" in said
+    assert "training stopped on request after" in said
+    meta = json.loads(state.read_text())
+    assert 0 < meta["next_epoch"] * 100 + meta["next_step"] < 4000
+    finish = meta["next_epoch"] + 1  # the epoch in progress, or the next one
+    done = subprocess.run(
+        [*args, "--resume", "--set", f"train.epochs={finish}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (run / "model.safetensors").exists()

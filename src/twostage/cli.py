@@ -165,27 +165,59 @@ AllowConfigChange = Annotated[
 
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
-    """While training: SIGTERM finishes the epoch, writes its checkpoint and stops
-    with a message (instead of losing the epoch without a word); Ctrl-C stops at
-    once, saying what is kept (it exited 130 without a word)."""
-    from twostage.training.loop import request_stop
+    """While training: SIGTERM and the first Ctrl-C finish the step in progress,
+    write a checkpoint of it (where the run keeps checkpoints) and stop with a
+    message, so --resume continues exactly (they lost the epoch in progress); a
+    second Ctrl-C stops at once, saying what is kept."""
+    from twostage.training.loop import (
+        cancel_stop,
+        request_stop,
+        stop_requested,
+        training_running,
+    )
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: request_stop())
+
+    def on_ctrl_c(*_: Any) -> None:
+        if stop_requested() or not training_running():  # loading, evaluating
+            raise KeyboardInterrupt
+        request_stop()
+        status_console.print(
+            "[yellow]stopping[/yellow] (Ctrl-C) after the step in progress, with a "
+            "checkpoint of it where the run keeps them (--work-dir for train, --out "
+            "for train retrieval); Ctrl-C again to stop at once."
+        )
+
+    def on_term(*_: Any) -> None:
+        if training_running():
+            request_stop()
+            return
+        status_console.print(
+            "[red]terminated[/red] (SIGTERM) outside a training loop: nothing of "
+            "this run was saved but the checkpoints it wrote; --resume continues "
+            "from there."
+        )
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    previous_int = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         yield
     except KeyboardInterrupt:
         status_console.print(
-            "[red]interrupted[/red] (Ctrl-C) in the middle of an epoch: nothing of "
-            "this run was saved but the checkpoints of its finished epochs, when "
-            "--work-dir (train) or --out (train retrieval) holds them; --resume "
-            "continues from there. SIGTERM instead finishes the epoch first."
+            "[red]interrupted[/red] (Ctrl-C): nothing of this run was saved but "
+            "its checkpoints (each epoch's, and every train.checkpoint_steps steps), "
+            "when --work-dir (train) or --out (train retrieval) holds them; --resume "
+            "continues from there. During training, one Ctrl-C (or SIGTERM) "
+            "finishes the step and checkpoints it first."
         )
         raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        cancel_stop()
 
 
 def _columns(

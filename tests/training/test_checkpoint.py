@@ -1,6 +1,8 @@
-"""Checkpoints survive a crash at any point; resume checks the config; SIGTERM
-finishes the epoch; a full disk keeps the previous checkpoint."""
+"""Checkpoints survive a crash at any point; resume checks the config; a stop
+request (SIGTERM, Ctrl-C) checkpoints the step; checkpoints within an epoch resume
+exactly; a full disk keeps the previous checkpoint."""
 
+import dataclasses
 import errno
 import shutil
 from pathlib import Path
@@ -127,25 +129,97 @@ def test_resume_refuses_other_training_rows(setup, tmp_path: Path) -> None:
     assert len(_train(setup, old, same, resume=True).history) == 4
 
 
-def test_a_stop_request_finishes_the_epoch_then_resumes_exactly(
-    setup, tmp_path: Path
+#: Random draws within each step (the history's dropout), which a checkpoint
+#: written within an epoch must restore for the rest of the epoch.
+NOISY = [*SMALL, "retrieval.history_dropout=0.3"]
+
+
+@pytest.fixture(scope="module")
+def noisy(small_training):
+    config, tensors, fresh = small_training(NOISY)
+    full = fresh()
+    losses = [
+        r["train_loss"] for r in train_retrieval(full, tensors, config.train).history
+    ]
+    return config, tensors, fresh, full.state_dict(), losses
+
+
+def test_a_stop_request_checkpoints_the_step_then_resumes_exactly(
+    noisy, tmp_path: Path
 ) -> None:
-    """What the CLI's SIGTERM handler does: the epoch in progress is finished and
-    checkpointed, the run says so and stops; --resume continues exactly."""
-    config, tensors, fresh, want = setup
+    """What the CLI's SIGTERM and first Ctrl-C do: the step in progress is finished
+    and checkpointed, the run says so and stops; --resume continues exactly, the
+    rest of the epoch drawing what it would have drawn. (They used to finish the
+    epoch, which on a log of 10^8 rows is hours.)"""
+    config, tensors, fresh, want, losses = noisy
 
     def stop_soon(info: dict) -> None:
-        if info["epoch"] == 1:
+        if info["epoch"] == 1 and info["step"] == 9 + 4:  # 9 steps an epoch
             request_stop()
 
-    with pytest.raises(TrainingInterrupted, match="after epoch 2 of 4"):
+    with pytest.raises(TrainingInterrupted, match="after step 5 of 9 in epoch 2 of 4"):
         train_retrieval(
             fresh(), tensors, config.train, checkpoint_dir=tmp_path, on_step=stop_soon
         )
+    # Written by one process: 2 ranks would each need a row of random states.
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "checkpoint", other / "checkpoint")
+    state = other / "checkpoint" / "state.json"
+    state.write_text(state.read_text().replace('"world": 1', '"world": 2'))
+    with pytest.raises(ConfigError, match=r"by 2 rank\(s\).*resume it on 2"):
+        train_retrieval(
+            fresh(), tensors, config.train, checkpoint_dir=other, resume=True
+        )
+    steps = []
     resumed = fresh()
-    train_retrieval(
-        resumed, tensors, config.train, checkpoint_dir=tmp_path, resume=True
+    result = train_retrieval(
+        resumed,
+        tensors,
+        config.train,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        on_step=lambda info: steps.append(info["step"]),
     )
+    assert steps[0] == 9 + 5 and len(result.history) == 4
+    assert _equal(resumed, want)
+    # The epoch's loss counts the steps before the stop too.
+    assert [r["train_loss"] for r in result.history] == pytest.approx(losses)
+    # A stop request on an epoch's last step ends the epoch, validated.
+    with pytest.raises(TrainingInterrupted, match="after epoch 1 of 4"):
+        train_retrieval(
+            fresh(),
+            tensors,
+            config.train,
+            checkpoint_dir=tmp_path / "end",
+            on_step=lambda info: info["step"] == 8 and request_stop(),
+        )
+
+
+def test_checkpoints_within_an_epoch_lose_at_most_their_steps(
+    noisy, tmp_path: Path
+) -> None:
+    """train.checkpoint_steps: a run killed in the middle of an epoch resumes from
+    the last checkpoint within it, to the weights of the run never killed."""
+    config, tensors, fresh, want, _ = noisy
+    every = dataclasses.replace(config.train, checkpoint_steps=3)
+
+    def crash(info: dict) -> None:
+        if info["step"] == 9 + 7:  # after the checkpoint of step 6 of epoch 2
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train_retrieval(fresh(), tensors, every, checkpoint_dir=tmp_path, on_step=crash)
+    steps = []
+    resumed = fresh()
+    train_retrieval(  # how often to checkpoint may change on resume
+        resumed,
+        tensors,
+        config.train,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        on_step=lambda info: steps.append(info["step"]),
+    )
+    assert steps[0] == 9 + 6
     assert _equal(resumed, want)
 
 

@@ -58,6 +58,55 @@ def _rank(rank: int, extra: list[str], out: str) -> None:
         distributed.shutdown()
 
 
+def _stop_rank(rank: int, run: str, phase: str) -> None:
+    """Retrieval on this rank: ``full`` uninterrupted, ``stop`` asked to stop (on
+    rank 0 only) within epoch 2, ``resume`` from that; rank 0 saves the weights."""
+    from twostage.retrieval.fit import fit_retrieval
+    from twostage.training.loop import TrainingInterrupted, request_stop
+
+    config = _config(["train.epochs=3", "train.batch_size=128"])
+    out = Path(run) / ("full" if phase == "full" else "run")
+    try:
+        if phase == "stop":
+
+            def stop(info: dict) -> None:  # called on rank 0 only
+                if info["epoch"] == 1 and info["step"] == 19 + 4:  # 19 steps an epoch
+                    request_stop()
+
+            with pytest.raises(TrainingInterrupted, match="after step 5 of 19"):
+                fit_retrieval(config, out_dir=out, on_step=stop, evaluate_test=False)
+            return
+        trained, _ = fit_retrieval(
+            config, out_dir=out, resume=phase == "resume", evaluate_test=False
+        )
+        if rank == 0:
+            state = trained.model.state_dict()
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, f"{out}.safetensors"
+            )
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_a_stop_asked_of_one_rank_stops_every_rank_after_the_same_step(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM or Ctrl-C may reach one rank first: the ranks agree after each step,
+    so all stop after the same one (a rank left alone would wait in the next
+    all-reduce for ever), checkpoint it once with every rank's random states, and
+    --resume on as many ranks gives the weights of the run never stopped."""
+    for phase in ("full", "stop", "resume"):
+        distributed.run_local_group(_stop_rank, 2, str(tmp_path), phase)
+    full = load_file(tmp_path / "full.safetensors")
+    resumed = load_file(tmp_path / "run.safetensors")
+    assert set(full) == set(resumed)
+    for name, weights in full.items():
+        torch.testing.assert_close(resumed[name], weights, rtol=0, atol=0, msg=name)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert (state["next_epoch"], state["next_step"]) == (3, 0)
+
+
 def _weights(stages: TwoStage) -> dict[str, torch.Tensor]:
     """Both stages' weights, by stage."""
     assert stages.ranker is not None

@@ -506,7 +506,11 @@ class TrainConfig(_Checked):
     ``cuda[:n]``; ``num_threads`` > 0 sets torch's CPU threads. ``precision=bf16``
     runs the forward pass under ``torch.autocast`` in bfloat16 (weights, optimiser
     state and the loss's softmax stay float32): the GPU setting; on CPUs without
-    bf16 units it is slower.
+    bf16 units it is slower. ``checkpoint_steps`` > 0 also writes the checkpoint
+    every that many steps within an epoch (where the run has a checkpoint
+    directory), so a crash loses at most that many steps of a long epoch; a stop
+    request (SIGTERM, the first Ctrl-C) writes one after the step in progress
+    whatever it is, and ``--resume`` continues from either exactly.
     """
 
     epochs: int = 10
@@ -524,6 +528,7 @@ class TrainConfig(_Checked):
     device: str = "auto"
     num_threads: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_steps: int = 0
 
     SECTION: ClassVar[str] = "train"
 
@@ -543,6 +548,10 @@ class TrainConfig(_Checked):
             "max_steps": (self.max_steps >= 0, "0 (no limit) or positive"),
             "seed": (self.seed >= 0, "a non-negative integer"),
             "num_threads": (self.num_threads >= 0, "0 (torch's default) or positive"),
+            "checkpoint_steps": (
+                self.checkpoint_steps >= 0,
+                "0 (a checkpoint at each epoch's end only) or positive",
+            ),
         }
 
 

@@ -1,5 +1,6 @@
 """The training checkpoint: weights, best weights, optimiser state and the loop's
-counters, written atomically after every epoch so ``--resume`` continues exactly.
+counters, written atomically after every epoch (and, with ``train.checkpoint_steps``
+or on a stop request, within one) so ``--resume`` continues exactly.
 
 Weights and optimiser tensors are safetensors; everything else is JSON (no pickle).
 """
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,14 @@ from twostage.errors import ArtifactError, ConfigError
 from twostage.training import TrainResult
 from twostage.training.optim import Optimizers
 
-__all__ = ["CHECKPOINT", "DATA_KEY", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT",
+    "DATA_KEY",
+    "InEpoch",
+    "Restored",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +43,33 @@ STATE = "state.json"
 DATA_KEY = "data.training_rows"
 #: The checkpoint, the one being written, the one being replaced.
 _NAMES = (CHECKPOINT, f".{CHECKPOINT}.tmp", f".{CHECKPOINT}.old")
+
+
+@dataclass
+class InEpoch:
+    """Where a checkpoint written within an epoch stands: the next step of the
+    epoch, the loss summed over its examples so far and their number, the random
+    states the rest of the epoch draws from (``name -> [ranks, bytes]``, one row
+    per rank), and how many ranks wrote it."""
+
+    step: int
+    loss_sum: float
+    seen: int
+    rng: dict[str, Tensor] = field(default_factory=dict)
+    world: int = 1
+
+
+@dataclass
+class Restored:
+    """What :func:`load_checkpoint` restores beside the weights: the epoch to run
+    next (the one in progress for a checkpoint within an epoch), the epochs
+    without improvement, the best weights, and where within the epoch it stands
+    (None: at its start)."""
+
+    next_epoch: int
+    bad_epochs: int
+    best: dict[str, Tensor]
+    in_epoch: InEpoch | None = None
 
 
 def _flatten_optimizer(
@@ -83,8 +119,12 @@ def save_checkpoint(
     best_state: dict[str, Tensor],
     *,
     fingerprint: dict[str, Any] | None = None,
+    in_epoch: InEpoch | None = None,
 ) -> None:
     """Write the checkpoint so that a crash at any point leaves a loadable one.
+
+    ``next_epoch`` is the epoch to run next: for a checkpoint within an epoch
+    (``in_epoch``), the one in progress.
 
     The new checkpoint is written in full to ``.checkpoint.tmp`` (``state.json``
     last, everything flushed to disk), the current one is renamed to
@@ -112,8 +152,19 @@ def save_checkpoint(
         )
         optim_tensors, optim_meta = _flatten_optimizer(optimizer)
         save_file(optim_tensors, temp / "optimizer.safetensors")
+        files = ["model.safetensors", "best.safetensors", "optimizer.safetensors"]
+        if in_epoch is not None:
+            save_file(
+                {k: v.contiguous() for k, v in in_epoch.rng.items()},
+                temp / "rng.safetensors",
+            )
+            files.append("rng.safetensors")
         meta = {
             "next_epoch": next_epoch,
+            "next_step": 0 if in_epoch is None else in_epoch.step,
+            "loss_sum": 0.0 if in_epoch is None else in_epoch.loss_sum,
+            "seen": 0 if in_epoch is None else in_epoch.seen,
+            "world": 1 if in_epoch is None else in_epoch.world,
             "bad_epochs": bad_epochs,
             "optimizer": optim_meta,
             "history": result.history,
@@ -122,7 +173,7 @@ def save_checkpoint(
             "seconds": result.seconds,
             "fingerprint": fingerprint,
         }
-        for name in ("model.safetensors", "best.safetensors", "optimizer.safetensors"):
+        for name in files:
             _fsync(temp / name)
         (temp / STATE).write_text(json.dumps(meta))  # last: marks it complete
         _fsync(temp / STATE)
@@ -150,7 +201,7 @@ def load_checkpoint(
     *,
     fingerprint: dict[str, Any] | None = None,
     allow_changes: bool = False,
-) -> tuple[int, int, dict[str, Tensor]]:
+) -> Restored:
     """Restore the newest complete checkpoint into ``model``, ``optimizer``, ``result``.
 
     Args:
@@ -159,7 +210,8 @@ def load_checkpoint(
         allow_changes: resume even when the fingerprints differ.
 
     Returns:
-        ``(next epoch, epochs without improvement, best weights)``.
+        The epoch to run next, the epochs without improvement, the best weights,
+        and where within the epoch the checkpoint was written (if it was).
 
     Raises:
         ArtifactError: no complete checkpoint, or it cannot be read.
@@ -207,17 +259,26 @@ def load_checkpoint(
             meta["optimizer"],
         )
         best = load_file(path / "best.safetensors")
+        in_epoch = None
+        if meta.get("next_step", 0) > 0:
+            in_epoch = InEpoch(
+                step=int(meta["next_step"]),
+                loss_sum=float(meta["loss_sum"]),
+                seen=int(meta["seen"]),
+                rng=load_file(path / "rng.safetensors"),
+                world=int(meta["world"]),
+            )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise ArtifactError(f"cannot resume from checkpoint {str(path)!r}: {e}") from e
     result.history = meta["history"]
     result.best_epoch = meta["best_epoch"]
     result.best_metric = meta["best_metric"]
     result.seconds = meta["seconds"]
-    return meta["next_epoch"], meta["bad_epochs"], best
+    return Restored(meta["next_epoch"], meta["bad_epochs"], best, in_epoch)
 
 
 def _newest_complete(directory: Path) -> tuple[Path, dict[str, Any]]:
-    """The complete checkpoint (``state.json`` written) with the most epochs done."""
+    """The complete checkpoint (``state.json`` written) with the most steps done."""
     found = []
     for name in _NAMES:
         state = directory / name / STATE
@@ -226,7 +287,8 @@ def _newest_complete(directory: Path) -> tuple[Path, dict[str, Any]]:
         except (OSError, ValueError):
             continue  # absent, or interrupted before its state was written
         if isinstance(meta, dict) and isinstance(meta.get("next_epoch"), int):
-            found.append((meta["next_epoch"], directory / name, meta))
+            done = (meta["next_epoch"], meta.get("next_step", 0))
+            found.append((done, directory / name, meta))
     if not found:
         raise ArtifactError(
             f"no checkpoint to resume from in {str(directory)!r} (expected "

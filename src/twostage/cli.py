@@ -5,6 +5,7 @@ in :mod:`twostage.cli_data` and :mod:`twostage.cli_ops`, tables and the progress
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -404,10 +405,10 @@ def train_all(
         unrated_values=unrated_values_of(unrated_values),
     )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
-    if stream and (work_dir is not None or train_file or test_file):
+    if stream and (train_file or test_file):
         raise typer.BadParameter(
-            "--stream reads one Parquet log and splits it row by row, without "
-            "checkpoints: drop --work-dir/--resume and --train-file/--test-file.",
+            "--stream reads one Parquet log and splits it row by row: drop "
+            "--train-file/--test-file.",
             param_hint="--stream",
         )
     unused = _ranking_settings(config, overrides or [])
@@ -416,15 +417,13 @@ def train_all(
             f"[yellow]--no-ranking: {escape(', '.join(unused))} not used (no ranking "
             "stage is trained).[/yellow]"
         )
-    options: dict[str, Any] = (
-        {"stream": dataset}
-        if stream
-        else {
-            "work_dir": work_dir,
-            "resume": resume,
-            "allow_config_change": allow_config_change,
-        }
-    )
+    options: dict[str, Any] = {
+        "work_dir": work_dir,
+        "resume": resume,
+        "allow_config_change": allow_config_change,
+    }
+    if stream:
+        options["stream"] = dataset
     stages = _fit_both(
         config,
         ranking=ranking,
@@ -1161,14 +1160,18 @@ def train_retrieval_command(
     if stream:
         from twostage.retrieval.streamed import fit_streamed_retrieval
 
+        resuming = functools.partial(
+            fit_streamed_retrieval,
+            out_dir=out,
+            resume=resume,
+            allow_config_change=allow_config_change,
+        )
         if _rank() != 0:  # another rank of a torchrun job: rank 0 reports and saves
-            fit_streamed_retrieval(config, dataset, out_dir=out)
+            resuming(config, dataset)
             return
 
         with _stop_on_sigterm(), training_progress("retrieval") as bars:
-            streamed = fit_streamed_retrieval(
-                config, dataset, out_dir=out, on_step=bars["retrieval"]
-            )
+            streamed = resuming(config, dataset, on_step=bars["retrieval"])
         summary = {
             "run": str(out),
             **{

@@ -755,9 +755,57 @@ def test_cli_trains_both_stages_from_a_stream(log: Path, tmp_path: Path) -> None
     assert measured["retrieval"]["twostage"] == summary["retrieval"]
     assert measured["ranking"] == summary["ranking"]
     refused = CliRunner().invoke(
-        app, [*command, "--out", str(tmp_path / "m2"), "--work-dir", str(tmp_path)]
+        app, [*command, "--out", str(tmp_path / "m2"), "--train-file", str(log)]
     )
-    assert refused.exit_code == 2 and "--work-dir" in refused.output
+    assert refused.exit_code == 2 and "--train-file" in refused.output
+    # Checkpoints (they were refused): both stages write theirs, --resume reads them.
+    work = tmp_path / "work"
+    kept = CliRunner().invoke(
+        app, [*command, "--out", str(tmp_path / "m3"), "--work-dir", str(work)]
+    )
+    assert kept.exit_code == 0, kept.output
+    for stage in ("retrieval", "ranking"):
+        assert (work / stage / "checkpoint" / "state.json").exists(), stage
+    resumed = CliRunner().invoke(
+        app,
+        [*command, "--out", str(tmp_path / "m4"), "--work-dir", str(work), "--resume"],
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["retrieval"] == summary["retrieval"]
+
+
+def test_a_stopped_streamed_run_resumes_to_the_weights_of_one_never_stopped(
+    log: Path, tmp_path: Path
+) -> None:
+    """A streamed run had no checkpoint at all, while a log of 10^8 rows is where
+    an epoch is longest: a stop request within an epoch, then --resume (the passes
+    run again and find the same rows), gives the uninterrupted weights."""
+    from twostage.training.loop import TrainingInterrupted, request_stop
+
+    config = apply_overrides(
+        ExperimentConfig(), [*ID_ONLY, "retrieval.history_length=4"]
+    )
+    whole = fit_streamed_retrieval(config, log, evaluate_test=False)
+
+    def stop(info: dict) -> None:
+        if info["epoch"] == 1 and info["step"] == 38 + 3:  # 38 steps an epoch
+            request_stop()
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="after step 4 of 38 in epoch 2"):
+        fit_streamed_retrieval(
+            config, log, out_dir=out, on_step=stop, evaluate_test=False
+        )
+    resumed = fit_streamed_retrieval(
+        config, log, out_dir=out, resume=True, evaluate_test=False
+    )
+    for name, weights in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], weights), name
+    other = apply_overrides(config, ["data.test_fraction=0.3"])  # other rows
+    with pytest.raises(ConfigError, match="on other training rows"):
+        fit_streamed_retrieval(
+            other, log, out_dir=out, resume=True, evaluate_test=False
+        )
 
 
 def test_cli_stream_reads_per_row_context_and_serves_it(

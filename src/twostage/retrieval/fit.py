@@ -213,7 +213,6 @@ def fit_retrieval(
             member_dir: Path | None = checkpoints / f"member-{i}"
         else:
             member_dir = checkpoints
-        sections = to_dict(member_run.config if config.retrieval.ensemble else config)
         member_run.train_result = train_retrieval(
             member_run.model,  # type: ignore[arg-type]
             tensors,
@@ -222,9 +221,8 @@ def fit_retrieval(
             checkpoint_dir=member_dir,
             resume=resume,
             on_step=step_fn,
-            fingerprint=resume_fingerprint(
-                {k: v for k, v in sections.items() if k in _RETRIEVAL_SECTIONS},
-                data=rows,
+            fingerprint=checkpoint_fingerprint(
+                member_run.config if config.retrieval.ensemble else config, rows
             ),
             allow_config_change=allow_config_change,
         )
@@ -258,6 +256,18 @@ def fit_retrieval(
         if split.fit.items is not None:  # what `twostage recommend RUN` shows
             split.fit.items.write_parquet(Path(out_dir) / "items.parquet")
     return run, split
+
+
+def checkpoint_fingerprint(
+    config: ExperimentConfig, rows: str | None
+) -> dict[str, Any]:
+    """What a retrieval checkpoint is of, for ``--resume`` to compare: the data,
+    retrieval and train settings, and ``rows``, the digest of the training rows
+    (:func:`twostage.training.loop.data_digest`)."""
+    sections = to_dict(config)
+    return resume_fingerprint(
+        {k: v for k, v in sections.items() if k in _RETRIEVAL_SECTIONS}, data=rows
+    )
 
 
 def train_retrieval(

@@ -79,6 +79,7 @@ from twostage.features.spec import FeatureSpec
 from twostage.retrieval.fit import (
     Validator,
     check_validation_choices,
+    checkpoint_fingerprint,
     choose_on_validation,
     train_retrieval,
 )
@@ -99,6 +100,7 @@ from twostage.retrieval.tensors import (
     with_history_rows,
 )
 from twostage.training import ProgressFn
+from twostage.training.loop import data_digest
 
 __all__ = [
     "StreamedRows",
@@ -645,6 +647,8 @@ def fit_streamed_retrieval(
     out_dir: str | Path | None = None,
     on_step: ProgressFn | None = None,
     evaluate_test: bool = True,
+    resume: bool = False,
+    allow_config_change: bool = False,
 ) -> RetrievalRun:
     """Train the two ID towers (with the users' history when
     ``retrieval.history_length`` > 0) on the training side of a Parquet log.
@@ -655,24 +659,37 @@ def fit_streamed_retrieval(
             ``validation_fraction`` carves the validation rows out of them.
         path: a Parquet file or directory with ``user_id``, ``item_id`` and
             ``timestamp``.
-        out_dir: where the run is saved (servable like ``twostage train retrieval``'s).
-            Under torchrun each rank reads its own row groups in both passes (the
-            counts merge; the training rows are then gathered to every rank, in
-            file order), trains on its share of each global batch, and rank 0
-            saves: the weights of a single process.
+        out_dir: where the run is saved (servable like ``twostage train retrieval``'s),
+            and its checkpoints while it trains. Under torchrun each rank reads its
+            own row groups in both passes (the counts merge; the training rows are
+            then gathered to every rank, in file order), trains on its share of
+            each global batch, and rank 0 saves: the weights of a single process.
         on_step: progress callback of the training loop.
         evaluate_test: read the test side (one more pass; its rows are held) and
             store the full-catalogue metrics in ``run.metrics``, on
             ``data.test_users`` of the test users when that is set (every one
             otherwise: at millions of users, set it). Under torchrun the ranks
             share the users.
+        resume: continue from the checkpoint in ``out_dir`` (the passes run again:
+            they find the same training rows, which the checkpoint's digest of them
+            checks).
+        allow_config_change: resume although the settings differ from the
+            checkpoint's (beyond epochs, threads, device and how often to
+            checkpoint).
 
     Raises:
         ConfigError: the config asks for something the streamed path lacks.
     """
     if out_dir is not None:
         refuse_foreign_target(out_dir)  # before the passes, not at the save
-    streamed = _fit_streamed(config, path, on_step=on_step)
+    streamed = _fit_streamed(
+        config,
+        path,
+        on_step=on_step,
+        checkpoint_dir=None if out_dir is None else Path(out_dir),
+        resume=resume,
+        allow_config_change=allow_config_change,
+    )
     run = streamed.run
     if evaluate_test:
         run.metrics = _evaluate(run, streamed.test_side(path))
@@ -691,6 +708,9 @@ def fit_streamed_two_stage(
     on_step: ProgressFn | None = None,
     on_ranking_step: ProgressFn | None = None,
     evaluate_test: bool = True,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    allow_config_change: bool = False,
 ) -> TwoStage:
     """:func:`twostage.two_stage.fit_two_stage` on a Parquet log that is never
     loaded as a table: the retrieval stage as :func:`fit_streamed_retrieval` trains
@@ -701,6 +721,9 @@ def fit_streamed_two_stage(
 
     The returned split's ``fit`` holds no rows (they stayed in the log), only the
     feature tables; ``validation`` and ``test`` hold the rows that were read.
+    ``work_dir``, ``resume`` and ``allow_config_change`` are
+    :func:`~twostage.two_stage.fit_two_stage`'s: the stages' checkpoints go to
+    ``work_dir/retrieval`` and ``work_dir/ranking``.
 
     Raises:
         ConfigError: the config asks for something the streamed path lacks.
@@ -713,7 +736,15 @@ def fit_streamed_two_stage(
     from twostage.ranking.fit import fit_ranking_pairs
     from twostage.two_stage import TwoStage
 
-    streamed = _fit_streamed(config, path, on_step=on_step)
+    work = Path(work_dir) if work_dir is not None else None
+    streamed = _fit_streamed(
+        config,
+        path,
+        on_step=on_step,
+        checkpoint_dir=None if work is None else work / "retrieval",
+        resume=resume,
+        allow_config_change=allow_config_change,
+    )
     run, rows = streamed.run, streamed.rows
     test = Dataset(
         name="test",
@@ -735,6 +766,7 @@ def fit_streamed_two_stage(
             "out of every pass: the ranker draws no negatives from them and the "
             "test has no shown_auc; a log loaded in memory has both"
         )
+    ranker_dir = None if work is None else work / "ranking"
     tables = rows.tensors
     ratings = rows.ratings
     if not ratings.size:  # no rating column: clicks only
@@ -749,7 +781,12 @@ def fit_streamed_two_stage(
         served=lambda: run.tensors,
         config=config.ranking,
         validation=streamed.sample,
+        checkpoint_dir=ranker_dir,
+        resume=resume
+        and ranker_dir is not None
+        and (ranker_dir / "checkpoint").exists(),
         on_step=on_ranking_step,
+        allow_config_change=allow_config_change,
     )
     if evaluate_test and test.num_interactions and distributed.is_main():
         result.ranking_metrics = evaluate_ranking(result.ranker, test)
@@ -758,10 +795,17 @@ def fit_streamed_two_stage(
 
 
 def _fit_streamed(
-    config: ExperimentConfig, path: str | Path, *, on_step: ProgressFn | None
+    config: ExperimentConfig,
+    path: str | Path,
+    *,
+    on_step: ProgressFn | None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    allow_config_change: bool = False,
 ) -> _Streamed:
     """The passes, the validation carve-out and the towers' training of
-    :func:`fit_streamed_retrieval`, without the test side."""
+    :func:`fit_streamed_retrieval`, without the test side; checkpoints in
+    ``checkpoint_dir``, resumed from there with ``resume``."""
     distributed.init_from_env(config.train.device)  # under torchrun: data-parallel
     _check(config)
     started = time.perf_counter()
@@ -858,8 +902,23 @@ def _fit_streamed(
         )
         sample = _sampled(run, validation)
         validate = Validator(run, sample) if sample.num_interactions else None
+    digest = (
+        None
+        if checkpoint_dir is None
+        else data_digest(
+            tensors.users, tensors.items, tensors.weights, tensors.sequences
+        )
+    )
     run.train_result = train_retrieval(
-        model, tensors, config.train, validate=validate, on_step=on_step
+        model,
+        tensors,
+        config.train,
+        validate=validate,
+        on_step=on_step,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        fingerprint=checkpoint_fingerprint(config, digest),
+        allow_config_change=allow_config_change,
     )
     choose_on_validation(run, validate)
     if validation is not None:

@@ -228,3 +228,30 @@ def test_both_paths_agree_on_any_log(
     path.write_text(text)
     keys = sorted({key for _, _, extra, _ in rows for key in extra})
     assert_same(*read_both(path, monkeypatch, item_features=keys))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"user_id": 1, "item_id": 2}\r\n\r\n{"user_id": 2, "item_id": 3}\r\n',
+        b'\xef\xbb\xbf{"user_id": 1, "item_id": 2}\n \t\n{"user_id": 2, "item_id": 3}',
+        # a lone CR is JSON whitespace inside a line, not a line's end
+        b'{"user_id": 1,\r "item_id": 2}\n\n{"user_id": 2, "item_id": 3}\n',
+        # U+2028 may stand unescaped in a JSON string; a blank line of U+001C
+        '{"user_id": 1, "item_id": "a\u2028b"}\n\x1c\n{"user_id": 2, "item_id": 3}\n'.encode(),
+    ],
+)
+def test_lines_are_numbered_as_the_file_has_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes
+) -> None:
+    """polars splits the lines (without a Python string per line), except where it
+    would split otherwise than at "\\n"; either way the second row is on line 3."""
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(content)
+    fast, exact = read_both(path, monkeypatch, strict=True)
+    assert_same(fast, exact)
+    assert fast.report.ok and fast.interactions.height == 2
+    path.write_bytes(content.replace(b'"user_id": 2', b'"user_id": 2, "user_id": 2'))
+    fast, exact = read_both(path, monkeypatch)
+    assert_same(fast, exact)
+    assert [n for n, _ in fast.report.examples["bad_json"]] == [3]

@@ -24,15 +24,19 @@ checked as every other table is (:func:`twostage.data._table_values.load_frame`)
 with its physical line numbers.
 
 Measured on the 2-core VM (``benchmarks/data_load.py --rows 1000000``, medians of
-3): a million good lines of four fields in 1.11 s, 1.66 s with one malformed line
+3): a million good lines of four fields in 0.95 s, 1.60 s with one malformed line
 (2.44 s and 2.43 s when :mod:`json` read every line); docs/guide.md has the rest.
+polars also splits the lines, so that no Python string is made per line: 0.35 GiB
+at peak for that file, 0.40 GiB with ``str.split``.
 """
 
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -116,11 +120,10 @@ _PLAIN = json.JSONDecoder(parse_constant=_no_constant)
 _BEYOND = r"[0-9]{39}|[eE]\+?[0-9]{3}|\\u[dD][89a-fA-F]"
 
 
-def _decode(path: Path) -> tuple[bytes, str]:
-    """The file's bytes (without a byte order mark) and its text."""
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+def _text(data: bytes, path: Path) -> str:
+    """``data`` as text, or a DataError naming the line that is not UTF-8."""
     try:
-        return data, data.decode("utf-8")  # RFC 8259: JSON text is UTF-8
+        return data.decode("utf-8")  # RFC 8259: JSON text is UTF-8
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(
@@ -137,10 +140,18 @@ _SPACE = (
 )
 
 
-def _records(text: str, path: Path) -> tuple[pl.Series, pl.Series]:
+def _is_array(data: bytes) -> bool:
+    """Whether the JSON text opens an array (``[{...}, ...]``), not lines."""
+    first = re.match(rb"[ \t\r\n]*", data)
+    start = 0 if first is None else first.end()
+    return data[start : start + 1] == b"["
+
+
+def _records(data: bytes, path: Path) -> tuple[pl.Series, pl.Series]:
     """The line number and text of each record: a JSON array's elements, numbered
     by position (1-based), or a JSON lines file's non-blank lines."""
-    if text.lstrip().startswith("["):
+    if _is_array(data):
+        text = _text(data, path)
         try:
             items = json.loads(text, object_pairs_hook=_unique_keys)
         except (json.JSONDecodeError, _Unreadable) as e:
@@ -155,15 +166,40 @@ def _records(text: str, path: Path) -> tuple[pl.Series, pl.Series]:
             pl.Series(LINE, range(1, len(items) + 1), dtype=pl.Int64),
             pl.Series("t", [json.dumps(item) for item in items], dtype=pl.String),
         )
-    # JSON lines are separated by "\n" (with "\r\n" allowed); str.splitlines would
-    # also cut at U+2028, which JSON strings may hold unescaped.
-    lines = (
-        pl.DataFrame({"t": pl.Series(text.split("\n"), dtype=pl.String)})
-        .with_row_index(LINE, offset=1)
-        .filter(pl.col("t").str.strip_chars(_SPACE) != "")
-        .select(pl.col(LINE).cast(pl.Int64), pl.col("t").str.strip_suffix("\r"))
+    lines = _split_lines(data)
+    if lines is None:
+        # JSON lines are separated by "\n" (with "\r\n" allowed); str.splitlines
+        # would also cut at U+2028, which JSON strings may hold unescaped.
+        lines = pl.DataFrame(
+            {"t": pl.Series(_text(data, path).split("\n"), dtype=pl.String)}
+        ).with_row_index(LINE, offset=1)
+        lines = lines.with_columns(pl.col("t").str.strip_suffix("\r"))
+    lines = lines.filter(pl.col("t").str.strip_chars(_SPACE) != "").select(
+        pl.col(LINE).cast(pl.Int64), "t"
     )
     return lines[LINE], lines["t"]
+
+
+def _split_lines(data: bytes) -> pl.DataFrame | None:
+    """Every line of ``data`` (``"\r\n"`` ending one too; an empty line null)
+    with its 1-based number, split by polars without a Python string per line
+    (half the memory); None where it would split otherwise than at "\n": a
+    ``"\r"`` that ends no line, a unit separator (the field polars splits at),
+    or bytes that are not UTF-8 (the caller names their line)."""
+    if b"\x1f" in data or data.count(b"\r") != data.count(b"\r\n"):
+        return None
+    try:
+        lines = pl.read_csv(
+            io.BytesIO(data),
+            has_header=False,
+            separator="\x1f",  # no valid JSON line holds one
+            quote_char=None,
+            schema={"t": pl.String},
+            raise_if_empty=False,
+        )
+    except pl.exceptions.PolarsError:
+        return None
+    return lines.with_row_index(LINE, offset=1).with_columns(pl.col("t").fill_null(""))
 
 
 def _doubtful(texts: pl.Series, keys: Iterable[str]) -> pl.Series:
@@ -477,10 +513,10 @@ def _load(
 ) -> tuple[pl.DataFrame, LoadReport, Spec, Callable[[pl.DataFrame], list[str]]]:
     """:func:`load_json`, with the fast path allowed or not (``fast``)."""
     label = str(path)
-    data, text = _decode(path)
-    numbers, texts = _records(text, path)
-    whole = data if not text.lstrip().startswith("[") else None  # JSON lines
-    del data, text
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    numbers, texts = _records(data, path)
+    whole = None if _is_array(data) else data  # JSON lines: polars reads the file
+    del data
     report = LoadReport(path=label, rows_read=len(texts))
     quick = _read_fast(texts, whole) if fast and len(texts) else None
     del whole

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -170,17 +171,8 @@ def test_a_stop_request_checkpoints_the_step_then_resumes_exactly(
         train_retrieval(
             fresh(), tensors, config.train, checkpoint_dir=other, resume=True
         )
-    steps = []
-    resumed = fresh()
-    result = train_retrieval(
-        resumed,
-        tensors,
-        config.train,
-        checkpoint_dir=tmp_path,
-        resume=True,
-        on_step=lambda info: steps.append(info["step"]),
-    )
-    assert steps[0] == 9 + 5 and len(result.history) == 4
+    resumed, result, first = _resume(noisy, tmp_path)
+    assert first == 9 + 5 and len(result.history) == 4
     assert _equal(resumed, want)
     # The epoch's loss counts the steps before the stop too.
     assert [r["train_loss"] for r in result.history] == pytest.approx(losses)
@@ -209,18 +201,27 @@ def test_checkpoints_within_an_epoch_lose_at_most_their_steps(
 
     with pytest.raises(RuntimeError, match="killed"):
         train_retrieval(fresh(), tensors, every, checkpoint_dir=tmp_path, on_step=crash)
-    steps = []
+    resumed, _, first = _resume(noisy, tmp_path)  # without checkpoint_steps now
+    assert first == 9 + 6
+    assert _equal(resumed, want)
+
+
+def _resume(noisy, directory: Path) -> tuple[torch.nn.Module, Any, int]:
+    """Fresh towers resumed from ``directory`` (how often to checkpoint is the
+    fixture's, which may differ from the stopped run's): them, the result, and
+    the first step trained."""
+    config, tensors, fresh, _, _ = noisy
+    steps: list[int] = []
     resumed = fresh()
-    train_retrieval(  # how often to checkpoint may change on resume
+    result = train_retrieval(
         resumed,
         tensors,
         config.train,
-        checkpoint_dir=tmp_path,
+        checkpoint_dir=directory,
         resume=True,
         on_step=lambda info: steps.append(info["step"]),
     )
-    assert steps[0] == 9 + 6
-    assert _equal(resumed, want)
+    return resumed, result, steps[0]
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(

@@ -169,8 +169,11 @@ def _stop_on_sigterm() -> Iterator[None]:
     """While training: SIGTERM and the first Ctrl-C finish the step in progress,
     write a checkpoint of it (where the run keeps checkpoints) and stop with a
     message, so --resume continues exactly (they lost the epoch in progress); a
-    second Ctrl-C stops at once, saying what is kept."""
+    second Ctrl-C stops at once, saying what is kept. The stop is no error: its
+    message is a notice, and the exit code says the signal (130 for Ctrl-C, 143
+    for SIGTERM, as a process killed by it)."""
     from twostage.training.loop import (
+        TrainingInterrupted,
         cancel_stop,
         request_stop,
         stop_requested,
@@ -180,12 +183,17 @@ def _stop_on_sigterm() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    # Under torchrun every rank stops so (the signal reaches each, and they agree
+    # on the step); rank 0 speaks for them.
+    say = status_console.print if _rank() == 0 else (lambda *_, **__: None)
+    asked = [130]  # the exit code of the signal that asked to stop
 
     def on_ctrl_c(*_: Any) -> None:
         if stop_requested() or not training_running():  # loading, evaluating
             raise KeyboardInterrupt
+        asked[0] = 130
         request_stop()
-        status_console.print(
+        say(
             "[yellow]stopping[/yellow] (Ctrl-C) after the step in progress, with a "
             "checkpoint of it where the run keeps them (--work-dir for train, --out "
             "for train retrieval); Ctrl-C again to stop at once."
@@ -193,9 +201,10 @@ def _stop_on_sigterm() -> Iterator[None]:
 
     def on_term(*_: Any) -> None:
         if training_running():
+            asked[0] = 143
             request_stop()
             return
-        status_console.print(
+        say(
             "[red]terminated[/red] (SIGTERM) outside a training loop: nothing of "
             "this run was saved but the checkpoints it wrote; --resume continues "
             "from there."
@@ -206,8 +215,14 @@ def _stop_on_sigterm() -> Iterator[None]:
     previous_int = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         yield
+    except TrainingInterrupted as stopped:
+        say(
+            f"[yellow]stopped[/yellow]: {escape(as_flags(str(stopped)))}",
+            soft_wrap=True,
+        )
+        raise SystemExit(asked[0]) from None
     except KeyboardInterrupt:
-        status_console.print(
+        say(
             "[red]interrupted[/red] (Ctrl-C): nothing of this run was saved but "
             "its checkpoints (each epoch's, and every train.checkpoint_steps steps), "
             "when --work-dir (train) or --out (train retrieval) holds them; --resume "
@@ -507,7 +522,8 @@ def _fit_both(
 
         logger = TensorBoardLogger(tensorboard)
     if _rank() != 0:  # another rank of a torchrun job: rank 0 shows the progress
-        return fit(config, ranking=ranking, **options)
+        with _stop_on_sigterm():  # every rank stops after the same step
+            return fit(config, ranking=ranking, **options)
     stage_names = ("retrieval", "ranking") if ranking else ("retrieval",)
     also = None if logger is None else logger.on_step
     with _stop_on_sigterm(), training_progress(*stage_names, also=also) as bars:
@@ -1167,7 +1183,8 @@ def train_retrieval_command(
             allow_config_change=allow_config_change,
         )
         if _rank() != 0:  # another rank of a torchrun job: rank 0 reports and saves
-            resuming(config, dataset)
+            with _stop_on_sigterm():
+                resuming(config, dataset)
             return
 
         with _stop_on_sigterm(), training_progress("retrieval") as bars:
@@ -1203,7 +1220,8 @@ def train_retrieval_command(
         return
     options: dict[str, Any] = {"out_dir": out, "resume": resume}
     if _rank() != 0:  # another rank of a torchrun job: rank 0 reports and saves
-        fit_retrieval(config, allow_config_change=allow_config_change, **options)
+        with _stop_on_sigterm():
+            fit_retrieval(config, allow_config_change=allow_config_change, **options)
         return
     with _stop_on_sigterm(), training_progress("retrieval") as bars:
         run, split = fit_retrieval(
@@ -1626,7 +1644,14 @@ def _launch(args: list[str]) -> int:
         *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
         *("--nproc-per-node", str(count), "-m", "twostage", *rest),
     ]
-    return subprocess.call(command)
+    # Ctrl-C reaches torchrun too, which passes it to the ranks (they finish the
+    # step and checkpoint it): this process waits for them rather than dying
+    # with a traceback. A handler, not SIG_IGN, which the child would inherit.
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        return subprocess.call(command)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 #: Python argument and config names in library messages -> the CLI flag that sets

@@ -12,6 +12,7 @@ Defaults are smaller (10M rows) so that a run takes about a minute.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -133,8 +134,11 @@ def _filters_two_ranks(args: argparse.Namespace) -> dict[str, Any]:
     of ``--min-rows`` and the duplicates pass, and the split rules' passes (the
     temporal cut, each user's last row), twice: each rank over the whole log
     (as before the ranks shared them), then shared (each rank its row groups,
-    the counts merged). The slower rank's seconds of each; the peak RSS reported
-    is the launching process's."""
+    the counts merged). The slower rank's seconds of each, and the larger rank's
+    peak RSS over each pass (``*_peak_gib``: the peak is reset before the pass,
+    so it is the rank's resident memory then, which earlier passes leave in
+    allocators' pools, plus what the pass adds: ``*_added_gib``); the phase's
+    own peak RSS is the launching process's."""
     from twostage import distributed
 
     with tempfile.TemporaryDirectory() as temp:
@@ -163,21 +167,43 @@ def _filter_rank(rank: int, path: str, min_rows: int, out: str) -> None:
     for mode, ranks in (("whole", (0, 1)), ("shared", (rank, 2))):
         streaming._KEPT.clear()  # computed again, not remembered
         streaming._DROPPED.clear()
-        distributed.gather_sizes(0)  # the ranks start together
-        started = time.perf_counter()
-        min_count_ids(path, core, ranks=ranks)
-        times[f"min_counts_{mode}_s"] = time.perf_counter() - started
-        distributed.gather_sizes(0)
-        started = time.perf_counter()
-        duplicate_rows(path, Reading(duplicates="first"), ranks=ranks)
-        times[f"duplicates_{mode}_s"] = time.perf_counter() - started
-        for method in ("temporal", "leave-last-out"):  # the split's own passes
-            distributed.gather_sizes(0)
+        passes = {
+            "min_counts": functools.partial(min_count_ids, path, core, ranks=ranks),
+            "duplicates": functools.partial(
+                duplicate_rows, path, Reading(duplicates="first"), ranks=ranks
+            ),
+            **{  # the split's own passes
+                f"{method}_split": functools.partial(
+                    split_rule,
+                    path,
+                    method=method,
+                    test_fraction=0.2,
+                    seed=0,
+                    ranks=ranks,
+                )
+                for method in ("temporal", "leave-last-out")
+            },
+        }
+        for name, run in passes.items():
+            distributed.gather_sizes(0)  # the ranks start together
+            base = _reset_peak_rss()
             started = time.perf_counter()
-            split_rule(path, method=method, test_fraction=0.2, seed=0, ranks=ranks)
-            times[f"{method}_split_{mode}_s"] = time.perf_counter() - started
+            run()
+            times[f"{name}_{mode}_s"] = time.perf_counter() - started
+            times[f"{name}_{mode}_peak_gib"] = peak_rss_gib()
+            times[f"{name}_{mode}_added_gib"] = peak_rss_gib() - base
     Path(f"{out}.{rank}").write_text(json.dumps(times))
     distributed.shutdown()
+
+
+def _reset_peak_rss() -> float:
+    """Start this process's peak RSS (``VmHWM``) again from its current RSS
+    (Linux's ``clear_refs``, value 5); that RSS, in GiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20  # kB
+    return 0.0
 
 
 def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
@@ -421,6 +447,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{shared['temporal_split_whole_s']:.1f} s; the leave-last-out rows "
             f"{shared['leave-last-out_split_shared_s']:.1f} s shared, "
             f"{shared['leave-last-out_split_whole_s']:.1f} s"
+        )
+        print(
+            "memory a pass adds to a rank's RSS at its peak, shared / whole: "
+            + ", ".join(
+                f"{name} {shared[f'{name}_shared_added_gib']:.2f} / "
+                f"{shared[f'{name}_whole_added_gib']:.2f} GiB"
+                for name in (
+                    "min_counts",
+                    "duplicates",
+                    "temporal_split",
+                    "leave-last-out_split",
+                )
+            )
         )
     for name in ("train", "train-streamed"):
         if name in results:

@@ -194,6 +194,24 @@ def gather_frames(frame: pl.DataFrame) -> list[pl.DataFrame]:
     return [pl.read_ipc(io.BytesIO(part.numpy().tobytes())) for part in parts]
 
 
+def gather_frames_to(frame: pl.DataFrame, dst: int) -> list[pl.DataFrame] | None:
+    """Every rank's ``frame``, in rank order, on rank ``dst`` only (None on the
+    others; ``[frame]`` in a single process): :func:`gather_frames` where one
+    rank needs them, sent as Arrow IPC bytes (never pickled)."""
+    if _WORLD is None:
+        return [frame]
+    buffer = io.BytesIO()
+    frame.write_ipc(buffer)
+    local = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    sizes = gather_sizes(len(local))
+    got = gather_rows_to(local, dst)
+    if got is None:
+        return None
+    return [
+        pl.read_ipc(io.BytesIO(part.numpy().tobytes())) for part in got.split(sizes)
+    ]
+
+
 def _all_gather(local: Tensor) -> Tensor:
     """Every rank's equally long ``local``, concatenated in rank order."""
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]

@@ -511,8 +511,12 @@ def last_rows(
 
     One pass over every row group; memory holds one (user, time, row, count) entry
     per user, merged in bulk, not the rows. With ``ranks`` of a process group (a
-    pass every rank makes), each rank reads its own row groups and the ranks merge
-    their entries.
+    pass every rank makes), each rank reads its own row groups, sends each user's
+    entry to the rank that owns the user (a stable hash of the ID, modulo the
+    ranks), which merges them; the ranks then share the row numbers found, 8
+    bytes a user. (Each rank gathered every rank's entries until 2026-12-05: at 2
+    ranks 0.55 GiB more at the peak on a 1M-user log, against 0.39 GiB for one
+    rank reading the whole log.)
     """
     shared = _shared(ranks)
     rank, world = ranks if shared else (0, 1)
@@ -525,14 +529,37 @@ def last_rows(
             batch = batch.filter(pl.Series(~within.mask(batch, first)))
         latest.add(batch.select(USER, TIME, ROW))
     table = latest.result()
-    if shared:  # each rank's latest rows, merged again
-        mine = table if table is not None else pl.DataFrame()
-        parts = [p for p in distributed.gather_frames(mine) if p.height]
-        table = latest._merge(pl.concat(parts)) if parts else None
-    if table is None:
-        return np.zeros(0, dtype=np.int64)
-    held = table.filter(pl.col("count") >= 2)[ROW].sort()
-    return held.to_numpy().astype(np.int64)
+    if shared:  # each user's entries meet on the rank that owns the user
+        table = _merged_by_owner(table, latest, rank, world)
+    held = (
+        np.zeros(0, dtype=np.int64)
+        if table is None
+        else table.filter(pl.col("count") >= 2)[ROW].to_numpy().astype(np.int64)
+    )
+    if shared:
+        held = _gathered_ints(held, distributed.gather_sizes(held.size))
+    return np.sort(held)
+
+
+def _merged_by_owner(
+    table: pl.DataFrame | None, latest: _Latest, rank: int, world: int
+) -> pl.DataFrame | None:
+    """The entries of the users this rank owns (a stable hash of the ID modulo
+    ``world``), every rank's merged; ``table`` is this rank's own."""
+    owner = (
+        np.zeros(0, dtype=np.int64)
+        if table is None
+        else (_id_hash(table[USER], 0) % np.uint64(world)).astype(np.int64)
+    )
+    mine: list[pl.DataFrame] = []
+    for dst in range(world):
+        part = (
+            pl.DataFrame() if table is None else table.filter(pl.Series(owner == dst))
+        )
+        got = distributed.gather_frames_to(part, dst)
+        if got is not None:
+            mine = [p for p in got if p.height]
+    return latest._merge(pl.concat(mine)) if mine else None
 
 
 class _Buffered:

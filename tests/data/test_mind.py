@@ -135,3 +135,7 @@ def test_mind_trains_end_to_end(tmp_path: Path) -> None:
     )
     assert evaluated.exit_code == 0, evaluated.output
     assert '"impressions"' in evaluated.stdout
+    # The dev file's histories are clicks from before its period: no test rows
+    # (they were 3 a user more, 540 pairs, each user's history counted as chosen).
+    measured = json.loads(evaluated.stdout)
+    assert measured["ranking"]["num_test_pairs"] == 60 * 6

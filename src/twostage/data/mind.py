@@ -54,7 +54,7 @@ _NEWS_COLUMNS = (
 #: The news columns kept as item features (the URL and entity lists are not).
 _FEATURES = ("category", "subcategory", "title", "abstract")
 _TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
-_OPTIONS = ("strict", "name")
+_OPTIONS = ("strict", "name", "history")
 
 
 def read_mind(path: str | Path, **options: Any) -> Dataset:
@@ -66,7 +66,9 @@ def read_mind(path: str | Path, **options: Any) -> Dataset:
             ``category``, ``subcategory``, ``title`` and ``abstract``.
         **options: ``strict=True`` stops at the first bad line or row (a
             :class:`~twostage.errors.BadRowError` naming its line); ``name``
-            names the dataset (default ``mind``).
+            names the dataset (default ``mind``); ``history=False`` leaves the
+            users' histories out (a test file's: clicks from before its period,
+            not events to predict).
 
     Returns:
         A dataset of ``user_id``, ``item_id`` (the news) and ``timestamp``: the
@@ -98,7 +100,7 @@ def read_mind(path: str | Path, **options: Any) -> Dataset:
             f"{str(root)!r} is not a MIND behaviors file, nor a directory holding "
             f"{_BEHAVIORS!r}."
         )
-    raw, report = _rows(behaviors)
+    raw, report = _rows(behaviors, history=bool(options.get("history", True)))
     spec = Spec(
         {USER: USER, ITEM: ITEM, LABEL: LABEL, TIME: TIME},
         (),
@@ -149,8 +151,9 @@ def read_mind(path: str | Path, **options: Any) -> Dataset:
     )
 
 
-def _rows(path: Path) -> tuple[pl.DataFrame, LoadReport]:
-    """One row per news of each impression and of each user's first history:
+def _rows(path: Path, *, history: bool = True) -> tuple[pl.DataFrame, LoadReport]:
+    """One row per news of each impression and (with ``history``) of each user's
+    first history:
     ``user_id``, ``item_id``, ``label`` (text) and ``timestamp`` (seconds), with
     the line each came from; the report counts the lines rejected whole."""
     lines = read_lines(path, "a MIND behaviors file").with_columns(
@@ -201,7 +204,7 @@ def _rows(path: Path) -> tuple[pl.DataFrame, LoadReport]:
         .select(LINE, USER, ITEM, LABEL, TIME)
     )
     opening = good.sort(TIME, LINE).unique(USER, keep="first", maintain_order=True)
-    history = (
+    clicked = (
         opening.select(LINE, USER, TIME, pl.col("__history").str.split(" "))
         .explode("__history")
         .filter(pl.col("__history") != "")
@@ -219,7 +222,9 @@ def _rows(path: Path) -> tuple[pl.DataFrame, LoadReport]:
             TIME,
         )
     )
-    rows = pl.concat([history, shown], how="vertical").sort(LINE, maintain_order=True)
+    if not history:
+        return shown, report
+    rows = pl.concat([clicked, shown], how="vertical").sort(LINE, maintain_order=True)
     return rows, report
 
 

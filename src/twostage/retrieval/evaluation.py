@@ -376,15 +376,21 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
 
     data = run.config.data
     try:
-        test = with_names_if_headerless(
-            path,
-            data.column_names,
-            lambda names: load_mapped(
-                str(path),
-                dataclasses.replace(data, column_names=tuple(names or ())),
-                weights=False,
-            ),
-        )
+        if str(path).lower().startswith("mind:"):  # MIND's own protocol: dev file
+            from twostage.data.mind import read_mind
+
+            # Its histories are clicks from before its period, not test events.
+            test = read_mind(str(path).partition(":")[2], history=False)
+        else:
+            test = with_names_if_headerless(
+                path,
+                data.column_names,
+                lambda names: load_mapped(
+                    str(path),
+                    dataclasses.replace(data, column_names=tuple(names or ())),
+                    weights=False,
+                ),
+            )
     except DataError as e:
         raise DataError(
             f"{str(path)!r} is read as the run's training log was (user column "

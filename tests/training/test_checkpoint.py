@@ -187,22 +187,35 @@ def test_a_stop_request_checkpoints_the_step_then_resumes_exactly(
         )
 
 
+@pytest.mark.parametrize(
+    ("every", "resumes_at"),
+    [
+        ({"checkpoint_steps": 3}, 9 + 6),  # the checkpoint of step 6 of epoch 2
+        ({"checkpoint_minutes": 1e-9}, 9 + 7),  # one after every step, by the clock
+    ],
+)
 def test_checkpoints_within_an_epoch_lose_at_most_their_steps(
-    noisy, tmp_path: Path
+    noisy, tmp_path: Path, every: dict, resumes_at: int
 ) -> None:
-    """train.checkpoint_steps: a run killed in the middle of an epoch resumes from
-    the last checkpoint within it, to the weights of the run never killed."""
+    """train.checkpoint_steps / checkpoint_minutes: a run killed in the middle of
+    an epoch resumes from the last checkpoint within it, to the weights of the
+    run never killed."""
     config, tensors, fresh, want, _ = noisy
-    every = dataclasses.replace(config.train, checkpoint_steps=3)
 
     def crash(info: dict) -> None:
-        if info["step"] == 9 + 7:  # after the checkpoint of step 6 of epoch 2
+        if info["step"] == 9 + 7:  # trained, not yet checkpointed
             raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        train_retrieval(fresh(), tensors, every, checkpoint_dir=tmp_path, on_step=crash)
-    resumed, _, first = _resume(noisy, tmp_path)  # without checkpoint_steps now
-    assert first == 9 + 6
+        train_retrieval(
+            fresh(),
+            tensors,
+            dataclasses.replace(config.train, **every),
+            checkpoint_dir=tmp_path,
+            on_step=crash,
+        )
+    resumed, _, first = _resume(noisy, tmp_path)  # without them now
+    assert first == resumes_at
     assert _equal(resumed, want)
 
 

@@ -508,9 +508,11 @@ class TrainConfig(_Checked):
     state and the loss's softmax stay float32): the GPU setting; on CPUs without
     bf16 units it is slower. ``checkpoint_steps`` > 0 also writes the checkpoint
     every that many steps within an epoch (where the run has a checkpoint
-    directory), so a crash loses at most that many steps of a long epoch; a stop
-    request (SIGTERM, the first Ctrl-C) writes one after the step in progress
-    whatever it is, and ``--resume`` continues from either exactly.
+    directory), so a crash loses at most that many steps of a long epoch;
+    ``checkpoint_minutes`` > 0 writes it when that many minutes have passed since
+    the last one (any rank's clock, under torchrun). A stop request (SIGTERM, the
+    first Ctrl-C) writes one after the step in progress whatever they are, and
+    ``--resume`` continues from any of them exactly.
     """
 
     epochs: int = 10
@@ -529,6 +531,7 @@ class TrainConfig(_Checked):
     num_threads: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_steps: int = 0
+    checkpoint_minutes: float = 0.0
 
     SECTION: ClassVar[str] = "train"
 
@@ -551,6 +554,10 @@ class TrainConfig(_Checked):
             "checkpoint_steps": (
                 self.checkpoint_steps >= 0,
                 "0 (a checkpoint at each epoch's end only) or positive",
+            ),
+            "checkpoint_minutes": (
+                self.checkpoint_minutes >= 0 and math.isfinite(self.checkpoint_minutes),
+                "0 (no clock) or a positive number of minutes",
             ),
         }
 

@@ -69,6 +69,7 @@ _MAY_CHANGE = (
     "train.num_threads",
     "train.device",
     "train.checkpoint_steps",
+    "train.checkpoint_minutes",
     "ranking.epochs",
 )
 
@@ -194,7 +195,8 @@ def run_training(
         validate: the validation after each epoch; without it every epoch that
             lowers the training loss counts as the best.
         checkpoint_dir: where a checkpoint is written after every epoch, every
-            ``config.checkpoint_steps`` steps within one, and on a stop request.
+            ``config.checkpoint_steps`` steps or ``config.checkpoint_minutes``
+            minutes within one, and on a stop request.
         resume: continue from the checkpoint in ``checkpoint_dir``.
         on_step: called after every step with ``{"epoch", "step", "loss",
             "examples", "num_epochs", "total_steps"}`` (``epoch`` and ``step`` are
@@ -263,6 +265,7 @@ def run_training(
                 "" if in_epoch is None else f", step {in_epoch.step + 1}",
             )
         started = time.perf_counter() - result.seconds
+        saved_at = time.perf_counter()  # of the last checkpoint (checkpoint_minutes)
         for epoch in range(start_epoch, config.epochs):
             if bad_epochs >= config.early_stopping_patience > 0:
                 break
@@ -336,9 +339,15 @@ def run_training(
                     )
                 if step_in_epoch + 1 >= steps_per_epoch or step + 1 >= total_steps:
                     break  # the epoch's end: validated and checkpointed below
-                stop = _agreed(_STOP.is_set(), device)
-                due = config.checkpoint_steps > 0 and (
-                    (step_in_epoch + 1) % config.checkpoint_steps == 0
+                late = (
+                    checkpoint_dir is not None
+                    and config.checkpoint_minutes > 0
+                    and time.perf_counter() - saved_at >= 60 * config.checkpoint_minutes
+                )
+                stop, late = _agreed([_STOP.is_set(), late], device)
+                due = late or (
+                    config.checkpoint_steps > 0
+                    and (step_in_epoch + 1) % config.checkpoint_steps == 0
                 )
                 if checkpoint_dir is not None and (stop or due):
                     current = model.state_dict()  # a collective for a sharded table
@@ -362,6 +371,7 @@ def run_training(
                             ),
                         )
                     del current
+                    saved_at = time.perf_counter()
                 if stop:
                     model.cpu()
                     raise TrainingInterrupted(
@@ -429,7 +439,8 @@ def run_training(
                         fingerprint=fingerprint,
                     )
                 del current
-            if _agreed(_STOP.is_set(), device):
+                saved_at = time.perf_counter()
+            if _agreed([_STOP.is_set()], device)[0]:
                 model.cpu()
                 raise TrainingInterrupted(
                     f"training stopped on request after epoch {epoch + 1} of "
@@ -455,16 +466,18 @@ def _where(checkpoint_dir: Path | None) -> str:
     return f"its checkpoint is in {str(checkpoint_dir)!r}: continue with --resume."
 
 
-def _agreed(stop: bool, device: torch.device) -> bool:
-    """Whether any rank was asked to stop (``stop`` in a single process): every
-    rank then stops after the same step, as the global batch needs them all."""
+def _agreed(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each of ``flags`` (a stop request, a checkpoint due by the clock) as any rank
+    has it (as they are in a single process): every rank then stops, or writes
+    its share of a checkpoint, after the same step, as the global batch and the
+    checkpoint's collectives need them all."""
     if distributed.current() is None:
-        return stop
+        return flags
     import torch.distributed as dist
 
-    flag = torch.tensor([int(stop)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    together = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(together, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in together.tolist()]
 
 
 def _random_states(

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -1629,7 +1628,8 @@ def main(args: list[str] | None = None) -> None:
 
 def _launch(args: list[str]) -> int:
     """``--nproc N``: run the same command as N data-parallel processes on this
-    machine through torchrun (``torch.distributed.run --standalone``)."""
+    machine, with torchrun's launcher (``torch.distributed.run --standalone``)
+    in this process."""
     at = args.index("--nproc")
     try:
         count = int(args[at + 1])
@@ -1640,18 +1640,24 @@ def _launch(args: list[str]) -> int:
         status_console.print("[red]error:[/red] --nproc should be at least 1.")
         return 2
     rest = args[:at] + args[at + 2 :]
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
-        *("--nproc-per-node", str(count), "-m", "twostage", *rest),
-    ]
-    # Ctrl-C reaches torchrun too, which passes it to the ranks (they finish the
-    # step and checkpoint it): this process waits for them rather than dying
-    # with a traceback. A handler, not SIG_IGN, which the child would inherit.
-    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(count), "-m", "twostage", *rest]
+    )
     try:
-        return subprocess.call(command)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        run(launch)
+    except SignalException as stopped:
+        # Ctrl-C or SIGTERM: the launcher passed it to the ranks, which finish
+        # the step, checkpoint it and say so (run as a subprocess, torchrun
+        # ended in a traceback here).
+        return 128 + int(stopped.sigval)
+    except ChildFailedError as failed:  # a rank's error is above; torchrun's summary
+        status_console.print(failed.format_msg(), markup=False, highlight=False)
+        return 1
+    return 0
 
 
 #: Python argument and config names in library messages -> the CLI flag that sets

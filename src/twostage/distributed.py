@@ -186,12 +186,8 @@ def gather_frames(frame: pl.DataFrame) -> list[pl.DataFrame]:
     ``[frame]`` in a single process."""
     if _WORLD is None:
         return [frame]
-    buffer = io.BytesIO()
-    frame.write_ipc(buffer)
-    local = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-    sizes = gather_sizes(len(local))
-    parts = gather_rows(local, sizes).split(sizes)
-    return [pl.read_ipc(io.BytesIO(part.numpy().tobytes())) for part in parts]
+    local, sizes = _ipc(frame)
+    return _frames(gather_rows(local, sizes), sizes)
 
 
 def gather_frames_to(frame: pl.DataFrame, dst: int) -> list[pl.DataFrame] | None:
@@ -200,15 +196,24 @@ def gather_frames_to(frame: pl.DataFrame, dst: int) -> list[pl.DataFrame] | None
     rank needs them, sent as Arrow IPC bytes (never pickled)."""
     if _WORLD is None:
         return [frame]
+    local, sizes = _ipc(frame)
+    got = gather_rows_to(local, dst)
+    return None if got is None else _frames(got, sizes)
+
+
+def _ipc(frame: pl.DataFrame) -> tuple[Tensor, list[int]]:
+    """``frame`` as Arrow IPC bytes, and every rank's number of them."""
     buffer = io.BytesIO()
     frame.write_ipc(buffer)
     local = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-    sizes = gather_sizes(len(local))
-    got = gather_rows_to(local, dst)
-    if got is None:
-        return None
+    return local, gather_sizes(len(local))
+
+
+def _frames(gathered: Tensor, sizes: list[int]) -> list[pl.DataFrame]:
+    """The frames of :func:`_ipc`'s bytes, gathered in rank order."""
     return [
-        pl.read_ipc(io.BytesIO(part.numpy().tobytes())) for part in got.split(sizes)
+        pl.read_ipc(io.BytesIO(part.numpy().tobytes()))
+        for part in gathered.split(sizes)
     ]
 
 

@@ -57,7 +57,9 @@ def test_polars_reads_a_plain_log_as_the_exact_path_does(
 ) -> None:
     lines = [
         '{"user_id": 1, "item_id": "a", "rating": 4, "ts": 1600000000, '
-        '"genres": ["x", "y"], "price": 19.99, "title": "Caf\\u00e9 \\"noir\\""}',
+        # escapes as Python's json.dumps writes them, an emoji as a surrogate pair
+        '"genres": ["x", "y"], "price": 19.99, '
+        '"title": "Caf\\u00e9 \\"noir\\" \\ud83d\\ude00"}',
         "",  # blank lines hold no row and keep the numbers physical
         '{"item_id": "b", "user_id": 2, "rating": 3.5, "ts": 1600000001, '
         '"genres": [], "price": "None", "title": "rating"}\r',

@@ -115,9 +115,22 @@ _DECODER = json.JSONDecoder(
 #: Twice as fast, for the lines that cannot hold what only the hooks tell.
 _PLAIN = json.JSONDecoder(parse_constant=_no_constant)
 
-#: Lines whose numbers or escapes may be beyond what polars reads: 39 digits in
-#: a row (2**127 has 39), an exponent of 100 or more, a surrogate escape.
-_BEYOND = r"[0-9]{39}|[eE]\+?[0-9]{3}|\\u[dD][89a-fA-F]"
+#: Numbers that may be beyond polars' columns: 39 digits in a row (2**127 has
+#: 39), an exponent of 100 or more.
+_LONG_NUMBER = r"[0-9]{39}|[eE]\+?[0-9]{3}"
+#: An escape inside a key: from a backslash to the end of a string followed by
+#: a colon. (A run from a value's backslash stops at the value's closing quote,
+#: which no colon follows; an escaped backslash, which could shift the run, is
+#: decoded anyway.)
+_ESCAPED_KEY = r'\\(?:[^"\\]|\\.)*"\s*:'
+#: A surrogate pair written as two escapes (one character), and a surrogate
+#: escape: one left once the pairs are gone stands alone.
+_PAIR = r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_SURROGATE = r"\\u[dD][89a-fA-F]"
+#: One JSON string, and the colon after it when it is a key. Every string of a
+#: valid line is matched in turn (no quote stands between strings), so a key is
+#: never taken for a value's text.
+_STRING = r'"(?:[^"\\]|\\.)*"\s*:?'
 
 
 def _text(data: bytes, path: Path) -> str:
@@ -202,33 +215,63 @@ def _split_lines(data: bytes) -> pl.DataFrame | None:
     return lines.with_row_index(LINE, offset=1).with_columns(pl.col("t").fill_null(""))
 
 
-def _doubtful(texts: pl.Series, keys: Iterable[str]) -> pl.Series:
-    """Per line, whether polars may read it otherwise than :mod:`json` with
-    every check (:data:`_DECODER`): it may give a key twice at any depth, which
-    polars reads as the first value without a word, or hold a number or an
-    escape beyond what polars reads (:data:`_BEYOND`). A line holding each key
-    of ``keys`` (the top-level ones) quoted at most once, no backslash (an escape
-    may spell a key otherwise), no object inside and nothing beyond cannot."""
+def _checked(texts: pl.Series, keys: Iterable[str]) -> list[tuple[int, str]]:
+    """The index and text of each line that :mod:`json` with every check
+    (:data:`_DECODER`) rejects, of those that polars may read otherwise: a key
+    given twice at any depth (polars reads the first value without a word), a
+    number or a lone surrogate beyond what polars reads.
+
+    The lines are sifted together, and only those left are decoded one by one.
+    A line holding each of ``keys`` (the top-level ones) quoted at most once and
+    no object inside cannot repeat a key; one whose keys repeat is told by
+    listing them (at any depth). Escapes are mostly in values (``\\u00e9``,
+    ``\\"``, emoji as surrogate pairs: Python's ``json.dumps`` writes them so),
+    which polars reads as :mod:`json` does; a key written with one, a surrogate
+    escape outside a pair, or an escaped backslash (which could make what follows
+    look like an escape) sends the line to :mod:`json`. So does a long number.
+    """
     text = pl.col("t")
-    flags = [text.str.count_matches(json.dumps(k), literal=True) > 1 for k in keys]
-    flags += [  # json.dumps escapes a key's non-ASCII letters; a file may not
+    named_twice = [
+        text.str.count_matches(json.dumps(k), literal=True) > 1 for k in keys
+    ]
+    named_twice += [  # json.dumps escapes a key's non-ASCII letters; a file may not
         text.str.count_matches(json.dumps(k, ensure_ascii=False), literal=True) > 1
         for k in keys
         if not k.isascii()
     ]
-    flags += [
-        text.str.contains("\\", literal=True),
-        text.str.count_matches("{", literal=True) > 1,
-        text.str.contains(_BEYOND),
-    ]
-    return pl.DataFrame({"t": texts}).select(pl.any_horizontal(flags))[:, 0]
-
-
-def _checked(texts: pl.Series, keys: Iterable[str]) -> list[tuple[int, str]]:
-    """The index and text of each line that :mod:`json` with every check
-    rejects, of those that polars may read otherwise (:func:`_doubtful`)."""
+    escaped = text.str.contains("\\", literal=True)
+    flags = pl.DataFrame({"t": texts}).select(
+        pl.any_horizontal(
+            *named_twice, text.str.count_matches("{", literal=True) > 1
+        ).alias("repeat"),
+        (
+            escaped
+            & (
+                text.str.contains(_ESCAPED_KEY)
+                | (
+                    text.str.count_matches(_SURROGATE)
+                    != 2 * text.str.count_matches(_PAIR)
+                )
+                | text.str.contains("\\\\", literal=True)
+            )
+        ).alias("escape"),
+        text.str.contains(_LONG_NUMBER).alias("long"),
+    )
+    repeat = flags["repeat"].arg_true()
+    if len(repeat):  # their keys listed: a name twice, or with an escape
+        found = texts.gather(repeat).str.extract_all(_STRING)
+        found = found.list.eval(
+            pl.element()
+            .filter(pl.element().str.ends_with(":"))
+            .str.replace(r"\s*:$", "")
+        )
+        twice = (found.list.n_unique() < found.list.len()).fill_null(True)
+        repeat = repeat.filter(twice)
+    left = set(repeat.to_list())
+    left |= set(flags["escape"].arg_true().to_list())
+    left |= set(flags["long"].arg_true().to_list())
     rejected = []
-    for n in _doubtful(texts, keys).arg_true().to_list():
+    for n in sorted(left):
         line = texts[n]
         try:
             _DECODER.decode(line)
@@ -377,7 +420,7 @@ def _read_exact(
     polars parses the lines a block at a time, and :mod:`json` parses each line
     of a block that polars cannot, to find the bad lines. Then the good lines
     are read at once, and those that polars may read otherwise than :mod:`json`
-    checks (:func:`_doubtful`) are checked. Where polars cannot read the good
+    checks are checked (:func:`_checked`). Where polars cannot read the good
     lines as they are, :func:`_reconciled` reads them with each key's kind
     reconciled. With ``opts.strict``, the first bad line stops the read.
     """

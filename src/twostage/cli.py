@@ -1622,7 +1622,9 @@ def main(args: list[str] | None = None) -> None:
         app(args)
     except TwostageError as e:
         message = escape(as_flags(str(e)))
-        status_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+        # Under torchrun each rank that meets the error says it: name the others.
+        who = f" (rank {_rank()})" if _rank() else ""
+        status_console.print(f"[red]error{who}:[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from e
 
 

@@ -59,10 +59,17 @@ class World:
         return [base + (1 if r < extra else 0) for r in range(self.size)]
 
 
+#: The environment variable of a local group's rendezvous file
+#: (:func:`run_local_group`), in place of torchrun's ``MASTER_ADDR`` and
+#: ``MASTER_PORT``.
+INIT_FILE = "TWOSTAGE_INIT_FILE"
+
+
 def init_from_env(device: str = "cpu") -> World | None:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the
-    environment): ``nccl`` for CUDA devices, ``gloo`` otherwise. None when this is a
-    single process. Idempotent."""
+    environment), or :func:`run_local_group` (its rendezvous file): ``nccl`` for
+    CUDA devices, ``gloo`` otherwise. None when this is a single process.
+    Idempotent."""
     global _WORLD
     if _WORLD is not None:
         return _WORLD
@@ -71,7 +78,15 @@ def init_from_env(device: str = "cpu") -> World | None:
         return None
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        if INIT_FILE in os.environ:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"file://{os.environ[INIT_FILE]}",
+                rank=int(os.environ["RANK"]),
+                world_size=size,
+            )
+        else:
+            dist.init_process_group(backend=backend)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend)
@@ -81,34 +96,42 @@ def init_from_env(device: str = "cpu") -> World | None:
 def run_local_group(target: Callable[..., Any], size: int, *args: Any) -> None:
     """Run ``target(rank, *args)`` in ``size`` new processes on this host, each
     told its place in one process group as ``torchrun`` tells it (``RANK``,
-    ``WORLD_SIZE``, a free local port), so :func:`init_from_env` joins them; for
+    ``WORLD_SIZE``, ``LOCAL_RANK``), so :func:`init_from_env` joins them; for
     tests and benchmarks that start ranks without torchrun. ``target`` must be
-    importable (a module-level function); an error in a rank is raised here."""
-    import socket
+    importable (a module-level function); an error in a rank is raised here.
+
+    The ranks meet through a file of their own (:data:`INIT_FILE`), not a port:
+    a free port found by binding and closing a socket could be taken by another
+    group starting at the same time (two test workers), before the ranks bind it.
+    """
+    import shutil
+    import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    mp.start_processes(
-        _local_rank,
-        args=(size, port, target, args),
-        nprocs=size,
-        join=True,
-        start_method="spawn",
-    )
+    meeting = tempfile.mkdtemp(prefix="twostage-group-")
+    try:
+        mp.start_processes(
+            _local_rank,
+            args=(size, f"{meeting}/store", target, args),
+            nprocs=size,
+            join=True,
+            start_method="spawn",
+        )
+    finally:
+        shutil.rmtree(meeting, ignore_errors=True)
 
 
 def _local_rank(
-    rank: int, size: int, port: int, target: Callable[..., Any], args: tuple[Any, ...]
+    rank: int, size: int, store: str, target: Callable[..., Any], args: tuple[Any, ...]
 ) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(size),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
+        {
+            INIT_FILE: store,
+            "WORLD_SIZE": str(size),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+        }
     )
     target(rank, *args)
 

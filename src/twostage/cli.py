@@ -1620,12 +1620,31 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(_launch(args))
     try:
         app(args)
+    except SystemExit as done:
+        if not done.code:  # typer ends a command so
+            _leave_group()
+        raise
     except TwostageError as e:
         message = escape(as_flags(str(e)))
         # Under torchrun each rank that meets the error says it: name the others.
         who = f" (rank {_rank()})" if _rank() else ""
         status_console.print(f"[red]error{who}:[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from e
+
+
+def _leave_group() -> None:
+    """A rank of a torchrun job leaves its process group once the command is
+    done, after the others (rank 0 may still be saving): a rank that exited
+    holding it could abort in its C++ teardown ("terminate called without an
+    active exception", exit -6), failing a finished job."""
+    from twostage import distributed
+
+    if distributed.current() is None:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    distributed.shutdown()
 
 
 def _launch(args: list[str]) -> int:

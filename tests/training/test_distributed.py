@@ -202,6 +202,7 @@ def test_cli_nproc_trains_one_run_through_torchrun(tmp_path: Path) -> None:
             *("--set", "train.num_threads=1", "--json"),
         ],
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         timeout=300,
         env=env,

@@ -223,7 +223,8 @@ def _stop_on_sigterm() -> Iterator[None]:
     except KeyboardInterrupt:
         say(
             "[red]interrupted[/red] (Ctrl-C): nothing of this run was saved but "
-            "its checkpoints (each epoch's, and every train.checkpoint_steps steps), "
+            "its checkpoints (each epoch's, and those train.checkpoint_steps or "
+            "train.checkpoint_minutes ask for within one), "
             "when --work-dir (train) or --out (train retrieval) holds them; --resume "
             "continues from there. During training, one Ctrl-C (or SIGTERM) "
             "finishes the step and checkpoints it first."
@@ -1634,9 +1635,10 @@ def main(args: list[str] | None = None) -> None:
 
 def _leave_group() -> None:
     """A rank of a torchrun job leaves its process group once the command is
-    done, after the others (rank 0 may still be saving): a rank that exited
-    holding it could abort in its C++ teardown ("terminate called without an
-    active exception", exit -6), failing a finished job."""
+    done, after the others (rank 0 may still be saving), rather than exiting
+    with it still open. (It did not end the ranks' occasional abort at exit
+    under pytest, "terminate called without an active exception": the test's
+    inherited stdin was what mattered there.)"""
     from twostage import distributed
 
     if distributed.current() is None:

@@ -1636,9 +1636,8 @@ def main(args: list[str] | None = None) -> None:
 def _leave_group() -> None:
     """A rank of a torchrun job leaves its process group once the command is
     done, after the others (rank 0 may still be saving), rather than exiting
-    with it still open. (It did not end the ranks' occasional abort at exit
-    under pytest, "terminate called without an active exception": the test's
-    inherited stdin was what mattered there.)"""
+    with it still open (see :func:`twostage.distributed.init_from_env` for what
+    kept the group alive after it was destroyed)."""
     from twostage import distributed
 
     if distributed.current() is None:

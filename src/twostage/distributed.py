@@ -78,6 +78,13 @@ def init_from_env(device: str = "cpu") -> World | None:
         return None
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
+        # torch.distributed.nn's functions take ``group=group.WORLD`` as a default,
+        # read when the module is first imported; DDP imports it. Imported after
+        # the group exists, the defaults hold the group, so destroying it left its
+        # gloo threads running into the interpreter's exit, where a rank aborted
+        # now and then ("terminate called without an active exception").
+        import torch.distributed.nn
+
         if INIT_FILE in os.environ:
             dist.init_process_group(
                 backend=backend,

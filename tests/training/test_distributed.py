@@ -88,6 +88,40 @@ def _stop_rank(rank: int, run: str, phase: str) -> None:
         distributed.shutdown()
 
 
+def _gloo_threads() -> list[str]:
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        try:
+            names.append(comm.read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(name for name in names if "gloo" in name)
+
+
+def _leave_rank(rank: int, out: str) -> None:
+    """Join, train a DDP step, leave: which gloo threads are left."""
+    distributed.init_from_env()
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    model(torch.ones(4, 3)).sum().backward()
+    joined = _gloo_threads()
+    del model
+    distributed.shutdown()
+    left = {"joined": joined, "left": _gloo_threads()}
+    Path(out, f"{rank}.json").write_text(json.dumps(left))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_leaving_the_group_stops_its_threads_after_ddp(tmp_path: Path) -> None:
+    """DDP imports torch.distributed.nn, whose functions' defaults keep the group
+    they find: imported after the group exists, they kept it (and its gloo threads)
+    alive after it was destroyed, and a rank aborted now and then at exit."""
+    distributed.run_local_group(_leave_rank, 2, str(tmp_path))
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert threads["joined"], "gloo names its threads: the check sees them"
+        assert threads["left"] == [], threads
+
+
 @pytest.mark.slow
 def test_a_stop_asked_of_one_rank_stops_every_rank_after_the_same_step(
     tmp_path: Path,

@@ -341,6 +341,46 @@ def test_comment_prefix_from_the_command_line(tmp_path: Path) -> None:
     assert streamed.exit_code == 2
 
 
+def test_the_log_s_quote_char_and_comment_prefix_read_its_tables_too(
+    tmp_path: Path,
+) -> None:
+    """A dump has one dialect: `--quote-char none` and `--comment-prefix` reached
+    the log but not its feature tables, where a name starting with a quote was still
+    a bad_quoting row (whose hint named the option already given) and a comment
+    line was read as the header."""
+    from twostage.config import DataConfig
+    from twostage.data.registry import read_side_tables
+
+    log = tmp_path / "plays.tsv"
+    data = generate(num_users=40, num_items=30, num_interactions=600).interactions
+    data.select("user_id", "item_id", "rating").write_csv(log, separator="\t")
+    item_ids = data["item_id"].unique().sort()
+    artists = [f'"Weird {i}" Band' if i % 3 else f"Band {i}" for i in range(30)]
+    items = tmp_path / "artists.tsv"
+    pl.DataFrame({"item_id": item_ids, "artist": artists}).write_csv(
+        items, separator="\t", quote_style="never"
+    )
+    user_ids = data["user_id"].unique().sort()
+    countries = pl.DataFrame({"user_id": user_ids, "country": ["NO", "FI"] * 20})
+    users = tmp_path / "profiles.tsv"
+    users.write_text("# profiles, 2026\n" + countries.write_csv(separator="\t"))
+    tables = ["--item-table", str(items), "--user-table", str(users)]
+    dialect = ["--quote-char", "none", "--comment-prefix", "#"]
+    described = runner.invoke(app, ["data", "describe", str(log), *tables, *dialect])
+    assert described.exit_code == 0, described.output
+    said = " ".join(described.stderr.split())
+    assert "30 of 30 item_id values have features" in said, said
+    assert "40 of 40 user_id values have features" in said, said
+    assert "bad_quoting" not in said
+    config = DataConfig(
+        item_table=str(items), user_table=str(users), quote_char="", comment_prefix="#"
+    )
+    people, catalogue = read_side_tables(config)
+    assert people is not None and catalogue is not None
+    assert people.height == 40 and people.columns == ["user_id", "country"]
+    assert catalogue["artist"].to_list() == artists
+
+
 def test_unrated_values_from_the_command_line(tmp_path: Path) -> None:
     """Goodreads' and Book-Crossing's logs rate 0 for 'not rated': only `--set
     data.unrated_values=0` on `train` said so, and `data describe` counted the

@@ -152,16 +152,17 @@ QuoteChar = Annotated[
     str | None,
     typer.Option(
         rich_help_panel=READING,
-        help='Quote character of a CSV (default: "); none (or "") when quotes are '
-        "text, as in Last.fm's TSV dumps where a field may start with one.",
+        help='Quote character of a CSV log and its feature tables (default: "); '
+        'none (or "") when quotes are text, as in Last.fm\'s TSV dumps where a '
+        "field may start with one.",
     ),
 ]
 CommentPrefix = Annotated[
     str | None,
     typer.Option(
         rich_help_panel=READING,
-        help="Start of the comment lines of a text log, skipped and counted: # for "
-        "SNAP's files, % for KONECT's (default: none).",
+        help="Start of the comment lines of a text log and its feature tables, "
+        "skipped and counted: # for SNAP's files, % for KONECT's (default: none).",
     ),
 ]
 UserFeatures = Annotated[
@@ -395,6 +396,11 @@ def _with_tables(
             user_col=options.get("user_col"),
             item_col=options.get("item_col"),
             **described,
+            **{
+                name: options[name]
+                for name in ("quote_char", "comment_prefix")
+                if options.get(name) is not None
+            },
         )
     )
     return join_features(data, users=users, items=items)

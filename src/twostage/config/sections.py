@@ -129,10 +129,11 @@ class DataConfig(_Checked):
     ``missing_ratings`` says what an empty or missing rating is: ``reject``
     (default; a ``bad_rating`` row) or ``unrated``, an interaction without a
     rating (a log of purchases and reviews).
-    ``quote_char`` is the quote character of a text log (default ``"``); ``""``
-    reads quotes as text (Last.fm's tab-separated dumps, where a field may start
-    with one). ``comment_prefix`` starts the comment lines of a text log, which are
-    skipped and counted (SNAP's ``#``, KONECT's ``%``); ``""`` (default): none.
+    ``quote_char`` is the quote character of a text log and of its text feature
+    tables (default ``"``); ``""`` reads quotes as text (Last.fm's tab-separated
+    dumps, where a field may start with one). ``comment_prefix`` starts the comment
+    lines of a text log and of its text feature tables, which are skipped and
+    counted (SNAP's ``#``, KONECT's ``%``); ``""`` (default): none.
     ``duplicates`` says what to do with rows of the same user, item and time
     (logged twice): ``keep`` them (default), keep the ``first`` or ``last`` (the
     others counted as ``duplicate``), or stop (``error``).

@@ -226,7 +226,8 @@ def read_side_tables(
     ``item_table_columns``) by ``data.user_table_key`` / ``item_table_key`` when
     set, else by the log's
     user / item column name when the file has it, else by ``user_id`` /
-    ``item_id``.
+    ``item_id``. A text table is read with the log's ``data.quote_char`` and
+    ``data.comment_prefix`` (one dump, one dialect).
 
     Raises:
         ConfigError: a key setting without its table.
@@ -258,6 +259,8 @@ def read_side_tables(
             key_name=key,
             column_names=list(names) or None,
             has_header=not names,
+            quote_char=data.quote_char,
+            comment_prefix=data.comment_prefix or None,
         )
 
     return (

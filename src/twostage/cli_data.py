@@ -433,7 +433,9 @@ def _print_report(report: Any, *, strict_hint: bool = True) -> None:
         table.add_column(column)
     for reason, count in sorted(report.rejected.items()):
         lines = ", ".join(str(line) for line, _ in report.examples.get(reason, []))
-        table.add_row(reason, str(count), lines)
+        spanned = getattr(report, "spanned_lines", {}).get(reason)
+        over = f" (over {spanned:,} lines)" if spanned else ""
+        table.add_row(reason, f"{count}{over}", lines)
     console.print(table)
     console.print(
         f"{report.rows_loaded} of {report.rows_read} rows loaded, "

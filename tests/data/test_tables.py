@@ -305,6 +305,34 @@ def test_bad_quoting_is_reported_and_reading_resumes(tmp_path: Path) -> None:
     assert ds.interactions["user_id"].to_list() == [2, 4]
 
 
+def test_rejected_rows_over_line_breaks_say_how_many_lines_they_took(
+    tmp_path: Path,
+) -> None:
+    """A quote that opens a field runs on to the next quote, lines below: the
+    report counted one bad row where several lines of the file were lost, and the
+    reader could not tell 3 rejected rows in a file of 9 from 3 bad lines."""
+    text = (
+        f"{HEADER}\n"
+        '1,"open,1,1\n2,x,1,1\n3,y,1,1\n4,z"a,1,1\n'  # lines 2-5: bad_quoting
+        "5,w,1,1\n"
+        '6,"two\nlines",x,1\n'  # lines 7-8: a good record with a bad rating
+        "7,v,y,1\n"  # line 9: bad rating on one line
+        '8,"u"t,1,1\n'  # line 10: bad_quoting on one line
+    )
+    ds = load(write(tmp_path, "q.csv", text))
+    report = ds.report
+    assert report is not None
+    assert report.rejected == {"bad_quoting": 2, "bad_rating": 2}
+    assert report.spanned_lines == {"bad_quoting": 5, "bad_rating": 3}
+    assert [n for n, _ in report.examples["bad_quoting"]] == [2, 10]
+    assert "bad_quoting: 2 over 5 lines (first lines: 2, 10)" in report.summary()
+    assert report.to_dict()["spanned_lines"] == {"bad_quoting": 5, "bad_rating": 3}
+    assert ds.interactions["user_id"].to_list() == [5]
+    one_line = load(write(tmp_path, "one.csv", f'{HEADER}\n1,"a"b,1,1\n2,x,1,1\n'))
+    assert one_line.report is not None and one_line.report.spanned_lines == {}
+    assert "bad_quoting: 1 (first lines: 2)" in one_line.report.summary()
+
+
 def test_lone_cr_in_a_lf_file_ends_a_line(tmp_path: Path) -> None:
     ds = load(write(tmp_path, "m.csv", f"{HEADER}\n1,a\rb,1,1\n2,c,1,1\n"))
     assert ds.report is not None

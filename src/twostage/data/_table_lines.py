@@ -196,6 +196,8 @@ class _ExactReader:
         self.ends: list[int] = []
         self.parts: list[pl.DataFrame] = []
         self.examples: dict[str, list[tuple[int, int]]] = {}  # reason -> line spans
+        # reason -> [rows, lines] of the rejected rows, to name those over several
+        self.spans: dict[str, list[int]] = {}
 
     def run(self) -> pl.DataFrame:
         gc_was_enabled = gc.isenabled()
@@ -206,6 +208,10 @@ class _ExactReader:
             if gc_was_enabled:
                 gc.enable()
         self.fill_examples()
+        for reason, (rows, lines) in self.spans.items():
+            if lines > rows:
+                spanned = self.report.spanned_lines
+                spanned[reason] = spanned.get(reason, 0) + lines
         if self.parts:
             return pl.concat(self.parts, how="vertical")
         empty = {c: pl.Series(c, [], dtype=pl.String) for c in self.spec.sources}
@@ -265,10 +271,17 @@ class _ExactReader:
             self.flush()  # a bad value on an earlier line comes first
             self.fail(reason, start, end)
         self.report.rows_read += 1
-        self.note(reason, 1, [(start, end)])
+        self.note(reason, 1, [(start, end)], end - start + 1)
 
-    def note(self, reason: str, count: int, spans: list[tuple[int, int]]) -> None:
+    def note(
+        self, reason: str, count: int, spans: list[tuple[int, int]], lines: int
+    ) -> None:
+        """Count ``count`` rejected rows over ``lines`` physical lines; ``spans``:
+        the first few rows' (first line, last line)."""
         self.report.rejected[reason] = self.report.rejected.get(reason, 0) + count
+        tally = self.spans.setdefault(reason, [0, 0])
+        tally[0] += count
+        tally[1] += lines
         kept = self.examples.setdefault(reason, [])
         kept.extend(spans[: MAX_EXAMPLES - len(kept)])
 
@@ -304,10 +317,12 @@ class _ExactReader:
             if self.strict:
                 i = int(reason.is_not_null().arg_true()[0])
                 self.fail(str(reason[i]), self.starts[i], self.ends[i])
+            lines = pl.Series(self.ends) - pl.Series(self.starts) + 1
             for r in reason.drop_nulls().unique(maintain_order=True).to_list():
-                idx = (reason == r).arg_true()[:MAX_EXAMPLES].to_list()
+                rows = reason == r
+                idx = rows.arg_true()[:MAX_EXAMPLES].to_list()
                 spans = [(self.starts[i], self.ends[i]) for i in idx]
-                self.note(r, int((reason == r).sum()), spans)
+                self.note(r, int(rows.sum()), spans, int(lines.filter(rows).sum()))
             parsed = parsed.filter(reason.is_null())
         self.report.rows_read += len(self.rows)
         self.parts.append(parsed)

@@ -56,7 +56,9 @@ class LoadReport:
     lines skipped as comments (read with ``comment_prefix``); they are not rows.
     ``shown_rows`` counts the loaded rows of an impression log (read with
     ``label_col``) that were shown and not chosen: loaded, not rejected, and kept
-    apart from the interactions (``Dataset.shown``).
+    apart from the interactions (``Dataset.shown``). ``spanned_lines`` gives, for a
+    reason whose rejected rows took more lines than their count (a quote that
+    opened a field ran over line breaks), the physical lines they took.
     """
 
     path: str
@@ -67,6 +69,7 @@ class LoadReport:
     duplicate_policy: str = "keep"
     comment_lines: int = 0
     shown_rows: int = 0
+    spanned_lines: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_rejected(self) -> int:
@@ -112,7 +115,9 @@ class LoadReport:
         parts = []
         for reason, count in sorted(self.rejected.items()):
             lines = ", ".join(str(line) for line, _ in self.examples.get(reason, []))
-            parts.append(f"{reason}: {count} (first lines: {lines})")
+            spanned = self.spanned_lines.get(reason)
+            over = f" over {spanned} lines" if spanned else ""
+            parts.append(f"{reason}: {count}{over} (first lines: {lines})")
         hint = f" ({self.hint})" if self.hint else ""
         return (
             f"{self.path}: {self.rows_loaded} of {self.rows_read} rows loaded, "
@@ -215,4 +220,5 @@ class LoadReport:
             "duplicate_policy": self.duplicate_policy,
             "comment_lines": self.comment_lines,
             "shown_rows": self.shown_rows,
+            "spanned_lines": dict(self.spanned_lines),
         }

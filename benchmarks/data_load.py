@@ -7,7 +7,10 @@ object with each key once; a file with a bad line is checked line by line with
 Python's ``json``, so that the bad line is rejected rather than failing the file:
 ``ours_ndjsonbad`` reads the same lines with one malformed line put in the middle,
 which takes that path (its ratio is to ``bare_ndjson`` on the good file, which
-polars' reader could not read with the bad line).
+polars' reader could not read with the bad line). ``ours_jsonarray`` reads the
+rows as one JSON array of objects (what ``DataFrame.write_json`` and pandas'
+``to_json(orient="records")`` write), each element checked as a line of JSON lines
+is, against ``bare_jsonarray``, polars' ``read_json``.
 Each measurement runs in a fresh subprocess, so the peak RSS (``VmHWM`` of
 ``/proc/self/status`` on Linux: ``ru_maxrss`` would carry over the parent's, which
 holds the table, through the fork and exec) belongs to that one read; runs are interleaved
@@ -53,6 +56,8 @@ KINDS = (
     "bare_ndjson",
     "ours_ndjson",
     "ours_ndjsonbad",
+    "bare_jsonarray",
+    "ours_jsonarray",
     "bare_netflix",
     "ours_netflix",
     "bare_mind",
@@ -171,6 +176,7 @@ def child(kind: str, path: str) -> None:
             "csv": pl.read_csv,
             "parquet": pl.read_parquet,
             "ndjson": pl.read_ndjson,
+            "jsonarray": pl.read_json,
         }
         rows = read[kind.split("_")[1]](path).height
     else:
@@ -216,10 +222,12 @@ def main() -> None:
             "csv": workdir / "interactions.csv",
             "parquet": workdir / "interactions.parquet",
             "ndjson": workdir / "interactions.jsonl",
+            "jsonarray": workdir / "interactions.json",
         }
         table.write_csv(files["csv"])
         table.write_parquet(files["parquet"])
         table.write_ndjson(files["ndjson"])
+        table.write_json(files["jsonarray"])
         files["ndjsonbad"] = write_with_bad_line(files["ndjson"], workdir / "bad.jsonl")
         files["netflix"] = write_netflix_layout(table, workdir / "combined_data_1.txt")
         files["mind"] = write_mind_layout(table, workdir / "behaviors.tsv")
@@ -251,6 +259,7 @@ def report(
         "parquet_ratio": seconds["ours_parquet"] / seconds["bare_parquet"],
         "ndjson_ratio": seconds["ours_ndjson"] / seconds["bare_ndjson"],
         "ndjsonbad_ratio": seconds["ours_ndjsonbad"] / seconds["bare_ndjson"],
+        "jsonarray_ratio": seconds["ours_jsonarray"] / seconds["bare_jsonarray"],
         "netflix_ratio": seconds["ours_netflix"] / seconds["bare_netflix"],
         "mind_ratio": seconds["ours_mind"] / seconds["bare_mind"],
         "peak_rss_gib": max(

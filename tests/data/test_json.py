@@ -230,6 +230,59 @@ def test_both_paths_agree_on_any_log(
     path.write_text(text)
     keys = sorted({key for _, _, extra, _ in rows for key in extra})
     assert_same(*read_both(path, monkeypatch, item_features=keys))
+    array = tmp_path / "any.json"
+    objects = [
+        {"user_id": user, "item_id": item, **extra} for user, item, extra, _ in rows
+    ]
+    array.write_text(json.dumps(objects, indent=1))
+    assert_same(*read_both(array, monkeypatch, item_features=keys))
+
+
+def test_an_array_s_elements_are_read_as_lines_of_json_lines_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON array was decoded whole: one element with a key given twice or a
+    NaN failed the file, and every element was written again by json.dumps (2.5
+    times the time of the same rows as JSON lines)."""
+    elements = [
+        '{"user_id": 1, "item_id": "a", "title": "Caf\\u00e9 \\"noir\\""}',
+        '{"user_id": 2, "item_id": "b", "user_id": 3}',  # a key given twice
+        '{"user_id": 4, "item_id": "c", "rating": NaN}',  # not JSON
+        "5",  # not an object
+        '{"user_id": null, "item_id": "d"}',
+        '{"user_id": 6, "item_id": "e", "n": 1' + "0" * 40 + "}",  # beyond 128 bits
+        '{"user_id": 7, "item_id": "f", "title": "x"}',
+    ]
+    lines = tmp_path / "log.jsonl"
+    lines.write_text("\n".join(elements) + "\n")
+    array = tmp_path / "log.json"
+    array.write_text("[" + ",".join(elements) + "]")
+    options = {"item_features": ["title"]}
+    as_lines = read_interactions(lines, **options)
+    fast, exact = read_both(array, monkeypatch, **options)
+    assert_same(fast, exact)
+    assert_frame_equal(fast.interactions, as_lines.interactions)
+    assert_frame_equal(fast.items, as_lines.items)
+    report = fast.report.to_dict()
+    assert report == {**as_lines.report.to_dict(), "path": str(array)}
+    assert report["rejected"] == {"bad_json": 4, "empty_user_id": 1}
+    assert [n for n, _ in fast.report.examples["bad_json"]] == [2, 3, 4, 6]
+    assert fast.items.filter(pl.col("item_id") == "a")["title"].item() == 'Café "noir"'
+    # Pretty-printed, an element over several lines: the same rows.
+    objects = [json.loads(elements[at]) for at in (0, 4, 6)]
+    array.write_text(json.dumps(objects, indent=2))
+    pretty = read_interactions(array, **options)
+    assert_frame_equal(pretty.interactions, as_lines.interactions)
+    assert pretty.report.rejected == {"empty_user_id": 1}
+    assert [n for n, _ in pretty.report.examples["empty_user_id"]] == [2]
+    for content, message in [
+        ('[{"user_id": 1, "item_id": 2}] [3]', "text follows the JSON array on line 1"),
+        ("[" * 100_000, "nested too deeply"),
+        ('[{"user_id": 1, "item_id": 2}\n {"user_id": 2}]', "line 2 column 2"),
+    ]:
+        array.write_text(content)
+        with pytest.raises(TwostageError, match=message):
+            read_interactions(array)
 
 
 @pytest.mark.parametrize(

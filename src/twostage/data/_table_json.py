@@ -160,25 +160,66 @@ def _is_array(data: bytes) -> bool:
     return data[start : start + 1] == b"["
 
 
+#: JSON's whitespace (RFC 8259), which Python's ``json`` skips between values.
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_space(text: str, at: int) -> int:
+    """Where the JSON whitespace at ``at`` in ``text`` ends."""
+    return at + len(_JSON_SPACE.match(text, at)[0])  # type: ignore[index]
+
+
+def _elements(text: str, path: Path) -> list[str]:
+    """The source text of each element of the JSON array ``text``, each checked
+    to be one JSON value, as a line of JSON lines is: a bad element is then
+    rejected as a bad line is, where a key given twice or a NaN failed the
+    whole array. ``json`` decodes each element only to find where it ends; no
+    element is re-encoded, so every one keeps its own escapes and numbers.
+
+    Raises:
+        DataError: the text is no JSON array (a syntax error, text after it).
+    """
+    decode = json.JSONDecoder().raw_decode
+    at = _skip_space(text, text.index("[") + 1)
+    found: list[str] = []
+    done = text.startswith("]", at)
+    try:
+        while not done:
+            _, end = decode(text, at)
+            found.append(text[at:end])
+            at = _skip_space(text, end)
+            done = text.startswith("]", at)
+            if not done:
+                if not text.startswith(",", at):
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+                at = _skip_space(text, at + 1)
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = e if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise DataError(
+            f"{path}: not a readable JSON array of objects: {why} (after "
+            f"{len(found):,} elements). A log of one object per line (JSON lines) "
+            "is read line by line, with bad lines counted rather than failing the "
+            "file."
+        ) from e
+    rest = _skip_space(text, at + 1)
+    if rest != len(text):
+        line = text.count("\n", 0, rest) + 1
+        raise DataError(
+            f"{path}: text follows the JSON array on line {line}: "
+            f"{text[rest : rest + 40]!r}; a log should be one array of objects."
+        )
+    return found
+
+
 def _records(data: bytes, path: Path) -> tuple[pl.Series, pl.Series]:
     """The line number and text of each record: a JSON array's elements, numbered
     by position (1-based), or a JSON lines file's non-blank lines."""
     if _is_array(data):
-        text = _text(data, path)
-        try:
-            items = json.loads(text, object_pairs_hook=_unique_keys)
-        except (json.JSONDecodeError, _Unreadable) as e:
-            raise DataError(
-                f"{path}: not a readable JSON array of objects: {e}. A log of one "
-                "object per line (JSON lines) is read line by line, with bad lines "
-                "counted rather than failing the file."
-            ) from e
-        if not isinstance(items, list):
-            raise DataError(f"{path}: a JSON log should be an array of objects.")
-        return (
-            pl.Series(LINE, range(1, len(items) + 1), dtype=pl.Int64),
-            pl.Series("t", [json.dumps(item) for item in items], dtype=pl.String),
-        )
+        found = _elements(_text(data, path), path)
+        # An element's line breaks are whitespace (a JSON string holds none), so
+        # each element becomes one line of JSON lines.
+        texts = pl.Series("t", found, dtype=pl.String).str.replace_all("[\r\n]", " ")
+        return pl.Series(LINE, range(1, len(found) + 1), dtype=pl.Int64), texts
     lines = _split_lines(data)
     if lines is None:
         # JSON lines are separated by "\n" (with "\r\n" allowed); str.splitlines

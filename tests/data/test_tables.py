@@ -349,6 +349,24 @@ def test_missing_column_names_it_and_lists_the_others(tmp_path: Path) -> None:
         read_interactions(path, item_features=["genre"])
 
 
+def test_feature_columns_are_a_list_of_names(tmp_path: Path) -> None:
+    """`item_features="genre"` was read as its letters ("lists 'g'"), and None,
+    which says "none" elsewhere in the API, was a TypeError."""
+    path = write(tmp_path, "a.csv", "user_id,item_id,genre\n1,1,x\n2,1,x\n")
+    plain = read_interactions(path, item_features=None, user_features=None)
+    assert plain.items is None and plain.users is None
+    for options in (
+        {"item_features": "genre"},
+        {"user_features": ["genre", 2]},
+    ):
+        with pytest.raises(ConfigError, match="should be a list of column names"):
+            read_interactions(path, **options)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="`columns` should be a list of column"):
+        read_feature_table(path, key_col="item_id", columns="genre")
+    items = read_interactions(path, item_features=["genre"]).items
+    assert items is not None and items["genre"].to_list() == ["x"]
+
+
 def test_bad_options_raise_config_errors(tmp_path: Path) -> None:
     path = write(tmp_path, "a.csv", f"{HEADER}\n1,1,1,1\n")
     with pytest.raises(ConfigError, match="duplicates"):

@@ -100,8 +100,8 @@ def read_interactions(
     rating_col: str | None = None,
     weight_col: str | None = None,
     label_col: str | None = None,
-    user_features: Sequence[str] = (),
-    item_features: Sequence[str] = (),
+    user_features: Sequence[str] | None = (),
+    item_features: Sequence[str] | None = (),
     separator: str | None = None,
     has_header: bool = True,
     column_names: Sequence[str] | None = None,
@@ -154,7 +154,8 @@ def read_interactions(
             above the threshold is chosen, one below it shown and not chosen
             (KuaiRec's ``watch_ratio`` with 2; ratings of 4 and up as choices);
             a value that is not a finite number is ``bad_label``.
-        user_features: columns split out into ``Dataset.users``, one row per user.
+        user_features: columns split out into ``Dataset.users``, one row per user
+            (a list of names; None or empty: none).
         item_features: columns split out into ``Dataset.items``, one row per item.
             In both tables the first occurrence of an ID wins; IDs whose values differ
             across rows are counted and logged at WARNING.
@@ -217,7 +218,10 @@ def read_interactions(
     path = as_source(path)
     roles: dict[str, str | None] = {USER: user_col, ITEM: item_col, TIME: time_col}
     roles |= {RATING: rating_col, WEIGHT: weight_col, LABEL: label_col or None}
-    feats = {"user_features": list(user_features), "item_features": list(item_features)}
+    feats = {
+        "user_features": _column_list("user_features", user_features),
+        "item_features": _column_list("item_features", item_features),
+    }
     _check_choice("duplicates", duplicates, ("keep", "first", "last", "error"))
     _check_choice("missing_ratings", missing_ratings, ("reject", "unrated"))
     if label_threshold is not None:
@@ -369,7 +373,7 @@ def read_feature_table(
     path = as_source(path)
     _check_choice("key_name", key_name, (USER, ITEM))
     _check_choice("duplicates", duplicates, ("first", "last", "error"))
-    wanted = None if columns is None else list(columns)
+    wanted = None if columns is None else _column_list("columns", columns)
 
     def make_spec(names: list[str]) -> Spec:
         keys = [key_col] if isinstance(key_col, str) else list(key_col)
@@ -728,6 +732,19 @@ def _make_spec(
 def _check_choice(arg: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"`{arg}` should be one of {allowed}. Received: {value!r}.")
+
+
+def _column_list(arg: str, value: Sequence[str] | None) -> list[str]:
+    """Column names given as a list (None: none). A string alone is refused: read
+    as a sequence it was its letters, each then "not a column"."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not all(isinstance(name, str) for name in value):
+        raise ConfigError(
+            f"`{arg}` should be a list of column names, e.g. ['genre', 'price']. "
+            f"Received: `{arg}` = {value!r}."
+        )
+    return list(value)
 
 
 def _feature_table(df: pl.DataFrame, key: str, cols: list[str]) -> pl.DataFrame | None:

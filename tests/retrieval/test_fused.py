@@ -211,3 +211,47 @@ def test_one_rank_trains_what_the_fbgemm_kernel_trains(small_training) -> None:
         torch.testing.assert_close(
             sharded.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=key
         )
+
+
+@pytest.mark.parametrize("backend", ["torch", *BACKENDS])
+def test_a_feature_named_with_a_dot_trains_saves_and_serves(
+    backend: str, tmp_path: Path
+) -> None:
+    """torch names no submodule with a "." in it: a column such as
+    `details.Brand` (a nested JSON key) ended training in a KeyError."""
+    if backend in BACKENDS:
+        pytest.importorskip(BACKENDS[backend][0])
+    import polars as pl
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+    from twostage.recommender import load
+
+    data = generate(num_users=60, num_items=80, num_interactions=1500).interactions
+    log = tmp_path / "log.csv"
+    data.select("user_id", "item_id", "rating").with_columns(
+        ("b" + (pl.col("item_id").cast(pl.Int64) % 7).cast(pl.String)).alias(
+            "details.Brand"
+        ),
+        ("c%" + (pl.col("item_id").cast(pl.Int64) % 3).cast(pl.String)).alias("a%2Eb"),
+    ).write_csv(log)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            *("train", "--dataset", str(log), "--out", str(run)),
+            *("--item-features", "details.Brand,a%2Eb"),
+            *("--set", f"retrieval.embedding_backend={backend}"),
+            *("--set", "train.epochs=1", "--set", "ranking.epochs=1"),
+            *("--set", "retrieval.embedding_dim=8", "--set", "retrieval.output_dim=8"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    with safe_open(str(run / "retrieval.safetensors"), "pt") as saved:
+        keys = set(saved.keys())
+    # Two names that escaping could make one stay apart.
+    assert "candidate_tower.embeddings.details%2EBrand.weight" in keys
+    assert "candidate_tower.embeddings.a%252Eb.weight" in keys
+    answer = load(run).recommend(user_id=str(data["user_id"][0]), k=5)
+    assert len(answer.items) == 5

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from twostage.models.names import FieldModules
 from twostage.models.sharded import lookup_together
 
 __all__ = ["HISTORY", "HISTORY_TIMES", "UNKNOWN_TIME", "FieldEmbedding", "FieldInfo"]
@@ -71,7 +72,7 @@ class FieldEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         self.fields = list(fields)
-        self.embeddings = nn.ModuleDict()
+        self.embeddings = FieldModules()
         for info in self.fields:
             module: nn.Module
             if info.kind == "index":

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from twostage.errors import ConfigError, clause
 from twostage.models.fused import SelfUpdatingTable, swapped_tables
+from twostage.models.names import module_key
 
 if TYPE_CHECKING:
     from twostage.models.retrieval import RetrievalModel
@@ -131,13 +132,14 @@ class ShardedCollection:
             [torch.full((count,), int(n in ids), dtype=torch.int64) for n in names]
         )
         features = KeyedJaggedTensor.from_lengths_sync(
-            keys=names, values=values, lengths=lengths
+            keys=[module_key(n) for n in names], values=values, lengths=lengths
         )
         out: Any = self.module(features)
         if hasattr(out, "wait"):
             out = out.wait()
         return {
-            name: out[name].values().view(*shape, self.shapes[name][1]) for name in ids
+            name: out[module_key(name)].values().view(*shape, self.shapes[name][1])
+            for name in ids
         }
 
     def set_learning_rate(self, value: float) -> None:
@@ -166,11 +168,12 @@ class ShardedCollection:
                 shard.tensor.copy_(whole[start : start + size])
 
     def _weights(self, name: str) -> Any:
-        return self.module.state_dict()[f"embeddings.{name}.weight"]
+        return self.module.state_dict()[f"embeddings.{module_key(name)}.weight"]
 
     def _accumulators(self, name: str) -> Any:
         state = self.module.fused_optimizer.state_dict()["state"]
-        return state[f"embeddings.{name}.weight"][f"{name}.momentum1"]
+        key = module_key(name)
+        return state[f"embeddings.{key}.weight"][f"{key}.momentum1"]
 
 
 class ShardedEmbedding(SelfUpdatingTable):
@@ -282,10 +285,10 @@ def _shard(
     collection = EmbeddingCollection(
         tables=[
             EmbeddingConfig(
-                name=name,
+                name=module_key(name),  # TorchRec keeps a module per table
                 embedding_dim=dim,
                 num_embeddings=rows,
-                feature_names=[name],
+                feature_names=[module_key(name)],
             )
             for name, (rows, dim) in shapes.items()
         ],

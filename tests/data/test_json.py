@@ -198,6 +198,23 @@ SCALARS = (
     | st.sampled_from(["user_id", "a", '"a": 1', "\\", "None", "1.5"])
 )
 VALUES = SCALARS | st.lists(SCALARS, max_size=3)
+# A nested object (read as columns by path); "a.b" beside "a": {"b": ...} collides.
+NESTED = VALUES | st.dictionaries(
+    st.sampled_from(["b", "c"]),
+    VALUES | st.dictionaries(st.sampled_from(["b", "d"]), VALUES, max_size=2),
+    max_size=2,
+)
+
+
+def _flat_keys(row: dict[str, Any], prefix: str = "") -> list[str]:
+    """The columns a row's keys give: a nested object's by their paths."""
+    keys = []
+    for key, value in row.items():
+        if isinstance(value, dict):
+            keys += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys
 
 
 @given(
@@ -205,7 +222,9 @@ VALUES = SCALARS | st.lists(SCALARS, max_size=3)
         st.tuples(
             st.integers(0, 5),
             st.sampled_from(["i1", "i2", "i3"]),
-            st.dictionaries(st.sampled_from(["a", "b", "é"]), VALUES, max_size=3),
+            st.dictionaries(
+                st.sampled_from(["a", "b", "é", "a.b"]), NESTED, max_size=3
+            ),
             st.sampled_from(["", "\n", "  \n", "\r"]),
         ),
         min_size=1,
@@ -228,7 +247,7 @@ def test_both_paths_agree_on_any_log(
     )
     path = tmp_path / "any.jsonl"
     path.write_text(text)
-    keys = sorted({key for _, _, extra, _ in rows for key in extra})
+    keys = sorted({key for _, _, extra, _ in rows for key in _flat_keys(extra)})
     assert_same(*read_both(path, monkeypatch, item_features=keys))
     array = tmp_path / "any.json"
     objects = [
@@ -310,3 +329,88 @@ def test_lines_are_numbered_as_the_file_has_them(
     fast, exact = read_both(path, monkeypatch)
     assert_same(fast, exact)
     assert [n for n, _ in fast.report.examples["bad_json"]] == [3]
+
+
+def test_a_nested_object_s_keys_are_columns_by_their_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalogue's nested attributes (Amazon's `details`, Yelp's `attributes`)
+    were one struct value, not usable as features: each key inside is now a
+    column named by its path, at any depth, in both paths alike."""
+    lines = [
+        '{"user_id": 1, "item_id": "a", "details": {"Brand": "x", "size": {"w": 2}}}',
+        '{"user_id": 2, "item_id": "b", "details": null}',
+        '{"user_id": 3, "item_id": "c", "details": {"weight": 1.5, "Brand": "y"}}',
+        '{"user_id": 4, "item_id": "d", "details": {}}',
+    ]
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    wanted = ["details.Brand", "details.size.w", "details.weight"]
+    fast, exact = read_both(path, monkeypatch, item_features=wanted)
+    assert_same(fast, exact)
+    assert fast.report.ok
+    items = fast.items.sort("item_id")
+    assert items.columns == ["item_id", *wanted]
+    assert items["details.Brand"].to_list() == ["x", None, "y", None]
+    assert items["details.size.w"].to_list() == [2, None, None, None]
+    # The same objects in an array; a line whose object is a number where the
+    # others hold an object is rejected when one of its keys is read.
+    array = tmp_path / "log.json"
+    array.write_text(
+        "[" + ",".join([*lines, '{"user_id": 5, "item_id": "e", "details": 7}']) + "]"
+    )
+    fast, exact = read_both(array, monkeypatch, item_features=["details.Brand"])
+    assert_same(fast, exact)
+    assert fast.report.rejected == {"json_type_mismatch": 1}
+    assert [n for n, _ in fast.report.examples["json_type_mismatch"]] == [5]
+    # Two keys that would be one column: a clear error in both paths.
+    path.write_text(
+        '{"user_id": 1, "item_id": "a", "m.k": 1, "m": {"k": 2}}\n'
+        '{"user_id": 2, "item_id": "b", "m.k": 3, "m": {"k": 4}}\n'
+    )
+    fast, exact = read_both(path, monkeypatch)
+    assert_same(fast, exact)
+    assert "the key 'm.k' and the key 'k' inside 'm'" in str(fast)
+
+
+def test_nested_keys_train_as_features_from_the_cli(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    path = tmp_path / "log.jsonl"
+    rows = [
+        {
+            "user_id": user,
+            "item_id": item,
+            "details": {"Brand": f"b{item % 4}", "dims": {"h": item % 5}},
+        }
+        for user in range(30)
+        for item in range(user % 7, 40, 3)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    runner = CliRunner()
+    described = runner.invoke(
+        app,
+        [
+            "data",
+            "describe",
+            str(path),
+            "--item-features",
+            "details.Brand,details.dims.h",
+        ],
+    )
+    assert described.exit_code == 0, described.output
+    said = " ".join(described.stdout.split())
+    assert "details.Brand (categorical)" in said and "details.dims.h" in said
+    trained = runner.invoke(
+        app,
+        [
+            *("train", "retrieval", "--dataset", str(path)),
+            *("--item-features", "details.Brand,details.dims.h"),
+            *("--out", str(tmp_path / "run"), "--set", "train.epochs=1"),
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["item_features"] == ["details.Brand", "details.dims.h"]

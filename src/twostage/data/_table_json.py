@@ -10,6 +10,10 @@ some rows and a number in others, an object and a string) keeps its most common
 kind, and the rows holding another are rejected as ``json_type_mismatch``; ``true``
 beside numbers makes the column text (``"true"``), which the column's checks then
 judge (a rating ``"true"`` is ``bad_rating``), rather than the number 1.
+A nested object's keys become columns of their own, named by their path
+(``"details": {"brand": "x"}`` is the column ``details.brand``, at any depth;
+the keys inside an object in alphabetical order), so that a catalogue's nested
+attributes can be features; a list of objects stays one value (not a feature).
 
 polars' NDJSON reader reads the file at once when every line is good (the fast
 path). It keeps the first of two equal keys without a word, reads a lone surrogate
@@ -321,19 +325,115 @@ def _checked(texts: pl.Series, keys: Iterable[str]) -> list[tuple[int, str]]:
     return rejected
 
 
-def _read_fast(texts: pl.Series, data: bytes | None = None) -> pl.DataFrame | None:
-    """Every line read at once by polars, or None where a line needs the exact
-    path: one that polars cannot read, a key that may be given twice, or values
-    of kinds polars would have to choose between. ``data`` is the file the lines
-    are from, where it is JSON lines: polars skips its blank lines itself."""
-    raw = _read_polars(texts, data)
-    if raw is None or _checked(texts, raw.columns):
-        return None
+class _Object:
+    """Where a flattened row had a nested object: the kind of its key."""
+
+    __slots__ = ()
+
+
+_OBJECT = _Object()
+
+
+def _flat(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``row`` with each nested object's values under their paths
+    (``details.brand``, at any depth), and each such object's own key as
+    :data:`_OBJECT`, so that its kind is checked as a value's is."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out[prefix + key] = _OBJECT
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _collided(names: list[str], label: str) -> None:
+    """A DataError where two keys would be one column: ``"a.b"`` and ``"b"``
+    inside ``"a"``."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(
+                f"{label}: the key {name!r} and the key {name.rsplit('.', 1)[-1]!r} "
+                f"inside {name.rsplit('.', 1)[0]!r} would both be the column "
+                f"{name!r}; rename one of them."
+            )
+        seen.add(name)
+
+
+def _flattened(raw: pl.DataFrame, label: str) -> pl.DataFrame:
+    """``raw`` with each struct column (a nested object) replaced by its fields,
+    named by their paths and in alphabetical order within it, at any depth."""
+    while structs := [c for c, t in raw.schema.items() if isinstance(t, pl.Struct)]:
+        columns: list[pl.Expr] = []
+        names: list[str] = []
+        for name, dtype in raw.schema.items():
+            if name not in structs:
+                columns.append(pl.col(name))
+                names.append(name)
+                continue
+            fields = sorted(f.name for f in dtype.fields)  # type: ignore[attr-defined]
+            columns += [
+                pl.col(name).struct.field(f).alias(f"{name}.{f}") for f in fields
+            ]
+            names += [f"{name}.{f}" for f in fields]
+        _collided(names, label)
+        raw = raw.select(columns)
     return raw
 
 
+def _leaf_names(rows: Iterable[dict[str, Any]], label: str) -> list[str]:
+    """The columns of ``rows`` once flattened (:func:`_flattened`'s names and
+    order): their keys in the order first seen, the keys inside an object in
+    alphabetical order; a key null wherever it is not an object is no column."""
+    tree: dict[str, Any] = {}  # key -> {"leaf": non-null seen, "null", "inner": tree}
+
+    def merge(node: dict[str, Any], row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            entry = node.setdefault(key, {"leaf": False, "null": False, "inner": None})
+            if isinstance(value, dict):
+                entry["inner"] = entry["inner"] or {}
+                merge(entry["inner"], value)
+            elif value is None:
+                entry["null"] = True
+            else:
+                entry["leaf"] = True
+
+    def names(node: dict[str, Any], prefix: str, order: Iterable[str]) -> list[str]:
+        out: list[str] = []
+        for key in order:
+            entry = node[key]
+            if entry["leaf"] or (entry["null"] and entry["inner"] is None):
+                out.append(prefix + key)
+            if entry["inner"] is not None:
+                inner = entry["inner"]
+                out += names(inner, f"{prefix}{key}.", sorted(inner))
+        return out
+
+    for row in rows:
+        merge(tree, row)
+    found = names(tree, "", list(tree))
+    _collided(found, label)
+    return found
+
+
+def _read_fast(
+    texts: pl.Series, data: bytes | None = None, label: str = ""
+) -> pl.DataFrame | None:
+    """Every line read at once by polars and flattened (:func:`_flattened`), or
+    None where a line needs the exact path: one that polars cannot read, a key
+    that may be given twice, or values of kinds polars would have to choose
+    between. ``data`` is the file the lines are from, where it is JSON lines:
+    polars skips its blank lines itself."""
+    raw = _read_polars(texts, data, label=label)
+    if raw is None or _checked(texts, raw.columns):
+        return None
+    return _flattened(raw, label)
+
+
 def _read_polars(
-    texts: pl.Series, data: bytes | None = None, *, plain: bool = False
+    texts: pl.Series, data: bytes | None = None, *, plain: bool = False, label: str = ""
 ) -> pl.DataFrame | None:
     """The lines read by polars, or None where it cannot read them or would
     have had to choose between kinds: polars writes a list or an object beside
@@ -359,14 +459,15 @@ def _read_polars(
     def opens(text: pl.Expr) -> pl.Expr:
         return text.str.starts_with("[") | text.str.starts_with("{")
 
+    flat = _flattened(raw, label)  # a nested object's values too
     looks = [
-        opens(pl.col(name)) for name, dtype in raw.schema.items() if dtype == pl.String
+        opens(pl.col(name)) for name, dtype in flat.schema.items() if dtype == pl.String
     ] + [
         pl.col(name).list.eval(opens(pl.element())).list.any()
-        for name, dtype in raw.schema.items()
+        for name, dtype in flat.schema.items()
         if dtype == pl.List(pl.String)
     ]
-    if looks and raw.select(pl.any_horizontal(looks).fill_null(False).any()).item():
+    if looks and flat.select(pl.any_horizontal(looks).fill_null(False).any()).item():
         return None
     return raw
 
@@ -493,10 +594,11 @@ def _read_exact(
             ok[where[n]] = False
         return bool(found)
 
-    raw = _read_polars(good()) if ok.any() else None
+    raw = _read_polars(good(), label=label) if ok.any() else None
     if raw is not None and drop_doubtful(raw.columns):
-        raw = _read_polars(good()) if ok.any() else None
+        raw = _read_polars(good(), label=label) if ok.any() else None
     if raw is not None:
+        raw = _flattened(raw, label)
         spec = make_spec(list(raw.columns))
     elif ok.any():  # every key's kinds, and the lines that hold another
         keys: dict[str, None] = {}
@@ -504,7 +606,9 @@ def _read_exact(
             keys.update(dict.fromkeys(_PLAIN.decode(line)))
         drop_doubtful(keys)
         if ok.any():
-            spec = make_spec(list(keys))  # the keys the objects hold between them
+            rows = (_PLAIN.decode(line) for line in good().to_list())
+            # the keys the objects hold between them, nested ones by their paths
+            spec = make_spec(_leaf_names(rows, label))
             raw = _reconciled(numbers, lines, ok, set(spec.sources), bad, label)
     _count(bad, label, opts, report)
     if raw is None:
@@ -512,6 +616,10 @@ def _read_exact(
     gone = [k for k in spec.sources if k not in raw.columns]  # every value rejected
     raw = raw.with_columns(pl.lit(None).alias(k) for k in gone)
     return raw, numbers.filter(pl.Series(ok)), spec
+
+
+def _dots(name: str) -> list[int]:
+    return [at for at, char in enumerate(name) if char == "."]
 
 
 def _reconciled(
@@ -528,18 +636,20 @@ def _reconciled(
     texts = lines.gather(where).to_list()
     kinds = _Kinds()
     for line in texts:
-        kinds.add(_PLAIN.decode(line))
+        kinds.add(_flat(_PLAIN.decode(line)))
     (kept, kept_inside), (as_text, inside_as_text) = kinds.kept(), kinds.as_text()
-    kept = {k: v for k, v in kept.items() if k in read}
+    # An object holding a key read is checked as that key is.
+    checked = read | {name[:at] for name in read for at in _dots(name)}
+    kept = {k: v for k, v in kept.items() if k in checked}
     kept_inside = {k: v for k, v in kept_inside.items() if k in read}
     out = []
     for i, line in zip(where, texts, strict=True):
-        row = _PLAIN.decode(line)
+        row = _flat(_PLAIN.decode(line))
         if _mismatched(row, kept, kept_inside):
             bad.append((numbers[int(i)], "json_type_mismatch", line))
             ok[i] = False
             continue
-        row = {k: v for k, v in row.items() if k in read}
+        row = {k: v for k, v in row.items() if k in read and v is not _OBJECT}
         for key in as_text & row.keys():
             if isinstance(row[key], bool):
                 row[key] = "true" if row[key] else "false"
@@ -602,7 +712,7 @@ def _load(
     whole = None if _is_array(data) else data  # JSON lines: polars reads the file
     del data
     report = LoadReport(path=label, rows_read=len(texts))
-    quick = _read_fast(texts, whole) if fast and len(texts) else None
+    quick = _read_fast(texts, whole, label) if fast and len(texts) else None
     del whole
     if quick is not None:
         raw, lines = quick, numbers

@@ -426,6 +426,45 @@ def test_duplicates_without_time_column_are_user_item_pairs(tmp_path: Path) -> N
 # -------------------------------------------------------------------- Parquet
 
 
+def test_a_parquet_struct_s_fields_are_columns_by_their_paths(tmp_path: Path) -> None:
+    """GA4's BigQuery export and Spark write nested structs (`geo.country`,
+    `device.category`): a struct was one value, not usable as a feature."""
+    from twostage.data.streaming import feature_tables
+
+    frame = pl.DataFrame(
+        {
+            "user_id": [1, 2, 3, 1],
+            "item_id": [1, 2, 2, 3],
+            "timestamp": [10, 20, 30, 40],
+            "geo": [
+                {"country": "NO", "city": {"name": "Oslo"}},
+                {"country": "FI", "city": None},
+                None,
+                {"country": "NO", "city": {"name": "Oslo"}},
+            ],
+        }
+    )
+    path = tmp_path / "events.parquet"
+    frame.write_parquet(path)
+    ds = read_interactions(
+        path, time_col="timestamp", user_features=["geo.country", "geo.city.name"]
+    )
+    assert ds.report is not None and ds.report.ok
+    assert ds.users is not None
+    assert ds.users.sort("user_id").rows() == [
+        (1, "NO", "Oslo"),
+        (2, "FI", None),
+        (3, None, None),
+    ]
+    table = read_feature_table(path, key_col="user_id", columns=None)
+    assert table.columns[-3:] == ["timestamp", "geo.country", "geo.city.name"]
+    with pytest.raises(DataError, match=r"a streamed one does not.*unnest\('geo'\)"):
+        feature_tables(path, user_features=["geo.country"])
+    frame.with_columns(pl.lit("x").alias("geo.country")).write_parquet(path)
+    with pytest.raises(DataError, match=r"'geo\.country' and the field 'country'"):
+        read_interactions(path)
+
+
 def test_parquet_round_trip(tmp_path: Path) -> None:
     frame = pl.DataFrame(
         {

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -756,12 +757,45 @@ def load_parquet(
         report, the resolved spec, and a function describing rows for messages.
     """
     try:
-        names = list(pl.read_parquet_schema(path))
-        spec = make_spec(names)
-        raw = pl.read_parquet(path, columns=spec.sources)
+        fields = nested_columns(pl.read_parquet_schema(path), str(path))
+        spec = make_spec(list(fields))
+        raw = (
+            pl.scan_parquet(path)
+            .select(fields[name].alias(name) for name in spec.sources)
+            .collect()
+        )
     except (OSError, pl.exceptions.PolarsError) as err:
         raise DataError(f"{path}: not a readable Parquet file: {err}") from err
     return load_frame(raw, str(path), spec, opts)
+
+
+def nested_columns(schema: Mapping[str, pl.DataType], label: str) -> dict[str, pl.Expr]:
+    """Each column of ``schema`` by name, a struct's fields in its place named by
+    their paths (``geo.country``, at any depth, in the schema's order), each with
+    the expression that reads it.
+
+    Raises:
+        DataError: two columns would have one name (``"a.b"`` beside a struct
+            ``a`` with a field ``b``).
+    """
+    found: dict[str, pl.Expr] = {}
+
+    def add(name: str, dtype: Any, expr: pl.Expr) -> None:
+        if isinstance(dtype, pl.Struct):
+            for inner in dtype.fields:
+                add(f"{name}.{inner.name}", inner.dtype, expr.struct.field(inner.name))
+            return
+        if name in found:
+            raise DataError(
+                f"{label}: the column {name!r} and the field "
+                f"{name.rsplit('.', 1)[-1]!r} of the struct {name.rsplit('.', 1)[0]!r} "
+                f"would both be the column {name!r}; rename one of them."
+            )
+        found[name] = expr
+
+    for name, dtype in schema.items():
+        add(name, dtype, pl.col(name))
+    return found
 
 
 def load_frame(

@@ -1508,9 +1508,18 @@ def feature_tables(
         names = pq.ParquetFile(file).schema_arrow.names
         missing = [c for c in columns if c not in names]
         if missing:
+            nested = [c for c in missing if c.split(".", 1)[0] in names]
             raise DataError(
                 f"the feature columns {missing} are not in {str(file)!r}, whose "
-                f"columns are {names}."
+                f"columns are {names}"
+                + (
+                    f"; a log read whole reads a struct's fields ({nested[0]!r}), "
+                    "a streamed one does not: write them out as columns first, "
+                    f"e.g. `pl.scan_parquet(path).unnest({nested[0].split('.')[0]!r})"
+                    ".sink_parquet(...)`, and name them as the struct does."
+                    if nested
+                    else "."
+                )
             )
     for batch in iter_batches(path, columns=columns, reading=reading):
         for key, first in firsts.items():

@@ -954,6 +954,50 @@ def test_a_feature_file_beside_a_streamed_log_trains_as_its_columns(
         torch.testing.assert_close(beside.model.state_dict()[name], weights, msg=name)
 
 
+def test_a_struct_s_fields_stream_as_the_same_columns_written_flat(
+    log_with_features: Path, tmp_path: Path
+) -> None:
+    """A streamed log reads a struct's fields by their paths (`meta.category`), as
+    a log read whole does: the weights of the same values as flat columns."""
+    import pyarrow.parquet as pq
+
+    columns = ["user_id", "item_id", "timestamp", "age", "category", "price"]
+    table = pl.concat(iter_batches(log_with_features, columns=columns))
+    flat = table.rename({"category": "meta.category", "price": "meta.price"})
+    nested = table.select(
+        "user_id",
+        "item_id",
+        "timestamp",
+        "age",
+        pl.struct("category", "price").alias("meta"),
+    )
+    trained = []
+    for name, frame in (("flat", flat), ("nested", nested)):
+        directory = tmp_path / name
+        directory.mkdir()
+        half = frame.height // 2
+        for number, part in enumerate([frame[:half], frame[half:]]):
+            pq.write_table(part.to_arrow(), directory / f"part-{number}.parquet", 1_000)
+        config = apply_overrides(
+            ExperimentConfig(),
+            [
+                *ID_ONLY,
+                "retrieval.use_side_features=true",
+                "data.user_features=age",
+                "data.item_features=meta.category,meta.price",
+            ],
+        )
+        trained.append(fit_streamed_retrieval(config, directory))
+    flat_run, nested_run = trained
+    assert {"meta.category", "meta.price"} <= {f.name for f in nested_run.spec.fields}
+    for key, values in flat_run.tensors.item_features.items():
+        assert torch.equal(nested_run.tensors.item_features[key], values), key
+    for name, weights in flat_run.model.state_dict().items():
+        torch.testing.assert_close(
+            nested_run.model.state_dict()[name], weights, rtol=0, atol=0, msg=name
+        )
+
+
 def test_feature_tables_keep_first_rows_and_count_the_others(
     log_with_features: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

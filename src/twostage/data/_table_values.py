@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 
@@ -761,7 +761,7 @@ def load_parquet(
         spec = make_spec(list(fields))
         raw = (
             pl.scan_parquet(path)
-            .select(fields[name].alias(name) for name in spec.sources)
+            .select(fields[name].expr.alias(name) for name in spec.sources)
             .collect()
         )
     except (OSError, pl.exceptions.PolarsError) as err:
@@ -769,7 +769,17 @@ def load_parquet(
     return load_frame(raw, str(path), spec, opts)
 
 
-def nested_columns(schema: Mapping[str, pl.DataType], label: str) -> dict[str, pl.Expr]:
+class NestedColumn(NamedTuple):
+    """A column as :func:`nested_columns` names it: the expression that reads it
+    from a frame of the file's columns, and the file's column it reads."""
+
+    expr: pl.Expr
+    root: str
+
+
+def nested_columns(
+    schema: Mapping[str, pl.DataType], label: str
+) -> dict[str, NestedColumn]:
     """Each column of ``schema`` by name, a struct's fields in its place named by
     their paths (``geo.country``, at any depth, in the schema's order), each with
     the expression that reads it.
@@ -778,12 +788,13 @@ def nested_columns(schema: Mapping[str, pl.DataType], label: str) -> dict[str, p
         DataError: two columns would have one name (``"a.b"`` beside a struct
             ``a`` with a field ``b``).
     """
-    found: dict[str, pl.Expr] = {}
+    found: dict[str, NestedColumn] = {}
 
-    def add(name: str, dtype: Any, expr: pl.Expr) -> None:
+    def add(name: str, dtype: Any, expr: pl.Expr, root: str) -> None:
         if isinstance(dtype, pl.Struct):
             for inner in dtype.fields:
-                add(f"{name}.{inner.name}", inner.dtype, expr.struct.field(inner.name))
+                field = expr.struct.field(inner.name)
+                add(f"{name}.{inner.name}", inner.dtype, field, root)
             return
         if name in found:
             raise DataError(
@@ -791,10 +802,10 @@ def nested_columns(schema: Mapping[str, pl.DataType], label: str) -> dict[str, p
                 f"{name.rsplit('.', 1)[-1]!r} of the struct {name.rsplit('.', 1)[0]!r} "
                 f"would both be the column {name!r}; rename one of them."
             )
-        found[name] = expr
+        found[name] = NestedColumn(expr, root)
 
     for name, dtype in schema.items():
-        add(name, dtype, pl.col(name))
+        add(name, dtype, pl.col(name), name)
     return found
 
 

@@ -41,8 +41,10 @@ from twostage import distributed
 from twostage.data._table_values import (
     BAD,
     TIME_UNITS,
+    NestedColumn,
     Spec,
     has_date_numbers,
+    nested_columns,
     parse_columns,
 )
 from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER
@@ -61,6 +63,8 @@ __all__ = [
     "SplitRule",
     "check_file_schemas",
     "cold_users",
+    "columns_of",
+    "empty_frame",
     "StreamingVocabularies",
     "count_values",
     "feature_tables",
@@ -261,7 +265,8 @@ def iter_row_groups(
             f"`rank` should be in [0, world). Received: rank={rank}, world={world}."
         )
     files = parquet_files(path)
-    present = _schema_of(files[0])
+    fields = columns_of(files[0])  # a struct's fields are read from the struct
+    present = list(fields)
     label = [reading.label_col] if reading.label_col else []
     missing = [
         c
@@ -292,6 +297,7 @@ def iter_row_groups(
         label_threshold=reading.label_threshold,
     )
     extra = [c for c in columns if c not in roles and c not in roles.values()]
+    read = list(dict.fromkeys([*roles.values(), *(fields[c].root for c in extra)]))
     # Under torch.distributed, a pass every rank makes shares these passes too.
     ranks = (rank, world)
     dropped = (
@@ -304,7 +310,7 @@ def iter_row_groups(
     for number, (file, group) in enumerate(row_groups(files)):
         reader = pq.ParquetFile(file)
         if number % world == rank:
-            table = reader.read_row_group(group, columns=[*roles.values(), *extra])
+            table = reader.read_row_group(group, columns=read)
             raw = pl.from_arrow(table)
             assert isinstance(raw, pl.DataFrame)
             parsed, reason = parse_columns(raw.select(list(roles.values())), spec)
@@ -316,7 +322,8 @@ def iter_row_groups(
                     if reason is None
                     else reason.fill_null(dated)
                 )
-            frame = pl.concat([parsed, raw.select(extra)], how="horizontal")
+            values = raw.select(fields[c].expr.alias(c) for c in extra)
+            frame = pl.concat([parsed, values], how="horizontal")
             frame = frame.with_columns(
                 pl.int_range(first, first + raw.height, dtype=pl.Int64).alias(ROW)
             )
@@ -366,7 +373,18 @@ def _count_rejects(
 
 
 def _schema_of(file: Path) -> list[str]:
-    return list(pq.ParquetFile(file).schema_arrow.names)
+    """The file's columns, a struct's fields by their paths (``geo.country``),
+    as the in-memory loader names them."""
+    return list(columns_of(file))
+
+
+def columns_of(file: Path) -> dict[str, NestedColumn]:
+    """Each column of the file by name, a struct's fields by their paths, with
+    the expression that reads it from the file's own columns
+    (:func:`twostage.data._table_values.nested_columns`)."""
+    empty = pl.from_arrow(pq.ParquetFile(file).schema_arrow.empty_table())
+    assert isinstance(empty, pl.DataFrame)
+    return nested_columns(empty.schema, str(file))
 
 
 def check_file_schemas(files: list[Path], columns: list[str]) -> None:
@@ -384,7 +402,8 @@ def check_file_schemas(files: list[Path], columns: list[str]) -> None:
     first = pq.ParquetFile(files[0]).schema_arrow
     wanted = list(dict.fromkeys(columns))
     # Timestamps and ratings are parsed into one type whatever the file holds
-    # (epoch seconds, floats), so only their presence is checked.
+    # (epoch seconds, floats), so only their presence is checked; so is a
+    # struct's field's (polars reads a field of one kind as it reads a column).
     kinds = {
         c: _kind(first.field(c).type)
         for c in wanted
@@ -392,7 +411,8 @@ def check_file_schemas(files: list[Path], columns: list[str]) -> None:
     }
     for file in files[1:]:
         schema = pq.ParquetFile(file).schema_arrow
-        missing = [c for c in wanted if c not in schema.names]
+        names = schema.names + [c for c in _schema_of(file) if c not in schema.names]
+        missing = [c for c in wanted if c not in names]
         if missing:
             raise DataError(
                 f"{str(file)!r} lacks the column(s) {missing}, which "
@@ -1401,7 +1421,7 @@ def held_out_rows(
             reading=reading,
         )
     ]
-    empty = _empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(ROW))
+    empty = empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(ROW))
     mine = pl.concat(parts) if parts else empty
     if world > 1 and distributed.current() is not None:
         gathered = [p for p in distributed.gather_frames(mine) if p.height]
@@ -1410,15 +1430,18 @@ def held_out_rows(
     return mine.drop(ROW)
 
 
-def _empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:
+def empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:
     """No rows, with ``columns`` as the dataset's first file types them."""
-    schema = pq.ParquetFile(parquet_files(path)[0]).schema_arrow
-    return pl.from_arrow(schema.empty_table()).select(columns)  # type: ignore[union-attr]
+    file = parquet_files(path)[0]
+    empty = pl.from_arrow(pq.ParquetFile(file).schema_arrow.empty_table())
+    fields = columns_of(file)
+    return empty.select(fields[c].expr.alias(c) for c in columns)  # type: ignore[union-attr]
 
 
 def _schema(path: str | Path) -> list[str]:
-    """The column names of the dataset's first file."""
-    return list(pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names)
+    """The column names of the dataset's first file (a struct's fields by their
+    paths)."""
+    return _schema_of(parquet_files(path)[0])
 
 
 def _owned_hashes(
@@ -1505,21 +1528,12 @@ def feature_tables(
         return None, None
     columns = list(dict.fromkeys([*firsts, *(c for k in firsts for c in wanted[k])]))
     for file in parquet_files(path):
-        names = pq.ParquetFile(file).schema_arrow.names
+        names = _schema_of(file)
         missing = [c for c in columns if c not in names]
         if missing:
-            nested = [c for c in missing if c.split(".", 1)[0] in names]
             raise DataError(
                 f"the feature columns {missing} are not in {str(file)!r}, whose "
-                f"columns are {names}"
-                + (
-                    f"; a log read whole reads a struct's fields ({nested[0]!r}), "
-                    "a streamed one does not: write them out as columns first, "
-                    f"e.g. `pl.scan_parquet(path).unnest({nested[0].split('.')[0]!r})"
-                    ".sink_parquet(...)`, and name them as the struct does."
-                    if nested
-                    else "."
-                )
+                f"columns are {names}."
             )
     for batch in iter_batches(path, columns=columns, reading=reading):
         for key, first in firsts.items():

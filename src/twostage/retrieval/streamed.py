@@ -587,18 +587,19 @@ def _split_rule(
 
 
 def _empty_log(path: str | Path) -> pl.DataFrame:
-    """The dataset's columns and dtypes (its first file's), without rows."""
-    import pyarrow.parquet as pq
+    """The dataset's columns and dtypes (its first file's; a struct's fields by
+    their paths), without rows."""
+    from twostage.data.streaming import empty_frame
 
-    schema = pq.ParquetFile(parquet_files(path)[0]).schema_arrow
-    return pl.from_arrow(schema.empty_table())  # type: ignore[return-value]
+    return empty_frame(path, _columns(path))
 
 
 def _columns(path: str | Path) -> list[str]:
-    """The columns of the dataset's first file."""
-    import pyarrow.parquet as pq
+    """The columns of the dataset's first file (a struct's fields by their
+    paths, as the in-memory loader names them)."""
+    from twostage.data.streaming import columns_of
 
-    return list(pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names)
+    return list(columns_of(parquet_files(path)[0]))
 
 
 def _gathered(values: np.ndarray) -> np.ndarray:

@@ -353,3 +353,50 @@ def test_ids_that_are_neither_integers_nor_strings_are_refused(
     for bad_text in (None, 3):
         with pytest.raises(ConfigError, match="`text` should be a string"):
             rec.search_items(bad_text)  # type: ignore[arg-type]
+
+
+def test_a_new_user_s_features_may_come_nested_as_in_the_log(tmp_path: Path) -> None:
+    """A log's struct `geo` reads as the feature `geo.country`; a client sending
+    the user's record as the log holds it (`{"geo": {"country": "NO"}}`) was
+    told the feature `geo` is unknown."""
+    from twostage.data.synthetic import generate
+
+    data = generate(num_users=120, num_items=60, num_interactions=2500, seed=3)
+    countries = ["NO", "FI", "SE"]
+    log = data.interactions.select(
+        "user_id",
+        "item_id",
+        "timestamp",
+        pl.struct(
+            pl.col("user_id")
+            .cast(pl.Int64)
+            .mod(3)
+            .replace_strict([0, 1, 2], countries)
+            .alias("country")
+        ).alias("geo"),
+    )
+    path = tmp_path / "log.parquet"
+    log.write_parquet(path)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            f"data.dataset={path}",
+            "data.user_features=geo.country",
+            "train.epochs=1",
+            "retrieval.embedding_dim=8",
+            "retrieval.output_dim=8",
+            "retrieval.popularity_fallback=0",
+        ],
+    )
+    run, _ = fit_retrieval(config)
+    rec = Recommender(run)
+    flat = rec.recommend("stranger", 5, user_features={"geo.country": "FI"})
+    nested = rec.recommend("stranger", 5, user_features={"geo": {"country": "FI"}})
+    assert flat.path == nested.path == "cold_start_features"
+    assert nested.items == flat.items
+    with pytest.raises(ConfigError, match="'geo.country' is given twice"):
+        rec.recommend(
+            "stranger", 5, user_features={"geo.country": "FI", "geo": {"country": "NO"}}
+        )
+    with pytest.raises(ConfigError, match=r"unknown user feature\(s\) \['geo.city'\]"):
+        rec.recommend("stranger", 5, user_features={"geo": {"city": "Oslo"}})

@@ -254,6 +254,8 @@ class Recommender:
             for f in self.run.spec.describe(side="query")
             if f.column != USER and f.column not in self._context_keys
         ]
+        if user_features:  # nested as in the log: {"geo": {"country": "NO"}}
+            user_features = _by_path(user_features)
         if user_features:  # a client's mistake is reported on every path
             unknown = sorted(set(user_features) - set(columns))
             if unknown:
@@ -894,3 +896,31 @@ def load(directory: str | Path) -> Recommender:
     from twostage.bundles import load_recommender
 
     return load_recommender(directory)
+
+
+def _by_path(features: Mapping[str, Any]) -> dict[str, Any]:
+    """``features`` with a nested object's values under their paths
+    (``{"geo": {"country": "NO"}}`` as ``{"geo.country": "NO"}``), as a log's
+    nested objects are read. (A loop, not recursion: a client's JSON may nest
+    deeper than Python's stack.)
+
+    Raises:
+        ConfigError: two entries name one feature (``"geo.country"`` beside
+            ``"geo": {"country": ...}``).
+    """
+    out: dict[str, Any] = {}
+    pending = [("", features)]
+    while pending:
+        prefix, mapping = pending.pop()
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                pending.append((f"{name}.", value))
+            elif name in out:
+                raise ConfigError(
+                    f"the user feature {name!r} is given twice (as a name with a "
+                    "dot and inside an object); give it once."
+                )
+            else:
+                out[name] = value
+    return out

@@ -53,6 +53,16 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
             "/v1/recommend", json={"user_features": {"age": 30}, "k": 4}
         ).json()
         assert new["path"] == "cold_start_features"
+        # An object where a feature is expected names a feature it does not hold.
+        odd = client.post(
+            "/v1/recommend", json={"user_features": {"age": {"years": 30}}, "k": 4}
+        )
+        assert odd.status_code == 400 and "age.years" in odd.text, odd.text
+        listed = client.post(
+            "/v1/recommend", json={"user_features": {"geo": {"c": [1]}}, "k": 4}
+        )
+        assert listed.status_code == 422
+        assert "user_features['geo']['c'] should be null" in listed.text, listed.text
 
         similar = client.post("/v1/similar", json={"item_id": 7, "k": 3}).json()
         assert similar["items"] == small_recommender.similar_items(7, 3)

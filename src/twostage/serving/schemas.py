@@ -74,22 +74,33 @@ def _surrogate_at(value: Any, path: str) -> str | None:
 _INT64 = 2**63
 
 
-def _plain_values(values: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+def _plain_values(
+    values: dict[str, Any] | None, name: str, *, nested: bool = False
+) -> dict[str, Any] | None:
     """Feature or context values must be null, a string, a finite number within
-    int64, or a bool: anything else is a client's mistake, reported as such."""
+    int64, or a bool: anything else is a client's mistake, reported as such.
+    ``nested``: an object of such values too (a user's record as the log nests
+    it, ``{"geo": {"country": "NO"}}``), at any depth."""
     if values is None:
         return None
-    for key, value in values.items():
-        ok = value is None or isinstance(value, str | bool)
-        if isinstance(value, int) and not isinstance(value, bool):
-            ok = -_INT64 <= value < _INT64
-        elif isinstance(value, float):
-            ok = math.isfinite(value)
-        if not ok:
-            raise ValueError(
-                f"{name}[{key!r}] should be null, a string, a bool or a finite number "
-                f"within int64; received {value!r}"
-            )
+    pending = [(name, values)]
+    while pending:  # a loop: a body may nest deeper than Python's stack
+        where, mapping = pending.pop()
+        for key, value in mapping.items():
+            ok = value is None or isinstance(value, str | bool)
+            if isinstance(value, int) and not isinstance(value, bool):
+                ok = -_INT64 <= value < _INT64
+            elif isinstance(value, float):
+                ok = math.isfinite(value)
+            elif nested and isinstance(value, dict):
+                pending.append((f"{where}[{key!r}]", value))
+                continue
+            if not ok:
+                what = ", an object of them" if nested else ""
+                raise ValueError(
+                    f"{where}[{key!r}] should be null, a string, a bool or a finite "
+                    f"number within int64{what}; received {value!r}"
+                )
     return values
 
 
@@ -163,7 +174,7 @@ class RecommendRequest(_Strict):
     @field_validator("user_features")
     @classmethod
     def _features(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _plain_values(value, "user_features")
+        return _plain_values(value, "user_features", nested=True)
 
     @field_validator("context")
     @classmethod

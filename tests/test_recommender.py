@@ -394,7 +394,7 @@ def test_a_new_user_s_features_may_come_nested_as_in_the_log(tmp_path: Path) -> 
     nested = rec.recommend("stranger", 5, user_features={"geo": {"country": "FI"}})
     assert flat.path == nested.path == "cold_start_features"
     assert nested.items == flat.items
-    with pytest.raises(ConfigError, match="'geo.country' is given twice"):
+    with pytest.raises(ConfigError, match=r"'geo\.country' is given twice"):
         rec.recommend(
             "stranger", 5, user_features={"geo.country": "FI", "geo": {"country": "NO"}}
         )

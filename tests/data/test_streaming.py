@@ -709,3 +709,46 @@ def test_two_ranks_share_the_passes_of_the_filters(tmp_path: Path) -> None:
     read = [int(part["read"][0]) for part in saved]
     assert min(read) > 0 and sum(read) == whole
     assert len(single) < doubled.unique(COLUMNS).height  # the k-core removed rows
+
+
+def test_a_choice_outranks_its_impression_among_duplicates(tmp_path: Path) -> None:
+    """An impression and its click logged at the same moment are one user, item and
+    time: `duplicates=first` kept whichever line came first, so a shown row could
+    drop the choice. The chosen row is kept, in memory and streamed alike."""
+    from twostage.data.dataset import LABEL
+    from twostage.data.streaming import Reading, duplicate_rows
+    from twostage.data.tables import read_interactions
+
+    rows = [  # user, item, time, clicked
+        (1, 10, 100, 0),  # shown ...
+        (1, 10, 100, 1),  # ... and chosen at once: the choice stays
+        (2, 11, 100, 1),  # chosen, then logged again as shown
+        (2, 11, 100, 0),
+        (3, 12, 100, 0),  # shown twice: the first (or last) of them
+        (3, 12, 100, 0),
+        (4, 13, 100, 1),  # chosen twice
+        (4, 13, 100, 1),
+        (5, 14, 100, 1),
+    ]
+    log = pl.DataFrame(
+        rows, schema=["user_id", "item_id", "timestamp", "clicked"], orient="row"
+    )
+    path = tmp_path / "impressions.parquet"
+    log.write_parquet(path, row_group_size=4)
+    expected = {"first": [0, 3, 5, 7], "last": [0, 3, 4, 6]}  # 0-based rows dropped
+    for policy, dropped in expected.items():
+        read = read_interactions(
+            path, time_col="timestamp", label_col="clicked", duplicates=policy
+        )
+        assert read.report is not None
+        assert read.report.rejected == {"duplicate": 4}
+        lines = sorted(n for n, _ in read.report.examples["duplicate"])
+        assert lines == [row + 1 for row in dropped], policy
+        chosen = read.interactions.select("user_id", "item_id").rows()
+        assert chosen == [(1, 10), (2, 11), (4, 13), (5, 14)]
+        assert read.shown is not None and read.shown["user_id"].to_list() == [3]
+        reading = Reading(duplicates=policy, label_col="clicked")
+        assert duplicate_rows(path, reading).tolist() == dropped, policy
+    plain = read_interactions(path, time_col="timestamp", duplicates="first")
+    assert LABEL not in plain.interactions.columns
+    assert plain.report is not None and plain.report.rejected == {"duplicate": 4}

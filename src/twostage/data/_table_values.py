@@ -724,9 +724,29 @@ def dedupe(
     return df.filter(~drop)
 
 
+def kept_in_groups(
+    frame: pl.DataFrame, keys: Sequence[str], *, last: bool
+) -> pl.Series:
+    """Per row, whether it is the one its group of equal ``keys`` keeps: the first
+    in frame order (``last``: the last), of the rows labelled chosen where the
+    group holds one. An impression logged with its click at the same moment is a
+    choice, whichever line came first."""
+    key = pl.struct(list(keys))
+    if LABEL not in frame.columns:
+        chosen = key.is_last_distinct() if last else key.is_first_distinct()
+        return frame.select(chosen).to_series()
+    ranked = (
+        frame.select(key.alias("key"), pl.col(LABEL).fill_null(False).alias("chosen"))
+        .with_row_index("row")
+        .sort(["chosen", "row"], descending=[True, last])
+    )
+    kept = ranked.filter(pl.col("key").is_first_distinct())["row"]
+    return pl.int_range(frame.height, eager=True).is_in(kept.implode())
+
+
 def repeats(df: pl.DataFrame, keys: Sequence[str], *, last: bool) -> pl.Series | None:
-    """Rows repeating the ``keys`` of another row (all but the first, or the last, of
-    each group), or None when there are none.
+    """Rows repeating the ``keys`` of another row (all but the one each group keeps:
+    :func:`kept_in_groups`), or None when there are none.
 
     Rows are first told apart by a 64-bit hash of their keys, which is cheap; only rows
     whose hash repeats are compared exactly.
@@ -739,8 +759,7 @@ def repeats(df: pl.DataFrame, keys: Sequence[str], *, last: bool) -> pl.Series |
         return None
     maybe = hashes.is_duplicated()
     idx = maybe.arg_true()
-    same = df[idx].select(key.is_last_distinct() if last else key.is_first_distinct())
-    repeated = ~same.to_series()
+    repeated = ~kept_in_groups(df[idx], keys, last=last)
     if not repeated.any():
         return None
     flags = pl.repeat(False, df.height, eager=True)

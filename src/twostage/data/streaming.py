@@ -44,6 +44,7 @@ from twostage.data._table_values import (
     NestedColumn,
     Spec,
     has_date_numbers,
+    kept_in_groups,
     nested_columns,
     parse_columns,
 )
@@ -143,7 +144,7 @@ class Reading:
     and not chosen, as ``read_interactions`` reads it): the rows shown and not
     chosen are left out of every pass after the duplicates are decided, counted in
     the report's ``shown_rows`` (``keep_shown``, for the duplicates pass: keep
-    them).
+    them, with the label column, so that a group's chosen row is the one kept).
     """
 
     time_unit: str = "s"
@@ -339,7 +340,9 @@ def iter_row_groups(
                 frame = frame.filter(pl.col(LABEL))
             if kept is not None:  # not bad rows: left out by the minimum counts
                 frame = frame.filter(kept.keeps())
-            yield first, frame.select(*columns, ROW)
+            # The duplicates pass keeps the shown rows, and their label with them.
+            shown = [LABEL] if LABEL in roles and reading.keep_shown else []
+            yield first, frame.select(*dict.fromkeys([*columns, *shown]), ROW)
         first += reader.metadata.row_group(group).num_rows
 
 
@@ -1137,7 +1140,8 @@ def duplicate_rows(
 ) -> np.ndarray:
     """The sorted row numbers ``reading.duplicates`` drops: among the good rows of
     the same user, item and time, all but the first (``first``) or the last
-    (``last``) in file order, as the in-memory loader drops them.
+    (``last``) in file order, of the chosen ones where an impression log's group
+    holds one, as the in-memory loader drops them.
 
     Two passes: the first keeps a 64-bit hash of each good row's keys with its row
     number (16 bytes a row, the only state that grows with the log), the second
@@ -1207,10 +1211,7 @@ def duplicate_rows(
             parts = [p for p in distributed.gather_frames(mine) if p.height]
         rows_of = pl.concat(parts).sort(ROW)
         last = reading.duplicates == "last"
-        group = pl.struct(columns)
-        again = rows_of.filter(
-            ~(group.is_last_distinct() if last else group.is_first_distinct())
-        )
+        again = rows_of.filter(~kept_in_groups(rows_of, columns, last=last))
         if reading.duplicates == "error" and again.height:
             row = again.row(0, named=True)
             same_keys = [pl.col(c) == row[c] for c in columns]

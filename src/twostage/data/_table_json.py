@@ -432,6 +432,17 @@ def _read_fast(
     return _flattened(raw, label)
 
 
+def _joined(texts: pl.Series) -> io.BytesIO:
+    """The lines as one JSON lines text, written by polars: no Python string of
+    the whole (and no second copy as bytes)."""
+    out = io.BytesIO()
+    texts.rename("t").to_frame().write_csv(
+        out, include_header=False, quote_style="never", line_terminator="\n"
+    )
+    out.seek(0)
+    return out
+
+
 def _read_polars(
     texts: pl.Series, data: bytes | None = None, *, plain: bool = False, label: str = ""
 ) -> pl.DataFrame | None:
@@ -443,7 +454,7 @@ def _read_polars(
     reads the lines as JSON objects."""
     try:
         raw = pl.read_ndjson(
-            texts.str.join("\n").item().encode() if data is None else data,
+            _joined(texts) if data is None else data,
             # a column no key names: each line parsed, no value kept or typed
             schema={"\x00": pl.String} if plain else None,
             infer_schema_length=None,

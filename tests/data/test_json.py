@@ -414,3 +414,36 @@ def test_nested_keys_train_as_features_from_the_cli(tmp_path: Path) -> None:
     assert trained.exit_code == 0, trained.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"]["item_features"] == ["details.Brand", "details.dims.h"]
+
+
+@pytest.mark.parametrize("container", ["lines", "array"])
+def test_a_line_nesting_objects_too_deep_is_rejected_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, container: str
+) -> None:
+    """polars' reader overflows its stack on a few hundred nested objects, and the
+    process died (SIGSEGV) reading such a line: it is now `json_too_deep`."""
+
+    def nested(depth: int, user: int) -> str:
+        inner = '{"a": ' * depth + "1" + "}" * depth
+        return f'{{"user_id": {user}, "item_id": 2, "m": {inner}}}'
+
+    texts = [
+        '{"user_id": 1, "item_id": 2}',
+        nested(_table_json.MAX_DEPTH - 1, 2),  # 64 objects deep with the line's own
+        nested(700, 3),  # polars' reader died here
+        '{"user_id": 4, "item_id": 2, "m": [' + "[" * 700 + "]" * 700 + "]}",
+        nested(_table_json.MAX_DEPTH, 5),
+        '{"user_id": 6, "item_id": 2, "t": "' + "{" * 100 + '"}',  # text, not objects
+    ]
+    path = tmp_path / ("log.jsonl" if container == "lines" else "log.json")
+    body = "\n".join(texts) if container == "lines" else "[" + ",\n".join(texts) + "]"
+    path.write_text(body + "\n")
+    fast, exact = read_both(path, monkeypatch)
+    assert_same(fast, exact)
+    assert fast.report.rejected == {"json_too_deep": 2}
+    assert [n for n, _ in fast.report.examples["json_too_deep"]] == [3, 5]
+    assert "more than 64 deep" in fast.report.hint
+    assert fast.interactions["user_id"].to_list() == [1, 2, 4, 6]
+    with pytest.raises(BadRowError) as stopped:
+        read_interactions(path, strict=True)
+    assert (stopped.value.line, stopped.value.reason) == (3, "json_too_deep")

@@ -558,6 +558,45 @@ def _mismatched(
     )
 
 
+#: Objects within objects a line may nest: polars' reader overflows its stack
+#: (the process dies) on a few hundred, and no log nests anywhere near this.
+MAX_DEPTH = 64
+
+
+def _object_depth(value: Any) -> int:
+    """How deep ``value`` nests objects (through lists too); a loop, not
+    recursion."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            depth += 1
+            deepest = max(deepest, depth)
+            pending += [(inner, depth) for inner in item.values()]
+        elif isinstance(item, list):
+            pending += [(inner, depth) for inner in item]
+    return deepest
+
+
+def _too_deep(texts: pl.Series) -> list[int]:
+    """The indices of the lines that nest objects deeper than :data:`MAX_DEPTH`
+    (or deeper than :mod:`json` reads): only lines with that many ``{`` are
+    decoded to tell."""
+    maybe = texts.str.count_matches("{", literal=True).fill_null(0) > MAX_DEPTH
+    found = []
+    for at in maybe.arg_true().to_list():
+        try:
+            value = _PLAIN.decode(texts[at])
+        except RecursionError:
+            found.append(at)
+            continue
+        except ValueError:  # not JSON: rejected as such where it is read
+            continue
+        if _object_depth(value) > MAX_DEPTH:
+            found.append(at)
+    return found
+
+
 def _read_exact(
     numbers: pl.Series,
     lines: pl.Series,
@@ -565,6 +604,7 @@ def _read_exact(
     opts: Options,
     report: LoadReport,
     make_spec: Callable[[list[str]], Spec],
+    deep: Iterable[int] = (),
 ) -> tuple[pl.DataFrame, pl.Series, Spec] | None:
     """The lines checked one by one, then the good ones read by polars as the
     fast path reads a file (so both paths type the values alike); None when no
@@ -575,12 +615,18 @@ def _read_exact(
     are read at once, and those that polars may read otherwise than :mod:`json`
     checks are checked (:func:`_checked`). Where polars cannot read the good
     lines as they are, :func:`_reconciled` reads them with each key's kind
-    reconciled. With ``opts.strict``, the first bad line stops the read.
+    reconciled. With ``opts.strict``, the first bad line stops the read. The
+    lines ``deep`` (:func:`_too_deep`) are bad before polars sees them.
     """
     bad: list[tuple[int, str, str]] = []  # (line, reason, text), in line order
     ok = np.ones(len(lines), dtype=bool)  # the lines still good
-    for start in range(0, len(lines), BLOCK):
-        block = lines.slice(start, BLOCK)
+    for at in deep:
+        bad.append((numbers[at], "json_too_deep", lines[at]))
+        ok[at] = False
+    kept = lines.filter(pl.Series(ok)) if len(bad) else lines
+    where_kept = np.flatnonzero(ok)
+    for start in range(0, len(kept), BLOCK):
+        block = kept.slice(start, BLOCK)
         if _read_polars(block, plain=True) is not None:
             continue
         for n, line in enumerate(block.to_list()):
@@ -589,8 +635,9 @@ def _read_exact(
                 if not isinstance(value, dict):
                     raise _Unreadable(f"a JSON {type(value).__name__}, not an object")
             except (json.JSONDecodeError, _Unreadable, RecursionError):
-                bad.append((numbers[start + n], "bad_json", line))
-                ok[start + n] = False
+                at = int(where_kept[start + n])
+                bad.append((numbers[at], "bad_json", line))
+                ok[at] = False
 
     def good() -> pl.Series:
         return lines.filter(pl.Series(ok))
@@ -723,13 +770,16 @@ def _load(
     whole = None if _is_array(data) else data  # JSON lines: polars reads the file
     del data
     report = LoadReport(path=label, rows_read=len(texts))
-    quick = _read_fast(texts, whole, label) if fast and len(texts) else None
+    deep = _too_deep(texts)  # polars' reader would overflow its stack on them
+    quick = (
+        _read_fast(texts, whole, label) if fast and len(texts) and not deep else None
+    )
     del whole
     if quick is not None:
         raw, lines = quick, numbers
         spec = make_spec(list(raw.columns))  # the keys the objects hold between them
     else:
-        found = _read_exact(numbers, texts, label, opts, report, make_spec)
+        found = _read_exact(numbers, texts, label, opts, report, make_spec, deep)
         if found is None:
             raise DataError(
                 f"{path}: no JSON object to read"

@@ -37,6 +37,9 @@ REASONS = (
     # a JSON value of another kind than the key holds in most rows: a number where
     # the others hold a list, a string where they hold an object
     "json_type_mismatch",
+    # a JSON line nesting objects more than 64 deep (polars' reader would overflow
+    # its stack and end the process)
+    "json_too_deep",
     # a Netflix Prize rating above the first movie's line ("1:")
     "no_movie_line",
 )
@@ -177,6 +180,11 @@ class LoadReport:
                 "lines written as Python dicts (single quotes, True, None: Steam's "
                 "and older Amazon dumps) are not JSON: convert the file once, "
                 "e.g. `json.dumps(ast.literal_eval(line))` for each line"
+            )
+        if "json_too_deep" in self.rejected:
+            hints.append(
+                "JSON lines nesting objects more than 64 deep, which no reader here "
+                "takes: flatten them, or keep only the keys the log needs"
             )
         if "json_type_mismatch" in self.rejected:
             hints.append(

@@ -460,7 +460,12 @@ def _read_polars(
             infer_schema_length=None,
             batch_size=CHUNK,
         )
-    except (pl.exceptions.PolarsError, OverflowError, ValueError):
+    except (
+        pl.exceptions.PolarsError,
+        pl.exceptions.PanicException,  # a BaseException: polars gave up in Rust
+        OverflowError,
+        ValueError,
+    ):
         return None
     if raw.height != len(texts):
         return None

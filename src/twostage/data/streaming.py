@@ -24,6 +24,7 @@ in record batches, never as one table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -121,8 +122,37 @@ def row_groups(files: list[Path]) -> list[tuple[Path, int]]:
     return [
         (file, group)
         for file in files
-        for group in range(pq.ParquetFile(file).metadata.num_row_groups)
+        for group in range(parquet_file(file).metadata.num_row_groups)
     ]
+
+
+@contextlib.contextmanager
+def damage_named(file: Path) -> Iterator[None]:
+    """A damaged or cut-short Parquet file's error (pyarrow's, or a polars panic,
+    which is no Exception) as a DataError naming the file."""
+    try:
+        yield
+    except (
+        OSError,
+        UnicodeDecodeError,
+        pa.ArrowException,
+        pl.exceptions.PolarsError,
+        pl.exceptions.PanicException,
+    ) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(
+            f"{file}: not a readable Parquet file ({why}). Is it damaged or cut "
+            "short? Write it again from its source."
+        ) from e
+
+
+def parquet_file(file: Path) -> pq.ParquetFile:
+    """``pq.ParquetFile(file)`` with its footer and schema read, a damaged file's
+    error naming it."""
+    with damage_named(file):
+        opened = pq.ParquetFile(file)
+        _ = opened.schema_arrow  # decoded here (its metadata may be what is damaged)
+        return opened
 
 
 @dataclass(frozen=True)
@@ -309,10 +339,10 @@ def iter_row_groups(
     kept = min_count_ids(path, reading, ranks=ranks) if reading.filters else None
     first = 0
     for number, (file, group) in enumerate(row_groups(files)):
-        reader = pq.ParquetFile(file)
+        reader = parquet_file(file)
         if number % world == rank:
-            table = reader.read_row_group(group, columns=read)
-            raw = pl.from_arrow(table)
+            with damage_named(file):
+                raw = pl.from_arrow(reader.read_row_group(group, columns=read))
             assert isinstance(raw, pl.DataFrame)
             parsed, reason = parse_columns(raw.select(list(roles.values())), spec)
             good = parsed if reason is None else parsed.filter(reason.is_null())
@@ -385,7 +415,8 @@ def columns_of(file: Path) -> dict[str, NestedColumn]:
     """Each column of the file by name, a struct's fields by their paths, with
     the expression that reads it from the file's own columns
     (:func:`twostage.data._table_values.nested_columns`)."""
-    empty = pl.from_arrow(pq.ParquetFile(file).schema_arrow.empty_table())
+    with damage_named(file):
+        empty = pl.from_arrow(parquet_file(file).schema_arrow.empty_table())
     assert isinstance(empty, pl.DataFrame)
     return nested_columns(empty.schema, str(file))
 
@@ -402,7 +433,7 @@ def check_file_schemas(files: list[Path], columns: list[str]) -> None:
             and the first file's type, before any row is read (a late file used to
             end a pass in polars' SchemaError or ColumnNotFoundError).
     """
-    first = pq.ParquetFile(files[0]).schema_arrow
+    first = parquet_file(files[0]).schema_arrow
     wanted = list(dict.fromkeys(columns))
     # Timestamps and ratings are parsed into one type whatever the file holds
     # (epoch seconds, floats), so only their presence is checked; so is a
@@ -413,7 +444,7 @@ def check_file_schemas(files: list[Path], columns: list[str]) -> None:
         if c in first.names and c not in (TIME, RATING)
     }
     for file in files[1:]:
-        schema = pq.ParquetFile(file).schema_arrow
+        schema = parquet_file(file).schema_arrow
         names = schema.names + [c for c in _schema_of(file) if c not in schema.names]
         missing = [c for c in wanted if c not in names]
         if missing:
@@ -1434,7 +1465,8 @@ def held_out_rows(
 def empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:
     """No rows, with ``columns`` as the dataset's first file types them."""
     file = parquet_files(path)[0]
-    empty = pl.from_arrow(pq.ParquetFile(file).schema_arrow.empty_table())
+    with damage_named(file):
+        empty = pl.from_arrow(parquet_file(file).schema_arrow.empty_table())
     fields = columns_of(file)
     return empty.select(fields[c].expr.alias(c) for c in columns)  # type: ignore[union-attr]
 

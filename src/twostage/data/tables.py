@@ -593,12 +593,21 @@ def _load(
                     for a in e.args
                 )
                 raise
-    if path.suffix.lower() in PARQUET_SUFFIXES or magic == b"PAR1":
-        df, report, spec, describe = load_parquet(path, make_spec, opts)
-    elif path.suffix.lower() in JSON_SUFFIXES:
-        df, report, spec, describe = load_json(path, make_spec, opts)
-    else:
-        df, report, spec, describe = load_text(path, make_spec, opts)
+    try:
+        if path.suffix.lower() in PARQUET_SUFFIXES or magic == b"PAR1":
+            df, report, spec, describe = load_parquet(path, make_spec, opts)
+        elif path.suffix.lower() in JSON_SUFFIXES:
+            df, report, spec, describe = load_json(path, make_spec, opts)
+        else:
+            df, report, spec, describe = load_text(path, make_spec, opts)
+    except pl.exceptions.PanicException as e:  # a BaseException: not Exception
+        # polars stops at some damaged files (a Parquet page whose lengths lie)
+        # with a Rust panic, where it stops at most with an error.
+        raise DataError(
+            f"{label or path}: not a readable file: polars stopped reading it "
+            f"({str(e).splitlines()[0][:200]}). Is it damaged or cut short? Write it "
+            "again from its source."
+        ) from e
     report.path = label or str(path)
     return _finish(df, report, spec, describe, report.path, opts.strict)
 

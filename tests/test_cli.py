@@ -1485,3 +1485,40 @@ def test_recommend_without_the_ranker(tmp_path: Path) -> None:
     assert done.exit_code == 0, done.output
     want = rec.recommend_table(rec.user_vocab.values.to_list(), 10, use_ranker=False)
     assert pl.read_parquet(out)["item_id"].to_list() == want["item_id"].to_list()
+
+
+def test_an_ids_file_that_cannot_be_read_is_a_bad_parameter(tmp_path: Path) -> None:
+    """`--users FILE` read it with polars as it came: a JSON line nesting objects
+    600 deep killed the process (SIGSEGV), and a damaged Parquet file could end
+    in a polars panic (a BaseException) rather than the option's error."""
+    import random
+
+    import typer
+
+    from twostage.cli_batch import read_ids
+
+    deep = tmp_path / "users.jsonl"
+    nested = '{"a": ' * 600 + "1" + "}" * 600
+    deep.write_text(f'{{"user_id": 1}}\n{{"user_id": 2, "m": {nested}}}\n')
+    with pytest.raises(typer.BadParameter, match=r"line 2 .* nests objects more"):
+        read_ids(deep, "user_id", "--users")
+    shallow = tmp_path / "fine.json"
+    shallow.write_text('[{"user_id": 1}, {"user_id": 2, "m": {"a": {"b": 3}}}]')
+    assert read_ids(shallow, "user_id", "--users") == [1, 2]
+    good = tmp_path / "good.parquet"
+    pl.DataFrame({"user_id": [f"u{i}" for i in range(3000)]}).write_parquet(
+        good, row_group_size=500
+    )
+    data, damaged = good.read_bytes(), tmp_path / "users.parquet"
+    refused = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        flipped = bytearray(data)
+        for _ in range(rng.choice([1, 5, 50])):
+            flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+        damaged.write_bytes(bytes(flipped))
+        try:
+            read_ids(damaged, "user_id", "--users")
+        except typer.BadParameter:
+            refused += 1
+    assert refused > 5

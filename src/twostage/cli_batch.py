@@ -100,6 +100,20 @@ def check_batch_options(
         raise typer.BadParameter(f"{str(ids_file)!r} is not a file.", param_hint=flag)
 
 
+def _refuse_deep_json(text: str, path: Path, flag: str) -> None:
+    """A BadParameter where a line nests objects deeper than polars' reader
+    survives (it overflows its stack, and the process dies)."""
+    from twostage.data._table_json import MAX_DEPTH, _too_deep
+
+    deep = _too_deep(pl.Series(text.split("\n"), dtype=pl.String))
+    if deep:
+        raise typer.BadParameter(
+            f"line {deep[0] + 1} of {str(path)!r} nests objects more than "
+            f"{MAX_DEPTH} deep; an ID file holds one ID a line.",
+            param_hint=flag,
+        )
+
+
 def read_ids(path: Path, column: str, flag: str) -> list[Any]:
     """The ``column`` of a CSV, JSON lines or Parquet file, in its order (repeats
     kept). CSV IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its
@@ -108,14 +122,19 @@ def read_ids(path: Path, column: str, flag: str) -> list[Any]:
     try:
         if suffix in (".parquet", ".pq"):
             frame = pl.read_parquet(path)
-        elif suffix in (".jsonl", ".ndjson"):
-            frame = pl.read_ndjson(path)
-        elif suffix == ".json":
+        elif suffix in (".jsonl", ".ndjson", ".json"):
             text = path.read_text(encoding="utf-8-sig").lstrip()
-            frame = pl.read_json(path) if text.startswith("[") else pl.read_ndjson(path)
+            _refuse_deep_json(text, path, flag)
+            array = suffix == ".json" and text.startswith("[")
+            frame = pl.read_json(path) if array else pl.read_ndjson(path)
         else:
             frame = pl.read_csv(path, infer_schema=False)
-    except (pl.exceptions.PolarsError, OSError, ValueError) as e:
+    except (
+        pl.exceptions.PolarsError,
+        pl.exceptions.PanicException,  # a BaseException: a damaged file, say
+        OSError,
+        ValueError,
+    ) as e:
         raise typer.BadParameter(
             f"cannot read {str(path)!r} as CSV, JSON lines or Parquet: {e}",
             param_hint=flag,

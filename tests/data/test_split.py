@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -254,3 +256,14 @@ def test_a_split_that_leaves_a_side_empty_says_why() -> None:
     assert (split.fit.num_interactions, split.test.num_interactions) == (4, 1)
     with pytest.raises(DataError, match="held out 5 of 5 users first"):
         prepared(late, "data.cold_user_fraction=0.99")
+
+
+def test_a_damaged_split_file_is_a_data_error(data: Dataset, tmp_path: Path) -> None:
+    """`data.train_file` / `test_file` pointing at a damaged Parquet file: its
+    schema read ended in polars' ComputeError rather than a DataError naming it."""
+    from twostage.data.split import read_split_file
+
+    path = tmp_path / "test.parquet"
+    path.write_bytes(b"PAR1" + bytes(range(256)) * 2 + b"PAR1")
+    with pytest.raises(DataError, match=r"test\.parquet: not a readable Parquet"):
+        read_split_file(str(path), like=data)

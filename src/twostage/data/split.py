@@ -469,7 +469,10 @@ def read_split_file(path: str, *, like: Dataset) -> Dataset:
 
     source = Path(path)
     if source.suffix in (".parquet", ".pq") and source.exists():
-        columns = list(pl.read_parquet_schema(source))
+        try:
+            columns = list(pl.read_parquet_schema(source))
+        except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException) as e:
+            raise DataError(f"{source}: not a readable Parquet file: {e}") from e
     elif source.exists():
         columns = source.read_text().split("\n", 1)[0].strip().split(",")
     else:

@@ -415,8 +415,13 @@ def columns_of(file: Path) -> dict[str, NestedColumn]:
     """Each column of the file by name, a struct's fields by their paths, with
     the expression that reads it from the file's own columns
     (:func:`twostage.data._table_values.nested_columns`)."""
+    return _columns_of_schema(parquet_file(file).schema_arrow, file)
+
+
+def _columns_of_schema(schema: pa.Schema, file: Path) -> dict[str, NestedColumn]:
+    """:func:`columns_of` from the file's schema, read already."""
     with damage_named(file):
-        empty = pl.from_arrow(parquet_file(file).schema_arrow.empty_table())
+        empty = pl.from_arrow(schema.empty_table())
     assert isinstance(empty, pl.DataFrame)
     return nested_columns(empty.schema, str(file))
 
@@ -445,7 +450,9 @@ def check_file_schemas(files: list[Path], columns: list[str]) -> None:
     }
     for file in files[1:]:
         schema = parquet_file(file).schema_arrow
-        names = schema.names + [c for c in _schema_of(file) if c not in schema.names]
+        names = schema.names
+        if not set(wanted) <= set(names):  # a struct's fields, by their paths
+            names = [*names, *_columns_of_schema(schema, file)]
         missing = [c for c in wanted if c not in names]
         if missing:
             raise DataError(

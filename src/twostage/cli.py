@@ -554,7 +554,7 @@ def _fit_both(
         )
         console.print(f"Ranking: {figures}")
         if "impressions" in report:
-            console.print(impressions_line(report["impressions"]))
+            console.print(impressions_line(report))
     return stages
 
 

@@ -150,13 +150,24 @@ def print_metrics(
         )
 
 
-def impressions_line(figures: dict[str, Any]) -> str:
-    """MIND's per-impression figures of the ranker, on one line."""
-    return (
+def impressions_line(report: dict[str, Any]) -> str:
+    """MIND's per-impression figures of the ranker (``report["impressions"]``) on
+    one line, with the users and items it scored as new to it."""
+    figures = report["impressions"]
+    line = (
         f"Impressions ({figures['count']:,} with a click and a miss): "
         f"AUC {figures['auc']:.4f}, MRR {figures['mrr']:.4f}, "
         f"nDCG@5 {figures['ndcg@5']:.4f}, nDCG@10 {figures['ndcg@10']:.4f}"
     )
+    new = [
+        f"{report[key]:,} {name}"
+        for key, name in (
+            ("shown_cold_users", "users new to the model"),
+            ("shown_cold_items", "items new to it"),
+        )
+        if report.get(key)
+    ]
+    return line + (f" ({', '.join(new)})" if new else "")
 
 
 def print_ranking(report: dict[str, Any], *, title: str) -> None:
@@ -175,7 +186,7 @@ def print_ranking(report: dict[str, Any], *, title: str) -> None:
     )
     console.print(heads)
     if "impressions" in report:
-        console.print(impressions_line(report["impressions"]))
+        console.print(impressions_line(report))
     weights = f"blend weight {report['blend_weight']:g}"
     if report.get("ease_weight"):
         weights += f", EASE weight {report['ease_weight']:g}"

@@ -278,20 +278,31 @@ def test_impression_figures_match_a_naive_reference(tmp_path: Path) -> None:
     figures = shown_auc(ranker, test)
     users = ranker.retrieval.spec.vocabulary("user_id")
     items = ranker.retrieval.spec.vocabulary("item_id")
+    # An item the ranker never trained on takes the next index past the
+    # vocabulary, in order of first appearance; with no item table it scores as
+    # the unknown item (row 0).
+    new: dict[object, int] = {}
     groups: dict[tuple[int, int], dict[int, bool]] = {}
     for frame, chosen in ((test.interactions, True), (test.shown, False)):
         u = users.transform(frame["user_id"])
         i = items.transform(frame["item_id"])
-        for user, item, time in zip(u, i, frame["timestamp"], strict=True):
-            if user and item:
-                group = groups.setdefault((int(user), int(time)), {})
-                group[int(item)] = group.get(int(item), False) or chosen
+        for user, item, raw, time in zip(
+            u, i, frame["item_id"], frame["timestamp"], strict=True
+        ):
+            assert user  # every test user is known here
+            if not item:
+                item = new.setdefault(raw, items.size + len(new))
+            group = groups.setdefault((int(user), int(time)), {})
+            group[int(item)] = group.get(int(item), False) or chosen
+    assert figures["shown_cold_users"] == 0
+    assert figures["shown_cold_items"] == len(new) > 0
     aucs, mrrs, ndcgs = [], [], {5: [], 10: []}
     for (user, _), labels in sorted(groups.items()):
         if len(set(labels.values())) < 2:
             continue
         order = sorted(labels)  # ties keep the item order
-        scores = ranker.score(torch.tensor([user]), torch.tensor([order]))["click"][
+        rows = [i if i < items.size else 0 for i in order]
+        scores = ranker.score(torch.tensor([user]), torch.tensor([rows]))["click"][
             0
         ].tolist()
         pos = [s for s, i in zip(scores, order, strict=True) if labels[i]]
@@ -313,6 +324,77 @@ def test_impression_figures_match_a_naive_reference(tmp_path: Path) -> None:
         assert got[f"ndcg@{k}"] == pytest.approx(
             sum(ndcgs[k]) / len(ndcgs[k]), abs=1e-6
         )
+
+
+def test_users_and_items_the_ranker_never_saw_are_scored_not_dropped(
+    tmp_path: Path,
+) -> None:
+    """MIND's test day shows news published after training, to users the model may
+    not know: every impression counts, a new item scored from its features and a
+    new user as a cold start, and the figures say how many there were."""
+    from twostage.cli_output import impressions_line
+    from twostage.ranking.evaluation import shown_auc
+
+    path = write_impressions(tmp_path / "impressions.csv")
+    log = pl.read_csv(path).with_columns(
+        kind=pl.when(pl.col("item") <= 40).then(pl.lit("good")).otherwise(pl.lit("bad"))
+    )
+    log.write_csv(path)
+    data = read_interactions(
+        path,
+        user_col="user",
+        item_col="item",
+        time_col="ts",
+        label_col="clicked",
+        item_features=["kind"],
+    )
+    config = apply_overrides(ExperimentConfig(), [*SMALL, "ranking.batch_size=128"])
+    ranker = fit_two_stage(config, data).ranker
+    assert ranker is not None
+    # New items 201..240 (the first 20 good), new users 1001..1020, each shown one
+    # good and three bad new items and a known one, choosing the good one.
+    rng = np.random.default_rng(1)
+    chosen, shown = [], []
+    for user in range(1001, 1021):
+        good, bad = 201 + rng.integers(20), 221 + rng.choice(20, 3, replace=False)
+        chosen.append((user, int(good), 1))
+        shown += [(user, int(item), 1) for item in (*bad, 41 + user % 40)]
+    frame = lambda rows: pl.DataFrame(  # noqa: E731
+        rows, schema=["user_id", "item_id", "timestamp"], orient="row"
+    )
+    ids = list(range(1, 81)) + list(range(201, 241))
+    good = [i <= 40 or 201 <= i <= 220 for i in ids]
+    items = pl.DataFrame(
+        {"item_id": ids, "kind": ["good" if g else "bad" for g in good]}
+    )
+    test = Dataset("new", frame(chosen), items=items, shown=frame(shown))
+    figures = shown_auc(ranker, test)
+    assert figures["shown_cold_users"] == 20 == figures["shown_auc_users"]
+    assert figures["shown_cold_items"] == len({r[1] for r in chosen + shown}) - 20
+    assert figures["impressions"]["count"] == 20
+    # The good new items are told from the bad ones by their kind alone.
+    assert figures["shown_auc"] > 0.8, figures
+    line = impressions_line(figures)
+    cold = figures["shown_cold_items"]
+    assert f"(20 users new to the model, {cold} items new to it)" in line
+    # Known items keep their scores; without an item table every new item is the
+    # unknown item, and they all score alike.
+    ids = pl.Series("item_id", [3, 50, 205, 230])
+    run, index, new = ranker.with_items(ids, items)
+    known = ranker.retrieval.spec.vocabulary("item_id").transform(ids[:2])
+    assert new == 2 and index[:2].tolist() == known.tolist()
+    assert index[2:].tolist() == [
+        ranker.tensors.num_items,
+        ranker.tensors.num_items + 1,
+    ]
+    user = torch.tensor([5])
+    before = ranker.score(user, index[None, :2])["click"]
+    torch.testing.assert_close(run.score(user, index[None, :2])["click"], before)
+    good, bad = run.score(user, index[None, 2:])["click"][0].tolist()
+    assert good > bad
+    blind, index, _ = ranker.with_items(ids, None)
+    scores = blind.score(user, index[None, 2:])["click"][0]
+    assert scores[0] == scores[1]
 
 
 def test_a_column_that_is_no_label_gets_a_hint(tmp_path: Path) -> None:

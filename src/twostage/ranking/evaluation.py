@@ -217,8 +217,13 @@ def shown_auc(
     ranking: RankingRun, test: Dataset, *, impression_figures: bool = True
 ) -> dict[str, Any]:
     """The figures of :func:`evaluate_ranking` on the test's rows shown and not
-    chosen (known users and items only; an item both chosen and shown counts as
-    chosen where both are).
+    chosen (an item both chosen and shown counts as chosen where both are).
+
+    Every row counts, as MIND's leaderboard counts every impression: a user the
+    model does not know is scored as a cold start (the unknown user's row), and an
+    item it never trained on (only ever shown, or new since) from its row of
+    ``test.items`` (:meth:`RankingRun.with_items`). ``shown_cold_users`` and
+    ``shown_cold_items`` count those users and items.
 
     ``shown_auc``: per user, the click AUC of the test items chosen against those
     shown and not chosen, ties counting 1/2, averaged over the ``shown_auc_users``
@@ -231,47 +236,53 @@ def shown_auc(
     """
     from twostage.data.dataset import ITEM, TIME, USER
 
-    spec = ranking.retrieval.spec
-    parts = []
     assert test.shown is not None
-    for frame, label in ((test.interactions, True), (test.shown, False)):
-        parts.append(
-            pl.DataFrame(
-                {
-                    "u": spec.vocabulary(USER).transform(frame[USER]),
-                    "i": spec.vocabulary(ITEM).transform(frame[ITEM]),
-                    "t": frame[TIME],
-                    "chosen": pl.repeat(label, frame.height, eager=True),
-                }
-            )
-        )
-    rows = pl.concat(parts).filter((pl.col("u") > 0) & (pl.col("i") > 0))
-    pairs = rows.group_by("u", "i").agg(pl.col("chosen").any()).sort("u", "i")
-    mixed = pairs.group_by("u").agg(pl.col("chosen").n_unique() == 2)
+    frames = (test.interactions, test.shown)
+    both = pl.concat([f.select(USER, ITEM, TIME) for f in frames], how="vertical")
+    scorer, item_idx, cold_items = ranking.with_items(both[ITEM], test.items)
+    user_idx = ranking.retrieval.spec.vocabulary(USER).transform(both[USER])
+    rows = pl.DataFrame(
+        {
+            # grouped by the raw ID: every unknown user is index 0
+            "user": both[USER],
+            "u": user_idx,
+            "i": item_idx.numpy(),
+            "t": both[TIME],
+            "chosen": np.repeat([True, False], [f.height for f in frames]),
+        }
+    )
+    pairs = (
+        rows.group_by("user", "u", "i").agg(pl.col("chosen").any()).sort("user", "i")
+    )
+    mixed = pairs.group_by("user").agg(pl.col("chosen").n_unique() == 2)
     if not mixed["chosen"].any():
         logger.warning(
-            "no test user has both a chosen item and one shown and not chosen that "
-            "the model knows: shown_auc is not measured"
+            "no test user has both a chosen item and one shown and not chosen: "
+            "shown_auc is not measured"
         )
         return {"shown_auc_users": 0}
-    users = torch.from_numpy(pairs["u"].to_numpy().copy())
-    items = torch.from_numpy(pairs["i"].to_numpy().copy())
+    scored = pairs.select("u", "i").unique().sort("u", "i")
+    users = torch.from_numpy(scored["u"].to_numpy().copy())
+    items = torch.from_numpy(scored["i"].to_numpy().copy())
     splits = zip(users.split(8192), items.split(8192), strict=True)
-    click = torch.cat([ranking.score(u, i[:, None])["click"][:, 0] for u, i in splits])
-    pairs = pairs.with_columns(pl.Series("s", click.double().numpy()))
+    click = torch.cat([scorer.score(u, i[:, None])["click"][:, 0] for u, i in splits])
+    scored = scored.with_columns(pl.Series("s", click.double().numpy()))
+    pairs = pairs.join(scored, on=["u", "i"], maintain_order="left")
     result: dict[str, Any] = {}
-    per_user = _group_auc(pairs, ["u"])
+    per_user = _group_auc(pairs, ["user"])
     result["shown_auc"] = float(per_user["auc"].mean())  # type: ignore[arg-type]
     result["shown_auc_users"] = per_user.height
+    result["shown_cold_users"] = int(pairs.filter(pl.col("u") == 0)["user"].n_unique())
+    result["shown_cold_items"] = cold_items
     if not impression_figures:  # validation reads shown_auc only
         return result
     impressions = (
-        rows.group_by("u", "t", "i")
+        rows.group_by("user", "t", "i")
         .agg(pl.col("chosen").any())
-        .join(pairs.select("u", "i", "s"), on=["u", "i"])
-        .sort("u", "t", "i")
+        .join(pairs.select("user", "i", "s"), on=["user", "i"])
+        .sort("user", "t", "i")
     )
-    per_impression = _group_auc(impressions, ["u", "t"])
+    per_impression = _group_auc(impressions, ["user", "t"])
     if per_impression.height:
         result["impressions"] = {
             "auc": float(per_impression["auc"].mean()),  # type: ignore[arg-type]
@@ -302,17 +313,17 @@ def _group_auc(pairs: pl.DataFrame, group: list[str]) -> pl.DataFrame:
 def _impression_ranks(
     impressions: pl.DataFrame, kept: pl.DataFrame
 ) -> dict[str, float]:
-    """MRR and nDCG@5 / @10 over the impressions in ``kept`` (keys ``u``, ``t``)."""
+    """MRR and nDCG@5 / @10 over the impressions in ``kept`` (keys ``user``, ``t``)."""
     ranked = (
-        impressions.join(kept.select("u", "t", "p"), on=["u", "t"])
+        impressions.join(kept.select("user", "t", "p"), on=["user", "t"])
         .with_columns(
             # 1-based position by score, the highest first; ties by item index
-            pl.col("s").rank("ordinal", descending=True).over("u", "t").alias("r")
+            pl.col("s").rank("ordinal", descending=True).over("user", "t").alias("r")
         )
         .filter(pl.col("chosen"))
     )
     out: dict[str, float] = {}
-    per = ranked.group_by("u", "t").agg(
+    per = ranked.group_by("user", "t").agg(
         mrr=(1.0 / pl.col("r")).sum() / pl.len(),
         p=pl.col("p").first(),
         **{

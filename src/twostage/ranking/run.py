@@ -3,6 +3,7 @@ caches, and the pair tables training and evaluation use."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -145,6 +146,62 @@ class RankingRun:
             queries = self.ease.encode_item_sets(rows)  # (B, r)
             items = self.ease.right[item_idx]  # (B, C, r)
             return (items @ queries[:, :, None])[:, :, 0]  # (B, C, r) @ (B, r, 1)
+
+    def with_items(
+        self, ids: pl.Series, items: pl.DataFrame | None
+    ) -> tuple[RankingRun, Tensor, int]:
+        """This ranker, able to score items it never trained on, and ``ids``' indices.
+
+        Each distinct ID outside the item vocabulary (an item only ever shown, a news
+        item published after training) gets a row past the vocabulary: its candidate
+        side encoded from its row of ``items`` with its ID at the unknown row, as a
+        new item is embedded for a cold start, or, where ``items`` has no row or
+        lacks a feature column, the unknown item's row itself (every such item
+        then scores alike). Vocabulary items keep their indices and scores.
+
+        Returns:
+            The run to score with (this one when every ID is known), ``[n]`` int64
+            indices of ``ids``, and how many distinct IDs were new.
+        """
+        spec = self.retrieval.spec
+        index = spec.vocabulary(ITEM).transform(ids).astype("int64")
+        unknown = index == 0
+        if not unknown.any():
+            return self, torch.from_numpy(index), 0
+        new = ids.filter(pl.Series(unknown)).unique(maintain_order=True)
+        known_rows = self.tensors.num_items
+        codes = pl.DataFrame({ITEM: new}).with_row_index("k")
+        index[unknown] = known_rows + (
+            pl.DataFrame({ITEM: ids.filter(pl.Series(unknown))})
+            .join(codes, on=ITEM, how="left", maintain_order="left")["k"]
+            .to_numpy()
+        )
+        columns = [f.column for f in spec.describe(side="candidate")]
+        if items is not None and all(c in items.columns for c in [ITEM, *columns]):
+            side = spec.transform_items(new.rename(ITEM), items=items)
+        else:  # nothing to encode them from: the unknown item's row
+            side = {
+                k: v[:1].expand(len(new), *v.shape[1:]).clone()
+                for k, v in self.tensors.item_features.items()
+            }
+        tensors = dataclasses.replace(
+            self.tensors,
+            item_features={
+                k: torch.cat([v, side[k].to(v.dtype)])
+                for k, v in self.tensors.item_features.items()
+            },
+            item_probs=F.pad(self.tensors.item_probs, (0, len(new))),
+        )
+        vectors = None
+        if self.model.extra_dim:
+            users, known = self.retrieval_vectors()
+            with torch.no_grad():
+                added = self.retrieval.model.encode_items(side)
+            vectors = (users, torch.cat([known, added.to(known.dtype)]))
+        run = dataclasses.replace(
+            self, tensors=tensors, _vectors=vectors, _seen=None, _candidates=None
+        )
+        return run, torch.from_numpy(index), len(new)
 
     def score(self, user_idx: Tensor, item_idx: Tensor) -> dict[str, Tensor]:
         """Score ``C`` candidates for each of ``B`` users in one forward pass.

@@ -636,6 +636,27 @@ def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
     return [parse_id(part) for part in ids]
 
 
+def _new_item_rows(path: Path) -> list[dict[str, Any]]:
+    """``--new-items FILE``: one candidate object per row (``item_id`` and its
+    feature values), read as an item feature table is (rejected rows counted and
+    reported; an item listed twice is an error)."""
+    from twostage.data.tables import read_feature_table
+
+    try:
+        table = read_feature_table(
+            path, key_col="item_id", key_name="item_id", duplicates="error"
+        )
+    except (TwostageError, OSError) as e:
+        raise typer.BadParameter(str(e), param_hint="--new-items") from e
+    if not table.height:
+        raise typer.BadParameter(
+            f"{str(path)!r} holds no item (a header row naming item_id, then a row "
+            "per item).",
+            param_hint="--new-items",
+        )
+    return table.to_dicts()
+
+
 def recommend_command(
     bundle: Annotated[
         Path,
@@ -684,6 +705,16 @@ def recommend_command(
             help="Rank these item IDs only, comma-separated (a candidate list of "
             "your own): ordered as the catalogue would be, ranker included; -k "
             "as long as the list shows every one.",
+        ),
+    ] = None,
+    new_items: Annotated[
+        Path | None,
+        typer.Option(
+            "--new-items",
+            help="A CSV, JSON lines or Parquet file of items to rank beside "
+            "--candidates: an item_id column and item feature columns. An ID the "
+            "model never trained on is a new item, ranked from its features (a "
+            "day's news, a new product); one it knows is ranked as trained.",
         ),
     ] = None,
     users_file: Annotated[
@@ -757,6 +788,7 @@ def recommend_command(
                 "--context": context,
                 "--session": session,
                 "--candidates": candidates,
+                "--new-items": new_items,
                 "--require-known-user": require_known_user or None,
             },
             noun="user",
@@ -807,6 +839,9 @@ def recommend_command(
         )
     from twostage.errors import UnknownIdError
 
+    asked = _session(candidates, "--candidates")
+    if new_items is not None:
+        asked = [*(asked or []), *_new_item_rows(new_items)]
     try:
         answer = rec.recommend(
             user_id,
@@ -815,7 +850,7 @@ def recommend_command(
             exclude_seen=not include_seen,
             context=_key_values(context, "--context") or None,
             session=_session(session),
-            candidates=_session(candidates, "--candidates"),
+            candidates=asked,
             use_ranker=not no_ranker,
             explain=explain,
             filters=chosen,
@@ -827,6 +862,15 @@ def recommend_command(
         ) from e
     except ConfigError as e:  # a request field is named by the flag that fills it
         message = str(e)
+        if new_items is not None and message.startswith("`candidates"):
+            # --candidates holds plain IDs: an object's mistake is the file's row
+            offset = len(_session(candidates, "--candidates") or [])
+            message = re.sub(
+                r"^`candidates\[(\d+)\]`",
+                lambda m: f"`--new-items` row {int(m.group(1)) - offset + 1}",
+                message,
+            ).replace("`candidates`", "`--new-items`", 1)
+            raise typer.BadParameter(message, param_hint="--new-items") from e
         for field, flag in (
             ("filters", "--filter"),
             ("user_features", "--feature"),
@@ -866,8 +910,11 @@ def recommend_command(
     title = f"Top {len(answer.items)} for {who} ({answer.path}{stage})"
     console.print(items_table(title, answer.items))
     catalogue = f"in its catalogue of {rec.item_vocab.size - 1:,}"
-    if candidates:
-        catalogue = f"among the {len(set(_session(candidates) or []))} --candidates"
+    if asked:
+        listed = {c["item_id"] if isinstance(c, dict) else c for c in asked}
+        catalogue = f"among the {len(listed)} --candidates and --new-items"
+        if new_items is None:
+            catalogue = f"among the {len(listed)} --candidates"
     if not include_seen and len(answer.items) < k:
         catalogue += ", less the items the query has seen"
     _say_when_short(k, len(answer.items), catalogue)

@@ -60,7 +60,7 @@ def items_table(
         because = item.get("because") or {}
         table.add_row(
             str(rank),
-            Text(str(item["item_id"])),
+            Text(str(item["item_id"]) + (" (new)" if item.get("new_item") else "")),
             Text(str(item.get("label") or "")),
             Text(", ".join(str(tag) for tag in item.get("tags") or [])),
             *([f"{item.get('rank_score', item['score']):.4f}"] if scores else []),

@@ -24,7 +24,8 @@ from twostage.features.vocab import Vocabulary
 from twostage.models.fields import UNKNOWN_TIME
 
 __all__ = [
-    "candidate_indices",
+    "by_path",
+    "candidate_items",
     "ItemFilters",
     "check_finite_numbers",
     "check_raw_id",
@@ -51,15 +52,25 @@ def check_raw_id(name: str, value: Any) -> None:
         )
 
 
-def candidate_indices(
-    candidates: Sequence[Any] | None, item_vocab: Vocabulary
-) -> torch.Tensor | None:
-    """``[C]`` vocabulary indices of the items a request asks to rank (a
-    candidate list from the client's own retrieval), or None when it names none.
+def candidate_items(
+    candidates: Sequence[Any] | None, item_vocab: Vocabulary, columns: list[str]
+) -> tuple[torch.Tensor, pl.DataFrame | None] | None:
+    """The items a request asks to rank (a candidate list from the client's own
+    retrieval), or None when it names none: ``[C]`` vocabulary indices of the known
+    ones, and the new ones as rows of ``item_id`` and the model's item feature
+    ``columns`` (None when there are none).
+
+    An entry is an item ID, or an object with ``item_id`` and feature values
+    (nested objects by path, as a log's are read). An object whose ID the model
+    does not know is a new item, ranked from the features it carries (the
+    columns it leaves out are unknown); a known item is ranked as trained, the
+    values sent with it not read.
 
     Raises:
-        ConfigError: not a list, an empty one, or an entry that is no ID.
-        UnknownIdError: item IDs the model does not know (the first ten named).
+        ConfigError: not a list, an empty one, an entry that is no ID or no object
+            with one, a new item listed twice, or a feature the model does not read.
+        UnknownIdError: plain item IDs the model does not know (the first ten
+            named).
     """
     if candidates is None:
         return None
@@ -75,13 +86,87 @@ def candidate_indices(
             "`candidates` should name at least one item (leave it out to rank the "
             "whole catalogue)."
         )
+    ids: list[Any] = []
+    rows: dict[Any, dict[str, Any]] = {}
     for position, value in enumerate(candidates):
-        check_raw_id(f"candidates[{position}]", value)
-    indices = _known_items("candidates", list(candidates), item_vocab)
-    return torch.tensor(sorted(set(indices)), dtype=torch.long)
+        name = f"candidates[{position}]"
+        if not isinstance(value, Mapping):
+            check_raw_id(name, value)
+            ids.append(value)
+            continue
+        if ITEM not in value:
+            raise ConfigError(
+                f"`{name}` should hold the item's {ITEM!r} beside its features. "
+                f"Received the keys {sorted(map(str, value))}."
+            )
+        check_raw_id(f"{name}[{ITEM!r}]", value[ITEM])
+        raw = value[ITEM]
+        if item_vocab.lookup(raw):
+            ids.append(raw)  # known: ranked as trained
+            continue
+        features = by_path({k: v for k, v in value.items() if k != ITEM}, "item")
+        unknown = sorted(set(features) - set(columns))
+        if unknown:
+            raise ConfigError(
+                f"`{name}` holds feature(s) {unknown} this model does not read; "
+                f"its item features are {columns}."
+            )
+        if raw in rows:
+            raise ConfigError(
+                f"`{name}`: the new item {raw!r} is listed twice; list it once."
+            )
+        rows[raw] = features
+    indices = _known_items(
+        "candidates",
+        ids,
+        item_vocab,
+        hint="Leave them out, or send each as an object of its features "
+        f'({{"{ITEM}": ..., "<feature>": ...}}; this model reads {columns}) to '
+        "rank it as a new item.",
+    )
+    known = torch.tensor(sorted(set(indices)), dtype=torch.long)
+    if not rows:
+        return known, None
+    with client_values("candidates", {"new items": list(rows)}, columns):
+        values = {c: [f.get(c) for f in rows.values()] for c in columns}
+        return known, pl.DataFrame({ITEM: list(rows), **values})
 
 
-def _known_items(name: str, ids: list[Any], item_vocab: Vocabulary) -> list[int]:
+def by_path(features: Mapping[str, Any], what: str = "user") -> dict[str, Any]:
+    """``features`` with a nested object's values under their paths
+    (``{"geo": {"country": "NO"}}`` as ``{"geo.country": "NO"}``), as a log's
+    nested objects are read. (A loop, not recursion: a client's JSON may nest
+    deeper than Python's stack.)
+
+    Raises:
+        ConfigError: two entries name one feature (``"geo.country"`` beside
+            ``"geo": {"country": ...}``).
+    """
+    out: dict[str, Any] = {}
+    pending = [("", features)]
+    while pending:
+        prefix, mapping = pending.pop()
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                pending.append((f"{name}.", value))
+            elif name in out:
+                raise ConfigError(
+                    f"the {what} feature {name!r} is given twice (as a name with a "
+                    "dot and inside an object); give it once."
+                )
+            else:
+                out[name] = value
+    return out
+
+
+def _known_items(
+    name: str,
+    ids: list[Any],
+    item_vocab: Vocabulary,
+    *,
+    hint: str = "Leave them out (items added after training have no embedding).",
+) -> list[int]:
     """The vocabulary indices of item IDs a request lists under ``name``.
 
     Raises:
@@ -93,7 +178,7 @@ def _known_items(name: str, ids: list[Any], item_vocab: Vocabulary) -> list[int]
         raise UnknownIdError(
             f"`{name}` holds item IDs this model does not know: {unknown[:10]}"
             + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-            + ". Leave them out (items added after training have no embedding)."
+            + f". {hint}"
         )
     return indices
 

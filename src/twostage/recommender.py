@@ -27,8 +27,11 @@ from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import ExactIndex, Index, make_index
 from twostage.inputs import (
     ItemFilters,
-    candidate_indices,
+    by_path,
+    candidate_items,
+    check_finite_numbers,
     check_raw_id,
+    client_values,
     encode_context,
     encode_user_features,
     session_indices,
@@ -74,6 +77,27 @@ class Ranker(Protocol):
     ) -> torch.Tensor | None:
         """``[B, C]`` the EASE term of the re-ranking order, or None."""
         ...
+
+    def score_features(
+        self,
+        user_idx: torch.Tensor,
+        side: dict[str, torch.Tensor],
+        vectors: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """``[1]`` user x ``C`` items given by their encoded candidate side (new
+        items) -> ``{"rating", "click"}`` ``[1, C]``."""
+        ...
+
+
+@dataclass(frozen=True)
+class _NewItems:
+    """A request's new candidate items: their raw IDs and feature values as sent,
+    their encoded candidate side and ``[C, D]`` retrieval embeddings."""
+
+    ids: list[Any]
+    rows: list[dict[str, Any]]
+    side: dict[str, torch.Tensor]
+    vectors: torch.Tensor
 
 
 @dataclass
@@ -193,6 +217,14 @@ class Recommender:
         self._seen = run.tensors.seen()  # row = user_idx
         self._popular_users = run.uses_popularity(np.arange(self.user_vocab.size))
         self._context_keys = context_keys(run.spec)
+        #: The item feature columns a new candidate item may carry.
+        self._item_columns = list(
+            dict.fromkeys(
+                f.column
+                for f in run.spec.describe(side="candidate")
+                if f.column != ITEM
+            )
+        )
         #: The bundle's manifest (version, creation time, checksums) when loaded.
         self.manifest: dict[str, Any] = {}
         popularity = run.tensors.fallback_popularity.clone()
@@ -255,7 +287,7 @@ class Recommender:
             if f.column != USER and f.column not in self._context_keys
         ]
         if user_features:  # nested as in the log: {"geo": {"country": "NO"}}
-            user_features = _by_path(user_features)
+            user_features = by_path(user_features)
         if user_features:  # a client's mistake is reported on every path
             unknown = sorted(set(user_features) - set(columns))
             if unknown:
@@ -422,11 +454,21 @@ class Recommender:
             seen = np.union1d(seen if seen is not None else [], session_idx.numpy())
             seen = seen.astype(np.int64)
         mask = self._filters.mask(filters)
-        chosen = candidate_indices(candidates, self.item_vocab)
-        if chosen is not None:  # the client's own candidates: the catalogue shrinks
+        asked = candidate_items(candidates, self.item_vocab, self._item_columns)
+        new = None
+        if asked is not None:  # the client's own candidates: the catalogue shrinks
+            chosen, frame = asked
             only = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
             only[chosen] = True
             mask = only if mask is None else mask & only
+            if frame is not None:
+                if filters:
+                    raise ConfigError(
+                        "`filters` read the catalogue's metadata, which new items "
+                        "in `candidates` do not have; filter the candidates before "
+                        "sending them, or leave the filters out."
+                    )
+                new = self._new_items(frame)
         exact = self.run.scores_exactly
         if query is None or mask is not None or exact:
             excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
@@ -438,7 +480,11 @@ class Recommender:
         if query is None:
             order = self._popular[~excluded[self._popular]][:k]
             scores = self.run.tensors.fallback_popularity[order]
-            return self._answer(user_id, path, order, scores, None)
+            if new is not None:  # no popularity yet: after the known items
+                extra = self._new_range(new)[: k - len(order)]
+                order = torch.cat([order, extra])
+                scores = torch.cat([scores, torch.zeros(len(extra))])
+            return self._answer(user_id, path, order, scores, None, new=new)
         width = max(num_candidates, k)
         if mask is None and not exact:
             top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
@@ -454,15 +500,25 @@ class Recommender:
                     torch.tensor([user_idx]), sessions=sessions
                 )[0]
             scores = scores.masked_fill(excluded, -torch.inf)
-            width = min(width, int((~excluded).sum()))
+            available = int((~excluded).sum())
+            if new is not None:  # scored as the catalogue is, after its rows
+                scores = torch.cat([scores, new.vectors @ query])
+                available += len(new.ids)
+            width = min(width, available)
             top_scores, top_idx = torch.topk(scores, width)
         ranker = self.ranker if use_ranker else None
         if ranker is None or path != "personalised" or not len(top_idx):
             # (Nothing passed the filters: an empty answer, not a ranker error.)
-            answer = self._answer(user_id, path, top_idx[:k], top_scores[:k], None)
-            return self._explained(answer, user_idx, top_idx[:k]) if explain else answer
-        with torch.no_grad():
-            out = ranker.score(torch.tensor([user_idx]), top_idx[None, :])
+            answer = self._answer(
+                user_id, path, top_idx[:k], top_scores[:k], None, new=new
+            )
+            return (
+                self._explained(answer, user_idx, top_idx[:k], new)
+                if explain
+                else answer
+            )
+        user = torch.tensor([user_idx])
+        out, ease = self._rank(ranker, user, top_idx, new)
         # The rule evaluation scores: click logit plus a validated share of the
         # retrieval logit (and the EASE term when the ranker has one).
         logits = top_scores / float(self.run.model.temperature)
@@ -470,34 +526,105 @@ class Recommender:
             out["click"],
             logits[None, :],
             blend_weight=ranker.blend_weight,
-            ease=ranker.ease_scores(torch.tensor([user_idx]), top_idx[None, :]),
+            ease=ease,
             ease_weight=ranker.config.ease_weight,
         )
         order, keys = order[0, :k], keys[0, :k]
-        answer = self._answer(user_id, path, top_idx[order], top_scores[order], keys)
+        answer = self._answer(
+            user_id, path, top_idx[order], top_scores[order], keys, new=new
+        )
         if ranker.predicts_ratings:  # an untrained rating head says nothing
             ratings = out["rating"][0][order].tolist()
             for entry, rating in zip(answer.items, ratings, strict=True):
                 entry["predicted_rating"] = rating
-        return self._explained(answer, user_idx, top_idx[order]) if explain else answer
+        return (
+            self._explained(answer, user_idx, top_idx[order], new)
+            if explain
+            else answer
+        )
 
-    def _closest_seen(self, user_idx: int, idx: torch.Tensor) -> list[int] | None:
-        """For each item of ``idx``, the user's training item closest to it (inner
-        product of the candidate embeddings); None for a user without history."""
+    def _new_items(self, frame: pl.DataFrame) -> _NewItems:
+        """New candidate items (``item_id`` and the item feature columns), encoded
+        as the candidate tower reads an item: its ID at the unknown row, its
+        features as sent (unknown where left out)."""
+        rows = frame.drop(ITEM).to_dicts()
+        for row in rows:  # a NaN would encode as missing: the client's mistake
+            check_finite_numbers(self.run.spec, "candidates", row)
+        with client_values(
+            "candidates", {"new items": frame[ITEM].to_list()}, self._item_columns
+        ):
+            side = self.run.spec.transform_items(frame)
+        with torch.no_grad():
+            vectors = self.run.model.encode_items(side)
+        return _NewItems(frame[ITEM].to_list(), rows, side, vectors)
+
+    def _new_range(self, new: _NewItems) -> torch.Tensor:
+        """The indices new items take in an answer: past the catalogue's rows."""
+        start = self.item_embeddings.shape[0]
+        return torch.arange(start, start + len(new.ids))
+
+    def _rank(
+        self,
+        ranker: Ranker,
+        user: torch.Tensor,
+        idx: torch.Tensor,
+        new: _NewItems | None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The ranker's heads ``[1, C]`` for the candidates ``idx`` (new items past
+        the catalogue's rows, scored from their features) and the EASE term (0
+        for a new item: it has no rows in the item-to-item matrix)."""
+        known = idx < self.item_embeddings.shape[0]
+        with torch.no_grad():
+            if new is None or bool(known.all()):
+                return ranker.score(user, idx[None, :]), ranker.ease_scores(
+                    user, idx[None, :]
+                )
+            out = {name: torch.zeros(1, len(idx)) for name in ("rating", "click")}
+            ease = None
+            if known.any():
+                scored = ranker.score(user, idx[known][None, :])
+                for name in out:
+                    out[name][0, known] = scored[name][0]
+                term = ranker.ease_scores(user, idx[known][None, :])
+                if term is not None:
+                    ease = torch.zeros(1, len(idx), dtype=term.dtype)
+                    ease[0, known] = term[0]
+            rows = idx[~known] - self.item_embeddings.shape[0]
+            side = {key: value[rows] for key, value in new.side.items()}
+            scored = ranker.score_features(user, side, new.vectors[rows])
+            for name in out:
+                out[name][0, ~known] = scored[name][0]
+            if ease is None and ranker.config.ease_weight and ranker.ease is not None:
+                ease = torch.zeros(1, len(idx))
+        return out, ease
+
+    def _closest_seen(
+        self, user_idx: int, idx: torch.Tensor, new: _NewItems | None = None
+    ) -> list[int] | None:
+        """For each item of ``idx`` (new items past the catalogue's rows), the
+        user's training item closest to it (inner product of the candidate
+        embeddings); None for a user without history."""
         seen = self._seen.row(user_idx) if user_idx > 0 else np.zeros(0, np.int64)
         if not len(seen) or not len(idx):
             return None
         history = torch.from_numpy(seen.astype(np.int64))
+        vectors = self.item_embeddings
+        if new is not None:
+            vectors = torch.cat([vectors, new.vectors])
         # (K, D) @ (D, H) -> (K, H): each recommended item against the history.
-        similarity = self.item_embeddings[idx] @ self.item_embeddings[history].T
+        similarity = vectors[idx] @ self.item_embeddings[history].T
         return history[similarity.argmax(dim=1)].tolist()
 
     def _explained(
-        self, answer: Recommendation, user_idx: int, idx: torch.Tensor
+        self,
+        answer: Recommendation,
+        user_idx: int,
+        idx: torch.Tensor,
+        new: _NewItems | None = None,
     ) -> Recommendation:
         """Each item's closest training item of the user; nothing for a user
         without history."""
-        best = self._closest_seen(user_idx, idx)
+        best = self._closest_seen(user_idx, idx, new)
         if best is None:
             return answer
         for entry, index in zip(answer.items, best, strict=True):
@@ -838,13 +965,30 @@ class Recommender:
         idx: torch.Tensor,
         retrieval_scores: torch.Tensor,
         rank_scores: torch.Tensor | None,
+        *,
+        new: _NewItems | None = None,
     ) -> Recommendation:
+        """The answer's items: IDs, scores and metadata (a new candidate item, past
+        the catalogue's rows, shows the features it was sent with and
+        ``new_item``)."""
         indices = idx.tolist()
         scores = retrieval_scores.tolist()
         ranks = None if rank_scores is None else rank_scores.tolist()
         items = []
+        known = len(self._item_id_list)
         for position, index in enumerate(indices):
-            entry: dict[str, Any] = {
+            if index >= known:
+                assert new is not None
+                row = new.rows[index - known]
+                entry = {"item_id": new.ids[index - known], "score": scores[position]}
+                if ranks is not None:
+                    entry["rank_score"] = ranks[position]
+                entry.update(row)
+                entry.update(label_and_tags(row, self.display))
+                entry["new_item"] = True
+                items.append(entry)
+                continue
+            entry = {
                 "item_id": self._item_id_list[index],
                 "score": scores[position],
             }
@@ -896,31 +1040,3 @@ def load(directory: str | Path) -> Recommender:
     from twostage.bundles import load_recommender
 
     return load_recommender(directory)
-
-
-def _by_path(features: Mapping[str, Any]) -> dict[str, Any]:
-    """``features`` with a nested object's values under their paths
-    (``{"geo": {"country": "NO"}}`` as ``{"geo.country": "NO"}``), as a log's
-    nested objects are read. (A loop, not recursion: a client's JSON may nest
-    deeper than Python's stack.)
-
-    Raises:
-        ConfigError: two entries name one feature (``"geo.country"`` beside
-            ``"geo": {"country": ...}``).
-    """
-    out: dict[str, Any] = {}
-    pending = [("", features)]
-    while pending:
-        prefix, mapping = pending.pop()
-        for key, value in mapping.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, Mapping):
-                pending.append((f"{name}.", value))
-            elif name in out:
-                raise ConfigError(
-                    f"the user feature {name!r} is given twice (as a name with a "
-                    "dot and inside an object); give it once."
-                )
-            else:
-                out[name] = value
-    return out

@@ -232,6 +232,44 @@ class RankingRun:
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
 
+    def score_features(
+        self, user_idx: Tensor, side: dict[str, Tensor], vectors: Tensor | None
+    ) -> dict[str, Tensor]:
+        """:meth:`score` for items given by their encoded candidate side rather
+        than their index: items the ranker never trained on (a new item's features,
+        its ID at the unknown row), scored one request at a time without
+        re-embedding the catalogue (:meth:`with_items` grows the tables instead).
+
+        Args:
+            user_idx: ``[1]`` int64 user index (0: unknown user).
+            side: ``{key: [C, ...]}`` the items' candidate fields, as
+                ``FeatureSpec.transform_items`` encodes them.
+            vectors: ``[C, D]`` their retrieval embeddings, which a ranker with
+                ``use_retrieval_features`` reads (None for one without).
+
+        Returns:
+            ``{"rating": [1, C], "click": [1, C]}``, as :meth:`score`.
+        """
+        if user_idx.shape != (1,):
+            raise DataError(
+                f"`user_idx` should be [1]. Received: {tuple(user_idx.shape)}."
+            )
+        if self.model.training:
+            self.model.eval()
+        width = len(next(iter(side.values())))
+        with torch.no_grad():
+            out = _per_query(
+                self,
+                self._inference(),
+                user_idx,
+                self.model.embed_candidates(side),
+                vectors if self.model.extra_dim else None,
+                None,
+                width,
+            )
+        low, high = self.rating_bounds
+        return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
+
     def candidate_side(self) -> EmbeddedSide | None:
         """``[N, ...]`` every item's embedded candidate side, for inference.
 
@@ -313,6 +351,46 @@ class _Inference:
     per_query: Tensor | None = None
 
 
+def _per_query(
+    run: RankingRun,
+    inference: _Inference,
+    user_idx: Tensor,
+    candidate: EmbeddedSide,
+    vectors: Tensor | None,
+    projection: Tensor | None,
+    width: int,
+) -> dict[str, Tensor]:
+    """Both heads for ``[B]`` users x ``width`` candidates each, the candidates'
+    embedded side given (``[B * width, ...]``, with their retrieval embeddings where
+    the ranker reads them and their projection through the first layers when
+    cached), the query side from the inference caches."""
+    model = run.model
+    per_query = None
+    if inference.users is not None and inference.per_query is not None:
+        query = EmbeddedSide(*(t.index_select(0, user_idx) for t in inference.users))
+        per_query = inference.per_query.index_select(0, user_idx)
+    else:
+        query = model.embed_queries(query_features(run.tensors, user_idx))
+    q = score = None
+    if model.extra_dim:
+        assert vectors is not None
+        q = run.retrieval_vectors()[0][user_idx]
+        score = (q.repeat_interleave(width, dim=0) * vectors).sum(-1)
+    if projection is None:
+        projection = model.project_items(inference.first, candidate, vectors)
+    out = model.combine_per_query(
+        query,
+        candidate,
+        inference.first,
+        projection,
+        query_embedding=q,
+        candidate_embedding=vectors,
+        retrieval_score=score,
+        per_query=per_query,
+    )
+    return {k: v.view(len(user_idx), width) for k, v in out.items()}
+
+
 def forward_pairs(
     run: RankingRun,
     user_idx: Tensor,
@@ -334,14 +412,6 @@ def forward_pairs(
     target = item_idx[:, 0] if exclude_target else None
     flat = item_idx.reshape(-1)
     if inference is not None and target is None:
-        per_query = None
-        if inference.users is not None and inference.per_query is not None:
-            query = EmbeddedSide(
-                *(t.index_select(0, user_idx) for t in inference.users)
-            )
-            per_query = inference.per_query.index_select(0, user_idx)
-        else:
-            query = model.embed_queries(query_features(tensors, user_idx))
         if inference.candidates is not None:
             candidate = EmbeddedSide(
                 *(t.index_select(0, flat) for t in inference.candidates)
@@ -350,26 +420,13 @@ def forward_pairs(
             candidate = model.embed_candidates(
                 {k: v[flat] for k, v in tensors.item_features.items()}
             )
-        q = c = score = None
-        if model.extra_dim:
-            users, items = run.retrieval_vectors()
-            q, c = users[user_idx], items[flat]
-            score = (q.repeat_interleave(width, dim=0) * c).sum(-1)
+        vectors = run.retrieval_vectors()[1][flat] if model.extra_dim else None
+        projection = None
         if inference.projection is not None:
             projection = inference.projection.index_select(0, flat)
-        else:
-            projection = model.project_items(inference.first, candidate, c)
-        out = model.combine_per_query(
-            query,
-            candidate,
-            inference.first,
-            projection,
-            query_embedding=q,
-            candidate_embedding=c,
-            retrieval_score=score,
-            per_query=per_query,
+        return _per_query(
+            run, inference, user_idx, candidate, vectors, projection, width
         )
-        return {k: v.view(num_rows, width) for k, v in out.items()}
     query = model.embed_queries(query_features(tensors, user_idx, exclude_items=target))
     candidate = model.embed_candidates(
         {k: v[flat] for k, v in tensors.item_features.items()}

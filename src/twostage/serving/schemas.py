@@ -149,10 +149,12 @@ class RecommendRequest(_Strict):
         description="The moment of the request, for a model that reads "
         'per-interaction context, e.g. {"timestamp": 1700000000}.',
     )
-    candidates: list[RawId] | None = Field(
+    candidates: list[RawId | dict[str, Any]] | None = Field(
         None,
         description="Rank these items only (your own candidate list), as the "
-        "catalogue would be ranked; ask for `k` as long as the list to get all.",
+        "catalogue would be ranked; ask for `k` as long as the list to get all. "
+        'An entry may be an object, {"item_id": ..., "<feature>": ...}: one whose '
+        "ID the model does not know is a new item, ranked from those features.",
     )
 
     session: list[RawId | SessionItem] | None = Field(
@@ -180,6 +182,24 @@ class RecommendRequest(_Strict):
     @classmethod
     def _context(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return _plain_values(value, "context")
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(
+        cls, value: list[RawId | dict[str, Any]] | None
+    ) -> list[RawId | dict[str, Any]] | None:
+        for position, entry in enumerate(value or []):
+            if isinstance(entry, dict):
+                where = f"candidates[{position}]"
+                if not isinstance(entry.get("item_id"), int | str) or isinstance(
+                    entry.get("item_id"), bool
+                ):
+                    raise ValueError(
+                        f"{where} should hold its item_id (an integer or a string) "
+                        "beside the item's features"
+                    )
+                _plain_values(entry, where, nested=True)
+        return value
 
     @field_validator("filters")
     @classmethod
@@ -272,6 +292,11 @@ class Item(BaseModel):
         None,
         description="With `explain`: the user's training item closest to this one "
         "(`item_id`, `label`).",
+    )
+    new_item: bool | None = Field(
+        None,
+        description="True for a new item of the request's `candidates`, ranked "
+        "from the features it was sent with (which the answer shows).",
     )
 
 

@@ -9,7 +9,8 @@ ranking model (a 256-64-1 MLP over the user and item ID embeddings) on the same 
 Last, it saves the two-stage Recommender as a bundle, loads it back, and times
 ``recommend(user_id, k=10)`` for one user at a time (the ranker's ``num_candidates``
 re-ranked) on one torch thread: warm-up, then ``--latency-calls`` calls over random
-known users. ``--candidates-sweep`` repeats the list metrics and the timing with fewer
+known users, and with a client's list of 100 candidates, all known or half of them
+new items sent with their features. ``--candidates-sweep`` repeats the list metrics and the timing with fewer
 (or more) candidates re-ranked, the serving-time knob (``twostage serve --candidates``).
 
     python benchmarks/ranking_quality.py --json benchmarks/results/ranking_quality.json
@@ -168,11 +169,41 @@ def _latency(
 
     two_stage = timed(rec)
     retrieval = timed(Recommender(rec.run, items=items))
+    # A client's list of 100 candidates: known items only, then half of them new
+    # items (IDs the model never saw, sent with the features it reads: each as a
+    # known item's, under a new ID), ranked from those features.
+    catalogue = rec.item_vocab.values.to_list()
+    listed = [catalogue[i] for i in np.random.default_rng(2).permutation(100)]
+    table = {} if items is None else {r["item_id"]: r for r in items.to_dicts()}
+    columns = rec.item_feature_columns
+    fresh = [
+        {
+            "item_id": 10**9 + n,
+            **{c: table.get(i, {}).get(c) for c in columns},
+        }
+        for n, i in enumerate(listed[50:])
+    ]
+
+    def timed_list(candidates: list[Any]) -> np.ndarray:
+        times = []
+        for n, pick in enumerate(picks):
+            start = time.perf_counter()
+            rec.recommend(users[pick], 10, candidates=candidates, exclude_seen=False)
+            if n >= 200:
+                times.append(time.perf_counter() - start)
+        return np.asarray(times) * 1000
+
+    known_list = timed_list(listed)
+    new_list = timed_list([*listed[:50], *fresh])
     return {
         "latency_ms_p50": float(np.percentile(two_stage, 50)),
         "latency_ms_p99": float(np.percentile(two_stage, 99)),
         "latency_ms_p50_retrieval_only": float(np.percentile(retrieval, 50)),
         "latency_ms_p99_retrieval_only": float(np.percentile(retrieval, 99)),
+        "latency_ms_p50_100_known_candidates": float(np.percentile(known_list, 50)),
+        "latency_ms_p99_100_known_candidates": float(np.percentile(known_list, 99)),
+        "latency_ms_p50_50_new_candidates": float(np.percentile(new_list, 50)),
+        "latency_ms_p99_50_new_candidates": float(np.percentile(new_list, 99)),
         "latency_calls": calls,
         "latency_candidates": rec.num_candidates,
         "latency_threads": 1,
@@ -260,6 +291,16 @@ def _report(payload: dict[str, Any]) -> None:
                 "retrieval only",
                 payload["latency_ms_p50_retrieval_only"],
                 payload["latency_ms_p99_retrieval_only"],
+            ],
+            [
+                "candidates=100 known items",
+                payload["latency_ms_p50_100_known_candidates"],
+                payload["latency_ms_p99_100_known_candidates"],
+            ],
+            [
+                "candidates=50 known + 50 new items",
+                payload["latency_ms_p50_50_new_candidates"],
+                payload["latency_ms_p99_50_new_candidates"],
             ],
         ],
     )

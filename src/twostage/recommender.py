@@ -233,6 +233,12 @@ class Recommender:
         self._query_cache: torch.Tensor | None = None
 
     @property
+    def item_feature_columns(self) -> list[str]:
+        """The item feature columns the model reads: what a new item among a
+        request's ``candidates`` may carry beside its ``item_id``."""
+        return list(self._item_columns)
+
+    @property
     def item_filters(self) -> ItemFilters:
         """The catalogue's metadata filters (what ``filters=`` reads)."""
         return self._filters

@@ -237,3 +237,52 @@ def test_new_items_from_the_cli(recommender: Recommender, tmp_path: Path) -> Non
         app, ["recommend", str(bundle), "--user", "7", "--new-items", str(twice)]
     )
     assert refused.exit_code == 2 and "--new-items" in refused.output
+
+
+def test_items_like_a_new_one(recommender: Recommender, tmp_path: Path) -> None:
+    """A new product's "more like this": the catalogue items closest to an item
+    the model never trained on, from its features."""
+    rec = recommender
+    good = {}
+    for kind in ("good", "bad"):
+        similar = rec.similar_items(901, 10, item_features={"kind": kind})
+        assert len(similar) == 10
+        good[kind] = sum(i["item_id"] <= 40 for i in similar)
+    # Each kind's items share its vector: a good new item's neighbours are
+    # mostly good items, a bad one's mostly bad (by chance: 5 of 10 either way).
+    assert good["good"] >= 7 and good["bad"] <= 3, good
+    known = rec.similar_items(3, 5)
+    assert rec.similar_items(3, 5, item_features={"kind": "bad"}) == known
+    with pytest.raises(UnknownIdError, match="item_features"):
+        rec.similar_items(901, 5)
+    with pytest.raises(ConfigError, match=r"`item_features` holds .*\['size'\]"):
+        rec.similar_items(901, 5, item_features={"size": 3})
+    with pytest.raises(ConfigError, match="should map feature columns"):
+        rec.similar_items(901, 5, item_features=["kind"])  # type: ignore[arg-type]
+
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    bundle = rec.save(tmp_path / "models" / "shop" / "1")
+    runner = CliRunner()
+    shown = runner.invoke(
+        app, ["similar", str(bundle), "--item", "901", "--feature", "kind=good"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "Similar to item 901" in shown.output
+    for args, message in [
+        (["--item", "901"], "--feature KEY=VALUE"),
+        (["--item", "901", "--feature", "size=3"], "`--feature` holds"),
+    ]:
+        refused = runner.invoke(app, ["similar", str(bundle), *args])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+    app_ = create_app(ServeSettings(models=str(tmp_path / "models"), poll_seconds=0))
+    with TestClient(app_) as client:
+        body = {"item_id": 901, "k": 5, "item_features": {"kind": "good"}}
+        answer = client.post("/v1/similar", json=body)
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["items"]) == 5
+        for extra, status in [({"kind": [1]}, 422), ({"size": 3}, 400)]:
+            got = client.post("/v1/similar", json={**body, "item_features": extra})
+            assert got.status_code == status, got.text

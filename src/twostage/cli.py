@@ -1012,6 +1012,14 @@ def similar_command(
             "e.g. --filter in_stock=true; repeat for several (all must match).",
         ),
     ] = None,
+    feature: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A feature of an --item the model never trained on (a new "
+            "product), e.g. --feature genres=Drama; repeat for several: the "
+            "catalogue items closest to it.",
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -1022,7 +1030,12 @@ def similar_command(
     many = items_file is not None or all_items
     if many or out is not None:
         check_batch_options(
-            items_file, all_items, out, overwrite, {"--item": item}, noun="item"
+            items_file,
+            all_items,
+            out,
+            overwrite,
+            {"--item": item, "--feature": feature},
+            noun="item",
         )
     elif item is None:
         raise typer.BadParameter(
@@ -1074,10 +1087,22 @@ def similar_command(
             )
         return
     item = typing.cast(str, item)  # refused above when None
+    described = _key_values(feature, "--feature") if feature else None
     try:
-        similar = rec.similar_items(parse_id(item), k, filters=chosen)
+        similar = rec.similar_items(
+            parse_id(item), k, filters=chosen, item_features=described
+        )
     except UnknownIdError as e:
-        raise typer.BadParameter(str(e), param_hint="--item") from e
+        raise typer.BadParameter(
+            str(e).replace("`item_features`", "--feature KEY=VALUE", 1),
+            param_hint="--item",
+        ) from e
+    except ConfigError as e:
+        if not str(e).startswith("`item_features"):
+            raise
+        raise typer.BadParameter(
+            str(e).replace("`item_features`", "`--feature`", 1), param_hint="--feature"
+        ) from e
     if json_output:
         print_json({"item_id": parse_id(item), "items": similar})
         return

@@ -26,6 +26,8 @@ from twostage.models.fields import UNKNOWN_TIME
 __all__ = [
     "by_path",
     "candidate_items",
+    "new_item_features",
+    "new_items_frame",
     "ItemFilters",
     "check_finite_numbers",
     "check_raw_id",
@@ -104,18 +106,13 @@ def candidate_items(
         if item_vocab.lookup(raw):
             ids.append(raw)  # known: ranked as trained
             continue
-        features = by_path({k: v for k, v in value.items() if k != ITEM}, "item")
-        unknown = sorted(set(features) - set(columns))
-        if unknown:
-            raise ConfigError(
-                f"`{name}` holds feature(s) {unknown} this model does not read; "
-                f"its item features are {columns}."
-            )
         if raw in rows:
             raise ConfigError(
                 f"`{name}`: the new item {raw!r} is listed twice; list it once."
             )
-        rows[raw] = features
+        rows[raw] = new_item_features(
+            name, {k: v for k, v in value.items() if k != ITEM}, columns
+        )
     indices = _known_items(
         "candidates",
         ids,
@@ -125,11 +122,41 @@ def candidate_items(
         "rank it as a new item.",
     )
     known = torch.tensor(sorted(set(indices)), dtype=torch.long)
-    if not rows:
-        return known, None
-    with client_values("candidates", {"new items": list(rows)}, columns):
+    return known, new_items_frame("candidates", rows, columns) if rows else None
+
+
+def new_item_features(
+    name: str, features: Mapping[str, Any], columns: list[str]
+) -> dict[str, Any]:
+    """A new item's feature values as a request gives them under ``name``, nested
+    objects by path, checked against the item feature ``columns`` the model reads.
+
+    Raises:
+        ConfigError: a feature the model does not read, or one given twice.
+    """
+    flat = by_path(features, "item")
+    unknown = sorted(set(flat) - set(columns))
+    if unknown:
+        raise ConfigError(
+            f"`{name}` holds feature(s) {unknown} this model does not read; "
+            f"its item features are {columns}."
+        )
+    return flat
+
+
+def new_items_frame(
+    name: str, rows: Mapping[Any, Mapping[str, Any]], columns: list[str]
+) -> pl.DataFrame:
+    """``item_id`` and the ``columns`` of new items (raw ID -> feature values;
+    a column left out is missing).
+
+    Raises:
+        ConfigError: values that no column can hold together (a number beside
+            text, say), named under ``name``.
+    """
+    with client_values(name, {"new items": list(rows)}, columns):
         values = {c: [f.get(c) for f in rows.values()] for c in columns}
-        return known, pl.DataFrame({ITEM: list(rows), **values})
+        return pl.DataFrame({ITEM: list(rows), **values})
 
 
 def by_path(features: Mapping[str, Any], what: str = "user") -> dict[str, Any]:

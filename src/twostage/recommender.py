@@ -34,6 +34,8 @@ from twostage.inputs import (
     client_values,
     encode_context,
     encode_user_features,
+    new_item_features,
+    new_items_frame,
     session_indices,
 )
 from twostage.models.fields import HISTORY, HISTORY_TIMES
@@ -549,15 +551,15 @@ class Recommender:
             else answer
         )
 
-    def _new_items(self, frame: pl.DataFrame) -> _NewItems:
-        """New candidate items (``item_id`` and the item feature columns), encoded
-        as the candidate tower reads an item: its ID at the unknown row, its
-        features as sent (unknown where left out)."""
+    def _new_items(self, frame: pl.DataFrame, name: str = "candidates") -> _NewItems:
+        """New items (``item_id`` and the item feature columns; the request's
+        field ``name``), encoded as the candidate tower reads an item: its ID at
+        the unknown row, its features as sent (unknown where left out)."""
         rows = frame.drop(ITEM).to_dicts()
         for row in rows:  # a NaN would encode as missing: the client's mistake
-            check_finite_numbers(self.run.spec, "candidates", row)
+            check_finite_numbers(self.run.spec, name, row)
         with client_values(
-            "candidates", {"new items": frame[ITEM].to_list()}, self._item_columns
+            name, {"new items": frame[ITEM].to_list()}, self._item_columns
         ):
             side = self.run.spec.transform_items(frame)
         with torch.no_grad():
@@ -914,30 +916,61 @@ class Recommender:
         )
 
     def similar_items(
-        self, item_id: Any, k: int = 10, *, filters: dict[str, Any] | None = None
+        self,
+        item_id: Any,
+        k: int = 10,
+        *,
+        filters: dict[str, Any] | None = None,
+        item_features: Mapping[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Items whose candidate embeddings are closest to this item's; with
         ``filters`` (as :meth:`recommend` takes them, e.g. ``{"in_stock": True}``)
         only those whose metadata matches, searched exactly.
 
+        An item the model never trained on may be described by its
+        ``item_features`` (the columns of :attr:`item_feature_columns`; nested
+        objects by path): it is embedded as a new candidate is (its ID at the
+        unknown row), and the catalogue items closest to it come back, for a new
+        product's "more like this". A known item is the item as trained (the
+        features given are not read).
+
         Raises:
-            UnknownIdError: the item is not in the catalogue.
+            UnknownIdError: the item is not in the catalogue and comes without
+                features.
             ConfigError: a filter names no metadata column, or a value it cannot
-                hold.
+                hold; a feature the model does not read.
         """
         k = _check_k("k", k)
         check_raw_id("item_id", item_id)
+        if item_features is not None and not isinstance(item_features, Mapping):
+            raise ConfigError(
+                "`item_features` should map feature columns to values. Received: "
+                f"{item_features!r} ({type(item_features).__name__})."
+            )
         item_idx = self.item_vocab.lookup(item_id)
-        if item_idx == 0:
+        if item_idx == 0 and item_features is None:
             raise UnknownIdError(
                 f"`item_id` {item_id!r} is not in the catalogue of this model "
-                f"({self.item_vocab.size - 1} items)."
+                f"({self.item_vocab.size - 1} items). Give its `item_features` "
+                f"(this model reads {self.item_feature_columns}) to find the "
+                "items like a new one."
             )
         index = self._index_of(filters)
         if index is None:  # nothing passes the filters: an empty answer
             return []
-        query = self.item_embeddings[item_idx][None]
-        top_scores, top_idx = index.search(query, k, exclude=[[item_idx]])
+        exclude: list[list[int]] = [[item_idx]]
+        if item_idx:
+            query = self.item_embeddings[item_idx][None]
+        else:
+            features = new_item_features(
+                "item_features", item_features or {}, self._item_columns
+            )
+            frame = new_items_frame(
+                "item_features", {item_id: features}, self._item_columns
+            )
+            query = self._new_items(frame, "item_features").vectors
+            exclude = [[]]
+        top_scores, top_idx = index.search(query, k, exclude=exclude)
         found = top_idx[0] >= 0
         top_scores, top_idx = top_scores[0][found], top_idx[0][found]
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items

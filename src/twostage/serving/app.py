@@ -291,7 +291,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         model = registry.get(body.model)
         with inference:
             items = model.recommender.similar_items(
-                body.item_id, body.k, filters=body.filters
+                body.item_id,
+                body.k,
+                filters=body.filters,
+                item_features=body.item_features,
             )
         return JSONResponse(
             {

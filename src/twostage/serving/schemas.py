@@ -217,6 +217,17 @@ class SimilarRequest(_Strict):
         None,
         description='Keep items whose metadata matches, e.g. {"in_stock": true}.',
     )
+    item_features: dict[str, Any] | None = Field(
+        None,
+        description="The features of an item the model never trained on (a new "
+        'product), e.g. {"genres": "Drama"}: the catalogue items closest to it '
+        "come back. Not read for a known item.",
+    )
+
+    @field_validator("item_features")
+    @classmethod
+    def _item_features(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _plain_values(value, "item_features", nested=True)
 
     @field_validator("filters")
     @classmethod

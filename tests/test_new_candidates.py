@@ -3,6 +3,7 @@ new products. An item the model never trained on is ranked from the features the
 request carries for it, by both stages, as the evaluation of impression logs scores
 such items (``RankingRun.with_items``)."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,38 @@ def test_items_like_a_new_one(recommender: Recommender, tmp_path: Path) -> None:
         for extra, status in [({"kind": [1]}, 422), ({"size": 3}, 400)]:
             got = client.post("/v1/similar", json={**body, "item_features": extra})
             assert got.status_code == status, got.text
+
+
+def test_a_number_far_out_of_range_is_the_client_s_mistake(tmp_path: Path) -> None:
+    """A new item's price of 1e20 (the synthetic catalogue's prices are tens) made
+    the towers' vectors NaN: the server answered 500 where the request was at
+    fault."""
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=60,num_items=120,num_interactions=1500",
+            *("train.epochs=1", "train.num_threads=1", "ranking.epochs=1"),
+            *("retrieval.embedding_dim=8", "retrieval.output_dim=8"),
+            *("ranking.embedding_dim=8", "ranking.hidden_dims=8"),
+            *("ranking.hard_negative_pool=10", "retrieval.popularity_fallback=0"),
+        ],
+    )
+    rec = fit_two_stage(config, evaluate_test=False).recommender()
+    assert "price" in rec.item_feature_columns
+    fine = rec.recommend(1, 2, candidates=[{"item_id": 10**6, "price": 20.0}, 1])
+    assert len(fine.items) == 2
+    for price in (1e20, 1e308):
+        with pytest.raises(ConfigError, match=r"`candidates`: .*non-finite"):
+            rec.recommend(1, 2, candidates=[{"item_id": 10**6, "price": price}])
+    # The candidate tower's vector stays finite at 1e20 (an answer, if a poor
+    # one); at 1e308 it is NaN.
+    far = rec.similar_items(10**6, 2, item_features={"price": 1e20})
+    assert all(math.isfinite(i["score"]) for i in far)
+    with pytest.raises(ConfigError, match=r"`item_features`: .*non-finite"):
+        rec.similar_items(10**6, 2, item_features={"price": 1e308})
+    rec.save(tmp_path / "m" / "1")
+    app = create_app(ServeSettings(models=str(tmp_path), poll_seconds=0))
+    with TestClient(app) as client:
+        body = {"user_id": 1, "candidates": [{"item_id": 10**6, "price": 1e20}]}
+        answer = client.post("/v1/recommend", json=body)
+        assert answer.status_code == 400 and "non-finite" in answer.text

@@ -329,11 +329,9 @@ class Recommender:
                 1, self.run.tensors.history.shape[1], dtype=torch.long
             )
             with torch.no_grad():
-                return (
-                    self.run.model.encode_queries(features)[0],
-                    0,
-                    "cold_start_features",
-                )
+                query = self.run.model.encode_queries(features)[0]
+            _refuse_non_finite(query, "user_features", "this user's features")
+            return query, 0, "cold_start_features"
         return None, 0, "popularity"
 
     def _session_query(
@@ -564,7 +562,9 @@ class Recommender:
             side = self.run.spec.transform_items(frame)
         with torch.no_grad():
             vectors = self.run.model.encode_items(side)
-        return _NewItems(frame[ITEM].to_list(), rows, side, vectors)
+        ids = frame[ITEM].to_list()
+        _refuse_non_finite(vectors, name, f"the new item(s) {ids[:10]}")
+        return _NewItems(ids, rows, side, vectors)
 
     def _new_range(self, new: _NewItems) -> torch.Tensor:
         """The indices new items take in an answer: past the catalogue's rows."""
@@ -600,6 +600,8 @@ class Recommender:
             rows = idx[~known] - self.item_embeddings.shape[0]
             side = {key: value[rows] for key, value in new.side.items()}
             scored = ranker.score_features(user, side, new.vectors[rows])
+            for values in scored.values():
+                _refuse_non_finite(values, "candidates", "the new items' features")
             for name in out:
                 out[name][0, ~known] = scored[name][0]
             if ease is None and ranker.config.ease_weight and ranker.ease is not None:
@@ -1079,3 +1081,19 @@ def load(directory: str | Path) -> Recommender:
     from twostage.bundles import load_recommender
 
     return load_recommender(directory)
+
+
+def _refuse_non_finite(values: torch.Tensor, field: str, what: str) -> None:
+    """A request's values that the model turns into infinities or NaNs (a number
+    far outside anything it trained on, such as a price of 1e20) are the
+    client's mistake: refused, never answered with a server error or NaN scores.
+
+    Raises:
+        ConfigError: naming the request's ``field``.
+    """
+    if not bool(torch.isfinite(values).all()):
+        raise ConfigError(
+            f"`{field}`: {what} give non-finite scores in this model: a number "
+            "far outside the range it trained on? Send values of the range the "
+            "training data held (or leave a value out when unknown)."
+        )

@@ -319,6 +319,7 @@ class Recommender:
             features.update(tensors.history_features(row))
             with torch.no_grad():
                 query = self.run.model.encode_queries(features)[0]
+            _refuse_non_finite(query, "context", "the request's context")
             return query, user_idx, "personalised"
         if user_idx > 0:
             return self._known_queries()[user_idx], user_idx, "personalised"
@@ -373,6 +374,7 @@ class Recommender:
                 features[HISTORY_TIMES][0, -len(recent) :] = times
         with torch.no_grad():
             query = self.run.model.encode_queries(features)[0]
+        _refuse_non_finite(query, "session", "the session's features and context")
         return query, user_idx, "personalised" if user_idx > 0 else "session"
 
     def recommend(

@@ -140,3 +140,35 @@ def test_timestamp_is_accepted_as_a_query_field() -> None:
             _daypart_log(num=500),
             ranking=False,
         )
+
+
+def test_a_context_number_far_out_of_range_is_the_client_s_mistake() -> None:
+    """A numeric context column (a temperature of 1e308, when training saw tens)
+    made the query NaN, for a known user and for a session alike: refused, as a
+    client's mistake, where it was NaN scores (a 500 over HTTP)."""
+    rng = np.random.default_rng(0)
+    num = 3000
+    log = pl.DataFrame(
+        {
+            "user_id": rng.integers(1, 101, num),
+            "item_id": rng.integers(1, 61, num),
+            "timestamp": np.arange(num, dtype=np.int64) * 60,
+            "temperature": rng.normal(15, 5, num),
+        }
+    )
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *SMALL,
+            "train.epochs=1",
+            "retrieval.history_length=10",
+            "retrieval.query_fields=user_id,temperature",
+        ],
+    )
+    rec = fit_two_stage(config, Dataset(name="t", interactions=log), ranking=False)
+    rec = rec.recommender()
+    assert len(rec.recommend(1, 3, context={"temperature": 20.0}).items) == 3
+    with pytest.raises(ConfigError, match=r"`context`: .*non-finite"):
+        rec.recommend(1, 3, context={"temperature": 1e308})
+    with pytest.raises(ConfigError, match=r"`session`: .*non-finite"):
+        rec.recommend(None, 3, session=[1, 2], context={"temperature": 1e308})

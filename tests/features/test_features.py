@@ -246,6 +246,38 @@ def test_vocabulary_round_trip_property(values: list) -> None:
     assert vocab.size == 1 + len(set(values))
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.one_of(
+        st.tuples(
+            st.lists(st.text(max_size=6), min_size=1, max_size=30),
+            st.lists(st.one_of(st.none(), st.text(max_size=6)), max_size=70),
+        ),
+        st.tuples(
+            st.lists(st.integers(-50, 50), min_size=1, max_size=30),
+            st.lists(
+                st.one_of(st.none(), st.integers(-60, 60), st.integers(0, 60).map(str)),
+                max_size=70,
+            ),
+        ),
+    ),
+    st.integers(1, 3),
+)
+def test_few_values_are_looked_up_as_many_are_joined(
+    case: tuple[list, list], buckets: int
+) -> None:
+    """Up to 64 values go through a dict, more through a join: both give every
+    value the same index (known, unknown in its OOV bucket, null 0)."""
+    fitted, probe = case
+    vocab = Vocabulary(num_oov_buckets=buckets, seed=3).fit(pl.Series(fitted))
+    if any(isinstance(v, str) for v in probe) and isinstance(fitted[0], int):
+        probe = [None if v is None else str(v) for v in probe]  # one dtype
+    few = [vocab.transform(pl.Series(probe[i : i + 1])) for i in range(len(probe))]
+    many = vocab.transform(pl.Series(probe * 70)) if probe else np.zeros(0)
+    got = np.concatenate(few) if few else np.zeros(0, dtype=np.int64)
+    assert got.tolist() == many[: len(probe)].tolist()
+
+
 # --------------------------------------------------------------------------- hashing
 
 

@@ -61,6 +61,10 @@ def _normalise(values: pl.Series, dtype: KeyDtype) -> pl.Series:
         ) from e
 
 
+#: Inputs up to this long are looked up in a dict rather than joined.
+_FEW = 64
+
+
 class Vocabulary:
     """A fitted mapping from raw IDs (ints or strings) to contiguous int64 indices.
 
@@ -247,19 +251,35 @@ class Vocabulary:
         self._check_fitted()
         assert self.dtype is not None  # for mypy; _check_fitted raised otherwise
         keys = _normalise(as_series(values, "values"), self.dtype)
-        if self._table is None:
-            start = self.num_oov_buckets
-            positions = np.arange(start, start + len(self._keys), dtype=np.int64)
-            self._table = pl.DataFrame({_KEY: self._keys, _IDX: positions})
-        idx = pl.DataFrame({_KEY: keys}).join(
-            self._table, on=_KEY, how="left", maintain_order="left"
-        )[_IDX]
-        out = idx.fill_null(0).cast(pl.Int64).to_numpy(writable=True)
-        if self.num_oov_buckets > 1:
+        if len(keys) <= _FEW:
+            # A request's few values: a dict, where a join costs a fixed 0.3 ms.
+            index = self._by_value()
+            out = np.fromiter(
+                (0 if k is None else index.get(k, 0) for k in keys.to_list()),
+                dtype=np.int64,
+                count=len(keys),
+            )
+            unknown = (out == 0) & keys.is_not_null().to_numpy()
+        else:
+            if self._table is None:
+                start = self.num_oov_buckets
+                positions = np.arange(start, start + len(self._keys), dtype=np.int64)
+                self._table = pl.DataFrame({_KEY: self._keys, _IDX: positions})
+            idx = pl.DataFrame({_KEY: keys}).join(
+                self._table, on=_KEY, how="left", maintain_order="left"
+            )[_IDX]
+            out = idx.fill_null(0).cast(pl.Int64).to_numpy(writable=True)
             unknown = (idx.is_null() & keys.is_not_null()).to_numpy()
-            if unknown.any():
-                out[unknown] = self._oov_buckets(keys.filter(pl.Series(unknown)))
+        if self.num_oov_buckets > 1 and unknown.any():
+            out[unknown] = self._oov_buckets(keys.filter(pl.Series(unknown)))
         return out
+
+    def _by_value(self) -> dict[Any, int]:
+        """Known value -> index, built once (single lookups and short inputs)."""
+        if self._index is None:
+            start = self.num_oov_buckets
+            self._index = {v: start + i for i, v in enumerate(self._keys.to_list())}
+        return self._index
 
     def _oov_buckets(self, unknown: pl.Series) -> np.ndarray:
         """[M] OOV bucket of each unknown value (hashing each distinct value once)."""
@@ -325,11 +345,8 @@ class Vocabulary:
             UnknownIdError: ``strict`` and ``raw_id`` was not seen in training.
         """
         self._check_fitted()
-        if self._index is None:
-            start = self.num_oov_buckets
-            self._index = {v: start + i for i, v in enumerate(self._keys.to_list())}
         key = self._coerce(raw_id)
-        found = self._index.get(key)
+        found = self._by_value().get(key)
         if found is not None:
             return found
         if strict:

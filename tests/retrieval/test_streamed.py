@@ -1298,3 +1298,156 @@ def test_bad_rows_are_counted_and_left_out_of_every_pass(
         streamed.tensors.context["hour_of_day"],
         in_memory.tensors.context["hour_of_day"],
     )
+
+
+def _impression_parquet(path: Path, *, users: int = 150, per_user: int = 12) -> Path:
+    """The planted impression log of tests/ranking/test_impressions.py as Parquet:
+    each impression shows one of 40 good items (chosen half the time) and ten of
+    40 bad ones (chosen 1 in 20)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = []
+    time = 1_600_000_000
+    for user in range(1, users + 1):
+        for _ in range(per_user):
+            time += 60
+            for item in [int(rng.integers(1, 41)), *rng.choice(np.arange(41, 81), 10)]:
+                chance = 0.5 if item <= 40 else 0.05
+                rows.append((user, item, time, int(rng.random() < chance)))
+    frame = pl.DataFrame(
+        rows, schema=["user_id", "item_id", "timestamp", "clicked"], orient="row"
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(path / "log.parquet", row_group_size=4_000)
+    return path
+
+
+@pytest.mark.parametrize("method", ["random", "temporal", "leave-last-out"])
+def test_streamed_shown_rows_follow_their_choice(tmp_path: Path, method: str) -> None:
+    """Each row shown and not chosen goes to the side of its user's first chosen
+    row at or after its time (else the user's last), as in memory; under a
+    temporal split, by its own time. Checked row by row against a plain loop."""
+    from twostage.data.dataset import LABEL, TIME, USER
+    from twostage.data.streaming import iter_row_groups
+    from twostage.retrieval.streamed import streamed_shown
+
+    path = _impression_parquet(tmp_path / "log", users=60, per_user=6)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            f"data.split={method}",
+            "data.label_col=clicked",
+            "data.validation_fraction=0.1",
+        ],
+    )
+    rule = split_rule(
+        path,
+        method=method,
+        test_fraction=0.2,
+        seed=0,
+        validation_fraction=0.1,
+        reading=Reading(label_col="clicked"),
+    )
+    got = streamed_shown(path, rule, config.data)
+    reading = Reading(label_col="clicked", keep_shown=True)
+    chosen: dict[int, list[tuple[int, int]]] = {}
+    shown = []
+    for first, batch in iter_row_groups(
+        path, columns=["user_id", "item_id", "timestamp"], reading=reading
+    ):
+        picked = batch.filter(pl.col(LABEL))
+        test, validation = rule.sides(picked, first)
+        for user, time, t, v in zip(
+            picked[USER], picked[TIME], test, validation, strict=True
+        ):
+            chosen.setdefault(user, []).append((time, 2 if t else 1 if v else 0))
+        shown += batch.filter(~pl.col(LABEL)).select(USER, "item_id", TIME).rows()
+
+    def side(user: int, time: int) -> int:
+        if method == "temporal":
+            assert rule.time_cut is not None and rule.validation is not None
+            cut = rule.validation.time_cut
+            return 2 if time >= rule.time_cut else 1 if time >= cut else 0
+        rows = sorted(
+            chosen.get(user, []), key=lambda r: r[0]
+        )  # stable: ties keep order
+        later = next((s for t, s in rows if t >= time), None)
+        if later == 2 or (later is None and rows and rows[-1][1] == 2):
+            return 2
+        rest = [r for r in rows if r[1] != 2]  # the carve-out splits the rest again
+        later = next((s for t, s in rest if t >= time), None)
+        if later is None:
+            later = rest[-1][1] if rest else 0
+        return later
+
+    expected: dict[int, list[tuple[int, int, int]]] = {0: [], 1: [], 2: []}
+    for row in shown:
+        expected[side(row[0], row[2])].append(row)
+    parts = (got.train, got.validation, got.test)
+    for number, part in enumerate(parts):
+        assert sorted(part.rows()) == sorted(expected[number]), number
+    assert sum(p.height for p in parts) == len(shown) > 1_000
+    assert all(p.height for p in parts)  # every side holds some
+
+
+def test_a_streamed_ranker_learns_from_what_was_shown(tmp_path: Path) -> None:
+    """A streamed run's ranker drew no shown negatives, and its test had no
+    shown_auc. Both as in memory now: only the shown rows tell the good items from
+    the bad ones, which are chosen about as often."""
+    from twostage.retrieval.streamed import fit_streamed_two_stage
+
+    path = _impression_parquet(tmp_path / "log")
+    figures = {}
+    for shown in (0, 4):
+        config = apply_overrides(
+            ExperimentConfig(),
+            [
+                "data.label_col=clicked",
+                "train.epochs=4",
+                "train.num_threads=1",
+                "retrieval.embedding_dim=16",
+                "retrieval.output_dim=16",
+                "ranking.embedding_dim=16",
+                "ranking.hidden_dims=16",
+                "ranking.epochs=4",
+                "ranking.hard_negative_pool=20",
+                "ranking.batch_size=128",
+                f"ranking.num_shown_negatives={shown}",
+            ],
+        )
+        stages = fit_streamed_two_stage(config, path)
+        assert stages.ranking_metrics is not None
+        figures[shown] = stages.ranking_metrics["shown_auc"]
+        assert stages.ranking_metrics["shown_auc_users"] > 100
+        assert stages.split.test.shown is not None
+    assert figures[0] < 0.58 < 0.65 < figures[4], figures
+
+
+def test_the_minimum_counts_count_the_chosen_rows_when_shown_rows_are_read(
+    tmp_path: Path,
+) -> None:
+    """The pass that places the shown rows keeps them while it reads: the users'
+    minimum counted them too, keeping users with few choices and many shown
+    rows that training had left out."""
+    from twostage.retrieval.streamed import streamed_shown
+
+    path = _impression_parquet(tmp_path / "log", users=80, per_user=6)
+    frame = pl.read_parquet(path / "log.parquet")
+    chosen = frame.filter(pl.col("clicked") == 1).group_by("user_id").len()
+    kept = set(chosen.filter(pl.col("len") >= 4)["user_id"].to_list())
+    shown_by = frame.filter(pl.col("clicked") == 0)["user_id"].unique().to_list()
+    assert kept < set(shown_by)  # some users are shown things but choose little
+    config = apply_overrides(
+        ExperimentConfig(), ["data.label_col=clicked", "data.min_user_rows=4"]
+    )
+    rule = split_rule(
+        path,
+        method="random",
+        test_fraction=0.2,
+        seed=0,
+        reading=Reading(label_col="clicked", min_user_rows=4),
+    )
+    got = streamed_shown(path, rule, config.data)
+    users = pl.concat([got.train, got.validation, got.test])["user_id"].unique()
+    assert set(users.to_list()) == kept

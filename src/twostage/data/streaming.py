@@ -173,8 +173,10 @@ class Reading:
     in memory); ``label_col``: an impression log's column of 1/0 (chosen, or shown
     and not chosen, as ``read_interactions`` reads it): the rows shown and not
     chosen are left out of every pass after the duplicates are decided, counted in
-    the report's ``shown_rows`` (``keep_shown``, for the duplicates pass: keep
-    them, with the label column, so that a group's chosen row is the one kept).
+    the report's ``shown_rows`` (``keep_shown``, for the duplicates pass and the
+    pass that places the shown rows: keep them, with the label column, so that a
+    group's chosen row is the one kept; the minimum counts count the chosen rows
+    either way).
     """
 
     time_unit: str = "s"
@@ -1095,6 +1097,9 @@ def min_count_ids(
     from twostage.data.filtering import Filtered
 
     files = parquet_files(path)
+    # The chosen rows count, whichever rows the pass asking for them keeps: a pass
+    # that keeps an impression log's shown rows (``keep_shown``) finds the same core.
+    reading = dataclasses.replace(reading, keep_shown=False)
     key = (_stamp(files), reading)
     shared = _shared(ranks)
     if _cached(_KEPT, key, shared):

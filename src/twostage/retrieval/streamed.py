@@ -35,7 +35,10 @@ history and seen items after training, as the in-memory path does with its carve
 
 :func:`fit_streamed_two_stage` trains the ranker after the towers on the same
 training rows (their indices, history and ratings, kept by the second pass) and the
-same carve-out, and measures both stages on the test side.
+same carve-out, and measures both stages on the test side. For an impression log
+(``data.label_col``) one more pass places the rows shown and not chosen on their
+sides of the split (:func:`streamed_shown`): the ranker's shown negatives, its
+early stopping and the test's ``shown_auc``, as in memory.
 
 ``retrieval.examples=users|sequences`` and ``retrieval.sequence_time_gaps`` build the
 same tables from the second pass's index and time arrays as in memory (the sequence
@@ -44,6 +47,7 @@ windows, the history's times); as in memory, several ranks train interactions on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -56,9 +60,14 @@ import torch
 
 from twostage import distributed
 from twostage.config import DataConfig, ExperimentConfig
-from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER, Dataset
 from twostage.data.registry import read_side_tables
-from twostage.data.split import check_split_sizes, report_unused_fraction, sample_users
+from twostage.data.split import (
+    check_split_sizes,
+    report_unused_fraction,
+    sample_users,
+    shown_sides,
+)
 from twostage.data.streaming import (
     ROW,
     Reading,
@@ -103,12 +112,14 @@ from twostage.training import ProgressFn
 from twostage.training.loop import data_digest
 
 __all__ = [
+    "ShownRows",
     "StreamedRows",
     "check_data_options",
     "evaluate_streamed",
     "fit_streamed_retrieval",
     "fit_streamed_two_stage",
     "side_tables",
+    "streamed_shown",
     "streamed_tensors",
     "streamed_test_side",
 ]
@@ -586,6 +597,77 @@ def _split_rule(
     )
 
 
+class ShownRows(NamedTuple):
+    """An impression log's rows shown and not chosen, by side of the split
+    (``user_id``, ``item_id``, ``timestamp`` each)."""
+
+    train: pl.DataFrame
+    validation: pl.DataFrame
+    test: pl.DataFrame
+
+
+def streamed_shown(path: str | Path, rule: SplitRule, data: DataConfig) -> ShownRows:
+    """The rows shown and not chosen of a streamed impression log
+    (``data.label_col``), each on the side of the split that ``prepare_split``
+    gives it in memory (:func:`twostage.data.split.shown_sides`): under a
+    temporal split by its own time; else the side of its user's first chosen row
+    at or after its time (the choice made from that impression), or of the
+    user's last chosen row when none is, the training side for a user without
+    one; a user held out whole (``cold_user_fraction``) on the test side.
+
+    One more pass, over every row group on every rank (a user's rows may lie in
+    any of them): it holds each chosen row's user, time and side, and the shown
+    rows, in memory.
+    """
+    reading = dataclasses.replace(Reading.of(data), keep_shown=True)
+    chosen_parts, shown_parts = [], []
+    for first, batch in iter_row_groups(
+        path, columns=[USER, ITEM, TIME], reading=reading
+    ):
+        picked = batch[LABEL]
+        chosen = batch.filter(picked)
+        test, validation = rule.sides(chosen, first)
+        chosen_parts.append(
+            chosen.select(
+                USER,
+                TIME,
+                pl.Series("test", test),
+                pl.Series("validation", validation),
+            )
+        )
+        shown_parts.append(batch.filter(~picked).select(USER, ITEM, TIME))
+    chosen = pl.concat(chosen_parts)
+    shown = pl.concat(shown_parts)
+    if rule.method == "temporal":
+        assert rule.time_cut is not None
+        later = shown[TIME] >= rule.time_cut
+        cut = None if rule.validation is None else rule.validation.time_cut
+        carved = (shown[TIME] >= cut) if cut is not None else later & False
+    else:
+        later = shown_sides(shown, chosen.select(USER, TIME), chosen["test"])
+        # Among the rest, as the carve-out splits the training side again.
+        rest = chosen.filter(~chosen["test"])
+        carved = shown_sides(shown, rest.select(USER, TIME), rest["validation"])
+    if rule.cold is not None:  # held out whole: every row of theirs is a test row
+        later = later | shown[USER].is_in(rule.cold.implode())
+    carved = carved & ~later
+    return ShownRows(
+        train=shown.filter(~later & ~carved),
+        validation=shown.filter(carved),
+        test=shown.filter(later),
+    )
+
+
+def _of_users(shown: pl.DataFrame, held: Dataset) -> pl.DataFrame:
+    """The shown rows of the users a held-out side reads (``data.test_users``
+    may have sampled them), with its ID types."""
+    users = held.interactions[USER]
+    rows = held.interactions
+    return shown.filter(pl.col(USER).is_in(users.implode())).cast(
+        {USER: users.dtype, ITEM: rows[ITEM].dtype, TIME: rows[TIME].dtype}
+    )
+
+
 def _empty_log(path: str | Path) -> pl.DataFrame:
     """The dataset's columns and dtypes (its first file's; a struct's fields by
     their paths), without rows."""
@@ -761,11 +843,24 @@ def fit_streamed_two_stage(
     result = TwoStage(retrieval=run, ranker=None, split=split)
     if not ranking:
         return result
+    shown_pairs = None
+    validation = streamed.sample
     if config.data.label_col:
-        logger.info(
-            "a streamed run leaves the rows shown and not chosen (`data.label_col`) "
-            "out of every pass: the ranker draws no negatives from them and the "
-            "test has no shown_auc; a log loaded in memory has both"
+        # An impression log: the rows shown and not chosen, on their sides of the
+        # split, are the ranker's click negatives, its early stopping's and the
+        # test's shown_auc, as in memory.
+        shown = streamed_shown(
+            path, _split_rule(path, config, streamed.fitted), config.data
+        )
+        users = torch.from_numpy(streamed.fitted.users.transform(shown.train[USER]))
+        items = torch.from_numpy(streamed.fitted.items.transform(shown.train[ITEM]))
+        known = (users > 0) & (items > 0)
+        shown_pairs = (users[known], items[known])
+        if validation is not None:
+            validation = validation.with_shown(_of_users(shown.validation, validation))
+        test = test.with_shown(_of_users(shown.test, test))
+        result.split = ExperimentSplit(
+            fit=fit, validation=streamed.validation, test=test
         )
     ranker_dir = None if work is None else work / "ranking"
     tables = rows.tensors
@@ -780,8 +875,9 @@ def fit_streamed_two_stage(
         dataclasses.replace(tables, weights=None, context={}),
         weights=torch.from_numpy(rows.weights) if config.data.weight_col else None,
         served=lambda: run.tensors,
+        shown=shown_pairs,
         config=config.ranking,
-        validation=streamed.sample,
+        validation=validation,
         checkpoint_dir=ranker_dir,
         resume=resume
         and ranker_dir is not None

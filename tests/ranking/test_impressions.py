@@ -1,6 +1,7 @@
 """Impression logs (``label_col``): the rows shown and not chosen are read apart,
 follow their choices across a split, and train the ranker as negatives."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -395,6 +396,70 @@ def test_users_and_items_the_ranker_never_saw_are_scored_not_dropped(
     blind, index, _ = ranker.with_items(ids, None)
     scores = blind.score(user, index[None, 2:])["click"][0]
     assert scores[0] == scores[1]
+
+
+def test_a_new_user_is_scored_from_the_test_s_user_table(tmp_path: Path) -> None:
+    """Half the users choose good items, half bad ones, and each user's `taste`
+    says which. A test user the model never saw is scored from its row of the
+    test's user table, as retrieval scores a cold user: without that row every
+    new user looks alike and the order is the items' alone."""
+    from twostage.ranking.evaluation import shown_auc
+
+    rng = np.random.default_rng(0)
+    rows = []
+    time = 1_600_000_000
+    for user in range(1, 201):
+        taste = "good" if user % 2 else "bad"
+        for _ in range(8):
+            time += 60
+            for item in rng.choice(np.arange(1, 81), 6, replace=False):
+                kind = "good" if item <= 40 else "bad"
+                chance = 0.5 if kind == taste else 0.05
+                rows.append((user, int(item), time, int(rng.random() < chance), taste))
+    path = tmp_path / "tastes.csv"
+    pl.DataFrame(
+        rows, schema=["user", "item", "ts", "clicked", "taste"], orient="row"
+    ).with_columns(
+        kind=pl.when(pl.col("item") <= 40).then(pl.lit("good")).otherwise(pl.lit("bad"))
+    ).write_csv(path)
+    data = read_interactions(
+        path,
+        user_col="user",
+        item_col="item",
+        time_col="ts",
+        label_col="clicked",
+        user_features=["taste"],
+        item_features=["kind"],
+    )
+    config = apply_overrides(ExperimentConfig(), [*SMALL, "ranking.batch_size=128"])
+    ranker = fit_two_stage(config, data).ranker
+    assert ranker is not None
+    # New users 1001..1040, half of each taste, shown three items of each kind,
+    # choosing one of their taste.
+    chosen, shown = [], []
+    for user in range(1001, 1041):
+        taste = "good" if user % 2 else "bad"
+        mine, other = (range(1, 41), range(41, 81))[:: 1 if taste == "good" else -1]
+        picks = [int(rng.choice(mine)), *rng.choice(other, 3, replace=False)]
+        picks += [int(i) for i in rng.choice([i for i in mine if i != picks[0]], 2)]
+        chosen.append((user, picks[0], 1))
+        shown += [(user, int(item), 1) for item in picks[1:]]
+    frame = lambda rows: pl.DataFrame(  # noqa: E731
+        rows, schema=["user_id", "item_id", "timestamp"], orient="row"
+    )
+    users = pl.DataFrame(
+        {
+            "user_id": range(1001, 1041),
+            "taste": ["good" if u % 2 else "bad" for u in range(1001, 1041)],
+        }
+    )
+    test = Dataset(
+        "new", frame(chosen), users=users, items=data.items, shown=frame(shown)
+    )
+    told = shown_auc(ranker, test)
+    blind = shown_auc(ranker, dataclasses.replace(test, users=None))
+    assert told["shown_cold_users"] == blind["shown_cold_users"] == 40
+    assert told["shown_auc"] > 0.7 and blind["shown_auc"] < 0.6, (told, blind)
 
 
 def test_a_column_that_is_no_label_gets_a_hint(tmp_path: Path) -> None:

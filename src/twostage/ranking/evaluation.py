@@ -220,10 +220,11 @@ def shown_auc(
     chosen (an item both chosen and shown counts as chosen where both are).
 
     Every row counts, as MIND's leaderboard counts every impression: a user the
-    model does not know is scored as a cold start (the unknown user's row), and an
-    item it never trained on (only ever shown, or new since) from its row of
-    ``test.items`` (:meth:`RankingRun.with_items`). ``shown_cold_users`` and
-    ``shown_cold_items`` count those users and items.
+    model does not know is scored as a cold start, from its row of ``test.users``
+    (:meth:`RankingRun.with_users`), and an item it never trained on (only ever
+    shown, or new since) from its row of ``test.items``
+    (:meth:`RankingRun.with_items`), each with its ID at the unknown row.
+    ``shown_cold_users`` and ``shown_cold_items`` count those users and items.
 
     ``shown_auc``: per user, the click AUC of the test items chosen against those
     shown and not chosen, ties counting 1/2, averaged over the ``shown_auc_users``
@@ -240,12 +241,11 @@ def shown_auc(
     frames = (test.interactions, test.shown)
     both = pl.concat([f.select(USER, ITEM, TIME) for f in frames], how="vertical")
     scorer, item_idx, cold_items = ranking.with_items(both[ITEM], test.items)
-    user_idx = ranking.retrieval.spec.vocabulary(USER).transform(both[USER])
+    scorer, user_idx, cold_users = scorer.with_users(both[USER], test.users)
     rows = pl.DataFrame(
         {
-            # grouped by the raw ID: every unknown user is index 0
             "user": both[USER],
-            "u": user_idx,
+            "u": user_idx.numpy(),
             "i": item_idx.numpy(),
             "t": both[TIME],
             "chosen": np.repeat([True, False], [f.height for f in frames]),
@@ -272,7 +272,7 @@ def shown_auc(
     per_user = _group_auc(pairs, ["user"])
     result["shown_auc"] = float(per_user["auc"].mean())  # type: ignore[arg-type]
     result["shown_auc_users"] = per_user.height
-    result["shown_cold_users"] = int(pairs.filter(pl.col("u") == 0)["user"].n_unique())
+    result["shown_cold_users"] = cold_users
     result["shown_cold_items"] = cold_items
     if not impression_figures:  # validation reads shown_auc only
         return result

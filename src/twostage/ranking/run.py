@@ -232,6 +232,78 @@ class RankingRun:
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
 
+    def with_users(
+        self, ids: pl.Series, users: pl.DataFrame | None
+    ) -> tuple[RankingRun, Tensor, int]:
+        """This ranker, able to score users it never trained on, and ``ids``'
+        indices: :meth:`with_items` for the query side.
+
+        Each distinct ID outside the user vocabulary gets a row past it: its query
+        fields encoded from its row of ``users`` with its ID at the unknown row, as
+        a new user's features are for a cold start, and no history; where
+        ``users`` has no row or lacks a feature column, the unknown user's row.
+
+        Returns:
+            The run to score with (this one when every ID is known), ``[n]`` int64
+            indices of ``ids``, and how many distinct IDs were new.
+        """
+        from twostage.features.context import context_frame
+        from twostage.retrieval.tensors import context_keys
+
+        spec = self.retrieval.spec
+        index = spec.vocabulary(USER).transform(ids).astype("int64")
+        unknown = index == 0
+        if not unknown.any():
+            return self, torch.from_numpy(index), 0
+        new = ids.filter(pl.Series(unknown)).unique(maintain_order=True)
+        known_rows = int(self.tensors.history.shape[0])
+        codes = pl.DataFrame({USER: new}).with_row_index("k")
+        index[unknown] = known_rows + (
+            pl.DataFrame({USER: ids.filter(pl.Series(unknown))})
+            .join(codes, on=USER, how="left", maintain_order="left")["k"]
+            .to_numpy()
+        )
+        keys = context_keys(spec)
+        columns = [
+            f.column
+            for f in spec.describe(side="query")
+            if f.column != USER and f.column not in keys
+        ]
+        if users is not None and all(c in users.columns for c in [USER, *columns]):
+            frame = context_frame(new.rename(USER), None, keys)
+            side = spec.transform_queries(frame, users=users)
+        else:  # nothing to encode them from: the unknown user's row
+            side = {
+                k: v[:1].expand(len(new), *v.shape[1:]).clone()
+                for k, v in self.tensors.user_features.items()
+            }
+
+        def grown(table: Tensor) -> Tensor:  # new users' rows: nothing
+            return F.pad(table, (0, 0, 0, len(new))) if table.numel() else table
+
+        tensors = dataclasses.replace(
+            self.tensors,
+            user_features={
+                k: torch.cat([v, side[k].to(v.dtype)])
+                for k, v in self.tensors.user_features.items()
+            },
+            history=grown(self.tensors.history),
+            history_times=grown(self.tensors.history_times),
+            neighbour_history=grown(self.tensors.neighbour_history),
+        )
+        vectors = None
+        if self.model.extra_dim:
+            known, items = self.retrieval_vectors()
+            features = {k: v[known_rows:] for k, v in tensors.user_features.items()}
+            features.update(tensors.history_features(slice(known_rows, None)))
+            with torch.no_grad():
+                added = self.retrieval.model.encode_queries(features)
+            vectors = (torch.cat([known, added.to(known.dtype)]), items)
+        run = dataclasses.replace(
+            self, tensors=tensors, _vectors=vectors, _seen=None, _candidates=None
+        )
+        return run, torch.from_numpy(index), len(new)
+
     def score_features(
         self, user_idx: Tensor, side: dict[str, Tensor], vectors: Tensor | None
     ) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from twostage.data.dataset import ITEM, RATING, USER, WEIGHT, Dataset
 from twostage.data.user_items import UserItems
 from twostage.errors import DataError
 from twostage.features.fields import Side
+from twostage.features.spec import FeatureSpec
 from twostage.models.linear_items import LinearItemsModel
 from twostage.models.ranking import FirstLayers, RankingModel, retrieval_extras
 from twostage.models.ranking import Side as EmbeddedSide
@@ -164,18 +165,9 @@ class RankingRun:
             indices of ``ids``, and how many distinct IDs were new.
         """
         spec = self.retrieval.spec
-        index = spec.vocabulary(ITEM).transform(ids).astype("int64")
-        unknown = index == 0
-        if not unknown.any():
-            return self, torch.from_numpy(index), 0
-        new = ids.filter(pl.Series(unknown)).unique(maintain_order=True)
-        known_rows = self.tensors.num_items
-        codes = pl.DataFrame({ITEM: new}).with_row_index("k")
-        index[unknown] = known_rows + (
-            pl.DataFrame({ITEM: ids.filter(pl.Series(unknown))})
-            .join(codes, on=ITEM, how="left", maintain_order="left")["k"]
-            .to_numpy()
-        )
+        index, new = _past_vocabulary(spec, ITEM, ids, self.tensors.num_items)
+        if not len(new):
+            return self, index, 0
         columns = [f.column for f in spec.describe(side="candidate")]
         if items is not None and all(c in items.columns for c in [ITEM, *columns]):
             side = spec.transform_items(new.rename(ITEM), items=items)
@@ -201,7 +193,7 @@ class RankingRun:
         run = dataclasses.replace(
             self, tensors=tensors, _vectors=vectors, _seen=None, _candidates=None
         )
-        return run, torch.from_numpy(index), len(new)
+        return run, index, len(new)
 
     def score(self, user_idx: Tensor, item_idx: Tensor) -> dict[str, Tensor]:
         """Score ``C`` candidates for each of ``B`` users in one forward pass.
@@ -251,18 +243,10 @@ class RankingRun:
         from twostage.retrieval.tensors import context_keys
 
         spec = self.retrieval.spec
-        index = spec.vocabulary(USER).transform(ids).astype("int64")
-        unknown = index == 0
-        if not unknown.any():
-            return self, torch.from_numpy(index), 0
-        new = ids.filter(pl.Series(unknown)).unique(maintain_order=True)
         known_rows = int(self.tensors.history.shape[0])
-        codes = pl.DataFrame({USER: new}).with_row_index("k")
-        index[unknown] = known_rows + (
-            pl.DataFrame({USER: ids.filter(pl.Series(unknown))})
-            .join(codes, on=USER, how="left", maintain_order="left")["k"]
-            .to_numpy()
-        )
+        index, new = _past_vocabulary(spec, USER, ids, known_rows)
+        if not len(new):
+            return self, index, 0
         keys = context_keys(spec)
         columns = [
             f.column
@@ -302,7 +286,7 @@ class RankingRun:
         run = dataclasses.replace(
             self, tensors=tensors, _vectors=vectors, _seen=None, _candidates=None
         )
-        return run, torch.from_numpy(index), len(new)
+        return run, index, len(new)
 
     def score_features(
         self, user_idx: Tensor, side: dict[str, Tensor], vectors: Tensor | None
@@ -400,6 +384,25 @@ class RankingRun:
             )
             per_query = model.project_queries(first, users, user_vectors)
         return _Inference(side, first, projection, users, per_query)
+
+
+def _past_vocabulary(
+    spec: FeatureSpec, key: str, ids: pl.Series, start: int
+) -> tuple[Tensor, pl.Series]:
+    """``[n]`` int64 indices of raw ``ids`` in ``key``'s vocabulary, the unknown
+    ones numbered from ``start`` on in order of first appearance, and those
+    distinct unknown IDs (:meth:`RankingRun.with_items`, ``with_users``)."""
+    index = spec.vocabulary(key).transform(ids).astype("int64")
+    unknown = pl.Series(index == 0)
+    new = ids.filter(unknown).unique(maintain_order=True)
+    if len(new):
+        codes = pl.DataFrame({key: new}).with_row_index("k")
+        index[unknown.to_numpy()] = start + (
+            pl.DataFrame({key: ids.filter(unknown)})
+            .join(codes, on=key, how="left", maintain_order="left")["k"]
+            .to_numpy()
+        )
+    return torch.from_numpy(index), new
 
 
 #: Largest ``[N, F]`` table of item (or user) projections inference keeps: bigger

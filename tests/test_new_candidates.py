@@ -6,13 +6,13 @@ such items (``RankingRun.with_items``)."""
 import math
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.synthetic import planted_impressions
 from twostage.data.tables import read_interactions
 from twostage.errors import ConfigError, UnknownIdError
 from twostage.recommender import Recommender
@@ -38,28 +38,9 @@ def recommender(tmp_path_factory: pytest.TempPathFactory) -> Recommender:
     """Impressions of one of 40 good items (chosen half the time) and ten of 40
     bad ones (chosen 1 in 20), each item of a `kind`: only what was shown and not
     chosen tells the kinds apart, and the ranker learns it from the shown rows."""
-    rng = np.random.default_rng(0)
-    rows = []
-    time = 1_600_000_000
-    for user in range(1, 151):
-        for _ in range(12):
-            time += 60
-            for item in [int(rng.integers(1, 41)), *rng.choice(np.arange(41, 81), 10)]:
-                chance = 0.5 if item <= 40 else 0.05
-                kind = "good" if item <= 40 else "bad"
-                rows.append((user, item, time, int(rng.random() < chance), kind))
     path = tmp_path_factory.mktemp("new") / "impressions.csv"
-    pl.DataFrame(
-        rows, schema=["user", "item", "ts", "clicked", "kind"], orient="row"
-    ).write_csv(path)
-    data = read_interactions(
-        path,
-        user_col="user",
-        item_col="item",
-        time_col="ts",
-        label_col="clicked",
-        item_features=["kind"],
-    )
+    planted_impressions().write_csv(path)
+    data = read_interactions(path, label_col="clicked", item_features=["kind"])
     stages = fit_two_stage(apply_overrides(ExperimentConfig(), SMALL), data)
     return stages.recommender(items=data.items)
 

@@ -15,6 +15,7 @@ from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.data.split import prepare_split, split_dataset
+from twostage.data.synthetic import planted_impressions
 from twostage.data.tables import read_interactions
 from twostage.errors import ConfigError
 from twostage.estimator import TwoStageModel
@@ -36,21 +37,12 @@ SMALL = [
 
 
 def write_impressions(path: Path, *, users: int = 150, per_user: int = 12) -> Path:
-    """Each impression shows one of 40 good items (chosen half the time) and 10 of
-    40 bad ones (each chosen 1 time in 20): both kinds are chosen about as often,
-    so only the items shown and not chosen tell them apart."""
-    rng = np.random.default_rng(0)
-    rows = []
-    time = 1_600_000_000
-    for user in range(1, users + 1):
-        for _ in range(per_user):
-            time += 60
-            shown = [int(rng.integers(1, 41)), *rng.choice(np.arange(41, 81), 10)]
-            for item in shown:
-                chance = 0.5 if item <= 40 else 0.05
-                rows.append((user, item, time, int(rng.random() < chance)))
-    frame = pl.DataFrame(rows, schema=["user", "item", "ts", "clicked"], orient="row")
-    frame.write_csv(path)
+    """The planted impression log (:func:`planted_impressions`: only the rows
+    shown and not chosen tell its good items from its bad ones) as a CSV."""
+    frame = planted_impressions(users=users, per_user=per_user).drop("kind")
+    frame.rename({"user_id": "user", "item_id": "item", "timestamp": "ts"}).write_csv(
+        path
+    )
     return path
 
 
@@ -336,19 +328,9 @@ def test_users_and_items_the_ranker_never_saw_are_scored_not_dropped(
     from twostage.cli_output import impressions_line
     from twostage.ranking.evaluation import shown_auc
 
-    path = write_impressions(tmp_path / "impressions.csv")
-    log = pl.read_csv(path).with_columns(
-        kind=pl.when(pl.col("item") <= 40).then(pl.lit("good")).otherwise(pl.lit("bad"))
-    )
-    log.write_csv(path)
-    data = read_interactions(
-        path,
-        user_col="user",
-        item_col="item",
-        time_col="ts",
-        label_col="clicked",
-        item_features=["kind"],
-    )
+    path = tmp_path / "impressions.csv"
+    planted_impressions().write_csv(path)
+    data = read_interactions(path, label_col="clicked", item_features=["kind"])
     config = apply_overrides(ExperimentConfig(), [*SMALL, "ranking.batch_size=128"])
     ranker = fit_two_stage(config, data).ranker
     assert ranker is not None

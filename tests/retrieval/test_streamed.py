@@ -20,7 +20,7 @@ from twostage.data.streaming import (
     iter_batches,
     split_rule,
 )
-from twostage.data.synthetic import write_parquet
+from twostage.data.synthetic import planted_impressions, write_parquet
 from twostage.errors import ConfigError, DataError
 from twostage.recommender import Recommender, load
 from twostage.retrieval.fit import fit_retrieval
@@ -1301,23 +1301,9 @@ def test_bad_rows_are_counted_and_left_out_of_every_pass(
 
 
 def _impression_parquet(path: Path, *, users: int = 150, per_user: int = 12) -> Path:
-    """The planted impression log of tests/ranking/test_impressions.py as Parquet:
-    each impression shows one of 40 good items (chosen half the time) and ten of
-    40 bad ones (chosen 1 in 20)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    rows = []
-    time = 1_600_000_000
-    for user in range(1, users + 1):
-        for _ in range(per_user):
-            time += 60
-            for item in [int(rng.integers(1, 41)), *rng.choice(np.arange(41, 81), 10)]:
-                chance = 0.5 if item <= 40 else 0.05
-                rows.append((user, item, time, int(rng.random() < chance)))
-    frame = pl.DataFrame(
-        rows, schema=["user_id", "item_id", "timestamp", "clicked"], orient="row"
-    )
+    """The planted impression log (:func:`planted_impressions`) as Parquet, in
+    row groups of 4,000 rows."""
+    frame = planted_impressions(users=users, per_user=per_user).drop("kind")
     path.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(path / "log.parquet", row_group_size=4_000)
     return path

@@ -24,7 +24,13 @@ import pyarrow.parquet as pq
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.errors import ConfigError
 
-__all__ = ["SyntheticConfig", "generate", "planted_clusters", "write_parquet"]
+__all__ = [
+    "SyntheticConfig",
+    "generate",
+    "planted_clusters",
+    "planted_impressions",
+    "write_parquet",
+]
 
 _START = 1_600_000_000  # 2020-09-13, start of the synthetic log
 _SPAN = 365 * 24 * 3600
@@ -260,6 +266,39 @@ def generate(
         users=user_table,
         items=item_table,
         source=f"synthetic({config})",
+    )
+
+
+def planted_impressions(
+    *, users: int = 150, per_user: int = 12, seed: int = 0
+) -> pl.DataFrame:
+    """An impression log where only what was shown and not chosen tells good items
+    from bad ones: each of ``per_user`` impressions per user (a minute apart)
+    shows one of 40 good items (1..40, chosen half the time) and ten of 40 bad ones
+    (41..80, each chosen 1 time in 20), so both kinds are chosen about as often.
+    A ranker that learns from the shown rows nears the planted ceiling of the
+    click AUC against the shown items, 0.725 (a chosen item is good half the
+    time, a shown one 1 in 20).
+
+    Returns:
+        ``user_id``, ``item_id``, ``timestamp``, ``clicked`` (1/0) and ``kind``
+        (``"good"`` / ``"bad"``), a row per item shown.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    time = _START
+    for user in range(1, users + 1):
+        for _ in range(per_user):
+            time += 60
+            for item in [int(rng.integers(1, 41)), *rng.choice(np.arange(41, 81), 10)]:
+                chance = 0.5 if item <= 40 else 0.05
+                rows.append((user, int(item), time, int(rng.random() < chance)))
+    frame = pl.DataFrame(
+        rows, schema=["user_id", "item_id", "timestamp", "clicked"], orient="row"
+    )
+    good = pl.col("item_id") <= 40
+    return frame.with_columns(
+        kind=pl.when(good).then(pl.lit("good")).otherwise(pl.lit("bad"))
     )
 
 

@@ -183,8 +183,9 @@ def evaluate_ranking(
         holds rows shown and not chosen (an impression log read with
         ``label_col``), ``shown_auc``: the click AUC of each user's test items
         against the items the same user was shown and did not choose in the test
-        rows, the mean over the users with both (known users and items only;
-        ``shown_auc_users`` of them), as MIND's per-impression AUC: whether the
+        rows, the mean over the ``shown_auc_users`` users with both (users and
+        items the model never saw scored from the test's tables, and counted:
+        :func:`shown_auc`), as MIND's per-impression AUC: whether the
         ranker orders what the user actually saw; and ``impressions``, MIND's
         per-impression figures (:func:`shown_auc`).
     """

@@ -427,7 +427,11 @@ class Recommender:
                 catalogue would be ordered, ranker included, and
                 ``exclude_seen`` and ``filters`` still apply; ask for ``k`` as
                 long as the list to get every one back. Unknown item IDs are an
-                error that names them.
+                error that names them, unless an entry is an object of the
+                item's features, ``{"item_id": ..., "<feature>": ...}``: a new
+                item (an ID the model never trained on), ranked by both stages
+                from those features (``new_item`` in its answer; no ``filters``
+                with new items). A known item sent as an object is the known item.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,

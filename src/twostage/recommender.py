@@ -594,15 +594,14 @@ class Recommender:
                     user, idx[None, :]
                 )
             out = {name: torch.zeros(1, len(idx)) for name in ("rating", "click")}
-            ease = None
+            ease = None if ranker.ease is None else torch.zeros(1, len(idx))
             if known.any():
                 scored = ranker.score(user, idx[known][None, :])
                 for name in out:
                     out[name][0, known] = scored[name][0]
                 term = ranker.ease_scores(user, idx[known][None, :])
-                if term is not None:
-                    ease = torch.zeros(1, len(idx), dtype=term.dtype)
-                    ease[0, known] = term[0]
+                if ease is not None and term is not None:
+                    ease[0, known] = term[0].to(ease.dtype)
             rows = idx[~known] - self.item_embeddings.shape[0]
             side = {key: value[rows] for key, value in new.side.items()}
             scored = ranker.score_features(user, side, new.vectors[rows])
@@ -610,8 +609,6 @@ class Recommender:
                 _refuse_non_finite(values, "candidates", "the new items' features")
             for name in out:
                 out[name][0, ~known] = scored[name][0]
-            if ease is None and ranker.config.ease_weight and ranker.ease is not None:
-                ease = torch.zeros(1, len(idx))
         return out, ease
 
     def _closest_seen(
@@ -966,7 +963,6 @@ class Recommender:
         index = self._index_of(filters)
         if index is None:  # nothing passes the filters: an empty answer
             return []
-        exclude: list[list[int]] = [[item_idx]]
         if item_idx:
             query = self.item_embeddings[item_idx][None]
         else:
@@ -977,8 +973,8 @@ class Recommender:
                 "item_features", {item_id: features}, self._item_columns
             )
             query = self._new_items(frame, "item_features").vectors
-            exclude = [[]]
-        top_scores, top_idx = index.search(query, k, exclude=exclude)
+        # (a new item is index 0 here, the unknown row, which no index holds)
+        top_scores, top_idx = index.search(query, k, exclude=[[item_idx]])
         found = top_idx[0] >= 0
         top_scores, top_idx = top_scores[0][found], top_idx[0][found]
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items

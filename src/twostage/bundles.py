@@ -29,6 +29,9 @@ from twostage.retrieval.tensors import tensors_to_flat
 
 __all__ = ["load_recommender", "save_recommender"]
 
+#: The items added to a bundle's catalogue after training (Recommender.add_items).
+ADDED_ITEMS = "added_items.parquet"
+
 
 def save_recommender(
     recommender: Recommender, directory: str | Path, *, overwrite: bool = False
@@ -45,17 +48,26 @@ def save_recommender(
         save_file(tensors_to_flat(run.tensors), temp / "tables.safetensors")
         write_serving(run, temp)
         write_records(run, temp)
-        if recommender.items is not None:
-            metadata = pl.DataFrame(recommender.items[1:]).with_columns(
-                recommender.item_ids[1:].alias(ITEM)
+        trained = recommender.num_trained_items
+        if recommender.items is not None and recommender.has_trained_metadata:
+            metadata = pl.DataFrame(recommender.items[1:trained]).with_columns(
+                recommender.item_ids[1:trained].alias(ITEM)
             )
             metadata.write_parquet(temp / "items.parquet")
+        added = recommender.added_items
+        if added is not None:  # re-encoded on load: the same weights, the same bits
+            added.write_parquet(temp / ADDED_ITEMS)
         recommender.index.save(temp / "index")
-        if recommender.ranker is not None:
+        ranker = recommender.trained_ranker  # its tables as trained, not grown
+        if ranker is not None:
             from twostage.ranking import save_ranking
 
-            save_ranking(recommender.ranker, temp / "ranking")  # type: ignore[arg-type]
-        return {"kind": "recommender", "ranking": recommender.ranker is not None}
+            save_ranking(ranker, temp / "ranking")  # type: ignore[arg-type]
+        return {
+            "kind": "recommender",
+            "ranking": ranker is not None,
+            "added_items": 0 if added is None else added.height,
+        }
 
     return write_bundle(directory, write, overwrite=overwrite)
 
@@ -118,6 +130,9 @@ def _load_bundle(root: Path) -> Recommender:
 
         ranker = load_ranking(root / "ranking", run)
     index = load_index(root / "index") if (root / "index").is_dir() else None
-    recommender = Recommender(run, items=items, ranker=ranker, index=index)
+    added = _read_items(root / ADDED_ITEMS)
+    recommender = Recommender(
+        run, items=items, ranker=ranker, index=index, added_items=added
+    )
     recommender.manifest = manifest
     return recommender

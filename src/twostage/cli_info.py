@@ -180,7 +180,8 @@ def bundle_info(path: Path) -> dict[str, Any]:
         "split": data.split,
         "reading": reading,
         "users": rec.user_vocab.size - 1,
-        "items": rec.item_vocab.size - 1,
+        "items": rec.num_trained_items - 1,
+        "added_items": rec.item_vocab.size - rec.num_trained_items,
         "training_rows": int(sum(rec.user_vocab.counts)),
         "features": {
             side: [
@@ -280,6 +281,11 @@ def _print_bundle(info: dict[str, Any]) -> None:
         f"{info['training_rows']:,} rows, {info['users']:,} users, "
         f"{info['items']:,} items",
     )
+    if info["added_items"]:
+        table.add_row(
+            "added items",
+            f"{info['added_items']:,} (after training, from their features)",
+        )
     for side, label in (("query", "user features"), ("candidate", "item features")):
         fields = info["features"][side]
         table.add_row(

@@ -1,4 +1,5 @@
-"""Operations commands of the CLI: ``twostage serve`` and ``twostage index build|bench``.
+"""Operations commands of the CLI: ``twostage serve``, ``twostage index build|bench``
+and ``twostage add-items``.
 
 Registered on the main app by :mod:`twostage.cli`.
 """
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-__all__ = ["index_app", "serve_command"]
+__all__ = ["add_items_command", "index_app", "serve_command"]
 
 from twostage.cli_output import console, print_json, status_console
 
@@ -204,6 +205,74 @@ def index_build(
     rebuilt.save(target)
     console.print(
         f"built the {kind} index in {seconds:.1f} s; saved {escape(str(target))}"
+    )
+
+
+def add_items_command(
+    bundle: Annotated[
+        Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
+    ],
+    items: Annotated[
+        Path,
+        typer.Option(
+            "--items",
+            help="CSV, TSV or Parquet file of the items to add: a header naming "
+            "item_id and every item feature column the model reads (`twostage "
+            "info` lists them; empty where unknown), then a row per item; other "
+            "columns (title, tags...) are kept as metadata.",
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to save (default: the next version of the model)."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print what was done as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Add items the model never trained on to a bundle's catalogue, without
+    retraining, and save the result as a new version.
+
+    Each item is embedded from its features (its ID at the unknown row), indexed
+    beside the trained items and ranked from the same features: retrieved,
+    filtered by its metadata and found by `similar` from then on. The model's
+    weights do not change; a server polling the model directory picks the new
+    version up.
+    """
+    from twostage.artifacts import next_version
+    from twostage.data.tables import read_feature_table
+    from twostage.errors import TwostageError
+
+    source, rec = _open(bundle)
+    try:
+        table = read_feature_table(
+            items, key_col="item_id", key_name="item_id", duplicates="error"
+        )
+        started = time.perf_counter()
+        with status_console.status(f"adding {table.height:,} items"):
+            grown = rec.add_items(table)
+    except (TwostageError, OSError) as e:
+        message = str(e).replace("`items`", f"`--items` {str(items)!r}", 1)
+        raise typer.BadParameter(message, param_hint="--items") from e
+    seconds = time.perf_counter() - started
+    target = out or next_version(source.parent)
+    grown.save(target)
+    trained = grown.num_trained_items - 1
+    added = grown.item_vocab.size - 1 - trained
+    if json_output:
+        print_json(
+            {
+                "saved": str(target),
+                "added": table.height,
+                "added_in_all": added,
+                "trained_items": trained,
+                "seconds": seconds,
+            }
+        )
+        return
+    console.print(
+        f"added {table.height:,} items in {seconds:.1f} s: the catalogue holds "
+        f"{trained:,} trained and {added:,} added items; saved {escape(str(target))}"
     )
 
 

@@ -24,6 +24,7 @@ from twostage.features.vocab import Vocabulary
 from twostage.models.fields import UNKNOWN_TIME
 
 __all__ = [
+    "NUMBER_KINDS",
     "by_path",
     "candidate_items",
     "new_item_features",
@@ -395,7 +396,7 @@ def client_values(
 
 
 #: Field kinds whose encoder reads numbers (a non-finite one would be "missing").
-_NUMBER_KINDS = ("numeric", "bucket", "timestamp")
+NUMBER_KINDS = ("numeric", "bucket", "timestamp")
 
 
 def check_finite_numbers(
@@ -408,7 +409,7 @@ def check_finite_numbers(
     Raises:
         ConfigError: naming the request's field and the column.
     """
-    numeric = {f.name for f in spec.fields if f.kind in _NUMBER_KINDS}
+    numeric = {f.name for f in spec.fields if f.kind in NUMBER_KINDS}
     for column, value in values.items():
         if column not in numeric or value is None or isinstance(value, bool):
             continue

@@ -20,12 +20,18 @@ import numpy as np
 import polars as pl
 import torch
 
+from twostage.catalogue import (
+    catalogue_vocabulary,
+    check_added_items,
+    merged_metadata,
+)
 from twostage.config import IndexConfig, RankingConfig
 from twostage.data.dataset import ITEM, USER
 from twostage.display import display_columns, label_and_tags
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import ExactIndex, Index, make_index
 from twostage.inputs import (
+    NUMBER_KINDS,
     ItemFilters,
     by_path,
     candidate_items,
@@ -88,6 +94,14 @@ class Ranker(Protocol):
     ) -> dict[str, torch.Tensor]:
         """``[1]`` user x ``C`` items given by their encoded candidate side (new
         items) -> ``{"rating", "click"}`` ``[1, C]``."""
+        ...
+
+    def with_items(
+        self, ids: pl.Series, items: pl.DataFrame | None
+    ) -> tuple[Ranker, torch.Tensor, int]:
+        """This ranker with rows for the new IDs among ``ids`` (encoded from
+        their rows of ``items``) after its own, their indices, and how many
+        were new."""
         ...
 
 
@@ -155,6 +169,9 @@ class Recommender:
         ranker: a ranking stage scoring (user, candidate) pairs; optional.
         index: the nearest-neighbour index over the candidate embeddings (ids are
             item indices); built from ``run.config.index`` when not given.
+        added_items: items added to the catalogue after training, one row each
+            (``item_id``, the item feature columns, any metadata): see
+            :meth:`add_items`.
     """
 
     def __init__(
@@ -164,13 +181,40 @@ class Recommender:
         items: pl.DataFrame | None = None,
         ranker: Ranker | None = None,
         index: Index | None = None,
+        added_items: pl.DataFrame | None = None,
     ) -> None:
         self.run = run
-        self.ranker = ranker
         self.user_vocab = run.spec.vocabulary(USER)
+        #: The catalogue's items: the model's item vocabulary, then the added items.
         self.item_vocab = run.spec.vocabulary(ITEM)
         self.item_embeddings = run.item_embeddings()  # [N, D]
         self.dim = int(self.item_embeddings.shape[1])
+        #: The item feature columns a new candidate item may carry.
+        self._item_columns = list(
+            dict.fromkeys(
+                f.column
+                for f in run.spec.describe(side="candidate")
+                if f.column != ITEM
+            )
+        )
+        #: Rows of the items the model trained on (the OOV row included): the
+        #: catalogue's added items come after them.
+        self.num_trained_items = int(self.item_embeddings.shape[0])
+        #: What was given, kept to save the bundle and to add more items.
+        self._trained_metadata, self._trained_ranker = items, ranker
+        #: The items added after training (:meth:`add_items`), as the catalogue
+        #: holds them; None when there are none.
+        self.added_items: pl.DataFrame | None = None
+        if added_items is not None:
+            added = self._check_added(added_items)
+            vectors = self._encode_added(added)
+            self.item_vocab = catalogue_vocabulary(self.item_vocab, added[ITEM])
+            self.item_embeddings = torch.cat([self.item_embeddings, vectors])
+            if ranker is not None:
+                ranker = ranker.with_items(added[ITEM], added)[0]
+            items = merged_metadata(items, added)
+            self.added_items = added
+        self.ranker = ranker
         if index is None:
             # Row 0 is the OOV item: never a candidate, so never indexed.
             num_items = self.item_embeddings.shape[0]
@@ -219,20 +263,24 @@ class Recommender:
         self._seen = run.tensors.seen()  # row = user_idx
         self._popular_users = run.uses_popularity(np.arange(self.user_vocab.size))
         self._context_keys = context_keys(run.spec)
-        #: The item feature columns a new candidate item may carry.
-        self._item_columns = list(
-            dict.fromkeys(
-                f.column
-                for f in run.spec.describe(side="candidate")
-                if f.column != ITEM
-            )
-        )
         #: The bundle's manifest (version, creation time, checksums) when loaded.
         self.manifest: dict[str, Any] = {}
         popularity = run.tensors.fallback_popularity.clone()
         popularity[0] = -1.0
         self._popular = torch.argsort(popularity, descending=True, stable=True)
         self._query_cache: torch.Tensor | None = None
+
+    @property
+    def trained_ranker(self) -> Ranker | None:
+        """The ranking stage as trained: :attr:`ranker` without the rows of the
+        items added to the catalogue."""
+        return self._trained_ranker
+
+    @property
+    def has_trained_metadata(self) -> bool:
+        """Whether the trained items came with metadata (:attr:`items` may also
+        hold only the added items' rows)."""
+        return self._trained_metadata is not None
 
     @property
     def item_feature_columns(self) -> list[str]:
@@ -265,6 +313,66 @@ class Recommender:
             with torch.no_grad():
                 self._query_cache = self.run.model.encode_queries(features)
         return self._query_cache
+
+    # -- the catalogue ------------------------------------------------------------
+    def add_items(self, items: pl.DataFrame) -> Recommender:
+        """A copy whose catalogue also holds ``items``: items the model never
+        trained on (a shop's new products, the day's news), added without
+        retraining (:mod:`twostage.catalogue`).
+
+        Each item is embedded from its feature values by the candidate tower, its
+        ID at the unknown row (as a new item among a request's ``candidates``
+        is), and indexed beside the trained items (the index is rebuilt with the
+        bundle's settings). From then on it is retrieved, filtered by its
+        metadata, shown with it, found by :meth:`similar_items`, and ranked by
+        the ranking stage from the same features; the EASE term, the
+        transition counts and the session-kNN term, which learned from the
+        training log, give it 0, and the popularity fallback never serves it
+        (it has no rows in the log). It cannot be part of a request's
+        ``session`` (the model reads only the items it trained on there).
+        :meth:`save` keeps the added items; the model's weights are unchanged.
+
+        Args:
+            items: one row per item: ``item_id`` (an ID the catalogue does not
+                hold), every column of :attr:`item_feature_columns` in the layout
+                of the training item table (null where unknown), and any metadata
+                columns (title, tags, a filter's column...).
+
+        Raises:
+            ConfigError: naming the rows or IDs at fault (see
+                :func:`twostage.catalogue.check_added_items`), or a value the
+                encoders cannot read.
+        """
+        added = self._check_added(items)
+        if self.added_items is not None:
+            added = merged_metadata(self.added_items, added)
+        return Recommender(
+            self.run,
+            items=self._trained_metadata,
+            ranker=self._trained_ranker,
+            added_items=added,
+        )
+
+    def _check_added(self, items: pl.DataFrame) -> pl.DataFrame:
+        numeric = [
+            f.column
+            for f in self.run.spec.describe(side="candidate")
+            if f.kind in NUMBER_KINDS
+        ]
+        return check_added_items(items, self.item_vocab, self._item_columns, numeric)
+
+    def _encode_added(self, added: pl.DataFrame) -> torch.Tensor:
+        """``[A, D]`` the candidate embeddings of items to add to the catalogue."""
+        ids = added[ITEM].to_list()
+        named = {"items": ids[:5] + (["..."] if len(ids) > 5 else [])}
+        with client_values("items", named, self._item_columns):
+            side = self.run.spec.transform_items(
+                added.select(ITEM, *self._item_columns)
+            )
+        with torch.no_grad():
+            vectors = self.run.model.encode_items(side)
+        _refuse_non_finite(vectors, "items", f"the items {named['items']}")
+        return vectors
 
     # -- queries -----------------------------------------------------------------
     def _context(self, context: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
@@ -458,6 +566,17 @@ class Recommender:
             history_length=int(self.run.tensors.history.shape[1]),
         )
         session_idx = None if read is None else read[0]
+        if session_idx is not None and bool(
+            (session_idx >= self.num_trained_items).any()
+        ):
+            added = session_idx[session_idx >= self.num_trained_items]
+            raise ConfigError(
+                f"`session` holds item(s) added to the catalogue after training: "
+                f"{self.item_vocab.inverse_transform(added.numpy()).to_list()[:5]}. "
+                "The model reads a session's items by what it learned of them in "
+                "training; leave these out of the session until it is trained "
+                "again (they can still be recommended)."
+            )
         query, user_idx, path = self._query(
             user_id, user_features, context, session=read
         )
@@ -506,11 +625,12 @@ class Recommender:
             # A metadata filter restricts the catalogue, or the session-kNN term
             # (which no index holds) joins the scores: exact search over what passes.
             scores = self.item_embeddings @ query  # (N, D) @ (D,) -> (N,)
-            if exact:
+            if exact:  # (the term has no rows for items added after training)
                 sessions = None if session_idx is None else session_idx[None]
-                scores += self.run.neighbour_term(
+                term = self.run.neighbour_term(
                     torch.tensor([user_idx]), sessions=sessions
                 )[0]
+                scores[: len(term)] += term
             scores = scores.masked_fill(excluded, -torch.inf)
             available = int((~excluded).sum())
             if new is not None:  # scored as the catalogue is, after its rows

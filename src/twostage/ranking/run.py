@@ -136,17 +136,22 @@ class RankingRun:
         """``[B, C]`` the EASE term of ``C`` candidates for each of ``B`` users: the
         user's EASE score over their seen items, divided by its spread over the
         catalogue (less its mean, which shifts a user's candidates alike); None
-        without the term. Unknown users (index 0) have no items and score 0."""
+        without the term. Unknown users (index 0) have no items and score 0, and
+        so do items past the matrix's rows (:meth:`with_items`: none in the
+        training log)."""
         if self.ease is None:
             return None
         users = self.tensors.users
         if self._seen is None or self._seen[0] != id(users):
             self._seen = (id(users), self.tensors.seen())
         rows = self._seen[1].take(user_idx.numpy())
+        right = self.ease.right
+        inside = item_idx < right.shape[0]
         with torch.no_grad():
             queries = self.ease.encode_item_sets(rows)  # (B, r)
-            items = self.ease.right[item_idx]  # (B, C, r)
-            return (items @ queries[:, :, None])[:, :, 0]  # (B, C, r) @ (B, r, 1)
+            items = right[item_idx.masked_fill(~inside, 0)]  # (B, C, r)
+            term = (items @ queries[:, :, None])[:, :, 0]  # (B, C, r) @ (B, r, 1)
+            return term.masked_fill(~inside, 0.0)
 
     def with_items(
         self, ids: pl.Series, items: pl.DataFrame | None

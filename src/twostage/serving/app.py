@@ -510,6 +510,8 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         "version": model.version,
         "num_users": len(users),
         "num_items": len(rec.item_vocab.values),
+        # Of them, items added to the catalogue after training (`add-items`).
+        "num_added_items": rec.item_vocab.size - rec.num_trained_items,
         "user_features": features,
         "sample_users": users.head(50).to_list(),
         "has_ranker": rec.ranker is not None,

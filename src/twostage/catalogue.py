@@ -1,0 +1,154 @@
+"""Items added to a trained model's catalogue without retraining.
+
+A model's catalogue is the items it trained on: its item vocabulary. A shop's new
+products and the day's news are not among them, yet they should be retrievable,
+filterable and shown like the others until the next training run.
+:meth:`Recommender.add_items <twostage.recommender.Recommender.add_items>` adds
+them from their feature values: each is embedded by the candidate tower with its ID
+at the unknown row (as a new candidate of a request is), indexed beside the trained
+items, and scored by the ranking stage from the same features. The model's own
+vocabulary is unchanged; the catalogue's vocabulary holds the trained items, then
+the added ones in the order they were added.
+
+This module checks a table of items to add (:func:`check_added_items`) and builds
+the catalogue's vocabulary and metadata from it; the Recommender encodes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from twostage.data.dataset import ITEM
+from twostage.errors import ConfigError, DataError
+from twostage.features.vocab import Vocabulary
+
+__all__ = ["catalogue_vocabulary", "check_added_items", "merged_metadata"]
+
+#: How many offending IDs or rows an error message names.
+_NAMED = 5
+
+
+def _named(values: Sequence[object]) -> str:
+    shown = ", ".join(repr(v) for v in list(values)[:_NAMED])
+    return f"{shown}{' ...' if len(values) > _NAMED else ''}"
+
+
+def check_added_items(
+    items: pl.DataFrame,
+    catalogue: Vocabulary,
+    feature_columns: Sequence[str],
+    numeric_columns: Sequence[str],
+) -> pl.DataFrame:
+    """``items`` as the catalogue will hold them: ``item_id`` cast to the
+    catalogue's ID type, every other column kept (features and metadata).
+
+    Args:
+        items: one row per item to add: ``item_id``, every column of
+            ``feature_columns`` (null where a value is unknown), and any metadata
+            (title, tags...).
+        catalogue: the items the catalogue holds already (trained and added).
+        feature_columns: the item feature columns the model reads.
+        numeric_columns: those of them read as numbers (a NaN or infinity there
+            would encode as missing).
+
+    Raises:
+        ConfigError: naming the rows (counted from 1) or IDs at fault: no
+            ``item_id`` column, a null or repeated ID, an ID the catalogue holds
+            already, an ID of the wrong type, a feature column left out, a
+            non-finite number.
+    """
+    if not isinstance(items, pl.DataFrame):
+        raise ConfigError(
+            "`items` should be a polars DataFrame with an `item_id` column and the "
+            f"item feature columns. Received: {type(items).__name__}."
+        )
+    if ITEM not in items.columns:
+        raise ConfigError(
+            f"`items` should have an `{ITEM}` column. Received the columns "
+            f"{items.columns}."
+        )
+    missing = [c for c in feature_columns if c not in items.columns]
+    if missing:
+        raise ConfigError(
+            f"`items` lacks the feature column(s) {missing} that this model reads "
+            f"(it reads {list(feature_columns)}); add them, null where a value is "
+            "unknown."
+        )
+    if not items.height:
+        raise ConfigError("`items` holds no row: there is nothing to add.")
+    rows = items.with_row_index("__row", offset=1)
+    nulls = rows.filter(pl.col(ITEM).is_null())["__row"].to_list()
+    if nulls:
+        raise ConfigError(
+            f"`items` has {len(nulls)} row(s) without an `{ITEM}`: rows "
+            f"{_named(nulls)}."
+        )
+    assert catalogue.dtype is not None  # a trained model's vocabulary
+    target = pl.Int64 if catalogue.dtype == "int" else pl.String
+    try:
+        ids = items[ITEM].cast(target, strict=True)
+    except pl.exceptions.PolarsError as e:
+        bad = items[ITEM].cast(target, strict=False).is_null()
+        raise ConfigError(
+            f"this model's item IDs are {'integers' if target == pl.Int64 else 'text'}"
+            f"; `items` holds {items[ITEM].dtype} IDs that are not: "
+            f"{_named(items[ITEM].filter(bad).to_list())}."
+        ) from e
+    repeated = ids.filter(ids.is_duplicated()).unique(maintain_order=True)
+    if len(repeated):
+        raise ConfigError(
+            f"`items` lists {len(repeated)} item ID(s) more than once: "
+            f"{_named(repeated.to_list())}."
+        )
+    held = ids.filter(pl.Series(catalogue.transform(ids) >= catalogue.num_oov_buckets))
+    if len(held):
+        raise ConfigError(
+            f"{len(held)} of the `items` are in the catalogue already (trained on or "
+            f"added before): {_named(held.to_list())}. A model's items are changed "
+            "by training it again."
+        )
+    for column in numeric_columns:
+        values = items[column]
+        if not values.dtype.is_float():
+            continue
+        bad_rows = rows.filter(~pl.col(column).is_finite())["__row"].to_list()
+        if bad_rows:
+            raise ConfigError(
+                f"`items`[{column!r}] should be finite numbers, or null when unknown. "
+                f"Rows {_named(bad_rows)} hold NaN or infinity."
+            )
+    return items.with_columns(ids)
+
+
+def catalogue_vocabulary(trained: Vocabulary, added: pl.Series) -> Vocabulary:
+    """The trained item vocabulary with ``added`` IDs after its values, in order:
+    item indices ``size .. size + len(added) - 1`` (the trained indices keep
+    theirs). Added items count 0 training rows."""
+    keys = pl.concat([trained.values, added.rename("value")])
+    counts = np.concatenate([trained.counts, np.zeros(len(added), np.int64)])
+    return Vocabulary.from_counts(
+        keys, counts, num_oov_buckets=trained.num_oov_buckets, seed=trained.seed
+    )
+
+
+def merged_metadata(metadata: pl.DataFrame | None, added: pl.DataFrame) -> pl.DataFrame:
+    """The catalogue's metadata: the trained items' rows, then the added ones (an
+    added item's row replaces any row the trained table held for its ID); columns
+    one table lacks are null in its rows.
+
+    Raises:
+        ConfigError: a column holds values of kinds no one column can hold.
+    """
+    if metadata is None:
+        return added
+    kept = metadata.filter(~pl.col(ITEM).is_in(added[ITEM].implode()))
+    try:
+        return pl.concat([kept, added], how="diagonal_relaxed")
+    except (pl.exceptions.PolarsError, DataError) as e:
+        raise ConfigError(
+            "the `items` to add do not fit the catalogue's metadata (a column of "
+            f"another kind?): {e}. The metadata's columns: {dict(metadata.schema)}."
+        ) from e

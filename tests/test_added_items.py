@@ -1,0 +1,227 @@
+"""Items added to a trained model's catalogue (`Recommender.add_items`, `twostage
+add-items`): a shop's new products, retrieved, filtered, shown and ranked from
+their features until the next training run."""
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from twostage.catalogue import check_added_items
+from twostage.cli import app
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.synthetic import planted_impressions
+from twostage.data.tables import read_interactions
+from twostage.errors import ConfigError
+from twostage.features.vocab import Vocabulary
+from twostage.recommender import Recommender, load
+from twostage.serving import ServeSettings, create_app
+from twostage.two_stage import fit_two_stage
+
+SMALL = [
+    "train.epochs=4",
+    "train.num_threads=1",
+    "retrieval.embedding_dim=16",
+    "retrieval.output_dim=16",
+    "ranking.embedding_dim=16",
+    "ranking.hidden_dims=16",
+    "ranking.epochs=4",
+    "ranking.hard_negative_pool=20",
+    "ranking.batch_size=128",
+    "ranking.ease_weight=0.5",
+    "retrieval.popularity_fallback=0",
+]
+
+#: Two good new items and one bad, with a title the trained items lack.
+NEW = pl.DataFrame(
+    {
+        "item_id": [901, 902, 903],
+        "kind": ["good", "bad", "good"],
+        "title": ["Fresh A", "Fresh B", "Fresh C"],
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def recommender(tmp_path_factory: pytest.TempPathFactory) -> Recommender:
+    """The planted impression log of `planted_impressions`: the ranker learns the
+    items' `kind` from what was shown and not chosen (and has an EASE term)."""
+    path = tmp_path_factory.mktemp("added") / "impressions.csv"
+    planted_impressions().write_csv(path)
+    data = read_interactions(path, label_col="clicked", item_features=["kind"])
+    stages = fit_two_stage(apply_overrides(ExperimentConfig(), SMALL), data)
+    return stages.recommender(items=data.items)
+
+
+def test_added_items_are_retrieved_ranked_and_shown(recommender: Recommender) -> None:
+    rec = recommender.add_items(NEW)
+    assert rec.ranker is not None and rec.ranker.ease is not None  # 0 for new items
+    trained = recommender.item_vocab.size
+    assert rec.item_vocab.size == trained + 3 and rec.num_trained_items == trained
+    assert rec.index.size == trained + 2  # every item but the OOV row
+    assert recommender.item_vocab.size == trained  # the original is unchanged
+    everything = rec.recommend(7, rec.index.size, exclude_seen=False)
+    listed = {i["item_id"]: i for i in everything.items}
+    assert {901, 902, 903} <= set(listed)
+    assert listed[901]["title"] == "Fresh A" and listed[901]["label"] == "Fresh A"
+    # The ranker learned the kinds: a good added item above the bad one for
+    # (nearly) every user, as a new candidate of a request is ranked.
+    first = 0
+    for user in range(1, 31):
+        answer = rec.recommend(user, 2, candidates=[902, 901], exclude_seen=False)
+        first += answer.items[0]["item_id"] == 901
+        asked = rec.recommend(
+            user, 1, candidates=[{"item_id": 999, "kind": "good"}]
+        ).items[0]
+        added = next(i for i in answer.items if i["item_id"] == 901)
+        assert added["rank_score"] == pytest.approx(asked["rank_score"], abs=1e-5)
+        assert "new_item" not in added
+    assert first >= 27, first
+    # Known items keep their scores; filters and similar items see the new ones.
+    before = {i["item_id"]: i for i in recommender.recommend(7, 10).items}
+    for item_id, item in before.items():
+        assert listed[item_id]["score"] == pytest.approx(item["score"], abs=1e-6)
+    assert [
+        i["item_id"] for i in rec.recommend(7, 5, filters={"title": "Fresh C"}).items
+    ] == [903]
+    similar = [i["item_id"] for i in rec.similar_items(901, 10)]
+    assert similar[0] == 903  # the same features: the same vector
+    assert sum(i <= 40 or i in (901, 903) for i in similar) >= 7, similar
+    table = rec.recommend_table([7, 8], rec.index.size, exclude_seen=False)
+    assert set(table.filter(pl.col("user_id") == 7)["item_id"]) >= {901, 902, 903}
+
+
+def test_a_bundle_keeps_its_added_items(
+    recommender: Recommender, tmp_path: Path
+) -> None:
+    rec = recommender.add_items(NEW)
+    path = rec.save(tmp_path / "models" / "shop" / "2")
+    again = load(path)
+    assert again.manifest["added_items"] == 3
+    assert again.added_items is not None and again.added_items.height == 3
+    torch.testing.assert_close(
+        again.item_embeddings, rec.item_embeddings, rtol=0, atol=0
+    )
+    for user in (7, 8, "stranger"):
+        assert again.recommend(user, 12).items == rec.recommend(user, 12).items
+    assert again.similar_items(902, 5) == rec.similar_items(902, 5)
+    # More items on top of the added ones; the first ones stay as they were.
+    more = again.add_items(pl.DataFrame({"item_id": [904], "kind": ["bad"]}))
+    assert more.item_vocab.lookup(904) == rec.item_vocab.size
+    assert more.item_vocab.lookup(903) == rec.item_vocab.lookup(903)
+    with pytest.raises(ConfigError, match=r"in the catalogue already.*903"):
+        more.add_items(pl.DataFrame({"item_id": [903], "kind": ["bad"]}))
+
+
+def test_an_added_item_is_not_part_of_a_session(recommender: Recommender) -> None:
+    rec = recommender.add_items(NEW)
+    with pytest.raises(
+        ConfigError, match=r"added to the catalogue after training.*901"
+    ):
+        rec.recommend(session=[3, 901])
+    assert rec.recommend(session=[3, 4]).path == "session"
+
+
+def test_mistakes_in_the_items_to_add_are_named(recommender: Recommender) -> None:
+    rec = recommender
+    cases = [
+        (pl.DataFrame({"id": [901], "kind": ["good"]}), "should have an `item_id`"),
+        (pl.DataFrame({"item_id": [901]}), r"lacks the feature column\(s\) \['kind'\]"),
+        (pl.DataFrame({"item_id": [901, None], "kind": ["good", "bad"]}), "rows 2"),
+        (pl.DataFrame({"item_id": [901, 901], "kind": ["a", "b"]}), "more than once"),
+        (
+            pl.DataFrame({"item_id": [3, 901], "kind": ["a", "b"]}),
+            r"added before\): 3\.",
+        ),
+        (pl.DataFrame({"item_id": ["x9"], "kind": ["good"]}), r"integers.*'x9'"),
+        (pl.DataFrame({"item_id": [901], "kind": [[1, 2]]}), "cannot be encoded"),
+        (pl.DataFrame({"item_id": [], "kind": []}), "holds no row"),
+        ([{"item_id": 901}], "should be a polars DataFrame"),
+    ]
+    for items, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            rec.add_items(items)  # type: ignore[arg-type]
+    # Digits for an integer ID are the integer, as a request's IDs are.
+    grown = rec.add_items(pl.DataFrame({"item_id": ["901"], "kind": ["good"]}))
+    assert grown.item_vocab.lookup(901) == rec.item_vocab.size
+
+
+def test_a_non_finite_number_in_an_added_item_is_named() -> None:
+    catalogue = Vocabulary().fit([1, 2, 3])
+    items = pl.DataFrame({"item_id": [7, 8, 9], "price": [1.0, float("nan"), None]})
+    with pytest.raises(ConfigError, match=r"\['price'\].*Rows 2 hold NaN"):
+        check_added_items(items, catalogue, ["price"], ["price"])
+    kept = check_added_items(items[[0, 2]], catalogue, ["price"], ["price"])
+    assert kept["item_id"].to_list() == [7, 9]  # a null is an unknown value
+
+
+def test_add_items_from_the_cli_and_serve_them(
+    recommender: Recommender, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    models = tmp_path / "models"
+    recommender.save(models / "shop" / "1")
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("item_id,kind,title\n901,good,Fresh A\n902,bad,Fresh B\n")
+    added = runner.invoke(
+        app, ["add-items", str(models / "shop"), "--items", str(fresh), "--json"]
+    )
+    assert added.exit_code == 0, added.output
+    done = json.loads(added.stdout)
+    assert done["saved"] == str(models / "shop" / "2") and done["added"] == 2
+    info = runner.invoke(app, ["info", str(models / "shop")])
+    assert info.exit_code == 0 and "2 (after training" in info.output
+    shown = runner.invoke(app, ["similar", str(models / "shop"), "--item", "901"])
+    assert shown.exit_code == 0, shown.output
+    for text, message in [
+        ("item_id,title\n905,X\n", "lacks the feature column"),
+        ("item_id,kind\n901,good\n", "in the catalogue already"),
+        ("item_id,kind\n905,good\n905,bad\n", "--items"),
+    ]:
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        refused = runner.invoke(
+            app, ["add-items", str(models / "shop"), "--items", str(bad)]
+        )
+        assert refused.exit_code == 2, refused.output
+        assert message in refused.output
+    assert sorted(p.name for p in (models / "shop").iterdir()) == ["1", "2"]
+
+    served = create_app(ServeSettings(models=str(models), poll_seconds=0))
+    with TestClient(served) as client:
+        meta = client.get("/v1/models/shop/metadata").json()
+        assert meta["version"] == 2 and meta["num_added_items"] == 2
+        answer = client.post(
+            "/v1/recommend", json={"user_id": 7, "k": 2, "candidates": [901, 902]}
+        )
+        assert answer.status_code == 200, answer.text
+        assert [i["item_id"] for i in answer.json()["items"]] == [901, 902]
+        refused = client.post("/v1/recommend", json={"session": [901]})
+        assert refused.status_code == 400 and "after training" in refused.text
+
+
+def test_added_items_join_an_ensemble_scored_exactly(tmp_path: Path) -> None:
+    """EASE and the transition counts as members and the session-kNN term: what
+    learned from the log gives an added item 0, and the exact scoring (which no
+    index holds) covers it."""
+    path = tmp_path / "impressions.csv"
+    planted_impressions(users=60).write_csv(path)
+    data = read_interactions(path, label_col="clicked", item_features=["kind"])
+    members = [
+        "retrieval.ensemble=ease,transition",
+        "retrieval.ensemble_weights=1,0.01,0.005",
+        "retrieval.session_knn_weight=0.05",
+    ]
+    config = apply_overrides(ExperimentConfig(), [*SMALL, *members])
+    rec = fit_two_stage(config, data).recommender(items=data.items).add_items(NEW)
+    assert rec.run.scores_exactly
+    answer = rec.recommend(7, rec.index.size, exclude_seen=False)
+    scores = {i["item_id"]: i["score"] for i in answer.items}
+    assert {901, 902, 903} <= set(scores)
+    # Alike features, alike scores: nothing item-specific reached them.
+    assert scores[901] == pytest.approx(scores[903], abs=1e-6)
+    assert rec.recommend(session=[3, 4], k=5).path == "session"

@@ -105,6 +105,16 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path) -> None:
     assert again.evaluate(test, **columns).ndcg == result.ndcg
     assert bundle.exists()
 
+    # Items the model never trained on join its catalogue (no item features
+    # here: each is the unknown item's vector) and are scored, not NaN.
+    assert again.add_items(pd.DataFrame({"item_id": [9001, 9002]})) is again
+    assert not np.isnan(again.predict([users[0], users[0]], [9001, 9002])).any()
+    everything = again.recommend(users[0], k=200, exclude_seen=False)
+    assert {9001, 9002} <= {e["item_id"] for e in everything.items}
+    grown = again.save(tmp_path / "models" / "mine" / "2")
+    reloaded = twostage.TwoStageModel.load(grown)
+    assert reloaded.recommender.added_items["item_id"].to_list() == [9001, 9002]
+
 
 def test_estimator_takes_explicit_validation_and_test(frames) -> None:
     train, test = frames

@@ -574,6 +574,31 @@ class TwoStageModel:
         (``filters``: only those whose metadata matches)."""
         return self.recommender.similar_items(item_id, k, filters=filters)
 
+    def add_items(self, items: Any) -> TwoStageModel:
+        """Add items the model never trained on to its catalogue, without
+        retraining (:meth:`Recommender.add_items`): retrieved, ranked, filtered
+        and found by :meth:`similar_items` from their features from then on.
+
+        Args:
+            items: a polars or pandas DataFrame, or a CSV/TSV/Parquet file, with a
+                row per item: ``item_id``, every item feature column the model
+                reads (null where unknown) and any metadata columns.
+
+        Returns:
+            ``self``, its catalogue grown; :meth:`save` keeps the added items.
+        """
+        rec = self.recommender
+        if isinstance(items, str | Path):
+            from twostage.data.tables import read_feature_table
+
+            items = read_feature_table(
+                items, key_col="item_id", key_name="item_id", duplicates="error"
+            )
+        elif not isinstance(items, pl.DataFrame) and hasattr(items, "columns"):
+            items = pl.from_pandas(items)
+        self.recommender_ = rec.add_items(items)
+        return self
+
     # -- measuring ----------------------------------------------------------------
     def evaluate(self, test: Any, **columns: Any) -> Evaluation:
         """Full-catalogue figures on a test table (same kinds as :meth:`fit`'s

@@ -70,6 +70,7 @@ from twostage.cli_data import (
 from twostage.cli_info import env_command, info_command
 from twostage.cli_ops import add_items_command, index_app, serve_command
 from twostage.cli_output import (
+    JsonOutput,
     console,
     impressions_line,
     items_table,
@@ -131,15 +132,6 @@ TensorBoard = Annotated[
         "--tensorboard",
         help="Also log both stages' curves here for TensorBoard (needs the "
         "tensorboard package).",
-    ),
-]
-
-JsonOutput = Annotated[
-    bool,
-    typer.Option(
-        "--json",
-        help="Print the result as JSON on stdout instead of tables (progress and "
-        "logs go to stderr).",
     ),
 ]
 

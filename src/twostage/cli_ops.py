@@ -16,7 +16,7 @@ from rich.markup import escape
 
 __all__ = ["add_items_command", "index_app", "serve_command"]
 
-from twostage.cli_output import console, print_json, status_console
+from twostage.cli_output import JsonOutput, console, print_json, status_console
 
 index_app = typer.Typer(
     help="Build and measure nearest-neighbour indexes.", no_args_is_help=True
@@ -226,9 +226,7 @@ def add_items_command(
         Path | None,
         typer.Option(help="Where to save (default: the next version of the model)."),
     ] = None,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print what was done as JSON on stdout.")
-    ] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Add items the model never trained on to a bundle's catalogue, without
     retraining, and save the result as a new version.

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 __all__ = [
+    "JsonOutput",
     "console",
     "print_json",
     "status_console",
@@ -21,6 +23,16 @@ __all__ = [
     "standing",
     "print_ranking",
     "training_progress",
+]
+
+#: The ``--json`` flag of the commands that print results.
+JsonOutput = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the result as JSON on stdout instead of tables (progress and "
+        "logs go to stderr).",
+    ),
 ]
 
 #: Results (tables, JSON) go to stdout ...

@@ -16,7 +16,7 @@ from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import planted_impressions
 from twostage.data.tables import read_interactions
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, UnknownIdError
 from twostage.features.vocab import Vocabulary
 from twostage.recommender import Recommender, load
 from twostage.serving import ServeSettings, create_app
@@ -225,3 +225,87 @@ def test_added_items_join_an_ensemble_scored_exactly(tmp_path: Path) -> None:
     # Alike features, alike scores: nothing item-specific reached them.
     assert scores[901] == pytest.approx(scores[903], abs=1e-6)
     assert rec.recommend(session=[3, 4], k=5).path == "session"
+
+
+def test_removed_items_are_no_longer_served(
+    recommender: Recommender, tmp_path: Path
+) -> None:
+    """Discontinued products: out of every answer, still read as history."""
+    rec = recommender.add_items(NEW)
+    first = [i["item_id"] for i in rec.recommend(7, 5).items]
+    gone = [first[0], first[1], 901]
+    smaller = rec.remove_items(gone)
+    assert smaller.index.size == rec.index.size - 3
+    every = smaller.recommend(7, smaller.index.size, exclude_seen=False).items
+    assert not {i["item_id"] for i in every} & set(gone)
+    assert len(every) == smaller.index.size
+    # The rest of the list keeps its order.
+    assert [i["item_id"] for i in smaller.recommend(7, 3).items] == first[2:5]
+    for user in ("stranger", 8):  # the popularity fallback and a filter
+        for answer in (
+            smaller.recommend(user, 80),
+            smaller.recommend(user, 80, filters={"kind": "good"}),
+        ):
+            assert not {i["item_id"] for i in answer.items} & set(gone)
+    similar = smaller.similar_items(gone[0], 100)  # a removed item may be asked
+    assert similar and not {i["item_id"] for i in similar} & set(gone)
+    table = smaller.similar_table([3, 4], 100)
+    assert not set(table["similar_item_id"]) & set(gone)
+    users = smaller.recommend_table([7, 8, "stranger"], 100, exclude_seen=False)
+    assert not set(users["item_id"]) & set(gone)
+    assert smaller.recommend(session=[gone[0], 3], k=3).path == "session"
+    with pytest.raises(UnknownIdError, match=r"removed from the catalogue"):
+        smaller.recommend(7, 2, candidates=[first[2], first[0]])
+
+    path = smaller.save(tmp_path / "models" / "shop" / "3")
+    again = load(path)
+    assert again.manifest["removed_items"] == 3
+    assert again.recommend(7, 10).items == smaller.recommend(7, 10).items
+    for item_ids, message in [
+        ([12345], "not in the catalogue"),
+        ([first[0]], "removed before"),
+        ([3, 3], "more than once"),
+        (["x"], "integers"),
+        ([], "names no item"),
+        ([i for i in [*range(1, 81), 902, 903] if i not in gone], "catalogue empty"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            again.remove_items(item_ids)
+    # Added after removing: the removed stay removed.
+    grown = again.add_items(pl.DataFrame({"item_id": [905], "kind": ["good"]}))
+    assert grown.removed_items is not None and len(grown.removed_items) == 3
+
+
+def test_remove_items_from_the_cli(recommender: Recommender, tmp_path: Path) -> None:
+    runner = CliRunner()
+    models = tmp_path / "models"
+    recommender.save(models / "shop" / "1")
+    removed = runner.invoke(
+        app, ["remove-items", str(models / "shop"), "--ids", "3,4", "--json"]
+    )
+    assert removed.exit_code == 0, removed.output
+    assert json.loads(removed.stdout)["served_items"] == 78
+    listed = tmp_path / "gone.csv"
+    listed.write_text("item_id,reason\n5,discontinued\n")
+    assert (
+        runner.invoke(
+            app, ["remove-items", str(models / "shop"), "--items", str(listed)]
+        ).exit_code
+        == 0
+    )
+    info = runner.invoke(app, ["info", str(models / "shop")])
+    assert "3 (no longer served)" in info.output
+    for args, message in [
+        (["--ids", "3"], "removed before"),
+        (["--ids", "999"], "not in the catalogue"),
+        ([], "give --ids or --items"),
+    ]:
+        refused = runner.invoke(app, ["remove-items", str(models / "shop"), *args])
+        assert refused.exit_code == 2, refused.output
+        assert message in refused.output
+    served = create_app(ServeSettings(models=str(models), poll_seconds=0))
+    with TestClient(served) as client:
+        meta = client.get("/v1/models/shop/metadata").json()
+        assert meta["version"] == 3 and meta["num_removed_items"] == 3
+        refused = client.post("/v1/recommend", json={"user_id": 7, "candidates": [3]})
+        assert refused.status_code == 404 and "removed" in refused.text

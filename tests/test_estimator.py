@@ -114,6 +114,9 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path) -> None:
     grown = again.save(tmp_path / "models" / "mine" / "2")
     reloaded = twostage.TwoStageModel.load(grown)
     assert reloaded.recommender.added_items["item_id"].to_list() == [9001, 9002]
+    assert reloaded.remove_items(np.array([9001])) is reloaded
+    everything = reloaded.recommend(users[0], k=200, exclude_seen=False)
+    assert 9001 not in {e["item_id"] for e in everything.items}
 
 
 def test_estimator_takes_explicit_validation_and_test(frames) -> None:

@@ -31,6 +31,8 @@ __all__ = ["load_recommender", "save_recommender"]
 
 #: The items added to a bundle's catalogue after training (Recommender.add_items).
 ADDED_ITEMS = "added_items.parquet"
+#: The items a bundle no longer serves (Recommender.remove_items).
+REMOVED_ITEMS = "removed_items.parquet"
 
 
 def save_recommender(
@@ -57,6 +59,9 @@ def save_recommender(
         added = recommender.added_items
         if added is not None:  # re-encoded on load: the same weights, the same bits
             added.write_parquet(temp / ADDED_ITEMS)
+        removed = recommender.removed_items
+        if removed is not None:
+            removed.to_frame(ITEM).write_parquet(temp / REMOVED_ITEMS)
         recommender.index.save(temp / "index")
         ranker = recommender.trained_ranker  # its tables as trained, not grown
         if ranker is not None:
@@ -67,6 +72,7 @@ def save_recommender(
             "kind": "recommender",
             "ranking": ranker is not None,
             "added_items": 0 if added is None else added.height,
+            "removed_items": 0 if removed is None else len(removed),
         }
 
     return write_bundle(directory, write, overwrite=overwrite)
@@ -131,8 +137,14 @@ def _load_bundle(root: Path) -> Recommender:
         ranker = load_ranking(root / "ranking", run)
     index = load_index(root / "index") if (root / "index").is_dir() else None
     added = _read_items(root / ADDED_ITEMS)
+    removed = _read_items(root / REMOVED_ITEMS)
     recommender = Recommender(
-        run, items=items, ranker=ranker, index=index, added_items=added
+        run,
+        items=items,
+        ranker=ranker,
+        index=index,
+        added_items=added,
+        removed_items=None if removed is None else removed[ITEM],
     )
     recommender.manifest = manifest
     return recommender

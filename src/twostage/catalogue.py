@@ -10,8 +10,13 @@ items, and scored by the ranking stage from the same features. The model's own
 vocabulary is unchanged; the catalogue's vocabulary holds the trained items, then
 the added ones in the order they were added.
 
+Items leave the catalogue the same way (discontinued products, expired news):
+:meth:`Recommender.remove_items <twostage.recommender.Recommender.remove_items>`
+stops serving them, while the model still reads them as history.
+
 This module checks a table of items to add (:func:`check_added_items`) and builds
-the catalogue's vocabulary and metadata from it; the Recommender encodes them.
+the catalogue's vocabulary and metadata from it (the Recommender encodes them),
+and checks the IDs of items to remove (:func:`check_removed_items`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from twostage.data.dataset import ITEM
 from twostage.errors import ConfigError, DataError
 from twostage.features.vocab import Vocabulary
 
-__all__ = ["catalogue_vocabulary", "check_added_items", "merged_metadata"]
+__all__ = [
+    "catalogue_vocabulary",
+    "check_added_items",
+    "check_removed_items",
+    "merged_metadata",
+]
 
 #: How many offending IDs or rows an error message names.
 _NAMED = 5
@@ -152,3 +162,72 @@ def merged_metadata(metadata: pl.DataFrame | None, added: pl.DataFrame) -> pl.Da
             "the `items` to add do not fit the catalogue's metadata (a column of "
             f"another kind?): {e}. The metadata's columns: {dict(metadata.schema)}."
         ) from e
+
+
+def check_removed_items(
+    item_ids: Sequence[object] | pl.Series,
+    catalogue: Vocabulary,
+    removed: pl.Series | None,
+) -> pl.Series:
+    """``item_ids`` as the catalogue holds them (``item_id``, its ID type).
+
+    Args:
+        item_ids: IDs of items to stop serving.
+        catalogue: the catalogue's items (trained and added).
+        removed: the IDs removed before (None: none).
+
+    Raises:
+        ConfigError: no ID, an ID of the wrong type, one the catalogue does not
+            hold, one listed twice or removed before, or every item of the
+            catalogue.
+    """
+    given = item_ids if isinstance(item_ids, pl.Series) else None
+    if given is None:
+        if isinstance(item_ids, str | bytes) or not isinstance(item_ids, Sequence):
+            raise ConfigError(
+                "`item_ids` should be a list of item IDs. Received: "
+                f"{item_ids!r} ({type(item_ids).__name__})."
+            )
+        given = pl.Series(ITEM, list(item_ids), strict=False)
+    if not len(given):
+        raise ConfigError("`item_ids` names no item: there is nothing to remove.")
+    assert catalogue.dtype is not None  # a trained model's vocabulary
+    target = pl.Int64 if catalogue.dtype == "int" else pl.String
+    try:
+        ids = given.cast(target, strict=True).rename(ITEM)
+    except pl.exceptions.PolarsError as e:
+        raise ConfigError(
+            f"this model's item IDs are {'integers' if target == pl.Int64 else 'text'}"
+            f"; `item_ids` holds {given.dtype} values that are not: "
+            f"{_named(given.head(_NAMED).to_list())}."
+        ) from e
+    if ids.null_count():
+        raise ConfigError(f"`item_ids` holds {ids.null_count()} null(s).")
+    unknown = ids.filter(
+        pl.Series(catalogue.transform(ids) < catalogue.num_oov_buckets)
+    )
+    if len(unknown):
+        raise ConfigError(
+            f"{len(unknown)} of the `item_ids` are not in the catalogue: "
+            f"{_named(unknown.to_list())}."
+        )
+    repeated = ids.filter(ids.is_duplicated()).unique(maintain_order=True)
+    if len(repeated):
+        raise ConfigError(
+            f"`item_ids` lists {len(repeated)} item ID(s) more than once: "
+            f"{_named(repeated.to_list())}."
+        )
+    if removed is not None:
+        again = ids.filter(ids.is_in(removed.implode()))
+        if len(again):
+            raise ConfigError(
+                f"{len(again)} of the `item_ids` were removed before: "
+                f"{_named(again.to_list())}."
+            )
+    gone = len(ids) + (0 if removed is None else len(removed))
+    if gone >= catalogue.size - catalogue.num_oov_buckets:
+        raise ConfigError(
+            f"removing these {len(ids)} items would leave the catalogue empty; "
+            "nothing could be recommended."
+        )
+    return ids

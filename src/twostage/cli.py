@@ -68,7 +68,12 @@ from twostage.cli_data import (
     unrated_values_of,
 )
 from twostage.cli_info import env_command, info_command
-from twostage.cli_ops import add_items_command, index_app, serve_command
+from twostage.cli_ops import (
+    add_items_command,
+    index_app,
+    remove_items_command,
+    serve_command,
+)
 from twostage.cli_output import (
     JsonOutput,
     console,
@@ -1648,6 +1653,7 @@ for _name, _command, _panel in (
     ("recommend", recommend_command, USE),
     ("similar", similar_command, USE),
     ("add-items", add_items_command, USE),
+    ("remove-items", remove_items_command, USE),
     ("serve", serve_command, USE),
     ("export", export_command, USE),
     ("info", info_command, USE),

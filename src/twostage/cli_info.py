@@ -182,6 +182,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
         "users": rec.user_vocab.size - 1,
         "items": rec.num_trained_items - 1,
         "added_items": rec.item_vocab.size - rec.num_trained_items,
+        "removed_items": 0 if rec.removed_items is None else len(rec.removed_items),
         "training_rows": int(sum(rec.user_vocab.counts)),
         "features": {
             side: [
@@ -286,6 +287,8 @@ def _print_bundle(info: dict[str, Any]) -> None:
             "added items",
             f"{info['added_items']:,} (after training, from their features)",
         )
+    if info["removed_items"]:
+        table.add_row("removed items", f"{info['removed_items']:,} (no longer served)")
     for side, label in (("query", "user features"), ("candidate", "item features")):
         fields = info["features"][side]
         table.add_row(

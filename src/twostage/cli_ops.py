@@ -1,5 +1,5 @@
-"""Operations commands of the CLI: ``twostage serve``, ``twostage index build|bench``
-and ``twostage add-items``.
+"""Operations commands of the CLI: ``twostage serve``, ``twostage index build|bench``,
+``twostage add-items`` and ``twostage remove-items``.
 
 Registered on the main app by :mod:`twostage.cli`.
 """
@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-__all__ = ["add_items_command", "index_app", "serve_command"]
+__all__ = ["add_items_command", "index_app", "remove_items_command", "serve_command"]
 
 from twostage.cli_output import JsonOutput, console, print_json, status_console
 
@@ -271,6 +271,77 @@ def add_items_command(
     console.print(
         f"added {table.height:,} items in {seconds:.1f} s: the catalogue holds "
         f"{trained:,} trained and {added:,} added items; saved {escape(str(target))}"
+    )
+
+
+def remove_items_command(
+    bundle: Annotated[
+        Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
+    ],
+    ids: Annotated[
+        str | None,
+        typer.Option("--ids", help="Item IDs separated by commas, e.g. 50,172."),
+    ] = None,
+    items: Annotated[
+        Path | None,
+        typer.Option(
+            "--items",
+            help="CSV, TSV or Parquet file with an item_id column: the items to "
+            "remove (other columns are not read).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to save (default: the next version of the model)."),
+    ] = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Stop serving items (discontinued products, expired news) without
+    retraining, and save the result as a new version.
+
+    They leave the index, the popularity fallback and every answer; the model
+    still reads them as history (a user's items, a session's). A client that
+    lists one among its candidates gets an error that names it.
+    """
+    from twostage.artifacts import next_version
+    from twostage.data.tables import read_feature_table
+    from twostage.errors import TwostageError
+
+    if (ids is None) == (items is None):
+        raise typer.BadParameter("give --ids or --items (one of them).")
+    source, rec = _open(bundle)
+    flag = "--ids" if ids is not None else "--items"
+    try:
+        if ids is not None:
+            given: list[Any] = [part.strip() for part in ids.split(",")]
+        else:
+            assert items is not None
+            table = read_feature_table(
+                items, key_col="item_id", key_name="item_id", duplicates="error"
+            )
+            given = table["item_id"].to_list()
+        smaller = rec.remove_items(given)
+    except (TwostageError, OSError) as e:
+        message = str(e).replace("`item_ids`", f"`{flag}`", 1)
+        raise typer.BadParameter(message, param_hint=flag) from e
+    target = out or next_version(source.parent)
+    smaller.save(target)
+    assert smaller.removed_items is not None
+    served = smaller.index.size
+    if json_output:
+        print_json(
+            {
+                "saved": str(target),
+                "removed": len(given),
+                "removed_in_all": len(smaller.removed_items),
+                "served_items": served,
+            }
+        )
+        return
+    console.print(
+        f"removed {len(given):,} items: the catalogue serves {served:,} "
+        f"({len(smaller.removed_items):,} removed in all); saved "
+        f"{escape(str(target))}"
     )
 
 

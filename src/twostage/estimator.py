@@ -599,6 +599,18 @@ class TwoStageModel:
         self.recommender_ = rec.add_items(items)
         return self
 
+    def remove_items(self, item_ids: Any) -> TwoStageModel:
+        """Stop serving ``item_ids`` (a list, array or Series of item IDs)
+        without retraining (:meth:`Recommender.remove_items`); the model still
+        reads them as history.
+
+        Returns:
+            ``self``; :meth:`save` keeps the list.
+        """
+        ids = item_ids.to_list() if hasattr(item_ids, "to_list") else item_ids
+        self.recommender_ = self.recommender.remove_items(list(ids))
+        return self
+
     # -- measuring ----------------------------------------------------------------
     def evaluate(self, test: Any, **columns: Any) -> Evaluation:
         """Full-catalogue figures on a test table (same kinds as :meth:`fit`'s

@@ -23,6 +23,7 @@ import torch
 from twostage.catalogue import (
     catalogue_vocabulary,
     check_added_items,
+    check_removed_items,
     merged_metadata,
 )
 from twostage.config import IndexConfig, RankingConfig
@@ -172,6 +173,7 @@ class Recommender:
         added_items: items added to the catalogue after training, one row each
             (``item_id``, the item feature columns, any metadata): see
             :meth:`add_items`.
+        removed_items: IDs of items no longer served (:meth:`remove_items`).
     """
 
     def __init__(
@@ -182,6 +184,7 @@ class Recommender:
         ranker: Ranker | None = None,
         index: Index | None = None,
         added_items: pl.DataFrame | None = None,
+        removed_items: pl.Series | None = None,
     ) -> None:
         self.run = run
         self.user_vocab = run.spec.vocabulary(USER)
@@ -215,17 +218,26 @@ class Recommender:
             items = merged_metadata(items, added)
             self.added_items = added
         self.ranker = ranker
-        if index is None:
-            # Row 0 is the OOV item: never a candidate, so never indexed.
-            num_items = self.item_embeddings.shape[0]
-            index = make_index(run.config.index).build(
-                self.item_embeddings[1:], torch.arange(1, num_items)
+        #: The items no longer served (:meth:`remove_items`): ``[N]`` bool by item
+        #: index, and their IDs as the catalogue holds them (None: none).
+        self.removed_items: pl.Series | None = None
+        self._removed = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
+        if removed_items is not None:
+            self.removed_items = check_removed_items(
+                removed_items, self.item_vocab, None
             )
-        if index.size != self.item_embeddings.shape[0] - 1 or index.dim != self.dim:
+            removed = self.item_vocab.transform(self.removed_items)
+            self._removed[torch.from_numpy(removed.astype(np.int64))] = True
+        served = self._served_items()
+        if index is None:
+            index = make_index(run.config.index).build(
+                self.item_embeddings[served], served
+            )
+        if index.size != len(served) or index.dim != self.dim:
             raise ArtifactError(
                 f"the {index.kind} index holds {index.size} vectors of width "
-                f"{index.dim}; this model has {self.item_embeddings.shape[0] - 1} "
-                f"items of width {self.dim}. Rebuild the index for this model."
+                f"{index.dim}; this model serves {len(served)} items of width "
+                f"{self.dim}. Rebuild the index for this model."
             )
         self.index = index
         self.index_kind = index.kind
@@ -268,6 +280,7 @@ class Recommender:
         popularity = run.tensors.fallback_popularity.clone()
         popularity[0] = -1.0
         self._popular = torch.argsort(popularity, descending=True, stable=True)
+        self._popular = self._popular[~self._removed[self._popular]]
         self._query_cache: torch.Tensor | None = None
 
     @property
@@ -351,7 +364,38 @@ class Recommender:
             items=self._trained_metadata,
             ranker=self._trained_ranker,
             added_items=added,
+            removed_items=self.removed_items,
         )
+
+    def remove_items(self, item_ids: Sequence[Any] | pl.Series) -> Recommender:
+        """A copy that no longer serves ``item_ids`` (discontinued products,
+        expired news), without retraining: they leave the index, the popularity
+        fallback, the answers of :meth:`recommend` and :meth:`similar_items`, and
+        a request's ``candidates`` (where one is an error that names it). The
+        model still reads them where they are history: a user's training items,
+        a session's items, an item whose similar items are asked for.
+
+        Raises:
+            ConfigError: an ID the catalogue does not hold, one already removed
+                or listed twice, or every item of the catalogue.
+        """
+        removed = check_removed_items(item_ids, self.item_vocab, self.removed_items)
+        if self.removed_items is not None:
+            removed = pl.concat([self.removed_items, removed])
+        return Recommender(
+            self.run,
+            items=self._trained_metadata,
+            ranker=self._trained_ranker,
+            added_items=self.added_items,
+            removed_items=removed,
+        )
+
+    def _served_items(self) -> torch.Tensor:
+        """``[M]`` the item indices the index holds: every item but the OOV row
+        (never a candidate) and the removed ones."""
+        served = ~self._removed
+        served[0] = False
+        return torch.nonzero(served)[:, 0]
 
     def _check_added(self, items: pl.DataFrame) -> pl.DataFrame:
         numeric = [
@@ -589,6 +633,14 @@ class Recommender:
         new = None
         if asked is not None:  # the client's own candidates: the catalogue shrinks
             chosen, frame = asked
+            gone = torch.as_tensor(chosen, dtype=torch.long)
+            gone = gone[self._removed[gone]]
+            if len(gone):
+                names = self.item_vocab.inverse_transform(gone.numpy()).to_list()
+                raise UnknownIdError(
+                    f"`candidates` holds item(s) removed from the catalogue: "
+                    f"{names[:5]}. They are no longer served; leave them out."
+                )
             only = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
             only[chosen] = True
             mask = only if mask is None else mask & only
@@ -602,7 +654,7 @@ class Recommender:
                 new = self._new_items(frame)
         exact = self.run.scores_exactly
         if query is None or mask is not None or exact:
-            excluded = torch.zeros(self.item_embeddings.shape[0], dtype=torch.bool)
+            excluded = self._removed.clone()
             excluded[0] = True
             if seen is not None:
                 excluded[torch.from_numpy(seen)] = True
@@ -926,7 +978,8 @@ class Recommender:
         mask = self._filters.mask(filters)
         if mask is None:
             return self.index
-        allowed = torch.nonzero(mask[1:])[:, 0] + 1  # never the padding row
+        # Never the padding row, nor a removed item.
+        allowed = torch.nonzero(mask[1:] & ~self._removed[1:])[:, 0] + 1
         if not len(allowed):
             return None
         return ExactIndex().build(self.item_embeddings[allowed], allowed)
@@ -1171,10 +1224,8 @@ class Recommender:
         Everything else (model, encoders, metadata, ranker) is shared; the copy's
         saved config records the new index settings.
         """
-        num_items = self.item_embeddings.shape[0]
-        index = make_index(config).build(
-            self.item_embeddings[1:], torch.arange(1, num_items)
-        )
+        served = self._served_items()
+        index = make_index(config).build(self.item_embeddings[served], served)
         other = copy.copy(self)
         other.run = dataclasses.replace(
             self.run, config=dataclasses.replace(self.run.config, index=config)

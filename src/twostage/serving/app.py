@@ -512,6 +512,10 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         "num_items": len(rec.item_vocab.values),
         # Of them, items added to the catalogue after training (`add-items`).
         "num_added_items": rec.item_vocab.size - rec.num_trained_items,
+        # ... and items no longer served (`remove-items`).
+        "num_removed_items": (
+            0 if rec.removed_items is None else len(rec.removed_items)
+        ),
         "user_features": features,
         "sample_users": users.head(50).to_list(),
         "has_ranker": rec.ranker is not None,

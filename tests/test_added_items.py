@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from twostage.catalogue import check_added_items
+from twostage.catalogue import check_added_items, like_metadata, merged_metadata
 from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import planted_impressions
@@ -309,3 +309,24 @@ def test_remove_items_from_the_cli(recommender: Recommender, tmp_path: Path) -> 
         assert meta["version"] == 3 and meta["num_removed_items"] == 3
         refused = client.post("/v1/recommend", json={"user_id": 7, "candidates": [3]})
         assert refused.status_code == 404 and "removed" in refused.text
+
+
+def test_a_text_file_s_lists_take_the_metadata_s_layout() -> None:
+    """A CSV writes genres as "Action|Sci-Fi" where the trained items' metadata
+    holds lists: the added rows take the lists (and the reverse), so the two
+    tables merge, and filters match the added items by membership."""
+    metadata = pl.DataFrame({"item_id": [1], "genres": [["Drama"]], "notes": ["x"]})
+    added = pl.DataFrame({"item_id": [7, 8], "genres": ["Action|Sci-Fi", None]})
+    shaped = like_metadata(added, metadata, {"genres": "|"})
+    assert shaped["genres"].to_list() == [["Action", "Sci-Fi"], None]
+    merged = merged_metadata(metadata, shaped)
+    assert merged["genres"].to_list() == [["Drama"], ["Action", "Sci-Fi"], None]
+    as_text = like_metadata(
+        pl.DataFrame({"item_id": [7], "genres": [["A", "B"]]}),
+        pl.DataFrame({"item_id": [1], "genres": ["C|D"]}),
+        {"genres": "|"},
+    )
+    assert as_text["genres"].to_list() == ["A|B"]
+    # A column of another kind still fails, with the metadata's columns named.
+    with pytest.raises(ConfigError, match="do not fit the catalogue's metadata"):
+        merged_metadata(metadata, pl.DataFrame({"item_id": [9], "genres": [3]}))

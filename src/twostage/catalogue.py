@@ -28,12 +28,14 @@ import polars as pl
 
 from twostage.data.dataset import ITEM
 from twostage.errors import ConfigError, DataError
+from twostage.features.sequences import parse_lists
 from twostage.features.vocab import Vocabulary
 
 __all__ = [
     "catalogue_vocabulary",
     "check_added_items",
     "check_removed_items",
+    "like_metadata",
     "merged_metadata",
 ]
 
@@ -142,6 +144,33 @@ def catalogue_vocabulary(trained: Vocabulary, added: pl.Series) -> Vocabulary:
     return Vocabulary.from_counts(
         keys, counts, num_oov_buckets=trained.num_oov_buckets, seed=trained.seed
     )
+
+
+def like_metadata(
+    added: pl.DataFrame, metadata: pl.DataFrame | None, separators: dict[str, str]
+) -> pl.DataFrame:
+    """``added`` with its set-valued columns in the metadata's layout: a text
+    file's ``"Action|Sci-Fi"`` as the list ``["Action", "Sci-Fi"]`` where the
+    trained items' metadata holds lists, a list joined by the column's separator
+    where it holds text. The encoders read both layouts alike.
+
+    Args:
+        separators: each set-valued (multi-hot) feature column's separator.
+    """
+    if metadata is None:
+        return added
+    columns = []
+    for column, separator in separators.items():
+        if column not in added.columns or column not in metadata.columns:
+            continue
+        want, have = metadata.schema[column], added.schema[column]
+        if isinstance(want, pl.List) and have == pl.String:
+            parsed = parse_lists(added[column], separator=separator)
+            columns.append(parsed.cast(want, strict=False).alias(column))
+        elif want == pl.String and isinstance(have, pl.List):
+            joined = added[column].cast(pl.List(pl.String)).list.join(separator)
+            columns.append(joined.alias(column))
+    return added.with_columns(columns)
 
 
 def merged_metadata(metadata: pl.DataFrame | None, added: pl.DataFrame) -> pl.DataFrame:

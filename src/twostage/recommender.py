@@ -24,6 +24,7 @@ from twostage.catalogue import (
     catalogue_vocabulary,
     check_added_items,
     check_removed_items,
+    like_metadata,
     merged_metadata,
 )
 from twostage.config import IndexConfig, RankingConfig
@@ -398,12 +399,15 @@ class Recommender:
         return torch.nonzero(served)[:, 0]
 
     def _check_added(self, items: pl.DataFrame) -> pl.DataFrame:
-        numeric = [
-            f.column
-            for f in self.run.spec.describe(side="candidate")
-            if f.kind in NUMBER_KINDS
-        ]
-        return check_added_items(items, self.item_vocab, self._item_columns, numeric)
+        fields = self.run.spec.describe(side="candidate")
+        numeric = [f.column for f in fields if f.kind in NUMBER_KINDS]
+        added = check_added_items(items, self.item_vocab, self._item_columns, numeric)
+        separators = {
+            f.column: getattr(self.run.spec.encoder(f.key), "separator", "|")
+            for f in fields
+            if f.kind == "multi_hot"
+        }
+        return like_metadata(added, self._trained_metadata, separators)
 
     def _encode_added(self, added: pl.DataFrame) -> torch.Tensor:
         """``[A, D]`` the candidate embeddings of items to add to the catalogue."""

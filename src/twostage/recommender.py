@@ -98,6 +98,19 @@ class Ranker(Protocol):
         items) -> ``{"rating", "click"}`` ``[1, C]``."""
         ...
 
+    def score_user(
+        self,
+        fields: dict[str, torch.Tensor],
+        query_vector: torch.Tensor | None,
+        item_idx: torch.Tensor | None = None,
+        *,
+        item_side: dict[str, torch.Tensor] | None = None,
+        item_vectors: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """A user given by its encoded query fields (a cold start) x ``[C]``
+        items, or new items by their side -> ``{"rating", "click"}`` ``[1, C]``."""
+        ...
+
     def with_items(
         self, ids: pl.Series, items: pl.DataFrame | None
     ) -> tuple[Ranker, torch.Tensor, int]:
@@ -433,6 +446,14 @@ class Recommender:
             self.run.spec, self._context_keys, user_features, columns
         )
 
+    def _query_columns(self) -> list[str]:
+        """The user feature columns a request's ``user_features`` may carry."""
+        return [
+            f.column
+            for f in self.run.spec.describe(side="query")
+            if f.column != USER and f.column not in self._context_keys
+        ]
+
     def _query(
         self,
         user_id: Any,
@@ -440,33 +461,32 @@ class Recommender:
         context: Mapping[str, Any] | None = None,
         *,
         session: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor | None, int, Path_]:
-        """(query embedding [D] or None, user_idx, path). ``session``: ``[S]`` item
-        indices of the current session, oldest first, and their times."""
+    ) -> tuple[torch.Tensor | None, int, Path_, dict[str, torch.Tensor] | None]:
+        """(query embedding [D] or None, user_idx, path, the encoded user features
+        when they are the query). ``session``: ``[S]`` item indices of the current
+        session, oldest first, and their times."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
         encoded = self._context(context)
-        columns = [
-            f.column
-            for f in self.run.spec.describe(side="query")
-            if f.column != USER and f.column not in self._context_keys
-        ]
+        columns = self._query_columns()
         if user_features:  # nested as in the log: {"geo": {"country": "NO"}}
             user_features = by_path(user_features)
+        fields = None
         if user_features:  # a client's mistake is reported on every path
             unknown = sorted(set(user_features) - set(columns))
             if unknown:
                 raise ConfigError(
                     f"unknown user feature(s) {unknown}; this model reads {columns}."
                 )
-            self._encode_user_features(user_features, columns)
+            fields = self._encode_user_features(user_features, columns)
         if session is not None:
-            return self._session_query(
-                user_idx, user_features, columns, encoded, session
+            query, user_idx, path = self._session_query(
+                user_idx, fields, encoded, session
             )
+            return query, user_idx, path, None
         if self._popular_users[user_idx]:
             # The run's validated fallback: with this few interactions (none for an
             # unknown user) most-popular did better on validation.
-            return None, user_idx, "popularity"
+            return None, user_idx, "popularity", None
         if user_idx > 0 and encoded:
             tensors = self.run.tensors
             row = slice(user_idx, user_idx + 1)
@@ -476,11 +496,11 @@ class Recommender:
             with torch.no_grad():
                 query = self.run.model.encode_queries(features)[0]
             _refuse_non_finite(query, "context", "the request's context")
-            return query, user_idx, "personalised"
+            return query, user_idx, "personalised", None
         if user_idx > 0:
-            return self._known_queries()[user_idx], user_idx, "personalised"
-        if user_features:
-            features = self._encode_user_features(user_features, columns)
+            return self._known_queries()[user_idx], user_idx, "personalised", None
+        if fields is not None:
+            features = dict(fields)
             features.update(encoded)
             features[HISTORY] = torch.zeros(
                 1, self.run.tensors.history.shape[1], dtype=torch.long
@@ -488,20 +508,20 @@ class Recommender:
             with torch.no_grad():
                 query = self.run.model.encode_queries(features)[0]
             _refuse_non_finite(query, "user_features", "this user's features")
-            return query, 0, "cold_start_features"
-        return None, 0, "popularity"
+            return query, 0, "cold_start_features", fields
+        return None, 0, "popularity", None
 
     def _session_query(
         self,
         user_idx: int,
-        user_features: dict[str, Any] | None,
-        columns: list[str],
+        fields: dict[str, torch.Tensor] | None,
         encoded: dict[str, torch.Tensor],
         session: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, int, Path_]:
         """The query of a session: the user's history (none when anonymous) then the
         session's items, the last ``history_length`` of them (with their times when
-        the model reads time gaps)."""
+        the model reads time gaps). ``fields``: an anonymous user's encoded
+        features."""
         tensors = self.run.tensors
         length = tensors.history.shape[1]
         items, times = session
@@ -514,8 +534,8 @@ class Recommender:
                 stamps = tensors.history_times[user_idx][stored > 0]
                 times = torch.cat([stamps, times])
         else:
-            if user_features:
-                features = self._encode_user_features(user_features, columns)
+            if fields is not None:
+                features = dict(fields)
             else:  # row 0: every query field unknown
                 features = {k: v[:1] for k, v in tensors.user_features.items()}
         recent, times = items[-length:], times[-length:]
@@ -555,7 +575,7 @@ class Recommender:
                 integer ID); unknown or None means cold start.
             k: how many items to return.
             user_features: raw feature values (e.g. ``{"age": 30, "gender": "F"}``)
-                for an unknown user.
+                for an unknown user, read by both stages (``cold_start_features``).
             exclude_seen: drop the user's training items.
             num_candidates: how many items retrieval passes to ranking; default:
                 ``ranking.num_candidates``, the number the ranking stage was
@@ -625,7 +645,7 @@ class Recommender:
                 "training; leave these out of the session until it is trained "
                 "again (they can still be recommended)."
             )
-        query, user_idx, path = self._query(
+        query, user_idx, path, fields = self._query(
             user_id, user_features, context, session=read
         )
         seen = self._seen.row(user_idx) if exclude_seen and user_idx > 0 else None
@@ -695,7 +715,8 @@ class Recommender:
             width = min(width, available)
             top_scores, top_idx = torch.topk(scores, width)
         ranker = self.ranker if use_ranker else None
-        if ranker is None or path != "personalised" or not len(top_idx):
+        ranked = path in ("personalised", "cold_start_features")
+        if ranker is None or not ranked or not len(top_idx):
             # (Nothing passed the filters: an empty answer, not a ranker error.)
             answer = self._answer(
                 user_id, path, top_idx[:k], top_scores[:k], None, new=new
@@ -706,7 +727,11 @@ class Recommender:
                 else answer
             )
         user = torch.tensor([user_idx])
-        out, ease = self._rank(ranker, user, top_idx, new)
+        cold = None
+        if path == "cold_start_features":  # the ranker reads the same features
+            assert fields is not None and query is not None
+            cold = (fields, query)
+        out, ease = self._rank(ranker, user, top_idx, new, cold)
         # The rule evaluation scores: click logit plus a validated share of the
         # retrieval logit (and the EASE term when the ranker has one).
         logits = top_scores / float(self.run.model.temperature)
@@ -759,20 +784,27 @@ class Recommender:
         user: torch.Tensor,
         idx: torch.Tensor,
         new: _NewItems | None,
+        cold: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The ranker's heads ``[1, C]`` for the candidates ``idx`` (new items past
         the catalogue's rows, scored from their features) and the EASE term (0
-        for a new item: it has no rows in the item-to-item matrix)."""
+        for a new item: it has no rows in the item-to-item matrix). ``cold``: a
+        user answered from its features, given by their encoded fields and its
+        retrieval query (the EASE term is then 0: it has no items)."""
         known = idx < self.item_embeddings.shape[0]
+
+        def of_known(items: torch.Tensor) -> dict[str, torch.Tensor]:
+            if cold is None:
+                return ranker.score(user, items[None, :])
+            return ranker.score_user(cold[0], cold[1], items)
+
         with torch.no_grad():
             if new is None or bool(known.all()):
-                return ranker.score(user, idx[None, :]), ranker.ease_scores(
-                    user, idx[None, :]
-                )
+                return of_known(idx), ranker.ease_scores(user, idx[None, :])
             out = {name: torch.zeros(1, len(idx)) for name in ("rating", "click")}
             ease = None if ranker.ease is None else torch.zeros(1, len(idx))
             if known.any():
-                scored = ranker.score(user, idx[known][None, :])
+                scored = of_known(idx[known])
                 for name in out:
                     out[name][0, known] = scored[name][0]
                 term = ranker.ease_scores(user, idx[known][None, :])
@@ -780,7 +812,12 @@ class Recommender:
                     ease[0, known] = term[0].to(ease.dtype)
             rows = idx[~known] - self.item_embeddings.shape[0]
             side = {key: value[rows] for key, value in new.side.items()}
-            scored = ranker.score_features(user, side, new.vectors[rows])
+            if cold is None:
+                scored = ranker.score_features(user, side, new.vectors[rows])
+            else:
+                scored = ranker.score_user(
+                    cold[0], cold[1], item_side=side, item_vectors=new.vectors[rows]
+                )
             for values in scored.values():
                 _refuse_non_finite(values, "candidates", "the new items' features")
             for name in out:

@@ -331,6 +331,83 @@ class RankingRun:
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
 
+    def score_user(
+        self,
+        fields: dict[str, Tensor],
+        query_vector: Tensor | None,
+        item_idx: Tensor | None = None,
+        *,
+        item_side: dict[str, Tensor] | None = None,
+        item_vectors: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """:meth:`score` (or :meth:`score_features`) for one user given by the
+        encoded values of its query fields rather than by its index: a user the
+        ranker never trained on, answered from its features (a cold start), with
+        its ID at the unknown row and no history, one request at a time
+        (:meth:`with_users` grows the tables instead).
+
+        Args:
+            fields: ``{key: [1, ...]}`` the user's query fields, as
+                ``FeatureSpec.transform_queries`` encodes them; the fields it
+                leaves out are the unknown user's.
+            query_vector: ``[D]`` its retrieval query embedding, which a ranker
+                with ``use_retrieval_features`` reads (None for one without).
+            item_idx: ``[C]`` int64 item indices; or, for new items,
+            item_side: ``{key: [C, ...]}`` their encoded candidate side and
+            item_vectors: ``[C, D]`` their retrieval embeddings.
+
+        Returns:
+            ``{"rating": [1, C], "click": [1, C]}``, as :meth:`score`.
+        """
+        model = self.model
+        if model.training:
+            model.eval()
+        inference = self._inference()
+        features = query_features(self.tensors, torch.zeros(1, dtype=torch.long))
+        features.update({k: v for k, v in fields.items() if k in features})
+        projection = vectors = None
+        with torch.no_grad():
+            if item_side is None:
+                assert item_idx is not None
+                if inference.candidates is not None:
+                    candidate = EmbeddedSide(
+                        *(t.index_select(0, item_idx) for t in inference.candidates)
+                    )
+                else:
+                    candidate = model.embed_candidates(
+                        {k: v[item_idx] for k, v in self.tensors.item_features.items()}
+                    )
+                if model.extra_dim:
+                    vectors = self.retrieval_vectors()[1][item_idx]
+                if inference.projection is not None:
+                    projection = inference.projection.index_select(0, item_idx)
+            else:
+                candidate = model.embed_candidates(item_side)
+                vectors = item_vectors if model.extra_dim else None
+            width = len(candidate.vector)
+            q = score = None
+            if model.extra_dim:
+                assert vectors is not None and query_vector is not None
+                q = query_vector[None].to(vectors.dtype)
+                score = (q.repeat_interleave(width, dim=0) * vectors).sum(-1)
+            if projection is None:
+                projection = model.project_items(inference.first, candidate, vectors)
+            out = model.combine_per_query(
+                model.embed_queries(features),
+                candidate,
+                inference.first,
+                projection,
+                query_embedding=q,
+                candidate_embedding=vectors,
+                retrieval_score=score,
+                per_query=None,
+            )
+        low, high = self.rating_bounds
+        return {
+            "rating": out["rating"].view(1, width).clamp(low, high),
+            "click": out["click"].view(1, width),
+        }
+
     def candidate_side(self) -> EmbeddedSide | None:
         """``[N, ...]`` every item's embedded candidate side, for inference.
 

@@ -1,0 +1,76 @@
+"""The ranking stage for a user answered from its features (a cold start): the
+ranker reads the same features, with the ID at the unknown row and no history,
+as evaluation scores a user it never trained on (`RankingRun.with_users`)."""
+
+import polars as pl
+import pytest
+import torch
+
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.recommender import Recommender
+from twostage.two_stage import fit_two_stage
+
+CONFIG = [
+    "data.dataset=synthetic:num_users=200,num_items=80,num_interactions=4000",
+    "train.epochs=2",
+    "train.num_threads=1",
+    "retrieval.embedding_dim=16",
+    "retrieval.output_dim=16",
+    "retrieval.use_side_features=true",
+    "ranking.embedding_dim=16",
+    "ranking.hidden_dims=16",
+    "ranking.epochs=2",
+    "ranking.ease_weight=0.5",
+    "retrieval.popularity_fallback=0",
+]
+
+
+@pytest.fixture(scope="module")
+def recommender() -> Recommender:
+    stages = fit_two_stage(apply_overrides(ExperimentConfig(), CONFIG))
+    return stages.recommender()
+
+
+def test_a_cold_start_is_ranked_from_its_features(recommender: Recommender) -> None:
+    rec = recommender
+    ranker = rec.ranker
+    assert ranker is not None
+    features = {"age": 31, "segment": "s4"}
+    answer = rec.recommend(99999, 20, user_features=features)
+    assert answer.path == "cold_start_features"
+    assert all("rank_score" in i and "predicted_rating" in i for i in answer.items)
+    plain = rec.recommend(99999, 20, user_features=features, use_ranker=False)
+    assert "rank_score" not in plain.items[0]
+    # The same click scores as the evaluation path, which grows the ranker's
+    # tables with the user's row (`with_users`).
+    users = pl.DataFrame({"user_id": [99999], **{k: [v] for k, v in features.items()}})
+    ids = [i["item_id"] for i in answer.items]
+    grown, user_idx, added = ranker.with_users(pl.Series("user_id", [99999]), users)
+    assert added == 1
+    item_idx = torch.tensor([rec.item_vocab.lookup(i) for i in ids])
+    expected = grown.score(user_idx, item_idx[None, :])
+    query = rec.run.query_embeddings(
+        pl.Series("user_id", [99999]), users=users.with_columns(pl.col("user_id"))
+    )[0]
+    fields = rec._encode_user_features(features, list(features))
+    got = ranker.score_user(fields, query, item_idx)
+    torch.testing.assert_close(got["click"], expected["click"])
+    torch.testing.assert_close(got["rating"], expected["rating"])
+    # The order is the two-stage key's, which differs from retrieval's.
+    keys = [i["rank_score"] for i in answer.items]
+    assert keys == sorted(keys, reverse=True)
+    # Users of different features get different ranker scores.
+    other = rec.recommend(99999, 20, user_features={"age": 60, "segment": "s9"})
+    assert [i["rank_score"] for i in other.items] != keys
+
+
+def test_a_cold_start_ranks_new_items_too(recommender: Recommender) -> None:
+    rec = recommender
+    known = [i["item_id"] for i in rec.recommend(3, 3).items]
+    new = {"item_id": 9001, "category": "cat3", "price": 20.0, "title": "w1 item"}
+    answer = rec.recommend(
+        "stranger", 4, user_features={"age": 40}, candidates=[*known, new]
+    )
+    assert answer.path == "cold_start_features" and len(answer.items) == 4
+    assert [i.get("new_item", False) for i in answer.items].count(True) == 1
+    assert all("rank_score" in i for i in answer.items)

@@ -18,6 +18,12 @@ __all__ = ["add_items_command", "index_app", "remove_items_command", "serve_comm
 
 from twostage.cli_output import JsonOutput, console, print_json, status_console
 
+#: ``--out`` of the commands that save a changed bundle.
+NextVersion = Annotated[
+    Path | None,
+    typer.Option(help="Where to save (default: the next version of the model)."),
+]
+
 index_app = typer.Typer(
     help="Build and measure nearest-neighbour indexes.", no_args_is_help=True
 )
@@ -181,10 +187,7 @@ def index_build(
             "of the config; `ef_search=128` works too).",
         ),
     ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Where to save (default: the next version of the model)."),
-    ] = None,
+    out: NextVersion = None,
 ) -> None:
     """Rebuild a bundle's index and save the result as a new version."""
     from twostage.artifacts import next_version
@@ -222,10 +225,7 @@ def add_items_command(
             "columns (title, tags...) are kept as metadata.",
         ),
     ],
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Where to save (default: the next version of the model)."),
-    ] = None,
+    out: NextVersion = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Add items the model never trained on to a bundle's catalogue, without
@@ -290,10 +290,7 @@ def remove_items_command(
             "remove (other columns are not read).",
         ),
     ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Where to save (default: the next version of the model)."),
-    ] = None,
+    out: NextVersion = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Stop serving items (discontinued products, expired news) without

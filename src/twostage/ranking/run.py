@@ -365,48 +365,30 @@ class RankingRun:
         inference = self._inference()
         features = query_features(self.tensors, torch.zeros(1, dtype=torch.long))
         features.update({k: v for k, v in fields.items() if k in features})
-        projection = vectors = None
         with torch.no_grad():
             if item_side is None:
                 assert item_idx is not None
-                if inference.candidates is not None:
-                    candidate = EmbeddedSide(
-                        *(t.index_select(0, item_idx) for t in inference.candidates)
-                    )
-                else:
-                    candidate = model.embed_candidates(
-                        {k: v[item_idx] for k, v in self.tensors.item_features.items()}
-                    )
-                if model.extra_dim:
-                    vectors = self.retrieval_vectors()[1][item_idx]
-                if inference.projection is not None:
-                    projection = inference.projection.index_select(0, item_idx)
+                candidate, vectors, projection = _gathered(self, inference, item_idx)
             else:
                 candidate = model.embed_candidates(item_side)
                 vectors = item_vectors if model.extra_dim else None
+                projection = None
             width = len(candidate.vector)
-            q = score = None
+            q = None
             if model.extra_dim:
                 assert vectors is not None and query_vector is not None
                 q = query_vector[None].to(vectors.dtype)
-                score = (q.repeat_interleave(width, dim=0) * vectors).sum(-1)
-            if projection is None:
-                projection = model.project_items(inference.first, candidate, vectors)
-            out = model.combine_per_query(
+            out = _heads(
+                model,
+                inference,
                 model.embed_queries(features),
-                candidate,
-                inference.first,
-                projection,
-                query_embedding=q,
-                candidate_embedding=vectors,
-                retrieval_score=score,
-                per_query=None,
+                None,
+                q,
+                (candidate, vectors, projection),
+                (1, width),
             )
         low, high = self.rating_bounds
-        return {
-            "rating": out["rating"].view(1, width).clamp(low, high),
-            "click": out["click"].view(1, width),
-        }
+        return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
 
     def candidate_side(self) -> EmbeddedSide | None:
         """``[N, ...]`` every item's embedded candidate side, for inference.
@@ -528,11 +510,37 @@ def _per_query(
         per_query = inference.per_query.index_select(0, user_idx)
     else:
         query = model.embed_queries(query_features(run.tensors, user_idx))
-    q = score = None
-    if model.extra_dim:
+    q = run.retrieval_vectors()[0][user_idx] if model.extra_dim else None
+    return _heads(
+        model,
+        inference,
+        query,
+        per_query,
+        q,
+        (candidate, vectors, projection),
+        (len(user_idx), width),
+    )
+
+
+def _heads(
+    model: RankingModel,
+    inference: _Inference,
+    query: EmbeddedSide,
+    per_query: Tensor | None,
+    q: Tensor | None,
+    candidates: tuple[EmbeddedSide, Tensor | None, Tensor | None],
+    shape: tuple[int, int],
+) -> dict[str, Tensor]:
+    """Both heads ``shape = (B, C)`` for ``B`` embedded queries (their first
+    layers' part when cached, their retrieval embeddings ``q`` ``[B, D]`` where
+    the ranker reads them) x their candidates: the embedded side, retrieval
+    embeddings and projection through the first layers (None: computed here)."""
+    candidate, vectors, projection = candidates
+    score = None
+    if q is not None:
         assert vectors is not None
-        q = run.retrieval_vectors()[0][user_idx]
-        score = (q.repeat_interleave(width, dim=0) * vectors).sum(-1)
+        # (B * C, D) . (B * C, D) -> (B * C,): each candidate's retrieval score
+        score = (q.repeat_interleave(shape[1], dim=0) * vectors).sum(-1)
     if projection is None:
         projection = model.project_items(inference.first, candidate, vectors)
     out = model.combine_per_query(
@@ -545,7 +553,29 @@ def _per_query(
         retrieval_score=score,
         per_query=per_query,
     )
-    return {k: v.view(len(user_idx), width) for k, v in out.items()}
+    return {k: v.view(*shape) for k, v in out.items()}
+
+
+def _gathered(
+    run: RankingRun, inference: _Inference, flat: Tensor
+) -> tuple[EmbeddedSide, Tensor | None, Tensor | None]:
+    """The candidates ``flat`` ``[B * C]`` for inference: their embedded side (from
+    the cache where it fits), retrieval embeddings where the ranker reads them,
+    and cached projection through the first layers (else None)."""
+    model = run.model
+    if inference.candidates is not None:
+        candidate = EmbeddedSide(
+            *(t.index_select(0, flat) for t in inference.candidates)
+        )
+    else:
+        candidate = model.embed_candidates(
+            {k: v[flat] for k, v in run.tensors.item_features.items()}
+        )
+    vectors = run.retrieval_vectors()[1][flat] if model.extra_dim else None
+    projection = None
+    if inference.projection is not None:
+        projection = inference.projection.index_select(0, flat)
+    return candidate, vectors, projection
 
 
 def forward_pairs(
@@ -569,18 +599,7 @@ def forward_pairs(
     target = item_idx[:, 0] if exclude_target else None
     flat = item_idx.reshape(-1)
     if inference is not None and target is None:
-        if inference.candidates is not None:
-            candidate = EmbeddedSide(
-                *(t.index_select(0, flat) for t in inference.candidates)
-            )
-        else:
-            candidate = model.embed_candidates(
-                {k: v[flat] for k, v in tensors.item_features.items()}
-            )
-        vectors = run.retrieval_vectors()[1][flat] if model.extra_dim else None
-        projection = None
-        if inference.projection is not None:
-            projection = inference.projection.index_select(0, flat)
+        candidate, vectors, projection = _gathered(run, inference, flat)
         return _per_query(
             run, inference, user_idx, candidate, vectors, projection, width
         )

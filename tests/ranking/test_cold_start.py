@@ -74,3 +74,46 @@ def test_a_cold_start_ranks_new_items_too(recommender: Recommender) -> None:
     assert answer.path == "cold_start_features" and len(answer.items) == 4
     assert [i.get("new_item", False) for i in answer.items].count(True) == 1
     assert all("rank_score" in i for i in answer.items)
+
+
+def test_evaluation_lists_a_new_user_as_serving_does(
+    recommender: Recommender,
+) -> None:
+    """The two-stage figures score a test user the model never saw from the
+    test's user table, as serving answers one sent with those features."""
+    from twostage.data.dataset import Dataset
+    from twostage.ranking.evaluation import evaluated_lists
+
+    rec = recommender
+    ranker = rec.ranker
+    assert ranker is not None
+    users = pl.DataFrame(
+        {"user_id": [99001, 99002], "age": [25, 61], "segment": ["s1", "s7"]}
+    )
+    rows = pl.DataFrame(
+        {
+            "user_id": [99001, 99002, 3],
+            "item_id": [5, 6, 7],
+            "timestamp": [1, 2, 3],
+            "rating": [4.0, 4.0, 4.0],
+        }
+    )
+    test = Dataset(name="new", interactions=rows, users=users, items=None)
+    user_idx, lists = evaluated_lists(ranker, test)
+    assert sorted(user_idx.tolist())[:2] == [0, 0]
+    for user_id in (99001, 99002, 3):
+        features = users.filter(pl.col("user_id") == user_id).drop("user_id")
+        given = features.to_dicts()[0] if features.height else None
+        answer = rec.recommend(user_id, 20, user_features=given)
+        served = [rec.item_vocab.lookup(i["item_id"]) for i in answer.items]
+        position = _row_of(rec, user_idx, test, user_id)
+        assert lists[position, :20].tolist() == served, user_id
+
+
+def _row_of(
+    rec: Recommender, user_idx: torch.Tensor, test: object, user_id: int
+) -> int:
+    from twostage.retrieval.evaluation import eval_queries
+
+    queries = eval_queries(rec.run, test)  # type: ignore[arg-type]
+    return queries.user_ids.to_list().index(user_id)

@@ -81,8 +81,11 @@ def _two_stage(
     k = ranking.config.num_candidates
     retrieved: list[Tensor] = []
     reranked: dict[float, list[Tensor]] = {w: [] for w in blend_weights}
-    # The run's popularity fallback: those users get most-popular, not re-ranked.
-    popular = torch.from_numpy(ranking.retrieval.uses_popularity(user_idx.numpy()))
+    # The run's popularity fallback: those users get most-popular, not re-ranked
+    # (a user past the retrieval run's rows, `with_users`, is an unknown user).
+    popular = torch.from_numpy(
+        ranking.retrieval.uses_popularity(ranking.as_trained_users(user_idx).numpy())
+    )
     valid = torch.ones(ranking.tensors.num_items, dtype=torch.bool)
     valid[0] = False
     for start in range(0, len(user_idx), chunk):
@@ -117,11 +120,27 @@ def evaluated_lists(ranking: RankingRun, data: Dataset) -> tuple[Tensor, Tensor]
     Returns:
         ``[Q]`` user_idx (0: a user unknown to the model) and ``[Q, C]`` item_idx in
         re-ranked order, ``C = num_candidates``, ``-1`` for empty slots (last). For
-        a known user this is the list ``Recommender.recommend`` serves.
+        a known user this is the list ``Recommender.recommend`` serves; for one
+        the model never trained on, the list it serves with the user's row of
+        ``data.users`` as ``user_features``.
     """
-    user_idx, _, seen, _ = _queries(ranking, data)
-    _, lists = _two_stage(ranking, user_idx, seen, (ranking.blend_weight,))
+    user_idx, _, seen, _, ids = _queries(ranking, data)
+    scorer, scored = _with_new_users(ranking, data, user_idx, ids)
+    _, lists = _two_stage(scorer, scored, seen, (ranking.blend_weight,))
     return user_idx, lists[ranking.blend_weight]
+
+
+def _with_new_users(
+    ranking: RankingRun, data: Dataset, user_idx: Tensor, ids: pl.Series
+) -> tuple[RankingRun, Tensor]:
+    """The ranker to score ``data``'s users with and their indices there: each
+    user the model never trained on as serving answers one sent with its
+    features (``cold_start_features``), from its row of ``data.users``
+    (:meth:`RankingRun.with_users`; the unknown user's row without one)."""
+    if not bool((user_idx == 0).any()):
+        return ranking, user_idx
+    scorer, scored, _ = ranking.with_users(ids, data.users)
+    return scorer, scored
 
 
 def _list_metrics(
@@ -138,21 +157,23 @@ def _list_metrics(
 
 def _queries(
     ranking: RankingRun, data: Dataset
-) -> tuple[Tensor, UserItems, UserItems, int]:
+) -> tuple[Tensor, UserItems, UserItems, int, pl.Series]:
     """One query per user of ``data``: ``[Q]`` user_idx, relevant unseen, seen items,
-    and the width of the evaluated catalogue (unknown test items each count, past the
-    vocabulary: :class:`~twostage.retrieval.evaluation.EvalQueries`)."""
+    the width of the evaluated catalogue (unknown test items each count, past the
+    vocabulary: :class:`~twostage.retrieval.evaluation.EvalQueries`), and the
+    users' raw IDs."""
     queries = eval_queries(ranking.retrieval, data)
     seen = ranking.tensors.seen().take(queries.user_idx)
     relevant = queries.relevant.difference(seen)
-    return torch.from_numpy(queries.user_idx), relevant, seen, queries.num_items
+    user_idx = torch.from_numpy(queries.user_idx)
+    return user_idx, relevant, seen, queries.num_items, queries.user_ids
 
 
 def pick_blend(ranking: RankingRun, validation: Dataset) -> float:
     """The blend weight of :data:`BLEND_GRID` with the best validation NDCG@10."""
     if not validation.num_interactions:
         return 0.0
-    user_idx, relevant, seen, num_items = _queries(ranking, validation)
+    user_idx, relevant, seen, num_items, _ = _queries(ranking, validation)
     _, lists = _two_stage(ranking, user_idx, seen, BLEND_GRID)
     ndcg = {
         w: _list_metrics(ids, relevant, num_items)["ndcg"]["10"]
@@ -177,8 +198,10 @@ def evaluate_ranking(
         training range; unknown IDs use the OOV rows); ``auc`` of the click head, each
         test pair against one uniform item that is neither a training nor a test item
         of the user; ``retrieval_only`` and ``two_stage``: ``{"ndcg", "hit_rate"}`` ->
-        ``"k"`` -> per-user mean (users with a relevant unseen item; unknown users are
-        the OOV row) for k in 1, 5, 10, 50, 100; and ``blend_weight``,
+        ``"k"`` -> per-user mean (users with a relevant unseen item; a user the
+        model never trained on is answered from its row of ``test.users``, as
+        serving answers one sent with its features, or as the unknown user
+        without one) for k in 1, 5, 10, 50, 100; and ``blend_weight``,
         ``ease_weight``, ``num_candidates``, ``num_test_pairs``. When ``test``
         holds rows shown and not chosen (an impression log read with
         ``label_col``), ``shown_auc``: the click AUC of each user's test items
@@ -202,8 +225,9 @@ def evaluate_ranking(
     result["auc"] = _test_auc(ranking, users, items, seed)
     if test.num_shown:
         result.update(shown_auc(ranking, test))
-    user_idx, relevant, seen, num_items = _queries(ranking, test)
-    retrieved, lists = _two_stage(ranking, user_idx, seen, (ranking.blend_weight,))
+    user_idx, relevant, seen, num_items, ids = _queries(ranking, test)
+    scorer, scored = _with_new_users(ranking, test, user_idx, ids)
+    retrieved, lists = _two_stage(scorer, scored, seen, (ranking.blend_weight,))
     result["retrieval_only"] = _list_metrics(retrieved, relevant, num_items)
     result["two_stage"] = _list_metrics(
         lists[ranking.blend_weight], relevant, num_items

@@ -121,6 +121,13 @@ class RankingRun:
             self._vectors = (torch.cat(queries), self.retrieval.item_embeddings())
         return self._vectors
 
+    def as_trained_users(self, user_idx: Tensor) -> Tensor:
+        """``user_idx`` with the users past the retrieval run's rows
+        (:meth:`with_users`) as the unknown user, 0: what the retrieval run's own
+        per-user tables (fallback, session-kNN) know of them."""
+        known = int(self.retrieval.tensors.history.shape[0])
+        return user_idx.masked_fill(user_idx >= known, 0)
+
     def retrieval_scores(self, user_idx: Tensor) -> Tensor:
         """``[B, N]`` retrieval logits (cosine / temperature) of every item, the
         session-kNN term included when the retrieval run has one."""
@@ -128,7 +135,7 @@ class RankingRun:
         temperature = float(self.retrieval.model.temperature)
         scores = users[user_idx] @ items.T  # (B, D) @ (D, N) -> (B, N)
         if self.retrieval.scores_exactly:  # computed on the host, like its table
-            term = self.retrieval.neighbour_term(user_idx.cpu())
+            term = self.retrieval.neighbour_term(self.as_trained_users(user_idx.cpu()))
             scores += term.to(scores.device)
         return scores / temperature
 

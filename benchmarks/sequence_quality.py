@@ -20,7 +20,10 @@ model's standardised scores, plus the session-kNN term at its weight) and
 score at 0.02 its weight) and ``twostage-two-stage-ease``
 (``presets/two-stage-ease.json``: retrieval by the ``users`` towers, then the ranker
 re-ranks the top 100 with EASE's standardised score in its order; the list columns
-are that served list, FTopK the retrieval's), each trained with seeds 0 ..
+are that served list, FTopK the retrieval's), ``twostage-transformer-two-stage`` and
+``twostage-ensemble-two-stage`` (those presets with their ranking stage, as
+``twostage train`` serves them; list columns of the served list), each trained
+with seeds 0 ..
 ``--seeds``-1 (means reported; the JSON also holds each of our models' served
 ``session_knn_weight``, picked per run on validation where a config says -1);
 baselines: popularity, recent popularity (last 30 days), EASE, item-kNN (both
@@ -85,10 +88,17 @@ MODELS: dict[str, tuple[str | None, list[str]]] = {
     "twostage-ensemble": ("retrieval-sequence-ensemble.json", []),
     "twostage-transformer-ease": ("retrieval-sequence-ease.json", []),
     "twostage-two-stage-ease": ("two-stage-ease.json", []),
+    # The sequence presets as `twostage train` serves them: both stages.
+    "twostage-transformer-two-stage": ("retrieval-sequence.json", []),
+    "twostage-ensemble-two-stage": ("retrieval-sequence-ensemble.json", []),
 }
 #: Models trained with their ranking stage: their list columns are the served
 #: two-stage list (retrieve, then re-rank), their FTopK column the retrieval's.
-TWO_STAGE = {"twostage-two-stage-ease"}
+TWO_STAGE = {
+    "twostage-two-stage-ease",
+    "twostage-transformer-two-stage",
+    "twostage-ensemble-two-stage",
+}
 
 
 def entry(metrics: dict[str, Any], seconds: float | None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ __all__ = ["BLEND_GRID", "rerank"]
 
 #: The blend weights :func:`twostage.ranking.fit.fit_ranking` tries on validation
 #: when ``ranking.blend_weight`` is None.
-BLEND_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+BLEND_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def rerank(

@@ -22,6 +22,7 @@ and checks the IDs of items to remove (:func:`check_removed_items`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -33,6 +34,7 @@ from twostage.features.vocab import Vocabulary
 
 __all__ = [
     "catalogue_vocabulary",
+    "read_item_rows",
     "check_added_items",
     "check_removed_items",
     "like_metadata",
@@ -46,6 +48,17 @@ _NAMED = 5
 def _named(values: Sequence[object]) -> str:
     shown = ", ".join(repr(v) for v in list(values)[:_NAMED])
     return f"{shown}{' ...' if len(values) > _NAMED else ''}"
+
+
+def read_item_rows(path: str | Path) -> pl.DataFrame:
+    """A file of items, one row each (CSV, TSV or Parquet, with an ``item_id``
+    column), read as an item feature table is (:func:`read_feature_table`:
+    rejected rows counted and reported); an item listed twice is an error."""
+    from twostage.data.tables import read_feature_table
+
+    return read_feature_table(
+        path, key_col="item_id", key_name="item_id", duplicates="error"
+    )
 
 
 def check_added_items(

@@ -637,12 +637,10 @@ def _new_item_rows(path: Path) -> list[dict[str, Any]]:
     """``--new-items FILE``: one candidate object per row (``item_id`` and its
     feature values), read as an item feature table is (rejected rows counted and
     reported; an item listed twice is an error)."""
-    from twostage.data.tables import read_feature_table
+    from twostage.catalogue import read_item_rows
 
     try:
-        table = read_feature_table(
-            path, key_col="item_id", key_name="item_id", duplicates="error"
-        )
+        table = read_item_rows(path)
     except (TwostageError, OSError) as e:
         raise typer.BadParameter(str(e), param_hint="--new-items") from e
     if not table.height:

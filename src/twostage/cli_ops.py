@@ -238,14 +238,12 @@ def add_items_command(
     version up.
     """
     from twostage.artifacts import next_version
-    from twostage.data.tables import read_feature_table
+    from twostage.catalogue import read_item_rows
     from twostage.errors import TwostageError
 
     source, rec = _open(bundle)
     try:
-        table = read_feature_table(
-            items, key_col="item_id", key_name="item_id", duplicates="error"
-        )
+        table = read_item_rows(items)
         started = time.perf_counter()
         with status_console.status(f"adding {table.height:,} items"):
             grown = rec.add_items(table)
@@ -301,7 +299,7 @@ def remove_items_command(
     lists one among its candidates gets an error that names it.
     """
     from twostage.artifacts import next_version
-    from twostage.data.tables import read_feature_table
+    from twostage.catalogue import read_item_rows
     from twostage.errors import TwostageError
 
     if (ids is None) == (items is None):
@@ -313,9 +311,7 @@ def remove_items_command(
             given: list[Any] = [part.strip() for part in ids.split(",")]
         else:
             assert items is not None
-            table = read_feature_table(
-                items, key_col="item_id", key_name="item_id", duplicates="error"
-            )
+            table = read_item_rows(items)
             given = table["item_id"].to_list()
         smaller = rec.remove_items(given)
     except (TwostageError, OSError) as e:

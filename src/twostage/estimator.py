@@ -589,11 +589,9 @@ class TwoStageModel:
         """
         rec = self.recommender
         if isinstance(items, str | Path):
-            from twostage.data.tables import read_feature_table
+            from twostage.catalogue import read_item_rows
 
-            items = read_feature_table(
-                items, key_col="item_id", key_name="item_id", duplicates="error"
-            )
+            items = read_item_rows(items)
         elif not isinstance(items, pl.DataFrame) and hasattr(items, "columns"):
             items = pl.from_pandas(items)
         self.recommender_ = rec.add_items(items)

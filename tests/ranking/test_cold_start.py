@@ -8,7 +8,7 @@ import torch
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.recommender import Recommender
-from twostage.two_stage import fit_two_stage
+from twostage.two_stage import TwoStage, fit_two_stage
 
 CONFIG = [
     "data.dataset=synthetic:num_users=200,num_items=80,num_interactions=4000",
@@ -26,8 +26,12 @@ CONFIG = [
 
 
 @pytest.fixture(scope="module")
-def recommender() -> Recommender:
-    stages = fit_two_stage(apply_overrides(ExperimentConfig(), CONFIG))
+def stages() -> TwoStage:
+    return fit_two_stage(apply_overrides(ExperimentConfig(), CONFIG))
+
+
+@pytest.fixture(scope="module")
+def recommender(stages: TwoStage) -> Recommender:
     return stages.recommender()
 
 
@@ -117,3 +121,43 @@ def _row_of(
 
     queries = eval_queries(rec.run, test)  # type: ignore[arg-type]
     return queries.user_ids.to_list().index(user_id)
+
+
+def test_the_blend_is_picked_on_the_lists_evaluation_reports(stages: TwoStage) -> None:
+    """`pick_blend` measures each weight on the lists `evaluate_ranking` reports
+    at that weight: validation users the model never trained on are scored from
+    their features there too, not at the unknown user's row."""
+    import dataclasses
+
+    from twostage.data.dataset import Dataset
+    from twostage.ranking.evaluation import blend_ndcg, evaluate_ranking
+    from twostage.ranking.rerank import BLEND_GRID
+
+    ranker = stages.ranker
+    assert ranker is not None
+    test = stages.split.test
+    assert test.users is not None
+    # Half the test users come back under IDs the model never saw, with the
+    # same features.
+    half = test.interactions["user_id"].unique().sort()[::2]
+    renamed = test.users.filter(pl.col("user_id").is_in(half.to_list()))
+    assert renamed.height == len(half)
+    moved = set(renamed["user_id"].to_list())
+
+    def fresh(frame: pl.DataFrame) -> pl.DataFrame:
+        col = pl.col("user_id")
+        return frame.with_columns(
+            pl.when(col.is_in(list(moved))).then(col + 100_000).otherwise(col)
+        )
+
+    users = pl.concat([test.users, fresh(renamed)])
+    data = Dataset(name="v", interactions=fresh(test.interactions), users=users)
+    ndcg = blend_ndcg(ranker, data)
+    assert list(ndcg) == list(BLEND_GRID)
+    for weight in (0.5, 4.0):
+        at = dataclasses.replace(ranker, blend_weight=weight)
+        reported = evaluate_ranking(at, data)["two_stage"]["ndcg"]["10"]
+        assert ndcg[weight] == pytest.approx(reported, abs=1e-12), weight
+    # Read as unknown users instead, the same rows score otherwise.
+    bare = dataclasses.replace(data, users=None)
+    assert blend_ndcg(ranker, bare) != ndcg

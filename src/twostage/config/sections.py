@@ -626,8 +626,9 @@ class RankingConfig(_Checked):
             MovieLens-100k, 100 gave every user the same top 10 as 200, at a lower
             serving cost; 50 changed 11 users' lists.
         blend_weight: weight of the retrieval logit in the re-ranking order; None picks
-            it per run from :data:`twostage.ranking.rerank.BLEND_GRID` on validation
-            (set it when ``click_weight`` is 0: the click head is then untrained). The
+            it per run from :data:`twostage.ranking.rerank.BLEND_GRID` on validation,
+            by the NDCG@10 of the lists evaluation reports (a validation user the
+            model never trained on scored from its features; set it when ``click_weight`` is 0: the click head is then untrained). The
             default 0.5 was the best on the MovieLens-100k validation carve-out;
             per-run picks swing between 0.25 and 2 with the seed, as 5% of the data is
             a noisy judge.

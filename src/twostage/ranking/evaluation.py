@@ -169,16 +169,30 @@ def _queries(
     return user_idx, relevant, seen, queries.num_items, queries.user_ids
 
 
-def pick_blend(ranking: RankingRun, validation: Dataset) -> float:
-    """The blend weight of :data:`BLEND_GRID` with the best validation NDCG@10."""
+def blend_ndcg(ranking: RankingRun, validation: Dataset) -> dict[float, float]:
+    """Validation NDCG@10 of the two-stage list at each weight of
+    :data:`BLEND_GRID` (empty when ``validation`` has no rows).
+
+    The lists are :func:`evaluated_lists`' at each weight: a validation user the
+    model never trained on is scored from its row of ``validation.users``, as
+    serving answers one sent with its features."""
     if not validation.num_interactions:
-        return 0.0
-    user_idx, relevant, seen, num_items, _ = _queries(ranking, validation)
-    _, lists = _two_stage(ranking, user_idx, seen, BLEND_GRID)
-    ndcg = {
+        return {}
+    user_idx, relevant, seen, num_items, ids = _queries(ranking, validation)
+    scorer, scored = _with_new_users(ranking, validation, user_idx, ids)
+    _, lists = _two_stage(scorer, scored, seen, BLEND_GRID)
+    return {
         w: _list_metrics(ids, relevant, num_items)["ndcg"]["10"]
         for w, ids in lists.items()
     }
+
+
+def pick_blend(ranking: RankingRun, validation: Dataset) -> float:
+    """The blend weight of :data:`BLEND_GRID` with the best validation NDCG@10
+    (:func:`blend_ndcg`; 0 without validation rows)."""
+    ndcg = blend_ndcg(ranking, validation)
+    if not ndcg:
+        return 0.0
     logger.info("validation NDCG@10 by blend weight: %s", ndcg)
     return max(ndcg, key=ndcg.__getitem__)
 

@@ -11,6 +11,7 @@ from twostage.baselines import (
     EASE,
     ItemKNN,
     Popularity,
+    RecencyEASE,
     RecentPopularity,
     SessionKNN,
     Transition,
@@ -306,3 +307,78 @@ def test_session_knn_from_the_log_and_its_errors():
         SessionKNN().fit_log(users, items[:3], times, num_users=4, num_items=5)
     with pytest.raises(DataError, match="num_items"):
         SessionKNN().fit_sequences(history, num_items=3)
+
+
+def test_recency_ease_weighs_each_item_by_its_distance_from_the_latest():
+    # Rows out of order; user 0 took item 1 twice (its latest place counts) and
+    # items 1 and 2 in the same second (row order wins); item 0 is unknown.
+    users = np.array([0, 1, 0, 0, 1, 0, 2, 0])
+    items = np.array([2, 3, 1, 1, 4, 3, 2, 0])
+    times = np.array([10, 5, 10, 2, 6, 11, 1, 3])
+    model = RecencyEASE(l2=0.7, recency=2.0).fit_log(
+        users, items, times, num_users=4, num_items=NUM_ITEMS
+    )
+    # User 0 in time order: 1, (0), 2, 1, 3; user 1: 3, 4; user 2: 2.
+    x = np.zeros((4, NUM_ITEMS))
+    x[[0, 0, 0, 1, 1, 2], [1, 2, 3, 3, 4, 2]] = 1.0
+    p = np.linalg.inv(x.T @ x + 0.7 * np.eye(NUM_ITEMS))
+    b = np.eye(NUM_ITEMS) - p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    decayed = np.zeros((4, NUM_ITEMS))
+    for user, item, after in [(0, 2, 2), (0, 1, 1), (0, 3, 0), (1, 3, 1), (1, 4, 0)]:
+        decayed[user, item] = np.exp(-after / 2.0)
+    decayed[2, 2] = 1.0
+    scores = model.score(torch.arange(5)).numpy()  # user 4: no rows
+    np.testing.assert_allclose(scores[:4], decayed @ b, atol=1e-5)
+    assert np.abs(scores[4]).sum() == 0.0
+    # The same from the [U, L] table the retrieval tables hold.
+    history = torch.tensor([[1, 0, 2, 1, 3], [0, 0, 0, 3, 4], [0, 0, 0, 0, 2]])
+    by_table = RecencyEASE(l2=0.7, recency=2.0).fit_sequences(
+        history, num_items=NUM_ITEMS
+    )
+    torch.testing.assert_close(
+        by_table.score(torch.arange(3)), model.score(torch.arange(3))
+    )
+    # What the user did last leads: plain EASE ranks otherwise.
+    plain = EASE(l2=0.7).fit(UserItems.from_pairs([0, 0, 0], [1, 2, 3]), num_items=5)
+    assert not np.allclose(plain.score(torch.tensor([0])).numpy()[0], scores[0])
+    with pytest.raises(NotFittedError):
+        RecencyEASE().score(torch.tensor([0]))
+    with pytest.raises(ConfigError, match="recency"):
+        RecencyEASE(recency=0.0)
+    with pytest.raises(DataError, match="one entry per"):
+        RecencyEASE().fit_log(users, items[:3], times, num_users=4, num_items=5)
+    with pytest.raises(DataError, match="history"):
+        RecencyEASE().fit_sequences(history.float(), num_items=5)
+
+
+def test_recency_ease_follows_the_latest_taste_where_ease_reads_a_set():
+    """Most users keep to one of two blocks of items; the rest take four items
+    of one block, then two of the other. For those, recency-weighted EASE puts
+    the block they took last first; EASE, which reads a user's items as a set,
+    the block they took more of."""
+    rng = np.random.default_rng(0)
+    users, items = [], []
+    for user in range(200):
+        first = 1 if user % 2 else 11  # two blocks of 10 items: 1..10, 11..20
+        taken = list(first + rng.permutation(10)[:4])
+        if user >= 120:  # moves to the other block
+            taken += list(12 - first + rng.permutation(10)[:2])
+        users += [user] * len(taken)
+        items += taken
+    log = (np.array(users), np.array(items), np.arange(len(users)))
+    recent = RecencyEASE(l2=1.0, recency=1.0).fit_log(*log, num_users=200, num_items=21)
+    train = UserItems.from_pairs(log[0], log[1], num_rows=200)
+    plain = EASE(l2=1.0).fit(train, num_items=21)
+    movers = torch.arange(120, 200)
+    latest = np.where(movers.numpy() % 2, 11, 1)  # the block each mover took last
+    found = {}
+    for name, model in (("recent", recent), ("plain", plain)):
+        scores = model.score(movers)
+        rows = train.take(movers.numpy())
+        scores[rows.row_ids(), torch.from_numpy(rows.indices)] = -np.inf
+        scores[:, 0] = -np.inf
+        top = scores.argmax(dim=1).numpy()
+        found[name] = int(((top >= latest) & (top < latest + 10)).sum())
+    assert found["recent"] >= 76  # of 80 (80 measured)
+    assert found["plain"] <= 20  # (14 measured)

@@ -560,6 +560,7 @@ def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
         "recent-popularity",
         "transition",
         "session-knn",
+        "ease-recency",
     }
     assert {"twostage", *baselines} <= set(saved["retrieval"])
     ranking = saved["ranking"]

@@ -1319,7 +1319,8 @@ def evaluate_command(
             "--baselines",
             help="Also evaluate the baselines: popularity, recent popularity, EASE, "
             "item-kNN (both forms), item-to-item transitions, session-kNN (the users "
-            "whose sequences share the user's recent items).",
+            "whose sequences share the user's recent items), EASE read in time "
+            "order (ease-recency: the user's latest items weigh most).",
         ),
     ] = False,
     test_file: Annotated[

@@ -3,6 +3,7 @@ sequence that only a model reading the order can follow, and ensembles of encode
 (`retrieval.ensemble`)."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -696,6 +697,43 @@ def test_an_ease_query_counts_an_item_once_and_an_empty_history_is_zero() -> Non
         )
 
 
+def test_a_recency_weighted_ease_query_leans_toward_the_latest_items() -> None:
+    """With ``recency`` the query sums each item's row times ``exp(-d / recency)``,
+    ``d`` its distance from the most recent item; a repeated item counts once, at
+    its latest place; padding reads nothing; each position's query is the query
+    of the history up to it."""
+    member = LinearItemsModel(7, 4, recency=2.0)
+    weights = torch.rand(7, 7, generator=torch.Generator().manual_seed(1))
+    member.fit(weights.fill_diagonal_(0.0))
+    plain = LinearItemsModel(7, 4)
+    plain.load_state_dict(member.state_dict())
+    history = torch.tensor([[0, 0, 5, 3, 6, 3, 2], [1, 2, 3, 4, 5, 6, 1]])
+    expected = []
+    for row in history.tolist():
+        sums = torch.zeros(4)
+        for place, item in enumerate(row):
+            if item and item not in row[place + 1 :]:  # its latest place
+                sums += math.exp(-(len(row) - 1 - place) / 2.0) * member.left[item]
+        expected.append(sums)
+    queries = member.encode_queries({HISTORY: history})
+    torch.testing.assert_close(queries, member._standardised(torch.stack(expected)))
+    # not the plain query, which weighs every item alike
+    assert not torch.allclose(queries, plain.encode_queries({HISTORY: history}))
+    steps = member.encode_query_positions({HISTORY: history})
+    for i in range(history.shape[1]):
+        width = history.shape[1] - 1 - i
+        padded = torch.cat(
+            [torch.zeros(2, width, dtype=torch.long), history[:, : i + 1]], 1
+        )
+        torch.testing.assert_close(
+            steps[:, i], member.encode_queries({HISTORY: padded}), atol=1e-6, rtol=1e-5
+        )
+    empty = member.encode_queries({HISTORY: torch.zeros(1, 3, dtype=torch.long)})
+    assert torch.equal(empty, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="recency"):
+        LinearItemsModel(7, 4, recency=-1.0)
+
+
 def test_the_randomized_factorisation_matches_the_exact_one() -> None:
     """Above ``exact_up_to`` items the leading directions come from a randomized SVD:
     as close to the best rank-r approximation as the exact SVD's, the same on every
@@ -802,13 +840,21 @@ def test_closed_form_members_serve_fitted_on_the_validation_rows_too(
     assert not torch.allclose(member.left, fit_only.left)
 
 
-@pytest.mark.parametrize("kind", ["ease", "transition"])
+@pytest.mark.parametrize(
+    ("kind", "recency"), [("ease", 0.0), ("ease", 3.0), ("transition", 0.0)]
+)
 def test_an_ease_ensemble_reloads_and_serves_sessions(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, recency: float
 ) -> None:
     run, _ = fit_retrieval(
-        _config(*_EASE, f"retrieval.ensemble={kind}"), dataset=_planted_log()
+        _config(
+            *_EASE, f"retrieval.ensemble={kind}", f"retrieval.ease_recency={recency}"
+        ),
+        dataset=_planted_log(),
     )
+    member = run.model.members[1]
+    assert isinstance(member, LinearItemsModel)
+    assert member.recency == (recency if kind == "ease" else 0.0)
     recommender = Recommender(run)
     assert run.item_embeddings().shape[1] == 32 + 128  # output_dim + ease_rank
     root = tmp_path / "models" / "walks" / "1"
@@ -832,6 +878,8 @@ def test_ease_member_mistakes_are_named() -> None:
         _config("retrieval.ensemble=ease,ease")
     with pytest.raises(ConfigError, match="ease_l2` should be positive"):
         _config("retrieval.ensemble=ease", "retrieval.ease_l2=0")
+    with pytest.raises(ConfigError, match="ease_recency` should be >= 0"):
+        _config("retrieval.ensemble=ease", "retrieval.ease_recency=-2")
     with pytest.raises(ConfigError, match="query_encoder` should be one of"):
         _config("retrieval.query_encoder=ease")
     # a catalogue EASE cannot hold is refused before the first member trains

@@ -316,7 +316,9 @@ class RetrievalConfig(_Checked):
     ``ensemble`` names more query encoders (``pooling``, ``transformer``, ``gru``),
     and two closed-form members with no training loop: ``ease``, EASE's
     item-to-item model fitted on the training rows (ridge ``ease_l2``), which reads
-    the query's history as a set, and ``transition``, the counts of which item
+    the query's history as a set (or, with ``ease_recency`` > 0, weighs each
+    history item by ``exp(-d / ease_recency)``, ``d`` its distance from the most
+    recent one, as the ``ease-recency`` baseline does), and ``transition``, the counts of which item
     followed which in the training users' time-ordered logs (``log(1 + n)``), which
     reads the history's last item; each is factorised to ``ease_rank`` and
     standardised per query (:mod:`twostage.models.linear_items`), refitted with the
@@ -400,6 +402,7 @@ class RetrievalConfig(_Checked):
     ensemble_weights: tuple[float, ...] = ()
     ease_l2: float = 500.0
     ease_rank: int = 128
+    ease_recency: float = 0.0
     session_knn_weight: float = 0.0
     session_knn_neighbours: int = 50
     session_knn_recency: float = 5.0
@@ -477,6 +480,7 @@ class RetrievalConfig(_Checked):
             ),
             "ease_l2": (self.ease_l2 > 0, "positive"),
             "ease_rank": (self.ease_rank >= 1, "a positive integer"),
+            "ease_recency": (self.ease_recency >= 0, ">= 0"),
             "session_knn_weight": (
                 self.session_knn_weight == -1 or self.session_knn_weight >= 0,
                 "-1 (picked on validation), 0 (no session-kNN term) or positive",

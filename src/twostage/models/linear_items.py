@@ -92,6 +92,10 @@ class LinearItemsModel(nn.Module):
         last_item_only: the query reads the history's most recent item alone (the
             ``transition`` member: row ``j`` of the matrix scores what follows item
             ``j``), not the set of its items.
+        recency: 0 (the default) sums the history's items alike; above 0 each
+            item's row is weighted ``exp(-d / recency)``, ``d`` its distance from
+            the most recent item (0 for it; a repeated item at its latest place),
+            so the query leans toward what the user did last.
     """
 
     left: Tensor
@@ -100,11 +104,19 @@ class LinearItemsModel(nn.Module):
     mean: Tensor
 
     def __init__(
-        self, num_items: int, rank: int, *, last_item_only: bool = False
+        self,
+        num_items: int,
+        rank: int,
+        *,
+        last_item_only: bool = False,
+        recency: float = 0.0,
     ) -> None:
         super().__init__()
+        if not recency >= 0:
+            raise ValueError(f"`recency` should be >= 0, received {recency!r}")
         self.rank = rank
         self.last_item_only = last_item_only
+        self.recency = float(recency)
         # Buffers, not parameters: fitted in closed form (``fit``), never trained,
         # saved and reloaded with the run's weights.
         self.register_buffer("left", torch.zeros(num_items, rank))
@@ -159,6 +171,10 @@ class LinearItemsModel(nn.Module):
             return torch.zeros(batch, self.rank, device=self.left.device)
         if self.last_item_only:  # most recent last; padding (0) reads nothing
             return self._standardised(self.left[history[:, -1]])
+        if self.recency > 0:  # the last position's row of the decayed sums
+            weights = _decayed(history, self.recency)[:, -1]  # (B, L)
+            rows = self.left[history]  # (B, L, r)
+            return self._standardised((weights[:, :, None] * rows).sum(dim=1))
         # An item repeated in a history counts once, as in EASE's 0/1 matrix.
         unique = _first_occurrence(history)
         return self._standardised(self.left[history * unique].sum(dim=1))
@@ -178,12 +194,31 @@ class LinearItemsModel(nn.Module):
         history = features[HISTORY]
         if self.last_item_only:
             return self._standardised(self.left[history])
+        if self.recency > 0:
+            weights = _decayed(history, self.recency)  # (B, L, L)
+            return self._standardised(weights @ self.left[history])
         unique = _first_occurrence(history)
         return self._standardised(self.left[history * unique].cumsum(dim=1))
 
     def encode_items(self, features: dict[str, Tensor]) -> Tensor:
         """``[M, r]`` item vectors of the items in ``features[item_id]``."""
         return self.right[features[ITEM_FIELD]]
+
+
+def _decayed(history: Tensor, recency: float) -> Tensor:
+    """``[B, L, L]``: row ``p`` weighs each earlier position ``j <= p`` of a
+    history by ``exp(-(p - j) / recency)``, and by 0 where the same item comes
+    again later up to ``p`` (a repeated item counts once, at its latest place)."""
+    length = history.shape[1]
+    steps = torch.arange(length, device=history.device)
+    gap = (steps[:, None] - steps[None, :]).to(torch.float32)  # p - j
+    decay = torch.exp(-gap.clamp_min(0) / recency) * (gap >= 0)  # (L, L)
+    same = history[:, :, None] == history[:, None, :]  # (B, j, k)
+    later = same & (steps[None, :] > steps[:, None])[None]  # k > j, same item
+    # The first k > j holding j's item (L when none): j counts up to p < next.
+    after = torch.where(later, steps, length).amin(dim=2)  # (B, L)
+    alive = steps[None, :, None] < after[:, None, :]  # (B, p, j)
+    return decay[None] * alive
 
 
 def _first_occurrence(history: Tensor) -> Tensor:

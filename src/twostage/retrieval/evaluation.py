@@ -203,11 +203,17 @@ def evaluate_baselines(
 ) -> dict[str, EvalResult]:
     """The baselines (or the ``names`` among them) on the run's own training data and
     test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
-    times, recent popularity, the item-to-item transition model and the
-    sequence-aware user neighbourhood (session-kNN) (both on every training row in
-    time order; without ``train``, on the run's recent items when it keeps more than
+    times, recent popularity, the item-to-item transition model, the
+    sequence-aware user neighbourhood (session-kNN) and EASE read in time order
+    (``ease-recency``) (the last three on every training row in time order; without ``train``, on the run's recent items when it keeps more than
     one a user, so then they depend on ``retrieval.history_length``)."""
-    from twostage.baselines import BASELINES, RecentPopularity, SessionKNN, Transition
+    from twostage.baselines import (
+        BASELINES,
+        RecencyEASE,
+        RecentPopularity,
+        SessionKNN,
+        Transition,
+    )
 
     queries = eval_queries(run, test)
     num_items = run.spec.vocabulary(ITEM).size
@@ -232,17 +238,21 @@ def evaluate_baselines(
                 users, items, times, num_users=num_users, num_items=num_items
             )
 
-        for ordered in (Transition, SessionKNN):
+        for ordered in (Transition, SessionKNN, RecencyEASE):
             makers[ordered.name] = from_log(ordered)
     elif run.tensors.history.shape[1] > 1:
 
         def from_table(cls: Any) -> Callable[[], Any]:
             return lambda: cls().fit_sequences(run.tensors.history, num_items=num_items)
 
-        for ordered in (Transition, SessionKNN):
+        for ordered in (Transition, SessionKNN, RecencyEASE):
             makers[ordered.name] = from_table(ordered)
     if names is not None:
-        every = [*BASELINES, RecentPopularity.name, Transition.name, SessionKNN.name]
+        every = [
+            *BASELINES,
+            RecentPopularity.name,
+            *(m.name for m in (Transition, SessionKNN, RecencyEASE)),
+        ]
         unknown = [n for n in names if n not in every]
         if unknown:
             raise ConfigError(

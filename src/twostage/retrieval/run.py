@@ -163,6 +163,7 @@ def build_member(
             spec.vocabulary(ITEM).size,
             config.ease_rank,
             last_item_only=kind == "transition",
+            recency=config.ease_recency if kind == "ease" else 0.0,
         )
 
     def fields(side: str) -> list[FieldInfo]:

@@ -17,7 +17,7 @@ transformer's score + 0.3 x the GRU's + 0.01 x EASE's and 0.005 x the transition
 model's standardised scores, plus the session-kNN term at its weight) and
 ``twostage-transformer-ease``
 (``presets/retrieval-sequence-ease.json``: the transformer plus EASE's standardised
-score at 0.02 its weight) and ``twostage-two-stage-ease``
+score at 0.01 its weight, plus the session-kNN term at its weight) and ``twostage-two-stage-ease``
 (``presets/two-stage-ease.json``: retrieval by the ``users`` towers, then the ranker
 re-ranks the top 100 with EASE's standardised score in its order; the list columns
 are that served list, FTopK the retrieval's), ``twostage-transformer-two-stage`` and

@@ -123,6 +123,15 @@ def _in_time_order(
     return users[order], items[order]
 
 
+def _check_table(history: torch.Tensor) -> None:
+    """A ``[U, L]`` table of recent items must be a 2-D integer tensor."""
+    if history.ndim != 2 or history.is_floating_point():
+        raise DataError(
+            "`history` should be a [U, L] integer tensor. "
+            f"Received: dtype={history.dtype}, shape={tuple(history.shape)}."
+        )
+
+
 def _history(
     train: UserItems, values: torch.Tensor, user_idx: torch.Tensor, num_items: int
 ) -> torch.Tensor:
@@ -446,11 +455,7 @@ class Transition:
 
     def fit_sequences(self, history: torch.Tensor, *, num_items: int) -> Transition:
         """``history [U, L]`` item indices, most recent last, 0 = padding."""
-        if history.ndim != 2 or history.is_floating_point():
-            raise DataError(
-                "`history` should be a [U, L] integer tensor. "
-                f"Received: dtype={history.dtype}, shape={tuple(history.shape)}."
-            )
+        _check_table(history)
         before, after = history[:, :-1].reshape(-1), history[:, 1:].reshape(-1)
         last = history[:, -1].clone() if history.shape[1] else None
         return self._fit_pairs(before, after, last, num_items=num_items)
@@ -580,11 +585,7 @@ class RecencyEASE:
 
     def fit_sequences(self, history: torch.Tensor, *, num_items: int) -> RecencyEASE:
         """``history [U, L]`` item indices, most recent last, 0 = padding."""
-        if history.ndim != 2 or history.is_floating_point():
-            raise DataError(
-                "`history` should be a [U, L] integer tensor. "
-                f"Received: dtype={history.dtype}, shape={tuple(history.shape)}."
-            )
+        _check_table(history)
         rows, cols = np.indices(tuple(history.shape))
         length = history.shape[1]
         return self._fit(

@@ -43,6 +43,11 @@ def test_threshold_is_picked_where_popularity_wins() -> None:
     assert choice.model == pytest.approx(0.5)  # users 2-3 hit at rank 1
     assert choice.popularity == pytest.approx(0.5)  # users 0-1 hit at rank 1
     assert choice.combined == pytest.approx(1.0)
+    # The log line reads as a sentence, figures to 4 places.
+    assert str(choice) == (
+        "most-popular for users with at most 1 training items (validation NDCG@10 "
+        "over 4 users: model 0.5000, most-popular 0.5000, the rule 1.0000)"
+    )
     # When the model wins everywhere, nobody falls back.
     queries = torch.stack([items[1], items[1], items[5], items[5]])
     choice = choose_popularity_fallback(
@@ -54,6 +59,7 @@ def test_threshold_is_picked_where_popularity_wins() -> None:
         num_train_items=np.array([1, 1, 5, 5]),
     )
     assert choice.max_interactions == 0
+    assert str(choice).startswith("most-popular for nobody (")
 
 
 @pytest.mark.slow

@@ -284,6 +284,9 @@ def test_the_weight_picked_on_validation_is_the_best_lists() -> None:
     assert choice.ndcg == pytest.approx(expected)
     assert choice.weight == 0.04 and choice.num_users == 1
     assert choice.to_dict()["validation_ndcg_10"]["0.04"] == pytest.approx(1.0)
+    assert str(choice).startswith(
+        "0.04 (validation NDCG@10 over 1 users by weight: 0: 0.4307, 0.0025: 0.4307"
+    )
     # Measured as served: where most-popular ranks item 5 2nd, the fallback serves
     # the user better than the weights below 0.02 (it is the picked threshold there).
     probs = torch.tensor([0.0, 0.1, 0.5, 0.05, 0.05, 0.3])

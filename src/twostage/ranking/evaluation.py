@@ -23,7 +23,7 @@ from twostage.ranking.run import (
     top_unseen,
 )
 from twostage.retrieval.evaluation import eval_queries
-from twostage.retrieval.fallback import popularity_top
+from twostage.retrieval.fallback import format_by_weight, popularity_top
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def pick_blend(ranking: RankingRun, validation: Dataset) -> float:
     ndcg = blend_ndcg(ranking, validation)
     if not ndcg:
         return 0.0
-    logger.info("validation NDCG@10 by blend weight: %s", ndcg)
+    logger.info("validation NDCG@10 by blend weight: %s", format_by_weight(ndcg))
     return max(ndcg, key=ndcg.__getitem__)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "WeightChoice",
     "choose_popularity_fallback",
     "choose_term_weight",
+    "format_by_weight",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,19 @@ class FallbackChoice:
     combined: float
     num_users: int
 
+    def __str__(self) -> str:
+        """One line for the log: who gets most-popular and the figures."""
+        who = (
+            "nobody"
+            if self.max_interactions == 0
+            else f"users with at most {self.max_interactions} training items"
+        )
+        return (
+            f"most-popular for {who} (validation NDCG@10 over {self.num_users:,} "
+            f"users: model {self.model:.4f}, most-popular {self.popularity:.4f}, "
+            f"the rule {self.combined:.4f})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_interactions": self.max_interactions,
@@ -102,12 +116,24 @@ class WeightChoice:
     ndcg: dict[float, float]
     num_users: int
 
+    def __str__(self) -> str:
+        """One line for the log: the weight and the NDCG@10 at each one tried."""
+        return (
+            f"{self.weight:g} (validation NDCG@10 over {self.num_users:,} users by "
+            f"weight: {format_by_weight(self.ndcg)})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "weight": self.weight,
             "validation_ndcg_10": {f"{w:g}": v for w, v in self.ndcg.items()},
             "num_validation_users": self.num_users,
         }
+
+
+def format_by_weight(values: dict[float, float]) -> str:
+    """``{weight: figure}`` as ``"0: 0.1328, 0.0025: 0.1368, ..."`` for logs."""
+    return ", ".join(f"{w:g}: {v:.4f}" for w, v in values.items())
 
 
 def popularity_top(
@@ -178,7 +204,7 @@ def choose_popularity_fallback(
         combined=best,
         num_users=int(has.sum()),
     )
-    logger.info("popularity fallback on validation: %s", choice)
+    logger.info("popularity fallback picked on validation: %s", choice)
     return choice
 
 
@@ -250,7 +276,7 @@ def choose_term_weight(
         if value > ndcg[best] + 1e-12:
             best = weight
     choice = WeightChoice(weight=best, ndcg=ndcg, num_users=int(has.sum()))
-    logger.info("session-kNN weight on validation: %s", choice)
+    logger.info("session-kNN weight picked on validation: %s", choice)
     return choice
 
 

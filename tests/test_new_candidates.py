@@ -3,7 +3,6 @@ new products. An item the model never trained on is ranked from the features the
 request carries for it, by both stages, as the evaluation of impression logs scores
 such items (``RankingRun.with_items``)."""
 
-import math
 from pathlib import Path
 
 import polars as pl
@@ -15,6 +14,7 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import planted_impressions
 from twostage.data.tables import read_interactions
 from twostage.errors import ConfigError, UnknownIdError
+from twostage.inputs import FAR_STANDARD_DEVIATIONS, far_numbers
 from twostage.recommender import Recommender
 from twostage.serving import ServeSettings, create_app
 from twostage.two_stage import fit_two_stage
@@ -289,17 +289,34 @@ def test_a_number_far_out_of_range_is_the_client_s_mistake(tmp_path: Path) -> No
     fine = rec.recommend(1, 2, candidates=[{"item_id": 10**6, "price": 20.0}, 1])
     assert len(fine.items) == 2
     for price in (1e20, 1e308):
-        with pytest.raises(ConfigError, match=r"`candidates`: .*non-finite"):
+        with pytest.raises(ConfigError, match=r"`candidates`\['price'\] = .* standard"):
             rec.recommend(1, 2, candidates=[{"item_id": 10**6, "price": price}])
-    # The candidate tower's vector stays finite at 1e20 (an answer, if a poor
-    # one); at 1e308 it is NaN.
-    far = rec.similar_items(10**6, 2, item_features={"price": 1e20})
-    assert all(math.isfinite(i["score"]) for i in far)
-    with pytest.raises(ConfigError, match=r"`item_features`: .*non-finite"):
-        rec.similar_items(10**6, 2, item_features={"price": 1e308})
+        # The towers' vector would stay finite at 1e20, and be read as noise.
+        with pytest.raises(
+            ConfigError, match=r"`item_features`\['price'\] = .* standard"
+        ):
+            rec.similar_items(10**6, 2, item_features={"price": price})
+    # Far, but within what a column of 10^8 training rows could hold: read.
+    spec = rec.run.spec
+    price = next(f for f in spec.fields if f.name == "price")
+    encoder = spec.encoder(price.key)
+    assert far_numbers(spec, "price", pl.Series([20.0, -50.0])) == []
+    edge = encoder.mean + 0.99 * FAR_STANDARD_DEVIATIONS * encoder.std
+    assert len(
+        rec.recommend(1, 2, candidates=[{"item_id": 10**6, "price": edge}]).items
+    )
+    # Items added to the catalogue are held to the same bound, named by row.
+    added = pl.DataFrame(
+        {
+            "item_id": [10**6, 10**6 + 1],
+            **{c: [None, None] for c in rec.item_feature_columns},
+        }
+    ).with_columns(pl.Series("price", [20.0, 1e20]))
+    with pytest.raises(ConfigError, match=r"`items`\['price'\]: rows 2 hold"):
+        rec.add_items(added)
     rec.save(tmp_path / "m" / "1")
     app = create_app(ServeSettings(models=str(tmp_path), poll_seconds=0))
     with TestClient(app) as client:
         body = {"user_id": 1, "candidates": [{"item_id": 10**6, "price": 1e20}]}
         answer = client.post("/v1/recommend", json=body)
-        assert answer.status_code == 400 and "non-finite" in answer.text
+        assert answer.status_code == 400 and "standard deviations" in answer.text

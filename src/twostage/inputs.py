@@ -29,9 +29,11 @@ __all__ = [
     "candidate_items",
     "new_item_features",
     "new_items_frame",
+    "FAR_STANDARD_DEVIATIONS",
     "ItemFilters",
     "check_finite_numbers",
     "check_raw_id",
+    "far_numbers",
     "client_values",
     "encode_context",
     "encode_user_features",
@@ -399,12 +401,23 @@ def client_values(
 NUMBER_KINDS = ("numeric", "bucket", "timestamp")
 
 
+#: A request's number farther than this many training standard deviations from
+#: its numeric column's training mean is refused. No value of a column of ``n``
+#: training rows lies more than ``sqrt(n - 1)`` of them from its mean
+#: (Samuelson's inequality), so nothing a column of up to 10^8 rows held is
+#: refused; a price of 1e20 would otherwise be read as finite noise that swamps
+#: every other field of the query.
+FAR_STANDARD_DEVIATIONS = 1e4
+
+
 def check_finite_numbers(
     spec: FeatureSpec, name: str, values: Mapping[str, Any]
 ) -> None:
     """Refuse a request's NaN or infinite number (or text such as "inf") for a
     numeric, bucketed or timestamp column: the encoders read those as missing,
-    which would answer a client's mistake as if the value had been left out.
+    which would answer a client's mistake as if the value had been left out. A
+    number of a numeric column farther than :data:`FAR_STANDARD_DEVIATIONS` from
+    its training mean is refused too (:func:`far_numbers`).
 
     Raises:
         ConfigError: naming the request's field and the column.
@@ -422,6 +435,36 @@ def check_finite_numbers(
                 f"`{name}`[{column!r}] should be a finite number, or left out when "
                 f"unknown. Received: {value!r}."
             )
+        far = far_numbers(spec, column, pl.Series([number]))
+        if len(far):
+            raise ConfigError(
+                f"`{name}`[{column!r}] = {value!r} lies {far[0][1]:.3g} standard "
+                "deviations from the mean of the values this model trained on: it "
+                "would read it as noise. Send a value of the range the training "
+                "data held, or leave it out when unknown."
+            )
+
+
+def far_numbers(
+    spec: FeatureSpec, column: str, values: pl.Series
+) -> list[tuple[int, float]]:
+    """``(position, distance)`` of each of ``values`` farther than
+    :data:`FAR_STANDARD_DEVIATIONS` training standard deviations from the
+    training mean of ``column`` (after its ``log1p``, if any); empty for a
+    column that is not read as a plain number (buckets and timestamps have
+    bounded encodings)."""
+    from twostage.features.encoders import NumericEncoder
+
+    keys = [f.key for f in spec.fields if f.name == column and f.kind == "numeric"]
+    if not keys:
+        return []
+    encoder = spec.encoder(keys[0])
+    if not isinstance(encoder, NumericEncoder):
+        return []
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = np.abs(encoder.transform(values.cast(pl.Float64, strict=False))[:, 0])
+    far = np.flatnonzero(z > FAR_STANDARD_DEVIATIONS)  # NaN (missing) is not far
+    return [(int(i), float(z[i])) for i in far]
 
 
 def encode_context(

@@ -33,6 +33,7 @@ from twostage.display import display_columns, label_and_tags
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import ExactIndex, Index, make_index
 from twostage.inputs import (
+    FAR_STANDARD_DEVIATIONS,
     NUMBER_KINDS,
     ItemFilters,
     by_path,
@@ -42,6 +43,7 @@ from twostage.inputs import (
     client_values,
     encode_context,
     encode_user_features,
+    far_numbers,
     new_item_features,
     new_items_frame,
     session_indices,
@@ -415,6 +417,16 @@ class Recommender:
         fields = self.run.spec.describe(side="candidate")
         numeric = [f.column for f in fields if f.kind in NUMBER_KINDS]
         added = check_added_items(items, self.item_vocab, self._item_columns, numeric)
+        for column in numeric:
+            far = far_numbers(self.run.spec, column, added[column])
+            if far:
+                rows = ", ".join(str(row + 1) for row, _ in far[:10])
+                raise ConfigError(
+                    f"`items`[{column!r}]: rows {rows} hold values more than "
+                    f"{FAR_STANDARD_DEVIATIONS:g} standard deviations from the mean "
+                    f"of the values this model trained on (the farthest "
+                    f"{max(z for _, z in far):.3g}): it would read them as noise."
+                )
         separators = {
             f.column: getattr(self.run.spec.encoder(f.key), "separator", "|")
             for f in fields

@@ -144,8 +144,9 @@ def test_timestamp_is_accepted_as_a_query_field() -> None:
 
 def test_a_context_number_far_out_of_range_is_the_client_s_mistake() -> None:
     """A numeric context column (a temperature of 1e308, when training saw tens)
-    made the query NaN, for a known user and for a session alike: refused, as a
-    client's mistake, where it was NaN scores (a 500 over HTTP)."""
+    made the query NaN, for a known user and for a session alike, and 1e20 made
+    it noise: refused, as a client's mistake, where it was NaN scores (a 500 over
+    HTTP) or a meaningless list."""
     rng = np.random.default_rng(0)
     num = 3000
     log = pl.DataFrame(
@@ -168,7 +169,15 @@ def test_a_context_number_far_out_of_range_is_the_client_s_mistake() -> None:
     rec = fit_two_stage(config, Dataset(name="t", interactions=log), ranking=False)
     rec = rec.recommender()
     assert len(rec.recommend(1, 3, context={"temperature": 20.0}).items) == 3
-    with pytest.raises(ConfigError, match=r"`context`: .*non-finite"):
-        rec.recommend(1, 3, context={"temperature": 1e308})
-    with pytest.raises(ConfigError, match=r"`session`: .*non-finite"):
-        rec.recommend(None, 3, session=[1, 2], context={"temperature": 1e308})
+    # 1e308 made the query NaN; 1e20 kept it finite, every item scored by the
+    # temperature's direction alone. Both are refused before the towers run.
+    for far in (1e308, 1e20, -1e7):
+        with pytest.raises(
+            ConfigError, match=r"`context`\['temperature'\] = .*standard"
+        ):
+            rec.recommend(1, 3, context={"temperature": far})
+        with pytest.raises(
+            ConfigError, match=r"`context`\['temperature'\] = .*standard"
+        ):
+            rec.recommend(None, 3, session=[1, 2], context={"temperature": far})
+    assert len(rec.recommend(1, 3, context={"temperature": -40.0}).items) == 3

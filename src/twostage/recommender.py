@@ -29,6 +29,7 @@ from twostage.catalogue import (
 )
 from twostage.config import IndexConfig, RankingConfig
 from twostage.data.dataset import ITEM, USER
+from twostage.data.user_items import UserItems
 from twostage.display import display_columns, label_and_tags
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import ExactIndex, Index, make_index
@@ -85,9 +86,14 @@ class Ranker(Protocol):
         ...
 
     def ease_scores(
-        self, user_idx: torch.Tensor, item_idx: torch.Tensor
+        self,
+        user_idx: torch.Tensor,
+        item_idx: torch.Tensor,
+        *,
+        rows: UserItems | None = None,
     ) -> torch.Tensor | None:
-        """``[B, C]`` the EASE term of the re-ranking order, or None."""
+        """``[B, C]`` the EASE term of the re-ranking order (of ``rows``' items
+        when given, else of the users'), or None."""
         ...
 
     def score_features(
@@ -474,8 +480,9 @@ class Recommender:
         *,
         session: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, int, Path_, dict[str, torch.Tensor] | None]:
-        """(query embedding [D] or None, user_idx, path, the encoded user features
-        when they are the query). ``session``: ``[S]`` item indices of the current
+        """(query embedding [D] or None, user_idx, path, the encoded query fields
+        when the request gives them: a new user's features, or a session's history
+        with the user's fields). ``session``: ``[S]`` item indices of the current
         session, oldest first, and their times."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
         encoded = self._context(context)
@@ -491,10 +498,7 @@ class Recommender:
                 )
             fields = self._encode_user_features(user_features, columns)
         if session is not None:
-            query, user_idx, path = self._session_query(
-                user_idx, fields, encoded, session
-            )
-            return query, user_idx, path, None
+            return self._session_query(user_idx, fields, encoded, session)
         if self._popular_users[user_idx]:
             # The run's validated fallback: with this few interactions (none for an
             # unknown user) most-popular did better on validation.
@@ -529,10 +533,11 @@ class Recommender:
         fields: dict[str, torch.Tensor] | None,
         encoded: dict[str, torch.Tensor],
         session: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, int, Path_]:
+    ) -> tuple[torch.Tensor, int, Path_, dict[str, torch.Tensor]]:
         """The query of a session: the user's history (none when anonymous) then the
         session's items, the last ``history_length`` of them (with their times when
-        the model reads time gaps). ``fields``: an anonymous user's encoded
+        the model reads time gaps), and the encoded query fields it is read from
+        (the ranker reads the same). ``fields``: an anonymous user's encoded
         features."""
         tensors = self.run.tensors
         length = tensors.history.shape[1]
@@ -563,7 +568,8 @@ class Recommender:
         with torch.no_grad():
             query = self.run.model.encode_queries(features)[0]
         _refuse_non_finite(query, "session", "the session's features and context")
-        return query, user_idx, "personalised" if user_idx > 0 else "session"
+        path: Path_ = "personalised" if user_idx > 0 else "session"
+        return query, user_idx, path, features
 
     def recommend(
         self,
@@ -608,8 +614,9 @@ class Recommender:
                 timestamp when every one has one). They follow the user's training
                 history (the model reads the last ``retrieval.history_length``
                 items) and count as seen; an anonymous session is a query of its
-                own (``path="session"``), so it needs no user. Unknown item IDs
-                are an error that names them.
+                own (``path="session"``), so it needs no user. The ranker reads the
+                session as the query's history too, and its EASE term the
+                session's items. Unknown item IDs are an error that names them.
             candidates: rank these items only (raw item IDs, e.g. the list of a
                 retrieval of your own): the answer orders them as the whole
                 catalogue would be ordered, ranker included, and
@@ -727,8 +734,7 @@ class Recommender:
             width = min(width, available)
             top_scores, top_idx = torch.topk(scores, width)
         ranker = self.ranker if use_ranker else None
-        ranked = path in ("personalised", "cold_start_features")
-        if ranker is None or not ranked or not len(top_idx):
+        if ranker is None or path == "popularity" or not len(top_idx):
             # (Nothing passed the filters: an empty answer, not a ranker error.)
             answer = self._answer(
                 user_id, path, top_idx[:k], top_scores[:k], None, new=new
@@ -740,10 +746,13 @@ class Recommender:
             )
         user = torch.tensor([user_idx])
         cold = None
-        if path == "cold_start_features":  # the ranker reads the same features
-            assert fields is not None and query is not None
+        if fields is not None:  # the ranker reads the same fields (and history)
             cold = (fields, query)
-        out, ease = self._rank(ranker, user, top_idx, new, cold)
+        basket = None
+        if session_idx is not None:  # the EASE term reads the session's items too
+            stored = self._seen.row(user_idx) if user_idx > 0 else np.zeros(0)
+            basket = np.union1d(stored, session_idx.numpy()).astype(np.int64)
+        out, ease = self._rank(ranker, user, top_idx, new, cold, basket)
         # The rule evaluation scores: click logit plus a validated share of the
         # retrieval logit (and the EASE term when the ranker has one).
         logits = top_scores / float(self.run.model.temperature)
@@ -797,12 +806,15 @@ class Recommender:
         idx: torch.Tensor,
         new: _NewItems | None,
         cold: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
+        basket: np.ndarray | None = None,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The ranker's heads ``[1, C]`` for the candidates ``idx`` (new items past
         the catalogue's rows, scored from their features) and the EASE term (0
         for a new item: it has no rows in the item-to-item matrix). ``cold``: a
-        user answered from its features, given by their encoded fields and its
-        retrieval query (the EASE term is then 0: it has no items)."""
+        query given by its encoded fields (a new user's features, or a session's
+        history) and its retrieval query; ``basket``: the items the EASE term
+        reads (a session's, with the user's), in place of the user's (none for
+        an unknown user: the term is then 0)."""
         known = idx < self.item_embeddings.shape[0]
 
         def of_known(items: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -810,16 +822,24 @@ class Recommender:
                 return ranker.score(user, items[None, :])
             return ranker.score_user(cold[0], cold[1], items)
 
+        def ease_of(items: torch.Tensor) -> torch.Tensor | None:
+            rows = None
+            if basket is not None:
+                rows = UserItems.from_pairs(
+                    np.zeros(len(basket), dtype=np.int64), basket, num_rows=1
+                )
+            return ranker.ease_scores(user, items[None, :], rows=rows)
+
         with torch.no_grad():
             if new is None or bool(known.all()):
-                return of_known(idx), ranker.ease_scores(user, idx[None, :])
+                return of_known(idx), ease_of(idx)
             out = {name: torch.zeros(1, len(idx)) for name in ("rating", "click")}
             ease = None if ranker.ease is None else torch.zeros(1, len(idx))
             if known.any():
                 scored = of_known(idx[known])
                 for name in out:
                     out[name][0, known] = scored[name][0]
-                term = ranker.ease_scores(user, idx[known][None, :])
+                term = ease_of(idx[known])
                 if ease is not None and term is not None:
                     ease[0, known] = term[0].to(ease.dtype)
             rows = idx[~known] - self.item_embeddings.shape[0]

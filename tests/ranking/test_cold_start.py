@@ -161,3 +161,50 @@ def test_the_blend_is_picked_on_the_lists_evaluation_reports(stages: TwoStage) -
     # Read as unknown users instead, the same rows score otherwise.
     bare = dataclasses.replace(data, users=None)
     assert blend_ndcg(ranker, bare) != ndcg
+
+
+def test_an_anonymous_session_is_re_ranked_from_its_items(
+    recommender: Recommender,
+) -> None:
+    """A session's answer is re-ranked as a known user's is: the ranker reads the
+    session as the query's history (no user ID, no features) and the EASE term
+    the session's items, where it answered in retrieval's order."""
+    from twostage.data.user_items import UserItems
+    from twostage.models.fields import HISTORY
+
+    rec = recommender
+    ranker = rec.ranker
+    assert ranker is not None and ranker.ease is not None
+    session = [5, 6, 7]
+    answer = rec.recommend(None, 10, session=session)
+    assert answer.path == "session"
+    keys = [i["rank_score"] for i in answer.items]
+    assert keys == sorted(keys, reverse=True)
+    plain = rec.recommend(None, 10, session=session, use_ranker=False)
+    assert "rank_score" not in plain.items[0]
+    # The keys are the ranker's click logit for the session's history, plus the
+    # blend of the retrieval logit and the EASE term over the session's items.
+    idx = torch.tensor([rec.item_vocab.lookup(i["item_id"]) for i in answer.items])
+    items = torch.tensor([rec.item_vocab.lookup(i) for i in session])
+    history = torch.zeros(1, rec.run.tensors.history.shape[1], dtype=torch.long)
+    history[0, -3:] = items
+    query = rec.run.model.encode_queries(
+        {
+            **{k: v[:1] for k, v in rec.run.tensors.user_features.items()},
+            HISTORY: history,
+        }
+    )[0]
+    click = ranker.score_user({HISTORY: history}, query, idx)["click"][0]
+    basket = UserItems.from_pairs([0, 0, 0], items.tolist(), num_rows=1)
+    ease = ranker.ease_scores(torch.tensor([0]), idx[None, :], rows=basket)
+    assert ease is not None and bool((ease != 0).any())  # the session's items
+    logits = torch.tensor([i["score"] for i in answer.items])
+    logits = logits / float(rec.run.model.temperature)
+    expected = click + ranker.blend_weight * logits
+    expected = expected + ranker.config.ease_weight * ease[0]
+    torch.testing.assert_close(torch.tensor(keys), expected, atol=1e-4, rtol=1e-4)
+    # Another session, another history: the ranker scores the same items otherwise.
+    other = torch.full_like(history, int(idx[-1]))
+    assert not torch.allclose(
+        ranker.score_user({HISTORY: other}, query, idx)["click"][0], click
+    )

@@ -139,19 +139,23 @@ class RankingRun:
             scores += term.to(scores.device)
         return scores / temperature
 
-    def ease_scores(self, user_idx: Tensor, item_idx: Tensor) -> Tensor | None:
+    def ease_scores(
+        self, user_idx: Tensor, item_idx: Tensor, *, rows: UserItems | None = None
+    ) -> Tensor | None:
         """``[B, C]`` the EASE term of ``C`` candidates for each of ``B`` users: the
         user's EASE score over their seen items, divided by its spread over the
         catalogue (less its mean, which shifts a user's candidates alike); None
         without the term. Unknown users (index 0) have no items and score 0, and
         so do items past the matrix's rows (:meth:`with_items`: none in the
-        training log)."""
+        training log). ``rows``: ``B`` item sets to read instead of the users'
+        seen items (a session's)."""
         if self.ease is None:
             return None
-        users = self.tensors.users
-        if self._seen is None or self._seen[0] != id(users):
-            self._seen = (id(users), self.tensors.seen())
-        rows = self._seen[1].take(user_idx.numpy())
+        if rows is None:
+            users = self.tensors.users
+            if self._seen is None or self._seen[0] != id(users):
+                self._seen = (id(users), self.tensors.seen())
+            rows = self._seen[1].take(user_idx.numpy())
         right = self.ease.right
         inside = item_idx < right.shape[0]
         with torch.no_grad():

@@ -161,7 +161,8 @@ class RecommendRequest(_Strict):
         None,
         description="The current session's items, oldest first (IDs, or objects "
         "with `item_id` and `timestamp`): they extend the user's history and are "
-        "excluded as seen; without a `user_id` the session alone is the query.",
+        "excluded as seen; without a `user_id` the session alone is the query. "
+        "The ranking stage reads them as the query's history too.",
     )
 
     def session_items(self) -> list[Any] | None:

@@ -536,9 +536,9 @@ class Recommender:
     ) -> tuple[torch.Tensor, int, Path_, dict[str, torch.Tensor]]:
         """The query of a session: the user's history (none when anonymous) then the
         session's items, the last ``history_length`` of them (with their times when
-        the model reads time gaps), and the encoded query fields it is read from
-        (the ranker reads the same). ``fields``: an anonymous user's encoded
-        features."""
+        the model reads time gaps), and the encoded query fields the ranker reads
+        (the same, less the request's context, which the ranker never trains on).
+        ``fields``: an anonymous user's encoded features."""
         tensors = self.run.tensors
         length = tensors.history.shape[1]
         items, times = session
@@ -569,7 +569,10 @@ class Recommender:
             query = self.run.model.encode_queries(features)[0]
         _refuse_non_finite(query, "session", "the session's features and context")
         path: Path_ = "personalised" if user_idx > 0 else "session"
-        return query, user_idx, path, features
+        # The ranker trained with the context unknown (it reads none per row):
+        # its fields leave the request's context out.
+        ranked = {k: v for k, v in features.items() if k not in encoded}
+        return query, user_idx, path, ranked
 
     def recommend(
         self,

@@ -181,3 +181,45 @@ def test_a_context_number_far_out_of_range_is_the_client_s_mistake() -> None:
         ):
             rec.recommend(None, 3, session=[1, 2], context={"temperature": far})
     assert len(rec.recommend(1, 3, context={"temperature": -40.0}).items) == 3
+
+
+def test_a_session_s_ranker_reads_no_request_context() -> None:
+    """The ranker trains with the context unknown (it reads none per row), so a
+    session's re-ranking leaves the request's context out of the ranker's fields:
+    the same session at two moments gets the same click score for an item both
+    answers hold, while retrieval reads the moment."""
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *SMALL,
+            "train.epochs=2",
+            "retrieval.query_fields=user_id,hour_of_day",
+            "retrieval.history_length=5",
+            "ranking.epochs=1",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            "ranking.use_retrieval_features=false",
+        ],
+    )
+    rec = fit_two_stage(config, _daypart_log(num=2000)).recommender()
+    assert rec.ranker is not None
+    day = 100 * 24 * HOUR
+    temperature = float(rec.run.model.temperature)
+    blend = rec.ranker.blend_weight
+
+    def clicks(moment: int) -> dict[int, float]:
+        answer = rec.recommend(
+            None, 60, session=[3, 60], context={"timestamp": day + moment}
+        )
+        assert answer.path == "session"
+        return {
+            i["item_id"]: i["rank_score"] - blend * i["score"] / temperature
+            for i in answer.items
+        }
+
+    morning, evening = clicks(MORNING), clicks(EVENING)
+    assert list(morning)[:10] != list(evening)[:10]  # retrieval reads the moment
+    both = set(morning) & set(evening)
+    assert len(both) >= 10
+    for item in both:
+        assert morning[item] == pytest.approx(evening[item], abs=1e-4), item

@@ -175,6 +175,7 @@ def impressions_line(report: dict[str, Any]) -> str:
         f"{report[key]:,} {name}"
         for key, name in (
             ("shown_cold_users", "users new to the model"),
+            ("shown_cold_users_with_history", "of them read from their history"),
             ("shown_cold_items", "items new to it"),
         )
         if report.get(key)

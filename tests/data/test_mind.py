@@ -5,13 +5,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from twostage.cli import app
 from twostage.data.mind import read_mind
 from twostage.data.registry import load_dataset
 from twostage.errors import BadRowError, ConfigError, DataError
+from twostage.models.fields import HISTORY
 
 runner = CliRunner()
 
@@ -139,3 +142,95 @@ def test_mind_trains_end_to_end(tmp_path: Path) -> None:
     # (they were 3 a user more, 540 pairs, each user's history counted as chosen).
     measured = json.loads(evaluated.stdout)
     assert measured["ranking"]["num_test_pairs"] == 60 * 6
+
+
+def _planted_lines(users: range, days: int, rng: np.random.Generator) -> str:
+    """Each user reads one of four categories (its history too): a clicked news of
+    its own, three of the others shown and not clicked, on each of ``days`` days."""
+    lines = []
+    for user in users:
+        topic = user % 4
+        history = " ".join(f"N{topic}{int(i)}" for i in rng.integers(0, 30, 3))
+        for k in range(days):
+            shown = [f"N{topic}{int(rng.integers(0, 30))}-1"]
+            shown += [
+                f"N{(topic + 1 + j) % 4}{int(rng.integers(0, 30))}-0" for j in range(3)
+            ]
+            time = f"11/{11 + k}/2019 {1 + user % 12}:00:00 PM"
+            lines.append(f"{len(lines)}\tU{user}\t{time}\t{history}\t{' '.join(shown)}")
+    return "\n".join(lines) + "\n"
+
+
+def _planted_news() -> str:
+    """``news.tsv`` of the planted log's news: each one's category is its topic."""
+    return "".join(
+        f"N{topic}{i}\tc{topic}\tsub\tnews {topic} {i}\t\thttps://x\t[]\t[]\n"
+        for topic in range(4)
+        for i in range(30)
+    )
+
+
+def test_a_dev_file_s_new_users_are_read_from_their_history(tmp_path: Path) -> None:
+    """MIND's dev file: users the model never trained on come with their click
+    history. It is kept apart (`Dataset.prior`), never counted as test choices,
+    and the ranker reads it as the new user's history, as serving reads a
+    session: the impressions are then ordered by the user's category."""
+    import dataclasses
+
+    from twostage.ranking.evaluation import shown_auc
+    from twostage.recommender import load
+    from twostage.retrieval.evaluation import read_test_log
+
+    rng = np.random.default_rng(0)
+    train, dev = tmp_path / "train", tmp_path / "dev"
+    train.mkdir()
+    dev.mkdir()
+    (train / "behaviors.tsv").write_text(_planted_lines(range(80), 6, rng))
+    (dev / "behaviors.tsv").write_text(_planted_lines(range(1000, 1040), 1, rng))
+    for folder in (train, dev):
+        (folder / "news.tsv").write_text(_planted_news())
+    read = read_mind(dev, history=False)
+    assert read.num_interactions == 40 and read.prior is not None
+    assert read.prior.height == 40 * 3
+    assert set(read.prior["user_id"]) == set(read.interactions["user_id"])
+    bundle = tmp_path / "b"
+    trained = runner.invoke(
+        app,
+        [
+            *("train", "--dataset", f"mind:{train}", "--out", str(bundle)),
+            *("--set", "train.epochs=5", "--set", "ranking.epochs=20"),
+            *("--set", "ranking.batch_size=64", "--set", "ranking.embedding_dim=8"),
+            *("--set", "retrieval.embedding_dim=8", "--set", "retrieval.output_dim=8"),
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    rec = load(bundle)
+    assert rec.ranker is not None
+    test = read_test_log(rec.run, f"mind:{dev}")
+    assert test.prior is not None and test.prior.height == 40 * 3
+    read_from = shown_auc(rec.ranker, test)
+    blind = shown_auc(rec.ranker, dataclasses.replace(test, prior=None))
+    assert read_from["shown_cold_users"] == 40 == blind["shown_cold_users"]
+    assert read_from["shown_cold_users_with_history"] == 40
+    assert blind["shown_cold_users_with_history"] == 0
+    # A new user is scored from its history as serving scores a session of those
+    # items: the ranker's fields at the unknown user's row, the history filled.
+    user = test.interactions["user_id"][0]
+    grown, index, added = rec.ranker.with_users(
+        pl.Series("user_id", [user]), None, test.prior
+    )
+    assert added == 1
+    items = torch.tensor([rec.item_vocab.lookup(f"N{t}1") for t in range(4)])
+    got = grown.score(index, items[None, :])["click"][0]
+    history = grown.tensors.history[index]
+    seen = test.prior.filter(pl.col("user_id") == user)["item_id"].to_list()
+    assert history[0, -3:].tolist() == [rec.item_vocab.lookup(i) for i in seen]
+    fields = {k: v[:1] for k, v in rec.run.tensors.user_features.items()}
+    query = rec.run.model.encode_queries({**fields, HISTORY: history})[0]
+    served = rec.ranker.score_user({HISTORY: history}, query, items)["click"][0]
+    torch.testing.assert_close(got, served)
+    without = rec.ranker.score(torch.tensor([0]), items[None, :])["click"][0]
+    assert not torch.allclose(got, without)  # the history is read
+    evaluated = runner.invoke(app, ["evaluate", str(bundle), "--test", f"mind:{dev}"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "40 of them read from their history" in evaluated.output

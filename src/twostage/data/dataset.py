@@ -41,6 +41,11 @@ class Dataset:
             ``item_id``, ``timestamp``); they are not interactions. The ranker learns
             from them as negatives and evaluation scores them (``shown_auc``). None:
             the log has no such rows.
+        prior: rows from before the log's period (``user_id``, ``item_id``,
+            ``timestamp``): what its users did before, served as their history
+            and never a test choice (a MIND test file's click histories,
+            ``read_mind(..., history=False)``). Evaluation scores a user the model
+            never trained on from them, as a session. None: no such rows.
     """
 
     name: str
@@ -51,6 +56,7 @@ class Dataset:
     report: LoadReport | None = field(default=None)
     has_time: bool = True
     shown: pl.DataFrame | None = None
+    prior: pl.DataFrame | None = None
 
     def __post_init__(self) -> None:
         missing = [c for c in (USER, ITEM, TIME) if c not in self.interactions.columns]
@@ -65,12 +71,14 @@ class Dataset:
                     f"a feature table must have a {key!r} column. "
                     f"Received columns: {table.columns}."
                 )
-        if self.shown is not None:
-            missing = [c for c in (USER, ITEM, TIME) if c not in self.shown.columns]
+        for name, rows in (("shown", self.shown), ("prior", self.prior)):
+            if rows is None:
+                continue
+            missing = [c for c in (USER, ITEM, TIME) if c not in rows.columns]
             if missing:
                 raise DataError(
-                    f"`shown` must have columns {USER!r}, {ITEM!r}, {TIME!r}; "
-                    f"missing {missing}. Received columns: {self.shown.columns}."
+                    f"`{name}` must have columns {USER!r}, {ITEM!r}, {TIME!r}; "
+                    f"missing {missing}. Received columns: {rows.columns}."
                 )
 
     @property
@@ -107,7 +115,7 @@ class Dataset:
         return 0 if self.shown is None else self.shown.height
 
     def with_interactions(self, interactions: pl.DataFrame) -> Dataset:
-        """A copy sharing the side tables and the shown rows, with other
+        """A copy sharing the side tables, the shown and the prior rows, with other
         interactions (a split gives each side its shown rows: :meth:`with_shown`)."""
         return Dataset(
             name=self.name,
@@ -118,6 +126,7 @@ class Dataset:
             report=self.report,
             has_time=self.has_time,
             shown=self.shown,
+            prior=self.prior,
         )
 
     def with_shown(self, shown: pl.DataFrame | None) -> Dataset:

@@ -66,9 +66,10 @@ def read_mind(path: str | Path, **options: Any) -> Dataset:
             ``category``, ``subcategory``, ``title`` and ``abstract``.
         **options: ``strict=True`` stops at the first bad line or row (a
             :class:`~twostage.errors.BadRowError` naming its line); ``name``
-            names the dataset (default ``mind``); ``history=False`` leaves the
-            users' histories out (a test file's: clicks from before its period,
-            not events to predict).
+            names the dataset (default ``mind``); ``history=False`` keeps the
+            users' histories apart, as ``Dataset.prior`` (a test file's: clicks
+            from before its period, the users' served history, not events to
+            predict).
 
     Returns:
         A dataset of ``user_id``, ``item_id`` (the news) and ``timestamp``: the
@@ -100,7 +101,7 @@ def read_mind(path: str | Path, **options: Any) -> Dataset:
             f"{str(root)!r} is not a MIND behaviors file, nor a directory holding "
             f"{_BEHAVIORS!r}."
         )
-    raw, report = _rows(behaviors, history=bool(options.get("history", True)))
+    raw, report, prior = _rows(behaviors, history=bool(options.get("history", True)))
     spec = Spec(
         {USER: USER, ITEM: ITEM, LABEL: LABEL, TIME: TIME},
         (),
@@ -130,6 +131,23 @@ def read_mind(path: str | Path, **options: Any) -> Dataset:
         text = _line_text(behaviors, line)  # the line, not the row made of it
         raise BadRowError(str(behaviors), line, reason, text)
     parsed = parsed.with_columns(canonical_ints(parsed, [USER, ITEM]).values())
+    if prior is not None:  # typed as the log's IDs (MIND's are text)
+        typed = prior.with_columns(
+            pl.col(key).cast(parsed.schema[key], strict=False) for key in (USER, ITEM)
+        )
+        bad = typed[USER].is_null() | typed[ITEM].is_null()
+        if bad.any():  # said, not silently dropped
+            logger.warning(
+                "%d history rows of %s hold an ID that is not of the log's type "
+                "(user %s, news %s), e.g. %s; they are left out of the users' "
+                "history",
+                int(bad.sum()),
+                behaviors,
+                parsed.schema[USER],
+                parsed.schema[ITEM],
+                prior.filter(bad).row(0),
+            )
+        prior = typed.drop_nulls([USER, ITEM])
     shown = parsed.filter(~pl.col(LABEL)).select(USER, ITEM, TIME)
     interactions = parsed.filter(pl.col(LABEL)).select(USER, ITEM, TIME)
     report.rows_loaded = parsed.height
@@ -148,14 +166,19 @@ def read_mind(path: str | Path, **options: Any) -> Dataset:
         report=report,
         has_time=True,
         shown=shown,
+        prior=prior,
     )
 
 
-def _rows(path: Path, *, history: bool = True) -> tuple[pl.DataFrame, LoadReport]:
+def _rows(
+    path: Path, *, history: bool = True
+) -> tuple[pl.DataFrame, LoadReport, pl.DataFrame | None]:
     """One row per news of each impression and (with ``history``) of each user's
     first history:
     ``user_id``, ``item_id``, ``label`` (text) and ``timestamp`` (seconds), with
-    the line each came from; the report counts the lines rejected whole."""
+    the line each came from; the report counts the lines rejected whole. Without
+    ``history``, the history rows (``user_id``, ``item_id``, ``timestamp``) come
+    apart, third."""
     lines = read_lines(path, "a MIND behaviors file").with_columns(
         pl.col(_TEXT).str.strip_suffix("\r").str.split("\t").alias("__f")
     )
@@ -222,10 +245,10 @@ def _rows(path: Path, *, history: bool = True) -> tuple[pl.DataFrame, LoadReport
             TIME,
         )
     )
-    if not history:
-        return shown, report
+    if not history:  # kept apart: the users' history, not events of the log
+        return shown, report, clicked.select(USER, ITEM, TIME)
     rows = pl.concat([clicked, shown], how="vertical").sort(LINE, maintain_order=True)
-    return rows, report
+    return rows, report, None
 
 
 def _line_text(path: Path, line: int) -> str:

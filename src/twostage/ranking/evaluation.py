@@ -260,10 +260,13 @@ def shown_auc(
 
     Every row counts, as MIND's leaderboard counts every impression: a user the
     model does not know is scored as a cold start, from its row of ``test.users``
-    (:meth:`RankingRun.with_users`), and an item it never trained on (only ever
-    shown, or new since) from its row of ``test.items``
-    (:meth:`RankingRun.with_items`), each with its ID at the unknown row.
-    ``shown_cold_users`` and ``shown_cold_items`` count those users and items.
+    and its rows of ``test.prior`` as its history (a MIND test file's click
+    histories, read as serving reads a session; :meth:`RankingRun.with_users`),
+    and an item it never trained on (only ever shown, or new since) from its row
+    of ``test.items`` (:meth:`RankingRun.with_items`), each with its ID at the
+    unknown row. ``shown_cold_users`` and ``shown_cold_items`` count those users
+    and items, ``shown_cold_users_with_history`` the new users read from a
+    history.
 
     ``shown_auc``: per user, the click AUC of the test items chosen against those
     shown and not chosen, ties counting 1/2, averaged over the ``shown_auc_users``
@@ -280,7 +283,7 @@ def shown_auc(
     frames = (test.interactions, test.shown)
     both = pl.concat([f.select(USER, ITEM, TIME) for f in frames], how="vertical")
     scorer, item_idx, cold_items = ranking.with_items(both[ITEM], test.items)
-    scorer, user_idx, cold_users = scorer.with_users(both[USER], test.users)
+    scorer, user_idx, cold_users = scorer.with_users(both[USER], test.users, test.prior)
     rows = pl.DataFrame(
         {
             "user": both[USER],
@@ -312,6 +315,7 @@ def shown_auc(
     result["shown_auc"] = float(per_user["auc"].mean())  # type: ignore[arg-type]
     result["shown_auc_users"] = per_user.height
     result["shown_cold_users"] = cold_users
+    result["shown_cold_users_with_history"] = _with_history(ranking, test, both[USER])
     result["shown_cold_items"] = cold_items
     if not impression_figures:  # validation reads shown_auc only
         return result
@@ -329,6 +333,21 @@ def shown_auc(
             "count": per_impression.height,
         }
     return result
+
+
+def _with_history(ranking: RankingRun, test: Dataset, users: pl.Series) -> int:
+    """How many of ``users`` the model never trained on have a prior row
+    (``test.prior``) of an item it knows: those scored from their history."""
+    from twostage.data.dataset import ITEM, USER
+
+    if test.prior is None or not test.prior.height:
+        return 0
+    spec = ranking.retrieval.spec
+    prior = test.prior
+    new = spec.vocabulary(USER).transform(prior[USER]) == 0
+    known = spec.vocabulary(ITEM).transform(prior[ITEM]) > 0
+    read = prior.filter(pl.Series(new & known))[USER]
+    return int(read.filter(read.is_in(users.unique().implode())).n_unique())
 
 
 def _group_auc(pairs: pl.DataFrame, group: list[str]) -> pl.DataFrame:

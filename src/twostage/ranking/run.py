@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twostage.config import RankingConfig
-from twostage.data.dataset import ITEM, RATING, USER, WEIGHT, Dataset
+from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
 from twostage.data.user_items import UserItems
 from twostage.errors import DataError
 from twostage.features.fields import Side
@@ -241,15 +241,21 @@ class RankingRun:
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
 
     def with_users(
-        self, ids: pl.Series, users: pl.DataFrame | None
+        self,
+        ids: pl.Series,
+        users: pl.DataFrame | None,
+        prior: pl.DataFrame | None = None,
     ) -> tuple[RankingRun, Tensor, int]:
         """This ranker, able to score users it never trained on, and ``ids``'
         indices: :meth:`with_items` for the query side.
 
         Each distinct ID outside the user vocabulary gets a row past it: its query
         fields encoded from its row of ``users`` with its ID at the unknown row, as
-        a new user's features are for a cold start, and no history; where
-        ``users`` has no row or lacks a feature column, the unknown user's row.
+        a new user's features are for a cold start; where ``users`` has no row or
+        lacks a feature column, the unknown user's row. Its history is its rows
+        of ``prior`` (``user_id``, ``item_id``, ``timestamp``: what it did before,
+        the latest ``history_length`` items the model knows, in time order), as
+        serving reads a session; none without.
 
         Returns:
             The run to score with (this one when every ID is known), ``[n]`` int64
@@ -281,14 +287,21 @@ class RankingRun:
         def grown(table: Tensor) -> Tensor:  # new users' rows: nothing
             return F.pad(table, (0, 0, 0, len(new))) if table.numel() else table
 
+        history = grown(self.tensors.history)
+        history_times = grown(self.tensors.history_times)
+        if prior is not None and prior.height and history.shape[1]:
+            items, times = _prior_rows(spec, new, prior, history.shape[1])
+            history[known_rows:] = items
+            if history_times.numel():
+                history_times[known_rows:] = times
         tensors = dataclasses.replace(
             self.tensors,
             user_features={
                 k: torch.cat([v, side[k].to(v.dtype)])
                 for k, v in self.tensors.user_features.items()
             },
-            history=grown(self.tensors.history),
-            history_times=grown(self.tensors.history_times),
+            history=history,
+            history_times=history_times,
             neighbour_history=grown(self.tensors.neighbour_history),
         )
         vectors = None
@@ -459,6 +472,31 @@ class RankingRun:
             )
             per_query = model.project_queries(first, users, user_vectors)
         return _Inference(side, first, projection, users, per_query)
+
+
+def _prior_rows(
+    spec: FeatureSpec, new: pl.Series, prior: pl.DataFrame, length: int
+) -> tuple[Tensor, Tensor]:
+    """``([len(new), length], same)`` the latest ``length`` items (most recent
+    last, 0 = padding) and their times of each ``new`` user's ``prior`` rows,
+    by time (ties in row order); items the model does not know are left out."""
+    from twostage.retrieval.tensors import latest_rows
+
+    rows = prior.select(USER, ITEM, TIME).join(
+        pl.DataFrame({USER: new}).with_row_index("__u"),
+        on=USER,
+        how="inner",
+        maintain_order="left",
+    )
+    items = spec.vocabulary(ITEM).transform(rows[ITEM]).astype("int64")
+    known = items > 0
+    return latest_rows(
+        rows[TIME].to_numpy()[known],
+        rows["__u"].to_numpy().astype("int64")[known],
+        items[known],
+        num_users=len(new),
+        length=length,
+    )
 
 
 def _past_vocabulary(

@@ -389,7 +389,8 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
         if str(path).lower().startswith("mind:"):  # MIND's own protocol: dev file
             from twostage.data.mind import read_mind
 
-            # Its histories are clicks from before its period, not test events.
+            # Its histories are clicks from before its period, not test events:
+            # kept apart (`prior`), the history of users new to the model.
             test = read_mind(str(path).partition(":")[2], history=False)
         else:
             test = with_names_if_headerless(
@@ -414,12 +415,14 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
     try:
         rows = test.interactions.with_columns(typed)
         shown = None if test.shown is None else test.shown.with_columns(typed)
+        prior = None if test.prior is None else test.prior.with_columns(typed)
     except pl.exceptions.PolarsError as e:
         raise DataError(
             f"the IDs of {str(path)!r} do not have the run's types "
             f"({types[USER]}, {types[ITEM]}): {clause(e)}"
         ) from e
-    return with_training_tables(run, test.with_interactions(rows).with_shown(shown))
+    test = test.with_interactions(rows).with_shown(shown)
+    return with_training_tables(run, dataclasses.replace(test, prior=prior))
 
 
 def with_training_tables(run: RetrievalRun, test: Dataset) -> Dataset:

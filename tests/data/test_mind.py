@@ -198,8 +198,8 @@ def test_a_dev_file_s_new_users_are_read_from_their_history(tmp_path: Path) -> N
         app,
         [
             *("train", "--dataset", f"mind:{train}", "--out", str(bundle)),
-            *("--set", "train.epochs=5", "--set", "ranking.epochs=20"),
-            *("--set", "ranking.batch_size=64", "--set", "ranking.embedding_dim=8"),
+            *("--set", "train.epochs=5", "--set", "ranking.epochs=30"),
+            *("--set", "ranking.batch_size=32", "--set", "ranking.embedding_dim=8"),
             *("--set", "retrieval.embedding_dim=8", "--set", "retrieval.output_dim=8"),
         ],
     )
@@ -213,6 +213,10 @@ def test_a_dev_file_s_new_users_are_read_from_their_history(tmp_path: Path) -> N
     assert read_from["shown_cold_users"] == 40 == blind["shown_cold_users"]
     assert read_from["shown_cold_users_with_history"] == 40
     assert blind["shown_cold_users_with_history"] == 0
+    # Their history says their category: the impressions are ordered by it
+    # (0.79 measured), where without it the new users are told apart by nothing.
+    assert read_from["impressions"]["auc"] > 0.7
+    assert blind["impressions"]["auc"] < 0.6
     # A new user is scored from its history as serving scores a session of those
     # items: the ranker's fields at the unknown user's row, the history filled.
     user = test.interactions["user_id"][0]

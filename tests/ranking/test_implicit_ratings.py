@@ -115,3 +115,21 @@ def test_one_rating_for_every_row_is_named(
     with caplog.at_level("WARNING", logger="twostage.ranking"):
         fit_two_stage(apply_overrides(ExperimentConfig(), SMALL), book_crossing_like)
     assert "every training rating" not in caplog.text
+
+
+def test_an_epoch_of_few_steps_is_said(
+    book_crossing_like, caplog: pytest.LogCaptureFixture
+) -> None:
+    """About 1,600 training pairs at the default batch of 1,024 are two steps an
+    epoch: the ranker may stop early having learned little, and the run says so
+    with a batch that gives it more."""
+    config = apply_overrides(ExperimentConfig(), [*SMALL, "ranking.epochs=1"])
+    with caplog.at_level("WARNING", logger="twostage.ranking"):
+        fit_two_stage(config, book_crossing_like, evaluate_test=False)
+    assert "the ranker's epoch is 2 step(s)" in caplog.text
+    assert "--set ranking.batch_size=" in caplog.text
+    caplog.clear()
+    smaller = apply_overrides(config, ["ranking.batch_size=64"])
+    with caplog.at_level("WARNING", logger="twostage.ranking"):
+        fit_two_stage(smaller, book_crossing_like, evaluate_test=False)
+    assert "the ranker's epoch" not in caplog.text

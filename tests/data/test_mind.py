@@ -125,13 +125,17 @@ def test_mind_trains_end_to_end(tmp_path: Path) -> None:
         [
             *("train", "--dataset", f"mind:{tmp_path}", "--out", str(tmp_path / "b")),
             *("--set", "data.split=temporal", "--json"),
-            *("--set", "train.epochs=2", "--set", "ranking.epochs=2"),
+            *("--set", "train.epochs=2", "--set", "ranking.epochs=30"),
+            *("--set", "ranking.batch_size=32"),
             *("--set", "retrieval.embedding_dim=8", "--set", "retrieval.output_dim=8"),
         ],
     )
     assert result.exit_code == 0, result.output
     ranking = json.loads(result.stdout)["ranking"]
-    assert ranking["shown_auc_users"] > 0 and 0 <= ranking["shown_auc"] <= 1
+    # The clicked news is of the user's category, the others not: learnable
+    # (0.98 measured; it read 0.5 and passed when the ranker had 2 epochs of 1
+    # step, as the test only asked for a figure between 0 and 1).
+    assert ranking["shown_auc_users"] > 0 and ranking["shown_auc"] > 0.8
     # MIND's protocol: a model of the training file measured on another file.
     evaluated = runner.invoke(
         app, ["evaluate", str(tmp_path / "b"), "--test", f"mind:{tmp_path}", "--json"]

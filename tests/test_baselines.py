@@ -382,3 +382,54 @@ def test_recency_ease_follows_the_latest_taste_where_ease_reads_a_set():
         found[name] = int(((top >= latest) & (top < latest + 10)).sum())
     assert found["recent"] >= 76  # of 80 (80 measured)
     assert found["plain"] <= 20  # (14 measured)
+
+
+def test_a_session_is_scored_as_a_user_with_those_items_would_be():
+    """``score_sequences`` reads a sequence of items (a new user's prior rows, as a
+    session is read) the way ``score`` reads a stored user's: for each baseline
+    fitted on a log, a table of the users' own sequences scores as the users do
+    (session-kNN: but for the user being its own neighbour)."""
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 40, 500)
+    items = rng.integers(1, 25, 500)
+    times = rng.integers(0, 1_000, 500)
+    order = np.lexsort((np.arange(500), times, users))
+    table = torch.zeros(40, 40, dtype=torch.long)  # left-padded, most recent last
+    for user in range(40):
+        mine = items[order][users[order] == user]
+        table[user, table.shape[1] - len(mine) :] = torch.from_numpy(mine)
+    everyone = torch.arange(40)
+    fitted = [
+        cls().fit(UserItems.from_pairs(users, items, num_rows=40), num_items=25)
+        for cls in (Popularity, EASE, ItemKNN)
+    ]
+    fitted += [
+        cls().fit_log(users, items, times, num_users=40, num_items=25)
+        for cls in (Transition, RecencyEASE)
+    ]
+    fitted.append(RecentPopularity().fit_log(items, times, num_items=25))
+    for model in fitted:
+        expected = model.score(everyone)
+        torch.testing.assert_close(model.score_sequences(table), expected)
+        # Padding between items changes nothing: only the order of the items.
+        spread = torch.zeros(40, 80, dtype=torch.long)
+        spread[:, 1::2] = table
+        torch.testing.assert_close(model.score_sequences(spread), expected)
+    knn = SessionKNN().fit_log(users, items, times, num_users=40, num_items=25)
+    assert knn.model is not None
+    torch.testing.assert_close(
+        knn.score_sequences(table), knn.model.score_sequences(table)
+    )
+    # Recency: the same items in another order score otherwise.
+    recency = fitted[4]
+    flipped = table.flip(1)
+    assert not torch.allclose(recency.score_sequences(flipped), recency.score(everyone))
+    last = fitted[3].score_sequences(torch.tensor([[0, 3, 0, 7, 0]]))
+    torch.testing.assert_close(last, fitted[3].score_sequences(torch.tensor([[7]])))
+    for model in [*fitted, knn]:
+        with pytest.raises(DataError, match=r"sessions|history"):
+            model.score_sequences(torch.tensor([[1.5]]))
+    with pytest.raises(DataError, match="sessions"):
+        fitted[1].score_sequences(torch.tensor([[25]]))
+    with pytest.raises(NotFittedError):
+        EASE().score_sequences(torch.tensor([[1]]))

@@ -62,6 +62,8 @@ class Baseline(Protocol):
 
     def score(self, user_idx: torch.Tensor) -> torch.Tensor: ...
 
+    def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor: ...
+
 
 def _values(
     train: UserItems, num_items: int, weights: np.ndarray | None
@@ -130,6 +132,34 @@ def _check_table(history: torch.Tensor) -> None:
             "`history` should be a [U, L] integer tensor. "
             f"Received: dtype={history.dtype}, shape={tuple(history.shape)}."
         )
+
+
+def _session_rows(
+    sessions: torch.Tensor, num_items: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[B, num_items]`` dense 0/1 rows of the items of ``sessions [B, L]`` (most
+    recent last, 0 = padding): each a user's row of ``X`` read from their items
+    rather than stored, as a request's session is read."""
+    rows, _, items = _session_items(sessions, num_items)
+    dense = torch.zeros(sessions.shape[0], num_items, dtype=dtype)
+    dense[rows, items] = 1.0
+    return dense
+
+
+def _session_items(
+    sessions: torch.Tensor, num_items: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row, column, item)`` of each item of ``sessions [B, L]`` that is not
+    padding, checked against the catalogue's ``num_items``."""
+    _check_table(sessions)
+    sessions = sessions.long()
+    if sessions.numel() and (sessions.min() < 0 or sessions.max() >= num_items):
+        raise DataError(
+            f"`sessions` should hold item indices in [0, {num_items}) (0 = padding). "
+            f"Received: values from {int(sessions.min())} to {int(sessions.max())}."
+        )
+    rows, cols = (sessions > 0).nonzero(as_tuple=True)
+    return rows, cols, sessions[rows, cols]
 
 
 def _history(
@@ -212,6 +242,14 @@ class Popularity:
         users = _check_users(user_idx)
         return self.item_scores.repeat(users.size, 1)
 
+    def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor:
+        """``sessions [B, L]`` (item indices, 0 = padding) -> ``[B, num_items]``:
+        the same row for every session."""
+        if self.item_scores is None:
+            raise NotFittedError("Popularity.score_sequences was called before fit.")
+        _check_table(sessions)
+        return self.item_scores.repeat(sessions.shape[0], 1)
+
 
 class EASE:
     """Embarrassingly Shallow Autoencoder (Steck, 2019), in closed form.
@@ -285,6 +323,15 @@ class EASE:
         train, values = self._train
         history = _history(train, values, user_idx, self.weights.shape[0])
         return history @ self.weights  # (B, N) @ (N, N) -> (B, N)
+
+    def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor:
+        """``sessions [B, L]`` (item indices, most recent last, 0 = padding) ->
+        ``[B, num_items]``: each session's items as a user's row of ``X`` (1 each,
+        whatever ``weights`` the fit read), times ``B``."""
+        if self.weights is None:
+            raise NotFittedError("EASE.score_sequences was called before fit.")
+        rows = _session_rows(sessions, self.weights.shape[0], self.weights.dtype)
+        return rows @ self.weights  # (B, N) @ (N, N) -> (B, N)
 
 
 class ItemKNN:
@@ -381,7 +428,21 @@ class ItemKNN:
         if self.similarity is None or self._similarity_t is None or self._train is None:
             raise NotFittedError("ItemKNN.score was called before fit.")
         train, values = self._train
-        history = _history(train, values, user_idx, self._similarity_t.shape[0])
+        return self._scores(
+            _history(train, values, user_idx, self._similarity_t.shape[0])
+        )
+
+    def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor:
+        """``sessions [B, L]`` (item indices, 0 = padding) -> ``[B, num_items]``:
+        each session's items as a user's row of ``X`` (1 each)."""
+        if self._similarity_t is None:
+            raise NotFittedError("ItemKNN.score_sequences was called before fit.")
+        num_items = self._similarity_t.shape[0]
+        return self._scores(_session_rows(sessions, num_items, torch.float32))
+
+    def _scores(self, history: torch.Tensor) -> torch.Tensor:
+        """``[B, num_items]`` scores of dense rows of ``X``."""
+        assert self.similarity is not None and self._similarity_t is not None
         # S keeps row i's top k (cosine is symmetric). Candidate neighbourhoods:
         # score[j] = sum_i S[j, i] x_i, i.e. X @ S^T; history ones: X @ S.
         kept = self.similarity if self.neighbours_of == "candidate" else None
@@ -434,6 +495,15 @@ class RecentPopularity:
         if self.item_scores is None:
             raise NotFittedError("RecentPopularity.score was called before fit_log.")
         return self.item_scores.repeat(_check_users(user_idx).size, 1)
+
+    def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor:
+        """``sessions [B, L]`` -> ``[B, num_items]``, the same row for every one."""
+        if self.item_scores is None:
+            raise NotFittedError(
+                "RecentPopularity.score_sequences was called before fit_log."
+            )
+        _check_table(sessions)
+        return self.item_scores.repeat(sessions.shape[0], 1)
 
 
 class Transition:
@@ -513,13 +583,34 @@ class Transition:
         if self.counts is None:
             raise NotFittedError("Transition.score was called before fit_sequences.")
         users = torch.from_numpy(_check_users(user_idx))
-        num_items = self.counts.shape[0]
         last = torch.zeros(len(users), dtype=torch.long)
         if self.last_items is not None:
             known = users < len(self.last_items)
             last[known] = self.last_items[users[known]]
-        one_hot = torch.zeros(len(users), num_items)
-        one_hot[torch.arange(len(users)), last] = 1.0
+        return self._after(last)
+
+    def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor:
+        """``sessions [B, L]`` (item indices, most recent last, 0 = padding) ->
+        ``[B, num_items]``: what followed each session's last item."""
+        if self.counts is None:
+            raise NotFittedError(
+                "Transition.score_sequences was called before fit_sequences."
+            )
+        _session_items(sessions, self.counts.shape[0])
+        sessions = sessions.long()
+        width = sessions.shape[1]
+        # Each row's latest item: the kept entry of the highest column (none: 0).
+        place = (sessions > 0).long() * torch.arange(1, width + 1)
+        last = sessions.gather(1, place.argmax(dim=1, keepdim=True))[:, 0]
+        return self._after(last)
+
+    def _after(self, last: torch.Tensor) -> torch.Tensor:
+        """``[B, num_items]`` the counts of what followed each ``last`` item
+        (0: none, zeros)."""
+        assert self.counts is not None
+        num_items = self.counts.shape[0]
+        one_hot = torch.zeros(len(last), num_items)
+        one_hot[torch.arange(len(last)), last] = 1.0
         one_hot[:, 0] = 0.0  # no last item: no row
         with quiet_sparse():
             # counts^T (N, N) @ one_hot^T (N, B) -> (N, B): the rows of the last items.
@@ -628,6 +719,25 @@ class RecencyEASE:
         history = _history(rows, weights, user_idx, self.ease.weights.shape[0])
         return history @ self.ease.weights  # (B, N) @ (N, N) -> (B, N)
 
+    def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor:
+        """``sessions [B, L]`` (item indices, most recent last, 0 = padding) ->
+        ``[B, num_items]``: each session's items weighed as a user's are, by
+        their distance from its latest item."""
+        if self.ease.weights is None:
+            raise NotFittedError(
+                "RecencyEASE.score_sequences was called before fit_log."
+            )
+        num_items = self.ease.weights.shape[0]
+        rows, cols, items = _session_items(sessions, num_items)
+        kept = (sessions > 0).long()
+        after = kept.flip(1).cumsum(1).flip(1) - kept  # the session's items after it
+        decay = torch.exp(-after[rows, cols].double() / self.recency)
+        dense = torch.zeros(sessions.shape[0] * num_items, dtype=torch.float64)
+        # A repeated item counts at its latest place: the largest weight.
+        dense.scatter_reduce_(0, rows * num_items + items, decay, reduce="amax")
+        history = dense.view(-1, num_items).to(self.ease.weights.dtype)
+        return history @ self.ease.weights  # (B, N) @ (N, N) -> (B, N)
+
 
 class SessionKNN:
     """The sequence-aware neighbourhood baseline (session-kNN, STAN without its
@@ -720,6 +830,17 @@ class SessionKNN:
         if self.model is None:
             raise NotFittedError("SessionKNN.score was called before fit_log.")
         return self.model.score_users(torch.from_numpy(_check_users(user_idx)))
+
+    def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor:
+        """``sessions [B, L]`` (item indices, most recent last, 0 = padding) ->
+        ``[B, num_items]``: each session as a query of its own, every stored user
+        a possible neighbour."""
+        if self.model is None:
+            raise NotFittedError(
+                "SessionKNN.score_sequences was called before fit_log."
+            )
+        _session_items(sessions, self.model.num_items)
+        return self.model.score_sequences(sessions.long())
 
 
 BASELINES: dict[str, Callable[..., Baseline]] = {

@@ -352,9 +352,7 @@ def score_samples(run: RetrievalRun, test: Dataset) -> dict[str, np.ndarray]:
     from twostage.retrieval.evaluation import eval_queries
 
     queries = eval_queries(run, test)
-    query_emb = run.query_embeddings(
-        queries.user_ids, users=test.users, context=queries.context
-    )
+    query_emb = queries.embeddings(run, test.users)
     items = run.item_embeddings()
     rows = queries.relevant.row_ids()
     cols = queries.relevant.indices

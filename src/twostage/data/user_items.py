@@ -192,6 +192,19 @@ class UserItems:
         theirs = other.row_ids() * width + other.indices
         return self._keep(~np.isin(mine, theirs, assume_unique=True))
 
+    def union(self, other: UserItems) -> UserItems:
+        """Row-wise set union ``self | other`` (both with the same ``num_rows``)."""
+        if other.num_rows != self.num_rows:
+            raise DataError(
+                "both UserItems should have the same number of rows. "
+                f"Received: {self.num_rows} and {other.num_rows}."
+            )
+        return UserItems.from_pairs(
+            np.concatenate([self.row_ids(), other.row_ids()]),
+            np.concatenate([self.indices, other.indices]),
+            num_rows=self.num_rows,
+        )
+
     def filter_items(self, item_mask: np.ndarray) -> UserItems:
         """Keeps the items where ``item_mask`` (``[num_items]`` bool) is true."""
         if item_mask.dtype != np.bool_ or item_mask.ndim != 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,10 +70,14 @@ def _two_stage(
     seen: UserItems,
     blend_weights: tuple[float, ...],
     *,
+    reading: Tensor | None = None,
     chunk: int = 256,
 ) -> tuple[Tensor, dict[float, Tensor]]:
     """Retrieve ``num_candidates`` unseen items per user, then re-rank them
-    (:func:`twostage.ranking.rerank.rerank`, the rule serving uses).
+    (:func:`twostage.ranking.rerank.rerank`, the rule serving uses); the EASE
+    term reads each user's ``seen`` items. ``reading [Q]``: the new users read
+    from a prior history (:meth:`RankingRun.with_users`), answered as a session
+    is, never by the popularity fallback.
 
     Returns:
         ``[Q, C]`` item_idx in retrieval order and, per blend weight, ``[Q, C]`` in
@@ -86,6 +91,8 @@ def _two_stage(
     popular = torch.from_numpy(
         ranking.retrieval.uses_popularity(ranking.as_trained_users(user_idx).numpy())
     )
+    if reading is not None:
+        popular &= ~reading
     valid = torch.ones(ranking.tensors.num_items, dtype=torch.bool)
     valid[0] = False
     for start in range(0, len(user_idx), chunk):
@@ -93,7 +100,7 @@ def _two_stage(
         part = seen.slice(start, start + len(users))
         ids, logits = top_unseen(ranking, users, part, k)
         click = ranking.score(users, ids.clamp_min(0))["click"]
-        ease = ranking.ease_scores(users, ids.clamp_min(0))
+        ease = ranking.ease_scores(users, ids.clamp_min(0), rows=part)
         fallback = popular[start : start + len(users)]
         if fallback.any():
             rows = [part.row(r) for r in torch.nonzero(fallback).flatten().tolist()]
@@ -124,22 +131,30 @@ def evaluated_lists(ranking: RankingRun, data: Dataset) -> tuple[Tensor, Tensor]
         the model never trained on, the list it serves with the user's row of
         ``data.users`` as ``user_features``.
     """
-    user_idx, _, seen, _, ids = _queries(ranking, data)
-    scorer, scored = _with_new_users(ranking, data, user_idx, ids)
-    _, lists = _two_stage(scorer, scored, seen, (ranking.blend_weight,))
-    return user_idx, lists[ranking.blend_weight]
+    queries = _queries(ranking, data)
+    scorer, scored = _with_new_users(ranking, data, queries)
+    _, lists = _two_stage(
+        scorer,
+        scored,
+        queries.seen,
+        (ranking.blend_weight,),
+        reading=queries.reading,
+    )
+    return queries.user_idx, lists[ranking.blend_weight]
 
 
 def _with_new_users(
-    ranking: RankingRun, data: Dataset, user_idx: Tensor, ids: pl.Series
+    ranking: RankingRun, data: Dataset, queries: _Queries
 ) -> tuple[RankingRun, Tensor]:
     """The ranker to score ``data``'s users with and their indices there: each
     user the model never trained on as serving answers one sent with its
     features (``cold_start_features``), from its row of ``data.users``
-    (:meth:`RankingRun.with_users`; the unknown user's row without one)."""
-    if not bool((user_idx == 0).any()):
-        return ranking, user_idx
-    scorer, scored, _ = ranking.with_users(ids, data.users)
+    (:meth:`RankingRun.with_users`; the unknown user's row without one), and
+    with its rows of ``data.prior`` as a session (:attr:`_Queries.reading`)."""
+    if not bool((queries.user_idx == 0).any()):
+        return ranking, queries.user_idx
+    prior = data.prior if bool(queries.reading.any()) else None
+    scorer, scored, _ = ranking.with_users(queries.ids, data.users, prior)
     return scorer, scored
 
 
@@ -155,18 +170,35 @@ def _list_metrics(
     return {m: {str(k): v for k, v in metrics[m].items()} for m in names}
 
 
-def _queries(
-    ranking: RankingRun, data: Dataset
-) -> tuple[Tensor, UserItems, UserItems, int, pl.Series]:
-    """One query per user of ``data``: ``[Q]`` user_idx, relevant unseen, seen items,
-    the width of the evaluated catalogue (unknown test items each count, past the
-    vocabulary: :class:`~twostage.retrieval.evaluation.EvalQueries`), and the
-    users' raw IDs."""
+@dataclass
+class _Queries:
+    """One query per user of a test split, for the two-stage lists."""
+
+    user_idx: Tensor  # [Q] (0: a user the model never trained on)
+    relevant: UserItems  # their test items, less the seen ones
+    seen: UserItems  # their training items (a new user's: its prior items)
+    num_items: int  # the evaluated catalogue (unknown test items each count)
+    ids: pl.Series  # [Q] raw user IDs
+    reading: Tensor  # [Q] bool: new users read from their prior rows
+
+
+def _queries(ranking: RankingRun, data: Dataset) -> _Queries:
+    """One query per user of ``data``: the width of the evaluated catalogue
+    counts each unknown test item past the vocabulary
+    (:class:`~twostage.retrieval.evaluation.EvalQueries`), and a new user's rows
+    of ``data.prior`` are its history and seen items (:func:`eval_queries`)."""
     queries = eval_queries(ranking.retrieval, data)
     seen = ranking.tensors.seen().take(queries.user_idx)
-    relevant = queries.relevant.difference(seen)
-    user_idx = torch.from_numpy(queries.user_idx)
-    return user_idx, relevant, seen, queries.num_items, queries.user_ids
+    if queries.prior is not None:
+        seen = seen.union(queries.prior.seen())
+    return _Queries(
+        user_idx=torch.from_numpy(queries.user_idx),
+        relevant=queries.relevant.difference(seen),
+        seen=seen,
+        num_items=queries.num_items,
+        ids=queries.user_ids,
+        reading=torch.from_numpy(queries.reads_prior()),
+    )
 
 
 def blend_ndcg(ranking: RankingRun, validation: Dataset) -> dict[float, float]:
@@ -178,11 +210,13 @@ def blend_ndcg(ranking: RankingRun, validation: Dataset) -> dict[float, float]:
     serving answers one sent with its features."""
     if not validation.num_interactions:
         return {}
-    user_idx, relevant, seen, num_items, ids = _queries(ranking, validation)
-    scorer, scored = _with_new_users(ranking, validation, user_idx, ids)
-    _, lists = _two_stage(scorer, scored, seen, BLEND_GRID)
+    queries = _queries(ranking, validation)
+    scorer, scored = _with_new_users(ranking, validation, queries)
+    _, lists = _two_stage(
+        scorer, scored, queries.seen, BLEND_GRID, reading=queries.reading
+    )
     return {
-        w: _list_metrics(ids, relevant, num_items)["ndcg"]["10"]
+        w: _list_metrics(ids, queries.relevant, queries.num_items)["ndcg"]["10"]
         for w, ids in lists.items()
     }
 
@@ -239,9 +273,16 @@ def evaluate_ranking(
     result["auc"] = _test_auc(ranking, users, items, seed)
     if test.num_shown:
         result.update(shown_auc(ranking, test))
-    user_idx, relevant, seen, num_items, ids = _queries(ranking, test)
-    scorer, scored = _with_new_users(ranking, test, user_idx, ids)
-    retrieved, lists = _two_stage(scorer, scored, seen, (ranking.blend_weight,))
+    queries = _queries(ranking, test)
+    scorer, scored = _with_new_users(ranking, test, queries)
+    retrieved, lists = _two_stage(
+        scorer,
+        scored,
+        queries.seen,
+        (ranking.blend_weight,),
+        reading=queries.reading,
+    )
+    relevant, num_items = queries.relevant, queries.num_items
     result["retrieval_only"] = _list_metrics(retrieved, relevant, num_items)
     result["two_stage"] = _list_metrics(
         lists[ranking.blend_weight], relevant, num_items

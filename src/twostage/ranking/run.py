@@ -9,13 +9,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from twostage.config import RankingConfig
-from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
+from twostage.data.dataset import ITEM, RATING, USER, WEIGHT, Dataset
 from twostage.data.user_items import UserItems
 from twostage.errors import DataError
 from twostage.features.fields import Side
@@ -25,7 +26,7 @@ from twostage.models.ranking import FirstLayers, RankingModel, retrieval_extras
 from twostage.models.ranking import Side as EmbeddedSide
 from twostage.models.towers import FieldInfo
 from twostage.retrieval.run import RetrievalRun
-from twostage.retrieval.tensors import RetrievalTensors, query_features
+from twostage.retrieval.tensors import PriorHistory, RetrievalTensors, query_features
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +131,21 @@ class RankingRun:
 
     def retrieval_scores(self, user_idx: Tensor) -> Tensor:
         """``[B, N]`` retrieval logits (cosine / temperature) of every item, the
-        session-kNN term included when the retrieval run has one."""
+        session-kNN term included when the retrieval run has one (a user past
+        the retrieval run's rows, :meth:`with_users`, reads its history there as
+        a session, as serving reads one)."""
         users, items = self.retrieval_vectors()
         temperature = float(self.retrieval.model.temperature)
         scores = users[user_idx] @ items.T  # (B, D) @ (D, N) -> (B, N)
         if self.retrieval.scores_exactly:  # computed on the host, like its table
-            term = self.retrieval.neighbour_term(self.as_trained_users(user_idx.cpu()))
+            host = user_idx.cpu()
+            sessions = None
+            past = host >= int(self.retrieval.tensors.history.shape[0])
+            if past.any():  # new users (with_users): their history as a session
+                sessions = self.tensors.history[host].masked_fill(~past[:, None], 0)
+            term = self.retrieval.neighbour_term(
+                self.as_trained_users(host), sessions=sessions
+            )
             scores += term.to(scores.device)
         return scores / temperature
 
@@ -290,7 +300,9 @@ class RankingRun:
         history = grown(self.tensors.history)
         history_times = grown(self.tensors.history_times)
         if prior is not None and prior.height and history.shape[1]:
-            items, times = _prior_rows(spec, new, prior, history.shape[1])
+            items, times = PriorHistory.of(spec, new, prior).padded(
+                np.arange(len(new)), history.shape[1]
+            )
             history[known_rows:] = items
             if history_times.numel():
                 history_times[known_rows:] = times
@@ -472,31 +484,6 @@ class RankingRun:
             )
             per_query = model.project_queries(first, users, user_vectors)
         return _Inference(side, first, projection, users, per_query)
-
-
-def _prior_rows(
-    spec: FeatureSpec, new: pl.Series, prior: pl.DataFrame, length: int
-) -> tuple[Tensor, Tensor]:
-    """``([len(new), length], same)`` the latest ``length`` items (most recent
-    last, 0 = padding) and their times of each ``new`` user's ``prior`` rows,
-    by time (ties in row order); items the model does not know are left out."""
-    from twostage.retrieval.tensors import latest_rows
-
-    rows = prior.select(USER, ITEM, TIME).join(
-        pl.DataFrame({USER: new}).with_row_index("__u"),
-        on=USER,
-        how="inner",
-        maintain_order="left",
-    )
-    items = spec.vocabulary(ITEM).transform(rows[ITEM]).astype("int64")
-    known = items > 0
-    return latest_rows(
-        rows[TIME].to_numpy()[known],
-        rows["__u"].to_numpy().astype("int64")[known],
-        items[known],
-        num_users=len(new),
-        length=length,
-    )
 
 
 def _past_vocabulary(

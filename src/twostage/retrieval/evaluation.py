@@ -23,7 +23,7 @@ from twostage.errors import ConfigError, DataError, TwostageError, clause
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
 from twostage.features.context import add_context_columns
 from twostage.retrieval.run import RetrievalRun, load_run
-from twostage.retrieval.tensors import RetrievalTensors, context_keys
+from twostage.retrieval.tensors import PriorHistory, RetrievalTensors, context_keys
 
 __all__ = [
     "EvalQueries",
@@ -62,6 +62,28 @@ class EvalQueries:
     item_slices: dict[str, np.ndarray]
     num_cold_items: int = 0  # distinct test items unknown to the model
     context: pl.DataFrame | None = None  # [Q] each query's context columns, if any
+    # The prior rows (`Dataset.prior`) of the queries whose user is new, if any.
+    prior: PriorHistory | None = None
+
+    def reads_prior(self) -> np.ndarray:
+        """``[Q]`` bool: the queries of a new user with a prior item the model
+        knows, answered from that history as a session is (never the popularity
+        fallback) and with those items excluded as seen."""
+        if self.prior is None:
+            return np.zeros(len(self.user_idx), dtype=bool)
+        return self.prior.lengths() > 0
+
+    def embeddings(self, run: RetrievalRun, users: pl.DataFrame | None) -> torch.Tensor:
+        """``[Q, D]`` the queries' embeddings (:meth:`RetrievalRun.query_embeddings`:
+        unknown users from their row of ``users``, a new user with prior rows
+        from the latest ``history_length`` of them)."""
+        history = None
+        if self.prior is not None:
+            everyone = np.arange(len(self.user_idx))
+            history = self.prior.padded(everyone, int(run.tensors.history.shape[1]))
+        return run.query_embeddings(
+            self.user_ids, users=users, context=self.context, history=history
+        )
 
     @property
     def num_items(self) -> int:
@@ -79,7 +101,10 @@ class EvalQueries:
 def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
     """One query per test user (relevant: their test items), or, for a model that
     reads per-interaction context, one query per test interaction with its context
-    (relevant: its item); seen = the user's training items."""
+    (relevant: its item); seen = the user's training items. A user the model never
+    trained on with rows in ``test.prior`` (what they did before the test's
+    period: a MIND test file's click histories) reads those as their history,
+    and they are seen."""
     user_vocab, item_vocab = run.spec.vocabulary(USER), run.spec.vocabulary(ITEM)
     inter = test.interactions
     keys = context_keys(run.spec)
@@ -112,16 +137,27 @@ def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
     valid[item_vocab.size :] = False
     cold = user_idx == 0
     cold_items = ~valid  # the OOV row and every test item unknown to the model
+    seen = _seen_of(run.tensors, user_idx)
+    slices = {"warm_users": ~cold, "cold_users": cold} if cold.any() else None
+    prior = None
+    if test.prior is not None and test.prior.height and cold.any():
+        prior = PriorHistory.of(run.spec, user_ids, test.prior, reads=cold)
+        if prior.items.size and slices is not None:
+            seen = seen.union(prior.seen())
+            slices["cold_users_with_history"] = prior.lengths() > 0
+        else:
+            prior = None
     return EvalQueries(
         user_ids=user_ids,
         user_idx=user_idx,
         relevant=relevant,
-        seen=_seen_of(run.tensors, user_idx),
+        seen=seen,
         valid_items=valid,
-        slices={"warm_users": ~cold, "cold_users": cold} if cold.any() else None,
+        slices=slices,
         item_slices={"cold_items": cold_items},
         num_cold_items=num_cold,
         context=context,
+        prior=prior,
     )
 
 
@@ -145,11 +181,10 @@ def evaluate_run_embeddings(
     rank of a torch.distributed group scores its share of the users."""
     check_test_rows(test)
     queries = eval_queries(run, test)
-    query_emb = run.query_embeddings(
-        queries.user_ids, users=test.users, context=queries.context
-    )
+    prior = queries.prior
+    query_emb = queries.embeddings(run, test.users)
     item_emb = queries.pad_items(run.item_embeddings())
-    popular = run.uses_popularity(queries.user_idx)
+    popular = run.uses_popularity(queries.user_idx) & ~queries.reads_prior()
     if not popular.any() and not run.scores_exactly:
         return evaluate_embeddings(
             query_emb,
@@ -171,7 +206,12 @@ def evaluate_run_embeddings(
     def score(rows: torch.Tensor) -> torch.Tensor:
         scores = query_emb[rows] @ item_emb.T  # (B, D) @ (D, N) -> (B, N)
         if run.scores_exactly:
-            scores += queries.pad_scores(run.neighbour_term(user_idx[rows]))
+            sessions = None
+            if prior is not None:  # a new user's prior items, as a session's
+                length = int(run.tensors.neighbour_history.shape[1])
+                sessions = prior.padded(np.asarray(rows), length)[0]
+            term = run.neighbour_term(user_idx[rows], sessions=sessions)
+            scores += queries.pad_scores(term)
         scores[fallback[rows]] = popularity
         return scores
 
@@ -205,8 +245,11 @@ def evaluate_baselines(
     test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
     times, recent popularity, the item-to-item transition model, the
     sequence-aware user neighbourhood (session-kNN) and EASE read in time order
-    (``ease-recency``) (the last three on every training row in time order; without ``train``, on the run's recent items when it keeps more than
-    one a user, so then they depend on ``retrieval.history_length``)."""
+    (``ease-recency``) (the last three on every training row in time order;
+    without ``train``, on the run's recent items when it keeps more than one a
+    user, so then they depend on ``retrieval.history_length``). A test user new to
+    the model with rows in ``test.prior`` is scored from all of them
+    (``score_sequences``), where the run reads its latest ``history_length``."""
     from twostage.baselines import (
         BASELINES,
         RecencyEASE,
@@ -265,9 +308,20 @@ def evaluate_baselines(
                 "`train=` (the run keeps too short a history to fit them from it)."
             )
     results: dict[str, EvalResult] = {}
+    reading = queries.reads_prior()
 
     def scorer(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda rows: queries.pad_scores(model.score(user_idx[rows]))
+        def score(rows: torch.Tensor) -> torch.Tensor:
+            scores = model.score(user_idx[rows])
+            if queries.prior is not None:  # new users: their prior items, in full
+                picked = np.asarray(rows)
+                read = reading[picked]
+                if read.any():
+                    sessions, _ = queries.prior.padded(picked[read])
+                    scores[torch.from_numpy(read)] = model.score_sequences(sessions)
+            return queries.pad_scores(scores)
+
+        return score
 
     for name, make in makers.items():
         if names is not None and name not in names:

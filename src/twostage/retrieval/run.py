@@ -38,6 +38,7 @@ from twostage.models.ensemble import (
     member_configs,
     member_kinds,
 )
+from twostage.models.fields import HISTORY, HISTORY_TIMES
 from twostage.models.linear_items import LinearItemsModel
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.session_knn import SessionNeighbours
@@ -393,6 +394,7 @@ class RetrievalRun:
         *,
         users: pl.DataFrame | None,
         context: Mapping[str, Any] | pl.DataFrame | None = None,
+        history: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``[Q, D]`` query embeddings of raw user IDs; unknown users use their features.
 
@@ -405,6 +407,11 @@ class RetrievalRun:
             context: the per-interaction context of each query, for a model that reads
                 some (a frame of ``Q`` rows, or one mapping for all); missing values
                 encode as unknown.
+            history: ``([Q, L], [Q, L])`` items and times (``L``: the tables'
+                history length, most recent last, 0 = padding) that a query with
+                any item reads instead of its stored history: a new user's prior
+                rows (:class:`~twostage.retrieval.tensors.PriorHistory`), read as
+                serving reads a session.
         """
         frame = context_frame(user_ids, context, context_keys(self.spec))
         user_idx = torch.from_numpy(self.spec.vocabulary(USER).transform(user_ids))
@@ -415,6 +422,11 @@ class RetrievalRun:
         else:
             features = self.spec.transform_queries(frame, users=users)
         features.update(self.tensors.history_features(user_idx))
+        if history is not None and HISTORY in features and features[HISTORY].shape[1]:
+            fresh = (history[0] > 0).any(dim=1, keepdim=True)
+            for key, rows in zip((HISTORY, HISTORY_TIMES), history, strict=True):
+                if key in features:
+                    features[key] = torch.where(fresh, rows, features[key])
         with torch.no_grad():
             return self.model.encode_queries(features)
 

@@ -28,6 +28,7 @@ from twostage.features.context import context_frame
 from twostage.models.fields import HISTORY, HISTORY_TIMES
 
 __all__ = [
+    "PriorHistory",
     "RetrievalTensors",
     "build_tensors",
     "history_table",
@@ -287,6 +288,95 @@ def latest_rows(
     if frame["t"].dtype.is_numeric():
         stamps[rows, cols] = torch.from_numpy(frame["t"].to_numpy().astype(np.int64))
     return history, stamps
+
+
+@dataclass(frozen=True)
+class PriorHistory:
+    """What some queries' users did before the test's period (``Dataset.prior``: a
+    MIND test file's click histories), one row per query: the user's prior rows of
+    items the model knows, oldest first (by time, ties in row order), to be read
+    as serving reads a session. Stored ragged, as :class:`UserItems` stores sets.
+
+    Attributes:
+        indptr: ``[Q + 1]`` int64; row ``q`` holds ``items[indptr[q]:indptr[q+1]]``.
+        items: ``[n]`` int64 item indices (never 0).
+        times: ``[n]`` int64 seconds (0 where the prior rows' times are not numbers).
+    """
+
+    indptr: np.ndarray
+    items: np.ndarray
+    times: np.ndarray
+
+    @classmethod
+    def of(
+        cls,
+        spec: FeatureSpec,
+        user_ids: pl.Series,
+        prior: pl.DataFrame,
+        *,
+        reads: np.ndarray | None = None,
+    ) -> PriorHistory:
+        """The rows of ``prior`` (``user_id``, ``item_id``, ``timestamp``) of each
+        of ``user_ids`` (raw IDs, one per query; ``reads [Q]`` bool: only these
+        queries read theirs, the others get none); items outside the item
+        vocabulary are left out."""
+        queries = pl.DataFrame({USER: user_ids}).with_row_index("__q")
+        if reads is not None:
+            queries = queries.filter(pl.Series(reads))
+        stamps = prior[TIME] if TIME in prior.columns else pl.repeat(0, prior.height)
+        rows = (
+            pl.DataFrame({USER: prior[USER], ITEM: prior[ITEM], "__t": stamps})
+            .with_row_index("__r")
+            .join(queries, on=USER, how="inner")
+        )
+        items = spec.vocabulary(ITEM).transform(rows[ITEM]).astype(np.int64)
+        rows = (
+            rows.select("__q", "__t", "__r")
+            .with_columns(pl.Series("__i", items))
+            .filter(pl.col("__i") > 0)
+            .sort("__q", "__t", "__r")
+        )
+        times = rows["__t"]
+        stamps_np = (
+            times.cast(pl.Int64).to_numpy()
+            if times.dtype.is_numeric()
+            else np.zeros(rows.height, dtype=np.int64)
+        )
+        indptr = np.zeros(len(user_ids) + 1, dtype=np.int64)
+        counts = np.bincount(rows["__q"].to_numpy(), minlength=len(user_ids))
+        np.cumsum(counts, out=indptr[1:])
+        return cls(indptr, rows["__i"].to_numpy().astype(np.int64), stamps_np)
+
+    def lengths(self) -> np.ndarray:
+        """``[Q]`` int64 number of prior items of each query."""
+        return np.diff(self.indptr)
+
+    def seen(self) -> UserItems:
+        """Each query's prior items as a set (served as seen, as a session's are)."""
+        rows = np.repeat(np.arange(len(self.indptr) - 1), self.lengths())
+        return UserItems.from_pairs(rows, self.items, num_rows=len(self.indptr) - 1)
+
+    def padded(
+        self, rows: np.ndarray, length: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``([B, L], [B, L])`` the latest ``length`` prior items (default: the
+        longest row's count) and their times of the queries ``rows``, most recent
+        last, 0 = padding: the layout of the retrieval tables' histories."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ends = self.indptr[rows + 1]
+        have = ends - self.indptr[rows]
+        width = int(have.max(initial=0)) if length is None else length
+        take = np.minimum(have, width)
+        local = np.repeat(np.arange(len(rows)), take)
+        offset = np.arange(local.size) - np.repeat(np.cumsum(take) - take, take)
+        source = np.repeat(ends - take, take) + offset
+        column = np.repeat(width - take, take) + offset
+        items = torch.zeros(len(rows), width, dtype=torch.long)
+        times = torch.zeros(len(rows), width, dtype=torch.long)
+        where = (torch.from_numpy(local), torch.from_numpy(column))
+        items[where] = torch.from_numpy(self.items[source])
+        times[where] = torch.from_numpy(self.times[source])
+        return items, times
 
 
 def sequence_windows(

@@ -38,16 +38,17 @@ from twostage.retrieval.fit import fit_ease
 from twostage.retrieval.run import RetrievalRun
 from twostage.retrieval.tensors import RetrievalTensors, with_history_of
 from twostage.training import ProgressFn, TrainResult
-from twostage.training.loop import data_digest, resume_fingerprint, run_training
+from twostage.training.loop import (
+    data_digest,
+    few_steps,
+    resume_fingerprint,
+    run_training,
+)
 from twostage.training.optim import resolve_device
 
 __all__ = ["fit_ease_term", "fit_ranking", "fit_ranking_pairs"]
 
 logger = logging.getLogger(__name__)
-
-#: Fewer optimiser steps than this in one ranker epoch draw a warning.
-_FEW_STEPS = 10
-
 
 #: A user's items shown and not chosen, as vocabulary indices: ``(user_idx,
 #: item_idx)`` of the known pairs (an impression log's ``Dataset.shown``).
@@ -323,20 +324,11 @@ def fit_ranking_pairs(
             f"{tables.num_items} items is above EASE's {limit}. Set "
             "`ranking.ease_weight=0` for this catalogue."
         )
-    steps = -(-len(pairs[0]) // config.batch_size)  # ceil
-    if steps < _FEW_STEPS:
-        # A planted log of 720 pairs at the default 1,024 gave the ranker one step
-        # an epoch: it stopped early at an AUC of 0.49 on its own training rows
-        # (0.99 at batches of 32).
-        logger.warning(
-            "the ranker's epoch is %d step(s) (%d training pairs at "
-            "ranking.batch_size=%d): it may stop early having learned little; a "
-            "smaller batch gives it more steps (e.g. --set ranking.batch_size=%d)",
-            steps,
-            len(pairs[0]),
-            config.batch_size,
-            max(1, len(pairs[0]) // (2 * _FEW_STEPS)),
-        )
+    warning = few_steps(
+        "the ranker", len(pairs[0]), config.batch_size, "ranking.batch_size"
+    )
+    if warning:
+        logger.warning(warning)
     catalogue = tables.num_items - 1  # row 0 is padding
     if config.num_candidates >= catalogue:
         logger.warning(

@@ -70,7 +70,12 @@ from twostage.retrieval.tensors import (
     with_history_of,
 )
 from twostage.training import ProgressFn, TrainResult, merge_results
-from twostage.training.loop import data_digest, resume_fingerprint, run_training
+from twostage.training.loop import (
+    data_digest,
+    few_steps,
+    resume_fingerprint,
+    run_training,
+)
 from twostage.training.optim import resolve_device
 
 __all__ = [
@@ -303,6 +308,11 @@ def train_retrieval(
         num_examples = len(by_user.users)
     elif model_config.examples == "sequences":
         num_examples = len(tensors.sequences)
+    warning = few_steps(
+        "retrieval", num_examples, config.batch_size, "train.batch_size"
+    )
+    if warning and distributed.is_main():
+        logger.warning(warning)
 
     def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
         if model_config.examples == "sequences":

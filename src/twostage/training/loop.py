@@ -45,11 +45,33 @@ __all__ = [
     "Validate",
     "request_stop",
     "data_digest",
+    "few_steps",
     "resume_fingerprint",
     "run_training",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Fewer steps an epoch than this, and a run is told its batch is large for its data.
+FEW_STEPS = 10
+
+
+def few_steps(who: str, examples: int, batch_size: int, key: str) -> str | None:
+    """The warning for an epoch of fewer than :data:`FEW_STEPS` steps (None when it
+    has more): ``who`` trains on ``examples`` at ``key`` = ``batch_size``, and may
+    stop early having learned little; the message names a batch that gives it
+    more. A planted log of 720 pairs at the ranker's default 1,024 stopped early
+    at an AUC of 0.49 on its own training rows (0.99 at batches of 32)."""
+    steps = -(-examples // batch_size)  # ceil
+    if steps >= FEW_STEPS:
+        return None
+    return (
+        f"{who}'s epoch is {steps} step(s) ({examples} training examples at "
+        f"{key}={batch_size}): it may stop early having learned little; a smaller "
+        f"batch gives it more steps (e.g. --set {key}="
+        f"{max(1, examples // (2 * FEW_STEPS))})"
+    )
+
 
 #: ``(batch, generator) -> scalar loss``: ``batch`` holds ``[B]`` example numbers (on
 #: the training device); ``generator`` is the epoch's seeded random source.

@@ -260,7 +260,7 @@ def standing(served: dict[str, float], baselines: dict[str, Any]) -> list[str]:
 
 def print_test_counts(metrics: dict[str, Any] | None) -> None:
     """Who the test figures are about: users the model never saw (answered as cold
-    starts), users whose test items were all trained on (outside the seen-excluded
+    starts; those with prior rows read from them), users whose test items were all trained on (outside the seen-excluded
     figures), and test rows whose item the model never saw (counted as misses: no
     list can hold it). Nothing is printed for a plain split."""
     if not metrics or "counts" not in metrics:
@@ -277,13 +277,19 @@ def print_test_counts(metrics: dict[str, Any] | None) -> None:
     cold_users = count("cold_users", "num_queries")
     cold_rows = count("cold_items", "num_test_interactions")
     all_seen = int(counts["exclude_seen"]["num_queries_without_relevant"])
+    # new users with prior rows (a MIND dev file's histories), read as a session
+    read = count("cold_users_with_history", "num_queries")
     notes = []
     if cold_users:
-        notes.append(f"{cold_users:,} not in training, answered as cold starts")
+        notes.append(
+            f"{cold_users:,} not in training, answered as cold starts"
+            + (f" ({read:,} of them read from their history)" if read else "")
+        )
     if all_seen:
         notes.append(
-            f"{all_seen:,} whose test items were all in their training rows, left out "
-            "of the 'excl' figures"
+            f"{all_seen:,} whose test items were all in their training rows"
+            + (" or history" if read else "")
+            + ", left out of the 'excl' figures"
         )
     if cold_rows:
         notes.append(

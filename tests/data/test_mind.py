@@ -244,6 +244,8 @@ def test_a_dev_file_s_new_users_are_read_from_their_history(tmp_path: Path) -> N
     evaluated = runner.invoke(app, ["evaluate", str(bundle), "--test", f"mind:{dev}"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "40 of them read from their history" in evaluated.output
+    said = " ".join(evaluated.output.split())
+    assert "answered as cold starts (40 of them read from their history)" in said
     _retrieval_reads_the_history(rec, test, dataclasses.replace(test, prior=None))
 
 

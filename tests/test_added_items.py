@@ -117,13 +117,31 @@ def test_a_bundle_keeps_its_added_items(
         more.add_items(pl.DataFrame({"item_id": [903], "kind": ["bad"]}))
 
 
-def test_an_added_item_is_not_part_of_a_session(recommender: Recommender) -> None:
+def test_an_added_item_in_a_session_is_seen_not_read(recommender: Recommender) -> None:
+    """A visitor who clicks a product added after training: the model knows
+    nothing of it, so the query reads the session's other items; the added one
+    is still seen (never recommended back) and the answer names it."""
     rec = recommender.add_items(NEW)
-    with pytest.raises(
-        ConfigError, match=r"added to the catalogue after training.*901"
-    ):
-        rec.recommend(session=[3, 901])
-    assert rec.recommend(session=[3, 4]).path == "session"
+    both = rec.recommend(session=[3, 901, 3], k=10)
+    alone = rec.recommend(session=[3], k=11)
+    assert both.path == alone.path == "session"
+    assert both.unread_session_items == [901]
+    assert both.to_dict()["unread_session_items"] == [901]
+    assert "unread_session_items" not in alone.to_dict()
+    ids = [i["item_id"] for i in both.items]
+    assert ids == [i["item_id"] for i in alone.items if i["item_id"] != 901][:10]
+    assert [i["score"] for i in both.items] == [
+        i["score"] for i in alone.items if i["item_id"] != 901
+    ][:10]
+    # Nothing left to read: answered as if the session were empty, 901 unlisted.
+    only = rec.recommend(session=[901, 902], k=len(rec.item_vocab.values))
+    assert only.path == rec.recommend().path == "popularity"
+    assert only.unread_session_items == [901, 902]
+    assert {901, 902}.isdisjoint(i["item_id"] for i in only.items)
+    known = rec.recommend(7, session=[902], k=12)
+    assert known.path == "personalised" and known.unread_session_items == [902]
+    assert 902 not in [i["item_id"] for i in known.items]
+    assert rec.recommend(7, session=[902], k=12, exclude_seen=False).items
 
 
 def test_mistakes_in_the_items_to_add_are_named(recommender: Recommender) -> None:
@@ -177,6 +195,11 @@ def test_add_items_from_the_cli_and_serve_them(
     assert info.exit_code == 0 and "2 (after training" in info.output
     shown = runner.invoke(app, ["similar", str(models / "shop"), "--item", "901"])
     assert shown.exit_code == 0, shown.output
+    visit = runner.invoke(
+        app, ["recommend", str(models / "shop"), "--session", "3,901", "-k", "3"]
+    )
+    assert visit.exit_code == 0, visit.output
+    assert "item(s) 901 were added after training" in " ".join(visit.output.split())
     for text, message in [
         ("item_id,title\n905,X\n", "lacks the feature column"),
         ("item_id,kind\n901,good\n", "in the catalogue already"),
@@ -200,8 +223,10 @@ def test_add_items_from_the_cli_and_serve_them(
         )
         assert answer.status_code == 200, answer.text
         assert [i["item_id"] for i in answer.json()["items"]] == [901, 902]
-        refused = client.post("/v1/recommend", json={"session": [901]})
-        assert refused.status_code == 400 and "after training" in refused.text
+        added = client.post("/v1/recommend", json={"session": [901], "k": 3})
+        assert added.status_code == 200, added.text
+        assert added.json()["unread_session_items"] == [901]
+        assert 901 not in [i["item_id"] for i in added.json()["items"]]
 
 
 def test_added_items_join_an_ensemble_scored_exactly(tmp_path: Path) -> None:

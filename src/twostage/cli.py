@@ -904,6 +904,13 @@ def recommend_command(
     stage = ", retrieval alone" if no_ranker and rec.ranker is not None else ""
     title = f"Top {len(answer.items)} for {who} ({answer.path}{stage})"
     console.print(items_table(title, answer.items))
+    if answer.unread_session_items:
+        unread = ", ".join(map(str, answer.unread_session_items))
+        status_console.print(
+            f"[yellow]The session's item(s) {escape(unread)} were added after "
+            "training: left out of the list, but not read by the model, which "
+            "knows nothing of them yet.[/yellow]"
+        )
     catalogue = f"in its catalogue of {rec.item_vocab.size - 1:,}"
     if asked:
         listed = {c["item_id"] if isinstance(c, dict) else c for c in asked}

@@ -146,9 +146,22 @@ class Recommendation:
     user_id: Any
     path: Path_
     items: list[dict[str, Any]] = field(default_factory=list)
+    #: The request's session items added to the catalogue after training
+    #: (:meth:`Recommender.add_items`): excluded as seen, but not read by the
+    #: model, which knows nothing of them yet.
+    unread_session_items: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"user_id": self.user_id, "path": self.path, "items": self.items}
+        out = {"user_id": self.user_id, "path": self.path, "items": self.items}
+        if self.unread_session_items:
+            out["unread_session_items"] = self.unread_session_items
+        return out
+
+
+def _noting(answer: Recommendation, unread: list[Any]) -> Recommendation:
+    """``answer`` with the session's items the model did not read listed."""
+    answer.unread_session_items = unread
+    return answer
 
 
 def _check_k(name: str, value: int) -> int:
@@ -363,8 +376,10 @@ class Recommender:
         the ranking stage from the same features; the EASE term, the
         transition counts and the session-kNN term, which learned from the
         training log, give it 0, and the popularity fallback never serves it
-        (it has no rows in the log). It cannot be part of a request's
-        ``session`` (the model reads only the items it trained on there).
+        (it has no rows in the log). In a request's ``session`` it counts as
+        seen but is not read (the model reads a session's items by what it
+        learned of them), and the answer lists it under
+        ``unread_session_items``.
         :meth:`save` keeps the added items; the model's weights are unchanged.
 
         Args:
@@ -619,7 +634,10 @@ class Recommender:
                 items) and count as seen; an anonymous session is a query of its
                 own (``path="session"``), so it needs no user. The ranker reads the
                 session as the query's history too, and its EASE term the
-                session's items. Unknown item IDs are an error that names them.
+                session's items. Unknown item IDs are an error that names them;
+                an item added after training (:meth:`add_items`) is seen but not
+                read, and listed in the answer's ``unread_session_items`` (a
+                session of such items alone is answered as if there were none).
             candidates: rank these items only (raw item IDs, e.g. the list of a
                 retrieval of your own): the answer orders them as the whole
                 catalogue would be ordered, ranker included, and
@@ -655,24 +673,25 @@ class Recommender:
             self.item_vocab,
             history_length=int(self.run.tensors.history.shape[1]),
         )
+        unread: list[Any] = []
+        session_all = None if read is None else read[0]  # seen, added items too
+        if read is not None and session_all is not None:
+            # Items added after training are seen but not read: the model reads a
+            # session's items by what it learned of them, and knows nothing of
+            # these yet (the answer lists them).
+            added = session_all >= self.num_trained_items
+            if bool(added.any()):
+                ids = self.item_vocab.inverse_transform(session_all[added].numpy())
+                unread = ids.unique(maintain_order=True).to_list()
+                kept = ~added
+                read = (read[0][kept], read[1][kept]) if bool(kept.any()) else None
         session_idx = None if read is None else read[0]
-        if session_idx is not None and bool(
-            (session_idx >= self.num_trained_items).any()
-        ):
-            added = session_idx[session_idx >= self.num_trained_items]
-            raise ConfigError(
-                f"`session` holds item(s) added to the catalogue after training: "
-                f"{self.item_vocab.inverse_transform(added.numpy()).to_list()[:5]}. "
-                "The model reads a session's items by what it learned of them in "
-                "training; leave these out of the session until it is trained "
-                "again (they can still be recommended)."
-            )
         query, user_idx, path, fields = self._query(
             user_id, user_features, context, session=read
         )
         seen = self._seen.row(user_idx) if exclude_seen and user_idx > 0 else None
-        if exclude_seen and session_idx is not None:
-            seen = np.union1d(seen if seen is not None else [], session_idx.numpy())
+        if exclude_seen and session_all is not None:
+            seen = np.union1d(seen if seen is not None else [], session_all.numpy())
             seen = seen.astype(np.int64)
         mask = self._filters.mask(filters)
         asked = candidate_items(candidates, self.item_vocab, self._item_columns)
@@ -713,7 +732,8 @@ class Recommender:
                 extra = self._new_range(new)[: k - len(order)]
                 order = torch.cat([order, extra])
                 scores = torch.cat([scores, torch.zeros(len(extra))])
-            return self._answer(user_id, path, order, scores, None, new=new)
+            answer = self._answer(user_id, path, order, scores, None, new=new)
+            return _noting(answer, unread)
         width = max(num_candidates, k)
         if mask is None and not exact:
             top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
@@ -742,11 +762,9 @@ class Recommender:
             answer = self._answer(
                 user_id, path, top_idx[:k], top_scores[:k], None, new=new
             )
-            return (
-                self._explained(answer, user_idx, top_idx[:k], new)
-                if explain
-                else answer
-            )
+            if explain:
+                answer = self._explained(answer, user_idx, top_idx[:k], new)
+            return _noting(answer, unread)
         user = torch.tensor([user_idx])
         cold = None
         if fields is not None:  # the ranker reads the same fields (and history)
@@ -774,11 +792,9 @@ class Recommender:
             ratings = out["rating"][0][order].tolist()
             for entry, rating in zip(answer.items, ratings, strict=True):
                 entry["predicted_rating"] = rating
-        return (
-            self._explained(answer, user_idx, top_idx[order], new)
-            if explain
-            else answer
-        )
+        if explain:
+            answer = self._explained(answer, user_idx, top_idx[order], new)
+        return _noting(answer, unread)
 
     def _new_items(self, frame: pl.DataFrame, name: str = "candidates") -> _NewItems:
         """New items (``item_id`` and the item feature columns; the request's

@@ -316,9 +316,15 @@ class RecommendResponse(BaseModel):
     model: str
     version: int
     user_id: RawId | None
-    path: Literal["personalised", "cold_start_features", "popularity"]
+    path: Literal["personalised", "session", "cold_start_features", "popularity"]
     items: list[Item]
     history: list[Item] | None = None
+    unread_session_items: list[RawId] | None = Field(
+        None,
+        description="The request's `session` items added to the catalogue after "
+        "training: excluded from the answer as seen, but not read by the model, "
+        "which knows nothing of them yet (present only when there are some).",
+    )
 
 
 class SimilarResponse(BaseModel):

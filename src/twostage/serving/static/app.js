@@ -126,7 +126,9 @@ async function recommend(event) {
       both ? call("POST", "/v1/recommend", { ...body, use_ranker: false, include_history: false })
            : Promise.resolve(null),
     ]);
-    $("path").textContent = `(${answer.path.replaceAll("_", " ")}, version ${answer.version})`;
+    const unread = answer.unread_session_items || [];
+    $("path").textContent = `(${answer.path.replaceAll("_", " ")}, version ${answer.version}` +
+      (unread.length ? `; session items added after training, not read: ${unread.join(", ")})` : ")");
     fill($("recs"), answer.items, both ? "two-stage score" : "score");
     $("retrieval-column").hidden = !plain;
     if (plain) fill($("retrieval"), plain.items, "retrieval score");

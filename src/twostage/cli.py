@@ -1335,7 +1335,9 @@ def evaluate_command(
         typer.Option(
             "--test",
             help="Evaluate on this log instead (CSV, JSON lines, Parquet; e.g. the "
-            "week after training), read with the run's column mapping.",
+            "week after training), read with the run's column mapping; or "
+            "mind:DIR, MIND's dev file, whose click histories are the history of "
+            "the users new to the model.",
         ),
     ] = None,
     json_output: JsonOutput = False,

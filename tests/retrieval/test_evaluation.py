@@ -150,3 +150,39 @@ def test_transition_baseline_reads_the_log_not_the_runs_window() -> None:
     assert transition(short, train=split.train) == with_log
     # Without the log it falls back to each run's recent items, which differ here.
     assert transition(short) != transition(run)
+
+
+def test_prior_rows_are_each_query_s_history_in_time_order(run_and_test) -> None:
+    """``PriorHistory``: a query's user's prior rows of items the model knows,
+    oldest first (ties in row order), padded on the left to the tables' layout;
+    without a time column, in row order."""
+    from twostage.retrieval.tensors import PriorHistory
+
+    run, _ = run_and_test
+    vocab = run.spec.vocabulary(ITEM)
+    known = vocab.values[1:5].to_list()
+    users = pl.Series(USER, [9_001, 9_002, 9_003], dtype=vocab.values.dtype)
+    prior = pl.DataFrame(
+        {
+            USER: [9_001, 9_001, 9_002, 9_001, 9_001],
+            ITEM: [known[0], known[1], known[2], 10**9, known[3]],
+            "timestamp": [5, 3, 1, 4, 3],
+        }
+    ).with_columns(pl.col(USER, ITEM).cast(vocab.values.dtype))
+    history = PriorHistory.of(run.spec, users, prior)
+    assert history.lengths().tolist() == [3, 1, 0]  # the unknown item left out
+    items, times = history.padded(np.arange(3), 4)
+    index = [vocab.lookup(i) for i in known]
+    assert items.tolist() == [
+        [0, index[1], index[3], index[0]],  # times 3, 3 (row order), 5
+        [0, 0, 0, index[2]],
+        [0, 0, 0, 0],
+    ]
+    assert times[0].tolist() == [0, 3, 3, 5]
+    assert history.padded(np.array([0]), 2)[0].tolist() == [[index[3], index[0]]]
+    assert history.padded(np.array([1, 0]))[0].shape == (2, 3)  # the longest row
+    assert history.seen().row(0).tolist() == sorted([index[0], index[1], index[3]])
+    only = PriorHistory.of(run.spec, users, prior, reads=np.array([False, True, True]))
+    assert only.lengths().tolist() == [0, 1, 0]
+    untimed = PriorHistory.of(run.spec, users, prior.drop("timestamp"))
+    assert untimed.padded(np.array([0]))[0].tolist() == [[index[0], index[1], index[3]]]

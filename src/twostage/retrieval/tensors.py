@@ -323,7 +323,11 @@ class PriorHistory:
         queries = pl.DataFrame({USER: user_ids}).with_row_index("__q")
         if reads is not None:
             queries = queries.filter(pl.Series(reads))
-        stamps = prior[TIME] if TIME in prior.columns else pl.repeat(0, prior.height)
+        stamps = (
+            prior[TIME]
+            if TIME in prior.columns
+            else pl.Series(np.zeros(prior.height, dtype=np.int64))
+        )
         rows = (
             pl.DataFrame({USER: prior[USER], ITEM: prior[ITEM], "__t": stamps})
             .with_row_index("__r")

@@ -131,16 +131,21 @@ def evaluated_lists(ranking: RankingRun, data: Dataset) -> tuple[Tensor, Tensor]
         the model never trained on, the list it serves with the user's row of
         ``data.users`` as ``user_features``.
     """
+    queries, _, lists = _lists(ranking, data, (ranking.blend_weight,))
+    return queries.user_idx, lists[ranking.blend_weight]
+
+
+def _lists(
+    ranking: RankingRun, data: Dataset, blend_weights: tuple[float, ...]
+) -> tuple[_Queries, Tensor, dict[float, Tensor]]:
+    """:func:`_two_stage` for every user of ``data`` (:func:`_queries`), new users
+    scored as serving answers them (:func:`_with_new_users`)."""
     queries = _queries(ranking, data)
     scorer, scored = _with_new_users(ranking, data, queries)
-    _, lists = _two_stage(
-        scorer,
-        scored,
-        queries.seen,
-        (ranking.blend_weight,),
-        reading=queries.reading,
+    retrieved, lists = _two_stage(
+        scorer, scored, queries.seen, blend_weights, reading=queries.reading
     )
-    return queries.user_idx, lists[ranking.blend_weight]
+    return queries, retrieved, lists
 
 
 def _with_new_users(
@@ -210,11 +215,7 @@ def blend_ndcg(ranking: RankingRun, validation: Dataset) -> dict[float, float]:
     serving answers one sent with its features."""
     if not validation.num_interactions:
         return {}
-    queries = _queries(ranking, validation)
-    scorer, scored = _with_new_users(ranking, validation, queries)
-    _, lists = _two_stage(
-        scorer, scored, queries.seen, BLEND_GRID, reading=queries.reading
-    )
+    queries, _, lists = _lists(ranking, validation, BLEND_GRID)
     return {
         w: _list_metrics(ids, queries.relevant, queries.num_items)["ndcg"]["10"]
         for w, ids in lists.items()
@@ -273,15 +274,7 @@ def evaluate_ranking(
     result["auc"] = _test_auc(ranking, users, items, seed)
     if test.num_shown:
         result.update(shown_auc(ranking, test))
-    queries = _queries(ranking, test)
-    scorer, scored = _with_new_users(ranking, test, queries)
-    retrieved, lists = _two_stage(
-        scorer,
-        scored,
-        queries.seen,
-        (ranking.blend_weight,),
-        reading=queries.reading,
-    )
+    queries, retrieved, lists = _lists(ranking, test, (ranking.blend_weight,))
     relevant, num_items = queries.relevant, queries.num_items
     result["retrieval_only"] = _list_metrics(retrieved, relevant, num_items)
     result["two_stage"] = _list_metrics(

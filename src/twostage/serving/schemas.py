@@ -162,7 +162,9 @@ class RecommendRequest(_Strict):
         description="The current session's items, oldest first (IDs, or objects "
         "with `item_id` and `timestamp`): they extend the user's history and are "
         "excluded as seen; without a `user_id` the session alone is the query. "
-        "The ranking stage reads them as the query's history too.",
+        "The ranking stage reads them as the query's history too. An item added "
+        "to the catalogue after training is excluded but not read (the answer's "
+        "`unread_session_items`).",
     )
 
     def session_items(self) -> list[Any] | None:

@@ -6,6 +6,11 @@ justifies the defaults.
     python benchmarks/index_bench.py --json benchmarks/results/index_bench.json
     python benchmarks/index_bench.py --quick   # 100k items, a smoke run
 
+``--grow-fraction F`` (default 0.01) also builds each approximate backend on all but
+the last ``F`` of the items and grows a copy by them (``Index.extended``, what
+``add_items`` does to a catalogue's index): the time that takes against a build of
+every item, and the grown index's recall@100 at the default settings (0: skip).
+
 ``memory_mib`` is the size of what ``Index.save`` writes (vectors, graph or lists,
 ids), close to what the index holds in memory; ``rss_delta_mib`` is the growth of the
 process's resident set during ``build`` (includes build-time scratch the allocator
@@ -106,6 +111,44 @@ def build(
     return index, cost
 
 
+def grow(
+    factory: Callable[[], Index],
+    items: torch.Tensor,
+    queries: torch.Tensor,
+    truth: torch.Tensor,
+    threads: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Build on all but the last ``grow_fraction`` of ``items``, then time growing a
+    copy by them; the grown index's recall@100 against ``truth`` (every item)."""
+    added = max(1, round(len(items) * args.grow_fraction))
+    kept = len(items) - added
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    started = time.perf_counter()
+    base = factory().build(items[:kept], torch.arange(1, kept + 1))
+    built = time.perf_counter() - started
+    started = time.perf_counter()
+    grown = base.extended(items[kept:], torch.arange(kept + 1, len(items) + 1))
+    seconds = time.perf_counter() - started
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    if grown is None:  # the backend cannot grow a copy
+        return {
+            "added": added,
+            "build_rest_s": built,
+            "grow_s": float("nan"),
+            "recall_at_100": float("nan"),
+        }
+    recall = measure_search(grown, queries, truth, batch_size=args.batch_size)
+    return {
+        "added": added,
+        "build_rest_s": built,
+        "grow_s": seconds,
+        "recall_at_100": recall["recall_at_k"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
@@ -119,6 +162,12 @@ def main() -> None:
     parser.add_argument("--build-threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="100k items")
+    parser.add_argument(
+        "--grow-fraction",
+        type=float,
+        default=0.01,
+        help="the share of the items added to a built index (0: skip)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.num_items = 100_000
@@ -141,11 +190,19 @@ def main() -> None:
             | {**exact_cost, "memory_mib": saved_mib(exact)}
         )
         print(entries[-1], flush=True)
+    grown: list[dict[str, Any]] = []
     for kind in [b for b in backends if b in FACTORIES]:
         index, cost = build(FACTORIES[kind](), items, threads)
         memory = saved_mib(index)
+        if args.grow_fraction > 0:
+            grown.append(
+                grow(FACTORIES[kind], items, queries, truth, threads, args)
+                | {"name": kind, "build_all_s": cost["build_s"]}
+            )
+            print(grown[-1], flush=True)
         param, values = SWEEPS[kind]
-        for value in sorted({*values, getattr(index, param)}):
+        default = getattr(index, param)
+        for value in sorted({*values, default}):
             setattr(index, param, value)
             result = measure(index, queries, truth, args.batch_size)
             entries.append(
@@ -154,6 +211,8 @@ def main() -> None:
                 | {**cost, "memory_mib": memory, "params": index.params()}
             )
             print(entries[-1], flush=True)
+            if grown and grown[-1]["name"] == kind and value == default:
+                grown[-1]["built_recall_at_100"] = result["recall_at_100"]
 
     print_table(
         f"Index search: {args.num_items:,} x {args.dim} clustered items, "
@@ -182,9 +241,34 @@ def main() -> None:
             for e in entries
         ],
     )
+    if grown:
+        print_table(
+            f"Growing a built index by {args.grow_fraction:.0%} of the items "
+            "(Index.extended), default settings",
+            [
+                "backend",
+                "build all s",
+                "build the rest s",
+                "grow s",
+                "recall@100 grown",
+                "built",
+            ],
+            [
+                [
+                    g["name"],
+                    f"{g['build_all_s']:.1f}",
+                    f"{g['build_rest_s']:.1f}",
+                    f"{g['grow_s']:.2f}",
+                    f"{g['recall_at_100']:.3f}",
+                    f"{g.get('built_recall_at_100', float('nan')):.3f}",
+                ]
+                for g in grown
+            ],
+        )
     write_json(
         args.json,
         {
+            "grown": grown,
             "backends": entries,
             "config": vars(args)
             | {"json": None, "k": K, "build_threads": threads, "search_threads": 1},

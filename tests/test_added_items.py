@@ -144,6 +144,35 @@ def test_an_added_item_in_a_session_is_seen_not_read(recommender: Recommender) -
     assert rec.recommend(7, session=[902], k=12, exclude_seen=False).items
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_an_approximate_index_grows_by_the_added_items(
+    recommender: Recommender, kind: str, tmp_path: Path
+) -> None:
+    """Adding items grows a copy of an approximate index (an HNSW graph of a
+    million items takes minutes to build) rather than building it again: the
+    trained items keep their places, the added ones follow, and the index the
+    catalogue had is unchanged. Removing items builds one anew."""
+    from twostage.config import IndexConfig
+
+    rec = recommender.with_index(IndexConfig(kind=kind))
+    grown = rec.add_items(NEW)
+    assert grown.index is not rec.index and grown.index_kind == kind
+    before = rec.index.ids
+    assert grown.index.ids[: len(before)].tolist() == before.tolist()
+    added = [grown.item_vocab.lookup(i) for i in (901, 902, 903)]
+    assert grown.index.ids[len(before) :].tolist() == added
+    assert rec.index.size == len(before)
+    # an added item's own vector finds it (901 and 903 share their features)
+    found = grown.index.search(grown.item_embeddings[added], 2)[1]
+    assert all(item in row for item, row in zip(added, found.tolist(), strict=True))
+    again = load(grown.save(tmp_path / "models" / "shop" / "2"))
+    assert again.index_kind == kind
+    assert again.index.ids.tolist() == grown.index.ids.tolist()
+    smaller = grown.remove_items([901])
+    assert smaller.index.size == grown.index.size - 1
+    assert added[0] not in smaller.index.ids
+
+
 def test_mistakes_in_the_items_to_add_are_named(recommender: Recommender) -> None:
     rec = recommender
     cases = [

@@ -347,3 +347,46 @@ def test_more_ivf_lists_than_the_items_fill_are_reported(
     with caplog.at_level("WARNING", logger="twostage.index.faiss"):
         IVFIndex(nlist=4).build(items, ids)
     assert "asks for more lists" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_index_grows_into_a_copy_that_matches_one_built_anew(
+    kind: str, data: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """``extended``: the first 2,700 items built, the last 300 added to a copy. The
+    copy finds what an index of all 3,000 finds (the same lists for the exact
+    index, the oracle's recall for the others), saves and loads; the index it grew
+    from is unchanged."""
+    first, rest = slice(0, 2700), slice(2700, None)
+    base = _backend(kind).build(data["items"][first], data["ids"][first])
+    before = base.search(data["queries"], K)
+    grown = base.extended(data["items"][rest], data["ids"][rest])
+    if kind == "scann":  # ScaNN cannot grow a copy: the caller builds one
+        assert grown is None
+        return
+    assert grown is not None and grown is not base
+    assert grown.size == NUM_ITEMS and grown.kind == kind
+    assert grown.params() == base.params()
+    assert grown.ids.tolist() == data["ids"].tolist()
+    scores, ids = grown.search(data["queries"], K)
+    ref_scores, ref_ids = _reference(data, K)
+    if grown.is_exact:
+        assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+    else:
+        assert _recall(ids, ref_ids) >= 0.9
+    # an added item comes back, and can be excluded
+    added = int(data["ids"][2800])
+    found = grown.search(data["items"][2800:2801], 1)[1]
+    assert found.tolist() == [[added]]
+    assert added not in grown.search(data["items"][2800:2801], 5, exclude=[[added]])[1]
+    again = load_index(grown.save(tmp_path / "grown"))
+    assert torch.equal(again.search(data["queries"], K)[1], ids)
+    after = base.search(data["queries"], K)
+    assert base.size == 2700
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    with pytest.raises(DataError, match="holds ids the index holds already"):
+        base.extended(data["items"][:2], data["ids"][:2])
+    with pytest.raises(DataError, match="columns"):
+        base.extended(torch.zeros(1, DIM + 1), torch.tensor([10**6]))
+    with pytest.raises(NotFittedError):
+        _backend(kind).extended(data["items"][:1], data["ids"][:1])

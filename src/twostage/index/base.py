@@ -123,6 +123,11 @@ class Index(abc.ABC):
     def params(self) -> dict[str, Any]:
         """The constructor arguments, resolved (saved to ``index.json``)."""
 
+    @property
+    def ids(self) -> np.ndarray:
+        """``[N]`` int64 the indexed ids, in build order (a copy)."""
+        return np.empty(0, dtype=np.int64) if self._ids is None else self._ids.copy()
+
     def build(self, embeddings: torch.Tensor, ids: torch.Tensor) -> Self:
         """Index ``embeddings`` under ``ids``, replacing anything indexed before.
 
@@ -133,6 +138,51 @@ class Index(abc.ABC):
         Returns:
             ``self``.
         """
+        vectors, labels = self._checked(embeddings, ids)
+        self._build(vectors, labels)
+        self._set_ids(labels.numpy(), vectors.shape[1])
+        return self
+
+    def extended(self, embeddings: torch.Tensor, ids: torch.Tensor) -> Self | None:
+        """A new index of this kind and settings holding this one's vectors and
+        ``embeddings`` under ``ids`` (ids it does not hold), added to it rather than
+        built anew: an HNSW graph of a million items takes minutes to build and a
+        second to grow by a thousand. This index is left as it is. None where the
+        backend cannot grow a copy (then build one).
+
+        Raises:
+            DataError: ``ids`` it holds already, or vectors of another width.
+        """
+        if self._ids is None:
+            raise NotFittedError(
+                f"this {type(self).__name__} is empty; build it first."
+            )
+        vectors, labels = self._checked(embeddings, ids)
+        if vectors.shape[1] != self._dim:
+            raise DataError(
+                f"`embeddings` should have {self._dim} columns, the dim of the index. "
+                f"Received shape {tuple(vectors.shape)}."
+            )
+        held = self._positions(np.unique(labels.numpy()))
+        if len(held):
+            raise DataError(
+                f"`ids` holds ids the index holds already: {self._ids[held][:5].tolist()}."
+            )
+        grown = self._extended(vectors, labels)
+        if grown is not None:
+            grown._set_ids(np.concatenate([self._ids, labels.numpy()]), self._dim)
+        return grown
+
+    def _extended(self, embeddings: torch.Tensor, ids: torch.Tensor) -> Self | None:
+        """A copy of the backend's data with [M, D] float32 ``embeddings`` added at
+        build positions ``size..size+M-1`` (its ids are set by the caller); None
+        when the backend cannot."""
+        return None
+
+    def _checked(
+        self, embeddings: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vectors, labels)``: float32 CPU rows and their int64 ids, checked."""
         vectors = _as_matrix("embeddings", embeddings).cpu().contiguous()
         labels = torch.as_tensor(ids).detach().cpu()
         if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
@@ -148,9 +198,7 @@ class Index(abc.ABC):
             )
         if bool((labels < 0).any()) or len(labels.unique()) != len(labels):
             raise DataError("`ids` should be distinct and non-negative (-1 pads).")
-        self._build(vectors, labels)
-        self._set_ids(labels.numpy(), vectors.shape[1])
-        return self
+        return vectors, labels
 
     def _set_ids(self, ids: np.ndarray, dim: int) -> None:
         self._ids = np.ascontiguousarray(ids, dtype=np.int64)

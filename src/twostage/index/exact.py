@@ -69,6 +69,14 @@ class ExactIndex(Index):
         self._embeddings = embeddings.to(self.device)
         self._device_ids = ids.to(self.device)
 
+    def _extended(self, embeddings: torch.Tensor, ids: torch.Tensor) -> Self:
+        grown = type(self)(**self.params())
+        grown._build(
+            torch.cat([self._embeddings.cpu(), embeddings]),
+            torch.cat([self._device_ids.cpu(), ids]),
+        )
+        return grown
+
     def _search(
         self, queries: torch.Tensor, k: int, excluded: list[np.ndarray]
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,16 @@ class _FaissIndex(ApproximateIndex):
     def _exhaustive_search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._raw_search(queries, self.size, attempt=64)
 
+    def _extended(self, embeddings: torch.Tensor, ids: torch.Tensor) -> Any:
+        """A copy (``faiss.clone_index``) with the vectors added at the next
+        positions: linked into the HNSW graph, or assigned to the IVF lists'
+        trained centroids (which are not trained again: a catalogue that changes
+        much should be indexed anew, ``twostage index build``)."""
+        grown = type(self)(**self.params())
+        grown._index = faiss.clone_index(self._index)
+        grown._index.add(np.ascontiguousarray(embeddings.numpy()))
+        return grown
+
 
 class HNSWIndex(_FaissIndex):
     """``faiss.IndexHNSWFlat`` with inner product.

@@ -372,16 +372,16 @@ def shown_auc(
 def _with_history(ranking: RankingRun, test: Dataset, users: pl.Series) -> int:
     """How many of ``users`` the model never trained on have a prior row
     (``test.prior``) of an item it knows: those scored from their history."""
-    from twostage.data.dataset import ITEM, USER
+    from twostage.data.dataset import USER
+    from twostage.retrieval.tensors import PriorHistory
 
     if test.prior is None or not test.prior.height:
         return 0
     spec = ranking.retrieval.spec
-    prior = test.prior
-    new = spec.vocabulary(USER).transform(prior[USER]) == 0
-    known = spec.vocabulary(ITEM).transform(prior[ITEM]) > 0
-    read = prior.filter(pl.Series(new & known))[USER]
-    return int(read.filter(read.is_in(users.unique().implode())).n_unique())
+    distinct = users.unique()
+    new = spec.vocabulary(USER).transform(distinct) == 0
+    history = PriorHistory.of(spec, distinct, test.prior, reads=new)
+    return int((history.lengths() > 0).sum())
 
 
 def _group_auc(pairs: pl.DataFrame, group: list[str]) -> pl.DataFrame:

@@ -1375,6 +1375,29 @@ def test_streamed_shown_rows_follow_their_choice(tmp_path: Path, method: str) ->
         assert sorted(part.rows()) == sorted(expected[number]), number
     assert sum(p.height for p in parts) == len(shown) > 1_000
     assert all(p.height for p in parts)  # every side holds some
+    # Encoded, the training side is its pairs the vocabularies know, as indices.
+    from twostage.data.streaming import fit_vocabularies
+
+    fitted = fit_vocabularies(
+        path,
+        method=method,
+        test_fraction=0.2,
+        seed=0,
+        validation_fraction=0.1,
+        reading=Reading(label_col="clicked"),
+    )
+    encoded = streamed_shown(path, rule, config.data, vocabularies=fitted)
+    assert encoded.train.columns == ["user_idx", "item_idx"]
+    assert encoded.train.dtypes == [pl.Int32, pl.Int32]
+    users = fitted.users.transform(got.train[USER])
+    items = fitted.items.transform(got.train["item_id"])
+    known = (users > 0) & (items > 0)
+    assert 0 < known.sum() < len(known)  # some shown items were never chosen
+    assert sorted(encoded.train.rows()) == sorted(
+        zip(users[known].tolist(), items[known].tolist(), strict=True)
+    )
+    assert encoded.validation.equals(got.validation)
+    assert encoded.test.equals(got.test)
 
 
 def test_a_streamed_ranker_learns_from_what_was_shown(tmp_path: Path) -> None:

@@ -599,14 +599,22 @@ def _split_rule(
 
 class ShownRows(NamedTuple):
     """An impression log's rows shown and not chosen, by side of the split
-    (``user_id``, ``item_id``, ``timestamp`` each)."""
+    (``user_id``, ``item_id``, ``timestamp`` each; the training side as
+    ``user_idx`` / ``item_idx`` int32 columns when :func:`streamed_shown` encodes
+    it)."""
 
     train: pl.DataFrame
     validation: pl.DataFrame
     test: pl.DataFrame
 
 
-def streamed_shown(path: str | Path, rule: SplitRule, data: DataConfig) -> ShownRows:
+def streamed_shown(
+    path: str | Path,
+    rule: SplitRule,
+    data: DataConfig,
+    *,
+    vocabularies: StreamingVocabularies | None = None,
+) -> ShownRows:
     """The rows shown and not chosen of a streamed impression log
     (``data.label_col``), each on the side of the split that ``prepare_split``
     gives it in memory (:func:`twostage.data.split.shown_sides`): under a
@@ -615,17 +623,19 @@ def streamed_shown(path: str | Path, rule: SplitRule, data: DataConfig) -> Shown
     user's last chosen row when none is, the training side for a user without
     one; a user held out whole (``cold_user_fraction``) on the test side.
 
-    One more pass, over every row group on every rank (a user's rows may lie in
-    any of them): it holds each chosen row's user, time and side, and the shown
-    rows, in memory.
+    Two more passes, over every row group on every rank (a user's rows may lie
+    in any of them): the first holds each chosen row's user, time and side; the
+    second places the shown rows a row group at a time. With ``vocabularies``
+    the training side keeps only the pairs both vocabularies know, as two int32
+    indices (8 bytes a row, where the raw rows took about 120: the shown rows
+    are most of an impression log); the held-out sides keep their raw rows
+    (their users and items may be new to the model).
     """
     reading = dataclasses.replace(Reading.of(data), keep_shown=True)
-    chosen_parts, shown_parts = [], []
-    for first, batch in iter_row_groups(
-        path, columns=[USER, ITEM, TIME], reading=reading
-    ):
-        picked = batch[LABEL]
-        chosen = batch.filter(picked)
+    columns = [USER, ITEM, TIME]
+    chosen_parts = []
+    for first, batch in iter_row_groups(path, columns=columns, reading=reading):
+        chosen = batch.filter(batch[LABEL])
         test, validation = rule.sides(chosen, first)
         chosen_parts.append(
             chosen.select(
@@ -635,27 +645,39 @@ def streamed_shown(path: str | Path, rule: SplitRule, data: DataConfig) -> Shown
                 pl.Series("validation", validation),
             )
         )
-        shown_parts.append(batch.filter(~picked).select(USER, ITEM, TIME))
-    chosen = pl.concat(chosen_parts)
-    shown = pl.concat(shown_parts)
-    if rule.method == "temporal":
-        assert rule.time_cut is not None
-        later = shown[TIME] >= rule.time_cut
-        cut = None if rule.validation is None else rule.validation.time_cut
-        carved = (shown[TIME] >= cut) if cut is not None else later & False
-    else:
-        later = shown_sides(shown, chosen.select(USER, TIME), chosen["test"])
-        # Among the rest, as the carve-out splits the training side again.
-        rest = chosen.filter(~chosen["test"])
-        carved = shown_sides(shown, rest.select(USER, TIME), rest["validation"])
-    if rule.cold is not None:  # held out whole: every row of theirs is a test row
-        later = later | shown[USER].is_in(rule.cold.implode())
-    carved = carved & ~later
-    return ShownRows(
-        train=shown.filter(~later & ~carved),
-        validation=shown.filter(carved),
-        test=shown.filter(later),
-    )
+    everyone = pl.concat(chosen_parts).sort(TIME, maintain_order=True)
+    del chosen_parts
+    # Among the rest, as the carve-out splits the training side again.
+    rest = everyone.filter(~everyone["test"])
+    parts: tuple[list[pl.DataFrame], ...] = ([], [], [])
+    for _, batch in iter_row_groups(path, columns=columns, reading=reading):
+        shown = batch.filter(~batch[LABEL]).select(USER, ITEM, TIME)
+        if rule.method == "temporal":
+            assert rule.time_cut is not None
+            later = shown[TIME] >= rule.time_cut
+            cut = None if rule.validation is None else rule.validation.time_cut
+            carved = (shown[TIME] >= cut) if cut is not None else later & False
+        else:
+            later = shown_sides(shown, everyone.select(USER, TIME), everyone["test"])
+            carved = shown_sides(shown, rest.select(USER, TIME), rest["validation"])
+        if rule.cold is not None:  # held out whole: every row of theirs is a test row
+            later = later | shown[USER].is_in(rule.cold.implode())
+        carved = carved & ~later
+        train = shown.filter(~later & ~carved)
+        if vocabularies is not None:
+            users = vocabularies.users.transform(train[USER])
+            items = vocabularies.items.transform(train[ITEM])
+            known = (users > 0) & (items > 0)
+            train = pl.DataFrame(
+                {
+                    "user_idx": users[known].astype(np.int32),
+                    "item_idx": items[known].astype(np.int32),
+                }
+            )
+        parts[0].append(train)
+        parts[1].append(shown.filter(carved))
+        parts[2].append(shown.filter(later))
+    return ShownRows(*(pl.concat(p) for p in parts))
 
 
 def _of_users(shown: pl.DataFrame, held: Dataset) -> pl.DataFrame:
@@ -850,12 +872,15 @@ def fit_streamed_two_stage(
         # split, are the ranker's click negatives, its early stopping's and the
         # test's shown_auc, as in memory.
         shown = streamed_shown(
-            path, _split_rule(path, config, streamed.fitted), config.data
+            path,
+            _split_rule(path, config, streamed.fitted),
+            config.data,
+            vocabularies=streamed.fitted,
         )
-        users = torch.from_numpy(streamed.fitted.users.transform(shown.train[USER]))
-        items = torch.from_numpy(streamed.fitted.items.transform(shown.train[ITEM]))
-        known = (users > 0) & (items > 0)
-        shown_pairs = (users[known], items[known])
+        shown_pairs = (
+            torch.from_numpy(shown.train["user_idx"].to_numpy().astype(np.int64)),
+            torch.from_numpy(shown.train["item_idx"].to_numpy().astype(np.int64)),
+        )
         if validation is not None:
             validation = validation.with_shown(_of_users(shown.validation, validation))
         test = test.with_shown(_of_users(shown.test, test))

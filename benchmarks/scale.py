@@ -34,6 +34,7 @@ PHASES = (
     "min-counts",
     "duplicates",
     "filters-2-ranks",
+    "shown-rows",
     "train",
     "train-streamed",
 )
@@ -108,6 +109,8 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out["dropped"] = int(duplicate_rows(args.dir, Reading(duplicates="first")).size)
     elif name == "filters-2-ranks":
         out.update(_filters_two_ranks(args))
+    elif name == "shown-rows":
+        out.update(_shown_rows(args))
     elif name == "train":
         out.update(_train_steps(args, streamed=False))
     elif name == "train-streamed":
@@ -127,6 +130,64 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
     out["seconds"] = time.perf_counter() - started
     out["peak_rss_gib"] = peak_rss_gib()
     return out
+
+
+def _shown_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """The log as an impression log (a ``clicked`` column, 1 for a tenth of the
+    rows by a hash of the row, written beside it with polars' streaming engine),
+    then what a streamed two-stage run does with its rows shown and not chosen
+    before the ranker trains (:func:`twostage.retrieval.streamed.streamed_shown`,
+    the training side kept as vocabulary indices): its seconds and the RSS it adds
+    at its peak (``shown_added_gib``, the peak reset before it)."""
+    import polars as pl
+
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.data.streaming import (
+        Reading,
+        fit_vocabularies,
+        parquet_files,
+        split_rule,
+    )
+    from twostage.retrieval.streamed import streamed_shown
+
+    labelled = args.dir.parent / "impressions"
+    labelled.mkdir(exist_ok=True)
+    files = [str(f) for f in parquet_files(args.dir)]
+    chosen = (pl.int_range(pl.len()).hash(seed=7) % 10) == 0
+    pl.scan_parquet(files).with_columns(clicked=chosen.cast(pl.Int8)).sink_parquet(
+        labelled / "log.parquet", row_group_size=args.rows_per_group
+    )
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.label_col=clicked",
+            f"data.split={args.split}",
+            f"data.validation_fraction={args.validation_fraction}",
+        ],
+    )
+    reading = Reading.of(config.data)
+    common = {"method": args.split, "test_fraction": 0.2, "seed": 42}
+    rule = split_rule(
+        labelled,
+        **common,
+        validation_fraction=args.validation_fraction,
+        reading=reading,
+    )
+    fitted = fit_vocabularies(
+        labelled,
+        **common,
+        validation_fraction=args.validation_fraction,
+        reading=reading,
+    )
+    base = _reset_peak_rss()
+    started = time.perf_counter()
+    shown = streamed_shown(labelled, rule, config.data, vocabularies=fitted)
+    return {
+        "shown_seconds": time.perf_counter() - started,
+        "shown_added_gib": peak_rss_gib() - base,
+        "shown_train_pairs": shown.train.height,
+        "shown_held_out_rows": shown.validation.height + shown.test.height,
+    }
 
 
 def _filters_two_ranks(args: argparse.Namespace) -> dict[str, Any]:
@@ -460,6 +521,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "leave-last-out_split",
                 )
             )
+        )
+    if "shown-rows" in results:
+        shown = results["shown-rows"]
+        print(
+            "an impression log's shown rows placed for the ranker (a tenth of the "
+            f"rows chosen): {shown['shown_seconds']:.1f} s, "
+            f"{shown['shown_added_gib']:.2f} GiB added at the peak; "
+            f"{shown['shown_train_pairs']:,} training pairs, "
+            f"{shown['shown_held_out_rows']:,} held-out rows"
         )
     for name in ("train", "train-streamed"):
         if name in results:

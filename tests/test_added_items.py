@@ -167,6 +167,13 @@ def test_an_approximate_index_grows_by_the_added_items(
     assert all(item in row for item, row in zip(added, found.tolist(), strict=True))
     again = load(grown.save(tmp_path / "models" / "shop" / "2"))
     assert again.index_kind == kind
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("item_id,kind\n904,good\n")
+    said = CliRunner().invoke(
+        app, ["add-items", str(tmp_path / "models" / "shop"), "--items", str(fresh)]
+    )
+    assert said.exit_code == 0, said.output
+    assert f"the {kind} index grown with them" in " ".join(said.output.split())
     assert again.index.ids.tolist() == grown.index.ids.tolist()
     smaller = grown.remove_items([901])
     assert smaller.index.size == grown.index.size - 1
@@ -220,6 +227,7 @@ def test_add_items_from_the_cli_and_serve_them(
     assert added.exit_code == 0, added.output
     done = json.loads(added.stdout)
     assert done["saved"] == str(models / "shop" / "2") and done["added"] == 2
+    assert done["index"] == "built"  # an exact index costs nothing to build
     info = runner.invoke(app, ["info", str(models / "shop")])
     assert info.exit_code == 0 and "2 (after training" in info.output
     shown = runner.invoke(app, ["similar", str(models / "shop"), "--item", "901"])

@@ -255,6 +255,14 @@ def add_items_command(
     grown.save(target)
     trained = grown.num_trained_items - 1
     added = grown.item_vocab.size - 1 - trained
+    before = rec.index.ids
+    # An approximate index grows by the new vectors; an exact one is built again.
+    index = (
+        "grown"
+        if not rec.index.is_exact
+        and grown.index.ids[: len(before)].tolist() == before.tolist()
+        else "built"
+    )
     if json_output:
         print_json(
             {
@@ -262,13 +270,15 @@ def add_items_command(
                 "added": table.height,
                 "added_in_all": added,
                 "trained_items": trained,
+                "index": index,
                 "seconds": seconds,
             }
         )
         return
     console.print(
-        f"added {table.height:,} items in {seconds:.1f} s: the catalogue holds "
-        f"{trained:,} trained and {added:,} added items; saved {escape(str(target))}"
+        f"added {table.height:,} items in {seconds:.1f} s (the {grown.index_kind} "
+        f"index {index} with them): the catalogue holds {trained:,} trained and "
+        f"{added:,} added items; saved {escape(str(target))}"
     )
 
 

@@ -390,3 +390,18 @@ def test_an_index_grows_into_a_copy_that_matches_one_built_anew(
         base.extended(torch.zeros(1, DIM + 1), torch.tensor([10**6]))
     with pytest.raises(NotFittedError):
         _backend(kind).extended(data["items"][:1], data["ids"][:1])
+
+
+def test_an_ivf_index_grown_by_a_large_share_says_its_centroids_are_stale(
+    data: dict[str, torch.Tensor], caplog: pytest.LogCaptureFixture
+) -> None:
+    """IVF lists keep the centroids of the vectors they were built on: growing by
+    more than a fifth is reported with the command that trains them anew."""
+    base = IVFIndex().build(data["items"][:2000], data["ids"][:2000])
+    with caplog.at_level("WARNING", logger="twostage.index"):
+        base.extended(data["items"][2000:2300], data["ids"][2000:2300])
+    assert not caplog.records  # 15%
+    with caplog.at_level("WARNING", logger="twostage.index"):
+        base.extended(data["items"][2000:], data["ids"][2000:])
+    assert "adding 1000 vectors to an IVF index of 2000" in caplog.text
+    assert "twostage index build" in caplog.text

@@ -52,6 +52,9 @@ DEFAULT_NPROBE = 32
 INDEX_FILE = "index.faiss"
 _TRAIN_POINTS_PER_LIST = 64  # k-means sample per centroid (faiss needs >= 39)
 _MIN_POINTS_PER_LIST = 39  # below this faiss's k-means warns and degrades
+#: Growing an IVF index by more than this share of what it holds is reported:
+#: its centroids stay those of the vectors it was built on.
+_STALE_SHARE = 0.2
 
 
 class _FaissIndex(ApproximateIndex):
@@ -193,6 +196,21 @@ class IVFIndex(_FaissIndex):
         index.train(sample)
         index.add(vectors)
         self._index, self._nlist = index, nlist
+
+    def _extended(self, embeddings: torch.Tensor, ids: torch.Tensor) -> Any:
+        held = self.size
+        if len(embeddings) > _STALE_SHARE * held:
+            logger.warning(
+                "adding %d vectors to an IVF index of %d: its %d lists' centroids "
+                "were trained on the first %d and are not trained again, so "
+                "recall may fall as the catalogue drifts from them; `twostage "
+                "index build` trains them anew.",
+                len(embeddings),
+                held,
+                self._nlist,
+                held,
+            )
+        return super()._extended(embeddings, ids)
 
     def _ivf(self, quantizer: Any, dim: int, nlist: int) -> Any:
         """The inverted-file index over ``quantizer``: float vectors in the lists."""

@@ -237,6 +237,8 @@ def add_items_command(
     weights do not change; a server polling the model directory picks the new
     version up.
     """
+    import numpy as np
+
     from twostage.artifacts import next_version
     from twostage.catalogue import read_item_rows
     from twostage.errors import TwostageError
@@ -260,7 +262,7 @@ def add_items_command(
     index = (
         "grown"
         if not rec.index.is_exact
-        and grown.index.ids[: len(before)].tolist() == before.tolist()
+        and np.array_equal(grown.index.ids[: len(before)], before)
         else "built"
     )
     if json_output:

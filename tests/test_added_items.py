@@ -264,6 +264,25 @@ def test_add_items_from_the_cli_and_serve_them(
         assert added.status_code == 200, added.text
         assert added.json()["unread_session_items"] == [901]
         assert 901 not in [i["item_id"] for i in added.json()["items"]]
+        # :predict: a third output only when a session held an added item, then
+        # one list per instance; the tutorials' requests see the two they know.
+        rows = client.post(
+            "/v1/models/shop:predict",
+            json={"instances": [{"session": [3, 901], "k": 3}, {"user_id": 7}]},
+        )
+        assert rows.status_code == 200, rows.text
+        first, second = rows.json()["predictions"]
+        assert first["unread_session_items"] == [901]
+        assert second["unread_session_items"] == []
+        assert 901 not in first["output_2"] and len(first["output_2"]) == 3
+        columns = client.post(
+            "/v1/models/shop:predict",
+            json={"inputs": {"session": [[901]], "k": [2]}},
+        )
+        assert columns.status_code == 200, columns.text
+        assert columns.json()["outputs"]["unread_session_items"] == [[901]]
+        plain = client.post("/v1/models/shop:predict", json={"instances": ["7"]})
+        assert set(plain.json()["predictions"][0]) == {"output_1", "output_2"}
 
 
 def test_added_items_join_an_ensemble_scored_exactly(tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 SETTINGS_ENV = "TWOSTAGE_SERVE_SETTINGS"
+#: ``:predict``'s third output: a session's items added after training.
+UNREAD = "unread_session_items"
 
 
 @dataclass(frozen=True)
@@ -316,7 +318,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
         ``output_1`` holds the scores the list is ordered by, best first: the
         two-stage key when the bundle has a ranker, else the retrieval score;
-        ``output_2`` the item IDs in the same order.
+        ``output_2`` the item IDs in the same order; ``unread_session_items``,
+        only when an instance's session held items added after training, those
+        items (seen, not read), one list per instance.
         """
         return _predict(registry.get(name), body)
 
@@ -385,16 +389,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
                         item.get("rank_score", item["score"]) for item in answer.items
                     ],
                     "output_2": [item["item_id"] for item in answer.items],
+                    UNREAD: answer.unread_session_items,
                 }
             )
+        # A third output only when a session held items added after training,
+        # then for every instance (TF Serving's outputs share the batch): the
+        # tutorials' clients never send sessions and see the two they know.
+        names = ["output_1", "output_2"]
+        if any(p[UNREAD] for p in predictions):
+            names.append(UNREAD)
+        predictions = [{name: p[name] for name in names} for p in predictions]
         if form == "inputs":  # TF Serving answers the columnar form by output
             return JSONResponse(
-                {
-                    "outputs": {
-                        name: [p[name] for p in predictions]
-                        for name in ("output_1", "output_2")
-                    }
-                }
+                {"outputs": {name: [p[name] for p in predictions] for name in names}}
             )
         return JSONResponse({"predictions": predictions})
 

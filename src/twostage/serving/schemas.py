@@ -346,7 +346,9 @@ class SearchResponse(BaseModel):
 class PredictResponse(BaseModel):
     """``output_1``: scores, ``output_2``: item IDs, as the tutorials' exported index:
     per user under ``predictions`` (the row form), or per output under ``outputs``,
-    one list per user (the columnar form)."""
+    one list per user (the columnar form). A third output,
+    ``unread_session_items``, is there only when a request's session held items
+    added to the catalogue after training: excluded as seen, not read."""
 
     predictions: list[dict[str, list[Any]]] | None = None
     outputs: dict[str, list[list[Any]]] | None = None

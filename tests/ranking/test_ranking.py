@@ -572,3 +572,53 @@ def test_a_table_of_lists_is_the_lists_recommend_gives(trained) -> None:
         assert table["score"].to_list() == pytest.approx(keys, abs=1e-5)
         paths = {a.path for a in answers}
         assert "personalised" in paths and "popularity" in paths
+
+
+def test_the_listwise_loss_is_the_softmax_of_each_positive_against_its_negatives(
+    trained,
+) -> None:
+    """`ranking.listwise_weight`: the cross-entropy of each row's positive among
+    its usable sampled negatives (the unusable ones left out), by hand; a ranker
+    trained on it alone orders a user's items."""
+    from twostage.ranking.fit import _loss, _negatives
+    from twostage.ranking.run import pairs_of
+
+    run, ranking, fit, test = trained
+    pairs = pairs_of(run, fit, known_only=True)
+    batch = tuple(p[:128] for p in pairs)
+    config = dataclasses.replace(
+        SMALL, rating_weight=0.0, click_weight=0.0, listwise_weight=2.0
+    )
+    listwise = dataclasses.replace(ranking, config=config)
+    negatives = _negatives(listwise, pairs)
+    assert negatives is not None  # drawn for the listwise term alone
+    mode = ranking.model.training
+    ranking.model.eval()
+    try:
+        with torch.no_grad():
+            loss = _loss(listwise, negatives, batch, torch.Generator().manual_seed(3))
+            sampled, usable = negatives.sample(
+                batch[0], torch.Generator().manual_seed(3)
+            )
+            logits = forward_pairs(
+                ranking,
+                batch[0],
+                torch.cat([batch[1][:, None], sampled], dim=1),
+                exclude_target=True,
+            )["click"]
+    finally:
+        ranking.model.train(mode)
+    assert not usable.all()  # some draws are the user's own items, left out
+    expected = []
+    for row, ok in zip(logits, usable, strict=True):
+        kept = torch.cat([row[:1], row[1:][ok]])
+        expected.append(-torch.log_softmax(kept, dim=0)[0])
+    torch.testing.assert_close(loss, 2.0 * torch.stack(expected).mean())
+
+    trained_listwise = fit_ranking(
+        run,
+        fit,
+        config=dataclasses.replace(config, epochs=10, blend_weight=0.0),
+        validation=None,
+    )
+    assert evaluate_ranking(trained_listwise, test)["auc"] > 0.7

@@ -620,6 +620,10 @@ class RankingConfig(_Checked):
         use_biases: global mean, user/item biases and the factorisation term.
         use_retrieval_features: feed the retrieval score and both tower embeddings.
         rating_weight: weight of the rating MSE; ``click_weight``: of the click BCE.
+        listwise_weight: weight of a softmax cross-entropy of each positive against
+            its sampled negatives (0: none), added to the click BCE: it trains the
+            click logits to order a user's candidates, as the served list does,
+            where the BCE scores each pair on its own.
         num_hard_negatives: click negatives per positive drawn from the user's
             ``hard_negative_pool`` best unseen retrieval items; ``num_random_negatives``
             drawn uniformly; ``num_shown_negatives`` drawn from the items the user
@@ -673,6 +677,7 @@ class RankingConfig(_Checked):
     use_retrieval_features: bool = True
     rating_weight: float = 1.0
     click_weight: float = 0.5
+    listwise_weight: float = 0.0
     num_hard_negatives: int = 2
     num_random_negatives: int = 2
     num_shown_negatives: int = 4
@@ -707,6 +712,7 @@ class RankingConfig(_Checked):
             "dropout": (_fraction(self.dropout), "in [0, 1)"),
             "rating_weight": (self.rating_weight >= 0, "non-negative"),
             "click_weight": (self.click_weight >= 0, "non-negative"),
+            "listwise_weight": (self.listwise_weight >= 0, "non-negative"),
             "num_hard_negatives": (self.num_hard_negatives >= 0, "non-negative"),
             "num_random_negatives": (self.num_random_negatives >= 0, "non-negative"),
             "num_shown_negatives": (self.num_shown_negatives >= 0, "non-negative"),
@@ -729,10 +735,11 @@ class RankingConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rating_weight + self.click_weight == 0:
+        if self.rating_weight + self.click_weight + self.listwise_weight == 0:
             raise ConfigError(
-                "`ranking.rating_weight` and `ranking.click_weight` should not both "
-                "be 0: nothing would be learned. Received: 0 and 0."
+                "`ranking.rating_weight`, `ranking.click_weight` and "
+                "`ranking.listwise_weight` should not all be 0: nothing would be "
+                "learned. Received: 0, 0 and 0."
             )
 
     @classmethod

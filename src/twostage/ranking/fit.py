@@ -114,10 +114,11 @@ def _loss(
     generator: torch.Generator,
     weights: Tensor | None = None,
 ) -> Tensor:
-    """Rating MSE (rated positives) plus click BCE (positives, negatives), each a
-    mean over the batch's rows weighted by ``weights`` (the log's row weights: a
-    row's rating error and its positive and negatives count that much; all 1 when
-    None).
+    """Rating MSE (rated positives) plus click BCE (positives, negatives) plus,
+    with ``listwise_weight``, the softmax cross-entropy of each positive against
+    its usable negatives, each a mean over the batch's rows weighted by
+    ``weights`` (the log's row weights: a row's rating error and its positive and
+    negatives count that much; all 1 when None).
 
     In a data-parallel run (:mod:`twostage.distributed`) ``batch`` is the global
     batch: the negatives are drawn for all of it, this rank scores its share, and the
@@ -135,6 +136,7 @@ def _loss(
     rows = torch.ones_like(ratings) if weights is None else weights
     cells = usable * rows[:, None]  # each candidate's weight in the BCE
     num_rated, num_usable, ranks = rows[rated].sum(), cells.sum(), 1
+    num_rows = rows.sum()
     world = distributed.current()
     if world is not None:  # the global totals, then this rank's rows
         share = world.shard(torch.arange(len(users), device=users.device))
@@ -154,6 +156,12 @@ def _loss(
             out["click"], labels, weight=cells, reduction="sum"
         )
         loss = loss + config.click_weight * ranks * bce / num_usable
+    if config.listwise_weight > 0 and out["click"].shape[1] > 1 and num_rows > 0:
+        # The positive against its usable negatives (column 0 is always usable).
+        logits = out["click"].masked_fill(cells == 0, -torch.inf)
+        logits[:, 0] = out["click"][:, 0]
+        softmax = (torch.logsumexp(logits, dim=1) - logits[:, 0]) * rows
+        loss = loss + config.listwise_weight * ranks * softmax.sum() / num_rows
     return loss
 
 
@@ -292,7 +300,9 @@ def fit_ranking_pairs(
     started = time.perf_counter()
     rated = pairs[2][~torch.isnan(pairs[2])]
     if not len(pairs[0]) or (
-        config.rating_weight > 0 and not len(rated) and config.click_weight == 0
+        config.rating_weight > 0
+        and not len(rated)
+        and config.click_weight + config.listwise_weight == 0
     ):
         raise DataError(
             "`train` should hold pairs of known users and items, with ratings when "
@@ -368,7 +378,7 @@ def fit_ranking_pairs(
         fingerprint=resume_fingerprint(
             {
                 "data": to_dict(run.config.data),
-                "ranking": to_dict(config),
+                "ranking": _fingerprinted(config),
                 "train": {"seed": run.config.train.seed},
             },
             # Weights and shown rows join the digest only when given: earlier
@@ -397,6 +407,15 @@ def fit_ranking_pairs(
     ranking.train_seconds = time.perf_counter() - started
     logger.info("ranker trained in %.1f s", ranking.train_seconds)
     return ranking
+
+
+def _fingerprinted(config: RankingConfig) -> dict[str, Any]:
+    """The ranking settings a checkpoint is resumed under; ``listwise_weight`` only
+    when set, so that checkpoints written before it existed still resume."""
+    values = to_dict(config)
+    if config.listwise_weight == 0:
+        del values["listwise_weight"]
+    return values
 
 
 def fit_ease_term(
@@ -514,7 +533,7 @@ def _negatives(
     ranking: RankingRun, pairs: Pairs, shown: ShownPairs | None = None
 ) -> _Negatives | None:
     config, num_items = ranking.config, ranking.tensors.num_items
-    if config.click_weight == 0:
+    if config.click_weight == 0 and config.listwise_weight == 0:
         return None
     num_shown = config.num_shown_negatives if shown is not None else 0
     if config.num_hard_negatives + config.num_random_negatives + num_shown == 0:

@@ -405,3 +405,30 @@ def test_an_ivf_index_grown_by_a_large_share_says_its_centroids_are_stale(
         base.extended(data["items"][2000:], data["ids"][2000:])
     assert "adding 1000 vectors to an IVF index of 2000" in caplog.text
     assert "twostage index build" in caplog.text
+
+
+def test_an_ivf_index_grown_by_small_steps_counts_from_its_build(
+    data: dict[str, torch.Tensor],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """Steps of 10% never passed the fifth on their own: the share is counted
+    from the vectors the centroids were built on, through a save and a load."""
+    step = IVFIndex().build(data["items"][:2000], data["ids"][:2000])
+    with caplog.at_level("WARNING", logger="twostage.index"):
+        step = step.extended(data["items"][2000:2200], data["ids"][2000:2200])
+        step.save(tmp_path / "grown")
+        loaded = load_index(tmp_path / "grown")
+        assert isinstance(loaded, IVFIndex)
+        step = loaded
+        assert not caplog.records  # 2,200 of 2,000: 10% above the build
+        step = step.extended(data["items"][2200:2420], data["ids"][2200:2420])
+    assert "among the 2000 it was built on" in caplog.text
+    assert "(now 2420)" in caplog.text
+    meta = tmp_path / "grown" / "index.json"
+    written = json.loads(meta.read_text())
+    assert written["built_on"] == 2000
+    for bad in (0, 2201, "2000", None):
+        meta.write_text(json.dumps(written | {"built_on": bad}))
+        with pytest.raises(ArtifactError, match="built_on"):
+            load_index(tmp_path / "grown")

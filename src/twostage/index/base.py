@@ -272,7 +272,7 @@ class Index(abc.ABC):
         out.mkdir(parents=True, exist_ok=True)
         self._save_data(out)
         meta: dict[str, Any] = {"kind": self.kind, "params": self.params()}
-        meta |= {"size": self.size, "dim": self.dim}
+        meta |= {"size": self.size, "dim": self.dim} | self._extra_meta()
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return out
 
@@ -296,6 +296,11 @@ class Index(abc.ABC):
                 f"vectors, but {META_FILE} says {meta['size']} x {meta['dim']}."
             )
         return index
+
+    def _extra_meta(self) -> dict[str, Any]:
+        """What a backend records in ``index.json`` beside its params: the state
+        of its data that is not a setting (read back by :meth:`_load_data`)."""
+        return {}
 
     @abc.abstractmethod
     def _load_data(self, directory: Path, meta: dict[str, Any]) -> None:

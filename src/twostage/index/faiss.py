@@ -52,8 +52,8 @@ DEFAULT_NPROBE = 32
 INDEX_FILE = "index.faiss"
 _TRAIN_POINTS_PER_LIST = 64  # k-means sample per centroid (faiss needs >= 39)
 _MIN_POINTS_PER_LIST = 39  # below this faiss's k-means warns and degrades
-#: Growing an IVF index by more than this share of what it holds is reported:
-#: its centroids stay those of the vectors it was built on.
+#: Growing an IVF index past this share above the vectors it was built on is
+#: reported: its centroids stay those of the build.
 _STALE_SHARE = 0.2
 
 
@@ -164,9 +164,24 @@ class IVFIndex(_FaissIndex):
         self._nlist = self.nlist  # resolved at build
         self.nprobe = check_int("nprobe", nprobe, minimum=0) or DEFAULT_NPROBE
         self.seed = check_int("seed", seed, minimum=0)
+        self._built_on = 0  # the vectors its centroids were trained among
 
     def params(self) -> dict[str, Any]:
         return {"nlist": self._nlist, "nprobe": self.nprobe, "seed": self.seed}
+
+    def _extra_meta(self) -> dict[str, Any]:
+        return {"built_on": self._built_on}
+
+    def _load_data(self, directory: Path, meta: dict[str, Any]) -> None:
+        super()._load_data(directory, meta)
+        built_on = meta.get("built_on", self.size)  # not recorded before growth was
+        if type(built_on) is not int or not 1 <= built_on <= self.size:
+            raise ArtifactError(
+                f"{str(directory / 'index.json')!r}: `built_on` should be the "
+                f"number of vectors the index was built on, 1 to its {self.size}. "
+                f"Received {built_on!r}."
+            )
+        self._built_on = built_on
 
     def _build(self, embeddings: torch.Tensor, ids: torch.Tensor) -> None:
         num_items, dim = embeddings.shape
@@ -195,22 +210,26 @@ class IVFIndex(_FaissIndex):
         index.cp.seed = self.seed
         index.train(sample)
         index.add(vectors)
-        self._index, self._nlist = index, nlist
+        self._index, self._nlist, self._built_on = index, nlist, num_items
 
     def _extended(self, embeddings: torch.Tensor, ids: torch.Tensor) -> Any:
-        held = self.size
-        if len(embeddings) > _STALE_SHARE * held:
+        held, total = self.size, self.size + len(embeddings)
+        # Counted from the build, so that growth by small steps is reported too.
+        if total > (1 + _STALE_SHARE) * self._built_on:
             logger.warning(
                 "adding %d vectors to an IVF index of %d: its %d lists' centroids "
-                "were trained on the first %d and are not trained again, so "
-                "recall may fall as the catalogue drifts from them; `twostage "
-                "index build` trains them anew.",
+                "were trained among the %d it was built on and are not trained "
+                "again, so recall may fall as the catalogue (now %d) drifts from "
+                "them; `twostage index build` trains them anew.",
                 len(embeddings),
                 held,
                 self._nlist,
-                held,
+                self._built_on,
+                total,
             )
-        return super()._extended(embeddings, ids)
+        grown = super()._extended(embeddings, ids)
+        grown._built_on = self._built_on
+        return grown
 
     def _ivf(self, quantizer: Any, dim: int, nlist: int) -> Any:
         """The inverted-file index over ``quantizer``: float vectors in the lists."""

@@ -71,13 +71,16 @@ def _two_stage(
     blend_weights: tuple[float, ...],
     *,
     reading: Tensor | None = None,
+    context: pl.DataFrame | None = None,
     chunk: int = 256,
 ) -> tuple[Tensor, dict[float, Tensor]]:
     """Retrieve ``num_candidates`` unseen items per user, then re-rank them
     (:func:`twostage.ranking.rerank.rerank`, the rule serving uses); the EASE
     term reads each user's ``seen`` items. ``reading [Q]``: the new users read
     from a prior history (:meth:`RankingRun.with_users`), answered as a session
-    is, never by the popularity fallback.
+    is, never by the popularity fallback. ``context``: each query's context
+    columns, which retrieval reads as it reads a request's (its candidates and
+    logits are the served ones; the ranker reads no context).
 
     Returns:
         ``[Q, C]`` item_idx in retrieval order and, per blend weight, ``[Q, C]`` in
@@ -98,7 +101,10 @@ def _two_stage(
     for start in range(0, len(user_idx), chunk):
         users = user_idx[start : start + chunk]
         part = seen.slice(start, start + len(users))
-        ids, logits = top_unseen(ranking, users, part, k)
+        queries = None
+        if context is not None:
+            queries = ranking.context_queries(users, context[start : start + chunk])
+        ids, logits = top_unseen(ranking, users, part, k, queries=queries)
         click = ranking.score(users, ids.clamp_min(0))["click"]
         ease = ranking.ease_scores(users, ids.clamp_min(0), rows=part)
         fallback = popular[start : start + len(users)]
@@ -143,7 +149,12 @@ def _lists(
     queries = _queries(ranking, data)
     scorer, scored = _with_new_users(ranking, data, queries)
     retrieved, lists = _two_stage(
-        scorer, scored, queries.seen, blend_weights, reading=queries.reading
+        scorer,
+        scored,
+        queries.seen,
+        blend_weights,
+        reading=queries.reading,
+        context=queries.context,
     )
     return queries, retrieved, lists
 
@@ -185,6 +196,8 @@ class _Queries:
     num_items: int  # the evaluated catalogue (unknown test items each count)
     ids: pl.Series  # [Q] raw user IDs
     reading: Tensor  # [Q] bool: new users read from their prior rows
+    # [Q] each query's context columns (one query per interaction), if read
+    context: pl.DataFrame | None = None
 
 
 def _queries(ranking: RankingRun, data: Dataset) -> _Queries:
@@ -203,6 +216,7 @@ def _queries(ranking: RankingRun, data: Dataset) -> _Queries:
         num_items=queries.num_items,
         ids=queries.user_ids,
         reading=torch.from_numpy(queries.reads_prior()),
+        context=queries.context,
     )
 
 

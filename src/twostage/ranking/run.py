@@ -129,14 +129,19 @@ class RankingRun:
         known = int(self.retrieval.tensors.history.shape[0])
         return user_idx.masked_fill(user_idx >= known, 0)
 
-    def retrieval_scores(self, user_idx: Tensor) -> Tensor:
+    def retrieval_scores(
+        self, user_idx: Tensor, *, queries: Tensor | None = None
+    ) -> Tensor:
         """``[B, N]`` retrieval logits (cosine / temperature) of every item, the
         session-kNN term included when the retrieval run has one (a user past
         the retrieval run's rows, :meth:`with_users`, reads its history there as
-        a session, as serving reads one)."""
+        a session, as serving reads one). ``queries``: ``[B, D]`` the retrieval
+        query embeddings to score with instead of the users' own, which read no
+        context (:meth:`context_queries`)."""
         users, items = self.retrieval_vectors()
         temperature = float(self.retrieval.model.temperature)
-        scores = users[user_idx] @ items.T  # (B, D) @ (D, N) -> (B, N)
+        query = users[user_idx] if queries is None else queries
+        scores = query @ items.T  # (B, D) @ (D, N) -> (B, N)
         if self.retrieval.scores_exactly:  # computed on the host, like its table
             host = user_idx.cpu()
             sessions = None
@@ -148,6 +153,31 @@ class RankingRun:
             )
             scores += term.to(scores.device)
         return scores / temperature
+
+    def context_queries(self, user_idx: Tensor, context: pl.DataFrame) -> Tensor:
+        """``[B, D]`` the retrieval query embeddings of ``B`` users, each at its
+        row of ``context`` (the per-interaction context columns the retrieval
+        model reads; a missing value encodes as unknown), from the users' rows of
+        this ranker's tables: what serving retrieves with for a request that
+        carries that context, and :meth:`retrieval_scores` scores with."""
+        from twostage.features.context import context_frame
+        from twostage.retrieval.tensors import context_keys
+
+        spec = self.retrieval.spec
+        ids = pl.Series(USER, [None] * len(user_idx), dtype=pl.Int64)
+        encoded = spec.transform_context(
+            context_frame(ids, context, context_keys(spec))
+        )
+        encode = self.retrieval.model.encode_queries
+        out = []
+        with torch.no_grad():
+            for rows in torch.arange(len(user_idx)).split(4096):
+                features = query_features(self.tensors, user_idx[rows])
+                features.update({k: v[rows] for k, v in encoded.items()})
+                out.append(encode(features))
+        if not out:
+            return torch.zeros(0, self.retrieval_vectors()[1].shape[1])
+        return torch.cat(out)
 
     def ease_scores(
         self, user_idx: Tensor, item_idx: Tensor, *, rows: UserItems | None = None
@@ -654,7 +684,12 @@ def forward_pairs(
 
 
 def top_unseen(
-    run: RankingRun, user_idx: Tensor, seen: UserItems, k: int
+    run: RankingRun,
+    user_idx: Tensor,
+    seen: UserItems,
+    k: int,
+    *,
+    queries: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The retrieval model's best ``k`` items per user, ``seen`` and OOV excluded.
 
@@ -663,12 +698,14 @@ def top_unseen(
         user_idx: ``[B]`` user indices.
         seen: ``B`` rows of items to exclude (aligned with ``user_idx``).
         k: list length.
+        queries: ``[B, D]`` retrieval query embeddings to search with instead of
+            the users' own (a query's context: :meth:`RankingRun.context_queries`).
 
     Returns:
         ``[B, k]`` item_idx (``-1`` once the unseen items run out) and ``[B, k]``
         retrieval logits (``-inf`` there).
     """
-    scores = run.retrieval_scores(user_idx)
+    scores = run.retrieval_scores(user_idx, queries=queries)
     scores[:, 0] = -math.inf
     scores[torch.from_numpy(seen.row_ids()), torch.from_numpy(seen.indices)] = -math.inf
     if k > scores.shape[1]:

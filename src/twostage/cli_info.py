@@ -207,6 +207,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
         if rec.ranker is None
         else {
             "predicts_ratings": rec.ranker.predicts_ratings,
+            "reads_context": rec.ranker.reads_context,
             "blend_weight": rec.ranker.blend_weight,
             "test": _ranking_figures(rec.ranker.metrics),
         },
@@ -308,9 +309,9 @@ def _print_bundle(info: dict[str, Any]) -> None:
         "ranking",
         "none (retrieval's order)"
         if ranking is None
-        else "clicks and ratings"
-        if ranking["predicts_ratings"]
-        else "clicks (no rating output)",
+        else ("clicks and ratings" if ranking["predicts_ratings"] else "clicks")
+        + (" at the request's context" if ranking["reads_context"] else "")
+        + ("" if ranking["predicts_ratings"] else " (no rating output)"),
     )
     if ranking is not None and ranking["test"]:
         table.add_row(

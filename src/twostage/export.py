@@ -214,8 +214,9 @@ def export_bundle(
         the file written.
 
     Raises:
-        ConfigError: an unknown format, or a run whose retrieval adds the
-            session-kNN term (a search over the stored users, no network holds it).
+        ConfigError: an unknown format, a run whose retrieval adds the
+            session-kNN term (a search over the stored users, no network holds
+            it), or a ranker that reads per-interaction context.
     """
     if format not in FORMATS:
         raise ConfigError(
@@ -228,6 +229,14 @@ def export_bundle(
             "sequences that no exported network holds: the exported towers would "
             "rank otherwise than the bundle serves. Serve the bundle itself, or train "
             "with `retrieval.session_knn_weight=0` to export."
+        )
+    if getattr(rec.ranker, "reads_context", False):
+        raise ConfigError(
+            "this bundle's ranker reads each request's per-interaction context "
+            "through its retrieval query, which the exported ranker (user and item "
+            "indices in, the tables inside) has no input for: it would rank "
+            "otherwise than the bundle serves. Serve the bundle itself, or train "
+            "with `ranking.use_context=false` to export."
         )
     out = Path(out_dir)
     _clear_target(out)

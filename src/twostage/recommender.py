@@ -68,6 +68,8 @@ class Ranker(Protocol):
     blend_weight: float
     #: Its test figures, measured after training (None: not measured).
     metrics: dict[str, Any] | None
+    #: Trained with each row's own context: it reads a request's.
+    reads_context: bool
 
     @property
     def ease(self) -> torch.nn.Module | None:
@@ -104,6 +106,11 @@ class Ranker(Protocol):
     ) -> dict[str, torch.Tensor]:
         """``[1]`` user x ``C`` items given by their encoded candidate side (new
         items) -> ``{"rating", "click"}`` ``[1, C]``."""
+        ...
+
+    def user_fields(self, user_idx: int) -> dict[str, torch.Tensor]:
+        """``{key: [1, ...]}`` a known user's encoded query fields and history,
+        as its tables hold them (the context unknown)."""
         ...
 
     def score_user(
@@ -607,8 +614,8 @@ class Recommender:
             query = self.run.model.encode_queries(features)[0]
         _refuse_non_finite(query, "session", "the session's features and context")
         path: Path_ = "personalised" if user_idx > 0 else "session"
-        # The ranker trained with the context unknown (it reads none per row):
-        # its fields leave the request's context out.
+        # The request's context joins the ranker's fields only where the ranker
+        # trained with each row's own (`recommend`): not here.
         ranked = {k: v for k, v in features.items() if k not in encoded}
         return query, user_idx, path, ranked
 
@@ -792,6 +799,9 @@ class Recommender:
         cold = None
         if fields is not None:  # the ranker reads the same fields (and history)
             cold = (fields, query)
+        if context and ranker.reads_context:  # and the request's context
+            base = fields if fields is not None else ranker.user_fields(user_idx)
+            cold = ({**base, **self._context(context)}, query)
         basket = None
         if session_idx is not None:  # the EASE term reads the session's items too
             stored = self._seen.row(user_idx) if user_idx > 0 else np.zeros(0)

@@ -6,8 +6,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.errors import ConfigError
@@ -183,11 +186,14 @@ def test_a_context_number_far_out_of_range_is_the_client_s_mistake() -> None:
     assert len(rec.recommend(1, 3, context={"temperature": -40.0}).items) == 3
 
 
-def test_a_session_s_ranker_reads_no_request_context() -> None:
-    """The ranker trains with the context unknown (it reads none per row), so a
-    session's re-ranking leaves the request's context out of the ranker's fields:
-    the same session at two moments gets the same click score for an item both
-    answers hold, while retrieval reads the moment."""
+@pytest.mark.parametrize("use_context", [False, True])
+def test_a_session_s_ranker_reads_the_request_context_when_it_trained_on_it(
+    use_context: bool,
+) -> None:
+    """A ranker trained with the context unknown (`ranking.use_context=false`)
+    leaves the request's context out of its fields: the same session at two
+    moments gets the same click score for an item both answers hold, while
+    retrieval reads the moment. One trained with each row's own reads it."""
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -199,10 +205,11 @@ def test_a_session_s_ranker_reads_no_request_context() -> None:
             "ranking.embedding_dim=8",
             "ranking.hidden_dims=8",
             "ranking.use_retrieval_features=false",
+            f"ranking.use_context={str(use_context).lower()}",
         ],
     )
     rec = fit_two_stage(config, _daypart_log(num=2000)).recommender()
-    assert rec.ranker is not None
+    assert rec.ranker is not None and rec.ranker.reads_context == use_context
     day = 100 * 24 * HOUR
     temperature = float(rec.run.model.temperature)
     blend = rec.ranker.blend_weight
@@ -221,8 +228,8 @@ def test_a_session_s_ranker_reads_no_request_context() -> None:
     assert list(morning)[:10] != list(evening)[:10]  # retrieval reads the moment
     both = set(morning) & set(evening)
     assert len(both) >= 10
-    for item in both:
-        assert morning[item] == pytest.approx(evening[item], abs=1e-4), item
+    same = [morning[i] == pytest.approx(evening[i], abs=1e-4) for i in both]
+    assert all(same) if not use_context else not any(same)
 
 
 def test_the_two_stage_lists_are_measured_with_each_test_row_s_context() -> None:
@@ -265,3 +272,65 @@ def test_the_two_stage_lists_are_measured_with_each_test_row_s_context() -> None
         )
         evaluated = items.inverse_transform(ranked_row[ranked_row >= 0].numpy())
         assert [i["item_id"] for i in served.items] == evaluated.to_list()
+
+
+def test_the_ranker_learns_each_row_s_context_and_keeps_it_through_a_bundle(
+    tmp_path: Path,
+) -> None:
+    """The ranker trains on each row's own context (`ranking.use_context`, on by
+    default): on the daypart log, where only the hour tells items 1-50 from
+    51-100, its click head alone (no retrieval features) prefers the morning
+    items in the morning and the evening ones in the evening, and its two-stage
+    list beats one trained with the context unknown. A saved bundle keeps it,
+    and an ONNX export, which has no input for it, is refused."""
+    from twostage.export import export_bundle
+
+    data = _daypart_log(num=4000)
+    base = [
+        *SMALL,
+        "retrieval.query_fields=hour_of_day",
+        "ranking.epochs=8",
+        "ranking.batch_size=256",
+        "ranking.use_retrieval_features=false",
+    ]
+    stages = {}
+    for use in (True, False):
+        config = apply_overrides(
+            ExperimentConfig(), [*base, f"ranking.use_context={str(use).lower()}"]
+        )
+        stages[use] = fit_two_stage(config, data)
+    ranker = stages[True].ranker
+    assert ranker is not None and ranker.reads_context
+    assert stages[False].ranker is not None and not stages[False].ranker.reads_context
+    users = torch.arange(1, 31)
+    items = torch.arange(1, 101).expand(30, 100)  # indices, not IDs: map below
+    vocab = stages[True].retrieval.spec.vocabulary("item_id")
+    ids = np.asarray(vocab.inverse_transform(np.arange(1, 101)).to_list())
+    morning_items = torch.from_numpy(ids <= 50)
+
+    def preference(hour: int) -> float:
+        context = ranker.encode_context(pl.DataFrame({"hour_of_day": [hour] * 30}))
+        click = ranker.score(users, items, context=context)["click"]
+        return float(click[:, morning_items].mean() - click[:, ~morning_items].mean())
+
+    assert preference(9) > 0.5 and preference(20) < -0.5
+    served = stages[True].ranking_metrics
+    without = stages[False].ranking_metrics
+    assert served is not None and without is not None
+    assert served["two_stage"]["ndcg"]["10"] > 1.2 * without["two_stage"]["ndcg"]["10"]
+
+    stages[True].recommender().save(tmp_path / "bundle")
+    loaded = load(tmp_path / "bundle")
+    assert loaded.ranker is not None and loaded.ranker.reads_context
+    user = loaded.user_vocab.values[0]
+    day = 100 * 24 * HOUR
+    for moment in (MORNING, EVENING):
+        context = {"timestamp": day + moment}
+        again = loaded.recommend(user, 10, context=context).items
+        first = stages[True].recommender().recommend(user, 10, context=context).items
+        assert [i["rank_score"] for i in again] == [i["rank_score"] for i in first]
+    with pytest.raises(ConfigError, match=r"ranking\.use_context=false"):
+        export_bundle(loaded, tmp_path / "onnx")
+    shown = CliRunner().invoke(app, ["info", str(tmp_path / "bundle")])
+    assert shown.exit_code == 0, shown.output
+    assert "at the request's context" in " ".join(shown.output.split())

@@ -619,6 +619,12 @@ class RankingConfig(_Checked):
         use_history: pool the user's recent items (SVD++-like implicit feedback).
         use_biases: global mean, user/item biases and the factorisation term.
         use_retrieval_features: feed the retrieval score and both tower embeddings.
+        use_context: when retrieval reads per-interaction context
+            (``retrieval.query_fields``), train and score the ranker with each
+            row's own context too (the request's, when serving) rather than with
+            the context unknown; its retrieval embedding and score are then the
+            contextual ones. A streamed log's ranker reads none (its pairs carry
+            no rows), and an ONNX export needs it off.
         rating_weight: weight of the rating MSE; ``click_weight``: of the click BCE.
         listwise_weight: weight of a softmax cross-entropy of each positive against
             its sampled negatives (0: none), added to the click BCE: it trains the
@@ -675,6 +681,7 @@ class RankingConfig(_Checked):
     use_history: bool = True
     use_biases: bool = True
     use_retrieval_features: bool = True
+    use_context: bool = True
     rating_weight: float = 1.0
     click_weight: float = 0.5
     listwise_weight: float = 0.0

@@ -20,6 +20,7 @@ from twostage.ranking.rerank import BLEND_GRID, rerank
 from twostage.ranking.run import (
     RankingRun,
     is_pair,
+    pairs_context,
     pairs_of,
     top_unseen,
 )
@@ -80,7 +81,7 @@ def _two_stage(
     from a prior history (:meth:`RankingRun.with_users`), answered as a session
     is, never by the popularity fallback. ``context``: each query's context
     columns, which retrieval reads as it reads a request's (its candidates and
-    logits are the served ones; the ranker reads no context).
+    logits are the served ones, and a ranker that reads context reads it too).
 
     Returns:
         ``[Q, C]`` item_idx in retrieval order and, per blend weight, ``[Q, C]`` in
@@ -101,11 +102,12 @@ def _two_stage(
     for start in range(0, len(user_idx), chunk):
         users = user_idx[start : start + chunk]
         part = seen.slice(start, start + len(users))
-        queries = None
+        queries = encoded = None
         if context is not None:
-            queries = ranking.context_queries(users, context[start : start + chunk])
+            encoded = ranking.encode_context(context[start : start + chunk])
+            queries = ranking.context_queries(users, encoded)
         ids, logits = top_unseen(ranking, users, part, k, queries=queries)
-        click = ranking.score(users, ids.clamp_min(0))["click"]
+        click = ranking.score(users, ids.clamp_min(0), context=encoded)["click"]
         ease = ranking.ease_scores(users, ids.clamp_min(0), rows=part)
         fallback = popular[start : start + len(users)]
         if fallback.any():
@@ -276,16 +278,23 @@ def evaluate_ranking(
         per-impression figures (:func:`shown_auc`).
     """
     users, items, ratings = pairs_of(ranking.retrieval, test, known_only=False)
-    splits = zip(users.split(8192), items.split(8192), strict=True)
+    context = None
+    if ranking.reads_context:
+        context = pairs_context(ranking.retrieval, test, known_only=False)
     predicted = torch.cat(
-        [ranking.score(u, i[:, None])["rating"][:, 0] for u, i in splits]
+        [
+            ranking.score(users[part], items[part, None], context=_rows(context, part))[
+                "rating"
+            ][:, 0]
+            for part in torch.arange(len(users)).split(8192)
+        ]
     )
     rated = ~torch.isnan(ratings)
     result: dict[str, Any] = {"num_test_pairs": len(users)}
     if rated.any():
         result["rmse"] = rmse(predicted[rated], ratings[rated])
         result["mae"] = mae(predicted[rated], ratings[rated])
-    result["auc"] = _test_auc(ranking, users, items, seed)
+    result["auc"] = _test_auc(ranking, users, items, seed, context)
     if test.num_shown:
         result.update(shown_auc(ranking, test))
     queries, retrieved, lists = _lists(ranking, test, (ranking.blend_weight,))
@@ -323,13 +332,21 @@ def shown_auc(
     ``mrr`` (the mean of 1/rank over the items chosen) and ``ndcg@5`` /
     ``ndcg@10`` (binary gains) of the impression's items ordered by the click
     head (ties by item index), averaged over the ``count`` impressions (not
-    computed when ``impression_figures`` is False).
+    computed when ``impression_figures`` is False). A ranker that reads context
+    scores each row at its own (a pair shown at several moments: the mean of
+    its rows' scores).
     """
     from twostage.data.dataset import ITEM, TIME, USER
+    from twostage.retrieval.tensors import context_keys
 
     assert test.shown is not None
     frames = (test.interactions, test.shown)
-    both = pl.concat([f.select(USER, ITEM, TIME) for f in frames], how="vertical")
+    keys = context_keys(ranking.retrieval.spec) if ranking.reads_context else []
+    columns = [USER, ITEM, TIME, *keys]  # derived ones come from the time
+    both = pl.concat(
+        [f.select(c for c in columns if c in f.columns) for f in frames],
+        how="diagonal_relaxed",
+    )
     scorer, item_idx, cold_items = ranking.with_items(both[ITEM], test.items)
     scorer, user_idx, cold_users = scorer.with_users(both[USER], test.users, test.prior)
     rows = pl.DataFrame(
@@ -351,13 +368,28 @@ def shown_auc(
             "shown_auc is not measured"
         )
         return {"shown_auc_users": 0}
-    scored = pairs.select("u", "i").unique().sort("u", "i")
-    users = torch.from_numpy(scored["u"].to_numpy().copy())
-    items = torch.from_numpy(scored["i"].to_numpy().copy())
-    splits = zip(users.split(8192), items.split(8192), strict=True)
-    click = torch.cat([scorer.score(u, i[:, None])["click"][:, 0] for u, i in splits])
-    scored = scored.with_columns(pl.Series("s", click.double().numpy()))
-    pairs = pairs.join(scored, on=["u", "i"], maintain_order="left")
+    if keys:  # each row at its context: the rows' scores, then each pair's mean
+        extra = [c for c in both.columns if c in keys and c != TIME]
+        rows = rows.with_columns(both.select(extra)).with_row_index("row")
+        scored = rows.unique([c for c in rows.columns if c not in ("row", "chosen")])
+        click = _row_clicks(scorer, scored.rename({"t": TIME}))
+        scored = scored.select("u", "i", "t", *extra).with_columns(
+            pl.Series("s", click.double().numpy())
+        )
+        rows = rows.join(scored, on=["u", "i", "t", *extra], nulls_equal=True)
+        rows = rows.sort("row").drop("row", *extra)
+        means = rows.group_by("u", "i").agg(pl.col("s").mean())
+        pairs = pairs.join(means, on=["u", "i"], maintain_order="left")
+    else:
+        scored = pairs.select("u", "i").unique().sort("u", "i")
+        users = torch.from_numpy(scored["u"].to_numpy().copy())
+        items = torch.from_numpy(scored["i"].to_numpy().copy())
+        splits = zip(users.split(8192), items.split(8192), strict=True)
+        click = torch.cat(
+            [scorer.score(u, i[:, None])["click"][:, 0] for u, i in splits]
+        )
+        scored = scored.with_columns(pl.Series("s", click.double().numpy()))
+        pairs = pairs.join(scored, on=["u", "i"], maintain_order="left")
     result: dict[str, Any] = {}
     per_user = _group_auc(pairs, ["user"])
     result["shown_auc"] = float(per_user["auc"].mean())  # type: ignore[arg-type]
@@ -367,12 +399,19 @@ def shown_auc(
     result["shown_cold_items"] = cold_items
     if not impression_figures:  # validation reads shown_auc only
         return result
-    impressions = (
-        rows.group_by("user", "t", "i")
-        .agg(pl.col("chosen").any())
-        .join(pairs.select("user", "i", "s"), on=["user", "i"])
-        .sort("user", "t", "i")
-    )
+    if keys:  # the impression's own moment
+        impressions = (
+            rows.group_by("user", "t", "i")
+            .agg(pl.col("chosen").any(), pl.col("s").mean())
+            .sort("user", "t", "i")
+        )
+    else:
+        impressions = (
+            rows.group_by("user", "t", "i")
+            .agg(pl.col("chosen").any())
+            .join(pairs.select("user", "i", "s"), on=["user", "i"])
+            .sort("user", "t", "i")
+        )
     per_impression = _group_auc(impressions, ["user", "t"])
     if per_impression.height:
         result["impressions"] = {
@@ -381,6 +420,20 @@ def shown_auc(
             "count": per_impression.height,
         }
     return result
+
+
+def _row_clicks(ranking: RankingRun, rows: pl.DataFrame) -> Tensor:
+    """``[n]`` the click logits of ``rows`` (``u``, ``i`` indices and the
+    context columns), each at its own context."""
+    encoded = ranking.encode_context(rows)
+    users = torch.from_numpy(rows["u"].to_numpy().copy())
+    items = torch.from_numpy(rows["i"].to_numpy().copy())
+    out = []
+    for part in torch.arange(len(users)).split(8192):
+        context = {k: v[part] for k, v in encoded.items()}
+        scored = ranking.score(users[part], items[part, None], context=context)
+        out.append(scored["click"][:, 0])
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _with_history(ranking: RankingRun, test: Dataset, users: pl.Series) -> int:
@@ -447,7 +500,18 @@ def _impression_ranks(
     return out
 
 
-def _test_auc(ranking: RankingRun, users: Tensor, items: Tensor, seed: int) -> float:
+def _rows(context: dict[str, Tensor] | None, part: Tensor) -> dict[str, Tensor] | None:
+    """The rows ``part`` of an encoded context (None stays None)."""
+    return None if context is None else {k: v[part] for k, v in context.items()}
+
+
+def _test_auc(
+    ranking: RankingRun,
+    users: Tensor,
+    items: Tensor,
+    seed: int,
+    context: dict[str, Tensor] | None = None,
+) -> float:
     """Click AUC: each test pair against a uniform item unknown to its user."""
     num_items, tensors = ranking.tensors.num_items, ranking.tensors
     pair_keys = torch.cat(
@@ -463,6 +527,12 @@ def _test_auc(ranking: RankingRun, users: Tensor, items: Tensor, seed: int) -> f
         redraw = torch.randint(1, num_items, (int(clash.sum()),), generator=generator)
         negatives[clash] = redraw
     candidates = torch.stack([items, negatives], dim=1)
-    splits = zip(users.split(8192), candidates.split(8192), strict=True)
-    click = torch.cat([ranking.score(u, c)["click"] for u, c in splits])
+    click = torch.cat(
+        [
+            ranking.score(users[part], candidates[part], context=_rows(context, part))[
+                "click"
+            ]
+            for part in torch.arange(len(users)).split(8192)
+        ]
+    )
     return auc(click[:, 0], click[:, 1])

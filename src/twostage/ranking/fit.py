@@ -30,6 +30,7 @@ from twostage.ranking.run import (
     build_ranking_model,
     forward_pairs,
     is_pair,
+    pairs_context,
     pairs_of,
     top_unseen,
     weighted_pairs_of,
@@ -113,12 +114,14 @@ def _loss(
     batch: Pairs,
     generator: torch.Generator,
     weights: Tensor | None = None,
+    context: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Rating MSE (rated positives) plus click BCE (positives, negatives) plus,
     with ``listwise_weight``, the softmax cross-entropy of each positive against
     its usable negatives, each a mean over the batch's rows weighted by
     ``weights`` (the log's row weights: a row's rating error and its positive and
-    negatives count that much; all 1 when None).
+    negatives count that much; all 1 when None). ``context``: the rows' encoded
+    context, for a ranker that reads it.
 
     In a data-parallel run (:mod:`twostage.distributed`) ``batch`` is the global
     batch: the negatives are drawn for all of it, this rank scores its share, and the
@@ -142,8 +145,10 @@ def _loss(
         share = world.shard(torch.arange(len(users), device=users.device))
         users, candidates, cells = users[share], candidates[share], cells[share]
         ratings, rated, rows = ratings[share], rated[share], rows[share]
+        if context is not None:
+            context = {k: v[share] for k, v in context.items()}
         ranks = world.size
-    out = forward_pairs(run, users, candidates, exclude_target=True)
+    out = forward_pairs(run, users, candidates, exclude_target=True, context=context)
     loss = torch.zeros((), device=items.device)
     if config.rating_weight > 0 and num_rated > 0:
         error = out["rating"][:, 0][rated] - ratings[rated]
@@ -166,7 +171,10 @@ def _loss(
 
 
 def _validate(
-    run: RankingRun, pairs: Pairs, held: Dataset | None = None
+    run: RankingRun,
+    pairs: Pairs,
+    held: Dataset | None = None,
+    context: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Validation RMSE (rating head, clipped) and click AUC against uniform items;
     ``metric`` (maximised) is minus the RMSE, or the AUC without ratings: the AUC
@@ -177,7 +185,7 @@ def _validate(
     uniform = torch.randint(
         1, run.tensors.num_items, (len(users),), generator=generator
     )
-    out = run.score(users, torch.stack([items, uniform], dim=1))
+    out = run.score(users, torch.stack([items, uniform], dim=1), context=context)
     result = {"auc": auc(out["click"][:, 0], out["click"][:, 1])}
     rated = ~torch.isnan(ratings)
     result["metric"] = result["auc"]
@@ -248,6 +256,11 @@ def fit_ranking(
         pairs,
         with_history_of(run.tensors, run.spec, train, run.config.retrieval),
         weights=weights,
+        context=(
+            pairs_context(run, train, known_only=True)
+            if (config or run.config.ranking).use_context
+            else None
+        ),
         shown=shown_pairs_of(run, train),
         served=served,
         config=config,
@@ -270,6 +283,7 @@ def fit_ranking_pairs(
     served: Callable[[], RetrievalTensors],
     weights: Tensor | None = None,
     shown: ShownPairs | None = None,
+    context: dict[str, Tensor] | None = None,
     config: RankingConfig | None = None,
     validation: Dataset | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -292,6 +306,10 @@ def fit_ranking_pairs(
             row's share of the loss; every row weighs 1 when None.
         shown: the items the users were shown and did not choose in the training
             rows (:func:`shown_pairs_of`), which ``num_shown_negatives`` draws from.
+        context: the training rows' encoded per-interaction context
+            (:func:`~twostage.ranking.run.pairs_context`): the ranker then reads
+            each row's own (:attr:`RankingRun.reads_context`), and the
+            validation rows' their own; None trains it with the context unknown.
         validation: held-out rows for early stopping and the blend weight.
         config, checkpoint_dir, resume, on_step, stop_after_epoch,
         allow_config_change: as for :func:`fit_ranking`.
@@ -361,15 +379,20 @@ def fit_ranking_pairs(
     )
     if len(rated):
         ranking.rating_bounds = (float(rated.min()), float(rated.max()))
-    val_pairs = None
+    ranking.reads_context = context is not None
+    val_pairs = val_context = None
     if validation is not None:
         val_pairs = pairs_of(run, validation, known_only=True)
+        if context is not None:
+            val_context = pairs_context(run, validation, known_only=True)
     result = _train(
         ranking,
         pairs,
         val_pairs if val_pairs is not None and len(val_pairs[0]) else None,
         weights=weights,
         shown=shown,
+        context=context,
+        val_context=val_context,
         held=validation,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
         resume=resume,
@@ -378,7 +401,7 @@ def fit_ranking_pairs(
         fingerprint=resume_fingerprint(
             {
                 "data": to_dict(run.config.data),
-                "ranking": _fingerprinted(config),
+                "ranking": _fingerprinted(config, reads_context=context is not None),
                 "train": {"seed": run.config.train.seed},
             },
             # Weights and shown rows join the digest only when given: earlier
@@ -389,6 +412,7 @@ def fit_ranking_pairs(
                 *pairs,
                 *([] if weights is None else [weights]),
                 *([] if shown is None else shown),
+                *([] if context is None else [context[k] for k in sorted(context)]),
             ),
         ),
         allow_config_change=allow_config_change,
@@ -409,12 +433,16 @@ def fit_ranking_pairs(
     return ranking
 
 
-def _fingerprinted(config: RankingConfig) -> dict[str, Any]:
+def _fingerprinted(config: RankingConfig, *, reads_context: bool) -> dict[str, Any]:
     """The ranking settings a checkpoint is resumed under; ``listwise_weight`` only
-    when set, so that checkpoints written before it existed still resume."""
+    when set and ``use_context`` only when the ranker reads context, so that
+    checkpoints written before they existed still resume (and one of a ranker
+    that read no context does not resume as one that does)."""
     values = to_dict(config)
     if config.listwise_weight == 0:
         del values["listwise_weight"]
+    if not reads_context:
+        del values["use_context"]
     return values
 
 
@@ -461,6 +489,8 @@ def _train(
     *,
     weights: Tensor | None = None,
     shown: ShownPairs | None = None,
+    context: dict[str, Tensor] | None = None,
+    val_context: dict[str, Tensor] | None = None,
     held: Dataset | None = None,
     **loop: Any,
 ) -> TrainResult:
@@ -478,13 +508,20 @@ def _train(
         ranking._vectors = (host_vectors[0].to(device), host_vectors[1].to(device))
         pairs = (pairs[0].to(device), pairs[1].to(device), pairs[2].to(device))
         weights = None if weights is None else weights.to(device)
+        if context is not None:
+            context = {k: v.to(device) for k, v in context.items()}
         if negatives is not None:
             negatives = negatives.to(device)
 
     def batch_loss(batch: Tensor, generator: torch.Generator) -> Tensor:
         users, items, ratings = (p[batch] for p in pairs)
         rows = None if weights is None else weights[batch]
-        return _loss(ranking, negatives, (users, items, ratings), generator, rows)
+        rows_context = None
+        if context is not None:
+            rows_context = {k: v[batch] for k, v in context.items()}
+        return _loss(
+            ranking, negatives, (users, items, ratings), generator, rows, rows_context
+        )
 
     validate = None
     if validation is not None:
@@ -493,7 +530,7 @@ def _train(
             if moved:  # the loop validates on the host
                 ranking.tensors, ranking._vectors = host, host_vectors
             try:
-                return _validate(ranking, validation, held)
+                return _validate(ranking, validation, held, val_context)
             finally:
                 if moved:
                     ranking.tensors = host.to(device)

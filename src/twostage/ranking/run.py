@@ -84,6 +84,10 @@ class RankingRun:
             (fitted on the rows of ``tensors``), else None.
         metrics: the test figures of :func:`twostage.ranking.evaluate_ranking`
             measured after training (saved with the bundle), or None.
+        reads_context: trained with each row's own per-interaction context
+            (``ranking.use_context`` with a retrieval model that reads some):
+            scoring then takes the query's context (:meth:`score`'s
+            ``context``); False for a ranker trained with it unknown.
     """
 
     config: RankingConfig
@@ -96,6 +100,7 @@ class RankingRun:
     train_seconds: float = 0.0
     ease: LinearItemsModel | None = None
     metrics: dict[str, Any] | None = None
+    reads_context: bool = False
     _vectors: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _seen: tuple[int, UserItems] | None = field(default=None, repr=False)
     _candidates: tuple[tuple[int, ...], _Inference] | None = field(
@@ -154,30 +159,44 @@ class RankingRun:
             scores += term.to(scores.device)
         return scores / temperature
 
-    def context_queries(self, user_idx: Tensor, context: pl.DataFrame) -> Tensor:
+    def context_queries(self, user_idx: Tensor, context: dict[str, Tensor]) -> Tensor:
         """``[B, D]`` the retrieval query embeddings of ``B`` users, each at its
-        row of ``context`` (the per-interaction context columns the retrieval
-        model reads; a missing value encodes as unknown), from the users' rows of
-        this ranker's tables: what serving retrieves with for a request that
-        carries that context, and :meth:`retrieval_scores` scores with."""
+        row of ``context`` (``{key: [B, ...]}``, :meth:`encode_context`), from
+        the users' rows of this ranker's tables: what serving retrieves with for
+        a request that carries that context, and :meth:`retrieval_scores` scores
+        with."""
+        out = [
+            self._context_query(
+                user_idx[rows], {k: v[rows] for k, v in context.items()}
+            )
+            for rows in torch.arange(len(user_idx)).split(4096)
+        ]
+        if not out:
+            return torch.zeros(0, self.retrieval_vectors()[1].shape[1])
+        return torch.cat(out)
+
+    def encode_context(self, context: pl.DataFrame) -> dict[str, Tensor]:
+        """``{key: [n, ...]}`` the encoded context fields of ``n`` rows of context
+        columns (the retrieval model's; missing values encode as unknown)."""
         from twostage.features.context import context_frame
         from twostage.retrieval.tensors import context_keys
 
         spec = self.retrieval.spec
-        ids = pl.Series(USER, [None] * len(user_idx), dtype=pl.Int64)
-        encoded = spec.transform_context(
-            context_frame(ids, context, context_keys(spec))
-        )
-        encode = self.retrieval.model.encode_queries
-        out = []
+        ids = pl.Series(USER, [None] * context.height, dtype=pl.Int64)
+        return spec.transform_context(context_frame(ids, context, context_keys(spec)))
+
+    def _context_query(self, user_idx: Tensor, context: dict[str, Tensor]) -> Tensor:
+        """``[B, D]`` the retrieval query embeddings of users at an encoded
+        context, from their rows of this ranker's tables."""
+        features = query_features(self.tensors, user_idx)
+        features.update(context)
+        model = self.retrieval.model
+        # The retrieval model stays where it was trained while the ranker's
+        # tables train on a GPU: encode there, answer on the tables' device.
+        at = next(model.parameters()).device
         with torch.no_grad():
-            for rows in torch.arange(len(user_idx)).split(4096):
-                features = query_features(self.tensors, user_idx[rows])
-                features.update({k: v[rows] for k, v in encoded.items()})
-                out.append(encode(features))
-        if not out:
-            return torch.zeros(0, self.retrieval_vectors()[1].shape[1])
-        return torch.cat(out)
+            found = model.encode_queries({k: v.to(at) for k, v in features.items()})
+        return found.to(user_idx.device)
 
     def ease_scores(
         self, user_idx: Tensor, item_idx: Tensor, *, rows: UserItems | None = None
@@ -251,12 +270,21 @@ class RankingRun:
         )
         return run, index, len(new)
 
-    def score(self, user_idx: Tensor, item_idx: Tensor) -> dict[str, Tensor]:
+    def score(
+        self,
+        user_idx: Tensor,
+        item_idx: Tensor,
+        *,
+        context: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Score ``C`` candidates for each of ``B`` users in one forward pass.
 
         Args:
             user_idx: ``[B]`` int64 user indices (0: unknown user).
             item_idx: ``[B, C]`` int64 item indices.
+            context: ``{key: [B, ...]}`` each query's encoded context
+                (:meth:`encode_context`), read by a ranker that
+                :attr:`reads_context` (ignored by one that does not).
 
         Returns:
             ``{"rating": [B, C], "click": [B, C]}``: ratings clipped to the training
@@ -276,6 +304,7 @@ class RankingRun:
                 item_idx,
                 exclude_target=False,
                 inference=self._inference(),
+                context=context if self.reads_context else None,
             )
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
@@ -396,6 +425,11 @@ class RankingRun:
             )
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
+
+    def user_fields(self, user_idx: int) -> dict[str, Tensor]:
+        """``{key: [1, ...]}`` a user's encoded query fields and history from this
+        ranker's tables (the context unknown), for :meth:`score_user`."""
+        return query_features(self.tensors, torch.tensor([user_idx]))
 
     def score_user(
         self,
@@ -651,6 +685,7 @@ def forward_pairs(
     *,
     exclude_target: bool,
     inference: _Inference | None = None,
+    context: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Both heads for ``[B]`` users x ``[B, C]`` items -> ``[B, C]`` each.
 
@@ -658,26 +693,39 @@ def forward_pairs(
     ``exclude_target`` drops each row's first candidate from the user's history.
     ``inference``: the cached item side (:meth:`RankingRun._inference`) to gather
     from, with the first layers factored per query; None embeds the ``B * C``
-    candidates here (training, with gradients).
+    candidates here (training, with gradients). ``context``: ``{key: [B, ...]}``
+    each row's encoded context, which replaces the users' unknown context in the
+    ranker's query fields and in the retrieval query it reads.
     """
     num_rows, width = item_idx.shape
     model, tensors = run.model, run.tensors
     target = item_idx[:, 0] if exclude_target else None
     flat = item_idx.reshape(-1)
-    if inference is not None and target is None:
+    if inference is not None and target is None and context is None:
         candidate, vectors, projection = _gathered(run, inference, flat)
         return _per_query(
             run, inference, user_idx, candidate, vectors, projection, width
         )
-    query = model.embed_queries(query_features(tensors, user_idx, exclude_items=target))
+    features = query_features(tensors, user_idx, exclude_items=target)
+    q = None
+    if context is not None:
+        features.update(context)
+        if model.extra_dim:  # the retrieval query at the row's context
+            q = run._context_query(user_idx, context)
+    query = model.embed_queries(features)
+    if model.extra_dim and q is None:
+        q = run.retrieval_vectors()[0][user_idx]
+    if inference is not None and target is None:  # a query's context: no cache
+        gathered = _gathered(run, inference, flat)
+        return _heads(model, inference, query, None, q, gathered, (num_rows, width))
     candidate = model.embed_candidates(
         {k: v[flat] for k, v in tensors.item_features.items()}
     )
     extras = None
     if model.extra_dim:
-        users, items = run.retrieval_vectors()
-        q = users[user_idx].repeat_interleave(width, dim=0)  # (B * C, D)
-        c = items[flat]  # (B * C, D)
+        assert q is not None
+        q = q.repeat_interleave(width, dim=0)  # (B * C, D)
+        c = run.retrieval_vectors()[1][flat]  # (B * C, D)
         extras = retrieval_extras((q * c).sum(-1), q, c)
     out = model.combine(query.expand(width), candidate, extras)
     return {k: v.view(num_rows, width) for k, v in out.items()}
@@ -740,6 +788,28 @@ def weighted_pairs_of(
     keep = (users > 0) & (items > 0)
     kept = None if weights is None else weights[keep]
     return (users[keep], items[keep], ratings[keep]), kept
+
+
+def pairs_context(
+    run: RetrievalRun, dataset: Dataset, *, known_only: bool
+) -> dict[str, Tensor] | None:
+    """``{key: [n, ...]}`` the encoded per-interaction context of the rows
+    :func:`pairs_of` gives (the same filter), or None when the retrieval model
+    reads no context."""
+    from twostage.features.context import add_context_columns, context_frame
+    from twostage.retrieval.tensors import context_keys
+
+    keys = context_keys(run.spec)
+    if not keys:
+        return None
+    inter = add_context_columns(dataset, keys).interactions
+    encoded = run.spec.transform_context(context_frame(inter[USER], inter, keys))
+    if not known_only:
+        return encoded
+    users = torch.from_numpy(run.spec.vocabulary(USER).transform(inter[USER]))
+    items = torch.from_numpy(run.spec.vocabulary(ITEM).transform(inter[ITEM]))
+    keep = (users > 0) & (items > 0)
+    return {k: v[keep] for k, v in encoded.items()}
 
 
 def is_pair(known: Tensor, users: Tensor, items: Tensor, num_items: int) -> Tensor:

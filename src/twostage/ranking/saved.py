@@ -53,6 +53,7 @@ def save_ranking(ranking: RankingRun, directory: str | Path) -> None:
         "rating_bounds": list(ranking.rating_bounds),
         "history": ranking.history,
         "train_seconds": ranking.train_seconds,
+        "reads_context": ranking.reads_context,
     }
     if ranking.metrics is not None:
         state["metrics"] = ranking.metrics
@@ -84,6 +85,10 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         blend_weight = float(state["blend_weight"])
         train_seconds = float(state["train_seconds"])
         history = list(state["history"])
+        # Rankers saved before it read no context.
+        reads_context = state.get("reads_context", False)
+        if not isinstance(reads_context, bool):
+            raise ValueError(f"`reads_context` in {_STATE} is not true or false")
         metrics = state.get("metrics")  # bundles saved before it have none
         if metrics is not None and not isinstance(metrics, dict):
             raise ValueError(f"`metrics` in {_STATE} is not a mapping")
@@ -128,4 +133,5 @@ def load_ranking(directory: str | Path, retrieval_run: RetrievalRun) -> RankingR
         train_seconds=train_seconds,
         ease=ease,
         metrics=metrics,
+        reads_context=reads_context,
     )

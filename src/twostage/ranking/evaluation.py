@@ -337,16 +337,20 @@ def shown_auc(
     its rows' scores).
     """
     from twostage.data.dataset import ITEM, TIME, USER
+    from twostage.features.context import DERIVED
     from twostage.retrieval.tensors import context_keys
 
     assert test.shown is not None
     frames = (test.interactions, test.shown)
     keys = context_keys(ranking.retrieval.spec) if ranking.reads_context else []
-    columns = [USER, ITEM, TIME, *keys]  # derived ones come from the time
-    both = pl.concat(
-        [f.select(c for c in columns if c in f.columns) for f in frames],
-        how="diagonal_relaxed",
-    )
+    columns = [USER, ITEM, TIME, *keys]
+
+    def derived(frame: pl.DataFrame) -> pl.DataFrame:  # hour_of_day...: from TIME
+        made = [n for n in keys if n in DERIVED and n not in frame.columns]
+        frame = frame.with_columns(DERIVED[n].alias(n) for n in made)
+        return frame.select(c for c in columns if c in frame.columns)
+
+    both = pl.concat([derived(f) for f in frames], how="diagonal_relaxed")
     scorer, item_idx, cold_items = ranking.with_items(both[ITEM], test.items)
     scorer, user_idx, cold_users = scorer.with_users(both[USER], test.users, test.prior)
     rows = pl.DataFrame(

@@ -12,6 +12,10 @@ re-ranked) on one torch thread: warm-up, then ``--latency-calls`` calls over ran
 known users, and with a client's list of 100 candidates, all known or half of them
 new items sent with their features. ``--candidates-sweep`` repeats the list metrics and the timing with fewer
 (or more) candidates re-ranked, the serving-time knob (``twostage serve --candidates``).
+When retrieval reads per-interaction context (``--set
+retrieval.query_fields=hour_of_day,day_of_week``), the ranker reads each row's own
+(``ranking.use_context``), every test row is its own query, and a second ranker
+trained with the context unknown is measured beside it on the same retrieval run.
 
     python benchmarks/ranking_quality.py --json benchmarks/results/ranking_quality.json
 
@@ -104,6 +108,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     retrieval_seconds = train_seconds - ranking.train_seconds
     test = split.test
     result = evaluate_ranking(ranking, test)
+    without_context = None
+    if ranking.reads_context:  # the same retrieval, a ranker blind to the context
+        plain = dataclasses.replace(ranking.config, use_context=False)
+        blind = fit_ranking(run, split.fit, config=plain, validation=split.validation)
+        found = evaluate_ranking(blind, test)
+        without_context = {
+            key: found[key]
+            for key in ("rmse", "auc", "two_stage", "blend_weight")
+            if key in found
+        }
 
     baseline_started = time.perf_counter()
     baseline = fit_ranking(run, split.fit, config=BASELINE, validation=split.validation)
@@ -125,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "two_stage": result["two_stage"],
         "blend_weight": result["blend_weight"],
         "num_candidates": result["num_candidates"],
+        "reads_context": ranking.reads_context,
+        "without_context": without_context,
         "baseline_mlp_rmse": baseline_rmse,
         **latency,
         "candidates_sweep": sweep,
@@ -277,6 +293,24 @@ def _report(payload: dict[str, Any]) -> None:
         ["metric", "retrieval only", "two stage", "change"],
         rows,
     )
+    blind = payload.get("without_context")
+    if blind:
+        print_table(
+            "The ranker reading each test row's context, against one trained "
+            "with it unknown (the same retrieval run)",
+            ["ranker", "RMSE", "AUC", "NDCG@10", "HR@10", "blend"],
+            [
+                [
+                    name,
+                    figures.get("rmse", "-"),
+                    figures["auc"],
+                    figures["two_stage"]["ndcg"]["10"],
+                    figures["two_stage"]["hit_rate"]["10"],
+                    figures["blend_weight"],
+                ]
+                for name, figures in (("reads the context", payload), ("blind", blind))
+            ],
+        )
     print_table(
         f"recommend(user_id, k=10) on the reloaded bundle, {payload['latency_calls']} "
         "calls, 1 thread",

@@ -528,14 +528,22 @@ class TwoStageModel:
             item_ids = item_ids.astype(np.int64)
         return item_ids, scores
 
-    def predict(self, user_ids: Any, item_ids: Any) -> np.ndarray:
+    def predict(
+        self,
+        user_ids: Any,
+        item_ids: Any,
+        *,
+        context: Mapping[str, Any] | None = None,
+    ) -> np.ndarray:
         """Scores of (user, item) pairs, element by element.
 
         With a ranker: its predicted rating when the data had ratings, else its click
         probability. Without: the retrieval score (query . candidate). IDs are
         integers or strings, as :meth:`recommend` takes them (None: unknown). An
         unknown user is scored as a cold start; an item outside the catalogue gets
-        NaN.
+        NaN. ``context``: the moment of every pair, for a model that reads
+        per-interaction context (``{"timestamp": 1700000000}``, as
+        :meth:`recommend` takes it); unknown without one.
 
         Returns:
             ``[n]`` float32 array.
@@ -554,14 +562,21 @@ class TwoStageModel:
         user_idx = _indices(rec.user_vocab, "user_ids", user_list)
         item_idx = _indices(rec.item_vocab, "item_ids", item_list)
         users = _canonical(rec.user_vocab, user_list, user_idx)
+        encoded = rec.encode_context(context)  # refused where none is read
         with torch.no_grad():
             if rec.ranker is not None:
-                out = rec.ranker.score(user_idx, item_idx[:, None])
+                rows = None
+                if context:  # one moment for every pair
+                    rows = {
+                        k: v.expand(len(user_idx), *v.shape[1:])
+                        for k, v in encoded.items()
+                    }
+                out = rec.ranker.score(user_idx, item_idx[:, None], context=rows)
                 rated = rec.ranker.predicts_ratings
                 values = out["rating"] if rated else torch.sigmoid(out["click"])
                 scores = values[:, 0]
             else:
-                queries = rec.run.query_embeddings(users, users=None)
+                queries = rec.run.query_embeddings(users, users=None, context=context)
                 scores = (queries * rec.item_embeddings[item_idx]).sum(dim=1)
         result = scores.float().numpy().copy()
         result[item_idx.numpy() == 0] = np.nan

@@ -82,9 +82,14 @@ class Ranker(Protocol):
         ...
 
     def score(
-        self, user_idx: torch.Tensor, item_idx: torch.Tensor
+        self,
+        user_idx: torch.Tensor,
+        item_idx: torch.Tensor,
+        *,
+        context: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``[B]`` users x ``[B, C]`` candidates -> ``{"rating", "click"}`` ``[B, C]``."""
+        """``[B]`` users x ``[B, C]`` candidates -> ``{"rating", "click"}`` ``[B, C]``
+        (``context``: each query's encoded context, read where it trained on it)."""
         ...
 
     def ease_scores(
@@ -501,6 +506,18 @@ class Recommender:
     # -- queries -----------------------------------------------------------------
     def _context(self, context: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
         return encode_context(self.run.spec, self._context_keys, context)
+
+    def encode_context(
+        self, context: Mapping[str, Any] | None
+    ) -> dict[str, torch.Tensor]:
+        """``{key: [1, ...]}`` one request's encoded context (unknown where
+        missing; empty for a model that reads none).
+
+        Raises:
+            ConfigError: context given to a model that reads none, or a value its
+                column cannot hold.
+        """
+        return self._context(context)
 
     def _encode_user_features(
         self, user_features: dict[str, Any], columns: list[str]

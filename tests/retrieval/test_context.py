@@ -334,3 +334,40 @@ def test_the_ranker_learns_each_row_s_context_and_keeps_it_through_a_bundle(
     shown = CliRunner().invoke(app, ["info", str(tmp_path / "bundle")])
     assert shown.exit_code == 0, shown.output
     assert "at the request's context" in " ".join(shown.output.split())
+
+
+def test_the_estimator_predicts_pairs_at_a_moment() -> None:
+    """`TwoStageModel.predict(..., context=)`: a pair's click probability read at
+    the moment given, as `recommend` reads it; refused by a model that reads no
+    context."""
+    import twostage
+
+    frame = _daypart_log(num=3000).interactions
+    settings = {
+        "data.validation_fraction": 0.1,
+        "train.epochs": 6,
+        "train.num_threads": 1,
+        "retrieval.use_side_features": False,
+        "retrieval.history_length": 0,
+        "retrieval.popularity_fallback": 0,
+        "retrieval.query_fields": "hour_of_day",
+        "ranking.epochs": 6,
+        "ranking.batch_size": 256,
+    }
+    model = twostage.TwoStageModel(settings=settings, progress=False).fit(frame)
+    user = int(frame["user_id"][0])
+    items = [3, 17, 42, 63, 77, 96]  # three morning items, three evening ones
+    day = 100 * 24 * HOUR
+    at = {
+        moment: model.predict([user] * 6, items, context={"timestamp": day + moment})
+        for moment in (MORNING, EVENING)
+    }
+    assert at[MORNING][:3].mean() > at[MORNING][3:].mean()
+    assert at[EVENING][3:].mean() > at[EVENING][:3].mean()
+    unknown = model.predict([user] * 6, items)  # no moment: the context unknown
+    assert np.isfinite(unknown).all()
+    blind = twostage.TwoStageModel(
+        settings={**settings, "retrieval.query_fields": ""}, progress=False
+    ).fit(frame)
+    with pytest.raises(ConfigError, match="reads no context"):
+        blind.predict([user], [3], context={"timestamp": day})

@@ -270,12 +270,17 @@ def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
     )
 
 
-@pytest.mark.parametrize("split", ["random", "leave-last-out"])
-def test_the_streamed_ranker_is_the_in_memory_one(log: Path, split: str) -> None:
+@pytest.mark.parametrize(
+    ("split", "context"),
+    [("random", False), ("leave-last-out", False), ("random", True)],
+)
+def test_the_streamed_ranker_is_the_in_memory_one(
+    log: Path, split: str, context: bool
+) -> None:
     """Both stages from a stream: the ranker trains on the towers' training rows
-    and their ratings, stops early and picks its blend on the carve-out, and
-    both are measured on the test side, as `fit_two_stage` does on the same
-    three sides."""
+    and their ratings (and each row's own context, where the towers read some),
+    stops early and picks its blend on the carve-out, and both are measured on
+    the test side, as `fit_two_stage` does on the same three sides."""
     from twostage.retrieval.streamed import fit_streamed_two_stage
     from twostage.two_stage import fit_two_stage
 
@@ -288,6 +293,7 @@ def test_the_streamed_ranker_is_the_in_memory_one(log: Path, split: str) -> None
             "retrieval.history_length=8",
             "ranking.epochs=3",
             "ranking.hidden_dims=[32]",
+            *(["retrieval.query_fields=user_id,hour_of_day"] if context else []),
         ],
     )
     streamed = fit_streamed_two_stage(config, log)
@@ -295,6 +301,7 @@ def test_the_streamed_ranker_is_the_in_memory_one(log: Path, split: str) -> None
 
     mine, theirs = streamed.ranker, in_memory.ranker
     assert mine is not None and theirs is not None
+    assert mine.reads_context == theirs.reads_context == context
     assert [e["validation"] for e in mine.history] == [
         e["validation"] for e in theirs.history
     ]

@@ -904,6 +904,8 @@ def fit_streamed_two_stage(
         weights=torch.from_numpy(rows.weights) if config.data.weight_col else None,
         served=lambda: run.tensors,
         shown=shown_pairs,
+        # each training row's own context, as the towers read it
+        context=(tables.context or None) if config.ranking.use_context else None,
         config=config.ranking,
         validation=validation,
         checkpoint_dir=ranker_dir,

@@ -8,7 +8,10 @@ onnxruntime: ``twostage export BUNDLE --format onnx``.
 - ``candidate_tower.onnx``: the item features -> ``item_embedding`` ``[N, D]``.
 - ``ranker.onnx`` (bundles with a ranking stage): ``user_idx`` ``[B]`` and
   ``item_idx`` ``[B, C]`` -> ``rating`` and ``click`` ``[B, C]``, the user and item
-  tables of the bundle inside the graph, as :meth:`RankingRun.score` computes them.
+  tables of the bundle inside the graph, as :meth:`RankingRun.score` computes them;
+  a ranker that reads per-interaction context also takes each context field
+  ``[B, ...]`` (encoded as the query tower takes it; the retrieval query it reads
+  is computed inside the graph).
 
 IDs become indices with the vocabularies of ``features.json`` (copied beside the
 models; index 0 is the unknown ID). ``export.json`` lists every input and output,
@@ -94,9 +97,10 @@ def _exportable(*models: nn.Module) -> Iterator[None]:
 class _Ranker(nn.Module):
     """``RankingRun.score`` with the run's tables baked in as constants."""
 
-    def __init__(self, ranker: Any) -> None:
+    def __init__(self, ranker: Any, context: list[str] | None = None) -> None:
         super().__init__()
         self.ranker = ranker
+        self.context = context or []  # the context inputs after the indices
         self.model = ranker.model
         # Registered so that the tracer sees its weights as weights, not constants.
         self.retrieval = ranker.retrieval.model
@@ -108,10 +112,15 @@ class _Ranker(nn.Module):
                 self.ease_queries = ranker.ease.encode_item_sets(ranker.tensors.seen())
             self.ease_items = ranker.ease.right
 
-    def forward(self, user_idx: Tensor, item_idx: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        self, user_idx: Tensor, item_idx: Tensor, *context: Tensor
+    ) -> tuple[Tensor, ...]:
         from twostage.ranking.run import forward_pairs
 
-        out = forward_pairs(self.ranker, user_idx, item_idx, exclude_target=False)
+        rows = dict(zip(self.context, context, strict=True)) if self.context else None
+        out = forward_pairs(
+            self.ranker, user_idx, item_idx, exclude_target=False, context=rows
+        )
         low, high = self.ranker.rating_bounds
         if self.ease_queries is None or self.ease_items is None:
             return out["rating"].clamp(low, high), out["click"]
@@ -214,9 +223,8 @@ def export_bundle(
         the file written.
 
     Raises:
-        ConfigError: an unknown format, a run whose retrieval adds the
-            session-kNN term (a search over the stored users, no network holds
-            it), or a ranker that reads per-interaction context.
+        ConfigError: an unknown format, or a run whose retrieval adds the
+            session-kNN term (a search over the stored users, no network holds it).
     """
     if format not in FORMATS:
         raise ConfigError(
@@ -229,14 +237,6 @@ def export_bundle(
             "sequences that no exported network holds: the exported towers would "
             "rank otherwise than the bundle serves. Serve the bundle itself, or train "
             "with `retrieval.session_knn_weight=0` to export."
-        )
-    if getattr(rec.ranker, "reads_context", False):
-        raise ConfigError(
-            "this bundle's ranker reads each request's per-interaction context "
-            "through its retrieval query, which the exported ranker (user and item "
-            "indices in, the tables inside) has no input for: it would rank "
-            "otherwise than the bundle serves. Serve the bundle itself, or train "
-            "with `ranking.use_context=false` to export."
         )
     out = Path(out_dir)
     _clear_target(out)
@@ -312,12 +312,19 @@ def _export_all(rec: Recommender, out: Path, model: nn.Module) -> dict[str, Path
         path = out / "ranker.onnx"
         # With the EASE term (`ranking.ease_weight`), a third output: its scores.
         outputs = ["rating", "click"] + (["ease"] if ranker.ease is not None else [])
+        # A ranker that reads context takes it, as the query tower does.
+        context = {}
+        if ranker.reads_context:
+            context = {
+                key: value.expand(len(users), *value.shape[1:]).clone()
+                for key, value in rec.encode_context(None).items()
+            }
         with torch.no_grad():
             _export(
-                _Ranker(ranker),
-                (users, items),
+                _Ranker(ranker, list(context)),
+                (users, items, *context.values()),
                 path,
-                inputs=["user_idx", "item_idx"],
+                inputs=["user_idx", "item_idx", *context],
                 outputs=outputs,
                 extra_axes={
                     "item_idx": {0: "batch", 1: "candidates"},
@@ -330,6 +337,7 @@ def _export_all(rec: Recommender, out: Path, model: nn.Module) -> dict[str, Path
             "inputs": [
                 {"name": "user_idx", "dtype": "int64", "shape": ["batch"]},
                 {"name": "item_idx", "dtype": "int64", "shape": pair},
+                *_describe(context),
             ],
             "outputs": [
                 {"name": name, "dtype": "float32", "shape": pair} for name in outputs

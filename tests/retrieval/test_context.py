@@ -282,7 +282,7 @@ def test_the_ranker_learns_each_row_s_context_and_keeps_it_through_a_bundle(
     51-100, its click head alone (no retrieval features) prefers the morning
     items in the morning and the evening ones in the evening, and its two-stage
     list beats one trained with the context unknown. A saved bundle keeps it,
-    and an ONNX export, which has no input for it, is refused."""
+    and its ONNX ranker takes the context as an input."""
     from twostage.export import export_bundle
 
     data = _daypart_log(num=4000)
@@ -329,8 +329,30 @@ def test_the_ranker_learns_each_row_s_context_and_keeps_it_through_a_bundle(
         again = loaded.recommend(user, 10, context=context).items
         first = stages[True].recommender().recommend(user, 10, context=context).items
         assert [i["rank_score"] for i in again] == [i["rank_score"] for i in first]
-    with pytest.raises(ConfigError, match=r"ranking\.use_context=false"):
-        export_bundle(loaded, tmp_path / "onnx")
+    # The exported ranker takes the context beside the indices.
+    ort = pytest.importorskip("onnxruntime")
+    export_bundle(loaded, tmp_path / "onnx")
+    session = ort.InferenceSession(
+        str(tmp_path / "onnx" / "ranker.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert [i.name for i in session.get_inputs()] == [
+        "user_idx",
+        "item_idx",
+        "hour_of_day",
+    ]
+    hours = pl.DataFrame({"hour_of_day": [9, 20, 9, 20, None]})
+    context = loaded.ranker.encode_context(hours)
+    users5, items5 = torch.arange(1, 6), torch.randint(1, 100, (5, 12))
+    _, click = session.run(
+        None,
+        {
+            "user_idx": users5.numpy(),
+            "item_idx": items5.numpy(),
+            "hour_of_day": context["hour_of_day"].numpy(),
+        },
+    )
+    want = loaded.ranker.score(users5, items5, context=context)["click"]
+    np.testing.assert_allclose(click, want.numpy(), atol=1e-5)
     shown = CliRunner().invoke(app, ["info", str(tmp_path / "bundle")])
     assert shown.exit_code == 0, shown.output
     assert "at the request's context" in " ".join(shown.output.split())

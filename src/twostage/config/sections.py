@@ -623,8 +623,8 @@ class RankingConfig(_Checked):
             (``retrieval.query_fields``), train and score the ranker with each
             row's own context too (the request's, when serving) rather than with
             the context unknown; its retrieval embedding and score are then the
-            contextual ones (a streamed log's too). An ONNX export needs it
-            off.
+            contextual ones (a streamed log's too; the exported ranker then
+            takes the context fields as inputs).
         rating_weight: weight of the rating MSE; ``click_weight``: of the click BCE.
         listwise_weight: weight of a softmax cross-entropy of each positive against
             its sampled negatives (0: none), added to the click BCE: it trains the

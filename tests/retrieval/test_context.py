@@ -101,6 +101,11 @@ def test_recommender_and_api_take_the_context(trained, tmp_path: Path) -> None:
         without.recommender().recommend(user, k=5, context={"timestamp": day})
     app = create_app(ServeSettings(models=str(tmp_path / "models"), poll_seconds=0))
     with TestClient(app) as client:
+        # The page's inputs: the context apart from the user features (a new
+        # user's `user_features` naming hour_of_day was a 400).
+        meta = client.get("/v1/models/daypart/metadata").json()
+        assert [f["column"] for f in meta["context"]] == ["hour_of_day"]
+        assert meta["user_features"] == []
         body = {"user_id": user, "k": 10, "context": {"timestamp": day + EVENING}}
         answer = client.post("/v1/recommend", json=body)
         assert answer.status_code == 200, answer.text

@@ -504,12 +504,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 
 def _metadata(model: LoadedModel) -> dict[str, Any]:
+    from twostage.retrieval.tensors import context_keys
+
     rec = model.recommender
-    features = [
+    keys = context_keys(rec.run.spec)
+    fields = [
         {"column": f.column, "kind": f.kind}
         for f in rec.run.spec.describe(side="query")
         if f.column != "user_id"
     ]
+    # A request's `user_features` and its `context` take different columns.
+    features = [f for f in fields if f["column"] not in keys]
+    context = [f for f in fields if f["column"] in keys]
     users = rec.user_vocab.values
     retrieval = rec.run.config.retrieval
     return {
@@ -524,6 +530,9 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
             0 if rec.removed_items is None else len(rec.removed_items)
         ),
         "user_features": features,
+        # The per-interaction context a request may carry (`context`); the
+        # hour and weekday come from its `timestamp`.
+        "context": context,
         "sample_users": users.head(50).to_list(),
         "has_ranker": rec.ranker is not None,
         "index": rec.index_kind,

@@ -99,6 +99,50 @@ function userFeatures() {
   return Object.keys(values).length ? values : null;
 }
 
+// The moment of the request, for a model that reads per-interaction context: a
+// UTC date and time for the columns the timestamp gives (hour, weekday), a box
+// for each other column.
+const FROM_TIME = new Set(["timestamp", "hour_of_day", "day_of_week"]);
+
+function context() {
+  if ($("context").hidden) return null;
+  const values = {};
+  for (const input of $("context").querySelectorAll("input")) {
+    const raw = input.value.trim();
+    if (!raw) continue;
+    if (input.type === "datetime-local") {
+      values.timestamp = Math.floor(Date.parse(raw + "Z") / 1000);  // read as UTC
+    } else {
+      values[input.name] = /^-?(0|[1-9]\d*)(\.\d+)?$/.test(raw) ? Number(raw) : raw;
+    }
+  }
+  return Object.keys(values).length ? values : null;
+}
+
+function contextInputs(fields) {
+  const inputs = [];
+  if (fields.some((f) => FROM_TIME.has(f.column))) {
+    const wrap = document.createElement("label");
+    wrap.textContent = "When (UTC) ";
+    const input = document.createElement("input");
+    input.type = "datetime-local";
+    input.name = "timestamp";
+    wrap.append(input);
+    inputs.push(wrap);
+  }
+  for (const field of fields.filter((f) => !FROM_TIME.has(f.column))) {
+    const wrap = document.createElement("label");
+    wrap.textContent = `${field.column} `;
+    const input = document.createElement("input");
+    input.name = field.column;
+    input.placeholder = field.kind;
+    input.size = 8;
+    wrap.append(input);
+    inputs.push(wrap);
+  }
+  return inputs;
+}
+
 function filters() {
   const tag = $("filter").value.trim();
   if (!tag || !metadata || !metadata.tags_column) return null;
@@ -116,6 +160,7 @@ async function recommend(event) {
     exclude_seen: $("exclude-seen").checked,
     filters: filters(),
     session: session(),
+    context: context(),
     include_history: true,
     explain: true,
   };
@@ -193,6 +238,9 @@ async function loadModel() {
     return option;
   }));
   if (!$("user").value && metadata.sample_users.length) $("user").value = String(metadata.sample_users[0]);
+  const fields = metadata.context || [];
+  $("context").replaceChildren(...contextInputs(fields));
+  $("context").hidden = !fields.length;  // the model reads no context
   $("features").replaceChildren(...metadata.user_features.map((feature) => {
     const wrap = document.createElement("label");
     wrap.textContent = `${feature.column} `;

@@ -176,18 +176,24 @@ def _weights(stages: TwoStage) -> dict[str, torch.Tensor]:
             ],
             marks=NEEDS_TORCHREC,
         ),
+        # Each row's context, read by both stages: the ranker's share of the
+        # batch carries its rows' context.
+        ["retrieval.query_fields=user_id,hour_of_day"],
     ],
     ids=[
         "defaults",
         "adagrad-weights-extra-negatives",
         "torchrec",
         "torchrec-ids-only",
+        "per-row-context",
     ],
 )
 def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) -> None:
     """Both stages: retrieval (gathered negatives) and the ranker (its share of the
     global batch, negatives drawn for the whole batch)."""
     alone = fit_two_stage(_config(extra))
+    assert alone.ranker is not None
+    assert alone.ranker.reads_context == any("query_fields" in e for e in extra)
     single = _weights(alone)
     out = tmp_path / "rank0.safetensors"
     distributed.run_local_group(_rank, 2, extra, str(out))

@@ -675,7 +675,8 @@ def recommend_command(
         list[str] | None,
         typer.Option(
             help="Context of the request, for a model that reads some, e.g. "
-            "--context timestamp=1700000000."
+            "--context timestamp=1700000000 (with --users / --all-users: the "
+            "moment of every list)."
         ),
     ] = None,
     require_known_user: Annotated[
@@ -780,7 +781,6 @@ def recommend_command(
             {
                 "--user": user,
                 "--feature": feature,
-                "--context": context,
                 "--session": session,
                 "--candidates": candidates,
                 "--new-items": new_items,
@@ -806,6 +806,7 @@ def recommend_command(
             use_ranker=not no_ranker,
             filters=chosen,
             explain=explain,
+            context=_key_values(context, "--context") or None,
         )
         if json_output:
             print_json(summary)
@@ -932,6 +933,7 @@ def _recommend_into(
     use_ranker: bool,
     filters: dict[str, Any] | None,
     explain: bool,
+    context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``."""
@@ -954,6 +956,7 @@ def _recommend_into(
             use_ranker=use_ranker,
             filters=filters,
             explain=explain,
+            context=context,
         ),
         key="user_id",
         noun="users",

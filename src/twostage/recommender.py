@@ -1001,6 +1001,7 @@ class Recommender:
         use_ranker: bool = True,
         filters: dict[str, Any] | None = None,
         explain: bool = False,
+        context: Mapping[str, Any] | None = None,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -1027,8 +1028,12 @@ class Recommender:
             explain: add ``because_item_id``, the user's training item closest
                 to each recommended one (null for a user without history), as
                 :meth:`recommend` names it with ``explain=True``.
+            context: one moment for every list (a campaign sent at 9:00,
+                ``{"timestamp": ...}``), for a model that reads per-interaction
+                context, as :meth:`recommend` takes it.
         """
         k = _check_k("k", k)
+        self._context(context)  # a mistake is named before any list
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
         search = self._index_of(filters)
@@ -1075,6 +1080,7 @@ class Recommender:
                     exclude_seen=exclude_seen,
                     use_ranker=use_ranker,
                     filters=filters,
+                    context=context,
                 )
                 item_idx = [self.item_vocab.lookup(i["item_id"]) for i in answer.items]
                 plain = [i["score"] for i in answer.items]

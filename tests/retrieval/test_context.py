@@ -398,3 +398,53 @@ def test_the_estimator_predicts_pairs_at_a_moment() -> None:
     ).fit(frame)
     with pytest.raises(ConfigError, match="reads no context"):
         blind.predict([user], [3], context={"timestamp": day})
+
+
+def test_batch_lists_are_made_at_one_moment(trained, tmp_path: Path) -> None:
+    """`recommend --all-users --context timestamp=...` (and `recommend_table(...,
+    context=)`): every user's list at that moment, as `recommend` gives it; a
+    mistake in it is named before any list is written."""
+    with_context, without = trained
+    rec = with_context.recommender()
+    rec.save(tmp_path / "bundle")
+    day = 100 * 24 * HOUR
+    users = rec.user_vocab.values.head(5).to_list()
+    table = rec.recommend_table(users, 10, context={"timestamp": day + EVENING})
+    for user in users:
+        served = rec.recommend(user, 10, context={"timestamp": day + EVENING})
+        mine = table.filter(pl.col("user_id") == user)["item_id"].to_list()
+        assert mine == [i["item_id"] for i in served.items]
+    assert (table["item_id"] > 50).mean() > 0.8  # the evening's items
+    out = tmp_path / "lists.parquet"
+    done = CliRunner().invoke(
+        app,
+        [
+            "recommend",
+            str(tmp_path / "bundle"),
+            "--all-users",
+            "--out",
+            str(out),
+            "--context",
+            f"timestamp={day + MORNING}",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert (pl.read_parquet(out)["item_id"] <= 50).mean() > 0.8  # the morning's
+    bad = CliRunner().invoke(
+        app,
+        [
+            "recommend",
+            str(tmp_path / "bundle"),
+            "--all-users",
+            "--out",
+            str(tmp_path / "bad.parquet"),
+            "--context",
+            "weather=rain",
+        ],
+    )
+    # (a domain error: `main` prints it as one red line, exit code 2)
+    assert isinstance(bad.exception, ConfigError), bad.output
+    assert "weather" in str(bad.exception)
+    assert not (tmp_path / "bad.parquet").exists()
+    with pytest.raises(ConfigError, match="reads no context"):
+        without.recommender().recommend_table(users, 3, context={"timestamp": day})

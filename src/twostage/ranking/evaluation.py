@@ -343,7 +343,7 @@ def shown_auc(
     assert test.shown is not None
     frames = (test.interactions, test.shown)
     keys = context_keys(ranking.retrieval.spec) if ranking.reads_context else []
-    columns = [USER, ITEM, TIME, *keys]
+    columns = list(dict.fromkeys([USER, ITEM, TIME, *keys]))  # the time may be one
 
     def derived(frame: pl.DataFrame) -> pl.DataFrame:  # hour_of_day...: from TIME
         made = [n for n in keys if n in DERIVED and n not in frame.columns]

@@ -834,3 +834,32 @@ def test_fit_counts_learns_what_fit_learns(
 def test_fit_counts_is_refused_where_counts_do_not_say_enough() -> None:
     with pytest.raises(ConfigError, match="cannot be fitted from value counts"):
         MultiHotEncoder().fit_counts(pl.Series(["a|b"]), np.array([1]))
+
+
+def test_a_request_s_context_frame_is_the_frame_path_s() -> None:
+    """One request's mapping is built in one step, the hour and weekday in plain
+    Python: the same values and dtypes as a frame of the same rows through the
+    polars expressions, at any moment (before 1970, far ahead, at day edges),
+    with missing and given values."""
+    import polars as pl
+
+    from twostage.features.context import DERIVED, DERIVED_OF_SECONDS, context_frame
+
+    assert set(DERIVED_OF_SECONDS) == set(DERIVED)
+    names = ["timestamp", "hour_of_day", "day_of_week", "device"]
+    ids = pl.Series("user_id", [7, 8])
+    moments = [0, -1, 86399, 86400, 1700000000, -(2**39), 2**39, 1_000_000_007]
+    for seconds in moments:
+        request = context_frame(ids, {"timestamp": seconds}, names)
+        rows = pl.DataFrame({"timestamp": [seconds, seconds]})
+        framed = context_frame(ids, rows, names).select(request.columns)
+        assert request.schema == framed.schema, seconds
+        assert request.to_dicts() == framed.to_dicts(), seconds
+    for values in ({}, {"timestamp": None}, {"hour_of_day": 5, "timestamp": 0}):
+        request = context_frame(ids, values, names)
+        rows = pl.DataFrame(
+            {k: [v, v] for k, v in values.items()},
+            schema={k: pl.Int64 for k in values},
+        )
+        framed = context_frame(ids, rows, names).select(request.columns)
+        assert request.to_dicts() == framed.to_dicts(), values

@@ -17,7 +17,7 @@ as unknown, which the encoders fitted on training rows map to their missing slot
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import polars as pl
@@ -28,6 +28,7 @@ from twostage.features.fields import Field
 
 __all__ = [
     "DERIVED",
+    "DERIVED_OF_SECONDS",
     "add_context_columns",
     "context_field",
     "context_frame",
@@ -40,6 +41,13 @@ DERIVED: dict[str, pl.Expr] = {
     "day_of_week": pl.from_epoch(pl.col(TIME), time_unit="s")
     .dt.weekday()
     .cast(pl.Int64),
+}
+#: :data:`DERIVED` of one request's epoch seconds, in plain Python (a test checks
+#: them against the expressions): the hour of day, UTC, and the ISO weekday
+#: (Monday 1; 1970-01-01 was a Thursday).
+DERIVED_OF_SECONDS: dict[str, Callable[[int], int]] = {
+    "hour_of_day": lambda seconds: seconds // 3600 % 24,
+    "day_of_week": lambda seconds: (seconds // 86400 + 3) % 7 + 1,
 }
 _NOT_CONTEXT = (USER, ITEM, RATING, WEIGHT)
 
@@ -81,6 +89,36 @@ def _checked(name: str, value: Any) -> Any:
             )
         return number
     return value
+
+
+def _request_frame(
+    frame: pl.DataFrame, context: Mapping[str, Any] | None, names: list[str]
+) -> pl.DataFrame:
+    """:func:`context_frame` of one request's mapping, built in one step: the
+    hour and weekday computed here as :data:`DERIVED` computes them (UTC; ISO
+    weekday, Monday 1), where the expressions cost a serving request 0.1 ms."""
+    values = dict(context or {})
+    unknown = sorted(set(values) - set(names) - {TIME})
+    if unknown:
+        raise ConfigError(
+            f"unknown context column(s) {unknown}; this model reads {names}."
+        )
+    values = {k: _checked(k, v) for k, v in values.items()}
+    rows = frame.height
+    columns = [frame[USER]]
+    for name, value in values.items():
+        dtype = pl.Int64 if name == TIME else None
+        columns.append(pl.Series(name, [value] * rows, dtype=dtype))
+    seconds = values.get(TIME)
+    for name in names:
+        if name in values:
+            continue
+        if name in DERIVED and TIME in values:
+            value = None if seconds is None else DERIVED_OF_SECONDS[name](seconds)
+            columns.append(pl.Series(name, [value] * rows, dtype=pl.Int64))
+        else:  # unknown: null
+            columns.append(pl.Series(name, [None] * rows))
+    return pl.DataFrame(columns)
 
 
 def context_names(dataset: Dataset) -> list[str]:
@@ -134,17 +172,9 @@ def context_frame(
         ConfigError: the mapping names a column the model does not read.
     """
     frame = user_ids.rename(USER).to_frame()
-    if isinstance(context, pl.DataFrame):
-        given = context.select([c for c in context.columns if c in names or c == TIME])
-    else:
-        values = dict(context or {})
-        unknown = sorted(set(values) - set(names) - {TIME})
-        if unknown:
-            raise ConfigError(
-                f"unknown context column(s) {unknown}; this model reads {names}."
-            )
-        values = {k: _checked(k, v) for k, v in values.items()}
-        given = pl.DataFrame({k: [v] * len(frame) for k, v in values.items()})
+    if not isinstance(context, pl.DataFrame):
+        return _request_frame(frame, context, names)
+    given = context.select([c for c in context.columns if c in names or c == TIME])
     frame = pl.concat([frame, given], how="horizontal") if given.width else frame
     if TIME in frame.columns:
         frame = frame.with_columns(pl.col(TIME).cast(pl.Int64, strict=False))

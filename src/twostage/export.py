@@ -140,7 +140,7 @@ def sample_inputs(rec: Recommender, side: str, rows: int = 4) -> dict[str, Tenso
         return {k: v[1 : rows + 1] for k, v in tensors.item_features.items()}
     picked = slice(1, rows + 1)
     features = {k: v[picked] for k, v in tensors.user_features.items()}
-    for key, value in rec._context(None).items():  # [1, ...] -> [rows, ...]
+    for key, value in rec.encode_context(None).items():  # [1, ...] -> [rows, ...]
         features[key] = value.expand(len(tensors.history[picked]), *value.shape[1:])
     if rec.run.config.retrieval.history_length > 0:
         features.update(tensors.history_features(picked))

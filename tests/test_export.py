@@ -171,7 +171,8 @@ def test_a_transformer_history_with_item_features_exports(
     tmp_path: Path, ensemble: list[str]
 ) -> None:
     # The causal mask, the history items' side features (a text bag, a category,
-    # a number) and the time gaps (`history_times`, an input) inside the query
+    # a number), the time gaps (`history_times`, an input) and the ratings
+    # (`history_ratings`) inside the query
     # tower's graph; with `retrieval.ensemble`, every member's towers in one graph
     # (an `ease` or `transition` member's factorised rows and per-query spread
     # included).
@@ -188,6 +189,7 @@ def test_a_transformer_history_with_item_features_exports(
             "retrieval.examples=sequences",
             "retrieval.sequence_item_features=true",
             "retrieval.sequence_time_gaps=true",
+            "retrieval.sequence_ratings=true",
             *ensemble,
         ],
     )
@@ -201,7 +203,7 @@ def test_a_transformer_history_with_item_features_exports(
     )
     assert result.exit_code == 0, result.output
     queries = sample_inputs(rec, "query", rows=rec.user_vocab.size - 1)
-    assert "history_times" in queries
+    assert "history_times" in queries and "history_ratings" in queries
     got = _session(out / "query_tower.onnx").run(
         None, {k: v.numpy() for k, v in queries.items()}
     )[0]

@@ -200,6 +200,15 @@ def bundle_info(path: Path) -> dict[str, Any]:
             "embedding_dim": config.retrieval.embedding_dim,
             "output_dim": config.retrieval.output_dim,
             "history_length": config.retrieval.history_length,
+            # what an ordered history reads beside its items
+            "history_reads": [
+                what
+                for what, on in (
+                    ("time gaps", config.retrieval.sequence_time_gaps),
+                    ("ratings", config.retrieval.sequence_ratings),
+                )
+                if on
+            ],
             "epochs": len(history),
             "best_epoch": best_epoch(run.train_result.history),
         },
@@ -300,7 +309,10 @@ def _print_bundle(info: dict[str, Any]) -> None:
     table.add_row(
         "retrieval",
         f"{r['query_encoder']} query encoder, embeddings {r['embedding_dim']} -> "
-        f"{r['output_dim']}, history {r['history_length']}; {r['epochs']} "
+        f"{r['output_dim']}, history {r['history_length']}"
+        + "".join(f" with {what}" for what in r["history_reads"][:1])
+        + "".join(f" and {what}" for what in r["history_reads"][1:])
+        + f"; {r['epochs']} "
         f"epoch{'s' if r['epochs'] != 1 else ''}"
         + (f", best {r['best_epoch']}" if r["best_epoch"] else ""),
     )

@@ -3,7 +3,9 @@ onnxruntime: ``twostage export BUNDLE --format onnx``.
 
 - ``query_tower.onnx``: the query tower's encoded features (the names and dtypes of
   ``features.json``, plus ``history``, the user's recent item indices, and
-  ``history_times``, their times, for models with ``retrieval.sequence_time_gaps``) ->
+  ``history_times``, their times, for models with ``retrieval.sequence_time_gaps``,
+  and ``history_ratings``, their rating buckets (0: not known), for models with
+  ``retrieval.sequence_ratings``) ->
   ``query_embedding`` ``[B, D]``.
 - ``candidate_tower.onnx``: the item features -> ``item_embedding`` ``[N, D]``.
 - ``ranker.onnx`` (bundles with a ranking stage): ``user_idx`` ``[B]`` and

@@ -49,7 +49,7 @@ from twostage.inputs import (
     new_items_frame,
     session_indices,
 )
-from twostage.models.fields import HISTORY, HISTORY_TIMES
+from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.ranking.rerank import rerank
 from twostage.retrieval.run import RetrievalRun
 from twostage.retrieval.tensors import context_keys
@@ -601,6 +601,8 @@ class Recommender:
         tensors = self.run.tensors
         length = tensors.history.shape[1]
         items, times = session
+        # A session's items carry no rating: not known (0).
+        ratings = torch.zeros_like(items)
         if user_idx > 0:
             row = slice(user_idx, user_idx + 1)
             features = {k: v[row] for k, v in tensors.user_features.items()}
@@ -609,12 +611,15 @@ class Recommender:
             if tensors.history_times.numel():
                 stamps = tensors.history_times[user_idx][stored > 0]
                 times = torch.cat([stamps, times])
+            if tensors.history_ratings.numel():
+                given = tensors.history_ratings[user_idx][stored > 0]
+                ratings = torch.cat([given, ratings])
         else:
             if fields is not None:
                 features = dict(fields)
             else:  # row 0: every query field unknown
                 features = {k: v[:1] for k, v in tensors.user_features.items()}
-        recent, times = items[-length:], times[-length:]
+        recent, times, ratings = items[-length:], times[-length:], ratings[-length:]
         features.update(encoded)
         history = torch.zeros(1, length, dtype=torch.long)
         if len(recent):
@@ -624,6 +629,10 @@ class Recommender:
             features[HISTORY_TIMES] = torch.zeros(1, length, dtype=torch.long)
             if len(recent):
                 features[HISTORY_TIMES][0, -len(recent) :] = times
+        if tensors.history_ratings.numel():
+            features[HISTORY_RATINGS] = torch.zeros(1, length, dtype=torch.long)
+            if len(recent):
+                features[HISTORY_RATINGS][0, -len(recent) :] = ratings
         with torch.no_grad():
             query = self.run.model.encode_queries(features)[0]
         _refuse_non_finite(query, "session", "the session's features and context")

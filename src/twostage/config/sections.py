@@ -273,7 +273,10 @@ class RetrievalConfig(_Checked):
     features alike) to its ID vector (no effect without item side features);
     ``sequence_time_gaps`` adds a learned vector for the time since the previous
     history item (buckets of powers of two seconds; a session's items without
-    timestamps read "unknown"). ``examples`` =
+    timestamps read "unknown"). ``sequence_ratings`` adds a learned vector for the
+    rating the user gave each history item (the training log's rating levels, up
+    to 16 buckets; an item without a rating, such as a session's, adds none; needs
+    a ``rating`` column, and an in-memory log). ``examples`` =
     ``sequences`` trains next-item prediction on every position of each user's last
     ``history_length`` training items at once (one example per user; the query at a
     position sees that item and the earlier ones), the way ordered encoders learn;
@@ -328,7 +331,8 @@ class RetrievalConfig(_Checked):
     model of its own, apart, after the
     ``query_encoder`` one, with every other setting of this section; a ``pooling``
     model goes without the settings only an ordered history reads
-    (``share_item_embeddings``, ``sequence_item_features``, ``sequence_time_gaps``).
+    (``share_item_embeddings``, ``sequence_item_features``, ``sequence_time_gaps``,
+    ``sequence_ratings``).
     Each encoder's first model trains from ``train.seed``; a repeated encoder's next
     ones from ``train.seed`` + 1, + 2... (another draw, not a copy). The run serves
     their weighted mean score, by ``ensemble_weights`` (one per model,
@@ -380,6 +384,7 @@ class RetrievalConfig(_Checked):
     share_item_embeddings: bool = False
     sequence_item_features: bool = False
     sequence_time_gaps: bool = False
+    sequence_ratings: bool = False
     examples: Literal["interactions", "users", "sequences"] = "interactions"
     max_positives_per_user: int = 0
     temperature: float = 0.3

@@ -68,6 +68,7 @@ def member_configs(config: RetrievalConfig) -> list[RetrievalConfig]:
                 share_item_embeddings=False,
                 sequence_item_features=False,
                 sequence_time_gaps=False,
+                sequence_ratings=False,
             )
         configs.append(member)
     return configs

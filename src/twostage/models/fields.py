@@ -21,15 +21,38 @@ from torch import Tensor, nn
 from twostage.models.names import FieldModules
 from twostage.models.sharded import lookup_together
 
-__all__ = ["HISTORY", "HISTORY_TIMES", "UNKNOWN_TIME", "FieldEmbedding", "FieldInfo"]
+__all__ = [
+    "HISTORY",
+    "HISTORY_RATINGS",
+    "HISTORY_TIMES",
+    "UNKNOWN_TIME",
+    "FieldEmbedding",
+    "FieldInfo",
+    "history_inputs",
+]
 
 #: Key of the history field in a query feature dict: ``[B, L]`` item indices, 0 = padding.
 HISTORY = "history"
 #: Key of the history's times (``[B, L]`` int64 seconds, aligned with ``history``), read
 #: by ordered histories with ``retrieval.sequence_time_gaps``.
 HISTORY_TIMES = "history_times"
+#: Key of the history's rating buckets (``[B, L]`` int64 aligned with ``history``, 0 =
+#: not known), read by ordered histories with ``retrieval.sequence_ratings``.
+HISTORY_RATINGS = "history_ratings"
 #: A history time that is not known (a session entry without a timestamp).
 UNKNOWN_TIME = -(2**62)
+
+
+def history_inputs(history: nn.Module, features: dict[str, Tensor]) -> dict[str, Any]:
+    """The keyword arguments beside the items that ``history`` (an encoder) reads
+    from a query feature dict: the times with ``reads_times``, the rating buckets
+    with ``reads_ratings`` (None where the dict has none: not known)."""
+    inputs: dict[str, Any] = {}
+    if getattr(history, "reads_times", False):
+        inputs["times"] = features.get(HISTORY_TIMES)
+    if getattr(history, "reads_ratings", False):
+        inputs["ratings"] = features.get(HISTORY_RATINGS)
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -114,12 +137,11 @@ class FieldEmbedding(nn.Module):
                 value = value.unsqueeze(-1)
             parts.append(self.embeddings[info.name](value))
         if self.history is not None and with_history:
-            if getattr(self.history, "reads_times", False):
-                parts.append(
-                    self.history(features[HISTORY], features.get(HISTORY_TIMES))
+            parts.append(
+                self.history(
+                    features[HISTORY], **history_inputs(self.history, features)
                 )
-            else:
-                parts.append(self.history(features[HISTORY]))
+            )
         return parts
 
 

@@ -78,6 +78,7 @@ class RetrievalModel(nn.Module):
                 sparse=config.sparse_embeddings,
                 item_table=table,  # type: ignore[arg-type]
                 time_gaps=config.sequence_time_gaps,
+                ratings=config.sequence_ratings,
             )
         elif config.history_length > 0:
             history = HistoryPooling(
@@ -91,14 +92,18 @@ class RetrievalModel(nn.Module):
         if candidates is None:
             candidates = Tower(candidate_fields, **shape)  # type: ignore[arg-type]
         self.candidate_tower = candidates
-        if config.sequence_time_gaps and not isinstance(history, SequenceEncoder):
-            raise ConfigError(
-                "`retrieval.sequence_time_gaps` reads the gaps between an ordered "
-                "history's items: it needs `retrieval.query_encoder` = 'transformer' "
-                "or 'gru' and `retrieval.history_length` > 0. Received: "
-                f"`retrieval.query_encoder` = {config.query_encoder!r}, "
-                f"`retrieval.history_length` = {config.history_length}."
-            )
+        for name, on, what in (
+            ("sequence_time_gaps", config.sequence_time_gaps, "the gaps between"),
+            ("sequence_ratings", config.sequence_ratings, "the ratings of"),
+        ):
+            if on and not isinstance(history, SequenceEncoder):
+                raise ConfigError(
+                    f"`retrieval.{name}` reads {what} an ordered history's items: "
+                    "it needs `retrieval.query_encoder` = 'transformer' or 'gru' "
+                    "and `retrieval.history_length` > 0. Received: "
+                    f"`retrieval.query_encoder` = {config.query_encoder!r}, "
+                    f"`retrieval.history_length` = {config.history_length}."
+                )
         # Side fields of the items an ordered history reads, and their rows (index
         # order) once attach_item_features hands them over.
         self._side_fields: list[FieldInfo] = []

@@ -21,11 +21,21 @@ from torch import Tensor, nn
 
 from twostage.models.fields import UNKNOWN_TIME
 
-__all__ = ["GAP_BUCKETS", "SequenceEncoder", "causal_mask", "gap_buckets"]
+__all__ = [
+    "GAP_BUCKETS",
+    "RATING_BUCKETS",
+    "SequenceEncoder",
+    "causal_mask",
+    "gap_buckets",
+]
 
 #: Rows of the time-gap table: 0 = no gap known (the first item, padding, a missing
 #: time), then one bucket per power of two seconds (1 + floor(log2(1 + gap))).
 GAP_BUCKETS = 34
+#: Rows of the rating table: 0 = rating not known (padding, a session entry, a row
+#: without a rating), then one bucket per level of the training log's ratings
+#: (:func:`twostage.retrieval.tensors.rating_edges`).
+RATING_BUCKETS = 17
 
 
 def gap_buckets(history: Tensor, times: Tensor) -> Tensor:
@@ -119,6 +129,9 @@ class SequenceEncoder(nn.Module):
         time_gaps: add a learned vector for the time since the previous item
             (:func:`gap_buckets`) to each item's vector; the history's times come
             as a second argument (``[B, L]`` seconds), unknown gaps read bucket 0.
+        ratings: add a learned vector for the rating the user gave each history
+            item (``[B, L]`` buckets, ``ratings=``; 0 or None: not known, which
+            adds nothing).
     """
 
     def __init__(
@@ -134,9 +147,16 @@ class SequenceEncoder(nn.Module):
         sparse: bool = False,
         item_table: nn.Embedding | None = None,
         time_gaps: bool = False,
+        ratings: bool = False,
     ) -> None:
         super().__init__()
         self.reads_times = time_gaps
+        self.reads_ratings = ratings
+        if ratings:
+            self.rating = nn.Embedding(RATING_BUCKETS, dim, padding_idx=0)
+            nn.init.normal_(self.rating.weight, std=0.01)
+            with torch.no_grad():
+                self.rating.weight[0].zero_()
         if time_gaps:
             self.gap = nn.Embedding(GAP_BUCKETS, dim)
             nn.init.normal_(self.gap.weight, std=0.01)
@@ -183,10 +203,16 @@ class SequenceEncoder(nn.Module):
             vectors = vectors + self._side[0](history)
         return vectors * (history > 0).unsqueeze(-1).to(vectors.dtype)
 
-    def states(self, history: Tensor, times: Tensor | None = None) -> Tensor:
+    def states(
+        self,
+        history: Tensor,
+        times: Tensor | None = None,
+        ratings: Tensor | None = None,
+    ) -> Tensor:
         """``history [B, L]`` (most recent last, 0 = padding) -> ``[B, L, dim]``;
         state ``i`` depends on items ``0..i`` only (and their ``times``, read with
-        ``time_gaps``; None: no gap known)."""
+        ``time_gaps``; None: no gap known; and their rating buckets, read with
+        ``ratings``; None: none known)."""
         length = history.shape[1]
         x = self.items(history)  # (B, L, D)
         if self.reads_times:
@@ -196,6 +222,9 @@ class SequenceEncoder(nn.Module):
                 else gap_buckets(history, times)
             )
             x = x + self.gap(buckets) * (history > 0).unsqueeze(-1).to(x.dtype)
+        if self.reads_ratings and ratings is not None:
+            # Row 0 (not known) is zero and stays so (padding_idx).
+            x = x + self.rating(ratings * (history > 0).to(ratings.dtype))
         if self.kind == "gru":
             return self.gru(self.drop(x))[0]
         # The most recent item reads the last row of the position table, so a
@@ -209,8 +238,13 @@ class SequenceEncoder(nn.Module):
             x = block(x, mask)
         return self.norm(x)
 
-    def forward(self, history: Tensor, times: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        history: Tensor,
+        times: Tensor | None = None,
+        ratings: Tensor | None = None,
+    ) -> Tensor:
         """``[B, L]`` -> ``[B, dim]``: the state after the most recent item."""
         if history.shape[1] == 0:
             return torch.zeros(history.shape[0], self.dim, device=history.device)
-        return self.states(history, times)[:, -1]
+        return self.states(history, times, ratings)[:, -1]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twostage.errors import ConfigError
-from twostage.models.fields import HISTORY, HISTORY_TIMES, FieldEmbedding, FieldInfo
+from twostage.models.fields import HISTORY, FieldEmbedding, FieldInfo, history_inputs
 from twostage.models.sequence import SequenceEncoder
 
 __all__ = ["FieldInfo", "HISTORY", "HistoryPooling", "Tower"]
@@ -128,11 +128,8 @@ class Tower(FieldEmbedding):
                 "`retrieval.history_length` should be positive. Received: 0."
             )
         history = features[HISTORY]
-        if getattr(self.history, "reads_times", False):
-            times = features.get(HISTORY_TIMES)
-            states = self.history.states(history, times)  # type: ignore[operator]
-        else:
-            states = self.history.states(history)  # type: ignore[operator]  # (B, L, D)
+        inputs = history_inputs(self.history, features)
+        states = self.history.states(history, **inputs)  # type: ignore[operator]
         fields = self.parts(features, with_history=False)
         parts = [p.unsqueeze(1).expand(-1, history.shape[1], -1) for p in fields]
         return self._output([*parts, states])

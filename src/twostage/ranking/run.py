@@ -373,6 +373,8 @@ class RankingRun:
             },
             history=history,
             history_times=history_times,
+            # a new user's prior rows carry no ratings: not known
+            history_ratings=grown(self.tensors.history_ratings),
             neighbour_history=grown(self.tensors.neighbour_history),
         )
         vectors = None

@@ -38,7 +38,7 @@ from twostage.models.ensemble import (
     member_configs,
     member_kinds,
 )
-from twostage.models.fields import HISTORY, HISTORY_TIMES
+from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.models.linear_items import LinearItemsModel
 from twostage.models.retrieval import RetrievalModel
 from twostage.models.session_knn import SessionNeighbours
@@ -427,6 +427,9 @@ class RetrievalRun:
             for key, rows in zip((HISTORY, HISTORY_TIMES), history, strict=True):
                 if key in features:
                     features[key] = torch.where(fresh, rows, features[key])
+            if HISTORY_RATINGS in features:  # prior rows carry no ratings
+                ratings = features[HISTORY_RATINGS]
+                features[HISTORY_RATINGS] = ratings.masked_fill(fresh, 0)
         with torch.no_grad():
             return self.model.encode_queries(features)
 

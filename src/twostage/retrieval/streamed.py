@@ -139,6 +139,8 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("data.split=random, temporal or leave-last-out")
     if retrieval.ensemble:  # its members train from a log in memory
         problems.append("retrieval.ensemble=[] (one model)")
+    if retrieval.sequence_ratings:  # the ratings of history items: in memory only
+        problems.append("retrieval.sequence_ratings=false")
     check_data_options(data)
     report_unused_fraction(data.split, data.test_fraction)
     if problems:

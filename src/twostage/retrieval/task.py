@@ -23,7 +23,7 @@ from twostage.losses import (
     log_inclusion_probability,
     multi_positive_softmax_loss,
 )
-from twostage.models.fields import HISTORY, HISTORY_TIMES
+from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.models.retrieval import RetrievalModel
 from twostage.retrieval.tensors import RetrievalTensors, query_features
 
@@ -322,6 +322,8 @@ def sequence_loss(
     features[HISTORY] = windows[:, :-1]  # what precedes each target
     if tensors.sequence_times.numel():
         features[HISTORY_TIMES] = tensors.sequence_times[batch][:, :-1]
+    if tensors.sequence_ratings.numel():
+        features[HISTORY_RATINGS] = tensors.sequence_ratings[batch][:, :-1]
     states = model.encode_query_positions(features)  # (B, L, D)
     where = targets > 0
     queries, positives = states[where], targets[where]  # (P, D), (P,)

@@ -23,9 +23,11 @@ from torch import Tensor
 from twostage.config import RetrievalConfig
 from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
 from twostage.data.user_items import UserItems
+from twostage.errors import ConfigError
 from twostage.features import FeatureSpec
 from twostage.features.context import context_frame
-from twostage.models.fields import HISTORY, HISTORY_TIMES
+from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
+from twostage.models.sequence import RATING_BUCKETS
 
 __all__ = [
     "PriorHistory",
@@ -33,6 +35,8 @@ __all__ = [
     "build_tensors",
     "history_table",
     "query_features",
+    "rating_buckets",
+    "rating_edges",
     "recent_popularity",
     "rows_in_vocab_order",
     "tensors_from_flat",
@@ -85,6 +89,19 @@ class RetrievalTensors:
     sequence_times: Tensor = dataclasses.field(
         default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
     )
+    #: ``[U, L]`` and ``[W, L + 1]``: the rating bucket of each ``history`` and
+    #: ``sequences`` entry (0 = not known), with ``retrieval.sequence_ratings``;
+    #: ``[0, 0]`` without.
+    history_ratings: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
+    )
+    sequence_ratings: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
+    )
+    #: The bucket edges of those ratings (:func:`rating_edges`); empty without.
+    rating_edges: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.float64)
+    )
     #: ``[U, M]`` each user's latest ``retrieval.session_knn_length`` items, most
     #: recent last (0 = padding), what the session-kNN term finds neighbours in;
     #: ``[0, 0]`` without that term (weight 0, or 0 picked on validation).
@@ -94,10 +111,12 @@ class RetrievalTensors:
 
     def history_features(self, users: Tensor | slice) -> dict[str, Tensor]:
         """The history entries of a query feature dict for these users (rows):
-        their items, and their times when the model reads time gaps."""
+        their items, and their times and ratings when the model reads them."""
         features = {HISTORY: self.history[users]}
         if self.history_times.numel():
             features[HISTORY_TIMES] = self.history_times[users]
+        if self.history_ratings.numel():
+            features[HISTORY_RATINGS] = self.history_ratings[users]
         return features
 
     @property
@@ -126,6 +145,9 @@ class RetrievalTensors:
             popularity=None if self.popularity is None else self.popularity.to(device),
             history_times=self.history_times.to(device),
             sequence_times=self.sequence_times.to(device),
+            history_ratings=self.history_ratings.to(device),
+            sequence_ratings=self.sequence_ratings.to(device),
+            rating_edges=self.rating_edges,
             neighbour_history=self.neighbour_history.to(device),
         )
 
@@ -181,6 +203,8 @@ def query_features(
     features[HISTORY] = history
     if tensors.history_times.numel():
         features[HISTORY_TIMES] = tensors.history_times[users]
+    if tensors.history_ratings.numel():
+        features[HISTORY_RATINGS] = tensors.history_ratings[users]
     return features
 
 
@@ -198,6 +222,9 @@ def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
         flat["popularity"] = tensors.popularity
     if tensors.history_times.numel():
         flat["history_times"] = tensors.history_times
+    if tensors.history_ratings.numel():
+        flat["history_ratings"] = tensors.history_ratings
+        flat["rating_edges"] = tensors.rating_edges
     if tensors.neighbour_history.numel():
         flat["neighbour_history"] = tensors.neighbour_history
     flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
@@ -217,6 +244,10 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
         item_probs=flat["item_probs"],
         popularity=flat.get("popularity"),
         history_times=flat.get("history_times", torch.zeros(0, 0, dtype=torch.long)),
+        history_ratings=flat.get(
+            "history_ratings", torch.zeros(0, 0, dtype=torch.long)
+        ),
+        rating_edges=flat.get("rating_edges", torch.zeros(0, dtype=torch.float64)),
         neighbour_history=flat.get(
             "neighbour_history", torch.zeros(0, 0, dtype=torch.long)
         ),
@@ -470,6 +501,24 @@ def build_tensors(
     )
     if not config.sequence_time_gaps:
         history_times = sequence_times = torch.zeros(0, 0, dtype=torch.long)
+    history_ratings = sequence_ratings = torch.zeros(0, 0, dtype=torch.long)
+    edges = torch.zeros(0, dtype=torch.float64)
+    if config.sequence_ratings:
+        values = _rating_values(inter)
+        edges = torch.from_numpy(rating_edges(values))
+        buckets = rating_buckets(values, edges.numpy())
+        # The same time order as the items': the buckets in the items' place.
+        history_ratings = latest_rows(
+            inter[TIME].to_numpy(),
+            users,
+            buckets,
+            num_users=user_vocab.size,
+            length=config.history_length,
+        )[0]
+        if config.examples == "sequences":
+            sequence_ratings = sequence_windows(
+                inter[TIME].to_numpy(), users, buckets, length=config.history_length
+            )[0]
     keys = context_keys(spec)
     context = {}
     if keys:
@@ -501,6 +550,9 @@ def build_tensors(
         ),
         history_times=history_times,
         sequence_times=sequence_times,
+        history_ratings=history_ratings,
+        sequence_ratings=sequence_ratings,
+        rating_edges=edges,
         neighbour_history=neighbour_table(
             inter[TIME].to_numpy(),
             users,
@@ -558,6 +610,7 @@ def with_history_of(
         num_users=spec.vocabulary(USER).size,
         num_items=spec.vocabulary(ITEM).size,
         config=config,
+        ratings=_rating_values(inter) if config.sequence_ratings else None,
     )
 
 
@@ -570,10 +623,14 @@ def with_history_rows(
     num_users: int,
     num_items: int,
     config: RetrievalConfig,
+    ratings: np.ndarray | None = None,
 ) -> RetrievalTensors:
     """:func:`with_history_of` from the rows' vocabulary indices (0: unknown) and
     times: the history, the seen items and recent popularity of those rows, as
-    served. The rows' weights and context leave (they were training batches')."""
+    served. The rows' weights and context leave (they were training batches').
+    ``ratings``: the rows' rating values (NaN: none), bucketed by the tables' own
+    :attr:`~RetrievalTensors.rating_edges` into the history's ratings; None keeps
+    none."""
     # What is popular counts every row of a known item, new users' rows included.
     popularity = recent_popularity(
         times[items > 0],
@@ -586,6 +643,16 @@ def with_history_rows(
     history, history_times = latest_rows(
         times[known], users, items, num_users=num_users, length=config.history_length
     )
+    history_ratings = torch.zeros(0, 0, dtype=torch.long)
+    if ratings is not None and tensors.rating_edges.numel():
+        buckets = rating_buckets(ratings[known], tensors.rating_edges.numpy())
+        history_ratings = latest_rows(
+            times[known],
+            users,
+            buckets,
+            num_users=num_users,
+            length=config.history_length,
+        )[0]
     return dataclasses.replace(
         tensors,
         history=history,
@@ -594,6 +661,8 @@ def with_history_rows(
             if config.sequence_time_gaps
             else torch.zeros(0, 0, dtype=torch.long)
         ),
+        history_ratings=history_ratings,
+        sequence_ratings=torch.zeros(0, 0, dtype=torch.long),
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
         weights=None,
@@ -608,3 +677,37 @@ def with_history_rows(
             else torch.zeros(0, 0, dtype=torch.long)
         ),
     )
+
+
+#: Most distinct rating levels kept as one bucket each; a log with more is cut at
+#: quantiles (:data:`~twostage.models.sequence.RATING_BUCKETS` less "not known").
+RATING_LEVELS = RATING_BUCKETS - 1
+
+
+def _rating_values(inter: pl.DataFrame) -> np.ndarray:
+    """``[n]`` float64 the rows' ratings, NaN where a row has none."""
+    if RATING not in inter.columns:
+        raise ConfigError(
+            "`retrieval.sequence_ratings` reads the rating of each history item, "
+            f"and the log has no `{RATING}` column. Name one with `data.rating_col`, "
+            "or set `retrieval.sequence_ratings=false`."
+        )
+    return inter[RATING].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def rating_edges(ratings: np.ndarray) -> np.ndarray:
+    """Sorted float64 edges cutting ``ratings`` (NaN: none) into at most
+    :data:`RATING_LEVELS` buckets: one per distinct value where there are that
+    few (the edges halfway between neighbours), else at quantiles."""
+    known = ratings[~np.isnan(ratings)]
+    levels = np.unique(known)
+    if len(levels) <= RATING_LEVELS:
+        return (levels[1:] + levels[:-1]) / 2
+    cuts = np.quantile(known, np.linspace(0, 1, RATING_LEVELS + 1)[1:-1])
+    return np.unique(cuts)
+
+
+def rating_buckets(ratings: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``[n]`` int64 bucket of each rating: 1 + the edges below it, 0 for NaN."""
+    buckets = 1 + np.searchsorted(edges, np.nan_to_num(ratings), side="right")
+    return np.where(np.isnan(ratings), 0, buckets).astype(np.int64)

@@ -215,15 +215,16 @@ def _known_items(
 
 def session_indices(
     session: Sequence[Any] | None, item_vocab: Vocabulary, *, history_length: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``([S], [S])`` item indices of a request's session, oldest first, and their
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``([S], [S], [S])`` item indices of a request's session, oldest first, their
     times (int64 seconds; :data:`~twostage.models.fields.UNKNOWN_TIME` where an entry
-    has no numeric timestamp), or None (no session, or an empty one: the usual
-    answer).
+    has no numeric timestamp) and their ratings (float64, NaN where an entry has
+    none), or None (no session, or an empty one: the usual answer).
 
     Args:
-        session: item IDs, or ``{"item_id", "timestamp"}`` objects (ordered by
-            timestamp when every entry has a number there), oldest first.
+        session: item IDs, or ``{"item_id", "timestamp", "rating"}`` objects
+            (ordered by timestamp when every entry has a number there), oldest
+            first; ``timestamp`` and ``rating`` optional.
         item_vocab: the model's item vocabulary.
         history_length: how many recent items the model reads (0: none).
 
@@ -236,7 +237,8 @@ def session_indices(
     if isinstance(session, str | bytes | Mapping) or not isinstance(session, Sequence):
         raise ConfigError(
             "`session` should be a list of item IDs or of "
-            '{"item_id": ..., "timestamp": ...} objects, oldest first. '
+            '{"item_id": ..., "timestamp": ..., "rating": ...} objects, oldest '
+            "first. "
             f"Received a {type(session).__name__}."
         )
     if history_length == 0:
@@ -245,11 +247,12 @@ def session_indices(
             "(`retrieval.history_length` = 0)."
         )
     entries = [e if isinstance(e, Mapping) else {"item_id": e} for e in session]
-    bad = [n for n, e in enumerate(entries) if set(e) - {"item_id", "timestamp"}]
+    keys = {"item_id", "timestamp", "rating"}
+    bad = [n for n, e in enumerate(entries) if set(e) - keys]
     if bad or any("item_id" not in e for e in entries):
         raise ConfigError(
             "each `session` entry should be an item ID or an object with "
-            "`item_id` and an optional `timestamp`. Received: "
+            "`item_id` and an optional `timestamp` and `rating`. Received: "
             f"{[session[n] for n in bad][:3] or session[:3]}."
         )
     for number, entry in enumerate(entries):  # numbered as the request has them
@@ -266,18 +269,39 @@ def session_indices(
             "each `session` timestamp should be a finite number of seconds. "
             f"Received: {odd[:3]}."
         )
+    ratings = [e.get("rating") for e in entries]
+    wrong = [
+        (n, r)
+        for n, r in enumerate(ratings)
+        if r is not None
+        and (
+            isinstance(r, bool)
+            or not isinstance(r, int | float)
+            or not math.isfinite(r)
+        )
+    ]
+    if wrong:
+        raise ConfigError(
+            "each `session` rating should be a finite number (or left out). "
+            f"Received: {', '.join(f'session[{n}].rating = {r!r}' for n, r in wrong[:3])}."
+        )
     if all(numeric):
         order = sorted(range(len(entries)), key=lambda n: float(times[n]))  # type: ignore[arg-type]
         entries = [entries[n] for n in order]
         times = [times[n] for n in order]
+        ratings = [ratings[n] for n in order]
         numeric = [True] * len(entries)
     indices = _known_items("session", [e["item_id"] for e in entries], item_vocab)
     stamps = [
         math.floor(t) if known else UNKNOWN_TIME  # type: ignore[arg-type]
         for t, known in zip(times, numeric, strict=True)
     ]
-    return torch.tensor(indices, dtype=torch.long), torch.tensor(
-        stamps, dtype=torch.long
+    return (
+        torch.tensor(indices, dtype=torch.long),
+        torch.tensor(stamps, dtype=torch.long),
+        torch.tensor(
+            [math.nan if r is None else float(r) for r in ratings], dtype=torch.float64
+        ),
     )
 
 

@@ -52,7 +52,7 @@ from twostage.inputs import (
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.ranking.rerank import rerank
 from twostage.retrieval.run import RetrievalRun
-from twostage.retrieval.tensors import context_keys
+from twostage.retrieval.tensors import context_keys, rating_buckets
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
 
@@ -537,13 +537,13 @@ class Recommender:
         user_features: dict[str, Any] | None,
         encoded: dict[str, torch.Tensor],
         *,
-        session: tuple[torch.Tensor, torch.Tensor] | None = None,
+        session: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, int, Path_, dict[str, torch.Tensor] | None]:
         """(query embedding [D] or None, user_idx, path, the encoded query fields
         when the request gives them: a new user's features, or a session's history
         with the user's fields). ``encoded``: the request's encoded context
         (:meth:`encode_context`); ``session``: ``[S]`` item indices of the current
-        session, oldest first, and their times."""
+        session, oldest first, their times and ratings (NaN: none)."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
         columns = self._query_columns()
         if user_features:  # nested as in the log: {"geo": {"country": "NO"}}
@@ -591,18 +591,21 @@ class Recommender:
         user_idx: int,
         fields: dict[str, torch.Tensor] | None,
         encoded: dict[str, torch.Tensor],
-        session: tuple[torch.Tensor, torch.Tensor],
+        session: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, int, Path_, dict[str, torch.Tensor]]:
         """The query of a session: the user's history (none when anonymous) then the
         session's items, the last ``history_length`` of them (with their times when
-        the model reads time gaps), and the encoded query fields the ranker reads
+        the model reads time gaps, their ratings when it reads ratings), and the encoded query fields the ranker reads
         (the same, less the request's context, which the ranker never trains on).
         ``fields``: an anonymous user's encoded features."""
         tensors = self.run.tensors
         length = tensors.history.shape[1]
-        items, times = session
-        # A session's items carry no rating: not known (0).
-        ratings = torch.zeros_like(items)
+        items, times, given = session
+        ratings = torch.zeros_like(items)  # bucket 0: not known
+        if tensors.rating_edges.numel():
+            ratings = torch.from_numpy(
+                rating_buckets(given.numpy(), tensors.rating_edges.numpy())
+            )
         if user_idx > 0:
             row = slice(user_idx, user_idx + 1)
             features = {k: v[row] for k, v in tensors.user_features.items()}
@@ -612,8 +615,8 @@ class Recommender:
                 stamps = tensors.history_times[user_idx][stored > 0]
                 times = torch.cat([stamps, times])
             if tensors.history_ratings.numel():
-                given = tensors.history_ratings[user_idx][stored > 0]
-                ratings = torch.cat([given, ratings])
+                rated = tensors.history_ratings[user_idx][stored > 0]
+                ratings = torch.cat([rated, ratings])
         else:
             if fields is not None:
                 features = dict(fields)
@@ -681,8 +684,9 @@ class Recommender:
                 of theirs closest to it in the candidate embedding space ("because
                 you watched ...").
             session: the items of the current session, oldest first: raw item IDs,
-                or ``{"item_id": ..., "timestamp": ...}`` mappings (ordered by
-                timestamp when every one has one). They follow the user's training
+                or ``{"item_id": ..., "timestamp": ..., "rating": ...}`` mappings
+                (ordered by timestamp when every one has one; a rating is read by
+                a model with ``retrieval.sequence_ratings``). They follow the user's training
                 history (the model reads the last ``retrieval.history_length``
                 items) and count as seen; an anonymous session is a query of its
                 own (``path="session"``), so it needs no user. The ranker reads the
@@ -737,7 +741,11 @@ class Recommender:
                 ids = self.item_vocab.inverse_transform(session_all[added].numpy())
                 unread = ids.unique(maintain_order=True).to_list()
                 kept = ~added
-                read = (read[0][kept], read[1][kept]) if bool(kept.any()) else None
+                read = (
+                    (read[0][kept], read[1][kept], read[2][kept])
+                    if bool(kept.any())
+                    else None
+                )
         session_idx = None if read is None else read[0]
         encoded = self.encode_context(context)  # once: a polars frame, 0.3 ms
         query, user_idx, path, fields = self._query(

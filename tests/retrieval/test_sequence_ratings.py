@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from twostage.cli_info import bundle_info
 from twostage.config import ExperimentConfig, apply_overrides
@@ -21,6 +23,7 @@ from twostage.retrieval.fit import fit_retrieval
 from twostage.retrieval.run import load_run
 from twostage.retrieval.streamed import fit_streamed_retrieval
 from twostage.retrieval.tensors import rating_buckets, rating_edges
+from twostage.serving import ServeSettings, create_app
 
 _SETTINGS = [
     "data.split=leave-last-out",
@@ -42,12 +45,17 @@ _SETTINGS = [
 ]
 
 
+def _successors(num_items: int = 60) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(``up``, ``down``, the generator that drew them) of :func:`_rated_walks`."""
+    rng = np.random.default_rng(0)
+    return rng.permutation(num_items), rng.permutation(num_items), rng
+
+
 def _rated_walks(num_users: int = 300, num_items: int = 60) -> Dataset:
     """Each user walks the items, and the rating given to an item picks the next
     one: ``up[a]`` after a 4 or 5, ``down[a]`` after a 1 or 2 (a random jump one
     time in ten). The item alone leaves two equally likely successors."""
-    rng = np.random.default_rng(0)
-    up, down = rng.permutation(num_items), rng.permutation(num_items)
+    up, down, rng = _successors(num_items)
     rows = []
     for user in range(num_users):
         item = int(rng.integers(num_items))
@@ -152,6 +160,31 @@ def test_reading_the_ratings_learns_what_the_items_alone_cannot(
     session = [{"item_id": items[int(i) - offset]} for i in stored[stored > 0]]
     anonymous = recommender.recommend(None, 5, session=session)
     assert [e["score"] for e in known.items] != [e["score"] for e in anonymous.items]
+    # A session's ratings are read: the same item rated 5 or 1 leads on to its
+    # "up" or its "down" successor, served over HTTP as from the Python API.
+    up, down, _ = _successors()
+    item = int(items[0])
+    liked = recommender.recommend(None, 1, session=[{"item_id": item, "rating": 5}])
+    disliked = recommender.recommend(None, 1, session=[{"item_id": item, "rating": 1}])
+    assert liked.items[0]["item_id"] == up[item]
+    assert disliked.items[0]["item_id"] == down[item]
+    recommender.save(tmp_path / "models" / "walks" / "1")
+    settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        body = {"session": [{"item_id": item, "rating": 1}], "k": 1}
+        served = client.post("/v1/recommend", json=body).json()
+        assert served["items"] == disliked.to_dict()["items"]
+        for bad, status in [
+            ({"session": [{"item_id": item, "rating": "good"}]}, 422),
+            ({"session": [{"item_id": item, "rating": True}]}, 422),
+        ]:
+            response = client.post("/v1/recommend", json=bad)
+            assert response.status_code == status, (bad, response.text)
+    for rating in (float("nan"), float("inf"), "5", True):
+        with pytest.raises(ConfigError, match="rating should be a finite number"):
+            recommender.recommend(
+                None, 1, session=[{"item_id": item, "rating": rating}]
+            )
     # `twostage info` says what the history reads
     recommender.save(tmp_path / "bundle")
     assert bundle_info(tmp_path / "bundle")["retrieval"]["history_reads"] == ["ratings"]

@@ -111,6 +111,11 @@ class SessionItem(_Strict):
     timestamp: int | float | None = Field(
         None, description="Seconds since the epoch; orders the session when given."
     )
+    rating: int | float | None = Field(
+        None,
+        description="The user's rating of the item, on the training log's scale; "
+        "read by models with `retrieval.sequence_ratings` (left out: not known).",
+    )
 
 
 class RecommendRequest(_Strict):
@@ -160,7 +165,7 @@ class RecommendRequest(_Strict):
     session: list[RawId | SessionItem] | None = Field(
         None,
         description="The current session's items, oldest first (IDs, or objects "
-        "with `item_id` and `timestamp`): they extend the user's history and are "
+        "with `item_id`, `timestamp` and `rating`): they extend the user's history and are "
         "excluded as seen; without a `user_id` the session alone is the query. "
         "The ranking stage reads them as the query's history too. An item added "
         "to the catalogue after training is excluded but not read (the answer's "

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -633,6 +634,42 @@ def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
     return [parse_id(part) for part in ids]
 
 
+def _rated_session(session: str | None, ratings: str | None) -> list[Any] | None:
+    """``--session`` with ``--session-ratings`` (one number per item, in the same
+    order; an empty entry: not known) as ``{"item_id", "rating"}`` entries."""
+    items = _session(session)
+    if ratings is None:
+        return items
+    if items is None:
+        raise typer.BadParameter(
+            "rates the items of --session, which is not given.",
+            param_hint="--session-ratings",
+        )
+    parts = [part.strip() for part in ratings.split(",")]
+    if len(parts) != len(items):
+        raise typer.BadParameter(
+            f"should hold one rating per --session item ({len(items)}), "
+            f"comma-separated (an empty entry: not known). Received {len(parts)}: "
+            f"{ratings!r}.",
+            param_hint="--session-ratings",
+        )
+    entries: list[Any] = []
+    for number, (item, part) in enumerate(zip(items, parts, strict=True), 1):
+        entry: dict[str, Any] = {"item_id": item}
+        if part:
+            try:
+                entry["rating"] = float(part)
+            except ValueError:
+                entry["rating"] = math.nan
+            if not math.isfinite(entry["rating"]):
+                raise typer.BadParameter(
+                    f"entry {number} should be a finite number. Received: {part!r}.",
+                    param_hint="--session-ratings",
+                )
+        entries.append(entry)
+    return entries
+
+
 def _new_item_rows(path: Path) -> list[dict[str, Any]]:
     """``--new-items FILE``: one candidate object per row (``item_id`` and its
     feature values), read as an item feature table is (rejected rows counted and
@@ -693,6 +730,15 @@ def recommend_command(
             help="The current session's item IDs, oldest first, comma-separated "
             "(e.g. --session 50,172,181): they follow the user's history, or "
             "without --user are the query on their own.",
+        ),
+    ] = None,
+    session_ratings: Annotated[
+        str | None,
+        typer.Option(
+            "--session-ratings",
+            help="The user's rating of each --session item, in the same order, "
+            "comma-separated (e.g. --session-ratings 5,2,4; an empty entry: not "
+            "known): read by models trained with retrieval.sequence_ratings.",
         ),
     ] = None,
     candidates: Annotated[
@@ -782,6 +828,7 @@ def recommend_command(
                 "--user": user,
                 "--feature": feature,
                 "--session": session,
+                "--session-ratings": session_ratings,
                 "--candidates": candidates,
                 "--new-items": new_items,
                 "--require-known-user": require_known_user or None,
@@ -845,7 +892,7 @@ def recommend_command(
             user_features=_key_values(feature, "--feature") or None,
             exclude_seen=not include_seen,
             context=_key_values(context, "--context") or None,
-            session=_session(session),
+            session=_rated_session(session, session_ratings),
             candidates=asked,
             use_ranker=not no_ranker,
             explain=explain,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import polars as pl
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from twostage.cli import app
 from twostage.cli_info import bundle_info
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
@@ -188,6 +191,26 @@ def test_reading_the_ratings_learns_what_the_items_alone_cannot(
     # `twostage info` says what the history reads
     recommender.save(tmp_path / "bundle")
     assert bundle_info(tmp_path / "bundle")["retrieval"]["history_reads"] == ["ratings"]
+    # and the CLI takes a session's ratings beside its items
+    for rating, successor in (("5", up), ("1", down)):
+        result = CliRunner().invoke(
+            app,
+            [
+                *("recommend", str(tmp_path / "bundle"), "--session", str(item)),
+                *("--session-ratings", rating, "-k", "1", "--json"),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["items"][0]["item_id"] == successor[item]
+    result = CliRunner().invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "bundle"), "--session", f"{item},{up[item]}"),
+            *("--session-ratings", "5"),
+        ],
+    )
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "one rating per --session item (2)" in said
 
 
 def test_sequence_ratings_name_what_they_need(tmp_path: Path) -> None:

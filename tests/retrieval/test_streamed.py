@@ -85,12 +85,14 @@ def _two_files(table: pl.DataFrame, directory: Path, at: int, groups: int) -> Pa
 
 
 WEIGHTED = ["retrieval.rating_weights=true", "retrieval.popularity_days=30"]
-#: The GRU trained on every position of each user's windows, with time gaps.
+#: The GRU trained on every position of each user's windows, with time gaps and
+#: the history items' ratings.
 SEQUENCES = [
     "retrieval.query_encoder=gru",
     "retrieval.examples=sequences",
     "retrieval.negatives=full",
     "retrieval.sequence_time_gaps=true",
+    "retrieval.sequence_ratings=true",
 ]
 
 
@@ -130,7 +132,15 @@ def test_streamed_training_equals_the_in_memory_path(
     assert torch.equal(streamed.tensors.items, in_memory.tensors.items)
     assert streamed.tensors.history.shape == (in_memory.tensors.history.shape)
     assert torch.equal(streamed.tensors.history, in_memory.tensors.history)
-    for name in ("sequences", "sequence_users", "history_times", "sequence_times"):
+    for name in (
+        "sequences",
+        "sequence_users",
+        "history_times",
+        "sequence_times",
+        "history_ratings",
+        "sequence_ratings",
+        "rating_edges",
+    ):
         mine_s, theirs_s = (
             getattr(streamed.tensors, name),
             getattr(in_memory.tensors, name),

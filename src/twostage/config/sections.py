@@ -275,8 +275,8 @@ class RetrievalConfig(_Checked):
     history item (buckets of powers of two seconds; a session's items without
     timestamps read "unknown"). ``sequence_ratings`` adds a learned vector for the
     rating the user gave each history item (the training log's rating levels, up
-    to 16 buckets; an item without a rating, such as a session's, adds none; needs
-    a ``rating`` column, and an in-memory log). ``examples`` =
+    to 16 buckets; a session entry without a rating adds none; needs
+    a ``rating`` column). ``examples`` =
     ``sequences`` trains next-item prediction on every position of each user's last
     ``history_length`` training items at once (one example per user; the query at a
     position sees that item and the earlier ones), the way ordered encoders learn;

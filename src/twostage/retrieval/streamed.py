@@ -103,6 +103,10 @@ from twostage.retrieval.tensors import (
     context_keys,
     latest_rows,
     neighbour_table,
+    no_rating_column,
+    rating_buckets,
+    rating_edges,
+    rating_values,
     recent_popularity,
     rows_in_vocab_order,
     sequence_windows,
@@ -139,8 +143,6 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("data.split=random, temporal or leave-last-out")
     if retrieval.ensemble:  # its members train from a log in memory
         problems.append("retrieval.ensemble=[] (one model)")
-    if retrieval.sequence_ratings:  # the ratings of history items: in memory only
-        problems.append("retrieval.sequence_ratings=false")
     check_data_options(data)
     report_unused_fraction(data.split, data.test_fraction)
     if problems:
@@ -318,6 +320,20 @@ def streamed_tensors(
         )
     if not config.retrieval.sequence_time_gaps:
         history_times = window_times = empty
+    history_ratings, window_ratings = empty, empty
+    edges = torch.zeros(0, dtype=torch.float64)
+    if config.retrieval.sequence_ratings:
+        if not rated:
+            raise ConfigError(no_rating_column(str(path)))
+        given = ratings.astype(np.float64)
+        edges = torch.from_numpy(rating_edges(given))
+        buckets = rating_buckets(given, edges.numpy())
+        # the buckets in the items' place: the items' time order
+        history_ratings = latest_rows(
+            times, users, buckets, num_users=num_users, length=length
+        )[0]
+        if sequences:
+            window_ratings = sequence_windows(times, users, buckets, length=length)[0]
     user_features: dict[str, torch.Tensor] = {USER: torch.arange(num_users)}
     item_features: dict[str, torch.Tensor] = {ITEM: torch.arange(num_items)}
     if spec is not None:
@@ -337,6 +353,9 @@ def streamed_tensors(
         sequence_users=window_users,
         history_times=history_times,
         sequence_times=window_times,
+        history_ratings=history_ratings,
+        sequence_ratings=window_ratings,
+        rating_edges=edges,
         neighbour_history=neighbour_table(
             times, users, items, num_users=num_users, config=config.retrieval
         ),
@@ -561,11 +580,12 @@ def _with_validation_rows(
     fitted: StreamingVocabularies,
     validation: Dataset,
     times: np.ndarray,
+    ratings: np.ndarray,
 ) -> RetrievalTensors:
     """The run's tables with the validation rows joined to the training rows
-    (``times``: theirs, in the tables' order): history, seen items and recent
-    popularity, as :func:`~twostage.retrieval.tensors.with_history_of` gives them
-    in memory."""
+    (``times`` and ``ratings``: theirs, in the tables' order): history, seen items
+    and recent popularity, as :func:`~twostage.retrieval.tensors.with_history_of`
+    gives them in memory."""
     rows = validation.interactions
     tensors = run.tensors
     if not times.size:  # nothing reads the training rows' times: they stay unknown
@@ -578,6 +598,11 @@ def _with_validation_rows(
         num_users=fitted.users.size,
         num_items=fitted.items.size,
         config=run.config.retrieval,
+        ratings=(
+            np.concatenate([ratings.astype(np.float64), rating_values(rows)])
+            if run.config.retrieval.sequence_ratings
+            else None
+        ),
     )
 
 
@@ -1053,7 +1078,9 @@ def _fit_streamed(
     if validation is not None:
         # At inference the validation rows are history like any other training
         # row, as in memory: all of them, not only the sampled users'.
-        run.tensors = _with_validation_rows(run, fitted, validation, rows.times)
+        run.tensors = _with_validation_rows(
+            run, fitted, validation, rows.times, rows.ratings
+        )
     # Its test side is the stream's split, which `twostage evaluate` must reuse (the
     # in-memory split of the same log holds out other rows): saved with the run.
     run.stream = str(Path(path).resolve())

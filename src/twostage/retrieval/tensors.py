@@ -34,9 +34,11 @@ __all__ = [
     "RetrievalTensors",
     "build_tensors",
     "history_table",
+    "no_rating_column",
     "query_features",
     "rating_buckets",
     "rating_edges",
+    "rating_values",
     "recent_popularity",
     "rows_in_vocab_order",
     "tensors_from_flat",
@@ -504,7 +506,7 @@ def build_tensors(
     history_ratings = sequence_ratings = torch.zeros(0, 0, dtype=torch.long)
     edges = torch.zeros(0, dtype=torch.float64)
     if config.sequence_ratings:
-        values = _rating_values(inter)
+        values = rating_values(inter)
         edges = torch.from_numpy(rating_edges(values))
         buckets = rating_buckets(values, edges.numpy())
         # The same time order as the items': the buckets in the items' place.
@@ -610,7 +612,7 @@ def with_history_of(
         num_users=spec.vocabulary(USER).size,
         num_items=spec.vocabulary(ITEM).size,
         config=config,
-        ratings=_rating_values(inter) if config.sequence_ratings else None,
+        ratings=rating_values(inter) if config.sequence_ratings else None,
     )
 
 
@@ -662,7 +664,6 @@ def with_history_rows(
             else torch.zeros(0, 0, dtype=torch.long)
         ),
         history_ratings=history_ratings,
-        sequence_ratings=torch.zeros(0, 0, dtype=torch.long),
         users=torch.from_numpy(users),
         items=torch.from_numpy(items),
         weights=None,
@@ -684,14 +685,19 @@ def with_history_rows(
 RATING_LEVELS = RATING_BUCKETS - 1
 
 
-def _rating_values(inter: pl.DataFrame) -> np.ndarray:
+def no_rating_column(where: str = "the log") -> str:
+    """What a log without ratings says to ``retrieval.sequence_ratings``."""
+    return (
+        "`retrieval.sequence_ratings` reads the rating of each history item, and "
+        f"{where} has no `{RATING}` column. Name one with `data.rating_col`, or set "
+        "`retrieval.sequence_ratings=false`."
+    )
+
+
+def rating_values(inter: pl.DataFrame) -> np.ndarray:
     """``[n]`` float64 the rows' ratings, NaN where a row has none."""
     if RATING not in inter.columns:
-        raise ConfigError(
-            "`retrieval.sequence_ratings` reads the rating of each history item, "
-            f"and the log has no `{RATING}` column. Name one with `data.rating_col`, "
-            "or set `retrieval.sequence_ratings=false`."
-        )
+        raise ConfigError(no_rating_column())
     return inter[RATING].cast(pl.Float64).fill_null(float("nan")).to_numpy()
 
 

@@ -174,6 +174,9 @@ def test_reading_the_ratings_learns_what_the_items_alone_cannot(
     recommender.save(tmp_path / "models" / "walks" / "1")
     settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
     with TestClient(create_app(settings)) as client:
+        # the page learns from the metadata that a session's ratings are read
+        metadata = client.get("/v1/models/walks/metadata").json()
+        assert metadata["reads_session_ratings"] is True
         body = {"session": [{"item_id": item, "rating": 1}], "k": 1}
         served = client.post("/v1/recommend", json=body).json()
         assert served["items"] == disliked.to_dict()["items"]

@@ -32,6 +32,7 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
         assert status[0]["version"] == "1" and status[0]["state"] == "AVAILABLE"
         meta = client.get("/v1/models/synthetic/metadata").json()
         assert meta["num_items"] == 80 and meta["sample_users"]
+        assert meta["reads_session_ratings"] is False  # the page hides its box
         assert {f["column"] for f in meta["user_features"]} >= {"age"}
 
         answer = client.post(

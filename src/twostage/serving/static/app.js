@@ -82,11 +82,20 @@ function userId() {
   return typedId(raw);
 }
 
-// The session box: item IDs of this visit, oldest first ("50, 172").
+// The session box: item IDs of this visit, oldest first ("50, 172"), with the
+// user's rating of each from the ratings box when the model reads them ("5, 2";
+// an empty entry: not known). A rating that is not a number is sent as written,
+// so the server names it.
 function session() {
   if ($("session").disabled) return null;  // the model reads no history
   const ids = $("session").value.split(",").map((s) => s.trim()).filter(Boolean);
-  return ids.length ? ids.map(typedId) : null;
+  if (!ids.length) return null;
+  const rated = $("ratings-box").hidden ? [] : $("ratings").value.split(",").map((s) => s.trim());
+  return ids.map((id, n) => {
+    const rating = rated[n] || "";
+    if (!rating) return typedId(id);
+    return {item_id: typedId(id), rating: /^-?\d+(\.\d+)?$/.test(rating) ? Number(rating) : rating};
+  });
 }
 
 function userFeatures() {
@@ -232,6 +241,7 @@ async function loadModel() {
     (metadata.has_ranker ? " · with ranking stage" : "");
   $("filter").disabled = !metadata.tags_column;
   $("session").disabled = metadata.history_length === 0;  // nothing would read it
+  $("ratings-box").hidden = !metadata.reads_session_ratings;
   $("users").replaceChildren(...metadata.sample_users.map((id) => {
     const option = document.createElement("option");
     option.value = String(id);

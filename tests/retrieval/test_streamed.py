@@ -1344,14 +1344,15 @@ def test_streamed_shown_rows_follow_their_choice(tmp_path: Path, method: str) ->
             "data.validation_fraction=0.1",
         ],
     )
-    rule = split_rule(
-        path,
-        method=method,
-        test_fraction=0.2,
-        seed=0,
-        validation_fraction=0.1,
-        reading=Reading(label_col="clicked"),
-    )
+    # the split both passes apply: the rule, and the vocabularies' pass below
+    options: dict[str, Any] = {
+        "method": method,
+        "test_fraction": 0.2,
+        "seed": 0,
+        "validation_fraction": 0.1,
+        "reading": Reading(label_col="clicked"),
+    }
+    rule = split_rule(path, **options)
     got = streamed_shown(path, rule, config.data)
     reading = Reading(label_col="clicked", keep_shown=True)
     chosen: dict[int, list[tuple[int, int]]] = {}
@@ -1395,14 +1396,7 @@ def test_streamed_shown_rows_follow_their_choice(tmp_path: Path, method: str) ->
     # Encoded, the training side is its pairs the vocabularies know, as indices.
     from twostage.data.streaming import fit_vocabularies
 
-    fitted = fit_vocabularies(
-        path,
-        method=method,
-        test_fraction=0.2,
-        seed=0,
-        validation_fraction=0.1,
-        reading=Reading(label_col="clicked"),
-    )
+    fitted = fit_vocabularies(path, **options)
     encoded = streamed_shown(path, rule, config.data, vocabularies=fitted)
     assert encoded.train.columns == ["user_idx", "item_idx"]
     assert encoded.train.dtypes == [pl.Int32, pl.Int32]

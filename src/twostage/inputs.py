@@ -281,9 +281,10 @@ def session_indices(
         )
     ]
     if wrong:
+        named = ", ".join(f"session[{n}].rating = {r!r}" for n, r in wrong[:3])
         raise ConfigError(
             "each `session` rating should be a finite number (or left out). "
-            f"Received: {', '.join(f'session[{n}].rating = {r!r}' for n, r in wrong[:3])}."
+            f"Received: {named}."
         )
     if all(numeric):
         order = sorted(range(len(entries)), key=lambda n: float(times[n]))  # type: ignore[arg-type]

@@ -595,8 +595,9 @@ class Recommender:
     ) -> tuple[torch.Tensor, int, Path_, dict[str, torch.Tensor]]:
         """The query of a session: the user's history (none when anonymous) then the
         session's items, the last ``history_length`` of them (with their times when
-        the model reads time gaps, their ratings when it reads ratings), and the encoded query fields the ranker reads
-        (the same, less the request's context, which the ranker never trains on).
+        the model reads time gaps, their ratings when it reads ratings), and the
+        encoded query fields the ranker reads (the same, less the request's
+        context, which the ranker never trains on).
         ``fields``: an anonymous user's encoded features."""
         tensors = self.run.tensors
         length = tensors.history.shape[1]
@@ -686,9 +687,9 @@ class Recommender:
             session: the items of the current session, oldest first: raw item IDs,
                 or ``{"item_id": ..., "timestamp": ..., "rating": ...}`` mappings
                 (ordered by timestamp when every one has one; a rating is read by
-                a model with ``retrieval.sequence_ratings``). They follow the user's training
-                history (the model reads the last ``retrieval.history_length``
-                items) and count as seen; an anonymous session is a query of its
+                a model with ``retrieval.sequence_ratings``). They follow the
+                user's training history (the model reads the last
+                ``retrieval.history_length`` items) and count as seen; an anonymous session is a query of its
                 own (``path="session"``), so it needs no user. The ranker reads the
                 session as the query's history too, and its EASE term the
                 session's items. Unknown item IDs are an error that names them;

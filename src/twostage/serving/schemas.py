@@ -165,7 +165,8 @@ class RecommendRequest(_Strict):
     session: list[RawId | SessionItem] | None = Field(
         None,
         description="The current session's items, oldest first (IDs, or objects "
-        "with `item_id`, `timestamp` and `rating`): they extend the user's history and are "
+        "with `item_id`, `timestamp` and `rating`): they extend the user's history "
+        "and are "
         "excluded as seen; without a `user_id` the session alone is the query. "
         "The ranking stage reads them as the query's history too. An item added "
         "to the catalogue after training is excluded but not read (the answer's "

@@ -908,6 +908,8 @@ class Recommender:
             return ranker.score_user(cold[0], cold[1], items)
 
         def ease_of(items: torch.Tensor) -> torch.Tensor | None:
+            if ranker.ease is None:  # no term: nothing to build its rows for
+                return None
             rows = None
             if basket is not None:
                 rows = UserItems.from_pairs(

@@ -731,6 +731,16 @@ class Recommender:
             self.item_vocab,
             history_length=int(self.run.tensors.history.shape[1]),
         )
+        if (
+            read is not None
+            and not self.run.tensors.rating_edges.numel()
+            and not bool(read[2].isnan().all())
+        ):
+            raise ConfigError(
+                "`session` entries carry a `rating`, which this model does not read "
+                "(it was trained without `retrieval.sequence_ratings`); leave the "
+                "ratings out."
+            )
         unread: list[Any] = []
         session_all = None if read is None else read[0]  # seen, added items too
         if read is not None and session_all is not None:

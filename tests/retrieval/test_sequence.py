@@ -268,6 +268,8 @@ def test_the_api_answers_sessions(
             ({"session": [{"item_id": 5, "timestamp": "noon"}]}, 422),
             ({"session": [{"item_id": 5, "timestamp": 1e300}]}, 400),
             ({"session": [{"item_id": 5, "extra": 1}]}, 422),
+            # a rating, to a model that reads none
+            ({"session": [{"item_id": 5, "rating": 4}]}, 400),
         ]:
             response = client.post("/v1/recommend", json=bad)
             assert response.status_code == status, (bad, response.text)

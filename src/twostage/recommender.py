@@ -603,7 +603,7 @@ class Recommender:
         length = tensors.history.shape[1]
         items, times, given = session
         ratings = torch.zeros_like(items)  # bucket 0: not known
-        if tensors.rating_edges.numel():
+        if tensors.reads_ratings:
             ratings = torch.from_numpy(
                 rating_buckets(given.numpy(), tensors.rating_edges.numpy())
             )
@@ -733,7 +733,7 @@ class Recommender:
         )
         if (
             read is not None
-            and not self.run.tensors.rating_edges.numel()
+            and not self.run.tensors.reads_ratings
             and not bool(read[2].isnan().all())
         ):
             raise ConfigError(

@@ -670,6 +670,16 @@ def test_sequence_ratings_name_what_they_need(tmp_path: Path) -> None:
             apply_overrides(config, ["retrieval.query_encoder=pooling"]),
             dataset=dataset,
         )
+    # One rating level (implicit feedback coded 1): no edges, every rating in
+    # bucket 1, kept when the validation rows join the history after training.
+    ones = dataset.interactions.with_columns(pl.lit(1.0).alias("rating"))
+    run, _ = fit_retrieval(
+        apply_overrides(config, ["data.validation_fraction=0.1"]),
+        dataset=Dataset("walks", ones),
+    )
+    real = run.tensors.history > 0
+    assert run.tensors.rating_edges.numel() == 0 and run.tensors.reads_ratings
+    assert bool(real.any()) and (run.tensors.history_ratings[real] == 1).all()
     unrated = Dataset("walks", dataset.interactions.drop("rating"))
     with pytest.raises(ConfigError, match="no `rating` column"):
         fit_retrieval(config, dataset=unrated)

@@ -122,6 +122,12 @@ class RetrievalTensors:
         return features
 
     @property
+    def reads_ratings(self) -> bool:
+        """Whether the history carries ratings (``retrieval.sequence_ratings``;
+        :attr:`rating_edges` is empty also where the log has one rating level)."""
+        return bool(self.history_ratings.numel())
+
+    @property
     def fallback_popularity(self) -> Tensor:
         """``[N]`` what the most-popular fallback ranks by."""
         return self.item_probs if self.popularity is None else self.popularity
@@ -646,7 +652,7 @@ def with_history_rows(
         times[known], users, items, num_users=num_users, length=config.history_length
     )
     history_ratings = torch.zeros(0, 0, dtype=torch.long)
-    if ratings is not None and tensors.rating_edges.numel():
+    if ratings is not None and tensors.reads_ratings:
         buckets = rating_buckets(ratings[known], tensors.rating_edges.numpy())
         history_ratings = latest_rows(
             times[known],

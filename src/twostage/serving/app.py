@@ -541,7 +541,7 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         "query_encoders": [retrieval.query_encoder, *retrieval.ensemble],
         "history_length": int(rec.run.tensors.history.shape[1]),
         # whether a session entry's `rating` is read (`retrieval.sequence_ratings`)
-        "reads_session_ratings": bool(rec.run.tensors.rating_edges.numel()),
+        "reads_session_ratings": rec.run.tensors.reads_ratings,
         # > 0: retrieval adds the session-kNN term and scores every item exactly
         # (the index serves similar items only); the run's weight, picked on
         # validation where the config says -1.

@@ -882,6 +882,12 @@ def recommend_command(
         )
     from twostage.errors import UnknownIdError
 
+    if session_ratings is not None and not rec.run.tensors.reads_ratings:
+        raise typer.BadParameter(
+            "this model does not read a session's ratings (it was trained without "
+            "retrieval.sequence_ratings); leave --session-ratings out.",
+            param_hint="--session-ratings",
+        )
     asked = _session(candidates, "--candidates")
     if new_items is not None:
         asked = [*(asked or []), *_new_item_rows(new_items)]

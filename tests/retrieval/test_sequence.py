@@ -273,6 +273,16 @@ def test_the_api_answers_sessions(
         ]:
             response = client.post("/v1/recommend", json=bad)
             assert response.status_code == status, (bad, response.text)
+    # the CLI names its flag
+    result = CliRunner().invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "models" / "walks" / "1")),
+            *("--session", str(walk[0]), "--session-ratings", "4"),
+        ],
+    )
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "leave --session-ratings out" in said, said
 
 
 def test_the_cli_answers_sessions(

@@ -104,8 +104,7 @@ from twostage.retrieval.tensors import (
     latest_rows,
     neighbour_table,
     no_rating_column,
-    rating_buckets,
-    rating_edges,
+    rating_tables,
     rating_values,
     recent_popularity,
     rows_in_vocab_order,
@@ -320,20 +319,15 @@ def streamed_tensors(
         )
     if not config.retrieval.sequence_time_gaps:
         history_times = window_times = empty
-    history_ratings, window_ratings = empty, empty
-    edges = torch.zeros(0, dtype=torch.float64)
-    if config.retrieval.sequence_ratings:
-        if not rated:
-            raise ConfigError(no_rating_column(str(path)))
-        given = ratings.astype(np.float64)
-        edges = torch.from_numpy(rating_edges(given))
-        buckets = rating_buckets(given, edges.numpy())
-        # the buckets in the items' place: the items' time order
-        history_ratings = latest_rows(
-            times, users, buckets, num_users=num_users, length=length
-        )[0]
-        if sequences:
-            window_ratings = sequence_windows(times, users, buckets, length=length)[0]
+    if config.retrieval.sequence_ratings and not rated:
+        raise ConfigError(no_rating_column(str(path)))
+    history_ratings, window_ratings, edges = rating_tables(
+        times,
+        users,
+        ratings.astype(np.float64) if config.retrieval.sequence_ratings else None,
+        num_users=num_users,
+        config=config.retrieval,
+    )
     user_features: dict[str, torch.Tensor] = {USER: torch.arange(num_users)}
     item_features: dict[str, torch.Tensor] = {ITEM: torch.arange(num_items)}
     if spec is not None:

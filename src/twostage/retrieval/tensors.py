@@ -38,6 +38,7 @@ __all__ = [
     "query_features",
     "rating_buckets",
     "rating_edges",
+    "rating_tables",
     "rating_values",
     "recent_popularity",
     "rows_in_vocab_order",
@@ -509,24 +510,13 @@ def build_tensors(
     )
     if not config.sequence_time_gaps:
         history_times = sequence_times = torch.zeros(0, 0, dtype=torch.long)
-    history_ratings = sequence_ratings = torch.zeros(0, 0, dtype=torch.long)
-    edges = torch.zeros(0, dtype=torch.float64)
-    if config.sequence_ratings:
-        values = rating_values(inter)
-        edges = torch.from_numpy(rating_edges(values))
-        buckets = rating_buckets(values, edges.numpy())
-        # The same time order as the items': the buckets in the items' place.
-        history_ratings = latest_rows(
-            inter[TIME].to_numpy(),
-            users,
-            buckets,
-            num_users=user_vocab.size,
-            length=config.history_length,
-        )[0]
-        if config.examples == "sequences":
-            sequence_ratings = sequence_windows(
-                inter[TIME].to_numpy(), users, buckets, length=config.history_length
-            )[0]
+    history_ratings, sequence_ratings, edges = rating_tables(
+        inter[TIME].to_numpy(),
+        users,
+        rating_values(inter) if config.sequence_ratings else None,
+        num_users=user_vocab.size,
+        config=config,
+    )
     keys = context_keys(spec)
     context = {}
     if keys:
@@ -698,6 +688,31 @@ def no_rating_column(where: str = "the log") -> str:
         f"{where} has no `{RATING}` column. Name one with `data.rating_col`, or set "
         "`retrieval.sequence_ratings=false`."
     )
+
+
+def rating_tables(
+    times: np.ndarray,
+    user_idx: np.ndarray,
+    ratings: np.ndarray | None,
+    *,
+    num_users: int,
+    config: RetrievalConfig,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(:attr:`~RetrievalTensors.history_ratings`, ``sequence_ratings``,
+    ``rating_edges``) of the training rows (``ratings``: their values, NaN where
+    none; None: the model reads no ratings, and all three are empty)."""
+    empty = torch.zeros(0, 0, dtype=torch.long)
+    if ratings is None:
+        return empty, empty, torch.zeros(0, dtype=torch.float64)
+    edges = rating_edges(ratings)
+    buckets = rating_buckets(ratings, edges)
+    # The items' time order: the buckets in the items' place.
+    length = config.history_length
+    history = latest_rows(times, user_idx, buckets, num_users=num_users, length=length)
+    windows = empty
+    if config.examples == "sequences":
+        windows = sequence_windows(times, user_idx, buckets, length=length)[0]
+    return history[0], windows, torch.from_numpy(edges)
 
 
 def rating_values(inter: pl.DataFrame) -> np.ndarray:

@@ -1523,3 +1523,61 @@ def test_an_ids_file_that_cannot_be_read_is_a_bad_parameter(tmp_path: Path) -> N
         except typer.BadParameter:
             refused += 1
     assert refused > 5
+
+
+def test_a_log_without_times_splits_in_file_order_and_refuses_time_settings(
+    tmp_path: Path,
+) -> None:
+    """Without a time column a log's `timestamp` is its row order: the time
+    settings read it as seconds, and `data split` wrote it out as times."""
+    log = tmp_path / "log.csv"
+    rows = [f"u{u},i{(7 * u + 3 * k) % 40}" for u in range(30) for k in range(6)]
+    log.write_text("user,item\n" + "\n".join(rows) + "\n")
+    columns = ["--user-col", "user", "--item-col", "item"]
+    out = tmp_path / "split"
+    split = runner.invoke(
+        app,
+        [
+            *("data", "split", str(log), *columns, "--method", "leave-last-out"),
+            *("--out", str(out)),
+        ],
+    )
+    assert split.exit_code == 0, split.output
+    assert "no time column: the leave-last-out split takes each user's last" in (
+        " ".join(split.output.split())
+    )
+    train, test = (pl.read_parquet(out / n) for n in ("train.parquet", "test.parquet"))
+    assert "timestamp" not in train.columns and "timestamp" not in test.columns
+    last = {r.split(",")[0]: r.split(",")[1] for r in rows}  # the file's last
+    assert dict(zip(test["user_id"], test["item_id"], strict=True)) == last
+    assert train.filter(pl.col("user_id") == "u0")["item_id"].to_list() == [
+        r.split(",")[1] for r in rows[:5]
+    ]
+    sides = ["--train", str(out / "train.parquet"), "--test", str(out / "test.parquet")]
+    # Without --dataset the files met MovieLens-100k's integer IDs: a polars error.
+    alone = runner.invoke(
+        app, ["train", "retrieval", *sides, "--out", str(tmp_path / "run")]
+    )
+    assert isinstance(alone.exception, DataError), alone.output
+    assert "split files go with the log they were split from" in " ".join(
+        str(alone.exception).split()
+    )
+    sides = [*sides, "--dataset", str(log), *columns]
+    for setting in (
+        "retrieval.popularity_days=30",
+        "retrieval.sequence_time_gaps=true",
+    ):
+        refused = runner.invoke(
+            app,
+            [
+                *("train", "retrieval", *sides, "--set", setting),
+                *("--config", "presets/retrieval-sequence.json"),
+                *("--out", str(tmp_path / "run")),
+            ],
+        )
+        message = " ".join(str(refused.exception).split())
+        assert "has no time column" in message, refused.output
+        key, value = setting.split("=")
+        off = {"30": "0", "true": "false"}[value]
+        assert f"set `{key}={off}`" in message
+    assert not (tmp_path / "run").exists()

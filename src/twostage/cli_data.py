@@ -541,14 +541,20 @@ def side_rows(side: Any) -> Any:
     that ``data.train_file`` / ``data.test_file`` read back."""
     import polars as pl
 
-    from twostage.data.dataset import LABEL
+    from twostage.data.dataset import LABEL, TIME
 
-    if side.shown is None:
-        return side.interactions
+    rows, shown = side.interactions, side.shown
+    if not side.has_time:
+        # The `timestamp` of a log without times is its row order: written as it
+        # is, the files would read back as times. They keep the order instead.
+        rows = rows.sort(TIME, maintain_order=True).drop(TIME)
+        shown = None if shown is None else shown.drop(TIME, strict=False)
+    if shown is None:
+        return rows
     return pl.concat(
         [
-            side.interactions.with_columns(pl.lit(True).alias(LABEL)),
-            side.shown.with_columns(pl.lit(False).alias(LABEL)),
+            rows.with_columns(pl.lit(True).alias(LABEL)),
+            shown.with_columns(pl.lit(False).alias(LABEL)),
         ],
         how="diagonal_relaxed",
     )
@@ -795,7 +801,7 @@ def data_split(
     """Split a dataset and write train.parquet and test.parquet (user_id, item_id,
     timestamp, and rating and weight when read; `train --train/--test` reads them)."""
     from twostage.artifacts import refuse_bundle_target
-    from twostage.data.split import check_not_empty, split_dataset
+    from twostage.data.split import check_not_empty, file_order_note, split_dataset
 
     refuse_bundle_target(out, "a split")  # before the log is read
     there = [name for name in SPLIT_FILES if (out / name).exists()]
@@ -842,6 +848,9 @@ def data_split(
     data = _load(dataset, options)
     check_not_empty(data)  # every row rejected: the report, not two empty files
     data, _ = _min_counts(data, min_user_rows, min_item_rows)
+    note = file_order_note(data, method)
+    if note:
+        logger.warning(note)
     split = split_dataset(
         data,
         method=method,

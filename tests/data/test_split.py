@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,51 @@ def test_temporal_protocol_validates_on_the_latest_training_rows(data: Dataset) 
     # no row is judged on a future the model trained on
     assert fit_times.max() <= valid_times.min()
     assert valid_times.max() <= test_times.min()
+
+
+def test_a_log_without_times_is_cut_in_file_order_said_so(
+    data: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    untimed = dataclasses.replace(data, has_time=False, source="log.csv")
+    for method, said in (("temporal", "the latest rows"), ("random", None)):
+        caplog.clear()
+        config = apply_overrides(ExperimentConfig(), [f"data.split={method}"])
+        with caplog.at_level("WARNING"):
+            parts = prepare_split(untimed, config)
+        assert parts.fit.has_time is parts.test.has_time is False
+        if said is None:
+            assert "no time column" not in caplog.text
+            continue
+        assert f"'log.csv' has no time column: the {method} split takes {said}" in (
+            caplog.text
+        )
+    with caplog.at_level("WARNING"):
+        prepare_split(data, config)
+    assert "no time column" not in caplog.text
+
+
+def test_split_files_without_times_read_as_a_log_without_times(
+    data: Dataset, tmp_path: Path
+) -> None:
+    """The files' rows carried the dataset's `has_time`, so a file without a
+    `timestamp` column had its row numbers read as seconds."""
+    halves = split_dataset(data, method="random", seed=1)
+    for side, name in zip(halves, ("train", "test"), strict=True):
+        side.interactions.drop("timestamp", "row").write_parquet(
+            tmp_path / f"{name}.pq"
+        )
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            f"data.train_file={tmp_path / 'train.pq'}",
+            f"data.test_file={tmp_path / 'test.pq'}",
+        ],
+    )
+    parts = prepare_split(data, config)
+    assert parts.fit.has_time is parts.test.has_time is False
+    for side, name in zip(halves, ("train", "test"), strict=True):
+        side.interactions.drop("row").write_parquet(tmp_path / f"{name}.pq")
+    assert prepare_split(data, config).fit.has_time
 
 
 def test_test_users_evaluates_a_fixed_sample_and_trains_on_the_same_rows(

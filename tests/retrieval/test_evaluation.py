@@ -186,3 +186,24 @@ def test_prior_rows_are_each_query_s_history_in_time_order(run_and_test) -> None
     assert only.lengths().tolist() == [0, 1, 0]
     untimed = PriorHistory.of(run.spec, users, prior.drop("timestamp"))
     assert untimed.padded(np.array([0]))[0].tolist() == [[index[0], index[1], index[3]]]
+
+
+def test_recent_popularity_is_left_out_of_a_log_without_times(
+    run_and_test, caplog
+) -> None:
+    """Its "last 30 days" of a log without a time column were 2.6 million rows of
+    file order, shown as recent popularity."""
+    run, test = run_and_test
+    rows = test  # any rows of known items stand for the training log here
+    timed = evaluate_baselines(
+        run, test, names=("recent-popularity",), train=rows, ks=(10,)
+    )
+    assert list(timed) == ["recent-popularity"]
+    untimed = dataclasses.replace(rows, has_time=False)
+    with caplog.at_level("WARNING"):
+        left = evaluate_baselines(
+            run, test, names=("recent-popularity", "popularity"), train=untimed
+        )
+    assert list(left) == ["popularity"]
+    assert "skipping baseline recent-popularity" in caplog.text
+    assert "no time column" in caplog.text

@@ -13,6 +13,7 @@ never trains on what was shown in the test's impressions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -32,6 +33,7 @@ __all__ = [
     "ExperimentSplit",
     "Split",
     "check_not_empty",
+    "file_order_note",
     "hold_out_users",
     "leave_last_out",
     "sample_users",
@@ -189,6 +191,19 @@ def validation_split(
     return split_dataset(train, method=method, test_fraction=fraction, seed=seed)
 
 
+def file_order_note(dataset: Dataset, method: str) -> str | None:
+    """What a split by time cuts a log without a time column by (its rows' file
+    order), to warn of; None when it has times or the split ignores them."""
+    if dataset.has_time or method == "random":
+        return None
+    cut = "the latest rows" if method == "temporal" else "each user's last row"
+    where = f"'{dataset.source}'" if dataset.source else "the log"
+    return (
+        f"{where} has no time column: the {method} split takes {cut} in file order. "
+        "Name its time column with `data.time_col` (`--time-col`) if it has one."
+    )
+
+
 def split_dataset(
     dataset: Dataset,
     *,
@@ -319,6 +334,9 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     data = config.data
     report_unused_fraction(data.split, data.test_fraction)
     check_not_empty(dataset)
+    note = file_order_note(dataset, data.split)
+    if note:
+        logger.warning(note)
     dataset = dataset.with_unrated(data.unrated_values)
     if data.train_file is not None or data.test_file is not None:
         return _split_from_files(dataset, config)
@@ -446,10 +464,14 @@ def _split_from_files(dataset: Dataset, config: ExperimentConfig) -> ExperimentS
             data.train_file,
         )
         rows = rows.drop(WEIGHT)
+    # The files' own times or none: without a `timestamp` column their rows
+    # count in file order, whatever the dataset's log holds.
     train = dataset.with_interactions(rows).with_shown(part.shown)
+    train = dataclasses.replace(train, has_time=part.has_time)
     train = train.with_unrated(data.unrated_values)
     part = read_split_file(data.test_file, like=dataset)
     test = dataset.with_interactions(part.interactions).with_shown(part.shown)
+    test = dataclasses.replace(test, has_time=part.has_time)
     test = test.with_unrated(data.unrated_values)
     _check_sides(train, test, "files'")
     test = sample_users(test, data.test_users, seed=data.seed)
@@ -484,7 +506,18 @@ def read_split_file(path: str, *, like: Dataset) -> Dataset:
         weight_col=WEIGHT if WEIGHT in columns else None,
         label_col=LABEL if LABEL in columns else None,
     )
-    return with_id_types(part, like)
+    try:
+        return with_id_types(part, like)
+    except pl.exceptions.PolarsError as e:
+        schema = like.interactions.schema
+        theirs = part.interactions.schema
+        raise DataError(
+            f"the split file {path!r} holds IDs that are not those of the dataset "
+            f"{like.name or like.source!r} (user_id {theirs[USER]} and item_id "
+            f"{theirs[ITEM]} against {schema[USER]} and {schema[ITEM]}): split "
+            "files go with the log they were split from. Name it with "
+            "`data.dataset` (`--dataset`)."
+        ) from e
 
 
 def with_id_types(part: Dataset, like: Dataset) -> Dataset:

@@ -270,9 +270,16 @@ def evaluate_baselines(
     if train is not None:
         items = run.spec.vocabulary(ITEM).transform(train.interactions[ITEM])
         times = train.interactions[TIME].to_numpy()
-        makers[RecentPopularity.name] = lambda: RecentPopularity().fit_log(
-            items, times, num_items=num_items
-        )
+
+        def recent() -> Any:
+            if not train.has_time:  # its `timestamp` is the row order
+                raise ConfigError(
+                    "it counts the last 30 days of training rows, and the log has "
+                    "no time column"
+                )
+            return RecentPopularity().fit_log(items, times, num_items=num_items)
+
+        makers[RecentPopularity.name] = recent
         users = run.spec.vocabulary(USER).transform(train.interactions[USER])
         num_users = run.spec.vocabulary(USER).size
 

@@ -11,6 +11,7 @@ gathers the query side of a batch of users.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "RetrievalTensors",
     "build_tensors",
     "history_table",
+    "check_times",
     "no_rating_column",
     "query_features",
     "rating_buckets",
@@ -472,10 +474,34 @@ def recent_popularity(
     return scores.item_scores / scores.item_scores.sum().clamp_min(1e-12)
 
 
+def check_times(config: RetrievalConfig, train: Dataset) -> None:
+    """Refuse the settings that read the rows' times when ``train`` has none: its
+    ``timestamp`` is then the row order, and seconds or days of it mean nothing."""
+    off = {"sequence_time_gaps": "false", "popularity_days": "0"}
+    asked = [key for key in off if getattr(config, key)]
+    if train.has_time or not asked:
+        return
+    what = f"'{train.source}'" if train.source else "the log"
+    raise ConfigError(
+        " and ".join(
+            f"`retrieval.{k}` = {json.dumps(getattr(config, k))}" for k in asked
+        )
+        + f" read the rows' times, and {what} has no time column (its rows count "
+        "in file order). Name its time column with `data.time_col` (`--time-col`), "
+        "or set " + " and ".join(f"`retrieval.{k}={off[k]}`" for k in asked) + "."
+    )
+
+
 def build_tensors(
     spec: FeatureSpec, train: Dataset, config: RetrievalConfig
 ) -> RetrievalTensors:
-    """Turn a fitted spec and the training split into the trainer's tensors."""
+    """Turn a fitted spec and the training split into the trainer's tensors.
+
+    Raises:
+        ConfigError: a setting that reads times (``sequence_time_gaps``,
+            ``popularity_days``) on a log without a time column.
+    """
+    check_times(config, train)
     user_vocab, item_vocab = spec.vocabulary(USER), spec.vocabulary(ITEM)
     inter = train.interactions
     users = user_vocab.transform(inter[USER])

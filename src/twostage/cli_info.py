@@ -153,6 +153,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
     from twostage.artifacts import resolve_bundle
     from twostage.bundles import load_recommender
     from twostage.data.dataset import ITEM, USER
+    from twostage.models.ensemble import member_kinds
     from twostage.report import best_epoch
     from twostage.training import main_member
 
@@ -211,6 +212,23 @@ def bundle_info(path: Path) -> dict[str, Any]:
             ],
             "epochs": len(history),
             "best_epoch": best_epoch(run.train_result.history),
+            # the members and their weights as configured; None: one model
+            "ensemble": [
+                {"member": kind, "weight": weight}
+                for kind, weight in zip(
+                    member_kinds(config.retrieval),
+                    config.retrieval.ensemble_weights
+                    or (1.0,) * (1 + len(config.retrieval.ensemble)),
+                    strict=True,
+                )
+            ]
+            if config.retrieval.ensemble
+            else None,
+            # the serving rules beyond the weights, as saved (serving.json)
+            "session_knn_weight": run.session_knn_weight,
+            "session_knn_picked": config.retrieval.session_knn_weight < 0,
+            "popularity_fallback": run.popularity_fallback,
+            "popularity_days": config.retrieval.popularity_days,
         },
         "ranking": None
         if rec.ranker is None
@@ -316,6 +334,25 @@ def _print_bundle(info: dict[str, Any]) -> None:
         f"epoch{'s' if r['epochs'] != 1 else ''}"
         + (f", best {r['best_epoch']}" if r["best_epoch"] else ""),
     )
+    if r["ensemble"]:
+        table.add_row(
+            "ensemble",
+            ", ".join(f"{m['member']} {m['weight']:g}" for m in r["ensemble"])
+            + " (weights)",
+        )
+    rules = []
+    if r["session_knn_weight"] > 0:
+        picked = " (picked on validation)" if r["session_knn_picked"] else ""
+        rules.append(f"session-kNN term at weight {r['session_knn_weight']:g}{picked}")
+    if r["popularity_fallback"] > 0:
+        days = r["popularity_days"]
+        rules.append(
+            "most-popular"
+            + (f" over the last {days:g} days" if days > 0 else "")
+            + f" for users with at most {r['popularity_fallback']:,} training "
+            f"item{'s' if r['popularity_fallback'] != 1 else ''}"
+        )
+    table.add_row("serving rules", "; ".join(rules) or "none (the model for everyone)")
     ranking = info["ranking"]
     table.add_row(
         "ranking",

@@ -781,6 +781,23 @@ def test_an_ensemble_bundle_reloads_and_serves_sessions(
         assert metadata["query_encoders"] == ["transformer", "gru"]
         assert metadata["history_length"] == 12
         _assert_session_served(client, walk, expected)
+    # `twostage info` names the members, their weights and the serving rules.
+    info = bundle_info(root)["retrieval"]
+    assert info["ensemble"] == [
+        {"member": "transformer", "weight": 0.7},
+        {"member": "gru", "weight": 0.3},
+    ]
+    assert info["session_knn_weight"] == 0
+    assert info["popularity_fallback"] == ensemble.run.popularity_fallback
+    shown = CliRunner().invoke(app, ["info", str(root)]).output
+    shown = " ".join(shown.replace("│", " ").split())
+    assert "ensemble transformer 0.7, gru 0.3 (weights)" in shown
+    rules = "none (the model for everyone)"
+    if ensemble.run.popularity_fallback > 0:
+        rules = (
+            f"most-popular for users with at most {ensemble.run.popularity_fallback}"
+        )
+    assert f"serving rules {rules}" in shown
 
 
 def test_an_ensemble_resumes_each_member_exactly(tmp_path: Path) -> None:

@@ -383,6 +383,10 @@ def test_the_cli_trains_a_run_that_picks_its_weight(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = (report / "report.md").read_text()
     assert f"{served.session_knn_weight:g} (picked on validation)" in text
+    info = CliRunner().invoke(app, ["info", str(bundle)])
+    shown = " ".join(info.output.replace("│", " ").split())
+    weight = f"session-kNN term at weight {served.session_knn_weight:g}"
+    assert f"serving rules {weight} (picked on validation)" in shown
     settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
     with TestClient(create_app(settings)) as client:
         metadata = client.get("/v1/models/walks/metadata").json()

@@ -486,8 +486,8 @@ def check_times(config: RetrievalConfig, train: Dataset) -> None:
         " and ".join(
             f"`retrieval.{k}` = {json.dumps(getattr(config, k))}" for k in asked
         )
-        + f" read the rows' times, and {what} has no time column (its rows count "
-        "in file order). Name its time column with `data.time_col` (`--time-col`), "
+        + f" read the rows' times, and {what} has no time column (its row order "
+        "stands in for time). Name its time column with `data.time_col` (`--time-col`), "
         "or set " + " and ".join(f"`retrieval.{k}={off[k]}`" for k in asked) + "."
     )
 

@@ -1074,6 +1074,17 @@ def test_closed_form_members_serve_fitted_on_the_validation_rows_too(
     torch.testing.assert_close(member.left, served.left)
     torch.testing.assert_close(member.right, served.right)
     assert not torch.allclose(member.left, fit_only.left)
+    if kind == "transition":
+        # Rows of users the vocabulary does not know (a temporal split's new
+        # users in validation) were one user's: their joins counted as steps.
+        rows = split.train.interactions
+        strangers = rows.head(60).with_columns(
+            (pl.int_range(60) // 20 + 10**6).cast(rows[USER].dtype).alias(USER)
+        )
+        padded = split.train.with_interactions(pl.concat([rows, strangers]))
+        with_strangers = LinearItemsModel(size, 16)
+        fit_transition(with_strangers, run.spec, padded)
+        torch.testing.assert_close(with_strangers.left, served.left)
 
 
 @pytest.mark.parametrize(

@@ -233,6 +233,10 @@ def evaluate_run_embeddings(
     )
 
 
+#: The baselines that rank by popularity alone: every user gets their list anyway.
+_POPULARITY = ("popularity", "recent-popularity")
+
+
 def evaluate_baselines(
     run: RetrievalRun,
     test: Dataset,
@@ -249,7 +253,11 @@ def evaluate_baselines(
     without ``train``, on the run's recent items when it keeps more than one a
     user, so then they depend on ``retrieval.history_length``). A test user new to
     the model with rows in ``test.prior`` is scored from all of them
-    (``score_sequences``), where the run reads its latest ``history_length``."""
+    (``score_sequences``), where the run reads its latest ``history_length``. A
+    test user the run does not know and who has no prior rows gets the run's
+    most-popular list (what its fallback serves: recent popularity with
+    ``retrieval.popularity_days``) from every baseline that reads a user's items,
+    where each would score nothing."""
     from twostage.baselines import (
         BASELINES,
         RecencyEASE,
@@ -282,10 +290,19 @@ def evaluate_baselines(
         makers[RecentPopularity.name] = recent
         users = run.spec.vocabulary(USER).transform(train.interactions[USER])
         num_users = run.spec.vocabulary(USER).size
+        # The rows of users the run does not know (a temporal split's validation
+        # rows of new users) would all read as user 0's: one sequence of many
+        # users' rows, scored for every new test user. They are left out, as the
+        # run leaves them out of its histories.
+        known = users > 0
 
         def from_log(cls: Any) -> Callable[[], Any]:
             return lambda: cls().fit_log(
-                users, items, times, num_users=num_users, num_items=num_items
+                users[known],
+                items[known],
+                times[known],
+                num_users=num_users,
+                num_items=num_items,
             )
 
         for ordered in (Transition, SessionKNN, RecencyEASE):
@@ -316,8 +333,13 @@ def evaluate_baselines(
             )
     results: dict[str, EvalResult] = {}
     reading = queries.reads_prior()
+    # A user with no row the baseline could read (new to the run, no prior rows)
+    # gets the run's most-popular list, as the run's fallback serves one, not a
+    # row of zeros in catalogue order.
+    nothing_read = torch.from_numpy((queries.user_idx == 0) & ~reading)
+    popular = run.tensors.fallback_popularity.to(torch.float32)
 
-    def scorer(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    def scorer(model: Any, by_history: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         def score(rows: torch.Tensor) -> torch.Tensor:
             scores = model.score(user_idx[rows])
             if queries.prior is not None:  # new users: their prior items, in full
@@ -326,6 +348,9 @@ def evaluate_baselines(
                 if read.any():
                     sessions, _ = queries.prior.padded(picked[read])
                     scores[torch.from_numpy(read)] = model.score_sequences(sessions)
+            new = nothing_read[rows]
+            if by_history and new.any():
+                scores[new] = popular.to(scores.dtype)
             return queries.pad_scores(scores)
 
         return score
@@ -339,7 +364,7 @@ def evaluate_baselines(
             logger.warning("skipping baseline %s: %s", name, e)
             continue
         results[name] = evaluate_scores(
-            scorer(model),
+            scorer(model, by_history=name not in _POPULARITY),
             num_items=queries.num_items,
             queries=np.arange(len(user_idx)),
             relevant=queries.relevant,

@@ -536,13 +536,17 @@ def fit_transition(model: LinearItemsModel, spec: FeatureSpec, train: Dataset) -
     """Fit the ``transition`` member on the training rows: ``log(1 + n)``, ``n`` the
     times item ``k`` followed item ``j`` in a user's time-ordered log
     (:meth:`twostage.baselines.Transition.fit_log`, ties in row order), factorised
-    into ``model``."""
+    into ``model``; the rows of users ``spec`` does not know are left out."""
     rows = train.interactions
     users, items = spec.vocabulary(USER), spec.vocabulary(ITEM)
+    user_idx = users.transform(rows[USER])
+    # Users the vocabulary does not know would all be user 0, one sequence of
+    # many users' rows whose joins count as transitions: left out.
+    known = user_idx > 0
     transition = Transition().fit_log(
-        users.transform(rows[USER]),
-        items.transform(rows[ITEM]),
-        rows[TIME].to_numpy(),
+        user_idx[known],
+        items.transform(rows[ITEM])[known],
+        rows[TIME].to_numpy()[known],
         num_users=users.size,
         num_items=model.left.shape[0],
     )

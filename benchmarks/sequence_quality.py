@@ -28,7 +28,9 @@ with seeds 0 ..
 ``session_knn_weight``, picked per run on validation where a config says -1);
 baselines: popularity, recent popularity (last 30 days), EASE, item-kNN (both
 neighbourhood forms), the item-to-item transition model, session-kNN and EASE read
-in time order (``ease-recency``), on the same split and evaluation code. One table per protocol and dataset.
+in time order (``ease-recency``), on the same split and evaluation code (a test user
+new to the run gets the run's most-popular list from each baseline that reads a
+user's items, as from our models' fallback). One table per protocol and dataset.
 
 ``--validation`` is the protocol for tuning: each protocol's test rows are set aside
 unread and the same protocol runs on what is left (under leave-one-out the

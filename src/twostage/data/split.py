@@ -334,12 +334,12 @@ def prepare_split(dataset: Dataset, config: ExperimentConfig) -> ExperimentSplit
     data = config.data
     report_unused_fraction(data.split, data.test_fraction)
     check_not_empty(dataset)
-    note = file_order_note(dataset, data.split)
-    if note:
-        logger.warning(note)
     dataset = dataset.with_unrated(data.unrated_values)
     if data.train_file is not None or data.test_file is not None:
         return _split_from_files(dataset, config)
+    note = file_order_note(dataset, data.split)
+    if note:
+        logger.warning(note)
     rest, cold = dataset, None
     if data.cold_user_fraction > 0:
         rest, cold = hold_out_users(

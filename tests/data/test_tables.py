@@ -347,6 +347,25 @@ def test_missing_column_names_it_and_lists_the_others(tmp_path: Path) -> None:
         read_interactions(path, time_col="ts")
     with pytest.raises(DataError, match="`item_features` lists 'genre'"):
         read_interactions(path, item_features=["genre"])
+    # MovieLens's own ratings.csv: both IDs named otherwise, both said at once,
+    # with the columns that likely hold them (never mapped unasked).
+    ratings = write(tmp_path, "r.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n")
+    with pytest.raises(DataError) as raised:
+        read_interactions(ratings)
+    said = str(raised.value)
+    assert "`user_col` = 'user_id' and `item_col` = 'item_id' are not columns" in said
+    assert "Likely: `user_col` = 'userId', `item_col` = 'movieId'." in said
+    # Two columns that could be the user's: no guess.
+    both = write(tmp_path, "b.csv", "user,uid,item_id\n1,2,3\n")
+    with pytest.raises(DataError) as raised:
+        read_interactions(both)
+    assert "Likely" not in str(raised.value)
+    assert (
+        read_interactions(
+            ratings, user_col="userId", item_col="movieId"
+        ).num_interactions
+        == 1
+    )
 
 
 def test_feature_columns_are_a_list_of_names(tmp_path: Path) -> None:

@@ -690,6 +690,26 @@ def _warn_missing_words_as_ids(df: pl.DataFrame, label: str) -> None:
         )
 
 
+#: Names logs commonly give the user and item columns (lower case, letters only):
+#: MovieLens's userId / movieId, Book-Crossing's User-ID / ISBN, Amazon's
+#: reviewerID / asin, Retailrocket's visitorid / itemid...
+_ID_NAMES = {
+    USER: ("user", "userid", "uid", "customerid", "visitorid", "reviewerid"),
+    ITEM: ("item", "itemid", "movieid", "productid", "isbn", "asin", "sku", "iid"),
+}
+
+
+def _likely_column(target: str, names: list[str]) -> str | None:
+    """The one column of ``names`` named as logs name the ``target`` role (None:
+    none or several), for an error to suggest; never mapped unasked."""
+    found = [
+        name
+        for name in names
+        if "".join(c for c in name.lower() if c.isalpha()) in _ID_NAMES.get(target, ())
+    ]
+    return found[0] if len(found) == 1 else None
+
+
 def _make_spec(
     path: Path | pl.DataFrame,
     names: list[str],
@@ -709,14 +729,24 @@ def _make_spec(
     """
     where = FRAME if isinstance(path, pl.DataFrame) else str(path)
     mapped = draft.roles
-    for target, col in mapped.items():
-        if col not in names:
-            raise DataError(
-                f"`{ARG.get(target, 'key_col')}` = {col!r} is not a column of "
-                f"{where!r}. Available columns: {names}. Pass one of them; a file "
-                "without a header reads its first row as names: name its columns "
-                "with `column_names`."
-            )
+    missing = [(target, col) for target, col in mapped.items() if col not in names]
+    if missing:
+        said = " and ".join(
+            f"`{ARG.get(target, 'key_col')}` = {col!r}" for target, col in missing
+        )
+        # Every missing role's likely column at once: one run to fix, not two.
+        likely = [
+            f"`{ARG[target]}` = {found!r}"
+            for target, _ in missing
+            if (found := _likely_column(target, names))
+        ]
+        raise DataError(
+            f"{said} {'is not a column' if len(missing) == 1 else 'are not columns'} "
+            f"of {where!r}. Available columns: {names}."
+            + (f" Likely: {', '.join(likely)}." if likely else "")
+            + " Pass one of them; a file without a header reads its first row as "
+            "names: name its columns with `column_names`."
+        )
     seen = list(mapped.values())
     if len(set(seen)) != len(seen):
         raise DataError(f"each column can play one role only. Received roles {mapped}.")

@@ -233,10 +233,6 @@ def evaluate_run_embeddings(
     )
 
 
-#: The baselines that rank by popularity alone: every user gets their list anyway.
-_POPULARITY = ("popularity", "recent-popularity")
-
-
 def evaluate_baselines(
     run: RetrievalRun,
     test: Dataset,
@@ -260,11 +256,15 @@ def evaluate_baselines(
     where each would score nothing."""
     from twostage.baselines import (
         BASELINES,
+        Popularity,
         RecencyEASE,
         RecentPopularity,
         SessionKNN,
         Transition,
     )
+
+    # They rank by popularity alone: a new user gets their own list anyway.
+    by_popularity = (Popularity.name, RecentPopularity.name)
 
     queries = eval_queries(run, test)
     num_items = run.spec.vocabulary(ITEM).size
@@ -364,7 +364,7 @@ def evaluate_baselines(
             logger.warning("skipping baseline %s: %s", name, e)
             continue
         results[name] = evaluate_scores(
-            scorer(model, by_history=name not in _POPULARITY),
+            scorer(model, by_history=name not in by_popularity),
             num_items=queries.num_items,
             queries=np.arange(len(user_idx)),
             relevant=queries.relevant,

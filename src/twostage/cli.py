@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -634,39 +634,68 @@ def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
     return [parse_id(part) for part in ids]
 
 
-def _rated_session(session: str | None, ratings: str | None) -> list[Any] | None:
-    """``--session`` with ``--session-ratings`` (one number per item, in the same
-    order; an empty entry: not known) as ``{"item_id", "rating"}`` entries."""
+def _rating(part: str) -> float | None:
+    """A ``--session-ratings`` entry: a finite number (None: not one)."""
+    try:
+        value = float(part)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _seconds(part: str) -> int | None:
+    """A ``--session-times`` entry: whole seconds since the epoch (None: not one)."""
+    try:
+        return int(part)
+    except ValueError:
+        return None
+
+
+#: The per-item flags beside ``--session``: the entry key each fills, what one
+#: value is called, what it should be, and how it is read.
+_SESSION_VALUES: dict[str, tuple[str, str, str, Callable[[str], Any]]] = {
+    "--session-ratings": ("rating", "rating", "a finite number", _rating),
+    "--session-times": ("timestamp", "time", "whole seconds since 1970", _seconds),
+}
+
+
+def _session_entries(
+    session: str | None, ratings: str | None, times: str | None
+) -> list[Any] | None:
+    """``--session`` with ``--session-ratings`` and ``--session-times`` (one value
+    per item, in the same order; an empty entry: not known) as ``{"item_id",
+    "rating", "timestamp"}`` entries; the plain IDs without either."""
     items = _session(session)
-    if ratings is None:
+    given = {"--session-ratings": ratings, "--session-times": times}
+    if all(value is None for value in given.values()):
         return items
-    if items is None:
-        raise typer.BadParameter(
-            "rates the items of --session, which is not given.",
-            param_hint="--session-ratings",
-        )
-    parts = [part.strip() for part in ratings.split(",")]
-    if len(parts) != len(items):
-        raise typer.BadParameter(
-            f"should hold one rating per --session item ({len(items)}), "
-            f"comma-separated (an empty entry: not known). Received {len(parts)}: "
-            f"{ratings!r}.",
-            param_hint="--session-ratings",
-        )
-    entries: list[Any] = []
-    for number, (item, part) in enumerate(zip(items, parts, strict=True), 1):
-        entry: dict[str, Any] = {"item_id": item}
-        if part:
-            try:
-                entry["rating"] = float(part)
-            except ValueError:
-                entry["rating"] = math.nan
-            if not math.isfinite(entry["rating"]):
+    entries: list[dict[str, Any]] = [{"item_id": item} for item in items or []]
+    for flag, value in given.items():
+        if value is None:
+            continue
+        key, noun, should, read = _SESSION_VALUES[flag]
+        if items is None:
+            raise typer.BadParameter(
+                f"gives a {noun} to each item of --session, which is not given.",
+                param_hint=flag,
+            )
+        parts = [part.strip() for part in value.split(",")]
+        if len(parts) != len(items):
+            raise typer.BadParameter(
+                f"should hold one {noun} per --session item ({len(items)}), "
+                f"comma-separated (an empty entry: not known). Received "
+                f"{len(parts)}: {value!r}.",
+                param_hint=flag,
+            )
+        for number, (entry, part) in enumerate(zip(entries, parts, strict=True), 1):
+            if not part:
+                continue
+            entry[key] = read(part)
+            if entry[key] is None:
                 raise typer.BadParameter(
-                    f"entry {number} should be a finite number. Received: {part!r}.",
-                    param_hint="--session-ratings",
+                    f"entry {number} should be {should}. Received: {part!r}.",
+                    param_hint=flag,
                 )
-        entries.append(entry)
     return entries
 
 
@@ -739,6 +768,17 @@ def recommend_command(
             help="The user's rating of each --session item, in the same order, "
             "comma-separated (e.g. --session-ratings 5,2,4; an empty entry: not "
             "known): read by models trained with retrieval.sequence_ratings.",
+        ),
+    ] = None,
+    session_times: Annotated[
+        str | None,
+        typer.Option(
+            "--session-times",
+            help="When each --session item was taken, in the same order, "
+            "comma-separated seconds since 1970 (e.g. --session-times "
+            "1700000000,1700000120; an empty entry: not known): the entries are "
+            "read in time order, and models trained with "
+            "retrieval.sequence_time_gaps read the gaps between them.",
         ),
     ] = None,
     candidates: Annotated[
@@ -829,6 +869,7 @@ def recommend_command(
                 "--feature": feature,
                 "--session": session,
                 "--session-ratings": session_ratings,
+                "--session-times": session_times,
                 "--candidates": candidates,
                 "--new-items": new_items,
                 "--require-known-user": require_known_user or None,
@@ -898,7 +939,7 @@ def recommend_command(
             user_features=_key_values(feature, "--feature") or None,
             exclude_seen=not include_seen,
             context=_key_values(context, "--context") or None,
-            session=_rated_session(session, session_ratings),
+            session=_session_entries(session, session_ratings, session_times),
             candidates=asked,
             use_ranker=not no_ranker,
             explain=explain,

@@ -490,6 +490,38 @@ def test_a_time_gap_model_trains_saves_and_reads_session_times(
     assert scores[0] != scores[1]
     with pytest.raises(ConfigError, match="finite number of seconds"):
         recommender.recommend(None, 3, session=[{"item_id": 5, "timestamp": 1e300}])
+    # The CLI and the page send a session's times too.
+    recommender.save(tmp_path / "models" / "walks" / "1")
+    ids = ",".join(map(str, walk))
+    result = CliRunner().invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "models" / "walks"), "--session", ids),
+            *("--session-times", "0,1,1000000", "-k", "5", "--json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    expected = recommender.recommend(None, 5, session=apart).to_dict()["items"]
+    got = json.loads(result.stdout)["items"]
+    assert [e["item_id"] for e in got] == [e["item_id"] for e in expected]
+    assert [e["score"] for e in got] == pytest.approx([e["score"] for e in expected])
+    for times, said in (
+        ("0,x,2", "entry 2 should be whole seconds since 1970"),
+        ("0,1", "one time per --session item (3)"),
+    ):
+        result = CliRunner().invoke(
+            app,
+            [
+                *("recommend", str(tmp_path / "models" / "walks")),
+                *("--session", ids, "--session-times", times),
+            ],
+        )
+        shown = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and said in shown, shown
+    settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        metadata = client.get("/v1/models/walks/metadata").json()
+        assert metadata["reads_session_times"] is True  # the page shows its box
     with pytest.raises(ConfigError, match="sequence_time_gaps"):
         fit_retrieval(
             apply_overrides(config, ["retrieval.query_encoder=pooling"]),

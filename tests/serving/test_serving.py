@@ -33,6 +33,7 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
         meta = client.get("/v1/models/synthetic/metadata").json()
         assert meta["num_items"] == 80 and meta["sample_users"]
         assert meta["reads_session_ratings"] is False  # the page hides its box
+        assert meta["reads_session_times"] is False  # and its times box
         assert {f["column"] for f in meta["user_features"]} >= {"age"}
 
         answer = client.post(

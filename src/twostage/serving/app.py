@@ -542,6 +542,9 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         "history_length": int(rec.run.tensors.history.shape[1]),
         # whether a session entry's `rating` is read (`retrieval.sequence_ratings`)
         "reads_session_ratings": rec.run.tensors.reads_ratings,
+        # whether the gaps between a session's `timestamp`s are read
+        # (`retrieval.sequence_time_gaps`; any model orders the entries by them)
+        "reads_session_times": bool(rec.run.tensors.history_times.numel()),
         # > 0: retrieval adds the session-kNN term and scores every item exactly
         # (the index serves similar items only); the run's weight, picked on
         # validation where the config says -1.

@@ -83,18 +83,26 @@ function userId() {
 }
 
 // The session box: item IDs of this visit, oldest first ("50, 172"), with the
-// user's rating of each from the ratings box when the model reads them ("5, 2";
-// an empty entry: not known). A rating that is not a number is sent as written,
-// so the server names it.
+// user's rating of each from the ratings box and when each was taken from the
+// times box, when the model reads them ("5, 2"; "1700000000, 1700000120"; an
+// empty entry: not known). A value that is not a number is sent as written, so
+// the server names it.
 function session() {
   if ($("session").disabled) return null;  // the model reads no history
   const ids = $("session").value.split(",").map((s) => s.trim()).filter(Boolean);
   if (!ids.length) return null;
-  const rated = $("ratings-box").hidden ? [] : $("ratings").value.split(",").map((s) => s.trim());
+  const listed = (box, input) => ($(box).hidden ? [] : $(input).value.split(",").map((s) => s.trim()));
+  const rated = listed("ratings-box", "ratings");
+  const timed = listed("times-box", "times");
+  const number = (raw) => (/^-?\d+(\.\d+)?$/.test(raw) ? Number(raw) : raw);
   return ids.map((id, n) => {
     const rating = rated[n] || "";
-    if (!rating) return typedId(id);
-    return {item_id: typedId(id), rating: /^-?\d+(\.\d+)?$/.test(rating) ? Number(rating) : rating};
+    const time = timed[n] || "";
+    if (!rating && !time) return typedId(id);
+    const entry = {item_id: typedId(id)};
+    if (rating) entry.rating = number(rating);
+    if (time) entry.timestamp = number(time);
+    return entry;
   });
 }
 
@@ -242,6 +250,7 @@ async function loadModel() {
   $("filter").disabled = !metadata.tags_column;
   $("session").disabled = metadata.history_length === 0;  // nothing would read it
   $("ratings-box").hidden = !metadata.reads_session_ratings;
+  $("times-box").hidden = !metadata.reads_session_times;
   $("users").replaceChildren(...metadata.sample_users.map((id) => {
     const option = document.createElement("option");
     option.value = String(id);

@@ -799,7 +799,8 @@ def data_split(
     ] = False,
 ) -> None:
     """Split a dataset and write train.parquet and test.parquet (user_id, item_id,
-    timestamp, and rating and weight when read; `train --train/--test` reads them)."""
+    timestamp when the log has times, rating and weight when read; `train
+    --train/--test` reads them)."""
     from twostage.artifacts import refuse_bundle_target
     from twostage.data.split import check_not_empty, file_order_note, split_dataset
 

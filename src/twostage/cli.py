@@ -666,7 +666,7 @@ def _session_entries(
     per item, in the same order; an empty entry: not known) as ``{"item_id",
     "rating", "timestamp"}`` entries; the plain IDs without either."""
     items = _session(session)
-    given = {"--session-ratings": ratings, "--session-times": times}
+    given = dict(zip(_SESSION_VALUES, (ratings, times), strict=True))
     if all(value is None for value in given.values()):
         return items
     entries: list[dict[str, Any]] = [{"item_id": item} for item in items or []]

@@ -280,12 +280,13 @@ def evaluate_baselines(
         times = train.interactions[TIME].to_numpy()
 
         def recent() -> Any:
+            model = RecentPopularity()
             if not train.has_time:  # its `timestamp` is the row order
                 raise ConfigError(
-                    "it counts the last 30 days of training rows, and the log has "
-                    "no time column"
+                    f"it counts the last {model.days:g} days of training rows, and "
+                    "the log has no time column"
                 )
-            return RecentPopularity().fit_log(items, times, num_items=num_items)
+            return model.fit_log(items, times, num_items=num_items)
 
         makers[RecentPopularity.name] = recent
         users = run.spec.vocabulary(USER).transform(train.interactions[USER])

@@ -767,7 +767,8 @@ def recommend_command(
             "--session-ratings",
             help="The user's rating of each --session item, in the same order, "
             "comma-separated (e.g. --session-ratings 5,2,4; an empty entry: not "
-            "known): read by models trained with retrieval.sequence_ratings.",
+            "known): read by models trained with retrieval.sequence_ratings, "
+            "within the ratings they trained on (`twostage info` shows the range).",
         ),
     ] = None,
     session_times: Annotated[
@@ -929,6 +930,16 @@ def recommend_command(
             "retrieval.sequence_ratings); leave --session-ratings out.",
             param_hint="--session-ratings",
         )
+    entries = _session_entries(session, session_ratings, session_times)
+    scale = rec.run.tensors.rating_range.tolist()
+    for number, entry in enumerate(entries or [], 1):
+        rating = entry.get("rating") if isinstance(entry, dict) else None
+        if scale and rating is not None and not scale[0] <= rating <= scale[1]:
+            raise typer.BadParameter(
+                f"entry {number} ({rating:g}) lies outside the ratings this model "
+                f"trained on, {scale[0]:g} to {scale[1]:g}.",
+                param_hint="--session-ratings",
+            )
     asked = _session(candidates, "--candidates")
     if new_items is not None:
         asked = [*(asked or []), *_new_item_rows(new_items)]
@@ -939,7 +950,7 @@ def recommend_command(
             user_features=_key_values(feature, "--feature") or None,
             exclude_seen=not include_seen,
             context=_key_values(context, "--context") or None,
-            session=_session_entries(session, session_ratings, session_times),
+            session=entries,
             candidates=asked,
             use_ranker=not no_ranker,
             explain=explain,

@@ -210,6 +210,8 @@ def bundle_info(path: Path) -> dict[str, Any]:
                 )
                 if on
             ],
+            # the lowest and highest training rating a session's must lie between
+            "rating_range": run.tensors.rating_range.tolist() or None,
             "epochs": len(history),
             "best_epoch": best_epoch(run.train_result.history),
             # the members and their weights as configured; None: one model
@@ -324,12 +326,18 @@ def _print_bundle(info: dict[str, Any]) -> None:
             Text(", ".join(f"{f['column']} ({f['kind']})" for f in fields) or "-"),
         )
     r = info["retrieval"]
+    reads = [
+        f"ratings {r['rating_range'][0]:g} to {r['rating_range'][1]:g}"
+        if what == "ratings" and r["rating_range"]
+        else what
+        for what in r["history_reads"]
+    ]
     table.add_row(
         "retrieval",
         f"{r['query_encoder']} query encoder, embeddings {r['embedding_dim']} -> "
         f"{r['output_dim']}, history {r['history_length']}"
-        + "".join(f" with {what}" for what in r["history_reads"][:1])
-        + "".join(f" and {what}" for what in r["history_reads"][1:])
+        + "".join(f" with {what}" for what in reads[:1])
+        + "".join(f" and {what}" for what in reads[1:])
         + f"; {r['epochs']} "
         f"epoch{'s' if r['epochs'] != 1 else ''}"
         + (f", best {r['best_epoch']}" if r["best_epoch"] else ""),

@@ -214,7 +214,11 @@ def _known_items(
 
 
 def session_indices(
-    session: Sequence[Any] | None, item_vocab: Vocabulary, *, history_length: int
+    session: Sequence[Any] | None,
+    item_vocab: Vocabulary,
+    *,
+    history_length: int,
+    rating_range: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``([S], [S], [S])`` item indices of a request's session, oldest first, their
     times (int64 seconds; :data:`~twostage.models.fields.UNKNOWN_TIME` where an entry
@@ -227,6 +231,9 @@ def session_indices(
             first; ``timestamp`` and ``rating`` optional.
         item_vocab: the model's item vocabulary.
         history_length: how many recent items the model reads (0: none).
+        rating_range: the lowest and highest rating the model trained on, where
+            it reads ratings: a rating outside it is an error, since the model
+            has no bucket for it (one between two levels takes the nearer).
 
     Raises:
         ConfigError: the model reads no history, or the session is malformed.
@@ -286,6 +293,21 @@ def session_indices(
             "each `session` rating should be a finite number (or left out). "
             f"Received: {named}."
         )
+    if rating_range is not None:
+        low, high = rating_range
+        outside = [
+            (n, r)
+            for n, r in enumerate(ratings)
+            if r is not None and not low <= r <= high
+        ]
+        if outside:
+            named = ", ".join(f"session[{n}].rating = {r!r}" for n, r in outside[:3])
+            raise ConfigError(
+                f"each `session` rating should lie within the ratings this model "
+                f"trained on, {low:g} to {high:g}. Received: {named}"
+                + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+                + "."
+            )
     if all(numeric):
         order = sorted(range(len(entries)), key=lambda n: float(times[n]))  # type: ignore[arg-type]
         entries = [entries[n] for n in order]

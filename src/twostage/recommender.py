@@ -726,10 +726,12 @@ class Recommender:
         if num_candidates is None:
             num_candidates = self.num_candidates
         num_candidates = _check_k("num_candidates", num_candidates)
+        bounds = self.run.tensors.rating_range.tolist()
         read = session_indices(
             session,
             self.item_vocab,
             history_length=int(self.run.tensors.history.shape[1]),
+            rating_range=(bounds[0], bounds[1]) if bounds else None,
         )
         if (
             read is not None

@@ -627,6 +627,7 @@ def test_reading_the_ratings_learns_what_the_items_alone_cannot(
     again = load_run(tmp_path / "run")
     assert torch.equal(again.tensors.history_ratings, tensors.history_ratings)
     assert torch.equal(again.tensors.rating_edges, tensors.rating_edges)
+    assert again.tensors.rating_range.tolist() == [1.0, 5.0]
     features = {k: v[:5] for k, v in tensors.user_features.items()}
     features.update(tensors.history_features(slice(0, 5)))
     assert HISTORY_RATINGS in features
@@ -662,23 +663,49 @@ def test_reading_the_ratings_learns_what_the_items_alone_cannot(
         # the page learns from the metadata that a session's ratings are read
         metadata = client.get("/v1/models/walks/metadata").json()
         assert metadata["reads_session_ratings"] is True
+        assert metadata["session_rating_range"] == [1.0, 5.0]
         body = {"session": [{"item_id": item, "rating": 1}], "k": 1}
         served = client.post("/v1/recommend", json=body).json()
         assert served["items"] == disliked.to_dict()["items"]
         for bad, status in [
             ({"session": [{"item_id": item, "rating": "good"}]}, 422),
             ({"session": [{"item_id": item, "rating": True}]}, 422),
+            ({"session": [{"item_id": item, "rating": 10}]}, 400),
         ]:
             response = client.post("/v1/recommend", json=bad)
             assert response.status_code == status, (bad, response.text)
+        # A rating off the training scale (a 10-point client) has no bucket: it
+        # was read as the top level, and is now refused, naming the scale.
+        assert response.json()["error"] == (
+            "each `session` rating should lie within the ratings this model "
+            "trained on, 1 to 5. Received: session[0].rating = 10."
+        )
     for rating in (float("nan"), float("inf"), "5", True):
         with pytest.raises(ConfigError, match="rating should be a finite number"):
             recommender.recommend(
                 None, 1, session=[{"item_id": item, "rating": rating}]
             )
+    with pytest.raises(ConfigError, match=r"1 to 5. Received: session\[1\].rating = 0"):
+        recommender.recommend(None, 1, session=[item, {"item_id": item, "rating": 0}])
+    # between two levels: the nearer one's bucket (4.6 reads as 5, 2.6 as 2)
+    for between, level in ((4.6, 5), (2.6, 2)):
+        assert (
+            recommender.recommend(
+                None, 3, session=[{"item_id": item, "rating": between}]
+            ).items
+            == recommender.recommend(
+                None, 3, session=[{"item_id": item, "rating": level}]
+            ).items
+        )
     # `twostage info` says what the history reads
     recommender.save(tmp_path / "bundle")
-    assert bundle_info(tmp_path / "bundle")["retrieval"]["history_reads"] == ["ratings"]
+    info = bundle_info(tmp_path / "bundle")["retrieval"]
+    assert info["history_reads"] == ["ratings"]
+    assert info["rating_range"] == [1.0, 5.0]
+    shown = CliRunner().invoke(app, ["info", str(tmp_path / "bundle")])
+    assert "history 12 with ratings 1 to 5;" in " ".join(
+        shown.output.replace("│", " ").split()
+    ), shown.output
     # and the CLI takes a session's ratings beside its items
     for rating, successor in (("5", up), ("1", down)):
         result = CliRunner().invoke(
@@ -699,6 +726,19 @@ def test_reading_the_ratings_learns_what_the_items_alone_cannot(
     )
     said = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and "one rating per --session item (2)" in said
+    result = CliRunner().invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "bundle"), "--session", f"{item},{up[item]}"),
+            *("--session-ratings", "5,10"),
+        ],
+    )
+    said = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, said
+    assert (
+        "--session-ratings: entry 2 (10) lies outside the ratings this model "
+        "trained on, 1 to 5." in said
+    )
 
 
 def test_sequence_ratings_name_what_they_need(tmp_path: Path) -> None:

@@ -140,6 +140,7 @@ def test_streamed_training_equals_the_in_memory_path(
         "history_ratings",
         "sequence_ratings",
         "rating_edges",
+        "rating_range",
     ):
         mine_s, theirs_s = (
             getattr(streamed.tensors, name),

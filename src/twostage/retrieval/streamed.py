@@ -321,7 +321,7 @@ def streamed_tensors(
         history_times = window_times = empty
     if config.retrieval.sequence_ratings and not rated:
         raise ConfigError(no_rating_column(str(path)))
-    history_ratings, window_ratings, edges = rating_tables(
+    history_ratings, window_ratings, edges, rating_range = rating_tables(
         times,
         users,
         ratings.astype(np.float64) if config.retrieval.sequence_ratings else None,
@@ -350,6 +350,7 @@ def streamed_tensors(
         history_ratings=history_ratings,
         sequence_ratings=window_ratings,
         rating_edges=edges,
+        rating_range=rating_range,
         neighbour_history=neighbour_table(
             times, users, items, num_users=num_users, config=config.retrieval
         ),

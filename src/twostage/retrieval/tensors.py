@@ -107,6 +107,12 @@ class RetrievalTensors:
     rating_edges: Tensor = dataclasses.field(
         default_factory=lambda: torch.zeros(0, dtype=torch.float64)
     )
+    #: ``[2]`` the lowest and highest training rating, the range a session's
+    #: ratings must lie in; empty without ``retrieval.sequence_ratings`` (and in
+    #: bundles saved before it was kept).
+    rating_range: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.float64)
+    )
     #: ``[U, M]`` each user's latest ``retrieval.session_knn_length`` items, most
     #: recent last (0 = padding), what the session-kNN term finds neighbours in;
     #: ``[0, 0]`` without that term (weight 0, or 0 picked on validation).
@@ -236,6 +242,8 @@ def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
     if tensors.history_ratings.numel():
         flat["history_ratings"] = tensors.history_ratings
         flat["rating_edges"] = tensors.rating_edges
+        if tensors.rating_range.numel():
+            flat["rating_range"] = tensors.rating_range
     if tensors.neighbour_history.numel():
         flat["neighbour_history"] = tensors.neighbour_history
     flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
@@ -259,6 +267,7 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
             "history_ratings", torch.zeros(0, 0, dtype=torch.long)
         ),
         rating_edges=flat.get("rating_edges", torch.zeros(0, dtype=torch.float64)),
+        rating_range=flat.get("rating_range", torch.zeros(0, dtype=torch.float64)),
         neighbour_history=flat.get(
             "neighbour_history", torch.zeros(0, 0, dtype=torch.long)
         ),
@@ -536,7 +545,7 @@ def build_tensors(
     )
     if not config.sequence_time_gaps:
         history_times = sequence_times = torch.zeros(0, 0, dtype=torch.long)
-    history_ratings, sequence_ratings, edges = rating_tables(
+    history_ratings, sequence_ratings, edges, rating_range = rating_tables(
         inter[TIME].to_numpy(),
         users,
         rating_values(inter) if config.sequence_ratings else None,
@@ -577,6 +586,7 @@ def build_tensors(
         history_ratings=history_ratings,
         sequence_ratings=sequence_ratings,
         rating_edges=edges,
+        rating_range=rating_range,
         neighbour_history=neighbour_table(
             inter[TIME].to_numpy(),
             users,
@@ -723,13 +733,17 @@ def rating_tables(
     *,
     num_users: int,
     config: RetrievalConfig,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(:attr:`~RetrievalTensors.history_ratings`, ``sequence_ratings``,
-    ``rating_edges``) of the training rows (``ratings``: their values, NaN where
-    none; None: the model reads no ratings, and all three are empty)."""
+    ``rating_edges``, ``rating_range``) of the training rows (``ratings``: their
+    values, NaN where none; None: the model reads no ratings, and all four are
+    empty)."""
     empty = torch.zeros(0, 0, dtype=torch.long)
+    none = torch.zeros(0, dtype=torch.float64)
     if ratings is None:
-        return empty, empty, torch.zeros(0, dtype=torch.float64)
+        return empty, empty, none, none
+    known = ratings[~np.isnan(ratings)]
+    bounds = torch.tensor([known.min(), known.max()]) if len(known) else none
     edges = rating_edges(ratings)
     buckets = rating_buckets(ratings, edges)
     # The items' time order: the buckets in the items' place.
@@ -738,7 +752,7 @@ def rating_tables(
     windows = empty
     if config.examples == "sequences":
         windows = sequence_windows(times, user_idx, buckets, length=length)[0]
-    return history[0], windows, torch.from_numpy(edges)
+    return history[0], windows, torch.from_numpy(edges), bounds.double()
 
 
 def rating_values(inter: pl.DataFrame) -> np.ndarray:

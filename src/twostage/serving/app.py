@@ -542,6 +542,9 @@ def _metadata(model: LoadedModel) -> dict[str, Any]:
         "history_length": int(rec.run.tensors.history.shape[1]),
         # whether a session entry's `rating` is read (`retrieval.sequence_ratings`)
         "reads_session_ratings": rec.run.tensors.reads_ratings,
+        # the lowest and highest training rating, where they are read: a
+        # session's ratings must lie in it (null: not read, or not kept)
+        "session_rating_range": rec.run.tensors.rating_range.tolist() or None,
         # whether the gaps between a session's `timestamp`s are read
         # (`retrieval.sequence_time_gaps`; any model orders the entries by them)
         "reads_session_times": bool(rec.run.tensors.history_times.numel()),

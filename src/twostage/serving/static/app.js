@@ -250,6 +250,9 @@ async function loadModel() {
   $("filter").disabled = !metadata.tags_column;
   $("session").disabled = metadata.history_length === 0;  // nothing would read it
   $("ratings-box").hidden = !metadata.reads_session_ratings;
+  const range = metadata.session_rating_range, rated = $("ratings");
+  rated.dataset.title ??= rated.title;  // the page's own, before any model's range
+  rated.title = rated.dataset.title + (range ? ` From ${range[0]} to ${range[1]}.` : "");
   $("times-box").hidden = !metadata.reads_session_times;
   $("users").replaceChildren(...metadata.sample_users.map((id) => {
     const option = document.createElement("option");

@@ -82,3 +82,43 @@ def test_env_reports_the_machine_and_packages() -> None:
     assert env["torch_threads"] == torch.get_num_threads()
     table = runner.invoke(app, ["env"])
     assert "data cache" in table.output and "torch" in table.output
+
+
+def test_a_run_fitted_on_a_dataset_given_in_python_says_so(tmp_path: Path) -> None:
+    """`fit_retrieval(config, dataset=...)` (and `fit_two_stage`) kept the config's
+    `data.dataset`, the default MovieLens-100k, whatever data it was handed, so a
+    model trained on a log of one's own said "movielens-100k" in `twostage info`."""
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.data.dataset import Dataset
+    from twostage.data.registry import FIT_TABLES, load_dataset, recorded_dataset
+    from twostage.data.synthetic import generate
+    from twostage.retrieval.fit import fit_retrieval
+
+    log = tmp_path / "logs" / "mine.csv"
+    log.parent.mkdir()
+    generate(num_users=40, num_items=30, num_interactions=600).interactions.write_csv(
+        log
+    )
+    mine = load_dataset(str(log))
+    settings = ["train.epochs=1", "retrieval.embedding_dim=8", "retrieval.output_dim=8"]
+    config = apply_overrides(ExperimentConfig(), settings)
+    run, _ = fit_retrieval(config, dataset=mine, evaluate_test=False)
+    assert run.config.data.dataset == FIT_TABLES
+    run.save(tmp_path / "run")
+    shown = runner.invoke(app, ["info", str(tmp_path / "run")])
+    said = " ".join(re.sub("[│┌┐└┘├┤┬┴┼─]", " ", shown.output).split())
+    assert "data tables given in Python (not recorded with the model)" in said, said
+    # The config naming that log records it, as the CLI's runs do.
+    named = apply_overrides(config, [f"data.dataset={log}"])
+    run, _ = fit_retrieval(named, dataset=mine, evaluate_test=False)
+    assert run.config.data.dataset == str(log)
+    # A log read from inside a directory the config names (MIND's behaviors.tsv,
+    # MovieLens's files), and a built-in dataset by its name.
+    inside = Dataset("mine", mine.interactions, source=str(log))
+    assert recorded_dataset(inside, f"mind:{log.parent}") == f"mind:{log.parent}"
+    assert recorded_dataset(inside, str(tmp_path / "elsewhere")) == FIT_TABLES
+    ml = Dataset("movielens-100k", mine.interactions)
+    assert recorded_dataset(ml, "movielens-100k") == "movielens-100k"
+    assert recorded_dataset(ml, "ml-100k") == "ml-100k"
+    assert recorded_dataset(ml, "movielens-1m") == FIT_TABLES
+    assert recorded_dataset(mine, "movielens-100k") == FIT_TABLES

@@ -361,7 +361,7 @@ def test_a_model_fitted_on_tables_is_not_evaluated_on_another_dataset(
     runner = CliRunner()
     refused = runner.invoke(app, ["evaluate", str(bundle)])
     assert refused.exit_code != 0
-    assert "fitted by TwoStageModel.fit on tables given in Python" in str(
+    assert "fitted on tables given in Python (TwoStageModel.fit" in str(
         refused.exception
     )
     rows = tmp_path / "test.csv"  # as the training rows came (the bundle says so)

@@ -300,8 +300,10 @@ def _print_bundle(info: dict[str, Any]) -> None:
         table.add_row("versions", ", ".join(map(str, versions)))
     from twostage.data.registry import FIT_TABLES
 
-    split = "" if info["dataset"] == FIT_TABLES else f" ({info['split']} split)"
-    table.add_row("data", Text(f"{info['dataset']}{split}"))
+    data = f"{info['dataset']} ({info['split']} split)"
+    if info["dataset"] == FIT_TABLES:
+        data = "tables given in Python (not recorded with the model)"
+    table.add_row("data", Text(data))
     if info["reading"]:
         table.add_row(
             "read with",

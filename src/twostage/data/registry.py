@@ -22,6 +22,7 @@ __all__ = [
     "load_dataset_for",
     "load_mapped",
     "read_side_tables",
+    "recorded_dataset",
     "reading_settings",
     "table_keys",
     "with_min_counts",
@@ -39,10 +40,38 @@ BUILTIN_DATASETS = (
 )
 
 
-#: ``data.dataset`` of a run fitted by ``TwoStageModel.fit`` on tables given in
-#: Python: no name or path reads them again, so evaluation and reports must not
-#: rebuild a split from the default dataset (they did: MovieLens-100k).
+#: ``data.dataset`` of a run fitted on tables given in Python (``TwoStageModel.fit``,
+#: or a dataset handed to ``fit_two_stage`` / ``fit_retrieval`` that its
+#: ``data.dataset`` does not read: :func:`recorded_dataset`): no name or path reads
+#: them again, so evaluation and reports must not rebuild a split from the default
+#: dataset (they did: MovieLens-100k). The text is kept as saved runs have it.
 FIT_TABLES = "<tables given to TwoStageModel.fit>"
+
+#: The ``LAYOUT:PATH`` prefixes of ``data.dataset``.
+_LAYOUTS = ("book-crossing", "netflix", "recbole", "mind")
+
+
+def recorded_dataset(given: Dataset, spec: str) -> str:
+    """What a run fitted on ``given`` (a dataset handed over in Python) records as
+    ``data.dataset``: ``spec`` where ``given`` is what ``spec`` reads (the
+    built-in dataset of that name, or a log read from the file at that path or
+    from inside that directory), else :data:`FIT_TABLES`, so that no command
+    later reads ``spec`` as the data the run trained on (a saved run said
+    MovieLens-100k, the default, whatever it was fitted on)."""
+    lowered = spec.lower()
+    if spec == FIT_TABLES or lowered.startswith("synthetic"):
+        return spec  # synthetic data is generated again from its spec
+    if lowered.startswith(("movielens-", "ml-")):
+        variant = lowered.split("-", 1)[1]
+        return spec if given.name == f"movielens-{variant}" else FIT_TABLES
+    layout, colon, rest = spec.partition(":")
+    where = Path(rest if colon and layout.lower() in _LAYOUTS else spec).expanduser()
+    source = Path(given.source).expanduser()
+    if given.source and where.exists() and source.exists():
+        where, source = where.resolve(), source.resolve()
+        if source == where or (where.is_dir() and source.is_relative_to(where)):
+            return spec
+    return FIT_TABLES
 
 
 def anchored(spec: str) -> str:
@@ -56,7 +85,7 @@ def anchored(spec: str) -> str:
     if lowered.startswith(("movielens-", "ml-", "synthetic")):  # as load_dataset
         return spec
     prefix = ""
-    if lowered.startswith(("book-crossing:", "netflix:", "recbole:", "mind:")):
+    if lowered.startswith(tuple(f"{layout}:" for layout in _LAYOUTS)):
         prefix, _, spec = spec.partition(":")
         prefix += ":"
     path = Path(spec).expanduser()
@@ -98,8 +127,10 @@ def load_dataset(spec: str, **options: Any) -> Dataset:
     """
     if spec == FIT_TABLES:
         raise DataError(
-            "this run was fitted by TwoStageModel.fit on tables given in Python, "
-            "which are not recorded with it, so its data cannot be read again. "
+            "this run was fitted on tables given in Python (TwoStageModel.fit, or "
+            "a dataset handed to fit_two_stage or fit_retrieval that its "
+            "data.dataset does not read), which are not recorded with it, so its "
+            "data cannot be read again. "
             "Measure it on rows you give: `twostage evaluate BUNDLE --test FILE`, or "
             "TwoStageModel.evaluate(table)."
         )

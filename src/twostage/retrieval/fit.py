@@ -26,7 +26,7 @@ from twostage.config import (
     to_dict,
 )
 from twostage.data.dataset import ITEM, TIME, USER, Dataset
-from twostage.data.registry import load_dataset_for
+from twostage.data.registry import load_dataset_for, recorded_dataset
 from twostage.data.split import ExperimentSplit, prepare_split
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError
@@ -121,6 +121,11 @@ def fit_retrieval(
         allow_config_change: resume even though the config differs from the
             checkpoint's (beyond epochs, threads and device).
     """
+    given = split.fit if split is not None else dataset
+    if given is not None:  # data handed over in Python: recorded only if re-readable
+        recorded = recorded_dataset(given, config.data.dataset)
+        data = dataclasses.replace(config.data, dataset=recorded)
+        config = dataclasses.replace(config, data=data)
     _set_threads(config)
     if out_dir is not None:
         refuse_foreign_target(out_dir)  # before training, not at the save

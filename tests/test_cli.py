@@ -1031,7 +1031,10 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
         (["--all-users", "--out", str(out)], "already exists"),
         (["--all-users", "--out", str(tmp_path / "r.json")], "should end in .parquet"),
         (["--users", str(listed), "--user", "3", "--out", str(csv)], "--user shapes"),
-        (["--out", str(tmp_path / "x.csv")], "give --users FILE or --all-users"),
+        (
+            ["--out", str(tmp_path / "x.csv")],
+            "give --users FILE, --all-users or --sessions FILE",
+        ),
         (["--all-users"], "give --out"),
     ]:
         refused = runner.invoke(app, ["recommend", str(model), *options])

@@ -30,6 +30,7 @@ from twostage.cli_batch import (
     check_batch_options,
     parse_id,
     read_ids,
+    read_sessions,
     write_in_chunks,
 )
 from twostage.cli_data import (
@@ -819,13 +820,25 @@ def recommend_command(
             help="Recommend for every user the model knows, into --out.",
         ),
     ] = False,
+    sessions_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--sessions",
+            rich_help_panel=BATCH,
+            help="A CSV, JSON lines or Parquet file with a row per session item: "
+            "session_id and item_id columns, and optionally timestamp, rating and "
+            "user_id: recommend for each session (as --session does for one) into "
+            "--out, a row per session and rank; the rows the model cannot read "
+            "(an unknown item, say) are counted and reported with their reasons.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
             rich_help_panel=BATCH,
             help="With --users or --all-users: the .parquet or .csv file to write "
             "(user_id, rank, item_id, score, retrieval_score, path; with --explain "
-            "because_item_id).",
+            "because_item_id); with --sessions, session_id in place of user_id.",
         ),
     ] = None,
     filters: Annotated[
@@ -857,28 +870,63 @@ def recommend_command(
     json_output: JsonOutput = False,
 ) -> None:
     """Recommend items for a user or a session, printed with titles next to their
-    history; or for many users into a file (--users, --all-users)."""
+    history; or for many users or sessions into a file (--users, --all-users,
+    --sessions)."""
     many = users_file is not None or all_users
-    if many or out is not None:
+    single = {
+        "--user": user,
+        "--feature": feature,
+        "--session": session,
+        "--session-ratings": session_ratings,
+        "--session-times": session_times,
+        "--candidates": candidates,
+        "--new-items": new_items,
+        "--require-known-user": require_known_user or None,
+    }
+    if sessions_file is not None:
+        if many:
+            raise typer.BadParameter(
+                "give --sessions FILE or --users FILE / --all-users, not both.",
+                param_hint="--sessions",
+            )
+        # A session's list reads no request context, and explains nothing.
+        single.update({"--context": context, "--explain": explain or None})
+        check_batch_options(
+            sessions_file,
+            False,
+            out,
+            overwrite,
+            single,
+            noun="session",
+            has_every=False,
+        )
+    elif many or out is not None:
         check_batch_options(
             users_file,
             all_users,
             out,
             overwrite,
-            {
-                "--user": user,
-                "--feature": feature,
-                "--session": session,
-                "--session-ratings": session_ratings,
-                "--session-times": session_times,
-                "--candidates": candidates,
-                "--new-items": new_items,
-                "--require-known-user": require_known_user or None,
-            },
+            single,
             noun="user",
+            also="--sessions",
         )
     rec = _open_bundle(bundle)
     chosen = _checked_filters(rec, filters)
+    if sessions_file is not None:
+        summary = _recommend_sessions_into(
+            rec,
+            read_sessions(sessions_file),
+            typing.cast(Path, out),  # check_batch_options refused None
+            k=k,
+            exclude_seen=not include_seen,
+            use_ranker=not no_ranker,
+            filters=chosen,
+        )
+        if json_output:
+            print_json(summary)
+            return
+        _print_batch_summary(summary, k, chosen, "session")
+        return
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
         ids = (
@@ -900,18 +948,7 @@ def recommend_command(
         if json_output:
             print_json(summary)
             return
-        paths = ", ".join(f"{n:,} {p}" for p, n in summary["paths"].items()) or "none"
-        console.print(
-            f"{summary['rows']:,} rows for {summary['users']:,} "
-            f"user{'s' if summary['users'] != 1 else ''} ({paths}) -> "
-            f"{escape(str(out))}"
-        )
-        if summary["short_lists"]:
-            pool = "the items that pass --filter" if chosen else "the catalogue"
-            status_console.print(
-                f"[yellow]{summary['short_lists']:,} users have fewer than {k} items "
-                f"({pool} less what they have seen).[/yellow]"
-            )
+        _print_batch_summary(summary, k, chosen, "user")
         return
     user_id = parse_id(user) if user is not None else None
     known = user_id is not None and bool(rec.user_vocab.lookup(user_id))
@@ -1075,6 +1112,120 @@ def _recommend_into(
         "k": k,
         "paths": paths,
         "short_lists": short,
+    }
+
+
+def _print_batch_summary(
+    summary: dict[str, Any], k: int, filters: dict[str, Any] | None, noun: str
+) -> None:
+    """What ``recommend --users`` / ``--sessions`` wrote: the rows, the paths the
+    lists took, the lists shorter than ``k`` and (sessions) the rows not read."""
+    paths = ", ".join(f"{n:,} {p}" for p, n in summary["paths"].items()) or "none"
+    count = summary[f"{noun}s"]
+    console.print(
+        f"{summary['rows']:,} rows for {count:,} {noun}{'s' if count != 1 else ''} "
+        f"({paths}) -> {escape(summary['out'])}"
+    )
+    if summary["short_lists"]:
+        pool = "the items that pass --filter" if filters else "the catalogue"
+        status_console.print(
+            f"[yellow]{summary['short_lists']:,} {noun}s have fewer than {k} items "
+            f"({pool} less what they have seen).[/yellow]"
+        )
+    if summary.get("unread_rows"):
+        reasons = "; ".join(f"{r}: {n:,}" for r, n in summary["unread_reasons"].items())
+        first = "; ".join(
+            f"data row {u['row']} ({u['session_id']!r}, item {u['item_id']!r}): "
+            f"{u['reason']}"
+            for u in summary["unread"][:5]
+        )
+        status_console.print(
+            f"[yellow]{summary['unread_rows']:,} rows of --sessions were not read "
+            f"({escape(reasons)}); the first: {escape(first)}. --json lists the "
+            f"first {len(summary['unread'])}.[/yellow]"
+        )
+
+
+def _recommend_sessions_into(
+    rec: Any,
+    table: pl.DataFrame,
+    out: Path,
+    *,
+    k: int,
+    exclude_seen: bool,
+    use_ranker: bool,
+    filters: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Every session's list into ``out``, 2,048 sessions at a time, with the
+    counts the command reports, the rows not read among them (their first 100
+    listed, each with its row of the file)."""
+    from twostage.session_batch import SESSION, recommend_sessions
+
+    if SESSION not in table.columns:  # named before anything is answered
+        raise typer.BadParameter(
+            f"the file has no {SESSION} column (its columns: {table.columns}); "
+            "give it a header row naming session_id and item_id.",
+            param_hint="--sessions",
+        )
+    numbered = table.with_row_index("_row", offset=1)
+    order = numbered[SESSION].drop_nulls().unique(maintain_order=True).to_list()
+    unread = [
+        {"row": row, "session_id": None, "item_id": item, "reason": f"no {SESSION}"}
+        for row, item in numbered.filter(pl.col(SESSION).is_null())
+        .select("_row", "item_id" if "item_id" in table.columns else SESSION)
+        .iter_rows()
+    ]
+    short, paths = 0, dict[str, int]()
+
+    def answer(part: list[Any]) -> pl.DataFrame:
+        rows = numbered.filter(pl.col(SESSION).is_in(part))
+        try:
+            found = recommend_sessions(
+                rec,
+                rows.drop("_row"),
+                k,
+                exclude_seen=exclude_seen,
+                use_ranker=use_ranker,
+                filters=filters,
+            )
+        except ConfigError as e:
+            raise typer.BadParameter(str(e), param_hint="--sessions") from e
+        numbers = rows["_row"].to_list()  # the file's row of each chunk row
+        unread.extend(
+            {**u, "row": numbers[u["row"] - 1]} for u in found.unread.to_dicts()
+        )
+        return found.lists
+
+    def tally(part: list[Any], lists: pl.DataFrame) -> None:
+        nonlocal short
+        short += len(part) - int((lists["rank"] == k).sum())
+        firsts = lists.filter(pl.col("rank") == 1)["path"].value_counts(sort=True)
+        for path, n in firsts.iter_rows():
+            paths[path] = paths.get(path, 0) + n
+
+    rows = write_in_chunks(
+        out,
+        order,
+        answer,
+        key=SESSION,
+        noun="sessions",
+        chunk=2048,
+        on_chunk=tally,
+    )
+    unread.sort(key=lambda u: u["row"])
+    reasons: dict[str, int] = {}
+    for u in unread:
+        reasons[u["reason"]] = reasons.get(u["reason"], 0) + 1
+    return {
+        "out": str(out),
+        "sessions": len(order),
+        "rows": rows,
+        "k": k,
+        "paths": paths,
+        "short_lists": short,
+        "unread_rows": len(unread),
+        "unread_reasons": reasons,
+        "unread": unread[:100],
     }
 
 

@@ -1,6 +1,7 @@
-"""Lists for many users or items into one file: what ``twostage recommend --users``
-/ ``--all-users`` and ``twostage similar --items`` / ``--all-items`` share (the
-options' checks, reading a file of IDs, writing a chunk of answers at a time)."""
+"""Lists for many users, sessions or items into one file: what ``twostage recommend
+--users`` / ``--all-users`` / ``--sessions`` and ``twostage similar --items`` /
+``--all-items`` share (the options' checks, reading a file of IDs or of session
+rows, writing a chunk of answers at a time)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ __all__ = [
     "check_batch_options",
     "parse_id",
     "read_ids",
+    "read_sessions",
     "write_in_chunks",
 ]
 
-#: The options of lists for many users or items, grouped under this heading in --help.
-BATCH = "Many users or items into a file"
+#: The options of lists for many users, sessions or items, grouped under this
+#: heading in --help.
+BATCH = "Many users, sessions or items into a file"
 
 Overwrite = Annotated[
     bool,
@@ -53,34 +56,42 @@ def check_batch_options(
     single: dict[str, Any],
     *,
     noun: str,
+    has_every: bool = True,
+    also: str = "",
 ) -> None:
     """``--{noun}s FILE`` / ``--all-{noun}s`` go with ``--out`` and without the
     options of one request (``single``: flag -> value), checked before the bundle
-    loads."""
-    flag, every_flag = f"--{noun}s", f"--all-{noun}s"
+    loads. ``has_every``: whether ``--all-{noun}s`` exists; ``also``: another
+    batch flag the command has, named where ``--out`` comes alone."""
+    flag = f"--{noun}s"
+    every_flag = f"--all-{noun}s" if has_every else ""
+    either = f"{flag} or {every_flag}" if has_every else flag
     if ids_file is not None and every:
         raise typer.BadParameter(
             f"give {flag} FILE or {every_flag}, not both.", param_hint=flag
         )
     if ids_file is None and not every:
+        ways = [f"{flag} FILE", every_flag, f"{also} FILE" if also else ""]
+        ways = [way for way in ways if way]
         raise typer.BadParameter(
-            f"--out writes the lists of many {noun}s: give {flag} FILE or "
-            f"{every_flag} (one {noun}'s list is printed, or given as JSON with "
-            "--json).",
+            f"--out writes the lists of many {noun}s: give "
+            + (f"{', '.join(ways[:-1])} or {ways[-1]}" if len(ways) > 1 else ways[0])
+            + f" (one {noun}'s list is printed, or given as JSON with --json).",
             param_hint="--out",
         )
     given = [name for name, value in single.items() if value is not None]
     if given:
         raise typer.BadParameter(
             f"{', '.join(given)} {'shape' if len(given) > 1 else 'shapes'} one "
-            f"request; with {flag} or {every_flag} every {noun} is answered on its "
+            f"request; with {either} every {noun} is answered on its "
             f"own. Drop {'them' if len(given) > 1 else 'it'}.",
             param_hint=flag if ids_file is not None else every_flag,
         )
     if out is None:
         raise typer.BadParameter(
-            f"{flag} and {every_flag} write a file: give --out lists.parquet (or "
-            ".csv).",
+            f"{either.replace(' or ', ' and ')} "
+            f"{'write' if has_every else 'writes'} a file: give --out lists.parquet "
+            "(or .csv).",
             param_hint="--out",
         )
     if out.suffix.lower() not in (".parquet", ".csv"):
@@ -114,21 +125,18 @@ def _refuse_deep_json(text: str, path: Path, flag: str) -> None:
         )
 
 
-def read_ids(path: Path, column: str, flag: str) -> list[Any]:
-    """The ``column`` of a CSV, JSON lines or Parquet file, in its order (repeats
-    kept). CSV IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its
-    zeros; JSON and Parquet IDs keep their types."""
+def _read_table(path: Path, flag: str) -> pl.DataFrame:
+    """A CSV (every column as text), JSON lines or Parquet file as a frame."""
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
-            frame = pl.read_parquet(path)
-        elif suffix in (".jsonl", ".ndjson", ".json"):
+            return pl.read_parquet(path)
+        if suffix in (".jsonl", ".ndjson", ".json"):
             text = path.read_text(encoding="utf-8-sig").lstrip()
             _refuse_deep_json(text, path, flag)
             array = suffix == ".json" and text.startswith("[")
-            frame = pl.read_json(path) if array else pl.read_ndjson(path)
-        else:
-            frame = pl.read_csv(path, infer_schema=False)
+            return pl.read_json(path) if array else pl.read_ndjson(path)
+        return pl.read_csv(path, infer_schema=False)
     except (
         pl.exceptions.PolarsError,
         pl.exceptions.PanicException,  # a BaseException: a damaged file, say
@@ -139,6 +147,58 @@ def read_ids(path: Path, column: str, flag: str) -> list[Any]:
             f"cannot read {str(path)!r} as CSV, JSON lines or Parquet: {e}",
             param_hint=flag,
         ) from e
+
+
+def _typed_ids(values: pl.Series) -> pl.Series:
+    """Text IDs as :func:`parse_id` reads each: integers where every one is an
+    integer written plainly, else the text as typed (blank: null)."""
+    text = [v if v is not None and v.strip() else None for v in values.to_list()]
+    parsed = [parse_id(v) if v is not None else None for v in text]
+    if all(v is None or isinstance(v, int) for v in parsed):
+        return pl.Series(values.name, parsed, dtype=pl.Int64)
+    return pl.Series(values.name, text, dtype=pl.String)
+
+
+def read_sessions(path: Path, flag: str = "--sessions") -> pl.DataFrame:
+    """A file of session rows (``session_id``, ``item_id``; optionally
+    ``timestamp``, ``rating``, ``user_id``), typed for
+    :meth:`~twostage.recommender.Recommender.recommend_sessions`: CSV IDs as
+    :func:`parse_id` reads them, CSV times and ratings as numbers (a row with
+    text there is an error that names it); JSON and Parquet keep their types."""
+    frame = _read_table(path, flag)
+    if path.suffix.lower() not in (".parquet", ".pq", ".jsonl", ".ndjson", ".json"):
+        for column in ("session_id", "item_id", "user_id"):
+            if column in frame.columns:
+                frame = frame.with_columns(_typed_ids(frame[column]))
+        for column in ("timestamp", "rating"):
+            if column not in frame.columns:
+                continue
+            text = frame[column].str.strip_chars().replace("", None)
+            numbers = text.cast(pl.Float64, strict=False)
+            wrong = numbers.is_null() & text.is_not_null()
+            if wrong.any():
+                rows = (wrong.arg_true() + 1).head(5).to_list()
+                raise typer.BadParameter(
+                    f"{int(wrong.sum())} row(s) of {str(path)!r} have a {column} "
+                    f"that is not a number (data rows {rows}"
+                    f"{' ...' if wrong.sum() > 5 else ''}, e.g. "
+                    f"{text.filter(wrong)[0]!r}).",
+                    param_hint=flag,
+                )
+            whole = numbers.fill_null(0)
+            if column == "timestamp" and bool(
+                ((whole % 1 == 0) & (whole.abs() < 2**62)).all()
+            ):
+                numbers = numbers.cast(pl.Int64)  # seconds, as a log reads them
+            frame = frame.with_columns(numbers.alias(column))
+    return frame
+
+
+def read_ids(path: Path, column: str, flag: str) -> list[Any]:
+    """The ``column`` of a CSV, JSON lines or Parquet file, in its order (repeats
+    kept). CSV IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its
+    zeros; JSON and Parquet IDs keep their types."""
+    frame = _read_table(path, flag)
     if column not in frame.columns:
         raise typer.BadParameter(
             f"{str(path)!r} has no {column} column (its columns: {frame.columns}); "

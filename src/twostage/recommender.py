@@ -54,6 +54,9 @@ from twostage.ranking.rerank import rerank
 from twostage.retrieval.run import RetrievalRun
 from twostage.retrieval.tensors import context_keys, rating_buckets
 
+if typing.TYPE_CHECKING:
+    from twostage.session_batch import SessionLists
+
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
 
 logger = logging.getLogger(__name__)
@@ -1021,6 +1024,31 @@ class Recommender:
         """:meth:`recommend` for many users (a list, tuple or array of IDs)."""
         given = _id_list("user_ids", user_ids, "answers")
         return [self.recommend(user_id, k, **options) for user_id in given]
+
+    def recommend_sessions(
+        self,
+        sessions: pl.DataFrame,
+        k: int = 10,
+        *,
+        exclude_seen: bool = True,
+        use_ranker: bool = True,
+        filters: dict[str, Any] | None = None,
+    ) -> SessionLists:
+        """A list for every session of a table with a row per session item
+        (``session_id``, ``item_id``; optionally ``timestamp``, ``rating`` and
+        ``user_id``), as :meth:`recommend` answers one ``session`` each, and the
+        rows it could not read with their reasons
+        (:func:`twostage.session_batch.recommend_sessions`)."""
+        from twostage.session_batch import recommend_sessions
+
+        return recommend_sessions(
+            self,
+            sessions,
+            _check_k("k", k),  # named before any list, an empty table too
+            exclude_seen=_check_flag("exclude_seen", exclude_seen),
+            use_ranker=_check_flag("use_ranker", use_ranker),
+            filters=filters,
+        )
 
     def recommend_table(
         self,

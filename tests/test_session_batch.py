@@ -1,0 +1,317 @@
+"""Lists for many sessions at once (`Recommender.recommend_sessions`, `twostage
+recommend --sessions`): each session answered as `recommend(session=...)` answers
+it, and every row the model cannot read counted with its reason and row."""
+
+import json
+import re
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from twostage.cli import app
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.errors import ConfigError
+from twostage.recommender import Recommender
+from twostage.retrieval.fit import fit_retrieval
+
+RATED = [
+    "data.dataset=synthetic:num_users=60,num_items=40,num_interactions=900",
+    "data.split=leave-last-out",
+    "retrieval.query_encoder=transformer",
+    "retrieval.examples=sequences",
+    "retrieval.negatives=full",
+    "retrieval.sequence_ratings=true",
+    "retrieval.sequence_time_gaps=true",
+    "retrieval.history_length=8",
+    "retrieval.embedding_dim=8",
+    "retrieval.output_dim=8",
+    "retrieval.popularity_fallback=0",
+    "train.epochs=1",
+    "train.num_threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def rated() -> Recommender:
+    """A transformer that reads a session's times and ratings (1 to 5)."""
+    run, split = fit_retrieval(apply_overrides(ExperimentConfig(), RATED))
+    return Recommender(run, items=split.train.items)
+
+
+def _items(answer: object) -> list[int]:
+    return [item["item_id"] for item in answer.items]  # type: ignore[attr-defined]
+
+
+def test_each_session_gets_the_list_recommend_gives_it(rated: Recommender) -> None:
+    table = pl.DataFrame(
+        {
+            "session_id": ["b", "a", "b", "a", "c", "b"],
+            "item_id": [3, 5, 7, 9, 11, 2],
+            # session b's rows are read in time order: 2 (row 6) comes first
+            "timestamp": [200, 10, 300, 20, None, 100],
+            "rating": [4.0, 5.0, None, 1.0, 2.0, 3.0],
+        }
+    )
+    found = rated.recommend_sessions(table, 5)
+    assert found.unread.height == 0 and found.num_sessions == 3
+    assert found.lists["session_id"].unique(maintain_order=True).to_list() == [
+        "b",
+        "a",
+        "c",
+    ]
+    expected = {
+        "b": [
+            {"item_id": 3, "timestamp": 200, "rating": 4.0},
+            {"item_id": 7, "timestamp": 300},
+            {"item_id": 2, "timestamp": 100, "rating": 3.0},
+        ],
+        "a": [
+            {"item_id": 5, "timestamp": 10, "rating": 5.0},
+            {"item_id": 9, "timestamp": 20, "rating": 1.0},
+        ],
+        "c": [{"item_id": 11, "rating": 2.0}],
+    }
+    for session, entries in expected.items():
+        mine = found.lists.filter(pl.col("session_id") == session)
+        answer = rated.recommend(None, 5, session=entries)
+        assert mine["item_id"].to_list() == _items(answer), session
+        assert mine["rank"].to_list() == [1, 2, 3, 4, 5]
+        assert set(mine["path"]) == {"session"}
+        scores = [item["score"] for item in answer.items]
+        assert mine["score"].to_list() == pytest.approx(scores, rel=1e-6)
+    # A session of a known user follows that user's history.
+    user = rated.user_vocab.values[0]
+    mine = rated.recommend_sessions(
+        pl.DataFrame({"session_id": [1], "item_id": [5], "user_id": [user]}), 4
+    ).lists
+    known = rated.recommend(user, 4, session=[5])
+    assert mine["item_id"].to_list() == _items(known)
+    assert mine["path"].to_list() == ["personalised"] * 4
+
+
+def test_rows_the_model_cannot_read_are_counted_with_their_reasons(
+    rated: Recommender,
+) -> None:
+    table = pl.DataFrame(
+        {
+            "session_id": ["a", "a", None, "b", "b", "c", "c", "d"],
+            "item_id": [5, 99999, 7, 9, None, 11, 12, 99999],
+            "timestamp": [1.0, 2.0, 3.0, 4.0, 5.0, float("inf"), 7.0, 8.0],
+            "rating": [5.0, 4.0, 3.0, 10.0, 2.0, 2.0, float("nan"), 1.0],
+        }
+    )
+    found = rated.recommend_sessions(table, 3)
+    assert found.unread.to_dicts() == [
+        {
+            "row": 2,
+            "session_id": "a",
+            "item_id": 99999,
+            "reason": "item not known to the model",
+        },
+        {"row": 3, "session_id": None, "item_id": 7, "reason": "no session_id"},
+        {
+            "row": 4,
+            "session_id": "b",
+            "item_id": 9,
+            "reason": "rating outside the training ratings, 1 to 5",
+        },
+        {"row": 5, "session_id": "b", "item_id": None, "reason": "no item_id"},
+        {
+            "row": 6,
+            "session_id": "c",
+            "item_id": 11,
+            "reason": "timestamp is not a finite number of seconds",
+        },
+        {
+            "row": 7,
+            "session_id": "c",
+            "item_id": 12,
+            "reason": "rating is not a finite number",
+        },
+        {
+            "row": 8,
+            "session_id": "d",
+            "item_id": 99999,
+            "reason": "item not known to the model",
+        },
+    ]
+    lists = found.lists
+    # a: its readable row; b, c, d: no row read, answered as an empty session is
+    assert lists.filter(pl.col("session_id") == "a")["item_id"].to_list() == _items(
+        rated.recommend(
+            None, 3, session=[{"item_id": 5, "timestamp": 1, "rating": 5.0}]
+        )
+    )
+    for session in ("b", "c", "d"):
+        mine = lists.filter(pl.col("session_id") == session)
+        assert mine["path"].to_list() == ["popularity"] * 3
+        assert mine["item_id"].to_list() == _items(rated.recommend(None, 3))
+
+
+def test_an_item_added_after_training_is_seen_and_reported(
+    small_recommender: Recommender,
+) -> None:
+    grown = small_recommender.add_items(
+        pl.DataFrame(
+            {"item_id": [901], "title": ["new"], "category": ["cat1"], "price": [9.5]}
+        )
+    )
+    found = grown.recommend_sessions(
+        pl.DataFrame({"session_id": [7, 7], "item_id": [901, 3]}), 80
+    )
+    assert found.unread.to_dicts() == [
+        {
+            "row": 1,
+            "session_id": 7,
+            "item_id": 901,
+            "reason": "added after training: seen, not read",
+        }
+    ]
+    listed = found.lists["item_id"].to_list()
+    assert 901 not in listed and 3 not in listed  # both seen
+    assert listed == _items(grown.recommend(None, 80, session=[901, 3]))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (pl.DataFrame({"item_id": [1]}), "it lacks ['session_id']"),
+        (
+            pl.DataFrame({"session_id": [1], "item_id": [1], "when": [3]}),
+            "it has ['when'], which nothing reads",
+        ),
+        (
+            pl.DataFrame({"session_id": [1], "item_id": [1], "timestamp": ["noon"]}),
+            "'timestamp' column should hold numbers",
+        ),
+        (
+            pl.DataFrame({"session_id": [1], "item_id": [1.0]}),
+            "'item_id' column should hold IDs",
+        ),
+        (
+            pl.DataFrame({"session_id": [1, 1], "item_id": [1, 2], "user_id": [3, 4]}),
+            "session 1 has rows of two users, 3 and 4 (row 2)",
+        ),
+    ],
+)
+def test_a_table_the_model_cannot_read_is_refused(
+    rated: Recommender, table: pl.DataFrame, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        rated.recommend_sessions(table, 3)
+
+
+def test_k_is_checked_before_any_list(rated: Recommender) -> None:
+    empty = pl.DataFrame(
+        {"session_id": [], "item_id": []},
+        schema={"session_id": pl.Int64, "item_id": pl.Int64},
+    )
+    with pytest.raises(ConfigError, match="`k` should be a positive integer"):
+        rated.recommend_sessions(empty, 0)
+    assert rated.recommend_sessions(empty, 3).lists.height == 0
+
+
+def test_ratings_for_a_model_that_reads_none_are_refused(
+    small_recommender: Recommender,
+) -> None:
+    table = pl.DataFrame({"session_id": [1], "item_id": [3], "rating": [4.0]})
+    with pytest.raises(ConfigError, match="does not read"):
+        small_recommender.recommend_sessions(table, 3)
+
+
+def test_the_cli_writes_every_sessions_list_and_reports_the_rows_not_read(
+    rated: Recommender, tmp_path: Path
+) -> None:
+    rated.save(tmp_path / "bundle")
+    path = tmp_path / "sessions.csv"
+    path.write_text(
+        "session_id,item_id,timestamp,rating\n"
+        "s1,5,10,5\ns1,9,20,1\ns2,99999,5,\n,7,,\ns3,0012,,\n"
+    )
+    runner = CliRunner()
+    out = tmp_path / "lists.parquet"
+    done = runner.invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "bundle"), "--sessions", str(path)),
+            *("--out", str(out), "-k", "4", "--json"),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    assert summary["sessions"] == 3 and summary["rows"] == 12
+    assert summary["unread_rows"] == 2
+    assert summary["unread_reasons"] == {
+        "item not known to the model": 1,
+        "no session_id": 1,
+    }
+    assert [u["row"] for u in summary["unread"]] == [3, 4]  # the file's data rows
+    written = pl.read_parquet(out)
+    expected = rated.recommend_sessions(
+        pl.DataFrame(
+            {
+                "session_id": ["s1", "s1", "s2", "s3"],
+                "item_id": [5, 9, 99999, 12],  # 0012 as the CLI reads an ID
+                "timestamp": [10, 20, 5, None],
+                "rating": [5.0, 1.0, None, None],
+            }
+        ),
+        4,
+    ).lists
+    assert written["item_id"].to_list() == expected["item_id"].to_list()
+    assert written["session_id"].to_list() == expected["session_id"].to_list()
+    # The console says how many rows were not read, and why.
+    shown = runner.invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "bundle"), "--sessions", str(path)),
+            *("--out", str(out), "-k", "4", "--overwrite"),
+        ],
+    )
+    said = " ".join(shown.output.split())
+    assert shown.exit_code == 0, said
+    assert "12 rows for 3 sessions (2 session, 1 popularity)" in said
+    assert "2 rows of --sessions were not read" in said
+    # the IDs as the file holds them: text, since 0012 is not written plainly
+    assert "data row 3 ('s2', item '99999'): item not known to the model" in said
+
+
+@pytest.mark.parametrize(
+    ("extra", "contents", "message"),
+    [
+        (["--users", "u.csv"], None, "give --sessions FILE or --users FILE"),
+        (["--session", "5"], None, "--session shapes one request"),
+        (["--context", "timestamp=5"], None, "--context shapes one request"),
+        (
+            [],
+            "session_id,item_id,timestamp\na,5,noon\n",
+            "have a timestamp that is not a number (data rows [1]",
+        ),
+        ([], "item_id\n5\n", "has no session_id column"),
+    ],
+)
+def test_the_cli_names_a_sessions_mistake(
+    rated: Recommender,
+    tmp_path: Path,
+    extra: list[str],
+    contents: str | None,
+    message: str,
+) -> None:
+    rated.save(tmp_path / "bundle")
+    path = tmp_path / "sessions.csv"
+    path.write_text(contents or "session_id,item_id\na,5\n")
+    (tmp_path / "u.csv").write_text("user_id\n1\n")
+    done = CliRunner().invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "bundle"), "--sessions", str(path)),
+            *("--out", str(tmp_path / "lists.csv"), *extra),
+        ],
+        catch_exceptions=False,
+    )
+    said = " ".join(done.output.replace("│", " ").split())
+    assert done.exit_code == 2, said
+    assert message in said, said
+    assert not (tmp_path / "lists.csv").exists()

@@ -153,7 +153,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
     from twostage.artifacts import resolve_bundle
     from twostage.bundles import load_recommender
     from twostage.data.dataset import ITEM, USER
-    from twostage.models.ensemble import member_kinds
+    from twostage.models.ensemble import member_weights
     from twostage.report import best_epoch
     from twostage.training import main_member
 
@@ -217,12 +217,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
             # the members and their weights as configured; None: one model
             "ensemble": [
                 {"member": kind, "weight": weight}
-                for kind, weight in zip(
-                    member_kinds(config.retrieval),
-                    config.retrieval.ensemble_weights
-                    or (1.0,) * (1 + len(config.retrieval.ensemble)),
-                    strict=True,
-                )
+                for kind, weight in member_weights(config.retrieval)
             ]
             if config.retrieval.ensemble
             else None,

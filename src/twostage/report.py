@@ -26,10 +26,11 @@ __all__ = ["report_for", "score_samples", "write_report"]
 KS = ("1", "5", "10", "50", "100")
 
 
-def best_epoch(history: list[dict[str, float]]) -> int | None:
-    """The 1-based epoch whose weights were kept (best validation, else train loss;
-    an ensemble's first model's)."""
-    history = main_member(history)
+def best_epoch(history: list[dict[str, float]], member: int = 0) -> int | None:
+    """The 1-based epoch whose weights were kept (best validation, else train loss)
+    of an ensemble's ``member`` (0: its first model, or the one model); None
+    without epochs (a closed-form member)."""
+    history = [r for r in history if r.get("member", 0) == member]
     if not history:
         return None
     key, sign = ("validation", 1) if "validation" in history[0] else ("train_loss", -1)
@@ -387,6 +388,19 @@ def run_facts(rec: Any) -> dict[str, str]:
         "session-kNN weight": f"{run.session_knn_weight:g}"
         + (" (picked on validation)" if run.session_knn is not None else ""),
     }
+    if config.retrieval.ensemble:  # each member, its weight, and its best epoch
+        from twostage.models.ensemble import member_weights
+
+        history = run.train_result.history
+        facts["ensemble"] = ", ".join(
+            f"{kind} {weight:g} "
+            + (
+                f"(best epoch {best})"
+                if (best := best_epoch(history, member)) is not None
+                else "(closed form)"
+            )
+            for member, (kind, weight) in enumerate(member_weights(config.retrieval))
+        )
     ranker = rec.ranker
     if ranker is not None:
         facts["best ranking epoch"] = str(best_epoch(ranker.history) or "-")

@@ -32,6 +32,7 @@ from twostage.models.sequence import (
 )
 from twostage.models.towers import HistoryPooling
 from twostage.recommender import Recommender, load
+from twostage.report import best_epoch, run_facts
 from twostage.retrieval.fit import fit_ease, fit_retrieval, fit_transition
 from twostage.retrieval.run import load_run
 from twostage.retrieval.streamed import fit_streamed_retrieval
@@ -870,6 +871,13 @@ def test_an_ensemble_bundle_reloads_and_serves_sessions(
             f"most-popular for users with at most {ensemble.run.popularity_fallback}"
         )
     assert f"serving rules {rules}" in shown
+    # and so does the report, with each trained member's own best epoch
+    facts = run_facts(again)
+    best = [best_epoch(ensemble.run.train_result.history, member) for member in (0, 1)]
+    assert None not in best
+    assert facts["ensemble"] == (
+        f"transformer 0.7 (best epoch {best[0]}), gru 0.3 (best epoch {best[1]})"
+    )
 
 
 def test_an_ensemble_resumes_each_member_exactly(tmp_path: Path) -> None:
@@ -1190,6 +1198,7 @@ def test_an_ease_ensemble_reloads_and_serves_sessions(
         metadata = client.get("/v1/models/walks/metadata").json()
         assert metadata["query_encoders"] == ["transformer", kind]
         _assert_session_served(client, walk, expected)
+    assert run_facts(again)["ensemble"].endswith(f", {kind} 0.2 (closed form)")
 
 
 def test_ease_member_mistakes_are_named() -> None:

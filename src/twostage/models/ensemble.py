@@ -30,6 +30,7 @@ __all__ = [
     "Member",
     "member_configs",
     "member_kinds",
+    "member_weights",
     "member_seeds",
     "member_shares",
 ]
@@ -44,6 +45,13 @@ MemberKind = Literal["pooling", "transformer", "gru", "ease", "transition"]
 def member_kinds(config: RetrievalConfig) -> list[MemberKind]:
     """Each member's kind: ``query_encoder``, then each ``ensemble`` entry."""
     return [config.query_encoder, *config.ensemble]
+
+
+def member_weights(config: RetrievalConfig) -> list[tuple[MemberKind, float]]:
+    """Each member's kind and weight as configured (1 each without
+    ``ensemble_weights``), in :func:`member_kinds`' order."""
+    weights = config.ensemble_weights or (1.0,) * (1 + len(config.ensemble))
+    return list(zip(member_kinds(config), weights, strict=True))
 
 
 def member_configs(config: RetrievalConfig) -> list[RetrievalConfig]:

@@ -81,62 +81,10 @@ def recommend_sessions(
             column of the wrong type, ratings for a model that reads none, or a
             session of two users.
     """
-    if not isinstance(sessions, pl.DataFrame):
-        raise ConfigError(
-            "`sessions` should be a polars DataFrame with a row per session item. "
-            f"Received a {type(sessions).__name__}."
-        )
-    columns = sessions.columns
-    missing = [c for c in (SESSION, ITEM) if c not in columns]
-    extra = [c for c in columns if c not in _COLUMNS]
-    if missing or extra:
-        raise ConfigError(
-            f"the sessions table should have the columns {SESSION!r} and {ITEM!r}, "
-            f"and may have {TIME!r}, {RATING!r} and {USER!r}"
-            + (f"; it lacks {missing}" if missing else "")
-            + (f"; it has {extra}, which nothing reads" if extra else "")
-            + f". Received columns: {columns}."
-        )
-    for column in (SESSION, ITEM, USER):
-        dtype = sessions[column].dtype if column in columns else pl.Null
-        if not (dtype.is_integer() or dtype in (pl.String, pl.Null)):
-            raise ConfigError(
-                f"the sessions table's {column!r} column should hold IDs: integers "
-                f"or text. Received a {dtype} column."
-            )
-    for column in (TIME, RATING):
-        if column in columns and not (
-            sessions[column].dtype.is_numeric() or sessions[column].dtype == pl.Null
-        ):
-            raise ConfigError(
-                f"the sessions table's {column!r} column should hold numbers. "
-                f"Received a {sessions[column].dtype} column."
-            )
-    tensors = rec.run.tensors
-    if RATING in columns and not tensors.reads_ratings:
-        raise ConfigError(
-            f"the sessions table has a {RATING!r} column, which this model does not "
-            "read (it was trained without `retrieval.sequence_ratings`); drop it."
-        )
+    _check_table(rec, sessions)
     rows = sessions.to_dicts()
-    owners = _session_users(rows) if USER in columns else {}
-    bounds = tensors.rating_range.tolist()
-    entries: dict[Any, list[dict[str, Any]]] = {}
-    numbers: dict[Any, list[int]] = {}  # each session's rows read, in order
-    unread: list[tuple[int, Any, Any, str]] = []
-    for number, row in enumerate(rows, 1):
-        reason = _unread_reason(rec, row, bounds)
-        session, item = row[SESSION], row[ITEM]
-        if session is not None:
-            entries.setdefault(session, [])
-            numbers.setdefault(session, [])
-        if reason is not None:
-            unread.append((number, session, item, reason))
-            continue
-        entry = {ITEM: item}
-        entry.update({c: row[c] for c in (TIME, RATING) if row.get(c) is not None})
-        entries[session].append(entry)
-        numbers[session].append(number)
+    owners = _session_users(rows) if USER in sessions.columns else {}
+    entries, numbers, unread = _readable_rows(rec, rows)
     lists: list[tuple[Any, int, Any, float, float, str]] = []
     vocab = rec.item_vocab
     for session, readable in entries.items():
@@ -183,6 +131,74 @@ def recommend_sessions(
             {"row": pl.Int64(), **given, "reason": pl.String()},
         ),
     )
+
+
+def _check_table(rec: Recommender, sessions: pl.DataFrame) -> None:
+    """Refuse a sessions table that cannot be read as a whole: one that is not a
+    frame, misses ``session_id`` or ``item_id``, has a column nothing reads or
+    of the wrong type, or ratings for a model that reads none."""
+    if not isinstance(sessions, pl.DataFrame):
+        raise ConfigError(
+            "`sessions` should be a polars DataFrame with a row per session item. "
+            f"Received a {type(sessions).__name__}."
+        )
+    columns = sessions.columns
+    missing = [c for c in (SESSION, ITEM) if c not in columns]
+    extra = [c for c in columns if c not in _COLUMNS]
+    if missing or extra:
+        raise ConfigError(
+            f"the sessions table should have the columns {SESSION!r} and {ITEM!r}, "
+            f"and may have {TIME!r}, {RATING!r} and {USER!r}"
+            + (f"; it lacks {missing}" if missing else "")
+            + (f"; it has {extra}, which nothing reads" if extra else "")
+            + f". Received columns: {columns}."
+        )
+    for column in (SESSION, ITEM, USER):
+        dtype = sessions[column].dtype if column in columns else pl.Null
+        if not (dtype.is_integer() or dtype in (pl.String, pl.Null)):
+            raise ConfigError(
+                f"the sessions table's {column!r} column should hold IDs: integers "
+                f"or text. Received a {dtype} column."
+            )
+    for column in (TIME, RATING):
+        if column in columns and not (
+            sessions[column].dtype.is_numeric() or sessions[column].dtype == pl.Null
+        ):
+            raise ConfigError(
+                f"the sessions table's {column!r} column should hold numbers. "
+                f"Received a {sessions[column].dtype} column."
+            )
+    if RATING in columns and not rec.run.tensors.reads_ratings:
+        raise ConfigError(
+            f"the sessions table has a {RATING!r} column, which this model does not "
+            "read (it was trained without `retrieval.sequence_ratings`); drop it."
+        )
+
+
+def _readable_rows(
+    rec: Recommender, rows: list[dict[str, Any]]
+) -> tuple[dict[Any, list[dict[str, Any]]], dict[Any, list[int]], list[Any]]:
+    """(each session's entries as ``recommend`` takes them, the rows they came
+    from (1-based), the rows not read as ``(row, session_id, item_id, reason)``),
+    sessions in the order they first appear."""
+    bounds = rec.run.tensors.rating_range.tolist()
+    entries: dict[Any, list[dict[str, Any]]] = {}
+    numbers: dict[Any, list[int]] = {}  # each session's rows read, in order
+    unread: list[tuple[int, Any, Any, str]] = []
+    for number, row in enumerate(rows, 1):
+        reason = _unread_reason(rec, row, bounds)
+        session, item = row[SESSION], row[ITEM]
+        if session is not None:
+            entries.setdefault(session, [])
+            numbers.setdefault(session, [])
+        if reason is not None:
+            unread.append((number, session, item, reason))
+            continue
+        entry = {ITEM: item}
+        entry.update({c: row[c] for c in (TIME, RATING) if row.get(c) is not None})
+        entries[session].append(entry)
+        numbers[session].append(number)
+    return entries, numbers, unread
 
 
 def _session_users(rows: list[dict[str, Any]]) -> dict[Any, Any]:

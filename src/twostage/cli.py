@@ -1065,6 +1065,23 @@ def recommend_command(
     _say_when_short(k, len(answer.items), catalogue)
 
 
+class _ListCounts:
+    """What a batch of lists reports, counted a chunk at a time (``on_chunk`` of
+    :func:`write_in_chunks`): the path each list took (its first row's) and the
+    lists shorter than ``k``."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.short = 0
+        self.paths: dict[str, int] = {}
+
+    def __call__(self, part: list[Any], table: pl.DataFrame) -> None:
+        self.short += len(part) - int((table["rank"] == self.k).sum())  # full lists
+        firsts = table.filter(pl.col("rank") == 1)["path"].value_counts(sort=True)
+        for path, n in firsts.iter_rows():
+            self.paths[path] = self.paths.get(path, 0) + n
+
+
 def _recommend_into(
     rec: Any,
     ids: list[Any],
@@ -1079,15 +1096,7 @@ def _recommend_into(
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``."""
-    short, paths = 0, dict[str, int]()
-
-    def tally(part: list[Any], table: pl.DataFrame) -> None:
-        nonlocal short
-        short += len(part) - int((table["rank"] == k).sum())  # one per full list
-        firsts = table.filter(pl.col("rank") == 1)["path"].value_counts(sort=True)
-        for path, n in firsts.iter_rows():
-            paths[path] = paths.get(path, 0) + n
-
+    tally = _ListCounts(k)
     rows = write_in_chunks(
         out,
         ids,
@@ -1110,8 +1119,8 @@ def _recommend_into(
         "users": len(ids),
         "rows": rows,
         "k": k,
-        "paths": paths,
-        "short_lists": short,
+        "paths": tally.paths,
+        "short_lists": tally.short,
     }
 
 
@@ -1175,7 +1184,7 @@ def _recommend_sessions_into(
         .select("_row", "item_id" if "item_id" in table.columns else SESSION)
         .iter_rows()
     ]
-    short, paths = 0, dict[str, int]()
+    tally = _ListCounts(k)
 
     def answer(part: list[Any]) -> pl.DataFrame:
         rows = numbered.filter(pl.col(SESSION).is_in(part))
@@ -1196,13 +1205,6 @@ def _recommend_sessions_into(
         )
         return found.lists
 
-    def tally(part: list[Any], lists: pl.DataFrame) -> None:
-        nonlocal short
-        short += len(part) - int((lists["rank"] == k).sum())
-        firsts = lists.filter(pl.col("rank") == 1)["path"].value_counts(sort=True)
-        for path, n in firsts.iter_rows():
-            paths[path] = paths.get(path, 0) + n
-
     rows = write_in_chunks(
         out,
         order,
@@ -1221,8 +1223,8 @@ def _recommend_sessions_into(
         "sessions": len(order),
         "rows": rows,
         "k": k,
-        "paths": paths,
-        "short_lists": short,
+        "paths": tally.paths,
+        "short_lists": tally.short,
         "unread_rows": len(unread),
         "unread_reasons": reasons,
         "unread": unread[:100],

@@ -3,8 +3,10 @@ recommend --sessions`): each session answered as `recommend(session=...)` answer
 it, and every row the model cannot read counted with its reason and row."""
 
 import json
+import math
 import re
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -15,6 +17,7 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.errors import ConfigError
 from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
+from twostage.session_batch import evaluate_sessions
 
 RATED = [
     "data.dataset=synthetic:num_users=60,num_items=40,num_interactions=900",
@@ -315,3 +318,105 @@ def test_the_cli_names_a_sessions_mistake(
     assert done.exit_code == 2, said
     assert message in said, said
     assert not (tmp_path / "lists.csv").exists()
+
+
+def _reference(rec: Recommender, sessions: dict[Any, list[dict[str, Any]]], k: int):
+    """HR@k, NDCG@k and MRR@k of `recommend` on each session's earlier items,
+    its last held out, the plain way."""
+    hits, gains, ranks = [], [], []
+    for entries in sessions.values():
+        *query, target = entries
+        listed = _items(rec.recommend(None, k, session=query))
+        rank = listed.index(target["item_id"]) + 1 if target["item_id"] in listed else 0
+        hits.append(rank > 0)
+        gains.append(1 / math.log2(rank + 1) if rank else 0.0)
+        ranks.append(1 / rank if rank else 0.0)
+    return (sum(hits) / len(hits), sum(gains) / len(gains), sum(ranks) / len(ranks))
+
+
+def test_held_out_session_items_are_measured_as_recommend_lists_them(
+    rated: Recommender,
+) -> None:
+    table = pl.DataFrame(
+        {
+            "session_id": [1, 1, 1, 2, 2, 3, 4, 4, 4, 5, 5, 5],
+            "item_id": [3, 5, 7, 9, 11, 13, 15, 17, 99999, 2, 4, 6],
+            # session 5 is read in time order: its last item is 2 (time 30)
+            "timestamp": [1, 2, 3, 4, 5, 6, 7, 8, 9, 30, 10, 20],
+        }
+    )
+    found = evaluate_sessions(rated, table, ks=(5, 20))
+    assert found["sessions"] == 4  # session 3 has one item: nothing to predict from
+    assert found["single_item_sessions"] == 1
+    assert found["unknown_targets"] == 1  # session 4's held-out item: a miss
+    # Each session in reading order, with its times (the model reads their gaps).
+    held = {
+        session: [
+            {"item_id": item, "timestamp": time}
+            for item, time in rows.sort("timestamp")
+            .select("item_id", "timestamp")
+            .rows()
+        ]
+        for (session,), rows in table.group_by("session_id", maintain_order=True)
+        if rows.height > 1
+    }
+    assert [e["item_id"] for e in held[5]] == [4, 6, 2]
+    for k in (5, 20):
+        hr, ndcg, mrr = _reference(rated, held, k)
+        assert found["twostage"]["hit_rate"][k] == pytest.approx(hr)
+        assert found["twostage"]["recall"][k] == pytest.approx(hr)
+        assert found["twostage"]["ndcg"][k] == pytest.approx(ndcg)
+        assert found["twostage"]["mrr"][k] == pytest.approx(mrr)
+    # The popularity row: the fallback's list, each session's earlier items out.
+    popular = _items(rated.recommend(None, 30))
+    hits = []
+    for entries in held.values():
+        *query, target = entries
+        seen = {e["item_id"] for e in query}
+        hits.append(target["item_id"] in [i for i in popular if i not in seen][:20])
+    assert found["popularity"]["hit_rate"][20] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_the_cli_measures_held_out_session_items(
+    rated: Recommender, tmp_path: Path
+) -> None:
+    rated.save(tmp_path / "bundle")
+    path = tmp_path / "sessions.csv"
+    path.write_text(
+        "session_id,item_id,timestamp\n"
+        "1,3,1\n1,5,2\n1,7,3\n2,9,4\n2,11,5\n3,13,6\n4,15,7\n4,,8\n4,17,9\n"
+    )
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["evaluate", str(tmp_path / "bundle"), "--sessions", str(path), "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    said = json.loads(done.stdout)
+    table = pl.read_csv(path)
+    expected = evaluate_sessions(rated, table)
+    assert said["twostage"]["ndcg"]["10"] == pytest.approx(
+        expected["twostage"]["ndcg"][10]
+    )
+    assert said["sessions"] == 3 and said["single_item_sessions"] == 1
+    assert said["unread_reasons"] == {"no item_id": 1}
+    shown = runner.invoke(
+        app, ["evaluate", str(tmp_path / "bundle"), "--sessions", str(path)]
+    )
+    text = " ".join(shown.output.replace("│", " ").split())
+    assert shown.exit_code == 0 and "Next item of 3 sessions" in text, text
+    assert (
+        "1 one-item session left out" in text
+        and "1 row not read (no item_id: 1)" in text
+    )
+    for extra, flag in (
+        (["--baselines"], "--sessions"),
+        (["--test", str(path)], "--sessions"),
+    ):
+        refused = runner.invoke(
+            app, ["evaluate", str(tmp_path / "bundle"), "--sessions", str(path), *extra]
+        )
+        assert refused.exit_code == 2 and flag in refused.output
+    alone = runner.invoke(app, ["evaluate", str(tmp_path / "bundle"), "--no-ranker"])
+    assert alone.exit_code == 2 and "goes with --sessions" in " ".join(
+        alone.output.split()
+    )

@@ -85,6 +85,7 @@ from twostage.cli_output import (
     print_json,
     print_metrics,
     print_ranking,
+    print_session_figures,
     print_session_knn,
     print_test_counts,
     standing,
@@ -1231,6 +1232,48 @@ def _recommend_sessions_into(
     }
 
 
+def _evaluate_sessions(
+    rec: Any, path: Path, use_ranker: bool, json_output: bool
+) -> None:
+    """``evaluate --sessions``: the figures, then what was left out and why."""
+    from twostage.session_batch import evaluate_sessions
+
+    if not path.is_file():
+        raise typer.BadParameter(
+            f"{str(path)!r} is not a file.", param_hint="--sessions"
+        )
+    try:
+        found = evaluate_sessions(rec, read_sessions(path), use_ranker=use_ranker)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--sessions") from e
+    if json_output:
+        print_json(found)
+        return
+    print_session_figures(
+        found, title=f"Next item of {found['sessions']:,} sessions ({path})"
+    )
+    notes = [
+        f"{found['single_item_sessions']:,} one-item "
+        f"session{'s' if found['single_item_sessions'] != 1 else ''} left out "
+        "(nothing to predict from)"
+        if found["single_item_sessions"]
+        else "",
+        f"{found['unknown_targets']:,} held-out items unknown to the model, counted "
+        "as misses"
+        if found["unknown_targets"]
+        else "",
+        f"{found['unread_rows']:,} row{'s' if found['unread_rows'] != 1 else ''} "
+        "not read ("
+        + "; ".join(f"{r}: {n:,}" for r, n in found["unread_reasons"].items())
+        + ")"
+        if found["unread_rows"]
+        else "",
+    ]
+    said = "; ".join(note for note in notes if note)
+    if said:
+        status_console.print(f"[yellow]{escape(said)}.[/yellow]")
+
+
 def similar_command(
     bundle: Annotated[
         Path,
@@ -1601,18 +1644,52 @@ def evaluate_command(
             "the users new to the model.",
         ),
     ] = None,
+    sessions_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--sessions",
+            help="Measure next-item lists on sessions the model never saw instead: "
+            "a CSV, JSON lines or Parquet file with a row per session item "
+            "(session_id, item_id; optionally timestamp, rating, user_id), each "
+            "session's last item held out and found from the ones before it "
+            "(HR, NDCG, MRR at K), beside the model's popularity fallback.",
+        ),
+    ] = None,
+    no_ranker: Annotated[
+        bool,
+        typer.Option(
+            "--no-ranker",
+            help="With --sessions: measure retrieval's lists, without the ranking "
+            "stage.",
+        ),
+    ] = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
     config, or on a log of new rows (--test): retrieval (optionally beside the
     baselines), then the ranking stage when the bundle has one (RMSE, MAE, AUC,
     two-stage lists against retrieval alone). A run or bundle trained with --stream
-    reads its log's test side again, a row group at a time (no baselines)."""
+    reads its log's test side again, a row group at a time (no baselines). With
+    --sessions: next-item figures on new sessions, each one's last item held out."""
     from twostage.retrieval.evaluation import evaluate_on, rebuild_split
     from twostage.retrieval.streamed import streamed_test_side
 
+    if sessions_file is not None and (test_file is not None or baselines):
+        raise typer.BadParameter(
+            "measures held-out session items on its own: drop --test and --baselines.",
+            param_hint="--sessions",
+        )
+    if no_ranker and sessions_file is None:
+        raise typer.BadParameter(
+            "goes with --sessions (the test split's figures show retrieval and the "
+            "two-stage lists side by side already).",
+            param_hint="--no-ranker",
+        )
     results: dict[str, Any] = {}
     rec = _open_bundle(path)
+    if sessions_file is not None:
+        _evaluate_sessions(rec, sessions_file, not no_ranker, json_output)
+        return
     streamed = rec.run.stream is not None
     if streamed and baselines:
         raise typer.BadParameter(

@@ -22,6 +22,7 @@ __all__ = [
     "print_metrics",
     "standing",
     "print_ranking",
+    "print_session_figures",
     "training_progress",
 ]
 
@@ -160,6 +161,31 @@ def print_metrics(
             f"({', '.join(left)} left out at {console.width} columns; a wider "
             "terminal or --json shows them.)"
         )
+
+
+#: The columns of a session evaluation's table (``evaluate --sessions``).
+SESSION_COLUMNS = (
+    ("hit_rate", 10),
+    ("ndcg", 10),
+    ("mrr", 10),
+    ("hit_rate", 20),
+    ("hit_rate", 100),
+)
+
+
+def print_session_figures(found: dict[str, Any], *, title: str) -> None:
+    """Our lists and the popularity fallback's on held-out session items, a row
+    each (--json has every K)."""
+    table = Table(title=Text(title))
+    table.add_column("model", no_wrap=True)
+    for metric, k in SESSION_COLUMNS:
+        table.add_column(f"{SHORT[metric]}@{k}", justify="right", no_wrap=True)
+    for name in ("twostage", "popularity"):
+        table.add_row(
+            name,
+            *(f"{found[name][metric][k]:.4f}" for metric, k in SESSION_COLUMNS),
+        )
+    console.print(table)
 
 
 def impressions_line(report: dict[str, Any]) -> str:

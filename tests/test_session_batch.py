@@ -216,6 +216,22 @@ def test_k_is_checked_before_any_list(rated: Recommender) -> None:
     assert rated.recommend_sessions(empty, 3).lists.height == 0
 
 
+def test_a_model_without_history_refuses_sessions_before_any_list() -> None:
+    run, _ = fit_retrieval(
+        apply_overrides(
+            ExperimentConfig(),
+            [
+                "data.dataset=synthetic:num_users=40,num_items=30,num_interactions=400",
+                "retrieval.history_length=0",
+                "train.epochs=1",
+            ],
+        )
+    )
+    table = pl.DataFrame({"session_id": [1, 1], "item_id": [3, 4]})
+    with pytest.raises(ConfigError, match="reads no history"):
+        Recommender(run).recommend_sessions(table, 3)
+
+
 def test_ratings_for_a_model_that_reads_none_are_refused(
     small_recommender: Recommender,
 ) -> None:

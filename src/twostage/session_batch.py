@@ -175,6 +175,12 @@ def _check_table(rec: Recommender, sessions: pl.DataFrame) -> None:
                 f"the sessions table's {column!r} column should hold numbers. "
                 f"Received a {sessions[column].dtype} column."
             )
+    if not rec.run.tensors.history.shape[1]:
+        raise ConfigError(
+            "this model reads no history (`retrieval.history_length` = 0), so a "
+            "session says nothing to it; train one with a history to answer "
+            "sessions."
+        )
     if RATING in columns and not rec.run.tensors.reads_ratings:
         raise ConfigError(
             f"the sessions table has a {RATING!r} column, which this model does not "

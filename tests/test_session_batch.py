@@ -336,6 +336,25 @@ def test_the_cli_names_a_sessions_mistake(
     assert not (tmp_path / "lists.csv").exists()
 
 
+def test_a_bad_k_is_the_requests_mistake_not_the_files(
+    rated: Recommender, tmp_path: Path
+) -> None:
+    rated.save(tmp_path / "bundle")
+    path = tmp_path / "sessions.csv"
+    path.write_text("session_id,item_id\na,5\n")
+    done = CliRunner().invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "bundle"), "--sessions", str(path)),
+            *("--out", str(tmp_path / "lists.csv"), "-k", "0"),
+        ],
+    )
+    # main() names it `-k` (CliRunner calls the app beneath it)
+    assert isinstance(done.exception, ConfigError), done.output
+    assert str(done.exception).startswith("`k` should be a positive integer")
+    assert not (tmp_path / "lists.csv").exists()
+
+
 def _reference(rec: Recommender, sessions: dict[Any, list[dict[str, Any]]], k: int):
     """HR@k, NDCG@k and MRR@k of `recommend` on each session's earlier items,
     its last held out, the plain way."""

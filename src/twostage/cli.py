@@ -1169,7 +1169,7 @@ def _recommend_sessions_into(
     """Every session's list into ``out``, 2,048 sessions at a time, with the
     counts the command reports, the rows not read among them (their first 100
     listed, each with its row of the file)."""
-    from twostage.session_batch import SESSION, recommend_sessions
+    from twostage.session_batch import SESSION, SessionTableError, recommend_sessions
 
     if SESSION not in table.columns:  # named before anything is answered
         raise typer.BadParameter(
@@ -1198,7 +1198,7 @@ def _recommend_sessions_into(
                 use_ranker=use_ranker,
                 filters=filters,
             )
-        except ConfigError as e:
+        except SessionTableError as e:  # the file's; a bad -k names its flag
             raise typer.BadParameter(str(e), param_hint="--sessions") from e
         numbers = rows["_row"].to_list()  # the file's row of each chunk row
         unread.extend(
@@ -1236,7 +1236,7 @@ def _evaluate_sessions(
     rec: Any, path: Path, use_ranker: bool, json_output: bool
 ) -> None:
     """``evaluate --sessions``: the figures, then what was left out and why."""
-    from twostage.session_batch import evaluate_sessions
+    from twostage.session_batch import SessionTableError, evaluate_sessions
 
     if not path.is_file():
         raise typer.BadParameter(
@@ -1244,7 +1244,7 @@ def _evaluate_sessions(
         )
     try:
         found = evaluate_sessions(rec, read_sessions(path), use_ranker=use_ranker)
-    except ConfigError as e:
+    except SessionTableError as e:
         raise typer.BadParameter(str(e), param_hint="--sessions") from e
     if json_output:
         print_json(found)

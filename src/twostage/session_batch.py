@@ -23,12 +23,24 @@ from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
 if TYPE_CHECKING:
     from twostage.recommender import Recommender
 
-__all__ = ["SESSION", "SessionLists", "evaluate_sessions", "recommend_sessions"]
+__all__ = [
+    "SESSION",
+    "SessionLists",
+    "SessionTableError",
+    "evaluate_sessions",
+    "recommend_sessions",
+]
 
 #: The column that groups a sessions table's rows into sessions.
 SESSION = "session_id"
 #: The columns a sessions table may have: each row one item of one session.
 _COLUMNS = (SESSION, ITEM, TIME, RATING, USER)
+
+
+class SessionTableError(ConfigError):
+    """A sessions table that cannot be read as a whole (a missing column, one of
+    the wrong type, ratings for a model that reads none...): the table's mistake,
+    where a bad ``k`` or filter is the request's."""
 
 
 @dataclass
@@ -84,9 +96,10 @@ def recommend_sessions(
         answered as a session without items is.
 
     Raises:
-        ConfigError: the table misses a column, has one it does not read, a
-            column of the wrong type, ratings for a model that reads none, or a
-            session of two users.
+        SessionTableError: the table misses a column, has one it does not read,
+            a column of the wrong type, ratings for a model that reads none, or
+            a session of two users; or the model reads no history.
+        ConfigError: ``k`` or ``filters`` is not one ``recommend`` takes.
     """
     _check_table(rec, sessions)
     rows = sessions.to_dicts()
@@ -145,7 +158,7 @@ def _check_table(rec: Recommender, sessions: pl.DataFrame) -> None:
     frame, misses ``session_id`` or ``item_id``, has a column nothing reads or
     of the wrong type, or ratings for a model that reads none."""
     if not isinstance(sessions, pl.DataFrame):
-        raise ConfigError(
+        raise SessionTableError(
             "`sessions` should be a polars DataFrame with a row per session item. "
             f"Received a {type(sessions).__name__}."
         )
@@ -153,7 +166,7 @@ def _check_table(rec: Recommender, sessions: pl.DataFrame) -> None:
     missing = [c for c in (SESSION, ITEM) if c not in columns]
     extra = [c for c in columns if c not in _COLUMNS]
     if missing or extra:
-        raise ConfigError(
+        raise SessionTableError(
             f"the sessions table should have the columns {SESSION!r} and {ITEM!r}, "
             f"and may have {TIME!r}, {RATING!r} and {USER!r}"
             + (f"; it lacks {missing}" if missing else "")
@@ -163,7 +176,7 @@ def _check_table(rec: Recommender, sessions: pl.DataFrame) -> None:
     for column in (SESSION, ITEM, USER):
         dtype = sessions[column].dtype if column in columns else pl.Null
         if not (dtype.is_integer() or dtype in (pl.String, pl.Null)):
-            raise ConfigError(
+            raise SessionTableError(
                 f"the sessions table's {column!r} column should hold IDs: integers "
                 f"or text. Received a {dtype} column."
             )
@@ -171,18 +184,18 @@ def _check_table(rec: Recommender, sessions: pl.DataFrame) -> None:
         if column in columns and not (
             sessions[column].dtype.is_numeric() or sessions[column].dtype == pl.Null
         ):
-            raise ConfigError(
+            raise SessionTableError(
                 f"the sessions table's {column!r} column should hold numbers. "
                 f"Received a {sessions[column].dtype} column."
             )
     if not rec.run.tensors.history.shape[1]:
-        raise ConfigError(
+        raise SessionTableError(
             "this model reads no history (`retrieval.history_length` = 0), so a "
             "session says nothing to it; train one with a history to answer "
             "sessions."
         )
     if RATING in columns and not rec.run.tensors.reads_ratings:
-        raise ConfigError(
+        raise SessionTableError(
             f"the sessions table has a {RATING!r} column, which this model does not "
             "read (it was trained without `retrieval.sequence_ratings`); drop it."
         )
@@ -227,7 +240,7 @@ def _session_users(rows: list[dict[str, Any]]) -> dict[Any, Any]:
             continue
         known = owners.setdefault(session, user)
         if known != user:
-            raise ConfigError(
+            raise SessionTableError(
                 f"session {session!r} has rows of two users, {known!r} and {user!r} "
                 f"(row {number}); a session is one user's."
             )

@@ -11,6 +11,7 @@ import pytest
 
 import twostage
 from twostage.data.synthetic import generate
+from twostage.errors import ConfigError
 
 pd = pytest.importorskip("pandas")
 
@@ -532,3 +533,26 @@ def test_a_model_fitted_on_feature_tables_measures_new_rows_after_a_reload(
     said = " ".join(measured.stderr.split())
     assert "test users are unknown to the model and are scored without features" in said
     assert "fitted on tables given in Python" in said
+
+
+def test_sessions_are_read_with_the_column_names_fit_was_given(frames) -> None:
+    train, _ = frames
+    model = twostage.TwoStageModel(
+        settings={**SETTINGS, "train.epochs": 1}, ranking=False, progress=False
+    )
+    model.fit(train, user_col="uid", item_col="movie", rating_col="stars")
+    visits = pd.DataFrame({"visit": ["a", "a", "b"], "movie": [3, 5, 7]})
+    found = model.recommend_sessions(visits, 4, session_col="visit")
+    for session, items in (("a", [3, 5]), ("b", [7])):
+        mine = found.lists.filter(pl.col("session_id") == session)["item_id"]
+        served = model.recommender.recommend(None, 4, session=items)
+        assert mine.to_list() == [entry["item_id"] for entry in served.items]
+    assert found.unread.height == 0
+    with pytest.raises(ConfigError, match="has both the columns"):
+        model.recommend_sessions(visits.assign(item_id=1), 4, session_col="visit")
+    with pytest.raises(ConfigError, match="polars or pandas DataFrame"):
+        model.recommend_sessions([3, 5], 4)
+    as_dict = model.recommend_sessions(
+        {"visit": ["a", "a"], "movie": [3, 5]}, 4, session_col="visit"
+    )
+    assert as_dict.lists.equals(found.lists.filter(pl.col("session_id") == "a"))

@@ -14,20 +14,23 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
 import torch
 
 from twostage.config import DataConfig, ExperimentConfig, apply_settings, to_dict
-from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
 from twostage.data.registry import FIT_TABLES, reading_settings, table_keys
 from twostage.data.split import ExperimentSplit, validation_split, with_id_types
 from twostage.errors import ConfigError, DataError
 from twostage.evaluate import EvalResult
 from twostage.inputs import check_raw_id
 from twostage.recommender import Recommendation, Recommender
+
+if TYPE_CHECKING:
+    from twostage.session_batch import SessionLists
 
 __all__ = ["Evaluation", "TwoStageModel"]
 
@@ -527,6 +530,68 @@ class TwoStageModel:
         if len(flat) and all(isinstance(v, int) for v in flat):  # no padding
             item_ids = item_ids.astype(np.int64)
         return item_ids, scores
+
+    def recommend_sessions(
+        self,
+        sessions: Any,
+        k: int = 10,
+        *,
+        session_col: str = "session_id",
+        exclude_seen: bool = True,
+        use_ranker: bool = True,
+        filters: dict[str, Any] | None = None,
+    ) -> SessionLists:
+        """A list for every session of a polars or pandas frame (or a dict of
+        columns) with a row per session item
+        (:meth:`Recommender.recommend_sessions`), its columns named
+        as :meth:`fit` read the log's (``item_col``, ``time_col``, ``rating_col``,
+        ``user_col``) and ``session_col``.
+
+        Returns:
+            ``.lists`` (a row per session and rank) and ``.unread`` (the rows the
+            model could not read, with their reasons); the session column keeps
+            its own name in neither: it is ``session_id`` there.
+        """
+        from twostage.session_batch import SESSION
+
+        frame = sessions
+        if isinstance(frame, Mapping):  # {column: values}
+            frame = pl.DataFrame(dict(frame))
+        elif not isinstance(frame, pl.DataFrame):
+            if not hasattr(frame, "columns"):
+                raise ConfigError(
+                    "`sessions` should be a polars or pandas DataFrame (or a dict "
+                    "of columns) with a row per session item. Received a "
+                    f"{type(frame).__name__}."
+                )
+            frame = pl.from_pandas(frame)
+        names = self.columns_ or _Columns()
+        canonical = {
+            session_col: SESSION,
+            names.item_col: ITEM,
+            names.user_col: USER,
+            names.time_col: TIME,
+            names.rating_col: RATING,
+        }
+        renamed = {
+            given: ours
+            for given, ours in canonical.items()
+            if given is not None and given in frame.columns and given != ours
+        }
+        clash = sorted(ours for ours in renamed.values() if ours in frame.columns)
+        if clash:
+            raise ConfigError(
+                f"`sessions` has both the columns fit() read as {clash} and "
+                f"columns named so ({', '.join(repr(c) for c in clash)}); keep one "
+                "of each."
+            )
+        return self.recommender.recommend_sessions(
+            frame.rename(renamed),
+            k,
+            exclude_seen=exclude_seen,
+            use_ranker=use_ranker,
+            filters=filters,
+        )
 
     def predict(
         self,

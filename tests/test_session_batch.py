@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -17,7 +18,7 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.errors import ConfigError
 from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
-from twostage.session_batch import evaluate_sessions
+from twostage.session_batch import _retrieval_lists, evaluate_sessions
 
 RATED = [
     "data.dataset=synthetic:num_users=60,num_items=40,num_interactions=900",
@@ -40,6 +41,17 @@ RATED = [
 def rated() -> Recommender:
     """A transformer that reads a session's times and ratings (1 to 5)."""
     run, split = fit_retrieval(apply_overrides(ExperimentConfig(), RATED))
+    return Recommender(run, items=split.train.items)
+
+
+@pytest.fixture(scope="module")
+def with_neighbours() -> Recommender:
+    """The same with the session-kNN term: every item scored exactly."""
+    config = apply_overrides(
+        ExperimentConfig(), [*RATED, "retrieval.session_knn_weight=0.05"]
+    )
+    run, split = fit_retrieval(config)
+    assert run.scores_exactly
     return Recommender(run, items=split.train.items)
 
 
@@ -455,3 +467,54 @@ def test_the_cli_measures_held_out_session_items(
     assert alone.exit_code == 2 and "goes with --sessions" in " ".join(
         alone.output.split()
     )
+
+
+@pytest.mark.parametrize("model", ["rated", "with_neighbours"])
+def test_sessions_answered_in_batches_match_recommend_one_by_one(
+    model: str, request: pytest.FixtureRequest
+) -> None:
+    """Without a ranker, anonymous sessions share one query pass and one index
+    search (or one exact scoring, with the session-kNN term) per batch; every
+    list must be the one `recommend` gives alone, past the history's length (8)
+    and with times and ratings read."""
+    rated: Recommender = request.getfixturevalue(model)
+    rng = np.random.default_rng(5)
+    known = rated.item_vocab.values.to_list()[1:]
+    rows = []
+    for session in range(40):
+        for step in range(int(rng.integers(1, 14))):
+            rows.append(
+                {
+                    "session_id": session,
+                    "item_id": int(rng.choice(known)),
+                    "timestamp": int(1000 * session + rng.integers(0, 500)),
+                    "rating": float(rng.integers(1, 6)) if step % 3 else None,
+                }
+            )
+    table = pl.DataFrame(rows)
+    ids = table["session_id"].unique(maintain_order=True).to_list()
+    entries = {
+        s: [
+            {k: v for k, v in r.items() if k != "session_id" and v is not None}
+            for r in rows
+            if r["session_id"] == s
+        ]
+        for s in ids
+    }
+    batched = _retrieval_lists(rated, ids, entries, 6, exclude_seen=True)
+    assert set(batched) == set(ids)  # every one answered in the batch
+    found = rated.recommend_sessions(table, 6).lists
+    for session in ids:
+        alone = rated.recommend(None, 6, session=entries[session])
+        mine = found.filter(pl.col("session_id") == session)
+        assert mine["item_id"].to_list() == _items(alone), session
+        assert batched[session][0] == _items(alone)
+        scores = [item["score"] for item in alone.items]
+        assert mine["score"].to_list() == pytest.approx(scores, rel=1e-5, abs=1e-6)
+    # A session reading an item added after training goes to `recommend`.
+    grown = rated.add_items(
+        pl.DataFrame(
+            {"item_id": [9001], "title": ["new"], "category": ["cat1"], "price": [3.0]}
+        )
+    )
+    assert _retrieval_lists(grown, [0], {0: [{"item_id": 9001}]}, 6, True) == {}

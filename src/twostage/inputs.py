@@ -32,6 +32,7 @@ __all__ = [
     "FAR_STANDARD_DEVIATIONS",
     "ItemFilters",
     "check_finite_numbers",
+    "check_k",
     "check_raw_id",
     "far_numbers",
     "client_values",
@@ -211,6 +212,15 @@ def _known_items(
             + f". {hint}"
         )
     return indices
+
+
+def check_k(name: str, value: int) -> int:
+    """``value`` as a Python int, if it is a positive integer (numpy's too)."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        raise ConfigError(
+            f"`{name}` should be a positive integer. Received: `{name}` = {value!r}."
+        )
+    return int(value)
 
 
 def session_indices(

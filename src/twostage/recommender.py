@@ -40,6 +40,7 @@ from twostage.inputs import (
     by_path,
     candidate_items,
     check_finite_numbers,
+    check_k,
     check_raw_id,
     client_values,
     encode_context,
@@ -189,15 +190,6 @@ def _noting(answer: Recommendation, unread: list[Any]) -> Recommendation:
     """``answer`` with the session's items the model did not read listed."""
     answer.unread_session_items = unread
     return answer
-
-
-def _check_k(name: str, value: int) -> int:
-    """``value`` as a Python int, if it is a positive integer (numpy's too)."""
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise ConfigError(
-            f"`{name}` should be a positive integer. Received: `{name}` = {value!r}."
-        )
-    return int(value)
 
 
 def _id_list(name: str, ids: Any, order: str) -> list[Any]:
@@ -399,6 +391,12 @@ class Recommender:
         return self._query_cache
 
     # -- the catalogue ------------------------------------------------------------
+    @property
+    def removed_mask(self) -> torch.Tensor:
+        """``[N]`` bool: True for the catalogue rows no longer served
+        (:meth:`remove_items`)."""
+        return self._removed
+
     def add_items(self, items: pl.DataFrame) -> Recommender:
         """A copy whose catalogue also holds ``items``: items the model never
         trained on (a shop's new products, the day's news), added without
@@ -715,7 +713,7 @@ class Recommender:
             from an anonymous session, a cold start from features, or the popularity
             fallback.
         """
-        k = _check_k("k", k)
+        k = check_k("k", k)
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
         explain = _check_flag("explain", explain)
@@ -728,7 +726,7 @@ class Recommender:
             check_raw_id("user_id", user_id)
         if num_candidates is None:
             num_candidates = self.num_candidates
-        num_candidates = _check_k("num_candidates", num_candidates)
+        num_candidates = check_k("num_candidates", num_candidates)
         bounds = self.run.tensors.rating_range.tolist()
         read = session_indices(
             session,
@@ -997,7 +995,7 @@ class Recommender:
     def search_items(self, text: str, limit: int = 10) -> list[dict[str, Any]]:
         """Items whose label (or ID) contains ``text``, case-insensitive, in
         catalogue order: what a client offers to pick an item by its title."""
-        limit = _check_k("limit", limit)
+        limit = check_k("limit", limit)
         if not isinstance(text, str):
             raise ConfigError(
                 f"`text` should be a string to look for. Received: {text!r} "
@@ -1044,7 +1042,7 @@ class Recommender:
         return recommend_sessions(
             self,
             sessions,
-            _check_k("k", k),  # named before any list, an empty table too
+            k,
             exclude_seen=_check_flag("exclude_seen", exclude_seen),
             use_ranker=_check_flag("use_ranker", use_ranker),
             filters=filters,
@@ -1090,7 +1088,7 @@ class Recommender:
                 ``{"timestamp": ...}``), for a model that reads per-interaction
                 context, as :meth:`recommend` takes it.
         """
-        k = _check_k("k", k)
+        k = check_k("k", k)
         self.encode_context(context)  # a mistake is named before any list
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
@@ -1257,7 +1255,7 @@ class Recommender:
         Raises:
             UnknownIdError: an item is not in the catalogue (the first few named).
         """
-        k = _check_k("k", k)
+        k = check_k("k", k)
         given = _id_list("item_ids", item_ids, "rows")
         for item_id in given:
             check_raw_id("item_id", item_id)
@@ -1324,7 +1322,7 @@ class Recommender:
             ConfigError: a filter names no metadata column, or a value it cannot
                 hold; a feature the model does not read.
         """
-        k = _check_k("k", k)
+        k = check_k("k", k)
         check_raw_id("item_id", item_id)
         if item_features is not None and not isinstance(item_features, Mapping):
             raise ConfigError(

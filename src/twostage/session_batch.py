@@ -18,7 +18,10 @@ import torch
 from twostage.data.dataset import ITEM, RATING, TIME, USER
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError
+from twostage.inputs import check_k, session_indices
 from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
+from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
+from twostage.retrieval.tensors import context_keys, rating_buckets
 
 if TYPE_CHECKING:
     from twostage.recommender import Recommender
@@ -88,6 +91,9 @@ def recommend_sessions(
             session: its items follow that user's history). Sessions are answered
             in the order they first appear.
         k, exclude_seen, use_ranker, filters: as :meth:`Recommender.recommend`.
+            Without a ranker (or ``use_ranker=False``), filters or context, the
+            anonymous sessions are answered :data:`BATCH_SESSIONS` at a time
+            (:func:`_retrieval_lists`), the others one at a time.
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -101,13 +107,27 @@ def recommend_sessions(
             a session of two users; or the model reads no history.
         ConfigError: ``k`` or ``filters`` is not one ``recommend`` takes.
     """
+    k = check_k("k", k)  # named before any list, an empty table's too
     _check_table(rec, sessions)
     rows = sessions.to_dicts()
     owners = _session_users(rows) if USER in sessions.columns else {}
     entries, numbers, unread = _readable_rows(rec, rows)
     lists: list[tuple[Any, int, Any, float, float, str]] = []
     vocab = rec.item_vocab
+    batched: dict[Any, tuple[list[Any], list[float]]] = {}
+    if _batchable(rec, use_ranker, filters):
+        anonymous = [
+            s for s, readable in entries.items() if readable and s not in owners
+        ]
+        batched = _retrieval_lists(rec, anonymous, entries, k, exclude_seen)
     for session, readable in entries.items():
+        if session in batched:  # what recommend() answers it, in batches
+            items, scores = batched[session]
+            lists.extend(
+                (session, rank, item, score, score, "session")
+                for rank, (item, score) in enumerate(zip(items, scores, strict=True), 1)
+            )
+            continue
         answer = rec.recommend(
             owners.get(session),
             k,
@@ -151,6 +171,134 @@ def recommend_sessions(
             {"row": pl.Int64(), **given, "reason": pl.String()},
         ),
     )
+
+
+#: How many sessions share one query pass and one index search.
+BATCH_SESSIONS = 512
+
+
+def _batchable(rec: Recommender, use_ranker: bool, filters: Any) -> bool:
+    """Whether anonymous sessions can be answered in batches: retrieval's order
+    (no ranker, or not used), the whole catalogue (no filters) and no
+    per-request context."""
+    return (
+        (rec.ranker is None or not use_ranker)
+        and not filters
+        and not context_keys(rec.run.spec)
+    )
+
+
+def _retrieval_lists(
+    rec: Recommender,
+    sessions: list[Any],
+    entries: dict[Any, list[dict[str, Any]]],
+    k: int,
+    exclude_seen: bool,
+) -> dict[Any, tuple[list[Any], list[float]]]:
+    """``{session: (item IDs, scores)}``: the lists :meth:`Recommender.recommend`
+    gives these anonymous sessions without a ranker, up to float rounding in the
+    scores, :data:`BATCH_SESSIONS` at a time (one query pass and one index
+    search each, or one exact scoring with the session-kNN term). A session that reads an item added after training, or whose
+    query is not finite, is left out: ``recommend`` answers (or refuses) it."""
+    tensors = rec.run.tensors
+    length = int(tensors.history.shape[1])
+    bounds = tensors.rating_range.tolist()
+    read = {}
+    for session in sessions:
+        got = session_indices(
+            entries[session],
+            rec.item_vocab,
+            history_length=length,
+            rating_range=(bounds[0], bounds[1]) if bounds else None,
+        )
+        if got is not None and not bool((got[0] >= rec.num_trained_items).any()):
+            read[session] = got
+    width = max(rec.num_candidates, k)
+    found: dict[Any, tuple[list[Any], list[float]]] = {}
+    names = list(read)
+    for start in range(0, len(names), BATCH_SESSIONS):
+        part = names[start : start + BATCH_SESSIONS]
+        queries = _session_queries(rec, [read[s] for s in part], length)
+        finite = torch.isfinite(queries).all(dim=1)
+        seen = [np.unique(read[s][0].numpy()) if exclude_seen else None for s in part]
+        if rec.run.scores_exactly:
+            items = [read[s][0] for s in part]
+            top_scores, top_idx = _exact_search(rec, queries, items, seen, width)
+        else:
+            top_scores, top_idx = rec.index.search(queries, width, exclude=seen)
+        top_idx, top_scores = top_idx[:, :k], top_scores[:, :k]
+        kept = top_idx >= 0  # rows run short only when the catalogue does
+        flat = top_idx.clamp_min(0).numpy().ravel()
+        ids = rec.item_vocab.inverse_transform(flat).to_list()
+        for row, session in enumerate(part):
+            if bool(finite[row]):
+                n = int(kept[row].sum())  # the kept slots lead each row
+                at = row * top_idx.shape[1]
+                found[session] = (ids[at : at + n], top_scores[row, :n].tolist())
+    return found
+
+
+def _exact_search(
+    rec: Recommender,
+    queries: torch.Tensor,
+    sessions: list[torch.Tensor],
+    seen: list[np.ndarray | None],
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, W], [B, W])`` scores and item indices (-1 past what is left) of
+    every item, as ``recommend`` scores a session when the session-kNN term
+    joins the dot products: embeddings' scores plus the term of each session's
+    items (right-aligned, most recent last), seen and removed items out."""
+    embeddings = rec.item_embeddings
+    scores = queries @ embeddings.T  # (B, D) @ (D, N) -> (B, N)
+    longest = max(len(items) for items in sessions)
+    padded = torch.zeros(len(sessions), longest, dtype=torch.long)
+    for row, items in enumerate(sessions):
+        padded[row, longest - len(items) :] = items
+    users = torch.zeros(len(sessions), dtype=torch.long)  # anonymous
+    term = rec.run.neighbour_term(users, sessions=padded)
+    scores[:, : term.shape[1]] += term  # added items have no term
+    excluded = rec.removed_mask.expand_as(scores).clone()
+    excluded[:, 0] = True
+    for row, taken in enumerate(seen):
+        if taken is not None:
+            excluded[row, torch.from_numpy(taken)] = True
+    scores = scores.masked_fill(excluded, -torch.inf)
+    top_scores, top_idx = torch.topk(scores, min(width, scores.shape[1]), dim=1)
+    return top_scores, top_idx.masked_fill(top_scores == -torch.inf, -1)
+
+
+def _session_queries(
+    rec: Recommender,
+    sessions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    length: int,
+) -> torch.Tensor:
+    """``[B, D]`` the queries of anonymous sessions (``[S]`` item indices, times
+    and ratings each, oldest first), as ``recommend`` builds one: the unknown
+    user's fields and the last ``length`` items, right-aligned."""
+    tensors = rec.run.tensors
+    batch = len(sessions)
+    features = {
+        key: value[:1].expand(batch, *value.shape[1:])
+        for key, value in tensors.user_features.items()
+    }
+    history = torch.zeros(batch, length, dtype=torch.long)
+    times = torch.zeros(batch, length, dtype=torch.long)
+    ratings = torch.zeros(batch, length, dtype=torch.long)
+    for row, (items, stamps, given) in enumerate(sessions):
+        recent = items[-length:]
+        history[row, length - len(recent) :] = recent
+        times[row, length - len(recent) :] = stamps[-length:]
+        if tensors.reads_ratings:
+            buckets = rating_buckets(given.numpy(), tensors.rating_edges.numpy())
+            ratings[row, length - len(recent) :] = torch.from_numpy(buckets)[-length:]
+    features[HISTORY] = history
+    if tensors.history_times.numel():
+        features[HISTORY_TIMES] = times
+    if tensors.history_ratings.numel():
+        features[HISTORY_RATINGS] = ratings
+    with torch.no_grad():
+        return rec.run.model.encode_queries(features)
 
 
 def _check_table(rec: Recommender, sessions: pl.DataFrame) -> None:

@@ -18,7 +18,8 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.errors import ConfigError
 from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
-from twostage.session_batch import _retrieval_lists, evaluate_sessions
+from twostage.session_batch import _batched_lists, evaluate_sessions
+from twostage.two_stage import fit_two_stage
 
 RATED = [
     "data.dataset=synthetic:num_users=60,num_items=40,num_interactions=900",
@@ -53,6 +54,25 @@ def with_neighbours() -> Recommender:
     run, split = fit_retrieval(config)
     assert run.scores_exactly
     return Recommender(run, items=split.train.items)
+
+
+@pytest.fixture(scope="module")
+def ranked() -> Recommender:
+    """The transformer with a ranking stage that reads the history, the
+    retrieval query and an EASE term (blend 1)."""
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *RATED,
+            "ranking.epochs=1",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            "ranking.hard_negative_pool=20",
+            "ranking.ease_weight=0.5",
+            "ranking.blend_weight=1.0",
+        ],
+    )
+    return fit_two_stage(config, evaluate_test=False).recommender()
 
 
 def _items(answer: object) -> list[int]:
@@ -469,12 +489,12 @@ def test_the_cli_measures_held_out_session_items(
     )
 
 
-@pytest.mark.parametrize("model", ["rated", "with_neighbours"])
+@pytest.mark.parametrize("model", ["rated", "with_neighbours", "ranked"])
 def test_sessions_answered_in_batches_match_recommend_one_by_one(
     model: str, request: pytest.FixtureRequest
 ) -> None:
-    """Without a ranker, anonymous sessions share one query pass and one index
-    search (or one exact scoring, with the session-kNN term) per batch; every
+    """Anonymous sessions share one query pass, one index search (or one exact
+    scoring, with the session-kNN term) and one ranker call per batch; every
     list must be the one `recommend` gives alone, past the history's length (8)
     and with times and ratings read."""
     rated: Recommender = request.getfixturevalue(model)
@@ -501,7 +521,7 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
         ]
         for s in ids
     }
-    batched = _retrieval_lists(rated, ids, entries, 6, exclude_seen=True)
+    batched = _batched_lists(rated, ids, entries, 6, True, rated.ranker)
     assert set(batched) == set(ids)  # every one answered in the batch
     found = rated.recommend_sessions(table, 6).lists
     for session in ids:
@@ -510,11 +530,17 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
         assert mine["item_id"].to_list() == _items(alone), session
         assert batched[session][0] == _items(alone)
         scores = [item["score"] for item in alone.items]
-        assert mine["score"].to_list() == pytest.approx(scores, rel=1e-5, abs=1e-6)
+        keys = [item.get("rank_score", item["score"]) for item in alone.items]
+        close = {"rel": 1e-5, "abs": 1e-5}
+        assert mine["retrieval_score"].to_list() == pytest.approx(scores, **close)
+        assert mine["score"].to_list() == pytest.approx(keys, **close)
+    if model == "ranked":  # the ranker reorders retrieval's list
+        plain = rated.recommend_sessions(table, 6, use_ranker=False).lists
+        assert plain["item_id"].to_list() != found["item_id"].to_list()
     # A session reading an item added after training goes to `recommend`.
     grown = rated.add_items(
         pl.DataFrame(
             {"item_id": [9001], "title": ["new"], "category": ["cat1"], "price": [3.0]}
         )
     )
-    assert _retrieval_lists(grown, [0], {0: [{"item_id": 9001}]}, 6, True) == {}
+    assert _batched_lists(grown, [0], {0: [{"item_id": 9001}]}, 6, True) == {}

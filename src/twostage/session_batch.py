@@ -21,6 +21,7 @@ from twostage.errors import ConfigError
 from twostage.inputs import check_k, session_indices
 from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
+from twostage.ranking.rerank import rerank
 from twostage.retrieval.tensors import context_keys, rating_buckets
 
 if TYPE_CHECKING:
@@ -91,9 +92,9 @@ def recommend_sessions(
             session: its items follow that user's history). Sessions are answered
             in the order they first appear.
         k, exclude_seen, use_ranker, filters: as :meth:`Recommender.recommend`.
-            Without a ranker (or ``use_ranker=False``), filters or context, the
-            anonymous sessions are answered :data:`BATCH_SESSIONS` at a time
-            (:func:`_retrieval_lists`), the others one at a time.
+            Without filters or context, the anonymous sessions are answered
+            :data:`BATCH_SESSIONS` at a time (:func:`_batched_lists`), the
+            others one at a time.
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -114,18 +115,21 @@ def recommend_sessions(
     entries, numbers, unread = _readable_rows(rec, rows)
     lists: list[tuple[Any, int, Any, float, float, str]] = []
     vocab = rec.item_vocab
-    batched: dict[Any, tuple[list[Any], list[float]]] = {}
-    if _batchable(rec, use_ranker, filters):
+    batched: dict[Any, tuple[list[Any], list[float], list[float]]] = {}
+    if _batchable(rec, filters):
         anonymous = [
             s for s, readable in entries.items() if readable and s not in owners
         ]
-        batched = _retrieval_lists(rec, anonymous, entries, k, exclude_seen)
+        ranker = rec.ranker if use_ranker else None
+        batched = _batched_lists(rec, anonymous, entries, k, exclude_seen, ranker)
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches
-            items, scores = batched[session]
+            items, keys, scores = batched[session]
             lists.extend(
-                (session, rank, item, score, score, "session")
-                for rank, (item, score) in enumerate(zip(items, scores, strict=True), 1)
+                (session, rank, item, key, score, "session")
+                for rank, (item, key, score) in enumerate(
+                    zip(items, keys, scores, strict=True), 1
+                )
             )
             continue
         answer = rec.recommend(
@@ -177,29 +181,28 @@ def recommend_sessions(
 BATCH_SESSIONS = 512
 
 
-def _batchable(rec: Recommender, use_ranker: bool, filters: Any) -> bool:
-    """Whether anonymous sessions can be answered in batches: retrieval's order
-    (no ranker, or not used), the whole catalogue (no filters) and no
-    per-request context."""
-    return (
-        (rec.ranker is None or not use_ranker)
-        and not filters
-        and not context_keys(rec.run.spec)
-    )
+def _batchable(rec: Recommender, filters: Any) -> bool:
+    """Whether anonymous sessions can be answered in batches: the whole
+    catalogue (no filters) and no per-request context."""
+    return not filters and not context_keys(rec.run.spec)
 
 
-def _retrieval_lists(
+def _batched_lists(
     rec: Recommender,
     sessions: list[Any],
     entries: dict[Any, list[dict[str, Any]]],
     k: int,
     exclude_seen: bool,
-) -> dict[Any, tuple[list[Any], list[float]]]:
-    """``{session: (item IDs, scores)}``: the lists :meth:`Recommender.recommend`
-    gives these anonymous sessions without a ranker, up to float rounding in the
-    scores, :data:`BATCH_SESSIONS` at a time (one query pass and one index
-    search each, or one exact scoring with the session-kNN term). A session that reads an item added after training, or whose
-    query is not finite, is left out: ``recommend`` answers (or refuses) it."""
+    ranker: Any = None,
+) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
+    """``{session: (item IDs, keys, retrieval scores)}``: the lists
+    :meth:`Recommender.recommend` gives these anonymous sessions, up to float
+    rounding in the scores, :data:`BATCH_SESSIONS` at a time: one query pass,
+    one index search (or one exact scoring with the session-kNN term) and, with
+    a ``ranker``, one ranker call and re-rank (the keys: its order's; else the
+    retrieval scores). A session that reads an item added after training, or
+    whose query is not finite, is left out: ``recommend`` answers (or refuses)
+    it."""
     tensors = rec.run.tensors
     length = int(tensors.history.shape[1])
     bounds = tensors.rating_range.tolist()
@@ -214,28 +217,76 @@ def _retrieval_lists(
         if got is not None and not bool((got[0] >= rec.num_trained_items).any()):
             read[session] = got
     width = max(rec.num_candidates, k)
-    found: dict[Any, tuple[list[Any], list[float]]] = {}
+    found: dict[Any, tuple[list[Any], list[float], list[float]]] = {}
     names = list(read)
     for start in range(0, len(names), BATCH_SESSIONS):
         part = names[start : start + BATCH_SESSIONS]
-        queries = _session_queries(rec, [read[s] for s in part], length)
+        queries, fields = _session_queries(rec, [read[s] for s in part], length)
         finite = torch.isfinite(queries).all(dim=1)
-        seen = [np.unique(read[s][0].numpy()) if exclude_seen else None for s in part]
+        items = [read[s][0] for s in part]
+        seen = [np.unique(i.numpy()) if exclude_seen else None for i in items]
         if rec.run.scores_exactly:
-            items = [read[s][0] for s in part]
             top_scores, top_idx = _exact_search(rec, queries, items, seen, width)
         else:
             top_scores, top_idx = rec.index.search(queries, width, exclude=seen)
-        top_idx, top_scores = top_idx[:, :k], top_scores[:, :k]
-        kept = top_idx >= 0  # rows run short only when the catalogue does
-        flat = top_idx.clamp_min(0).numpy().ravel()
+        order, keys = _reranked(
+            rec, ranker, fields, queries, items, top_scores, top_idx
+        )
+        chosen = top_idx.gather(1, order)[:, :k]
+        plain = top_scores.gather(1, order)[:, :k]
+        keys = keys[:, :k]
+        kept = chosen >= 0  # rows run short only when the catalogue does
+        flat = chosen.clamp_min(0).numpy().ravel()
         ids = rec.item_vocab.inverse_transform(flat).to_list()
         for row, session in enumerate(part):
             if bool(finite[row]):
                 n = int(kept[row].sum())  # the kept slots lead each row
-                at = row * top_idx.shape[1]
-                found[session] = (ids[at : at + n], top_scores[row, :n].tolist())
+                at = row * chosen.shape[1]
+                found[session] = (
+                    ids[at : at + n],
+                    keys[row, :n].tolist(),
+                    plain[row, :n].tolist(),
+                )
     return found
+
+
+def _reranked(
+    rec: Recommender,
+    ranker: Any,
+    fields: dict[str, torch.Tensor],
+    queries: torch.Tensor,
+    sessions: list[torch.Tensor],
+    top_scores: torch.Tensor,
+    top_idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, W], [B, W])`` each row's order of its candidates and their keys: the
+    ranker's re-rank of them (click logit, a share of the retrieval logit and
+    the EASE term over each session's items), as ``recommend`` orders one
+    session's; retrieval's own order without a ranker."""
+    valid = top_idx >= 0
+    if ranker is None:
+        return torch.arange(top_idx.shape[1]).expand_as(top_idx), top_scores
+    candidates = top_idx.clamp_min(0)
+    out = ranker.score_users(fields, queries, candidates)
+    ease = None
+    if ranker.ease is not None:  # each session's items, as its basket
+        basket = [np.unique(items.numpy()) for items in sessions]
+        rows = UserItems.from_pairs(
+            np.repeat(np.arange(len(basket)), [len(b) for b in basket]),
+            np.concatenate(basket),
+            num_rows=len(basket),
+        )
+        users = torch.zeros(len(basket), dtype=torch.long)  # anonymous
+        ease = ranker.ease_scores(users, candidates, rows=rows)
+    logits = top_scores.masked_fill(~valid, 0.0) / float(rec.run.model.temperature)
+    return rerank(
+        out["click"],
+        logits,
+        blend_weight=ranker.blend_weight,
+        valid=valid,
+        ease=ease,
+        ease_weight=ranker.config.ease_weight,
+    )
 
 
 def _exact_search(
@@ -272,10 +323,11 @@ def _session_queries(
     rec: Recommender,
     sessions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     length: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``[B, D]`` the queries of anonymous sessions (``[S]`` item indices, times
-    and ratings each, oldest first), as ``recommend`` builds one: the unknown
-    user's fields and the last ``length`` items, right-aligned."""
+    and ratings each, oldest first), as ``recommend`` builds one, and the
+    encoded fields they came from (what the ranker reads): the unknown user's
+    fields and the last ``length`` items, right-aligned."""
     tensors = rec.run.tensors
     batch = len(sessions)
     features = {
@@ -298,7 +350,7 @@ def _session_queries(
     if tensors.history_ratings.numel():
         features[HISTORY_RATINGS] = ratings
     with torch.no_grad():
-        return rec.run.model.encode_queries(features)
+        return rec.run.model.encode_queries(features), features
 
 
 def _check_table(rec: Recommender, sessions: pl.DataFrame) -> None:

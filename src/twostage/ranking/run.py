@@ -461,6 +461,10 @@ class RankingRun:
         Returns:
             ``{"rating": [1, C], "click": [1, C]}``, as :meth:`score`.
         """
+        if item_side is None:
+            assert item_idx is not None
+            vector = None if query_vector is None else query_vector[None]
+            return self.score_users(fields, vector, item_idx[None])
         model = self.model
         if model.training:
             model.eval()
@@ -468,14 +472,8 @@ class RankingRun:
         features = query_features(self.tensors, torch.zeros(1, dtype=torch.long))
         features.update({k: v for k, v in fields.items() if k in features})
         with torch.no_grad():
-            if item_side is None:
-                assert item_idx is not None
-                candidate, vectors, projection = _gathered(self, inference, item_idx)
-            else:
-                candidate = model.embed_candidates(item_side)
-                vectors = item_vectors if model.extra_dim else None
-                projection = None
-            width = len(candidate.vector)
+            candidate = model.embed_candidates(item_side)
+            vectors = item_vectors if model.extra_dim else None
             q = None
             if model.extra_dim:
                 assert vectors is not None and query_vector is not None
@@ -486,8 +484,53 @@ class RankingRun:
                 model.embed_queries(features),
                 None,
                 q,
+                (candidate, vectors, None),
+                (1, len(candidate.vector)),
+            )
+        low, high = self.rating_bounds
+        return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
+
+    def score_users(
+        self,
+        fields: dict[str, Tensor],
+        query_vectors: Tensor | None,
+        item_idx: Tensor,
+    ) -> dict[str, Tensor]:
+        """:meth:`score_user` for ``B`` users at once (anonymous sessions, say).
+
+        Args:
+            fields: ``{key: [B, ...]}`` their encoded query fields (those left out
+                are the unknown user's).
+            query_vectors: ``[B, D]`` their retrieval queries (None for a ranker
+                without ``use_retrieval_features``).
+            item_idx: ``[B, C]`` int64 item indices.
+
+        Returns:
+            ``{"rating": [B, C], "click": [B, C]}``, as :meth:`score`.
+        """
+        model = self.model
+        if model.training:
+            model.eval()
+        inference = self._inference()
+        batch, width = item_idx.shape
+        features = query_features(self.tensors, torch.zeros(batch, dtype=torch.long))
+        features.update({k: v for k, v in fields.items() if k in features})
+        with torch.no_grad():
+            candidate, vectors, projection = _gathered(
+                self, inference, item_idx.reshape(-1)
+            )
+            q = None
+            if model.extra_dim:
+                assert vectors is not None and query_vectors is not None
+                q = query_vectors.to(vectors.dtype)
+            out = _heads(
+                model,
+                inference,
+                model.embed_queries(features),
+                None,
+                q,
                 (candidate, vectors, projection),
-                (1, width),
+                (batch, width),
             )
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}

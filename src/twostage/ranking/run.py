@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -461,34 +462,18 @@ class RankingRun:
         Returns:
             ``{"rating": [1, C], "click": [1, C]}``, as :meth:`score`.
         """
+        vector = None if query_vector is None else query_vector[None]
         if item_side is None:
             assert item_idx is not None
-            vector = None if query_vector is None else query_vector[None]
             return self.score_users(fields, vector, item_idx[None])
         model = self.model
-        if model.training:
-            model.eval()
-        inference = self._inference()
-        features = query_features(self.tensors, torch.zeros(1, dtype=torch.long))
-        features.update({k: v for k, v in fields.items() if k in features})
-        with torch.no_grad():
-            candidate = model.embed_candidates(item_side)
+
+        def embedded(_: _Inference) -> tuple[EmbeddedSide, Tensor | None, None]:
             vectors = item_vectors if model.extra_dim else None
-            q = None
-            if model.extra_dim:
-                assert vectors is not None and query_vector is not None
-                q = query_vector[None].to(vectors.dtype)
-            out = _heads(
-                model,
-                inference,
-                model.embed_queries(features),
-                None,
-                q,
-                (candidate, vectors, None),
-                (1, len(candidate.vector)),
-            )
-        low, high = self.rating_bounds
-        return {"rating": out["rating"].clamp(low, high), "click": out["click"]}
+            return model.embed_candidates(item_side), vectors, None
+
+        width = len(next(iter(item_side.values())))
+        return self._score_fields(fields, vector, embedded, (1, width))
 
     def score_users(
         self,
@@ -508,17 +493,36 @@ class RankingRun:
         Returns:
             ``{"rating": [B, C], "click": [B, C]}``, as :meth:`score`.
         """
+        flat = item_idx.reshape(-1)
+        return self._score_fields(
+            fields,
+            query_vectors,
+            lambda inference: _gathered(self, inference, flat),
+            (int(item_idx.shape[0]), int(item_idx.shape[1])),
+        )
+
+    def _score_fields(
+        self,
+        fields: dict[str, Tensor],
+        query_vectors: Tensor | None,
+        candidates: Callable[
+            [_Inference], tuple[EmbeddedSide, Tensor | None, Tensor | None]
+        ],
+        shape: tuple[int, int],
+    ) -> dict[str, Tensor]:
+        """Both heads ``shape = (B, C)`` for ``B`` users given by their encoded
+        query fields (the unknown user's where left out) and retrieval queries
+        ``[B, D]``, against the candidates ``candidates(inference)`` gives
+        (embedded side, retrieval embeddings, cached projection)."""
         model = self.model
         if model.training:
             model.eval()
         inference = self._inference()
-        batch, width = item_idx.shape
-        features = query_features(self.tensors, torch.zeros(batch, dtype=torch.long))
+        users = torch.zeros(shape[0], dtype=torch.long)
+        features = query_features(self.tensors, users)
         features.update({k: v for k, v in fields.items() if k in features})
         with torch.no_grad():
-            candidate, vectors, projection = _gathered(
-                self, inference, item_idx.reshape(-1)
-            )
+            candidate, vectors, projection = candidates(inference)
             q = None
             if model.extra_dim:
                 assert vectors is not None and query_vectors is not None
@@ -530,7 +534,7 @@ class RankingRun:
                 None,
                 q,
                 (candidate, vectors, projection),
-                (batch, width),
+                shape,
             )
         low, high = self.rating_bounds
         return {"rating": out["rating"].clamp(low, high), "click": out["click"]}

@@ -493,13 +493,15 @@ def test_the_cli_measures_held_out_session_items(
 def test_sessions_answered_in_batches_match_recommend_one_by_one(
     model: str, request: pytest.FixtureRequest
 ) -> None:
-    """Anonymous sessions share one query pass, one index search (or one exact
-    scoring, with the session-kNN term) and one ranker call per batch; every
-    list must be the one `recommend` gives alone, past the history's length (8)
-    and with times and ratings read."""
+    """Sessions share one query pass, one index search (or one exact scoring,
+    with the session-kNN term) and one ranker call per batch; every list must
+    be the one `recommend` gives alone, anonymous or after a known user's
+    history, past the history's length (8), with times and ratings read."""
     rated: Recommender = request.getfixturevalue(model)
     rng = np.random.default_rng(5)
     known = rated.item_vocab.values.to_list()[1:]
+    people = rated.user_vocab.values.to_list()[1:]
+    owner = {s: people[s] if s % 3 == 0 else None for s in range(40)}
     rows = []
     for session in range(40):
         for step in range(int(rng.integers(1, 14))):
@@ -509,24 +511,32 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
                     "item_id": int(rng.choice(known)),
                     "timestamp": int(1000 * session + rng.integers(0, 500)),
                     "rating": float(rng.integers(1, 6)) if step % 3 else None,
+                    "user_id": owner[session],
                 }
             )
     table = pl.DataFrame(rows)
     ids = table["session_id"].unique(maintain_order=True).to_list()
     entries = {
         s: [
-            {k: v for k, v in r.items() if k != "session_id" and v is not None}
+            {k: v for k, v in r.items() if k in ("item_id", "timestamp", "rating")}
             for r in rows
             if r["session_id"] == s
         ]
         for s in ids
     }
-    batched = _batched_lists(rated, ids, entries, 6, True, rated.ranker)
+    for listed in entries.values():
+        for entry in listed:
+            if entry["rating"] is None:
+                del entry["rating"]
+    users = {s: rated.user_vocab.lookup(u) for s, u in owner.items() if u is not None}
+    batched = _batched_lists(rated, ids, entries, users, 6, True, rated.ranker)
     assert set(batched) == set(ids)  # every one answered in the batch
     found = rated.recommend_sessions(table, 6).lists
     for session in ids:
-        alone = rated.recommend(None, 6, session=entries[session])
+        alone = rated.recommend(owner[session], 6, session=entries[session])
+        assert alone.path == ("personalised" if owner[session] else "session")
         mine = found.filter(pl.col("session_id") == session)
+        assert mine["path"].to_list() == [alone.path] * len(alone.items)
         assert mine["item_id"].to_list() == _items(alone), session
         assert batched[session][0] == _items(alone)
         scores = [item["score"] for item in alone.items]
@@ -543,4 +553,4 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
             {"item_id": [9001], "title": ["new"], "category": ["cat1"], "price": [3.0]}
         )
     )
-    assert _batched_lists(grown, [0], {0: [{"item_id": 9001}]}, 6, True) == {}
+    assert _batched_lists(grown, [0], {0: [{"item_id": 9001}]}, {}, 6, True) == {}

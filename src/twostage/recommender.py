@@ -391,6 +391,11 @@ class Recommender:
         return self._query_cache
 
     # -- the catalogue ------------------------------------------------------------
+    def seen_items(self, user_idx: int) -> np.ndarray:
+        """The sorted item indices a known user (``user_idx`` > 0) trained on
+        and served as history: what ``exclude_seen`` leaves out for them."""
+        return self._seen.row(user_idx)
+
     @property
     def removed_mask(self) -> torch.Tensor:
         """``[N]`` bool: True for the catalogue rows no longer served

@@ -92,7 +92,7 @@ def recommend_sessions(
             session: its items follow that user's history). Sessions are answered
             in the order they first appear.
         k, exclude_seen, use_ranker, filters: as :meth:`Recommender.recommend`.
-            Without filters or context, the anonymous sessions are answered
+            Without filters or context, the sessions are answered
             :data:`BATCH_SESSIONS` at a time (:func:`_batched_lists`), the
             others one at a time.
 
@@ -116,17 +116,18 @@ def recommend_sessions(
     lists: list[tuple[Any, int, Any, float, float, str]] = []
     vocab = rec.item_vocab
     batched: dict[Any, tuple[list[Any], list[float], list[float]]] = {}
+    users: dict[Any, int] = {}  # each session's user_idx (0: none, or unknown)
     if _batchable(rec, filters):
-        anonymous = [
-            s for s, readable in entries.items() if readable and s not in owners
-        ]
+        readable = [s for s, rows in entries.items() if rows]
+        users = {s: rec.user_vocab.lookup(u) for s, u in owners.items()}
         ranker = rec.ranker if use_ranker else None
-        batched = _batched_lists(rec, anonymous, entries, k, exclude_seen, ranker)
+        batched = _batched_lists(rec, readable, entries, users, k, exclude_seen, ranker)
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches
             items, keys, scores = batched[session]
+            path = "personalised" if users.get(session) else "session"
             lists.extend(
-                (session, rank, item, key, score, "session")
+                (session, rank, item, key, score, path)
                 for rank, (item, key, score) in enumerate(
                     zip(items, keys, scores, strict=True), 1
                 )
@@ -182,7 +183,7 @@ BATCH_SESSIONS = 512
 
 
 def _batchable(rec: Recommender, filters: Any) -> bool:
-    """Whether anonymous sessions can be answered in batches: the whole
+    """Whether sessions can be answered in batches: the whole
     catalogue (no filters) and no per-request context."""
     return not filters and not context_keys(rec.run.spec)
 
@@ -191,12 +192,15 @@ def _batched_lists(
     rec: Recommender,
     sessions: list[Any],
     entries: dict[Any, list[dict[str, Any]]],
+    users: dict[Any, int],
     k: int,
     exclude_seen: bool,
     ranker: Any = None,
 ) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
     """``{session: (item IDs, keys, retrieval scores)}``: the lists
-    :meth:`Recommender.recommend` gives these anonymous sessions, up to float
+    :meth:`Recommender.recommend` gives these sessions (of the users
+    ``users`` names by ``user_idx``, after their stored history; anonymous
+    where it names none), up to float
     rounding in the scores, :data:`BATCH_SESSIONS` at a time: one query pass,
     one index search (or one exact scoring with the session-kNN term) and, with
     a ``ranker``, one ranker call and re-rank (the keys: its order's; else the
@@ -221,16 +225,24 @@ def _batched_lists(
     names = list(read)
     for start in range(0, len(names), BATCH_SESSIONS):
         part = names[start : start + BATCH_SESSIONS]
-        queries, fields = _session_queries(rec, [read[s] for s in part], length)
+        who = torch.tensor([users.get(s, 0) for s in part], dtype=torch.long)
+        queries, fields = _session_queries(rec, [read[s] for s in part], who, length)
         finite = torch.isfinite(queries).all(dim=1)
         items = [read[s][0] for s in part]
-        seen = [np.unique(i.numpy()) if exclude_seen else None for i in items]
+        # what a known user trained on, with the session: seen, and EASE's basket
+        baskets = [
+            np.union1d(rec.seen_items(int(u)) if u > 0 else [], i.numpy()).astype(
+                np.int64
+            )
+            for u, i in zip(who, items, strict=True)
+        ]
+        seen = [b if exclude_seen else None for b in baskets]
         if rec.run.scores_exactly:
-            top_scores, top_idx = _exact_search(rec, queries, items, seen, width)
+            top_scores, top_idx = _exact_search(rec, queries, who, items, seen, width)
         else:
             top_scores, top_idx = rec.index.search(queries, width, exclude=seen)
         order, keys = _reranked(
-            rec, ranker, fields, queries, items, top_scores, top_idx
+            rec, ranker, fields, queries, who, baskets, top_scores, top_idx
         )
         chosen = top_idx.gather(1, order)[:, :k]
         plain = top_scores.gather(1, order)[:, :k]
@@ -255,28 +267,28 @@ def _reranked(
     ranker: Any,
     fields: dict[str, torch.Tensor],
     queries: torch.Tensor,
-    sessions: list[torch.Tensor],
+    users: torch.Tensor,
+    baskets: list[np.ndarray],
     top_scores: torch.Tensor,
     top_idx: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, W], [B, W])`` each row's order of its candidates and their keys: the
     ranker's re-rank of them (click logit, a share of the retrieval logit and
-    the EASE term over each session's items), as ``recommend`` orders one
-    session's; retrieval's own order without a ranker."""
+    the EASE term over each row's ``baskets``: the session's items, with a known
+    user's), as ``recommend`` orders one session's; retrieval's own order
+    without a ranker."""
     valid = top_idx >= 0
     if ranker is None:
         return torch.arange(top_idx.shape[1]).expand_as(top_idx), top_scores
     candidates = top_idx.clamp_min(0)
     out = ranker.score_users(fields, queries, candidates)
     ease = None
-    if ranker.ease is not None:  # each session's items, as its basket
-        basket = [np.unique(items.numpy()) for items in sessions]
+    if ranker.ease is not None:
         rows = UserItems.from_pairs(
-            np.repeat(np.arange(len(basket)), [len(b) for b in basket]),
-            np.concatenate(basket),
-            num_rows=len(basket),
+            np.repeat(np.arange(len(baskets)), [len(b) for b in baskets]),
+            np.concatenate(baskets),
+            num_rows=len(baskets),
         )
-        users = torch.zeros(len(basket), dtype=torch.long)  # anonymous
         ease = ranker.ease_scores(users, candidates, rows=rows)
     logits = top_scores.masked_fill(~valid, 0.0) / float(rec.run.model.temperature)
     return rerank(
@@ -292,6 +304,7 @@ def _reranked(
 def _exact_search(
     rec: Recommender,
     queries: torch.Tensor,
+    users: torch.Tensor,
     sessions: list[torch.Tensor],
     seen: list[np.ndarray | None],
     width: int,
@@ -299,15 +312,15 @@ def _exact_search(
     """``([B, W], [B, W])`` scores and item indices (-1 past what is left) of
     every item, as ``recommend`` scores a session when the session-kNN term
     joins the dot products: embeddings' scores plus the term of each session's
-    items (right-aligned, most recent last), seen and removed items out."""
+    items (right-aligned, most recent last) after its user's stored ones, seen
+    and removed items out."""
     embeddings = rec.item_embeddings
     scores = queries @ embeddings.T  # (B, D) @ (D, N) -> (B, N)
     longest = max(len(items) for items in sessions)
     padded = torch.zeros(len(sessions), longest, dtype=torch.long)
     for row, items in enumerate(sessions):
         padded[row, longest - len(items) :] = items
-    users = torch.zeros(len(sessions), dtype=torch.long)  # anonymous
-    term = rec.run.neighbour_term(users, sessions=padded)
+    term = rec.run.neighbour_term(users, sessions=padded)  # after a user's own
     scores[:, : term.shape[1]] += term  # added items have no term
     excluded = rec.removed_mask.expand_as(scores).clone()
     excluded[:, 0] = True
@@ -322,28 +335,39 @@ def _exact_search(
 def _session_queries(
     rec: Recommender,
     sessions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    users: torch.Tensor,
     length: int,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``[B, D]`` the queries of anonymous sessions (``[S]`` item indices, times
-    and ratings each, oldest first), as ``recommend`` builds one, and the
-    encoded fields they came from (what the ranker reads): the unknown user's
-    fields and the last ``length`` items, right-aligned."""
+    """``[B, D]`` the queries of sessions (``[S]`` item indices, times and
+    ratings each, oldest first) of ``users`` (``[B]`` user_idx, 0: anonymous),
+    as ``recommend`` builds one, and the encoded fields they came from (what the
+    ranker reads): the user's fields and the last ``length`` items of their
+    stored history then the session, right-aligned."""
     tensors = rec.run.tensors
     batch = len(sessions)
-    features = {
-        key: value[:1].expand(batch, *value.shape[1:])
-        for key, value in tensors.user_features.items()
-    }
+    features = {key: value[users] for key, value in tensors.user_features.items()}
     history = torch.zeros(batch, length, dtype=torch.long)
     times = torch.zeros(batch, length, dtype=torch.long)
     ratings = torch.zeros(batch, length, dtype=torch.long)
     for row, (items, stamps, given) in enumerate(sessions):
+        buckets = torch.zeros_like(items)  # bucket 0: not known
+        if tensors.reads_ratings:
+            edges = tensors.rating_edges.numpy()
+            buckets = torch.from_numpy(rating_buckets(given.numpy(), edges))
+        user = int(users[row])
+        if user > 0:  # the stored history comes first
+            stored = tensors.history[user]
+            kept = stored > 0
+            items = torch.cat([stored[kept], items])
+            if tensors.history_times.numel():
+                stamps = torch.cat([tensors.history_times[user][kept], stamps])
+            if tensors.history_ratings.numel():
+                buckets = torch.cat([tensors.history_ratings[user][kept], buckets])
         recent = items[-length:]
         history[row, length - len(recent) :] = recent
-        times[row, length - len(recent) :] = stamps[-length:]
-        if tensors.reads_ratings:
-            buckets = rating_buckets(given.numpy(), tensors.rating_edges.numpy())
-            ratings[row, length - len(recent) :] = torch.from_numpy(buckets)[-length:]
+        if tensors.history_times.numel():
+            times[row, length - len(recent) :] = stamps[-length:]
+        ratings[row, length - len(recent) :] = buckets[-length:]
     features[HISTORY] = history
     if tensors.history_times.numel():
         features[HISTORY_TIMES] = times

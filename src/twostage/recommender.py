@@ -53,7 +53,7 @@ from twostage.inputs import (
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.ranking.rerank import rerank
 from twostage.retrieval.run import RetrievalRun
-from twostage.retrieval.tensors import context_keys, rating_buckets
+from twostage.retrieval.tensors import context_keys, session_history
 
 if typing.TYPE_CHECKING:
     from twostage.session_batch import SessionLists
@@ -607,23 +607,10 @@ class Recommender:
         ``fields``: an anonymous user's encoded features."""
         tensors = self.run.tensors
         length = tensors.history.shape[1]
-        items, times, given = session
-        ratings = torch.zeros_like(items)  # bucket 0: not known
-        if tensors.reads_ratings:
-            ratings = torch.from_numpy(
-                rating_buckets(given.numpy(), tensors.rating_edges.numpy())
-            )
+        items, times, ratings = session_history(tensors, user_idx, session)
         if user_idx > 0:
             row = slice(user_idx, user_idx + 1)
             features = {k: v[row] for k, v in tensors.user_features.items()}
-            stored = tensors.history[user_idx]
-            items = torch.cat([stored[stored > 0], items])
-            if tensors.history_times.numel():
-                stamps = tensors.history_times[user_idx][stored > 0]
-                times = torch.cat([stamps, times])
-            if tensors.history_ratings.numel():
-                rated = tensors.history_ratings[user_idx][stored > 0]
-                ratings = torch.cat([rated, ratings])
         else:
             if fields is not None:
                 features = dict(fields)

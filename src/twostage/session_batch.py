@@ -22,7 +22,7 @@ from twostage.inputs import check_k, session_indices
 from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.ranking.rerank import rerank
-from twostage.retrieval.tensors import context_keys, rating_buckets
+from twostage.retrieval.tensors import context_keys, session_history
 
 if TYPE_CHECKING:
     from twostage.recommender import Recommender
@@ -349,20 +349,8 @@ def _session_queries(
     history = torch.zeros(batch, length, dtype=torch.long)
     times = torch.zeros(batch, length, dtype=torch.long)
     ratings = torch.zeros(batch, length, dtype=torch.long)
-    for row, (items, stamps, given) in enumerate(sessions):
-        buckets = torch.zeros_like(items)  # bucket 0: not known
-        if tensors.reads_ratings:
-            edges = tensors.rating_edges.numpy()
-            buckets = torch.from_numpy(rating_buckets(given.numpy(), edges))
-        user = int(users[row])
-        if user > 0:  # the stored history comes first
-            stored = tensors.history[user]
-            kept = stored > 0
-            items = torch.cat([stored[kept], items])
-            if tensors.history_times.numel():
-                stamps = torch.cat([tensors.history_times[user][kept], stamps])
-            if tensors.history_ratings.numel():
-                buckets = torch.cat([tensors.history_ratings[user][kept], buckets])
+    for row, session in enumerate(sessions):
+        items, stamps, buckets = session_history(tensors, int(users[row]), session)
         recent = items[-length:]
         history[row, length - len(recent) :] = recent
         if tensors.history_times.numel():

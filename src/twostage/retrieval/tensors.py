@@ -44,6 +44,7 @@ __all__ = [
     "rating_values",
     "recent_popularity",
     "rows_in_vocab_order",
+    "session_history",
     "tensors_from_flat",
     "tensors_to_flat",
     "with_history_of",
@@ -753,6 +754,32 @@ def rating_tables(
     if config.examples == "sequences":
         windows = sequence_windows(times, user_idx, buckets, length=length)[0]
     return history[0], windows, torch.from_numpy(edges), bounds.double()
+
+
+def session_history(
+    tensors: RetrievalTensors,
+    user_idx: int,
+    session: tuple[Tensor, Tensor, Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What a session's query reads, oldest first: a known user's stored history
+    (none for ``user_idx`` 0), then the session's ``[S]`` item indices, their
+    times and their ratings' buckets (0: not known; from the session's rating
+    values, NaN where none). The times are the session's alone where the
+    tables keep none; the caller takes the last ``history_length``."""
+    items, times, given = session
+    ratings = torch.zeros_like(items)  # bucket 0: not known
+    if tensors.reads_ratings:
+        edges = tensors.rating_edges.numpy()
+        ratings = torch.from_numpy(rating_buckets(given.numpy(), edges))
+    if user_idx > 0:  # the stored history comes first
+        stored = tensors.history[user_idx]
+        kept = stored > 0
+        items = torch.cat([stored[kept], items])
+        if tensors.history_times.numel():
+            times = torch.cat([tensors.history_times[user_idx][kept], times])
+        if tensors.history_ratings.numel():
+            ratings = torch.cat([tensors.history_ratings[user_idx][kept], ratings])
+    return items, times, ratings
 
 
 def rating_values(inter: pl.DataFrame) -> np.ndarray:

@@ -18,7 +18,8 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.errors import ConfigError
 from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
-from twostage.session_batch import _batched_lists, evaluate_sessions
+from twostage.session_batch import _batched_lists
+from twostage.session_evaluation import evaluate_sessions
 from twostage.two_stage import fit_two_stage
 
 RATED = [

@@ -1236,7 +1236,8 @@ def _evaluate_sessions(
     rec: Any, path: Path, use_ranker: bool, json_output: bool
 ) -> None:
     """``evaluate --sessions``: the figures, then what was left out and why."""
-    from twostage.session_batch import SessionTableError, evaluate_sessions
+    from twostage.session_batch import SessionTableError
+    from twostage.session_evaluation import evaluate_sessions
 
     if not path.is_file():
         raise typer.BadParameter(

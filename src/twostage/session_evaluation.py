@@ -1,0 +1,143 @@
+"""Next-item figures of sessions the model never saw, as session-based
+recommenders are measured: each session's last item held out and found from the
+items before it, the model's lists beside its own popularity fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from twostage.data.dataset import ITEM, TIME
+from twostage.data.user_items import UserItems
+from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
+from twostage.session_batch import SESSION, check_sessions_table, recommend_sessions
+
+if TYPE_CHECKING:
+    from twostage.recommender import Recommender
+
+__all__ = ["evaluate_sessions"]
+
+
+def evaluate_sessions(
+    rec: Recommender,
+    sessions: pl.DataFrame,
+    *,
+    ks: Sequence[int] = (1, 5, 10, 20, 50, 100),
+    use_ranker: bool = True,
+) -> dict[str, Any]:
+    """Next-item figures on sessions the model never saw, as session-based
+    recommenders are measured: each session's last item (in the order
+    :func:`recommend_sessions` reads it) is held out, its earlier items are the
+    query, and the list (its items excluded) must find the held-out one.
+
+    Args:
+        rec: the model.
+        sessions: a row per session item, as :func:`recommend_sessions` takes it.
+        ks: list lengths.
+        use_ranker: measure the served list (False: retrieval's order).
+
+    Returns:
+        ``{"twostage": {metric: {k: value}}, "popularity": ...}`` (recall, NDCG,
+        hit rate and MRR; one held-out item each, so recall = hit rate), the
+        popularity row being the model's own fallback list with each session's
+        items excluded; ``sessions`` (measured), ``single_item_sessions`` (left
+        out: nothing to predict from), ``unknown_targets`` (held-out items the
+        model does not know, counted as misses) and the query rows not read
+        (``unread_rows``, ``unread_reasons``).
+    """
+    ks = check_ks(ks)
+    check_sessions_table(rec, sessions)
+    # A row without a session or an item is neither a query item nor a target.
+    usable = pl.col(SESSION).is_not_null() & pl.col(ITEM).is_not_null()
+    dropped = sessions.select(
+        pl.col(SESSION).is_null().sum().alias(f"no {SESSION}"),
+        (pl.col(SESSION).is_not_null() & pl.col(ITEM).is_null())
+        .sum()
+        .alias(f"no {ITEM}"),
+    ).row(0, named=True)
+    ordered = _in_reading_order(sessions.with_row_index("_row").filter(usable))
+    last = pl.col("_row") == pl.col("_row").last().over(SESSION)
+    targets = ordered.filter(last)
+    sizes = ordered.group_by(SESSION, maintain_order=True).len()
+    measured = set(sizes.filter(pl.col("len") > 1)[SESSION].to_list())
+    targets = targets.filter(pl.col(SESSION).is_in(list(measured)))
+    queries = ordered.filter(~last).sort("_row").drop("_row")
+    found = recommend_sessions(
+        rec, queries, ks[-1], exclude_seen=True, use_ranker=use_ranker
+    )
+    vocab = rec.item_vocab
+    order = targets[SESSION].to_list()
+    position = {session: row for row, session in enumerate(order)}
+    wanted = np.array([vocab.lookup(i) for i in targets[ITEM].to_list()], np.int64)
+    known = np.array([vocab.contains(i) for i in targets[ITEM].to_list()], bool)
+    relevant = UserItems.from_pairs(
+        np.arange(len(order)), np.where(known, wanted, 0), num_rows=len(order)
+    )
+    figures = {}
+    for name, lists in (
+        ("twostage", _ranked(found.lists, position, vocab, ks[-1])),
+        ("popularity", _popular_ranked(rec, queries, order, ks[-1])),
+    ):
+        metrics = compute_metrics(lists, relevant, ks=ks, num_items=vocab.size)
+        figures[name] = {m: metrics[m] for m in RANKING_METRICS}
+    reasons = {r: n for r, n in dropped.items() if n}
+    reasons.update(found.unread["reason"].value_counts(sort=True).iter_rows())
+    return {
+        **figures,
+        "sessions": len(order),
+        "single_item_sessions": sizes.height - len(measured),
+        "unknown_targets": int((~known).sum()),
+        "unread_rows": sum(reasons.values()),
+        "unread_reasons": reasons,
+    }
+
+
+def _in_reading_order(rows: pl.DataFrame) -> pl.DataFrame:
+    """Each session's rows in the order ``recommend`` reads them: by time where
+    every row of the session has one (ties in the table's order), else in the
+    table's order."""
+    if TIME not in rows.columns:
+        return rows
+    timed = pl.col(TIME).is_not_null().all().over(SESSION)
+    key = pl.when(timed).then(pl.col(TIME).cast(pl.Float64)).otherwise(pl.col("_row"))
+    first = pl.col("_row").min().over(SESSION)
+    return (
+        rows.with_columns(_first=first, _key=key)
+        .sort("_first", "_key", "_row")
+        .drop("_first", "_key")
+    )
+
+
+def _ranked(
+    lists: pl.DataFrame, position: dict[Any, int], vocab: Any, k: int
+) -> torch.Tensor:
+    """``[S, k]`` item indices of each measured session's list (-1: empty)."""
+    out = torch.full((len(position), k), -1, dtype=torch.long)
+    for session, rank, item in lists.select(SESSION, "rank", ITEM).iter_rows():
+        if session in position:
+            out[position[session], rank - 1] = vocab.lookup(item)
+    return out
+
+
+def _popular_ranked(
+    rec: Recommender, queries: pl.DataFrame, order: list[Any], k: int
+) -> torch.Tensor:
+    """``[S, k]`` the model's fallback list for each session, its items left out."""
+    vocab = rec.item_vocab
+    seen: dict[Any, set[int]] = {}
+    for session, item in queries.select(SESSION, ITEM).iter_rows():
+        if item is not None:
+            seen.setdefault(session, set()).add(vocab.lookup(item))
+    longest = max((len(items) for items in seen.values()), default=0)
+    popular = [
+        vocab.lookup(i["item_id"]) for i in rec.recommend(None, k + longest).items
+    ]
+    out = torch.full((len(order), k), -1, dtype=torch.long)
+    for row, session in enumerate(order):
+        kept = [i for i in popular if i not in seen.get(session, ())][:k]
+        out[row, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+    return out

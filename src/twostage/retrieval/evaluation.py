@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,14 @@ from twostage.retrieval.run import RetrievalRun, load_run
 from twostage.retrieval.tensors import PriorHistory, RetrievalTensors, context_keys
 
 __all__ = [
+    "BY_POPULARITY",
     "EvalQueries",
+    "baseline_makers",
     "evaluate_baselines",
     "evaluate_on",
     "evaluate_run_embeddings",
     "evaluate_saved",
+    "fitted_baselines",
     "rebuild_split",
     "check_rebuilt",
     "with_training_tables",
@@ -233,43 +236,33 @@ def evaluate_run_embeddings(
     )
 
 
-def evaluate_baselines(
-    run: RetrievalRun,
-    test: Dataset,
-    *,
-    ks: tuple[int, ...] = (1, 5, 10, 50, 100),
-    names: tuple[str, ...] | None = None,
-    train: Dataset | None = None,
-) -> dict[str, EvalResult]:
-    """The baselines (or the ``names`` among them) on the run's own training data and
-    test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
-    times, recent popularity, the item-to-item transition model, the
-    sequence-aware user neighbourhood (session-kNN) and EASE read in time order
-    (``ease-recency``) (the last three on every training row in time order;
-    without ``train``, on the run's recent items when it keeps more than one a
-    user, so then they depend on ``retrieval.history_length``). A test user new to
-    the model with rows in ``test.prior`` is scored from all of them
-    (``score_sequences``), where the run reads its latest ``history_length``. A
-    test user the run does not know and who has no prior rows gets the run's
-    most-popular list (what its fallback serves: recent popularity with
-    ``retrieval.popularity_days``) from every baseline that reads a user's items,
-    where each would score nothing."""
+#: The baselines that rank by popularity alone: a user with nothing to read gets
+#: their own list anyway, where the others get the run's most-popular one.
+BY_POPULARITY = ("popularity", "recent-popularity")
+
+
+def baseline_makers(
+    run: RetrievalRun, train: Dataset | None = None
+) -> dict[str, Callable[[], Any]]:
+    """``{name: make}``: each baseline fitted on the run's training data when
+    ``make()`` is called (one at a time, so a large catalogue holds one model's
+    matrices at once): popularity, EASE and item-kNN on the run's training items;
+    given the ``train`` rows with their times, recent popularity and the ordered
+    baselines (transitions, session-kNN, EASE read in time order) on every
+    training row in time order; without them, the ordered ones on the run's
+    recent items when it keeps more than one a user. A ``make()`` that cannot
+    fit on this log (recent popularity without a time column) raises
+    :class:`ConfigError` saying why."""
     from twostage.baselines import (
         BASELINES,
-        Popularity,
         RecencyEASE,
         RecentPopularity,
         SessionKNN,
         Transition,
     )
 
-    # They rank by popularity alone: a new user gets their own list anyway.
-    by_popularity = (Popularity.name, RecentPopularity.name)
-
-    queries = eval_queries(run, test)
     num_items = run.spec.vocabulary(ITEM).size
     seen = run.tensors.seen()
-    user_idx = torch.from_numpy(queries.user_idx)
 
     def fitted(cls: Callable[[], Any]) -> Callable[[], Any]:
         return lambda: cls().fit(seen, num_items=num_items)
@@ -315,6 +308,41 @@ def evaluate_baselines(
 
         for ordered in (Transition, SessionKNN, RecencyEASE):
             makers[ordered.name] = from_table(ordered)
+    return makers
+
+
+def evaluate_baselines(
+    run: RetrievalRun,
+    test: Dataset,
+    *,
+    ks: tuple[int, ...] = (1, 5, 10, 50, 100),
+    names: tuple[str, ...] | None = None,
+    train: Dataset | None = None,
+) -> dict[str, EvalResult]:
+    """The baselines (or the ``names`` among them) on the run's own training data and
+    test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
+    times, recent popularity, the item-to-item transition model, the
+    sequence-aware user neighbourhood (session-kNN) and EASE read in time order
+    (``ease-recency``) (the last three on every training row in time order;
+    without ``train``, on the run's recent items when it keeps more than one a
+    user, so then they depend on ``retrieval.history_length``). A test user new to
+    the model with rows in ``test.prior`` is scored from all of them
+    (``score_sequences``), where the run reads its latest ``history_length``. A
+    test user the run does not know and who has no prior rows gets the run's
+    most-popular list (what its fallback serves: recent popularity with
+    ``retrieval.popularity_days``) from every baseline that reads a user's items,
+    where each would score nothing."""
+    from twostage.baselines import (
+        BASELINES,
+        RecencyEASE,
+        RecentPopularity,
+        SessionKNN,
+        Transition,
+    )
+
+    queries = eval_queries(run, test)
+    user_idx = torch.from_numpy(queries.user_idx)
+    makers = baseline_makers(run, train)
     if names is not None:
         every = [
             *BASELINES,
@@ -356,16 +384,9 @@ def evaluate_baselines(
 
         return score
 
-    for name, make in makers.items():
-        if names is not None and name not in names:
-            continue
-        try:
-            model = make()
-        except ConfigError as e:
-            logger.warning("skipping baseline %s: %s", name, e)
-            continue
+    for name, model in fitted_baselines(makers, names):
         results[name] = evaluate_scores(
-            scorer(model, by_history=name not in by_popularity),
+            scorer(model, by_history=name not in BY_POPULARITY),
             num_items=queries.num_items,
             queries=np.arange(len(user_idx)),
             relevant=queries.relevant,
@@ -377,6 +398,23 @@ def evaluate_baselines(
             item_slices=queries.item_slices,
         )
     return results
+
+
+def fitted_baselines(
+    makers: dict[str, Callable[[], Any]], names: tuple[str, ...] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """``(name, model)`` of each of :func:`baseline_makers`' baselines (or of the
+    ``names`` among them), fitted as it comes; one that cannot fit on this log
+    is skipped with a warning saying why."""
+    for name, make in makers.items():
+        if names is not None and name not in names:
+            continue
+        try:
+            model = make()
+        except ConfigError as e:
+            logger.warning("skipping baseline %s: %s", name, e)
+            continue
+        yield name, model
 
 
 def _seen_of(tensors: RetrievalTensors, query_idx: np.ndarray) -> UserItems:

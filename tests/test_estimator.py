@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 import twostage
 from twostage.data.synthetic import generate
@@ -557,3 +558,40 @@ def test_sessions_are_read_with_the_column_names_fit_was_given(frames) -> None:
     )
     alone = found.lists.filter(pl.col("session_id") == "a")
     assert as_dict.lists["item_id"].to_list() == alone["item_id"].to_list()
+
+
+def test_session_figures_come_with_the_baselines_fitted_on_what_fit_was_given(
+    frames, tmp_path: Path
+) -> None:
+    """`evaluate_sessions` reads the frame with fit's column names and fits the
+    baselines on fit's rows (the EASE row is EASE fitted on those rows, fed each
+    session's earlier items); a loaded model keeps no rows, so it says so."""
+    from twostage.baselines import EASE
+
+    train, _ = frames
+    model = twostage.TwoStageModel(
+        settings={**SETTINGS, "train.epochs": 1}, ranking=False, progress=False
+    )
+    model.fit(train, user_col="uid", item_col="movie", rating_col="stars")
+    visits = pd.DataFrame(
+        {"visit": [1, 1, 1, 2, 2, 3, 3], "movie": [3, 5, 7, 9, 11, 13, 2]}
+    )
+    found = model.evaluate_sessions(visits, session_col="visit")
+    assert found["sessions"] == 3 and "ease" in found["baselines"]
+    rec = model.recommender
+    ease = EASE().fit(rec.run.tensors.seen(), num_items=rec.num_trained_items)
+    hits = []
+    for query, target in (([3, 5], 7), ([9], 11), ([13], 2)):
+        read = torch.tensor([[rec.item_vocab.lookup(i) for i in query]])
+        scores = ease.score_sequences(read)[0]
+        scores[[0, *read[0].tolist()]] = -torch.inf
+        top = torch.sort(scores, descending=True, stable=True).indices[:10]
+        hits.append(rec.item_vocab.lookup(target) in top.tolist())
+    assert found["baselines"]["ease"]["hit_rate"][10] == pytest.approx(
+        sum(hits) / len(hits)
+    )
+    alone = model.evaluate_sessions(visits, session_col="visit", baselines=False)
+    assert "baselines" not in alone and alone["twostage"] == found["twostage"]
+    loaded = twostage.TwoStageModel.load(model.save(tmp_path / "bundle"))
+    with pytest.raises(ConfigError, match="a loaded model keeps none"):
+        loaded.evaluate_sessions(visits, session_col="visit")

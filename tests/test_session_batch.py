@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.split import ExperimentSplit
 from twostage.errors import ConfigError
 from twostage.recommender import Recommender
 from twostage.retrieval.fit import fit_retrieval
@@ -40,10 +42,16 @@ RATED = [
 
 
 @pytest.fixture(scope="module")
-def rated() -> Recommender:
-    """A transformer that reads a session's times and ratings (1 to 5)."""
+def rated_split() -> tuple[Recommender, ExperimentSplit]:
+    """A transformer that reads a session's times and ratings (1 to 5), and the
+    split it trained on."""
     run, split = fit_retrieval(apply_overrides(ExperimentConfig(), RATED))
-    return Recommender(run, items=split.train.items)
+    return Recommender(run, items=split.train.items), split
+
+
+@pytest.fixture(scope="module")
+def rated(rated_split: tuple[Recommender, ExperimentSplit]) -> Recommender:
+    return rated_split[0]
 
 
 @pytest.fixture(scope="module")
@@ -476,14 +484,11 @@ def test_the_cli_measures_held_out_session_items(
         "1 one-item session left out" in text
         and "1 row not read (no item_id: 1)" in text
     )
-    for extra, flag in (
-        (["--baselines"], "--sessions"),
-        (["--test", str(path)], "--sessions"),
-    ):
-        refused = runner.invoke(
-            app, ["evaluate", str(tmp_path / "bundle"), "--sessions", str(path), *extra]
-        )
-        assert refused.exit_code == 2 and flag in refused.output
+    refused = runner.invoke(
+        app,
+        ["evaluate", str(tmp_path / "bundle"), "--sessions", str(path), "--test", "x"],
+    )
+    assert refused.exit_code == 2 and "--sessions" in refused.output
     alone = runner.invoke(app, ["evaluate", str(tmp_path / "bundle"), "--no-ranker"])
     assert alone.exit_code == 2 and "goes with --sessions" in " ".join(
         alone.output.split()
@@ -555,3 +560,98 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
         )
     )
     assert _batched_lists(grown, [0], {0: [{"item_id": 9001}]}, {}, 6, True) == {}
+
+
+def _baseline_reference(
+    rec: Recommender,
+    model: Any,
+    by_history: bool,
+    held: dict[Any, tuple[Any, list[Any]]],
+    k: int,
+) -> float:
+    """HR@k of one baseline, one session at a time (ties in catalogue order): it
+    reads a known user's
+    stored history and then every known item of the session before the held-out
+    one; the session's items, the user's seen ones and the padding row are out;
+    nothing read: the run's most-popular list."""
+    hits = []
+    trained = rec.num_trained_items
+    for user, entries in held.values():
+        *query, target = entries
+        user_idx = rec.user_vocab.lookup(user) if user is not None else 0
+        stored = rec.run.tensors.history[user_idx]
+        items = [rec.item_vocab.lookup(e) for e in query if rec.item_vocab.contains(e)]
+        read = [*stored[stored > 0].tolist(), *[i for i in items if i < trained]]
+        if read or not by_history:
+            row = model.score_sequences(torch.tensor([read or [0]])).float()[0]
+        else:
+            row = rec.run.tensors.fallback_popularity.float()
+        scores = torch.full((rec.item_vocab.size,), -torch.inf)
+        scores[: row.shape[0]] = row
+        out = {0, *items}
+        if user_idx:
+            out.update(rec.seen_items(user_idx).tolist())
+        scores[sorted(out)] = -torch.inf
+        top, idx = torch.sort(scores, descending=True, stable=True)  # ties: lowest
+        listed = idx[:k][top[:k] > -torch.inf].tolist()
+        hits.append(rec.item_vocab.lookup(target) in listed)
+    return sum(hits) / len(hits)
+
+
+def test_baselines_are_measured_on_the_sessions_reading_what_the_model_reads(
+    rated_split: tuple[Recommender, ExperimentSplit], tmp_path: Path
+) -> None:
+    """Given the training rows, every baseline is fitted on them and scores each
+    session from the items the model's query reads (a known user's stored
+    history first; every item, past the model's history length of 8), with the
+    model's exclusions; a session with nothing read gets the most-popular list
+    from the baselines that read items. The CLI's --baselines rebuilds the same
+    rows from the saved config and prints the same figures."""
+    from twostage.retrieval.evaluation import BY_POPULARITY, baseline_makers
+
+    rec, split = rated_split
+    rng = np.random.default_rng(3)
+    known = rec.item_vocab.values.to_list()[1:]
+    people = rec.user_vocab.values.to_list()[1:]
+    rows = []
+    for session in range(30):
+        user = people[session] if session % 4 == 0 else None
+        size = 14 if session == 1 else int(rng.integers(1, 6))
+        for step in range(size):
+            rows.append((session, int(rng.choice(known)), 100 * session + step, user))
+    rows += [(30, 77777, 1, None), (30, 88888, 2, None), (30, known[0], 3, None)]
+    table = pl.DataFrame(
+        rows, schema=["session_id", "item_id", "timestamp", "user_id"], orient="row"
+    )
+    found = evaluate_sessions(rec, table, ks=(5, 20), train=split.train)
+    held = {
+        session: (group["user_id"][0], group["item_id"].to_list())
+        for (session,), group in table.group_by("session_id", maintain_order=True)
+        if group.height > 1
+    }
+    assert found["sessions"] == len(held) and found["unread_rows"] == 2
+    names = set(found["baselines"])
+    assert {"popularity", "ease", "transition", "session-knn"} <= names, names
+    for name, make in baseline_makers(rec.run, split.train).items():
+        model = make()
+        for k in (5, 20):
+            expected = _baseline_reference(
+                rec, model, name not in BY_POPULARITY, held, k
+            )
+            got = found["baselines"][name]["hit_rate"][k]
+            assert got == pytest.approx(expected), (name, k)
+    # the figures differ between baselines: they do read the sessions
+    assert len({f["hit_rate"][20] for f in found["baselines"].values()}) > 2
+    rec.save(tmp_path / "bundle")
+    path = tmp_path / "sessions.parquet"
+    table.write_parquet(path)
+    runner = CliRunner()
+    args = ["evaluate", str(tmp_path / "bundle"), "--sessions", str(path)]
+    done = runner.invoke(app, [*args, "--baselines", "--json"])
+    assert done.exit_code == 0, done.output
+    said = json.loads(done.stdout)["baselines"]
+    for name, figures in found["baselines"].items():
+        assert said[name]["ndcg"]["20"] == pytest.approx(figures["ndcg"][20]), name
+    shown = runner.invoke(app, [*args, "--baselines"])
+    text = " ".join(shown.output.replace("│", " ").split())
+    assert shown.exit_code == 0 and " fallback " in text and " session-knn " in text

@@ -1233,9 +1233,10 @@ def _recommend_sessions_into(
 
 
 def _evaluate_sessions(
-    rec: Any, path: Path, use_ranker: bool, json_output: bool
+    rec: Any, path: Path, use_ranker: bool, train: Any, json_output: bool
 ) -> None:
-    """``evaluate --sessions``: the figures, then what was left out and why."""
+    """``evaluate --sessions``: the figures (the baselines' too, fitted on the
+    ``train`` rows when given), then what was left out and why."""
     from twostage.session_batch import SessionTableError
     from twostage.session_evaluation import evaluate_sessions
 
@@ -1244,7 +1245,9 @@ def _evaluate_sessions(
             f"{str(path)!r} is not a file.", param_hint="--sessions"
         )
     try:
-        found = evaluate_sessions(rec, read_sessions(path), use_ranker=use_ranker)
+        found = evaluate_sessions(
+            rec, read_sessions(path), use_ranker=use_ranker, train=train
+        )
     except SessionTableError as e:
         raise typer.BadParameter(str(e), param_hint="--sessions") from e
     if json_output:
@@ -1653,7 +1656,9 @@ def evaluate_command(
             "a CSV, JSON lines or Parquet file with a row per session item "
             "(session_id, item_id; optionally timestamp, rating, user_id), each "
             "session's last item held out and found from the ones before it "
-            "(HR, NDCG, MRR at K), beside the model's popularity fallback.",
+            "(HR, NDCG, MRR at K), beside the model's popularity fallback (and, "
+            "with --baselines, the baselines fitted on the training rows, each "
+            "fed the items the model reads).",
         ),
     ] = None,
     no_ranker: Annotated[
@@ -1675,9 +1680,9 @@ def evaluate_command(
     from twostage.retrieval.evaluation import evaluate_on, rebuild_split
     from twostage.retrieval.streamed import streamed_test_side
 
-    if sessions_file is not None and (test_file is not None or baselines):
+    if sessions_file is not None and test_file is not None:
         raise typer.BadParameter(
-            "measures held-out session items on its own: drop --test and --baselines.",
+            "measures held-out session items on its own: drop --test.",
             param_hint="--sessions",
         )
     if no_ranker and sessions_file is None:
@@ -1688,15 +1693,16 @@ def evaluate_command(
         )
     results: dict[str, Any] = {}
     rec = _open_bundle(path)
-    if sessions_file is not None:
-        _evaluate_sessions(rec, sessions_file, not no_ranker, json_output)
-        return
     streamed = rec.run.stream is not None
     if streamed and baselines:
         raise typer.BadParameter(
             "a run trained from a stream has no training log in memory for the "
             "baselines to fit on. Drop --baselines."
         )
+    if sessions_file is not None:
+        train = rebuild_split(rec.run, source=path).train if baselines else None
+        _evaluate_sessions(rec, sessions_file, not no_ranker, train, json_output)
+        return
     if test_file is not None:
         from twostage.retrieval.evaluation import read_test_log
 

@@ -174,16 +174,17 @@ SESSION_COLUMNS = (
 
 
 def print_session_figures(found: dict[str, Any], *, title: str) -> None:
-    """Our lists and the popularity fallback's on held-out session items, a row
-    each (--json has every K)."""
+    """Our lists, the popularity fallback's and the baselines' (when measured)
+    on held-out session items, a row each (--json has every K)."""
     table = Table(title=Text(title))
     table.add_column("model", no_wrap=True)
     for metric, k in SESSION_COLUMNS:
         table.add_column(f"{SHORT[metric]}@{k}", justify="right", no_wrap=True)
-    for name in ("twostage", "popularity"):
+    rows = {"twostage": found["twostage"], "fallback": found["popularity"]}
+    rows.update(found.get("baselines", {}))
+    for name, figures in rows.items():
         table.add_row(
-            name,
-            *(f"{found[name][metric][k]:.4f}" for metric, k in SESSION_COLUMNS),
+            name, *(f"{figures[metric][k]:.4f}" for metric, k in SESSION_COLUMNS)
         )
     console.print(table)
 

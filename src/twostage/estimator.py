@@ -552,6 +552,52 @@ class TwoStageModel:
             model could not read, with their reasons); the session column keeps
             its own name in neither: it is ``session_id`` there.
         """
+        return self.recommender.recommend_sessions(
+            self._sessions_frame(sessions, session_col),
+            k,
+            exclude_seen=exclude_seen,
+            use_ranker=use_ranker,
+            filters=filters,
+        )
+
+    def evaluate_sessions(
+        self,
+        sessions: Any,
+        *,
+        session_col: str = "session_id",
+        use_ranker: bool = True,
+        baselines: bool = True,
+    ) -> dict[str, Any]:
+        """Next-item figures on sessions the model never saw (a frame as
+        :meth:`recommend_sessions` takes it): each session's last item held out
+        and found from the items before it
+        (:func:`~twostage.session_evaluation.evaluate_sessions`), beside the
+        model's popularity fallback and, with ``baselines``, the baselines
+        fitted on the rows :meth:`fit` was given, each fed what the model reads.
+
+        Raises:
+            ConfigError: ``baselines`` for a model loaded from disk, which keeps
+                no training rows (``twostage evaluate BUNDLE --sessions FILE
+                --baselines`` reads them again where the saved config names a
+                log file).
+        """
+        from twostage.session_evaluation import evaluate_sessions
+
+        if baselines and self.split_ is None:
+            raise ConfigError(
+                "`baselines=True` fits the baselines on the rows fit() was given, "
+                "and a loaded model keeps none; pass baselines=False."
+            )
+        return evaluate_sessions(
+            self.recommender,
+            self._sessions_frame(sessions, session_col),
+            use_ranker=use_ranker,
+            train=self.split_.train if baselines and self.split_ else None,
+        )
+
+    def _sessions_frame(self, sessions: Any, session_col: str) -> pl.DataFrame:
+        """A sessions table (polars, pandas or a dict of columns) as polars,
+        its columns renamed from the names :meth:`fit` read to ours."""
         from twostage.session_batch import SESSION
 
         frame = sessions
@@ -585,13 +631,7 @@ class TwoStageModel:
                 f"columns named so ({', '.join(repr(c) for c in clash)}); keep one "
                 "of each."
             )
-        return self.recommender.recommend_sessions(
-            frame.rename(renamed),
-            k,
-            exclude_seen=exclude_seen,
-            use_ranker=use_ranker,
-            filters=filters,
-        )
+        return frame.rename(renamed)
 
     def predict(
         self,

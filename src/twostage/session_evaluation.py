@@ -1,25 +1,38 @@
 """Next-item figures of sessions the model never saw, as session-based
 recommenders are measured: each session's last item held out and found from the
-items before it, the model's lists beside its own popularity fallback."""
+items before it, the model's lists beside its own popularity fallback and, given
+the training rows, the baselines fitted on them and fed the same items."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import torch
 
-from twostage.data.dataset import ITEM, TIME
+from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.user_items import UserItems
+from twostage.inputs import session_indices
 from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
-from twostage.session_batch import SESSION, check_sessions_table, recommend_sessions
+from twostage.retrieval.tensors import session_history
+from twostage.session_batch import (
+    BATCH_SESSIONS,
+    SESSION,
+    check_sessions_table,
+    readable_rows,
+    recommend_sessions,
+    session_users,
+)
 
 if TYPE_CHECKING:
     from twostage.recommender import Recommender
 
 __all__ = ["evaluate_sessions"]
+
+# Scores held at once while the baselines rank: about 2**24 floats.
+_BLOCK_ELEMENTS = 1 << 24
 
 
 def evaluate_sessions(
@@ -28,6 +41,7 @@ def evaluate_sessions(
     *,
     ks: Sequence[int] = (1, 5, 10, 20, 50, 100),
     use_ranker: bool = True,
+    train: Dataset | None = None,
 ) -> dict[str, Any]:
     """Next-item figures on sessions the model never saw, as session-based
     recommenders are measured: each session's last item (in the order
@@ -39,12 +53,23 @@ def evaluate_sessions(
         sessions: a row per session item, as :func:`recommend_sessions` takes it.
         ks: list lengths.
         use_ranker: measure the served list (False: retrieval's order).
+        train: the rows the model trained on (fit and validation, with their
+            times): the baselines are fitted on them
+            (:func:`~twostage.retrieval.evaluation.baseline_makers`) and each
+            reads what the model's query reads: a known user's stored history,
+            then the session's items (all of them, where the model keeps the
+            latest ``retrieval.history_length``). They leave out what the model
+            leaves out (the session's items, a known user's seen items, removed
+            items), and a session with nothing to read gets the run's
+            most-popular list from the ones that read items, as the model's
+            fallback serves it.
 
     Returns:
         ``{"twostage": {metric: {k: value}}, "popularity": ...}`` (recall, NDCG,
         hit rate and MRR; one held-out item each, so recall = hit rate), the
         popularity row being the model's own fallback list with each session's
-        items excluded; ``sessions`` (measured), ``single_item_sessions`` (left
+        items excluded; ``baselines`` (``{name: {metric: {k: value}}}``, given
+        ``train``); ``sessions`` (measured), ``single_item_sessions`` (left
         out: nothing to predict from), ``unknown_targets`` (held-out items the
         model does not know, counted as misses) and the query rows not read
         (``unread_rows``, ``unread_reasons``).
@@ -77,13 +102,19 @@ def evaluate_sessions(
     relevant = UserItems.from_pairs(
         np.arange(len(order)), np.where(known, wanted, 0), num_rows=len(order)
     )
-    figures = {}
+    figures: dict[str, Any] = {}
     for name, lists in (
         ("twostage", _ranked(found.lists, position, vocab, ks[-1])),
         ("popularity", _popular_ranked(rec, queries, order, ks[-1])),
     ):
         metrics = compute_metrics(lists, relevant, ks=ks, num_items=vocab.size)
         figures[name] = {m: metrics[m] for m in RANKING_METRICS}
+    if train is not None:
+        ranked = _baseline_lists(rec, queries, order, ks[-1], train)
+        figures["baselines"] = {}
+        for name, lists in ranked:
+            metrics = compute_metrics(lists, relevant, ks=ks, num_items=vocab.size)
+            figures["baselines"][name] = {m: metrics[m] for m in RANKING_METRICS}
     reasons = {r: n for r, n in dropped.items() if n}
     reasons.update(found.unread["reason"].value_counts(sort=True).iter_rows())
     return {
@@ -141,3 +172,81 @@ def _popular_ranked(
         kept = [i for i in popular if i not in seen.get(session, ())][:k]
         out[row, : len(kept)] = torch.tensor(kept, dtype=torch.long)
     return out
+
+
+def _baseline_lists(
+    rec: Recommender,
+    queries: pl.DataFrame,
+    order: list[Any],
+    k: int,
+    train: Dataset,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, [S, k] item indices)`` of each baseline's list for the measured
+    sessions ``order`` (-1 past what is left), fitted on ``train`` one at a time:
+    each reads the items the model's query reads, in full, and leaves out what
+    the model leaves out."""
+    from twostage.retrieval.evaluation import (
+        BY_POPULARITY,
+        baseline_makers,
+        fitted_baselines,
+    )
+
+    reads, excluded = _session_reads(rec, queries, order)
+    longest = max((len(items) for items in reads), default=0)
+    padded = torch.zeros(len(order), max(longest, 1), dtype=torch.long)
+    for row, items in enumerate(reads):  # right-aligned, most recent last
+        padded[row, padded.shape[1] - len(items) :] = items
+    empty = torch.tensor([len(items) == 0 for items in reads], dtype=torch.bool)
+    popular = rec.run.tensors.fallback_popularity.to(torch.float32)
+    num_items = rec.item_vocab.size
+    block = max(1, min(BATCH_SESSIONS, _BLOCK_ELEMENTS // num_items))
+    for name, model in fitted_baselines(baseline_makers(rec.run, train)):
+        out = torch.full((len(order), k), -1, dtype=torch.long)
+        for start in range(0, len(order), block):
+            stop = min(start + block, len(order))
+            scores = model.score_sequences(padded[start:stop]).to(torch.float32)
+            if name not in BY_POPULARITY:
+                scores[empty[start:stop]] = popular
+            # items added after training: no baseline has learned them
+            scores = torch.nn.functional.pad(
+                scores, (0, num_items - scores.shape[1]), value=-torch.inf
+            )
+            scores = scores.masked_fill(excluded[start:stop], -torch.inf)
+            # ties in catalogue order, so the list does not hang on k (topk's
+            # order among equal scores does; popularity ties often)
+            top, idx = torch.sort(scores, dim=1, descending=True, stable=True)
+            top, idx = top[:, :k], idx[:, :k]
+            out[start:stop, : idx.shape[1]] = idx.masked_fill(top == -torch.inf, -1)
+        yield name, out
+
+
+def _session_reads(
+    rec: Recommender, queries: pl.DataFrame, order: list[Any]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(each measured session's item indices as the model's query reads them,
+    oldest first: a known user's stored history, then the session's items the
+    model trained on; ``[S, N]`` True where the model's list may not go: the
+    padding row, removed items, the session's items and a known user's seen
+    ones)."""
+    rows = queries.to_dicts()
+    owners = session_users(rows) if USER in queries.columns else {}
+    entries, _, _ = readable_rows(rec, rows)
+    tensors = rec.run.tensors
+    length = int(tensors.history.shape[1])
+    excluded = rec.removed_mask.expand(len(order), -1).clone()
+    excluded[:, 0] = True
+    reads = []
+    for row, session in enumerate(order):
+        user = rec.user_vocab.lookup(owners[session]) if session in owners else 0
+        got = session_indices(
+            entries.get(session) or None, rec.item_vocab, history_length=length
+        )
+        empty = torch.zeros(0, dtype=torch.long)
+        items, times, given = got if got is not None else (empty, empty, empty)
+        ratings = given if got is not None else torch.zeros(0, dtype=torch.float64)
+        read = session_history(tensors, user, (items, times, ratings))[0]
+        reads.append(read[read < rec.num_trained_items])
+        excluded[row, items] = True
+        if user > 0:
+            excluded[row, torch.from_numpy(rec.seen_items(user))] = True
+    return reads, excluded

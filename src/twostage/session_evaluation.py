@@ -192,10 +192,6 @@ def _baseline_lists(
     )
 
     reads, excluded = _session_reads(rec, queries, order)
-    longest = max((len(items) for items in reads), default=0)
-    padded = torch.zeros(len(order), max(longest, 1), dtype=torch.long)
-    for row, items in enumerate(reads):  # right-aligned, most recent last
-        padded[row, padded.shape[1] - len(items) :] = items
     empty = torch.tensor([len(items) == 0 for items in reads], dtype=torch.bool)
     popular = rec.run.tensors.fallback_popularity.to(torch.float32)
     num_items = rec.item_vocab.size
@@ -204,14 +200,19 @@ def _baseline_lists(
         out = torch.full((len(order), k), -1, dtype=torch.long)
         for start in range(0, len(order), block):
             stop = min(start + block, len(order))
-            scores = model.score_sequences(padded[start:stop]).to(torch.float32)
+            scores = model.score_sequences(_padded(reads[start:stop]))
+            scores = scores.to(torch.float32)
             if name not in BY_POPULARITY:
                 scores[empty[start:stop]] = popular
             # items added after training: no baseline has learned them
             scores = torch.nn.functional.pad(
                 scores, (0, num_items - scores.shape[1]), value=-torch.inf
             )
-            scores = scores.masked_fill(excluded[start:stop], -torch.inf)
+            out_of_list = rec.removed_mask.expand(stop - start, -1).clone()
+            out_of_list[:, 0] = True  # the padding row
+            for row, taken in enumerate(excluded[start:stop]):
+                out_of_list[row, taken] = True
+            scores = scores.masked_fill(out_of_list, -torch.inf)
             # ties in catalogue order, so the list does not hang on k (topk's
             # order among equal scores does; popularity ties often)
             top, idx = torch.sort(scores, dim=1, descending=True, stable=True)
@@ -220,23 +221,31 @@ def _baseline_lists(
         yield name, out
 
 
+def _padded(reads: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, L]`` the sequences right-aligned (most recent last), 0-padded to
+    the longest of these (one long session widens its block only)."""
+    longest = max((len(items) for items in reads), default=0)
+    padded = torch.zeros(len(reads), max(longest, 1), dtype=torch.long)
+    for row, items in enumerate(reads):
+        padded[row, padded.shape[1] - len(items) :] = items
+    return padded
+
+
 def _session_reads(
     rec: Recommender, queries: pl.DataFrame, order: list[Any]
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(each measured session's item indices as the model's query reads them,
     oldest first: a known user's stored history, then the session's items the
-    model trained on; ``[S, N]`` True where the model's list may not go: the
-    padding row, removed items, the session's items and a known user's seen
-    ones)."""
+    model trained on; each one's items the model's list leaves out besides the
+    removed ones: the session's items and a known user's seen ones)."""
     rows = queries.to_dicts()
     owners = session_users(rows) if USER in queries.columns else {}
     entries, _, _ = readable_rows(rec, rows)
     tensors = rec.run.tensors
     length = int(tensors.history.shape[1])
-    excluded = rec.removed_mask.expand(len(order), -1).clone()
-    excluded[:, 0] = True
+    excluded = []
     reads = []
-    for row, session in enumerate(order):
+    for session in order:
         user = rec.user_vocab.lookup(owners[session]) if session in owners else 0
         got = session_indices(
             entries.get(session) or None, rec.item_vocab, history_length=length
@@ -246,7 +255,6 @@ def _session_reads(
         ratings = given if got is not None else torch.zeros(0, dtype=torch.float64)
         read = session_history(tensors, user, (items, times, ratings))[0]
         reads.append(read[read < rec.num_trained_items])
-        excluded[row, items] = True
-        if user > 0:
-            excluded[row, torch.from_numpy(rec.seen_items(user))] = True
+        seen = torch.from_numpy(rec.seen_items(user)) if user > 0 else empty
+        excluded.append(torch.cat([items, seen]))
     return reads, excluded

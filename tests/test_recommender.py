@@ -400,3 +400,41 @@ def test_a_new_user_s_features_may_come_nested_as_in_the_log(tmp_path: Path) -> 
         )
     with pytest.raises(ConfigError, match=r"unknown user feature\(s\) \['geo.city'\]"):
         rec.recommend("stranger", 5, user_features={"geo": {"city": "Oslo"}})
+
+
+def test_a_table_of_lists_with_the_session_knn_term_is_what_recommend_gives() -> None:
+    """With the session-kNN term every item is scored exactly (no index holds
+    the term); `recommend_table` scores known users in chunks that way, the
+    ranker included, with and without filters: the lists and keys one
+    `recommend` per user gives."""
+    from twostage.two_stage import fit_two_stage
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *CONFIG,
+            "retrieval.session_knn_weight=0.05",
+            "ranking.epochs=1",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            "ranking.ease_weight=0.5",
+            "ranking.blend_weight=1.0",
+        ],
+    )
+    stages = fit_two_stage(config, evaluate_test=False)
+    rec = stages.recommender(items=stages.split.train.items)
+    assert rec.run.scores_exactly
+    users = [*rec.user_vocab.values.to_list()[1:120], 10**9]  # and a stranger
+    for options in (
+        {},
+        {"use_ranker": False},
+        {"filters": {"category": "cat3"}},
+        {"exclude_seen": False},
+    ):
+        table = rec.recommend_table(users, 7, **options)
+        answers = rec.recommend_batch(users, 7, **options)
+        expected = [(a.user_id, i["item_id"]) for a in answers for i in a.items]
+        assert list(zip(table["user_id"], table["item_id"], strict=True)) == expected
+        keys = [i.get("rank_score", i["score"]) for a in answers for i in a.items]
+        assert table["score"].to_list() == pytest.approx(keys, abs=1e-5)
+        assert {a.path for a in answers} >= {"personalised", "popularity"}

@@ -1063,8 +1063,10 @@ class Recommender:
         ``path`` and rank counts show.
 
         Known users on the personalised path are answered 512 at a time (one
-        index search and one ranker call per chunk; the lists :meth:`recommend`
-        gives, up to float rounding in the scores), the others one by one.
+        index search, or one exact scoring of the catalogue where the
+        session-kNN term joins the scores, and one ranker call per chunk; the
+        lists :meth:`recommend` gives, up to float rounding in the scores), the
+        others one by one.
 
         Args:
             user_ids: a list, tuple or array of user IDs (unknown ones get the
@@ -1095,8 +1097,8 @@ class Recommender:
         )
         # The chunked path: what recommend() does for these users, vectorised.
         fast = (idx > 0) & ~self._popular_users[idx]
-        if self._context_keys or self.run.scores_exactly:
-            fast[:] = False  # per-request context, or the session-kNN term
+        if self._context_keys:
+            fast[:] = False  # per-request context
         lists: dict[int, tuple[list[int], list[float], list[float], str]] = {}
         positions = np.flatnonzero(fast)
         for part in np.array_split(positions, max(1, -(-len(positions) // 512))):
@@ -1105,7 +1107,7 @@ class Recommender:
                     zip(
                         part.tolist(),
                         self._personalised_lists(
-                            idx[part], k, exclude_seen, use_ranker, search
+                            idx[part], k, exclude_seen, use_ranker, search, filters
                         ),
                         strict=True,
                     )
@@ -1167,6 +1169,45 @@ class Recommender:
             pl.when(known).then(named).otherwise(None).alias("because_item_id")
         )
 
+    def exact_search(
+        self,
+        queries: torch.Tensor,
+        user_idx: torch.Tensor,
+        k: int,
+        *,
+        exclude: Sequence[np.ndarray | None],
+        sessions: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, k], [B, k])`` scores and item indices (-1 past what is left) of
+        the whole catalogue, as :meth:`recommend` scores it when the session-kNN
+        term joins the dot products (no index holds the term).
+
+        Args:
+            queries: ``[B, D]`` the queries.
+            user_idx: ``[B]`` their users (0: none): a known user's stored items
+                are the term's query.
+            k: how many to keep.
+            exclude: each query's item indices to leave out (None: none).
+            sessions: ``[B, S]`` items the term reads after the user's (most
+                recent last, 0 = padding).
+            allowed: ``[N]`` bool, the items that pass the request's filters
+                (None: all).
+        """
+        scores = queries @ self.item_embeddings.T  # (B, D) @ (D, N) -> (B, N)
+        term = self.run.neighbour_term(user_idx, sessions=sessions)
+        scores[:, : term.shape[1]] += term  # added items have no term
+        excluded = self._removed.expand_as(scores).clone()
+        excluded[:, 0] = True
+        if allowed is not None:
+            excluded |= ~allowed
+        for row, taken in enumerate(exclude):
+            if taken is not None:
+                excluded[row, torch.from_numpy(taken)] = True
+        scores = scores.masked_fill(excluded, -torch.inf)
+        top_scores, top_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        return top_scores, top_idx.masked_fill(top_scores == -torch.inf, -1)
+
     def _index_of(self, filters: dict[str, Any] | None) -> Index | None:
         """The index to search: the bundle's, or with ``filters`` an exact index
         of the items that pass (None: none does), searched as :meth:`recommend`
@@ -1187,17 +1228,25 @@ class Recommender:
         exclude_seen: bool,
         use_ranker: bool,
         index: Index | None,
+        filters: dict[str, Any] | None = None,
     ) -> list[tuple[list[int], list[float], list[float], str]]:
         """``(item indices, keys, retrieval scores, path)`` of known users on the
         personalised path, as :meth:`recommend` orders them, in one search of
-        ``index`` (None: no item passed the filters) and one ranker call."""
+        ``index`` (None: no item passed the filters), or one exact scoring of the
+        items that pass ``filters`` where the session-kNN term joins the scores,
+        and one ranker call."""
         if index is None:
             return [([], [], [], "personalised") for _ in user_idx]
         users = torch.from_numpy(user_idx)
         queries = self._known_queries()[users]
         seen = [self._seen.row(int(u)) if exclude_seen else None for u in user_idx]
         width = max(self.num_candidates, k)
-        top_scores, top_idx = index.search(queries, width, exclude=seen)
+        if self.run.scores_exactly:
+            top_scores, top_idx = self.exact_search(
+                queries, users, width, exclude=seen, allowed=self._filters.mask(filters)
+            )
+        else:
+            top_scores, top_idx = index.search(queries, width, exclude=seen)
         valid = top_idx >= 0  # rows run short only when the catalogue does
         ranker = self.ranker if use_ranker else None
         if ranker is None:

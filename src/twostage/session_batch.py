@@ -305,27 +305,14 @@ def _exact_search(
     seen: list[np.ndarray | None],
     width: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([B, W], [B, W])`` scores and item indices (-1 past what is left) of
-    every item, as ``recommend`` scores a session when the session-kNN term
-    joins the dot products: embeddings' scores plus the term of each session's
-    items (right-aligned, most recent last) after its user's stored ones, seen
-    and removed items out."""
-    embeddings = rec.item_embeddings
-    scores = queries @ embeddings.T  # (B, D) @ (D, N) -> (B, N)
+    """``([B, W], [B, W])`` :meth:`Recommender.exact_search` of sessions: the
+    term reads each session's items (right-aligned, most recent last) after
+    its user's stored ones."""
     longest = max(len(items) for items in sessions)
     padded = torch.zeros(len(sessions), longest, dtype=torch.long)
     for row, items in enumerate(sessions):
         padded[row, longest - len(items) :] = items
-    term = rec.run.neighbour_term(users, sessions=padded)  # after a user's own
-    scores[:, : term.shape[1]] += term  # added items have no term
-    excluded = rec.removed_mask.expand_as(scores).clone()
-    excluded[:, 0] = True
-    for row, taken in enumerate(seen):
-        if taken is not None:
-            excluded[row, torch.from_numpy(taken)] = True
-    scores = scores.masked_fill(excluded, -torch.inf)
-    top_scores, top_idx = torch.topk(scores, min(width, scores.shape[1]), dim=1)
-    return top_scores, top_idx.masked_fill(top_scores == -torch.inf, -1)
+    return rec.exact_search(queries, users, width, exclude=seen, sessions=padded)
 
 
 def _session_queries(

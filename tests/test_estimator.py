@@ -592,6 +592,26 @@ def test_session_figures_come_with_the_baselines_fitted_on_what_fit_was_given(
     )
     alone = model.evaluate_sessions(visits, session_col="visit", baselines=False)
     assert "baselines" not in alone and alone["twostage"] == found["twostage"]
-    loaded = twostage.TwoStageModel.load(model.save(tmp_path / "bundle"))
+    bundle = model.save(tmp_path / "bundle")
+    loaded = twostage.TwoStageModel.load(bundle)
     with pytest.raises(ConfigError, match="a loaded model keeps none"):
         loaded.evaluate_sessions(visits, session_col="visit")
+    # The CLI reads the training rows again from the saved config, which names
+    # none here: it says so and how to do without them.
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    path = tmp_path / "visits.csv"
+    visits.rename(columns={"visit": "session_id", "movie": "item_id"}).to_csv(
+        path, index=False
+    )
+    args = ["evaluate", str(bundle), "--sessions", str(path)]
+    refused = CliRunner().invoke(app, [*args, "--baselines"])
+    said = " ".join(refused.output.replace("│", " ").split())
+    assert refused.exit_code == 2 and "Or drop --baselines" in said, said
+    alone = CliRunner().invoke(app, [*args, "--json"])
+    assert alone.exit_code == 0, alone.output
+    assert json.loads(alone.stdout)["twostage"]["ndcg"]["10"] == pytest.approx(
+        found["twostage"]["ndcg"][10]
+    )

@@ -1700,7 +1700,16 @@ def evaluate_command(
             "baselines to fit on. Drop --baselines."
         )
     if sessions_file is not None:
-        train = rebuild_split(rec.run, source=path).train if baselines else None
+        train = None
+        if baselines:
+            try:
+                train = rebuild_split(rec.run, source=path).train
+            except TwostageError as e:  # the model's own figures need no log
+                raise typer.BadParameter(
+                    f"{e} Or drop --baselines: the sessions' figures of the model "
+                    "and its fallback need no training rows.",
+                    param_hint="--baselines",
+                ) from e
         _evaluate_sessions(rec, sessions_file, not no_ranker, train, json_output)
         return
     if test_file is not None:

@@ -495,14 +495,16 @@ def test_the_cli_measures_held_out_session_items(
     )
 
 
+@pytest.mark.parametrize("filters", [None, {"category": "cat3"}, {"category": "none"}])
 @pytest.mark.parametrize("model", ["rated", "with_neighbours", "ranked"])
 def test_sessions_answered_in_batches_match_recommend_one_by_one(
-    model: str, request: pytest.FixtureRequest
+    model: str, filters: dict[str, Any] | None, request: pytest.FixtureRequest
 ) -> None:
     """Sessions share one query pass, one index search (or one exact scoring,
     with the session-kNN term) and one ranker call per batch; every list must
     be the one `recommend` gives alone, anonymous or after a known user's
-    history, past the history's length (8), with times and ratings read."""
+    history, past the history's length (8), with times and ratings read, and
+    with filters (one that no item passes: every list empty)."""
     rated: Recommender = request.getfixturevalue(model)
     rng = np.random.default_rng(5)
     known = rated.item_vocab.values.to_list()[1:]
@@ -535,11 +537,13 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
             if entry["rating"] is None:
                 del entry["rating"]
     users = {s: rated.user_vocab.lookup(u) for s, u in owner.items() if u is not None}
-    batched = _batched_lists(rated, ids, entries, users, 6, True, rated.ranker)
+    batched = _batched_lists(rated, ids, entries, users, 6, True, rated.ranker, filters)
     assert set(batched) == set(ids)  # every one answered in the batch
-    found = rated.recommend_sessions(table, 6).lists
+    found = rated.recommend_sessions(table, 6, filters=filters).lists
     for session in ids:
-        alone = rated.recommend(owner[session], 6, session=entries[session])
+        alone = rated.recommend(
+            owner[session], 6, session=entries[session], filters=filters
+        )
         assert alone.path == ("personalised" if owner[session] else "session")
         mine = found.filter(pl.col("session_id") == session)
         assert mine["path"].to_list() == [alone.path] * len(alone.items)
@@ -550,8 +554,12 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
         close = {"rel": 1e-5, "abs": 1e-5}
         assert mine["retrieval_score"].to_list() == pytest.approx(scores, **close)
         assert mine["score"].to_list() == pytest.approx(keys, **close)
-    if model == "ranked":  # the ranker reorders retrieval's list
-        plain = rated.recommend_sessions(table, 6, use_ranker=False).lists
+    if filters == {"category": "none"}:  # no item passes
+        assert found.height == 0
+    if model == "ranked" and filters is None:  # the ranker reorders the list
+        plain = rated.recommend_sessions(
+            table, 6, use_ranker=False, filters=filters
+        ).lists
         assert plain["item_id"].to_list() != found["item_id"].to_list()
     # A session reading an item added after training goes to `recommend`.
     grown = rated.add_items(
@@ -570,10 +578,9 @@ def _baseline_reference(
     k: int,
 ) -> float:
     """HR@k of one baseline, one session at a time (ties in catalogue order): it
-    reads a known user's
-    stored history and then every known item of the session before the held-out
-    one; the session's items, the user's seen ones and the padding row are out;
-    nothing read: the run's most-popular list."""
+    reads a known user's stored history and then every known item of the
+    session before the held-out one; the session's items, the user's seen ones
+    and the padding row are out; nothing read: the run's most-popular list."""
     hits = []
     trained = rec.num_trained_items
     for user, entries in held.values():

@@ -1086,7 +1086,7 @@ class Recommender:
         self.encode_context(context)  # a mistake is named before any list
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
-        search = self._index_of(filters)
+        search = self.filtered_index(filters)
         given = _id_list("user_ids", user_ids, "rows")
         for user_id in given:
             if user_id is not None:
@@ -1177,7 +1177,7 @@ class Recommender:
         *,
         exclude: Sequence[np.ndarray | None],
         sessions: torch.Tensor | None = None,
-        allowed: torch.Tensor | None = None,
+        filters: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, k], [B, k])`` scores and item indices (-1 past what is left) of
         the whole catalogue, as :meth:`recommend` scores it when the session-kNN
@@ -1191,14 +1191,15 @@ class Recommender:
             exclude: each query's item indices to leave out (None: none).
             sessions: ``[B, S]`` items the term reads after the user's (most
                 recent last, 0 = padding).
-            allowed: ``[N]`` bool, the items that pass the request's filters
-                (None: all).
+            filters: as :meth:`recommend` takes them: only the items that
+                pass are kept.
         """
         scores = queries @ self.item_embeddings.T  # (B, D) @ (D, N) -> (B, N)
         term = self.run.neighbour_term(user_idx, sessions=sessions)
         scores[:, : term.shape[1]] += term  # added items have no term
         excluded = self._removed.expand_as(scores).clone()
         excluded[:, 0] = True
+        allowed = self._filters.mask(filters)
         if allowed is not None:
             excluded |= ~allowed
         for row, taken in enumerate(exclude):
@@ -1208,7 +1209,7 @@ class Recommender:
         top_scores, top_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         return top_scores, top_idx.masked_fill(top_scores == -torch.inf, -1)
 
-    def _index_of(self, filters: dict[str, Any] | None) -> Index | None:
+    def filtered_index(self, filters: dict[str, Any] | None) -> Index | None:
         """The index to search: the bundle's, or with ``filters`` an exact index
         of the items that pass (None: none does), searched as :meth:`recommend`
         searches them."""
@@ -1243,7 +1244,7 @@ class Recommender:
         width = max(self.num_candidates, k)
         if self.run.scores_exactly:
             top_scores, top_idx = self.exact_search(
-                queries, users, width, exclude=seen, allowed=self._filters.mask(filters)
+                queries, users, width, exclude=seen, filters=filters
             )
         else:
             top_scores, top_idx = index.search(queries, width, exclude=seen)
@@ -1308,7 +1309,7 @@ class Recommender:
                 f"model ({self.item_vocab.size - 1} items): {unknown[:5]!r}"
                 f"{' ...' if len(unknown) > 5 else ''}."
             )
-        index = self._index_of(filters)
+        index = self.filtered_index(filters)
         parts = idx.split(4096) if index is not None else ()  # None: nothing passes
         sources, ranks, similar, scores = [], [], [], []
         for part in parts:
@@ -1378,7 +1379,7 @@ class Recommender:
                 f"(this model reads {self.item_feature_columns}) to find the "
                 "items like a new one."
             )
-        index = self._index_of(filters)
+        index = self.filtered_index(filters)
         if index is None:  # nothing passes the filters: an empty answer
             return []
         if item_idx:

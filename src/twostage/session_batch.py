@@ -88,9 +88,9 @@ def recommend_sessions(
             session: its items follow that user's history). Sessions are answered
             in the order they first appear.
         k, exclude_seen, use_ranker, filters: as :meth:`Recommender.recommend`.
-            Without filters or context, the sessions are answered
-            :data:`BATCH_SESSIONS` at a time (:func:`_batched_lists`), the
-            others one at a time.
+            For a model that reads no per-request context, the sessions are
+            answered :data:`BATCH_SESSIONS` at a time (:func:`_batched_lists`;
+            filters applied), the others one at a time.
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -113,11 +113,13 @@ def recommend_sessions(
     vocab = rec.item_vocab
     batched: dict[Any, tuple[list[Any], list[float], list[float]]] = {}
     users: dict[Any, int] = {}  # each session's user_idx (0: none, or unknown)
-    if _batchable(rec, filters):
+    if _batchable(rec):
         readable = [s for s, rows in entries.items() if rows]
         users = {s: rec.user_vocab.lookup(u) for s, u in owners.items()}
         ranker = rec.ranker if use_ranker else None
-        batched = _batched_lists(rec, readable, entries, users, k, exclude_seen, ranker)
+        batched = _batched_lists(
+            rec, readable, entries, users, k, exclude_seen, ranker, filters
+        )
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches
             items, keys, scores = batched[session]
@@ -178,10 +180,10 @@ def recommend_sessions(
 BATCH_SESSIONS = 512
 
 
-def _batchable(rec: Recommender, filters: Any) -> bool:
-    """Whether sessions can be answered in batches: the whole
-    catalogue (no filters) and no per-request context."""
-    return not filters and not context_keys(rec.run.spec)
+def _batchable(rec: Recommender) -> bool:
+    """Whether sessions can be answered in batches: a model that reads no
+    per-request context."""
+    return not context_keys(rec.run.spec)
 
 
 def _batched_lists(
@@ -192,6 +194,7 @@ def _batched_lists(
     k: int,
     exclude_seen: bool,
     ranker: Any = None,
+    filters: dict[str, Any] | None = None,
 ) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
     """``{session: (item IDs, keys, retrieval scores)}``: the lists
     :meth:`Recommender.recommend` gives these sessions (of the users
@@ -200,9 +203,11 @@ def _batched_lists(
     rounding in the scores, :data:`BATCH_SESSIONS` at a time: one query pass,
     one index search (or one exact scoring with the session-kNN term) and, with
     a ``ranker``, one ranker call and re-rank (the keys: its order's; else the
-    retrieval scores). A session that reads an item added after training, or
-    whose query is not finite, is left out: ``recommend`` answers (or refuses)
-    it."""
+    retrieval scores); with ``filters``, of the items that pass (an exact
+    index of them, as ``recommend`` searches them). A session that reads an
+    item added after training, or whose query is not finite, is left out:
+    ``recommend`` answers (or refuses) it."""
+    search = rec.filtered_index(filters)  # a bad filter: named before any list
     tensors = rec.run.tensors
     length = int(tensors.history.shape[1])
     bounds = tensors.rating_range.tolist()
@@ -233,10 +238,15 @@ def _batched_lists(
             for u, i in zip(who, items, strict=True)
         ]
         seen = [b if exclude_seen else None for b in baskets]
-        if rec.run.scores_exactly:
-            top_scores, top_idx = _exact_search(rec, queries, who, items, seen, width)
+        if search is None:  # no item passes the filters: empty lists
+            top_idx = torch.full((len(part), 1), -1, dtype=torch.long)
+            top_scores = torch.full((len(part), 1), -torch.inf)
+        elif rec.run.scores_exactly:
+            top_scores, top_idx = _exact_search(
+                rec, queries, who, items, seen, width, filters
+            )
         else:
-            top_scores, top_idx = rec.index.search(queries, width, exclude=seen)
+            top_scores, top_idx = search.search(queries, width, exclude=seen)
         order, keys = _reranked(
             rec, ranker, fields, queries, who, baskets, top_scores, top_idx
         )
@@ -304,6 +314,7 @@ def _exact_search(
     sessions: list[torch.Tensor],
     seen: list[np.ndarray | None],
     width: int,
+    filters: dict[str, Any] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([B, W], [B, W])`` :meth:`Recommender.exact_search` of sessions: the
     term reads each session's items (right-aligned, most recent last) after
@@ -312,7 +323,9 @@ def _exact_search(
     padded = torch.zeros(len(sessions), longest, dtype=torch.long)
     for row, items in enumerate(sessions):
         padded[row, longest - len(items) :] = items
-    return rec.exact_search(queries, users, width, exclude=seen, sessions=padded)
+    return rec.exact_search(
+        queries, users, width, exclude=seen, sessions=padded, filters=filters
+    )
 
 
 def _session_queries(

@@ -662,3 +662,5 @@ def test_baselines_are_measured_on_the_sessions_reading_what_the_model_reads(
     shown = runner.invoke(app, [*args, "--baselines"])
     text = " ".join(shown.output.replace("│", " ").split())
     assert shown.exit_code == 0 and " fallback " in text and " session-knn " in text
+    best = max(said, key=lambda name: said[name]["ndcg"]["10"])
+    assert f"the best baseline on NDCG@10, {best}: " in text, text

@@ -88,6 +88,7 @@ from twostage.cli_output import (
     print_session_figures,
     print_session_knn,
     print_test_counts,
+    session_standing,
     standing,
     status_console,
     training_progress,
@@ -1256,6 +1257,9 @@ def _evaluate_sessions(
     print_session_figures(
         found, title=f"Next item of {found['sessions']:,} sessions ({path})"
     )
+    line = session_standing(found)
+    if line:
+        console.print(escape(line))
     notes = [
         f"{found['single_item_sessions']:,} one-item "
         f"session{'s' if found['single_item_sessions'] != 1 else ''} left out "

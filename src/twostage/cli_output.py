@@ -189,6 +189,24 @@ def print_session_figures(found: dict[str, Any], *, title: str) -> None:
     console.print(table)
 
 
+def session_standing(found: dict[str, Any]) -> str | None:
+    """The model's NDCG@10 on held-out session items against the best
+    baseline's, in one sentence (None: no baseline measured)."""
+    baselines = found.get("baselines")
+    if not baselines:
+        return None
+    best = max(baselines, key=lambda name: baselines[name]["ndcg"][10])
+    ours, theirs = found["twostage"]["ndcg"][10], baselines[best]["ndcg"][10]
+    change = (ours - theirs) / theirs if theirs else float("inf")
+    verdict = (
+        "ahead of" if change > 0.01 else "behind" if change < -0.01 else "level with"
+    )
+    return (
+        f"The model's lists are {verdict} the best baseline on NDCG@10, {best}: "
+        f"{ours:.4f} vs {theirs:.4f} ({change:+.1%})."
+    )
+
+
 def impressions_line(report: dict[str, Any]) -> str:
     """MIND's per-impression figures of the ranker (``report["impressions"]``) on
     one line, with the users and items it scored as new to it."""

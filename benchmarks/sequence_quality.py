@@ -24,7 +24,7 @@ are that served list, FTopK the retrieval's), ``twostage-transformer-two-stage``
 ``twostage-ensemble-two-stage`` (those presets with their ranking stage, as
 ``twostage train`` serves them; list columns of the served list), each trained
 with seeds 0 ..
-``--seeds``-1 (means reported; the JSON also holds each of our models' served
+``--seeds``-1 (``--first-seed`` moves the first; means reported; the JSON also holds each of our models' served
 ``session_knn_weight``, picked per run on validation where a config says -1);
 baselines: popularity, recent popularity (last 30 days), EASE, item-kNN (both
 neighbourhood forms), the item-to-item transition model, session-kNN and EASE read
@@ -128,7 +128,11 @@ def mean_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def scenario(
-    dataset: Dataset, protocol: str, models: list[str], seeds: int, overrides: list[str]
+    dataset: Dataset,
+    protocol: str,
+    models: list[str],
+    seeds: range,
+    overrides: list[str],
 ) -> dict[str, Any]:
     """Every model (mean over training seeds) and every baseline on one split."""
     results: dict[str, Any] = {}
@@ -137,7 +141,7 @@ def scenario(
         preset, model_overrides = MODELS[name]
         base = load_config(PRESETS / preset) if preset else ExperimentConfig()
         runs = []
-        for seed in range(seeds):
+        for seed in seeds:
             config = apply_overrides(
                 base,
                 [
@@ -166,7 +170,7 @@ def scenario(
             found["session_knn_weight"] = run.session_knn_weight
             runs.append(found)
         results[name] = mean_entry(runs)
-        if seeds > 1:
+        if len(seeds) > 1:
             results[name]["per_seed"] = runs
     assert split is not None and run is not None
     started = time.perf_counter()
@@ -217,6 +221,13 @@ def main() -> None:
         help="comma-separated twostage models",
     )
     parser.add_argument("--seeds", type=int, default=3, help="training seeds")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the first training seed (--seeds 2 --first-seed 1: seeds 1 and 2), "
+        "to run seeds apart side by side",
+    )
     parser.add_argument("--latest-small", type=Path, default=SHARED)
     parser.add_argument("--set", action="append", default=[], help="config override")
     parser.add_argument("--threads", type=int, default=2)
@@ -233,6 +244,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {sorted(MODELS)}")
     results: dict[str, Any] = {}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     for protocol in args.protocols.split(","):
         if protocol not in PROTOCOLS:
             parser.error(
@@ -244,11 +256,11 @@ def main() -> None:
                 dataset = split_dataset(
                     dataset, method=METHODS[protocol], test_fraction=0.2, seed=42
                 ).train
-            found = scenario(dataset, protocol, models, args.seeds, args.set)
+            found = scenario(dataset, protocol, models, seeds, args.set)
             results.setdefault(protocol, {})[name] = found
             show(f"{protocol}, {name} (seen items excluded)", found)
     print(
-        f"machine: {machine()}; seeds: {args.seeds}; overrides: {args.set}; "
+        f"machine: {machine()}; seeds: {list(seeds)}; overrides: {args.set}; "
         f"{'validation' if args.validation else 'test'} protocol"
     )
     write_json(args.json, results)  # {protocol: {dataset: {model: entry}}}

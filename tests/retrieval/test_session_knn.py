@@ -109,6 +109,32 @@ def test_the_table_holds_the_served_rows(trained) -> None:
     assert torch.equal(run.tensors.neighbour_history, expected)
 
 
+def test_the_table_is_no_wider_than_its_longest_row() -> None:
+    """A length past every user's history (the whole history, as the
+    session-kNN baseline reads it) keeps each user's rows in a table as wide as
+    the longest; the padding it leaves out changes no score."""
+    run, split = fit_retrieval(
+        _config("retrieval.session_knn_length=100000"), dataset=_walks()
+    )
+    inter = split.train.interactions
+    full, _ = latest_rows(
+        inter[TIME].to_numpy(),
+        run.spec.vocabulary(USER).transform(inter[USER]),
+        run.spec.vocabulary(ITEM).transform(inter[ITEM]),
+        num_users=run.spec.vocabulary(USER).size,
+        length=1000,
+    )
+    longest = int((full > 0).sum(dim=1).max())
+    table = run.tensors.neighbour_history
+    assert 10 < longest < 1000 and table.shape[1] == longest
+    assert torch.equal(table, full[:, -longest:])
+    users = torch.arange(1, table.shape[0])
+    wide = dataclasses.replace(
+        run, tensors=dataclasses.replace(run.tensors, neighbour_history=full)
+    )
+    torch.testing.assert_close(run.neighbour_term(users), wide.neighbour_term(users))
+
+
 def test_evaluation_and_serving_add_the_same_term(trained) -> None:
     run, split = trained
     recommender = Recommender(run)

@@ -211,7 +211,7 @@ def evaluate_run_embeddings(
         if run.scores_exactly:
             sessions = None
             if prior is not None:  # a new user's prior items, as a session's
-                length = int(run.tensors.neighbour_history.shape[1])
+                length = run.config.retrieval.session_knn_length
                 sessions = prior.padded(np.asarray(rows), length)[0]
             term = run.neighbour_term(user_idx[rows], sessions=sessions)
             scores += queries.pad_scores(term)

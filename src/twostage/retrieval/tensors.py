@@ -606,13 +606,17 @@ def neighbour_table(
     num_users: int,
     config: RetrievalConfig,
 ) -> torch.Tensor:
-    """``[U, session_knn_length]`` each user's latest items for the session-kNN
-    term (:attr:`RetrievalTensors.neighbour_history`); ``[0, 0]`` without it."""
+    """``[U, M]`` each user's latest items for the session-kNN term
+    (:attr:`RetrievalTensors.neighbour_history`), at most
+    ``session_knn_length`` of them, ``M`` the most any user has (the table is
+    no wider than its longest row); ``[0, 0]`` without the term."""
     if config.session_knn_weight == 0:
         return torch.zeros(0, 0, dtype=torch.long)
-    return latest_rows(
+    table = latest_rows(
         times, user_idx, item_idx, num_users=num_users, length=config.session_knn_length
     )[0]
+    longest = int((table > 0).sum(dim=1).max()) if table.shape[0] else 0
+    return table[:, table.shape[1] - max(longest, 1) :].contiguous()
 
 
 def context_keys(spec: FeatureSpec) -> list[str]:

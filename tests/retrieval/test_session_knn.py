@@ -95,17 +95,22 @@ def _expected_scores(run, queries: torch.Tensor, exclude: torch.Tensor) -> torch
     return torch.nn.functional.pad(WEIGHT * z, (1, 0))
 
 
-def test_the_table_holds_the_served_rows(trained) -> None:
-    run, split = trained
-    assert split.validation is not None and split.validation.num_interactions
-    inter = split.train.interactions  # training and validation rows
-    expected, _ = latest_rows(
+def _served_rows(run, split, length: int) -> torch.Tensor:
+    """``[U, length]`` each user's latest training and validation rows."""
+    inter = split.train.interactions
+    return latest_rows(
         inter[TIME].to_numpy(),
         run.spec.vocabulary(USER).transform(inter[USER]),
         run.spec.vocabulary(ITEM).transform(inter[ITEM]),
         num_users=run.spec.vocabulary(USER).size,
-        length=10,
-    )
+        length=length,
+    )[0]
+
+
+def test_the_table_holds_the_served_rows(trained) -> None:
+    run, split = trained
+    assert split.validation is not None and split.validation.num_interactions
+    expected = _served_rows(run, split, 10)
     assert torch.equal(run.tensors.neighbour_history, expected)
 
 
@@ -116,14 +121,7 @@ def test_the_table_is_no_wider_than_its_longest_row() -> None:
     run, split = fit_retrieval(
         _config("retrieval.session_knn_length=100000"), dataset=_walks()
     )
-    inter = split.train.interactions
-    full, _ = latest_rows(
-        inter[TIME].to_numpy(),
-        run.spec.vocabulary(USER).transform(inter[USER]),
-        run.spec.vocabulary(ITEM).transform(inter[ITEM]),
-        num_users=run.spec.vocabulary(USER).size,
-        length=1000,
-    )
+    full = _served_rows(run, split, 1000)
     longest = int((full > 0).sum(dim=1).max())
     table = run.tensors.neighbour_history
     assert 10 < longest < 1000 and table.shape[1] == longest

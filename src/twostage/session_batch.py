@@ -319,13 +319,24 @@ def _exact_search(
     """``([B, W], [B, W])`` :meth:`Recommender.exact_search` of sessions: the
     term reads each session's items (right-aligned, most recent last) after
     its user's stored ones."""
-    longest = max(len(items) for items in sessions)
-    padded = torch.zeros(len(sessions), longest, dtype=torch.long)
-    for row, items in enumerate(sessions):
-        padded[row, longest - len(items) :] = items
     return rec.exact_search(
-        queries, users, width, exclude=seen, sessions=padded, filters=filters
+        queries,
+        users,
+        width,
+        exclude=seen,
+        sessions=right_aligned(sessions),
+        filters=filters,
     )
+
+
+def right_aligned(sequences: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, L]`` item sequences right-aligned (most recent last), 0-padded to
+    the longest of them (at least one column)."""
+    longest = max((len(items) for items in sequences), default=0)
+    padded = torch.zeros(len(sequences), max(longest, 1), dtype=torch.long)
+    for row, items in enumerate(sequences):
+        padded[row, padded.shape[1] - len(items) :] = items
+    return padded
 
 
 def _session_queries(

@@ -23,6 +23,7 @@ from twostage.session_batch import (
     check_sessions_table,
     readable_rows,
     recommend_sessions,
+    right_aligned,
     session_users,
 )
 
@@ -200,7 +201,7 @@ def _baseline_lists(
         out = torch.full((len(order), k), -1, dtype=torch.long)
         for start in range(0, len(order), block):
             stop = min(start + block, len(order))
-            scores = model.score_sequences(_padded(reads[start:stop]))
+            scores = model.score_sequences(right_aligned(reads[start:stop]))
             scores = scores.to(torch.float32)
             if name not in BY_POPULARITY:
                 scores[empty[start:stop]] = popular
@@ -219,16 +220,6 @@ def _baseline_lists(
             top, idx = top[:, :k], idx[:, :k]
             out[start:stop, : idx.shape[1]] = idx.masked_fill(top == -torch.inf, -1)
         yield name, out
-
-
-def _padded(reads: list[torch.Tensor]) -> torch.Tensor:
-    """``[B, L]`` the sequences right-aligned (most recent last), 0-padded to
-    the longest of these (one long session widens its block only)."""
-    longest = max((len(items) for items in reads), default=0)
-    padded = torch.zeros(len(reads), max(longest, 1), dtype=torch.long)
-    for row, items in enumerate(reads):
-        padded[row, padded.shape[1] - len(items) :] = items
-    return padded
 
 
 def _session_reads(

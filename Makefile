@@ -52,6 +52,7 @@ bench: install-dev
 	$(PY) benchmarks/ranking_quality.py --json benchmarks/results/ranking_quality.json
 	$(PY) benchmarks/added_items.py --json benchmarks/results/added_items.json
 	$(PY) benchmarks/session_batch.py --json benchmarks/results/session_batch.json
+	$(PY) benchmarks/session_knn_scale.py --json benchmarks/results/session_knn_scale.json
 	$(PY) benchmarks/index_bench.py --json benchmarks/results/index_bench.json
 	$(PY) benchmarks/serve_load.py --json benchmarks/results/serve_load.json
 

@@ -19,6 +19,8 @@ from twostage.baselines import (
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, NotFittedError
 from twostage.evaluate import evaluate_scores
+from twostage.models import session_knn
+from twostage.models.session_knn import SessionNeighbours
 
 # Users 0..3; items 0 and 1 always co-occur, item 2 is mildly popular, item 4 unused.
 ROWS = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
@@ -283,6 +285,45 @@ def test_session_knn_follows_its_definition():
     small = SessionKNN(neighbours=3, recency=2.0, proximity=1.5, batch_size=4)
     small.fit_sequences(history, num_items=num_items)
     assert torch.allclose(small.score(users), scores)
+
+
+def test_session_knn_reads_a_session_after_a_stored_user_in_capped_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``score_users(sessions=)`` reads each user's stored items, then the
+    session's, as one query (the user never their own neighbour); and blocks
+    shrink to keep ``[batch, U]`` under BLOCK_CELLS without changing a score."""
+    rng = np.random.default_rng(4)
+    num_items = 12
+    sequences = [
+        [int(i) for i in rng.integers(1, num_items, size=rng.integers(1, 9))]
+        for _ in range(14)
+    ]
+    sequences[5] = []
+    lengths = torch.tensor([len(seq) for seq in sequences])
+    items = torch.tensor([i for seq in sequences for i in seq])
+    model = SessionNeighbours(
+        lengths, items, num_items=num_items, neighbours=3, recency=2.0, proximity=1.5
+    )
+    assert [seq.tolist() for seq in model.sequences(torch.arange(15))] == [
+        *sequences,
+        [],
+    ]
+    users = torch.tensor([0, 5, 9, 14])  # 14: past the end, the session alone
+    sessions = torch.tensor([[0, 3, 4], [0, 0, 7], [0, 0, 0], [2, 0, 6]])
+    scores = model.score_users(users, sessions=sessions)
+    for row, user in enumerate(users.tolist()):
+        own = [int(i) for i in sessions[row] if i > 0]
+        mine = [*sequences, []]
+        mine[user] = (sequences[user] if user < 14 else []) + own
+        expected = _session_knn_by_hand(mine, user, num_items, 3, 2.0, 1.5)
+        np.testing.assert_allclose(scores[row].numpy(), expected, rtol=1e-5, atol=1e-6)
+    plain = model.score_users(users)
+    assert model.block_size == 256
+    monkeypatch.setattr(session_knn, "BLOCK_CELLS", 2 * 14)
+    assert model.block_size == 2
+    torch.testing.assert_close(model.score_users(users, sessions=sessions), scores)
+    torch.testing.assert_close(model.score_users(users), plain)
 
 
 def test_session_knn_from_the_log_and_its_errors():

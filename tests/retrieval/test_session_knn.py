@@ -2,6 +2,7 @@
 evaluation, serving and the ranker's candidates add the same, and that it reloads."""
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import polars as pl
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import ITEM, TIME, USER, Dataset
@@ -79,11 +81,25 @@ def trained():
     return run, split
 
 
+def _stored(run, users: torch.Tensor) -> torch.Tensor:
+    """``[B, M]`` the term's stored sequences of ``users``, right-aligned (0 =
+    padding), from the run's ragged tables."""
+    lengths = run.tensors.neighbour_lengths
+    starts = torch.cumsum(lengths, 0) - lengths
+    width = int(lengths[users].max())
+    out = torch.zeros(len(users), width, dtype=torch.long)
+    for row, user in enumerate(users.tolist()):
+        n = int(lengths[user])
+        start = int(starts[user])
+        out[row, width - n :] = run.tensors.neighbour_items[start : start + n]
+    return out
+
+
 def _expected_scores(run, queries: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
-    """The term by hand: session-kNN over the stored table, standardised over the
-    catalogue, times the weight."""
+    """The term by hand: session-kNN over every stored sequence, as a padded
+    table, standardised over the catalogue, times the weight."""
     cfg = run.config.retrieval
-    table = run.tensors.neighbour_history
+    table = _stored(run, torch.arange(len(run.tensors.neighbour_lengths)))
     knn = SessionNeighbours.from_table(
         table,
         num_items=int(run.tensors.item_probs.shape[0]),
@@ -107,40 +123,41 @@ def _served_rows(run, split, length: int) -> torch.Tensor:
     )[0]
 
 
-def test_the_table_holds_the_served_rows(trained) -> None:
+def test_the_sequences_hold_the_served_rows(trained) -> None:
     run, split = trained
     assert split.validation is not None and split.validation.num_interactions
     expected = _served_rows(run, split, 10)
-    assert torch.equal(run.tensors.neighbour_history, expected)
+    users = torch.arange(len(run.tensors.neighbour_lengths))
+    assert torch.equal(run.tensors.neighbour_lengths, (expected > 0).sum(dim=1))
+    assert torch.equal(_stored(run, users), expected)
 
 
-def test_the_table_is_no_wider_than_its_longest_row() -> None:
+def test_the_sequences_take_no_room_for_padding() -> None:
     """A length past every user's history (the whole history, as the
-    session-kNN baseline reads it) keeps each user's rows in a table as wide as
-    the longest; the padding it leaves out changes no score."""
+    session-kNN baseline reads it) stores each user's rows and nothing more:
+    the term's memory is the rows kept, not users x the longest history; and
+    the scores equal those over the padded table."""
     run, split = fit_retrieval(
         _config("retrieval.session_knn_length=100000"), dataset=_walks()
     )
     full = _served_rows(run, split, 1000)
-    longest = int((full > 0).sum(dim=1).max())
-    table = run.tensors.neighbour_history
-    assert 10 < longest < 1000 and table.shape[1] == longest
-    assert torch.equal(table, full[:, -longest:])
-    users = torch.arange(1, table.shape[0])
-    wide = dataclasses.replace(
-        run, tensors=dataclasses.replace(run.tensors, neighbour_history=full)
+    kept = int((full > 0).sum())
+    assert len(run.tensors.neighbour_items) == kept < full.numel() // 10
+    users = torch.arange(1, full.shape[0])
+    assert torch.equal(
+        _stored(run, users), full[users, -_stored(run, users).shape[1] :]
     )
-    torch.testing.assert_close(run.neighbour_term(users), wide.neighbour_term(users))
+    torch.testing.assert_close(
+        run.neighbour_term(users), _expected_scores(run, full[users], users)
+    )
 
 
 def test_evaluation_and_serving_add_the_same_term(trained) -> None:
     run, split = trained
     recommender = Recommender(run)
-    users = torch.arange(1, run.tensors.neighbour_history.shape[0])
+    users = torch.arange(1, len(run.tensors.neighbour_lengths))
     term = run.neighbour_term(users)
-    torch.testing.assert_close(
-        term, _expected_scores(run, run.tensors.neighbour_history[users], users)
-    )
+    torch.testing.assert_close(term, _expected_scores(run, _stored(run, users), users))
     # Every user's list as served: dot products plus the term, seen items excluded.
     queries = recommender._known_queries()[users]
     scores = queries @ recommender.item_embeddings.T + term
@@ -188,7 +205,7 @@ def test_a_session_reads_after_the_stored_items(trained) -> None:
         run.neighbour_term(torch.tensor([0]), sessions=session[None])[0], expected
     )
     known = run.neighbour_term(torch.tensor([1]), sessions=session[None])[0]
-    stored = torch.cat([run.tensors.neighbour_history[1], session])
+    stored = torch.cat([_stored(run, torch.tensor([1]))[0], session])
     torch.testing.assert_close(
         known, _expected_scores(run, stored[None], torch.tensor([1]))[0]
     )
@@ -200,9 +217,10 @@ def test_a_session_knn_bundle_reloads_and_serves(trained, tmp_path: Path) -> Non
     root = tmp_path / "models" / "walks" / "1"
     recommender.save(root)
     again = load(root)
-    assert torch.equal(
-        again.run.tensors.neighbour_history, run.tensors.neighbour_history
-    )
+    for name in ("neighbour_lengths", "neighbour_items"):
+        assert torch.equal(
+            getattr(again.run.tensors, name), getattr(run.tensors, name)
+        ), name
     walk = [3, 7]
     expected = recommender.recommend(None, 4, session=walk).to_dict()["items"]
     assert again.recommend(None, 4, session=walk).to_dict()["items"] == expected
@@ -223,6 +241,42 @@ def test_a_session_knn_bundle_reloads_and_serves(trained, tmp_path: Path) -> Non
         ]
 
 
+def _rewrite(root: Path, tables: dict[str, torch.Tensor]) -> None:
+    """Replace a bundle's tables, its manifest's digest with them."""
+    save_file(tables, root / "tables.safetensors")
+    manifest = json.loads((root / "manifest.json").read_text())
+    digest = hashlib.sha256((root / "tables.safetensors").read_bytes()).hexdigest()
+    manifest["files"]["tables.safetensors"] = digest
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_bundle_saved_with_the_padded_table_loads(trained, tmp_path: Path) -> None:
+    """Bundles saved before the sequences were ragged hold a ``[U, M]``
+    ``neighbour_history`` table (0 = padding): it loads as the same sequences,
+    and serves the same lists; lengths that disagree with the items are the
+    artifact's fault, named."""
+    run, _ = trained
+    recommender = Recommender(run)
+    root = tmp_path / "old"
+    recommender.save(root)
+    flat = load_file(root / "tables.safetensors")
+    users = torch.arange(len(run.tensors.neighbour_lengths))
+    padded = torch.nn.functional.pad(_stored(run, users), (3, 0))
+    del flat["neighbour_lengths"], flat["neighbour_items"]
+    _rewrite(root, {**flat, "neighbour_history": padded})
+    again = load(root)
+    for name in ("neighbour_lengths", "neighbour_items"):
+        assert torch.equal(
+            getattr(again.run.tensors, name), getattr(run.tensors, name)
+        ), name
+    user = run.spec.vocabulary(USER).values[4]
+    assert again.recommend(user, 4) == recommender.recommend(user, 4)
+    short = {**flat, "neighbour_lengths": run.tensors.neighbour_lengths}
+    _rewrite(root, {**short, "neighbour_items": run.tensors.neighbour_items[1:]})
+    with pytest.raises(ArtifactError, match="sum to"):
+        load(root)
+
+
 def test_session_knn_mistakes_are_named(trained) -> None:
     with pytest.raises(ConfigError, match="session_knn_weight` should be -1"):
         _config("retrieval.session_knn_weight=-0.5")
@@ -234,12 +288,7 @@ def test_session_knn_mistakes_are_named(trained) -> None:
     with pytest.raises(ConfigError, match="session_knn_length` should be"):
         _config("retrieval.session_knn_length=0")
     run, _ = trained
-    without_table = dataclasses.replace(
-        run,
-        tensors=dataclasses.replace(
-            run.tensors, neighbour_history=torch.zeros(0, 0, dtype=torch.long)
-        ),
-    )
+    without_table = dataclasses.replace(run, tensors=run.tensors.without_neighbours())
     with pytest.raises(ConfigError, match="hold none"):
         without_table.neighbour_term(torch.tensor([1]))
 
@@ -427,15 +476,15 @@ def test_a_run_that_picks_no_term_keeps_no_table(tmp_path: Path) -> None:
     assert run.session_knn is not None
     assert len(set(run.session_knn["validation_ndcg_10"].values())) == 1
     assert run.session_knn_weight == 0 and not run.scores_exactly
-    assert run.tensors.neighbour_history.numel() == 0
+    assert not run.tensors.has_neighbours
     # The ranker's tables, built again from the run's, stay without it.
     both = with_history_of(run.tensors, run.spec, split.train, run.config.retrieval)
-    assert both.neighbour_history.numel() == 0
+    assert not both.has_neighbours
     recommender = Recommender(run)
     recommender.save(tmp_path / "bundle")
     again = load(tmp_path / "bundle")
     assert again.run.session_knn_weight == 0
-    assert again.run.tensors.neighbour_history.numel() == 0
+    assert not again.run.tensors.has_neighbours
     user = run.spec.vocabulary(USER).values[4]
     assert again.recommend(user, 5) == recommender.recommend(user, 5)
     session = list(run.spec.vocabulary(ITEM).values[1:4])

@@ -266,7 +266,13 @@ def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
     assert streamed.session_knn_weight == in_memory.session_knn_weight
     # the served tables hold the carve-out's rows again
     assert len(streamed.tensors.users) == fit.num_interactions + held.num_interactions
-    for name in ("users", "items", "history", "neighbour_history"):
+    for name in (
+        "users",
+        "items",
+        "history",
+        "neighbour_lengths",
+        "neighbour_items",
+    ):
         assert torch.equal(
             getattr(streamed.tensors, name), getattr(in_memory.tensors, name)
         ), name

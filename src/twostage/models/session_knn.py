@@ -31,7 +31,12 @@ from torch import Tensor
 
 from twostage.errors import ConfigError, DataError
 
-__all__ = ["SessionNeighbours", "check_options", "quiet_sparse"]
+__all__ = ["BLOCK_CELLS", "SessionNeighbours", "check_options", "quiet_sparse"]
+
+#: Most cells of one block's ``[batch, stored users]`` similarities (and of its
+#: ``[batch, num_items]`` scores): 2^24, 128 MiB in float64. A log of 10^7 users
+#: scores a query at a time rather than hold 20 GiB for 256 of them.
+BLOCK_CELLS = 2**24
 
 
 class SessionNeighbours:
@@ -46,7 +51,8 @@ class SessionNeighbours:
         recency: decay of the query's items, in items from its end, > 0.
         proximity: decay of a neighbour's items, in items from the shared one, > 0.
         batch_size: queries scored at a time (each holds ``[batch, num_items]`` and
-            ``[batch, U]`` floats, plus its neighbours' sequences).
+            ``[batch, U]`` floats, plus its neighbours' sequences); fewer where
+            those would pass :data:`BLOCK_CELLS` cells (:attr:`block_size`).
     """
 
     def __init__(
@@ -132,17 +138,49 @@ class SessionNeighbours:
     def num_users(self) -> int:
         return len(self.indptr) - 1
 
-    def score_users(self, user_idx: Tensor) -> Tensor:
+    def score_users(
+        self, user_idx: Tensor, *, sessions: Tensor | None = None
+    ) -> Tensor:
         """``[B, num_items]``: each stored user's own sequence as the query, the
-        user never their own neighbour; zeros past the stored users."""
+        user never their own neighbour; an empty query past the stored users.
+
+        Args:
+            user_idx: ``[B]`` stored users (past the end, or negative: none).
+            sessions: ``[B, S]`` items each query reads after its user's (most
+                recent last, 0 = padding), or None.
+        """
         out = torch.zeros(len(user_idx), self.num_items)
-        for start in range(0, len(user_idx), self.batch_size):
-            block = user_idx[start : start + self.batch_size].long()
+        step = self.block_size
+        for start in range(0, len(user_idx), step):
+            block = user_idx[start : start + step].long()
             row, position, item = self._segments(block)
+            if sessions is not None:
+                extra = sessions[start : start + step]
+                kept = extra > 0
+                extra_row = kept.nonzero()[:, 0]
+                before = torch.bincount(row, minlength=len(block))
+                extra_position = before[extra_row] + kept.long().cumsum(dim=1)[kept] - 1
+                row = torch.cat([row, extra_row])
+                position = torch.cat([position, extra_position])
+                item = torch.cat([item, extra[kept].long()])
             out[start : start + len(block)] = self._score(
                 row, position, item, batch=len(block), exclude=block
             )
         return out
+
+    @property
+    def block_size(self) -> int:
+        """Queries scored at a time: ``batch_size``, fewer where the stored users
+        or the catalogue are so many that a block's ``[batch, U]`` similarities
+        or ``[batch, num_items]`` scores would pass :data:`BLOCK_CELLS` cells."""
+        widest = max(self.num_users, self.num_items, 1)
+        return max(1, min(self.batch_size, BLOCK_CELLS // widest))
+
+    def sequences(self, user_idx: Tensor) -> list[Tensor]:
+        """Each of ``user_idx``'s stored items, oldest first (none past the end)."""
+        segment, _, item = self._segments(user_idx.long())
+        counts = torch.bincount(segment, minlength=len(user_idx)).tolist()
+        return list(item.split(counts))
 
     def score_sequences(
         self, queries: Tensor, *, exclude: Tensor | None = None
@@ -151,8 +189,9 @@ class SessionNeighbours:
         ``[B, num_items]``; ``exclude [B]``: a stored user each query may not take
         as a neighbour (its own row; -1 or past the end: none)."""
         out = torch.zeros(len(queries), self.num_items)
-        for start in range(0, len(queries), self.batch_size):
-            block = queries[start : start + self.batch_size]
+        step = self.block_size
+        for start in range(0, len(queries), step):
+            block = queries[start : start + step]
             kept = block > 0
             row = kept.nonzero()[:, 0]
             position = kept.long().cumsum(dim=1)[kept] - 1

@@ -376,7 +376,11 @@ class RankingRun:
             history_times=history_times,
             # a new user's prior rows carry no ratings: not known
             history_ratings=grown(self.tensors.history_ratings),
-            neighbour_history=grown(self.tensors.neighbour_history),
+            neighbour_lengths=(
+                F.pad(self.tensors.neighbour_lengths, (0, len(new)))
+                if self.tensors.has_neighbours
+                else self.tensors.neighbour_lengths
+            ),
         )
         vectors = None
         if self.model.extra_dim:

@@ -470,10 +470,8 @@ def choose_session_knn_weight(run: RetrievalRun, validate: Validator | None) -> 
         )
     run.session_knn_weight = choice.weight
     run.session_knn = choice.to_dict()
-    if choice.weight == 0:  # no term: its table is neither served nor saved
-        run.tensors = dataclasses.replace(
-            run.tensors, neighbour_history=torch.zeros(0, 0, dtype=torch.long)
-        )
+    if choice.weight == 0:  # no term: its sequences are neither served nor saved
+        run.tensors = run.tensors.without_neighbours()
 
 
 def choose_fallback(run: RetrievalRun, validate: Validator | None) -> None:

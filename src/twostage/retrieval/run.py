@@ -302,8 +302,9 @@ class RetrievalRun:
     #: The Parquet log a streamed run was trained on (saved): its test side is that
     #: stream's split, which re-evaluation reads again (``evaluate_streamed``).
     stream: str | None = None
-    #: The session-kNN term's neighbours, built on first use from the table they
-    #: are read from (saved, ``tensors.neighbour_history``), rebuilt when it changes.
+    #: The session-kNN term's neighbours, built on first use from the sequences
+    #: they are read from (saved, ``tensors.neighbour_items``), rebuilt when those
+    #: change.
     _neighbours: tuple[torch.Tensor, SessionNeighbours] | None = field(
         default=None, repr=False
     )
@@ -352,30 +353,28 @@ class RetrievalRun:
         weight = self.session_knn_weight if weight is None else weight
         if weight == 0:
             return torch.zeros(len(user_idx), num_items)
-        table = self.tensors.neighbour_history
-        if table.shape[0] == 0:
+        tensors = self.tensors
+        if not tensors.has_neighbours:
             raise ConfigError(
                 "`retrieval.session_knn_weight` != 0 reads each user's latest items, "
                 "and this run's tables hold none (built before the term was set). "
                 "Train the run again with the term, or set it to 0."
             )
-        if self._neighbours is None or self._neighbours[0] is not table:
+        stored = tensors.neighbour_items
+        if self._neighbours is None or self._neighbours[0] is not stored:
             cfg = self.config.retrieval
             self._neighbours = (
-                table,
-                SessionNeighbours.from_table(
-                    table,
+                stored,
+                SessionNeighbours(
+                    tensors.neighbour_lengths,
+                    stored,
                     num_items=num_items,
                     neighbours=cfg.session_knn_neighbours,
                     recency=cfg.session_knn_recency,
                     proximity=cfg.session_knn_proximity,
                 ),
             )
-        queries = table[user_idx]
-        if sessions is not None:
-            queries = torch.cat([queries, sessions], dim=1)
-        neighbours = self._neighbours[1]
-        raw = neighbours.score_sequences(queries, exclude=user_idx)[:, 1:]
+        raw = self._neighbours[1].score_users(user_idx, sessions=sessions)[:, 1:]
         # Standardised over the catalogue (not the OOV row), then weighted.
         spread = raw.std(dim=1, keepdim=True)
         term = torch.where(

@@ -102,7 +102,7 @@ from twostage.retrieval.tensors import (
     RetrievalTensors,
     context_keys,
     latest_rows,
-    neighbour_table,
+    neighbour_sequences,
     no_rating_column,
     rating_tables,
     rating_values,
@@ -333,6 +333,9 @@ def streamed_tensors(
     if spec is not None:
         user_features = rows_in_vocab_order(spec, USER, "query", user_table)
         item_features = rows_in_vocab_order(spec, ITEM, "candidate", item_table)
+    neighbour_rows = neighbour_sequences(
+        times, users, items, num_users=num_users, config=config.retrieval
+    )
     tensors = RetrievalTensors(
         user_features=user_features,
         item_features=item_features,
@@ -351,9 +354,8 @@ def streamed_tensors(
         sequence_ratings=window_ratings,
         rating_edges=edges,
         rating_range=rating_range,
-        neighbour_history=neighbour_table(
-            times, users, items, num_users=num_users, config=config.retrieval
-        ),
+        neighbour_lengths=neighbour_rows[0],
+        neighbour_items=neighbour_rows[1],
     )
     return StreamedRows(tensors=tensors, times=times, ratings=ratings, weights=weights)
 

@@ -114,12 +114,30 @@ class RetrievalTensors:
     rating_range: Tensor = dataclasses.field(
         default_factory=lambda: torch.zeros(0, dtype=torch.float64)
     )
-    #: ``[U, M]`` each user's latest ``retrieval.session_knn_length`` items, most
-    #: recent last (0 = padding), what the session-kNN term finds neighbours in;
-    #: ``[0, 0]`` without that term (weight 0, or 0 picked on validation).
-    neighbour_history: Tensor = dataclasses.field(
-        default_factory=lambda: torch.zeros(0, 0, dtype=torch.long)
+    #: What the session-kNN term finds neighbours in, stored ragged: ``[U]``
+    #: each user's number of items (its latest ``retrieval.session_knn_length``
+    #: training items) and ``[sum]`` those items end to end, each user's oldest
+    #: first; both empty without that term (weight 0, or 0 picked on validation).
+    #: Ragged, as a dense table would hold users x the longest history.
+    neighbour_lengths: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
     )
+    neighbour_items: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )
+
+    @property
+    def has_neighbours(self) -> bool:
+        """Whether the tables hold the session-kNN term's sequences."""
+        return bool(self.neighbour_lengths.numel())
+
+    def without_neighbours(self) -> RetrievalTensors:
+        """These tables less the session-kNN term's sequences."""
+        return dataclasses.replace(
+            self,
+            neighbour_lengths=torch.zeros(0, dtype=torch.long),
+            neighbour_items=torch.zeros(0, dtype=torch.long),
+        )
 
     def history_features(self, users: Tensor | slice) -> dict[str, Tensor]:
         """The history entries of a query feature dict for these users (rows):
@@ -166,7 +184,8 @@ class RetrievalTensors:
             history_ratings=self.history_ratings.to(device),
             sequence_ratings=self.sequence_ratings.to(device),
             rating_edges=self.rating_edges,
-            neighbour_history=self.neighbour_history.to(device),
+            neighbour_lengths=self.neighbour_lengths.to(device),
+            neighbour_items=self.neighbour_items.to(device),
         )
 
     def seen(self) -> UserItems:
@@ -245,15 +264,27 @@ def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
         flat["rating_edges"] = tensors.rating_edges
         if tensors.rating_range.numel():
             flat["rating_range"] = tensors.rating_range
-    if tensors.neighbour_history.numel():
-        flat["neighbour_history"] = tensors.neighbour_history
+    if tensors.has_neighbours:
+        flat["neighbour_lengths"] = tensors.neighbour_lengths
+        flat["neighbour_items"] = tensors.neighbour_items
     flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
     flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
     return {k: v.contiguous() for k, v in flat.items()}
 
 
 def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
-    """Inverse of :func:`tensors_to_flat`."""
+    """Inverse of :func:`tensors_to_flat` (and of its form before the session-kNN
+    term's sequences were stored ragged: a ``neighbour_history`` table)."""
+    lengths = flat.get("neighbour_lengths", torch.zeros(0, dtype=torch.long))
+    sequences = flat.get("neighbour_items", torch.zeros(0, dtype=torch.long))
+    if "neighbour_history" in flat:  # [U, M], 0 = padding
+        table = flat["neighbour_history"]
+        lengths, sequences = (table > 0).sum(dim=1), table[table > 0]
+    if lengths.ndim != 1 or sequences.ndim != 1 or int(lengths.sum()) != len(sequences):
+        raise ValueError(
+            "the session-kNN sequences' lengths should sum to their number of items "
+            f"({len(sequences)}); they sum to {int(lengths.sum())}"
+        )
     return RetrievalTensors(
         user_features={k[5:]: v for k, v in flat.items() if k.startswith("user.")},
         item_features={k[5:]: v for k, v in flat.items() if k.startswith("item.")},
@@ -269,9 +300,8 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
         ),
         rating_edges=flat.get("rating_edges", torch.zeros(0, dtype=torch.float64)),
         rating_range=flat.get("rating_range", torch.zeros(0, dtype=torch.float64)),
-        neighbour_history=flat.get(
-            "neighbour_history", torch.zeros(0, 0, dtype=torch.long)
-        ),
+        neighbour_lengths=lengths,
+        neighbour_items=sequences,
     )
 
 
@@ -560,6 +590,13 @@ def build_tensors(
         rows = context_frame(inter[USER], inter, keys)
         encoded = spec.transform_queries(rows, users=train.users)
         context = {f.key: encoded[f.key] for f in _context_infos(spec)}
+    neighbours = neighbour_sequences(
+        inter[TIME].to_numpy(),
+        users,
+        items,
+        num_users=user_vocab.size,
+        config=config,
+    )
     return RetrievalTensors(
         user_features=rows_in_vocab_order(spec, USER, "query", train.users),
         item_features=rows_in_vocab_order(spec, ITEM, "candidate", train.items),
@@ -588,35 +625,33 @@ def build_tensors(
         sequence_ratings=sequence_ratings,
         rating_edges=edges,
         rating_range=rating_range,
-        neighbour_history=neighbour_table(
-            inter[TIME].to_numpy(),
-            users,
-            items,
-            num_users=user_vocab.size,
-            config=config,
-        ),
+        neighbour_lengths=neighbours[0],
+        neighbour_items=neighbours[1],
     )
 
 
-def neighbour_table(
+def neighbour_sequences(
     times: np.ndarray,
     user_idx: np.ndarray,
     item_idx: np.ndarray,
     *,
     num_users: int,
     config: RetrievalConfig,
-) -> torch.Tensor:
-    """``[U, M]`` each user's latest items for the session-kNN term
-    (:attr:`RetrievalTensors.neighbour_history`), at most
-    ``session_knn_length`` of them, ``M`` the most any user has (the table is
-    no wider than its longest row); ``[0, 0]`` without the term."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The session-kNN term's sequences (:attr:`RetrievalTensors.neighbour_lengths`
+    and ``neighbour_items``): each user's latest ``session_knn_length`` training
+    rows' items by time (ties: row order), oldest first, end to end; empty without
+    the term. Memory grows with the rows kept, not users x the longest history."""
     if config.session_knn_weight == 0:
-        return torch.zeros(0, 0, dtype=torch.long)
-    table = latest_rows(
-        times, user_idx, item_idx, num_users=num_users, length=config.session_knn_length
-    )[0]
-    longest = int((table > 0).sum(dim=1).max()) if table.shape[0] else 0
-    return table[:, table.shape[1] - max(longest, 1) :].contiguous()
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    frame = _in_time_order(times, user_idx, item_idx).filter(
+        (pl.col("from_end") < config.session_knn_length) & (pl.col("i") > 0)
+    )
+    users = torch.from_numpy(frame["u"].to_numpy().astype(np.int64))
+    return (
+        torch.bincount(users, minlength=num_users),
+        torch.from_numpy(frame["i"].to_numpy().astype(np.int64)),
+    )
 
 
 def context_keys(spec: FeatureSpec) -> list[str]:
@@ -692,7 +727,7 @@ def with_history_rows(
             num_users=num_users,
             length=config.history_length,
         )[0]
-    return dataclasses.replace(
+    out = dataclasses.replace(
         tensors,
         history=history,
         history_times=(
@@ -706,14 +741,15 @@ def with_history_rows(
         weights=None,
         context={},  # the rows changed; context is for training batches only
         popularity=popularity,
-        # Weight -1 (picked on validation) keeps the table only if the pick kept it.
-        neighbour_history=(
-            neighbour_table(
-                times[known], users, items, num_users=num_users, config=config
-            )
-            if config.session_knn_weight > 0 or tensors.neighbour_history.numel()
-            else torch.zeros(0, 0, dtype=torch.long)
-        ),
+    )
+    # Weight -1 (picked on validation) keeps the sequences only if the pick kept them.
+    if not (config.session_knn_weight > 0 or tensors.has_neighbours):
+        return out.without_neighbours()
+    lengths, sequences = neighbour_sequences(
+        times[known], users, items, num_users=num_users, config=config
+    )
+    return dataclasses.replace(
+        out, neighbour_lengths=lengths, neighbour_items=sequences
     )
 
 

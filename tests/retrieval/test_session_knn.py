@@ -271,10 +271,20 @@ def test_a_bundle_saved_with_the_padded_table_loads(trained, tmp_path: Path) -> 
         ), name
     user = run.spec.vocabulary(USER).values[4]
     assert again.recommend(user, 4) == recommender.recommend(user, 4)
-    short = {**flat, "neighbour_lengths": run.tensors.neighbour_lengths}
-    _rewrite(root, {**short, "neighbour_items": run.tensors.neighbour_items[1:]})
-    with pytest.raises(ArtifactError, match="sum to"):
-        load(root)
+    lengths, stored = run.tensors.neighbour_lengths, run.tensors.neighbour_items
+    wrong = {
+        "sum to": (lengths, stored[1:]),
+        "one length >= 0 for each": (lengths[1:], stored[: int(lengths[1:].sum())]),
+        "item indices 1 to": (lengths, stored + len(run.tensors.item_probs)),
+        "integer": (lengths, stored.float()),
+    }
+    for message, (bad_lengths, bad_items) in wrong.items():
+        _rewrite(
+            root,
+            {**flat, "neighbour_lengths": bad_lengths, "neighbour_items": bad_items},
+        )
+        with pytest.raises(ArtifactError, match=message):
+            load(root)
 
 
 def test_session_knn_mistakes_are_named(trained) -> None:

@@ -272,6 +272,37 @@ def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in flat.items()}
 
 
+def check_neighbour_sequences(
+    lengths: torch.Tensor, sequences: torch.Tensor, *, num_users: int, num_items: int
+) -> None:
+    """Raise ValueError unless ``lengths`` and ``sequences`` are the session-kNN
+    term's sequences of ``num_users`` users over ``num_items`` items (or both
+    empty): what a saved bundle's tables must hold to be served."""
+    if not lengths.numel() and not sequences.numel():
+        return
+    if (
+        lengths.ndim != 1
+        or sequences.ndim != 1
+        or lengths.is_floating_point()
+        or sequences.is_floating_point()
+    ):
+        raise ValueError("the session-kNN sequences should be 1-D integer tensors")
+    if len(lengths) != num_users or bool((lengths < 0).any()):
+        raise ValueError(
+            f"the session-kNN sequences should have one length >= 0 for each of the "
+            f"{num_users} users; they have {len(lengths)}"
+        )
+    if int(lengths.sum()) != len(sequences):
+        raise ValueError(
+            "the session-kNN sequences' lengths should sum to their number of items "
+            f"({len(sequences)}); they sum to {int(lengths.sum())}"
+        )
+    if len(sequences) and (sequences.min() < 1 or sequences.max() >= num_items):
+        raise ValueError(
+            f"the session-kNN sequences should hold item indices 1 to {num_items - 1}"
+        )
+
+
 def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
     """Inverse of :func:`tensors_to_flat` (and of its form before the session-kNN
     term's sequences were stored ragged: a ``neighbour_history`` table)."""
@@ -280,11 +311,12 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
     if "neighbour_history" in flat:  # [U, M], 0 = padding
         table = flat["neighbour_history"]
         lengths, sequences = (table > 0).sum(dim=1), table[table > 0]
-    if lengths.ndim != 1 or sequences.ndim != 1 or int(lengths.sum()) != len(sequences):
-        raise ValueError(
-            "the session-kNN sequences' lengths should sum to their number of items "
-            f"({len(sequences)}); they sum to {int(lengths.sum())}"
-        )
+    check_neighbour_sequences(
+        lengths,
+        sequences,
+        num_users=int(flat["history"].shape[0]),
+        num_items=int(flat["item_probs"].shape[0]),
+    )
     return RetrievalTensors(
         user_features={k[5:]: v for k, v in flat.items() if k.startswith("user.")},
         item_features={k[5:]: v for k, v in flat.items() if k.startswith("item.")},

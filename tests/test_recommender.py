@@ -429,6 +429,7 @@ def test_a_table_of_lists_with_the_session_knn_term_is_what_recommend_gives() ->
         {},
         {"use_ranker": False},
         {"filters": {"category": "cat3"}},
+        {"filters": {"category": "none"}},  # nothing passes: every list empty
         {"exclude_seen": False},
     ):
         table = rec.recommend_table(users, 7, **options)

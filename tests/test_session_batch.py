@@ -556,6 +556,9 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
         assert mine["score"].to_list() == pytest.approx(keys, **close)
     if filters == {"category": "none"}:  # no item passes
         assert found.height == 0
+        assert rated.batch_index(filters) is None
+    elif model == "with_neighbours":  # exact scoring: no filtered index built
+        assert rated.batch_index(filters) is rated.index
     if model == "ranked" and filters is None:  # the ranker reorders the list
         plain = rated.recommend_sessions(
             table, 6, use_ranker=False, filters=filters

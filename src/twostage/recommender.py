@@ -1086,7 +1086,7 @@ class Recommender:
         self.encode_context(context)  # a mistake is named before any list
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
-        search = self.filtered_index(filters)
+        search = self.batch_index(filters)
         given = _id_list("user_ids", user_ids, "rows")
         for user_id in given:
             if user_id is not None:
@@ -1221,6 +1221,18 @@ class Recommender:
         if not len(allowed):
             return None
         return ExactIndex().build(self.item_embeddings[allowed], allowed)
+
+    def batch_index(self, filters: dict[str, Any] | None) -> Index | None:
+        """The index batched lists search (None: no item passes ``filters``):
+        :meth:`filtered_index`, but the bundle's own where the session-kNN term
+        scores every item exactly (:meth:`exact_search` applies the filters
+        itself, so no index of the items that pass is built for nothing)."""
+        if not self.run.scores_exactly:
+            return self.filtered_index(filters)
+        mask = self._filters.mask(filters)  # a bad filter: named here too
+        if mask is not None and not bool((mask[1:] & ~self._removed[1:]).any()):
+            return None
+        return self.index
 
     def _personalised_lists(
         self,

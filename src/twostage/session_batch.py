@@ -207,7 +207,7 @@ def _batched_lists(
     index of them, as ``recommend`` searches them). A session that reads an
     item added after training, or whose query is not finite, is left out:
     ``recommend`` answers (or refuses) it."""
-    search = rec.filtered_index(filters)  # a bad filter: named before any list
+    search = rec.batch_index(filters)  # a bad filter: named before any list
     tensors = rec.run.tensors
     length = int(tensors.history.shape[1])
     bounds = tensors.rating_range.tolist()

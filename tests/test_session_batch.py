@@ -343,7 +343,7 @@ def test_the_cli_writes_every_sessions_list_and_reports_the_rows_not_read(
     [
         (["--users", "u.csv"], None, "give --sessions FILE or --users FILE"),
         (["--session", "5"], None, "--session shapes one request"),
-        (["--context", "timestamp=5"], None, "--context shapes one request"),
+        (["--explain"], None, "--explain shapes one request"),
         (
             [],
             "session_id,item_id,timestamp\na,5,noon\n",

@@ -744,8 +744,8 @@ def recommend_command(
         list[str] | None,
         typer.Option(
             help="Context of the request, for a model that reads some, e.g. "
-            "--context timestamp=1700000000 (with --users / --all-users: the "
-            "moment of every list)."
+            "--context timestamp=1700000000 (with --users / --all-users or "
+            "--sessions: the moment of every list)."
         ),
     ] = None,
     require_known_user: Annotated[
@@ -891,8 +891,8 @@ def recommend_command(
                 "give --sessions FILE or --users FILE / --all-users, not both.",
                 param_hint="--sessions",
             )
-        # A session's list reads no request context, and explains nothing.
-        single.update({"--context": context, "--explain": explain or None})
+        # A session's list explains nothing (--context: the moment of every list).
+        single.update({"--explain": explain or None})
         check_batch_options(
             sessions_file,
             False,
@@ -923,6 +923,7 @@ def recommend_command(
             exclude_seen=not include_seen,
             use_ranker=not no_ranker,
             filters=chosen,
+            context=_key_values(context, "--context") or None,
         )
         if json_output:
             print_json(summary)
@@ -1166,6 +1167,7 @@ def _recommend_sessions_into(
     exclude_seen: bool,
     use_ranker: bool,
     filters: dict[str, Any] | None,
+    context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every session's list into ``out``, 2,048 sessions at a time, with the
     counts the command reports, the rows not read among them (their first 100
@@ -1178,6 +1180,8 @@ def _recommend_sessions_into(
             "give it a header row naming session_id and item_id.",
             param_hint="--sessions",
         )
+    if context:  # a mistake in it is named before any list is written
+        rec.encode_context(context)
     numbered = table.with_row_index("_row", offset=1)
     order = numbered[SESSION].drop_nulls().unique(maintain_order=True).to_list()
     unread = [
@@ -1198,6 +1202,7 @@ def _recommend_sessions_into(
                 exclude_seen=exclude_seen,
                 use_ranker=use_ranker,
                 filters=filters,
+                context=context,
             )
         except SessionTableError as e:  # the file's; a bad -k names its flag
             raise typer.BadParameter(str(e), param_hint="--sessions") from e

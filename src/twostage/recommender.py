@@ -1023,12 +1023,14 @@ class Recommender:
         exclude_seen: bool = True,
         use_ranker: bool = True,
         filters: dict[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> SessionLists:
         """A list for every session of a table with a row per session item
         (``session_id``, ``item_id``; optionally ``timestamp``, ``rating`` and
         ``user_id``), as :meth:`recommend` answers one ``session`` each, and the
         rows it could not read with their reasons
-        (:func:`twostage.session_batch.recommend_sessions`)."""
+        (:func:`twostage.session_batch.recommend_sessions`); ``context``: one
+        moment for every list, for a model that reads per-request context."""
         from twostage.session_batch import recommend_sessions
 
         return recommend_sessions(
@@ -1038,6 +1040,7 @@ class Recommender:
             exclude_seen=_check_flag("exclude_seen", exclude_seen),
             use_ranker=_check_flag("use_ranker", use_ranker),
             filters=filters,
+            context=context,
         )
 
     def recommend_table(

@@ -6,6 +6,7 @@ figures of such sessions are :mod:`twostage.session_evaluation`'s."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,7 @@ def recommend_sessions(
     exclude_seen: bool = True,
     use_ranker: bool = True,
     filters: dict[str, Any] | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> SessionLists:
     """A list for every session of ``sessions``, as :meth:`Recommender.recommend`
     answers one ``session`` each.
@@ -91,6 +93,9 @@ def recommend_sessions(
             For a model that reads no per-request context, the sessions are
             answered :data:`BATCH_SESSIONS` at a time (:func:`_batched_lists`;
             filters applied), the others one at a time.
+        context: one moment for every list (``{"timestamp": ...}``), for a
+            model that reads per-request context, as :meth:`Recommender.recommend`
+            takes it (without it, such a model reads the context as unknown).
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -105,6 +110,8 @@ def recommend_sessions(
         ConfigError: ``k`` or ``filters`` is not one ``recommend`` takes.
     """
     k = check_k("k", k)  # named before any list, an empty table's too
+    if context:  # a mistake in it too (a model that reads none refuses it)
+        rec.encode_context(context)
     check_sessions_table(rec, sessions)
     rows = sessions.to_dicts()
     owners = session_users(rows) if USER in sessions.columns else {}
@@ -138,6 +145,7 @@ def recommend_sessions(
             exclude_seen=exclude_seen,
             use_ranker=use_ranker,
             filters=filters,
+            context=context,
         )
         # items added after training: seen, but the model learned nothing of them
         added = {vocab.lookup(item) for item in answer.unread_session_items}

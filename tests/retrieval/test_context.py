@@ -448,3 +448,54 @@ def test_batch_lists_are_made_at_one_moment(trained, tmp_path: Path) -> None:
     assert not (tmp_path / "bad.parquet").exists()
     with pytest.raises(ConfigError, match="reads no context"):
         without.recommender().recommend_table(users, 3, context={"timestamp": day})
+
+
+def test_session_lists_are_made_at_one_moment(tmp_path: Path) -> None:
+    """`recommend --sessions FILE --context timestamp=...` (and
+    `recommend_sessions(..., context=)`): every session's list at that moment,
+    as one `recommend(session=..., context=...)` gives it; a model that reads no
+    context refuses it, and a mistake in it is named before any list is written."""
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *SMALL,
+            "retrieval.query_fields=user_id,hour_of_day",
+            "retrieval.history_length=5",
+        ],
+    )
+    rec = fit_two_stage(config, _daypart_log(num=3000), ranking=False).recommender()
+    day = 100 * 24 * HOUR
+    walks = {"a": [3, 60], "b": [70, 12], "c": [13, 80, 5, 90]}  # both dayparts
+    table = pl.DataFrame(
+        [{"session_id": s, "item_id": i} for s, items in walks.items() for i in items]
+    )
+    evening_share = {}  # of the lists' items: the evening's (51-100)
+    for moment in (MORNING, EVENING):
+        context = {"timestamp": day + moment}
+        lists = rec.recommend_sessions(table, 10, context=context).lists
+        for session, items in walks.items():
+            alone = rec.recommend(None, 10, session=items, context=context)
+            mine = lists.filter(pl.col("session_id") == session)["item_id"]
+            assert mine.to_list() == [i["item_id"] for i in alone.items]
+        evening_share[moment] = (lists["item_id"] > 50).mean()
+    assert evening_share[EVENING] - evening_share[MORNING] > 0.2
+    path = tmp_path / "sessions.csv"
+    table.write_csv(path)
+    rec.save(tmp_path / "bundle")
+    out = tmp_path / "lists.parquet"
+    args = ["recommend", str(tmp_path / "bundle"), "--sessions", str(path)]
+    done = CliRunner().invoke(
+        app, [*args, "--out", str(out), "--context", f"timestamp={day + EVENING}"]
+    )
+    assert done.exit_code == 0, done.output
+    assert (pl.read_parquet(out)["item_id"] > 50).mean() == evening_share[EVENING]
+    bad = tmp_path / "bad.parquet"
+    refused = CliRunner().invoke(
+        app, [*args, "--out", str(bad), "--context", "weather=rain"]
+    )
+    assert isinstance(refused.exception, ConfigError), refused.output
+    assert "weather" in str(refused.exception) and not bad.exists()
+    plain = apply_overrides(ExperimentConfig(), [*SMALL, "retrieval.history_length=5"])
+    without = fit_two_stage(plain, _daypart_log(num=1000), ranking=False)
+    with pytest.raises(ConfigError, match="reads no context"):
+        without.recommender().recommend_sessions(table, 3, context={"timestamp": day})

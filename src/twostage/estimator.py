@@ -540,12 +540,14 @@ class TwoStageModel:
         exclude_seen: bool = True,
         use_ranker: bool = True,
         filters: dict[str, Any] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> SessionLists:
         """A list for every session of a polars or pandas frame (or a dict of
         columns) with a row per session item
         (:meth:`Recommender.recommend_sessions`), its columns named
         as :meth:`fit` read the log's (``item_col``, ``time_col``, ``rating_col``,
-        ``user_col``) and ``session_col``.
+        ``user_col``) and ``session_col``; ``context``: one moment for every
+        list, for a model that reads per-request context.
 
         Returns:
             ``.lists`` (a row per session and rank) and ``.unread`` (the rows the
@@ -558,6 +560,7 @@ class TwoStageModel:
             exclude_seen=exclude_seen,
             use_ranker=use_ranker,
             filters=filters,
+            context=context,
         )
 
     def evaluate_sessions(

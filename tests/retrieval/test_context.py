@@ -14,6 +14,7 @@ from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.errors import ConfigError
+from twostage.estimator import TwoStageModel
 from twostage.recommender import load
 from twostage.serving import ServeSettings, create_app
 from twostage.two_stage import fit_two_stage
@@ -489,6 +490,11 @@ def test_session_lists_are_made_at_one_moment(tmp_path: Path) -> None:
     )
     assert done.exit_code == 0, done.output
     assert (pl.read_parquet(out)["item_id"] > 50).mean() == evening_share[EVENING]
+    estimator = TwoStageModel.load(tmp_path / "bundle")
+    evening = {"timestamp": day + EVENING}
+    assert estimator.recommend_sessions(table, 10, context=evening).lists.equals(
+        rec.recommend_sessions(table, 10, context=evening).lists
+    )
     bad = tmp_path / "bad.parquet"
     refused = CliRunner().invoke(
         app, [*args, "--out", str(bad), "--context", "weather=rain"]

@@ -361,8 +361,9 @@ def test_remove_items_from_the_cli(recommender: Recommender, tmp_path: Path) -> 
     runner = CliRunner()
     models = tmp_path / "models"
     recommender.save(models / "shop" / "1")
-    removed = runner.invoke(
-        app, ["remove-items", str(models / "shop"), "--ids", "3,4", "--json"]
+    removed = runner.invoke(  # repeated, --ids joins (the last alone was kept)
+        app,
+        ["remove-items", str(models / "shop"), "--ids", "3", "--ids", "4", "--json"],
     )
     assert removed.exit_code == 0, removed.output
     assert json.loads(removed.stdout)["served_items"] == 78

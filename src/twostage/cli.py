@@ -624,6 +624,23 @@ def _texts(items: list[str] | None, option: str) -> dict[str, str]:
     return values
 
 
+def _one(values: list[str] | None, flag: str, noun: str, many: str) -> str | None:
+    """A flag that takes one value, given once (repeated, the last one would win
+    silently: refused, naming the batch options instead)."""
+    if values is not None and len(values) > 1:
+        raise typer.BadParameter(
+            f"give one {noun} (received {len(values)}: {values[:5]}); for many, "
+            f"{many} writes a list for each.",
+            param_hint=flag,
+        )
+    return values[0] if values else None
+
+
+def _joined(values: list[str] | None) -> str | None:
+    """A repeatable comma-separated option's occurrences as one list, in order."""
+    return ",".join(values) if values else None
+
+
 def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
     """``--session 1,2,3`` (or ``--candidates``) as item IDs, in their order."""
     if value is None:
@@ -729,8 +746,13 @@ def recommend_command(
             "directory of `twostage train retrieval`."
         ),
     ],
-    user: Annotated[
-        str | None, typer.Option(help="User ID (unknown: cold start).")
+    users_given: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--user",
+            help="User ID (unknown: cold start); one (for many: --users FILE or "
+            "--all-users).",
+        ),
     ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
     include_seen: Annotated[
@@ -756,16 +778,18 @@ def recommend_command(
             "answering with a labelled cold start.",
         ),
     ] = False,
-    session: Annotated[
-        str | None,
+    session_given: Annotated[
+        list[str] | None,
         typer.Option(
+            "--session",
             help="The current session's item IDs, oldest first, comma-separated "
-            "(e.g. --session 50,172,181): they follow the user's history, or "
-            "without --user are the query on their own.",
+            "(e.g. --session 50,172,181, or repeated: --session 50 --session 172): "
+            "they follow the user's history, or without --user are the query on "
+            "their own.",
         ),
     ] = None,
-    session_ratings: Annotated[
-        str | None,
+    session_ratings_given: Annotated[
+        list[str] | None,
         typer.Option(
             "--session-ratings",
             help="The user's rating of each --session item, in the same order, "
@@ -774,8 +798,8 @@ def recommend_command(
             "within the ratings they trained on (`twostage info` shows the range).",
         ),
     ] = None,
-    session_times: Annotated[
-        str | None,
+    session_times_given: Annotated[
+        list[str] | None,
         typer.Option(
             "--session-times",
             help="When each --session item was taken, in the same order, "
@@ -785,12 +809,13 @@ def recommend_command(
             "retrieval.sequence_time_gaps read the gaps between them.",
         ),
     ] = None,
-    candidates: Annotated[
-        str | None,
+    candidates_given: Annotated[
+        list[str] | None,
         typer.Option(
-            help="Rank these item IDs only, comma-separated (a candidate list of "
-            "your own): ordered as the catalogue would be, ranker included; -k "
-            "as long as the list shows every one.",
+            "--candidates",
+            help="Rank these item IDs only, comma-separated or repeated (a "
+            "candidate list of your own): ordered as the catalogue would be, "
+            "ranker included; -k as long as the list shows every one.",
         ),
     ] = None,
     new_items: Annotated[
@@ -874,6 +899,12 @@ def recommend_command(
     """Recommend items for a user or a session, printed with titles next to their
     history; or for many users or sessions into a file (--users, --all-users,
     --sessions)."""
+    user = _one(users_given, "--user", "user", "--users FILE or --all-users")
+    # Repeated, these join in order (--session 50 --session 172 = 50,172).
+    session = _joined(session_given)
+    session_ratings = _joined(session_ratings_given)
+    session_times = _joined(session_times_given)
+    candidates = _joined(candidates_given)
     many = users_file is not None or all_users
     single = {
         "--user": user,
@@ -1295,7 +1326,12 @@ def similar_command(
             "directory of `twostage train retrieval`."
         ),
     ],
-    item: Annotated[str | None, typer.Option(help="Item ID.")] = None,
+    items_given: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--item", help="Item ID; one (for many: --items FILE or --all-items)."
+        ),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
     items_file: Annotated[
         Path | None,
@@ -1346,6 +1382,7 @@ def similar_command(
     many items into a file (--items, --all-items)."""
     from twostage.errors import UnknownIdError
 
+    item = _one(items_given, "--item", "item", "--items FILE or --all-items")
     many = items_file is not None or all_items
     if many or out is not None:
         check_batch_options(

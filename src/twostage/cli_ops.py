@@ -288,9 +288,13 @@ def remove_items_command(
     bundle: Annotated[
         Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
     ],
-    ids: Annotated[
-        str | None,
-        typer.Option("--ids", help="Item IDs separated by commas, e.g. 50,172."),
+    ids_given: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ids",
+            help="Item IDs separated by commas, e.g. 50,172 (or repeated: --ids 50 "
+            "--ids 172).",
+        ),
     ] = None,
     items: Annotated[
         Path | None,
@@ -314,6 +318,7 @@ def remove_items_command(
     from twostage.catalogue import read_item_rows
     from twostage.errors import TwostageError
 
+    ids = ",".join(ids_given) if ids_given else None  # repeated: all, in order
     if (ids is None) == (items is None):
         raise typer.BadParameter("give --ids or --items (one of them).")
     source, rec = _open(bundle)

@@ -506,6 +506,27 @@ def test_a_time_gap_model_trains_saves_and_reads_session_times(
     got = json.loads(result.stdout)["items"]
     assert [e["item_id"] for e in got] == [e["item_id"] for e in expected]
     assert [e["score"] for e in got] == pytest.approx([e["score"] for e in expected])
+    # Repeated, the flags join in order (the last one alone was kept, silently).
+    repeated = CliRunner().invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "models" / "walks")),
+            *("--session", str(walk[0]), "--session", ",".join(map(str, walk[1:]))),
+            *("--session-times", "0", "--session-times", "1,1000000"),
+            *("-k", "5", "--json"),
+        ],
+    )
+    assert repeated.exit_code == 0, repeated.output
+    assert json.loads(repeated.stdout)["items"] == got
+    twice = CliRunner().invoke(
+        app,
+        [
+            *("recommend", str(tmp_path / "models" / "walks")),
+            *("--user", "1", "--user", "2"),
+        ],
+    )
+    shown = " ".join(twice.output.replace("│", " ").split())
+    assert twice.exit_code == 2 and "give one user (received 2" in shown, shown
     for times, said in (
         ("0,x,2", "entry 2 should be whole seconds since 1970"),
         ("0,1", "one time per --session item (3)"),

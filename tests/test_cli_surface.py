@@ -448,3 +448,37 @@ def test_ctrl_c_in_a_run_checkpoints_the_step_and_resume_finishes(
     )
     assert done.returncode == 0, done.stderr
     assert (run / "model.safetensors").exists()
+
+
+def test_an_option_given_twice_that_takes_one_value_is_refused(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """click keeps the last occurrence of such an option and drops the others
+    silently (`add-items --items a.csv --items b.csv` would add b.csv alone): every
+    command refuses it, naming it, before it runs; repeatable options and a
+    subcommand's own options are not counted against its group's."""
+    import typer.main
+
+    from twostage.cli_group import repeated_options
+
+    model = str(models_dir / "tiny")
+    twice = runner.invoke(
+        app, ["recommend", model, "--user", "1", "-k", "3", "-k", "5"]
+    )
+    said = " ".join(twice.output.replace("│", " ").split())
+    assert twice.exit_code == 2 and "Invalid value for -k: given 2 times" in said, said
+    out = tmp_path / "a"
+    trained = runner.invoke(
+        app, ["train", "--out", str(out), "--out", str(tmp_path / "b")]
+    )
+    assert trained.exit_code == 2 and "--out" in trained.output
+    assert not out.exists() and not (tmp_path / "b").exists()
+    command = typer.main.get_command(app)
+    recommend = command.commands["recommend"]  # type: ignore[attr-defined]
+    # A value is never read as a flag; repeatable options may repeat.
+    args = ["--context", "-k", "-k", "3", "--filter", "a=1", "--filter", "b=2"]
+    assert repeated_options(recommend, args) == []
+    assert repeated_options(recommend, ["--k=3", "-k", "4"]) == [("-k", 2)]
+    train = command.commands["train"]  # type: ignore[attr-defined]
+    both = ["--out", "a", "retrieval", "--out", "b"]  # the group's, then its command's
+    assert repeated_options(train, both) == []

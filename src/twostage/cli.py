@@ -69,6 +69,7 @@ from twostage.cli_data import (
     split_names,
     unrated_values_of,
 )
+from twostage.cli_group import OnceGroup
 from twostage.cli_info import env_command, info_command
 from twostage.cli_ops import (
     add_items_command,
@@ -96,6 +97,7 @@ from twostage.cli_output import (
 from twostage.errors import ConfigError, TwostageError
 
 app = typer.Typer(
+    cls=OnceGroup,
     help="twostage: a two-stage recommender (two-tower retrieval, then ranking).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -108,6 +110,7 @@ app.add_typer(index_app, name="index", rich_help_panel=USE)
 
 
 train_app = typer.Typer(
+    cls=OnceGroup,
     help="Train both stages into a bundle (`twostage train --out models/x/1`), or "
     "one stage (`twostage train retrieval`).",
     invoke_without_command=True,

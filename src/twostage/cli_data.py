@@ -13,11 +13,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from twostage.cli_group import OnceGroup
 from twostage.cli_output import console, print_json
 
 logger = logging.getLogger(__name__)
 
-data_app = typer.Typer(help="Fetch, inspect and split datasets.", no_args_is_help=True)
+data_app = typer.Typer(
+    cls=OnceGroup, help="Fetch, inspect and split datasets.", no_args_is_help=True
+)
 
 #: The options that say how to read a log, grouped under this heading in --help.
 READING = "Reading the log"

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 __all__ = ["add_items_command", "index_app", "remove_items_command", "serve_command"]
 
+from twostage.cli_group import OnceGroup
 from twostage.cli_output import JsonOutput, console, print_json, status_console
 
 #: ``--out`` of the commands that save a changed bundle.
@@ -25,7 +26,9 @@ NextVersion = Annotated[
 ]
 
 index_app = typer.Typer(
-    help="Build and measure nearest-neighbour indexes.", no_args_is_help=True
+    cls=OnceGroup,
+    help="Build and measure nearest-neighbour indexes.",
+    no_args_is_help=True,
 )
 
 

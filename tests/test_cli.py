@@ -789,7 +789,7 @@ def test_ids_with_leading_zeros_are_found_from_the_command_line(
     # One item only: repeated, the last would have won silently.
     twice = runner.invoke(app, ["similar", str(run), "--item", item, "--item", item])
     said = " ".join(twice.output.replace("│", " ").split())
-    assert twice.exit_code == 2 and "give one item (received 2" in said, said
+    assert twice.exit_code == 2 and "--item: given 2 times" in said, said
 
 
 def test_training_reads_the_files_data_split_writes(tmp_path: Path) -> None:

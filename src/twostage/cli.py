@@ -627,18 +627,6 @@ def _texts(items: list[str] | None, option: str) -> dict[str, str]:
     return values
 
 
-def _one(values: list[str] | None, flag: str, noun: str, many: str) -> str | None:
-    """A flag that takes one value, given once (repeated, the last one would win
-    silently: refused, naming the batch options instead)."""
-    if values is not None and len(values) > 1:
-        raise typer.BadParameter(
-            f"give one {noun} (received {len(values)}: {values[:5]}); for many, "
-            f"{many} writes a list for each.",
-            param_hint=flag,
-        )
-    return values[0] if values else None
-
-
 def _joined(values: list[str] | None) -> str | None:
     """A repeatable comma-separated option's occurrences as one list, in order."""
     return ",".join(values) if values else None
@@ -749,13 +737,8 @@ def recommend_command(
             "directory of `twostage train retrieval`."
         ),
     ],
-    users_given: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--user",
-            help="User ID (unknown: cold start); one (for many: --users FILE or "
-            "--all-users).",
-        ),
+    user: Annotated[
+        str | None, typer.Option(help="User ID (unknown: cold start).")
     ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
     include_seen: Annotated[
@@ -902,7 +885,6 @@ def recommend_command(
     """Recommend items for a user or a session, printed with titles next to their
     history; or for many users or sessions into a file (--users, --all-users,
     --sessions)."""
-    user = _one(users_given, "--user", "user", "--users FILE or --all-users")
     # Repeated, these join in order (--session 50 --session 172 = 50,172).
     session = _joined(session_given)
     session_ratings = _joined(session_ratings_given)
@@ -1329,12 +1311,7 @@ def similar_command(
             "directory of `twostage train retrieval`."
         ),
     ],
-    items_given: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--item", help="Item ID; one (for many: --items FILE or --all-items)."
-        ),
-    ] = None,
+    item: Annotated[str | None, typer.Option(help="Item ID.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
     items_file: Annotated[
         Path | None,
@@ -1385,7 +1362,6 @@ def similar_command(
     many items into a file (--items, --all-items)."""
     from twostage.errors import UnknownIdError
 
-    item = _one(items_given, "--item", "item", "--items FILE or --all-items")
     many = items_file is not None or all_items
     if many or out is not None:
         check_batch_options(

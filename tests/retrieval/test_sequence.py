@@ -526,7 +526,7 @@ def test_a_time_gap_model_trains_saves_and_reads_session_times(
         ],
     )
     shown = " ".join(twice.output.replace("│", " ").split())
-    assert twice.exit_code == 2 and "give one user (received 2" in shown, shown
+    assert twice.exit_code == 2 and "--user: given 2 times" in shown, shown
     for times, said in (
         ("0,x,2", "entry 2 should be whole seconds since 1970"),
         ("0,1", "one time per --session item (3)"),

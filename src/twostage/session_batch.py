@@ -77,6 +77,7 @@ def recommend_sessions(
     use_ranker: bool = True,
     filters: dict[str, Any] | None = None,
     context: Mapping[str, Any] | None = None,
+    session_contexts: Mapping[Any, Mapping[str, Any]] | None = None,
 ) -> SessionLists:
     """A list for every session of ``sessions``, as :meth:`Recommender.recommend`
     answers one ``session`` each.
@@ -96,6 +97,9 @@ def recommend_sessions(
         context: one moment for every list (``{"timestamp": ...}``), for a
             model that reads per-request context, as :meth:`Recommender.recommend`
             takes it (without it, such a model reads the context as unknown).
+        session_contexts: ``{session_id: context}``, a session's own moment in
+            place of ``context`` (:func:`~twostage.session_evaluation.evaluate_sessions`
+            gives each the time of its held-out row).
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -110,8 +114,9 @@ def recommend_sessions(
         ConfigError: ``k`` or ``filters`` is not one ``recommend`` takes.
     """
     k = check_k("k", k)  # named before any list, an empty table's too
-    if context:  # a mistake in it too (a model that reads none refuses it)
-        rec.encode_context(context)
+    for moment in [context, *(session_contexts or {}).values()]:
+        if moment:  # a mistake in one too (a model that reads none refuses it)
+            rec.encode_context(moment)
     check_sessions_table(rec, sessions)
     rows = sessions.to_dicts()
     owners = session_users(rows) if USER in sessions.columns else {}
@@ -145,7 +150,7 @@ def recommend_sessions(
             exclude_seen=exclude_seen,
             use_ranker=use_ranker,
             filters=filters,
-            context=context,
+            context=(session_contexts or {}).get(session, context),
         )
         # items added after training: seen, but the model learned nothing of them
         added = {vocab.lookup(item) for item in answer.unread_session_items}

@@ -5,6 +5,7 @@ the training rows, the baselines fitted on them and fed the same items."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.user_items import UserItems
 from twostage.inputs import session_indices
 from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
-from twostage.retrieval.tensors import session_history
+from twostage.retrieval.tensors import context_keys, session_history
 from twostage.session_batch import (
     BATCH_SESSIONS,
     SESSION,
@@ -47,7 +48,9 @@ def evaluate_sessions(
     """Next-item figures on sessions the model never saw, as session-based
     recommenders are measured: each session's last item (in the order
     :func:`recommend_sessions` reads it) is held out, its earlier items are the
-    query, and the list (its items excluded) must find the held-out one.
+    query, and the list (its items excluded) must find the held-out one. A model
+    that reads per-request context is asked at the time of each held-out row
+    (where the table has times), as the test split's rows are measured.
 
     Args:
         rec: the model.
@@ -92,8 +95,22 @@ def evaluate_sessions(
     measured = set(sizes.filter(pl.col("len") > 1)[SESSION].to_list())
     targets = targets.filter(pl.col(SESSION).is_in(list(measured)))
     queries = ordered.filter(~last).sort("_row").drop("_row")
+    moments = None
+    if context_keys(rec.run.spec) and TIME in targets.columns:
+        # A model that reads the request's context is asked at each held-out
+        # row's time, as the test split's evaluation asks at each test row's.
+        moments = {
+            session: {"timestamp": when}
+            for session, when in targets.select(SESSION, TIME).iter_rows()
+            if when is not None and math.isfinite(when)  # else: not known
+        }
     found = recommend_sessions(
-        rec, queries, ks[-1], exclude_seen=True, use_ranker=use_ranker
+        rec,
+        queries,
+        ks[-1],
+        exclude_seen=True,
+        use_ranker=use_ranker,
+        session_contexts=moments,
     )
     vocab = rec.item_vocab
     order = targets[SESSION].to_list()

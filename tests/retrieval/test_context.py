@@ -505,3 +505,49 @@ def test_session_lists_are_made_at_one_moment(tmp_path: Path) -> None:
     without = fit_two_stage(plain, _daypart_log(num=1000), ranking=False)
     with pytest.raises(ConfigError, match="reads no context"):
         without.recommender().recommend_sessions(table, 3, context={"timestamp": day})
+
+
+def test_new_sessions_are_measured_at_each_held_out_row_s_time() -> None:
+    """`evaluate_sessions` asks a model that reads the request's context at the
+    time of each session's held-out row, as the test split's rows are measured:
+    its figures are those of one `recommend(session=..., context=...)` per
+    session at that moment, and above the same sessions asked with the context
+    unknown."""
+    from twostage.session_evaluation import evaluate_sessions
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *SMALL,
+            "retrieval.query_fields=user_id,hour_of_day",
+            "retrieval.history_length=5",
+        ],
+    )
+    rec = fit_two_stage(config, _daypart_log(num=3000), ranking=False).recommender()
+    rng = np.random.default_rng(3)
+    day = 100 * 24 * HOUR
+    rows = []
+    for session in range(40):
+        evening = session % 2 == 1
+        items = rng.integers(1, 101, 3).tolist()  # the first two: either daypart
+        items[-1] = int(rng.integers(51, 101) if evening else rng.integers(1, 51))
+        moment = day + (EVENING if evening else MORNING)
+        for step, item in enumerate(items):
+            rows.append(
+                {"session_id": session, "item_id": item, "timestamp": moment + step}
+            )
+    table = pl.DataFrame(rows)
+    figures = evaluate_sessions(rec, table, ks=(10,))
+    hits = 0
+    for session in range(40):
+        mine = [r for r in rows if r["session_id"] == session]
+        answer = rec.recommend(
+            None,
+            10,
+            session=[r["item_id"] for r in mine[:-1]],
+            context={"timestamp": mine[-1]["timestamp"]},
+        )
+        hits += mine[-1]["item_id"] in [i["item_id"] for i in answer.items]
+    assert figures["twostage"]["hit_rate"][10] == pytest.approx(hits / 40)
+    blind = evaluate_sessions(rec, table.drop("timestamp"), ks=(10,))
+    assert figures["twostage"]["hit_rate"][10] > blind["twostage"]["hit_rate"][10]

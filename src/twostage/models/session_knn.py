@@ -176,12 +176,6 @@ class SessionNeighbours:
         widest = max(self.num_users, self.num_items, 1)
         return max(1, min(self.batch_size, BLOCK_CELLS // widest))
 
-    def sequences(self, user_idx: Tensor) -> list[Tensor]:
-        """Each of ``user_idx``'s stored items, oldest first (none past the end)."""
-        segment, _, item = self._segments(user_idx.long())
-        counts = torch.bincount(segment, minlength=len(user_idx)).tolist()
-        return list(item.split(counts))
-
     def score_sequences(
         self, queries: Tensor, *, exclude: Tensor | None = None
     ) -> Tensor:

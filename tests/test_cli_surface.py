@@ -473,29 +473,6 @@ def test_an_option_given_twice_that_takes_one_value_is_refused(
     )
     assert trained.exit_code == 2 and "--out" in trained.output
     assert not out.exists() and not (tmp_path / "b").exists()
-    # A repeatable key=value option naming one key twice: the same loss.
-    for args, key in (
-        (
-            ["train", "--set", "train.epochs=1", "--set", "train.epochs=2"],
-            "train.epochs",
-        ),
-        (
-            [
-                "index",
-                "build",
-                model,
-                "--set",
-                "ef_search=8",
-                "--set",
-                "index.ef_search=9",
-            ],
-            "ef_search",
-        ),
-    ):
-        refused = runner.invoke(app, [*args, "--out", str(out)])
-        said = " ".join(refused.output.replace("│", " ").split())
-        assert refused.exit_code == 2 and f"'{key}' is set twice" in said, said
-        assert not out.exists()
     command = typer.main.get_command(app)
     recommend = command.commands["recommend"]  # type: ignore[attr-defined]
     # A value is never read as a flag; repeatable options may repeat.

@@ -69,7 +69,7 @@ from twostage.cli_data import (
     split_names,
     unrated_values_of,
 )
-from twostage.cli_group import OnceGroup, check_unique_keys
+from twostage.cli_group import OnceGroup
 from twostage.cli_info import env_command, info_command
 from twostage.cli_ops import (
     add_items_command,
@@ -126,7 +126,6 @@ def _experiment_config(
 ) -> Any:
     from twostage.config import ExperimentConfig, apply_overrides, load_config
 
-    check_unique_keys(overrides, "--set")
     config = load_config(config_file) if config_file else ExperimentConfig()
     mapping = [f"data.dataset={dataset}"]
     for key, value in columns.items():

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup, TyperOption
 
-__all__ = ["OnceGroup", "check_unique_keys", "repeated_options"]
+__all__ = ["OnceGroup", "repeated_options"]
 
 
 def repeated_options(command: Any, args: list[str]) -> list[tuple[str, int]]:
@@ -65,19 +65,3 @@ class OnceGroup(TyperGroup):
                     param_hint=flag,
                 )
         return name, command, rest
-
-
-def check_unique_keys(settings: list[str], flag: str, prefix: str = "") -> None:
-    """Refuse a repeatable ``key=value`` option (``--set``) that names one key
-    twice, where the second would silently replace the first (``prefix``: one a
-    key may be written with or without, as ``index.`` for ``index build``)."""
-    seen: dict[str, str] = {}
-    for setting in settings:
-        key = setting.partition("=")[0].strip().removeprefix(prefix)
-        if key in seen:
-            raise typer.BadParameter(
-                f"{key!r} is set twice ({seen[key]!r} and {setting!r}); set each "
-                "key once.",
-                param_hint=flag,
-            )
-        seen[key] = setting

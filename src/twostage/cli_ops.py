@@ -16,7 +16,7 @@ from rich.markup import escape
 
 __all__ = ["add_items_command", "index_app", "remove_items_command", "serve_command"]
 
-from twostage.cli_group import OnceGroup, check_unique_keys
+from twostage.cli_group import OnceGroup
 from twostage.cli_output import JsonOutput, console, print_json, status_console
 
 #: ``--out`` of the commands that save a changed bundle.
@@ -196,7 +196,6 @@ def index_build(
     from twostage.artifacts import next_version
     from twostage.config import apply_overrides
 
-    check_unique_keys(set_ or [], "--set", "index.")
     source, rec = _open(bundle)
     settings = [item.removeprefix("index.") for item in set_ or []]
     config = apply_overrides(rec.run.config.index, [f"kind={kind}", *settings])

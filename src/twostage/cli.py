@@ -69,7 +69,7 @@ from twostage.cli_data import (
     split_names,
     unrated_values_of,
 )
-from twostage.cli_group import OnceGroup
+from twostage.cli_group import OnceGroup, joined
 from twostage.cli_info import env_command, info_command
 from twostage.cli_ops import (
     add_items_command,
@@ -627,11 +627,6 @@ def _texts(items: list[str] | None, option: str) -> dict[str, str]:
     return values
 
 
-def _joined(values: list[str] | None) -> str | None:
-    """A repeatable comma-separated option's occurrences as one list, in order."""
-    return ",".join(values) if values else None
-
-
 def _session(value: str | None, flag: str = "--session") -> list[Any] | None:
     """``--session 1,2,3`` (or ``--candidates``) as item IDs, in their order."""
     if value is None:
@@ -886,10 +881,10 @@ def recommend_command(
     history; or for many users or sessions into a file (--users, --all-users,
     --sessions)."""
     # Repeated, these join in order (--session 50 --session 172 = 50,172).
-    session = _joined(session_given)
-    session_ratings = _joined(session_ratings_given)
-    session_times = _joined(session_times_given)
-    candidates = _joined(candidates_given)
+    session = joined(session_given)
+    session_ratings = joined(session_ratings_given)
+    session_times = joined(session_times_given)
+    candidates = joined(candidates_given)
     many = users_file is not None or all_users
     single = {
         "--user": user,

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup, TyperOption
 
-__all__ = ["OnceGroup", "repeated_options"]
+__all__ = ["OnceGroup", "joined", "repeated_options"]
 
 
 def repeated_options(command: Any, args: list[str]) -> list[tuple[str, int]]:
@@ -65,3 +65,9 @@ class OnceGroup(TyperGroup):
                     param_hint=flag,
                 )
         return name, command, rest
+
+
+def joined(values: list[str] | None) -> str | None:
+    """A repeatable comma-separated option's occurrences as one list, in order
+    (``--session 50 --session 172,181`` is ``50,172,181``); None if not given."""
+    return ",".join(values) if values else None

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 __all__ = ["add_items_command", "index_app", "remove_items_command", "serve_command"]
 
-from twostage.cli_group import OnceGroup
+from twostage.cli_group import OnceGroup, joined
 from twostage.cli_output import JsonOutput, console, print_json, status_console
 
 #: ``--out`` of the commands that save a changed bundle.
@@ -321,7 +321,7 @@ def remove_items_command(
     from twostage.catalogue import read_item_rows
     from twostage.errors import TwostageError
 
-    ids = ",".join(ids_given) if ids_given else None  # repeated: all, in order
+    ids = joined(ids_given)  # repeated: all of them, in order
     if (ids is None) == (items is None):
         raise typer.BadParameter("give --ids or --items (one of them).")
     source, rec = _open(bundle)

@@ -1191,8 +1191,6 @@ def _recommend_sessions_into(
             "give it a header row naming session_id and item_id.",
             param_hint="--sessions",
         )
-    if context:  # a mistake in it is named before any list is written
-        rec.encode_context(context)
     numbered = table.with_row_index("_row", offset=1)
     order = numbered[SESSION].drop_nulls().unique(maintain_order=True).to_list()
     unread = [

@@ -4,7 +4,10 @@ ragged sequences the term keeps against the ``[users, length]`` table it kept
 until 2026-12-06 (time, peak RSS and bytes, each in its own process), then the
 term's scoring of known users' queries (time a query, peak RSS), in blocks capped
 at ``BLOCK_CELLS`` similarities (``score``) and in blocks of 256 queries whatever
-the number of users, as before (``score-256``).
+the number of users, as before (``score-256``), and among each query's
+``--sample`` latest active users sharing one of its items
+(``retrieval.session_knn_sample``, ``sampled``), with the share of each query's
+top 10 items that the exact term's top 10 holds.
 
 The log: ``--users`` users with ``--mean-rows`` rows on average (geometric
 lengths), one of them ``--longest`` rows long, over ``--items`` items drawn by
@@ -34,7 +37,7 @@ from twostage.models import session_knn
 from twostage.models.session_knn import SessionNeighbours
 from twostage.retrieval.tensors import latest_rows, neighbour_sequences
 
-PHASES = ("ragged", "dense", "score", "score-256")
+PHASES = ("ragged", "dense", "score", "score-256", "sampled")
 
 
 def synthetic_log(args: argparse.Namespace) -> tuple[np.ndarray, ...]:
@@ -67,11 +70,11 @@ def _phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "stored_mib": stored / 2**20,
             "peak_rss_gib": peak_rss_gib(),
         }
-    lengths, sequences = neighbour_sequences(
+    lengths, sequences, latest = neighbour_sequences(
         times, users, items, num_users=num_users, config=config
     )
     built = time.perf_counter() - start
-    stored = (lengths.numel() + sequences.numel()) * 8
+    stored = (lengths.numel() + sequences.numel() + latest.numel()) * 8
     if name == "ragged":
         return {
             "seconds": built,
@@ -80,19 +83,34 @@ def _phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         }
     if name == "score-256":  # blocks of 256 queries whatever the users, as before
         session_knn.BLOCK_CELLS = 2**62
-    model = SessionNeighbours(lengths, sequences, num_items=args.items + 1)
+    sample = args.sample if name == "sampled" else 0
+    start = time.perf_counter()
+    model = SessionNeighbours(
+        lengths, sequences, num_items=args.items + 1, sample=sample, latest=latest
+    )
+    indexed = time.perf_counter() - start
     rng = np.random.default_rng(1)
     per_query = []
     for _ in range(args.runs):
         queries = torch.from_numpy(rng.integers(1, num_users, size=args.queries))
         start = time.perf_counter()
-        model.score_users(queries)
+        scores = model.score_users(queries)
         per_query.append((time.perf_counter() - start) / args.queries)
-    return {
+    out = {
         "seconds_per_query": median(per_query),
         "block_size": model.block_size,
-        "peak_rss_gib": peak_rss_gib(),
+        "index_seconds": indexed,
     }
+    if sample:  # the last run's queries, scored exactly
+        del model
+        exact = SessionNeighbours(lengths, sequences, num_items=args.items + 1)
+        mine, theirs = (
+            scores.topk(10).indices,
+            exact.score_users(queries).topk(10).indices,
+        )
+        shared = (mine[:, :, None] == theirs[:, None, :]).any(dim=2).float()
+        out["top10_overlap"] = float(shared.mean())
+    return {**out, "peak_rss_gib": peak_rss_gib()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--length", type=int, default=3_000)
     parser.add_argument("--queries", type=int, default=256)
+    parser.add_argument("--sample", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -117,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         for key in ("users", "mean_rows", "longest", "items", "length"):
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         command += ["--queries", str(args.queries), "--runs", str(args.runs)]
+        command += ["--sample", str(args.sample)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"phase {name} failed:\n{done.stderr[-3000:]}")
@@ -127,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             result.get("seconds", float("nan")),
             result.get("stored_mib", float("nan")),
             result.get("seconds_per_query", float("nan")),
+            result.get("top10_overlap", float("nan")),
             result["peak_rss_gib"],
         ]
         for name, result in results.items()
@@ -134,8 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     times, users, _ = synthetic_log(args)
     print_table(
         f"session-kNN term: {args.users:,} users, {len(users):,} rows, "
-        f"length {args.length:,}",
-        ["phase", "build s", "stored MiB", "s a query", "peak RSS GiB"],
+        f"length {args.length:,}, sample {args.sample:,}",
+        [
+            "phase",
+            "build s",
+            "stored MiB",
+            "s a query",
+            "top-10 overlap",
+            "peak RSS GiB",
+        ],
         rows,
     )
     write_json(
@@ -146,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             "rows": len(times),
             "items": args.items,
             "length": args.length,
+            "sample": args.sample,
             "results": results,
         },
     )

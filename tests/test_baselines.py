@@ -20,7 +20,7 @@ from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, NotFittedError
 from twostage.evaluate import evaluate_scores
 from twostage.models import session_knn
-from twostage.models.session_knn import SessionNeighbours
+from twostage.models.session_knn import SessionNeighbours, activity_ranks
 
 # Users 0..3; items 0 and 1 always co-occur, item 2 is mildly popular, item 4 unused.
 ROWS = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
@@ -234,10 +234,26 @@ def test_baselines_reject_bad_configuration_and_data():
 
 
 def _session_knn_by_hand(
-    sequences: list[list[int]], user: int, num_items: int, k: int, r: float, p: float
+    sequences: list[list[int]],
+    user: int,
+    num_items: int,
+    k: int,
+    r: float,
+    p: float,
+    latest: list[int] | None = None,
+    sample: int = 0,
 ) -> np.ndarray:
-    """SessionKNN's docstring, one user and one neighbour at a time."""
+    """SessionKNN's docstring, one user and one neighbour at a time; with
+    ``sample``, among the ``sample`` users sharing an item with ``user`` who rank
+    highest in ``latest``."""
     own = sequences[user]
+    candidates = set(range(len(sequences)))
+    if sample:
+        assert latest is not None
+        sharing = [
+            n for n, seq in enumerate(sequences) if n != user and set(own) & set(seq)
+        ]
+        candidates = set(sorted(sharing, key=lambda n: -latest[n])[:sample])
     scores = np.zeros(num_items)
     if not own:
         return scores
@@ -246,7 +262,7 @@ def _session_knn_by_hand(
     sims = []
     for n, seq in enumerate(sequences):
         shared = set(own) & set(seq)
-        if n == user or not shared:
+        if n == user or not shared or n not in candidates:
             continue
         sims.append((sum(weight[i] for i in shared) / np.sqrt(len(own) * len(seq)), n))
     sims.sort(reverse=True)
@@ -324,6 +340,69 @@ def test_session_knn_reads_a_session_after_a_stored_user_in_capped_blocks(
     torch.testing.assert_close(model.score_users(users), plain)
 
 
+def test_session_knn_samples_the_users_active_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``sample``, a query's candidate neighbours are the ``sample`` users
+    who share one of its items and rank highest by latest activity; the scores
+    follow the definition over them, equal the exact ones once the sample holds
+    every user, and do not change when the walk is split into steps."""
+    rng = np.random.default_rng(4)
+    num_items = 12
+    sequences = [
+        [int(i) for i in rng.integers(1, num_items, size=rng.integers(1, 9))]
+        for _ in range(14)
+    ]
+    sequences[5] = []
+    lengths = torch.tensor([len(seq) for seq in sequences])
+    items = torch.tensor([i for seq in sequences for i in seq])
+    latest = [int(x) for x in rng.permutation(14)]
+    options = {"num_items": num_items, "neighbours": 3, "recency": 2.0}
+    exact = SessionNeighbours(lengths, items, proximity=1.5, **options)
+    every = SessionNeighbours(
+        lengths, items, proximity=1.5, sample=14, latest=torch.tensor(latest), **options
+    )
+    users = torch.arange(15)  # and one past the end: unknown
+    sessions = torch.tensor([[0, 3, 4]] * 15)
+    torch.testing.assert_close(every.score_users(users), exact.score_users(users))
+    torch.testing.assert_close(
+        every.score_users(users, sessions=sessions),
+        exact.score_users(users, sessions=sessions),
+    )
+    few = SessionNeighbours(
+        lengths, items, proximity=1.5, sample=4, latest=torch.tensor(latest), **options
+    )
+    scores = few.score_users(users)
+    assert not torch.allclose(scores, exact.score_users(users))
+    for u in range(14):
+        expected = _session_knn_by_hand(
+            sequences, u, num_items, 3, 2.0, 1.5, latest=latest, sample=4
+        )
+        np.testing.assert_allclose(scores[u].numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert scores[14].abs().sum() == 0
+    queries = torch.tensor([[0, 3, 4], [1, 1, 2], [0, 0, 0]])
+    by_sequence = few.score_sequences(queries)
+    # Blocks of 3 queries whose walks over their items' users (up to 8 items x 4
+    # users each) are split into steps of at most 36 users: the same lists.
+    monkeypatch.setattr(session_knn, "BLOCK_CELLS", 36)
+    assert few.block_size == 3
+    torch.testing.assert_close(few.score_users(users), scores)
+    torch.testing.assert_close(few.score_sequences(queries), by_sequence)
+    with pytest.raises(DataError, match="latest"):
+        SessionNeighbours(lengths, items, sample=4, **options)
+    with pytest.raises(ConfigError, match="sample"):
+        SessionKNN(sample=-1)
+
+
+def test_activity_ranks_order_users_by_their_latest_row() -> None:
+    users = np.array([3, 1, 1, 2])
+    times = np.array(
+        ["2020-01-03", "2020-01-05", "2020-01-01", "2020-01-03"], dtype="datetime64[s]"
+    )
+    # Users 0 and 4 have no rows; 2 and 3 tie on their latest (index order).
+    assert activity_ranks(users, times, num_users=5).tolist() == [0, 4, 2, 3, 1]
+
+
 def test_session_knn_from_the_log_and_its_errors():
     # User 0 rated 1 and 2 in the same second (row order wins); item 0 is unknown.
     users = np.array([1, 0, 0, 1, 0, 2, 1, 2])
@@ -346,6 +425,13 @@ def test_session_knn_from_the_log_and_its_errors():
         SessionKNN().fit_log(users, items[:3], times, num_users=4, num_items=5)
     with pytest.raises(DataError, match="num_items"):
         SessionKNN().fit_sequences(history, num_items=3)
+    # Sampling reads each user's latest time, which only the log holds.
+    sampled = SessionKNN(sample=4).fit_log(
+        users, items, times, num_users=4, num_items=5
+    )
+    assert torch.equal(sampled.score(every), by_log.score(every))
+    with pytest.raises(ConfigError, match="fit_log"):
+        SessionKNN(sample=4).fit_sequences(history, num_items=5)
 
 
 def test_recency_ease_weighs_each_item_by_its_distance_from_the_latest():

@@ -31,6 +31,7 @@ from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError, NotFittedError
 from twostage.models.session_knn import (
     SessionNeighbours,
+    activity_ranks,
     check_options,
     quiet_sparse,
 )
@@ -757,6 +758,9 @@ class SessionKNN:
             :class:`~twostage.models.session_knn.SessionNeighbours`; the defaults
             scored best over the leave-one-out validation splits of MovieLens-100k
             and latest-small together (docs/benchmarks.md).
+        sample: candidate neighbours per query, the users active last among
+            those sharing an item with it (0: every user); :meth:`fit_log` only,
+            as a table of sequences has no times.
     """
 
     name = "session-knn"
@@ -768,19 +772,26 @@ class SessionKNN:
         recency: float = 5.0,
         proximity: float = 5.0,
         batch_size: int = 256,
+        sample: int = 0,
     ) -> None:
         self.neighbours, self.batch_size = neighbours, batch_size
-        self.recency, self.proximity = recency, proximity
+        self.recency, self.proximity, self.sample = recency, proximity, sample
         check_options(  # now, not at fit
             neighbours=neighbours,
             recency=recency,
             proximity=proximity,
             batch_size=batch_size,
+            sample=sample,
         )
         self.model: SessionNeighbours | None = None
 
     def _build(
-        self, lengths: torch.Tensor, items: torch.Tensor, *, num_items: int
+        self,
+        lengths: torch.Tensor,
+        items: torch.Tensor,
+        *,
+        num_items: int,
+        latest: torch.Tensor | None = None,
     ) -> SessionNeighbours:
         return SessionNeighbours(
             lengths,
@@ -790,10 +801,18 @@ class SessionKNN:
             recency=self.recency,
             proximity=self.proximity,
             batch_size=self.batch_size,
+            sample=self.sample,
+            latest=latest,
         )
 
     def fit_sequences(self, history: torch.Tensor, *, num_items: int) -> SessionKNN:
         """``history [U, L]`` item indices, most recent last, 0 = padding."""
+        if self.sample:
+            raise ConfigError(
+                "`sample` > 0 samples the users active last, and a table of "
+                "sequences does not say when each was. Fit with `fit_log`, or set "
+                "`sample` to 0."
+            )
         self.model = SessionNeighbours.from_table(
             history,
             num_items=num_items,
@@ -818,10 +837,19 @@ class SessionKNN:
         order, as the retrieval tables order histories."""
         users, items = _in_time_order(user_idx, item_idx, timestamps, num_users)
         known = items > 0
+        latest = None
+        if self.sample:
+            kept = np.asarray(item_idx) > 0
+            latest = activity_ranks(
+                np.asarray(user_idx, dtype=np.int64)[kept],
+                np.asarray(timestamps)[kept],
+                num_users=num_users,
+            )
         self.model = self._build(
             torch.from_numpy(np.bincount(users[known], minlength=num_users)),
             torch.from_numpy(items[known]),
             num_items=num_items,
+            latest=latest,
         )
         return self
 
@@ -834,7 +862,8 @@ class SessionKNN:
     def score_sequences(self, sessions: torch.Tensor) -> torch.Tensor:
         """``sessions [B, L]`` (item indices, most recent last, 0 = padding) ->
         ``[B, num_items]``: each session as a query of its own, every stored user
-        a possible neighbour."""
+        (with ``sample``, each of the latest active sharing an item) a possible
+        neighbour."""
         if self.model is None:
             raise NotFittedError(
                 "SessionKNN.score_sequences was called before fit_log."

@@ -224,6 +224,8 @@ def bundle_info(path: Path) -> dict[str, Any]:
             # the serving rules beyond the weights, as saved (serving.json)
             "session_knn_weight": run.session_knn_weight,
             "session_knn_picked": config.retrieval.session_knn_weight < 0,
+            # its candidate neighbours a query: the latest active (0: every user)
+            "session_knn_sample": config.retrieval.session_knn_sample,
             "popularity_fallback": run.popularity_fallback,
             "popularity_days": config.retrieval.popularity_days,
         },
@@ -348,7 +350,14 @@ def _print_bundle(info: dict[str, Any]) -> None:
     rules = []
     if r["session_knn_weight"] > 0:
         picked = " (picked on validation)" if r["session_knn_picked"] else ""
-        rules.append(f"session-kNN term at weight {r['session_knn_weight']:g}{picked}")
+        among = (
+            f", neighbours among the {r['session_knn_sample']:,} latest active"
+            if r["session_knn_sample"]
+            else ""
+        )
+        rules.append(
+            f"session-kNN term at weight {r['session_knn_weight']:g}{picked}{among}"
+        )
     if r["popularity_fallback"] > 0:
         days = r["popularity_days"]
         rules.append(

@@ -501,3 +501,75 @@ def test_a_run_that_picks_no_term_keeps_no_table(tmp_path: Path) -> None:
     assert again.recommend(None, 5, session=session) == recommender.recommend(
         None, 5, session=session
     )
+
+
+def test_a_sampled_term_reads_the_users_active_last(tmp_path: Path) -> None:
+    """``retrieval.session_knn_sample``: the run ranks its users by their latest
+    served row, its term takes neighbours among the latest active only, and a
+    bundle keeps the ranks (one without them, or with them broken, is named)."""
+    run, split = fit_retrieval(
+        _config("retrieval.session_knn_sample=3"), dataset=_walks()
+    )
+    # By hand: each user's latest served row (training and validation), ties by
+    # index, users without rows (the unknown user, row 0) first.
+    inter = split.train.interactions
+    rows = run.spec.vocabulary(USER).transform(inter[USER])
+    last = {int(u): t for u, t in zip(rows, inter[TIME].to_list(), strict=True)}
+    for u, t in zip(rows, inter[TIME].to_list(), strict=True):
+        last[int(u)] = max(last[int(u)], t)
+    num_users = len(run.tensors.neighbour_lengths)
+    order = sorted(range(num_users), key=lambda u: (u in last, last.get(u, 0), u))
+    expected = torch.empty(num_users, dtype=torch.long)
+    expected[torch.tensor(order)] = torch.arange(num_users)
+    assert torch.equal(run.tensors.neighbour_latest, expected)
+    cfg = run.config.retrieval
+    users = torch.arange(1, num_users)
+    raw = SessionNeighbours(
+        run.tensors.neighbour_lengths,
+        run.tensors.neighbour_items,
+        num_items=int(run.tensors.item_probs.shape[0]),
+        neighbours=cfg.session_knn_neighbours,
+        sample=3,
+        latest=expected,
+    ).score_users(users)[:, 1:]
+    z = (raw - raw.mean(dim=1, keepdim=True)) / raw.std(dim=1, keepdim=True)
+    term = run.neighbour_term(users)
+    torch.testing.assert_close(term, torch.nn.functional.pad(WEIGHT * z, (1, 0)))
+    every = dataclasses.replace(
+        run,
+        config=apply_overrides(run.config, ["retrieval.session_knn_sample=0"]),
+        # new sequences, so that the neighbours are built again
+        tensors=dataclasses.replace(
+            run.tensors, neighbour_items=run.tensors.neighbour_items.clone()
+        ),
+    )
+    assert not torch.allclose(every.neighbour_term(users), term)
+    # A bundle keeps the ranks and serves the same lists.
+    recommender = Recommender(run)
+    root = tmp_path / "sampled"
+    recommender.save(root)
+    again = load(root)
+    assert torch.equal(again.run.tensors.neighbour_latest, expected)
+    user = run.spec.vocabulary(USER).values[4]
+    assert again.recommend(user, 4) == recommender.recommend(user, 4)
+    walk = [3, 7]
+    assert again.recommend(None, 4, session=walk) == recommender.recommend(
+        None, 4, session=walk
+    )
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    info = CliRunner().invoke(app, ["info", str(root)])
+    shown = " ".join(info.output.replace("│", " ").split())
+    assert f"weight {WEIGHT:g}, neighbours among the 3 latest active" in shown
+    flat = load_file(root / "tables.safetensors")
+    ranks = flat.pop("neighbour_latest")
+    _rewrite(root, flat)
+    with pytest.raises(ArtifactError, match="do not say when"):
+        load(root)
+    _rewrite(root, {**flat, "neighbour_latest": torch.zeros_like(ranks)})
+    with pytest.raises(ArtifactError, match="each once"):
+        load(root)
+    with pytest.raises(ConfigError, match="session_knn_sample` should be"):
+        _config("retrieval.session_knn_sample=-1")

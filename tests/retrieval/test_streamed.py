@@ -272,6 +272,7 @@ def test_a_streamed_validation_carve_out_trains_as_the_in_memory_one(
         "history",
         "neighbour_lengths",
         "neighbour_items",
+        "neighbour_latest",
     ):
         assert torch.equal(
             getattr(streamed.tensors, name), getattr(in_memory.tensors, name)

@@ -359,6 +359,11 @@ class RetrievalConfig(_Checked):
     (evaluation, serving, the ranker's candidates): an approximate index is not
     searched, and an exported query tower does not hold the term. The table is
     built from the served rows (validation included) and saved with the run.
+    Every stored user is a candidate neighbour, so a query's cost grows with the
+    users (about 21 ms at 10^6 on 2 cores, docs/scaling.md); ``session_knn_sample``
+    > 0 takes as candidates only that many users, those who share one of the
+    query's items and were active last (V-SKNN's sample of recent sessions), at a
+    cost that no longer grows with the users.
     -1 picks the weight once training ends, as ``popularity_fallback`` does: the one
     of :data:`twostage.retrieval.fallback.SESSION_KNN_GRID` (0 included) whose lists,
     the popularity fallback applied (the best pair when both are picked), score the
@@ -413,6 +418,7 @@ class RetrievalConfig(_Checked):
     session_knn_recency: float = 5.0
     session_knn_proximity: float = 5.0
     session_knn_length: int = 200
+    session_knn_sample: int = 0
 
     SECTION: ClassVar[str] = "retrieval"
 
@@ -497,6 +503,10 @@ class RetrievalConfig(_Checked):
             "session_knn_recency": (self.session_knn_recency > 0, "positive"),
             "session_knn_proximity": (self.session_knn_proximity > 0, "positive"),
             "session_knn_length": (self.session_knn_length >= 1, "a positive integer"),
+            "session_knn_sample": (
+                self.session_knn_sample >= 0,
+                "0 (every stored user) or a positive integer",
+            ),
             "ensemble_weights": (
                 all(w > 0 for w in self.ensemble_weights)
                 and len(self.ensemble_weights) in (0, 1 + len(self.ensemble)),

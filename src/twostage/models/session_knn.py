@@ -7,17 +7,21 @@ sequence ``s`` (most recent last, ``L`` items):
 
 - each of its items weighs ``exp(-d / recency)``, ``d`` its distance in items from
   the end of ``s`` (the latest occurrence of a repeated item);
-- every stored user ``n`` is a candidate neighbour, with similarity the summed
-  weights of the items ``s`` and ``n``'s sequence share, divided by
-  ``sqrt(L * len(n))``; the ``neighbours`` most similar are kept;
+- every stored user ``n`` is a candidate neighbour (with ``sample`` > 0, only the
+  ``sample`` most recently active users who share an item with ``s``, as V-SKNN
+  samples the most recent sessions), with similarity the summed weights of the
+  items ``s`` and ``n``'s sequence share, divided by ``sqrt(L * len(n))``; the
+  ``neighbours`` most similar are kept;
 - neighbour ``n`` adds ``similarity * exp(-|q - m| / proximity)`` to the item at each
   position ``q`` of its sequence, ``m`` being the position in ``n`` of the most
   recent item of ``s`` that ``n`` holds (before and after it alike).
 
 It reads order at both ends, where EASE and item-kNN read sets and the transition
 counts one pair of items, so it errs differently from the ordered towers too.
-Scoring costs one sparse product over the stored users and the neighbours' sequences;
-nothing is trained.
+Scoring costs one sparse product over the stored users and the neighbours' sequences,
+or with ``sample`` > 0 a walk of ``sample`` entries of each query item's users (most
+recent first) and the sampled users' items: a cost that no longer grows with the
+stored users. Nothing is trained.
 """
 
 from __future__ import annotations
@@ -26,12 +30,20 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+import polars as pl
 import torch
 from torch import Tensor
 
 from twostage.errors import ConfigError, DataError
 
-__all__ = ["BLOCK_CELLS", "SessionNeighbours", "check_options", "quiet_sparse"]
+__all__ = [
+    "BLOCK_CELLS",
+    "SessionNeighbours",
+    "activity_ranks",
+    "check_options",
+    "quiet_sparse",
+]
 
 #: Most cells of one block's ``[batch, stored users]`` similarities (and of its
 #: ``[batch, num_items]`` scores): 2^24, 128 MiB in float64. A log of 10^7 users
@@ -53,6 +65,10 @@ class SessionNeighbours:
         batch_size: queries scored at a time (each holds ``[batch, num_items]`` and
             ``[batch, U]`` floats, plus its neighbours' sequences); fewer where
             those would pass :data:`BLOCK_CELLS` cells (:attr:`block_size`).
+        sample: candidate neighbours per query: the ``sample`` users who share an
+            item with it and were active last (by ``latest``); 0: every stored user.
+        latest: ``[U]`` each stored user's rank by the time of their latest item
+            (higher: later; distinct), which ``sample`` > 0 reads.
     """
 
     def __init__(
@@ -65,12 +81,15 @@ class SessionNeighbours:
         recency: float = 5.0,
         proximity: float = 5.0,
         batch_size: int = 256,
+        sample: int = 0,
+        latest: Tensor | None = None,
     ) -> None:
         check_options(
             neighbours=neighbours,
             recency=recency,
             proximity=proximity,
             batch_size=batch_size,
+            sample=sample,
         )
         lengths, items = lengths.long(), items.long()
         if int(lengths.sum()) != len(items) or (len(items) and items.min() < 1):
@@ -83,7 +102,7 @@ class SessionNeighbours:
                 f"item indices should be < num_items = {num_items}. "
                 f"Received: an item index {int(items.max())}."
             )
-        self.neighbours, self.batch_size = neighbours, batch_size
+        self.neighbours, self.batch_size, self.sample = neighbours, batch_size, sample
         self.recency, self.proximity = float(recency), float(proximity)
         self.num_items = num_items
         self.indptr = torch.zeros(len(lengths) + 1, dtype=torch.int64)
@@ -104,6 +123,28 @@ class SessionNeighbours:
                 pairs.shape,
                 check_invariants=False,
             ).to_sparse_csr()
+        if sample:
+            self._postings(pairs.indices(), latest, num_users=len(lengths))
+
+    def _postings(
+        self, pairs: Tensor, latest: Tensor | None, *, num_users: int
+    ) -> None:
+        """Each item's users, the latest active first (``post_ptr [N + 1]``,
+        ``post_users``): where ``sample`` > 0 draws candidate neighbours."""
+        if latest is None or latest.shape != (num_users,):
+            raise DataError(
+                "`sample` > 0 reads `latest`: each stored user's rank by the time of "
+                f"their latest item, [{num_users}]. Received: "
+                f"{None if latest is None else tuple(latest.shape)}."
+            )
+        users, items = pairs[0], pairs[1]
+        latest = latest.long()
+        order = torch.argsort(items * num_users + (num_users - 1 - latest[users]))
+        self.post_users = users[order]
+        self.post_ptr = torch.zeros(self.num_items + 1, dtype=torch.int64)
+        self.post_ptr[1:] = torch.bincount(items, minlength=self.num_items).cumsum(0)
+        self.latest = latest
+        self.by_rank = torch.argsort(latest)  # the user at each rank
 
     @classmethod
     def from_table(
@@ -173,7 +214,8 @@ class SessionNeighbours:
         """Queries scored at a time: ``batch_size``, fewer where the stored users
         or the catalogue are so many that a block's ``[batch, U]`` similarities
         or ``[batch, num_items]`` scores would pass :data:`BLOCK_CELLS` cells."""
-        widest = max(self.num_users, self.num_items, 1)
+        # A sampled block holds [batch, sample] candidates, not [batch, U].
+        widest = max(self.sample or self.num_users, self.num_items, 1)
         return max(1, min(self.batch_size, BLOCK_CELLS // widest))
 
     def score_sequences(
@@ -222,7 +264,7 @@ class SessionNeighbours:
     ) -> Tensor:
         """``[batch, num_items]`` scores of the queries given as ``(row, position,
         item)`` triplets, each query's items in order."""
-        num_users, num_items = self.num_users, self.num_items
+        num_items = self.num_items
         # The queries: each item's weight and recency (its latest occurrence).
         lengths = torch.bincount(row, minlength=batch)
         back = (lengths[row] - 1 - position).double()
@@ -232,19 +274,13 @@ class SessionNeighbours:
         recent = torch.zeros(batch * num_items, dtype=torch.int64)
         recent.scatter_reduce_(0, flat, position + 1, "amax")
         weights, recent = weights.view(batch, num_items), recent.view(batch, num_items)
-        # Similarity to every stored user: shared items' weights over sqrt(L * len).
-        with quiet_sparse():
-            # (U, N) @ (N, B) -> (U, B)
-            shared = (self.matrix @ weights.T.float()).T.double()
-        sizes = (self.indptr[1:] - self.indptr[:-1]).double()
-        sim = shared / (sizes[None, :] * lengths[:, None].double()).sqrt().clamp_min(1)
-        if exclude is not None:
-            own = (exclude >= 0) & (exclude < num_users)
-            sim[torch.arange(batch)[own], exclude[own]] = 0.0
-        k = min(self.neighbours, num_users)
-        sim_k, nb = sim.topk(k, dim=1)  # (B, k)
+        if self.sample:
+            sim_k, nb = self._sampled(weights, lengths, exclude=exclude)
+        else:
+            sim_k, nb = self._similar(weights, lengths, exclude=exclude)
         # The neighbours' sequences; the anchor: where each holds the query's
         # latest item (its latest position there).
+        k = nb.shape[1]
         segment, place, held = self._segments(nb.reshape(-1), sim_k.reshape(-1) > 0)
         owner = segment // k
         span = int(place.max()) + 1 if len(place) else 1
@@ -258,12 +294,149 @@ class SessionNeighbours:
         out.index_add_(0, owner * num_items + held, vote)
         return out.view(batch, num_items).float()
 
+    def _similar(
+        self, weights: Tensor, lengths: Tensor, *, exclude: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """``(similarity [B, k], user [B, k])``: each query's ``k`` nearest stored
+        users, every one a candidate (similarity 0: none shares an item)."""
+        batch, num_users = len(weights), self.num_users
+        # Similarity to every stored user: shared items' weights over sqrt(L * len).
+        with quiet_sparse():
+            # (U, N) @ (N, B) -> (U, B)
+            shared = (self.matrix @ weights.T.float()).T.double()
+        sizes = (self.indptr[1:] - self.indptr[:-1]).double()
+        sim = shared / (sizes[None, :] * lengths[:, None].double()).sqrt().clamp_min(1)
+        if exclude is not None:
+            own = (exclude >= 0) & (exclude < num_users)
+            sim[torch.arange(batch)[own], exclude[own]] = 0.0
+        return sim.topk(min(self.neighbours, num_users), dim=1)
+
+    def _sampled(
+        self, weights: Tensor, lengths: Tensor, *, exclude: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`_similar` among each query's ``sample`` candidates: the users who
+        share one of its items and were active last. Walks at most ``sample`` users
+        of each query item (the latest first), so the cost does not grow with the
+        stored users; the sampled users' similarities are exact."""
+        batch, sample = len(weights), self.sample
+        owner, users, rank, shared = self._candidates(weights, exclude=exclude)
+        sizes = (self.indptr[users + 1] - self.indptr[users]).double()
+        sim = torch.zeros(batch, sample, dtype=torch.float64)
+        sim[owner, rank] = shared / (sizes * lengths[owner].double()).sqrt().clamp_min(
+            1
+        )
+        held = torch.zeros(batch, sample, dtype=torch.int64)
+        held[owner, rank] = users
+        sim_k, at_k = sim.topk(min(self.neighbours, sample), dim=1)
+        return sim_k, held.gather(1, at_k)
+
+    def _candidates(
+        self, weights: Tensor, *, exclude: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(query [C], user [C], rank [C], shared [C])``: each query's
+        candidates, the latest active first (rank 0), at most ``sample`` a query,
+        with the summed weights of the items they share with it. Queries are walked
+        a few at a time, so that no step reads more than :data:`BLOCK_CELLS` users.
+
+        A candidate is among the latest ``sample`` users of every item it shares
+        with the query, the query's own user aside (all later users of that item
+        share it too, so are candidates before it): walking each item's first
+        ``sample + 1`` users finds every candidate, and every item it shares."""
+        query, item = weights.nonzero(as_tuple=True)
+        start = self.post_ptr[item]
+        count = (self.post_ptr[item + 1] - start).clamp(max=self.sample + 1)
+        walked = torch.bincount(query, count, minlength=len(weights)).cumsum(0)
+        found: list[tuple[Tensor, ...]] = []
+        first = 0
+        while first < len(weights):
+            done = int(walked[first - 1]) if first else 0
+            last = int(torch.searchsorted(walked, done + BLOCK_CELLS, right=True))
+            last = max(last, first + 1)
+            rows = (query >= first) & (query < last)
+            found.append(
+                self._latest(
+                    query[rows],
+                    weights[query[rows], item[rows]],
+                    start[rows],
+                    count[rows],
+                    exclude=exclude,
+                )
+            )
+            first = last
+        owner, users, rank, shared = (
+            torch.cat(parts) for parts in zip(*found, strict=True)
+        )
+        return owner, users, rank, shared
+
+    def _latest(
+        self,
+        query: Tensor,
+        weight: Tensor,
+        start: Tensor,
+        count: Tensor,
+        *,
+        exclude: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`_candidates` of the queries' items (``weight``: each one's in its
+        query) whose users, the latest first, begin at ``start`` in the postings,
+        ``count`` of each read."""
+        num_users, sample = self.num_users, self.sample
+        pair = torch.repeat_interleave(torch.arange(len(count)), count)
+        offset = torch.arange(len(pair)) - (torch.cumsum(count, 0) - count)[pair]
+        # One sort: by query, then the latest active first, each user once.
+        later = num_users - 1 - self.latest[self.post_users[start[pair] + offset]]
+        key, inverse = torch.unique(
+            query[pair] * num_users + later, return_inverse=True
+        )
+        shared = torch.zeros(len(key), dtype=torch.float64)
+        shared.index_add_(0, inverse, weight[pair])
+        owner, users = key // num_users, self.by_rank[num_users - 1 - key % num_users]
+        if exclude is not None:
+            keep = users != exclude[owner]
+            owner, users, shared = owner[keep], users[keep], shared[keep]
+        per_query = torch.bincount(
+            owner, minlength=int(owner.max()) + 1 if len(owner) else 0
+        )
+        rank = (
+            torch.arange(len(owner)) - (torch.cumsum(per_query, 0) - per_query)[owner]
+        )
+        keep = rank < sample
+        return owner[keep], users[keep], rank[keep], shared[keep]
+
+
+def activity_ranks(users: np.ndarray, times: np.ndarray, *, num_users: int) -> Tensor:
+    """``[num_users]`` each user's rank by the time of their latest row (``users
+    [n]``, ``times [n]`` in any orderable dtype): 0 the earliest, ties by user
+    index, users without rows first (in index order). What ``latest`` of
+    :class:`SessionNeighbours` holds."""
+    times = np.asarray(times)
+    if times.dtype.kind in "mM":  # any unit, in its order
+        times = times.view(np.int64)
+    active = (
+        pl.DataFrame({"u": np.asarray(users, dtype=np.int64), "t": times})
+        .group_by("u")
+        .agg(pl.col("t").max())
+        .sort(["t", "u"])["u"]
+        .to_numpy()
+    )
+    idle = np.ones(num_users, dtype=bool)
+    idle[active] = False
+    ranks = np.empty(num_users, dtype=np.int64)
+    ranks[np.flatnonzero(idle)] = np.arange(num_users - len(active))
+    ranks[active] = np.arange(num_users - len(active), num_users)
+    return torch.from_numpy(ranks)
+
 
 def check_options(
-    *, neighbours: int, recency: float, proximity: float, batch_size: int
+    *,
+    neighbours: int,
+    recency: float,
+    proximity: float,
+    batch_size: int,
+    sample: int = 0,
 ) -> None:
     """Raise ConfigError unless every option of :class:`SessionNeighbours` is
-    positive (the counts, integers)."""
+    positive (the counts, integers; ``sample`` may be 0)."""
     checks = {
         "neighbours": (neighbours, isinstance(neighbours, int) and neighbours >= 1),
         "recency": (recency, recency > 0),
@@ -275,6 +448,11 @@ def check_options(
             raise ConfigError(
                 f"`{arg}` should be positive. Received: `{arg}` = {value!r}."
             )
+    if not (isinstance(sample, int) and sample >= 0):
+        raise ConfigError(
+            "`sample` should be an integer >= 0 (0: every stored user). "
+            f"Received: `sample` = {sample!r}."
+        )
 
 
 @contextmanager

@@ -366,6 +366,7 @@ class RankingRun:
             history[known_rows:] = items
             if history_times.numel():
                 history_times[known_rows:] = times
+        latest = self.tensors.neighbour_latest
         tensors = dataclasses.replace(
             self.tensors,
             user_features={
@@ -380,6 +381,12 @@ class RankingRun:
                 F.pad(self.tensors.neighbour_lengths, (0, len(new)))
                 if self.tensors.has_neighbours
                 else self.tensors.neighbour_lengths
+            ),
+            # without items, the new users are never sampled: any distinct ranks
+            neighbour_latest=(
+                torch.cat([latest, torch.arange(len(new)) + len(latest)])
+                if latest.numel()
+                else latest
             ),
         )
         vectors = None

@@ -372,6 +372,8 @@ class RetrievalRun:
                     neighbours=cfg.session_knn_neighbours,
                     recency=cfg.session_knn_recency,
                     proximity=cfg.session_knn_proximity,
+                    sample=cfg.session_knn_sample,
+                    latest=tensors.neighbour_latest,
                 ),
             )
         raw = self._neighbours[1].score_users(user_idx, sessions=sessions)[:, 1:]
@@ -545,6 +547,17 @@ def read_retrieval(path: Path, *, weights: str, hint: str) -> RetrievalRun:
         raise ArtifactError(
             f"weights in {str(path / weights)!r} do not match the saved config: "
             f"missing keys {missing}, unexpected keys {unexpected}."
+        )
+    if (
+        config.retrieval.session_knn_sample
+        and tensors.has_neighbours
+        and not tensors.neighbour_latest.numel()
+    ):
+        raise ArtifactError(
+            f"cannot load {str(path)!r}: its config samples the session-kNN "
+            "term's neighbours among the users active last "
+            "(`retrieval.session_knn_sample`), and its tables do not say when "
+            "each was (`neighbour_latest`). Is it a whole, unedited bundle?"
         )
     model.eval()
     run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)

@@ -356,6 +356,7 @@ def streamed_tensors(
         rating_range=rating_range,
         neighbour_lengths=neighbour_rows[0],
         neighbour_items=neighbour_rows[1],
+        neighbour_latest=neighbour_rows[2],
     )
     return StreamedRows(tensors=tensors, times=times, ratings=ratings, weights=weights)
 

@@ -29,6 +29,7 @@ from twostage.features import FeatureSpec
 from twostage.features.context import context_frame
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.models.sequence import RATING_BUCKETS
+from twostage.models.session_knn import activity_ranks
 
 __all__ = [
     "PriorHistory",
@@ -125,6 +126,13 @@ class RetrievalTensors:
     neighbour_items: Tensor = dataclasses.field(
         default_factory=lambda: torch.zeros(0, dtype=torch.long)
     )
+    #: ``[U]`` each user's rank by the time of their latest kept item (0: the
+    #: earliest; users without items first), what ``retrieval.session_knn_sample``
+    #: samples the latest active neighbours by; empty where the sequences are
+    #: (and in bundles saved before it was kept).
+    neighbour_latest: Tensor = dataclasses.field(
+        default_factory=lambda: torch.zeros(0, dtype=torch.long)
+    )
 
     @property
     def has_neighbours(self) -> bool:
@@ -137,6 +145,7 @@ class RetrievalTensors:
             self,
             neighbour_lengths=torch.zeros(0, dtype=torch.long),
             neighbour_items=torch.zeros(0, dtype=torch.long),
+            neighbour_latest=torch.zeros(0, dtype=torch.long),
         )
 
     def history_features(self, users: Tensor | slice) -> dict[str, Tensor]:
@@ -186,6 +195,7 @@ class RetrievalTensors:
             rating_edges=self.rating_edges,
             neighbour_lengths=self.neighbour_lengths.to(device),
             neighbour_items=self.neighbour_items.to(device),
+            neighbour_latest=self.neighbour_latest.to(device),
         )
 
     def seen(self) -> UserItems:
@@ -267,17 +277,39 @@ def tensors_to_flat(tensors: RetrievalTensors) -> dict[str, torch.Tensor]:
     if tensors.has_neighbours:
         flat["neighbour_lengths"] = tensors.neighbour_lengths
         flat["neighbour_items"] = tensors.neighbour_items
+        if tensors.neighbour_latest.numel():
+            flat["neighbour_latest"] = tensors.neighbour_latest
     flat.update({f"user.{k}": v for k, v in tensors.user_features.items()})
     flat.update({f"item.{k}": v for k, v in tensors.item_features.items()})
     return {k: v.contiguous() for k, v in flat.items()}
 
 
 def check_neighbour_sequences(
-    lengths: torch.Tensor, sequences: torch.Tensor, *, num_users: int, num_items: int
+    lengths: torch.Tensor,
+    sequences: torch.Tensor,
+    *,
+    num_users: int,
+    num_items: int,
+    latest: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError unless ``lengths`` and ``sequences`` are the session-kNN
     term's sequences of ``num_users`` users over ``num_items`` items (or both
-    empty): what a saved bundle's tables must hold to be served."""
+    empty), and ``latest`` (if not empty) ranks those users, each once: what a
+    saved bundle's tables must hold to be served."""
+    if (
+        latest is not None
+        and latest.numel()
+        and (
+            latest.shape != (num_users,)
+            or not torch.equal(
+                torch.sort(latest.long()).values, torch.arange(num_users)
+            )
+        )
+    ):
+        raise ValueError(
+            "the session-kNN users' ranks by latest activity should hold 0 to "
+            f"{num_users - 1}, each once"
+        )
     if not lengths.numel() and not sequences.numel():
         return
     if (
@@ -308,6 +340,7 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
     term's sequences were stored ragged: a ``neighbour_history`` table)."""
     lengths = flat.get("neighbour_lengths", torch.zeros(0, dtype=torch.long))
     sequences = flat.get("neighbour_items", torch.zeros(0, dtype=torch.long))
+    latest = flat.get("neighbour_latest", torch.zeros(0, dtype=torch.long))
     if "neighbour_history" in flat:  # [U, M], 0 = padding
         table = flat["neighbour_history"]
         lengths, sequences = (table > 0).sum(dim=1), table[table > 0]
@@ -316,6 +349,7 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
         sequences,
         num_users=int(flat["history"].shape[0]),
         num_items=int(flat["item_probs"].shape[0]),
+        latest=latest,
     )
     return RetrievalTensors(
         user_features={k[5:]: v for k, v in flat.items() if k.startswith("user.")},
@@ -334,6 +368,7 @@ def tensors_from_flat(flat: dict[str, torch.Tensor]) -> RetrievalTensors:
         rating_range=flat.get("rating_range", torch.zeros(0, dtype=torch.float64)),
         neighbour_lengths=lengths,
         neighbour_items=sequences,
+        neighbour_latest=latest,
     )
 
 
@@ -659,6 +694,7 @@ def build_tensors(
         rating_range=rating_range,
         neighbour_lengths=neighbours[0],
         neighbour_items=neighbours[1],
+        neighbour_latest=neighbours[2],
     )
 
 
@@ -669,20 +705,24 @@ def neighbour_sequences(
     *,
     num_users: int,
     config: RetrievalConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The session-kNN term's sequences (:attr:`RetrievalTensors.neighbour_lengths`
-    and ``neighbour_items``): each user's latest ``session_knn_length`` training
-    rows' items by time (ties: row order), oldest first, end to end; empty without
-    the term. Memory grows with the rows kept, not users x the longest history."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The session-kNN term's sequences (:attr:`RetrievalTensors.neighbour_lengths`,
+    ``neighbour_items`` and ``neighbour_latest``): each user's latest
+    ``session_knn_length`` training rows' items by time (ties: row order), oldest
+    first, end to end, and the users' ranks by their latest such row (ties: user
+    index); empty without the term. Memory grows with the rows kept, not users x
+    the longest history."""
     if config.session_knn_weight == 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty
     frame = _in_time_order(times, user_idx, item_idx).filter(
         (pl.col("from_end") < config.session_knn_length) & (pl.col("i") > 0)
     )
-    users = torch.from_numpy(frame["u"].to_numpy().astype(np.int64))
+    users = frame["u"].to_numpy().astype(np.int64)
     return (
-        torch.bincount(users, minlength=num_users),
+        torch.bincount(torch.from_numpy(users), minlength=num_users),
         torch.from_numpy(frame["i"].to_numpy().astype(np.int64)),
+        activity_ranks(users, frame["t"].to_numpy(), num_users=num_users),
     )
 
 
@@ -777,11 +817,14 @@ def with_history_rows(
     # Weight -1 (picked on validation) keeps the sequences only if the pick kept them.
     if not (config.session_knn_weight > 0 or tensors.has_neighbours):
         return out.without_neighbours()
-    lengths, sequences = neighbour_sequences(
+    lengths, sequences, latest = neighbour_sequences(
         times[known], users, items, num_users=num_users, config=config
     )
     return dataclasses.replace(
-        out, neighbour_lengths=lengths, neighbour_items=sequences
+        out,
+        neighbour_lengths=lengths,
+        neighbour_items=sequences,
+        neighbour_latest=latest,
     )
 
 

@@ -62,9 +62,10 @@ class SessionNeighbours:
         neighbours: neighbours kept per query, >= 1.
         recency: decay of the query's items, in items from its end, > 0.
         proximity: decay of a neighbour's items, in items from the shared one, > 0.
-        batch_size: queries scored at a time (each holds ``[batch, num_items]`` and
-            ``[batch, U]`` floats, plus its neighbours' sequences); fewer where
-            those would pass :data:`BLOCK_CELLS` cells (:attr:`block_size`).
+        batch_size: queries scored at a time (each holds ``[batch, num_items]`` and,
+            without ``sample``, ``[batch, U]`` floats, plus its neighbours'
+            sequences); fewer where those would pass :data:`BLOCK_CELLS` cells
+            (:attr:`block_size`).
         sample: candidate neighbours per query: the ``sample`` users who share an
             item with it and were active last (by ``latest``); 0: every stored user.
         latest: ``[U]`` each stored user's rank by the time of their latest item
@@ -114,17 +115,17 @@ class SessionNeighbours:
             torch.ones(len(items)),
             (len(lengths), num_items),
             check_invariants=False,
-        ).coalesce()
+        ).coalesce()  # a repeated item is one shared item
+        if sample:  # the users of each item, not the items of each user
+            self._postings(pairs.indices(), latest, num_users=len(lengths))
+            return
         with quiet_sparse():
-            # 0/1: a repeated item is one shared item.
             self.matrix = torch.sparse_coo_tensor(
                 pairs.indices(),
                 torch.ones(pairs.indices().shape[1]),
                 pairs.shape,
                 check_invariants=False,
             ).to_sparse_csr()
-        if sample:
-            self._postings(pairs.indices(), latest, num_users=len(lengths))
 
     def _postings(
         self, pairs: Tensor, latest: Tensor | None, *, num_users: int

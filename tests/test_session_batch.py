@@ -573,6 +573,38 @@ def test_sessions_answered_in_batches_match_recommend_one_by_one(
     assert _batched_lists(grown, [0], {0: [{"item_id": 9001}]}, {}, 6, True) == {}
 
 
+def test_a_known_users_session_batched_for_a_model_without_ratings() -> None:
+    """A model that keeps no ratings (nor times) with its histories: a known
+    user's stored items lead the session's in a batch too. The batch once
+    wrote the session's ratings alone where the stored items and the session's
+    were read, and failed on every such session."""
+    plain = [s for s in RATED if "sequence_ratings" not in s and "time_gaps" not in s]
+    run, split = fit_retrieval(apply_overrides(ExperimentConfig(), plain))
+    rec = Recommender(run, items=split.train.items)
+    assert not run.tensors.history_ratings.numel()
+    people = rec.user_vocab.values.to_list()[1:]
+    known = rec.item_vocab.values.to_list()[1:]
+    walks = {s: known[3 * s : 3 * s + 1 + s % 4] for s in range(6)}
+    owner = {s: people[s] if s % 2 == 0 else None for s in walks}
+    table = pl.DataFrame(
+        [
+            {"session_id": s, "item_id": i, "user_id": owner[s]}
+            for s, items in walks.items()
+            for i in items
+        ]
+    )
+    entries = {s: [{"item_id": i} for i in items] for s, items in walks.items()}
+    users = {s: rec.user_vocab.lookup(u) for s, u in owner.items() if u is not None}
+    batched = _batched_lists(rec, list(walks), entries, users, 5, True)
+    assert set(batched) == set(walks)
+    found = rec.recommend_sessions(table, 5).lists
+    for session, items in walks.items():
+        alone = rec.recommend(owner[session], 5, session=items)
+        assert batched[session][0] == _items(alone), session
+        mine = found.filter(pl.col("session_id") == session)["item_id"].to_list()
+        assert mine == _items(alone), session
+
+
 def _baseline_reference(
     rec: Recommender,
     model: Any,

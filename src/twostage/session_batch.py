@@ -373,9 +373,11 @@ def _session_queries(
         items, stamps, buckets = session_history(tensors, int(users[row]), session)
         recent = items[-length:]
         history[row, length - len(recent) :] = recent
+        # (a known user's stored times and ratings lead only where kept)
         if tensors.history_times.numel():
             times[row, length - len(recent) :] = stamps[-length:]
-        ratings[row, length - len(recent) :] = buckets[-length:]
+        if tensors.history_ratings.numel():
+            ratings[row, length - len(recent) :] = buckets[-length:]
     features[HISTORY] = history
     if tensors.history_times.numel():
         features[HISTORY_TIMES] = times

@@ -91,9 +91,10 @@ def recommend_sessions(
             session: its items follow that user's history). Sessions are answered
             in the order they first appear.
         k, exclude_seen, use_ranker, filters: as :meth:`Recommender.recommend`.
-            For a model that reads no per-request context, the sessions are
-            answered :data:`BATCH_SESSIONS` at a time (:func:`_batched_lists`;
-            filters applied), the others one at a time.
+            The sessions are answered :data:`BATCH_SESSIONS` at a time
+            (:func:`_batched_lists`; filters applied, and each session's context);
+            one that reads an item added after training, or whose query is not
+            finite, alone.
         context: one moment for every list (``{"timestamp": ...}``), for a
             model that reads per-request context, as :meth:`Recommender.recommend`
             takes it (without it, such a model reads the context as unknown).
@@ -114,9 +115,12 @@ def recommend_sessions(
         ConfigError: ``k`` or ``filters`` is not one ``recommend`` takes.
     """
     k = check_k("k", k)  # named before any list, an empty table's too
-    for moment in [context, *(session_contexts or {}).values()]:
-        if moment:  # a mistake in one too (a model that reads none refuses it)
-            rec.encode_context(moment)
+    # A mistake in one is named here too (a model that reads none refuses it).
+    shared = rec.encode_context(context) if context else {}
+    moments = {
+        session: rec.encode_context(moment) if moment else {}
+        for session, moment in (session_contexts or {}).items()
+    }
     check_sessions_table(rec, sessions)
     rows = sessions.to_dicts()
     owners = session_users(rows) if USER in sessions.columns else {}
@@ -125,13 +129,15 @@ def recommend_sessions(
     vocab = rec.item_vocab
     batched: dict[Any, tuple[list[Any], list[float], list[float]]] = {}
     users: dict[Any, int] = {}  # each session's user_idx (0: none, or unknown)
-    if _batchable(rec):
-        readable = [s for s, rows in entries.items() if rows]
-        users = {s: rec.user_vocab.lookup(u) for s, u in owners.items()}
-        ranker = rec.ranker if use_ranker else None
-        batched = _batched_lists(
-            rec, readable, entries, users, k, exclude_seen, ranker, filters
-        )
+    readable = [s for s, rows in entries.items() if rows]
+    users = {s: rec.user_vocab.lookup(u) for s, u in owners.items()}
+    ranker = rec.ranker if use_ranker else None
+    encoded = None
+    if context_keys(rec.run.spec):
+        encoded = {s: moments.get(s, shared) for s in readable}
+    batched = _batched_lists(
+        rec, readable, entries, users, k, exclude_seen, ranker, filters, encoded
+    )
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches
             items, keys, scores = batched[session]
@@ -193,12 +199,6 @@ def recommend_sessions(
 BATCH_SESSIONS = 512
 
 
-def _batchable(rec: Recommender) -> bool:
-    """Whether sessions can be answered in batches: a model that reads no
-    per-request context."""
-    return not context_keys(rec.run.spec)
-
-
 def _batched_lists(
     rec: Recommender,
     sessions: list[Any],
@@ -208,6 +208,7 @@ def _batched_lists(
     exclude_seen: bool,
     ranker: Any = None,
     filters: dict[str, Any] | None = None,
+    contexts: dict[Any, dict[str, torch.Tensor]] | None = None,
 ) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
     """``{session: (item IDs, keys, retrieval scores)}``: the lists
     :meth:`Recommender.recommend` gives these sessions (of the users
@@ -217,11 +218,14 @@ def _batched_lists(
     one index search (or one exact scoring with the session-kNN term) and, with
     a ``ranker``, one ranker call and re-rank (the keys: its order's; else the
     retrieval scores); with ``filters``, of the items that pass (an exact
-    index of them, as ``recommend`` searches them). A session that reads an
-    item added after training, or whose query is not finite, is left out:
-    ``recommend`` answers (or refuses) it."""
+    index of them, as ``recommend`` searches them); with ``contexts``
+    (``{session: encoded context}``, :meth:`Recommender.encode_context`; ``{}``:
+    unknown), a model that reads per-request context reads each session's. A
+    session that reads an item added after training, or whose query is not
+    finite, is left out: ``recommend`` answers (or refuses) it."""
     search = rec.batch_index(filters)  # a bad filter: named before any list
     tensors = rec.run.tensors
+    context_fields = {key for moment in (contexts or {}).values() for key in moment}
     length = int(tensors.history.shape[1])
     bounds = tensors.rating_range.tolist()
     read = {}
@@ -240,7 +244,14 @@ def _batched_lists(
     for start in range(0, len(names), BATCH_SESSIONS):
         part = names[start : start + BATCH_SESSIONS]
         who = torch.tensor([users.get(s, 0) for s in part], dtype=torch.long)
-        queries, fields = _session_queries(rec, [read[s] for s in part], who, length)
+        moments = None if contexts is None else [contexts.get(s, {}) for s in part]
+        queries, fields = _session_queries(
+            rec, [read[s] for s in part], who, length, moments
+        )
+        if ranker is not None and not ranker.reads_context:
+            # A ranker that trained without the request's context reads it as
+            # unknown (left out), as `recommend` gives it.
+            fields = {f: v for f, v in fields.items() if f not in context_fields}
         finite = torch.isfinite(queries).all(dim=1)
         items = [read[s][0] for s in part]
         # what a known user trained on, with the session: seen, and EASE's basket
@@ -357,15 +368,25 @@ def _session_queries(
     sessions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     users: torch.Tensor,
     length: int,
+    contexts: list[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``[B, D]`` the queries of sessions (``[S]`` item indices, times and
     ratings each, oldest first) of ``users`` (``[B]`` user_idx, 0: anonymous),
     as ``recommend`` builds one, and the encoded fields they came from (what the
     ranker reads): the user's fields and the last ``length`` items of their
-    stored history then the session, right-aligned."""
+    stored history then the session, right-aligned. ``contexts``: each
+    session's encoded context (``{}``: unknown), which the queries read (and
+    the fields hold)."""
     tensors = rec.run.tensors
     batch = len(sessions)
     features = {key: value[users] for key, value in tensors.user_features.items()}
+    for key in {key for moment in contexts or [] for key in moment}:
+        features[key] = torch.cat(
+            [
+                moment[key] if key in moment else features[key][row : row + 1]
+                for row, moment in enumerate(contexts or [])
+            ]
+        )
     history = torch.zeros(batch, length, dtype=torch.long)
     times = torch.zeros(batch, length, dtype=torch.long)
     ratings = torch.zeros(batch, length, dtype=torch.long)

@@ -507,6 +507,70 @@ def test_session_lists_are_made_at_one_moment(tmp_path: Path) -> None:
         without.recommender().recommend_sessions(table, 3, context={"timestamp": day})
 
 
+@pytest.mark.parametrize("use_context", [False, True])
+def test_session_lists_with_a_context_are_made_in_batches(use_context: bool) -> None:
+    """A model that reads the request's context answers a sessions table in
+    batches, each session at its own moment (or the shared one, or unknown),
+    with the lists one `recommend(session=, context=)` gives: retrieval reads the
+    moment, and the ranker too where it trained on each row's own."""
+    from twostage.session_batch import _batched_lists, recommend_sessions
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *SMALL,
+            "train.epochs=2",
+            "retrieval.query_fields=user_id,hour_of_day",
+            "retrieval.history_length=5",
+            "ranking.epochs=1",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            f"ranking.use_context={str(use_context).lower()}",
+        ],
+    )
+    rec = fit_two_stage(config, _daypart_log(num=2000)).recommender()
+    assert rec.ranker is not None and rec.ranker.reads_context == use_context
+    day = 100 * 24 * HOUR
+    walks = {"a": [3, 60], "b": [70, 12], "c": [13, 80, 5], "d": [40]}
+    owner = {"a": None, "b": None, "c": int(rec.user_vocab.values[3]), "d": None}
+    rows = [
+        {"session_id": s, "item_id": i, "user_id": owner[s]}
+        for s, items in walks.items()
+        for i in items
+    ]
+    table = pl.DataFrame(rows)
+    entries = {s: [{"item_id": i} for i in items] for s, items in walks.items()}
+    users = {s: rec.user_vocab.lookup(u) for s, u in owner.items() if u is not None}
+    moments = {"a": {"timestamp": day + MORNING}, "b": {"timestamp": day + EVENING}}
+    shared = {"timestamp": day + EVENING}
+    contexts = {
+        s: rec.encode_context(moments.get(s, shared)) for s in walks if s != "d"
+    }
+    contexts["d"] = {}  # unknown
+    batched = _batched_lists(
+        rec, list(walks), entries, users, 8, True, rec.ranker, None, contexts
+    )
+    assert set(batched) == set(walks)  # every one answered in the batch
+    found = recommend_sessions(
+        rec,
+        table.filter(pl.col("session_id") != "d"),
+        8,
+        context=shared,
+        session_contexts=moments,
+    ).lists
+    for session, items in walks.items():
+        moment = None if session == "d" else moments.get(session, shared)
+        alone = rec.recommend(owner[session], 8, session=items, context=moment)
+        ids = [i["item_id"] for i in alone.items]
+        keys = [i.get("rank_score", i["score"]) for i in alone.items]
+        assert batched[session][0] == ids, session
+        assert batched[session][1] == pytest.approx(keys, rel=1e-5, abs=1e-5)
+        if session != "d":
+            mine = found.filter(pl.col("session_id") == session)
+            assert mine["item_id"].to_list() == ids, session
+    assert batched["a"][0] != batched["b"][0]  # the same model, two moments
+
+
 def test_new_sessions_are_measured_at_each_held_out_row_s_time() -> None:
     """`evaluate_sessions` asks a model that reads the request's context at the
     time of each session's held-out row, as the test split's rows are measured:

@@ -8,7 +8,10 @@ model is ``--bundle`` or, by default, ``presets/retrieval-sequence-ease.json``
 trained here with its ranking stage (leave-last-out split, ``data.seed=42``).
 Rows of items the model never trained on are left out (one session's
 ``recommend`` refuses them). Times are the median of ``--runs`` calls; the
-lists are checked to agree.
+lists are checked to agree. ``--set KEY=VALUE`` changes the preset (say
+``retrieval.query_fields=user_id,hour_of_day`` for a model that reads the
+request's context), and ``--context SECONDS`` gives every list that moment
+(``context={"timestamp": SECONDS}``).
 
     python benchmarks/session_batch.py --json benchmarks/results/session_batch.json
 """
@@ -53,13 +56,19 @@ def sessions_table(length: int, repeat: int) -> pl.DataFrame:
 
 
 def one_at_a_time(
-    rec: Recommender, table: pl.DataFrame, k: int, use_ranker: bool
+    rec: Recommender,
+    table: pl.DataFrame,
+    k: int,
+    use_ranker: bool,
+    context: dict[str, Any] | None = None,
 ) -> list[list[Any]]:
     """Each session's list from ``recommend``, in the table's session order."""
     lists = []
     for (_,), rows in table.group_by("session_id", maintain_order=True):
         entries = rows.select("item_id", "timestamp").to_dicts()
-        answer = rec.recommend(None, k, session=entries, use_ranker=use_ranker)
+        answer = rec.recommend(
+            None, k, session=entries, use_ranker=use_ranker, context=context
+        )
         lists.append([item["item_id"] for item in answer.items])
     return lists
 
@@ -73,15 +82,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=int, default=3, help="calls per figure")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--set", action="append", default=[], help="KEY=VALUE for the preset"
+    )
+    parser.add_argument("--context", type=int, help="every list's moment (seconds)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.bundle is not None:
         rec = load(args.bundle)
     else:
         config = apply_overrides(
-            load_config(PRESET), ["data.split=leave-last-out", "data.seed=42"]
+            load_config(PRESET),
+            ["data.split=leave-last-out", "data.seed=42", *args.set],
         )
         rec = fit_two_stage(config, evaluate_test=False).recommender()
+    context = None if args.context is None else {"timestamp": args.context}
     table = sessions_table(args.length, args.repeat)
     # Items the model never trained on: one session's `recommend` refuses them.
     known = table["item_id"].is_in(rec.item_vocab.values.implode())
@@ -99,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for _ in range(args.runs):
                 started = time.perf_counter()
                 if mode == "batched":
-                    found = rec.recommend_sessions(table, args.k, use_ranker=use_ranker)
+                    found = rec.recommend_sessions(
+                        table, args.k, use_ranker=use_ranker, context=context
+                    )
                     batched = [
                         rows_["item_id"].to_list()
                         for _, rows_ in found.lists.group_by(
@@ -107,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         )
                     ]
                 else:
-                    alone = one_at_a_time(rec, table, args.k, use_ranker)
+                    alone = one_at_a_time(rec, table, args.k, use_ranker, context)
                 seconds.append(time.perf_counter() - started)
             timed[mode] = median(seconds)
         same = sum(a == b for a, b in zip(batched, alone, strict=True)) / count
@@ -142,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "length": args.length,
         "k": args.k,
         "rows_left_out": dropped,
+        "overrides": args.set,
+        "context": context,
         **results,
     }
     write_json(args.json, {**payload, "machine": machine()})

@@ -303,6 +303,20 @@ def test_session_knn_follows_its_definition():
     assert torch.allclose(small.score(users), scores)
 
 
+def _fourteen_sequences(
+    rng: np.random.Generator, num_items: int
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """14 users' random sequences of 1 to 8 items (user 5's empty), and the
+    same as ``(lengths, items)`` end to end."""
+    sequences = [
+        [int(i) for i in rng.integers(1, num_items, size=rng.integers(1, 9))]
+        for _ in range(14)
+    ]
+    sequences[5] = []
+    lengths = torch.tensor([len(seq) for seq in sequences])
+    return sequences, lengths, torch.tensor([i for seq in sequences for i in seq])
+
+
 def test_session_knn_reads_a_session_after_a_stored_user_in_capped_blocks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -311,13 +325,7 @@ def test_session_knn_reads_a_session_after_a_stored_user_in_capped_blocks(
     shrink to keep ``[batch, U]`` under BLOCK_CELLS without changing a score."""
     rng = np.random.default_rng(4)
     num_items = 12
-    sequences = [
-        [int(i) for i in rng.integers(1, num_items, size=rng.integers(1, 9))]
-        for _ in range(14)
-    ]
-    sequences[5] = []
-    lengths = torch.tensor([len(seq) for seq in sequences])
-    items = torch.tensor([i for seq in sequences for i in seq])
+    sequences, lengths, items = _fourteen_sequences(rng, num_items)
     model = SessionNeighbours(
         lengths, items, num_items=num_items, neighbours=3, recency=2.0, proximity=1.5
     )
@@ -349,13 +357,7 @@ def test_session_knn_samples_the_users_active_last(
     every user, and do not change when the walk is split into steps."""
     rng = np.random.default_rng(4)
     num_items = 12
-    sequences = [
-        [int(i) for i in rng.integers(1, num_items, size=rng.integers(1, 9))]
-        for _ in range(14)
-    ]
-    sequences[5] = []
-    lengths = torch.tensor([len(seq) for seq in sequences])
-    items = torch.tensor([i for seq in sequences for i in seq])
+    sequences, lengths, items = _fourteen_sequences(rng, num_items)
     latest = [int(x) for x in rng.permutation(14)]
     options = {"num_items": num_items, "neighbours": 3, "recency": 2.0}
     exact = SessionNeighbours(lengths, items, proximity=1.5, **options)

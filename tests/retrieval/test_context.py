@@ -15,7 +15,7 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import Dataset
 from twostage.errors import ConfigError
 from twostage.estimator import TwoStageModel
-from twostage.recommender import load
+from twostage.recommender import Recommender, load
 from twostage.serving import ServeSettings, create_app
 from twostage.two_stage import fit_two_stage
 
@@ -192,14 +192,9 @@ def test_a_context_number_far_out_of_range_is_the_client_s_mistake() -> None:
     assert len(rec.recommend(1, 3, context={"temperature": -40.0}).items) == 3
 
 
-@pytest.mark.parametrize("use_context", [False, True])
-def test_a_session_s_ranker_reads_the_request_context_when_it_trained_on_it(
-    use_context: bool,
-) -> None:
-    """A ranker trained with the context unknown (`ranking.use_context=false`)
-    leaves the request's context out of its fields: the same session at two
-    moments gets the same click score for an item both answers hold, while
-    retrieval reads the moment. One trained with each row's own reads it."""
+def _with_ranker(use_context: bool, *extra: str) -> Recommender:
+    """Both stages on the daypart log, retrieval reading the hour; the ranker
+    trained with each row's own context (``use_context``) or with it unknown."""
     config = apply_overrides(
         ExperimentConfig(),
         [
@@ -210,12 +205,24 @@ def test_a_session_s_ranker_reads_the_request_context_when_it_trained_on_it(
             "ranking.epochs=1",
             "ranking.embedding_dim=8",
             "ranking.hidden_dims=8",
-            "ranking.use_retrieval_features=false",
             f"ranking.use_context={str(use_context).lower()}",
+            *extra,
         ],
     )
     rec = fit_two_stage(config, _daypart_log(num=2000)).recommender()
     assert rec.ranker is not None and rec.ranker.reads_context == use_context
+    return rec
+
+
+@pytest.mark.parametrize("use_context", [False, True])
+def test_a_session_s_ranker_reads_the_request_context_when_it_trained_on_it(
+    use_context: bool,
+) -> None:
+    """A ranker trained with the context unknown (`ranking.use_context=false`)
+    leaves the request's context out of its fields: the same session at two
+    moments gets the same click score for an item both answers hold, while
+    retrieval reads the moment. One trained with each row's own reads it."""
+    rec = _with_ranker(use_context, "ranking.use_retrieval_features=false")
     day = 100 * 24 * HOUR
     temperature = float(rec.run.model.temperature)
     blend = rec.ranker.blend_weight
@@ -515,21 +522,7 @@ def test_session_lists_with_a_context_are_made_in_batches(use_context: bool) -> 
     moment, and the ranker too where it trained on each row's own."""
     from twostage.session_batch import _batched_lists, recommend_sessions
 
-    config = apply_overrides(
-        ExperimentConfig(),
-        [
-            *SMALL,
-            "train.epochs=2",
-            "retrieval.query_fields=user_id,hour_of_day",
-            "retrieval.history_length=5",
-            "ranking.epochs=1",
-            "ranking.embedding_dim=8",
-            "ranking.hidden_dims=8",
-            f"ranking.use_context={str(use_context).lower()}",
-        ],
-    )
-    rec = fit_two_stage(config, _daypart_log(num=2000)).recommender()
-    assert rec.ranker is not None and rec.ranker.reads_context == use_context
+    rec = _with_ranker(use_context)
     day = 100 * 24 * HOUR
     walks = {"a": [3, 60], "b": [70, 12], "c": [13, 80, 5], "d": [40]}
     owner = {"a": None, "b": None, "c": int(rec.user_vocab.values[3]), "d": None}

@@ -573,3 +573,24 @@ def test_a_sampled_term_reads_the_users_active_last(tmp_path: Path) -> None:
         load(root)
     with pytest.raises(ConfigError, match="session_knn_sample` should be"):
         _config("retrieval.session_knn_sample=-1")
+
+
+def test_an_exact_term_over_many_users_is_reported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run whose term compares each query with every one of many stored users
+    says so, and names `retrieval.session_knn_sample`; with a sample, or below
+    the threshold, nothing is said."""
+    from twostage.retrieval import fit
+
+    monkeypatch.setattr(fit, "EXACT_TERM_USERS", 50)  # the walks' 80 users
+    with caplog.at_level("WARNING", logger="twostage.retrieval.fit"):
+        fit_retrieval(_config(), dataset=_walks())
+    said = [r.getMessage() for r in caplog.records if "stored users" in r.message]
+    assert len(said) == 1 and "retrieval.session_knn_sample=1000" in said[0]
+    assert "every one of the 80 stored users" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage.retrieval.fit"):
+        fit_retrieval(_config("retrieval.session_knn_sample=20"), dataset=_walks())
+        fit_retrieval(_config(), dataset=_walks(num_users=40))
+    assert not [r for r in caplog.records if "stored users" in r.getMessage()]

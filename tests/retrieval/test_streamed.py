@@ -1479,3 +1479,27 @@ def test_the_minimum_counts_count_the_chosen_rows_when_shown_rows_are_read(
     got = streamed_shown(path, rule, config.data)
     users = pl.concat([got.train, got.validation, got.test])["user_id"].unique()
     assert set(users.to_list()) == kept
+
+
+def test_a_streamed_exact_term_over_many_users_is_reported(
+    log: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A streamed run whose session-kNN term compares each query with every one
+    of many users says so, as the in-memory run does."""
+    from twostage.retrieval import fit
+
+    monkeypatch.setattr(fit, "EXACT_TERM_USERS", 10)
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *ID_ONLY,
+            "data.split=leave-last-out",
+            "retrieval.history_length=8",
+            "retrieval.session_knn_weight=0.05",
+            "train.epochs=1",
+        ],
+    )
+    with caplog.at_level("WARNING", logger="twostage.retrieval.fit"):
+        fit_streamed_retrieval(config, log)
+    said = [r.getMessage() for r in caplog.records if "stored users" in r.message]
+    assert len(said) == 1 and "retrieval.session_knn_sample" in said[0]

@@ -91,6 +91,7 @@ from twostage.retrieval.fit import (
     checkpoint_fingerprint,
     choose_on_validation,
     train_retrieval,
+    warn_exact_term,
 )
 from twostage.retrieval.run import (
     RetrievalRun,
@@ -988,6 +989,7 @@ def _fit_streamed(
         why_no_training=f" ({held} more went to validation)" if held else "",
     )
     check_validation_choices(config, has_validation=fitted.num_validation_rows > 0)
+    warn_exact_term(config, fitted.users.size - 1)  # less the unknown user
     user_table, item_table = side_tables(
         path, config, fitted.users.values, fitted.items.values
     )

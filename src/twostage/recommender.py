@@ -810,14 +810,12 @@ class Recommender:
         else:
             # A metadata filter restricts the catalogue, or the session-kNN term
             # (which no index holds) joins the scores: exact search over what passes.
-            scores = self.item_embeddings @ query  # (N, D) @ (D,) -> (N,)
-            if exact:  # (the term has no rows for items added after training)
-                sessions = None if session_idx is None else session_idx[None]
-                term = self.run.neighbour_term(
-                    torch.tensor([user_idx]), sessions=sessions
-                )[0]
-                scores[: len(term)] += term
-            scores = scores.masked_fill(excluded, -torch.inf)
+            scores = self._exact_scores(
+                query[None],
+                torch.tensor([user_idx]),
+                excluded[None],
+                sessions=None if session_idx is None else session_idx[None],
+            )[0]
             available = int((~excluded).sum())
             if new is not None:  # scored as the catalogue is, after its rows
                 scores = torch.cat([scores, new.vectors @ query])
@@ -1197,10 +1195,7 @@ class Recommender:
             filters: as :meth:`recommend` takes them: only the items that
                 pass are kept.
         """
-        scores = queries @ self.item_embeddings.T  # (B, D) @ (D, N) -> (B, N)
-        term = self.run.neighbour_term(user_idx, sessions=sessions)
-        scores[:, : term.shape[1]] += term  # added items have no term
-        excluded = self._removed.expand_as(scores).clone()
+        excluded = self._removed.expand(len(queries), -1).clone()
         excluded[:, 0] = True
         allowed = self._filters.mask(filters)
         if allowed is not None:
@@ -1208,9 +1203,27 @@ class Recommender:
         for row, taken in enumerate(exclude):
             if taken is not None:
                 excluded[row, torch.from_numpy(taken)] = True
-        scores = scores.masked_fill(excluded, -torch.inf)
+        scores = self._exact_scores(queries, user_idx, excluded, sessions=sessions)
         top_scores, top_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         return top_scores, top_idx.masked_fill(top_scores == -torch.inf, -1)
+
+    def _exact_scores(
+        self,
+        queries: torch.Tensor,
+        user_idx: torch.Tensor,
+        excluded: torch.Tensor,
+        *,
+        sessions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, N]`` every item's score for ``queries [B, D]``: the dot product,
+        plus the session-kNN term where the run adds it (``user_idx``,
+        ``sessions``: as :meth:`exact_search` takes them), ``-inf`` where
+        ``excluded [B, N]``."""
+        scores = queries @ self.item_embeddings.T  # (B, D) @ (D, N) -> (B, N)
+        if self.run.scores_exactly:  # added items have no term
+            term = self.run.neighbour_term(user_idx, sessions=sessions)
+            scores[:, : term.shape[1]] += term
+        return scores.masked_fill(excluded, -torch.inf)
 
     def filtered_index(self, filters: dict[str, Any] | None) -> Index | None:
         """The index to search: the bundle's, or with ``filters`` an exact index

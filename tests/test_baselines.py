@@ -392,6 +392,14 @@ def test_session_knn_samples_the_users_active_last(
     torch.testing.assert_close(few.score_sequences(queries), by_sequence)
     with pytest.raises(DataError, match="latest"):
         SessionNeighbours(lengths, items, sample=4, **options)
+    with pytest.raises(DataError, match="each once"):
+        SessionNeighbours(
+            lengths,
+            items,
+            sample=4,
+            latest=torch.zeros(14, dtype=torch.long),
+            **options,
+        )
     with pytest.raises(ConfigError, match="sample"):
         SessionKNN(sample=-1)
 

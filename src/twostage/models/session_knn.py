@@ -19,9 +19,9 @@ sequence ``s`` (most recent last, ``L`` items):
 It reads order at both ends, where EASE and item-kNN read sets and the transition
 counts one pair of items, so it errs differently from the ordered towers too.
 Scoring costs one sparse product over the stored users and the neighbours' sequences,
-or with ``sample`` > 0 a walk of ``sample`` entries of each query item's users (most
-recent first) and the sampled users' items: a cost that no longer grows with the
-stored users. Nothing is trained.
+or with ``sample`` > 0 a walk of at most ``sample + 1`` of each query item's users
+(the latest active first) and the neighbours' sequences: a cost that no longer grows
+with the stored users. Nothing is trained.
 """
 
 from __future__ import annotations
@@ -132,11 +132,18 @@ class SessionNeighbours:
     ) -> None:
         """Each item's users, the latest active first (``post_ptr [N + 1]``,
         ``post_users``): where ``sample`` > 0 draws candidate neighbours."""
-        if latest is None or latest.shape != (num_users,):
+        if (
+            latest is None
+            or latest.shape != (num_users,)
+            or not torch.equal(
+                torch.sort(latest.long()).values, torch.arange(num_users)
+            )
+        ):
             raise DataError(
                 "`sample` > 0 reads `latest`: each stored user's rank by the time of "
-                f"their latest item, [{num_users}]. Received: "
-                f"{None if latest is None else tuple(latest.shape)}."
+                f"their latest item, 0 to {num_users - 1} each once. Received: "
+                + ("None" if latest is None else f"shape {tuple(latest.shape)}")
+                + "."
             )
         users, items = pairs[0], pairs[1]
         latest = latest.long()

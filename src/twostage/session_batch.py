@@ -127,16 +127,15 @@ def recommend_sessions(
     entries, numbers, unread = readable_rows(rec, rows)
     lists: list[tuple[Any, int, Any, float, float, str]] = []
     vocab = rec.item_vocab
-    batched: dict[Any, tuple[list[Any], list[float], list[float]]] = {}
-    users: dict[Any, int] = {}  # each session's user_idx (0: none, or unknown)
-    readable = [s for s, rows in entries.items() if rows]
+    answerable = [s for s, rows in entries.items() if rows]
+    # each session's user_idx (0: none, or unknown)
     users = {s: rec.user_vocab.lookup(u) for s, u in owners.items()}
     ranker = rec.ranker if use_ranker else None
     encoded = None
     if context_keys(rec.run.spec):
-        encoded = {s: moments.get(s, shared) for s in readable}
+        encoded = {s: moments.get(s, shared) for s in answerable}
     batched = _batched_lists(
-        rec, readable, entries, users, k, exclude_seen, ranker, filters, encoded
+        rec, answerable, entries, users, k, exclude_seen, ranker, filters, encoded
     )
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches

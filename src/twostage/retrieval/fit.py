@@ -439,11 +439,9 @@ def warn_exact_term(config: ExperimentConfig, num_users: int) -> None:
     ``retrieval.session_knn_sample``), as serving, the weight's pick on validation
     and evaluation do once per user."""
     cfg = config.retrieval
-    if (
-        cfg.session_knn_weight == 0
-        or cfg.session_knn_sample
-        or num_users < (EXACT_TERM_USERS)
-    ):
+    if cfg.session_knn_weight == 0 or cfg.session_knn_sample:
+        return
+    if num_users < EXACT_TERM_USERS:
         return
     if distributed.is_main():
         logger.warning(

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import ITEM, USER
@@ -232,3 +233,45 @@ def test_users_new_to_the_run_get_its_most_popular_list_from_every_baseline(
         for metric in ("ndcg", "recall", "hit_rate"):
             assert figures[metric]["10"] == pytest.approx(want[metric]["10"]), name
     assert want["ndcg"]["10"] > 0
+
+
+def test_the_session_knn_baseline_samples_latest_active_users_on_a_large_log(
+    monkeypatch, caplog
+) -> None:
+    """From `EXACT_TERM_USERS` users on, the baseline's candidate neighbours are
+    the `SCALE_SAMPLE` latest active users sharing an item (said in the log), as
+    V-SKNN samples; below it, every user, as before."""
+    from twostage.baselines import SessionKNN
+    from twostage.models import session_knn
+    from twostage.retrieval.evaluation import baseline_makers
+
+    run, split = fit_retrieval(
+        apply_overrides(ExperimentConfig(), SMALL), evaluate_test=False
+    )
+    train = split.train
+
+    def figures() -> dict:
+        got = evaluate_baselines(
+            run, split.test, names=("session-knn",), train=train, ks=(10,)
+        )
+        return got["session-knn"].to_dict()["metrics"]["exclude_seen"]
+
+    exact = figures()
+    assert baseline_makers(run, train)["session-knn"]().sample == 0
+    monkeypatch.setattr(session_knn, "SCALE_SAMPLE", 2)
+    monkeypatch.setattr(session_knn, "EXACT_TERM_USERS", run.spec.vocabulary(USER).size)
+    with caplog.at_level("INFO", logger="twostage.retrieval.evaluation"):
+        sampled = figures()
+    assert "2 latest active users" in caplog.text
+    assert sampled != exact
+    fitted = baseline_makers(run, train)["session-knn"]()
+    rows = train.interactions
+    by_hand = SessionKNN(sample=2).fit_log(
+        run.spec.vocabulary(USER).transform(rows[USER]),
+        run.spec.vocabulary(ITEM).transform(rows[ITEM]),
+        rows["timestamp"].to_numpy(),
+        num_users=run.spec.vocabulary(USER).size,
+        num_items=run.spec.vocabulary(ITEM).size,
+    )
+    users = torch.arange(1, run.spec.vocabulary(USER).size)
+    assert fitted.score(users).equal(by_hand.score(users))

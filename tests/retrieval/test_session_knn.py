@@ -581,9 +581,9 @@ def test_an_exact_term_over_many_users_is_reported(
     """A run whose term compares each query with every one of many stored users
     says so, and names `retrieval.session_knn_sample`; with a sample, or below
     the threshold, nothing is said."""
-    from twostage.retrieval import fit
+    from twostage.models import session_knn
 
-    monkeypatch.setattr(fit, "EXACT_TERM_USERS", 50)  # the walks' 80 users
+    monkeypatch.setattr(session_knn, "EXACT_TERM_USERS", 50)  # the walks' 80 users
     with caplog.at_level("WARNING", logger="twostage.retrieval.fit"):
         fit_retrieval(_config(), dataset=_walks())
     said = [r.getMessage() for r in caplog.records if "stored users" in r.message]

@@ -1486,9 +1486,9 @@ def test_a_streamed_exact_term_over_many_users_is_reported(
 ) -> None:
     """A streamed run whose session-kNN term compares each query with every one
     of many users says so, as the in-memory run does."""
-    from twostage.retrieval import fit
+    from twostage.models import session_knn
 
-    monkeypatch.setattr(fit, "EXACT_TERM_USERS", 10)
+    monkeypatch.setattr(session_knn, "EXACT_TERM_USERS", 10)
     config = apply_overrides(
         ExperimentConfig(),
         [

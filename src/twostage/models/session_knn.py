@@ -45,6 +45,16 @@ __all__ = [
     "quiet_sparse",
 ]
 
+#: Stored users from which an exact session-kNN (every user a candidate
+#: neighbour) is slow: about 21 ms a query at 10^6 on 2 cores (docs/scaling.md).
+#: Training warns at it where the term is exact, and the baseline samples there.
+EXACT_TERM_USERS = 1_000_000
+
+#: The candidate neighbours the session-kNN baseline samples from
+#: :data:`EXACT_TERM_USERS` stored users on: the 1,000 latest active, the
+#: default of the published V-SKNN implementation (session-rec's ``SessionKNN``).
+SCALE_SAMPLE = 1000
+
 #: Most cells of one block's ``[batch, stored users]`` similarities (and of its
 #: ``[batch, num_items]`` scores): 2^24, 128 MiB in float64. A log of 10^7 users
 #: scores a query at a time rather than hold 20 GiB for 256 of them.

@@ -290,8 +290,8 @@ def baseline_makers(
         # run leaves them out of its histories.
         known = users > 0
 
-        def from_log(cls: Any) -> Callable[[], Any]:
-            return lambda: cls().fit_log(
+        def from_log(make: Callable[[], Any]) -> Callable[[], Any]:
+            return lambda: make().fit_log(
                 users[known],
                 items[known],
                 times[known],
@@ -299,8 +299,9 @@ def baseline_makers(
                 num_items=num_items,
             )
 
-        for ordered in (Transition, SessionKNN, RecencyEASE):
-            makers[ordered.name] = from_log(ordered)
+        for kind in (Transition, RecencyEASE):
+            makers[kind.name] = from_log(kind)
+        makers[SessionKNN.name] = from_log(lambda: session_knn_baseline(num_users))
     elif run.tensors.history.shape[1] > 1:
 
         def from_table(cls: Any) -> Callable[[], Any]:
@@ -309,6 +310,28 @@ def baseline_makers(
         for ordered in (Transition, SessionKNN, RecencyEASE):
             makers[ordered.name] = from_table(ordered)
     return makers
+
+
+def session_knn_baseline(num_users: int) -> Any:
+    """The session-kNN baseline for a log of ``num_users`` users: exact (every
+    user a candidate neighbour) below
+    :data:`~twostage.models.session_knn.EXACT_TERM_USERS`; from there, where each
+    query would cost tens of milliseconds, its candidates are the
+    :data:`~twostage.models.session_knn.SCALE_SAMPLE` latest active users sharing
+    an item, as the published V-SKNN samples them by default (logged)."""
+    from twostage.baselines import SessionKNN
+    from twostage.models import session_knn
+
+    if num_users < session_knn.EXACT_TERM_USERS:
+        return SessionKNN()
+    logger.info(
+        "session-kNN baseline: %d users, so each query's candidate neighbours are "
+        "the %d latest active users sharing one of its items (V-SKNN's default "
+        "sample), not every user.",
+        num_users,
+        session_knn.SCALE_SAMPLE,
+    )
+    return SessionKNN(sample=session_knn.SCALE_SAMPLE)
 
 
 def evaluate_baselines(
@@ -322,7 +345,8 @@ def evaluate_baselines(
     """The baselines (or the ``names`` among them) on the run's own training data and
     test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
     times, recent popularity, the item-to-item transition model, the
-    sequence-aware user neighbourhood (session-kNN) and EASE read in time order
+    sequence-aware user neighbourhood (session-kNN; sampled on large logs, see
+    :func:`session_knn_baseline`) and EASE read in time order
     (``ease-recency``) (the last three on every training row in time order;
     without ``train``, on the run's recent items when it keeps more than one a
     user, so then they depend on ``retrieval.history_length``). A test user new to

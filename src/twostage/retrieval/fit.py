@@ -33,6 +33,7 @@ from twostage.errors import ConfigError, DataError
 from twostage.evaluate import evaluate_embeddings
 from twostage.features import FeatureSpec
 from twostage.features.context import add_context_columns, context_frame
+from twostage.models import session_knn
 from twostage.models.ensemble import (
     EnsembleModel,
     member_configs,
@@ -428,20 +429,15 @@ def choose_on_validation(run: RetrievalRun, validate: Validator | None) -> None:
     choose_fallback(run, validate)
 
 
-#: Stored users from which an exact session-kNN term (every user a candidate
-#: neighbour) is reported as slow: about 21 ms a query at 10^6 on 2 cores.
-EXACT_TERM_USERS = 1_000_000
-
-
 def warn_exact_term(config: ExperimentConfig, num_users: int) -> None:
     """Log a warning where the session-kNN term would compare every query with
-    ``num_users`` >= :data:`EXACT_TERM_USERS` stored users (no
+    ``num_users`` >= :data:`~twostage.models.session_knn.EXACT_TERM_USERS` stored users (no
     ``retrieval.session_knn_sample``), as serving, the weight's pick on validation
     and evaluation do once per user."""
     cfg = config.retrieval
     if cfg.session_knn_weight == 0 or cfg.session_knn_sample:
         return
-    if num_users < EXACT_TERM_USERS:
+    if num_users < session_knn.EXACT_TERM_USERS:
         return
     if distributed.is_main():
         logger.warning(

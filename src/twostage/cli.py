@@ -1248,10 +1248,16 @@ def _recommend_sessions_into(
 
 
 def _evaluate_sessions(
-    rec: Any, path: Path, use_ranker: bool, train: Any, json_output: bool
+    rec: Any,
+    path: Path,
+    use_ranker: bool,
+    train: Any,
+    json_output: bool,
+    note: str | None = None,
 ) -> None:
     """``evaluate --sessions``: the figures (the baselines' too, fitted on the
-    ``train`` rows when given), then what was left out and why."""
+    ``train`` rows when given), then what was left out and why, and ``note``
+    (what the baselines read) when given."""
     from twostage.session_batch import SessionTableError
     from twostage.session_evaluation import evaluate_sessions
 
@@ -1261,10 +1267,16 @@ def _evaluate_sessions(
         )
     try:
         found = evaluate_sessions(
-            rec, read_sessions(path), use_ranker=use_ranker, train=train
+            rec,
+            read_sessions(path),
+            use_ranker=use_ranker,
+            train=train,
+            baselines=note is not None,
         )
     except SessionTableError as e:
         raise typer.BadParameter(str(e), param_hint="--sessions") from e
+    if note:
+        found["baselines_read"] = note
     if json_output:
         print_json(found)
         return
@@ -1291,9 +1303,11 @@ def _evaluate_sessions(
         if found["unread_rows"]
         else "",
     ]
-    said = "; ".join(note for note in notes if note)
+    said = "; ".join(part for part in notes if part)
     if said:
         status_console.print(f"[yellow]{escape(said)}.[/yellow]")
+    if note:
+        console.print(escape(note))
 
 
 def similar_command(
@@ -1693,9 +1707,15 @@ def evaluate_command(
     config, or on a log of new rows (--test): retrieval (optionally beside the
     baselines), then the ranking stage when the bundle has one (RMSE, MAE, AUC,
     two-stage lists against retrieval alone). A run or bundle trained with --stream
-    reads its log's test side again, a row group at a time (no baselines). With
-    --sessions: next-item figures on new sessions, each one's last item held out."""
-    from twostage.retrieval.evaluation import evaluate_on, rebuild_split
+    reads its log's test side again, a row group at a time; its baselines fit on
+    the run's stored tables (each user's training items and recent items), as it
+    keeps no log in memory. With --sessions: next-item figures on new sessions,
+    each one's last item held out."""
+    from twostage.retrieval.evaluation import (
+        evaluate_on,
+        rebuild_split,
+        stored_tables_note,
+    )
     from twostage.retrieval.streamed import streamed_test_side
 
     if sessions_file is not None and test_file is not None:
@@ -1713,13 +1733,11 @@ def evaluate_command(
     rec = _open_bundle(path)
     streamed = rec.run.stream is not None
     if streamed and baselines:
-        raise typer.BadParameter(
-            "a run trained from a stream has no training log in memory for the "
-            "baselines to fit on. Drop --baselines."
-        )
+        # No training log in memory: the baselines fit on the run's own tables.
+        results["baselines_read"] = stored_tables_note(rec.run)
     if sessions_file is not None:
         train = None
-        if baselines:
+        if baselines and not streamed:
             try:
                 train = rebuild_split(rec.run, source=path).train
             except TwostageError as e:  # the model's own figures need no log
@@ -1728,19 +1746,28 @@ def evaluate_command(
                     "and its fallback need no training rows.",
                     param_hint="--baselines",
                 ) from e
-        _evaluate_sessions(rec, sessions_file, not no_ranker, train, json_output)
+        _evaluate_sessions(
+            rec,
+            sessions_file,
+            not no_ranker,
+            train,
+            json_output,
+            note=results.get("baselines_read"),
+        )
         return
     if test_file is not None:
         from twostage.retrieval.evaluation import read_test_log
 
         test = read_test_log(rec.run, test_file)
-        train = rebuild_split(rec.run, source=path).train if baselines else None
+        train = None
+        if baselines and not streamed:
+            train = rebuild_split(rec.run, source=path).train
         results["retrieval"] = evaluate_on(
             rec.run, test, baselines=baselines, train=train
         )
     elif streamed:  # trained from a stream: the stream's split, read again
         test = streamed_test_side(rec.run)
-        results["retrieval"] = evaluate_on(rec.run, test)
+        results["retrieval"] = evaluate_on(rec.run, test, baselines=baselines)
     else:
         split = rebuild_split(rec.run, source=path)
         test = split.test
@@ -1766,6 +1793,8 @@ def evaluate_command(
         {}, title=f"Evaluation of {path} ({side})", models=results["retrieval"]
     )
     print_test_counts(results["retrieval"].get("twostage"))
+    if "baselines_read" in results:
+        console.print(escape(results["baselines_read"]))
     if "ranking" in results:
         print_ranking(results["ranking"], title=f"Ranking stage ({side})")
 

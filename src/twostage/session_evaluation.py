@@ -44,6 +44,7 @@ def evaluate_sessions(
     ks: Sequence[int] = (1, 5, 10, 20, 50, 100),
     use_ranker: bool = True,
     train: Dataset | None = None,
+    baselines: bool = False,
 ) -> dict[str, Any]:
     """Next-item figures on sessions the model never saw, as session-based
     recommenders are measured: each session's last item (in the order
@@ -67,13 +68,17 @@ def evaluate_sessions(
             items), and a session with nothing to read gets the run's
             most-popular list from the ones that read items, as the model's
             fallback serves it.
+        baselines: the baselines without ``train`` too, fitted on the run's
+            stored tables (each user's training items and recent items; a run
+            trained from a stream keeps no log in memory):
+            :func:`~twostage.retrieval.evaluation.stored_tables_note` says which.
 
     Returns:
         ``{"twostage": {metric: {k: value}}, "popularity": ...}`` (recall, NDCG,
         hit rate and MRR; one held-out item each, so recall = hit rate), the
         popularity row being the model's own fallback list with each session's
         items excluded; ``baselines`` (``{name: {metric: {k: value}}}``, given
-        ``train``); ``sessions`` (measured), ``single_item_sessions`` (left
+        ``train`` or ``baselines``); ``sessions`` (measured), ``single_item_sessions`` (left
         out: nothing to predict from), ``unknown_targets`` (held-out items the
         model does not know, counted as misses) and the query rows not read
         (``unread_rows``, ``unread_reasons``).
@@ -127,7 +132,7 @@ def evaluate_sessions(
     ):
         metrics = compute_metrics(lists, relevant, ks=ks, num_items=vocab.size)
         figures[name] = {m: metrics[m] for m in RANKING_METRICS}
-    if train is not None:
+    if train is not None or baselines:
         ranked = _baseline_lists(rec, queries, order, ks[-1], train)
         figures["baselines"] = {}
         for name, lists in ranked:
@@ -197,10 +202,11 @@ def _baseline_lists(
     queries: pl.DataFrame,
     order: list[Any],
     k: int,
-    train: Dataset,
+    train: Dataset | None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, [S, k] item indices)`` of each baseline's list for the measured
-    sessions ``order`` (-1 past what is left), fitted on ``train`` one at a time:
+    sessions ``order`` (-1 past what is left), fitted on ``train`` (None: the
+    run's stored tables) one at a time:
     each reads the items the model's query reads, in full, and leaves out what
     the model leaves out."""
     from twostage.retrieval.evaluation import (

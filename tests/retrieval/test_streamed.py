@@ -747,8 +747,64 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
         assert again.exit_code == 0, again.output
         got = json.loads(again.stdout)["retrieval"]["twostage"]
         assert got == summary["retrieval"], where
-    refused = CliRunner().invoke(app, ["evaluate", str(out), "--baselines"])
-    assert refused.exit_code == 2 and "in memory" in refused.output
+    # Its baselines fit on the run's tables; it keeps no recent items here.
+    beside = CliRunner().invoke(app, ["evaluate", str(out), "--baselines"])
+    assert beside.exit_code == 0, beside.output
+    said = " ".join(beside.output.replace("│", " ").split())
+    assert "ease-recency left out" in said and "recent popularity left out" in said
+    assert "itemknn" in said and "session-knn" not in said
+
+
+def test_a_streamed_run_s_baselines_are_the_in_memory_run_s_from_its_tables(
+    log: Path, tmp_path: Path
+) -> None:
+    """`evaluate --baselines` on a streamed run fits them on its stored tables
+    (training items, recent items): the figures of the same baselines fitted on
+    the tables of the in-memory run of the same split, for the test split and
+    for new sessions, with what they read said beside them."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+    from twostage.retrieval.evaluation import evaluate_baselines
+
+    config = apply_overrides(
+        ExperimentConfig(), [*ID_ONLY, "retrieval.history_length=4"]
+    )
+    fit_streamed_retrieval(config, log, out_dir=tmp_path / "run")
+    table = pl.concat(iter_batches(log, columns=["user_id", "item_id", "timestamp"]))
+    parts = _in_memory_split(Dataset(name="log", interactions=table))
+    in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
+    want = {
+        name: result.to_dict()
+        for name, result in evaluate_baselines(in_memory, parts.test).items()
+    }
+    assert {"popularity", "ease", "itemknn", "transition", "session-knn"} <= set(want)
+    got = CliRunner().invoke(
+        app, ["evaluate", str(tmp_path / "run"), "--baselines", "--json"]
+    )
+    assert got.exit_code == 0, got.output
+    found = json.loads(got.stdout)
+    assert "latest 4 items" in found["baselines_read"]
+    assert {k: v for k, v in found["retrieval"].items() if k != "twostage"} == want
+
+    sessions = tmp_path / "sessions.csv"
+    items = table["item_id"].unique().sort().to_list()
+    pl.DataFrame(
+        {
+            "session_id": [i // 3 for i in range(60)],
+            "item_id": [items[(7 * i) % len(items)] for i in range(60)],
+        }
+    ).write_csv(sessions)
+    command = ["evaluate", str(tmp_path / "run"), "--sessions", str(sessions)]
+    measured = CliRunner().invoke(app, [*command, "--baselines", "--json"])
+    assert measured.exit_code == 0, measured.output
+    found = json.loads(measured.stdout)
+    assert {"popularity", "transition", "session-knn"} <= set(found["baselines"])
+    assert "latest 4 items" in found["baselines_read"]
+    plain = CliRunner().invoke(app, [*command, "--json"])
+    assert "baselines" not in json.loads(plain.stdout)
 
 
 def test_cli_trains_both_stages_from_a_stream(log: Path, tmp_path: Path) -> None:

@@ -312,6 +312,26 @@ def baseline_makers(
     return makers
 
 
+def stored_tables_note(run: RetrievalRun) -> str:
+    """What the baselines read when they fit on the run's own tables, without the
+    training rows (:func:`baseline_makers` with ``train=None``: a run trained from a
+    stream keeps no log in memory)."""
+    length = run.tensors.history.shape[1]
+    ordered = (
+        f"transitions, session-kNN and ease-recency on each user's latest {length} "
+        "items (`retrieval.history_length`), not every training row"
+        if length > 1
+        else "transitions, session-kNN and ease-recency left out (they read each "
+        "user's recent items in order, and the run keeps "
+        f"{'one' if length else 'none'}: `retrieval.history_length`)"
+    )
+    return (
+        "Baselines fitted on the run's stored tables, as it keeps no training log "
+        "in memory: popularity, EASE and item-kNN on every user's training items; "
+        f"{ordered}; recent popularity left out (it needs the rows' times)."
+    )
+
+
 def session_knn_baseline(num_users: int) -> Any:
     """The session-kNN baseline for a log of ``num_users`` users: exact (every
     user a candidate neighbour) below

@@ -164,6 +164,51 @@ def test_streamed_training_equals_the_in_memory_path(
         torch.testing.assert_close(mine[name], weights, msg=name)
 
 
+def test_a_streamed_ensemble_equals_the_in_memory_one(
+    log: Path, tmp_path: Path
+) -> None:
+    """`retrieval.ensemble` trains from a stream (it was refused): a trained
+    member beside EASE and the transition counts, validated on each user's last
+    training row and the closed-form members refitted with those rows, gives the
+    in-memory run's weights, factors and lists on the same split; the run saves
+    and answers."""
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *ID_ONLY,
+            *SEQUENCES,
+            "data.split=leave-last-out",
+            "data.validation_fraction=0.1",
+            "retrieval.history_length=6",
+            "retrieval.ensemble=ease,transition",
+            "retrieval.ensemble_weights=1,0.05,0.02",
+            "retrieval.ease_rank=16",
+        ],
+    )
+    torch.set_num_threads(2)  # `train.num_threads` applies (it did not here)
+    streamed = fit_streamed_retrieval(config, log, out_dir=tmp_path / "run")
+    assert torch.get_num_threads() == 1
+
+    columns = ["user_id", "item_id", "timestamp", "rating"]
+    table = pl.concat(iter_batches(log, columns=columns))
+    held = leave_last_out(Dataset(name="log", interactions=table))
+    inner = leave_last_out(held.train)
+    parts = ExperimentSplit(fit=inner.train, validation=inner.test, test=held.test)
+    in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
+
+    assert torch.equal(streamed.tensors.history, in_memory.tensors.history)
+    mine, theirs = streamed.model.state_dict(), in_memory.model.state_dict()
+    assert set(mine) == set(theirs) and any(".left" in name for name in mine)
+    for name, weights in theirs.items():
+        torch.testing.assert_close(mine[name], weights, msg=name)
+    assert streamed.metrics == in_memory.evaluate(held.test).to_dict()
+    rec = load(tmp_path / "run")
+    user = table["user_id"][0]
+    answer = rec.recommend(user, 5)
+    assert len(answer.items) == 5
+    assert answer.items == Recommender(in_memory).recommend(user, 5).items
+
+
 @pytest.mark.parametrize("history", [0, 8])
 def test_a_streamed_run_saves_loads_and_answers(
     log: Path, tmp_path: Path, history: int

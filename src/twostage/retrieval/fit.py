@@ -11,8 +11,9 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,6 +81,7 @@ from twostage.training.loop import (
 from twostage.training.optim import resolve_device
 
 __all__ = [
+    "TimedRows",
     "Validator",
     "check_validation_choices",
     "choose_on_validation",
@@ -127,7 +129,7 @@ def fit_retrieval(
         recorded = recorded_dataset(given, config.data.dataset)
         data = dataclasses.replace(config.data, dataset=recorded)
         config = dataclasses.replace(config, data=data)
-    _set_threads(config)
+    set_threads(config)
     if out_dir is not None:
         refuse_foreign_target(out_dir)  # before training, not at the save
     world = distributed.init_from_env(config.train.device)
@@ -154,8 +156,65 @@ def fit_retrieval(
     spec = spec_for(train, config).fit(train)
     tensors = build_tensors(spec, train, config.retrieval)
     warn_exact_term(config, spec.vocabulary(USER).size - 1)  # less the unknown
-    checkpoints = Path(out_dir) if out_dir is not None else None
-    members = []
+    closed_rows = timed_rows(spec, train)
+    run, members, validate = train_members(
+        config,
+        spec,
+        tensors,
+        validation=validation,
+        fit_closed=lambda model, kind, tables: fit_closed_form(
+            model, kind, config, tables, closed_rows
+        ),
+        checkpoints=Path(out_dir) if out_dir is not None else None,
+        resume=resume,
+        on_step=on_step,
+        allow_config_change=allow_config_change,
+    )
+    logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
+    choose_on_validation(run, validate)
+    if validation is not None and validation.num_interactions:
+        # At inference the validation rows are history like any other training row:
+        # they feed the query history and are excluded as seen.
+        run.tensors = with_history_of(run.tensors, spec, split.train, config.retrieval)
+        # The closed-form members are refitted on those rows too (the trained ones
+        # keep their weights): what follows a user's last item is most often learnt
+        # from other users' last items, which leave-one-out validation holds.
+        every_row = timed_rows(spec, split.train)
+        for kind, model in closed_form_members(members):
+            fit_closed_form(model, kind, config, run.tensors, every_row)
+    # Every rank scores its share of the test users; one rank saves.
+    if evaluate_test and split.test.num_interactions:
+        run.metrics = run.evaluate(split.test, shard=world is not None).to_dict()
+    if out_dir is not None and distributed.is_main():
+        run.save(out_dir)
+        if split.fit.items is not None:  # what `twostage recommend RUN` shows
+            split.fit.items.write_parquet(Path(out_dir) / "items.parquet")
+    return run, split
+
+
+def train_members(
+    config: ExperimentConfig,
+    spec: FeatureSpec,
+    tensors: RetrievalTensors,
+    *,
+    validation: Dataset | None,
+    fit_closed: Callable[[LinearItemsModel, str, RetrievalTensors], None],
+    checkpoints: Path | None = None,
+    resume: bool = False,
+    on_step: ProgressFn | None = None,
+    allow_config_change: bool = False,
+) -> tuple[RetrievalRun, list[tuple[str, RetrievalRun]], Validator | None]:
+    """Build and train the model ``config`` asks for on ``tensors``: one set of
+    towers, or each member of ``retrieval.ensemble`` in turn (the trained ones
+    from their seeds, each validated on ``validation`` and checkpointed in
+    ``checkpoints/member-i``; the closed-form ones by ``fit_closed(model, kind,
+    tensors)``). What the in-memory and the streamed paths share.
+
+    Returns:
+        ``(run, members, validate)``: the run (the ensemble of the members, or the
+        one member, with ``config``), ``(kind, member run)`` of each member, and
+        the validator of the run (None without validation rows).
+    """
     kinds = member_kinds(config.retrieval)
     limit = EASE().max_items
     for closed in CLOSED_FORM_MEMBERS:
@@ -165,6 +224,7 @@ def fit_retrieval(
                 f"matrix: {tensors.num_items} items is above EASE's {limit}. Drop "
                 f"{closed!r} from `retrieval.ensemble` for this catalogue."
             )
+    members = []
     seeds = member_seeds(config.retrieval, config.train.seed)
     for kind, member, seed in zip(
         kinds, member_configs(config.retrieval), seeds, strict=True
@@ -198,7 +258,7 @@ def fit_retrieval(
     for i, member_run in enumerate(members):
         if isinstance(member_run.model, LinearItemsModel):
             fitted = time.perf_counter()
-            _fit_closed_form(member_run.model, kinds[i], config, spec, tensors, train)
+            fit_closed(member_run.model, kinds[i], tensors)
             member_run.train_result = TrainResult(seconds=time.perf_counter() - fitted)
             logger.info(
                 "ensemble member %d/%d: %s, fitted in closed form (rank %d)",
@@ -241,33 +301,25 @@ def fit_retrieval(
     if len(members) == 1:
         run = members[0]
         run.config = config
+        if validate is not None:
+            validate = validate.for_run(run)
     else:
         model = EnsembleModel([m.model for m in members], config.retrieval)  # type: ignore[misc]
         run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
         run.train_result = merge_results([m.train_result for m in members])
         validate = validate.for_run(run) if validate is not None else None
-    logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
-    choose_on_validation(run, validate)
-    if validation is not None and validation.num_interactions:
-        # At inference the validation rows are history like any other training row:
-        # they feed the query history and are excluded as seen.
-        run.tensors = with_history_of(run.tensors, spec, split.train, config.retrieval)
-        # The closed-form members are refitted on those rows too (the trained ones
-        # keep their weights): what follows a user's last item is most often learnt
-        # from other users' last items, which leave-one-out validation holds.
-        for kind, member_run in zip(kinds, members, strict=True):
-            if isinstance(member_run.model, LinearItemsModel):
-                _fit_closed_form(
-                    member_run.model, kind, config, spec, run.tensors, split.train
-                )
-    # Every rank scores its share of the test users; one rank saves.
-    if evaluate_test and split.test.num_interactions:
-        run.metrics = run.evaluate(split.test, shard=world is not None).to_dict()
-    if out_dir is not None and distributed.is_main():
-        run.save(out_dir)
-        if split.fit.items is not None:  # what `twostage recommend RUN` shows
-            split.fit.items.write_parquet(Path(out_dir) / "items.parquet")
-    return run, split
+    return run, list(zip(kinds, members, strict=True)), validate
+
+
+def closed_form_members(
+    members: list[tuple[str, RetrievalRun]],
+) -> list[tuple[str, LinearItemsModel]]:
+    """``(kind, model)`` of the members :func:`train_members` fitted in closed form."""
+    return [
+        (kind, run.model)
+        for kind, run in members
+        if isinstance(run.model, LinearItemsModel)
+    ]
 
 
 def checkpoint_fingerprint(
@@ -534,18 +586,41 @@ def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(users[known]), torch.from_numpy(items[known])
 
 
-def _fit_closed_form(
+class TimedRows(NamedTuple):
+    """Training rows as indices, with their times: what the ``transition`` member
+    reads in time order (:func:`timed_rows` from a table in memory; the streamed
+    path's tensors and times)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    times: np.ndarray
+    num_users: int
+
+
+def timed_rows(spec: FeatureSpec, data: Dataset) -> TimedRows:
+    """``data``'s rows as :class:`TimedRows`, the users and items indexed by
+    ``spec``'s vocabularies (0: unknown)."""
+    rows = data.interactions
+    users = spec.vocabulary(USER)
+    return TimedRows(
+        users=users.transform(rows[USER]),
+        items=spec.vocabulary(ITEM).transform(rows[ITEM]),
+        times=rows[TIME].to_numpy(),
+        num_users=users.size,
+    )
+
+
+def fit_closed_form(
     model: LinearItemsModel,
     kind: str,
     config: ExperimentConfig,
-    spec: FeatureSpec,
     tensors: RetrievalTensors,
-    rows: Dataset,
+    rows: TimedRows,
 ) -> None:
-    """Fit an ``ease`` or ``transition`` member on ``rows`` (``tensors``: their
-    retrieval tables)."""
+    """Fit an ``ease`` member on ``tensors``' seen items, or a ``transition``
+    member on ``rows`` (the same rows, in time order)."""
     if kind == "transition":
-        fit_transition(model, spec, rows)
+        fit_transition(model, rows)
     else:
         fit_ease(model, tensors.seen(), l2=config.retrieval.ease_l2)
 
@@ -559,22 +634,19 @@ def fit_ease(model: LinearItemsModel, seen: UserItems, *, l2: float) -> None:
     model.fit(ease.weights)
 
 
-def fit_transition(model: LinearItemsModel, spec: FeatureSpec, train: Dataset) -> None:
+def fit_transition(model: LinearItemsModel, rows: TimedRows) -> None:
     """Fit the ``transition`` member on the training rows: ``log(1 + n)``, ``n`` the
     times item ``k`` followed item ``j`` in a user's time-ordered log
     (:meth:`twostage.baselines.Transition.fit_log`, ties in row order), factorised
-    into ``model``; the rows of users ``spec`` does not know are left out."""
-    rows = train.interactions
-    users, items = spec.vocabulary(USER), spec.vocabulary(ITEM)
-    user_idx = users.transform(rows[USER])
+    into ``model``; the rows of unknown users (index 0) are left out."""
     # Users the vocabulary does not know would all be user 0, one sequence of
     # many users' rows whose joins count as transitions: left out.
-    known = user_idx > 0
+    known = rows.users > 0
     transition = Transition().fit_log(
-        user_idx[known],
-        items.transform(rows[ITEM])[known],
-        rows[TIME].to_numpy()[known],
-        num_users=users.size,
+        rows.users[known],
+        rows.items[known],
+        rows.times[known],
+        num_users=rows.num_users,
         num_items=model.left.shape[0],
     )
     assert transition.counts is not None
@@ -585,6 +657,7 @@ def _tag_member(on_step: ProgressFn, member: int, info: dict[str, Any]) -> None:
     on_step({**info, "member": member})
 
 
-def _set_threads(config: ExperimentConfig) -> None:
+def set_threads(config: ExperimentConfig) -> None:
+    """torch's intra-op threads to ``train.num_threads`` (0: torch's default)."""
     if config.train.num_threads > 0:
         torch.set_num_threads(config.train.num_threads)

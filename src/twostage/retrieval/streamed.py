@@ -85,17 +85,19 @@ from twostage.data.tables import merge_table
 from twostage.errors import ConfigError, DataError
 from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
+from twostage.models.ensemble import member_kinds
 from twostage.retrieval.fit import (
-    Validator,
+    TimedRows,
     check_validation_choices,
-    checkpoint_fingerprint,
     choose_on_validation,
-    train_retrieval,
+    closed_form_members,
+    fit_closed_form,
+    set_threads,
+    train_members,
     warn_exact_term,
 )
 from twostage.retrieval.run import (
     RetrievalRun,
-    build_member,
     refuse_foreign_target,
     spec_for,
 )
@@ -113,7 +115,6 @@ from twostage.retrieval.tensors import (
     with_history_rows,
 )
 from twostage.training import ProgressFn
-from twostage.training.loop import data_digest
 
 __all__ = [
     "ShownRows",
@@ -141,16 +142,15 @@ def _check(config: ExperimentConfig) -> None:
         problems.append("retrieval.examples=interactions (with several ranks)")
     if data.split not in ("random", "temporal", "leave-last-out"):
         problems.append("data.split=random, temporal or leave-last-out")
-    if retrieval.ensemble:  # its members train from a log in memory
-        problems.append("retrieval.ensemble=[] (one model)")
+    if retrieval.ensemble and distributed.current() is not None:
+        problems.append("retrieval.ensemble=[] (one model, with several ranks)")
     check_data_options(data)
     report_unused_fraction(data.split, data.test_fraction)
     if problems:
         raise ConfigError(
-            "training from a streamed log supports every example mode in one "
-            "process, and interactions only under torchrun (as in memory); set "
-            + ", ".join(problems)
-            + "."
+            "training from a streamed log supports every example mode and "
+            "ensemble in one process, and one model trained on interactions under "
+            "torchrun; set " + ", ".join(problems) + "."
         )
 
 
@@ -245,7 +245,9 @@ def streamed_tensors(
     # items: their physical integers do all three as the values do (epoch
     # seconds, as in memory).
     neighbours = config.retrieval.session_knn_weight != 0
-    timed = bool(length) or days > 0 or sequences or neighbours
+    # A `transition` member counts what followed what in each user's rows.
+    transitions = "transition" in member_kinds(config.retrieval)
+    timed = bool(length) or days > 0 or sequences or neighbours or transitions
     times = np.empty(local if timed else 0, dtype=np.int64)
     # The ratings weight the retrieval loss and are the ranker's targets.
     rated = RATING in _columns(path)
@@ -508,7 +510,8 @@ def _test_side(
     """The held-out rows evaluation reads (``data.test_users`` of the users, when
     set): one more pass over the log."""
     rule = _split_rule(path, run.config, fitted)
-    return _sampled(run, _held_out(run, path, rule, "test", user_table, item_table))
+    held = _held_out(run.spec, run.config, path, rule, "test", user_table, item_table)
+    return _sampled(run.spec, run.config, held)
 
 
 def _evaluate(run: RetrievalRun, test: Dataset) -> dict[str, Any]:
@@ -527,7 +530,8 @@ def _evaluate(run: RetrievalRun, test: Dataset) -> dict[str, Any]:
 
 
 def _held_out(
-    run: RetrievalRun,
+    spec: FeatureSpec,
+    config: ExperimentConfig,
     path: str | Path,
     rule: SplitRule,
     side: str,
@@ -537,7 +541,7 @@ def _held_out(
     """The rows of one held-out side (test or validation) with the columns the
     run's queries read, and the ratings."""
     world = distributed.current()
-    keys = context_keys(run.spec)
+    keys = context_keys(spec)
     present = _columns(path)
     raw = [k for k in keys if k in present and k not in (USER, ITEM, TIME, RATING)]
     # The ratings are the ranker's targets (validation, RMSE on the test side).
@@ -549,16 +553,16 @@ def _held_out(
         side=side,
         rank=world.rank if world is not None else 0,
         world=world.size if world is not None else 1,
-        reading=Reading.of(run.config.data),
+        reading=Reading.of(config.data),
     )
     held = Dataset(name=side, interactions=rows, users=user_table, items=item_table)
-    return held.with_unrated(run.config.data.unrated_values)
+    return held.with_unrated(config.data.unrated_values)
 
 
-def _sampled(run: RetrievalRun, held: Dataset) -> Dataset:
+def _sampled(spec: FeatureSpec, config: ExperimentConfig, held: Dataset) -> Dataset:
     """``data.test_users`` of a held-out side's users when set (the same sample
     rule on the test and validation sides); a warning above 100,000 users without."""
-    data = run.config.data
+    data = config.data
     held = sample_users(held, data.test_users, seed=data.seed)
     side = held.name
     users = held.interactions[USER].n_unique()
@@ -568,7 +572,7 @@ def _sampled(run: RetrievalRun, held: Dataset) -> Dataset:
             "evaluate a fixed sample of them",
             users,
             side,
-            run.spec.vocabulary(ITEM).size - 1,
+            spec.vocabulary(ITEM).size - 1,
             " after every epoch" if side == "validation" else "",
         )
     return held
@@ -961,6 +965,7 @@ def _fit_streamed(
     ``checkpoint_dir``, resumed from there with ``resume``."""
     distributed.init_from_env(config.train.device)  # under torchrun: data-parallel
     _check(config)
+    set_threads(config)  # as in memory: the passes and training alike
     started = time.perf_counter()
     data = config.data
     world = distributed.current()
@@ -1039,41 +1044,41 @@ def _fit_streamed(
         fitted.items.size - 1,
         time.perf_counter() - started,
     )
-    torch.manual_seed(config.train.seed)
-    model = build_member(spec, config.retrieval)
-    run = RetrievalRun(config=config, spec=spec, model=model, tensors=tensors)
+    validation = sample = None
+    if fitted.num_validation_rows:  # early stopping and the fallback's threshold
+        assert fitted.rule is not None
+        validation = _held_out(
+            spec, config, path, fitted.rule, "validation", user_table, item_table
+        )
+        sample = _sampled(spec, config, validation)
+
+    def training_rows() -> TimedRows:  # what a `transition` member reads
+        return TimedRows(
+            users=tensors.users.numpy(),
+            items=tensors.items.numpy(),
+            times=rows.times,
+            num_users=fitted.users.size,
+        )
+
+    run, members, validate = train_members(
+        config,
+        spec,
+        tensors,
+        validation=sample,
+        fit_closed=lambda model, kind, tables: fit_closed_form(
+            model, kind, config, tables, training_rows()
+        ),
+        checkpoints=checkpoint_dir,
+        resume=resume,
+        on_step=on_step,
+        allow_config_change=allow_config_change,
+    )
     run.load_report = fitted.report.to_dict() if fitted.report is not None else None
     run.stream_rows = {
         "training": fitted.num_train_rows,
         "validation": fitted.num_validation_rows,
         "test": fitted.num_test_rows,
     }
-    validate = validation = sample = None
-    if fitted.num_validation_rows:  # early stopping and the fallback's threshold
-        assert fitted.rule is not None
-        validation = _held_out(
-            run, path, fitted.rule, "validation", user_table, item_table
-        )
-        sample = _sampled(run, validation)
-        validate = Validator(run, sample) if sample.num_interactions else None
-    digest = (
-        None
-        if checkpoint_dir is None
-        else data_digest(
-            tensors.users, tensors.items, tensors.weights, tensors.sequences
-        )
-    )
-    run.train_result = train_retrieval(
-        model,
-        tensors,
-        config.train,
-        validate=validate,
-        on_step=on_step,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        fingerprint=checkpoint_fingerprint(config, digest),
-        allow_config_change=allow_config_change,
-    )
     choose_on_validation(run, validate)
     if validation is not None:
         # At inference the validation rows are history like any other training
@@ -1081,6 +1086,20 @@ def _fit_streamed(
         run.tensors = _with_validation_rows(
             run, fitted, validation, rows.times, rows.ratings
         )
+        # The closed-form members are refitted on those rows too, as in memory.
+        carved = validation.interactions
+        every_row = TimedRows(
+            users=np.concatenate(
+                [tensors.users.numpy(), fitted.users.transform(carved[USER])]
+            ),
+            items=np.concatenate(
+                [tensors.items.numpy(), fitted.items.transform(carved[ITEM])]
+            ),
+            times=np.concatenate([rows.times, carved[TIME].to_numpy()]),
+            num_users=fitted.users.size,
+        )
+        for kind, model in closed_form_members(members):
+            fit_closed_form(model, kind, config, run.tensors, every_row)
     # Its test side is the stream's split, which `twostage evaluate` must reuse (the
     # in-memory split of the same log holds out other rows): saved with the run.
     run.stream = str(Path(path).resolve())

@@ -47,6 +47,18 @@ def test_configured_columns_win_and_are_checked() -> None:
         display_columns(books, title="Book-Title")
 
 
+def test_a_configured_column_without_an_item_table_is_reported(caplog) -> None:
+    """A title column named for a model without an item table showed nothing,
+    and nothing said why."""
+    with caplog.at_level("WARNING", logger="twostage.display"):
+        assert display_columns(None) == DisplayColumns()
+        assert not caplog.records
+        assert display_columns(None, title="name", tags="kw") == DisplayColumns()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "`data.title_col` = 'name' is not shown" in said[0]
+    assert "data.item_features" in said[0] and "`data.tags_col` = 'kw'" in said[1]
+
+
 def test_recommender_labels_items_of_any_catalogue(small_recommender) -> None:
     answer = small_recommender.recommend(3, k=3)
     for entry in answer.items:

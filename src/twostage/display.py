@@ -11,6 +11,7 @@ named like a genre, category or tag.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ import polars as pl
 from twostage.errors import ConfigError
 
 __all__ = ["DisplayColumns", "display_columns", "label_and_tags"]
+
+logger = logging.getLogger(__name__)
 
 _TITLE_NAMES = ("display_title", "title", "name")
 _TITLE_PARTS = ("title", "name")
@@ -43,10 +46,24 @@ def display_columns(
 ) -> DisplayColumns:
     """The display columns of an item table (configured ones are checked to exist).
 
+    Without a table nothing is shown, and a configured column says so (logged):
+    it names a column of a table the model does not have.
+
     Raises:
         ConfigError: a configured column is not in the table.
     """
     if items is None:
+        named = {"data.title_col": title, "data.tags_col": tags}
+        for name, value in named.items():
+            if value is not None:
+                logger.warning(
+                    "`%s` = %r is not shown: the model keeps no item table for it to "
+                    "name a column of. List the column in `data.item_features` "
+                    "(`retrieval.candidate_fields` can then leave it out of the "
+                    "model) or give it in `data.item_table`.",
+                    name,
+                    value,
+                )
         return DisplayColumns()
     columns = [c for c in items.columns if c != key]
     for name, value in (("data.title_col", title), ("data.tags_col", tags)):

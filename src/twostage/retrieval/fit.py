@@ -156,15 +156,12 @@ def fit_retrieval(
     spec = spec_for(train, config).fit(train)
     tensors = build_tensors(spec, train, config.retrieval)
     warn_exact_term(config, spec.vocabulary(USER).size - 1)  # less the unknown
-    closed_rows = timed_rows(spec, train)
     run, members, validate = train_members(
         config,
         spec,
         tensors,
         validation=validation,
-        fit_closed=lambda model, kind, tables: fit_closed_form(
-            model, kind, config, tables, closed_rows
-        ),
+        rows=lambda: timed_rows(spec, train),
         checkpoints=Path(out_dir) if out_dir is not None else None,
         resume=resume,
         on_step=on_step,
@@ -179,8 +176,10 @@ def fit_retrieval(
         # The closed-form members are refitted on those rows too (the trained ones
         # keep their weights): what follows a user's last item is most often learnt
         # from other users' last items, which leave-one-out validation holds.
-        every_row = timed_rows(spec, split.train)
-        for kind, model in closed_form_members(members):
+        closed = closed_form_members(members)
+        every_row = timed_rows(spec, split.train) if closed else None
+        for kind, model in closed:
+            assert every_row is not None
             fit_closed_form(model, kind, config, run.tensors, every_row)
     # Every rank scores its share of the test users; one rank saves.
     if evaluate_test and split.test.num_interactions:
@@ -198,7 +197,7 @@ def train_members(
     tensors: RetrievalTensors,
     *,
     validation: Dataset | None,
-    fit_closed: Callable[[LinearItemsModel, str, RetrievalTensors], None],
+    rows: Callable[[], TimedRows],
     checkpoints: Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
@@ -207,8 +206,9 @@ def train_members(
     """Build and train the model ``config`` asks for on ``tensors``: one set of
     towers, or each member of ``retrieval.ensemble`` in turn (the trained ones
     from their seeds, each validated on ``validation`` and checkpointed in
-    ``checkpoints/member-i``; the closed-form ones by ``fit_closed(model, kind,
-    tensors)``). What the in-memory and the streamed paths share.
+    ``checkpoints/member-i``; the closed-form ones by :func:`fit_closed_form`, a
+    ``transition`` member on ``rows()``, the training rows in time order). What
+    the in-memory and the streamed paths share.
 
     Returns:
         ``(run, members, validate)``: the run (the ensemble of the members, or the
@@ -248,7 +248,7 @@ def train_members(
     if validation is not None and validation.num_interactions:
         validate = Validator(members[0], validation)
     # What the checkpoints are of, for resume to compare (the members share it).
-    rows = (
+    digest = (
         None
         if checkpoints is None
         else data_digest(
@@ -258,7 +258,7 @@ def train_members(
     for i, member_run in enumerate(members):
         if isinstance(member_run.model, LinearItemsModel):
             fitted = time.perf_counter()
-            fit_closed(member_run.model, kinds[i], tensors)
+            fit_closed_form(member_run.model, kinds[i], config, tensors, rows)
             member_run.train_result = TrainResult(seconds=time.perf_counter() - fitted)
             logger.info(
                 "ensemble member %d/%d: %s, fitted in closed form (rank %d)",
@@ -294,7 +294,7 @@ def train_members(
             resume=resume,
             on_step=step_fn,
             fingerprint=checkpoint_fingerprint(
-                member_run.config if config.retrieval.ensemble else config, rows
+                member_run.config if config.retrieval.ensemble else config, digest
             ),
             allow_config_change=allow_config_change,
         )
@@ -615,12 +615,13 @@ def fit_closed_form(
     kind: str,
     config: ExperimentConfig,
     tensors: RetrievalTensors,
-    rows: TimedRows,
+    rows: TimedRows | Callable[[], TimedRows],
 ) -> None:
     """Fit an ``ease`` member on ``tensors``' seen items, or a ``transition``
-    member on ``rows`` (the same rows, in time order)."""
+    member on ``rows`` (the same rows, in time order; or a function that reads
+    them, called only for a ``transition`` member)."""
     if kind == "transition":
-        fit_transition(model, rows)
+        fit_transition(model, rows if isinstance(rows, TimedRows) else rows())
     else:
         fit_ease(model, tensors.seen(), l2=config.retrieval.ease_l2)
 

@@ -1065,9 +1065,7 @@ def _fit_streamed(
         spec,
         tensors,
         validation=sample,
-        fit_closed=lambda model, kind, tables: fit_closed_form(
-            model, kind, config, tables, training_rows()
-        ),
+        rows=training_rows,
         checkpoints=checkpoint_dir,
         resume=resume,
         on_step=on_step,
@@ -1088,7 +1086,7 @@ def _fit_streamed(
         )
         # The closed-form members are refitted on those rows too, as in memory.
         carved = validation.interactions
-        every_row = TimedRows(
+        every_row = TimedRows(  # with the carve-out after the training rows
             users=np.concatenate(
                 [tensors.users.numpy(), fitted.users.transform(carved[USER])]
             ),

@@ -37,6 +37,7 @@ PHASES = (
     "shown-rows",
     "train",
     "train-streamed",
+    "baseline-rows",
 )
 
 
@@ -115,6 +116,8 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out.update(_train_steps(args, streamed=False))
     elif name == "train-streamed":
         out.update(_train_steps(args, streamed=True))
+    elif name == "baseline-rows":
+        out.update(_baseline_rows(args))
     elif name == "polars-scan":
         # The floor: count every user and item with polars' streaming engine, no
         # split and no vocabulary.
@@ -326,6 +329,39 @@ def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
     }
 
 
+def _baseline_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """What `twostage evaluate --baselines` adds on a streamed run: one more pass
+    that keeps every non-test row's user and item index and time
+    (:func:`~twostage.retrieval.streamed.streamed_training_rows`), timed after a
+    one-step streamed training gives it a run."""
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.retrieval.streamed import (
+        fit_streamed_retrieval,
+        streamed_training_rows,
+    )
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "retrieval.use_side_features=false",
+            "retrieval.popularity_fallback=0",
+            "data.validation_fraction=0",
+            f"data.split={args.split}",
+            "train.max_steps=1",
+            "train.epochs=1",
+        ],
+    )
+    run = fit_streamed_retrieval(config, args.dir, evaluate_test=False)
+    started = time.perf_counter()
+    rows = streamed_training_rows(run)
+    return {
+        "rows_seconds": time.perf_counter() - started,
+        "rows_read": len(rows.users),
+        # what the arrays hold (the phase's peak RSS is training's)
+        "rows_gib": (rows.users.nbytes + rows.items.nbytes + rows.times.nbytes) / 2**30,
+    }
+
+
 def _distributed(args: argparse.Namespace) -> dict[str, Any]:
     """`twostage train retrieval --nproc N` on MovieLens-100k, N = 1 and 2, the
     same global batch: seconds, examples/s, and the test figures."""
@@ -530,6 +566,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{shown['shown_added_gib']:.2f} GiB added at the peak; "
             f"{shown['shown_train_pairs']:,} training pairs, "
             f"{shown['shown_held_out_rows']:,} held-out rows"
+        )
+    if "baseline-rows" in results:
+        read = results["baseline-rows"]
+        print(
+            "a streamed run's training rows read again for its baselines: "
+            f"{read['rows_read']:,} rows in {read['rows_seconds']:.1f} s, "
+            f"{read['rows_gib']:.2f} GiB held"
         )
     for name in ("train", "train-streamed"):
         if name in results:

@@ -1248,16 +1248,10 @@ def _recommend_sessions_into(
 
 
 def _evaluate_sessions(
-    rec: Any,
-    path: Path,
-    use_ranker: bool,
-    train: Any,
-    json_output: bool,
-    note: str | None = None,
+    rec: Any, path: Path, use_ranker: bool, train: Any, json_output: bool
 ) -> None:
     """``evaluate --sessions``: the figures (the baselines' too, fitted on the
-    ``train`` rows when given), then what was left out and why, and ``note``
-    (what the baselines read) when given."""
+    ``train`` rows when given), then what was left out and why."""
     from twostage.session_batch import SessionTableError
     from twostage.session_evaluation import evaluate_sessions
 
@@ -1267,16 +1261,10 @@ def _evaluate_sessions(
         )
     try:
         found = evaluate_sessions(
-            rec,
-            read_sessions(path),
-            use_ranker=use_ranker,
-            train=train,
-            baselines=note is not None,
+            rec, read_sessions(path), use_ranker=use_ranker, train=train
         )
     except SessionTableError as e:
         raise typer.BadParameter(str(e), param_hint="--sessions") from e
-    if note:
-        found["baselines_read"] = note
     if json_output:
         print_json(found)
         return
@@ -1303,11 +1291,9 @@ def _evaluate_sessions(
         if found["unread_rows"]
         else "",
     ]
-    said = "; ".join(part for part in notes if part)
+    said = "; ".join(note for note in notes if note)
     if said:
         status_console.print(f"[yellow]{escape(said)}.[/yellow]")
-    if note:
-        console.print(escape(note))
 
 
 def similar_command(
@@ -1707,16 +1693,11 @@ def evaluate_command(
     config, or on a log of new rows (--test): retrieval (optionally beside the
     baselines), then the ranking stage when the bundle has one (RMSE, MAE, AUC,
     two-stage lists against retrieval alone). A run or bundle trained with --stream
-    reads its log's test side again, a row group at a time; its baselines fit on
-    the run's stored tables (each user's training items and recent items), as it
-    keeps no log in memory. With --sessions: next-item figures on new sessions,
-    each one's last item held out."""
-    from twostage.retrieval.evaluation import (
-        evaluate_on,
-        rebuild_split,
-        stored_tables_note,
-    )
-    from twostage.retrieval.streamed import streamed_test_side
+    reads its log's test side again, a row group at a time, and its baselines
+    read the training rows the same way. With --sessions: next-item figures on
+    new sessions, each one's last item held out."""
+    from twostage.retrieval.evaluation import evaluate_on, rebuild_split
+    from twostage.retrieval.streamed import streamed_test_side, streamed_training_rows
 
     if sessions_file is not None and test_file is not None:
         raise typer.BadParameter(
@@ -1732,42 +1713,41 @@ def evaluate_command(
     results: dict[str, Any] = {}
     rec = _open_bundle(path)
     streamed = rec.run.stream is not None
-    if streamed and baselines:
-        # No training log in memory: the baselines fit on the run's own tables.
-        results["baselines_read"] = stored_tables_note(rec.run)
+
+    def training_rows() -> Any:
+        """What the baselines fit on: the rebuilt split's training rows, or a
+        streamed run's rows as indices, one more pass over its log."""
+        if streamed:
+            return streamed_training_rows(rec.run)
+        return rebuild_split(rec.run, source=path).train
+
     if sessions_file is not None:
         train = None
-        if baselines and not streamed:
+        if baselines:
             try:
-                train = rebuild_split(rec.run, source=path).train
+                train = training_rows()
             except TwostageError as e:  # the model's own figures need no log
                 raise typer.BadParameter(
                     f"{e} Or drop --baselines: the sessions' figures of the model "
                     "and its fallback need no training rows.",
                     param_hint="--baselines",
                 ) from e
-        _evaluate_sessions(
-            rec,
-            sessions_file,
-            not no_ranker,
-            train,
-            json_output,
-            note=results.get("baselines_read"),
-        )
+        _evaluate_sessions(rec, sessions_file, not no_ranker, train, json_output)
         return
     if test_file is not None:
         from twostage.retrieval.evaluation import read_test_log
 
         test = read_test_log(rec.run, test_file)
-        train = None
-        if baselines and not streamed:
-            train = rebuild_split(rec.run, source=path).train
+        train = training_rows() if baselines else None
         results["retrieval"] = evaluate_on(
             rec.run, test, baselines=baselines, train=train
         )
     elif streamed:  # trained from a stream: the stream's split, read again
         test = streamed_test_side(rec.run)
-        results["retrieval"] = evaluate_on(rec.run, test, baselines=baselines)
+        train = training_rows() if baselines else None
+        results["retrieval"] = evaluate_on(
+            rec.run, test, baselines=baselines, train=train
+        )
     else:
         split = rebuild_split(rec.run, source=path)
         test = split.test
@@ -1793,8 +1773,6 @@ def evaluate_command(
         {}, title=f"Evaluation of {path} ({side})", models=results["retrieval"]
     )
     print_test_counts(results["retrieval"].get("twostage"))
-    if "baselines_read" in results:
-        console.print(escape(results["baselines_read"]))
     if "ranking" in results:
         print_ranking(results["ranking"], title=f"Ranking stage ({side})")
 

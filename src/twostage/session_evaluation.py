@@ -17,7 +17,7 @@ from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.user_items import UserItems
 from twostage.inputs import session_indices
 from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
-from twostage.retrieval.tensors import context_keys, session_history
+from twostage.retrieval.tensors import TimedRows, context_keys, session_history
 from twostage.session_batch import (
     BATCH_SESSIONS,
     SESSION,
@@ -43,8 +43,7 @@ def evaluate_sessions(
     *,
     ks: Sequence[int] = (1, 5, 10, 20, 50, 100),
     use_ranker: bool = True,
-    train: Dataset | None = None,
-    baselines: bool = False,
+    train: Dataset | TimedRows | None = None,
 ) -> dict[str, Any]:
     """Next-item figures on sessions the model never saw, as session-based
     recommenders are measured: each session's last item (in the order
@@ -59,7 +58,8 @@ def evaluate_sessions(
         ks: list lengths.
         use_ranker: measure the served list (False: retrieval's order).
         train: the rows the model trained on (fit and validation, with their
-            times): the baselines are fitted on them
+            times; a table, or :class:`~twostage.retrieval.tensors.TimedRows`
+            as a streamed run reads them): the baselines are fitted on them
             (:func:`~twostage.retrieval.evaluation.baseline_makers`) and each
             reads what the model's query reads: a known user's stored history,
             then the session's items (all of them, where the model keeps the
@@ -68,17 +68,13 @@ def evaluate_sessions(
             items), and a session with nothing to read gets the run's
             most-popular list from the ones that read items, as the model's
             fallback serves it.
-        baselines: the baselines without ``train`` too, fitted on the run's
-            stored tables (each user's training items and recent items; a run
-            trained from a stream keeps no log in memory):
-            :func:`~twostage.retrieval.evaluation.stored_tables_note` says which.
 
     Returns:
         ``{"twostage": {metric: {k: value}}, "popularity": ...}`` (recall, NDCG,
         hit rate and MRR; one held-out item each, so recall = hit rate), the
         popularity row being the model's own fallback list with each session's
         items excluded; ``baselines`` (``{name: {metric: {k: value}}}``, given
-        ``train`` or ``baselines``); ``sessions`` (measured), ``single_item_sessions`` (left
+        ``train``); ``sessions`` (measured), ``single_item_sessions`` (left
         out: nothing to predict from), ``unknown_targets`` (held-out items the
         model does not know, counted as misses) and the query rows not read
         (``unread_rows``, ``unread_reasons``).
@@ -132,7 +128,7 @@ def evaluate_sessions(
     ):
         metrics = compute_metrics(lists, relevant, ks=ks, num_items=vocab.size)
         figures[name] = {m: metrics[m] for m in RANKING_METRICS}
-    if train is not None or baselines:
+    if train is not None:
         ranked = _baseline_lists(rec, queries, order, ks[-1], train)
         figures["baselines"] = {}
         for name, lists in ranked:
@@ -202,11 +198,10 @@ def _baseline_lists(
     queries: pl.DataFrame,
     order: list[Any],
     k: int,
-    train: Dataset | None,
+    train: Dataset | TimedRows,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, [S, k] item indices)`` of each baseline's list for the measured
-    sessions ``order`` (-1 past what is left), fitted on ``train`` (None: the
-    run's stored tables) one at a time:
+    sessions ``order`` (-1 past what is left), fitted on ``train`` one at a time:
     each reads the items the model's query reads, in full, and leaves out what
     the model leaves out."""
     from twostage.retrieval.evaluation import (

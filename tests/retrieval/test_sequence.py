@@ -33,12 +33,7 @@ from twostage.models.sequence import (
 from twostage.models.towers import HistoryPooling
 from twostage.recommender import Recommender, load
 from twostage.report import best_epoch, run_facts
-from twostage.retrieval.fit import (
-    fit_ease,
-    fit_retrieval,
-    fit_transition,
-    timed_rows,
-)
+from twostage.retrieval.fit import fit_ease, fit_retrieval, fit_transition
 from twostage.retrieval.run import load_run
 from twostage.retrieval.streamed import fit_streamed_retrieval
 from twostage.retrieval.tensors import (
@@ -47,6 +42,7 @@ from twostage.retrieval.tensors import (
     rating_buckets,
     rating_edges,
     sequence_windows,
+    timed_rows,
 )
 from twostage.serving import ServeSettings, create_app
 

@@ -792,47 +792,52 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
         assert again.exit_code == 0, again.output
         got = json.loads(again.stdout)["retrieval"]["twostage"]
         assert got == summary["retrieval"], where
-    # Its baselines fit on the run's tables; it keeps no recent items here.
+    # Beside the baselines, fitted on the training rows read again (it was refused)
     beside = CliRunner().invoke(app, ["evaluate", str(out), "--baselines"])
     assert beside.exit_code == 0, beside.output
     said = " ".join(beside.output.replace("│", " ").split())
-    assert "ease-recency left out" in said and "recent popularity left out" in said
-    assert "itemknn" in said and "session-knn" not in said
+    assert all(name in said for name in ("itemknn", "session-knn", "recent-popular"))
 
 
-def test_a_streamed_run_s_baselines_are_the_in_memory_run_s_from_its_tables(
+def test_a_streamed_run_s_baselines_are_the_in_memory_run_s(
     log: Path, tmp_path: Path
 ) -> None:
-    """`evaluate --baselines` on a streamed run fits them on its stored tables
-    (training items, recent items): the figures of the same baselines fitted on
-    the tables of the in-memory run of the same split, for the test split and
-    for new sessions, with what they read said beside them."""
+    """`evaluate --baselines` on a streamed run reads its training rows again,
+    as indices with their times: every baseline's figures are the in-memory
+    run's on the same split, recent popularity and the ordered ones included,
+    for the test split and for new sessions."""
     import json
 
     from typer.testing import CliRunner
 
     from twostage.cli import app
     from twostage.retrieval.evaluation import evaluate_baselines
+    from twostage.retrieval.streamed import streamed_training_rows
 
     config = apply_overrides(
         ExperimentConfig(), [*ID_ONLY, "retrieval.history_length=4"]
     )
-    fit_streamed_retrieval(config, log, out_dir=tmp_path / "run")
+    streamed = fit_streamed_retrieval(config, log, out_dir=tmp_path / "run")
     table = pl.concat(iter_batches(log, columns=["user_id", "item_id", "timestamp"]))
     parts = _in_memory_split(Dataset(name="log", interactions=table))
     in_memory, _ = fit_retrieval(config, split=parts, evaluate_test=False)
+    rows = streamed_training_rows(streamed)
+    assert len(rows.users) == parts.fit.num_interactions
     want = {
         name: result.to_dict()
-        for name, result in evaluate_baselines(in_memory, parts.test).items()
+        for name, result in evaluate_baselines(
+            in_memory, parts.test, train=parts.fit
+        ).items()
     }
-    assert {"popularity", "ease", "itemknn", "transition", "session-knn"} <= set(want)
+    assert {"recent-popularity", "transition", "session-knn", "ease-recency"} <= set(
+        want
+    )
     got = CliRunner().invoke(
         app, ["evaluate", str(tmp_path / "run"), "--baselines", "--json"]
     )
     assert got.exit_code == 0, got.output
-    found = json.loads(got.stdout)
-    assert "latest 4 items" in found["baselines_read"]
-    assert {k: v for k, v in found["retrieval"].items() if k != "twostage"} == want
+    found = json.loads(got.stdout)["retrieval"]
+    assert {k: v for k, v in found.items() if k != "twostage"} == want
 
     sessions = tmp_path / "sessions.csv"
     items = table["item_id"].unique().sort().to_list()
@@ -842,14 +847,18 @@ def test_a_streamed_run_s_baselines_are_the_in_memory_run_s_from_its_tables(
             "item_id": [items[(7 * i) % len(items)] for i in range(60)],
         }
     ).write_csv(sessions)
+    from twostage.cli_batch import read_sessions
+    from twostage.session_evaluation import evaluate_sessions
+
     command = ["evaluate", str(tmp_path / "run"), "--sessions", str(sessions)]
     measured = CliRunner().invoke(app, [*command, "--baselines", "--json"])
     assert measured.exit_code == 0, measured.output
-    found = json.loads(measured.stdout)
-    assert {"popularity", "transition", "session-knn"} <= set(found["baselines"])
-    assert "latest 4 items" in found["baselines_read"]
-    plain = CliRunner().invoke(app, [*command, "--json"])
-    assert "baselines" not in json.loads(plain.stdout)
+    by_hand = evaluate_sessions(
+        Recommender(in_memory), read_sessions(sessions), train=parts.fit
+    )
+    baselines = json.loads(measured.stdout)["baselines"]
+    assert baselines == json.loads(json.dumps(by_hand["baselines"]))
+    assert {"recent-popularity", "session-knn"} <= set(baselines)
 
 
 def test_cli_trains_both_stages_from_a_stream(log: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from twostage.data.dataset import ITEM, TIME, USER, Dataset
+from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import FIT_TABLES, load_dataset_for
 from twostage.data.split import ExperimentSplit, prepare_split
 from twostage.data.user_items import UserItems
@@ -23,7 +23,13 @@ from twostage.errors import ConfigError, DataError, TwostageError, clause
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
 from twostage.features.context import add_context_columns
 from twostage.retrieval.run import RetrievalRun, load_run
-from twostage.retrieval.tensors import PriorHistory, RetrievalTensors, context_keys
+from twostage.retrieval.tensors import (
+    PriorHistory,
+    RetrievalTensors,
+    TimedRows,
+    context_keys,
+    timed_rows,
+)
 
 __all__ = [
     "BY_POPULARITY",
@@ -242,12 +248,14 @@ BY_POPULARITY = ("popularity", "recent-popularity")
 
 
 def baseline_makers(
-    run: RetrievalRun, train: Dataset | None = None
+    run: RetrievalRun, train: Dataset | TimedRows | None = None
 ) -> dict[str, Callable[[], Any]]:
     """``{name: make}``: each baseline fitted on the run's training data when
     ``make()`` is called (one at a time, so a large catalogue holds one model's
     matrices at once): popularity, EASE and item-kNN on the run's training items;
-    given the ``train`` rows with their times, recent popularity and the ordered
+    given the ``train`` rows with their times (a table, or :class:`TimedRows`, as
+    a streamed run reads them: :func:`~twostage.retrieval.streamed.streamed_training_rows`),
+    recent popularity and the ordered
     baselines (transitions, session-kNN, EASE read in time order) on every
     training row in time order; without them, the ordered ones on the run's
     recent items when it keeps more than one a user. A ``make()`` that cannot
@@ -269,12 +277,12 @@ def baseline_makers(
 
     makers = {name: fitted(cls) for name, cls in BASELINES.items()}
     if train is not None:
-        items = run.spec.vocabulary(ITEM).transform(train.interactions[ITEM])
-        times = train.interactions[TIME].to_numpy()
+        rows = train if isinstance(train, TimedRows) else timed_rows(run.spec, train)
+        items, times = rows.items, rows.times
 
         def recent() -> Any:
             model = RecentPopularity()
-            if not train.has_time:  # its `timestamp` is the row order
+            if not rows.has_time:  # its `timestamp` is the row order
                 raise ConfigError(
                     f"it counts the last {model.days:g} days of training rows, and "
                     "the log has no time column"
@@ -282,8 +290,7 @@ def baseline_makers(
             return model.fit_log(items, times, num_items=num_items)
 
         makers[RecentPopularity.name] = recent
-        users = run.spec.vocabulary(USER).transform(train.interactions[USER])
-        num_users = run.spec.vocabulary(USER).size
+        users, num_users = rows.users, rows.num_users
         # The rows of users the run does not know (a temporal split's validation
         # rows of new users) would all read as user 0's: one sequence of many
         # users' rows, scored for every new test user. They are left out, as the
@@ -310,26 +317,6 @@ def baseline_makers(
         for ordered in (Transition, SessionKNN, RecencyEASE):
             makers[ordered.name] = from_table(ordered)
     return makers
-
-
-def stored_tables_note(run: RetrievalRun) -> str:
-    """What the baselines read when they fit on the run's own tables, without the
-    training rows (:func:`baseline_makers` with ``train=None``: a run trained from a
-    stream keeps no log in memory)."""
-    length = run.tensors.history.shape[1]
-    ordered = (
-        f"transitions, session-kNN and ease-recency on each user's latest {length} "
-        "items (`retrieval.history_length`), not every training row"
-        if length > 1
-        else "transitions, session-kNN and ease-recency left out (they read each "
-        "user's recent items in order, and the run keeps "
-        f"{'one' if length else 'none'}: `retrieval.history_length`)"
-    )
-    return (
-        "Baselines fitted on the run's stored tables, as it keeps no training log "
-        "in memory: popularity, EASE and item-kNN on every user's training items; "
-        f"{ordered}; recent popularity left out (it needs the rows' times)."
-    )
 
 
 def session_knn_baseline(num_users: int) -> Any:
@@ -360,7 +347,7 @@ def evaluate_baselines(
     *,
     ks: tuple[int, ...] = (1, 5, 10, 50, 100),
     names: tuple[str, ...] | None = None,
-    train: Dataset | None = None,
+    train: Dataset | TimedRows | None = None,
 ) -> dict[str, EvalResult]:
     """The baselines (or the ``names`` among them) on the run's own training data and
     test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
@@ -654,7 +641,7 @@ def evaluate_on(
     test: Dataset,
     *,
     baselines: bool = False,
-    train: Dataset | None = None,
+    train: Dataset | TimedRows | None = None,
 ) -> dict[str, Any]:
     """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on ``test``;
     the baselines that need the training log's times (recent popularity, the

@@ -11,9 +11,8 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,7 +25,7 @@ from twostage.config import (
     TrainConfig,
     to_dict,
 )
-from twostage.data.dataset import ITEM, TIME, USER, Dataset
+from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import load_dataset_for, recorded_dataset
 from twostage.data.split import ExperimentSplit, prepare_split
 from twostage.data.user_items import UserItems
@@ -67,8 +66,10 @@ from twostage.retrieval.task import (
 )
 from twostage.retrieval.tensors import (
     RetrievalTensors,
+    TimedRows,
     build_tensors,
     context_keys,
+    timed_rows,
     with_history_of,
 )
 from twostage.training import ProgressFn, TrainResult, merge_results
@@ -81,7 +82,6 @@ from twostage.training.loop import (
 from twostage.training.optim import resolve_device
 
 __all__ = [
-    "TimedRows",
     "Validator",
     "check_validation_choices",
     "choose_on_validation",
@@ -584,30 +584,6 @@ def _pairs(spec: FeatureSpec, data: Dataset) -> tuple[torch.Tensor, torch.Tensor
     items = spec.vocabulary(ITEM).transform(data.interactions[ITEM])
     known = (users > 0) & (items > 0)
     return torch.from_numpy(users[known]), torch.from_numpy(items[known])
-
-
-class TimedRows(NamedTuple):
-    """Training rows as indices, with their times: what the ``transition`` member
-    reads in time order (:func:`timed_rows` from a table in memory; the streamed
-    path's tensors and times)."""
-
-    users: np.ndarray
-    items: np.ndarray
-    times: np.ndarray
-    num_users: int
-
-
-def timed_rows(spec: FeatureSpec, data: Dataset) -> TimedRows:
-    """``data``'s rows as :class:`TimedRows`, the users and items indexed by
-    ``spec``'s vocabularies (0: unknown)."""
-    rows = data.interactions
-    users = spec.vocabulary(USER)
-    return TimedRows(
-        users=users.transform(rows[USER]),
-        items=spec.vocabulary(ITEM).transform(rows[ITEM]),
-        times=rows[TIME].to_numpy(),
-        num_users=users.size,
-    )
 
 
 def fit_closed_form(

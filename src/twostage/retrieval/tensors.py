@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -34,6 +34,7 @@ from twostage.models.session_knn import activity_ranks
 __all__ = [
     "PriorHistory",
     "RetrievalTensors",
+    "TimedRows",
     "build_tensors",
     "check_times",
     "history_table",
@@ -48,11 +49,40 @@ __all__ = [
     "session_history",
     "tensors_from_flat",
     "tensors_to_flat",
+    "timed_rows",
     "with_history_of",
     "with_history_rows",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class TimedRows(NamedTuple):
+    """Rows of a log as indices, with their times: what the readers of each user's
+    rows in time order fit on (the ``transition`` member, the ordered
+    baselines). :func:`timed_rows` makes them from a table in memory; a streamed
+    run from its passes over the log."""
+
+    users: np.ndarray
+    items: np.ndarray
+    times: np.ndarray
+    num_users: int
+    #: False where the log has no time column (``times`` is then the row order).
+    has_time: bool = True
+
+
+def timed_rows(spec: FeatureSpec, data: Dataset) -> TimedRows:
+    """``data``'s rows as :class:`TimedRows`, the users and items indexed by
+    ``spec``'s vocabularies (0: unknown)."""
+    rows = data.interactions
+    users = spec.vocabulary(USER)
+    return TimedRows(
+        users=users.transform(rows[USER]),
+        items=spec.vocabulary(ITEM).transform(rows[ITEM]),
+        times=rows[TIME].to_numpy(),
+        num_users=users.size,
+        has_time=data.has_time,
+    )
 
 
 @dataclass

@@ -221,3 +221,88 @@ def test_name_value_keys_take_an_object_in_files_and_settings(tmp_path: Path) ->
         apply_settings(ExperimentConfig(), {"data.weight_values": {"view": True}})
     with pytest.raises(ConfigError, match="should be a list"):  # other lists stay lists
         apply_settings(ExperimentConfig(), {"retrieval.query_fields": {"age": 1}})
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        (["retrieval.sequence_layers=3"], ["retrieval.sequence_layers"]),
+        (  # a GRU has layers but no heads
+            [
+                "retrieval.query_encoder=gru",
+                "retrieval.sequence_layers=3",
+                "retrieval.sequence_heads=4",
+            ],
+            ["retrieval.sequence_heads"],
+        ),
+        (  # a transformer member reads them
+            [
+                "retrieval.ensemble=transformer",
+                "retrieval.sequence_heads=4",
+                "retrieval.ensemble_weights=1,1",
+            ],
+            [],
+        ),
+        (
+            ["retrieval.session_knn_sample=100", "retrieval.session_knn_length=50"],
+            ["retrieval.session_knn_length", "retrieval.session_knn_sample"],
+        ),
+        (["retrieval.session_knn_weight=-1", "retrieval.session_knn_sample=100"], []),
+        (["retrieval.ease_rank=64"], ["retrieval.ease_rank"]),
+        (
+            [
+                "retrieval.ensemble=transition",
+                "retrieval.ensemble_weights=1,0.1",
+                "retrieval.ease_rank=64",
+                "retrieval.ease_recency=0.5",
+            ],
+            ["retrieval.ease_recency"],
+        ),
+        (["ranking.ease_rank=32"], ["ranking.ease_rank"]),
+        (["ranking.ease_rank=32", "ranking.ease_weight=0.5"], []),
+        (
+            ["ranking.architecture=mlp", "ranking.structure=stacked"],
+            ["ranking.structure"],
+        ),
+        (["data.label_threshold=3"], ["data.label_threshold"]),
+        (["data.label_threshold=3", "data.label_col=clicked"], []),
+    ],
+)
+def test_settings_nothing_reads_are_named(
+    settings: list[str], named: list[str]
+) -> None:
+    """A setting changed for a part the model does not have (the transformer's
+    heads on a GRU, the session-kNN term's sample without the term) trained as
+    if unset, silently."""
+    from twostage.config.unread import unread_settings
+
+    found = unread_settings(apply_overrides(ExperimentConfig(), settings))
+    assert sorted(s.split("`")[1] for s in found) == named
+
+
+def test_no_preset_sets_what_its_model_does_not_read() -> None:
+    from twostage.config.unread import unread_settings
+
+    presets = sorted(Path(__file__).parents[1].glob("presets/*.json"))
+    assert presets and not unread_settings(ExperimentConfig())
+    for path in presets:
+        assert unread_settings(load_config(path)) == [], path.name
+
+
+def test_training_says_which_settings_it_does_not_read(caplog) -> None:
+    from twostage.retrieval.fit import fit_retrieval
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=30,num_items=20,num_interactions=400",
+            "train.epochs=1",
+            "retrieval.embedding_dim=8",
+            "retrieval.output_dim=8",
+            "retrieval.session_knn_sample=10",
+        ],
+    )
+    with caplog.at_level("WARNING", logger="twostage.retrieval.fit"):
+        fit_retrieval(config, evaluate_test=False)
+    said = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
+    assert len(said) == 1 and "`retrieval.session_knn_sample` = 10" in said[0]

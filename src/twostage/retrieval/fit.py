@@ -25,6 +25,7 @@ from twostage.config import (
     TrainConfig,
     to_dict,
 )
+from twostage.config.unread import unread_settings
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import load_dataset_for, recorded_dataset
 from twostage.data.split import ExperimentSplit, prepare_split
@@ -156,6 +157,7 @@ def fit_retrieval(
     spec = spec_for(train, config).fit(train)
     tensors = build_tensors(spec, train, config.retrieval)
     warn_exact_term(config, spec.vocabulary(USER).size - 1)  # less the unknown
+    warn_unread_settings(config)
     run, members, validate = train_members(
         config,
         spec,
@@ -479,6 +481,15 @@ def choose_on_validation(run: RetrievalRun, validate: Validator | None) -> None:
     ``run.session_knn_weight``, then ``run.popularity_fallback`` with that term."""
     choose_session_knn_weight(run, validate)
     choose_fallback(run, validate)
+
+
+def warn_unread_settings(config: ExperimentConfig) -> None:
+    """Log a warning for each setting ``config`` changes that its model does
+    not read (:func:`twostage.config.unread.unread_settings`), once per run."""
+    if not distributed.is_main():
+        return
+    for sentence in unread_settings(config):
+        logger.warning("%s It has no effect on this run.", sentence)
 
 
 def warn_exact_term(config: ExperimentConfig, num_users: int) -> None:

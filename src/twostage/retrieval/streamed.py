@@ -94,6 +94,7 @@ from twostage.retrieval.fit import (
     set_threads,
     train_members,
     warn_exact_term,
+    warn_unread_settings,
 )
 from twostage.retrieval.run import (
     RetrievalRun,
@@ -1045,6 +1046,7 @@ def _fit_streamed(
     )
     check_validation_choices(config, has_validation=fitted.num_validation_rows > 0)
     warn_exact_term(config, fitted.users.size - 1)  # less the unknown user
+    warn_unread_settings(config)
     user_table, item_table = side_tables(
         path, config, fitted.users.values, fitted.items.values
     )

@@ -265,6 +265,11 @@ def test_name_value_keys_take_an_object_in_files_and_settings(tmp_path: Path) ->
             ["ranking.structure"],
         ),
         (["data.label_threshold=3"], ["data.label_threshold"]),
+        (
+            ["retrieval.logq_correction=false", "retrieval.logq_weight=0.5"],
+            ["retrieval.logq_weight"],
+        ),
+        (["retrieval.logq_weight=0.5"], []),
         (["data.label_threshold=3", "data.label_col=clicked"], []),
     ],
 )

@@ -62,6 +62,14 @@ def unread_settings(config: ExperimentConfig) -> list[str]:
             f"`retrieval.sequence_heads` = {retrieval.sequence_heads!r}: only a "
             "transformer reads it, and this model's ordered history is a GRU."
         )
+    if not retrieval.logq_correction and _changed(
+        retrieval, defaults, ("logq_weight",)
+    ):
+        found.append(
+            f"`retrieval.logq_weight` = {retrieval.logq_weight!r}: it scales the "
+            "sampling-bias correction, and `retrieval.logq_correction` = false "
+            "applies none."
+        )
     if retrieval.session_knn_weight == 0:
         for name in _changed(retrieval, defaults, _TERM):
             found.append(

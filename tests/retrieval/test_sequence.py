@@ -2,6 +2,7 @@
 sequence that only a model reading the order can follow, and ensembles of encoders
 (`retrieval.ensemble`)."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -1233,3 +1234,30 @@ def test_ease_member_mistakes_are_named() -> None:
     frame = pl.DataFrame({"user_id": items % 500, "item_id": items, "timestamp": items})
     with pytest.raises(ConfigError, match="Drop 'ease'"):
         fit_retrieval(_config(*_EASE), dataset=Dataset("wide", frame))
+
+
+def test_order_read_from_a_log_without_times_is_reported(caplog) -> None:
+    """An ordered history on a log without a time column trained on its row
+    order, without a word (the settings that read times are refused there)."""
+    from twostage.retrieval.tensors import row_order_note
+
+    timed = _planted_log(num_users=20)
+    untimed = dataclasses.replace(timed, has_time=False)
+    cases = {
+        "retrieval.query_encoder=transformer": "the transformer history",
+        "retrieval.query_encoder=gru": "the gru history",
+        "retrieval.ensemble=transition": "the `transition` member",
+        "retrieval.session_knn_weight=0.1": "the session-kNN term",
+    }
+    for setting, reader in cases.items():
+        config = apply_overrides(ExperimentConfig(), [setting]).retrieval
+        note = row_order_note(config, untimed)
+        assert note is not None and note.startswith(reader), setting
+        assert "has no time column" in note
+        assert row_order_note(config, timed) is None
+    assert row_order_note(ExperimentConfig().retrieval, untimed) is None  # a bag
+    trained_in_order = _config().retrieval  # a bag, trained on each next item
+    assert "examples=sequences" in str(row_order_note(trained_in_order, untimed))
+    with caplog.at_level("WARNING", logger="twostage.retrieval.fit"):
+        fit_retrieval(_config("retrieval.query_encoder=gru"), dataset=untimed)
+    assert "the gru history" in caplog.text and "row order" in caplog.text

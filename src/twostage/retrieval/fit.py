@@ -70,6 +70,7 @@ from twostage.retrieval.tensors import (
     TimedRows,
     build_tensors,
     context_keys,
+    row_order_note,
     timed_rows,
     with_history_of,
 )
@@ -158,6 +159,9 @@ def fit_retrieval(
     tensors = build_tensors(spec, train, config.retrieval)
     warn_exact_term(config, spec.vocabulary(USER).size - 1)  # less the unknown
     warn_unread_settings(config)
+    order = row_order_note(config.retrieval, train)
+    if order is not None and distributed.is_main():
+        logger.warning(order)
     run, members, validate = train_members(
         config,
         spec,

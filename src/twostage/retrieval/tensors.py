@@ -45,6 +45,7 @@ __all__ = [
     "rating_tables",
     "rating_values",
     "recent_popularity",
+    "row_order_note",
     "rows_in_vocab_order",
     "session_history",
     "tensors_from_flat",
@@ -626,6 +627,34 @@ def check_times(config: RetrievalConfig, train: Dataset) -> None:
         + f" read the rows' times, and {what} has no time column (its row order "
         "stands in for time). Name its time column with `data.time_col` (`--time-col`), "
         "or set " + " and ".join(f"`retrieval.{k}={off[k]}`" for k in asked) + "."
+    )
+
+
+def row_order_note(config: RetrievalConfig, train: Dataset) -> str | None:
+    """What reads each user's items in order when ``train`` has no time column (the
+    file's row order then stands for it), to warn of; None when it has times or
+    nothing reads order."""
+    if train.has_time:
+        return None
+    kinds = [config.query_encoder, *config.ensemble]
+    readers = [
+        f"the {kind} history (`retrieval.query_encoder`, `retrieval.ensemble`)"
+        for kind in ("transformer", "gru")
+        if kind in kinds and config.history_length > 0
+    ]
+    if config.examples == "sequences" and not readers:
+        readers.append("training on each next item (`retrieval.examples=sequences`)")
+    if "transition" in kinds:
+        readers.append("the `transition` member")
+    if config.session_knn_weight != 0:
+        readers.append("the session-kNN term")
+    if not readers:
+        return None
+    what = f"'{train.source}'" if train.source else "the log"
+    return (
+        f"{', '.join(readers)}: each reads a user's items in order, and {what} has no "
+        "time column: its row order is taken as the order. Name its time column "
+        "with `data.time_col` (`--time-col`) if it has one."
     )
 
 

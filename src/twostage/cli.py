@@ -1167,6 +1167,19 @@ def _print_batch_summary(
             f"({escape(reasons)}); the first: {escape(first)}. --json lists the "
             f"first {len(summary['unread'])}.[/yellow]"
         )
+    if summary.get("table_order_sessions"):
+        status_console.print(f"[yellow]{escape(_table_order_note(summary))}[/yellow]")
+
+
+def _table_order_note(found: dict[str, Any]) -> str:
+    """The sessions read in the file's order although some rows have times."""
+    count = found["table_order_sessions"]
+    example = f", e.g. {found['table_order'][0]!r}" if found.get("table_order") else ""
+    return (
+        f"{count:,} session{'s' if count != 1 else ''} read in the file's order"
+        f"{example}: some of their rows have a timestamp and others have none, so "
+        "their time order is not known."
+    )
 
 
 def _recommend_sessions_into(
@@ -1200,6 +1213,7 @@ def _recommend_sessions_into(
         .iter_rows()
     ]
     tally = _ListCounts(k)
+    table_order: list[Any] = []
 
     def answer(part: list[Any]) -> pl.DataFrame:
         rows = numbered.filter(pl.col(SESSION).is_in(part))
@@ -1219,6 +1233,7 @@ def _recommend_sessions_into(
         unread.extend(
             {**u, "row": numbers[u["row"] - 1]} for u in found.unread.to_dicts()
         )
+        table_order.extend(found.table_order)
         return found.lists
 
     rows = write_in_chunks(
@@ -1244,6 +1259,8 @@ def _recommend_sessions_into(
         "unread_rows": len(unread),
         "unread_reasons": reasons,
         "unread": unread[:100],
+        "table_order_sessions": len(table_order),
+        "table_order": table_order[:100],
     }
 
 
@@ -1294,6 +1311,8 @@ def _evaluate_sessions(
     said = "; ".join(note for note in notes if note)
     if said:
         status_console.print(f"[yellow]{escape(said)}.[/yellow]")
+    if found.get("table_order_sessions"):
+        status_console.print(f"[yellow]{escape(_table_order_note(found))}[/yellow]")
 
 
 def similar_command(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,10 +57,14 @@ class SessionLists:
             order), ``session_id``, ``item_id`` and ``reason``. An item added to
             the catalogue after training is here too: it counts as seen, but the
             model has learned nothing of it to read.
+        table_order: the sessions read in the table's order although some of
+            their rows have a timestamp: others have none (a session is read in
+            time order only where every row read has one).
     """
 
     lists: pl.DataFrame
     unread: pl.DataFrame
+    table_order: list[Any] = field(default_factory=list)
 
     @property
     def num_sessions(self) -> int:
@@ -191,6 +195,11 @@ def recommend_sessions(
             unread,
             {"row": pl.Int64(), **given, "reason": pl.String()},
         ),
+        table_order=[
+            session
+            for session, readable in entries.items()
+            if 0 < sum(TIME in entry for entry in readable) < len(readable)
+        ],
     )
 
 

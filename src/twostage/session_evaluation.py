@@ -76,8 +76,10 @@ def evaluate_sessions(
         items excluded; ``baselines`` (``{name: {metric: {k: value}}}``, given
         ``train``); ``sessions`` (measured), ``single_item_sessions`` (left
         out: nothing to predict from), ``unknown_targets`` (held-out items the
-        model does not know, counted as misses) and the query rows not read
-        (``unread_rows``, ``unread_reasons``).
+        model does not know, counted as misses), ``table_order_sessions``
+        (measured sessions read, and their held-out row chosen, in the table's
+        order because some of their rows have no timestamp and others have
+        one) and the query rows not read (``unread_rows``, ``unread_reasons``).
     """
     ks = check_ks(ks)
     check_sessions_table(rec, sessions)
@@ -136,9 +138,19 @@ def evaluate_sessions(
             figures["baselines"][name] = {m: metrics[m] for m in RANKING_METRICS}
     reasons = {r: n for r, n in dropped.items() if n}
     reasons.update(found.unread["reason"].value_counts(sort=True).iter_rows())
+    mixed = []
+    if TIME in ordered.columns:  # read, and their last row held out, in table order
+        timed = ordered.group_by(SESSION, maintain_order=True).agg(
+            pl.col(TIME).is_not_null().sum().alias("timed"), pl.len().alias("rows")
+        )
+        partly = (pl.col("timed") > 0) & (pl.col("timed") < pl.col("rows"))
+        mixed = timed.filter(partly & pl.col(SESSION).is_in(list(measured)))[
+            SESSION
+        ].to_list()
     return {
         **figures,
         "sessions": len(order),
+        "table_order_sessions": len(mixed),
         "single_item_sessions": sizes.height - len(measured),
         "unknown_targets": int((~known).sum()),
         "unread_rows": sum(reasons.values()),

@@ -276,6 +276,16 @@ def session_indices(
         check_raw_id(f"session[{number}]", entry["item_id"])
     times = [e.get("timestamp") for e in entries]
     numeric = [isinstance(t, int | float) and not isinstance(t, bool) for t in times]
+    typed = [
+        t
+        for t, known in zip(times, numeric, strict=True)
+        if t is not None and not known
+    ]
+    if typed:  # it would have read as no time at all
+        raise ConfigError(
+            "each `session` timestamp should be a number of seconds, or left out. "
+            f"Received: {typed[:3]}."
+        )
     odd = [
         t
         for t, known in zip(times, numeric, strict=True)

@@ -493,6 +493,13 @@ def test_a_time_gap_model_trains_saves_and_reads_session_times(
     assert scores[0] != scores[1]
     with pytest.raises(ConfigError, match="finite number of seconds"):
         recommender.recommend(None, 3, session=[{"item_id": 5, "timestamp": 1e300}])
+    # A timestamp that is no number read as none at all (the API refused it).
+    for stamp in ("yesterday", True, [1]):
+        with pytest.raises(ConfigError, match="number of seconds, or left out"):
+            recommender.recommend(None, 3, session=[{"item_id": 5, "timestamp": stamp}])
+    assert recommender.recommend(
+        None, 3, session=[{"item_id": 5, "timestamp": None}]
+    ).items
     # The CLI and the page send a session's times too.
     recommender.save(tmp_path / "models" / "walks" / "1")
     ids = ",".join(map(str, walk))

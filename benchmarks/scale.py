@@ -38,6 +38,7 @@ PHASES = (
     "train",
     "train-streamed",
     "baseline-rows",
+    "itemknn",
 )
 
 
@@ -118,6 +119,8 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out.update(_train_steps(args, streamed=True))
     elif name == "baseline-rows":
         out.update(_baseline_rows(args))
+    elif name == "itemknn":
+        out.update(_itemknn_fit(args))
     elif name == "polars-scan":
         # The floor: count every user and item with polars' streaming engine, no
         # split and no vocabulary.
@@ -362,6 +365,57 @@ def _baseline_rows(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _itemknn_fit(args: argparse.Namespace) -> dict[str, Any]:
+    """The item-kNN baseline's fit on a one-step streamed run's training items
+    (what `evaluate --baselines` fits): from sparse blocks (the pairs that share
+    a user; the path above ``DENSE_ITEMS`` items) and from dense ones (every
+    pair), one after the other."""
+    import twostage.baselines as baselines
+    from twostage.baselines import ItemKNN
+    from twostage.config import ExperimentConfig, apply_overrides
+    from twostage.retrieval.streamed import fit_streamed_retrieval
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "retrieval.use_side_features=false",
+            "retrieval.popularity_fallback=0",
+            "data.validation_fraction=0",
+            f"data.split={args.split}",
+            "train.max_steps=1",
+            "train.epochs=1",
+        ],
+    )
+    run = fit_streamed_retrieval(config, args.dir, evaluate_test=False)
+    seen = run.tensors.seen()
+    num_items = run.tensors.num_items
+    out: dict[str, Any] = {"items": num_items - 1}
+    kept = {}
+    for path, dense_items in (("sparse", 0), ("dense", 10**9)):
+        baselines.DENSE_ITEMS = dense_items
+        started = time.perf_counter()
+        model = ItemKNN().fit(seen, num_items=num_items)
+        out[f"{path}_fit_s"] = time.perf_counter() - started
+        assert model.similarity is not None
+        kept[path] = model.similarity
+        out[f"{path}_pairs"] = int(model.similarity.values().numel())
+    # Ties (counts of 1 over equal norms) may pick other neighbours: the share
+    # of each item's kept values that the two paths agree on, sorted per row.
+    sparse, dense = kept["sparse"].to_sparse_coo(), kept["dense"].to_sparse_coo()
+    out["same_pairs_share"] = _shared_pairs(sparse, dense)
+    return out
+
+
+def _shared_pairs(a: Any, b: Any) -> float:
+    """The share of ``b``'s (row, column) pairs that ``a`` holds too."""
+    import numpy as np
+
+    width = int(max(a.shape[1], 1))
+    keys_a = a.indices()[0].numpy() * width + a.indices()[1].numpy()
+    keys_b = b.indices()[0].numpy() * width + b.indices()[1].numpy()
+    return float(np.isin(keys_b, keys_a).mean()) if len(keys_b) else 1.0
+
+
 def _distributed(args: argparse.Namespace) -> dict[str, Any]:
     """`twostage train retrieval --nproc N` on MovieLens-100k, N = 1 and 2, the
     same global batch: seconds, examples/s, and the test figures."""
@@ -573,6 +627,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "a streamed run's training rows read again for its baselines: "
             f"{read['rows_read']:,} rows in {read['rows_seconds']:.1f} s, "
             f"{read['rows_gib']:.2f} GiB held"
+        )
+    if "itemknn" in results:
+        knn = results["itemknn"]
+        print(
+            f"item-kNN's fit over {knn['items']:,} items: "
+            f"{knn['sparse_fit_s']:.1f} s from sparse blocks, "
+            f"{knn['dense_fit_s']:.1f} s from dense ones; "
+            f"{knn['same_pairs_share']:.1%} of the dense fit's "
+            f"{knn['dense_pairs']:,} neighbour pairs kept by both"
         )
     for name in ("train", "train-streamed"):
         if name in results:

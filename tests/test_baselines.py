@@ -109,6 +109,54 @@ def test_item_knn_matches_dense_cosine_top_k():
     assert np.all(scores[30] == 0.0)
 
 
+@pytest.mark.parametrize("weighted", [True, False])
+def test_item_knn_from_sparse_blocks_equals_the_dense_fit(
+    monkeypatch, weighted
+) -> None:
+    """Large catalogues keep each item's neighbours among the items it shares a
+    user with (sparse blocks of several items) instead of scoring every pair: the
+    same similarities and top k where no two are tied, and ties go to the lower
+    item index; an item that shares no user keeps no neighbour either way."""
+    import twostage.baselines as baselines
+
+    rng = np.random.default_rng(5)
+    users, items = rng.integers(0, 300, 4000), rng.integers(1, 150, 4000)
+    train = UserItems.from_pairs(users, items, num_rows=300)
+    weights = rng.random(len(train.indices)) + 0.5 if weighted else None
+
+    def fitted(dense_items: int, block: int = 2048) -> ItemKNN:
+        monkeypatch.setattr(baselines, "DENSE_ITEMS", dense_items)
+        monkeypatch.setattr(baselines, "_SPARSE_BLOCK", block)
+        return ItemKNN(k=7).fit(train, num_items=160, weights=weights)
+
+    dense, sparse, small_blocks = fitted(10**6), fitted(0), fitted(0, block=13)
+    assert sparse.similarity is not None and dense.similarity is not None
+    got, want = sparse.similarity.to_dense(), dense.similarity.to_dense()
+    assert torch.equal(sparse.similarity.to_dense(), small_blocks.similarity.to_dense())
+    assert int((got > 0).sum(1).max()) == 7 and not got[150:].any()
+    if weighted:  # no ties: the same matrix
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(
+            sparse.score(torch.arange(300)), dense.score(torch.arange(300))
+        )
+    else:  # the same values kept by each row; of tied ones, the lowest indices
+        torch.testing.assert_close(got.sort(1).values, want.sort(1).values)
+        x = torch.zeros(300, 160)
+        x[torch.from_numpy(users), torch.from_numpy(items)] = 1.0
+        norms = x.square().sum(0).sqrt()
+        full = (x.T @ x) / (norms[:, None] * norms[None, :] + 10.0)
+        full.fill_diagonal_(0.0)
+        broken = 0
+        for row in range(1, 150):  # item 0 has no user
+            kept = got[row] > 0
+            lowest = got[row][kept].min()
+            tied = (full[row] == lowest).nonzero().flatten()
+            chosen = (kept & (full[row] == lowest)).nonzero().flatten()
+            assert chosen.tolist() == tied[: len(chosen)].tolist(), row
+            broken += len(chosen) < len(tied)
+        assert broken > 0  # the draw has ties at the boundary to break
+
+
 def test_item_knn_candidate_neighbourhoods_score_with_the_transposed_top_k():
     rng = np.random.default_rng(3)
     rows, items = rng.integers(0, 25, 150), rng.integers(1, 10, 150)

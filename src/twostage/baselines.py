@@ -51,6 +51,14 @@ __all__ = [
 # Rows of a dense [rows, num_items] block built at a time: about 2**24 floats.
 _BLOCK_ELEMENTS = 1 << 24
 
+#: Catalogues above this many items fit :class:`ItemKNN` from sparse blocks (the
+#: pairs that share a user) instead of dense ones (every pair): 17 s against
+#: about 200 s at 200,000 items (docs/scaling.md). Below it the dense path
+#: stays, which every figure in docs/benchmarks.md was measured with.
+DENSE_ITEMS = 50_000
+#: Items a sparse block of ``X^T X`` holds.
+_SPARSE_BLOCK = 2048
+
 
 class Baseline(Protocol):
     """What the evaluation and the CLI need from a baseline."""
@@ -176,13 +184,21 @@ def _history(
 
 
 def _item_blocks(
-    train: UserItems, values: torch.Tensor, num_items: int, dtype: torch.dtype
+    train: UserItems,
+    values: torch.Tensor,
+    num_items: int,
+    dtype: torch.dtype,
+    *,
+    block: int | None = None,
+    dense: bool = True,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yields ``(start, [C, num_items])`` dense row blocks of ``X^T X``.
+    """Yields ``(start, [C, num_items])`` row blocks of ``X^T X``: dense, or as
+    the sparse CSR product (``dense=False``).
 
     ``X`` is the ``[num_users, num_items]`` matrix of ``values``; each block is one
     sparse-by-sparse product, so the cost follows the co-occurring pairs, not
-    ``num_users * num_items``.
+    ``num_users * num_items``. ``block``: items a block (default: as many as
+    keep a dense block within 2^24 cells).
     """
     num_users = train.num_rows
     vals = values.to(dtype)
@@ -200,7 +216,7 @@ def _item_blocks(
         users = torch.from_numpy(train.row_ids())[order]
         item_ptr = torch.zeros(num_items + 1, dtype=torch.int64)
         item_ptr[1:] = torch.bincount(cols, minlength=num_items).cumsum(0)
-        block = max(1, _BLOCK_ELEMENTS // num_items)
+        block = block or max(1, _BLOCK_ELEMENTS // num_items)
         for start in range(0, num_items, block):
             stop = min(start + block, num_items)
             lo, hi = int(item_ptr[start]), int(item_ptr[stop])
@@ -212,7 +228,8 @@ def _item_blocks(
                 check_invariants=False,
             )
             # (C, U) @ (U, N) -> (C, N)
-            yield start, (xt_block @ x).to_dense()
+            product = xt_block @ x
+            yield start, product.to_dense() if dense else product
 
 
 class Popularity:
@@ -390,6 +407,26 @@ class ItemKNN:
         norms.index_add_(0, torch.from_numpy(train.indices), values.square())
         norms.sqrt_()
         width = min(self.k, num_items)
+        if num_items > DENSE_ITEMS:
+            rows, cols, sims = self._sparse_neighbours(train, values, norms, width)
+        else:
+            rows, cols, sims = self._dense_neighbours(train, values, norms, width)
+        index = torch.stack([torch.cat(rows), torch.cat(cols)])
+        sim = torch.sparse_coo_tensor(
+            index, torch.cat(sims), (num_items, num_items), check_invariants=False
+        )
+        with quiet_sparse():
+            self.similarity = sim.coalesce().to_sparse_csr()
+            self._similarity_t = sim.t().coalesce().to_sparse_csr()
+        self._train = (train, values)
+        return self
+
+    def _dense_neighbours(
+        self, train: UserItems, values: torch.Tensor, norms: torch.Tensor, width: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Each item's ``width`` best neighbours from dense blocks of similarities
+        (every item pair scored; ties as ``topk`` takes them)."""
+        num_items = len(norms)
         rows, cols, sims = [], [], []
         for start, block in _item_blocks(train, values, num_items, torch.float32):
             stop = start + block.shape[0]
@@ -403,15 +440,37 @@ class ItemKNN:
             rows.append(torch.arange(start, stop).unsqueeze(1).expand_as(top)[keep])
             cols.append(where[keep])
             sims.append(top[keep])
-        index = torch.stack([torch.cat(rows), torch.cat(cols)])
-        sim = torch.sparse_coo_tensor(
-            index, torch.cat(sims), (num_items, num_items), check_invariants=False
+        return rows, cols, sims
+
+    def _sparse_neighbours(
+        self, train: UserItems, values: torch.Tensor, norms: torch.Tensor, width: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Each item's ``width`` best neighbours among the items it co-occurs with,
+        from sparse blocks: the same similarities as the dense blocks, scored only
+        where two items share a user (ties: the lower item index first)."""
+        num_items = len(norms)
+        rows, cols, sims = [], [], []
+        blocks = _item_blocks(
+            train, values, num_items, torch.float32, block=_SPARSE_BLOCK, dense=False
         )
-        with quiet_sparse():
-            self.similarity = sim.coalesce().to_sparse_csr()
-            self._similarity_t = sim.t().coalesce().to_sparse_csr()
-        self._train = (train, values)
-        return self
+        for start, product in blocks:
+            row = torch.repeat_interleave(
+                torch.arange(start, start + product.shape[0]),
+                product.crow_indices().diff(),
+            )
+            col, sim = product.col_indices(), product.values()
+            sim = sim / (norms[row] * norms[col] + self.shrink).clamp_(
+                min=torch.finfo(torch.float32).tiny
+            )
+            keep = (sim > 0) & (row != col)
+            r, c, v = row[keep].numpy(), col[keep].numpy(), sim[keep].numpy()
+            order = np.lexsort((c, -v, r))  # by row, best first, then index
+            r, c, v = r[order], c[order], v[order]
+            best = np.arange(len(r)) - np.searchsorted(r, r, side="left") < width
+            rows.append(torch.from_numpy(r[best]))
+            cols.append(torch.from_numpy(c[best]))
+            sims.append(torch.from_numpy(v[best]))
+        return rows, cols, sims
 
     def neighbours(self, item_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(similarities, item_idx)`` of one item's kept neighbours, best first."""

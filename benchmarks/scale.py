@@ -332,16 +332,11 @@ def _train_steps(args: argparse.Namespace, *, streamed: bool) -> dict[str, Any]:
     }
 
 
-def _baseline_rows(args: argparse.Namespace) -> dict[str, Any]:
-    """What `twostage evaluate --baselines` adds on a streamed run: one more pass
-    that keeps every non-test row's user and item index and time
-    (:func:`~twostage.retrieval.streamed.streamed_training_rows`), timed after a
-    one-step streamed training gives it a run."""
+def _one_step_run(args: argparse.Namespace) -> Any:
+    """A streamed run of the log after one training step (IDs only): what the
+    baseline phases fit on."""
     from twostage.config import ExperimentConfig, apply_overrides
-    from twostage.retrieval.streamed import (
-        fit_streamed_retrieval,
-        streamed_training_rows,
-    )
+    from twostage.retrieval.streamed import fit_streamed_retrieval
 
     config = apply_overrides(
         ExperimentConfig(),
@@ -355,6 +350,17 @@ def _baseline_rows(args: argparse.Namespace) -> dict[str, Any]:
         ],
     )
     run = fit_streamed_retrieval(config, args.dir, evaluate_test=False)
+    return run
+
+
+def _baseline_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """What `twostage evaluate --baselines` adds on a streamed run: one more pass
+    that keeps every non-test row's user and item index and time
+    (:func:`~twostage.retrieval.streamed.streamed_training_rows`), timed after a
+    one-step streamed training gives it a run."""
+    from twostage.retrieval.streamed import streamed_training_rows
+
+    run = _one_step_run(args)
     started = time.perf_counter()
     rows = streamed_training_rows(run)
     return {
@@ -372,21 +378,8 @@ def _itemknn_fit(args: argparse.Namespace) -> dict[str, Any]:
     pair), one after the other."""
     import twostage.baselines as baselines
     from twostage.baselines import ItemKNN
-    from twostage.config import ExperimentConfig, apply_overrides
-    from twostage.retrieval.streamed import fit_streamed_retrieval
 
-    config = apply_overrides(
-        ExperimentConfig(),
-        [
-            "retrieval.use_side_features=false",
-            "retrieval.popularity_fallback=0",
-            "data.validation_fraction=0",
-            f"data.split={args.split}",
-            "train.max_steps=1",
-            "train.epochs=1",
-        ],
-    )
-    run = fit_streamed_retrieval(config, args.dir, evaluate_test=False)
+    run = _one_step_run(args)
     seen = run.tensors.seen()
     num_items = run.tensors.num_items
     out: dict[str, Any] = {"items": num_items - 1}

@@ -27,6 +27,7 @@ from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError
 from twostage.features import FeatureSpec
 from twostage.features.context import context_frame
+from twostage.models.ensemble import member_kinds
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.models.sequence import RATING_BUCKETS
 from twostage.models.session_knn import activity_ranks
@@ -636,7 +637,7 @@ def row_order_note(config: RetrievalConfig, train: Dataset) -> str | None:
     nothing reads order."""
     if train.has_time:
         return None
-    kinds = [config.query_encoder, *config.ensemble]
+    kinds = member_kinds(config)
     readers = [
         f"the {kind} history (`retrieval.query_encoder`, `retrieval.ensemble`)"
         for kind in ("transformer", "gru")

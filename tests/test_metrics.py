@@ -125,6 +125,31 @@ def test_user_items_from_pairs_sorts_and_dedupes():
     assert items.filter_items(mask).indices.tolist() == [1, 5]
 
 
+@pytest.mark.parametrize("one_key", [True, False])
+def test_user_items_from_pairs_counts_every_pair_by_either_sort(monkeypatch, one_key):
+    # The one-int64-key sort and the two-key fallback (for rows x items beyond
+    # int64) must build the same sets and counts as counting the pairs by hand.
+    import twostage.data.user_items as user_items
+
+    if not one_key:
+        monkeypatch.setattr(user_items, "_ONE_KEY_LIMIT", 0)
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 40, 2000)
+    items = rng.integers(0, 30, 2000) ** 2  # sparse, large item indices
+    sets, counts = UserItems.from_pairs_counted(rows, items, num_rows=45)
+    expected: dict[tuple[int, int], int] = {}
+    for r, i in zip(rows.tolist(), items.tolist(), strict=True):
+        expected[(r, i)] = expected.get((r, i), 0) + 1
+    pairs = sorted(expected)
+    assert sets.num_rows == 45
+    assert sets.row_ids().tolist() == [r for r, _ in pairs]
+    assert sets.indices.tolist() == [i for _, i in pairs]
+    assert counts.tolist() == [expected[p] for p in pairs]
+    assert counts.dtype == np.int64
+    empty, none = UserItems.from_pairs_counted([], [], num_rows=3)
+    assert empty.indptr.tolist() == [0, 0, 0, 0] and none.size == 0
+
+
 def test_user_items_rejects_unsorted_rows_and_bad_pairs():
     with pytest.raises(DataError, match="sorted and unique"):
         UserItems(indptr=np.array([0, 2]), indices=np.array([3, 1]))

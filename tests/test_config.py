@@ -271,6 +271,34 @@ def test_name_value_keys_take_an_object_in_files_and_settings(tmp_path: Path) ->
         ),
         (["retrieval.logq_weight=0.5"], []),
         (["data.label_threshold=3", "data.label_col=clicked"], []),
+        (["retrieval.history_pooling=attention"], []),
+        (
+            ["retrieval.history_pooling=attention", "retrieval.history_length=0"],
+            ["retrieval.history_pooling"],
+        ),
+        (
+            ["retrieval.query_encoder=gru", "retrieval.history_pooling=attention"],
+            ["retrieval.history_pooling"],
+        ),
+        (  # a pooling member reads it
+            [
+                "retrieval.query_encoder=gru",
+                "retrieval.ensemble=pooling",
+                "retrieval.ensemble_weights=1,1",
+                "retrieval.history_pooling=attention",
+            ],
+            [],
+        ),
+        (["retrieval.history_dropout=0.2"], []),
+        (["retrieval.history_dropout=0.2", "retrieval.examples=users"], []),
+        (
+            ["retrieval.history_dropout=0.2", "retrieval.history_length=0"],
+            ["retrieval.history_dropout"],
+        ),
+        (
+            ["retrieval.history_dropout=0.2", "retrieval.examples=sequences"],
+            ["retrieval.history_dropout"],
+        ),
     ],
 )
 def test_settings_nothing_reads_are_named(

@@ -255,7 +255,8 @@ class RetrievalConfig(_Checked):
     history with ``history_dropout`` of it hidden, and must put every one of the user's
     training items high; with ``in_batch`` negatives the candidates are the items of the
     batch's users, logQ corrected). ``history_dropout`` hides that share of the history
-    items from each training query, at random. ``max_positives_per_user`` > 0 draws at
+    items from each training query, at random (``interactions`` and ``users``
+    examples; ``sequences`` trains each position on every item before it). ``max_positives_per_user`` > 0 draws at
     most that many of a user's training items as the positives of each users-mode
     example (a fresh draw every time), so a user with a very long log neither fills a
     batch's memory nor outweighs everyone else in the loss (YouTube's candidate

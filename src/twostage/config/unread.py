@@ -62,6 +62,28 @@ def unread_settings(config: ExperimentConfig) -> list[str]:
             f"`retrieval.sequence_heads` = {retrieval.sequence_heads!r}: only a "
             "transformer reads it, and this model's ordered history is a GRU."
         )
+    if (retrieval.history_length == 0 or "pooling" not in kinds) and _changed(
+        retrieval, defaults, ("history_pooling",)
+    ):
+        found.append(
+            f"`retrieval.history_pooling` = {retrieval.history_pooling!r}: only a "
+            "pooled history reads it (`retrieval.query_encoder` or a "
+            "`retrieval.ensemble` member 'pooling', with `retrieval.history_length` "
+            "> 0), and this model has none."
+        )
+    if (
+        retrieval.history_length == 0 or retrieval.examples == "sequences"
+    ) and _changed(retrieval, defaults, ("history_dropout",)):
+        found.append(
+            f"`retrieval.history_dropout` = {retrieval.history_dropout!r}: it hides "
+            "history items of `retrieval.examples` = 'interactions' or 'users' "
+            "batches, and "
+            + (
+                "this model reads no history (`retrieval.history_length` = 0)."
+                if retrieval.history_length == 0
+                else "'sequences' trains each position on the items before it."
+            )
+        )
     if not retrieval.logq_correction and _changed(
         retrieval, defaults, ("logq_weight",)
     ):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,22 @@ def test_item_knn_from_sparse_blocks_equals_the_dense_fit(
         assert broken > 0  # the draw has ties at the boundary to break
 
 
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_best_first_is_the_three_key_lexsort(shuffled) -> None:
+    from twostage.baselines import _best_first
+
+    rng = np.random.default_rng(2)
+    pairs = np.unique(rng.integers(0, 50 * 400, 3000))  # distinct (row, col)
+    rows, cols = pairs // 400, pairs % 400
+    values = rng.choice(np.array([0.125, 0.2, 0.5, 3.0], dtype=np.float32), 3000)
+    values = values[: len(rows)]  # many ties within a row
+    if shuffled:  # columns out of order within rows
+        mix = rng.permutation(len(rows))
+        rows, cols, values = rows[mix], cols[mix], values[mix]
+    expected = np.lexsort((cols, -values, rows))
+    assert np.array_equal(_best_first(rows, cols, values, 400), expected)
+
+
 def test_item_knn_candidate_neighbourhoods_score_with_the_transposed_top_k():
     rng = np.random.default_rng(3)
     rows, items = rng.integers(0, 25, 150), rng.integers(1, 10, 150)
@@ -212,6 +230,42 @@ def test_transition_from_the_log_reads_every_row_in_time_order():
         Transition().fit_log(users, items[:3], times, num_users=4, num_items=5)
     with pytest.raises(DataError, match="user_idx"):
         Transition().fit_log(users, items, times, num_users=2, num_items=5)
+
+
+@pytest.mark.parametrize(
+    "times_of",
+    [
+        lambda t: t.astype(np.int64) + 1_600_000_000,  # Unix seconds
+        lambda t: t.astype(np.int64) - 7,  # negative times
+        lambda t: t.astype(np.uint32),
+        lambda t: t.astype(np.float64) / 3,  # the two-key sort
+        lambda t: t.astype(np.int64) * 2**61,  # too wide for one key
+    ],
+)
+def test_transition_counts_and_scores_equal_a_by_hand_count(times_of):
+    # Every user's rows in time order, ties in row order, whatever the times'
+    # type (one int64 key where it fits, else lexsort); each last item's row.
+    rng = np.random.default_rng(5)
+    users = rng.integers(0, 12, 300)
+    items = rng.integers(0, 9, 300)  # 0: unknown, breaks a chain
+    times = times_of(rng.integers(0, 4, 300))  # many ties
+    model = Transition().fit_log(users, items, times, num_users=13, num_items=9)
+    expected = torch.zeros(9, 9)
+    last = [0] * 13
+    for user in range(13):
+        rows = sorted(np.flatnonzero(users == user), key=lambda r: (times[r], r))
+        chain = [int(items[r]) for r in rows]
+        for a, b in itertools.pairwise(chain):
+            if a > 0 and b > 0:
+                expected[a, b] += 1
+        last[user] = chain[-1] if chain else 0
+    assert model.counts is not None and model.last_items is not None
+    assert torch.equal(model.counts.to_dense(), expected)
+    assert model.last_items.tolist() == last
+    scores = model.score(torch.arange(15))  # two users beyond the log
+    assert torch.equal(scores[:13], expected[torch.tensor(last)])
+    assert scores[:13][torch.tensor(last) == 0].abs().sum() == 0
+    assert scores[13:].abs().sum() == 0
 
 
 def test_recent_popularity_counts_the_last_days_and_breaks_ties_by_all_time():
@@ -533,6 +587,14 @@ def test_recency_ease_weighs_each_item_by_its_distance_from_the_latest():
         RecencyEASE().fit_log(users, items[:3], times, num_users=4, num_items=5)
     with pytest.raises(DataError, match="history"):
         RecencyEASE().fit_sequences(history.float(), num_items=5)
+    # A catalogue EASE refuses is refused before the rows are sorted (the
+    # mismatched rows would otherwise be named first).
+    with pytest.raises(ConfigError, match="max_items"):
+        RecencyEASE(max_items=4).fit_log(
+            users, items[:3], times, num_users=4, num_items=5
+        )
+    with pytest.raises(ConfigError, match="max_items"):
+        RecencyEASE(max_items=4).fit_sequences(history, num_items=5)
 
 
 def test_recency_ease_follows_the_latest_taste_where_ease_reads_a_set():

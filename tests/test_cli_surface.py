@@ -119,6 +119,24 @@ def test_recommend_ranks_a_candidate_list(
     assert "`--candidates` holds item IDs this model does not know: [10000]" in (
         unknown.output
     )
+    seen = small_recommender.history(3)[0]["item_id"]
+    short = runner.invoke(
+        app,
+        [
+            "recommend",
+            model,
+            "--user",
+            "3",
+            "--candidates",
+            f"{mine[0]},{seen},{mine[0]}",
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert short.exit_code == 0, short.output
+    assert (
+        f"2 of the --candidates left out of the list: {seen} (seen), "
+        f"{mine[0]} (listed twice)." in short.output
+    )
 
 
 def test_a_run_never_writes_over_other_files(

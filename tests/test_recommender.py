@@ -70,6 +70,8 @@ def test_a_candidate_list_is_ranked_as_the_catalogue_would_be(
     assert sorted(i["item_id"] for i in kept) == sorted(seen)
     cold = rec.recommend("stranger", 5, candidates=mine)  # most popular of them
     assert cold.path == "popularity" and {i["item_id"] for i in cold.items} <= set(mine)
+    assert ranked.left_out_candidates == [] and cold.left_out_candidates == []
+    assert "left_out_candidates" not in ranked.to_dict()
     with pytest.raises(UnknownIdError, match=r"`candidates` holds .*\[10000\]"):
         rec.recommend(3, 5, candidates=[mine[0], 10_000])
     for bad, message in [([], "at least one item"), ("12", "a list of item IDs")]:
@@ -77,6 +79,35 @@ def test_a_candidate_list_is_ranked_as_the_catalogue_would_be(
             rec.recommend(3, 5, candidates=bad)
     with pytest.raises(ConfigError, match=r"`candidates\[1\]` should be an integer"):
         rec.recommend(3, 5, candidates=[mine[0], 1.5])
+
+
+def test_the_candidates_an_answer_cannot_hold_are_named(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """A seen, filtered or repeated candidate left the answer with no word of it
+    (the CLI said only that the list ran short)."""
+    rec, _ = fitted
+    seen = [i["item_id"] for i in rec.history(3)][:1]
+    pool = [i["item_id"] for i in rec.recommend(3, 80).items]
+    category = rec.items[rec.item_vocab.lookup(pool[0])]["category"]
+    other = next(
+        i for i in pool if rec.items[rec.item_vocab.lookup(i)]["category"] != category
+    )
+    asked = [pool[0], *seen, pool[0], other, {"item_id": pool[0]}]
+    answer = rec.recommend(3, 10, candidates=asked, filters={"category": category})
+    assert [i["item_id"] for i in answer.items] == [pool[0]]
+    assert answer.left_out_candidates == [
+        {"position": 1, "item_id": seen[0], "reason": "seen"},
+        {"position": 2, "item_id": pool[0], "reason": "repeated"},
+        {"position": 3, "item_id": other, "reason": "filters"},
+        {"position": 4, "item_id": pool[0], "reason": "repeated"},
+    ]
+    assert answer.to_dict()["left_out_candidates"] == answer.left_out_candidates
+    # Kept as seen when asked to; a cold start has no seen items.
+    kept = rec.recommend(3, 10, candidates=seen, exclude_seen=False)
+    assert [i["item_id"] for i in kept.items] == seen and not kept.left_out_candidates
+    cold = rec.recommend("stranger", 10, candidates=seen)
+    assert [i["item_id"] for i in cold.items] == seen and not cold.left_out_candidates
 
 
 def test_paths_are_labelled(fitted: tuple[Recommender, object]) -> None:

@@ -1068,6 +1068,22 @@ def recommend_command(
             "training: left out of the list, but not read by the model, which "
             "knows nothing of them yet.[/yellow]"
         )
+    if answer.left_out_candidates:
+        why = {
+            "seen": "seen",
+            "filters": "outside --filter",
+            "repeated": "listed twice",
+        }
+        parts = [
+            f"{entry['item_id']} ({why[entry['reason']]})"
+            for entry in answer.left_out_candidates
+        ]
+        status_console.print(
+            f"{len(parts)} of the --candidates left out of the list: "
+            + escape(", ".join(parts[:10]))
+            + (f" and {len(parts) - 10} more" if len(parts) > 10 else "")
+            + "."
+        )
     catalogue = f"in its catalogue of {rec.item_vocab.size - 1:,}"
     if asked:
         listed = {c["item_id"] if isinstance(c, dict) else c for c in asked}

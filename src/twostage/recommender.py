@@ -166,11 +166,18 @@ class Recommendation:
     #: (:meth:`Recommender.add_items`): excluded as seen, but not read by the
     #: model, which knows nothing of them yet.
     unread_session_items: list[Any] = field(default_factory=list)
+    #: The request's ``candidates`` entries the answer cannot hold, each
+    #: ``{"position", "item_id", "reason"}`` (``seen``: the query's seen items
+    #: are excluded; ``filters``: the request's filters leave it out;
+    #: ``repeated``: listed before, ranked once).
+    left_out_candidates: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"user_id": self.user_id, "path": self.path, "items": self.items}
         if self.unread_session_items:
             out["unread_session_items"] = self.unread_session_items
+        if self.left_out_candidates:
+            out["left_out_candidates"] = self.left_out_candidates
         return out
 
 
@@ -186,10 +193,45 @@ def _grown(base: Index, embeddings: torch.Tensor, served: torch.Tensor) -> Index
     return base.extended(embeddings[missing], missing)
 
 
-def _noting(answer: Recommendation, unread: list[Any]) -> Recommendation:
-    """``answer`` with the session's items the model did not read listed."""
+def _noting(
+    answer: Recommendation, unread: list[Any], left_out: list[dict[str, Any]]
+) -> Recommendation:
+    """``answer`` with the session's items the model did not read listed, and the
+    candidates it cannot hold."""
     answer.unread_session_items = unread
+    answer.left_out_candidates = left_out
     return answer
+
+
+def _left_out_candidates(
+    candidates: Sequence[Any],
+    item_vocab: Any,
+    seen: np.ndarray | None,
+    passes: torch.Tensor | None,
+) -> list[dict[str, Any]]:
+    """Each entry of a request's known ``candidates`` that its answer cannot
+    hold, with its position and why: ``seen`` (excluded as the query's seen
+    items), ``filters`` (outside the request's filters) or ``repeated`` (an item
+    listed before, ranked once). New items (objects of features) are ranked."""
+    excluded = set() if seen is None else set(seen.tolist())
+    first: set[int] = set()
+    out = []
+    for position, value in enumerate(candidates):
+        raw = value[ITEM] if isinstance(value, Mapping) else value
+        idx = item_vocab.lookup(raw)
+        if idx == 0:
+            continue
+        if idx in excluded:
+            reason = "seen"
+        elif passes is not None and not bool(passes[idx]):
+            reason = "filters"
+        elif idx in first:
+            reason = "repeated"
+        else:
+            first.add(idx)
+            continue
+        out.append({"position": position, "item_id": raw, "reason": reason})
+    return out
 
 
 def _id_list(name: str, ids: Any, order: str) -> list[Any]:
@@ -699,6 +741,8 @@ class Recommender:
                 item (an ID the model never trained on), ranked by both stages
                 from those features (``new_item`` in its answer; no ``filters``
                 with new items). A known item sent as an object is the known item.
+                The entries the answer cannot hold (seen, outside the filters, or
+                listed twice) are in its ``left_out_candidates``.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
@@ -764,7 +808,11 @@ class Recommender:
         mask = self._filters.mask(filters)
         asked = candidate_items(candidates, self.item_vocab, self._item_columns)
         new = None
+        left_out: list[dict[str, Any]] = []
         if asked is not None:  # the client's own candidates: the catalogue shrinks
+            left_out = _left_out_candidates(
+                candidates or [], self.item_vocab, seen, mask
+            )
             chosen, frame = asked
             gone = torch.as_tensor(chosen, dtype=torch.long)
             gone = gone[self._removed[gone]]
@@ -801,7 +849,7 @@ class Recommender:
                 order = torch.cat([order, extra])
                 scores = torch.cat([scores, torch.zeros(len(extra))])
             answer = self._answer(user_id, path, order, scores, None, new=new)
-            return _noting(answer, unread)
+            return _noting(answer, unread, left_out)
         width = max(num_candidates, k)
         if mask is None and not exact:
             top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
@@ -830,7 +878,7 @@ class Recommender:
             )
             if explain:
                 answer = self._explained(answer, user_idx, top_idx[:k], new)
-            return _noting(answer, unread)
+            return _noting(answer, unread, left_out)
         user = torch.tensor([user_idx])
         cold = None
         if fields is not None:  # the ranker reads the same fields (and history)
@@ -863,7 +911,7 @@ class Recommender:
                 entry["predicted_rating"] = rating
         if explain:
             answer = self._explained(answer, user_idx, top_idx[order], new)
-        return _noting(answer, unread)
+        return _noting(answer, unread, left_out)
 
     def _new_items(self, frame: pl.DataFrame, name: str = "candidates") -> _NewItems:
         """New items (``item_id`` and the item feature columns; the request's

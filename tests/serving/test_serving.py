@@ -367,9 +367,24 @@ def test_a_client_candidate_list_is_ranked(
         ranked = client.post("/v1/recommend", json=body)
         assert ranked.status_code == 200, ranked.text
         assert [i["item_id"] for i in ranked.json()["items"]] == mine
+        assert "left_out_candidates" not in ranked.json()
         instance = {"instances": [{"user_id": 3, "k": 10, "candidates": mine}]}
         predicted = client.post("/v1/models/synthetic:predict", json=instance)
         assert predicted.json()["predictions"][0]["output_2"] == mine
+        assert set(predicted.json()["predictions"][0]) == {"output_1", "output_2"}
+        # A seen or repeated candidate is named with its place, not dropped unsaid.
+        seen = small_recommender.history(3)[0]["item_id"]
+        body = {"user_id": 3, "k": 10, "candidates": [mine[0], seen, mine[0]]}
+        short = client.post("/v1/recommend", json=body).json()
+        assert [i["item_id"] for i in short["items"]] == [mine[0]]
+        assert short["left_out_candidates"] == [
+            {"position": 1, "item_id": seen, "reason": "seen"},
+            {"position": 2, "item_id": mine[0], "reason": "repeated"},
+        ]
+        both = {"instances": [{"user_id": 3, "k": 10, "candidates": mine}, body]}
+        predicted = client.post("/v1/models/synthetic:predict", json=both).json()
+        outputs = [p["left_out_candidates"] for p in predicted["predictions"]]
+        assert outputs == [[], short["left_out_candidates"]]
 
 
 def test_predict_takes_the_columnar_inputs_form(models_dir: Path) -> None:

@@ -49,8 +49,11 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 SETTINGS_ENV = "TWOSTAGE_SERVE_SETTINGS"
-#: ``:predict``'s third output: a session's items added after training.
+#: ``:predict``'s outputs past the two of TF Serving's tutorials, each present
+#: only when an instance has something in it: a session's items added after
+#: training, and the candidates an answer cannot hold.
 UNREAD = "unread_session_items"
+LEFT_OUT = "left_out_candidates"
 
 
 @dataclass(frozen=True)
@@ -390,14 +393,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     ],
                     "output_2": [item["item_id"] for item in answer.items],
                     UNREAD: answer.unread_session_items,
+                    LEFT_OUT: answer.left_out_candidates,
                 }
             )
-        # A third output only when a session held items added after training,
+        # An output past the two only when some instance has something in it,
         # then for every instance (TF Serving's outputs share the batch): the
-        # tutorials' clients never send sessions and see the two they know.
+        # tutorials' clients never send sessions or candidates and see the two
+        # they know.
         names = ["output_1", "output_2"]
-        if any(p[UNREAD] for p in predictions):
-            names.append(UNREAD)
+        names += [n for n in (UNREAD, LEFT_OUT) if any(p[n] for p in predictions)]
         predictions = [{name: p[name] for name in names} for p in predictions]
         if form == "inputs":  # TF Serving answers the columnar form by output
             return JSONResponse(

@@ -320,6 +320,16 @@ class Item(BaseModel):
     )
 
 
+class LeftOutCandidate(BaseModel):
+    position: int = Field(description="The entry's index in `candidates`.")
+    item_id: RawId
+    reason: Literal["seen", "filters", "repeated"] = Field(
+        description="`seen`: the query's seen items are excluded (`exclude_seen`); "
+        "`filters`: outside the request's `filters`; `repeated`: the item is "
+        "listed earlier and ranked once."
+    )
+
+
 class RecommendResponse(BaseModel):
     model: str
     version: int
@@ -332,6 +342,11 @@ class RecommendResponse(BaseModel):
         description="The request's `session` items added to the catalogue after "
         "training: excluded from the answer as seen, but not read by the model, "
         "which knows nothing of them yet (present only when there are some).",
+    )
+    left_out_candidates: list[LeftOutCandidate] | None = Field(
+        None,
+        description="The request's `candidates` entries the answer cannot hold "
+        "(present only when there are some).",
     )
 
 

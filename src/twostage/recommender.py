@@ -193,6 +193,11 @@ def _grown(base: Index, embeddings: torch.Tensor, served: torch.Tensor) -> Index
     return base.extended(embeddings[missing], missing)
 
 
+#: Users a batch of known users' queries is encoded in (``[chunk, L, D]``
+#: history vectors: 105 MB at a history of 100 and width 64).
+QUERY_CHUNK = 4096
+
+
 def _noting(
     answer: Recommendation, unread: list[Any], left_out: list[dict[str, Any]]
 ) -> Recommendation:
@@ -423,13 +428,20 @@ class Recommender:
         return rows
 
     def _known_queries(self) -> torch.Tensor:
-        """``[U, D]`` query embeddings of every known user, computed once."""
+        """``[U, D]`` query embeddings of every known user, computed once, a
+        chunk of users at a time (the history's ``[users, L, D]`` vectors of a
+        million users at once would take tens of GB)."""
         if self._query_cache is None:
             tensors = self.run.tensors
-            features = dict(tensors.user_features)
-            features.update(tensors.history_features(slice(None)))
+            num_users = int(tensors.history.shape[0])
+            parts = []
             with torch.no_grad():
-                self._query_cache = self.run.model.encode_queries(features)
+                for start in range(0, num_users, QUERY_CHUNK):
+                    rows = slice(start, min(start + QUERY_CHUNK, num_users))
+                    features = {k: v[rows] for k, v in tensors.user_features.items()}
+                    features.update(tensors.history_features(rows))
+                    parts.append(self.run.model.encode_queries(features))
+            self._query_cache = torch.cat(parts)
         return self._query_cache
 
     # -- the catalogue ------------------------------------------------------------

@@ -439,7 +439,7 @@ def test_known_users_queries_are_encoded_a_chunk_at_a_time(
     """Every known user's query was encoded in one call: a million users'
     `[U, L, D]` history vectors asked for 25.6 GB and `recommend --all-users`
     died (10M-row log, history 100). Chunks of users give the same vectors."""
-    import twostage.recommender as recommender
+    import twostage.retrieval.run as retrieval_run
 
     rec, _ = fitted
     tensors = rec.run.tensors
@@ -447,7 +447,7 @@ def test_known_users_queries_are_encoded_a_chunk_at_a_time(
         whole = rec.run.model.encode_queries(
             {**tensors.user_features, **tensors.history_features(slice(None))}
         )
-    monkeypatch.setattr(recommender, "QUERY_CHUNK", 7)
+    monkeypatch.setattr(retrieval_run, "QUERY_CHUNK", 7)
     sizes = []
     encode = rec.run.model.encode_queries
 

@@ -52,7 +52,7 @@ from twostage.inputs import (
 )
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.ranking.rerank import rerank
-from twostage.retrieval.run import RetrievalRun
+from twostage.retrieval.run import RetrievalRun, encode_queries
 from twostage.retrieval.tensors import context_keys, session_history
 
 if typing.TYPE_CHECKING:
@@ -191,11 +191,6 @@ def _grown(base: Index, embeddings: torch.Tensor, served: torch.Tensor) -> Index
     if not len(missing):
         return base
     return base.extended(embeddings[missing], missing)
-
-
-#: Users a batch of known users' queries is encoded in (``[chunk, L, D]``
-#: history vectors: 105 MB at a history of 100 and width 64).
-QUERY_CHUNK = 4096
 
 
 def _noting(
@@ -429,19 +424,12 @@ class Recommender:
 
     def _known_queries(self) -> torch.Tensor:
         """``[U, D]`` query embeddings of every known user, computed once, a
-        chunk of users at a time (the history's ``[users, L, D]`` vectors of a
-        million users at once would take tens of GB)."""
+        chunk of users at a time (:func:`~twostage.retrieval.run.encode_queries`)."""
         if self._query_cache is None:
             tensors = self.run.tensors
-            num_users = int(tensors.history.shape[0])
-            parts = []
-            with torch.no_grad():
-                for start in range(0, num_users, QUERY_CHUNK):
-                    rows = slice(start, min(start + QUERY_CHUNK, num_users))
-                    features = {k: v[rows] for k, v in tensors.user_features.items()}
-                    features.update(tensors.history_features(rows))
-                    parts.append(self.run.model.encode_queries(features))
-            self._query_cache = torch.cat(parts)
+            features = dict(tensors.user_features)
+            features.update(tensors.history_features(slice(None)))  # views
+            self._query_cache = encode_queries(self.run.model, features)
         return self._query_cache
 
     # -- the catalogue ------------------------------------------------------------

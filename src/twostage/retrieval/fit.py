@@ -55,6 +55,7 @@ from twostage.retrieval.run import (
     RetrievalRun,
     Towers,
     build_member,
+    encode_queries,
     refuse_foreign_target,
     spec_for,
 )
@@ -464,7 +465,7 @@ class Validator:
 
     def query_embeddings(self, model: Towers) -> Tensor:
         self.features.update(self.run.tensors.history_features(self.user_idx))
-        return model.encode_queries(self.features)
+        return encode_queries(model, self.features)
 
     def __call__(self, model: RetrievalModel) -> dict[str, float]:
         k, queries = self.run.config.train.eval_k, self.queries

@@ -211,6 +211,17 @@ def test_a_run_directory_is_refused_and_an_empty_one_is_announced(
     load(models / "m").run.save(run)  # what `twostage train retrieval --out` holds
     with pytest.raises(ConfigError, match="is a training run"):
         create_app(ServeSettings(models=str(run), poll_seconds=0))
+    # A run saved where a version goes (`train retrieval --out models/m/1`) was
+    # taken for a half-copied bundle and waited for in silence.
+    nested = tmp_path / "served" / "m"
+    load(models / "m").run.save(nested / "1")
+    served = ServeSettings(models=str(nested.parent), poll_seconds=0)
+    with TestClient(create_app(served)) as client:
+        answer = client.post("/v1/recommend", json={"user_id": 3})
+        status = client.get("/v1/models/m").json()["model_version_status"]
+    assert answer.status_code == 503 and "is a training run" in answer.json()["error"]
+    assert status[0]["state"] == "FAILED"
+    assert "Recommender(load_run(" in status[0]["status"]["error_message"]
     empty = tmp_path / "empty"
     empty.mkdir()
     with (

@@ -95,8 +95,9 @@ class ModelSlot:
         for path in self.directory.iterdir():
             if not (path.is_dir() and is_version_name(path.name)):
                 continue  # temp dirs of an atomic write start with a dot
-            if not (path / MANIFEST).exists():
+            if not (path / MANIFEST).exists() and not (path / RUN_WEIGHTS).exists():
                 continue  # no manifest yet: half-copied; looked at again next time
+                # (a training run has no manifest either: refused, saying so)
             try:
                 stamp = _signature(path)
             except OSError:
@@ -119,6 +120,17 @@ def _signature(path: Path) -> tuple[int, int, int]:
         count += 1
         size += info.st_size
     return newest, count, size
+
+
+def _training_run(path: Path, instead: str = "a bundle") -> str:
+    """Why a training run's directory is not served, and what to do."""
+    return (
+        f"{str(path)!r} is a training run (the --out of `twostage train "
+        f"retrieval`), not {instead}. Serve a bundle: train one "
+        "with `twostage train --out models/<name>/1` (--no-ranking for "
+        "retrieval alone), or save this run as one in Python, "
+        f"`Recommender(load_run({str(path)!r})).save('models/<name>/1')`."
+    )
 
 
 def _warm_up(recommender: Recommender) -> None:
@@ -150,13 +162,7 @@ class ModelRegistry:
                 f"Received: {str(self.root)!r}, which is not a directory."
             )
         if (self.root / RUN_WEIGHTS).exists():
-            raise ConfigError(
-                f"{str(self.root)!r} is a training run (the --out of `twostage train "
-                "retrieval`), not a directory of bundles. Serve a bundle: train one "
-                "with `twostage train --out models/<name>/1` (--no-ranking for "
-                "retrieval alone), or save this run as one in Python, "
-                f"`Recommender(load_run({str(self.root)!r})).save('models/<name>/1')`."
-            )
+            raise ConfigError(_training_run(self.root, "a directory of bundles"))
         if (self.root / MANIFEST).exists():
             raise ConfigError(
                 f"{str(self.root)!r} is one bundle version; serve the directory above "
@@ -192,6 +198,8 @@ class ModelRegistry:
             status = VersionStatus(version, "LOADING", stamp=stamp)
             slot.versions[version] = status
             try:
+                if not (path / MANIFEST).exists():  # a bundle never holds RUN_WEIGHTS
+                    raise ConfigError(_training_run(path))
                 recommender = load(path)
                 _warm_up(recommender)
             except Exception as e:

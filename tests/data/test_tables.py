@@ -1527,10 +1527,21 @@ def test_a_space_is_sniffed_only_when_nothing_else_splits_the_lines(
     titled.write_text("user_id,item_id,title\n1,10,Toy Story\n2,11,Star Wars\n")
     read = read_interactions(titled, item_features=["title"])
     assert read.items is not None and "Toy Story" in read.items["title"].to_list()
+    mixed = tmp_path / "mixed.txt"  # separators, but none splits every line
+    mixed.write_text("a,b\nc\nd;e;f\n")
+    with pytest.raises(DataError, match=r"among \[.*' '\]\. Pass it with `separator`"):
+        read_interactions(mixed)
+    # No separator in any line: one column (it was "could not detect the
+    # separator"), so `add-items --items` takes a file of IDs alone.
     lonely = tmp_path / "one.txt"
     lonely.write_text("a\nb\n")
-    with pytest.raises(DataError, match=r"among \[.*' '\]\. Pass it with `separator`"):
+    with pytest.raises(DataError, match=r"Available columns: \['a'\]"):
         read_interactions(lonely)
+    from twostage.catalogue import read_item_rows
+
+    ids = tmp_path / "ids.csv"
+    ids.write_text("item_id\n901\n902\n")
+    assert read_item_rows(ids)["item_id"].to_list() == [901, 902]
 
 
 def test_a_feature_table_holding_the_other_id_is_refused() -> None:

@@ -371,13 +371,21 @@ def _looks_like_a_header(records: list[list[str]]) -> bool:
 def _sniff_separator(lines: list[str], opts: Options) -> str:
     """The candidate giving the most consistent field count (>= 2) per line; a
     space only when no candidate splits the lines (SNAP's and LibRec's
-    ``user item rating`` files), since text fields hold spaces."""
+    ``user item rating`` files), since text fields hold spaces; a comma where
+    no line holds any of them (one column)."""
     lines = lines[:_SNIFF_LINES]
     choice = _most_consistent(lines, SEPARATORS, opts)
     if not choice:
         choice = _most_consistent(lines, (" ",), opts)
         if choice:
             logger.info("fields separated by a space (no other separator found)")
+    if not choice and not any(
+        sep in line for line in lines for sep in (*SEPARATORS, " ")
+    ):
+        # No line holds any separator: one column (a list of IDs, such as an
+        # items file without features), which any separator reads alike.
+        logger.info("one column (no separator in any line)")
+        return ","
     if not choice:
         raise DataError(
             f"could not detect the separator among {[*SEPARATORS, ' ']}. "

@@ -56,6 +56,7 @@ from twostage.retrieval.run import RetrievalRun, encode_queries
 from twostage.retrieval.tensors import context_keys, session_history
 
 if typing.TYPE_CHECKING:
+    from twostage.features.vocab import Vocabulary
     from twostage.session_batch import SessionLists
 
 __all__ = ["Recommendation", "Recommender", "Ranker", "load"]
@@ -205,7 +206,7 @@ def _noting(
 
 def _left_out_candidates(
     candidates: Sequence[Any],
-    item_vocab: Any,
+    item_vocab: Vocabulary,
     seen: np.ndarray | None,
     passes: torch.Tensor | None,
 ) -> list[dict[str, Any]]:

@@ -95,9 +95,10 @@ class ModelSlot:
         for path in self.directory.iterdir():
             if not (path.is_dir() and is_version_name(path.name)):
                 continue  # temp dirs of an atomic write start with a dot
+            # No manifest yet: half-copied, looked at again next time; unless it
+            # is a training run (which has none either), refused saying so.
             if not (path / MANIFEST).exists() and not (path / RUN_WEIGHTS).exists():
-                continue  # no manifest yet: half-copied; looked at again next time
-                # (a training run has no manifest either: refused, saying so)
+                continue
             try:
                 stamp = _signature(path)
             except OSError:

@@ -499,26 +499,3 @@ def test_a_table_of_lists_with_the_session_knn_term_is_what_recommend_gives() ->
         keys = [i.get("rank_score", i["score"]) for a in answers for i in a.items]
         assert table["score"].to_list() == pytest.approx(keys, abs=1e-5)
         assert {a.path for a in answers} >= {"personalised", "popularity"}
-
-
-def test_a_model_of_item_ids_alone_refuses_new_items() -> None:
-    """A model whose candidate tower reads the item ID alone took new items
-    (`add-items` with a file of IDs, a `candidates` object) and gave each the
-    unknown item's vector, the same for all of them."""
-    run, _ = fit_retrieval(
-        apply_overrides(
-            ExperimentConfig(),
-            [*CONFIG, "train.epochs=1", "retrieval.use_side_features=false"],
-        )
-    )
-    rec = Recommender(run)
-    assert rec.item_feature_columns == []
-    with pytest.raises(ConfigError, match="reads no item feature beside the ID"):
-        rec.add_items(pl.DataFrame({"item_id": [901, 902]}))
-    with pytest.raises(ConfigError, match=r"`candidates` holds new items \[901\]"):
-        rec.recommend(3, 5, candidates=[7, {"item_id": 901}])
-    with pytest.raises(ConfigError, match="reads no item feature beside the ID"):
-        rec.similar_items(901, 5, item_features={})
-    with pytest.raises(UnknownIdError, match="a new item has nothing to be found by"):
-        rec.similar_items(901, 5)
-    assert len(rec.recommend(3, 5, candidates=[7, 8]).items) >= 1  # known: fine

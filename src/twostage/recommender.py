@@ -518,21 +518,7 @@ class Recommender:
         served[0] = False
         return torch.nonzero(served)[:, 0]
 
-    def _refuse_featureless(self, what: str) -> None:
-        """A model whose candidate tower reads the item ID alone embeds every
-        item it never trained on as the same vector, the unknown item's: there
-        is nothing to tell new items apart by."""
-        if not self._item_columns:
-            raise ConfigError(
-                f"{what}: this model reads no item feature beside the ID, so every "
-                "item it never trained on would be the same vector (the unknown "
-                "item's), with nothing to retrieve or rank it by. Train with item "
-                "features (`data.item_features`, `retrieval.candidate_fields`) to "
-                "take new items without retraining, or retrain with them."
-            )
-
     def _check_added(self, items: pl.DataFrame) -> pl.DataFrame:
-        self._refuse_featureless("`items` cannot be added")
         fields = self.run.spec.describe(side="candidate")
         numeric = [f.column for f in fields if f.kind in NUMBER_KINDS]
         added = check_added_items(items, self.item_vocab, self._item_columns, numeric)
@@ -932,9 +918,6 @@ class Recommender:
         """New items (``item_id`` and the item feature columns; the request's
         field ``name``), encoded as the candidate tower reads an item: its ID at
         the unknown row, its features as sent (unknown where left out)."""
-        self._refuse_featureless(
-            f"`{name}` holds new items {frame[ITEM].to_list()[:5]}"
-        )
         rows = frame.drop(ITEM).to_dicts()
         for row in rows:  # a NaN would encode as missing: the client's mistake
             check_finite_numbers(self.run.spec, name, row)
@@ -1467,16 +1450,11 @@ class Recommender:
             )
         item_idx = self.item_vocab.lookup(item_id)
         if item_idx == 0 and item_features is None:
-            hint = (
-                f" Give its `item_features` (this model reads "
-                f"{self.item_feature_columns}) to find the items like a new one."
-                if self._item_columns
-                else " (This model reads no item feature beside the ID, so a new "
-                "item has nothing to be found by.)"
-            )
             raise UnknownIdError(
                 f"`item_id` {item_id!r} is not in the catalogue of this model "
-                f"({self.item_vocab.size - 1} items).{hint}"
+                f"({self.item_vocab.size - 1} items). Give its `item_features` "
+                f"(this model reads {self.item_feature_columns}) to find the "
+                "items like a new one."
             )
         index = self.filtered_index(filters)
         if index is None:  # nothing passes the filters: an empty answer

@@ -47,7 +47,7 @@ def frames() -> tuple["pd.DataFrame", "pd.DataFrame"]:
     )
 
 
-def test_estimator_from_pandas_to_reload(frames, tmp_path: Path) -> None:
+def test_estimator_from_pandas_to_reload(frames, tmp_path: Path, caplog) -> None:
     train, test = frames
     steps: list[dict] = []
     model = twostage.TwoStageModel(
@@ -108,8 +108,11 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path) -> None:
     assert bundle.exists()
 
     # Items the model never trained on join its catalogue (no item features
-    # here: each is the unknown item's vector) and are scored, not NaN.
-    assert again.add_items(pd.DataFrame({"item_id": [9001, 9002]})) is again
+    # here: each is the unknown item's vector, which a warning says) and are
+    # scored, not NaN.
+    with caplog.at_level("WARNING", logger="twostage.recommender"):
+        assert again.add_items(pd.DataFrame({"item_id": [9001, 9002]})) is again
+    assert "each of the 2 added item(s) is the unknown item's vector" in caplog.text
     assert not np.isnan(again.predict([users[0], users[0]], [9001, 9002])).any()
     everything = again.recommend(users[0], k=200, exclude_seen=False)
     assert {9001, 9002} <= {e["item_id"] for e in everything.items}

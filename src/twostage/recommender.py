@@ -477,6 +477,14 @@ class Recommender:
                 encoders cannot read.
         """
         added = self._check_added(items)
+        if not self._item_columns:
+            logger.warning(
+                "this model reads no item feature beside the ID: each of the %d "
+                "added item(s) is the unknown item's vector, the same for all, so "
+                "nothing tells them apart in retrieval; train with item features "
+                "(`data.item_features`) to add items by what they are.",
+                added.height,
+            )
         if self.added_items is not None:
             added = merged_metadata(self.added_items, added)
         return Recommender(

@@ -2,6 +2,7 @@
 label, -q/-v, and errors that name the flag the user typed."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -500,3 +501,34 @@ def test_an_option_given_twice_that_takes_one_value_is_refused(
     train = command.commands["train"]  # type: ignore[attr-defined]
     both = ["--out", "a", "retrieval", "--out", "b"]  # the group's, then its command's
     assert repeated_options(train, both) == []
+
+
+def test_figures_within_twice_their_standard_error_are_called_level() -> None:
+    # A sessions run on random items once printed "ahead of the best baseline
+    # (+29.2%)" over NDCG@10 figures of 0.0001: a change in noise.
+    from twostage.cli_output import compare, session_standing
+
+    assert compare(0.30, 0.27, 0.01, 0.01) == ("ahead of", pytest.approx(1 / 9), "")
+    verdict, change, note = compare(0.30, 0.28, 0.01, 0.01)  # 0.02 < 2 * 0.0141
+    assert verdict == "level with" and change == pytest.approx(1 / 14)
+    assert "standard error of the difference (0.0141)" in note
+    assert compare(0.27, 0.30, 0.001, 0.001)[0] == "behind"
+    assert compare(0.30, 0.28)[0] == "ahead of"  # no errors: the 1% rule alone
+    assert compare(0.30, 0.28, math.nan, 0.01)[0] == "ahead of"
+    assert compare(0.300, 0.299, 0.1, 0.1) == ("level with", pytest.approx(1 / 299), "")
+    found = {
+        "twostage": {"ndcg": {10: 0.00013}},
+        "baselines": {"ease": {"ndcg": {10: 0.0001}}, "pop": {"ndcg": {10: 0.00002}}},
+        "standard_errors": {
+            "twostage": {"ndcg": {10: 0.00009}},
+            "popularity": {"ndcg": {10: 0.0}},  # the fallback row, not a baseline
+            "baselines": {"ease": {"ndcg": {10: 0.00007}}},
+        },
+    }
+    line = session_standing(found)
+    assert line is not None and line.startswith(
+        "The model's lists are level with the best baseline on NDCG@10, ease: "
+        "0.0001 vs 0.0001 (+30.0%), within twice the standard error"
+    ), line
+    del found["standard_errors"]  # a figure written before they were kept
+    assert "are ahead of the best baseline" in (session_standing(found) or "")

@@ -90,6 +90,10 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path, caplog) -> None
     assert result.rmse is not None and result.rmse < 4
     assert 0 <= result.factorized_top_k[100] <= 1
     assert "ndcg@10=" in repr(result)
+    # the served list's figures carry their standard errors (the ranker's list)
+    served_errors = result.ranking["standard_errors"]["two_stage"]["ndcg"]
+    assert result.standard_errors["ndcg"][10] == served_errors["10"] > 0
+    assert result.to_dict()["standard_errors"]["hit_rate"]["10"] > 0
     # num_users counted every test user, the ones the figures leave out too
     counts = result.retrieval.counts["exclude_seen"]
     assert result.num_users == counts["num_queries_with_relevant"] > 0

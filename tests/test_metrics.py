@@ -16,6 +16,8 @@ from twostage.errors import ConfigError, DataError
 from twostage.evaluate import EvalResult, evaluate_embeddings, evaluate_scores
 from twostage.metrics import (
     METRIC_NAMES,
+    RANKING_METRICS,
+    MetricAccumulator,
     compute_metrics,
     per_query_metrics,
 )
@@ -420,6 +422,34 @@ def test_queries_without_relevant_items_are_counted_not_averaged():
     assert result.metrics["include_seen"]["recall"][1] == 1.0
 
 
+def test_standard_errors_are_those_of_the_per_query_means():
+    rng = np.random.default_rng(11)
+    num_items, ks = 30, (1, 5, 10)
+    relevant = random_sets(rng, 40, num_items, 90)  # some rows without items
+    topk = torch.from_numpy(
+        np.stack([rng.permutation(num_items)[:10] for _ in range(40)])
+    )
+    whole = MetricAccumulator(ks=ks, num_items=num_items)
+    whole.update(topk, relevant)
+    parts = MetricAccumulator(ks=ks, num_items=num_items)
+    for start in range(0, 40, 7):  # batches add up to the same errors
+        stop = min(start + 7, 40)
+        parts.update(topk[start:stop], relevant.slice(start, stop))
+    per = per_query_metrics(topk, relevant, ks=ks)
+    judged = ~np.isnan(per["ndcg"][:, 0].numpy())
+    assert 2 < judged.sum() < 40
+    for errors in (whole.standard_errors(), parts.standard_errors()):
+        assert errors.keys() == set(RANKING_METRICS)
+        for name in RANKING_METRICS:
+            values = per[name].numpy()[judged]
+            want = values.std(axis=0, ddof=1) / math.sqrt(len(values))
+            assert [errors[name][k] for k in ks] == pytest.approx(want, abs=1e-12)
+    assert whole.standard_errors()["ndcg"][10] > 0
+    one = MetricAccumulator(ks=(1,), num_items=3)
+    one.update(torch.tensor([[1]]), UserItems.from_pairs([0], [1], num_rows=1))
+    assert math.isnan(one.standard_errors()["ndcg"][1])  # one query: no spread
+
+
 def test_result_round_trips_through_json():
     scores, seen, relevant, valid = make_case(seed=4)
     empty_slice = np.zeros(scores.shape[0], dtype=bool)
@@ -439,6 +469,12 @@ def test_result_round_trips_through_json():
     assert data["metrics"]["exclude_seen"]["recall"].keys() == {"2", "4"}
     assert data["slices"]["nobody"]["metrics"]["exclude_seen"]["ndcg"]["2"] is None
     assert EvalResult.from_dict(data).to_dict() == result.to_dict()
+    assert data["standard_errors"]["exclude_seen"]["ndcg"]["4"] > 0
+    assert (
+        data["slices"]["nobody"]["standard_errors"]["include_seen"]["mrr"]["2"] is None
+    )
+    del data["standard_errors"]  # a result written before they were kept
+    assert EvalResult.from_dict(data).standard_errors == {}
     rows = result.to_rows()
     assert len(rows) == 2 * 2 * len(METRIC_NAMES)  # (all, nobody) x modes x metrics
     assert rows[0].keys() == {"slice", "mode", "metric", "@2", "@4"}

@@ -443,6 +443,11 @@ def test_held_out_session_items_are_measured_as_recommend_lists_them(
         assert found["twostage"]["recall"][k] == pytest.approx(hr)
         assert found["twostage"]["ndcg"][k] == pytest.approx(ndcg)
         assert found["twostage"]["mrr"][k] == pytest.approx(mrr)
+        # one held-out item a session: a hit rate's standard error is binomial
+        n = found["sessions"]
+        assert found["standard_errors"]["twostage"]["hit_rate"][k] == pytest.approx(
+            math.sqrt(hr * (1 - hr) / (n - 1))
+        )
     # The popularity row: the fallback's list, each session's earlier items out.
     popular = _items(rated.recommend(None, 30))
     hits = []
@@ -682,6 +687,9 @@ def test_baselines_are_measured_on_the_sessions_reading_what_the_model_reads(
             )
             got = found["baselines"][name]["hit_rate"][k]
             assert got == pytest.approx(expected), (name, k)
+            error = found["standard_errors"]["baselines"][name]["hit_rate"][k]
+            n = found["sessions"]
+            assert error == pytest.approx(math.sqrt(got * (1 - got) / (n - 1)))
     # the figures differ between baselines: they do read the sessions
     assert len({f["hit_rate"][20] for f in found["baselines"].values()}) > 2
     rec.save(tmp_path / "bundle")

@@ -1911,14 +1911,16 @@ def demo(
         }
     )
     print_metrics({}, title="Test split: twostage vs baselines", models=comparison)
-    served = _served_figures(stages)
+    served, served_error = _served_figures(stages)
     console.print(
         "The list a user gets (retrieval, then the ranker's order): "
         + ", ".join(f"{name}@10 {value:.4f}" for name, value in served.items())
         + "."
     )
     for line in standing(
-        served, {k: v for k, v in comparison.items() if k != "twostage"}
+        served,
+        {k: v for k, v in comparison.items() if k != "twostage"},
+        served_error,
     ):
         console.print(f"- {line}")
     rec = stages.recommender(items=data.items)
@@ -2003,13 +2005,19 @@ def export_command(
     )
 
 
-def _served_figures(stages: Any) -> dict[str, float]:
-    """NDCG, Recall and HitRate @10 of the served list: two-stage with a ranker."""
+def _served_figures(stages: Any) -> tuple[dict[str, float], float | None]:
+    """NDCG, Recall and HitRate @10 of the served list (two-stage with a
+    ranker) and the standard error of its NDCG@10 (None: not recorded)."""
+    names = ("ndcg", "recall", "hit_rate")
     if stages.ranking_metrics is not None:
-        lists = stages.ranking_metrics["two_stage"]
-        return {m: lists[m]["10"] for m in ("ndcg", "recall", "hit_rate")}
-    figures = stages.retrieval.metrics["metrics"]["exclude_seen"]
-    return {m: figures[m]["10"] for m in ("ndcg", "recall", "hit_rate")}
+        report = stages.ranking_metrics
+        error = report.get("standard_errors", {}).get("two_stage", {})
+        lists = report["two_stage"]
+        return {m: lists[m]["10"] for m in names}, error.get("ndcg", {}).get("10")
+    metrics = stages.retrieval.metrics
+    figures = metrics["metrics"]["exclude_seen"]
+    error = metrics.get("standard_errors", {}).get("exclude_seen", {})
+    return {m: figures[m]["10"] for m in names}, error.get("ndcg", {}).get("10")
 
 
 def _show_version(value: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
@@ -155,6 +156,21 @@ def print_metrics(
                 cells.append("-" if value is None else f"{value:.4f}")
             table.add_row(name, "excl" if mode == "exclude_seen" else "incl", *cells)
     console.print(table)
+    errors = {
+        name: result.get("standard_errors", {})
+        .get("exclude_seen", {})
+        .get("ndcg", {})
+        .get("10")
+        for name, result in rows.items()
+    }
+    known = {name: e for name, e in errors.items() if e is not None and e == e}
+    if known:
+        console.print(
+            "Standard error of NDCG@10 over the test users (seen excluded): "
+            + ", ".join(f"{name} {e:.4f}" for name, e in known.items())
+            + "; two figures closer than about twice their combined error are "
+            "level."
+        )
     left = [f"{SHORT[m]}@{k}" for m, k in METRIC_COLUMNS if (m, k) not in columns]
     if left:
         console.print(
@@ -197,13 +213,45 @@ def session_standing(found: dict[str, Any]) -> str | None:
         return None
     best = max(baselines, key=lambda name: baselines[name]["ndcg"][10])
     ours, theirs = found["twostage"]["ndcg"][10], baselines[best]["ndcg"][10]
+    errors = found.get("standard_errors", {})
+    verdict, change, noise = compare(
+        ours,
+        theirs,
+        errors.get("twostage", {}).get("ndcg", {}).get(10),
+        errors.get("baselines", {}).get(best, {}).get("ndcg", {}).get(10),
+    )
+    return (
+        f"The model's lists are {verdict} the best baseline on NDCG@10, {best}: "
+        f"{ours:.4f} vs {theirs:.4f} ({change:+.1%}){noise}."
+    )
+
+
+def compare(
+    ours: float,
+    theirs: float,
+    ours_error: float | None = None,
+    theirs_error: float | None = None,
+) -> tuple[str, float, str]:
+    """``(verdict, relative change, note)`` of two figures measured on the same
+    queries: "ahead of" or "behind" where they differ by more than 1% and, when
+    both standard errors are known, by more than twice the standard error of
+    their difference (taken as ``sqrt(a ** 2 + b ** 2)``, which ignores their
+    correlation and so errs towards "level with"); else "level with". The note
+    says when the standard errors alone made them level."""
     change = (ours - theirs) / theirs if theirs else float("inf")
     verdict = (
         "ahead of" if change > 0.01 else "behind" if change < -0.01 else "level with"
     )
+    known = [e for e in (ours_error, theirs_error) if e is not None and e == e]
+    if verdict == "level with" or len(known) < 2:
+        return verdict, change, ""
+    error = math.sqrt(known[0] ** 2 + known[1] ** 2)
+    if abs(ours - theirs) > 2 * error:
+        return verdict, change, ""
     return (
-        f"The model's lists are {verdict} the best baseline on NDCG@10, {best}: "
-        f"{ours:.4f} vs {theirs:.4f} ({change:+.1%})."
+        "level with",
+        change,
+        f", within twice the standard error of the difference ({error:.4f})",
     )
 
 
@@ -280,24 +328,28 @@ BASELINE_NOTES = {
 }
 
 
-def standing(served: dict[str, float], baselines: dict[str, Any]) -> list[str]:
-    """One honest sentence per baseline: the served list's NDCG@10 against the
-    baseline's, on the same test split with seen items excluded."""
+def standing(
+    served: dict[str, float],
+    baselines: dict[str, Any],
+    served_error: float | None = None,
+) -> list[str]:
+    """One honest sentence per baseline: the served list's NDCG@10 (with its
+    standard error, when known) against the baseline's, on the same test split
+    with seen items excluded (:func:`compare`)."""
     ours = served["ndcg"]
     lines = []
     for name, result in baselines.items():
         theirs = result["metrics"]["exclude_seen"]["ndcg"]["10"]
-        change = (ours - theirs) / theirs if theirs else float("inf")
-        verdict = (
-            "ahead of"
-            if change > 0.01
-            else "behind"
-            if change < -0.01
-            else "level with"
+        error = (
+            result.get("standard_errors", {})
+            .get("exclude_seen", {})
+            .get("ndcg", {})
+            .get("10")
         )
+        verdict, change, noise = compare(ours, theirs, served_error, error)
         lines.append(
             f"Our served list is {verdict} {name} on NDCG@10: {ours:.4f} vs "
-            f"{theirs:.4f} ({change:+.1%}); {name} is "
+            f"{theirs:.4f} ({change:+.1%}{noise}); {name} is "
             f"{BASELINE_NOTES.get(name, 'a baseline')}."
         )
     return lines

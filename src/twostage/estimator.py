@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,6 +55,11 @@ class Evaluation:
         num_users: the users the served figures average over: test users with
             a test item outside their training rows (the others, and their
             count, are in ``retrieval.counts``).
+        standard_errors: ``metric -> k -> value``, the standard error of each
+            served figure over those users (``standard_errors["ndcg"][10]``):
+            two models measured on the same test users differ beyond noise when
+            their figures are further apart than about twice
+            ``sqrt(se_a ** 2 + se_b ** 2)``. Empty where not recorded.
     """
 
     recall: dict[int, float]
@@ -63,6 +68,7 @@ class Evaluation:
     retrieval: EvalResult
     ranking: dict[str, Any] | None = None
     num_users: int = 0
+    standard_errors: dict[str, dict[int, float]] = field(default_factory=dict)
 
     @property
     def factorized_top_k(self) -> dict[int, float]:
@@ -86,6 +92,10 @@ class Evaluation:
             "retrieval": self.retrieval.to_dict(),
             "ranking": self.ranking,
             "num_users": self.num_users,
+            "standard_errors": {
+                m: {str(k): v for k, v in per_k.items()}
+                for m, per_k in self.standard_errors.items()
+            },
         }
 
     def __repr__(self) -> str:
@@ -803,16 +813,17 @@ class TwoStageModel:
 
 
 def _summarise(retrieval: EvalResult, ranking: dict[str, Any] | None) -> Evaluation:
+    names = ("recall", "ndcg", "hit_rate")
     if ranking is not None and "two_stage" in ranking:
         served = {
-            m: {int(k): v for k, v in ranking["two_stage"][m].items()}
-            for m in ("recall", "ndcg", "hit_rate")
+            m: {int(k): v for k, v in ranking["two_stage"][m].items()} for m in names
         }
+        found = ranking.get("standard_errors", {}).get("two_stage", {})
+        errors = {m: {int(k): v for k, v in found[m].items()} for m in found}
     else:
-        served = {
-            m: retrieval.metrics["exclude_seen"][m]
-            for m in ("recall", "ndcg", "hit_rate")
-        }
+        served = {m: retrieval.metrics["exclude_seen"][m] for m in names}
+        found = retrieval.standard_errors.get("exclude_seen", {})
+        errors = {m: dict(found[m]) for m in names if m in found}
     return Evaluation(
         recall=served["recall"],
         ndcg=served["ndcg"],
@@ -822,6 +833,7 @@ def _summarise(retrieval: EvalResult, ranking: dict[str, Any] | None) -> Evaluat
         num_users=retrieval.counts.get("exclude_seen", {}).get(
             "num_queries_with_relevant", retrieval.num_queries
         ),
+        standard_errors=errors,
     )
 
 

@@ -58,12 +58,19 @@ class EvalResult:
             ``num_test_interactions`` (relevant pairs under that mode).
         slices: ``name -> EvalResult`` of each query slice and item slice (whose own
             ``slices`` are empty).
+        standard_errors: ``mode -> metric -> k -> value``, the standard error of
+            each recall, NDCG, hit rate and MRR figure over the queries
+            (:meth:`twostage.metrics.MetricAccumulator.standard_errors`); empty in
+            a result read from a file written before they were kept.
     """
 
     ks: tuple[int, ...]
     metrics: dict[str, dict[str, dict[int, float]]]
     counts: dict[str, dict[str, int]]
     slices: dict[str, EvalResult] = field(default_factory=dict)
+    standard_errors: dict[str, dict[str, dict[int, float]]] = field(
+        default_factory=dict
+    )
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -76,9 +83,14 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe copy: ``k`` keys become strings and NaN becomes ``None``."""
+
+        def safe(v: float) -> float | None:
+            return None if v != v else v
+
         return {
             "ks": list(self.ks),
-            "metrics": _map_values(self.metrics, str, lambda v: None if v != v else v),
+            "metrics": _map_values(self.metrics, str, safe),
+            "standard_errors": _map_values(self.standard_errors, str, safe),
             "counts": {mode: dict(c) for mode, c in self.counts.items()},
             "slices": {name: sub.to_dict() for name, sub in self.slices.items()},
         }
@@ -86,14 +98,19 @@ class EvalResult:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
         """Inverse of :meth:`to_dict`."""
+
+        def number(v: float | None) -> float:
+            return math.nan if v is None else float(v)
+
         try:
             return cls(
                 ks=tuple(int(k) for k in data["ks"]),
-                metrics=_map_values(
-                    data["metrics"], int, lambda v: math.nan if v is None else float(v)
-                ),
+                metrics=_map_values(data["metrics"], int, number),
                 counts={m: dict(c) for m, c in data["counts"].items()},
                 slices={n: cls.from_dict(s) for n, s in data["slices"].items()},
+                standard_errors=_map_values(
+                    data.get("standard_errors", {}), int, number
+                ),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(
@@ -336,6 +353,9 @@ class _Run:
                 ks=self.ks,
                 metrics={mode: acc.compute() for mode, acc in by_mode.items()},
                 counts={mode: acc.counts() for mode, acc in by_mode.items()},
+                standard_errors={
+                    mode: acc.standard_errors() for mode, acc in by_mode.items()
+                },
             )
 
         top = build(self.accs[ALL])
@@ -343,7 +363,11 @@ class _Run:
             name: build(by_mode) for name, by_mode in self.accs.items() if name != ALL
         }
         return EvalResult(
-            ks=top.ks, metrics=top.metrics, counts=top.counts, slices=subs
+            ks=top.ks,
+            metrics=top.metrics,
+            counts=top.counts,
+            slices=subs,
+            standard_errors=top.standard_errors,
         )
 
 

@@ -22,6 +22,9 @@ number of its items among the first ``k`` ranked ones):
 Recall, NDCG, hit rate and MRR are averaged per query over the queries with at least
 one relevant item; queries without any are counted, not averaged. A relevant item that
 is not a valid item (e.g. the OOV row) can never be ranked, so it counts as a miss.
+The standard errors of those means (:meth:`MetricAccumulator.standard_errors`) are the
+sample standard deviation over the same queries divided by the square root of their
+number.
 """
 
 from __future__ import annotations
@@ -188,6 +191,7 @@ class MetricAccumulator:
         self._sums = torch.zeros(
             len(RANKING_METRICS), len(self.ks), dtype=torch.float64
         )
+        self._squares = torch.zeros_like(self._sums)
         self._hits = torch.zeros(len(self.ks), dtype=torch.float64)
         # Best (0-based) rank at which each item appeared in any list; max(ks) = never.
         self._best_rank = torch.full((num_items,), self.ks[-1], dtype=torch.int64)
@@ -218,7 +222,9 @@ class MetricAccumulator:
         per = _per_query(_hits(ids, relevant), num_relevant, self.ks)
         has = num_relevant > 0
         for i, name in enumerate(RANKING_METRICS):
-            self._sums[i] += per[name][has].sum(0)
+            values = per[name][has]
+            self._sums[i] += values.sum(0)
+            self._squares[i] += values.square().sum(0)
         self._hits += per["hits"].sum(0)
         self._num_queries += int(ids.shape[0])
         self._num_with_relevant += int(has.sum())
@@ -234,6 +240,7 @@ class MetricAccumulator:
         import torch.distributed as dist
 
         dist.all_reduce(self._sums)
+        dist.all_reduce(self._squares)
         dist.all_reduce(self._hits)
         dist.all_reduce(self._best_rank, op=dist.ReduceOp.MIN)
         counts = torch.tensor(
@@ -275,6 +282,28 @@ class MetricAccumulator:
             k: ratio(int(((self._best_rank < k) & self._universe).sum()), num_universe)
             for k in self.ks
         }
+        return out
+
+    def standard_errors(self) -> dict[str, dict[int, float]]:
+        """``metric -> k -> standard error`` of recall, NDCG, hit rate and MRR:
+        how far each mean of :meth:`compute` would move on another draw of as
+        many queries (sample standard deviation over the queries with a relevant
+        item, over the square root of their number). NaN below two queries.
+
+        Two figures measured on the same queries differ beyond noise when their
+        difference exceeds about twice ``sqrt(se_a ** 2 + se_b ** 2)``; that
+        ignores their correlation, so it errs towards calling them level."""
+        n = self._num_with_relevant
+        out: dict[str, dict[int, float]] = {}
+        for i, name in enumerate(RANKING_METRICS):
+            out[name] = {}
+            for j, k in enumerate(self.ks):
+                if n < 2:
+                    out[name][k] = math.nan
+                    continue
+                mean = float(self._sums[i, j]) / n
+                spread = (float(self._squares[i, j]) - n * mean * mean) / (n - 1)
+                out[name][k] = math.sqrt(max(spread, 0.0) / n)
         return out
 
 

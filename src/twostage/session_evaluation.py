@@ -16,7 +16,7 @@ import torch
 from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.user_items import UserItems
 from twostage.inputs import session_indices
-from twostage.metrics import RANKING_METRICS, check_ks, compute_metrics
+from twostage.metrics import MetricAccumulator, check_ks
 from twostage.retrieval.tensors import TimedRows, context_keys, session_history
 from twostage.session_batch import (
     BATCH_SESSIONS,
@@ -74,7 +74,10 @@ def evaluate_sessions(
         hit rate and MRR; one held-out item each, so recall = hit rate), the
         popularity row being the model's own fallback list with each session's
         items excluded; ``baselines`` (``{name: {metric: {k: value}}}``, given
-        ``train``); ``sessions`` (measured), ``single_item_sessions`` (left
+        ``train``); ``standard_errors``, the standard error of each of those
+        figures in the same layout (``twostage``, ``popularity``, ``baselines``;
+        :meth:`~twostage.metrics.MetricAccumulator.standard_errors`);
+        ``sessions`` (measured), ``single_item_sessions`` (left
         out: nothing to predict from), ``unknown_targets`` (held-out items the
         model does not know, counted as misses), ``table_order_sessions``
         (measured sessions read, and their held-out row chosen, in the table's
@@ -124,18 +127,23 @@ def evaluate_sessions(
         np.arange(len(order)), np.where(known, wanted, 0), num_rows=len(order)
     )
     figures: dict[str, Any] = {}
-    for name, lists in (
-        ("twostage", _ranked(found.lists, position, vocab, ks[-1])),
-        ("popularity", _popular_ranked(rec, queries, order, ks[-1])),
-    ):
-        metrics = compute_metrics(lists, relevant, ks=ks, num_items=vocab.size)
-        figures[name] = {m: metrics[m] for m in RANKING_METRICS}
+    errors: dict[str, Any] = {}
+
+    def measure(lists: torch.Tensor, into: dict[str, Any], name: str) -> None:
+        acc = MetricAccumulator(ks=ks, num_items=vocab.size)
+        acc.update(lists, relevant)
+        errors_of = acc.standard_errors()
+        metrics = acc.compute()
+        into[name] = {m: metrics[m] for m in errors_of}
+        (errors if into is figures else errors["baselines"])[name] = errors_of
+
+    measure(_ranked(found.lists, position, vocab, ks[-1]), figures, "twostage")
+    measure(_popular_ranked(rec, queries, order, ks[-1]), figures, "popularity")
     if train is not None:
-        ranked = _baseline_lists(rec, queries, order, ks[-1], train)
-        figures["baselines"] = {}
-        for name, lists in ranked:
-            metrics = compute_metrics(lists, relevant, ks=ks, num_items=vocab.size)
-            figures["baselines"][name] = {m: metrics[m] for m in RANKING_METRICS}
+        figures["baselines"], errors["baselines"] = {}, {}
+        for name, lists in _baseline_lists(rec, queries, order, ks[-1], train):
+            measure(lists, figures["baselines"], name)
+    figures["standard_errors"] = errors
     reasons = {r: n for r, n in dropped.items() if n}
     reasons.update(found.unread["reason"].value_counts(sort=True).iter_rows())
     mixed = []

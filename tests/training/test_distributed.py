@@ -214,11 +214,12 @@ def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) ->
     sharded = json.loads(Path(str(out) + ".json").read_text())
     whole = alone.retrieval.metrics
     assert sharded["counts"] == whole["counts"]
-    for mode, metrics in whole["metrics"].items():
-        for name, per_k in metrics.items():
-            for k, value in per_k.items():
-                got = sharded["metrics"][mode][name][k]
-                assert got == pytest.approx(value, abs=1e-6), (mode, name, k)
+    for part in ("metrics", "standard_errors"):  # spreads merge as means do
+        for mode, metrics in whole[part].items():
+            for name, per_k in metrics.items():
+                for k, value in per_k.items():
+                    got = sharded[part][mode][name][k]
+                    assert got == pytest.approx(value, abs=1e-6), (part, mode, name, k)
 
 
 @pytest.mark.slow

@@ -181,11 +181,20 @@ def _list_metrics(
 ) -> dict[str, dict[str, float]]:
     """``{"ndcg", "hit_rate", "recall"} -> "k" -> value`` of ``[Q, K]`` ranked
     item_idx."""
+    return _list_figures(ids, relevant, num_items)[0]
+
+
+def _list_figures(
+    ids: Tensor, relevant: UserItems, num_items: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """:func:`_list_metrics` and the standard error of each figure."""
     acc = MetricAccumulator(ks=KS, num_items=num_items)
     acc.update(ids, relevant)
-    metrics = acc.compute()
     names = ("ndcg", "hit_rate", "recall")
-    return {m: {str(k): v for k, v in metrics[m].items()} for m in names}
+    return tuple(  # type: ignore[return-value]
+        {m: {str(k): v for k, v in found[m].items()} for m in names}
+        for found in (acc.compute(), acc.standard_errors())
+    )
 
 
 @dataclass
@@ -262,11 +271,13 @@ def evaluate_ranking(
         ``rmse`` and ``mae`` of the rating head on the rated test pairs (clipped to the
         training range; unknown IDs use the OOV rows); ``auc`` of the click head, each
         test pair against one uniform item that is neither a training nor a test item
-        of the user; ``retrieval_only`` and ``two_stage``: ``{"ndcg", "hit_rate"}`` ->
-        ``"k"`` -> per-user mean (users with a relevant unseen item; a user the
-        model never trained on is answered from its row of ``test.users``, as
-        serving answers one sent with its features, or as the unknown user
-        without one) for k in 1, 5, 10, 50, 100; and ``blend_weight``,
+        of the user; ``retrieval_only`` and ``two_stage``: ``{"ndcg", "hit_rate",
+        "recall"}`` -> ``"k"`` -> per-user mean (users with a relevant unseen
+        item; a user the model never trained on is answered from its row of
+        ``test.users``, as serving answers one sent with its features, or as
+        the unknown user without one) for k in 1, 5, 10, 50, 100;
+        ``standard_errors``: the standard error of each of those means,
+        ``{"retrieval_only", "two_stage"}`` -> metric -> ``"k"``; and ``blend_weight``,
         ``ease_weight``, ``num_candidates``, ``num_test_pairs``. When ``test``
         holds rows shown and not chosen (an impression log read with
         ``label_col``), ``shown_auc``: the click AUC of each user's test items
@@ -299,10 +310,14 @@ def evaluate_ranking(
         result.update(shown_auc(ranking, test))
     queries, retrieved, lists = _lists(ranking, test, (ranking.blend_weight,))
     relevant, num_items = queries.relevant, queries.num_items
-    result["retrieval_only"] = _list_metrics(retrieved, relevant, num_items)
-    result["two_stage"] = _list_metrics(
-        lists[ranking.blend_weight], relevant, num_items
-    )
+    result["standard_errors"] = {}
+    for name, ids in (
+        ("retrieval_only", retrieved),
+        ("two_stage", lists[ranking.blend_weight]),
+    ):
+        result[name], result["standard_errors"][name] = _list_figures(
+            ids, relevant, num_items
+        )
     result["blend_weight"] = ranking.blend_weight
     result["ease_weight"] = ranking.config.ease_weight
     result["num_candidates"] = ranking.config.num_candidates

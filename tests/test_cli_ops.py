@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from twostage.cli import app
+from twostage.index import KINDS
 from twostage.recommender import load
 from twostage.serving.app import SETTINGS_ENV, ServeSettings, settings_to_env
 from twostage.serving.workers import reuse_port_supported, run_workers
@@ -37,6 +38,8 @@ def test_index_build_saves_a_new_version_that_serves(models_dir: Path) -> None:
     assert [i["item_id"] for i in rebuilt.recommend(3, 10).items] == [
         i["item_id"] for i in original.recommend(3, 10).items
     ]
+    shown = runner.invoke(app, ["index", "build", "--help"], env={"COLUMNS": "200"})
+    assert all(kind in shown.output for kind in KINDS), shown.output  # ivf_sq was not
     bad = runner.invoke(app, ["index", "build", str(model), "--kind", "annoy"])
     assert bad.exit_code != 0 and "annoy" in str(bad.exception or bad.output)
     # `--set kind=ivf` built an ivf index and said "built a hnsw index"; a device

@@ -180,7 +180,7 @@ def index_build(
         Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
     ],
     kind: Annotated[
-        str, typer.Option(help="exact, hnsw, ivf or scann (optional extra).")
+        str, typer.Option(help="exact, hnsw, ivf, ivf_sq or scann (optional extra).")
     ] = "hnsw",
     set_: Annotated[
         list[str] | None,

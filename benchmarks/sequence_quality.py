@@ -32,6 +32,9 @@ in time order (``ease-recency``), on the same split and evaluation code (a test 
 new to the run gets the run's most-popular list from each baseline that reads a
 user's items, as from our models' fallback). One table per protocol and dataset.
 
+Each entry's ``standard_error`` holds the standard error over the test users of each
+list figure (the mean over seeds for our models), the table that of NDCG@10.
+
 ``--validation`` is the protocol for tuning: each protocol's test rows are set aside
 unread and the same protocol runs on what is left (under leave-one-out the
 second-last item is then the test, the third-last the validation), so settings are
@@ -103,28 +106,30 @@ TWO_STAGE = {
 }
 
 
+LISTS = ("hit_rate", "ndcg", "recall")
+
+
 def entry(metrics: dict[str, Any], seconds: float | None) -> dict[str, Any]:
     """One model's JSON entry: seen items excluded, K as strings; TFRS's
-    factorized top-K (nothing excluded) for comparison."""
+    factorized top-K (nothing excluded) for comparison; the standard error of
+    each list figure over the test users (``standard_error``)."""
     exclude = metrics["metrics"]["exclude_seen"]
     include = metrics["metrics"]["include_seen"]
+    errors = metrics["standard_errors"]["exclude_seen"]
     return {
-        "hit_rate": {k: exclude["hit_rate"][k] for k in KS},
-        "ndcg": {k: exclude["ndcg"][k] for k in KS},
-        "recall": {k: exclude["recall"][k] for k in KS},
+        **{m: {k: exclude[m][k] for k in KS} for m in LISTS},
         "factorized_top_k": {k: include["factorized_top_k"][k] for k in KS},
+        "standard_error": {m: {k: errors[m][k] for k in KS} for m in LISTS},
         "train_seconds": seconds,
     }
 
 
-def mean_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in entries[0].items():
-        if isinstance(value, dict):
-            out[key] = {k: statistics.fmean(e[key][k] for e in entries) for k in value}
-        else:
-            out[key] = statistics.fmean(e[key] for e in entries)
-    return out
+def mean_entry(entries: list[dict[str, Any]]) -> Any:
+    """The mean over seeds of each number, nested as the entries are."""
+    first = entries[0]
+    if isinstance(first, dict):
+        return {key: mean_entry([e[key] for e in entries]) for key in first}
+    return statistics.fmean(entries)
 
 
 def scenario(
@@ -164,8 +169,10 @@ def scenario(
                 assert stages.ranking_metrics is not None
                 found = entry(run.metrics, time.perf_counter() - started)
                 served = stages.ranking_metrics["two_stage"]
-                for metric in ("hit_rate", "ndcg", "recall"):
+                errors = stages.ranking_metrics["standard_errors"]["two_stage"]
+                for metric in LISTS:
                     found[metric] = {k: served[metric][k] for k in KS}
+                    found["standard_error"][metric] = {k: errors[metric][k] for k in KS}
             # The term's weight as served (picked on validation where it says -1).
             found["session_knn_weight"] = run.session_knn_weight
             runs.append(found)
@@ -187,6 +194,7 @@ def show(title: str, models: dict[str, Any]) -> None:
             name,
             e["hit_rate"]["10"],
             e["ndcg"]["10"],
+            e["standard_error"]["ndcg"]["10"],
             e["recall"]["10"],
             e["hit_rate"]["100"],
             e["factorized_top_k"]["100"],
@@ -194,8 +202,21 @@ def show(title: str, models: dict[str, Any]) -> None:
         ]
         for name, e in models.items()
     ]
-    header = ["model", "HR@10", "NDCG@10", "R@10", "HR@100", "FTopK@100", "train s"]
+    header = [
+        "model",
+        "HR@10",
+        "NDCG@10",
+        "±se",
+        "R@10",
+        "HR@100",
+        "FTopK@100",
+        "train s",
+    ]
     print_table(title, header, rows)
+    print(
+        "±se: the standard error of NDCG@10 over the test users (the mean over "
+        "seeds); two rows closer than about twice their combined error are level."
+    )
 
 
 def load(name: str, latest_small: Path) -> Dataset:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from twostage.cli import app
@@ -49,9 +50,12 @@ def test_index_build_saves_a_new_version_that_serves(models_dir: Path) -> None:
         ["index", "build", str(model), "--set", "kind=ivf", "--set", "ef_search=64"],
     )
     assert ivf.exit_code == 0, ivf.output
-    assert "index.ef_search=64: not read by the ivf index" in " ".join(
-        ivf.output.split()
-    )
+    said = " ".join(ivf.output.split())
+    assert "index.ef_search=64: not read by the ivf index" in said
+    # it says how much of exact search the new index finds on the model's users
+    rebuilt = load(model / "3")
+    assert "against exact search, 1,000 known users' queries at most: " in said
+    assert f"{rebuilt.index_recall(100, 1000):.4f}." in said
     assert "built the ivf index" in ivf.output and load(model / "3").index_kind == "ivf"
     for options, message in [
         (
@@ -86,6 +90,43 @@ def test_index_bench_prints_recall_against_exact(models_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     exact_row = next(line for line in result.output.splitlines() if "exact" in line)
     assert "1.0000" in exact_row  # the oracle agrees with itself
+    # --set measures a backend as a bundle would be built with it (there was
+    # no way to: only each backend's defaults)
+    recall = {}
+    for nprobe in (1, 8):
+        options = ["--set", "index.ivf_nlist=8", "--set", f"nprobe={nprobe}"]
+        bundle = str(models_dir / "synthetic")
+        found = runner.invoke(
+            app,
+            ["index", "bench", bundle, "--kind", "ivf", "-k", "10", "--json", *options],
+        )
+        assert found.exit_code == 0, found.output
+        said = json.loads(found.stdout)
+        assert said["settings"] == ["ivf_nlist=8", f"nprobe={nprobe}"]
+        recall[nprobe] = said["backends"]["ivf"]["recall_at_k"]
+    assert recall[1] < recall[8] == 1.0  # every list probed: exact
+    # index build measures what index bench measures, on the same users
+    from twostage.config import IndexConfig
+
+    rec = load(models_dir / "synthetic" / "1")
+    one = rec.with_index(IndexConfig(kind="ivf", ivf_nlist=8, nprobe=1))
+    assert one.index_recall(10, 1000) == pytest.approx(recall[1])
+    assert rec.index_recall(10) == 1.0  # the exact index
+    users = rec._spread_users(1000)
+    assert users[0] == 1 and users[-1] == rec.user_vocab.size - 1
+    torch.testing.assert_close(  # a few users' queries, as all users' are
+        rec._queries_of(users[:5]), rec._known_queries()[users[:5]], atol=1e-6, rtol=0
+    )
+    for options, message in [
+        (["--set", "kind=hnsw"], "named by --kind"),
+        (["--set", "nprobes=3"], "nprobes"),
+        (["--kind", "annoy"], "annoy"),
+    ]:
+        refused = runner.invoke(
+            app, ["index", "bench", str(models_dir / "synthetic"), *options]
+        )
+        assert refused.exit_code != 0
+        assert message in str(refused.exception or "") + refused.output, options
 
 
 def _serve(models_dir: Path, *options: str) -> tuple[subprocess.Popen, int]:

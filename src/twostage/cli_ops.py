@@ -212,6 +212,21 @@ def index_build(
     console.print(
         f"built the {kind} index in {seconds:.1f} s; saved {escape(str(target))}"
     )
+    if kind != "exact" and rebuilt.user_vocab.size > 1:
+        width = min(100, rec.index.size)
+        found = rebuilt.index_recall(width, 1000)
+        console.print(
+            f"Recall@{width} against exact search, 1,000 known users' queries at "
+            f"most: {found:.4f}."
+            + (
+                " Lists will miss items exact search finds: raise "
+                f"{'ef_search' if kind == 'hnsw' else 'nprobe'} "
+                f"(`twostage index bench BUNDLE --kind {kind} --set ...` measures "
+                "it first)."
+                if found < 0.95
+                else ""
+            )
+        )
 
 
 def add_items_command(
@@ -376,8 +391,22 @@ def index_bench(
         int, typer.Option("-k", "--k", help="List length for recall@k.")
     ] = 100,
     num_queries: Annotated[
-        int, typer.Option(min=1, help="Known users used as queries (at most).")
+        int,
+        typer.Option(
+            min=1,
+            help="Known users used as queries (at most; spread evenly over the "
+            "model's users, as `index build` measures its index).",
+        ),
     ] = 1000,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Index setting for every backend measured, e.g. --set nprobe=128 "
+            "(as `index build` takes them; a backend that does not read one says "
+            "so). Unset: each backend's defaults.",
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print the figures as JSON on stdout.")
     ] = False,
@@ -386,20 +415,15 @@ def index_bench(
     import torch
     from rich.table import Table
 
-    from twostage.config import IndexConfig
+    from twostage.config import IndexConfig, apply_overrides
     from twostage.index import make_index
     from twostage.index.measure import measure_search
 
-    _, rec = _open(bundle)
-    torch.set_num_threads(1)
-    num_items = rec.item_embeddings.shape[0]
-    items, ids = rec.item_embeddings[1:], torch.arange(1, num_items)
-    queries = rec._known_queries()[1:][:num_queries].contiguous()
-    width = min(k, num_items - 1)
-    truth = make_index(IndexConfig()).build(items, ids).search(queries, width)[1]
-    table = Table(title=f"{len(queries)} queries, {num_items - 1:,} items, k={width}")
-    for column in ("backend", "build s", f"recall@{width}", "p50 ms", "p99 ms", "q/s"):
-        table.add_column(column, justify="left" if column == "backend" else "right")
+    settings = [item.removeprefix("index.") for item in set_ or []]
+    if any(item.partition("=")[0].strip() == "kind" for item in settings):
+        raise typer.BadParameter(
+            "the backends are named by --kind, not by a setting.", param_hint="--set"
+        )
     names = [n.strip() for item in kinds or ["exact,hnsw,ivf"] for n in item.split(",")]
     if not all(names):
         raise typer.BadParameter(
@@ -407,10 +431,25 @@ def index_bench(
             f"{','.join(kinds or [])!r}.",
             param_hint="--kind",
         )
+    # checked before the bundle loads: an unknown kind or setting costs nothing
+    configs = {
+        kind: apply_overrides(IndexConfig(), [f"kind={kind}", *settings])
+        for kind in names
+    }
+    _, rec = _open(bundle)
+    torch.set_num_threads(1)
+    num_items = rec.item_embeddings.shape[0]
+    items, ids = rec.item_embeddings[1:], torch.arange(1, num_items)
+    queries = rec._queries_of(rec._spread_users(num_queries)).contiguous()
+    width = min(k, num_items - 1)
+    truth = make_index(IndexConfig()).build(items, ids).search(queries, width)[1]
+    table = Table(title=f"{len(queries)} queries, {num_items - 1:,} items, k={width}")
+    for column in ("backend", "build s", f"recall@{width}", "p50 ms", "p99 ms", "q/s"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
     rows: dict[str, Any] = {}
-    for kind in names:
+    for kind, config in configs.items():
         started = time.perf_counter()
-        index = make_index(IndexConfig(kind=kind)).build(items, ids)  # type: ignore[arg-type]
+        index = make_index(config).build(items, ids)  # logs settings it does not read
         built = time.perf_counter() - started
         row = measure_search(index, queries, truth)
         rows[kind] = {"build_seconds": built, **row}
@@ -423,6 +462,15 @@ def index_bench(
             f"{row['batched_qps']:,.0f}",
         )
     if json_output:
-        print_json({"k": width, "num_queries": len(queries), "backends": rows})
+        print_json(
+            {
+                "k": width,
+                "num_queries": len(queries),
+                "settings": settings,
+                "backends": rows,
+            }
+        )
         return
     console.print(table)
+    if settings:
+        console.print(f"Settings: {escape(', '.join(settings))}.")

@@ -1564,6 +1564,49 @@ class Recommender:
         other.index, other.index_kind = index, index.kind
         return other
 
+    def index_recall(self, k: int = 100, num_queries: int = 1000) -> float:
+        """How much of exact search the index finds: the mean share of each
+        query's top ``k`` by exact inner product (over the vectors the index
+        holds) that the index's top ``k`` holds, for ``num_queries`` known
+        users spread evenly over the vocabulary (all of them where there are
+        fewer). 1.0 for the exact index. ``twostage index build`` prints it.
+
+        Raises:
+            ConfigError: ``k`` or ``num_queries`` below 1, or no known user.
+        """
+        from twostage.index.measure import recall_at_k
+
+        if k < 1 or num_queries < 1:
+            raise ConfigError(
+                f"`k` and `num_queries` should be >= 1. Received: k={k!r}, "
+                f"num_queries={num_queries!r}."
+            )
+        queries = self._queries_of(self._spread_users(num_queries))
+        served = self._served_items()
+        width = min(k, len(served))
+        exact = ExactIndex().build(self.item_embeddings[served], served)
+        truth = exact.search(queries, width)[1]
+        return recall_at_k(self.index.search(queries, width)[1], truth)
+
+    def _spread_users(self, count: int) -> torch.Tensor:
+        """Up to ``count`` known users' indices spread evenly over the vocabulary
+        (all of them where there are fewer)."""
+        num_users = self.user_vocab.size - 1
+        if num_users < 1:
+            raise ConfigError("the model knows no user to measure the index with.")
+        spread = np.linspace(1, num_users, min(count, num_users)).round()
+        return torch.from_numpy(np.unique(spread).astype(np.int64))
+
+    def _queries_of(self, users: torch.Tensor) -> torch.Tensor:
+        """``[len(users), D]`` query embeddings of known users (indices > 0),
+        without encoding every user's where they are not cached."""
+        if self._query_cache is not None:
+            return self._query_cache[users]
+        tensors = self.run.tensors
+        features = {name: v[users] for name, v in tensors.user_features.items()}
+        features.update(tensors.history_features(users))
+        return encode_queries(self.run.model, features)
+
     # -- persistence -------------------------------------------------------------
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write a versioned bundle (see :mod:`twostage.artifacts`,

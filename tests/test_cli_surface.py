@@ -86,6 +86,25 @@ def test_index_commands_say_a_run_is_not_a_bundle(
         assert result.exit_code == 2 and "is a training run" in result.output
 
 
+def test_a_models_directory_holding_a_training_run_names_it(
+    small_recommender: Recommender, tmp_path: Path
+) -> None:
+    # `train retrieval --out models/big/1`, then `evaluate models/big`: it said
+    # only that no version had a manifest.
+    from twostage.errors import ArtifactError
+    from twostage.recommender import load
+
+    small_recommender.run.save(tmp_path / "big" / "1")
+    with pytest.raises(ArtifactError, match="is a training run") as raised:
+        load(tmp_path / "big")
+    assert f"{str(tmp_path / 'big' / '1')!r}" in str(raised.value)
+    for command in (["info"], ["recommend", "--user", "3"]):
+        result = runner.invoke(app, [command[0], str(tmp_path / "big"), *command[1:]])
+        assert isinstance(result.exception, ArtifactError), result.output
+        assert "pass that directory itself" in str(result.exception)
+    assert load(tmp_path / "big" / "1").recommend(3, 2).items  # as it says
+
+
 def test_recommend_ranks_a_candidate_list(
     models_dir: Path, small_recommender: Recommender
 ) -> None:

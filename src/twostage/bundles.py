@@ -104,6 +104,17 @@ def load_recommender(directory: str | Path) -> Recommender:
     try:
         bundle = resolve_bundle(path)
     except ArtifactError as e:
+        runs = sorted(
+            (int(p.name), p)
+            for p in path.iterdir()
+            if p.name.isascii() and p.name.isdigit() and (p / RUN_WEIGHTS).is_file()
+        )
+        if runs:  # `train retrieval --out models/x/1`, then `... models/x`
+            raise ArtifactError(
+                f"{e} {str(runs[-1][1])!r} is a training run (the --out of "
+                "`twostage train retrieval`, it holds "
+                f"{RUN_WEIGHTS}), not a bundle: pass that directory itself."
+            ) from e
         raise ArtifactError(
             f"{e} Or pass the --out directory of `twostage train retrieval` (it holds "
             f"{RUN_WEIGHTS})."

@@ -83,7 +83,8 @@ def test_report_without_the_data_keeps_the_saved_metrics(tmp_path: Path) -> None
     assert "cannot be loaded here" in " ".join(result.output.split())  # any width
     text = (out / "report.md").read_text()
     saved = stages.retrieval.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
-    assert f"{saved:.4f}" in text and (out / "loss.png").exists()
+    error = stages.retrieval.metrics["standard_errors"]["exclude_seen"]["ndcg"]["10"]
+    assert f"| {saved:.4f} ± {error:.4f} |" in text and (out / "loss.png").exists()
     # The ranker's figures saved with the bundle too (the section was left out).
     assert stages.ranking_metrics is not None
     assert "Ranking stage" in text

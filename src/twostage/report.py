@@ -234,19 +234,26 @@ def write_report(
         "model",
         "Recall@10",
         "Recall@100",
-        "NDCG@10",
+        "NDCG@10 (± its standard error)",
         "HitRate@10",
         "FTopK@100 (seen incl.)",
     ]
     rows = []
     for name, result in comparison.items():
         ex, inc = result["metrics"]["exclude_seen"], result["metrics"]["include_seen"]
+        error = (
+            result.get("standard_errors", {})
+            .get("exclude_seen", {})
+            .get("ndcg", {})
+            .get("10")
+        )
         rows.append(
             [
                 name,
                 f"{ex['recall']['10']:.4f}",
                 f"{ex['recall']['100']:.4f}",
-                f"{ex['ndcg']['10']:.4f}",
+                f"{ex['ndcg']['10']:.4f}"
+                + (f" ± {error:.4f}" if error is not None and error == error else ""),
                 f"{ex['hit_rate']['10']:.4f}",
                 f"{inc['factorized_top_k']['100']:.4f}",
             ]

@@ -500,6 +500,27 @@ def test_the_cli_measures_held_out_session_items(
     )
 
 
+def test_the_json_of_one_session_is_strict_json(
+    rated: Recommender, tmp_path: Path
+) -> None:
+    # One session has no spread: its standard errors are NaN, which --json wrote
+    # as `NaN`, a token strict JSON readers (jq, JSON.parse) refuse.
+    rated.save(tmp_path / "bundle")
+    path = tmp_path / "one.csv"
+    path.write_text("session_id,item_id,timestamp\n1,3,1\n1,5,2\n1,7,3\n")
+    done = CliRunner().invoke(
+        app, ["evaluate", str(tmp_path / "bundle"), "--sessions", str(path), "--json"]
+    )
+    assert done.exit_code == 0, done.output
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    said = json.loads(done.stdout, parse_constant=refuse)
+    assert said["sessions"] == 1
+    assert said["standard_errors"]["twostage"]["ndcg"]["10"] is None
+
+
 @pytest.mark.parametrize("filters", [None, {"category": "cat3"}, {"category": "none"}])
 @pytest.mark.parametrize("model", ["rated", "with_neighbours", "ranked"])
 def test_sessions_answered_in_batches_match_recommend_one_by_one(

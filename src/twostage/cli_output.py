@@ -45,12 +45,28 @@ status_console = Console(stderr=True)
 
 
 def print_json(value: Any) -> None:
-    """``--json``: the command's result as JSON on stdout, nothing else there."""
+    """``--json``: the command's result as JSON on stdout, nothing else there; a
+    figure that is not a number (NaN: a standard error of one session, say) or
+    infinite is written ``null``, as strict JSON readers need."""
     import json
     import sys
 
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+    sys.stdout.write(
+        json.dumps(_finite(value), indent=2, default=str, allow_nan=False) + "\n"
+    )
     sys.stdout.flush()
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is NaN or infinite as None, in nested
+    dicts, lists and tuples too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def items_table(

@@ -31,6 +31,8 @@ def test_info_describes_a_bundle_and_lists_a_models_directory(
     assert info["ranking"] is None and info["index"] == "exact"
     saved = rec.run.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
     assert info["test"]["ndcg@10"] == saved
+    error = rec.run.metrics["standard_errors"]["exclude_seen"]["ndcg"]["10"]
+    assert info["test"]["ndcg@10 standard error"] == error > 0
     table = runner.invoke(app, ["info", str(models_dir / "synthetic" / "1")])
     shown = " ".join(re.sub("[│┌┐└┘├┤┬┴┼─]", " ", table.output).split())
     assert "checksums verified" in shown and "none (retrieval's order)" in shown

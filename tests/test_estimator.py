@@ -94,6 +94,7 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path, caplog) -> None
     served_errors = result.ranking["standard_errors"]["two_stage"]["ndcg"]
     assert result.standard_errors["ndcg"][10] == served_errors["10"] > 0
     assert result.to_dict()["standard_errors"]["hit_rate"]["10"] > 0
+    assert f" ± {served_errors['10']:.4f}, recall@10=" in repr(result)
     # num_users counted every test user, the ones the figures leave out too
     counts = result.retrieval.counts["exclude_seen"]
     assert result.num_users == counts["num_queries_with_relevant"] > 0

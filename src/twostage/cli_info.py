@@ -244,13 +244,18 @@ def bundle_info(path: Path) -> dict[str, Any]:
 
 
 def _test_figures(metrics: dict[str, Any]) -> dict[str, float] | None:
-    """NDCG, Recall and HitRate at 10 with seen items excluded, as saved."""
+    """NDCG, Recall and HitRate at 10 with seen items excluded, as saved, and
+    NDCG@10's standard error over the test users where it was kept."""
     figures = (metrics or {}).get("metrics", {}).get("exclude_seen", {})
     found = {
         f"{name}@10": float(at["10"])
         for name, at in figures.items()
         if name in ("ndcg", "recall", "hit_rate") and "10" in at
     }
+    errors = (metrics or {}).get("standard_errors", {}).get("exclude_seen", {})
+    error = errors.get("ndcg", {}).get("10")
+    if found and error is not None:
+        found["ndcg@10 standard error"] = float(error)
     return found or None
 
 

@@ -100,8 +100,10 @@ class Evaluation:
 
     def __repr__(self) -> str:
         extra = "" if self.rmse is None else f", rmse={self.rmse:.4f}"
+        error = self.standard_errors.get("ndcg", {}).get(10)
+        spread = "" if error is None else f" ± {error:.4f}"
         return (
-            f"Evaluation(ndcg@10={self.ndcg.get(10, float('nan')):.4f}, "
+            f"Evaluation(ndcg@10={self.ndcg.get(10, float('nan')):.4f}{spread}, "
             f"recall@10={self.recall.get(10, float('nan')):.4f}, "
             f"hit_rate@10={self.hit_rate.get(10, float('nan')):.4f}{extra}, "
             f"num_users={self.num_users:,})"

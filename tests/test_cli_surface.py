@@ -530,7 +530,7 @@ def test_figures_within_twice_their_standard_error_are_called_level() -> None:
     assert compare(0.30, 0.27, 0.01, 0.01) == ("ahead of", pytest.approx(1 / 9), "")
     verdict, change, note = compare(0.30, 0.28, 0.01, 0.01)  # 0.02 < 2 * 0.0141
     assert verdict == "level with" and change == pytest.approx(1 / 14)
-    assert "standard error of the difference (0.0141)" in note
+    assert note == "; within twice the difference's standard error of 0.0141"
     assert compare(0.27, 0.30, 0.001, 0.001)[0] == "behind"
     assert compare(0.30, 0.28)[0] == "ahead of"  # no errors: the 1% rule alone
     assert compare(0.30, 0.28, math.nan, 0.01)[0] == "ahead of"
@@ -547,7 +547,7 @@ def test_figures_within_twice_their_standard_error_are_called_level() -> None:
     line = session_standing(found)
     assert line is not None and line.startswith(
         "The model's lists are level with the best baseline on NDCG@10, ease: "
-        "0.0001 vs 0.0001 (+30.0%), within twice the standard error"
+        "0.0001 vs 0.0001 (+30.0%); within twice the difference's standard error"
     ), line
     del found["standard_errors"]  # a figure written before they were kept
     assert "are ahead of the best baseline" in (session_standing(found) or "")

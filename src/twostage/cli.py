@@ -1810,6 +1810,13 @@ def evaluate_command(
     print_test_counts(results["retrieval"].get("twostage"))
     if "ranking" in results:
         print_ranking(results["ranking"], title=f"Ranking stage ({side})")
+    others = {k: v for k, v in results["retrieval"].items() if k != "twostage"}
+    if others:  # where the list a user gets stands, noise guarded
+        served, served_error = _served_list(
+            results["retrieval"]["twostage"], results.get("ranking")
+        )
+        for line in standing(served, others, served_error):
+            console.print(f"- {escape(line)}")
 
 
 def report_command(
@@ -2008,15 +2015,21 @@ def export_command(
 def _served_figures(stages: Any) -> tuple[dict[str, float], float | None]:
     """NDCG, Recall and HitRate @10 of the served list (two-stage with a
     ranker) and the standard error of its NDCG@10 (None: not recorded)."""
+    return _served_list(stages.retrieval.metrics, stages.ranking_metrics)
+
+
+def _served_list(
+    retrieval: dict[str, Any], ranking: dict[str, Any] | None
+) -> tuple[dict[str, float], float | None]:
+    """:func:`_served_figures` of retrieval's figures (an ``EvalResult`` as a
+    dict) and the ranking report, when there is a ranker."""
     names = ("ndcg", "recall", "hit_rate")
-    if stages.ranking_metrics is not None:
-        report = stages.ranking_metrics
-        error = report.get("standard_errors", {}).get("two_stage", {})
-        lists = report["two_stage"]
+    if ranking is not None and "two_stage" in ranking:
+        error = ranking.get("standard_errors", {}).get("two_stage", {})
+        lists = ranking["two_stage"]
         return {m: lists[m]["10"] for m in names}, error.get("ndcg", {}).get("10")
-    metrics = stages.retrieval.metrics
-    figures = metrics["metrics"]["exclude_seen"]
-    error = metrics.get("standard_errors", {}).get("exclude_seen", {})
+    figures = retrieval["metrics"]["exclude_seen"]
+    error = retrieval.get("standard_errors", {}).get("exclude_seen", {})
     return {m: figures[m]["10"] for m in names}, error.get("ndcg", {}).get("10")
 
 

@@ -267,7 +267,7 @@ def compare(
     return (
         "level with",
         change,
-        f", within twice the standard error of the difference ({error:.4f})",
+        f"; within twice the difference's standard error of {error:.4f}",
     )
 
 
@@ -341,6 +341,10 @@ BASELINE_NOTES = {
     "transition": "the items that followed the user's last item in other users' "
     "sequences",
     "recent-popularity": "most-popular over the training log's last 30 days",
+    "ease-recency": "EASE over the user's items weighted by recency, what the user "
+    "did last weighing most",
+    "session-knn": "session-kNN: the users whose sequences share the user's recent "
+    "items vote for what they took near the shared ones",
 }
 
 

@@ -797,6 +797,14 @@ def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:
     assert beside.exit_code == 0, beside.output
     said = " ".join(beside.output.replace("│", " ").split())
     assert all(name in said for name in ("itemknn", "session-knn", "recent-popular"))
+    # and says where the served list stands against each, noise guarded
+    ours = summary["retrieval"]["metrics"]["exclude_seen"]["ndcg"]["10"]
+    assert (
+        "Our served list is " in said
+        and f"session-knn on NDCG@10: {ours:.4f} vs" in said
+    )
+    assert said.count("- Our served list is ") == said.count(" excl ") - 1
+    assert "is a baseline." not in said  # each is said what it is
 
 
 def test_a_streamed_run_s_baselines_are_the_in_memory_run_s(

@@ -2028,9 +2028,10 @@ def _served_list(
         error = ranking.get("standard_errors", {}).get("two_stage", {})
         lists = ranking["two_stage"]
         return {m: lists[m]["10"] for m in names}, error.get("ndcg", {}).get("10")
+    from twostage.evaluate import saved_error
+
     figures = retrieval["metrics"]["exclude_seen"]
-    error = retrieval.get("standard_errors", {}).get("exclude_seen", {})
-    return {m: figures[m]["10"] for m in names}, error.get("ndcg", {}).get("10")
+    return {m: figures[m]["10"] for m in names}, saved_error(retrieval)
 
 
 def _show_version(value: bool) -> None:

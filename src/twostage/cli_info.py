@@ -252,8 +252,9 @@ def _test_figures(metrics: dict[str, Any]) -> dict[str, float] | None:
         for name, at in figures.items()
         if name in ("ndcg", "recall", "hit_rate") and "10" in at
     }
-    errors = (metrics or {}).get("standard_errors", {}).get("exclude_seen", {})
-    error = errors.get("ndcg", {}).get("10")
+    from twostage.evaluate import saved_error  # torch: only where it is needed
+
+    error = saved_error(metrics or {})
     if found and error is not None:
         found["ndcg@10 standard error"] = float(error)
     return found or None

@@ -172,14 +172,10 @@ def print_metrics(
                 cells.append("-" if value is None else f"{value:.4f}")
             table.add_row(name, "excl" if mode == "exclude_seen" else "incl", *cells)
     console.print(table)
-    errors = {
-        name: result.get("standard_errors", {})
-        .get("exclude_seen", {})
-        .get("ndcg", {})
-        .get("10")
-        for name, result in rows.items()
-    }
-    known = {name: e for name, e in errors.items() if e is not None and e == e}
+    from twostage.evaluate import saved_error  # torch: not at the CLI's start
+
+    errors = {name: saved_error(result) for name, result in rows.items()}
+    known = {name: e for name, e in errors.items() if e is not None}
     if known:
         console.print(
             "Standard error of NDCG@10 over the test users (seen excluded): "
@@ -356,17 +352,15 @@ def standing(
     """One honest sentence per baseline: the served list's NDCG@10 (with its
     standard error, when known) against the baseline's, on the same test split
     with seen items excluded (:func:`compare`)."""
+    from twostage.evaluate import saved_error
+
     ours = served["ndcg"]
     lines = []
     for name, result in baselines.items():
         theirs = result["metrics"]["exclude_seen"]["ndcg"]["10"]
-        error = (
-            result.get("standard_errors", {})
-            .get("exclude_seen", {})
-            .get("ndcg", {})
-            .get("10")
+        verdict, change, noise = compare(
+            ours, theirs, served_error, saved_error(result)
         )
-        verdict, change, noise = compare(ours, theirs, served_error, error)
         lines.append(
             f"Our served list is {verdict} {name} on NDCG@10: {ours:.4f} vs "
             f"{theirs:.4f} ({change:+.1%}{noise}); {name} is "

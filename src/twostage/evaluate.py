@@ -33,6 +33,7 @@ __all__ = [
     "EvalResult",
     "evaluate_scores",
     "evaluate_embeddings",
+    "saved_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,19 @@ class EvalResult:
                     row.update({f"@{k}": v for k, v in per_k.items()})
                     rows.append(row)
         return rows
+
+
+def saved_error(
+    result: Mapping[str, Any],
+    metric: str = "ndcg",
+    k: str = "10",
+    mode: str = "exclude_seen",
+) -> float | None:
+    """The standard error of one figure of an :meth:`EvalResult.to_dict` (a run's
+    saved metrics, a baseline's), or None where it is unknown (not kept, NaN)."""
+    errors = result.get("standard_errors") or {}
+    value = errors.get(mode, {}).get(metric, {}).get(k)
+    return None if value is None or value != value else float(value)
 
 
 def _map_values(

@@ -238,22 +238,19 @@ def write_report(
         "HitRate@10",
         "FTopK@100 (seen incl.)",
     ]
+    from twostage.evaluate import saved_error  # torch: not at import
+
     rows = []
     for name, result in comparison.items():
         ex, inc = result["metrics"]["exclude_seen"], result["metrics"]["include_seen"]
-        error = (
-            result.get("standard_errors", {})
-            .get("exclude_seen", {})
-            .get("ndcg", {})
-            .get("10")
-        )
+        error = saved_error(result)
         rows.append(
             [
                 name,
                 f"{ex['recall']['10']:.4f}",
                 f"{ex['recall']['100']:.4f}",
                 f"{ex['ndcg']['10']:.4f}"
-                + (f" ± {error:.4f}" if error is not None and error == error else ""),
+                + ("" if error is None else f" ± {error:.4f}"),
                 f"{ex['hit_rate']['10']:.4f}",
                 f"{inc['factorized_top_k']['100']:.4f}",
             ]

@@ -551,3 +551,14 @@ def test_figures_within_twice_their_standard_error_are_called_level() -> None:
     ), line
     del found["standard_errors"]  # a figure written before they were kept
     assert "are ahead of the best baseline" in (session_standing(found) or "")
+
+
+def test_the_cli_starts_without_importing_torch() -> None:
+    # `twostage --help` and a typo's error come back at once: torch (1.7 s to
+    # import here) loads only in the commands that use it. A module-level import
+    # of the evaluation code from the CLI's output helpers once pulled it in.
+    code = "import sys, twostage.cli; print('torch' in sys.modules)"
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "False", found.stdout

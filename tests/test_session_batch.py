@@ -726,6 +726,14 @@ def test_baselines_are_measured_on_the_sessions_reading_what_the_model_reads(
     shown = runner.invoke(app, [*args, "--baselines"])
     text = " ".join(shown.output.replace("│", " ").split())
     assert shown.exit_code == 0 and " fallback " in text and " session-knn " in text
+    errors = json.loads(done.stdout)["standard_errors"]
+    assert (  # each row's standard error under the table
+        "Standard error of NDCG@10 over the sessions: "
+        f"twostage {errors['twostage']['ndcg']['10']:.4f}, "
+        f"fallback {errors['popularity']['ndcg']['10']:.4f}, "
+    ) in text
+    for name, figures in errors["baselines"].items():
+        assert f"{name} {figures['ndcg']['10']:.4f}" in text, name
     best = max(said, key=lambda name: said[name]["ndcg"]["10"])
     assert f"the best baseline on NDCG@10, {best}: " in text, text
 

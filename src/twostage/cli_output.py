@@ -215,6 +215,23 @@ def print_session_figures(found: dict[str, Any], *, title: str) -> None:
             name, *(f"{figures[metric][k]:.4f}" for metric, k in SESSION_COLUMNS)
         )
     console.print(table)
+    saved = found.get("standard_errors") or {}
+    errors = {"twostage": saved.get("twostage"), "fallback": saved.get("popularity")}
+    errors.update(saved.get("baselines", {}))
+    known = {
+        name: value
+        for name, per in errors.items()
+        if per is not None
+        and (value := per.get("ndcg", {}).get(10)) is not None
+        and value == value
+    }
+    if known:
+        console.print(
+            "Standard error of NDCG@10 over the sessions: "
+            + ", ".join(f"{name} {e:.4f}" for name, e in known.items())
+            + "; two figures closer than about twice their combined error are "
+            "level."
+        )
 
 
 def session_standing(found: dict[str, Any]) -> str | None:

@@ -176,13 +176,7 @@ def print_metrics(
 
     errors = {name: saved_error(result) for name, result in rows.items()}
     known = {name: e for name, e in errors.items() if e is not None}
-    if known:
-        console.print(
-            "Standard error of NDCG@10 over the test users (seen excluded): "
-            + ", ".join(f"{name} {e:.4f}" for name, e in known.items())
-            + "; two figures closer than about twice their combined error are "
-            "level."
-        )
+    _print_errors(known, "the test users (seen excluded)")
     left = [f"{SHORT[m]}@{k}" for m, k in METRIC_COLUMNS if (m, k) not in columns]
     if left:
         console.print(
@@ -225,9 +219,15 @@ def print_session_figures(found: dict[str, Any], *, title: str) -> None:
         and (value := per.get("ndcg", {}).get(10)) is not None
         and value == value
     }
+    _print_errors(known, "the sessions")
+
+
+def _print_errors(known: dict[str, float], over: str) -> None:
+    """The line under a figures table: each row's NDCG@10 standard error over
+    ``over`` (nothing where none is known)."""
     if known:
         console.print(
-            "Standard error of NDCG@10 over the sessions: "
+            f"Standard error of NDCG@10 over {over}: "
             + ", ".join(f"{name} {e:.4f}" for name, e in known.items())
             + "; two figures closer than about twice their combined error are "
             "level."

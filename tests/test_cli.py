@@ -1,4 +1,5 @@
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -7,10 +8,14 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+from twostage import load
 from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import generate
 from twostage.errors import ArtifactError, DataError
+from twostage.metrics import paired_standard_error
+from twostage.ranking import evaluate_ranking
+from twostage.retrieval.evaluation import evaluate_baselines, rebuild_split
 
 runner = CliRunner()
 
@@ -564,6 +569,29 @@ def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
     }
     assert {"twostage", *baselines} <= set(saved["retrieval"])
     ranking = saved["ranking"]
+    # The served list against each baseline, the difference's standard error
+    # paired over the same test users.
+    standing = saved["standing"]
+    assert set(standing) == set(saved["retrieval"]) - {"twostage"}
+    served = ranking["two_stage"]["ndcg"]["10"]
+    for name, row in standing.items():
+        theirs = saved["retrieval"][name]
+        assert (row["served"], row["baseline"]) == (
+            served,
+            theirs["metrics"]["exclude_seen"]["ndcg"]["10"],
+        )
+        unpaired = math.hypot(
+            ranking["standard_errors"]["two_stage"]["ndcg"]["10"],
+            theirs["standard_errors"]["exclude_seen"]["ndcg"]["10"],
+        )
+        assert 0 < row["paired_standard_error"] < unpaired, name
+    rec = load(models / "1")
+    split = rebuild_split(rec.run, source=models / "1")
+    ease = evaluate_baselines(rec.run, split.test, names=("ease",), keep_queries=True)
+    lists = evaluate_ranking(rec.ranker, split.test, keep_queries=True)["queries"]
+    assert standing["ease"]["paired_standard_error"] == pytest.approx(
+        paired_standard_error(lists["two_stage"], ease["ease"].queries["exclude_seen"])
+    )
     assert 0 < ranking["mae"] <= ranking["rmse"] < 4  # ratings are 1..5
     assert 0.5 < ranking["auc"] <= 1
     for name in ("retrieval_only", "two_stage"):

@@ -535,6 +535,13 @@ def test_figures_within_twice_their_standard_error_are_called_level() -> None:
     assert compare(0.30, 0.28)[0] == "ahead of"  # no errors: the 1% rule alone
     assert compare(0.30, 0.28, math.nan, 0.01)[0] == "ahead of"
     assert compare(0.300, 0.299, 0.1, 0.1) == ("level with", pytest.approx(1 / 299), "")
+    # The paired error (of the per-query differences) replaces the unpaired one:
+    # figures of the same users move together, so it is smaller, and sharper.
+    assert compare(0.30, 0.28, 0.01, 0.01, 0.005)[0] == "ahead of"
+    verdict, _, note = compare(0.30, 0.28, 0.001, 0.001, 0.02)
+    assert verdict == "level with"
+    assert note == "; within twice the paired standard error of 0.0200"
+    assert compare(0.30, 0.28, 0.01, 0.01, math.nan)[0] == "level with"  # unpaired
     found = {
         "twostage": {"ndcg": {10: 0.00013}},
         "baselines": {"ease": {"ndcg": {10: 0.0001}}, "pop": {"ndcg": {10: 0.00002}}},

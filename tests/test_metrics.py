@@ -18,7 +18,9 @@ from twostage.metrics import (
     METRIC_NAMES,
     RANKING_METRICS,
     MetricAccumulator,
+    QueryFigures,
     compute_metrics,
+    paired_standard_error,
     per_query_metrics,
 )
 
@@ -448,6 +450,111 @@ def test_standard_errors_are_those_of_the_per_query_means():
     one = MetricAccumulator(ks=(1,), num_items=3)
     one.update(torch.tensor([[1]]), UserItems.from_pairs([0], [1], num_rows=1))
     assert math.isnan(one.standard_errors()["ndcg"][1])  # one query: no spread
+
+
+def test_kept_queries_give_the_standard_error_of_paired_differences():
+    rng = np.random.default_rng(12)
+    num_items, ks = 30, (1, 5, 10)
+    relevant = random_sets(rng, 40, num_items, 90)  # some rows without items
+    topk_a = np.stack([rng.permutation(num_items)[:10] for _ in range(40)])
+    topk_b = topk_a.copy()
+    topk_b[::3] = np.stack([rng.permutation(num_items)[:10] for _ in range(14)])
+    a = MetricAccumulator(ks=ks, num_items=num_items, keep_queries=True)
+    for start in range(0, 40, 7):  # rows follow the batches added before
+        stop = min(start + 7, 40)
+        a.update(torch.from_numpy(topk_a[start:stop]), relevant.slice(start, stop))
+    b = MetricAccumulator(ks=ks, num_items=num_items, keep_queries=True)
+    for start in reversed(range(0, 40, 9)):  # any order, rows given
+        stop = min(start + 9, 40)
+        rows = np.arange(start, stop)
+        b.update(
+            torch.from_numpy(topk_b[start:stop]), relevant.slice(start, stop), rows
+        )
+    per_a = per_query_metrics(torch.from_numpy(topk_a), relevant, ks=ks)
+    per_b = per_query_metrics(torch.from_numpy(topk_b), relevant, ks=ks)
+    judged = ~np.isnan(per_a["ndcg"][:, 0].numpy())
+    kept_a, kept_b = a.queries(), b.queries()
+    np.testing.assert_array_equal(kept_a.rows, np.flatnonzero(judged))
+    np.testing.assert_array_equal(kept_b.rows, kept_a.rows)
+    for name in RANKING_METRICS:
+        for j, k in enumerate(ks):
+            want = per_a[name][:, j].numpy()[judged]
+            np.testing.assert_allclose(kept_a.of(name, k), want, rtol=1e-6)
+    for name, k, j in (("ndcg", 10, 2), ("recall", 5, 1), ("hit_rate", 1, 0)):
+        diff = (per_a[name][:, j] - per_b[name][:, j]).numpy()[judged]
+        want = diff.std(ddof=1) / math.sqrt(diff.size)
+        assert paired_standard_error(kept_a, kept_b, name, k) == pytest.approx(want)
+    # Two thirds of the lists are the same: the paired error is well below the
+    # unpaired sqrt(a ** 2 + b ** 2) (about sqrt(1 / 3) of it).
+    unpaired = math.hypot(
+        a.standard_errors()["ndcg"][10], b.standard_errors()["ndcg"][10]
+    )
+    assert 0 < paired_standard_error(kept_a, kept_b) < 0.75 * unpaired
+    # Queries are matched by row: those only one side measured are left out.
+    half = QueryFigures(ks=ks, rows=kept_b.rows[::2], values=kept_b.values[::2])
+    diff = kept_a.of("ndcg", 10)[::2].astype(np.float64) - half.of("ndcg", 10)
+    want = diff.std(ddof=1) / math.sqrt(diff.size)
+    assert paired_standard_error(half, kept_a) == pytest.approx(want, rel=1e-6)
+    one = QueryFigures(ks=ks, rows=kept_b.rows[:1], values=kept_b.values[:1])
+    assert math.isnan(paired_standard_error(kept_a, one))
+    with pytest.raises(ConfigError, match="keep_queries=True"):
+        MetricAccumulator(ks=ks, num_items=num_items).queries()
+    with pytest.raises(ConfigError, match="`k` one of"):
+        kept_a.of("ndcg", 3)
+    with pytest.raises(ConfigError, match="`metric` should be one of"):
+        kept_a.of("coverage", 10)
+    with pytest.raises(DataError, match="one row per query"):
+        a.update(torch.from_numpy(topk_a[:2]), relevant.slice(0, 2), np.arange(3))
+    a.update(torch.from_numpy(topk_a[:2]), relevant.slice(0, 2), np.arange(2))
+    with pytest.raises(DataError, match="added twice"):
+        a.queries()
+
+
+def test_evaluations_keep_their_queries_rows_across_blocks():
+    scores, seen, relevant, valid = make_case(seed=5)
+    num_queries, num_items = scores.shape
+    common = dict(
+        relevant=relevant, seen=seen, ks=(2, 4), exclude_seen="both", valid_items=valid
+    )
+    by_scores = evaluate_scores(
+        score_table(scores),
+        num_items=num_items,
+        queries=np.arange(num_queries),
+        batch_size=5,
+        keep_queries=True,
+        **common,
+    )
+    query_emb = torch.eye(num_queries, dtype=torch.float64)
+    item_emb = torch.from_numpy(scores).T.contiguous()  # query i's scores, exactly
+    by_embeddings = evaluate_embeddings(
+        query_emb,
+        item_emb,
+        batch_size=4,
+        item_batch_size=6,
+        keep_queries=True,
+        **common,
+    )
+    kept = by_scores.queries["exclude_seen"]
+    assert set(by_scores.queries) == {"exclude_seen"}  # the first mode only
+    relevant_unseen = relevant.difference(seen)
+    np.testing.assert_array_equal(
+        kept.rows, np.flatnonzero(relevant_unseen.lengths() > 0)
+    )
+    again = by_embeddings.queries["exclude_seen"]
+    np.testing.assert_array_equal(again.rows, kept.rows)
+    np.testing.assert_allclose(again.values, kept.values)
+    assert kept.of("ndcg", 4).mean() == pytest.approx(
+        by_scores.metrics["exclude_seen"]["ndcg"][4], rel=1e-6
+    )
+    assert "queries" not in by_scores.to_dict()
+    plain = evaluate_scores(
+        score_table(scores),
+        num_items=num_items,
+        queries=np.arange(num_queries),
+        batch_size=5,
+        **common,
+    )
+    assert plain.queries == {} and plain == by_scores  # kept figures are no part of it
 
 
 def test_result_round_trips_through_json():

@@ -398,7 +398,7 @@ def test_a_bad_k_is_the_requests_mistake_not_the_files(
 
 def _reference(rec: Recommender, sessions: dict[Any, list[dict[str, Any]]], k: int):
     """HR@k, NDCG@k and MRR@k of `recommend` on each session's earlier items,
-    its last held out, the plain way."""
+    its last held out, the plain way, and whether each session's list held it."""
     hits, gains, ranks = [], [], []
     for entries in sessions.values():
         *query, target = entries
@@ -407,7 +407,8 @@ def _reference(rec: Recommender, sessions: dict[Any, list[dict[str, Any]]], k: i
         hits.append(rank > 0)
         gains.append(1 / math.log2(rank + 1) if rank else 0.0)
         ranks.append(1 / rank if rank else 0.0)
-    return (sum(hits) / len(hits), sum(gains) / len(gains), sum(ranks) / len(ranks))
+    means = (sum(hits) / len(hits), sum(gains) / len(gains), sum(ranks) / len(ranks))
+    return (*means, hits)
 
 
 def test_held_out_session_items_are_measured_as_recommend_lists_them(
@@ -438,7 +439,7 @@ def test_held_out_session_items_are_measured_as_recommend_lists_them(
     }
     assert [e["item_id"] for e in held[5]] == [4, 6, 2]
     for k in (5, 20):
-        hr, ndcg, mrr = _reference(rated, held, k)
+        hr, ndcg, mrr, ours = _reference(rated, held, k)
         assert found["twostage"]["hit_rate"][k] == pytest.approx(hr)
         assert found["twostage"]["recall"][k] == pytest.approx(hr)
         assert found["twostage"]["ndcg"][k] == pytest.approx(ndcg)
@@ -456,6 +457,12 @@ def test_held_out_session_items_are_measured_as_recommend_lists_them(
         seen = {e["item_id"] for e in query}
         hits.append(target["item_id"] in [i for i in popular if i not in seen][:20])
     assert found["popularity"]["hit_rate"][20] == pytest.approx(sum(hits) / len(hits))
+    # The model against its fallback, paired over the same sessions: the spread
+    # of the per-session differences.
+    differences = np.array(ours, float) - np.array(hits, float)
+    assert found["paired_standard_errors"]["popularity"]["hit_rate"][
+        20
+    ] == pytest.approx(differences.std(ddof=1) / math.sqrt(len(differences)))
 
 
 def test_the_cli_measures_held_out_session_items(

@@ -90,7 +90,8 @@ from twostage.cli_output import (
     print_session_knn,
     print_test_counts,
     session_standing,
-    standing,
+    standing_lines,
+    standing_rows,
     status_console,
     training_progress,
 )
@@ -1731,7 +1732,7 @@ def evaluate_command(
     reads its log's test side again, a row group at a time, and its baselines
     read the training rows the same way. With --sessions: next-item figures on
     new sessions, each one's last item held out."""
-    from twostage.retrieval.evaluation import evaluate_on, rebuild_split
+    from twostage.retrieval.evaluation import evaluate_models, rebuild_split
     from twostage.retrieval.streamed import streamed_test_side, streamed_training_rows
 
     if sessions_file is not None and test_file is not None:
@@ -1774,26 +1775,35 @@ def evaluate_command(
 
         test = read_test_log(rec.run, test_file)
         train = training_rows() if baselines else None
-        results["retrieval"] = evaluate_on(
-            rec.run, test, baselines=baselines, train=train
-        )
     elif streamed:  # trained from a stream: the stream's split, read again
         test = streamed_test_side(rec.run)
         train = training_rows() if baselines else None
-        results["retrieval"] = evaluate_on(
-            rec.run, test, baselines=baselines, train=train
-        )
     else:
         split = rebuild_split(rec.run, source=path)
-        test = split.test
-        results["retrieval"] = evaluate_on(
-            rec.run, test, baselines=baselines, train=split.train
-        )
+        test, train = split.test, split.train
+    # With baselines, each query's figures are kept, to compare the served list
+    # with each baseline's on the same users (a paired standard error).
+    found = evaluate_models(
+        rec.run, test, baselines=baselines, train=train, keep_queries=baselines
+    )
+    results["retrieval"] = {name: r.to_dict() for name, r in found.items()}
+    kept: dict[str, Any] = {}
     if rec.ranker is not None:
         from twostage.ranking import evaluate_ranking
 
         with status_console.status("evaluating the ranking stage"):
-            results["ranking"] = evaluate_ranking(rec.ranker, test)
+            results["ranking"] = evaluate_ranking(
+                rec.ranker, test, keep_queries=baselines
+            )
+        kept = results["ranking"].pop("queries", {})
+    others = {k: v for k, v in results["retrieval"].items() if k != "twostage"}
+    rows: dict[str, dict[str, Any]] = {}
+    if others:  # where the list a user gets stands, noise guarded
+        rows = _standing_of(found, results.get("ranking"), kept)
+        results["standing"] = {
+            name: {k: v for k, v in row.items() if k != "note"}
+            for name, row in rows.items()
+        }
     if json_output:
         print_json(results)
         return
@@ -1810,13 +1820,34 @@ def evaluate_command(
     print_test_counts(results["retrieval"].get("twostage"))
     if "ranking" in results:
         print_ranking(results["ranking"], title=f"Ranking stage ({side})")
-    others = {k: v for k, v in results["retrieval"].items() if k != "twostage"}
-    if others:  # where the list a user gets stands, noise guarded
-        served, served_error = _served_list(
-            results["retrieval"]["twostage"], results.get("ranking")
-        )
-        for line in standing(served, others, served_error):
-            console.print(f"- {escape(line)}")
+    for line in standing_lines(rows):
+        console.print(f"- {escape(line)}")
+
+
+def _standing_of(
+    found: dict[str, Any], ranking: dict[str, Any] | None, kept: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """:func:`standing_rows` of the served list against each baseline of
+    ``found`` (``EvalResult`` by name, ``"twostage"`` the retrieval run's), each
+    difference's standard error paired over the same users where both kept their
+    queries' figures (``kept``: the ranking report's)."""
+    from twostage.metrics import paired_standard_error
+
+    retrieval = found["twostage"]
+    served, served_error = _served_list(retrieval.to_dict(), ranking)
+    if ranking is not None:
+        ours = kept.get("two_stage")
+    else:
+        ours = retrieval.queries.get("exclude_seen")
+    others = {k: v for k, v in found.items() if k != "twostage"}
+    paired = {
+        name: paired_standard_error(ours, theirs)
+        for name, result in others.items()
+        if ours is not None and (theirs := result.queries.get("exclude_seen"))
+    }
+    return standing_rows(
+        served, {k: v.to_dict() for k, v in others.items()}, served_error, paired
+    )
 
 
 def report_command(
@@ -1874,6 +1905,8 @@ def demo(
     from twostage.config import ExperimentConfig, apply_overrides
     from twostage.data.describe import describe
     from twostage.data.movielens import load_movielens
+    from twostage.evaluate import EvalResult
+    from twostage.ranking import evaluate_ranking
     from twostage.report import run_facts, score_samples, write_report
     from twostage.retrieval.evaluation import evaluate_baselines
 
@@ -1910,25 +1943,26 @@ def demo(
         f"{run.train_result.seconds:.1f} s (best epoch {run.train_result.best_epoch + 1})."
     )
     console.rule("Evaluation against the baselines")
+    # Each test user's figures are kept, to pair the served list's with each
+    # baseline's (the retrieval run's are, when it is the served list).
+    found = evaluate_baselines(run, split.test, train=split.train, keep_queries=True)
     comparison = {"twostage": run.metrics}
-    comparison.update(
-        {
-            k: v.to_dict()
-            for k, v in evaluate_baselines(run, split.test, train=split.train).items()
-        }
-    )
+    comparison.update({k: v.to_dict() for k, v in found.items()})
     print_metrics({}, title="Test split: twostage vs baselines", models=comparison)
-    served, served_error = _served_figures(stages)
+    lists, kept = None, {}
+    if stages.ranker is not None:
+        lists = evaluate_ranking(stages.ranker, split.test, keep_queries=True)
+        kept = lists.pop("queries")
+        ours = EvalResult.from_dict(run.metrics)
+    else:
+        ours = run.evaluate(split.test, keep_queries=True)
+    served, _ = _served_list(run.metrics, lists)
     console.print(
         "The list a user gets (retrieval, then the ranker's order): "
         + ", ".join(f"{name}@10 {value:.4f}" for name, value in served.items())
         + "."
     )
-    for line in standing(
-        served,
-        {k: v for k, v in comparison.items() if k != "twostage"},
-        served_error,
-    ):
+    for line in standing_lines(_standing_of({"twostage": ours, **found}, lists, kept)):
         console.print(f"- {line}")
     rec = stages.recommender(items=data.items)
     bundle = rec.save(next_version(out / "models" / "movielens"))
@@ -2012,17 +2046,12 @@ def export_command(
     )
 
 
-def _served_figures(stages: Any) -> tuple[dict[str, float], float | None]:
-    """NDCG, Recall and HitRate @10 of the served list (two-stage with a
-    ranker) and the standard error of its NDCG@10 (None: not recorded)."""
-    return _served_list(stages.retrieval.metrics, stages.ranking_metrics)
-
-
 def _served_list(
     retrieval: dict[str, Any], ranking: dict[str, Any] | None
 ) -> tuple[dict[str, float], float | None]:
-    """:func:`_served_figures` of retrieval's figures (an ``EvalResult`` as a
-    dict) and the ranking report, when there is a ranker."""
+    """NDCG, Recall and HitRate @10 of the served list (the ranking report's
+    two-stage list with a ranker, else retrieval's figures, an ``EvalResult``
+    as a dict) and the standard error of its NDCG@10 (None: not recorded)."""
     names = ("ndcg", "recall", "hit_rate")
     if ranking is not None and "two_stage" in ranking:
         error = ranking.get("standard_errors", {}).get("two_stage", {})

@@ -21,7 +21,8 @@ __all__ = [
     "print_fallback",
     "print_session_knn",
     "print_metrics",
-    "standing",
+    "standing_lines",
+    "standing_rows",
     "print_ranking",
     "print_session_figures",
     "training_progress",
@@ -243,11 +244,13 @@ def session_standing(found: dict[str, Any]) -> str | None:
     best = max(baselines, key=lambda name: baselines[name]["ndcg"][10])
     ours, theirs = found["twostage"]["ndcg"][10], baselines[best]["ndcg"][10]
     errors = found.get("standard_errors", {})
+    paired = found.get("paired_standard_errors", {}).get("baselines", {})
     verdict, change, noise = compare(
         ours,
         theirs,
         errors.get("twostage", {}).get("ndcg", {}).get(10),
         errors.get("baselines", {}).get(best, {}).get("ndcg", {}).get(10),
+        paired.get(best, {}).get("ndcg", {}).get(10),
     )
     return (
         f"The model's lists are {verdict} the best baseline on NDCG@10, {best}: "
@@ -260,28 +263,33 @@ def compare(
     theirs: float,
     ours_error: float | None = None,
     theirs_error: float | None = None,
+    paired_error: float | None = None,
 ) -> tuple[str, float, str]:
     """``(verdict, relative change, note)`` of two figures measured on the same
-    queries: "ahead of" or "behind" where they differ by more than 1% and, when
-    both standard errors are known, by more than twice the standard error of
-    their difference (taken as ``sqrt(a ** 2 + b ** 2)``, which ignores their
-    correlation and so errs towards "level with"); else "level with". The note
-    says when the standard errors alone made them level."""
+    queries: "ahead of" or "behind" where they differ by more than 1% and by
+    more than twice the standard error of their difference; else "level with".
+    That error is ``paired_error`` when known (the spread of the per-query
+    differences: :func:`twostage.metrics.paired_standard_error`), else, when
+    both standard errors are known, ``sqrt(a ** 2 + b ** 2)``, which ignores
+    that the same queries make both figures and so errs towards "level with".
+    The note says when the noise alone made them level."""
     change = (ours - theirs) / theirs if theirs else float("inf")
     verdict = (
         "ahead of" if change > 0.01 else "behind" if change < -0.01 else "level with"
     )
-    known = [e for e in (ours_error, theirs_error) if e is not None and e == e]
-    if verdict == "level with" or len(known) < 2:
+    if verdict == "level with":
         return verdict, change, ""
-    error = math.sqrt(known[0] ** 2 + known[1] ** 2)
+    if paired_error is not None and paired_error == paired_error:
+        error, name = paired_error, "paired standard error"
+    else:
+        known = [e for e in (ours_error, theirs_error) if e is not None and e == e]
+        if len(known) < 2:
+            return verdict, change, ""
+        error = math.sqrt(known[0] ** 2 + known[1] ** 2)
+        name = "difference's standard error"
     if abs(ours - theirs) > 2 * error:
         return verdict, change, ""
-    return (
-        "level with",
-        change,
-        f"; within twice the difference's standard error of {error:.4f}",
-    )
+    return "level with", change, f"; within twice the {name} of {error:.4f}"
 
 
 def impressions_line(report: dict[str, Any]) -> str:
@@ -361,29 +369,49 @@ BASELINE_NOTES = {
 }
 
 
-def standing(
+def standing_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """One honest sentence per baseline of :func:`standing_rows`: the served
+    list's NDCG@10 against the baseline's, on the same test split with seen
+    items excluded, and what that baseline is."""
+    return [
+        f"Our served list is {row['verdict']} {name} on NDCG@10: "
+        f"{row['served']:.4f} vs {row['baseline']:.4f} ({row['change']:+.1%}"
+        f"{row['note']}); {name} is {BASELINE_NOTES.get(name, 'a baseline')}."
+        for name, row in rows.items()
+    ]
+
+
+def standing_rows(
     served: dict[str, float],
     baselines: dict[str, Any],
     served_error: float | None = None,
-) -> list[str]:
-    """One honest sentence per baseline: the served list's NDCG@10 (with its
-    standard error, when known) against the baseline's, on the same test split
-    with seen items excluded (:func:`compare`)."""
+    paired: dict[str, float] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The served list's NDCG@10 (``served``, its standard error
+    ``served_error`` when known) against each baseline's (``baselines``: name ->
+    an ``EvalResult`` as a dict), on the same test split with seen items
+    excluded (:func:`compare`; ``paired``: name -> the paired standard error of
+    the difference, where known): name -> ``served``, ``baseline``, ``change``,
+    ``verdict``, ``note`` and ``paired_standard_error`` (None: not known)."""
     from twostage.evaluate import saved_error
 
     ours = served["ndcg"]
-    lines = []
+    rows = {}
     for name, result in baselines.items():
         theirs = result["metrics"]["exclude_seen"]["ndcg"]["10"]
-        verdict, change, noise = compare(
-            ours, theirs, served_error, saved_error(result)
+        pair = (paired or {}).get(name)
+        verdict, change, note = compare(
+            ours, theirs, served_error, saved_error(result), pair
         )
-        lines.append(
-            f"Our served list is {verdict} {name} on NDCG@10: {ours:.4f} vs "
-            f"{theirs:.4f} ({change:+.1%}{noise}); {name} is "
-            f"{BASELINE_NOTES.get(name, 'a baseline')}."
-        )
-    return lines
+        rows[name] = {
+            "served": ours,
+            "baseline": theirs,
+            "change": change,
+            "verdict": verdict,
+            "note": note,
+            "paired_standard_error": None if pair is None or pair != pair else pair,
+        }
+    return rows
 
 
 def print_test_counts(metrics: dict[str, Any] | None) -> None:

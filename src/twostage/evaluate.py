@@ -24,7 +24,7 @@ import torch
 
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError
-from twostage.metrics import MetricAccumulator, check_ks
+from twostage.metrics import MetricAccumulator, QueryFigures, check_ks
 
 __all__ = [
     "DEFAULT_KS",
@@ -63,6 +63,11 @@ class EvalResult:
             each recall, NDCG, hit rate and MRR figure over the queries
             (:meth:`twostage.metrics.MetricAccumulator.standard_errors`); empty in
             a result read from a file written before they were kept.
+        queries: ``mode -> QueryFigures``, each query's figures of the whole
+            result in its first mode (``exclude_seen`` when computed), for
+            :func:`twostage.metrics.paired_standard_error`; only when the
+            evaluation was asked to keep them (``keep_queries``), never written
+            by :meth:`to_dict`.
     """
 
     ks: tuple[int, ...]
@@ -71,6 +76,9 @@ class EvalResult:
     slices: dict[str, EvalResult] = field(default_factory=dict)
     standard_errors: dict[str, dict[str, dict[int, float]]] = field(
         default_factory=dict
+    )
+    queries: dict[str, QueryFigures] = field(
+        default_factory=dict, repr=False, compare=False
     )
 
     @property
@@ -256,6 +264,7 @@ class _Run:
         slices: Mapping[str, np.ndarray] | None,
         item_slices: Mapping[str, np.ndarray] | None,
         shard: bool = False,
+        keep_queries: bool = False,
     ) -> None:
         self.ks = check_ks(ks)
         self.world = None
@@ -284,20 +293,24 @@ class _Run:
             slices, item_slices, num_queries=num_queries, num_items=num_items
         )
 
-        def accumulators(item_mask: np.ndarray | None) -> dict[str, MetricAccumulator]:
+        def accumulators(
+            item_mask: np.ndarray | None, keep: bool = False
+        ) -> dict[str, MetricAccumulator]:
             return {
                 mode: MetricAccumulator(
                     ks=self.ks,
                     num_items=num_items,
                     valid_items=valid,
                     item_mask=item_mask,
+                    keep_queries=keep and mode == self.modes[0],
                 )
                 for mode in self.modes
             }
 
-        self.accs = {ALL: accumulators(None)}
+        self.accs = {ALL: accumulators(None, keep_queries)}
         self.accs.update({n: accumulators(None) for n in self.query_slices})
         self.accs.update({n: accumulators(m) for n, m in item_masks.items()})
+        self.keep_queries = keep_queries
 
     def batches(self) -> Iterator[tuple[int, int]]:
         """The query blocks; with ``shard`` under torch.distributed, those of this
@@ -364,6 +377,9 @@ class _Run:
         for mode, ids in ranked.items():
             relevant = self.relevant[mode].slice(start, stop)
             for name, by_mode in self.accs.items():
+                if name == ALL:
+                    by_mode[mode].update(ids, relevant, np.arange(start, stop))
+                    continue
                 if name not in self.query_slices:
                     by_mode[mode].update(ids, relevant)
                     continue
@@ -393,12 +409,16 @@ class _Run:
         subs = {
             name: build(by_mode) for name, by_mode in self.accs.items() if name != ALL
         }
+        kept = {}
+        if self.keep_queries:
+            kept = {self.modes[0]: self.accs[ALL][self.modes[0]].queries()}
         return EvalResult(
             ks=top.ks,
             metrics=top.metrics,
             counts=top.counts,
             slices=subs,
             standard_errors=top.standard_errors,
+            queries=kept,
         )
 
 
@@ -452,6 +472,7 @@ def evaluate_scores(
     slices: Mapping[str, np.ndarray] | None = None,
     item_slices: Mapping[str, np.ndarray] | None = None,
     shard: bool = False,
+    keep_queries: bool = False,
 ) -> EvalResult:
     """Ranks the whole catalogue for every query with a scoring function.
 
@@ -474,6 +495,8 @@ def evaluate_scores(
         item_slices: ``name -> [num_items] bool`` item subsets (e.g. cold items): the
             same rankings, relevant sets and coverage restricted to those items.
         shard: as in :func:`evaluate_embeddings`.
+        keep_queries: also keep each query's figures (:attr:`EvalResult.queries`),
+            for :func:`twostage.metrics.paired_standard_error`.
     """
     query_arr = np.asarray(queries)
     if query_arr.ndim != 1 or not np.issubdtype(query_arr.dtype, np.integer):
@@ -493,6 +516,7 @@ def evaluate_scores(
         slices=slices,
         item_slices=item_slices,
         shard=shard,
+        keep_queries=keep_queries,
     )
 
     def score_chunks(start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -522,6 +546,7 @@ def evaluate_embeddings(
     slices: Mapping[str, np.ndarray] | None = None,
     item_slices: Mapping[str, np.ndarray] | None = None,
     shard: bool = False,
+    keep_queries: bool = False,
 ) -> EvalResult:
     """Dot-product retrieval evaluation that scans the catalogue in item chunks.
 
@@ -536,7 +561,7 @@ def evaluate_embeddings(
         item_emb: ``[num_items, D]`` float item embeddings.
         item_batch_size: items scored at a time.
         relevant, seen, ks, exclude_seen, batch_size, valid_items, slices,
-            item_slices: as in :func:`evaluate_scores`.
+            item_slices, keep_queries: as in :func:`evaluate_scores`.
         shard: under ``torch.distributed`` (:mod:`twostage.distributed`), score
             this rank's share of the query blocks and merge the figures of all
             ranks; every rank must call it, and every rank returns the same result.
@@ -568,6 +593,7 @@ def evaluate_embeddings(
         slices=slices,
         item_slices=item_slices,
         shard=shard,
+        keep_queries=keep_queries,
     )
     item_emb = item_emb.to(query_emb.device)
 

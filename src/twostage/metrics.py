@@ -24,13 +24,17 @@ one relevant item; queries without any are counted, not averaged. A relevant ite
 is not a valid item (e.g. the OOV row) can never be ranked, so it counts as a miss.
 The standard errors of those means (:meth:`MetricAccumulator.standard_errors`) are the
 sample standard deviation over the same queries divided by the square root of their
-number.
+number. Two rankings of the same queries are compared more sharply by the standard
+error of their per-query differences (:func:`paired_standard_error`, on the
+:class:`QueryFigures` an accumulator keeps with ``keep_queries=True``): most of
+a figure's spread comes from the queries themselves, which the difference cancels.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,7 +48,9 @@ __all__ = [
     "check_ks",
     "per_query_metrics",
     "MetricAccumulator",
+    "QueryFigures",
     "compute_metrics",
+    "paired_standard_error",
 ]
 
 RANKING_METRICS = ("recall", "ndcg", "hit_rate", "mrr")
@@ -154,6 +160,51 @@ def per_query_metrics(
     return out
 
 
+@dataclass(frozen=True)
+class QueryFigures:
+    """Each query's recall, NDCG, hit rate and MRR at each list length, as a
+    :class:`MetricAccumulator` made with ``keep_queries=True`` kept them: the
+    queries with a relevant item only.
+
+    Attributes:
+        ks: the list lengths, ascending.
+        rows: ``[n]`` int64, each query's row (its position among the evaluated
+            queries), ascending.
+        values: ``[n, len(RANKING_METRICS), len(ks)]`` float32.
+    """
+
+    ks: tuple[int, ...]
+    rows: np.ndarray
+    values: np.ndarray
+
+    def of(self, metric: str, k: int) -> np.ndarray:
+        """``[n]`` one figure of every query (``metric`` in
+        :data:`RANKING_METRICS`, ``k`` in :attr:`ks`)."""
+        if metric not in RANKING_METRICS or k not in self.ks:
+            raise ConfigError(
+                f"`metric` should be one of {RANKING_METRICS} and `k` one of "
+                f"{self.ks}. Received: {metric!r} at {k!r}."
+            )
+        return self.values[:, RANKING_METRICS.index(metric), self.ks.index(k)]
+
+
+def paired_standard_error(
+    a: QueryFigures, b: QueryFigures, metric: str = "ndcg", k: int = 10
+) -> float:
+    """The standard error of the mean per-query difference ``a - b`` of one
+    figure, over the queries both measured (matched by row): the sample
+    standard deviation of the differences over the square root of their number.
+    Two rankings of the same queries differ beyond noise when their figures
+    differ by more than about twice this. NaN below two shared queries."""
+    _, left, right = np.intersect1d(
+        a.rows, b.rows, assume_unique=True, return_indices=True
+    )
+    if left.size < 2:
+        return math.nan
+    diff = a.of(metric, k)[left].astype(np.float64) - b.of(metric, k)[right]
+    return float(diff.std(ddof=1) / math.sqrt(diff.size))
+
+
 class MetricAccumulator:
     """Sums the metrics of a stream of ranked query batches, for chunked evaluation.
 
@@ -164,6 +215,8 @@ class MetricAccumulator:
             denominator of coverage. Default: all.
         item_mask: ``[num_items]`` bool, restricts the relevant sets and the coverage
             universe to these items (an item slice, e.g. cold items). Default: all.
+        keep_queries: also keep each query's figures (:meth:`queries`), for
+            :func:`paired_standard_error`; 80 bytes a query with five list lengths.
     """
 
     def __init__(
@@ -173,6 +226,7 @@ class MetricAccumulator:
         num_items: int,
         valid_items: np.ndarray | None = None,
         item_mask: np.ndarray | None = None,
+        keep_queries: bool = False,
     ) -> None:
         self.ks = check_ks(ks)
         self.num_items = num_items
@@ -198,14 +252,24 @@ class MetricAccumulator:
         self._num_queries = 0
         self._num_with_relevant = 0
         self._num_interactions = 0
+        self._kept: list[tuple[np.ndarray, np.ndarray]] | None = (
+            [] if keep_queries else None
+        )
 
-    def update(self, topk_ids: torch.Tensor, relevant: UserItems) -> None:
+    def update(
+        self,
+        topk_ids: torch.Tensor,
+        relevant: UserItems,
+        rows: np.ndarray | None = None,
+    ) -> None:
         """Adds one batch.
 
         Args:
             topk_ids: ``[B, K]`` int item indices, best first, ``-1`` for empty slots;
                 ``K >= max(ks)``.
             relevant: the relevant items of the same ``B`` queries.
+            rows: ``[B]`` int, the queries' rows for :meth:`queries`. Default: they
+                follow the queries added before.
         """
         ids = _check_topk(topk_ids, relevant.num_rows, self.ks[-1])
         top = max(
@@ -225,6 +289,8 @@ class MetricAccumulator:
             values = per[name][has]
             self._sums[i] += values.sum(0)
             self._squares[i] += values.square().sum(0)
+        if self._kept is not None:
+            self._keep(per, has.numpy(), ids.shape[0], rows)
         self._hits += per["hits"].sum(0)
         self._num_queries += int(ids.shape[0])
         self._num_with_relevant += int(has.sum())
@@ -233,11 +299,54 @@ class MetricAccumulator:
         ranks = torch.arange(ids.shape[1]).expand_as(ids)
         self._best_rank.scatter_reduce_(0, ids[present], ranks[present], reduce="amin")
 
+    def _keep(
+        self,
+        per: dict[str, torch.Tensor],
+        has: np.ndarray,
+        size: int,
+        rows: np.ndarray | None,
+    ) -> None:
+        """Keeps the batch's per-query figures (those with a relevant item)."""
+        if rows is None:
+            rows = np.arange(self._num_queries, self._num_queries + size)
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.shape != (size,):
+            raise DataError(
+                f"`rows` should hold one row per query ({size}). "
+                f"Received: shape={rows.shape}."
+            )
+        values = torch.stack([per[name] for name in RANKING_METRICS], dim=1)
+        assert self._kept is not None
+        self._kept.append((rows[has], values[torch.from_numpy(has)].float().numpy()))
+
+    def queries(self) -> QueryFigures:
+        """Each query's figures, in row order (needs ``keep_queries=True``)."""
+        if self._kept is None:
+            raise ConfigError(
+                "this accumulator keeps no per-query figures: make it with "
+                "keep_queries=True."
+            )
+        width = (len(RANKING_METRICS), len(self.ks))
+        rows = np.concatenate([r for r, _ in self._kept] or [np.zeros(0, np.int64)])
+        values = np.concatenate(
+            [v for _, v in self._kept] or [np.zeros((0, *width), np.float32)]
+        )
+        order = np.argsort(rows, kind="stable")
+        if rows.size > 1 and (np.diff(rows[order]) == 0).any():
+            raise DataError("a query row was added twice; `rows` should be unique.")
+        return QueryFigures(ks=self.ks, rows=rows[order], values=values[order])
+
     def all_reduce(self) -> None:
         """Merge the accumulators of every rank of a ``torch.distributed`` group into
-        each (sums and counts add, each item's best rank is the minimum): after it,
-        every rank computes the metrics of all ranks' queries together."""
+        each (sums and counts add, each item's best rank is the minimum; kept
+        per-query figures are gathered): after it, every rank computes the metrics
+        of all ranks' queries together."""
         import torch.distributed as dist
+
+        if self._kept is not None:
+            gathered: list[object] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self._kept)
+            self._kept = [part for kept in gathered for part in kept]  # type: ignore[attr-defined]
 
         dist.all_reduce(self._sums)
         dist.all_reduce(self._squares)

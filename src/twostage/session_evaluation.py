@@ -16,7 +16,12 @@ import torch
 from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.user_items import UserItems
 from twostage.inputs import session_indices
-from twostage.metrics import MetricAccumulator, check_ks
+from twostage.metrics import (
+    MetricAccumulator,
+    QueryFigures,
+    check_ks,
+    paired_standard_error,
+)
 from twostage.retrieval.tensors import TimedRows, context_keys, session_history
 from twostage.session_batch import (
     BATCH_SESSIONS,
@@ -77,6 +82,10 @@ def evaluate_sessions(
         ``train``); ``standard_errors``, the standard error of each of those
         figures in the same layout (``twostage``, ``popularity``, ``baselines``;
         :meth:`~twostage.metrics.MetricAccumulator.standard_errors`);
+        ``paired_standard_errors``, the standard error of the model's figure
+        minus each other row's, paired over the same sessions
+        (:func:`~twostage.metrics.paired_standard_error`; ``popularity``,
+        ``baselines``, in the same layout);
         ``sessions`` (measured), ``single_item_sessions`` (left
         out: nothing to predict from), ``unknown_targets`` (held-out items the
         model does not know, counted as misses), ``table_order_sessions``
@@ -128,22 +137,35 @@ def evaluate_sessions(
     )
     figures: dict[str, Any] = {}
     errors: dict[str, Any] = {}
+    paired: dict[str, Any] = {}
+    ours: list[QueryFigures] = []  # the model's per-session figures
 
     def measure(lists: torch.Tensor, into: dict[str, Any], name: str) -> None:
-        acc = MetricAccumulator(ks=ks, num_items=vocab.size)
+        acc = MetricAccumulator(ks=ks, num_items=vocab.size, keep_queries=True)
         acc.update(lists, relevant)
         errors_of = acc.standard_errors()
         metrics = acc.compute()
         into[name] = {m: metrics[m] for m in errors_of}
-        (errors if into is figures else errors["baselines"])[name] = errors_of
+        nested = into is not figures
+        (errors["baselines"] if nested else errors)[name] = errors_of
+        kept = acc.queries()
+        if not ours:
+            ours.append(kept)
+            return
+        (paired["baselines"] if nested else paired)[name] = {
+            m: {k: paired_standard_error(ours[0], kept, m, k) for k in ks}
+            for m in errors_of
+        }
 
     measure(_ranked(found.lists, position, vocab, ks[-1]), figures, "twostage")
     measure(_popular_ranked(rec, queries, order, ks[-1]), figures, "popularity")
     if train is not None:
         figures["baselines"], errors["baselines"] = {}, {}
+        paired["baselines"] = {}
         for name, lists in _baseline_lists(rec, queries, order, ks[-1], train):
             measure(lists, figures["baselines"], name)
     figures["standard_errors"] = errors
+    figures["paired_standard_errors"] = paired
     reasons = {r: n for r, n in dropped.items() if n}
     reasons.update(found.unread["reason"].value_counts(sort=True).iter_rows())
     mixed = []

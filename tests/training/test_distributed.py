@@ -6,12 +6,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from twostage import distributed
 from twostage.config import ExperimentConfig, apply_overrides
+from twostage.data.user_items import UserItems
+from twostage.evaluate import evaluate_embeddings
 from twostage.two_stage import TwoStage, fit_two_stage
 
 pytestmark = pytest.mark.skipif(
@@ -108,6 +111,48 @@ def _leave_rank(rank: int, out: str) -> None:
     distributed.shutdown()
     left = {"joined": joined, "left": _gloo_threads()}
     Path(out, f"{rank}.json").write_text(json.dumps(left))
+
+
+def _kept_queries(shard: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's figures of one evaluation of 50 seeded queries, 7 a block."""
+    rng = np.random.default_rng(3)
+    query_emb = torch.from_numpy(rng.normal(size=(50, 8)))
+    item_emb = torch.from_numpy(rng.normal(size=(40, 8)))
+    pairs = rng.integers(0, 40, size=(2, 160))
+    relevant = UserItems.from_pairs(pairs[0] % 50, pairs[1], num_rows=50)
+    result = evaluate_embeddings(
+        query_emb,
+        item_emb,
+        relevant=relevant,
+        ks=(1, 5, 10),
+        exclude_seen=False,
+        batch_size=7,
+        shard=shard,
+        keep_queries=True,
+    )
+    kept = result.queries["include_seen"]
+    return kept.rows, kept.values
+
+
+def _queries_rank(rank: int, out: str) -> None:
+    distributed.init_from_env()
+    try:
+        rows, values = _kept_queries(shard=True)
+        np.savez(Path(out, f"{rank}.npz"), rows=rows, values=values)
+    finally:
+        distributed.shutdown()
+
+
+def test_two_ranks_keep_the_per_query_figures_of_one(tmp_path: Path) -> None:
+    """Sharded evaluation gathers each rank's per-query figures, with the rows
+    of the whole evaluation: both ranks hold those of one process."""
+    rows, values = _kept_queries(shard=False)
+    distributed.run_local_group(_queries_rank, 2, str(tmp_path))
+    for rank in (0, 1):
+        with np.load(tmp_path / f"{rank}.npz") as found:
+            np.testing.assert_array_equal(found["rows"], rows)
+            np.testing.assert_allclose(found["values"], values, rtol=1e-6)
+    assert 30 < len(rows) <= 50
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")

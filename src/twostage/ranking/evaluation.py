@@ -15,7 +15,7 @@ from twostage.config import KS
 from twostage.data.dataset import Dataset
 from twostage.data.user_items import UserItems
 from twostage.errors import DataError
-from twostage.metrics import MetricAccumulator
+from twostage.metrics import MetricAccumulator, QueryFigures
 from twostage.ranking.rerank import BLEND_GRID, rerank
 from twostage.ranking.run import (
     RankingRun,
@@ -185,16 +185,20 @@ def _list_metrics(
 
 
 def _list_figures(
-    ids: Tensor, relevant: UserItems, num_items: int
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """:func:`_list_metrics` and the standard error of each figure."""
-    acc = MetricAccumulator(ks=KS, num_items=num_items)
+    ids: Tensor, relevant: UserItems, num_items: int, keep_queries: bool = False
+) -> tuple[
+    dict[str, dict[str, float]], dict[str, dict[str, float]], QueryFigures | None
+]:
+    """:func:`_list_metrics`, the standard error of each figure and, with
+    ``keep_queries``, each query's figures."""
+    acc = MetricAccumulator(ks=KS, num_items=num_items, keep_queries=keep_queries)
     acc.update(ids, relevant)
     names = ("ndcg", "hit_rate", "recall")
-    return tuple(  # type: ignore[return-value]
+    metrics, errors = (
         {m: {str(k): v for k, v in found[m].items()} for m in names}
         for found in (acc.compute(), acc.standard_errors())
     )
+    return metrics, errors, acc.queries() if keep_queries else None
 
 
 @dataclass
@@ -258,7 +262,7 @@ def pick_blend(ranking: RankingRun, validation: Dataset) -> float:
 
 
 def evaluate_ranking(
-    ranking: RankingRun, test: Dataset, *, seed: int = 0
+    ranking: RankingRun, test: Dataset, *, seed: int = 0, keep_queries: bool = False
 ) -> dict[str, Any]:
     """Rating error, click AUC and the two-stage list quality on a test split.
 
@@ -266,6 +270,9 @@ def evaluate_ranking(
         ranking: the trained ranker (its tables say which items are seen).
         test: held-out interactions; a user's test items are the relevant ones.
         seed: seed of the AUC's negatives.
+        keep_queries: also return each test user's figures of both lists, to
+            compare them with another model's on the same split
+            (:func:`twostage.metrics.paired_standard_error`).
 
     Returns:
         ``rmse`` and ``mae`` of the rating head on the rated test pairs (clipped to the
@@ -286,7 +293,11 @@ def evaluate_ranking(
         items the model never saw scored from the test's tables, and counted:
         :func:`shown_auc`), as MIND's per-impression AUC: whether the
         ranker orders what the user actually saw; and ``impressions``, MIND's
-        per-impression figures (:func:`shown_auc`).
+        per-impression figures (:func:`shown_auc`). With ``keep_queries``,
+        ``queries``: ``{"retrieval_only", "two_stage"}`` -> their
+        :class:`~twostage.metrics.QueryFigures`, rows as
+        :meth:`~twostage.retrieval.run.RetrievalRun.evaluate`'s (not JSON:
+        take it out before writing the report).
     """
     users, items, ratings = pairs_of(ranking.retrieval, test, known_only=False)
     context = None
@@ -311,16 +322,21 @@ def evaluate_ranking(
     queries, retrieved, lists = _lists(ranking, test, (ranking.blend_weight,))
     relevant, num_items = queries.relevant, queries.num_items
     result["standard_errors"] = {}
+    kept = {}
     for name, ids in (
         ("retrieval_only", retrieved),
         ("two_stage", lists[ranking.blend_weight]),
     ):
-        result[name], result["standard_errors"][name] = _list_figures(
-            ids, relevant, num_items
+        result[name], result["standard_errors"][name], found = _list_figures(
+            ids, relevant, num_items, keep_queries
         )
+        if found is not None:
+            kept[name] = found
     result["blend_weight"] = ranking.blend_weight
     result["ease_weight"] = ranking.config.ease_weight
     result["num_candidates"] = ranking.config.num_candidates
+    if keep_queries:
+        result["queries"] = kept
     return result
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "baseline_makers",
     "evaluate_baselines",
     "evaluate_on",
+    "evaluate_models",
     "evaluate_run_embeddings",
     "evaluate_saved",
     "fitted_baselines",
@@ -181,13 +182,19 @@ def check_test_rows(test: Dataset) -> None:
 
 
 def evaluate_run_embeddings(
-    run: RetrievalRun, test: Dataset, *, ks: tuple[int, ...], shard: bool = False
+    run: RetrievalRun,
+    test: Dataset,
+    *,
+    ks: tuple[int, ...],
+    shard: bool = False,
+    keep_queries: bool = False,
 ) -> EvalResult:
     """Evaluate the two towers over the whole catalogue (both seen-item modes), with
     the run's popularity fallback applied as serving applies it (the users it covers
     are also reported as the ``popularity_fallback_users`` slice), and the
     session-kNN term added when the run has one. ``shard``: each
-    rank of a torch.distributed group scores its share of the users."""
+    rank of a torch.distributed group scores its share of the users;
+    ``keep_queries``: keep each query's figures (:attr:`EvalResult.queries`)."""
     check_test_rows(test)
     queries = eval_queries(run, test)
     prior = queries.prior
@@ -206,6 +213,7 @@ def evaluate_run_embeddings(
             slices=queries.slices,
             item_slices=queries.item_slices,
             shard=shard,
+            keep_queries=keep_queries,
         )
     fallback_scores = run.tensors.fallback_popularity[None, :]
     popularity = queries.pad_scores(fallback_scores)[0]  # [num_items]
@@ -239,6 +247,7 @@ def evaluate_run_embeddings(
         slices=slices,
         item_slices=queries.item_slices,
         shard=shard,
+        keep_queries=keep_queries,
     )
 
 
@@ -348,6 +357,7 @@ def evaluate_baselines(
     ks: tuple[int, ...] = (1, 5, 10, 50, 100),
     names: tuple[str, ...] | None = None,
     train: Dataset | TimedRows | None = None,
+    keep_queries: bool = False,
 ) -> dict[str, EvalResult]:
     """The baselines (or the ``names`` among them) on the run's own training data and
     test split: popularity, EASE, item-kNN and, given the ``train`` rows with their
@@ -362,7 +372,9 @@ def evaluate_baselines(
     test user the run does not know and who has no prior rows gets the run's
     most-popular list (what its fallback serves: recent popularity with
     ``retrieval.popularity_days``) from every baseline that reads a user's items,
-    where each would score nothing."""
+    where each would score nothing. ``keep_queries``: keep each query's
+    figures (:attr:`EvalResult.queries`), row for row those of
+    :meth:`RetrievalRun.evaluate` on the same ``test``."""
     from twostage.baselines import (
         BASELINES,
         RecencyEASE,
@@ -427,6 +439,7 @@ def evaluate_baselines(
             valid_items=queries.valid_items,
             slices=queries.slices,
             item_slices=queries.item_slices,
+            keep_queries=keep_queries,
         )
     return results
 
@@ -643,16 +656,29 @@ def evaluate_on(
     baselines: bool = False,
     train: Dataset | TimedRows | None = None,
 ) -> dict[str, Any]:
-    """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on ``test``;
-    the baselines that need the training log's times (recent popularity, the
-    transition model from every row) fit on ``train`` when given."""
-    results = {"twostage": run.evaluate(test).to_dict()}
+    """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on
+    ``test``, as dicts (:func:`evaluate_models`)."""
+    found = evaluate_models(run, test, baselines=baselines, train=train)
+    return {name: result.to_dict() for name, result in found.items()}
+
+
+def evaluate_models(
+    run: RetrievalRun,
+    test: Dataset,
+    *,
+    baselines: bool = False,
+    train: Dataset | TimedRows | None = None,
+    keep_queries: bool = False,
+) -> dict[str, EvalResult]:
+    """``{"twostage": ..., [baseline name: ...]}`` full-catalogue metrics on
+    ``test``; the baselines that need the training log's times (recent
+    popularity, the transition model from every row) fit on ``train`` when
+    given. ``keep_queries``: each result keeps its queries' figures, row for
+    row the same queries (:func:`twostage.metrics.paired_standard_error`)."""
+    results = {"twostage": run.evaluate(test, keep_queries=keep_queries)}
     if baselines:
         results.update(
-            {
-                k: v.to_dict()
-                for k, v in evaluate_baselines(run, test, train=train).items()
-            }
+            evaluate_baselines(run, test, train=train, keep_queries=keep_queries)
         )
     return results
 

@@ -469,13 +469,19 @@ class RetrievalRun:
         *,
         ks: tuple[int, ...] = (1, 5, 10, 50, 100),
         shard: bool = False,
+        keep_queries: bool = False,
     ) -> EvalResult:
         """Full-catalogue metrics on a test split, with and without seen items;
         ``shard``: every rank of a torch.distributed group scores its share of the
-        users and all return the merged figures."""
+        users and all return the merged figures; ``keep_queries``: also each
+        test user's seen-excluded figures (:attr:`EvalResult.queries`), to compare
+        with another model's on the same split
+        (:func:`twostage.metrics.paired_standard_error`)."""
         from twostage.retrieval.evaluation import evaluate_run_embeddings
 
-        return evaluate_run_embeddings(self, test, ks=ks, shard=shard)
+        return evaluate_run_embeddings(
+            self, test, ks=ks, shard=shard, keep_queries=keep_queries
+        )
 
     def save(self, directory: str | Path) -> None:
         """Write config, feature spec, weights, training tensors and metrics (never

@@ -33,7 +33,13 @@ new to the run gets the run's most-popular list from each baseline that reads a
 user's items, as from our models' fallback). One table per protocol and dataset.
 
 Each entry's ``standard_error`` holds the standard error over the test users of each
-list figure (the mean over seeds for our models), the table that of NDCG@10.
+list figure (the mean over seeds for our models), the table that of NDCG@10. Each of
+our models' entries also holds ``versus_best_baseline``: the baseline with the best
+NDCG@10 on that split, the difference of each list figure from it (``difference``,
+the mean over seeds) and its standard error paired over the same test users
+(``paired_standard_error``: each user's figure averaged over the seeds, less the
+baseline's, spread over the square root of their number); the table's "vs best"
+column shows NDCG@10's, "ahead" or "behind" where the difference passes twice it.
 
 ``--validation`` is the protocol for tuning: each protocol's test rows are set aside
 unread and the same protocol runs on what is left (under leave-one-out the
@@ -61,6 +67,8 @@ from twostage.data.dataset import Dataset
 from twostage.data.movielens import load_movielens
 from twostage.data.registry import load_dataset
 from twostage.data.split import prepare_split, split_dataset
+from twostage.metrics import QueryFigures, paired_standard_error
+from twostage.ranking import evaluate_ranking
 from twostage.retrieval.evaluation import evaluate_baselines
 from twostage.retrieval.fit import fit_retrieval
 from twostage.two_stage import fit_two_stage
@@ -141,11 +149,12 @@ def scenario(
 ) -> dict[str, Any]:
     """Every model (mean over training seeds) and every baseline on one split."""
     results: dict[str, Any] = {}
+    kept: dict[str, QueryFigures] = {}  # each model's per-user figures
     split = run = None
     for name in models:
         preset, model_overrides = MODELS[name]
         base = load_config(PRESETS / preset) if preset else ExperimentConfig()
-        runs = []
+        runs, per_user = [], []
         for seed in seeds:
             config = apply_overrides(
                 base,
@@ -163,11 +172,15 @@ def scenario(
             if name not in TWO_STAGE:
                 run, _ = fit_retrieval(config, split=split)
                 found = entry(run.metrics, time.perf_counter() - started)
+                again = run.evaluate(split.test, keep_queries=True)
+                per_user.append(again.queries["exclude_seen"])
             else:
                 stages = fit_two_stage(config, split=split)
                 run = stages.retrieval
-                assert stages.ranking_metrics is not None
+                assert stages.ranking_metrics is not None and stages.ranker
                 found = entry(run.metrics, time.perf_counter() - started)
+                lists = evaluate_ranking(stages.ranker, split.test, keep_queries=True)
+                per_user.append(lists["queries"]["two_stage"])
                 served = stages.ranking_metrics["two_stage"]
                 errors = stages.ranking_metrics["standard_errors"]["two_stage"]
                 for metric in LISTS:
@@ -179,13 +192,40 @@ def scenario(
         results[name] = mean_entry(runs)
         if len(seeds) > 1:
             results[name]["per_seed"] = runs
+        kept[name] = seed_mean(per_user)
     assert split is not None and run is not None
     started = time.perf_counter()
-    baselines = evaluate_baselines(run, split.test, train=split.train)
+    baselines = evaluate_baselines(
+        run, split.test, train=split.train, keep_queries=True
+    )
     seconds = (time.perf_counter() - started) / max(len(baselines), 1)
     for name, result in baselines.items():
         results[name] = entry(result.to_dict(), seconds)
+    if baselines:
+        best = max(baselines, key=lambda n: results[n]["ndcg"]["10"])
+        theirs = baselines[best].queries["exclude_seen"]
+        for name, ours in kept.items():
+            results[name]["versus_best_baseline"] = {
+                "baseline": best,
+                "difference": {
+                    m: {k: results[name][m][k] - results[best][m][k] for k in KS}
+                    for m in LISTS
+                },
+                "paired_standard_error": {
+                    m: {k: paired_standard_error(ours, theirs, m, int(k)) for k in KS}
+                    for m in LISTS
+                },
+            }
     return results
+
+
+def seed_mean(found: list[QueryFigures]) -> QueryFigures:
+    """Each user's figures averaged over the training seeds (the same split,
+    so the same users)."""
+    for other in found[1:]:
+        assert (other.rows == found[0].rows).all(), "the seeds' users differ"
+    values = sum(f.values.astype("float64") for f in found) / len(found)
+    return QueryFigures(ks=found[0].ks, rows=found[0].rows, values=values)
 
 
 def show(title: str, models: dict[str, Any]) -> None:
@@ -199,6 +239,7 @@ def show(title: str, models: dict[str, Any]) -> None:
             e["hit_rate"]["100"],
             e["factorized_top_k"]["100"],
             f"{e['train_seconds']:.1f}",
+            versus(e.get("versus_best_baseline")),
         ]
         for name, e in models.items()
     ]
@@ -211,12 +252,28 @@ def show(title: str, models: dict[str, Any]) -> None:
         "HR@100",
         "FTopK@100",
         "train s",
+        "vs best",
     ]
     print_table(title, header, rows)
     print(
         "±se: the standard error of NDCG@10 over the test users (the mean over "
-        "seeds); two rows closer than about twice their combined error are level."
+        "seeds); two rows closer than about twice their combined error are level. "
+        "vs best: NDCG@10 less the best baseline's, with its standard error paired "
+        "over the same users; ahead or behind past twice it."
     )
+
+
+def versus(found: dict[str, Any] | None) -> str:
+    """The "vs best" cell: NDCG@10's difference from the best baseline, its
+    paired standard error and what they make of it."""
+    if found is None:
+        return ""
+    diff = found["difference"]["ndcg"]["10"]
+    error = found["paired_standard_error"]["ndcg"]["10"]
+    verdict = "level with"
+    if abs(diff) > 2 * error:
+        verdict = "ahead of" if diff > 0 else "behind"
+    return f"{diff:+.4f} ±{error:.4f}, {verdict} {found['baseline']}"
 
 
 def load(name: str, latest_small: Path) -> Dataset:

@@ -555,7 +555,11 @@ def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
     printed = re.search(r"RMSE ([\d.]+), MAE ([\d.]+), AUC ([\d.]+)", trained.output)
     assert printed is not None, trained.output
     # The model directory: its newest version is evaluated.
-    figures = runner.invoke(app, ["evaluate", str(models), "--baselines", "--json"])
+    users = tmp_path / "users.csv"
+    figures = runner.invoke(
+        app,
+        ["evaluate", str(models), "--baselines", "--json", "--per-user", str(users)],
+    )
     assert figures.exit_code == 0, figures.output
     saved = json.loads(figures.stdout)
     baselines = {
@@ -592,6 +596,35 @@ def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
     assert standing["ease"]["paired_standard_error"] == pytest.approx(
         paired_standard_error(lists["two_stage"], ease["ease"].queries["exclude_seen"])
     )
+    # --per-user: a row per test user and list, whose means are the figures.
+    per_user = pl.read_csv(users)
+    assert saved["per_user"]["rows"] == per_user.height
+    models_written = set(per_user["model"])
+    assert models_written == {"two_stage", *saved["retrieval"]}
+    for name in models_written:
+        rows = per_user.filter(pl.col("model") == name)
+        assert rows.height == saved["per_user"]["queries"]
+        if name == "two_stage":
+            want = ranking["two_stage"]["ndcg"]["10"]
+        else:
+            want = saved["retrieval"][name]["metrics"]["exclude_seen"]["ndcg"]["10"]
+        assert rows["ndcg@10"].mean() == pytest.approx(want, rel=1e-5), name
+    # Each row is its user's: the served list `recommend` gives them, against
+    # their test items less those they trained on.
+    served = per_user.filter(pl.col("model") == "two_stage")
+    recalls = []
+    for row in served.head(8).iter_rows(named=True):
+        user = pl.col("user_id") == row["user_id"]
+        trained = set(split.train.interactions.filter(user)["item_id"])
+        wanted = set(split.test.interactions.filter(user)["item_id"]) - trained
+        listed = {e["item_id"] for e in rec.recommend(row["user_id"], 10).items}
+        assert row["recall@10"] == pytest.approx(len(listed & wanted) / len(wanted))
+        recalls.append(row["recall@10"])
+    assert len(set(recalls)) > 1, recalls
+    again = runner.invoke(
+        app, ["evaluate", str(models), "--per-user", str(users)]
+    )  # the file is kept
+    assert again.exit_code == 2 and "--overwrite" in again.output, again.output
     assert 0 < ranking["mae"] <= ranking["rmse"] < 4  # ratings are 1..5
     assert 0.5 < ranking["auc"] <= 1
     for name in ("retrieval_only", "two_stage"):
@@ -1616,3 +1649,24 @@ def test_a_log_without_times_splits_in_file_order_and_refuses_time_settings(
         off = {"30": "0", "true": "false"}[value]
         assert f"set `{key}={off}`" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_per_user_file_is_checked_before_the_bundle_loads(tmp_path: Path) -> None:
+    # Each mistake is named before minutes of evaluation, and no bundle is read.
+    missing = str(tmp_path / "no-bundle")
+    cases = [
+        (["--per-user", str(tmp_path / "users.json")], "should end in .parquet"),
+        (["--per-user", str(tmp_path / "dir.csv")], "is a directory"),
+        (
+            ["--per-user", str(tmp_path / "u.csv"), "--sessions", "s.csv"],
+            "--sessions measures sessions instead",
+        ),
+    ]
+    (tmp_path / "dir.csv").mkdir()
+    (tmp_path / "kept.parquet").write_bytes(b"")
+    cases.append((["--per-user", str(tmp_path / "kept.parquet")], "--overwrite"))
+    for extra, message in cases:
+        done = runner.invoke(app, ["evaluate", missing, *extra])
+        text = " ".join(done.output.replace("│", " ").split())
+        assert done.exit_code == 2 and message in text, (extra, text)
+        assert "--per-user" in text, text

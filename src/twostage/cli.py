@@ -1723,6 +1723,21 @@ def evaluate_command(
             "stage.",
         ),
     ] = False,
+    per_user: Annotated[
+        Path | None,
+        typer.Option(
+            "--per-user",
+            help="Also write each test user's figures to this file (.parquet or "
+            ".csv): a row per user and list (user_id, query, model, recall@K, "
+            "ndcg@K, hit_rate@K, mrr@K; seen items excluded; model: twostage, "
+            "two_stage for the served list of a bundle with a ranker, and each "
+            "baseline with --baselines), for your own tests (a paired t-test, a "
+            "bootstrap) and slices (heavy against light users).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the --per-user file.")
+    ] = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Re-evaluate a saved bundle or run on its own test split, rebuilt from the saved
@@ -1731,7 +1746,8 @@ def evaluate_command(
     two-stage lists against retrieval alone). A run or bundle trained with --stream
     reads its log's test side again, a row group at a time, and its baselines
     read the training rows the same way. With --sessions: next-item figures on
-    new sessions, each one's last item held out."""
+    new sessions, each one's last item held out. With --per-user: each test
+    user's figures of every list, to a file."""
     from twostage.retrieval.evaluation import evaluate_models, rebuild_split
     from twostage.retrieval.streamed import streamed_test_side, streamed_training_rows
 
@@ -1746,6 +1762,8 @@ def evaluate_command(
             "two-stage lists side by side already).",
             param_hint="--no-ranker",
         )
+    if per_user is not None:
+        _check_per_user(per_user, overwrite, sessions_file)
     results: dict[str, Any] = {}
     rec = _open_bundle(path)
     streamed = rec.run.stream is not None
@@ -1783,8 +1801,9 @@ def evaluate_command(
         test, train = split.test, split.train
     # With baselines, each query's figures are kept, to compare the served list
     # with each baseline's on the same users (a paired standard error).
+    keep = baselines or per_user is not None
     found = evaluate_models(
-        rec.run, test, baselines=baselines, train=train, keep_queries=baselines
+        rec.run, test, baselines=baselines, train=train, keep_queries=keep
     )
     results["retrieval"] = {name: r.to_dict() for name, r in found.items()}
     kept: dict[str, Any] = {}
@@ -1792,10 +1811,10 @@ def evaluate_command(
         from twostage.ranking import evaluate_ranking
 
         with status_console.status("evaluating the ranking stage"):
-            results["ranking"] = evaluate_ranking(
-                rec.ranker, test, keep_queries=baselines
-            )
+            results["ranking"] = evaluate_ranking(rec.ranker, test, keep_queries=keep)
         kept = results["ranking"].pop("queries", {})
+    if per_user is not None:
+        results["per_user"] = _write_per_user(per_user, rec.run, test, found, kept)
     others = {k: v for k, v in results["retrieval"].items() if k != "twostage"}
     rows: dict[str, dict[str, Any]] = {}
     if others:  # where the list a user gets stands, noise guarded
@@ -1822,6 +1841,79 @@ def evaluate_command(
         print_ranking(results["ranking"], title=f"Ranking stage ({side})")
     for line in standing_lines(rows):
         console.print(f"- {escape(line)}")
+    if per_user is not None:
+        written = results["per_user"]
+        console.print(
+            f"Per-user figures: {written['rows']:,} rows ({written['queries']:,} "
+            f"users with an unseen test item x {len(written['models'])} lists) "
+            f"written to [cyan]{escape(str(per_user))}[/cyan]."
+        )
+
+
+def _check_per_user(out: Path, overwrite: bool, sessions_file: Path | None) -> None:
+    """``evaluate --per-user``'s file, checked before the bundle loads."""
+    if sessions_file is not None:
+        raise typer.BadParameter(
+            "writes the test split's per-user figures; --sessions measures "
+            "sessions instead: drop one.",
+            param_hint="--per-user",
+        )
+    if out.suffix.lower() not in (".parquet", ".csv"):
+        raise typer.BadParameter(
+            f"should end in .parquet or .csv. Received: {str(out)!r}.",
+            param_hint="--per-user",
+        )
+    if out.is_dir():
+        raise typer.BadParameter(
+            f"{str(out)!r} is a directory.", param_hint="--per-user"
+        )
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(
+            f"{str(out)!r} already exists: choose another path, or pass --overwrite "
+            "to replace it.",
+            param_hint="--per-user",
+        )
+
+
+def _write_per_user(
+    out: Path, run: Any, test: Any, found: dict[str, Any], kept: dict[str, Any]
+) -> dict[str, Any]:
+    """Each query's figures of every list into ``out``: retrieval's
+    (``twostage``), the served two-stage list's (``two_stage``, ``kept`` from
+    the ranking report) and each baseline's, a model at a time. Returns what
+    was written (``path``, ``rows``, ``queries``, ``models``)."""
+    from twostage.cli_batch import write_in_chunks
+    from twostage.data.dataset import USER
+    from twostage.retrieval.evaluation import eval_queries
+
+    lists = {"twostage": found["twostage"].queries["exclude_seen"]}
+    if "two_stage" in kept:
+        lists["two_stage"] = kept["two_stage"]
+    for name, result in found.items():
+        if name != "twostage":
+            lists[name] = result.queries["exclude_seen"]
+    user_ids = eval_queries(run, test).user_ids
+
+    def table_of(names: list[str]) -> pl.DataFrame:
+        frame = lists[names[0]].to_frame()
+        return frame.select(
+            user_ids.gather(frame["query"]).alias(USER),
+            "query",
+            pl.lit(names[0]).alias("model"),
+            pl.exclude("query"),
+        )
+
+    rows = write_in_chunks(
+        out,
+        list(lists),
+        table_of,
+        key="model",
+        noun="lists",
+        chunk=1,
+        verbs=("writing the figures of", "wrote the figures of"),
+    )
+    queries = len(lists["twostage"].rows)
+    return {"path": str(out), "rows": rows, "queries": queries, "models": list(lists)}
 
 
 def _standing_of(

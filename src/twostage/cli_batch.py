@@ -230,11 +230,13 @@ def write_in_chunks(
     noun: str,
     chunk: int,
     on_chunk: Callable[[list[Any], pl.DataFrame], None] | None = None,
+    verbs: tuple[str, str] = ("answering for", "answered for"),
 ) -> int:
     """``table_of`` a chunk of ``ids`` at a time into ``out`` (Parquet or CSV), so
     that memory holds one chunk's answers; the ``key`` column takes one type for
     the whole file. Written beside ``out`` and renamed at the end, so that an
-    interrupted run leaves no partial file.
+    interrupted run leaves no partial file. ``verbs``: what the status line says
+    while and after each chunk.
 
     Returns:
         The number of rows written.
@@ -247,7 +249,7 @@ def write_in_chunks(
     rows = 0
     try:
         with (
-            status_console.status(f"answering for {len(ids):,} {noun}") as status,
+            status_console.status(f"{verbs[0]} {len(ids):,} {noun}") as status,
             partial.open("wb") as handle,
         ):
             for start in range(0, max(len(ids), 1), chunk):
@@ -264,7 +266,7 @@ def write_in_chunks(
                         writer = pq.ParquetWriter(handle, arrow.schema)
                     writer.write_table(arrow)
                 done = min(start + chunk, len(ids))
-                status.update(f"answered for {done:,} of {len(ids):,} {noun}")
+                status.update(f"{verbs[1]} {done:,} of {len(ids):,} {noun}")
             if writer is not None:
                 writer.close()
         partial.replace(out)

@@ -35,8 +35,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 
 from twostage.data.user_items import UserItems
@@ -186,6 +188,15 @@ class QueryFigures:
                 f"{self.ks}. Received: {metric!r} at {k!r}."
             )
         return self.values[:, RANKING_METRICS.index(metric), self.ks.index(k)]
+
+    def to_frame(self) -> pl.DataFrame:
+        """A row per query: ``query`` (its row) and a ``METRIC@K`` column for
+        each figure (``ndcg@10``), float32."""
+        columns: dict[str, Any] = {"query": self.rows}
+        for name in RANKING_METRICS:
+            for k in self.ks:
+                columns[f"{name}@{k}"] = self.of(name, k).astype(np.float32)
+        return pl.DataFrame(columns)
 
 
 def paired_standard_error(

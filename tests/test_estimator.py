@@ -98,6 +98,18 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path, caplog) -> None
     # num_users counted every test user, the ones the figures leave out too
     counts = result.retrieval.counts["exclude_seen"]
     assert result.num_users == counts["num_queries_with_relevant"] > 0
+    # per_user: the served list's figures of each of those users, under the
+    # user column's own name, each the user's own.
+    table = model.evaluate(test, per_user=True).per_user
+    assert result.per_user is None and table is not None
+    assert table.height == result.num_users and table.columns[0] == "uid"
+    assert table["ndcg@10"].mean() == pytest.approx(result.ndcg[10], rel=1e-5)
+    row = table.row(0, named=True)
+    listed = {e["item_id"] for e in model.recommend(row["uid"], k=10).items}
+    seen = set(train.loc[train["uid"] == row["uid"], "movie"])
+    wanted = set(test.loc[test["uid"] == row["uid"], "movie"]) - seen
+    assert row["recall@10"] == pytest.approx(len(listed & wanted) / len(wanted))
+    assert "per_user" not in result.to_dict()
     trained_on = model.evaluate(train.head(20))  # every pair a training row
     assert trained_on.num_users == 0 and math.isnan(trained_on.ndcg[10])
 

@@ -59,7 +59,18 @@ class Evaluation:
             served figure over those users (``standard_errors["ndcg"][10]``):
             two models measured on the same test users differ beyond noise when
             their figures are further apart than about twice
-            ``sqrt(se_a ** 2 + se_b ** 2)``. Empty where not recorded.
+            ``sqrt(se_a ** 2 + se_b ** 2)``, a bound that ignores that the same
+            users made both; ``per_user`` gives the sharper, paired one. Empty
+            where not recorded.
+        per_user: with :meth:`TwoStageModel.evaluate`'s ``per_user=True``, a row
+            per one of those users: their ID (under the user column's name
+            :meth:`~TwoStageModel.fit` read) and each served figure
+            (``ndcg@10``, ``recall@K``, ``hit_rate@K``, ``mrr@K``), whose means
+            are the figures above (a model that reads per-row context: a row
+            per test row). Joined on the ID with another model's, the
+            per-user differences give a paired comparison (their standard
+            deviation over the square root of their number is the standard
+            error of the difference). None otherwise; not in :meth:`to_dict`.
     """
 
     recall: dict[int, float]
@@ -69,6 +80,7 @@ class Evaluation:
     ranking: dict[str, Any] | None = None
     num_users: int = 0
     standard_errors: dict[str, dict[int, float]] = field(default_factory=dict)
+    per_user: pl.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
     def factorized_top_k(self) -> dict[int, float]:
@@ -745,10 +757,13 @@ class TwoStageModel:
         return self
 
     # -- measuring ----------------------------------------------------------------
-    def evaluate(self, test: Any, **columns: Any) -> Evaluation:
+    def evaluate(
+        self, test: Any, *, per_user: bool = False, **columns: Any
+    ) -> Evaluation:
         """Full-catalogue figures on a test table (same kinds as :meth:`fit`'s
         ``data``), read with the column names :meth:`fit` was given unless
-        ``user_col=`` etc. say otherwise."""
+        ``user_col=`` etc. say otherwise; ``per_user``: also each test user's
+        figures of the served list (:attr:`Evaluation.per_user`)."""
         rec = self.recommender
         like = self.split_.fit if self.split_ is not None else None
         names = dataclasses.replace(self.columns_ or _Columns(), **columns)
@@ -764,13 +779,27 @@ class TwoStageModel:
             if data.shown is not None:
                 data = data.with_shown(data.shown.with_columns(*typed))
             data = with_training_tables(rec.run, data)  # features the rows lack
-        retrieval = rec.run.evaluate(data)
+        retrieval = rec.run.evaluate(data, keep_queries=per_user)
         ranking = None
         if rec.ranker is not None:
             from twostage.ranking.evaluation import evaluate_ranking
 
-            ranking = evaluate_ranking(rec.ranker, data)  # type: ignore[arg-type]
-        return _summarise(retrieval, ranking)
+            ranking = evaluate_ranking(
+                rec.ranker,  # type: ignore[arg-type]
+                data,
+                keep_queries=per_user,
+            )
+        kept = {} if ranking is None else ranking.pop("queries", {})
+        evaluation = _summarise(retrieval, ranking)
+        if not per_user:
+            return evaluation
+        from twostage.retrieval.evaluation import eval_queries
+
+        served = kept.get("two_stage") or retrieval.queries["exclude_seen"]
+        frame = served.to_frame()
+        user_ids = eval_queries(rec.run, data).user_ids.gather(frame["query"])
+        table = frame.select(user_ids.alias(names.user_col), pl.exclude("query"))
+        return dataclasses.replace(evaluation, per_user=table)
 
     def _evaluation(self, metrics: Any, stages: Any) -> Evaluation:
         retrieval = EvalResult.from_dict(metrics)

@@ -550,17 +550,19 @@ class ItemKNN:
         return self._scores(_session_rows(sessions, num_items, torch.float32))
 
     def _scores(self, history: torch.Tensor) -> torch.Tensor:
-        """``[B, num_items]`` scores of dense rows of ``X``."""
+        """``[B, num_items]`` scores of dense rows of ``X`` (a transposed view)."""
         assert self.similarity is not None and self._similarity_t is not None
         # S keeps row i's top k (cosine is symmetric). Candidate neighbourhoods:
         # score[j] = sum_i S[j, i] x_i, i.e. X @ S^T; history ones: X @ S.
         kept = self.similarity if self.neighbours_of == "candidate" else None
+        # The product's transpose, a view: a contiguous copy would be one more
+        # fresh [B, N] block (its pages faulted in anew) before the caller's own.
         with quiet_sparse():
             if kept is not None:
                 # S (N, N) @ X^T (N, B) -> (N, B), transposed: X @ S^T.
-                return (kept @ history.T).T.contiguous()
+                return (kept @ history.T).T
             # S^T (N, N) @ X^T (N, B) -> (N, B), transposed: X @ S.
-            return (self._similarity_t @ history.T).T.contiguous()
+            return (self._similarity_t @ history.T).T
 
 
 class RecentPopularity:

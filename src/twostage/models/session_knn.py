@@ -210,6 +210,7 @@ class SessionNeighbours:
         """
         out = torch.zeros(len(user_idx), self.num_items)
         step = self.block_size
+        scratch: dict[str, Tensor] = {}  # memory the blocks reuse
         for start in range(0, len(user_idx), step):
             block = user_idx[start : start + step].long()
             row, position, item = self._segments(block)
@@ -223,7 +224,7 @@ class SessionNeighbours:
                 position = torch.cat([position, extra_position])
                 item = torch.cat([item, extra[kept].long()])
             out[start : start + len(block)] = self._score(
-                row, position, item, batch=len(block), exclude=block
+                row, position, item, batch=len(block), exclude=block, scratch=scratch
             )
         return out
 
@@ -244,6 +245,7 @@ class SessionNeighbours:
         as a neighbour (its own row; -1 or past the end: none)."""
         out = torch.zeros(len(queries), self.num_items)
         step = self.block_size
+        scratch: dict[str, Tensor] = {}  # memory the blocks reuse
         for start in range(0, len(queries), step):
             block = queries[start : start + step]
             kept = block > 0
@@ -251,7 +253,12 @@ class SessionNeighbours:
             position = kept.long().cumsum(dim=1)[kept] - 1
             skip = None if exclude is None else exclude[start : start + len(block)]
             out[start : start + len(block)] = self._score(
-                row, position, block[kept], batch=len(block), exclude=skip
+                row,
+                position,
+                block[kept],
+                batch=len(block),
+                exclude=skip,
+                scratch=scratch,
             )
         return out
 
@@ -279,9 +286,11 @@ class SessionNeighbours:
         *,
         batch: int,
         exclude: Tensor | None,
+        scratch: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """``[batch, num_items]`` scores of the queries given as ``(row, position,
-        item)`` triplets, each query's items in order."""
+        item)`` triplets, each query's items in order; ``scratch``: memory kept
+        between the blocks of one call (:meth:`_similar`)."""
         num_items = self.num_items
         # The queries: each item's weight and recency (its latest occurrence).
         lengths = torch.bincount(row, minlength=batch)
@@ -295,7 +304,9 @@ class SessionNeighbours:
         if self.sample:
             sim_k, nb = self._sampled(weights, lengths, exclude=exclude)
         else:
-            sim_k, nb = self._similar(weights, lengths, exclude=exclude)
+            sim_k, nb = self._similar(
+                weights, lengths, exclude=exclude, scratch=scratch
+            )
         # The neighbours' sequences; the anchor: where each holds the query's
         # latest item (its latest position there).
         k = nb.shape[1]
@@ -313,17 +324,33 @@ class SessionNeighbours:
         return out.view(batch, num_items).float()
 
     def _similar(
-        self, weights: Tensor, lengths: Tensor, *, exclude: Tensor | None
+        self,
+        weights: Tensor,
+        lengths: Tensor,
+        *,
+        exclude: Tensor | None,
+        scratch: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(similarity [B, k], user [B, k])``: each query's ``k`` nearest stored
-        users, every one a candidate (similarity 0: none shares an item)."""
+        users, every one a candidate (similarity 0: none shares an item).
+
+        Its ``[U, B]`` and ``[B, U]`` blocks are written into ``scratch``'s
+        memory where one is given, kept from the call's block before: fresh
+        blocks of 10^6 users (128 MiB each) had the system fault in their pages
+        anew each time, most of an evaluation's time on a large log."""
         batch, num_users = len(weights), self.num_users
+        scratch = {} if scratch is None else scratch
         # Similarity to every stored user: shared items' weights over sqrt(L * len).
+        product = _block(scratch, "product", (num_users, batch), torch.float32)
         with quiet_sparse():
             # (U, N) @ (N, B) -> (U, B)
-            shared = (self.matrix @ weights.T.float()).T.double()
+            torch.mm(self.matrix, weights.T.float(), out=product)
+        sim = _block(scratch, "sim", (batch, num_users), torch.float64)
+        sim.copy_(product.T)
         sizes = (self.indptr[1:] - self.indptr[:-1]).double()
-        sim = shared / (sizes[None, :] * lengths[:, None].double()).sqrt().clamp_min(1)
+        scale = _block(scratch, "scale", (batch, num_users), torch.float64)
+        torch.mul(sizes[None, :], lengths[:, None].double(), out=scale)
+        sim.div_(scale.sqrt_().clamp_min_(1))
         if exclude is not None:
             own = (exclude >= 0) & (exclude < num_users)
             sim[torch.arange(batch)[own], exclude[own]] = 0.0
@@ -420,6 +447,18 @@ class SessionNeighbours:
         )
         keep = rank < sample
         return owner[keep], users[keep], rank[keep], shared[keep]
+
+
+def _block(
+    scratch: dict[str, Tensor], name: str, shape: tuple[int, int], dtype: torch.dtype
+) -> Tensor:
+    """A ``shape`` tensor in ``scratch[name]``'s memory, grown when too small
+    (its values are whatever the last block left)."""
+    size = shape[0] * shape[1]
+    kept = scratch.get(name)
+    if kept is None or kept.numel() < size or kept.dtype != dtype:
+        kept = scratch[name] = torch.empty(size, dtype=dtype)
+    return kept[:size].view(shape)
 
 
 def activity_ranks(users: np.ndarray, times: np.ndarray, *, num_users: int) -> Tensor:

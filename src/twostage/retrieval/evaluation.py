@@ -104,7 +104,11 @@ class EvalQueries:
         return torch.nn.functional.pad(items, (0, 0, 0, self.num_cold_items))
 
     def pad_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` scores -> ``[B, num_items]`` (zeros for cold items, never valid)."""
+        """``[B, N]`` scores -> ``[B, num_items]`` (zeros for cold items, never
+        valid); ``scores`` themselves where there are none (a copy would be a
+        fresh block of a large catalogue each time, its pages faulted in anew)."""
+        if not self.num_cold_items:
+            return scores
         return torch.nn.functional.pad(scores, (0, self.num_cold_items))
 
 

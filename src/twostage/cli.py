@@ -1858,21 +1858,9 @@ def _check_per_user(out: Path, overwrite: bool, sessions_file: Path | None) -> N
             "sessions instead: drop one.",
             param_hint="--per-user",
         )
-    if out.suffix.lower() not in (".parquet", ".csv"):
-        raise typer.BadParameter(
-            f"should end in .parquet or .csv. Received: {str(out)!r}.",
-            param_hint="--per-user",
-        )
-    if out.is_dir():
-        raise typer.BadParameter(
-            f"{str(out)!r} is a directory.", param_hint="--per-user"
-        )
-    if out.exists() and not overwrite:
-        raise typer.BadParameter(
-            f"{str(out)!r} already exists: choose another path, or pass --overwrite "
-            "to replace it.",
-            param_hint="--per-user",
-        )
+    from twostage.cli_batch import check_table_file
+
+    check_table_file(out, overwrite, "--per-user")
 
 
 def _write_per_user(

@@ -94,21 +94,27 @@ def check_batch_options(
             "(or .csv).",
             param_hint="--out",
         )
+    check_table_file(out, overwrite, "--out")
+    if ids_file is not None and not ids_file.is_file():
+        raise typer.BadParameter(f"{str(ids_file)!r} is not a file.", param_hint=flag)
+
+
+def check_table_file(out: Path, overwrite: bool, flag: str) -> None:
+    """A file a command writes a table to (``flag``'s value): ``.parquet`` or
+    ``.csv``, not a directory, and not one that exists unless ``overwrite``."""
     if out.suffix.lower() not in (".parquet", ".csv"):
         raise typer.BadParameter(
             f"should end in .parquet or .csv. Received: {str(out)!r}.",
-            param_hint="--out",
+            param_hint=flag,
         )
     if out.is_dir():
-        raise typer.BadParameter(f"{str(out)!r} is a directory.", param_hint="--out")
+        raise typer.BadParameter(f"{str(out)!r} is a directory.", param_hint=flag)
     if out.exists() and not overwrite:
         raise typer.BadParameter(
             f"{str(out)!r} already exists: choose another path, or pass --overwrite "
             "to replace it.",
-            param_hint="--out",
+            param_hint=flag,
         )
-    if ids_file is not None and not ids_file.is_file():
-        raise typer.BadParameter(f"{str(ids_file)!r} is not a file.", param_hint=flag)
 
 
 def _refuse_deep_json(text: str, path: Path, flag: str) -> None:

@@ -25,6 +25,7 @@ import torch
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError, DataError
 from twostage.metrics import MetricAccumulator, QueryFigures, check_ks
+from twostage.scratch import Scratch
 
 __all__ = [
     "DEFAULT_KS",
@@ -285,7 +286,7 @@ class _Run:
         if valid_items is not None:
             valid = _bool_mask("valid_items", valid_items, num_items, "item")
         self.invalid = torch.from_numpy(~valid)
-        self._scratch = torch.empty(0)  # the masked copy's memory, reused
+        self._scratch = Scratch()  # the masked copy's memory, reused
         self.relevant = {MODES[1]: relevant}
         if seen is not None and MODES[0] in self.modes:
             self.relevant[MODES[0]] = relevant.difference(seen)
@@ -359,19 +360,9 @@ class _Run:
 
     def _copy(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` copied into memory kept from the last block (``scores``
-        stay intact): a fresh ``[B, C]`` tensor a block had the system fault in
-        its pages anew each time, a third of the CPU time on 200,000 items."""
-        size = scores.numel()
-        scratch = self._scratch
-        if (
-            scratch.numel() < size
-            or scratch.dtype != scores.dtype
-            or scratch.device != scores.device
-        ):
-            scratch = self._scratch = torch.empty(
-                size, dtype=scores.dtype, device=scores.device
-            )
-        return scratch[:size].view(scores.shape).copy_(scores)
+        stay intact; :class:`~twostage.scratch.Scratch`)."""
+        kept = self._scratch.block("masked", scores.shape, scores.dtype, scores.device)
+        return kept.copy_(scores)
 
     def update(self, start: int, stop: int, ranked: Mapping[str, torch.Tensor]) -> None:
         for mode, ids in ranked.items():
@@ -597,18 +588,15 @@ def evaluate_embeddings(
     )
     item_emb = item_emb.to(query_emb.device)
 
-    scores = torch.empty(0, dtype=query_emb.dtype, device=query_emb.device)
+    scratch = Scratch()  # each chunk's scores in the memory of the one before
 
     def score_chunks(start: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
-        nonlocal scores
         block = query_emb[start:stop]
         for offset in range(0, num_items, item_batch_size):
             chunk = item_emb[offset : offset + item_batch_size]
-            size = block.shape[0] * chunk.shape[0]
-            if scores.numel() < size:  # kept between blocks, as _Run._copy's
-                scores = torch.empty(size, dtype=block.dtype, device=block.device)
+            shape = (block.shape[0], chunk.shape[0])
+            out = scratch.block("scores", shape, block.dtype, block.device)
             # (B, D) @ (D, C) -> (B, C); rank() reads it before the next chunk
-            out = scores[:size].view(block.shape[0], chunk.shape[0])
             yield offset, torch.matmul(block, chunk.T, out=out)
 
     return _evaluate(run, score_chunks)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from twostage.errors import ConfigError, DataError
+from twostage.scratch import Scratch
 
 __all__ = [
     "BLOCK_CELLS",
@@ -210,7 +211,7 @@ class SessionNeighbours:
         """
         out = torch.zeros(len(user_idx), self.num_items)
         step = self.block_size
-        scratch: dict[str, Tensor] = {}  # memory the blocks reuse
+        scratch = Scratch()  # memory the blocks reuse
         for start in range(0, len(user_idx), step):
             block = user_idx[start : start + step].long()
             row, position, item = self._segments(block)
@@ -245,7 +246,7 @@ class SessionNeighbours:
         as a neighbour (its own row; -1 or past the end: none)."""
         out = torch.zeros(len(queries), self.num_items)
         step = self.block_size
-        scratch: dict[str, Tensor] = {}  # memory the blocks reuse
+        scratch = Scratch()  # memory the blocks reuse
         for start in range(0, len(queries), step):
             block = queries[start : start + step]
             kept = block > 0
@@ -286,7 +287,7 @@ class SessionNeighbours:
         *,
         batch: int,
         exclude: Tensor | None,
-        scratch: dict[str, Tensor] | None = None,
+        scratch: Scratch | None = None,
     ) -> Tensor:
         """``[batch, num_items]`` scores of the queries given as ``(row, position,
         item)`` triplets, each query's items in order; ``scratch``: memory kept
@@ -329,26 +330,25 @@ class SessionNeighbours:
         lengths: Tensor,
         *,
         exclude: Tensor | None,
-        scratch: dict[str, Tensor] | None = None,
+        scratch: Scratch | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(similarity [B, k], user [B, k])``: each query's ``k`` nearest stored
         users, every one a candidate (similarity 0: none shares an item).
 
         Its ``[U, B]`` and ``[B, U]`` blocks are written into ``scratch``'s
-        memory where one is given, kept from the call's block before: fresh
-        blocks of 10^6 users (128 MiB each) had the system fault in their pages
-        anew each time, most of an evaluation's time on a large log."""
+        memory where one is given, kept from the call's block before
+        (:class:`~twostage.scratch.Scratch`: 128 MiB each at 10^6 users)."""
         batch, num_users = len(weights), self.num_users
-        scratch = {} if scratch is None else scratch
+        scratch = Scratch() if scratch is None else scratch
         # Similarity to every stored user: shared items' weights over sqrt(L * len).
-        product = _block(scratch, "product", (num_users, batch), torch.float32)
+        product = scratch.block("product", (num_users, batch), torch.float32)
         with quiet_sparse():
             # (U, N) @ (N, B) -> (U, B)
             torch.mm(self.matrix, weights.T.float(), out=product)
-        sim = _block(scratch, "sim", (batch, num_users), torch.float64)
+        sim = scratch.block("sim", (batch, num_users), torch.float64)
         sim.copy_(product.T)
         sizes = (self.indptr[1:] - self.indptr[:-1]).double()
-        scale = _block(scratch, "scale", (batch, num_users), torch.float64)
+        scale = scratch.block("scale", (batch, num_users), torch.float64)
         torch.mul(sizes[None, :], lengths[:, None].double(), out=scale)
         sim.div_(scale.sqrt_().clamp_min_(1))
         if exclude is not None:
@@ -447,18 +447,6 @@ class SessionNeighbours:
         )
         keep = rank < sample
         return owner[keep], users[keep], rank[keep], shared[keep]
-
-
-def _block(
-    scratch: dict[str, Tensor], name: str, shape: tuple[int, int], dtype: torch.dtype
-) -> Tensor:
-    """A ``shape`` tensor in ``scratch[name]``'s memory, grown when too small
-    (its values are whatever the last block left)."""
-    size = shape[0] * shape[1]
-    kept = scratch.get(name)
-    if kept is None or kept.numel() < size or kept.dtype != dtype:
-        kept = scratch[name] = torch.empty(size, dtype=dtype)
-    return kept[:size].view(shape)
 
 
 def activity_ranks(users: np.ndarray, times: np.ndarray, *, num_users: int) -> Tensor:

@@ -138,32 +138,36 @@ def evaluate_sessions(
     figures: dict[str, Any] = {}
     errors: dict[str, Any] = {}
     paired: dict[str, Any] = {}
-    ours: list[QueryFigures] = []  # the model's per-session figures
 
-    def measure(lists: torch.Tensor, into: dict[str, Any], name: str) -> None:
+    def measure(lists: torch.Tensor, into: dict[str, Any], name: str) -> QueryFigures:
+        """Adds one row's figures and standard errors; returns its per-session
+        figures."""
         acc = MetricAccumulator(ks=ks, num_items=vocab.size, keep_queries=True)
         acc.update(lists, relevant)
         errors_of = acc.standard_errors()
         metrics = acc.compute()
         into[name] = {m: metrics[m] for m in errors_of}
-        nested = into is not figures
-        (errors["baselines"] if nested else errors)[name] = errors_of
-        kept = acc.queries()
-        if not ours:
-            ours.append(kept)
-            return
-        (paired["baselines"] if nested else paired)[name] = {
-            m: {k: paired_standard_error(ours[0], kept, m, k) for k in ks}
-            for m in errors_of
+        (errors if into is figures else errors["baselines"])[name] = errors_of
+        return acc.queries()
+
+    ours = measure(_ranked(found.lists, position, vocab, ks[-1]), figures, "twostage")
+
+    def against(theirs: QueryFigures) -> dict[str, dict[int, float]]:
+        """The paired standard error of the model's figures less ``theirs``."""
+        return {
+            m: {k: paired_standard_error(ours, theirs, m, k) for k in ks}
+            for m in errors["twostage"]
         }
 
-    measure(_ranked(found.lists, position, vocab, ks[-1]), figures, "twostage")
-    measure(_popular_ranked(rec, queries, order, ks[-1]), figures, "popularity")
+    popular = _popular_ranked(rec, queries, order, ks[-1])
+    paired["popularity"] = against(measure(popular, figures, "popularity"))
     if train is not None:
         figures["baselines"], errors["baselines"] = {}, {}
         paired["baselines"] = {}
         for name, lists in _baseline_lists(rec, queries, order, ks[-1], train):
-            measure(lists, figures["baselines"], name)
+            paired["baselines"][name] = against(
+                measure(lists, figures["baselines"], name)
+            )
     figures["standard_errors"] = errors
     figures["paired_standard_errors"] = paired
     reasons = {r: n for r, n in dropped.items() if n}

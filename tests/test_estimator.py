@@ -102,7 +102,8 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path, caplog) -> None
     # user column's own name, each the user's own.
     table = model.evaluate(test, per_user=True).per_user
     assert result.per_user is None and table is not None
-    assert table.height == result.num_users and table.columns[0] == "uid"
+    assert table.height == result.num_users and table.columns[:2] == ["uid", "query"]
+    assert table["query"].n_unique() == table.height  # no per-row context: a user each
     assert table["ndcg@10"].mean() == pytest.approx(result.ndcg[10], rel=1e-5)
     row = table.row(0, named=True)
     listed = {e["item_id"] for e in model.recommend(row["uid"], k=10).items}
@@ -272,6 +273,25 @@ def test_fit_reads_the_training_rows_weights(frames) -> None:
     assert fitted["weight"].to_list() == weighted["w"].astype("float32").tolist()
     assert "weight" not in model.split_.validation.interactions.columns
     assert model.evaluate(test[half:]).num_users > 0  # read without `w`
+
+
+def test_per_user_figures_of_a_per_row_context_model_carry_each_query() -> None:
+    """A model that reads per-row context has a query per test row, so a user
+    has several rows in `per_user`: they carried the user ID alone, and two such
+    tables could only be joined on position."""
+    data = generate(num_users=60, num_items=40, num_interactions=1500, seed=5)
+    train, test = twostage.random_split(data, test_fraction=0.2, seed=0)
+    settings = {**SETTINGS, "train.epochs": 1, "retrieval.query_fields": ["timestamp"]}
+    model = twostage.TwoStageModel(settings=settings, ranking=False, progress=False)
+    model.fit(train.interactions.to_pandas(), time_col="timestamp")
+    result = model.evaluate(test.interactions.to_pandas(), per_user=True)
+    table = result.per_user
+    assert table is not None and table.columns[:2] == ["user_id", "query"]
+    assert (
+        table.height == result.num_users and table["query"].n_unique() == table.height
+    )
+    assert table["user_id"].n_unique() < table.height  # users with several test rows
+    assert table["ndcg@10"].mean() == pytest.approx(result.ndcg[10], rel=1e-5)
 
 
 def test_fit_reads_unrated_values(frames) -> None:

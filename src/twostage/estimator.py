@@ -64,13 +64,16 @@ class Evaluation:
             where not recorded.
         per_user: with :meth:`TwoStageModel.evaluate`'s ``per_user=True``, a row
             per one of those users: their ID (under the user column's name
-            :meth:`~TwoStageModel.fit` read) and each served figure
-            (``ndcg@10``, ``recall@K``, ``hit_rate@K``, ``mrr@K``), whose means
-            are the figures above (a model that reads per-row context: a row
-            per test row). Joined on the ID with another model's, the
-            per-user differences give a paired comparison (their standard
-            deviation over the square root of their number is the standard
-            error of the difference). None otherwise; not in :meth:`to_dict`.
+            :meth:`~TwoStageModel.fit` read), ``query`` (the query's position
+            among the test's queries, as ``twostage evaluate --per-user``
+            writes it) and each served figure (``ndcg@10``, ``recall@K``,
+            ``hit_rate@K``, ``mrr@K``), whose means are the figures above. A
+            model that reads per-row context has a query per test row, so a
+            user may have several rows: join two such models' tables on
+            ``query``, others on the ID. The per-user differences give a paired
+            comparison (their standard deviation over the square root of their
+            number is the standard error of the difference). None otherwise;
+            not in :meth:`to_dict`.
     """
 
     recall: dict[int, float]
@@ -798,7 +801,7 @@ class TwoStageModel:
         served = kept.get("two_stage") or retrieval.queries["exclude_seen"]
         frame = served.to_frame()
         user_ids = eval_queries(rec.run, data).user_ids.gather(frame["query"])
-        table = frame.select(user_ids.alias(names.user_col), pl.exclude("query"))
+        table = frame.select(user_ids.alias(names.user_col), pl.all())
         return dataclasses.replace(evaluation, per_user=table)
 
     def _evaluation(self, metrics: Any, stages: Any) -> Evaluation:

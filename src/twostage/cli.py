@@ -5,6 +5,7 @@ in :mod:`twostage.cli_data` and :mod:`twostage.cli_ops`, tables and the progress
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -1986,7 +1987,6 @@ def demo(
     from twostage.data.describe import describe
     from twostage.data.movielens import load_movielens
     from twostage.evaluate import EvalResult
-    from twostage.ranking import evaluate_ranking
     from twostage.report import run_facts, score_samples, write_report
     from twostage.retrieval.evaluation import evaluate_baselines
 
@@ -2013,7 +2013,11 @@ def demo(
     summary = describe(data)
     print_summary(summary)
     console.rule("Two towers with side features and history, then the ranker")
-    stages = _fit_both(config, ranking=ranking, dataset=data, work_dir=out)
+    # Each test user's figures are kept, to pair the served list's with each
+    # baseline's.
+    stages = _fit_both(
+        config, ranking=ranking, dataset=data, work_dir=out, keep_queries=True
+    )
     run, split = stages.retrieval, stages.split
     console.print(
         f"Random 80/20 split (seed {config.data.seed}): "
@@ -2023,19 +2027,14 @@ def demo(
         f"{run.train_result.seconds:.1f} s (best epoch {run.train_result.best_epoch + 1})."
     )
     console.rule("Evaluation against the baselines")
-    # Each test user's figures are kept, to pair the served list's with each
-    # baseline's (the retrieval run's are, when it is the served list).
     found = evaluate_baselines(run, split.test, train=split.train, keep_queries=True)
     comparison = {"twostage": run.metrics}
     comparison.update({k: v.to_dict() for k, v in found.items()})
     print_metrics({}, title="Test split: twostage vs baselines", models=comparison)
-    lists, kept = None, {}
-    if stages.ranker is not None:
-        lists = evaluate_ranking(stages.ranker, split.test, keep_queries=True)
-        kept = lists.pop("queries")
-        ours = EvalResult.from_dict(run.metrics)
-    else:
-        ours = run.evaluate(split.test, keep_queries=True)
+    lists, kept = stages.ranking_metrics, stages.ranking_queries or {}
+    ours = dataclasses.replace(
+        EvalResult.from_dict(run.metrics), queries=run.test_queries or {}
+    )
     served, _ = _served_list(run.metrics, lists)
     console.print(
         "The list a user gets (retrieval, then the ranker's order): "

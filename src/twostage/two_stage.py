@@ -44,12 +44,17 @@ class TwoStage:
             only the feature tables.
         ranking_metrics: :func:`twostage.ranking.evaluate_ranking` on the test split
             (None without a ranker or without test evaluation).
+        ranking_queries: with ``keep_queries``, each test query's figures of
+            each of the ranking report's lists (``two_stage``...), as
+            ``evaluate_ranking(..., keep_queries=True)`` returns them; the
+            retrieval run's are ``retrieval.test_queries``.
     """
 
     retrieval: RetrievalRun
     ranker: RankingRun | None
     split: ExperimentSplit
     ranking_metrics: dict[str, Any] | None = None
+    ranking_queries: dict[str, Any] | None = None
 
     def recommender(self, *, items: pl.DataFrame | None = None) -> Recommender:
         """The served object of both stages (item metadata: ``items``, else the
@@ -70,6 +75,7 @@ def fit_two_stage(
     work_dir: str | Path | None = None,
     resume: bool = False,
     evaluate_test: bool = True,
+    keep_queries: bool = False,
     on_step: ProgressFn | None = None,
     on_ranking_step: ProgressFn | None = None,
     allow_config_change: bool = False,
@@ -86,6 +92,9 @@ def fit_two_stage(
             ``work_dir/retrieval`` and ``work_dir/ranking``.
         resume: continue both stages from the checkpoints in ``work_dir``.
         evaluate_test: measure both stages on the test split.
+        keep_queries: keep each test query's figures of both stages' lists too
+            (``retrieval.test_queries``, ``ranking_queries``), for paired
+            comparisons without measuring the test split again.
         on_step: progress callback of retrieval training; ``on_ranking_step``: of
             ranking training.
         allow_config_change: resume although the config differs from the
@@ -100,6 +109,7 @@ def fit_two_stage(
         resume=resume,
         on_step=on_step,
         evaluate_test=evaluate_test,
+        keep_queries=keep_queries,
         allow_config_change=allow_config_change,
     )
     result = TwoStage(retrieval=run, ranker=None, split=split)
@@ -119,6 +129,10 @@ def fit_two_stage(
         allow_config_change=allow_config_change,
     )
     if evaluate_test and split.test.num_interactions and distributed.is_main():
-        result.ranking_metrics = evaluate_ranking(result.ranker, split.test)
+        result.ranking_metrics = evaluate_ranking(
+            result.ranker, split.test, keep_queries=keep_queries
+        )
+        if keep_queries:
+            result.ranking_queries = result.ranking_metrics.pop("queries")
         result.ranker.metrics = result.ranking_metrics  # saved with the bundle
     return result

@@ -275,3 +275,46 @@ def test_the_session_knn_baseline_samples_latest_active_users_on_a_large_log(
     )
     users = torch.arange(1, run.spec.vocabulary(USER).size)
     assert fitted.score(users).equal(by_hand.score(users))
+
+
+def test_training_keeps_the_test_queries_figures_it_measured_when_asked() -> None:
+    """The demo and the quality benchmark measured the test split a second time
+    to keep each user's figures; training keeps them from its own measurement."""
+    from twostage.ranking import evaluate_ranking
+    from twostage.two_stage import fit_two_stage
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            *SMALL,
+            "data.validation_fraction=0.1",
+            "ranking.embedding_dim=8",
+            "ranking.hidden_dims=8",
+            "ranking.epochs=1",
+            "ranking.hard_negative_pool=10",
+        ],
+    )
+    stages = fit_two_stage(config, keep_queries=True)
+    run = stages.retrieval
+    assert run.test_queries is not None and stages.ranking_queries is not None
+    ours = run.test_queries["exclude_seen"]
+    again = run.evaluate(stages.split.test, keep_queries=True)
+    assert run.metrics == again.to_dict()  # the figures measured as before
+    np.testing.assert_array_equal(ours.rows, again.queries["exclude_seen"].rows)
+    np.testing.assert_array_equal(ours.values, again.queries["exclude_seen"].values)
+    assert float(np.nanmean(ours.of("ndcg", 10))) == pytest.approx(
+        run.metrics["metrics"]["exclude_seen"]["ndcg"]["10"], rel=1e-5
+    )
+    # The ranker's lists: its report as saved (no queries in it), its figures kept.
+    assert stages.ranking_metrics is not None and stages.ranker is not None
+    assert "queries" not in stages.ranking_metrics
+    lists = evaluate_ranking(stages.ranker, stages.split.test, keep_queries=True)
+    for name, figures in lists.pop("queries").items():
+        np.testing.assert_array_equal(
+            stages.ranking_queries[name].values, figures.values
+        )
+    assert lists["two_stage"] == stages.ranking_metrics["two_stage"]
+    # Not asked: nothing kept.
+    plain = fit_two_stage(config)
+    assert plain.retrieval.test_queries is None and plain.ranking_queries is None
+    assert plain.retrieval.metrics == run.metrics

@@ -107,6 +107,7 @@ def fit_retrieval(
     resume: bool = False,
     on_step: ProgressFn | None = None,
     evaluate_test: bool = True,
+    keep_queries: bool = False,
     allow_config_change: bool = False,
 ) -> tuple[RetrievalRun, ExperimentSplit]:
     """Train a two-tower retrieval model from a config and evaluate it on the test split.
@@ -124,6 +125,9 @@ def fit_retrieval(
         resume: continue an interrupted run from ``out_dir``'s checkpoint.
         on_step: progress callback of the training loop.
         evaluate_test: compute test metrics (stored in ``run.metrics``).
+        keep_queries: keep each test query's figures too (``run.test_queries``,
+            :class:`twostage.metrics.QueryFigures` by mode, for paired
+            comparisons) instead of measuring the test split a second time.
         allow_config_change: resume even though the config differs from the
             checkpoint's (beyond epochs, threads and device).
     """
@@ -190,7 +194,11 @@ def fit_retrieval(
             fit_closed_form(model, kind, config, run.tensors, every_row)
     # Every rank scores its share of the test users; one rank saves.
     if evaluate_test and split.test.num_interactions:
-        run.metrics = run.evaluate(split.test, shard=world is not None).to_dict()
+        found = run.evaluate(
+            split.test, shard=world is not None, keep_queries=keep_queries
+        )
+        run.metrics = found.to_dict()
+        run.test_queries = found.queries if keep_queries else None
     if out_dir is not None and distributed.is_main():
         run.save(out_dir)
         if split.fit.items is not None:  # what `twostage recommend RUN` shows

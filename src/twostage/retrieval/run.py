@@ -327,6 +327,10 @@ class RetrievalRun:
     #: The Parquet log a streamed run was trained on (saved): its test side is that
     #: stream's split, which re-evaluation reads again (``evaluate_streamed``).
     stream: str | None = None
+    #: Each test query's figures by mode (``exclude_seen``...), kept when
+    #: :func:`~twostage.retrieval.fit.fit_retrieval` was asked to
+    #: (``keep_queries``); not saved.
+    test_queries: dict[str, Any] | None = field(default=None, repr=False)
     #: The session-kNN term's neighbours, built on first use from the sequences
     #: they are read from (saved, ``tensors.neighbour_items``), rebuilt when those
     #: change.

@@ -224,6 +224,23 @@ def _weights(stages: TwoStage) -> dict[str, torch.Tensor]:
         # Each row's context, read by both stages: the ranker's share of the
         # batch carries its rows' context.
         ["retrieval.query_fields=user_id,hour_of_day"],
+        # Sequence towers, next-item prediction at every position: each rank
+        # trains on its share of the windows over the whole catalogue (dropout
+        # off: its masks are drawn per rank)...
+        [
+            "retrieval.query_encoder=transformer",
+            "retrieval.examples=sequences",
+            "retrieval.negatives=full",
+            "retrieval.sequence_dropout=0",
+        ],
+        # ...or against the distinct targets of every rank's share plus uniform
+        # draws, logQ corrected.
+        [
+            "retrieval.query_encoder=gru",
+            "retrieval.examples=sequences",
+            "retrieval.num_extra_negatives=16",
+            "retrieval.sequence_dropout=0",
+        ],
     ],
     ids=[
         "defaults",
@@ -231,6 +248,8 @@ def _weights(stages: TwoStage) -> dict[str, torch.Tensor]:
         "torchrec",
         "torchrec-ids-only",
         "per-row-context",
+        "transformer-sequences",
+        "gru-sequences-sampled",
     ],
 )
 def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) -> None:

@@ -186,17 +186,21 @@ def _distinct_items_softmax(
     *,
     weights: Tensor | None = None,
     extra: Tensor | None = None,
+    batch_items: Tensor | None = None,
 ) -> Tensor:
     """The softmax of ``queries [B, D]`` over the distinct items of the positives
     ``(rows [P], items [P])`` (and the ``extra [M]`` uniform draws), each
-    candidate's chance to be in that sample subtracted (logQ)."""
-    pooled = items if extra is None else torch.cat([items, extra])
-    sample, columns = torch.unique(pooled, return_inverse=True)
+    candidate's chance to be in that sample subtracted (logQ). ``batch_items``:
+    the positives of the whole global batch when ``items`` are one rank's share
+    of it (data-parallel), whose distinct items are then the candidates."""
+    drawn = items if batch_items is None else batch_items
+    pooled = drawn if extra is None else torch.cat([drawn, extra])
+    sample = torch.unique(pooled)
     log_q = None
     if model_config.logq_correction:
         log_q = log_inclusion_probability(
             tensors.item_probs[sample],
-            len(items),
+            len(drawn),
             num_uniform=0 if extra is None else len(extra),
             num_items=tensors.num_items - 1,  # the uniform draws skip the OOV row
         )
@@ -205,7 +209,7 @@ def _distinct_items_softmax(
         queries,
         model.encode_items({k: v[sample] for k, v in tensors.item_features.items()}),
         rows,
-        columns[: len(items)],
+        torch.searchsorted(sample, items),
         temperature=model.temperature,
         log_q=log_q,
         weights=weights,
@@ -310,12 +314,24 @@ def sequence_loss(
     next-item prediction at every position at once. The query after the items
     before position ``i`` must pick item ``i`` (the user's first item from the side
     features alone) among the whole catalogue (``negatives=full``) or the batch's
-    distinct targets plus ``num_extra_negatives`` uniform draws, logQ corrected."""
-    windows = tensors.sequences[batch]  # (B, L + 1): the lead, then the targets
-    users = tensors.sequence_users[batch]
+    distinct targets plus ``num_extra_negatives`` uniform draws, logQ corrected.
+
+    In a data-parallel run (:mod:`twostage.distributed`) ``batch`` is the global
+    batch: this rank trains on its share of the windows, the sampled candidates
+    are the distinct targets of every rank's share, and the loss is scaled so
+    that DDP's averaged gradient is the global batch's mean over its positions."""
+    world = distributed.current()
+    local, offset = batch, 0
+    if world is not None:
+        local = world.shard(batch)
+        offset = sum(world.sizes(len(batch))[: world.rank])
+    windows = tensors.sequences[local]  # (B, L + 1): the lead, then the targets
+    users = tensors.sequence_users[local]
     features = query_features(tensors, users)
     if model_config.id_dropout > 0 and tensors.user_id_field in features:
-        drop = torch.rand(len(users), generator=generator) < model_config.id_dropout
+        # The global batch's draws, sliced: as one process would draw them.
+        draws = torch.rand(len(batch), generator=generator)
+        drop = draws[offset : offset + len(local)] < model_config.id_dropout
         ids = features[tensors.user_id_field]
         features[tensors.user_id_field] = ids.masked_fill(drop.to(ids.device), 0)
     targets = windows[:, 1:]  # (B, L), most recent last
@@ -327,6 +343,18 @@ def sequence_loss(
     states = model.encode_query_positions(features)  # (B, L, D)
     where = targets > 0
     queries, positives = states[where], targets[where]  # (P, D), (P,)
+    # Every rank's positions (a collective: each rank calls it once a step).
+    sizes = None if world is None else distributed.gather_sizes(len(positives))
+    # The sampled candidates are drawn and gathered before a rank may leave with
+    # no position: every rank's uniform draws stay the same, and none skips the
+    # collective.
+    extra = batch_items = None
+    if model_config.negatives != "full":
+        extra = _uniform_negatives(model_config, tensors, generator, positives.device)
+        if sizes is not None:
+            batch_items = distributed.gather_rows(positives, sizes)
+    if not len(positives):  # this rank's share holds no position
+        return states.sum() * 0.0  # no loss, and a gradient (of zeros) for DDP
     if model_config.negatives == "full":
         others = None
         if model_config.mask_seen_negatives:
@@ -334,18 +362,30 @@ def sequence_loss(
             # (P, L): the user's latest training items (the history), all of them
             # positives of this user, not negatives.
             others = tensors.history[users[rows]]
-        return full_softmax_loss(
+        loss = full_softmax_loss(
             queries,
             model.encode_items(tensors.item_features),
             positives,
             temperature=model.temperature,
             other_positives=others,
         )
-    extra = _uniform_negatives(model_config, tensors, generator, positives.device)
-    rows = torch.arange(len(positives), device=positives.device)
-    return _distinct_items_softmax(
-        model, model_config, tensors, queries, rows, positives, extra=extra
-    )
+    else:
+        rows = torch.arange(len(positives), device=positives.device)
+        loss = _distinct_items_softmax(
+            model,
+            model_config,
+            tensors,
+            queries,
+            rows,
+            positives,
+            extra=extra,
+            batch_items=batch_items,
+        )
+    if sizes is None:
+        return loss
+    # The rank's mean over its positions, as its share of the global mean.
+    assert world is not None
+    return loss * len(positives) * world.size / max(sum(sizes), 1)
 
 
 def validation_loss(

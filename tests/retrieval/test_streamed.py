@@ -1210,7 +1210,21 @@ _RANKED = apply_overrides(
 )
 
 
+#: The sequence towers' 2-rank run: a GRU on each user's windows, sampled
+#: negatives (the distinct targets of both ranks' shares), its dropout off (drawn
+#: per rank).
+_SEQUENCES = [
+    "retrieval.query_fields=[]",
+    "retrieval.query_encoder=gru",
+    "retrieval.examples=sequences",
+    "retrieval.num_extra_negatives=16",
+    "retrieval.sequence_dropout=0",
+]
+
+
 def _ranked(backend: str) -> ExperimentConfig:
+    if backend == "sequences":
+        return apply_overrides(_RANKED, _SEQUENCES)
     return apply_overrides(_RANKED, [f"retrieval.embedding_backend={backend}"])
 
 
@@ -1230,6 +1244,8 @@ def _streamed_rank(rank: int, log: str, out: str, backend: str) -> None:
             ),
             "fallback": torch.tensor(run.popularity_fallback),
         }
+        if backend == "sequences":
+            tables["sequences"] = run.tensors.sequences
         weights = {f"model.{k}": v for k, v in run.model.state_dict().items()}
         save_file({**tables, **weights}, f"{out}.{rank}")
     finally:
@@ -1250,6 +1266,8 @@ def _streamed_rank(rank: int, log: str, out: str, backend: str) -> None:
                 reason="torchrec is not installed (make install-dev installs it)",
             ),
         ),
+        # Not a backend: the sequence towers (`_SEQUENCES`) on the torch tables.
+        "sequences",
     ],
 )
 def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
@@ -1273,14 +1291,20 @@ def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
         ),
         "fallback": torch.tensor(single.popularity_fallback),
     } | {f"model.{k}": v for k, v in single.model.state_dict().items()}
+    tables = ["users", "items", "history", "validation", "fallback"]
+    if backend == "sequences":  # each user's windows, built from the gathered rows
+        want["sequences"] = single.tensors.sequences
+        tables.append("sequences")
+        assert single.tensors.sequences.shape[0] > 400
     assert len(single.tensors.users) == 12_000 - 400  # each user's last row held
     for rank in (0, 1):
         got = load_file(f"{out}.{rank}")
         assert got.keys() == want.keys()
         # the hour-of-day table trained on the same rows' context (the served
         # tables keep no context: the carve-out's rows joined them after training)
-        assert "model.query_tower.embeddings.hour_of_day.weight" in got
-        for key in ("users", "items", "history", "validation", "fallback"):
+        if backend != "sequences":
+            assert "model.query_tower.embeddings.hour_of_day.weight" in got
+        for key in tables:
             assert torch.equal(got[key], want[key]), (rank, key)
         for key, value in want.items():
             torch.testing.assert_close(got[key], value, msg=f"{rank} {key}")

@@ -569,3 +569,31 @@ def test_the_cli_starts_without_importing_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert found.stdout.strip() == "False", found.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "said"),
+    [
+        (["train", "retrieval", "--bogus"], 2, "No such option: --bogus"),
+        (["train", "retrieval", "--stream", "log"], 2, "Missing option '--out'"),
+        (["train", "--epochs", "3"], 2, "No such option: --epochs"),
+        (["train", "retrieval", "--out", "a", "--out", "b"], 2, "given 2 times"),
+        (["train", "retrieval", "--help"], 0, "Train the two-tower retrieval model"),
+        (["--version"], 0, "twostage "),
+    ],
+)
+def test_nproc_checks_the_command_line_before_it_starts_any_rank(
+    args: list[str], status: int, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--nproc 2` started torchrun with any command line: each rank then printed
+    the same usage error, and torchrun its failure report, for a typo. It is now
+    shown once, with the single process's exit status, and no rank starts."""
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--nproc", "2"])
+    printed = capsys.readouterr()
+    text = " ".join((printed.out + printed.err).replace("│", " ").split())
+    assert done.value.code == status, text
+    assert text.count(said) == 1, text
+    assert "torch.distributed" not in text and "ChildFailedError" not in text
+    assert time.perf_counter() - started < 20  # no rank was started

@@ -2285,6 +2285,9 @@ def _launch(args: list[str]) -> int:
         status_console.print("[red]error:[/red] --nproc should be at least 1.")
         return 2
     rest = args[:at] + args[at + 2 :]
+    refused = _usage_status(rest)
+    if refused is not None:  # shown once, before any rank starts
+        return refused
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -2303,6 +2306,43 @@ def _launch(args: list[str]) -> int:
         status_console.print(failed.format_msg(), markup=False, highlight=False)
         return 1
     return 0
+
+
+def _usage_status(args: list[str]) -> int | None:
+    """The exit status of a command line that does not parse, its error (or the
+    ``--help`` / ``--version`` it asked for) shown once as one process shows it;
+    None when it parses. ``--nproc`` asks before it starts the ranks, each of
+    which would otherwise say the same, with torchrun's failure report after.
+
+    It walks the command groups as typer does when it runs them (methods typer
+    keeps from Click and does not document); should they change, the check
+    steps aside (None) and the ranks report the error as before."""
+    from typer import rich_utils
+    from typer.core import TyperGroup
+    from typer.main import get_command
+
+    try:
+        command: Any = get_command(app)
+        ctx = command.make_context("twostage", list(args))
+        while isinstance(command, TyperGroup):  # down to the command that runs
+            rest = [*ctx._protected_args, *ctx.args]
+            if not rest:
+                if not command.invoke_without_command:
+                    ctx.fail("Missing command.")
+                break
+            name, found, rest = command.resolve_command(ctx, rest)
+            command = found
+            ctx = command.make_context(name, rest, parent=ctx)
+    except typer.Exit as done:  # --help or --version, printed
+        return done.exit_code
+    except typer.TyperException as error:
+        if not hasattr(error, "exit_code"):
+            raise
+        rich_utils.rich_format_error(error)  # type: ignore[arg-type]
+        return int(error.exit_code)
+    except (AttributeError, TypeError):  # typer's internals moved: no check
+        return None
+    return None
 
 
 #: Python argument and config names in library messages -> the CLI flag that sets

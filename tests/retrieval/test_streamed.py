@@ -1225,6 +1225,15 @@ _SEQUENCES = [
 def _ranked(backend: str) -> ExperimentConfig:
     if backend == "sequences":
         return apply_overrides(_RANKED, _SEQUENCES)
+    if backend == "users":  # one example per user, at most 5 positives drawn
+        return apply_overrides(
+            _RANKED,
+            [
+                "retrieval.query_fields=[]",
+                "retrieval.examples=users",
+                "retrieval.max_positives_per_user=5",
+            ],
+        )
     return apply_overrides(_RANKED, [f"retrieval.embedding_backend={backend}"])
 
 
@@ -1266,8 +1275,10 @@ def _streamed_rank(rank: int, log: str, out: str, backend: str) -> None:
                 reason="torchrec is not installed (make install-dev installs it)",
             ),
         ),
-        # Not a backend: the sequence towers (`_SEQUENCES`) on the torch tables.
+        # Not backends: the sequence towers (`_SEQUENCES`) and one example per
+        # user, on the torch tables.
         "sequences",
+        "users",
     ],
 )
 def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
@@ -1302,7 +1313,7 @@ def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
         assert got.keys() == want.keys()
         # the hour-of-day table trained on the same rows' context (the served
         # tables keep no context: the carve-out's rows joined them after training)
-        if backend != "sequences":
+        if backend not in ("sequences", "users"):
             assert "model.query_tower.embeddings.hour_of_day.weight" in got
         for key in tables:
             assert torch.equal(got[key], want[key]), (rank, key)

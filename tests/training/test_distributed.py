@@ -241,6 +241,17 @@ def _weights(stages: TwoStage) -> dict[str, torch.Tensor]:
             "retrieval.num_extra_negatives=16",
             "retrieval.sequence_dropout=0",
         ],
+        # One example per user (`presets/two-stage-ease.json`'s mode): each rank
+        # takes its share of the users, the positives drawn for the whole batch...
+        [
+            "retrieval.examples=users",
+            "retrieval.negatives=full",
+            "retrieval.history_dropout=0.5",
+            "retrieval.max_positives_per_user=5",
+        ],
+        # ...and the distinct items of the whole batch as candidates, the pairs
+        # weighted by their ratings.
+        ["retrieval.examples=users", "retrieval.rating_weights=true"],
     ],
     ids=[
         "defaults",
@@ -250,6 +261,8 @@ def _weights(stages: TwoStage) -> dict[str, torch.Tensor]:
         "per-row-context",
         "transformer-sequences",
         "gru-sequences-sampled",
+        "users-full-softmax",
+        "users-sampled-weights",
     ],
 )
 def test_two_ranks_train_the_weights_of_one(extra: list[str], tmp_path: Path) -> None:

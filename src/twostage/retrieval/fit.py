@@ -140,12 +140,6 @@ def fit_retrieval(
     if out_dir is not None:
         refuse_foreign_target(out_dir)  # before training, not at the save
     world = distributed.init_from_env(config.train.device)
-    if world is not None and config.retrieval.examples == "users":
-        raise ConfigError(
-            "data-parallel training supports `retrieval.examples=interactions` and "
-            "`sequences`. Received: `retrieval.examples` = 'users' with "
-            f"{world.size} ranks."
-        )
     if split is None:
         if dataset is None:
             dataset = load_dataset_for(config)

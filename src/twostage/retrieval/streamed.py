@@ -140,10 +140,6 @@ logger = logging.getLogger(__name__)
 def _check(config: ExperimentConfig) -> None:
     retrieval, data = config.retrieval, config.data
     problems = []
-    if retrieval.examples == "users" and distributed.current() is not None:
-        problems.append(
-            "retrieval.examples=interactions or sequences (with several ranks)"
-        )
     if data.split not in ("random", "temporal", "leave-last-out"):
         problems.append("data.split=random, temporal or leave-last-out")
     if retrieval.ensemble and distributed.current() is not None:
@@ -153,8 +149,8 @@ def _check(config: ExperimentConfig) -> None:
     if problems:
         raise ConfigError(
             "training from a streamed log supports every example mode and "
-            "ensemble in one process, and one model trained on interactions or "
-            "sequences under torchrun; set " + ", ".join(problems) + "."
+            "ensemble in one process, and one model of any example mode under "
+            "torchrun; set " + ", ".join(problems) + "."
         )
 
 

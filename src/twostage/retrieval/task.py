@@ -134,18 +134,37 @@ def user_loss(
     generator: torch.Generator,
 ) -> Tensor:
     """One example per user: every training item of the user is a positive (or a
-    fresh draw of ``retrieval.max_positives_per_user`` of them)."""
-    users = by_user.users[batch]
-    queries = training_queries(model, model_config, tensors, users, generator)
-    rows, train_rows = by_user.rows_of(
-        users,
+    fresh draw of ``retrieval.max_positives_per_user`` of them).
+
+    In a data-parallel run (:mod:`twostage.distributed`) ``batch`` is the global
+    batch: this rank's queries are its share of the users, the positives drawn
+    for the whole batch are sliced to them, the sampled candidates are the
+    distinct items of the whole batch, and the loss is scaled so that DDP's
+    averaged gradient is the global batch's (weighted) mean over its pairs."""
+    world = distributed.current()
+    everyone = by_user.users[batch]
+    users, offset = everyone, 0
+    if world is not None:
+        users = world.shard(everyone)
+        offset = sum(world.sizes(len(batch))[: world.rank])
+    queries = training_queries(
+        model, model_config, tensors, users, generator, shard=(offset, len(batch))
+    )
+    # Every pair of the global batch (drawn as one process draws them), then
+    # this rank's: every rank knows them all, so no gather is needed.
+    all_rows, all_train_rows = by_user.rows_of(
+        everyone,
         max_per_user=model_config.max_positives_per_user,
         generator=generator,
     )
+    mine = (all_rows >= offset) & (all_rows < offset + len(users))
+    rows, train_rows = all_rows[mine] - offset, all_train_rows[mine]
     items = tensors.items[train_rows]
     weights = tensors.weights[train_rows] if tensors.weights is not None else None
+    if not len(rows):  # this rank's share holds no pair
+        return queries.sum() * 0.0  # no loss, and a gradient (of zeros) for DDP
     if model_config.negatives == "full":
-        return multi_positive_softmax_loss(
+        loss = multi_positive_softmax_loss(
             queries,
             model.encode_items(tensors.item_features),
             rows,
@@ -154,10 +173,27 @@ def user_loss(
             excluded_column=0,
             weights=weights,
         )
-    # The candidates are the distinct items of the batch's users.
-    return _distinct_items_softmax(
-        model, model_config, tensors, queries, rows, items, weights=weights
-    )
+    else:
+        # The candidates are the distinct items of the batch's users.
+        loss = _distinct_items_softmax(
+            model,
+            model_config,
+            tensors,
+            queries,
+            rows,
+            items,
+            weights=weights,
+            batch_items=tensors.items[all_train_rows] if world is not None else None,
+        )
+    if world is None:
+        return loss
+    # The rank's mean over its pairs, as its share of the global mean.
+    if tensors.weights is None:
+        share, total = float(len(rows)), float(len(all_rows))
+    else:
+        share = float(tensors.weights[train_rows].sum())
+        total = float(tensors.weights[all_train_rows].sum())
+    return loss * share * world.size / max(total, 1e-12)
 
 
 def _uniform_negatives(

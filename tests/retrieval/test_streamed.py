@@ -1225,6 +1225,15 @@ _SEQUENCES = [
 def _ranked(backend: str) -> ExperimentConfig:
     if backend == "sequences":
         return apply_overrides(_RANKED, _SEQUENCES)
+    if backend == "ensemble":  # a GRU on windows, EASE and the transitions
+        return apply_overrides(
+            _RANKED,
+            [
+                *_SEQUENCES,
+                "retrieval.ensemble=ease,transition",
+                "retrieval.ease_rank=16",
+            ],
+        )
     if backend == "users":  # one example per user, at most 5 positives drawn
         return apply_overrides(
             _RANKED,
@@ -1253,7 +1262,7 @@ def _streamed_rank(rank: int, log: str, out: str, backend: str) -> None:
             ),
             "fallback": torch.tensor(run.popularity_fallback),
         }
-        if backend == "sequences":
+        if backend in ("sequences", "ensemble"):
             tables["sequences"] = run.tensors.sequences
         weights = {f"model.{k}": v for k, v in run.model.state_dict().items()}
         save_file({**tables, **weights}, f"{out}.{rank}")
@@ -1279,6 +1288,7 @@ def _streamed_rank(rank: int, log: str, out: str, backend: str) -> None:
         # user, on the torch tables.
         "sequences",
         "users",
+        "ensemble",
     ],
 )
 def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
@@ -1303,7 +1313,7 @@ def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
         "fallback": torch.tensor(single.popularity_fallback),
     } | {f"model.{k}": v for k, v in single.model.state_dict().items()}
     tables = ["users", "items", "history", "validation", "fallback"]
-    if backend == "sequences":  # each user's windows, built from the gathered rows
+    if backend in ("sequences", "ensemble"):  # windows from the gathered rows
         want["sequences"] = single.tensors.sequences
         tables.append("sequences")
         assert single.tensors.sequences.shape[0] > 400
@@ -1313,7 +1323,7 @@ def test_two_ranks_read_their_own_row_groups_and_train_the_weights_of_one(
         assert got.keys() == want.keys()
         # the hour-of-day table trained on the same rows' context (the served
         # tables keep no context: the carve-out's rows joined them after training)
-        if backend not in ("sequences", "users"):
+        if backend not in ("sequences", "users", "ensemble"):
             assert "model.query_tower.embeddings.hour_of_day.weight" in got
         for key in tables:
             assert torch.equal(got[key], want[key]), (rank, key)

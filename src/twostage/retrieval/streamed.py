@@ -138,20 +138,9 @@ logger = logging.getLogger(__name__)
 
 
 def _check(config: ExperimentConfig) -> None:
-    retrieval, data = config.retrieval, config.data
-    problems = []
-    if data.split not in ("random", "temporal", "leave-last-out"):
-        problems.append("data.split=random, temporal or leave-last-out")
-    if retrieval.ensemble and distributed.current() is not None:
-        problems.append("retrieval.ensemble=[] (one model, with several ranks)")
+    data = config.data  # every split method and example mode, any number of ranks
     check_data_options(data)
     report_unused_fraction(data.split, data.test_fraction)
-    if problems:
-        raise ConfigError(
-            "training from a streamed log supports every example mode and "
-            "ensemble in one process, and one model of any example mode under "
-            "torchrun; set " + ", ".join(problems) + "."
-        )
 
 
 def check_data_options(data: DataConfig) -> None:

@@ -187,13 +187,21 @@ def user_loss(
         )
     if world is None:
         return loss
-    # The rank's mean over its pairs, as its share of the global mean.
     if tensors.weights is None:
-        share, total = float(len(rows)), float(len(all_rows))
-    else:
-        share = float(tensors.weights[train_rows].sum())
-        total = float(tensors.weights[all_train_rows].sum())
-    return loss * share * world.size / max(total, 1e-12)
+        return _rank_share(loss, len(rows), len(all_rows))
+    weights_of = tensors.weights
+    return _rank_share(
+        loss, weights_of[train_rows].sum(), weights_of[all_train_rows].sum()
+    )
+
+
+def _rank_share(loss: Tensor, share: float | Tensor, total: float | Tensor) -> Tensor:
+    """A rank's mean ``loss`` over its ``share`` of the global batch's ``total``
+    (pairs, positions, or their weights) as its part of the global mean: DDP
+    averages the ranks' gradients, so each is scaled by ``size * share / total``."""
+    world = distributed.current()
+    assert world is not None
+    return loss * (float(share) * world.size / max(float(total), 1e-12))
 
 
 def _uniform_negatives(
@@ -419,9 +427,7 @@ def sequence_loss(
         )
     if sizes is None:
         return loss
-    # The rank's mean over its positions, as its share of the global mean.
-    assert world is not None
-    return loss * len(positives) * world.size / max(sum(sizes), 1)
+    return _rank_share(loss, len(positives), sum(sizes))
 
 
 def validation_loss(

@@ -554,6 +554,15 @@ def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
     assert trained.exit_code == 0, trained.output
     printed = re.search(r"RMSE ([\d.]+), MAE ([\d.]+), AUC ([\d.]+)", trained.output)
     assert printed is not None, trained.output
+    # ... and the served list's figures, which only `evaluate` printed before.
+    said = " ".join(trained.output.split())
+    served_line = re.search(
+        r"The list a user gets \(retrieval, then the ranker's order\): "
+        r"ndcg@10 ([\d.]+), recall@10 ([\d.]+), hit_rate@10 ([\d.]+) "
+        r"\(NDCG@10's standard error ([\d.]+)\)",
+        said,
+    )
+    assert served_line is not None, said
     # The model directory: its newest version is evaluated.
     users = tmp_path / "users.csv"
     figures = runner.invoke(
@@ -578,6 +587,13 @@ def test_evaluate_bundle_covers_both_stages(tmp_path: Path) -> None:
     standing = saved["standing"]
     assert set(standing) == set(saved["retrieval"]) - {"twostage"}
     served = ranking["two_stage"]["ndcg"]["10"]
+    lists = ranking["two_stage"]
+    assert [float(v) for v in served_line.groups()] == [
+        round(lists["ndcg"]["10"], 4),
+        round(lists["recall"]["10"], 4),
+        round(lists["hit_rate"]["10"], 4),
+        round(ranking["standard_errors"]["two_stage"]["ndcg"]["10"], 4),
+    ]
     for name, row in standing.items():
         theirs = saved["retrieval"][name]
         assert (row["served"], row["baseline"]) == (

@@ -559,6 +559,14 @@ def _fit_both(
             if key in report
         )
         console.print(f"Ranking: {figures}")
+        if "two_stage" in report:  # what a user is served: the reranked list
+            served, error = _served_list(stages.retrieval.metrics, report)
+            figures = ", ".join(f"{k}@10 {v:.4f}" for k, v in served.items())
+            if error is not None:
+                figures += f" (NDCG@10's standard error {error:.4f})"
+            console.print(
+                f"The list a user gets (retrieval, then the ranker's order): {figures}."
+            )
         if "impressions" in report:
             console.print(impressions_line(report))
     return stages

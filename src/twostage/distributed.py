@@ -58,6 +58,11 @@ class World:
         base, extra = divmod(total, self.size)
         return [base + (1 if r < extra else 0) for r in range(self.size)]
 
+    def offset(self, total: int) -> int:
+        """Where this rank's share (:meth:`shard`) of a global batch of ``total``
+        rows begins in it."""
+        return sum(self.sizes(total)[: self.rank])
+
 
 #: The environment variable of a local group's rendezvous file
 #: (:func:`run_local_group`), in place of torchrun's ``MASTER_ADDR`` and

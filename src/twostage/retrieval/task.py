@@ -146,7 +146,7 @@ def user_loss(
     users, offset = everyone, 0
     if world is not None:
         users = world.shard(everyone)
-        offset = sum(world.sizes(len(batch))[: world.rank])
+        offset = world.offset(len(batch))
     queries = training_queries(
         model, model_config, tensors, users, generator, shard=(offset, len(batch))
     )
@@ -281,7 +281,7 @@ def interaction_loss(
     if world is not None:
         sizes = world.sizes(len(batch))
         local = world.shard(batch)
-        offset = sum(sizes[: world.rank])
+        offset = world.offset(len(batch))
         normaliser = len(batch) / world.size
         if tensors.weights is not None:
             total = distributed.gather_rows(tensors.weights[local], sizes).sum()
@@ -368,7 +368,7 @@ def sequence_loss(
     local, offset = batch, 0
     if world is not None:
         local = world.shard(batch)
-        offset = sum(world.sizes(len(batch))[: world.rank])
+        offset = world.offset(len(batch))
     windows = tensors.sequences[local]  # (B, L + 1): the lead, then the targets
     users = tensors.sequence_users[local]
     features = query_features(tensors, users)

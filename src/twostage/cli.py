@@ -560,13 +560,7 @@ def _fit_both(
         )
         console.print(f"Ranking: {figures}")
         if "two_stage" in report:  # what a user is served: the reranked list
-            served, error = _served_list(stages.retrieval.metrics, report)
-            figures = ", ".join(f"{k}@10 {v:.4f}" for k, v in served.items())
-            if error is not None:
-                figures += f" (NDCG@10's standard error {error:.4f})"
-            console.print(
-                f"The list a user gets (retrieval, then the ranker's order): {figures}."
-            )
+            console.print(_served_line(stages.retrieval.metrics, report))
         if "impressions" in report:
             console.print(impressions_line(report))
     return stages
@@ -2043,12 +2037,8 @@ def demo(
     ours = dataclasses.replace(
         EvalResult.from_dict(run.metrics), queries=run.test_queries or {}
     )
-    served, _ = _served_list(run.metrics, lists)
-    console.print(
-        "The list a user gets (retrieval, then the ranker's order): "
-        + ", ".join(f"{name}@10 {value:.4f}" for name, value in served.items())
-        + "."
-    )
+    if lists is None:  # with a ranker, training printed the served list's line
+        console.print(_served_line(run.metrics, None))
     for line in standing_lines(_standing_of({"twostage": ours, **found}, lists, kept)):
         console.print(f"- {line}")
     rec = stages.recommender(items=data.items)
@@ -2148,6 +2138,16 @@ def _served_list(
 
     figures = retrieval["metrics"]["exclude_seen"]
     return {m: figures[m]["10"] for m in names}, saved_error(retrieval)
+
+
+def _served_line(retrieval: dict[str, Any], ranking: dict[str, Any] | None) -> str:
+    """The sentence giving :func:`_served_list`'s figures (and NDCG@10's standard
+    error, where recorded)."""
+    served, error = _served_list(retrieval, ranking)
+    figures = ", ".join(f"{k}@10 {v:.4f}" for k, v in served.items())
+    if error is not None:
+        figures += f" (NDCG@10's standard error {error:.4f})"
+    return f"The list a user gets (retrieval, then the ranker's order): {figures}."
 
 
 def _show_version(value: bool) -> None:

@@ -800,6 +800,44 @@ def test_a_relative_log_path_is_saved_so_evaluate_finds_it_from_anywhere(
     assert evaluated.exit_code == 0, evaluated.output
 
 
+def test_a_config_s_own_log_is_trained_without_dataset(tmp_path: Path) -> None:
+    """Regression: `--dataset` defaulted to movielens-100k over the `--config`'s
+    `data.dataset`, so a saved run's config (with its column names) trained
+    MovieLens, or stopped at the column options it carried."""
+    data = generate(num_users=60, num_items=100, num_interactions=1500)
+    log = tmp_path / "log.csv"
+    data.interactions.rename({"user_id": "uid", "item_id": "isbn"}).write_csv(log)
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    args = [*("--user-col", "uid", "--item-col", "isbn"), *SMALL_TRAINING]
+    result = runner.invoke(
+        app, ["train", "retrieval", "--dataset", str(log), "--out", str(first), *args]
+    )
+    assert result.exit_code == 0, result.output
+    config = str(first / "config.json")
+    again = runner.invoke(
+        app, ["train", "retrieval", "--config", config, "--out", str(second)]
+    )
+    assert again.exit_code == 0, again.output
+    saved = json.loads((second / "config.json").read_text())["data"]
+    assert (saved["dataset"], saved["user_col"]) == (str(log.resolve()), "uid")
+    both = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            config,
+            "--out",
+            str(tmp_path / "models" / "m" / "1"),
+            "--set",
+            "ranking.epochs=1",
+            "--json",
+        ],
+    )
+    assert both.exit_code == 0, both.output
+    bundle = json.loads((tmp_path / "models" / "m" / "1" / "config.json").read_text())
+    assert bundle["data"]["dataset"] == str(log.resolve())
+
+
 def test_an_existing_bundle_is_refused_before_training(tmp_path: Path) -> None:
     """Regression: `train --out` onto an existing version trained in full and was
     refused only at the save; `train retrieval`, `report` and `data split` with

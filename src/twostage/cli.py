@@ -121,15 +121,17 @@ app.add_typer(train_app, name="train", rich_help_panel=TRAIN)
 
 
 def _experiment_config(
-    dataset: str,
+    dataset: str | None,
     config_file: Path | None,
     overrides: list[str],
     columns: dict[str, Any],
 ) -> Any:
+    """The config of ``--config`` (else the defaults), with ``--dataset`` where it is
+    given, the column options, then ``--set``."""
     from twostage.config import ExperimentConfig, apply_overrides, load_config
 
     config = load_config(config_file) if config_file else ExperimentConfig()
-    mapping = [f"data.dataset={dataset}"]
+    mapping = [] if dataset is None else [f"data.dataset={dataset}"]
     for key, value in columns.items():
         if value is not None:  # "" is a choice: `--time-col ""` reads no time
             if isinstance(value, Path):
@@ -297,13 +299,14 @@ def train_all(
         typer.Option(help="Bundle directory, e.g. models/movielens/1 (new version)."),
     ] = None,
     dataset: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Built-in dataset name, path of your CSV, JSON lines or Parquet log, "
             "or book-crossing:PATH / netflix:PATH / recbole:PATH / mind:PATH for "
-            "those layouts."
+            "those layouts (default: the --config's data.dataset, else "
+            "movielens-100k)."
         ),
-    ] = "movielens-100k",
+    ] = None,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="A JSON experiment config.")
     ] = None,
@@ -391,7 +394,8 @@ def train_all(
     _not_into_a_bundle("--tensorboard", tensorboard, "TensorBoard logs")
     from twostage.data.registry import anchored
 
-    dataset = anchored(dataset)  # the saved config finds the log from anywhere
+    if dataset is not None:
+        dataset = anchored(dataset)  # the saved config finds the log from anywhere
     columns = _columns(
         user_col,
         item_col,
@@ -444,7 +448,7 @@ def train_all(
         "allow_config_change": allow_config_change,
     }
     if stream:
-        options["stream"] = dataset
+        options["stream"] = config.data.dataset
     stages = _fit_both(
         config,
         ranking=ranking,
@@ -1504,13 +1508,14 @@ def train_retrieval_command(
         Path, typer.Option(help="Run directory (checkpoints, model, metrics).")
     ],
     dataset: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Built-in dataset name, path of your CSV, JSON lines or Parquet log, "
             "or book-crossing:PATH / netflix:PATH / recbole:PATH / mind:PATH for "
-            "those layouts."
+            "those layouts (default: the --config's data.dataset, else "
+            "movielens-100k)."
         ),
-    ] = "movielens-100k",
+    ] = None,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="A JSON config (see presets/).")
     ] = None,
@@ -1577,7 +1582,8 @@ def train_retrieval_command(
             f"[yellow]{escape(str(out))} holds a trained run; this one replaces it "
             "(--resume continues it instead).[/yellow]"
         )
-    dataset = anchored(dataset)  # the saved config finds the log from anywhere
+    if dataset is not None:
+        dataset = anchored(dataset)  # the saved config finds the log from anywhere
     columns = _columns(
         user_col,
         item_col,
@@ -1612,6 +1618,7 @@ def train_retrieval_command(
         unrated_values=unrated_values_of(unrated_values),
     )
     config = _experiment_config(dataset, config_file, overrides or [], columns)
+    dataset = config.data.dataset
     if stream:
         from twostage.retrieval.streamed import fit_streamed_retrieval
 

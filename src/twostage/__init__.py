@@ -14,6 +14,7 @@ and the lower-level functions are here too::
     stages = twostage.fit_two_stage(config, twostage.load_dataset("movielens-100k"))
     stages.recommender().save("models/movielens/1")
     twostage.load("models/movielens/1").recommend(42, k=10)
+    twostage.tune(config, {"retrieval.temperature": "log:0.05..1"}).config  # tuned
 
 They load on first use, so ``import twostage`` is cheap and the server imports no
 training code.
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     from twostage.retrieval.evaluation import evaluate_baselines
     from twostage.retrieval.fit import fit_retrieval
     from twostage.retrieval.run import load_run
+    from twostage.tuning import TuneResult, tune
     from twostage.two_stage import TwoStage, fit_two_stage
 
 __version__ = "0.1.0"
@@ -82,6 +84,8 @@ _EXPORTS = {
     "load_run": "twostage.retrieval.run",
     "TwoStage": "twostage.two_stage",
     "fit_two_stage": "twostage.two_stage",
+    "TuneResult": "twostage.tuning",
+    "tune": "twostage.tuning",
 }
 __all__ = [
     "Dataset",
@@ -111,5 +115,7 @@ __all__ = [
     "load_dataset",
     "load_run",
     "prepare_split",
+    "TuneResult",
+    "tune",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

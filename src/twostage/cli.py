@@ -96,6 +96,7 @@ from twostage.cli_output import (
     status_console,
     training_progress,
 )
+from twostage.cli_tune import tune_command
 from twostage.errors import ConfigError, TwostageError
 
 app = typer.Typer(
@@ -2217,6 +2218,7 @@ for _name, _command, _panel in (
     ("demo", demo, START),
     ("evaluate", evaluate_command, TRAIN),
     ("report", report_command, TRAIN),
+    ("tune", tune_command, TRAIN),
     ("recommend", recommend_command, USE),
     ("similar", similar_command, USE),
     ("add-items", add_items_command, USE),

@@ -1,0 +1,604 @@
+"""Choosing settings on a validation protocol, with Optuna's samplers.
+
+The config's own split sets its test rows aside unread (:func:`tuning_data`); each
+trial then runs the same protocol on the rows left, so the test side of every trial
+is a validation split carved from the training rows, the way the test was carved
+from the log. No figure that chooses a setting is measured on the test rows, which
+stay for one final measurement of the chosen config (``twostage train --config``).
+
+Each searched setting is a config key with a range or a list of choices::
+
+    result = tune(config, {"retrieval.temperature": "log:0.02..0.5",
+                           "retrieval.embedding_dim": "32,64,128"}, trials=20)
+    result.config  # the config with the best trial's settings
+
+Optuna (``pip install 'twostage[tune]'``) proposes the trials (its TPE sampler,
+seeded); the first trial is the config as given, where its values lie in the
+searched ranges, so the table shows what tuning gained over it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from twostage.config import KS, ExperimentConfig, apply_overrides, apply_settings
+from twostage.config import to_dict as config_dict
+from twostage.data.dataset import Dataset
+from twostage.errors import ConfigError, DataError, TwostageError
+
+__all__ = [
+    "STAGES",
+    "Param",
+    "TuneResult",
+    "TuneTrial",
+    "parse_metric",
+    "parse_space",
+    "require_optuna",
+    "tune",
+    "tuning_data",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What a trial trains: retrieval alone, or both stages (its figures are then the
+#: served list's, or the ranker's RMSE, MAE or AUC).
+STAGES = ("retrieval", "both")
+#: Retrieval's list metrics, with seen items excluded (``name@K``).
+LIST_METRICS = ("ndcg", "recall", "hit_rate", "mrr", "factorized_top_k", "coverage")
+#: The served list's (both stages), ``name@K``.
+SERVED_METRICS = ("ndcg", "recall", "hit_rate")
+#: The ranker's own figures (both stages), and which way is better.
+RANKER_METRICS = {"rmse": "minimize", "mae": "minimize", "auc": "maximize"}
+
+
+#: Why a search ended: every trial ran, the timeout, every combination of a space
+#: of choices ran, or Ctrl-C.
+Ended = Literal["trials", "timeout", "combinations", "interrupted"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: ``key`` between ``low`` and ``high`` (on a log scale
+    when ``log``; whole numbers when ``integer``), or one of ``choices``."""
+
+    key: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    integer: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def describe(self) -> str:
+        """The range or the choices, as ``--param`` spells them."""
+        if self.choices:
+            return " | ".join(_shown(c) for c in self.choices)
+        scale = "log:" if self.log else ""
+        return f"{scale}{_shown(self.low)}..{_shown(self.high)}"
+
+
+@dataclass
+class TuneTrial:
+    """One trial: its settings, the metric on the tuning split's test side
+    (``value``; None unless ``state`` is ``complete``), its time and, for a
+    trial that did not complete, why (``error``). A trial whose settings an
+    earlier one had is not trained again (the same settings and ``train.seed``
+    train the same model): it repeats that trial's outcome, ``repeat_of``."""
+
+    number: int
+    params: dict[str, Any]
+    value: float | None
+    seconds: float
+    state: Literal["complete", "failed", "interrupted"]
+    error: str | None = None
+    best_epoch: int | None = None  # retrieval's, counted from 1
+    repeat_of: int | None = None  # the earlier trial of the same settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` found.
+
+    Attributes:
+        config: the given config with the best trial's settings; its data and split
+            are the given config's, so training it measures the test rows once.
+        best: the best completed trial.
+        trials: every trial, in the order they ran.
+        metric, direction, stage: what was measured and which way is better.
+        params: the searched settings.
+        tuning_rows: rows the trials split and trained on; ``test_rows``: the rows
+            of the config's test side, set aside unread.
+        ended: why the search ended: ``trials`` (all ran), ``timeout``,
+            ``combinations`` (a space of choices alone, every combination run) or
+            ``interrupted`` (Ctrl-C: ``trials`` holds what ran).
+    """
+
+    config: ExperimentConfig
+    best: TuneTrial
+    trials: list[TuneTrial]
+    metric: str
+    direction: str
+    stage: str
+    params: list[Param]
+    tuning_rows: int
+    test_rows: int
+    ended: Ended = "trials"
+
+    @property
+    def interrupted(self) -> bool:
+        return self.ended == "interrupted"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: the settings, every trial and the best config."""
+        return {
+            "metric": self.metric,
+            "direction": self.direction,
+            "stage": self.stage,
+            "params": {p.key: p.describe() for p in self.params},
+            "tuning_rows": self.tuning_rows,
+            "test_rows_set_aside": self.test_rows,
+            "ended": self.ended,
+            "trials": [t.to_dict() for t in self.trials],
+            "best": self.best.to_dict(),
+            "config": config_dict(self.config),
+        }
+
+
+def tuning_data(dataset: Dataset, config: ExperimentConfig) -> tuple[Dataset, int]:
+    """``(rows, test_rows)``: the rows the config's split trains on (training and
+    validation rows together), and how many test rows it set aside, cold users'
+    included. Those are never read again while tuning."""
+    split = _outer_split(dataset, config)
+    return split.train, split.test.num_interactions
+
+
+def _outer_split(dataset: Dataset, config: ExperimentConfig) -> Any:
+    from twostage.data.split import prepare_split
+
+    return prepare_split(dataset, config)
+
+
+def parse_space(
+    config: ExperimentConfig, space: Mapping[str, str | Sequence[Any]]
+) -> list[Param]:
+    """The searched settings of ``space``: each config key maps to a range, text
+    ``"LOW..HIGH"`` (``"log:LOW..HIGH"`` on a log scale; whole numbers where the key
+    holds an integer), or to its choices, text ``"A,B,C"`` (``"A|B"`` where a
+    choice holds commas, e.g. ``retrieval.hidden_dims``) or a list of values.
+
+    Both ends of a range and every choice are checked against the config's own
+    rules before any trial trains."""
+    if not space:
+        raise ConfigError(
+            "`space` should name at least one setting to search, e.g. "
+            '{"retrieval.temperature": "log:0.02..0.5"}. Received: an empty space.'
+        )
+    params = []
+    for key, spec in space.items():
+        key = key.strip() if isinstance(key, str) else key
+        hint = _hint(config, key, spec)  # an unknown key fails here, named
+        if isinstance(spec, str):
+            param = _parse_text(config, key, spec, hint)
+        elif isinstance(spec, Sequence):
+            values = [_typed(config, key, v) for v in spec]
+            param = _choices(key, values, f"{list(spec)!r}")
+        else:
+            raise ConfigError(
+                f"the search space of `{key}` should be text ('LOW..HIGH', "
+                f"'log:LOW..HIGH' or 'A,B,C') or a list of choices. Received: {spec!r}."
+            )
+        params.append(param)
+    return params
+
+
+def _parse_text(config: ExperimentConfig, key: str, spec: str, hint: Any) -> Param:
+    text = spec.strip()
+    log = text.startswith("log:")
+    body = text[4:].strip() if log else text
+    if ".." not in body:
+        if log:
+            raise ConfigError(
+                f"`{key}`: 'log:' goes with a range, 'log:LOW..HIGH'. "
+                f"Received: {spec!r}."
+            )
+        separator = "|" if "|" in body else ","
+        texts = [part.strip() for part in body.split(separator)]
+        values = [_typed(config, key, part, text=True) for part in texts]
+        return _choices(key, values, repr(spec))
+    low_text, _, high_text = body.partition("..")
+    numeric = [a for a in typing.get_args(hint) or (hint,) if a is not type(None)]
+    if len(numeric) != 1 or numeric[0] not in (int, float):
+        raise ConfigError(
+            f"`{key}` is not a number, so it takes choices ('A,B'), not a range. "
+            f"Received: {spec!r}."
+        )
+    integer = numeric[0] is int
+    try:
+        low, high = (int(t) if integer else float(t) for t in (low_text, high_text))
+    except ValueError:
+        kind = "whole numbers" if integer else "numbers"
+        raise ConfigError(
+            f"`{key}`'s range should be two {kind}, 'LOW..HIGH'. Received: {spec!r}."
+        ) from None
+    if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+        raise ConfigError(
+            f"`{key}`'s range should have LOW < HIGH, both finite. Received: {spec!r}."
+        )
+    if log and low <= 0:
+        raise ConfigError(
+            f"`{key}`'s log range should start above 0. Received: {spec!r}."
+        )
+    for end in (low, high):  # the config's own checks (a temperature > 0...)
+        _check_value(config, key, end)
+    return Param(key, low=low, high=high, log=log, integer=integer)
+
+
+def _choices(key: str, values: list[Any], given: str) -> Param:
+    if len(values) < 2:
+        raise ConfigError(
+            f"`{key}` should have two choices or more to search (a single value is "
+            f"set with `--set` or the config). Received: {given}."
+        )
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise ConfigError(
+            f"`{key}`'s choices should differ. Received: {given} "
+            f"({_shown(repeated[0])} twice)."
+        )
+    return Param(key, choices=tuple(values))
+
+
+def _hint(config: ExperimentConfig, key: str, spec: Any) -> Any:
+    """The type of config ``key``; an unknown key raises the config's own error,
+    which names the closest known key."""
+    *sections, name = key.split(".") if isinstance(key, str) else [""]
+    node: Any = config
+    for part in sections:
+        node = getattr(node, part, None)
+        if not dataclasses.is_dataclass(node):
+            break
+    fields = {f.name for f in dataclasses.fields(node)} if _is_section(node) else set()
+    if name not in fields or _is_section(getattr(node, name)):
+        given = spec if isinstance(spec, str) else repr(spec)
+        apply_overrides(config, [f"{key}={given}"])
+        raise ConfigError(f"unknown config key {key!r}.")  # pragma: no cover
+    return typing.get_type_hints(type(node))[name]
+
+
+def _is_section(node: Any) -> bool:
+    return dataclasses.is_dataclass(node) and not isinstance(node, type)
+
+
+def _current(config: ExperimentConfig, key: str) -> Any:
+    node: Any = config_dict(config)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _typed(
+    config: ExperimentConfig, key: str, value: Any, *, text: bool = False
+) -> Any:
+    """``value`` as the config holds it (text parsed as an override's)."""
+    checked = (
+        apply_overrides(config, [f"{key}={value}"])
+        if text
+        else apply_settings(config, {key: value})
+    )
+    return _current(checked, key)
+
+
+def _check_value(config: ExperimentConfig, key: str, value: Any) -> None:
+    apply_settings(config, {key: value})
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(_shown(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def parse_metric(metric: str, stage: str) -> tuple[str, int | None, str]:
+    """``(name, K or None, direction)`` of ``"ndcg@10"``, ``"rmse"``...: list
+    metrics at one of :data:`twostage.config.KS`; RMSE, MAE and AUC (the ranker's)
+    with ``stage="both"``."""
+    if stage not in STAGES:
+        raise ConfigError(
+            f"`stage` should be one of {list(STAGES)}. Received: `stage` = {stage!r}."
+        )
+    text = metric.strip().lower()
+    if text in RANKER_METRICS:
+        if stage != "both":
+            raise ConfigError(
+                f"`metric` {metric!r} is the ranker's: tune both stages "
+                "(`stage='both'`, `--stage both`), or tune retrieval on a list "
+                "metric such as 'ndcg@10'."
+            )
+        return text, None, RANKER_METRICS[text]
+    name, at, k_text = text.partition("@")
+    names = SERVED_METRICS if stage == "both" else LIST_METRICS
+    if not at or name not in names or k_text not in {str(k) for k in KS}:
+        ranker = f", or {', '.join(RANKER_METRICS)}" if stage == "both" else ""
+        raise ConfigError(
+            f"`metric` should be NAME@K with NAME one of {list(names)} and K one of "
+            f"{list(KS)}{ranker}. Received: `metric` = {metric!r}."
+        )
+    return name, int(k_text), "maximize"
+
+
+def tune(
+    config: ExperimentConfig,
+    space: Mapping[str, str | Sequence[Any]],
+    *,
+    dataset: Dataset | None = None,
+    trials: int = 20,
+    metric: str = "ndcg@10",
+    stage: str = "retrieval",
+    seed: int = 0,
+    timeout: float | None = None,
+    on_trial: Callable[[TuneTrial], None] | None = None,
+) -> TuneResult:
+    """Search ``space`` (see :func:`parse_space`) for the settings that do best on
+    ``metric``, measured on a validation protocol: the config's split, run on the
+    rows its test side leaves (:func:`tuning_data`).
+
+    Args:
+        config: every other setting, the data and split included.
+        space: ``{"section.key": "LOW..HIGH" | "log:LOW..HIGH" | "A,B" | [A, B]}``.
+        dataset: the data; loaded from ``config.data`` when None.
+        trials: how many trials to run (fewer when ``timeout`` ends the search).
+        metric: ``NAME@K`` of retrieval's list with seen items excluded (``ndcg``,
+            ``recall``, ``hit_rate``, ``mrr``, ``factorized_top_k``, ``coverage``),
+            or with ``stage="both"`` of the served list (``ndcg``, ``recall``,
+            ``hit_rate``) or the ranker's ``rmse``, ``mae``, ``auc``.
+        stage: ``retrieval`` trains retrieval alone; ``both`` both stages.
+        seed: the sampler's seed (each trial trains with ``train.seed``).
+        timeout: seconds after which no new trial starts.
+        on_trial: called with each trial once it ends.
+
+    Returns:
+        A :class:`TuneResult`; ``result.config`` is the config to train.
+
+    Raises:
+        ConfigError: a bad space, metric or count; or no trial completed (the
+            first failure's reason is in the message).
+    """
+    optuna = require_optuna()
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ConfigError(
+            f"`trials` should be a positive integer. Received: `trials` = {trials!r}."
+        )
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(
+            f"`timeout` should be > 0 seconds. Received: `timeout` = {timeout!r}."
+        )
+    params = parse_space(config, space)
+    name, k, direction = parse_metric(metric, stage)
+    if config.data.train_file is not None or config.data.test_file is not None:
+        logger.info("tuning on the training file's rows, split by `data.split`")
+    if dataset is None:
+        from twostage.data.registry import load_dataset_for
+
+        dataset = load_dataset_for(config)
+    rows, test_rows = tuning_data(dataset, config)
+    # Each trial splits the tuning rows by `data.split` (the files already split).
+    inner = apply_settings(config, {"data.train_file": None, "data.test_file": None})
+    study = optuna.create_study(
+        direction=direction, sampler=optuna.samplers.TPESampler(seed=seed)
+    )
+    start = _start_point(config, params)
+    if start is not None:
+        study.enqueue_trial(start)
+    done: list[TuneTrial] = []
+    try:
+        ended = _search(
+            study,
+            params,
+            inner,
+            rows,
+            (stage, name, k),
+            trials,
+            timeout,
+            done,
+            on_trial,
+        )
+    except KeyboardInterrupt:  # between two trials: the trials that ran stand
+        ended = "interrupted"
+    complete = [t for t in done if t.state == "complete"]
+    if not complete:
+        if ended == "interrupted":
+            raise KeyboardInterrupt
+        reasons = done[0].error if done else "the timeout ended the search first"
+        raise ConfigError(f"no trial completed; the first: {reasons}")
+    pick = max if direction == "maximize" else min
+    best = pick(complete, key=lambda t: typing.cast(float, t.value))
+    return TuneResult(
+        config=apply_settings(config, best.params),
+        best=best,
+        trials=done,
+        metric=metric.strip().lower(),
+        direction=direction,
+        stage=stage,
+        params=params,
+        tuning_rows=rows.num_interactions,
+        test_rows=test_rows,
+        ended=ended,
+    )
+
+
+def _search(
+    study: Any,
+    params: list[Param],
+    inner: ExperimentConfig,
+    rows: Dataset,
+    measured: tuple[str, str, int | None],
+    trials: int,
+    timeout: float | None,
+    done: list[TuneTrial],
+    on_trial: Callable[[TuneTrial], None] | None,
+) -> Ended:
+    """Runs the trials into ``done``; returns why the search ended."""
+    optuna = require_optuna()
+    stage, name, k = measured
+    began = time.perf_counter()
+    ended: Ended = "trials"
+    combinations = _combinations(params)
+    for number in range(trials):
+        if timeout is not None and time.perf_counter() - began >= timeout:
+            ended = "timeout"
+            break
+        trial = study.ask()
+        values = {p.key: _suggest(trial, p) for p in params}
+        earlier = next((t for t in done if t.params == values), None)
+        if earlier is not None and earlier.state != "interrupted":
+            # The same settings train the same model (`train.seed`): not again.
+            record = dataclasses.replace(
+                earlier, number=number, seconds=0.0, repeat_of=earlier.number
+            )
+        else:
+            record = _run_trial(
+                number, apply_settings(inner, values), values, rows, stage, name, k
+            )
+        if record.state == "complete":
+            assert record.value is not None
+            study.tell(trial, record.value)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        done.append(record)
+        if on_trial is not None:
+            on_trial(record)
+        if record.state == "interrupted":
+            ended = "interrupted"
+            break
+        tried = {_settings_key(t.params) for t in done}
+        if combinations is not None and len(tried) >= combinations:
+            if number + 1 < trials:
+                ended = "combinations"
+            break
+    return ended
+
+
+def _run_trial(
+    number: int,
+    config: ExperimentConfig,
+    values: dict[str, Any],
+    rows: Dataset,
+    stage: str,
+    name: str,
+    k: int | None,
+) -> TuneTrial:
+    """One trial trained and measured; a config or data error of this combination
+    is recorded (the search goes on), Ctrl-C marks it interrupted."""
+    started = time.perf_counter()
+    record = TuneTrial(number, values, None, 0.0, "failed")
+    try:
+        record.value, record.best_epoch = _measure(config, rows, stage, name, k)
+    except TwostageError as e:
+        record.error = str(e)
+    except KeyboardInterrupt:
+        record.state, record.error = "interrupted", "stopped by Ctrl-C"
+    else:
+        if math.isfinite(record.value):
+            record.state = "complete"
+        else:
+            record.error = f"the metric was {record.value}"
+            record.value = None
+    record.seconds = time.perf_counter() - started
+    return record
+
+
+def _combinations(params: list[Param]) -> int | None:
+    """How many settings a space of choices alone holds (None with a range)."""
+    if not all(p.choices for p in params):
+        return None
+    return math.prod(len(p.choices) for p in params)
+
+
+def _settings_key(values: dict[str, Any]) -> str:
+    return json.dumps(values, sort_keys=True)
+
+
+def require_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError as e:
+        raise ConfigError(
+            "tuning needs Optuna, which is not installed. Install it with "
+            "`pip install 'twostage[tune]'` (or pip install optuna)."
+        ) from e
+    return optuna
+
+
+def _start_point(
+    config: ExperimentConfig, params: list[Param]
+) -> dict[str, Any] | None:
+    """The config's own values as Optuna's parameters, where every one lies in the
+    space (so the first trial is the config as given); None otherwise."""
+    start: dict[str, Any] = {}
+    for p in params:
+        value = _current(config, p.key)
+        if p.choices:
+            if value not in p.choices:
+                return None
+            start[p.key] = p.choices.index(value)
+        elif value is None or isinstance(value, bool) or not p.low <= value <= p.high:
+            return None
+        else:
+            start[p.key] = value
+    return start
+
+
+def _suggest(trial: Any, param: Param) -> Any:
+    if param.choices:  # by index: a choice may be a list, which Optuna cannot hold
+        at = trial.suggest_categorical(param.key, list(range(len(param.choices))))
+        return param.choices[at]
+    if param.integer:
+        return trial.suggest_int(
+            param.key, int(param.low), int(param.high), log=param.log
+        )
+    return trial.suggest_float(param.key, param.low, param.high, log=param.log)
+
+
+def _measure(
+    config: ExperimentConfig, rows: Dataset, stage: str, name: str, k: int | None
+) -> tuple[float, int | None]:
+    """``(metric, retrieval's best epoch)`` of one trial trained on ``rows``."""
+    report: dict[str, Any] | None
+    if stage == "retrieval":
+        from twostage.retrieval.fit import fit_retrieval
+
+        run, _ = fit_retrieval(config, dataset=rows)
+        report = run.metrics
+    else:
+        from twostage.two_stage import fit_two_stage
+
+        stages = fit_two_stage(config, rows, ranking=True)
+        run, report = stages.retrieval, stages.ranking_metrics
+    if not report:
+        raise DataError(
+            "the tuning split left no test rows to measure a trial on (the "
+            "config's split of the rows its own test side leaves): tune on more "
+            "rows, or with another `data.split`."
+        )
+    best_epoch = None
+    if run.train_result is not None:
+        best_epoch = run.train_result.best_epoch + 1
+    if stage == "retrieval":
+        return float(report["metrics"]["exclude_seen"][name][str(k)]), best_epoch
+    if k is None:
+        return float(report[name]), best_epoch
+    return float(report["two_stage"][name][str(k)]), best_epoch

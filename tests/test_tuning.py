@@ -1,0 +1,295 @@
+"""Tuning on a validation protocol: `twostage.tuning.tune` and `twostage tune`."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from twostage.cli import app
+from twostage.config import ExperimentConfig, apply_overrides, load_config
+from twostage.data.registry import load_dataset_for
+from twostage.data.split import prepare_split
+from twostage.errors import ConfigError
+from twostage.retrieval.fit import fit_retrieval
+from twostage.tuning import parse_metric, parse_space, tune, tuning_data
+
+SMALL = [
+    "data.dataset=synthetic:num_users=120,num_items=60,num_interactions=2400",
+    "train.epochs=2",
+    "train.num_threads=1",
+    "train.batch_size=128",
+    "retrieval.embedding_dim=16",
+    "retrieval.output_dim=16",
+    "retrieval.history_length=10",
+    "retrieval.popularity_fallback=0",
+]
+
+
+def small(*more: str) -> ExperimentConfig:
+    return apply_overrides(ExperimentConfig(), [*SMALL, *more])
+
+
+def keys(rows: pl.DataFrame) -> set[tuple[object, ...]]:
+    return set(rows.select("user_id", "item_id", "timestamp").iter_rows())
+
+
+@pytest.mark.parametrize(
+    "split", ["data.split=random", "data.split=temporal", "data.split=leave-last-out"]
+)
+def test_the_tuning_rows_are_the_rows_the_test_side_leaves(split: str) -> None:
+    config = small(split, "data.cold_user_fraction=0.1")
+    dataset = load_dataset_for(config)
+    rows, test_rows = tuning_data(dataset, config)
+    test = prepare_split(dataset, config).test
+    assert test_rows == test.num_interactions > 0
+    assert not keys(rows.interactions) & keys(test.interactions)
+    assert rows.num_interactions + test_rows == dataset.num_interactions
+
+
+def test_a_space_reads_ranges_and_choices_as_the_config_types_them() -> None:
+    config = small()
+    params = parse_space(
+        config,
+        {
+            "retrieval.temperature": "log:0.05..1",
+            "retrieval.embedding_dim": "8..32",
+            "retrieval.hidden_dims": "64|32,16",
+            "retrieval.query_encoder": ["pooling", "gru"],
+            "retrieval.use_side_features": "true,false",
+        },
+    )
+    temperature, width, hidden, encoder, side = params
+    assert (temperature.low, temperature.high, temperature.log) == (0.05, 1.0, True)
+    assert not temperature.integer
+    assert (width.low, width.high, width.integer, width.log) == (8, 32, True, False)
+    assert hidden.choices == ([64], [32, 16])
+    assert encoder.choices == ("pooling", "gru")
+    assert side.choices == (True, False)
+    assert temperature.describe() == "log:0.05..1" and hidden.describe() == "64 | 32,16"
+
+
+@pytest.mark.parametrize(
+    ("space", "said"),
+    [
+        ({"retrieval.temperatur": "0.1..0.5"}, "Did you mean 'retrieval.temperature'"),
+        ({"retrieval.temperature": "0..0.5"}, "`retrieval.temperature` should be"),
+        ({"retrieval.temperature": "0.5..0.1"}, "LOW < HIGH"),
+        ({"retrieval.temperature": "log:-1..1"}, "should start above 0"),
+        ({"retrieval.temperature": "log:0.1,0.2"}, "'log:' goes with a range"),
+        ({"retrieval.embedding_dim": "8.5..32"}, "two whole numbers"),
+        ({"retrieval.query_encoder": "0.1..2"}, "takes choices"),
+        ({"retrieval.query_encoder": "pooling"}, "two choices or more"),
+        ({"retrieval.query_encoder": "gru,gru"}, "should differ"),
+        ({"retrieval.query_encoder": "gru,lstm"}, "should be one of"),
+        ({"retrieval": "0.1..0.2"}, "unknown config key"),
+        ({}, "at least one setting"),
+    ],
+)
+def test_a_bad_space_is_refused_before_any_trial(
+    space: dict[str, str], said: str
+) -> None:
+    with pytest.raises(ConfigError, match=said):
+        parse_space(small(), space)
+
+
+def test_metrics_name_their_stage_and_direction() -> None:
+    assert parse_metric("NDCG@10", "retrieval") == ("ndcg", 10, "maximize")
+    assert parse_metric("factorized_top_k@100", "retrieval")[:2] == (
+        "factorized_top_k",
+        100,
+    )
+    assert parse_metric("rmse", "both") == ("rmse", None, "minimize")
+    assert parse_metric("auc", "both")[2] == "maximize"
+    for metric, stage, said in [
+        ("rmse", "retrieval", "the ranker's"),
+        ("ndcg@20", "retrieval", "K one of"),
+        ("mrr@10", "both", "NAME one of"),
+        ("ndcg", "retrieval", "NAME@K"),
+        ("ndcg@10", "ranking", "`stage` should be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            parse_metric(metric, stage)
+
+
+def test_the_search_starts_at_the_config_and_its_best_config_reproduces_its_figure() -> (
+    None
+):
+    config = small()
+    seen = []
+    result = tune(
+        config,
+        {"retrieval.temperature": "log:0.05..1", "train.learning_rate": "0.001..0.02"},
+        trials=3,
+        on_trial=seen.append,
+    )
+    assert seen == result.trials and len(result.trials) == 3
+    assert result.trials[0].params == {
+        "retrieval.temperature": config.retrieval.temperature,
+        "train.learning_rate": config.train.learning_rate,
+    }
+    assert all(t.state == "complete" and t.value is not None for t in result.trials)
+    assert len({t.value for t in result.trials}) > 1  # the settings changed something
+    best = max(result.trials, key=lambda t: t.value or 0.0)
+    assert result.best is best and result.ended == "trials"
+    assert result.config.retrieval.temperature == best.params["retrieval.temperature"]
+    assert result.config.train.learning_rate == best.params["train.learning_rate"]
+    assert result.config.data == config.data  # the test is measured once, later
+    # The best trial's figure is the best config's on the tuning rows, split by
+    # the config: no test row was read.
+    dataset = load_dataset_for(config)
+    rows, test_rows = tuning_data(dataset, config)
+    assert result.tuning_rows == rows.num_interactions
+    assert result.test_rows == test_rows
+    run, _ = fit_retrieval(result.config, dataset=rows)
+    assert run.metrics["metrics"]["exclude_seen"]["ndcg"]["10"] == pytest.approx(
+        best.value, abs=1e-6
+    )
+    saved = result.to_dict()
+    assert saved["best"]["number"] == best.number
+    assert (
+        saved["config"]["retrieval"]["temperature"]
+        == best.params["retrieval.temperature"]
+    )
+    assert saved["params"] == {
+        "retrieval.temperature": "log:0.05..1",
+        "train.learning_rate": "0.001..0.02",
+    }
+
+
+def test_a_failing_combination_is_recorded_and_the_search_goes_on() -> None:
+    # The term's weight picked on validation needs a validation carve-out: the
+    # config as given (fraction 0, tried first) cannot train.
+    config = small("retrieval.session_knn_weight=-1", "data.validation_fraction=0")
+    result = tune(config, {"data.validation_fraction": "0,0.1"}, trials=4)
+    first = result.trials[0]
+    assert first.params == {"data.validation_fraction": 0.0}
+    assert first.state == "failed" and first.value is None
+    assert "validation carve-out" in (first.error or "")
+    assert result.best.params == {"data.validation_fraction": 0.1}
+    assert result.best.state == "complete"
+    assert result.ended == "combinations" and len(result.trials) <= 4
+    with pytest.raises(ConfigError, match=r"no trial completed; the first: .*carve"):
+        tune(config, {"retrieval.temperature": "0.1..0.5"}, trials=2)
+
+
+def test_a_repeated_setting_is_not_trained_again_and_the_choices_run_out() -> None:
+    result = tune(small(), {"retrieval.embedding_dim": "8,16"}, trials=12, seed=3)
+    assert result.ended == "combinations"
+    tried = [t.params["retrieval.embedding_dim"] for t in result.trials]
+    assert set(tried) == {8, 16} and len(tried) < 12
+    for trial in result.trials:
+        if trial.repeat_of is None:
+            assert tried.index(tried[trial.number]) == trial.number
+            continue
+        earlier = result.trials[trial.repeat_of]
+        assert earlier.repeat_of is None and earlier.params == trial.params
+        assert (trial.value, trial.seconds) == (earlier.value, 0.0)
+    assert sum(t.repeat_of is None for t in result.trials) == 2
+
+
+def test_a_timeout_starts_no_trial_after_it() -> None:
+    result = tune(
+        small(), {"retrieval.temperature": "0.1..0.5"}, trials=5, timeout=1e-3
+    )
+    assert result.ended == "timeout" and len(result.trials) == 1
+
+
+def test_tune_from_the_command_line_writes_the_best_config(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "best.json"
+    args = [
+        "tune",
+        *[part for setting in SMALL for part in ("--set", setting)],
+        "--set",
+        "ranking.epochs=1",
+        "--param",
+        "ranking.learning_rate=log:0.0005..0.01",
+        "--param",
+        "retrieval.embedding_dim=8,16",
+        "--stage",
+        "both",
+        "--metric",
+        "rmse",
+    ]
+    found = runner.invoke(app, [*args, "--trials", "3", "--out", str(out), "--json"])
+    assert found.exit_code == 0, found.output
+    result = json.loads(found.stdout)
+    assert result["direction"] == "minimize" and len(result["trials"]) == 3
+    values = [t["value"] for t in result["trials"] if t["state"] == "complete"]
+    assert result["best"]["value"] == min(values)
+    best = load_config(out)
+    params = result["best"]["params"]
+    assert best.ranking.learning_rate == params["ranking.learning_rate"]
+    assert best.retrieval.embedding_dim == params["retrieval.embedding_dim"]
+    assert result["config"] == json.loads(out.read_text())
+    # `train --config` trains the log the config names (`--dataset` used to
+    # default to movielens-100k over it).
+    run = tmp_path / "run"
+    trained = runner.invoke(
+        app, ["train", "retrieval", "--config", str(out), "--out", str(run), "--json"]
+    )
+    assert trained.exit_code == 0, trained.output
+    assert load_config(run / "config.json").data == best.data
+    assert best.data.dataset.startswith("synthetic:")
+    # The table, and a file that exists already is kept.
+    again = runner.invoke(app, [*args, "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert load_config(out) == best
+    shown = runner.invoke(app, [*args, "--trials", "1"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "Trials (rmse, minimized)" in shown.output
+    assert "Best: trial 1, rmse" in shown.output
+    assert "test rows were set aside unread" in shown.output
+    for bad, said in [
+        (["--param", "retrieval.temperature"], "KEY=RANGE or KEY=CHOICES"),
+        (
+            ["--param", "train.epochs=1..3", "--param", "train.epochs=2..4"],
+            "searched twice",
+        ),
+        (["--param", "retrieval.temperatur=0.1..0.2"], "Did you mean"),
+        (["--param", "train.epochs=1..3", "--metric", "rmse"], "the ranker's"),
+    ]:
+        refused = runner.invoke(app, ["tune", *bad])
+        assert refused.exit_code != 0
+        # typer's own errors are in the output; ours reach `twostage.cli.main`
+        told = str(refused.exception or "") + refused.output
+        assert said in " ".join(told.split()), told
+
+
+def test_ctrl_c_keeps_the_trials_that_ran(tmp_path: Path) -> None:
+    out = tmp_path / "best.json"
+    command = [
+        sys.executable,
+        "-m",
+        "twostage",
+        "tune",
+        *[part for setting in SMALL for part in ("--set", setting)],
+        "--set",
+        "data.dataset=synthetic:num_users=300,num_items=100,num_interactions=20000",
+        "--set",
+        "train.epochs=50",
+        "--param",
+        "retrieval.temperature=0.1..0.5",
+        "--trials",
+        "100",
+        "--out",
+        str(out),
+    ]
+    tuning = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert tuning.stderr is not None
+    for line in tuning.stderr:  # the first trial has ended: the second trains
+        if line.startswith("trial 1/100"):
+            break
+    tuning.send_signal(signal.SIGINT)
+    said, logged = tuning.communicate(timeout=300)
+    assert tuning.returncode == 0, logged
+    assert "Interrupted: the table holds the trials that ran." in said
+    assert "Best: trial " in said and "trial 100/100" not in logged
+    assert 0.1 <= load_config(out).retrieval.temperature <= 0.5

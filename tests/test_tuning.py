@@ -293,3 +293,21 @@ def test_ctrl_c_keeps_the_trials_that_ran(tmp_path: Path) -> None:
     assert "Interrupted: the table holds the trials that ran." in said
     assert "Best: trial " in said and "trial 100/100" not in logged
     assert 0.1 <= load_config(out).retrieval.temperature <= 0.5
+
+
+def test_a_split_from_files_tunes_on_the_training_file(tmp_path: Path) -> None:
+    """Under `data.train_file` / `test_file` the test file is set aside and each
+    trial splits the training file's rows by `data.split`."""
+    spec = SMALL[0].partition("=")[2]
+    made = CliRunner().invoke(app, ["data", "split", spec, "--out", str(tmp_path)])
+    assert made.exit_code == 0, made.output
+    train = pl.read_parquet(tmp_path / "train.parquet")
+    test = pl.read_parquet(tmp_path / "test.parquet")
+    config = small(
+        f"data.train_file={tmp_path / 'train.parquet'}",
+        f"data.test_file={tmp_path / 'test.parquet'}",
+    )
+    result = tune(config, {"retrieval.temperature": "0.1..0.5"}, trials=1)
+    assert (result.tuning_rows, result.test_rows) == (len(train), len(test))
+    assert result.best.state == "complete"
+    assert result.config.data.train_file == config.data.train_file  # kept for later

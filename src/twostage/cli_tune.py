@@ -73,6 +73,15 @@ def tune_command(
         typer.Option(min=0.001, help="Start no trial after this many seconds."),
     ] = None,
     seed: Annotated[int, typer.Option(help="The sampler's seed.")] = 0,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Stop a trial after an epoch whose validation figure (the one "
+            "early stopping reads) is below the earlier trials' median at that "
+            "epoch: from the 6th trial, after the 2nd epoch.",
+        ),
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -156,6 +165,7 @@ def tune_command(
             stage=stage,
             seed=seed,
             timeout=timeout,
+            prune=prune,
             on_trial=shown,
         )
     if out is not None:

@@ -88,7 +88,8 @@ class Param:
 class TuneTrial:
     """One trial: its settings, the metric on the tuning split's test side
     (``value``; None unless ``state`` is ``complete``), its time and, for a
-    trial that did not complete, why (``error``). A trial whose settings an
+    trial that did not complete (``failed``, ``pruned`` or ``interrupted``), why
+    (``error``). A trial whose settings an
     earlier one had is not trained again (the same settings and ``train.seed``
     train the same model): it repeats that trial's outcome, ``repeat_of``."""
 
@@ -96,7 +97,7 @@ class TuneTrial:
     params: dict[str, Any]
     value: float | None
     seconds: float
-    state: Literal["complete", "failed", "interrupted"]
+    state: Literal["complete", "failed", "pruned", "interrupted"]
     error: str | None = None
     best_epoch: int | None = None  # retrieval's, counted from 1
     repeat_of: int | None = None  # the earlier trial of the same settings
@@ -350,6 +351,7 @@ def tune(
     stage: str = "retrieval",
     seed: int = 0,
     timeout: float | None = None,
+    prune: bool = False,
     on_trial: Callable[[TuneTrial], None] | None = None,
 ) -> TuneResult:
     """Search ``space`` (see :func:`parse_space`) for the settings that do best on
@@ -368,6 +370,11 @@ def tune(
         stage: ``retrieval`` trains retrieval alone; ``both`` both stages.
         seed: the sampler's seed (each trial trains with ``train.seed``).
         timeout: seconds after which no new trial starts.
+        prune: stop a trial after an epoch whose validation figure (retrieval's
+            ``train.eval_k`` recall on the trial's own carve-out, which early
+            stopping reads) is below the median of the earlier trials' at that
+            epoch (Optuna's median pruner: from the 6th trial, after the 2nd
+            epoch; not for a ``retrieval.ensemble``, whose members each train).
         on_trial: called with each trial once it ends.
 
     Returns:
@@ -397,8 +404,15 @@ def tune(
     rows, test_rows = tuning_data(dataset, config)
     # Each trial splits the tuning rows by `data.split` (the files already split).
     inner = apply_settings(config, {"data.train_file": None, "data.test_file": None})
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+        if prune
+        else optuna.pruners.NopPruner()
+    )
     study = optuna.create_study(
-        direction=direction, sampler=optuna.samplers.TPESampler(seed=seed)
+        direction=direction,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=pruner,
     )
     start = _start_point(config, params)
     if start is not None:
@@ -415,6 +429,7 @@ def tune(
             timeout,
             done,
             on_trial,
+            prune,
         )
     except KeyboardInterrupt:  # between two trials: the trials that ran stand
         ended = "interrupted"
@@ -450,10 +465,10 @@ def _search(
     timeout: float | None,
     done: list[TuneTrial],
     on_trial: Callable[[TuneTrial], None] | None,
+    prune: bool,
 ) -> Ended:
     """Runs the trials into ``done``; returns why the search ended."""
     optuna = require_optuna()
-    stage, name, k = measured
     began = time.perf_counter()
     ended: Ended = "trials"
     combinations = _combinations(params)
@@ -471,11 +486,18 @@ def _search(
             )
         else:
             record = _run_trial(
-                number, apply_settings(inner, values), values, rows, stage, name, k
+                number,
+                apply_settings(inner, values),
+                values,
+                rows,
+                measured,
+                _pruning(trial, study.direction) if prune else None,
             )
         if record.state == "complete":
             assert record.value is not None
             study.tell(trial, record.value)
+        elif record.state == "pruned":
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         done.append(record)
@@ -492,23 +514,50 @@ def _search(
     return ended
 
 
+class _Pruned(Exception):
+    """A trial stopped by the pruner after an epoch (not a config or data error)."""
+
+
+def _pruning(trial: Any, direction: Any) -> Callable[[dict[str, Any]], None]:
+    """The ``on_epoch`` of a pruned search: reports each epoch's validation figure
+    (a recall: higher is better, negated where the study minimises) and stops
+    the trial where the pruner says so. An ensemble member's epochs are not read."""
+    import optuna
+
+    sign = 1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        if "validation" not in record or "member" in record:
+            return
+        trial.report(sign * record["validation"], record["epoch"])
+        if trial.should_prune():
+            raise _Pruned(
+                f"at epoch {record['epoch'] + 1}, validation "
+                f"{record['validation']:.4f}: below the earlier trials' median there"
+            )
+
+    return on_epoch
+
+
 def _run_trial(
     number: int,
     config: ExperimentConfig,
     values: dict[str, Any],
     rows: Dataset,
-    stage: str,
-    name: str,
-    k: int | None,
+    measured: tuple[str, str, int | None],
+    on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> TuneTrial:
     """One trial trained and measured; a config or data error of this combination
-    is recorded (the search goes on), Ctrl-C marks it interrupted."""
+    is recorded (the search goes on), as is the pruner's stop; Ctrl-C marks it
+    interrupted."""
     started = time.perf_counter()
     record = TuneTrial(number, values, None, 0.0, "failed")
     try:
-        record.value, record.best_epoch = _measure(config, rows, stage, name, k)
+        record.value, record.best_epoch = _measure(config, rows, measured, on_epoch)
     except TwostageError as e:
         record.error = str(e)
+    except _Pruned as e:
+        record.state, record.error = "pruned", str(e)
     except KeyboardInterrupt:
         record.state, record.error = "interrupted", "stopped by Ctrl-C"
     else:
@@ -574,19 +623,23 @@ def _suggest(trial: Any, param: Param) -> Any:
 
 
 def _measure(
-    config: ExperimentConfig, rows: Dataset, stage: str, name: str, k: int | None
+    config: ExperimentConfig,
+    rows: Dataset,
+    measured: tuple[str, str, int | None],
+    on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[float, int | None]:
     """``(metric, retrieval's best epoch)`` of one trial trained on ``rows``."""
+    stage, name, k = measured
     report: dict[str, Any] | None
     if stage == "retrieval":
         from twostage.retrieval.fit import fit_retrieval
 
-        run, _ = fit_retrieval(config, dataset=rows)
+        run, _ = fit_retrieval(config, dataset=rows, on_epoch=on_epoch)
         report = run.metrics
     else:
         from twostage.two_stage import fit_two_stage
 
-        stages = fit_two_stage(config, rows, ranking=True)
+        stages = fit_two_stage(config, rows, ranking=True, on_epoch=on_epoch)
         run, report = stages.retrieval, stages.ranking_metrics
     if not report:
         raise DataError(

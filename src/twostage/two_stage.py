@@ -78,6 +78,7 @@ def fit_two_stage(
     keep_queries: bool = False,
     on_step: ProgressFn | None = None,
     on_ranking_step: ProgressFn | None = None,
+    on_epoch: ProgressFn | None = None,
     allow_config_change: bool = False,
 ) -> TwoStage:
     """Split, train retrieval, then the ranker on the same split, and evaluate both.
@@ -97,6 +98,8 @@ def fit_two_stage(
             comparisons without measuring the test split again.
         on_step: progress callback of retrieval training; ``on_ranking_step``: of
             ranking training.
+        on_epoch: called with each of retrieval's epoch records
+            (:func:`~twostage.retrieval.fit.fit_retrieval`).
         allow_config_change: resume although the config differs from the
             checkpoints' (beyond epochs, threads and device).
     """
@@ -108,6 +111,7 @@ def fit_two_stage(
         out_dir=None if work is None else work / "retrieval",
         resume=resume,
         on_step=on_step,
+        on_epoch=on_epoch,
         evaluate_test=evaluate_test,
         keep_queries=keep_queries,
         allow_config_change=allow_config_change,

@@ -86,3 +86,50 @@ def test_a_loss_that_is_no_number_stops_training() -> None:
         loop.TrainingDiverged, match=r"the loss became inf at epoch 1.*set to 0.001"
     ):
         _fit_linear(outlier=1e30, learning_rate=1e-3)  # squared: beyond float32
+
+
+def test_on_epoch_gets_each_epoch_s_record_and_can_end_training() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    data = torch.randn(40, 3)
+
+    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return (model(data[batch]) - 1.0).pow(2).mean()
+
+    def validate(module: torch.nn.Module) -> dict[str, float]:
+        return {"metric": -float(batch_loss(torch.arange(40), torch.Generator()))}
+
+    config = TrainConfig(epochs=4, batch_size=8, early_stopping_patience=0)
+    records: list[dict] = []
+    result = loop.run_training(
+        model,
+        config,
+        num_examples=40,
+        batch_loss=batch_loss,
+        device=torch.device("cpu"),
+        validate=validate,
+        on_epoch=records.append,
+    )
+    assert records == result.history and [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert all("validation" in r for r in records)
+
+    class Enough(Exception):
+        pass
+
+    def stop_after_two(record: dict) -> None:
+        records.append(record)
+        if record["epoch"] == 1:
+            raise Enough
+
+    records.clear()
+    with pytest.raises(Enough):
+        loop.run_training(
+            model,
+            config,
+            num_examples=40,
+            batch_loss=batch_loss,
+            device=torch.device("cpu"),
+            validate=validate,
+            on_epoch=stop_after_two,
+        )
+    assert [r["epoch"] for r in records] == [0, 1]

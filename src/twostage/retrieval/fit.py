@@ -106,6 +106,7 @@ def fit_retrieval(
     out_dir: str | Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
+    on_epoch: ProgressFn | None = None,
     evaluate_test: bool = True,
     keep_queries: bool = False,
     allow_config_change: bool = False,
@@ -124,6 +125,9 @@ def fit_retrieval(
         out_dir: where checkpoints and the finished run are written.
         resume: continue an interrupted run from ``out_dir``'s checkpoint.
         on_step: progress callback of the training loop.
+        on_epoch: called with each epoch's history record (validation included;
+            with ``"member"`` in an ensemble); an exception it raises ends the
+            run there.
         evaluate_test: compute test metrics (stored in ``run.metrics``).
         keep_queries: keep each test query's figures too (``run.test_queries``,
             :class:`twostage.metrics.QueryFigures` by mode, for paired
@@ -170,6 +174,7 @@ def fit_retrieval(
         checkpoints=Path(out_dir) if out_dir is not None else None,
         resume=resume,
         on_step=on_step,
+        on_epoch=on_epoch,
         allow_config_change=allow_config_change,
     )
     logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
@@ -210,6 +215,7 @@ def train_members(
     checkpoints: Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
+    on_epoch: ProgressFn | None = None,
     allow_config_change: bool = False,
 ) -> tuple[RetrievalRun, list[tuple[str, RetrievalRun]], Validator | None]:
     """Build and train the model ``config`` asks for on ``tensors``: one set of
@@ -279,7 +285,7 @@ def train_members(
             continue
         if validate is not None:
             validate = validate.for_run(member_run)
-        step_fn = on_step
+        step_fn, epoch_fn = on_step, on_epoch
         if config.retrieval.ensemble:
             logger.info(
                 "ensemble member %d/%d: query_encoder=%s, seed %d",
@@ -290,6 +296,8 @@ def train_members(
             )
             if on_step is not None:  # each step record says whose step it is
                 step_fn = functools.partial(_tag_member, on_step, i)
+            if on_epoch is not None:
+                epoch_fn = functools.partial(_tag_member, on_epoch, i)
         if checkpoints is not None and config.retrieval.ensemble:
             member_dir: Path | None = checkpoints / f"member-{i}"
         else:
@@ -302,6 +310,7 @@ def train_members(
             checkpoint_dir=member_dir,
             resume=resume,
             on_step=step_fn,
+            on_epoch=epoch_fn,
             fingerprint=checkpoint_fingerprint(
                 member_run.config if config.retrieval.ensemble else config, digest
             ),
@@ -352,6 +361,7 @@ def train_retrieval(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
+    on_epoch: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
     fingerprint: dict[str, Any] | None = None,
     allow_config_change: bool = False,
@@ -364,7 +374,7 @@ def train_retrieval(
         config: optimisation settings.
         validate: returns ``{"metric": value to maximise, ...}`` (e.g. Recall@100 on
             a validation carve-out); without it every epoch counts as the best.
-        checkpoint_dir, resume, on_step, stop_after_epoch, fingerprint,
+        checkpoint_dir, resume, on_step, on_epoch, stop_after_epoch, fingerprint,
         allow_config_change: as for ``run_training``.
     """
     model_config: RetrievalConfig = model.config
@@ -405,6 +415,7 @@ def train_retrieval(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             on_step=on_step,
+            on_epoch=on_epoch,
             stop_after_epoch=stop_after_epoch,
             fingerprint=fingerprint,
             allow_config_change=allow_config_change,

@@ -201,6 +201,7 @@ def run_training(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
+    on_epoch: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
     fingerprint: dict[str, Any] | None = None,
     allow_config_change: bool = False,
@@ -223,6 +224,10 @@ def run_training(
         on_step: called after every step with ``{"epoch", "step", "loss",
             "examples", "num_epochs", "total_steps"}`` (``epoch`` and ``step`` are
             0-based; ``step`` counts across epochs; ``examples`` within the epoch).
+        on_epoch: called after every epoch (its checkpoint written) with the
+            epoch's history record (``epoch``, ``train_loss``, ``validation``...);
+            an exception it raises ends training there (a tuner pruning a trial).
+            On the main rank only.
         stop_after_epoch: stop (as if killed) after this many epochs; for tests.
         fingerprint: what the run's results depend on (:func:`resume_fingerprint`),
             saved in the checkpoint; resuming with another one is refused unless
@@ -462,6 +467,8 @@ def run_training(
                     )
                 del current
                 saved_at = time.perf_counter()
+            if on_epoch is not None and main:
+                on_epoch(dict(record))
             if _agreed([_STOP.is_set()], device)[0]:
                 model.cpu()
                 raise TrainingInterrupted(

@@ -12,6 +12,7 @@ def _fit_linear(
     outlier: float | None = None,
     validate: loop.Validate | None = None,
     learning_rate: float = TrainConfig.learning_rate,
+    on_epoch: loop.ProgressFn | None = None,
 ) -> torch.nn.Module:
     """Three epochs of a linear model on 40 seeded rows (``outlier``: one value
     set far out of scale)."""
@@ -38,6 +39,7 @@ def _fit_linear(
         batch_loss=batch_loss,
         device=torch.device("cpu"),
         validate=validate,
+        on_epoch=on_epoch,
     )
     return model
 
@@ -89,29 +91,18 @@ def test_a_loss_that_is_no_number_stops_training() -> None:
 
 
 def test_on_epoch_gets_each_epoch_s_record_and_can_end_training() -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    data = torch.randn(40, 3)
-
-    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return (model(data[batch]) - 1.0).pow(2).mean()
-
-    def validate(module: torch.nn.Module) -> dict[str, float]:
-        return {"metric": -float(batch_loss(torch.arange(40), torch.Generator()))}
-
-    config = TrainConfig(epochs=4, batch_size=8, early_stopping_patience=0)
     records: list[dict] = []
-    result = loop.run_training(
-        model,
-        config,
-        num_examples=40,
-        batch_loss=batch_loss,
-        device=torch.device("cpu"),
-        validate=validate,
+    validations = iter([0.1, 0.3, 0.2])
+    _fit_linear(
+        validate=lambda module: {"metric": next(validations)},
         on_epoch=records.append,
     )
-    assert records == result.history and [r["epoch"] for r in records] == [0, 1, 2, 3]
-    assert all("validation" in r for r in records)
+    assert [(r["epoch"], r["validation"]) for r in records] == [
+        (0, 0.1),
+        (1, 0.3),
+        (2, 0.2),
+    ]
+    assert all(r["train_loss"] > 0 for r in records)
 
     class Enough(Exception):
         pass
@@ -123,13 +114,5 @@ def test_on_epoch_gets_each_epoch_s_record_and_can_end_training() -> None:
 
     records.clear()
     with pytest.raises(Enough):
-        loop.run_training(
-            model,
-            config,
-            num_examples=40,
-            batch_loss=batch_loss,
-            device=torch.device("cpu"),
-            validate=validate,
-            on_epoch=stop_after_two,
-        )
+        _fit_linear(on_epoch=stop_after_two)
     assert [r["epoch"] for r in records] == [0, 1]

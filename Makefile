@@ -55,6 +55,7 @@ bench: install-dev
 	$(PY) benchmarks/session_knn_scale.py --json benchmarks/results/session_knn_scale.json
 	$(PY) benchmarks/index_bench.py --json benchmarks/results/index_bench.json
 	$(PY) benchmarks/serve_load.py --json benchmarks/results/serve_load.json
+	$(PY) benchmarks/tuning.py --json benchmarks/results/tuning.json
 
 # Re-pin the dev tools from what is installed (run after changing the dev extra):
 # every installed package that requirements.lock does not pin. To re-pin the runtime

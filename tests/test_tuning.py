@@ -334,3 +334,20 @@ def test_pruning_stops_trials_below_the_median_and_keeps_the_best() -> None:
     # same proposals without it) score alike.
     whole = tune(config, space, trials=5)
     assert [t.value for t in whole.trials] == [t.value for t in pruned.trials[:5]]
+
+
+def test_factorized_top_k_is_tfrs_s_with_nothing_excluded() -> None:
+    config = small()
+    result = tune(
+        config,
+        {"retrieval.temperature": "0.1..0.5"},
+        trials=1,
+        metric="factorized_top_k@10",
+    )
+    rows, _ = tuning_data(load_dataset_for(config), config)
+    run, _ = fit_retrieval(config, dataset=rows)
+    figures = run.metrics["metrics"]
+    assert result.best.value == pytest.approx(
+        figures["include_seen"]["factorized_top_k"]["10"], abs=1e-6
+    )
+    assert result.best.value != figures["exclude_seen"]["factorized_top_k"]["10"]

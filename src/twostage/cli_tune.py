@@ -56,8 +56,9 @@ def tune_command(
         str,
         typer.Option(
             help="What to maximise: NAME@K of retrieval's list with seen items "
-            "excluded (ndcg, recall, hit_rate, mrr, factorized_top_k, coverage; K "
-            "1, 5, 10, 50 or 100); with --stage both, of the served list (ndcg, "
+            "excluded (ndcg, recall, hit_rate, mrr, coverage) or TFRS's "
+            "factorized_top_k (nothing excluded), K 1, 5, 10, 50 or 100; with "
+            "--stage both, of the served list (ndcg, "
             "recall, hit_rate), or the ranker's rmse or mae (minimised) or auc."
         ),
     ] = "ndcg@10",

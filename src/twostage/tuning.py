@@ -364,7 +364,8 @@ def tune(
         dataset: the data; loaded from ``config.data`` when None.
         trials: how many trials to run (fewer when ``timeout`` ends the search).
         metric: ``NAME@K`` of retrieval's list with seen items excluded (``ndcg``,
-            ``recall``, ``hit_rate``, ``mrr``, ``factorized_top_k``, ``coverage``),
+            ``recall``, ``hit_rate``, ``mrr``, ``coverage``) or TFRS's
+            ``factorized_top_k`` (nothing excluded),
             or with ``stage="both"`` of the served list (``ndcg``, ``recall``,
             ``hit_rate``) or the ranker's ``rmse``, ``mae``, ``auc``.
         stage: ``retrieval`` trains retrieval alone; ``both`` both stages.
@@ -651,7 +652,9 @@ def _measure(
     if run.train_result is not None:
         best_epoch = run.train_result.best_epoch + 1
     if stage == "retrieval":
-        return float(report["metrics"]["exclude_seen"][name][str(k)]), best_epoch
+        # TFRS's factorized top-K counts seen items, as the tutorials measure it.
+        mode = "include_seen" if name == "factorized_top_k" else "exclude_seen"
+        return float(report["metrics"][mode][name][str(k)]), best_epoch
     if k is None:
         return float(report[name]), best_epoch
     return float(report["two_stage"][name][str(k)]), best_epoch

@@ -159,14 +159,10 @@ def tuning_data(dataset: Dataset, config: ExperimentConfig) -> tuple[Dataset, in
     """``(rows, test_rows)``: the rows the config's split trains on (training and
     validation rows together), and how many test rows it set aside, cold users'
     included. Those are never read again while tuning."""
-    split = _outer_split(dataset, config)
-    return split.train, split.test.num_interactions
-
-
-def _outer_split(dataset: Dataset, config: ExperimentConfig) -> Any:
     from twostage.data.split import prepare_split
 
-    return prepare_split(dataset, config)
+    split = prepare_split(dataset, config)
+    return split.train, split.test.num_interactions
 
 
 def parse_space(
@@ -240,7 +236,7 @@ def _parse_text(config: ExperimentConfig, key: str, spec: str, hint: Any) -> Par
             f"`{key}`'s log range should start above 0. Received: {spec!r}."
         )
     for end in (low, high):  # the config's own checks (a temperature > 0...)
-        _check_value(config, key, end)
+        apply_settings(config, {key: end})
     return Param(key, low=low, high=high, log=log, integer=integer)
 
 
@@ -299,10 +295,6 @@ def _typed(
         else apply_settings(config, {key: value})
     )
     return _current(checked, key)
-
-
-def _check_value(config: ExperimentConfig, key: str, value: Any) -> None:
-    apply_settings(config, {key: value})
 
 
 def _shown(value: Any) -> str:

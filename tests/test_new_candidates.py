@@ -320,3 +320,37 @@ def test_a_number_far_out_of_range_is_the_client_s_mistake(tmp_path: Path) -> No
         body = {"user_id": 1, "candidates": [{"item_id": 10**6, "price": 1e20}]}
         answer = client.post("/v1/recommend", json=body)
         assert answer.status_code == 400 and "standard deviations" in answer.text
+
+
+def test_new_items_for_a_model_without_item_features_are_said_to_score_alike(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+    from twostage.retrieval.fit import fit_retrieval
+
+    config = apply_overrides(
+        ExperimentConfig(),
+        [
+            "data.dataset=synthetic:num_users=80,num_items=40,num_interactions=1500",
+            *("train.epochs=1", "train.num_threads=1", "retrieval.embedding_dim=8"),
+            *("retrieval.output_dim=8", "retrieval.use_side_features=false"),
+            "retrieval.popularity_fallback=0",
+        ],
+    )
+    run, split = fit_retrieval(config)
+    rec = Recommender(run, items=split.train.items)
+    assert rec.item_feature_columns == []
+    bundle = rec.save(tmp_path / "models" / "ids" / "1")
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("item_id\n901\n902\n")
+    said = CliRunner().invoke(
+        app, ["recommend", str(bundle), "--user", "7", "--new-items", str(fresh)]
+    )
+    assert said.exit_code == 0, said.output
+    text = " ".join(said.output.split())
+    assert "the 2 --new-items are each the unknown item's vector" in text
+    new = [{"item_id": 901}, {"item_id": 902}]
+    scores = rec.recommend(7, 2, candidates=new).items
+    assert scores[0]["score"] == scores[1]["score"]  # what the note says

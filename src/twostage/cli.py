@@ -1002,7 +1002,16 @@ def recommend_command(
             )
     asked = _session(candidates, "--candidates")
     if new_items is not None:
-        asked = [*(asked or []), *_new_item_rows(new_items)]
+        rows = _new_item_rows(new_items)
+        asked = [*(asked or []), *rows]
+        if not rec.item_feature_columns:
+            status_console.print(
+                f"[yellow]This model reads no item feature beside the ID: the "
+                f"{len(rows)} --new-items are each the unknown item's vector, so "
+                "they score alike and their order among themselves means nothing; "
+                "train with item features (`data.item_features`) to rank new items "
+                "by what they are.[/yellow]"
+            )
     try:
         answer = rec.recommend(
             user_id,

@@ -135,10 +135,6 @@ class TuneResult:
     test_rows: int
     ended: Ended = "trials"
 
-    @property
-    def interrupted(self) -> bool:
-        return self.ended == "interrupted"
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: the settings, every trial and the best config."""
         return {

@@ -3,6 +3,7 @@ new products. An item the model never trained on is ranked from the features the
 request carries for it, by both stages, as the evaluation of impression logs scores
 such items (``RankingRun.with_items``)."""
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -72,7 +73,9 @@ def test_new_items_leave_the_known_ones_as_they_were(recommender: Recommender) -
     known = [i["item_id"] for i in rec.recommend(7, 10).items]
     alone = rec.recommend(7, 10, candidates=known).items
     new = [{"item_id": 900 + n, "kind": k} for n, k in enumerate(["good", "bad"] * 3)]
-    mixed = rec.recommend(7, 16, candidates=[*known, *new]).items
+    answer = rec.recommend(7, 16, candidates=[*known, *new])
+    assert answer.alike_new_items == []  # told apart by their features
+    mixed = answer.items
     assert len(mixed) == 16 and sum("new_item" in i for i in mixed) == 6
     kept = [i for i in mixed if "new_item" not in i]
     assert [i["item_id"] for i in kept] == [i["item_id"] for i in alone]
@@ -194,8 +197,6 @@ def test_new_items_from_the_cli(recommender: Recommender, tmp_path: Path) -> Non
         ],
     )
     assert result.exit_code == 0, result.output
-    import json
-
     items = json.loads(result.stdout)["items"]
     assert {i["item_id"] for i in items} == {known, 901, 902}
     assert sorted(i["item_id"] for i in items if i.get("new_item")) == [901, 902]
@@ -327,7 +328,7 @@ def test_new_items_for_a_model_without_item_features_are_said_to_score_alike(
 ) -> None:
     from typer.testing import CliRunner
 
-    from twostage.cli import app
+    from twostage.cli import app as app_cli
     from twostage.retrieval.fit import fit_retrieval
 
     config = apply_overrides(
@@ -346,11 +347,33 @@ def test_new_items_for_a_model_without_item_features_are_said_to_score_alike(
     fresh = tmp_path / "fresh.csv"
     fresh.write_text("item_id\n901\n902\n")
     said = CliRunner().invoke(
-        app, ["recommend", str(bundle), "--user", "7", "--new-items", str(fresh)]
+        app_cli, ["recommend", str(bundle), "--user", "7", "--new-items", str(fresh)]
     )
     assert said.exit_code == 0, said.output
     text = " ".join(said.output.split())
     assert "the 2 --new-items are each the unknown item's vector" in text
     new = [{"item_id": 901}, {"item_id": 902}]
-    scores = rec.recommend(7, 2, candidates=new).items
-    assert scores[0]["score"] == scores[1]["score"]  # what the note says
+    answer = rec.recommend(7, 3, candidates=[*new, 5])
+    scores = [i["score"] for i in answer.items if i.get("new_item")]
+    assert scores[0] == scores[1]  # what the note says
+    assert answer.alike_new_items == [901, 902]
+    assert answer.to_dict()["alike_new_items"] == [901, 902]
+    assert rec.recommend(7, 3, candidates=[5]).alike_new_items == []
+    app = create_app(ServeSettings(models=str(tmp_path / "models"), poll_seconds=0))
+    with TestClient(app) as client:
+        got = client.post("/v1/recommend", json={"user_id": 7, "candidates": new})
+        assert got.status_code == 200, got.text
+        assert got.json()["alike_new_items"] == [901, 902]
+        plain = client.post("/v1/recommend", json={"user_id": 7, "candidates": [5]})
+        assert "alike_new_items" not in plain.json()
+        instances = [{"user_id": 7, "candidates": new}, {"user_id": 8}]
+        predicted = client.post("/v1/models/ids:predict", json={"instances": instances})
+        assert predicted.status_code == 200, predicted.text
+        outputs = [p["alike_new_items"] for p in predicted.json()["predictions"]]
+        assert outputs == [[901, 902], []]
+    said = CliRunner().invoke(
+        app_cli,
+        ["recommend", str(bundle), "--user", "7", "--new-items", str(fresh), "--json"],
+    )
+    assert said.exit_code == 0, said.output
+    assert json.loads(said.stdout)["alike_new_items"] == [901, 902]

@@ -1004,14 +1004,6 @@ def recommend_command(
     if new_items is not None:
         rows = _new_item_rows(new_items)
         asked = [*(asked or []), *rows]
-        if not rec.item_feature_columns:
-            status_console.print(
-                f"[yellow]This model reads no item feature beside the ID: the "
-                f"{len(rows)} --new-items are each the unknown item's vector, so "
-                "they score alike and their order among themselves means nothing; "
-                "train with item features (`data.item_features`) to rank new items "
-                "by what they are.[/yellow]"
-            )
     try:
         answer = rec.recommend(
             user_id,
@@ -1085,6 +1077,14 @@ def recommend_command(
             f"[yellow]The session's item(s) {escape(unread)} were added after "
             "training: left out of the list, but not read by the model, which "
             "knows nothing of them yet.[/yellow]"
+        )
+    if answer.alike_new_items:
+        status_console.print(
+            "[yellow]This model reads no item feature beside the ID: the "
+            f"{len(answer.alike_new_items)} --new-items are each the unknown item's "
+            "vector, so they score alike and their order among themselves means "
+            "nothing; train with item features (`data.item_features`) to rank new "
+            "items by what they are.[/yellow]"
         )
     if answer.left_out_candidates:
         why = {

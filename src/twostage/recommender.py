@@ -172,6 +172,10 @@ class Recommendation:
     #: are excluded; ``filters``: the request's filters leave it out;
     #: ``repeated``: listed before, ranked once).
     left_out_candidates: list[dict[str, Any]] = field(default_factory=list)
+    #: The request's new items (``candidates`` sent as objects) when the model
+    #: reads no item feature beside the ID: each is the unknown item's vector,
+    #: so they score alike and their order among themselves means nothing.
+    alike_new_items: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"user_id": self.user_id, "path": self.path, "items": self.items}
@@ -179,6 +183,8 @@ class Recommendation:
             out["unread_session_items"] = self.unread_session_items
         if self.left_out_candidates:
             out["left_out_candidates"] = self.left_out_candidates
+        if self.alike_new_items:
+            out["alike_new_items"] = self.alike_new_items
         return out
 
 
@@ -195,12 +201,16 @@ def _grown(base: Index, embeddings: torch.Tensor, served: torch.Tensor) -> Index
 
 
 def _noting(
-    answer: Recommendation, unread: list[Any], left_out: list[dict[str, Any]]
+    answer: Recommendation,
+    unread: list[Any],
+    left_out: list[dict[str, Any]],
+    alike: list[Any],
 ) -> Recommendation:
-    """``answer`` with the session's items the model did not read listed, and the
-    candidates it cannot hold."""
+    """``answer`` with the session's items the model did not read listed, the
+    candidates it cannot hold, and the new items it cannot tell apart."""
     answer.unread_session_items = unread
     answer.left_out_candidates = left_out
+    answer.alike_new_items = alike
     return answer
 
 
@@ -751,7 +761,9 @@ class Recommender:
                 from those features (``new_item`` in its answer; no ``filters``
                 with new items). A known item sent as an object is the known item.
                 The entries the answer cannot hold (seen, outside the filters, or
-                listed twice) are in its ``left_out_candidates``.
+                listed twice) are in its ``left_out_candidates``. A model that
+                reads no item feature beside the ID cannot tell new items apart:
+                they are listed in its ``alike_new_items``.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
@@ -818,6 +830,7 @@ class Recommender:
         asked = candidate_items(candidates, self.item_vocab, self._item_columns)
         new = None
         left_out: list[dict[str, Any]] = []
+        alike: list[Any] = []
         if asked is not None:  # the client's own candidates: the catalogue shrinks
             left_out = _left_out_candidates(
                 candidates or [], self.item_vocab, seen, mask
@@ -842,6 +855,8 @@ class Recommender:
                         "sending them, or leave the filters out."
                     )
                 new = self._new_items(frame)
+                if not self._item_columns:  # each the unknown item's vector
+                    alike = list(new.ids)
         exact = self.run.scores_exactly
         if query is None or mask is not None or exact:
             excluded = self._removed.clone()
@@ -858,7 +873,7 @@ class Recommender:
                 order = torch.cat([order, extra])
                 scores = torch.cat([scores, torch.zeros(len(extra))])
             answer = self._answer(user_id, path, order, scores, None, new=new)
-            return _noting(answer, unread, left_out)
+            return _noting(answer, unread, left_out, alike)
         width = max(num_candidates, k)
         if mask is None and not exact:
             top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
@@ -887,7 +902,7 @@ class Recommender:
             )
             if explain:
                 answer = self._explained(answer, user_idx, top_idx[:k], new)
-            return _noting(answer, unread, left_out)
+            return _noting(answer, unread, left_out, alike)
         user = torch.tensor([user_idx])
         cold = None
         if fields is not None:  # the ranker reads the same fields (and history)
@@ -920,7 +935,7 @@ class Recommender:
                 entry["predicted_rating"] = rating
         if explain:
             answer = self._explained(answer, user_idx, top_idx[order], new)
-        return _noting(answer, unread, left_out)
+        return _noting(answer, unread, left_out, alike)
 
     def _new_items(self, frame: pl.DataFrame, name: str = "candidates") -> _NewItems:
         """New items (``item_id`` and the item feature columns; the request's

@@ -54,6 +54,7 @@ SETTINGS_ENV = "TWOSTAGE_SERVE_SETTINGS"
 #: training, and the candidates an answer cannot hold.
 UNREAD = "unread_session_items"
 LEFT_OUT = "left_out_candidates"
+ALIKE = "alike_new_items"
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         two-stage key when the bundle has a ranker, else the retrieval score;
         ``output_2`` the item IDs in the same order; ``unread_session_items``,
         only when an instance's session held items added after training, those
-        items (seen, not read), one list per instance.
+        items (seen, not read), one list per instance; ``left_out_candidates``
+        and ``alike_new_items`` likewise, as ``/v1/recommend`` gives them.
         """
         return _predict(registry.get(name), body)
 
@@ -394,6 +396,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     "output_2": [item["item_id"] for item in answer.items],
                     UNREAD: answer.unread_session_items,
                     LEFT_OUT: answer.left_out_candidates,
+                    ALIKE: answer.alike_new_items,
                 }
             )
         # An output past the two only when some instance has something in it,
@@ -401,7 +404,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         # tutorials' clients never send sessions or candidates and see the two
         # they know.
         names = ["output_1", "output_2"]
-        names += [n for n in (UNREAD, LEFT_OUT) if any(p[n] for p in predictions)]
+        names += [
+            n for n in (UNREAD, LEFT_OUT, ALIKE) if any(p[n] for p in predictions)
+        ]
         predictions = [{name: p[name] for name in names} for p in predictions]
         if form == "inputs":  # TF Serving answers the columnar form by output
             return JSONResponse(

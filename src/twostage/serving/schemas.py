@@ -348,6 +348,13 @@ class RecommendResponse(BaseModel):
         description="The request's `candidates` entries the answer cannot hold "
         "(present only when there are some).",
     )
+    alike_new_items: list[RawId] | None = Field(
+        None,
+        description="The request's new items (`candidates` sent as objects) when "
+        "the model reads no item feature beside the ID: each is the unknown "
+        "item's vector, so they score alike and their order among themselves "
+        "means nothing (present only when there are some).",
+    )
 
 
 class SimilarResponse(BaseModel):
@@ -369,7 +376,8 @@ class PredictResponse(BaseModel):
     per user under ``predictions`` (the row form), or per output under ``outputs``,
     one list per user (the columnar form). A third output,
     ``unread_session_items``, is there only when a request's session held items
-    added to the catalogue after training: excluded as seen, not read."""
+    added to the catalogue after training: excluded as seen, not read; so are
+    ``left_out_candidates`` and ``alike_new_items``, as in ``/v1/recommend``."""
 
     predictions: list[dict[str, list[Any]]] | None = None
     outputs: dict[str, list[list[Any]]] | None = None

@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -279,6 +280,8 @@ def test_ctrl_c_keeps_the_trials_that_ran(tmp_path: Path) -> None:
         "100",
         "--out",
         str(out),
+        "--storage",
+        str(tmp_path / "trials.log"),
     ]
     tuning = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -287,12 +290,32 @@ def test_ctrl_c_keeps_the_trials_that_ran(tmp_path: Path) -> None:
     for line in tuning.stderr:  # the first trial has ended: the second trains
         if line.startswith("trial 1/100"):
             break
+    time.sleep(0.5)  # the second trial is (most likely) training
     tuning.send_signal(signal.SIGINT)
     said, logged = tuning.communicate(timeout=300)
     assert tuning.returncode == 0, logged
     assert "Interrupted: the table holds the trials that ran." in said
     assert "Best: trial " in said and "trial 100/100" not in logged
     assert 0.1 <= load_config(out).retrieval.temperature <= 0.5
+    # The stored search holds the trial that ended, not the one Ctrl-C stopped
+    # (which would run again): with one trial asked, nothing runs.
+    config = small(
+        "data.dataset=synthetic:num_users=300,num_items=100,num_interactions=20000",
+        "train.epochs=50",
+    )
+    space = {"retrieval.temperature": "0.1..0.5"}
+    storage = str(tmp_path / "trials.log")
+    again = tune(config, space, trials=1, storage=storage)
+    assert again.resumed == 1 and [t.state for t in again.trials] == ["complete"]
+    import optuna
+
+    stored = optuna.load_study(
+        study_name="twostage",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(storage)
+        ),
+    ).trials
+    assert [str(t.state) for t in stored] == ["TrialState.COMPLETE", "TrialState.FAIL"]
 
 
 def test_a_split_from_files_tunes_on_the_training_file(tmp_path: Path) -> None:
@@ -351,3 +374,78 @@ def test_factorized_top_k_is_tfrs_s_with_nothing_excluded() -> None:
         figures["include_seen"]["factorized_top_k"]["10"], abs=1e-6
     )
     assert result.best.value != figures["exclude_seen"]["factorized_top_k"]["10"]
+
+
+def test_a_stored_search_goes_on_where_it_stopped(tmp_path: Path) -> None:
+    storage = str(tmp_path / "trials.log")
+    space = {"retrieval.temperature": "0.1..0.5"}
+    ran: list[object] = []
+    first = tune(small(), space, trials=2, storage=storage, on_trial=ran.append)
+    assert first.resumed == 0 and len(ran) == 2
+    ran.clear()
+    second = tune(small(), space, trials=4, storage=storage, on_trial=ran.append)
+    assert second.resumed == 2 and len(ran) == 2  # only the two new trials ran
+    assert [t.to_dict() for t in second.trials[:2]] == [
+        t.to_dict() for t in first.trials
+    ]
+    assert [t.number for t in second.trials] == [0, 1, 2, 3]
+    # The sampler reads the stored trials and is not seeded as the first call
+    # was: no proposal repeats one.
+    assert all(t.repeat_of is None for t in second.trials)
+    assert len({t.params["retrieval.temperature"] for t in second.trials}) == 4
+    ran.clear()
+    done = tune(small(), space, trials=4, storage=storage, on_trial=ran.append)
+    assert (done.resumed, len(ran), done.best) == (4, 0, second.best)
+    # Another search under the same name is refused, naming what differs.
+    for config, other, metric, said in [
+        (small(), space, "recall@10", "metric is 'ndcg@10', here 'recall@10'"),
+        (small(), {"retrieval.temperature": "0.1..0.6"}, "ndcg@10", "space is"),
+        (small("train.epochs=3"), space, "ndcg@10", "config train.epochs is 2"),
+    ]:
+        with pytest.raises(ConfigError, match="is another search") as refused:
+            tune(config, other, trials=5, storage=storage, metric=metric)
+        assert said in str(refused.value)
+    # Under another name the same storage holds a second search.
+    apart = tune(small(), space, trials=1, storage=storage, study_name="second")
+    assert apart.resumed == 0
+    # A database URL works the same.
+    url = f"sqlite:///{tmp_path / 'trials.db'}"
+    tune(small(), space, trials=1, storage=url)
+    assert tune(small(), space, trials=2, storage=url).resumed == 1
+
+
+def test_a_storage_that_is_not_one_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    space = {"retrieval.temperature": "0.1..0.5"}
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id\n1,2\n")
+    for storage, said in [
+        (str(log), "could not be read as Optuna's storage"),
+        (str(tmp_path / "none" / "trials.log"), "a file in an existing folder"),
+        (str(tmp_path), "a file in an existing folder"),
+        ("", "a file path or a database URL"),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            tune(small(), space, trials=1, storage=storage)
+    assert log.read_text() == "user_id,item_id\n1,2\n"
+
+
+def test_tune_from_the_command_line_goes_on_from_its_storage(tmp_path: Path) -> None:
+    args = [
+        "tune",
+        *[part for setting in SMALL for part in ("--set", setting)],
+        *("--param", "retrieval.temperature=0.1..0.5"),
+        *("--storage", str(tmp_path / "trials.log")),
+    ]
+    runner = CliRunner()
+    first = runner.invoke(app, [*args, "--trials", "1", "--json"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["resumed_trials"] == 0
+    second = runner.invoke(app, [*args, "--trials", "2"], env={"COLUMNS": "200"})
+    assert second.exit_code == 0, second.output
+    assert "Trials 1 to 1 were read from" in " ".join(second.output.split())
+    assert "trial 2/2" in second.output and "trial 1/2" not in second.output
+    other = runner.invoke(app, [*args, "--trials", "2", "--metric", "recall@10"])
+    assert other.exit_code != 0
+    assert "is another search" in str(other.exception)

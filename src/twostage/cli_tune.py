@@ -90,6 +90,19 @@ def tune_command(
             "OUT`; an existing file is not overwritten."
         ),
     ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep each trial in this file as it ends (Optuna's journal; a "
+            "database URL such as sqlite:///tune.db works too). The same command "
+            "run again goes on where Ctrl-C, --timeout or a crash stopped it: the "
+            "stored trials count toward --trials and are not run again.",
+        ),
+    ] = None,
+    study_name: Annotated[
+        str,
+        typer.Option(help="The search's name in --storage (one can hold several)."),
+    ] = "twostage",
     json_output: JsonOutput = False,
 ) -> None:
     """Choose settings on a validation split: the config's split sets its
@@ -168,6 +181,8 @@ def tune_command(
             timeout=timeout,
             prune=prune,
             on_trial=shown,
+            storage=storage,
+            study_name=study_name,
         )
     if out is not None:
         save_config(result.config, out)
@@ -175,6 +190,12 @@ def tune_command(
         print_json({**result.to_dict(), "out": None if out is None else str(out)})
         return
     _print_trials(result)
+    if result.resumed:
+        console.print(
+            f"Trials 1 to {result.resumed} were read from "
+            f"{escape(str(storage))} (study {escape(study_name)}); "
+            f"{len(result.trials) - result.resumed} ran now."
+        )
     best = result.best
     console.print(
         f"Best: trial {best.number + 1}, {escape(result.metric)} {best.value:.4f}, "

@@ -14,7 +14,9 @@ Each searched setting is a config key with a range or a list of choices::
 
 Optuna (``pip install 'twostage[tune]'``) proposes the trials (its TPE sampler,
 seeded); the first trial is the config as given, where its values lie in the
-searched ranges, so the table shows what tuning gained over it.
+searched ranges, so the table shows what tuning gained over it. With ``storage``
+(a file, or a database URL) the trials are kept as they end, and the same call
+later goes on where a Ctrl-C, a timeout or a crash stopped it.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ class TuneResult:
         ended: why the search ended: ``trials`` (all ran), ``timeout``,
             ``combinations`` (a space of choices alone, every combination run) or
             ``interrupted`` (Ctrl-C: ``trials`` holds what ran).
+        resumed: how many of ``trials`` were read from the ``storage`` (they ran
+            in an earlier call).
     """
 
     config: ExperimentConfig
@@ -134,6 +138,7 @@ class TuneResult:
     tuning_rows: int
     test_rows: int
     ended: Ended = "trials"
+    resumed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: the settings, every trial and the best config."""
@@ -145,6 +150,7 @@ class TuneResult:
             "tuning_rows": self.tuning_rows,
             "test_rows_set_aside": self.test_rows,
             "ended": self.ended,
+            "resumed_trials": self.resumed,
             "trials": [t.to_dict() for t in self.trials],
             "best": self.best.to_dict(),
             "config": config_dict(self.config),
@@ -341,6 +347,8 @@ def tune(
     timeout: float | None = None,
     prune: bool = False,
     on_trial: Callable[[TuneTrial], None] | None = None,
+    storage: str | None = None,
+    study_name: str = "twostage",
 ) -> TuneResult:
     """Search ``space`` (see :func:`parse_space`) for the settings that do best on
     ``metric``, measured on a validation protocol: the config's split, run on the
@@ -350,7 +358,8 @@ def tune(
         config: every other setting, the data and split included.
         space: ``{"section.key": "LOW..HIGH" | "log:LOW..HIGH" | "A,B" | [A, B]}``.
         dataset: the data; loaded from ``config.data`` when None.
-        trials: how many trials to run (fewer when ``timeout`` ends the search).
+        trials: how many trials to run (fewer when ``timeout`` ends the search),
+            counting those read from ``storage``.
         metric: ``NAME@K`` of retrieval's list with seen items excluded (``ndcg``,
             ``recall``, ``hit_rate``, ``mrr``, ``coverage``) or TFRS's
             ``factorized_top_k`` (nothing excluded),
@@ -364,7 +373,17 @@ def tune(
             stopping reads) is below the median of the earlier trials' at that
             epoch (Optuna's median pruner: from the 6th trial, after the 2nd
             epoch; not for a ``retrieval.ensemble``, whose members each train).
-        on_trial: called with each trial once it ends.
+        on_trial: called with each trial once it ends (not with those read
+            from ``storage``).
+        storage: keep the trials here as each ends: a file path (Optuna's
+            journal file) or a database URL (``sqlite:///tune.db``). A search
+            of the same ``study_name`` found there goes on: its trials count
+            toward ``trials`` and are not run again (a trial Ctrl-C stopped
+            runs again), and the sampler reads them. It must be the same
+            search: the same config, data, space, metric and stage, else a
+            ``ConfigError`` names what differs. One process at a time.
+        study_name: the search's name in ``storage`` (one storage can hold
+            several).
 
     Returns:
         A :class:`TuneResult`; ``result.config`` is the config to train.
@@ -398,15 +417,19 @@ def tune(
         if prune
         else optuna.pruners.NopPruner()
     )
-    study = optuna.create_study(
-        direction=direction,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=pruner,
-    )
+    search = {
+        "config": config_dict(config),
+        "params": {p.key: p.describe() for p in params},
+        "metric": metric.strip().lower(),
+        "stage": stage,
+        "tuning_rows": rows.num_interactions,
+        "test_rows": test_rows,
+    }
+    study, done = _open_study(storage, study_name, search, direction, seed, pruner)
+    resumed = len(done)
     start = _start_point(config, params)
-    if start is not None:
+    if start is not None and not study.trials:
         study.enqueue_trial(start)
-    done: list[TuneTrial] = []
     try:
         ended = _search(
             study,
@@ -441,7 +464,143 @@ def tune(
         tuning_rows=rows.num_interactions,
         test_rows=test_rows,
         ended=ended,
+        resumed=resumed,
     )
+
+
+def _open_study(
+    storage: str | None,
+    study_name: str,
+    search: dict[str, Any],
+    direction: str,
+    seed: int,
+    pruner: Any,
+) -> tuple[Any, list[TuneTrial]]:
+    """``(study, trials that ended)``: a new study, or the stored one of
+    ``study_name`` when it is the same ``search``, with its trials' records.
+    The sampler of a resumed study is seeded past its trials, so that its
+    first proposals are not the first call's again."""
+    optuna = require_optuna()
+    if storage is None:
+        sampler = optuna.samplers.TPESampler(seed=seed)
+        return optuna.create_study(
+            direction=direction, sampler=sampler, pruner=pruner
+        ), []
+    if not isinstance(study_name, str) or not study_name.strip():
+        raise ConfigError(
+            f"`study_name` should be a non-empty name. Received: {study_name!r}."
+        )
+    try:
+        where = _storage(storage)
+        names = optuna.get_all_study_names(where)
+    except ConfigError:
+        raise
+    except Exception as e:  # a file or database Optuna cannot read
+        raise ConfigError(
+            f"`storage` {storage!r} could not be read as Optuna's storage "
+            f"({type(e).__name__}: {e}); give a new file, or one an earlier "
+            "search wrote."
+        ) from e
+    search = json.loads(json.dumps(search))  # as the storage holds it
+    if study_name not in names:
+        study = optuna.create_study(
+            storage=where,
+            study_name=study_name,
+            direction=direction,
+            sampler=optuna.samplers.TPESampler(seed=seed),
+            pruner=pruner,
+        )
+        study.set_user_attr(_SEARCH, search)
+        return study, []
+    stored = optuna.load_study(study_name=study_name, storage=where).user_attrs
+    differs = _differences(stored.get(_SEARCH), search)
+    if differs:
+        raise ConfigError(
+            f"the study {study_name!r} in {storage!r} is another search: its "
+            f"{'; '.join(differs)}. Go on with the same settings, or start a new "
+            "search under another `study_name` (--study-name) or storage."
+        )
+    trials = optuna.load_study(study_name=study_name, storage=where).trials
+    finished = [
+        t
+        for t in trials
+        if _RECORD in t.user_attrs and t.user_attrs[_RECORD]["state"] != "interrupted"
+    ]
+    study = optuna.load_study(
+        study_name=study_name,
+        storage=where,
+        sampler=optuna.samplers.TPESampler(seed=seed + len(finished)),
+        pruner=pruner,
+    )
+    for stale in trials:  # a crash's trial, left running (one process at a time)
+        if stale.state == optuna.trial.TrialState.RUNNING:
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    done = [
+        TuneTrial(**{**t.user_attrs[_RECORD], "number": n})
+        for n, t in enumerate(finished)
+    ]
+    return study, done
+
+
+#: The user attributes of a stored study (its search) and trial (its record).
+_SEARCH = "twostage_search"
+_RECORD = "twostage_trial"
+
+
+def _storage(storage: str) -> Any:
+    """A database URL as Optuna takes it; any other text a journal file."""
+    if not isinstance(storage, str) or not storage.strip():
+        raise ConfigError(
+            "`storage` should be a file path or a database URL "
+            f"(sqlite:///tune.db). Received: {storage!r}."
+        )
+    if "://" in storage:
+        return storage
+    from pathlib import Path
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(storage)
+    if not path.parent.is_dir() or path.is_dir():
+        raise ConfigError(
+            f"`storage` {storage!r} should be a file in an existing folder."
+        )
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _differences(stored: Any, search: dict[str, Any]) -> list[str]:
+    """What a stored search has that ``search`` does not, as sentences."""
+    if not isinstance(stored, dict):
+        return ["trials were not written by twostage"]
+    out = []
+    names = {
+        "metric": "metric",
+        "stage": "stage",
+        "params": "space",
+        "tuning_rows": "count of tuning rows",
+        "test_rows": "count of test rows",
+    }
+    for key, name in names.items():
+        if stored.get(key) != search[key]:
+            out.append(f"{name} is {stored.get(key)!r}, here {search[key]!r}")
+    was, now = _flat(stored.get("config") or {}), _flat(search["config"])
+    changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    for key in changed[:5]:
+        out.append(f"config {key} is {was.get(key)!r}, here {now.get(key)!r}")
+    if len(changed) > 5:
+        out.append(f"and {len(changed) - 5} more config keys differ")
+    return out
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _search(
@@ -461,27 +620,35 @@ def _search(
     began = time.perf_counter()
     ended: Ended = "trials"
     combinations = _combinations(params)
-    for number in range(trials):
+    tried = {_settings_key(t.params) for t in done}  # a resumed search's
+    if combinations is not None and len(tried) >= combinations and len(done) < trials:
+        return "combinations"
+    for number in range(len(done), trials):
         if timeout is not None and time.perf_counter() - began >= timeout:
             ended = "timeout"
             break
         trial = study.ask()
-        values = {p.key: _suggest(trial, p) for p in params}
-        earlier = next((t for t in done if t.params == values), None)
-        if earlier is not None and earlier.state != "interrupted":
-            # The same settings train the same model (`train.seed`): not again.
-            record = dataclasses.replace(
-                earlier, number=number, seconds=0.0, repeat_of=earlier.number
-            )
-        else:
-            record = _run_trial(
-                number,
-                apply_settings(inner, values),
-                values,
-                rows,
-                measured,
-                _pruning(trial, study.direction) if prune else None,
-            )
+        try:
+            values = {p.key: _suggest(trial, p) for p in params}
+            earlier = next((t for t in done if t.params == values), None)
+            if earlier is not None and earlier.state != "interrupted":
+                # The same settings train the same model (`train.seed`): not again.
+                record = dataclasses.replace(
+                    earlier, number=number, seconds=0.0, repeat_of=earlier.number
+                )
+            else:
+                record = _run_trial(
+                    number,
+                    apply_settings(inner, values),
+                    values,
+                    rows,
+                    measured,
+                    _pruning(trial, study.direction) if prune else None,
+                )
+        except KeyboardInterrupt:  # before training began: not a trial that ran
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        trial.set_user_attr(_RECORD, record.to_dict())  # read on resuming
         if record.state == "complete":
             assert record.value is not None
             study.tell(trial, record.value)

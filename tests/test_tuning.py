@@ -1,6 +1,7 @@
 """Tuning on a validation protocol: `twostage.tuning.tune` and `twostage tune`."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -449,3 +450,73 @@ def test_tune_from_the_command_line_goes_on_from_its_storage(tmp_path: Path) -> 
     other = runner.invoke(app, [*args, "--trials", "2", "--metric", "recall@10"])
     assert other.exit_code != 0
     assert "is another search" in str(other.exception)
+
+
+def test_trials_run_at_once_in_workers_as_they_run_in_one_process(
+    tmp_path: Path,
+) -> None:
+    space = {"retrieval.temperature": "0.1..0.5"}
+    ran: list[object] = []
+    storage = str(tmp_path / "trials.log")
+    both = tune(small(), space, trials=4, jobs=2, storage=storage, on_trial=ran.append)
+    assert len(ran) == 4 and [t.number for t in both.trials] == [0, 1, 2, 3]
+    assert all(t.state == "complete" for t in both.trials)
+    # Trial 0 is the config as given, scored as one process scores it, and the
+    # best config, trained here, reproduces the best trial's figure.
+    alone = tune(small(), space, trials=1)
+    assert both.trials[0].params == alone.trials[0].params
+    assert both.trials[0].value == alone.trials[0].value
+    config = both.config
+    run, _ = fit_retrieval(
+        config, dataset=tuning_data(load_dataset_for(config), config)[0]
+    )
+    figure = run.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
+    assert both.best.value == pytest.approx(figure, abs=1e-6)
+    # The workers' trials are stored as one process stores them: it goes on.
+    more = tune(small(), space, trials=5, storage=storage)
+    assert more.resumed == 4 and len(more.trials) == 5
+    with pytest.raises(ConfigError, match="`jobs` should be a positive integer"):
+        tune(small(), space, trials=2, jobs=0)
+
+
+def test_ctrl_c_stops_every_worker_and_keeps_their_trials(tmp_path: Path) -> None:
+    storage = tmp_path / "trials.log"
+    command = [
+        sys.executable,
+        "-m",
+        "twostage",
+        "tune",
+        *[part for setting in SMALL for part in ("--set", setting)],
+        "--set",
+        "data.dataset=synthetic:num_users=300,num_items=100,num_interactions=20000",
+        *("--set", "train.epochs=50", "--param", "retrieval.temperature=0.1..0.5"),
+        *("--trials", "100", "--jobs", "2", "--storage", str(storage)),
+    ]
+    # A terminal's Ctrl-C reaches the whole process group: the workers too.
+    tuning = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert tuning.stderr is not None
+    for line in tuning.stderr:
+        if line.startswith("trial 2/100"):
+            break
+    time.sleep(0.5)
+    os.killpg(tuning.pid, signal.SIGINT)
+    said, logged = tuning.communicate(timeout=300)
+    assert tuning.returncode == 0, logged
+    assert "Interrupted: the table holds the trials that ran." in said
+    import optuna
+
+    stored = optuna.load_study(
+        study_name="twostage",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(storage))
+        ),
+    ).trials
+    states = {str(t.state) for t in stored}
+    assert "TrialState.RUNNING" not in states and "TrialState.COMPLETE" in states
+    assert len(stored) < 100

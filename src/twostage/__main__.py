@@ -2,4 +2,5 @@
 
 from twostage.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned worker (`tune --jobs`) imports it
+    main()

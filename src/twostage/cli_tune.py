@@ -103,6 +103,15 @@ def tune_command(
         str,
         typer.Option(help="The search's name in --storage (one can hold several)."),
     ] = "twostage",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Trials to run at once, each in its own process with its share "
+            "of the CPU cores (unless train.num_threads is set) and its own copy "
+            "of the rows. Not repeatable to the digit when above 1.",
+        ),
+    ] = 1,
     json_output: JsonOutput = False,
 ) -> None:
     """Choose settings on a validation split: the config's split sets its
@@ -183,6 +192,7 @@ def tune_command(
             on_trial=shown,
             storage=storage,
             study_name=study_name,
+            jobs=jobs,
         )
     if out is not None:
         save_config(result.config, out)
@@ -256,30 +266,14 @@ def _state(trial: Any) -> str:
     return state if trial.error is None else f"{state}: {trial.error}"
 
 
-class _Once(logging.Filter):
-    """Lets each distinct message through once: every trial trains alike, so its
-    warnings (a short epoch, say) would repeat trial after trial."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[tuple[str, int, str]] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, record.getMessage())
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
-
-
 @contextmanager
 def _quiet_trials() -> Iterator[None]:
     """While the trials run: Optuna's per-trial log lines off (the command prints
     its own), each repeated warning shown once, twostage's info lines only with -v."""
-    from twostage.tuning import require_optuna
+    from twostage.tuning import OnceFilter, require_optuna
 
     optuna = require_optuna()  # missing: the error says how to install it
-    once = _Once()
+    once = OnceFilter()
     handlers = logging.getLogger().handlers
     for handler in handlers:
         handler.addFilter(once)

@@ -21,14 +21,18 @@ later goes on where a Ctrl-C, a timeout or a crash stopped it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from twostage.config import KS, ExperimentConfig, apply_overrides, apply_settings
@@ -349,6 +353,7 @@ def tune(
     on_trial: Callable[[TuneTrial], None] | None = None,
     storage: str | None = None,
     study_name: str = "twostage",
+    jobs: int = 1,
 ) -> TuneResult:
     """Search ``space`` (see :func:`parse_space`) for the settings that do best on
     ``metric``, measured on a validation protocol: the config's split, run on the
@@ -381,9 +386,16 @@ def tune(
             toward ``trials`` and are not run again (a trial Ctrl-C stopped
             runs again), and the sampler reads them. It must be the same
             search: the same config, data, space, metric and stage, else a
-            ``ConfigError`` names what differs. One process at a time.
+            ``ConfigError`` names what differs. One call at a time (its ``jobs``
+            workers share it).
         study_name: the search's name in ``storage`` (one storage can hold
             several).
+        jobs: trials to run at once, each in its own process (spawned, each
+            with its own copy of the rows) sharing the ``storage`` (a temporary
+            file when None); each trains on its share of the CPU cores unless
+            ``train.num_threads`` is set. Which trial ends first, and so what
+            the sampler has read when it proposes the next, varies from run to
+            run, so a search with ``jobs`` > 1 is not repeatable to the digit.
 
     Returns:
         A :class:`TuneResult`; ``result.config`` is the config to train.
@@ -392,10 +404,14 @@ def tune(
         ConfigError: a bad space, metric or count; or no trial completed (the
             first failure's reason is in the message).
     """
-    optuna = require_optuna()
+    require_optuna()  # missing: the error says how to install it
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(
             f"`trials` should be a positive integer. Received: `trials` = {trials!r}."
+        )
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(
+            f"`jobs` should be a positive integer. Received: `jobs` = {jobs!r}."
         )
     if timeout is not None and not timeout > 0:
         raise ConfigError(
@@ -412,11 +428,7 @@ def tune(
     rows, test_rows = tuning_data(dataset, config)
     # Each trial splits the tuning rows by `data.split` (the files already split).
     inner = apply_settings(config, {"data.train_file": None, "data.test_file": None})
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
-        if prune
-        else optuna.pruners.NopPruner()
-    )
+    pruner = _pruner(prune)
     search = {
         "config": config_dict(config),
         "params": {p.key: p.describe() for p in params},
@@ -425,26 +437,40 @@ def tune(
         "tuning_rows": rows.num_interactions,
         "test_rows": test_rows,
     }
-    study, done = _open_study(storage, study_name, search, direction, seed, pruner)
-    resumed = len(done)
-    start = _start_point(config, params)
-    if start is not None and not study.trials:
-        study.enqueue_trial(start)
-    try:
-        ended = _search(
-            study,
-            params,
-            inner,
-            rows,
-            (stage, name, k),
-            trials,
-            timeout,
-            done,
-            on_trial,
-            prune,
-        )
-    except KeyboardInterrupt:  # between two trials: the trials that ran stand
-        ended = "interrupted"
+    with contextlib.ExitStack() as stack:
+        if jobs > 1 and storage is None:  # the workers share a journal file
+            folder = stack.enter_context(tempfile.TemporaryDirectory())
+            storage = str(Path(folder) / "trials.log")
+        study, done = _open_study(storage, study_name, search, direction, seed, pruner)
+        resumed = len(done)
+        start = _start_point(config, params)
+        if start is not None and not study.trials:
+            study.enqueue_trial(start)
+        deadline = None if timeout is None else time.time() + timeout
+        measured = (stage, name, k)
+
+        def emit(record: TuneTrial) -> None:
+            done.append(record)
+            if on_trial is not None:
+                on_trial(record)
+
+        if jobs == 1:
+            grants = _Grants(_Counter(len(done)), trials, deadline)
+            try:
+                ended = _run_trials(
+                    study, params, inner, rows, measured, prune, grants, emit
+                )
+            except KeyboardInterrupt:  # between two trials: the trials that ran stand
+                ended = "interrupted"
+        else:
+            assert storage is not None
+            work = _Work(
+                storage, study_name, params, _threads(inner, jobs), rows, measured
+            )
+            ended = _parallel(
+                work, prune, seed + len(done), jobs, (len(done), trials, deadline), emit
+            )
+    done.sort(key=lambda t: t.number)
     complete = [t for t in done if t.state == "complete"]
     if not complete:
         if ended == "interrupted":
@@ -520,25 +546,12 @@ def _open_study(
             f"{'; '.join(differs)}. Go on with the same settings, or start a new "
             "search under another `study_name` (--study-name) or storage."
         )
-    trials = optuna.load_study(study_name=study_name, storage=where).trials
-    finished = [
-        t
-        for t in trials
-        if _RECORD in t.user_attrs and t.user_attrs[_RECORD]["state"] != "interrupted"
-    ]
-    study = optuna.load_study(
-        study_name=study_name,
-        storage=where,
-        sampler=optuna.samplers.TPESampler(seed=seed + len(finished)),
-        pruner=pruner,
-    )
-    for stale in trials:  # a crash's trial, left running (one process at a time)
+    study = optuna.load_study(study_name=study_name, storage=where, pruner=pruner)
+    for stale in study.get_trials(deepcopy=False):  # a crash's, left running
         if stale.state == optuna.trial.TrialState.RUNNING:
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-    done = [
-        TuneTrial(**{**t.user_attrs[_RECORD], "number": n})
-        for n, t in enumerate(finished)
-    ]
+    done = _records(study)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(done))
     return study, done
 
 
@@ -556,8 +569,6 @@ def _storage(storage: str) -> Any:
         )
     if "://" in storage:
         return storage
-    from pathlib import Path
-
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -603,35 +614,265 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _search(
+def _pruner(prune: bool) -> Any:
+    optuna = require_optuna()
+    if prune:
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    return optuna.pruners.NopPruner()
+
+
+@dataclass
+class _Work:
+    """What each worker of a parallel search reads: where the study is, the
+    space, the config and rows of every trial, and what is measured."""
+
+    storage: str
+    study_name: str
+    params: list[Param]
+    inner: ExperimentConfig
+    rows: Dataset
+    measured: tuple[str, str, int | None]
+
+
+def _threads(config: ExperimentConfig, jobs: int) -> ExperimentConfig:
+    """``config`` with each of ``jobs`` its share of the CPU cores, unless
+    ``train.num_threads`` says how many."""
+    if config.train.num_threads > 0:
+        return config
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    share = max(1, (cores or os.cpu_count() or 1) // jobs)
+    return apply_settings(config, {"train.num_threads": share})
+
+
+def _parallel(
+    work: _Work,
+    prune: bool,
+    seed: int,
+    jobs: int,
+    numbers: tuple[int, int, float | None],
+    emit: Callable[[TuneTrial], None],
+) -> Ended:
+    """Runs the trials in ``jobs`` spawned workers sharing the study's storage
+    and a counter of trial numbers (``numbers``: the first, the total and the
+    deadline); each trial's record comes back to ``emit`` in this process.
+    Ctrl-C here is passed on to the workers, whose running trials end
+    ``interrupted``."""
+    import multiprocessing
+    import queue
+    import signal
+    import threading
+
+    context = multiprocessing.get_context("spawn")
+    first, trials, deadline = numbers
+    counter = context.Value("i", first)
+    messages = context.Queue()
+    level = logging.getLogger("twostage").getEffectiveLevel()
+    workers = [
+        context.Process(
+            target=_worker,
+            args=(index, work, prune, seed, counter, trials, deadline, messages, level),
+            daemon=True,
+        )
+        for index in range(min(jobs, trials - first))
+    ]
+    stop: list[bool] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = (
+        signal.signal(signal.SIGINT, lambda *_: stop.append(True)) if main else None
+    )
+    ends: dict[int, str] = {}
+    try:
+        for worker in workers:
+            worker.start()
+        told = False
+        while len(ends) < len(workers):
+            if stop and not told:  # Ctrl-C here: the workers end their trials
+                for worker in workers:
+                    if worker.is_alive() and worker.pid is not None:
+                        os.kill(worker.pid, signal.SIGINT)
+                told = True
+            try:
+                index, kind, payload = messages.get(timeout=0.2)
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers) and messages.empty():
+                    break  # a worker ended without a word: below
+                continue
+            if kind == "trial":
+                emit(TuneTrial(**payload))
+            else:
+                ends[index] = payload if kind == "ended" else f"error: {payload}"
+        for worker in workers:
+            worker.join()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+    lost = [
+        f"worker {i + 1} (exit code {w.exitcode})"
+        for i, w in enumerate(workers)
+        if i not in ends
+    ]
+    errors = [
+        f"worker {i + 1}: {why[7:]}"
+        for i, why in ends.items()
+        if why.startswith("error: ")
+    ]
+    if lost or errors:
+        raise RuntimeError(
+            "a tuning worker stopped before its trials did: "
+            + "; ".join([*errors, *lost])
+            + ". The trials that ended are in `storage`; run the search again to "
+            "go on. (A worker that ends at once with exit code 1: a script that "
+            'calls tune(jobs=...) must do so under `if __name__ == "__main__":`, '
+            "as multiprocessing's spawn requires.)"
+        )
+    if stop or "interrupted" in ends.values():
+        return "interrupted"
+    for reason in ("timeout", "combinations"):
+        if reason in ends.values():
+            return typing.cast(Ended, reason)
+    return "trials"
+
+
+def _worker(
+    index: int,
+    work: _Work,
+    prune: bool,
+    seed: int,
+    counter: Any,
+    trials: int,
+    deadline: float | None,
+    messages: Any,
+    level: int,
+) -> None:
+    """One worker of :func:`_parallel` (a spawned process): runs trials until
+    the counter, the deadline or Ctrl-C stops it, and says why."""
+    import signal
+
+    def interrupt_once(*_: Any) -> None:  # a second Ctrl-C must not cut a record
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt_once)
+    optuna = require_optuna()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(OnceFilter())
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("twostage").setLevel(level)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(
+            study_name=work.study_name,
+            storage=_storage(work.storage),
+            sampler=optuna.samplers.TPESampler(seed=seed + 7919 * index),
+            pruner=_pruner(prune),
+        )
+        grants = _Grants(counter, trials, deadline)
+
+        def emit(record: TuneTrial) -> None:
+            messages.put((index, "trial", record.to_dict()))
+
+        ended: str = _run_trials(
+            study,
+            work.params,
+            work.inner,
+            work.rows,
+            work.measured,
+            prune,
+            grants,
+            emit,
+        )
+    except KeyboardInterrupt:
+        ended = "interrupted"
+    except Exception as e:  # said in the parent, which raises it
+        messages.put((index, "error", f"{type(e).__name__}: {e}"))
+        return
+    messages.put((index, "ended", ended))
+
+
+class OnceFilter(logging.Filter):
+    """Lets each distinct log message through once: every trial trains alike,
+    so its warnings (a short epoch, say) would repeat trial after trial."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+class _Counter:
+    """The next trial's number, in one process (a ``multiprocessing.Value``'s
+    ``value`` and ``get_lock`` where workers share it)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def get_lock(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+
+@dataclass
+class _Grants:
+    """Hands out trial numbers: ``trials`` in all, none after ``deadline``
+    (``time.time()``). A number and Optuna's trial are taken under one lock, so
+    the study's trials are in the numbers' order across workers."""
+
+    counter: Any
+    trials: int
+    deadline: float | None
+
+    def left(self) -> bool:
+        return bool(self.counter.value < self.trials)
+
+    def take(self, study: Any) -> tuple[int, Any] | Ended:
+        with self.counter.get_lock():
+            number = int(self.counter.value)
+            if number >= self.trials:
+                return "trials"
+            if self.deadline is not None and time.time() >= self.deadline:
+                return "timeout"
+            self.counter.value = number + 1
+            return number, study.ask()
+
+
+def _run_trials(
     study: Any,
     params: list[Param],
     inner: ExperimentConfig,
     rows: Dataset,
     measured: tuple[str, str, int | None],
-    trials: int,
-    timeout: float | None,
-    done: list[TuneTrial],
-    on_trial: Callable[[TuneTrial], None] | None,
     prune: bool,
+    grants: _Grants,
+    emit: Callable[[TuneTrial], None],
 ) -> Ended:
-    """Runs the trials into ``done``; returns why the search ended."""
+    """Runs trials, each recorded in the study (read on resuming and by the
+    other workers) and passed to ``emit``, until ``grants`` has none left, a
+    space of choices ran out or Ctrl-C; returns why it stopped."""
     optuna = require_optuna()
-    began = time.perf_counter()
-    ended: Ended = "trials"
     combinations = _combinations(params)
-    tried = {_settings_key(t.params) for t in done}  # a resumed search's
-    if combinations is not None and len(tried) >= combinations and len(done) < trials:
-        return "combinations"
-    for number in range(len(done), trials):
-        if timeout is not None and time.perf_counter() - began >= timeout:
-            ended = "timeout"
-            break
-        trial = study.ask()
+    while True:
+        records = _records(study)
+        tried = {_settings_key(t.params) for t in records}
+        if combinations is not None and len(tried) >= combinations:
+            return "combinations" if grants.left() else "trials"
+        taken = grants.take(study)
+        if isinstance(taken, str):
+            return typing.cast(Ended, taken)
+        number, trial = taken
         try:
             values = {p.key: _suggest(trial, p) for p in params}
-            earlier = next((t for t in done if t.params == values), None)
-            if earlier is not None and earlier.state != "interrupted":
+            earlier = next((t for t in records if t.params == values), None)
+            if earlier is not None:
                 # The same settings train the same model (`train.seed`): not again.
                 record = dataclasses.replace(
                     earlier, number=number, seconds=0.0, repeat_of=earlier.number
@@ -648,7 +889,7 @@ def _search(
         except KeyboardInterrupt:  # before training began: not a trial that ran
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             raise
-        trial.set_user_attr(_RECORD, record.to_dict())  # read on resuming
+        trial.set_user_attr(_RECORD, record.to_dict())
         if record.state == "complete":
             assert record.value is not None
             study.tell(trial, record.value)
@@ -656,18 +897,33 @@ def _search(
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        done.append(record)
-        if on_trial is not None:
-            on_trial(record)
+        emit(record)
         if record.state == "interrupted":
-            ended = "interrupted"
-            break
-        tried = {_settings_key(t.params) for t in done}
-        if combinations is not None and len(tried) >= combinations:
-            if number + 1 < trials:
-                ended = "combinations"
-            break
-    return ended
+            return "interrupted"
+
+
+def _numbered(study: Any) -> list[Any]:
+    """The study's trials that count, in order (a trial's number is its place
+    here): those that ended with a record and those still running. Trials that
+    Ctrl-C stopped, or a crash left, do not count and run again."""
+    import optuna
+
+    running = optuna.trial.TrialState.RUNNING
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == running
+        or t.user_attrs.get(_RECORD, {}).get("state", "interrupted") != "interrupted"
+    ]
+
+
+def _records(study: Any) -> list[TuneTrial]:
+    """The records of the study's trials that ended and count, numbered."""
+    return [
+        TuneTrial(**{**t.user_attrs[_RECORD], "number": number})
+        for number, t in enumerate(_numbered(study))
+        if _RECORD in t.user_attrs
+    ]
 
 
 class _Pruned(Exception):

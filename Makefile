@@ -56,6 +56,7 @@ bench: install-dev
 	$(PY) benchmarks/index_bench.py --json benchmarks/results/index_bench.json
 	$(PY) benchmarks/serve_load.py --json benchmarks/results/serve_load.json
 	$(PY) benchmarks/tuning.py --json benchmarks/results/tuning.json
+	$(PY) benchmarks/tuning_jobs.py --json benchmarks/results/tuning_jobs.json
 
 # Re-pin the dev tools from what is installed (run after changing the dev extra):
 # every installed package that requirements.lock does not pin. To re-pin the runtime

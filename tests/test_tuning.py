@@ -520,3 +520,28 @@ def test_ctrl_c_stops_every_worker_and_keeps_their_trials(tmp_path: Path) -> Non
     states = {str(t.state) for t in stored}
     assert "TrialState.RUNNING" not in states and "TrialState.COMPLETE" in states
     assert len(stored) < 100
+
+
+def test_tune_reads_a_log_with_the_column_options_train_takes(tmp_path: Path) -> None:
+    log = tmp_path / "log.csv"
+    frame = load_dataset_for(small()).interactions
+    frame.rename({"user_id": "uid", "item_id": "sku", "timestamp": "ts"}).write_csv(log)
+    out = tmp_path / "best.json"
+    found = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            *[part for setting in SMALL[1:] for part in ("--set", setting)],
+            *("--dataset", str(log), "--user-col", "uid", "--item-col", "sku"),
+            *("--time-col", "ts", "--param", "retrieval.temperature=0.1..0.5"),
+            *("--trials", "1", "--out", str(out), "--json"),
+        ],
+    )
+    assert found.exit_code == 0, found.output
+    best = load_config(out)
+    assert (best.data.user_col, best.data.item_col, best.data.time_col) == (
+        "uid",
+        "sku",
+        "ts",
+    )
+    assert json.loads(found.stdout)["tuning_rows"] == 1920  # 80% of 2,400 rows

@@ -121,7 +121,7 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train", rich_help_panel=TRAIN)
 
 
-def _experiment_config(
+def experiment_config(
     dataset: str | None,
     config_file: Path | None,
     overrides: list[str],
@@ -245,51 +245,65 @@ def _stop_on_sigterm() -> Iterator[None]:
         cancel_stop()
 
 
-def _columns(
-    user_col: str | None,
-    item_col: str | None,
-    time_col: str | None,
-    time_format: str | None,
-    time_unit: str | None,
-    rating_col: str | None,
-    weight_col: str | None,
-    weight_values: str | None,
-    separator: str | None,
-    quote_char: str | None,
-    comment_prefix: str | None,
-    missing_ratings: str | None,
-    column_names: str | None,
-    duplicates: str | None,
-    user_features: str | None,
-    item_features: str | None,
-    label_col: str | None = None,
-    label_threshold: float | None = None,
-) -> dict[str, Any]:
-    """The column options every data-reading command takes, as ``data.*`` keys."""
-    options = dataset_options(
-        user_col=user_col,
-        item_col=item_col,
-        time_col=time_col,
-        time_format=time_format,
-        time_unit=time_unit,
-        rating_col=rating_col,
-        weight_col=weight_col,
-        weight_values=weight_values,
-        label_col=label_col,
-        label_threshold=label_threshold,
-        separator=separator,
-        quote_char=quote_char,
-        comment_prefix=comment_prefix,
-        missing_ratings=missing_ratings,
-        column_names=column_names,
-        duplicates=duplicates,
-        user_features=user_features,
-        item_features=item_features,
+#: The column, table and file options of the commands that train (their
+#: parameters by these names).
+TRAINING_COLUMNS = (
+    "user_col",
+    "item_col",
+    "time_col",
+    "time_format",
+    "time_unit",
+    "rating_col",
+    "missing_ratings",
+    "unrated_values",
+    "weight_col",
+    "weight_values",
+    "label_col",
+    "label_threshold",
+    "separator",
+    "quote_char",
+    "comment_prefix",
+    "column_names",
+    "duplicates",
+    "user_features",
+    "item_features",
+    "user_table",
+    "item_table",
+    "user_table_key",
+    "item_table_key",
+    "user_table_columns",
+    "item_table_columns",
+    "min_user_rows",
+    "min_item_rows",
+    "train_file",
+    "test_file",
+)
+
+
+def training_columns(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``data.*`` keys of a training command's column, table and file options
+    (``params``: its arguments by name, :data:`TRAINING_COLUMNS` among them)."""
+    given = {name: params[name] for name in TRAINING_COLUMNS}
+    reading = (
+        *("user_col", "item_col", "time_col", "time_format", "time_unit"),
+        *("rating_col", "weight_col", "weight_values", "label_col"),
+        *("label_threshold", "separator", "quote_char", "comment_prefix"),
+        *("missing_ratings", "column_names", "duplicates", "user_features"),
+        "item_features",
     )
-    del options["strict"]  # not a config key: training reads without it
-    options["weight_values"] = weight_values  # checked, kept as the config's text
-    del options["has_header"]  # data.column_names says the file has none
-    return options
+    columns = dataset_options(**{name: given[name] for name in reading})
+    del columns["strict"]  # not a config key: training reads without it
+    columns["weight_values"] = given["weight_values"]  # checked, kept as text
+    del columns["has_header"]  # data.column_names says the file has none
+    for name in (
+        *("train_file", "test_file", "user_table", "item_table"),
+        *("user_table_key", "item_table_key", "min_user_rows", "min_item_rows"),
+    ):
+        columns[name] = given[name]
+    columns["user_table_columns"] = split_names(given["user_table_columns"])
+    columns["item_table_columns"] = split_names(given["item_table_columns"])
+    columns["unrated_values"] = unrated_values_of(given["unrated_values"])
+    return columns
 
 
 @train_app.callback()
@@ -397,40 +411,8 @@ def train_all(
 
     if dataset is not None:
         dataset = anchored(dataset)  # the saved config finds the log from anywhere
-    columns = _columns(
-        user_col,
-        item_col,
-        time_col,
-        time_format,
-        time_unit,
-        rating_col,
-        weight_col,
-        weight_values,
-        separator,
-        quote_char,
-        comment_prefix,
-        missing_ratings,
-        column_names,
-        duplicates,
-        user_features,
-        item_features,
-        label_col=label_col,
-        label_threshold=label_threshold,
-    )
-    columns.update(
-        train_file=train_file,
-        test_file=test_file,
-        user_table=user_table,
-        item_table=item_table,
-        user_table_key=user_table_key,
-        item_table_key=item_table_key,
-        user_table_columns=split_names(user_table_columns),
-        item_table_columns=split_names(item_table_columns),
-        min_user_rows=min_user_rows,
-        min_item_rows=min_item_rows,
-        unrated_values=unrated_values_of(unrated_values),
-    )
-    config = _experiment_config(dataset, config_file, overrides or [], columns)
+    columns = training_columns(locals())
+    config = experiment_config(dataset, config_file, overrides or [], columns)
     if stream and (train_file or test_file):
         raise typer.BadParameter(
             "--stream reads one Parquet log and splits it row by row: drop "
@@ -1594,40 +1576,8 @@ def train_retrieval_command(
         )
     if dataset is not None:
         dataset = anchored(dataset)  # the saved config finds the log from anywhere
-    columns = _columns(
-        user_col,
-        item_col,
-        time_col,
-        time_format,
-        time_unit,
-        rating_col,
-        weight_col,
-        weight_values,
-        separator,
-        quote_char,
-        comment_prefix,
-        missing_ratings,
-        column_names,
-        duplicates,
-        user_features,
-        item_features,
-        label_col=label_col,
-        label_threshold=label_threshold,
-    )
-    columns.update(
-        train_file=train_file,
-        test_file=test_file,
-        user_table=user_table,
-        item_table=item_table,
-        user_table_key=user_table_key,
-        item_table_key=item_table_key,
-        user_table_columns=split_names(user_table_columns),
-        item_table_columns=split_names(item_table_columns),
-        min_user_rows=min_user_rows,
-        min_item_rows=min_item_rows,
-        unrated_values=unrated_values_of(unrated_values),
-    )
-    config = _experiment_config(dataset, config_file, overrides or [], columns)
+    columns = training_columns(locals())
+    config = experiment_config(dataset, config_file, overrides or [], columns)
     dataset = config.data.dataset
     if stream:
         from twostage.retrieval.streamed import fit_streamed_retrieval

@@ -14,6 +14,37 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from twostage.cli_data import (
+    ColumnNames,
+    CommentPrefix,
+    Duplicates,
+    ItemCol,
+    ItemFeatures,
+    ItemTable,
+    ItemTableColumns,
+    ItemTableKey,
+    LabelCol,
+    LabelThreshold,
+    MinItemRows,
+    MinUserRows,
+    MissingRatings,
+    QuoteChar,
+    RatingCol,
+    Separator,
+    TestFile,
+    TimeCol,
+    TimeFormat,
+    TimeUnit,
+    TrainFile,
+    UnratedValues,
+    UserCol,
+    UserFeatures,
+    UserTable,
+    UserTableColumns,
+    UserTableKey,
+    WeightCol,
+    WeightValues,
+)
 from twostage.cli_output import JsonOutput, console, print_json, status_console
 
 __all__ = ["tune_command"]
@@ -35,8 +66,8 @@ def tune_command(
         str | None,
         typer.Option(
             help="Built-in dataset name or path of your log, as `twostage train` "
-            "takes it (default: the --config's data.dataset, else movielens-100k). "
-            "Column options go in --set data.user_col=... or the --config."
+            "takes it, with the same column options (default: the --config's "
+            "data.dataset, else movielens-100k)."
         ),
     ] = None,
     config_file: Annotated[
@@ -112,6 +143,35 @@ def tune_command(
             "of the rows. Not repeatable to the digit when above 1.",
         ),
     ] = 1,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    time_col: TimeCol = None,
+    time_format: TimeFormat = None,
+    time_unit: TimeUnit = None,
+    rating_col: RatingCol = None,
+    missing_ratings: MissingRatings = None,
+    unrated_values: UnratedValues = None,
+    weight_col: WeightCol = None,
+    weight_values: WeightValues = None,
+    label_col: LabelCol = None,
+    label_threshold: LabelThreshold = None,
+    separator: Separator = None,
+    quote_char: QuoteChar = None,
+    comment_prefix: CommentPrefix = None,
+    column_names: ColumnNames = None,
+    duplicates: Duplicates = None,
+    user_features: UserFeatures = None,
+    item_features: ItemFeatures = None,
+    user_table: UserTable = None,
+    item_table: ItemTable = None,
+    user_table_key: UserTableKey = None,
+    item_table_key: ItemTableKey = None,
+    user_table_columns: UserTableColumns = None,
+    item_table_columns: ItemTableColumns = None,
+    min_user_rows: MinUserRows = None,
+    min_item_rows: MinItemRows = None,
+    train_file: TrainFile = None,
+    test_file: TestFile = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Choose settings on a validation split: the config's split sets its
@@ -124,23 +184,20 @@ def tune_command(
     config's test figures come from training it once: `twostage train
     --config OUT`. For logs that fit in memory (not --stream).
     """
-    from twostage.config import (
-        ExperimentConfig,
-        apply_overrides,
-        load_config,
-        save_config,
-    )
+    from twostage.cli import experiment_config, training_columns
+    from twostage.config import save_config
     from twostage.data.registry import anchored
     from twostage.tuning import parse_metric, parse_space, tune
+
+    columns = training_columns(locals())
 
     if out is not None and out.exists():  # refused now, not after the trials
         raise typer.BadParameter(
             f"{str(out)!r} already exists: write the best config to a new file.",
             param_hint="--out",
         )
-    config = load_config(config_file) if config_file else ExperimentConfig()
-    wanted = [] if dataset is None else [f"data.dataset={anchored(dataset)}"]
-    config = apply_overrides(config, [*wanted, *(overrides or [])])
+    given = None if dataset is None else anchored(dataset)
+    config = experiment_config(given, config_file, overrides or [], columns)
     space = {}
     for given in params:
         key, sep, spec = given.partition("=")

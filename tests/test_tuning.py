@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -263,27 +264,36 @@ def test_tune_from_the_command_line_writes_the_best_config(tmp_path: Path) -> No
         assert said in " ".join(told.split()), told
 
 
+#: A log and schedule whose trials take a second or two: time to press Ctrl-C.
+SLOW = [
+    "data.dataset=synthetic:num_users=300,num_items=100,num_interactions=20000",
+    "train.epochs=50",
+]
+
+
+def slow_search(*more: str) -> list[str]:
+    """`twostage tune` of 100 slow trials, in a process of its own."""
+    settings = [part for setting in [*SMALL, *SLOW] for part in ("--set", setting)]
+    return [
+        *(sys.executable, "-m", "twostage", "tune", *settings),
+        *("--param", "retrieval.temperature=0.1..0.5", "--trials", "100", *more),
+    ]
+
+
+def stored_trials(storage: Path) -> list[Any]:
+    """The trials of the search ``twostage`` in the journal file ``storage``."""
+    import optuna
+
+    journal = optuna.storages.journal.JournalFileBackend(str(storage))
+    return optuna.load_study(
+        study_name="twostage", storage=optuna.storages.JournalStorage(journal)
+    ).trials
+
+
 def test_ctrl_c_keeps_the_trials_that_ran(tmp_path: Path) -> None:
     out = tmp_path / "best.json"
-    command = [
-        sys.executable,
-        "-m",
-        "twostage",
-        "tune",
-        *[part for setting in SMALL for part in ("--set", setting)],
-        "--set",
-        "data.dataset=synthetic:num_users=300,num_items=100,num_interactions=20000",
-        "--set",
-        "train.epochs=50",
-        "--param",
-        "retrieval.temperature=0.1..0.5",
-        "--trials",
-        "100",
-        "--out",
-        str(out),
-        "--storage",
-        str(tmp_path / "trials.log"),
-    ]
+    storage = tmp_path / "trials.log"
+    command = slow_search("--out", str(out), "--storage", str(storage))
     tuning = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -300,23 +310,11 @@ def test_ctrl_c_keeps_the_trials_that_ran(tmp_path: Path) -> None:
     assert 0.1 <= load_config(out).retrieval.temperature <= 0.5
     # The stored search holds the trial that ended, not the one Ctrl-C stopped
     # (which would run again): with one trial asked, nothing runs.
-    config = small(
-        "data.dataset=synthetic:num_users=300,num_items=100,num_interactions=20000",
-        "train.epochs=50",
-    )
     space = {"retrieval.temperature": "0.1..0.5"}
-    storage = str(tmp_path / "trials.log")
-    again = tune(config, space, trials=1, storage=storage)
+    again = tune(small(*SLOW), space, trials=1, storage=str(storage))
     assert again.resumed == 1 and [t.state for t in again.trials] == ["complete"]
-    import optuna
-
-    stored = optuna.load_study(
-        study_name="twostage",
-        storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(storage)
-        ),
-    ).trials
-    assert [str(t.state) for t in stored] == ["TrialState.COMPLETE", "TrialState.FAIL"]
+    states = [str(t.state) for t in stored_trials(storage)]
+    assert states == ["TrialState.COMPLETE", "TrialState.FAIL"]
 
 
 def test_a_split_from_files_tunes_on_the_training_file(tmp_path: Path) -> None:
@@ -481,17 +479,7 @@ def test_trials_run_at_once_in_workers_as_they_run_in_one_process(
 
 def test_ctrl_c_stops_every_worker_and_keeps_their_trials(tmp_path: Path) -> None:
     storage = tmp_path / "trials.log"
-    command = [
-        sys.executable,
-        "-m",
-        "twostage",
-        "tune",
-        *[part for setting in SMALL for part in ("--set", setting)],
-        "--set",
-        "data.dataset=synthetic:num_users=300,num_items=100,num_interactions=20000",
-        *("--set", "train.epochs=50", "--param", "retrieval.temperature=0.1..0.5"),
-        *("--trials", "100", "--jobs", "2", "--storage", str(storage)),
-    ]
+    command = slow_search("--jobs", "2", "--storage", str(storage))
     # A terminal's Ctrl-C reaches the whole process group: the workers too.
     tuning = subprocess.Popen(
         command,
@@ -509,14 +497,7 @@ def test_ctrl_c_stops_every_worker_and_keeps_their_trials(tmp_path: Path) -> Non
     said, logged = tuning.communicate(timeout=300)
     assert tuning.returncode == 0, logged
     assert "Interrupted: the table holds the trials that ran." in said
-    import optuna
-
-    stored = optuna.load_study(
-        study_name="twostage",
-        storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(storage))
-        ),
-    ).trials
+    stored = stored_trials(storage)
     states = {str(t.state) for t in stored}
     assert "TrialState.RUNNING" not in states and "TrialState.COMPLETE" in states
     assert len(stored) < 100

@@ -526,3 +526,58 @@ def test_tune_reads_a_log_with_the_column_options_train_takes(tmp_path: Path) ->
         "ts",
     )
     assert json.loads(found.stdout)["tuning_rows"] == 1920  # 80% of 2,400 rows
+
+
+def test_a_search_of_the_ranker_trains_retrieval_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import twostage.two_stage as two_stage
+    from twostage.config import apply_settings
+    from twostage.two_stage import fit_two_stage
+
+    trained: list[object] = []
+    real = two_stage.fit_retrieval
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        trained.append(args[0])
+        return real(*args, **kwargs)
+
+    config = small("ranking.epochs=1", "ranking.batch_size=128")
+    space = {"ranking.learning_rate": "log:0.0005..0.01"}
+    with monkeypatch.context() as patch:
+        patch.setattr(two_stage, "fit_retrieval", counted)
+        result = tune(config, space, trials=3, stage="both", metric="rmse")
+        assert len(trained) == 1  # the ranker's trials shared one retrieval run
+        # A retrieval setting in the space trains retrieval again when it changes.
+        trained.clear()
+        mixed = {**space, "retrieval.temperature": "0.1,0.3"}
+        tune(config, mixed, trials=3, stage="both", metric="rmse", seed=1)
+        assert 1 < len(trained) <= 3
+    # Each trial scores as a fresh fit of both stages on the tuning rows.
+    rows, _ = tuning_data(load_dataset_for(config), config)
+    for trial in result.trials[1:]:
+        fresh = fit_two_stage(apply_settings(config, trial.params), rows)
+        assert fresh.ranking_metrics is not None
+        assert trial.value == pytest.approx(fresh.ranking_metrics["rmse"], abs=1e-6)
+    # A run trained with other retrieval settings is refused.
+    other = apply_settings(config, {"retrieval.temperature": 0.2})
+    with pytest.raises(ConfigError, match="sections \\['retrieval'\\] differ"):
+        fit_two_stage(other, rows, retrieval=(fresh.retrieval, fresh.split))
+
+
+def test_pruning_a_search_of_the_ranker_reads_the_ranker_s_epochs() -> None:
+    config = small(
+        *("ranking.epochs=4", "ranking.early_stopping_patience=0"),
+        "ranking.batch_size=128",
+    )
+    space = {"ranking.learning_rate": "log:0.000001..0.02"}
+    pruned = tune(config, space, trials=8, stage="both", metric="rmse", prune=True)
+    stopped = [t for t in pruned.trials if t.state == "pruned"]
+    # Retrieval trains once (trial 1), so every pruned trial was stopped on the
+    # ranker's own epochs.
+    assert stopped and all(t.number >= 5 for t in stopped)
+    assert all("below the earlier trials' median" in (t.error or "") for t in stopped)
+    slowest = max(t.params["ranking.learning_rate"] for t in stopped)
+    assert slowest < config.ranking.learning_rate
+    whole = tune(config, space, trials=5, stage="both", metric="rmse")
+    assert [t.value for t in whole.trials] == [t.value for t in pruned.trials[:5]]

@@ -97,7 +97,8 @@ def tune_command(
         str,
         typer.Option(
             help="retrieval: each trial trains retrieval alone; both: both stages "
-            "(ranking.* settings can then be searched too)."
+            "(ranking.* settings can then be searched too; a trial that changes "
+            "only those ranks on the last trial's retrieval run)."
         ),
     ] = "retrieval",
     timeout: Annotated[
@@ -111,7 +112,8 @@ def tune_command(
             "--prune",
             help="Stop a trial after an epoch whose validation figure (the one "
             "early stopping reads) is below the earlier trials' median at that "
-            "epoch: from the 6th trial, after the 2nd epoch.",
+            "epoch: from the 6th trial, after the 2nd epoch. Retrieval's epochs, "
+            "or the ranker's with --stage both and ranking.* settings alone.",
         ),
     ] = False,
     out: Annotated[

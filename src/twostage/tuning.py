@@ -370,7 +370,11 @@ def tune(
             ``factorized_top_k`` (nothing excluded),
             or with ``stage="both"`` of the served list (``ndcg``, ``recall``,
             ``hit_rate``) or the ranker's ``rmse``, ``mae``, ``auc``.
-        stage: ``retrieval`` trains retrieval alone; ``both`` both stages.
+        stage: ``retrieval`` trains retrieval alone; ``both`` both stages (a
+            trial whose settings differ from the last trial's in ``ranking.*``
+            alone ranks on that trial's retrieval run, which the same settings
+            and seed would train again: a search of the ranker's settings trains
+            retrieval once).
         seed: the sampler's seed (each trial trains with ``train.seed``).
         timeout: seconds after which no new trial starts.
         prune: stop a trial after an epoch whose validation figure (retrieval's
@@ -378,6 +382,8 @@ def tune(
             stopping reads) is below the median of the earlier trials' at that
             epoch (Optuna's median pruner: from the 6th trial, after the 2nd
             epoch; not for a ``retrieval.ensemble``, whose members each train).
+            With ``stage="both"`` and ``ranking.*`` settings alone in the space,
+            the ranker's epochs instead (the figure its early stopping reads).
         on_trial: called with each trial once it ends (not with those read
             from ``storage``).
         storage: keep the trials here as each ends: a file path (Optuna's
@@ -438,6 +444,8 @@ def tune(
         "test_rows": test_rows,
     }
     with contextlib.ExitStack() as stack:
+        stack.callback(_RETRIEVAL.clear)  # no run outlives its search
+        _RETRIEVAL.clear()
         if jobs > 1 and storage is None:  # the workers share a journal file
             folder = stack.enter_context(tempfile.TemporaryDirectory())
             storage = str(Path(folder) / "trials.log")
@@ -447,7 +455,10 @@ def tune(
         if start is not None and not study.trials:
             study.enqueue_trial(start)
         deadline = None if timeout is None else time.time() + timeout
-        measured = (stage, name, k)
+        # Pruning reads the ranker's epochs where only its settings are searched
+        # (retrieval then trains once), else retrieval's.
+        ranker = stage == "both" and all(p.key.startswith("ranking.") for p in params)
+        measured = (stage, name, k, "ranking" if ranker else "retrieval")
 
         def emit(record: TuneTrial) -> None:
             done.append(record)
@@ -631,7 +642,7 @@ class _Work:
     params: list[Param]
     inner: ExperimentConfig
     rows: Dataset
-    measured: tuple[str, str, int | None]
+    measured: tuple[str, str, int | None, str]
 
 
 def _threads(config: ExperimentConfig, jobs: int) -> ExperimentConfig:
@@ -850,7 +861,7 @@ def _run_trials(
     params: list[Param],
     inner: ExperimentConfig,
     rows: Dataset,
-    measured: tuple[str, str, int | None],
+    measured: tuple[str, str, int | None, str],
     prune: bool,
     grants: _Grants,
     emit: Callable[[TuneTrial], None],
@@ -932,8 +943,9 @@ class _Pruned(Exception):
 
 def _pruning(trial: Any, direction: Any) -> Callable[[dict[str, Any]], None]:
     """The ``on_epoch`` of a pruned search: reports each epoch's validation figure
-    (a recall: higher is better, negated where the study minimises) and stops
-    the trial where the pruner says so. An ensemble member's epochs are not read."""
+    (retrieval's recall or the ranker's figure: higher is better, negated where
+    the study minimises) and stops the trial where the pruner says so. An
+    ensemble member's epochs are not read."""
     import optuna
 
     sign = 1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
@@ -956,7 +968,7 @@ def _run_trial(
     config: ExperimentConfig,
     values: dict[str, Any],
     rows: Dataset,
-    measured: tuple[str, str, int | None],
+    measured: tuple[str, str, int | None, str],
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> TuneTrial:
     """One trial trained and measured; a config or data error of this combination
@@ -1034,14 +1046,19 @@ def _suggest(trial: Any, param: Param) -> Any:
     return trial.suggest_float(param.key, param.low, param.high, log=param.log)
 
 
+#: The last trial's retrieval run and split (both stages), by its settings
+#: outside ``ranking`` and its rows.
+_RETRIEVAL: dict[str, Any] = {}
+
+
 def _measure(
     config: ExperimentConfig,
     rows: Dataset,
-    measured: tuple[str, str, int | None],
+    measured: tuple[str, str, int | None, str],
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[float, int | None]:
     """``(metric, retrieval's best epoch)`` of one trial trained on ``rows``."""
-    stage, name, k = measured
+    stage, name, k, watched = measured
     report: dict[str, Any] | None
     if stage == "retrieval":
         from twostage.retrieval.fit import fit_retrieval
@@ -1051,7 +1068,22 @@ def _measure(
     else:
         from twostage.two_stage import fit_two_stage
 
-        stages = fit_two_stage(config, rows, ranking=True, on_epoch=on_epoch)
+        # A trial that changes the ranker's settings alone ranks on the last
+        # trial's retrieval run: the same settings and seed train the same one.
+        key = json.dumps(
+            {**config_dict(config), "ranking": None, "rows": id(rows)}, sort_keys=True
+        )
+        reused = _RETRIEVAL.get(key)
+        stages = fit_two_stage(
+            config,
+            rows,
+            ranking=True,
+            retrieval=reused,
+            on_epoch=None if watched == "ranking" else on_epoch,
+            on_ranking_epoch=on_epoch if watched == "ranking" else None,
+        )
+        _RETRIEVAL.clear()  # one run kept: each holds a model and its tables
+        _RETRIEVAL[key] = (stages.retrieval, stages.split)
         run, report = stages.retrieval, stages.ranking_metrics
     if not report:
         raise DataError(

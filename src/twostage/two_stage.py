@@ -9,12 +9,14 @@ train --stream``), trains the same way on a log that is never loaded.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twostage import distributed
 from twostage.config import ExperimentConfig
+from twostage.config import to_dict as config_dict
 from twostage.data.dataset import Dataset
 from twostage.data.split import ExperimentSplit
 from twostage.ranking.evaluation import evaluate_ranking
@@ -79,7 +81,9 @@ def fit_two_stage(
     on_step: ProgressFn | None = None,
     on_ranking_step: ProgressFn | None = None,
     on_epoch: ProgressFn | None = None,
+    on_ranking_epoch: ProgressFn | None = None,
     allow_config_change: bool = False,
+    retrieval: tuple[RetrievalRun, ExperimentSplit] | None = None,
 ) -> TwoStage:
     """Split, train retrieval, then the ranker on the same split, and evaluate both.
 
@@ -99,23 +103,37 @@ def fit_two_stage(
         on_step: progress callback of retrieval training; ``on_ranking_step``: of
             ranking training.
         on_epoch: called with each of retrieval's epoch records
-            (:func:`~twostage.retrieval.fit.fit_retrieval`).
+            (:func:`~twostage.retrieval.fit.fit_retrieval`); ``on_ranking_epoch``
+            with the ranker's (:func:`~twostage.ranking.fit.fit_ranking`).
         allow_config_change: resume although the config differs from the
             checkpoints' (beyond epochs, threads and device).
+        retrieval: a retrieval run trained by an earlier call on the same data
+            with a config that differs from ``config`` in the ``ranking``
+            section at most, and its split: only the ranker trains (what
+            tuning the ranker's settings repeats). Its test figures are the
+            earlier call's.
+
+    Raises:
+        ConfigError: ``retrieval`` trained with other settings than ``config``'s.
     """
     work = Path(work_dir) if work_dir is not None else None
-    run, split = fit_retrieval(
-        config,
-        dataset=dataset,
-        split=split,
-        out_dir=None if work is None else work / "retrieval",
-        resume=resume,
-        on_step=on_step,
-        on_epoch=on_epoch,
-        evaluate_test=evaluate_test,
-        keep_queries=keep_queries,
-        allow_config_change=allow_config_change,
-    )
+    if retrieval is not None:
+        run, split = retrieval
+        _same_retrieval(run.config, config)
+        run = dataclasses.replace(run, config=config)  # the ranker reads its own
+    else:
+        run, split = fit_retrieval(
+            config,
+            dataset=dataset,
+            split=split,
+            out_dir=None if work is None else work / "retrieval",
+            resume=resume,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            evaluate_test=evaluate_test,
+            keep_queries=keep_queries,
+            allow_config_change=allow_config_change,
+        )
     result = TwoStage(retrieval=run, ranker=None, split=split)
     if not ranking:
         return result
@@ -130,6 +148,7 @@ def fit_two_stage(
         and ranker_dir is not None
         and (ranker_dir / "checkpoint").exists(),
         on_step=on_ranking_step,
+        on_epoch=on_ranking_epoch,
         allow_config_change=allow_config_change,
     )
     if evaluate_test and split.test.num_interactions and distributed.is_main():
@@ -140,3 +159,22 @@ def fit_two_stage(
             result.ranking_queries = result.ranking_metrics.pop("queries")
         result.ranker.metrics = result.ranking_metrics  # saved with the bundle
     return result
+
+
+def _same_retrieval(trained: ExperimentConfig, config: ExperimentConfig) -> None:
+    """Refuses a retrieval run trained with settings other than ``config``'s
+    outside its ``ranking`` section."""
+    was, now = config_dict(trained), config_dict(config)
+    changed = sorted(
+        k
+        for k in was.keys() | now.keys()
+        if k != "ranking" and was.get(k) != now.get(k)
+    )
+    if changed:
+        from twostage.errors import ConfigError
+
+        raise ConfigError(
+            "`retrieval` was trained with other settings than `config` outside its "
+            f"`ranking` section (the sections {changed} differ); train retrieval "
+            "anew for this config."
+        )

@@ -208,6 +208,7 @@ def fit_ranking(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
+    on_epoch: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
     allow_config_change: bool = False,
 ) -> RankingRun:
@@ -225,6 +226,9 @@ def fit_ranking(
         checkpoint_dir: where the loop writes a checkpoint after every epoch.
         resume: continue from the checkpoint in ``checkpoint_dir``.
         on_step: called after every step with ``{"epoch", "step", "loss", "examples"}``.
+        on_epoch: called with each epoch's record (``validation``: the figure
+            early stopping reads, higher is better); an exception it raises
+            ends training there (a tuner pruning a trial).
         stop_after_epoch: stop (as if killed) after this many epochs; for tests.
         allow_config_change: resume even though the settings differ from the
             checkpoint's.
@@ -268,6 +272,7 @@ def fit_ranking(
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         on_step=on_step,
+        on_epoch=on_epoch,
         stop_after_epoch=stop_after_epoch,
         allow_config_change=allow_config_change,
     )
@@ -289,6 +294,7 @@ def fit_ranking_pairs(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     on_step: ProgressFn | None = None,
+    on_epoch: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
     allow_config_change: bool = False,
 ) -> RankingRun:
@@ -311,7 +317,7 @@ def fit_ranking_pairs(
             each row's own (:attr:`RankingRun.reads_context`), and the
             validation rows' their own; None trains it with the context unknown.
         validation: held-out rows for early stopping and the blend weight.
-        config, checkpoint_dir, resume, on_step, stop_after_epoch,
+        config, checkpoint_dir, resume, on_step, on_epoch, stop_after_epoch,
         allow_config_change: as for :func:`fit_ranking`.
     """
     config = config or run.config.ranking
@@ -397,6 +403,7 @@ def fit_ranking_pairs(
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
         resume=resume,
         on_step=on_step,
+        on_epoch=on_epoch,
         stop_after_epoch=stop_after_epoch,
         fingerprint=resume_fingerprint(
             {

@@ -549,15 +549,14 @@ def _open_study(
         )
         study.set_user_attr(_SEARCH, search)
         return study, []
-    stored = optuna.load_study(study_name=study_name, storage=where).user_attrs
-    differs = _differences(stored.get(_SEARCH), search)
+    study = optuna.load_study(study_name=study_name, storage=where, pruner=pruner)
+    differs = _differences(study.user_attrs.get(_SEARCH), search)
     if differs:
         raise ConfigError(
             f"the study {study_name!r} in {storage!r} is another search: its "
             f"{'; '.join(differs)}. Go on with the same settings, or start a new "
             "search under another `study_name` (--study-name) or storage."
         )
-    study = optuna.load_study(study_name=study_name, storage=where, pruner=pruner)
     for stale in study.get_trials(deepcopy=False):  # a crash's, left running
         if stale.state == optuna.trial.TrialState.RUNNING:
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)

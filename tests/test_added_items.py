@@ -93,6 +93,11 @@ def test_added_items_are_retrieved_ranked_and_shown(recommender: Recommender) ->
     assert sum(i <= 40 or i in (901, 903) for i in similar) >= 7, similar
     table = rec.recommend_table([7, 8], rec.index.size, exclude_seen=False)
     assert set(table.filter(pl.col("user_id") == 7)["item_id"]) >= {901, 902, 903}
+    # The same items as a pyarrow table: the same catalogue, the same vectors.
+    from_arrow = recommender.add_items(NEW.to_arrow())
+    assert from_arrow.added_items is not None and rec.added_items is not None
+    assert from_arrow.added_items.equals(rec.added_items)
+    assert from_arrow.recommend(7, 10).items == rec.recommend(7, 10).items
 
 
 def test_a_bundle_keeps_its_added_items(
@@ -194,7 +199,7 @@ def test_mistakes_in_the_items_to_add_are_named(recommender: Recommender) -> Non
         (pl.DataFrame({"item_id": ["x9"], "kind": ["good"]}), r"integers.*'x9'"),
         (pl.DataFrame({"item_id": [901], "kind": [[1, 2]]}), "cannot be encoded"),
         (pl.DataFrame({"item_id": [], "kind": []}), "holds no row"),
-        ([{"item_id": 901}], "should be a polars DataFrame"),
+        ([{"item_id": 901}], "should be a polars, pandas or pyarrow table"),
     ]
     for items, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -412,3 +417,41 @@ def test_a_text_file_s_lists_take_the_metadata_s_layout() -> None:
     # A column of another kind still fails, with the metadata's columns named.
     with pytest.raises(ConfigError, match="do not fit the catalogue's metadata"):
         merged_metadata(metadata, pl.DataFrame({"item_id": [9], "genres": [3]}))
+
+
+def test_new_items_come_in_the_training_item_table_s_layout(tmp_path: Path) -> None:
+    """A model trained on a log whose items are `sku` (`--item-col sku`, an item
+    table keyed `sku`) refused new items keyed `sku` ("should have an `item_id`
+    column"): from Python, a file, a pyarrow table and the CLI, they are now
+    read by that key, as the training item table was."""
+    pa = pytest.importorskip("pyarrow")
+    from twostage.estimator import TwoStageModel
+
+    log = planted_impressions().rename({"item_id": "sku"})
+    kinds = log.select("sku", "kind").unique("sku")
+    model = TwoStageModel(
+        settings={s.split("=")[0]: s.split("=")[1] for s in SMALL[:2]},
+        ranking=False,
+        progress=False,
+    )
+    model.fit(log.drop("kind"), item_col="sku", items=kinds.to_arrow())
+    grown = model.recommender.add_items(pa.table({"sku": [901], "kind": ["good"]}))
+    assert grown.item_vocab.size == model.recommender.item_vocab.size + 1
+    by_id = model.recommender.add_items(
+        pl.DataFrame({"item_id": [901], "kind": ["good"]})
+    )
+    assert by_id.recommend(3, 10).items == grown.recommend(3, 10).items
+    with pytest.raises(ConfigError, match="an `item_id` or `sku` column"):
+        model.recommender.add_items(pl.DataFrame({"id": [901], "kind": ["good"]}))
+    model.save(tmp_path / "models" / "shop" / "1")
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("sku,kind\n901,good\n902,bad\n")
+    model.add_items(fresh)
+    assert model.recommender.item_vocab.size == by_id.item_vocab.size + 1
+    added = CliRunner().invoke(
+        app, ["add-items", str(tmp_path / "models" / "shop"), "--items", str(fresh)]
+    )
+    assert added.exit_code == 0, added.output
+    assert load(tmp_path / "models" / "shop" / "2").item_vocab.size == (
+        model.recommender.item_vocab.size
+    )

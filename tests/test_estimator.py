@@ -591,8 +591,16 @@ def test_sessions_are_read_with_the_column_names_fit_was_given(frames) -> None:
     assert found.unread.height == 0
     with pytest.raises(ConfigError, match="has both the columns"):
         model.recommend_sessions(visits.assign(item_id=1), 4, session_col="visit")
-    with pytest.raises(ConfigError, match="polars or pandas DataFrame"):
+    with pytest.raises(ConfigError, match="polars, pandas or pyarrow table"):
         model.recommend_sessions([3, 5], 4)
+    # A pyarrow table reads as the pandas frame did, here and one level down.
+    arrow = pl.from_pandas(visits).to_arrow()
+    as_arrow = model.recommend_sessions(arrow, 4, session_col="visit")
+    assert as_arrow.lists.equals(found.lists)
+    below = model.recommender.recommend_sessions(
+        visits.rename(columns={"visit": "session_id", "movie": "item_id"}), 4
+    )
+    assert below.lists.equals(found.lists)
     as_dict = model.recommend_sessions(
         {"visit": ["a", "a"], "movie": [3, 5]}, 4, session_col="visit"
     )

@@ -23,19 +23,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from twostage.data.dataset import ITEM
+from twostage.data.frames import FRAME_KINDS, as_polars
 from twostage.errors import ConfigError, DataError
 from twostage.features.sequences import parse_lists
 from twostage.features.vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from twostage.config import DataConfig
 
 __all__ = [
     "catalogue_vocabulary",
     "read_item_rows",
     "check_added_items",
+    "item_keys",
     "check_removed_items",
     "like_metadata",
     "merged_metadata",
@@ -50,34 +56,52 @@ def _named(values: Sequence[object]) -> str:
     return f"{shown}{' ...' if len(values) > _NAMED else ''}"
 
 
-def read_item_rows(path: str | Path) -> pl.DataFrame:
-    """A file of items, one row each (CSV, TSV or Parquet, with an ``item_id``
-    column), read as an item feature table is (:func:`read_feature_table`:
-    rejected rows counted and reported); an item listed twice is an error."""
+def item_keys(data: DataConfig) -> list[str]:
+    """The names the ID column of a table of items to add may have, in order:
+    ``item_id``, then the name the model's item feature table was keyed by
+    (``data.item_table_key``, else the log's ``data.item_col``), so that new
+    items come in the training item table's layout."""
+    from twostage.data.registry import table_keys
+
+    return list(
+        dict.fromkeys([ITEM, *table_keys(data.item_col, ITEM, data.item_table_key)])
+    )
+
+
+def read_item_rows(path: str | Path, keys: Sequence[str] = (ITEM,)) -> pl.DataFrame:
+    """A file of items, one row each (CSV, TSV or Parquet, its ID column named
+    by the first of ``keys`` it has: :func:`item_keys`), read as an item
+    feature table is (:func:`read_feature_table`: rejected rows counted and
+    reported), its ID column named ``item_id``; an item listed twice is an
+    error."""
     from twostage.data.tables import read_feature_table
 
     return read_feature_table(
-        path, key_col="item_id", key_name="item_id", duplicates="error"
+        path, key_col=list(keys), key_name="item_id", duplicates="error"
     )
 
 
 def check_added_items(
-    items: pl.DataFrame,
+    items: Any,
     catalogue: Vocabulary,
     feature_columns: Sequence[str],
     numeric_columns: Sequence[str],
+    keys: Sequence[str] = (ITEM,),
 ) -> pl.DataFrame:
     """``items`` as the catalogue will hold them: ``item_id`` cast to the
     catalogue's ID type, every other column kept (features and metadata).
 
     Args:
-        items: one row per item to add: ``item_id``, every column of
+        items: a table (:func:`~twostage.data.frames.as_polars`: polars, pandas
+            or pyarrow) of one row per item to add: ``item_id``, every column of
             ``feature_columns`` (null where a value is unknown), and any metadata
             (title, tags...).
         catalogue: the items the catalogue holds already (trained and added).
         feature_columns: the item feature columns the model reads.
         numeric_columns: those of them read as numbers (a NaN or infinity there
             would encode as missing).
+        keys: the names its ID column may have (:func:`item_keys`), the first
+            found read as ``item_id``.
 
     Raises:
         ConfigError: naming the rows (counted from 1) or IDs at fault: no
@@ -85,16 +109,21 @@ def check_added_items(
             already, an ID of the wrong type, a feature column left out, a
             non-finite number.
     """
-    if not isinstance(items, pl.DataFrame):
+    given = items
+    items = as_polars(given, columns=False)
+    if items is None:
         raise ConfigError(
-            "`items` should be a polars DataFrame with an `item_id` column and the "
-            f"item feature columns. Received: {type(items).__name__}."
+            f"`items` should be {FRAME_KINDS} with an `item_id` column and the "
+            f"item feature columns. Received: {type(given).__name__}."
         )
-    if ITEM not in items.columns:
+    key = next((c for c in keys if c in items.columns), None)
+    if key is None:
+        named = " or ".join(f"`{c}`" for c in keys)
         raise ConfigError(
-            f"`items` should have an `{ITEM}` column. Received the columns "
+            f"`items` should have an {named} column. Received the columns "
             f"{items.columns}."
         )
+    items = items.rename({key: ITEM})
     missing = [c for c in feature_columns if c not in items.columns]
     if missing:
         raise ConfigError(

@@ -238,9 +238,11 @@ def add_items_command(
         typer.Option(
             "--items",
             help="CSV, TSV or Parquet file of the items to add: a header naming "
-            "item_id and every item feature column the model reads (`twostage "
-            "info` lists them; empty where unknown), then a row per item; other "
-            "columns (title, tags...) are kept as metadata.",
+            "the ID column (item_id, or the training item table's key, as "
+            "--item-col or data.item_table_key named it) and every item feature "
+            "column the model reads (`twostage info` lists them; empty where "
+            "unknown), then a row per item; other columns (title, tags...) are "
+            "kept as metadata.",
         ),
     ],
     out: NextVersion = None,
@@ -258,12 +260,12 @@ def add_items_command(
     import numpy as np
 
     from twostage.artifacts import next_version
-    from twostage.catalogue import read_item_rows
+    from twostage.catalogue import item_keys, read_item_rows
     from twostage.errors import TwostageError
 
     source, rec = _open(bundle)
     try:
-        table = read_item_rows(items)
+        table = read_item_rows(items, item_keys(rec.run.config.data))
         started = time.perf_counter()
         with status_console.status(f"adding {table.height:,} items"):
             grown = rec.add_items(table)

@@ -22,6 +22,7 @@ import torch
 
 from twostage.config import DataConfig, ExperimentConfig, apply_settings, to_dict
 from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
+from twostage.data.frames import FRAME_KINDS, as_polars
 from twostage.data.registry import FIT_TABLES, reading_settings, table_keys
 from twostage.data.split import ExperimentSplit, validation_split, with_id_types
 from twostage.errors import ConfigError, DataError
@@ -228,8 +229,9 @@ class TwoStageModel:
 
         Args:
             data: the training interactions: a :class:`~twostage.data.Dataset`, a
-                polars or pandas DataFrame (rows are checked as a file's are; the
-                rejected ones are counted in the log), or a CSV, JSON lines or Parquet path.
+                polars, pandas or pyarrow table or a polars LazyFrame (rows are
+                checked as a file's are; the rejected ones are counted in the
+                log), or a CSV, JSON lines or Parquet path.
                 A file or frame is read with the settings ``data.separator``,
                 ``data.quote_char``, ``data.comment_prefix``, ``data.missing_ratings``,
                 ``data.time_format``, ``data.time_unit``,
@@ -569,8 +571,8 @@ class TwoStageModel:
         filters: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
     ) -> SessionLists:
-        """A list for every session of a polars or pandas frame (or a dict of
-        columns) with a row per session item
+        """A list for every session of a polars, pandas or pyarrow table (or
+        a dict of columns) with a row per session item
         (:meth:`Recommender.recommend_sessions`), its columns named
         as :meth:`fit` read the log's (``item_col``, ``time_col``, ``rating_col``,
         ``user_col``) and ``session_col``; ``context``: one moment for every
@@ -626,21 +628,16 @@ class TwoStageModel:
         )
 
     def _sessions_frame(self, sessions: Any, session_col: str) -> pl.DataFrame:
-        """A sessions table (polars, pandas or a dict of columns) as polars,
+        """A sessions table (any frame, or a dict of columns) as polars,
         its columns renamed from the names :meth:`fit` read to ours."""
         from twostage.session_batch import SESSION
 
-        frame = sessions
-        if isinstance(frame, Mapping):  # {column: values}
-            frame = pl.DataFrame(dict(frame))
-        elif not isinstance(frame, pl.DataFrame):
-            if not hasattr(frame, "columns"):
-                raise ConfigError(
-                    "`sessions` should be a polars or pandas DataFrame (or a dict "
-                    "of columns) with a row per session item. Received a "
-                    f"{type(frame).__name__}."
-                )
-            frame = pl.from_pandas(frame)
+        frame = as_polars(sessions)
+        if frame is None:
+            raise ConfigError(
+                f"`sessions` should be {FRAME_KINDS}, or a dict of columns, with a "
+                f"row per session item. Received a {type(sessions).__name__}."
+            )
         names = self.columns_ or _Columns()
         canonical = {
             session_col: SESSION,
@@ -730,8 +727,8 @@ class TwoStageModel:
         and found by :meth:`similar_items` from their features from then on.
 
         Args:
-            items: a polars or pandas DataFrame, or a CSV/TSV/Parquet file, with a
-                row per item: ``item_id``, every item feature column the model
+            items: a polars, pandas or pyarrow table, or a CSV/TSV/Parquet file,
+                with a row per item: ``item_id``, every item feature column the model
                 reads (null where unknown) and any metadata columns.
 
         Returns:
@@ -739,11 +736,9 @@ class TwoStageModel:
         """
         rec = self.recommender
         if isinstance(items, str | Path):
-            from twostage.catalogue import read_item_rows
+            from twostage.catalogue import item_keys, read_item_rows
 
-            items = read_item_rows(items)
-        elif not isinstance(items, pl.DataFrame) and hasattr(items, "columns"):
-            items = pl.from_pandas(items)
+            items = read_item_rows(items, item_keys(rec.run.config.data))
         self.recommender_ = rec.add_items(items)
         return self
 

@@ -24,6 +24,7 @@ from twostage.catalogue import (
     catalogue_vocabulary,
     check_added_items,
     check_removed_items,
+    item_keys,
     like_metadata,
     merged_metadata,
 )
@@ -455,7 +456,7 @@ class Recommender:
         (:meth:`remove_items`)."""
         return self._removed
 
-    def add_items(self, items: pl.DataFrame) -> Recommender:
+    def add_items(self, items: Any) -> Recommender:
         """A copy whose catalogue also holds ``items``: items the model never
         trained on (a shop's new products, the day's news), added without
         retraining (:mod:`twostage.catalogue`).
@@ -476,8 +477,10 @@ class Recommender:
         :meth:`save` keeps the added items; the model's weights are unchanged.
 
         Args:
-            items: one row per item: ``item_id`` (an ID the catalogue does not
-                hold), every column of :attr:`item_feature_columns` in the layout
+            items: a table (polars, pandas or pyarrow) of one row per item:
+                ``item_id`` (an ID the catalogue does not hold; the column may
+                instead have the name the training item table's IDs had,
+                ``data.item_col`` or ``data.item_table_key``), every column of :attr:`item_feature_columns` in the layout
                 of the training item table (null where unknown), and any metadata
                 columns (title, tags, a filter's column...).
 
@@ -536,10 +539,16 @@ class Recommender:
         served[0] = False
         return torch.nonzero(served)[:, 0]
 
-    def _check_added(self, items: pl.DataFrame) -> pl.DataFrame:
+    def _check_added(self, items: Any) -> pl.DataFrame:
         fields = self.run.spec.describe(side="candidate")
         numeric = [f.column for f in fields if f.kind in NUMBER_KINDS]
-        added = check_added_items(items, self.item_vocab, self._item_columns, numeric)
+        added = check_added_items(
+            items,
+            self.item_vocab,
+            self._item_columns,
+            numeric,
+            keys=item_keys(self.run.config.data),
+        )
         for column in numeric:
             far = far_numbers(self.run.spec, column, added[column])
             if far:
@@ -1087,7 +1096,7 @@ class Recommender:
 
     def recommend_sessions(
         self,
-        sessions: pl.DataFrame,
+        sessions: Any,
         k: int = 10,
         *,
         exclude_seen: bool = True,
@@ -1095,9 +1104,9 @@ class Recommender:
         filters: dict[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> SessionLists:
-        """A list for every session of a table with a row per session item
-        (``session_id``, ``item_id``; optionally ``timestamp``, ``rating`` and
-        ``user_id``), as :meth:`recommend` answers one ``session`` each, and the
+        """A list for every session of a table (polars, pandas or pyarrow) with
+        a row per session item (``session_id``, ``item_id``; optionally
+        ``timestamp``, ``rating`` and ``user_id``), as :meth:`recommend` answers one ``session`` each, and the
         rows it could not read with their reasons
         (:func:`twostage.session_batch.recommend_sessions`); ``context``: one
         moment for every list, for a model that reads per-request context."""

@@ -15,6 +15,7 @@ import polars as pl
 import torch
 
 from twostage.data.dataset import ITEM, RATING, TIME, USER
+from twostage.data.frames import FRAME_KINDS, as_polars
 from twostage.data.user_items import UserItems
 from twostage.errors import ConfigError
 from twostage.inputs import check_k, session_indices
@@ -74,7 +75,7 @@ class SessionLists:
 
 def recommend_sessions(
     rec: Recommender,
-    sessions: pl.DataFrame,
+    sessions: Any,
     k: int = 10,
     *,
     exclude_seen: bool = True,
@@ -125,7 +126,7 @@ def recommend_sessions(
         session: rec.encode_context(moment) if moment else {}
         for session, moment in (session_contexts or {}).items()
     }
-    check_sessions_table(rec, sessions)
+    sessions = sessions_table(rec, sessions)
     rows = sessions.to_dicts()
     owners = session_users(rows) if USER in sessions.columns else {}
     entries, numbers, unread = readable_rows(rec, rows)
@@ -416,14 +417,17 @@ def _session_queries(
         return rec.run.model.encode_queries(features), features
 
 
-def check_sessions_table(rec: Recommender, sessions: pl.DataFrame) -> None:
-    """Refuse a sessions table that cannot be read as a whole: one that is not a
-    frame, misses ``session_id`` or ``item_id``, has a column nothing reads or
-    of the wrong type, or ratings for a model that reads none."""
-    if not isinstance(sessions, pl.DataFrame):
+def sessions_table(rec: Recommender, given: Any) -> pl.DataFrame:
+    """``given`` as a polars frame (any table
+    :func:`~twostage.data.frames.as_polars` reads), or refused if it cannot be
+    read as a whole: one that is not a table, misses ``session_id`` or
+    ``item_id``, has a column nothing reads or of the wrong type, or ratings
+    for a model that reads none."""
+    sessions = as_polars(given, columns=False)
+    if sessions is None:
         raise SessionTableError(
-            "`sessions` should be a polars DataFrame with a row per session item. "
-            f"Received a {type(sessions).__name__}."
+            f"`sessions` should be {FRAME_KINDS} with a row per session item. "
+            f"Received a {type(given).__name__}."
         )
     columns = sessions.columns
     missing = [c for c in (SESSION, ITEM) if c not in columns]
@@ -462,6 +466,7 @@ def check_sessions_table(rec: Recommender, sessions: pl.DataFrame) -> None:
             f"the sessions table has a {RATING!r} column, which this model does not "
             "read (it was trained without `retrieval.sequence_ratings`); drop it."
         )
+    return sessions
 
 
 def readable_rows(

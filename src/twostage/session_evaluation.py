@@ -26,11 +26,11 @@ from twostage.retrieval.tensors import TimedRows, context_keys, session_history
 from twostage.session_batch import (
     BATCH_SESSIONS,
     SESSION,
-    check_sessions_table,
     readable_rows,
     recommend_sessions,
     right_aligned,
     session_users,
+    sessions_table,
 )
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ _BLOCK_ELEMENTS = 1 << 24
 
 def evaluate_sessions(
     rec: Recommender,
-    sessions: pl.DataFrame,
+    sessions: Any,
     *,
     ks: Sequence[int] = (1, 5, 10, 20, 50, 100),
     use_ranker: bool = True,
@@ -94,7 +94,7 @@ def evaluate_sessions(
         one) and the query rows not read (``unread_rows``, ``unread_reasons``).
     """
     ks = check_ks(ks)
-    check_sessions_table(rec, sessions)
+    sessions = sessions_table(rec, sessions)
     # A row without a session or an item is neither a query item nor a target.
     usable = pl.col(SESSION).is_not_null() & pl.col(ITEM).is_not_null()
     dropped = sessions.select(

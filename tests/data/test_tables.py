@@ -6,6 +6,7 @@ import codecs
 import contextlib
 import csv
 import gzip
+import importlib.util
 import io
 import logging
 import re
@@ -1841,3 +1842,48 @@ def test_recbole_atomic_files(tmp_path: Path) -> None:
     assert anchored("recbole:shop").startswith("recbole:")
     with pytest.raises(DataError, match=r"no \.inter file"):
         load_dataset(f"recbole:{tmp_path}")
+
+
+def test_tables_of_every_frame_library_read_as_the_polars_frame() -> None:
+    """A log given as a pyarrow table, a polars LazyFrame or a dict of columns
+    was refused ("should be a file path or a polars or pandas DataFrame"); each
+    now reads as the same rows, bad rows counted alike."""
+    pa = pytest.importorskip("pyarrow")
+    frame = pl.DataFrame(
+        {
+            "uid": ["a", "a", "b", None],
+            "sku": [1, 2, 3, 4],
+            "stars": [5.0, None, 4.0, 3.0],
+            "ts": [10, 20, 30, 40],
+        }
+    )
+    columns = {"user_col": "uid", "item_col": "sku", "rating_col": "stars"}
+    expected = read_interactions(frame, time_col="ts", **columns)
+    assert expected.report.num_rejected == 2
+    given = [
+        frame.to_arrow(),
+        frame.to_arrow().to_batches()[0],
+        frame.lazy(),
+        frame.to_dict(as_series=False),
+    ]
+    if importlib.util.find_spec("pandas") is not None:
+        given.append(frame.to_pandas())
+    for data in given:
+        read = read_interactions(data, time_col="ts", **columns)
+        assert read.interactions.equals(expected.interactions), type(data)
+        assert read.report.rejected == expected.report.rejected
+        assert read.report.examples == expected.report.examples
+    # A lazy query that fails names the frame and the reason.
+    broken = pl.LazyFrame({"uid": [1]}).select(pl.col("nope"))
+    with pytest.raises(DataError, match="LazyFrame could not be read as a table"):
+        read_interactions(broken, user_col="uid", item_col="sku")
+    with pytest.raises(DataError, match="could not be read as a table"):
+        read_interactions({"uid": [1, 2], "sku": [1]}, user_col="uid")
+    with pytest.raises(DataError, match="polars, pandas or pyarrow table"):
+        read_interactions([("a", 1)])
+    table = pa.table({"item_id": [1, 2], "genre": ["x", "y"]})
+    as_arrow = read_feature_table(table, key_col="item_id", key_name="item_id")
+    as_polars = read_feature_table(
+        pl.from_arrow(table), key_col="item_id", key_name="item_id"
+    )
+    assert as_arrow.equals(as_polars)

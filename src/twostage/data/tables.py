@@ -66,6 +66,7 @@ from twostage.data._table_values import (
     reject_date_numbers,
 )
 from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER, WEIGHT, Dataset
+from twostage.data.frames import FRAME_KINDS, as_polars
 from twostage.data.report import LoadReport
 from twostage.errors import BadRowError, ConfigError, DataError, TwostageError
 
@@ -129,9 +130,11 @@ def read_interactions(
         path: a text file, a Parquet file (suffix ``.parquet`` or ``.pq``), a
             JSON file (``.jsonl`` / ``.ndjson``: one object per line, a line that
             is not one object rejected as ``bad_json``; ``.json``: those, or an
-            array of objects; the text options below do not apply), or a polars
-            or pandas DataFrame (checked row by row as a Parquet file is; a row's
-            "line" is its 1-based position).
+            array of objects; the text options below do not apply), or a table
+            in memory (:func:`~twostage.data.frames.as_polars`: a polars, pandas
+            or pyarrow table, a polars LazyFrame collected, a dict of columns;
+            checked row by row as a Parquet file is; a row's "line" is its
+            1-based position).
         user_col: source column of the user IDs.
         item_col: source column of the item IDs.
         time_col: source column of the timestamps: integer seconds since the epoch
@@ -351,7 +354,8 @@ def read_feature_table(
     counted and the summary is logged at WARNING.
 
     Args:
-        path: a text or Parquet file, or a polars or pandas DataFrame.
+        path: a text or Parquet file, or a table in memory (as
+            :func:`read_interactions` takes it).
         key_col: source column of the key, or several names: the first the table
             has (a file keyed by the log's column name or by ``user_id``).
         key_name: output name of the key, ``"user_id"`` or ``"item_id"``.
@@ -516,29 +520,17 @@ def with_names_if_headerless(
 
 
 def as_source(data: Any) -> Path | pl.DataFrame:
-    """A path, or a polars frame (a pandas frame is converted through Arrow)."""
+    """A path, or a polars frame (any table :func:`~twostage.data.frames.as_polars`
+    reads: pandas and pyarrow tables through Arrow, a LazyFrame collected)."""
     if isinstance(data, str | Path):
         return Path(data)
-    if isinstance(data, pl.DataFrame):
-        return data
-    if type(data).__module__.split(".")[0] == "pandas" and hasattr(data, "columns"):
-        try:
-            return pl.from_pandas(data, include_index=False)
-        except (TypeError, ValueError, pl.exceptions.PolarsError):
-            pass
-        # A mixed-type object column (numbers and text): read it as text, so that its
-        # bad values are rejected and counted row by row like a file's.
-        mixed = {c: "string" for c in data.columns if data[c].dtype == object}
-        try:
-            return pl.from_pandas(data.astype(mixed), include_index=False)
-        except (TypeError, ValueError, pl.exceptions.PolarsError) as e:
-            raise DataError(
-                f"the pandas DataFrame could not be converted (through Arrow): {e}"
-            ) from e
-    raise DataError(
-        "`path` should be a file path or a polars or pandas DataFrame. Received: "
-        f"{type(data).__name__}."
-    )
+    frame = as_polars(data)
+    if frame is None:
+        raise DataError(
+            f"`path` should be a file path or {FRAME_KINDS}. Received: "
+            f"{type(data).__name__}."
+        )
+    return frame
 
 
 def _load(

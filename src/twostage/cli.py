@@ -29,6 +29,7 @@ from twostage.cli_batch import (
     BATCH,
     Overwrite,
     check_batch_options,
+    log_columns,
     parse_id,
     read_ids,
     read_sessions,
@@ -696,14 +697,23 @@ def _session_entries(
     return entries
 
 
-def _new_item_rows(path: Path) -> list[dict[str, Any]]:
+def _session_col_with_sessions(session_col: str, sessions_file: Path | None) -> None:
+    if session_col != "session_id" and sessions_file is None:
+        raise typer.BadParameter(
+            "names the session column of a --sessions file; give one.",
+            param_hint="--session-col",
+        )
+
+
+def _new_item_rows(path: Path, keys: list[str]) -> list[dict[str, Any]]:
     """``--new-items FILE``: one candidate object per row (``item_id`` and its
-    feature values), read as an item feature table is (rejected rows counted and
-    reported; an item listed twice is an error)."""
+    feature values), read as an item feature table is (its ID column the first
+    of ``keys`` it has; rejected rows counted and reported; an item listed
+    twice is an error)."""
     from twostage.catalogue import read_item_rows
 
     try:
-        table = read_item_rows(path)
+        table = read_item_rows(path, keys)
     except (TwostageError, OSError) as e:
         raise typer.BadParameter(str(e), param_hint="--new-items") from e
     if not table.height:
@@ -827,10 +837,19 @@ def recommend_command(
             help="A CSV, JSON lines or Parquet file with a row per session item: "
             "session_id and item_id columns, and optionally timestamp, rating and "
             "user_id: recommend for each session (as --session does for one) into "
-            "--out, a row per session and rank; the rows the model cannot read "
+            "--out, a row per session and rank (the columns may have the training "
+            "log's names, as --item-col gave them); the rows the model cannot read "
             "(an unknown item, say) are counted and reported with their reasons.",
         ),
     ] = None,
+    session_col: Annotated[
+        str,
+        typer.Option(
+            "--session-col",
+            rich_help_panel=BATCH,
+            help="With --sessions: the file's column of session IDs.",
+        ),
+    ] = "session_id",
     out: Annotated[
         Path | None,
         typer.Option(
@@ -877,6 +896,7 @@ def recommend_command(
     session_times = joined(session_times_given)
     candidates = joined(candidates_given)
     many = users_file is not None or all_users
+    _session_col_with_sessions(session_col, sessions_file)
     single = {
         "--user": user,
         "--feature": feature,
@@ -919,7 +939,7 @@ def recommend_command(
     if sessions_file is not None:
         summary = _recommend_sessions_into(
             rec,
-            read_sessions(sessions_file),
+            read_sessions(sessions_file, names=log_columns(rec, session_col)),
             typing.cast(Path, out),  # check_batch_options refused None
             k=k,
             exclude_seen=not include_seen,
@@ -937,7 +957,7 @@ def recommend_command(
         ids = (
             rec.user_vocab.values.to_list()
             if all_users or users_file is None
-            else read_ids(users_file, "user_id", "--users")
+            else read_ids(users_file, "user_id", "--users", log_columns(rec))
         )
         summary = _recommend_into(
             rec,
@@ -984,7 +1004,9 @@ def recommend_command(
             )
     asked = _session(candidates, "--candidates")
     if new_items is not None:
-        rows = _new_item_rows(new_items)
+        from twostage.catalogue import item_keys
+
+        rows = _new_item_rows(new_items, item_keys(rec.run.config.data))
         asked = [*(asked or []), *rows]
     try:
         answer = rec.recommend(
@@ -1217,7 +1239,8 @@ def _recommend_sessions_into(
     if SESSION not in table.columns:  # named before anything is answered
         raise typer.BadParameter(
             f"the file has no {SESSION} column (its columns: {table.columns}); "
-            "give it a header row naming session_id and item_id.",
+            "give it a header row naming session_id and item_id, or name its "
+            "session column with --session-col.",
             param_hint="--sessions",
         )
     numbered = table.with_row_index("_row", offset=1)
@@ -1281,7 +1304,12 @@ def _recommend_sessions_into(
 
 
 def _evaluate_sessions(
-    rec: Any, path: Path, use_ranker: bool, train: Any, json_output: bool
+    rec: Any,
+    path: Path,
+    use_ranker: bool,
+    train: Any,
+    json_output: bool,
+    session_col: str,
 ) -> None:
     """``evaluate --sessions``: the figures (the baselines' too, fitted on the
     ``train`` rows when given), then what was left out and why."""
@@ -1294,7 +1322,10 @@ def _evaluate_sessions(
         )
     try:
         found = evaluate_sessions(
-            rec, read_sessions(path), use_ranker=use_ranker, train=train
+            rec,
+            read_sessions(path, names=log_columns(rec, session_col)),
+            use_ranker=use_ranker,
+            train=train,
         )
     except SessionTableError as e:
         raise typer.BadParameter(str(e), param_hint="--sessions") from e
@@ -1412,7 +1443,7 @@ def similar_command(
         ids = (
             rec.item_vocab.values.to_list()
             if all_items or items_file is None
-            else read_ids(items_file, "item_id", "--items")
+            else read_ids(items_file, "item_id", "--items", log_columns(rec))
         )
         unknown = [i for i in ids if not rec.item_vocab.lookup(i)]
         if unknown:  # named before any work, not after a partial file
@@ -1682,9 +1713,17 @@ def evaluate_command(
             "session's last item held out and found from the ones before it "
             "(HR, NDCG, MRR at K), beside the model's popularity fallback (and, "
             "with --baselines, the baselines fitted on the training rows, each "
-            "fed the items the model reads).",
+            "fed the items the model reads). The columns may have the training "
+            "log's names, as --item-col gave them.",
         ),
     ] = None,
+    session_col: Annotated[
+        str,
+        typer.Option(
+            "--session-col",
+            help="With --sessions: the file's column of session IDs.",
+        ),
+    ] = "session_id",
     no_ranker: Annotated[
         bool,
         typer.Option(
@@ -1726,6 +1765,7 @@ def evaluate_command(
             "measures held-out session items on its own: drop --test.",
             param_hint="--sessions",
         )
+    _session_col_with_sessions(session_col, sessions_file)
     if no_ranker and sessions_file is None:
         raise typer.BadParameter(
             "goes with --sessions (the test split's figures show retrieval and the "
@@ -1756,7 +1796,9 @@ def evaluate_command(
                     "and its fallback need no training rows.",
                     param_hint="--baselines",
                 ) from e
-        _evaluate_sessions(rec, sessions_file, not no_ranker, train, json_output)
+        _evaluate_sessions(
+            rec, sessions_file, not no_ranker, train, json_output, session_col
+        )
         return
     if test_file is not None:
         from twostage.retrieval.evaluation import read_test_log

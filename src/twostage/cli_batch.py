@@ -18,6 +18,7 @@ __all__ = [
     "BATCH",
     "Overwrite",
     "check_batch_options",
+    "log_columns",
     "parse_id",
     "read_ids",
     "read_sessions",
@@ -165,13 +166,43 @@ def _typed_ids(values: pl.Series) -> pl.Series:
     return pl.Series(values.name, text, dtype=pl.String)
 
 
-def read_sessions(path: Path, flag: str = "--sessions") -> pl.DataFrame:
+def log_columns(rec: Any, session_col: str = "session_id") -> dict[str, str]:
+    """``{our column: the name a file may give it}`` where they differ: the
+    training log's names of the user, item, time and rating columns (``rec``'s
+    ``data.user_col``...), and ``session_col`` for ``session_id``. A file of
+    sessions, IDs or items may come in the training log's layout."""
+    data = rec.run.config.data
+    given = {
+        "session_id": session_col,
+        "user_id": data.user_col,
+        "item_id": data.item_col,
+        "timestamp": data.time_col,
+        "rating": data.rating_col,
+    }
+    return {ours: theirs for ours, theirs in given.items() if theirs and theirs != ours}
+
+
+def _our_names(frame: pl.DataFrame, names: dict[str, str]) -> pl.DataFrame:
+    """``frame`` with each column ``names`` maps to renamed to ours, where the
+    frame lacks ours (a file that names ``item_id`` itself keeps it)."""
+    renames = {
+        theirs: ours
+        for ours, theirs in names.items()
+        if ours not in frame.columns and theirs in frame.columns
+    }
+    return frame.rename(renames)
+
+
+def read_sessions(
+    path: Path, flag: str = "--sessions", names: dict[str, str] | None = None
+) -> pl.DataFrame:
     """A file of session rows (``session_id``, ``item_id``; optionally
-    ``timestamp``, ``rating``, ``user_id``), typed for
+    ``timestamp``, ``rating``, ``user_id``, each perhaps by the name ``names``
+    maps it to: :func:`log_columns`), typed for
     :meth:`~twostage.recommender.Recommender.recommend_sessions`: CSV IDs as
     :func:`parse_id` reads them, CSV times and ratings as numbers (a row with
     text there is an error that names it); JSON and Parquet keep their types."""
-    frame = _read_table(path, flag)
+    frame = _our_names(_read_table(path, flag), names or {})
     if path.suffix.lower() not in (".parquet", ".pq", ".jsonl", ".ndjson", ".json"):
         for column in ("session_id", "item_id", "user_id"):
             if column in frame.columns:
@@ -200,15 +231,21 @@ def read_sessions(path: Path, flag: str = "--sessions") -> pl.DataFrame:
     return frame
 
 
-def read_ids(path: Path, column: str, flag: str) -> list[Any]:
-    """The ``column`` of a CSV, JSON lines or Parquet file, in its order (repeats
-    kept). CSV IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its
-    zeros; JSON and Parquet IDs keep their types."""
-    frame = _read_table(path, flag)
+def read_ids(
+    path: Path, column: str, flag: str, names: dict[str, str] | None = None
+) -> list[Any]:
+    """The ``column`` of a CSV, JSON lines or Parquet file (or the column
+    ``names`` maps it to: :func:`log_columns`), in its order (repeats kept). CSV
+    IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its zeros;
+    JSON and Parquet IDs keep their types."""
+    frame = _our_names(_read_table(path, flag), names or {})
     if column not in frame.columns:
+        other = (names or {}).get(column)
         raise typer.BadParameter(
-            f"{str(path)!r} has no {column} column (its columns: {frame.columns}); "
-            "give the file a header row naming it.",
+            f"{str(path)!r} has no {column} column"
+            + (f" (nor {other}, the training log's)" if other else "")
+            + f" (its columns: {frame.columns}); give the file a header row "
+            "naming it.",
             param_hint=flag,
         )
     values = frame[column]

@@ -2,6 +2,7 @@
 both stages fitted without re-splitting, answers, figures, save and reload."""
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -156,6 +157,29 @@ def test_estimator_takes_explicit_validation_and_test(frames) -> None:
     predicted = model.predict([train["uid"].iloc[0]], [ids[0, 0]])
     assert predicted[0] == pytest.approx(scores[0, 0], abs=1e-5)
     _check_id_arguments(model, int(train["uid"].iloc[0]), int(ids[0, 0]))
+
+
+def test_users_left_out_of_the_figures_are_said(frames, caplog) -> None:
+    """Evaluating on training rows gave NaN figures and num_users 0 without a
+    word (the CLI said it; Python did not): the users whose test items were
+    all seen are now counted in a warning, and all of them is said as such."""
+    train, test = frames
+    model = twostage.TwoStageModel(settings=SETTINGS, ranking=False, progress=False)
+    columns = {"user_col": "uid", "item_col": "movie", "rating_col": "stars"}
+    model.fit(train, **columns)
+    with caplog.at_level(logging.WARNING, logger="twostage"):
+        seen = model.evaluate(train.head(200))
+    assert seen.num_users == 0 and np.isnan(seen.ndcg[10])
+    users = train.head(200)["uid"].nunique()
+    assert f"none of the {users} test users" in caplog.text
+    caplog.clear()
+    mixed = pd.concat([test, train.head(200)])
+    with caplog.at_level(logging.WARNING, logger="twostage"):
+        both = model.evaluate(mixed)
+    left = both.retrieval.counts["exclude_seen"]["num_queries_without_relevant"]
+    assert left > 0 and both.num_users > 0
+    total = mixed["uid"].nunique()
+    assert f"{left} of {total} test users are left out" in caplog.text
 
 
 def _check_id_arguments(model: "twostage.TwoStageModel", user: int, item: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["Evaluation", "TwoStageModel"]
 
 StepCallback = Callable[[dict[str, Any]], None]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,31 @@ class _Columns:
             data.rating_col,
             label_col=data.label_col,
         )
+
+
+def _say_left_out(counts: dict[str, dict[str, int]]) -> None:
+    """Log the test users left out of the figures because every test item of
+    theirs is among their training rows (`twostage evaluate` prints it)."""
+    mode = counts.get("exclude_seen", {})
+    left = int(mode.get("num_queries_without_relevant", 0))
+    if not left:
+        return
+    total = int(mode.get("num_queries", 0))
+    if left == total:
+        logger.warning(
+            "none of the %d test users has a test item outside their training "
+            "rows, so every figure is NaN (seen items are excluded from the "
+            "lists): evaluate on rows held out of fit's data.",
+            total,
+        )
+        return
+    logger.warning(
+        "%d of %d test users are left out of the figures: each of their test "
+        "items is among their training rows, which the lists exclude "
+        "(Evaluation.retrieval.counts).",
+        left,
+        total,
+    )
 
 
 class TwoStageModel:
@@ -778,6 +806,7 @@ class TwoStageModel:
                 data = data.with_shown(data.shown.with_columns(*typed))
             data = with_training_tables(rec.run, data)  # features the rows lack
         retrieval = rec.run.evaluate(data, keep_queries=per_user)
+        _say_left_out(retrieval.counts)
         ranking = None
         if rec.ranker is not None:
             from twostage.ranking.evaluation import evaluate_ranking
@@ -801,6 +830,7 @@ class TwoStageModel:
 
     def _evaluation(self, metrics: Any, stages: Any) -> Evaluation:
         retrieval = EvalResult.from_dict(metrics)
+        _say_left_out(retrieval.counts)
         return _summarise(retrieval, stages.ranking_metrics)
 
     # -- saving -------------------------------------------------------------------

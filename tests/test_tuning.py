@@ -477,6 +477,22 @@ def test_trials_run_at_once_in_workers_as_they_run_in_one_process(
         tune(small(), space, trials=2, jobs=0)
 
 
+def test_a_setting_another_worker_is_training_is_not_trained_twice() -> None:
+    """With --jobs 2, a worker that proposed the settings another worker was
+    training trained them a second time. It now waits for that trial and
+    repeats its figure. Seed 2: both workers' samplers first propose the
+    config's own temperature (trial 0's), so the second trial is that repeat
+    whichever worker takes it."""
+    space = {"retrieval.temperature": "0.1,0.2"}
+    config = small("retrieval.temperature=0.1", "train.epochs=12")
+    found = tune(config, space, trials=2, jobs=2, seed=2)
+    first, second = found.trials
+    assert first.params == second.params == {"retrieval.temperature": 0.1}
+    assert first.state == "complete" and first.repeat_of is None
+    assert second.repeat_of == 0 and second.seconds == 0.0
+    assert second.value == first.value
+
+
 def test_ctrl_c_stops_every_worker_and_keeps_their_trials(tmp_path: Path) -> None:
     storage = tmp_path / "trials.log"
     command = slow_search("--jobs", "2", "--storage", str(storage))
@@ -501,6 +517,37 @@ def test_ctrl_c_stops_every_worker_and_keeps_their_trials(tmp_path: Path) -> Non
     states = {str(t.state) for t in stored}
     assert "TrialState.RUNNING" not in states and "TrialState.COMPLETE" in states
     assert len(stored) < 100
+
+
+def test_a_worker_that_dies_stops_the_search(tmp_path: Path) -> None:
+    """A worker killed mid-trial leaves its trial "running"; a worker waiting
+    for those settings would wait for ever, so the others are stopped and the
+    search ends naming the dead worker."""
+    storage = tmp_path / "trials.log"
+    command = slow_search("--jobs", "2", "--storage", str(storage))
+    tuning = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert tuning.stderr is not None
+    for line in tuning.stderr:
+        if line.startswith("trial 1/100"):
+            break
+    children = Path(f"/proc/{tuning.pid}/task/{tuning.pid}/children")
+    workers = [
+        int(pid)
+        for pid in children.read_text().split()
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    said, logged = tuning.communicate(timeout=300)
+    assert tuning.returncode != 0, said
+    assert "(exit code -9)" in " ".join(logged.split()), logged
+    assert len(stored_trials(storage)) < 100
 
 
 def test_tune_reads_a_log_with_the_column_options_train_takes(tmp_path: Path) -> None:

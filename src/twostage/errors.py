@@ -17,6 +17,7 @@ __all__ = [
     "NotFittedError",
     "UnknownIdError",
     "ArtifactError",
+    "WorkerError",
     "clause",
 ]
 
@@ -82,3 +83,8 @@ class UnknownIdError(TwostageError, KeyError):
 
 class ArtifactError(TwostageError, OSError):
     """A saved bundle or checkpoint is missing, tampered, truncated or incompatible."""
+
+
+class WorkerError(TwostageError, RuntimeError):
+    """A worker process ended before its work did (killed, out of memory, or
+    a script that starts spawned workers without a ``__main__`` guard)."""

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from twostage.config import KS, ExperimentConfig, apply_overrides, apply_settings
 from twostage.config import to_dict as config_dict
 from twostage.data.dataset import Dataset
-from twostage.errors import ConfigError, DataError, TwostageError
+from twostage.errors import ConfigError, DataError, TwostageError, WorkerError
 
 __all__ = [
     "STAGES",
@@ -402,6 +402,9 @@ def tune(
             ``train.num_threads`` is set. Which trial ends first, and so what
             the sampler has read when it proposes the next, varies from run to
             run, so a search with ``jobs`` > 1 is not repeatable to the digit.
+            A worker that proposes the settings another is training waits
+            for that trial and repeats its figure (each worker's sampler also
+            counts the running trials as poor, Optuna's ``constant_liar``).
 
     Returns:
         A :class:`TuneResult`; ``result.config`` is the config to train.
@@ -409,6 +412,8 @@ def tune(
     Raises:
         ConfigError: a bad space, metric or count; or no trial completed (the
             first failure's reason is in the message).
+        WorkerError: a worker of ``jobs`` died (killed, out of memory): the
+            others are stopped, the trials that ended kept in ``storage``.
     """
     require_optuna()  # missing: the error says how to install it
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -654,6 +659,10 @@ def _threads(config: ExperimentConfig, jobs: int) -> ExperimentConfig:
     return apply_settings(config, {"train.num_threads": share})
 
 
+#: Seconds the other workers have to end their trials once one has died.
+_GRACE = 20.0
+
+
 def _parallel(
     work: _Work,
     prune: bool,
@@ -695,6 +704,7 @@ def _parallel(
         for worker in workers:
             worker.start()
         told = False
+        lost_at: float | None = None
         while len(ends) < len(workers):
             if stop and not told:  # Ctrl-C here: the workers end their trials
                 for worker in workers:
@@ -706,6 +716,22 @@ def _parallel(
             except queue.Empty:
                 if not any(w.is_alive() for w in workers) and messages.empty():
                     break  # a worker ended without a word: below
+                gone = [
+                    i
+                    for i, w in enumerate(workers)
+                    if i not in ends and not w.is_alive()
+                ]
+                if gone and messages.empty() and lost_at is None:
+                    # A worker died mid-trial: its trial stays "running", and a
+                    # worker waiting for those settings would wait for ever.
+                    lost_at = time.monotonic()
+                    stop.append(True)
+                elif lost_at is not None and time.monotonic() - lost_at > _GRACE:
+                    # It may have died holding a lock the others wait on (the
+                    # trial counter's, the queue's): they cannot end on their own.
+                    for worker in workers:
+                        if worker.is_alive():
+                            worker.kill()
                 continue
             if kind == "trial":
                 emit(TuneTrial(**payload))
@@ -730,7 +756,7 @@ def _parallel(
         if why.startswith("error: ")
     ]
     if lost or errors:
-        raise RuntimeError(
+        raise WorkerError(
             "a tuning worker stopped before its trials did: "
             + "; ".join([*errors, *lost])
             + ". The trials that ended are in `storage`; run the search again to "
@@ -778,7 +804,11 @@ def _worker(
         study = optuna.load_study(
             study_name=work.study_name,
             storage=_storage(work.storage),
-            sampler=optuna.samplers.TPESampler(seed=seed + 7919 * index),
+            # constant_liar: a setting another worker is training counts as a
+            # poor result while it runs, so the sampler proposes others.
+            sampler=optuna.samplers.TPESampler(
+                seed=seed + 7919 * index, constant_liar=True
+            ),
             pruner=_pruner(prune),
         )
         grants = _Grants(counter, trials, deadline)
@@ -844,7 +874,11 @@ class _Grants:
     def left(self) -> bool:
         return bool(self.counter.value < self.trials)
 
-    def take(self, study: Any) -> tuple[int, Any] | Ended:
+    def take(
+        self, study: Any, params: list[Param]
+    ) -> tuple[int, Any, dict[str, Any]] | Ended:
+        """The next trial's number, Optuna's trial and its settings, proposed
+        under the lock too: another worker that asks next sees them stored."""
         with self.counter.get_lock():
             number = int(self.counter.value)
             if number >= self.trials:
@@ -852,7 +886,13 @@ class _Grants:
             if self.deadline is not None and time.time() >= self.deadline:
                 return "timeout"
             self.counter.value = number + 1
-            return number, study.ask()
+            trial = study.ask()
+            try:
+                values = {p.key: _suggest(trial, p) for p in params}
+            except KeyboardInterrupt:  # before training began: not a trial that ran
+                study.tell(trial, state=require_optuna().trial.TrialState.FAIL)
+                raise
+            return number, trial, values
 
 
 def _run_trials(
@@ -875,13 +915,14 @@ def _run_trials(
         tried = {_settings_key(t.params) for t in records}
         if combinations is not None and len(tried) >= combinations:
             return "combinations" if grants.left() else "trials"
-        taken = grants.take(study)
+        taken = grants.take(study, params)
         if isinstance(taken, str):
             return typing.cast(Ended, taken)
-        number, trial = taken
+        number, trial, values = taken
         try:
-            values = {p.key: _suggest(trial, p) for p in params}
             earlier = next((t for t in records if t.params == values), None)
+            if earlier is None:  # another worker may be training these settings
+                earlier = _when_ended(study, trial, values)
             if earlier is not None:
                 # The same settings train the same model (`train.seed`): not again.
                 record = dataclasses.replace(
@@ -910,6 +951,27 @@ def _run_trials(
         emit(record)
         if record.state == "interrupted":
             return "interrupted"
+
+
+def _when_ended(study: Any, trial: Any, values: dict[str, Any]) -> TuneTrial | None:
+    """The record of an earlier trial with ``trial``'s settings that another
+    worker is training, once it has ended; None when there is none (or it
+    ended without a record that counts: Ctrl-C stopped it). Only earlier
+    trials are waited for, so two workers never wait for each other."""
+    optuna = require_optuna()
+    running = (optuna.trial.TrialState.RUNNING,)
+
+    def same() -> bool:
+        return any(
+            t.number < trial.number and t.params == trial.params
+            for t in study.get_trials(deepcopy=False, states=running)
+        )
+
+    if not same():
+        return None
+    while same():
+        time.sleep(0.2)
+    return next((t for t in _records(study) if t.params == values), None)
 
 
 def _numbered(study: Any) -> list[Any]:

@@ -100,39 +100,22 @@ def test_sessions_and_ids_in_the_training_log_s_columns(
     ours.write_text("session_id,item_id,timestamp\na,5,1\na,7,2\nb,9,3\nb,11,4\n")
     theirs = tmp_path / "theirs.csv"
     theirs.write_text("visit,sku,ts\na,5,1\na,7,2\nb,9,3\nb,11,4\n")
-    outs = []
-    for name, extra in (("ours", []), ("theirs", ["--session-col", "visit"])):
-        out = tmp_path / f"{name}.parquet"
-        done = runner.invoke(
-            app,
-            [
-                "recommend",
-                str(bundle / "1"),
-                "--sessions",
-                str(tmp_path / f"{name}.csv"),
-                "--out",
-                str(out),
-                *extra,
-            ],
-        )
-        assert done.exit_code == 0, done.output
-        outs.append(pl.read_parquet(out))
+
+    def both(command: str, *more: str) -> list[str]:
+        """``command`` on each file of sessions: its output (--json) or file."""
+        said = []
+        for name, extra in (("ours", []), ("theirs", ["--session-col", "visit"])):
+            asked = [command, str(bundle / "1"), "--sessions"]
+            asked += [str(tmp_path / f"{name}.csv"), *more, *extra]
+            done = runner.invoke(app, [a.replace("NAME", name) for a in asked])
+            assert done.exit_code == 0, done.output
+            said.append(done.stdout)
+        return said
+
+    both("recommend", "--out", str(tmp_path / "NAME.parquet"))
+    outs = [pl.read_parquet(tmp_path / f"{n}.parquet") for n in ("ours", "theirs")]
     assert outs[0].height == 20 and outs[0].equals(outs[1])
-    figures = []
-    for name, extra in (("ours", []), ("theirs", ["--session-col", "visit"])):
-        done = runner.invoke(
-            app,
-            [
-                "evaluate",
-                str(bundle / "1"),
-                "--sessions",
-                str(tmp_path / f"{name}.csv"),
-                "--json",
-                *extra,
-            ],
-        )
-        assert done.exit_code == 0, done.output
-        figures.append(json.loads(done.stdout))
+    figures = [json.loads(said) for said in both("evaluate", "--json")]
     assert figures[0]["twostage"] == figures[1]["twostage"]
     assert figures[0]["sessions"] == 2
     # Without --session-col the session column is named in the error.

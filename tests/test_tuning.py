@@ -280,6 +280,24 @@ def slow_search(*more: str) -> list[str]:
     ]
 
 
+def parallel_search(storage: Path, until: str) -> subprocess.Popen[str]:
+    """The slow search with `--jobs 2`, in a session of its own (a process
+    group with its workers), once its log has printed a line starting with
+    ``until``."""
+    tuning = subprocess.Popen(
+        slow_search("--jobs", "2", "--storage", str(storage)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert tuning.stderr is not None
+    for line in tuning.stderr:
+        if line.startswith(until):
+            break
+    return tuning
+
+
 def stored_trials(storage: Path) -> list[Any]:
     """The trials of the search ``twostage`` in the journal file ``storage``."""
     import optuna
@@ -495,20 +513,9 @@ def test_a_setting_another_worker_is_training_is_not_trained_twice() -> None:
 
 def test_ctrl_c_stops_every_worker_and_keeps_their_trials(tmp_path: Path) -> None:
     storage = tmp_path / "trials.log"
-    command = slow_search("--jobs", "2", "--storage", str(storage))
-    # A terminal's Ctrl-C reaches the whole process group: the workers too.
-    tuning = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert tuning.stderr is not None
-    for line in tuning.stderr:
-        if line.startswith("trial 2/100"):
-            break
+    tuning = parallel_search(storage, until="trial 2/100")
     time.sleep(0.5)
+    # A terminal's Ctrl-C reaches the whole process group: the workers too.
     os.killpg(tuning.pid, signal.SIGINT)
     said, logged = tuning.communicate(timeout=300)
     assert tuning.returncode == 0, logged
@@ -524,18 +531,7 @@ def test_a_worker_that_dies_stops_the_search(tmp_path: Path) -> None:
     for those settings would wait for ever, so the others are stopped and the
     search ends naming the dead worker."""
     storage = tmp_path / "trials.log"
-    command = slow_search("--jobs", "2", "--storage", str(storage))
-    tuning = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert tuning.stderr is not None
-    for line in tuning.stderr:
-        if line.startswith("trial 1/100"):
-            break
+    tuning = parallel_search(storage, until="trial 1/100")
     children = Path(f"/proc/{tuning.pid}/task/{tuning.pid}/children")
     workers = [
         int(pid)

@@ -1844,7 +1844,9 @@ def test_recbole_atomic_files(tmp_path: Path) -> None:
         load_dataset(f"recbole:{tmp_path}")
 
 
-def test_tables_of_every_frame_library_read_as_the_polars_frame() -> None:
+def test_tables_of_every_frame_library_read_as_the_polars_frame(
+    tmp_path: Path,
+) -> None:
     """A log given as a pyarrow table, a polars LazyFrame or a dict of columns
     was refused ("should be a file path or a polars or pandas DataFrame"); each
     now reads as the same rows, bad rows counted alike."""
@@ -1881,6 +1883,34 @@ def test_tables_of_every_frame_library_read_as_the_polars_frame() -> None:
         read_interactions({"uid": [1, 2], "sku": [1]}, user_col="uid")
     with pytest.raises(DataError, match="polars, pandas or pyarrow table"):
         read_interactions([("a", 1)])
+    with pytest.raises(DataError, match="LazyFrame could not be read"):
+        read_interactions(pl.scan_parquet(tmp_path / "none.parquet"))
+    if importlib.util.find_spec("pandas") is not None:
+        twice = frame.to_pandas().set_axis(["uid", "uid", "stars", "ts"], axis=1)
+        with pytest.raises(DataError, match=r"names the column\(s\) \['uid'\] more"):
+            read_interactions(twice, user_col="uid")
+    # A struct column's fields are columns named by their paths, as in a
+    # Parquet file (a frame read the struct as one column it could not map).
+    nested = pl.DataFrame(
+        {
+            "user_id": [1, 2, 3],
+            "item_id": [7, 8, 7],
+            "meta": [
+                {"genre": "x", "year": 1990},
+                {"genre": "y", "year": 2001},
+                {"genre": "x", "year": 1990},
+            ],
+        }
+    )
+    nested.write_parquet(tmp_path / "nested.parquet")
+    wanted = {"item_features": ["meta.genre", "meta.year"]}
+    from_file = read_interactions(tmp_path / "nested.parquet", **wanted)
+    for data in (nested, nested.to_arrow()):
+        from_frame = read_interactions(data, **wanted)
+        assert from_frame.interactions.equals(from_file.interactions)
+        assert from_frame.items is not None and from_file.items is not None
+        assert from_frame.items.equals(from_file.items)
+        assert from_frame.items.columns == ["item_id", "meta.genre", "meta.year"]
     table = pa.table({"item_id": [1, 2], "genre": ["x", "y"]})
     as_arrow = read_feature_table(table, key_col="item_id", key_name="item_id")
     as_polars = read_feature_table(

@@ -50,7 +50,7 @@ def as_polars(data: Any, *, columns: bool = True) -> pl.DataFrame | None:
             return frame
         if columns and isinstance(data, Mapping):
             return pl.DataFrame(dict(data))
-    except (TypeError, ValueError, pl.exceptions.PolarsError) as e:
+    except (OSError, TypeError, ValueError, pl.exceptions.PolarsError) as e:
         raise DataError(
             f"the {module} {type(data).__name__} could not be read as a table: {e}"
         ) from e
@@ -58,6 +58,10 @@ def as_polars(data: Any, *, columns: bool = True) -> pl.DataFrame | None:
 
 
 def _from_pandas(data: Any) -> pl.DataFrame:
+    names = [str(c) for c in data.columns]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"it names the column(s) {twice} more than once")
     try:
         return pl.from_pandas(data, include_index=False)
     except (TypeError, ValueError, pl.exceptions.PolarsError):

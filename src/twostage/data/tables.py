@@ -63,6 +63,7 @@ from twostage.data._table_values import (
     load_frame,
     load_parquet,
     make_options,
+    nested_columns,
     reject_date_numbers,
 )
 from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER, WEIGHT, Dataset
@@ -551,10 +552,14 @@ def _load(
             f"{'a DataFrame' if isinstance(path, pl.DataFrame) else str(path)} "
             "names its columns itself (map them with `user_col`, `item_col`...)."
         )
-    if isinstance(path, pl.DataFrame):
-        spec = make_spec(list(path.columns))
+    if isinstance(path, pl.DataFrame):  # a struct's fields named as Parquet's are
+        fields = nested_columns(path.schema, FRAME)
+        spec = make_spec(list(fields))
         df, report, spec, describe = load_frame(
-            path.select(spec.sources), FRAME, spec, opts
+            path.select(fields[name].expr.alias(name) for name in spec.sources),
+            FRAME,
+            spec,
+            opts,
         )
         return _finish(df, report, spec, describe, FRAME, opts.strict)
     if path.is_dir():
@@ -736,8 +741,13 @@ def _make_spec(
             f"{said} {'is not a column' if len(missing) == 1 else 'are not columns'} "
             f"of {where!r}. Available columns: {names}."
             + (f" Likely: {', '.join(likely)}." if likely else "")
-            + " Pass one of them; a file without a header reads its first row as "
-            "names: name its columns with `column_names`."
+            + " Pass one of them"
+            + (
+                "."
+                if where == FRAME
+                else "; a file without a header reads its first row as names: "
+                "name its columns with `column_names`."
+            )
         )
     seen = list(mapped.values())
     if len(set(seen)) != len(seen):

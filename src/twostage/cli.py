@@ -2107,6 +2107,16 @@ def export_command(
     format: Annotated[
         str, typer.Option("--format", help="The format; onnx (opset 17).")
     ] = "onnx",
+    without_session_knn: Annotated[
+        bool,
+        typer.Option(
+            "--without-session-knn",
+            help="Export a bundle whose retrieval adds the session-kNN term "
+            "(retrieval.session_knn_weight) without it: no network holds that "
+            "search, so the exported retrieval ranks otherwise than the bundle "
+            "serves (export.json's not_exported says so).",
+        ),
+    ] = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Export the query tower, candidate tower and ranker (ONNX), with the feature
@@ -2122,7 +2132,9 @@ def export_command(
     rec = _open_bundle(bundle)
     target = out or Path("exports") / (bundle.resolve().name or "bundle")
     with status_console.status(f"exporting to {format}"):
-        files = export_bundle(rec, target, format=format)
+        files = export_bundle(
+            rec, target, format=format, without_session_knn=without_session_knn
+        )
     if json_output:
         print_json({name: str(path) for name, path in files.items()})
         return
@@ -2366,6 +2378,7 @@ def _usage_status(args: list[str]) -> int | None:
 #: Python argument and config names in library messages -> the CLI flag that sets
 #: them, so that an error names what the user typed.
 FLAGS = {
+    "`without_session_knn`": "`--without-session-knn`",
     "`user_col`": "`--user-col`",
     "`item_col`": "`--item-col`",
     "`time_col`": "`--time-col`",

@@ -194,14 +194,17 @@ def _served_order(rec: Recommender) -> dict[str, Any]:
             "was 0): ignore it"
         ),
     }
-    if rec.run.scores_exactly:
-        order["retrieval_note"] = (
-            "this bundle's retrieval adds a session-kNN term "
-            f"(retrieval.session_knn_weight = {rec.run.session_knn_weight:g}) that "
-            "the export does not hold: exported retrieval scores, and so candidates "
-            "and keys, differ from the served ones"
-        )
     return order
+
+
+#: ``export.json``'s ``not_exported`` for a run with the session-kNN term.
+_UNEXPORTED = (
+    "retrieval's session-kNN term (retrieval.session_knn_weight = {:g}): the "
+    "bundle adds it to the dot product of query_embedding and item_embedding, "
+    "a search over the stored users' sequences that no exported network holds; "
+    "the exported retrieval scores, and so the candidates and the two-stage "
+    "keys, differ from the served ones"
+)
 
 
 def _describe(features: dict[str, Tensor]) -> list[dict[str, Any]]:
@@ -216,7 +219,11 @@ def _describe(features: dict[str, Tensor]) -> list[dict[str, Any]]:
 
 
 def export_bundle(
-    rec: Recommender, out_dir: str | Path, *, format: str = "onnx"
+    rec: Recommender,
+    out_dir: str | Path,
+    *,
+    format: str = "onnx",
+    without_session_knn: bool = False,
 ) -> dict[str, Path]:
     """Write the bundle's networks in ``format`` under ``out_dir``.
 
@@ -224,21 +231,35 @@ def export_bundle(
         ``{"query_tower", "candidate_tower", ["ranker"], "export", "features"}`` ->
         the file written.
 
+    Args:
+        without_session_knn: export a run whose retrieval adds the session-kNN
+            term (a search over the stored users' sequences that no network
+            holds) without it: the exported retrieval scores, and so the
+            candidates, then differ from the served ones, as ``export.json``'s
+            ``not_exported`` says.
+
     Raises:
-        ConfigError: an unknown format, or a run whose retrieval adds the
-            session-kNN term (a search over the stored users, no network holds it).
+        ConfigError: an unknown format, a run whose retrieval adds the
+            session-kNN term without ``without_session_knn``, or that option
+            for a run without the term.
     """
     if format not in FORMATS:
         raise ConfigError(
             f"`format` should be one of {FORMATS}. Received: `format` = {format!r}."
         )
-    if rec.run.scores_exactly:
+    if rec.run.scores_exactly and not without_session_knn:
         raise ConfigError(
             "this run's retrieval adds the session-kNN term (weight "
             f"{rec.run.session_knn_weight:g}), a search over the stored users' "
             "sequences that no exported network holds: the exported towers would "
-            "rank otherwise than the bundle serves. Serve the bundle itself, or train "
-            "with `retrieval.session_knn_weight=0` to export."
+            "rank otherwise than the bundle serves. Serve the bundle itself, train "
+            "with `retrieval.session_knn_weight=0`, or export the networks without "
+            "the term (`without_session_knn`)."
+        )
+    if without_session_knn and not rec.run.scores_exactly:
+        raise ConfigError(
+            "`without_session_knn` leaves out a session-kNN term, and this run's "
+            "retrieval has none (`retrieval.session_knn_weight` = 0): drop it."
         )
     out = Path(out_dir)
     _clear_target(out)
@@ -346,6 +367,8 @@ def _export_all(rec: Recommender, out: Path, model: nn.Module) -> dict[str, Path
             ],
         }
         described["two_stage_order"] = _served_order(rec)
+    if rec.run.scores_exactly:
+        described["not_exported"] = _UNEXPORTED.format(rec.run.session_knn_weight)
     features_file = out / "features.json"
     rec.run.spec.save(features_file)
     files["features"] = features_file

@@ -13,7 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from twostage.config import ExperimentConfig, apply_overrides
+from twostage.config import ExperimentConfig, apply_overrides, apply_settings
 from twostage.data.dataset import ITEM, TIME, USER, Dataset
 from twostage.data.user_items import UserItems
 from twostage.errors import ArtifactError, ConfigError
@@ -303,10 +303,51 @@ def test_session_knn_mistakes_are_named(trained) -> None:
         without_table.neighbour_term(torch.tensor([1]))
 
 
-def test_a_session_knn_run_is_not_exported(trained, tmp_path: Path) -> None:
+def test_a_session_knn_run_exports_without_the_term_only_when_asked(
+    trained, tmp_path: Path
+) -> None:
+    """Such a run was refused outright (no network holds the term); asked with
+    `without_session_knn`, its networks export and `export.json` says what is
+    missing; the option on a run without the term is refused."""
+    ort = pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+    from twostage.export import sample_inputs
+
     run, _ = trained
+    rec = Recommender(run)
     with pytest.raises(ConfigError, match="no exported network holds"):
-        export_bundle(Recommender(run), tmp_path)
+        export_bundle(rec, tmp_path / "refused")
+    rec.save(tmp_path / "bundle")
+    out = tmp_path / "onnx"
+    runner = CliRunner()
+    done = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "bundle"),
+            "--out",
+            str(out),
+            "--without-session-knn",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    said = json.loads((out / "export.json").read_text())
+    assert "session-kNN term" in said["not_exported"]
+    queries = sample_inputs(rec, "query", rows=rec.user_vocab.size - 1)
+    graph = ort.InferenceSession(
+        str(out / "query_tower.onnx"), providers=["CPUExecutionProvider"]
+    )
+    got = graph.run(None, {k: v.numpy() for k, v in queries.items()})[0]
+    with torch.no_grad():
+        want = run.model.eval().encode_queries(queries).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    off = apply_settings(run.config, {"retrieval.session_knn_weight": 0})
+    plain = dataclasses.replace(run, config=off)
+    assert not plain.scores_exactly
+    with pytest.raises(ConfigError, match="has none"):
+        export_bundle(Recommender(plain), tmp_path / "plain", without_session_knn=True)
 
 
 def test_the_rankers_candidates_carry_the_term() -> None:

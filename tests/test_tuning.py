@@ -546,6 +546,34 @@ def test_a_worker_that_dies_stops_the_search(tmp_path: Path) -> None:
     assert len(stored_trials(storage)) < 100
 
 
+def test_a_directory_of_parquet_files_is_sent_to_a_sample(tmp_path: Path) -> None:
+    """tune on a log for --stream said a log in memory is one file and pointed at
+    `train --stream`; it now says why tune cannot stream and how to sample."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    frame = load_dataset_for(small()).interactions.rename({"user_id": "uid"})
+    frame.write_parquet(logs / "part-0.parquet")
+    found = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            "--dataset",
+            str(logs),
+            "--user-col",
+            "uid",
+            "--param",
+            "retrieval.temperature=0.1..0.5",
+            "--trials",
+            "1",
+        ],
+        env={"COLUMNS": "300"},
+    )
+    assert found.exit_code == 2
+    said = " ".join(found.output.split())
+    assert "trains on it once per trial" in said and "pl.col('uid')" in said
+    assert "--stream --dataset on the tuned --config" in said
+
+
 def test_tune_reads_a_log_with_the_column_options_train_takes(tmp_path: Path) -> None:
     log = tmp_path / "log.csv"
     frame = load_dataset_for(small()).interactions

@@ -200,6 +200,21 @@ def tune_command(
         )
     given = None if dataset is None else anchored(dataset)
     config = experiment_config(given, config_file, overrides or [], columns)
+    log = Path(config.data.dataset)
+    if log.is_dir():
+        # A directory of Parquet files is a log for --stream: too large to
+        # read in memory and train on once per trial.
+        raise typer.BadParameter(
+            f"{str(log)!r} is a directory of Parquet files, a log that `twostage "
+            "train --stream` reads one row group at a time; tune reads its log in "
+            "memory and trains on it once per trial. Tune on a sample of its users "
+            f"written to one file (e.g. pl.scan_parquet('{log}/**/*.parquet')"
+            f".filter(pl.col({config.data.user_col or 'user_id'!r}).hash(seed=0) "
+            "% 20 == 0)"
+            ".sink_parquet('sample.parquet'): a twentieth), then train the whole "
+            "log with --stream --dataset on the tuned --config.",
+            param_hint="--dataset",
+        )
     space = {}
     for given in params:
         key, sep, spec = given.partition("=")

@@ -208,11 +208,12 @@ def tune_command(
             f"{str(log)!r} is a directory of Parquet files, a log that `twostage "
             "train --stream` reads one row group at a time; tune reads its log in "
             "memory and trains on it once per trial. Tune on a sample of its users "
-            f"written to one file (e.g. pl.scan_parquet('{log}/**/*.parquet')"
+            f"written to one file, e.g. with polars: pl.scan_parquet('{log}/**/"
+            "*.parquet') "
             f".filter(pl.col({config.data.user_col or 'user_id'!r}).hash(seed=0) "
-            "% 20 == 0)"
-            ".sink_parquet('sample.parquet'): a twentieth), then train the whole "
-            "log with --stream --dataset on the tuned --config.",
+            "% 20 == 0) .sink_parquet('sample.parquet') (a twentieth of the "
+            "users), then train the whole log with --stream --dataset on the "
+            "tuned --config.",
             param_hint="--dataset",
         )
     space = {}

@@ -547,6 +547,44 @@ def test_a_worker_that_dies_stops_the_search(tmp_path: Path) -> None:
     assert len(stored_trials(storage)) < 100
 
 
+def test_a_search_on_a_sample_of_the_users() -> None:
+    """`sample_users`: every trial trains and is measured on the rows of that
+    many users of the tuning rows (the test side set aside from the whole log
+    first), the same figure one fit on those rows gives."""
+    from twostage.data.split import sample_users
+
+    config = small()
+    space = {"retrieval.temperature": "0.1..0.5"}
+    found = tune(config, space, trials=1, sample_users=40)
+    rows, test_rows = tuning_data(load_dataset_for(config), config)
+    drawn = sample_users(rows, 40, seed=config.data.seed)
+    assert drawn.interactions["user_id"].n_unique() == 40
+    assert found.tuning_rows == drawn.num_interactions < rows.num_interactions
+    assert found.test_rows == test_rows  # the whole log's test side, unread
+    run, _ = fit_retrieval(found.config, dataset=drawn)
+    figure = run.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
+    assert found.trials[0].value == pytest.approx(figure, abs=1e-6)
+    for wrong in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="`sample_users` should be"):
+            tune(config, space, trials=1, sample_users=wrong)  # type: ignore[arg-type]
+    said = CliRunner().invoke(
+        app,
+        [
+            "tune",
+            *[part for setting in SMALL for part in ("--set", setting)],
+            "--param",
+            "retrieval.temperature=0.1..0.5",
+            "--trials",
+            "1",
+            "--sample-users",
+            "40",
+            "--json",
+        ],
+    )
+    assert said.exit_code == 0, said.output
+    assert json.loads(said.stdout)["tuning_rows"] == drawn.num_interactions
+
+
 def test_a_directory_of_parquet_files_is_sent_to_a_sample(tmp_path: Path) -> None:
     """tune on a log for --stream said a log in memory is one file and pointed at
     `train --stream`; it now says why tune cannot stream and how to sample."""

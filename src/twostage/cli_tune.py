@@ -145,6 +145,18 @@ def tune_command(
             "of the rows. Not repeatable to the digit when above 1.",
         ),
     ] = 1,
+    sample_users: Annotated[
+        int,
+        typer.Option(
+            "--sample-users",
+            min=0,
+            help="Tune on that many of the tuning rows' users (a stable hash of "
+            "their IDs and data.seed picks them), every trial splitting and "
+            "training on their rows alone, for a log too large to train on once "
+            "per trial; the test side is set aside from the whole log first. 0: "
+            "every user.",
+        ),
+    ] = 0,
     user_col: UserCol = None,
     item_col: ItemCol = None,
     time_col: TimeCol = None,
@@ -268,6 +280,7 @@ def tune_command(
             storage=storage,
             study_name=study_name,
             jobs=jobs,
+            sample_users=sample_users,
         )
     if out is not None:
         save_config(result.config, out)

@@ -354,6 +354,7 @@ def tune(
     storage: str | None = None,
     study_name: str = "twostage",
     jobs: int = 1,
+    sample_users: int = 0,
 ) -> TuneResult:
     """Search ``space`` (see :func:`parse_space`) for the settings that do best on
     ``metric``, measured on a validation protocol: the config's split, run on the
@@ -402,6 +403,12 @@ def tune(
             ``train.num_threads`` is set. Which trial ends first, and so what
             the sampler has read when it proposes the next, varies from run to
             run, so a search with ``jobs`` > 1 is not repeatable to the digit.
+        sample_users: > 0 tunes on the rows of that many of the tuning rows'
+            users (those with the smallest stable hash of their ID and
+            ``data.seed``: :func:`twostage.data.split.sample_users`), each
+            trial splitting and training on them alone: a search on a log too
+            large to train once per trial. The test side is set aside from the
+            whole log first; 0: every user.
             A worker that proposes the settings another is training waits
             for that trial and repeats its figure (each worker's sampler also
             counts the running trials as poor, Optuna's ``constant_liar``).
@@ -428,6 +435,16 @@ def tune(
         raise ConfigError(
             f"`timeout` should be > 0 seconds. Received: `timeout` = {timeout!r}."
         )
+    if isinstance(sample_users, bool) or not isinstance(sample_users, int):
+        raise ConfigError(
+            "`sample_users` should be a whole number (0: every user). Received: "
+            f"`sample_users` = {sample_users!r}."
+        )
+    if sample_users < 0:
+        raise ConfigError(
+            "`sample_users` should be 0 (every user) or positive. Received: "
+            f"`sample_users` = {sample_users!r}."
+        )
     params = parse_space(config, space)
     name, k, direction = parse_metric(metric, stage)
     if config.data.train_file is not None or config.data.test_file is not None:
@@ -437,6 +454,10 @@ def tune(
 
         dataset = load_dataset_for(config)
     rows, test_rows = tuning_data(dataset, config)
+    if sample_users:
+        from twostage.data.split import sample_users as drawn
+
+        rows = drawn(rows, sample_users, seed=config.data.seed)
     # Each trial splits the tuning rows by `data.split` (the files already split).
     inner = apply_settings(config, {"data.train_file": None, "data.test_file": None})
     pruner = _pruner(prune)

@@ -1889,6 +1889,15 @@ def test_tables_of_every_frame_library_read_as_the_polars_frame(
         twice = frame.to_pandas().set_axis(["uid", "uid", "stars", "ts"], axis=1)
         with pytest.raises(DataError, match=r"names the column\(s\) \['uid'\] more"):
             read_interactions(twice, user_col="uid")
+        # A named index is not read (polars' rule); the error says where it is.
+        indexed = frame.to_pandas().set_index("uid")
+        with pytest.raises(DataError, match=r"index \['uid'\] is not read"):
+            read_interactions(indexed, user_col="uid", item_col="sku")
+        keyed = pl.DataFrame({"sku": [1, 2], "g": ["x", "y"]}).to_pandas()
+        with pytest.raises(DataError, match=r"reset_index\(\)"):
+            read_feature_table(keyed.set_index("sku"), key_col="sku")
+        plain = read_interactions(indexed.reset_index(), user_col="uid", item_col="sku")
+        assert plain.num_interactions == 3
     # A struct column's fields are columns named by their paths, as in a
     # Parquet file (a frame read the struct as one column it could not map).
     nested = pl.DataFrame(

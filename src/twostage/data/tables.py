@@ -219,6 +219,7 @@ def read_interactions(
         BadRowError: ``strict=True`` and a row is bad.
         ConfigError: an option has an invalid value.
     """
+    index = _unread_index(path)
     path = as_source(path)
     roles: dict[str, str | None] = {USER: user_col, ITEM: item_col, TIME: time_col}
     roles |= {RATING: rating_col, WEIGHT: weight_col, LABEL: label_col or None}
@@ -303,7 +304,8 @@ def read_interactions(
         time_format=time_format,
         comment_prefix=comment_prefix,
     )
-    df, report, spec = _load(path, make_spec, opts)
+    with _index_hint(index):
+        df, report, spec = _load(path, make_spec, opts)
     if TIME not in spec.roles:  # no time column: file order is the time order
         df = df.with_columns(pl.int_range(0, pl.len(), dtype=pl.Int64).alias(TIME))
     out_cols = [c for c in (USER, ITEM, TIME, RATING, WEIGHT) if c in df.columns]
@@ -375,6 +377,7 @@ def read_feature_table(
         A DataFrame with ``key_name`` first (typed like interaction IDs), then the
         feature columns (typed like feature columns of :func:`read_interactions`).
     """
+    index = _unread_index(path)
     path = as_source(path)
     _check_choice("key_name", key_name, (USER, ITEM))
     _check_choice("duplicates", duplicates, ("first", "last", "error"))
@@ -406,7 +409,8 @@ def read_feature_table(
         time_format=None,
         comment_prefix=comment_prefix,
     )
-    df, _, spec = _load(path, make_spec, opts)
+    with _index_hint(index):
+        df, _, spec = _load(path, make_spec, opts)
     return df.select([key_name, *spec.features])
 
 
@@ -518,6 +522,31 @@ def with_names_if_headerless(
         return read(list(names))
     except HeaderGivenError:  # its first line holds these names: a header
         return read(None)
+
+
+def _unread_index(data: Any) -> list[str]:
+    """A pandas frame's named index levels that are not columns: polars, and so
+    :func:`~twostage.data.frames.as_polars`, leaves the index out."""
+    if type(data).__module__.split(".")[0] != "pandas" or not hasattr(data, "index"):
+        return []
+    names = [n for n in data.index.names if n is not None]
+    return [str(n) for n in names if n not in data.columns]
+
+
+@contextlib.contextmanager
+def _index_hint(index: list[str]) -> Iterator[None]:
+    """A missing column's error names the pandas frame's index where it has a
+    named one (``set_index("user_id")``), which is not read."""
+    try:
+        yield
+    except DataError as e:
+        said = str(e)
+        if not index or not ("not a column" in said or "key column" in said):
+            raise
+        raise DataError(
+            f"{said} The pandas frame's index {index} is not read (as polars reads "
+            "a pandas frame): `frame.reset_index()` makes it a column."
+        ) from e
 
 
 def as_source(data: Any) -> Path | pl.DataFrame:

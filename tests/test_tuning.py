@@ -585,33 +585,53 @@ def test_a_search_on_a_sample_of_the_users() -> None:
     assert json.loads(said.stdout)["tuning_rows"] == drawn.num_interactions
 
 
-def test_a_directory_of_parquet_files_is_sent_to_a_sample(tmp_path: Path) -> None:
-    """tune on a log for --stream said a log in memory is one file and pointed at
-    `train --stream`; it now says why tune cannot stream and how to sample."""
+def test_a_directory_of_parquet_files_is_tuned_on_a_sample(tmp_path: Path) -> None:
+    """tune on a log for --stream (a directory of Parquet files) was refused; with
+    `sample_users` it draws that many users one row group at a time and tunes
+    on their rows, as it would on the same sample written to one file."""
+    from twostage.data.sample import sample_log_users
+
     logs = tmp_path / "logs"
     logs.mkdir()
     frame = load_dataset_for(small()).interactions.rename({"user_id": "uid"})
-    frame.write_parquet(logs / "part-0.parquet")
-    found = CliRunner().invoke(
-        app,
-        [
-            "tune",
-            "--dataset",
-            str(logs),
-            "--user-col",
-            "uid",
-            "--param",
-            "retrieval.temperature=0.1..0.5",
-            "--trials",
-            "1",
-        ],
-        env={"COLUMNS": "300"},
+    frame.slice(0, 1000).write_parquet(logs / "part-0.parquet")
+    frame.slice(1000).write_parquet(logs / "part-1.parquet")
+    config = small(f"data.dataset={logs}", "data.user_col=uid")
+    space = {"retrieval.temperature": "0.1..0.5"}
+    with pytest.raises(ConfigError, match="Give `sample_users`"):
+        tune(config, space, trials=1)
+    found = tune(config, space, trials=1, sample_users=40)
+    assert found.sample is not None
+    assert (found.sample.users, found.sample.log_users) == (40, 120)
+    assert found.config.data.dataset == str(logs)  # the tuned config streams it
+    sample = sample_log_users(
+        logs, tmp_path / "s.parquet", users=40, user_col="uid", seed=config.data.seed
     )
-    assert found.exit_code == 2
-    said = " ".join(re.sub("[│╭╮╰╯─]", " ", found.output).split())
-    assert "trains on it once per trial" in said
-    assert ".filter(pl.col('uid').hash(seed=0) % 20 == 0)" in said
+    on_file = tune(
+        small(f"data.dataset={sample.out}", "data.user_col=uid"), space, trials=1
+    )
+    assert found.tuning_rows == on_file.tuning_rows < 1920
+    assert found.test_rows == on_file.test_rows  # set aside from the sample
+    assert found.trials[0].value == pytest.approx(on_file.trials[0].value, abs=1e-6)
+    command = [
+        "tune",
+        *[part for setting in SMALL[1:] for part in ("--set", setting)],
+        *("--dataset", str(logs), "--user-col", "uid"),
+        *("--param", "retrieval.temperature=0.1..0.5", "--trials", "1"),
+    ]
+    refused = CliRunner().invoke(app, command, env={"COLUMNS": "300"})
+    assert refused.exit_code == 2
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", refused.output).split())
+    assert "trains on it once per trial" in said and "--sample-users N" in said
     assert "--stream --dataset on the tuned --config" in said
+    tuned = CliRunner().invoke(
+        app, [*command, "--sample-users", "40"], env={"COLUMNS": "300"}
+    )
+    assert tuned.exit_code == 0, tuned.output
+    assert "Drew 40 of 120 users" in tuned.output
+    assert f"{found.tuning_rows:,} rows tuned on" in tuned.output
+    as_json = CliRunner().invoke(app, [*command, "--sample-users", "40", "--json"])
+    assert json.loads(as_json.stdout)["sample"]["users"] == 40
 
 
 def test_tune_reads_a_log_with_the_column_options_train_takes(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The `twostage data` commands (fetch, describe, split) and the dataset options that
+"""The `twostage data` commands (fetch, describe, split, sample) and the dataset options that
 the training commands share. Registered on the main app by :mod:`twostage.cli`."""
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from twostage.cli_output import console, print_json
 logger = logging.getLogger(__name__)
 
 data_app = typer.Typer(
-    cls=OnceGroup, help="Fetch, inspect and split datasets.", no_args_is_help=True
+    cls=OnceGroup,
+    help="Fetch, inspect, split and sample datasets.",
+    no_args_is_help=True,
 )
 
 #: The options that say how to read a log, grouped under this heading in --help.
@@ -868,3 +870,70 @@ def data_split(
         f"{method} split: {split.train.num_interactions:,} train, "
         f"{split.test.num_interactions:,} test rows -> {escape(str(out))}"
     )
+
+
+@data_app.command("sample")
+def data_sample(
+    log: Annotated[
+        Path,
+        typer.Argument(
+            help="A Parquet file, or a directory of them (the log `train --stream` "
+            "reads).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="The sample's Parquet file.")],
+    users: Annotated[
+        int | None,
+        typer.Option(min=1, help="Draw this many users (two passes over the log)."),
+    ] = None,
+    fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Or draw about this share of the users, in (0, 1] (one pass)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the users' hash: another draws others.")
+    ] = 42,
+    user_col: Annotated[
+        str, typer.Option(help="The log's user ID column.")
+    ] = "user_id",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists.")
+    ] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the counts as JSON.")
+    ] = False,
+) -> None:
+    """Write the rows of some of a Parquet log's users to one Parquet file, every
+    column as it is, read one row group at a time: a log too large to read in
+    memory becomes one `twostage tune --dataset` can read (`tune --sample-users`
+    does this itself for a directory). Users are drawn by a stable hash of their
+    ID and --seed, the same users `tune --sample-users` draws from a whole log in
+    memory with that seed; rows without a user ID are counted, not drawn."""
+    from twostage.data.sample import sample_log_users
+
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(
+            f"{str(out)!r} already exists: choose another --out, or pass --overwrite.",
+            param_hint="--out",
+        )
+    if (users is None) == (fraction is None):
+        raise typer.BadParameter(
+            "give one of --users (a count) or --fraction (a share of the users).",
+            param_hint="--users / --fraction",
+        )
+    drawn = sample_log_users(
+        log,
+        out,
+        users=users,
+        fraction=fraction,
+        user_col=user_col,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    if json_output:
+        print_json(drawn.to_dict())
+        return
+    console.print(escape(drawn.summary()))

@@ -213,19 +213,16 @@ def tune_command(
     given = None if dataset is None else anchored(dataset)
     config = experiment_config(given, config_file, overrides or [], columns)
     log = Path(config.data.dataset)
-    if log.is_dir():
+    if log.is_dir() and not sample_users:
         # A directory of Parquet files is a log for --stream: too large to
         # read in memory and train on once per trial.
         raise typer.BadParameter(
             f"{str(log)!r} is a directory of Parquet files, a log that `twostage "
             "train --stream` reads one row group at a time; tune reads its log in "
-            "memory and trains on it once per trial. Tune on a sample of its users "
-            f"written to one file, e.g. with polars: pl.scan_parquet('{log}/**/"
-            "*.parquet') "
-            f".filter(pl.col({config.data.user_col or 'user_id'!r}).hash(seed=0) "
-            "% 20 == 0) .sink_parquet('sample.parquet') (a twentieth of the "
-            "users), then train the whole log with --stream --dataset on the "
-            "tuned --config.",
+            "memory and trains on it once per trial. Pass --sample-users N: the "
+            "trials then read N of its users' rows, drawn one row group at a "
+            "time. Then train the whole log with --stream --dataset on the tuned "
+            "--config.",
             param_hint="--dataset",
         )
     space = {}
@@ -303,6 +300,13 @@ def tune_command(
         f"{result.tuning_rows:,} rows tuned on; the config's "
         f"{result.test_rows:,} test rows were set aside unread."
     )
+    if result.sample is not None:
+        console.print(
+            escape(
+                f"The rows came from a sample of {log}: "
+                f"{result.sample.summary(where=False)}"
+            )
+        )
     ended = {
         "interrupted": "Interrupted: the table holds the trials that ran.",
         "timeout": f"The timeout ended the search after {len(result.trials)} trials.",
@@ -313,8 +317,9 @@ def tune_command(
     if out is not None:
         console.print(
             f"Best config written to [cyan]{escape(str(out))}[/cyan]; its test "
-            f"figures: `twostage train --config {escape(str(out))} --out "
-            "models/NAME/1`."
+            "figures: `twostage train"
+            + (" --stream" if result.sample is not None else "")
+            + f" --config {escape(str(out))} --out models/NAME/1`."
         )
 
 

@@ -33,12 +33,15 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from twostage.config import KS, ExperimentConfig, apply_overrides, apply_settings
 from twostage.config import to_dict as config_dict
-from twostage.data.dataset import Dataset
+from twostage.data.dataset import USER, Dataset
 from twostage.errors import ConfigError, DataError, TwostageError, WorkerError
+
+if TYPE_CHECKING:
+    from twostage.data.sample import LogSample
 
 __all__ = [
     "STAGES",
@@ -130,6 +133,8 @@ class TuneResult:
             ``interrupted`` (Ctrl-C: ``trials`` holds what ran).
         resumed: how many of ``trials`` were read from the ``storage`` (they ran
             in an earlier call).
+        sample: for a log in a directory of Parquet files, the users drawn from
+            it (:func:`~twostage.data.sample.sample_log_users`); else None.
     """
 
     config: ExperimentConfig
@@ -143,6 +148,7 @@ class TuneResult:
     test_rows: int
     ended: Ended = "trials"
     resumed: int = 0
+    sample: LogSample | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: the settings, every trial and the best config."""
@@ -155,6 +161,9 @@ class TuneResult:
             "test_rows_set_aside": self.test_rows,
             "ended": self.ended,
             "resumed_trials": self.resumed,
+            "sample": None
+            if self.sample is None
+            else {k: v for k, v in self.sample.to_dict().items() if k != "out"},
             "trials": [t.to_dict() for t in self.trials],
             "best": self.best.to_dict(),
             "config": config_dict(self.config),
@@ -408,7 +417,11 @@ def tune(
             ``data.seed``: :func:`twostage.data.split.sample_users`), each
             trial splitting and training on them alone: a search on a log too
             large to train once per trial. The test side is set aside from the
-            whole log first; 0: every user.
+            whole log first; 0: every user. A log in a directory of Parquet
+            files (one for ``train --stream``) needs it: that many of its
+            users are drawn by the same hash one row group at a time
+            (:func:`~twostage.data.sample.sample_log_users`), and the test side
+            is set aside from their rows.
             A worker that proposes the settings another is training waits
             for that trial and repeats its figure (each worker's sampler also
             counts the running trials as poor, Optuna's ``constant_liar``).
@@ -449,7 +462,10 @@ def tune(
     name, k, direction = parse_metric(metric, stage)
     if config.data.train_file is not None or config.data.test_file is not None:
         logger.info("tuning on the training file's rows, split by `data.split`")
-    if dataset is None:
+    sample = None
+    if dataset is None and Path(config.data.dataset).is_dir():
+        dataset, sample = _sampled_log(config, sample_users)
+    elif dataset is None:
         from twostage.data.registry import load_dataset_for
 
         dataset = load_dataset_for(config)
@@ -528,7 +544,36 @@ def tune(
         test_rows=test_rows,
         ended=ended,
         resumed=resumed,
+        sample=sample,
     )
+
+
+def _sampled_log(config: ExperimentConfig, users: int) -> tuple[Dataset, LogSample]:
+    """The rows of ``users`` of the users of a log in a directory of Parquet files
+    (``data.dataset``; :func:`~twostage.data.sample.sample_log_users`, seeded by
+    ``data.seed``), read as the config reads a log in memory."""
+    from twostage.data.registry import load_dataset_for
+    from twostage.data.sample import sample_log_users
+
+    log = config.data.dataset
+    if not users:
+        raise ConfigError(
+            f"{log!r} is a directory of Parquet files, a log that `train --stream` "
+            "reads one row group at a time; tune reads its log in memory and trains "
+            "on it once per trial. Give `sample_users` (--sample-users): the trials "
+            "then read that many of its users' rows, drawn one row group at a time."
+        )
+    with tempfile.TemporaryDirectory() as folder:
+        sample = sample_log_users(
+            log,
+            Path(folder) / "sample.parquet",
+            users=users,
+            user_col=config.data.user_col or USER,
+            seed=config.data.seed,
+        )
+        logger.info("%s", sample.summary(where=False))
+        read = apply_settings(config, {"data.dataset": str(sample.out)})
+        return load_dataset_for(read), sample
 
 
 def _open_study(

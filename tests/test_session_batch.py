@@ -332,7 +332,7 @@ def test_the_cli_writes_every_sessions_list_and_reports_the_rows_not_read(
     )
     said = " ".join(shown.output.split())
     assert shown.exit_code == 0, said
-    assert "12 rows for 3 sessions (2 session, 1 popularity)" in said
+    assert "12 rows for 3 sessions (lists by path: session 2, popularity 1)" in said
     assert "2 rows of --sessions were not read" in said
     # the IDs as the file holds them: text, since 0012 is not written plainly
     assert "data row 3 ('s2', item '99999'): item not known to the model" in said

@@ -1181,11 +1181,11 @@ def _print_batch_summary(
 ) -> None:
     """What ``recommend --users`` / ``--sessions`` wrote: the rows, the paths the
     lists took, the lists shorter than ``k`` and (sessions) the rows not read."""
-    paths = ", ".join(f"{n:,} {p}" for p, n in summary["paths"].items()) or "none"
+    paths = ", ".join(f"{p} {n:,}" for p, n in summary["paths"].items()) or "none"
     count = summary[f"{noun}s"]
     console.print(
         f"{summary['rows']:,} rows for {count:,} {noun}{'s' if count != 1 else ''} "
-        f"({paths}) -> {escape(summary['out'])}"
+        f"(lists by path: {paths}) -> {escape(summary['out'])}"
     )
     if summary["short_lists"]:
         pool = "the items that pass --filter" if filters else "the catalogue"

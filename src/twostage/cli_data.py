@@ -910,8 +910,8 @@ def data_sample(
     column as it is, read one row group at a time: a log too large to read in
     memory becomes one `twostage tune --dataset` can read (`tune --sample-users`
     does this itself for a directory). Users are drawn by a stable hash of their
-    ID and --seed, the same users `tune --sample-users` draws from a whole log in
-    memory with that seed; rows without a user ID are counted, not drawn."""
+    ID and --seed: the users a draw from the whole log held in memory takes with
+    that seed. Rows without a user ID are counted, not drawn."""
     from twostage.data.sample import sample_log_users
 
     if out.exists() and not overwrite:

@@ -13,7 +13,7 @@ import torch
 
 import twostage
 from twostage.data.synthetic import generate
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, DataError
 
 pd = pytest.importorskip("pandas")
 
@@ -613,7 +613,7 @@ def test_sessions_are_read_with_the_column_names_fit_was_given(frames) -> None:
         served = model.recommender.recommend(None, 4, session=items)
         assert mine.to_list() == [entry["item_id"] for entry in served.items]
     assert found.unread.height == 0
-    with pytest.raises(ConfigError, match="has both the columns"):
+    with pytest.raises(DataError, match="has both 'movie' and 'item_id'"):
         model.recommend_sessions(visits.assign(item_id=1), 4, session_col="visit")
     with pytest.raises(ConfigError, match="polars, pandas or pyarrow table"):
         model.recommend_sessions([3, 5], 4)

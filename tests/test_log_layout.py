@@ -3,6 +3,7 @@ model trained with `--user-col uid --item-col sku --time-col ts` reads new
 items, sessions and lists of IDs whose columns have those names (or ours)."""
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -131,6 +132,18 @@ def test_sessions_and_ids_in_the_training_log_s_columns(
         ],
     )
     assert missing.exit_code == 2 and "--session-col" in missing.output
+    # Both names of one column: which to read is not clear, so neither is.
+    twice = tmp_path / "twice.csv"
+    twice.write_text("session_id,item_id,sku\na,5,7\n")
+    clash = runner.invoke(
+        app,
+        [
+            *("recommend", str(bundle / "1"), "--sessions", str(twice)),
+            *("--out", str(tmp_path / "y.parquet")),
+        ],
+    )
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", clash.output).split())
+    assert clash.exit_code == 2 and "has both 'sku' and 'item_id'" in said
     alone = runner.invoke(
         app, ["recommend", str(bundle / "1"), "--user", "3", "--session-col", "v"]
     )

@@ -29,7 +29,6 @@ from twostage.cli_batch import (
     BATCH,
     Overwrite,
     check_batch_options,
-    log_columns,
     parse_id,
     read_ids,
     read_sessions,
@@ -98,6 +97,7 @@ from twostage.cli_output import (
     training_progress,
 )
 from twostage.cli_tune import tune_command
+from twostage.data.frames import log_names
 from twostage.errors import ConfigError, TwostageError
 
 app = typer.Typer(
@@ -939,7 +939,9 @@ def recommend_command(
     if sessions_file is not None:
         summary = _recommend_sessions_into(
             rec,
-            read_sessions(sessions_file, names=log_columns(rec, session_col)),
+            read_sessions(
+                sessions_file, names=log_names(rec.run.config.data, session_col)
+            ),
             typing.cast(Path, out),  # check_batch_options refused None
             k=k,
             exclude_seen=not include_seen,
@@ -957,7 +959,9 @@ def recommend_command(
         ids = (
             rec.user_vocab.values.to_list()
             if all_users or users_file is None
-            else read_ids(users_file, "user_id", "--users", log_columns(rec))
+            else read_ids(
+                users_file, "user_id", "--users", log_names(rec.run.config.data)
+            )
         )
         summary = _recommend_into(
             rec,
@@ -1323,7 +1327,7 @@ def _evaluate_sessions(
     try:
         found = evaluate_sessions(
             rec,
-            read_sessions(path, names=log_columns(rec, session_col)),
+            read_sessions(path, names=log_names(rec.run.config.data, session_col)),
             use_ranker=use_ranker,
             train=train,
         )
@@ -1443,7 +1447,9 @@ def similar_command(
         ids = (
             rec.item_vocab.values.to_list()
             if all_items or items_file is None
-            else read_ids(items_file, "item_id", "--items", log_columns(rec))
+            else read_ids(
+                items_file, "item_id", "--items", log_names(rec.run.config.data)
+            )
         )
         unknown = [i for i in ids if not rec.item_vocab.lookup(i)]
         if unknown:  # named before any work, not after a partial file

@@ -13,12 +13,13 @@ import polars as pl
 import typer
 
 from twostage.cli_output import status_console
+from twostage.data.frames import with_our_names
+from twostage.errors import DataError
 
 __all__ = [
     "BATCH",
     "Overwrite",
     "check_batch_options",
-    "log_columns",
     "parse_id",
     "read_ids",
     "read_sessions",
@@ -166,31 +167,15 @@ def _typed_ids(values: pl.Series) -> pl.Series:
     return pl.Series(values.name, text, dtype=pl.String)
 
 
-def log_columns(rec: Any, session_col: str = "session_id") -> dict[str, str]:
-    """``{our column: the name a file may give it}`` where they differ: the
-    training log's names of the user, item, time and rating columns (``rec``'s
-    ``data.user_col``...), and ``session_col`` for ``session_id``. A file of
-    sessions, IDs or items may come in the training log's layout."""
-    data = rec.run.config.data
-    given = {
-        "session_id": session_col,
-        "user_id": data.user_col,
-        "item_id": data.item_col,
-        "timestamp": data.time_col,
-        "rating": data.rating_col,
-    }
-    return {ours: theirs for ours, theirs in given.items() if theirs and theirs != ours}
-
-
-def _our_names(frame: pl.DataFrame, names: dict[str, str]) -> pl.DataFrame:
-    """``frame`` with each column ``names`` maps to renamed to ours, where the
-    frame lacks ours (a file that names ``item_id`` itself keeps it)."""
-    renames = {
-        theirs: ours
-        for ours, theirs in names.items()
-        if ours not in frame.columns and theirs in frame.columns
-    }
-    return frame.rename(renames)
+def _our_names(
+    frame: pl.DataFrame, names: dict[str, str], path: Path, flag: str
+) -> pl.DataFrame:
+    """``frame`` (read from ``path``) with the columns ``names`` maps to renamed
+    to ours (:func:`~twostage.data.frames.with_our_names`)."""
+    try:
+        return with_our_names(frame, names, repr(str(path)))
+    except DataError as e:
+        raise typer.BadParameter(str(e), param_hint=flag) from e
 
 
 def read_sessions(
@@ -198,11 +183,11 @@ def read_sessions(
 ) -> pl.DataFrame:
     """A file of session rows (``session_id``, ``item_id``; optionally
     ``timestamp``, ``rating``, ``user_id``, each perhaps by the name ``names``
-    maps it to: :func:`log_columns`), typed for
+    maps it to: :func:`~twostage.data.frames.log_names`), typed for
     :meth:`~twostage.recommender.Recommender.recommend_sessions`: CSV IDs as
     :func:`parse_id` reads them, CSV times and ratings as numbers (a row with
     text there is an error that names it); JSON and Parquet keep their types."""
-    frame = _our_names(_read_table(path, flag), names or {})
+    frame = _our_names(_read_table(path, flag), names or {}, path, flag)
     if path.suffix.lower() not in (".parquet", ".pq", ".jsonl", ".ndjson", ".json"):
         for column in ("session_id", "item_id", "user_id"):
             if column in frame.columns:
@@ -235,10 +220,10 @@ def read_ids(
     path: Path, column: str, flag: str, names: dict[str, str] | None = None
 ) -> list[Any]:
     """The ``column`` of a CSV, JSON lines or Parquet file (or the column
-    ``names`` maps it to: :func:`log_columns`), in its order (repeats kept). CSV
+    ``names`` maps it to: :func:`~twostage.data.frames.log_names`), in its order (repeats kept). CSV
     IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its zeros;
     JSON and Parquet IDs keep their types."""
-    frame = _our_names(_read_table(path, flag), names or {})
+    frame = _our_names(_read_table(path, flag), names or {}, path, flag)
     if column not in frame.columns:
         other = (names or {}).get(column)
         raise typer.BadParameter(

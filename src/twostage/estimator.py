@@ -22,8 +22,8 @@ import polars as pl
 import torch
 
 from twostage.config import DataConfig, ExperimentConfig, apply_settings, to_dict
-from twostage.data.dataset import ITEM, RATING, TIME, USER, Dataset
-from twostage.data.frames import FRAME_KINDS, as_polars
+from twostage.data.dataset import ITEM, USER, Dataset
+from twostage.data.frames import FRAME_KINDS, as_polars, log_names, with_our_names
 from twostage.data.registry import FIT_TABLES, reading_settings, table_keys
 from twostage.data.split import ExperimentSplit, validation_split, with_id_types
 from twostage.errors import ConfigError, DataError
@@ -658,35 +658,14 @@ class TwoStageModel:
     def _sessions_frame(self, sessions: Any, session_col: str) -> pl.DataFrame:
         """A sessions table (any frame, or a dict of columns) as polars,
         its columns renamed from the names :meth:`fit` read to ours."""
-        from twostage.session_batch import SESSION
-
         frame = as_polars(sessions)
         if frame is None:
             raise ConfigError(
                 f"`sessions` should be {FRAME_KINDS}, or a dict of columns, with a "
                 f"row per session item. Received a {type(sessions).__name__}."
             )
-        names = self.columns_ or _Columns()
-        canonical = {
-            session_col: SESSION,
-            names.item_col: ITEM,
-            names.user_col: USER,
-            names.time_col: TIME,
-            names.rating_col: RATING,
-        }
-        renamed = {
-            given: ours
-            for given, ours in canonical.items()
-            if given is not None and given in frame.columns and given != ours
-        }
-        clash = sorted(ours for ours in renamed.values() if ours in frame.columns)
-        if clash:
-            raise ConfigError(
-                f"`sessions` has both the columns fit() read as {clash} and "
-                f"columns named so ({', '.join(repr(c) for c in clash)}); keep one "
-                "of each."
-            )
-        return frame.rename(renamed)
+        names = log_names(self.columns_ or _Columns(), session_col)
+        return with_our_names(frame, names, "`sessions`")
 
     def predict(
         self,

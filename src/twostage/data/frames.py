@@ -68,3 +68,43 @@ def _from_pandas(data: Any) -> pl.DataFrame:
         pass
     mixed = {c: "string" for c in data.columns if data[c].dtype == object}
     return pl.from_pandas(data.astype(mixed), include_index=False)
+
+
+def log_names(data: Any, session_col: str | None = None) -> dict[str, str]:
+    """``{our column: the training log's name for it}`` where they differ: the
+    user, item, time and rating columns ``data`` names (a ``DataConfig``, or
+    anything with its ``user_col``, ``item_col``, ``time_col`` and
+    ``rating_col``), and ``session_col`` for ``session_id``. A table of
+    sessions, IDs or new items may come in the training log's layout."""
+    given = {
+        "session_id": session_col,
+        "user_id": data.user_col,
+        "item_id": data.item_col,
+        "timestamp": data.time_col,
+        "rating": data.rating_col,
+    }
+    return {ours: theirs for ours, theirs in given.items() if theirs and theirs != ours}
+
+
+def with_our_names(
+    frame: pl.DataFrame, names: Mapping[str, str], where: str
+) -> pl.DataFrame:
+    """``frame`` with the columns ``names`` maps to (``{ours: theirs}``,
+    :func:`log_names`) renamed to ours.
+
+    Raises:
+        DataError: ``frame`` (``where`` names it in the message) holds both a
+            column of ours and the name the mapping gives it: which to read is
+            not clear.
+    """
+    renames = {
+        theirs: ours for ours, theirs in names.items() if theirs in frame.columns
+    }
+    both = sorted(ours for ours in renames.values() if ours in frame.columns)
+    if both:
+        pairs = ", ".join(f"{names[ours]!r} and {ours!r}" for ours in both)
+        raise DataError(
+            f"{where} has both {pairs}, the training log's name for a column and "
+            "ours; keep one of each."
+        )
+    return frame.rename(renames)

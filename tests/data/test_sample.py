@@ -115,6 +115,11 @@ def test_refusals_leave_no_file(tmp_path: Path) -> None:
         sample_log_users(log, log / "s.parquet", users=3)
     with pytest.raises(DataError, match="no 'uid' column"):
         sample_log_users(log, out, users=3, user_col="uid")
+    text = tmp_path / "log.csv"
+    text.write_text("user_id,item_id\n1,2\n")
+    with pytest.raises(DataError, match="--sample-users N"):
+        sample_log_users(text, out, users=3)
+    text.unlink()
     with pytest.raises(DataError, match="raise the fraction"):
         sample_log_users(log, out, fraction=1e-9)
     # A file of other columns, read after rows were written.

@@ -95,6 +95,11 @@ def _drawn_by_fraction(keys: pl.Series, fraction: float, seed: int) -> np.ndarra
     return (uniform < fraction) & keys.is_not_null().to_numpy()
 
 
+def _magic(file: Path) -> bytes:
+    with file.open("rb") as f:
+        return f.read(4)
+
+
 def _user_column(file: Path, user_col: str) -> None:
     names = parquet_file(file).schema_arrow.names
     if user_col not in names:
@@ -181,6 +186,14 @@ def sample_log_users(
         )
     if target.exists() and not overwrite:
         raise ConfigError(f"{str(target)!r} already exists; pass `overwrite`.")
+    if source.is_file() and _magic(source) != b"PAR1":
+        scan = "scan_ndjson" if "json" in source.suffix.lower() else "scan_csv"
+        raise DataError(
+            f"{str(source)!r} is not a Parquet file; a sample is drawn from Parquet "
+            "one row group at a time. A log that fits in memory needs no file: "
+            "`twostage tune --sample-users N` draws from it. Else write it to "
+            f"Parquet once: `pl.{scan}({source.name!r}).sink_parquet('log.parquet')`."
+        )
     files = parquet_files(source)
     for file in files:
         _user_column(file, user_col)

@@ -128,6 +128,27 @@ def test_refusals_leave_no_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="'stars'"):
         sample_log_users(log, out, fraction=1.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]  # no partial file
+    one = log / "part-00000.parquet"
+    with pytest.raises(ConfigError, match="the log itself"):
+        sample_log_users(one, one, users=3, overwrite=True)
+    # User IDs the readers refuse, or read as integers in one file, text in another.
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    pl.DataFrame({"user_id": [[1], [2]], "item_id": [1, 2]}).write_parquet(
+        odd / "a.parquet"
+    )
+    with pytest.raises(DataError, match="expected integer or string IDs"):
+        sample_log_users(odd, out, users=1)
+    pl.DataFrame({"user_id": [1.0, 2.0], "item_id": [1, 2]}).write_parquet(
+        odd / "a.parquet"
+    )
+    pl.DataFrame({"user_id": ["u"], "item_id": [3]}).write_parquet(odd / "b.parquet")
+    with pytest.raises(DataError, match="one kind of type"):
+        sample_log_users(odd, out, users=1)
+    (odd / "b.parquet").unlink()
+    whole = sample_log_users(odd, tmp_path / "w.parquet", users=1)  # 1.0 reads as 1
+    assert whole.users == 1 and whole.rows == 1
+    assert not out.exists()
     out.write_bytes(b"kept")
     with pytest.raises(ConfigError, match="already exists"):
         sample_log_users(log, out, users=3)

@@ -226,7 +226,7 @@ def parse_columns(
                     bad[key] = bad.get(key, comma) | comma
                     mask = mask & ~comma
         else:
-            value, mask = _parse_id(s, target)
+            value, mask = parse_ids(s, target)
         out[target] = value.alias(target)
         if mask.any():
             bad[BAD[target]] = mask.fill_null(True)
@@ -301,7 +301,14 @@ def _within(value: pl.Series, low: int, high: int) -> pl.Series:
     return ((value >= low) & (value < high)).fill_null(False)
 
 
-def _parse_id(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
+def parse_ids(s: pl.Series, target: str) -> tuple[pl.Series, pl.Series]:
+    """``(IDs, missing)``: a column of IDs as the readers take them (integers as
+    Int64, text trimmed, whole floats as integers) and which are missing or
+    blank; ``target`` (``user_id``, ``item_id``) names the column in errors.
+
+    Raises:
+        DataError: a column of another type, fractional numbers, or integers
+            beyond int64."""
     dtype = s.dtype
     if dtype.is_integer():
         value = s.cast(pl.Int64, strict=False)

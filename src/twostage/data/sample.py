@@ -3,8 +3,8 @@ users, copied as they are, for work that reads a log in memory (``twostage tune`
 on a log too large for it (a directory of Parquet files that ``train --stream``
 reads).
 
-Users are drawn by a stable hash of their ID and a seed (:func:`stable_hash` of the
-ID as text, trimmed), so the same users are drawn whatever the row order, file
+Users are drawn by a stable hash of their ID, as the readers read it, and a seed
+(:func:`stable_hash`), so the same users are drawn whatever the row order, file
 layout or process. The log is read one row group at a time: a count of users takes
 two passes (their distinct IDs, then their rows), a fraction of them one; memory
 holds the distinct IDs (a count) and one row group, the rows drawn go to the file
@@ -28,8 +28,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from twostage.data._table_values import parse_ids
 from twostage.data.dataset import USER
-from twostage.data.streaming import damage_named, parquet_file, parquet_files
+from twostage.data.streaming import (
+    check_file_schemas,
+    damage_named,
+    parquet_file,
+    parquet_files,
+)
 from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import stable_hash
 
@@ -78,13 +84,16 @@ class LogSample:
         return line + "."
 
 
-def _keys(column: pa.ChunkedArray | pa.Array) -> pl.Series:
-    """Each row's user ID as trimmed text, null where missing or blank."""
-    series = pl.Series("key", column)
-    if series.dtype in (pl.Categorical, pl.Enum):
-        series = series.cast(pl.String)
-    text = series.cast(pl.String).str.strip_chars()
-    return text.set(text.str.len_bytes() == 0, None)
+def _keys(column: pa.ChunkedArray | pa.Array, file: Path, user_col: str) -> pl.Series:
+    """Each row's user ID as the readers read it (:func:`parse_ids`), null where
+    missing or blank."""
+    with damage_named(file):
+        series = pl.Series(user_col, column)
+    try:
+        ids, missing = parse_ids(series, USER)
+    except DataError as e:
+        raise DataError(f"{file}: {e}") from e
+    return ids.set(missing.fill_null(True), None).rename("key")
 
 
 def _drawn_by_fraction(keys: pl.Series, fraction: float, seed: int) -> np.ndarray:
@@ -118,7 +127,9 @@ def _distinct_users(files: list[Path], user_col: str) -> pl.Series:
         for group in range(reader.metadata.num_row_groups):
             with damage_named(file):
                 column = reader.read_row_group(group, columns=[user_col]).column(0)
-            keys = _keys(column).drop_nulls().unique()
+            keys = _keys(column, file, user_col).drop_nulls().unique()
+            if not len(keys):  # an all-null group's type is not the IDs'
+                continue
             parts.append(keys)
             held += len(keys)
             if held > _MERGE_ROWS:
@@ -159,9 +170,12 @@ def sample_log_users(
 
     Raises:
         ConfigError: neither or both of ``users`` and ``fraction``, or a value
-            out of range; ``out`` inside ``path`` or already there.
-        DataError: ``path`` holds no Parquet file, a file lacks the user column or
-            has other columns than the first, no user was drawn.
+            out of range; ``out`` inside ``path``, ``path`` itself, or already
+            there.
+        DataError: ``path`` holds no Parquet file, a file lacks the user column,
+            types it otherwise than the first or holds no IDs in it (as the
+            readers refuse it), has other columns than the first; no user was
+            drawn.
     """
     if (users is None) == (fraction is None):
         raise ConfigError("give one of `users` (a count) or `fraction` (a share).")
@@ -184,6 +198,10 @@ def sample_log_users(
             "next read of the log would take the sample for part of it. Write it "
             "elsewhere."
         )
+    if target.resolve() == source.resolve():
+        raise ConfigError(
+            f"{str(target)!r} is the log itself; write the sample elsewhere."
+        )
     if target.exists() and not overwrite:
         raise ConfigError(f"{str(target)!r} already exists; pass `overwrite`.")
     if source.is_file() and _magic(source) != b"PAR1":
@@ -197,6 +215,7 @@ def sample_log_users(
     files = parquet_files(source)
     for file in files:
         _user_column(file, user_col)
+    check_file_schemas(files, [user_col])  # integer IDs in one file, text in another
     log_users = None
     drawn: pl.Series | None = None
     if users is not None:
@@ -216,10 +235,12 @@ def sample_log_users(
                 for group in range(reader.metadata.num_row_groups):
                     with damage_named(file):
                         table = reader.read_row_group(group)
-                    keys = _keys(table.column(user_col))
+                    keys = _keys(table.column(user_col), file, user_col)
                     log_rows += table.num_rows
                     without += keys.null_count()
-                    if drawn is not None:
+                    if keys.null_count() == len(keys):
+                        keep = np.zeros(len(keys), dtype=bool)
+                    elif drawn is not None:
                         keep = keys.is_in(drawn.implode()).fill_null(False).to_numpy()
                     else:
                         assert fraction is not None

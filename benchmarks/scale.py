@@ -39,6 +39,8 @@ PHASES = (
     "train-streamed",
     "baseline-rows",
     "itemknn",
+    "sample-users",
+    "sample-fraction",
 )
 
 
@@ -121,6 +123,18 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out.update(_baseline_rows(args))
     elif name == "itemknn":
         out.update(_itemknn_fit(args))
+    elif name in ("sample-users", "sample-fraction"):
+        # `twostage data sample`: every row of 1% of the users to one file.
+        from twostage.data.sample import sample_log_users
+
+        with tempfile.TemporaryDirectory() as folder:
+            share = (
+                {"users": max(1, args.users // 100)}
+                if name == "sample-users"
+                else {"fraction": 0.01}
+            )
+            drawn = sample_log_users(args.dir, Path(folder) / "s.parquet", **share)
+        out.update(sampled_users=drawn.users, sampled_rows=drawn.rows)
     elif name == "polars-scan":
         # The floor: count every user and item with polars' streaming engine, no
         # split and no vocabulary.
@@ -637,6 +651,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{knn['same_pairs_share']:.1%} of the dense fit's "
             f"{knn['dense_pairs']:,} neighbour pairs kept by both"
         )
+    for name in ("sample-users", "sample-fraction"):
+        if name in results:
+            drawn = results[name]
+            print(
+                f"{name} (`twostage data sample`, 1% of the users): "
+                f"{drawn['sampled_users']:,} users' {drawn['sampled_rows']:,} rows "
+                f"in {drawn['seconds']:.1f} s"
+            )
     for name in ("train", "train-streamed"):
         if name in results:
             train = results[name]

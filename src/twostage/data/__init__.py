@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from twostage.data.movielens import load_movielens
     from twostage.data.registry import load_dataset
     from twostage.data.report import REASONS, LoadReport
+    from twostage.data.sample import LogSample, sample_log_users
     from twostage.data.split import (
         ExperimentSplit,
         Split,
@@ -45,6 +46,8 @@ _EXPORTS = {
     "load_dataset": "twostage.data.registry",
     "REASONS": "twostage.data.report",
     "LoadReport": "twostage.data.report",
+    "LogSample": "twostage.data.sample",
+    "sample_log_users": "twostage.data.sample",
     **dict.fromkeys(
         [
             "ExperimentSplit",
@@ -75,6 +78,7 @@ __all__ = [
     "Dataset",
     "ExperimentSplit",
     "LoadReport",
+    "LogSample",
     "Split",
     "SyntheticConfig",
     "describe",
@@ -88,6 +92,7 @@ __all__ = [
     "random_split",
     "read_feature_table",
     "read_interactions",
+    "sample_log_users",
     "split_dataset",
     "temporal_split",
     "validation_split",

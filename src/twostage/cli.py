@@ -417,7 +417,7 @@ def train_all(
     if stream and (train_file or test_file):
         raise typer.BadParameter(
             "--stream reads one Parquet log and splits it row by row: drop "
-            "--train-file/--test-file.",
+            "--train/--test.",
             param_hint="--stream",
         )
     unused = _ranking_settings(config, overrides or [])

@@ -898,9 +898,10 @@ def test_cli_trains_both_stages_from_a_stream(log: Path, tmp_path: Path) -> None
     assert measured["retrieval"]["twostage"] == summary["retrieval"]
     assert measured["ranking"] == summary["ranking"]
     refused = CliRunner().invoke(
-        app, [*command, "--out", str(tmp_path / "m2"), "--train-file", str(log)]
+        app, [*command, "--out", str(tmp_path / "m2"), "--train", str(log)]
     )
-    assert refused.exit_code == 2 and "--train-file" in refused.output
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", refused.output).split())
+    assert refused.exit_code == 2 and "drop --train/--test" in said
     # Checkpoints (they were refused): both stages write theirs, --resume reads them.
     work = tmp_path / "work"
     kept = CliRunner().invoke(

@@ -423,6 +423,21 @@ def _min_counts(data: Any, users: int | None, items: int | None) -> tuple[Any, A
     return filtered, removed
 
 
+#: The reading options a streamed log reads, whatever the command (--column-names
+#: sets has_header, so it is refused by its own name).
+STREAMED = ("has_header", "time_unit", "time_format", "missing_ratings", "duplicates")
+
+
+def _unstreamed(options: dict[str, Any], also: tuple[str, ...] = ()) -> list[str]:
+    """The flags given in ``options`` that a streamed log does not read (it reads
+    its columns by name): those outside :data:`STREAMED` and ``also``."""
+    return [
+        f"--{key.replace('_', '-')}"
+        for key, value in options.items()
+        if value is not None and key not in (*STREAMED, *also)
+    ]
+
+
 def _print_report(report: Any, *, strict_hint: bool = True) -> None:
     if report is None:
         return
@@ -668,24 +683,10 @@ def data_describe(
             "user_table_columns": user_table_columns,
             "item_table_columns": item_table_columns,
         }
-        given = [
-            f"--{key.replace('_', '-')}"
-            for key, value in {**options, **tables}.items()
-            if value is not None
-            # --column-names says has_header; a stream reads these two
-            and key
-            not in (
-                "has_header",
-                "weight_col",
-                "label_col",
-                "label_threshold",
-                "time_unit",
-                "time_format",
-                "weight_values",
-                "missing_ratings",
-                "duplicates",
-            )
-        ]
+        given = _unstreamed(
+            {**options, **tables},
+            ("weight_col", "label_col", "label_threshold", "weight_values"),
+        )
         if given:
             raise typer.BadParameter(
                 "a streamed log is read by its column names (user_id, item_id, "
@@ -802,10 +803,20 @@ def data_split(
             "trained on them then evaluates on the new ones).",
         ),
     ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Read a Parquet log one row group at a time and split it as "
+            "`train --stream` does (a directory of Parquet files always is): "
+            "columns by name, each side written as it is read.",
+        ),
+    ] = False,
 ) -> None:
     """Split a dataset and write train.parquet and test.parquet (user_id, item_id,
     timestamp when the log has times, rating and weight when read; `train
-    --train/--test` reads them)."""
+    --train/--test` reads them). A log larger than memory (--stream, or a
+    directory of Parquet files) is split as `train --stream` splits it."""
     from twostage.artifacts import refuse_bundle_target
     from twostage.data.split import check_not_empty, file_order_note, split_dataset
 
@@ -851,24 +862,81 @@ def data_split(
         duplicates=duplicates,
         strict=strict,
     )
+    split_seed = 42 if seed is None else seed
+    fraction = 0.2 if test_fraction is None else test_fraction
+    if stream or Path(dataset).is_dir():
+        _split_streamed(
+            dataset,
+            out,
+            options,
+            method=method,
+            test_fraction=fraction,
+            seed=split_seed,
+            min_rows=(min_user_rows or 0, min_item_rows or 0),
+        )
+        return
     data = _load(dataset, options)
     check_not_empty(data)  # every row rejected: the report, not two empty files
     data, _ = _min_counts(data, min_user_rows, min_item_rows)
     note = file_order_note(data, method)
     if note:
         logger.warning(note)
-    split = split_dataset(
-        data,
-        method=method,
-        test_fraction=0.2 if test_fraction is None else test_fraction,
-        seed=42 if seed is None else seed,
-    )
+    split = split_dataset(data, method=method, test_fraction=fraction, seed=split_seed)
     out.mkdir(parents=True, exist_ok=True)
     for side, name in zip(split, SPLIT_FILES, strict=True):
         side_rows(side).write_parquet(out / name)
     console.print(
         f"{method} split: {split.train.num_interactions:,} train, "
         f"{split.test.num_interactions:,} test rows -> {escape(str(out))}"
+    )
+
+
+def _split_streamed(
+    dataset: str,
+    out: Path,
+    options: dict[str, Any],
+    *,
+    method: str,
+    test_fraction: float,
+    seed: int,
+    min_rows: tuple[int, int],
+) -> None:
+    """`data split` of a log read one row group at a time."""
+    from twostage.data.streamed_split import write_streamed_split
+    from twostage.data.streaming import Reading
+
+    given = _unstreamed(options)
+    if given:
+        raise typer.BadParameter(
+            "a streamed log is read by its column names (user_id, item_id, "
+            "timestamp, rating; --time-unit reads its numbers, --time-format its "
+            "dates, --missing-ratings, --duplicates, --min-user-rows and "
+            "--min-item-rows apply), its bad rows counted without stopping, and "
+            "its split writes the interactions (weights and an impression log's "
+            "shown rows are split in memory); drop " + ", ".join(given) + ".",
+            param_hint="--stream",
+        )
+    reading = Reading(
+        options["time_unit"] or "s",
+        options["time_format"],
+        options["missing_ratings"] or "reject",
+        min_rows[0],
+        min_rows[1],
+        options["duplicates"] or "keep",
+    )
+    written = write_streamed_split(
+        dataset,
+        out / SPLIT_FILES[0],
+        out / SPLIT_FILES[1],
+        method=method,
+        test_fraction=test_fraction,
+        seed=seed,
+        reading=reading,
+    )
+    _print_report(written.report, strict_hint=False)
+    console.print(
+        f"{method} split, streamed: {written.train_rows:,} train, "
+        f"{written.test_rows:,} test rows -> {escape(str(out))}"
     )
 
 

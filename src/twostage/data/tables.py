@@ -595,8 +595,9 @@ def _load(
         raise DataError(
             f"{str(path)!r} is a directory; a log in memory is one CSV or Parquet "
             "file. A directory of Parquet files is read one row group at a time: "
-            "`twostage train --stream`, `twostage data describe` (docs/scaling.md); "
-            "`twostage data sample` writes some of its users' rows to one file."
+            "`twostage train --stream`, `data describe`, `data split` "
+            "(docs/scaling.md); `twostage data sample` writes some of its users' "
+            "rows to one file."
         )
     if not path.is_file():
         raise DataError(f"`path` should be an existing file. Received: {str(path)!r}.")

@@ -98,7 +98,7 @@ def _keys(column: pa.ChunkedArray | pa.Array, file: Path, user_col: str) -> pl.S
 
 def _drawn_by_fraction(keys: pl.Series, fraction: float, seed: int) -> np.ndarray:
     """Whether each key's hash falls in the lowest ``fraction`` of its range."""
-    hashes = stable_hash(keys.fill_null(""), seed=seed)
+    hashes = stable_hash(keys, seed=seed)  # a null's hash is masked below
     # The top 53 bits as a uniform number in [0, 1).
     uniform = (hashes >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return (uniform < fraction) & keys.is_not_null().to_numpy()
@@ -119,7 +119,7 @@ def _user_column(file: Path, user_col: str) -> None:
 
 
 def _distinct_users(files: list[Path], user_col: str) -> pl.Series:
-    """The log's distinct user IDs (trimmed text, blanks left out)."""
+    """The log's distinct user IDs, as the readers read them (blanks left out)."""
     parts: list[pl.Series] = []
     held = 0
     for file in files:

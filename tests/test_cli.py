@@ -82,8 +82,25 @@ def test_describe_reads_a_parquet_directory_as_a_stream(tmp_path: Path) -> None:
     assert summary["duplicate_rows"] is None and summary["report"]["rejected"] == {}
     table = runner.invoke(app, ["data", "describe", str(logs)])
     assert "not counted when streamed" in table.output
-    mapped = runner.invoke(app, ["data", "describe", str(logs), "--user-col", "u"])
-    assert mapped.exit_code == 2 and "--user-col" in mapped.output
+    # The log's own names: read as ours (they were refused).
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for file in sorted(logs.glob("*.parquet")):
+        pl.read_parquet(file).rename({"user_id": "u"}).write_parquet(
+            renamed / file.name
+        )
+    mapped = runner.invoke(
+        app, ["data", "describe", str(renamed), "--user-col", "u", "--json"]
+    )
+    assert mapped.exit_code == 0, mapped.output
+    assert json.loads(mapped.stdout)["num_users"] == summary["num_users"]
+    unmapped = runner.invoke(app, ["data", "describe", str(renamed)])
+    assert isinstance(unmapped.exception, DataError)  # named, with the flag
+    assert "--user-col" in str(unmapped.exception)
+    separated = runner.invoke(app, ["data", "describe", str(logs), "--separator", ";"])
+    assert separated.exit_code == 2 and "drop --separator" in " ".join(
+        re.sub("[│╭╮╰╯─]", " ", separated.output).split()
+    )
     split = runner.invoke(app, ["data", "split", str(logs), "--out", str(tmp_path)])
     assert split.exit_code == 0, split.output  # split as a stream, not refused
     assert "random split, streamed: " in " ".join(split.output.split())

@@ -425,7 +425,35 @@ def _min_counts(data: Any, users: int | None, items: int | None) -> tuple[Any, A
 
 #: The reading options a streamed log reads, whatever the command (--column-names
 #: sets has_header, so it is refused by its own name).
-STREAMED = ("has_header", "time_unit", "time_format", "missing_ratings", "duplicates")
+STREAMED = (
+    "has_header",
+    "user_col",
+    "item_col",
+    "time_col",
+    "rating_col",
+    "time_unit",
+    "time_format",
+    "missing_ratings",
+    "duplicates",
+)
+
+
+def _streamed_names(options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``Reading.names`` from the column options (--user-col...)."""
+    from twostage.data.streaming import log_names
+
+    if options["time_col"] == "":
+        raise typer.BadParameter(
+            'a streamed log is split and ordered by its time column: --time-col "" '
+            "(no times) is read in memory only.",
+            param_hint="--time-col",
+        )
+    return log_names(
+        user_col=options["user_col"],
+        item_col=options["item_col"],
+        time_col=options["time_col"],
+        rating_col=options["rating_col"],
+    )
 
 
 def _unstreamed(options: dict[str, Any], also: tuple[str, ...] = ()) -> list[str]:
@@ -690,7 +718,8 @@ def data_describe(
         if given:
             raise typer.BadParameter(
                 "a streamed log is read by its column names (user_id, item_id, "
-                "timestamp, rating; --weight-col names any, with --weight-values, "
+                "timestamp, rating, or those --user-col, --item-col, --time-col and "
+                "--rating-col give; --weight-col names any, with --weight-values, "
                 "and --label-col; "
                 "--time-unit reads its numbers, --time-format its dates, "
                 "--duplicates, --min-user-rows and --min-item-rows apply) and counts "
@@ -710,6 +739,7 @@ def data_describe(
                 duplicates or "keep",
                 label_col,
                 label_threshold=label_threshold,
+                names=_streamed_names(options),
             ),
             weight_values=options["weight_values"],
             unrated_values=tuple(unrated_values_of(unrated_values) or ()),
@@ -909,7 +939,8 @@ def _split_streamed(
     if given:
         raise typer.BadParameter(
             "a streamed log is read by its column names (user_id, item_id, "
-            "timestamp, rating; --time-unit reads its numbers, --time-format its "
+            "timestamp, rating, or those --user-col, --item-col, --time-col and "
+            "--rating-col give; --time-unit reads its numbers, --time-format its "
             "dates, --missing-ratings, --duplicates, --min-user-rows and "
             "--min-item-rows apply), its bad rows counted without stopping, and "
             "its split writes the interactions (weights and an impression log's "
@@ -923,6 +954,7 @@ def _split_streamed(
         min_rows[0],
         min_rows[1],
         options["duplicates"] or "keep",
+        names=_streamed_names(options),
     )
     written = write_streamed_split(
         dataset,

@@ -128,8 +128,23 @@ def test_the_cli_splits_a_directory_as_a_stream(log: Path, tmp_path: Path) -> No
         app, ["data", "split", str(one), "--out", str(tmp_path / "s2"), "--stream"]
     )
     assert again.exit_code == 0, again.output
+    # The log's own column names: the same split, under ours.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for file in sorted(log.glob("*.parquet")):
+        renamed = pl.read_parquet(file).rename({"user_id": "uid", "timestamp": "ts"})
+        renamed.write_parquet(theirs / file.name, row_group_size=300)
+    mapped = runner.invoke(
+        app,
+        ["data", "split", str(theirs), "--out", str(tmp_path / "s4"), "--method", "temporal", "--user-col", "uid", "--time-col", "ts"],
+    )
+    assert mapped.exit_code == 0, mapped.output
+    for name in ("train.parquet", "test.parquet"):
+        assert pl.read_parquet(tmp_path / "s4" / name).equals(
+            pl.read_parquet(out / name)
+        )
     for flag, value in (
-        ("--user-col", "uid"),
+        ("--separator", ";"),
         ("--weight-col", "w"),
         ("--strict", None),
     ):

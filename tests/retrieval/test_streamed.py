@@ -734,8 +734,7 @@ def test_a_streamed_run_measures_cold_users(log: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "refused"),
     [
-        (["data.user_col=uid"], "data.user_col='uid'"),
-        (["data.rating_col="], "data.rating_col=''"),
+        (["data.time_col="], "`time_col` = ''"),
         (["data.separator=;"], "data.separator"),
         (["data.comment_prefix=#"], "data.comment_prefix"),
         (["data.column_names=user_id,item_id,timestamp"], "data.column_names"),
@@ -744,7 +743,8 @@ def test_a_streamed_run_measures_cold_users(log: Path) -> None:
 def test_data_options_a_stream_does_not_read_are_refused(
     log: Path, overrides: list[str], refused: str
 ) -> None:
-    # Each once trained as if unset: `--user-col uid --stream` read user_id anyway.
+    # Each once trained as if unset (`--user-col uid --stream` read user_id anyway,
+    # before the log's own names were read).
     config = apply_overrides(ExperimentConfig(), overrides)
     with pytest.raises(ConfigError, match=re.escape(refused)):
         fit_streamed_retrieval(config, log)
@@ -752,6 +752,47 @@ def test_data_options_a_stream_does_not_read_are_refused(
         ExperimentConfig(), ["data.user_col=user_id", "data.time_col=timestamp"]
     )
     check_data_options(named.data)  # the names it reads anyway: fine
+
+
+def test_a_log_with_its_own_column_names_streams_as_one_with_ours(
+    log: Path, tmp_path: Path
+) -> None:
+    """`--stream --user-col uid` was refused: a log had to be rewritten with our
+    column names first. Every pass now reads the log's names, and the run is the
+    run of the same log under ours; `rating_col=""` leaves its ratings unread."""
+    import pyarrow.parquet as pq
+
+    from twostage.data.streaming import parquet_files
+
+    theirs = {"user_id": "uid", "item_id": "sku", "timestamp": "ts", "rating": "stars"}
+    renamed, unrated = tmp_path / "renamed", tmp_path / "unrated"
+    for folder in (renamed, unrated):
+        folder.mkdir()
+    for file in parquet_files(log):
+        table = pq.read_table(file)
+        names = [theirs[n] for n in table.column_names]
+        pq.write_table(table.rename_columns(names), renamed / file.name, 1_000)
+        pq.write_table(table.drop(["rating"]), unrated / file.name, 1_000)
+    settings = [
+        *ID_ONLY,
+        "retrieval.history_length=5",
+        "data.split=leave-last-out",
+        "data.validation_fraction=0.05",
+        "train.epochs=1",
+    ]
+    mapped = ["data.user_col=uid", "data.item_col=sku", "data.time_col=ts"]
+    mapped += ["data.rating_col=stars"]
+
+    def run(folder: Path, *more: str) -> Any:
+        return fit_streamed_retrieval(
+            apply_overrides(ExperimentConfig(), [*settings, *more]), folder
+        )
+
+    ours, read = run(log), run(renamed, *mapped)
+    assert read.metrics["metrics"] == ours.metrics["metrics"]
+    for key, value in ours.model.state_dict().items():
+        assert torch.equal(read.model.state_dict()[key], value), key
+    assert run(log, "data.rating_col=").metrics == run(unrated).metrics
 
 
 def test_cli_stream_trains_and_saves(log: Path, tmp_path: Path) -> None:

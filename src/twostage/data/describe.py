@@ -138,19 +138,19 @@ def describe_streamed(
     empty (a streamed log has no feature tables until a run names its columns),
     and ``other_columns`` lists the log's columns that play no role.
     """
-    import pyarrow.parquet as pq
 
     from twostage.data.report import LoadReport
     from twostage.data.streaming import (
         Reading,
         RunningCounts,
+        fields_of,
         iter_row_groups,
         min_count_ids,
         parquet_files,
     )
 
     reading = reading or Reading()
-    names = pq.ParquetFile(parquet_files(path)[0]).schema_arrow.names
+    names = list(fields_of(parquet_files(path)[0], reading))
     rated = RATING in names
     weights = _StreamedWeights(weight_col, weight_values) if weight_col else None
     report = LoadReport(path=str(path))

@@ -24,7 +24,7 @@ from twostage.data.report import LoadReport
 from twostage.data.streaming import (
     ROW,
     Reading,
-    columns_of,
+    fields_of,
     iter_row_groups,
     min_count_ids,
     parquet_files,
@@ -86,7 +86,7 @@ def write_streamed_split(
             "shown rows (`label_col`) are split in memory (one Parquet file)."
         )
     files = parquet_files(path)
-    rated = RATING in columns_of(files[0])
+    rated = RATING in fields_of(files[0], reading)
     columns = [USER, ITEM, TIME, *([RATING] if rated else [])]
     rule = split_rule(
         path, method=method, test_fraction=test_fraction, seed=seed, reading=reading

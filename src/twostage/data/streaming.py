@@ -40,6 +40,7 @@ import torch
 
 from twostage import distributed
 from twostage.data._table_values import (
+    ARG,
     BAD,
     TIME_UNITS,
     NestedColumn,
@@ -66,6 +67,8 @@ __all__ = [
     "check_file_schemas",
     "cold_users",
     "columns_of",
+    "fields_of",
+    "log_names",
     "empty_frame",
     "StreamingVocabularies",
     "count_values",
@@ -176,7 +179,10 @@ class Reading:
     the report's ``shown_rows`` (``keep_shown``, for the duplicates pass and the
     pass that places the shown rows: keep them, with the label column, so that a
     group's chosen row is the one kept; the minimum counts count the chosen rows
-    either way).
+    either way); ``names``: the log's names of the user, item, time and rating
+    columns where they are not ours, ``(ours, theirs)`` pairs (:func:`log_names`;
+    ``theirs`` empty for a rating column left unread): every pass reads them by
+    those names and gives them ours.
     """
 
     time_unit: str = "s"
@@ -188,6 +194,7 @@ class Reading:
     label_col: str | None = None
     keep_shown: bool = False
     label_threshold: float | None = None
+    names: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, data: Any) -> Reading:
@@ -201,7 +208,18 @@ class Reading:
             data.duplicates,
             data.label_col,
             label_threshold=data.label_threshold,
+            names=log_names(
+                user_col=data.user_col,
+                item_col=data.item_col,
+                time_col=data.time_col,
+                rating_col=data.rating_col,
+            ),
         )
+
+    def source(self, column: str) -> str:
+        """The log's name for one of our columns (``user_id``...; ``""``: the
+        rating column is not read)."""
+        return dict(self.names).get(column, column)
 
     @property
     def filters(self) -> bool:
@@ -236,6 +254,17 @@ class Reading:
                 "`label_threshold` sorts the values of a label column; name the "
                 "column with `label_col`."
             )
+        for ours, theirs in self.names:
+            if ours not in (USER, ITEM, TIME, RATING) or not isinstance(theirs, str):
+                raise ConfigError(
+                    f"`names` maps {USER}, {ITEM}, {TIME} and {RATING} to the log's "
+                    f"column names. Received: {self.names!r}."
+                )
+            if not theirs and ours != RATING:
+                raise ConfigError(
+                    f"a streamed log reads its {ours} column ({ARG[ours]} cannot be "
+                    "empty; only the rating column can be left unread)."
+                )
         if self.time_unit != "s" and self.time_format is not None:
             raise ConfigError(
                 "`time_unit` applies to numbers since the epoch and `time_format` to "
@@ -298,27 +327,32 @@ def iter_row_groups(
             f"`rank` should be in [0, world). Received: rank={rank}, world={world}."
         )
     files = parquet_files(path)
-    fields = columns_of(files[0])  # a struct's fields are read from the struct
-    present = list(fields)
+    reading.check()
+    # By the file's names (a struct's fields read from the struct), and by ours.
+    in_file = columns_of(files[0])
+    fields = fields_of(files[0], reading)
     label = [reading.label_col] if reading.label_col else []
     missing = [
-        c
+        reading.source(c)
         for c in dict.fromkeys([USER, ITEM, TIME, *label, *columns])
-        if c not in present
+        if c not in fields
     ]
     if missing:
         raise DataError(
             f"the column(s) {missing} are not in {str(files[0])!r}, whose columns are "
-            f"{present}; a streamed log needs user_id, item_id and timestamp"
+            f"{list(in_file)}; a streamed log needs its user, item and time columns "
+            "(user_id, item_id and timestamp, or the names --user-col, --item-col "
+            "and --time-col give)"
             + (", and the label column named" if label else "")
             + "."
         )
-    roles = {c: c for c in (USER, ITEM, TIME, RATING) if c in present}
+    roles = {c: reading.source(c) for c in (USER, ITEM, TIME, RATING) if c in fields}
     if reading.label_col:  # after the weight, before the time, as BAD orders them
-        roles = {USER: USER, ITEM: ITEM, **roles, LABEL: reading.label_col}
+        roles = {**roles, LABEL: reading.label_col}
         roles = {r: roles[r] for r in BAD if r in roles}
-    check_file_schemas(files, [*roles.values(), *columns])
-    reading.check()
+    extra = [c for c in columns if c not in roles and c not in roles.values()]
+    parsed_kinds = (reading.source(TIME), reading.source(RATING))
+    check_file_schemas(files, [*roles.values(), *extra], any_kind=parsed_kinds)
     spec = Spec(
         roles,
         (),
@@ -329,8 +363,8 @@ def iter_row_groups(
         missing_ratings=reading.missing_ratings,
         label_threshold=reading.label_threshold,
     )
-    extra = [c for c in columns if c not in roles and c not in roles.values()]
-    read = list(dict.fromkeys([*roles.values(), *(fields[c].root for c in extra)]))
+    sources = [in_file[source].root for source in roles.values()]
+    read = list(dict.fromkeys([*sources, *(fields[c].root for c in extra)]))
     # Under torch.distributed, a pass every rank makes shares these passes too.
     ranks = (rank, world)
     dropped = (
@@ -346,7 +380,8 @@ def iter_row_groups(
             with damage_named(file):
                 raw = pl.from_arrow(reader.read_row_group(group, columns=read))
             assert isinstance(raw, pl.DataFrame)
-            parsed, reason = parse_columns(raw.select(list(roles.values())), spec)
+            given = raw.select(in_file[c].expr.alias(c) for c in roles.values())
+            parsed, reason = parse_columns(given, spec)
             good = parsed if reason is None else parsed.filter(reason.is_null())
             if has_date_numbers(good, spec):  # a stream has no whole column: a group
                 dated = "timestamp_as_date_number"
@@ -420,6 +455,43 @@ def columns_of(file: Path) -> dict[str, NestedColumn]:
     return _columns_of_schema(parquet_file(file).schema_arrow, file)
 
 
+def fields_of(file: Path, reading: Reading = Reading()) -> dict[str, NestedColumn]:
+    """:func:`columns_of` by the names the passes read: the log's user, item, time
+    and rating columns (``reading.names``) under ours, each read from the log's
+    own column; a column the mapping names is not also listed under its own
+    name, nor is a column named like one of ours that the mapping moves."""
+    fields = columns_of(file)
+    if not reading.names:
+        return fields
+    given = dict(reading.names)
+    view = {
+        name: column
+        for name, column in fields.items()
+        if name not in given and name not in given.values()
+    }
+    for ours, theirs in reading.names:
+        if theirs and theirs in fields:
+            view[ours] = fields[theirs]
+    return view
+
+
+def log_names(
+    *,
+    user_col: str | None = None,
+    item_col: str | None = None,
+    time_col: str | None = None,
+    rating_col: str | None = None,
+) -> tuple[tuple[str, str], ...]:
+    """``Reading.names`` from the ``data.*_col`` settings: ``(ours, theirs)`` for
+    each one given (None: ours) that differs from ours."""
+    given = {USER: user_col, ITEM: item_col, TIME: time_col, RATING: rating_col}
+    return tuple(
+        (ours, theirs)
+        for ours, theirs in given.items()
+        if theirs is not None and theirs != ours
+    )
+
+
 def _columns_of_schema(schema: pa.Schema, file: Path) -> dict[str, NestedColumn]:
     """:func:`columns_of` from the file's schema, read already."""
     with damage_named(file):
@@ -428,7 +500,12 @@ def _columns_of_schema(schema: pa.Schema, file: Path) -> dict[str, NestedColumn]
     return nested_columns(empty.schema, str(file))
 
 
-def check_file_schemas(files: list[Path], columns: list[str]) -> None:
+def check_file_schemas(
+    files: list[Path],
+    columns: list[str],
+    *,
+    any_kind: tuple[str, ...] = (TIME, RATING),
+) -> None:
     """Every file of a dataset holds ``columns``, each ID or feature column with one
     kind of type (the first file's): integer and float widths may differ, text may
     not stand where another file has numbers. Timestamps and ratings are parsed
@@ -448,7 +525,7 @@ def check_file_schemas(files: list[Path], columns: list[str]) -> None:
     kinds = {
         c: _kind(first.field(c).type)
         for c in wanted
-        if c in first.names and c not in (TIME, RATING)
+        if c in first.names and c not in any_kind
     }
     for file in files[1:]:
         schema = parquet_file(file).schema_arrow
@@ -1405,7 +1482,7 @@ def count_values(
     """
     from twostage.features.context import DERIVED, context_frame
 
-    present = set(_schema(path))
+    present = set(fields_of(parquet_files(path)[0], reading))
     missing = [c for c in columns if c not in present and c not in DERIVED]
     if missing:
         raise DataError(
@@ -1465,7 +1542,9 @@ def held_out_rows(
             reading=reading,
         )
     ]
-    empty = empty_frame(path, columns).with_columns(pl.lit(0, pl.Int64).alias(ROW))
+    empty = empty_frame(path, columns, reading).with_columns(
+        pl.lit(0, pl.Int64).alias(ROW)
+    )
     mine = pl.concat(parts) if parts else empty
     if world > 1 and distributed.current() is not None:
         gathered = [p for p in distributed.gather_frames(mine) if p.height]
@@ -1474,19 +1553,16 @@ def held_out_rows(
     return mine.drop(ROW)
 
 
-def empty_frame(path: str | Path, columns: list[str]) -> pl.DataFrame:
-    """No rows, with ``columns`` as the dataset's first file types them."""
+def empty_frame(
+    path: str | Path, columns: list[str], reading: Reading = Reading()
+) -> pl.DataFrame:
+    """No rows, with ``columns`` (by the names ``reading`` gives them) as the
+    dataset's first file types them."""
     file = parquet_files(path)[0]
     with damage_named(file):
         empty = pl.from_arrow(parquet_file(file).schema_arrow.empty_table())
-    fields = columns_of(file)
+    fields = fields_of(file, reading)
     return empty.select(fields[c].expr.alias(c) for c in columns)  # type: ignore[union-attr]
-
-
-def _schema(path: str | Path) -> list[str]:
-    """The column names of the dataset's first file (a struct's fields by their
-    paths)."""
-    return _schema_of(parquet_files(path)[0])
 
 
 def _owned_hashes(
@@ -1573,7 +1649,7 @@ def feature_tables(
         return None, None
     columns = list(dict.fromkeys([*firsts, *(c for k in firsts for c in wanted[k])]))
     for file in parquet_files(path):
-        names = _schema_of(file)
+        names = list(fields_of(file, reading))
         missing = [c for c in columns if c not in names]
         if missing:
             raise DataError(

@@ -145,34 +145,13 @@ def _check(config: ExperimentConfig) -> None:
 
 def check_data_options(data: DataConfig) -> None:
     """Refuse the ``data`` options a streamed log does not read, rather than train
-    as if they were unset: its columns are read by name (``user_id``, ``item_id``,
-    ``timestamp``, ``rating``), and rows are never moved between users."""
-    fixed = {
-        "user_col": (data.user_col, USER),
-        "item_col": (data.item_col, ITEM),
-        "time_col": (data.time_col, TIME),
-        "rating_col": (data.rating_col, RATING),
-    }
-    renamed = {
-        f"data.{key}": value
-        for key, (value, name) in fixed.items()
-        if value is not None and value != name
-    }
-    if renamed:
-        mapping = {v: fixed[k.removeprefix("data.")][1] for k, v in renamed.items()}
-        mapping.pop("", None)
-        hint = (
-            f" (e.g. `pl.scan_parquet(path).rename({mapping}).sink_parquet(...)`"
-            ", which streams too)"
-            if mapping
-            else ""
-        )
+    as if they were unset: a Parquet log has no separator, quotes, comments or
+    header, and its time column is needed (the user, item, time and rating
+    columns are read by the names ``data.*_col`` give: ``Reading.names``)."""
+    if data.time_col == "":
         raise ConfigError(
-            f"a streamed log reads its columns by name ({USER}, {ITEM}, {TIME} and "
-            f"{RATING} when present) and cannot map or drop them: received "
-            + ", ".join(f"{k}={v!r}" for k, v in renamed.items())
-            + f". Rename the log's columns{hint}, or load it in memory "
-            "(without --stream)."
+            "a streamed log is split and ordered by its time column: `time_col` = "
+            "'' (no times, file order) is read in memory only (without --stream)."
         )
     unread = {
         "data.separator": data.separator is not None,
@@ -239,13 +218,17 @@ def streamed_tensors(
     timed = bool(length) or days > 0 or sequences or neighbours or transitions
     times = np.empty(local if timed else 0, dtype=np.int64)
     # The ratings weight the retrieval loss and are the ranker's targets.
-    rated = RATING in _columns(path)
+    rated = RATING in _columns(path, config.data)
     ratings = np.empty(local if rated else 0, dtype=np.float32)
     weight_col = config.data.weight_col  # the log's own row weights, if named
     weights = np.empty(local if weight_col else 0, dtype=np.float32)
     keys = context_keys(spec) if spec is not None else []
     # The log's own context columns (the timestamp gives the derived ones).
-    raw = [k for k in keys if k in _columns(path) and k not in (USER, ITEM, TIME)]
+    raw = [
+        k
+        for k in keys
+        if k in _columns(path, config.data) and k not in (USER, ITEM, TIME)
+    ]
     columns = [USER, ITEM, TIME, *([RATING] if rated else []), *raw]
     columns += [weight_col] if weight_col and weight_col not in columns else []
     if weight_col and sequences:
@@ -580,7 +563,7 @@ def _held_out(
     run's queries read, and the ratings."""
     world = distributed.current()
     keys = context_keys(spec)
-    present = _columns(path)
+    present = _columns(path, config.data)
     raw = [k for k in keys if k in present and k not in (USER, ITEM, TIME, RATING)]
     # The ratings are the ranker's targets (validation, RMSE on the test side).
     rated = [RATING] if RATING in present else []
@@ -761,20 +744,23 @@ def _of_users(shown: pl.DataFrame, held: Dataset) -> pl.DataFrame:
     )
 
 
-def _empty_log(path: str | Path) -> pl.DataFrame:
+def _empty_log(path: str | Path, data: DataConfig) -> pl.DataFrame:
     """The dataset's columns and dtypes (its first file's; a struct's fields by
-    their paths), without rows."""
+    their paths, the user, item, time and rating columns by our names), without
+    rows."""
     from twostage.data.streaming import empty_frame
 
-    return empty_frame(path, _columns(path))
+    reading = Reading.of(data)
+    return empty_frame(path, _columns(path, data), reading)
 
 
-def _columns(path: str | Path) -> list[str]:
+def _columns(path: str | Path, data: DataConfig) -> list[str]:
     """The columns of the dataset's first file (a struct's fields by their
-    paths, as the in-memory loader names them)."""
-    from twostage.data.streaming import columns_of
+    paths, as the in-memory loader names them; the user, item, time and rating
+    columns by ours, whatever the log calls them: ``data.user_col``...)."""
+    from twostage.data.streaming import fields_of
 
-    return list(columns_of(parquet_files(path)[0]))
+    return list(fields_of(parquet_files(path)[0], Reading.of(data)))
 
 
 def _gathered(values: np.ndarray) -> np.ndarray:
@@ -924,7 +910,7 @@ def fit_streamed_two_stage(
     run, rows = streamed.run, streamed.rows
     test = Dataset(
         name="test",
-        interactions=_empty_log(path).select(USER, ITEM, TIME),
+        interactions=_empty_log(path, config.data).select(USER, ITEM, TIME),
         users=streamed.user_table,
         items=streamed.item_table,
     )
@@ -1042,7 +1028,7 @@ def _fit_streamed(
     features = {*data.user_features, *data.item_features}
     probe = Dataset(
         name="stream",
-        interactions=_empty_log(path).select(
+        interactions=_empty_log(path, data).select(
             pl.exclude(*features, USER, ITEM, TIME),
             fitted.users.values[:0].alias(USER),
             fitted.items.values[:0].alias(ITEM),

@@ -935,16 +935,17 @@ def _split_streamed(
     from twostage.data.streamed_split import write_streamed_split
     from twostage.data.streaming import Reading
 
-    given = _unstreamed(options)
+    given = _unstreamed(options, ("weight_col", "weight_values"))
     if given:
         raise typer.BadParameter(
             "a streamed log is read by its column names (user_id, item_id, "
             "timestamp, rating, or those --user-col, --item-col, --time-col and "
             "--rating-col give; --time-unit reads its numbers, --time-format its "
             "dates, --missing-ratings, --duplicates, --min-user-rows and "
-            "--min-item-rows apply), its bad rows counted without stopping, and "
-            "its split writes the interactions (weights and an impression log's "
-            "shown rows are split in memory); drop " + ", ".join(given) + ".",
+            "--min-item-rows apply; --weight-col names any, with --weight-values), "
+            "its bad rows counted without stopping, and its split writes the "
+            "interactions (an impression log's shown rows are split in memory); "
+            "drop " + ", ".join(given) + ".",
             param_hint="--stream",
         )
     reading = Reading(
@@ -964,6 +965,8 @@ def _split_streamed(
         test_fraction=test_fraction,
         seed=seed,
         reading=reading,
+        weight_col=options["weight_col"],
+        weight_values=options["weight_values"],
     )
     _print_report(written.report, strict_hint=False)
     console.print(

@@ -111,6 +111,41 @@ def test_reading_settings_and_refusals(log: Path, tmp_path: Path) -> None:
     assert not any(p.exists() for p in empty)  # nothing half written
 
 
+def test_row_weights_are_written_and_a_bad_one_stops_the_split(
+    log: Path, tmp_path: Path
+) -> None:
+    plays = tmp_path / "plays"
+    plays.mkdir()
+    for file in sorted(log.glob("*.parquet")):
+        frame = pl.read_parquet(file)
+        frame.with_columns(plays=pl.col("item_id") % 3).write_parquet(
+            plays / file.name, row_group_size=300
+        )
+    out = (tmp_path / "a.parquet", tmp_path / "b.parquet")
+    done = write_streamed_split(plays, *out, weight_col="plays")
+    both = pl.concat([pl.read_parquet(p) for p in out])
+    assert (
+        both.columns == [*COLUMNS, "weight"] and both.height == done.report.rows_loaded
+    )
+    assert both["weight"].to_list() == (both["item_id"] % 3).cast(pl.Float32).to_list()
+    named = write_streamed_split(
+        plays, *out, weight_col="plays", weight_values={"0": 1.0, "1": 2.0, "2": 5.0}
+    )
+    weights = pl.concat([pl.read_parquet(p) for p in out])["weight"]
+    assert named.train_rows == done.train_rows and set(weights) == {1.0, 2.0, 5.0}
+    bad = pl.read_parquet(plays / "part-00001.parquet")
+    sixth = pl.int_range(pl.len()) == 5  # the 6th row of the 2nd file
+    bad.with_columns(
+        pl.when(sixth).then(-1.0).otherwise(pl.col("plays")).alias("plays")
+    ).write_parquet(plays / "part-00001.parquet", row_group_size=300)
+    for name in out:
+        name.unlink()
+    row = pl.read_parquet(plays / "part-00000.parquet").height + 6
+    with pytest.raises(DataError, match=rf"row {row} has the weight -1\.0"):
+        write_streamed_split(plays, *out, weight_col="plays")
+    assert not any(p.exists() for p in out)  # nothing half written
+
+
 def test_the_cli_splits_a_directory_as_a_stream(log: Path, tmp_path: Path) -> None:
     out = tmp_path / "split"
     done = runner.invoke(
@@ -136,7 +171,19 @@ def test_the_cli_splits_a_directory_as_a_stream(log: Path, tmp_path: Path) -> No
         renamed.write_parquet(theirs / file.name, row_group_size=300)
     mapped = runner.invoke(
         app,
-        ["data", "split", str(theirs), "--out", str(tmp_path / "s4"), "--method", "temporal", "--user-col", "uid", "--time-col", "ts"],
+        [
+            "data",
+            "split",
+            str(theirs),
+            "--out",
+            str(tmp_path / "s4"),
+            "--method",
+            "temporal",
+            "--user-col",
+            "uid",
+            "--time-col",
+            "ts",
+        ],
     )
     assert mapped.exit_code == 0, mapped.output
     for name in ("train.parquet", "test.parquet"):
@@ -145,7 +192,7 @@ def test_the_cli_splits_a_directory_as_a_stream(log: Path, tmp_path: Path) -> No
         )
     for flag, value in (
         ("--separator", ";"),
-        ("--weight-col", "w"),
+        ("--label-col", "clicked"),
         ("--strict", None),
     ):
         refused = runner.invoke(

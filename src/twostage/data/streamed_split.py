@@ -16,14 +16,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twostage.data.dataset import ITEM, RATING, TIME, USER
+from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT
 from twostage.data.report import LoadReport
 from twostage.data.streaming import (
     ROW,
     Reading,
+    checked_weights,
     fields_of,
     iter_row_groups,
     min_count_ids,
@@ -56,6 +58,8 @@ def write_streamed_split(
     test_fraction: float = 0.2,
     seed: int = 42,
     reading: Reading = Reading(),
+    weight_col: str | None = None,
+    weight_values: dict[str, float] | None = None,
 ) -> StreamedSplit:
     """Split a Parquet log as ``train --stream`` splits it, and write each side.
 
@@ -64,14 +68,18 @@ def write_streamed_split(
             ``item_id`` and ``timestamp`` columns (and ``rating``, written when
             present).
         train, test: the files to write (``user_id``, ``item_id``, ``timestamp``
-            in epoch seconds and ``rating``: the values as the readers parse
-            them), each written whole or not at all.
+            in epoch seconds, ``rating`` and ``weight``: the values as the
+            readers parse them), each written whole or not at all.
         method, test_fraction, seed: the split (``random``: a stable hash of each
             row; ``temporal``: a time cut at the quantile; ``leave-last-out``:
             each user's last row).
-        reading: how values are read (time unit and format, missing ratings,
-            duplicates, minimum rows per user and item); not an impression
-            log's label column.
+        reading: how values are read (column names, time unit and format,
+            missing ratings, duplicates, minimum rows per user and item); not an
+            impression log's label column.
+        weight_col: the log's column of row weights, written as ``weight``:
+            finite non-negative numbers, or with ``weight_values`` the weight of
+            each of its values. A bad weight stops the split with its row, as it
+            stops a streamed run (nothing is written).
 
     Returns:
         A :class:`StreamedSplit` with each side's rows and the bad rows' report.
@@ -88,6 +96,7 @@ def write_streamed_split(
     files = parquet_files(path)
     rated = RATING in fields_of(files[0], reading)
     columns = [USER, ITEM, TIME, *([RATING] if rated else [])]
+    columns += [weight_col] if weight_col and weight_col not in columns else []
     rule = split_rule(
         path, method=method, test_fraction=test_fraction, seed=seed, reading=reading
     )
@@ -102,6 +111,11 @@ def write_streamed_split(
                 path, columns=columns, report=report, reading=reading
             ):
                 held = rule.test_mask(frame, first)
+                if weight_col:
+                    weights = checked_weights(frame, weight_col, path, weight_values)
+                    frame = frame.drop(weight_col).with_columns(
+                        pl.Series(WEIGHT, weights)
+                    )
                 table = frame.drop(ROW).to_arrow()
                 if not writers:
                     for where in partial:

@@ -49,6 +49,7 @@ from twostage.data._table_values import (
     kept_in_groups,
     nested_columns,
     parse_columns,
+    weights_from_names,
 )
 from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER
 from twostage.data.report import MAX_EXAMPLES, LoadReport
@@ -65,6 +66,7 @@ __all__ = [
     "RunningCounts",
     "SplitRule",
     "check_file_schemas",
+    "checked_weights",
     "cold_users",
     "columns_of",
     "fields_of",
@@ -1627,6 +1629,52 @@ class _FirstRows(_Buffered):
         first = distinct.unique(subset=self.key, keep="first", maintain_order=True)
         self.conflicts += distinct.height - first.height
         return first
+
+
+def checked_weights(
+    train: pl.DataFrame,
+    column: str,
+    path: str | Path,
+    names: dict[str, float] | None = None,
+) -> np.ndarray:
+    """The weights of ``train``'s rows (a frame of :func:`iter_row_groups`, with
+    its row numbers), which must be finite, non-negative numbers, or with
+    ``names`` (``data.weight_values``) values it gives a weight.
+
+    In memory a bad weight is a bad row, counted and skipped; a streamed row
+    cannot leave this pass and stay in the others (its vocabularies, split and
+    counts are fixed by then), so the first bad weight stops the run with its row.
+    """
+    values = train[column]
+    if names is not None:
+        named, empty, unlisted = weights_from_names(values, names)
+        missing = empty | unlisted
+        if missing.any():
+            at = int(missing.arg_true()[0])
+            raise DataError(
+                f"{str(path)!r}: row {int(train[ROW][at]) + 1} has the value "
+                f"{values[at]!r} in {column!r}, which `data.weight_values` gives no "
+                f"weight (it lists {sorted(names)}). A streamed run stops at such a "
+                "row (in memory it is a bad row, counted and skipped)."
+            )
+        return named.cast(pl.Float32).to_numpy()
+    if not values.dtype.is_numeric():
+        raise DataError(
+            f"`data.weight_col` = {column!r} of {str(path)!r} holds {values.dtype}; "
+            "row weights are numbers (cast the column, or unset `data.weight_col`)."
+        )
+    weights = values.cast(pl.Float64)
+    bad = weights.is_null() | ~weights.is_finite().fill_null(False) | (weights < 0)
+    bad = bad.fill_null(True)
+    if bad.any():
+        at = int(bad.arg_true()[0])
+        raise DataError(
+            f"{str(path)!r}: row {int(train[ROW][at]) + 1} has the weight "
+            f"{values[at]!r}; row weights should be finite and non-negative. A "
+            "streamed run stops at a bad weight (in memory it is a bad row, counted "
+            "and skipped): fix or drop such rows, or load the log in memory."
+        )
+    return weights.cast(pl.Float32).to_numpy()
 
 
 def feature_tables(

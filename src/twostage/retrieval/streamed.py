@@ -69,10 +69,10 @@ from twostage.data.split import (
     shown_sides,
 )
 from twostage.data.streaming import (
-    ROW,
     Reading,
     SplitRule,
     StreamingVocabularies,
+    checked_weights,
     count_values,
     feature_tables,
     fit_vocabularies,
@@ -256,7 +256,7 @@ def streamed_tensors(
         if rated:  # NaN: a row without a rating (missing_ratings, unrated_values)
             ratings[rows] = unrated(train[RATING], config.data.unrated_values)
         if weight_col:
-            weights[rows] = _checked_weights(
+            weights[rows] = checked_weights(
                 train, weight_col, path, config.data.weights_of_values
             )
         if keys:  # each training row's own context, encoded as build_tensors does
@@ -358,53 +358,6 @@ def side_tables(
     if extra_items is not None:
         item_table = merge_table("item_table", ITEM, extra_items, item_table, items)
     return user_table, item_table
-
-
-def _checked_weights(
-    train: pl.DataFrame,
-    column: str,
-    path: str | Path,
-    names: dict[str, float] | None = None,
-) -> np.ndarray:
-    """The training rows' weights, which must be finite, non-negative numbers, or
-    with ``names`` (``data.weight_values``) values it gives a weight.
-
-    In memory a bad weight is a bad row, counted and skipped; a streamed row
-    cannot leave this pass and stay in the others (its vocabularies, split and
-    counts are fixed by then), so the first bad weight stops the run with its row.
-    """
-    values = train[column]
-    if names is not None:
-        from twostage.data._table_values import weights_from_names
-
-        named, empty, unlisted = weights_from_names(values, names)
-        missing = empty | unlisted
-        if missing.any():
-            at = int(missing.arg_true()[0])
-            raise DataError(
-                f"{str(path)!r}: row {int(train[ROW][at]) + 1} has the value "
-                f"{values[at]!r} in {column!r}, which `data.weight_values` gives no "
-                f"weight (it lists {sorted(names)}). A streamed run stops at such a "
-                "row (in memory it is a bad row, counted and skipped)."
-            )
-        return named.cast(pl.Float32).to_numpy()
-    if not values.dtype.is_numeric():
-        raise DataError(
-            f"`data.weight_col` = {column!r} of {str(path)!r} holds {values.dtype}; "
-            "row weights are numbers (cast the column, or unset `data.weight_col`)."
-        )
-    weights = values.cast(pl.Float64)
-    bad = weights.is_null() | ~weights.is_finite().fill_null(False) | (weights < 0)
-    bad = bad.fill_null(True)
-    if bad.any():
-        at = int(bad.arg_true()[0])
-        raise DataError(
-            f"{str(path)!r}: row {int(train[ROW][at]) + 1} has the weight "
-            f"{values[at]!r}; row weights should be finite and non-negative. A "
-            "streamed run stops at a bad weight (in memory it is a bad row, counted "
-            "and skipped): fix or drop such rows, or load the log in memory."
-        )
-    return weights.cast(pl.Float32).to_numpy()
 
 
 def unrated(ratings: pl.Series, values: tuple[float, ...]) -> np.ndarray:

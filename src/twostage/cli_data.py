@@ -935,17 +935,19 @@ def _split_streamed(
     from twostage.data.streamed_split import write_streamed_split
     from twostage.data.streaming import Reading
 
-    given = _unstreamed(options, ("weight_col", "weight_values"))
+    given = _unstreamed(
+        options, ("weight_col", "weight_values", "label_col", "label_threshold")
+    )
     if given:
         raise typer.BadParameter(
             "a streamed log is read by its column names (user_id, item_id, "
             "timestamp, rating, or those --user-col, --item-col, --time-col and "
             "--rating-col give; --time-unit reads its numbers, --time-format its "
             "dates, --missing-ratings, --duplicates, --min-user-rows and "
-            "--min-item-rows apply; --weight-col names any, with --weight-values), "
-            "its bad rows counted without stopping, and its split writes the "
-            "interactions (an impression log's shown rows are split in memory); "
-            "drop " + ", ".join(given) + ".",
+            "--min-item-rows apply; --weight-col names any, with --weight-values, "
+            "and --label-col) and its bad rows counted without stopping; drop "
+            + ", ".join(given)
+            + ".",
             param_hint="--stream",
         )
     reading = Reading(
@@ -955,6 +957,8 @@ def _split_streamed(
         min_rows[0],
         min_rows[1],
         options["duplicates"] or "keep",
+        options["label_col"],
+        label_threshold=options["label_threshold"],
         names=_streamed_names(options),
     )
     written = write_streamed_split(

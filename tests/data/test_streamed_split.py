@@ -95,7 +95,7 @@ def test_reading_settings_and_refusals(log: Path, tmp_path: Path) -> None:
     kept = pl.concat([pl.read_parquet(p) for p in out])
     assert kept.group_by("user_id").len()["len"].min() >= 20  # type: ignore[operator]
     assert cored.report.rows_read == 2003 > cored.report.rows_loaded == kept.height
-    with pytest.raises(ConfigError, match="shown rows"):
+    with pytest.raises(DataError, match=r"\['clicked'\] are not in"):
         write_streamed_split(log, *out, reading=Reading(label_col="clicked"))
     with pytest.raises(ConfigError, match="`method`"):
         write_streamed_split(log, *out, method="shuffled")
@@ -192,7 +192,7 @@ def test_the_cli_splits_a_directory_as_a_stream(log: Path, tmp_path: Path) -> No
         )
     for flag, value in (
         ("--separator", ";"),
-        ("--label-col", "clicked"),
+        ("--quote-char", "none"),
         ("--strict", None),
     ):
         refused = runner.invoke(
@@ -203,3 +203,63 @@ def test_the_cli_splits_a_directory_as_a_stream(log: Path, tmp_path: Path) -> No
         text = " ".join(re.sub("[│╭╮╰╯─]", " ", refused.output).split())
         assert refused.exit_code == 2 and f"drop {flag}" in text, text
     assert not (tmp_path / "s3").exists()
+
+
+@pytest.mark.parametrize("method", ["random", "temporal", "leave-last-out"])
+def test_an_impression_log_s_shown_rows_go_beside_their_choice(
+    tmp_path: Path, method: str
+) -> None:
+    """With a label column, the rows shown and not chosen are written too
+    (``label`` False), each on the side the streamed run places it
+    (:func:`streamed_shown`); under leave-last-out, the sides of the in-memory
+    split of the same log."""
+    from twostage.config import DataConfig
+    from twostage.data.synthetic import planted_impressions
+    from twostage.retrieval.streamed import streamed_shown
+
+    log = tmp_path / "log"
+    log.mkdir()
+    frame = planted_impressions(users=40, per_user=6).drop("kind")
+    frame.write_parquet(log / "log.parquet", row_group_size=700)
+    reading = Reading(label_col="clicked")
+    out = (tmp_path / "train.parquet", tmp_path / "test.parquet")
+    done = write_streamed_split(log, *out, method=method, reading=reading)
+    sides = [pl.read_parquet(p) for p in out]
+    assert sides[0].columns == ["user_id", "item_id", "timestamp", "label"]
+    assert done.report.shown_rows == int((frame["clicked"] == 0).sum())
+    assert done.report.rows_loaded == frame.height == sum(s.height for s in sides)
+    rule = split_rule(log, method=method, test_fraction=0.2, seed=42, reading=reading)
+    placed = streamed_shown(log, rule, DataConfig(label_col="clicked"))
+    key = ["user_id", "item_id", "timestamp"]
+    for side, expected in zip(sides, (placed.train, placed.test), strict=True):
+        shown = side.filter(~pl.col("label")).select(key)
+        assert shown.sort(key).equals(expected.select(key).sort(key))
+    test_chosen = sides[1].filter(pl.col("label")).select(key)
+    assert test_chosen.equals(held_out_rows(log, rule, key, reading=reading))
+    if method == "leave-last-out":  # the in-memory split's sides, row for row
+        whole = tmp_path / "whole.parquet"
+        frame.write_parquet(whole)
+        in_memory = tmp_path / "memory"
+        said = runner.invoke(
+            app,
+            [
+                "data",
+                "split",
+                str(whole),
+                "--out",
+                str(in_memory),
+                "--method",
+                method,
+                "--label-col",
+                "clicked",
+            ],
+        )
+        assert said.exit_code == 0, said.output
+        for name, side in zip(("train", "test"), sides, strict=True):
+            theirs = pl.read_parquet(in_memory / f"{name}.parquet")
+            columns = [*key, "label"]
+            assert (
+                theirs.select(columns)
+                .sort(columns)
+                .equals(side.select(columns).sort(columns))
+            ), name

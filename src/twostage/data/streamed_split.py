@@ -12,19 +12,23 @@ appended to its Parquet file a row group at a time, so memory holds one row grou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT
+from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER, WEIGHT
 from twostage.data.report import LoadReport
+from twostage.data.split import shown_sides
 from twostage.data.streaming import (
     ROW,
     Reading,
+    SplitRule,
     checked_weights,
     fields_of,
     iter_row_groups,
@@ -32,7 +36,7 @@ from twostage.data.streaming import (
     parquet_files,
     split_rule,
 )
-from twostage.errors import ConfigError, DataError
+from twostage.errors import DataError
 
 __all__ = ["StreamedSplit", "write_streamed_split"]
 
@@ -74,8 +78,10 @@ def write_streamed_split(
             row; ``temporal``: a time cut at the quantile; ``leave-last-out``:
             each user's last row).
         reading: how values are read (column names, time unit and format,
-            missing ratings, duplicates, minimum rows per user and item); not an
-            impression log's label column.
+            missing ratings, duplicates, minimum rows per user and item, an
+            impression log's label column: its rows shown and not chosen are
+            written too, with ``label`` False, each on the side of its user's
+            next choice as ``train --stream`` places it).
         weight_col: the log's column of row weights, written as ``weight``:
             finite non-negative numbers, or with ``weight_values`` the weight of
             each of its values. A bad weight stops the split with its row, as it
@@ -86,13 +92,8 @@ def write_streamed_split(
 
     Raises:
         DataError: no row to split (every row rejected: the report says why).
-        ConfigError: a bad split setting, or ``reading.label_col``.
+        ConfigError: a bad split setting.
     """
-    if reading.label_col:
-        raise ConfigError(
-            "a streamed split writes the interactions alone; an impression log's "
-            "shown rows (`label_col`) are split in memory (one Parquet file)."
-        )
     files = parquet_files(path)
     rated = RATING in fields_of(files[0], reading)
     columns = [USER, ITEM, TIME, *([RATING] if rated else [])]
@@ -100,6 +101,9 @@ def write_streamed_split(
     rule = split_rule(
         path, method=method, test_fraction=test_fraction, seed=seed, reading=reading
     )
+    # An impression log's shown rows are read too, each placed beside its choice.
+    every = dataclasses.replace(reading, keep_shown=True) if reading.label_col else None
+    chosen = _chosen_sides(path, rule, every) if every is not None else None
     report = LoadReport(path=str(path))
     targets = (Path(train), Path(test))
     partial = [t.with_name(f".{t.name}.{os.getpid()}.partial") for t in targets]
@@ -108,9 +112,13 @@ def write_streamed_split(
         with contextlib.ExitStack() as stack:
             writers: list[pq.ParquetWriter] = []
             for first, frame in iter_row_groups(
-                path, columns=columns, report=report, reading=reading
+                path, columns=columns, report=report, reading=every or reading
             ):
-                held = rule.test_mask(frame, first)
+                if every is None:
+                    held = rule.test_mask(frame, first)
+                else:
+                    held = _held_with_shown(frame, first, rule, chosen)
+                    report.shown_rows += int((~frame[LABEL]).sum())
                 if weight_col:
                     weights = checked_weights(frame, weight_col, path, weight_values)
                     frame = frame.drop(weight_col).with_columns(
@@ -141,8 +149,52 @@ def write_streamed_split(
             with contextlib.suppress(FileNotFoundError):
                 where.unlink()
     removed = min_count_ids(path, reading).removed if reading.filters else None
-    report.rows_loaded = sum(counts)
+    report.rows_loaded = sum(counts)  # the shown rows among them
     report.rows_read = (
         report.rows_loaded + report.num_rejected + (removed.rows if removed else 0)
     )
     return StreamedSplit(targets[0], targets[1], counts[0], counts[1], report)
+
+
+def _chosen_sides(path: str | Path, rule: SplitRule, every: Reading) -> pl.DataFrame:
+    """Each chosen row's user, time and side (``later``: a test row), in time
+    order: where the shown rows go (none needed under a temporal split, which
+    places a shown row by its own time)."""
+    if rule.method == "temporal":
+        return pl.DataFrame()
+    parts = []
+    for first, frame in iter_row_groups(
+        path, columns=[USER, ITEM, TIME], reading=every
+    ):
+        picked = frame.filter(frame[LABEL])
+        later = pl.Series("later", rule.test_mask(picked, first))
+        parts.append(picked.select(USER, TIME, later))
+    if not parts:
+        return pl.DataFrame()
+    return pl.concat(parts).sort(TIME, maintain_order=True)
+
+
+def _held_with_shown(
+    frame: pl.DataFrame, first: int, rule: SplitRule, chosen: pl.DataFrame | None
+) -> np.ndarray:
+    """Which rows of an impression log's row group are test rows: a chosen row by
+    the split's rule, a shown row on the side :func:`shown_sides` gives it (the
+    side of its user's next choice, as ``train --stream`` and the in-memory split
+    place it; a user held out whole on the test side)."""
+    picked = frame[LABEL].to_numpy()
+    held = np.zeros(frame.height, dtype=bool)
+    held[picked] = rule.test_mask(frame.filter(pl.Series(picked)), first)
+    if picked.all():
+        return held
+    shown = frame.filter(~pl.Series(picked))
+    if rule.method == "temporal":
+        assert rule.time_cut is not None
+        later = shown[TIME] >= rule.time_cut
+    elif chosen is None or not chosen.height:
+        later = pl.repeat(False, shown.height, eager=True)
+    else:
+        later = shown_sides(shown, chosen.select(USER, TIME), chosen["later"])
+    if rule.cold is not None:  # held out whole: every row of theirs is a test row
+        later = later | shown[USER].is_in(rule.cold.implode())
+    held[~picked] = later.to_numpy()
+    return held

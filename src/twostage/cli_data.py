@@ -440,7 +440,9 @@ STREAMED = (
 
 def _streamed_names(options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     """``Reading.names`` from the column options (--user-col...)."""
-    from twostage.data.streaming import log_names
+    from types import SimpleNamespace
+
+    from twostage.data.frames import log_names
 
     if options["time_col"] == "":
         raise typer.BadParameter(
@@ -448,12 +450,7 @@ def _streamed_names(options: dict[str, Any]) -> tuple[tuple[str, str], ...]:
             "(no times) is read in memory only.",
             param_hint="--time-col",
         )
-    return log_names(
-        user_col=options["user_col"],
-        item_col=options["item_col"],
-        time_col=options["time_col"],
-        rating_col=options["rating_col"],
-    )
+    return tuple(log_names(SimpleNamespace(**options)).items())
 
 
 def _unstreamed(options: dict[str, Any], also: tuple[str, ...] = ()) -> list[str]:

@@ -74,8 +74,10 @@ def log_names(data: Any, session_col: str | None = None) -> dict[str, str]:
     """``{our column: the training log's name for it}`` where they differ: the
     user, item, time and rating columns ``data`` names (a ``DataConfig``, or
     anything with its ``user_col``, ``item_col``, ``time_col`` and
-    ``rating_col``), and ``session_col`` for ``session_id``. A table of
-    sessions, IDs or new items may come in the training log's layout."""
+    ``rating_col``; None: ours), and ``session_col`` for ``session_id``; an
+    empty name (``rating_col=""``: a log read without ratings) is kept. A table
+    of sessions, IDs or new items may come in the training log's layout, and a
+    streamed log is read by these names (``Reading.names``)."""
     given = {
         "session_id": session_col,
         "user_id": data.user_col,
@@ -83,7 +85,11 @@ def log_names(data: Any, session_col: str | None = None) -> dict[str, str]:
         "timestamp": data.time_col,
         "rating": data.rating_col,
     }
-    return {ours: theirs for ours, theirs in given.items() if theirs and theirs != ours}
+    return {
+        ours: theirs
+        for ours, theirs in given.items()
+        if theirs is not None and theirs != ours
+    }
 
 
 def with_our_names(
@@ -98,7 +104,9 @@ def with_our_names(
             not clear.
     """
     renames = {
-        theirs: ours for ours, theirs in names.items() if theirs in frame.columns
+        theirs: ours
+        for ours, theirs in names.items()
+        if theirs and theirs in frame.columns
     }
     both = sorted(ours for ours in renames.values() if ours in frame.columns)
     if both:

@@ -52,6 +52,7 @@ from twostage.data._table_values import (
     weights_from_names,
 )
 from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER
+from twostage.data.frames import log_names
 from twostage.data.report import MAX_EXAMPLES, LoadReport
 from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import _fmix64, stable_hash
@@ -70,7 +71,6 @@ __all__ = [
     "cold_users",
     "columns_of",
     "fields_of",
-    "log_names",
     "empty_frame",
     "StreamingVocabularies",
     "count_values",
@@ -182,7 +182,8 @@ class Reading:
     pass that places the shown rows: keep them, with the label column, so that a
     group's chosen row is the one kept; the minimum counts count the chosen rows
     either way); ``names``: the log's names of the user, item, time and rating
-    columns where they are not ours, ``(ours, theirs)`` pairs (:func:`log_names`;
+    columns where they are not ours, ``(ours, theirs)`` pairs
+    (:func:`~twostage.data.frames.log_names`;
     ``theirs`` empty for a rating column left unread): every pass reads them by
     those names and gives them ours.
     """
@@ -210,12 +211,7 @@ class Reading:
             data.duplicates,
             data.label_col,
             label_threshold=data.label_threshold,
-            names=log_names(
-                user_col=data.user_col,
-                item_col=data.item_col,
-                time_col=data.time_col,
-                rating_col=data.rating_col,
-            ),
+            names=tuple(log_names(data).items()),
         )
 
     def source(self, column: str) -> str:
@@ -475,23 +471,6 @@ def fields_of(file: Path, reading: Reading = Reading()) -> dict[str, NestedColum
         if theirs and theirs in fields:
             view[ours] = fields[theirs]
     return view
-
-
-def log_names(
-    *,
-    user_col: str | None = None,
-    item_col: str | None = None,
-    time_col: str | None = None,
-    rating_col: str | None = None,
-) -> tuple[tuple[str, str], ...]:
-    """``Reading.names`` from the ``data.*_col`` settings: ``(ours, theirs)`` for
-    each one given (None: ours) that differs from ours."""
-    given = {USER: user_col, ITEM: item_col, TIME: time_col, RATING: rating_col}
-    return tuple(
-        (ours, theirs)
-        for ours, theirs in given.items()
-        if theirs is not None and theirs != ours
-    )
 
 
 def _columns_of_schema(schema: pa.Schema, file: Path) -> dict[str, NestedColumn]:

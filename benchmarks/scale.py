@@ -41,6 +41,7 @@ PHASES = (
     "itemknn",
     "sample-users",
     "sample-fraction",
+    "split-files",
 )
 
 
@@ -135,6 +136,18 @@ def _run_phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
             )
             drawn = sample_log_users(args.dir, Path(folder) / "s.parquet", **share)
         out.update(sampled_users=drawn.users, sampled_rows=drawn.rows)
+    elif name == "split-files":
+        # `twostage data split` of the stream (--split): both sides to files.
+        from twostage.data.streamed_split import write_streamed_split
+
+        with tempfile.TemporaryDirectory() as folder:
+            written = write_streamed_split(
+                args.dir,
+                Path(folder) / "train.parquet",
+                Path(folder) / "test.parquet",
+                method=args.split,
+            )
+        out.update(train_rows=written.train_rows, test_rows=written.test_rows)
     elif name == "polars-scan":
         # The floor: count every user and item with polars' streaming engine, no
         # split and no vocabulary.
@@ -659,6 +672,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{drawn['sampled_users']:,} users' {drawn['sampled_rows']:,} rows "
                 f"in {drawn['seconds']:.1f} s"
             )
+    if "split-files" in results:
+        split = results["split-files"]
+        print(
+            f"split-files (`twostage data split` of the stream, {args.split}): "
+            f"{split['train_rows']:,} train and {split['test_rows']:,} test rows "
+            f"written in {split['seconds']:.1f} s"
+        )
     for name in ("train", "train-streamed"):
         if name in results:
             train = results[name]

@@ -6,7 +6,8 @@ them (:func:`~twostage.data.streaming.iter_row_groups`), each goes to the side t
 streamed split puts it on (:func:`~twostage.data.streaming.split_rule`: the rows
 a streamed run trains on, and the rows it is evaluated on), and each side is
 appended to its Parquet file a row group at a time, so memory holds one row group
-(and what the split's own pass keeps: each user's last row for leave-last-out).
+(and what the split's own passes keep: each user's last row for leave-last-out;
+for an impression log, each chosen row's user, time and side).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def write_streamed_split(
     Args:
         path: a Parquet file or a directory of them, with ``user_id``,
             ``item_id`` and ``timestamp`` columns (and ``rating``, written when
-            present).
+            present), or the columns ``reading.names`` names so.
         train, test: the files to write (``user_id``, ``item_id``, ``timestamp``
             in epoch seconds, ``rating`` and ``weight``: the values as the
             readers parse them), each written whole or not at all.

@@ -163,3 +163,26 @@ def test_sessions_and_ids_in_the_training_log_s_columns(
             assert done.exit_code == 0, done.output
             lists.append(pl.read_parquet(out))
         assert lists[0].height == 20 and lists[0].equals(lists[1])
+
+
+def test_held_out_rows_written_by_data_split_are_read_by_our_names(
+    shop: tuple[TwoStageModel, Path], tmp_path: Path
+) -> None:
+    """`data split` writes user_id, item_id, timestamp whatever the log called
+    them; `evaluate --test` read such a file by the training log's names (uid,
+    sku) and failed. It reads the file by ours, and measures what the same rows
+    in the log's layout measure."""
+    _, bundle = shop
+    rows = planted_impressions(seed=3).filter(pl.col("clicked") == 1).head(300)
+    ours = tmp_path / "test.parquet"
+    theirs = tmp_path / "theirs.parquet"
+    rows.select("user_id", "item_id", "timestamp").write_parquet(ours)
+    rows.select(uid="user_id", sku="item_id", ts="timestamp").write_parquet(theirs)
+    figures = []
+    for path in (ours, theirs):
+        done = CliRunner().invoke(
+            app, ["evaluate", str(bundle / "1"), "--test", str(path), "--json"]
+        )
+        assert done.exit_code == 0, done.output
+        figures.append(json.loads(done.stdout)["retrieval"])
+    assert figures[0] == figures[1]

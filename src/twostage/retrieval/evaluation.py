@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from twostage.config import DataConfig
 from twostage.data.dataset import ITEM, USER, Dataset
 from twostage.data.registry import FIT_TABLES, load_dataset_for
 from twostage.data.split import ExperimentSplit, prepare_split
@@ -566,6 +567,7 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
             # kept apart (`prior`), the history of users new to the model.
             test = read_mind(str(path).partition(":")[2], history=False)
         else:
+            data = _split_file_names(path, data)
             test = with_names_if_headerless(
                 path,
                 data.column_names,
@@ -596,6 +598,32 @@ def read_test_log(run: RetrievalRun, path: str | Path) -> Dataset:
         ) from e
     test = test.with_interactions(rows).with_shown(shown)
     return with_training_tables(run, dataclasses.replace(test, prior=prior))
+
+
+def _split_file_names(path: str | Path, data: DataConfig) -> DataConfig:
+    """``data``, or with our column names where ``path`` is a Parquet file that
+    `twostage data split` wrote of a log whose columns had other names: it holds
+    ``user_id`` and ``item_id`` and not the training log's user and item
+    columns, so it is read by ours."""
+    mapped = (data.user_col or USER, data.item_col or ITEM)
+    source = Path(path)
+    if mapped == (USER, ITEM) or source.suffix.lower() not in (".parquet", ".pq"):
+        return data
+    try:
+        columns = set(pl.read_parquet_schema(source))
+    except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException):
+        return data  # the reader says what is wrong with it
+    if {USER, ITEM} <= columns and not set(mapped) <= columns:
+        logger.info(
+            "%s holds user_id and item_id, not the training log's %s: read by our "
+            "column names, as `twostage data split` writes them",
+            source,
+            " and ".join(repr(c) for c in mapped if c not in columns),
+        )
+        return dataclasses.replace(
+            data, user_col=None, item_col=None, time_col=None, rating_col=None
+        )
+    return data
 
 
 def with_training_tables(run: RetrievalRun, test: Dataset) -> Dataset:

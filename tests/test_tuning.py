@@ -18,6 +18,7 @@ from twostage.cli import app
 from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import prepare_split
+from twostage.data.streaming import Reading, held_out_rows, split_rule
 from twostage.errors import ConfigError
 from twostage.retrieval.fit import fit_retrieval
 from twostage.tuning import parse_metric, parse_space, tune, tuning_data
@@ -604,15 +605,22 @@ def test_a_directory_of_parquet_files_is_tuned_on_a_sample(tmp_path: Path) -> No
     assert found.sample is not None
     assert (found.sample.users, found.sample.log_users) == (40, 120)
     assert found.config.data.dataset == str(logs)  # the tuned config streams it
+    # The trials read the sampled users' rows less those the streamed run of the
+    # tuned config holds out as its test side (drawn over the whole log).
     sample = sample_log_users(
         logs, tmp_path / "s.parquet", users=40, user_col="uid", seed=config.data.seed
     )
-    on_file = tune(
-        small(f"data.dataset={sample.out}", "data.user_col=uid"), space, trials=1
-    )
-    assert found.tuning_rows == on_file.tuning_rows < 1920
-    assert found.test_rows == on_file.test_rows  # set aside from the sample
-    assert found.trials[0].value == pytest.approx(on_file.trials[0].value, abs=1e-6)
+    drawn = load_dataset_for(small(f"data.dataset={sample.out}", "data.user_col=uid"))
+    keys = ["user_id", "item_id", "timestamp"]
+    rule = split_rule(logs, method="random", test_fraction=0.2, seed=42)
+    held = held_out_rows(logs, rule, keys, reading=Reading.of(config.data))
+    held = held.filter(pl.col("user_id").is_in(drawn.interactions["user_id"].implode()))
+    kept = drawn.interactions.join(held, on=keys, how="anti", maintain_order="left")
+    assert held.height > 0 and found.test_rows == held.height
+    assert found.tuning_rows == kept.height == drawn.num_interactions - held.height
+    run, _ = fit_retrieval(found.config, dataset=drawn.with_interactions(kept))
+    figure = run.metrics["metrics"]["exclude_seen"]["ndcg"]["10"]
+    assert found.trials[0].value == pytest.approx(figure, abs=1e-6)
     command = [
         "tune",
         *[part for setting in SMALL[1:] for part in ("--set", setting)],

@@ -420,8 +420,9 @@ def tune(
             whole log first; 0: every user. A log in a directory of Parquet
             files (one for ``train --stream``) needs it: that many of its
             users are drawn by the same hash one row group at a time
-            (:func:`~twostage.data.sample.sample_log_users`), and the test side
-            is set aside from their rows.
+            (:func:`~twostage.data.sample.sample_log_users`), less the rows the
+            streamed run of the config holds out as its test side, found over
+            the whole log by that run's own split rule.
             A worker that proposes the settings another is training waits
             for that trial and repeats its figure (each worker's sampler also
             counts the running trials as poor, Optuna's ``constant_liar``).
@@ -464,13 +465,14 @@ def tune(
         logger.info("tuning on the training file's rows, split by `data.split`")
     sample = None
     if dataset is None and Path(config.data.dataset).is_dir():
-        dataset, sample = _sampled_log(config, sample_users)
-    elif dataset is None:
-        from twostage.data.registry import load_dataset_for
+        rows, test_rows, sample = _sampled_log(config, sample_users)
+    else:
+        if dataset is None:
+            from twostage.data.registry import load_dataset_for
 
-        dataset = load_dataset_for(config)
-    rows, test_rows = tuning_data(dataset, config)
-    if sample_users:
+            dataset = load_dataset_for(config)
+        rows, test_rows = tuning_data(dataset, config)
+    if sample_users and sample is None:
         from twostage.data.split import sample_users as drawn
 
         rows = drawn(rows, sample_users, seed=config.data.seed)
@@ -548,10 +550,16 @@ def tune(
     )
 
 
-def _sampled_log(config: ExperimentConfig, users: int) -> tuple[Dataset, LogSample]:
-    """The rows of ``users`` of the users of a log in a directory of Parquet files
-    (``data.dataset``; :func:`~twostage.data.sample.sample_log_users`, seeded by
-    ``data.seed``), read as the config reads a log in memory."""
+def _sampled_log(
+    config: ExperimentConfig, users: int
+) -> tuple[Dataset, int, LogSample]:
+    """``(rows, test_rows, sample)`` for a log in a directory of Parquet files
+    (``data.dataset``): the rows of ``users`` of its users
+    (:func:`~twostage.data.sample.sample_log_users`, seeded by ``data.seed``),
+    read as the config reads a log in memory, less the rows that the streamed
+    run of the config (``train --stream``) holds out as its test side, found by
+    its own rule over the whole log (:func:`_streamed_test_rows`), and how many
+    those are."""
     from twostage.data.registry import load_dataset_for
     from twostage.data.sample import sample_log_users
 
@@ -573,7 +581,60 @@ def _sampled_log(config: ExperimentConfig, users: int) -> tuple[Dataset, LogSamp
         )
         logger.info("%s", sample.summary(where=False))
         read = apply_settings(config, {"data.dataset": str(sample.out)})
-        return load_dataset_for(read), sample
+        dataset = load_dataset_for(read)
+    rows, test_rows = _without_streamed_test(dataset, config)
+    return rows, test_rows, sample
+
+
+def _without_streamed_test(
+    dataset: Dataset, config: ExperimentConfig
+) -> tuple[Dataset, int]:
+    """``dataset`` (some users' rows of the config's streamed log) less the rows
+    the streamed run holds out as its test side, and how many: each such row
+    once its user, item and time, found in one pass over the whole log by the
+    run's own split rule (a hash of each row, a global time cut, each user's
+    last row, the cold users'); an impression log's shown rows go to the side
+    :func:`~twostage.data.split.shown_sides` gives them, as in that run."""
+    import polars as pl
+
+    from twostage.data.dataset import ITEM, TIME
+    from twostage.data.split import shown_sides
+    from twostage.data.streaming import Reading, iter_row_groups, split_rule
+
+    data = config.data
+    reading = Reading.of(data)
+    rule = split_rule(
+        data.dataset,
+        method=data.split,
+        test_fraction=data.test_fraction,
+        seed=data.seed,
+        reading=reading,
+        cold_user_fraction=data.cold_user_fraction,
+    )
+    inter = dataset.interactions
+    drawn = inter[USER].unique().implode()
+    keys = [USER, ITEM, TIME]
+    parts = [
+        batch.filter(pl.Series(rule.test_mask(batch, first)))
+        .filter(pl.col(USER).is_in(drawn))
+        .select(keys)
+        for first, batch in iter_row_groups(data.dataset, columns=keys, reading=reading)
+    ]
+    held = pl.concat(parts).unique() if parts else inter.select(keys).clear()
+    held = held.cast({k: inter.schema[k] for k in keys}).with_columns(
+        pl.lit(True).alias("__test")
+    )
+    test = inter.select(keys).join(
+        held, on=keys, how="left", nulls_equal=True, maintain_order="left"
+    )
+    is_test = test["__test"].fill_null(False)
+    rows = dataset.with_interactions(inter.filter(~is_test))
+    if dataset.shown is not None and dataset.shown.height:
+        later = shown_sides(dataset.shown, inter.select(USER, TIME), is_test)
+        if rule.cold is not None:
+            later = later | dataset.shown[USER].is_in(rule.cold.implode())
+        rows = rows.with_shown(dataset.shown.filter(~later))
+    return rows, int(is_test.sum())
 
 
 def _open_study(

@@ -722,8 +722,9 @@ def test_pruning_a_search_of_the_ranker_reads_the_ranker_s_epochs() -> None:
     assert [t.value for t in whole.trials] == [t.value for t in pruned.trials[:5]]
 
 
+@pytest.mark.parametrize("method", ["random", "temporal"])
 def test_an_impression_log_s_sample_loses_the_streamed_test_side(
-    tmp_path: Path,
+    tmp_path: Path, method: str
 ) -> None:
     """The shown rows of a sampled impression log follow their choices: those the
     streamed run places on its test side are not tuned on either."""
@@ -735,15 +736,18 @@ def test_an_impression_log_s_sample_loses_the_streamed_test_side(
     logs.mkdir()
     frame = planted_impressions(users=60, per_user=6).drop("kind")
     frame.write_parquet(logs / "log.parquet", row_group_size=700)
-    config = small(f"data.dataset={logs}", "data.label_col=clicked")
+    config = small(
+        f"data.dataset={logs}", "data.label_col=clicked", f"data.split={method}"
+    )
     rows, test_rows, sample = _sampled_log(config, 20)
     assert sample.users == 20
-    users = rows.interactions["user_id"].unique().implode()
+    from twostage.data.sample import sample_log_users
+
+    drawn = sample_log_users(logs, tmp_path / "s.parquet", users=20, seed=42)
+    users = pl.read_parquet(drawn.out)["user_id"].unique().implode()
     keys = ["user_id", "item_id", "timestamp"]
     reading = Reading.of(config.data)
-    rule = split_rule(
-        logs, method="random", test_fraction=0.2, seed=42, reading=reading
-    )
+    rule = split_rule(logs, method=method, test_fraction=0.2, seed=42, reading=reading)
     held = held_out_rows(logs, rule, keys, reading=reading)
     assert test_rows == held.filter(pl.col("user_id").is_in(users)).height > 0
     assert rows.interactions.join(held, on=keys, how="semi").height == 0

@@ -594,11 +594,10 @@ def _without_streamed_test(
     once its user, item and time, found in one pass over the whole log by the
     run's own split rule (a hash of each row, a global time cut, each user's
     last row, the cold users'); an impression log's shown rows go to the side
-    :func:`~twostage.data.split.shown_sides` gives them, as in that run."""
+    the run's rule gives them (:meth:`SplitRule.shown_test_mask`)."""
     import polars as pl
 
     from twostage.data.dataset import ITEM, TIME
-    from twostage.data.split import shown_sides
     from twostage.data.streaming import Reading, iter_row_groups, split_rule
 
     data = config.data
@@ -630,9 +629,7 @@ def _without_streamed_test(
     is_test = test["__test"].fill_null(False)
     rows = dataset.with_interactions(inter.filter(~is_test))
     if dataset.shown is not None and dataset.shown.height:
-        later = shown_sides(dataset.shown, inter.select(USER, TIME), is_test)
-        if rule.cold is not None:
-            later = later | dataset.shown[USER].is_in(rule.cold.implode())
+        later = rule.shown_test_mask(dataset.shown, inter.select(USER, TIME), is_test)
         rows = rows.with_shown(dataset.shown.filter(~later))
     return rows, int(is_test.sum())
 

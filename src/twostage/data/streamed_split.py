@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 
 from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER, WEIGHT
 from twostage.data.report import LoadReport
-from twostage.data.split import shown_sides
 from twostage.data.streaming import (
     ROW,
     Reading,
@@ -188,14 +187,11 @@ def _held_with_shown(
     if picked.all():
         return held
     shown = frame.filter(~pl.Series(picked))
-    if rule.method == "temporal":
-        assert rule.time_cut is not None
-        later = shown[TIME] >= rule.time_cut
-    elif chosen is None or not chosen.height:
-        later = pl.repeat(False, shown.height, eager=True)
-    else:
-        later = shown_sides(shown, chosen.select(USER, TIME), chosen["later"])
-    if rule.cold is not None:  # held out whole: every row of theirs is a test row
-        later = later | shown[USER].is_in(rule.cold.implode())
+    sides = chosen if chosen is not None and chosen.height else None
+    later = rule.shown_test_mask(
+        shown,
+        shown.select(USER, TIME).clear() if sides is None else sides.select(USER, TIME),
+        pl.Series("later", [], pl.Boolean) if sides is None else sides["later"],
+    )
     held[~picked] = later.to_numpy()
     return held

@@ -54,6 +54,7 @@ from twostage.data._table_values import (
 from twostage.data.dataset import ITEM, LABEL, RATING, TIME, USER
 from twostage.data.frames import log_names
 from twostage.data.report import MAX_EXAMPLES, LoadReport
+from twostage.data.split import shown_sides
 from twostage.errors import ConfigError, DataError
 from twostage.features.hashing import _fmix64, stable_hash
 from twostage.features.vocab import Vocabulary
@@ -786,6 +787,26 @@ class SplitRule:
         """Which rows of ``batch`` training never reads: test and validation rows."""
         test, validation = self.sides(batch, first_row)
         return test | validation
+
+    def shown_test_mask(
+        self, shown: pl.DataFrame, chosen: pl.DataFrame, later: pl.Series
+    ) -> pl.Series:
+        """Which rows of an impression log shown and not chosen (``shown``:
+        ``user_id``, ``timestamp``) are test rows: under a temporal split those
+        at or after the cut; else the side of the user's next choice
+        (:func:`~twostage.data.split.shown_sides` over the chosen rows'
+        ``chosen`` user and time and ``later``, test or not; none: the training
+        side); every row of a user held out whole."""
+        if self.method == "temporal":
+            assert self.time_cut is not None
+            held = shown_sides(shown, chosen, later, cutoff=self.time_cut)
+        elif not len(later):
+            held = pl.repeat(False, shown.height, eager=True)
+        else:
+            held = shown_sides(shown, chosen, later)
+        if self.cold is not None:
+            held = held | shown[USER].is_in(self.cold.implode())
+        return held
 
 
 def split_rule(

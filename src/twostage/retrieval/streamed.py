@@ -660,15 +660,16 @@ def streamed_shown(
     for _, batch in iter_row_groups(path, columns=columns, reading=reading):
         shown = batch.filter(~batch[LABEL]).select(USER, ITEM, TIME)
         if rule.method == "temporal":
-            assert rule.time_cut is not None
-            later = shown[TIME] >= rule.time_cut
+            later = rule.shown_test_mask(
+                shown, shown.clear(), pl.Series([], dtype=pl.Boolean)
+            )
             cut = None if rule.validation is None else rule.validation.time_cut
             carved = (shown[TIME] >= cut) if cut is not None else later & False
         else:
-            later = shown_sides(shown, everyone.select(USER, TIME), everyone["test"])
+            later = rule.shown_test_mask(
+                shown, everyone.select(USER, TIME), everyone["test"]
+            )
             carved = shown_sides(shown, rest.select(USER, TIME), rest["validation"])
-        if rule.cold is not None:  # held out whole: every row of theirs is a test row
-            later = later | shown[USER].is_in(rule.cold.implode())
         carved = carved & ~later
         train = shown.filter(~later & ~carved)
         if vocabularies is not None:

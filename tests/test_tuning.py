@@ -19,7 +19,7 @@ from twostage.config import ExperimentConfig, apply_overrides, load_config
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import prepare_split
 from twostage.data.streaming import Reading, held_out_rows, split_rule
-from twostage.errors import ConfigError
+from twostage.errors import ConfigError, DataError
 from twostage.retrieval.fit import fit_retrieval
 from twostage.tuning import parse_metric, parse_space, tune, tuning_data
 
@@ -756,3 +756,57 @@ def test_an_impression_log_s_sample_loses_the_streamed_test_side(
     shown = rows.shown.select(keys).sort(keys)
     expected = placed.train.filter(pl.col("user_id").is_in(users)).select(keys)
     assert shown.equals(expected.sort(keys))
+
+
+def test_a_sampled_log_keeps_the_whole_log_s_minimum_counts(tmp_path: Path) -> None:
+    """The minimum counts of a sampled streamed log are the whole log's, as the
+    streamed run applies them: an item with too few rows among the sampled users
+    but enough in the log is tuned on, and one the log's counts remove is not."""
+    from twostage.data.filtering import min_counts
+    from twostage.data.sample import sample_log_users
+    from twostage.tuning import _sampled_log
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    frame = load_dataset_for(small()).interactions
+    frame.write_parquet(logs / "log.parquet", row_group_size=500)
+    config = small(
+        f"data.dataset={logs}", "data.min_item_rows=12", "data.min_user_rows=5"
+    )
+    rows, test_rows, _ = _sampled_log(config, 20)
+    whole, _ = min_counts(
+        load_dataset_for(small(f"data.dataset={logs / 'log.parquet'}")),
+        users=5,
+        items=12,
+    )
+    drawn = sample_log_users(logs, tmp_path / "s.parquet", users=20, seed=42)
+    users = pl.read_parquet(drawn.out)["user_id"].unique().implode()
+    keys = ["user_id", "item_id", "timestamp"]
+    reading = Reading.of(config.data)
+    rule = split_rule(
+        logs, method="random", test_fraction=0.2, seed=42, reading=reading
+    )
+    held = held_out_rows(logs, rule, keys, reading=reading)
+    expected = (
+        whole.interactions.filter(pl.col("user_id").is_in(users))
+        .join(held, on=keys, how="anti")
+        .select(keys)
+    )
+    assert 0 < whole.num_items < frame["item_id"].n_unique()  # the log loses items
+    assert test_rows > 0
+    assert rows.interactions.select(keys).sort(keys).equals(expected.sort(keys))
+    # The sample's own counts would have removed items the log keeps.
+    own, _ = min_counts(
+        load_dataset_for(small(f"data.dataset={drawn.out}")),
+        users=5,
+        items=12,
+    )
+    assert own.num_interactions < rows.num_interactions + test_rows
+    # A sample the log's counts empty is refused with what to change.
+    heavy = small(f"data.dataset={logs}", "data.min_user_rows=100")
+    kept = min_counts(
+        load_dataset_for(small(f"data.dataset={logs / 'log.parquet'}")), users=100
+    )[0]
+    assert not kept.interactions["user_id"].is_in(users).any()
+    with pytest.raises(DataError, match=r"keep none of the .* sampled rows"):
+        _sampled_log(heavy, 20)

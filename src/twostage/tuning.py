@@ -422,7 +422,8 @@ def tune(
             users are drawn by the same hash one row group at a time
             (:func:`~twostage.data.sample.sample_log_users`), less the rows the
             streamed run of the config holds out as its test side, found over
-            the whole log by that run's own split rule.
+            the whole log by that run's own split rule, and less the users and
+            items the whole log's minimum counts remove.
             A worker that proposes the settings another is training waits
             for that trial and repeats its figure (each worker's sampler also
             counts the running trials as poor, Optuna's ``constant_liar``).
@@ -580,10 +581,44 @@ def _sampled_log(
             seed=config.data.seed,
         )
         logger.info("%s", sample.summary(where=False))
-        read = apply_settings(config, {"data.dataset": str(sample.out)})
-        dataset = load_dataset_for(read)
+        # The minimum counts are the whole log's (below), not the sample's.
+        read = apply_settings(
+            config,
+            {
+                "data.dataset": str(sample.out),
+                "data.min_user_rows": 0,
+                "data.min_item_rows": 0,
+            },
+        )
+        dataset = _in_log_core(load_dataset_for(read), config)
     rows, test_rows = _without_streamed_test(dataset, config)
     return rows, test_rows, sample
+
+
+def _in_log_core(dataset: Dataset, config: ExperimentConfig) -> Dataset:
+    """``dataset`` (some users' rows of the config's streamed log) less the rows
+    of the users and items that the config's minimum counts remove from the
+    whole log (:func:`~twostage.data.streaming.min_count_ids`, the k-core the
+    streamed run reads), an impression log's shown rows too: a sample's own
+    counts would remove an item that the whole log keeps."""
+    from twostage.data.streaming import Reading, min_count_ids
+
+    reading = Reading.of(config.data)
+    if not reading.filters:
+        return dataset
+    keeps = min_count_ids(config.data.dataset, reading).keeps()
+    inter = dataset.interactions.filter(keeps)
+    if not inter.height:
+        raise DataError(
+            f"The minimum counts (`min_user_rows` {reading.min_user_rows}, "
+            f"`min_item_rows` {reading.min_item_rows}) keep none of the "
+            f"{dataset.num_interactions:,} sampled rows: draw more users "
+            "(`sample_users`) or lower the minimums."
+        )
+    rows = dataset.with_interactions(inter)
+    if dataset.shown is not None and dataset.shown.height:
+        rows = rows.with_shown(dataset.shown.filter(keeps))
+    return rows
 
 
 def _without_streamed_test(

@@ -172,6 +172,34 @@ AllowConfigChange = Annotated[
     ),
 ]
 
+WarmStartFrom = Annotated[
+    Path | None,
+    typer.Option(
+        "--warm-start",
+        help="Start from this saved model's weights (a bundle, a model's "
+        "directory of versions, or a run): IDs both logs hold keep their "
+        "vectors, new ones start fresh; the same architecture "
+        "(train.warm_start).",
+    ),
+]
+
+
+def _warm_started(overrides: list[str] | None, warm_start: Path | None) -> list[str]:
+    """``--set`` overrides with ``--warm-start`` as ``train.warm_start``: an
+    absolute path, which the saved config finds from anywhere, and a model's
+    directory of versions as its newest version, so that the config names the
+    bundle the weights came from (not whichever is newest later)."""
+    if warm_start is None:
+        return list(overrides or [])
+    from twostage.artifacts import MANIFEST, resolve_bundle
+
+    path = warm_start.resolve()
+    versions = path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+    if versions and not (path / MANIFEST).exists():
+        with contextlib.suppress(TwostageError):  # the training run says what it is
+            path = resolve_bundle(path)
+    return [*(overrides or []), f"train.warm_start={path}"]
+
 
 @contextlib.contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
@@ -375,6 +403,7 @@ def train_all(
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
+    warm_start: WarmStartFrom = None,
     tensorboard: TensorBoard = None,
     nproc: NProc = 1,
     stream: Annotated[
@@ -413,7 +442,8 @@ def train_all(
     if dataset is not None:
         dataset = anchored(dataset)  # the saved config finds the log from anywhere
     columns = training_columns(locals())
-    config = experiment_config(dataset, config_file, overrides or [], columns)
+    overrides = _warm_started(overrides, warm_start)
+    config = experiment_config(dataset, config_file, overrides, columns)
     if stream and (train_file or test_file):
         raise typer.BadParameter(
             "--stream reads one Parquet log and splits it row by row: drop "
@@ -1585,6 +1615,7 @@ def train_retrieval_command(
     train_file: TrainFile = None,
     test_file: TestFile = None,
     allow_config_change: AllowConfigChange = False,
+    warm_start: WarmStartFrom = None,
     nproc: NProc = 1,
     stream: Annotated[
         bool,
@@ -1614,7 +1645,8 @@ def train_retrieval_command(
     if dataset is not None:
         dataset = anchored(dataset)  # the saved config finds the log from anywhere
     columns = training_columns(locals())
-    config = experiment_config(dataset, config_file, overrides or [], columns)
+    overrides = _warm_started(overrides, warm_start)
+    config = experiment_config(dataset, config_file, overrides, columns)
     dataset = config.data.dataset
     if stream:
         from twostage.retrieval.streamed import fit_streamed_retrieval

@@ -185,6 +185,8 @@ def bundle_info(path: Path) -> dict[str, Any]:
         "added_items": rec.item_vocab.size - rec.num_trained_items,
         "removed_items": 0 if rec.removed_items is None else len(rec.removed_items),
         "training_rows": int(sum(rec.user_vocab.counts)),
+        # the saved model its training started from (train.warm_start); None: none
+        "warm_start": config.train.warm_start or None,
         "features": {
             side: [
                 {"column": f.name, "kind": f.kind}
@@ -347,6 +349,8 @@ def _print_bundle(info: dict[str, Any]) -> None:
         f"epoch{'s' if r['epochs'] != 1 else ''}"
         + (f", best {r['best_epoch']}" if r["best_epoch"] else ""),
     )
+    if info["warm_start"]:
+        table.add_row("warm start", Text(f"from {info['warm_start']}"))
     if r["ensemble"]:
         table.add_row(
             "ensemble",

@@ -533,7 +533,11 @@ class TrainConfig(_Checked):
     ``checkpoint_minutes`` > 0 writes it when that many minutes have passed since
     the last one (any rank's clock, under torchrun). A stop request (SIGTERM, the
     first Ctrl-C) writes one after the step in progress whatever they are, and
-    ``--resume`` continues from any of them exactly.
+    ``--resume`` continues from any of them exactly. ``warm_start`` names a saved
+    model (a bundle, a model's directory of versions or a run directory) whose
+    weights the new model starts from, where they mean the same thing: each ID
+    both vocabularies hold keeps its saved vectors, new IDs start fresh
+    (:mod:`twostage.training.warm`); the architecture must be the saved one's.
     """
 
     epochs: int = 10
@@ -553,6 +557,7 @@ class TrainConfig(_Checked):
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_steps: int = 0
     checkpoint_minutes: float = 0.0
+    warm_start: str | None = None
 
     SECTION: ClassVar[str] = "train"
 

@@ -385,6 +385,8 @@ def fit_ranking_pairs(
     )
     if len(rated):
         ranking.rating_bounds = (float(rated.min()), float(rated.max()))
+    if run.config.train.warm_start:
+        _warm_start(ranking, run.config.train.warm_start)
     ranking.reads_context = context is not None
     val_pairs = val_context = None
     if validation is not None:
@@ -438,6 +440,33 @@ def fit_ranking_pairs(
     ranking.train_seconds = time.perf_counter() - started
     logger.info("ranker trained in %.1f s", ranking.train_seconds)
     return ranking
+
+
+def _warm_start(ranking: RankingRun, path: str) -> None:
+    """Copy the saved ranker's weights (``train.warm_start``) into a new one
+    (:func:`twostage.training.warm.copy_weights`); a saved model without a
+    ranker leaves it as built, and says so."""
+    from twostage.training.warm import WarmStart, copy_weights, load_warm_start
+
+    saved = load_warm_start(path)
+    if saved.ranker is None:
+        logger.warning(
+            "`train.warm_start` = %r has no ranking stage: the ranker starts "
+            "from fresh weights.",
+            path,
+        )
+        return
+    assert isinstance(saved.ranker, RankingRun)  # what load_ranking returns
+    report = WarmStart(source=path)
+    copy_weights(
+        ranking.model,
+        ranking.retrieval.spec,
+        saved.ranker.model,
+        saved.run.spec,
+        report=report,
+    )
+    if distributed.is_main():
+        logger.info("ranking %s", report.summary())
 
 
 def _fingerprinted(config: RankingConfig, *, reads_context: bool) -> dict[str, Any]:

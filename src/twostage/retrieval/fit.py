@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -259,6 +259,8 @@ def train_members(
                 tensors=tensors,
             )
         )
+    if config.train.warm_start:
+        warm_start_members(config, kinds, members)
     validate = None  # its queries are computed once, for every member
     if validation is not None and validation.num_interactions:
         validate = Validator(members[0], validation)
@@ -327,6 +329,55 @@ def train_members(
         run.train_result = merge_results([m.train_result for m in members])
         validate = validate.for_run(run) if validate is not None else None
     return run, list(zip(kinds, members, strict=True)), validate
+
+
+def warm_start_members(
+    config: ExperimentConfig, kinds: Sequence[str], members: list[RetrievalRun]
+) -> None:
+    """Copy the weights of the saved model ``train.warm_start`` names into the
+    trained members (:func:`twostage.training.warm.copy_weights`): member ``i``
+    from the saved run's member ``i``, which must be of the same kind."""
+    from twostage.training.warm import WarmStart, copy_weights, load_warm_start
+
+    path = config.train.warm_start
+    assert path  # the caller asks only with one set
+    saved = load_warm_start(path).run
+    saved_kinds = member_kinds(saved.config.retrieval)
+    if saved_kinds != list(kinds):
+        raise ConfigError(
+            f"`train.warm_start` = {path!r} holds the members {saved_kinds}, and "
+            f"this config trains {kinds} (`retrieval.query_encoder`, "
+            "`retrieval.ensemble`): a warm start copies each member from the "
+            "saved one of the same kind. Train with its settings, or without a "
+            "warm start."
+        )
+    backends = {saved.config.retrieval.embedding_backend}
+    backends.add(config.retrieval.embedding_backend)
+    if backends != {"torch"}:
+        raise ConfigError(
+            "`train.warm_start` copies the torch backend's tables "
+            "(`retrieval.embedding_backend` = 'torch'), in the saved model and "
+            f"in this config; found {sorted(backends)}."
+        )
+    saved_models = (
+        list(saved.model.members)
+        if isinstance(saved.model, EnsembleModel)
+        else [saved.model]
+    )
+    report = WarmStart(source=path)
+    for i, (member, old) in enumerate(zip(members, saved_models, strict=True)):
+        if kinds[i] in CLOSED_FORM_MEMBERS:  # fitted again on the new rows
+            continue
+        copy_weights(
+            member.model,
+            member.spec,
+            old,
+            saved.spec,
+            report=report,
+            prefix=f"member {i} ({kinds[i]}) " if len(members) > 1 else "",
+        )
+    if distributed.is_main():
+        logger.info("retrieval %s", report.summary())
 
 
 def closed_form_members(

@@ -124,3 +124,20 @@ def test_a_run_fitted_on_a_dataset_given_in_python_says_so(tmp_path: Path) -> No
     assert recorded_dataset(ml, "ml-100k") == "ml-100k"
     assert recorded_dataset(ml, "movielens-1m") == FIT_TABLES
     assert recorded_dataset(mine, "movielens-100k") == FIT_TABLES
+
+
+def test_a_long_path_wraps_in_the_table_and_is_never_cut(
+    models_dir: Path, small_recommender: Recommender, monkeypatch
+) -> None:
+    """The table cut a value wider than its column with an ellipsis: a long
+    bundle or data path was shown with its end missing."""
+    from twostage.cli_output import console
+
+    deep = models_dir / ("a-long-directory-name-" * 4) / "1"
+    small_recommender.save(deep)
+    monkeypatch.setattr(console, "width", 60)
+    done = runner.invoke(app, ["info", str(deep)])
+    assert done.exit_code == 0, done.output
+    assert "…" not in done.output
+    joined = re.sub(r"[│┌┐└┘├┤┬┴┼─\s]", "", done.output)
+    assert small_recommender.run.config.data.dataset.replace(" ", "") in joined

@@ -294,7 +294,7 @@ def _size(num_bytes: int) -> str:
 def _print_bundle(info: dict[str, Any]) -> None:
     table = Table(title=f"Model at {info['path']}", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # a long path wraps, never cut
     versions = info["versions"]
     saved = f"{info['kind']}, {info['files']} files, {_size(info['bytes'])}"
     if info["created"]:
@@ -489,7 +489,7 @@ def env_command(
         return
     table = Table(title=f"twostage {env['twostage']}", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     table.add_row("python", f"{env['python']} on {env['platform']}")
     table.add_row("cpus", f"{env['cpus']} ({env['torch_threads']} torch threads)")
     cuda = env["cuda"]

@@ -499,3 +499,21 @@ def test_a_table_of_lists_with_the_session_knn_term_is_what_recommend_gives() ->
         keys = [i.get("rank_score", i["score"]) for a in answers for i in a.items]
         assert table["score"].to_list() == pytest.approx(keys, abs=1e-5)
         assert {a.path for a in answers} >= {"personalised", "popularity"}
+
+
+def test_a_file_named_as_a_model_is_a_clear_error(tmp_path: Path) -> None:
+    """A file where a saved model was expected ended in NotADirectoryError's
+    traceback (`twostage info`, `recommend`, `similar`, `evaluate`, `export`,
+    `report`, and `--warm-start` all read a model so)."""
+    from typer.testing import CliRunner
+
+    from twostage.cli import app
+
+    path = tmp_path / "ratings.csv"
+    path.write_text("user_id,item_id\n1,2\n")
+    with pytest.raises(ArtifactError, match="is a file, not a saved model"):
+        load(path)
+    for command in (["info", str(path)], ["recommend", str(path), "--user", "1"]):
+        done = CliRunner().invoke(app, command)  # the entry point prints it, exit 2
+        assert isinstance(done.exception, ArtifactError), done.output
+        assert "is a file, not a saved model" in str(done.exception)

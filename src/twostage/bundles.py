@@ -97,6 +97,12 @@ def load_recommender(directory: str | Path) -> Recommender:
             "models/NAME directory (its newest version), or the --out directory of "
             "`twostage train retrieval`."
         )
+    if not path.is_dir():
+        raise ArtifactError(
+            f"{str(path)!r} is a file, not a saved model. Pass a bundle's directory "
+            "(models/NAME/1), a models/NAME directory (its newest version), or the "
+            "--out directory of `twostage train retrieval`."
+        )
     if (path / RUN_WEIGHTS).exists() and not (path / MANIFEST).exists():
         return _load_run_dir(path)
     if path.is_dir() and not any(p.name.isdigit() for p in path.iterdir()):

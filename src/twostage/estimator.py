@@ -10,6 +10,7 @@ lower-level API.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -252,6 +253,7 @@ class TwoStageModel:
         rating_col: str | None = None,
         weight_col: str | None = None,
         label_col: str | None = None,
+        warm_start: bool = False,
     ) -> TwoStageModel:
         """Fit both stages on ``data`` as given: nothing is re-split.
 
@@ -295,6 +297,13 @@ class TwoStageModel:
                 figures on ``test`` (and :meth:`evaluate`'s) add ``shown_auc``.
                 ``validation``, ``test`` and :meth:`evaluate`'s rows are read
                 with it too.
+            warm_start: start from this model's own weights (a fit, or
+                :meth:`load`), as scikit-learn's ``warm_start`` does: each ID
+                ``data`` shares with them keeps its vectors, new IDs start
+                fresh, the architecture must be the same
+                (:mod:`twostage.training.warm`); the setting
+                ``train.warm_start`` starts from a saved model instead. False:
+                from fresh weights (or that setting's model).
 
         The setting ``data.unrated_values`` (e.g. ``(0.0,)``) makes the ratings
         it lists missing in ``data``, ``validation`` and ``test``, and in the rows
@@ -305,6 +314,19 @@ class TwoStageModel:
         """
         from twostage.two_stage import fit_two_stage
 
+        if not isinstance(warm_start, bool):
+            raise ConfigError(
+                "`warm_start` should be True or False. Received: "
+                f"`warm_start` = {warm_start!r}."
+            )
+        warm_from = self.recommender_ if warm_start else None
+        if warm_start and warm_from is None:
+            raise ConfigError(
+                "fit(warm_start=True) starts from this model's weights, and it is "
+                "not fitted yet: fit it once without it, or load a saved model "
+                "(TwoStageModel.load), or name one with the setting "
+                "`train.warm_start`."
+            )
         data_config = self.config.data
         given = {
             "user_col": user_col,
@@ -369,7 +391,12 @@ class TwoStageModel:
             else train.with_interactions(train.interactions.clear()).with_shown(None)
         )
         split = ExperimentSplit(fit=train, validation=held, test=tested)
-        stages = self._fit(split, fit_two_stage)
+        fit = (
+            fit_two_stage
+            if warm_from is None
+            else functools.partial(fit_two_stage, warm_from=warm_from)
+        )
+        stages = self._fit(split, fit)
         self.split_ = split
         self.recommender_ = stages.recommender(items=train.items)
         self.test_metrics_ = (

@@ -84,6 +84,7 @@ def fit_two_stage(
     on_ranking_epoch: ProgressFn | None = None,
     allow_config_change: bool = False,
     retrieval: tuple[RetrievalRun, ExperimentSplit] | None = None,
+    warm_from: Recommender | None = None,
 ) -> TwoStage:
     """Split, train retrieval, then the ranker on the same split, and evaluate both.
 
@@ -112,6 +113,9 @@ def fit_two_stage(
             section at most, and its split: only the ranker trains (what
             tuning the ranker's settings repeats). Its test figures are the
             earlier call's.
+        warm_from: a fitted model (both stages) whose weights the new stages
+            start from, as ``train.warm_start`` does with a saved one, which it
+            replaces (:mod:`twostage.training.warm`).
 
     Raises:
         ConfigError: ``retrieval`` trained with other settings than ``config``'s.
@@ -133,6 +137,7 @@ def fit_two_stage(
             evaluate_test=evaluate_test,
             keep_queries=keep_queries,
             allow_config_change=allow_config_change,
+            warm_from=warm_from,
         )
     result = TwoStage(retrieval=run, ranker=None, split=split)
     if not ranking:
@@ -150,6 +155,7 @@ def fit_two_stage(
         on_step=on_ranking_step,
         on_epoch=on_ranking_epoch,
         allow_config_change=allow_config_change,
+        warm_from=warm_from,
     )
     if evaluate_test and split.test.num_interactions and distributed.is_main():
         result.ranking_metrics = evaluate_ranking(

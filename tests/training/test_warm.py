@@ -273,3 +273,35 @@ def test_unset_it_is_none_so_older_checkpoints_resume() -> None:
     from twostage.training.loop import resume_fingerprint
 
     assert resume_fingerprint(to_dict(ExperimentConfig()))["train.warm_start"] is None
+
+
+def test_the_estimator_warm_starts_from_its_own_fit(tmp_path: Path) -> None:
+    """fit(warm_start=True) starts from the model's own weights: the same
+    weights as a warm start from the same model saved and named by the setting."""
+    old, new = logs()
+    settings: dict[str, object] = {o.split("=")[0]: o.split("=")[1] for o in SMALL[1:]}
+    settings["train.epochs"] = 1
+    model = TwoStageModel(settings=settings)
+    with pytest.raises(ConfigError, match="not fitted yet"):
+        model.fit(new, warm_start=True)
+    model.fit(old)
+    path = model.save(tmp_path / "m" / "1")
+    model.fit(new, warm_start=True)
+    named = TwoStageModel(settings={**settings, "train.warm_start": str(path)})
+    named.fit(new)
+    cold = TwoStageModel(settings=settings).fit(new)
+    for fitted in (named, cold):
+        assert fitted.recommender_ is not None and model.recommender_ is not None
+    ours, theirs = model.recommender_, named.recommender_
+    for a, b in (
+        (ours.run.model, theirs.run.model),
+        (ours.ranker.model, theirs.ranker.model),  # type: ignore[union-attr]
+    ):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    user = "query_tower.embeddings.user_id.weight"
+    assert not torch.equal(
+        ours.run.model.state_dict()[user],
+        cold.recommender_.run.model.state_dict()[user],
+    )
+    with pytest.raises(ConfigError, match="`warm_start` should be True or False"):
+        model.fit(new, warm_start="yes")  # type: ignore[arg-type]

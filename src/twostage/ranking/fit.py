@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import torch
@@ -46,6 +46,10 @@ from twostage.training.loop import (
     run_training,
 )
 from twostage.training.optim import resolve_device
+from twostage.training.warm import warm_source
+
+if TYPE_CHECKING:
+    from twostage.recommender import Recommender
 
 __all__ = ["fit_ease_term", "fit_ranking", "fit_ranking_pairs"]
 
@@ -211,6 +215,7 @@ def fit_ranking(
     on_epoch: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
     allow_config_change: bool = False,
+    warm_from: Recommender | None = None,
 ) -> RankingRun:
     """Train a ranker on a retrieval run's features and candidates.
 
@@ -232,6 +237,8 @@ def fit_ranking(
         stop_after_epoch: stop (as if killed) after this many epochs; for tests.
         allow_config_change: resume even though the settings differ from the
             checkpoint's.
+        warm_from: a fitted model whose ranker the new one starts from (as
+            ``train.warm_start`` does with a saved one, which it replaces).
 
     Returns:
         The run; its tables hold ``train`` and ``validation`` as history and seen items
@@ -275,6 +282,7 @@ def fit_ranking(
         on_epoch=on_epoch,
         stop_after_epoch=stop_after_epoch,
         allow_config_change=allow_config_change,
+        warm_from=warm_from,
     )
     ranking.train_seconds = time.perf_counter() - started
     return ranking
@@ -297,6 +305,7 @@ def fit_ranking_pairs(
     on_epoch: ProgressFn | None = None,
     stop_after_epoch: int | None = None,
     allow_config_change: bool = False,
+    warm_from: Recommender | None = None,
 ) -> RankingRun:
     """:func:`fit_ranking` from the training rows as vocabulary indices: what a
     streamed log gives (:func:`twostage.retrieval.streamed.fit_streamed_two_stage`).
@@ -385,8 +394,9 @@ def fit_ranking_pairs(
     )
     if len(rated):
         ranking.rating_bounds = (float(rated.min()), float(rated.max()))
-    if run.config.train.warm_start:
-        _warm_start(ranking, run.config.train.warm_start)
+    source = warm_source(run.config.train.warm_start, warm_from)
+    if source is not None:
+        _warm_start(ranking, *source)
     ranking.reads_context = context is not None
     val_pairs = val_context = None
     if validation is not None:
@@ -442,16 +452,16 @@ def fit_ranking_pairs(
     return ranking
 
 
-def _warm_start(ranking: RankingRun, path: str) -> None:
-    """Copy the saved ranker's weights (``train.warm_start``) into a new one
-    (:func:`twostage.training.warm.copy_weights`); a saved model without a
-    ranker leaves it as built, and says so."""
-    from twostage.training.warm import WarmStart, copy_weights, load_warm_start
+def _warm_start(ranking: RankingRun, saved: Recommender, path: str) -> None:
+    """Copy the ranker's weights of ``saved`` (named ``path``: the saved model
+    ``train.warm_start`` names, or one handed over) into a new one
+    (:func:`twostage.training.warm.copy_weights`); a model without a ranker
+    leaves it as built, and says so."""
+    from twostage.training.warm import WarmStart, copy_weights
 
-    saved = load_warm_start(path)
     if saved.ranker is None:
         logger.warning(
-            "`train.warm_start` = %r has no ranking stage: the ranker starts "
+            "The warm start's model (%s) has no ranking stage: the ranker starts "
             "from fresh weights.",
             path,
         )

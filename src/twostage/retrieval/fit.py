@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -84,6 +84,9 @@ from twostage.training.loop import (
 )
 from twostage.training.optim import resolve_device
 
+if TYPE_CHECKING:
+    from twostage.recommender import Recommender
+
 __all__ = [
     "Validator",
     "check_validation_choices",
@@ -110,6 +113,7 @@ def fit_retrieval(
     evaluate_test: bool = True,
     keep_queries: bool = False,
     allow_config_change: bool = False,
+    warm_from: Recommender | None = None,
 ) -> tuple[RetrievalRun, ExperimentSplit]:
     """Train a two-tower retrieval model from a config and evaluate it on the test split.
 
@@ -134,6 +138,8 @@ def fit_retrieval(
             comparisons) instead of measuring the test split a second time.
         allow_config_change: resume even though the config differs from the
             checkpoint's (beyond epochs, threads and device).
+        warm_from: a fitted model whose weights the new one starts from (as
+            ``train.warm_start`` does with a saved one, which it replaces).
     """
     given = split.fit if split is not None else dataset
     if given is not None:  # data handed over in Python: recorded only if re-readable
@@ -176,6 +182,7 @@ def fit_retrieval(
         on_step=on_step,
         on_epoch=on_epoch,
         allow_config_change=allow_config_change,
+        warm_from=warm_from,
     )
     logger.info("trained in %.1f s (data prep included)", time.perf_counter() - started)
     choose_on_validation(run, validate)
@@ -217,6 +224,7 @@ def train_members(
     on_step: ProgressFn | None = None,
     on_epoch: ProgressFn | None = None,
     allow_config_change: bool = False,
+    warm_from: Recommender | None = None,
 ) -> tuple[RetrievalRun, list[tuple[str, RetrievalRun]], Validator | None]:
     """Build and train the model ``config`` asks for on ``tensors``: one set of
     towers, or each member of ``retrieval.ensemble`` in turn (the trained ones
@@ -224,6 +232,10 @@ def train_members(
     ``checkpoints/member-i``; the closed-form ones by :func:`fit_closed_form`, a
     ``transition`` member on ``rows()``, the training rows in time order). What
     the in-memory and the streamed paths share.
+
+    ``warm_from`` (a fitted model), or else the saved model ``train.warm_start``
+    names, gives the trained members their first weights
+    (:func:`warm_start_members`).
 
     Returns:
         ``(run, members, validate)``: the run (the ensemble of the members, or the
@@ -259,8 +271,11 @@ def train_members(
                 tensors=tensors,
             )
         )
-    if config.train.warm_start:
-        warm_start_members(config, kinds, members)
+    from twostage.training.warm import warm_source
+
+    source = warm_source(config.train.warm_start, warm_from)
+    if source is not None:
+        warm_start_members(config, kinds, members, source)
     validate = None  # its queries are computed once, for every member
     if validation is not None and validation.num_interactions:
         validate = Validator(members[0], validation)
@@ -332,20 +347,22 @@ def train_members(
 
 
 def warm_start_members(
-    config: ExperimentConfig, kinds: Sequence[str], members: list[RetrievalRun]
+    config: ExperimentConfig,
+    kinds: Sequence[str],
+    members: list[RetrievalRun],
+    source: tuple[Recommender, str],
 ) -> None:
-    """Copy the weights of the saved model ``train.warm_start`` names into the
-    trained members (:func:`twostage.training.warm.copy_weights`): member ``i``
-    from the saved run's member ``i``, which must be of the same kind."""
-    from twostage.training.warm import WarmStart, copy_weights, load_warm_start
+    """Copy the weights of ``source`` (a model and its name: the saved model
+    ``train.warm_start`` names, or one handed over) into the trained members
+    (:func:`twostage.training.warm.copy_weights`): member ``i`` from the
+    source's member ``i``, which must be of the same kind."""
+    from twostage.training.warm import WarmStart, copy_weights
 
-    path = config.train.warm_start
-    assert path  # the caller asks only with one set
-    saved = load_warm_start(path).run
+    saved, path = source[0].run, source[1]
     saved_kinds = member_kinds(saved.config.retrieval)
     if saved_kinds != list(kinds):
         raise ConfigError(
-            f"`train.warm_start` = {path!r} holds the members {saved_kinds}, and "
+            f"The warm start's model ({path}) holds the members {saved_kinds}, and "
             f"this config trains {kinds} (`retrieval.query_encoder`, "
             "`retrieval.ensemble`): a warm start copies each member from the "
             "saved one of the same kind. Train with its settings, or without a "

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from twostage.features import FeatureSpec
     from twostage.recommender import Recommender
 
-__all__ = ["WarmStart", "copy_weights", "load_warm_start"]
+__all__ = ["WarmStart", "copy_weights", "load_warm_start", "warm_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,19 @@ def load_warm_start(path: str) -> Recommender:
         return load_recommender(path)
     except ArtifactError as e:
         raise ConfigError(f"`train.warm_start` = {path!r}: {e}") from e
+
+
+def warm_source(
+    path: str | None, given: Recommender | None
+) -> tuple[Recommender, str] | None:
+    """The model a run starts from and how to name it: ``given`` (a fitted
+    model handed over in Python, which wins), else the one ``path``
+    (``train.warm_start``) names; None: neither, a cold start."""
+    if given is not None:
+        return given, "the fitted model"
+    if path:
+        return load_warm_start(path), path
+    return None
 
 
 def _vocabulary_key(name: str, spec: FeatureSpec) -> str | None:

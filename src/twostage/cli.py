@@ -340,7 +340,11 @@ def train_all(
     ctx: typer.Context,
     out: Annotated[
         Path | None,
-        typer.Option(help="Bundle directory, e.g. models/movielens/1 (new version)."),
+        typer.Option(
+            help="Bundle directory, e.g. models/movielens/1 (new version); a "
+            "model's directory of versions (models/movielens) saves as its next "
+            "version."
+        ),
     ] = None,
     dataset: Annotated[
         str | None,
@@ -423,10 +427,12 @@ def train_all(
         return
     if out is None:
         raise typer.BadParameter("--out is required, e.g. --out models/movielens/1")
-    if out.exists():  # refused now, not after training as the save would
+    versions = _holds_versions(out)
+    if out.exists() and not versions:  # refused now, not after training
         raise typer.BadParameter(
             f"{str(out)!r} already exists, and bundle versions are immutable: save "
-            "to a new version directory (e.g. the next number).",
+            "to a new version directory (e.g. the next number), or pass the "
+            "model's directory of versions to save as its next one.",
             param_hint="--out",
         )
     if resume and work_dir is None:
@@ -472,6 +478,10 @@ def train_all(
     )
     if _rank() != 0:  # under torchrun: rank 0 saves and reports
         return
+    if versions:  # numbered when saved: a version written meanwhile is not taken
+        from twostage.artifacts import next_version
+
+        out = next_version(out)
     bundle = stages.recommender().save(out)
     if json_output:
         print_json(
@@ -484,6 +494,21 @@ def train_all(
         )
         return
     console.print(f"Bundle saved to [cyan]{escape(str(bundle))}[/cyan].")
+
+
+def _holds_versions(path: Path) -> bool:
+    """Whether ``path`` is a model's directory of saved versions
+    (``models/<name>/`` holding ``1/``, ``2/``... bundles), not a bundle."""
+    from twostage.artifacts import MANIFEST, latest_version
+    from twostage.errors import ArtifactError
+
+    if not path.is_dir() or (path / MANIFEST).exists():
+        return False
+    try:
+        latest_version(path)
+    except ArtifactError:
+        return False
+    return True
 
 
 def _ranking_settings(config: Any, overrides: list[str]) -> list[str]:

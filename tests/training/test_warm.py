@@ -228,6 +228,21 @@ def test_the_cli_warm_starts_in_memory_and_from_a_stream(
     assert f"warmstartfrom{saved.resolve()}" in joined
     described = CliRunner().invoke(app, ["info", str(out), "--json"])
     assert json.loads(described.stdout)["warm_start"] == str(saved.resolve())
+    # The model's directory as --out: saved as its next version (a daily retrain
+    # need not number it), and a directory that holds no versions is refused.
+    daily = [
+        *("train", "--dataset", str(log / "part-0.parquet"), *settings, *tables),
+        *("--warm-start", str(out.parent), "--json", "--out"),
+    ]
+    nxt = CliRunner().invoke(app, [*daily, str(out.parent)], env={"COLUMNS": "300"})
+    assert nxt.exit_code == 0, nxt.output
+    assert json.loads(nxt.stdout)["bundle"] == str(out.parent / "3")
+    config = json.loads((out.parent / "3" / "config.json").read_text())
+    assert config["train"]["warm_start"] == str(out.resolve())  # the newest, 2
+    other = tmp_path / "other"
+    other.mkdir()
+    refused = CliRunner().invoke(app, [*daily, str(other)], env={"COLUMNS": "300"})
+    assert refused.exit_code == 2 and "already exists" in refused.output
     run = tmp_path / "run"
     streamed = CliRunner().invoke(
         app,

@@ -103,6 +103,13 @@ def load_recommender(directory: str | Path) -> Recommender:
             "(models/NAME/1), a models/NAME directory (its newest version), or the "
             "--out directory of `twostage train retrieval`."
         )
+    recommender = _load_path(path)
+    recommender.loaded_from = str(directory)
+    return recommender
+
+
+def _load_path(path: Path) -> Recommender:
+    """:func:`load_recommender` of a directory."""
     if (path / RUN_WEIGHTS).exists() and not (path / MANIFEST).exists():
         return _load_run_dir(path)
     if path.is_dir() and not any(p.name.isdigit() for p in path.iterdir()):

@@ -394,6 +394,8 @@ class Recommender:
         self._context_keys = context_keys(run.spec)
         #: The bundle's manifest (version, creation time, checksums) when loaded.
         self.manifest: dict[str, Any] = {}
+        #: The path it was loaded from (``load``); None: built in this process.
+        self.loaded_from: str | None = None
         popularity = run.tensors.fallback_popularity.clone()
         popularity[0] = -1.0
         self._popular = torch.argsort(popularity, descending=True, stable=True)

@@ -121,6 +121,11 @@ def fit_two_stage(
         ConfigError: ``retrieval`` trained with other settings than ``config``'s.
     """
     work = Path(work_dir) if work_dir is not None else None
+    if warm_from is None and config.train.warm_start and retrieval is None:
+        from twostage.training.warm import load_warm_start
+
+        # Loaded once for both stages.
+        warm_from = load_warm_start(config.train.warm_start)
     if retrieval is not None:
         run, split = retrieval
         _same_retrieval(run.config, config)

@@ -320,3 +320,22 @@ def test_the_estimator_warm_starts_from_its_own_fit(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="`warm_start` should be True or False"):
         model.fit(new, warm_start="yes")  # type: ignore[arg-type]
+
+
+def test_both_stages_start_from_one_load(saved: Path, monkeypatch) -> None:
+    """The saved model is read once for both stages (it was read once each)."""
+    from twostage.training import warm
+
+    loads: list[str] = []
+    real = warm.load_warm_start
+
+    def counted(path: str):
+        loads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(warm, "load_warm_start", counted)
+    _, new = logs()
+    stages = fit_two_stage(
+        small(f"train.warm_start={saved}", "train.epochs=1"), dataset=new
+    )
+    assert stages.ranker is not None and loads == [str(saved)]

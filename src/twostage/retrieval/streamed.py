@@ -132,6 +132,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from twostage.recommender import Recommender
     from twostage.two_stage import TwoStage
 
 logger = logging.getLogger(__name__)
@@ -853,6 +854,11 @@ def fit_streamed_two_stage(
     from twostage.two_stage import TwoStage
 
     work = Path(work_dir) if work_dir is not None else None
+    warm_from = None
+    if config.train.warm_start:  # loaded once for both stages
+        from twostage.training.warm import load_warm_start
+
+        warm_from = load_warm_start(config.train.warm_start)
     streamed = _fit_streamed(
         config,
         path,
@@ -860,6 +866,7 @@ def fit_streamed_two_stage(
         checkpoint_dir=None if work is None else work / "retrieval",
         resume=resume,
         allow_config_change=allow_config_change,
+        warm_from=warm_from,
     )
     run, rows = streamed.run, streamed.rows
     test = Dataset(
@@ -922,6 +929,7 @@ def fit_streamed_two_stage(
         and (ranker_dir / "checkpoint").exists(),
         on_step=on_ranking_step,
         allow_config_change=allow_config_change,
+        warm_from=warm_from,
     )
     if evaluate_test and test.num_interactions and distributed.is_main():
         result.ranking_metrics = evaluate_ranking(result.ranker, test)
@@ -937,6 +945,7 @@ def _fit_streamed(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     allow_config_change: bool = False,
+    warm_from: Recommender | None = None,
 ) -> _Streamed:
     """The passes, the validation carve-out and the towers' training of
     :func:`fit_streamed_retrieval`, without the test side; checkpoints in
@@ -1049,6 +1058,7 @@ def _fit_streamed(
         resume=resume,
         on_step=on_step,
         allow_config_change=allow_config_change,
+        warm_from=warm_from,
     )
     run.load_report = fitted.report.to_dict() if fitted.report is not None else None
     run.stream_rows = {

@@ -94,11 +94,12 @@ def load_warm_start(path: str) -> Recommender:
 def warm_source(
     path: str | None, given: Recommender | None
 ) -> tuple[Recommender, str] | None:
-    """The model a run starts from and how to name it: ``given`` (a fitted
-    model handed over in Python, which wins), else the one ``path``
-    (``train.warm_start``) names; None: neither, a cold start."""
+    """The model a run starts from and how to name it: ``given`` (a model
+    handed over in Python, which wins: named by the path it was loaded from,
+    else "the fitted model"), else the one ``path`` (``train.warm_start``)
+    names; None: neither, a cold start."""
     if given is not None:
-        return given, "the fitted model"
+        return given, given.loaded_from or "the fitted model"
     if path:
         return load_warm_start(path), path
     return None

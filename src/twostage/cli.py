@@ -191,13 +191,11 @@ def _warm_started(overrides: list[str] | None, warm_start: Path | None) -> list[
     bundle the weights came from (not whichever is newest later)."""
     if warm_start is None:
         return list(overrides or [])
-    from twostage.artifacts import MANIFEST, resolve_bundle
+    from twostage.artifacts import latest_version
 
     path = warm_start.resolve()
-    versions = path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
-    if versions and not (path / MANIFEST).exists():
-        with contextlib.suppress(TwostageError):  # the training run says what it is
-            path = resolve_bundle(path)
+    if _holds_versions(path):
+        path = latest_version(path)
     return [*(overrides or []), f"train.warm_start={path}"]
 
 

@@ -339,3 +339,38 @@ def test_both_stages_start_from_one_load(saved: Path, monkeypatch) -> None:
         small(f"train.warm_start={saved}", "train.epochs=1"), dataset=new
     )
     assert stages.ranker is not None and loads == [str(saved)]
+
+
+def test_each_ensemble_member_starts_from_the_saved_member_of_its_place(
+    tmp_path: Path,
+) -> None:
+    """A trained member copies from the saved member of its place (the members
+    are trained apart, each from its own seed); a closed-form one is refitted."""
+    from twostage.retrieval.fit import fit_retrieval
+
+    old, new = logs()
+    ensemble = ['retrieval.ensemble=["pooling","ease"]', "train.epochs=1"]
+    config = small(*ensemble)
+    saved, _ = fit_retrieval(config, dataset=old, out_dir=tmp_path / "run")
+    warm, _ = fit_retrieval(
+        small(*ensemble, f"train.warm_start={tmp_path / 'run'}", "train.max_steps=1"),
+        dataset=new,
+    )
+    cold, _ = fit_retrieval(small(*ensemble, "train.max_steps=1"), dataset=new)
+    table = "candidate_tower.embeddings.item_id.weight"
+    items = warm.spec.vocabulary("item_id")
+    kept = sorted(set(old.interactions["item_id"]))
+    rows = torch.from_numpy(items.transform(kept))
+    old_rows = torch.from_numpy(saved.spec.vocabulary("item_id").transform(kept))
+    first = warm.model.members[0].state_dict()[table][rows]  # type: ignore[union-attr,index]
+    before = saved.model.members[0].state_dict()[table][old_rows]  # type: ignore[union-attr,index]
+    fresh = cold.model.members[0].state_dict()[table][rows]  # type: ignore[union-attr,index]
+    # One step from the saved rows: nearer them than a cold step is.
+    assert (first - before).norm() < (fresh - before).norm() / 2
+    with pytest.raises(ConfigError, match="holds the members"):
+        fit_retrieval(
+            small(
+                'retrieval.ensemble=["pooling"]', f"train.warm_start={tmp_path / 'run'}"
+            ),
+            dataset=new,
+        )

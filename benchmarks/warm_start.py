@@ -9,7 +9,8 @@ a test row. A model is trained on yesterday's rows and saved; today's runs then
 train on today's split from scratch and from that model, each for 1, 3 and 10
 epochs (``--epochs``; early stopping as configured), training seeds ``0 ..
 --seeds - 1``; "vs scratch" compares each with scratch at the last count. Figures: today's test rows, seen items excluded (means over
-seeds), the loop's seconds, the epochs run.
+seeds), the loop's seconds, the epochs run. ``--copy-users N`` instead times
+the copy alone (``copy_weights``) between ID towers of N users, half of them new.
 
     python benchmarks/warm_start.py --json benchmarks/results/warm_start.json
 """
@@ -27,7 +28,7 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, machine, print_table, write_json
+from _common import console, machine, peak_rss_gib, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides, apply_settings
 from twostage.data.registry import load_dataset_for
 from twostage.data.split import prepare_split
@@ -38,6 +39,47 @@ FIGURES = (("ndcg", "10"), ("recall", "10"), ("hit_rate", "10"))
 
 def _epochs(count: int) -> str:
     return f"{count} epoch{'s' if count != 1 else ''}"
+
+
+def copy_scale(users: int, items: int, dim: int) -> dict[str, Any]:
+    """The copy itself at scale: ID-only towers over ``users`` users (half of
+    them new) and ``items`` items, the saved towers' rows copied into new ones
+    by ID (``copy_weights``); seconds and this process's peak memory."""
+    import time
+
+    import numpy as np
+
+    from twostage.config import RetrievalConfig
+    from twostage.features import FeatureSpec
+    from twostage.features.vocab import Vocabulary
+    from twostage.retrieval.run import build_member
+    from twostage.training.warm import WarmStart, copy_weights
+
+    def spec(first: int) -> FeatureSpec:
+        ids = pl.Series(np.arange(first, first + users, dtype=np.int64))
+        return FeatureSpec.for_ids(
+            users=Vocabulary().fit(ids),
+            items=Vocabulary().fit(pl.Series(np.arange(items, dtype=np.int64))),
+        )
+
+    retrieval = RetrievalConfig(
+        embedding_dim=dim, output_dim=dim, history_length=0, use_side_features=False
+    )
+    old_spec, new_spec = spec(0), spec(users // 2)
+    old, new = build_member(old_spec, retrieval), build_member(new_spec, retrieval)
+    before = peak_rss_gib()
+    started = time.perf_counter()
+    report = WarmStart(source="synthetic")
+    copy_weights(new, new_spec, old, old_spec, report=report)
+    return {
+        "users": users,
+        "items": items,
+        "dim": dim,
+        "seconds": time.perf_counter() - started,
+        "peak_rss_gib_before": before,
+        "peak_rss_gib": peak_rss_gib(),
+        "rows": report.rows,
+    }
 
 
 def main() -> None:
@@ -53,7 +95,34 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="config override")
+    parser.add_argument(
+        "--copy-users",
+        type=int,
+        default=0,
+        help="instead: time the copy alone for ID towers of this many users "
+        "(half new), --copy-items items, width --copy-dim",
+    )
+    parser.add_argument("--copy-items", type=int, default=100_000)
+    parser.add_argument("--copy-dim", type=int, default=64)
     args = parser.parse_args()
+    if args.copy_users:
+        found = copy_scale(args.copy_users, args.copy_items, args.copy_dim)
+        print_table(
+            "copy_weights at scale (ID towers, half the users new)",
+            ["users", "items", "dim", "seconds", "peak GiB before", "peak GiB"],
+            [
+                [
+                    f"{found['users']:,}",
+                    f"{found['items']:,}",
+                    found["dim"],
+                    f"{found['seconds']:.1f}",
+                    f"{found['peak_rss_gib_before']:.2f}",
+                    f"{found['peak_rss_gib']:.2f}",
+                ]
+            ],
+        )
+        write_json(args.json, {"machine": machine(), "copy": found})
+        return
     if not 0 < args.old_fraction < 1 - args.test_fraction:
         parser.error("--old-fraction must lie below today's training side")
     torch.set_num_threads(args.threads)

@@ -50,6 +50,8 @@ _ITEM_TABLES = re.compile(
     r"(?:^|\.)(?:history\.embedding|item_bias|item_click_bias)\.weight$"
 )
 _USER_TABLES = re.compile(r"(?:^|\.)user_bias\.weight$")
+#: Rows copied at a time from a saved table into a new one.
+_ROWS_A_BLOCK = 1 << 18
 
 
 @dataclass
@@ -243,6 +245,9 @@ def _copy_rows(
     param[:reserved] = before[:reserved].to(param.device, param.dtype)
     src = torch.from_numpy(source + old_offset).to(before.device)
     dst = torch.from_numpy(target + new_offset).to(param.device)
-    param[dst] = before[src].to(param.device, param.dtype)
+    # In blocks: a gathered copy of a 10^7-row table would be one more table.
+    for start in range(0, len(src), _ROWS_A_BLOCK):
+        block = slice(start, start + _ROWS_A_BLOCK)
+        param[dst[block]] = before[src[block]].to(param.device, param.dtype)
     report.copied += 1
     report.rows[shown] = (len(target), len(new_vocab.values))

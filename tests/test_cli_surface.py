@@ -3,6 +3,7 @@ label, -q/-v, and errors that name the flag the user typed."""
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -597,3 +598,49 @@ def test_nproc_checks_the_command_line_before_it_starts_any_rank(
     assert text.count(said) == 1, text
     assert "torch.distributed" not in text and "ChildFailedError" not in text
     assert time.perf_counter() - started < 20  # no rank was started
+
+
+def test_an_output_path_the_file_system_refuses_is_one_line_and_exit_2(
+    models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file where an output's folder should be ended in a traceback
+    (NotADirectoryError) from `similar --out`, `report`, `export`, `data split`,
+    `data sample`, and from `tune --out` only after every trial; a missing folder
+    of a batch file ended so too, after the answers were computed."""
+    import polars as pl
+
+    bundle = str(models_dir / "synthetic")
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    log = tmp_path / "log.parquet"
+    pl.DataFrame(
+        {"user_id": [1, 1, 2, 2, 3], "item_id": [1, 2, 1, 3, 2], "timestamp": range(5)}
+    ).write_parquet(log)
+    for args in (
+        ["similar", bundle, "--all-items", "--out", f"{blocker}/x.parquet"],
+        ["report", bundle, "--out", f"{blocker}/report"],
+        ["export", bundle, "--out", f"{blocker}/onnx"],
+        ["data", "split", str(log), "--out", f"{blocker}/splits"],
+        ["data", "sample", str(log), "--users", "2", "--out", f"{blocker}/s.parquet"],
+        [
+            "tune",
+            "--dataset",
+            str(log),
+            "--param",
+            "train.epochs=1..2",
+            "--out",
+            f"{blocker}/tuned.json",
+        ],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        captured = capsys.readouterr()
+        # Rich boxes and folds a long path: read it without borders and spaces.
+        said = re.sub(r"[│╭╮╰╯─\s]", "", captured.out + captured.err)
+        assert exited.value.code == 2, (args, said)
+        assert "Traceback" not in said and "afile" in said, (args, said)
+    # A batch file's missing folder is made, before any answer is computed.
+    out = tmp_path / "new" / "folder" / "similar.parquet"
+    with pytest.raises(SystemExit) as exited:
+        main(["similar", bundle, "--all-items", "--out", str(out)])
+    assert exited.value.code in (0, None) and out.is_file()

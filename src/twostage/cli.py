@@ -2345,6 +2345,19 @@ def main(args: list[str] | None = None) -> None:
         who = f" (rank {_rank()})" if _rank() else ""
         status_console.print(f"[red]error{who}:[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from e
+    except OSError as e:
+        if e.filename is None:  # not about a path the command was given
+            raise
+        # A path to write or read that the file system refuses (a file where a
+        # folder should be, no permission, a full disk): the user's to change.
+        where = repr(str(e.filename))
+        if e.filename2 is not None:
+            where += f" -> {str(e.filename2)!r}"
+        status_console.print(
+            f"[red]error:[/red] {escape(e.strerror or str(e))}: {escape(where)}",
+            soft_wrap=True,
+        )
+        raise SystemExit(2) from e
 
 
 def _leave_group() -> None:

@@ -117,6 +117,27 @@ def check_table_file(out: Path, overwrite: bool, flag: str) -> None:
             "to replace it.",
             param_hint=flag,
         )
+    check_writable(out, flag)
+
+
+def check_writable(out: Path, flag: str) -> None:
+    """Now, not after the work that fills it: a file can be written at ``out``
+    (``flag``'s value). Its folder is made if missing, and a file is written
+    beside it once, as the result will be."""
+    if out.parent.exists() and not out.parent.is_dir():
+        raise typer.BadParameter(
+            f"cannot write {str(out)!r}: {str(out.parent)!r} is a file, not a folder.",
+            param_hint=flag,
+        )
+    probe = out.with_name(f".{out.name}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise typer.BadParameter(
+            f"cannot write {str(out)!r}: {e.strerror or e}.", param_hint=flag
+        ) from e
 
 
 def _refuse_deep_json(text: str, path: Path, flag: str) -> None:

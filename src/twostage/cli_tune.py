@@ -210,6 +210,10 @@ def tune_command(
             f"{str(out)!r} already exists: write the best config to a new file.",
             param_hint="--out",
         )
+    if out is not None:
+        from twostage.cli_batch import check_writable
+
+        check_writable(out, "--out")
     given = None if dataset is None else anchored(dataset)
     config = experiment_config(given, config_file, overrides or [], columns)
     log = Path(config.data.dataset)

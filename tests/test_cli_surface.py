@@ -639,6 +639,7 @@ def test_an_output_path_the_file_system_refuses_is_one_line_and_exit_2(
         said = re.sub(r"[│╭╮╰╯─\s]", "", captured.out + captured.err)
         assert exited.value.code == 2, (args, said)
         assert "Traceback" not in said and "afile" in said, (args, said)
+        assert ".partial" not in said, (args, said)  # the path given, not a temporary
     # A batch file's missing folder is made, before any answer is computed.
     out = tmp_path / "new" / "folder" / "similar.parquet"
     with pytest.raises(SystemExit) as exited:

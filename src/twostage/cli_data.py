@@ -1028,6 +1028,9 @@ def data_sample(
             "give one of --users (a count) or --fraction (a share of the users).",
             param_hint="--users / --fraction",
         )
+    from twostage.cli_batch import check_writable
+
+    check_writable(out, "--out")  # before the passes over the log
     drawn = sample_log_users(
         log,
         out,

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -158,6 +159,65 @@ def test_recommend_ranks_a_candidate_list(
         f"2 of the --candidates left out of the list: {seen} (seen), "
         f"{mine[0]} (listed twice)." in short.output
     )
+
+
+def test_recommend_excludes_items_and_diversifies_from_the_cli(
+    models_dir: Path, small_recommender: Recommender, tmp_path: Path
+) -> None:
+    model = str(models_dir / "synthetic")
+    plain = [i["item_id"] for i in small_recommender.recommend(3, 5).items]
+    args = ["recommend", model, "--user", "3", "-k", "5"]
+    result = runner.invoke(
+        app,
+        [
+            *args,
+            *("--exclude", f"{plain[0]},99999", "--exclude", str(plain[1])),
+            *("--diversity", "0.6", "--json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    expected = small_recommender.recommend(
+        3, 5, exclude=[plain[0], 99999, plain[1]], diversity=0.6
+    )
+    answer = json.loads(result.stdout)
+    assert answer["items"] == expected.items
+    assert answer["unknown_excluded_items"] == [99999]
+    printed = runner.invoke(app, [*args, "--exclude", "99999"], env={"COLUMNS": "200"})
+    assert printed.exit_code == 0, printed.output
+    assert "--exclude names item(s) this model does not know: 99999." in (
+        printed.output
+    )
+    ranked = runner.invoke(
+        app,
+        [*args, "--candidates", f"{plain[0]},{plain[1]}", "--exclude", str(plain[0])],
+        env={"COLUMNS": "200"},
+    )
+    assert f"left out of the list: {plain[0]} (in --exclude)." in ranked.output
+    # Many users: --diversity applies to each list, --exclude is one list's.
+    out = tmp_path / "lists.parquet"
+    many = runner.invoke(
+        app,
+        [
+            *("recommend", model, "--all-users", "-k", "4", "--diversity", "0.6"),
+            *("--out", str(out)),
+        ],
+    )
+    assert many.exit_code == 0, many.output
+    table = pl.read_parquet(out).filter(pl.col("user_id") == 3)
+    assert table["item_id"].to_list() == [
+        i["item_id"] for i in small_recommender.recommend(3, 4, diversity=0.6).items
+    ]
+    refused = runner.invoke(
+        app,
+        [
+            *("recommend", model, "--all-users", "--exclude", "1"),
+            *("--out", str(out), "--overwrite"),
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert refused.exit_code == 2 and "--exclude" in refused.output
+    bad = runner.invoke(app, [*args, "--diversity", "1.5"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "--diversity" in bad.output
 
 
 def test_a_run_never_writes_over_other_files(

@@ -517,3 +517,75 @@ def test_a_file_named_as_a_model_is_a_clear_error(tmp_path: Path) -> None:
         done = CliRunner().invoke(app, command)  # the entry point prints it, exit 2
         assert isinstance(done.exception, ArtifactError), done.output
         assert "is a file, not a saved model" in str(done.exception)
+
+
+def test_a_diverse_list_is_re_picked_from_the_same_candidates(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """diversity re-picks the k items from retrieval's candidates by maximal
+    marginal relevance: weight 0 is the list as scored, the items keep their
+    scores, the lists grow less alike as the weight grows, and the table of
+    many users gives each user's list as recommend() does."""
+    from twostage.diversity import intra_list_diversity
+
+    rec, _ = fitted
+    vectors = rec.item_embeddings
+
+    def spread(answer: object) -> float:
+        idx = torch.tensor([rec.item_vocab.lookup(i["item_id"]) for i in answer.items])  # type: ignore[attr-defined]
+        return float(intra_list_diversity(vectors[idx][None])[0])
+
+    users = list(range(1, 31))
+    spreads = {w: 0.0 for w in (0.0, 0.5, 1.0)}
+    for user in users:
+        plain = rec.recommend(user, 10)
+        assert rec.recommend(user, 10, diversity=0.0).items == plain.items
+        scored = {i["item_id"]: i["score"] for i in rec.recommend(user, 80).items}
+        pool = set(list(scored)[: rec.num_candidates])
+        for weight in spreads:
+            answer = rec.recommend(user, 10, diversity=weight)
+            got = [i["item_id"] for i in answer.items]
+            assert len(got) == 10 and set(got) <= pool
+            assert got[0] == plain.items[0]["item_id"]  # the best comes first
+            assert all(
+                i["score"] == pytest.approx(scored[i["item_id"]]) for i in answer.items
+            )
+            spreads[weight] += spread(answer) / len(users)
+    assert spreads[0.0] < spreads[0.5] < spreads[1.0]
+    table = rec.recommend_table(users, 10, diversity=0.5)
+    for user in (1, 17, 30):
+        expected = [i["item_id"] for i in rec.recommend(user, 10, diversity=0.5).items]
+        assert table.filter(pl.col("user_id") == user)["item_id"].to_list() == expected
+    # A cold start is re-picked from the popular items the same way.
+    cold = rec.recommend("stranger", 5, diversity=1.0)
+    assert cold.path == "popularity" and len(cold.items) == 5
+    with pytest.raises(ConfigError, match="`diversity` should be a number"):
+        rec.recommend(3, 5, diversity=1.5)
+    with pytest.raises(ConfigError, match="`diversity` should be a number"):
+        rec.recommend_table([3], 5, diversity=-1)
+
+
+def test_excluded_items_leave_the_answer_and_unknown_ones_are_named(
+    fitted: tuple[Recommender, object],
+) -> None:
+    rec, _ = fitted
+    plain = [i["item_id"] for i in rec.recommend(3, 10).items]
+    answer = rec.recommend(3, 10, exclude=[plain[0], str(plain[2]), "no-such", 10**9])
+    got = [i["item_id"] for i in answer.items]
+    assert len(got) == 10 and plain[0] not in got and plain[2] not in got
+    assert got[:7] == [plain[1], *plain[3:9]]  # the rest keep their order
+    assert answer.unknown_excluded_items == ["no-such", 10**9]
+    assert answer.to_dict()["unknown_excluded_items"] == ["no-such", 10**9]
+    assert "unknown_excluded_items" not in rec.recommend(3, 10).to_dict()
+    # An anonymous answer leaves them out too; so does a candidate list, naming why.
+    popular = [i["item_id"] for i in rec.recommend("stranger", 3).items]
+    cold = rec.recommend("stranger", 3, exclude=popular[:1])
+    assert popular[0] not in [i["item_id"] for i in cold.items]
+    ranked = rec.recommend(3, 5, candidates=plain[:3], exclude=[plain[1]])
+    assert [i["item_id"] for i in ranked.items] == [plain[0], plain[2]]
+    assert ranked.left_out_candidates == [
+        {"position": 1, "item_id": plain[1], "reason": "excluded"}
+    ]
+    for bad in ("12", {12: 1}, [1.5], [[1]]):
+        with pytest.raises(ConfigError, match="exclude"):
+            rec.recommend(3, 5, exclude=bad)  # type: ignore[arg-type]

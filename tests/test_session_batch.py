@@ -790,3 +790,34 @@ def test_sessions_read_in_table_order_for_want_of_times_are_reported(
         assert result.exit_code == 0, result.output
         said = " ".join(result.output.split())
         assert "1 session read in the file's order" in said, command[0]
+
+
+def test_diverse_lists_in_batches_are_the_lists_recommend_gives(
+    ranked: Recommender,
+) -> None:
+    """With a ranker, diversity re-picks from the ranker's order: the batched
+    lists of sessions and of users are recommend()'s, each item keeping the
+    two-stage key it has in the list as scored."""
+    table = pl.DataFrame({"session_id": ["a", "a", "b", "c"], "item_id": [3, 5, 7, 11]})
+    found = ranked.recommend_sessions(table, 6, diversity=0.6)
+    sessions = {"a": [3, 5], "b": [7], "c": [11]}
+    for session, items in sessions.items():
+        answer = ranked.recommend(None, 6, session=items, diversity=0.6)
+        mine = found.lists.filter(pl.col("session_id") == session)
+        assert mine["item_id"].to_list() == _items(answer), session
+        keys = {
+            i["item_id"]: i["rank_score"]
+            for i in ranked.recommend(None, ranked.num_candidates, session=items).items
+        }
+        assert [i["rank_score"] for i in answer.items] == pytest.approx(
+            [keys[i] for i in _items(answer)], rel=1e-5
+        )
+    users = ranked.user_vocab.values.to_list()[:20]
+    lists = ranked.recommend_table(users, 6, diversity=0.6)
+    changed = 0
+    for user in users:
+        answer = ranked.recommend(user, 6, diversity=0.6)
+        mine = lists.filter(pl.col("user_id") == user)
+        assert mine["item_id"].to_list() == _items(answer), user
+        changed += _items(answer) != _items(ranked.recommend(user, 6))
+    assert changed  # the weight re-picked some lists

@@ -937,6 +937,27 @@ def recommend_command(
             "the two); the score column is then retrieval's.",
         ),
     ] = False,
+    diversity: Annotated[
+        float,
+        typer.Option(
+            "--diversity",
+            min=0.0,
+            max=1.0,
+            help="0 (the list as scored) to 1: pick each next item from the "
+            "candidates trading its score against its likeness to the items "
+            "picked before it (maximal marginal relevance over the item "
+            "embeddings); the items keep their scores. For one list or many.",
+        ),
+    ] = 0.0,
+    exclude_given: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            help="Item IDs to leave out of the list, comma-separated or repeated "
+            "(a basket, the items shown before): dropped as seen items are, not "
+            "read as history; an ID the model does not know is named.",
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -948,6 +969,7 @@ def recommend_command(
     session_ratings = joined(session_ratings_given)
     session_times = joined(session_times_given)
     candidates = joined(candidates_given)
+    exclude = joined(exclude_given)
     many = users_file is not None or all_users
     _session_col_with_sessions(session_col, sessions_file)
     single = {
@@ -958,6 +980,7 @@ def recommend_command(
         "--session-times": session_times,
         "--candidates": candidates,
         "--new-items": new_items,
+        "--exclude": exclude,
         "--require-known-user": require_known_user or None,
     }
     if sessions_file is not None:
@@ -1001,6 +1024,7 @@ def recommend_command(
             use_ranker=not no_ranker,
             filters=chosen,
             context=_key_values(context, "--context") or None,
+            diversity=diversity,
         )
         if json_output:
             print_json(summary)
@@ -1026,6 +1050,7 @@ def recommend_command(
             filters=chosen,
             explain=explain,
             context=_key_values(context, "--context") or None,
+            diversity=diversity,
         )
         if json_output:
             print_json(summary)
@@ -1077,6 +1102,8 @@ def recommend_command(
             use_ranker=not no_ranker,
             explain=explain,
             filters=chosen,
+            exclude=_session(exclude, "--exclude"),
+            diversity=diversity,
         )
     except UnknownIdError as e:  # only listed items can be unknown here
         flag = "--candidates" if str(e).startswith("`candidates`") else "--session"
@@ -1100,6 +1127,7 @@ def recommend_command(
             ("context", "--context"),
             ("session", "--session"),
             ("candidates", "--candidates"),
+            ("exclude", "--exclude"),
         ):
             if message.startswith(f"`{field}"):
                 raise typer.BadParameter(
@@ -1139,6 +1167,14 @@ def recommend_command(
             "training: left out of the list, but not read by the model, which "
             "knows nothing of them yet.[/yellow]"
         )
+    if answer.unknown_excluded_items:
+        # Nothing to leave out, but a typo must not pass unseen.
+        named = ", ".join(map(str, answer.unknown_excluded_items[:10]))
+        more = len(answer.unknown_excluded_items) - 10
+        status_console.print(
+            f"[yellow]--exclude names item(s) this model does not know: "
+            f"{escape(named)}{f' and {more} more' if more > 0 else ''}.[/yellow]"
+        )
     if answer.alike_new_items:
         status_console.print(
             "[yellow]This model reads no item feature beside the ID: the "
@@ -1149,6 +1185,7 @@ def recommend_command(
         )
     if answer.left_out_candidates:
         why = {
+            "excluded": "in --exclude",
             "seen": "seen",
             "filters": "outside --filter",
             "repeated": "listed twice",
@@ -1202,6 +1239,7 @@ def _recommend_into(
     filters: dict[str, Any] | None,
     explain: bool,
     context: dict[str, Any] | None = None,
+    diversity: float = 0.0,
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``."""
@@ -1217,6 +1255,7 @@ def _recommend_into(
             filters=filters,
             explain=explain,
             context=context,
+            diversity=diversity,
         ),
         key="user_id",
         noun="users",
@@ -1287,6 +1326,7 @@ def _recommend_sessions_into(
     use_ranker: bool,
     filters: dict[str, Any] | None,
     context: dict[str, Any] | None = None,
+    diversity: float = 0.0,
 ) -> dict[str, Any]:
     """Every session's list into ``out``, 2,048 sessions at a time, with the
     counts the command reports, the rows not read among them (their first 100
@@ -1322,6 +1362,7 @@ def _recommend_sessions_into(
                 use_ranker=use_ranker,
                 filters=filters,
                 context=context,
+                diversity=diversity,
             )
         except SessionTableError as e:  # the file's; a bad -k names its flag
             raise typer.BadParameter(str(e), param_hint="--sessions") from e

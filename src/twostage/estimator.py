@@ -585,7 +585,7 @@ class TwoStageModel:
             k: list length.
             exclude_seen: drop each user's training items.
             options: as :meth:`Recommender.recommend` (``filters``, ``context``,
-                ``num_candidates``, ``user_features``).
+                ``num_candidates``, ``user_features``, ``exclude``, ``diversity``).
 
         Returns:
             For one ID: the rich answer (:class:`~twostage.recommender.Recommendation`
@@ -625,13 +625,15 @@ class TwoStageModel:
         use_ranker: bool = True,
         filters: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
+        diversity: float = 0.0,
     ) -> SessionLists:
         """A list for every session of a polars, pandas or pyarrow table (or
         a dict of columns) with a row per session item
         (:meth:`Recommender.recommend_sessions`), its columns named
         as :meth:`fit` read the log's (``item_col``, ``time_col``, ``rating_col``,
         ``user_col``) and ``session_col``; ``context``: one moment for every
-        list, for a model that reads per-request context.
+        list, for a model that reads per-request context; ``diversity``: as
+        :meth:`Recommender.recommend` takes it.
 
         Returns:
             ``.lists`` (a row per session and rank) and ``.unread`` (the rows the
@@ -645,6 +647,7 @@ class TwoStageModel:
             use_ranker=use_ranker,
             filters=filters,
             context=context,
+            diversity=diversity,
         )
 
     def evaluate_sessions(

@@ -34,6 +34,7 @@ __all__ = [
     "check_finite_numbers",
     "check_k",
     "check_raw_id",
+    "excluded_items",
     "far_numbers",
     "client_values",
     "encode_context",
@@ -212,6 +213,32 @@ def _known_items(
             + f". {hint}"
         )
     return indices
+
+
+def excluded_items(
+    exclude: Sequence[Any] | None, item_vocab: Vocabulary
+) -> tuple[np.ndarray | None, list[Any]]:
+    """The vocabulary indices of the items a request asks to leave out (None:
+    it names none), and the IDs among them the model does not know (which no
+    answer can hold; the answer lists them).
+
+    Raises:
+        ConfigError: not a list, or an entry that is no item ID.
+    """
+    if exclude is None:
+        return None, []
+    if isinstance(exclude, str | bytes | dict | set) or not isinstance(
+        exclude, Sequence
+    ):
+        raise ConfigError(
+            "`exclude` should be a list of item IDs. Received: "
+            f"{exclude!r} ({type(exclude).__name__})."
+        )
+    for position, value in enumerate(exclude):
+        check_raw_id(f"exclude[{position}]", value)
+    indices = np.array([item_vocab.lookup(i) for i in exclude], dtype=np.int64)
+    unknown = [i for i, idx in zip(exclude, indices, strict=True) if idx == 0]
+    return np.unique(indices[indices > 0]), list(dict.fromkeys(unknown))
 
 
 def check_k(name: str, value: int) -> int:

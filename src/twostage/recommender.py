@@ -32,6 +32,7 @@ from twostage.config import IndexConfig, RankingConfig
 from twostage.data.dataset import ITEM, USER
 from twostage.data.user_items import UserItems
 from twostage.display import display_columns, label_and_tags
+from twostage.diversity import check_diversity, diversify
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import ExactIndex, Index, make_index
 from twostage.inputs import (
@@ -46,6 +47,7 @@ from twostage.inputs import (
     client_values,
     encode_context,
     encode_user_features,
+    excluded_items,
     far_numbers,
     new_item_features,
     new_items_frame,
@@ -171,12 +173,17 @@ class Recommendation:
     #: The request's ``candidates`` entries the answer cannot hold, each
     #: ``{"position", "item_id", "reason"}`` (``seen``: the query's seen items
     #: are excluded; ``filters``: the request's filters leave it out;
-    #: ``repeated``: listed before, ranked once).
+    #: ``repeated``: listed before, ranked once; ``excluded``: named in the
+    #: request's ``exclude``).
     left_out_candidates: list[dict[str, Any]] = field(default_factory=list)
     #: The request's new items (``candidates`` sent as objects) when the model
     #: reads no item feature beside the ID: each is the unknown item's vector,
     #: so they score alike and their order among themselves means nothing.
     alike_new_items: list[Any] = field(default_factory=list)
+    #: The request's ``exclude`` IDs the model does not know: nothing to leave
+    #: out of the answer, which could not hold them anyway (listed, so that a
+    #: mistyped ID does not pass unseen).
+    unknown_excluded_items: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"user_id": self.user_id, "path": self.path, "items": self.items}
@@ -186,6 +193,8 @@ class Recommendation:
             out["left_out_candidates"] = self.left_out_candidates
         if self.alike_new_items:
             out["alike_new_items"] = self.alike_new_items
+        if self.unknown_excluded_items:
+            out["unknown_excluded_items"] = self.unknown_excluded_items
         return out
 
 
@@ -206,12 +215,15 @@ def _noting(
     unread: list[Any],
     left_out: list[dict[str, Any]],
     alike: list[Any],
+    unknown_excluded: list[Any],
 ) -> Recommendation:
     """``answer`` with the session's items the model did not read listed, the
-    candidates it cannot hold, and the new items it cannot tell apart."""
+    candidates it cannot hold, the new items it cannot tell apart and the
+    ``exclude`` IDs it does not know."""
     answer.unread_session_items = unread
     answer.left_out_candidates = left_out
     answer.alike_new_items = alike
+    answer.unknown_excluded_items = unknown_excluded
     return answer
 
 
@@ -220,12 +232,16 @@ def _left_out_candidates(
     item_vocab: Vocabulary,
     seen: np.ndarray | None,
     passes: torch.Tensor | None,
+    dropped: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Each entry of a request's known ``candidates`` that its answer cannot
-    hold, with its position and why: ``seen`` (excluded as the query's seen
-    items), ``filters`` (outside the request's filters) or ``repeated`` (an item
-    listed before, ranked once). New items (objects of features) are ranked."""
+    hold, with its position and why: ``excluded`` (in the request's
+    ``exclude``, the indices ``dropped``), ``seen`` (excluded as the query's
+    seen items), ``filters`` (outside the request's filters) or ``repeated`` (an
+    item listed before, ranked once). New items (objects of features) are
+    ranked."""
     excluded = set() if seen is None else set(seen.tolist())
+    asked_out = set() if dropped is None else set(dropped.tolist())
     first: set[int] = set()
     out = []
     for position, value in enumerate(candidates):
@@ -233,7 +249,9 @@ def _left_out_candidates(
         idx = item_vocab.lookup(raw)
         if idx == 0:
             continue
-        if idx in excluded:
+        if idx in asked_out:
+            reason = "excluded"
+        elif idx in excluded:
             reason = "seen"
         elif passes is not None and not bool(passes[idx]):
             reason = "filters"
@@ -725,6 +743,8 @@ class Recommender:
         explain: bool = False,
         session: Sequence[Any] | None = None,
         candidates: Sequence[Any] | None = None,
+        exclude: Sequence[Any] | None = None,
+        diversity: float = 0.0,
     ) -> Recommendation:
         """Top ``k`` items for a user.
 
@@ -775,6 +795,17 @@ class Recommender:
                 listed twice) are in its ``left_out_candidates``. A model that
                 reads no item feature beside the ID cannot tell new items apart:
                 they are listed in its ``alike_new_items``.
+            exclude: raw item IDs to leave out of this answer (the items of a
+                basket, those shown on the page before): dropped as seen items
+                are, and not read as history (``session`` is for that). IDs the
+                model does not know cannot be in the answer; they are listed in
+                its ``unknown_excluded_items``.
+            diversity: from 0 (the default: the list as scored) to 1: the
+                answer's ``k`` items are re-picked from the candidates by
+                maximal marginal relevance (:func:`twostage.diversity.diversify`),
+                trading each item's score against its likeness, in the candidate
+                embedding space, to the items picked before it. The items keep
+                their scores, so a diverse answer is not in score order.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
@@ -785,6 +816,7 @@ class Recommender:
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
         explain = _check_flag("explain", explain)
+        diversity = check_diversity(diversity)
         if isinstance(user_id, list | tuple | set | dict):
             raise ConfigError(
                 "`user_id` should be one user ID. Received a "
@@ -837,6 +869,10 @@ class Recommender:
         if exclude_seen and session_all is not None:
             seen = np.union1d(seen if seen is not None else [], session_all.numpy())
             seen = seen.astype(np.int64)
+        dropped, unknown_excluded = excluded_items(exclude, self.item_vocab)
+        if dropped is not None:  # left out as seen items are
+            seen = np.union1d(seen if seen is not None else [], dropped)
+            seen = seen.astype(np.int64)
         mask = self._filters.mask(filters)
         asked = candidate_items(candidates, self.item_vocab, self._item_columns)
         new = None
@@ -844,7 +880,7 @@ class Recommender:
         alike: list[Any] = []
         if asked is not None:  # the client's own candidates: the catalogue shrinks
             left_out = _left_out_candidates(
-                candidates or [], self.item_vocab, seen, mask
+                candidates or [], self.item_vocab, seen, mask, dropped
             )
             chosen, frame = asked
             gone = torch.as_tensor(chosen, dtype=torch.long)
@@ -868,6 +904,13 @@ class Recommender:
                 new = self._new_items(frame)
                 if not self._item_columns:  # each the unknown item's vector
                     alike = list(new.ids)
+                named = set(map(str, unknown_excluded)) & set(map(str, new.ids))
+                if named:
+                    raise ConfigError(
+                        "`exclude` names new item(s) sent in `candidates`: "
+                        f"{sorted(named)[:10]}; leave them out of the candidates "
+                        "instead."
+                    )
         exact = self.run.scores_exactly
         if query is None or mask is not None or exact:
             excluded = self._removed.clone()
@@ -876,16 +919,27 @@ class Recommender:
                 excluded[torch.from_numpy(seen)] = True
             if mask is not None:
                 excluded |= ~mask
+        notes = (unread, left_out, alike, unknown_excluded)
+        width = max(num_candidates, k)
         if query is None:
-            order = self._popular[~excluded[self._popular]][:k]
+            pool = width if diversity else k
+            order = self._popular[~excluded[self._popular]][:pool]
             scores = self.run.tensors.fallback_popularity[order]
             if new is not None:  # no popularity yet: after the known items
-                extra = self._new_range(new)[: k - len(order)]
+                extra = self._new_range(new)[: pool - len(order)]
                 order = torch.cat([order, extra])
                 scores = torch.cat([scores, torch.zeros(len(extra))])
+            at, _ = self.picked(
+                torch.arange(len(order))[None],
+                scores[None],
+                order[None],
+                k,
+                diversity=diversity,
+                new=new,
+            )
+            order, scores = order[at[0]], scores[at[0]]
             answer = self._answer(user_id, path, order, scores, None, new=new)
-            return _noting(answer, unread, left_out, alike)
-        width = max(num_candidates, k)
+            return _noting(answer, *notes)
         if mask is None and not exact:
             top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
             found = top_idx[0] >= 0  # rows run short only when the catalogue does
@@ -908,12 +962,19 @@ class Recommender:
         ranker = self.ranker if use_ranker else None
         if ranker is None or path == "popularity" or not len(top_idx):
             # (Nothing passed the filters: an empty answer, not a ranker error.)
-            answer = self._answer(
-                user_id, path, top_idx[:k], top_scores[:k], None, new=new
+            at, _ = self.picked(
+                torch.arange(len(top_idx))[None],
+                top_scores[None],
+                top_idx[None],
+                k,
+                diversity=diversity,
+                new=new,
             )
+            top_idx, top_scores = top_idx[at[0]], top_scores[at[0]]
+            answer = self._answer(user_id, path, top_idx, top_scores, None, new=new)
             if explain:
-                answer = self._explained(answer, user_idx, top_idx[:k], new)
-            return _noting(answer, unread, left_out, alike)
+                answer = self._explained(answer, user_idx, top_idx, new)
+            return _noting(answer, *notes)
         user = torch.tensor([user_idx])
         cold = None
         if fields is not None:  # the ranker reads the same fields (and history)
@@ -936,7 +997,10 @@ class Recommender:
             ease=ease,
             ease_weight=ranker.config.ease_weight,
         )
-        order, keys = order[0, :k], keys[0, :k]
+        order, keys = self.picked(
+            order, keys, top_idx[None], k, diversity=diversity, new=new
+        )
+        order, keys = order[0], keys[0]
         answer = self._answer(
             user_id, path, top_idx[order], top_scores[order], keys, new=new
         )
@@ -946,7 +1010,43 @@ class Recommender:
                 entry["predicted_rating"] = rating
         if explain:
             answer = self._explained(answer, user_idx, top_idx[order], new)
-        return _noting(answer, unread, left_out, alike)
+        return _noting(answer, *notes)
+
+    def picked(
+        self,
+        order: torch.Tensor,
+        keys: torch.Tensor,
+        candidates: torch.Tensor,
+        k: int,
+        *,
+        diversity: float = 0.0,
+        new: _NewItems | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, k], [B, k])`` the answer's places among each row's candidates
+        and their keys (fewer where the rows are shorter): the first ``k`` of
+        ``order`` and ``keys`` (``[B, W]``, a row's candidates best first, as
+        :func:`~twostage.ranking.rerank.rerank` gives them), or with
+        ``diversity`` the ``k`` that :func:`~twostage.diversity.diversify`
+        picks from them, compared by their candidate embeddings.
+
+        Args:
+            candidates: ``[B, W]`` each row's item indices in their first order
+                (-1: an empty slot; new items past the catalogue's rows).
+            new: the request's new items, whose vectors follow the catalogue's.
+        """
+        if not diversity:
+            return order[:, :k], keys[:, :k]
+        items = candidates.gather(1, order)
+        filled = items >= 0
+        table = self.item_embeddings
+        if new is not None:
+            table = torch.cat([table, new.vectors])
+        # (B, W) indices -> (B, W, D) vectors; an empty slot reads row 0, unpicked
+        vectors = table[items.clamp_min(0)]
+        at = diversify(
+            keys.masked_fill(~filled, -torch.inf), vectors, k, weight=diversity
+        )
+        return order.gather(1, at), keys.gather(1, at)
 
     def _new_items(self, frame: pl.DataFrame, name: str = "candidates") -> _NewItems:
         """New items (``item_id`` and the item feature columns; the request's
@@ -1105,13 +1205,15 @@ class Recommender:
         use_ranker: bool = True,
         filters: dict[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
+        diversity: float = 0.0,
     ) -> SessionLists:
         """A list for every session of a table (polars, pandas or pyarrow) with
         a row per session item (``session_id``, ``item_id``; optionally
         ``timestamp``, ``rating`` and ``user_id``), as :meth:`recommend` answers one ``session`` each, and the
         rows it could not read with their reasons
         (:func:`twostage.session_batch.recommend_sessions`); ``context``: one
-        moment for every list, for a model that reads per-request context."""
+        moment for every list, for a model that reads per-request context;
+        ``diversity``: as :meth:`recommend` takes it."""
         from twostage.session_batch import recommend_sessions
 
         return recommend_sessions(
@@ -1122,6 +1224,7 @@ class Recommender:
             use_ranker=_check_flag("use_ranker", use_ranker),
             filters=filters,
             context=context,
+            diversity=check_diversity(diversity),
         )
 
     def recommend_table(
@@ -1134,6 +1237,7 @@ class Recommender:
         filters: dict[str, Any] | None = None,
         explain: bool = False,
         context: Mapping[str, Any] | None = None,
+        diversity: float = 0.0,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -1165,8 +1269,11 @@ class Recommender:
             context: one moment for every list (a campaign sent at 9:00,
                 ``{"timestamp": ...}``), for a model that reads per-interaction
                 context, as :meth:`recommend` takes it.
+            diversity: as :meth:`recommend` takes it (each list re-picked from
+                its own candidates).
         """
         k = check_k("k", k)
+        diversity = check_diversity(diversity)
         self.encode_context(context)  # a mistake is named before any list
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
@@ -1191,7 +1298,13 @@ class Recommender:
                     zip(
                         part.tolist(),
                         self._personalised_lists(
-                            idx[part], k, exclude_seen, use_ranker, search, filters
+                            idx[part],
+                            k,
+                            exclude_seen,
+                            use_ranker,
+                            search,
+                            filters,
+                            diversity,
                         ),
                         strict=True,
                     )
@@ -1215,6 +1328,7 @@ class Recommender:
                     use_ranker=use_ranker,
                     filters=filters,
                     context=context,
+                    diversity=diversity,
                 )
                 item_idx = [self.item_vocab.lookup(i["item_id"]) for i in answer.items]
                 plain = [i["score"] for i in answer.items]
@@ -1341,6 +1455,7 @@ class Recommender:
         use_ranker: bool,
         index: Index | None,
         filters: dict[str, Any] | None = None,
+        diversity: float = 0.0,
     ) -> list[tuple[list[int], list[float], list[float], str]]:
         """``(item indices, keys, retrieval scores, path)`` of known users on the
         personalised path, as :meth:`recommend` orders them, in one search of
@@ -1379,9 +1494,9 @@ class Recommender:
                 ease=ranker.ease_scores(users, candidates),
                 ease_weight=ranker.config.ease_weight,
             )
-        chosen = top_idx.gather(1, order)[:, :k]
-        plain = top_scores.gather(1, order)[:, :k]
-        keys = keys[:, :k]
+        order, keys = self.picked(order, keys, top_idx, k, diversity=diversity)
+        chosen = top_idx.gather(1, order)
+        plain = top_scores.gather(1, order)
         kept = chosen >= 0
         return [
             (

@@ -83,6 +83,7 @@ def recommend_sessions(
     filters: dict[str, Any] | None = None,
     context: Mapping[str, Any] | None = None,
     session_contexts: Mapping[Any, Mapping[str, Any]] | None = None,
+    diversity: float = 0.0,
 ) -> SessionLists:
     """A list for every session of ``sessions``, as :meth:`Recommender.recommend`
     answers one ``session`` each.
@@ -106,6 +107,7 @@ def recommend_sessions(
         session_contexts: ``{session_id: context}``, a session's own moment in
             place of ``context`` (:func:`~twostage.session_evaluation.evaluate_sessions`
             gives each the time of its held-out row).
+        diversity: as :meth:`Recommender.recommend` takes it.
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -140,7 +142,16 @@ def recommend_sessions(
     if context_keys(rec.run.spec):
         encoded = {s: moments.get(s, shared) for s in answerable}
     batched = _batched_lists(
-        rec, answerable, entries, users, k, exclude_seen, ranker, filters, encoded
+        rec,
+        answerable,
+        entries,
+        users,
+        k,
+        exclude_seen,
+        ranker,
+        filters,
+        encoded,
+        diversity,
     )
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches
@@ -161,6 +172,7 @@ def recommend_sessions(
             use_ranker=use_ranker,
             filters=filters,
             context=(session_contexts or {}).get(session, context),
+            diversity=diversity,
         )
         # items added after training: seen, but the model learned nothing of them
         added = {vocab.lookup(item) for item in answer.unread_session_items}
@@ -218,6 +230,7 @@ def _batched_lists(
     ranker: Any = None,
     filters: dict[str, Any] | None = None,
     contexts: dict[Any, dict[str, torch.Tensor]] | None = None,
+    diversity: float = 0.0,
 ) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
     """``{session: (item IDs, keys, retrieval scores)}``: the lists
     :meth:`Recommender.recommend` gives these sessions (of the users
@@ -229,7 +242,8 @@ def _batched_lists(
     retrieval scores); with ``filters``, of the items that pass (an exact
     index of them, as ``recommend`` searches them); with ``contexts``
     (``{session: encoded context}``, :meth:`Recommender.encode_context`; ``{}``:
-    unknown), a model that reads per-request context reads each session's. A
+    unknown), a model that reads per-request context reads each session's; with
+    ``diversity``, each list re-picked as ``recommend`` re-picks one. A
     session that reads an item added after training, or whose query is not
     finite, is left out: ``recommend`` answers (or refuses) it."""
     search = rec.batch_index(filters)  # a bad filter: named before any list
@@ -283,9 +297,9 @@ def _batched_lists(
         order, keys = _reranked(
             rec, ranker, fields, queries, who, baskets, top_scores, top_idx
         )
-        chosen = top_idx.gather(1, order)[:, :k]
-        plain = top_scores.gather(1, order)[:, :k]
-        keys = keys[:, :k]
+        order, keys = rec.picked(order, keys, top_idx, k, diversity=diversity)
+        chosen = top_idx.gather(1, order)
+        plain = top_scores.gather(1, order)
         kept = chosen >= 0  # rows run short only when the catalogue does
         flat = chosen.clamp_min(0).numpy().ravel()
         ids = rec.item_vocab.inverse_transform(flat).to_list()

@@ -131,6 +131,16 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
         ("/v1/recommend", {"user_id": "x" * 3000}, 413, "over the limit of 2000"),
         ("/v1/recommend", {"user_id": 3, "candidates": [10_000]}, 404, "candidates"),
         ("/v1/recommend", {"user_id": 3, "candidates": []}, 400, "at least one item"),
+        ("/v1/recommend", {"user_id": 3, "diversity": 1.5}, 422, "body.diversity"),
+        ("/v1/recommend", {"user_id": 3, "diversity": "x"}, 422, "body.diversity"),
+        ("/v1/recommend", {"user_id": 3, "exclude": "7"}, 422, "body.exclude"),
+        ("/v1/recommend", {"user_id": 3, "exclude": [[7]]}, 422, "body.exclude"),
+        (
+            "/v1/models/synthetic:predict",
+            {"instances": [{"user_id": 3, "diversity": -1}]},
+            422,
+            "instances.0.diversity",
+        ),
         # Half a surrogate pair: an answer echoing it could not be encoded (a 500).
         ("/v1/recommend", b'{"user_id": "\\ud800"}', 422, "user_id holds an unpaired"),
         (
@@ -567,3 +577,26 @@ def test_docs_work_offline_and_search_explain_compare(models_dir: Path) -> None:
         assert all(item["because"]["item_id"] in history for item in answer["items"])
         plain = client.post("/v1/recommend", json={**body, "use_ranker": False}).json()
         assert len(plain["items"]) == 5
+
+
+def test_exclude_and_diversity_reach_the_model(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    """`exclude` and `diversity` answer as the Recommender does, on both routes;
+    unknown excluded IDs are named, on `:predict` as a third output."""
+    with client_for(models_dir) as client:
+        plain = [i["item_id"] for i in small_recommender.recommend(3, 6).items]
+        body = {"user_id": 3, "k": 6, "exclude": [plain[0], 99_999], "diversity": 0.7}
+        answer = client.post("/v1/recommend", json=body).json()
+        expected = small_recommender.recommend(
+            3, 6, exclude=[plain[0], 99_999], diversity=0.7
+        ).to_dict()
+        assert answer["items"] == expected["items"]
+        assert plain[0] not in [i["item_id"] for i in answer["items"]]
+        assert answer["unknown_excluded_items"] == [99_999]
+        predicted = client.post(
+            "/v1/models/synthetic:predict", json={"instances": [body, {"user_id": 4}]}
+        ).json()["predictions"]
+        assert predicted[0]["output_2"] == [i["item_id"] for i in expected["items"]]
+        assert predicted[0]["unknown_excluded_items"] == [99_999]
+        assert predicted[1]["unknown_excluded_items"] == []

@@ -55,6 +55,7 @@ SETTINGS_ENV = "TWOSTAGE_SERVE_SETTINGS"
 UNREAD = "unread_session_items"
 LEFT_OUT = "left_out_candidates"
 ALIKE = "alike_new_items"
+UNKNOWN_EXCLUDED = "unknown_excluded_items"
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 explain=body.explain,
                 session=body.session_items(),
                 candidates=body.candidates,
+                exclude=body.exclude,
+                diversity=body.diversity,
             )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
         if body.include_history:
@@ -387,6 +390,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     context=request.context,
                     session=request.session_items(),
                     candidates=request.candidates,
+                    exclude=request.exclude,
+                    diversity=request.diversity,
                 )
             predictions.append(
                 {
@@ -397,6 +402,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     UNREAD: answer.unread_session_items,
                     LEFT_OUT: answer.left_out_candidates,
                     ALIKE: answer.alike_new_items,
+                    UNKNOWN_EXCLUDED: answer.unknown_excluded_items,
                 }
             )
         # An output past the two only when some instance has something in it,
@@ -405,7 +411,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         # they know.
         names = ["output_1", "output_2"]
         names += [
-            n for n in (UNREAD, LEFT_OUT, ALIKE) if any(p[n] for p in predictions)
+            n
+            for n in (UNREAD, LEFT_OUT, ALIKE, UNKNOWN_EXCLUDED)
+            if any(p[n] for p in predictions)
         ]
         predictions = [{name: p[name] for name in names} for p in predictions]
         if form == "inputs":  # TF Serving answers the columnar form by output

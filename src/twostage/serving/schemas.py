@@ -172,6 +172,22 @@ class RecommendRequest(_Strict):
         "to the catalogue after training is excluded but not read (the answer's "
         "`unread_session_items`).",
     )
+    exclude: list[RawId] | None = Field(
+        None,
+        description="Item IDs to leave out of this answer (the basket, the items "
+        "shown on the page before), as seen items are; not read as history. "
+        "IDs the model does not know are listed in `unknown_excluded_items`.",
+    )
+    diversity: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="0 (the list as scored) to 1: re-pick the `k` items from "
+        "the candidates trading each item's score against its likeness to those "
+        "picked before it (maximal marginal relevance over the candidate "
+        "embeddings); the items keep their scores, so a diverse list is not in "
+        "score order.",
+    )
 
     def session_items(self) -> list[Any] | None:
         """The session as the Recommender takes it."""
@@ -323,10 +339,11 @@ class Item(BaseModel):
 class LeftOutCandidate(BaseModel):
     position: int = Field(description="The entry's index in `candidates`.")
     item_id: RawId
-    reason: Literal["seen", "filters", "repeated"] = Field(
-        description="`seen`: the query's seen items are excluded (`exclude_seen`); "
-        "`filters`: outside the request's `filters`; `repeated`: the item is "
-        "listed earlier and ranked once."
+    reason: Literal["excluded", "seen", "filters", "repeated"] = Field(
+        description="`excluded`: in the request's `exclude`; `seen`: the query's "
+        "seen items are excluded (`exclude_seen`); `filters`: outside the "
+        "request's `filters`; `repeated`: the item is listed earlier and ranked "
+        "once."
     )
 
 
@@ -354,6 +371,12 @@ class RecommendResponse(BaseModel):
         "the model reads no item feature beside the ID: each is the unknown "
         "item's vector, so they score alike and their order among themselves "
         "means nothing (present only when there are some).",
+    )
+    unknown_excluded_items: list[RawId] | None = Field(
+        None,
+        description="The request's `exclude` IDs the model does not know: no "
+        "answer could hold them, and they are listed so that a mistyped ID does "
+        "not pass unseen (present only when there are some).",
     )
 
 

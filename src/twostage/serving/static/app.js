@@ -175,6 +175,7 @@ async function recommend(event) {
     user_features: userFeatures(),
     k: Number($("k").value) || 10,
     exclude_seen: $("exclude-seen").checked,
+    diversity: Number($("diversity").value) || 0,
     filters: filters(),
     session: session(),
     context: context(),
@@ -297,6 +298,10 @@ function start() {
     loadModels();
   });
   $("query").addEventListener("submit", recommend);
+  $("diversity").addEventListener("input", () => {
+    $("diversity-value").textContent = $("diversity").value;
+  });
+  $("diversity").addEventListener("change", () => recommend());
   $("search-form").addEventListener("submit", (event) => event.preventDefault());
   $("search").addEventListener("input", search);
   $("model").addEventListener("change", loadModel);

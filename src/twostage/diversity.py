@@ -1,0 +1,134 @@
+"""Diverse lists: maximal marginal relevance over the candidates' embeddings.
+
+A list ordered by score alone can repeat one taste (five sequels of one film,
+one brand's phones). :func:`diversify` re-picks the top ``k`` of a scored
+candidate list greedily (Carbonell and Goldstein's maximal marginal relevance):
+each next item is the one with the best
+
+    (1 - weight) * relevance - weight * (its highest cosine to an item already picked)
+
+where relevance is the candidate's key scaled to [0, 1] over its list (the best
+is 1, the worst 0), and the cosine is of the candidate tower's embeddings (the
+space retrieval searches, so "alike" means "liked by the same users"). Weight 0
+keeps the order as it is; 1 picks the best item and then always the least alike.
+:meth:`twostage.recommender.Recommender.recommend` and the batched lists
+apply it after retrieval and the ranker, over the candidates retrieval passed.
+
+:func:`intra_list_diversity` is the figure it trades relevance for: the mean
+pairwise cosine distance within a list.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from twostage.errors import ConfigError
+
+__all__ = ["check_diversity", "diversify", "intra_list_diversity"]
+
+# Past any relevance/cosine mix (each within [-2, 2]): an empty slot picked only
+# when no candidate is left, in its place order (exact in float32 to 2^23 slots).
+_EMPTY = -1.0e6
+
+
+def check_diversity(value: float) -> float:
+    """``value`` as a float, if it is a number from 0 to 1 (the weight of
+    :func:`diversify`)."""
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0 <= value <= 1
+    ):
+        raise ConfigError(
+            "`diversity` should be a number from 0 (the list as scored) to 1 "
+            f"(the least alike items after the best). Received: `diversity` = "
+            f"{value!r}."
+        )
+    return float(value)
+
+
+def _unit(vectors: Tensor) -> Tensor:
+    """``vectors`` scaled to length 1 (a zero vector stays zero)."""
+    norms = vectors.norm(dim=-1, keepdim=True)
+    return vectors / norms.clamp_min(1e-12)
+
+
+def _relevance(keys: Tensor, valid: Tensor) -> Tensor:
+    """``[B, C]`` each row's keys scaled to [0, 1] over its valid candidates (a row
+    of equal keys: 1); 0 where not valid."""
+    inf = torch.tensor(math.inf, dtype=keys.dtype)
+    low = torch.where(valid, keys, inf).amin(dim=1, keepdim=True)
+    high = torch.where(valid, keys, -inf).amax(dim=1, keepdim=True)
+    span = high - low
+    scaled = torch.where(span > 0, (keys - low) / span.clamp_min(1e-30), 1.0)
+    return torch.where(valid, scaled, 0.0)
+
+
+def diversify(keys: Tensor, vectors: Tensor, k: int, *, weight: float) -> Tensor:
+    """Pick each row's ``k`` candidates by maximal marginal relevance.
+
+    Args:
+        keys: ``[B, C]`` each candidate's key (higher is better); ``-inf`` or NaN
+            marks an empty slot.
+        vectors: ``[B, C, D]`` the candidates' embeddings (compared by cosine).
+        k: how many to pick (at most ``C``).
+        weight: from 0 (the order of ``keys``) to 1 (after the best, always the
+            least alike); :func:`check_diversity`.
+
+    Returns:
+        ``[B, min(k, C)]`` positions into each row's candidates, picked first
+        to last; where a row has fewer than ``k`` filled slots, its empty slots
+        follow them in their own order.
+    """
+    weight = check_diversity(weight)
+    rows, width = keys.shape
+    k = min(k, width)
+    valid = torch.isfinite(keys)
+    if weight == 0:  # the order as scored: the best keys, ties by place
+        order = keys.masked_fill(~valid, -math.inf).argsort(
+            dim=1, descending=True, stable=True
+        )
+        return order[:, :k]
+    relevance = _relevance(keys.float(), valid)
+    unit = _unit(vectors.float())
+    slots = torch.arange(width, dtype=torch.float32).expand(rows, width)
+    base = torch.where(valid, (1 - weight) * relevance, _EMPTY - slots)
+    closest = torch.zeros(rows, width)  # highest cosine to a picked item
+    taken = torch.zeros(rows, width, dtype=torch.bool)
+    picked = torch.empty(rows, k, dtype=torch.long)
+    every = torch.arange(rows)
+    for step in range(k):
+        value = torch.where(valid, base - weight * closest, base)
+        value = value.masked_fill(taken, -math.inf)
+        best = value.argmax(dim=1)  # ties: the earlier slot
+        picked[:, step] = best
+        taken[every, best] = True
+        # (B, C, D) @ (B, D, 1) -> (B, C): each candidate against the new pick
+        cosine = torch.bmm(unit, unit[every, best][:, :, None])[:, :, 0]
+        closest = cosine if step == 0 else torch.maximum(closest, cosine)
+    return picked
+
+
+def intra_list_diversity(vectors: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``[B]`` each list's mean cosine distance (1 - cosine) over its pairs of
+    items; NaN for a list of fewer than two.
+
+    Args:
+        vectors: ``[B, k, D]`` the embeddings of each list's items.
+        valid: ``[B, k]`` bool, False for an empty slot (default: all filled).
+    """
+    rows, k, _ = vectors.shape
+    if valid is None:
+        valid = torch.ones(rows, k, dtype=torch.bool)
+    unit = _unit(vectors.float()) * valid[:, :, None]
+    # (B, k, D) @ (B, D, k) -> (B, k, k): every pair's cosine
+    cosine = torch.bmm(unit, unit.transpose(1, 2))
+    counts = valid.sum(dim=1).float()
+    pairs = counts * (counts - 1)  # ordered pairs, the diagonal left out
+    total = cosine.sum(dim=(1, 2)) - (unit * unit).sum(dim=(1, 2))
+    distance = 1 - total / pairs.clamp_min(1)
+    return torch.where(pairs > 0, distance, math.nan)

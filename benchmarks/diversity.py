@@ -4,12 +4,14 @@ MovieLens-100k's seeded random 80/20 split with the default configuration.
 Both stages are trained once (training seed ``--seed``); every test user's
 list of ``-k`` items is then re-picked from the same candidates at each weight
 of ``--weights``, for the served two-stage list and for retrieval's alone
-(``--no-ranker``). Figures per weight, seen items excluded: NDCG, Recall and
+(``--no-ranker``), and then at weight 0 with at most N items a genre
+(``--max-per genres=N`` for each N of ``--caps``). Figures per setting, seen items excluded: NDCG, Recall and
 HitRate at ``k`` on the test rows, intra-list diversity (the mean pairwise
 cosine distance of a list's items in the candidate embedding space, and the
 mean pairwise Jaccard distance of their genres, a yardstick the model never
 read), catalogue coverage (the share of items in some list), the mean
-popularity (training rows) of the listed items, and the seconds to write
+popularity (training rows) of the listed items, the lists' mean length (a
+limit leaves a list short where the candidates run out), and the seconds to write
 every list (``recommend_table``). The model's lists are not tuned here:
 weight 0 is the default and the table shows what each weight trades.
 
@@ -72,11 +74,14 @@ def measure(
     use_ranker: bool,
     genres: list[frozenset[str]] | None,
     popularity: np.ndarray,
+    max_per: dict[str, int] | None = None,
 ) -> dict[str, float]:
-    """One weight's figures over every test user's list."""
+    """One setting's figures over every test user's list."""
     users = queries.user_ids.to_list()
     started = time.perf_counter()
-    table = rec.recommend_table(users, k, diversity=weight, use_ranker=use_ranker)
+    table = rec.recommend_table(
+        users, k, diversity=weight, use_ranker=use_ranker, max_per=max_per
+    )
     seconds = time.perf_counter() - started
     position = {u: row for row, u in enumerate(users)}
     topk = torch.full((len(users), k), -1, dtype=torch.long)
@@ -102,6 +107,7 @@ def measure(
         "ild_genres": genre_distance(lists, genres) if genres else float("nan"),
         "coverage": len(np.unique(listed)) / (rec.item_vocab.size - 1),
         "mean_popularity": float(popularity[listed].mean()),
+        "mean_length": float(filled.sum(dim=1).float().mean()),
         "seconds": seconds,
     }
 
@@ -110,6 +116,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="0,0.1,0.2,0.3,0.5,0.7,1")
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument(
+        "--caps",
+        default="1,2,3",
+        help="limits N of --max-per GENRES=N to measure (empty: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--dataset", default="movielens-100k")
     parser.add_argument(
@@ -138,23 +149,28 @@ def main() -> None:
         rec.item_vocab.transform(trained.split.fit.interactions[ITEM]),
         minlength=rec.item_vocab.size,
     ).astype(np.float64)
+    caps = [int(c) for c in args.caps.split(",") if c] if column else []
+    settings: list[tuple[str, float, dict[str, int] | None]] = [
+        (f"{w:g}", w, None) for w in weights
+    ]
+    settings += [(f"{column}<={n}", 0.0, {str(column): n}) for n in caps]
     results: dict[str, dict[str, dict[str, float]]] = {}
     stages = [("two_stage", True)] if rec.ranker is not None else []
     stages.append(("retrieval", False))
     for stage, use_ranker in stages:
         results[stage] = {}
-        for weight in weights:
-            results[stage][f"{weight:g}"] = measure(
-                rec, queries, args.k, weight, use_ranker, genres, counts
+        for name, weight, limits in settings:
+            results[stage][name] = measure(
+                rec, queries, args.k, weight, use_ranker, genres, counts, limits
             )
-        base = results[stage][f"{weights[0]:g}"]
+        base = results[stage][settings[0][0]]
         rows = []
-        for weight in weights:
-            got = results[stage][f"{weight:g}"]
+        for name, _, _ in settings:
+            got = results[stage][name]
             change = got["ndcg"] / base["ndcg"] - 1 if base["ndcg"] else float("nan")
             rows.append(
                 [
-                    f"{weight:g}",
+                    name,
                     got["ndcg"],
                     f"{change:+.1%}",
                     got["recall"],
@@ -163,6 +179,7 @@ def main() -> None:
                     got["ild_genres"],
                     got["coverage"],
                     f"{got['mean_popularity']:.0f}",
+                    f"{got['mean_length']:.2f}",
                     f"{got['seconds']:.2f}",
                 ]
             )
@@ -171,15 +188,16 @@ def main() -> None:
             f"{args.dataset}, random split, {stage.replace('_', '-')} list, "
             f"{len(queries.user_ids)} test users",
             [
-                "diversity",
+                "diversity / limit",
                 f"NDCG@{k}",
-                f"vs {weights[0]:g}",
+                f"vs {settings[0][0]}",
                 f"R@{k}",
                 f"HR@{k}",
                 "ILD emb",
                 "ILD genres",
                 f"Cov@{k}",
                 "mean pop",
+                "length",
                 "lists s",
             ],
             rows,

@@ -172,12 +172,16 @@ def test_recommend_excludes_items_and_diversifies_from_the_cli(
         [
             *args,
             *("--exclude", f"{plain[0]},99999", "--exclude", str(plain[1])),
-            *("--diversity", "0.6", "--json"),
+            *("--diversity", "0.6", "--max-per", "category=1", "--json"),
         ],
     )
     assert result.exit_code == 0, result.output
     expected = small_recommender.recommend(
-        3, 5, exclude=[plain[0], 99999, plain[1]], diversity=0.6
+        3,
+        5,
+        exclude=[plain[0], 99999, plain[1]],
+        diversity=0.6,
+        max_per={"category": 1},
     )
     answer = json.loads(result.stdout)
     assert answer["items"] == expected.items
@@ -218,6 +222,20 @@ def test_recommend_excludes_items_and_diversifies_from_the_cli(
     assert refused.exit_code == 2 and "--exclude" in refused.output
     bad = runner.invoke(app, [*args, "--diversity", "1.5"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "--diversity" in bad.output
+    for given, said in (
+        ("colour=2", "unknown `--max-per` column(s) ['colour']"),
+        ("category=0", "'category' should be a positive whole number"),
+        ("category", "should look like column=value"),
+    ):
+        bad = runner.invoke(
+            app,
+            [
+                *("recommend", model, "--all-users", "--max-per", given),
+                *("--out", str(out), "--overwrite"),
+            ],
+            env={"COLUMNS": "200"},
+        )
+        assert bad.exit_code == 2 and said in bad.output, bad.output
 
 
 def test_a_run_never_writes_over_other_files(

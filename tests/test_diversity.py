@@ -1,4 +1,5 @@
-"""Maximal marginal relevance and intra-list diversity, against naive loops."""
+"""Maximal marginal relevance, group limits and intra-list diversity, against
+naive loops."""
 
 import math
 
@@ -9,26 +10,39 @@ from twostage.diversity import check_diversity, diversify, intra_list_diversity
 from twostage.errors import ConfigError
 
 
-def naive_mmr(keys: list[float], vectors: torch.Tensor, k: int, weight: float) -> list:
+def naive_mmr(
+    keys: list[float],
+    vectors: torch.Tensor,
+    k: int,
+    weight: float,
+    groups: list[list[int]] | None = None,
+    limits: list[int] | None = None,
+) -> list:
     """One list by the textbook loop: relevance scaled over the filled slots,
-    the highest cosine to a picked item, empty slots last in their order."""
+    the highest cosine to a picked item, a candidate skipped while one of its
+    groups is full; -1 for each slot nothing was left to fill."""
     filled = [i for i, key in enumerate(keys) if math.isfinite(key)]
     low, high = min(keys[i] for i in filled), max(keys[i] for i in filled)
     unit = torch.nn.functional.normalize(vectors, dim=1)
     picked: list[int] = []
-    while len(picked) < min(k, len(filled)):
+    held: dict[int, int] = {}
+    for _ in range(min(k, len(keys))):
         best, best_value = None, -math.inf
         for i in filled:
-            if i in picked:
+            full = any(held.get(g, 0) >= limits[g] for g in (groups or {}).get(i, []))
+            if i in picked or full:
                 continue
             relevance = (keys[i] - low) / (high - low) if high > low else 1.0
             closest = max((float(unit[i] @ unit[j]) for j in picked), default=0.0)
             value = (1 - weight) * relevance - weight * closest
             if value > best_value + 1e-6:
                 best, best_value = i, value
+        if best is None:
+            break
         picked.append(best)
-    empty = [i for i in range(len(keys)) if i not in filled]
-    return (picked + empty)[:k]
+        for g in (groups or {}).get(best, []):
+            held[g] = held.get(g, 0) + 1
+    return picked + [-1] * (min(k, len(keys)) - len(picked))
 
 
 def test_a_planted_duplicate_gives_way_to_another_taste() -> None:
@@ -56,7 +70,31 @@ def test_rows_match_the_textbook_loop(weight: float) -> None:
     for row in range(rows):
         expected = naive_mmr(keys[row].tolist(), vectors[row], k, weight)
         assert got[row].tolist() == expected, row
-    assert got[2, 3:].tolist() == [3, 4]  # the empty slots after the filled ones
+    assert got[2, 3:].tolist() == [-1, -1]  # nothing left: after the picks
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.4])
+def test_group_limits_match_the_textbook_loop(weight: float) -> None:
+    """Each candidate in 0 to 3 of 4 groups (a list column's values); the
+    limits 1, 2, 2, 3 pass over a candidate while one of its groups is full,
+    and a row whose candidates all fall in full groups runs short."""
+    generator = torch.Generator().manual_seed(5)
+    rows, width, k = 5, 10, 6
+    keys = torch.randn(rows, width, generator=generator).sort(descending=True).values
+    vectors = torch.randn(rows, width, 3, generator=generator)
+    member = torch.rand(rows, width, 4, generator=generator) < 0.4
+    member[4] = False
+    member[4, :, 0] = True  # every candidate of row 4 in group 0 (limit 1)
+    groups = torch.where(member, torch.arange(4), -1)  # (B, C, G), -1 pads
+    limits = torch.tensor([1, 2, 2, 3])
+    got = diversify(keys, vectors, k, weight=weight, groups=groups, limits=limits)
+    for row in range(rows):
+        of = {c: [g for g in groups[row, c].tolist() if g >= 0] for c in range(width)}
+        expected = naive_mmr(
+            keys[row].tolist(), vectors[row], k, weight, of, limits.tolist()
+        )
+        assert got[row].tolist() == expected, row
+    assert got[4].tolist() == [0, -1, -1, -1, -1, -1]
 
 
 def test_equal_keys_and_zero_vectors_are_no_error() -> None:
@@ -91,3 +129,37 @@ def test_intra_list_diversity_is_the_mean_pairwise_cosine_distance() -> None:
         ]
         assert float(got[row]) == pytest.approx(sum(pairs) / len(pairs), abs=1e-5)
     assert math.isnan(float(got[2]))  # one item: no pair
+
+
+def test_the_groups_of_a_list_column_and_of_a_plain_one() -> None:
+    """A list column's item belongs to each of its values' groups, a null or an
+    empty list to none; the groups are numbered from 0 over what the lists
+    meet, each with its column's limit."""
+    import polars as pl
+
+    from twostage.inputs import ItemFilters
+
+    frame = pl.DataFrame(
+        {
+            "item_id": [0, 1, 2, 3, 4],
+            "genres": [None, ["a", "b"], ["b"], [], ["c"]],
+            "brand": [None, "y", "x", None, "y"],  # row 0: the padding item
+        }
+    )
+    filters = ItemFilters(frame)
+    items = torch.tensor([[1, 2, 3, -1], [4, 2, 1, 0]])
+    groups, limits = filters.groups(items, {"genres": 2, "brand": 1})
+    named = {}
+    for row in range(2):
+        for slot in range(4):
+            named[(row, slot)] = sorted(g for g in groups[row, slot].tolist() if g >= 0)
+    a, b, c = named[(0, 0)][0], named[(0, 1)][0], named[(1, 0)][0]  # genres first
+    x, y = named[(0, 1)][1], named[(0, 0)][2]
+    assert named[(0, 0)] == sorted([a, b, y]) and named[(0, 1)] == sorted([b, x])
+    assert named[(0, 2)] == [] and named[(0, 3)] == []  # [] and null; -1: none
+    assert named[(1, 0)] == sorted([c, y]) and named[(1, 3)] == []  # the padding row
+    assert sorted([a, b, c, x, y]) == list(range(5))
+    assert [limits[g] for g in (a, b, c, x, y)] == [2, 2, 2, 1, 1]
+    with pytest.raises(ConfigError, match="unknown `max_per` column"):
+        filters.check_max_per({"size": 2})
+    assert filters.check_max_per(None) == {}

@@ -589,3 +589,43 @@ def test_excluded_items_leave_the_answer_and_unknown_ones_are_named(
     for bad in ("12", {12: 1}, [1.5], [[1]]):
         with pytest.raises(ConfigError, match="exclude"):
             rec.recommend(3, 5, exclude=bad)  # type: ignore[arg-type]
+
+
+def test_at_most_n_items_share_a_metadata_value(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """max_per passes over a candidate whose category already has its n items:
+    the answer is the first candidates in order that fit, in batches too."""
+    rec, _ = fitted
+    category = rec.item_filters.frame["category"].to_list()  # row = item index
+
+    def of(item_id: object) -> str:
+        return category[rec.item_vocab.lookup(item_id)]
+
+    pool = [i["item_id"] for i in rec.recommend(5, rec.num_candidates).items]
+    for limit in (1, 2):
+        expected, held = [], {}
+        for item in pool:
+            if held.get(of(item), 0) < limit and len(expected) < 10:
+                expected.append(item)
+                held[of(item)] = held.get(of(item), 0) + 1
+        got = rec.recommend(5, 10, max_per={"category": limit})
+        assert [i["item_id"] for i in got.items] == expected
+    mixed = rec.recommend(5, 10, max_per={"category": 1}, diversity=0.5)
+    assert len({of(i["item_id"]) for i in mixed.items}) == len(mixed.items)
+    table = rec.recommend_table([5, 6, "stranger"], 10, max_per={"category": 1})
+    for user in (5, 6, "stranger"):
+        lists = table.filter(pl.col("user_id").cast(pl.String) == str(user))
+        expected = rec.recommend(user, 10, max_per={"category": 1}).items
+        assert lists["item_id"].to_list() == [i["item_id"] for i in expected]
+        assert (
+            lists["item_id"].map_elements(of, return_dtype=pl.String).is_unique().all()
+        )
+    for bad, message in (
+        ({"colour": 1}, "unknown `max_per` column"),
+        ({"category": 0}, r"`max_per\['category'\]` should be a positive integer"),
+        ({"category": True}, "should be a positive integer"),
+        ([("category", 1)], "`max_per` should map metadata columns"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            rec.recommend(5, 10, max_per=bad)  # type: ignore[arg-type]

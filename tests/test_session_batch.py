@@ -792,17 +792,25 @@ def test_sessions_read_in_table_order_for_want_of_times_are_reported(
         assert "1 session read in the file's order" in said, command[0]
 
 
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"diversity": 0.6},
+        {"max_per": {"category": 1}},
+        {"diversity": 0.3, "max_per": {"category": 2}},
+    ],
+)
 def test_diverse_lists_in_batches_are_the_lists_recommend_gives(
-    ranked: Recommender,
+    ranked: Recommender, rules: dict
 ) -> None:
-    """With a ranker, diversity re-picks from the ranker's order: the batched
-    lists of sessions and of users are recommend()'s, each item keeping the
-    two-stage key it has in the list as scored."""
+    """With a ranker, diversity and max_per pick from the ranker's order: the
+    batched lists of sessions and of users are recommend()'s, each item
+    keeping the two-stage key it has in the list as scored."""
     table = pl.DataFrame({"session_id": ["a", "a", "b", "c"], "item_id": [3, 5, 7, 11]})
-    found = ranked.recommend_sessions(table, 6, diversity=0.6)
+    found = ranked.recommend_sessions(table, 6, **rules)
     sessions = {"a": [3, 5], "b": [7], "c": [11]}
     for session, items in sessions.items():
-        answer = ranked.recommend(None, 6, session=items, diversity=0.6)
+        answer = ranked.recommend(None, 6, session=items, **rules)
         mine = found.lists.filter(pl.col("session_id") == session)
         assert mine["item_id"].to_list() == _items(answer), session
         keys = {
@@ -813,11 +821,11 @@ def test_diverse_lists_in_batches_are_the_lists_recommend_gives(
             [keys[i] for i in _items(answer)], rel=1e-5
         )
     users = ranked.user_vocab.values.to_list()[:20]
-    lists = ranked.recommend_table(users, 6, diversity=0.6)
+    lists = ranked.recommend_table(users, 6, **rules)
     changed = 0
     for user in users:
-        answer = ranked.recommend(user, 6, diversity=0.6)
+        answer = ranked.recommend(user, 6, **rules)
         mine = lists.filter(pl.col("user_id") == user)
         assert mine["item_id"].to_list() == _items(answer), user
         changed += _items(answer) != _items(ranked.recommend(user, 6))
-    assert changed  # the weight re-picked some lists
+    assert changed  # the rules re-picked some lists

@@ -949,6 +949,15 @@ def recommend_command(
             "embeddings); the items keep their scores. For one list or many.",
         ),
     ] = 0.0,
+    max_per_given: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max-per",
+            help="At most N items of a list sharing a value of a metadata column, "
+            "e.g. --max-per genres=3 (an item of a list column counts towards each "
+            "of its values); repeat for several columns; for one list or many.",
+        ),
+    ] = None,
     exclude_given: Annotated[
         list[str] | None,
         typer.Option(
@@ -1012,6 +1021,7 @@ def recommend_command(
         )
     rec = _open_bundle(bundle)
     chosen = _checked_filters(rec, filters)
+    max_per = _checked_limits(rec, max_per_given)
     if sessions_file is not None:
         summary = _recommend_sessions_into(
             rec,
@@ -1025,6 +1035,7 @@ def recommend_command(
             filters=chosen,
             context=_key_values(context, "--context") or None,
             diversity=diversity,
+            max_per=max_per,
         )
         if json_output:
             print_json(summary)
@@ -1051,6 +1062,7 @@ def recommend_command(
             explain=explain,
             context=_key_values(context, "--context") or None,
             diversity=diversity,
+            max_per=max_per,
         )
         if json_output:
             print_json(summary)
@@ -1104,6 +1116,7 @@ def recommend_command(
             filters=chosen,
             exclude=_session(exclude, "--exclude"),
             diversity=diversity,
+            max_per=max_per,
         )
     except UnknownIdError as e:  # only listed items can be unknown here
         flag = "--candidates" if str(e).startswith("`candidates`") else "--session"
@@ -1240,6 +1253,7 @@ def _recommend_into(
     explain: bool,
     context: dict[str, Any] | None = None,
     diversity: float = 0.0,
+    max_per: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``."""
@@ -1256,6 +1270,7 @@ def _recommend_into(
             explain=explain,
             context=context,
             diversity=diversity,
+            max_per=max_per,
         ),
         key="user_id",
         noun="users",
@@ -1327,6 +1342,7 @@ def _recommend_sessions_into(
     filters: dict[str, Any] | None,
     context: dict[str, Any] | None = None,
     diversity: float = 0.0,
+    max_per: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Every session's list into ``out``, 2,048 sessions at a time, with the
     counts the command reports, the rows not read among them (their first 100
@@ -1362,7 +1378,7 @@ def _recommend_sessions_into(
                 use_ranker=use_ranker,
                 filters=filters,
                 context=context,
-                diversity=diversity,
+                rules=rec.list_rules(diversity, max_per),
             )
         except SessionTableError as e:  # the file's; a bad -k names its flag
             raise typer.BadParameter(str(e), param_hint="--sessions") from e
@@ -1617,6 +1633,27 @@ def _checked_filters(rec: Any, filters: list[str] | None) -> dict[str, Any] | No
             str(e).replace("`filters`", "`--filter`", 1), param_hint="--filter"
         ) from e
     return chosen
+
+
+def _checked_limits(rec: Any, given: list[str] | None) -> dict[str, int] | None:
+    """``--max-per column=n`` options as ``max_per``, checked against the
+    catalogue's metadata before any list is made (None: none)."""
+    limits: dict[str, int] = {}
+    for column, text in _texts(given, "--max-per").items():
+        if not text.strip().isdigit() or int(text) < 1:
+            raise typer.BadParameter(
+                f"{column!r} should be a positive whole number of items. "
+                f"Received: {text!r}.",
+                param_hint="--max-per",
+            )
+        limits[column] = int(text)
+    try:
+        rec.list_rules(0.0, limits)
+    except ConfigError as e:
+        raise typer.BadParameter(
+            str(e).replace("`max_per`", "`--max-per`", 1), param_hint="--max-per"
+        ) from e
+    return limits or None
 
 
 def _say_when_short(asked: int, got: int, why: str) -> None:

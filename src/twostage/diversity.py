@@ -21,17 +21,28 @@ pairwise cosine distance within a list.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from twostage.errors import ConfigError
 
-__all__ = ["check_diversity", "diversify", "intra_list_diversity"]
+__all__ = ["ListRules", "check_diversity", "diversify", "intra_list_diversity"]
 
-# Past any relevance/cosine mix (each within [-2, 2]): an empty slot picked only
-# when no candidate is left, in its place order (exact in float32 to 2^23 slots).
-_EMPTY = -1.0e6
+
+@dataclass(frozen=True)
+class ListRules:
+    """How an answer's ``k`` items are picked from its candidates, beyond their
+    order: ``diversity`` (:func:`diversify`'s weight) and ``max_per``
+    (``{metadata column: n}``, at most ``n`` items sharing a value of the
+    column). Falsy when neither applies: the first ``k`` as ordered."""
+
+    diversity: float = 0.0
+    max_per: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.diversity or self.max_per)
 
 
 def check_diversity(value: float) -> float:
@@ -68,48 +79,90 @@ def _relevance(keys: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, scaled, 0.0)
 
 
-def diversify(keys: Tensor, vectors: Tensor, k: int, *, weight: float) -> Tensor:
-    """Pick each row's ``k`` candidates by maximal marginal relevance.
+def diversify(
+    keys: Tensor,
+    vectors: Tensor | None,
+    k: int,
+    *,
+    weight: float,
+    groups: Tensor | None = None,
+    limits: Tensor | None = None,
+) -> Tensor:
+    """Pick each row's ``k`` candidates by maximal marginal relevance, at most
+    ``limits[g]`` of them in each group ``g``.
 
     Args:
         keys: ``[B, C]`` each candidate's key (higher is better); ``-inf`` or NaN
             marks an empty slot.
-        vectors: ``[B, C, D]`` the candidates' embeddings (compared by cosine).
-        k: how many to pick (at most ``C``).
+        vectors: ``[B, C, D]`` the candidates' embeddings (compared by cosine);
+            unread at weight 0.
+        k: how many to pick.
         weight: from 0 (the order of ``keys``) to 1 (after the best, always the
             least alike); :func:`check_diversity`.
+        groups: ``[B, C, G]`` the groups each candidate belongs to (indices into
+            ``limits``; -1 pads): a candidate whose group is full is passed
+            over (``max_per``: at most 3 of a brand).
+        limits: ``[M]`` how many picks each group takes.
 
     Returns:
         ``[B, min(k, C)]`` positions into each row's candidates, picked first
-        to last; where a row has fewer than ``k`` filled slots, its empty slots
-        follow them in their own order.
+        to last; -1 where nothing was left to pick (fewer filled slots than
+        ``k``, or every one left in a full group), always after the picks.
     """
     weight = check_diversity(weight)
     rows, width = keys.shape
     k = min(k, width)
     valid = torch.isfinite(keys)
-    if weight == 0:  # the order as scored: the best keys, ties by place
+    if weight == 0 and groups is None:  # the order as scored, ties by place
         order = keys.masked_fill(~valid, -math.inf).argsort(
             dim=1, descending=True, stable=True
-        )
-        return order[:, :k]
+        )[:, :k]
+        return order.masked_fill(~valid.gather(1, order), -1)
     relevance = _relevance(keys.float(), valid)
-    unit = _unit(vectors.float())
-    slots = torch.arange(width, dtype=torch.float32).expand(rows, width)
-    base = torch.where(valid, (1 - weight) * relevance, _EMPTY - slots)
+    base = torch.where(valid, (1 - weight) * relevance, -math.inf)
     closest = torch.zeros(rows, width)  # highest cosine to a picked item
-    taken = torch.zeros(rows, width, dtype=torch.bool)
-    picked = torch.empty(rows, k, dtype=torch.long)
+    open_ = valid.clone()  # not picked, not in a full group
+    picked = torch.full((rows, k), -1, dtype=torch.long)
     every = torch.arange(rows)
+    unit = None
+    if weight:
+        if vectors is None:
+            raise ValueError("diversify: a weight above 0 needs the vectors")
+        unit = _unit(vectors.float())
+    capped = None
+    if groups is not None:
+        if limits is None:
+            raise ValueError("diversify: groups need their limits")
+        # Pads read a group of their own that never fills.
+        spare = len(limits)
+        member = groups.masked_fill(groups < 0, spare)  # (B, C, G)
+        room = torch.cat([limits.long(), torch.tensor([k + 1])])[member]
+        counts = torch.zeros(rows, spare + 1, dtype=torch.long)
+        capped = (member, room, counts, (groups >= 0).long())
     for step in range(k):
-        value = torch.where(valid, base - weight * closest, base)
-        value = value.masked_fill(taken, -math.inf)
+        if capped is not None:
+            member, room, counts, _ = capped
+            # (B, C, G): how many picks each candidate's groups hold
+            held = counts.gather(1, member.flatten(1)).view_as(member)
+            open_ &= ~(held >= room).any(dim=2)
+        if not bool(open_.any()):
+            break
+        value = (base - weight * closest).masked_fill(~open_, -math.inf)
         best = value.argmax(dim=1)  # ties: the earlier slot
-        picked[:, step] = best
-        taken[every, best] = True
-        # (B, C, D) @ (B, D, 1) -> (B, C): each candidate against the new pick
-        cosine = torch.bmm(unit, unit[every, best][:, :, None])[:, :, 0]
-        closest = cosine if step == 0 else torch.maximum(closest, cosine)
+        found = open_[every, best]
+        picked[:, step] = torch.where(found, best, -1)
+        open_[every, best] = False
+        if capped is not None:
+            member, _, counts, real = capped
+            # (B, G): the pick's groups each hold one more (not the pads')
+            counts.scatter_add_(
+                1, member[every, best], real[every, best] * found[:, None]
+            )
+        if unit is not None:
+            # (B, C, D) @ (B, D, 1) -> (B, C): each candidate against the new pick
+            cosine = torch.bmm(unit, unit[every, best][:, :, None])[:, :, 0]
+            cosine = torch.where(found[:, None], cosine, -math.inf)
+            closest = cosine if step == 0 else torch.maximum(closest, cosine)
     return picked
 
 

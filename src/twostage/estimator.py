@@ -585,7 +585,8 @@ class TwoStageModel:
             k: list length.
             exclude_seen: drop each user's training items.
             options: as :meth:`Recommender.recommend` (``filters``, ``context``,
-                ``num_candidates``, ``user_features``, ``exclude``, ``diversity``).
+                ``num_candidates``, ``user_features``, ``exclude``, ``diversity``,
+                ``max_per``).
 
         Returns:
             For one ID: the rich answer (:class:`~twostage.recommender.Recommendation`
@@ -626,14 +627,15 @@ class TwoStageModel:
         filters: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
         diversity: float = 0.0,
+        max_per: dict[str, int] | None = None,
     ) -> SessionLists:
         """A list for every session of a polars, pandas or pyarrow table (or
         a dict of columns) with a row per session item
         (:meth:`Recommender.recommend_sessions`), its columns named
         as :meth:`fit` read the log's (``item_col``, ``time_col``, ``rating_col``,
         ``user_col``) and ``session_col``; ``context``: one moment for every
-        list, for a model that reads per-request context; ``diversity``: as
-        :meth:`Recommender.recommend` takes it.
+        list, for a model that reads per-request context; ``diversity``,
+        ``max_per``: as :meth:`Recommender.recommend` takes them.
 
         Returns:
             ``.lists`` (a row per session and rank) and ``.unread`` (the rows the
@@ -648,6 +650,7 @@ class TwoStageModel:
             filters=filters,
             context=context,
             diversity=diversity,
+            max_per=max_per,
         )
 
     def evaluate_sessions(

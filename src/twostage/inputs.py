@@ -390,6 +390,7 @@ class ItemFilters:
     def __init__(self, frame: pl.DataFrame | None) -> None:
         self.frame = frame
         self._masks: dict[tuple[str, Any], torch.Tensor] = {}
+        self._groups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def mask(self, filters: dict[str, Any] | None) -> torch.Tensor | None:
         """``[N]`` bool of the items that pass every filter (None: no filters),
@@ -468,6 +469,91 @@ class ItemFilters:
         if len(self._masks) < self.CACHE_SIZE:  # a bounded cache of what clients use
             self._masks[(key, wanted)] = mask
         return mask
+
+    def check_max_per(self, max_per: Mapping[str, Any] | None) -> dict[str, int]:
+        """``max_per`` (``{column: n}``: at most ``n`` items of a list sharing a
+        value of the metadata ``column``) checked; ``{}`` for None.
+
+        Raises:
+            ConfigError: not a mapping, no metadata, an unknown column, or a
+                limit that is not a positive integer.
+        """
+        if max_per is None:
+            return {}
+        if not isinstance(max_per, Mapping):
+            raise ConfigError(
+                "`max_per` should map metadata columns to limits, e.g. "
+                f'{{"genres": 3}}. Received: {max_per!r} ({type(max_per).__name__}).'
+            )
+        if not max_per:
+            return {}
+        if self.frame is None:
+            raise ConfigError(
+                "`max_per` reads item metadata, and this recommender has none."
+            )
+        columns = [c for c in self.frame.columns if c != ITEM]
+        unknown = sorted(set(map(str, max_per)) - set(columns))
+        if unknown:
+            raise ConfigError(
+                f"unknown `max_per` column(s) {unknown}; the item metadata has "
+                f"{columns}."
+            )
+        for column, limit in max_per.items():
+            check_k(f"max_per[{column!r}]", limit)
+        return {str(c): int(n) for c, n in max_per.items()}
+
+    def _values(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(codes, offsets)``: item ``i``'s values of ``column`` (each of a
+        list column's, one of any other; none where null) as codes, at
+        ``codes[offsets[i]:offsets[i + 1]]``; cached per column."""
+        cached = self._groups.get(column)
+        if cached is not None:
+            return cached
+        assert self.frame is not None  # check_max_per refused none
+        values = self.frame.select(
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"), pl.col(column)
+        )
+        if isinstance(self.frame.schema[column], pl.List):
+            values = values.explode(column)
+        values = values.drop_nulls(column).with_columns(pl.col(column).cast(pl.String))
+        codes = values[column].rank("dense").to_numpy().astype(np.int64) - 1
+        rows = values["_row"].to_numpy()
+        offsets = np.zeros(self.frame.height + 1, dtype=np.int64)
+        np.add.at(offsets, rows + 1, 1)
+        found = (codes, np.cumsum(offsets))
+        self._groups[column] = found
+        return found
+
+    def groups(
+        self, items: torch.Tensor, max_per: dict[str, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The groups :func:`~twostage.diversity.diversify` caps: ``([B, W, G],
+        [M])``, each of ``items``' (``[B, W]`` item indices, -1: none) groups
+        (one per value of each ``max_per`` column; -1 pads) and each group's
+        limit."""
+        parts, limits, base = [], [], 0
+        flat = items.clamp_min(0).numpy().ravel()
+        for column, limit in max_per.items():
+            codes, offsets = self._values(column)
+            starts, lengths = offsets[flat], offsets[flat + 1] - offsets[flat]
+            width = max(1, int(lengths.max(initial=0)))
+            at = starts[:, None] + np.arange(width)
+            found = np.arange(width) < lengths[:, None]
+            found &= (items.numpy().ravel() >= 0)[:, None]
+            padded = np.append(codes, 0)  # a slot past the values reads 0, unused
+            local = np.where(found, padded[np.minimum(at, len(codes))] + base, -1)
+            parts.append(local.reshape(*items.shape, width))
+            count = int(codes.max(initial=-1)) + 1
+            limits.append(np.full(count, limit, dtype=np.int64))
+            base += count
+        joined = torch.from_numpy(np.concatenate(parts, axis=2))
+        # The groups these lists meet, numbered from 0 (a catalogue's brands
+        # may be many, a batch's few).
+        met, inverse = torch.unique(joined, return_inverse=True)
+        every = torch.from_numpy(np.concatenate(limits))
+        kept = met >= 0
+        local = inverse - int((~kept).sum())  # -1 stays first: the pads
+        return local, every[met[kept]]
 
 
 def _finite(text: str) -> bool:

@@ -32,7 +32,7 @@ from twostage.config import IndexConfig, RankingConfig
 from twostage.data.dataset import ITEM, USER
 from twostage.data.user_items import UserItems
 from twostage.display import display_columns, label_and_tags
-from twostage.diversity import check_diversity, diversify
+from twostage.diversity import ListRules, check_diversity, diversify
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
 from twostage.index import ExactIndex, Index, make_index
 from twostage.inputs import (
@@ -745,6 +745,7 @@ class Recommender:
         candidates: Sequence[Any] | None = None,
         exclude: Sequence[Any] | None = None,
         diversity: float = 0.0,
+        max_per: Mapping[str, int] | None = None,
     ) -> Recommendation:
         """Top ``k`` items for a user.
 
@@ -806,6 +807,12 @@ class Recommender:
                 trading each item's score against its likeness, in the candidate
                 embedding space, to the items picked before it. The items keep
                 their scores, so a diverse answer is not in score order.
+            max_per: ``{metadata column: n}``, at most ``n`` items of the
+                answer sharing a value of the column (``{"brand": 2}``; a list
+                column's item counts towards each of its values): an item
+                past the limit gives its place to the next candidate, so the
+                answer may run short when the candidates do. New items in
+                ``candidates`` have no metadata and count towards none.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
@@ -816,7 +823,7 @@ class Recommender:
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
         explain = _check_flag("explain", explain)
-        diversity = check_diversity(diversity)
+        rules = self.list_rules(diversity, max_per)
         if isinstance(user_id, list | tuple | set | dict):
             raise ConfigError(
                 "`user_id` should be one user ID. Received a "
@@ -922,7 +929,7 @@ class Recommender:
         notes = (unread, left_out, alike, unknown_excluded)
         width = max(num_candidates, k)
         if query is None:
-            pool = width if diversity else k
+            pool = width if rules else k
             order = self._popular[~excluded[self._popular]][:pool]
             scores = self.run.tensors.fallback_popularity[order]
             if new is not None:  # no popularity yet: after the known items
@@ -934,7 +941,7 @@ class Recommender:
                 scores[None],
                 order[None],
                 k,
-                diversity=diversity,
+                rules,
                 new=new,
             )
             order, scores = order[at[0]], scores[at[0]]
@@ -967,7 +974,7 @@ class Recommender:
                 top_scores[None],
                 top_idx[None],
                 k,
-                diversity=diversity,
+                rules,
                 new=new,
             )
             top_idx, top_scores = top_idx[at[0]], top_scores[at[0]]
@@ -997,9 +1004,7 @@ class Recommender:
             ease=ease,
             ease_weight=ranker.config.ease_weight,
         )
-        order, keys = self.picked(
-            order, keys, top_idx[None], k, diversity=diversity, new=new
-        )
+        order, keys = self.picked(order, keys, top_idx[None], k, rules, new=new)
         order, keys = order[0], keys[0]
         answer = self._answer(
             user_id, path, top_idx[order], top_scores[order], keys, new=new
@@ -1012,41 +1017,69 @@ class Recommender:
             answer = self._explained(answer, user_idx, top_idx[order], new)
         return _noting(answer, *notes)
 
+    def list_rules(
+        self, diversity: float = 0.0, max_per: Mapping[str, int] | None = None
+    ) -> ListRules:
+        """A request's ``diversity`` and ``max_per``, checked (the columns
+        against the item metadata)."""
+        return ListRules(
+            diversity=check_diversity(diversity),
+            max_per=self._filters.check_max_per(max_per),
+        )
+
     def picked(
         self,
         order: torch.Tensor,
         keys: torch.Tensor,
         candidates: torch.Tensor,
         k: int,
+        rules: ListRules,
         *,
-        diversity: float = 0.0,
         new: _NewItems | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, k], [B, k])`` the answer's places among each row's candidates
-        and their keys (fewer where the rows are shorter): the first ``k`` of
-        ``order`` and ``keys`` (``[B, W]``, a row's candidates best first, as
-        :func:`~twostage.ranking.rerank.rerank` gives them), or with
-        ``diversity`` the ``k`` that :func:`~twostage.diversity.diversify`
-        picks from them, compared by their candidate embeddings.
+        """``([B, k'], [B, k'])`` the answer's places among each row's
+        candidates and their keys: the first ``k`` of ``order`` and ``keys``
+        (``[B, W]``, a row's candidates best first, as
+        :func:`~twostage.ranking.rerank.rerank` gives them), or under
+        ``rules`` the ``k`` that :func:`~twostage.diversity.diversify` picks
+        from them (compared by their candidate embeddings, capped by their
+        metadata's groups); a single row is cut where it ran short, a batch's
+        slots left empty hold a ``-inf`` key after the picks.
 
         Args:
             candidates: ``[B, W]`` each row's item indices in their first order
                 (-1: an empty slot; new items past the catalogue's rows).
             new: the request's new items, whose vectors follow the catalogue's.
         """
-        if not diversity:
+        if not rules:
             return order[:, :k], keys[:, :k]
         items = candidates.gather(1, order)
         filled = items >= 0
-        table = self.item_embeddings
-        if new is not None:
-            table = torch.cat([table, new.vectors])
-        # (B, W) indices -> (B, W, D) vectors; an empty slot reads row 0, unpicked
-        vectors = table[items.clamp_min(0)]
+        vectors = None
+        if rules.diversity:
+            table = self.item_embeddings
+            if new is not None:
+                table = torch.cat([table, new.vectors])
+            # (B, W) indices -> (B, W, D); an empty slot reads row 0, unpicked
+            vectors = table[items.clamp_min(0)]
+        groups = limits = None
+        if rules.max_per:  # a new item, past the catalogue, has no metadata
+            catalogued = items.masked_fill(items >= len(self._item_id_list), -1)
+            groups, limits = self._filters.groups(catalogued, rules.max_per)
         at = diversify(
-            keys.masked_fill(~filled, -torch.inf), vectors, k, weight=diversity
+            keys.masked_fill(~filled, -torch.inf),
+            vectors,
+            k,
+            weight=rules.diversity,
+            groups=groups,
+            limits=limits,
         )
-        return order.gather(1, at), keys.gather(1, at)
+        got = at >= 0
+        if len(at) == 1:  # one answer: as long as its picks
+            at = at[:, : int(got.sum())]
+            return order.gather(1, at), keys.gather(1, at)
+        at = at.clamp_min(0)
+        return order.gather(1, at), keys.gather(1, at).masked_fill(~got, -torch.inf)
 
     def _new_items(self, frame: pl.DataFrame, name: str = "candidates") -> _NewItems:
         """New items (``item_id`` and the item feature columns; the request's
@@ -1206,6 +1239,7 @@ class Recommender:
         filters: dict[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
         diversity: float = 0.0,
+        max_per: Mapping[str, int] | None = None,
     ) -> SessionLists:
         """A list for every session of a table (polars, pandas or pyarrow) with
         a row per session item (``session_id``, ``item_id``; optionally
@@ -1213,7 +1247,7 @@ class Recommender:
         rows it could not read with their reasons
         (:func:`twostage.session_batch.recommend_sessions`); ``context``: one
         moment for every list, for a model that reads per-request context;
-        ``diversity``: as :meth:`recommend` takes it."""
+        ``diversity``, ``max_per``: as :meth:`recommend` takes them."""
         from twostage.session_batch import recommend_sessions
 
         return recommend_sessions(
@@ -1224,7 +1258,7 @@ class Recommender:
             use_ranker=_check_flag("use_ranker", use_ranker),
             filters=filters,
             context=context,
-            diversity=check_diversity(diversity),
+            rules=self.list_rules(diversity, max_per),
         )
 
     def recommend_table(
@@ -1238,6 +1272,7 @@ class Recommender:
         explain: bool = False,
         context: Mapping[str, Any] | None = None,
         diversity: float = 0.0,
+        max_per: Mapping[str, int] | None = None,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -1269,11 +1304,11 @@ class Recommender:
             context: one moment for every list (a campaign sent at 9:00,
                 ``{"timestamp": ...}``), for a model that reads per-interaction
                 context, as :meth:`recommend` takes it.
-            diversity: as :meth:`recommend` takes it (each list re-picked from
-                its own candidates).
+            diversity, max_per: as :meth:`recommend` takes them (each list
+                picked from its own candidates).
         """
         k = check_k("k", k)
-        diversity = check_diversity(diversity)
+        rules = self.list_rules(diversity, max_per)
         self.encode_context(context)  # a mistake is named before any list
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
@@ -1304,7 +1339,7 @@ class Recommender:
                             use_ranker,
                             search,
                             filters,
-                            diversity,
+                            rules,
                         ),
                         strict=True,
                     )
@@ -1328,7 +1363,8 @@ class Recommender:
                     use_ranker=use_ranker,
                     filters=filters,
                     context=context,
-                    diversity=diversity,
+                    diversity=rules.diversity,
+                    max_per=rules.max_per,
                 )
                 item_idx = [self.item_vocab.lookup(i["item_id"]) for i in answer.items]
                 plain = [i["score"] for i in answer.items]
@@ -1455,7 +1491,7 @@ class Recommender:
         use_ranker: bool,
         index: Index | None,
         filters: dict[str, Any] | None = None,
-        diversity: float = 0.0,
+        rules: ListRules | None = None,
     ) -> list[tuple[list[int], list[float], list[float], str]]:
         """``(item indices, keys, retrieval scores, path)`` of known users on the
         personalised path, as :meth:`recommend` orders them, in one search of
@@ -1494,10 +1530,10 @@ class Recommender:
                 ease=ranker.ease_scores(users, candidates),
                 ease_weight=ranker.config.ease_weight,
             )
-        order, keys = self.picked(order, keys, top_idx, k, diversity=diversity)
+        order, keys = self.picked(order, keys, top_idx, k, rules or ListRules())
         chosen = top_idx.gather(1, order)
         plain = top_scores.gather(1, order)
-        kept = chosen >= 0
+        kept = (chosen >= 0) & torch.isfinite(keys)  # (the rules' empty slots)
         return [
             (
                 chosen[row][kept[row]].tolist(),

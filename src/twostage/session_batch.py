@@ -17,6 +17,7 @@ import torch
 from twostage.data.dataset import ITEM, RATING, TIME, USER
 from twostage.data.frames import FRAME_KINDS, as_polars
 from twostage.data.user_items import UserItems
+from twostage.diversity import ListRules
 from twostage.errors import ConfigError
 from twostage.inputs import check_k, session_indices
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
@@ -83,7 +84,7 @@ def recommend_sessions(
     filters: dict[str, Any] | None = None,
     context: Mapping[str, Any] | None = None,
     session_contexts: Mapping[Any, Mapping[str, Any]] | None = None,
-    diversity: float = 0.0,
+    rules: ListRules | None = None,
 ) -> SessionLists:
     """A list for every session of ``sessions``, as :meth:`Recommender.recommend`
     answers one ``session`` each.
@@ -107,7 +108,8 @@ def recommend_sessions(
         session_contexts: ``{session_id: context}``, a session's own moment in
             place of ``context`` (:func:`~twostage.session_evaluation.evaluate_sessions`
             gives each the time of its held-out row).
-        diversity: as :meth:`Recommender.recommend` takes it.
+        rules: ``diversity`` and ``max_per``, as :meth:`Recommender.recommend`
+            takes them (:meth:`Recommender.list_rules`).
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -151,7 +153,7 @@ def recommend_sessions(
         ranker,
         filters,
         encoded,
-        diversity,
+        rules,
     )
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches
@@ -172,7 +174,8 @@ def recommend_sessions(
             use_ranker=use_ranker,
             filters=filters,
             context=(session_contexts or {}).get(session, context),
-            diversity=diversity,
+            diversity=rules.diversity if rules else 0.0,
+            max_per=rules.max_per if rules else None,
         )
         # items added after training: seen, but the model learned nothing of them
         added = {vocab.lookup(item) for item in answer.unread_session_items}
@@ -230,7 +233,7 @@ def _batched_lists(
     ranker: Any = None,
     filters: dict[str, Any] | None = None,
     contexts: dict[Any, dict[str, torch.Tensor]] | None = None,
-    diversity: float = 0.0,
+    rules: ListRules | None = None,
 ) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
     """``{session: (item IDs, keys, retrieval scores)}``: the lists
     :meth:`Recommender.recommend` gives these sessions (of the users
@@ -242,8 +245,8 @@ def _batched_lists(
     retrieval scores); with ``filters``, of the items that pass (an exact
     index of them, as ``recommend`` searches them); with ``contexts``
     (``{session: encoded context}``, :meth:`Recommender.encode_context`; ``{}``:
-    unknown), a model that reads per-request context reads each session's; with
-    ``diversity``, each list re-picked as ``recommend`` re-picks one. A
+    unknown), a model that reads per-request context reads each session's; under
+    ``rules``, each list picked as ``recommend`` picks one. A
     session that reads an item added after training, or whose query is not
     finite, is left out: ``recommend`` answers (or refuses) it."""
     search = rec.batch_index(filters)  # a bad filter: named before any list
@@ -297,10 +300,11 @@ def _batched_lists(
         order, keys = _reranked(
             rec, ranker, fields, queries, who, baskets, top_scores, top_idx
         )
-        order, keys = rec.picked(order, keys, top_idx, k, diversity=diversity)
+        order, keys = rec.picked(order, keys, top_idx, k, rules or ListRules())
         chosen = top_idx.gather(1, order)
         plain = top_scores.gather(1, order)
-        kept = chosen >= 0  # rows run short only when the catalogue does
+        # rows run short where the catalogue does, or the rules' limits
+        kept = (chosen >= 0) & torch.isfinite(keys)
         flat = chosen.clamp_min(0).numpy().ravel()
         ids = rec.item_vocab.inverse_transform(flat).to_list()
         for row, session in enumerate(part):

@@ -135,6 +135,9 @@ def test_every_route_answers(models_dir: Path, small_recommender: Recommender) -
         ("/v1/recommend", {"user_id": 3, "diversity": "x"}, 422, "body.diversity"),
         ("/v1/recommend", {"user_id": 3, "exclude": "7"}, 422, "body.exclude"),
         ("/v1/recommend", {"user_id": 3, "exclude": [[7]]}, 422, "body.exclude"),
+        ("/v1/recommend", {"user_id": 3, "max_per": {"colour": 2}}, 400, "colour"),
+        ("/v1/recommend", {"user_id": 3, "max_per": {"category": 0}}, 400, "max_per"),
+        ("/v1/recommend", {"user_id": 3, "max_per": {"category": "x"}}, 422, "max_per"),
         (
             "/v1/models/synthetic:predict",
             {"instances": [{"user_id": 3, "diversity": -1}]},
@@ -586,11 +589,19 @@ def test_exclude_and_diversity_reach_the_model(
     unknown excluded IDs are named, on `:predict` as a third output."""
     with client_for(models_dir) as client:
         plain = [i["item_id"] for i in small_recommender.recommend(3, 6).items]
-        body = {"user_id": 3, "k": 6, "exclude": [plain[0], 99_999], "diversity": 0.7}
+        body = {
+            "user_id": 3,
+            "k": 6,
+            "exclude": [plain[0], 99_999],
+            "diversity": 0.7,
+            "max_per": {"category": 1},
+        }
         answer = client.post("/v1/recommend", json=body).json()
         expected = small_recommender.recommend(
-            3, 6, exclude=[plain[0], 99_999], diversity=0.7
+            3, 6, exclude=[plain[0], 99_999], diversity=0.7, max_per={"category": 1}
         ).to_dict()
+        categories = [i["category"] for i in answer["items"]]
+        assert len(set(categories)) == len(categories)
         assert answer["items"] == expected["items"]
         assert plain[0] not in [i["item_id"] for i in answer["items"]]
         assert answer["unknown_excluded_items"] == [99_999]

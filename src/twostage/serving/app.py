@@ -280,6 +280,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 candidates=body.candidates,
                 exclude=body.exclude,
                 diversity=body.diversity,
+                max_per=body.max_per,
             )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
         if body.include_history:
@@ -392,6 +393,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     candidates=request.candidates,
                     exclude=request.exclude,
                     diversity=request.diversity,
+                    max_per=request.max_per,
                 )
             predictions.append(
                 {

@@ -188,6 +188,12 @@ class RecommendRequest(_Strict):
         "embeddings); the items keep their scores, so a diverse list is not in "
         "score order.",
     )
+    max_per: dict[str, int] | None = Field(
+        None,
+        description="At most n items sharing a value of a metadata column, e.g. "
+        '{"genres": 3} (an item of a list column counts towards each of its '
+        "values); an item past the limit gives its place to the next candidate.",
+    )
 
     def session_items(self) -> list[Any] | None:
         """The session as the Recommender takes it."""

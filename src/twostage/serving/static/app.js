@@ -160,6 +160,12 @@ function contextInputs(fields) {
   return inputs;
 }
 
+function maxPer() {
+  const limit = Number($("max-per").value);
+  if (!limit || !metadata || !metadata.tags_column) return null;
+  return { [metadata.tags_column]: limit };
+}
+
 function filters() {
   const tag = $("filter").value.trim();
   if (!tag || !metadata || !metadata.tags_column) return null;
@@ -176,6 +182,7 @@ async function recommend(event) {
     k: Number($("k").value) || 10,
     exclude_seen: $("exclude-seen").checked,
     diversity: Number($("diversity").value) || 0,
+    max_per: maxPer(),
     filters: filters(),
     session: session(),
     context: context(),

@@ -500,7 +500,9 @@ class ItemFilters:
             )
         for column, limit in max_per.items():
             check_k(f"max_per[{column!r}]", limit)
-        return {str(c): int(n) for c, n in max_per.items()}
+        # A limit past any list's length limits nothing; 2^31 keeps 10^22 from
+        # overflowing the counts' int64 (it would end in a 500).
+        return {str(c): min(int(n), 2**31) for c, n in max_per.items()}
 
     def _values(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         """``(codes, offsets)``: item ``i``'s values of ``column`` (each of a

@@ -611,3 +611,12 @@ def test_exclude_and_diversity_reach_the_model(
         assert predicted[0]["output_2"] == [i["item_id"] for i in expected["items"]]
         assert predicted[0]["unknown_excluded_items"] == [99_999]
         assert predicted[1]["unknown_excluded_items"] == []
+        # A limit past any list limits nothing (10^22 overflowed the counts: a 500).
+        huge = client.post(
+            "/v1/recommend",
+            json={"user_id": 3, "k": 6, "max_per": {"category": 10**22}},
+        )
+        assert huge.status_code == 200, huge.text
+        assert (
+            huge.json()["items"] == small_recommender.recommend(3, 6).to_dict()["items"]
+        )

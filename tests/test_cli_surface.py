@@ -718,6 +718,24 @@ def test_an_output_path_the_file_system_refuses_is_one_line_and_exit_2(
         assert exited.value.code == 2, (args, said)
         assert "Traceback" not in said and "afile" in said, (args, said)
         assert ".partial" not in said, (args, said)  # the path given, not a temporary
+    # A run's, bundle's or report's folder with a file in its way was found only
+    # when the work was done: now refused before it (`train`'s log says nothing).
+    for args in (
+        ["train", "retrieval", "--dataset", str(log), "--out", str(blocker)],
+        ["train", "--dataset", str(log), "--out", f"{blocker}/1"],
+        [
+            *("train", "--dataset", str(log), "--out", str(tmp_path / "m" / "1")),
+            *("--work-dir", str(blocker)),
+        ],
+        ["report", bundle, "--out", str(blocker)],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        captured = capsys.readouterr()
+        said = re.sub(r"[│╭╮╰╯─\s]", "", captured.out + captured.err)
+        assert exited.value.code == 2, (args, said)
+        assert "afile" in said and "--" in said, (args, said)
+        assert "epoch" not in said and "rebuilding" not in said, (args, said)
     # A batch file's missing folder is made, before any answer is computed.
     out = tmp_path / "new" / "folder" / "similar.parquet"
     with pytest.raises(SystemExit) as exited:

@@ -425,6 +425,9 @@ def train_all(
         return
     if out is None:
         raise typer.BadParameter("--out is required, e.g. --out models/movielens/1")
+    from twostage.cli_batch import check_folder
+
+    check_folder(out, "--out")  # a file in the way: refused now, not after training
     versions = _holds_versions(out)
     if out.exists() and not versions:  # refused now, not after training
         raise typer.BadParameter(
@@ -441,6 +444,9 @@ def train_all(
         )
     _not_into_a_bundle("--work-dir", work_dir, "checkpoints")
     _not_into_a_bundle("--tensorboard", tensorboard, "TensorBoard logs")
+    for flag, folder in (("--work-dir", work_dir), ("--tensorboard", tensorboard)):
+        if folder is not None:
+            check_folder(folder, flag)
     from twostage.data.registry import anchored
 
     if dataset is not None:
@@ -1738,6 +1744,9 @@ def train_retrieval_command(
     from twostage.retrieval.run import RUN_WEIGHTS
 
     _not_into_a_bundle("--out", out, "a run")
+    from twostage.cli_batch import check_folder
+
+    check_folder(out, "--out")  # a file in the way: refused now, not after training
     if (out / RUN_WEIGHTS).exists() and not resume:
         status_console.print(
             f"[yellow]{escape(str(out))} holds a trained run; this one replaces it "
@@ -2097,9 +2106,11 @@ def report_command(
     """Write the report of a run or bundle: loss curves of both stages with the best
     epoch marked, metrics at K beside the baselines, score distributions, ranking
     figures, config, seed and version (Markdown, HTML and PNG)."""
+    from twostage.cli_batch import check_folder
     from twostage.report import report_for
 
     target = out or Path("reports") / (path.resolve().name or "run")
+    check_folder(target, "--out")  # before the test split is rebuilt and scored
     with status_console.status("rebuilding the test split and evaluating"):
         files, notes = report_for(path, target)
     for note in notes:

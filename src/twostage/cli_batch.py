@@ -5,6 +5,7 @@ rows, writing a chunk of answers at a time)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -138,6 +139,31 @@ def check_writable(out: Path, flag: str) -> None:
         raise typer.BadParameter(
             f"cannot write {str(out)!r}: {e.strerror or e}.", param_hint=flag
         ) from e
+
+
+def check_folder(out: Path, flag: str) -> None:
+    """Now, not after the training or evaluation that fills it: a folder can
+    be made at ``out`` (``flag``'s value), or written into where it exists. A
+    file there, or on the way to it, or a folder this process cannot write,
+    is ``flag``'s error."""
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(
+            f"{str(out)!r} is a file; {flag} names a folder to write into.",
+            param_hint=flag,
+        )
+    nearest = out
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise typer.BadParameter(
+            f"cannot make {str(out)!r}: {str(nearest)!r} is a file, not a folder.",
+            param_hint=flag,
+        )
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise typer.BadParameter(
+            f"cannot make {str(out)!r}: {str(nearest)!r} is not writable.",
+            param_hint=flag,
+        )
 
 
 def _refuse_deep_json(text: str, path: Path, flag: str) -> None:

@@ -220,6 +220,24 @@ def test_recommend_excludes_items_and_diversifies_from_the_cli(
         env={"COLUMNS": "200"},
     )
     assert refused.exit_code == 2 and "--exclude" in refused.output
+    similar = runner.invoke(
+        app,
+        [
+            "similar",
+            model,
+            "--item",
+            "7",
+            "-k",
+            "4",
+            "--max-per",
+            "category=1",
+            "--json",
+        ],
+    )
+    assert similar.exit_code == 0, similar.output
+    assert json.loads(similar.stdout)["items"] == small_recommender.similar_items(
+        7, 4, max_per={"category": 1}
+    )
     bad = runner.invoke(app, [*args, "--diversity", "1.5"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "--diversity" in bad.output
     for given, said in (

@@ -629,3 +629,30 @@ def test_at_most_n_items_share_a_metadata_value(
     ):
         with pytest.raises(ConfigError, match=message):
             rec.recommend(5, 10, max_per=bad)  # type: ignore[arg-type]
+
+
+def test_similar_items_take_the_same_rules(fitted: tuple[Recommender, object]) -> None:
+    """ "More like this" with at most one item a category, or diverse: picked
+    from the closest num_candidates as an answer is; the table agrees."""
+    rec, _ = fitted
+    category = rec.item_filters.frame["category"].to_list()
+    closest = [i["item_id"] for i in rec.similar_items(7, rec.num_candidates)]
+    expected, held = [], set()
+    for item in closest:
+        value = category[rec.item_vocab.lookup(item)]
+        if value not in held and len(expected) < 5:
+            expected.append(item)
+            held.add(value)
+    capped = rec.similar_items(7, 5, max_per={"category": 1})
+    assert [i["item_id"] for i in capped] == expected
+    diverse = [i["item_id"] for i in rec.similar_items(7, 5, diversity=1.0)]
+    assert diverse[0] == closest[0] and set(diverse) <= set(closest)
+    assert diverse != closest[:5]
+    table = rec.similar_table([7, 9], 5, diversity=0.5, max_per={"category": 2})
+    for item in (7, 9):
+        rows = table.filter(pl.col("item_id") == item)
+        one = rec.similar_items(item, 5, diversity=0.5, max_per={"category": 2})
+        assert rows["similar_item_id"].to_list() == [i["item_id"] for i in one]
+        assert rows["score"].to_list() == pytest.approx([i["score"] for i in one])
+    with pytest.raises(ConfigError, match="unknown `max_per` column"):
+        rec.similar_items(7, 5, max_per={"colour": 1})

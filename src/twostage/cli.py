@@ -144,6 +144,27 @@ def experiment_config(
     return apply_overrides(config, [*mapping, *overrides])
 
 
+Diversity = Annotated[
+    float,
+    typer.Option(
+        "--diversity",
+        min=0.0,
+        max=1.0,
+        help="0 (the list as scored) to 1: pick each next item from the "
+        "candidates trading its score against its likeness to the items picked "
+        "before it (maximal marginal relevance over the item embeddings); the "
+        "items keep their scores. For one list or many.",
+    ),
+]
+MaxPer = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--max-per",
+        help="At most N items of a list sharing a value of a metadata column, "
+        "e.g. --max-per genres=3 (an item of a list column counts towards each of "
+        "its values); repeat for several columns; for one list or many.",
+    ),
+]
 TensorBoard = Annotated[
     Path | None,
     typer.Option(
@@ -943,27 +964,8 @@ def recommend_command(
             "the two); the score column is then retrieval's.",
         ),
     ] = False,
-    diversity: Annotated[
-        float,
-        typer.Option(
-            "--diversity",
-            min=0.0,
-            max=1.0,
-            help="0 (the list as scored) to 1: pick each next item from the "
-            "candidates trading its score against its likeness to the items "
-            "picked before it (maximal marginal relevance over the item "
-            "embeddings); the items keep their scores. For one list or many.",
-        ),
-    ] = 0.0,
-    max_per_given: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--max-per",
-            help="At most N items of a list sharing a value of a metadata column, "
-            "e.g. --max-per genres=3 (an item of a list column counts towards each "
-            "of its values); repeat for several columns; for one list or many.",
-        ),
-    ] = None,
+    diversity: Diversity = 0.0,
+    max_per_given: MaxPer = None,
     exclude_given: Annotated[
         list[str] | None,
         typer.Option(
@@ -1534,6 +1536,8 @@ def similar_command(
             "catalogue items closest to it.",
         ),
     ] = None,
+    diversity: Diversity = 0.0,
+    max_per_given: MaxPer = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -1558,6 +1562,7 @@ def similar_command(
         )
     rec = _open_bundle(bundle)
     chosen = _checked_filters(rec, filters)
+    max_per = _checked_limits(rec, max_per_given)
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
         ids = (
@@ -1583,7 +1588,9 @@ def similar_command(
         rows = write_in_chunks(
             out,
             ids,
-            lambda part: rec.similar_table(part, k, filters=chosen),
+            lambda part: rec.similar_table(
+                part, k, filters=chosen, diversity=diversity, max_per=max_per
+            ),
             key="item_id",
             noun="items",
             chunk=4096,
@@ -1597,16 +1604,24 @@ def similar_command(
         console.print(f"{rows:,} rows for {len(ids):,} {noun} -> {escape(str(out))}")
         if short:
             pool = "the items that pass --filter are" if chosen else "the catalogue is"
+            why = f"{pool} that few"
+            if max_per:
+                why += ", or --max-per passed over the rest of the closest"
             status_console.print(
-                f"[yellow]{short:,} items have fewer than {k} similar items ({pool} "
-                "that few).[/yellow]"
+                f"[yellow]{short:,} items have fewer than {k} similar items "
+                f"({why}).[/yellow]"
             )
         return
     item = typing.cast(str, item)  # refused above when None
     described = _key_values(feature, "--feature") if feature else None
     try:
         similar = rec.similar_items(
-            parse_id(item), k, filters=chosen, item_features=described
+            parse_id(item),
+            k,
+            filters=chosen,
+            item_features=described,
+            diversity=diversity,
+            max_per=max_per,
         )
     except UnknownIdError as e:
         raise typer.BadParameter(

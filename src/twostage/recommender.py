@@ -1550,11 +1550,14 @@ class Recommender:
         k: int = 10,
         *,
         filters: dict[str, Any] | None = None,
+        diversity: float = 0.0,
+        max_per: Mapping[str, int] | None = None,
     ) -> pl.DataFrame:
         """:meth:`similar_items` for many items as one long table (an "also liked"
         table for a shop's pages): a row per item and rank with ``item_id``,
         ``rank`` (1 is the closest), ``similar_item_id`` and ``score``; searched
-        4,096 items at a time (``filters``: as :meth:`similar_items`).
+        4,096 items at a time (``filters``, ``diversity``, ``max_per``: as
+        :meth:`similar_items`).
 
         Raises:
             UnknownIdError: an item is not in the catalogue (the first few named).
@@ -1571,13 +1574,17 @@ class Recommender:
                 f"model ({self.item_vocab.size - 1} items): {unknown[:5]!r}"
                 f"{' ...' if len(unknown) > 5 else ''}."
             )
+        rules = self.list_rules(diversity, max_per)
         index = self.filtered_index(filters)
         parts = idx.split(4096) if index is not None else ()  # None: nothing passes
         sources, ranks, similar, scores = [], [], [], []
         for part in parts:
             top_scores, top_idx = typing.cast(Index, index).search(
-                self.item_embeddings[part], k, exclude=[[int(i)] for i in part]
+                self.item_embeddings[part],
+                max(self.num_candidates, k) if rules else k,
+                exclude=[[int(i)] for i in part],
             )
+            top_idx, top_scores = self._picked_similar(top_idx, top_scores, k, rules)
             found = top_idx >= 0
             rows, cols = torch.nonzero(found, as_tuple=True)
             sources.append(part[rows])
@@ -1608,10 +1615,15 @@ class Recommender:
         *,
         filters: dict[str, Any] | None = None,
         item_features: Mapping[str, Any] | None = None,
+        diversity: float = 0.0,
+        max_per: Mapping[str, int] | None = None,
     ) -> list[dict[str, Any]]:
         """Items whose candidate embeddings are closest to this item's; with
         ``filters`` (as :meth:`recommend` takes them, e.g. ``{"in_stock": True}``)
-        only those whose metadata matches, searched exactly.
+        only those whose metadata matches, searched exactly. ``diversity`` and
+        ``max_per`` pick the ``k`` from the ``num_candidates`` closest as
+        :meth:`recommend` picks an answer (similar, and not all alike; at most
+        2 of a brand).
 
         An item the model never trained on may be described by its
         ``item_features`` (the columns of :attr:`item_feature_columns`; nested
@@ -1628,6 +1640,7 @@ class Recommender:
         """
         k = check_k("k", k)
         check_raw_id("item_id", item_id)
+        rules = self.list_rules(diversity, max_per)
         if item_features is not None and not isinstance(item_features, Mapping):
             raise ConfigError(
                 "`item_features` should map feature columns to values. Received: "
@@ -1655,10 +1668,23 @@ class Recommender:
             )
             query = self._new_items(frame, "item_features").vectors
         # (a new item is index 0 here, the unknown row, which no index holds)
-        top_scores, top_idx = index.search(query, k, exclude=[[item_idx]])
+        width = max(self.num_candidates, k) if rules else k
+        top_scores, top_idx = index.search(query, width, exclude=[[item_idx]])
+        top_idx, top_scores = self._picked_similar(top_idx, top_scores, k, rules)
         found = top_idx[0] >= 0
         top_scores, top_idx = top_scores[0][found], top_idx[0][found]
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items
+
+    def _picked_similar(
+        self, top_idx: torch.Tensor, top_scores: torch.Tensor, k: int, rules: ListRules
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([B, k], [B, k])`` the similar items ``rules`` pick from a search's
+        ``[B, W]`` closest, and their scores (-1 and ``-inf`` past the picks)."""
+        keys = top_scores.masked_fill(top_idx < 0, -torch.inf)
+        order = torch.arange(top_idx.shape[1]).expand_as(top_idx)
+        order, keys = self.picked(order, keys, top_idx, k, rules)
+        items = top_idx.gather(1, order).masked_fill(~torch.isfinite(keys), -1)
+        return items, keys
 
     def history(self, user_id: Any) -> list[dict[str, Any]]:
         """Every distinct training item of the user (with metadata), none left out.

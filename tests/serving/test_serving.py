@@ -611,6 +611,13 @@ def test_exclude_and_diversity_reach_the_model(
         assert predicted[0]["output_2"] == [i["item_id"] for i in expected["items"]]
         assert predicted[0]["unknown_excluded_items"] == [99_999]
         assert predicted[1]["unknown_excluded_items"] == []
+        similar = client.post(
+            "/v1/similar",
+            json={"item_id": 7, "k": 4, "diversity": 0.5, "max_per": {"category": 1}},
+        ).json()
+        assert similar["items"] == small_recommender.similar_items(
+            7, 4, diversity=0.5, max_per={"category": 1}
+        )
         # A limit past any list limits nothing (10^22 overflowed the counts: a 500).
         huge = client.post(
             "/v1/recommend",

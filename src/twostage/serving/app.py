@@ -305,6 +305,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 body.k,
                 filters=body.filters,
                 item_features=body.item_features,
+                diversity=body.diversity,
+                max_per=body.max_per,
             )
         return JSONResponse(
             {

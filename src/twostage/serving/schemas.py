@@ -248,6 +248,19 @@ class SimilarRequest(_Strict):
         None,
         description='Keep items whose metadata matches, e.g. {"in_stock": true}.',
     )
+    diversity: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="0 (the closest first) to 1: pick the `k` from the closest "
+        "trading closeness against likeness to those picked before, as in "
+        "/v1/recommend.",
+    )
+    max_per: dict[str, int] | None = Field(
+        None,
+        description="At most n items sharing a value of a metadata column, e.g. "
+        '{"brand": 2}, as in /v1/recommend.',
+    )
     item_features: dict[str, Any] | None = Field(
         None,
         description="The features of an item the model never trained on (a new "

@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import console, machine, print_table, write_json
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.dataset import ITEM
-from twostage.diversity import intra_list_diversity
-from twostage.metrics import compute_metrics
+from twostage.list_evaluation import list_figures, served_lists
 from twostage.recommender import Recommender
 from twostage.retrieval.evaluation import eval_queries
 from twostage.two_stage import fit_two_stage
@@ -76,38 +74,21 @@ def measure(
     popularity: np.ndarray,
     max_per: dict[str, int] | None = None,
 ) -> dict[str, float]:
-    """One setting's figures over every test user's list."""
-    users = queries.user_ids.to_list()
+    """One setting's figures over every test user's served list: the library's
+    (``twostage.list_evaluation``), and the genres' spread and popularity."""
     started = time.perf_counter()
-    table = rec.recommend_table(
-        users, k, diversity=weight, use_ranker=use_ranker, max_per=max_per
+    topk = served_lists(
+        rec, queries, k, use_ranker=use_ranker, diversity=weight, max_per=max_per
     )
     seconds = time.perf_counter() - started
-    position = {u: row for row, u in enumerate(users)}
-    topk = torch.full((len(users), k), -1, dtype=torch.long)
-    idx = rec.item_vocab.transform(table[ITEM])
-    rows = np.array([position[u] for u in table["user_id"].to_list()])
-    topk[rows, table["rank"].to_numpy() - 1] = torch.from_numpy(idx.astype(np.int64))
-    figures = compute_metrics(
-        topk,
-        queries.relevant,
-        ks=(k,),
-        num_items=int(queries.valid_items.shape[0]),
-        valid_items=queries.valid_items,
-    )
-    filled = topk >= 0
-    spread = intra_list_diversity(rec.item_embeddings[topk.clamp_min(0)], filled)
+    figures = list_figures(rec, queries, topk, k)
     lists = [[i for i in row if i >= 0] for row in topk.tolist()]
-    listed = idx[idx > 0]
+    listed = topk[topk > 0].numpy()
     return {
-        "ndcg": figures["ndcg"][k],
-        "recall": figures["recall"][k],
-        "hit_rate": figures["hit_rate"][k],
-        "ild_embedding": float(spread.nanmean()),
+        **figures,
+        "ild_embedding": figures["intra_list_diversity"],
         "ild_genres": genre_distance(lists, genres) if genres else float("nan"),
-        "coverage": len(np.unique(listed)) / (rec.item_vocab.size - 1),
         "mean_popularity": float(popularity[listed].mean()),
-        "mean_length": float(filled.sum(dim=1).float().mean()),
         "seconds": seconds,
     }
 

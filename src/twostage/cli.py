@@ -85,6 +85,7 @@ from twostage.cli_output import (
     items_table,
     print_fallback,
     print_json,
+    print_list_rules,
     print_metrics,
     print_ranking,
     print_session_figures,
@@ -1907,6 +1908,26 @@ def evaluate_command(
             "bootstrap) and slices (heavy against light users).",
         ),
     ] = None,
+    diversity: Annotated[
+        float,
+        typer.Option(
+            "--diversity",
+            min=0.0,
+            max=1.0,
+            help="Also measure the lists served with this diversity (as "
+            "`recommend --diversity` serves them) beside the lists as scored: "
+            "NDCG, Recall and HitRate@10, intra-list diversity, coverage.",
+        ),
+    ] = 0.0,
+    max_per_given: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max-per",
+            help="Also measure the lists served with at most N items sharing a "
+            "value of a metadata column (--max-per genres=3, as `recommend "
+            "--max-per` serves them), with --diversity if given.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the --per-user file.")
     ] = False,
@@ -1937,8 +1958,16 @@ def evaluate_command(
         )
     if per_user is not None:
         _check_per_user(per_user, overwrite, sessions_file)
+    ruled = bool(diversity or max_per_given)
+    if ruled and sessions_file is not None:
+        raise typer.BadParameter(
+            "measures the test split's served lists under the rules; --sessions "
+            "measures sessions instead: drop one.",
+            param_hint="--diversity" if diversity else "--max-per",
+        )
     results: dict[str, Any] = {}
     rec = _open_bundle(path)
+    max_per = _checked_limits(rec, max_per_given)
     streamed = rec.run.stream is not None
 
     def training_rows() -> Any:
@@ -1990,6 +2019,13 @@ def evaluate_command(
         kept = results["ranking"].pop("queries", {})
     if per_user is not None:
         results["per_user"] = _write_per_user(per_user, rec.run, test, found, kept)
+    if ruled:
+        from twostage.list_evaluation import evaluate_list_rules
+
+        with status_console.status("writing every test user's served list"):
+            results["list_rules"] = evaluate_list_rules(
+                rec, test, diversity=diversity, max_per=max_per
+            )
     others = {k: v for k, v in results["retrieval"].items() if k != "twostage"}
     rows: dict[str, dict[str, Any]] = {}
     if others:  # where the list a user gets stands, noise guarded
@@ -2016,6 +2052,8 @@ def evaluate_command(
         print_ranking(results["ranking"], title=f"Ranking stage ({side})")
     for line in standing_lines(rows):
         console.print(f"- {escape(line)}")
+    if ruled:
+        print_list_rules(results["list_rules"])
     if per_user is not None:
         written = results["per_user"]
         console.print(

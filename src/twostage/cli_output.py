@@ -352,6 +352,47 @@ def print_ranking(report: dict[str, Any], *, title: str) -> None:
     console.print(lists)
 
 
+def print_list_rules(report: dict[str, Any]) -> None:
+    """The output of :func:`twostage.list_evaluation.evaluate_list_rules`: the
+    served lists as scored and under the rules, one row each."""
+    k = report["k"]
+    rules = []
+    if report["diversity"]:
+        rules.append(f"diversity {report['diversity']:g}")
+    rules += [f"at most {n} a {column}" for column, n in report["max_per"].items()]
+    table = Table(
+        title=Text(
+            f"Served lists of the {report['users']:,} test users "
+            f"({report['scored_users']:,} with an unseen test item scored), "
+            f"{', '.join(rules) or 'no rule'}; seen items excluded"
+        )
+    )
+    columns = [
+        ("ndcg", f"NDCG@{k}"),
+        ("recall", f"R@{k}"),
+        ("hit_rate", f"HR@{k}"),
+        ("intra_list_diversity", "ILD"),
+        ("coverage", f"Cov@{k}"),
+        ("mean_length", "length"),
+        ("seconds", "s"),
+    ]
+    table.add_column("lists", overflow="fold")  # the row names whole, however narrow
+    for _, label in columns:
+        table.add_column(label, justify="right", overflow="fold")
+    for name, label in (("as_scored", "as scored"), ("with_rules", "with the rules")):
+        figures = report[name]
+        table.add_row(
+            label,
+            *(
+                f"{figures[key]:.2f}"
+                if key in ("mean_length", "seconds")
+                else f"{figures[key]:.4f}"
+                for key, _ in columns
+            ),
+        )
+    console.print(table)
+
+
 #: One line on what each baseline is, for the sentence on where we stand.
 BASELINE_NOTES = {
     "popularity": "most-popular, the floor every model must clear",

@@ -1,0 +1,82 @@
+"""The served lists under list rules, measured as evaluation measures lists."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from twostage.cli import app, main
+from twostage.config import ExperimentConfig, apply_overrides
+from twostage.errors import ConfigError
+from twostage.list_evaluation import evaluate_list_rules
+from twostage.two_stage import fit_two_stage
+
+CONFIG = [
+    "data.dataset=synthetic:num_users=150,num_items=60,num_interactions=3000",
+    "train.epochs=2",
+    "train.num_threads=1",
+    "retrieval.embedding_dim=8",
+    "retrieval.output_dim=8",
+    "retrieval.history_length=10",
+    "retrieval.popularity_fallback=0",
+    "ranking.epochs=1",
+    "ranking.embedding_dim=8",
+    "ranking.hidden_dims=8",
+]
+
+
+@pytest.fixture(scope="module")
+def stages():  # type: ignore[no-untyped-def]
+    return fit_two_stage(apply_overrides(ExperimentConfig(), CONFIG))
+
+
+def test_the_lists_as_scored_are_the_ranking_report_s_served_lists(stages) -> None:  # type: ignore[no-untyped-def]
+    """Written through recommend_table, the lists without rules score what the
+    ranking report's two-stage lists score: the same lists, measured alike."""
+    rec = stages.recommender()
+    found = evaluate_list_rules(
+        rec, stages.split.test, diversity=0.5, max_per={"category": 1}
+    )
+    served = stages.ranking_metrics["two_stage"]
+    for metric in ("ndcg", "recall", "hit_rate"):
+        assert found["as_scored"][metric] == pytest.approx(
+            served[metric]["10"], abs=1e-6
+        ), metric
+    assert found["users"] > found["scored_users"] > 0
+    assert found["as_scored"]["mean_length"] == 10.0
+    ruled = found["with_rules"]
+    assert ruled["intra_list_diversity"] > found["as_scored"]["intra_list_diversity"]
+    assert ruled != found["as_scored"] and 0 < ruled["mean_length"] <= 10
+    with pytest.raises(ConfigError, match="unknown `max_per` column"):
+        evaluate_list_rules(rec, stages.split.test, max_per={"colour": 1})
+
+
+def test_evaluate_prints_and_returns_the_rules_figures(
+    stages, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    bundle = tmp_path / "models" / "m" / "1"
+    stages.recommender().save(bundle)
+    result = CliRunner().invoke(
+        app, ["evaluate", str(bundle), "--max-per", "category=2", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rules = json.loads(result.stdout)["list_rules"]
+    assert rules["max_per"] == {"category": 2} and rules["diversity"] == 0
+    assert set(rules["with_rules"]) >= {"ndcg", "intra_list_diversity", "coverage"}
+    printed = CliRunner().invoke(
+        app, ["evaluate", str(bundle), "--diversity", "0.3"], env={"COLUMNS": "200"}
+    )
+    assert printed.exit_code == 0, printed.output
+    shown = re.sub(r"[│╭╮╰╯─┏┳┓┗┻┛━┃╇╈┡┩└┴┘┌┬┐├┼┤\s]", "", printed.output)
+    assert "Servedlistsofthe" in shown, shown  # (a narrow table folds its cells)
+    sessions = tmp_path / "visits.csv"
+    sessions.write_text("session_id,item_id\n1,3\n1,5\n")
+    with pytest.raises(SystemExit) as exited:
+        main(
+            ["evaluate", str(bundle), "--sessions", str(sessions), "--diversity", "0.3"]
+        )
+    assert exited.value.code == 2
+    said = re.sub(r"[│╭╮╰╯─\s]", "", capsys.readouterr().err)
+    assert "--sessionsmeasuressessionsinstead" in said, said

@@ -936,15 +936,7 @@ class Recommender:
                 extra = self._new_range(new)[: pool - len(order)]
                 order = torch.cat([order, extra])
                 scores = torch.cat([scores, torch.zeros(len(extra))])
-            at, _ = self.picked(
-                torch.arange(len(order))[None],
-                scores[None],
-                order[None],
-                k,
-                rules,
-                new=new,
-            )
-            order, scores = order[at[0]], scores[at[0]]
+            order, scores = self._picked_in_order(order, scores, k, rules, new=new)
             answer = self._answer(user_id, path, order, scores, None, new=new)
             return _noting(answer, *notes)
         if mask is None and not exact:
@@ -969,15 +961,9 @@ class Recommender:
         ranker = self.ranker if use_ranker else None
         if ranker is None or path == "popularity" or not len(top_idx):
             # (Nothing passed the filters: an empty answer, not a ranker error.)
-            at, _ = self.picked(
-                torch.arange(len(top_idx))[None],
-                top_scores[None],
-                top_idx[None],
-                k,
-                rules,
-                new=new,
+            top_idx, top_scores = self._picked_in_order(
+                top_idx, top_scores, k, rules, new=new
             )
-            top_idx, top_scores = top_idx[at[0]], top_scores[at[0]]
             answer = self._answer(user_id, path, top_idx, top_scores, None, new=new)
             if explain:
                 answer = self._explained(answer, user_idx, top_idx, new)
@@ -1584,7 +1570,7 @@ class Recommender:
                 max(self.num_candidates, k) if rules else k,
                 exclude=[[int(i)] for i in part],
             )
-            top_idx, top_scores = self._picked_similar(top_idx, top_scores, k, rules)
+            top_idx, top_scores = self._picked_in_order(top_idx, top_scores, k, rules)
             found = top_idx >= 0
             rows, cols = torch.nonzero(found, as_tuple=True)
             sources.append(part[rows])
@@ -1670,19 +1656,31 @@ class Recommender:
         # (a new item is index 0 here, the unknown row, which no index holds)
         width = max(self.num_candidates, k) if rules else k
         top_scores, top_idx = index.search(query, width, exclude=[[item_idx]])
-        top_idx, top_scores = self._picked_similar(top_idx, top_scores, k, rules)
-        found = top_idx[0] >= 0
-        top_scores, top_idx = top_scores[0][found], top_idx[0][found]
+        top_idx, top_scores = self._picked_in_order(top_idx[0], top_scores[0], k, rules)
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items
 
-    def _picked_similar(
-        self, top_idx: torch.Tensor, top_scores: torch.Tensor, k: int, rules: ListRules
+    def _picked_in_order(
+        self,
+        top_idx: torch.Tensor,
+        top_scores: torch.Tensor,
+        k: int,
+        rules: ListRules,
+        *,
+        new: _NewItems | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([B, k], [B, k])`` the similar items ``rules`` pick from a search's
-        ``[B, W]`` closest, and their scores (-1 and ``-inf`` past the picks)."""
+        """The items ``rules`` pick from lists already in score order (a
+        search's, popularity's) and their scores: ``[B, W]`` in, ``[B, k]``
+        out with -1 and ``-inf`` past the picks; one list ``[W]`` in, its
+        ``[k']`` picks out."""
+        if top_idx.dim() == 1:
+            items, keys = self._picked_in_order(
+                top_idx[None], top_scores[None], k, rules, new=new
+            )
+            kept = items[0] >= 0
+            return items[0][kept], keys[0][kept]
         keys = top_scores.masked_fill(top_idx < 0, -torch.inf)
         order = torch.arange(top_idx.shape[1]).expand_as(top_idx)
-        order, keys = self.picked(order, keys, top_idx, k, rules)
+        order, keys = self.picked(order, keys, top_idx, k, rules, new=new)
         items = top_idx.gather(1, order).masked_fill(~torch.isfinite(keys), -1)
         return items, keys
 

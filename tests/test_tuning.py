@@ -528,6 +528,56 @@ def test_ctrl_c_stops_every_worker_and_keeps_their_trials(tmp_path: Path) -> Non
     assert len(stored) < 100
 
 
+CUT_RELEASE = """
+import os, signal, sys
+
+if "--multiprocessing-fork" in sys.argv:  # a spawned tuning worker only
+    from optuna.storages.journal import _file
+
+    calls = []
+
+    def cut(real):
+        def release(self):
+            real(self)
+            calls.append(1)
+            if len(calls) == 8:  # mid-search: Ctrl-C lands as the lock releases
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the handler runs
+                except KeyboardInterrupt:
+                    # optuna's own release, cut there, unlinks a file its rename
+                    # never made: the FileNotFoundError replaces the interrupt
+                    raise FileNotFoundError(2, "No such file", "lock.rename")
+
+        return release
+
+    for kind in (_file.JournalFileSymlinkLock, _file.JournalFileOpenLock):
+        kind.release = cut(kind.release)
+"""
+
+
+def test_an_error_ctrl_c_causes_in_a_worker_is_an_interrupt(tmp_path: Path) -> None:
+    """Ctrl-C cutting optuna's journal lock while it released turned into a
+    FileNotFoundError in that worker, and the search ended as a worker's
+    failure (exit code 2) instead of an interrupted search (seen in the full
+    suite's Ctrl-C test). A worker's error after its Ctrl-C is the interrupt."""
+    (tmp_path / "sitecustomize.py").write_text(CUT_RELEASE)
+    settings = [part for setting in SMALL for part in ("--set", setting)]
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "twostage", "tune", *settings),
+            *("--param", "retrieval.temperature=0.1..0.5", "--trials", "6"),
+            *("--jobs", "2", "--storage", str(tmp_path / "trials.log")),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Interrupted: the table holds the trials that ran." in done.stdout
+
+
 def test_a_worker_that_dies_stops_the_search(tmp_path: Path) -> None:
     """A worker killed mid-trial leaves its trial "running"; a worker waiting
     for those settings would wait for ever, so the others are stopped and the

@@ -946,8 +946,11 @@ def _worker(
     the counter, the deadline or Ctrl-C stops it, and says why."""
     import signal
 
+    told: list[bool] = []
+
     def interrupt_once(*_: Any) -> None:  # a second Ctrl-C must not cut a record
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        told.append(True)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt_once)
@@ -988,8 +991,13 @@ def _worker(
     except KeyboardInterrupt:
         ended = "interrupted"
     except Exception as e:  # said in the parent, which raises it
-        messages.put((index, "error", f"{type(e).__name__}: {e}"))
-        return
+        if not told:
+            messages.put((index, "error", f"{type(e).__name__}: {e}"))
+            return
+        # The interrupt's own doing: optuna's journal lock, cut by Ctrl-C while
+        # it released, unlinks a file its rename never made (FileNotFoundError).
+        logger.debug("worker %d, after Ctrl-C: %r", index, e)
+        ended = "interrupted"
     messages.put((index, "ended", ended))
 
 

@@ -220,6 +220,17 @@ def test_recommend_excludes_items_and_diversifies_from_the_cli(
         env={"COLUMNS": "200"},
     )
     assert refused.exit_code == 2 and "--exclude" in refused.output
+    narrow = runner.invoke(
+        app,
+        [*args, "--max-per", "category=1", "--num-candidates", "5", "--json"],
+    )
+    assert narrow.exit_code == 0, narrow.output
+    assert (
+        json.loads(narrow.stdout)["items"]
+        == small_recommender.recommend(
+            3, 5, max_per={"category": 1}, num_candidates=5
+        ).items
+    )
     similar = runner.invoke(
         app,
         [

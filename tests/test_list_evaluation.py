@@ -51,6 +51,14 @@ def test_the_lists_as_scored_are_the_ranking_report_s_served_lists(stages) -> No
     assert ruled != found["as_scored"] and 0 < ruled["mean_length"] <= 10
     with pytest.raises(ConfigError, match="unknown `max_per` column"):
         evaluate_list_rules(rec, stages.split.test, max_per={"colour": 1})
+    # From fewer candidates the limited lists run shorter; the row as scored
+    # keeps the ranking stage's number.
+    narrow = evaluate_list_rules(
+        rec, stages.split.test, max_per={"category": 1}, num_candidates=10
+    )
+    assert narrow["num_candidates"] == 10 and found["num_candidates"] == 100
+    assert narrow["as_scored"]["ndcg"] == pytest.approx(found["as_scored"]["ndcg"])
+    assert narrow["with_rules"]["mean_length"] < ruled["mean_length"]
 
 
 def test_evaluate_prints_and_returns_the_rules_figures(
@@ -73,6 +81,18 @@ def test_evaluate_prints_and_returns_the_rules_figures(
     assert "Servedlistsofthe" in shown, shown  # (a narrow table folds its cells)
     sessions = tmp_path / "visits.csv"
     sessions.write_text("session_id,item_id\n1,3\n1,5\n")
+    with pytest.raises(SystemExit) as exited:
+        main(
+            ["evaluate", str(bundle), "--sessions", str(sessions), "--diversity", "0.3"]
+        )
+    assert exited.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", str(bundle), "--num-candidates", "50"])
+    assert exited.value.code == 2
+    assert "--diversityor--max-per" in re.sub(
+        r"[│╭╮╰╯─\s]", "", capsys.readouterr().err
+    )
     with pytest.raises(SystemExit) as exited:
         main(
             ["evaluate", str(bundle), "--sessions", str(sessions), "--diversity", "0.3"]

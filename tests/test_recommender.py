@@ -656,3 +656,30 @@ def test_similar_items_take_the_same_rules(fitted: tuple[Recommender, object]) -
         assert rows["score"].to_list() == pytest.approx([i["score"] for i in one])
     with pytest.raises(ConfigError, match="unknown `max_per` column"):
         rec.similar_items(7, 5, max_per={"colour": 1})
+
+
+def test_the_candidates_the_rules_pick_from_can_be_set(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """num_candidates sets the pool a list is picked from, for one list and
+    for a table alike: fewer candidates, a limit leaves the list shorter."""
+    rec, _ = fitted
+    top = [i["item_id"] for i in rec.recommend(3, 6).items]
+    narrow = rec.recommend(3, 6, max_per={"category": 1}, num_candidates=6)
+    got = [i["item_id"] for i in narrow.items]
+    assert set(got) <= set(top) and len(got) <= 6
+    wide = rec.recommend(3, 6, max_per={"category": 1}, num_candidates=60)
+    assert len(wide.items) >= len(got)
+    for width in (6, 60):
+        table = rec.recommend_table(
+            [3, 4], 6, max_per={"category": 1}, num_candidates=width
+        )
+        for user in (3, 4):
+            one = rec.recommend(user, 6, max_per={"category": 1}, num_candidates=width)
+            rows = table.filter(pl.col("user_id") == user)
+            assert rows["item_id"].to_list() == [i["item_id"] for i in one.items]
+    similar = rec.similar_items(7, 4, max_per={"category": 1}, num_candidates=4)
+    closest = [i["item_id"] for i in rec.similar_items(7, 4)]
+    assert {i["item_id"] for i in similar} <= set(closest)
+    with pytest.raises(ConfigError, match="`num_candidates` should be a positive"):
+        rec.recommend_table([3], 6, num_candidates=0)

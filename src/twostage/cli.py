@@ -166,6 +166,16 @@ MaxPer = Annotated[
         "its values); repeat for several columns; for one list or many.",
     ),
 ]
+NumCandidates = Annotated[
+    int | None,
+    typer.Option(
+        "--num-candidates",
+        min=1,
+        help="How many candidates each list is picked from (default: the number "
+        "the ranking stage was evaluated with): more for a --max-per that passes "
+        "over many, so the lists do not run short.",
+    ),
+]
 TensorBoard = Annotated[
     Path | None,
     typer.Option(
@@ -967,6 +977,7 @@ def recommend_command(
     ] = False,
     diversity: Diversity = 0.0,
     max_per_given: MaxPer = None,
+    num_candidates: NumCandidates = None,
     exclude_given: Annotated[
         list[str] | None,
         typer.Option(
@@ -1045,6 +1056,7 @@ def recommend_command(
             context=_key_values(context, "--context") or None,
             diversity=diversity,
             max_per=max_per,
+            num_candidates=num_candidates,
         )
         if json_output:
             print_json(summary)
@@ -1072,6 +1084,7 @@ def recommend_command(
             context=_key_values(context, "--context") or None,
             diversity=diversity,
             max_per=max_per,
+            num_candidates=num_candidates,
         )
         if json_output:
             print_json(summary)
@@ -1126,6 +1139,7 @@ def recommend_command(
             exclude=_session(exclude, "--exclude"),
             diversity=diversity,
             max_per=max_per,
+            num_candidates=num_candidates,
         )
     except UnknownIdError as e:  # only listed items can be unknown here
         flag = "--candidates" if str(e).startswith("`candidates`") else "--session"
@@ -1263,6 +1277,7 @@ def _recommend_into(
     context: dict[str, Any] | None = None,
     diversity: float = 0.0,
     max_per: dict[str, int] | None = None,
+    num_candidates: int | None = None,
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``."""
@@ -1280,6 +1295,7 @@ def _recommend_into(
             context=context,
             diversity=diversity,
             max_per=max_per,
+            num_candidates=num_candidates,
         ),
         key="user_id",
         noun="users",
@@ -1352,6 +1368,7 @@ def _recommend_sessions_into(
     context: dict[str, Any] | None = None,
     diversity: float = 0.0,
     max_per: dict[str, int] | None = None,
+    num_candidates: int | None = None,
 ) -> dict[str, Any]:
     """Every session's list into ``out``, 2,048 sessions at a time, with the
     counts the command reports, the rows not read among them (their first 100
@@ -1388,6 +1405,7 @@ def _recommend_sessions_into(
                 filters=filters,
                 context=context,
                 rules=rec.list_rules(diversity, max_per),
+                num_candidates=num_candidates,
             )
         except SessionTableError as e:  # the file's; a bad -k names its flag
             raise typer.BadParameter(str(e), param_hint="--sessions") from e
@@ -1539,6 +1557,7 @@ def similar_command(
     ] = None,
     diversity: Diversity = 0.0,
     max_per_given: MaxPer = None,
+    num_candidates: NumCandidates = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -1590,7 +1609,12 @@ def similar_command(
             out,
             ids,
             lambda part: rec.similar_table(
-                part, k, filters=chosen, diversity=diversity, max_per=max_per
+                part,
+                k,
+                filters=chosen,
+                diversity=diversity,
+                max_per=max_per,
+                num_candidates=num_candidates,
             ),
             key="item_id",
             noun="items",
@@ -1623,6 +1647,7 @@ def similar_command(
             item_features=described,
             diversity=diversity,
             max_per=max_per,
+            num_candidates=num_candidates,
         )
     except UnknownIdError as e:
         raise typer.BadParameter(
@@ -1928,6 +1953,7 @@ def evaluate_command(
             "--max-per` serves them), with --diversity if given.",
         ),
     ] = None,
+    num_candidates: NumCandidates = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the --per-user file.")
     ] = False,
@@ -1959,6 +1985,13 @@ def evaluate_command(
     if per_user is not None:
         _check_per_user(per_user, overwrite, sessions_file)
     ruled = bool(diversity or max_per_given)
+    if num_candidates is not None and not ruled:
+        raise typer.BadParameter(
+            "sets the candidates the --diversity or --max-per lists are picked "
+            "from; give one of them (the test split's figures read the ranking "
+            "stage's own number).",
+            param_hint="--num-candidates",
+        )
     if ruled and sessions_file is not None:
         raise typer.BadParameter(
             "measures the test split's served lists under the rules; --sessions "
@@ -2024,7 +2057,11 @@ def evaluate_command(
 
         with status_console.status("writing every test user's served list"):
             results["list_rules"] = evaluate_list_rules(
-                rec, test, diversity=diversity, max_per=max_per
+                rec,
+                test,
+                diversity=diversity,
+                max_per=max_per,
+                num_candidates=num_candidates,
             )
     others = {k: v for k, v in results["retrieval"].items() if k != "twostage"}
     rows: dict[str, dict[str, Any]] = {}

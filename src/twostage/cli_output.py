@@ -364,7 +364,8 @@ def print_list_rules(report: dict[str, Any]) -> None:
         title=Text(
             f"Served lists of the {report['users']:,} test users "
             f"({report['scored_users']:,} with an unseen test item scored), "
-            f"{', '.join(rules) or 'no rule'}; seen items excluded"
+            f"{', '.join(rules) or 'no rule'} (from {report['num_candidates']} "
+            "candidates); seen items excluded"
         )
     )
     columns = [

@@ -628,6 +628,7 @@ class TwoStageModel:
         context: dict[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: dict[str, int] | None = None,
+        num_candidates: int | None = None,
     ) -> SessionLists:
         """A list for every session of a polars, pandas or pyarrow table (or
         a dict of columns) with a row per session item
@@ -635,7 +636,8 @@ class TwoStageModel:
         as :meth:`fit` read the log's (``item_col``, ``time_col``, ``rating_col``,
         ``user_col``) and ``session_col``; ``context``: one moment for every
         list, for a model that reads per-request context; ``diversity``,
-        ``max_per``: as :meth:`Recommender.recommend` takes them.
+        ``max_per``, ``num_candidates``: as :meth:`Recommender.recommend` takes
+        them.
 
         Returns:
             ``.lists`` (a row per session and rank) and ``.unread`` (the rows the
@@ -651,6 +653,7 @@ class TwoStageModel:
             context=context,
             diversity=diversity,
             max_per=max_per,
+            num_candidates=num_candidates,
         )
 
     def evaluate_sessions(

@@ -42,12 +42,18 @@ def served_lists(
     use_ranker: bool = True,
     diversity: float = 0.0,
     max_per: Mapping[str, int] | None = None,
+    num_candidates: int | None = None,
 ) -> torch.Tensor:
     """``[Q, k]`` the item indices each test user is served, best first (-1
     past a short list), as :meth:`Recommender.recommend_table` writes them."""
     users = queries.user_ids.to_list()
     table = rec.recommend_table(
-        users, k, use_ranker=use_ranker, diversity=diversity, max_per=max_per
+        users,
+        k,
+        use_ranker=use_ranker,
+        diversity=diversity,
+        max_per=max_per,
+        num_candidates=num_candidates,
     )
     position = {user: row for row, user in enumerate(users)}
     lists = torch.full((len(users), k), -1, dtype=torch.long)
@@ -93,8 +99,11 @@ def evaluate_list_rules(
     diversity: float = 0.0,
     max_per: Mapping[str, int] | None = None,
     use_ranker: bool = True,
+    num_candidates: int | None = None,
 ) -> dict[str, Any]:
-    """The served lists of every test user as scored and under the rules.
+    """The served lists of every test user as scored and under the rules
+    (picked from ``num_candidates``, default the ranking stage's number; the
+    lists as scored always from that number, as the ranking report's).
 
     Returns:
         ``{"k", "diversity", "max_per", "users" (the lists written),
@@ -122,6 +131,7 @@ def evaluate_list_rules(
         "k": k,
         "diversity": rules.diversity,
         "max_per": rules.max_per,
+        "num_candidates": rec.candidate_width(num_candidates, k),
         "users": len(queries.user_ids),
         "scored_users": int(
             (queries.relevant.difference(queries.seen).lengths() > 0).sum()
@@ -136,6 +146,7 @@ def evaluate_list_rules(
             use_ranker=use_ranker,
             diversity=chosen.diversity if chosen else 0.0,
             max_per=chosen.max_per if chosen else None,
+            num_candidates=num_candidates if chosen else None,
         )
         seconds = time.perf_counter() - started
         out[name] = {**list_figures(rec, queries, lists, k), "seconds": seconds}

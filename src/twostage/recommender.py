@@ -831,9 +831,7 @@ class Recommender:
             )
         if user_id is not None:
             check_raw_id("user_id", user_id)
-        if num_candidates is None:
-            num_candidates = self.num_candidates
-        num_candidates = check_k("num_candidates", num_candidates)
+        num_candidates = self.candidate_width(num_candidates, k)
         bounds = self.run.tensors.rating_range.tolist()
         read = session_indices(
             session,
@@ -1002,6 +1000,13 @@ class Recommender:
         if explain:
             answer = self._explained(answer, user_idx, top_idx[order], new)
         return _noting(answer, *notes)
+
+    def candidate_width(self, num_candidates: int | None, k: int) -> int:
+        """How many candidates a list of ``k`` is picked from: ``num_candidates``
+        (default: :attr:`num_candidates`, the ranking stage's), at least ``k``."""
+        if num_candidates is None:
+            num_candidates = self.num_candidates
+        return max(check_k("num_candidates", num_candidates), k)
 
     def list_rules(
         self, diversity: float = 0.0, max_per: Mapping[str, int] | None = None
@@ -1226,6 +1231,7 @@ class Recommender:
         context: Mapping[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        num_candidates: int | None = None,
     ) -> SessionLists:
         """A list for every session of a table (polars, pandas or pyarrow) with
         a row per session item (``session_id``, ``item_id``; optionally
@@ -1233,7 +1239,8 @@ class Recommender:
         rows it could not read with their reasons
         (:func:`twostage.session_batch.recommend_sessions`); ``context``: one
         moment for every list, for a model that reads per-request context;
-        ``diversity``, ``max_per``: as :meth:`recommend` takes them."""
+        ``diversity``, ``max_per``, ``num_candidates``: as :meth:`recommend`
+        takes them."""
         from twostage.session_batch import recommend_sessions
 
         return recommend_sessions(
@@ -1245,6 +1252,7 @@ class Recommender:
             filters=filters,
             context=context,
             rules=self.list_rules(diversity, max_per),
+            num_candidates=num_candidates,
         )
 
     def recommend_table(
@@ -1259,6 +1267,7 @@ class Recommender:
         context: Mapping[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        num_candidates: int | None = None,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -1292,9 +1301,12 @@ class Recommender:
                 context, as :meth:`recommend` takes it.
             diversity, max_per: as :meth:`recommend` takes them (each list
                 picked from its own candidates).
+            num_candidates: as :meth:`recommend` takes it (more candidates
+                for rules that pass over many).
         """
         k = check_k("k", k)
         rules = self.list_rules(diversity, max_per)
+        width = self.candidate_width(num_candidates, k)
         self.encode_context(context)  # a mistake is named before any list
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
@@ -1326,6 +1338,7 @@ class Recommender:
                             search,
                             filters,
                             rules,
+                            width,
                         ),
                         strict=True,
                     )
@@ -1351,6 +1364,7 @@ class Recommender:
                     context=context,
                     diversity=rules.diversity,
                     max_per=rules.max_per,
+                    num_candidates=width,
                 )
                 item_idx = [self.item_vocab.lookup(i["item_id"]) for i in answer.items]
                 plain = [i["score"] for i in answer.items]
@@ -1478,6 +1492,7 @@ class Recommender:
         index: Index | None,
         filters: dict[str, Any] | None = None,
         rules: ListRules | None = None,
+        width: int | None = None,
     ) -> list[tuple[list[int], list[float], list[float], str]]:
         """``(item indices, keys, retrieval scores, path)`` of known users on the
         personalised path, as :meth:`recommend` orders them, in one search of
@@ -1489,7 +1504,7 @@ class Recommender:
         users = torch.from_numpy(user_idx)
         queries = self._known_queries()[users]
         seen = [self._seen.row(int(u)) if exclude_seen else None for u in user_idx]
-        width = max(self.num_candidates, k)
+        width = width or max(self.num_candidates, k)
         if self.run.scores_exactly:
             top_scores, top_idx = self.exact_search(
                 queries, users, width, exclude=seen, filters=filters
@@ -1538,12 +1553,13 @@ class Recommender:
         filters: dict[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        num_candidates: int | None = None,
     ) -> pl.DataFrame:
         """:meth:`similar_items` for many items as one long table (an "also liked"
         table for a shop's pages): a row per item and rank with ``item_id``,
         ``rank`` (1 is the closest), ``similar_item_id`` and ``score``; searched
-        4,096 items at a time (``filters``, ``diversity``, ``max_per``: as
-        :meth:`similar_items`).
+        4,096 items at a time (``filters``, ``diversity``, ``max_per``,
+        ``num_candidates``: as :meth:`similar_items`).
 
         Raises:
             UnknownIdError: an item is not in the catalogue (the first few named).
@@ -1561,13 +1577,14 @@ class Recommender:
                 f"{' ...' if len(unknown) > 5 else ''}."
             )
         rules = self.list_rules(diversity, max_per)
+        width = self.candidate_width(num_candidates, k) if rules else k
         index = self.filtered_index(filters)
         parts = idx.split(4096) if index is not None else ()  # None: nothing passes
         sources, ranks, similar, scores = [], [], [], []
         for part in parts:
             top_scores, top_idx = typing.cast(Index, index).search(
                 self.item_embeddings[part],
-                max(self.num_candidates, k) if rules else k,
+                width,
                 exclude=[[int(i)] for i in part],
             )
             top_idx, top_scores = self._picked_in_order(top_idx, top_scores, k, rules)
@@ -1603,11 +1620,13 @@ class Recommender:
         item_features: Mapping[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        num_candidates: int | None = None,
     ) -> list[dict[str, Any]]:
         """Items whose candidate embeddings are closest to this item's; with
         ``filters`` (as :meth:`recommend` takes them, e.g. ``{"in_stock": True}``)
         only those whose metadata matches, searched exactly. ``diversity`` and
-        ``max_per`` pick the ``k`` from the ``num_candidates`` closest as
+        ``max_per`` pick the ``k`` from the ``num_candidates`` closest
+        (default: the ranking stage's number) as
         :meth:`recommend` picks an answer (similar, and not all alike; at most
         2 of a brand).
 
@@ -1627,6 +1646,7 @@ class Recommender:
         k = check_k("k", k)
         check_raw_id("item_id", item_id)
         rules = self.list_rules(diversity, max_per)
+        width = self.candidate_width(num_candidates, k) if rules else k
         if item_features is not None and not isinstance(item_features, Mapping):
             raise ConfigError(
                 "`item_features` should map feature columns to values. Received: "
@@ -1654,7 +1674,6 @@ class Recommender:
             )
             query = self._new_items(frame, "item_features").vectors
         # (a new item is index 0 here, the unknown row, which no index holds)
-        width = max(self.num_candidates, k) if rules else k
         top_scores, top_idx = index.search(query, width, exclude=[[item_idx]])
         top_idx, top_scores = self._picked_in_order(top_idx[0], top_scores[0], k, rules)
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items

@@ -85,6 +85,7 @@ def recommend_sessions(
     context: Mapping[str, Any] | None = None,
     session_contexts: Mapping[Any, Mapping[str, Any]] | None = None,
     rules: ListRules | None = None,
+    num_candidates: int | None = None,
 ) -> SessionLists:
     """A list for every session of ``sessions``, as :meth:`Recommender.recommend`
     answers one ``session`` each.
@@ -110,6 +111,7 @@ def recommend_sessions(
             gives each the time of its held-out row).
         rules: ``diversity`` and ``max_per``, as :meth:`Recommender.recommend`
             takes them (:meth:`Recommender.list_rules`).
+        num_candidates: as :meth:`Recommender.recommend` takes it.
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -124,6 +126,7 @@ def recommend_sessions(
         ConfigError: ``k`` or ``filters`` is not one ``recommend`` takes.
     """
     k = check_k("k", k)  # named before any list, an empty table's too
+    width = rec.candidate_width(num_candidates, k)
     # A mistake in one is named here too (a model that reads none refuses it).
     shared = rec.encode_context(context) if context else {}
     moments = {
@@ -154,6 +157,7 @@ def recommend_sessions(
         filters,
         encoded,
         rules,
+        width,
     )
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches
@@ -176,6 +180,7 @@ def recommend_sessions(
             context=(session_contexts or {}).get(session, context),
             diversity=rules.diversity if rules else 0.0,
             max_per=rules.max_per if rules else None,
+            num_candidates=width,
         )
         # items added after training: seen, but the model learned nothing of them
         added = {vocab.lookup(item) for item in answer.unread_session_items}
@@ -234,6 +239,7 @@ def _batched_lists(
     filters: dict[str, Any] | None = None,
     contexts: dict[Any, dict[str, torch.Tensor]] | None = None,
     rules: ListRules | None = None,
+    width: int | None = None,
 ) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
     """``{session: (item IDs, keys, retrieval scores)}``: the lists
     :meth:`Recommender.recommend` gives these sessions (of the users
@@ -264,7 +270,7 @@ def _batched_lists(
         )
         if got is not None and not bool((got[0] >= rec.num_trained_items).any()):
             read[session] = got
-    width = max(rec.num_candidates, k)
+    width = width or max(rec.num_candidates, k)
     found: dict[Any, tuple[list[Any], list[float], list[float]]] = {}
     names = list(read)
     for start in range(0, len(names), BATCH_SESSIONS):

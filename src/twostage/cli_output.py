@@ -359,7 +359,9 @@ def print_list_rules(report: dict[str, Any]) -> None:
     rules = []
     if report["diversity"]:
         rules.append(f"diversity {report['diversity']:g}")
-    rules += [f"at most {n} a {column}" for column, n in report["max_per"].items()]
+    rules += [
+        f"at most {n} per {column} value" for column, n in report["max_per"].items()
+    ]
     table = Table(
         title=Text(
             f"Served lists of the {report['users']:,} test users "

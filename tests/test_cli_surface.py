@@ -708,7 +708,10 @@ def test_nproc_checks_the_command_line_before_it_starts_any_rank(
 
 
 def test_an_output_path_the_file_system_refuses_is_one_line_and_exit_2(
-    models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    models_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A file where an output's folder should be ended in a traceback
     (NotADirectoryError) from `similar --out`, `report`, `export`, `data split`,
@@ -765,6 +768,13 @@ def test_an_output_path_the_file_system_refuses_is_one_line_and_exit_2(
         assert exited.value.code == 2, (args, said)
         assert "afile" in said and "--" in said, (args, said)
         assert "epoch" not in said and "rebuilding" not in said, (args, said)
+    # Under torchrun each rank that meets it says so, the others by rank.
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exited:
+        main(["data", "split", str(log), "--out", f"{blocker}/splits"])
+    assert exited.value.code == 2
+    assert "error (rank 1): Not a directory" in capsys.readouterr().err
+    monkeypatch.delenv("RANK")
     # A batch file's missing folder is made, before any answer is computed.
     out = tmp_path / "new" / "folder" / "similar.parquet"
     with pytest.raises(SystemExit) as exited:

@@ -2520,9 +2520,7 @@ def main(args: list[str] | None = None) -> None:
         raise
     except TwostageError as e:
         message = escape(as_flags(str(e)))
-        # Under torchrun each rank that meets the error says it: name the others.
-        who = f" (rank {_rank()})" if _rank() else ""
-        status_console.print(f"[red]error{who}:[/red] {message}", soft_wrap=True)
+        status_console.print(f"[red]error{_who()}:[/red] {message}", soft_wrap=True)
         raise SystemExit(2) from e
     except OSError as e:
         if e.filename is None:  # not about a path the command was given
@@ -2533,10 +2531,17 @@ def main(args: list[str] | None = None) -> None:
         if e.filename2 is not None:
             where += f" -> {str(e.filename2)!r}"
         status_console.print(
-            f"[red]error:[/red] {escape(e.strerror or str(e))}: {escape(where)}",
+            f"[red]error{_who()}:[/red] {escape(e.strerror or str(e))}: "
+            f"{escape(where)}",
             soft_wrap=True,
         )
         raise SystemExit(2) from e
+
+
+def _who() -> str:
+    """Under torchrun each rank that meets an error says it: the others are
+    named (`` (rank 1)``); rank 0 and a single process are not."""
+    return f" (rank {_rank()})" if _rank() else ""
 
 
 def _leave_group() -> None:

@@ -178,6 +178,29 @@ def test_serve_refuses_a_missing_directory(tmp_path: Path) -> None:
     assert "not a directory" in str(result.exception)
 
 
+def test_serve_refuses_a_default_pool_past_its_limit(
+    models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twostage.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "serve",
+                str(models_dir),
+                "--num-candidates",
+                "50",
+                "--max-num-candidates",
+                "40",
+            ]
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "`--num-candidates` (50) should be at most `--max-num-candidates` (40)" in err
+    )
+
+
 @contextmanager
 def _two_workers(models_dir: Path) -> Iterator[tuple[subprocess.Popen, int, set[int]]]:
     """`twostage serve --workers 2`, with the pids of both workers once they answer."""

@@ -2669,6 +2669,7 @@ FLAGS = {
     "`max_k`": "`--max-k`",
     "`max_body_bytes`": "`--max-body-bytes`",
     "`max_instances`": "`--max-instances`",
+    "`max_num_candidates`": "`--max-num-candidates`",
     "`api_key`": "`--api-key`",
     "`seed`": "`--seed`",
     "`test_fraction`": "`--test-fraction`",

@@ -79,9 +79,16 @@ def serve_command(
         int | None,
         typer.Option(
             help="Retrieved items the ranking stage re-scores per request "
-            "(default: the bundle's ranking.num_candidates)."
+            "that does not say (default: the bundle's ranking.num_candidates)."
         ),
     ] = None,
+    max_num_candidates: Annotated[
+        int,
+        typer.Option(
+            help="Most candidates a request's own num_candidates may ask for "
+            "(a wider pool for max_per or diversity costs time per request)."
+        ),
+    ] = 1000,
     docs: Annotated[
         bool,
         typer.Option(
@@ -106,6 +113,7 @@ def serve_command(
         poll_seconds=poll_seconds,
         torch_threads=torch_threads,
         num_candidates=num_candidates,
+        max_num_candidates=max_num_candidates,
         max_instances=max_instances,
         docs=docs,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from twostage.errors import ConfigError
 from twostage.recommender import Recommender
 from twostage.serving import ServeSettings, create_app
 
@@ -627,3 +628,56 @@ def test_exclude_and_diversity_reach_the_model(
         assert (
             huge.json()["items"] == small_recommender.recommend(3, 6).to_dict()["items"]
         )
+
+
+def test_a_request_sets_its_own_candidate_pool(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    """`num_candidates` in a request is the pool its list is picked from, on
+    every route, up to the server's `max_num_candidates` (a 400 past it)."""
+    with client_for(models_dir, max_num_candidates=40) as client:
+        rules = {"max_per": {"category": 1}, "diversity": 0.5}
+        narrow = small_recommender.recommend(3, 6, num_candidates=6, **rules)
+        wide = small_recommender.recommend(3, 6, num_candidates=40, **rules)
+        assert narrow.to_dict()["items"] != wide.to_dict()["items"]
+        for pool, expected in ((6, narrow), (40, wide)):
+            body = {"user_id": 3, "k": 6, "num_candidates": pool, **rules}
+            answer = client.post("/v1/recommend", json=body).json()
+            assert answer["items"] == expected.to_dict()["items"]
+            predicted = client.post(
+                "/v1/models/synthetic:predict", json={"instances": [body]}
+            ).json()["predictions"][0]
+            assert predicted["output_2"] == [i["item_id"] for i in expected.items]
+            similar = client.post(
+                "/v1/similar",
+                json={"item_id": 7, "k": 4, "num_candidates": pool, **rules},
+            ).json()
+            assert similar["items"] == small_recommender.similar_items(
+                7, 4, num_candidates=pool, **rules
+            )
+        # Fewer than k: the list is picked from k, as the Recommender does.
+        few = client.post(
+            "/v1/recommend", json={"user_id": 3, "k": 6, "num_candidates": 2}
+        ).json()
+        assert few["items"] == small_recommender.recommend(3, 6).to_dict()["items"]
+        for route, body in (
+            ("/v1/recommend", {"user_id": 3, "num_candidates": 41}),
+            ("/v1/similar", {"item_id": 7, "num_candidates": 41}),
+            ("/v1/models/synthetic:predict", {"instances": [{"num_candidates": 41}]}),
+        ):
+            refused = client.post(route, json=body)
+            assert refused.status_code == 400, refused.text
+            assert "at most 40" in refused.json()["error"]
+            assert "--max-num-candidates" in refused.json()["error"]
+        zero = client.post("/v1/recommend", json={"user_id": 3, "num_candidates": 0})
+        assert zero.status_code == 422
+        assert "num_candidates" in zero.text
+
+
+def test_the_server_default_pool_fits_its_limit(models_dir: Path) -> None:
+    with pytest.raises(
+        ConfigError, match="`num_candidates` \\(50\\) should be at most"
+    ):
+        ServeSettings(models=str(models_dir), num_candidates=50, max_num_candidates=40)
+    with pytest.raises(ConfigError, match="`max_num_candidates` should be"):
+        ServeSettings(models=str(models_dir), max_num_candidates=0)

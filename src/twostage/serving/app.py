@@ -70,7 +70,10 @@ class ServeSettings:
         poll_seconds: how often to look for new model versions (0: never).
         torch_threads: torch CPU threads per process (1 suits many small requests).
         num_candidates: how many retrieved items the ranking stage re-scores (None:
-            the bundle's ``ranking.num_candidates``).
+            the bundle's ``ranking.num_candidates``) when a request does not say.
+        max_num_candidates: the most a request's own ``num_candidates`` may ask
+            for (a wider pool for ``max_per`` or ``diversity`` costs time per
+            request).
         max_instances: the most users one ``:predict`` request may ask for.
         docs: serve ``/docs`` (Swagger UI from local files: it works offline) and
             ``/openapi.json``, open even with an API key: they describe the API, not
@@ -90,6 +93,7 @@ class ServeSettings:
     poll_seconds: float = 5.0
     torch_threads: int = 1
     num_candidates: int | None = None
+    max_num_candidates: int = 1000
     max_instances: int = 100
     docs: bool = True
 
@@ -117,6 +121,10 @@ class ServeSettings:
                 candidates is None or candidates >= 1,
                 "unset (the bundle's) or a positive integer",
             ),
+            "max_num_candidates": (
+                self.max_num_candidates >= 1,
+                "a positive integer",
+            ),
         }
         for name, (ok, expected) in rules.items():
             if not ok:
@@ -124,6 +132,12 @@ class ServeSettings:
                     f"`{name}` should be {expected}. "
                     f"Received: `{name}` = {getattr(self, name)!r}."
                 )
+        if candidates is not None and candidates > self.max_num_candidates:
+            raise ConfigError(
+                f"`num_candidates` ({candidates}) should be at most "
+                f"`max_num_candidates` ({self.max_num_candidates}): the default "
+                "a request gets is one a request could ask for."
+            )
 
 
 def _error(status: int, message: str, details: list[str] | None = None) -> JSONResponse:
@@ -135,7 +149,18 @@ def _check_k(k: int, limit: int) -> None:
         raise ConfigError(f"`k` should be between 1 and {limit}. Received: `k` = {k}.")
 
 
-def _num_candidates(settings: ServeSettings, k: int) -> int | None:
+def _num_candidates(settings: ServeSettings, k: int, asked: int | None) -> int | None:
+    """The pool a request's list is picked from: its own ``num_candidates``
+    (at most the server's ``max_num_candidates``), else the server's, else the
+    bundle's (None)."""
+    if asked is not None:
+        if asked > settings.max_num_candidates:
+            raise ConfigError(
+                f"`num_candidates` should be at most {settings.max_num_candidates} "
+                f"on this server (`serve --max-num-candidates`). Received: "
+                f"`num_candidates` = {asked}."
+            )
+        return max(asked, k)
     if settings.num_candidates is None:
         return None
     return max(settings.num_candidates, k)
@@ -271,7 +296,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 body.k,
                 user_features=body.user_features,
                 exclude_seen=body.exclude_seen,
-                num_candidates=_num_candidates(settings, body.k),
+                num_candidates=_num_candidates(settings, body.k, body.num_candidates),
                 filters=body.filters,
                 context=body.context,
                 use_ranker=body.use_ranker,
@@ -307,6 +332,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 item_features=body.item_features,
                 diversity=body.diversity,
                 max_per=body.max_per,
+                num_candidates=_num_candidates(settings, body.k, body.num_candidates),
             )
         return JSONResponse(
             {
@@ -388,7 +414,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     request.k,
                     user_features=request.user_features,
                     exclude_seen=request.exclude_seen,
-                    num_candidates=_num_candidates(settings, request.k),
+                    num_candidates=_num_candidates(
+                        settings, request.k, request.num_candidates
+                    ),
                     filters=request.filters,
                     context=request.context,
                     session=request.session_items(),

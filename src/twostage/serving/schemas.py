@@ -194,6 +194,14 @@ class RecommendRequest(_Strict):
         '{"genres": 3} (an item of a list column counts towards each of its '
         "values); an item past the limit gives its place to the next candidate.",
     )
+    num_candidates: int | None = Field(
+        None,
+        ge=1,
+        description="How many retrieved items the ranking stage re-scores and "
+        "`diversity` and `max_per` pick from (at least `k`; at most the server's "
+        "`--max-num-candidates`); default: the server's `--num-candidates`, else "
+        "the model's. A wider pool fills a list a tight `max_per` leaves short.",
+    )
 
     def session_items(self) -> list[Any] | None:
         """The session as the Recommender takes it."""
@@ -260,6 +268,13 @@ class SimilarRequest(_Strict):
         None,
         description="At most n items sharing a value of a metadata column, e.g. "
         '{"brand": 2}, as in /v1/recommend.',
+    )
+    num_candidates: int | None = Field(
+        None,
+        ge=1,
+        description="How many of the closest items `diversity` and `max_per` "
+        "pick from (at least `k`; at most the server's `--max-num-candidates`), "
+        "as in /v1/recommend.",
     )
     item_features: dict[str, Any] | None = Field(
         None,

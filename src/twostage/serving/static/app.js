@@ -183,6 +183,7 @@ async function recommend(event) {
     exclude_seen: $("exclude-seen").checked,
     diversity: Number($("diversity").value) || 0,
     max_per: maxPer(),
+    num_candidates: Number($("pool").value) || null,
     filters: filters(),
     session: session(),
     context: context(),

@@ -249,6 +249,38 @@ def test_recommend_excludes_items_and_diversifies_from_the_cli(
     assert json.loads(similar.stdout)["items"] == small_recommender.similar_items(
         7, 4, max_per={"category": 1}
     )
+    closest = [i["item_id"] for i in small_recommender.similar_items(7, 4)]
+    similar = runner.invoke(
+        app,
+        [
+            *("similar", model, "--item", "7", "-k", "4", "--json"),
+            *("--exclude", f"{closest[0]},99999", "--exclude", str(closest[2])),
+        ],
+    )
+    assert similar.exit_code == 0, similar.output
+    answer = json.loads(similar.stdout)
+    assert answer["items"] == small_recommender.similar_items(
+        7, 4, exclude=[closest[0], closest[2]]
+    )
+    assert answer["unknown_excluded_items"] == [99999]
+    printed = runner.invoke(
+        app,
+        ["similar", model, "--item", "7", "--exclude", "99999"],
+        env={"COLUMNS": "200"},
+    )
+    assert printed.exit_code == 0, printed.output
+    assert "--exclude names item(s) this model does not know: 99999." in (
+        printed.output
+    )
+    refused = runner.invoke(
+        app,
+        [
+            *("similar", model, "--all-items", "--exclude", "1"),
+            *("--out", str(tmp_path / "similar.parquet")),
+        ],
+        env={"COLUMNS": "200"},
+    )
+    assert refused.exit_code == 2 and "--exclude" in refused.output
     bad = runner.invoke(app, [*args, "--diversity", "1.5"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "--diversity" in bad.output
     for given, said in (

@@ -683,3 +683,34 @@ def test_the_candidates_the_rules_pick_from_can_be_set(
     assert {i["item_id"] for i in similar} <= set(closest)
     with pytest.raises(ConfigError, match="`num_candidates` should be a positive"):
         rec.recommend_table([3], 6, num_candidates=0)
+
+
+def test_similar_items_leave_out_the_excluded(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """`exclude` on "more like this": the named items leave the answer, the
+    next closest take their places, rules still apply; unknown IDs are named
+    by unknown_item_ids, not an error."""
+    rec, _ = fitted
+    closest = [i["item_id"] for i in rec.similar_items(7, 8)]
+    dropped = [closest[0], closest[3]]
+    answer = rec.similar_items(7, 6, exclude=[*dropped, 99_999])
+    assert [i["item_id"] for i in answer] == [i for i in closest if i not in dropped][
+        :6
+    ]
+    scores = {i["item_id"]: i["score"] for i in rec.similar_items(7, 8)}
+    assert [i["score"] for i in answer] == pytest.approx(
+        [scores[i["item_id"]] for i in answer]
+    )
+    capped = rec.similar_items(7, 5, max_per={"category": 1}, exclude=dropped)
+    assert not {i["item_id"] for i in capped} & set(dropped)
+    filtered = rec.similar_items(
+        7,
+        5,
+        filters={"category": rec.item_filters.frame["category"][1]},
+        exclude=dropped,
+    )
+    assert not {i["item_id"] for i in filtered} & set(dropped)
+    assert rec.unknown_item_ids([*dropped, 99_999, "x", 99_999]) == [99_999, "x"]
+    with pytest.raises(ConfigError, match="`exclude` should be a list"):
+        rec.similar_items(7, 5, exclude="7")  # type: ignore[arg-type]

@@ -1203,14 +1203,7 @@ def recommend_command(
             "training: left out of the list, but not read by the model, which "
             "knows nothing of them yet.[/yellow]"
         )
-    if answer.unknown_excluded_items:
-        # Nothing to leave out, but a typo must not pass unseen.
-        named = ", ".join(map(str, answer.unknown_excluded_items[:10]))
-        more = len(answer.unknown_excluded_items) - 10
-        status_console.print(
-            f"[yellow]--exclude names item(s) this model does not know: "
-            f"{escape(named)}{f' and {more} more' if more > 0 else ''}.[/yellow]"
-        )
+    _name_unknown_excluded(answer.unknown_excluded_items)
     if answer.alike_new_items:
         status_console.print(
             "[yellow]This model reads no item feature beside the ID: the "
@@ -1558,6 +1551,15 @@ def similar_command(
     diversity: Diversity = 0.0,
     max_per_given: MaxPer = None,
     num_candidates: NumCandidates = None,
+    exclude_given: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            help="Item IDs to leave out of the list, comma-separated or repeated "
+            "(a basket, the items already on the page); an ID the model does not "
+            "know is named.",
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -1565,6 +1567,7 @@ def similar_command(
     many items into a file (--items, --all-items)."""
     from twostage.errors import UnknownIdError
 
+    exclude = _session(joined(exclude_given), "--exclude")
     many = items_file is not None or all_items
     if many or out is not None:
         check_batch_options(
@@ -1572,7 +1575,7 @@ def similar_command(
             all_items,
             out,
             overwrite,
-            {"--item": item, "--feature": feature},
+            {"--item": item, "--feature": feature, "--exclude": exclude},
             noun="item",
         )
     elif item is None:
@@ -1648,6 +1651,7 @@ def similar_command(
             diversity=diversity,
             max_per=max_per,
             num_candidates=num_candidates,
+            exclude=exclude,
         )
     except UnknownIdError as e:
         raise typer.BadParameter(
@@ -1660,13 +1664,27 @@ def similar_command(
         raise typer.BadParameter(
             str(e).replace("`item_features`", "`--feature`", 1), param_hint="--feature"
         ) from e
+    unknown = rec.unknown_item_ids(exclude or [])
     if json_output:
-        print_json({"item_id": parse_id(item), "items": similar})
+        named = {"unknown_excluded_items": unknown} if unknown else {}
+        print_json({"item_id": parse_id(item), "items": similar, **named})
         return
     console.print(items_table(f"Similar to item {item}", similar))
     _say_when_short(
         k, len(similar), "that pass --filter" if chosen else "besides this one"
     )
+    _name_unknown_excluded(unknown)
+
+
+def _name_unknown_excluded(unknown: list[Any]) -> None:
+    """Nothing to leave out, but a typo must not pass unseen."""
+    if unknown:
+        named = ", ".join(map(str, unknown[:10]))
+        more = len(unknown) - 10
+        status_console.print(
+            f"[yellow]--exclude names item(s) this model does not know: "
+            f"{escape(named)}{f' and {more} more' if more > 0 else ''}.[/yellow]"
+        )
 
 
 def _checked_filters(rec: Any, filters: list[str] | None) -> dict[str, Any] | None:

@@ -1621,6 +1621,7 @@ class Recommender:
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
         num_candidates: int | None = None,
+        exclude: Sequence[Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Items whose candidate embeddings are closest to this item's; with
         ``filters`` (as :meth:`recommend` takes them, e.g. ``{"in_stock": True}``)
@@ -1636,6 +1637,10 @@ class Recommender:
         unknown row), and the catalogue items closest to it come back, for a new
         product's "more like this". A known item is the item as trained (the
         features given are not read).
+
+        ``exclude`` (raw item IDs: the basket, the items already on the page)
+        leaves those items out of the answer; IDs the model does not know
+        cannot be in it (:meth:`unknown_item_ids` names them).
 
         Raises:
             UnknownIdError: the item is not in the catalogue and comes without
@@ -1673,10 +1678,18 @@ class Recommender:
                 "item_features", {item_id: features}, self._item_columns
             )
             query = self._new_items(frame, "item_features").vectors
+        dropped, _ = excluded_items(exclude, self.item_vocab)
+        left_out = [item_idx, *([] if dropped is None else dropped.tolist())]
         # (a new item is index 0 here, the unknown row, which no index holds)
-        top_scores, top_idx = index.search(query, width, exclude=[[item_idx]])
+        top_scores, top_idx = index.search(query, width, exclude=[left_out])
         top_idx, top_scores = self._picked_in_order(top_idx[0], top_scores[0], k, rules)
         return self._answer(item_id, "personalised", top_idx, top_scores, None).items
+
+    def unknown_item_ids(self, item_ids: Sequence[Any]) -> list[Any]:
+        """The IDs among ``item_ids`` this model does not know, each once, in
+        their order (an ``exclude`` naming them leaves nothing out: a typo
+        should not pass unseen)."""
+        return excluded_items(item_ids, self.item_vocab)[1]
 
     def _picked_in_order(
         self,

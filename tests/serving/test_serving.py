@@ -619,6 +619,16 @@ def test_exclude_and_diversity_reach_the_model(
         assert similar["items"] == small_recommender.similar_items(
             7, 4, diversity=0.5, max_per={"category": 1}
         )
+        left = client.post(
+            "/v1/similar", json={"item_id": 7, "k": 4, "exclude": [plain[0], "nope"]}
+        ).json()
+        assert left["items"] == small_recommender.similar_items(
+            7, 4, exclude=[plain[0]]
+        )
+        assert left["unknown_excluded_items"] == ["nope"]
+        assert "unknown_excluded_items" not in similar
+        bad = client.post("/v1/similar", json={"item_id": 7, "exclude": "7"})
+        assert bad.status_code == 422 and "body.exclude" in bad.text
         # A limit past any list limits nothing (10^22 overflowed the counts: a 500).
         huge = client.post(
             "/v1/recommend",

@@ -333,15 +333,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 diversity=body.diversity,
                 max_per=body.max_per,
                 num_candidates=_num_candidates(settings, body.k, body.num_candidates),
+                exclude=body.exclude,
             )
-        return JSONResponse(
-            {
-                "model": model.name,
-                "version": model.version,
-                "item_id": body.item_id,
-                "items": items,
-            }
-        )
+            unknown = model.recommender.unknown_item_ids(body.exclude or [])
+        out = {
+            "model": model.name,
+            "version": model.version,
+            "item_id": body.item_id,
+            "items": items,
+        }
+        if unknown:  # as /v1/recommend names them: a typo must not pass unseen
+            out[UNKNOWN_EXCLUDED] = unknown
+        return JSONResponse(out)
 
     @app.post(
         "/v1/models/{name}:predict",

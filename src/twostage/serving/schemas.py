@@ -276,6 +276,12 @@ class SimilarRequest(_Strict):
         "pick from (at least `k`; at most the server's `--max-num-candidates`), "
         "as in /v1/recommend.",
     )
+    exclude: list[RawId] | None = Field(
+        None,
+        description="Item IDs to leave out of this answer (the basket, the items "
+        "already on the page); IDs the model does not know are listed in "
+        "`unknown_excluded_items`.",
+    )
     item_features: dict[str, Any] | None = Field(
         None,
         description="The features of an item the model never trained on (a new "
@@ -419,6 +425,11 @@ class SimilarResponse(BaseModel):
     version: int
     item_id: RawId
     items: list[Item]
+    unknown_excluded_items: list[RawId] | None = Field(
+        None,
+        description="The request's `exclude` IDs the model does not know "
+        "(present only when there are some).",
+    )
 
 
 class SearchResponse(BaseModel):

@@ -281,6 +281,26 @@ def test_recommend_excludes_items_and_diversifies_from_the_cli(
         env={"COLUMNS": "200"},
     )
     assert refused.exit_code == 2 and "--exclude" in refused.output
+    # More asked for than the limit can fill: the list says why it is short.
+    categories = small_recommender.item_filters.frame["category"].n_unique()
+    wide = categories + 5
+    limit = {"category": 1}
+    for command, got in (
+        (args[:4], len(small_recommender.recommend(3, wide, max_per=limit).items)),
+        (
+            ["similar", model, "--item", "7"],
+            len(small_recommender.similar_items(7, wide, max_per=limit)),
+        ),
+    ):
+        capped = runner.invoke(
+            app,
+            [*command, "-k", str(wide), "--max-per", "category=1"],
+            env={"COLUMNS": "300"},
+        )
+        assert capped.exit_code == 0, capped.output
+        said = " ".join(capped.output.split())
+        assert f"{wide} asked for: only {got} items" in said
+        assert "--max-per passed over the rest" in said
     bad = runner.invoke(app, [*args, "--diversity", "1.5"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "--diversity" in bad.output
     for given, said in (

@@ -51,14 +51,18 @@ def test_the_lists_as_scored_are_the_ranking_report_s_served_lists(stages) -> No
     assert ruled != found["as_scored"] and 0 < ruled["mean_length"] <= 10
     with pytest.raises(ConfigError, match="unknown `max_per` column"):
         evaluate_list_rules(rec, stages.split.test, max_per={"colour": 1})
-    # From fewer candidates the limited lists run shorter; the row as scored
-    # keeps the ranking stage's number.
+    # From fewer candidates a list the limit leaves short is picked again
+    # from wider pools (10, 40, 160: the whole catalogue here, as from 100),
+    # so each is as long as from 100; the row as scored keeps the ranking
+    # stage's number.
+    limited = evaluate_list_rules(rec, stages.split.test, max_per={"category": 1})
     narrow = evaluate_list_rules(
         rec, stages.split.test, max_per={"category": 1}, num_candidates=10
     )
     assert narrow["num_candidates"] == 10 and found["num_candidates"] == 100
+    assert rec.deepest_width(10) >= rec.item_embeddings.shape[0] - 1
     assert narrow["as_scored"]["ndcg"] == pytest.approx(found["as_scored"]["ndcg"])
-    assert narrow["with_rules"]["mean_length"] < ruled["mean_length"]
+    assert narrow["with_rules"]["mean_length"] == limited["with_rules"]["mean_length"]
 
 
 def test_evaluate_prints_and_returns_the_rules_figures(

@@ -662,25 +662,55 @@ def test_the_candidates_the_rules_pick_from_can_be_set(
     fitted: tuple[Recommender, object],
 ) -> None:
     """num_candidates sets the pool a list is picked from, for one list and
-    for a table alike: fewer candidates, a limit leaves the list shorter."""
+    for a table alike; a list max_per leaves short is picked again from a pool
+    four times as wide, up to 16 times the first (or the catalogue)."""
     rec, _ = fitted
-    top = [i["item_id"] for i in rec.recommend(3, 6).items]
-    narrow = rec.recommend(3, 6, max_per={"category": 1}, num_candidates=6)
-    got = [i["item_id"] for i in narrow.items]
-    assert set(got) <= set(top) and len(got) <= 6
-    wide = rec.recommend(3, 6, max_per={"category": 1}, num_candidates=60)
-    assert len(wide.items) >= len(got)
+    rules = {"max_per": {"category": 1}}
+    catalogue = rec.item_embeddings.shape[0] - 1
+    assert rec.deepest_width(6) == min(96, catalogue)
+    assert rec.deepest_width(2) == 32 and rec.deepest_width(10**6) == 10**6
+    widened = 0
+    for user in range(1, 30):
+        pools = (6, 24, rec.deepest_width(6))
+        once = {w: rec._recommend(user, 6, num_candidates=w, **rules) for w in pools}
+        full = [w for w in pools if len(once[w].items) == 6]
+        expected = once[full[0] if full else pools[-1]]
+        answer = rec.recommend(user, 6, num_candidates=6, **rules)
+        assert answer.to_dict()["items"] == expected.to_dict()["items"], user
+        widened += len(once[6].items) < len(answer.items)
+        # (at most one a category: never more items than categories)
+        categories = {i["category"] for i in answer.items}
+        assert len(categories) == len(answer.items)
+    assert widened  # some lists ran short from 6 and were filled wider
     for width in (6, 60):
-        table = rec.recommend_table(
-            [3, 4], 6, max_per={"category": 1}, num_candidates=width
-        )
-        for user in (3, 4):
-            one = rec.recommend(user, 6, max_per={"category": 1}, num_candidates=width)
+        table = rec.recommend_table([3, 4, 5, 6], 6, num_candidates=width, **rules)
+        for user in (3, 4, 5, 6):
+            one = rec.recommend(user, 6, num_candidates=width, **rules)
             rows = table.filter(pl.col("user_id") == user)
             assert rows["item_id"].to_list() == [i["item_id"] for i in one.items]
-    similar = rec.similar_items(7, 4, max_per={"category": 1}, num_candidates=4)
-    closest = [i["item_id"] for i in rec.similar_items(7, 4)]
-    assert {i["item_id"] for i in similar} <= set(closest)
+    # Without max_per nothing widens: diversity alone never shortens a list.
+    assert rec.recommend(3, 6, num_candidates=6, diversity=1.0).to_dict() == (
+        rec._recommend(3, 6, num_candidates=6, diversity=1.0).to_dict()
+    )
+    # "More like this" widens alike: the walk of the closest items, from the
+    # first pool (6, 24, 96) that fills the list.
+    category = rec.item_filters.frame["category"].to_list()
+    closest = [i["item_id"] for i in rec.similar_items(7, catalogue)]
+    for pool in (6, 24, rec.deepest_width(6)):
+        walk, held = [], set()
+        for item in closest[:pool]:
+            value = category[rec.item_vocab.lookup(item)]
+            if value not in held and len(walk) < 6:
+                walk.append(item)
+                held.add(value)
+        if len(walk) == 6:
+            break
+    similar = rec.similar_items(7, 6, num_candidates=6, **rules)
+    assert [i["item_id"] for i in similar] == walk
+    table = rec.similar_table([7, 9], 6, num_candidates=6, **rules)
+    assert table.filter(pl.col("item_id") == 7)["similar_item_id"].to_list() == walk
+    nine = [i["item_id"] for i in rec.similar_items(9, 6, num_candidates=6, **rules)]
+    assert table.filter(pl.col("item_id") == 9)["similar_item_id"].to_list() == nine
     with pytest.raises(ConfigError, match="`num_candidates` should be a positive"):
         rec.recommend_table([3], 6, num_candidates=0)
 

@@ -798,6 +798,8 @@ def test_sessions_read_in_table_order_for_want_of_times_are_reported(
         {"diversity": 0.6},
         {"max_per": {"category": 1}},
         {"diversity": 0.3, "max_per": {"category": 2}},
+        # lists the limit leaves short of 6 picked again from wider pools
+        {"max_per": {"category": 1}, "num_candidates": 6},
     ],
 )
 def test_diverse_lists_in_batches_are_the_lists_recommend_gives(

@@ -172,8 +172,8 @@ NumCandidates = Annotated[
         "--num-candidates",
         min=1,
         help="How many candidates each list is picked from (default: the number "
-        "the ranking stage was evaluated with): more for a --max-per that passes "
-        "over many, so the lists do not run short.",
+        "the ranking stage was evaluated with); a list --max-per leaves short is "
+        "picked again from 4 then 16 times as many (or the catalogue).",
     ),
 ]
 TensorBoard = Annotated[
@@ -1061,7 +1061,7 @@ def recommend_command(
         if json_output:
             print_json(summary)
             return
-        _print_batch_summary(summary, k, chosen, "session")
+        _print_batch_summary(summary, k, chosen, "session", limited=bool(max_per))
         return
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
@@ -1089,7 +1089,7 @@ def recommend_command(
         if json_output:
             print_json(summary)
             return
-        _print_batch_summary(summary, k, chosen, "user")
+        _print_batch_summary(summary, k, chosen, "user", limited=bool(max_per))
         return
     user_id = parse_id(user) if user is not None else None
     known = user_id is not None and bool(rec.user_vocab.lookup(user_id))
@@ -1237,6 +1237,12 @@ def recommend_command(
             catalogue = f"among the {len(listed)} --candidates"
     if not include_seen and len(answer.items) < k:
         catalogue += ", less the items the query has seen"
+    if max_per and len(answer.items) < k:
+        looked = rec.deepest_width(rec.candidate_width(num_candidates, k))
+        catalogue += (
+            f", or --max-per passed over the rest of the candidates (up to "
+            f"{looked:,} looked at; a larger --num-candidates looks further)"
+        )
     _say_when_short(k, len(answer.items), catalogue)
 
 
@@ -1306,7 +1312,12 @@ def _recommend_into(
 
 
 def _print_batch_summary(
-    summary: dict[str, Any], k: int, filters: dict[str, Any] | None, noun: str
+    summary: dict[str, Any],
+    k: int,
+    filters: dict[str, Any] | None,
+    noun: str,
+    *,
+    limited: bool = False,
 ) -> None:
     """What ``recommend --users`` / ``--sessions`` wrote: the rows, the paths the
     lists took, the lists shorter than ``k`` and (sessions) the rows not read."""
@@ -1318,9 +1329,12 @@ def _print_batch_summary(
     )
     if summary["short_lists"]:
         pool = "the items that pass --filter" if filters else "the catalogue"
+        why = f"{pool} less what they have seen"
+        if limited:
+            why += ", or --max-per passed over the rest of the candidates"
         status_console.print(
             f"[yellow]{summary['short_lists']:,} {noun}s have fewer than {k} items "
-            f"({pool} less what they have seen).[/yellow]"
+            f"({why}).[/yellow]"
         )
     if summary.get("unread_rows"):
         reasons = "; ".join(f"{r}: {n:,}" for r, n in summary["unread_reasons"].items())
@@ -1670,9 +1684,14 @@ def similar_command(
         print_json({"item_id": parse_id(item), "items": similar, **named})
         return
     console.print(items_table(f"Similar to item {item}", similar))
-    _say_when_short(
-        k, len(similar), "that pass --filter" if chosen else "besides this one"
-    )
+    why = "that pass --filter" if chosen else "besides this one"
+    if max_per and len(similar) < k:
+        looked = rec.deepest_width(rec.candidate_width(num_candidates, k))
+        why += (
+            f", or --max-per passed over the rest of the closest (up to "
+            f"{looked:,} looked at; a larger --num-candidates looks further)"
+        )
+    _say_when_short(k, len(similar), why)
     _name_unknown_excluded(unknown)
 
 

@@ -210,6 +210,11 @@ def _grown(base: Index, embeddings: torch.Tensor, served: torch.Tensor) -> Index
     return base.extended(embeddings[missing], missing)
 
 
+def _pad_columns(values: torch.Tensor, columns: int, fill: float) -> torch.Tensor:
+    """``values`` ``[B, C]`` widened to ``columns`` with ``fill``."""
+    return torch.nn.functional.pad(values, (0, columns - values.shape[1]), value=fill)
+
+
 def _noting(
     answer: Recommendation,
     unread: list[Any],
@@ -810,15 +815,61 @@ class Recommender:
             max_per: ``{metadata column: n}``, at most ``n`` items of the
                 answer sharing a value of the column (``{"brand": 2}``; a list
                 column's item counts towards each of its values): an item
-                past the limit gives its place to the next candidate, so the
-                answer may run short when the candidates do. New items in
-                ``candidates`` have no metadata and count towards none.
+                past the limit gives its place to the next candidate. When
+                the limits pass over so many that the answer runs short, it
+                is picked again from a pool four times as wide, up to 16
+                times ``num_candidates`` or the catalogue
+                (:meth:`deepest_width`); past that it stays short. New items
+                in ``candidates`` have no metadata and count towards none.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
             from an anonymous session, a cold start from features, or the popularity
             fallback.
         """
+        k = check_k("k", k)
+        width = self.candidate_width(num_candidates, k)
+        deepest = self.deepest_width(width)
+        while True:
+            answer = self._recommend(
+                user_id,
+                k,
+                user_features=user_features,
+                exclude_seen=exclude_seen,
+                num_candidates=width,
+                filters=filters,
+                context=context,
+                use_ranker=use_ranker,
+                explain=explain,
+                session=session,
+                candidates=candidates,
+                exclude=exclude,
+                diversity=diversity,
+                max_per=max_per,
+            )
+            if not max_per or len(answer.items) >= k or width >= deepest:
+                return answer
+            width = min(4 * width, deepest)  # the limits passed over too many
+
+    def _recommend(
+        self,
+        user_id: Any = None,
+        k: int = 10,
+        *,
+        user_features: dict[str, Any] | None = None,
+        exclude_seen: bool = True,
+        num_candidates: int | None = None,
+        filters: dict[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        use_ranker: bool = True,
+        explain: bool = False,
+        session: Sequence[Any] | None = None,
+        candidates: Sequence[Any] | None = None,
+        exclude: Sequence[Any] | None = None,
+        diversity: float = 0.0,
+        max_per: Mapping[str, int] | None = None,
+    ) -> Recommendation:
+        """:meth:`recommend` from a pool of ``num_candidates``, once."""
         k = check_k("k", k)
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
@@ -1000,6 +1051,13 @@ class Recommender:
         if explain:
             answer = self._explained(answer, user_idx, top_idx[order], new)
         return _noting(answer, *notes)
+
+    def deepest_width(self, width: int) -> int:
+        """The widest pool a list under ``max_per`` is picked from when the
+        limits pass over so many candidates that it runs short: the pool
+        widens fourfold at a time, up to 16 times ``width`` (two widenings) or
+        the catalogue."""
+        return max(width, min(16 * width, int(self.item_embeddings.shape[0]) - 1))
 
     def candidate_width(self, num_candidates: int | None, k: int) -> int:
         """How many candidates a list of ``k`` is picked from: ``num_candidates``
@@ -1493,12 +1551,14 @@ class Recommender:
         filters: dict[str, Any] | None = None,
         rules: ListRules | None = None,
         width: int | None = None,
+        deepest: int | None = None,
     ) -> list[tuple[list[int], list[float], list[float], str]]:
         """``(item indices, keys, retrieval scores, path)`` of known users on the
         personalised path, as :meth:`recommend` orders them, in one search of
         ``index`` (None: no item passed the filters), or one exact scoring of the
         items that pass ``filters`` where the session-kNN term joins the scores,
-        and one ranker call."""
+        and one ranker call (and again, wider, for the lists ``max_per`` left
+        short, up to ``deepest``: :meth:`deepest_width` of ``width``)."""
         if index is None:
             return [([], [], [], "personalised") for _ in user_idx]
         users = torch.from_numpy(user_idx)
@@ -1535,7 +1595,7 @@ class Recommender:
         chosen = top_idx.gather(1, order)
         plain = top_scores.gather(1, order)
         kept = (chosen >= 0) & torch.isfinite(keys)  # (the rules' empty slots)
-        return [
+        lists = [
             (
                 chosen[row][kept[row]].tolist(),
                 keys[row][kept[row]].tolist(),
@@ -1544,6 +1604,28 @@ class Recommender:
             )
             for row in range(len(user_idx))
         ]
+        deepest = deepest or self.deepest_width(width)
+        if rules is not None and rules.max_per and width < deepest:
+            # Lists the limits left short, from a full pool: picked again from
+            # a wider one, as recommend() picks them.
+            short = np.flatnonzero(
+                (kept.sum(dim=1) < k).numpy() & valid.all(dim=1).numpy()
+            )
+            if len(short):
+                wider = self._personalised_lists(
+                    user_idx[short],
+                    k,
+                    exclude_seen,
+                    use_ranker,
+                    index,
+                    filters,
+                    rules,
+                    min(4 * width, deepest),
+                    deepest,
+                )
+                for row, found in zip(short.tolist(), wider, strict=True):
+                    lists[row] = found
+        return lists
 
     def similar_table(
         self,
@@ -1582,12 +1664,14 @@ class Recommender:
         parts = idx.split(4096) if index is not None else ()  # None: nothing passes
         sources, ranks, similar, scores = [], [], [], []
         for part in parts:
-            top_scores, top_idx = typing.cast(Index, index).search(
+            top_idx, top_scores = self._similar_picks(
+                typing.cast(Index, index),
                 self.item_embeddings[part],
+                [[int(i)] for i in part],
+                k,
+                rules,
                 width,
-                exclude=[[int(i)] for i in part],
             )
-            top_idx, top_scores = self._picked_in_order(top_idx, top_scores, k, rules)
             found = top_idx >= 0
             rows, cols = torch.nonzero(found, as_tuple=True)
             sources.append(part[rows])
@@ -1681,9 +1765,51 @@ class Recommender:
         dropped, _ = excluded_items(exclude, self.item_vocab)
         left_out = [item_idx, *([] if dropped is None else dropped.tolist())]
         # (a new item is index 0 here, the unknown row, which no index holds)
-        top_scores, top_idx = index.search(query, width, exclude=[left_out])
-        top_idx, top_scores = self._picked_in_order(top_idx[0], top_scores[0], k, rules)
-        return self._answer(item_id, "personalised", top_idx, top_scores, None).items
+        top_idx, top_scores = self._similar_picks(
+            index, query, [left_out], k, rules, width
+        )
+        kept = top_idx[0] >= 0
+        return self._answer(
+            item_id, "personalised", top_idx[0][kept], top_scores[0][kept], None
+        ).items
+
+    def _similar_picks(
+        self,
+        index: Index,
+        queries: torch.Tensor,
+        exclude: list[list[int]],
+        k: int,
+        rules: ListRules,
+        width: int,
+        deepest: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, k]`` items (-1 past the picks) and scores: what ``rules``
+        pick from the ``width`` items closest to each query, less ``exclude``;
+        rows ``max_per`` left short of a full pool picked again from a pool
+        four times as wide, up to ``deepest`` (:meth:`deepest_width`)."""
+        top_scores, top_idx = index.search(queries, width, exclude=exclude)
+        full = (top_idx >= 0).all(dim=1)
+        items, keys = self._picked_in_order(top_idx, top_scores, k, rules)
+        deepest = deepest or self.deepest_width(width)
+        if rules.max_per and width < deepest:
+            short = torch.nonzero(((items >= 0).sum(dim=1) < k) & full)[:, 0]
+            if len(short):
+                wider = self._similar_picks(
+                    index,
+                    queries[short],
+                    [exclude[row] for row in short.tolist()],
+                    k,
+                    rules,
+                    min(4 * width, deepest),
+                    deepest,
+                )
+                # (one row's picks come cut to their number: the widest rules)
+                columns = max(items.shape[1], wider[0].shape[1])
+                items = _pad_columns(items, columns, -1)
+                keys = _pad_columns(keys, columns, -torch.inf)
+                items[short] = _pad_columns(wider[0], columns, -1)
+                keys[short] = _pad_columns(wider[1], columns, -torch.inf)
+        return items, keys
 
     def unknown_item_ids(self, item_ids: Sequence[Any]) -> list[Any]:
         """The IDs among ``item_ids`` this model does not know, each once, in

@@ -240,6 +240,7 @@ def _batched_lists(
     contexts: dict[Any, dict[str, torch.Tensor]] | None = None,
     rules: ListRules | None = None,
     width: int | None = None,
+    deepest: int | None = None,
 ) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
     """``{session: (item IDs, keys, retrieval scores)}``: the lists
     :meth:`Recommender.recommend` gives these sessions (of the users
@@ -252,7 +253,8 @@ def _batched_lists(
     index of them, as ``recommend`` searches them); with ``contexts``
     (``{session: encoded context}``, :meth:`Recommender.encode_context`; ``{}``:
     unknown), a model that reads per-request context reads each session's; under
-    ``rules``, each list picked as ``recommend`` picks one. A
+    ``rules``, each list picked as ``recommend`` picks one (a list ``max_per``
+    left short picked again from a wider pool, up to ``deepest``). A
     session that reads an item added after training, or whose query is not
     finite, is left out: ``recommend`` answers (or refuses) it."""
     search = rec.batch_index(filters)  # a bad filter: named before any list
@@ -271,6 +273,9 @@ def _batched_lists(
         if got is not None and not bool((got[0] >= rec.num_trained_items).any()):
             read[session] = got
     width = width or max(rec.num_candidates, k)
+    deepest = deepest or rec.deepest_width(width)
+    deepen = rules is not None and bool(rules.max_per) and width < deepest
+    short: list[Any] = []  # lists the limits left short of a full pool
     found: dict[Any, tuple[list[Any], list[float], list[float]]] = {}
     names = list(read)
     for start in range(0, len(names), BATCH_SESSIONS):
@@ -311,17 +316,37 @@ def _batched_lists(
         plain = top_scores.gather(1, order)
         # rows run short where the catalogue does, or the rules' limits
         kept = (chosen >= 0) & torch.isfinite(keys)
+        full = (top_idx >= 0).all(dim=1)
         flat = chosen.clamp_min(0).numpy().ravel()
         ids = rec.item_vocab.inverse_transform(flat).to_list()
         for row, session in enumerate(part):
             if bool(finite[row]):
                 n = int(kept[row].sum())  # the kept slots lead each row
+                if deepen and n < k and bool(full[row]):
+                    short.append(session)
                 at = row * chosen.shape[1]
                 found[session] = (
                     ids[at : at + n],
                     keys[row, :n].tolist(),
                     plain[row, :n].tolist(),
                 )
+    if short:
+        found.update(
+            _batched_lists(
+                rec,
+                short,
+                entries,
+                users,
+                k,
+                exclude_seen,
+                ranker,
+                filters,
+                contexts,
+                rules,
+                min(4 * width, deepest),
+                deepest,
+            )
+        )
     return found
 
 

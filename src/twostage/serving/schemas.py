@@ -192,7 +192,9 @@ class RecommendRequest(_Strict):
         None,
         description="At most n items sharing a value of a metadata column, e.g. "
         '{"genres": 3} (an item of a list column counts towards each of its '
-        "values); an item past the limit gives its place to the next candidate.",
+        "values); an item past the limit gives its place to the next candidate, "
+        "and a list the limits leave short is picked again from a pool four "
+        "times as wide (up to 16 times `num_candidates`, or the catalogue).",
     )
     num_candidates: int | None = Field(
         None,
@@ -200,7 +202,7 @@ class RecommendRequest(_Strict):
         description="How many retrieved items the ranking stage re-scores and "
         "`diversity` and `max_per` pick from (at least `k`; at most the server's "
         "`--max-num-candidates`); default: the server's `--num-candidates`, else "
-        "the model's. A wider pool fills a list a tight `max_per` leaves short.",
+        "the model's.",
     )
 
     def session_items(self) -> list[Any] | None:

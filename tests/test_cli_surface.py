@@ -832,3 +832,90 @@ def test_an_output_path_the_file_system_refuses_is_one_line_and_exit_2(
     with pytest.raises(SystemExit) as exited:
         main(["similar", bundle, "--all-items", "--out", str(out)])
     assert exited.value.code in (0, None) and out.is_file()
+
+
+def test_recommend_leaves_each_user_s_items_out_from_a_file(
+    models_dir: Path, small_recommender: Recommender, tmp_path: Path
+) -> None:
+    """`--exclude-file`: each listed user's rows leave their items out of that
+    user's list (the lists recommend_table gives with `exclude`); rows for
+    users without a list and unknown items are counted with their rows."""
+    model = str(models_dir / "synthetic")
+    top = {
+        u: [i["item_id"] for i in small_recommender.recommend(u, 5).items]
+        for u in (3, 4)
+    }
+    shown = tmp_path / "shown.csv"
+    shown.write_text(
+        "user_id,item_id\n"
+        f"3,{top[3][0]}\n3,{top[3][1]}\n4,{top[4][0]}\n"
+        "999,7\n"  # a user without a list here
+        "4,nope\n"  # an item the model does not know
+    )
+    users = tmp_path / "users.csv"
+    users.write_text("user_id\n3\n4\n5\n")
+    out = tmp_path / "lists.parquet"
+    args = ["recommend", model, "--users", str(users), "--out", str(out), "-k", "5"]
+    result = runner.invoke(app, [*args, "--exclude-file", str(shown), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["exclude_file"]
+    assert summary["rows"] == 5 and summary["users"] == 2
+    assert summary["rows_for_users_without_a_list"] == 1
+    assert summary["first_rows_for_users_without_a_list"] == [4]
+    assert summary["rows_with_unknown_items"] == 1
+    assert summary["first_rows_with_unknown_items"] == [5]
+    expected = small_recommender.recommend_table(
+        [3, 4, 5], 5, exclude={3: top[3][:2], 4: [top[4][0], "nope"]}
+    )
+    assert (
+        pl.read_parquet(out)
+        .select("user_id", "item_id")
+        .equals(expected.select("user_id", "item_id"))
+    )
+    got = pl.read_parquet(out).filter(pl.col("user_id") == 3)["item_id"].to_list()
+    assert not set(got) & set(top[3][:2]) and len(got) == 5
+    printed = runner.invoke(
+        app,
+        [*args, "--overwrite", "--exclude-file", str(shown)],
+        env={"COLUMNS": "200"},
+    )
+    assert printed.exit_code == 0, printed.output
+    said = " ".join(printed.output.split())
+    assert "--exclude-file: 5 rows; items left out of 2 users' lists." in said
+    assert (
+        "1 --exclude-file rows name users without a list here: not used (data rows [4])"
+        in said
+    )
+    assert (
+        "name items this model does not know: nothing to leave out (data rows [5])"
+        in said
+    )
+    for wrong in (
+        ["--user", "3"],
+        ["--sessions", str(users), "--out", str(tmp_path / "sessions.parquet")],
+    ):
+        refused = runner.invoke(
+            app,
+            ["recommend", model, *wrong, "--exclude-file", str(shown)],
+            env={"COLUMNS": "200"},
+        )
+        assert refused.exit_code == 2
+        assert "give --users FILE or --all-users" in refused.output
+    blank = tmp_path / "blank.csv"
+    blank.write_text("user_id,item_id\n3,\n")
+    refused = runner.invoke(
+        app,
+        [*args, "--overwrite", "--exclude-file", str(blank)],
+        env={"COLUMNS": "200"},
+    )
+    assert (
+        refused.exit_code == 2 and "have no item_id (data rows [1])" in refused.output
+    )
+    other = tmp_path / "other.csv"
+    other.write_text("customer,item_id\n3,1\n")
+    refused = runner.invoke(
+        app,
+        [*args, "--overwrite", "--exclude-file", str(other)],
+        env={"COLUMNS": "200"},
+    )
+    assert refused.exit_code == 2 and "has no user_id column" in refused.output

@@ -744,3 +744,38 @@ def test_similar_items_leave_out_the_excluded(
     assert rec.unknown_item_ids([*dropped, 99_999, "x", 99_999]) == [99_999, "x"]
     with pytest.raises(ConfigError, match="`exclude` should be a list"):
         rec.similar_items(7, 5, exclude="7")  # type: ignore[arg-type]
+
+
+def test_a_table_leaves_out_each_user_s_own_items(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """`exclude` on recommend_table: each user's list is recommend()'s with
+    that user's exclusions, on the batched path and the one-by-one path (an
+    unknown user), under the rules that widen the pool too; users match as
+    text; a user without a list is refused by name."""
+    rec, _ = fitted
+    plain = {u: [i["item_id"] for i in rec.recommend(u, 6).items] for u in (3, 4)}
+    exclude = {
+        3: plain[3][:2],
+        "4": [plain[4][0], 99_999],
+        "stranger": [plain[3][0]],  # an unknown user: the popularity answer
+    }
+    users = [3, 4, 5, "stranger"]
+    for options in ({}, {"max_per": {"category": 1}, "num_candidates": 6}):
+        table = rec.recommend_table(users, 6, exclude=exclude, **options)
+        for user in users:
+            own = exclude.get(user, exclude.get(str(user)))
+            one = rec.recommend(user, 6, exclude=own, **options)
+            rows = table.filter(pl.col("user_id").cast(pl.String) == str(user))
+            assert rows["item_id"].to_list() == [i["item_id"] for i in one.items]
+            assert rows["score"].to_list() == pytest.approx(
+                [i.get("rank_score", i["score"]) for i in one.items], abs=1e-6
+            )
+    mine = table.filter(pl.col("user_id").cast(pl.String) == "3")["item_id"]
+    assert not set(mine.to_list()) & set(plain[3][:2])
+    with pytest.raises(ConfigError, match=r"names 1 user\(s\) without a list here"):
+        rec.recommend_table([3], 6, exclude={3: [1], 77: [2]})
+    with pytest.raises(ConfigError, match="`exclude` should map user IDs"):
+        rec.recommend_table([3], 6, exclude=[1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="`exclude` should be a list"):
+        rec.recommend_table([3], 6, exclude={3: "12"})  # type: ignore[dict-item]

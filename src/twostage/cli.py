@@ -30,6 +30,7 @@ from twostage.cli_batch import (
     Overwrite,
     check_batch_options,
     parse_id,
+    read_exclusions,
     read_ids,
     read_sessions,
     write_in_chunks,
@@ -987,6 +988,16 @@ def recommend_command(
             "read as history; an ID the model does not know is named.",
         ),
     ] = None,
+    exclude_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude-file",
+            help="With --users/--all-users: a CSV, JSON lines or Parquet file of "
+            "user_id, item_id rows, the items to leave out of each user's list "
+            "(last week's campaign, bought since training); rows for users "
+            "without a list and items the model does not know are counted.",
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -1039,6 +1050,12 @@ def recommend_command(
             noun="user",
             also="--sessions",
         )
+    if exclude_file is not None and not many:
+        raise typer.BadParameter(
+            "leaves items out of many users' lists: give --users FILE or "
+            "--all-users (one list takes --exclude).",
+            param_hint="--exclude-file",
+        )
     rec = _open_bundle(bundle)
     chosen = _checked_filters(rec, filters)
     max_per = _checked_limits(rec, max_per_given)
@@ -1072,6 +1089,7 @@ def recommend_command(
                 users_file, "user_id", "--users", log_names(rec.run.config.data)
             )
         )
+        exclusions, excluded = _exclusions(rec, exclude_file, ids)
         summary = _recommend_into(
             rec,
             ids,
@@ -1085,7 +1103,10 @@ def recommend_command(
             diversity=diversity,
             max_per=max_per,
             num_candidates=num_candidates,
+            exclude=exclusions,
         )
+        if excluded is not None:
+            summary["exclude_file"] = excluded
         if json_output:
             print_json(summary)
             return
@@ -1277,9 +1298,11 @@ def _recommend_into(
     diversity: float = 0.0,
     max_per: dict[str, int] | None = None,
     num_candidates: int | None = None,
+    exclude: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
-    command reports: the paths taken and the lists shorter than ``k``."""
+    command reports: the paths taken and the lists shorter than ``k``;
+    ``exclude``: each user's items to leave out, by the user ID as text."""
     tally = _ListCounts(k)
     rows = write_in_chunks(
         out,
@@ -1295,6 +1318,9 @@ def _recommend_into(
             diversity=diversity,
             max_per=max_per,
             num_candidates=num_candidates,
+            exclude={u: exclude[str(u)] for u in part if str(u) in exclude}
+            if exclude
+            else None,
         ),
         key="user_id",
         noun="users",
@@ -1309,6 +1335,42 @@ def _recommend_into(
         "paths": tally.paths,
         "short_lists": tally.short,
     }
+
+
+def _exclusions(
+    rec: Any, path: Path | None, ids: list[Any]
+) -> tuple[dict[str, list[Any]] | None, dict[str, Any] | None]:
+    """``--exclude-file``'s items per user (by the user ID as text) and what
+    the command reports of the file: its rows, the users it names, and the
+    rows it could not use (a user without a list here) or that leave nothing
+    out (an item the model does not know), counted with their first rows."""
+    if path is None:
+        return None, None
+    frame = read_exclusions(path, "--exclude-file", log_names(rec.run.config.data))
+    listed = {str(u) for u in ids}
+    users = [str(u) for u in frame["user_id"].to_list()]
+    items = frame["item_id"].to_list()
+    rows = frame["row"].to_list()
+    unused = [r for r, u in zip(rows, users, strict=True) if u not in listed]
+    unknown = [
+        r
+        for r, u, i in zip(rows, users, items, strict=True)
+        if u in listed and not rec.item_vocab.lookup(i)
+    ]
+    exclusions: dict[str, list[Any]] = {}
+    for user, item in zip(users, items, strict=True):
+        if user in listed:
+            exclusions.setdefault(user, []).append(item)
+    report = {
+        "file": str(path),
+        "rows": len(rows),
+        "users": len(exclusions),
+        "rows_for_users_without_a_list": len(unused),
+        "first_rows_for_users_without_a_list": unused[:5],
+        "rows_with_unknown_items": len(unknown),
+        "first_rows_with_unknown_items": unknown[:5],
+    }
+    return exclusions, report
 
 
 def _print_batch_summary(
@@ -1327,6 +1389,29 @@ def _print_batch_summary(
         f"{summary['rows']:,} rows for {count:,} {noun}{'s' if count != 1 else ''} "
         f"(lists by path: {paths}) -> {escape(summary['out'])}"
     )
+    excluded = summary.get("exclude_file")
+    if excluded:
+        console.print(
+            f"--exclude-file: {excluded['rows']:,} rows; items left out of "
+            f"{excluded['users']:,} users' lists."
+        )
+        for key, what in (
+            (
+                "rows_for_users_without_a_list",
+                "name users without a list here: not used",
+            ),
+            (
+                "rows_with_unknown_items",
+                "name items this model does not know: nothing to leave out",
+            ),
+        ):
+            if excluded[key]:
+                first = excluded[f"first_{key}"]
+                more = " ..." if excluded[key] > len(first) else ""
+                status_console.print(
+                    f"[yellow]{excluded[key]:,} --exclude-file rows {what} "
+                    f"(data rows {first}{more}).[/yellow]"
+                )
     if summary["short_lists"]:
         pool = "the items that pass --filter" if filters else "the catalogue"
         why = f"{pool} less what they have seen"

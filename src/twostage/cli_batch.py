@@ -225,6 +225,38 @@ def _our_names(
         raise typer.BadParameter(str(e), param_hint=flag) from e
 
 
+def read_exclusions(
+    path: Path, flag: str, names: dict[str, str] | None = None
+) -> pl.DataFrame:
+    """A file of ``user_id``, ``item_id`` rows (each perhaps by the name
+    ``names`` maps it to): the items to leave out of each user's list. CSV IDs
+    are read as :func:`parse_id` reads them; a row without either is an error
+    that names it. Adds ``row``, each row's number among the data rows."""
+    frame = _our_names(_read_table(path, flag), names or {}, path, flag)
+    for column in ("user_id", "item_id"):
+        if column not in frame.columns:
+            other = (names or {}).get(column)
+            raise typer.BadParameter(
+                f"{str(path)!r} has no {column} column"
+                + (f" (nor {other}, the training log's)" if other else "")
+                + f" (its columns: {frame.columns}); it should hold a user_id "
+                "and an item_id per row.",
+                param_hint=flag,
+            )
+        if frame[column].dtype == pl.String:
+            frame = frame.with_columns(_typed_ids(frame[column]))
+        blank = frame[column].is_null()
+        if blank.any():
+            rows = (blank.arg_true() + 1).head(5).to_list()
+            raise typer.BadParameter(
+                f"{int(blank.sum())} row(s) of {str(path)!r} have no {column} "
+                f"(data rows {rows}{' ...' if blank.sum() > 5 else ''}); fill or "
+                "drop them.",
+                param_hint=flag,
+            )
+    return frame.select("user_id", "item_id").with_row_index("row", offset=1)
+
+
 def read_sessions(
     path: Path, flag: str = "--sessions", names: dict[str, str] | None = None
 ) -> pl.DataFrame:

@@ -210,6 +210,46 @@ def _grown(base: Index, embeddings: torch.Tensor, served: torch.Tensor) -> Index
     return base.extended(embeddings[missing], missing)
 
 
+def _table_exclusions(
+    given: list[Any],
+    exclude: Mapping[Any, Sequence[Any]] | None,
+    item_vocab: Vocabulary,
+) -> tuple[list[Sequence[Any] | None], list[np.ndarray | None]]:
+    """Per position of ``given``, the raw item IDs ``exclude`` leaves out of
+    that user's list and their vocabulary indices (None: none).
+
+    Raises:
+        ConfigError: not a mapping, a value that is not a list of IDs, or a
+            user who is not in ``given``.
+    """
+    nothing: list[Any] = [None] * len(given)
+    if exclude is None:
+        return nothing, list(nothing)
+    if not isinstance(exclude, Mapping):
+        raise ConfigError(
+            "`exclude` should map user IDs to the item IDs to leave out of their "
+            f"lists. Received: a {type(exclude).__name__}."
+        )
+    by_text: dict[str, Any] = {}
+    for user_id, items in exclude.items():
+        check_raw_id("exclude's user ID", user_id)
+        indices, _ = excluded_items(items, item_vocab)  # checks the list
+        by_text[str(user_id)] = (items, indices)
+    listed = {str(u) for u in given}
+    stray = [u for u in exclude if str(u) not in listed]
+    if stray:
+        raise ConfigError(
+            f"`exclude` names {len(stray)} user(s) without a list here: "
+            f"{stray[:5]!r}{' ...' if len(stray) > 5 else ''}; leave them out or "
+            "add them to `user_ids`."
+        )
+    found = [by_text.get(str(u)) for u in given]
+    return (
+        [None if f is None else f[0] for f in found],
+        [None if f is None else f[1] for f in found],
+    )
+
+
 def _pad_columns(values: torch.Tensor, columns: int, fill: float) -> torch.Tensor:
     """``values`` ``[B, C]`` widened to ``columns`` with ``fill``."""
     return torch.nn.functional.pad(values, (0, columns - values.shape[1]), value=fill)
@@ -1326,6 +1366,7 @@ class Recommender:
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
         num_candidates: int | None = None,
+        exclude: Mapping[Any, Sequence[Any]] | None = None,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -1361,6 +1402,16 @@ class Recommender:
                 picked from its own candidates).
             num_candidates: as :meth:`recommend` takes it (more candidates
                 for rules that pass over many).
+            exclude: ``{user ID: item IDs}``, each user's items to leave out
+                of their list (those sent in last week's campaign, bought
+                since training), as :meth:`recommend` takes ``exclude``; a
+                user ID matches as text (``42`` and ``"42"`` alike). IDs the
+                model does not know leave nothing out
+                (:meth:`unknown_item_ids` names them).
+
+        Raises:
+            ConfigError: ``exclude`` is not a mapping of lists, or names a user
+                who is not in ``user_ids`` (the first few named).
         """
         k = check_k("k", k)
         rules = self.list_rules(diversity, max_per)
@@ -1377,6 +1428,7 @@ class Recommender:
             [self.user_vocab.lookup(u) if u is not None else 0 for u in given],
             dtype=np.int64,
         )
+        asked, left_out = _table_exclusions(given, exclude, self.item_vocab)
         # The chunked path: what recommend() does for these users, vectorised.
         fast = (idx > 0) & ~self._popular_users[idx]
         if self._context_keys:
@@ -1397,6 +1449,7 @@ class Recommender:
                             filters,
                             rules,
                             width,
+                            left_out=[left_out[p] for p in part.tolist()],
                         ),
                         strict=True,
                     )
@@ -1423,6 +1476,7 @@ class Recommender:
                     diversity=rules.diversity,
                     max_per=rules.max_per,
                     num_candidates=width,
+                    exclude=asked[position],
                 )
                 item_idx = [self.item_vocab.lookup(i["item_id"]) for i in answer.items]
                 plain = [i["score"] for i in answer.items]
@@ -1552,18 +1606,27 @@ class Recommender:
         rules: ListRules | None = None,
         width: int | None = None,
         deepest: int | None = None,
+        left_out: Sequence[np.ndarray | None] | None = None,
     ) -> list[tuple[list[int], list[float], list[float], str]]:
         """``(item indices, keys, retrieval scores, path)`` of known users on the
         personalised path, as :meth:`recommend` orders them, in one search of
         ``index`` (None: no item passed the filters), or one exact scoring of the
         items that pass ``filters`` where the session-kNN term joins the scores,
         and one ranker call (and again, wider, for the lists ``max_per`` left
-        short, up to ``deepest``: :meth:`deepest_width` of ``width``)."""
+        short, up to ``deepest``: :meth:`deepest_width` of ``width``);
+        ``left_out``: per user, items to leave out beside the seen ones."""
         if index is None:
             return [([], [], [], "personalised") for _ in user_idx]
         users = torch.from_numpy(user_idx)
         queries = self._known_queries()[users]
         seen = [self._seen.row(int(u)) if exclude_seen else None for u in user_idx]
+        if left_out is not None:
+            seen = [
+                own
+                if extra is None
+                else np.union1d(own if own is not None else [], extra).astype(np.int64)
+                for own, extra in zip(seen, left_out, strict=True)
+            ]
         width = width or max(self.num_candidates, k)
         if self.run.scores_exactly:
             top_scores, top_idx = self.exact_search(
@@ -1622,6 +1685,7 @@ class Recommender:
                     rules,
                     min(4 * width, deepest),
                     deepest,
+                    None if left_out is None else [left_out[r] for r in short.tolist()],
                 )
                 for row, found in zip(short.tolist(), wider, strict=True):
                     lists[row] = found

@@ -919,3 +919,19 @@ def test_recommend_leaves_each_user_s_items_out_from_a_file(
         env={"COLUMNS": "200"},
     )
     assert refused.exit_code == 2 and "has no user_id column" in refused.output
+    # IDs of another type: named, not matched to no one (or a traceback).
+    for frame, said in (
+        (pl.DataFrame({"user_id": [3], "item_id": [[1, 2]]}), "item_id column"),
+        (pl.DataFrame({"user_id": [3.0], "item_id": [1]}), "user_id column"),
+    ):
+        typed = tmp_path / "typed.parquet"
+        frame.write_parquet(typed)
+        refused = runner.invoke(
+            app,
+            [*args, "--overwrite", "--exclude-file", str(typed)],
+            env={"COLUMNS": "300"},
+        )
+        assert refused.exit_code == 2, refused.output
+        assert (
+            said in refused.output and "IDs should be whole numbers" in refused.output
+        )

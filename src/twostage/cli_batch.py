@@ -233,28 +233,50 @@ def read_exclusions(
     are read as :func:`parse_id` reads them; a row without either is an error
     that names it. Adds ``row``, each row's number among the data rows."""
     frame = _our_names(_read_table(path, flag), names or {}, path, flag)
+    text = path.suffix.lower() not in (".parquet", ".pq", ".jsonl", ".ndjson", ".json")
     for column in ("user_id", "item_id"):
-        if column not in frame.columns:
-            other = (names or {}).get(column)
+        values = _filled_column(frame, column, path, flag, names)
+        if not (values.dtype.is_integer() or values.dtype == pl.String):
             raise typer.BadParameter(
-                f"{str(path)!r} has no {column} column"
-                + (f" (nor {other}, the training log's)" if other else "")
-                + f" (its columns: {frame.columns}); it should hold a user_id "
-                "and an item_id per row.",
+                f"the {column} column of {str(path)!r} holds {values.dtype} "
+                "values; IDs should be whole numbers or text, as in the log.",
                 param_hint=flag,
             )
-        if frame[column].dtype == pl.String:
-            frame = frame.with_columns(_typed_ids(frame[column]))
-        blank = frame[column].is_null()
-        if blank.any():
-            rows = (blank.arg_true() + 1).head(5).to_list()
-            raise typer.BadParameter(
-                f"{int(blank.sum())} row(s) of {str(path)!r} have no {column} "
-                f"(data rows {rows}{' ...' if blank.sum() > 5 else ''}); fill or "
-                "drop them.",
-                param_hint=flag,
-            )
+        if text:
+            frame = frame.with_columns(_typed_ids(values))
     return frame.select("user_id", "item_id").with_row_index("row", offset=1)
+
+
+def _filled_column(
+    frame: pl.DataFrame,
+    column: str,
+    path: Path,
+    flag: str,
+    names: dict[str, str] | None,
+) -> pl.Series:
+    """``frame``'s ``column``, if the file has one and every row fills it
+    (else an error naming the first rows without)."""
+    if column not in frame.columns:
+        other = (names or {}).get(column)
+        raise typer.BadParameter(
+            f"{str(path)!r} has no {column} column"
+            + (f" (nor {other}, the training log's)" if other else "")
+            + f" (its columns: {frame.columns}); give the file a header row "
+            "naming it.",
+            param_hint=flag,
+        )
+    values = frame[column]
+    blank = values.is_null()
+    if values.dtype == pl.String:
+        blank = blank | (values.str.strip_chars() == "")
+    if blank.any():
+        rows = (blank.arg_true() + 1).head(5).to_list()
+        raise typer.BadParameter(
+            f"{int(blank.sum())} row(s) of {str(path)!r} have no {column} (data rows "
+            f"{rows}{' ...' if blank.sum() > 5 else ''}); fill or drop them.",
+            param_hint=flag,
+        )
+    return values
 
 
 def read_sessions(
@@ -303,26 +325,7 @@ def read_ids(
     IDs are read as typed, as ``--user`` reads one: ``0042`` keeps its zeros;
     JSON and Parquet IDs keep their types."""
     frame = _our_names(_read_table(path, flag), names or {}, path, flag)
-    if column not in frame.columns:
-        other = (names or {}).get(column)
-        raise typer.BadParameter(
-            f"{str(path)!r} has no {column} column"
-            + (f" (nor {other}, the training log's)" if other else "")
-            + f" (its columns: {frame.columns}); give the file a header row "
-            "naming it.",
-            param_hint=flag,
-        )
-    values = frame[column]
-    blank = values.is_null()
-    if values.dtype == pl.String:
-        blank = blank | (values.str.strip_chars() == "")
-    if blank.any():
-        rows = (blank.arg_true() + 1).head(5).to_list()
-        raise typer.BadParameter(
-            f"{int(blank.sum())} row(s) of {str(path)!r} have no {column} (data rows "
-            f"{rows}{' ...' if blank.sum() > 5 else ''}); fill or drop them.",
-            param_hint=flag,
-        )
+    values = _filled_column(frame, column, path, flag, names)
     if values.dtype == pl.String:
         return [parse_id(value) for value in values.to_list()]
     return values.to_list()

@@ -889,6 +889,8 @@ class Recommender:
             )
             if not max_per or len(answer.items) >= k or width >= deepest:
                 return answer
+            if candidates is not None and width >= len(candidates):
+                return answer  # the pool held every candidate given
             width = min(4 * width, deepest)  # the limits passed over too many
 
     def _recommend(

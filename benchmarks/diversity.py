@@ -5,7 +5,9 @@ Both stages are trained once (training seed ``--seed``); every test user's
 list of ``-k`` items is then re-picked from the same candidates at each weight
 of ``--weights``, for the served two-stage list and for retrieval's alone
 (``--no-ranker``), and then at weight 0 with at most N items a genre
-(``--max-per genres=N`` for each N of ``--caps``). Figures per setting, seen items excluded: NDCG, Recall and
+(``--max-per genres=N`` for each N of ``--caps``), and at each weight of
+``--by-weights`` with items alike by their genres instead of their embeddings
+(``--diversity-by genres``). Figures per setting, seen items excluded: NDCG, Recall and
 HitRate at ``k`` on the test rows, intra-list diversity (the mean pairwise
 cosine distance of a list's items in the candidate embedding space, and the
 mean pairwise Jaccard distance of their genres, a yardstick the model never
@@ -73,12 +75,19 @@ def measure(
     genres: list[frozenset[str]] | None,
     popularity: np.ndarray,
     max_per: dict[str, int] | None = None,
+    by: str | None = None,
 ) -> dict[str, float]:
     """One setting's figures over every test user's served list: the library's
     (``twostage.list_evaluation``), and the genres' spread and popularity."""
     started = time.perf_counter()
     topk = served_lists(
-        rec, queries, k, use_ranker=use_ranker, diversity=weight, max_per=max_per
+        rec,
+        queries,
+        k,
+        use_ranker=use_ranker,
+        diversity=weight,
+        max_per=max_per,
+        diversity_by=by,
     )
     seconds = time.perf_counter() - started
     figures = list_figures(rec, queries, topk, k)
@@ -101,6 +110,11 @@ def main() -> None:
         "--caps",
         default="1,2,3",
         help="limits N of --max-per GENRES=N to measure (empty: none)",
+    )
+    parser.add_argument(
+        "--by-weights",
+        default="0.3,0.5,0.7",
+        help="weights to measure with items alike by their genres (empty: none)",
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--dataset", default="movielens-100k")
@@ -131,22 +145,24 @@ def main() -> None:
         minlength=rec.item_vocab.size,
     ).astype(np.float64)
     caps = [int(c) for c in args.caps.split(",") if c] if column else []
-    settings: list[tuple[str, float, dict[str, int] | None]] = [
-        (f"{w:g}", w, None) for w in weights
+    by_weights = [float(w) for w in args.by_weights.split(",") if w] if column else []
+    settings: list[tuple[str, float, dict[str, int] | None, str | None]] = [
+        (f"{w:g}", w, None, None) for w in weights
     ]
-    settings += [(f"{column}<={n}", 0.0, {str(column): n}) for n in caps]
+    settings += [(f"{column}<={n}", 0.0, {str(column): n}, None) for n in caps]
+    settings += [(f"{w:g} by {column}", w, None, column) for w in by_weights]
     results: dict[str, dict[str, dict[str, float]]] = {}
     stages = [("two_stage", True)] if rec.ranker is not None else []
     stages.append(("retrieval", False))
     for stage, use_ranker in stages:
         results[stage] = {}
-        for name, weight, limits in settings:
+        for name, weight, limits, by in settings:
             results[stage][name] = measure(
-                rec, queries, args.k, weight, use_ranker, genres, counts, limits
+                rec, queries, args.k, weight, use_ranker, genres, counts, limits, by
             )
         base = results[stage][settings[0][0]]
         rows = []
-        for name, _, _ in settings:
+        for name, *_ in settings:
             got = results[stage][name]
             change = got["ndcg"] / base["ndcg"] - 1 if base["ndcg"] else float("nan")
             rows.append(

@@ -301,6 +301,26 @@ def test_recommend_excludes_items_and_diversifies_from_the_cli(
         said = " ".join(capped.output.split())
         assert f"{wide} asked for: only {got} items" in said
         assert "--max-per passed over the rest" in said
+    spread = runner.invoke(
+        app,
+        [*args, "--diversity", "1", "--diversity-by", "category", "--json"],
+    )
+    assert spread.exit_code == 0, spread.output
+    assert (
+        json.loads(spread.stdout)["items"]
+        == small_recommender.recommend(
+            3, 5, diversity=1.0, diversity_by="category"
+        ).items
+    )
+    unknown = runner.invoke(
+        app,
+        [*args, "--diversity", "1", "--diversity-by", "colour"],
+        env={"COLUMNS": "200"},
+    )
+    assert unknown.exit_code == 2
+    assert "unknown `--diversity-by` column(s) ['colour']" in " ".join(
+        unknown.output.split()
+    )
     bad = runner.invoke(app, [*args, "--diversity", "1.5"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "--diversity" in bad.output
     for given, said in (

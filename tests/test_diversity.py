@@ -6,7 +6,12 @@ import math
 import pytest
 import torch
 
-from twostage.diversity import check_diversity, diversify, intra_list_diversity
+from twostage.diversity import (
+    check_diversity,
+    diversify,
+    intra_list_diversity,
+    intra_list_value_diversity,
+)
 from twostage.errors import ConfigError
 
 
@@ -163,3 +168,58 @@ def test_the_groups_of_a_list_column_and_of_a_plain_one() -> None:
     with pytest.raises(ConfigError, match="unknown `max_per` column"):
         filters.check_max_per({"size": 2})
     assert filters.check_max_per(None) == {}
+
+
+def _value_sets(generator: torch.Generator, rows: int, width: int) -> torch.Tensor:
+    """``[rows, width, 3]`` random sets of 0 to 3 of 6 values (-1 pads)."""
+    values = torch.full((rows, width, 3), -1, dtype=torch.long)
+    for row in range(rows):
+        for slot in range(width):
+            count = int(torch.randint(0, 4, (1,), generator=generator))
+            chosen = torch.randperm(6, generator=generator)[:count]
+            values[row, slot, :count] = chosen
+    return values
+
+
+def _multi_hot(values: torch.Tensor) -> torch.Tensor:
+    """``[..., 6]`` the rows of ``values``' sets."""
+    hot = torch.zeros(*values.shape[:-1], 7)
+    hot.scatter_(-1, values.clamp_min(-1) % 7, 1.0)
+    return hot[..., :6]  # (a pad, -1, lands in the 7th column, dropped)
+
+
+@pytest.mark.parametrize("weight", [0.3, 0.7, 1.0])
+def test_likeness_by_values_is_the_cosine_of_their_multi_hot_rows(
+    weight: float,
+) -> None:
+    """`values` (a metadata column's values per candidate) pick as the
+    textbook loop picks with each candidate's multi-hot row as its vector:
+    shared values over the root of the two counts; a candidate without a
+    value is like none."""
+    generator = torch.Generator().manual_seed(5)
+    rows, width, k = 6, 12, 6
+    keys = torch.randn(rows, width, generator=generator).sort(descending=True).values
+    keys[1, 8:] = -math.inf
+    values = _value_sets(generator, rows, width)
+    got = diversify(keys, None, k, weight=weight, values=values)
+    hot = _multi_hot(values)
+    for row in range(rows):
+        expected = naive_mmr(keys[row].tolist(), hot[row], k, weight)
+        assert got[row].tolist() == expected, row
+    # The spread of the lists by the same likeness, against a pairwise loop.
+    lists = values[:, :5]
+    valid = torch.ones(rows, 5, dtype=torch.bool)
+    valid[2, 3:] = False
+    valid[3, 1:] = False  # one item: no pair
+    spread = intra_list_value_diversity(lists, valid)
+    unit = torch.nn.functional.normalize(hot[:, :5], dim=2)
+    for row in range(rows):
+        kept = [i for i in range(5) if valid[row, i]]
+        pairs = [(i, j) for i in kept for j in kept if i != j]
+        if not pairs:
+            assert math.isnan(float(spread[row]))
+            continue
+        mean = sum(1 - float(unit[row, i] @ unit[row, j]) for i, j in pairs) / len(
+            pairs
+        )
+        assert float(spread[row]) == pytest.approx(mean, abs=1e-6), row

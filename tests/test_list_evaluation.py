@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from twostage.cli import app, main
 from twostage.config import ExperimentConfig, apply_overrides
 from twostage.errors import ConfigError
-from twostage.list_evaluation import evaluate_list_rules
+from twostage.list_evaluation import evaluate_list_rules, list_figures, served_lists
+from twostage.retrieval.evaluation import eval_queries
 from twostage.two_stage import fit_two_stage
 
 CONFIG = [
@@ -63,6 +64,19 @@ def test_the_lists_as_scored_are_the_ranking_report_s_served_lists(stages) -> No
     assert rec.deepest_width(10) >= rec.item_embeddings.shape[0] - 1
     assert narrow["as_scored"]["ndcg"] == pytest.approx(found["as_scored"]["ndcg"])
     assert narrow["with_rules"]["mean_length"] == limited["with_rules"]["mean_length"]
+    # Diverse by the category column: its spread by category is reported, and
+    # grows past the lists as scored and the lists diverse by embeddings.
+    by = evaluate_list_rules(
+        rec, stages.split.test, diversity=0.5, diversity_by="category"
+    )
+    assert by["diversity_by"] == "category" and "value_diversity" not in ruled
+    assert by["with_rules"]["value_diversity"] > by["as_scored"]["value_diversity"]
+    embedded = evaluate_list_rules(rec, stages.split.test, diversity=0.5)
+    queries = eval_queries(rec.run, stages.split.test)
+    embedded_lists = served_lists(rec, queries, 10, diversity=0.5)
+    plain = list_figures(rec, queries, embedded_lists, 10, "category")
+    assert by["with_rules"]["value_diversity"] > plain["value_diversity"]
+    assert embedded["with_rules"]["ndcg"] == pytest.approx(plain["ndcg"])
 
 
 def test_evaluate_prints_and_returns_the_rules_figures(
@@ -71,11 +85,17 @@ def test_evaluate_prints_and_returns_the_rules_figures(
     bundle = tmp_path / "models" / "m" / "1"
     stages.recommender().save(bundle)
     result = CliRunner().invoke(
-        app, ["evaluate", str(bundle), "--max-per", "category=2", "--json"]
+        app,
+        [
+            *("evaluate", str(bundle), "--max-per", "category=2", "--json"),
+            *("--diversity", "0.2", "--diversity-by", "category"),
+        ],
     )
     assert result.exit_code == 0, result.output
     rules = json.loads(result.stdout)["list_rules"]
-    assert rules["max_per"] == {"category": 2} and rules["diversity"] == 0
+    assert rules["max_per"] == {"category": 2} and rules["diversity"] == 0.2
+    assert rules["diversity_by"] == "category"
+    assert "value_diversity" in rules["with_rules"]
     assert set(rules["with_rules"]) >= {"ndcg", "intra_list_diversity", "coverage"}
     printed = CliRunner().invoke(
         app, ["evaluate", str(bundle), "--diversity", "0.3"], env={"COLUMNS": "200"}

@@ -779,3 +779,48 @@ def test_a_table_leaves_out_each_user_s_own_items(
         rec.recommend_table([3], 6, exclude=[1, 2])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="`exclude` should be a list"):
         rec.recommend_table([3], 6, exclude={3: "12"})  # type: ignore[dict-item]
+
+
+def test_diversity_by_a_column_spreads_its_values(
+    fitted: tuple[Recommender, object],
+) -> None:
+    """`diversity_by`: items alike by a metadata column's values. On a
+    one-value column, at full weight every next pick is of a category not yet
+    in the list while the candidates hold one; the table, the sessions and
+    "more like this" pick alike; an unknown column is refused by name."""
+    rec, _ = fitted
+    category = rec.item_filters.frame["category"].to_list()
+
+    def categories(items: list) -> list:
+        return [category[rec.item_vocab.lookup(i)] for i in items]
+
+    by = {"diversity": 1.0, "diversity_by": "category"}
+    for user in (3, 4, 5):
+        pool = [i["item_id"] for i in rec.recommend(user, rec.num_candidates).items]
+        answer = [i["item_id"] for i in rec.recommend(user, 8, **by).items]
+        distinct = min(8, len(set(categories(pool))))
+        assert answer[0] == pool[0] and set(answer) <= set(pool)
+        assert len(set(categories(answer[:distinct]))) == distinct, user
+        embedded = [i["item_id"] for i in rec.recommend(user, 8, diversity=1.0).items]
+        assert answer != embedded  # not the embeddings' pick
+    table = rec.recommend_table([3, 4], 8, **by)
+    for user in (3, 4):
+        one = [i["item_id"] for i in rec.recommend(user, 8, **by).items]
+        assert table.filter(pl.col("user_id") == user)["item_id"].to_list() == one
+    visits = pl.DataFrame({"session_id": ["a", "a"], "item_id": [3, 5]})
+    found = rec.recommend_sessions(visits, 6, **by).lists["item_id"].to_list()
+    assert found == [
+        i["item_id"] for i in rec.recommend(None, 6, session=[3, 5], **by).items
+    ]
+    similar = [i["item_id"] for i in rec.similar_items(7, 6, **by)]
+    assert len(set(categories(similar))) == len(similar)
+    # Without a weight the column changes nothing.
+    assert rec.recommend(3, 8, diversity_by="category").to_dict() == (
+        rec.recommend(3, 8).to_dict()
+    )
+    with pytest.raises(
+        ConfigError, match=r"unknown `diversity_by` column\(s\) \['colour'\]"
+    ):
+        rec.recommend(3, 8, diversity=0.5, diversity_by="colour")
+    with pytest.raises(ConfigError, match="`diversity_by` should name a metadata"):
+        rec.recommend(3, 8, diversity=0.5, diversity_by=["category"])  # type: ignore[arg-type]

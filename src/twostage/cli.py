@@ -167,6 +167,16 @@ MaxPer = Annotated[
         "its values); repeat for several columns; for one list or many.",
     ),
 ]
+DiversityBy = Annotated[
+    str | None,
+    typer.Option(
+        "--diversity-by",
+        metavar="COLUMN",
+        help="With --diversity: items are alike by this metadata column's "
+        "values (e.g. genres: the cosine of their multi-hot rows) instead of "
+        "their embeddings.",
+    ),
+]
 NumCandidates = Annotated[
     int | None,
     typer.Option(
@@ -977,6 +987,7 @@ def recommend_command(
         ),
     ] = False,
     diversity: Diversity = 0.0,
+    diversity_by: DiversityBy = None,
     max_per_given: MaxPer = None,
     num_candidates: NumCandidates = None,
     exclude_given: Annotated[
@@ -1059,6 +1070,7 @@ def recommend_command(
     rec = _open_bundle(bundle)
     chosen = _checked_filters(rec, filters)
     max_per = _checked_limits(rec, max_per_given)
+    _checked_diversity_by(rec, diversity_by)
     if sessions_file is not None:
         summary = _recommend_sessions_into(
             rec,
@@ -1072,6 +1084,7 @@ def recommend_command(
             filters=chosen,
             context=_key_values(context, "--context") or None,
             diversity=diversity,
+            diversity_by=diversity_by,
             max_per=max_per,
             num_candidates=num_candidates,
         )
@@ -1101,6 +1114,7 @@ def recommend_command(
             explain=explain,
             context=_key_values(context, "--context") or None,
             diversity=diversity,
+            diversity_by=diversity_by,
             max_per=max_per,
             num_candidates=num_candidates,
             exclude=exclusions,
@@ -1159,6 +1173,7 @@ def recommend_command(
             filters=chosen,
             exclude=_session(exclude, "--exclude"),
             diversity=diversity,
+            diversity_by=diversity_by,
             max_per=max_per,
             num_candidates=num_candidates,
         )
@@ -1296,6 +1311,7 @@ def _recommend_into(
     explain: bool,
     context: dict[str, Any] | None = None,
     diversity: float = 0.0,
+    diversity_by: str | None = None,
     max_per: dict[str, int] | None = None,
     num_candidates: int | None = None,
     exclude: dict[str, list[Any]] | None = None,
@@ -1316,6 +1332,7 @@ def _recommend_into(
             explain=explain,
             context=context,
             diversity=diversity,
+            diversity_by=diversity_by,
             max_per=max_per,
             num_candidates=num_candidates,
             exclude={u: exclude[str(u)] for u in part if str(u) in exclude}
@@ -1459,6 +1476,7 @@ def _recommend_sessions_into(
     filters: dict[str, Any] | None,
     context: dict[str, Any] | None = None,
     diversity: float = 0.0,
+    diversity_by: str | None = None,
     max_per: dict[str, int] | None = None,
     num_candidates: int | None = None,
 ) -> dict[str, Any]:
@@ -1496,7 +1514,7 @@ def _recommend_sessions_into(
                 use_ranker=use_ranker,
                 filters=filters,
                 context=context,
-                rules=rec.list_rules(diversity, max_per),
+                rules=rec.list_rules(diversity, max_per, diversity_by),
                 num_candidates=num_candidates,
             )
         except SessionTableError as e:  # the file's; a bad -k names its flag
@@ -1648,6 +1666,7 @@ def similar_command(
         ),
     ] = None,
     diversity: Diversity = 0.0,
+    diversity_by: DiversityBy = None,
     max_per_given: MaxPer = None,
     num_candidates: NumCandidates = None,
     exclude_given: Annotated[
@@ -1685,6 +1704,7 @@ def similar_command(
     rec = _open_bundle(bundle)
     chosen = _checked_filters(rec, filters)
     max_per = _checked_limits(rec, max_per_given)
+    _checked_diversity_by(rec, diversity_by)
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
         ids = (
@@ -1715,6 +1735,7 @@ def similar_command(
                 k,
                 filters=chosen,
                 diversity=diversity,
+                diversity_by=diversity_by,
                 max_per=max_per,
                 num_candidates=num_candidates,
             ),
@@ -1748,6 +1769,7 @@ def similar_command(
             filters=chosen,
             item_features=described,
             diversity=diversity,
+            diversity_by=diversity_by,
             max_per=max_per,
             num_candidates=num_candidates,
             exclude=exclude,
@@ -1802,6 +1824,18 @@ def _checked_filters(rec: Any, filters: list[str] | None) -> dict[str, Any] | No
             str(e).replace("`filters`", "`--filter`", 1), param_hint="--filter"
         ) from e
     return chosen
+
+
+def _checked_diversity_by(rec: Any, column: str | None) -> None:
+    """``--diversity-by COLUMN`` checked against the catalogue's metadata
+    before any list is made."""
+    try:
+        rec.list_rules(0.0, None, column)
+    except ConfigError as e:
+        raise typer.BadParameter(
+            str(e).replace("`diversity_by`", "`--diversity-by`", 1),
+            param_hint="--diversity-by",
+        ) from e
 
 
 def _checked_limits(rec: Any, given: list[str] | None) -> dict[str, int] | None:
@@ -2066,6 +2100,7 @@ def evaluate_command(
             "NDCG, Recall and HitRate@10, intra-list diversity, coverage.",
         ),
     ] = 0.0,
+    diversity_by: DiversityBy = None,
     max_per_given: Annotated[
         list[str] | None,
         typer.Option(
@@ -2123,6 +2158,7 @@ def evaluate_command(
     results: dict[str, Any] = {}
     rec = _open_bundle(path)
     max_per = _checked_limits(rec, max_per_given)
+    _checked_diversity_by(rec, diversity_by)
     streamed = rec.run.stream is not None
 
     def training_rows() -> Any:
@@ -2182,6 +2218,7 @@ def evaluate_command(
                 rec,
                 test,
                 diversity=diversity,
+                diversity_by=diversity_by,
                 max_per=max_per,
                 num_candidates=num_candidates,
             )

@@ -357,8 +357,9 @@ def print_list_rules(report: dict[str, Any]) -> None:
     served lists as scored and under the rules, one row each."""
     k = report["k"]
     rules = []
+    by = report.get("diversity_by")
     if report["diversity"]:
-        rules.append(f"diversity {report['diversity']:g}")
+        rules.append(f"diversity {report['diversity']:g}" + (f" by {by}" if by else ""))
     rules += [
         f"at most {n} per {column} value" for column, n in report["max_per"].items()
     ]
@@ -375,6 +376,7 @@ def print_list_rules(report: dict[str, Any]) -> None:
         ("recall", f"R@{k}"),
         ("hit_rate", f"HR@{k}"),
         ("intra_list_diversity", "ILD"),
+        *([("value_diversity", f"ILD {by}")] if by else []),
         ("coverage", f"Cov@{k}"),
         ("mean_length", "length"),
         ("seconds", "s"),

@@ -9,7 +9,9 @@ each next item is the one with the best
 
 where relevance is the candidate's key scaled to [0, 1] over its list (the best
 is 1, the worst 0), and the cosine is of the candidate tower's embeddings (the
-space retrieval searches, so "alike" means "liked by the same users"). Weight 0
+space retrieval searches, so "alike" means "liked by the same users"), or of
+the items' values of a metadata column (``diversity_by``: two films' genres,
+``|A & B| / sqrt(|A| |B|)``, the cosine of their multi-hot rows). Weight 0
 keeps the order as it is; 1 picks the best item and then always the least alike.
 :meth:`twostage.recommender.Recommender.recommend` and the batched lists
 apply it after retrieval and the ranker, over the candidates retrieval passed.
@@ -28,7 +30,13 @@ from torch import Tensor
 
 from twostage.errors import ConfigError
 
-__all__ = ["ListRules", "check_diversity", "diversify", "intra_list_diversity"]
+__all__ = [
+    "ListRules",
+    "check_diversity",
+    "diversify",
+    "intra_list_diversity",
+    "intra_list_value_diversity",
+]
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,13 @@ class ListRules:
     """How an answer's ``k`` items are picked from its candidates, beyond their
     order: ``diversity`` (:func:`diversify`'s weight) and ``max_per``
     (``{metadata column: n}``, at most ``n`` items sharing a value of the
-    column). Falsy when neither applies: the first ``k`` as ordered."""
+    column); ``diversity_by``: the metadata column whose values make two items
+    alike (None: their candidate embeddings). Falsy when neither
+    ``diversity`` nor ``max_per`` applies: the first ``k`` as ordered."""
 
     diversity: float = 0.0
     max_per: dict[str, int] = field(default_factory=dict)
+    diversity_by: str | None = None  # a metadata column: alike by its values
 
     def __bool__(self) -> bool:
         return bool(self.diversity or self.max_per)
@@ -87,6 +98,7 @@ def diversify(
     weight: float,
     groups: Tensor | None = None,
     limits: Tensor | None = None,
+    values: Tensor | None = None,
 ) -> Tensor:
     """Pick each row's ``k`` candidates by maximal marginal relevance, at most
     ``limits[g]`` of them in each group ``g``.
@@ -95,7 +107,7 @@ def diversify(
         keys: ``[B, C]`` each candidate's key (higher is better); ``-inf`` or NaN
             marks an empty slot.
         vectors: ``[B, C, D]`` the candidates' embeddings (compared by cosine);
-            unread at weight 0.
+            unread at weight 0 or with ``values``.
         k: how many to pick.
         weight: from 0 (the order of ``keys``) to 1 (after the best, always the
             least alike); :func:`check_diversity`.
@@ -103,6 +115,10 @@ def diversify(
             ``limits``; -1 pads): a candidate whose group is full is passed
             over (``max_per``: at most 3 of a brand).
         limits: ``[M]`` how many picks each group takes.
+        values: ``[B, C, V]`` instead of ``vectors``, each candidate's values
+            of a metadata column as codes (-1 pads): two candidates are as
+            alike as the cosine of their multi-hot rows, ``shared / sqrt(n_a
+            * n_b)`` (0 where either has none).
 
     Returns:
         ``[B, min(k, C)]`` positions into each row's candidates, picked first
@@ -125,10 +141,11 @@ def diversify(
     picked = torch.full((rows, k), -1, dtype=torch.long)
     every = torch.arange(rows)
     unit = None
-    if weight:
+    if weight and values is None:
         if vectors is None:
             raise ValueError("diversify: a weight above 0 needs the vectors")
         unit = _unit(vectors.float())
+    has = None if values is None else (values >= 0).sum(dim=2).float()  # (B, C)
     capped = None
     if groups is not None:
         if limits is None:
@@ -158,9 +175,19 @@ def diversify(
             counts.scatter_add_(
                 1, member[every, best], real[every, best] * found[:, None]
             )
+        cosine = None
         if unit is not None:
             # (B, C, D) @ (B, D, 1) -> (B, C): each candidate against the new pick
             cosine = torch.bmm(unit, unit[every, best][:, :, None])[:, :, 0]
+        elif weight and values is not None and has is not None:
+            pick = values[every, best]  # (B, V): the new pick's values
+            # (B, C, V, 1) == (B, 1, 1, V): the values each candidate shares
+            shared = (values[:, :, :, None] == pick[:, None, None, :]) & (
+                pick[:, None, None, :] >= 0
+            )
+            scale = (has * has[every, best][:, None]).sqrt().clamp_min(1.0)
+            cosine = shared.sum(dim=(2, 3)).float() / scale
+        if cosine is not None:
             cosine = torch.where(found[:, None], cosine, -math.inf)
             closest = cosine if step == 0 else torch.maximum(closest, cosine)
     return picked
@@ -183,5 +210,34 @@ def intra_list_diversity(vectors: Tensor, valid: Tensor | None = None) -> Tensor
     counts = valid.sum(dim=1).float()
     pairs = counts * (counts - 1)  # ordered pairs, the diagonal left out
     total = cosine.sum(dim=(1, 2)) - (unit * unit).sum(dim=(1, 2))
+    distance = 1 - total / pairs.clamp_min(1)
+    return torch.where(pairs > 0, distance, math.nan)
+
+
+def intra_list_value_diversity(values: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``[B]`` each list's mean distance over its pairs of items by a metadata
+    column's values, ``1 - shared / sqrt(n_a * n_b)`` (the likeness
+    :func:`diversify` reads with ``values``; an item without a value is like
+    none); NaN for a list of fewer than two.
+
+    Args:
+        values: ``[B, k, V]`` each item's values as codes (-1 pads).
+        valid: ``[B, k]`` bool, False for an empty slot (default: all filled).
+    """
+    rows, k, _ = values.shape
+    if valid is None:
+        valid = torch.ones(rows, k, dtype=torch.bool)
+    has = (values >= 0) & valid[:, :, None]
+    # (B, k, 1, V, 1) == (B, 1, k, 1, V): the values each pair shares
+    shared = (values[:, :, None, :, None] == values[:, None, :, None, :]) & (
+        has[:, :, None, :, None] & has[:, None, :, None, :]
+    )
+    counts = has.sum(dim=2).float()  # (B, k)
+    scale = (counts[:, :, None] * counts[:, None, :]).sqrt().clamp_min(1.0)
+    likeness = shared.sum(dim=(3, 4)).float() / scale  # (B, k, k)
+    pairs_valid = valid[:, :, None] & valid[:, None, :]
+    pairs_valid &= ~torch.eye(k, dtype=torch.bool)[None]
+    pairs = pairs_valid.sum(dim=(1, 2)).float()
+    total = (likeness * pairs_valid).sum(dim=(1, 2))
     distance = 1 - total / pairs.clamp_min(1)
     return torch.where(pairs > 0, distance, math.nan)

@@ -487,22 +487,44 @@ class ItemFilters:
             )
         if not max_per:
             return {}
-        if self.frame is None:
-            raise ConfigError(
-                "`max_per` reads item metadata, and this recommender has none."
-            )
-        columns = [c for c in self.frame.columns if c != ITEM]
-        unknown = sorted(set(map(str, max_per)) - set(columns))
-        if unknown:
-            raise ConfigError(
-                f"unknown `max_per` column(s) {unknown}; the item metadata has "
-                f"{columns}."
-            )
+        self._check_columns("max_per", list(max_per))
         for column, limit in max_per.items():
             check_k(f"max_per[{column!r}]", limit)
         # A limit past any list's length limits nothing; 2^31 keeps 10^22 from
         # overflowing the counts' int64 (it would end in a 500).
         return {str(c): min(int(n), 2**31) for c, n in max_per.items()}
+
+    def check_column(self, name: str, column: Any) -> str | None:
+        """``column`` (a request's field ``name``: one metadata column, e.g.
+        ``diversity_by``) checked; None stays None.
+
+        Raises:
+            ConfigError: not text, no metadata, or an unknown column.
+        """
+        if column is None:
+            return None
+        if not isinstance(column, str):
+            raise ConfigError(
+                f'`{name}` should name a metadata column, e.g. "genres". '
+                f"Received: {column!r} ({type(column).__name__})."
+            )
+        self._check_columns(name, [column])
+        return column
+
+    def _check_columns(self, name: str, given: list[Any]) -> None:
+        """Refuse a request's field ``name`` naming columns (``given``) the
+        item metadata lacks, or any where there is none."""
+        if self.frame is None:
+            raise ConfigError(
+                f"`{name}` reads item metadata, and this recommender has none."
+            )
+        columns = [c for c in self.frame.columns if c != ITEM]
+        unknown = sorted(set(map(str, given)) - set(columns))
+        if unknown:
+            raise ConfigError(
+                f"unknown `{name}` column(s) {unknown}; the item metadata has "
+                f"{columns}."
+            )
 
     def _values(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         """``(codes, offsets)``: item ``i``'s values of ``column`` (each of a

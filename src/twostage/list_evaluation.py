@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from twostage.data.dataset import ITEM, USER, Dataset
-from twostage.diversity import intra_list_diversity
+from twostage.diversity import intra_list_diversity, intra_list_value_diversity
 from twostage.errors import ConfigError
 from twostage.inputs import check_k
 from twostage.metrics import compute_metrics
@@ -43,6 +43,7 @@ def served_lists(
     diversity: float = 0.0,
     max_per: Mapping[str, int] | None = None,
     num_candidates: int | None = None,
+    diversity_by: str | None = None,
 ) -> torch.Tensor:
     """``[Q, k]`` the item indices each test user is served, best first (-1
     past a short list), as :meth:`Recommender.recommend_table` writes them."""
@@ -54,6 +55,7 @@ def served_lists(
         diversity=diversity,
         max_per=max_per,
         num_candidates=num_candidates,
+        diversity_by=diversity_by,
     )
     position = {user: row for row, user in enumerate(users)}
     lists = torch.full((len(users), k), -1, dtype=torch.long)
@@ -65,12 +67,17 @@ def served_lists(
 
 
 def list_figures(
-    rec: Recommender, queries: EvalQueries, lists: torch.Tensor, k: int
+    rec: Recommender,
+    queries: EvalQueries,
+    lists: torch.Tensor,
+    k: int,
+    by: str | None = None,
 ) -> dict[str, float]:
     """One set of lists' figures (``ndcg``, ``recall``, ``hit_rate`` at ``k``
     over the users with an unseen test item, as the figures of ``evaluate``
     with seen items excluded; ``intra_list_diversity``, ``coverage``,
-    ``mean_length`` over every list)."""
+    ``mean_length`` over every list; with ``by``, a metadata column,
+    ``value_diversity``: the lists' spread by its values)."""
     found = compute_metrics(
         lists,
         queries.relevant.difference(queries.seen),
@@ -81,7 +88,7 @@ def list_figures(
     filled = lists >= 0
     vectors = rec.item_embeddings[lists.clamp_min(0)]
     spread = intra_list_diversity(vectors, filled)
-    return {
+    out = {
         "ndcg": found["ndcg"][k],
         "recall": found["recall"][k],
         "hit_rate": found["hit_rate"][k],
@@ -89,6 +96,11 @@ def list_figures(
         "coverage": found["coverage"][k],
         "mean_length": float(filled.sum(dim=1).float().mean()),
     }
+    if by is not None:
+        values, _ = rec.item_filters.groups(lists, {by: 1})
+        figures = intra_list_value_diversity(values, filled)
+        out["value_diversity"] = float(figures.nanmean())
+    return out
 
 
 def evaluate_list_rules(
@@ -100,13 +112,17 @@ def evaluate_list_rules(
     max_per: Mapping[str, int] | None = None,
     use_ranker: bool = True,
     num_candidates: int | None = None,
+    diversity_by: str | None = None,
 ) -> dict[str, Any]:
     """The served lists of every test user as scored and under the rules
     (picked from ``num_candidates``, default the ranking stage's number; the
     lists as scored always from that number, as the ranking report's).
 
+    ``diversity_by``: as :meth:`Recommender.recommend` takes it; both rows
+    then add ``value_diversity``, the lists' spread by that column's values.
+
     Returns:
-        ``{"k", "diversity", "max_per", "users" (the lists written),
+        ``{"k", "diversity", "max_per", "diversity_by", "users" (the lists written),
         "scored_users" (those with an unseen test item), "as_scored": figures,
         "with_rules": figures}``, each figures dict with ``ndcg``, ``recall``,
         ``hit_rate``, ``intra_list_diversity``, ``coverage``, ``mean_length``
@@ -118,7 +134,7 @@ def evaluate_list_rules(
             context, or a test file's prior histories).
     """
     k = check_k("k", k)
-    rules = rec.list_rules(diversity, max_per)
+    rules = rec.list_rules(diversity, max_per, diversity_by)
     queries = eval_queries(rec.run, test)
     if queries.context is not None or queries.prior is not None:
         raise ConfigError(
@@ -131,6 +147,7 @@ def evaluate_list_rules(
         "k": k,
         "diversity": rules.diversity,
         "max_per": rules.max_per,
+        "diversity_by": rules.diversity_by,
         "num_candidates": rec.candidate_width(num_candidates, k),
         "users": len(queries.user_ids),
         "scored_users": int(
@@ -147,7 +164,9 @@ def evaluate_list_rules(
             diversity=chosen.diversity if chosen else 0.0,
             max_per=chosen.max_per if chosen else None,
             num_candidates=num_candidates if chosen else None,
+            diversity_by=chosen.diversity_by if chosen else None,
         )
         seconds = time.perf_counter() - started
-        out[name] = {**list_figures(rec, queries, lists, k), "seconds": seconds}
+        figures = list_figures(rec, queries, lists, k, rules.diversity_by)
+        out[name] = {**figures, "seconds": seconds}
     return out

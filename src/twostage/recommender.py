@@ -791,6 +791,7 @@ class Recommender:
         exclude: Sequence[Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        diversity_by: str | None = None,
     ) -> Recommendation:
         """Top ``k`` items for a user.
 
@@ -861,6 +862,11 @@ class Recommender:
                 times ``num_candidates`` or the catalogue
                 (:meth:`deepest_width`); past that it stays short. New items
                 in ``candidates`` have no metadata and count towards none.
+            diversity_by: a metadata column (``"genres"``) whose values make
+                two items alike for ``diversity``, in place of their candidate
+                embeddings: the cosine of their multi-hot rows, ``shared /
+                sqrt(n_a * n_b)`` (an item without a value, or a new item, is
+                like none). Read only when ``diversity`` is above 0.
 
         Returns:
             A :class:`Recommendation`; ``path`` says whether the answer is personalised,
@@ -886,6 +892,7 @@ class Recommender:
                 exclude=exclude,
                 diversity=diversity,
                 max_per=max_per,
+                diversity_by=diversity_by,
             )
             if not max_per or len(answer.items) >= k or width >= deepest:
                 return answer
@@ -910,13 +917,14 @@ class Recommender:
         exclude: Sequence[Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        diversity_by: str | None = None,
     ) -> Recommendation:
         """:meth:`recommend` from a pool of ``num_candidates``, once."""
         k = check_k("k", k)
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
         use_ranker = _check_flag("use_ranker", use_ranker)
         explain = _check_flag("explain", explain)
-        rules = self.list_rules(diversity, max_per)
+        rules = self.list_rules(diversity, max_per, diversity_by)
         if isinstance(user_id, list | tuple | set | dict):
             raise ConfigError(
                 "`user_id` should be one user ID. Received a "
@@ -1109,13 +1117,17 @@ class Recommender:
         return max(check_k("num_candidates", num_candidates), k)
 
     def list_rules(
-        self, diversity: float = 0.0, max_per: Mapping[str, int] | None = None
+        self,
+        diversity: float = 0.0,
+        max_per: Mapping[str, int] | None = None,
+        diversity_by: str | None = None,
     ) -> ListRules:
-        """A request's ``diversity`` and ``max_per``, checked (the columns
-        against the item metadata)."""
+        """A request's ``diversity``, ``max_per`` and ``diversity_by``,
+        checked (the columns against the item metadata)."""
         return ListRules(
             diversity=check_diversity(diversity),
             max_per=self._filters.check_max_per(max_per),
+            diversity_by=self._filters.check_column("diversity_by", diversity_by),
         )
 
     def picked(
@@ -1146,16 +1158,19 @@ class Recommender:
             return order[:, :k], keys[:, :k]
         items = candidates.gather(1, order)
         filled = items >= 0
-        vectors = None
-        if rules.diversity:
+        # a new item, past the catalogue, has no metadata
+        catalogued = items.masked_fill(items >= len(self._item_id_list), -1)
+        vectors = values = None
+        if rules.diversity and rules.diversity_by:  # alike by their values
+            values, _ = self._filters.groups(catalogued, {rules.diversity_by: 1})
+        elif rules.diversity:
             table = self.item_embeddings
             if new is not None:
                 table = torch.cat([table, new.vectors])
             # (B, W) indices -> (B, W, D); an empty slot reads row 0, unpicked
             vectors = table[items.clamp_min(0)]
         groups = limits = None
-        if rules.max_per:  # a new item, past the catalogue, has no metadata
-            catalogued = items.masked_fill(items >= len(self._item_id_list), -1)
+        if rules.max_per:
             groups, limits = self._filters.groups(catalogued, rules.max_per)
         at = diversify(
             keys.masked_fill(~filled, -torch.inf),
@@ -1164,6 +1179,7 @@ class Recommender:
             weight=rules.diversity,
             groups=groups,
             limits=limits,
+            values=values,
         )
         got = at >= 0
         if len(at) == 1:  # one answer: as long as its picks
@@ -1331,6 +1347,7 @@ class Recommender:
         context: Mapping[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        diversity_by: str | None = None,
         num_candidates: int | None = None,
     ) -> SessionLists:
         """A list for every session of a table (polars, pandas or pyarrow) with
@@ -1339,8 +1356,8 @@ class Recommender:
         rows it could not read with their reasons
         (:func:`twostage.session_batch.recommend_sessions`); ``context``: one
         moment for every list, for a model that reads per-request context;
-        ``diversity``, ``max_per``, ``num_candidates``: as :meth:`recommend`
-        takes them."""
+        ``diversity``, ``max_per``, ``diversity_by``, ``num_candidates``: as
+        :meth:`recommend` takes them."""
         from twostage.session_batch import recommend_sessions
 
         return recommend_sessions(
@@ -1351,7 +1368,7 @@ class Recommender:
             use_ranker=_check_flag("use_ranker", use_ranker),
             filters=filters,
             context=context,
-            rules=self.list_rules(diversity, max_per),
+            rules=self.list_rules(diversity, max_per, diversity_by),
             num_candidates=num_candidates,
         )
 
@@ -1367,6 +1384,7 @@ class Recommender:
         context: Mapping[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        diversity_by: str | None = None,
         num_candidates: int | None = None,
         exclude: Mapping[Any, Sequence[Any]] | None = None,
     ) -> pl.DataFrame:
@@ -1400,8 +1418,8 @@ class Recommender:
             context: one moment for every list (a campaign sent at 9:00,
                 ``{"timestamp": ...}``), for a model that reads per-interaction
                 context, as :meth:`recommend` takes it.
-            diversity, max_per: as :meth:`recommend` takes them (each list
-                picked from its own candidates).
+            diversity, max_per, diversity_by: as :meth:`recommend` takes
+                them (each list picked from its own candidates).
             num_candidates: as :meth:`recommend` takes it (more candidates
                 for rules that pass over many).
             exclude: ``{user ID: item IDs}``, each user's items to leave out
@@ -1416,7 +1434,7 @@ class Recommender:
                 who is not in ``user_ids`` (the first few named).
         """
         k = check_k("k", k)
-        rules = self.list_rules(diversity, max_per)
+        rules = self.list_rules(diversity, max_per, diversity_by)
         width = self.candidate_width(num_candidates, k)
         self.encode_context(context)  # a mistake is named before any list
         exclude_seen = _check_flag("exclude_seen", exclude_seen)
@@ -1477,6 +1495,7 @@ class Recommender:
                     context=context,
                     diversity=rules.diversity,
                     max_per=rules.max_per,
+                    diversity_by=rules.diversity_by,
                     num_candidates=width,
                     exclude=asked[position],
                 )
@@ -1701,13 +1720,14 @@ class Recommender:
         filters: dict[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        diversity_by: str | None = None,
         num_candidates: int | None = None,
     ) -> pl.DataFrame:
         """:meth:`similar_items` for many items as one long table (an "also liked"
         table for a shop's pages): a row per item and rank with ``item_id``,
         ``rank`` (1 is the closest), ``similar_item_id`` and ``score``; searched
         4,096 items at a time (``filters``, ``diversity``, ``max_per``,
-        ``num_candidates``: as :meth:`similar_items`).
+        ``diversity_by``, ``num_candidates``: as :meth:`similar_items`).
 
         Raises:
             UnknownIdError: an item is not in the catalogue (the first few named).
@@ -1724,7 +1744,7 @@ class Recommender:
                 f"model ({self.item_vocab.size - 1} items): {unknown[:5]!r}"
                 f"{' ...' if len(unknown) > 5 else ''}."
             )
-        rules = self.list_rules(diversity, max_per)
+        rules = self.list_rules(diversity, max_per, diversity_by)
         width = self.candidate_width(num_candidates, k) if rules else k
         index = self.filtered_index(filters)
         parts = idx.split(4096) if index is not None else ()  # None: nothing passes
@@ -1770,6 +1790,7 @@ class Recommender:
         item_features: Mapping[str, Any] | None = None,
         diversity: float = 0.0,
         max_per: Mapping[str, int] | None = None,
+        diversity_by: str | None = None,
         num_candidates: int | None = None,
         exclude: Sequence[Any] | None = None,
     ) -> list[dict[str, Any]]:
@@ -1779,7 +1800,7 @@ class Recommender:
         ``max_per`` pick the ``k`` from the ``num_candidates`` closest
         (default: the ranking stage's number) as
         :meth:`recommend` picks an answer (similar, and not all alike; at most
-        2 of a brand).
+        2 of a brand; ``diversity_by``: alike by a metadata column's values).
 
         An item the model never trained on may be described by its
         ``item_features`` (the columns of :attr:`item_feature_columns`; nested
@@ -1800,7 +1821,7 @@ class Recommender:
         """
         k = check_k("k", k)
         check_raw_id("item_id", item_id)
-        rules = self.list_rules(diversity, max_per)
+        rules = self.list_rules(diversity, max_per, diversity_by)
         width = self.candidate_width(num_candidates, k) if rules else k
         if item_features is not None and not isinstance(item_features, Mapping):
             raise ConfigError(

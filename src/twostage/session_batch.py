@@ -180,6 +180,7 @@ def recommend_sessions(
             context=(session_contexts or {}).get(session, context),
             diversity=rules.diversity if rules else 0.0,
             max_per=rules.max_per if rules else None,
+            diversity_by=rules.diversity_by if rules else None,
             num_candidates=width,
         )
         # items added after training: seen, but the model learned nothing of them

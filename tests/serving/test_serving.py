@@ -629,6 +629,27 @@ def test_exclude_and_diversity_reach_the_model(
         assert "unknown_excluded_items" not in similar
         bad = client.post("/v1/similar", json={"item_id": 7, "exclude": "7"})
         assert bad.status_code == 422 and "body.exclude" in bad.text
+        by = {"diversity": 1.0, "diversity_by": "category"}
+        spread = client.post("/v1/recommend", json={"user_id": 3, "k": 6, **by})
+        assert (
+            spread.json()["items"]
+            == small_recommender.recommend(3, 6, **by).to_dict()["items"]
+        )
+        similar_by = client.post("/v1/similar", json={"item_id": 7, "k": 4, **by})
+        assert similar_by.json()["items"] == small_recommender.similar_items(7, 4, **by)
+        predicted = client.post(
+            "/v1/models/synthetic:predict",
+            json={"instances": [{"user_id": 3, "k": 6, **by}]},
+        ).json()["predictions"][0]
+        assert predicted["output_2"] == [
+            i["item_id"] for i in small_recommender.recommend(3, 6, **by).items
+        ]
+        for route, body in (
+            ("/v1/recommend", {"user_id": 3, "diversity_by": "colour"}),
+            ("/v1/similar", {"item_id": 7, "diversity": 0.5, "diversity_by": "colour"}),
+        ):
+            refused = client.post(route, json=body)
+            assert refused.status_code == 400 and "colour" in refused.text
         # A limit past any list limits nothing (10^22 overflowed the counts: a 500).
         huge = client.post(
             "/v1/recommend",

@@ -305,6 +305,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 candidates=body.candidates,
                 exclude=body.exclude,
                 diversity=body.diversity,
+                diversity_by=body.diversity_by,
                 max_per=body.max_per,
             )
         out = {"model": model.name, "version": model.version, **answer.to_dict()}
@@ -331,6 +332,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 filters=body.filters,
                 item_features=body.item_features,
                 diversity=body.diversity,
+                diversity_by=body.diversity_by,
                 max_per=body.max_per,
                 num_candidates=_num_candidates(settings, body.k, body.num_candidates),
                 exclude=body.exclude,
@@ -426,6 +428,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     candidates=request.candidates,
                     exclude=request.exclude,
                     diversity=request.diversity,
+                    diversity_by=request.diversity_by,
                     max_per=request.max_per,
                 )
             predictions.append(

@@ -188,6 +188,12 @@ class RecommendRequest(_Strict):
         "embeddings); the items keep their scores, so a diverse list is not in "
         "score order.",
     )
+    diversity_by: str | None = Field(
+        None,
+        description="With `diversity`: a metadata column whose values make two "
+        'items alike (e.g. "genres": the cosine of their multi-hot rows) '
+        "instead of their embeddings.",
+    )
     max_per: dict[str, int] | None = Field(
         None,
         description="At most n items sharing a value of a metadata column, e.g. "
@@ -265,6 +271,11 @@ class SimilarRequest(_Strict):
         description="0 (the closest first) to 1: pick the `k` from the closest "
         "trading closeness against likeness to those picked before, as in "
         "/v1/recommend.",
+    )
+    diversity_by: str | None = Field(
+        None,
+        description="With `diversity`: a metadata column whose values make two "
+        "items alike, as in /v1/recommend.",
     )
     max_per: dict[str, int] | None = Field(
         None,

@@ -182,6 +182,8 @@ async function recommend(event) {
     k: Number($("k").value) || 10,
     exclude_seen: $("exclude-seen").checked,
     diversity: Number($("diversity").value) || 0,
+    diversity_by: $("diversity-by-tags").checked && metadata && metadata.tags_column
+      ? metadata.tags_column : null,
     max_per: maxPer(),
     num_candidates: Number($("pool").value) || null,
     filters: filters(),
@@ -310,6 +312,7 @@ function start() {
     $("diversity-value").textContent = $("diversity").value;
   });
   $("diversity").addEventListener("change", () => recommend());
+  $("diversity-by-tags").addEventListener("change", () => recommend());
   $("search-form").addEventListener("submit", (event) => event.preventDefault());
   $("search").addEventListener("input", search);
   $("model").addEventListener("change", loadModel);

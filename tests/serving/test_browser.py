@@ -99,6 +99,24 @@ def test_page_shows_history_recommendations_and_similar_items(
             )
             assert shown == [str(item["item_id"]) for item in expected]
             assert "personalised" in page.inner_text("#path")
+            # The "not" box leaves items out; an unknown ID is named.
+            page.fill("#exclude", f"{expected[0]['item_id']}, 99999")
+            page.click("#recommend")
+            page.wait_for_function(
+                "document.querySelector('#path').textContent.includes('99999')"
+            )
+            left = small_recommender.recommend(
+                3, 5, exclude=[expected[0]["item_id"], 99999]
+            ).items
+            shown = page.eval_on_selector_all(
+                "#recs li", "items => items.map(li => li.dataset.itemId)"
+            )
+            assert shown == [str(item["item_id"]) for item in left]
+            page.fill("#exclude", "")
+            page.click("#recommend")
+            page.wait_for_function(
+                "!document.querySelector('#path').textContent.includes('99999')"
+            )
             # "Because you watched ..." names one of the user's history items.
             history = small_recommender.history(3)
             labels = {str(h.get("label") or f"item {h['item_id']}") for h in history}

@@ -106,6 +106,12 @@ function session() {
   });
 }
 
+// The "not" box: item IDs to leave out of the list ("50, 172").
+function excluded() {
+  const ids = $("exclude").value.split(",").map((s) => s.trim()).filter(Boolean);
+  return ids.length ? ids.map(typedId) : null;
+}
+
 function userFeatures() {
   const values = {};
   for (const input of $("features").querySelectorAll("input")) {
@@ -188,6 +194,7 @@ async function recommend(event) {
     num_candidates: Number($("pool").value) || null,
     filters: filters(),
     session: session(),
+    exclude: excluded(),
     context: context(),
     include_history: true,
     explain: true,
@@ -200,8 +207,10 @@ async function recommend(event) {
            : Promise.resolve(null),
     ]);
     const unread = answer.unread_session_items || [];
+    const unknown = answer.unknown_excluded_items || [];
     $("path").textContent = `(${answer.path.replaceAll("_", " ")}, version ${answer.version}` +
-      (unread.length ? `; session items added after training, not read: ${unread.join(", ")})` : ")");
+      (unread.length ? `; session items added after training, not read: ${unread.join(", ")}` : "") +
+      (unknown.length ? `; not in the catalogue, nothing to leave out: ${unknown.join(", ")}` : "") + ")";
     fill($("recs"), answer.items, both ? "two-stage score" : "score");
     $("retrieval-column").hidden = !plain;
     if (plain) fill($("retrieval"), plain.items, "retrieval score");

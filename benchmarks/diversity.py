@@ -13,8 +13,9 @@ cosine distance of a list's items in the candidate embedding space, and the
 mean pairwise Jaccard distance of their genres, a yardstick the model never
 read), catalogue coverage (the share of items in some list), the mean
 popularity (training rows) of the listed items, the lists' mean length (a
-limit leaves a list short where the candidates run out), and the seconds to write
-every list (``recommend_table``). The model's lists are not tuned here:
+limit leaves a list short where the candidates run out), the seconds to write
+every list (``recommend_table``), and the median milliseconds of one request
+(``recommend``, the first ``--requests`` test users, as a server answers one). The model's lists are not tuned here:
 weight 0 is the default and the table shows what each weight trades.
 
     python benchmarks/diversity.py --json benchmarks/results/diversity.json
@@ -76,6 +77,7 @@ def measure(
     popularity: np.ndarray,
     max_per: dict[str, int] | None = None,
     by: str | None = None,
+    requests: int = 200,
 ) -> dict[str, float]:
     """One setting's figures over every test user's served list: the library's
     (``twostage.list_evaluation``), and the genres' spread and popularity."""
@@ -90,6 +92,18 @@ def measure(
         diversity_by=by,
     )
     seconds = time.perf_counter() - started
+    times = []
+    for user in queries.user_ids.to_list()[:requests]:
+        began = time.perf_counter()
+        rec.recommend(
+            user,
+            k,
+            use_ranker=use_ranker,
+            diversity=weight,
+            max_per=max_per,
+            diversity_by=by,
+        )
+        times.append(time.perf_counter() - began)
     figures = list_figures(rec, queries, topk, k)
     lists = [[i for i in row if i >= 0] for row in topk.tolist()]
     listed = topk[topk > 0].numpy()
@@ -99,6 +113,7 @@ def measure(
         "ild_genres": genre_distance(lists, genres) if genres else float("nan"),
         "mean_popularity": float(popularity[listed].mean()),
         "seconds": seconds,
+        "request_ms": float(np.median(times)) * 1000 if times else float("nan"),
     }
 
 
@@ -115,6 +130,9 @@ def main() -> None:
         "--by-weights",
         default="0.3,0.5,0.7",
         help="weights to measure with items alike by their genres (empty: none)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=200, help="single requests timed a setting"
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--dataset", default="movielens-100k")
@@ -158,7 +176,16 @@ def main() -> None:
         results[stage] = {}
         for name, weight, limits, by in settings:
             results[stage][name] = measure(
-                rec, queries, args.k, weight, use_ranker, genres, counts, limits, by
+                rec,
+                queries,
+                args.k,
+                weight,
+                use_ranker,
+                genres,
+                counts,
+                limits,
+                by,
+                args.requests,
             )
         base = results[stage][settings[0][0]]
         rows = []
@@ -178,6 +205,7 @@ def main() -> None:
                     f"{got['mean_popularity']:.0f}",
                     f"{got['mean_length']:.2f}",
                     f"{got['seconds']:.2f}",
+                    f"{got['request_ms']:.1f}",
                 ]
             )
         k = args.k
@@ -196,6 +224,7 @@ def main() -> None:
                 "mean pop",
                 "length",
                 "lists s",
+                "ms/request",
             ],
             rows,
         )

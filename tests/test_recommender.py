@@ -773,6 +773,11 @@ def test_a_table_leaves_out_each_user_s_own_items(
             )
     mine = table.filter(pl.col("user_id").cast(pl.String) == "3")["item_id"]
     assert not set(mine.to_list()) & set(plain[3][:2])
+    # 3 and "3" are one user: both entries' items leave the list.
+    joined = rec.recommend_table([3], 6, exclude={3: plain[3][:1], "3": plain[3][1:2]})
+    assert joined["item_id"].to_list() == [
+        i["item_id"] for i in rec.recommend(3, 6, exclude=plain[3][:2]).items
+    ]
     with pytest.raises(ConfigError, match=r"names 1 user\(s\) without a list here"):
         rec.recommend_table([3], 6, exclude={3: [1], 77: [2]})
     with pytest.raises(ConfigError, match="`exclude` should map user IDs"):

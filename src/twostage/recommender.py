@@ -233,8 +233,11 @@ def _table_exclusions(
     by_text: dict[str, Any] = {}
     for user_id, items in exclude.items():
         check_raw_id("exclude's user ID", user_id)
-        indices, _ = excluded_items(items, item_vocab)  # checks the list
-        by_text[str(user_id)] = (items, indices)
+        excluded_items(items, item_vocab)  # checks the list
+        # 42 and "42" are one user: their items join
+        by_text.setdefault(str(user_id), []).extend(items or [])
+    for text, items in by_text.items():
+        by_text[text] = (items, excluded_items(items, item_vocab)[0])
     listed = {str(u) for u in given}
     stray = [u for u in exclude if str(u) not in listed]
     if stray:

@@ -921,6 +921,13 @@ def test_recommend_leaves_each_user_s_items_out_from_a_file(
         )
         assert refused.exit_code == 2
         assert "give --users FILE or --all-users" in refused.output
+    for missing in (tmp_path, tmp_path / "gone.csv"):  # before the bundle loads
+        refused = runner.invoke(
+            app,
+            [*args, "--overwrite", "--exclude-file", str(missing)],
+            env={"COLUMNS": "300"},
+        )
+        assert refused.exit_code == 2 and "is not a file" in refused.output
     blank = tmp_path / "blank.csv"
     blank.write_text("user_id,item_id\n3,\n")
     refused = runner.invoke(

@@ -1067,6 +1067,10 @@ def recommend_command(
             "--all-users (one list takes --exclude).",
             param_hint="--exclude-file",
         )
+    if exclude_file is not None and not exclude_file.is_file():
+        raise typer.BadParameter(
+            f"{str(exclude_file)!r} is not a file.", param_hint="--exclude-file"
+        )
     rec = _open_bundle(bundle)
     chosen = _checked_filters(rec, filters)
     max_per = _checked_limits(rec, max_per_given)

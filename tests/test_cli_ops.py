@@ -199,6 +199,10 @@ def test_serve_refuses_a_default_pool_past_its_limit(
     assert (
         "`--num-candidates` (50) should be at most `--max-num-candidates` (40)" in err
     )
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(models_dir), "--widening", "0"])
+    assert exit_.value.code == 2
+    assert "--widening" in capsys.readouterr().err
 
 
 @contextmanager

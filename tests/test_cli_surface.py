@@ -281,6 +281,21 @@ def test_recommend_excludes_items_and_diversifies_from_the_cli(
         env={"COLUMNS": "200"},
     )
     assert refused.exit_code == 2 and "--exclude" in refused.output
+    kept = runner.invoke(
+        app,
+        [
+            *args,
+            *("--max-per", "category=1", "--num-candidates", "5"),
+            *("--widening", "1", "--json"),
+        ],
+    )
+    assert kept.exit_code == 0, kept.output
+    assert (
+        json.loads(kept.stdout)["items"]
+        == small_recommender._recommend(
+            3, 5, max_per={"category": 1}, num_candidates=5
+        ).items
+    )
     # More asked for than the limit can fill: the list says why it is short.
     categories = small_recommender.item_filters.frame["category"].n_unique()
     wide = categories + 5

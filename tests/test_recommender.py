@@ -713,6 +713,28 @@ def test_the_candidates_the_rules_pick_from_can_be_set(
     assert table.filter(pl.col("item_id") == 9)["similar_item_id"].to_list() == nine
     with pytest.raises(ConfigError, match="`num_candidates` should be a positive"):
         rec.recommend_table([3], 6, num_candidates=0)
+    # `widening` bounds the growth: 1 keeps the first pool's short lists, 4
+    # stops after one widening; batched lists follow it too.
+    try:
+        for factor, widest in ((1, 6), (4, 24)):
+            rec.widening = factor
+            assert rec.deepest_width(6) == widest
+            for user in (1, 2, 3, 4, 5):
+                expected = rec._recommend(user, 6, num_candidates=6, **rules)
+                if len(expected.items) < 6:  # the one widening allowed, if any
+                    expected = rec._recommend(user, 6, num_candidates=widest, **rules)
+                got = rec.recommend(user, 6, num_candidates=6, **rules)
+                assert got.to_dict()["items"] == expected.to_dict()["items"]
+            table = rec.recommend_table([1, 2, 3], 6, num_candidates=6, **rules)
+            for user in (1, 2, 3):
+                one = rec.recommend(user, 6, num_candidates=6, **rules)
+                rows = table.filter(pl.col("user_id") == user)
+                assert rows["item_id"].to_list() == [i["item_id"] for i in one.items]
+        rec.widening = 0
+        with pytest.raises(ConfigError, match="`widening` should be a positive"):
+            rec.recommend(3, 6, max_per={"category": 1})
+    finally:
+        rec.widening = 16
 
 
 def test_similar_items_leave_out_the_excluded(

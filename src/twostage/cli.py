@@ -167,6 +167,15 @@ MaxPer = Annotated[
         "its values); repeat for several columns; for one list or many.",
     ),
 ]
+Widening = Annotated[
+    int,
+    typer.Option(
+        "--widening",
+        min=1,
+        help="How many times wider than --num-candidates a list --max-per leaves "
+        "short may be picked from (1: never, the list stays short).",
+    ),
+]
 DiversityBy = Annotated[
     str | None,
     typer.Option(
@@ -184,7 +193,7 @@ NumCandidates = Annotated[
         min=1,
         help="How many candidates each list is picked from (default: the number "
         "the ranking stage was evaluated with); a list --max-per leaves short is "
-        "picked again from 4 then 16 times as many (or the catalogue).",
+        "picked again from 4 then 16 times as many (--widening; or the catalogue).",
     ),
 ]
 TensorBoard = Annotated[
@@ -990,6 +999,7 @@ def recommend_command(
     diversity_by: DiversityBy = None,
     max_per_given: MaxPer = None,
     num_candidates: NumCandidates = None,
+    widening: Widening = 16,
     exclude_given: Annotated[
         list[str] | None,
         typer.Option(
@@ -1075,6 +1085,7 @@ def recommend_command(
     chosen = _checked_filters(rec, filters)
     max_per = _checked_limits(rec, max_per_given)
     _checked_diversity_by(rec, diversity_by)
+    rec.widening = widening
     if sessions_file is not None:
         summary = _recommend_sessions_into(
             rec,
@@ -1673,6 +1684,7 @@ def similar_command(
     diversity_by: DiversityBy = None,
     max_per_given: MaxPer = None,
     num_candidates: NumCandidates = None,
+    widening: Widening = 16,
     exclude_given: Annotated[
         list[str] | None,
         typer.Option(
@@ -1709,6 +1721,7 @@ def similar_command(
     chosen = _checked_filters(rec, filters)
     max_per = _checked_limits(rec, max_per_given)
     _checked_diversity_by(rec, diversity_by)
+    rec.widening = widening
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
         ids = (
@@ -2115,6 +2128,7 @@ def evaluate_command(
         ),
     ] = None,
     num_candidates: NumCandidates = None,
+    widening: Widening = 16,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the --per-user file.")
     ] = False,
@@ -2163,6 +2177,7 @@ def evaluate_command(
     rec = _open_bundle(path)
     max_per = _checked_limits(rec, max_per_given)
     _checked_diversity_by(rec, diversity_by)
+    rec.widening = widening
     streamed = rec.run.stream is not None
 
     def training_rows() -> Any:
@@ -2833,6 +2848,7 @@ FLAGS = {
     "`max_body_bytes`": "`--max-body-bytes`",
     "`max_instances`": "`--max-instances`",
     "`max_num_candidates`": "`--max-num-candidates`",
+    "`widening`": "`--widening`",
     "`api_key`": "`--api-key`",
     "`seed`": "`--seed`",
     "`test_fraction`": "`--test-fraction`",

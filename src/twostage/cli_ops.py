@@ -89,6 +89,14 @@ def serve_command(
             "(a wider pool for max_per or diversity costs time per request)."
         ),
     ] = 1000,
+    widening: Annotated[
+        int,
+        typer.Option(
+            help="How many times wider than its num_candidates a list max_per "
+            "leaves short may be picked from (1: never; each widening costs the "
+            "ranker on the wider pool)."
+        ),
+    ] = 16,
     docs: Annotated[
         bool,
         typer.Option(
@@ -114,6 +122,7 @@ def serve_command(
         torch_threads=torch_threads,
         num_candidates=num_candidates,
         max_num_candidates=max_num_candidates,
+        widening=widening,
         max_instances=max_instances,
         docs=docs,
     )

@@ -424,6 +424,10 @@ class Recommender:
             )
         self.index = index
         self.index_kind = index.kind
+        #: How many times wider than ``num_candidates`` a pool may grow when
+        #: ``max_per`` leaves a list short (:meth:`deepest_width`); 1: never,
+        #: the list stays short. Not saved with a bundle (``serve --widening``).
+        self.widening = 16
         # One default, what the ranking stage was evaluated with.
         self.num_candidates = (
             run.config.ranking.num_candidates
@@ -861,9 +865,10 @@ class Recommender:
                 column's item counts towards each of its values): an item
                 past the limit gives its place to the next candidate. When
                 the limits pass over so many that the answer runs short, it
-                is picked again from a pool four times as wide, up to 16
-                times ``num_candidates`` or the catalogue
-                (:meth:`deepest_width`); past that it stays short. New items
+                is picked again from a pool four times as wide, up to
+                :attr:`widening` (16) times ``num_candidates`` or the
+                catalogue (:meth:`deepest_width`); past that it stays short
+                (``rec.widening = 1``: never wider). New items
                 in ``candidates`` have no metadata and count towards none.
             diversity_by: a metadata column (``"genres"``) whose values make
                 two items alike for ``diversity``, in place of their candidate
@@ -1108,9 +1113,15 @@ class Recommender:
     def deepest_width(self, width: int) -> int:
         """The widest pool a list under ``max_per`` is picked from when the
         limits pass over so many candidates that it runs short: the pool
-        widens fourfold at a time, up to 16 times ``width`` (two widenings) or
-        the catalogue."""
-        return max(width, min(16 * width, int(self.item_embeddings.shape[0]) - 1))
+        widens fourfold at a time, up to :attr:`widening` (16) times ``width``
+        or the catalogue.
+
+        Raises:
+            ConfigError: :attr:`widening` is not a positive integer.
+        """
+        factor = check_k("widening", self.widening)
+        catalogue = int(self.item_embeddings.shape[0]) - 1
+        return max(width, min(factor * width, catalogue))
 
     def candidate_width(self, num_candidates: int | None, k: int) -> int:
         """How many candidates a list of ``k`` is picked from: ``num_candidates``

@@ -705,6 +705,26 @@ def test_a_request_sets_its_own_candidate_pool(
         assert "num_candidates" in zero.text
 
 
+def test_the_server_sets_how_far_a_short_list_widens(
+    models_dir: Path, small_recommender: Recommender
+) -> None:
+    """`widening` reaches every served model: 1 answers a list the limit
+    leaves short from the request's pool alone."""
+    body = {"user_id": 3, "k": 8, "num_candidates": 8, "max_per": {"category": 1}}
+    short = small_recommender._recommend(
+        3, 8, num_candidates=8, max_per={"category": 1}
+    )
+    assert len(short.items) < 8  # (the limit leaves it short from 8)
+    with client_for(models_dir, widening=1) as client:
+        answer = client.post("/v1/recommend", json=body).json()
+        assert answer["items"] == short.to_dict()["items"]
+    with client_for(models_dir) as client:
+        answer = client.post("/v1/recommend", json=body).json()
+        assert len(answer["items"]) > len(short.items)
+    with pytest.raises(ConfigError, match="`widening` should be a positive"):
+        ServeSettings(models=str(models_dir), widening=0)
+
+
 def test_the_server_default_pool_fits_its_limit(models_dir: Path) -> None:
     with pytest.raises(
         ConfigError, match="`num_candidates` \\(50\\) should be at most"

@@ -74,6 +74,9 @@ class ServeSettings:
         max_num_candidates: the most a request's own ``num_candidates`` may ask
             for (a wider pool for ``max_per`` or ``diversity`` costs time per
             request).
+        widening: how many times wider than its ``num_candidates`` a list
+            ``max_per`` leaves short may be picked from (1: never; each served
+            model's :attr:`~twostage.recommender.Recommender.widening`).
         max_instances: the most users one ``:predict`` request may ask for.
         docs: serve ``/docs`` (Swagger UI from local files: it works offline) and
             ``/openapi.json``, open even with an API key: they describe the API, not
@@ -94,6 +97,7 @@ class ServeSettings:
     torch_threads: int = 1
     num_candidates: int | None = None
     max_num_candidates: int = 1000
+    widening: int = 16
     max_instances: int = 100
     docs: bool = True
 
@@ -125,6 +129,7 @@ class ServeSettings:
                 self.max_num_candidates >= 1,
                 "a positive integer",
             ),
+            "widening": (self.widening >= 1, "a positive integer (1: never widen)"),
         }
         for name, (ok, expected) in rules.items():
             if not ok:
@@ -179,7 +184,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, list[str
 
 def create_app(settings: ServeSettings) -> FastAPI:
     """The HTTP app for the models under ``settings.models`` (loaded at startup)."""
-    registry = ModelRegistry(settings.models, poll_seconds=settings.poll_seconds)
+    registry = ModelRegistry(
+        settings.models, poll_seconds=settings.poll_seconds, widening=settings.widening
+    )
     metrics = Metrics()
     # One model call at a time per process: concurrent calls in the thread pool only
     # fight over the GIL and the cores (measured: fewer requests/s, longer tails).

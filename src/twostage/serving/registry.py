@@ -150,9 +150,12 @@ class ModelRegistry:
         poll_seconds: how often the watcher looks for new versions (0: never).
     """
 
-    def __init__(self, root: str | Path, *, poll_seconds: float = 5.0) -> None:
+    def __init__(
+        self, root: str | Path, *, poll_seconds: float = 5.0, widening: int = 16
+    ) -> None:
         self.root = Path(root)
         self.poll_seconds = poll_seconds
+        self.widening = widening  # each loaded model's Recommender.widening
         self.slots: dict[str, ModelSlot] = {}
         self._lock = threading.Lock()  # one refresh at a time; readers never lock
         self._stop = threading.Event()
@@ -202,6 +205,7 @@ class ModelRegistry:
                 if not (path / MANIFEST).exists():  # a bundle never holds RUN_WEIGHTS
                     raise ConfigError(_training_run(path))
                 recommender = load(path)
+                recommender.widening = self.widening
                 _warm_up(recommender)
             except Exception as e:
                 # A bad version must never stop the server or block other models:

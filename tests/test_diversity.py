@@ -223,3 +223,19 @@ def test_likeness_by_values_is_the_cosine_of_their_multi_hot_rows(
             pairs
         )
         assert float(spread[row]) == pytest.approx(mean, abs=1e-6), row
+
+
+def test_value_diversity_in_blocks_equals_one_pass() -> None:
+    """Many lists of long value sets are measured a block at a time (the pairs
+    of values would otherwise fill memory): the same figures."""
+    generator = torch.Generator().manual_seed(9)
+    values = torch.randint(-1, 40, (300, 10, 30), generator=generator)
+    valid = torch.rand(300, 10, generator=generator) > 0.1
+    whole = torch.cat(
+        [
+            intra_list_value_diversity(values[i : i + 1], valid[i : i + 1])
+            for i in range(300)
+        ]
+    )
+    got = intra_list_value_diversity(values, valid)
+    assert torch.allclose(got, whole, equal_nan=True)

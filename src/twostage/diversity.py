@@ -145,7 +145,12 @@ def diversify(
         if vectors is None:
             raise ValueError("diversify: a weight above 0 needs the vectors")
         unit = _unit(vectors.float())
-    has = None if values is None else (values >= 0).sum(dim=2).float()  # (B, C)
+    has = coded = None
+    spare_value = 0
+    if values is not None:
+        has = (values >= 0).sum(dim=2).float()  # (B, C): each candidate's count
+        spare_value = int(values.max()) + 1 if values.numel() else 0
+        coded = values.masked_fill(values < 0, spare_value)  # pads: a spare code
     capped = None
     if groups is not None:
         if limits is None:
@@ -179,14 +184,16 @@ def diversify(
         if unit is not None:
             # (B, C, D) @ (B, D, 1) -> (B, C): each candidate against the new pick
             cosine = torch.bmm(unit, unit[every, best][:, :, None])[:, :, 0]
-        elif weight and values is not None and has is not None:
-            pick = values[every, best]  # (B, V): the new pick's values
-            # (B, C, V, 1) == (B, 1, 1, V): the values each candidate shares
-            shared = (values[:, :, :, None] == pick[:, None, None, :]) & (
-                pick[:, None, None, :] >= 0
-            )
+        elif weight and has is not None and coded is not None:
+            # (B, M + 1): the new pick's values, a pad's in the last column
+            held = torch.zeros(rows, spare_value + 1, dtype=torch.bool)
+            held[every[:, None], coded[every, best]] = True
+            held[:, spare_value] = False
+            # (B, C, V) -> (B, C): how many of its values each candidate shares,
+            # without a (B, C, V, V) comparison a long list column would swell
+            shared = held.gather(1, coded.flatten(1)).view_as(coded).sum(dim=2)
             scale = (has * has[every, best][:, None]).sqrt().clamp_min(1.0)
-            cosine = shared.sum(dim=(2, 3)).float() / scale
+            cosine = shared.float() / scale
         if cosine is not None:
             cosine = torch.where(found[:, None], cosine, -math.inf)
             closest = cosine if step == 0 else torch.maximum(closest, cosine)
@@ -224,9 +231,20 @@ def intra_list_value_diversity(values: Tensor, valid: Tensor | None = None) -> T
         values: ``[B, k, V]`` each item's values as codes (-1 pads).
         valid: ``[B, k]`` bool, False for an empty slot (default: all filled).
     """
-    rows, k, _ = values.shape
+    rows, k, width = values.shape
     if valid is None:
         valid = torch.ones(rows, k, dtype=torch.bool)
+    # A block of lists at a time: each compares k * k * V * V pairs of values.
+    block = max(1, 2**24 // max(1, k * k * width * width))
+    if rows > block:
+        return torch.cat(
+            [
+                intra_list_value_diversity(
+                    values[at : at + block], valid[at : at + block]
+                )
+                for at in range(0, rows, block)
+            ]
+        )
     has = (values >= 0) & valid[:, :, None]
     # (B, k, 1, V, 1) == (B, 1, k, 1, V): the values each pair shares
     shared = (values[:, :, None, :, None] == values[:, None, :, None, :]) & (

@@ -167,6 +167,15 @@ MaxPer = Annotated[
         "its values); repeat for several columns; for one list or many.",
     ),
 ]
+ExcludeItems = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Item IDs to leave out of the list, comma-separated or repeated (a "
+        "basket, the items shown before; not read as history); an ID the model "
+        "does not know is named.",
+    ),
+]
 Widening = Annotated[
     int,
     typer.Option(
@@ -1000,15 +1009,7 @@ def recommend_command(
     max_per_given: MaxPer = None,
     num_candidates: NumCandidates = None,
     widening: Widening = 16,
-    exclude_given: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--exclude",
-            help="Item IDs to leave out of the list, comma-separated or repeated "
-            "(a basket, the items shown before): dropped as seen items are, not "
-            "read as history; an ID the model does not know is named.",
-        ),
-    ] = None,
+    exclude_given: ExcludeItems = None,
     exclude_file: Annotated[
         Path | None,
         typer.Option(
@@ -1685,15 +1686,7 @@ def similar_command(
     max_per_given: MaxPer = None,
     num_candidates: NumCandidates = None,
     widening: Widening = 16,
-    exclude_given: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--exclude",
-            help="Item IDs to leave out of the list, comma-separated or repeated "
-            "(a basket, the items already on the page); an ID the model does not "
-            "know is named.",
-        ),
-    ] = None,
+    exclude_given: ExcludeItems = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:

@@ -831,3 +831,74 @@ def test_diverse_lists_in_batches_are_the_lists_recommend_gives(
         assert mine["item_id"].to_list() == _items(answer), user
         changed += _items(answer) != _items(ranked.recommend(user, 6))
     assert changed  # the rules re-picked some lists
+
+
+def test_a_session_table_leaves_out_each_session_s_own_items(
+    ranked: Recommender,
+) -> None:
+    """`exclude` on recommend_sessions: each session's list is recommend()'s
+    with its exclusions (batched, and a session of unknown items answered
+    alone), under rules that widen the pool too; a session the table lacks is
+    refused by name."""
+    table = pl.DataFrame(
+        {"session_id": ["a", "a", "b", "c"], "item_id": [3, 5, 7, 99_999]}
+    )
+    plain = {
+        s: _items(ranked.recommend(None, 6, session=items))
+        for s, items in (("a", [3, 5]), ("b", [7]))
+    }
+    exclude = {"a": plain["a"][:2], "b": [plain["b"][0], 88_888], "c": [1]}
+    for options in ({}, {"max_per": {"category": 1}, "num_candidates": 6}):
+        found = ranked.recommend_sessions(table, 6, exclude=exclude, **options)
+        for session, items in (("a", [3, 5]), ("b", [7]), ("c", None)):
+            answer = ranked.recommend(
+                None, 6, session=items, exclude=exclude[session], **options
+            )
+            mine = found.lists.filter(pl.col("session_id") == session)
+            assert mine["item_id"].to_list() == _items(answer), session
+    assert not set(
+        found.lists.filter(pl.col("session_id") == "a")["item_id"].to_list()
+    ) & set(plain["a"][:2])
+    with pytest.raises(ConfigError, match=r"names 1 session\(s\) without a list"):
+        ranked.recommend_sessions(table, 6, exclude={"zz": [1]})
+
+
+def test_the_cli_leaves_each_session_s_items_out_from_a_file(
+    ranked: Recommender, tmp_path: Path
+) -> None:
+    """`--sessions FILE --exclude-file F`: F's session_id, item_id rows leave
+    items out of that session's list (recommend_sessions with `exclude`);
+    rows for sessions the file lacks are counted with their rows."""
+    ranked.save(tmp_path / "bundle")
+    visits = tmp_path / "visits.csv"
+    visits.write_text("session_id,item_id\na,3\na,5\nb,7\n")
+    first = _items(ranked.recommend(None, 4, session=[3, 5]))
+    shown = tmp_path / "shown.csv"
+    shown.write_text(f"session_id,item_id\na,{first[0]}\nzz,7\n")
+    out = tmp_path / "lists.parquet"
+    args = ["recommend", str(tmp_path / "bundle"), "--sessions", str(visits)]
+    done = CliRunner().invoke(
+        app,
+        [*args, "--out", str(out), "-k", "4", "--exclude-file", str(shown), "--json"],
+    )
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)["exclude_file"]
+    assert report["sessions"] == 1 and report["rows"] == 2
+    assert report["rows_for_sessions_without_a_list"] == 1
+    assert report["first_rows_for_sessions_without_a_list"] == [2]
+    expected = ranked.recommend_sessions(
+        pl.DataFrame({"session_id": ["a", "a", "b"], "item_id": [3, 5, 7]}),
+        4,
+        exclude={"a": [first[0]]},
+    ).lists
+    written = pl.read_parquet(out)
+    assert written["item_id"].to_list() == expected["item_id"].to_list()
+    assert first[0] not in written.filter(pl.col("session_id") == "a")["item_id"]
+    printed = CliRunner().invoke(
+        app,
+        [*args, "--out", str(out), "--overwrite", "--exclude-file", str(shown)],
+        env={"COLUMNS": "300"},
+    )
+    said = " ".join(printed.output.split())
+    assert "items left out of 1 sessions' lists" in said
+    assert "1 --exclude-file rows name sessions without a list here" in said

@@ -1072,10 +1072,10 @@ def recommend_command(
             noun="user",
             also="--sessions",
         )
-    if exclude_file is not None and not many:
+    if exclude_file is not None and not (many or sessions_file is not None):
         raise typer.BadParameter(
-            "leaves items out of many users' lists: give --users FILE or "
-            "--all-users (one list takes --exclude).",
+            "leaves items out of many lists: give --users FILE, --all-users or "
+            "--sessions FILE (one list takes --exclude).",
             param_hint="--exclude-file",
         )
     if exclude_file is not None and not exclude_file.is_file():
@@ -1088,11 +1088,20 @@ def recommend_command(
     _checked_diversity_by(rec, diversity_by)
     rec.widening = widening
     if sessions_file is not None:
+        names = log_names(rec.run.config.data, session_col)
+        visits = read_sessions(sessions_file, names=names)
+        exclusions, excluded = _exclusions(
+            rec,
+            exclude_file,
+            visits["session_id"].drop_nulls().unique().to_list()
+            if "session_id" in visits.columns
+            else [],
+            "session",
+            names,
+        )
         summary = _recommend_sessions_into(
             rec,
-            read_sessions(
-                sessions_file, names=log_names(rec.run.config.data, session_col)
-            ),
+            visits,
             typing.cast(Path, out),  # check_batch_options refused None
             k=k,
             exclude_seen=not include_seen,
@@ -1103,7 +1112,10 @@ def recommend_command(
             diversity_by=diversity_by,
             max_per=max_per,
             num_candidates=num_candidates,
+            exclude=exclusions,
         )
+        if excluded is not None:
+            summary["exclude_file"] = excluded
         if json_output:
             print_json(summary)
             return
@@ -1371,17 +1383,25 @@ def _recommend_into(
 
 
 def _exclusions(
-    rec: Any, path: Path | None, ids: list[Any]
+    rec: Any,
+    path: Path | None,
+    ids: list[Any],
+    noun: str = "user",
+    names: dict[str, str] | None = None,
 ) -> tuple[dict[str, list[Any]] | None, dict[str, Any] | None]:
-    """``--exclude-file``'s items per user (by the user ID as text) and what
-    the command reports of the file: its rows, the users it names, and the
-    rows it could not use (a user without a list here) or that leave nothing
-    out (an item the model does not know), counted with their first rows."""
+    """``--exclude-file``'s items per user (or session, ``noun``; by the ID
+    as text) and what the command reports of the file: its rows, the users it
+    names, and the rows it could not use (a user without a list here) or that
+    leave nothing out (an item the model does not know), counted with their
+    first rows."""
     if path is None:
         return None, None
-    frame = read_exclusions(path, "--exclude-file", log_names(rec.run.config.data))
+    key = f"{noun}_id"
+    frame = read_exclusions(
+        path, "--exclude-file", names or log_names(rec.run.config.data), key
+    )
     listed = {str(u) for u in ids}
-    users = [str(u) for u in frame["user_id"].to_list()]
+    users = [str(u) for u in frame[key].to_list()]
     items = frame["item_id"].to_list()
     rows = frame["row"].to_list()
     unused = [r for r, u in zip(rows, users, strict=True) if u not in listed]
@@ -1397,9 +1417,9 @@ def _exclusions(
     report = {
         "file": str(path),
         "rows": len(rows),
-        "users": len(exclusions),
-        "rows_for_users_without_a_list": len(unused),
-        "first_rows_for_users_without_a_list": unused[:5],
+        f"{noun}s": len(exclusions),
+        f"rows_for_{noun}s_without_a_list": len(unused),
+        f"first_rows_for_{noun}s_without_a_list": unused[:5],
         "rows_with_unknown_items": len(unknown),
         "first_rows_with_unknown_items": unknown[:5],
     }
@@ -1426,12 +1446,12 @@ def _print_batch_summary(
     if excluded:
         console.print(
             f"--exclude-file: {excluded['rows']:,} rows; items left out of "
-            f"{excluded['users']:,} users' lists."
+            f"{excluded[noun + 's']:,} {noun}s' lists."
         )
         for key, what in (
             (
-                "rows_for_users_without_a_list",
-                "name users without a list here: not used",
+                f"rows_for_{noun}s_without_a_list",
+                f"name {noun}s without a list here: not used",
             ),
             (
                 "rows_with_unknown_items",
@@ -1495,10 +1515,12 @@ def _recommend_sessions_into(
     diversity_by: str | None = None,
     max_per: dict[str, int] | None = None,
     num_candidates: int | None = None,
+    exclude: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Every session's list into ``out``, 2,048 sessions at a time, with the
     counts the command reports, the rows not read among them (their first 100
-    listed, each with its row of the file)."""
+    listed, each with its row of the file); ``exclude``: each session's items
+    to leave out, by the session ID as text."""
     from twostage.session_batch import SESSION, SessionTableError, recommend_sessions
 
     if SESSION not in table.columns:  # named before anything is answered
@@ -1532,6 +1554,9 @@ def _recommend_sessions_into(
                 context=context,
                 rules=rec.list_rules(diversity, max_per, diversity_by),
                 num_candidates=num_candidates,
+                exclude={s: exclude[str(s)] for s in part if str(s) in exclude}
+                if exclude
+                else None,
             )
         except SessionTableError as e:  # the file's; a bad -k names its flag
             raise typer.BadParameter(str(e), param_hint="--sessions") from e

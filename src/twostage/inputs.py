@@ -241,6 +241,54 @@ def excluded_items(
     return np.unique(indices[indices > 0]), list(dict.fromkeys(unknown))
 
 
+def exclusions_by_key(
+    given: list[Any],
+    exclude: Mapping[Any, Sequence[Any]] | None,
+    item_vocab: Vocabulary,
+    *,
+    noun: str = "user",
+    field: str = "user_ids",
+) -> tuple[list[Sequence[Any] | None], list[np.ndarray | None]]:
+    """Per position of ``given`` (the users, or sessions, ``noun``, of a
+    table of lists), the raw item IDs ``exclude`` (``{key: item IDs}``, keys
+    matched as text: ``42`` and ``"42"`` are one) leaves out of that list, and
+    their vocabulary indices (None: none).
+
+    Raises:
+        ConfigError: not a mapping, a value that is not a list of IDs, or a
+            key that is not in ``given`` (the request's ``field``).
+    """
+    nothing: list[Any] = [None] * len(given)
+    if exclude is None:
+        return nothing, list(nothing)
+    if not isinstance(exclude, Mapping):
+        raise ConfigError(
+            f"`exclude` should map {noun} IDs to the item IDs to leave out of "
+            f"their lists. Received: a {type(exclude).__name__}."
+        )
+    by_text: dict[str, Any] = {}
+    for key, items in exclude.items():
+        check_raw_id(f"exclude's {noun} ID", key)
+        excluded_items(items, item_vocab)  # checks the list
+        # 42 and "42" are one key: their items join
+        by_text.setdefault(str(key), []).extend(items or [])
+    for text, items in by_text.items():
+        by_text[text] = (items, excluded_items(items, item_vocab)[0])
+    listed = {str(u) for u in given}
+    stray = [u for u in exclude if str(u) not in listed]
+    if stray:
+        raise ConfigError(
+            f"`exclude` names {len(stray)} {noun}(s) without a list here: "
+            f"{stray[:5]!r}{' ...' if len(stray) > 5 else ''}; leave them out or "
+            f"add them to `{field}`."
+        )
+    found = [by_text.get(str(u)) for u in given]
+    return (
+        [None if f is None else f[0] for f in found],
+        [None if f is None else f[1] for f in found],
+    )
+
+
 def check_k(name: str, value: int) -> int:
     """``value`` as a Python int, if it is a positive integer (numpy's too)."""
     if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:

@@ -48,6 +48,7 @@ from twostage.inputs import (
     encode_context,
     encode_user_features,
     excluded_items,
+    exclusions_by_key,
     far_numbers,
     new_item_features,
     new_items_frame,
@@ -208,49 +209,6 @@ def _grown(base: Index, embeddings: torch.Tensor, served: torch.Tensor) -> Index
     if not len(missing):
         return base
     return base.extended(embeddings[missing], missing)
-
-
-def _table_exclusions(
-    given: list[Any],
-    exclude: Mapping[Any, Sequence[Any]] | None,
-    item_vocab: Vocabulary,
-) -> tuple[list[Sequence[Any] | None], list[np.ndarray | None]]:
-    """Per position of ``given``, the raw item IDs ``exclude`` leaves out of
-    that user's list and their vocabulary indices (None: none).
-
-    Raises:
-        ConfigError: not a mapping, a value that is not a list of IDs, or a
-            user who is not in ``given``.
-    """
-    nothing: list[Any] = [None] * len(given)
-    if exclude is None:
-        return nothing, list(nothing)
-    if not isinstance(exclude, Mapping):
-        raise ConfigError(
-            "`exclude` should map user IDs to the item IDs to leave out of their "
-            f"lists. Received: a {type(exclude).__name__}."
-        )
-    by_text: dict[str, Any] = {}
-    for user_id, items in exclude.items():
-        check_raw_id("exclude's user ID", user_id)
-        excluded_items(items, item_vocab)  # checks the list
-        # 42 and "42" are one user: their items join
-        by_text.setdefault(str(user_id), []).extend(items or [])
-    for text, items in by_text.items():
-        by_text[text] = (items, excluded_items(items, item_vocab)[0])
-    listed = {str(u) for u in given}
-    stray = [u for u in exclude if str(u) not in listed]
-    if stray:
-        raise ConfigError(
-            f"`exclude` names {len(stray)} user(s) without a list here: "
-            f"{stray[:5]!r}{' ...' if len(stray) > 5 else ''}; leave them out or "
-            "add them to `user_ids`."
-        )
-    found = [by_text.get(str(u)) for u in given]
-    return (
-        [None if f is None else f[0] for f in found],
-        [None if f is None else f[1] for f in found],
-    )
 
 
 def _pad_columns(values: torch.Tensor, columns: int, fill: float) -> torch.Tensor:
@@ -1363,6 +1321,7 @@ class Recommender:
         max_per: Mapping[str, int] | None = None,
         diversity_by: str | None = None,
         num_candidates: int | None = None,
+        exclude: Mapping[Any, Sequence[Any]] | None = None,
     ) -> SessionLists:
         """A list for every session of a table (polars, pandas or pyarrow) with
         a row per session item (``session_id``, ``item_id``; optionally
@@ -1371,7 +1330,9 @@ class Recommender:
         (:func:`twostage.session_batch.recommend_sessions`); ``context``: one
         moment for every list, for a model that reads per-request context;
         ``diversity``, ``max_per``, ``diversity_by``, ``num_candidates``: as
-        :meth:`recommend` takes them."""
+        :meth:`recommend` takes them; ``exclude``: ``{session_id: item IDs}``,
+        each session's items to leave out, as :meth:`recommend_table` takes
+        them per user."""
         from twostage.session_batch import recommend_sessions
 
         return recommend_sessions(
@@ -1384,6 +1345,7 @@ class Recommender:
             context=context,
             rules=self.list_rules(diversity, max_per, diversity_by),
             num_candidates=num_candidates,
+            exclude=exclude,
         )
 
     def recommend_table(
@@ -1462,7 +1424,7 @@ class Recommender:
             [self.user_vocab.lookup(u) if u is not None else 0 for u in given],
             dtype=np.int64,
         )
-        asked, left_out = _table_exclusions(given, exclude, self.item_vocab)
+        asked, left_out = exclusions_by_key(given, exclude, self.item_vocab)
         # The chunked path: what recommend() does for these users, vectorised.
         fast = (idx > 0) & ~self._popular_users[idx]
         if self._context_keys:

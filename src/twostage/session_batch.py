@@ -6,7 +6,7 @@ figures of such sessions are :mod:`twostage.session_evaluation`'s."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from twostage.data.frames import FRAME_KINDS, as_polars
 from twostage.data.user_items import UserItems
 from twostage.diversity import ListRules
 from twostage.errors import ConfigError
-from twostage.inputs import check_k, session_indices
+from twostage.inputs import check_k, exclusions_by_key, session_indices
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
 from twostage.ranking.rerank import rerank
 from twostage.retrieval.tensors import context_keys, session_history
@@ -86,6 +86,7 @@ def recommend_sessions(
     session_contexts: Mapping[Any, Mapping[str, Any]] | None = None,
     rules: ListRules | None = None,
     num_candidates: int | None = None,
+    exclude: Mapping[Any, Sequence[Any]] | None = None,
 ) -> SessionLists:
     """A list for every session of ``sessions``, as :meth:`Recommender.recommend`
     answers one ``session`` each.
@@ -112,6 +113,9 @@ def recommend_sessions(
         rules: ``diversity`` and ``max_per``, as :meth:`Recommender.recommend`
             takes them (:meth:`Recommender.list_rules`).
         num_candidates: as :meth:`Recommender.recommend` takes it.
+        exclude: ``{session_id: item IDs}``, each session's items to leave out
+            of its list (shown on its earlier pages), matched as text; a
+            session the table lacks is refused by name.
 
     Returns:
         The lists, and the rows not read with their reasons (an unknown item, a
@@ -146,6 +150,12 @@ def recommend_sessions(
     encoded = None
     if context_keys(rec.run.spec):
         encoded = {s: moments.get(s, shared) for s in answerable}
+    order = list(entries)
+    asked, indices = exclusions_by_key(
+        order, exclude, vocab, noun="session", field="sessions"
+    )
+    left_out = dict(zip(order, indices, strict=True))
+    named = dict(zip(order, asked, strict=True))
     batched = _batched_lists(
         rec,
         answerable,
@@ -158,6 +168,7 @@ def recommend_sessions(
         encoded,
         rules,
         width,
+        left_out=left_out,
     )
     for session, readable in entries.items():
         if session in batched:  # what recommend() answers it, in batches
@@ -182,6 +193,7 @@ def recommend_sessions(
             max_per=rules.max_per if rules else None,
             diversity_by=rules.diversity_by if rules else None,
             num_candidates=width,
+            exclude=named[session],
         )
         # items added after training: seen, but the model learned nothing of them
         added = {vocab.lookup(item) for item in answer.unread_session_items}
@@ -242,6 +254,7 @@ def _batched_lists(
     rules: ListRules | None = None,
     width: int | None = None,
     deepest: int | None = None,
+    left_out: Mapping[Any, np.ndarray | None] | None = None,
 ) -> dict[Any, tuple[list[Any], list[float], list[float]]]:
     """``{session: (item IDs, keys, retrieval scores)}``: the lists
     :meth:`Recommender.recommend` gives these sessions (of the users
@@ -255,7 +268,8 @@ def _batched_lists(
     (``{session: encoded context}``, :meth:`Recommender.encode_context`; ``{}``:
     unknown), a model that reads per-request context reads each session's; under
     ``rules``, each list picked as ``recommend`` picks one (a list ``max_per``
-    left short picked again from a wider pool, up to ``deepest``). A
+    left short picked again from a wider pool, up to ``deepest``);
+    ``left_out``: per session, items to leave out beside the seen ones. A
     session that reads an item added after training, or whose query is not
     finite, is left out: ``recommend`` answers (or refuses) it."""
     search = rec.batch_index(filters)  # a bad filter: named before any list
@@ -300,6 +314,13 @@ def _batched_lists(
             for u, i in zip(who, items, strict=True)
         ]
         seen = [b if exclude_seen else None for b in baskets]
+        if left_out is not None:  # the session's exclusions, seen or not
+            seen = [
+                own
+                if (extra := left_out.get(s)) is None
+                else np.union1d(own if own is not None else [], extra).astype(np.int64)
+                for own, s in zip(seen, part, strict=True)
+            ]
         if search is None:  # no item passes the filters: empty lists
             top_idx = torch.full((len(part), 1), -1, dtype=torch.long)
             top_scores = torch.full((len(part), 1), -torch.inf)
@@ -346,6 +367,7 @@ def _batched_lists(
                 rules,
                 min(4 * width, deepest),
                 deepest,
+                left_out,
             )
         )
     return found

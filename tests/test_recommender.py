@@ -851,3 +851,25 @@ def test_diversity_by_a_column_spreads_its_values(
         rec.recommend(3, 8, diversity=0.5, diversity_by="colour")
     with pytest.raises(ConfigError, match="`diversity_by` should name a metadata"):
         rec.recommend(3, 8, diversity=0.5, diversity_by=["category"])  # type: ignore[arg-type]
+
+
+def test_a_short_answer_says_why(fitted: tuple[Recommender, object]) -> None:
+    """`short_reason`: absent from a full answer; `no_more_items` when the
+    catalogue (less the seen items, or the request's candidates) ran out;
+    `max_per` when the limits passed over candidates of the widest pool."""
+    rec, _ = fitted
+    full = rec.recommend(3, 6)
+    assert full.short_reason is None and "short_reason" not in full.to_dict()
+    everything = rec.recommend(3, 1000)
+    assert 0 < len(everything.items) < 1000
+    assert everything.to_dict()["short_reason"] == "no_more_items"
+    mine = [i["item_id"] for i in full.items[:3]]
+    assert rec.recommend(3, 6, candidates=mine).short_reason == "no_more_items"
+    limited = rec.recommend(3, 40, max_per={"category": 1})
+    assert len(limited.items) < 40 and limited.short_reason == "max_per"
+    # (the limit leaves the list short; no more items would not have)
+    assert len(rec.recommend(3, 40).items) == 40
+    few = rec.recommend(3, 1000, max_per={"category": 1})
+    assert few.short_reason == "max_per"  # it passed over some the pool held
+    capped = rec.recommend(3, 6, max_per={"category": 100})
+    assert capped.short_reason is None

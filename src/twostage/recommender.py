@@ -185,6 +185,13 @@ class Recommendation:
     #: out of the answer, which could not hold them anyway (listed, so that a
     #: mistyped ID does not pass unseen).
     unknown_excluded_items: list[Any] = field(default_factory=list)
+    #: Why the answer holds fewer items than asked for (None: it does not):
+    #: ``no_more_items`` (the catalogue less the seen, excluded and filtered
+    #: items, or the request's ``candidates``, held no more) or ``max_per``
+    #: (the limits passed over candidates of the widest pool looked at).
+    short_reason: str | None = None
+    #: How many candidates the answer was picked from (the pool's size).
+    pool_size: int = field(default=0, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"user_id": self.user_id, "path": self.path, "items": self.items}
@@ -196,6 +203,8 @@ class Recommendation:
             out["alike_new_items"] = self.alike_new_items
         if self.unknown_excluded_items:
             out["unknown_excluded_items"] = self.unknown_excluded_items
+        if self.short_reason:
+            out["short_reason"] = self.short_reason
         return out
 
 
@@ -860,6 +869,9 @@ class Recommender:
                 max_per=max_per,
                 diversity_by=diversity_by,
             )
+            if len(answer.items) < k:  # the pool held too few, or the limits
+                limited = bool(max_per) and answer.pool_size > len(answer.items)
+                answer.short_reason = "max_per" if limited else "no_more_items"
             if not max_per or len(answer.items) >= k or width >= deepest:
                 return answer
             if candidates is not None and width >= len(candidates):
@@ -1001,8 +1013,10 @@ class Recommender:
                 extra = self._new_range(new)[: pool - len(order)]
                 order = torch.cat([order, extra])
                 scores = torch.cat([scores, torch.zeros(len(extra))])
+            pool_size = len(order)
             order, scores = self._picked_in_order(order, scores, k, rules, new=new)
             answer = self._answer(user_id, path, order, scores, None, new=new)
+            answer.pool_size = pool_size
             return _noting(answer, *notes)
         if mask is None and not exact:
             top_scores, top_idx = self.index.search(query[None], width, exclude=[seen])
@@ -1024,12 +1038,14 @@ class Recommender:
             width = min(width, available)
             top_scores, top_idx = torch.topk(scores, width)
         ranker = self.ranker if use_ranker else None
+        pool_size = len(top_idx)
         if ranker is None or path == "popularity" or not len(top_idx):
             # (Nothing passed the filters: an empty answer, not a ranker error.)
             top_idx, top_scores = self._picked_in_order(
                 top_idx, top_scores, k, rules, new=new
             )
             answer = self._answer(user_id, path, top_idx, top_scores, None, new=new)
+            answer.pool_size = pool_size
             if explain:
                 answer = self._explained(answer, user_idx, top_idx, new)
             return _noting(answer, *notes)
@@ -1064,6 +1080,7 @@ class Recommender:
             ratings = out["rating"][0][order].tolist()
             for entry, rating in zip(answer.items, ratings, strict=True):
                 entry["predicted_rating"] = rating
+        answer.pool_size = pool_size
         if explain:
             answer = self._explained(answer, user_idx, top_idx[order], new)
         return _noting(answer, *notes)

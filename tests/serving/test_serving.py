@@ -718,6 +718,7 @@ def test_the_server_sets_how_far_a_short_list_widens(
     with client_for(models_dir, widening=1) as client:
         answer = client.post("/v1/recommend", json=body).json()
         assert answer["items"] == short.to_dict()["items"]
+        assert answer["short_reason"] == "max_per"  # the answer says why
     with client_for(models_dir) as client:
         answer = client.post("/v1/recommend", json=body).json()
         assert len(answer["items"]) > len(short.items)

@@ -431,6 +431,14 @@ class RecommendResponse(BaseModel):
         "answer could hold them, and they are listed so that a mistyped ID does "
         "not pass unseen (present only when there are some).",
     )
+    short_reason: Literal["no_more_items", "max_per"] | None = Field(
+        None,
+        description="Why `items` holds fewer than `k` (present only then): "
+        "`no_more_items`, the catalogue less the seen, excluded and filtered "
+        "items (or the request's `candidates`) held no more; `max_per`, the "
+        "limits passed over candidates of the widest pool looked at (a larger "
+        "`num_candidates` looks further).",
+    )
 
 
 class SimilarResponse(BaseModel):

@@ -210,7 +210,8 @@ async function recommend(event) {
     const unknown = answer.unknown_excluded_items || [];
     $("path").textContent = `(${answer.path.replaceAll("_", " ")}, version ${answer.version}` +
       (unread.length ? `; session items added after training, not read: ${unread.join(", ")}` : "") +
-      (unknown.length ? `; not in the catalogue, nothing to leave out: ${unknown.join(", ")}` : "") + ")";
+      (unknown.length ? `; not in the catalogue, nothing to leave out: ${unknown.join(", ")}` : "") +
+      (answer.short_reason === "max_per" ? "; short: the tag limit passed over the rest" : "") + ")";
     fill($("recs"), answer.items, both ? "two-stage score" : "score");
     $("retrieval-column").hidden = !plain;
     if (plain) fill($("retrieval"), plain.items, "retrieval score");

@@ -578,6 +578,52 @@ def test_an_error_ctrl_c_causes_in_a_worker_is_an_interrupt(tmp_path: Path) -> N
     assert "Interrupted: the table holds the trials that ran." in done.stdout
 
 
+CUT_ASK = """
+import sys
+
+if "--multiprocessing-fork" in sys.argv:  # a spawned tuning worker only
+    import optuna
+
+    real = optuna.study.Study.ask
+    calls = []
+
+    def ask(self, *args, **kwargs):
+        trial = real(self, *args, **kwargs)  # stored as running
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C lands before ask hands the trial back
+            raise KeyboardInterrupt
+        return trial
+
+    optuna.study.Study.ask = ask
+"""
+
+
+def test_a_trial_ctrl_c_cut_inside_ask_is_not_left_running(tmp_path: Path) -> None:
+    """Ctrl-C inside Optuna's `ask` (the trial stored, not handed back) left
+    that trial "running" in the storage after the search ended (seen in the
+    full suite's Ctrl-C test); with every worker stopped, it is stored as
+    failed."""
+    (tmp_path / "sitecustomize.py").write_text(CUT_ASK)
+    settings = [part for setting in SMALL for part in ("--set", setting)]
+    storage = tmp_path / "trials.log"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "twostage", "tune", *settings),
+            *("--param", "retrieval.temperature=0.1..0.5", "--trials", "6"),
+            *("--jobs", "2", "--storage", str(storage)),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Interrupted: the table holds the trials that ran." in done.stdout
+    states = [str(t.state) for t in stored_trials(storage)]
+    assert "TrialState.RUNNING" not in states, states
+    assert states.count("TrialState.FAIL") >= 2  # the two cut asks
+
+
 def test_a_worker_that_dies_stops_the_search(tmp_path: Path) -> None:
     """A worker killed mid-trial leaves its trial "running"; a worker waiting
     for those settings would wait for ever, so the others are stopped and the

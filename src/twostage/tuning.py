@@ -924,11 +924,26 @@ def _parallel(
             "as multiprocessing's spawn requires.)"
         )
     if stop or "interrupted" in ends.values():
+        _fail_left_running(work)
         return "interrupted"
     for reason in ("timeout", "combinations"):
         if reason in ends.values():
             return typing.cast(Ended, reason)
     return "trials"
+
+
+def _fail_left_running(work: _Work) -> None:
+    """Store as failed the trials left "running" once every worker has
+    stopped: a Ctrl-C that lands inside Optuna's ``ask`` (the trial stored,
+    not yet handed back) or ``tell`` cuts the record of its end, and none of
+    them runs any more."""
+    optuna = require_optuna()
+    study = optuna.load_study(
+        study_name=work.study_name, storage=_storage(work.storage)
+    )
+    running = (optuna.trial.TrialState.RUNNING,)
+    for trial in study.get_trials(deepcopy=False, states=running):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def _worker(

@@ -719,6 +719,15 @@ def test_the_server_sets_how_far_a_short_list_widens(
         answer = client.post("/v1/recommend", json=body).json()
         assert answer["items"] == short.to_dict()["items"]
         assert answer["short_reason"] == "max_per"  # the answer says why
+        predicted = client.post(
+            "/v1/models/synthetic:predict",
+            json={"instances": [body, {"user_id": 3, "k": 2}]},
+        ).json()["predictions"]
+        assert [p["short_reason"] for p in predicted] == ["max_per", None]
+        plain = client.post(
+            "/v1/models/synthetic:predict", json={"instances": [{"user_id": 3}]}
+        ).json()["predictions"][0]
+        assert "short_reason" not in plain  # the tutorials' clients see two
     with client_for(models_dir) as client:
         answer = client.post("/v1/recommend", json=body).json()
         assert len(answer["items"]) > len(short.items)

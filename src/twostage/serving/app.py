@@ -56,6 +56,7 @@ UNREAD = "unread_session_items"
 LEFT_OUT = "left_out_candidates"
 ALIKE = "alike_new_items"
 UNKNOWN_EXCLUDED = "unknown_excluded_items"
+SHORT = "short_reason"
 
 
 @dataclass(frozen=True)
@@ -368,8 +369,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         two-stage key when the bundle has a ranker, else the retrieval score;
         ``output_2`` the item IDs in the same order; ``unread_session_items``,
         only when an instance's session held items added after training, those
-        items (seen, not read), one list per instance; ``left_out_candidates``
-        and ``alike_new_items`` likewise, as ``/v1/recommend`` gives them.
+        items (seen, not read), one list per instance; ``left_out_candidates``,
+        ``alike_new_items`` and ``unknown_excluded_items`` likewise, and
+        ``short_reason`` (null where a list is full), as ``/v1/recommend``
+        gives them.
         """
         return _predict(registry.get(name), body)
 
@@ -448,6 +451,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                     LEFT_OUT: answer.left_out_candidates,
                     ALIKE: answer.alike_new_items,
                     UNKNOWN_EXCLUDED: answer.unknown_excluded_items,
+                    SHORT: answer.short_reason,
                 }
             )
         # An output past the two only when some instance has something in it,
@@ -457,7 +461,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         names = ["output_1", "output_2"]
         names += [
             n
-            for n in (UNREAD, LEFT_OUT, ALIKE, UNKNOWN_EXCLUDED)
+            for n in (UNREAD, LEFT_OUT, ALIKE, UNKNOWN_EXCLUDED, SHORT)
             if any(p[n] for p in predictions)
         ]
         predictions = [{name: p[name] for name in names} for p in predictions]

@@ -466,10 +466,12 @@ class PredictResponse(BaseModel):
     one list per user (the columnar form). A third output,
     ``unread_session_items``, is there only when a request's session held items
     added to the catalogue after training: excluded as seen, not read; so are
-    ``left_out_candidates`` and ``alike_new_items``, as in ``/v1/recommend``."""
+    ``left_out_candidates``, ``alike_new_items``, ``unknown_excluded_items``
+    and ``short_reason`` (null for an instance whose list is full), as in
+    ``/v1/recommend``."""
 
-    predictions: list[dict[str, list[Any]]] | None = None
-    outputs: dict[str, list[list[Any]]] | None = None
+    predictions: list[dict[str, Any]] | None = None
+    outputs: dict[str, list[Any]] | None = None
 
 
 class ErrorResponse(BaseModel):

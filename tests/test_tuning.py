@@ -556,14 +556,14 @@ if "--multiprocessing-fork" in sys.argv:  # a spawned tuning worker only
 """
 
 
-def test_an_error_ctrl_c_causes_in_a_worker_is_an_interrupt(tmp_path: Path) -> None:
-    """Ctrl-C cutting optuna's journal lock while it released turned into a
-    FileNotFoundError in that worker, and the search ended as a worker's
-    failure (exit code 2) instead of an interrupted search (seen in the full
-    suite's Ctrl-C test). A worker's error after its Ctrl-C is the interrupt."""
-    (tmp_path / "sitecustomize.py").write_text(CUT_RELEASE)
+def search_in_patched_workers(
+    tmp_path: Path, patch: str
+) -> subprocess.CompletedProcess[str]:
+    """`twostage tune --jobs 2` (6 trials, storage `tmp_path/trials.log`)
+    whose spawned workers first run ``patch`` as their sitecustomize."""
+    (tmp_path / "sitecustomize.py").write_text(patch)
     settings = [part for setting in SMALL for part in ("--set", setting)]
-    done = subprocess.run(
+    return subprocess.run(
         [
             *(sys.executable, "-m", "twostage", "tune", *settings),
             *("--param", "retrieval.temperature=0.1..0.5", "--trials", "6"),
@@ -574,6 +574,14 @@ def test_an_error_ctrl_c_causes_in_a_worker_is_an_interrupt(tmp_path: Path) -> N
         env={**os.environ, "PYTHONPATH": str(tmp_path)},
         timeout=300,
     )
+
+
+def test_an_error_ctrl_c_causes_in_a_worker_is_an_interrupt(tmp_path: Path) -> None:
+    """Ctrl-C cutting optuna's journal lock while it released turned into a
+    FileNotFoundError in that worker, and the search ended as a worker's
+    failure (exit code 2) instead of an interrupted search (seen in the full
+    suite's Ctrl-C test). A worker's error after its Ctrl-C is the interrupt."""
+    done = search_in_patched_workers(tmp_path, CUT_RELEASE)
     assert done.returncode == 0, done.stderr
     assert "Interrupted: the table holds the trials that ran." in done.stdout
 
@@ -603,20 +611,8 @@ def test_a_trial_ctrl_c_cut_inside_ask_is_not_left_running(tmp_path: Path) -> No
     that trial "running" in the storage after the search ended (seen in the
     full suite's Ctrl-C test); with every worker stopped, it is stored as
     failed."""
-    (tmp_path / "sitecustomize.py").write_text(CUT_ASK)
-    settings = [part for setting in SMALL for part in ("--set", setting)]
+    done = search_in_patched_workers(tmp_path, CUT_ASK)
     storage = tmp_path / "trials.log"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "twostage", "tune", *settings),
-            *("--param", "retrieval.temperature=0.1..0.5", "--trials", "6"),
-            *("--jobs", "2", "--storage", str(storage)),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
-        timeout=300,
-    )
     assert done.returncode == 0, done.stderr
     assert "Interrupted: the table holds the trials that ran." in done.stdout
     states = [str(t.state) for t in stored_trials(storage)]

@@ -1114,12 +1114,7 @@ def recommend_command(
             num_candidates=num_candidates,
             exclude=exclusions,
         )
-        if excluded is not None:
-            summary["exclude_file"] = excluded
-        if json_output:
-            print_json(summary)
-            return
-        _print_batch_summary(summary, k, chosen, "session", limited=bool(max_per))
+        _report_batch(summary, excluded, json_output, k, chosen, "session", max_per)
         return
     if many:
         out = typing.cast(Path, out)  # check_batch_options refused None
@@ -1147,12 +1142,7 @@ def recommend_command(
             num_candidates=num_candidates,
             exclude=exclusions,
         )
-        if excluded is not None:
-            summary["exclude_file"] = excluded
-        if json_output:
-            print_json(summary)
-            return
-        _print_batch_summary(summary, k, chosen, "user", limited=bool(max_per))
+        _report_batch(summary, excluded, json_output, k, chosen, "user", max_per)
         return
     user_id = parse_id(user) if user is not None else None
     known = user_id is not None and bool(rec.user_vocab.lookup(user_id))
@@ -1424,6 +1414,25 @@ def _exclusions(
         "first_rows_with_unknown_items": unknown[:5],
     }
     return exclusions, report
+
+
+def _report_batch(
+    summary: dict[str, Any],
+    excluded: dict[str, Any] | None,
+    json_output: bool,
+    k: int,
+    filters: dict[str, Any] | None,
+    noun: str,
+    max_per: dict[str, int] | None,
+) -> None:
+    """A batch of lists' summary, with what ``--exclude-file`` did
+    (``excluded``), as JSON or printed."""
+    if excluded is not None:
+        summary["exclude_file"] = excluded
+    if json_output:
+        print_json(summary)
+        return
+    _print_batch_summary(summary, k, filters, noun, limited=bool(max_per))
 
 
 def _print_batch_summary(

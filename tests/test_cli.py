@@ -692,6 +692,7 @@ def test_evaluate_retrieval_only_bundle_and_missing_data(tmp_path: Path) -> None
         ],
     )
     assert trained.exit_code == 0, trained.output
+    assert "no version number" not in trained.output  # models/mine/1 is one
     # Ranking settings with --no-ranking, from --set or a --config file, were
     # passed over without a word.
     assert (
@@ -750,7 +751,7 @@ def test_train_takes_the_column_options_of_train_retrieval(tmp_path: Path) -> No
     data.interactions.rename(
         {"user_id": "uid", "item_id": "isbn", "rating": "stars", "timestamp": "ts"}
     ).write_csv(log)
-    bundle = tmp_path / "models" / "mine" / "1"
+    bundle = tmp_path / "models" / "mine"
     result = runner.invoke(
         app,
         [
@@ -763,6 +764,11 @@ def test_train_takes_the_column_options_of_train_retrieval(tmp_path: Path) -> No
     )
     assert result.exit_code == 0, result.output
     assert "RMSE" in result.output
+    # Saved at models/mine, not models/mine/1: `serve models` would not find it
+    # and add-items would have no version to follow, so the command says so.
+    said = "".join(result.output.split())  # a long path may wrap anywhere
+    assert "noversionnumber:`twostageserve`serves" in said
+    assert f"--out{bundle / '1'}wouldhavemadeone" in said
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # both stages' curves
     saved = json.loads((bundle / "config.json").read_text())["data"]
     assert (saved["user_col"], saved["item_col"], saved["rating_col"]) == (

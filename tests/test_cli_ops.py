@@ -18,11 +18,49 @@ from typer.testing import CliRunner
 
 from twostage.cli import app
 from twostage.index import KINDS
-from twostage.recommender import load
+from twostage.recommender import Recommender, load
 from twostage.serving.app import SETTINGS_ENV, ServeSettings, settings_to_env
 from twostage.serving.workers import reuse_port_supported, run_workers
 
 runner = CliRunner()
+
+
+def test_commands_that_save_a_next_version_need_one_to_follow(
+    small_recommender: Recommender, tmp_path: Path
+) -> None:
+    """A bundle saved without a version number (`train --out models/shop`) has
+    no "next version beside it": add-items, remove-items and index build wrote
+    models/1 (a version of a model named "models") and lost the name; now they
+    ask for --out before any work, and --out works."""
+    models = tmp_path / "models"
+    small_recommender.save(models / "shop")
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("item_id\n9001\n")
+    for command in (
+        ["add-items", str(models / "shop"), "--items", str(fresh)],
+        ["remove-items", str(models / "shop"), "--ids", "3"],
+        ["index", "build", str(models / "shop"), "--kind", "exact"],
+    ):
+        refused = runner.invoke(app, command)
+        said = " ".join(refused.output.replace("│", " ").split())
+        assert refused.exit_code == 2, refused.output
+        assert "without a version number" in said and "pass --out" in said
+        assert sorted(p.name for p in models.iterdir()) == ["shop"]
+    moved = runner.invoke(
+        app,
+        [
+            "remove-items",
+            str(models / "shop"),
+            "--ids",
+            "3",
+            "--out",
+            str(models / "less"),
+        ],
+    )
+    assert moved.exit_code == 0, moved.output
+    smaller = load(models / "less")
+    assert smaller.item_vocab.lookup(3) not in smaller.index.ids.tolist()
+    assert small_recommender.item_vocab.lookup(3) in small_recommender.index.ids
 
 
 def test_index_build_saves_a_new_version_that_serves(models_dir: Path) -> None:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
+    "is_version_name",
+    "versioning_hint",
     "latest_version",
     "next_version",
     "read_manifest",
@@ -253,6 +255,22 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def is_version_name(name: str) -> bool:
+    """A version directory's name: ASCII digits only (``²`` passes ``isdigit``)."""
+    return name.isascii() and name.isdigit()
+
+
+def versioning_hint(bundle: Path) -> str:
+    """How to turn a bundle saved without a version number (``models/shop``)
+    into version 1 of its model (``models/shop/1``), which ``twostage serve``,
+    ``add-items`` and the next ``train --out models/shop`` build on."""
+    staged = bundle.with_name(f"{bundle.name}.1")
+    return (
+        "To keep versions, make it version 1 of its own folder: "
+        f"`mv {bundle} {staged} && mkdir {bundle} && mv {staged} {bundle / '1'}`."
+    )
+
+
 def latest_version(model_dir: str | Path) -> Path:
     """The highest-numbered version directory under ``models/<name>/`` with a manifest."""
     root = Path(model_dir)
@@ -262,10 +280,7 @@ def latest_version(model_dir: str | Path) -> Path:
         sorted(
             (int(p.name), p)
             for p in root.iterdir()
-            if p.is_dir()
-            and p.name.isascii()
-            and p.name.isdigit()
-            and (p / MANIFEST).exists()
+            if p.is_dir() and is_version_name(p.name) and (p / MANIFEST).exists()
         )
         if root.is_dir()
         else []
@@ -282,7 +297,7 @@ def next_version(model_dir: str | Path) -> Path:
     """``models/<name>/<n+1>``: the directory for a new version after the highest one."""
     root = Path(model_dir)
     numbers = (
-        [int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()]
+        [int(p.name) for p in root.iterdir() if is_version_name(p.name)]
         if root.is_dir()
         else []
     )

@@ -11,7 +11,13 @@ from typing import Any
 import polars as pl
 from safetensors.torch import save_file
 
-from twostage.artifacts import MANIFEST, resolve_bundle, verify_bundle, write_bundle
+from twostage.artifacts import (
+    MANIFEST,
+    is_version_name,
+    resolve_bundle,
+    verify_bundle,
+    write_bundle,
+)
 from twostage.config import save_config
 from twostage.data.dataset import ITEM
 from twostage.errors import ArtifactError
@@ -112,7 +118,7 @@ def _load_path(path: Path) -> Recommender:
     """:func:`load_recommender` of a directory."""
     if (path / RUN_WEIGHTS).exists() and not (path / MANIFEST).exists():
         return _load_run_dir(path)
-    if path.is_dir() and not any(p.name.isdigit() for p in path.iterdir()):
+    if path.is_dir() and not any(is_version_name(p.name) for p in path.iterdir()):
         return _load_bundle(path)  # a version directory: says what it lacks
     try:
         bundle = resolve_bundle(path)
@@ -120,7 +126,7 @@ def _load_path(path: Path) -> Recommender:
         runs = sorted(
             (int(p.name), p)
             for p in path.iterdir()
-            if p.name.isascii() and p.name.isdigit() and (p / RUN_WEIGHTS).is_file()
+            if is_version_name(p.name) and (p / RUN_WEIGHTS).is_file()
         )
         if runs:  # `train retrieval --out models/x/1`, then `... models/x`
             raise ArtifactError(

@@ -559,6 +559,15 @@ def train_all(
         )
         return
     console.print(f"Bundle saved to [cyan]{escape(str(bundle))}[/cyan].")
+    from twostage.artifacts import is_version_name
+
+    if not is_version_name(bundle.name):
+        console.print(
+            "[yellow]It has no version number: `twostage serve` serves "
+            "models/<name>/<n>/ versions, and `add-items`, `remove-items` and "
+            "`index build` save the next one beside them (--out "
+            f"{escape(str(bundle / '1'))} would have made one).[/yellow]"
+        )
 
 
 def _holds_versions(path: Path) -> bool:
@@ -1239,7 +1248,8 @@ def recommend_command(
     if history:
         console.print(
             items_table(
-                f"User {user_id} watched (latest {min(len(history), 10)})",
+                f"User {user_id}'s latest items ({min(len(history), 10)} of "
+                f"{len(history):,})",
                 history[-10:][::-1],
                 scores=False,
             )

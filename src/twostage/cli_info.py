@@ -20,7 +20,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from twostage.artifacts import MANIFEST
+from twostage.artifacts import MANIFEST, is_version_name
 from twostage.cli_output import console, print_json
 
 __all__ = [
@@ -105,10 +105,7 @@ def _versions(model_dir: Path) -> list[int]:
     return sorted(
         int(p.name)
         for p in model_dir.iterdir()
-        if p.is_dir()
-        and p.name.isascii()
-        and p.name.isdigit()
-        and (p / MANIFEST).exists()
+        if p.is_dir() and is_version_name(p.name) and (p / MANIFEST).exists()
     )
 
 

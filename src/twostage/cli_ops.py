@@ -191,6 +191,29 @@ def _open(bundle: Path) -> tuple[Path, Any]:
     return path, load(path)
 
 
+def _new_version(source: Path, out: Path | None) -> Path:
+    """Where a command that changes the bundle at ``source`` saves the result:
+    ``--out``, else the next version beside it (``models/<name>/<n+1>``).
+
+    Raises:
+        typer.BadParameter: no ``--out`` for a bundle saved without a version
+            number, where the next version "beside it" would be a version of
+            its parent folder.
+    """
+    from twostage.artifacts import is_version_name, next_version, versioning_hint
+
+    if out is not None:
+        return out
+    if not is_version_name(source.name):
+        raise typer.BadParameter(
+            f"{str(source)!r} is a bundle saved without a version number (not "
+            "models/<name>/<n>/), so no next version sits beside it: pass --out "
+            f"for the new bundle. {versioning_hint(source)}",
+            param_hint="--out",
+        )
+    return next_version(source.parent)
+
+
 @index_app.command("build")
 def index_build(
     bundle: Annotated[
@@ -210,10 +233,10 @@ def index_build(
     out: NextVersion = None,
 ) -> None:
     """Rebuild a bundle's index and save the result as a new version."""
-    from twostage.artifacts import next_version
     from twostage.config import apply_overrides
 
     source, rec = _open(bundle)
+    target = _new_version(source, out)
     settings = [item.removeprefix("index.") for item in set_ or []]
     config = apply_overrides(rec.run.config.index, [f"kind={kind}", *settings])
     kind = config.kind  # `--set kind=...` has the last word, as any --set
@@ -224,7 +247,6 @@ def index_build(
     ):
         rebuilt = rec.with_index(config)
     seconds = time.perf_counter() - started
-    target = out or next_version(source.parent)
     rebuilt.save(target)
     console.print(
         f"built the {kind} index in {seconds:.1f} s; saved {escape(str(target))}"
@@ -276,11 +298,11 @@ def add_items_command(
     """
     import numpy as np
 
-    from twostage.artifacts import next_version
     from twostage.catalogue import item_keys, read_item_rows
     from twostage.errors import TwostageError
 
     source, rec = _open(bundle)
+    target = _new_version(source, out)
     try:
         table = read_item_rows(items, item_keys(rec.run.config.data))
         started = time.perf_counter()
@@ -290,7 +312,6 @@ def add_items_command(
         message = str(e).replace("`items`", f"`--items` {str(items)!r}", 1)
         raise typer.BadParameter(message, param_hint="--items") from e
     seconds = time.perf_counter() - started
-    target = out or next_version(source.parent)
     grown.save(target)
     trained = grown.num_trained_items - 1
     added = grown.item_vocab.size - 1 - trained
@@ -351,7 +372,6 @@ def remove_items_command(
     still reads them as history (a user's items, a session's). A client that
     lists one among its candidates gets an error that names it.
     """
-    from twostage.artifacts import next_version
     from twostage.catalogue import read_item_rows
     from twostage.errors import TwostageError
 
@@ -359,6 +379,7 @@ def remove_items_command(
     if (ids is None) == (items is None):
         raise typer.BadParameter("give --ids or --items (one of them).")
     source, rec = _open(bundle)
+    target = _new_version(source, out)
     flag = "--ids" if ids is not None else "--items"
     try:
         if ids is not None:
@@ -371,7 +392,6 @@ def remove_items_command(
     except (TwostageError, OSError) as e:
         message = str(e).replace("`item_ids`", f"`{flag}`", 1)
         raise typer.BadParameter(message, param_hint=flag) from e
-    target = out or next_version(source.parent)
     smaller.save(target)
     assert smaller.removed_items is not None
     served = smaller.index.size

@@ -320,6 +320,36 @@ def test_a_single_bundle_directory_is_refused_with_a_hint(models_dir: Path) -> N
         create_app(ServeSettings(models=str(models_dir / "synthetic" / "1")))
 
 
+def test_a_bundle_saved_without_a_version_number_is_named_with_the_fix(
+    small_recommender: Recommender, tmp_path: Path
+) -> None:
+    """`train --out models/shop` saves a bundle at models/shop: serving it
+    alone, or serving models/ beside a versioned model, says how to make it a
+    version, and the model serves once it is one."""
+    models = tmp_path / "models"
+    small_recommender.save(models / "shop")
+    small_recommender.save(models / "synthetic" / "1")
+    with pytest.raises(ValueError, match="without a version number") as refused:
+        create_app(ServeSettings(models=str(models / "shop")))
+    assert "serve the directory above" not in str(refused.value)
+    assert f"mv {models / 'shop'} {models / 'shop.1'}" in str(refused.value)
+    with client_for(models) as client:
+        answered = client.post(
+            "/v1/recommend", json={"user_id": 3, "model": "synthetic"}
+        )
+        assert answered.status_code == 200
+        response = client.post("/v1/recommend", json={"user_id": 3, "model": "shop"})
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert "without a version number" in error and "shop/1" in error
+        (models / "shop").rename(models / "shop.1")
+        (models / "shop").mkdir()
+        (models / "shop.1").rename(models / "shop" / "1")
+        client.app.state.registry.refresh()  # type: ignore[attr-defined]
+        response = client.post("/v1/recommend", json={"user_id": 3, "model": "shop"})
+        assert response.status_code == 200
+
+
 def test_predict_scores_follow_the_two_stage_order(tmp_path: Path) -> None:
     """Regression: with a ranker, `output_1` held retrieval scores in re-ranked order
     (not sorted); it now holds the two-stage key the list is ordered by."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from twostage.artifacts import MANIFEST
+from twostage.artifacts import MANIFEST, is_version_name, versioning_hint
 from twostage.errors import ArtifactError, ConfigError, TwostageError
 from twostage.recommender import Recommender, load
 from twostage.retrieval.run import RUN_WEIGHTS
@@ -83,6 +83,9 @@ class ModelSlot:
     directory: Path
     current: LoadedModel | None = None
     versions: dict[int, VersionStatus] = field(default_factory=dict)
+    # Why the directory holds no version to look for (a bundle saved in it
+    # directly, without a version number); "" when it is a directory of versions.
+    problem: str = ""
 
     def candidates(self) -> list[tuple[int, Path, tuple[int, int, int]]]:
         """(version, path, signature of its files) of complete-looking versions,
@@ -105,11 +108,6 @@ class ModelSlot:
                 continue  # files moving under us: looked at again next time
             found.append((int(path.name), path, stamp))
         return sorted(found, key=lambda entry: entry[0], reverse=True)
-
-
-def is_version_name(name: str) -> bool:
-    """A version directory's name: ASCII digits only (``²`` passes ``isdigit``)."""
-    return name.isascii() and name.isdigit()
 
 
 def _signature(path: Path) -> tuple[int, int, int]:
@@ -167,10 +165,17 @@ class ModelRegistry:
             )
         if (self.root / RUN_WEIGHTS).exists():
             raise ConfigError(_training_run(self.root, "a directory of bundles"))
-        if (self.root / MANIFEST).exists():
+        if (self.root / MANIFEST).exists() and is_version_name(self.root.name):
             raise ConfigError(
                 f"{str(self.root)!r} is one bundle version; serve the directory above "
                 f"it ({str(self.root.parent)!r}) so new versions can be picked up."
+            )
+        if (self.root / MANIFEST).exists():
+            raise ConfigError(
+                f"{str(self.root)!r} is a bundle saved without a version number; "
+                "`serve` reads <name>/<version>/ bundles, so that a new version can "
+                f"replace the one it serves. {versioning_hint(self.root)} Then serve "
+                f"{str(self.root.parent)!r}."
             )
 
     # -- discovery -----------------------------------------------------------------
@@ -192,6 +197,16 @@ class ModelRegistry:
             return events
 
     def _refresh_slot(self, slot: ModelSlot) -> str | None:
+        unversioned = (slot.directory / MANIFEST).exists()
+        if unversioned and not slot.problem:  # said once, and by every request
+            slot.problem = (
+                f"{str(slot.directory)!r} is a bundle saved without a version "
+                "number, where `serve` looks for <name>/<version>/ bundles. "
+                f"{versioning_hint(slot.directory)}"
+            )
+            logger.error("model %s: %s", slot.name, slot.problem)
+        elif not unversioned:
+            slot.problem = ""
         serving = slot.current.version if slot.current else 0
         for version, path, stamp in slot.candidates():
             if version <= serving:
@@ -258,7 +273,7 @@ class ModelRegistry:
             raise ArtifactError(
                 f"model {name!r} has no loadable version"
                 + (f" (last error: {failed[-1]})" if failed else "")
-                + "."
+                + (f": {slot.problem}" if slot.problem else ".")
             )
         return slot.current
 

@@ -56,6 +56,19 @@ def test_info_describes_a_bundle_and_lists_a_models_directory(
     listed = runner.invoke(app, ["info", str(models_dir), "--json"])
     broken = json.loads(listed.stdout)["models"][0]
     assert broken["name"] == "broken" and "unreadable manifest.json" in broken["error"]
+    # A bundle saved right under models/ (`train --out models/shop`) was left out
+    # of the list, and a models/ holding only such bundles was no list at all.
+    lone = tmp_path / "lone"
+    small_recommender.save(lone / "shop")
+    for root, position in ((models_dir, 1), (lone, 0)):
+        if root is models_dir:
+            small_recommender.save(root / "shop")
+        listed = runner.invoke(app, ["info", str(root), "--json"])
+        assert listed.exit_code == 0, listed.output
+        shop = json.loads(listed.stdout)["models"][position]
+        assert shop["name"] == "shop" and shop["versions"] == []
+        assert shop["error"].startswith("a bundle without a version number")
+        assert f"mkdir {root / 'shop'}" in shop["error"]
     # A retrieval run (`train retrieval --out`) has no manifest to verify.
     rec.run.save(tmp_path / "run")
     run = json.loads(

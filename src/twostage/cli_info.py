@@ -20,7 +20,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from twostage.artifacts import MANIFEST, is_version_name
+from twostage.artifacts import MANIFEST, is_version_name, versioning_hint
 from twostage.cli_output import console, print_json
 
 __all__ = [
@@ -114,28 +114,41 @@ def _is_models_root(path: Path) -> bool:
     being a bundle, a model directory or a run."""
     if not path.is_dir() or (path / MANIFEST).exists() or _versions(path):
         return False
-    return any(_versions(child) for child in path.iterdir() if child.is_dir())
+    return any(
+        _versions(child) or (child / MANIFEST).exists()
+        for child in path.iterdir()
+        if child.is_dir()
+    )
 
 
 def models_info(root: Path) -> dict[str, Any]:
-    """Every model under ``root`` with its versions and its newest one's manifest."""
+    """Every model under ``root`` with its versions and its newest one's
+    manifest; a bundle saved there without a version number (``train --out
+    models/shop``) is listed with no versions and the error saying why nothing
+    serves it."""
     models = []
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
         versions = _versions(child)
-        if not versions:
+        if not versions and not (child / MANIFEST).exists():
             continue
         error = None
+        newest = child / str(versions[-1]) if versions else child
         try:
-            manifest = json.loads((child / str(versions[-1]) / MANIFEST).read_text())
+            manifest = json.loads((newest / MANIFEST).read_text())
         except (OSError, ValueError) as e:
             manifest, error = {}, f"unreadable {MANIFEST}: {e}"
         if not isinstance(manifest, dict):
             manifest, error = {}, f"{MANIFEST} holds no JSON object"
+        if not versions:
+            error = (
+                "a bundle without a version number: `twostage serve` does not "
+                f"serve it. {versioning_hint(child)}"
+            )
         models.append(
             {
                 "name": child.name,
                 "versions": versions,
-                "newest": versions[-1],
+                "newest": versions[-1] if versions else None,
                 "created": manifest.get("created"),
                 "ranking": bool(manifest.get("ranking")),
                 "error": error,
@@ -406,7 +419,7 @@ def _print_models(info: dict[str, Any]) -> None:
     for m in info["models"]:
         table.add_row(
             Text(m["name"]),
-            ", ".join(map(str, m["versions"])),
+            ", ".join(map(str, m["versions"])) or "-",
             Text(m["error"] or str(m["created"] or "-")),
             "yes" if m["ranking"] else "no",
         )

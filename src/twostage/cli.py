@@ -2257,12 +2257,16 @@ def evaluate_command(
         rec.run, test, baselines=baselines, train=train, keep_queries=keep
     )
     results["retrieval"] = {name: r.to_dict() for name, r in found.items()}
+    changed = _catalogue_changes(rec)
+    if changed:
+        results["catalogue_since_training"] = changed
     kept: dict[str, Any] = {}
-    if rec.ranker is not None:
+    ranker = rec.trained_ranker  # what retrieval's figures rank: the trained items
+    if ranker is not None:
         from twostage.ranking import evaluate_ranking
 
         with status_console.status("evaluating the ranking stage"):
-            results["ranking"] = evaluate_ranking(rec.ranker, test, keep_queries=keep)
+            results["ranking"] = evaluate_ranking(ranker, test, keep_queries=keep)
         kept = results["ranking"].pop("queries", {})
     if per_user is not None:
         results["per_user"] = _write_per_user(per_user, rec.run, test, found, kept)
@@ -2300,6 +2304,14 @@ def evaluate_command(
         {}, title=f"Evaluation of {path} ({side})", models=results["retrieval"]
     )
     print_test_counts(results["retrieval"].get("twostage"))
+    if changed:
+        console.print(
+            f"[yellow]The figures rank the catalogue the model trained on: the "
+            f"{changed['added_items']:,} item(s) added since training are not "
+            f"among the candidates, the {changed['removed_items']:,} removed "
+            "are (the served lists of --max-per or --diversity, and --sessions, "
+            "follow the catalogue as served).[/yellow]"
+        )
     if "ranking" in results:
         print_ranking(results["ranking"], title=f"Ranking stage ({side})")
     for line in standing_lines(rows):
@@ -2313,6 +2325,14 @@ def evaluate_command(
             f"users with an unseen test item x {len(written['models'])} lists) "
             f"written to [cyan]{escape(str(per_user))}[/cyan]."
         )
+
+
+def _catalogue_changes(rec: Any) -> dict[str, int]:
+    """How many items were added to and removed from the bundle's catalogue
+    since training (``add-items``, ``remove-items``); empty when none were."""
+    added = rec.item_vocab.size - rec.num_trained_items
+    removed = 0 if rec.removed_items is None else len(rec.removed_items)
+    return {"added_items": added, "removed_items": removed} if added or removed else {}
 
 
 def _check_per_user(out: Path, overwrite: bool, sessions_file: Path | None) -> None:

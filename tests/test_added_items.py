@@ -17,6 +17,7 @@ from twostage.config import ExperimentConfig, apply_overrides
 from twostage.data.synthetic import planted_impressions
 from twostage.data.tables import read_interactions
 from twostage.errors import ConfigError, UnknownIdError
+from twostage.estimator import TwoStageModel
 from twostage.features.vocab import Vocabulary
 from twostage.recommender import Recommender, load
 from twostage.serving import ServeSettings, create_app
@@ -257,6 +258,15 @@ def test_add_items_from_the_cli_and_serve_them(
     assert "catalogue_since_training" not in trained
     assert figures["ranking"] == trained["ranking"]
     assert figures["retrieval"] == trained["retrieval"]
+    # The Python API's evaluate, and the same figures.
+    grown = TwoStageModel.load(models / "shop").evaluate(log, label_col="clicked")
+    as_trained = TwoStageModel.load(models / "shop" / "1").evaluate(
+        log, label_col="clicked"
+    )
+    assert grown.ndcg == as_trained.ndcg and grown.recall == as_trained.recall
+    assert grown.ranking is not None and as_trained.ranking is not None
+    for key, value in as_trained.ranking["impressions"].items():
+        assert grown.ranking["impressions"][key] == pytest.approx(value), key
     shown = runner.invoke(app, ["evaluate", str(models / "shop"), *test[:2]])
     said = " ".join(shown.output.split())
     assert "the 2 item(s) added since training are not among the candidates" in said

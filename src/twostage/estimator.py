@@ -826,8 +826,8 @@ class TwoStageModel:
         if rec.ranker is not None:
             from twostage.ranking.evaluation import evaluate_ranking
 
-            ranking = evaluate_ranking(
-                rec.ranker,  # type: ignore[arg-type]
+            ranking = evaluate_ranking(  # the ranker as trained, as retrieval's
+                rec.trained_ranker,  # type: ignore[arg-type]
                 data,
                 keep_queries=per_user,
             )

@@ -470,7 +470,7 @@ def report_for(source: str | Path, out: str | Path) -> tuple[list[Path], list[st
         if rec.ranker is not None:
             from twostage.ranking import evaluate_ranking
 
-            ranking = evaluate_ranking(rec.ranker, test)  # type: ignore[arg-type]
+            ranking = evaluate_ranking(rec.trained_ranker, test)  # type: ignore[arg-type]
         user = test.interactions["user_id"][0]
         answer = rec.recommend(user, k=10)
         sections[f"Recommended for user {user} ({answer.path})"] = answer.items

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -124,3 +125,50 @@ def test_evaluate_prints_and_returns_the_rules_figures(
     assert exited.value.code == 2
     said = re.sub(r"[│╭╮╰╯─\s]", "", capsys.readouterr().err)
     assert "--sessionsmeasuressessionsinstead" in said, said
+
+
+def test_items_added_after_training_are_judged_by_their_ids(stages) -> None:  # type: ignore[no-untyped-def]
+    """`evaluate --max-per` on a bundle with added items crashed ("item indices
+    should be < num_items"): the served lists hold items the trained catalogue
+    lacks. An added item a test row names is a hit; the others never are."""
+    rec = stages.recommender()
+    grown = rec.add_items(
+        pl.DataFrame(
+            {
+                "item_id": [901, 902],
+                "title": ["a", "b"],
+                "category": ["cat18", "cat3"],
+                "price": [45.0, 10.0],
+            }
+        )
+    )
+    test = stages.split.test
+    inter = test.interactions
+    users = inter["user_id"].unique().sort()
+    extra = pl.DataFrame(
+        {
+            "user_id": users,
+            "item_id": [901] * len(users),
+            "timestamp": [1_700_000_000] * len(users),
+            "rating": [4.0] * len(users),
+        }
+    ).cast(inter.schema)  # every test user took 901 too
+    test = test.with_interactions(pl.concat([inter, extra]))
+    queries = eval_queries(grown.run, test)
+    seen = {u: {h["item_id"] for h in grown.history(u)} for u in users.to_list()}
+    taken: dict[object, set[object]] = {}
+    for user, item in inter.select("user_id", "item_id").iter_rows():
+        taken.setdefault(user, set()).add(item)
+    for rules in (None, {"category": 1}):
+        lists = served_lists(grown, queries, 10, max_per=rules)
+        figures = list_figures(grown, queries, lists, 10)
+        hits = []
+        for user, row in zip(queries.user_ids.to_list(), lists.tolist(), strict=True):
+            served = {grown.item_ids[i] for i in row if i >= 0}
+            assert 902 not in taken.get(user, set())
+            wanted = (taken.get(user, set()) | {901}) - seen[user]
+            hits.append(bool(served & wanted))
+        assert any(901 in {grown.item_ids[i] for i in row} for row in lists.tolist())
+        assert figures["hit_rate"] == pytest.approx(sum(hits) / len(hits))
+    found = evaluate_list_rules(grown, test, max_per={"category": 1})
+    assert found["with_rules"]["hit_rate"] == pytest.approx(figures["hit_rate"])

@@ -66,6 +66,34 @@ def served_lists(
     return lists
 
 
+def _as_evaluated(
+    rec: Recommender, queries: EvalQueries, lists: torch.Tensor
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``lists`` of the recommender's item indices in the evaluated catalogue's
+    indices, and that catalogue's coverage universe. The trained items keep
+    their indices; an item added after training (``add_items``) is the test's
+    unknown item of the same ID where the test holds one (so a hit on it
+    counts), else a column of its own past the test's items, which no test row
+    holds; both count towards coverage."""
+    trained = rec.num_trained_items
+    if rec.item_vocab.size == trained:
+        return lists, queries.valid_items
+    first_cold = queries.num_items - queries.num_cold_items
+    cold = {name: first_cold + i for i, name in enumerate(queries.cold_item_ids)}
+    mapping = torch.arange(rec.item_vocab.size)
+    extra = queries.num_items
+    for index in range(trained, rec.item_vocab.size):
+        found = cold.get(str(rec.item_ids[index]))
+        if found is None:
+            found, extra = extra, extra + 1
+        mapping[index] = found
+    valid = np.ones(extra, dtype=bool)
+    valid[: queries.num_items] = queries.valid_items
+    valid[mapping[trained:].numpy()] = True
+    judged = torch.where(lists >= 0, mapping[lists.clamp_min(0)], lists)
+    return judged, valid
+
+
 def list_figures(
     rec: Recommender,
     queries: EvalQueries,
@@ -78,12 +106,13 @@ def list_figures(
     with seen items excluded; ``intra_list_diversity``, ``coverage``,
     ``mean_length`` over every list; with ``by``, a metadata column,
     ``value_diversity``: the lists' spread by its values)."""
+    judged, valid = _as_evaluated(rec, queries, lists)
     found = compute_metrics(
-        lists,
+        judged,
         queries.relevant.difference(queries.seen),
         ks=(k,),
-        num_items=int(queries.valid_items.shape[0]),
-        valid_items=queries.valid_items,
+        num_items=int(valid.shape[0]),
+        valid_items=valid,
     )
     filled = lists >= 0
     vectors = rec.item_embeddings[lists.clamp_min(0)]

@@ -72,6 +72,8 @@ class EvalQueries:
     slices: dict[str, np.ndarray] | None
     item_slices: dict[str, np.ndarray]
     num_cold_items: int = 0  # distinct test items unknown to the model
+    # Those items' IDs as text, in index order (``N``, ``N + 1``, ...).
+    cold_item_ids: tuple[str, ...] = ()
     context: pl.DataFrame | None = None  # [Q] each query's context columns, if any
     # The prior rows (`Dataset.prior`) of the queries whose user is new, if any.
     prior: PriorHistory | None = None
@@ -139,7 +141,9 @@ def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
     # Each distinct unknown test item gets its own index past the vocabulary.
     unknown = items == 0
     cold_ids = inter[ITEM].filter(pl.Series(unknown))
-    _, cold_index = np.unique(cold_ids.cast(pl.String).to_numpy(), return_inverse=True)
+    cold_names, cold_index = np.unique(
+        cold_ids.cast(pl.String).to_numpy(), return_inverse=True
+    )
     num_cold = int(cold_index.max()) + 1 if cold_index.size else 0
     items[unknown] = item_vocab.size + cold_index
     relevant = UserItems.from_pairs(
@@ -171,6 +175,7 @@ def eval_queries(run: RetrievalRun, test: Dataset) -> EvalQueries:
         slices=slices,
         item_slices={"cold_items": cold_items},
         num_cold_items=num_cold,
+        cold_item_ids=tuple(str(name) for name in cold_names),
         context=context,
         prior=prior,
     )

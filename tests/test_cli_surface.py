@@ -753,6 +753,19 @@ def test_figures_within_twice_their_standard_error_are_called_level() -> None:
     ), line
     del found["standard_errors"]  # a figure written before they were kept
     assert "are ahead of the best baseline" in (session_standing(found) or "")
+    # Against a figure of 0 there is no relative change: it read "(+inf%)",
+    # and --json wrote Infinity, which is no JSON number.
+    assert compare(0.0, 0.0) == ("level with", 0.0, "")
+    assert compare(0.2, 0.0) == ("ahead of", None, "")
+    assert compare(0.02, 0.0, 0.01, 0.0)[0] == "level with"  # within the noise
+    zero = {
+        "twostage": {"ndcg": {10: 0.0}},
+        "baselines": {"pop": {"ndcg": {10: 0.0}}},
+    }
+    line = session_standing(zero) or ""
+    assert "0.0000 vs 0.0000 (+0.0%)" in line and "inf" not in line
+    zero["twostage"]["ndcg"][10] = 0.5
+    assert "0.5000 vs 0.0000 (from zero)" in (session_standing(zero) or "")
 
 
 def test_the_cli_starts_without_importing_torch() -> None:

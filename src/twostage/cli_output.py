@@ -254,8 +254,13 @@ def session_standing(found: dict[str, Any]) -> str | None:
     )
     return (
         f"The model's lists are {verdict} the best baseline on NDCG@10, {best}: "
-        f"{ours:.4f} vs {theirs:.4f} ({change:+.1%}){noise}."
+        f"{ours:.4f} vs {theirs:.4f} ({relative(change)}){noise}."
     )
+
+
+def relative(change: float | None) -> str:
+    """A :func:`compare` change as a signed percentage ("from zero" for None)."""
+    return "from zero" if change is None else f"{change:+.1%}"
 
 
 def compare(
@@ -264,19 +269,23 @@ def compare(
     ours_error: float | None = None,
     theirs_error: float | None = None,
     paired_error: float | None = None,
-) -> tuple[str, float, str]:
+) -> tuple[str, float | None, str]:
     """``(verdict, relative change, note)`` of two figures measured on the same
     queries: "ahead of" or "behind" where they differ by more than 1% and by
     more than twice the standard error of their difference; else "level with".
+    The change is None from a figure of 0 (no relative change from zero; a
+    figure above it is ahead).
     That error is ``paired_error`` when known (the spread of the per-query
     differences: :func:`twostage.metrics.paired_standard_error`), else, when
     both standard errors are known, ``sqrt(a ** 2 + b ** 2)``, which ignores
     that the same queries make both figures and so errs towards "level with".
     The note says when the noise alone made them level."""
-    change = (ours - theirs) / theirs if theirs else float("inf")
-    verdict = (
-        "ahead of" if change > 0.01 else "behind" if change < -0.01 else "level with"
-    )
+    if theirs:
+        change: float | None = (ours - theirs) / theirs
+    else:  # "+inf%" said nothing, and is no JSON number
+        change = 0.0 if ours == theirs else None
+    gap = change if change is not None else math.copysign(math.inf, ours - theirs)
+    verdict = "ahead of" if gap > 0.01 else "behind" if gap < -0.01 else "level with"
     if verdict == "level with":
         return verdict, change, ""
     if paired_error is not None and paired_error == paired_error:
@@ -421,7 +430,7 @@ def standing_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
     items excluded, and what that baseline is."""
     return [
         f"Our served list is {row['verdict']} {name} on NDCG@10: "
-        f"{row['served']:.4f} vs {row['baseline']:.4f} ({row['change']:+.1%}"
+        f"{row['served']:.4f} vs {row['baseline']:.4f} ({relative(row['change'])}"
         f"{row['note']}); {name} is {BASELINE_NOTES.get(name, 'a baseline')}."
         for name, row in rows.items()
     ]

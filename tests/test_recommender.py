@@ -169,6 +169,13 @@ def test_similar_items_take_filters(fitted: tuple[Recommender, object]) -> None:
     assert rec.similar_table([7], 5, filters={"category": "no-such"}).height == 0
     with pytest.raises(ConfigError, match="unknown filter column"):
         rec.similar_items(7, 5, filters={"colour": "red"})
+    # A text for a number column: polars' reason, not its query plan (which
+    # reached HTTP clients over several lines).
+    with pytest.raises(ConfigError) as wrong:
+        rec.similar_items(7, 5, filters={"price": "<10"})
+    said = str(wrong.value)
+    assert said.startswith("`filters['price']` = '<10' cannot be compared with")
+    assert "\n" not in said and "equals it" in said
 
 
 def test_bundle_round_trip_is_identical(

@@ -509,9 +509,12 @@ class ItemFilters:
         try:
             values = frame.select(expr.fill_null(False)).to_series().to_numpy()
         except (pl.exceptions.PolarsError, TypeError, ValueError) as e:
+            # polars' first line says why; the rest is its query plan.
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(
                 f"`filters[{key!r}]` = {wanted!r} cannot be compared with the "
-                f"{frame.schema[key]} column {key!r}: {e}"
+                f"{frame.schema[key]} column {key!r} ({reason}); a filter keeps "
+                "the items whose value equals it."
             ) from e
         mask = torch.from_numpy(values.astype(bool))
         if len(self._masks) < self.CACHE_SIZE:  # a bounded cache of what clients use

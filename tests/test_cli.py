@@ -1155,6 +1155,28 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
     summary = json.loads(done.stdout)
     assert summary["users"] == 3 and summary["rows"] == 30
     assert summary["paths"] == {"personalised": 2, "popularity": 1}
+    # The users the model does not know are counted: "popularity" alone did not
+    # tell them from known users answered by the popularity fallback.
+    assert summary["unknown_users"] == 1
+    assert summary["first_unknown_users"] == ["stranger"]
+    assert "model_user_id_example" not in summary  # some are known
+    strangers = tmp_path / "strangers.csv"
+    strangers.write_text("user_id\nu-1\nu-2\n")  # IDs of another shape
+    said = runner.invoke(
+        app,
+        [
+            "recommend",
+            str(model),
+            "--users",
+            str(strangers),
+            "--out",
+            str(tmp_path / "s.csv"),
+        ],
+    )
+    assert said.exit_code == 0, said.output
+    told = " ".join(said.output.split())
+    assert "2 of the 2 users are unknown to the model" in told
+    assert f"None is known: the model's user IDs look like {users[0]!r}." in told
     written = pl.read_csv(csv, infer_schema=False)
     assert written["user_id"].unique(maintain_order=True).to_list() == [
         str(users[1]),

@@ -1379,7 +1379,29 @@ def _recommend_into(
         "k": k,
         "paths": tally.paths,
         "short_lists": tally.short,
+        **_unknown_users(rec, ids),
     }
+
+
+def _unknown_users(rec: Any, ids: list[Any]) -> dict[str, Any]:
+    """How many of ``ids`` the model never trained on (cold starts) and the
+    first five; where none is known, an ID the model knows, to compare with."""
+    import numpy as np
+
+    from twostage.errors import TwostageError
+
+    try:
+        index = rec.user_vocab.transform(pl.Series(ids, strict=False))
+    except TwostageError:  # text IDs against integer ones: one at a time
+        index = np.array([rec.user_vocab.lookup(u) for u in ids], dtype=np.int64)
+    unknown = np.flatnonzero(index == 0)
+    found: dict[str, Any] = {
+        "unknown_users": len(unknown),
+        "first_unknown_users": [ids[int(n)] for n in unknown[:5]],
+    }
+    if len(ids) and len(unknown) == len(ids) and rec.user_vocab.size > 1:
+        found["model_user_id_example"] = rec.user_vocab.values[0]
+    return found
 
 
 def _exclusions(
@@ -1445,6 +1467,24 @@ def _report_batch(
     _print_batch_summary(summary, k, filters, noun, limited=bool(max_per))
 
 
+def _say_unknown_users(summary: dict[str, Any], noun: str) -> None:
+    """How many of a batch's users the model does not know, and, where every
+    one of them is, whether the file's IDs are of another type than the
+    model's (a user column of numbers against text IDs matches none)."""
+    first = summary["first_unknown_users"]
+    more = ", ..." if summary["unknown_users"] > len(first) else ""
+    shown = ", ".join(map(repr, first))
+    line = (
+        f"{summary['unknown_users']:,} of the {summary['users']:,} {noun}s are "
+        f"unknown to the model: cold starts, answered from their features or "
+        f"by popularity ({shown}{more})."
+    )
+    example = summary.get("model_user_id_example")
+    if example is not None:
+        line += f" None is known: the model's user IDs look like {example!r}."
+    status_console.print(f"[yellow]{escape(line)}[/yellow]")
+
+
 def _print_batch_summary(
     summary: dict[str, Any],
     k: int,
@@ -1484,6 +1524,8 @@ def _print_batch_summary(
                     f"[yellow]{excluded[key]:,} --exclude-file rows {what} "
                     f"(data rows {first}{more}).[/yellow]"
                 )
+    if summary.get("unknown_users"):
+        _say_unknown_users(summary, noun)
     if summary["short_lists"]:
         pool = "the items that pass --filter" if filters else "the catalogue"
         why = f"{pool} less what they have seen"

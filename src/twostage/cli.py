@@ -771,18 +771,27 @@ def _rating(part: str) -> float | None:
 
 
 def _seconds(part: str) -> int | None:
-    """A ``--session-times`` entry: whole seconds since the epoch (None: not one)."""
+    """A ``--session-times`` entry: whole seconds since the epoch, or an ISO
+    8601 date-time as those (None: neither)."""
+    from twostage.data.dataset import iso_seconds
+
     try:
         return int(part)
     except ValueError:
-        return None
+        moment = iso_seconds(part)
+        return None if moment is None else math.floor(moment)
 
 
 #: The per-item flags beside ``--session``: the entry key each fills, what one
 #: value is called, what it should be, and how it is read.
 _SESSION_VALUES: dict[str, tuple[str, str, str, Callable[[str], Any]]] = {
     "--session-ratings": ("rating", "rating", "a finite number", _rating),
-    "--session-times": ("timestamp", "time", "whole seconds since 1970", _seconds),
+    "--session-times": (
+        "timestamp",
+        "time",
+        "whole seconds since 1970 or an ISO 8601 date-time",
+        _seconds,
+    ),
 }
 
 
@@ -914,8 +923,9 @@ def recommend_command(
         typer.Option(
             "--session-times",
             help="When each --session item was taken, in the same order, "
-            "comma-separated seconds since 1970 (e.g. --session-times "
-            "1700000000,1700000120; an empty entry: not known): the entries are "
+            "comma-separated seconds since 1970 or ISO 8601 date-times (e.g. "
+            "--session-times 1700000000,2023-11-14T22:15:20Z, UTC without an "
+            "offset; an empty entry: not known): the entries are "
             "read in time order, and models trained with "
             "retrieval.sequence_time_gaps read the gaps between them.",
         ),

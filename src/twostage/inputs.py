@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from twostage.data.dataset import ITEM, USER
+from twostage.data.dataset import ITEM, USER, iso_seconds
 from twostage.errors import ConfigError, UnknownIdError
 from twostage.features.context import context_frame
 from twostage.features.spec import FeatureSpec
@@ -298,6 +298,15 @@ def check_k(name: str, value: int) -> int:
     return int(value)
 
 
+def _moment(value: Any) -> Any:
+    """A session entry's ``timestamp``: an ISO 8601 text as its seconds since
+    1970; anything else as given, for the checks to name."""
+    if isinstance(value, str):
+        seconds = iso_seconds(value)
+        return value if seconds is None else seconds
+    return value
+
+
 def session_indices(
     session: Sequence[Any] | None,
     item_vocab: Vocabulary,
@@ -312,8 +321,9 @@ def session_indices(
 
     Args:
         session: item IDs, or ``{"item_id", "timestamp", "rating"}`` objects
-            (ordered by timestamp when every entry has a number there), oldest
-            first; ``timestamp`` and ``rating`` optional.
+            (ordered by timestamp when every entry has one), oldest first;
+            ``timestamp`` (seconds since 1970, or an ISO 8601 text: without an
+            offset, UTC) and ``rating`` optional.
         item_vocab: the model's item vocabulary.
         history_length: how many recent items the model reads (0: none).
         rating_range: the lowest and highest rating the model trained on, where
@@ -349,7 +359,7 @@ def session_indices(
         )
     for number, entry in enumerate(entries):  # numbered as the request has them
         check_raw_id(f"session[{number}]", entry["item_id"])
-    times = [e.get("timestamp") for e in entries]
+    times = [_moment(e.get("timestamp")) for e in entries]
     numeric = [isinstance(t, int | float) and not isinstance(t, bool) for t in times]
     typed = [
         t
@@ -358,13 +368,14 @@ def session_indices(
     ]
     if typed:  # it would have read as no time at all
         raise ConfigError(
-            "each `session` timestamp should be a number of seconds, or left out. "
+            "each `session` timestamp should be a number of seconds since 1970 or "
+            "an ISO 8601 date-time (2026-01-01T09:30:00Z), or left out. "
             f"Received: {typed[:3]}."
         )
     odd = [
         t
         for t, known in zip(times, numeric, strict=True)
-        if known and not (math.isfinite(t) and abs(t) < 2**62)  # type: ignore[arg-type]
+        if known and not (math.isfinite(t) and abs(t) < 2**62)
     ]
     if odd:
         raise ConfigError(
@@ -404,14 +415,14 @@ def session_indices(
                 + "."
             )
     if all(numeric):
-        order = sorted(range(len(entries)), key=lambda n: float(times[n]))  # type: ignore[arg-type]
+        order = sorted(range(len(entries)), key=lambda n: float(times[n]))
         entries = [entries[n] for n in order]
         times = [times[n] for n in order]
         ratings = [ratings[n] for n in order]
         numeric = [True] * len(entries)
     indices = _known_items("session", [e["item_id"] for e in entries], item_vocab)
     stamps = [
-        math.floor(t) if known else UNKNOWN_TIME  # type: ignore[arg-type]
+        math.floor(t) if known else UNKNOWN_TIME
         for t, known in zip(times, numeric, strict=True)
     ]
     return (

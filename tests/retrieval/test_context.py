@@ -1,6 +1,7 @@
 """Per-interaction context (tutorial 003): the moment of an interaction feeds the
 query tower in training, evaluation, the Recommender and the HTTP API."""
 
+import datetime
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,13 @@ def test_recommender_and_api_take_the_context(trained, tmp_path: Path) -> None:
     assert sum(i <= 50 for i in top(MORNING)) >= 8
     assert sum(i > 50 for i in top(EVENING)) >= 8
     assert len(rec.recommend(user, k=10).items) == 10  # no context: unknown hour
+    # An ISO 8601 moment is those seconds (UTC without an offset).
+    when = datetime.datetime.fromtimestamp(day + EVENING, datetime.UTC)
+    for text in (when.isoformat(), when.strftime("%Y-%m-%dT%H:%M:%SZ")):
+        answer = rec.recommend(user, k=10, context={"timestamp": text})
+        assert [item["item_id"] for item in answer.items] == top(EVENING)
+    with pytest.raises(ConfigError, match="ISO 8601"):
+        rec.recommend(user, k=5, context={"timestamp": "tonight"})
     with pytest.raises(ConfigError, match="unknown context"):
         rec.recommend(user, k=5, context={"weather": "rain"})
     with pytest.raises(ConfigError, match="reads no context"):

@@ -491,11 +491,27 @@ def test_a_time_gap_model_trains_saves_and_reads_session_times(
         for s in (close, apart)
     ]
     assert scores[0] != scores[1]
+    # ISO 8601 times are those seconds (UTC without an offset), in any order.
+    written = [
+        {"item_id": i, "timestamp": t}
+        for i, t in zip(
+            walk,
+            [
+                "1970-01-01T00:00:00Z",
+                "1970-01-01 00:00:01",
+                "1970-01-12T14:46:40+01:00",
+            ],
+            strict=True,
+        )
+    ]
+    for session in (written, written[::-1]):
+        answer = recommender.recommend(None, 5, session=session).items
+        assert [e["score"] for e in answer] == scores[1]
     with pytest.raises(ConfigError, match="finite number of seconds"):
         recommender.recommend(None, 3, session=[{"item_id": 5, "timestamp": 1e300}])
     # A timestamp that is no number read as none at all (the API refused it).
     for stamp in ("yesterday", True, [1]):
-        with pytest.raises(ConfigError, match="number of seconds, or left out"):
+        with pytest.raises(ConfigError, match="or an ISO 8601 date-time"):
             recommender.recommend(None, 3, session=[{"item_id": 5, "timestamp": stamp}])
     assert recommender.recommend(
         None, 3, session=[{"item_id": 5, "timestamp": None}]
@@ -507,7 +523,8 @@ def test_a_time_gap_model_trains_saves_and_reads_session_times(
         app,
         [
             *("recommend", str(tmp_path / "models" / "walks"), "--session", ids),
-            *("--session-times", "0,1,1000000", "-k", "5", "--json"),
+            *("--session-times", "0,1970-01-01T00:00:01Z,1000000", "-k", "5"),
+            "--json",
         ],
     )
     assert result.exit_code == 0, result.output

@@ -350,6 +350,28 @@ def test_a_bundle_saved_without_a_version_number_is_named_with_the_fix(
         assert response.status_code == 200
 
 
+def test_session_times_may_be_iso_8601(models_dir: Path) -> None:
+    """A session entry's timestamp as text (ISO 8601, a browser's
+    toISOString()) was a 422; it is the same moment in seconds."""
+    with client_for(models_dir) as client:
+        answers = [
+            client.post(
+                "/v1/recommend",
+                json={"session": [{"item_id": 3, "timestamp": t}, 5], "k": 4},
+            )
+            for t in (1767225600, "2026-01-01T00:00:00Z", "2026-01-01")
+        ]
+        assert all(a.status_code == 200 for a in answers), answers[1].text
+        assert answers[1].json()["items"] == answers[0].json()["items"]
+        assert answers[2].json()["items"] == answers[0].json()["items"]
+        wrong = client.post(
+            "/v1/recommend",
+            json={"session": [{"item_id": 3, "timestamp": "soon"}], "k": 4},
+        )
+        assert wrong.status_code == 400
+        assert "ISO 8601" in wrong.json()["error"]
+
+
 def test_predict_scores_follow_the_two_stage_order(tmp_path: Path) -> None:
     """Regression: with a ranker, `output_1` held retrieval scores in re-ranked order
     (not sorted); it now holds the two-stage key the list is ordered by."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,7 +11,16 @@ import polars as pl
 from twostage.data.report import LoadReport
 from twostage.errors import DataError
 
-__all__ = ["ITEM", "LABEL", "RATING", "TIME", "USER", "WEIGHT", "Dataset"]
+__all__ = [
+    "ITEM",
+    "LABEL",
+    "RATING",
+    "TIME",
+    "USER",
+    "WEIGHT",
+    "Dataset",
+    "iso_seconds",
+]
 
 USER = "user_id"
 ITEM = "item_id"
@@ -18,6 +28,20 @@ TIME = "timestamp"
 RATING = "rating"
 WEIGHT = "weight"
 LABEL = "label"  # read from ``label_col``: chosen (True) or shown only
+
+
+def iso_seconds(text: str) -> float | None:
+    """Seconds since 1970 of an ISO 8601 date or date-time, as a request's
+    ``timestamp`` may give it (``2026-01-01``, ``2026-01-01T09:30:00Z``,
+    ``2026-01-01 09:30+02:00``); one without an offset is UTC, as the log's
+    times are read. None: the text is no such moment."""
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
 
 
 @dataclass

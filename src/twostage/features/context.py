@@ -22,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset
+from twostage.data.dataset import ITEM, RATING, TIME, USER, WEIGHT, Dataset, iso_seconds
 from twostage.errors import ConfigError
 from twostage.features.fields import Field
 
@@ -66,13 +66,14 @@ def _checked(name: str, value: Any) -> Any:
         try:
             seconds = float(value)
         except (TypeError, ValueError):
-            seconds = math.nan
+            moment = iso_seconds(value) if isinstance(value, str) else None
+            seconds = math.nan if moment is None else moment
         if isinstance(value, bool) or not (
             math.isfinite(seconds) and abs(seconds) < 2**40
         ):
             raise ConfigError(
-                "`context`['timestamp'] should be epoch seconds, a finite number. "
-                f"Received: {value!r}."
+                "`context`['timestamp'] should be epoch seconds, a finite number, "
+                f"or an ISO 8601 date-time (2026-01-01T09:30:00Z). Received: {value!r}."
             )
         return math.floor(seconds)
     if name in _RANGES:

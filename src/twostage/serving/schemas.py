@@ -108,8 +108,11 @@ class SessionItem(_Strict):
     """One item of the current session, with the moment it was met."""
 
     item_id: RawId
-    timestamp: int | float | None = Field(
-        None, description="Seconds since the epoch; orders the session when given."
+    timestamp: int | float | str | None = Field(
+        None,
+        description="Seconds since the epoch, or an ISO 8601 date-time "
+        '("2026-01-01T09:30:00Z"; without an offset, UTC); orders the session '
+        "when given.",
     )
     rating: int | float | None = Field(
         None,

@@ -1727,6 +1727,14 @@ def test_a_log_without_times_splits_in_file_order_and_refuses_time_settings(
     assert "split files go with the log they were split from" in " ".join(
         str(alone.exception).split()
     )
+    # ... and it is said before the default log loads, whose item table checks
+    # (an --item-table of the user's own) failed first, naming no log at all.
+    told = " ".join(alone.output.split())
+    assert "--train/--test without --dataset: the log they were split from is " in told
+    assert "taken to be the default, movielens-100k" in told
+    # `data split` says how to train on its files.
+    hint = "".join(split.output.split())  # long paths wrap anywhere
+    assert f"`twostagetrain--dataset{log}--train{out / 'train.parquet'}--test" in hint
     sides = [*sides, "--dataset", str(log), *columns]
     for setting in (
         "retrieval.popularity_days=30",

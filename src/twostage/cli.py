@@ -143,7 +143,18 @@ def experiment_config(
             mapping.append(
                 f"data.{key}={','.join(map(str, value)) if isinstance(value, list) else value}"
             )
-    return apply_overrides(config, [*mapping, *overrides])
+    config = apply_overrides(config, [*mapping, *overrides])
+    named = config_file is not None or any(
+        o.strip().startswith("data.dataset") for o in overrides
+    )
+    split_files = columns.get("train_file") or columns.get("test_file")
+    if split_files and dataset is None and not named:
+        status_console.print(
+            "[yellow]--train/--test without --dataset: the log they were split "
+            f"from is taken to be the default, {escape(config.data.dataset)} (its "
+            "side tables and ID types); name your log with --dataset.[/yellow]"
+        )
+    return config
 
 
 Diversity = Annotated[

@@ -916,6 +916,12 @@ def data_split(
         f"{method} split: {split.train.num_interactions:,} train, "
         f"{split.test.num_interactions:,} test rows -> {escape(str(out))}"
     )
+    sides = " ".join(f"--{n.split('.')[0]} {out / n}" for n in SPLIT_FILES)
+    console.print(
+        "Train on it beside the log it came from (its side tables and ID types): "
+        f"`twostage train --dataset {escape(dataset)} {escape(sides)} ...`, with "
+        "the column options given here."
+    )
 
 
 def _split_streamed(

@@ -217,6 +217,14 @@ def test_a_non_finite_number_in_an_added_item_is_named() -> None:
         check_added_items(items, catalogue, ["price"], ["price"])
     kept = check_added_items(items[[0, 2]], catalogue, ["price"], ["price"])
     assert kept["item_id"].to_list() == [7, 9]  # a null is an unknown value
+    # A CSV's number column with text in it arrives as text: the rows that are
+    # no number are named (the encoder said "should be numeric. Received dtype
+    # String", naming none), and the others read as the numbers they are.
+    texts = pl.DataFrame({"item_id": [7, 8, 9], "price": ["12.5", "abc", None]})
+    with pytest.raises(ConfigError, match=r"\['price'\].*row 2 holds 'abc'\.$"):
+        check_added_items(texts, catalogue, ["price"], ["price"])
+    kept = check_added_items(texts[[0, 2]], catalogue, ["price"], ["price"])
+    assert kept["price"].to_list() == [12.5, None]
 
 
 def test_add_items_from_the_cli_and_serve_them(

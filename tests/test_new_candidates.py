@@ -220,6 +220,17 @@ def test_new_items_from_the_cli(recommender: Recommender, tmp_path: Path) -> Non
         app, ["recommend", str(bundle), "--user", "7", "--new-items", str(twice)]
     )
     assert refused.exit_code == 2 and "--new-items" in refused.output
+    # A removed item among them is the file's mistake, not --candidates'.
+    smaller = recommender.remove_items([known])
+    smaller.save(tmp_path / "models" / "news" / "2")
+    gone = tmp_path / "gone.csv"
+    gone.write_text(f"item_id,kind\n{known},good\n")
+    refused = runner.invoke(
+        app, ["recommend", str(bundle.parent), "--user", "7", "--new-items", str(gone)]
+    )
+    said = " ".join(refused.output.replace("│", " ").split())
+    assert refused.exit_code == 2, refused.output
+    assert "Invalid value for --new-items: `--new-items` holds item(s) removed" in said
 
 
 def test_items_like_a_new_one(recommender: Recommender, tmp_path: Path) -> None:

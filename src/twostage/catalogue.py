@@ -166,6 +166,21 @@ def check_added_items(
         )
     for column in numeric_columns:
         values = items[column]
+        if values.dtype == pl.String:  # a CSV column with text among numbers
+            text = rows.filter(
+                pl.col(column).is_not_null()
+                & pl.col(column).cast(pl.Float64, strict=False).is_null()
+            )
+            if text.height:
+                pairs = text.select("__row", column).rows()
+                shown = ", ".join(f"row {r} holds {v!r}" for r, v in pairs[:_NAMED])
+                raise ConfigError(
+                    f"`items`[{column!r}] should be numbers, or null when unknown: "
+                    f"{shown}{' ...' if len(pairs) > _NAMED else ''}."
+                )
+            values = values.cast(pl.Float64)
+            items = items.with_columns(values)
+            rows = rows.with_columns(values)
         if not values.dtype.is_float():
             continue
         bad_rows = rows.filter(~pl.col(column).is_finite())["__row"].to_list()

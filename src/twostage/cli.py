@@ -1227,8 +1227,10 @@ def recommend_command(
         )
     except UnknownIdError as e:  # only listed items can be unknown here
         flag = "--candidates" if str(e).startswith("`candidates`") else "--session"
+        if flag == "--candidates" and new_items is not None:
+            flag = "--new-items" if candidates is None else "--candidates/--new-items"
         raise typer.BadParameter(
-            str(e).replace("`candidates`", "`--candidates`", 1), param_hint=flag
+            str(e).replace("`candidates`", f"`{flag}`", 1), param_hint=flag
         ) from e
     except ConfigError as e:  # a request field is named by the flag that fills it
         message = str(e)

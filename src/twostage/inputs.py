@@ -679,8 +679,9 @@ FAR_STANDARD_DEVIATIONS = 1e4
 def check_finite_numbers(
     spec: FeatureSpec, name: str, values: Mapping[str, Any]
 ) -> None:
-    """Refuse a request's NaN or infinite number (or text such as "inf") for a
-    numeric, bucketed or timestamp column: the encoders read those as missing,
+    """Refuse a request's NaN or infinite number (or text such as "inf"), or a
+    value that is no number at all, for a numeric, bucketed or timestamp column:
+    the encoders read the first as missing,
     which would answer a client's mistake as if the value had been left out. A
     number of a numeric column farther than :data:`FAR_STANDARD_DEVIATIONS` from
     its training mean is refused too (:func:`far_numbers`).
@@ -694,8 +695,11 @@ def check_finite_numbers(
             continue
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            continue  # not a number at all: the encoder says so
+        except (TypeError, ValueError):  # the encoder's error named no value
+            raise ConfigError(
+                f"`{name}`[{column!r}] should be a number, or left out when "
+                f"unknown. Received: {value!r}."
+            ) from None
         if not math.isfinite(number):
             raise ConfigError(
                 f"`{name}`[{column!r}] should be a finite number, or left out when "

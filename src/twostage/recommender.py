@@ -1182,8 +1182,11 @@ class Recommender:
         field ``name``), encoded as the candidate tower reads an item: its ID at
         the unknown row, its features as sent (unknown where left out)."""
         rows = frame.drop(ITEM).to_dicts()
-        for row in rows:  # a NaN would encode as missing: the client's mistake
-            check_finite_numbers(self.run.spec, name, row)
+        for item_id, row in zip(frame[ITEM].to_list(), rows, strict=True):
+            try:  # a NaN would encode as missing: the client's mistake
+                check_finite_numbers(self.run.spec, name, row)
+            except ConfigError as e:  # which of many (a file's rows) it was
+                raise ConfigError(f"{e} (new item {item_id!r})") from e
         with client_values(
             name, {"new items": frame[ITEM].to_list()}, self._item_columns
         ):

@@ -92,6 +92,14 @@ def test_nan_and_infinity_are_not_ages(models: Path) -> None:
             assert "['age'] should be a finite number" in response.json()["error"]
         fine = client.post("/v1/recommend", json={"user_features": {"age": "31"}})
         assert fine.status_code == 200, fine.text
+        # Text that is no number is named with its value (the encoder's error
+        # said "should be numeric. Received dtype String", naming neither).
+        old = client.post("/v1/recommend", json={"user_features": {"age": "old"}})
+        assert old.status_code == 400, old.text
+        assert old.json()["error"] == (
+            "`user_features`['age'] should be a number, or left out when unknown. "
+            "Received: 'old'."
+        )
 
 
 def test_unknown_routes_and_methods_answer_in_the_api_error_shape(

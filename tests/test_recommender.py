@@ -880,3 +880,38 @@ def test_a_short_answer_says_why(fitted: tuple[Recommender, object]) -> None:
     assert few.short_reason == "max_per"  # it passed over some the pool held
     capped = rec.recommend(3, 6, max_per={"category": 100})
     assert capped.short_reason is None
+
+
+def test_a_set_valued_text_column_is_read_by_its_values(tmp_path: Path) -> None:
+    """A CSV writes a set-valued item feature as text ("hats|kids"): the model
+    reads its values, and so now do a filter, a limit per value, diversity by
+    the column and the tags shown; the metadata keeps the text as written. A
+    filter for "kids" matched nothing, and `max_per` took "hats|kids" and
+    "shoes|kids" for two values."""
+    from twostage.data.tables import read_interactions
+
+    sets = ["hats|kids", "shoes|kids", "bags", "shoes|men"]
+    rows = [
+        f"{user},{item},{sets[item % 4]}"
+        for user in range(40)
+        for item in range(1 + user % 5, 41, 3)
+    ]
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,category\n" + "\n".join(rows) + "\n")
+    data = read_interactions(log, item_features=["category"])
+    config = apply_overrides(
+        ExperimentConfig(),
+        ["train.epochs=1", "retrieval.embedding_dim=8", "retrieval.output_dim=8"],
+    )
+    run, _ = fit_retrieval(config, dataset=data)
+    assert run.spec.describe(side="candidate")[-1].kind == "multi_hot"
+    rec = Recommender(run, items=data.items)
+    kids = rec.recommend(None, 20, filters={"category": "kids"}).items
+    assert kids and all("kids" in item["category"].split("|") for item in kids)
+    assert {item["category"] for item in kids} == {"hats|kids", "shoes|kids"}
+    assert all(item["tags"] == item["category"].split("|") for item in kids)
+    once = rec.recommend(None, 10, max_per={"category": 1}).items
+    values = [v for item in once for v in item["category"].split("|")]
+    assert len(values) == len(set(values)) and len(once) <= 3
+    assert rec.recommend(None, 5, diversity=1.0, diversity_by="category").items
+    assert rec.item_filters.from_text({"category": "kids"}) == {"category": "kids"}

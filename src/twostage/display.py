@@ -35,6 +35,9 @@ class DisplayColumns:
 
     title: str | None = None
     tags: str | None = None
+    #: The tags column's separator where it holds a set-valued feature written
+    #: as text (``"hats|kids"``); None: one value a row (or a list column).
+    separator: str | None = None
 
 
 def display_columns(
@@ -114,6 +117,8 @@ def label_and_tags(row: dict[str, Any], columns: DisplayColumns) -> dict[str, An
         tags: list[str] = []
     elif isinstance(value, list):
         tags = [str(v) for v in value if v is not None]
+    elif columns.separator is not None and isinstance(value, str):
+        tags = [p.strip() for p in value.split(columns.separator) if p.strip()]
     else:
         tags = [_strip_brackets(str(value))]
     return {"label": None if label is None else str(label), "tags": tags}

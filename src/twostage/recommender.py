@@ -34,6 +34,7 @@ from twostage.data.user_items import UserItems
 from twostage.display import display_columns, label_and_tags
 from twostage.diversity import ListRules, check_diversity, diversify
 from twostage.errors import ArtifactError, ConfigError, UnknownIdError
+from twostage.features.sequences import parse_lists
 from twostage.index import ExactIndex, Index, make_index
 from twostage.inputs import (
     FAR_STANDARD_DEVIATIONS,
@@ -408,18 +409,32 @@ class Recommender:
             ]
         )
         self.items = self._align_items(items)
-        # The metadata as columns, row = item index, for vectorised filters.
-        self._filters = ItemFilters(
-            None
-            if items is None
-            else self.item_ids.to_frame().join(
+        # The metadata as columns, row = item index, for vectorised filters;
+        # a set-valued feature held as text ("hats|kids", from a CSV) as the
+        # values the model reads, so that a filter, a limit per value and
+        # diversity by the column see "kids" in it.
+        sets = {
+            column: separator
+            for column, separator in self._set_columns().items()
+            if items is not None and items.schema.get(column) == pl.String
+        }
+        view = None
+        if items is not None:
+            view = self.item_ids.to_frame().join(
                 items, on=ITEM, how="left", maintain_order="left"
             )
-        )
+            view = view.with_columns(
+                parse_lists(view[c], separator=s).alias(c) for c, s in sets.items()
+            )
+        self._filters = ItemFilters(view)
         data = run.config.data
         self.display = display_columns(
             items, title=data.title_col, tags=data.tags_col, key=ITEM
         )
+        if self.display.tags in sets:
+            self.display = dataclasses.replace(
+                self.display, separator=sets[self.display.tags]
+            )
         self._labels = [
             label_and_tags(row, self.display) for row in (self.items or [{}])
         ]
@@ -578,6 +593,14 @@ class Recommender:
         served[0] = False
         return torch.nonzero(served)[:, 0]
 
+    def _set_columns(self) -> dict[str, str]:
+        """Each set-valued (multi-hot) item feature column and its separator."""
+        return {
+            f.column: getattr(self.run.spec.encoder(f.key), "separator", "|")
+            for f in self.run.spec.describe(side="candidate")
+            if f.kind == "multi_hot"
+        }
+
     def _check_added(self, items: Any) -> pl.DataFrame:
         fields = self.run.spec.describe(side="candidate")
         numeric = [f.column for f in fields if f.kind in NUMBER_KINDS]
@@ -598,12 +621,7 @@ class Recommender:
                     f"of the values this model trained on (the farthest "
                     f"{max(z for _, z in far):.3g}): it would read them as noise."
                 )
-        separators = {
-            f.column: getattr(self.run.spec.encoder(f.key), "separator", "|")
-            for f in fields
-            if f.kind == "multi_hot"
-        }
-        return like_metadata(added, self._trained_metadata, separators)
+        return like_metadata(added, self._trained_metadata, self._set_columns())
 
     def _encode_added(self, added: pl.DataFrame) -> torch.Tensor:
         """``[A, D]`` the candidate embeddings of items to add to the catalogue."""

@@ -133,6 +133,25 @@ def test_each_session_gets_the_list_recommend_gives_it(rated: Recommender) -> No
     known = rated.recommend(user, 4, session=[5])
     assert mine["item_id"].to_list() == _items(known)
     assert mine["path"].to_list() == ["personalised"] * 4
+    # Times as a Date or Datetime column (Parquet's, pandas') are their seconds
+    # since 1970, naive ones as UTC: they were "should hold numbers".
+    moments = table.with_columns(
+        pl.from_epoch(pl.col("timestamp"), time_unit="s").alias("timestamp")
+    )
+    assert moments["timestamp"].dtype == pl.Datetime("us")
+    same = rated.recommend_sessions(moments, 5).lists
+    assert same.equals(found.lists)
+    aware = moments.with_columns(pl.col("timestamp").dt.replace_time_zone("UTC"))
+    assert rated.recommend_sessions(aware, 5).lists.equals(found.lists)
+    days = table.with_columns(
+        pl.from_epoch(pl.col("timestamp") * 86_400, time_unit="s").dt.date()
+    )
+    assert rated.recommend_sessions(days, 5).lists.height == found.lists.height
+    clock = table.with_columns(
+        pl.from_epoch(pl.col("timestamp"), time_unit="s").dt.time()
+    )
+    with pytest.raises(ConfigError, match="should hold moments"):
+        rated.recommend_sessions(clock, 5)
 
 
 def test_rows_the_model_cannot_read_are_counted_with_their_reasons(
@@ -288,7 +307,8 @@ def test_the_cli_writes_every_sessions_list_and_reports_the_rows_not_read(
     path = tmp_path / "sessions.csv"
     path.write_text(
         "session_id,item_id,timestamp,rating\n"
-        "s1,5,10,5\ns1,9,20,1\ns2,99999,5,\n,7,,\ns3,0012,,\n"
+        # an ISO 8601 time is its seconds (20 here), as over HTTP
+        "s1,5,10,5\ns1,9,1970-01-01T00:00:20Z,1\ns2,99999,5,\n,7,,\ns3,0012,,\n"
     )
     runner = CliRunner()
     out = tmp_path / "lists.parquet"
@@ -347,7 +367,8 @@ def test_the_cli_writes_every_sessions_list_and_reports_the_rows_not_read(
         (
             [],
             "session_id,item_id,timestamp\na,5,noon\n",
-            "have a timestamp that is not a number (data rows [1]",
+            "have a timestamp that is not a number of seconds or an ISO 8601 "
+            "date-time (data rows [1]",
         ),
         ([], "item_id\n5\n", "has no session_id column"),
     ],

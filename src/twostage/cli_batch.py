@@ -287,8 +287,10 @@ def read_sessions(
     ``timestamp``, ``rating``, ``user_id``, each perhaps by the name ``names``
     maps it to: :func:`~twostage.data.frames.log_names`), typed for
     :meth:`~twostage.recommender.Recommender.recommend_sessions`: CSV IDs as
-    :func:`parse_id` reads them, CSV times and ratings as numbers (a row with
-    text there is an error that names it); JSON and Parquet keep their types."""
+    :func:`parse_id` reads them, CSV times (seconds, or ISO 8601 date-times as
+    :func:`~twostage.data.dataset.iso_seconds` reads them) and ratings as
+    numbers (a row with other text there is an error that names it); JSON and
+    Parquet keep their types."""
     frame = _our_names(_read_table(path, flag), names or {}, path, flag)
     if path.suffix.lower() not in (".parquet", ".pq", ".jsonl", ".ndjson", ".json"):
         for column in ("session_id", "item_id", "user_id"):
@@ -300,11 +302,22 @@ def read_sessions(
             text = frame[column].str.strip_chars().replace("", None)
             numbers = text.cast(pl.Float64, strict=False)
             wrong = numbers.is_null() & text.is_not_null()
+            if column == "timestamp" and wrong.any():  # ISO 8601 times, as HTTP's
+                from twostage.data.dataset import iso_seconds
+
+                moments = text.map_elements(iso_seconds, return_dtype=pl.Float64)
+                numbers = numbers.fill_null(moments)
+                wrong = numbers.is_null() & text.is_not_null()
             if wrong.any():
                 rows = (wrong.arg_true() + 1).head(5).to_list()
+                what = (
+                    "a number of seconds or an ISO 8601 date-time"
+                    if column == "timestamp"
+                    else "a number"
+                )
                 raise typer.BadParameter(
                     f"{int(wrong.sum())} row(s) of {str(path)!r} have a {column} "
-                    f"that is not a number (data rows {rows}"
+                    f"that is not {what} (data rows {rows}"
                     f"{' ...' if wrong.sum() > 5 else ''}, e.g. "
                     f"{text.filter(wrong)[0]!r}).",
                     param_hint=flag,

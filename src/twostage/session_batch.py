@@ -519,6 +519,19 @@ def sessions_table(rec: Recommender, given: Any) -> pl.DataFrame:
                 f"the sessions table's {column!r} column should hold IDs: integers "
                 f"or text. Received a {dtype} column."
             )
+    if TIME in columns and sessions[TIME].dtype.is_temporal():
+        # A Date or Datetime column (Parquet, pandas): its seconds since 1970,
+        # naive times as UTC, as the log's times are read.
+        stamp = sessions[TIME]
+        if stamp.dtype == pl.Date:
+            stamp = stamp.cast(pl.Datetime("ms"))
+        if stamp.dtype == pl.Time or isinstance(stamp.dtype, pl.Duration):
+            raise SessionTableError(
+                f"the sessions table's {TIME!r} column should hold moments "
+                f"(seconds since 1970, dates or date-times). Received a "
+                f"{stamp.dtype} column."
+            )
+        sessions = sessions.with_columns(stamp.dt.epoch("s").alias(TIME))
     for column in (TIME, RATING):
         if column in columns and not (
             sessions[column].dtype.is_numeric() or sessions[column].dtype == pl.Null

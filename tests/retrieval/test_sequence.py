@@ -268,7 +268,8 @@ def test_the_api_answers_sessions(
         for bad, status in [
             ({"session": [999]}, 404),
             ({"session": "5"}, 422),
-            ({"session": [{"item_id": 5, "timestamp": "noon"}]}, 422),
+            # text may be an ISO 8601 time; one that is not is the model's 400
+            ({"session": [{"item_id": 5, "timestamp": "noon"}]}, 400),
             ({"session": [{"item_id": 5, "timestamp": 1e300}]}, 400),
             ({"session": [{"item_id": 5, "extra": 1}]}, 422),
             # a rating, to a model that reads none

@@ -1145,7 +1145,7 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
         assert rows["score"].to_list() == pytest.approx([i["score"] for i in served])
     # A file of IDs, in its order, repeats and unknown users kept (cold start).
     listed = tmp_path / "users.csv"
-    listed.write_text(f"user_id,segment\n{users[1]},a\nstranger,b\n{users[1]},c\n")
+    listed.write_text(f"user_id,note\n{users[1]},a\nstranger,b\n{users[1]},c\n")
     csv = tmp_path / "recs.csv"
     done = runner.invoke(
         app,
@@ -1177,6 +1177,41 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
     told = " ".join(said.output.split())
     assert "2 of the 2 users are unknown to the model" in told
     assert f"None is known: the model's user IDs look like {users[0]!r}." in told
+    # The file's user feature columns make the unknown users' lists (new
+    # sign-ups); a known user's are not read. Every stranger got popularity.
+    signups = tmp_path / "signups.csv"
+    signups.write_text(f"user_id,age,segment\n{users[0]},80,s1\nnew,23,s2\nbare,,\n")
+    fed = runner.invoke(
+        app,
+        [
+            *("recommend", str(model), "--users", str(signups), "--json"),
+            *("--out", str(tmp_path / "f.csv")),
+        ],
+    )
+    assert fed.exit_code == 0, fed.output
+    assert json.loads(fed.stdout)["user_features"] == {
+        "columns": ["age", "segment"],
+        "unknown_users_with_features": 1,
+        "known_users_not_read": 1,
+    }
+    lists = pl.read_csv(tmp_path / "f.csv", infer_schema=False)
+    new = lists.filter(pl.col("user_id") == "new")
+    served = rec.recommend("new", 10, user_features={"age": 23, "segment": "s2"})
+    assert new["item_id"].to_list() == [str(i["item_id"]) for i in served.items]
+    assert set(new["path"]) == {"cold_start_features"}
+    bare = lists.filter(pl.col("user_id") == "bare")
+    assert set(bare["path"]) == {"popularity"}
+    signups.write_text("user_id,age\nnew,old\n")
+    wrong = runner.invoke(
+        app,
+        [
+            *("recommend", str(model), "--users", str(signups)),
+            *("--out", str(tmp_path / "g.csv")),
+        ],
+    )
+    said = " ".join(wrong.output.replace("│", " ").split())
+    assert wrong.exit_code == 2, said
+    assert "Invalid value for --users: user 'new': `user_features`['age']" in said
     written = pl.read_csv(csv, infer_schema=False)
     assert written["user_id"].unique(maintain_order=True).to_list() == [
         str(users[1]),

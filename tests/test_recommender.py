@@ -915,3 +915,39 @@ def test_a_set_valued_text_column_is_read_by_its_values(tmp_path: Path) -> None:
     assert len(values) == len(set(values)) and len(once) <= 3
     assert rec.recommend(None, 5, diversity=1.0, diversity_by="category").items
     assert rec.item_filters.from_text({"category": "kids"}) == {"category": "kids"}
+
+
+def test_a_table_of_new_users_is_answered_from_their_features(
+    small_recommender: Recommender,
+) -> None:
+    """A campaign's new sign-ups: their lists from their features, as one
+    request with `user_features` answers each (every unknown user's list was
+    the popularity list)."""
+    rec = small_recommender
+    known = rec.user_vocab.values[0]
+    given = {
+        "new-1": {"age": 23, "segment": "s2"},
+        "new-2": {"age": 61, "segment": "s10"},
+        known: {"age": 99, "segment": "s1"},  # learned: not read
+    }
+    table = rec.recommend_table(
+        ["new-1", known, "new-2", "new-3"], 5, user_features=given
+    )
+    for user in ("new-1", "new-2"):
+        mine = table.filter(pl.col("user_id") == user)
+        one = rec.recommend(user, 5, user_features=given[user])
+        assert mine["item_id"].to_list() == [i["item_id"] for i in one.items]
+        assert set(mine["path"]) == {"cold_start_features"}
+    lists = {  # the IDs mix types: the table's column is text
+        user: table.filter(pl.col("user_id") == str(user))["item_id"].to_list()
+        for user in ("new-1", "new-2", "new-3", known)
+    }
+    assert lists["new-1"] != lists["new-2"]  # the features matter
+    assert lists["new-3"] == [i["item_id"] for i in rec.recommend("new-3", 5).items]
+    assert lists[known] == [i["item_id"] for i in rec.recommend(known, 5).items]
+    with pytest.raises(ConfigError, match=r"names 1 user\(s\) without a list"):
+        rec.recommend_table(["new-1"], 5, user_features={"other": {"age": 3}})
+    with pytest.raises(ConfigError, match="should map user IDs to their features"):
+        rec.recommend_table(["new-1"], 5, user_features={"new-1": 30})  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=r"^user 'new-1': .*'age'\] should be a"):
+        rec.recommend_table(["new-1"], 5, user_features={"new-1": {"age": "old"}})

@@ -966,9 +966,9 @@ def recommend_command(
             "--users",
             rich_help_panel=BATCH,
             help="A CSV, JSON lines or Parquet file with a user_id column: recommend "
-            "for each "
-            "of its users (unknown ones: cold start) into --out, a row per user "
-            "and rank.",
+            "for each of its users into --out, a row per user and rank; unknown "
+            "ones get the cold start, from the file's columns named as the "
+            "model's user features (country, age...) where it has them.",
         ),
     ] = None,
     all_users: Annotated[
@@ -1156,22 +1156,31 @@ def recommend_command(
             )
         )
         exclusions, excluded = _exclusions(rec, exclude_file, ids)
-        summary = _recommend_into(
-            rec,
-            ids,
-            out,
-            k=k,
-            exclude_seen=not include_seen,
-            use_ranker=not no_ranker,
-            filters=chosen,
-            explain=explain,
-            context=_key_values(context, "--context") or None,
-            diversity=diversity,
-            diversity_by=diversity_by,
-            max_per=max_per,
-            num_candidates=num_candidates,
-            exclude=exclusions,
-        )
+        features, read = _users_features(rec, users_file)
+        try:
+            summary = _recommend_into(
+                rec,
+                ids,
+                out,
+                k=k,
+                exclude_seen=not include_seen,
+                use_ranker=not no_ranker,
+                filters=chosen,
+                explain=explain,
+                context=_key_values(context, "--context") or None,
+                diversity=diversity,
+                diversity_by=diversity_by,
+                max_per=max_per,
+                num_candidates=num_candidates,
+                exclude=exclusions,
+                user_features=features,
+            )
+        except ConfigError as e:
+            if not str(e).startswith("user "):  # a feature value of the file's
+                raise
+            raise typer.BadParameter(str(e), param_hint="--users") from e
+        if read is not None:
+            summary["user_features"] = read
         _report_batch(summary, excluded, json_output, k, chosen, "user", max_per)
         return
     user_id = parse_id(user) if user is not None else None
@@ -1366,11 +1375,15 @@ def _recommend_into(
     max_per: dict[str, int] | None = None,
     num_candidates: int | None = None,
     exclude: dict[str, list[Any]] | None = None,
+    user_features: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every user's list into ``out``, 2,048 users at a time, with the counts the
     command reports: the paths taken and the lists shorter than ``k``;
-    ``exclude``: each user's items to leave out, by the user ID as text."""
+    ``exclude``: each user's items to leave out, by the user ID as text;
+    ``user_features``: the features of users the model does not know, by the
+    user ID as text."""
     tally = _ListCounts(k)
+    features = user_features or {}
     rows = write_in_chunks(
         out,
         ids,
@@ -1389,6 +1402,8 @@ def _recommend_into(
             exclude={u: exclude[str(u)] for u in part if str(u) in exclude}
             if exclude
             else None,
+            user_features={u: features[str(u)] for u in part if str(u) in features}
+            or None,
         ),
         key="user_id",
         noun="users",
@@ -1403,6 +1418,38 @@ def _recommend_into(
         "paths": tally.paths,
         "short_lists": tally.short,
         **_unknown_users(rec, ids),
+    }
+
+
+def _users_features(
+    rec: Any, users_file: Path | None
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The user feature columns a ``--users`` file holds beside ``user_id``
+    (the model's own: ``rec``'s query columns), for the users the model does
+    not know, and what the command reports of them (None: none held)."""
+    from twostage.cli_batch import read_user_features
+
+    if users_file is None:
+        return {}, None
+    columns = rec.user_feature_columns()
+    found, read = read_user_features(
+        users_file,
+        columns,
+        "--users",
+        log_names(rec.run.config.data),
+        known=lambda user: bool(rec.user_vocab.lookup(user)),
+    )
+    if not read:
+        return {}, None
+    unknown = {
+        user: values
+        for user, values in found.items()
+        if not rec.user_vocab.lookup(user)
+    }
+    return unknown, {
+        "columns": read,
+        "unknown_users_with_features": len(unknown),
+        "known_users_not_read": len(found) - len(unknown),
     }
 
 
@@ -1549,6 +1596,21 @@ def _print_batch_summary(
                 )
     if summary.get("unknown_users"):
         _say_unknown_users(summary, noun)
+    read = summary.get("user_features")
+    if read:
+        ignored = read["known_users_not_read"]
+        console.print(
+            f"--users: the features {', '.join(read['columns'])} of "
+            f"{read['unknown_users_with_features']:,} users the model does not "
+            "know made their cold-start lists"
+            + (
+                f"; {ignored:,} known users' features were not read (the model "
+                "has learned them)"
+                if ignored
+                else ""
+            )
+            + "."
+        )
     if summary["short_lists"]:
         pool = "the items that pass --filter" if filters else "the catalogue"
         why = f"{pool} less what they have seen"

@@ -345,6 +345,47 @@ def read_ids(
     return values.to_list()
 
 
+def read_user_features(
+    path: Path,
+    columns: list[str],
+    flag: str = "--users",
+    names: dict[str, str] | None = None,
+    known: Callable[[Any], bool] = lambda user: False,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The user feature ``columns`` (the model's) a file of users holds: each
+    user's values (by the ID as text; an empty value is left out, as unknown)
+    and the columns found. A user listed twice with other values is an error
+    naming them, unless ``known`` says the model knows them (their features
+    are not read)."""
+    frame = _our_names(_read_table(path, flag), names or {}, path, flag)
+    found = [c for c in columns if c in frame.columns]
+    if not found:
+        return {}, []
+    text = path.suffix.lower() not in (".parquet", ".pq", ".jsonl", ".ndjson", ".json")
+    ids = frame["user_id"]
+    if text:
+        ids = _typed_ids(ids)
+    by_user: dict[str, dict[str, Any]] = {}
+    for row, (user, *values) in enumerate(
+        zip(ids.to_list(), *(frame[c].to_list() for c in found), strict=True), 1
+    ):
+        given = {
+            c: v
+            for c, v in zip(found, values, strict=True)
+            if v is not None and not (isinstance(v, str) and not v.strip())
+        }
+        key = str(user)
+        if key in by_user and by_user[key] != given and not known(user):
+            raise typer.BadParameter(
+                f"user {user!r} is listed again in {str(path)!r} (data row {row}) "
+                f"with other features ({given} against {by_user[key]}); give each "
+                "user's features once.",
+                param_hint=flag,
+            )
+        by_user[key] = given
+    return {k: v for k, v in by_user.items() if v}, found
+
+
 def write_in_chunks(
     out: Path,
     ids: list[Any],

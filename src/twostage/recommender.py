@@ -656,7 +656,7 @@ class Recommender:
             self.run.spec, self._context_keys, user_features, columns
         )
 
-    def _query_columns(self) -> list[str]:
+    def user_feature_columns(self) -> list[str]:
         """The user feature columns a request's ``user_features`` may carry."""
         return [
             f.column
@@ -678,7 +678,7 @@ class Recommender:
         (:meth:`encode_context`); ``session``: ``[S]`` item indices of the current
         session, oldest first, their times and ratings (NaN: none)."""
         user_idx = self.user_vocab.lookup(user_id) if user_id is not None else 0
-        columns = self._query_columns()
+        columns = self.user_feature_columns()
         if user_features:  # nested as in the log: {"geo": {"country": "NO"}}
             user_features = by_path(user_features)
         fields = None
@@ -1401,6 +1401,7 @@ class Recommender:
         diversity_by: str | None = None,
         num_candidates: int | None = None,
         exclude: Mapping[Any, Sequence[Any]] | None = None,
+        user_features: Mapping[Any, Mapping[str, Any]] | None = None,
     ) -> pl.DataFrame:
         """:meth:`recommend_batch` as one long table, for batch scoring (an email
         campaign, a cache to fill, offline analysis): a row per user and rank.
@@ -1442,10 +1443,18 @@ class Recommender:
                 user ID matches as text (``42`` and ``"42"`` alike). IDs the
                 model does not know leave nothing out
                 (:meth:`unknown_item_ids` names them).
+            user_features: ``{user ID: {column: value}}``, the features of
+                users the model does not know (a campaign's new sign-ups),
+                whose lists are then the cold-start answer from them, as
+                :meth:`recommend` takes ``user_features`` (``path``
+                ``cold_start_features``); matched as text as ``exclude`` is.
+                A known user's entry is not read: the model has learned them.
 
         Raises:
             ConfigError: ``exclude`` is not a mapping of lists, or names a user
-                who is not in ``user_ids`` (the first few named).
+                who is not in ``user_ids`` (the first few named); the same of
+                ``user_features``, or a feature value it cannot read (named
+                with the user).
         """
         k = check_k("k", k)
         rules = self.list_rules(diversity, max_per, diversity_by)
@@ -1463,6 +1472,7 @@ class Recommender:
             dtype=np.int64,
         )
         asked, left_out = exclusions_by_key(given, exclude, self.item_vocab)
+        features = self._features_by_user(given, user_features)
         # The chunked path: what recommend() does for these users, vectorised.
         fast = (idx > 0) & ~self._popular_users[idx]
         if self._context_keys:
@@ -1500,19 +1510,29 @@ class Recommender:
             if position in lists:
                 item_idx, keys, plain, path = lists[position]
             else:
-                answer = self.recommend(
-                    user_id,
-                    k,
-                    exclude_seen=exclude_seen,
-                    use_ranker=use_ranker,
-                    filters=filters,
-                    context=context,
-                    diversity=rules.diversity,
-                    max_per=rules.max_per,
-                    diversity_by=rules.diversity_by,
-                    num_candidates=width,
-                    exclude=asked[position],
+                given_features = (
+                    features.get(str(user_id)) if idx[position] == 0 else None
                 )
+                own = None if given_features is None else dict(given_features)
+                try:
+                    answer = self.recommend(
+                        user_id,
+                        k,
+                        user_features=own,
+                        exclude_seen=exclude_seen,
+                        use_ranker=use_ranker,
+                        filters=filters,
+                        context=context,
+                        diversity=rules.diversity,
+                        max_per=rules.max_per,
+                        diversity_by=rules.diversity_by,
+                        num_candidates=width,
+                        exclude=asked[position],
+                    )
+                except ConfigError as e:
+                    if own is None:
+                        raise
+                    raise ConfigError(f"user {user_id!r}: {e}") from e
                 item_idx = [self.item_vocab.lookup(i["item_id"]) for i in answer.items]
                 plain = [i["score"] for i in answer.items]
                 keys = [i.get("rank_score", i["score"]) for i in answer.items]
@@ -1549,6 +1569,36 @@ class Recommender:
         return table.with_columns(
             pl.when(known).then(named).otherwise(None).alias("because_item_id")
         )
+
+    def _features_by_user(
+        self,
+        given: list[Any],
+        user_features: Mapping[Any, Mapping[str, Any]] | None,
+    ) -> dict[str, Mapping[str, Any]]:
+        """:meth:`recommend_table`'s ``user_features`` by the user ID as text.
+
+        Raises:
+            ConfigError: not a mapping of mappings, or a user without a list here.
+        """
+        if user_features is None:
+            return {}
+        if not isinstance(user_features, Mapping) or not all(
+            isinstance(v, Mapping) for v in user_features.values()
+        ):
+            raise ConfigError(
+                "`user_features` should map user IDs to their features "
+                '({"u1": {"country": "NO"}}). Received: a '
+                f"{type(user_features).__name__}."
+            )
+        listed = {str(u) for u in given}
+        stray = [u for u in user_features if str(u) not in listed]
+        if stray:
+            raise ConfigError(
+                f"`user_features` names {len(stray)} user(s) without a list here: "
+                f"{stray[:5]!r}{' ...' if len(stray) > 5 else ''}; leave them out "
+                "or add them to `user_ids`."
+            )
+        return {str(user): values for user, values in user_features.items()}
 
     def exact_search(
         self,

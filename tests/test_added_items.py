@@ -396,6 +396,25 @@ def test_removed_items_are_no_longer_served(
     # Added after removing: the removed stay removed.
     grown = again.add_items(pl.DataFrame({"item_id": [905], "kind": ["good"]}))
     assert grown.removed_items is not None and len(grown.removed_items) == 3
+    # Back in stock: restored, served as before their removal (there was no
+    # way back: add_items refused them as in the catalogue already).
+    with pytest.raises(ConfigError, match=r"served again by `restore_items`"):
+        again.add_items(pl.DataFrame({"item_id": [first[0]], "kind": ["good"]}))
+    back = again.restore_items([first[0], 901])
+    assert back.removed_items is not None and back.removed_items.to_list() == [first[1]]
+    assert [i["item_id"] for i in back.recommend(7, 3).items] == [first[0], *first[2:4]]
+    whole = back.restore_items([first[1]])
+    assert whole.removed_items is None and whole.index.size == rec.index.size
+    for user in (7, 8, "stranger"):
+        assert whole.recommend(user, 10).items == rec.recommend(user, 10).items
+    for item_ids, message in [
+        ([first[2]], "were not removed: the catalogue serves them already"),
+        ([12345], "not in the catalogue"),
+        ([first[0], first[0]], "more than once"),
+        ([], "nothing to restore"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            again.restore_items(item_ids)
 
 
 def test_remove_items_from_the_cli(recommender: Recommender, tmp_path: Path) -> None:
@@ -432,6 +451,18 @@ def test_remove_items_from_the_cli(recommender: Recommender, tmp_path: Path) -> 
         assert meta["version"] == 3 and meta["num_removed_items"] == 3
         refused = client.post("/v1/recommend", json={"user_id": 7, "candidates": [3]})
         assert refused.status_code == 404 and "removed" in refused.text
+    restored = runner.invoke(
+        app, ["restore-items", str(models / "shop"), "--ids", "3,5", "--json"]
+    )
+    assert restored.exit_code == 0, restored.output
+    assert json.loads(restored.stdout) == {
+        "saved": str(models / "shop" / "4"),
+        "restored": 2,
+        "removed_in_all": 1,
+        "served_items": 79,
+    }
+    again = runner.invoke(app, ["restore-items", str(models / "shop"), "--ids", "3"])
+    assert again.exit_code == 2 and "were not removed" in again.output
 
 
 def test_a_text_file_s_lists_take_the_metadata_s_layout() -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "check_added_items",
     "item_keys",
     "check_removed_items",
+    "check_restored_items",
     "like_metadata",
     "merged_metadata",
 ]
@@ -87,6 +88,7 @@ def check_added_items(
     feature_columns: Sequence[str],
     numeric_columns: Sequence[str],
     keys: Sequence[str] = (ITEM,),
+    removed: pl.Series | None = None,
 ) -> pl.DataFrame:
     """``items`` as the catalogue will hold them: ``item_id`` cast to the
     catalogue's ID type, every other column kept (features and metadata).
@@ -102,6 +104,8 @@ def check_added_items(
             would encode as missing).
         keys: the names its ID column may have (:func:`item_keys`), the first
             found read as ``item_id``.
+        removed: the catalogue's removed items (None: none), named apart when
+            asked for again: they are served again by restoring them.
 
     Raises:
         ConfigError: naming the rows (counted from 1) or IDs at fault: no
@@ -159,10 +163,17 @@ def check_added_items(
         )
     held = ids.filter(pl.Series(catalogue.transform(ids) >= catalogue.num_oov_buckets))
     if len(held):
+        back = held if removed is None else held.filter(held.is_in(removed.implode()))
         raise ConfigError(
             f"{len(held)} of the `items` are in the catalogue already (trained on or "
             f"added before): {_named(held.to_list())}. A model's items are changed "
-            "by training it again."
+            "by training it again"
+            + (
+                f"; {_named(back.to_list())} removed from it are served again by "
+                "`restore_items` (`twostage restore-items`)."
+                if removed is not None and len(back)
+                else "."
+            )
         )
     for column in numeric_columns:
         values = items[column]
@@ -250,22 +261,16 @@ def merged_metadata(metadata: pl.DataFrame | None, added: pl.DataFrame) -> pl.Da
         ) from e
 
 
-def check_removed_items(
-    item_ids: Sequence[object] | pl.Series,
-    catalogue: Vocabulary,
-    removed: pl.Series | None,
+def _catalogue_ids(
+    item_ids: Sequence[object] | pl.Series, catalogue: Vocabulary, verb: str
 ) -> pl.Series:
-    """``item_ids`` as the catalogue holds them (``item_id``, its ID type).
-
-    Args:
-        item_ids: IDs of items to stop serving.
-        catalogue: the catalogue's items (trained and added).
-        removed: the IDs removed before (None: none).
+    """``item_ids`` as the catalogue holds them (``item_id``, its ID type),
+    every one an item of the catalogue, none twice (``verb``: what is done to
+    them, for the error of an empty list).
 
     Raises:
-        ConfigError: no ID, an ID of the wrong type, one the catalogue does not
-            hold, one listed twice or removed before, or every item of the
-            catalogue.
+        ConfigError: no ID, an ID of the wrong type, a null, one the catalogue
+            does not hold, or one listed twice.
     """
     given = item_ids if isinstance(item_ids, pl.Series) else None
     if given is None:
@@ -276,7 +281,7 @@ def check_removed_items(
             )
         given = pl.Series(ITEM, list(item_ids), strict=False)
     if not len(given):
-        raise ConfigError("`item_ids` names no item: there is nothing to remove.")
+        raise ConfigError(f"`item_ids` names no item: there is nothing to {verb}.")
     assert catalogue.dtype is not None  # a trained model's vocabulary
     target = pl.Int64 if catalogue.dtype == "int" else pl.String
     try:
@@ -303,6 +308,27 @@ def check_removed_items(
             f"`item_ids` lists {len(repeated)} item ID(s) more than once: "
             f"{_named(repeated.to_list())}."
         )
+    return ids
+
+
+def check_removed_items(
+    item_ids: Sequence[object] | pl.Series,
+    catalogue: Vocabulary,
+    removed: pl.Series | None,
+) -> pl.Series:
+    """``item_ids`` as the catalogue holds them (``item_id``, its ID type).
+
+    Args:
+        item_ids: IDs of items to stop serving.
+        catalogue: the catalogue's items (trained and added).
+        removed: the IDs removed before (None: none).
+
+    Raises:
+        ConfigError: no ID, an ID of the wrong type, one the catalogue does not
+            hold, one listed twice or removed before, or every item of the
+            catalogue.
+    """
+    ids = _catalogue_ids(item_ids, catalogue, "remove")
     if removed is not None:
         again = ids.filter(ids.is_in(removed.implode()))
         if len(again):
@@ -315,5 +341,28 @@ def check_removed_items(
         raise ConfigError(
             f"removing these {len(ids)} items would leave the catalogue empty; "
             "nothing could be recommended."
+        )
+    return ids
+
+
+def check_restored_items(
+    item_ids: Sequence[object] | pl.Series,
+    catalogue: Vocabulary,
+    removed: pl.Series | None,
+) -> pl.Series:
+    """``item_ids``, items removed from the catalogue to serve again, as the
+    catalogue holds them.
+
+    Raises:
+        ConfigError: no ID, an ID of the wrong type, one the catalogue does not
+            hold or listed twice, or one that was not removed (served already).
+    """
+    ids = _catalogue_ids(item_ids, catalogue, "restore")
+    gone = removed if removed is not None else pl.Series(ITEM, [], dtype=ids.dtype)
+    served = ids.filter(~ids.is_in(gone.implode()))
+    if len(served):
+        raise ConfigError(
+            f"{len(served)} of the `item_ids` were not removed: the catalogue "
+            f"serves them already: {_named(served.to_list())}."
         )
     return ids

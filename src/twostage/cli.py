@@ -77,6 +77,7 @@ from twostage.cli_ops import (
     add_items_command,
     index_app,
     remove_items_command,
+    restore_items_command,
     serve_command,
 )
 from twostage.cli_output import (
@@ -2838,6 +2839,7 @@ for _name, _command, _panel in (
     ("similar", similar_command, USE),
     ("add-items", add_items_command, USE),
     ("remove-items", remove_items_command, USE),
+    ("restore-items", restore_items_command, USE),
     ("serve", serve_command, USE),
     ("export", export_command, USE),
     ("info", info_command, USE),

@@ -14,7 +14,13 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-__all__ = ["add_items_command", "index_app", "remove_items_command", "serve_command"]
+__all__ = [
+    "add_items_command",
+    "index_app",
+    "remove_items_command",
+    "restore_items_command",
+    "serve_command",
+]
 
 from twostage.cli_group import OnceGroup, joined
 from twostage.cli_output import JsonOutput, console, print_json, status_console
@@ -409,6 +415,71 @@ def remove_items_command(
         f"removed {len(given):,} items: the catalogue serves {served:,} "
         f"({len(smaller.removed_items):,} removed in all); saved "
         f"{escape(str(target))}"
+    )
+
+
+def restore_items_command(
+    bundle: Annotated[
+        Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
+    ],
+    ids_given: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ids",
+            help="Item IDs separated by commas, e.g. 50,172 (or repeated: --ids 50 "
+            "--ids 172).",
+        ),
+    ] = None,
+    items: Annotated[
+        Path | None,
+        typer.Option(
+            "--items",
+            help="CSV, TSV or Parquet file with an item_id column: the items to "
+            "serve again (other columns are not read).",
+        ),
+    ] = None,
+    out: NextVersion = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Serve again items `remove-items` took out (back in stock, in season),
+    and save the result as a new version: they return to the index, the
+    popularity fallback and every answer, as before their removal.
+    """
+    from twostage.catalogue import read_item_rows
+    from twostage.errors import TwostageError
+
+    ids = joined(ids_given)  # repeated: all of them, in order
+    if (ids is None) == (items is None):
+        raise typer.BadParameter("give --ids or --items (one of them).")
+    source, rec = _open(bundle)
+    target = _new_version(source, out)
+    flag = "--ids" if ids is not None else "--items"
+    try:
+        if ids is not None:
+            given: list[Any] = [part.strip() for part in ids.split(",")]
+        else:
+            assert items is not None
+            given = read_item_rows(items)["item_id"].to_list()
+        larger = rec.restore_items(given)
+    except (TwostageError, OSError) as e:
+        message = str(e).replace("`item_ids`", f"`{flag}`", 1)
+        raise typer.BadParameter(message, param_hint=flag) from e
+    larger.save(target)
+    removed = 0 if larger.removed_items is None else len(larger.removed_items)
+    served = larger.index.size
+    if json_output:
+        print_json(
+            {
+                "saved": str(target),
+                "restored": len(given),
+                "removed_in_all": removed,
+                "served_items": served,
+            }
+        )
+        return
+    console.print(
+        f"restored {len(given):,} items: the catalogue serves {served:,} "
+        f"({removed:,} removed in all); saved {escape(str(target))}"
     )
 
 

@@ -24,6 +24,7 @@ from twostage.catalogue import (
     catalogue_vocabulary,
     check_added_items,
     check_removed_items,
+    check_restored_items,
     item_keys,
     like_metadata,
     merged_metadata,
@@ -586,6 +587,26 @@ class Recommender:
             removed_items=removed,
         )
 
+    def restore_items(self, item_ids: Sequence[Any] | pl.Series) -> Recommender:
+        """A copy that serves again items :meth:`remove_items` took out (a
+        product back in stock, a seasonal one), as before their removal: in
+        the index, the popularity fallback and every answer.
+
+        Raises:
+            ConfigError: an ID the catalogue does not hold, one listed twice, or
+                one that was not removed.
+        """
+        back = check_restored_items(item_ids, self.item_vocab, self.removed_items)
+        assert self.removed_items is not None  # else every ID was refused
+        left = self.removed_items.filter(~self.removed_items.is_in(back.implode()))
+        return Recommender(
+            self.run,
+            items=self._trained_metadata,
+            ranker=self._trained_ranker,
+            added_items=self.added_items,
+            removed_items=left if len(left) else None,
+        )
+
     def _served_items(self) -> torch.Tensor:
         """``[M]`` the item indices the index holds: every item but the OOV row
         (never a candidate) and the removed ones."""
@@ -610,6 +631,8 @@ class Recommender:
             self._item_columns,
             numeric,
             keys=item_keys(self.run.config.data),
+            # none yet while the constructor reads the bundle's added items
+            removed=getattr(self, "removed_items", None),
         )
         for column in numeric:
             far = far_numbers(self.run.spec, column, added[column])

@@ -374,7 +374,7 @@ def print_list_rules(report: dict[str, Any]) -> None:
     ]
     table = Table(
         title=Text(
-            f"Served lists of the {report['users']:,} test users "
+            f"Served lists of the {report['users']:,} {report.get('per', 'test user')}s "
             f"({report['scored_users']:,} with an unseen test item scored), "
             f"{', '.join(rules) or 'no rule'} (from {report['num_candidates']} "
             "candidates); seen items excluded"

@@ -46,7 +46,20 @@ def served_lists(
     diversity_by: str | None = None,
 ) -> torch.Tensor:
     """``[Q, k]`` the item indices each test user is served, best first (-1
-    past a short list), as :meth:`Recommender.recommend_table` writes them."""
+    past a short list), as :meth:`Recommender.recommend_table` writes them; for
+    a model that reads per-interaction context, each test row's list at its
+    own moment, as :meth:`Recommender.recommend` answers a request with it."""
+    if queries.context is not None:
+        return _lists_in_context(
+            rec,
+            queries,
+            k,
+            use_ranker=use_ranker,
+            diversity=diversity,
+            max_per=max_per,
+            num_candidates=num_candidates,
+            diversity_by=diversity_by,
+        )
     users = queries.user_ids.to_list()
     table = rec.recommend_table(
         users,
@@ -63,6 +76,24 @@ def served_lists(
     ranks = torch.from_numpy(table["rank"].to_numpy().astype(np.int64)) - 1
     items = torch.from_numpy(rec.item_vocab.transform(table[ITEM]).astype(np.int64))
     lists[rows, ranks] = items
+    return lists
+
+
+def _lists_in_context(
+    rec: Recommender,
+    queries: EvalQueries,
+    k: int,
+    **options: Any,
+) -> torch.Tensor:
+    """:func:`served_lists` of queries that each carry their context (a test
+    row's moment and context columns): one request each."""
+    lists = torch.full((len(queries.user_ids), k), -1, dtype=torch.long)
+    assert queries.context is not None
+    rows = queries.context.iter_rows(named=True)
+    for row, (user, context) in enumerate(zip(queries.user_ids, rows, strict=True)):
+        answer = rec.recommend(user, k, context=context, **options)
+        found = [rec.item_vocab.lookup(item["item_id"]) for item in answer.items]
+        lists[row, : len(found)] = torch.tensor(found, dtype=torch.long)
     return lists
 
 
@@ -151,26 +182,29 @@ def evaluate_list_rules(
     then add ``value_diversity``, the lists' spread by that column's values.
 
     Returns:
-        ``{"k", "diversity", "max_per", "diversity_by", "users" (the lists written),
-        "scored_users" (those with an unseen test item), "as_scored": figures,
+        ``{"k", "diversity", "max_per", "diversity_by", "users" (the lists
+        written), "per" ("test user", or "test row" where each row carries its
+        context), "scored_users" (those with an unseen test item),
+        "as_scored": figures,
         "with_rules": figures}``, each figures dict with ``ndcg``, ``recall``,
         ``hit_rate``, ``intra_list_diversity``, ``coverage``, ``mean_length``
         and ``seconds`` (writing the lists).
 
     Raises:
-        ConfigError: rules that are not the recommender's to take, or a model
-            whose test queries a table of lists cannot pose (per-interaction
-            context, or a test file's prior histories).
+        ConfigError: rules that are not the recommender's to take, or test
+            queries a table of lists cannot pose (a test file's new users with
+            prior histories). A model that reads per-interaction context is
+            measured a test row at a time, each row's list at its moment
+            (``users`` then counts those rows).
     """
     k = check_k("k", k)
     rules = rec.list_rules(diversity, max_per, diversity_by)
     queries = eval_queries(rec.run, test)
-    if queries.context is not None or queries.prior is not None:
+    if queries.prior is not None:
         raise ConfigError(
             "the served lists under list rules are measured a user at a time, "
-            "and this model's test queries each carry their own "
-            + ("context" if queries.context is not None else "prior history")
-            + "; measure the rules on a model without it."
+            "and this model's test queries of new users each carry their own "
+            "prior history; measure the rules on a test without it."
         )
     out: dict[str, Any] = {
         "k": k,
@@ -179,6 +213,8 @@ def evaluate_list_rules(
         "diversity_by": rules.diversity_by,
         "num_candidates": rec.candidate_width(num_candidates, k),
         "users": len(queries.user_ids),
+        # A list per test row where the model reads each row's context.
+        "per": "test user" if queries.context is None else "test row",
         "scored_users": int(
             (queries.relevant.difference(queries.seen).lengths() > 0).sum()
         ),

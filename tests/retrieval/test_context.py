@@ -616,3 +616,47 @@ def test_new_sessions_are_measured_at_each_held_out_row_s_time() -> None:
     assert figures["twostage"]["hit_rate"][10] == pytest.approx(hits / 40)
     blind = evaluate_sessions(rec, table.drop("timestamp"), ks=(10,))
     assert figures["twostage"]["hit_rate"][10] > blind["twostage"]["hit_rate"][10]
+
+
+def test_list_rules_are_measured_at_each_test_row_s_moment() -> None:
+    """`evaluate --diversity/--max-per` refused a model that reads context:
+    each test row's list is now served at its own moment, as a request with
+    that context is, and the row as scored is the ranking report's."""
+    from twostage.list_evaluation import evaluate_list_rules
+
+    data = _daypart_log()
+    stages = fit_two_stage(
+        apply_overrides(
+            ExperimentConfig(),
+            [
+                *SMALL,
+                "retrieval.query_fields=hour_of_day",
+                "ranking.epochs=1",
+                "ranking.embedding_dim=8",
+                "ranking.hidden_dims=8",
+            ],
+        ),
+        data,
+    )
+    rec = stages.recommender()
+    test = stages.split.test
+    found = evaluate_list_rules(rec, test, diversity=0.5)
+    assert found["users"] == test.num_interactions  # one query a test row
+    served = stages.ranking_metrics["two_stage"]
+    for metric in ("ndcg", "recall", "hit_rate"):
+        assert found["as_scored"][metric] == pytest.approx(served[metric]["10"])
+    ruled = found["with_rules"]
+    assert ruled["intra_list_diversity"] > found["as_scored"]["intra_list_diversity"]
+    # Each row's list is the one a request at that moment gets.
+    from twostage.list_evaluation import served_lists
+    from twostage.retrieval.evaluation import eval_queries
+
+    queries = eval_queries(rec.run, test)
+    lists = served_lists(rec, queries, 5, diversity=0.5)
+    assert queries.context is not None
+    for row in (0, 7):
+        moment = queries.context.row(row, named=True)
+        user = queries.user_ids[row]
+        answer = rec.recommend(user, 5, context=moment, diversity=0.5)
+        expected = [rec.item_vocab.lookup(i["item_id"]) for i in answer.items]
+        assert lists[row].tolist() == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -348,26 +349,48 @@ def add_items_command(
     )
 
 
+BundleOfItems = Annotated[
+    Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
+]
+ItemIdList = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ids",
+        help="Item IDs separated by commas, e.g. 50,172 (or repeated: --ids 50 "
+        "--ids 172).",
+    ),
+]
+ItemIdFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--items",
+        help="CSV, TSV or Parquet file with an item_id column: the items (other "
+        "columns are not read).",
+    ),
+]
+
+
+def _listed_items(
+    ids_given: list[str] | None, items: Path | None
+) -> tuple[str, Callable[[], list[Any]]]:
+    """The flag that names the items of ``remove-items`` / ``restore-items``
+    and how to read them (``--ids``, repeated: all of them, in order; or the
+    ``item_id`` column of ``--items``)."""
+    from twostage.catalogue import read_item_rows
+
+    ids = joined(ids_given)
+    if (ids is None) == (items is None):
+        raise typer.BadParameter("give --ids or --items (one of them).")
+    if ids is not None:
+        return "--ids", lambda: [part.strip() for part in ids.split(",")]
+    assert items is not None
+    return "--items", lambda: read_item_rows(items)["item_id"].to_list()
+
+
 def remove_items_command(
-    bundle: Annotated[
-        Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
-    ],
-    ids_given: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--ids",
-            help="Item IDs separated by commas, e.g. 50,172 (or repeated: --ids 50 "
-            "--ids 172).",
-        ),
-    ] = None,
-    items: Annotated[
-        Path | None,
-        typer.Option(
-            "--items",
-            help="CSV, TSV or Parquet file with an item_id column: the items to "
-            "remove (other columns are not read).",
-        ),
-    ] = None,
+    bundle: BundleOfItems,
+    ids_given: ItemIdList = None,
+    items: ItemIdFile = None,
     out: NextVersion = None,
     json_output: JsonOutput = False,
 ) -> None:
@@ -378,22 +401,13 @@ def remove_items_command(
     still reads them as history (a user's items, a session's). A client that
     lists one among its candidates gets an error that names it.
     """
-    from twostage.catalogue import read_item_rows
     from twostage.errors import TwostageError
 
-    ids = joined(ids_given)  # repeated: all of them, in order
-    if (ids is None) == (items is None):
-        raise typer.BadParameter("give --ids or --items (one of them).")
+    flag, read = _listed_items(ids_given, items)
     source, rec = _open(bundle)
     target = _new_version(source, out)
-    flag = "--ids" if ids is not None else "--items"
     try:
-        if ids is not None:
-            given: list[Any] = [part.strip() for part in ids.split(",")]
-        else:
-            assert items is not None
-            table = read_item_rows(items)
-            given = table["item_id"].to_list()
+        given = read()
         smaller = rec.remove_items(given)
     except (TwostageError, OSError) as e:
         message = str(e).replace("`item_ids`", f"`{flag}`", 1)
@@ -419,25 +433,9 @@ def remove_items_command(
 
 
 def restore_items_command(
-    bundle: Annotated[
-        Path, typer.Argument(help="A saved bundle, or a model directory (newest).")
-    ],
-    ids_given: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--ids",
-            help="Item IDs separated by commas, e.g. 50,172 (or repeated: --ids 50 "
-            "--ids 172).",
-        ),
-    ] = None,
-    items: Annotated[
-        Path | None,
-        typer.Option(
-            "--items",
-            help="CSV, TSV or Parquet file with an item_id column: the items to "
-            "serve again (other columns are not read).",
-        ),
-    ] = None,
+    bundle: BundleOfItems,
+    ids_given: ItemIdList = None,
+    items: ItemIdFile = None,
     out: NextVersion = None,
     json_output: JsonOutput = False,
 ) -> None:
@@ -445,21 +443,13 @@ def restore_items_command(
     and save the result as a new version: they return to the index, the
     popularity fallback and every answer, as before their removal.
     """
-    from twostage.catalogue import read_item_rows
     from twostage.errors import TwostageError
 
-    ids = joined(ids_given)  # repeated: all of them, in order
-    if (ids is None) == (items is None):
-        raise typer.BadParameter("give --ids or --items (one of them).")
+    flag, read = _listed_items(ids_given, items)
     source, rec = _open(bundle)
     target = _new_version(source, out)
-    flag = "--ids" if ids is not None else "--items"
     try:
-        if ids is not None:
-            given: list[Any] = [part.strip() for part in ids.split(",")]
-        else:
-            assert items is not None
-            given = read_item_rows(items)["item_id"].to_list()
+        given = read()
         larger = rec.restore_items(given)
     except (TwostageError, OSError) as e:
         message = str(e).replace("`item_ids`", f"`{flag}`", 1)

@@ -387,6 +387,48 @@ def _listed_items(
     return "--items", lambda: read_item_rows(items)["item_id"].to_list()
 
 
+def _change_served(
+    bundle: Path,
+    ids_given: list[str] | None,
+    items: Path | None,
+    out: Path | None,
+    json_output: bool,
+    *,
+    restore: bool,
+) -> None:
+    """``remove-items`` (``restore``: ``restore-items``): the listed items
+    leave the served catalogue (or return to it) in a new version."""
+    from twostage.errors import TwostageError
+
+    flag, read = _listed_items(ids_given, items)
+    source, rec = _open(bundle)
+    target = _new_version(source, out)
+    try:
+        given = read()
+        changed = rec.restore_items(given) if restore else rec.remove_items(given)
+    except (TwostageError, OSError) as e:
+        message = str(e).replace("`item_ids`", f"`{flag}`", 1)
+        raise typer.BadParameter(message, param_hint=flag) from e
+    changed.save(target)
+    removed = 0 if changed.removed_items is None else len(changed.removed_items)
+    served = changed.index.size
+    verb = "restored" if restore else "removed"
+    if json_output:
+        print_json(
+            {
+                "saved": str(target),
+                verb: len(given),
+                "removed_in_all": removed,
+                "served_items": served,
+            }
+        )
+        return
+    console.print(
+        f"{verb} {len(given):,} items: the catalogue serves {served:,} "
+        f"({removed:,} removed in all); saved {escape(str(target))}"
+    )
+
+
 def remove_items_command(
     bundle: BundleOfItems,
     ids_given: ItemIdList = None,
@@ -401,35 +443,7 @@ def remove_items_command(
     still reads them as history (a user's items, a session's). A client that
     lists one among its candidates gets an error that names it.
     """
-    from twostage.errors import TwostageError
-
-    flag, read = _listed_items(ids_given, items)
-    source, rec = _open(bundle)
-    target = _new_version(source, out)
-    try:
-        given = read()
-        smaller = rec.remove_items(given)
-    except (TwostageError, OSError) as e:
-        message = str(e).replace("`item_ids`", f"`{flag}`", 1)
-        raise typer.BadParameter(message, param_hint=flag) from e
-    smaller.save(target)
-    assert smaller.removed_items is not None
-    served = smaller.index.size
-    if json_output:
-        print_json(
-            {
-                "saved": str(target),
-                "removed": len(given),
-                "removed_in_all": len(smaller.removed_items),
-                "served_items": served,
-            }
-        )
-        return
-    console.print(
-        f"removed {len(given):,} items: the catalogue serves {served:,} "
-        f"({len(smaller.removed_items):,} removed in all); saved "
-        f"{escape(str(target))}"
-    )
+    _change_served(bundle, ids_given, items, out, json_output, restore=False)
 
 
 def restore_items_command(
@@ -443,34 +457,7 @@ def restore_items_command(
     and save the result as a new version: they return to the index, the
     popularity fallback and every answer, as before their removal.
     """
-    from twostage.errors import TwostageError
-
-    flag, read = _listed_items(ids_given, items)
-    source, rec = _open(bundle)
-    target = _new_version(source, out)
-    try:
-        given = read()
-        larger = rec.restore_items(given)
-    except (TwostageError, OSError) as e:
-        message = str(e).replace("`item_ids`", f"`{flag}`", 1)
-        raise typer.BadParameter(message, param_hint=flag) from e
-    larger.save(target)
-    removed = 0 if larger.removed_items is None else len(larger.removed_items)
-    served = larger.index.size
-    if json_output:
-        print_json(
-            {
-                "saved": str(target),
-                "restored": len(given),
-                "removed_in_all": removed,
-                "served_items": served,
-            }
-        )
-        return
-    console.print(
-        f"restored {len(given):,} items: the catalogue serves {served:,} "
-        f"({removed:,} removed in all); saved {escape(str(target))}"
-    )
+    _change_served(bundle, ids_given, items, out, json_output, restore=True)
 
 
 @index_app.command("bench")

@@ -241,6 +241,30 @@ def excluded_items(
     return np.unique(indices[indices > 0]), list(dict.fromkeys(unknown))
 
 
+def refuse_stray_keys(
+    name: str,
+    by_key: Mapping[Any, Any],
+    given: list[Any],
+    *,
+    noun: str = "user",
+    field: str = "user_ids",
+) -> None:
+    """Refuse a mapping of a table of lists (``exclude``, ``user_features``:
+    ``name``) that names a key without a list here (keys matched as text).
+
+    Raises:
+        ConfigError: naming the first five such keys.
+    """
+    listed = {str(u) for u in given}
+    stray = [u for u in by_key if str(u) not in listed]
+    if stray:
+        raise ConfigError(
+            f"`{name}` names {len(stray)} {noun}(s) without a list here: "
+            f"{stray[:5]!r}{' ...' if len(stray) > 5 else ''}; leave them out or "
+            f"add them to `{field}`."
+        )
+
+
 def exclusions_by_key(
     given: list[Any],
     exclude: Mapping[Any, Sequence[Any]] | None,
@@ -274,14 +298,7 @@ def exclusions_by_key(
         by_text.setdefault(str(key), []).extend(items or [])
     for text, items in by_text.items():
         by_text[text] = (items, excluded_items(items, item_vocab)[0])
-    listed = {str(u) for u in given}
-    stray = [u for u in exclude if str(u) not in listed]
-    if stray:
-        raise ConfigError(
-            f"`exclude` names {len(stray)} {noun}(s) without a list here: "
-            f"{stray[:5]!r}{' ...' if len(stray) > 5 else ''}; leave them out or "
-            f"add them to `{field}`."
-        )
+    refuse_stray_keys("exclude", exclude, given, noun=noun, field=field)
     found = [by_text.get(str(u)) for u in given]
     return (
         [None if f is None else f[0] for f in found],

@@ -54,6 +54,7 @@ from twostage.inputs import (
     far_numbers,
     new_item_features,
     new_items_frame,
+    refuse_stray_keys,
     session_indices,
 )
 from twostage.models.fields import HISTORY, HISTORY_RATINGS, HISTORY_TIMES
@@ -1613,14 +1614,7 @@ class Recommender:
                 '({"u1": {"country": "NO"}}). Received: a '
                 f"{type(user_features).__name__}."
             )
-        listed = {str(u) for u in given}
-        stray = [u for u in user_features if str(u) not in listed]
-        if stray:
-            raise ConfigError(
-                f"`user_features` names {len(stray)} user(s) without a list here: "
-                f"{stray[:5]!r}{' ...' if len(stray) > 5 else ''}; leave them out "
-                "or add them to `user_ids`."
-            )
+        refuse_stray_keys("user_features", user_features, given)
         return {str(user): values for user, values in user_features.items()}
 
     def exact_search(

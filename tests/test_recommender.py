@@ -951,3 +951,24 @@ def test_a_table_of_new_users_is_answered_from_their_features(
         rec.recommend_table(["new-1"], 5, user_features={"new-1": 30})  # type: ignore[dict-item]
     with pytest.raises(ConfigError, match=r"^user 'new-1': .*'age'\] should be a"):
         rec.recommend_table(["new-1"], 5, user_features={"new-1": {"age": "old"}})
+
+
+def test_an_answer_says_why_the_user_features_were_not_read(
+    small_recommender: Recommender,
+) -> None:
+    """Features sent for a known user, or for a new one the popularity
+    fallback answers, were checked and then not read, without a word."""
+    rec = small_recommender
+    features = {"age": 30, "segment": "s2"}
+    known = rec.user_vocab.values[0]
+    answer = rec.recommend(known, 3, user_features=features)
+    assert answer.user_features_unread == "known_user"
+    assert answer.to_dict()["user_features_unread"] == "known_user"
+    new = rec.recommend("new", 3, user_features=features)
+    assert new.path == "cold_start_features" and new.user_features_unread is None
+    assert "user_features_unread" not in new.to_dict()
+    assert rec.recommend(known, 3).user_features_unread is None
+    fallback = Recommender(dataclasses.replace(rec.run, popularity_fallback=3))
+    plain = fallback.recommend("new", 3, user_features=features)
+    assert plain.path == "popularity"
+    assert plain.user_features_unread == "popularity_fallback"

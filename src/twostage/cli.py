@@ -1270,6 +1270,14 @@ def recommend_command(
         print_json({**answer.to_dict(), "known_user": known})
         return
     label = f"user {user_id}" if known else f"unknown user {user_id!r}"
+    unread = {
+        "known_user": "the model has learned this user",
+        "popularity_fallback": "the model's popularity fallback answers users "
+        f"with at most {rec.run.popularity_fallback} training "
+        "items, a new one too (retrieval.popularity_fallback)",
+    }.get(answer.user_features_unread or "")
+    if unread:
+        status_console.print(f"[yellow]--feature values not read: {unread}.[/yellow]")
     if user_id is not None and not known:
         # Not an error (a new user is a cold start), but a typo must not pass unseen.
         status_console.print(

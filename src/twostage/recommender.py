@@ -193,6 +193,11 @@ class Recommendation:
     #: items, or the request's ``candidates``, held no more) or ``max_per``
     #: (the limits passed over candidates of the widest pool looked at).
     short_reason: str | None = None
+    #: Why the request's ``user_features`` were not read (None: they were, or
+    #: none were given): ``known_user`` (the model has learned the user) or
+    #: ``popularity_fallback`` (the run's fallback serves users with at most
+    #: ``retrieval.popularity_fallback`` training items, a new one too).
+    user_features_unread: str | None = None
     #: How many candidates the answer was picked from (the pool's size).
     pool_size: int = field(default=0, repr=False, compare=False)
 
@@ -208,6 +213,8 @@ class Recommendation:
             out["unknown_excluded_items"] = self.unknown_excluded_items
         if self.short_reason:
             out["short_reason"] = self.short_reason
+        if self.user_features_unread:
+            out["user_features_unread"] = self.user_features_unread
         return out
 
 
@@ -914,6 +921,14 @@ class Recommender:
             if len(answer.items) < k:  # the pool held too few, or the limits
                 limited = bool(max_per) and answer.pool_size > len(answer.items)
                 answer.short_reason = "max_per" if limited else "no_more_items"
+            if user_features and answer.path in ("personalised", "popularity"):
+                # given, checked, and not read: the client should know why
+                known = answer.path == "personalised" or (
+                    user_id is not None and self.user_vocab.lookup(user_id) > 0
+                )
+                answer.user_features_unread = (
+                    "known_user" if known else "popularity_fallback"
+                )
             if not max_per or len(answer.items) >= k or width >= deepest:
                 return answer
             if candidates is not None and width >= len(candidates):

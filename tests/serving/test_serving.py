@@ -372,6 +372,20 @@ def test_session_times_may_be_iso_8601(models_dir: Path) -> None:
         assert "ISO 8601" in wrong.json()["error"]
 
 
+def test_an_answer_says_when_the_user_features_were_not_read(
+    models_dir: Path,
+) -> None:
+    with client_for(models_dir) as client:
+        body = {"user_id": 3, "user_features": {"age": 30}, "k": 2}
+        answer = client.post("/v1/recommend", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["user_features_unread"] == "known_user"
+        body = {"user_features": {"age": 30}, "k": 2}
+        new = client.post("/v1/recommend", json=body).json()
+        assert new["path"] == "cold_start_features"
+        assert "user_features_unread" not in new
+
+
 def test_predict_scores_follow_the_two_stage_order(tmp_path: Path) -> None:
     """Regression: with a ranker, `output_1` held retrieval scores in re-ranked order
     (not sorted); it now holds the two-stage key the list is ordered by."""

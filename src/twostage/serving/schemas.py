@@ -442,6 +442,13 @@ class RecommendResponse(BaseModel):
         "limits passed over candidates of the widest pool looked at (a larger "
         "`num_candidates` looks further).",
     )
+    user_features_unread: Literal["known_user", "popularity_fallback"] | None = Field(
+        None,
+        description="Why the request's `user_features` were not read (present "
+        "only then): `known_user`, the model has learned this user; "
+        "`popularity_fallback`, the model's fallback answers users with few "
+        "training items (a new one too) by popularity.",
+    )
 
 
 class SimilarResponse(BaseModel):

@@ -1193,6 +1193,7 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
         "columns": ["age", "segment"],
         "unknown_users_with_features": 1,
         "known_users_not_read": 1,
+        "popularity_fallback": 0,
     }
     lists = pl.read_csv(tmp_path / "f.csv", infer_schema=False)
     new = lists.filter(pl.col("user_id") == "new")

@@ -1459,6 +1459,9 @@ def _users_features(
         "columns": read,
         "unknown_users_with_features": len(unknown),
         "known_users_not_read": len(found) - len(unknown),
+        # 0: the lists come from the features; N: the run's popularity fallback
+        # answers every new user (its features not read), as one request's.
+        "popularity_fallback": max(rec.run.popularity_fallback, 0),
     }
 
 
@@ -1608,10 +1611,17 @@ def _print_batch_summary(
     read = summary.get("user_features")
     if read:
         ignored = read["known_users_not_read"]
+        made = (
+            "made their cold-start lists"
+            if not read.get("popularity_fallback")
+            else "were not read: the model's popularity fallback answers users "
+            f"with at most {read['popularity_fallback']} training items, a new "
+            "one too"
+        )
         console.print(
             f"--users: the features {', '.join(read['columns'])} of "
             f"{read['unknown_users_with_features']:,} users the model does not "
-            "know made their cold-start lists"
+            f"know {made}"
             + (
                 f"; {ignored:,} known users' features were not read (the model "
                 "has learned them)"

@@ -1572,6 +1572,33 @@ def test_similar_items_for_many_items_into_a_file(
     ]
     direct = rec.similar_table([items[3], items[0]], 10)
     assert direct["similar_item_id"].to_list() == written["similar_item_id"].to_list()
+    # --exclude-file: a table this command wrote leaves its pairs out of the
+    # next one (the same columns), rows it cannot use counted.
+    shown = tmp_path / "shown.csv"
+    pl.concat(
+        [
+            written.head(2).select("item_id", "similar_item_id"),
+            pl.DataFrame({"item_id": [items[9]], "similar_item_id": [items[1]]}),
+        ]
+    ).write_csv(shown)
+    fresh = runner.invoke(
+        app,
+        [
+            *("similar", str(model), "--items", str(listed), "--json"),
+            *("--out", str(tmp_path / "s2.csv"), "--exclude-file", str(shown)),
+        ],
+    )
+    assert fresh.exit_code == 0, fresh.output
+    report = json.loads(fresh.stdout)["exclude_file"]
+    assert (report["rows"], report["items"]) == (3, 1)
+    assert report["first_rows_for_items_without_a_list"] == [3]
+    again = pl.read_csv(tmp_path / "s2.csv")
+    gone = written.head(2)["similar_item_id"].to_list()
+    expected = rec.similar_table([items[3], items[0]], 10, exclude={items[3]: gone})
+    assert again["similar_item_id"].to_list() == expected["similar_item_id"].to_list()
+    assert not set(
+        again.filter(pl.col("item_id") == items[3])["similar_item_id"]
+    ) & set(gone)
     listed = tmp_path / "items.csv"
     listed.write_text(f"item_id\n{items[0]}\nno-such-item\n")
     refused = runner.invoke(

@@ -773,6 +773,18 @@ def test_similar_items_leave_out_the_excluded(
     assert rec.unknown_item_ids([*dropped, 99_999, "x", 99_999]) == [99_999, "x"]
     with pytest.raises(ConfigError, match="`exclude` should be a list"):
         rec.similar_items(7, 5, exclude="7")  # type: ignore[arg-type]
+    # A table takes each item's own (similar_table had no exclusions): the same
+    # lists, item by item; 8 and "8" are one key; rules still apply.
+    others = [i["item_id"] for i in rec.similar_items(8, 3)][:2]
+    shut = {7: [*dropped, 99_999], "8": others}
+    for rules in ({}, {"max_per": {"category": 1}}):
+        table = rec.similar_table([7, 8, 9], 5, exclude=shut, **rules)
+        for item, out in ((7, dropped), (8, others), (9, [])):
+            mine = table.filter(pl.col("item_id") == item)["similar_item_id"]
+            one = rec.similar_items(item, 5, exclude=out, **rules)
+            assert mine.to_list() == [i["item_id"] for i in one], (item, rules)
+    with pytest.raises(ConfigError, match=r"names 1 item\(s\) without a list"):
+        rec.similar_table([7], 5, exclude={12: [3]})
 
 
 def test_a_table_leaves_out_each_user_s_own_items(

@@ -1492,21 +1492,22 @@ def _exclusions(
     ids: list[Any],
     noun: str = "user",
     names: dict[str, str] | None = None,
+    value: str = "item_id",
 ) -> tuple[dict[str, list[Any]] | None, dict[str, Any] | None]:
-    """``--exclude-file``'s items per user (or session, ``noun``; by the ID
-    as text) and what the command reports of the file: its rows, the users it
-    names, and the rows it could not use (a user without a list here) or that
-    leave nothing out (an item the model does not know), counted with their
-    first rows."""
+    """``--exclude-file``'s items per user (or session, or item: ``noun``; by
+    the ID as text; ``value``: the column of the items to leave out) and what
+    the command reports of the file: its rows, the users it names, and the
+    rows it could not use (a user without a list here) or that leave nothing
+    out (an item the model does not know), counted with their first rows."""
     if path is None:
         return None, None
     key = f"{noun}_id"
     frame = read_exclusions(
-        path, "--exclude-file", names or log_names(rec.run.config.data), key
+        path, "--exclude-file", names or log_names(rec.run.config.data), key, value
     )
     listed = {str(u) for u in ids}
     users = [str(u) for u in frame[key].to_list()]
-    items = frame["item_id"].to_list()
+    items = frame[value].to_list()
     rows = frame["row"].to_list()
     unused = [r for r, u in zip(rows, users, strict=True) if u not in listed]
     unknown = [
@@ -1567,6 +1568,35 @@ def _say_unknown_users(summary: dict[str, Any], noun: str) -> None:
     status_console.print(f"[yellow]{escape(line)}[/yellow]")
 
 
+def _say_exclude_file(excluded: dict[str, Any] | None, noun: str) -> None:
+    """What ``--exclude-file`` did to a batch of lists (``noun``: user,
+    session or item): its rows, the lists it shortened, and the rows it could
+    not use, with their first data rows."""
+    if not excluded:
+        return
+    console.print(
+        f"--exclude-file: {excluded['rows']:,} rows; items left out of "
+        f"{excluded[noun + 's']:,} {noun}s' lists."
+    )
+    for key, what in (
+        (
+            f"rows_for_{noun}s_without_a_list",
+            f"name {noun}s without a list here: not used",
+        ),
+        (
+            "rows_with_unknown_items",
+            "name items this model does not know: nothing to leave out",
+        ),
+    ):
+        if excluded[key]:
+            first = excluded[f"first_{key}"]
+            more = " ..." if excluded[key] > len(first) else ""
+            status_console.print(
+                f"[yellow]{excluded[key]:,} --exclude-file rows {what} "
+                f"(data rows {first}{more}).[/yellow]"
+            )
+
+
 def _print_batch_summary(
     summary: dict[str, Any],
     k: int,
@@ -1583,29 +1613,7 @@ def _print_batch_summary(
         f"{summary['rows']:,} rows for {count:,} {noun}{'s' if count != 1 else ''} "
         f"(lists by path: {paths}) -> {escape(summary['out'])}"
     )
-    excluded = summary.get("exclude_file")
-    if excluded:
-        console.print(
-            f"--exclude-file: {excluded['rows']:,} rows; items left out of "
-            f"{excluded[noun + 's']:,} {noun}s' lists."
-        )
-        for key, what in (
-            (
-                f"rows_for_{noun}s_without_a_list",
-                f"name {noun}s without a list here: not used",
-            ),
-            (
-                "rows_with_unknown_items",
-                "name items this model does not know: nothing to leave out",
-            ),
-        ):
-            if excluded[key]:
-                first = excluded[f"first_{key}"]
-                more = " ..." if excluded[key] > len(first) else ""
-                status_console.print(
-                    f"[yellow]{excluded[key]:,} --exclude-file rows {what} "
-                    f"(data rows {first}{more}).[/yellow]"
-                )
+    _say_exclude_file(summary.get("exclude_file"), noun)
     if summary.get("unknown_users"):
         _say_unknown_users(summary, noun)
     read = summary.get("user_features")
@@ -1877,6 +1885,17 @@ def similar_command(
     num_candidates: NumCandidates = None,
     widening: Widening = 16,
     exclude_given: ExcludeItems = None,
+    exclude_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--exclude-file",
+            rich_help_panel=BATCH,
+            help="With --items/--all-items: a CSV, JSON lines or Parquet file of "
+            "item_id, similar_item_id rows (a table this command wrote, say), "
+            "the similar items to leave out of each item's list; rows for items "
+            "without a list and IDs the model does not know are counted.",
+        ),
+    ] = None,
     overwrite: Overwrite = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -1886,6 +1905,16 @@ def similar_command(
 
     exclude = _session(joined(exclude_given), "--exclude")
     many = items_file is not None or all_items
+    if exclude_file is not None and not many:
+        raise typer.BadParameter(
+            "leaves items out of many lists: give --items FILE or --all-items "
+            "(one list takes --exclude).",
+            param_hint="--exclude-file",
+        )
+    if exclude_file is not None and not exclude_file.is_file():
+        raise typer.BadParameter(
+            f"{str(exclude_file)!r} is not a file.", param_hint="--exclude-file"
+        )
     if many or out is not None:
         check_batch_options(
             items_file,
@@ -1922,6 +1951,10 @@ def similar_command(
                 param_hint="--items",
             )
         short = 0
+        excluding, excluded = _exclusions(
+            rec, exclude_file, ids, "item", value="similar_item_id"
+        )
+        shut = excluding or {}
 
         def tally(part: list[Any], table: pl.DataFrame) -> None:
             nonlocal short
@@ -1938,18 +1971,27 @@ def similar_command(
                 diversity_by=diversity_by,
                 max_per=max_per,
                 num_candidates=num_candidates,
+                exclude={i: shut[str(i)] for i in part if str(i) in shut} or None,
             ),
             key="item_id",
             noun="items",
             chunk=4096,
             on_chunk=tally,
         )
-        summary = {"out": str(out), "items": len(ids), "rows": rows, "k": k}
+        summary: dict[str, Any] = {
+            "out": str(out),
+            "items": len(ids),
+            "rows": rows,
+            "k": k,
+        }
+        if excluded is not None:
+            summary["exclude_file"] = excluded
         if json_output:
             print_json({**summary, "short_lists": short})
             return
         noun = "item" if len(ids) == 1 else "items"
         console.print(f"{rows:,} rows for {len(ids):,} {noun} -> {escape(str(out))}")
+        _say_exclude_file(excluded, "item")
         if short:
             pool = "the items that pass --filter are" if chosen else "the catalogue is"
             why = f"{pool} that few"

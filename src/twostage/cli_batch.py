@@ -226,16 +226,21 @@ def _our_names(
 
 
 def read_exclusions(
-    path: Path, flag: str, names: dict[str, str] | None = None, key: str = "user_id"
+    path: Path,
+    flag: str,
+    names: dict[str, str] | None = None,
+    key: str = "user_id",
+    value: str = "item_id",
 ) -> pl.DataFrame:
-    """A file of ``key`` (``user_id``, or ``session_id``) and ``item_id`` rows
-    (each perhaps by the name ``names`` maps it to): the items to leave out of
-    each list. CSV IDs are read as :func:`parse_id` reads them; a row without
-    either is an error that names it. Adds ``row``, each row's number among
-    the data rows."""
+    """A file of ``key`` (``user_id``, ``session_id`` or ``item_id``) and
+    ``value`` (``item_id``, or ``similar_item_id`` for an item's similar
+    items) rows (each perhaps by the name ``names`` maps it to): the items to
+    leave out of each list. CSV IDs are read as :func:`parse_id` reads them; a
+    row without either is an error that names it. Adds ``row``, each row's
+    number among the data rows."""
     frame = _our_names(_read_table(path, flag), names or {}, path, flag)
     text = path.suffix.lower() not in (".parquet", ".pq", ".jsonl", ".ndjson", ".json")
-    for column in (key, "item_id"):
+    for column in (key, value):
         values = _filled_column(frame, column, path, flag, names)
         if not (values.dtype.is_integer() or values.dtype == pl.String):
             raise typer.BadParameter(
@@ -245,7 +250,7 @@ def read_exclusions(
             )
         if text:
             frame = frame.with_columns(_typed_ids(values))
-    return frame.select(key, "item_id").with_row_index("row", offset=1)
+    return frame.select(key, value).with_row_index("row", offset=1)
 
 
 def _filled_column(

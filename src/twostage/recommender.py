@@ -1818,15 +1818,23 @@ class Recommender:
         max_per: Mapping[str, int] | None = None,
         diversity_by: str | None = None,
         num_candidates: int | None = None,
+        exclude: Mapping[Any, Sequence[Any]] | None = None,
     ) -> pl.DataFrame:
         """:meth:`similar_items` for many items as one long table (an "also liked"
         table for a shop's pages): a row per item and rank with ``item_id``,
         ``rank`` (1 is the closest), ``similar_item_id`` and ``score``; searched
         4,096 items at a time (``filters``, ``diversity``, ``max_per``,
         ``diversity_by``, ``num_candidates``: as :meth:`similar_items`).
+        ``exclude``: ``{item ID: item IDs}``, each item's similar items to
+        leave out (the pairs shown last week, the accessories linked by
+        hand), as :meth:`similar_items` takes ``exclude``; an item ID matches
+        as text (``42`` and ``"42"`` alike), and IDs the model does not know
+        leave nothing out.
 
         Raises:
             UnknownIdError: an item is not in the catalogue (the first few named).
+            ConfigError: ``exclude`` is not a mapping of lists, or names an
+                item without a list here.
         """
         k = check_k("k", k)
         given = _id_list("item_ids", item_ids, "rows")
@@ -1842,14 +1850,26 @@ class Recommender:
             )
         rules = self.list_rules(diversity, max_per, diversity_by)
         width = self.candidate_width(num_candidates, k) if rules else k
+        _, left_out = exclusions_by_key(
+            given, exclude, self.item_vocab, noun="item", field="item_ids"
+        )
         index = self.filtered_index(filters)
         parts = idx.split(4096) if index is not None else ()  # None: nothing passes
         sources, ranks, similar, scores = [], [], [], []
+        start = 0
         for part in parts:
+            # Each item leaves itself out, and the items `exclude` gives it.
+            leave = [
+                [int(i), *([] if out is None else out.tolist())]
+                for i, out in zip(
+                    part, left_out[start : start + len(part)], strict=True
+                )
+            ]
+            start += len(part)
             top_idx, top_scores = self._similar_picks(
                 typing.cast(Index, index),
                 self.item_embeddings[part],
-                [[int(i)] for i in part],
+                leave,
                 k,
                 rules,
                 width,

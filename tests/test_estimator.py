@@ -141,6 +141,12 @@ def test_estimator_from_pandas_to_reload(frames, tmp_path: Path, caplog) -> None
     assert reloaded.remove_items(np.array([9001])) is reloaded
     everything = reloaded.recommend(users[0], k=200, exclude_seen=False)
     assert 9001 not in {e["item_id"] for e in everything.items}
+    assert reloaded.restore_items([9001]) is reloaded  # back in stock
+    everything = reloaded.recommend(users[0], k=200, exclude_seen=False)
+    assert 9001 in {e["item_id"] for e in everything.items}
+    closest = [e["item_id"] for e in reloaded.similar_items(9002, 3)]
+    others = reloaded.similar_items(9002, 3, exclude=closest[:1])
+    assert [e["item_id"] for e in others][:2] == closest[1:]
 
 
 def test_estimator_takes_explicit_validation_and_test(frames) -> None:

@@ -758,11 +758,18 @@ class TwoStageModel:
         return result
 
     def similar_items(
-        self, item_id: Any, k: int = 10, *, filters: dict[str, Any] | None = None
+        self,
+        item_id: Any,
+        k: int = 10,
+        *,
+        filters: dict[str, Any] | None = None,
+        **options: Any,
     ) -> list[dict[str, Any]]:
         """The ``k`` items whose candidate embeddings are closest to ``item_id``'s
-        (``filters``: only those whose metadata matches)."""
-        return self.recommender.similar_items(item_id, k, filters=filters)
+        (``filters``: only those whose metadata matches; ``options``: as
+        :meth:`Recommender.similar_items` takes them: ``exclude``,
+        ``diversity``, ``max_per``, ``item_features``...)."""
+        return self.recommender.similar_items(item_id, k, filters=filters, **options)
 
     def add_items(self, items: Any) -> TwoStageModel:
         """Add items the model never trained on to its catalogue, without
@@ -795,6 +802,17 @@ class TwoStageModel:
         """
         ids = item_ids.to_list() if hasattr(item_ids, "to_list") else item_ids
         self.recommender_ = self.recommender.remove_items(list(ids))
+        return self
+
+    def restore_items(self, item_ids: Any) -> TwoStageModel:
+        """Serve again items :meth:`remove_items` took out (a list, array or
+        Series of item IDs; :meth:`Recommender.restore_items`).
+
+        Returns:
+            ``self``; :meth:`save` keeps what stays removed.
+        """
+        ids = item_ids.to_list() if hasattr(item_ids, "to_list") else item_ids
+        self.recommender_ = self.recommender.restore_items(list(ids))
         return self
 
     # -- measuring ----------------------------------------------------------------

@@ -1177,6 +1177,29 @@ def test_recommend_for_many_users_into_a_file(models_dir: Path, tmp_path: Path) 
     told = " ".join(said.output.split())
     assert "2 of the 2 users are unknown to the model" in told
     assert f"None is known: the model's user IDs look like {users[0]!r}." in told
+    # Lists shorter than -k are counted and the first few users named (a
+    # catalogue of 80 items less what each has seen cannot fill 100).
+    long = runner.invoke(
+        app,
+        [
+            *("recommend", str(model), "--users", str(listed), "-k", "100"),
+            *("--out", str(tmp_path / "long.csv"), "--json"),
+        ],
+    )
+    assert long.exit_code == 0, long.output
+    summary = json.loads(long.stdout)
+    assert summary["short_lists"] == 3  # the catalogue is 80 items
+    assert summary["first_short_lists"] == [users[1], "stranger", users[1]]
+    said = runner.invoke(
+        app,
+        [
+            *("recommend", str(model), "--users", str(listed), "-k", "100"),
+            *("--out", str(tmp_path / "long.csv"), "--overwrite"),
+        ],
+    )
+    told = " ".join(said.output.split())
+    assert "3 users have fewer than 100 items (the catalogue less what they " in told
+    assert f"have seen), e.g. {users[1]!r}, 'stranger', {users[1]!r}." in told
     # The file's user feature columns make the unknown users' lists (new
     # sign-ups); a known user's are not read. Every stranger got popularity.
     signups = tmp_path / "signups.csv"

@@ -1354,15 +1354,20 @@ def recommend_command(
 class _ListCounts:
     """What a batch of lists reports, counted a chunk at a time (``on_chunk`` of
     :func:`write_in_chunks`): the path each list took (its first row's) and the
-    lists shorter than ``k``."""
+    lists shorter than ``k``, with the first five keys (``key``: the table's
+    user or session column) of those."""
 
-    def __init__(self, k: int) -> None:
-        self.k = k
+    def __init__(self, k: int, key: str = "user_id") -> None:
+        self.k, self.key = k, key
         self.short = 0
+        self.first_short: list[Any] = []
         self.paths: dict[str, int] = {}
 
     def __call__(self, part: list[Any], table: pl.DataFrame) -> None:
-        self.short += len(part) - int((table["rank"] == self.k).sum())  # full lists
+        full = {str(v) for v in table.filter(pl.col("rank") == self.k)[self.key]}
+        short = [key for key in part if str(key) not in full]
+        self.short += len(short)
+        self.first_short.extend(short[: 5 - len(self.first_short)])
         firsts = table.filter(pl.col("rank") == 1)["path"].value_counts(sort=True)
         for path, n in firsts.iter_rows():
             self.paths[path] = self.paths.get(path, 0) + n
@@ -1391,7 +1396,7 @@ def _recommend_into(
     ``exclude``: each user's items to leave out, by the user ID as text;
     ``user_features``: the features of users the model does not know, by the
     user ID as text."""
-    tally = _ListCounts(k)
+    tally = _ListCounts(k, "user_id")
     features = user_features or {}
     rows = write_in_chunks(
         out,
@@ -1426,6 +1431,7 @@ def _recommend_into(
         "k": k,
         "paths": tally.paths,
         "short_lists": tally.short,
+        "first_short_lists": tally.first_short,
         **_unknown_users(rec, ids),
     }
 
@@ -1643,9 +1649,12 @@ def _print_batch_summary(
         why = f"{pool} less what they have seen"
         if limited:
             why += ", or --max-per passed over the rest of the candidates"
+        first = summary.get("first_short_lists") or []
+        more = ", ..." if summary["short_lists"] > len(first) else ""
+        named = f", e.g. {', '.join(map(repr, first))}{more}" if first else ""
         status_console.print(
             f"[yellow]{summary['short_lists']:,} {noun}s have fewer than {k} items "
-            f"({why}).[/yellow]"
+            f"({why}){escape(named)}.[/yellow]"
         )
     if summary.get("unread_rows"):
         reasons = "; ".join(f"{r}: {n:,}" for r, n in summary["unread_reasons"].items())
@@ -1711,7 +1720,7 @@ def _recommend_sessions_into(
         .select("_row", "item_id" if "item_id" in table.columns else SESSION)
         .iter_rows()
     ]
-    tally = _ListCounts(k)
+    tally = _ListCounts(k, "session_id")
     table_order: list[Any] = []
 
     def answer(part: list[Any]) -> pl.DataFrame:
@@ -1760,6 +1769,7 @@ def _recommend_sessions_into(
         "k": k,
         "paths": tally.paths,
         "short_lists": tally.short,
+        "first_short_lists": tally.first_short,
         "unread_rows": len(unread),
         "unread_reasons": reasons,
         "unread": unread[:100],

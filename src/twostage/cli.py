@@ -1103,16 +1103,11 @@ def recommend_command(
             noun="user",
             also="--sessions",
         )
-    if exclude_file is not None and not (many or sessions_file is not None):
-        raise typer.BadParameter(
-            "leaves items out of many lists: give --users FILE, --all-users or "
-            "--sessions FILE (one list takes --exclude).",
-            param_hint="--exclude-file",
-        )
-    if exclude_file is not None and not exclude_file.is_file():
-        raise typer.BadParameter(
-            f"{str(exclude_file)!r} is not a file.", param_hint="--exclude-file"
-        )
+    _check_exclude_file(
+        exclude_file,
+        many or sessions_file is not None,
+        "--users FILE, --all-users or --sessions FILE",
+    )
     rec = _open_bundle(bundle)
     chosen = _checked_filters(rec, filters)
     max_per = _checked_limits(rec, max_per_given)
@@ -1490,6 +1485,24 @@ def _unknown_users(rec: Any, ids: list[Any]) -> dict[str, Any]:
     if len(ids) and len(unknown) == len(ids) and rec.user_vocab.size > 1:
         found["model_user_id_example"] = rec.user_vocab.values[0]
     return found
+
+
+def _check_exclude_file(path: Path | None, many: bool, batches: str) -> None:
+    """``--exclude-file``, checked before the bundle loads: it goes with a
+    batch of lists (``batches`` names the flags that make one) and names a
+    file."""
+    if path is None:
+        return
+    if not many:
+        raise typer.BadParameter(
+            f"leaves items out of many lists: give {batches} (one list takes "
+            "--exclude).",
+            param_hint="--exclude-file",
+        )
+    if not path.is_file():
+        raise typer.BadParameter(
+            f"{str(path)!r} is not a file.", param_hint="--exclude-file"
+        )
 
 
 def _exclusions(
@@ -1915,16 +1928,7 @@ def similar_command(
 
     exclude = _session(joined(exclude_given), "--exclude")
     many = items_file is not None or all_items
-    if exclude_file is not None and not many:
-        raise typer.BadParameter(
-            "leaves items out of many lists: give --items FILE or --all-items "
-            "(one list takes --exclude).",
-            param_hint="--exclude-file",
-        )
-    if exclude_file is not None and not exclude_file.is_file():
-        raise typer.BadParameter(
-            f"{str(exclude_file)!r} is not a file.", param_hint="--exclude-file"
-        )
+    _check_exclude_file(exclude_file, many, "--items FILE or --all-items")
     if many or out is not None:
         check_batch_options(
             items_file,

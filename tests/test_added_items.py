@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from twostage.catalogue import check_added_items, like_metadata, merged_metadata
 from twostage.cli import app
-from twostage.config import ExperimentConfig, apply_overrides
+from twostage.config import ExperimentConfig, IndexConfig, apply_overrides
 from twostage.data.synthetic import planted_impressions
 from twostage.data.tables import read_interactions
 from twostage.errors import ConfigError, UnknownIdError
@@ -405,6 +405,14 @@ def test_removed_items_are_no_longer_served(
     assert [i["item_id"] for i in back.recommend(7, 3).items] == [first[0], *first[2:4]]
     whole = back.restore_items([first[1]])
     assert whole.removed_items is None and whole.index.size == rec.index.size
+    # An approximate index is grown by their vectors, not built again.
+    graph = again.with_index(IndexConfig(kind="hnsw"))
+    grown_back = graph.restore_items([first[0]])
+    assert grown_back.index_kind == "hnsw"
+    assert grown_back.index.size == graph.index.size + 1
+    held = grown_back.index.ids.tolist()
+    assert held[: graph.index.size] == graph.index.ids.tolist()
+    assert held[-1] == grown_back.item_vocab.lookup(first[0])
     for user in (7, 8, "stranger"):
         assert whole.recommend(user, 10).items == rec.recommend(user, 10).items
     for item_ids, message in [

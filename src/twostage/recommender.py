@@ -598,7 +598,9 @@ class Recommender:
     def restore_items(self, item_ids: Sequence[Any] | pl.Series) -> Recommender:
         """A copy that serves again items :meth:`remove_items` took out (a
         product back in stock, a seasonal one), as before their removal: in
-        the index, the popularity fallback and every answer.
+        the index, the popularity fallback and every answer. An exact index is
+        built again; an approximate one is grown by their vectors, as
+        :meth:`add_items` grows it.
 
         Raises:
             ConfigError: an ID the catalogue does not hold, one listed twice, or
@@ -613,6 +615,7 @@ class Recommender:
             ranker=self._trained_ranker,
             added_items=self.added_items,
             removed_items=left if len(left) else None,
+            grow=self.index,
         )
 
     def _served_items(self) -> torch.Tensor:

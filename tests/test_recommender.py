@@ -922,6 +922,11 @@ def test_a_set_valued_text_column_is_read_by_its_values(tmp_path: Path) -> None:
     assert kids and all("kids" in item["category"].split("|") for item in kids)
     assert {item["category"] for item in kids} == {"hats|kids", "shoes|kids"}
     assert all(item["tags"] == item["category"].split("|") for item in kids)
+    # A value written as the metadata shows it keeps the items holding all of
+    # its values (it matched nothing once the column was read by its values).
+    both = rec.recommend(None, 20, filters={"category": "hats|kids"}).items
+    assert both and {item["category"] for item in both} == {"hats|kids"}
+    assert rec.recommend(None, 20, filters={"category": "hats|men"}).items == []
     once = rec.recommend(None, 10, max_per={"category": 1}).items
     values = [v for item in once for v in item["category"].split("|")]
     assert len(values) == len(set(values)) and len(once) <= 3

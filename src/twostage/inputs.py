@@ -458,13 +458,20 @@ class ItemFilters:
     Args:
         frame: the item metadata as columns, row = item index (row 0 the OOV
             item), or None when there is no metadata.
+        separators: the list columns read from text (``"hats|kids"``) and
+            their separators: a filter value written that way (as the
+            metadata shows it) keeps the items holding every one of its
+            values.
     """
 
     #: How many distinct (column, value) masks are kept.
     CACHE_SIZE = 1024
 
-    def __init__(self, frame: pl.DataFrame | None) -> None:
+    def __init__(
+        self, frame: pl.DataFrame | None, separators: Mapping[str, str] | None = None
+    ) -> None:
         self.frame = frame
+        self.separators = dict(separators or {})
         self._masks: dict[tuple[str, Any], torch.Tensor] = {}
         self._groups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -534,6 +541,10 @@ class ItemFilters:
         column = pl.col(key)
         is_list = isinstance(frame.schema[key], pl.List)
         expr = column.list.contains(wanted) if is_list else column == wanted
+        separator = self.separators.get(key)
+        if is_list and isinstance(wanted, str) and separator and separator in wanted:
+            parts = [p.strip() for p in wanted.split(separator) if p.strip()]
+            expr = pl.all_horizontal(column.list.contains(p) for p in parts)
         try:
             values = frame.select(expr.fill_null(False)).to_series().to_numpy()
         except (pl.exceptions.PolarsError, TypeError, ValueError) as e:

@@ -435,7 +435,7 @@ class Recommender:
             view = view.with_columns(
                 parse_lists(view[c], separator=s).alias(c) for c, s in sets.items()
             )
-        self._filters = ItemFilters(view)
+        self._filters = ItemFilters(view, sets)
         data = run.config.data
         self.display = display_columns(
             items, title=data.title_col, tags=data.tags_col, key=ITEM

@@ -932,6 +932,35 @@ def test_a_set_valued_text_column_is_read_by_its_values(tmp_path: Path) -> None:
     assert len(values) == len(set(values)) and len(once) <= 3
     assert rec.recommend(None, 5, diversity=1.0, diversity_by="category").items
     assert rec.item_filters.from_text({"category": "kids"}) == {"category": "kids"}
+    # A new item's values may be a list or the text a log writes, one item this
+    # way and another that (mixed, they failed to build one column); the same
+    # values score alike.
+    new = rec.recommend(
+        None,
+        2,
+        candidates=[
+            {"item_id": 901, "category": ["hats", "kids"]},
+            {"item_id": 902, "category": "hats|kids"},
+        ],
+    ).items
+    assert {i["item_id"] for i in new} == {901, 902}
+    assert new[0]["score"] == pytest.approx(new[1]["score"])
+    like = rec.similar_items(903, 3, item_features={"category": ["bags"]})
+    assert like == rec.similar_items(903, 3, item_features={"category": "bags"})
+    # Over HTTP, a list is a set-valued feature's value (it was a 422).
+    from fastapi.testclient import TestClient
+
+    from twostage.serving import ServeSettings, create_app
+
+    rec.save(tmp_path / "models" / "sets" / "1")
+    settings = ServeSettings(models=str(tmp_path / "models"), poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        body = {"k": 2, "candidates": [{"item_id": 901, "category": ["hats", "kids"]}]}
+        answer = client.post("/v1/recommend", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["items"][0]["score"] == pytest.approx(new[0]["score"])
+        body["candidates"] = [{"item_id": 901, "category": ["hats", None]}]
+        assert client.post("/v1/recommend", json=body).status_code == 422
 
 
 def test_a_table_of_new_users_is_answered_from_their_features(

@@ -60,12 +60,16 @@ def check_raw_id(name: str, value: Any) -> None:
 
 
 def candidate_items(
-    candidates: Sequence[Any] | None, item_vocab: Vocabulary, columns: list[str]
+    candidates: Sequence[Any] | None,
+    item_vocab: Vocabulary,
+    columns: list[str],
+    sets: Mapping[str, str] | None = None,
 ) -> tuple[torch.Tensor, pl.DataFrame | None] | None:
     """The items a request asks to rank (a candidate list from the client's own
     retrieval), or None when it names none: ``[C]`` vocabulary indices of the known
     ones, and the new ones as rows of ``item_id`` and the model's item feature
-    ``columns`` (None when there are none).
+    ``columns`` (None when there are none); ``sets``: the set-valued columns
+    and their separators (:func:`new_items_frame`).
 
     An entry is an item ID, or an object with ``item_id`` and feature values
     (nested objects by path, as a log's are read). An object whose ID the model
@@ -127,7 +131,8 @@ def candidate_items(
         "rank it as a new item.",
     )
     known = torch.tensor(sorted(set(indices)), dtype=torch.long)
-    return known, new_items_frame("candidates", rows, columns) if rows else None
+    frame = new_items_frame("candidates", rows, columns, sets) if rows else None
+    return known, frame
 
 
 def new_item_features(
@@ -149,18 +154,50 @@ def new_item_features(
     return flat
 
 
+def refuse_lists(name: str, values: Mapping[str, Any], sets: set[str]) -> None:
+    """Refuse a list of values for a column that holds one value (any but the
+    set-valued ``sets``): the encoders' error named a dtype, not the field.
+
+    Raises:
+        ConfigError: naming the request's field and the column.
+    """
+    for column, value in values.items():
+        if isinstance(value, list | tuple) and column not in sets:
+            raise ConfigError(
+                f"`{name}`[{column!r}] holds a list, where {column!r} takes one "
+                f"value; send one (the set-valued features take lists: "
+                f"{sorted(sets) or 'none here'}). Received: {value!r}."
+            )
+
+
 def new_items_frame(
-    name: str, rows: Mapping[Any, Mapping[str, Any]], columns: list[str]
+    name: str,
+    rows: Mapping[Any, Mapping[str, Any]],
+    columns: list[str],
+    sets: Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
     """``item_id`` and the ``columns`` of new items (raw ID -> feature values;
-    a column left out is missing).
+    a column left out is missing). ``sets``: the set-valued columns and their
+    separators, whose values may be lists (``["Hair", "Skin"]``) or text as a
+    log writes them (``"Hair|Skin"``), one item this way and another that.
 
     Raises:
         ConfigError: values that no column can hold together (a number beside
             text, say), named under ``name``.
     """
+    for features in rows.values():
+        refuse_lists(name, features, set(sets or {}))
     with client_values(name, {"new items": list(rows)}, columns):
         values = {c: [f.get(c) for f in rows.values()] for c in columns}
+        for column, separator in (sets or {}).items():
+            given = values.get(column, [])
+            if any(isinstance(v, list) for v in given):
+                values[column] = [
+                    [p.strip() for p in v.split(separator) if p.strip()]
+                    if isinstance(v, str)
+                    else v
+                    for v in given
+                ]
         return pl.DataFrame({ITEM: list(rows), **values})
 
 
@@ -809,6 +846,8 @@ def encode_user_features(
     Raises:
         ConfigError: a value is of the wrong kind for its column.
     """
+    sets = {f.name for f in spec.fields if f.kind == "multi_hot"}
+    refuse_lists("user_features", user_features, sets)
     check_finite_numbers(spec, "user_features", user_features)
     values = {c: [user_features.get(c)] for c in columns}
     with client_values("user_features", user_features, columns):

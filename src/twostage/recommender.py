@@ -1018,7 +1018,9 @@ class Recommender:
             seen = np.union1d(seen if seen is not None else [], dropped)
             seen = seen.astype(np.int64)
         mask = self._filters.mask(filters)
-        asked = candidate_items(candidates, self.item_vocab, self._item_columns)
+        asked = candidate_items(
+            candidates, self.item_vocab, self._item_columns, self._set_columns()
+        )
         new = None
         left_out: list[dict[str, Any]] = []
         alike: list[Any] = []
@@ -1965,7 +1967,10 @@ class Recommender:
                 "item_features", item_features or {}, self._item_columns
             )
             frame = new_items_frame(
-                "item_features", {item_id: features}, self._item_columns
+                "item_features",
+                {item_id: features},
+                self._item_columns,
+                self._set_columns(),
             )
             query = self._new_items(frame, "item_features").vectors
         dropped, _ = excluded_items(exclude, self.item_vocab)

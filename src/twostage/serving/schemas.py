@@ -74,29 +74,44 @@ def _surrogate_at(value: Any, path: str) -> str | None:
 _INT64 = 2**63
 
 
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is null, a string, a bool or a finite number within
+    int64."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -_INT64 <= value < _INT64
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, str | bool)
+
+
 def _plain_values(
-    values: dict[str, Any] | None, name: str, *, nested: bool = False
+    values: dict[str, Any] | None,
+    name: str,
+    *,
+    nested: bool = False,
+    lists: bool = False,
 ) -> dict[str, Any] | None:
     """Feature or context values must be null, a string, a finite number within
     int64, or a bool: anything else is a client's mistake, reported as such.
     ``nested``: an object of such values too (a user's record as the log nests
-    it, ``{"geo": {"country": "NO"}}``), at any depth."""
+    it, ``{"geo": {"country": "NO"}}``), at any depth; ``lists``: a list of
+    them too, the values of a set-valued feature (``["Hair", "Skin"]``)."""
     if values is None:
         return None
     pending = [(name, values)]
     while pending:  # a loop: a body may nest deeper than Python's stack
         where, mapping = pending.pop()
         for key, value in mapping.items():
-            ok = value is None or isinstance(value, str | bool)
-            if isinstance(value, int) and not isinstance(value, bool):
-                ok = -_INT64 <= value < _INT64
-            elif isinstance(value, float):
-                ok = math.isfinite(value)
-            elif nested and isinstance(value, dict):
+            ok = _plain(value)
+            if nested and isinstance(value, dict):
                 pending.append((f"{where}[{key!r}]", value))
                 continue
+            if lists and isinstance(value, list):
+                ok = all(v is not None and _plain(v) for v in value)
             if not ok:
-                what = ", an object of them" if nested else ""
+                what = (", an object of them" if nested else "") + (
+                    ", a list of strings, bools or numbers" if lists else ""
+                )
                 raise ValueError(
                     f"{where}[{key!r}] should be null, a string, a bool or a finite "
                     f"number within int64{what}; received {value!r}"
@@ -226,7 +241,7 @@ class RecommendRequest(_Strict):
     @field_validator("user_features")
     @classmethod
     def _features(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _plain_values(value, "user_features", nested=True)
+        return _plain_values(value, "user_features", nested=True, lists=True)
 
     @field_validator("context")
     @classmethod
@@ -248,7 +263,7 @@ class RecommendRequest(_Strict):
                         f"{where} should hold its item_id (an integer or a string) "
                         "beside the item's features"
                     )
-                _plain_values(entry, where, nested=True)
+                _plain_values(entry, where, nested=True, lists=True)
         return value
 
     @field_validator("filters")
@@ -308,7 +323,7 @@ class SimilarRequest(_Strict):
     @field_validator("item_features")
     @classmethod
     def _item_features(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _plain_values(value, "item_features", nested=True)
+        return _plain_values(value, "item_features", nested=True, lists=True)
 
     @field_validator("filters")
     @classmethod
